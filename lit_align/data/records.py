@@ -1,0 +1,144 @@
+"""One record-loading layer for every DataModule.
+
+A :class:`DataSource` names where records come from:
+
+* a built-in tiny dataset: ``builtin:instructions``, ``builtin:preferences``, ``builtin:fictitious_facts``;
+* a local file: ``.json`` (a list of records, or ``{"data": [...]}``), ``.jsonl``, ``.parquet``, ``.csv``;
+* anything else is a Hugging Face ``datasets`` id, loaded with ``split`` and ``subset``.
+
+``fields`` maps the names a DataModule needs to the column names of the source, e.g.
+``{prompt: question, response: answer}``. Records are validated as they are loaded: a
+missing or wrongly typed field raises an error naming the source, the record and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUILTIN_DIR", "DataSource", "Record", "load_records"]
+
+Record = dict[str, Any]
+
+#: Package directory holding the built-in datasets (made by ``scripts/build_builtin_data.py``).
+BUILTIN_DIR = resources.files("lit_align") / "data" / "builtin"
+
+
+@dataclass
+class DataSource:
+    """Where records come from and how their columns are named."""
+
+    path: str
+    """``builtin:<name>``, a local .json/.jsonl/.parquet/.csv file, or an HF dataset id."""
+    split: str = "train"
+    """Split of an HF dataset (ignored for local files and built-ins)."""
+    subset: str | None = None
+    """Configuration name of an HF dataset."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Needed field -> source column, for sources whose columns are named differently."""
+    limit: int | None = None
+    """Keep only the first ``limit`` records (after loading, before splitting)."""
+
+
+def _read_local(path: Path) -> list[Record]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            rows = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+            return rows
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "data" in data:
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records or {{'data': [...]}}")
+        return data
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .parquet or .csv")
+
+
+def _read(source: DataSource) -> list[Record]:
+    if source.path.startswith("builtin:"):
+        name = source.path.removeprefix("builtin:")
+        file = BUILTIN_DIR / f"{name}.jsonl"
+        if not file.is_file():
+            known = sorted(p.name.removesuffix(".jsonl") for p in BUILTIN_DIR.iterdir() if p.name.endswith(".jsonl"))
+            raise ValueError(f"data source {source.path!r}: no built-in dataset {name!r}; built-ins are {known}")
+        return _read_local(Path(str(file)))
+    local = Path(source.path).expanduser()
+    if local.exists():
+        return _read_local(local)
+    if local.suffix.lower() in {".json", ".jsonl", ".csv", ".parquet"} or source.path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"data source {source.path!r}: no such file")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.path, source.subset, split=source.split)
+    except Exception as err:  # datasets raises many types; all mean "cannot load this id"
+        raise ValueError(
+            f"data source {source.path!r} (split={source.split!r}, subset={source.subset!r}) could not be "
+            f"loaded as a local file or an HF dataset: {err}"
+        ) from err
+    return ds.to_list()
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value) and bool(value)
+
+
+def load_records(source: DataSource, required: Sequence[str], optional: Sequence[str] = ()) -> list[Record]:
+    """Load, rename and validate records.
+
+    Each returned record holds the ``required`` fields (and ``optional`` ones when present)
+    under their canonical names, plus ``"_source_index"``, the record's position in the source.
+    A text field holds a string, or a list of chat messages (``{"role", "content"}`` dicts)
+    for conversational datasets.
+    """
+    rows = _read(source)
+    if source.limit is not None:
+        rows = rows[: source.limit]
+    if not rows:
+        raise ValueError(f"data source {source.path!r} (split={source.split!r}) has no records")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"data source {source.path!r}, record {i}: expected an object, got {type(row).__name__}")
+        rec: Record = {"_source_index": i}
+        for name in [*required, *optional]:
+            column = source.fields.get(name, name)
+            if column not in row:
+                if name in optional:
+                    continue
+                hint = f" (mapped from {column!r} by `fields`)" if column != name else ""
+                raise KeyError(
+                    f"data source {source.path!r}, record {i}: missing field {column!r}{hint}; it has "
+                    f"{sorted(row)}. Map your column names with `fields: {{{name}: <column>}}`."
+                )
+            value = row[column]
+            if not (isinstance(value, str) or _is_messages(value) or name in optional):
+                raise TypeError(
+                    f"data source {source.path!r}, record {i}: field {column!r} must be a string or a list of "
+                    f"chat messages, got {type(value).__name__}"
+                )
+            if isinstance(value, str) and not value.strip() and name in required:
+                raise ValueError(f"data source {source.path!r}, record {i}: field {column!r} is empty")
+            rec[name] = value
+        out.append(rec)
+    return out

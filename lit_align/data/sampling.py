@@ -1,0 +1,79 @@
+"""Deterministic, rank-sharded, resumable sampling.
+
+:class:`ShardedSampler` is a ``DistributedSampler`` (so Lightning never swaps it out) whose
+permutation depends only on ``seed`` and the epoch, and which can skip the batches already
+consumed in the current epoch. :class:`ResumableDataLoader` exposes Lightning's
+``state_dict``/``load_state_dict`` interface: its state is the epoch and the number of batches
+the training loop has *consumed* (counted by the DataModule when a batch reaches the step,
+not when the loader yields it, since Lightning prefetches one batch ahead). Resuming from a
+mid-epoch checkpoint therefore continues with exactly the batch that would have come next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = ["ResumableDataLoader", "ShardedSampler"]
+
+
+class ShardedSampler(DistributedSampler):
+    """Seeded (optionally shuffled) indices for one data-parallel rank, with a skip for resumption.
+
+    Rank ``r`` of ``n`` takes positions ``r, r + n, ...`` of the epoch's permutation (padded by
+    wrapping, as ``DistributedSampler``), so ``n`` ranks with batch ``b`` see the same examples per
+    step as one process with batch ``n * b``.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.skip = 0  # samples of this rank to skip at the start of the next iteration
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=g).tolist()
+        else:
+            order = list(range(len(self.dataset)))
+        if self.drop_last:
+            order = order[: self.total_size]
+        else:
+            order += (order * (self.total_size // max(len(order), 1) + 1))[: self.total_size - len(order)]
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        skip, self.skip = self.skip, 0
+        return iter(mine[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ShardedSampler` that Lightning saves and restores mid-epoch."""
+
+    def __init__(self, dataset: Dataset, *, sampler: ShardedSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.consumed = 0  # batches handed to the training step in the current epoch
+
+    def __iter__(self):
+        if self.sampler.skip == 0:  # a fresh epoch, not a resumed one
+            self.consumed = 0
+        truncated = getattr(self.dataset, "truncated", 0)
+        if truncated:
+            rank_zero_warn(
+                f"epoch {self.sampler.epoch}: {truncated} of {len(self.dataset)} training examples are longer than "
+                f"data.max_length={self.dataset.max_length}; their prompts were cut from the left (responses kept "
+                "whole where they fit). Raise data.max_length to keep them whole.",
+                category=UserWarning,
+            )
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = state["consumed"]
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.skip = self.consumed * self.batch_size

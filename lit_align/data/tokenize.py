@@ -1,0 +1,158 @@
+"""Turning records into token ids: chat formatting, truncation that keeps the response, collation."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lit_align.data.batches import PreferenceBatch, SequenceBatch
+
+__all__ = [
+    "PreferenceCollator",
+    "PreferenceExample",
+    "SequenceCollator",
+    "SequenceExample",
+    "TokenizedDataset",
+    "encode_prompt",
+    "encode_response",
+    "truncate_keep_response",
+]
+
+Text = str | list[dict]
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Text, chat_template: bool) -> list[int]:
+    """Token ids of a prompt; with ``chat_template`` the prompt is a user turn (or a message list)
+    followed by the generation prompt, otherwise plain text with the tokenizer's special tokens."""
+    if chat_template:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if isinstance(prompt, list):
+        raise ValueError("a conversational prompt (list of messages) needs a tokenizer with a chat template")
+    return tokenizer(prompt)["input_ids"]
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, response: Text) -> list[int]:
+    """Token ids of a response followed by EOS (a message list contributes its last message)."""
+    if isinstance(response, list):
+        response = response[-1]["content"]
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def truncate_keep_response(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+    """Fit ``prompt + response`` in ``max_length``: cut the prompt from the left first (keeping at
+    least one prompt token), then the response from the right. Returns ``(prompt, response, cut)``."""
+    overflow = len(prompt) + len(response) - max_length
+    if overflow <= 0:
+        return prompt, response, False
+    cut_prompt = min(overflow, len(prompt) - 1)
+    prompt = prompt[cut_prompt:]
+    overflow -= cut_prompt
+    if overflow > 0:
+        response = response[: len(response) - overflow]
+    return prompt, response, True
+
+
+@dataclass
+class SequenceExample:
+    """A tokenized (prompt, response) example, untruncated."""
+
+    prompt: list[int]
+    response: list[int]
+    index: int
+
+
+@dataclass
+class PreferenceExample:
+    """A tokenized (prompt, chosen, rejected) example, untruncated."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    index: int
+
+
+def _truncate(ex: SequenceExample | PreferenceExample, max_length: int) -> tuple[SequenceExample | PreferenceExample, bool]:
+    if isinstance(ex, SequenceExample):
+        prompt, response, cut = truncate_keep_response(ex.prompt, ex.response, max_length)
+        return SequenceExample(prompt, response, ex.index), cut
+    p_c, chosen, cut_c = truncate_keep_response(ex.prompt, ex.chosen, max_length)
+    p_r, rejected, cut_r = truncate_keep_response(ex.prompt, ex.rejected, max_length)
+    prompt = p_c if len(p_c) <= len(p_r) else p_r  # one prompt for both, short enough for either
+    room = max_length - len(prompt)
+    return PreferenceExample(prompt, chosen[:room], rejected[:room], ex.index), cut_c or cut_r
+
+
+class TokenizedDataset(Dataset):
+    """Tokenized examples, truncated to ``max_length`` by :func:`truncate_keep_response`.
+
+    ``truncated`` counts the examples that were cut; the train loader warns about it every epoch.
+    """
+
+    def __init__(self, examples: list[SequenceExample] | list[PreferenceExample], max_length: int) -> None:
+        if max_length < 2:
+            raise ValueError(f"data.max_length must be at least 2, got {max_length}")
+        self.max_length = max_length
+        pairs = [_truncate(ex, max_length) for ex in examples]
+        self.examples = [ex for ex, _ in pairs]
+        self.truncated = sum(cut for _, cut in pairs)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> SequenceExample | PreferenceExample:
+        return self.examples[i]
+
+    def fingerprint(self) -> str:
+        """sha256 of every token id and index, in order: changes whenever the data or tokenizer do."""
+        h = hashlib.sha256(f"max_length={self.max_length}".encode())
+        for ex in self.examples:
+            parts = [ex.prompt, ex.response] if isinstance(ex, SequenceExample) else [ex.prompt, ex.chosen, ex.rejected]
+            for p in parts:
+                h.update(torch.tensor(p, dtype=torch.int64).numpy().tobytes())
+                h.update(b"|")
+            h.update(str(ex.index).encode())
+        return h.hexdigest()
+
+
+def _collate_sequences(rows: list[tuple[list[int], list[int]]], indices: list[int], pad_id: int) -> SequenceBatch:
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    loss = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        attn[i, :n] = 1
+        loss[i, len(p) : n] = 1
+    return SequenceBatch(ids, attn, loss, torch.tensor(indices, dtype=torch.long))
+
+
+@dataclass
+class SequenceCollator:
+    """Right-pads :class:`SequenceExample` s into a :class:`SequenceBatch`."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[SequenceExample]) -> SequenceBatch:
+        return _collate_sequences([(e.prompt, e.response) for e in examples], [e.index for e in examples],
+                                  self.pad_token_id)
+
+
+@dataclass
+class PreferenceCollator:
+    """Right-pads :class:`PreferenceExample` s; chosen and rejected are padded to one width so the
+    method can run both in a single forward (``SequenceBatch.cat``)."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[PreferenceExample]) -> PreferenceBatch:
+        idx = [e.index for e in examples]
+        chosen = _collate_sequences([(e.prompt, e.chosen) for e in examples], idx, self.pad_token_id)
+        rejected = _collate_sequences([(e.prompt, e.rejected) for e in examples], idx, self.pad_token_id)
+        return PreferenceBatch(chosen=chosen, rejected=rejected, index=chosen.index)

@@ -1,0 +1,48 @@
+"""Loggers: W&B that goes offline by itself when no API key is configured."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+__all__ = ["AutoWandbLogger", "wandb_has_credentials"]
+
+
+def wandb_has_credentials() -> bool:
+    """True when W&B can authenticate: ``WANDB_API_KEY`` or a ``~/.netrc`` entry for the W&B API."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+class AutoWandbLogger(WandbLogger):
+    """``WandbLogger`` whose ``offline`` defaults to "no credentials found".
+
+    ``WANDB_MODE`` wins when set (``offline``, ``online``, ``disabled``). The run directory is
+    printed when the run starts so offline runs can be found and ``wandb sync``-ed later.
+    """
+
+    def __init__(self, project: str = "lit_align", offline: bool | None = None, save_dir: str = ".",
+                 **kwargs: Any) -> None:
+        mode = os.environ.get("WANDB_MODE")
+        if offline is None:
+            offline = mode in ("offline", "dryrun") or (mode is None and not wandb_has_credentials())
+        kwargs.setdefault("dir", os.environ.get("WANDB_DIR", save_dir))
+        super().__init__(project=project, offline=offline, save_dir=save_dir, **kwargs)
+
+    @property
+    def experiment(self):
+        run = super().experiment
+        if not getattr(self, "_announced", False) and getattr(run, "dir", None):
+            self._announced = True
+            where = "offline (sync later with `wandb sync`)" if self._offline else "online"
+            rank_zero_info(f"W&B run {where}: {os.path.dirname(run.dir)}")
+        return run

@@ -1,0 +1,262 @@
+"""Pairwise preference losses on sequence log-probs: DPO (sigmoid / conservative) and IPO.
+
+Every loss is a pure function: four (B,) tensors of sequence log-probs in (policy and
+reference, chosen and rejected), ``(loss, metrics)`` out. Nothing here runs a model; the caller
+scores the responses with :func:`lit_align.rollout.sequence_logps`, using the reduction that the
+loss asks for (``"sum"`` for DPO, ``"mean"`` for IPO, see :attr:`PreferenceLoss.reduction`).
+
+Notation shared by the docstrings, per pair ``b`` of the batch:
+
+* ``pi_c, pi_r``: policy log-probs ``log pi_theta(y_c | x)``, ``log pi_theta(y_r | x)``;
+* ``ref_c, ref_r``: the same under the frozen reference;
+* ``h = (pi_c - ref_c) - (pi_r - ref_r)``: the difference of the two log-ratios.
+
+The metrics (all detached batch means) follow TRL's names so runs compare directly:
+``rewards/chosen = beta (pi_c - ref_c)``, ``rewards/rejected = beta (pi_r - ref_r)``,
+``rewards/margins`` (their difference), ``rewards/accuracies`` (fraction with chosen reward
+strictly above rejected), ``logps/chosen = pi_c`` and ``logps/rejected = pi_r``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar, Literal
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DPOLoss", "IPOLoss", "PreferenceLoss", "dpo_loss", "ipo_loss"]
+
+
+def _check_logps(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor
+) -> None:
+    named = {
+        "policy_chosen_logps": policy_chosen_logps,
+        "policy_rejected_logps": policy_rejected_logps,
+        "ref_chosen_logps": ref_chosen_logps,
+        "ref_rejected_logps": ref_rejected_logps,
+    }
+    shapes = {name: tuple(t.shape) for name, t in named.items()}
+    if len(set(shapes.values())) != 1 or policy_chosen_logps.ndim != 1:
+        raise ValueError(f"preference log-probs must all have the same (B,) shape, got {shapes}")
+    if policy_chosen_logps.shape[0] == 0:
+        raise ValueError("preference log-probs are empty (B = 0): the batch mean is undefined")
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_beta(beta: float) -> None:
+    if not (_is_real(beta) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
+def _check_label_smoothing(label_smoothing: float) -> None:
+    if not (_is_real(label_smoothing) and 0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+
+
+def _preference_metrics(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> dict[str, Tensor]:
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sigmoid DPO loss, optionally with conservative label smoothing.
+
+    Direct Preference Optimization, Rafailov et al. 2023, https://arxiv.org/abs/2305.18290 (Eq. 7)::
+
+        loss_b = -(1 - eps) * log sigmoid(beta * h_b) - eps * log sigmoid(-beta * h_b)
+        loss   = mean_b loss_b
+
+    with ``h = (pi_c - ref_c) - (pi_r - ref_r)`` (module docstring). ``eps = label_smoothing``
+    is conservative DPO (cDPO, Mitchell 2023, "A note on DPO with noisy preferences"): the
+    label is assumed flipped with probability ``eps``; ``eps = 0`` is plain DPO.
+
+    Hand check: at ``policy == reference`` every ``h_b = 0`` and, for any ``eps``,
+    ``loss = -(1 - eps) log(1/2) - eps log(1/2) = log 2 ~ 0.6931``. Since
+    ``log sigmoid(z) - log sigmoid(-z) = z``, the smoothed loss equals
+    ``-log sigmoid(beta h) + eps * beta h``.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-probs of the chosen responses under the policy.
+        policy_rejected_logps: (B,) same for the rejected responses.
+        ref_chosen_logps: (B,) chosen under the reference (no gradient expected).
+        ref_rejected_logps: (B,) rejected under the reference.
+        beta: inverse temperature of the implicit reward ``beta * log(pi / ref)``; > 0.
+        label_smoothing: ``eps`` in [0, 0.5).
+
+    Returns:
+        ``(loss, metrics)``: scalar batch-mean loss, and the detached batch-mean metrics listed
+        in the module docstring.
+    """
+    _check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    _check_beta(beta)
+    _check_label_smoothing(label_smoothing)
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    per_pair = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)  # (B,)
+    metrics = _preference_metrics(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    return per_pair.mean(), metrics
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """IPO loss: squared regression of the log-ratio difference onto ``1 / (2 beta)``.
+
+    Identity Preference Optimisation, Azar et al. 2023, "A General Theoretical Paradigm to
+    Understand Learning from Human Preferences", https://arxiv.org/abs/2310.12036 (Eq. 17,
+    where ``beta`` is the paper's regulariser ``tau``)::
+
+        loss = mean_b (h_b - 1 / (2 beta))^2
+
+    The caller passes **length-averaged** log-probs (``sequence_logps(..., reduction="mean")``),
+    as the IPO authors did and TRL does; with summed log-probs the target margin would not
+    depend on response length and ``beta`` would not transfer between datasets.
+
+    Hand check: at ``policy == reference`` every ``h_b = 0``, so ``loss = (1 / (2 beta))^2 =
+    1 / (4 beta^2)``; for the default ``beta = 0.1`` that is 25.
+
+    Args:
+        policy_chosen_logps: (B,) mean per-token log-probs of the chosen responses (policy).
+        policy_rejected_logps: (B,) same for the rejected responses.
+        ref_chosen_logps: (B,) chosen under the reference.
+        ref_rejected_logps: (B,) rejected under the reference.
+        beta: regularisation strength ``tau``; > 0. Smaller beta asks for a larger margin.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`dpo_loss` (rewards are ``beta`` times the given, averaged,
+        log-ratios).
+    """
+    _check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    _check_beta(beta)
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    per_pair = (h - 1.0 / (2.0 * beta)) ** 2  # (B,)
+    metrics = _preference_metrics(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    return per_pair.mean(), metrics
+
+
+class PreferenceLoss(ABC):
+    """A configured pairwise preference loss, selectable from YAML by ``class_path``.
+
+    Subclasses hold the loss hyper-parameters and call one of the pure functions above. A method
+    scores responses with ``sequence_logps(..., reduction=loss.reduction)`` and then calls
+    ``loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``.
+
+    Example YAML::
+
+        loss:
+          class_path: lit_align.losses.DPOLoss
+          init_args: {beta: 0.1, label_smoothing: 0.0}
+    """
+
+    #: Which ``sequence_logps`` reduction the loss expects its (B,) inputs to use.
+    reduction: ClassVar[Literal["sum", "mean"]] = "sum"
+
+    @abstractmethod
+    def __call__(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return ``(loss, metrics)`` for (B,) policy / reference chosen / rejected log-probs."""
+
+
+class DPOLoss(PreferenceLoss):
+    """Sigmoid DPO (:func:`dpo_loss`) on summed response log-probs."""
+
+    reduction: ClassVar[Literal["sum", "mean"]] = "sum"
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
+        """
+        Args:
+            beta: inverse temperature of the implicit reward ``beta * log(pi / ref)``; > 0.
+            label_smoothing: conservative-DPO probability that a preference label is flipped; in [0, 0.5).
+        """
+        _check_beta(beta)
+        _check_label_smoothing(label_smoothing)
+        self.beta = float(beta)
+        self.label_smoothing = float(label_smoothing)
+
+    def __call__(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return dpo_loss(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(beta={self.beta}, label_smoothing={self.label_smoothing})"
+
+
+class IPOLoss(PreferenceLoss):
+    """IPO (:func:`ipo_loss`) on length-averaged response log-probs."""
+
+    reduction: ClassVar[Literal["sum", "mean"]] = "mean"
+
+    def __init__(self, beta: float = 0.1) -> None:
+        """
+        Args:
+            beta: regularisation strength ``tau``; the loss pulls the log-ratio margin to ``1 / (2 beta)``; > 0.
+        """
+        _check_beta(beta)
+        self.beta = float(beta)
+
+    def __call__(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return ipo_loss(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=self.beta
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(beta={self.beta})"

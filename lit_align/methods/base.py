@@ -1,0 +1,115 @@
+"""The one small base class of single-policy methods: build, shard, optimise, generate, measure."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from lit_align.data.batches import SequenceBatch
+from lit_align.data.tokenize import encode_prompt
+from lit_align.models import ModelSpec, apply_lora, build_causal_lm, build_tokenizer
+from lit_align.models.fsdp import fsdp2_parallelize
+from lit_align.rollout.logps import TokenLogps, token_logps
+from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
+
+__all__ = ["PolicyModule"]
+
+
+class PolicyModule(L.LightningModule):
+    """Shared plumbing for methods that train one causal-LM policy.
+
+    * the tokenizer is built at construction (cheap; DataModules read ``module.tokenizer``);
+    * weights are built in :meth:`configure_model`, so FSDP2 shards them as they are made;
+      subclasses hook :meth:`_attach_base` to take what they need of the starting weights
+      (e.g. a frozen reference copy) before LoRA is applied;
+    * the optimiser and scheduler are injected (``optimizer:`` / ``scheduler:`` in YAML);
+    * :meth:`generate` decodes prompts with the KV-cache sampler (sample tables, demos).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        """
+        Args:
+            model: the policy to build (hub id, local directory or tiny architecture; LoRA; dtype).
+            optimizer: optimiser factory over the trainable parameters; default AdamW(lr=1e-5).
+            scheduler: LR scheduler factory (stepped every optimiser step); default none.
+            chunk_tokens: rows per LM-head chunk in log-prob computation (memory only; default auto).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = model
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.chunk_tokens = chunk_tokens
+        self.tokenizer = build_tokenizer(model)
+        self.policy: torch.nn.Module | None = None
+        self._last_batch_end: float | None = None
+
+    # -- building ----------------------------------------------------------------------------
+    def _attach_base(self, base: torch.nn.Module) -> None:
+        """Subclass hook: called with the freshly built base model before LoRA is applied."""
+
+    def _shard_extra(self, mesh, mp_policy) -> None:
+        """Subclass hook: shard any further models (e.g. a reference copy) under FSDP2."""
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        base = build_causal_lm(self.spec, self.tokenizer)
+        self._attach_base(base)
+        self.policy = apply_lora(base, self.spec.lora)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
+            mesh = self.device_mesh["data_parallel"]
+            mp_policy = None
+            if str(self.trainer.precision).startswith("bf16"):
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            fsdp2_parallelize(self.policy, mesh, mp_policy=mp_policy)
+            self._shard_extra(mesh, mp_policy)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the policy has no trainable parameters (check model.lora.target_modules)")
+        opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-5)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    # -- computing ---------------------------------------------------------------------------
+    def policy_logps(self, batch: SequenceBatch) -> TokenLogps:
+        """Per-token log-probs of ``batch`` under the policy (response tokens only)."""
+        return token_logps(self.policy, batch.input_ids, batch.attention_mask, batch.loss_mask,
+                           chunk_tokens=self.chunk_tokens)
+
+    def _log_throughput(self, num_tokens: int) -> None:
+        """``train/tokens_per_sec``: real tokens of all ranks over the wall time since the last batch."""
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            rate = num_tokens * self.trainer.world_size / max(now - self._last_batch_end, 1e-9)
+            self.log("train/tokens_per_sec", rate, on_step=True, on_epoch=False)
+        self._last_batch_end = now
+
+    def generate(self, prompts: list[str], config: SamplingConfig | None = None,
+                 chat_template: bool | None = None) -> list[str]:
+        """Decode a completion for each prompt (chat-formatted when the tokenizer has a template)."""
+        chat = bool(self.tokenizer.chat_template) if chat_template is None else chat_template
+        return self.generate_from_ids([encode_prompt(self.tokenizer, p, chat) for p in prompts], config)
+
+    @torch.no_grad()
+    def generate_from_ids(self, prompt_ids: list[list[int]], config: SamplingConfig | None = None) -> list[str]:
+        """Decode a completion for each already-tokenized prompt (greedy, 32 tokens by default)."""
+        config = config or SamplingConfig(max_new_tokens=32, do_sample=False)
+        ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        out = sample(self.policy, ids.to(self.device), mask.to(self.device), config,
+                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        return [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+                for r, m in zip(out.response_ids, out.response_mask)]

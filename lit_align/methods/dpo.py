@@ -1,0 +1,206 @@
+"""Direct preference optimisation (and the other offline pairwise losses)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from lit_align.data.batches import PreferenceBatch, SequenceBatch
+from lit_align.losses import DPOLoss, PreferenceLoss
+from lit_align.methods.base import PolicyModule
+from lit_align.models import ModelSpec, is_peft_model
+from lit_align.models.fsdp import fsdp2_parallelize
+from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
+from lit_align.rollout.logps import TokenLogps, token_logps
+from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
+
+__all__ = ["DPOModule"]
+
+log = logging.getLogger(__name__)
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("LIT_ALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lit_align"))
+
+
+class DPOModule(PolicyModule):
+    """Offline preference optimisation: DPO (Rafailov et al., 2023, arXiv 2305.18290), cDPO, IPO.
+
+    Objective: the injected :class:`~lit_align.losses.PreferenceLoss` (default
+    ``DPOLoss(beta=0.1)``) over sequence log-probs of chosen and rejected responses under the
+    policy and the reference (summed over response tokens, or length-averaged for IPO).
+    Models: the policy; the reference as ``precomputed`` (default: log-probs cached before the
+    first step, no second model), ``adapter`` (LoRA disabled) or ``copy`` (frozen copy).
+    Optimiser: the injected one, automatic optimisation; chosen and rejected run in one
+    forward. Batch: :class:`~lit_align.data.PreferenceBatch` from
+    :class:`~lit_align.data.PreferenceDataModule`.
+    Logged (``train/`` and ``val/``): ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``,
+    ``logps/{chosen,rejected}``, ``kl`` (Monte-Carlo KL to the reference on sampled responses,
+    when a reference model exists: adapter, copy, or precomputed with LoRA), ``tokens_per_sec``.
+
+    Run: ``lit-align fit --config configs/dpo/tiny.yaml``.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        loss: PreferenceLoss | None = None,
+        reference: ReferenceMode = "precomputed",
+        reference_cache_dir: str | None = None,
+        kl_every_n_steps: int = 25,
+        kl_max_new_tokens: int = 32,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        """
+        Args:
+            loss: the pairwise loss; default ``DPOLoss(beta=0.1)``.
+            reference: ``precomputed``, ``adapter`` or ``copy`` (see :mod:`lit_align.models.reference`).
+            reference_cache_dir: where precomputed reference log-probs are cached
+                (default ``$LIT_ALIGN_CACHE`` or ``~/.cache/lit_align``).
+            kl_every_n_steps: estimate ``train/kl`` by sampling every N steps (0: never); ``val/kl``
+                is estimated on the first validation batch of each validation run.
+            kl_max_new_tokens: length of the responses sampled for the KL estimate.
+        """
+        super().__init__(model, optimizer=optimizer, scheduler=scheduler, chunk_tokens=chunk_tokens)
+        self.loss_fn = loss or DPOLoss()
+        self.reference = ReferencePolicy(reference)
+        self.reference_cache_dir = reference_cache_dir or _default_cache_dir()
+        self.kl_every_n_steps, self.kl_max_new_tokens = kl_every_n_steps, kl_max_new_tokens
+        self._model_fingerprint: str | None = None
+
+    # -- building ----------------------------------------------------------------------------
+    def _attach_base(self, base: torch.nn.Module) -> None:
+        self.reference.attach(base, lora_enabled=self.spec.lora is not None)
+        if self.reference.mode == "precomputed":
+            self._model_fingerprint = model_fingerprint(base)
+
+    def _shard_extra(self, mesh, mp_policy) -> None:
+        if self.reference.copy is not None:
+            fsdp2_parallelize(self.reference.copy, mesh, mp_policy=mp_policy, trainable=False)
+
+    # -- reference -----------------------------------------------------------------------------
+    def _has_reference_model(self) -> bool:
+        return self.reference.mode != "precomputed" or is_peft_model(self.policy)
+
+    def _reference_token_logps(self, batch: SequenceBatch) -> TokenLogps:
+        if self.reference.mode == "precomputed":  # only reached with LoRA: adapters off == start weights
+            with torch.no_grad(), self.policy.disable_adapter():
+                return token_logps(self.policy, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        return self.reference.token_logps(self.policy, batch)
+
+    @torch.no_grad()
+    def _precompute_reference(self) -> None:
+        """Fill the reference tables for every split: from the checkpoint, the disk cache, or a pass."""
+        dm = self.trainer.datamodule
+        if self.reference.mode != "precomputed" or self.reference.tables:
+            return
+        loaders = dm.unsharded_loaders()
+        data_fp = "|".join(f"{k}:{getattr(dm, f'{k}_dataset').fingerprint()}" for k in sorted(loaders))
+        path = Path(self.reference_cache_dir) / "reference_logps" / f"{ReferencePolicy.cache_key(self._model_fingerprint, data_fp)}.pt"
+        strategy = self.trainer.strategy
+        tables = self.reference.tables if self.global_rank == 0 and self.reference.load_cache(path) else None
+        tables = strategy.broadcast(tables, src=0)
+        if tables is not None:
+            self.reference.tables = tables
+            log.info("reference log-probs loaded from %s", path)
+            return
+        was_training = self.policy.training
+        self.policy.eval()  # no dropout: the reference is the deterministic starting model
+        for split, loader in loaders.items():
+            n = len(loader.dataset)
+            sums, counts = torch.zeros(n, 2), torch.zeros(n, 2)
+            for batch in loader:
+                batch = strategy.batch_to_device(batch)
+                both = SequenceBatch.cat([batch.chosen, batch.rejected], self.tokenizer.pad_token_id)
+                out = self.policy_logps(both)
+                idx = batch.index.cpu()
+                sums[idx] = out.sum().float().cpu().view(2, -1).T
+                counts[idx] = out.mask.sum(-1).float().cpu().view(2, -1).T
+            self.reference.tables[split] = (sums, counts)
+        self.policy.train(was_training)
+        if self.global_rank == 0:
+            self.reference.save_cache(path)
+            log.info("reference log-probs cached at %s", path)
+
+    def on_fit_start(self) -> None:
+        self._precompute_reference()
+
+    def on_validation_start(self) -> None:  # `validate` runs without `fit`
+        self._precompute_reference()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["reference"] = self.reference.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "reference" in checkpoint:
+            self.reference.load_state(checkpoint["reference"])
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _pair_logps(self, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor, ...]:
+        reduction = self.loss_fn.reduction
+        both = SequenceBatch.cat([batch.chosen, batch.rejected], self.tokenizer.pad_token_id)  # (2B, T)
+        policy = self.policy_logps(both)
+        pol = policy.sum() if reduction == "sum" else policy.mean()  # (2B,)
+        b = len(batch)
+        if self.reference.mode == "precomputed":
+            ref_c = self.reference.lookup(split, batch.index, 0, reduction).to(pol)
+            ref_r = self.reference.lookup(split, batch.index, 1, reduction).to(pol)
+        else:
+            ref = self.reference.token_logps(self.policy, both)
+            ref_all = ref.sum() if reduction == "sum" else ref.mean()
+            ref_c, ref_r = ref_all[:b], ref_all[b:]
+        return pol[:b], pol[b:], ref_c, ref_r
+
+    def _step(self, batch: PreferenceBatch, split: str) -> torch.Tensor:
+        loss, metrics = self.loss_fn(*self._pair_logps(batch, split))
+        stage = "train" if split == "train" else "val"
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(batch),
+                 sync_dist=not on_step)
+        for k, v in metrics.items():
+            self.log(f"{stage}/{k}", v, prog_bar=k == "rewards/accuracies", on_step=on_step, on_epoch=not on_step,
+                     batch_size=len(batch), sync_dist=not on_step)
+        return loss
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        if self.kl_every_n_steps and self.global_step % self.kl_every_n_steps == 0 and self._has_reference_model():
+            self.log("train/kl", self._kl_estimate(batch), on_step=True, batch_size=len(batch))
+        self._log_throughput(batch.num_tokens)
+        return loss
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        self._step(batch, "val")
+        if batch_idx == 0 and self._has_reference_model():
+            self.log("val/kl", self._kl_estimate(batch), on_epoch=True, batch_size=len(batch), sync_dist=True)
+
+    @torch.no_grad()
+    def _kl_estimate(self, batch: PreferenceBatch) -> torch.Tensor:
+        """KL(policy || reference) per response, Monte-Carlo: sample y ~ policy for the batch's
+        prompts and average ``sum_t log pi(y_t) - log ref(y_t)`` (unbiased for the sequence KL)."""
+        chosen = batch.chosen
+        prompt_rows = chosen.attention_mask.bool() & ~chosen.loss_mask.bool()  # (B, T)
+        prompts = [ids[m].tolist() for ids, m in zip(chosen.input_ids, prompt_rows)]
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        config = SamplingConfig(max_new_tokens=self.kl_max_new_tokens, do_sample=True, temperature=1.0)
+        rollout = sample(self.policy, ids.to(self.device), mask.to(self.device), config,
+                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        seq = SequenceBatch(
+            input_ids=rollout.sequences,
+            attention_mask=rollout.attention_mask,
+            loss_mask=torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1),
+            index=batch.index,
+        )
+        was_training = self.policy.training
+        self.policy.eval()
+        pol = self.policy_logps(seq).sum()
+        ref = self._reference_token_logps(seq).sum()
+        self.policy.train(was_training)
+        return (pol - ref).mean()

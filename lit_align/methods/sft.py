@@ -1,0 +1,40 @@
+"""Supervised fine-tuning."""
+
+from __future__ import annotations
+
+from lit_align.data.batches import SequenceBatch
+from lit_align.losses import nll_loss
+from lit_align.methods.base import PolicyModule
+
+__all__ = ["SFTModule"]
+
+
+class SFTModule(PolicyModule):
+    """Supervised fine-tuning: maximise the likelihood of the responses given the prompts.
+
+    Objective: mean negative log-likelihood over response tokens (prompt and padding masked).
+    Model: one causal LM (full weights or LoRA). Optimiser: the injected one, automatic
+    optimisation. Batch: :class:`~lit_align.data.SequenceBatch` from
+    :class:`~lit_align.data.SFTDataModule`. Logged: ``train/loss``, ``train/ppl``,
+    ``train/tokens_per_sec``, ``val/loss``, ``val/ppl``.
+
+    Run: ``lit-align fit --config configs/sft/tiny.yaml``.
+    """
+
+    def _step(self, batch: SequenceBatch, stage: str):
+        out = self.policy_logps(batch)
+        loss, metrics = nll_loss(out.logps, out.mask)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(batch),
+                 sync_dist=not on_step)
+        self.log(f"{stage}/ppl", metrics["ppl"], on_step=on_step, on_epoch=not on_step, batch_size=len(batch),
+                 sync_dist=not on_step)
+        return loss
+
+    def training_step(self, batch: SequenceBatch, batch_idx: int):
+        loss = self._step(batch, "train")
+        self._log_throughput(batch.num_tokens)
+        return loss
+
+    def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        self._step(batch, "val")

@@ -1,0 +1,166 @@
+"""Builders: :class:`~lit_align.models.spec.ModelSpec` -> tokenizer, causal LM, LoRA, frozen copies."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
+
+from lit_align.models.spec import LoRASpec, ModelSpec
+
+__all__ = [
+    "TINY_TOKENIZER",
+    "apply_lora",
+    "build_causal_lm",
+    "build_tokenizer",
+    "freeze",
+    "frozen_copy",
+    "is_peft_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: Directory of the bundled byte-level BPE tokenizer (built by ``scripts/build_tokenizer.py``).
+TINY_TOKENIZER = str(resources.files("lit_align") / "models" / "assets" / "tiny_tokenizer")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_local(path: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a local path."""
+    return path.startswith(("/", "./", "../", "~", ".")) or path.count("/") > 1
+
+
+def _check_source(path: str, key: str) -> None:
+    """Fail early, naming the config key, for a local path that does not exist."""
+    if Path(path).expanduser().exists():
+        return
+    if _looks_local(path):
+        raise FileNotFoundError(
+            f"{key}={path!r}: no such directory. Give a local directory written by `save_pretrained` "
+            "or a hub id of the form `org/name`."
+        )
+
+
+def build_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """Load the tokenizer named by the spec, with a pad token handled per ``missing_pad_token``."""
+    name = spec.tokenizer or spec.name_or_path or TINY_TOKENIZER
+    key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+    _check_source(name, key)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except OSError as err:
+        raise OSError(
+            f"{key}={name!r}: could not load a tokenizer ({err}). Offline runs need a local directory or a "
+            "model already in the HF cache."
+        ) from err
+    if tok.eos_token_id is None:
+        raise ValueError(f"{key}={name!r}: tokenizer has no eos_token; set one before training")
+    if tok.pad_token_id is None:
+        if spec.missing_pad_token == "error":
+            raise ValueError(
+                f"{key}={name!r}: tokenizer has no pad token; set model.missing_pad_token to 'eos' or 'add'"
+            )
+        if spec.missing_pad_token == "eos":
+            log.warning("tokenizer %s has no pad token: using eos %r as pad (masks come from lengths)", name,
+                        tok.eos_token)
+            tok.pad_token = tok.eos_token
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+            log.warning("tokenizer %s has no pad token: added <|pad|> (the embeddings are resized)", name)
+    return tok
+
+
+def _tiny_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase):
+    arch = spec.tiny
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch.family]
+    return cls(
+        vocab_size=arch.vocab_size or len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **spec.extra,
+    )
+
+
+def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """Build the base causal LM (no LoRA): tiny random with ``spec.seed``, or ``from_pretrained``."""
+    dtype = _DTYPES[spec.dtype]
+    if spec.tiny is not None:
+        config = _tiny_config(spec, tokenizer)
+        if spec.attn_implementation:
+            config._attn_implementation = spec.attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        _check_source(spec.name_or_path, "model.name_or_path")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.name_or_path,
+                revision=spec.revision,
+                dtype=dtype,
+                attn_implementation=spec.attn_implementation,
+                trust_remote_code=spec.trust_remote_code,
+                **spec.extra,
+            )
+        except OSError as err:
+            raise OSError(
+                f"model.name_or_path={spec.name_or_path!r}: could not load weights ({err}). Offline runs need "
+                "a local directory or a model already in the HF cache."
+            ) from err
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # training default; the sampler passes its own cache
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft wrapper (has adapters that can be disabled)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def apply_lora(model: nn.Module, lora: LoRASpec | None) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (only adapter weights stay trainable); identity for ``None``."""
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode with no trainable parameters (references, judges, detectors)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen deep copy (the ``copy`` reference mode: costs a second set of weights)."""
+    return freeze(copy.deepcopy(model))

@@ -1,0 +1,74 @@
+"""Sharding HF decoders.
+
+* :func:`fsdp2_parallelize`: the FSDP2 (``fully_shard``) plan, called from a method's
+  ``configure_model`` under Lightning's ``ModelParallelStrategy`` (CPU/gloo here, NCCL on GPUs).
+  Each decoder layer is one unit; the decoder's remaining weights (embeddings, final norm) are
+  one unit; the LM head is its own unit kept gathered through the step, because
+  :func:`~lit_align.rollout.logps.token_logps` calls it once per chunk. With tied embeddings the
+  decoder and the head share one unit.
+* :class:`DecoderLayerPolicy`: an auto-wrap policy for Lightning's ``FSDPStrategy`` (FSDP1 on
+  GPUs) that wraps every decoder layer of whatever HF model is built, so YAML need not name
+  architecture classes. See ``callbacks/fsdp.yaml``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lit_align.rollout.logps import causal_lm_parts
+
+__all__ = ["DecoderLayerPolicy", "decoder_layers", "fsdp2_parallelize"]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an HF model (classes listed in its ``_no_split_modules``)."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} declares no decoder layer classes (_no_split_modules)")
+    return layers
+
+
+def fsdp2_parallelize(model: nn.Module, mesh, *, mp_policy=None, reshard_after_forward: bool = True,
+                      trainable: bool = True) -> nn.Module:
+    """Apply ``fully_shard`` to a causal LM (optionally peft-wrapped) in place and return it.
+
+    Args:
+        model: the HF causal LM (LoRA adapters already applied, so frozen and trainable weights
+            of a layer are sharded together).
+        mesh: the data-parallel ``DeviceMesh`` (``self.device_mesh["data_parallel"]`` in Lightning).
+        mp_policy: ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 params, fp32 reduce).
+        reshard_after_forward: free gathered layer weights after forward (ZeRO-3); False keeps them (ZeRO-2).
+        trainable: False for frozen copies (references): nothing is reduced for them.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    decoder, head = causal_lm_parts(model)
+    tied = any(p is q for p in decoder.parameters() for q in head.parameters())
+    if tied:
+        fully_shard([decoder, head], reshard_after_forward=False, **kwargs)
+    else:
+        fully_shard(decoder, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(head, reshard_after_forward=False, **kwargs)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+class DecoderLayerPolicy:
+    """FSDP1 auto-wrap policy: wrap each decoder layer (``_no_split_modules`` class) of any HF model.
+
+    Use in YAML as ``auto_wrap_policy: {class_path: lit_align.models.fsdp.DecoderLayerPolicy}``.
+    """
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if recurse:
+            return True
+        return type(module).__name__.endswith(("DecoderLayer", "Block")) and not isinstance(module, nn.ModuleList)

@@ -1,0 +1,456 @@
+"""Tests for the batched KV-cache sampler (``lit_align.rollout.sampler``).
+
+Tiny randomly initialised models are built locally from a config (no downloads).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
+
+VOCAB = 1024
+PAD = 0
+# Left-padded prompts of different lengths (row 0 is the longest, row 2 the shortest).
+PROMPTS = [
+    [5, 17, 301, 44, 9, 12, 600, 71],
+    [88, 23, 7],
+    [400, 19],
+    [3, 150, 99, 250, 811],
+]
+
+
+def _tiny(kind: str) -> transformers.PreTrainedModel:
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+    )
+    config = transformers.Qwen2Config(**common) if kind == "qwen2" else transformers.LlamaConfig(**common)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def model(request) -> transformers.PreTrainedModel:
+    return _tiny(request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen() -> transformers.PreTrainedModel:
+    return _tiny("qwen2")
+
+
+def _batch(prompts: list[list[int]] = PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:
+    return left_pad(prompts, PAD)
+
+
+def _hf_greedy(model, ids, mask, max_new: int, eos: int | None) -> torch.Tensor:
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=max_new,
+        eos_token_id=eos,
+        pad_token_id=PAD,
+        use_cache=True,
+    )
+    return out[:, ids.shape[1] :]  # (B, R)
+
+
+def _full_forward_logits(model, rollout: Rollout) -> torch.Tensor:
+    """(B, R, V) logits predicting each response token, from one no-cache forward."""
+    mask = rollout.attention_mask
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(
+            input_ids=rollout.sequences, attention_mask=mask, position_ids=pos, use_cache=False
+        ).logits.float()  # (B, P + R, V)
+    p = rollout.prompt_ids.shape[1]
+    r = rollout.response_ids.shape[1]
+    return logits[:, p - 1 : p - 1 + r]
+
+
+def _check_rollout_invariants(r: Rollout, eos: set[int], max_new: int) -> None:
+    b, p = r.prompt_ids.shape
+    rl = r.response_ids.shape[1]
+    assert r.response_mask.shape == r.logps.shape == (b, rl)
+    assert r.sequences.shape == r.attention_mask.shape == (b, p + rl)
+    assert 1 <= rl <= max_new
+    lengths = r.response_lengths
+    assert int(lengths.max()) == rl  # R is the longest response, nothing more
+    for i in range(b):
+        n = int(lengths[i])
+        assert n >= 1
+        assert r.response_mask[i, :n].eq(1).all() and r.response_mask[i, n:].eq(0).all()  # prefix of ones
+        toks = r.response_ids[i, :n].tolist()
+        assert not (set(toks[:-1]) & eos), "no EOS before the last generated token"
+        if n < max_new:
+            assert toks[-1] in eos, "a row that stopped early ends with EOS"
+        assert r.response_ids[i, n:].eq(PAD).all()
+        assert r.logps[i, n:].eq(0).all()
+        assert (r.logps[i, :n] <= 0).all()
+
+
+# --------------------------------------------------------------------------- greedy vs HF
+
+
+def test_greedy_matches_hf_generate(model):
+    ids, mask = _batch()
+    max_new = 12
+    greedy = SamplingConfig(max_new_tokens=max_new, do_sample=False)
+
+    # Without an EOS that ever fires: identical to HF on the whole (left-padded) batch.
+    never = VOCAB + 7
+    ref = _hf_greedy(model, ids, mask, max_new, never)
+    out = sample(model, ids, mask, greedy, eos_token_id=never, pad_token_id=PAD)
+    assert out.response_ids.shape == (len(PROMPTS), max_new)
+    assert torch.equal(out.response_ids, ref)
+    assert out.response_mask.eq(1).all()
+
+    # Force row 1 to stop early: its EOS is the token it emits greedily at some step >= 2
+    # (one it has not emitted before, so it really stops there).
+    row_toks = ref[1].tolist()
+    step = next(s for s in range(2, max_new - 2) if row_toks[s] not in row_toks[:s])
+    eos = row_toks[step]
+    ref_eos = _hf_greedy(model, ids, mask, max_new, eos)
+    out_eos = sample(model, ids, mask, greedy, eos_token_id=eos, pad_token_id=PAD)
+    assert int(out_eos.response_lengths[1]) == step + 1
+    assert out_eos.response_ids.shape == ref_eos.shape
+    assert torch.equal(out_eos.response_ids, ref_eos)
+    # Same ids after EOS masking (both pad after EOS already, but compare the masked view too).
+    m = out_eos.response_mask.bool()
+    assert torch.equal(out_eos.response_ids[m], ref_eos[m])
+    _check_rollout_invariants(out_eos, {eos}, max_new)
+
+    # A list of EOS ids behaves like HF with the same list.
+    eos_list = [eos, row_toks[step + 1]]
+    ref_list = _hf_greedy(model, ids, mask, max_new, eos_list)
+    out_list = sample(model, ids, mask, greedy, eos_token_id=eos_list, pad_token_id=PAD)
+    assert torch.equal(out_list.response_ids, ref_list)
+
+
+def test_greedy_matches_hf_without_padding(model):
+    # Equal-length prompts: no padding at all (the sampler then drops the attention mask).
+    ids, mask = _batch([[5, 17, 301, 44], [88, 23, 7, 2], [400, 19, 1, 3]])
+    assert mask.eq(1).all()
+    ref = _hf_greedy(model, ids, mask, 10, VOCAB + 7)
+    out = sample(
+        model, ids, mask, SamplingConfig(max_new_tokens=10, do_sample=False), eos_token_id=VOCAB + 7, pad_token_id=PAD
+    )
+    assert torch.equal(out.response_ids, ref)
+
+
+def test_padding_does_not_change_a_row(qwen):
+    # Row results must not depend on how much left padding the batch adds.
+    cfg = SamplingConfig(max_new_tokens=8, do_sample=False)
+    ids, mask = _batch()
+    batched = sample(qwen, ids, mask, cfg, eos_token_id=VOCAB + 7, pad_token_id=PAD)
+    for i, prompt in enumerate(PROMPTS):
+        one_ids, one_mask = _batch([prompt])
+        alone = sample(qwen, one_ids, one_mask, cfg, eos_token_id=VOCAB + 7, pad_token_id=PAD)
+        assert torch.equal(alone.response_ids[0], batched.response_ids[i])
+        torch.testing.assert_close(alone.logps[0], batched.logps[i], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(max_new_tokens=10, temperature=1.0),
+        SamplingConfig(max_new_tokens=10, do_sample=False),
+        SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=5, top_p=0.9),
+    ],
+    ids=["t1", "greedy", "t0.7-topk-topp"],
+)
+def test_logps_match_full_forward(model, cfg):
+    ids, mask = _batch()
+    eos = [11, 12, 13, 14, 15, 16, 17, 18]
+    out = sample(model, ids, mask, cfg, eos_token_id=eos, pad_token_id=PAD, generator=torch.Generator().manual_seed(3))
+    logits = _full_forward_logits(model, out)  # (B, R, V)
+    temperature = cfg.temperature if cfg.do_sample else 1.0
+    # Unfiltered, temperature-scaled distribution, even when top-k/top-p were used to sample.
+    ref = torch.log_softmax(logits / temperature, dim=-1).gather(-1, out.response_ids.unsqueeze(-1)).squeeze(-1)
+    ref = ref * out.response_mask
+    torch.testing.assert_close(out.logps, ref, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_seeded_sampling_is_reproducible(qwen):
+    ids, mask = _batch()
+    cfg = SamplingConfig(max_new_tokens=16, temperature=1.3, top_k=50, top_p=0.95)
+
+    def run(seed: int) -> Rollout:
+        return sample(
+            qwen,
+            ids,
+            mask,
+            cfg,
+            eos_token_id=VOCAB + 7,
+            pad_token_id=PAD,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.logps, b.logps)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [SamplingConfig(top_k=1, temperature=0.5), SamplingConfig(top_p=1e-6, temperature=2.0)],
+    ids=["top_k=1", "top_p~0"],
+)
+def test_degenerate_filters_equal_greedy(model, cfg):
+    ids, mask = _batch()
+    cfg.max_new_tokens = 10
+    greedy = sample(
+        model, ids, mask, SamplingConfig(max_new_tokens=10, do_sample=False), eos_token_id=VOCAB + 7, pad_token_id=PAD
+    )
+    sampled = sample(
+        model, ids, mask, cfg, eos_token_id=VOCAB + 7, pad_token_id=PAD, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(sampled.response_ids, greedy.response_ids)
+
+
+def test_samples_stay_inside_top_k_and_top_p(qwen):
+    ids, mask = _batch()
+    gen = torch.Generator().manual_seed(5)
+    out_k = sample(
+        qwen,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=12, top_k=3),
+        eos_token_id=VOCAB + 7,
+        pad_token_id=PAD,
+        generator=gen,
+    )
+    top3 = _full_forward_logits(qwen, out_k).topk(3, dim=-1).indices  # (B, R, 3)
+    assert (top3 == out_k.response_ids.unsqueeze(-1)).any(-1).all()
+
+    top_p = 0.3
+    out_p = sample(
+        qwen,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=12, top_p=top_p),
+        eos_token_id=VOCAB + 7,
+        pad_token_id=PAD,
+        generator=gen,
+    )
+    probs = _full_forward_logits(qwen, out_p).softmax(-1)  # (B, R, V)
+    chosen = probs.gather(-1, out_p.response_ids.unsqueeze(-1))  # (B, R, 1)
+    mass_above = (probs * (probs > chosen)).sum(-1)  # mass of strictly more likely tokens
+    assert (mass_above < top_p + 1e-4).all()
+    nucleus_size = (probs.sort(-1, descending=True).values.cumsum(-1) < top_p).sum(-1) + 1
+    assert (nucleus_size > 1).any(), "test is vacuous if the nucleus is always a single token"
+
+
+def test_masks_and_pad_after_eos(qwen):
+    ids, mask = _batch()
+    eos = list(range(100, 300))  # ~20% of the vocabulary: rows stop at different steps
+    max_new = 40
+    out = sample(
+        qwen,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=max_new),
+        eos_token_id=eos,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
+    _check_rollout_invariants(out, set(eos), max_new)
+    lengths = out.response_lengths
+    assert len(set(lengths.tolist())) > 1, "rows should stop at different steps"
+    assert out.response_ids.shape[1] < max_new, "early exit once every row has finished"
+    assert torch.equal(out.prompt_ids, ids) and torch.equal(out.prompt_mask, mask)
+    assert torch.equal(out.sequences, torch.cat([ids, out.response_ids], 1))
+    assert torch.equal(out.attention_mask, torch.cat([mask, out.response_mask], 1))
+
+
+def test_pad_equal_to_eos_and_single_token(qwen):
+    # Many tokenizers use EOS as pad: lengths must still stop at the first EOS.
+    ids, mask = _batch()
+    eos = list(range(100, 300))
+    out = sample(
+        qwen,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=40),
+        eos_token_id=eos,
+        pad_token_id=eos[0],
+        generator=torch.Generator().manual_seed(0),
+    )
+    ref = sample(
+        qwen,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=40),
+        eos_token_id=eos,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(out.response_mask, ref.response_mask)
+    assert torch.equal(out.logps, ref.logps)
+    m = out.response_mask.bool()
+    assert torch.equal(out.response_ids[m], ref.response_ids[m])
+    assert out.response_ids[~m].eq(eos[0]).all()
+
+    one = sample(qwen, ids, mask, SamplingConfig(max_new_tokens=1), eos_token_id=(3, 4), pad_token_id=PAD)
+    assert one.response_ids.shape == one.response_mask.shape == one.logps.shape == (len(PROMPTS), 1)
+    assert one.response_mask.eq(1).all()
+
+
+def test_one_cached_forward_per_token(qwen):
+    calls: list[tuple[tuple[int, ...], object]] = []
+
+    def hook(_module, args, kwargs):
+        calls.append((tuple(kwargs["input_ids"].shape), kwargs.get("logits_to_keep")))
+
+    ids, mask = _batch()
+    handle = qwen.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = sample(qwen, ids, mask, SamplingConfig(max_new_tokens=6), eos_token_id=VOCAB + 7, pad_token_id=PAD)
+    finally:
+        handle.remove()
+    b, p = ids.shape
+    assert out.response_ids.shape[1] == 6
+    assert calls == [((b, p), 1)] + [((b, 1), 1)] * 5  # prefill + one single-token step per further token
+
+
+# --------------------------------------------------------------------------- validation & housekeeping
+
+
+def test_right_padding_raises(qwen):
+    ids = torch.tensor([[5, 6, 7, PAD], [8, 9, 10, 11]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="left padding"):
+        sample(qwen, ids, mask, SamplingConfig(max_new_tokens=2), eos_token_id=1, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="at least one real token"):
+        sample(
+            qwen,
+            ids,
+            torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]),
+            SamplingConfig(max_new_tokens=2),
+            eos_token_id=1,
+            pad_token_id=PAD,
+        )
+    with pytest.raises(ValueError, match="shape"):
+        sample(qwen, ids, mask[:, :3], SamplingConfig(max_new_tokens=2), eos_token_id=1, pad_token_id=PAD)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=2.5), "max_new_tokens"),
+        (dict(do_sample="yes"), "do_sample"),
+    ],
+)
+def test_invalid_config_names_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**kwargs)
+
+
+def test_greedy_ignores_temperature():
+    SamplingConfig(do_sample=False, temperature=0.0)  # no error: temperature unused when greedy
+
+
+def test_config_mutated_after_construction_is_rechecked(qwen):
+    cfg = SamplingConfig()
+    cfg.top_p = 2.0
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="top_p"):
+        sample(qwen, ids, mask, cfg, eos_token_id=1, pad_token_id=PAD)
+
+
+def test_training_mode_restored():
+    model = _tiny("qwen2")
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    ids, mask = _batch()
+
+    model.train()
+    model.model.layers[0].eval()  # mixed modes must come back exactly
+    before = [m.training for m in model.modules()]
+    sample(model, ids, mask, SamplingConfig(max_new_tokens=3), eos_token_id=VOCAB + 7, pad_token_id=PAD)
+    assert seen and not any(seen), "generation runs in eval mode"
+    assert [m.training for m in model.modules()] == before
+
+    model.eval()
+    sample(model, ids, mask, SamplingConfig(max_new_tokens=3), eos_token_id=VOCAB + 7, pad_token_id=PAD)
+    assert not any(m.training for m in model.modules())
+
+    # Restored even when generation fails.
+    model.train()
+    bad = torch.full_like(ids, VOCAB + 5)  # out-of-range ids make the embedding raise
+    with pytest.raises(IndexError):
+        sample(model, bad, mask, SamplingConfig(max_new_tokens=3), eos_token_id=1, pad_token_id=PAD)
+    assert model.training
+
+
+def test_left_pad_and_rollout_to():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_token_id=9)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+
+    r = Rollout(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        response_ids=torch.tensor([[5, 9], [6, 7]]),
+        response_mask=torch.tensor([[1, 0], [1, 1]]),
+        logps=torch.tensor([[-1.0, 0.0], [-2.0, -3.0]]),
+    )
+    assert r.response_lengths.tolist() == [1, 2]
+    assert r.sequences.tolist() == [[1, 2, 3, 5, 9], [9, 9, 4, 6, 7]]
+    assert r.attention_mask.tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    moved = r.to("cpu")
+    assert isinstance(moved, Rollout) and torch.equal(moved.logps, r.logps)
+
+
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        # softmax([2, 1, 0, -1, -9]) ~ [0.664, 0.244, 0.090, 0.033, 0.0000]
+        (SamplingConfig(), None),
+        (SamplingConfig(top_k=2), [0.731, 0.269, 0.0, 0.0, 0.0]),
+        (SamplingConfig(top_p=0.8), [0.731, 0.269, 0.0, 0.0, 0.0]),  # 0.664 < 0.8 <= 0.908
+        (SamplingConfig(top_k=3, top_p=0.7), [1.0, 0.0, 0.0, 0.0, 0.0]),  # renormalised: 0.665 < 0.7? no: 0.6652
+        (SamplingConfig(temperature=2.0, top_k=2), None),
+    ],
+    ids=["plain", "top_k", "top_p", "top_k+top_p", "temperature"],
+)
+def test_sampling_distribution(cfg, expected):
+    """Empirical token frequencies of the vectorised selector match the filtered distribution."""
+    from lit_align.rollout.sampler import _select
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -9.0]).expand(40_000, 5)
+    scaled = logits[0] / cfg.temperature
+    if expected is None:
+        probs = scaled.softmax(-1)
+        if cfg.top_k:
+            probs = torch.where(probs >= probs.topk(cfg.top_k).values[-1], probs, 0.0)
+        expected = (probs / probs.sum()).tolist()
+    tokens, logps = _select(logits, cfg, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=5).float() / tokens.numel()
+    torch.testing.assert_close(freq, torch.tensor(expected), atol=0.01, rtol=0)
+    # Log-probs are always those of the unfiltered, temperature-scaled distribution.
+    torch.testing.assert_close(logps, scaled.log_softmax(-1)[tokens])
