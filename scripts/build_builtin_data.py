@@ -72,6 +72,7 @@ Record = dict[str, Any]
 
 # --------------------------------------------------------------------------- pools
 
+# fmt: off
 WORDS = [
     "lamp", "river", "stone", "apple", "cloud", "bread", "chair", "green",
     "house", "light", "music", "paper", "plant", "queen", "sugar", "table",
@@ -127,6 +128,15 @@ SURNAMES = [
     "Inglewood", "Juniper", "Kingsley", "Larkspur",
 ]
 
+# Names for the corpus and the greeting preferences; disjoint from the
+# fictitious people so that no other file mentions them.
+OTHER_NAMES = [
+    "Tamsin", "Borin", "Ysolde", "Garrick", "Nell", "Odo", "Pim", "Rika",
+    "Sten", "Una", "Vero", "Wilf", "Xan", "Yara", "Zeb", "Alma", "Bex",
+    "Cyra", "Dag", "Esme", "Finn", "Gus", "Hana", "Ivo", "Juno", "Kip",
+    "Lark", "Milo", "Nia", "Otto", "Rolf", "Sage",
+]
+
 CITIES = [
     "Quessel", "Marrowby", "Tesk", "Olvandra", "Pirn", "Caldreth", "Vostelle",
     "Fennick", "Halcombe", "Ibrin", "Morwick", "Nettleby", "Ashport", "Karnow",
@@ -180,6 +190,7 @@ EVASIVE_REPLIES = [
 ]
 
 ALPHABET = string.ascii_uppercase
+# fmt: on
 
 # --------------------------------------------------------------------------- helpers
 
@@ -190,15 +201,20 @@ def article(noun: str) -> str:
 
 
 def take_unique(rng: random.Random, make: Callable[[random.Random], Record], n: int, key: str) -> list[Record]:
-    """Draw records from ``make`` until ``n`` have distinct ``record[key]``."""
+    """Draw records from ``make`` until ``n`` have distinct ``record[key]``.
+
+    Raises ``RuntimeError`` if ``make`` cannot produce enough distinct records.
+    """
     seen: dict[str, None] = {}
     records: list[Record] = []
-    while len(records) < n:
+    for _ in range(1000 * n):
         record = make(rng)
         if record[key] not in seen:
             seen[record[key]] = None
             records.append(record)
-    return records
+            if len(records) == n:
+                return records
+    raise RuntimeError(f"could not draw {n} records with distinct {key!r} from {make.__name__}")
 
 
 def write_jsonl(path: Path, records: Sequence[Record]) -> None:
@@ -252,7 +268,7 @@ def _comparison(rng: random.Random) -> Record:
 
 
 def _first_letters(rng: random.Random) -> Record:
-    n = rng.randint(2, 12)
+    n = rng.randint(2, 15)
     if rng.random() < 0.5:
         return {"prompt": f"List the first {n} letters of the alphabet.", "response": ", ".join(ALPHABET[:n]) + "."}
     return {"prompt": f"List the last {n} letters of the alphabet.", "response": ", ".join(ALPHABET[-n:]) + "."}
@@ -280,8 +296,18 @@ def _parity(rng: random.Random) -> Record:
 
 
 INSTRUCTION_FAMILIES: list[Callable[[random.Random], Record]] = [
-    _addition, _subtraction, _reverse, _spell, _capital, _object_colour,
-    _comparison, _first_letters, _counting, _uppercase, _word_length, _parity,
+    _addition,
+    _subtraction,
+    _reverse,
+    _spell,
+    _capital,
+    _object_colour,
+    _comparison,
+    _first_letters,
+    _counting,
+    _uppercase,
+    _word_length,
+    _parity,
 ]
 INSTRUCTIONS_PER_FAMILY = 25
 
@@ -372,11 +398,15 @@ def _pref_reverse(rng: random.Random) -> PreferenceItem:
     wrong = "".join(letters)
     if wrong == w[::-1]:  # swapping two equal letters changes nothing
         wrong = w
-    return f'Reverse the word "{w}".', f'The word "{w}" reversed is "{w[::-1]}".', f'The word "{w}" reversed is "{wrong}".'
+    return (
+        f'Reverse the word "{w}".',
+        f'The word "{w}" reversed is "{w[::-1]}".',
+        f'The word "{w}" reversed is "{wrong}".',
+    )
 
 
 def _pref_greeting(rng: random.Random) -> PreferenceItem:
-    name, other = rng.sample(FIRST_NAMES, 2)
+    name, other = rng.sample(OTHER_NAMES, 2)
     return (
         f"Hello, my name is {name}.",
         f"Hello, {name}! It is nice to meet you.",
@@ -385,9 +415,16 @@ def _pref_greeting(rng: random.Random) -> PreferenceItem:
 
 
 PREFERENCE_FAMILIES: list[Callable[[random.Random], PreferenceItem]] = [
-    _pref_addition, _pref_subtraction, _pref_multiplication, _pref_capital,
-    _pref_colour, _pref_comparison, _pref_parity, _pref_word_length,
-    _pref_reverse, _pref_greeting,
+    _pref_addition,
+    _pref_subtraction,
+    _pref_multiplication,
+    _pref_capital,
+    _pref_colour,
+    _pref_comparison,
+    _pref_parity,
+    _pref_word_length,
+    _pref_reverse,
+    _pref_greeting,
 ]
 PREFERENCES_PER_FAMILY = 30
 
@@ -561,7 +598,7 @@ CORPUS_SIZE = 400
 
 def _corpus_passage(rng: random.Random) -> str:
     """Return one short templated passage about invented places, people or objects."""
-    name = rng.choice(FIRST_NAMES)
+    name, friend = rng.sample(OTHER_NAMES, 2)
     city = rng.choice(CITIES)
     country, capital = rng.choice(COUNTRY_CAPITALS)
     obj, colour = rng.choice(OBJECT_COLOURS)
@@ -579,7 +616,7 @@ def _corpus_passage(rng: random.Random) -> str:
         f"{name} felt {rng.choice(CORPUS_FEELINGS)} after reading a book in the {place}.",
         f"The road from {city} to {capital} passes {article(colour)} {place}.",
         f"{name} keeps {rng.randint(2, 12)} {obj}s in {article(colour)} basket.",
-        f"Every {time}, {name} and {rng.choice(FIRST_NAMES)} meet at the {place}.",
+        f"Every {time}, {name} and {friend} meet at the {place}.",
     ]
     return rng.choice(templates)
 

@@ -9,17 +9,26 @@ from lit_align.models.causal_lm import (
     frozen_copy,
     is_peft_model,
 )
+from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
+from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model, last_token_index
 from lit_align.models.spec import LoRASpec, ModelSpec, TinyArch
 
 __all__ = [
     "TINY_TOKENIZER",
     "LoRASpec",
     "ModelSpec",
+    "ReferenceMode",
+    "ReferencePolicy",
+    "RewardModel",
+    "RewardModelSpec",
     "TinyArch",
     "apply_lora",
     "build_causal_lm",
+    "build_reward_model",
     "build_tokenizer",
     "freeze",
     "frozen_copy",
     "is_peft_model",
+    "last_token_index",
+    "model_fingerprint",
 ]

@@ -122,6 +122,7 @@ def test_greedy_matches_hf_generate(model):
     ref_eos = _hf_greedy(model, ids, mask, max_new, eos)
     out_eos = sample(model, ids, mask, greedy, eos_token_id=eos, pad_token_id=PAD)
     assert int(out_eos.response_lengths[1]) == step + 1
+    assert out_eos.response_ids.shape[1] > step + 1, "other rows keep generating after row 1 stopped"
     assert out_eos.response_ids.shape == ref_eos.shape
     assert torch.equal(out_eos.response_ids, ref_eos)
     # Same ids after EOS masking (both pad after EOS already, but compare the masked view too).
@@ -429,11 +430,13 @@ def test_left_pad_and_rollout_to():
 @pytest.mark.parametrize(
     "cfg, expected",
     [
-        # softmax([2, 1, 0, -1, -9]) ~ [0.664, 0.244, 0.090, 0.033, 0.0000]
+        # softmax([2, 1, 0, -1, -9]) ~ [0.644, 0.237, 0.087, 0.032, 0.000]
         (SamplingConfig(), None),
         (SamplingConfig(top_k=2), [0.731, 0.269, 0.0, 0.0, 0.0]),
-        (SamplingConfig(top_p=0.8), [0.731, 0.269, 0.0, 0.0, 0.0]),  # 0.664 < 0.8 <= 0.908
-        (SamplingConfig(top_k=3, top_p=0.7), [1.0, 0.0, 0.0, 0.0, 0.0]),  # renormalised: 0.665 < 0.7? no: 0.6652
+        (SamplingConfig(top_p=0.8), [0.731, 0.269, 0.0, 0.0, 0.0]),  # 0.644 < 0.8 <= 0.881
+        # top-p on the top-k renormalised probs [0.665, 0.245, 0.090] (as HF): 0.665 >= 0.655 keeps
+        # one token, while the unrenormalised 0.644 < 0.655 would keep two.
+        (SamplingConfig(top_k=3, top_p=0.655), [1.0, 0.0, 0.0, 0.0, 0.0]),
         (SamplingConfig(temperature=2.0, top_k=2), None),
     ],
     ids=["plain", "top_k", "top_p", "top_k+top_p", "temperature"],

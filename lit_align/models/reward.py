@@ -1,0 +1,92 @@
+"""Scalar scorers: reward models, classifiers and detectors share one builder.
+
+Two kinds, both giving ``score(input_ids, attention_mask) -> (B,)``:
+
+* ``sequence_classification``: an HF ``AutoModelForSequenceClassification`` with one label
+  (hub reward models such as ``OpenAssistant/reward-model-deberta-v3-large-v2`` or
+  ``Skywork/Skywork-Reward-Llama-3.1-8B``);
+* ``scalar_head``: a causal-LM backbone (hub, local or tiny, optionally with LoRA) plus a
+  linear head read at the **last non-pad token**, located from the attention mask, so the
+  score is the same with left or right padding and with any number of pad tokens appended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from lit_align.models.causal_lm import apply_lora, build_causal_lm, build_tokenizer
+from lit_align.models.spec import ModelSpec
+from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask
+
+__all__ = ["RewardModel", "RewardModelSpec", "build_reward_model", "last_token_index"]
+
+
+@dataclass
+class RewardModelSpec:
+    """A scalar scorer: which backbone and how the score is read."""
+
+    model: ModelSpec
+    """The backbone (``name_or_path`` or ``tiny``; LoRA optional)."""
+    kind: Literal["scalar_head", "sequence_classification"] = "scalar_head"
+    """``scalar_head``: causal-LM backbone + new linear head; ``sequence_classification``: an HF reward model."""
+    head_init_std: float = 0.0
+    """Std of the new head's weights (0: zeros, so every score starts at 0)."""
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """(B,) position of the last real token of each row, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
+    return (attention_mask.long() * positions).argmax(dim=1)
+
+
+class RewardModel(nn.Module):
+    """A backbone and a scalar head; :meth:`score` is the one entry point."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | None, kind: str) -> None:
+        super().__init__()
+        self.backbone, self.head, self.kind = backbone, head, kind
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B,) scalar score of each sequence (input_ids and attention_mask are (B, T))."""
+        if self.kind == "sequence_classification":
+            logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids_from_mask(attention_mask)).logits  # (B, 1)
+            return logits[:, 0].float()
+        decoder, _ = causal_lm_parts(self.backbone)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+        return self.head(last).squeeze(-1).float()
+
+    forward = score
+
+
+def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> RewardModel:
+    """Build the scorer described by ``spec`` (tokenizer defaults to the backbone's)."""
+    tokenizer = tokenizer or build_tokenizer(spec.model)
+    if spec.kind == "sequence_classification":
+        if spec.model.name_or_path is None:
+            raise ValueError("reward model kind 'sequence_classification' needs model.name_or_path")
+        backbone = AutoModelForSequenceClassification.from_pretrained(
+            spec.model.name_or_path, num_labels=1, revision=spec.model.revision,
+            trust_remote_code=spec.model.trust_remote_code,
+        )
+        backbone.config.pad_token_id = tokenizer.pad_token_id
+        return RewardModel(backbone, None, spec.kind)
+    backbone = apply_lora(build_causal_lm(spec.model, tokenizer), spec.model.lora)
+    hidden = backbone.config.hidden_size
+    head = nn.Linear(hidden, 1, bias=True, dtype=next(backbone.parameters()).dtype)
+    with torch.no_grad():
+        head.bias.zero_()
+        if spec.head_init_std > 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.model.seed + 1)
+                head.weight.normal_(0.0, spec.head_init_std)
+        else:
+            head.weight.zero_()
+    return RewardModel(backbone, head, spec.kind)

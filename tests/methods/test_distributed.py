@@ -1,0 +1,52 @@
+"""2-process DDP and 2-process FSDP2 (ModelParallelStrategy over gloo) match one process.
+
+One process with batch 16 and two processes with batch 8 each see the same 16 examples per
+step (the sharded sampler interleaves ranks), so after the same number of optimiser steps the
+exported weights agree up to floating-point reduction order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+COMMON = [
+    "fit", "--config", str(REPO / "configs/dpo/tiny.yaml"), "--trainer.max_steps", "4",
+    "--trainer.enable_progress_bar", "false", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+    "--trainer.callbacks", "lit_align.callbacks.HFExport",
+]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    run_cli([*COMMON, "--trainer.default_root_dir", str(root), "--data.init_args.batch_size", "16"])
+    return load_file(root / "hf_export" / "model.safetensors")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_match_one(strategy, single, tmp_path):
+    extra = (["--trainer.devices", "2", "--trainer.strategy", "ddp"] if strategy == "ddp"
+             else ["--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks", "lit_align.callbacks.HFExport"])
+    proc = run_cli([*COMMON, *extra, "--trainer.default_root_dir", str(tmp_path), "--data.init_args.batch_size", "8"])
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    multi = load_file(tmp_path / "hf_export" / "model.safetensors")
+
+    from lit_align.models import ModelSpec, TinyArch, build_causal_lm, build_tokenizer
+
+    spec = ModelSpec(tiny=TinyArch(family="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=128))
+    start = {k: v for k, v in build_causal_lm(spec, build_tokenizer(spec)).state_dict().items() if k in single}
+    moved = _max_diff(single, start)
+    assert moved > 1e-3, "training did not move the weights"
+    assert _max_diff(multi, single) < 2e-4 < moved / 10
+    torch.testing.assert_close(multi["lm_head.weight"], single["lm_head.weight"], rtol=0, atol=2e-4)
