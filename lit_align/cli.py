@@ -14,9 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["LitAlignCLI", "cli_main", "main"]
+
+# Configs write absolute interpolations (``${trainer.default_root_dir}``); they are resolved
+# relative to where they stand, so they work with and without a subcommand (``fit.`` prefix).
+set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {"class_path": "lit_align.loggers.AutoWandbLogger"},
@@ -34,8 +39,7 @@ class LitAlignCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("parser_kwargs", {})
-        for sub in ("fit", "validate", "test", "predict"):
-            kwargs["parser_kwargs"].setdefault(sub, {}).setdefault("parser_mode", "omegaconf+")
+        kwargs["parser_kwargs"].setdefault("parser_mode", "omegaconf+")
         super().__init__(*args, **kwargs)
 
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("WANDB_DIR", args.out)
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
-    cli = cli_main(["fit", "--config", args.config, "--trainer.default_root_dir", args.out,
+    cli = cli_main(["--config", args.config, "--trainer.default_root_dir", args.out,
                     "--trainer.enable_progress_bar", "false"], run=False)
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     before = _metrics(trainer.validate(module, datamodule=data, verbose=False))

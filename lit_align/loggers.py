@@ -30,12 +30,20 @@ class AutoWandbLogger(WandbLogger):
     printed when the run starts so offline runs can be found and ``wandb sync``-ed later.
     """
 
-    def __init__(self, project: str = "lit_align", offline: bool | None = None, save_dir: str = ".",
+    def __init__(self, project: str = "lit_align", offline: bool | None = None, save_dir: str | None = None,
                  **kwargs: Any) -> None:
+        """
+        Args:
+            project: W&B project.
+            offline: ``None`` decides from ``WANDB_MODE`` and the credentials found.
+            save_dir: where the ``wandb/`` run directories go; default: the ``dir`` argument, else
+                ``$WANDB_DIR``, else the working directory.
+        """
         mode = os.environ.get("WANDB_MODE")
         if offline is None:
             offline = mode in ("offline", "dryrun") or (mode is None and not wandb_has_credentials())
-        kwargs.setdefault("dir", os.environ.get("WANDB_DIR", save_dir))
+        # WandbLogger passes `save_dir or dir` to wandb.init, so WANDB_DIR must go in save_dir to count
+        save_dir = save_dir or kwargs.pop("dir", None) or os.environ.get("WANDB_DIR") or "."
         super().__init__(project=project, offline=offline, save_dir=save_dir, **kwargs)
 
     @property
@@ -44,5 +52,5 @@ class AutoWandbLogger(WandbLogger):
         if not getattr(self, "_announced", False) and getattr(run, "dir", None):
             self._announced = True
             where = "offline (sync later with `wandb sync`)" if self._offline else "online"
-            rank_zero_info(f"W&B run {where}: {os.path.dirname(run.dir)}")
+            rank_zero_info(f"W&B run {where}: {os.path.abspath(os.path.dirname(run.dir))}")
         return run

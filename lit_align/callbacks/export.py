@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from transformers.utils import logging as hf_logging
 
 __all__ = ["HFExport"]
 
@@ -22,12 +23,25 @@ def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _base_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's weights out of a peft model's state dict (adapters dropped, names unwrapped)."""
+    out = {}
+    for name, value in peft_state.items():
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
+        out[name] = value
+    return out
+
+
 class HFExport(L.Callback):
     """``save_pretrained`` of the policy (its LoRA adapter when it has one) plus the tokenizer.
 
     The result loads with plain ``transformers.AutoModelForCausalLM`` (full fine-tuning) or
-    ``peft.AutoPeftModelForCausalLM`` (LoRA). With ``merge_lora`` the adapter is merged into a
-    copy of the base weights and a plain transformers model is written instead.
+    ``peft.AutoPeftModelForCausalLM`` (LoRA). A LoRA policy on a base built from scratch (``tiny``)
+    has no hub id or directory to point the adapter at, so its base weights are written to
+    ``<dirpath>/base_model`` and the adapter config names that directory. With ``merge_lora`` the
+    adapter is merged into a copy of the base weights and a plain transformers model is written instead.
     """
 
     def __init__(self, dirpath: str | None = None, merge_lora: bool = False) -> None:
@@ -40,11 +54,28 @@ class HFExport(L.Callback):
         state = _full_state_dict(policy)  # collective: every rank takes part
         if trainer.global_rank != 0:
             return
+        if self.merge_lora and state is not None:
+            raise ValueError("HFExport.merge_lora does not support sharded (FSDP2) policies: export the adapter "
+                             "(merge_lora: false) and merge it afterwards with peft's merge_and_unload")
         if self.merge_lora and hasattr(policy, "merge_and_unload"):
             import copy
 
             policy = copy.deepcopy(policy).merge_and_unload()
             state = None
-        policy.save_pretrained(self.path, state_dict=state, safe_serialization=True)
+        config = getattr(policy, "peft_config", {}).get(getattr(policy, "active_adapter", "default"))
+        if config is not None and not config.base_model_name_or_path:
+            # a base built from scratch (tiny) exists nowhere else: write it next to the adapter
+            base_dir = (self.path / "base_model").resolve()
+            base_state = _base_state_dict(state if state is not None else policy.state_dict())
+            policy.get_base_model().save_pretrained(base_dir, state_dict=base_state, safe_serialization=True)
+            pl_module.tokenizer.save_pretrained(base_dir)
+            config.base_model_name_or_path = str(base_dir)
+        progress = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its stderr writes break rich/Jupyter progress redirection
+        try:
+            policy.save_pretrained(self.path, state_dict=state, safe_serialization=True)
+        finally:
+            if progress:
+                hf_logging.enable_progress_bar()
         pl_module.tokenizer.save_pretrained(self.path)
         rank_zero_info(f"exported the policy in HF format to {self.path}")

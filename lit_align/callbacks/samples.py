@@ -50,6 +50,7 @@ class SampleGenerations(L.Callback):
         prompts = [module.tokenizer.decode(p, skip_special_tokens=True) for p in prompt_ids]
         step = trainer.global_step
         self.rows.extend((step, p, c) for p, c in zip(prompts, completions))
+        log_dir = trainer.log_dir  # a collective under distributed strategies: every rank asks
         if trainer.global_rank != 0:
             return
         wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
@@ -57,7 +58,7 @@ class SampleGenerations(L.Callback):
             wandb.log_table("samples", columns=["step", "prompt", "completion"], data=[list(r) for r in self.rows],
                             step=step)
         else:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / "samples.csv"
+            path = Path(log_dir or trainer.default_root_dir) / "samples.csv"
             os.makedirs(path.parent, exist_ok=True)
             new = not path.exists()
             with path.open("a", newline="", encoding="utf-8") as f:

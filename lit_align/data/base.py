@@ -8,11 +8,13 @@ from typing import Any, ClassVar
 
 import lightning as L
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.records import DataSource, Record, load_records
 from lit_align.data.sampling import ResumableDataLoader, ShardedSampler
 from lit_align.data.tokenize import TokenizedDataset
+from lit_align.models.causal_lm import build_tokenizer
+from lit_align.models.spec import ModelSpec
 
 __all__ = ["TokenizedDataModule"]
 
@@ -83,17 +85,16 @@ class TokenizedDataModule(L.LightningDataModule):
 
     # -- setup -----------------------------------------------------------------------------
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The module's tokenizer when there is a module with one (data and model must agree), else
+        ``data.tokenizer`` built like a model spec's (same missing-pad-token handling)."""
         if self.tokenizer is not None:
             return self.tokenizer
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
+        if getattr(module, "tokenizer", None) is not None:
             return module.tokenizer
         if self.tokenizer_name is None:
             raise ValueError("data.tokenizer is not set and there is no LightningModule with a tokenizer")
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_name)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        return tok
+        return build_tokenizer(ModelSpec(name_or_path=self.tokenizer_name))
 
     def _split(self) -> tuple[list[Record], list[Record]]:
         train = load_records(self.train_source, self.required_fields, self.optional_fields)
@@ -135,16 +136,18 @@ class TokenizedDataModule(L.LightningDataModule):
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
         return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
 
-    def _loader(self, dataset: TokenizedDataset, batch_size: int, *, shuffle: bool, shard: bool) -> DataLoader:
+    def _loader(self, dataset: TokenizedDataset, batch_size: int, *, shuffle: bool, shard: bool,
+                train: bool = False) -> DataLoader:
         replicas, rank = self._shard() if shard else (1, 0)
         sampler = ShardedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=self.seed)
         return ResumableDataLoader(
             dataset, sampler=sampler, batch_size=batch_size, collate_fn=self._collator(self.tokenizer.pad_token_id),
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, warn_truncated=train,
         )
 
     def train_dataloader(self) -> ResumableDataLoader:
-        self._train_loader = self._loader(self.train_dataset, self.batch_size, shuffle=self.shuffle, shard=True)
+        self._train_loader = self._loader(self.train_dataset, self.batch_size, shuffle=self.shuffle, shard=True,
+                                          train=True)
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader | list:

@@ -33,7 +33,7 @@ class PreferenceDataModule(TokenizedDataModule):
         if prompt is None:
             if not isinstance(record["chosen"], list):
                 raise KeyError(
-                    f"data source {self.train_source.path!r}, record {record['_source_index']}: missing field "
+                    f"data source {record['_source']!r}, record {record['_source_index']}: missing field "
                     "'prompt' (only conversational records, whose `chosen` is a message list, may omit it)"
                 )
             prompt = record["chosen"][:-1]

@@ -4,7 +4,8 @@ A :class:`DataSource` names where records come from:
 
 * a built-in tiny dataset: ``builtin:instructions``, ``builtin:preferences``, ``builtin:fictitious_facts``;
 * a local file: ``.json`` (a list of records, or ``{"data": [...]}``), ``.jsonl``, ``.parquet``, ``.csv``;
-* anything else is a Hugging Face ``datasets`` id, loaded with ``split`` and ``subset``.
+* anything else (an HF ``datasets`` id, or a local directory of data files) is loaded by
+  ``datasets.load_dataset`` with ``split`` and ``subset``.
 
 ``fields`` maps the names a DataModule needs to the column names of the source, e.g.
 ``{prompt: question, response: answer}``. Records are validated as they are loaded: a
@@ -34,7 +35,8 @@ class DataSource:
     """Where records come from and how their columns are named."""
 
     path: str
-    """``builtin:<name>``, a local .json/.jsonl/.parquet/.csv file, or an HF dataset id."""
+    """``builtin:<name>``, a local .json/.jsonl/.parquet/.csv file, or an HF dataset id (or a local
+    directory of data files, which ``datasets.load_dataset`` reads)."""
     split: str = "train"
     """Split of an HF dataset (ignored for local files and built-ins)."""
     subset: str | None = None
@@ -83,10 +85,13 @@ def _read(source: DataSource) -> list[Record]:
             raise ValueError(f"data source {source.path!r}: no built-in dataset {name!r}; built-ins are {known}")
         return _read_local(Path(str(file)))
     local = Path(source.path).expanduser()
-    if local.exists():
+    if local.is_file():
         return _read_local(local)
-    if local.suffix.lower() in {".json", ".jsonl", ".csv", ".parquet"} or source.path.startswith(("/", ".", "~")):
+    if not local.exists() and (
+        local.suffix.lower() in {".json", ".jsonl", ".csv", ".parquet"} or source.path.startswith(("/", ".", "~"))
+    ):
         raise FileNotFoundError(f"data source {source.path!r}: no such file")
+    # an HF dataset id, or a local dataset directory (data files that `datasets.load_dataset` reads)
     import datasets
 
     try:
@@ -107,7 +112,7 @@ def load_records(source: DataSource, required: Sequence[str], optional: Sequence
     """Load, rename and validate records.
 
     Each returned record holds the ``required`` fields (and ``optional`` ones when present)
-    under their canonical names, plus ``"_source_index"``, the record's position in the source.
+    under their canonical names, plus ``"_source"`` (the path) and ``"_source_index"`` (the record's position).
     A text field holds a string, or a list of chat messages (``{"role", "content"}`` dicts)
     for conversational datasets.
     """
@@ -120,7 +125,7 @@ def load_records(source: DataSource, required: Sequence[str], optional: Sequence
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"data source {source.path!r}, record {i}: expected an object, got {type(row).__name__}")
-        rec: Record = {"_source_index": i}
+        rec: Record = {"_source": source.path, "_source_index": i}
         for name in [*required, *optional]:
             column = source.fields.get(name, name)
             if column not in row:
@@ -132,7 +137,9 @@ def load_records(source: DataSource, required: Sequence[str], optional: Sequence
                     f"{sorted(row)}. Map your column names with `fields: {{{name}: <column>}}`."
                 )
             value = row[column]
-            if not (isinstance(value, str) or _is_messages(value) or name in optional):
+            if value is None and name in optional:  # e.g. a null cell in a parquet/HF column
+                continue
+            if not (isinstance(value, str) or _is_messages(value)):
                 raise TypeError(
                     f"data source {source.path!r}, record {i}: field {column!r} must be a string or a list of "
                     f"chat messages, got {type(value).__name__}"

@@ -53,15 +53,17 @@ class ShardedSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over a :class:`ShardedSampler` that Lightning saves and restores mid-epoch."""
 
-    def __init__(self, dataset: Dataset, *, sampler: ShardedSampler, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, *, sampler: ShardedSampler, warn_truncated: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(dataset, sampler=sampler, **kwargs)
         self.consumed = 0  # batches handed to the training step in the current epoch
+        self.warn_truncated = warn_truncated
 
     def __iter__(self):
         if self.sampler.skip == 0:  # a fresh epoch, not a resumed one
             self.consumed = 0
         truncated = getattr(self.dataset, "truncated", 0)
-        if truncated:
+        if truncated and self.warn_truncated:
             rank_zero_warn(
                 f"epoch {self.sampler.epoch}: {truncated} of {len(self.dataset)} training examples are longer than "
                 f"data.max_length={self.dataset.max_length}; their prompts were cut from the left (responses kept "

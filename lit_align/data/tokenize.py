@@ -50,7 +50,7 @@ def truncate_keep_response(prompt: list[int], response: list[int], max_length: i
     overflow = len(prompt) + len(response) - max_length
     if overflow <= 0:
         return prompt, response, False
-    cut_prompt = min(overflow, len(prompt) - 1)
+    cut_prompt = max(0, min(overflow, len(prompt) - 1))  # an empty prompt stays empty
     prompt = prompt[cut_prompt:]
     overflow -= cut_prompt
     if overflow > 0:

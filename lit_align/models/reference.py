@@ -30,15 +30,16 @@ ReferenceMode = Literal["precomputed", "adapter", "copy"]
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter's name, shape, dtype and (float64) sum and sum of squares.
+    """sha256 over every parameter's name, shape, dtype and raw bytes.
 
-    Any real change of weights changes it; it is cheap (one pass, no copy) and identical on
-    every rank when computed before sharding."""
+    Any change of weights changes it (one element by one ulp, or two elements swapped, which
+    sums and sums of squares would miss); it is one pass with one parameter on the CPU at a time,
+    and identical on every rank and device when computed before sharding."""
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            t = p.detach().double()
-            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{t.sum().item():.12e}|{t.square().sum().item():.12e}".encode())
+        for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

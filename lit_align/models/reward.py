@@ -80,7 +80,8 @@ def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase
         return RewardModel(backbone, None, spec.kind)
     backbone = apply_lora(build_causal_lm(spec.model, tokenizer), spec.model.lora)
     hidden = backbone.config.hidden_size
-    head = nn.Linear(hidden, 1, bias=True, dtype=next(backbone.parameters()).dtype)
+    # skip_init: no default (random) init, so building never draws from the global RNG
+    head = nn.utils.skip_init(nn.Linear, hidden, 1, bias=True, dtype=next(backbone.parameters()).dtype)
     with torch.no_grad():
         head.bias.zero_()
         if spec.head_init_std > 0:

@@ -9,7 +9,8 @@ log-softmax and gathers the targets: for a 150k vocabulary that tensor dominates
 3. push those rows through the LM head in chunks of at most ``chunk_tokens`` rows, each
    chunk giving (n, V) logits that are reduced to ``logit[target] - logsumexp(logits)`` at
    once; each chunk is activation-checkpointed so backward recomputes its logits instead
-   of keeping them. Peak extra memory is O(chunk_tokens * V), independent of B and T.
+   of keeping them (unless all logits together are small). Peak extra memory is
+   O(chunk_tokens * V), independent of B and T.
 
 Values equal the naive computation (see ``tests/rollout/test_logps.py``). Positions are
 always derived from the attention mask, so left- and right-padded batches both work.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,6 +30,9 @@ __all__ = ["TokenLogps", "causal_lm_parts", "position_ids_from_mask", "sequence_
 
 #: Elements of one (n, V) logits chunk when ``chunk_tokens`` is not given (128 MiB in fp32).
 _DEFAULT_CHUNK_ELEMENTS = 1 << 25
+#: Below this many logits elements in all (16 MiB in fp32) the head is not checkpointed:
+#: recomputing it in backward would cost more time than the memory it saves.
+_CHECKPOINT_MIN_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -72,7 +77,8 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 def _chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     logits = head(hidden).float()  # (n, V)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
+    # fused log-softmax + gather: one pass over the logits fewer than gather - logsumexp, cheaper backward
+    return -F.cross_entropy(logits, targets, reduction="none")  # (n,)
 
 
 def token_logps(
@@ -113,10 +119,11 @@ def token_logps(
 
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     chunk = chunk_tokens or max(16, _DEFAULT_CHUNK_ELEMENTS // vocab)
+    recompute = torch.is_grad_enabled() and h.requires_grad and h.shape[0] * vocab > _CHECKPOINT_MIN_ELEMENTS
     pieces = []
     for start in range(0, h.shape[0], chunk):
         h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
-        if torch.is_grad_enabled() and h_c.requires_grad:
+        if recompute:
             pieces.append(checkpoint(_chunk_logps, head, h_c, t_c, use_reentrant=False))
         else:
             pieces.append(_chunk_logps(head, h_c, t_c))

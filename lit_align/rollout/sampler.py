@@ -224,6 +224,22 @@ def _select(logits: Tensor, config: SamplingConfig, generator: torch.Generator |
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether the weights are FSDP2-sharded: then every rank must run the same number of forwards."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _all_finished(finished: Tensor, synced: bool) -> bool:
+    """Every row done; with sharded weights, on every rank (one all-reduce per step)."""
+    if not synced:
+        return bool(finished.all())
+    flag = finished.all().to(torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -287,6 +303,7 @@ def sample(
         extra["logits_to_keep"] = 1  # only the last position's logits: (B, 1, V), not (B, P, V)
     cache = _make_cache(model)
 
+    synced = _is_sharded(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -304,7 +321,7 @@ def sample(
             step_ids.append(tokens)
             step_logps.append(token_logps)
             finished |= torch.isin(tokens, eos_ids)
-            if t == max_new - 1 or bool(finished.all()):  # one host sync per step
+            if t == max_new - 1 or _all_finished(finished, synced):  # one host sync per step
                 break
             out = model(
                 input_ids=tokens.unsqueeze(-1),  # (B, 1)

@@ -24,7 +24,8 @@ COMMON = [
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    run_cli([*COMMON, "--trainer.default_root_dir", str(root), "--data.init_args.batch_size", "16"])
+    run_cli([*COMMON, "--trainer.default_root_dir", str(root), "--trainer.logger.save_dir", str(root),
+             "--data.init_args.batch_size", "16"])
     return load_file(root / "hf_export" / "model.safetensors")
 
 
@@ -35,11 +36,18 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_match_one(strategy, single, tmp_path):
-    extra = (["--trainer.devices", "2", "--trainer.strategy", "ddp"] if strategy == "ddp"
-             else ["--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks", "lit_align.callbacks.HFExport"])
-    proc = run_cli([*COMMON, *extra, "--trainer.default_root_dir", str(tmp_path), "--data.init_args.batch_size", "8"])
+    if strategy == "ddp":
+        extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    else:  # also shards a frozen reference copy, and samples (KL estimate, sample table) on sharded weights
+        extra = ["--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks", "lit_align.callbacks.HFExport",
+                 "--trainer.callbacks+=lit_align.callbacks.SampleGenerations", "--trainer.callbacks.every_n_steps", "2",
+                 "--model.init_args.reference", "copy", "--model.init_args.kl_every_n_steps", "2"]
+    proc = run_cli([*COMMON, *extra, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.save_dir",
+                    str(tmp_path), "--data.init_args.batch_size", "8"])
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     multi = load_file(tmp_path / "hf_export" / "model.safetensors")
+    if strategy == "fsdp2":
+        assert list(tmp_path.rglob("samples.csv")), "no sample table written under FSDP2"
 
     from lit_align.models import ModelSpec, TinyArch, build_causal_lm, build_tokenizer
 

@@ -1,0 +1,210 @@
+"""Run every benchmark, save ``benchmarks/results.json`` and print a Markdown table for the README.
+
+Runs, one after the other, each in its own subprocess (so no benchmark's imports, caches or
+allocator state leak into the next):
+
+* ``benchmarks/generate.py``: lit_align's KV-cache sampler vs HF ``generate`` (tokens/s);
+* ``benchmarks/logps_memory.py``: chunked log-probs vs full logits (peak memory, time);
+* ``benchmarks/dpo_step.py``: a DPO optimiser step, lit_align vs TRL vs a hand-written loop.
+
+Each prints one JSON line (the last line starting with ``{`` that has a ``"bench"`` key is
+taken). ``results.json`` holds those lines, the date, the versions of the libraries involved and
+the machine (``nproc``, CPU model, torch threads), plus the table. The table compares each
+lit_align number with its peer against the targets below, which come from
+``shared/PEERS.md`` (numbers measured on this project's 2-core machines).
+
+A benchmark that fails is recorded with its error and shown as ``failed``; the others still run.
+The exit status is 1 when a benchmark failed (a missed target is reported, not an error).
+
+Usage: ``python benchmarks/run_all.py [--quick] [--only dpo_step,generate] [--out benchmarks/results.json]``
+(``make bench`` runs it with the defaults). ``--quick`` shortens every benchmark for a smoke
+test; its numbers are noisier and should not go into the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+#: name -> (script, default args, --quick args)
+BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
+    "generate": ("generate.py", [], ["--repeats", "3", "--warmup", "1"]),
+    "logps_memory": ("logps_memory.py", [], ["--repeats", "1"]),
+    "dpo_step": ("dpo_step.py", [], ["--steps", "8", "--warmup", "2"]),
+}
+PACKAGES = ("torch", "transformers", "trl", "lightning", "peft", "datasets", "lit_align")
+
+
+# -- running ---------------------------------------------------------------------------------------
+def _last_json(stdout: str) -> dict | None:
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and "bench" in obj:
+                return obj
+    return None
+
+
+def run_benchmark(name: str, quick: bool) -> dict:
+    script, args, quick_args = BENCHMARKS[name]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
+    cmd = [sys.executable, str(HERE / script), *(quick_args if quick else args)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = round(time.perf_counter() - start, 1)
+    result = _last_json(proc.stdout) if proc.returncode == 0 else None
+    if result is None:
+        tail = (proc.stderr or proc.stdout)[-3000:]
+        return {"bench": name, "error": f"exit {proc.returncode}: {tail}", "command": " ".join(cmd[1:]),
+                "seconds": seconds}
+    result["command"] = " ".join(["python", *(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c
+                                              for c in cmd[1:])])
+    result["seconds"] = seconds
+    return result
+
+
+# -- environment -----------------------------------------------------------------------------------
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict:
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
+        "machine": {"nproc": nproc, "cpu": _cpu_model(), "torch_threads": "torch threads 1",
+                    "platform": platform.platform(), "load_average_at_start": list(os.getloadavg())},
+    }
+
+
+# -- table -----------------------------------------------------------------------------------------
+def _fmt(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "n/a"
+    return (f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}") + unit
+
+
+def rows(results: dict[str, dict]) -> list[dict]:
+    """One row per compared number: what lit_align got, what the peer got, the ratio and the target.
+
+    Ratios are always lit_align / peer. ``better`` says which direction wins (``lower`` for time
+    and memory, ``higher`` for throughput); ``target`` is the bound from PEERS.md.
+    """
+    out: list[dict] = []
+
+    def add(bench, what, ours, peer_name, peer, ratio, op, bound, unit):
+        met = None if ratio is None else (ratio <= bound if op == "<=" else ratio >= bound)
+        out.append({"benchmark": bench, "what": what, "lit_align": ours, "peer_name": peer_name, "peer": peer,
+                    "ratio": ratio, "target": f"{'≤' if op == '<=' else '≥'} {bound}×", "met": met, "unit": unit})
+
+    g = results.get("generate", {})
+    if "error" not in g and g:
+        add("generate", "greedy decoding, tokens/s (batch 8, prompt 32, +64)", g.get("lit_align_tok_s"),
+            "HF generate", g.get("hf_generate_tok_s"), g.get("ratio"), ">=", 1.0, " tok/s")
+    m = results.get("logps_memory", {})
+    if "error" not in m and m:
+        add("logps_memory", "peak memory of scoring, MiB (vocab 151,936)", m.get("lit_align_peak_mb"),
+            "full logits", m.get("naive_peak_mb"), m.get("ratio"), "<=", 0.6, " MiB")
+        t = None if not m.get("naive_ms") else round(m["lit_align_ms"] / m["naive_ms"], 3)
+        add("logps_memory", "time of scoring fwd+bwd, ms", m.get("lit_align_ms"), "full logits", m.get("naive_ms"),
+            t, "<=", 1.0, " ms")
+    d = results.get("dpo_step", {})
+    if "error" not in d and d:
+        add("dpo_step", "DPO optimiser step, ms (precomputed reference)", d.get("lit_align_ms"),
+            "TRL DPOTrainer", d.get("trl_ms"), d.get("ratio_vs_trl"), "<=", 0.5, " ms")
+        add("dpo_step", "DPO optimiser step, ms (precomputed reference)", d.get("lit_align_ms"),
+            "hand-written loop", d.get("hand_ms"), d.get("ratio_vs_hand"), "<=", 1.3, " ms")
+        add("dpo_step", "DPO optimiser step, ms (frozen copy reference)", d.get("lit_align_copy_ms"),
+            "hand-written loop", d.get("hand_ms"), d.get("copy_ratio_vs_hand"), "<=", 1.3, " ms")
+        add("dpo_step", "peak RSS of the training process, MiB", d.get("lit_align_peak_rss_mb"),
+            "TRL DPOTrainer", d.get("trl_peak_rss_mb"), d.get("rss_ratio_vs_trl"), "<=", 1.0, " MiB")
+    for name, r in results.items():
+        if "error" in r:
+            out.append({"benchmark": name, "what": "failed (see results.json)", "lit_align": None, "peer_name": "",
+                        "peer": None, "ratio": None, "target": "", "met": None, "unit": ""})
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| benchmark | lit_align | peer | ratio | target | met? |", "|---|---|---|---|---|---|"]
+    for r in table:
+        if r["what"].startswith("failed"):
+            lines.append(f"| {r['benchmark']} | failed | | | | |")
+            continue
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        met = {True: "yes", False: "**no**", None: "n/a"}[r["met"]]
+        lines.append(
+            f"| {r['benchmark']}: {r['what']} | {_fmt(r['lit_align'], r['unit'])} | {r['peer_name']} "
+            f"{_fmt(r['peer'], r['unit'])} | {ratio} | {r['target']} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ",".join(BENCHMARKS))
+    parser.add_argument("--quick", action="store_true", help="short runs for a smoke test (noisy numbers)")
+    parser.add_argument("--out", default=str(HERE / "results.json"), help="where to write the results")
+    args = parser.parse_args()
+
+    names = [n for n in BENCHMARKS if n in args.only.split(",")]
+    unknown = set(args.only.split(",")) - set(BENCHMARKS)
+    if unknown:
+        raise SystemExit(f"unknown benchmarks {sorted(unknown)}; choose from {list(BENCHMARKS)}")
+    env = environment()
+    results: dict[str, dict] = {}
+    for name in names:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name] = run_benchmark(name, args.quick)
+        print(json.dumps(results[name]), flush=True)
+
+    table = rows(results)
+    md = markdown(table)
+    doc = {**env, "quick": args.quick, "results": results, "table": table, "markdown": md}
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    v, mach = env["versions"], env["machine"]
+    print()
+    print(md)
+    print()
+    print(f"{env['date']}; torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
+          f"lightning {v['lightning']}; nproc {mach['nproc']} ({mach['cpu']}), {mach['torch_threads']}"
+          f"{'; --quick' if args.quick else ''}. Saved to {args.out}.")
+    if any("error" in r for r in results.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

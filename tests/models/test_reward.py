@@ -1,0 +1,125 @@
+"""Reward models: the score is read at the last real token, whatever the padding; HF reward models load as-is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, Qwen2Config
+
+from lit_align.models import (
+    LoRASpec,
+    ModelSpec,
+    RewardModelSpec,
+    TinyArch,
+    build_reward_model,
+    build_tokenizer,
+    is_peft_model,
+    last_token_index,
+)
+
+TINY = TinyArch(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+LENGTHS = [5, 3, 7]
+
+
+def _rows(vocab: int, pad: int, eos: int) -> list[torch.Tensor]:
+    """Three unpadded rows of ``LENGTHS`` random ids that are neither pad nor EOS."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(10, vocab, (n,), generator=g) for n in LENGTHS]
+    assert all(((r != pad) & (r != eos)).all() for r in rows)
+    return rows
+
+
+def _pad(rows: list[torch.Tensor], pad: int, side: str, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on ``side`` to the longest row plus ``extra``."""
+    width = max(len(r) for r in rows) + extra
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        s = 0 if side == "right" else width - len(r)
+        ids[i, s : s + len(r)], mask[i, s : s + len(r)] = r, 1
+    return ids, mask
+
+
+def test_last_token_index_for_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert last_token_index(right).tolist() == [2, 4, 0]
+    assert last_token_index(left).tolist() == [4, 4, 4]
+    assert last_token_index(right.bool()).tolist() == [2, 4, 0]
+
+
+def test_scalar_head_score_ignores_padding():
+    """Each row alone (no padding) is the ground truth; right padding, extra right pads and left
+    padding must give the same scores."""
+    model = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY), head_init_std=0.5)).eval()
+    tok = build_tokenizer(ModelSpec(tiny=TINY))
+    rows = _rows(len(tok), tok.pad_token_id, tok.eos_token_id)
+    with torch.no_grad():
+        alone = torch.cat([model.score(r[None], torch.ones(1, len(r), dtype=torch.long)) for r in rows])  # (B,)
+        assert alone.abs().min() > 0 and alone.dtype == torch.float32
+        for side, extra in [("right", 0), ("right", 4), ("left", 0), ("left", 3)]:
+            ids, mask = _pad(rows, tok.pad_token_id, side, extra)
+            torch.testing.assert_close(model.score(ids, mask), alone, rtol=1e-5, atol=1e-5, msg=f"{side}+{extra}")
+        torch.testing.assert_close(model(*_pad(rows, tok.pad_token_id, "right")), alone, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_head_scores_zero_and_seeded_head_is_deterministic():
+    zero = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY)))
+    assert torch.count_nonzero(zero.head.weight) == 0 and torch.count_nonzero(zero.head.bias) == 0
+    tok = build_tokenizer(ModelSpec(tiny=TINY))
+    ids, mask = _pad(_rows(len(tok), tok.pad_token_id, tok.eos_token_id), tok.pad_token_id, "right")
+    with torch.no_grad():
+        assert torch.equal(zero.score(ids, mask), torch.zeros(3))
+
+    before = torch.random.get_rng_state()
+    a = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY), head_init_std=0.02))
+    b = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY), head_init_std=0.02))
+    c = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY, seed=3), head_init_std=0.02))
+    assert torch.equal(torch.random.get_rng_state(), before), "building must not consume the global RNG"
+    assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)
+    assert 0.005 < a.head.weight.std().item() < 0.05
+    with torch.no_grad():
+        assert torch.equal(a.score(ids, mask), b.score(ids, mask))
+
+
+def test_sequence_classification_from_a_local_directory_matches_hf(tmp_path):
+    tok = build_tokenizer(ModelSpec(tiny=TINY))
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    model = build_reward_model(RewardModelSpec(model=ModelSpec(name_or_path=str(tmp_path)),
+                                               kind="sequence_classification")).eval()
+    assert model.head is None and type(model.backbone).__name__ == "Qwen2ForSequenceClassification"
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    rows = _rows(len(tok), tok.pad_token_id, tok.eos_token_id)
+    ids, mask = _pad(rows, tok.pad_token_id, "right", extra=2)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits[:, 0]  # (B,)
+        torch.testing.assert_close(model.score(ids, mask), expected, rtol=1e-5, atol=1e-5)
+        left_ids, left_mask = _pad(rows, tok.pad_token_id, "left")
+        torch.testing.assert_close(model.score(left_ids, left_mask), expected, rtol=1e-5, atol=1e-5)
+    assert expected.abs().min() > 0
+
+
+def test_sequence_classification_needs_a_path():
+    with pytest.raises(ValueError, match="model.name_or_path"):
+        build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY), kind="sequence_classification"))
+
+
+def test_lora_backbone_trains_adapters_and_head_only():
+    model = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY, lora=LoRASpec(r=4)), head_init_std=0.1))
+    assert is_peft_model(model.backbone)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {"head.weight", "head.bias"} <= set(trainable)
+    assert all(n.startswith("head.") or "lora_" in n for n in trainable), trainable
+    assert sum("lora_" in n for n in trainable) > 0
+
+    tok = build_tokenizer(ModelSpec(tiny=TINY))
+    ids, mask = _pad(_rows(len(tok), tok.pad_token_id, tok.eos_token_id), tok.pad_token_id, "left")
+    model.score(ids, mask).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads <= set(trainable)
+    assert "head.weight" in grads and any("lora_B" in n for n in grads)

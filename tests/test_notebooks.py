@@ -1,0 +1,101 @@
+"""Every notebook under notebooks/ runs top to bottom in a fresh kernel of this interpreter.
+
+The kernel is started from a throw-away kernelspec that points at ``sys.executable`` (the venv's
+python), so whatever ``python3`` kernelspecs the machine has installed cannot pick another
+interpreter. Notebooks are stored without outputs, which is checked too (clean diffs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = REPO / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+CELL_TIMEOUT_S = 300
+KERNEL_NAME = "lit-align-test-python"
+RESULT_MARKER = "QUICKSTART_RESULT "
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [p.name for p in paths]
+
+
+def _kernel_manager(kernels_dir: Path) -> KernelManager:
+    """A kernel manager whose only kernelspec runs ipykernel under this very interpreter."""
+    spec_dir = kernels_dir / KERNEL_NAME
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Python ({sys.executable})",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    specs = KernelSpecManager(kernel_dirs=[str(kernels_dir)], ensure_native_kernel=False)
+    return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
+
+
+def _stream_text(nb: nbformat.NotebookNode) -> str:
+    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for out in cell.get("outputs", []) if out.get("output_type") == "stream")
+
+
+def test_notebooks_exist():
+    assert NOTEBOOKS, f"no notebooks under {NOTEBOOKS_DIR}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_is_stored_clean(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", "notebooks use the python3 kernelspec"
+    dirty = [i for i, cell in enumerate(nb.cells)
+             if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} have stored outputs; clear them before committing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LIT_ALIGN_QUICKSTART_OUT", str(out))
+    before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, km=_kernel_manager(tmp_path / "kernels"), timeout=CELL_TIMEOUT_S,
+                            allow_errors=False, resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+    client.execute()  # raises CellExecutionError with the cell's traceback if one fails
+
+    errors = [out for cell in nb.cells if cell.cell_type == "code"
+              for out in cell.get("outputs", []) if out.get("output_type") == "error"]
+    assert not errors, errors
+    stray = {p.name for p in NOTEBOOKS_DIR.iterdir()} - before
+    assert not stray, f"{path.name} wrote into notebooks/ (its working directory): {sorted(stray)}"
+
+    if path.name == "01_quickstart.ipynb":
+        lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(RESULT_MARKER)]
+        assert lines, "the quickstart's last cell prints a QUICKSTART_RESULT line"
+        result = json.loads(lines[-1][len(RESULT_MARKER):])
+        assert Path(result["plot_png"]).is_file() and Path(result["plot_png"]).stat().st_size > 0
+        assert Path(result["plot_png"]).parent == out
+        metrics_csv = Path(result["metrics_csv"])
+        assert metrics_csv.is_file()
+        header = metrics_csv.read_text().splitlines()[0].split(",")
+        assert {"train/rewards/margins", "train/rewards/accuracies"} <= set(header)
+        assert Path(result["best_ckpt"]).is_file()
+        assert (Path(result["hf_export"]) / "config.json").is_file()
+        assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+                   for cell in nb.cells for o in cell.get("outputs", [])), "the plot is shown inline"
+        assert result["val_rewards_accuracies"] > 0.5, result
+        assert result["val_rewards_margins"] > 0, result
