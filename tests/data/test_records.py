@@ -19,6 +19,12 @@ ROWS = [
 ]
 
 
+
+def _without_source(records: list[dict], path: str) -> list[dict]:
+    """Records name their source; check it, then compare the rest."""
+    assert all(r["_source"] == path for r in records)
+    return [{k: v for k, v in r.items() if k != "_source"} for r in records]
+
 def _write(path: Path, rows: list[dict]) -> Path:
     """Write ``rows`` in the format named by ``path``'s suffix (``.data.json`` for ``{"data": [...]}``)."""
     if path.name.endswith(".data.json"):
@@ -41,13 +47,15 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 @pytest.mark.parametrize("name", ["rows.json", "rows.data.json", "rows.jsonl", "rows.csv", "rows.parquet"])
 def test_each_local_format_loads_the_same_records(tmp_path, name):
-    records = load_records(DataSource(str(_write(tmp_path / name, ROWS))), ["prompt", "response"])
+    path = str(_write(tmp_path / name, ROWS))
+    records = _without_source(load_records(DataSource(path), ["prompt", "response"]), path)
     assert records == [{"_source_index": i, **r} for i, r in enumerate(ROWS)]
 
 
 def test_extra_columns_are_dropped_and_optional_fields_kept_when_present(tmp_path):
     rows = [{"prompt": "p0", "response": "r0", "id": 7, "note": "n"}, {"prompt": "p1", "response": "r1"}]
-    records = load_records(DataSource(str(_write(tmp_path / "x.jsonl", rows))), ["prompt", "response"], ["note"])
+    path = str(_write(tmp_path / "x.jsonl", rows))
+    records = _without_source(load_records(DataSource(path), ["prompt", "response"], ["note"]), path)
     assert records == [
         {"_source_index": 0, "prompt": "p0", "response": "r0", "note": "n"},
         {"_source_index": 1, "prompt": "p1", "response": "r1"},
@@ -79,7 +87,7 @@ def test_unknown_builtin_lists_the_known_ones():
 def test_field_mapping_renames_columns(tmp_path):
     rows = [{"question": "q0", "answer": "a0"}, {"question": "q1", "answer": "a1"}]
     source = DataSource(str(_write(tmp_path / "qa.csv", rows)), fields={"prompt": "question", "response": "answer"})
-    assert load_records(source, ["prompt", "response"]) == [
+    assert _without_source(load_records(source, ["prompt", "response"]), source.path) == [
         {"_source_index": 0, "prompt": "q0", "response": "a0"},
         {"_source_index": 1, "prompt": "q1", "response": "a1"},
     ]
@@ -119,7 +127,8 @@ def test_local_hf_dataset_folder_loads_offline(tmp_path, monkeypatch):
     _write(folder / "test.jsonl", [{"q": "t0", "a": "b0"}])
     fields = {"prompt": "q", "response": "a"}
     train = load_records(DataSource(str(folder), fields=fields), ["prompt", "response"])
-    test = load_records(DataSource(str(folder), split="test", fields=fields), ["prompt", "response"])
+    test = _without_source(load_records(DataSource(str(folder), split="test", fields=fields), ["prompt", "response"]),
+                           str(folder))
     assert [r["prompt"] for r in train] == ["q0", "q1"]
     assert test == [{"_source_index": 0, "prompt": "t0", "response": "b0"}]
     with pytest.raises(ValueError, match="split='validation'"):

@@ -41,7 +41,8 @@ def test_resume_mid_epoch_is_exact(config, tmp_path):
     a, c = straight.model.policy.state_dict(), resumed.model.policy.state_dict()
     for name in a:
         torch.testing.assert_close(c[name], a[name], rtol=0, atol=0, msg=name)
-    fresh = cli_main(["--config", str(REPO / config), *CSV_LOGGER], run=False).model
+    fresh = cli_main(["--config", str(REPO / config), *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path)],
+                     run=False).model
     fresh.configure_model()
     first = fresh.policy.state_dict()
     assert any(not torch.equal(first[n], a[n]) for n in a), "training did not change the parameters"
