@@ -35,3 +35,14 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600, env: dict | N
     if proc.returncode != 0:
         raise AssertionError(f"lit-align {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def tiny_lm(family: str = "qwen2", *, vocab_size: int, hidden_size: int = 64, seed: int = 0, **config):
+    """A tiny random HF causal LM built with transformers alone (tests of code that takes any HF model)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[family]
+    config = cls(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=2 * hidden_size, vocab_size=vocab_size, **config)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()

@@ -20,7 +20,13 @@ def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "tie_word_embeddings", False):  # gathered tied weights come back as two copies
+        prefix = "base_model.model." if base is not model else ""
+        for tied in getattr(base, "_tied_weights_keys", None) or ():
+            state.pop(prefix + tied, None)
+    return state
 
 
 def _base_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

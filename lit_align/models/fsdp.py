@@ -2,10 +2,10 @@
 
 * :func:`fsdp2_parallelize`: the FSDP2 (``fully_shard``) plan, called from a method's
   ``configure_model`` under Lightning's ``ModelParallelStrategy`` (CPU/gloo here, NCCL on GPUs).
-  Each decoder layer is one unit; the decoder's remaining weights (embeddings, final norm) are
-  one unit; the LM head is its own unit kept gathered through the step, because
-  :func:`~lit_align.rollout.logps.token_logps` calls it once per chunk. With tied embeddings the
-  decoder and the head share one unit.
+  Each decoder layer is one unit; the causal LM itself is the root unit (embeddings, final norm,
+  LM head; tied or not). :func:`~lit_align.rollout.logps.token_logps` calls the decoder and the
+  head separately, so it is registered as an FSDP forward method of the root: the root's weights
+  are gathered for the whole computation exactly as for ``model(...)``.
 * :class:`DecoderLayerPolicy`: an auto-wrap policy for Lightning's ``FSDPStrategy`` (FSDP1 on
   GPUs) that wraps every decoder layer of whatever HF model is built, so YAML need not name
   architecture classes. See ``callbacks/fsdp.yaml``.
@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+import types
+
 from torch import nn
 
-from lit_align.rollout.logps import causal_lm_parts
+from lit_align.rollout.logps import FSDP_LOGPS_METHOD, compute_token_logps, unwrap_causal_lm
 
 __all__ = ["DecoderLayerPolicy", "decoder_layers", "fsdp2_parallelize"]
 
@@ -43,20 +45,17 @@ def fsdp2_parallelize(model: nn.Module, mesh, *, mp_policy=None, reshard_after_f
         reshard_after_forward: free gathered layer weights after forward (ZeRO-3); False keeps them (ZeRO-2).
         trainable: False for frozen copies (references): nothing is reduced for them.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     kwargs = {"mesh": mesh}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
-    decoder, head = causal_lm_parts(model)
-    tied = any(p is q for p in decoder.parameters() for q in head.parameters())
-    if tied:
-        fully_shard([decoder, head], reshard_after_forward=False, **kwargs)
-    else:
-        fully_shard(decoder, reshard_after_forward=reshard_after_forward, **kwargs)
-        fully_shard(head, reshard_after_forward=False, **kwargs)
+    base = unwrap_causal_lm(model)
+    fully_shard(base, reshard_after_forward=reshard_after_forward, **kwargs)
+    setattr(base, FSDP_LOGPS_METHOD, types.MethodType(compute_token_logps, base))
+    register_fsdp_forward_method(base, FSDP_LOGPS_METHOD)
     if not trainable:
         model.requires_grad_(False)
     return model

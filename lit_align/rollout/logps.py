@@ -19,6 +19,7 @@ always derived from the attention mask, so left- and right-padded batches both w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -26,7 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["TokenLogps", "causal_lm_parts", "position_ids_from_mask", "sequence_logps", "token_logps"]
+#: Name of the method :func:`~lit_align.models.fsdp.fsdp2_parallelize` registers on a sharded model,
+#: so the whole computation runs inside one FSDP2 forward of the root (embeddings, norm, LM head).
+FSDP_LOGPS_METHOD = "lit_align_token_logps"
+
+__all__ = ["FSDP_LOGPS_METHOD", "TokenLogps", "compute_token_logps", "unwrap_causal_lm", "causal_lm_parts", "position_ids_from_mask", "sequence_logps", "token_logps"]
 
 #: Elements of one (n, V) logits chunk when ``chunk_tokens`` is not given (128 MiB in fp32).
 _DEFAULT_CHUNK_ELEMENTS = 1 << 25
@@ -57,12 +62,15 @@ class TokenLogps:
         return self.logps.sum(-1) / self.mask.sum(-1).clamp(min=1)
 
 
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside a PEFT wrapper and/or ``torch.compile``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA lives inside it
+    return getattr(base, "_orig_mod", base)
+
+
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Return ``(decoder, lm_head)`` of an HF causal LM, a PEFT wrapper of one, or a compiled one."""
-    base = model
-    if hasattr(base, "get_base_model"):  # peft.PeftModel: LoRA layers live inside the base model
-        base = base.get_base_model()
-    base = getattr(base, "_orig_mod", base)  # torch.compile
+    base = unwrap_causal_lm(model)
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
     if decoder is None or head is None:
@@ -104,7 +112,17 @@ def token_logps(
             f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and "
             f"loss_mask {tuple(loss_mask.shape)} must have the same (B, T) shape"
         )
-    decoder, head = causal_lm_parts(model)
+    base = unwrap_causal_lm(model)
+    sharded = getattr(base, FSDP_LOGPS_METHOD, None)  # set by lit_align.models.fsdp.fsdp2_parallelize
+    compute = sharded if sharded is not None else partial(compute_token_logps, base)
+    logps, mask = compute(input_ids, attention_mask, loss_mask, chunk_tokens)
+    return TokenLogps(logps=logps, mask=mask)
+
+
+def compute_token_logps(base: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                 chunk_tokens: int | None) -> tuple[Tensor, Tensor]:
+    """The computation of :func:`token_logps` on an unwrapped HF causal LM; returns (logps, mask)."""
+    decoder, head = causal_lm_parts(base)
     hidden = decoder(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -132,7 +150,7 @@ def token_logps(
     logps = torch.zeros(scored.shape, dtype=torch.float32, device=input_ids.device)  # (B, T-1)
     logps = logps.index_put(rows, flat)
     pad = logps.new_zeros(logps.shape[0], 1)
-    return TokenLogps(logps=torch.cat([pad, logps], dim=1), mask=torch.cat([pad, scored.float()], dim=1))
+    return torch.cat([pad, logps], dim=1), torch.cat([pad, scored.float()], dim=1)
 
 
 def sequence_logps(

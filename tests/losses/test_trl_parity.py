@@ -13,9 +13,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_lm
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+from transformers import PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 
 from lit_align.losses import dpo_loss
@@ -47,20 +48,8 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _models(vocab_size: int):
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=vocab_size,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    ref = AutoModelForCausalLM.from_config(config).eval()
+    ref = tiny_lm("qwen2", vocab_size=vocab_size, hidden_size=32, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                  tie_word_embeddings=False)
     policy = copy.deepcopy(ref)
     with torch.no_grad():  # a few noise steps so that policy != reference and the loss is not log 2
         for _ in range(3):

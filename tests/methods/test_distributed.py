@@ -58,3 +58,17 @@ def test_two_processes_match_one(strategy, single, tmp_path):
     assert moved > 1e-3, "training did not move the weights"
     assert _max_diff(multi, single) < 2e-4 < moved / 10
     torch.testing.assert_close(multi["lm_head.weight"], single["lm_head.weight"], rtol=0, atol=2e-4)
+
+
+def test_fsdp2_with_tied_embeddings_matches_one_process(tmp_path):
+    """Tied input/output embeddings live in the root FSDP2 unit with the rest of the LM."""
+    tied = ["--model.init_args.model.tiny.tie_word_embeddings", "true", "--trainer.max_steps", "2"]
+    roots = {"one": tmp_path / "one", "two": tmp_path / "two"}
+    run_cli([*COMMON, *tied, "--trainer.default_root_dir", str(roots["one"]), "--trainer.logger.save_dir",
+             str(roots["one"]), "--data.init_args.batch_size", "16"])
+    run_cli([*COMMON, *tied, "--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks",
+             "lit_align.callbacks.HFExport", "--trainer.default_root_dir", str(roots["two"]),
+             "--trainer.logger.save_dir", str(roots["two"]), "--data.init_args.batch_size", "8"])
+    one, two = (load_file(r / "hf_export" / "model.safetensors") for r in roots.values())
+    assert "lm_head.weight" not in one  # tied: saved once, as the input embedding
+    assert _max_diff(two, one) < 2e-4

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from conftest import tiny_lm
 
 from lit_align.rollout.logps import position_ids_from_mask, sequence_logps, token_logps
 
@@ -13,18 +13,8 @@ PAD = 0
 
 
 def _tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_lm("qwen2", vocab_size=VOCAB, hidden_size=32, seed=seed, max_position_embeddings=64,
+                   tie_word_embeddings=False)
 
 
 def _batch(padding_side: str, seed: int = 1):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
+from conftest import tiny_lm
 
 from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
 
@@ -24,17 +24,7 @@ PROMPTS = [
 
 
 def _tiny(kind: str) -> transformers.PreTrainedModel:
-    common = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-    )
-    config = transformers.Qwen2Config(**common) if kind == "qwen2" else transformers.LlamaConfig(**common)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_lm(kind, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
