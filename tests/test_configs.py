@@ -58,3 +58,16 @@ def test_tiny_config_runs_to_the_end(config, tmp_path):
     assert cli.trainer.global_step == cli.trainer.max_steps
     assert (tmp_path / "hf_export" / "config.json").is_file()
     assert list(tmp_path.rglob("last.ckpt"))
+
+
+@pytest.mark.parametrize("config", TINY, ids=lambda p: str(p.relative_to(REPO)))
+def test_validate_test_and_predict_subcommands(config, tmp_path):
+    common = ["--config", str(config), "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar",
+              "false", *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path)]
+    for sub in ("validate", "test"):
+        cli = cli_main([sub, *common, f"--trainer.limit_{'val' if sub == 'validate' else sub}_batches", "2"])
+        prefix = "val" if sub == "validate" else "test"
+        assert f"{prefix}/loss" in cli.trainer.callback_metrics
+    cli = cli_main(["predict", *common, "--trainer.limit_predict_batches", "1"])
+    rows = [row for batch in cli.trainer.predict_loop.predictions for row in batch]
+    assert rows and all(set(r) == {"prompt", "completion"} and r["prompt"] for r in rows)

@@ -34,6 +34,7 @@ class TokenizedDataModule(L.LightningDataModule):
         self,
         train: DataSource,
         val: DataSource | None = None,
+        test: DataSource | None = None,
         val_fraction: float = 0.1,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -48,6 +49,7 @@ class TokenizedDataModule(L.LightningDataModule):
         Args:
             train: where the training records come from.
             val: validation records; ``None`` splits ``val_fraction`` off ``train`` (seeded).
+            test: records for ``lit-align test`` and ``predict``; ``None`` uses the validation records.
             val_fraction: share of ``train`` held out when ``val`` is not given; 0 disables validation.
             batch_size: examples per step on each data-parallel rank.
             eval_batch_size: examples per validation step (default ``batch_size``).
@@ -64,7 +66,7 @@ class TokenizedDataModule(L.LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
-        self.train_source, self.val_source = train, val
+        self.train_source, self.val_source, self.test_source = train, val, test
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.chat_template = max_length, chat_template
         self.val_fraction, self.shuffle, self.seed, self.num_workers = val_fraction, shuffle, seed, num_workers
@@ -72,6 +74,7 @@ class TokenizedDataModule(L.LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_dataset: TokenizedDataset | None = None
         self.val_dataset: TokenizedDataset | None = None
+        self.test_dataset: TokenizedDataset | None = None  # the validation set unless data.test is given
         self._train_loader: ResumableDataLoader | None = None
 
     # -- subclass hooks --------------------------------------------------------------------
@@ -121,13 +124,16 @@ class TokenizedDataModule(L.LightningDataModule):
         if chat and not self.tokenizer.chat_template:
             raise ValueError("data.chat_template is true but the tokenizer has no chat template")
         train, val = self._split()
-        self.train_dataset = TokenizedDataset(
-            [self._encode(r, i, self.tokenizer, chat) for i, r in enumerate(train)], self.max_length
-        )
-        self.val_dataset = (
-            TokenizedDataset([self._encode(r, i, self.tokenizer, chat) for i, r in enumerate(val)], self.max_length)
-            if val else None
-        )
+        self.train_dataset = self._tokenize(train, chat)
+        self.val_dataset = self._tokenize(val, chat)
+        test = load_records(self.test_source, self.required_fields, self.optional_fields) if self.test_source else None
+        self.test_dataset = self._tokenize(test, chat) if test else self.val_dataset
+
+    def _tokenize(self, records: list[Record], chat: bool) -> TokenizedDataset | None:
+        if not records:
+            return None
+        return TokenizedDataset([self._encode(r, i, self.tokenizer, chat) for i, r in enumerate(records)],
+                                self.max_length)
 
     # -- loaders ---------------------------------------------------------------------------
     def _shard(self) -> tuple[int, int]:
@@ -155,9 +161,23 @@ class TokenizedDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False, shard=True)
 
+    def test_dataloader(self) -> DataLoader | list:
+        if self.test_dataset is None:
+            return []
+        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False, shard=True)
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.test_dataloader()
+
+    def split_of(self, stage: str) -> str:
+        """Name of the dataset a stage (``train``, ``val``, ``test``) reads: ``test`` falls back to ``val``."""
+        return "val" if stage == "test" and self.test_dataset is self.val_dataset else stage
+
     def unsharded_loaders(self) -> dict[str, DataLoader]:
-        """Every split in a fixed order on every rank (for precomputing per-example reference values)."""
-        splits = {"train": self.train_dataset, "val": self.val_dataset}
+        """Every distinct split in a fixed order on every rank (for precomputing per-example reference values)."""
+        splits = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}
+        if self.test_dataset is self.val_dataset:
+            del splits["test"]
         return {k: self._loader(d, self.eval_batch_size, shuffle=False, shard=False) for k, d in splits.items() if d}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -60,12 +60,13 @@ class ResumableDataLoader(DataLoader):
         self.warn_truncated = warn_truncated
 
     def __iter__(self):
-        if self.sampler.skip == 0:  # a fresh epoch, not a resumed one
+        if getattr(self.sampler, "skip", 0) == 0:  # a fresh epoch, not a resumed one (Lightning may swap
+            # the sampler, e.g. for `predict`)
             self.consumed = 0
         truncated = getattr(self.dataset, "truncated", 0)
         if truncated and self.warn_truncated:
             rank_zero_warn(
-                f"epoch {self.sampler.epoch}: {truncated} of {len(self.dataset)} training examples are longer than "
+                f"epoch {getattr(self.sampler, 'epoch', 0)}: {truncated} of {len(self.dataset)} training examples are longer than "
                 f"data.max_length={self.dataset.max_length}; their prompts were cut from the left (responses kept "
                 "whole where they fit). Raise data.max_length to keep them whole.",
                 category=UserWarning,

@@ -15,7 +15,13 @@ from lit_align.models.fsdp import fsdp2_parallelize
 from lit_align.rollout.logps import TokenLogps, token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
-__all__ = ["PolicyModule"]
+__all__ = ["PolicyModule", "prompt_ids"]
+
+
+def prompt_ids(batch: SequenceBatch) -> list[list[int]]:
+    """The prompt tokens of each row (real tokens before the response)."""
+    rows = batch.attention_mask.bool() & ~batch.loss_mask.bool()  # (B, T)
+    return [ids[m].tolist() for ids, m in zip(batch.input_ids, rows)]
 
 
 class PolicyModule(L.LightningModule):
@@ -89,6 +95,21 @@ class PolicyModule(L.LightningModule):
         """Per-token log-probs of ``batch`` under the policy (response tokens only)."""
         return token_logps(self.policy, batch.input_ids, batch.attention_mask, batch.loss_mask,
                            chunk_tokens=self.chunk_tokens)
+
+    def _log_stage(self, stage: str, loss: torch.Tensor, metrics: dict[str, torch.Tensor], batch_size: int,
+                   prog_bar: str | None = None) -> None:
+        """``<stage>/loss`` and ``<stage>/<metric>``: per step in training, epoch means (all ranks) otherwise."""
+        on_step = stage == "train"
+        for key, value in {"loss": loss, **metrics}.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("loss", prog_bar), on_step=on_step,
+                     on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+
+    def predict_step(self, batch, batch_idx: int) -> list[dict[str, str]]:
+        """Greedy completions of the batch's prompts (``lit-align predict``): ``[{prompt, completion}]``."""
+        rows = prompt_ids(batch.chosen if hasattr(batch, "chosen") else batch)
+        completions = self.generate_from_ids(rows)
+        return [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "completion": c}
+                for p, c in zip(rows, completions)]
 
     def _log_throughput(self, num_tokens: int) -> None:
         """``train/tokens_per_sec``: real tokens of all ranks over the wall time since the last batch."""

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lit_align.data.batches import PreferenceBatch, SequenceBatch
 from lit_align.losses import DPOLoss, PreferenceLoss
-from lit_align.methods.base import PolicyModule
+from lit_align.methods.base import PolicyModule, prompt_ids
 from lit_align.models import ModelSpec, is_peft_model
 from lit_align.models.fsdp import fsdp2_parallelize
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
@@ -135,6 +135,9 @@ class DPOModule(PolicyModule):
     def on_validation_start(self) -> None:  # `validate` runs without `fit`
         self._precompute_reference()
 
+    def on_test_start(self) -> None:
+        self._precompute_reference()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reference"] = self.reference.state()
 
@@ -158,15 +161,10 @@ class DPOModule(PolicyModule):
             ref_c, ref_r = ref_all[:b], ref_all[b:]
         return pol[:b], pol[b:], ref_c, ref_r
 
-    def _step(self, batch: PreferenceBatch, split: str) -> torch.Tensor:
+    def _step(self, batch: PreferenceBatch, stage: str) -> torch.Tensor:
+        split = self.trainer.datamodule.split_of(stage) if self.reference.mode == "precomputed" else stage
         loss, metrics = self.loss_fn(*self._pair_logps(batch, split))
-        stage = "train" if split == "train" else "val"
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(batch),
-                 sync_dist=not on_step)
-        for k, v in metrics.items():
-            self.log(f"{stage}/{k}", v, prog_bar=k == "rewards/accuracies", on_step=on_step, on_epoch=not on_step,
-                     batch_size=len(batch), sync_dist=not on_step)
+        self._log_stage(stage, loss, metrics, len(batch), prog_bar="rewards/accuracies")
         return loss
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
@@ -181,14 +179,15 @@ class DPOModule(PolicyModule):
         if batch_idx == 0 and self._has_reference_model():
             self.log("val/kl", self._kl_estimate(batch), on_epoch=True, batch_size=len(batch), sync_dist=True)
 
+    def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
     @torch.no_grad()
     def _kl_estimate(self, batch: PreferenceBatch) -> torch.Tensor:
         """KL(policy || reference) per response, Monte-Carlo: sample y ~ policy for the batch's
         prompts and average ``sum_t log pi(y_t) - log ref(y_t)`` (unbiased for the sequence KL)."""
         chosen = batch.chosen
-        prompt_rows = chosen.attention_mask.bool() & ~chosen.loss_mask.bool()  # (B, T)
-        prompts = [ids[m].tolist() for ids, m in zip(chosen.input_ids, prompt_rows)]
-        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        ids, mask = left_pad(prompt_ids(chosen), self.tokenizer.pad_token_id)
         config = SamplingConfig(max_new_tokens=self.kl_max_new_tokens, do_sample=True, temperature=1.0)
         rollout = sample(self.policy, ids.to(self.device), mask.to(self.device), config,
                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)

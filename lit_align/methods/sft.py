@@ -15,8 +15,8 @@ class SFTModule(PolicyModule):
     Objective: mean negative log-likelihood over response tokens (prompt and padding masked).
     Model: one causal LM (full weights or LoRA). Optimiser: the injected one, automatic
     optimisation. Batch: :class:`~lit_align.data.SequenceBatch` from
-    :class:`~lit_align.data.SFTDataModule`. Logged: ``train/loss``, ``train/ppl``,
-    ``train/tokens_per_sec``, ``val/loss``, ``val/ppl``.
+    :class:`~lit_align.data.SFTDataModule`. Logged (``train/``, ``val/``, ``test/``): ``loss``,
+    ``nll``, ``ppl``, ``tokens``, and ``train/tokens_per_sec``.
 
     Run: ``lit-align fit --config configs/sft/tiny.yaml``.
     """
@@ -24,11 +24,7 @@ class SFTModule(PolicyModule):
     def _step(self, batch: SequenceBatch, stage: str):
         out = self.policy_logps(batch)
         loss, metrics = nll_loss(out.logps, out.mask)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(batch),
-                 sync_dist=not on_step)
-        self.log(f"{stage}/ppl", metrics["ppl"], on_step=on_step, on_epoch=not on_step, batch_size=len(batch),
-                 sync_dist=not on_step)
+        self._log_stage(stage, loss, metrics, len(batch), prog_bar="ppl")
         return loss
 
     def training_step(self, batch: SequenceBatch, batch_idx: int):
@@ -38,3 +34,6 @@ class SFTModule(PolicyModule):
 
     def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
         self._step(batch, "val")
+
+    def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        self._step(batch, "test")
