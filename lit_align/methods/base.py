@@ -70,7 +70,7 @@ class PolicyModule(L.LightningModule):
             return
         base = build_causal_lm(self.spec, self.tokenizer)
         self._attach_base(base)
-        self.policy = apply_lora(base, self.spec.lora)
+        self.policy = apply_lora(base, self.spec.lora, seed=self.spec.seed)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             mesh = self.device_mesh["data_parallel"]
             mp_policy = None

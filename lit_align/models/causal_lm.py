@@ -127,7 +127,10 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> nn.M
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training default; the sampler passes its own cache
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -136,8 +139,11 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def apply_lora(model: nn.Module, lora: LoRASpec | None) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters (only adapter weights stay trainable); identity for ``None``."""
+def apply_lora(model: nn.Module, lora: LoRASpec | None, seed: int = 0) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (only adapter weights stay trainable); identity for ``None``.
+
+    The adapters' random initialisation is seeded by ``seed`` (independently of the global RNG), so
+    every rank and every resumed run starts from the same adapters."""
     if lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -150,7 +156,9 @@ def apply_lora(model: nn.Module, lora: LoRASpec | None) -> nn.Module:
         target_modules=lora.target_modules,
         modules_to_save=lora.modules_to_save,
     )
-    return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def freeze(model: nn.Module) -> nn.Module:

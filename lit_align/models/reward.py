@@ -78,7 +78,7 @@ def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase
         )
         backbone.config.pad_token_id = tokenizer.pad_token_id
         return RewardModel(backbone, None, spec.kind)
-    backbone = apply_lora(build_causal_lm(spec.model, tokenizer), spec.model.lora)
+    backbone = apply_lora(build_causal_lm(spec.model, tokenizer), spec.model.lora, seed=spec.model.seed)
     hidden = backbone.config.hidden_size
     # skip_init: no default (random) init, so building never draws from the global RNG
     head = nn.utils.skip_init(nn.Linear, hidden, 1, bias=True, dtype=next(backbone.parameters()).dtype)

@@ -103,7 +103,7 @@ class ModelSpec:
     """A tokenizer without pad token: reuse EOS as pad (masks never rely on pad ids here),
     add a ``<|pad|>`` token and resize the embeddings, or raise."""
     seed: int = 0
-    """Seed of the random initialisation of ``tiny`` models (identical on every rank)."""
+    """Seed of the random initialisation of ``tiny`` models and of LoRA adapters (identical on every rank)."""
     extra: dict = field(default_factory=dict)
     """Extra keyword arguments for ``from_pretrained`` / the tiny config."""
 
