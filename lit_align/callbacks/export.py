@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -40,6 +42,23 @@ def _base_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+@contextmanager
+def _inference_config(model: torch.nn.Module) -> Iterator[None]:
+    """Save with ``use_cache=True``: training turns the KV cache off (``build_causal_lm``), but a
+    reloaded model should generate with it by default. The training value is restored afterwards."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None:
+        yield
+        return
+    previous = config.use_cache
+    config.use_cache = True
+    try:
+        yield
+    finally:
+        config.use_cache = previous
+
+
 class HFExport(L.Callback):
     """``save_pretrained`` of the policy (its LoRA adapter when it has one) plus the tokenizer.
 
@@ -48,6 +67,7 @@ class HFExport(L.Callback):
     has no hub id or directory to point the adapter at, so its base weights are written to
     ``<dirpath>/base_model`` and the adapter config names that directory. With ``merge_lora`` the
     adapter is merged into a copy of the base weights and a plain transformers model is written instead.
+    Exported configs have ``use_cache: true`` (training runs without a KV cache; inference wants one).
     """
 
     def __init__(self, dirpath: str | None = None, merge_lora: bool = False) -> None:
@@ -68,13 +88,20 @@ class HFExport(L.Callback):
 
             policy = copy.deepcopy(policy).merge_and_unload()
             state = None
+        with _inference_config(policy):
+            self._save(policy, state, pl_module.tokenizer)
+        pl_module.tokenizer.save_pretrained(self.path)
+        rank_zero_info(f"exported the policy in HF format to {self.path}")
+
+    def _save(self, policy: torch.nn.Module, state: dict[str, torch.Tensor] | None, tokenizer) -> None:
+        """Write the policy (and, for a LoRA adapter on a from-scratch base, that base) to ``self.path``."""
         config = getattr(policy, "peft_config", {}).get(getattr(policy, "active_adapter", "default"))
         if config is not None and not config.base_model_name_or_path:
             # a base built from scratch (tiny) exists nowhere else: write it next to the adapter
             base_dir = (self.path / "base_model").resolve()
             base_state = _base_state_dict(state if state is not None else policy.state_dict())
             policy.get_base_model().save_pretrained(base_dir, state_dict=base_state, safe_serialization=True)
-            pl_module.tokenizer.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
             config.base_model_name_or_path = str(base_dir)
         progress = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # its stderr writes break rich/Jupyter progress redirection
@@ -83,5 +110,3 @@ class HFExport(L.Callback):
         finally:
             if progress:
                 hf_logging.enable_progress_bar()
-        pl_module.tokenizer.save_pretrained(self.path)
-        rank_zero_info(f"exported the policy in HF format to {self.path}")

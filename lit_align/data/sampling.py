@@ -33,7 +33,16 @@ class ShardedSampler(DistributedSampler):
                  seed: int = 0, drop_last: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.skip = 0  # samples of this rank to skip at the start of the next iteration
+        self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank already consumed)
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Skip the first ``skip`` samples the next time ``epoch`` is iterated (and only then)."""
+        self._resume = (epoch, skip)
+
+    @property
+    def resuming(self) -> bool:
+        """Whether the next iteration continues a partly consumed epoch."""
+        return self._resume is not None and self._resume[0] == self.epoch and 0 < self._resume[1] < self.num_samples
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -46,7 +55,9 @@ class ShardedSampler(DistributedSampler):
         else:
             order += (order * (self.total_size // max(len(order), 1) + 1))[: self.total_size - len(order)]
         mine = order[self.rank : self.total_size : self.num_replicas]
-        skip, self.skip = self.skip, 0
+        # A checkpoint written after the last batch of epoch e resumes in epoch e + 1: no skip then.
+        skip = self._resume[1] if self.resuming else 0
+        self._resume = None
         return iter(mine[skip:])
 
 
@@ -60,14 +71,13 @@ class ResumableDataLoader(DataLoader):
         self.warn_truncated = warn_truncated
 
     def __iter__(self):
-        if getattr(self.sampler, "skip", 0) == 0:  # a fresh epoch, not a resumed one (Lightning may swap
-            # the sampler, e.g. for `predict`)
+        if not getattr(self.sampler, "resuming", False):  # a fresh epoch (Lightning swaps the sampler for predict)
             self.consumed = 0
         truncated = getattr(self.dataset, "truncated", 0)
         if truncated and self.warn_truncated:
             rank_zero_warn(
-                f"epoch {getattr(self.sampler, 'epoch', 0)}: {truncated} of {len(self.dataset)} training examples are longer than "
-                f"data.max_length={self.dataset.max_length}; their prompts were cut from the left (responses kept "
+                f"epoch {getattr(self.sampler, 'epoch', 0)}: {truncated} of {len(self.dataset)} training examples "
+                f"are longer than data.max_length={self.dataset.max_length}; their prompts were cut from the left (responses kept "
                 "whole where they fit). Raise data.max_length to keep them whole.",
                 category=UserWarning,
             )
@@ -79,4 +89,4 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.consumed = state["consumed"]
         self.sampler.set_epoch(state["epoch"])
-        self.sampler.skip = self.consumed * self.batch_size
+        self.sampler.resume(state["epoch"], self.consumed * self.batch_size)

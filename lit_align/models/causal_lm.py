@@ -52,8 +52,10 @@ def build_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     name = spec.tokenizer or spec.name_or_path or TINY_TOKENIZER
     key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
     _check_source(name, key)
+    # model.revision pins the model's repo: it applies to a tokenizer read from that same repo only
+    revision = spec.revision if name == spec.name_or_path else None
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=spec.trust_remote_code)
     except OSError as err:
         raise OSError(
             f"{key}={name!r}: could not load a tokenizer ({err}). Offline runs need a local directory or a "

@@ -65,9 +65,20 @@ class DecoderLayerPolicy:
     """FSDP1 auto-wrap policy: wrap each decoder layer (``_no_split_modules`` class) of any HF model.
 
     Use in YAML as ``auto_wrap_policy: {class_path: lit_align.models.fsdp.DecoderLayerPolicy}``.
+
+    FSDP1's auto-wrap asks the policy ``recurse=True`` of the root first, then of every module on
+    the way down, and ``recurse=False`` of each module once its children are done. The ``recurse=True``
+    calls always descend and collect the class names in any ``_no_split_modules`` they meet (as
+    :func:`decoder_layers` does); a ``recurse=False`` call wraps exactly the modules of those classes.
+    So ``GPTNeoXLayer`` is wrapped, while a ``*SparseMoeBlock`` inside a decoder layer is not wrapped
+    on its own. The names accumulate over calls, so one instance can serve several models.
     """
+
+    def __init__(self) -> None:
+        self.layer_names: set[str] = set()
 
     def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
         if recurse:
+            self.layer_names.update(getattr(module, "_no_split_modules", None) or ())
             return True
-        return type(module).__name__.endswith(("DecoderLayer", "Block")) and not isinstance(module, nn.ModuleList)
+        return type(module).__name__ in self.layer_names

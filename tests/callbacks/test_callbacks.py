@@ -46,6 +46,8 @@ def test_hf_export_and_sample_csv_after_a_full_fine_tune(tmp_path):
     export = tmp_path / "hf_export"
     loaded = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
+    assert json.loads((export / "config.json").read_text())["use_cache"] is True  # KV cache on for inference
+    assert module.policy.config.use_cache is False  # the training setting is restored after the export
     assert tokenizer.get_vocab() == module.tokenizer.get_vocab()
     assert tokenizer.pad_token_id == module.tokenizer.pad_token_id and tokenizer.chat_template
     trained, start = module.policy.state_dict(), build_causal_lm(module.spec, module.tokenizer).state_dict()

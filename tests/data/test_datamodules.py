@@ -158,13 +158,18 @@ def test_sampler_is_deterministic_per_epoch_and_differs_across_epochs():
     assert list(ShardedSampler(data, shuffle=False)) == data
 
 
-def test_sampler_skip_applies_once():
+def test_sampler_skip_applies_once_and_only_in_its_epoch():
     data = list(range(10))
     s = ShardedSampler(data, seed=0)
     full = list(s)
-    s.skip = 4
+    s.resume(0, 4)
     assert list(s) == full[4:]
     assert list(s) == full  # the skip is spent
+    s.resume(0, 4)
+    s.set_epoch(1)  # a checkpoint from the end of epoch 0 resumes in epoch 1: nothing to skip
+    assert sorted(list(s)) == data and list(s) != full[4:]
+    s.resume(1, 10)  # everything of epoch 1 consumed: the epoch is over, not empty
+    assert len(list(s)) == 10
 
 
 def test_resumable_loader_continues_with_the_next_batch():

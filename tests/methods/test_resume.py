@@ -28,15 +28,18 @@ def _run(config, root, steps, *extra):
     ])
 
 
-@pytest.mark.parametrize("config", ["configs/dpo/tiny.yaml", "configs/sft/tiny.yaml"])
-def test_resume_mid_epoch_is_exact(config, tmp_path):
+@pytest.mark.parametrize("config, stop", [("configs/dpo/tiny.yaml", 3), ("configs/sft/tiny.yaml", 3),
+                                          ("configs/sft/tiny.yaml", 5)])
+def test_resume_is_exact(config, stop, tmp_path):
     """270 training examples in batches of 64: five batches (the last of 14) form epoch 0, so
-    stopping after 3 steps is mid-epoch and step 6 falls in epoch 1; the data order, optimiser state, reference log-probs
-    and RNG all have to come back for the parameters to match bit for bit."""
-    straight = _run(config, tmp_path / "a", 6)
-    _run(config, tmp_path / "b", 3)
-    ckpt = next((tmp_path / "b").rglob("*step=3.ckpt"))  # written after the third optimiser step
-    resumed = _run(config, tmp_path / "c", 6, "--ckpt_path", str(ckpt))
+    stopping after 3 steps is mid-epoch, after 5 steps is the end of the epoch, and step 7 falls in
+    epoch 1; the data order, optimiser state, reference log-probs and RNG all have to come back for
+    the parameters to match bit for bit."""
+    total = 7
+    straight = _run(config, tmp_path / "a", total)
+    _run(config, tmp_path / "b", stop)
+    ckpt = next((tmp_path / "b").rglob(f"*step={stop}.ckpt"))  # written after optimiser step `stop`
+    resumed = _run(config, tmp_path / "c", total, "--ckpt_path", str(ckpt))
 
     a, c = straight.model.policy.state_dict(), resumed.model.policy.state_dict()
     for name in a:
@@ -47,6 +50,6 @@ def test_resume_mid_epoch_is_exact(config, tmp_path):
     first = fresh.policy.state_dict()
     assert any(not torch.equal(first[n], a[n]) for n in a), "training did not change the parameters"
     losses_a, losses_b, losses_c = _losses(tmp_path / "a"), _losses(tmp_path / "b"), _losses(tmp_path / "c")
-    assert sorted(losses_c) == [3, 4, 5] and sorted(losses_b) == [0, 1, 2]
+    assert sorted(losses_b) == list(range(stop)) and sorted(losses_c) == list(range(stop, total))
     for step, value in {**losses_b, **losses_c}.items():
         assert value == pytest.approx(losses_a[step], abs=1e-6), step
