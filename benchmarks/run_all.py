@@ -18,7 +18,9 @@ The exit status is 1 when a benchmark failed (a missed target is reported, not a
 
 Usage: ``python benchmarks/run_all.py [--quick] [--only dpo_step,generate] [--out benchmarks/results.json]``
 (``make bench`` runs it with the defaults). ``--quick`` shortens every benchmark for a smoke
-test; its numbers are noisier and should not go into the README.
+test; its numbers are noisier and should not go into the README. ``--render`` runs nothing: it
+rebuilds the table from the results already in ``--out`` (after a change to :func:`rows` or
+:func:`markdown`), rewrites that file's ``table`` and ``markdown`` and prints the table.
 """
 
 from __future__ import annotations
@@ -143,11 +145,17 @@ def rows(results: dict[str, dict]) -> list[dict]:
             t, "<=", 1.0, " ms")
     d = results.get("dpo_step", {})
     if "error" not in d and d:
-        add("dpo_step", "DPO optimiser step, ms (precomputed reference)", d.get("lit_align_ms"),
+        # precomputed: the reference forward runs once before training, outside the timed steps;
+        # copy: a frozen reference runs inside every step, the same work as TRL and the hand loop
+        pre = "DPO optimiser step, ms (precomputed reference: its forward runs before training)"
+        copy = "DPO optimiser step, ms (frozen copy reference: its forward runs in every step, as in the peers)"
+        add("dpo_step", pre, d.get("lit_align_ms"),
             "TRL DPOTrainer", d.get("trl_ms"), d.get("ratio_vs_trl"), "<=", 0.5, " ms")
-        add("dpo_step", "DPO optimiser step, ms (precomputed reference)", d.get("lit_align_ms"),
+        add("dpo_step", copy, d.get("lit_align_copy_ms"),
+            "TRL DPOTrainer", d.get("trl_ms"), d.get("copy_ratio_vs_trl"), "<=", 0.5, " ms")
+        add("dpo_step", pre, d.get("lit_align_ms"),
             "hand-written loop", d.get("hand_ms"), d.get("ratio_vs_hand"), "<=", 1.3, " ms")
-        add("dpo_step", "DPO optimiser step, ms (frozen copy reference)", d.get("lit_align_copy_ms"),
+        add("dpo_step", copy, d.get("lit_align_copy_ms"),
             "hand-written loop", d.get("hand_ms"), d.get("copy_ratio_vs_hand"), "<=", 1.3, " ms")
         add("dpo_step", "peak RSS of the training process, MiB", d.get("lit_align_peak_rss_mb"),
             "TRL DPOTrainer", d.get("trl_peak_rss_mb"), d.get("rss_ratio_vs_trl"), "<=", 1.0, " MiB")
@@ -173,12 +181,37 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _print_summary(doc: dict, out: str) -> None:
+    """The table, then one line with the date, versions and machine it was measured on."""
+    v, mach = doc["versions"], doc["machine"]
+    print()
+    print(doc["markdown"])
+    print()
+    print(f"{doc['date']}; torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
+          f"lightning {v['lightning']}; nproc {mach['nproc']} ({mach['cpu']}), {mach['torch_threads']}"
+          f"{'; --quick' if doc.get('quick') else ''}. Saved to {out}.")
+
+
+def render(path: str) -> None:
+    """Rebuild the table of an existing results file in place, without running any benchmark."""
+    doc = json.loads(Path(path).read_text())
+    doc["table"] = rows(doc["results"])
+    doc["markdown"] = markdown(doc["table"])
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+    _print_summary(doc, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ",".join(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="short runs for a smoke test (noisy numbers)")
     parser.add_argument("--out", default=str(HERE / "results.json"), help="where to write the results")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: re-render the table from the results in --out and rewrite its table")
     args = parser.parse_args()
+    if args.render:
+        render(args.out)
+        return
 
     names = [n for n in BENCHMARKS if n in args.only.split(",")]
     unknown = set(args.only.split(",")) - set(BENCHMARKS)
@@ -195,13 +228,7 @@ def main() -> None:
     md = markdown(table)
     doc = {**env, "quick": args.quick, "results": results, "table": table, "markdown": md}
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    v, mach = env["versions"], env["machine"]
-    print()
-    print(md)
-    print()
-    print(f"{env['date']}; torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
-          f"lightning {v['lightning']}; nproc {mach['nproc']} ({mach['cpu']}), {mach['torch_threads']}"
-          f"{'; --quick' if args.quick else ''}. Saved to {args.out}.")
+    _print_summary(doc, args.out)
     if any("error" in r for r in results.values()):
         sys.exit(1)
 

@@ -173,12 +173,14 @@ class TokenizedDataModule(L.LightningDataModule):
         """Name of the dataset a stage (``train``, ``val``, ``test``) reads: ``test`` falls back to ``val``."""
         return "val" if stage == "test" and self.test_dataset is self.val_dataset else stage
 
-    def unsharded_loaders(self) -> dict[str, DataLoader]:
-        """Every distinct split in a fixed order on every rank (for precomputing per-example reference values)."""
+    def split_loaders(self, shard: bool = False) -> dict[str, DataLoader]:
+        """A loader per distinct split (``train``, ``val``, ``test``) in a fixed order, for per-example
+        precomputation: every rank sees all of it, or with ``shard`` its own padded share (so every rank
+        runs the same number of batches, as sharded models require)."""
         splits = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}
         if self.test_dataset is self.val_dataset:
             del splits["test"]
-        return {k: self._loader(d, self.eval_batch_size, shuffle=False, shard=False) for k, d in splits.items() if d}
+        return {k: self._loader(d, self.eval_batch_size, shuffle=False, shard=shard) for k, d in splits.items() if d}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and self._train_loader is not None:

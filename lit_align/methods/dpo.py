@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,39 +94,10 @@ class DPOModule(PolicyModule):
                 return token_logps(self.policy, batch.input_ids, batch.attention_mask, batch.loss_mask)
         return self.reference.token_logps(self.policy, batch)
 
-    @torch.no_grad()
     def _precompute_reference(self) -> None:
-        """Fill the reference tables for every split: from the checkpoint, the disk cache, or a pass."""
-        dm = self.trainer.datamodule
-        if self.reference.mode != "precomputed" or self.reference.tables:
-            return
-        loaders = dm.unsharded_loaders()
-        data_fp = "|".join(f"{k}:{getattr(dm, f'{k}_dataset').fingerprint()}" for k in sorted(loaders))
-        path = Path(self.reference_cache_dir) / "reference_logps" / f"{ReferencePolicy.cache_key(self._model_fingerprint, data_fp)}.pt"
-        strategy = self.trainer.strategy
-        tables = self.reference.tables if self.global_rank == 0 and self.reference.load_cache(path) else None
-        tables = strategy.broadcast(tables, src=0)
-        if tables is not None:
-            self.reference.tables = tables
-            log.info("reference log-probs loaded from %s", path)
-            return
-        was_training = self.policy.training
-        self.policy.eval()  # no dropout: the reference is the deterministic starting model
-        for split, loader in loaders.items():
-            n = len(loader.dataset)
-            sums, counts = torch.zeros(n, 2), torch.zeros(n, 2)
-            for batch in loader:
-                batch = strategy.batch_to_device(batch)
-                both = SequenceBatch.cat([batch.chosen, batch.rejected], self.tokenizer.pad_token_id)
-                out = self.policy_logps(both)
-                idx = batch.index.cpu()
-                sums[idx] = out.sum().float().cpu().view(2, -1).T
-                counts[idx] = out.mask.sum(-1).float().cpu().view(2, -1).T
-            self.reference.tables[split] = (sums, counts)
-        self.policy.train(was_training)
-        if self.global_rank == 0:
-            self.reference.save_cache(path)
-            log.info("reference log-probs cached at %s", path)
+        if self.reference.mode == "precomputed":
+            self.reference.precompute(self, lambda batch: [batch.chosen, batch.rejected],
+                                      model_fp=self._model_fingerprint, cache_dir=self.reference_cache_dir)
 
     def on_fit_start(self) -> None:
         self._precompute_reference()

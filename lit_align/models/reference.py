@@ -1,9 +1,10 @@
 """The reference policy in three modes, so a method never holds two copies when one will do.
 
-* ``precomputed``: per-example reference log-probs computed once before the first step, kept
-  in memory (and in checkpoints, so a resumed run never recomputes them from trained weights),
-  and cached on disk under a key made of the model's weight fingerprint, the tokenized
-  dataset's fingerprint and the lit_align version: a changed model or dataset misses the cache.
+* ``precomputed``: per-example reference log-probs computed once before the first step (each
+  rank scores a shard), kept in memory and in checkpoints (a resumed run never recomputes them
+  from trained weights, and refuses tables made for other data), and cached on disk under a key
+  made of the model's weights and config, the tokenized data, the precision and the lit_align
+  version: a changed model, dataset or precision misses the cache.
 * ``adapter``: the policy with its LoRA adapters disabled (needs ``model.lora``).
 * ``copy``: a frozen deep copy of the starting weights.
 """
@@ -11,11 +12,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,14 +31,19 @@ __all__ = ["ReferenceMode", "ReferencePolicy", "atomic_save", "model_fingerprint
 
 ReferenceMode = Literal["precomputed", "adapter", "copy"]
 
+log = logging.getLogger(__name__)
+
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter's name, shape, dtype and raw bytes.
+    """sha256 over the model's config and every parameter's name, shape, dtype and raw bytes.
 
     Any change of weights changes it (one element by one ulp, or two elements swapped, which
     sums and sums of squares would miss); it is one pass with one parameter on the CPU at a time,
     and identical on every rank and device when computed before sharding."""
     h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:  # rope scaling, soft-capping, attention implementation... change outputs too
+        h.update(config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
@@ -74,6 +82,7 @@ class ReferencePolicy(nn.Module):
         self.copy: nn.Module | None = None
         #: split -> (N, K) summed reference log-probs and (N, K) scored-token counts, K sequences per example
         self.tables: dict[str, tuple[Tensor, Tensor]] = {}
+        self.key: str | None = None  # cache key of ``tables``
 
     def attach(self, base_model: nn.Module, lora_enabled: bool) -> None:
         """Set up from the starting weights (called once, before adapters are added)."""
@@ -107,23 +116,84 @@ class ReferencePolicy(nn.Module):
         return s if reduction == "sum" else s / c.clamp(min=1)
 
     @staticmethod
-    def cache_key(model_fp: str, data_fp: str) -> str:
+    def cache_key(*parts: str) -> str:
+        """Key of a reference table: model fingerprint, data fingerprint, precision, lit_align version."""
         from lit_align import __version__
 
-        return hashlib.sha256(f"{model_fp}|{data_fp}|lit_align={__version__}".encode()).hexdigest()[:32]
+        return hashlib.sha256("|".join([*parts, f"lit_align={__version__}"]).encode()).hexdigest()[:32]
 
-    def load_cache(self, path: Path) -> bool:
+    @torch.no_grad()
+    def precompute(self, module, sequences: Callable[[Any], list[SequenceBatch]], *, model_fp: str,
+                   cache_dir: str | Path) -> None:
+        """Fill ``tables`` for every split of ``module.trainer.datamodule`` before training.
+
+        ``sequences(batch)`` gives the K sequences of each example (DPO: chosen and rejected).
+        Tables restored from a checkpoint are kept if their key matches the current model, data
+        and precision (and rejected otherwise); else the disk cache is tried; else every rank scores
+        its shard of each split with the starting policy under the trainer's precision context,
+        the shards are summed across ranks, and rank 0 writes the cache atomically.
+        """
+        trainer = module.trainer
+        dm = trainer.datamodule
+        loaders = dm.split_loaders()
+        data_fp = "|".join(f"{k}:{getattr(dm, f'{k}_dataset').fingerprint()}" for k in sorted(loaders))
+        key = self.cache_key(model_fp, data_fp, f"precision={trainer.precision}")
+        if self.tables:
+            if self.key != key:
+                raise ValueError(
+                    "the reference log-probs stored in this checkpoint were computed for another model, dataset "
+                    "or precision than this run's; resume with the same model and data settings, or start a new "
+                    "run (reference: copy or adapter recompute references on the fly)"
+                )
+            return
+        path = Path(cache_dir) / "reference_logps" / f"{key}.pt"
+        strategy = trainer.strategy
+        tables = self.tables if trainer.global_rank == 0 and self._load_cache(path) else None
+        tables = strategy.broadcast(tables, src=0)
+        if tables is None:
+            tables = self._score(module, dm.split_loaders(shard=True), sequences)
+            if trainer.global_rank == 0:
+                atomic_save(tables, path)
+        self.tables, self.key = tables, key
+
+    def _score(self, module, loaders: dict, sequences) -> dict[str, tuple[Tensor, Tensor]]:
+        strategy, policy = module.trainer.strategy, module.policy
+        was_training = policy.training
+        policy.eval()  # no dropout: the reference is the deterministic starting model
+        tables = {}
+        with module.trainer.precision_plugin.forward_context():  # the same numerics as the training steps
+            for split, loader in loaders.items():
+                n = len(loader.dataset)
+                sums = counts = seen = None
+                for batch in loader:
+                    batch = strategy.batch_to_device(batch)
+                    seqs = sequences(batch)
+                    out = module.policy_logps(SequenceBatch.cat(seqs, module.tokenizer.pad_token_id))
+                    k, idx = len(seqs), batch.index
+                    if sums is None:
+                        sums = torch.zeros(n, k, device=idx.device)
+                        counts, seen = torch.zeros_like(sums), torch.zeros(n, 1, device=idx.device)
+                    sums[idx] = out.sum().float().view(k, -1).T
+                    counts[idx] = out.mask.sum(-1).float().view(k, -1).T
+                    seen[idx] = 1.0
+                # ranks scored disjoint shards (padding repeats a few examples: same values, divided out)
+                sums, counts, seen = (strategy.reduce(t, reduce_op="sum") for t in (sums, counts, seen))
+                tables[split] = ((sums / seen.clamp(min=1)).cpu(), (counts / seen.clamp(min=1)).cpu())
+        policy.train(was_training)
+        return tables
+
+    def _load_cache(self, path: Path) -> bool:
         if not path.is_file():
             return False
         self.tables = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("reference log-probs loaded from %s", path)
         return True
-
-    def save_cache(self, path: Path) -> None:
-        atomic_save(self.tables, path)
 
     def state(self) -> dict:
         """What a checkpoint keeps (the tables are tiny: two numbers per sequence)."""
-        return {"mode": self.mode, "tables": {k: (s.cpu(), c.cpu()) for k, (s, c) in self.tables.items()}}
+        return {"mode": self.mode, "key": self.key,
+                "tables": {k: (s.cpu(), c.cpu()) for k, (s, c) in self.tables.items()}}
 
     def load_state(self, state: dict) -> None:
         self.tables = {k: (s, c) for k, (s, c) in state["tables"].items()}
+        self.key = state.get("key")

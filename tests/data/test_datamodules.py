@@ -80,7 +80,7 @@ def test_val_fraction_zero_disables_validation():
     dm = _sft(val_fraction=0.0)
     assert len(dm.train_dataset) == 40 and dm.val_dataset is None
     assert dm.val_dataloader() == []
-    assert list(dm.unsharded_loaders()) == ["train"]
+    assert list(dm.split_loaders()) == ["train"]
 
 
 def test_chat_template_false_uses_plain_prompts():

@@ -30,7 +30,7 @@ def _train_pair_accuracy(module, datamodule) -> float:
     """Share of training pairs whose implicit reward prefers the chosen response."""
     module.eval()
     right = total = 0
-    for batch in datamodule.unsharded_loaders()["train"]:
+    for batch in datamodule.split_loaders()["train"]:
         pc, pr, rc, rr = module._pair_logps(batch, "train")
         right += int(((pc - rc) > (pr - rr)).sum())
         total += len(batch)
@@ -82,7 +82,7 @@ def test_ipo_is_selected_in_yaml_and_uses_mean_logps(tmp_path):
     cli = _fit("configs/dpo/tiny.yaml", tmp_path, "--model.init_args.loss", "lit_align.losses.IPOLoss",
                "--model.init_args.loss.beta", "0.5", "--trainer.max_steps", "4")
     assert type(cli.model.loss_fn).__name__ == "IPOLoss" and cli.model.loss_fn.reduction == "mean"
-    batch = next(iter(cli.datamodule.unsharded_loaders()["train"]))
+    batch = next(iter(cli.datamodule.split_loaders()["train"]))
     pc, pr, rc, rr = cli.model._pair_logps(batch, "train")
     both = SequenceBatch.cat([batch.chosen, batch.rejected], cli.model.tokenizer.pad_token_id)
     tokens = both.loss_mask[:, 1:].sum(-1).float()

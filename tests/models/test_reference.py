@@ -159,7 +159,7 @@ def _start_tables(cli) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     freshly built copy of the starting model, example by example."""
     start = build_causal_lm(cli.model.spec, cli.model.tokenizer).eval()
     out = {}
-    for split, loader in cli.datamodule.unsharded_loaders().items():
+    for split, loader in cli.datamodule.split_loaders().items():
         n = len(loader.dataset)
         sums, counts = torch.full((n, 2), float("nan")), torch.full((n, 2), float("nan"))
         for batch in loader:
@@ -198,7 +198,7 @@ def test_precomputed_reference_is_cached_keyed_and_checkpointed(tmp_path, caplog
         assert torch.equal(ckpt["reference"]["tables"][split][1], tables[split][1])
 
     # an identical run loads the cache instead of recomputing it
-    with caplog.at_level(logging.INFO, logger="lit_align.methods.dpo"):
+    with caplog.at_level(logging.INFO, logger="lit_align.models.reference"):
         second = _fit(tmp_path / "b", cache, 1)
     assert f"reference log-probs loaded from {cached}" in caplog.text
     assert sorted(tables_dir.iterdir()) == [cached] and cached.stat().st_mtime_ns == mtime
@@ -211,3 +211,13 @@ def test_precomputed_reference_is_cached_keyed_and_checkpointed(tmp_path, caplog
     _fit(tmp_path / "d", cache, 1, "--model.init_args.model.seed", "1")
     assert len(list(tables_dir.iterdir())) == 3
     assert not [p for p in tables_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_resuming_with_other_data_refuses_the_checkpoints_reference_tables(tmp_path):
+    """Tables travel in the checkpoint; resuming them against re-tokenized data would silently pair
+    examples with another sequence's reference log-probs, so it is refused with a clear error."""
+    cache = tmp_path / "cache"
+    _fit(tmp_path / "a", cache, 2)
+    ckpt = next((tmp_path / "a").rglob("last.ckpt"))
+    with pytest.raises(ValueError, match="another model, dataset or precision"):
+        _fit(tmp_path / "b", cache, 4, "--ckpt_path", str(ckpt), "--data.init_args.max_length", "20")
