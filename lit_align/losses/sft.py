@@ -15,6 +15,7 @@ def nll_loss(
     mask: Tensor,
     *,
     reduction: Literal["token", "sequence"] = "token",
+    num_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Negative log-likelihood of the masked tokens.
 
@@ -37,6 +38,10 @@ def nll_loss(
             Values at unmasked positions are ignored (even if not finite).
         mask: (B, T) 1 (or True) on the tokens to score.
         reduction: ``"token"`` or ``"sequence"`` as above.
+        num_tokens: with ``"token"``, divide the summed NLL by this instead of this batch's token
+            count. Data-parallel training passes the global count divided by the number of ranks,
+            so that averaging gradients over ranks gives the token mean of the global batch
+            (each rank's own token mean would weigh a rank's tokens by its batch's length).
 
     Returns:
         ``(loss, metrics)`` with detached metrics ``nll`` (token-mean NLL, whatever the
@@ -56,7 +61,7 @@ def nll_loss(
     token_mean = per_seq_sum.sum() / tokens.clamp(min=1)  # () 0 when nothing is scored
 
     if reduction == "token":
-        loss = token_mean
+        loss = token_mean if num_tokens is None else per_seq_sum.sum() / num_tokens
     else:
         has_tokens = per_seq_tokens > 0  # (B,)
         per_seq_mean = per_seq_sum / per_seq_tokens.clamp(min=1)  # (B,)

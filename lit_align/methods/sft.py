@@ -12,7 +12,10 @@ __all__ = ["SFTModule"]
 class SFTModule(PolicyModule):
     """Supervised fine-tuning: maximise the likelihood of the responses given the prompts.
 
-    Objective: mean negative log-likelihood over response tokens (prompt and padding masked).
+    Objective: mean negative log-likelihood over the response tokens of the global batch (prompt
+    and padding masked; with several ranks each rank divides by the global token count, so the
+    result equals one process with the whole batch; under gradient accumulation each micro-batch
+    is its own token mean, as in most trainers).
     Model: one causal LM (full weights or LoRA). Optimiser: the injected one, automatic
     optimisation. Batch: :class:`~lit_align.data.SequenceBatch` from
     :class:`~lit_align.data.SFTDataModule`. Logged (``train/``, ``val/``, ``test/``): ``loss``,
@@ -23,7 +26,10 @@ class SFTModule(PolicyModule):
 
     def _step(self, batch: SequenceBatch, stage: str):
         out = self.policy_logps(batch)
-        loss, metrics = nll_loss(out.logps, out.mask)
+        num_tokens = None
+        if stage == "train" and self.trainer.world_size > 1:  # token mean of the global batch (see nll_loss)
+            num_tokens = self.trainer.strategy.reduce(out.mask.sum().detach(), reduce_op="sum") / self.trainer.world_size
+        loss, metrics = nll_loss(out.logps, out.mask, num_tokens=num_tokens)
         self._log_stage(stage, loss, metrics, len(batch), prog_bar="ppl")
         return loss
 

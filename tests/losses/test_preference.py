@@ -297,3 +297,14 @@ def test_nll_errors():
         nll_loss(torch.zeros(3), torch.ones(3))
     with pytest.raises(ValueError, match="reduction"):
         nll_loss(torch.zeros(2, 3), torch.ones(2, 3), reduction="sum")
+
+
+def test_nll_loss_with_a_global_token_count():
+    """Rank 0 holds [[log 1/2, log 1/4]] (2 tokens), rank 1 holds [[log 1/8]] (1 token); the global
+    token mean is (1 + 2 + 3) log 2 / 3 = 2 log 2. Dividing each rank's sum by 3 / 2 (global count
+    over 2 ranks) and averaging the ranks gives ((3 log 2) / 1.5 + (3 log 2) / 1.5) / 2 = 2 log 2,
+    whereas averaging the ranks' own token means gives (1.5 log 2 + 3 log 2) / 2 = 2.25 log 2."""
+    ln2 = math.log(2.0)
+    rank0 = nll_loss(torch.tensor([[-ln2, -2 * ln2]]), torch.ones(1, 2), num_tokens=1.5)[0]
+    rank1 = nll_loss(torch.tensor([[-3 * ln2]]), torch.ones(1, 1), num_tokens=1.5)[0]
+    assert float((rank0 + rank1) / 2) == pytest.approx(2 * ln2)

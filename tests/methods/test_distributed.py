@@ -72,3 +72,18 @@ def test_fsdp2_with_tied_embeddings_matches_one_process(tmp_path):
     one, two = (load_file(r / "hf_export" / "model.safetensors") for r in roots.values())
     assert "lm_head.weight" not in one  # tied: saved once, as the input embedding
     assert _max_diff(two, one) < 2e-4
+
+
+def test_sft_ddp_matches_one_process(tmp_path):
+    """SFT normalises by the global token count, so 2 ranks x 8 equal 1 rank x 16 although the
+    ranks' batches hold different numbers of response tokens."""
+    sft = ["fit", "--config", str(REPO / "configs/sft/tiny.yaml"), "--trainer.max_steps", "4",
+           "--trainer.enable_progress_bar", "false", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+           "--trainer.callbacks", "lit_align.callbacks.HFExport"]
+    roots = {"one": tmp_path / "one", "two": tmp_path / "two"}
+    run_cli([*sft, "--trainer.default_root_dir", str(roots["one"]), "--trainer.logger.save_dir", str(roots["one"]),
+             "--data.init_args.batch_size", "16"])
+    run_cli([*sft, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.default_root_dir",
+             str(roots["two"]), "--trainer.logger.save_dir", str(roots["two"]), "--data.init_args.batch_size", "8"])
+    one, two = (load_file(r / "hf_export" / "model.safetensors") for r in roots.values())
+    assert _max_diff(two, one) < 2e-4
