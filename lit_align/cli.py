@@ -6,12 +6,14 @@
 * configs use OmegaConf interpolation resolved *after* command-line overrides
   (``parser_mode: omegaconf+``): ``max_length: ${data.init_args.max_length}`` follows
   ``--data.init_args.max_length 1024``;
-* the default logger is W&B, offline unless credentials are configured (``WANDB_MODE`` wins);
+* the default logger is W&B, offline unless credentials are configured (``WANDB_MODE`` wins),
+  writing its run and the checkpoints under ``trainer.default_root_dir``;
 * DataModules shard and resume their own samplers, so Lightning's sampler replacement is off.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from jsonargparse import set_parsing_settings
@@ -41,6 +43,17 @@ class LitAlignCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {})
         kwargs["parser_kwargs"].setdefault("parser_mode", "omegaconf+")
         super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """W&B runs and checkpoints go under ``trainer.default_root_dir`` unless a directory is given."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.logger
+        loggers = logger if isinstance(logger, list) else [logger]
+        for entry in loggers:
+            init = getattr(entry, "init_args", None)
+            if (str(getattr(entry, "class_path", "")).endswith("AutoWandbLogger") and init is not None
+                    and init.get("save_dir") is None and init.get("dir") is None and not os.environ.get("WANDB_DIR")):
+                init.save_dir = config.trainer.default_root_dir or "."
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitAlignCLI:

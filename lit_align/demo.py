@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--dpo-lr", default="5.0e-4", help="DPO learning rate when starting from the SFT model")
     args = parser.parse_args(argv)
-    os.environ.setdefault("WANDB_DIR", args.out)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 

@@ -29,6 +29,7 @@ class SampleGenerations(L.Callback):
         self.every_n_steps, self.prompts, self.num_prompts = every_n_steps, prompts, num_prompts
         self.config = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature)
         self.rows: list[tuple[int, str, str]] = []
+        self._last_step = -1
 
     def _prompt_ids(self, trainer: L.Trainer, module) -> list[list[int]]:
         if self.prompts:
@@ -68,7 +69,9 @@ class SampleGenerations(L.Callback):
                 writer.writerows(self.rows[-len(prompts):])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step > 0 and step != self._last_step:
+            self._last_step = step  # once per optimiser step, not per accumulated micro-batch
             self._run(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:

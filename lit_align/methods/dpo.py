@@ -73,6 +73,7 @@ class DPOModule(PolicyModule):
         self.reference_cache_dir = reference_cache_dir or _default_cache_dir()
         self.kl_every_n_steps, self.kl_max_new_tokens = kl_every_n_steps, kl_max_new_tokens
         self._model_fingerprint: str | None = None
+        self._last_kl_step = -1
 
     # -- building ----------------------------------------------------------------------------
     def _attach_base(self, base: torch.nn.Module) -> None:
@@ -139,7 +140,10 @@ class DPOModule(PolicyModule):
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
-        if self.kl_every_n_steps and self.global_step % self.kl_every_n_steps == 0 and self._has_reference_model():
+        step = self.global_step
+        if (self.kl_every_n_steps and step % self.kl_every_n_steps == 0 and step != self._last_kl_step
+                and self._has_reference_model()):
+            self._last_kl_step = step  # once per optimiser step, not per accumulated micro-batch
             self.log("train/kl", self._kl_estimate(batch), on_step=True, batch_size=len(batch))
         self._log_throughput(batch.num_tokens)
         return loss
@@ -155,7 +159,8 @@ class DPOModule(PolicyModule):
     @torch.no_grad()
     def _kl_estimate(self, batch: PreferenceBatch) -> torch.Tensor:
         """KL(policy || reference) per response, Monte-Carlo: sample y ~ policy for the batch's
-        prompts and average ``sum_t log pi(y_t) - log ref(y_t)`` (unbiased for the sequence KL)."""
+        prompts and average ``sum_t log pi(y_t) - log ref(y_t)`` (unbiased for the KL of responses
+        truncated at ``kl_max_new_tokens``). The policy's log-probs come with the samples."""
         chosen = batch.chosen
         ids, mask = left_pad(prompt_ids(chosen), self.tokenizer.pad_token_id)
         config = SamplingConfig(max_new_tokens=self.kl_max_new_tokens, do_sample=True, temperature=1.0)
@@ -168,8 +173,7 @@ class DPOModule(PolicyModule):
             index=batch.index,
         )
         was_training = self.policy.training
-        self.policy.eval()
-        pol = self.policy_logps(seq).sum()
-        ref = self._reference_token_logps(seq).sum()
+        self.policy.eval()  # adapter mode scores with the policy's own modules: no dropout
+        ref = self._reference_token_logps(seq).sum()  # (B,)
         self.policy.train(was_training)
-        return (pol - ref).mean()
+        return (rollout.logps.sum(-1) - ref).mean()

@@ -67,6 +67,16 @@ def test_hf_export_and_sample_csv_after_a_full_fine_tune(tmp_path):
     assert rows[0][1] == module.tokenizer.decode(val[0].prompt, skip_special_tokens=True)
 
 
+def test_sample_table_once_per_optimiser_step_under_gradient_accumulation(tmp_path):
+    """Two micro-batches per step: global_step stays at 2 for both, yet step 2 is sampled once."""
+    _fit(tmp_path, 3, [{"class_path": "lit_align.callbacks.SampleGenerations", "init_args": SAMPLES}],
+         "--trainer.accumulate_grad_batches", "2")
+    (path,) = tmp_path.rglob("samples.csv")
+    with path.open(newline="", encoding="utf-8") as f:
+        steps = [int(r[0]) for r in list(csv.reader(f))[1:]]
+    assert steps == [2, 2, 3, 3]
+
+
 def test_hf_export_of_a_lora_policy_loads_with_peft_and_merged(tmp_path):
     from peft import AutoPeftModelForCausalLM
 
