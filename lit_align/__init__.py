@@ -6,7 +6,6 @@ Subpackages:
     losses     pure objective functions: tensors in, ``(loss, metrics)`` out
     rollout    generation and scoring: KV-cache sampler, sequence log-probs
     methods    one LightningModule per method
-    metrics    torchmetrics metrics
     callbacks  Lightning callbacks (sample tables, HF export, ...)
 """
 

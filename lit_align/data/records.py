@@ -43,6 +43,10 @@ class DataSource:
     """Configuration name of an HF dataset."""
     fields: dict[str, str] = field(default_factory=dict)
     """Needed field -> source column, for sources whose columns are named differently."""
+    templates: dict[str, str] = field(default_factory=dict)
+    """Needed field -> ``str.format`` template over the source's columns, for a field made of several
+    columns, e.g. ``{prompt: "{instruction}\n\n{input}"}`` (the result is stripped, so an empty
+    ``input`` leaves no trailing blank lines)."""
     limit: int | None = None
     """Keep only the first ``limit`` records (after loading, before splitting)."""
 
@@ -126,8 +130,16 @@ def load_records(source: DataSource, required: Sequence[str], optional: Sequence
         if not isinstance(row, dict):
             raise ValueError(f"data source {source.path!r}, record {i}: expected an object, got {type(row).__name__}")
         rec: Record = {"_source": source.path, "_source_index": i}
+        for name, template in source.templates.items():
+            try:
+                row = {**row, name: template.format_map(row).strip()}
+            except KeyError as err:
+                raise KeyError(
+                    f"data source {source.path!r}, record {i}: template for {name!r} names column {err.args[0]!r}, "
+                    f"which the record lacks; it has {sorted(row)}"
+                ) from None
         for name in [*required, *optional]:
-            column = source.fields.get(name, name)
+            column = name if name in source.templates else source.fields.get(name, name)
             if column not in row:
                 if name in optional:
                     continue

@@ -126,10 +126,10 @@ class PolicyModule(L.LightningModule):
         return self.generate_from_ids([encode_prompt(self.tokenizer, p, chat) for p in prompts], config)
 
     @torch.no_grad()
-    def generate_from_ids(self, prompt_ids: list[list[int]], config: SamplingConfig | None = None) -> list[str]:
+    def generate_from_ids(self, prompts: list[list[int]], config: SamplingConfig | None = None) -> list[str]:
         """Decode a completion for each already-tokenized prompt (greedy, 32 tokens by default)."""
         config = config or SamplingConfig(max_new_tokens=32, do_sample=False)
-        ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         out = sample(self.policy, ids.to(self.device), mask.to(self.device), config,
                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
         return [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)

@@ -59,6 +59,7 @@ class DPOModule(PolicyModule):
     ) -> None:
         """
         Args:
+            model: the policy to build (hub id, local directory or tiny architecture; LoRA; dtype).
             loss: the pairwise loss; default ``DPOLoss(beta=0.1)``.
             reference: ``precomputed``, ``adapter`` or ``copy`` (see :mod:`lit_align.models.reference`).
             reference_cache_dir: where precomputed reference log-probs are cached
@@ -66,6 +67,9 @@ class DPOModule(PolicyModule):
             kl_every_n_steps: estimate ``train/kl`` by sampling every N steps (0: never); ``val/kl``
                 is estimated on the first validation batch of each validation run.
             kl_max_new_tokens: length of the responses sampled for the KL estimate.
+            optimizer: optimiser factory over the trainable parameters; default AdamW(lr=1e-5).
+            scheduler: LR scheduler factory (stepped every optimiser step); default none.
+            chunk_tokens: rows per LM-head chunk in log-prob computation (memory only; default auto).
         """
         super().__init__(model, optimizer=optimizer, scheduler=scheduler, chunk_tokens=chunk_tokens)
         self.loss_fn = loss or DPOLoss()

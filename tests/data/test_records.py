@@ -133,3 +133,16 @@ def test_local_hf_dataset_folder_loads_offline(tmp_path, monkeypatch):
     assert test == [{"_source_index": 0, "prompt": "t0", "response": "b0"}]
     with pytest.raises(ValueError, match="split='validation'"):
         load_records(DataSource(str(folder), split="validation", fields=fields), ["prompt", "response"])
+
+
+def test_templates_build_a_field_from_several_columns(tmp_path):
+    rows = [{"instruction": "Summarise.", "input": "A long text.", "output": "Short."},
+            {"instruction": "Say hi.", "input": "", "output": "Hi."}]
+    path = _write(tmp_path / "alpaca.jsonl", rows)
+    source = DataSource(str(path), templates={"prompt": "{instruction}\n\n{input}"}, fields={"response": "output"})
+    records = load_records(source, ["prompt", "response"])
+    assert [r["prompt"] for r in records] == ["Summarise.\n\nA long text.", "Say hi."]  # no trailing blank lines
+    assert [r["response"] for r in records] == ["Short.", "Hi."]
+    bad = DataSource(str(path), templates={"prompt": "{instr}"}, fields={"response": "output"})
+    with pytest.raises(KeyError, match=r"record 0: template for 'prompt' names column 'instr'"):
+        load_records(bad, ["prompt", "response"])
