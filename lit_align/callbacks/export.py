@@ -31,6 +31,23 @@ def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return state
 
 
+def _fsdp1_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor] | None:
+    """The policy's full state dict on rank 0 under Lightning's FSDPStrategy (FSDP1), else None.
+    Not exercised by the test suite (FSDPStrategy needs GPUs)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = trainer.strategy.model  # the FSDP-wrapped LightningModule
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
+        full = root.state_dict()
+    return {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
+
+
 def _base_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base model's weights out of a peft model's state dict (adapters dropped, names unwrapped)."""
     out = {}
@@ -77,11 +94,11 @@ class HFExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         self.path = Path(self.dirpath or Path(trainer.default_root_dir) / "hf_export")
         policy = pl_module.policy
-        state = _full_state_dict(policy)  # collective: every rank takes part
+        state = _fsdp1_state_dict(trainer) or _full_state_dict(policy)  # collectives: every rank takes part
         if trainer.global_rank != 0:
             return
         if self.merge_lora and state is not None:
-            raise ValueError("HFExport.merge_lora does not support sharded (FSDP2) policies: export the adapter "
+            raise ValueError("HFExport.merge_lora does not support sharded (FSDP) policies: export the adapter "
                              "(merge_lora: false) and merge it afterwards with peft's merge_and_unload")
         if self.merge_lora and hasattr(policy, "merge_and_unload"):
             import copy

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
+from lit_align.models.fsdp import full_params
 from lit_align.rollout.sampler import SamplingConfig
 
 __all__ = ["SampleGenerations"]
@@ -47,7 +48,8 @@ class SampleGenerations(L.Callback):
         prompt_ids = self._prompt_ids(trainer, module)
         if not prompt_ids:
             return
-        completions = module.generate_from_ids(prompt_ids, self.config)
+        with full_params(trainer):
+            completions = module.generate_from_ids(prompt_ids, self.config)
         prompts = [module.tokenizer.decode(p, skip_special_tokens=True) for p in prompt_ids]
         step = trainer.global_step
         self.rows.extend((step, p, c) for p, c in zip(prompts, completions))

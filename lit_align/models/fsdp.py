@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
 from lit_align.rollout.logps import FSDP_LOGPS_METHOD, compute_token_logps, unwrap_causal_lm
 
-__all__ = ["DecoderLayerPolicy", "decoder_layers", "fsdp2_parallelize"]
+__all__ = ["DecoderLayerPolicy", "decoder_layers", "fsdp2_parallelize", "full_params"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -82,3 +84,25 @@ class DecoderLayerPolicy:
             self.layer_names.update(getattr(module, "_no_split_modules", None) or ())
             return True
         return type(module).__name__ in self.layer_names
+
+
+@contextmanager
+def full_params(trainer) -> Iterator[None]:
+    """Gather FSDP1-sharded weights for work done outside a training step (reference precompute,
+    sample generation, export); a no-op for every other strategy. FSDP2 needs nothing: its units
+    gather themselves whenever they are called.
+
+    FSDP1 (Lightning's ``FSDPStrategy``) only gathers the root's weights (embeddings, final norm,
+    LM head) inside the wrapped LightningModule's forward, i.e. inside ``training_step``.
+    Not exercised by the test suite (``FSDPStrategy`` needs GPUs).
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True):
+        yield
+

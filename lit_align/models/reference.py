@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lit_align.data.batches import SequenceBatch
 from lit_align.models.causal_lm import frozen_copy, is_peft_model
+from lit_align.models.fsdp import full_params
 from lit_align.rollout.logps import TokenLogps, token_logps
 
 __all__ = ["ReferenceMode", "ReferencePolicy", "atomic_save", "model_fingerprint"]
@@ -161,7 +162,7 @@ class ReferencePolicy(nn.Module):
         was_training = policy.training
         policy.eval()  # no dropout: the reference is the deterministic starting model
         tables = {}
-        with module.trainer.precision_plugin.forward_context():  # the same numerics as the training steps
+        with full_params(module.trainer), module.trainer.precision_plugin.forward_context():  # training numerics
             for split, loader in loaders.items():
                 n = len(loader.dataset)
                 sums = counts = seen = None
