@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_lm
 
+from lit_align.rollout.logit_transforms import logit_transform
 from lit_align.rollout.logps import position_ids_from_mask, sequence_logps, token_logps
 
 VOCAB = 97
@@ -162,3 +163,126 @@ def test_position_ids_from_mask():
     """Left padding [0, 0, 1, 1, 1] -> positions [0, 0, 0, 1, 2]; right padding [1, 1, 1, 0, 0] -> [0, 1, 2, 2, 2]."""
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+# --- logit transforms applied by the model's own forward after the LM head ---------------------------------
+
+
+def _arch_model(family: str) -> torch.nn.Module:
+    """Tiny causal LMs whose forward transforms the logits (Gemma-2 soft-cap, Cohere scale, Granite divide), or not."""
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig
+
+    if family == "llama":
+        return tiny_lm("llama", vocab_size=VOCAB, hidden_size=32, max_position_embeddings=64, tie_word_embeddings=False)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                  vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=PAD)
+    config = {
+        "gemma2": lambda: Gemma2Config(head_dim=8, final_logit_softcapping=2.0, **common),
+        "cohere": lambda: CohereConfig(logit_scale=0.5, **common),
+        "granite": lambda: GraniteConfig(logits_scaling=4.0, **common),
+    }[family]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if family == "gemma2":  # large logits, so the soft-cap at 2.0 changes them a lot
+        with torch.no_grad():
+            model.lm_head.weight.mul_(50.0)
+    return model
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "llama"])
+def test_logit_transforms_match_naive(family, checkpointed, monkeypatch):
+    """Values and gradients equal ``model(...).logits -> log_softmax -> gather``, with the head checkpointed or not."""
+    import lit_align.rollout.logps as logps_mod
+
+    model = _arch_model(family)
+    ids, attn, lmask = _batch("left")
+    if family != "llama":
+        assert logit_transform(model) is not None
+    else:
+        assert logit_transform(model) is None
+    if checkpointed:
+        monkeypatch.setattr(logps_mod, "_CHECKPOINT_MIN_ELEMENTS", 0)
+
+    naive_logps, naive_mask = _naive_token_logps(model, ids, attn, lmask)
+    naive_sum = naive_logps.sum(-1)  # (B,)
+    naive_sum.sum().backward()
+    naive_grads = _grads(model, GRAD_PARAMS)
+    model.zero_grad(set_to_none=True)
+
+    out = token_logps(model, ids, attn, lmask, chunk_tokens=3)
+    torch.testing.assert_close(out.logps[:, 1:], naive_logps, atol=1e-5, rtol=0)
+    seq = sequence_logps(model, ids, attn, lmask, chunk_tokens=3)
+    torch.testing.assert_close(seq, naive_sum, atol=1e-5, rtol=0)
+    seq.sum().backward()
+    for name, grad in _grads(model, GRAD_PARAMS).items():
+        torch.testing.assert_close(grad, naive_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    if family != "llama":  # the transform matters: leaving it out gives other values
+        monkeypatch.setattr(logps_mod, "logit_transform", lambda base: None)
+        with torch.no_grad():
+            assert (sequence_logps(model, ids, attn, lmask) - naive_sum).abs().max() > 1e-2
+
+
+def _softcap(x, cap):
+    return torch.tanh(x / cap) * cap
+
+
+def _transform_cases():
+    from transformers import (
+        AyaVisionConfig,
+        Gemma3Config,
+        GraniteDoclingConfig,
+        HyperCLOVAXConfig,
+        MuseSparkConfig,
+        PaliGemmaConfig,
+    )
+
+    muse = MuseSparkConfig()
+    mult, cap = muse.text_config.output_multiplier, muse.text_config.final_logit_softcapping
+    return [
+        # multimodal: read from the text sub-config
+        (PaliGemmaConfig(text_config={"model_type": "gemma2", "final_logit_softcapping": 2.0}), lambda x: _softcap(x, 2.0)),
+        (GraniteDoclingConfig(), lambda x: x / 4.0),
+        (muse, lambda x: _softcap(x * mult, cap)),
+        # HyperCLOVA X multiplies by logits_scaling where Granite divides
+        (HyperCLOVAXConfig(logits_scaling=2.0), lambda x: x * 2.0),
+        # their forward does not apply the text sub-config's soft-cap / logit_scale
+        (Gemma3Config(text_config={"final_logit_softcapping": 2.0}), None),
+        (AyaVisionConfig(), None),
+    ]
+
+
+def test_logit_transform_table():
+    from types import SimpleNamespace
+
+    from lit_align.rollout.logit_transforms import logit_transform
+
+    x = torch.randn(4, 11) * 30
+    for config, expected in _transform_cases():
+        transform = logit_transform(SimpleNamespace(config=config))
+        if expected is None:
+            assert transform is None, config.model_type
+        else:
+            torch.testing.assert_close(transform(x), expected(x), msg=config.model_type)
+
+
+def test_unknown_logit_attribute_raises():
+    """A config of a type the module does not know, setting a logit-transform attribute: refuse, do not guess."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from lit_align.rollout.logit_transforms import logit_transform
+
+    config = LlamaConfig(vocab_size=VOCAB)
+    assert logit_transform(SimpleNamespace(config=config)) is None
+    config.logits_scaling = 1.0  # a no-op either way: fine
+    assert logit_transform(SimpleNamespace(config=config)) is None
+    config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        logit_transform(SimpleNamespace(config=config))
+    model = tiny_lm("llama", vocab_size=VOCAB, hidden_size=32, max_position_embeddings=64)
+    model.config.logit_scale = 0.5
+    with pytest.raises(NotImplementedError, match="logit_scale"):
+        sequence_logps(model, *_batch("right"))
