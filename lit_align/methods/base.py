@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.tokenize import encode_prompt
 from lit_align.models import ModelSpec, apply_lora, build_causal_lm, build_tokenizer
-from lit_align.models.fsdp import fsdp2_parallelize
+from lit_align.models.fsdp import fsdp2_parallelize, load_from_rank0
 from lit_align.rollout.logps import TokenLogps, token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
@@ -59,27 +59,43 @@ class PolicyModule(L.LightningModule):
         self._last_batch_end: float | None = None
 
     # -- building ----------------------------------------------------------------------------
-    def _attach_base(self, base: torch.nn.Module) -> None:
-        """Subclass hook: called with the freshly built base model before LoRA is applied."""
+    def _attach_base(self, base: torch.nn.Module, weights: torch.nn.Module | None) -> None:
+        """Subclass hook, called with the freshly built base model before LoRA is applied.
 
-    def _shard_extra(self, mesh, mp_policy) -> None:
-        """Subclass hook: shard any further models (e.g. a reference copy) under FSDP2."""
+        ``weights`` is a model holding the starting weights (``base`` itself, except under FSDP2,
+        where ``base`` lives on the meta device and only rank 0 gets a loaded copy; ``None`` elsewhere).
+        """
+
+    def _sharded_extras(self) -> list[tuple[torch.nn.Module, torch.nn.Module | None]]:
+        """Subclass hook: further (frozen) models to shard under FSDP2, each with its rank-0 weights."""
+        return []
 
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        base = build_causal_lm(self.spec, self.tokenizer)
-        self._attach_base(base)
+        if self.device_mesh is None:
+            base = build_causal_lm(self.spec, self.tokenizer)
+            self._attach_base(base, base)
+            self.policy = apply_lora(base, self.spec.lora, seed=self.spec.seed)
+            return
+        # ModelParallelStrategy: FSDP2 over the data-parallel mesh. Every rank builds the model on the
+        # meta device and allocates only its shards; rank 0 alone loads the weights and broadcasts them.
+        source = build_causal_lm(self.spec, self.tokenizer) if self.global_rank == 0 else None
+        base = build_causal_lm(self.spec, self.tokenizer, meta=True)
+        self._attach_base(base, source)
         self.policy = apply_lora(base, self.spec.lora, seed=self.spec.seed)
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
-            mesh = self.device_mesh["data_parallel"]
-            mp_policy = None
-            if str(self.trainer.precision).startswith("bf16"):
-                from torch.distributed.fsdp import MixedPrecisionPolicy
+        source_policy = apply_lora(source, self.spec.lora, seed=self.spec.seed) if source is not None else None
+        mesh = self.device_mesh["data_parallel"]
+        mp_policy = None
+        if str(self.trainer.precision).startswith("bf16"):
+            from torch.distributed.fsdp import MixedPrecisionPolicy
 
-                mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            fsdp2_parallelize(self.policy, mesh, mp_policy=mp_policy)
-            self._shard_extra(mesh, mp_policy)
+            mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        device = self.trainer.strategy.root_device
+        for model, src, trainable in [(self.policy, source_policy, True),
+                                      *((m, s, False) for m, s in self._sharded_extras())]:
+            fsdp2_parallelize(model, mesh, mp_policy=mp_policy, trainable=trainable)
+            load_from_rank0(model, src, device)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -12,8 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lit_align.data.batches import PreferenceBatch, SequenceBatch
 from lit_align.losses import DPOLoss, PreferenceLoss
 from lit_align.methods.base import PolicyModule, prompt_ids
-from lit_align.models import ModelSpec, is_peft_model
-from lit_align.models.fsdp import fsdp2_parallelize
+from lit_align.models import ModelSpec, frozen_copy, is_peft_model
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
 from lit_align.rollout.logps import TokenLogps, token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
@@ -77,17 +76,20 @@ class DPOModule(PolicyModule):
         self.reference_cache_dir = reference_cache_dir or _default_cache_dir()
         self.kl_every_n_steps, self.kl_max_new_tokens = kl_every_n_steps, kl_max_new_tokens
         self._model_fingerprint: str | None = None
+        self._reference_source: torch.nn.Module | None = None  # rank 0's weights for a sharded reference copy
         self._last_kl_step = -1
 
     # -- building ----------------------------------------------------------------------------
-    def _attach_base(self, base: torch.nn.Module) -> None:
+    def _attach_base(self, base: torch.nn.Module, weights: torch.nn.Module | None) -> None:
         self.reference.attach(base, lora_enabled=self.spec.lora is not None)
-        if self.reference.mode == "precomputed":
-            self._model_fingerprint = model_fingerprint(base)
+        self._reference_source = frozen_copy(weights) if self.reference.copy is not None and weights is not None \
+            and weights is not base else None
+        if self.reference.mode == "precomputed":  # hashed where the weights are, shared with every rank
+            fingerprint = model_fingerprint(weights) if weights is not None else None
+            self._model_fingerprint = fingerprint if base is weights else self.trainer.strategy.broadcast(fingerprint)
 
-    def _shard_extra(self, mesh, mp_policy) -> None:
-        if self.reference.copy is not None:
-            fsdp2_parallelize(self.reference.copy, mesh, mp_policy=mp_policy, trainable=False)
+    def _sharded_extras(self) -> list[tuple[torch.nn.Module, torch.nn.Module | None]]:
+        return [(self.reference.copy, self._reference_source)] if self.reference.copy is not None else []
 
     # -- reference -----------------------------------------------------------------------------
     def _has_reference_model(self) -> bool:

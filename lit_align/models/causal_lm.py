@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
 
 from lit_align.models.spec import LoRASpec, ModelSpec
 
@@ -97,16 +104,27 @@ def _tiny_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase):
     )
 
 
-def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
-    """Build the base causal LM (no LoRA): tiny random with ``spec.seed``, or ``from_pretrained``."""
+def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta: bool = False) -> nn.Module:
+    """Build the base causal LM (no LoRA): tiny random with ``spec.seed``, or ``from_pretrained``.
+
+    With ``meta`` the architecture is built on the meta device without reading any weights (every
+    rank but one, when sharded weights are later broadcast from rank 0: see
+    :func:`lit_align.models.fsdp.load_from_rank0`)."""
     dtype = _DTYPES[spec.dtype]
     if spec.tiny is not None:
         config = _tiny_config(spec, tokenizer)
         if spec.attn_implementation:
             config._attn_implementation = spec.attn_implementation
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
             torch.manual_seed(spec.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif meta:
+        _check_source(spec.name_or_path, "model.name_or_path")
+        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
+                                            trust_remote_code=spec.trust_remote_code, **spec.extra)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation,
+                                                     trust_remote_code=spec.trust_remote_code)
     else:
         _check_source(spec.name_or_path, "model.name_or_path")
         try:

@@ -21,7 +21,7 @@ from torch import nn
 
 from lit_align.rollout.logps import FSDP_LOGPS_METHOD, compute_token_logps, unwrap_causal_lm
 
-__all__ = ["DecoderLayerPolicy", "decoder_layers", "fsdp2_parallelize", "full_params"]
+__all__ = ["DecoderLayerPolicy", "decoder_layers", "fsdp2_parallelize", "full_params", "load_from_rank0"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -61,6 +61,30 @@ def fsdp2_parallelize(model: nn.Module, mesh, *, mp_policy=None, reshard_after_f
     if not trainable:
         model.requires_grad_(False)
     return model
+
+
+def load_from_rank0(model: nn.Module, source: nn.Module | None, device) -> None:
+    """Give an FSDP2-sharded ``model`` built on the meta device the weights of rank 0's ``source``.
+
+    Only rank 0 ever holds the full weights (``source``: the same architecture built normally, on
+    the CPU; ``None`` on the other ranks). Every rank allocates just its shards on ``device``, the
+    parameters and persistent buffers are broadcast shard by shard from rank 0
+    (``set_model_state_dict(..., broadcast_from_rank0=True)``), and the non-persistent buffers
+    (rotary ``inv_freq`` and the like, in no state dict) are broadcast whole.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    full = source.state_dict() if source is not None else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    src_buffers = dict(source.named_buffers()) if source is not None else {}
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if source is not None:
+                buffer.copy_(src_buffers[name])
+            dist.broadcast(buffer, src=0)
 
 
 class DecoderLayerPolicy:

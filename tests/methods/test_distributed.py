@@ -87,3 +87,28 @@ def test_sft_ddp_matches_one_process(tmp_path):
              str(roots["two"]), "--trainer.logger.save_dir", str(roots["two"]), "--data.init_args.batch_size", "8"])
     one, two = (load_file(r / "hf_export" / "model.safetensors") for r in roots.values())
     assert _max_diff(two, one) < 2e-4
+
+
+def test_fsdp2_loads_a_local_model_on_rank_0_only_and_trains_lora_like_one_process(tmp_path):
+    """A `save_pretrained` directory (as a hub model would be) under FSDP2: ranks build on the meta
+    device, rank 0 alone reads the weights and broadcasts them; LoRA adapters with the adapter-disabled
+    reference train as in one process."""
+    from lit_align.models import ModelSpec, TinyArch, build_causal_lm, build_tokenizer
+
+    spec = ModelSpec(tiny=TinyArch(family="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=128), seed=5)
+    local = tmp_path / "local_model"
+    tokenizer = build_tokenizer(spec)
+    build_causal_lm(spec, tokenizer).save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    lora = ["--model.init_args.model", f"{{name_or_path: {local}, tiny: null, lora: {{r: 4, alpha: 8}}}}",
+            "--model.init_args.reference", "adapter", "--trainer.max_steps", "3"]
+    roots = {"one": tmp_path / "one", "two": tmp_path / "two"}
+    run_cli([*COMMON, *lora, "--trainer.default_root_dir", str(roots["one"]), "--trainer.logger.save_dir",
+             str(roots["one"]), "--data.init_args.batch_size", "16"])
+    run_cli([*COMMON, *lora, "--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks",
+             "lit_align.callbacks.HFExport", "--trainer.default_root_dir", str(roots["two"]),
+             "--trainer.logger.save_dir", str(roots["two"]), "--data.init_args.batch_size", "8"])
+    one, two = (load_file(r / "hf_export" / "adapter_model.safetensors") for r in roots.values())
+    assert one and _max_diff(two, one) < 2e-4
+    assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 0  # the adapters trained
