@@ -76,20 +76,23 @@ class DPOModule(PolicyModule):
         self.reference_cache_dir = reference_cache_dir or _default_cache_dir()
         self.kl_every_n_steps, self.kl_max_new_tokens = kl_every_n_steps, kl_max_new_tokens
         self._model_fingerprint: str | None = None
-        self._reference_source: torch.nn.Module | None = None  # rank 0's weights for a sharded reference copy
+        self._reference_source: list[torch.nn.Module] = []  # rank 0's weights for a sharded copy (not a submodule)
         self._last_kl_step = -1
 
     # -- building ----------------------------------------------------------------------------
     def _attach_base(self, base: torch.nn.Module, weights: torch.nn.Module | None) -> None:
         self.reference.attach(base, lora_enabled=self.spec.lora is not None)
-        self._reference_source = frozen_copy(weights) if self.reference.copy is not None and weights is not None \
-            and weights is not base else None
+        if self.reference.copy is not None and weights is not None and weights is not base:
+            self._reference_source = [frozen_copy(weights)]
         if self.reference.mode == "precomputed":  # hashed where the weights are, shared with every rank
             fingerprint = model_fingerprint(weights) if weights is not None else None
             self._model_fingerprint = fingerprint if base is weights else self.trainer.strategy.broadcast(fingerprint)
 
     def _sharded_extras(self) -> list[tuple[torch.nn.Module, torch.nn.Module | None]]:
-        return [(self.reference.copy, self._reference_source)] if self.reference.copy is not None else []
+        if self.reference.copy is None:
+            return []
+        source = self._reference_source.pop() if self._reference_source else None  # loaded once, then freed
+        return [(self.reference.copy, source)]
 
     # -- reference -----------------------------------------------------------------------------
     def _has_reference_model(self) -> bool:
