@@ -20,6 +20,9 @@ COMMON = [
     "--trainer.callbacks", "lit_align.callbacks.HFExport",
 ]
 
+FSDP2 = ["--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks", "lit_align.callbacks.HFExport"]
+DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
@@ -37,11 +40,10 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_match_one(strategy, single, tmp_path):
     if strategy == "ddp":
-        extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+        extra = DDP
     else:  # also shards a frozen reference copy, and samples (KL estimate, sample table) on sharded weights
-        extra = ["--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks", "lit_align.callbacks.HFExport",
-                 "--trainer.callbacks+=lit_align.callbacks.SampleGenerations", "--trainer.callbacks.every_n_steps", "2",
-                 "--model.init_args.reference", "copy", "--model.init_args.kl_every_n_steps", "2"]
+        extra = [*FSDP2, "--trainer.callbacks+=lit_align.callbacks.SampleGenerations", "--trainer.callbacks.every_n_steps",
+                 "2", "--model.init_args.reference", "copy", "--model.init_args.kl_every_n_steps", "2"]
     proc = run_cli([*COMMON, *extra, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.save_dir",
                     str(tmp_path), "--data.init_args.batch_size", "8"])
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
@@ -60,16 +62,23 @@ def test_two_processes_match_one(strategy, single, tmp_path):
     torch.testing.assert_close(multi["lm_head.weight"], single["lm_head.weight"], rtol=0, atol=2e-4)
 
 
+
+def _one_and_two(tmp_path, args: list[str], two_ranks: list[str], file: str = "model.safetensors"):
+    """Run ``args`` once with one process (batch 16) and once with two (batch 8 each, ``two_ranks``);
+    return both exported weight files."""
+    out = []
+    for name, extra, batch in (("one", [], "16"), ("two", two_ranks, "8")):
+        root = tmp_path / name
+        run_cli([*args, *extra, "--trainer.default_root_dir", str(root), "--trainer.logger.save_dir", str(root),
+                 "--data.init_args.batch_size", batch])
+        out.append(load_file(root / "hf_export" / file))
+    return out
+
+
 def test_fsdp2_with_tied_embeddings_matches_one_process(tmp_path):
     """Tied input/output embeddings live in the root FSDP2 unit with the rest of the LM."""
     tied = ["--model.init_args.model.tiny.tie_word_embeddings", "true", "--trainer.max_steps", "2"]
-    roots = {"one": tmp_path / "one", "two": tmp_path / "two"}
-    run_cli([*COMMON, *tied, "--trainer.default_root_dir", str(roots["one"]), "--trainer.logger.save_dir",
-             str(roots["one"]), "--data.init_args.batch_size", "16"])
-    run_cli([*COMMON, *tied, "--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks",
-             "lit_align.callbacks.HFExport", "--trainer.default_root_dir", str(roots["two"]),
-             "--trainer.logger.save_dir", str(roots["two"]), "--data.init_args.batch_size", "8"])
-    one, two = (load_file(r / "hf_export" / "model.safetensors") for r in roots.values())
+    one, two = _one_and_two(tmp_path, [*COMMON, *tied], FSDP2)
     assert "lm_head.weight" not in one  # tied: saved once, as the input embedding
     assert _max_diff(two, one) < 2e-4
 
@@ -80,12 +89,7 @@ def test_sft_ddp_matches_one_process(tmp_path):
     sft = ["fit", "--config", str(REPO / "configs/sft/tiny.yaml"), "--trainer.max_steps", "4",
            "--trainer.enable_progress_bar", "false", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
            "--trainer.callbacks", "lit_align.callbacks.HFExport"]
-    roots = {"one": tmp_path / "one", "two": tmp_path / "two"}
-    run_cli([*sft, "--trainer.default_root_dir", str(roots["one"]), "--trainer.logger.save_dir", str(roots["one"]),
-             "--data.init_args.batch_size", "16"])
-    run_cli([*sft, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.default_root_dir",
-             str(roots["two"]), "--trainer.logger.save_dir", str(roots["two"]), "--data.init_args.batch_size", "8"])
-    one, two = (load_file(r / "hf_export" / "model.safetensors") for r in roots.values())
+    one, two = _one_and_two(tmp_path, sft, DDP)
     assert _max_diff(two, one) < 2e-4
 
 
@@ -103,12 +107,6 @@ def test_fsdp2_loads_a_local_model_on_rank_0_only_and_trains_lora_like_one_proce
     tokenizer.save_pretrained(local)
     lora = ["--model.init_args.model", f"{{name_or_path: {local}, tiny: null, lora: {{r: 4, alpha: 8}}}}",
             "--model.init_args.reference", "adapter", "--trainer.max_steps", "3"]
-    roots = {"one": tmp_path / "one", "two": tmp_path / "two"}
-    run_cli([*COMMON, *lora, "--trainer.default_root_dir", str(roots["one"]), "--trainer.logger.save_dir",
-             str(roots["one"]), "--data.init_args.batch_size", "16"])
-    run_cli([*COMMON, *lora, "--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks",
-             "lit_align.callbacks.HFExport", "--trainer.default_root_dir", str(roots["two"]),
-             "--trainer.logger.save_dir", str(roots["two"]), "--data.init_args.batch_size", "8"])
-    one, two = (load_file(r / "hf_export" / "adapter_model.safetensors") for r in roots.values())
+    one, two = _one_and_two(tmp_path, [*COMMON, *lora], FSDP2, file="adapter_model.safetensors")
     assert one and _max_diff(two, one) < 2e-4
     assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 0  # the adapters trained
