@@ -118,6 +118,20 @@ class DPOModule(PolicyModule):
     def on_test_start(self) -> None:
         self._precompute_reference()
 
+    _COPY_PREFIX = "reference.copy."
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Without the frozen reference copy: it is rebuilt from the model spec, and would double
+        every checkpoint. (FSDP2 checkpoints are written by torch.distributed.checkpoint, sharded.)"""
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith(self._COPY_PREFIX)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        own = {k: v for k, v in super().state_dict().items() if k.startswith(self._COPY_PREFIX)}
+        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reference"] = self.reference.state()
 

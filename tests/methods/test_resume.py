@@ -28,18 +28,24 @@ def _run(config, root, steps, *extra):
     ])
 
 
-@pytest.mark.parametrize("config, stop", [("configs/dpo/tiny.yaml", 3), ("configs/sft/tiny.yaml", 3),
-                                          ("configs/sft/tiny.yaml", 5)])
-def test_resume_is_exact(config, stop, tmp_path):
+@pytest.mark.parametrize("config, stop, extra", [
+    ("configs/dpo/tiny.yaml", 3, []),
+    ("configs/dpo/tiny.yaml", 3, ["--model.init_args.reference", "copy"]),
+    ("configs/sft/tiny.yaml", 3, []),
+    ("configs/sft/tiny.yaml", 5, []),
+], ids=["dpo-mid-epoch", "dpo-copy-reference", "sft-mid-epoch", "sft-epoch-end"])
+def test_resume_is_exact(config, stop, extra, tmp_path):
     """270 training examples in batches of 64: five batches (the last of 14) form epoch 0, so
     stopping after 3 steps is mid-epoch, after 5 steps is the end of the epoch, and step 7 falls in
     epoch 1; the data order, optimiser state, reference log-probs and RNG all have to come back for
     the parameters to match bit for bit."""
     total = 7
-    straight = _run(config, tmp_path / "a", total)
-    _run(config, tmp_path / "b", stop)
+    straight = _run(config, tmp_path / "a", total, *extra)
+    _run(config, tmp_path / "b", stop, *extra)
     ckpt = next((tmp_path / "b").rglob(f"*step={stop}.ckpt"))  # written after optimiser step `stop`
-    resumed = _run(config, tmp_path / "c", total, "--ckpt_path", str(ckpt))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert not any(k.startswith("reference.copy.") for k in saved)  # a frozen copy is rebuilt, not stored
+    resumed = _run(config, tmp_path / "c", total, "--ckpt_path", str(ckpt), *extra)
 
     a, c = straight.model.policy.state_dict(), resumed.model.policy.state_dict()
     for name in a:
