@@ -2,7 +2,8 @@
 
 Two kinds, both giving ``score(input_ids, attention_mask) -> (B,)``:
 
-* ``sequence_classification``: an HF ``AutoModelForSequenceClassification`` with one label
+* ``sequence_classification``: an HF ``AutoModelForSequenceClassification`` with one label, read
+  (for decoder classifiers) at the last non-pad token located from the attention mask
   (hub reward models such as ``OpenAssistant/reward-model-deberta-v3-large-v2`` or
   ``Skywork/Skywork-Reward-Llama-3.1-8B``);
 * ``scalar_head``: a causal-LM backbone (hub, local or tiny, optionally with LoRA) plus a
@@ -54,14 +55,20 @@ class RewardModel(nn.Module):
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B,) scalar score of each sequence (input_ids and attention_mask are (B, T))."""
         if self.kind == "sequence_classification":
-            logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids_from_mask(attention_mask)).logits  # (B, 1)
-            return logits[:, 0].float()
-        decoder, _ = causal_lm_parts(self.backbone)
+            base = getattr(self.backbone, self.backbone.base_model_prefix, None)
+            head = getattr(self.backbone, "score", None)
+            if base is None or not isinstance(head, nn.Linear):
+                # encoder classifiers (DeBERTa, RoBERTa, ...) pool their first token: HF's forward is right
+                return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+            # decoder classifiers: HF finds the last token by comparing ids with pad_token_id, which
+            # misreads a final EOS when pad == EOS; read it from the attention mask instead
+            decoder, head_fn = base, lambda h: head(h)[:, 0]
+        else:
+            decoder, head_fn = causal_lm_parts(self.backbone)[0], lambda h: self.head(h).squeeze(-1)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
-        return self.head(last).squeeze(-1).float()
+        return head_fn(last).float()
 
     forward = score
 

@@ -103,6 +103,17 @@ def test_sequence_classification_from_a_local_directory_matches_hf(tmp_path):
         torch.testing.assert_close(model.score(left_ids, left_mask), expected, rtol=1e-5, atol=1e-5)
     assert expected.abs().min() > 0
 
+    # responses end with EOS and pad == EOS (a tokenizer without pad token, `missing_pad_token: eos`):
+    # HF's pooling compares ids with pad_token_id and reads the token before the final EOS; not here
+    with_eos = [torch.cat([r, torch.tensor([tok.eos_token_id])]) for r in rows]
+    ids, mask = _pad(with_eos, tok.pad_token_id, "right", extra=2)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits[:, 0]  # pad != EOS: HF reads the EOS
+        hf.config.pad_token_id = model.backbone.config.pad_token_id = tok.eos_token_id
+        eos_ids, eos_mask = _pad(with_eos, tok.eos_token_id, "right", extra=2)
+        torch.testing.assert_close(model.score(eos_ids, eos_mask), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(hf(input_ids=eos_ids, attention_mask=eos_mask).logits[:, 0], expected)
+
 
 def test_sequence_classification_needs_a_path():
     with pytest.raises(ValueError, match="model.name_or_path"):
