@@ -20,7 +20,7 @@ strictly above rejected), ``logps/chosen = pi_c`` and ``logps/rejected = pi_r``.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch.nn.functional as F
@@ -170,11 +170,12 @@ def ipo_loss(
     return per_pair.mean(), metrics
 
 
-class PreferenceLoss(ABC):
+class PreferenceLoss:
     """A configured pairwise preference loss, selectable from YAML by ``class_path``.
 
-    Subclasses hold the loss hyper-parameters and call one of the pure functions above. A method
-    scores responses with ``sequence_logps(..., reduction=loss.reduction)`` and then calls
+    Subclasses name the pure function above they configure (``fn``) and store its keyword
+    hyper-parameters as attributes (listed in ``hparams``). A method scores responses with
+    ``sequence_logps(..., reduction=loss.reduction)`` and then calls
     ``loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``.
 
     Example YAML::
@@ -186,8 +187,15 @@ class PreferenceLoss(ABC):
 
     #: Which ``sequence_logps`` reduction the loss expects its (B,) inputs to use.
     reduction: ClassVar[Literal["sum", "mean"]] = "sum"
+    #: The pure loss function and the names of its keyword hyper-parameters held by the instance.
+    fn: ClassVar[Callable[..., tuple[Tensor, dict[str, Tensor]]]]
+    hparams: ClassVar[tuple[str, ...]] = ()
 
-    @abstractmethod
+    def __new__(cls, *args, **kwargs):
+        if not hasattr(cls, "fn"):
+            raise TypeError(f"{cls.__name__} is abstract: a subclass sets `fn` to the loss function it configures")
+        return super().__new__(cls)
+
     def __call__(
         self,
         policy_chosen_logps: Tensor,
@@ -196,12 +204,20 @@ class PreferenceLoss(ABC):
         ref_rejected_logps: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return ``(loss, metrics)`` for (B,) policy / reference chosen / rejected log-probs."""
+        kwargs = {name: getattr(self, name) for name in self.hparams}
+        return type(self).fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                             **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)}' for n in self.hparams)})"
 
 
 class DPOLoss(PreferenceLoss):
     """Sigmoid DPO (:func:`dpo_loss`) on summed response log-probs."""
 
     reduction: ClassVar[Literal["sum", "mean"]] = "sum"
+    fn = staticmethod(dpo_loss)
+    hparams = ("beta", "label_smoothing")
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         """
@@ -214,30 +230,13 @@ class DPOLoss(PreferenceLoss):
         self.beta = float(beta)
         self.label_smoothing = float(label_smoothing)
 
-    def __call__(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        ref_chosen_logps: Tensor,
-        ref_rejected_logps: Tensor,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        return dpo_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-        )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta}, label_smoothing={self.label_smoothing})"
-
 
 class IPOLoss(PreferenceLoss):
     """IPO (:func:`ipo_loss`) on length-averaged response log-probs."""
 
     reduction: ClassVar[Literal["sum", "mean"]] = "mean"
+    fn = staticmethod(ipo_loss)
+    hparams = ("beta",)
 
     def __init__(self, beta: float = 0.1) -> None:
         """
@@ -246,17 +245,3 @@ class IPOLoss(PreferenceLoss):
         """
         _check_beta(beta)
         self.beta = float(beta)
-
-    def __call__(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        ref_chosen_logps: Tensor,
-        ref_rejected_logps: Tensor,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        return ipo_loss(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=self.beta
-        )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta})"

@@ -12,9 +12,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lit_align.data.batches import PreferenceBatch, SequenceBatch
 from lit_align.losses import DPOLoss, PreferenceLoss
 from lit_align.methods.base import PolicyModule, prompt_ids
-from lit_align.models import ModelSpec, frozen_copy, is_peft_model
+from lit_align.models import ModelSpec, frozen_copy
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
-from lit_align.rollout.logps import TokenLogps, token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
 __all__ = ["DPOModule"]
@@ -95,15 +94,6 @@ class DPOModule(PolicyModule):
         return [(self.reference.copy, source)]
 
     # -- reference -----------------------------------------------------------------------------
-    def _has_reference_model(self) -> bool:
-        return self.reference.mode != "precomputed" or is_peft_model(self.policy)
-
-    def _reference_token_logps(self, batch: SequenceBatch) -> TokenLogps:
-        if self.reference.mode == "precomputed":  # only reached with LoRA: adapters off == start weights
-            with torch.no_grad(), self.policy.disable_adapter():
-                return token_logps(self.policy, batch.input_ids, batch.attention_mask, batch.loss_mask)
-        return self.reference.token_logps(self.policy, batch)
-
     def _precompute_reference(self) -> None:
         if self.reference.mode == "precomputed":
             self.reference.precompute(self, lambda batch: [batch.chosen, batch.rejected],
@@ -165,7 +155,7 @@ class DPOModule(PolicyModule):
         loss = self._step(batch, "train")
         step = self.global_step
         if (self.kl_every_n_steps and step % self.kl_every_n_steps == 0 and step != self._last_kl_step
-                and self._has_reference_model()):
+                and self.reference.can_score(self.policy)):
             self._last_kl_step = step  # once per optimiser step, not per accumulated micro-batch
             self.log("train/kl", self._kl_estimate(batch), on_step=True, batch_size=len(batch))
         self._log_throughput(batch.num_tokens)
@@ -173,7 +163,7 @@ class DPOModule(PolicyModule):
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._step(batch, "val")
-        if batch_idx == 0 and self._has_reference_model():
+        if batch_idx == 0 and self.reference.can_score(self.policy):
             self.log("val/kl", self._kl_estimate(batch), on_epoch=True, batch_size=len(batch), sync_dist=True)
 
     def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
@@ -197,6 +187,6 @@ class DPOModule(PolicyModule):
         )
         was_training = self.policy.training
         self.policy.eval()  # adapter mode scores with the policy's own modules: no dropout
-        ref = self._reference_token_logps(seq).sum()  # (B,)
+        ref = self.reference.token_logps(self.policy, seq).sum()  # (B,)
         self.policy.train(was_training)
         return (rollout.logps.sum(-1) - ref).mean()

@@ -96,17 +96,23 @@ class ReferencePolicy(nn.Module):
         if self.mode == "copy" and self.copy is None:
             self.copy = frozen_copy(base_model)
 
+    def can_score(self, policy: nn.Module) -> bool:
+        """Whether reference log-probs of new sequences can be computed: always in ``adapter`` and
+        ``copy`` modes; in ``precomputed`` mode only when the policy has LoRA adapters to switch off."""
+        return self.mode != "precomputed" or is_peft_model(policy)
+
     @torch.no_grad()
     def token_logps(self, policy: nn.Module, batch: SequenceBatch) -> TokenLogps:
-        """Reference per-token log-probs of ``batch`` (``adapter`` and ``copy`` modes)."""
+        """Reference per-token log-probs of any ``batch`` (see :meth:`can_score`)."""
         if self.mode == "copy":
             model, ctx = self.copy, nullcontext()
-        elif self.mode == "adapter":
-            if not is_peft_model(policy):
-                raise ValueError("reference: 'adapter' needs a peft policy")
+        elif is_peft_model(policy):  # adapter mode, or precomputed with LoRA: adapters off == start weights
             model, ctx = policy, policy.disable_adapter()
+        elif self.mode == "adapter":
+            raise ValueError("reference: 'adapter' needs a peft policy")
         else:
-            raise RuntimeError("precomputed references are looked up with `lookup`, not recomputed")
+            raise RuntimeError("precomputed references of a full fine-tune are looked up with `lookup`: "
+                               "there are no starting weights left to score new sequences with")
         with ctx:
             return token_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
 
@@ -139,8 +145,8 @@ class ReferencePolicy(nn.Module):
         """
         trainer = module.trainer
         dm = trainer.datamodule
-        loaders = dm.split_loaders()
-        data_fp = "|".join(f"{k}:{getattr(dm, f'{k}_dataset').fingerprint()}" for k in sorted(loaders))
+        loaders = dm.split_loaders(shard=True)
+        data_fp = "|".join(f"{k}:{loaders[k].dataset.fingerprint()}" for k in sorted(loaders))
         key = self.cache_key(model_fp, data_fp, f"precision={trainer.precision}")
         if self.tables:
             if self.key != key:
@@ -155,7 +161,7 @@ class ReferencePolicy(nn.Module):
         tables = self.tables if trainer.global_rank == 0 and self._load_cache(path) else None
         tables = strategy.broadcast(tables, src=0)
         if tables is None:
-            tables = self._score(module, dm.split_loaders(shard=True), sequences)
+            tables = self._score(module, loaders, sequences)
             if trainer.global_rank == 0:
                 atomic_save(tables, path)
         self.tables, self.key = tables, key
