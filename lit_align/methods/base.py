@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -10,12 +12,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.tokenize import encode_prompt
-from lit_align.models import ModelSpec, apply_lora, build_causal_lm, build_tokenizer
+from lit_align.models import ModelSpec, apply_lora, build_causal_lm, build_tokenizer, frozen_copy
 from lit_align.models.fsdp import fsdp2_parallelize, load_from_rank0
+from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
 from lit_align.rollout.logps import TokenLogps, token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
-__all__ = ["PolicyModule", "prompt_ids"]
+__all__ = ["PolicyModule", "ReferencedPolicyModule", "default_cache_dir", "prompt_ids"]
 
 
 def prompt_ids(batch: SequenceBatch) -> list[list[int]]:
@@ -150,3 +153,94 @@ class PolicyModule(L.LightningModule):
                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
         return [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
                 for r, m in zip(out.response_ids, out.response_mask)]
+
+
+def default_cache_dir() -> str:
+    """``$LIT_ALIGN_CACHE`` or ``~/.cache/lit_align``: where precomputed reference log-probs are kept."""
+    return os.environ.get("LIT_ALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lit_align"))
+
+
+class ReferencedPolicyModule(PolicyModule):
+    """A :class:`PolicyModule` with a frozen reference policy (see :mod:`lit_align.models.reference`).
+
+    It owns the plumbing every reference-regularised method shares: attaching the reference to the
+    starting weights before LoRA, sharding a ``copy`` under FSDP2 (loaded from rank 0 only), filling
+    ``precomputed`` tables before fit / validate / test (subclasses say which sequences of a batch
+    are scored, :meth:`_reference_sequences`), keeping those tables in checkpoints, and leaving the
+    frozen copy out of checkpoints (it is rebuilt from the model spec and would double their size).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        reference: ReferenceMode = "precomputed",
+        reference_cache_dir: str | None = None,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        super().__init__(model, optimizer=optimizer, scheduler=scheduler, chunk_tokens=chunk_tokens)
+        self.reference = ReferencePolicy(reference)
+        self.reference_cache_dir = reference_cache_dir or default_cache_dir()
+        self._model_fingerprint: str | None = None
+        self._reference_source: list[torch.nn.Module] = []  # rank 0's weights for a sharded copy (not a submodule)
+
+    def _reference_sequences(self, batch) -> list[SequenceBatch]:
+        """The sequences of a batch whose reference log-probs are precomputed (one table column each)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support reference: precomputed")
+
+    # -- building ----------------------------------------------------------------------------
+    def _attach_base(self, base: torch.nn.Module, weights: torch.nn.Module | None) -> None:
+        self.reference.attach(base, lora_enabled=self.spec.lora is not None)
+        if self.reference.copy is not None and weights is not None and weights is not base:
+            self._reference_source = [frozen_copy(weights)]
+        if self.reference.mode == "precomputed":  # hashed where the weights are, shared with every rank
+            fingerprint = model_fingerprint(weights) if weights is not None else None
+            self._model_fingerprint = fingerprint if base is weights else self.trainer.strategy.broadcast(fingerprint)
+
+    def _sharded_extras(self) -> list[tuple[torch.nn.Module, torch.nn.Module | None]]:
+        if self.reference.copy is None:
+            return []
+        source = self._reference_source.pop() if self._reference_source else None  # loaded once, then freed
+        return [(self.reference.copy, source)]
+
+    # -- precomputed tables ------------------------------------------------------------------
+    def _precompute_reference(self) -> None:
+        if self.reference.mode == "precomputed":
+            self.reference.precompute(self, self._reference_sequences, model_fp=self._model_fingerprint,
+                                      cache_dir=self.reference_cache_dir)
+
+    def on_fit_start(self) -> None:
+        self._precompute_reference()
+
+    def on_validation_start(self) -> None:  # `validate` runs without `fit`
+        self._precompute_reference()
+
+    def on_test_start(self) -> None:
+        self._precompute_reference()
+
+    def reference_split(self, stage: str) -> str:
+        """The reference table a stage reads (``test`` shares ``val``'s when there is no test set)."""
+        return self.trainer.datamodule.split_of(stage) if self.reference.mode == "precomputed" else stage
+
+    # -- checkpoints -------------------------------------------------------------------------
+    _COPY_PREFIX = "reference.copy."
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Without the frozen reference copy: it is rebuilt from the model spec, and would double
+        every checkpoint. (FSDP2 checkpoints are written by torch.distributed.checkpoint, sharded.)"""
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith(self._COPY_PREFIX)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        own = {k: v for k, v in super().state_dict().items() if k.startswith(self._COPY_PREFIX)}
+        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["reference"] = self.reference.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "reference" in checkpoint:
+            self.reference.load_state(checkpoint["reference"])

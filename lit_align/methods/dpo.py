@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lit_align.data.batches import PreferenceBatch, SequenceBatch
 from lit_align.losses import DPOLoss, PreferenceLoss
-from lit_align.methods.base import PolicyModule, prompt_ids
-from lit_align.models import ModelSpec, frozen_copy
-from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
+from lit_align.methods.base import ReferencedPolicyModule, prompt_ids
+from lit_align.models import ModelSpec
+from lit_align.models.reference import ReferenceMode
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
 __all__ = ["DPOModule"]
@@ -21,11 +19,7 @@ __all__ = ["DPOModule"]
 log = logging.getLogger(__name__)
 
 
-def _default_cache_dir() -> str:
-    return os.environ.get("LIT_ALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lit_align"))
-
-
-class DPOModule(PolicyModule):
+class DPOModule(ReferencedPolicyModule):
     """Offline preference optimisation: DPO (Rafailov et al., 2023, arXiv 2305.18290), cDPO, IPO.
 
     Objective: the injected :class:`~lit_align.losses.PreferenceLoss` (default
@@ -69,65 +63,14 @@ class DPOModule(PolicyModule):
             scheduler: LR scheduler factory (stepped every optimiser step); default none.
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only; default auto).
         """
-        super().__init__(model, optimizer=optimizer, scheduler=scheduler, chunk_tokens=chunk_tokens)
+        super().__init__(model, reference=reference, reference_cache_dir=reference_cache_dir, optimizer=optimizer,
+                         scheduler=scheduler, chunk_tokens=chunk_tokens)
         self.loss_fn = loss or DPOLoss()
-        self.reference = ReferencePolicy(reference)
-        self.reference_cache_dir = reference_cache_dir or _default_cache_dir()
         self.kl_every_n_steps, self.kl_max_new_tokens = kl_every_n_steps, kl_max_new_tokens
-        self._model_fingerprint: str | None = None
-        self._reference_source: list[torch.nn.Module] = []  # rank 0's weights for a sharded copy (not a submodule)
         self._last_kl_step = -1
 
-    # -- building ----------------------------------------------------------------------------
-    def _attach_base(self, base: torch.nn.Module, weights: torch.nn.Module | None) -> None:
-        self.reference.attach(base, lora_enabled=self.spec.lora is not None)
-        if self.reference.copy is not None and weights is not None and weights is not base:
-            self._reference_source = [frozen_copy(weights)]
-        if self.reference.mode == "precomputed":  # hashed where the weights are, shared with every rank
-            fingerprint = model_fingerprint(weights) if weights is not None else None
-            self._model_fingerprint = fingerprint if base is weights else self.trainer.strategy.broadcast(fingerprint)
-
-    def _sharded_extras(self) -> list[tuple[torch.nn.Module, torch.nn.Module | None]]:
-        if self.reference.copy is None:
-            return []
-        source = self._reference_source.pop() if self._reference_source else None  # loaded once, then freed
-        return [(self.reference.copy, source)]
-
-    # -- reference -----------------------------------------------------------------------------
-    def _precompute_reference(self) -> None:
-        if self.reference.mode == "precomputed":
-            self.reference.precompute(self, lambda batch: [batch.chosen, batch.rejected],
-                                      model_fp=self._model_fingerprint, cache_dir=self.reference_cache_dir)
-
-    def on_fit_start(self) -> None:
-        self._precompute_reference()
-
-    def on_validation_start(self) -> None:  # `validate` runs without `fit`
-        self._precompute_reference()
-
-    def on_test_start(self) -> None:
-        self._precompute_reference()
-
-    _COPY_PREFIX = "reference.copy."
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Without the frozen reference copy: it is rebuilt from the model spec, and would double
-        every checkpoint. (FSDP2 checkpoints are written by torch.distributed.checkpoint, sharded.)"""
-        state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if k.startswith(self._COPY_PREFIX)]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
-        own = {k: v for k, v in super().state_dict().items() if k.startswith(self._COPY_PREFIX)}
-        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["reference"] = self.reference.state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "reference" in checkpoint:
-            self.reference.load_state(checkpoint["reference"])
+    def _reference_sequences(self, batch: PreferenceBatch) -> list[SequenceBatch]:
+        return [batch.chosen, batch.rejected]
 
     # -- steps ---------------------------------------------------------------------------------
     def _pair_logps(self, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor, ...]:
@@ -146,7 +89,7 @@ class DPOModule(PolicyModule):
         return pol[:b], pol[b:], ref_c, ref_r
 
     def _step(self, batch: PreferenceBatch, stage: str) -> torch.Tensor:
-        split = self.trainer.datamodule.split_of(stage) if self.reference.mode == "precomputed" else stage
+        split = self.reference_split(stage)
         loss, metrics = self.loss_fn(*self._pair_logps(batch, split))
         self._log_stage(stage, loss, metrics, len(batch), prog_bar="rewards/accuracies")
         return loss
