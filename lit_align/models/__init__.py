@@ -1,6 +1,7 @@
 """Builders: YAML specs -> tokenizers, causal LMs, LoRA, references, reward heads, FSDP2 plans."""
 
 from lit_align.models.causal_lm import (
+    BUILTIN_MODELS,
     TINY_TOKENIZER,
     apply_lora,
     build_causal_lm,
@@ -8,12 +9,14 @@ from lit_align.models.causal_lm import (
     freeze,
     frozen_copy,
     is_peft_model,
+    resolve_path,
 )
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
 from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model, last_token_index
 from lit_align.models.spec import LoRASpec, ModelSpec, TinyArch
 
 __all__ = [
+    "BUILTIN_MODELS",
     "TINY_TOKENIZER",
     "LoRASpec",
     "ModelSpec",
@@ -31,4 +34,5 @@ __all__ = [
     "is_peft_model",
     "last_token_index",
     "model_fingerprint",
+    "resolve_path",
 ]

@@ -21,6 +21,7 @@ from transformers import (
 from lit_align.models.spec import LoRASpec, ModelSpec
 
 __all__ = [
+    "BUILTIN_MODELS",
     "TINY_TOKENIZER",
     "apply_lora",
     "build_causal_lm",
@@ -28,6 +29,7 @@ __all__ = [
     "freeze",
     "frozen_copy",
     "is_peft_model",
+    "resolve_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,21 @@ log = logging.getLogger(__name__)
 TINY_TOKENIZER = str(resources.files("lit_align") / "models" / "assets" / "tiny_tokenizer")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+#: Directory of the models shipped as package data (``builtin:<name>``; see ``scripts/build_tiny_tofu.py``).
+BUILTIN_MODELS = resources.files("lit_align") / "models" / "assets"
+
+
+def resolve_path(name: str) -> str:
+    """``builtin:<name>`` -> the bundled directory; anything else (hub id or directory) unchanged."""
+    if not name.startswith("builtin:"):
+        return name
+    path = BUILTIN_MODELS / name.removeprefix("builtin:")
+    if not (path / "config.json").is_file() and not (path / "tokenizer.json").is_file():
+        known = sorted(f"builtin:{p.name}" for p in BUILTIN_MODELS.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"{name!r} is not a built-in model or tokenizer; known: {', '.join(known)}")
+    return str(path)
 
 
 def _looks_local(path: str) -> bool:
@@ -56,11 +73,11 @@ def _check_source(path: str, key: str) -> None:
 
 def build_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     """Load the tokenizer named by the spec, with a pad token handled per ``missing_pad_token``."""
-    name = spec.tokenizer or spec.name_or_path or TINY_TOKENIZER
+    name = resolve_path(spec.tokenizer or spec.name_or_path or TINY_TOKENIZER)
     key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
     _check_source(name, key)
     # model.revision pins the model's repo: it applies to a tokenizer read from that same repo only
-    revision = spec.revision if name == spec.name_or_path else None
+    revision = spec.revision if (spec.tokenizer or spec.name_or_path) == spec.name_or_path else None
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=spec.trust_remote_code)
     except OSError as err:
@@ -111,6 +128,7 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta
     rank but one, when sharded weights are later broadcast from rank 0: see
     :func:`lit_align.models.fsdp.load_from_rank0`)."""
     dtype = _DTYPES[spec.dtype]
+    path = resolve_path(spec.name_or_path) if spec.name_or_path is not None else None
     if spec.tiny is not None:
         config = _tiny_config(spec, tokenizer)
         if spec.attn_implementation:
@@ -119,17 +137,17 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta
             torch.manual_seed(spec.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif meta:
-        _check_source(spec.name_or_path, "model.name_or_path")
-        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
+        _check_source(path, "model.name_or_path")
+        config = AutoConfig.from_pretrained(path, revision=spec.revision,
                                             trust_remote_code=spec.trust_remote_code, **spec.extra)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation,
                                                      trust_remote_code=spec.trust_remote_code)
     else:
-        _check_source(spec.name_or_path, "model.name_or_path")
+        _check_source(path, "model.name_or_path")
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                spec.name_or_path,
+                path,
                 revision=spec.revision,
                 dtype=dtype,
                 attn_implementation=spec.attn_implementation,
