@@ -1,18 +1,33 @@
 """DataModules, typed batches, record loading and the built-in tiny datasets."""
 
 from lit_align.data.base import TokenizedDataModule
-from lit_align.data.batches import PreferenceBatch, SequenceBatch
+from lit_align.data.batches import ForgetRetainBatch, PreferenceBatch, SequenceBatch
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.records import BUILTIN_DIR, DataSource, load_records
 from lit_align.data.sft import SFTDataModule
+from lit_align.data.unlearning import (
+    DEFAULT_REFUSALS,
+    ForgetRetainDataModule,
+    MUSEDataModule,
+    PKUSafeRLHFDataModule,
+    TOFUDataModule,
+    WMDPDataModule,
+)
 
 __all__ = [
     "BUILTIN_DIR",
+    "DEFAULT_REFUSALS",
     "DataSource",
+    "ForgetRetainBatch",
+    "ForgetRetainDataModule",
+    "MUSEDataModule",
+    "PKUSafeRLHFDataModule",
     "PreferenceBatch",
     "PreferenceDataModule",
     "SFTDataModule",
     "SequenceBatch",
+    "TOFUDataModule",
     "TokenizedDataModule",
+    "WMDPDataModule",
     "load_records",
 ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PreferenceBatch", "SequenceBatch"]
+__all__ = ["ForgetRetainBatch", "PreferenceBatch", "SequenceBatch"]
 
 
 @dataclass
@@ -70,3 +70,34 @@ class PreferenceBatch:
     @property
     def num_tokens(self) -> int:
         return self.chosen.num_tokens + self.rejected.num_tokens
+
+
+@dataclass
+class ForgetRetainBatch:
+    """A batch for unlearning: forget examples plus the rows paired with them.
+
+    Attributes:
+        forget: (B, T_f) prompt + the answer to forget; ``index`` = forget example index.
+        retain: (B * R, T_r) retain examples, ``R`` per forget example (rows ``b * R .. b * R + R - 1``
+            go with forget row ``b``); ``index`` = retain example index. ``None`` without a retain set.
+        mismatch: (B * K, T_m) each forget prompt with ``K`` random answers from the mismatch pool (LLMU),
+            rows ``b * K .. b * K + K - 1`` for forget row ``b``; ``index`` = forget index. ``None`` without a pool.
+        refusal: (B, T_p) each forget prompt with a refusal answer (PO); ``index`` = forget index.
+            ``None`` without refusals.
+        index: (B,) = ``forget.index``.
+    """
+
+    forget: SequenceBatch
+    retain: SequenceBatch | None
+    mismatch: SequenceBatch | None
+    refusal: SequenceBatch | None
+    index: Tensor
+
+    def __len__(self) -> int:
+        """Number of forget examples."""
+        return self.index.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens over every part."""
+        return sum(p.num_tokens for p in (self.forget, self.retain, self.mismatch, self.refusal) if p is not None)

@@ -2,7 +2,9 @@
 
 A :class:`DataSource` names where records come from:
 
-* a built-in tiny dataset: ``builtin:instructions``, ``builtin:preferences``, ``builtin:fictitious_facts``;
+* a built-in tiny dataset: ``builtin:instructions``, ``builtin:preferences``, ``builtin:fictitious_facts``,
+  and the person splits of the last one, ``builtin:fictitious_facts/forget01|forget05|forget10`` and
+  ``builtin:fictitious_facts/retain99|retain95|retain90`` (retain ``NN`` = every person not in forget ``100-NN``);
 * a local file: ``.json`` (a list of records, or ``{"data": [...]}``), ``.jsonl``, ``.parquet``, ``.csv``;
 * anything else (an HF ``datasets`` id, or a local directory of data files) is loaded by
   ``datasets.load_dataset`` with ``split`` and ``subset``.
@@ -22,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUILTIN_DIR", "DataSource", "Record", "load_records"]
+__all__ = ["BUILTIN_DIR", "DataSource", "Record", "load_records", "read_rows"]
 
 Record = dict[str, Any]
 
@@ -49,6 +51,8 @@ class DataSource:
     ``input`` leaves no trailing blank lines)."""
     limit: int | None = None
     """Keep only the first ``limit`` records (after loading, before splitting)."""
+    revision: str | None = None
+    """Git revision (tag, branch or commit) of an HF dataset, to pin a hub dataset whose layout changes."""
 
 
 def _read_local(path: Path) -> list[Record]:
@@ -80,12 +84,33 @@ def _read_local(path: Path) -> list[Record]:
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .parquet or .csv")
 
 
+#: ``builtin:fictitious_facts/<split>`` names: split -> (forget split of fictitious_facts_splits.json, keep it?)
+FICTITIOUS_SPLITS = {
+    "forget01": ("forget01", True), "forget05": ("forget05", True), "forget10": ("forget10", True),
+    "retain99": ("forget01", False), "retain95": ("forget05", False), "retain90": ("forget10", False),
+}
+
+
+def _read_fictitious_split(split: str, path: str) -> list[Record]:
+    """Records of ``builtin:fictitious_facts/<split>``, selected by ``person_id`` (file order kept)."""
+    if split not in FICTITIOUS_SPLITS:
+        raise ValueError(f"data source {path!r}: no split {split!r} of the built-in fictitious_facts; "
+                         f"splits are {sorted(FICTITIOUS_SPLITS)}")
+    forget_split, keep = FICTITIOUS_SPLITS[split]
+    people = set(json.loads((BUILTIN_DIR / "fictitious_facts_splits.json").read_text(encoding="utf-8"))[forget_split])
+    rows = _read_local(Path(str(BUILTIN_DIR / "fictitious_facts.jsonl")))
+    return [r for r in rows if (r["person_id"] in people) == keep]
+
+
 def _read(source: DataSource) -> list[Record]:
     if source.path.startswith("builtin:"):
         name = source.path.removeprefix("builtin:")
+        if name.startswith("fictitious_facts/"):
+            return _read_fictitious_split(name.removeprefix("fictitious_facts/"), source.path)
         file = BUILTIN_DIR / f"{name}.jsonl"
         if not file.is_file():
             known = sorted(p.name.removesuffix(".jsonl") for p in BUILTIN_DIR.iterdir() if p.name.endswith(".jsonl"))
+            known += [f"fictitious_facts/{split}" for split in FICTITIOUS_SPLITS]
             raise ValueError(f"data source {source.path!r}: no built-in dataset {name!r}; built-ins are {known}")
         return _read_local(Path(str(file)))
     local = Path(source.path).expanduser()
@@ -99,7 +124,7 @@ def _read(source: DataSource) -> list[Record]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(source.path, source.subset, split=source.split)
+        ds = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
     except Exception as err:  # datasets raises many types; all mean "cannot load this id"
         raise ValueError(
             f"data source {source.path!r} (split={source.split!r}, subset={source.subset!r}) could not be "
@@ -112,13 +137,22 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value) and bool(value)
 
 
-def load_records(source: DataSource, required: Sequence[str], optional: Sequence[str] = ()) -> list[Record]:
+def read_rows(source: DataSource) -> list[Record]:
+    """The raw rows of a source (``limit`` applied), unrenamed and unvalidated, for loaders that
+    derive records from several columns (e.g. one record per unsafe response of a row)."""
+    rows = _read(source)
+    return rows[: source.limit] if source.limit is not None else rows
+
+
+def load_records(source: DataSource, required: Sequence[str], optional: Sequence[str] = (),
+                 extra: Sequence[str] = ()) -> list[Record]:
     """Load, rename and validate records.
 
     Each returned record holds the ``required`` fields (and ``optional`` ones when present)
     under their canonical names, plus ``"_source"`` (the path) and ``"_source_index"`` (the record's position).
     A text field holds a string, or a list of chat messages (``{"role", "content"}`` dicts)
-    for conversational datasets.
+    for conversational datasets. ``extra`` fields are copied as they are (any JSON value, e.g. a list
+    of perturbed answers or an integer label) when present and not null, renamed by ``fields`` too.
     """
     rows = _read(source)
     if source.limit is not None:
@@ -159,5 +193,9 @@ def load_records(source: DataSource, required: Sequence[str], optional: Sequence
             if isinstance(value, str) and not value.strip() and name in required:
                 raise ValueError(f"data source {source.path!r}, record {i}: field {column!r} is empty")
             rec[name] = value
+        for name in extra:
+            column = source.fields.get(name, name)
+            if row.get(column) is not None:
+                rec[name] = row[column]
         out.append(rec)
     return out

@@ -44,7 +44,8 @@ class ShardedSampler(DistributedSampler):
         """Whether the next iteration continues a partly consumed epoch."""
         return self._resume is not None and self._resume[0] == self.epoch and 0 < self._resume[1] < self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def _epoch_order(self) -> list[int]:
+        """This epoch's permutation of dataset positions, padded (by wrapping) or cut to ``total_size``."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(len(self.dataset), generator=g).tolist()
@@ -54,11 +55,19 @@ class ShardedSampler(DistributedSampler):
             order = order[: self.total_size]
         else:
             order += (order * (self.total_size // max(len(order), 1) + 1))[: self.total_size - len(order)]
-        mine = order[self.rank : self.total_size : self.num_replicas]
-        # A checkpoint written after the last batch of epoch e resumes in epoch e + 1: no skip then.
+        return order
+
+    def _skip(self) -> int:
+        """Samples of this rank to skip now (a pending resume of this epoch), spending the resume."""
         skip = self._resume[1] if self.resuming else 0
         self._resume = None
-        return iter(mine[skip:])
+        return skip
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._epoch_order()
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        # A checkpoint written after the last batch of epoch e resumes in epoch e + 1: no skip then.
+        return iter(mine[self._skip():])
 
 
 class ResumableDataLoader(DataLoader):
