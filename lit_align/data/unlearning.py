@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -546,11 +546,11 @@ class ForgetRetainDataModule(L.LightningDataModule):
         keys = {(_text_key(r["prompt"]), _text_key(r["response"])) for r in retain}
         shared = sum((_text_key(r["prompt"]), _text_key(r["response"])) in keys for r in forget)
         if shared:
-            warnings.warn(
+            rank_zero_warn(
                 f"{shared} of {len(forget)} forget examples also appear in the retain set (same prompt and "
                 "response); they are kept in both, so the forget and retain terms pull them in opposite "
                 "directions. Remove them from data.retain if that is not intended.",
-                UserWarning, stacklevel=2,
+                category=UserWarning,
             )
 
     # -- loaders -------------------------------------------------------------------------------
@@ -829,7 +829,9 @@ class PKUSafeRLHFDataModule(ForgetRetainDataModule):
     correct and incorrect answer (the CSV's ``;``-separated items, stripped). Text format
     ``"### Question: {x}\\n ### Answer: {y}"`` (prompt template + response template), no chat template.
 
-    The hub layout of PKU-SafeRLHF has changed across releases (split names, columns): pin ``revision``.
+    The whole TruthfulQA set is the normal data (the reference code trains on a random 70% of it; give a
+    local file or ``data.retain`` to choose a part). The hub layout of PKU-SafeRLHF has changed across
+    releases (split names, columns): pin ``revision``.
     ``truthfulqa_path`` takes the hub dataset or the original ``TruthfulQA.csv``.
 
     Example::

@@ -26,6 +26,8 @@ from lit_align.data import (
 )
 from lit_align.data.sampling import ResumableDataLoader
 from lit_align.models import TINY_TOKENIZER, ModelSpec, build_tokenizer
+from lit_align.models.reference import ReferencePolicy
+from lit_align.rollout.logps import token_logps
 
 QA = {"prompt": "question", "response": "answer"}
 FORGET = DataSource("builtin:fictitious_facts/forget10", fields=QA)  # 4 people, 20 records
@@ -464,6 +466,13 @@ class _NLLModule(L.LightningModule):
         self.policy = tiny_lm(vocab_size=len(self.tokenizer), hidden_size=16).train()
         self.val_parts: list[tuple[int, int]] = []
 
+    def policy_logps(self, batch):
+        return token_logps(self.policy, batch.input_ids, batch.attention_mask, batch.loss_mask)
+
+    def on_fit_start(self) -> None:  # what a precomputed NPO reference does with the forget sets
+        self.reference = ReferencePolicy("precomputed")
+        self.reference.precompute(self, lambda b: [b.forget], model_fp="tiny", cache_dir=self.trainer.default_root_dir)
+
     def _nll(self, part) -> torch.Tensor:
         labels = part.input_ids.masked_fill(part.loss_mask == 0, -100)
         return self.policy(input_ids=part.input_ids, attention_mask=part.attention_mask, labels=labels).loss
@@ -488,3 +497,7 @@ def test_datamodule_runs_under_a_trainer_with_the_module_tokenizer(tmp_path):
     assert dm.tokenizer is module.tokenizer and trainer.global_step == 3
     assert dm._train_loader.state_dict() == {"epoch": 0, "consumed": 3}
     assert module.val_parts == [(10, 10), (10, 10)]
+    sums, counts = module.reference.tables["train"]
+    assert list(module.reference.tables) == ["train"] and sums.shape == counts.shape == (20, 1)
+    assert counts[:, 0].tolist() == [len(ex.response) for ex in dm.forget_dataset]
+    assert (sums < 0).all()
