@@ -1,18 +1,67 @@
 """Pure objective functions: tensors in, ``(loss, metrics)`` out; no forward passes.
 
 Functions:
-    dpo_loss     sigmoid / conservative DPO on summed sequence log-probs (Rafailov et al. 2023)
-    ipo_loss     IPO on length-averaged sequence log-probs (Azar et al. 2023)
-    nll_loss     negative log-likelihood of masked tokens, token- or sequence-averaged
+    dpo_loss                    sigmoid / conservative DPO on summed sequence log-probs (Rafailov et al. 2023)
+    ipo_loss                    IPO on length-averaged sequence log-probs (Azar et al. 2023)
+    nll_loss                    negative log-likelihood of masked tokens, token- or sequence-averaged
+    gradient_ascent_loss        minus the NLL of the forget tokens (GA, GradDiff, LLMU's forget term)
+    npo_loss                    Negative Preference Optimization on (B,) policy / reference log-probs (Zhang et al. 2024)
+    label_smoothed_ascent_loss  UGradSL: ascent on (negatively) label-smoothed token targets (Di et al.)
+    gls_cross_entropy           generalised-label-smoothing cross-entropy for classification (any alpha <= 1)
+    kl_loss                     masked mean of per-token KL (or cross-entropy) to a reference
 
 Config objects (selected from YAML by ``class_path``):
     PreferenceLoss   base: ``loss(pc, pr, rc, rr) -> (loss, metrics)`` and the ``reduction``
                      its inputs need
     DPOLoss          ``dpo_loss`` with ``beta`` and ``label_smoothing``
     IPOLoss          ``ipo_loss`` with ``beta``
+    UnlearningTerm   base of the unlearning terms: ``term(stats, ref_logps, kl) -> (loss, metrics)``,
+                     with the batch part it reads (``target``) and what it needs computed (``needs_*``)
+    GradientAscent   forget: gradient ascent
+    NPO              forget: NPO, ``reduction`` "sum_sequence" (paper) or "mean_token" (WAGLE code)
+    LabelSmoothedAscent  forget: UGradSL's label-smoothed ascent
+    Refusal          forget (PO): NLL of a refusal answer to the forget prompt
+    RetainNLL        retain: NLL
+    RetainKL         retain: per-token KL to the reference (LLMU's normal-data term)
+    MismatchNLL      LLMU: NLL of random normal answers to the forget prompts
 """
 
 from lit_align.losses.preference import DPOLoss, IPOLoss, PreferenceLoss, dpo_loss, ipo_loss
 from lit_align.losses.sft import nll_loss
+from lit_align.losses.unlearning import (
+    NPO,
+    GradientAscent,
+    LabelSmoothedAscent,
+    MismatchNLL,
+    Refusal,
+    RetainKL,
+    RetainNLL,
+    UnlearningTerm,
+    gls_cross_entropy,
+    gradient_ascent_loss,
+    kl_loss,
+    label_smoothed_ascent_loss,
+    npo_loss,
+)
 
-__all__ = ["DPOLoss", "IPOLoss", "PreferenceLoss", "dpo_loss", "ipo_loss", "nll_loss"]
+__all__ = [
+    "NPO",
+    "DPOLoss",
+    "GradientAscent",
+    "IPOLoss",
+    "LabelSmoothedAscent",
+    "MismatchNLL",
+    "PreferenceLoss",
+    "Refusal",
+    "RetainKL",
+    "RetainNLL",
+    "UnlearningTerm",
+    "dpo_loss",
+    "gls_cross_entropy",
+    "gradient_ascent_loss",
+    "ipo_loss",
+    "kl_loss",
+    "label_smoothed_ascent_loss",
+    "nll_loss",
+    "npo_loss",
+]

@@ -5,7 +5,9 @@
   Each decoder layer is one unit; the causal LM itself is the root unit (embeddings, final norm,
   LM head; tied or not). :func:`~lit_align.rollout.logps.token_logps` calls the decoder and the
   head separately, so it is registered as an FSDP forward method of the root: the root's weights
-  are gathered for the whole computation exactly as for ``model(...)``.
+  are gathered for the whole computation exactly as for ``model(...)``. So is the generic
+  :func:`~lit_align.rollout.logps.run_on_causal_lm` (``root.lit_align_run(fn, *args)``), which
+  ``token_stats`` and ``token_kl`` go through.
 * :class:`DecoderLayerPolicy`: an auto-wrap policy for Lightning's ``FSDPStrategy`` (FSDP1 on
   GPUs) that wraps every decoder layer of whatever HF model is built, so YAML need not name
   architecture classes. See ``callbacks/fsdp.yaml``.
@@ -19,7 +21,13 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lit_align.rollout.logps import FSDP_LOGPS_METHOD, compute_token_logps, unwrap_causal_lm
+from lit_align.rollout.logps import (
+    FSDP_LOGPS_METHOD,
+    FSDP_RUN_METHOD,
+    compute_token_logps,
+    run_on_causal_lm,
+    unwrap_causal_lm,
+)
 
 __all__ = ["DecoderLayerPolicy", "decoder_layers", "fsdp2_parallelize", "full_params", "load_from_rank0"]
 
@@ -56,8 +64,9 @@ def fsdp2_parallelize(model: nn.Module, mesh, *, mp_policy=None, reshard_after_f
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
     base = unwrap_causal_lm(model)
     fully_shard(base, reshard_after_forward=reshard_after_forward, **kwargs)
-    setattr(base, FSDP_LOGPS_METHOD, types.MethodType(compute_token_logps, base))
-    register_fsdp_forward_method(base, FSDP_LOGPS_METHOD)
+    for name, fn in ((FSDP_LOGPS_METHOD, compute_token_logps), (FSDP_RUN_METHOD, run_on_causal_lm)):
+        setattr(base, name, types.MethodType(fn, base))
+        register_fsdp_forward_method(base, name)
     if not trainable:
         model.requires_grad_(False)
     return model

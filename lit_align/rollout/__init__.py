@@ -1,6 +1,26 @@
-"""Everything that runs a model without an optimiser: log-probs and generation."""
+"""Everything that runs a model without an optimiser: log-probs, token statistics, KL and generation."""
 
-from lit_align.rollout.logps import TokenLogps, sequence_logps, token_logps
+from lit_align.rollout.logps import (
+    TokenKL,
+    TokenLogps,
+    TokenStats,
+    sequence_logps,
+    token_kl,
+    token_logps,
+    token_stats,
+)
 from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
 
-__all__ = ["Rollout", "SamplingConfig", "TokenLogps", "left_pad", "sample", "sequence_logps", "token_logps"]
+__all__ = [
+    "Rollout",
+    "SamplingConfig",
+    "TokenKL",
+    "TokenLogps",
+    "TokenStats",
+    "left_pad",
+    "sample",
+    "sequence_logps",
+    "token_kl",
+    "token_logps",
+    "token_stats",
+]
