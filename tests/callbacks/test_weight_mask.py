@@ -134,7 +134,8 @@ def test_strict_keeps_masked_weights_bit_identical_under_adamw_decay(tmp_path, s
     assert t.global_step == 30
     mask = callback.mask
     frozen_same = all(torch.equal(p.detach()[~mask[n]], start[n][~mask[n]]) for n, p in policy.named_parameters())
-    kept_moved = max(float((p.detach() - start[n])[mask[n]].abs().max()) for n, p in policy.named_parameters())
+    kept_moved = max(float((p.detach() - start[n])[mask[n]].abs().max()) for n, p in policy.named_parameters()
+                     if mask[n].any())
     assert kept_moved > 1e-3
     if strict:
         assert frozen_same
@@ -188,3 +189,74 @@ def test_lora_policies_and_missing_attribution_data_are_refused(tmp_path):
             GradientAscent(tiny_lm(vocab_size=VOCAB, hidden_size=32)), datamodule=PlainData())
     with pytest.raises(ValueError, match="must be one of"):
         WeightMask(method="wanda")
+
+
+# -- FSDP2: the callback on DTensor shards (two gloo processes) ---------------------------------------
+FSDP2_SCRIPT = """
+import sys
+sys.path[:0] = [{tests!r}, {here!r}]
+import torch
+import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+from conftest import tiny_lm
+from test_weight_mask import VOCAB, ForgetRetainData, GradientAscent
+from lit_align.callbacks.weight_mask import WeightMask
+from lit_align.models.fsdp import fsdp2_parallelize
+
+torch.set_num_threads(1)
+
+
+class Sharded(GradientAscent):
+    def configure_model(self):
+        if self.device_mesh is not None and not hasattr(self.policy, "reshard"):
+            fsdp2_parallelize(self.policy, self.device_mesh["data_parallel"])
+
+
+callback = WeightMask(method="wagle", ratio=0.5, gamma=1e-3, strict=True)
+module = Sharded(tiny_lm(vocab_size=VOCAB, hidden_size=32), weight_decay=0.1)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                    max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, use_distributed_sampler=False, gradient_clip_val=1.0, callbacks=[callback],
+                    default_root_dir={root!r})
+trainer.fit(module, datamodule=ForgetRetainData())
+weights = {{n: p.full_tensor() for n, p in module.policy.named_parameters()}}
+density = trainer.callback_metrics["train/mask_density"].item()
+if trainer.is_global_zero:
+    torch.save({{"weights": weights, "density": density}}, {root!r} + "/out.pt")
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_compute_the_one_process_mask_and_keep_frozen_weights(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    script = tmp_path / "fsdp2_mask.py"
+    script.write_text(FSDP2_SCRIPT.format(tests=str(here.parent), here=str(here), root=str(tmp_path)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+
+    start = tiny_lm(vocab_size=VOCAB, hidden_size=32)
+    data = ForgetRetainData()
+    ones = lambda bs: [(b, torch.ones(len(b))) for b in bs]  # noqa: E731
+    g_f = accumulate_gradients(start, ones(data.sets["forget"]))
+    g_r = accumulate_gradients(start, ones(data.sets["retain"]))
+    one = ParameterMask.select_top(attribution_scores(start, g_f, g_r, method="wagle", gamma=1e-3), 0.5)
+    two = ParameterMask.load(tmp_path / "weight_mask" / "wagle_0.5.pt", start)
+    assert two.num_selected() == one.num_selected() == int(one.numel * 0.5)
+    # gradients summed in another order may swap weights sitting exactly at the threshold, nothing more
+    differ = sum(int((one[n] != two[n]).sum()) for n in one)
+    assert differ <= one.numel * 1e-3, differ
+    assert out["density"] == pytest.approx(0.5, abs=1e-4)
+    moved = 0.0
+    for n, p in start.named_parameters():  # strict: masked-out shards bit-identical; kept weights trained
+        w, m = out["weights"][n], two[n]
+        assert torch.equal(w[~m], p.detach()[~m]), n
+        if m.any():
+            moved = max(moved, float((w - p.detach())[m].abs().max()))
+    assert moved > 1e-3
