@@ -1,0 +1,586 @@
+"""TOFU-style unlearning evaluation: before / during / after unlearning, against a retain-only model.
+
+:class:`UnlearningEvaluation` scores models on the evaluation splits of the DataModule
+(``trainer.datamodule.eval_records()``: ``forget``, ``retain``, ``holdout``) and reports one row
+per model:
+
+* ``retain_only`` -- the reference model trained without the forget set (``retain_model``), the
+  target of forget quality;
+* ``start`` -- the policy before the first training step (``at_fit_start``);
+* ``unlearned`` -- the policy at the end of training;
+* ``relearned`` -- a copy of the unlearned policy fine-tuned for ``relearn_steps`` steps on a few
+  forget examples (a relearning attack; the trained policy is never modified).
+
+Columns (``<split>`` among forget / retain / holdout; a column is left out when the records
+lack the fields it needs):
+
+* ``<split>_nll``, ``<split>_accuracy``: token-mean NLL and argmax accuracy of the answer tokens;
+* ``<split>_prob``: mean over questions of ``P(a|q) = exp(-mean token NLL)``;
+* ``<split>_rouge``: ROUGE-L recall of the greedy answer against the reference answer;
+* ``<split>_truth_ratio``: mean truth ratio (needs ``perturbed_responses``; the paraphrased
+  question and answer are used when present), ``<split>_truth_ratio_score``: TOFU's summary
+  (forget: mean min(TR, 1/TR); other splits: mean max(0, 1 - TR));
+* ``<split>_mc_accuracy``: multiple-choice accuracy (needs ``choices`` and ``label``; a choice's
+  score is its summed log-likelihood as a response to the prompt, EOS included);
+* ``forget_quality``: KS-test p-value between the forget truth ratios of the model and of the
+  retain-only model (needs ``retain_model``);
+* ``model_utility``: harmonic mean of ``retain_prob``, ``retain_rouge`` and, when available,
+  ``retain_truth_ratio_score`` (TOFU's utility restricted to the retain split);
+* ``mia_auc``: ROC-AUC of the Min-K% Prob score (``mia_k``) over the whole prompt + answer text,
+  forget = positive, **holdout** = negative when a holdout split exists, else **retain** = negative.
+  ~0.5: forget texts look like texts the model never saw... or saw just as much;
+* relearned row only: ``relearn_delta_forget_<metric>`` = relearned minus unlearned value
+  (positive ROUGE / accuracy / prob deltas = knowledge that came back).
+
+On validation the current policy's numbers are logged as ``val/unlearn/<column>`` (every
+``every_n_validations`` validations). At the end of training the table goes to
+``unlearning_eval.csv`` under ``dirpath`` (default ``trainer.log_dir``), to a W&B table
+``unlearning_eval`` when a ``WandbLogger`` is attached, to a bar chart ``unlearning_eval.png``
+(if matplotlib is installed), and to :attr:`UnlearningEvaluation.results`.
+
+Distributed: the records of each split are sharded across ranks and the metric states are
+reduced (torchmetrics), so every rank ends with the same numbers. Every rank runs the same
+number of forward passes (short shards repeat a batch whose results are dropped), which FSDP2
+needs. The relearning attack deep-copies the policy and so refuses FSDP2-sharded weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+
+from lit_align.metrics.unlearning import (
+    MeanNLL,
+    MinKProbMIA,
+    MultipleChoiceAccuracy,
+    RougeLRecall,
+    TruthRatio,
+    forget_quality,
+    harmonic_mean,
+)
+from lit_align.models import ModelSpec, build_causal_lm
+from lit_align.models.fsdp import full_params
+from lit_align.rollout import logps as _logps_module
+from lit_align.rollout.logps import position_ids_from_mask, token_logps
+from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
+
+__all__ = ["UnlearningEvaluation"]
+
+#: The splits :meth:`eval_records` may return.
+SPLITS = ("forget", "retain", "holdout")
+#: Rows of the table, in display order.
+ROWS = ("retain_only", "start", "unlearned", "relearned")
+#: Columns drawn in the bar chart (all in [0, 1]), when present.
+PLOT_COLUMNS = ("forget_quality", "model_utility", "mia_auc", "forget_rouge", "retain_rouge", "forget_accuracy",
+                "retain_accuracy", "forget_prob", "retain_prob", "forget_truth_ratio_score", "forget_mc_accuracy")
+#: Forget-split columns whose relearning delta is reported.
+RELEARN_DELTAS = ("rouge", "accuracy", "prob", "nll", "truth_ratio_score", "mc_accuracy")
+
+
+@dataclass
+class _Item:
+    """One evaluation record, tokenized once (the same for every model)."""
+
+    prompt: list[int]
+    response: list[int]
+    response_text: str
+    para_prompt: list[int] | None = None  # q' (the prompt when there is no paraphrase)
+    para_response: list[int] | None = None  # a' (the response when there is no paraphrase)
+    perturbed: list[list[int]] = field(default_factory=list)
+    choices: list[list[int]] = field(default_factory=list)
+    label: int | None = None
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off) for the block; every submodule's own mode is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """(prompt, response) pairs -> right-padded ``input_ids``, ``attention_mask``, ``response_mask``, all (B, T)."""
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    resp = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = torch.as_tensor(p + r, dtype=torch.long)
+        attn[i, : len(p) + len(r)] = 1
+        resp[i, len(p) : len(p) + len(r)] = 1
+    return ids.to(device), attn.to(device), resp.to(device)
+
+
+class UnlearningEvaluation(L.Callback):
+    """Forget / retain / holdout metrics of the starting, unlearned, retain-only and relearned models.
+
+    See the module docstring for the metrics and outputs. Example::
+
+        trainer:
+          callbacks:
+            - class_path: lit_align.callbacks.UnlearningEvaluation
+              init_args:
+                retain_model: {name_or_path: builtin:tiny-tofu-retain90}
+                max_new_tokens: 32
+                relearn_steps: 10
+    """
+
+    def __init__(
+        self,
+        retain_model: ModelSpec | None = None,
+        required_splits: tuple[str, ...] = ("forget", "retain"),
+        batch_size: int = 8,
+        max_new_tokens: int = 64,
+        max_records: int | None = None,
+        mia_k: float = 0.5,
+        truth_ratio_mean: Literal["arithmetic", "geometric"] = "arithmetic",
+        every_n_validations: int = 1,
+        at_fit_start: bool = True,
+        relearn_steps: int | None = None,
+        relearn_fraction: float = 0.1,
+        relearn_lr: float = 1e-5,
+        relearn_seed: int = 0,
+        plot: bool = True,
+        dirpath: str | None = None,
+        chunk_tokens: int | None = None,
+        verbose: bool = True,
+    ) -> None:
+        """
+        Args:
+            retain_model: the retain-only reference model (trained without the forget set), built with
+                the policy's tokenizer and evaluated once at the start of fit; it gives the
+                ``retain_only`` row and the target of ``forget_quality``. ``None``: neither.
+            required_splits: splits ``eval_records()`` must return (non-empty), else fit stops with an
+                error; ``forget`` is always required.
+            batch_size: sequences (or prompts, for greedy decoding) per forward pass.
+            max_new_tokens: greedy answer length limit for ROUGE-L (TOFU allows 200 tokens in total).
+            max_records: evaluate only the first this-many records of each split (``None``: all).
+            mia_k: the K of Min-K% Prob (share of lowest-probability tokens averaged), in (0, 1].
+            truth_ratio_mean: how the K perturbed answers' probabilities are averaged
+                (see :func:`lit_align.metrics.truth_ratio`).
+            every_n_validations: evaluate the policy (and log ``val/unlearn/*``) at every n-th
+                validation; 0 never on validation.
+            at_fit_start: evaluate the policy before training (the ``start`` row).
+            relearn_steps: AdamW steps of the relearning attack at the end of training (the
+                ``relearned`` row); 0 re-evaluates an untouched copy (deltas must be 0); ``None`` skips it.
+            relearn_fraction: share of the forget records (seeded choice, at least one) the attack trains on.
+            relearn_lr: learning rate of the attack (no weight decay; all weights trained).
+            relearn_seed: seed of the record choice and order of the attack.
+            plot: write a bar chart ``unlearning_eval.png`` (skipped with a warning without matplotlib).
+            dirpath: where the CSV and the chart go; default ``trainer.log_dir`` (or ``default_root_dir``).
+            chunk_tokens: rows per LM-head chunk when scoring (memory only; default: the policy
+                module's ``chunk_tokens``, else automatic).
+            verbose: print the table and where the files went at the end of training (rank 0).
+        """
+        if batch_size <= 0:
+            raise ValueError(f"UnlearningEvaluation.batch_size must be positive, got {batch_size}")
+        if max_new_tokens <= 0:
+            raise ValueError(f"UnlearningEvaluation.max_new_tokens must be positive, got {max_new_tokens}")
+        if max_records is not None and max_records <= 0:
+            raise ValueError(f"UnlearningEvaluation.max_records must be positive or null, got {max_records}")
+        if not 0.0 < mia_k <= 1.0:
+            raise ValueError(f"UnlearningEvaluation.mia_k must be in (0, 1], got {mia_k}")
+        if every_n_validations < 0:
+            raise ValueError(f"UnlearningEvaluation.every_n_validations must be >= 0, got {every_n_validations}")
+        if relearn_steps is not None and relearn_steps < 0:
+            raise ValueError(f"UnlearningEvaluation.relearn_steps must be >= 0 or null, got {relearn_steps}")
+        if not 0.0 < relearn_fraction <= 1.0:
+            raise ValueError(f"UnlearningEvaluation.relearn_fraction must be in (0, 1], got {relearn_fraction}")
+        unknown = sorted(set(required_splits) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"UnlearningEvaluation.required_splits: unknown split(s) {unknown}; choose from {SPLITS}")
+        self.retain_model = retain_model
+        self.required_splits = tuple(dict.fromkeys(("forget", *required_splits)))
+        self.batch_size, self.max_new_tokens, self.max_records = batch_size, max_new_tokens, max_records
+        self.mia_k, self.truth_ratio_mean = mia_k, truth_ratio_mean
+        self.every_n_validations, self.at_fit_start = every_n_validations, at_fit_start
+        self.relearn_steps, self.relearn_fraction = relearn_steps, relearn_fraction
+        self.relearn_lr, self.relearn_seed = relearn_lr, relearn_seed
+        self.plot, self.dirpath, self.chunk_tokens, self.verbose = plot, dirpath, chunk_tokens, verbose
+        self.results: dict[str, dict[str, float]] = {}
+        """``{row: {column: value}}`` for the rows evaluated so far (see the module docstring)."""
+        self.files: dict[str, Path] = {}
+        """Paths written at the end of training (``csv``, ``png``), on rank 0."""
+        self._retain_ratios: Tensor | None = None  # forget-set truth ratios of the retain-only model
+        self._items: dict[str, list[_Item]] | None = None
+        self._validations = 0
+
+    # -- checkpointing: rows evaluated before a resume survive it -------------------------------
+    def state_dict(self) -> dict:
+        ratios = None if self._retain_ratios is None else self._retain_ratios.tolist()
+        return {"results": self.results, "retain_ratios": ratios, "validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results = {k: dict(v) for k, v in state_dict.get("results", {}).items()}
+        ratios = state_dict.get("retain_ratios")
+        self._retain_ratios = None if ratios is None else torch.tensor(ratios, dtype=torch.float64)
+        self._validations = state_dict.get("validations", 0)
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._prepare(trainer, pl_module)
+        if self.retain_model is not None and "retain_only" not in self.results:
+            reference = build_causal_lm(self.retain_model, pl_module.tokenizer).to(pl_module.device)
+            reference.requires_grad_(False)
+            row, self._retain_ratios = self._evaluate(trainer, pl_module, reference)
+            if self._retain_ratios is not None:
+                row["forget_quality"] = forget_quality(self._retain_ratios, self._retain_ratios)  # = 1
+            self.results["retain_only"] = row
+            del reference
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if self.at_fit_start and "start" not in self.results:
+            self.results["start"], _ = self._evaluate_policy(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.every_n_validations == 0:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_validations:
+            return
+        self._prepare(trainer, pl_module)
+        values, _ = self._evaluate_policy(trainer, pl_module)
+        for key, value in values.items():
+            if math.isfinite(value):  # identical on every rank: the metric states were reduced
+                pl_module.log(f"val/unlearn/{key}", value, on_step=False, on_epoch=True, sync_dist=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        # on_train_end, not on_fit_end: the model is still on its device and the process group alive
+        self._prepare(trainer, pl_module)
+        self.results["unlearned"], _ = self._evaluate_policy(trainer, pl_module)
+        if self.relearn_steps is not None:
+            self.results["relearned"] = self._relearn(trainer, pl_module)
+        self._write(trainer)
+
+    # -- data -----------------------------------------------------------------------------------
+    def _prepare(self, trainer: L.Trainer, pl_module) -> None:
+        """Read and tokenize the evaluation records once; fail loudly on a missing split or field."""
+        if self._items is not None:
+            return
+        dm = trainer.datamodule
+        for name in ("eval_records", "encode_prompt", "encode_response"):
+            if not callable(getattr(dm, name, None)):
+                raise TypeError(
+                    f"UnlearningEvaluation needs a DataModule with eval_records(), encode_prompt() and "
+                    f"encode_response() (e.g. lit_align.data.ForgetRetainDataModule); {type(dm).__name__} has no {name}()"
+                )
+        records = dm.eval_records()
+        unknown = sorted(set(records) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"eval_records() returned unknown split(s) {unknown}; expected some of {SPLITS}")
+        missing = [s for s in self.required_splits if not records.get(s)]
+        if missing:
+            raise ValueError(
+                f"UnlearningEvaluation: required evaluation split(s) {missing} missing or empty (eval_records() "
+                f"gave {sorted(k for k, v in records.items() if v)}). Give the DataModule an eval set for each "
+                f"(e.g. data.eval_{missing[0]} or a {missing[0]} source), or drop it from the callback's required_splits."
+            )
+        self._items = {}
+        for split in SPLITS:
+            recs = list(records.get(split) or [])[: self.max_records]
+            if recs:
+                self._items[split] = [self._encode(dm, split, i, r) for i, r in enumerate(recs)]
+
+    @staticmethod
+    def _encode(dm, split: str, i: int, record: dict) -> _Item:
+        for key in ("prompt", "response"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"eval_records()['{split}'][{i}] needs a string field {key!r}, got {record.get(key)!r}")
+        prompt, response = dm.encode_prompt(record["prompt"]), dm.encode_response(record["response"])
+        item = _Item(prompt=prompt, response=response, response_text=record["response"])
+        if record.get("perturbed_responses"):
+            para_prompt = record.get("paraphrased_prompt") or record["prompt"]
+            item.para_prompt = dm.encode_prompt(para_prompt) if para_prompt != record["prompt"] else prompt
+            para = record.get("paraphrased_response") or record["response"]
+            item.para_response = dm.encode_response(para)
+            item.perturbed = [dm.encode_response(p) for p in record["perturbed_responses"]]
+        if record.get("choices"):
+            label = record.get("label")
+            if not isinstance(label, int) or not 0 <= label < len(record["choices"]):
+                raise ValueError(f"eval_records()['{split}'][{i}] has {len(record['choices'])} choices but label {label!r}")
+            item.choices, item.label = [dm.encode_response(c) for c in record["choices"]], label
+        return item
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _evaluate_policy(self, trainer: L.Trainer, pl_module, splits: Sequence[str] | None = None):
+        with full_params(trainer):
+            return self._evaluate(trainer, pl_module, pl_module.policy, splits)
+
+    def _batches(self, items: list, fallback, device) -> Iterator[tuple[list, bool]]:
+        """``(chunk, real)`` pairs over ``items``; every rank yields as many (short ones repeat a dummy chunk)."""
+        count = math.ceil(len(items) / self.batch_size)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            total = torch.tensor(count, device=device)
+            dist.all_reduce(total, op=dist.ReduceOp.MAX)
+            count = int(total)
+        for b in range(count):
+            chunk = items[b * self.batch_size : (b + 1) * self.batch_size]
+            yield (chunk, True) if chunk else ([fallback], False)
+
+    def _stats(self, model: nn.Module, ids: Tensor, attn: Tensor, score_mask: Tensor, pl_module):
+        """Per-token ``(logps, mask, correct)`` (B, T) of the tokens in ``score_mask``."""
+        chunk = self.chunk_tokens or getattr(pl_module, "chunk_tokens", None)
+        token_stats = getattr(_logps_module, "token_stats", None)
+        if token_stats is not None:
+            out = token_stats(model, ids, attn, score_mask, correct=True, chunk_tokens=chunk)
+            return out.logps, out.mask, out.correct
+        # Fallback until a chunked token_stats exists: one ordinary forward, (B, T, V) logits of a small batch.
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
+                       use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        targets = ids[:, 1:]  # (B, T-1)
+        logps = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+        correct = logits.argmax(-1) == targets  # (B, T-1)
+        mask = (score_mask[:, 1:].bool() & attn[:, 1:].bool()).float()
+        pad = mask.new_zeros(mask.shape[0], 1)
+        return (torch.cat([pad, logps * mask], 1), torch.cat([pad, mask], 1),
+                torch.cat([pad.bool(), correct & mask.bool()], 1))
+
+    def _row_logps(self, model, rows: list[tuple[list[int], list[int]]], pl_module, fallback) -> list[Tensor]:
+        """Summed and mean answer log-probs of each (prompt, response) row: a list of (2,) tensors."""
+        out: list[Tensor] = []
+        pad = pl_module.tokenizer.pad_token_id
+        for chunk, real in self._batches(rows, fallback, pl_module.device):
+            ids, attn, resp = _right_pad(chunk, pad, pl_module.device)
+            stats = token_logps(model, ids, attn, resp, chunk_tokens=self.chunk_tokens or getattr(pl_module, "chunk_tokens", None))
+            if real:
+                out.extend(torch.stack([stats.sum(), stats.mean()], -1).double().cpu())
+        return out
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: L.Trainer, pl_module, model: nn.Module,
+                  splits: Sequence[str] | None = None) -> tuple[dict[str, float], Tensor | None]:
+        """All metrics of ``model`` on ``splits`` (default all). Returns ``(values, forget truth ratios)``."""
+        assert self._items is not None
+        device, tok = pl_module.device, pl_module.tokenizer
+        rank, world = trainer.global_rank, trainer.world_size
+        splits = [s for s in (splits or SPLITS) if s in self._items]
+        negative = "holdout" if "holdout" in self._items else ("retain" if "retain" in self._items else None)
+        mia = MinKProbMIA(k=self.mia_k).to(device) if negative is not None and negative in splits else None
+        values: dict[str, float] = {}
+        forget_ratios: Tensor | None = None
+        config = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False)
+        with _eval_mode(model):
+            for split in splits:
+                everything = self._items[split]
+                fallback = everything[0]
+                local = everything[rank::world]
+                label = 1 if split == "forget" else 0 if split == negative else None
+                # answers: NLL, P(a|q), accuracy; the Min-K% score of the whole text from the same forward
+                nll = MeanNLL().to(device)
+                for chunk, real in self._batches(local, fallback, device):
+                    ids, attn, resp = _right_pad([(it.prompt, it.response) for it in chunk], tok.pad_token_id, device)
+                    logps, mask, correct = self._stats(model, ids, attn, attn, pl_module)
+                    answer = mask * resp
+                    if real:
+                        nll.update(logps * answer, answer, correct)
+                        if mia is not None and label is not None:
+                            mia.update(logps, mask, torch.full((len(chunk),), label, device=device))
+                for key, value in nll.compute().items():
+                    values[f"{split}_{key}"] = float(value)
+                # greedy answers: ROUGE-L recall
+                rouge = RougeLRecall().to(device)
+                for chunk, real in self._batches(local, fallback, device):
+                    ids, mask = left_pad([it.prompt for it in chunk], tok.pad_token_id)
+                    out = sample(model, ids.to(device), mask.to(device), config, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+                    if real:
+                        answers = [tok.decode(r[m.bool()], skip_special_tokens=True)
+                                   for r, m in zip(out.response_ids, out.response_mask)]
+                        rouge.update(answers, [it.response_text for it in chunk])
+                values[f"{split}_rouge"] = float(rouge.compute())
+                # truth ratio: the paraphrased answer against the perturbed ones, given the paraphrased question
+                if any(it.perturbed for it in everything):
+                    with_tr = [it for it in local if it.perturbed]
+                    rows = [r for it in with_tr for r in [(it.para_prompt, it.para_response),
+                                                          *((it.para_prompt, p) for p in it.perturbed)]]
+                    tr_fallback = next(it for it in everything if it.perturbed)
+                    means = [t[1] for t in self._row_logps(model, rows, pl_module,
+                                                           (tr_fallback.para_prompt, tr_fallback.para_response))]
+                    ratio = TruthRatio(mean=self.truth_ratio_mean).to(device)
+                    pos = 0
+                    for it in with_tr:
+                        nlls = -torch.stack(means[pos : pos + 1 + len(it.perturbed)])  # (1 + K,)
+                        pos += 1 + len(it.perturbed)
+                        ratio.update(nlls[:1].to(device), nlls[1:].unsqueeze(0).to(device))
+                    tr = ratio.compute()
+                    values[f"{split}_truth_ratio"] = float(tr["mean"])
+                    values[f"{split}_truth_ratio_score"] = float(tr["forget_score" if split == "forget" else "retain_score"])
+                    if split == "forget":
+                        forget_ratios = tr["ratios"].cpu()
+                # multiple choice: the choice with the highest summed log-likelihood
+                if any(it.choices for it in everything):
+                    with_mc = [it for it in local if it.choices]
+                    rows = [(it.prompt, c) for it in with_mc for c in it.choices]
+                    mc_fallback = next(it for it in everything if it.choices)
+                    sums = [t[0] for t in self._row_logps(model, rows, pl_module, (mc_fallback.prompt, mc_fallback.choices[0]))]
+                    width = max((len(it.choices) for it in with_mc), default=1)
+                    scores = torch.full((len(with_mc), width), float("-inf"), dtype=torch.float64)
+                    pos = 0
+                    for i, it in enumerate(with_mc):
+                        scores[i, : len(it.choices)] = torch.stack(sums[pos : pos + len(it.choices)])
+                        pos += len(it.choices)
+                    acc = MultipleChoiceAccuracy().to(device)
+                    acc.update(scores.to(device), torch.tensor([it.label for it in with_mc], device=device))
+                    values[f"{split}_mc_accuracy"] = float(acc.compute())
+        if mia is not None and "forget" in splits:
+            values["mia_auc"] = float(mia.compute())
+        if forget_ratios is not None and self._retain_ratios is not None:
+            values["forget_quality"] = forget_quality(forget_ratios, self._retain_ratios)
+        if "retain" in splits:
+            parts = [values["retain_prob"], values["retain_rouge"]]
+            if "retain_truth_ratio_score" in values:
+                parts.append(values["retain_truth_ratio_score"])
+            values["model_utility"] = harmonic_mean([max(0.0, p) for p in parts]) if all(map(math.isfinite, parts)) else float("nan")
+        return values, forget_ratios
+
+    # -- relearning attack ----------------------------------------------------------------------
+    def _relearn(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
+        """Fine-tune a copy of the policy on a few forget records; its forget metrics and the deltas."""
+        policy = pl_module.policy
+        if _is_sharded(policy):
+            raise NotImplementedError(
+                "UnlearningEvaluation.relearn_steps: the relearning attack deep-copies the policy, which is not "
+                "supported for FSDP2-sharded weights; set relearn_steps: null, or run the attack on the exported "
+                "model with one process."
+            )
+        assert self._items is not None
+        forget = self._items["forget"]
+        generator = torch.Generator().manual_seed(self.relearn_seed)
+        count = max(1, round(self.relearn_fraction * len(forget)))
+        chosen = [forget[i] for i in torch.randperm(len(forget), generator=generator)[:count].tolist()]
+        with full_params(trainer), torch.inference_mode(False), torch.enable_grad():
+            model = copy.deepcopy(policy)
+            model.requires_grad_(True)
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=self.relearn_lr, weight_decay=0.0)
+            order: list[_Item] = []
+            for _ in range(self.relearn_steps):
+                if len(order) < self.batch_size:  # a fresh seeded pass over the chosen records
+                    order += [chosen[i] for i in torch.randperm(len(chosen), generator=generator).tolist()]
+                    while len(order) < self.batch_size:
+                        order += chosen
+                chunk, order = order[: self.batch_size], order[self.batch_size :]
+                ids, attn, resp = _right_pad([(it.prompt, it.response) for it in chunk],
+                                             pl_module.tokenizer.pad_token_id, pl_module.device)
+                stats = token_logps(model, ids, attn, resp)
+                loss = -stats.logps.sum() / stats.mask.sum().clamp(min=1)  # token-mean NLL of the answers
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            model.eval()
+            del optimizer
+            values, _ = self._evaluate(trainer, pl_module, model, splits=["forget"])
+        del model
+        base = self.results.get("unlearned", {})
+        for metric in RELEARN_DELTAS:
+            key = f"forget_{metric}"
+            if key in values and key in base:
+                values[f"relearn_delta_{key}"] = values[key] - base[key]
+        return values
+
+    # -- reporting ------------------------------------------------------------------------------
+    def columns(self) -> list[str]:
+        """Every column of :attr:`results`, in first-seen order."""
+        return list(dict.fromkeys(k for row in self.results.values() for k in row))
+
+    def format_table(self, columns: Sequence[str] | None = None) -> str:
+        """The results as a fixed-width text table (rows = models)."""
+        columns = list(columns or self.columns())
+        rows = [r for r in ROWS if r in self.results] + [r for r in self.results if r not in ROWS]
+        width = max([len("model"), *map(len, rows)])
+        head = "model".ljust(width) + "".join(f"  {c:>{max(9, len(c))}}" for c in columns)
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            cells = []
+            for c in columns:
+                v = self.results[r].get(c)
+                cells.append(f"  {'' if v is None else f'{v:.4g}':>{max(9, len(c))}}")
+            lines.append(r.ljust(width) + "".join(cells))
+        return "\n".join(lines)
+
+    def _write(self, trainer: L.Trainer) -> None:
+        log_dir = trainer.log_dir  # a collective under distributed strategies: every rank asks
+        if trainer.global_rank != 0:
+            return
+        directory = Path(self.dirpath or log_dir or trainer.default_root_dir)
+        os.makedirs(directory, exist_ok=True)
+        rows = [r for r in ROWS if r in self.results]
+        columns = self.columns()
+        path = directory / "unlearning_eval.csv"
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["model", *columns])
+            for r in rows:
+                writer.writerow([r, *(self.results[r].get(c, "") for c in columns)])
+        self.files["csv"] = path
+        if self.plot:
+            png = self._plot(directory / "unlearning_eval.png", rows)
+            if png is not None:
+                self.files["png"] = png
+        step = trainer.global_step
+        flat = {f"unlearn/{r}/{c}": v for r in rows for c, v in self.results[r].items() if math.isfinite(v)}
+        for logger in trainer.loggers:
+            logger.log_metrics(flat, step=step)
+            if isinstance(logger, WandbLogger):
+                logger.log_table("unlearning_eval", columns=["model", *columns],
+                                 data=[[r, *(self.results[r].get(c) for c in columns)] for r in rows], step=step)
+                if "png" in self.files:
+                    logger.log_image("unlearning_eval_plot", images=[str(self.files["png"])], step=step)
+        if self.verbose:
+            shown = [c for c in PLOT_COLUMNS if c in columns]
+            print(f"\nUnlearning evaluation (rows = models):\n{self.format_table(shown)}")
+            print(f"Full table: {path}" + (f"\nPlot: {self.files['png']}" if "png" in self.files else ""))
+
+    def _plot(self, path: Path, rows: list[str]) -> Path | None:
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            warnings.warn("UnlearningEvaluation.plot: matplotlib is not installed; no unlearning_eval.png written "
+                          "(pip install matplotlib, or set plot: false)", stacklevel=2)
+            return None
+        columns = [c for c in PLOT_COLUMNS if any(c in self.results[r] for r in rows)]
+        if not columns or not rows:
+            return None
+        fig = Figure(figsize=(max(6.0, 1.1 * len(columns) + 2), 4.0))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        width = 0.8 / len(rows)
+        for i, r in enumerate(rows):
+            heights = [self.results[r].get(c, float("nan")) for c in columns]
+            ax.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(columns))], heights, width, label=r)
+        ax.set_xticks(range(len(columns)))
+        ax.set_xticklabels(columns, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("value")
+        ax.set_title("Unlearning evaluation")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        return path

@@ -1,0 +1,276 @@
+"""Unlearning metrics against values worked out by hand (derivations in the docstrings)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from lit_align.metrics import (
+    MeanNLL,
+    MinKProbMIA,
+    MultipleChoiceAccuracy,
+    RougeLRecall,
+    TruthRatio,
+    binary_auc,
+    forget_quality,
+    harmonic_mean,
+    kolmogorov_sf,
+    ks_2samp_pvalue,
+    ks_statistic,
+    min_k_prob_score,
+    rouge_l_recall,
+    rouge_tokens,
+    truth_ratio,
+    truth_ratio_score,
+)
+
+LN2, LN4, LN8 = math.log(2), math.log(4), math.log(8)
+
+
+# -- ROUGE-L ------------------------------------------------------------------------------------
+def test_rouge_l_recall_hand_cases():
+    """LCS over reference words:
+    * "born in the town of Nettleby" vs "She was born in Nettleby": LCS = born in nettleby (3) / 5 = 0.6;
+    * case and punctuation are ignored: "MIRA, baker!" vs "mira baker" = 2/2;
+    * order matters: "b a" vs "a b" -> LCS 1 of 2;
+    * extra predicted words are free: "x a y b z" vs "a b" = 1.0;
+    * nothing in common = 0; a reference without words = 0."""
+    assert rouge_l_recall("born in the town of Nettleby", "She was born in Nettleby") == pytest.approx(0.6)
+    assert rouge_l_recall("MIRA, baker!", "mira baker") == 1.0
+    assert rouge_l_recall("b a", "a b") == 0.5
+    assert rouge_l_recall("x a y b z", "a b") == 1.0
+    assert rouge_l_recall("cat", "dog house") == 0.0
+    assert rouge_l_recall("anything", "?!") == 0.0
+    assert rouge_tokens("Mira's cake, 2 eggs!") == ["mira", "s", "cake", "2", "eggs"]
+
+
+def test_rouge_metric_averages_over_batches():
+    metric = RougeLRecall()
+    metric.update(["born in the town of Nettleby"], ["She was born in Nettleby"])  # 0.6
+    metric.update(["a b", "b a"], ["a b", "a b"])  # 1.0, 0.5
+    assert metric.compute().item() == pytest.approx((0.6 + 1.0 + 0.5) / 3)
+
+
+# -- truth ratio --------------------------------------------------------------------------------
+def test_truth_ratio_hand_values():
+    """Row 0: P(a') = exp(-ln 2) = 1/2, P(perturbed) = 1/4 twice -> TR = (1/4) / (1/2) = 0.5.
+    Row 1: P(a') = 1, perturbed P = 1/2 and 1/8: arithmetic mean 5/16 -> TR = 0.3125;
+    geometric: exp(0 - (ln 2 + ln 8) / 2) = exp(-ln 4) = 0.25."""
+    para = torch.tensor([LN2, 0.0])
+    pert = torch.tensor([[LN4, LN4], [LN2, LN8]])
+    torch.testing.assert_close(truth_ratio(para, pert), torch.tensor([0.5, 0.3125]))
+    torch.testing.assert_close(truth_ratio(para, pert, mean="geometric"), torch.tensor([0.5, 0.25]))
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        truth_ratio(para, pert[0])
+
+
+def test_truth_ratio_scores_and_metric():
+    """TR = [0.5, 2]: forget score = mean(min(TR, 1/TR)) = (0.5 + 0.5) / 2 = 0.5;
+    retain score = mean(max(0, 1 - TR)) = (0.5 + 0) / 2 = 0.25; mean TR = 1.25."""
+    ratios = torch.tensor([0.5, 2.0])
+    assert truth_ratio_score(ratios, "forget").item() == pytest.approx(0.5)
+    assert truth_ratio_score(ratios, "retain").item() == pytest.approx(0.25)
+    metric = TruthRatio()
+    metric.update(torch.tensor([LN2]), torch.tensor([[LN4, LN4]]))  # TR 0.5
+    metric.update(torch.tensor([LN4]), torch.tensor([[LN2]]))  # P(a') = 1/4, P(pert) = 1/2 -> TR 2
+    out = metric.compute()
+    torch.testing.assert_close(out["ratios"], torch.tensor([0.5, 2.0], dtype=torch.float64))
+    assert out["mean"].item() == pytest.approx(1.25)
+    assert out["forget_score"].item() == pytest.approx(0.5)
+    assert out["retain_score"].item() == pytest.approx(0.25)
+
+
+# -- Kolmogorov-Smirnov -------------------------------------------------------------------------
+def _enumerated_pvalue(x: list[float], y: list[float]) -> float:
+    """Brute force: over all C(n+m, n) ways to split the pooled values, the share with D >= D_obs."""
+    pooled, n = x + y, len(x)
+    d_obs = ks_statistic(x, y)
+    hits = total = 0
+    for chosen in itertools.combinations(range(len(pooled)), n):
+        xs = [pooled[i] for i in chosen]
+        ys = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        total += 1
+        hits += ks_statistic(xs, ys) >= d_obs - 1e-12
+    return hits / total
+
+
+def test_ks_exact_hand_cases():
+    """x = [1,2,3], y = [4,5,6]: D = 1. Of the C(6,3) = 20 orderings only "all x first" and
+    "all y first" reach D = 1, so p = 2/20 = 0.1. Likewise [1,2] vs [3,4]: 2 / C(4,2) = 1/3.
+    Identical samples: D = 0, p = 1. One value each: both orderings give D = 1, p = 1."""
+    assert ks_2samp_pvalue([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert ks_2samp_pvalue(torch.tensor([4.0, 5.0, 6.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.1)
+    assert ks_2samp_pvalue([1, 2], [3, 4]) == pytest.approx(1 / 3)
+    assert ks_2samp_pvalue([0.3, 0.1, 0.2], [0.2, 0.1, 0.3]) == 1.0
+    assert ks_2samp_pvalue([0.0], [1.0]) == 1.0
+    assert ks_statistic([1, 2, 3], [2, 3, 4]) == pytest.approx(1 / 3)
+    assert forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("n,m", [(3, 3), (4, 6), (5, 3), (2, 7), (6, 6)])
+def test_ks_exact_matches_enumeration(n, m):
+    rng = random.Random(n * 10 + m)
+    x = [rng.random() for _ in range(n)]
+    y = [rng.random() + 0.2 for _ in range(m)]
+    assert ks_2samp_pvalue(x, y, method="exact") == pytest.approx(_enumerated_pvalue(x, y), abs=1e-12)
+
+
+def test_kolmogorov_series_and_asymptotic_pvalue():
+    """Q(lam) = 2 sum_k (-1)^(k-1) exp(-2 k^2 lam^2); tabulated Q(1.0) = 0.27000, Q(1.3581) = 0.0500.
+    The asymptotic p-value is Q(sqrt(n m / (n + m)) D); for n = m = 300 it is close to the exact one."""
+    def series(lam: float) -> float:
+        return 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 200))
+
+    assert kolmogorov_sf(1.0) == pytest.approx(0.2699996717, abs=1e-9)
+    assert kolmogorov_sf(1.3581) == pytest.approx(0.05, abs=1e-4)
+    for lam in (0.3, 0.6, 0.9, 0.999, 1.001, 1.5, 2.5):
+        assert kolmogorov_sf(lam) == pytest.approx(series(lam), abs=1e-9)  # both branches agree
+    assert kolmogorov_sf(0.0) == 1.0
+
+    rng = random.Random(0)
+    x = [rng.gauss(0, 1) for _ in range(300)]
+    y = [rng.gauss(0.15, 1) for _ in range(300)]
+    d = ks_statistic(x, y)
+    asymp = ks_2samp_pvalue(x, y, method="asymp")
+    assert asymp == pytest.approx(series(math.sqrt(300 * 300 / 600) * d), abs=1e-12)
+    exact = ks_2samp_pvalue(x, y, method="exact")
+    assert 0.001 < exact < 0.9 and abs(exact - asymp) < 0.03
+    assert ks_2samp_pvalue(x, y, exact_max_cells=100) == asymp  # "auto" falls back to the limit
+
+
+# -- Min-K% and AUC -----------------------------------------------------------------------------
+def test_min_k_prob_score_hand_values():
+    """Row 0: 4 tokens, k = 0.5 keeps the 2 lowest (-4, -3): score = 3.5.
+    Row 1: 3 scored tokens (the -100 is masked out), floor(1.5) = 1 token kept: -5 -> score 5.
+    Row 2: k * 1 token < 1 still keeps one token: score 2. A row with no tokens is NaN."""
+    logps = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-1.0, -5.0, -3.0, -100.0], [-2.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    score = min_k_prob_score(logps, mask, k=0.5)
+    torch.testing.assert_close(score[:3], torch.tensor([3.5, 5.0, 2.0]))
+    assert torch.isnan(score[3])
+    assert min_k_prob_score(logps[:1], mask[:1], k=1.0).item() == pytest.approx(2.5)  # plain mean NLL
+
+
+def test_binary_auc_hand_values():
+    """Identical score sets -> every positive/negative pair ties or cancels: 0.5. Separable -> 1.
+    pos [0.9, 0.4] vs neg [0.5, 0.1]: pairs won 0.9>0.5, 0.9>0.1, 0.4>0.1, lost 0.4<0.5 -> 3/4."""
+    labels = torch.tensor([1, 1, 1, 0, 0, 0])
+    assert binary_auc(torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0, 3.0]), labels) == pytest.approx(0.5)
+    assert binary_auc(torch.tensor([5.0, 6.0, 7.0, 1.0, 2.0, 3.0]), labels) == 1.0
+    assert binary_auc(torch.tensor([0.9, 0.4, 0.5, 0.1]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.75)
+    scores = torch.randn(50, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # with ties
+    lab = (torch.arange(50) % 3 == 0).long()
+    assert binary_auc(scores, lab) == pytest.approx(binary_auroc(scores, lab).item(), abs=1e-6)
+    with pytest.raises(ValueError, match="both classes"):
+        binary_auc(torch.tensor([1.0]), torch.tensor([1]))
+
+
+def test_min_k_mia_metric():
+    """Identical member / non-member log-probs -> AUC 0.5; forget texts far less likely -> 1.0."""
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.1, -4.0]])
+    mask = torch.ones_like(logps)
+    same = MinKProbMIA(k=0.5)
+    same.update(logps, mask, torch.tensor([1, 1]))
+    same.update(logps, mask, torch.tensor([0, 0]))
+    assert same.compute().item() == pytest.approx(0.5)
+    separable = MinKProbMIA(k=0.5)
+    separable.update(logps - 10, mask, torch.tensor([1, 1]))
+    separable.update(logps, mask, torch.tensor([0, 0]))
+    assert separable.compute().item() == 1.0
+
+
+# -- utility, NLL, multiple choice --------------------------------------------------------------
+def test_harmonic_mean():
+    """[1, 0.5]: 2 / (1 + 2) = 2/3; [0.2, 0.3, 0.6]: 3 / (5 + 10/3 + 5/3) = 0.3; any 0 -> 0."""
+    assert harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)
+    assert harmonic_mean([0.2, 0.3, 0.6]) == pytest.approx(0.3)
+    assert harmonic_mean([0.7, 0.0, 0.9]) == 0.0
+    with pytest.raises(ValueError):
+        harmonic_mean([-1.0])
+
+
+def test_mean_nll_metric():
+    """Tokens -1, -2 | -3 (third position masked): NLL = 6/3 = 2; P = mean(exp(-1.5), exp(-3));
+    accuracy = 2 correct of 3 scored tokens. Splitting the batch in two gives the same numbers."""
+    logps = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    correct = torch.tensor([[True, False, True], [True, False, False]])
+    whole, split = MeanNLL(), MeanNLL()
+    whole.update(logps, mask, correct)
+    split.update(logps[:1], mask[:1], correct[:1])
+    split.update(logps[1:], mask[1:], correct[1:])
+    expected = {"nll": 2.0, "prob": (math.exp(-1.5) + math.exp(-3)) / 2, "accuracy": 2 / 3}
+    for metric in (whole, split):
+        out = metric.compute()
+        assert {k: pytest.approx(v.item()) for k, v in out.items()} == expected
+
+
+def test_multiple_choice_accuracy():
+    """argmax rows: [0, 1, -inf] -> 1 (label 1, right); [2, 1, 0] -> 0 (label 1, wrong); [0, 0, 5] -> 2 (right)."""
+    metric = MultipleChoiceAccuracy()
+    metric.update(torch.tensor([[0.0, 1.0, float("-inf")], [2.0, 1.0, 0.0]]), torch.tensor([1, 1]))
+    metric.update(torch.tensor([[0.0, 0.0, 5.0]]), torch.tensor([2]))
+    assert metric.compute().item() == pytest.approx(2 / 3)
+
+
+# -- two processes ------------------------------------------------------------------------------
+def _metrics_worker(rank: int, world: int, init: str, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        queue.put((rank, _shard_values(rank, world)))
+    except Exception as err:  # report instead of leaving the parent waiting
+        queue.put((rank, repr(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _shard_values(rank: int, world: int) -> dict[str, float]:
+    """Update every metric with this rank's rows of a fixed data set; return the computed values."""
+    g = torch.Generator().manual_seed(0)
+    logps = -torch.rand(8, 5, generator=g) * 3
+    mask = (torch.rand(8, 5, generator=g) > 0.2).long()
+    correct = torch.rand(8, 5, generator=g) > 0.5
+    labels = torch.tensor([1, 0] * 4)
+    para, pert = torch.rand(8, generator=g), torch.rand(8, 3, generator=g)
+    choices, answer = torch.randn(8, 4, generator=g), torch.randint(0, 4, (8,), generator=g)
+    texts = [("a b c", "a c"), ("x y", "y x"), ("p q r", "q"), ("m", "n")] * 2
+    rows = slice(rank, None, world)
+    nll, mia, tr, mc, rouge = MeanNLL(), MinKProbMIA(), TruthRatio(), MultipleChoiceAccuracy(), RougeLRecall()
+    nll.update(logps[rows], mask[rows], correct[rows])
+    mia.update(logps[rows], mask[rows], labels[rows])
+    tr.update(para[rows], pert[rows])
+    mc.update(choices[rows], answer[rows])
+    rouge.update(*zip(*texts[rows]))
+    out = {f"nll_{k}": v.item() for k, v in nll.compute().items()}
+    trs = tr.compute()
+    out.update(mia=mia.compute().item(), tr_mean=trs["mean"].item(), tr_sorted=sorted(trs["ratios"].tolist()),
+               mc=mc.compute().item(), rouge=rouge.compute().item())
+    return out
+
+
+def test_metrics_reduce_across_two_processes(tmp_path):
+    """Two gloo processes, each updating with half the rows, compute what one process computes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'pg'}"
+    procs = [ctx.Process(target=_metrics_worker, args=(r, 2, init, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    single = _shard_values(0, 1)
+    for rank in (0, 1):
+        assert results[rank].pop("tr_sorted") == pytest.approx(single["tr_sorted"])
+        assert results[rank] == pytest.approx({k: v for k, v in single.items() if k != "tr_sorted"})
