@@ -107,7 +107,7 @@ def accumulate_gradients(
         grads[name] = torch.zeros_like(p) if g is None else g.detach().clone()
         p.grad = None
     if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for name, g in grads.items():
+        for g in grads.values():
             if _is_dtensor(g):  # FSDP2 averaged the shards over the data-parallel mesh: undo it
                 g.to_local().mul_(g.device_mesh.size())
             else:
