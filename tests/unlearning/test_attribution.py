@@ -171,3 +171,27 @@ def test_fsdp2_gradients_and_sharded_selection_match_one_process(tmp_path):
     assert out["selected"] == one.num_selected() == int(one.numel * 0.37)
     assert all(torch.equal(one[n], two[n]) for n in one), "sharded selection differs from one process"
     assert sum(int(m.sum()) for m in out["wagle_masks"].values()) == int(one.numel * 0.5)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:  # replicated weights (DDP's case): each rank its share, then all_reduce(SUM)
+        grads = accumulate_gradients(tiny_lm(vocab_size=VOCAB, hidden_size=32), make_batches(4, seed=7)[rank::world])
+        if rank == 0:
+            torch.save(grads, os.path.join(out_dir, "grads.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_replicated_gradients_are_summed_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    two = torch.load(tmp_path / "grads.pt", weights_only=True)
+    one = accumulate_gradients(tiny_lm(vocab_size=VOCAB, hidden_size=32), make_batches(4, seed=7))
+    for n, g in one.items():
+        torch.testing.assert_close(two[n], g, rtol=1e-4, atol=1e-6)
