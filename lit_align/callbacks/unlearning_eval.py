@@ -28,7 +28,8 @@ lack the fields it needs):
   ``retain_truth_ratio_score`` (TOFU's utility restricted to the retain split);
 * ``mia_auc``: ROC-AUC of the Min-K% Prob score (``mia_k``) over the whole prompt + answer text,
   forget = positive, **holdout** = negative when a holdout split exists, else **retain** = negative.
-  ~0.5: forget texts look like texts the model never saw... or saw just as much;
+  ~0.5: the model treats forget and non-member texts alike; 1.0: every forget text is less likely
+  than every non-member text; 0.0: every forget text is more likely (still memorised);
 * relearned row only: ``relearn_delta_forget_<metric>`` = relearned minus unlearned value
   (positive ROUGE / accuracy / prob deltas = knowledge that came back).
 
@@ -75,8 +76,7 @@ from lit_align.metrics.unlearning import (
 )
 from lit_align.models import ModelSpec, build_causal_lm
 from lit_align.models.fsdp import full_params
-from lit_align.rollout import logps as _logps_module
-from lit_align.rollout.logps import position_ids_from_mask, token_logps
+from lit_align.rollout.logps import token_logps, token_stats
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
 __all__ = ["UnlearningEvaluation"]
@@ -90,6 +90,10 @@ PLOT_COLUMNS = ("forget_quality", "model_utility", "mia_auc", "forget_rouge", "r
                 "retain_accuracy", "forget_prob", "retain_prob", "forget_truth_ratio_score", "forget_mc_accuracy")
 #: Forget-split columns whose relearning delta is reported.
 RELEARN_DELTAS = ("rouge", "accuracy", "prob", "nll", "truth_ratio_score", "mc_accuracy")
+_NO_SHARDED_RELEARN = (
+    "UnlearningEvaluation.relearn_steps: the relearning attack deep-copies the policy, which is not supported for "
+    "FSDP2-sharded weights; set relearn_steps: null, or run the attack on the exported model with one process."
+)
 
 
 @dataclass
@@ -244,6 +248,8 @@ class UnlearningEvaluation(L.Callback):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.relearn_steps is not None and _is_sharded(pl_module.policy):
+            raise NotImplementedError(_NO_SHARDED_RELEARN)  # now, not after training
         self._prepare(trainer, pl_module)
         if self.retain_model is not None and "retain_only" not in self.results:
             reference = build_causal_lm(self.retain_model, pl_module.tokenizer).to(pl_module.device)
@@ -344,22 +350,12 @@ class UnlearningEvaluation(L.Callback):
             yield (chunk, True) if chunk else ([fallback], False)
 
     def _stats(self, model: nn.Module, ids: Tensor, attn: Tensor, score_mask: Tensor, pl_module):
-        """Per-token ``(logps, mask, correct)`` (B, T) of the tokens in ``score_mask``."""
-        chunk = self.chunk_tokens or getattr(pl_module, "chunk_tokens", None)
-        token_stats = getattr(_logps_module, "token_stats", None)
-        if token_stats is not None:
-            out = token_stats(model, ids, attn, score_mask, correct=True, chunk_tokens=chunk)
-            return out.logps, out.mask, out.correct
-        # Fallback until a chunked token_stats exists: one ordinary forward, (B, T, V) logits of a small batch.
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
-                       use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-        targets = ids[:, 1:]  # (B, T-1)
-        logps = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
-        correct = logits.argmax(-1) == targets  # (B, T-1)
-        mask = (score_mask[:, 1:].bool() & attn[:, 1:].bool()).float()
-        pad = mask.new_zeros(mask.shape[0], 1)
-        return (torch.cat([pad, logps * mask], 1), torch.cat([pad, mask], 1),
-                torch.cat([pad.bool(), correct & mask.bool()], 1))
+        """Per-token ``(logps, mask, correct)`` (B, T) of the tokens in ``score_mask`` (chunked LM head)."""
+        out = token_stats(model, ids, attn, score_mask, correct=True, chunk_tokens=self._chunk(pl_module))
+        return out.logps, out.mask, out.correct
+
+    def _chunk(self, pl_module) -> int | None:
+        return self.chunk_tokens or getattr(pl_module, "chunk_tokens", None)
 
     def _row_logps(self, model, rows: list[tuple[list[int], list[int]]], pl_module, fallback) -> list[Tensor]:
         """Summed and mean answer log-probs of each (prompt, response) row: a list of (2,) tensors."""
@@ -367,7 +363,7 @@ class UnlearningEvaluation(L.Callback):
         pad = pl_module.tokenizer.pad_token_id
         for chunk, real in self._batches(rows, fallback, pl_module.device):
             ids, attn, resp = _right_pad(chunk, pad, pl_module.device)
-            stats = token_logps(model, ids, attn, resp, chunk_tokens=self.chunk_tokens or getattr(pl_module, "chunk_tokens", None))
+            stats = token_logps(model, ids, attn, resp, chunk_tokens=self._chunk(pl_module))
             if real:
                 out.extend(torch.stack([stats.sum(), stats.mean()], -1).double().cpu())
         return out
@@ -464,11 +460,7 @@ class UnlearningEvaluation(L.Callback):
         """Fine-tune a copy of the policy on a few forget records; its forget metrics and the deltas."""
         policy = pl_module.policy
         if _is_sharded(policy):
-            raise NotImplementedError(
-                "UnlearningEvaluation.relearn_steps: the relearning attack deep-copies the policy, which is not "
-                "supported for FSDP2-sharded weights; set relearn_steps: null, or run the attack on the exported "
-                "model with one process."
-            )
+            raise NotImplementedError(_NO_SHARDED_RELEARN)
         assert self._items is not None
         forget = self._items["forget"]
         generator = torch.Generator().manual_seed(self.relearn_seed)
@@ -488,7 +480,7 @@ class UnlearningEvaluation(L.Callback):
                 chunk, order = order[: self.batch_size], order[self.batch_size :]
                 ids, attn, resp = _right_pad([(it.prompt, it.response) for it in chunk],
                                              pl_module.tokenizer.pad_token_id, pl_module.device)
-                stats = token_logps(model, ids, attn, resp)
+                stats = token_logps(model, ids, attn, resp, chunk_tokens=self._chunk(pl_module))
                 loss = -stats.logps.sum() / stats.mask.sum().clamp(min=1)  # token-mean NLL of the answers
                 loss.backward()
                 optimizer.step()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from importlib import resources
 
 import lightning as L
@@ -161,6 +164,9 @@ def test_training_moves_metrics_and_relearning_leaves_the_policy_alone(tmp_path)
     for name, value in module.policy.state_dict().items():
         assert torch.equal(value, snapshot.weights[name]), name
     assert (tmp_path / "eval" / "unlearning_eval.csv").exists()
+    restored = _callback()  # rows evaluated before a checkpoint survive a resume
+    restored.load_state_dict(evaluation.state_dict())
+    assert restored.results == res
 
 
 def test_missing_required_split_fails_loudly(tmp_path):
@@ -177,3 +183,71 @@ def test_bad_records_fail_with_the_field_named(tmp_path):
     records["forget"][1] = {"prompt": "Who?"}
     with pytest.raises(ValueError, match=r"\['forget'\]\[1\] needs a string field 'response'"):
         _fit(tmp_path, _callback(), lr=0.0, records=records, steps=1)
+
+
+_DISTRIBUTED_SCRIPT = """
+import json, sys
+sys.path[:0] = [{tests!r}, {callbacks!r}]
+import torch
+torch.set_num_threads(1)
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+from test_unlearning_eval import SPEC, EvalData, _callback, _records
+from lit_align.methods import SFTModule
+
+strategy = sys.argv[1]
+relearn_steps = None if strategy == "fsdp2" else 2  # the attack deep-copies the policy: not on FSDP2 shards
+evaluation = _callback(retain_model=SPEC, relearn_steps=relearn_steps, relearn_lr=2e-2, every_n_validations=0)
+module = SFTModule(SPEC, optimizer=lambda params: torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0))
+records = _records()
+records["forget"] = records["forget"] + records["holdout"][:1]  # 5 records: uneven shards over 2 ranks
+kwargs = {{"single": dict(devices=1), "ddp": dict(devices=2, strategy="ddp"),
+          "fsdp2": dict(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))}}
+trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, enable_progress_bar=False,
+                    enable_checkpointing=False, enable_model_summary=False, logger=CSVLogger({root!r}),
+                    default_root_dir={root!r}, callbacks=[evaluation], use_distributed_sampler=False,
+                    **kwargs[strategy])
+trainer.fit(module, datamodule=EvalData(records))
+with open({root!r} + f"/results_{{trainer.global_rank}}.json", "w") as f:
+    json.dump(evaluation.results, f)
+"""
+
+
+def _distributed_tables(root, strategy: str) -> list[dict]:
+    """Run the script above in a fresh process (Lightning relaunches it per rank); every rank's table."""
+    from conftest import REPO
+
+    root.mkdir()
+    script = root / "run_eval.py"
+    script.write_text(_DISTRIBUTED_SCRIPT.format(tests=str(REPO / "tests"), callbacks=str(REPO / "tests/callbacks"),
+                                                 root=str(root)))
+    proc = subprocess.run([sys.executable, str(script), strategy], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(path.read_text()) for path in sorted(root.glob("results_*.json"))]
+
+
+@pytest.fixture(scope="module")
+def single_table(tmp_path_factory):
+    (table,) = _distributed_tables(tmp_path_factory.mktemp("single") / "run", "single")
+    return table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_give_the_one_process_table(tmp_path, strategy, single_table):
+    """Each rank scores its shard of every split (5 forget records: 3 + 2) and the metric states are
+    reduced, so both ranks hold the table one process computes. FSDP2: every rank runs as many
+    forwards (the short shard repeats a batch). No distributed sampler: every rank trains on the same
+    batches, hence reaches the single process's weights."""
+    tables = _distributed_tables(tmp_path / "run", strategy)
+    assert len(tables) == 2
+    expected = dict(single_table)
+    if strategy == "fsdp2":
+        expected.pop("relearned")
+    assert list(expected) == ["retain_only", "start", "unlearned", *(["relearned"] if strategy == "ddp" else [])]
+    for table in tables:
+        assert list(table) == list(expected)
+        for row in expected:
+            assert table[row] == pytest.approx(expected[row], rel=1e-4, abs=1e-6), row
