@@ -2,5 +2,6 @@
 
 from lit_align.callbacks.export import HFExport
 from lit_align.callbacks.samples import SampleGenerations
+from lit_align.callbacks.weight_mask import WeightMask
 
-__all__ = ["HFExport", "SampleGenerations"]
+__all__ = ["HFExport", "SampleGenerations", "WeightMask"]

@@ -1,7 +1,8 @@
 """One LightningModule per method; the only place a ``training_step`` lives."""
 
-from lit_align.methods.base import PolicyModule
+from lit_align.methods.base import PolicyModule, ReferencedPolicyModule
 from lit_align.methods.dpo import DPOModule
 from lit_align.methods.sft import SFTModule
+from lit_align.methods.unlearning import UnlearningModule
 
-__all__ = ["DPOModule", "PolicyModule", "SFTModule"]
+__all__ = ["DPOModule", "PolicyModule", "ReferencedPolicyModule", "SFTModule", "UnlearningModule"]

@@ -79,14 +79,14 @@ class PolicyModule(L.LightningModule):
         if self.device_mesh is None:
             base = build_causal_lm(self.spec, self.tokenizer)
             self._attach_base(base, base)
-            self.policy = apply_lora(base, self.spec.lora, seed=self.spec.seed)
+            self.policy = apply_lora(base, self.spec.lora, seed=self.spec.seed).train()  # from_pretrained gives eval()
             return
         # ModelParallelStrategy: FSDP2 over the data-parallel mesh. Every rank builds the model on the
         # meta device and allocates only its shards; rank 0 alone loads the weights and broadcasts them.
         source = build_causal_lm(self.spec, self.tokenizer) if self.global_rank == 0 else None
         base = build_causal_lm(self.spec, self.tokenizer, meta=True)
         self._attach_base(base, source)
-        self.policy = apply_lora(base, self.spec.lora, seed=self.spec.seed)
+        self.policy = apply_lora(base, self.spec.lora, seed=self.spec.seed).train()
         source_policy = apply_lora(source, self.spec.lora, seed=self.spec.seed) if source is not None else None
         mesh = self.device_mesh["data_parallel"]
         mp_policy = None
