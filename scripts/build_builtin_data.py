@@ -38,8 +38,9 @@ Files written (one JSON object per line for ``*.jsonl``, all ASCII):
     profession, favourite colour, favourite food, a parent's profession, a
     book title, an award); birthplace and profession are always asked, plus
     three of the other six chosen per person. ``perturbed_answers`` are four
-    distinct false answers that reuse the answer's sentence and change only
-    the fact.
+    distinct false answers that reuse the *paraphrased* answer's sentence and
+    change only the fact (as in TOFU, so the truth ratio compares answers of
+    the same wording: P(perturbed) / P(paraphrased)).
 
 ``fictitious_facts_splits.json``
     ``{"forget01": [person_id, ...], "forget05": [...], "forget10": [...]}``:
@@ -571,7 +572,7 @@ def build_fictitious_facts(seed: int) -> list[Record]:
                     "answer": fill(a, value),
                     "paraphrased_question": fill(pq, value),
                     "paraphrased_answer": fill(pa, value),
-                    "perturbed_answers": [fill(a, wrong) for wrong in wrong_values],
+                    "perturbed_answers": [fill(pa, wrong) for wrong in wrong_values],
                 }
             )
     return records

@@ -2,6 +2,7 @@
 
 from lit_align.callbacks.export import HFExport
 from lit_align.callbacks.samples import SampleGenerations
+from lit_align.callbacks.unlearning_eval import UnlearningEvaluation
 from lit_align.callbacks.weight_mask import WeightMask
 
-__all__ = ["HFExport", "SampleGenerations", "WeightMask"]
+__all__ = ["HFExport", "SampleGenerations", "UnlearningEvaluation", "WeightMask"]

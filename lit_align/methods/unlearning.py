@@ -153,8 +153,22 @@ class UnlearningModule(ReferencedPolicyModule):
         return [self._part(batch, target, "reference") for target in self._reference_targets]
 
     def _precompute_reference(self) -> None:
+        self._check_data()
         if self._needs_reference and self._reference_targets:
             super()._precompute_reference()
+
+    #: batch part -> (DataModule flag that says it is there, the data key that provides it)
+    _PROVIDERS = {"retain": ("has_retain", "data.retain"), "mismatch": ("has_mismatch_pool", "data.mismatch_pool"),
+                  "refusal": ("has_refusals", "data.refusals")}
+
+    def _check_data(self) -> None:
+        """Fail before the first step when a term reads a batch part the DataModule will not provide."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        for name, term, _ in self.terms:
+            flag, key = self._PROVIDERS.get(term.target, (None, None))
+            if flag is not None and dm is not None and getattr(dm, flag, True) is False:
+                raise ValueError(f"model.{name}_loss ({term!r}) reads batch.{term.target}, but the DataModule has "
+                                 f"none: set {key} (or drop model.{name}_loss)")
 
     def _reference_logps(self, part: SequenceBatch, term: UnlearningTerm, split: str) -> Tensor:
         reduction = term.reduction
