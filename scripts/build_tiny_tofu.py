@@ -10,7 +10,7 @@ Run from the repository root::
 * ``tiny-tofu-retain90``: the same recipe on the ``retain90`` split only (the 36 people outside
   ``forget10``): the "retain-only" model that forget quality compares against.
 
-Each takes about 20 s on two CPU cores. The models are small (about 2.5 MB each, float32).
+Each takes about 40 s on two CPU cores. The models are small (about 2.5 MB each, float32).
 """
 
 from __future__ import annotations
