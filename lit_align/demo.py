@@ -1,4 +1,16 @@
-"""``make demo``: SFT then DPO on the built-in data with a tiny model, with a before/after summary.
+"""``make demo``: tiny WAGLE + NPO unlearning (default), or SFT then DPO (``--method dpo``), on CPU.
+
+Unlearning (``configs/wagle/npo_tiny.yaml``):
+
+1. start from ``builtin:tiny-tofu-full``, a tiny Llama that memorised the 200 built-in fictitious
+   facts (40 invented people), and forget the 4 people of ``forget10`` while keeping the other 36;
+2. the ``WeightMask`` callback scores every weight at the start (WAGLE) and keeps the top half;
+   NPO + retain NLL then updates only those weights, through the real CLI and Trainer;
+3. ``UnlearningEvaluation`` evaluates the starting, the unlearned and the retain-only model
+   (``builtin:tiny-tofu-retain90``, never trained on forget10) and a relearning attack, and writes a
+   table and a plot; the demo prints the table and where the plot, the W&B run and the export went.
+
+SFT then DPO:
 
 1. ``configs/sft/tiny.yaml``: a tiny random Llama-shaped model learns the built-in instructions
    (a few hundred steps on CPU) and is exported in HF format;
@@ -45,8 +57,42 @@ def _where(trainer) -> list[str]:
     return lines
 
 
+UNLEARNING_COLUMNS = ("forget_quality", "model_utility", "forget_accuracy", "retain_accuracy", "forget_rouge",
+                      "retain_rouge", "mia_auc")
+
+
+def unlearning_demo(config: str, out: Path, quiet: list[str]) -> dict[str, dict[str, float]]:
+    """Run the WAGLE + NPO config and print the before/after table; returns the table."""
+    print(f"WAGLE + NPO unlearning of forget10 from builtin:tiny-tofu-full ({config}) ...", flush=True)
+    cli = cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(out), *quiet])
+    evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "UnlearningEvaluation")
+    mask = next((cb for cb in cli.trainer.callbacks if type(cb).__name__ == "WeightMask"), None)
+    table = evaluation.results
+    print("\n=== lit_align demo: WAGLE + NPO unlearning on the tiny TOFU (CPU) ===")
+    print("rows: start = before unlearning, unlearned = after, retain_only = never saw forget10 (the target),")
+    print("      relearned = the unlearned model after a 10-step relearning attack on 10% of forget10")
+    print(f"{'':<12}" + "".join(f"{c:>16}" for c in UNLEARNING_COLUMNS))
+    for row in ("start", "unlearned", "retain_only", "relearned"):
+        values = table.get(row, {})
+        cells = (values.get(c) for c in UNLEARNING_COLUMNS)
+        print(f"{row:<12}" + "".join(f"{v:>16.3f}" if v is not None else f"{'-':>16}" for v in cells))
+    print("forget_quality: KS-test p-value of forget truth ratios against retain_only (higher: closer to it);")
+    print("model_utility: harmonic mean of retain-side scores; mia_auc: Min-K% membership AUC, forget vs retain.")
+    print("\noutputs:")
+    for name, path in getattr(evaluation, "files", {}).items():
+        print(f"  {name}: {path}")
+    if mask is not None and mask.mask_path is not None:
+        print(f"  weight mask ({mask.method}, top {mask.ratio:.0%} of the weights): {mask.mask_path}")
+    for line in _where(cli.trainer):
+        print(f"  {line}")
+    wandb.finish()
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=("unlearning", "dpo"), default="unlearning")
+    parser.add_argument("--unlearning-config", default="configs/wagle/npo_tiny.yaml")
     parser.add_argument("--sft-config", default="configs/sft/tiny.yaml")
     parser.add_argument("--dpo-config", default="configs/dpo/tiny.yaml")
     parser.add_argument("--out", default="outputs/demo")
@@ -54,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    if args.method == "unlearning":
+        unlearning_demo(args.unlearning_config, Path(args.out) / "unlearning", quiet)
+        return
 
     sft_root = Path(args.out) / "sft"
     print(f"[1/2] SFT of a tiny model on builtin:instructions ({args.sft_config}) ...", flush=True)
