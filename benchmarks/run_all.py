@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "generate": ("generate.py", [], ["--repeats", "3", "--warmup", "1"]),
     "logps_memory": ("logps_memory.py", [], ["--repeats", "1"]),
     "dpo_step": ("dpo_step.py", [], ["--steps", "8", "--warmup", "2"]),
+    "wagle": ("wagle.py", [], ["--examples", "16", "--steps", "6", "--warmup", "2", "--rounds", "1"]),
 }
 PACKAGES = ("torch", "transformers", "trl", "lightning", "peft", "datasets", "lit_align")
 
@@ -159,6 +160,15 @@ def rows(results: dict[str, dict]) -> list[dict]:
             "hand-written loop", d.get("hand_ms"), d.get("copy_ratio_vs_hand"), "<=", 1.3, " ms")
         add("dpo_step", "peak RSS of the training process, MiB", d.get("lit_align_peak_rss_mb"),
             "TRL DPOTrainer", d.get("trl_peak_rss_mb"), d.get("rss_ratio_vs_trl"), "<=", 1.0, " MiB")
+    w = results.get("wagle", {})
+    if "error" not in w and w:
+        add("wagle", "WAGLE attribution (forget + retain gradients, scores, global top-k), ms", w.get("attribution_ms"),
+            "one fwd+bwd over forget+retain", w.get("fwd_bwd_ms"), w.get("attribution_ratio"), "<=", 1.1, " ms")
+        add("wagle", "masking the gradients in an unlearning step, ms", w.get("mask_apply_ms"),
+            "the whole step without mask", w.get("dense_step_ms"), w.get("mask_step_overhead"), "<=", 0.1, " ms")
+        step = None if not w.get("dense_step_ms") else round(w["masked_step_ms"] / w["dense_step_ms"], 3)
+        add("wagle", "unlearning step with the mask, end to end (±10% noise), ms", w.get("masked_step_ms"),
+            "same step without mask", w.get("dense_step_ms"), step, "<=", 1.1, " ms")
     for name, r in results.items():
         if "error" in r:
             out.append({"benchmark": name, "what": "failed (see results.json)", "lit_align": None, "peer_name": "",

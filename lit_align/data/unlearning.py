@@ -212,7 +212,11 @@ class ForgetRetainCollator:
     """Right-pads :class:`_Item` s into a :class:`ForgetRetainBatch`.
 
     ``pad_in_loss_to`` (reference quirk of WAGLE's WMDP code, off by default) pads the forget and
-    retain rows to that width and puts the pad positions in the loss mask (labels = input ids there).
+    retain rows to that width and scores the pad positions too (its labels are the input ids,
+    pads included). lit_align never scores a position outside the attention mask, so the pads
+    are marked real tokens here: the loss on real tokens is unchanged (they come first, the
+    attention is causal); the pad positions' hidden states also see the earlier pads, which the
+    reference's attention mask hides (a small difference in the quirk's own extra terms).
     """
 
     pad_token_id: int
@@ -224,10 +228,9 @@ class ForgetRetainCollator:
             return b
         pad = torch.nn.functional.pad
         ids = pad(b.input_ids, (0, extra), value=self.pad_token_id)
-        attn = pad(b.attention_mask, (0, extra), value=0)
-        loss = pad(b.loss_mask, (0, extra), value=0)
-        loss = torch.where(attn.bool(), loss, torch.ones_like(loss))  # every pad position is scored
-        return SequenceBatch(ids, attn, loss, b.index)
+        real = pad(b.attention_mask, (0, extra), value=0).bool()
+        loss = torch.where(real, pad(b.loss_mask, (0, extra), value=0), 1)  # every pad position is scored
+        return SequenceBatch(ids, torch.ones_like(loss), loss, b.index)  # ... so it must count as a real token
 
     def _collate(self, rows: list[SequenceExample]) -> SequenceBatch | None:
         if not rows:

@@ -5,17 +5,19 @@
 
 The selection is exact and memory-lean, and works on sharded scores without gathering them:
 
-1. scores are non-negative float32, whose IEEE bit patterns (read as integers) sort like the
-   values; the k-th largest score ``t`` is found by bisection over those 2**31 patterns, each
-   probe counting ``scores >= probe`` over all parameters (one ``all_reduce`` of a single count
-   per probe under FSDP2, so at most 32 passes and 32 tiny messages);
+1. the k-th largest score ``t``: in one process (up to 2**28 weights) one ``kthvalue`` over a
+   concatenated copy; otherwise, and always for sharded scores, by bisection: scores are
+   non-negative float32, whose IEEE bit patterns (read as integers) sort like the values, so
+   ``t`` is found over those 2**31 patterns, each probe counting ``scores >= probe`` over all
+   parameters (one ``all_reduce`` of a single count per probe under FSDP2, so at most 32 passes
+   and 32 tiny messages);
 2. every score ``> t`` is selected, and of the scores ``== t`` exactly as many as are still
    needed, first in a fixed global order: parameter order, then flat index (under FSDP2's
    ``Shard(0)`` a rank's shard is a contiguous run of the flat index, so the order is parameter,
    then rank, then local index; ranks exchange one tie count per parameter).
 
-No sort, no concatenation of all scores: besides the scores the selection allocates the masks
-(one byte per weight) and one temporary comparison per parameter.
+No sort, and beyond the ``kthvalue`` bound no concatenation of all scores: besides the scores
+the bisection allocates the masks (one byte per weight) and one temporary comparison per parameter.
 
 Masks are saved bit-packed (one bit per weight, with names, shapes, ratio, method and the model's
 architecture signature) and reloaded against a model: a mask made for another model is refused,
@@ -41,6 +43,11 @@ FORMAT = "lit_align.ParameterMask/1"
 _TIE_CHUNK = 1 << 24
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
+
+#: Up to this many weights, one process finds the k-th largest score with one ``kthvalue`` over a
+#: concatenated copy (4 bytes per weight, 1 GiB at this bound); beyond it, or when the scores are
+#: sharded, by bisection on the float32 bit pattern (at most 32 counting passes, nothing gathered).
+_KTHVALUE_MAX_NUMEL = 1 << 28
 
 def _is_dtensor(t: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
@@ -206,6 +213,9 @@ class ParameterMask:
 
         if k == 0:
             threshold_bits = 0x7F800001  # above +inf: nothing qualifies
+        elif group is None and total <= _KTHVALUE_MAX_NUMEL:  # one process: the k-th largest in one pass
+            kth = torch.cat([s.reshape(-1) for s in local]).kthvalue(total - k + 1).values
+            threshold_bits = int(kth.reshape(1).cpu().view(torch.int32)[0])
         else:  # largest t with count(>= t) >= k; invariant count(>= lo) >= k > count(>= hi)
             lo, hi = 0, 0x7F800001
             while hi - lo > 1:

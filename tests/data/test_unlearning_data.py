@@ -368,7 +368,16 @@ def test_wmdp_preset_corpora_multiple_choice_and_padding_quirk(tmp_path):
     quirk.setup()
     batch = next(iter(quirk.train_dataloader()))
     assert batch.forget.input_ids.shape[1] == 32 and batch.retain.input_ids.shape[1] == 32
-    assert batch.forget.loss_mask.all() and not batch.forget.attention_mask.all()
+    assert batch.forget.loss_mask.all() and batch.forget.attention_mask.all()  # pads count as scored tokens
+    assert (batch.forget.input_ids == quirk.tokenizer.pad_token_id).any()
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from lit_align.rollout.logps import token_logps
+
+    tiny = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=len(quirk.tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=2, num_key_value_heads=1, intermediate_size=64))
+    out = token_logps(tiny, batch.forget.input_ids, batch.forget.attention_mask, batch.forget.loss_mask)
+    assert (out.mask.sum(-1) == 31).all()  # every position but the first is scored, pads included
 
 
 def test_muse_preset_corpora_knowledge_qa_and_holdout(tmp_path):
