@@ -72,7 +72,8 @@ class UnlearningModule(ReferencedPolicyModule):
     first step), else ``adapter`` with LoRA or a frozen ``copy``.
     Batch: :class:`~lit_align.data.ForgetRetainBatch` from
     :class:`~lit_align.data.ForgetRetainDataModule`. All parts scored by token statistics run in
-    one forward; KL terms run the policy and the reference on their part.
+    one forward; KL terms run the policy and the reference on their part. With several ranks a
+    token-mean term is the token mean of the global batch (N ranks train like one process).
     Logged: ``<stage>/loss``, ``<stage>/<term>/loss`` and each term's metrics, ``<stage>/<part>/nll``
     for every part scored (``val/forget/nll`` and ``val/retain/nll`` always), ``train/tokens_per_sec``.
 
@@ -226,11 +227,22 @@ class UnlearningModule(ReferencedPolicyModule):
             part = self._positions(self._part(batch, term.target, name), term)
             kl = self._kl(part) if term.needs_kl else None
             ref = self._reference_logps(part, term, split) if term.needs_reference_logps else None
-            loss, term_metrics = term(stats.get((term.target, term.positions)), ref_logps=ref, kl=kl)
+            scored = stats.get((term.target, term.positions))
+            loss, term_metrics = term(scored, ref_logps=ref, kl=kl)
+            if stage == "train" and self.trainer.world_size > 1 and getattr(term, "reduction", None) == "token":
+                loss = loss * self._global_token_factor((kl if kl is not None else scored).mask)
             total = total + weight * loss
             metrics[f"{name}/loss"] = loss.detach()
             metrics.update({f"{name}/{k}": v for k, v in term_metrics.items()})
         return total, metrics
+
+    def _global_token_factor(self, mask: Tensor) -> Tensor:
+        """``local tokens * ranks / global tokens``: turns this rank's token mean into its share of the
+        global batch's token mean, so averaging gradients over ranks equals one process with the
+        whole batch (as SFT does; a rank's own mean would weigh its tokens by its batch's length)."""
+        local = mask.sum().detach()
+        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        return local * self.trainer.world_size / total.clamp(min=1)
 
     def _step(self, batch: ForgetRetainBatch, stage: str) -> Tensor:
         loss, metrics = self._objective(batch, stage)
