@@ -91,7 +91,9 @@ class HFExport(L.Callback):
         self.dirpath, self.merge_lora = dirpath, merge_lora
         self.path: Path | None = None
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        # on_train_end, not on_fit_end: by then Lightning's teardown has moved the model to the CPU, and
+        # sharded (FSDP) weights could no longer be gathered over the GPU process group
         self.path = Path(self.dirpath or Path(trainer.default_root_dir) / "hf_export")
         policy = pl_module.policy
         state = _fsdp1_state_dict(trainer) or _full_state_dict(policy)  # collectives: every rank takes part

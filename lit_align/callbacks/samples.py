@@ -76,5 +76,6 @@ class SampleGenerations(L.Callback):
             self._last_step = step  # once per optimiser step, not per accumulated micro-batch
             self._run(trainer, pl_module)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
+        # on_train_end, not on_fit_end: Lightning's teardown (before on_fit_end) moves the model off the GPU
         self._run(trainer, pl_module)

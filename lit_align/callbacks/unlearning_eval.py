@@ -184,6 +184,8 @@ class UnlearningEvaluation(L.Callback):
                 error; ``forget`` is always required.
             batch_size: sequences (or prompts, for greedy decoding) per forward pass.
             max_new_tokens: greedy answer length limit for ROUGE-L (TOFU allows 200 tokens in total).
+                ROUGE-L here compares lowercased words without stemming; TOFU's numbers use a Porter
+                stemmer, so they are not directly comparable (see :func:`lit_align.metrics.rouge_l_recall`).
             max_records: evaluate only the first this-many records of each split (``None``: all).
             mia_k: the K of Min-K% Prob (share of lowest-probability tokens averaged), in (0, 1].
             truth_ratio_mean: how the K perturbed answers' probabilities are averaged
@@ -194,7 +196,9 @@ class UnlearningEvaluation(L.Callback):
             relearn_steps: AdamW steps of the relearning attack at the end of training (the
                 ``relearned`` row); 0 re-evaluates an untouched copy (deltas must be 0); ``None`` skips it.
             relearn_fraction: share of the forget records (seeded choice, at least one) the attack trains on.
-            relearn_lr: learning rate of the attack (no weight decay; all weights trained).
+            relearn_lr: learning rate of the attack (no weight decay; all weights trained). The attack's
+                size, rate and steps are not from a paper (the checklist names the attack, not a recipe):
+                choose them for your model and report them with the result.
             relearn_seed: seed of the record choice and order of the attack.
             plot: write a bar chart ``unlearning_eval.png`` (skipped with a warning without matplotlib).
             dirpath: where the CSV and the chart go; default ``trainer.log_dir`` (or ``default_root_dir``).
@@ -250,6 +254,10 @@ class UnlearningEvaluation(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if self.relearn_steps is not None and _is_sharded(pl_module.policy):
             raise NotImplementedError(_NO_SHARDED_RELEARN)  # now, not after training
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        # here, not in on_fit_start: FSDP2 (ModelParallelStrategy) restores a resumed run's checkpoint,
+        # and with it the rows already evaluated, only after on_fit_start
         self._prepare(trainer, pl_module)
         if self.retain_model is not None and "retain_only" not in self.results:
             reference = build_causal_lm(self.retain_model, pl_module.tokenizer).to(pl_module.device)

@@ -105,7 +105,9 @@ class WeightMask(L.Callback):
                 ``<default_root_dir>/weight_mask/<method>_<ratio>.pt``.
             strict: False = the reference behaviour (AdamW's decoupled weight decay still shrinks
                 masked-out weights); True = masked-out weights are restored bit-identically after every step.
-            batch_size: examples per attribution batch (memory only: gradients are summed).
+            batch_size: examples per attribution batch (memory only: gradients are summed). Attribution
+                runs with dropout off (``eval()``), which in HF models also turns activation
+                checkpointing off: lower this for large models.
             seed: of the ``random`` baseline.
             chunk_tokens: LM-head chunk size in the attribution pass (memory only).
         """
@@ -113,6 +115,11 @@ class WeightMask(L.Callback):
             raise ValueError(f"WeightMask.method must be one of {list(METHODS)}, got {method!r}")
         if path is None and not 0.0 <= ratio <= 1.0:
             raise ValueError(f"WeightMask.ratio is the fraction of weights updated, in [0, 1]; got {ratio}")
+        if method == "wagle" and path is None and not (isinstance(gamma, (int, float)) and gamma > 0):
+            raise ValueError(f"WeightMask.gamma (the retain-Hessian scalar, the reference configs' mu = 1e-6) must be "
+                             f"> 0, got {gamma!r}")
+        if batch_size <= 0:
+            raise ValueError(f"WeightMask.batch_size must be positive, got {batch_size}")
         self.path, self.method, self.ratio, self.gamma = path, method, ratio, gamma
         self.save_to, self.strict, self.batch_size, self.seed = save_to, strict, batch_size, seed
         self.chunk_tokens = chunk_tokens
@@ -188,13 +195,15 @@ class WeightMask(L.Callback):
                 raise ValueError(f"WeightMask scores the forget objective; forget_term.target is {target!r}, "
                                  "expected 'forget' or 'refusal'")
             if loaders.get(target) is None:
-                raise ValueError(f"attribution_loaders() gave no {target!r} set, needed for the forget gradient")
-            g_f = accumulate_gradients(policy, loaders[target], chunk_tokens=self.chunk_tokens)
-            if self.method == "wagle":
-                if loaders.get("retain") is None:
-                    raise ValueError("WeightMask(method='wagle') needs a retain set (the retain gradient); configure "
-                                     "data.retain, or choose method: snip")
-                g_r = accumulate_gradients(policy, loaders["retain"], chunk_tokens=self.chunk_tokens)
+                raise ValueError(f"attribution_loaders() gave no {target!r} set, needed for the forget gradient"
+                                 + ("; set data.refusals to a non-empty list" if target == "refusal" else ""))
+            with trainer.precision_plugin.forward_context():  # the run's numerics (bf16 autocast under bf16-mixed)
+                g_f = accumulate_gradients(policy, loaders[target], chunk_tokens=self.chunk_tokens)
+                if self.method == "wagle":
+                    if loaders.get("retain") is None:
+                        raise ValueError("WeightMask(method='wagle') needs a retain set (the retain gradient); "
+                                         "configure data.retain, or choose method: snip")
+                    g_r = accumulate_gradients(policy, loaders["retain"], chunk_tokens=self.chunk_tokens)
         scores = attribution_scores(policy, g_f, g_r, method=self.method, gamma=self.gamma, seed=self.seed)
         del g_f, g_r
         return ParameterMask.select_top(scores, self.ratio, method=self.method, signature=model_signature(policy))

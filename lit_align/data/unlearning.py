@@ -139,8 +139,9 @@ class ForgetRetainDataset(Dataset):
     def __init__(self, forget: TokenizedDataset, retain: TokenizedDataset | None = None, *,
                  pool: list[list[int]] | None = None, refusals: list[list[int]] | None = None,
                  num_mismatch: int = 5, retain_sampling: str = "cycle", retain_per_forget: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, pad_in_loss_to: int | None = None) -> None:
         self.forget, self.retain, self.pool, self.refusals = forget, retain, pool or None, refusals or None
+        self.pad_in_loss_to = pad_in_loss_to  # the WMDP quirk: collated rows padded to this width, pads scored
         self.num_mismatch, self.retain_sampling, self.retain_per_forget = num_mismatch, retain_sampling, retain_per_forget
         self.seed = seed
         self.max_length = forget.max_length
@@ -164,7 +165,7 @@ class ForgetRetainDataset(Dataset):
                 h.update(f"|{name}:".encode())
                 for r in rows:
                     h.update(torch.tensor(r, dtype=torch.int64).numpy().tobytes() + b",")
-        h.update(f"|k={self.num_mismatch}|seed={self.seed}".encode())
+        h.update(f"|k={self.num_mismatch}|seed={self.seed}|pad_in_loss_to={self.pad_in_loss_to}".encode())
         return h.hexdigest()
 
     def _cycle_perm(self, n_pass: int) -> np.ndarray:
@@ -207,30 +208,35 @@ class ForgetRetainDataset(Dataset):
         return _Item(f, retain, mismatch, refusal)
 
 
+def pad_in_loss(b: SequenceBatch, width: int, pad_token_id: int) -> SequenceBatch:
+    """WAGLE's WMDP quirk: pad rows to ``width`` and score the pad positions too (its labels are the
+    input ids, pads included). lit_align never scores a position outside the attention mask, so the
+    pads are marked real tokens here: the loss on real tokens is unchanged (they come first, the
+    attention is causal); the pad positions' hidden states also see the earlier pads, which the
+    reference's attention mask hides (a small difference in the quirk's own extra terms)."""
+    extra = width - b.input_ids.shape[1]
+    if extra < 0:
+        return b
+    pad = torch.nn.functional.pad
+    ids = pad(b.input_ids, (0, extra), value=pad_token_id)
+    real = pad(b.attention_mask, (0, extra), value=0).bool()
+    loss = torch.where(real, pad(b.loss_mask, (0, extra), value=0), 1)  # every pad position is scored
+    return SequenceBatch(ids, torch.ones_like(loss), loss, b.index)  # ... so it must count as a real token
+
+
 @dataclass
 class ForgetRetainCollator:
     """Right-pads :class:`_Item` s into a :class:`ForgetRetainBatch`.
 
-    ``pad_in_loss_to`` (reference quirk of WAGLE's WMDP code, off by default) pads the forget and
-    retain rows to that width and scores the pad positions too (its labels are the input ids,
-    pads included). lit_align never scores a position outside the attention mask, so the pads
-    are marked real tokens here: the loss on real tokens is unchanged (they come first, the
-    attention is causal); the pad positions' hidden states also see the earlier pads, which the
-    reference's attention mask hides (a small difference in the quirk's own extra terms).
+    ``pad_in_loss_to`` (reference quirk of WAGLE's WMDP code, off by default): the forget and
+    retain rows go through :func:`pad_in_loss`.
     """
 
     pad_token_id: int
     pad_in_loss_to: int | None = None
 
     def _pad_in_loss(self, b: SequenceBatch) -> SequenceBatch:
-        extra = self.pad_in_loss_to - b.input_ids.shape[1]
-        if extra < 0:
-            return b
-        pad = torch.nn.functional.pad
-        ids = pad(b.input_ids, (0, extra), value=self.pad_token_id)
-        real = pad(b.attention_mask, (0, extra), value=0).bool()
-        loss = torch.where(real, pad(b.loss_mask, (0, extra), value=0), 1)  # every pad position is scored
-        return SequenceBatch(ids, torch.ones_like(loss), loss, b.index)  # ... so it must count as a real token
+        return pad_in_loss(b, self.pad_in_loss_to, self.pad_token_id)
 
     def _collate(self, rows: list[SequenceExample]) -> SequenceBatch | None:
         if not rows:
@@ -251,17 +257,21 @@ class ForgetRetainCollator:
 class WeightedBatches:
     """Re-iterable ``(SequenceBatch, weights (B,) float)`` batches over a fixed list of rows."""
 
-    def __init__(self, rows: list[SequenceExample], weights: list[float], batch_size: int, pad_token_id: int) -> None:
+    def __init__(self, rows: list[SequenceExample], weights: list[float], batch_size: int, pad_token_id: int,
+                 pad_in_loss_to: int | None = None) -> None:
         self.rows, self.weights, self.batch_size = rows, weights, batch_size
         self.collate = SequenceCollator(pad_token_id)
+        self.pad_token_id, self.pad_in_loss_to = pad_token_id, pad_in_loss_to
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[SequenceBatch, torch.Tensor]]:
         for s in range(0, len(self.rows), self.batch_size):
-            yield (self.collate(self.rows[s : s + self.batch_size]),
-                   torch.tensor(self.weights[s : s + self.batch_size], dtype=torch.float32))
+            batch = self.collate(self.rows[s : s + self.batch_size])
+            if self.pad_in_loss_to is not None:
+                batch = pad_in_loss(batch, self.pad_in_loss_to, self.pad_token_id)
+            yield batch, torch.tensor(self.weights[s : s + self.batch_size], dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------ the DataModule
@@ -558,27 +568,28 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
     def _dataset(self, forget: TokenizedDataset, retain: TokenizedDataset | None, sampling: str,
-                 paired: bool = True) -> ForgetRetainDataset:
+                 paired: bool = True, pad_in_loss: bool = False) -> ForgetRetainDataset:
         return ForgetRetainDataset(
             forget, retain if paired else None, pool=self._pool if paired else None,
             refusals=self._refusal_ids if paired else None, num_mismatch=self.num_mismatch,
             retain_sampling=sampling, retain_per_forget=self.retain_per_forget, seed=self.seed,
+            pad_in_loss_to=self.max_length if pad_in_loss else None,
         )
 
     def _loader(self, dataset: ForgetRetainDataset, batch_size: int, *, shuffle: bool, shard: bool,
-                train: bool = False, pad_in_loss: bool = False) -> ResumableDataLoader:
+                train: bool = False) -> ResumableDataLoader:
         replicas, rank = self._shard() if shard else (1, 0)
         sampler = StreamSampler(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=self.seed)
-        collate = ForgetRetainCollator(self.tokenizer.pad_token_id, self.max_length if pad_in_loss else None)
+        collate = ForgetRetainCollator(self.tokenizer.pad_token_id, dataset.pad_in_loss_to)
         return ResumableDataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=collate,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                                    warn_truncated=train)
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled, rank-sharded passes over the forget set with the paired rows (resumable)."""
-        dataset = self._dataset(self.forget_dataset, self.retain_dataset, self.retain_sampling)
-        self._train_loader = self._loader(dataset, self.batch_size, shuffle=True, shard=True, train=True,
-                                          pad_in_loss=self.pad_in_loss)
+        dataset = self._dataset(self.forget_dataset, self.retain_dataset, self.retain_sampling,
+                                pad_in_loss=self.pad_in_loss)
+        self._train_loader = self._loader(dataset, self.batch_size, shuffle=True, shard=True, train=True)
         return self._train_loader
 
     def val_dataloader(self) -> ResumableDataLoader | list:
@@ -611,8 +622,9 @@ class ForgetRetainDataModule(L.LightningDataModule):
         splits = {"train": self.forget_dataset}
         if self.val_forget_dataset is not self.forget_dataset:
             splits["val"] = self.val_forget_dataset
-        return {k: self._loader(self._dataset(d, None, "spread", paired=False), self.eval_batch_size,
-                                shuffle=False, shard=shard) for k, d in splits.items()}
+        # the training split is scored as training sees it (the pad-in-loss quirk included)
+        return {k: self._loader(self._dataset(d, None, "spread", paired=False, pad_in_loss=self.pad_in_loss and k == "train"),
+                                self.eval_batch_size, shuffle=False, shard=shard) for k, d in splits.items()}
 
     def attribution_loaders(self, num_replicas: int, rank: int, batch_size: int) -> dict[str, WeightedBatches]:
         """Batches for weight attribution (WAGLE), over this rank's share in a fixed order.
@@ -632,11 +644,13 @@ class ForgetRetainDataModule(L.LightningDataModule):
         weights = [1.0 if p < n else 0.0 for p in positions]
         idx = [p % n for p in positions]
         pad_id = self.tokenizer.pad_token_id
-        out = {"forget": WeightedBatches([forget[i] for i in idx], weights, batch_size, pad_id)}
+        quirk = self.max_length if self.pad_in_loss else None  # gradients of the loss training optimises
+        out = {"forget": WeightedBatches([forget[i] for i in idx], weights, batch_size, pad_id, quirk)}
         if self.retain_dataset is not None:
             n_r = len(self.retain_dataset)
             pair = [int(_rng(self.seed, _ATTR_RETAIN, i).integers(n_r)) for i in idx]
-            out["retain"] = WeightedBatches([self.retain_dataset[j] for j in pair], weights, batch_size, pad_id)
+            out["retain"] = WeightedBatches([self.retain_dataset[j] for j in pair], weights, batch_size, pad_id,
+                                            quirk)
         if self._refusal_ids:
             rows = []
             for i in idx:

@@ -165,7 +165,7 @@ class ReferencedPolicyModule(PolicyModule):
 
     It owns the plumbing every reference-regularised method shares: attaching the reference to the
     starting weights before LoRA, sharding a ``copy`` under FSDP2 (loaded from rank 0 only), filling
-    ``precomputed`` tables before fit / validate / test (subclasses say which sequences of a batch
+    ``precomputed`` tables before training / validation / test (subclasses say which sequences of a batch
     are scored, :meth:`_reference_sequences`), keeping those tables in checkpoints, and leaving the
     frozen copy out of checkpoints (it is rebuilt from the model spec and would double their size).
     """
@@ -210,7 +210,7 @@ class ReferencedPolicyModule(PolicyModule):
             self.reference.precompute(self, self._reference_sequences, model_fp=self._model_fingerprint,
                                       cache_dir=self.reference_cache_dir)
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:  # after any checkpoint restore (FSDP2 restores after on_fit_start)
         self._precompute_reference()
 
     def on_validation_start(self) -> None:  # `validate` runs without `fit`

@@ -21,8 +21,9 @@ __all__ = ["UnlearningModule"]
 
 log = logging.getLogger(__name__)
 
-#: Batch parts whose rows are keyed by the forget example's index (what precomputed tables can hold).
-_FORGET_KEYED = ("forget", "refusal")
+#: Batch parts whose rows are keyed by the forget example's index (what precomputed tables can hold;
+#: refusal rows are drawn per stream position, so they are scored on the fly).
+_FORGET_KEYED = ("forget",)
 
 
 def _split_rows(stats: TokenStats, sizes: list[int]) -> list[TokenStats]:
@@ -74,8 +75,10 @@ class UnlearningModule(ReferencedPolicyModule):
     :class:`~lit_align.data.ForgetRetainDataModule`. All parts scored by token statistics run in
     one forward; KL terms run the policy and the reference on their part. With several ranks a
     token-mean term is the token mean of the global batch (N ranks train like one process).
-    Logged: ``<stage>/loss``, ``<stage>/<term>/loss`` and each term's metrics, ``<stage>/<part>/nll``
-    for every part scored (``val/forget/nll`` and ``val/retain/nll`` always), ``train/tokens_per_sec``.
+    Logged: ``<stage>/loss``; ``<stage>/forget_loss`` (``retain_loss``, ``mismatch_loss``) and each
+    term's metrics under ``<stage>/forget_loss/...``; ``<stage>/<part>/nll``, the token-mean NLL of
+    the answers of every batch part scored (``val/forget/nll`` and ``val/retain/nll`` always: the
+    true forget answers, whatever the forget term reads); ``train/tokens_per_sec``.
 
     Stopping (LLMU's intended rule; its reference code's check never fires because it compares
     the negated loss): with ``stop_forget_nll`` the run stops once the forget NLL of a training
@@ -98,6 +101,7 @@ class UnlearningModule(ReferencedPolicyModule):
         reference_cache_dir: str | None = None,
         stop_forget_nll: float | None = None,
         stop_extra_steps_factor: float = 0.0,
+        token_mean: Literal["global", "rank"] = "global",
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         chunk_tokens: int | None = None,
@@ -113,6 +117,10 @@ class UnlearningModule(ReferencedPolicyModule):
             reference_cache_dir: where precomputed reference log-probs are cached.
             stop_forget_nll: stop once the training forget NLL exceeds this (nats per token); ``None``: never.
             stop_extra_steps_factor: after crossing ``stop_forget_nll`` at step s, run ``factor * s`` more steps.
+            token_mean: with several ranks, a token-mean term is the mean over the ``global`` batch's tokens
+                (N ranks train exactly like one process with N times the batch) or each ``rank``'s own mean,
+                averaged over ranks (one sequence per rank then reproduces a reference trained with batch 1
+                and gradient accumulation, which averages per-sequence means).
             optimizer: optimiser factory over the trainable parameters; default AdamW(lr=1e-5).
             scheduler: LR scheduler factory (stepped every optimiser step); default none.
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only; default auto).
@@ -131,12 +139,17 @@ class UnlearningModule(ReferencedPolicyModule):
             raise ValueError("a KL term needs the reference distribution at every token, which precomputed "
                              "log-probs do not keep: set model.reference to copy (or adapter with model.lora)")
         if reference == "precomputed" and any(t.target not in _FORGET_KEYED for t in needs_logps):
-            raise ValueError("reference: precomputed keeps log-probs of forget/refusal rows only; a term reading "
+            raise ValueError("reference: precomputed keeps log-probs of forget rows only; a term reading "
                              f"{[t.target for t in needs_logps]} needs reference: copy or adapter")
         super().__init__(model, reference=reference, reference_cache_dir=reference_cache_dir, optimizer=optimizer,
                          scheduler=scheduler, chunk_tokens=chunk_tokens)
         if stop_extra_steps_factor < 0:
             raise ValueError(f"model.stop_extra_steps_factor must be >= 0, got {stop_extra_steps_factor}")
+        if stop_forget_nll is not None and not math.isfinite(stop_forget_nll):
+            raise ValueError(f"model.stop_forget_nll must be a finite number of nats (or null), got {stop_forget_nll}")
+        if token_mean not in ("global", "rank"):
+            raise ValueError(f"model.token_mean must be 'global' or 'rank', got {token_mean!r}")
+        self.token_mean = token_mean
         self.forget_term, self.retain_term, self.mismatch_term = forget, retain_loss, mismatch_loss
         self.terms = terms
         self._needs_reference = needs_kl or bool(needs_logps)
@@ -193,8 +206,7 @@ class UnlearningModule(ReferencedPolicyModule):
         part = getattr(batch, target, None)
         if part is None:
             raise ValueError(f"the {name} term reads batch.{target}, which the DataModule does not provide: "
-                             f"give data.{'retain' if target == 'retain' else 'mismatch_pool' if target == 'mismatch' else target}"
-                             " (or drop the term)")
+                             f"give {UnlearningModule._PROVIDERS.get(target, (None, 'data.' + target))[1]} (or drop the term)")
         return part
 
     @staticmethod
@@ -229,11 +241,12 @@ class UnlearningModule(ReferencedPolicyModule):
             ref = self._reference_logps(part, term, split) if term.needs_reference_logps else None
             scored = stats.get((term.target, term.positions))
             loss, term_metrics = term(scored, ref_logps=ref, kl=kl)
-            if stage == "train" and self.trainer.world_size > 1 and getattr(term, "reduction", None) == "token":
+            metrics[f"{name}_loss"] = loss.detach()  # keys follow the config: forget_loss, retain_loss, ...
+            metrics.update({f"{name}_loss/{k}": v for k, v in term_metrics.items()})
+            if (stage == "train" and self.token_mean == "global" and self.trainer.world_size > 1
+                    and getattr(term, "reduction", None) == "token"):
                 loss = loss * self._global_token_factor((kl if kl is not None else scored).mask)
             total = total + weight * loss
-            metrics[f"{name}/loss"] = loss.detach()
-            metrics.update({f"{name}/{k}": v for k, v in term_metrics.items()})
         return total, metrics
 
     def _global_token_factor(self, mask: Tensor) -> Tensor:

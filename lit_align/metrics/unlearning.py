@@ -82,6 +82,9 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
     0.0 when none does, and 0.0 for a reference without words.
     Example: prediction "born in the town of Nettleby", reference "She was born in Nettleby"
     -> LCS ``born in nettleby`` = 3 words of 5 -> 0.6.
+
+    No stemming: TOFU's published ROUGE numbers come from the ``rouge_score`` package with a Porter
+    stemmer (``works``/``worked`` match there, not here), so compare runs scored the same way.
     """
     ref = rouge_tokens(reference)
     if not ref:

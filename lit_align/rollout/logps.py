@@ -363,8 +363,10 @@ def _chunk_kl(head: nn.Module, hidden: Tensor, ref_hidden: Tensor, transform: Lo
     if ref.shape != logq.shape:
         raise ValueError(f"the reference's next-token distribution has {ref.shape[-1]} entries and the policy's "
                          f"{logq.shape[-1]}: KL needs the same vocabulary")
-    kl = F.kl_div(logq, ref, reduction="none", log_target=True).sum(-1)  # (n,) sum_v p (log p - log q), 0 log 0 = 0
-    cross_entropy = -(ref.exp() * logq).sum(-1)  # (n,)
+    p = ref.exp()  # (n, V)
+    live = p > 0  # a token the reference rules out (log p = -inf: masked vocabulary) adds 0, not NaN
+    kl = torch.where(live, p * (ref - logq), 0.0).sum(-1)  # (n,) sum_v p (log p - log q)
+    cross_entropy = -torch.where(live, p * logq, 0.0).sum(-1)  # (n,)
     return kl, cross_entropy
 
 

@@ -67,7 +67,7 @@ class EvalData(L.LightningDataModule):
 
     def _loader(self) -> DataLoader:
         examples = [SequenceExample(self.encode_prompt(r["prompt"]), self.encode_response(r["response"]), i)
-                    for i, r in enumerate(self.records["forget"])]
+                    for i, r in enumerate(self.records["forget"]) if "response" in r]  # bad records: the callback's job
         return DataLoader(examples, batch_size=2, collate_fn=SequenceCollator(self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:

@@ -378,6 +378,11 @@ def test_wmdp_preset_corpora_multiple_choice_and_padding_quirk(tmp_path):
                                                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=64))
     out = token_logps(tiny, batch.forget.input_ids, batch.forget.attention_mask, batch.forget.loss_mask)
     assert (out.mask.sum(-1) == 31).all()  # every position but the first is scored, pads included
+    # precomputed reference log-probs and WAGLE attribution see the rows exactly as training does
+    reference_rows = next(iter(quirk.split_loaders()["train"])).forget
+    attribution_rows, _ = next(iter(quirk.attribution_loaders(1, 0, 3)["forget"]))
+    for rows in (reference_rows, attribution_rows):
+        assert rows.input_ids.shape[1] == 32 and rows.loss_mask.all() and rows.attention_mask.all()
 
 
 def test_muse_preset_corpora_knowledge_qa_and_holdout(tmp_path):
