@@ -7,36 +7,18 @@ import copy
 import pytest
 import torch
 from conftest import tiny_lm
+from test_logps import PAD, VOCAB, _batch  # the same three rows: (3, 4), (5, 2), (2, 0)
 
 import lit_align.rollout.logps as logps_mod
 from lit_align.rollout import token_kl, token_logps, token_stats
 from lit_align.rollout.logps import position_ids_from_mask
 
-VOCAB = 97
-PAD = 0
 GRAD_PARAMS = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"]
 
 
 def _tiny_model(seed: int = 0) -> torch.nn.Module:
     return tiny_lm("qwen2", vocab_size=VOCAB, hidden_size=32, seed=seed, max_position_embeddings=64,
                    tie_word_embeddings=False)
-
-
-def _batch(padding_side: str, seed: int = 1):
-    """Three rows (prompt_len, response_len) = (3, 4), (5, 2), (2, 0); loss_mask is 1 on the response."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = [(3, 4), (5, 2), (2, 0)]
-    T = max(p + r for p, r in lengths)
-    ids = torch.full((len(lengths), T), PAD)
-    attn = torch.zeros(len(lengths), T, dtype=torch.long)
-    loss_mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, (p, r) in enumerate(lengths):
-        n = p + r
-        s = 0 if padding_side == "right" else T - n
-        ids[b, s : s + n] = torch.randint(1, VOCAB, (n,), generator=g)
-        attn[b, s : s + n] = 1
-        loss_mask[b, s + p : s + n] = 1
-    return ids, attn, loss_mask
 
 
 def _naive_logits(model, ids, attn):
