@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from lit_align.data.batches import SequenceBatch
@@ -176,7 +177,9 @@ class ReferencePolicy(nn.Module):
                 n = len(loader.dataset)
                 sums = counts = seen = None
                 for batch in loader:
-                    batch = strategy.batch_to_device(batch)
+                    # not strategy.batch_to_device: its DataModule hooks would count these batches as
+                    # consumed training batches (the resumable loader's position) during on_train_start
+                    batch = move_data_to_device(batch, strategy.root_device)
                     seqs = sequences(batch)
                     out = module.policy_logps(SequenceBatch.cat(seqs, module.tokenizer.pad_token_id))
                     k, idx = len(seqs), batch.index
