@@ -1,0 +1,213 @@
+"""PPO experience: everything a PPO update needs about one sampled batch, computed once without grad.
+
+:func:`make_experience` turns a :class:`~lit_align.rollout.sampler.Rollout` and its sequence scores
+(from any reward source: a reward model, the detector, a rule or a weighted mix) into an
+:class:`Experience` (core spec §0.2 B3, §3.5 steps 1-3):
+
+1. drop the rows with fewer than ``min_response_tokens`` generated tokens (the spec drops samples
+   with <= 1 generated token), counting them;
+2. old (actor) and reference token log-probs of the response tokens, recomputed by
+   :func:`~lit_align.rollout.logps.token_logps` on the full sequences (not the sampler's
+   KV-cache/temperature log-probs), the reference optionally being the actor under a context
+   (LoRA adapters disabled);
+3. the critic's values ``V_t`` of the state before each response token;
+4. KL-shaped per-token rewards with the clipped score at the last generated token, then GAE and,
+   optionally, whitened advantages.
+
+:func:`minibatches` then cuts the experience into shuffled row minibatches for the PPO epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor, nn
+
+from lit_align.losses.ppo import gae, kl_shaped_rewards, whiten
+from lit_align.rollout.logps import token_logps
+from lit_align.rollout.sampler import Rollout
+
+__all__ = ["Experience", "make_experience", "minibatches"]
+
+#: The per-row tensor fields of :class:`Experience` (sliced together by :meth:`Experience.select`).
+_ROW_FIELDS = ("sequences", "attention_mask", "action_mask", "old_logps", "ref_logps", "values", "rewards",
+               "advantages", "returns", "scores")
+
+
+@dataclass
+class Experience:
+    """One batch of PPO experience. Every (B, T) tensor is aligned with ``sequences`` like
+    :class:`~lit_align.rollout.TokenLogps`: column ``t`` is the action "emit token ``t``", and
+    every float field is 0 where ``action_mask`` is 0.
+
+    Attributes:
+        sequences: (B, T) long, left-padded prompt then right-padded response (``Rollout.sequences``).
+        attention_mask: (B, T) long, 1 on real prompt tokens and generated tokens (EOS included).
+        action_mask: (B, T) float, 1 on the generated tokens (the actions), 0 on prompt and padding.
+        old_logps: (B, T) float32, token log-probs under the actor that sampled.
+        ref_logps: (B, T) float32, token log-probs under the reference.
+        values: (B, T) float32, the critic's ``V_t`` of the state before token ``t``
+            (:meth:`~lit_align.models.value.ValueModel.action_values`).
+        rewards: (B, T) float32, KL-shaped rewards with the clipped score at each row's last action.
+        advantages: (B, T) float32, GAE advantages (whitened over the batch's actions if asked).
+        returns: (B, T) float32, value targets ``A + V`` (from the unwhitened advantages).
+        scores: (B,) float32, the raw (unclipped) sequence scores.
+        num_dropped: rows of the rollout left out for having too few generated tokens.
+        metrics: detached scalars for logging (KL, score, reward, response length, dropped rows);
+            empty in minibatches.
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    action_mask: Tensor
+    old_logps: Tensor
+    ref_logps: Tensor
+    values: Tensor
+    rewards: Tensor
+    advantages: Tensor
+    returns: Tensor
+    scores: Tensor
+    num_dropped: int = 0
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def select(self, index: Tensor) -> Experience:
+        """The rows ``index`` ((N,) long or (B,) bool) as a new experience, without metrics."""
+        return Experience(**{name: getattr(self, name)[index] for name in _ROW_FIELDS})
+
+    def to(self, device: torch.device | str) -> Experience:
+        """A copy with every tensor moved to ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved.update({name: moved[name].to(device) for name in _ROW_FIELDS})
+        moved["metrics"] = {k: v.to(device) for k, v in self.metrics.items()}
+        return Experience(**moved)
+
+
+def _check_args(rollout: Rollout, scores: Tensor, min_response_tokens: int) -> None:
+    batch = rollout.response_ids.shape[0]
+    if not isinstance(scores, Tensor) or scores.shape != (batch,):
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a (B,) tensor with B = {batch} (one per rollout row), got {shape}")
+    if isinstance(min_response_tokens, bool) or not isinstance(min_response_tokens, int) or min_response_tokens < 1:
+        raise ValueError(f"min_response_tokens must be an int >= 1, got {min_response_tokens!r}")
+
+
+def _empty(rollout: Rollout, scores: Tensor, dropped: int) -> Experience:
+    """An experience with no rows (every row was dropped)."""
+    seq = rollout.sequences[:0]  # (0, T)
+    zeros = torch.zeros(seq.shape, dtype=torch.float32, device=seq.device)
+    return Experience(sequences=seq, attention_mask=rollout.attention_mask[:0], action_mask=zeros,
+                      old_logps=zeros, ref_logps=zeros, values=zeros, rewards=zeros, advantages=zeros,
+                      returns=zeros, scores=scores[:0].float(), num_dropped=dropped,
+                      metrics={"dropped": torch.tensor(float(dropped))})
+
+
+@torch.no_grad()
+def make_experience(
+    actor: nn.Module,
+    reference: nn.Module,
+    critic: nn.Module,
+    rollout: Rollout,
+    scores: Tensor,
+    *,
+    kl_coef: float = 0.1,
+    reward_clip: float | None = 5.0,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = False,
+    reference_context: Callable[[], AbstractContextManager] | None = None,
+    min_response_tokens: int = 2,
+) -> Experience:
+    """Score a rollout for PPO: log-probs, values, KL-shaped rewards and GAE (no gradient).
+
+    Every model is run in eval mode (each submodule's mode is restored afterwards).
+
+    Args:
+        actor: the HF causal LM that sampled ``rollout`` (optionally PEFT-wrapped).
+        reference: the frozen reference LM (may be ``actor`` itself with ``reference_context``).
+        critic: a :class:`~lit_align.models.value.ValueModel` (anything with ``action_values``).
+        rollout: the sampled batch (:func:`~lit_align.rollout.sampler.sample`).
+        scores: (B,) sequence score of each rollout row (computed by the caller on the full
+            rollout: reward model, detector, rule or mix); unclipped.
+        kl_coef, reward_clip: see :func:`~lit_align.losses.ppo.kl_shaped_rewards`.
+        gamma, lam: see :func:`~lit_align.losses.ppo.gae`.
+        whiten_advantages: whiten the advantages over the batch's action tokens (returns are
+            computed before whitening).
+        reference_context: zero-argument callable returning a context manager under which the
+            reference runs, e.g. ``lambda: actor.disable_adapter()`` with ``reference=actor``.
+        min_response_tokens: rows with fewer generated tokens (EOS included) are dropped and
+            counted in ``num_dropped``; 2 drops the "<= 1 generated token" samples of the spec.
+
+    Returns:
+        The :class:`Experience` of the kept rows, with ``metrics``: ``kl``, ``kl_token``, ``score``,
+        ``score_clipped``, ``reward`` (see :func:`~lit_align.losses.ppo.kl_shaped_rewards`),
+        ``response_length`` (mean generated tokens), ``value`` (mean ``V``) and ``dropped``. If
+        every row is dropped, an experience with B = 0 (no model is run).
+    """
+    _check_args(rollout, scores, min_response_tokens)
+    keep = rollout.response_lengths >= min_response_tokens  # (B,)
+    dropped = int((~keep).sum())
+    if dropped == len(keep):
+        return _empty(rollout, scores, dropped)
+    if dropped:
+        rollout = Rollout(**{f.name: getattr(rollout, f.name)[keep] for f in fields(rollout)})
+        scores = scores[keep]
+
+    sequences = rollout.sequences  # (B, T)
+    attention_mask = rollout.attention_mask  # (B, T)
+    action_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)  # (B, T)
+    context = reference_context or nullcontext
+
+    models = (actor, reference, critic)
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        old = token_logps(actor, sequences, attention_mask, action_mask)
+        with context():
+            ref = token_logps(reference, sequences, attention_mask, action_mask)
+        values = critic.action_values(sequences, attention_mask)  # (B, T)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+    mask = old.mask  # (B, T) float == action_mask (a prompt's first real token is never an action)
+    values = values.float() * mask
+    rewards, metrics = kl_shaped_rewards(old.logps, ref.logps, scores, mask, kl_coef=kl_coef,
+                                         reward_clip=reward_clip)
+    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    if whiten_advantages:
+        advantages = whiten(advantages, mask)
+    metrics["response_length"] = mask.sum(-1).mean()
+    metrics["value"] = (values.sum() / mask.sum().clamp(min=1))
+    metrics["dropped"] = torch.tensor(float(dropped), device=mask.device)
+    return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=mask,
+                      old_logps=old.logps.float(), ref_logps=ref.logps.float(), values=values, rewards=rewards,
+                      advantages=advantages, returns=returns, scores=scores.float(), num_dropped=dropped,
+                      metrics=metrics)
+
+
+def minibatches(
+    exp: Experience, size: int, *, shuffle: bool = True, generator: torch.Generator | None = None
+) -> Iterator[Experience]:
+    """Row minibatches of ``size`` (the last one may be smaller) covering ``exp`` once: one PPO epoch.
+
+    Args:
+        exp: the experience.
+        size: rows per minibatch (>= 1); ``size >= len(exp)`` gives the whole batch (the spec's
+            "one minibatch = the whole batch").
+        shuffle: permute the rows first (with ``generator``, a CPU generator, for reproducibility).
+        generator: RNG for the permutation.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int >= 1 (rows per minibatch), got {size!r}")
+    n = len(exp)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(exp.sequences.device)
+    for start in range(0, n, size):
+        yield exp.select(order[start : start + size])
