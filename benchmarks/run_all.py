@@ -45,6 +45,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "logps_memory": ("logps_memory.py", [], ["--repeats", "1"]),
     "dpo_step": ("dpo_step.py", [], ["--steps", "8", "--warmup", "2"]),
     "wagle": ("wagle.py", [], ["--examples", "16", "--steps", "6", "--warmup", "2", "--rounds", "1"]),
+    "kgw": ("kgw.py", [], ["--repeats", "3", "--warmup", "1"]),
 }
 PACKAGES = ("torch", "transformers", "trl", "lightning", "peft", "datasets", "lit_align")
 
@@ -169,6 +170,13 @@ def rows(results: dict[str, dict]) -> list[dict]:
         step = None if not w.get("dense_step_ms") else round(w["masked_step_ms"] / w["dense_step_ms"], 3)
         add("wagle", "unlearning step with the mask, end to end (±10% noise), ms", w.get("masked_step_ms"),
             "same step without mask", w.get("dense_step_ms"), step, "<=", 1.1, " ms")
+    k = results.get("kgw", {})
+    if "error" not in k and k:
+        det = k.get("detect_tok_s")
+        add("kgw", "KGW z-score detection, tokens/s (64 x 512, one thread)", det,
+            "target 1e6 tok/s", 1e6, None if det is None else round(det / 1e6, 1), ">=", 1.0, " tok/s")
+        add("kgw", "greedy decoding with the KGW bias, tokens/s (batch 8, prompt 32, +64)", k.get("kgw_tok_s"),
+            "same sampler without bias", k.get("plain_tok_s"), k.get("gen_overhead"), "<=", 1.1, " tok/s")
     for name, r in results.items():
         if "error" in r:
             out.append({"benchmark": name, "what": "failed (see results.json)", "lit_align": None, "peer_name": "",

@@ -2,6 +2,13 @@
 
 from lit_align.data.base import TokenizedDataModule
 from lit_align.data.batches import ForgetRetainBatch, PreferenceBatch, SequenceBatch
+from lit_align.data.completion import (
+    CompletionBatch,
+    CompletionExample,
+    TextCompletionDataModule,
+    load_completion_records,
+    retokenize,
+)
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.records import BUILTIN_DIR, DataSource, load_records
 from lit_align.data.sft import SFTDataModule
@@ -16,6 +23,8 @@ from lit_align.data.unlearning import (
 
 __all__ = [
     "BUILTIN_DIR",
+    "CompletionBatch",
+    "CompletionExample",
     "DEFAULT_REFUSALS",
     "DataSource",
     "ForgetRetainBatch",
@@ -27,7 +36,10 @@ __all__ = [
     "SFTDataModule",
     "SequenceBatch",
     "TOFUDataModule",
+    "TextCompletionDataModule",
     "TokenizedDataModule",
     "WMDPDataModule",
+    "load_completion_records",
     "load_records",
+    "retokenize",
 ]

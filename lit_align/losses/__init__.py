@@ -9,6 +9,11 @@ Functions:
     label_smoothed_ascent_loss  UGradSL: ascent on (negatively) label-smoothed token targets (Di et al.)
     gls_cross_entropy           generalised-label-smoothing cross-entropy for classification (any alpha <= 1)
     kl_loss                     masked mean of per-token KL (or cross-entropy) to a reference
+    kl_shaped_rewards           PPO per-token rewards: -beta (log pi_old - log pi_ref) + the clipped terminal score
+    gae                         generalised advantage estimation over response tokens (gamma, lambda)
+    ppo_policy_loss             clipped PPO surrogate, token-averaged (clip fraction, approximate KL)
+    ppo_value_loss              clipped value loss, token-averaged
+    whiten                      masked whitening (advantage normalisation)
 
 Config objects (selected from YAML by ``class_path``):
     PreferenceLoss   base: ``loss(pc, pr, rc, rr) -> (loss, metrics)`` and the ``reduction``
@@ -26,6 +31,7 @@ Config objects (selected from YAML by ``class_path``):
     MismatchNLL      LLMU: NLL of random normal answers to the forget prompts
 """
 
+from lit_align.losses.ppo import gae, kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from lit_align.losses.preference import DPOLoss, IPOLoss, PreferenceLoss, dpo_loss, ipo_loss
 from lit_align.losses.sft import nll_loss
 from lit_align.losses.unlearning import (
@@ -45,23 +51,28 @@ from lit_align.losses.unlearning import (
 )
 
 __all__ = [
-    "NPO",
     "DPOLoss",
     "GradientAscent",
     "IPOLoss",
     "LabelSmoothedAscent",
     "MismatchNLL",
+    "NPO",
     "PreferenceLoss",
     "Refusal",
     "RetainKL",
     "RetainNLL",
     "UnlearningTerm",
     "dpo_loss",
+    "gae",
     "gls_cross_entropy",
     "gradient_ascent_loss",
     "ipo_loss",
     "kl_loss",
+    "kl_shaped_rewards",
     "label_smoothed_ascent_loss",
     "nll_loss",
     "npo_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "whiten",
 ]

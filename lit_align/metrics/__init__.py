@@ -1,5 +1,17 @@
 """Metrics: pure scoring functions and DDP-safe torchmetrics wrappers (unlearning evaluation)."""
 
+from lit_align.metrics.detection import (
+    DetectionMetrics,
+    HFParaphraser,
+    Paraphraser,
+    ShuffleWordsParaphraser,
+    fpr_at_tpr,
+    perplexity,
+    random_substitution,
+    roc_curve_points,
+    tpr_at_fpr,
+    word_deletion,
+)
 from lit_align.metrics.unlearning import (
     MeanNLL,
     MinKProbMIA,
@@ -20,20 +32,30 @@ from lit_align.metrics.unlearning import (
 )
 
 __all__ = [
+    "DetectionMetrics",
+    "HFParaphraser",
     "MeanNLL",
     "MinKProbMIA",
     "MultipleChoiceAccuracy",
+    "Paraphraser",
     "RougeLRecall",
+    "ShuffleWordsParaphraser",
     "TruthRatio",
     "binary_auc",
     "forget_quality",
+    "fpr_at_tpr",
     "harmonic_mean",
     "kolmogorov_sf",
     "ks_2samp_pvalue",
     "ks_statistic",
     "min_k_prob_score",
+    "perplexity",
+    "random_substitution",
+    "roc_curve_points",
     "rouge_l_recall",
     "rouge_tokens",
+    "tpr_at_fpr",
     "truth_ratio",
     "truth_ratio_score",
+    "word_deletion",
 ]

@@ -14,21 +14,24 @@ from lit_align.models.causal_lm import (
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
 from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model, last_token_index
 from lit_align.models.spec import LoRASpec, ModelSpec, TinyArch
+from lit_align.models.value import ValueModel, build_value_model
 
 __all__ = [
     "BUILTIN_MODELS",
-    "TINY_TOKENIZER",
     "LoRASpec",
     "ModelSpec",
     "ReferenceMode",
     "ReferencePolicy",
     "RewardModel",
     "RewardModelSpec",
+    "TINY_TOKENIZER",
     "TinyArch",
+    "ValueModel",
     "apply_lora",
     "build_causal_lm",
     "build_reward_model",
     "build_tokenizer",
+    "build_value_model",
     "freeze",
     "frozen_copy",
     "is_peft_model",
