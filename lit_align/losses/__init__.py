@@ -14,6 +14,7 @@ Functions:
     ppo_policy_loss             clipped PPO surrogate, token-averaged (clip fraction, approximate KL)
     ppo_value_loss              clipped value loss, token-averaged
     whiten                      masked whitening (advantage normalisation)
+    detector_loss               watermark detector: pairwise -log sigmoid(s_w - s_h) + score penalty
 
 Config objects (selected from YAML by ``class_path``):
     PreferenceLoss   base: ``loss(pc, pr, rc, rr) -> (loss, metrics)`` and the ``reduction``
@@ -49,8 +50,10 @@ from lit_align.losses.unlearning import (
     label_smoothed_ascent_loss,
     npo_loss,
 )
+from lit_align.losses.watermark import detector_loss
 
 __all__ = [
+    "detector_loss",
     "DPOLoss",
     "GradientAscent",
     "IPOLoss",

@@ -4,5 +4,6 @@ from lit_align.methods.base import PolicyModule, ReferencedPolicyModule
 from lit_align.methods.dpo import DPOModule
 from lit_align.methods.sft import SFTModule
 from lit_align.methods.unlearning import UnlearningModule
+from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["DPOModule", "PolicyModule", "ReferencedPolicyModule", "SFTModule", "UnlearningModule"]
+__all__ = ["DPOModule", "PolicyModule", "ReferencedPolicyModule", "SFTModule", "UnlearningModule", "WatermarkModule"]

@@ -1,0 +1,363 @@
+"""Model-level watermarking: co-train the LLM (PPO) and a detector of its text."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from lit_align.data.batches import SequenceBatch
+from lit_align.data.completion import CompletionBatch, retokenize
+from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
+from lit_align.losses.watermark import detector_loss
+from lit_align.methods.base import ReferencedPolicyModule
+from lit_align.metrics.detection import DetectionMetrics, random_substitution
+from lit_align.models import ModelSpec, RewardModelSpec, ValueModel, build_reward_model
+from lit_align.rollout.experience import make_experience, minibatches
+from lit_align.rollout.logps import token_logps
+from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
+
+__all__ = ["WatermarkModule"]
+
+
+def _adam(betas=(0.9, 0.95)):
+    def factory(lr: float):
+        return lambda params: torch.optim.Adam(params, lr=lr, betas=betas)
+    return factory
+
+
+class WatermarkModule(ReferencedPolicyModule):
+    """Learning to watermark LLM text by RL (Xu, Yao, Liu 2024, arXiv 2403.10553).
+
+    Players (manual optimisation, one optimiser each): the **actor** (the LLM, LoRA or full), its
+    **critic** (a value head on a copy of the detector, initialised from it but with its own
+    parameters) and the **detector** (a backbone + scalar head read at the last real token of
+    prompt + continuation). The reference is the actor with LoRA switched off (``adapter``) or a
+    frozen copy.
+
+    Each step, in the spec's order (core.md §3.5):
+
+    1. **generate** continuations of the batch's prompts with the actor (sampling);
+    2. **score** them with the detector (optionally ``alignment_weight``-mixed with an alignment
+       reward model), compute old / reference log-probs and values, KL-shaped rewards and GAE;
+    3. **PPO update** of actor and critic (``ppo_epochs`` over minibatches);
+    4. **detector update** on the same batch: the continuations generated in step 1 (before the
+       PPO update) against the human continuations of the same prompts, pairwise loss + score
+       penalty (+ the random-substitution robustness term when ``substitution_ratio > 0``).
+
+    The first ``detector_pretrain_steps`` steps are stage 1 (detector pretraining on the original
+    LLM's continuations; the actor and critic are not updated). Rows with fewer than two generated
+    tokens are dropped and counted (``train/dropped``). ``human_from_reference`` replaces the human
+    continuations by samples of the frozen reference (the spec's CPU control: the classes start
+    indistinguishable, so any separation comes from the actor's update).
+
+    Logged: ``train/reward``, ``train/kl`` (summed log-ratio per response), PPO metrics under
+    ``train/actor/`` and ``train/critic/``, ``train/detector/{loss,accuracy,chosen,rejected}``,
+    ``train/time/{generate,score,update,detector}``, ``train/stage``; ``val/auroc``,
+    ``val/tpr_at_fpr_1``, ``val/fpr_at_tpr_{90,99}`` on sampled continuations vs human ones.
+
+    Runs on one device (DDP / FSDP2 for three trainable players are not implemented yet).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        detector: RewardModelSpec,
+        detector_checkpoint: str | None = None,
+        reference: Literal["auto", "adapter", "copy"] = "auto",
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        kl_coef: float = 0.1,
+        reward_clip: float = 5.0,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        clip: float = 0.2,
+        value_clip: float = 0.2,
+        ppo_epochs: int = 1,
+        minibatch_size: int | None = None,
+        whiten_advantages: bool = False,
+        detector_reg: float = 1e-4,
+        substitution_ratio: float = 0.0,
+        substitution_weight: float = 1.0,
+        detector_pretrain_steps: int = 0,
+        human_from_reference: bool = False,
+        gradient_clip: float | None = 1.0,
+        sample_seed: int = 0,
+        actor_lr: float = 1e-5,
+        critic_lr: float = 5e-6,
+        detector_lr: float = 1e-5,
+        optimizer: OptimizerCallable | None = None,
+        critic_optimizer: OptimizerCallable | None = None,
+        detector_optimizer: OptimizerCallable | None = None,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        """
+        Args:
+            model: the LLM to watermark (the actor; LoRA recommended: the reference then costs no copy).
+            detector: the detector's backbone and head (``kind: scalar_head``); same tokenizer as the actor.
+            detector_checkpoint: weights of a pretrained detector (a state dict / Lightning checkpoint with
+                ``detector.*`` keys, or a ``save_detector`` directory); the critic starts from them too.
+            reference: ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto`` (adapter with LoRA).
+            max_new_tokens, temperature, top_p: sampling of the continuations (the paper: 128 for C4).
+            kl_coef: per-token KL penalty (the paper's ``kl_rl`` = 0.1).
+            reward_clip: the detector score is clipped to +-this before it enters the reward (5).
+            gamma, lam, clip, value_clip: GAE and PPO clipping (1, 0.95, 0.2, 0.2).
+            ppo_epochs, minibatch_size: PPO passes over the batch and their minibatch size (1, the batch).
+            whiten_advantages: normalise advantages over the batch's tokens (off in the reference).
+            detector_reg: the detector's squared-score penalty (1e-4).
+            substitution_ratio: robustness term: also train the detector on the generated text with
+                this share of tokens replaced at random, still labelled watermarked (the paper: 0.2; 0 off).
+            substitution_weight: weight of that term (1.0 in the reference).
+            detector_pretrain_steps: stage 1 length in steps (detector only, on the original LLM's text).
+            human_from_reference: take the "human" continuations from the frozen reference's samples.
+            gradient_clip: global-norm clip applied to each player's gradients (1.0; None: off).
+            sample_seed: seed of the sampling (and substitution) randomness; step ``k`` draws from
+                ``sample_seed + k``, so a resumed run samples what the uninterrupted run would have.
+            actor_lr, critic_lr, detector_lr: Adam (betas 0.9, 0.95) learning rates when the
+                corresponding optimiser is not given (the paper: LoRA 5e-4 / full 1e-5, 5e-6, 1e-5).
+            optimizer, critic_optimizer, detector_optimizer: optimiser factories for the three players.
+            chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
+        """
+        if reference == "auto":
+            reference = "adapter" if model.lora is not None else "copy"
+        if reference not in ("adapter", "copy"):
+            raise ValueError("model.reference must be 'adapter' or 'copy' for watermarking (new text is scored every "
+                             f"step: nothing can be precomputed), got {reference!r}")
+        super().__init__(model, reference=reference, optimizer=optimizer, chunk_tokens=chunk_tokens)
+        if detector.kind != "scalar_head":
+            raise ValueError("model.detector.kind must be 'scalar_head' (the critic is a copy of the detector)")
+        for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs)):
+            if value < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {value}")
+        if not 0.0 <= substitution_ratio < 1.0:
+            raise ValueError(f"model.substitution_ratio must be in [0, 1), got {substitution_ratio}")
+        self.automatic_optimization = False
+        self.detector_spec, self.detector_checkpoint = detector, detector_checkpoint
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                       top_p=top_p)
+        self.kl_coef, self.reward_clip, self.gamma, self.lam = kl_coef, reward_clip, gamma, lam
+        self.clip, self.value_clip, self.ppo_epochs, self.minibatch_size = clip, value_clip, ppo_epochs, minibatch_size
+        self.whiten_advantages, self.detector_reg = whiten_advantages, detector_reg
+        self.substitution_ratio, self.substitution_weight = substitution_ratio, substitution_weight
+        self.detector_pretrain_steps, self.human_from_reference = detector_pretrain_steps, human_from_reference
+        self.gradient_clip, self.sample_seed = gradient_clip, sample_seed
+        self.critic_optimizer_factory = critic_optimizer or _adam()(critic_lr)
+        self.detector_optimizer_factory = detector_optimizer or _adam()(detector_lr)
+        if optimizer is None:
+            self.optimizer_factory = _adam()(actor_lr)
+        self.detector: torch.nn.Module | None = None
+        self.critic: ValueModel | None = None
+        self.step_count = 0  # co-training steps done (the stage is derived from it); in checkpoints
+        self._val_metrics = DetectionMetrics()
+
+    # -- building ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        if self.device_mesh is not None:
+            raise NotImplementedError("WatermarkModule runs on one device for now: FSDP2 sharding of the detector "
+                                      "and critic is not implemented; drop the ModelParallelStrategy")
+        super().configure_model()
+        detector_tok = self.detector_spec.model.tokenizer or self.detector_spec.model.name_or_path
+        actor_tok = self.spec.tokenizer or self.spec.name_or_path
+        if detector_tok != actor_tok:
+            from lit_align.models import build_tokenizer
+
+            other = build_tokenizer(self.detector_spec.model)
+            if other.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(f"the detector's tokenizer ({detector_tok or 'bundled'}) differs from the actor's "
+                                 f"({actor_tok or 'bundled'}); give model.detector.model.tokenizer the actor's tokenizer "
+                                 "(re-tokenising every text between two vocabularies is not implemented)")
+        self.detector = build_reward_model(self.detector_spec, self.tokenizer)
+        if self.detector_checkpoint is not None:
+            self.detector.load_state_dict(_detector_state(self.detector_checkpoint), strict=True)
+        self.critic = ValueModel.from_reward_model(self.detector)  # same start, separate parameters
+
+    def configure_optimizers(self):
+        actor = [p for p in self.policy.parameters() if p.requires_grad]
+        if not actor:
+            raise ValueError("the actor has no trainable parameters (check model.model.lora.target_modules)")
+        return [self.optimizer_factory(actor), self.critic_optimizer_factory(list(self.critic.parameters())),
+                self.detector_optimizer_factory(list(self.detector.parameters()))]
+
+    # -- API -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def detect(self, prompt: str, text: str) -> float:
+        """The detector's score of ``text`` as a continuation of ``prompt`` (higher: more likely the
+        watermarked LLM's). The prompt is part of the input: detection needs it (spec §3.10)."""
+        ids = self.tokenizer(prompt)["input_ids"] + retokenize([text], self.tokenizer)[0]
+        ids_t = torch.tensor([ids], device=self.device)
+        return float(self.detector.score(ids_t, torch.ones_like(ids_t)))
+
+    def save_detector(self, path: str | Path) -> Path:
+        """Write the detector (backbone with ``save_pretrained``, head in ``head.pt``) to ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.detector.backbone.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        torch.save(self.detector.head.state_dict(), path / "head.pt")
+        return path
+
+    # -- one step ------------------------------------------------------------------------------
+    @contextmanager
+    def _timer(self, name: str, times: dict[str, float]):
+        start = time.perf_counter()
+        yield
+        times[name] = time.perf_counter() - start
+
+    def _reference_args(self) -> tuple[torch.nn.Module, Any]:
+        if self.reference.copy is not None:
+            return self.reference.copy, None
+        return self.policy, lambda: self.policy.disable_adapter()
+
+    def _rng(self, salt: int) -> torch.Generator:
+        """The step's generator (a function of the seed, the step and what it is for: resumable)."""
+        return torch.Generator(device=self.device).manual_seed(self.sample_seed * 1_000_003 + self.step_count * 4 + salt)
+
+    @torch.no_grad()
+    def _generate(self, batch: CompletionBatch, from_reference: bool = False) -> Rollout:
+        model, context = self._reference_args() if from_reference else (self.policy, None)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with context() if context is not None else _null():
+                return sample(model, batch.prompt_ids, batch.prompt_mask, self.sampling,
+                              eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                              generator=self._rng(1 if from_reference else 0))
+        finally:
+            self.policy.train(was_training)
+
+    def _human(self, batch: CompletionBatch) -> SequenceBatch:
+        if not self.human_from_reference:
+            return batch.human
+        rollout = self._generate(batch, from_reference=True)
+        loss_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
+        return SequenceBatch(rollout.sequences, rollout.attention_mask, loss_mask, batch.index)
+
+    def _step_player(self, optimizer, loss: Tensor) -> None:
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.gradient_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def training_step(self, batch: CompletionBatch, batch_idx: int) -> None:
+        actor_opt, critic_opt, detector_opt = self.optimizers()
+        times: dict[str, float] = {}
+        cotrain = self.step_count >= self.detector_pretrain_steps
+        with self._timer("generate", times):
+            rollout = self._generate(batch)
+            human = self._human(batch)
+        keep = rollout.response_lengths >= 2  # the spec drops samples with <= 1 generated token
+        metrics: dict[str, Tensor] = {"dropped": (~keep).sum().float(), "stage": torch.tensor(float(cotrain) + 1.0)}
+        if not keep.any():
+            self.step_count += 1
+            self._log_train(metrics, times, len(batch))
+            return
+        with self._timer("score", times), torch.no_grad():
+            scores = self.detector.score(rollout.sequences, rollout.attention_mask)  # (B,)
+        if cotrain:
+            with self._timer("experience", times):
+                reference, context = self._reference_args()
+                exp = make_experience(self.policy, reference, self.critic, rollout, scores, kl_coef=self.kl_coef,
+                                      reward_clip=self.reward_clip, gamma=self.gamma, lam=self.lam,
+                                      whiten_advantages=self.whiten_advantages, reference_context=context)
+            metrics.update({"reward": exp.metrics["score"], "kl": exp.metrics["kl"]})
+            with self._timer("update", times):
+                for _ in range(self.ppo_epochs):
+                    for mb in minibatches(exp, self.minibatch_size or len(exp), shuffle=self.ppo_epochs > 1):
+                        logps = token_logps(self.policy, mb.sequences, mb.attention_mask, mb.action_mask,
+                                            chunk_tokens=self.chunk_tokens).logps
+                        policy_loss, pm = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.action_mask,
+                                                          clip=self.clip)
+                        self._step_player(actor_opt, policy_loss)
+                        values = self.critic.action_values(mb.sequences, mb.attention_mask)
+                        value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask,
+                                                        clip=self.value_clip)
+                        self._step_player(critic_opt, value_loss)
+            metrics.update({"actor/loss": policy_loss.detach(), **{f"actor/{k}": v for k, v in pm.items()},
+                            "critic/loss": value_loss.detach(), **{f"critic/{k}": v for k, v in vm.items()}})
+        else:
+            metrics["reward"] = scores.mean()
+        with self._timer("detector", times):
+            sequences, attention = rollout.sequences[keep], rollout.attention_mask[keep]
+            s_w = self.detector.score(sequences, attention)
+            s_h = self.detector.score(human.input_ids[keep], human.attention_mask[keep])
+            loss, dm = detector_loss(s_w, s_h, reg=self.detector_reg)
+            if self.substitution_ratio > 0:
+                action = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)[keep]
+                attacked = random_substitution(sequences, action, self.substitution_ratio, len(self.tokenizer),
+                                               generator=self._rng(2))
+                sub_loss, _ = detector_loss(self.detector.score(attacked, attention), s_h, reg=self.detector_reg)
+                loss = loss + self.substitution_weight * sub_loss
+            self._step_player(detector_opt, loss)
+        metrics.update({"detector/loss": loss.detach(), **{f"detector/{k}": v for k, v in dm.items()}})
+        self.step_count += 1
+        self._log_train(metrics, times, len(batch))
+
+    def _log_train(self, metrics: dict[str, Tensor], times: dict[str, float], batch_size: int) -> None:
+        for key, value in metrics.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=batch_size,
+                     prog_bar=key in ("reward", "detector/accuracy"))
+        for key, value in times.items():
+            self.log(f"train/time/{key}", value, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    # -- validation ----------------------------------------------------------------------------
+    def validation_step(self, batch: CompletionBatch, batch_idx: int) -> None:
+        rollout = self._generate(batch)
+        human = self._human(batch)
+        keep = rollout.response_lengths >= 2
+        if not keep.any():
+            return
+        with torch.no_grad():
+            s_w = self.detector.score(rollout.sequences[keep], rollout.attention_mask[keep])
+            s_h = self.detector.score(human.input_ids[keep], human.attention_mask[keep])
+        self._val_metrics.update(torch.cat([s_w, s_h]), torch.cat([torch.ones_like(s_w), torch.zeros_like(s_h)]))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_metrics.update_count == 0:
+            return
+        for key, value in self._val_metrics.compute().items():
+            self.log(f"val/{key}", value, sync_dist=False)
+        self._val_metrics.reset()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["watermark"] = {"step_count": self.step_count}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.step_count = checkpoint.get("watermark", {}).get("step_count", 0)
+
+
+@contextmanager
+def _null():
+    yield
+
+
+def _detector_state(path: str) -> dict[str, Tensor]:
+    """``backbone.* / head.*`` weights of a detector from a Lightning checkpoint / state dict
+    (``detector.`` prefix) or a :meth:`WatermarkModule.save_detector` directory."""
+    p = Path(path)
+    if p.is_dir():
+        from transformers import AutoModelForCausalLM
+
+        backbone = AutoModelForCausalLM.from_pretrained(p)
+        state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in torch.load(p / "head.pt", map_location="cpu").items()})
+        return state
+    if not p.is_file():
+        raise FileNotFoundError(f"model.detector_checkpoint={path!r}: no such file or directory")
+    state = torch.load(p, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    out = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
+    if not out:
+        raise ValueError(f"model.detector_checkpoint={path!r} holds no 'detector.*' weights")
+    return out

@@ -1,0 +1,74 @@
+"""WatermarkModule on CPU: detector-only control, co-training, the KL coefficient's direction, resume.
+
+The "human" continuations are samples of the frozen starting LLM (``human_from_reference``), so
+the two classes start indistinguishable: any AUROC above chance must come from the LLM's update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import REPO
+
+from lit_align.cli import cli_main
+from lit_align.losses import detector_loss
+
+CONFIG = str(REPO / "configs/watermark/tiny.yaml")
+
+
+def _fit(tmp_path, *extra: str):
+    cli = cli_main(["fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                    "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", *extra])
+    metrics = cli.trainer.callback_metrics
+    return cli, float(metrics["val/auroc"]), float(metrics["train/kl"]) if "train/kl" in metrics else 0.0
+
+
+def test_detector_loss_is_log_two_at_equal_scores():
+    s = torch.tensor([0.0, 1.5, -2.0])
+    loss, m = detector_loss(s, s.clone(), reg=0.0)
+    assert float(loss) == pytest.approx(math.log(2))
+    loss, _ = detector_loss(s, s.clone(), reg=1e-4)
+    assert float(loss) == pytest.approx(math.log(2) + 1e-4 * float((2 * s**2).mean()))
+    assert float(m["accuracy"]) == 0.0
+
+
+def test_detector_alone_cannot_separate_the_original_llm_from_itself(tmp_path):
+    """Control (the paper's "lr 0" ablation): the actor does not move, so the detector has nothing to find."""
+    _, auroc, _ = _fit(tmp_path, "--model.init_args.actor_lr=0.0")
+    assert 0.35 <= auroc <= 0.65
+
+
+def test_co_training_watermarks_and_a_larger_kl_coefficient_slows_it(tmp_path):
+    cli, auroc, kl = _fit(tmp_path / "a")
+    assert auroc > 0.9
+    assert kl > 1.0  # the watermark is a real change of the distribution
+    _, auroc_strong, kl_strong = _fit(tmp_path / "b", "--model.init_args.kl_coef=1.0")
+    assert kl_strong < kl and auroc_strong <= auroc
+    module = cli.model
+    prompt = "The harbour town"
+    text = module.generate([prompt], chat_template=False)[0]
+    assert isinstance(module.detect(prompt, text), float)
+    out = module.save_detector(tmp_path / "detector")
+    assert (out / "head.pt").is_file() and (out / "config.json").is_file()
+
+
+def test_resume_restores_every_player_and_the_stage(tmp_path):
+    """4 batches straight == 2 batches, checkpoint, resume, 2 more: actor, critic, detector, their
+    three optimisers and the stage counter (detector pretraining for the first 3 batches) come back."""
+    common = ["fit", "--config", CONFIG, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+              "--model.init_args.detector_pretrain_steps=3", "--trainer.callbacks=[]"]
+    straight = cli_main([*common, f"--trainer.default_root_dir={tmp_path / 'a'}", "--trainer.max_epochs=2"])
+    first = cli_main([*common, f"--trainer.default_root_dir={tmp_path / 'b'}", "--trainer.max_epochs=1"])
+    ckpt = tmp_path / "one.ckpt"
+    first.trainer.save_checkpoint(ckpt)
+    resumed = cli_main([*common, f"--trainer.default_root_dir={tmp_path / 'c'}", "--trainer.max_epochs=2",
+                        "--ckpt_path", str(ckpt)])
+    assert resumed.model.step_count == straight.model.step_count == 4
+    for name in ("policy", "critic", "detector"):
+        a, c = getattr(straight.model, name).state_dict(), getattr(resumed.model, name).state_dict()
+        for key in a:
+            torch.testing.assert_close(c[key], a[key], rtol=0, atol=0, msg=f"{name}.{key}")
