@@ -175,7 +175,7 @@ def rows(results: dict[str, dict]) -> list[dict]:
         det = k.get("detect_tok_s")
         add("kgw", "KGW z-score detection, tokens/s (64 x 512, one thread)", det,
             "target 1e6 tok/s", 1e6, None if det is None else round(det / 1e6, 1), ">=", 1.0, " tok/s")
-        add("kgw", "greedy decoding with the KGW bias, tokens/s (batch 8, prompt 32, +64)", k.get("kgw_tok_s"),
+        add("kgw", "greedy decoding with the KGW bias, tokens/s (batch 8, prompt 32, +64; ratio: time with / without)", k.get("kgw_tok_s"),
             "same sampler without bias", k.get("plain_tok_s"), k.get("gen_overhead"), "<=", 1.1, " tok/s")
     for name, r in results.items():
         if "error" in r:
