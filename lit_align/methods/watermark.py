@@ -87,6 +87,8 @@ class WatermarkModule(ReferencedPolicyModule):
         substitution_weight: float = 1.0,
         detector_pretrain_steps: int = 0,
         human_from_reference: bool = False,
+        alignment_reward: RewardModelSpec | None = None,
+        alignment_weight: float = 0.5,
         gradient_clip: float | None = 1.0,
         sample_seed: int = 0,
         actor_lr: float = 1e-5,
@@ -116,6 +118,10 @@ class WatermarkModule(ReferencedPolicyModule):
             substitution_weight: weight of that term (1.0 in the reference).
             detector_pretrain_steps: stage 1 length in steps (detector only, on the original LLM's text).
             human_from_reference: take the "human" continuations from the frozen reference's samples.
+            alignment_reward: a frozen alignment reward model (watermarking during RLHF): the PPO reward
+                becomes ``alignment_weight * detector + (1 - alignment_weight) * alignment`` (the paper: 0.5).
+                With another tokenizer the texts are decoded and re-encoded for it.
+            alignment_weight: the detector's share of that mix (lambda).
             gradient_clip: global-norm clip applied to each player's gradients (1.0; None: off).
             sample_seed: seed of the sampling (and substitution) randomness; step ``k`` draws from
                 ``sample_seed + k``, so a resumed run samples what the uninterrupted run would have.
@@ -146,6 +152,12 @@ class WatermarkModule(ReferencedPolicyModule):
         self.whiten_advantages, self.detector_reg = whiten_advantages, detector_reg
         self.substitution_ratio, self.substitution_weight = substitution_ratio, substitution_weight
         self.detector_pretrain_steps, self.human_from_reference = detector_pretrain_steps, human_from_reference
+        if not 0.0 <= alignment_weight <= 1.0:
+            raise ValueError(f"model.alignment_weight (the detector's share of the reward) must be in [0, 1], "
+                             f"got {alignment_weight}")
+        self.alignment_spec, self.alignment_weight = alignment_reward, alignment_weight
+        self.alignment: torch.nn.Module | None = None
+        self._alignment_tokenizer = None
         self.gradient_clip, self.sample_seed = gradient_clip, sample_seed
         self.critic_optimizer_factory = critic_optimizer or _adam()(critic_lr)
         self.detector_optimizer_factory = detector_optimizer or _adam()(detector_lr)
@@ -178,6 +190,13 @@ class WatermarkModule(ReferencedPolicyModule):
         if self.detector_checkpoint is not None:
             self.detector.load_state_dict(_detector_state(self.detector_checkpoint), strict=True)
         self.critic = ValueModel.from_reward_model(self.detector)  # same start, separate parameters
+        if self.alignment_spec is not None:
+            from lit_align.models import build_tokenizer, freeze
+
+            tokenizer = build_tokenizer(self.alignment_spec.model)
+            same = tokenizer.get_vocab() == self.tokenizer.get_vocab()
+            self._alignment_tokenizer = None if same else tokenizer
+            self.alignment = freeze(build_reward_model(self.alignment_spec, tokenizer))
 
     def configure_optimizers(self):
         actor = [p for p in self.policy.parameters() if p.requires_grad]
@@ -240,6 +259,20 @@ class WatermarkModule(ReferencedPolicyModule):
         loss_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
         return SequenceBatch(rollout.sequences, rollout.attention_mask, loss_mask, batch.index)
 
+    @torch.no_grad()
+    def _scores(self, rollout: Rollout) -> Tensor:
+        """(B,) PPO reward of each continuation: the detector's score, mixed with the alignment reward."""
+        detector = self.detector.score(rollout.sequences, rollout.attention_mask)
+        if self.alignment is None:
+            return detector
+        ids, mask = rollout.sequences, rollout.attention_mask
+        if self._alignment_tokenizer is not None:  # another vocabulary: through text
+            texts = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask)]
+            enc = self._alignment_tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        aligned = self.alignment.score(ids, mask)
+        return self.alignment_weight * detector + (1.0 - self.alignment_weight) * aligned
+
     def _step_player(self, optimizer, loss: Tensor) -> None:
         optimizer.zero_grad()
         self.manual_backward(loss)
@@ -260,8 +293,8 @@ class WatermarkModule(ReferencedPolicyModule):
             self.step_count += 1
             self._log_train(metrics, times, len(batch))
             return
-        with self._timer("score", times), torch.no_grad():
-            scores = self.detector.score(rollout.sequences, rollout.attention_mask)  # (B,)
+        with self._timer("score", times):
+            scores = self._scores(rollout)  # (B,)
         if cotrain:
             with self._timer("experience", times):
                 reference, context = self._reference_args()

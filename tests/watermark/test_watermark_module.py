@@ -72,3 +72,24 @@ def test_resume_restores_every_player_and_the_stage(tmp_path):
         a, c = getattr(straight.model, name).state_dict(), getattr(resumed.model, name).state_dict()
         for key in a:
             torch.testing.assert_close(c[key], a[key], rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+def test_alignment_reward_is_mixed_with_the_detector_score(tmp_path):
+    """Watermarking during alignment: R = lambda * detector + (1 - lambda) * alignment RM (lambda 0.5)."""
+    rm = "{model: {tiny: {family: llama, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}, seed: 7}, head_init_std: 0.5}"
+    cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.callbacks=[]", f"--model.init_args.alignment_reward={rm}",
+                    "--model.init_args.detector.head_init_std=0.5"], run=False)
+    module, data = cli.model, cli.datamodule
+    module.configure_model()
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    rollout = module._generate(batch)
+    mixed = module._scores(rollout)
+    with torch.no_grad():
+        detector = module.detector.score(rollout.sequences, rollout.attention_mask)
+        aligned = module.alignment.score(rollout.sequences, rollout.attention_mask)
+    assert not torch.allclose(detector, aligned)
+    torch.testing.assert_close(mixed, 0.5 * detector + 0.5 * aligned)
+    assert not any(p.requires_grad for p in module.alignment.parameters())
