@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -13,11 +14,20 @@ from torch import Tensor
 
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
+from lit_align.data.tokenize import _collate_sequences
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
 from lit_align.losses.watermark import detector_loss
 from lit_align.methods.base import ReferencedPolicyModule
 from lit_align.metrics.detection import DetectionMetrics, random_substitution
-from lit_align.models import ModelSpec, RewardModelSpec, ValueModel, build_reward_model
+from lit_align.models import (
+    ModelSpec,
+    RewardModelSpec,
+    ValueModel,
+    build_causal_lm,
+    build_reward_model,
+    build_tokenizer,
+    freeze,
+)
 from lit_align.rollout.experience import make_experience, minibatches
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
@@ -48,7 +58,8 @@ class WatermarkModule(ReferencedPolicyModule):
     3. **PPO update** of actor and critic (``ppo_epochs`` over minibatches);
     4. **detector update** on the same batch: the continuations generated in step 1 (before the
        PPO update) against the human continuations of the same prompts, pairwise loss + score
-       penalty (+ the random-substitution robustness term when ``substitution_ratio > 0``).
+       penalty, + the robustness terms: random substitution (``substitution_ratio``), paraphrase
+       (``paraphraser``), another LLM's text as negatives (``other_llm``).
 
     The first ``detector_pretrain_steps`` steps are stage 1 (detector pretraining on the original
     LLM's continuations; the actor and critic are not updated). Rows with fewer than two generated
@@ -89,6 +100,9 @@ class WatermarkModule(ReferencedPolicyModule):
         human_from_reference: bool = False,
         alignment_reward: RewardModelSpec | None = None,
         alignment_weight: float = 0.5,
+        paraphraser: Callable[[list[str]], list[str]] | None = None,
+        paraphrase_weight: float = 1.0,
+        other_llm: ModelSpec | None = None,
         gradient_clip: float | None = 1.0,
         sample_seed: int = 0,
         actor_lr: float = 1e-5,
@@ -122,6 +136,12 @@ class WatermarkModule(ReferencedPolicyModule):
                 becomes ``alignment_weight * detector + (1 - alignment_weight) * alignment`` (the paper: 0.5).
                 With another tokenizer the texts are decoded and re-encoded for it.
             alignment_weight: the detector's share of that mix (lambda).
+            paraphraser: robustness term: also train the detector on paraphrases of the generated
+                continuations, still labelled watermarked (the paper: Pegasus at temperature 1.5; e.g.
+                ``lit_align.metrics.HFParaphraser``); ``None``: off.
+            paraphrase_weight: weight of that term (1.0 in the reference).
+            other_llm: "H+L": continuations sampled from this other (frozen) LLM replace the human
+                ones as the detector's negatives (same tokenizer as the actor).
             gradient_clip: global-norm clip applied to each player's gradients (1.0; None: off).
             sample_seed: seed of the sampling (and substitution) randomness; step ``k`` draws from
                 ``sample_seed + k``, so a resumed run samples what the uninterrupted run would have.
@@ -158,6 +178,8 @@ class WatermarkModule(ReferencedPolicyModule):
         self.alignment_spec, self.alignment_weight = alignment_reward, alignment_weight
         self.alignment: torch.nn.Module | None = None
         self._alignment_tokenizer = None
+        self.paraphraser, self.paraphrase_weight, self.other_llm_spec = paraphraser, paraphrase_weight, other_llm
+        self.other_llm: torch.nn.Module | None = None
         self.gradient_clip, self.sample_seed = gradient_clip, sample_seed
         self.critic_optimizer_factory = critic_optimizer or _adam()(critic_lr)
         self.detector_optimizer_factory = detector_optimizer or _adam()(detector_lr)
@@ -179,8 +201,6 @@ class WatermarkModule(ReferencedPolicyModule):
         detector_tok = self.detector_spec.model.tokenizer or self.detector_spec.model.name_or_path
         actor_tok = self.spec.tokenizer or self.spec.name_or_path
         if detector_tok != actor_tok:
-            from lit_align.models import build_tokenizer
-
             other = build_tokenizer(self.detector_spec.model)
             if other.get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError(f"the detector's tokenizer ({detector_tok or 'bundled'}) differs from the actor's "
@@ -190,9 +210,12 @@ class WatermarkModule(ReferencedPolicyModule):
         if self.detector_checkpoint is not None:
             self.detector.load_state_dict(_detector_state(self.detector_checkpoint), strict=True)
         self.critic = ValueModel.from_reward_model(self.detector)  # same start, separate parameters
+        if self.other_llm_spec is not None:
+            if build_tokenizer(self.other_llm_spec).get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError("model.other_llm must share the actor's tokenizer (its continuations are scored as "
+                                 "token ids); give model.other_llm.tokenizer the actor's tokenizer")
+            self.other_llm = freeze(build_causal_lm(self.other_llm_spec, self.tokenizer))
         if self.alignment_spec is not None:
-            from lit_align.models import build_tokenizer, freeze
-
             tokenizer = build_tokenizer(self.alignment_spec.model)
             same = tokenizer.get_vocab() == self.tokenizer.get_vocab()
             self._alignment_tokenizer = None if same else tokenizer
@@ -253,9 +276,17 @@ class WatermarkModule(ReferencedPolicyModule):
             self.policy.train(was_training)
 
     def _human(self, batch: CompletionBatch) -> SequenceBatch:
-        if not self.human_from_reference:
+        """The detector's negatives: the human continuations, or samples of the frozen reference
+        (``human_from_reference``) or of another LLM (``other_llm``)."""
+        if self.other_llm is not None:
+            with torch.no_grad():
+                rollout = sample(self.other_llm, batch.prompt_ids, batch.prompt_mask, self.sampling,
+                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                 generator=self._rng(3))
+        elif not self.human_from_reference:
             return batch.human
-        rollout = self._generate(batch, from_reference=True)
+        else:
+            rollout = self._generate(batch, from_reference=True)
         loss_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
         return SequenceBatch(rollout.sequences, rollout.attention_mask, loss_mask, batch.index)
 
@@ -272,6 +303,17 @@ class WatermarkModule(ReferencedPolicyModule):
             ids, mask = enc["input_ids"], enc["attention_mask"]
         aligned = self.alignment.score(ids, mask)
         return self.alignment_weight * detector + (1.0 - self.alignment_weight) * aligned
+
+    def _paraphrased(self, rollout: Rollout, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """(B', T) prompt + paraphrased continuation of the kept rows, right-padded, re-encoded the
+        same way as every other text (:func:`~lit_align.data.completion.retokenize`)."""
+        rows = keep.nonzero().squeeze(-1).tolist()
+        texts = [self.tokenizer.decode(rollout.response_ids[i][rollout.response_mask[i].bool()],
+                                       skip_special_tokens=True) for i in rows]
+        paraphrased = retokenize(self.paraphraser(texts), self.tokenizer, max_tokens=self.sampling.max_new_tokens)
+        prompts = [rollout.prompt_ids[i][rollout.prompt_mask[i].bool()].tolist() for i in rows]
+        batch = _collate_sequences(list(zip(prompts, paraphrased)), rows, self.tokenizer.pad_token_id)
+        return batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
 
     def _step_player(self, optimizer, loss: Tensor) -> None:
         optimizer.zero_grad()
@@ -323,6 +365,10 @@ class WatermarkModule(ReferencedPolicyModule):
             s_w = self.detector.score(sequences, attention)
             s_h = self.detector.score(human.input_ids[keep], human.attention_mask[keep])
             loss, dm = detector_loss(s_w, s_h, reg=self.detector_reg)
+            if self.paraphraser is not None:
+                para_ids, para_mask = self._paraphrased(rollout, keep)
+                para_loss, _ = detector_loss(self.detector.score(para_ids, para_mask), s_h, reg=self.detector_reg)
+                loss = loss + self.paraphrase_weight * para_loss
             if self.substitution_ratio > 0:
                 action = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)[keep]
                 attacked = random_substitution(sequences, action, self.substitution_ratio, len(self.tokenizer),

@@ -93,3 +93,29 @@ def test_alignment_reward_is_mixed_with_the_detector_score(tmp_path):
     assert not torch.allclose(detector, aligned)
     torch.testing.assert_close(mixed, 0.5 * detector + 0.5 * aligned)
     assert not any(p.requires_grad for p in module.alignment.parameters())
+
+
+def test_robustness_terms_and_other_llm_negatives_train(tmp_path):
+    """Paraphrase (a word-shuffling stub), random substitution and another LLM's text as negatives."""
+    other = "{tiny: {family: llama, hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, intermediate_size: 128}, seed: 3}"
+    cli = cli_main(["fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                    "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+                    "--model.init_args.paraphraser=lit_align.metrics.ShuffleWordsParaphraser",
+                    "--model.init_args.substitution_ratio=0.2", f"--model.init_args.other_llm={other}"])
+    module = cli.model
+    assert module.other_llm is not None and not any(p.requires_grad for p in module.other_llm.parameters())
+    assert module.step_count == 2 and math.isfinite(float(cli.trainer.callback_metrics["train/detector/loss"]))
+
+
+def test_detector_with_another_tokenizer_is_refused(tmp_path):
+    from lit_align.models import TINY_TOKENIZER, build_tokenizer
+    from lit_align.models.spec import ModelSpec
+
+    tok = build_tokenizer(ModelSpec(name_or_path=TINY_TOKENIZER))
+    tok.add_tokens(["<extra-token>"])
+    tok.save_pretrained(tmp_path / "tok")
+    cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.callbacks=[]", f"--model.init_args.detector.model.tokenizer={tmp_path / 'tok'}"], run=False)
+    with pytest.raises(ValueError, match="detector's tokenizer"):
+        cli.model.configure_model()
