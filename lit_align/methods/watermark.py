@@ -221,6 +221,15 @@ class WatermarkModule(ReferencedPolicyModule):
             self._alignment_tokenizer = None if same else tokenizer
             self.alignment = freeze(build_reward_model(self.alignment_spec, tokenizer))
 
+    def on_fit_start(self) -> None:
+        # shortcut hygiene (spec §3.10): LLM and human continuations get the same length cap, or the
+        # detector learns lengths instead of a watermark
+        cap = getattr(self.trainer.datamodule, "continuation_tokens", None)
+        if cap is not None and not self.human_from_reference and self.other_llm is None \
+                and cap != self.sampling.max_new_tokens:
+            raise ValueError(f"data.continuation_tokens ({cap}) and model.max_new_tokens ({self.sampling.max_new_tokens}) "
+                             "must be equal: a length difference between human and LLM text is a shortcut for the detector")
+
     def configure_optimizers(self):
         actor = [p for p in self.policy.parameters() if p.requires_grad]
         if not actor:

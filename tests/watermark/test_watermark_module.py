@@ -119,3 +119,8 @@ def test_detector_with_another_tokenizer_is_refused(tmp_path):
                     "--trainer.callbacks=[]", f"--model.init_args.detector.model.tokenizer={tmp_path / 'tok'}"], run=False)
     with pytest.raises(ValueError, match="detector's tokenizer"):
         cli.model.configure_model()
+
+
+def test_unequal_continuation_caps_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="must be equal"):
+        _fit(tmp_path, "--model.init_args.human_from_reference=false", "--model.init_args.max_new_tokens=12")
