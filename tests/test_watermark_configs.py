@@ -1,0 +1,146 @@
+"""The watermark configs parse through the real CLI (``fit --print_config``: validated, not instantiated,
+nothing downloaded) and the real-scale ones carry the spec's settings (core.md §3.2, §3.3, §3.5, §3.6)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+
+import pytest
+import yaml
+from conftest import REPO
+
+from lit_align.cli import cli_main
+
+TINY = "configs/watermark/tiny.yaml"
+C4 = "configs/watermark/opt1.3b_c4.yaml"
+PKU = "configs/watermark/llama2_pku_alignment.yaml"
+REAL_SCALE = [C4, PKU]
+
+
+@functools.cache
+def resolved(config: str) -> dict:
+    """The config as the CLI resolves it (parsed and validated, not instantiated)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(REPO / config), "--print_config"])
+    assert exit_info.value.code in (0, None), out.getvalue()
+    return yaml.safe_load(out.getvalue())
+
+
+def test_every_watermark_config_is_covered():
+    found = {str(p.relative_to(REPO)) for p in (REPO / "configs/watermark").glob("*.yaml")}
+    assert found == {TINY, C4, PKU}
+
+
+@pytest.mark.parametrize("config", [TINY, *REAL_SCALE])
+def test_config_parses_to_a_watermark_module(config):
+    cfg = resolved(config)
+    assert cfg["model"]["class_path"] == "lit_align.methods.WatermarkModule"
+    assert cfg["data"]["class_path"] == "lit_align.data.TextCompletionDataModule"
+    assert cfg["model"]["init_args"]["detector"]["kind"] == "scalar_head"
+    # manual optimisation: 3 optimiser steps per co-training batch, so budgets are in batches
+    assert cfg["trainer"]["max_steps"] == -1
+    assert cfg["trainer"]["max_epochs"] >= 1 and cfg["trainer"]["limit_train_batches"] >= 1
+    # the module clips each player's gradients itself; Lightning's clipping is refused under manual optimisation
+    assert cfg["trainer"]["gradient_clip_val"] is None
+
+
+@pytest.mark.parametrize("config", REAL_SCALE)
+def test_real_scale_header_names_what_how_and_where(config):
+    header = []
+    for line in (REPO / config).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    assert "2403.10553" in text
+    assert f"lit-align fit --config {config}" in text
+    assert "1 GPU" in text and "bf16-mixed" in text
+    assert "detector_checkpoint" in text  # how to run stage 1 separately
+    assert "pure LoRA" in text  # the difference from the reference's partially trainable LoRA
+
+
+@pytest.mark.parametrize("config", REAL_SCALE)
+def test_spec_hyperparameters(config):
+    cfg = resolved(config)
+    trainer, module, data = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert cfg["seed_everything"] == 8888 and data["seed"] == 8888 and module["sample_seed"] == 8888
+    assert trainer["accelerator"] == "gpu" and trainer["devices"] == 1 and trainer["precision"] == "bf16-mixed"
+    assert data["batch_size"] == 4
+    # PPO (§3.6): gamma 1, lam 0.95, clip 0.2, value clip 0.2, reward clip 5, KL 0.1, one epoch, one minibatch
+    assert (module["gamma"], module["lam"], module["clip"], module["value_clip"]) == (1.0, 0.95, 0.2, 0.2)
+    assert module["reward_clip"] == 5.0 and module["kl_coef"] == pytest.approx(0.1)
+    assert module["ppo_epochs"] == 1 and module["minibatch_size"] is None and module["whiten_advantages"] is False
+    assert module["temperature"] == 1.0 and module["top_p"] == 1.0  # do_sample=True, plain sampling
+    assert module["human_from_reference"] is False
+    # optimisers: Adam (0.9, 0.95) defaults of the module; actor LoRA lr 5e-4, critic 5e-6, detector 1e-5
+    assert module["optimizer"] is None and module["critic_optimizer"] is None and module["detector_optimizer"] is None
+    assert module["actor_lr"] == pytest.approx(5e-4)
+    assert module["critic_lr"] == pytest.approx(5e-6)
+    assert module["detector_lr"] == pytest.approx(1e-5)
+    assert module["gradient_clip"] == 1.0
+    # detector loss: pairwise + 1e-4 score penalty, no robustness term by default
+    assert module["detector_reg"] == pytest.approx(1e-4) and module["substitution_ratio"] == 0.0
+    # actor: LoRA dim 128, scaling 1/128 (alpha 1), every linear layer; the reference = LoRA switched off
+    lora = module["model"]["lora"]
+    assert lora["r"] == 128 and lora["alpha"] == 1 and lora["dropout"] == 0.0
+    assert lora["target_modules"] == "all-linear"
+    assert module["reference"] == "adapter"
+    # stage 1 = exactly epoch 0; stage 2 = epoch 1
+    assert trainer["max_epochs"] == 2
+    assert module["detector_pretrain_steps"] == trainer["limit_train_batches"]
+    assert module["detector_checkpoint"] is None
+    # equal lengths: the human continuation is capped at what the LLM may generate
+    assert data["continuation_tokens"] == module["max_new_tokens"]
+    # validation on 1,000 prompts
+    assert trainer["limit_val_batches"] * data["eval_batch_size"] == 1000
+
+
+def test_c4_setting():
+    cfg = resolved(C4)
+    trainer, module, data = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert module["model"]["name_or_path"] == "facebook/opt-1.3b"
+    assert module["detector"]["model"]["name_or_path"] == "facebook/opt-350m"
+    assert module["detector"]["model"]["tokenizer"] == "facebook/opt-1.3b"
+    assert module["max_new_tokens"] == 128
+    assert data["format"] == "text" and data["prompt_tokens"] == 32 and data["continuation_tokens"] == 128
+    for source, split in ((data["train"], "train"), (data["val"], "validation")):
+        assert (source["path"], source["subset"], source["split"]) == ("allenai/c4", "realnewslike", split)
+    # 10,000 co-training steps of 4 prompts = one pass over the 40,000 training prompts; stage 1 = one
+    # epoch over the 40,000 pretraining pairs
+    assert trainer["limit_train_batches"] == 10_000 and module["detector_pretrain_steps"] == 10_000
+    assert trainer["limit_train_batches"] * data["batch_size"] == 40_000
+
+
+def test_pku_setting():
+    cfg = resolved(PKU)
+    module, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert module["model"]["tokenizer"] == "meta-llama/Llama-2-7b-hf"
+    detector = module["detector"]["model"]
+    assert detector["name_or_path"].startswith("TinyLlama/TinyLlama-1.1B")
+    assert detector["tokenizer"] == "meta-llama/Llama-2-7b-hf"
+    assert module["max_new_tokens"] == 100
+    assert data["format"] == "qa" and data["continuation_tokens"] == 100
+    assert data["prompt_template"] == "### Question: {prompt}\n ### Answer:"
+    assert data["response_template"] == " {response}"
+    assert data["append_eos"] is True and data["strip_leading_whitespace"] is True
+    assert data["train"]["path"] == data["val"]["path"] == "PKU-Alignment/PKU-SafeRLHF"
+    assert (data["train"]["split"], data["val"]["split"]) == ("train", "test")
+    assert data["train"]["fields"] == {"response": "response_0"}
+    # the alignment mix is documented and commented out until the module has the option
+    text = (REPO / PKU).read_text()
+    assert "# alignment_weight: 0.5" in text
+    assert module.get("alignment_reward") is None
+    if "alignment_weight" in module:
+        assert module["alignment_weight"] == pytest.approx(0.5)
+
+
+def test_tiny_stays_tiny():
+    cfg = resolved(TINY)
+    module = cfg["model"]["init_args"]
+    assert cfg["trainer"]["accelerator"] == "cpu"
+    assert module["model"]["tiny"] is not None and module["detector"]["model"]["tiny"] is not None
+    assert cfg["data"]["init_args"]["train"]["path"] == "builtin:corpus"
+    assert module["human_from_reference"] is True
