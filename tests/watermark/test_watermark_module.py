@@ -6,6 +6,7 @@ the two classes start indistinguishable: any AUROC above chance must come from t
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -19,11 +20,17 @@ CONFIG = str(REPO / "configs/watermark/tiny.yaml")
 
 
 def _fit(tmp_path, *extra: str):
-    cli = cli_main(["fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+    """Fit the tiny config; return the CLI, the final val/auroc, the last train/kl and the mean
+    val/auroc over the run's validations (every 10 epochs: the area under its AUROC curve)."""
+    cli = cli_main(["fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path}",
+                    "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                     "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", *extra])
     metrics = cli.trainer.callback_metrics
-    return cli, float(metrics["val/auroc"]), float(metrics["train/kl"]) if "train/kl" in metrics else 0.0
+    rows = [r for f in tmp_path.rglob("metrics.csv") for r in csv.DictReader(f.open())]
+    aurocs = [float(r["val/auroc"]) for r in rows if r.get("val/auroc")]
+    kl = float(metrics["train/kl"]) if "train/kl" in metrics else 0.0
+    return cli, float(metrics["val/auroc"]), kl, sum(aurocs) / max(len(aurocs), 1)
 
 
 def test_detector_loss_is_log_two_at_equal_scores():
@@ -37,16 +44,16 @@ def test_detector_loss_is_log_two_at_equal_scores():
 
 def test_detector_alone_cannot_separate_the_original_llm_from_itself(tmp_path):
     """Control (the paper's "lr 0" ablation): the actor does not move, so the detector has nothing to find."""
-    _, auroc, _ = _fit(tmp_path, "--model.init_args.actor_lr=0.0")
+    _, auroc, _, _ = _fit(tmp_path, "--model.init_args.actor_lr=0.0")
     assert 0.35 <= auroc <= 0.65
 
 
 def test_co_training_watermarks_and_a_larger_kl_coefficient_slows_it(tmp_path):
-    cli, auroc, kl = _fit(tmp_path / "a")
+    cli, auroc, kl, gain = _fit(tmp_path / "a")
     assert auroc > 0.9
     assert kl > 1.0  # the watermark is a real change of the distribution
-    _, auroc_strong, kl_strong = _fit(tmp_path / "b", "--model.init_args.kl_coef=1.0")
-    assert kl_strong < kl and auroc_strong <= auroc
+    _, _, kl_strong, gain_strong = _fit(tmp_path / "b", "--model.init_args.kl_coef=1.0")
+    assert kl_strong < kl and gain_strong < gain  # a larger KL coefficient: closer to the reference, slower
     module = cli.model
     prompt = "The harbour town"
     text = module.generate([prompt], chat_template=False)[0]
