@@ -46,6 +46,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "dpo_step": ("dpo_step.py", [], ["--steps", "8", "--warmup", "2"]),
     "wagle": ("wagle.py", [], ["--examples", "16", "--steps", "6", "--warmup", "2", "--rounds", "1"]),
     "kgw": ("kgw.py", [], ["--repeats", "3", "--warmup", "1"]),
+    "watermark_step": ("watermark_step.py", [], ["--steps", "8", "--warmup", "2"]),
 }
 PACKAGES = ("torch", "transformers", "trl", "lightning", "peft", "datasets", "lit_align")
 
@@ -177,6 +178,13 @@ def rows(results: dict[str, dict]) -> list[dict]:
             "target 1e6 tok/s", 1e6, None if det is None else round(det / 1e6, 1), ">=", 1.0, " tok/s")
         add("kgw", "greedy decoding with the KGW bias, tokens/s (batch 8, prompt 32, +64; ratio: time with / without)", k.get("kgw_tok_s"),
             "same sampler without bias", k.get("plain_tok_s"), k.get("gen_overhead"), "<=", 1.1, " tok/s")
+    ws = results.get("watermark_step", {})
+    if "error" not in ws and ws:
+        add("watermark_step", f"watermark co-training step, ms (tiny setup; generation {ws.get('generate_share')}, "
+            f"PPO update {ws.get('update_share')} of the phases)", ws.get("step_ms"),
+            "report only", None, None, "<=", 1.0, " ms")
+        add("watermark_step", "KV-cache sampler during co-training, tokens/s (tiny setup, batch 16, +8)",
+            ws.get("sampler_tok_s"), "report only", None, None, ">=", 1.0, " tok/s")
     for name, r in results.items():
         if "error" in r:
             out.append({"benchmark": name, "what": "failed (see results.json)", "lit_align": None, "peer_name": "",

@@ -71,6 +71,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LIT_ALIGN_QUICKSTART_OUT", str(out))
     monkeypatch.setenv("LIT_ALIGN_UNLEARNING_OUT", str(tmp_path / "unlearning"))
+    monkeypatch.setenv("LIT_ALIGN_WATERMARK_OUT", str(tmp_path / "watermark"))
     before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
 
     nb = nbformat.read(path, as_version=4)

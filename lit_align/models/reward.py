@@ -86,7 +86,8 @@ def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase
         backbone.config.pad_token_id = tokenizer.pad_token_id
         return RewardModel(backbone, None, spec.kind)
     backbone = apply_lora(build_causal_lm(spec.model, tokenizer), spec.model.lora, seed=spec.model.seed)
-    hidden = backbone.config.hidden_size
+    # the decoder's output width: OPT projects it down to word_embed_proj_dim (512 for OPT-350M)
+    hidden = getattr(backbone.config, "word_embed_proj_dim", None) or backbone.config.hidden_size
     # skip_init: no default (random) init, so building never draws from the global RNG
     head = nn.utils.skip_init(nn.Linear, hidden, 1, bias=True, dtype=next(backbone.parameters()).dtype)
     with torch.no_grad():

@@ -134,3 +134,23 @@ def test_lora_backbone_trains_adapters_and_head_only():
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads <= set(trainable)
     assert "head.weight" in grads and any("lora_B" in n for n in grads)
+
+
+def test_opt_detector_head_reads_the_projected_width():
+    """OPT projects its decoder output to word_embed_proj_dim (512 for OPT-350M): the head must match."""
+    import tempfile
+
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from lit_align.models import ModelSpec, RewardModelSpec, build_reward_model
+
+    config = OPTConfig(vocab_size=1024, hidden_size=64, word_embed_proj_dim=32, num_hidden_layers=1,
+                       num_attention_heads=2, ffn_dim=128, max_position_embeddings=64, pad_token_id=0)
+    with tempfile.TemporaryDirectory() as d:
+        OPTForCausalLM(config).save_pretrained(d)
+        from lit_align.models import TINY_TOKENIZER
+
+        rm = build_reward_model(RewardModelSpec(model=ModelSpec(name_or_path=d, tokenizer=TINY_TOKENIZER)))
+        ids = torch.randint(2, 1000, (2, 5))
+        assert rm.head.in_features == 32
+        assert rm.score(ids, torch.ones_like(ids)).shape == (2,)
