@@ -266,9 +266,9 @@ class WatermarkEvaluation(L.Callback):
                     self._conditions("kgw_", kgw_score, prompt_ids, prompt_mask, marked.response_ids,
                                      marked.response_mask, positives, text, b)
                 if oracle is not None:
-                    ppl["clean"].append(self._perplexity(oracle, tok, *_join(prompt_ids, prompt_mask,
-                                                                            rollout.response_ids[keep],
-                                                                            rollout.response_mask[keep])))
+                    ids, attn, _ = _join(prompt_ids, prompt_mask, rollout.response_ids[keep],
+                                         rollout.response_mask[keep])
+                    ppl["clean"].append(self._perplexity(oracle, tok, ids, attn))
                     ppl["human"].append(self._perplexity(oracle, tok, h_ids, h_attn))
                     with ref_context() if ref_context is not None else nullcontext():
                         plain = sample(reference, prompt_ids, prompt_mask, module.sampling,
