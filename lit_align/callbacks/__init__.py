@@ -3,6 +3,7 @@
 from lit_align.callbacks.export import HFExport
 from lit_align.callbacks.samples import SampleGenerations
 from lit_align.callbacks.unlearning_eval import UnlearningEvaluation
+from lit_align.callbacks.watermark_eval import WatermarkEvaluation
 from lit_align.callbacks.weight_mask import WeightMask
 
-__all__ = ["HFExport", "SampleGenerations", "UnlearningEvaluation", "WeightMask"]
+__all__ = ["HFExport", "SampleGenerations", "UnlearningEvaluation", "WatermarkEvaluation", "WeightMask"]
