@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,19 +34,8 @@ from generate import EOS, PAD, PROMPT_LEN, VOCAB, build_model  # noqa: E402
 from lit_align.rollout.sampler import SamplingConfig, sample  # noqa: E402
 from lit_align.watermark import KGWWatermark, watermarked_sample  # noqa: E402
 
-
-def median_seconds(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median wall time of each function; runs are interleaved so load changes hit all of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import median_seconds  # noqa: E402  (the same interleaved timing as generate.py)
 
 
 def main() -> None:

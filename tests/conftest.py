@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -46,3 +47,21 @@ def tiny_lm(family: str = "qwen2", *, vocab_size: int, hidden_size: int = 64, se
                  intermediate_size=2 * hidden_size, vocab_size=vocab_size, **config)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+@functools.cache
+def resolved_config(config: str) -> dict:
+    """A config as the CLI resolves it (``fit --print_config``: parsed and validated, not instantiated,
+    so real-scale configs are checked without downloading anything)."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from lit_align.cli import cli_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(REPO / config), "--print_config"])
+    assert exit_info.value.code in (0, None), out.getvalue()
+    return yaml.safe_load(out.getvalue())

@@ -3,16 +3,10 @@ downloaded) and carry the reference hyperparameters (spec core §4.7, others §1
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO
-
-from lit_align.cli import cli_main
+from conftest import REPO, resolved_config
 
 CONFIGS = sorted([*(REPO / "configs/wagle").glob("*.yaml"), *(REPO / "configs/unlearning").rglob("*.yaml")])
 REAL_SCALE = [c for c in CONFIGS if "tiny" not in c.name]
@@ -29,14 +23,8 @@ WAGLE_TABLE = {
 LLMU = "configs/unlearning/llmu/opt-1.3b_pku.yaml"
 
 
-@functools.cache
 def resolved(config: str) -> dict:
-    """The config as the CLI resolves it (``fit --print_config``: parsed and validated, not instantiated)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", str(REPO / config), "--print_config"])
-    assert exit_info.value.code in (0, None), out.getvalue()
-    return yaml.safe_load(out.getvalue())
+    return resolved_config(config)
 
 
 def _callbacks(cfg: dict) -> dict[str, dict]:

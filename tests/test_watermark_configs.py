@@ -3,15 +3,8 @@ nothing downloaded) and the real-scale ones carry the spec's settings (core.md Â
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
-
 import pytest
-import yaml
-from conftest import REPO
-
-from lit_align.cli import cli_main
+from conftest import REPO, resolved_config
 
 TINY = "configs/watermark/tiny.yaml"
 C4 = "configs/watermark/opt1.3b_c4.yaml"
@@ -19,14 +12,8 @@ PKU = "configs/watermark/llama2_pku_alignment.yaml"
 REAL_SCALE = [C4, PKU]
 
 
-@functools.cache
 def resolved(config: str) -> dict:
-    """The config as the CLI resolves it (parsed and validated, not instantiated)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", str(REPO / config), "--print_config"])
-    assert exit_info.value.code in (0, None), out.getvalue()
-    return yaml.safe_load(out.getvalue())
+    return resolved_config(config)
 
 
 def test_every_watermark_config_is_covered():
