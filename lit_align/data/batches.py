@@ -34,6 +34,10 @@ class SequenceBatch:
         """Real (non-pad) tokens in the batch."""
         return int(self.attention_mask.sum())
 
+    def select(self, rows: Tensor) -> SequenceBatch:
+        """The rows ``rows`` ((N,) long indices or a (B,) bool mask) as a new batch."""
+        return SequenceBatch(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows], self.index[rows])
+
     @staticmethod
     def cat(parts: list[SequenceBatch], pad_token_id: int) -> SequenceBatch:
         """Stack batches row-wise, right-padding to the longest (one forward for chosen + rejected)."""

@@ -103,6 +103,8 @@ class WatermarkModule(ReferencedPolicyModule):
         paraphraser: Callable[[list[str]], list[str]] | None = None,
         paraphrase_weight: float = 1.0,
         other_llm: ModelSpec | None = None,
+        retokenize_text: bool = True,
+        export_detector: bool = True,
         gradient_clip: float | None = 1.0,
         sample_seed: int = 0,
         actor_lr: float = 1e-5,
@@ -142,6 +144,12 @@ class WatermarkModule(ReferencedPolicyModule):
             paraphrase_weight: weight of that term (1.0 in the reference).
             other_llm: "H+L": continuations sampled from this other (frozen) LLM replace the human
                 ones as the detector's negatives (same tokenizer as the actor).
+            retokenize_text: the detector reads every continuation (the LLM's and the human's) as
+                text decoded and encoded again the same way, not as the sampled token ids: a sampled
+                id sequence can be one the tokenizer never produces from text, a shortcut that would
+                separate the classes without a watermark (spec §3.10). Off: raw ids.
+            export_detector: at the end of training write the detector with :meth:`save_detector` to
+                ``<default_root_dir>/detector_export`` (the watermarked LLM: the ``HFExport`` callback).
             gradient_clip: global-norm clip applied to each player's gradients (1.0; None: off).
             sample_seed: seed of the sampling (and substitution) randomness; step ``k`` draws from
                 ``sample_seed + k``, so a resumed run samples what the uninterrupted run would have.
@@ -180,6 +188,7 @@ class WatermarkModule(ReferencedPolicyModule):
         self._alignment_tokenizer = None
         self.paraphraser, self.paraphrase_weight, self.other_llm_spec = paraphraser, paraphrase_weight, other_llm
         self.other_llm: torch.nn.Module | None = None
+        self.retokenize_text, self.export_detector = retokenize_text, export_detector
         self.gradient_clip, self.sample_seed = gradient_clip, sample_seed
         self.critic_optimizer_factory = critic_optimizer or _adam()(critic_lr)
         self.detector_optimizer_factory = detector_optimizer or _adam()(detector_lr)
@@ -296,13 +305,40 @@ class WatermarkModule(ReferencedPolicyModule):
             return batch.human
         else:
             rollout = self._generate(batch, from_reference=True)
+        return self._as_batch(rollout, batch.index)
+
+    @staticmethod
+    def _as_batch(rollout: Rollout, index: Tensor | None = None) -> SequenceBatch:
+        """A rollout as prompt + continuation rows, ``loss_mask`` on the continuation."""
         loss_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
-        return SequenceBatch(rollout.sequences, rollout.attention_mask, loss_mask, batch.index)
+        index = index if index is not None else torch.arange(len(loss_mask), device=loss_mask.device)
+        return SequenceBatch(rollout.sequences, rollout.attention_mask, loss_mask, index)
+
+    def _detector_view(self, batch: SequenceBatch) -> SequenceBatch:
+        """What the detector reads: prompt + continuation with the continuation decoded and encoded again
+        (:func:`~lit_align.data.completion.retokenize`, EOS kept when the row ended with one), right-padded;
+        the rows unchanged with ``retokenize_text: false``."""
+        if not self.retokenize_text:
+            return batch
+        eos, rows = self.tokenizer.eos_token_id, []
+        for ids, attn, cont in zip(batch.input_ids, batch.attention_mask.bool(), batch.loss_mask.bool()):
+            answer = ids[cont & attn].tolist()
+            ended = bool(answer) and answer[-1] == eos
+            text = self.tokenizer.decode(answer[:-1] if ended else answer, skip_special_tokens=True)
+            again = retokenize([text], self.tokenizer, max_tokens=self.sampling.max_new_tokens)[0]
+            rows.append((ids[attn & ~cont].tolist(), again + ([eos] if ended else [])))
+        view = _collate_sequences(rows, batch.index.tolist(), self.tokenizer.pad_token_id)
+        return SequenceBatch(*(t.to(self.device) for t in (view.input_ids, view.attention_mask, view.loss_mask)),
+                             batch.index)
+
+    def _detector_scores(self, batch: SequenceBatch) -> Tensor:
+        view = self._detector_view(batch)
+        return self.detector.score(view.input_ids, view.attention_mask)
 
     @torch.no_grad()
     def _scores(self, rollout: Rollout) -> Tensor:
         """(B,) PPO reward of each continuation: the detector's score, mixed with the alignment reward."""
-        detector = self.detector.score(rollout.sequences, rollout.attention_mask)
+        detector = self._detector_scores(self._as_batch(rollout))
         if self.alignment is None:
             return detector
         ids, mask = rollout.sequences, rollout.attention_mask
@@ -370,19 +406,19 @@ class WatermarkModule(ReferencedPolicyModule):
         else:
             metrics["reward"] = scores.mean()
         with self._timer("detector", times):
-            sequences, attention = rollout.sequences[keep], rollout.attention_mask[keep]
-            s_w = self.detector.score(sequences, attention)
-            s_h = self.detector.score(human.input_ids[keep], human.attention_mask[keep])
+            llm = self._detector_view(self._as_batch(rollout).select(keep))
+            s_w = self.detector.score(llm.input_ids, llm.attention_mask)
+            s_h = self._detector_scores(human.select(keep))
             loss, dm = detector_loss(s_w, s_h, reg=self.detector_reg)
             if self.paraphraser is not None:
                 para_ids, para_mask = self._paraphrased(rollout, keep)
                 para_loss, _ = detector_loss(self.detector.score(para_ids, para_mask), s_h, reg=self.detector_reg)
                 loss = loss + self.paraphrase_weight * para_loss
             if self.substitution_ratio > 0:
-                action = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)[keep]
-                attacked = random_substitution(sequences, action, self.substitution_ratio, len(self.tokenizer),
-                                               generator=self._rng(2))
-                sub_loss, _ = detector_loss(self.detector.score(attacked, attention), s_h, reg=self.detector_reg)
+                attacked = random_substitution(llm.input_ids, llm.loss_mask, self.substitution_ratio,
+                                               len(self.tokenizer), generator=self._rng(2))
+                sub_loss, _ = detector_loss(self.detector.score(attacked, llm.attention_mask), s_h,
+                                            reg=self.detector_reg)
                 loss = loss + self.substitution_weight * sub_loss
             self._step_player(detector_opt, loss)
         metrics.update({"detector/loss": loss.detach(), **{f"detector/{k}": v for k, v in dm.items()}})
@@ -396,6 +432,11 @@ class WatermarkModule(ReferencedPolicyModule):
         for key, value in times.items():
             self.log(f"train/time/{key}", value, on_step=True, on_epoch=False, batch_size=batch_size)
 
+    def on_train_end(self) -> None:
+        if self.export_detector and self.trainer.is_global_zero:
+            path = self.save_detector(Path(self.trainer.default_root_dir) / "detector_export")
+            print(f"exported the detector to {path} (load with WatermarkModule(detector_checkpoint=...))")
+
     # -- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: CompletionBatch, batch_idx: int) -> None:
         rollout = self._generate(batch)
@@ -404,8 +445,8 @@ class WatermarkModule(ReferencedPolicyModule):
         if not keep.any():
             return
         with torch.no_grad():
-            s_w = self.detector.score(rollout.sequences[keep], rollout.attention_mask[keep])
-            s_h = self.detector.score(human.input_ids[keep], human.attention_mask[keep])
+            s_w = self._detector_scores(self._as_batch(rollout).select(keep))
+            s_h = self._detector_scores(human.select(keep))
         self._val_metrics.update(torch.cat([s_w, s_h]), torch.cat([torch.ones_like(s_w), torch.zeros_like(s_h)]))
 
     def on_validation_epoch_end(self) -> None:

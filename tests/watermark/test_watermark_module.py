@@ -45,7 +45,7 @@ def test_detector_loss_is_log_two_at_equal_scores():
 def test_detector_alone_cannot_separate_the_original_llm_from_itself(tmp_path):
     """Control (the paper's "lr 0" ablation): the actor does not move, so the detector has nothing to find."""
     _, auroc, _, _ = _fit(tmp_path, "--model.init_args.actor_lr=0.0")
-    assert 0.35 <= auroc <= 0.65
+    assert 0.4 <= auroc <= 0.6
 
 
 def test_co_training_watermarks_and_a_larger_kl_coefficient_slows_it(tmp_path):
@@ -95,7 +95,7 @@ def test_alignment_reward_is_mixed_with_the_detector_score(tmp_path):
     rollout = module._generate(batch)
     mixed = module._scores(rollout)
     with torch.no_grad():
-        detector = module.detector.score(rollout.sequences, rollout.attention_mask)
+        detector = module._detector_scores(module._as_batch(rollout))  # the re-encoded text, as in training
         aligned = module.alignment.score(rollout.sequences, rollout.attention_mask)
     assert not torch.allclose(detector, aligned)
     torch.testing.assert_close(mixed, 0.5 * detector + 0.5 * aligned)
@@ -113,6 +113,14 @@ def test_robustness_terms_and_other_llm_negatives_train(tmp_path):
     module = cli.model
     assert module.other_llm is not None and not any(p.requires_grad for p in module.other_llm.parameters())
     assert module.step_count == 2 and math.isfinite(float(cli.trainer.callback_metrics["train/detector/loss"]))
+    # the exported detector loads back as a detector checkpoint (and as the critic's start)
+    export = tmp_path / "detector_export"
+    assert (export / "head.pt").is_file()
+    again = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path / 'again'}", "--trainer.logger=false",
+                      "--trainer.callbacks=[]", f"--model.init_args.detector_checkpoint={export}"], run=False).model
+    again.configure_model()
+    for key, value in module.detector.state_dict().items():
+        torch.testing.assert_close(again.detector.state_dict()[key], value, msg=key)
 
 
 def test_detector_with_another_tokenizer_is_refused(tmp_path):
@@ -131,3 +139,25 @@ def test_detector_with_another_tokenizer_is_refused(tmp_path):
 def test_unequal_continuation_caps_are_refused(tmp_path):
     with pytest.raises(ValueError, match="must be equal"):
         _fit(tmp_path, "--model.init_args.human_from_reference=false", "--model.init_args.max_new_tokens=12")
+
+
+def test_detector_reads_llm_and_human_text_re_encoded_alike(tmp_path):
+    """Sampled ids go through text and back like human text (EOS kept), so non-canonical token
+    sequences cannot separate the classes; with retokenize_text: false the ids are read as sampled."""
+    from lit_align.data.batches import SequenceBatch
+    from lit_align.data.completion import retokenize
+
+    cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.callbacks=[]"], run=False)
+    module = cli.model
+    module.configure_model()
+    tok = module.tokenizer
+    prompt = tok("The harbour town of")["input_ids"]
+    odd = [tok.convert_tokens_to_ids(c) for c in ("h", "a", "r")]  # "har" spelled letter by letter
+    rows = torch.tensor([prompt + odd + [tok.eos_token_id]])
+    loss = torch.tensor([[0] * len(prompt) + [1] * (len(odd) + 1)])
+    view = module._detector_view(SequenceBatch(rows, torch.ones_like(rows), loss, torch.tensor([0])))
+    expected = prompt + retokenize(["har"], tok)[0] + [tok.eos_token_id]
+    assert view.input_ids[0].tolist() == expected and expected != rows[0].tolist()
+    module.retokenize_text = False
+    assert module._detector_view(SequenceBatch(rows, torch.ones_like(rows), loss, torch.tensor([0]))).input_ids.equal(rows)
