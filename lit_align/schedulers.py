@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["WarmupLinearLR"]
+__all__ = ["WarmupCosineLR", "WarmupLinearLR"]
 
 
 class WarmupLinearLR(LambdaLR):
@@ -33,3 +35,35 @@ class WarmupLinearLR(LambdaLR):
         if step < self.warmup_steps:
             return step / self.warmup_steps
         return max(0.0, (self.total_steps - step) / (self.total_steps - self.warmup_steps))
+
+
+class WarmupCosineLR(LambdaLR):
+    """Linear warm-up from 0 over ``warmup_steps``, then a cosine decay to ``min_ratio`` times the base
+    rate at ``total_steps`` (the HF Trainer's ``cosine`` schedule; the watermark paper's actor and critic).
+
+    The factor at step ``s >= warmup_steps`` is ``min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2``
+    with ``p = (s - warmup_steps) / (total_steps - warmup_steps)`` capped at 1. E.g. warm-up 1, total 5:
+    factors 0, 1, 0.854, 0.5, 0.146, 0.
+    """
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        """
+        Args:
+            optimizer: the wrapped optimiser.
+            total_steps: optimiser steps of the whole run.
+            warmup_steps: steps of linear warm-up (the watermark paper: ``min(100, total_steps // 10)``).
+            min_ratio: the final rate as a fraction of the base rate.
+        """
+        if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
+            raise ValueError(f"scheduler: need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}")
+        if not 0.0 <= min_ratio <= 1.0:
+            raise ValueError(f"scheduler: min_ratio must be in [0, 1], got {min_ratio}")
+        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
+        super().__init__(optimizer, self._factor, last_epoch=last_epoch)
+
+    def _factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

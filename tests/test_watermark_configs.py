@@ -85,6 +85,15 @@ def test_spec_hyperparameters(config):
     assert trainer["limit_val_batches"] * data["eval_batch_size"] == 1000
 
 
+@pytest.mark.parametrize("config", REAL_SCALE, ids=lambda c: c.split("/")[-1])
+def test_actor_and_critic_follow_the_cosine_schedule(config):
+    """The reference: cosine with warm-up min(100, 0.1 x steps) for the actor and the critic, none for the detector."""
+    args = resolved(config)["model"]["init_args"]
+    for key in ("scheduler", "critic_scheduler"):
+        assert args[key]["class_path"] == "lit_align.schedulers.WarmupCosineLR"
+        assert args[key]["init_args"]["warmup_steps"] == min(100, args[key]["init_args"]["total_steps"] // 10)
+
+
 def test_c4_setting():
     cfg = resolved(C4)
     trainer, module, data = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]["init_args"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_align.data.batches import SequenceBatch
@@ -113,6 +113,8 @@ class WatermarkModule(ReferencedPolicyModule):
         optimizer: OptimizerCallable | None = None,
         critic_optimizer: OptimizerCallable | None = None,
         detector_optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        critic_scheduler: LRSchedulerCallable | None = None,
         chunk_tokens: int | None = None,
     ) -> None:
         """
@@ -156,6 +158,9 @@ class WatermarkModule(ReferencedPolicyModule):
             actor_lr, critic_lr, detector_lr: Adam (betas 0.9, 0.95) learning rates when the
                 corresponding optimiser is not given (the paper: LoRA 5e-4 / full 1e-5, 5e-6, 1e-5).
             optimizer, critic_optimizer, detector_optimizer: optimiser factories for the three players.
+            scheduler, critic_scheduler: LR schedules of the actor and the critic, stepped once per
+                co-training step (the paper: cosine with warm-up ``min(100, steps // 10)``, e.g.
+                ``lit_align.schedulers.WarmupCosineLR``; the detector has none).
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
         """
         if reference == "auto":
@@ -163,7 +168,8 @@ class WatermarkModule(ReferencedPolicyModule):
         if reference not in ("adapter", "copy"):
             raise ValueError("model.reference must be 'adapter' or 'copy' for watermarking (new text is scored every "
                              f"step: nothing can be precomputed), got {reference!r}")
-        super().__init__(model, reference=reference, optimizer=optimizer, chunk_tokens=chunk_tokens)
+        super().__init__(model, reference=reference, optimizer=optimizer, scheduler=scheduler, chunk_tokens=chunk_tokens)
+        self.critic_scheduler_factory = critic_scheduler
         if detector.kind != "scalar_head":
             raise ValueError("model.detector.kind must be 'scalar_head' (the critic is a copy of the detector)")
         for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs)):
@@ -243,8 +249,16 @@ class WatermarkModule(ReferencedPolicyModule):
         actor = [p for p in self.policy.parameters() if p.requires_grad]
         if not actor:
             raise ValueError("the actor has no trainable parameters (check model.model.lora.target_modules)")
-        return [self.optimizer_factory(actor), self.critic_optimizer_factory(list(self.critic.parameters())),
-                self.detector_optimizer_factory(list(self.detector.parameters()))]
+        optimizers = [self.optimizer_factory(actor), self.critic_optimizer_factory(list(self.critic.parameters())),
+                      self.detector_optimizer_factory(list(self.detector.parameters()))]
+        schedulers = [factory(opt) for factory, opt in ((self.scheduler_factory, optimizers[0]),
+                                                        (self.critic_scheduler_factory, optimizers[1])) if factory]
+        return optimizers, schedulers
+
+    def _step_schedulers(self) -> None:
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
 
     # -- API -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -401,6 +415,7 @@ class WatermarkModule(ReferencedPolicyModule):
                         value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask,
                                                         clip=self.value_clip)
                         self._step_player(critic_opt, value_loss)
+            self._step_schedulers()
             metrics.update({"actor/loss": policy_loss.detach(), **{f"actor/{k}": v for k, v in pm.items()},
                             "critic/loss": value_loss.detach(), **{f"critic/{k}": v for k, v in vm.items()}})
         else:

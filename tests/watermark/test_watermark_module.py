@@ -161,3 +161,17 @@ def test_detector_reads_llm_and_human_text_re_encoded_alike(tmp_path):
     assert view.input_ids[0].tolist() == expected and expected != rows[0].tolist()
     module.retokenize_text = False
     assert module._detector_view(SequenceBatch(rows, torch.ones_like(rows), loss, torch.tensor([0]))).input_ids.equal(rows)
+
+
+def test_actor_and_critic_schedules_step_once_per_co_training_step(tmp_path):
+    sched = "{class_path: lit_align.schedulers.WarmupCosineLR, init_args: {total_steps: 4, warmup_steps: 1}}"
+    cli = cli_main(["fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                    "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
+                    "--model.init_args.detector_pretrain_steps=1",
+                    f"--model.init_args.scheduler={sched}", f"--model.init_args.critic_scheduler={sched}"])
+    actor_opt, critic_opt, detector_opt = cli.model.optimizers()
+    # 2 co-training steps after 1 pretraining step: the schedules are at step 2 of 4 (warm-up 1, cosine: 0.75)
+    assert actor_opt.param_groups[0]["lr"] == pytest.approx(0.75 * 3e-3)
+    assert critic_opt.param_groups[0]["lr"] == pytest.approx(0.75 * 1e-3)
+    assert detector_opt.param_groups[0]["lr"] == pytest.approx(1e-3)
