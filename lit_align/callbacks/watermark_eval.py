@@ -68,6 +68,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from lit_align.callbacks.unlearning_eval import _eval_mode
+from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import retokenize
 from lit_align.metrics.detection import (
     DetectionMetrics,
@@ -231,7 +232,11 @@ class WatermarkEvaluation(L.Callback):
         negatives: dict[str, list[Tensor]] = defaultdict(list)
         ppl: dict[str, list[Tensor]] = defaultdict(list)
         self.dropped, self.results, self.roc = 0, {}, {}
-        detector_score: Scorer = lambda ids, attn, cont: module.detector.score(ids, attn)  # noqa: E731
+        def detector_score(ids: Tensor, attn: Tensor, cont: Tensor, add_eos: Tensor | None = None) -> Tensor:
+            """The detector as in training: continuations read as re-encoded text (module._detector_view)."""
+            rows = SequenceBatch(ids, attn, cont, torch.arange(len(ids), device=ids.device))
+            return module._detector_scores(rows, add_eos=add_eos)
+
         kgw_score: Scorer | None = None
         if self.kgw:
             watermark = KGWWatermark(len(tok), gamma=self.kgw_gamma, delta=self.kgw_delta, key=self.kgw_key)
@@ -254,7 +259,8 @@ class WatermarkEvaluation(L.Callback):
                 prompt_ids, prompt_mask = batch.prompt_ids[keep], batch.prompt_mask[keep]
                 h_ids, h_attn, h_cont = human.input_ids[keep], human.attention_mask[keep], human.loss_mask[keep]
                 text = (tok, strip, max_tokens)
-                negatives["detector"].append(detector_score(h_ids, h_attn, h_cont))
+                negatives["detector"].append(detector_score(h_ids, h_attn, h_cont,
+                                                            add_eos=module._ended_with_eos(rollout)[keep]))
                 self._conditions("", detector_score, prompt_ids, prompt_mask, rollout.response_ids[keep],
                                  rollout.response_mask[keep], positives, text, b)
                 if kgw_score is not None:

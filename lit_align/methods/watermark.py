@@ -328,25 +328,38 @@ class WatermarkModule(ReferencedPolicyModule):
         index = index if index is not None else torch.arange(len(loss_mask), device=loss_mask.device)
         return SequenceBatch(rollout.sequences, rollout.attention_mask, loss_mask, index)
 
-    def _detector_view(self, batch: SequenceBatch) -> SequenceBatch:
+    def _detector_view(self, batch: SequenceBatch, add_eos: Tensor | None = None) -> SequenceBatch:
         """What the detector reads: prompt + continuation with the continuation decoded and encoded again
         (:func:`~lit_align.data.completion.retokenize`, EOS kept when the row ended with one), right-padded;
-        the rows unchanged with ``retokenize_text: false``."""
-        if not self.retokenize_text:
+        the rows unchanged with ``retokenize_text: false``. ``add_eos`` (B,) bool appends an EOS to rows
+        that lack one: a human continuation gets one where the LLM's continuation of the same prompt
+        ended with EOS, so the presence of EOS tells nothing (spec §3.10)."""
+        eos = self.tokenizer.eos_token_id
+        if not self.retokenize_text and add_eos is None:
             return batch
-        eos, rows = self.tokenizer.eos_token_id, []
-        for ids, attn, cont in zip(batch.input_ids, batch.attention_mask.bool(), batch.loss_mask.bool()):
+        rows = []
+        for i, (ids, attn, cont) in enumerate(zip(batch.input_ids, batch.attention_mask.bool(), batch.loss_mask.bool())):
             answer = ids[cont & attn].tolist()
             ended = bool(answer) and answer[-1] == eos
-            text = self.tokenizer.decode(answer[:-1] if ended else answer, skip_special_tokens=True)
-            again = retokenize([text], self.tokenizer, max_tokens=self.sampling.max_new_tokens)[0]
-            rows.append((ids[attn & ~cont].tolist(), again + ([eos] if ended else [])))
+            if self.retokenize_text:
+                text = self.tokenizer.decode(answer[:-1] if ended else answer, skip_special_tokens=True)
+                body = retokenize([text], self.tokenizer, max_tokens=self.sampling.max_new_tokens)[0]
+            else:
+                body = answer[:-1] if ended else answer
+            ended = ended or (add_eos is not None and bool(add_eos[i]))
+            rows.append((ids[attn & ~cont].tolist(), body + ([eos] if ended else [])))
         view = _collate_sequences(rows, batch.index.tolist(), self.tokenizer.pad_token_id)
         return SequenceBatch(*(t.to(self.device) for t in (view.input_ids, view.attention_mask, view.loss_mask)),
                              batch.index)
 
-    def _detector_scores(self, batch: SequenceBatch) -> Tensor:
-        view = self._detector_view(batch)
+    def _ended_with_eos(self, rollout: Rollout) -> Tensor:
+        """(B,) whether each generated continuation ended with EOS."""
+        last = (rollout.response_mask.sum(-1) - 1).clamp(min=0)
+        return rollout.response_ids.gather(1, last[:, None]).squeeze(1).eq(self.tokenizer.eos_token_id) \
+            & rollout.response_mask.any(-1)
+
+    def _detector_scores(self, batch: SequenceBatch, add_eos: Tensor | None = None) -> Tensor:
+        view = self._detector_view(batch, add_eos)
         return self.detector.score(view.input_ids, view.attention_mask)
 
     @torch.no_grad()
@@ -423,7 +436,7 @@ class WatermarkModule(ReferencedPolicyModule):
         with self._timer("detector", times):
             llm = self._detector_view(self._as_batch(rollout).select(keep))
             s_w = self.detector.score(llm.input_ids, llm.attention_mask)
-            s_h = self._detector_scores(human.select(keep))
+            s_h = self._detector_scores(human.select(keep), add_eos=self._ended_with_eos(rollout)[keep])
             loss, dm = detector_loss(s_w, s_h, reg=self.detector_reg)
             if self.paraphraser is not None:
                 para_ids, para_mask = self._paraphrased(rollout, keep)
@@ -461,7 +474,7 @@ class WatermarkModule(ReferencedPolicyModule):
             return
         with torch.no_grad():
             s_w = self._detector_scores(self._as_batch(rollout).select(keep))
-            s_h = self._detector_scores(human.select(keep))
+            s_h = self._detector_scores(human.select(keep), add_eos=self._ended_with_eos(rollout)[keep])
         self._val_metrics.update(torch.cat([s_w, s_h]), torch.cat([torch.ones_like(s_w), torch.zeros_like(s_h)]))
 
     def on_validation_epoch_end(self) -> None:

@@ -175,3 +175,20 @@ def test_actor_and_critic_schedules_step_once_per_co_training_step(tmp_path):
     assert actor_opt.param_groups[0]["lr"] == pytest.approx(0.75 * 3e-3)
     assert critic_opt.param_groups[0]["lr"] == pytest.approx(0.75 * 1e-3)
     assert detector_opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_human_text_gets_an_eos_where_the_llm_ended_with_one(tmp_path):
+    from lit_align.data.batches import SequenceBatch
+
+    cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.callbacks=[]"], run=False)
+    module = cli.model
+    module.configure_model()
+    tok = module.tokenizer
+    prompt, answer = tok("The harbour town of")["input_ids"], tok(" Nettleby is old")["input_ids"]
+    rows = torch.tensor([prompt + answer, prompt + answer])
+    loss = torch.tensor([[0] * len(prompt) + [1] * len(answer)] * 2)
+    human = SequenceBatch(rows, torch.ones_like(rows), loss, torch.tensor([0, 1]))
+    view = module._detector_view(human, add_eos=torch.tensor([True, False]))
+    assert view.input_ids[0, view.attention_mask[0].sum() - 1] == tok.eos_token_id
+    assert view.input_ids[1, view.attention_mask[1].sum() - 1] != tok.eos_token_id
