@@ -466,7 +466,7 @@ class WatermarkModule(ReferencedPolicyModule):
             print(f"exported the detector to {path} (load with WatermarkModule(detector_checkpoint=...))")
 
     # -- validation ----------------------------------------------------------------------------
-    def validation_step(self, batch: CompletionBatch, batch_idx: int) -> None:
+    def _eval_step(self, batch: CompletionBatch, stage: str) -> None:
         rollout = self._generate(batch)
         human = self._human(batch)
         keep = rollout.response_lengths >= 2
@@ -475,14 +475,33 @@ class WatermarkModule(ReferencedPolicyModule):
         with torch.no_grad():
             s_w = self._detector_scores(self._as_batch(rollout).select(keep))
             s_h = self._detector_scores(human.select(keep), add_eos=self._ended_with_eos(rollout)[keep])
+            loss, metrics = detector_loss(s_w, s_h, reg=self.detector_reg)
+        self._log_stage(stage, loss, {f"detector/{k}": v for k, v in metrics.items()}, int(keep.sum()))
         self._val_metrics.update(torch.cat([s_w, s_h]), torch.cat([torch.ones_like(s_w), torch.zeros_like(s_h)]))
 
-    def on_validation_epoch_end(self) -> None:
+    def validation_step(self, batch: CompletionBatch, batch_idx: int) -> None:
+        """``val/loss`` (the detector's pairwise loss) and, per epoch, ``val/auroc`` etc. on fresh samples."""
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: CompletionBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: CompletionBatch, batch_idx: int) -> list[dict[str, str]]:
+        """Greedy continuations of the batch's prompts by the (watermarked) LLM."""
+        return super().predict_step(batch.human, batch_idx)
+
+    def _log_detection(self, stage: str) -> None:
         if self._val_metrics.update_count == 0:
             return
         for key, value in self._val_metrics.compute().items():
-            self.log(f"val/{key}", value, sync_dist=False)
+            self.log(f"{stage}/{key}", value, sync_dist=False)
         self._val_metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_detection("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_detection("test")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
