@@ -270,7 +270,10 @@ class WatermarkModule(ReferencedPolicyModule):
         return float(self.detector.score(ids_t, torch.ones_like(ids_t)))
 
     def save_detector(self, path: str | Path) -> Path:
-        """Write the detector (backbone with ``save_pretrained``, head in ``head.pt``) to ``path``."""
+        """Write the detector (backbone with ``save_pretrained``, head in ``head.pt``) to ``path``.
+
+        ``detector_checkpoint`` reloads such a directory for a full-weight detector; a LoRA detector is
+        written as its adapter, so reload it from a Lightning checkpoint (``detector.*`` keys) instead."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.detector.backbone.save_pretrained(path)

@@ -192,3 +192,20 @@ def test_human_text_gets_an_eos_where_the_llm_ended_with_one(tmp_path):
     view = module._detector_view(human, add_eos=torch.tensor([True, False]))
     assert view.input_ids[0, view.attention_mask[0].sum() - 1] == tok.eos_token_id
     assert view.input_ids[1, view.attention_mask[1].sum() - 1] != tok.eos_token_id
+
+
+def test_every_player_can_carry_lora_adapters(tmp_path):
+    """LoRA on the actor (the reference is then the actor with adapters off: no copy) and on the detector
+    (the critic copies it, adapters included); only adapters train."""
+    lora = "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
+    cli = cli_main(["fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                    "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                    "--trainer.check_val_every_n_epoch=1", "--model.init_args.export_detector=false",
+                    f"--model.init_args.model.lora={lora}", f"--model.init_args.detector.model.lora={lora}"])
+    module = cli.model
+    assert module.reference.mode == "adapter" and module.reference.copy is None
+    for player in (module.policy, module.detector.backbone, module.critic.backbone):
+        trainable = [n for n, p in player.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+    assert module.step_count == 2 and "val/auroc" in cli.trainer.callback_metrics
