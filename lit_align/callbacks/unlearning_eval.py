@@ -65,6 +65,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from lit_align.data.tokenize import _collate_sequences
 from lit_align.metrics.unlearning import (
     MeanNLL,
     MinKProbMIA,
@@ -130,15 +131,8 @@ def _is_sharded(model: nn.Module) -> bool:
 
 def _right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """(prompt, response) pairs -> right-padded ``input_ids``, ``attention_mask``, ``response_mask``, all (B, T)."""
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    resp = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        ids[i, : len(p) + len(r)] = torch.as_tensor(p + r, dtype=torch.long)
-        attn[i, : len(p) + len(r)] = 1
-        resp[i, len(p) : len(p) + len(r)] = 1
-    return ids.to(device), attn.to(device), resp.to(device)
+    batch = _collate_sequences([(list(p), list(r)) for p, r in rows], list(range(len(rows))), pad_id)
+    return batch.input_ids.to(device), batch.attention_mask.to(device), batch.loss_mask.to(device)
 
 
 class UnlearningEvaluation(L.Callback):

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from lit_align.unlearning.attribution import METHODS, AttributionMethod, accumulate_gradients, attribution_scores
-from lit_align.unlearning.masks import ParameterMask, model_signature
+from lit_align.unlearning.masks import ParameterMask, local_tensor, model_signature
 
 __all__ = ["WeightMask"]
 
@@ -69,12 +69,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class WeightMask(L.Callback):
@@ -214,15 +208,15 @@ class WeightMask(L.Callback):
         self._frozen = {}
         for name, p in policy.named_parameters():
             if name in self.mask:
-                self._frozen[name] = _local(p.detach())[~_local(self.mask[name])].clone()
+                self._frozen[name] = local_tensor(p.detach())[~local_tensor(self.mask[name])].clone()
 
     @torch.no_grad()
     def _restore_frozen(self, policy: nn.Module) -> None:
         for name, p in policy.named_parameters():
             kept = self._frozen.get(name)
             if kept is not None and kept.numel():
-                local = _local(p.detach())
-                local.masked_scatter_(~_local(self.mask[name]), kept)
+                local = local_tensor(p.detach())
+                local.masked_scatter_(~local_tensor(self.mask[name]), kept)
 
     # -- every step --------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:

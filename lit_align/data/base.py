@@ -99,10 +99,14 @@ class TokenizedDataModule(L.LightningDataModule):
             raise ValueError("data.tokenizer is not set and there is no LightningModule with a tokenizer")
         return build_tokenizer(ModelSpec(name_or_path=self.tokenizer_name))
 
+    def _load(self, source: DataSource) -> list[Record]:
+        """Validated records of one source (subclasses with another record layout override this)."""
+        return load_records(source, self.required_fields, self.optional_fields)
+
     def _split(self) -> tuple[list[Record], list[Record]]:
-        train = load_records(self.train_source, self.required_fields, self.optional_fields)
+        train = self._load(self.train_source)
         if self.val_source is not None:
-            return train, load_records(self.val_source, self.required_fields, self.optional_fields)
+            return train, self._load(self.val_source)
         if self.val_fraction == 0.0:
             return train, []
         order = list(range(len(train)))
@@ -126,7 +130,7 @@ class TokenizedDataModule(L.LightningDataModule):
         train, val = self._split()
         self.train_dataset = self._tokenize(train, chat)
         self.val_dataset = self._tokenize(val, chat)
-        test = load_records(self.test_source, self.required_fields, self.optional_fields) if self.test_source else None
+        test = self._load(self.test_source) if self.test_source else None
         self.test_dataset = self._tokenize(test, chat) if test else self.val_dataset
 
     def _tokenize(self, records: list[Record], chat: bool) -> TokenizedDataset | None:

@@ -22,7 +22,6 @@ into a detector's token ids. Llama-style tokenizers (which add a leading space t
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -285,21 +284,6 @@ class TextCompletionDataModule(TokenizedDataModule):
     # -- records ---------------------------------------------------------------------------
     def _load(self, source: DataSource) -> list[Record]:
         return load_completion_records(source, self.required_fields, self.optional_fields)
-
-    def _split(self) -> tuple[list[Record], list[Record]]:
-        train = self._load(self.train_source)
-        if self.val_source is not None:
-            return train, self._load(self.val_source)
-        if self.val_fraction == 0.0:
-            return train, []
-        order = list(range(len(train)))
-        random.Random(self.seed).shuffle(order)
-        n_val = max(1, round(len(train) * self.val_fraction))
-        if n_val >= len(train):
-            raise ValueError(f"data.val_fraction={self.val_fraction} leaves no training records out of "
-                             f"{len(train)}; lower it or give data.val")
-        held = set(order[:n_val])
-        return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:

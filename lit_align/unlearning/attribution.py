@@ -38,17 +38,12 @@ from torch import Tensor, nn
 
 from lit_align.data.batches import SequenceBatch
 from lit_align.rollout.logps import token_logps
+from lit_align.unlearning.masks import is_dtensor
 
 __all__ = ["METHODS", "AttributionMethod", "accumulate_gradients", "attribution_scores"]
 
 AttributionMethod = Literal["wagle", "random", "magnitude", "gradient", "snip"]
 METHODS: tuple[str, ...] = ("wagle", "random", "magnitude", "gradient", "snip")
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _to_device(batch: SequenceBatch, device: torch.device) -> SequenceBatch:
@@ -108,7 +103,7 @@ def accumulate_gradients(
         p.grad = None
     if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for g in grads.values():
-            if _is_dtensor(g):  # FSDP2 averaged the shards over the data-parallel mesh: undo it
+            if is_dtensor(g):  # FSDP2 averaged the shards over the data-parallel mesh: undo it
                 g.to_local().mul_(g.device_mesh.size())
             else:
                 dist.all_reduce(g, op=dist.ReduceOp.SUM)
@@ -121,7 +116,7 @@ def _random_scores(params: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
     for i, (name, p) in enumerate(params.items()):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         full = torch.rand(tuple(p.shape), generator=gen, dtype=torch.float32)
-        if _is_dtensor(p):
+        if is_dtensor(p):
             from torch.distributed.tensor import distribute_tensor
 
             out[name] = distribute_tensor(full.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)

@@ -49,14 +49,16 @@ _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 #: sharded, by bisection on the float32 bit pattern (at most 32 counting passes, nothing gathered).
 _KTHVALUE_MAX_NUMEL = 1 << 28
 
-def _is_dtensor(t: Tensor) -> bool:
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 shard); used by the attribution, the masks and ``WeightMask``."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if _is_dtensor(t) else t
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's part of ``t`` (the tensor itself when it is not a DTensor)."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def model_signature(model: nn.Module) -> dict:
@@ -86,7 +88,7 @@ def _unpack(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 def _sharding(scores: dict[str, Tensor]):
     """``(mesh, group, rank, world)`` of DTensor scores (one 1-D mesh, ``Shard(0)``), or ``None`` for plain ones."""
-    kinds = {_is_dtensor(s) for s in scores.values()}
+    kinds = {is_dtensor(s) for s in scores.values()}
     if kinds == {False} or not kinds:
         return None
     if kinds != {True}:
@@ -152,9 +154,9 @@ class ParameterMask:
         total = torch.zeros((), dtype=torch.int64)
         group = None
         for m in self.masks.values():
-            local = _local(m)
+            local = local_tensor(m)
             total = total.to(local.device) + local.sum()
-            if _is_dtensor(m):
+            if is_dtensor(m):
                 group = m.device_mesh.get_group()
         if group is not None:
             dist.all_reduce(total, group=group)
@@ -190,7 +192,7 @@ class ParameterMask:
         names = list(scores)
         local = []
         for name in names:
-            s = _local(scores[name]).detach()
+            s = local_tensor(scores[name]).detach()
             s = s.float() if s.dtype != torch.float32 else s
             if bool(torch.isnan(s).any()) or bool((s < 0).any()):
                 raise ValueError(f"scores of {name!r} contain NaN or negative values; scores must be >= 0")
@@ -258,7 +260,7 @@ class ParameterMask:
         out = {}
         for name, m in zip(names, masks):
             sc = scores[name]
-            if _is_dtensor(sc):
+            if is_dtensor(sc):
                 from torch.distributed.tensor import DTensor
 
                 m = DTensor.from_local(m, sc.device_mesh, sc.placements, shape=sc.shape, stride=sc.stride())
@@ -272,27 +274,21 @@ class ParameterMask:
         (split locally, no communication: every rank holds the full mask), else the mask on its device."""
         if tuple(mask.shape) != tuple(param.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match parameter shape {tuple(param.shape)}")
-        if _is_dtensor(mask):
+        if is_dtensor(mask):
             return mask
-        if _is_dtensor(param):
+        if is_dtensor(param):
             from torch.distributed.tensor import distribute_tensor
 
             return distribute_tensor(mask.to(param.to_local().device), param.device_mesh, param.placements,
                                      src_data_rank=None)
         return mask.to(param.device)
 
-    def shard_like_model(self, model: nn.Module) -> ParameterMask:
-        """This mask with every entry placed like the model's parameter of the same name."""
-        params = dict(model.named_parameters())
-        return ParameterMask({n: self.shard_like(m, params[n]) for n, m in self.masks.items()}, ratio=self.ratio,
-                             method=self.method, signature=self.signature)
-
     # -- saving ------------------------------------------------------------------------------
     def to_payload(self) -> dict:
         """The bit-packed form (what :meth:`save` writes); collective when the masks are sharded."""
         names, shapes, packed = [], [], []
         for name, m in self.masks.items():
-            if _is_dtensor(m):
+            if is_dtensor(m):
                 from torch.distributed.tensor import DTensor
 
                 m = DTensor.from_local(m.to_local().to(torch.uint8), m.device_mesh, m.placements, shape=m.shape,
@@ -354,7 +350,7 @@ class ParameterMask:
         for name, p in model.named_parameters():
             m = self.masks.get(name)
             if m is not None and p.grad is not None:
-                _local(p.grad).mul_(_local(m))
+                local_tensor(p.grad).mul_(local_tensor(m))
 
 
 def _take_first_ties(mask: Tensor, scores: Tensor, t: Tensor, take: int) -> None:
