@@ -122,9 +122,11 @@ class ReferencePolicy(nn.Module):
         """(B,) cached reference log-probs of sequence ``column`` for the examples ``index``."""
         if split not in self.tables:
             raise RuntimeError(f"no precomputed reference log-probs for split {split!r}; was precompute run?")
-        sums, counts = self.tables[split]
-        s, c = sums[index.to(sums.device), column], counts[index.to(sums.device), column]
-        return s if reduction == "sum" else s / c.clamp(min=1)
+        sums, counts = self.tables[split]  # kept on CPU (checkpointed with the module)
+        rows = index.to(sums.device)
+        s, c = sums[rows, column], counts[rows, column]
+        out = s if reduction == "sum" else s / c.clamp(min=1)
+        return out.to(index.device)  # on the batch's device (the GPU in GPU runs), like the policy's log-probs
 
     @staticmethod
     def cache_key(*parts: str) -> str:
