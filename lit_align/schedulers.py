@@ -7,7 +7,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["WarmupCosineLR", "WarmupLinearLR"]
+__all__ = ["WarmupCosineLR", "WarmupInverseSqrtLR", "WarmupLinearLR"]
 
 
 class WarmupLinearLR(LambdaLR):
@@ -67,3 +67,32 @@ class WarmupCosineLR(LambdaLR):
             return step / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupInverseSqrtLR(LambdaLR):
+    """Linear warm-up from ``floor`` times the base rate to the base rate over ``warmup_steps``, then
+    inverse-square-root decay (the GPO reference code's schedule: warm-up 100 steps, floor 0.1).
+
+    The factor at step ``s`` is ``floor + (1 - floor) * s / warmup_steps`` while ``s < warmup_steps``,
+    then ``sqrt(warmup_steps / s)`` (1 at the end of the warm-up). E.g. warm-up 4, floor 0.1: factors
+    0.1, 0.325, 0.55, 0.775, 1, 0.894, 0.816. ``warmup_steps=0`` gives ``1 / sqrt(max(s, 1))``.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int = 100, floor: float = 0.1, last_epoch: int = -1) -> None:
+        """
+        Args:
+            optimizer: the wrapped optimiser.
+            warmup_steps: steps of linear warm-up (GPO: 100).
+            floor: the warm-up's starting factor (GPO: 0.1).
+        """
+        if warmup_steps < 0:
+            raise ValueError(f"scheduler: warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"scheduler: floor must be in [0, 1], got {floor}")
+        self.warmup_steps, self.floor = warmup_steps, floor
+        super().__init__(optimizer, self._factor, last_epoch=last_epoch)
+
+    def _factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.floor + (1.0 - self.floor) * step / self.warmup_steps
+        return math.sqrt(max(self.warmup_steps, 1) / max(step, 1))

@@ -24,6 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = ["BUILTIN_DIR", "DataSource", "Record", "load_records", "read_rows"]
 
 Record = dict[str, Any]
@@ -199,3 +201,8 @@ def load_records(source: DataSource, required: Sequence[str], optional: Sequence
                 rec[name] = row[column]
         out.append(rec)
     return out
+
+
+# Specs are saved with the hyperparameters in every checkpoint; allow them in weights-only loads
+# (``Trainer.fit(ckpt_path=...)`` of a module built in Python).
+torch.serialization.add_safe_globals([DataSource])

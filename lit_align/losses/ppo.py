@@ -202,7 +202,7 @@ def gae(
 
 
 def ppo_policy_loss(
-    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, clip: float = 0.2
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, clip: float | None = 0.2
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate objective, averaged over the response tokens of the batch.
 
@@ -223,7 +223,8 @@ def ppo_policy_loss(
         old_logps: (B, T) the same under the policy that sampled the batch (no gradient).
         advantages: (B, T) advantages (:func:`gae`, optionally :func:`whiten`-ed); no gradient.
         mask: (B, T) 1 on the response tokens.
-        clip: ``eps`` in (0, 1).
+        clip: ``eps`` in (0, 1), or None for the unclipped surrogate ``mean_t -A_t rho_t`` (the
+            objective the GPO launch script actually ran: its clipping flag is never passed).
 
     Returns:
         ``(loss, metrics)``; detached token means over ``mask``: ``clip_frac`` (fraction of tokens
@@ -232,13 +233,14 @@ def ppo_policy_loss(
         ``KL(pi_old || pi)`` from samples of ``pi_old``), ``ratio`` (mean ``rho``) and ``advantage``.
     """
     _check_bt(mask, logps=logps, old_logps=old_logps, advantages=advantages)
-    _check_number("clip", clip, low=0.0, high=1.0, low_open=True)
+    if clip is not None:
+        _check_number("clip", clip, low=0.0, high=1.0, low_open=True)
     m = mask.bool()
     log_ratio = torch.where(m, logps - old_logps.detach(), 0.0)  # (B, T); 0 off-mask keeps rho finite
     ratio = log_ratio.exp()  # (B, T)
     adv = advantages.detach()
     unclipped = -adv * ratio  # (B, T)
-    clipped = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)  # (B, T)
+    clipped = -adv * ratio.clamp(1.0 - clip, 1.0 + clip) if clip is not None else unclipped  # (B, T)
     loss = _masked_mean(torch.maximum(unclipped, clipped), m)
     with torch.no_grad():
         metrics = {

@@ -3,6 +3,7 @@
 from lit_align.models.causal_lm import (
     BUILTIN_MODELS,
     TINY_TOKENIZER,
+    add_lora_adapter,
     apply_lora,
     build_causal_lm,
     build_tokenizer,
@@ -27,6 +28,7 @@ __all__ = [
     "TINY_TOKENIZER",
     "TinyArch",
     "ValueModel",
+    "add_lora_adapter",
     "apply_lora",
     "build_causal_lm",
     "build_reward_model",

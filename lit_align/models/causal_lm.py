@@ -23,12 +23,14 @@ from lit_align.models.spec import LoRASpec, ModelSpec
 __all__ = [
     "BUILTIN_MODELS",
     "TINY_TOKENIZER",
+    "add_lora_adapter",
     "apply_lora",
     "build_causal_lm",
     "build_tokenizer",
     "freeze",
     "frozen_copy",
     "is_peft_model",
+    "lora_config",
     "resolve_path",
 ]
 
@@ -177,16 +179,11 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def apply_lora(model: nn.Module, lora: LoRASpec | None, seed: int = 0) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters (only adapter weights stay trainable); identity for ``None``.
+def lora_config(lora: LoRASpec):
+    """The peft ``LoraConfig`` of a :class:`LoRASpec` (causal-LM task)."""
+    from peft import LoraConfig
 
-    The adapters' random initialisation is seeded by ``seed`` (independently of the global RNG), so
-    every rank and every resumed run starts from the same adapters."""
-    if lora is None:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
+    return LoraConfig(
         task_type="CAUSAL_LM",
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -194,9 +191,31 @@ def apply_lora(model: nn.Module, lora: LoRASpec | None, seed: int = 0) -> nn.Mod
         target_modules=lora.target_modules,
         modules_to_save=lora.modules_to_save,
     )
+
+
+def apply_lora(model: nn.Module, lora: LoRASpec | None, seed: int = 0, adapter_name: str = "default") -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (only adapter weights stay trainable); identity for ``None``.
+
+    The adapters' random initialisation is seeded by ``seed`` (independently of the global RNG), so
+    every rank and every resumed run starts from the same adapters. ``adapter_name`` names the adapter
+    (several adapters can then share one base: :func:`add_lora_adapter`)."""
+    if lora is None:
+        return model
+    from peft import get_peft_model
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        return get_peft_model(model, lora_config(lora), adapter_name=adapter_name)
+
+
+def add_lora_adapter(model: nn.Module, name: str, lora: LoRASpec, seed: int = 0) -> None:
+    """Add a second, independently initialised (seeded) adapter ``name`` to a peft model: two
+    policies on one copy of the base weights (switch with ``model.set_adapter(name)``)."""
+    if not is_peft_model(model):
+        raise ValueError("add_lora_adapter needs a peft model (apply_lora first)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(name, lora_config(lora))
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -99,3 +99,8 @@ def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase
         else:
             head.weight.zero_()
     return RewardModel(backbone, head, spec.kind)
+
+
+# Specs are saved with the hyperparameters in every checkpoint; allow them in weights-only loads
+# (``Trainer.fit(ckpt_path=...)`` of a module built in Python).
+torch.serialization.add_safe_globals([RewardModelSpec])

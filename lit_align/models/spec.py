@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 __all__ = ["LoRASpec", "ModelSpec", "TinyArch"]
 
 
@@ -122,3 +124,8 @@ class ModelSpec:
     def source(self) -> str:
         """Human-readable name of what is built (used in logs and cache keys)."""
         return self.name_or_path if self.name_or_path is not None else f"tiny-{self.tiny.family}"
+
+
+# Specs are saved with the hyperparameters in every checkpoint; allow them in weights-only loads
+# (``Trainer.fit(ckpt_path=...)`` of a module built in Python).
+torch.serialization.add_safe_globals([TinyArch, LoRASpec, ModelSpec])

@@ -1,0 +1,50 @@
+"""The adversary/defender game (GPO): judges, the attacker's diversity terms, the schedule, a tabular toy."""
+
+from lit_align.game.diversity import (
+    DiversityHistory,
+    SentenceEncoder,
+    bleu_diversity,
+    build_sentence_encoder,
+    embedding_diversity,
+    self_bleu,
+    sentence_bleu,
+    set_self_bleu,
+    word_tokens,
+)
+from lit_align.game.judge import (
+    CallableJudge,
+    ClassifierJudge,
+    JudgeSpec,
+    LlamaGuardJudge,
+    RuleJudge,
+    SafetyJudge,
+    SafetyScores,
+    build_judge,
+)
+from lit_align.game.schedule import GamePhase, GameSchedule
+from lit_align.game.tabular import TabularResult, nash_gap, play_matrix_game
+
+__all__ = [
+    "CallableJudge",
+    "ClassifierJudge",
+    "DiversityHistory",
+    "GamePhase",
+    "GameSchedule",
+    "JudgeSpec",
+    "LlamaGuardJudge",
+    "RuleJudge",
+    "SafetyJudge",
+    "SafetyScores",
+    "SentenceEncoder",
+    "TabularResult",
+    "bleu_diversity",
+    "build_judge",
+    "build_sentence_encoder",
+    "embedding_diversity",
+    "nash_gap",
+    "play_matrix_game",
+    "self_bleu",
+    "sentence_bleu",
+    "set_self_bleu",
+    "word_tokens",
+]

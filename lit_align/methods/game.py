@@ -1,0 +1,721 @@
+"""GPO: alignment as a two-player game between an attacker that writes prompts and a defender that answers.
+
+Zheng et al., "Toward Optimal LLM Alignments Using Two-Player Games" (arXiv 2406.10977); spec: core.md §2.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lit_align.data.prompts import DEFENDER_TEMPLATE, PromptBatch
+from lit_align.game.diversity import (
+    DiversityHistory,
+    SentenceEncoder,
+    bleu_diversity,
+    build_sentence_encoder,
+    embedding_diversity,
+    word_tokens,
+)
+from lit_align.game.judge import JudgeSpec, SafetyJudge, build_judge
+from lit_align.game.schedule import PLAYERS, GameSchedule
+from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
+from lit_align.models import (
+    ModelSpec,
+    RewardModelSpec,
+    ValueModel,
+    add_lora_adapter,
+    apply_lora,
+    build_causal_lm,
+    build_tokenizer,
+    build_value_model,
+    frozen_copy,
+    is_peft_model,
+)
+from lit_align.rollout.experience import Experience, make_experience, minibatches
+from lit_align.rollout.logps import token_logps
+from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
+
+__all__ = ["AdversarialGameModule", "attacker_reward"]
+
+
+def attacker_reward(judge_reward: Tensor, self_bleu: Tensor, cos_sim: Tensor, *, bleu_weight: float,
+                    embedding_weight: float) -> Tensor:
+    """The attacker's sequence reward (spec §2.4): ``judge_reward - bleu_weight * SelfBLEU - embedding_weight * CosSim``,
+    all (B,). With a judge, ``judge_reward`` is P(unsafe): ``p_unsafe - 5 SB - 1 CS`` at the script's weights."""
+    return judge_reward - bleu_weight * self_bleu - embedding_weight * cos_sim
+
+
+def _adamw(lr: float, eps: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """GPO's optimiser: AdamW with betas (0.9, 0.95)."""
+    return lambda params: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps)
+
+
+class AdversarialGameModule(L.LightningModule):
+    """Game-theoretical preference optimisation (GPO, core.md §2): an **attacker** LM rewrites seed
+    questions into attack prompts, a **defender** LM answers them, a safety **judge** scores each
+    answer in its conversation, and both players are trained by PPO (per-token KL to their own
+    frozen starting policy, GAE, clipped surrogate and value losses, core.md §0.2 B3):
+
+    * defender reward: the judge's ``defender_reward`` (Llama Guard's P(safe), a reward model's score);
+    * attacker reward: the judge's ``attacker_reward`` (P(unsafe), or minus the score) minus
+      ``bleu_weight`` x SelfBLEU and ``embedding_weight`` x the mean cosine similarity of the attack
+      prompt to the attacker's history (and, with ``diversity_scope: batch_and_history``, to the other
+      prompts of the same batch); every prompt joins the history after it is scored.
+
+    Each training batch (one step, spec §2.6): the attacker samples attack prompts from the seed
+    meta-prompts; attack prompts empty after decoding are dropped and counted; the defender answers
+    ``defender_template`` around each attack prompt; the judge scores; the diversity terms are
+    computed and the history grows; then the players that :class:`~lit_align.game.schedule.GameSchedule`
+    names for this step (one shared stage function: the reference code decides the stage twice and
+    one of the two is always false) get a PPO update of their policy and critic, from experience built
+    for them alone. The other player still generates.
+
+    Players are LoRA adapters named ``defender`` and ``attacker`` on **one** frozen base when both specs
+    name the same base with LoRA (``share_base``); the references are then that base with adapters
+    off (no copy of the weights at all). Otherwise each player has its own model and its reference is
+    its adapter-off model (LoRA) or a frozen copy. Critics: one per player (``critics: separate``) or
+    one for both (``shared``, the reference code's choice, whose value loss spikes at stage switches).
+
+    Past attackers: every ``snapshot_every`` attacker updates the attacker's trainable weights join a
+    pool (``pool_size`` most recent); in defender-only steps the attack prompts come from a random
+    pool snapshot with probability ``pool_prob`` (the defender then trains against the attacker's
+    past mixture). Averaged policies: the convergence guarantee (Nash gap O(T^-1/2)) is about averaged
+    policies, not the last iterate PPO returns; with ``average_policies`` the uniform running mean of
+    each player's trainable weights over its updates is kept (in checkpoints, written to
+    ``<default_root_dir>/averaged/<player>.pt`` at the end of training, usable through
+    :meth:`averaged`). A parameter average is a surrogate for the mixture of policies the theory
+    averages (the snapshot pool samples that mixture).
+
+    Logged per step: ``train/asr`` (share of answers judged unsafe), ``train/defender/reward``,
+    ``train/attacker/reward`` (with diversity), ``train/attacker/judge_reward``,
+    ``train/attacker/{self_bleu,cos_sim,diversity_penalty,empty,from_pool}``, ``train/history``,
+    ``train/phase`` (0 defender, 1 attacker, 2 both), the active player's ``train/<player>/kl`` and
+    PPO metrics, ``train/<player>/critic/...`` and ``train/time/...``. Validation on held-out seeds:
+    ``val/seed/{asr,reward}`` (the defender on the raw seeds), ``val/attack/{asr,reward}`` (on the
+    attacker's prompts), ``val/attacker/{bleu_diversity,embedding_diversity}`` and
+    ``val/<player>/kl``; :attr:`val_history` and :attr:`val_samples` feed
+    :class:`~lit_align.callbacks.GameReport` (plot and sample table).
+
+    Runs on one device (DDP / FSDP2 of two policies, two critics and a judge are not implemented).
+    Repetition penalty (1.1 in the GPO script) is not applied: the sampler has none.
+    """
+
+    def __init__(
+        self,
+        defender: ModelSpec,
+        attacker: ModelSpec | None = None,
+        judge: JudgeSpec | SafetyJudge | Callable | None = None,
+        critic: RewardModelSpec | None = None,
+        critic_init: str | None = None,
+        critics: Literal["separate", "shared"] = "separate",
+        share_base: bool = True,
+        reference: Literal["auto", "adapter", "copy"] = "auto",
+        schedule: GameSchedule | None = None,
+        defender_template: str = DEFENDER_TEMPLATE,
+        attacker_max_new_tokens: int = 64,
+        defender_max_new_tokens: int = 128,
+        temperature: float = 0.8,
+        top_p: float = 0.9,
+        kl_coef: float = 0.01,
+        attacker_kl_coef: float | None = None,
+        reward_clip: float | None = None,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        clip: float | None = 0.2,
+        value_clip: float | None = 0.2,
+        ppo_epochs: int = 1,
+        minibatch_size: int | None = None,
+        whiten_advantages: bool = False,
+        bleu_weight: float = 5.0,
+        embedding_weight: float = 1.0,
+        diversity_scope: Literal["history", "batch_and_history"] = "batch_and_history",
+        history_window: int | None = None,
+        encoder: ModelSpec | None = None,
+        snapshot_every: int = 0,
+        pool_size: int = 8,
+        pool_prob: float = 0.0,
+        average_policies: bool = True,
+        gradient_clip: float | None = 1.0,
+        sample_seed: int = 0,
+        defender_lr: float = 5e-7,
+        attacker_lr: float = 3e-6,
+        critic_lr: float = 1.5e-6,
+        optimizer: OptimizerCallable | None = None,
+        attacker_optimizer: OptimizerCallable | None = None,
+        critic_optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        attacker_scheduler: LRSchedulerCallable | None = None,
+        critic_scheduler: LRSchedulerCallable | None = None,
+        num_val_samples: int = 16,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        """
+        Args:
+            defender: the defender policy (LoRA recommended; its tokenizer is the module's).
+            attacker: the attacker policy; ``None``: the defender's spec (LoRA adapters on one base).
+                Must use the defender's tokenizer.
+            judge: the safety scorer (:class:`~lit_align.game.judge.JudgeSpec`: ``rule`` (the built-in
+                toy), ``llama_guard`` or ``classifier``; or a :class:`SafetyJudge`, or a callable
+                ``(prompts, responses) -> P(unsafe)``); ``None``: the built-in rule judge.
+            critic: the critics' architecture (a ``scalar_head`` reward-model spec, same tokenizer);
+                ``None``: the defender's base without LoRA and a zero head.
+            critic_init: a reward-model checkpoint both critics start from (GPO: its Llama-2 RM).
+            critics: ``separate`` (one per player, default) or ``shared`` (one for both, as the code).
+            share_base: put both players' LoRA adapters on one base when their specs name the same base.
+            reference: ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto`` (adapter where LoRA).
+            schedule: who updates at each step (default: the paper preset, defender 200 then attacker
+                400, alternating; ``preset: code`` is the launch script's 400 / 200).
+            defender_template: the defender's prompt around an attack prompt (``{prompt}``; GPO:
+                ``"Human: {prompt} AI:"``-style).
+            attacker_max_new_tokens, defender_max_new_tokens: generation caps (the GPO script: 512 for
+                responses; its attack-prompt cap is not documented).
+            temperature, top_p: sampling of both players (GPO: 0.8, 0.9).
+            kl_coef: per-token KL penalty of the defender (GPO ``kl_penalty_weight`` 0.01).
+            attacker_kl_coef: the attacker's (default: ``kl_coef``).
+            reward_clip: clip of the sequence reward before it enters the rewards (None: off, as launched).
+            gamma, lam: GAE (1, 0.95).
+            clip, value_clip: PPO ratio and value clipping (0.2; None: unclipped, which is what the GPO
+                launch script ran: its clipping flags are never passed).
+            ppo_epochs, minibatch_size: PPO passes over each batch and their minibatch (GPO: 1, the batch).
+            whiten_advantages: normalise advantages over the batch's tokens (off as launched).
+            bleu_weight, embedding_weight: the attacker's diversity weights (GPO script: 5, 1).
+            diversity_scope: ``history`` (the reference code: SelfBLEU and cosine against every earlier
+                attack prompt) or ``batch_and_history`` (also against the other prompts of the batch).
+            history_window: keep only the last prompts of the history (None: all, as the code).
+            encoder: the sentence encoder of the cosine term (e.g. ``sentence-transformers/all-MiniLM-L6-v2``);
+                required when ``embedding_weight > 0``.
+            snapshot_every: attacker updates between pool snapshots (0: no pool).
+            pool_size: snapshots kept (the most recent).
+            pool_prob: probability that a defender-only step attacks with a pool snapshot.
+            average_policies: keep the running mean of each player's trainable weights.
+            gradient_clip: global-norm clip of each optimiser's gradients (1.0; None: off).
+            sample_seed: seed of all sampling; step ``k`` draws from ``(sample_seed, k)``, so a resumed
+                run samples what the uninterrupted run would have.
+            defender_lr, attacker_lr, critic_lr: AdamW (betas 0.9/0.95, eps 1e-6, critic 1e-8) rates
+                when no optimiser is given (GPO: 5e-7, 3e-6, 1.5e-6).
+            optimizer, attacker_optimizer, critic_optimizer: optimiser factories (defender, attacker,
+                critics).
+            scheduler, attacker_scheduler, critic_scheduler: LR schedules, each stepped when its optimiser
+                steps (GPO: warm-up 100 with floor 0.1, then inverse sqrt:
+                :class:`~lit_align.schedulers.WarmupInverseSqrtLR`).
+            num_val_samples: attack / answer pairs kept from each validation for the sample table.
+            chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["judge"] if judge is not None and not isinstance(judge, JudgeSpec) else None)
+        attacker = attacker or defender
+        self.specs = {"defender": defender, "attacker": attacker}
+        for name in ("attacker_max_new_tokens", "defender_max_new_tokens", "ppo_epochs"):
+            if locals()[name] < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {locals()[name]}")
+        if critics not in ("separate", "shared"):
+            raise ValueError(f"model.critics must be 'separate' or 'shared', got {critics!r}")
+        if reference not in ("auto", "adapter", "copy"):
+            raise ValueError(f"model.reference must be 'auto', 'adapter' or 'copy' (new text is scored every "
+                             f"step: nothing can be precomputed), got {reference!r}")
+        if reference == "adapter" and (defender.lora is None or attacker.lora is None):
+            raise ValueError("model.reference: 'adapter' needs LoRA on both players (model.defender.lora and "
+                             "model.attacker.lora); use 'copy' or 'auto'")
+        if "{prompt}" not in defender_template:
+            raise ValueError(f"model.defender_template must contain '{{prompt}}', got {defender_template!r}")
+        if diversity_scope not in ("history", "batch_and_history"):
+            raise ValueError(f"model.diversity_scope must be 'history' or 'batch_and_history', got {diversity_scope!r}")
+        if embedding_weight > 0 and encoder is None:
+            raise ValueError("model.embedding_weight > 0 needs model.encoder (a sentence encoder, e.g. "
+                             "{name_or_path: sentence-transformers/all-MiniLM-L6-v2}); or set model.embedding_weight: 0")
+        if not 0.0 <= pool_prob <= 1.0:
+            raise ValueError(f"model.pool_prob must be in [0, 1], got {pool_prob}")
+        if pool_prob > 0 and snapshot_every < 1:
+            raise ValueError("model.pool_prob > 0 needs model.snapshot_every >= 1 (no snapshots are taken otherwise)")
+        if snapshot_every < 0 or pool_size < 1:
+            raise ValueError(f"model.snapshot_every must be >= 0 and model.pool_size >= 1, got {snapshot_every}, "
+                             f"{pool_size}")
+        self.automatic_optimization = False
+        self.tokenizer = build_tokenizer(defender)
+        self.judge_spec = judge if judge is not None else JudgeSpec()
+        self.critic_spec, self.critic_init, self.critic_mode = critic, critic_init, critics
+        self.share_base, self.reference_mode = share_base, reference
+        self.schedule = schedule or GameSchedule(preset="paper")
+        self.defender_template = defender_template
+        self.sampling = {
+            "attacker": SamplingConfig(max_new_tokens=attacker_max_new_tokens, temperature=temperature, top_p=top_p),
+            "defender": SamplingConfig(max_new_tokens=defender_max_new_tokens, temperature=temperature, top_p=top_p),
+        }
+        self.kl_coefs = {"defender": kl_coef, "attacker": kl_coef if attacker_kl_coef is None else attacker_kl_coef}
+        self.reward_clip, self.gamma, self.lam, self.clip, self.value_clip = reward_clip, gamma, lam, clip, value_clip
+        self.ppo_epochs, self.minibatch_size, self.whiten_advantages = ppo_epochs, minibatch_size, whiten_advantages
+        self.bleu_weight, self.embedding_weight, self.diversity_scope = bleu_weight, embedding_weight, diversity_scope
+        self.encoder_spec = encoder
+        self.snapshot_every, self.pool_size, self.pool_prob = snapshot_every, pool_size, pool_prob
+        self.average_policies, self.gradient_clip, self.sample_seed = average_policies, gradient_clip, sample_seed
+        self.optimizer_factories = {
+            "defender": optimizer or _adamw(defender_lr, 1e-6),
+            "attacker": attacker_optimizer or _adamw(attacker_lr, 1e-6),
+            "critic": critic_optimizer or _adamw(critic_lr, 1e-8),
+        }
+        self.scheduler_factories = {"defender": scheduler, "attacker": attacker_scheduler, "critic": critic_scheduler}
+        self.num_val_samples, self.chunk_tokens = num_val_samples, chunk_tokens
+
+        # built in configure_model
+        self.policies: nn.ModuleDict | None = None  # "shared" or one per player
+        self.references = nn.ModuleDict()  # frozen copies ("copy" references), left out of checkpoints
+        self.critics: nn.ModuleDict | None = None  # "shared" or one per player
+        self.judge: SafetyJudge | None = None
+        self.encoder: SentenceEncoder | None = None
+
+        # game state (all in checkpoints)
+        self.step_count = 0  # training batches played (the schedule's clock)
+        self.updates = {p: 0 for p in PLAYERS}  # PPO updates per player
+        self.dropped_empty = 0  # attack prompts empty after decoding, over the run
+        self.history = DiversityHistory(window=history_window)
+        self.pool: list[dict[str, Tensor]] = []  # attacker snapshots (trainable weights, CPU)
+        self.averages: dict[str, dict[str, Tensor]] = {}  # player -> running mean of its trainable weights
+        self.val_history: list[dict[str, float]] = []  # one row per validation run (for the report plot)
+        self.val_samples: list[dict[str, Any]] = []  # the last validation's sample attacks and answers
+        self._val: dict[str, list[float]] = {}  # metric -> [sum, count] over a validation run (one device)
+        self._val_attacks: list[str] = []
+        self._val_embeddings: list[Tensor] = []
+        self._samples_buffer: list[dict[str, Any]] = []
+
+    # -- building ------------------------------------------------------------------------------
+    def _shares_base(self) -> bool:
+        d, a = self.specs["defender"], self.specs["attacker"]
+        return self.share_base and d.lora is not None and a.lora is not None and replace(d, lora=None, seed=0) == \
+            replace(a, lora=None, seed=0)
+
+    def _reference_kind(self, player: str) -> str:
+        if self.reference_mode != "auto":
+            return self.reference_mode
+        return "adapter" if self.specs[player].lora is not None else "copy"
+
+    def configure_model(self) -> None:
+        if self.policies is not None:
+            return
+        if self.device_mesh is not None:
+            raise NotImplementedError("AdversarialGameModule runs on one device for now: FSDP2 sharding of two "
+                                      "policies, their critics and the judge is not implemented; drop the "
+                                      "ModelParallelStrategy")
+        attacker_tok = self.specs["attacker"].tokenizer or self.specs["attacker"].name_or_path
+        defender_tok = self.specs["defender"].tokenizer or self.specs["defender"].name_or_path
+        if attacker_tok != defender_tok and \
+                build_tokenizer(self.specs["attacker"]).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"model.attacker's tokenizer ({attacker_tok or 'bundled'}) differs from model.defender's "
+                             f"({defender_tok or 'bundled'}): the critics read both players' token ids; give "
+                             "model.attacker.tokenizer the defender's tokenizer")
+        policies = {}
+        if self._shares_base():
+            spec = self.specs["defender"]
+            base = build_causal_lm(spec, self.tokenizer)
+            if self.reference_mode == "copy":
+                self.references["shared"] = frozen_copy(base)
+            model = apply_lora(base, spec.lora, seed=spec.seed, adapter_name="defender")
+            attacker = self.specs["attacker"]
+            add_lora_adapter(model, "attacker", attacker.lora, seed=attacker.seed + (attacker.seed == spec.seed))
+            model.set_adapter("defender")
+            policies["shared"] = model.train()
+        else:
+            for player in PLAYERS:
+                spec = self.specs[player]
+                base = build_causal_lm(spec, self.tokenizer)
+                if self._reference_kind(player) == "copy":
+                    self.references[player] = frozen_copy(base)
+                policies[player] = apply_lora(base, spec.lora, seed=spec.seed, adapter_name=player).train()
+        self.policies = nn.ModuleDict(policies)
+
+        critic_spec = self.critic_spec or RewardModelSpec(model=replace(self.specs["defender"], lora=None))
+        if critic_spec.kind != "scalar_head":
+            raise ValueError("model.critic.kind must be 'scalar_head' (a value head read at every token)")
+        critic_tok = critic_spec.model.tokenizer or critic_spec.model.name_or_path
+        if critic_tok != defender_tok and build_tokenizer(critic_spec.model).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"model.critic's tokenizer ({critic_tok or 'bundled'}) differs from the players': the "
+                             "critic reads their token ids; give model.critic.model.tokenizer the defender's tokenizer")
+        names = ["shared"] if self.critic_mode == "shared" else list(PLAYERS)
+        self.critics = nn.ModuleDict({n: build_value_model(critic_spec, self.tokenizer, init_from=self.critic_init)
+                                      for n in names})
+        self.judge = build_judge(self.judge_spec)
+        if self.embedding_weight > 0:
+            self.encoder = build_sentence_encoder(self.encoder_spec)
+
+    def _frozen(self) -> list[nn.Module]:
+        return [m for m in (*self.references.values(), self.judge, self.encoder) if m is not None]
+
+    def train(self, mode: bool = True):
+        """Lightning puts the whole module in train mode; references, judge and encoder stay in eval."""
+        super().train(mode)
+        for module in self._frozen():
+            module.eval()
+        return self
+
+    def _trainable(self, player: str) -> dict[str, nn.Parameter]:
+        """The player's trainable parameters by name (its adapter on a shared base)."""
+        if "shared" in self.policies:
+            return {n: p for n, p in self.policies["shared"].named_parameters() if f".{player}." in n}
+        return {n: p for n, p in self.policies[player].named_parameters() if p.requires_grad}
+
+    def _critic(self, player: str) -> ValueModel:
+        return self.critics["shared" if "shared" in self.critics else player]
+
+    def configure_optimizers(self):
+        optimizers, schedulers = [], []
+        self._opt_index: dict[str, int] = {}
+        groups = [(p, list(self._trainable(p).values())) for p in PLAYERS]
+        groups += [(f"critic/{n}", list(c.parameters())) for n, c in self.critics.items()]
+        for name, params in groups:
+            if not params:
+                raise ValueError(f"the {name} has no trainable parameters (check model.{name}.lora.target_modules)")
+            kind = "critic" if name.startswith("critic/") else name
+            self._opt_index[name] = len(optimizers)
+            optimizers.append(self.optimizer_factories[kind](params))
+        self._sched_index: dict[str, int] = {}
+        for name, index in self._opt_index.items():
+            factory = self.scheduler_factories["critic" if name.startswith("critic/") else name]
+            if factory is not None:
+                self._sched_index[name] = len(schedulers)
+                schedulers.append(factory(optimizers[index]))
+        return optimizers, schedulers
+
+    # -- acting --------------------------------------------------------------------------------
+    @contextmanager
+    def acting(self, player: str) -> Iterator[nn.Module]:
+        """The player's policy, with its adapter active on a shared base (restored afterwards)."""
+        if "shared" not in self.policies:
+            yield self.policies[player]
+            return
+        model = self.policies["shared"]
+        previous = model.active_adapter
+        model.set_adapter(player)
+        try:
+            yield model
+        finally:
+            model.set_adapter(previous)
+
+    def _reference(self, player: str, policy: nn.Module) -> tuple[nn.Module, Callable | None]:
+        """(model, context factory) scoring the player's reference: a frozen copy or adapters off."""
+        key = "shared" if "shared" in self.references else player
+        if key in self.references:
+            return self.references[key], None
+        if not is_peft_model(policy):
+            raise RuntimeError(f"the {player} has neither a reference copy nor LoRA adapters to switch off")
+        return policy, policy.disable_adapter
+
+    def _rng(self, salt: int, *, step: int | None = None, device: torch.device | None = None) -> torch.Generator:
+        step = self.step_count if step is None else step
+        seed = self.sample_seed * 1_000_003 + step * 8 + salt
+        return torch.Generator(device=device or self.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def _sample(self, player: str, ids: Tensor, mask: Tensor, generator: torch.Generator) -> Rollout:
+        with self.acting(player) as policy:
+            return sample(policy, ids, mask, self.sampling[player], eos_token_id=self.tokenizer.eos_token_id,
+                          pad_token_id=self.tokenizer.pad_token_id, generator=generator)
+
+    def _decode(self, rollout: Rollout) -> list[str]:
+        return [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
+                for r, m in zip(rollout.response_ids, rollout.response_mask)]
+
+    def _defender_inputs(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        rows = [self.tokenizer(self.defender_template.format(prompt=p))["input_ids"] for p in prompts]
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
+        return ids.to(self.device), mask.to(self.device)
+
+    @contextmanager
+    def _attacker_from_pool(self, snapshot: dict[str, Tensor] | None):
+        """Swap a pool snapshot into the attacker's trainable weights for the duration."""
+        if snapshot is None:
+            yield
+            return
+        params = self._trainable("attacker")
+        current = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(snapshot[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(current[n])
+
+    @contextmanager
+    def averaged(self, player: str):
+        """Swap the player's averaged weights in for the duration (e.g. to evaluate the averaged policy)."""
+        if player not in self.averages:
+            raise ValueError(f"no averaged weights of the {player} (model.average_policies is off, or no update yet)")
+        with self._swap(player, self.averages[player]):
+            yield
+
+    @contextmanager
+    def _swap(self, player: str, weights: dict[str, Tensor]):
+        params = self._trainable(player)
+        current = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(weights[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(current[n])
+
+    # -- one step ------------------------------------------------------------------------------
+    @contextmanager
+    def _timer(self, name: str, times: dict[str, float]):
+        start = time.perf_counter()
+        yield
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+
+    def _play(self, batch: PromptBatch, generator: Callable[[int], torch.Generator], snapshot=None,
+              times: dict[str, float] | None = None) -> dict[str, Any]:
+        """One round of the game on a batch: attack, answer, judge (no learning)."""
+        times = {} if times is None else times
+        with self._timer("attacker/generate", times), self._attacker_from_pool(snapshot):
+            attack = self._sample("attacker", batch.attacker_ids, batch.attacker_mask, generator(0))
+        texts = self._decode(attack)
+        keep = torch.tensor([bool(t) for t in texts], device=self.device)
+        out: dict[str, Any] = {"attack": attack, "texts": texts, "keep": keep, "empty": int((~keep).sum())}
+        if not keep.any():
+            return out
+        kept = [t for t in texts if t]
+        ids, mask = self._defender_inputs(kept)
+        with self._timer("defender/generate", times):
+            answer = self._sample("defender", ids, mask, generator(1))
+        responses = self._decode(answer)
+        with self._timer("judge", times):
+            scores = self.judge.score(kept, responses)
+        out.update(kept=kept, answer=answer, responses=responses, scores=scores)
+        return out
+
+    def _diversity(self, texts: list[str], times: dict[str, float]) -> tuple[Tensor, Tensor]:
+        """(B,) SelfBLEU and cosine similarity of each attack prompt; the prompts then join the history."""
+        with self._timer("diversity", times):
+            tokens = [word_tokens(t) for t in texts]
+            include_batch = self.diversity_scope == "batch_and_history"
+            bleu = self.history.self_bleu(tokens, include_batch=include_batch).to(self.device)
+            embeddings = self.encoder.encode(texts) if self.encoder is not None else None
+            cos = (self.history.cosine(embeddings, include_batch=include_batch).to(self.device)
+                   if embeddings is not None else torch.zeros_like(bleu))
+            self.history.append(tokens, embeddings.cpu() if embeddings is not None else None)
+        return bleu, cos
+
+    def _experience(self, player: str, rollout: Rollout, scores: Tensor) -> Experience:
+        with self.acting(player) as policy:
+            reference, context = self._reference(player, policy)
+            return make_experience(policy, reference, self._critic(player), rollout, scores,
+                                   kl_coef=self.kl_coefs[player], reward_clip=self.reward_clip, gamma=self.gamma,
+                                   lam=self.lam, whiten_advantages=self.whiten_advantages, reference_context=context)
+
+    def _step_optimizer(self, name: str, loss: Tensor) -> None:
+        optimizer = self.optimizers()[self._opt_index[name]]
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.gradient_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        if name in self._sched_index:
+            schedulers = self.lr_schedulers()
+            (schedulers if isinstance(schedulers, list) else [schedulers])[self._sched_index[name]].step()
+
+    def _update(self, player: str, exp: Experience) -> dict[str, Tensor]:
+        """PPO epochs over the player's experience: its policy, then its critic, per minibatch."""
+        critic_name = f"critic/{'shared' if 'shared' in self.critics else player}"
+        critic = self._critic(player)
+        shuffle = torch.Generator().manual_seed(self.sample_seed * 1_000_003 + self.step_count * 8 + 7)
+        metrics: dict[str, Tensor] = {}
+        with self.acting(player) as policy:
+            for _ in range(self.ppo_epochs):
+                for mb in minibatches(exp, self.minibatch_size or len(exp), shuffle=self.ppo_epochs > 1,
+                                      generator=shuffle):
+                    logps = token_logps(policy, mb.sequences, mb.attention_mask, mb.action_mask,
+                                        chunk_tokens=self.chunk_tokens).logps
+                    loss, pm = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.action_mask, clip=self.clip)
+                    self._step_optimizer(player, loss)
+                    values = critic.action_values(mb.sequences, mb.attention_mask)
+                    value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask, clip=self.value_clip)
+                    self._step_optimizer(critic_name, value_loss)
+        self.updates[player] += 1
+        self._after_update(player)
+        metrics.update({"loss": loss.detach(), **pm, "critic/loss": value_loss.detach(),
+                        **{f"critic/{k}": v for k, v in vm.items()}})
+        return metrics
+
+    def _after_update(self, player: str) -> None:
+        """Running mean of the player's weights; attacker snapshots for the pool."""
+        params = self._trainable(player)
+        if self.average_policies:
+            n = self.updates[player]
+            avg = self.averages.setdefault(player, {k: p.detach().float().cpu().clone() for k, p in params.items()})
+            if n > 1:
+                for k, p in params.items():
+                    avg[k] += (p.detach().float().cpu() - avg[k]) / n
+        if player == "attacker" and self.snapshot_every and self.updates[player] % self.snapshot_every == 0:
+            self.pool.append({k: p.detach().cpu().clone() for k, p in params.items()})
+            del self.pool[: max(0, len(self.pool) - self.pool_size)]
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        active = self.schedule.active(self.step_count)
+        times: dict[str, float] = {}
+        snapshot, from_pool = None, 0.0
+        if active == ("defender",) and self.pool and self.pool_prob > 0:
+            pick = self._rng(5, device=torch.device("cpu"))
+            if torch.rand((), generator=pick) < self.pool_prob:
+                snapshot = self.pool[int(torch.randint(len(self.pool), (), generator=pick))]
+                from_pool = 1.0
+        game = self._play(batch, lambda salt: self._rng(salt), snapshot, times)
+        self.dropped_empty += game["empty"]
+        metrics: dict[str, Tensor | float] = {
+            "phase": {("defender",): 0.0, ("attacker",): 1.0}.get(active, 2.0),
+            "attacker/empty": float(game["empty"]), "attacker/from_pool": from_pool,
+        }
+        if "scores" in game:
+            scores = game["scores"]
+            bleu, cos = self._diversity(game["kept"], times)
+            judge_reward = scores.attacker_reward.to(self.device)
+            att_reward = attacker_reward(judge_reward, bleu, cos, bleu_weight=self.bleu_weight,
+                                         embedding_weight=self.embedding_weight)
+            defender_reward = scores.defender_reward.to(self.device)
+            metrics.update({
+                "asr": scores.unsafe.float().mean(), "defender/reward": defender_reward.mean(),
+                "attacker/reward": att_reward.mean(), "attacker/judge_reward": judge_reward.mean(),
+                "attacker/self_bleu": bleu.mean(), "attacker/cos_sim": cos.mean(),
+                "attacker/diversity_penalty": (judge_reward - att_reward).mean(), "history": float(len(self.history)),
+            })
+            keep = game["keep"]
+            attack = Rollout(**{k: getattr(game["attack"], k)[keep] for k in
+                                ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logps")})
+            rollouts = {"defender": (game["answer"], defender_reward), "attacker": (attack, att_reward)}
+            experiences = {}
+            for player in active:  # experience for every active player first: simultaneous moves see the same game
+                with self._timer(f"{player}/experience", times):
+                    experiences[player] = self._experience(player, *rollouts[player])
+            for player, exp in experiences.items():
+                metrics.update({f"{player}/kl": exp.metrics["kl"], f"{player}/dropped": exp.metrics["dropped"]})
+                if len(exp) == 0:
+                    continue
+                with self._timer(f"{player}/update", times):
+                    metrics.update({f"{player}/{k}": v for k, v in self._update(player, exp).items()})
+        self.step_count += 1
+        size = len(batch.seeds)
+        for key, value in metrics.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=size,
+                     prog_bar=key in ("asr", "defender/reward"))
+        for key, value in times.items():
+            self.log(f"train/time/{key}", value, on_step=True, on_epoch=False, batch_size=size)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _kl(self, player: str, rollout: Rollout) -> Tensor:
+        """(B,) summed log-ratio of each sampled response, player vs its reference."""
+        mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
+        with self.acting(player) as policy:
+            logps = token_logps(policy, rollout.sequences, rollout.attention_mask, mask,
+                                chunk_tokens=self.chunk_tokens)
+            reference, context = self._reference(player, policy)
+            with context() if context is not None else nullcontext():
+                ref = token_logps(reference, rollout.sequences, rollout.attention_mask, mask,
+                                  chunk_tokens=self.chunk_tokens)
+        return ((logps.logps - ref.logps) * logps.mask).sum(-1)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """The defender on the raw seeds and on the attacker's prompts; per-player KL; diversity at epoch end."""
+        generator = lambda salt: self._rng(salt, step=1_000_000 + batch_idx)  # noqa: E731  same draws every epoch
+        ids, mask = self._defender_inputs(list(batch.seeds))
+        seed_answer = self._sample("defender", ids, mask, generator(2))
+        seed_scores = self.judge.score(list(batch.seeds), self._decode(seed_answer))
+        self._accumulate("seed/asr", seed_scores.unsafe.float())
+        self._accumulate("seed/reward", seed_scores.defender_reward)
+        game = self._play(batch, generator)
+        if "scores" not in game:
+            return
+        scores = game["scores"]
+        self._accumulate("attack/asr", scores.unsafe.float())
+        self._accumulate("attack/reward", scores.defender_reward)
+        self._accumulate("attacker/judge_reward", scores.attacker_reward)
+        keep = game["keep"]
+        attack = Rollout(**{k: getattr(game["attack"], k)[keep] for k in
+                            ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logps")})
+        self._accumulate("attacker/kl", self._kl("attacker", attack))
+        self._accumulate("defender/kl", self._kl("defender", game["answer"]))
+        self._val_attacks.extend(game["kept"])
+        if self.encoder is not None:
+            self._val_embeddings.append(self.encoder.encode(game["kept"]).cpu())
+        seeds = [s for s, k in zip(batch.seeds, keep.tolist()) if k]
+        for seed, attack_text, response, unsafe, reward in zip(seeds, game["kept"], game["responses"],
+                                                               scores.unsafe.tolist(),
+                                                               scores.defender_reward.tolist()):
+            if len(self._samples_buffer) < self.num_val_samples:
+                self._samples_buffer.append({"seed": seed, "attack": attack_text, "response": response,
+                                             "unsafe": bool(unsafe), "reward": float(reward)})
+
+    def _accumulate(self, key: str, values: Tensor) -> None:
+        total = self._val.setdefault(key, [0.0, 0])
+        total[0] += float(values.float().sum())
+        total[1] += values.numel()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val, self._val_attacks, self._val_embeddings, self._samples_buffer = {}, [], [], []
+
+    def on_validation_epoch_end(self) -> None:
+        row = {key: total / count for key, (total, count) in self._val.items() if count}
+        if len(self._val_attacks) >= 2:
+            row["attacker/bleu_diversity"] = bleu_diversity([word_tokens(t) for t in self._val_attacks])
+            if self._val_embeddings:
+                row["attacker/embedding_diversity"] = embedding_diversity(torch.cat(self._val_embeddings))
+        for key, value in row.items():
+            self.log(f"val/{key}", value, sync_dist=False)
+        # every validation is a row of the report, the sanity check included (the policies before any step
+        # when it runs at the start: num_sanity_val_steps -1 evaluates the whole validation set); a second
+        # evaluation at the same step (a resume's sanity check) replaces the first
+        if row:
+            if self.val_history and self.val_history[-1]["step"] == self.step_count:
+                self.val_history.pop()
+            self.val_history.append({"step": float(self.step_count), **row})
+            self.val_samples = list(self._samples_buffer)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    _FROZEN_PREFIXES = ("references.", "judge.", "encoder.")
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Without the frozen references, judge and encoder: they are rebuilt from their specs."""
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith(self._FROZEN_PREFIXES)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        own = {k: v for k, v in super().state_dict().items() if k.startswith(self._FROZEN_PREFIXES)}
+        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["game"] = {
+            "step_count": self.step_count, "updates": dict(self.updates), "dropped_empty": self.dropped_empty,
+            "history": self.history.state_dict(), "pool": self.pool, "averages": self.averages,
+            "val_history": self.val_history, "val_samples": self.val_samples,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        game = checkpoint.get("game")
+        if game is None:
+            return
+        self.step_count, self.updates = game["step_count"], dict(game["updates"])
+        self.dropped_empty = game["dropped_empty"]
+        self.history.load_state_dict(game["history"])
+        self.pool, self.averages = game["pool"], game["averages"]
+        self.val_history, self.val_samples = game["val_history"], game["val_samples"]
+
+    def on_train_end(self) -> None:
+        if self.average_policies and self.averages and self.trainer.is_global_zero:
+            directory = Path(self.trainer.default_root_dir) / "averaged"
+            directory.mkdir(parents=True, exist_ok=True)
+            for player, weights in self.averages.items():
+                torch.save(weights, directory / f"{player}.pt")

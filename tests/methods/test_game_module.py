@@ -1,0 +1,259 @@
+"""AdversarialGameModule mechanics on tiny random models: who updates when (spec §2.9 item 4), reward
+assembly and signs (item 2), the shared LoRA base, the snapshot pool and averaged policies, exact
+resume, and bad input (mismatched tokenizers, attack prompts that decode to nothing)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lit_align.data.prompts import SeedPromptDataModule
+from lit_align.data.records import DataSource
+from lit_align.game import DiversityHistory, GameSchedule, word_tokens
+from lit_align.methods import AdversarialGameModule
+from lit_align.methods.game import attacker_reward
+from lit_align.models import LoRASpec, ModelSpec, RewardModelSpec, TinyArch
+
+TINY = TinyArch(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+def _module(**kwargs) -> AdversarialGameModule:
+    args = dict(defender=ModelSpec(tiny=TINY, lora=LoRASpec(r=4, alpha=8)), schedule=GameSchedule(2, 2),
+                attacker_max_new_tokens=6, defender_max_new_tokens=6, embedding_weight=0.0,
+                defender_lr=1e-2, attacker_lr=1e-2, critic_lr=1e-2, temperature=1.0, top_p=1.0)
+    args.update(kwargs)
+    return AdversarialGameModule(**args)
+
+
+def _data(batch_size: int = 4) -> SeedPromptDataModule:
+    return SeedPromptDataModule(train=DataSource(path="builtin:seed_prompts"),
+                                val=DataSource(path="builtin:seed_prompts/val"), batch_size=batch_size)
+
+
+def _trainer(root, batches: int, callbacks=(), **kwargs) -> L.Trainer:
+    args = dict(max_epochs=1, limit_train_batches=batches, limit_val_batches=0, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                default_root_dir=str(root), callbacks=list(callbacks), num_sanity_val_steps=0)
+    args.update(kwargs)
+    return L.Trainer(**args)
+
+
+class _Changes(L.Callback):
+    """Which parameter groups changed in each training step."""
+
+    def __init__(self) -> None:
+        self.steps: list[set[str]] = []
+
+    @staticmethod
+    def _groups(module: AdversarialGameModule) -> dict[str, dict[str, torch.Tensor]]:
+        groups = {p: {n: t.detach().clone() for n, t in module._trainable(p).items()} for p in ("defender", "attacker")}
+        for name, critic in module.critics.items():
+            groups[f"critic/{name}"] = {n: t.detach().clone() for n, t in critic.named_parameters()}
+        return groups
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._before = self._groups(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        after = self._groups(module)
+        self.steps.append({g for g, params in after.items()
+                           if any(not torch.equal(t, self._before[g][n]) for n, t in params.items())})
+
+
+def test_schedule_freezes_the_inactive_player(tmp_path):
+    """(D, A) = (3, 2): steps 0-2 move only the defender and its critic, 3-4 only the attacker and its
+    critic, step 5 is the defender again (spec §2.9 item 4)."""
+    L.seed_everything(0)
+    changes = _Changes()
+    module = _module(schedule=GameSchedule(defender_steps=3, attacker_steps=2))
+    _trainer(tmp_path, 6, [changes]).fit(module, _data())
+    defender, attacker = {"defender", "critic/defender"}, {"attacker", "critic/attacker"}
+    assert changes.steps == [defender] * 3 + [attacker] * 2 + [defender]
+    assert module.updates == {"defender": 4, "attacker": 2} and module.step_count == 6
+
+
+def test_simultaneous_moves_and_a_shared_critic(tmp_path):
+    L.seed_everything(0)
+    changes = _Changes()
+    module = _module(schedule=GameSchedule(mode="simultaneous"), critics="shared")
+    _trainer(tmp_path, 2, [changes]).fit(module, _data())
+    assert list(module.critics) == ["shared"]
+    assert changes.steps == [{"defender", "attacker", "critic/shared"}] * 2
+
+
+def test_attacker_reward_assembly_and_signs():
+    """R_att = p_unsafe - 5 SB - 1 CS (spec §2.9 item 2); duplicates in the history lower it monotonically."""
+    p = torch.tensor([0.9, 0.2])
+    got = attacker_reward(p, torch.tensor([0.1, 0.0]), torch.tensor([0.3, -0.5]), bleu_weight=5.0, embedding_weight=1.0)
+    assert torch.allclose(got, torch.tensor([0.9 - 0.5 - 0.3, 0.2 + 0.5]))
+    history, prompt = DiversityHistory(), word_tokens("how do I steal a car from my neighbour")
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 2.0, 3.0]]), dim=-1)
+    rewards = []
+    for _ in range(4):
+        sb, cs = history.self_bleu([prompt]), history.cosine(emb)
+        rewards.append(float(attacker_reward(torch.tensor([0.9]), sb, cs, bleu_weight=5.0, embedding_weight=1.0)))
+        history.append([prompt], emb)
+    assert rewards[0] == pytest.approx(0.9)  # empty history: no penalty
+    assert rewards[1] == pytest.approx(0.9 - 5.0 - 1.0, abs=1e-5)  # an identical prompt: SB = CS = 1
+    assert all(b <= a for a, b in zip(rewards, rewards[1:]))
+
+
+def test_kl_is_zero_at_initialisation_and_shared_base_holds_one_copy(tmp_path):
+    """LoRA B starts at zero, so both players equal their references (adapters off): the first step's KL
+    is 0. Both players live on one base: its weights exist once, and there is no reference copy."""
+    L.seed_everything(0)
+    module = _module(schedule=GameSchedule(mode="simultaneous"))
+    trainer = _trainer(tmp_path, 1, logger=L.pytorch.loggers.CSVLogger(tmp_path))
+    trainer.fit(module, _data())
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/defender/kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(metrics["train/attacker/kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert list(module.policies) == ["shared"] and len(module.references) == 0
+    base = [n for n, _ in module.policies["shared"].named_parameters() if "lora_" not in n]
+    separate = _module(share_base=False)
+    separate.configure_model()
+    both = [n for m in separate.policies.values() for n, _ in m.named_parameters() if "lora_" not in n]
+    assert len(both) == 2 * len(base)  # copy mode: a base per player
+
+
+def test_copy_references_without_lora(tmp_path):
+    L.seed_everything(0)
+    changes = _Changes()
+    module = _module(defender=ModelSpec(tiny=TINY), schedule=GameSchedule(1, 1))
+    _trainer(tmp_path, 2, [changes]).fit(module, _data())
+    assert set(module.references) == {"defender", "attacker"}
+    assert changes.steps == [{"defender", "critic/defender"}, {"attacker", "critic/attacker"}]
+    assert not any(k.startswith("references.") for k in module.state_dict())  # rebuilt, never saved
+
+
+def test_snapshot_pool_and_averaged_policies(tmp_path):
+    """The pool keeps the last ``pool_size`` attacker snapshots; the average is the mean of the iterates;
+    defender-only steps with pool_prob 1 attack with a snapshot."""
+    L.seed_everything(0)
+
+    class Iterates(L.Callback):
+        def __init__(self) -> None:
+            self.attacker: list[dict[str, torch.Tensor]] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if module.schedule.active(module.step_count - 1) == ("attacker",):
+                self.attacker.append({n: p.detach().clone() for n, p in module._trainable("attacker").items()})
+
+    iterates = Iterates()
+    module = _module(schedule=GameSchedule(defender_steps=1, attacker_steps=3, first="attacker"),
+                     snapshot_every=1, pool_size=2, pool_prob=1.0)
+    trainer = _trainer(tmp_path, 4, [iterates], logger=L.pytorch.loggers.CSVLogger(tmp_path))
+    trainer.fit(module, _data())
+    assert len(iterates.attacker) == 3 and len(module.pool) == 2
+    for name, value in module.pool[-1].items():
+        assert torch.equal(value, iterates.attacker[-1][name])
+    for name, value in module.averages["attacker"].items():
+        mean = torch.stack([it[name] for it in iterates.attacker]).mean(0)
+        torch.testing.assert_close(value, mean, rtol=0, atol=1e-6)
+    assert float(trainer.callback_metrics["train/attacker/from_pool"]) == 1.0  # step 3: defender vs a snapshot
+    before = {n: p.detach().clone() for n, p in module._trainable("attacker").items()}
+    with module.averaged("attacker"):
+        swapped = module._trainable("attacker")
+        assert all(torch.equal(swapped[n], module.averages["attacker"][n].to(swapped[n].dtype)) for n in before)
+    assert all(torch.equal(p, before[n]) for n, p in module._trainable("attacker").items())
+    assert (tmp_path / "averaged" / "attacker.pt").is_file()
+
+
+class _StopAfter(L.Callback):
+    """Stop after ``n`` batches, mid-epoch (the checkpoint of batch ``n`` is not an epoch's last)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.step_count >= self.n:
+            trainer.should_stop = True
+
+
+def _fit_with_checkpoints(root, stop: int, ckpt_path=None) -> AdversarialGameModule:
+    L.seed_everything(0)
+    module = _module(schedule=GameSchedule(defender_steps=2, attacker_steps=1), snapshot_every=1, pool_prob=0.5,
+                     embedding_weight=1.0, encoder=ModelSpec(tiny=TINY))
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1,
+                                                     save_top_k=-1)
+    _trainer(root, 20, [checkpoint, _StopAfter(stop)], enable_checkpointing=True).fit(module, _data(),
+                                                                                       ckpt_path=ckpt_path)
+    return module
+
+
+def test_resume_is_exact(tmp_path):
+    """Players, critics, optimisers, the schedule clock, the history, the pool and the averages survive a
+    restart: 3 + 3 steps equal 6 uninterrupted steps."""
+    straight = _fit_with_checkpoints(tmp_path / "a", 6)
+    _fit_with_checkpoints(tmp_path / "b", 3)
+    checkpoint = tmp_path / "b" / "last.ckpt"  # after batch 3, mid-epoch
+    resumed = _fit_with_checkpoints(tmp_path / "c", 6, ckpt_path=str(checkpoint))
+    assert resumed.step_count == straight.step_count == 6 and resumed.updates == straight.updates
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert straight.history.state_dict()["tokens"] == resumed.history.state_dict()["tokens"]
+    for a, b in zip(straight.pool, resumed.pool):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for player in straight.averages:
+        assert all(torch.equal(straight.averages[player][k], resumed.averages[player][k])
+                   for k in straight.averages[player])
+
+
+def test_empty_attack_prompts_are_dropped_and_counted(tmp_path):
+    L.seed_everything(0)
+    module = _module(share_base=False, schedule=GameSchedule(1, 1, first="attacker"))
+    module.configure_model()
+    eos = module.tokenizer.eos_token_id
+
+    def only_eos_on_even_rows(_, __, logits):
+        """While sampling ((B, 1, V) logits), EOS is the only choice on even rows: attack prompts that
+        decode to nothing. Scoring passes (other shapes) are left alone."""
+        if logits.dim() != 3 or logits.shape[1] != 1:
+            return logits
+        forced = torch.full_like(logits, -1e4)
+        forced[..., eos] = 0.0
+        rows = torch.arange(logits.shape[0]) % 2 == 0
+        return torch.where(rows[:, None, None], forced, logits)
+
+    module.policies["attacker"].get_output_embeddings().register_forward_hook(only_eos_on_even_rows)
+    trainer = _trainer(tmp_path, 2, logger=L.pytorch.loggers.CSVLogger(tmp_path))
+    trainer.fit(module, _data(batch_size=4))
+    assert module.dropped_empty == 4  # 2 of 4 rows in each of 2 steps
+    assert float(trainer.callback_metrics["train/attacker/empty"]) == 2.0
+
+
+def test_mismatched_tokenizers_are_refused(tmp_path):
+    other = tmp_path / "tok"
+    from transformers import AutoTokenizer
+
+    from lit_align.models import TINY_TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    tok.add_tokens(["<extra_a>", "<extra_b>"])
+    tok.save_pretrained(other)
+    module = _module(attacker=ModelSpec(tiny=TINY, tokenizer=str(other), lora=LoRASpec(r=4)))
+    with pytest.raises(ValueError, match="model.attacker.*tokenizer"):
+        module.configure_model()
+    module = _module(critic=RewardModelSpec(model=ModelSpec(tiny=TINY, tokenizer=str(other))))
+    with pytest.raises(ValueError, match="model.critic.*tokenizer"):
+        module.configure_model()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"embedding_weight": 1.0}, "model.encoder"),
+    ({"pool_prob": 0.5}, "model.snapshot_every"),
+    ({"reference": "adapter", "defender": ModelSpec(tiny=TINY)}, "model.reference"),
+    ({"defender_template": "Human: AI:"}, "model.defender_template"),
+    ({"critics": "one"}, "model.critics"),
+])
+def test_bad_configuration_names_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _module(**kwargs)
+
+
+def test_fsdp2_is_refused_clearly():
+    module = _module()
+    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(NotImplementedError, match="one device"):
+        module.configure_model()
