@@ -95,7 +95,8 @@ class HFExport(L.Callback):
         # on_train_end, not on_fit_end: by then Lightning's teardown has moved the model to the CPU, and
         # sharded (FSDP) weights could no longer be gathered over the GPU process group
         self.path = Path(self.dirpath or Path(trainer.default_root_dir) / "hf_export")
-        policy = pl_module.policy
+        # a multi-policy method says which model is its product (the game: the defender)
+        policy = pl_module.export_policy() if hasattr(pl_module, "export_policy") else pl_module.policy
         state = _fsdp1_state_dict(trainer) or _full_state_dict(policy)  # collectives: every rank takes part
         if trainer.global_rank != 0:
             return

@@ -8,7 +8,7 @@ attack prompt, answer, verdict and reward of a few held-out seeds) and writes, u
 * ``game_history.csv``: step and every validation metric (attack success rate on the raw seeds and
   on the attacker's prompts, harmlessness reward, attacker diversity, per-player KL);
 * ``game_curves.png``: ASR and harmlessness over training (both prompt sources), and the attacker's
-  diversity;
+  diversity; the steps in which only the attacker updates are shaded;
 * ``game_samples.csv``: the last validation's sample attacks and answers;
 
 and sends the sample table (``game_samples``) and the plot to a W&B logger when one is attached.
@@ -68,7 +68,7 @@ class GameReport(L.Callback):
         data = [[s.get(c) for c in SAMPLE_COLUMNS] for s in samples]
         self.files["samples"] = write_csv(directory / "game_samples.csv", SAMPLE_COLUMNS, data)
         if self.plot:
-            png = self._plot(directory / "game_curves.png", history)
+            png = self._plot(directory / "game_curves.png", history, getattr(pl_module, "schedule", None))
             if png is not None:
                 self.files["png"] = png
         if final:
@@ -81,7 +81,22 @@ class GameReport(L.Callback):
                       + (f"  Plot: {self.files['png']}" if "png" in self.files else ""))
 
     @staticmethod
-    def _plot(path: Path, history: list[dict[str, float]]) -> Path | None:
+    def _attacker_blocks(schedule, last_step: int) -> list[tuple[int, int]]:
+        """[start, end) step ranges in which only the attacker updates (shaded in the plot)."""
+        blocks, start = [], None
+        for step in range(last_step + 1):
+            attacking = schedule.active(step) == ("attacker",)
+            if attacking and start is None:
+                start = step
+            elif not attacking and start is not None:
+                blocks.append((start, step))
+                start = None
+        if start is not None:
+            blocks.append((start, last_step))
+        return blocks
+
+    @classmethod
+    def _plot(cls, path: Path, history: list[dict[str, float]], schedule=None) -> Path | None:
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
@@ -96,6 +111,9 @@ class GameReport(L.Callback):
             for key, label in series:
                 values = [row.get(key, float("nan")) for row in history]
                 ax.plot(steps, values, marker="o", label=label)
+            if schedule is not None and steps:
+                for j, (a, b) in enumerate(cls._attacker_blocks(schedule, int(max(steps)))):
+                    ax.axvspan(a, b, color="tab:red", alpha=0.08, label="attacker updates" if j == 0 else None)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("training step")
             ax.legend(fontsize=7)

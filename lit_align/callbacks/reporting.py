@@ -51,9 +51,10 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 
 
 def publish(trainer: L.Trainer, key: str, columns: Sequence[str], data: Sequence[Sequence[Any]], *,
-            metrics: Mapping[str, float] | None = None, image: Path | None = None) -> None:
+            metrics: Mapping[str, float] | None = None, image: Path | None = None,
+            image_key: str | None = None) -> None:
     """Send a table to every logger: its finite numbers as metrics (``metrics``), and to a W&B logger
-    the table itself (``key``) and, if given, ``image`` (as ``<key>_plot``)."""
+    the table itself (``key``) and, if given, ``image`` (as ``image_key``, default ``<key>_plot``)."""
     step = trainer.global_step
     flat = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
     for logger in trainer.loggers:
@@ -62,4 +63,4 @@ def publish(trainer: L.Trainer, key: str, columns: Sequence[str], data: Sequence
         if isinstance(logger, WandbLogger):
             logger.log_table(key, columns=list(columns), data=[list(r) for r in data], step=step)
             if image is not None:
-                logger.log_image(f"{key}_plot", images=[str(image)], step=step)
+                logger.log_image(image_key or f"{key}_plot", images=[str(image)], step=step)

@@ -48,12 +48,9 @@ needs. The relearning attack deep-copies the policy and so refuses FSDP2-sharded
 from __future__ import annotations
 
 import copy
-import csv
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -61,10 +58,10 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from lit_align.callbacks.reporting import eval_mode, publish, report_dir, write_csv
 from lit_align.data.tokenize import _collate_sequences
 from lit_align.metrics.unlearning import (
     MeanNLL,
@@ -109,18 +106,6 @@ class _Item:
     perturbed: list[list[int]] = field(default_factory=list)
     choices: list[list[int]] = field(default_factory=list)
     label: int | None = None
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off) for the block; every submodule's own mode is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -383,7 +368,7 @@ class UnlearningEvaluation(L.Callback):
         values: dict[str, float] = {}
         forget_ratios: Tensor | None = None
         config = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False)
-        with _eval_mode(model):
+        with eval_mode(model):
             for split in splits:
                 everything = self._items[split]
                 fallback = everything[0]
@@ -519,33 +504,20 @@ class UnlearningEvaluation(L.Callback):
         return "\n".join(lines)
 
     def _write(self, trainer: L.Trainer) -> None:
-        log_dir = trainer.log_dir  # a collective under distributed strategies: every rank asks
-        if trainer.global_rank != 0:
+        directory = report_dir(trainer, self.dirpath)  # every rank calls it (a collective)
+        if directory is None:
             return
-        directory = Path(self.dirpath or log_dir or trainer.default_root_dir)
-        os.makedirs(directory, exist_ok=True)
         rows = [r for r in ROWS if r in self.results]
         columns = self.columns()
-        path = directory / "unlearning_eval.csv"
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["model", *columns])
-            for r in rows:
-                writer.writerow([r, *(self.results[r].get(c, "") for c in columns)])
+        table = [[r, *(self.results[r].get(c) for c in columns)] for r in rows]
+        path = write_csv(directory / "unlearning_eval.csv", ["model", *columns], table)
         self.files["csv"] = path
         if self.plot:
             png = self._plot(directory / "unlearning_eval.png", rows)
             if png is not None:
                 self.files["png"] = png
-        step = trainer.global_step
-        flat = {f"unlearn/{r}/{c}": v for r in rows for c, v in self.results[r].items() if math.isfinite(v)}
-        for logger in trainer.loggers:
-            logger.log_metrics(flat, step=step)
-            if isinstance(logger, WandbLogger):
-                logger.log_table("unlearning_eval", columns=["model", *columns],
-                                 data=[[r, *(self.results[r].get(c) for c in columns)] for r in rows], step=step)
-                if "png" in self.files:
-                    logger.log_image("unlearning_eval_plot", images=[str(self.files["png"])], step=step)
+        flat = {f"unlearn/{r}/{c}": v for r in rows for c, v in self.results[r].items()}
+        publish(trainer, "unlearning_eval", ["model", *columns], table, metrics=flat, image=self.files.get("png"))
         if self.verbose:
             shown = [c for c in PLOT_COLUMNS if c in columns]
             print(f"\nUnlearning evaluation (rows = models):\n{self.format_table(shown)}")

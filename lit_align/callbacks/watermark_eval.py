@@ -50,9 +50,6 @@ Everything runs under ``no_grad`` with every model in eval mode; each submodule'
 
 from __future__ import annotations
 
-import csv
-import math
-import os
 import random
 import warnings
 import zlib
@@ -64,10 +61,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
-from lit_align.callbacks.unlearning_eval import _eval_mode
+from lit_align.callbacks.reporting import eval_mode, publish, report_dir, write_csv
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import retokenize
 from lit_align.metrics.detection import (
@@ -243,9 +239,9 @@ class WatermarkEvaluation(L.Callback):
             kgw_score = lambda ids, attn, cont: watermark.score(ids, attn, score_mask=cont).z  # noqa: E731
         with ExitStack() as stack:
             for model in {id(m): m for m in (module.policy, module.detector, reference)}.values():
-                stack.enter_context(_eval_mode(model))
+                stack.enter_context(eval_mode(model))
             if oracle is not None:
-                stack.enter_context(_eval_mode(oracle[0]))
+                stack.enter_context(eval_mode(oracle[0]))
             for b, batch in enumerate(self._loader(trainer)):
                 if self.num_batches is not None and b >= self.num_batches:
                     break
@@ -371,32 +367,23 @@ class WatermarkEvaluation(L.Callback):
         return "\n".join(lines)
 
     def _write(self, trainer: L.Trainer) -> None:
-        log_dir = trainer.log_dir  # a collective under distributed strategies: every rank asks
-        if trainer.global_rank != 0 or not self.results:
+        if not self.results:
+            trainer.log_dir  # noqa: B018 -- a collective under distributed strategies: every rank asks once
             return
-        directory = Path(self.dirpath or log_dir or trainer.default_root_dir)
-        os.makedirs(directory, exist_ok=True)
+        directory = report_dir(trainer, self.dirpath)  # every rank calls it (a collective)
+        if directory is None:
+            return
         columns = self.columns()
-        path = directory / "watermark_eval.csv"
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["condition", *columns])
-            for row, values in self.results.items():
-                writer.writerow([row, *(values.get(c, "") for c in columns)])
+        table = [[r, *(vals.get(c) for c in columns)] for r, vals in self.results.items()]
+        path = write_csv(directory / "watermark_eval.csv", ["condition", *columns], table)
         self.files["csv"] = path
         if self.plot and self.roc:
             png = self._plot(directory / "watermark_roc.png")
             if png is not None:
                 self.files["png"] = png
-        step = trainer.global_step
-        flat = {f"watermark/{r}/{c}": v for r, vals in self.results.items() for c, v in vals.items() if math.isfinite(v)}
-        for logger in trainer.loggers:
-            logger.log_metrics(flat, step=step)
-            if isinstance(logger, WandbLogger):
-                logger.log_table("watermark_eval", columns=["condition", *columns],
-                                 data=[[r, *(vals.get(c) for c in columns)] for r, vals in self.results.items()], step=step)
-                if "png" in self.files:
-                    logger.log_image("watermark_roc", images=[str(self.files["png"])], step=step)
+        flat = {f"watermark/{r}/{c}": v for r, vals in self.results.items() for c, v in vals.items()}
+        publish(trainer, "watermark_eval", ["condition", *columns], table, metrics=flat,
+                image=self.files.get("png"), image_key="watermark_roc")
         if self.verbose:
             shown = [c for c in SUMMARY_COLUMNS if c in columns]
             print(f"\nWatermark evaluation (rows = conditions; attacks on the watermarked text only):\n"

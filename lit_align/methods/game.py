@@ -5,6 +5,7 @@ Zheng et al., "Toward Optimal LLM Alignments Using Two-Player Games" (arXiv 2406
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -329,7 +330,7 @@ class AdversarialGameModule(L.LightningModule):
                 base = build_causal_lm(spec, self.tokenizer)
                 if self._reference_kind(player) == "copy":
                     self.references[player] = frozen_copy(base)
-                policies[player] = apply_lora(base, spec.lora, seed=spec.seed, adapter_name=player).train()
+                policies[player] = apply_lora(base, spec.lora, seed=spec.seed).train()  # adapter "default"
         self.policies = nn.ModuleDict(policies)
 
         critic_spec = self.critic_spec or RewardModelSpec(model=replace(self.specs["defender"], lora=None))
@@ -628,6 +629,33 @@ class AdversarialGameModule(L.LightningModule):
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """The defender on the raw seeds and on the attacker's prompts; per-player KL; diversity at epoch end."""
+        self._evaluate(batch, batch_idx)
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """As validation, on the test seeds (``test/...``)."""
+        self._evaluate(batch, batch_idx)
+
+    @torch.no_grad()
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, str]]:
+        """The defender's greedy answers to the raw seeds (``lit-align predict``): ``[{prompt, completion}]``."""
+        ids, mask = self._defender_inputs(list(batch.seeds))
+        greedy = SamplingConfig(max_new_tokens=self.sampling["defender"].max_new_tokens, do_sample=False)
+        with self.acting("defender") as policy:
+            out = sample(policy, ids, mask, greedy, eos_token_id=self.tokenizer.eos_token_id,
+                         pad_token_id=self.tokenizer.pad_token_id)
+        return [{"prompt": seed, "completion": answer} for seed, answer in zip(batch.seeds, self._decode(out))]
+
+    def export_policy(self) -> nn.Module:
+        """The model :class:`~lit_align.callbacks.HFExport` writes: the defender (the aligned model). On a
+        shared base it is a copy with the attacker's adapter removed and the defender's merged in."""
+        if "shared" not in self.policies:
+            return self.policies["defender"]
+        model = copy.deepcopy(self.policies["shared"])
+        model.delete_adapter("attacker")
+        model.set_adapter("defender")
+        return model.merge_and_unload()
+
+    def _evaluate(self, batch: PromptBatch, batch_idx: int) -> None:
         generator = lambda salt: self._rng(salt, step=1_000_000 + batch_idx)  # noqa: E731  same draws every epoch
         ids, mask = self._defender_inputs(list(batch.seeds))
         seed_answer = self._sample("defender", ids, mask, generator(2))
@@ -665,14 +693,23 @@ class AdversarialGameModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val, self._val_attacks, self._val_embeddings, self._samples_buffer = {}, [], [], []
 
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
     def on_validation_epoch_end(self) -> None:
         row = {key: total / count for key, (total, count) in self._val.items() if count}
         if len(self._val_attacks) >= 2:
             row["attacker/bleu_diversity"] = bleu_diversity([word_tokens(t) for t in self._val_attacks])
             if self._val_embeddings:
                 row["attacker/embedding_diversity"] = embedding_diversity(torch.cat(self._val_embeddings))
+        stage = "test" if self.trainer.testing else "val"
         for key, value in row.items():
-            self.log(f"val/{key}", value, sync_dist=False)
+            self.log(f"{stage}/{key}", value, sync_dist=False)
+        if stage == "test":
+            return
         # every validation is a row of the report, the sanity check included (the policies before any step
         # when it runs at the start: num_sanity_val_steps -1 evaluates the whole validation set); a second
         # evaluation at the same step (a resume's sanity check) replaces the first

@@ -122,6 +122,15 @@ def test_policy_loss_clipped_below_and_mask():
     torch.testing.assert_close(grad, _t([[0.0, 1.1 / 2, 0.0]]))
 
 
+def test_policy_loss_unclipped_variant():
+    """clip=None (what the GPO launch script ran): mean(-A rho) = (-1.5 - 0.5 + 2.2) / 3, every token gets
+    its gradient -A rho / 3."""
+    loss, metrics, grad = _policy([1.5, 0.5, 1.1], [1, 1, -2], clip=None)
+    torch.testing.assert_close(loss, torch.tensor(0.2 / 3))
+    assert metrics["clip_frac"] == 0
+    torch.testing.assert_close(grad, _t([[-1.5 / 3, -0.5 / 3, 2.2 / 3]]))
+
+
 def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
     loss, metrics, _ = _policy([1.0, 1.0], [2.0, -1.0])
     torch.testing.assert_close(loss, torch.tensor(-0.5))

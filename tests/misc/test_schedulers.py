@@ -32,3 +32,20 @@ def test_warmup_cosine_factors_by_hand():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.0, 1.0, 0.853553, 0.5, 0.146447, 0.0], abs=1e-6)
+
+
+def test_warmup_inverse_sqrt_is_gpo_schedule():
+    """Warm-up from 0.1 to 1 over 4 steps, then sqrt(4 / s) (the docstring's example)."""
+    from lit_align.schedulers import WarmupInverseSqrtLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = WarmupInverseSqrtLR(opt, warmup_steps=4, floor=0.1)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.1, 0.325, 0.55, 0.775, 1.0, (4 / 5) ** 0.5, (4 / 6) ** 0.5]
+    assert lrs == pytest.approx([2.0 * f for f in expected])
+    with pytest.raises(ValueError, match="floor"):
+        WarmupInverseSqrtLR(opt, floor=1.5)

@@ -285,7 +285,9 @@ def test_fsdp2_token_stats_and_kl_match_one_process(tmp_path, monkeypatch):
     checkpointed head path, whose backward recomputes the reference's head inside the policy's backward."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    # spawn, not fork: after a backward pass a CUDA build of torch has autograd device threads, and forked
+    # children cannot use autograd ("Unable to handle autograd's threading ... fork-based multiprocessing")
+    mp.start_processes(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     monkeypatch.setattr(logps_mod, "_CHECKPOINT_MIN_ELEMENTS", 0)
     policy, reference = _tiny_model(seed=0), _tiny_model(seed=5).requires_grad_(False)

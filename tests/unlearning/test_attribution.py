@@ -156,7 +156,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_fsdp2_gradients_and_sharded_selection_match_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")  # fork breaks autograd on CUDA builds
     out = torch.load(tmp_path / "out.pt", weights_only=True)
 
     model = tiny_lm(vocab_size=VOCAB, hidden_size=32)
@@ -190,7 +190,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_replicated_gradients_are_summed_over_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")  # fork breaks autograd on CUDA builds
     two = torch.load(tmp_path / "grads.pt", weights_only=True)
     one = accumulate_gradients(tiny_lm(vocab_size=VOCAB, hidden_size=32), make_batches(4, seed=7))
     for n, g in one.items():
