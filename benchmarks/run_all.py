@@ -5,7 +5,8 @@ allocator state leak into the next):
 
 * ``benchmarks/generate.py``: lit_align's KV-cache sampler vs HF ``generate`` (tokens/s);
 * ``benchmarks/logps_memory.py``: chunked log-probs vs full logits (peak memory, time);
-* ``benchmarks/dpo_step.py``: a DPO optimiser step, lit_align vs TRL vs a hand-written loop.
+* ``benchmarks/dpo_step.py``: a DPO optimiser step, lit_align vs TRL vs a hand-written loop;
+* ``benchmarks/wagle.py``, ``kgw.py``, ``watermark_step.py``, ``game_step.py``: method-specific costs.
 
 Each prints one JSON line (the last line starting with ``{`` that has a ``"bench"`` key is
 taken). ``results.json`` holds those lines, the date, the versions of the libraries involved and
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "wagle": ("wagle.py", [], ["--examples", "16", "--steps", "6", "--warmup", "2", "--rounds", "1"]),
     "kgw": ("kgw.py", [], ["--repeats", "3", "--warmup", "1"]),
     "watermark_step": ("watermark_step.py", [], ["--steps", "8", "--warmup", "2"]),
+    "game_step": ("game_step.py", [], ["--steps", "6", "--warmup", "1", "--skip-memory"]),
 }
 PACKAGES = ("torch", "transformers", "trl", "lightning", "peft", "datasets", "lit_align")
 
@@ -185,6 +187,18 @@ def rows(results: dict[str, dict]) -> list[dict]:
             "report only", None, None, "<=", 1.0, " ms")
         add("watermark_step", "KV-cache sampler during co-training, tokens/s (tiny setup, batch 16, +8)",
             ws.get("sampler_tok_s"), "report only", None, None, ">=", 1.0, " tok/s")
+    gs = results.get("game_step", {})
+    if "error" not in gs and gs:
+        add("game_step", f"adversary/defender game step, ms (tiny setup; generation {gs.get('generate_share')}, "
+            f"PPO {gs.get('update_share')} of the phases; defender steps {gs.get('defender_step_ms')}, "
+            f"attacker steps {gs.get('attacker_step_ms')})", gs.get("step_ms"), "report only", None, None, "<=", 1.0, " ms")
+        if gs.get("shared_model_mb") is not None:
+            add("game_step", "game weights in memory, MiB (both LoRA players on one ~180M base; references = adapters off)",
+                gs.get("shared_model_mb"), "a base per player", gs.get("separate_model_mb"),
+                round(gs["shared_model_mb"] / gs["separate_model_mb"], 3), "<=", 0.55, " MiB")
+            add("game_step", "game training, peak RSS, MiB (same)", gs.get("shared_peak_mb"),
+                "a base and a reference copy per player", gs.get("copy_peak_mb"), gs.get("peak_ratio_shared_vs_copy"),
+                "<=", 0.6, " MiB")
     for name, r in results.items():
         if "error" in r:
             out.append({"benchmark": name, "what": "failed (see results.json)", "lit_align": None, "peer_name": "",

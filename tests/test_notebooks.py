@@ -23,6 +23,7 @@ NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
 KERNEL_NAME = "lit-align-test-python"
 RESULT_MARKER = "QUICKSTART_RESULT "
+GAME_MARKER = "GAME_RESULT "
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -72,6 +73,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_QUICKSTART_OUT", str(out))
     monkeypatch.setenv("LIT_ALIGN_UNLEARNING_OUT", str(tmp_path / "unlearning"))
     monkeypatch.setenv("LIT_ALIGN_WATERMARK_OUT", str(tmp_path / "watermark"))
+    monkeypatch.setenv("LIT_ALIGN_GAME_OUT", str(tmp_path / "game"))
     before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
 
     nb = nbformat.read(path, as_version=4)
@@ -101,3 +103,12 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
                    for cell in nb.cells for o in cell.get("outputs", [])), "the plot is shown inline"
         assert result["val_rewards_accuracies"] > 0.5, result
         assert result["val_rewards_margins"] > 0, result
+
+    if path.name == "04_game.ipynb":
+        lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(GAME_MARKER)]
+        assert lines, "the game notebook's last code cell prints a GAME_RESULT line"
+        result = json.loads(lines[-1][len(GAME_MARKER):])
+        assert Path(result["plot_png"]).is_file() and Path(result["plot_png"]).parent == tmp_path / "game"
+        assert result["updates"]["defender"] > 0 and result["updates"]["attacker"] > 0, result
+        assert result["averaged_weights"] == ["attacker.pt", "defender.pt"], result
+        assert result["matching_pennies"]["gap_avg"] < 0.05 < 1.0 < result["matching_pennies"]["gap_last"], result

@@ -287,6 +287,7 @@ class AdversarialGameModule(L.LightningModule):
         self._val_attacks: list[str] = []
         self._val_embeddings: list[Tensor] = []
         self._samples_buffer: list[dict[str, Any]] = []
+        self.last_step_times: dict[str, float] = {}  # phase -> seconds of the last training step (benchmarks)
 
     # -- building ------------------------------------------------------------------------------
     def _shares_base(self) -> bool:
@@ -606,6 +607,7 @@ class AdversarialGameModule(L.LightningModule):
                 with self._timer(f"{player}/update", times):
                     metrics.update({f"{player}/{k}": v for k, v in self._update(player, exp).items()})
         self.step_count += 1
+        self.last_step_times = times
         size = len(batch.seeds)
         for key, value in metrics.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=size,

@@ -146,16 +146,16 @@ def test_snapshot_pool_and_averaged_policies(tmp_path):
     trainer = _trainer(tmp_path, 4, [iterates], logger=L.pytorch.loggers.CSVLogger(tmp_path))
     trainer.fit(module, _data())
     assert len(iterates.attacker) == 3 and len(module.pool) == 2
-    for name, value in module.pool[-1].items():
-        assert torch.equal(value, iterates.attacker[-1][name])
+    for name, value in module.pool[-1].items():  # snapshots and averages are kept on the CPU
+        assert torch.equal(value, iterates.attacker[-1][name].cpu())
     for name, value in module.averages["attacker"].items():
-        mean = torch.stack([it[name] for it in iterates.attacker]).mean(0)
+        mean = torch.stack([it[name].cpu() for it in iterates.attacker]).mean(0)
         torch.testing.assert_close(value, mean, rtol=0, atol=1e-6)
     assert float(trainer.callback_metrics["train/attacker/from_pool"]) == 1.0  # step 3: defender vs a snapshot
     before = {n: p.detach().clone() for n, p in module._trainable("attacker").items()}
     with module.averaged("attacker"):
         swapped = module._trainable("attacker")
-        assert all(torch.equal(swapped[n], module.averages["attacker"][n].to(swapped[n].dtype)) for n in before)
+        assert all(torch.equal(swapped[n], module.averages["attacker"][n].to(swapped[n])) for n in before)
     assert all(torch.equal(p, before[n]) for n, p in module._trainable("attacker").items())
     assert (tmp_path / "averaged" / "attacker.pt").is_file()
 
@@ -213,7 +213,7 @@ def test_empty_attack_prompts_are_dropped_and_counted(tmp_path):
             return logits
         forced = torch.full_like(logits, -1e4)
         forced[..., eos] = 0.0
-        rows = torch.arange(logits.shape[0]) % 2 == 0
+        rows = torch.arange(logits.shape[0], device=logits.device) % 2 == 0
         return torch.where(rows[:, None, None], forced, logits)
 
     module.policies["attacker"].get_output_embeddings().register_forward_hook(only_eos_on_even_rows)
