@@ -5,28 +5,16 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from torch import nn
+
+from lit_align.models.causal_lm import eval_mode
 
 __all__ = ["eval_mode", "publish", "report_dir", "write_csv"]
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off) for the block; every submodule's own mode is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def report_dir(trainer: L.Trainer, dirpath: str | None) -> Path | None:

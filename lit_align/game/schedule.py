@@ -1,7 +1,7 @@
 """Who updates at each optimisation step of the GPO game (core spec §2.6).
 
 Within each cycle of ``defender_steps + attacker_steps`` steps, the first block updates only one
-player (plus the shared critic) and the second block only the other. With the defaults the
+player (and its critic) and the second block only the other. With the defaults the
 defender goes first::
 
     step    0 ..  199   defender        (block of k = defender_steps)

@@ -6,10 +6,11 @@ Zheng et al., "Toward Optimal LLM Alignments Using Two-Player Games" (arXiv 2406
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,11 +43,17 @@ from lit_align.models import (
     frozen_copy,
     is_peft_model,
 )
+from lit_align.models.causal_lm import eval_mode
 from lit_align.rollout.experience import Experience, make_experience, minibatches
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
 
 __all__ = ["AdversarialGameModule", "attacker_reward"]
+
+
+def _select(rollout: Rollout, rows: Tensor) -> Rollout:
+    """The rows ``rows`` ((B,) bool or (N,) long) of a rollout."""
+    return Rollout(**{f.name: getattr(rollout, f.name)[rows] for f in fields(rollout)})
 
 
 def attacker_reward(judge_reward: Tensor, self_bleu: Tensor, cos_sim: Tensor, *, bleu_weight: float,
@@ -56,9 +63,9 @@ def attacker_reward(judge_reward: Tensor, self_bleu: Tensor, cos_sim: Tensor, *,
     return judge_reward - bleu_weight * self_bleu - embedding_weight * cos_sim
 
 
-def _adamw(lr: float, eps: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+def _adamw(lr: float, eps: float, weight_decay: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
     """GPO's optimiser: AdamW with betas (0.9, 0.95)."""
-    return lambda params: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps)
+    return lambda params: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=weight_decay)
 
 
 class AdversarialGameModule(L.LightningModule):
@@ -91,11 +98,13 @@ class AdversarialGameModule(L.LightningModule):
     pool (``pool_size`` most recent); in defender-only steps the attack prompts come from a random
     pool snapshot with probability ``pool_prob`` (the defender then trains against the attacker's
     past mixture). Averaged policies: the convergence guarantee (Nash gap O(T^-1/2)) is about averaged
-    policies, not the last iterate PPO returns; with ``average_policies`` the uniform running mean of
-    each player's trainable weights over its updates is kept (in checkpoints, written to
-    ``<default_root_dir>/averaged/<player>.pt`` at the end of training, usable through
-    :meth:`averaged`). A parameter average is a surrogate for the mixture of policies the theory
-    averages (the snapshot pool samples that mixture).
+    policies, not the last iterate PPO returns. The averaged policy of the theory is the uniform
+    **mixture** of the iterates: the snapshot pool samples it (exactly, at snapshot granularity, when
+    ``pool_size`` covers the run). With ``average_policies`` the uniform running mean of each player's
+    trainable weights over its updates is kept as well (in checkpoints, written to
+    ``<default_root_dir>/averaged/<player>.pt`` at the end of training with the module's parameter
+    names, usable through :meth:`averaged`): a cheap *surrogate* only; for LoRA it averages the A and B
+    factors separately, and mean(B) mean(A) is not the mean of the updates B A.
 
     Logged per step: ``train/asr`` (share of answers judged unsafe), ``train/defender/reward``,
     ``train/attacker/reward`` (with diversity), ``train/attacker/judge_reward``,
@@ -107,8 +116,13 @@ class AdversarialGameModule(L.LightningModule):
     ``val/<player>/kl``; :attr:`val_history` and :attr:`val_samples` feed
     :class:`~lit_align.callbacks.GameReport` (plot and sample table).
 
-    Runs on one device (DDP / FSDP2 of two policies, two critics and a judge are not implemented).
-    Repetition penalty (1.1 in the GPO script) is not applied: the sampler has none.
+    Notes: ASRs are over the attack prompts that survive decoding (empty ones are dropped and counted,
+    not scored). Log-probs for PPO and KL are those of the untempered model (temperature 1), as in the
+    reference code (MOSS-style), although sampling uses ``temperature`` / ``top_p``; the samples are then
+    slightly off-policy and a sampled-KL estimate can be negative. PPO updates run in eval mode (no
+    dropout), as experience making does. Runs on one device (DDP / FSDP2 of two policies, their critics
+    and a judge are not implemented; refused with a clear error). Repetition penalty (1.1 in the GPO
+    script) is not applied: the sampler has none.
     """
 
     def __init__(
@@ -116,6 +130,7 @@ class AdversarialGameModule(L.LightningModule):
         defender: ModelSpec,
         attacker: ModelSpec | None = None,
         judge: JudgeSpec | SafetyJudge | Callable | None = None,
+        eval_judge: JudgeSpec | SafetyJudge | Callable | None = None,
         critic: RewardModelSpec | None = None,
         critic_init: str | None = None,
         critics: Literal["separate", "shared"] = "separate",
@@ -146,11 +161,13 @@ class AdversarialGameModule(L.LightningModule):
         pool_size: int = 8,
         pool_prob: float = 0.0,
         average_policies: bool = True,
+        log_inactive_kl: bool = True,
         gradient_clip: float | None = 1.0,
-        sample_seed: int = 0,
+        sample_seed: int | None = None,
         defender_lr: float = 5e-7,
         attacker_lr: float = 3e-6,
         critic_lr: float = 1.5e-6,
+        weight_decay: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         attacker_optimizer: OptimizerCallable | None = None,
         critic_optimizer: OptimizerCallable | None = None,
@@ -168,8 +185,12 @@ class AdversarialGameModule(L.LightningModule):
             judge: the safety scorer (:class:`~lit_align.game.judge.JudgeSpec`: ``rule`` (the built-in
                 toy), ``llama_guard`` or ``classifier``; or a :class:`SafetyJudge`, or a callable
                 ``(prompts, responses) -> P(unsafe)``); ``None``: the built-in rule judge.
+            eval_judge: an independent judge for validation and test (spec §2.10: training and evaluating
+                with one judge family rewards exploiting that judge); ``None``: ``judge``.
             critic: the critics' architecture (a ``scalar_head`` reward-model spec, same tokenizer);
-                ``None``: the defender's base without LoRA and a zero head.
+                ``None``: the defender's spec (its LoRA included: a frozen copy of the base with trainable
+                adapters and a zero head). A critic holds its own base: on a 7B model prefer
+                ``critics: shared`` or a smaller critic.
             critic_init: a reward-model checkpoint both critics start from (GPO: its Llama-2 RM).
             critics: ``separate`` (one per player, default) or ``shared`` (one for both, as the code).
             share_base: put both players' LoRA adapters on one base when their specs name the same base.
@@ -199,11 +220,15 @@ class AdversarialGameModule(L.LightningModule):
             pool_size: snapshots kept (the most recent).
             pool_prob: probability that a defender-only step attacks with a pool snapshot.
             average_policies: keep the running mean of each player's trainable weights.
+            log_inactive_kl: also log the KL of the player that does not learn this step (spec §2.6 step 7;
+                costs a policy and a reference forward over its samples).
             gradient_clip: global-norm clip of each optimiser's gradients (1.0; None: off).
             sample_seed: seed of all sampling; step ``k`` draws from ``(sample_seed, k)``, so a resumed
-                run samples what the uninterrupted run would have.
+                run samples what the uninterrupted run would have. ``None``: the run's global seed
+                (``seed_everything``), fixed at the start and kept in checkpoints.
             defender_lr, attacker_lr, critic_lr: AdamW (betas 0.9/0.95, eps 1e-6, critic 1e-8) rates
                 when no optimiser is given (GPO: 5e-7, 3e-6, 1.5e-6).
+            weight_decay: of those AdamW optimisers (the reference's value is NOT FOUND; 0 here).
             optimizer, attacker_optimizer, critic_optimizer: optimiser factories (defender, attacker,
                 critics).
             scheduler, attacker_scheduler, critic_scheduler: LR schedules, each stepped when its optimiser
@@ -229,6 +254,11 @@ class AdversarialGameModule(L.LightningModule):
                              "model.attacker.lora); use 'copy' or 'auto'")
         if "{prompt}" not in defender_template:
             raise ValueError(f"model.defender_template must contain '{{prompt}}', got {defender_template!r}")
+        try:
+            defender_template.format(prompt="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"model.defender_template is not a str.format template with only {{prompt}} ({err!r}); "
+                             "double literal braces as '{{' and '}}'") from err
         if diversity_scope not in ("history", "batch_and_history"):
             raise ValueError(f"model.diversity_scope must be 'history' or 'batch_and_history', got {diversity_scope!r}")
         if embedding_weight > 0 and encoder is None:
@@ -244,6 +274,7 @@ class AdversarialGameModule(L.LightningModule):
         self.automatic_optimization = False
         self.tokenizer = build_tokenizer(defender)
         self.judge_spec = judge if judge is not None else JudgeSpec()
+        self.eval_judge_spec = eval_judge
         self.critic_spec, self.critic_init, self.critic_mode = critic, critic_init, critics
         self.share_base, self.reference_mode = share_base, reference
         self.schedule = schedule or GameSchedule(preset="paper")
@@ -260,10 +291,11 @@ class AdversarialGameModule(L.LightningModule):
         self.snapshot_every, self.pool_size, self.pool_prob = snapshot_every, pool_size, pool_prob
         self.average_policies, self.gradient_clip, self.sample_seed = average_policies, gradient_clip, sample_seed
         self.optimizer_factories = {
-            "defender": optimizer or _adamw(defender_lr, 1e-6),
-            "attacker": attacker_optimizer or _adamw(attacker_lr, 1e-6),
-            "critic": critic_optimizer or _adamw(critic_lr, 1e-8),
+            "defender": optimizer or _adamw(defender_lr, 1e-6, weight_decay),
+            "attacker": attacker_optimizer or _adamw(attacker_lr, 1e-6, weight_decay),
+            "critic": critic_optimizer or _adamw(critic_lr, 1e-8, weight_decay),
         }
+        self.log_inactive_kl = log_inactive_kl
         self.scheduler_factories = {"defender": scheduler, "attacker": attacker_scheduler, "critic": critic_scheduler}
         self.num_val_samples, self.chunk_tokens = num_val_samples, chunk_tokens
 
@@ -272,6 +304,7 @@ class AdversarialGameModule(L.LightningModule):
         self.references = nn.ModuleDict()  # frozen copies ("copy" references), left out of checkpoints
         self.critics: nn.ModuleDict | None = None  # "shared" or one per player
         self.judge: SafetyJudge | None = None
+        self.eval_judge: SafetyJudge | None = None  # None: validation uses ``judge``
         self.encoder: SentenceEncoder | None = None
 
         # game state (all in checkpoints)
@@ -334,7 +367,7 @@ class AdversarialGameModule(L.LightningModule):
                 policies[player] = apply_lora(base, spec.lora, seed=spec.seed).train()  # adapter "default"
         self.policies = nn.ModuleDict(policies)
 
-        critic_spec = self.critic_spec or RewardModelSpec(model=replace(self.specs["defender"], lora=None))
+        critic_spec = self.critic_spec or RewardModelSpec(model=self.specs["defender"])
         if critic_spec.kind != "scalar_head":
             raise ValueError("model.critic.kind must be 'scalar_head' (a value head read at every token)")
         critic_tok = critic_spec.model.tokenizer or critic_spec.model.name_or_path
@@ -345,11 +378,21 @@ class AdversarialGameModule(L.LightningModule):
         self.critics = nn.ModuleDict({n: build_value_model(critic_spec, self.tokenizer, init_from=self.critic_init)
                                       for n in names})
         self.judge = build_judge(self.judge_spec)
+        if self.eval_judge_spec is not None:
+            self.eval_judge = build_judge(self.eval_judge_spec)
         if self.embedding_weight > 0:
             self.encoder = build_sentence_encoder(self.encoder_spec)
 
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise NotImplementedError("AdversarialGameModule runs on one device for now (each rank would keep its own "
+                                      "history and snapshot pool, and several backward passes per step are not "
+                                      "synchronised): set trainer.devices: 1")
+        if self.sample_seed is None:  # the run's global seed (seed_everything), then fixed and checkpointed
+            self.sample_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
+
     def _frozen(self) -> list[nn.Module]:
-        return [m for m in (*self.references.values(), self.judge, self.encoder) if m is not None]
+        return [m for m in (*self.references.values(), self.judge, self.eval_judge, self.encoder) if m is not None]
 
     def train(self, mode: bool = True):
         """Lightning puts the whole module in train mode; references, judge and encoder stay in eval."""
@@ -478,7 +521,7 @@ class AdversarialGameModule(L.LightningModule):
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
     def _play(self, batch: PromptBatch, generator: Callable[[int], torch.Generator], snapshot=None,
-              times: dict[str, float] | None = None) -> dict[str, Any]:
+              times: dict[str, float] | None = None, judge: SafetyJudge | None = None) -> dict[str, Any]:
         """One round of the game on a batch: attack, answer, judge (no learning)."""
         times = {} if times is None else times
         with self._timer("attacker/generate", times), self._attacker_from_pool(snapshot):
@@ -494,7 +537,7 @@ class AdversarialGameModule(L.LightningModule):
             answer = self._sample("defender", ids, mask, generator(1))
         responses = self._decode(answer)
         with self._timer("judge", times):
-            scores = self.judge.score(kept, responses)
+            scores = (judge or self.judge).score(kept, responses)
         out.update(kept=kept, answer=answer, responses=responses, scores=scores)
         return out
 
@@ -534,7 +577,9 @@ class AdversarialGameModule(L.LightningModule):
         critic = self._critic(player)
         shuffle = torch.Generator().manual_seed(self.sample_seed * 1_000_003 + self.step_count * 8 + 7)
         metrics: dict[str, Tensor] = {}
-        with self.acting(player) as policy:
+        # eval mode, as when the experience was made: with dropout the first ratio would not be 1, and the
+        # dropout draws (from the global RNG) would make a resumed run differ
+        with self.acting(player) as policy, eval_mode(policy, critic):
             for _ in range(self.ppo_epochs):
                 for mb in minibatches(exp, self.minibatch_size or len(exp), shuffle=self.ppo_epochs > 1,
                                       generator=shuffle):
@@ -592,14 +637,19 @@ class AdversarialGameModule(L.LightningModule):
                 "attacker/self_bleu": bleu.mean(), "attacker/cos_sim": cos.mean(),
                 "attacker/diversity_penalty": (judge_reward - att_reward).mean(), "history": float(len(self.history)),
             })
-            keep = game["keep"]
-            attack = Rollout(**{k: getattr(game["attack"], k)[keep] for k in
-                                ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logps")})
+            attack = _select(game["attack"], game["keep"])
             rollouts = {"defender": (game["answer"], defender_reward), "attacker": (attack, att_reward)}
             experiences = {}
             for player in active:  # experience for every active player first: simultaneous moves see the same game
                 with self._timer(f"{player}/experience", times):
                     experiences[player] = self._experience(player, *rollouts[player])
+            if self.log_inactive_kl:
+                for player in (p for p in PLAYERS if p not in active):
+                    rollout = rollouts[player][0]
+                    keep_rows = rollout.response_lengths >= 2
+                    if keep_rows.any():
+                        with self._timer(f"{player}/kl", times):
+                            metrics[f"{player}/kl"] = self._kl(player, _select(rollout, keep_rows)).mean()
             for player, exp in experiences.items():
                 metrics.update({f"{player}/kl": exp.metrics["kl"], f"{player}/dropped": exp.metrics["dropped"]})
                 if len(exp) == 0:
@@ -661,10 +711,11 @@ class AdversarialGameModule(L.LightningModule):
         generator = lambda salt: self._rng(salt, step=1_000_000 + batch_idx)  # noqa: E731  same draws every epoch
         ids, mask = self._defender_inputs(list(batch.seeds))
         seed_answer = self._sample("defender", ids, mask, generator(2))
-        seed_scores = self.judge.score(list(batch.seeds), self._decode(seed_answer))
+        judge = self.eval_judge or self.judge
+        seed_scores = judge.score(list(batch.seeds), self._decode(seed_answer))
         self._accumulate("seed/asr", seed_scores.unsafe.float())
         self._accumulate("seed/reward", seed_scores.defender_reward)
-        game = self._play(batch, generator)
+        game = self._play(batch, generator, judge=judge)
         if "scores" not in game:
             return
         scores = game["scores"]
@@ -672,8 +723,7 @@ class AdversarialGameModule(L.LightningModule):
         self._accumulate("attack/reward", scores.defender_reward)
         self._accumulate("attacker/judge_reward", scores.attacker_reward)
         keep = game["keep"]
-        attack = Rollout(**{k: getattr(game["attack"], k)[keep] for k in
-                            ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logps")})
+        attack = _select(game["attack"], keep)
         self._accumulate("attacker/kl", self._kl("attacker", attack))
         self._accumulate("defender/kl", self._kl("defender", game["answer"]))
         self._val_attacks.extend(game["kept"])
@@ -722,7 +772,7 @@ class AdversarialGameModule(L.LightningModule):
             self.val_samples = list(self._samples_buffer)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    _FROZEN_PREFIXES = ("references.", "judge.", "encoder.")
+    _FROZEN_PREFIXES = ("references.", "judge.", "eval_judge.", "encoder.")
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Without the frozen references, judge and encoder: they are rebuilt from their specs."""
@@ -737,7 +787,8 @@ class AdversarialGameModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["game"] = {
-            "step_count": self.step_count, "updates": dict(self.updates), "dropped_empty": self.dropped_empty,
+            "step_count": self.step_count, "sample_seed": self.sample_seed, "updates": dict(self.updates),
+            "dropped_empty": self.dropped_empty,
             "history": self.history.state_dict(), "pool": self.pool, "averages": self.averages,
             "val_history": self.val_history, "val_samples": self.val_samples,
         }
@@ -747,6 +798,7 @@ class AdversarialGameModule(L.LightningModule):
         if game is None:
             return
         self.step_count, self.updates = game["step_count"], dict(game["updates"])
+        self.sample_seed = game["sample_seed"]
         self.dropped_empty = game["dropped_empty"]
         self.history.load_state_dict(game["history"])
         self.pool, self.averages = game["pool"], game["averages"]

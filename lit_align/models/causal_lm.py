@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +29,7 @@ __all__ = [
     "apply_lora",
     "build_causal_lm",
     "build_tokenizer",
+    "eval_mode",
     "freeze",
     "frozen_copy",
     "is_peft_model",
@@ -216,6 +219,19 @@ def add_lora_adapter(model: nn.Module, name: str, lora: LoRASpec, seed: int = 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.add_adapter(name, lora_config(lora))
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off) for the block; every submodule's own mode is restored afterwards."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -110,11 +110,15 @@ def test_kl_is_zero_at_initialisation_and_shared_base_holds_one_copy(tmp_path):
     assert float(metrics["train/defender/kl"]) == pytest.approx(0.0, abs=1e-6)
     assert float(metrics["train/attacker/kl"]) == pytest.approx(0.0, abs=1e-6)
     assert list(module.policies) == ["shared"] and len(module.references) == 0
-    base = [n for n, _ in module.policies["shared"].named_parameters() if "lora_" not in n]
+
+    def base_bytes(m) -> int:  # distinct storages of the non-adapter weights
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                    for model in m.policies.values() for n, p in model.named_parameters() if "lora_" not in n}
+        return sum(storages.values())
+
     separate = _module(share_base=False)
     separate.configure_model()
-    both = [n for m in separate.policies.values() for n, _ in m.named_parameters() if "lora_" not in n]
-    assert len(both) == 2 * len(base)  # copy mode: a base per player
+    assert base_bytes(separate) == 2 * base_bytes(module)  # a base per player, vs one for both
 
 
 def test_copy_references_without_lora(tmp_path):
@@ -257,3 +261,34 @@ def test_fsdp2_is_refused_clearly():
     module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
     with pytest.raises(NotImplementedError, match="one device"):
         module.configure_model()
+
+
+def test_inactive_player_kl_is_logged_and_an_eval_judge_scores_validation(tmp_path):
+    """One defender-only step still logs the attacker's KL (spec §2.6 step 7); validation uses the
+    independent ``eval_judge`` (here one that calls every answer unsafe), training the rule judge."""
+    from lit_align.game import CallableJudge
+
+    L.seed_everything(0)
+    module = _module(schedule=GameSchedule(1, 1), eval_judge=CallableJudge(lambda p, r: [1.0] * len(p)))
+    trainer = _trainer(tmp_path, 1, limit_val_batches=1)
+    trainer.fit(module, _data())
+    metrics = trainer.callback_metrics
+    assert module.updates == {"defender": 1, "attacker": 0}
+    assert "train/attacker/kl" in metrics and "train/defender/kl" in metrics
+    assert float(metrics["val/attack/asr"]) == 1.0 and float(metrics["val/seed/asr"]) == 1.0
+    assert float(metrics["train/asr"]) < 1.0  # the toy rule judge in training
+
+
+def test_sampling_follows_the_global_seed_unless_fixed(tmp_path):
+    """``sample_seed: null`` takes seed_everything's seed (kept in checkpoints); a fixed one ignores it."""
+    def run(seed: int, **kwargs) -> dict[str, torch.Tensor]:
+        L.seed_everything(seed)
+        module = _module(schedule=GameSchedule(mode="simultaneous"), **kwargs)
+        _trainer(tmp_path / f"{seed}{kwargs}", 1).fit(module, _data())
+        return {n: p.detach().clone() for n, p in module._trainable("attacker").items()}
+
+    def same(a, b) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(run(0), run(0)) and not same(run(0), run(1))
+    assert same(run(0, sample_seed=5), run(1, sample_seed=5))
