@@ -5,12 +5,11 @@ Zheng et al., "Toward Optimal LLM Alignments Using Two-Player Games" (arXiv 2406
 
 from __future__ import annotations
 
-import copy
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,19 +30,9 @@ from lit_align.game.diversity import (
 from lit_align.game.judge import JudgeSpec, SafetyJudge, build_judge
 from lit_align.game.schedule import PLAYERS, GameSchedule
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
-from lit_align.models import (
-    ModelSpec,
-    RewardModelSpec,
-    ValueModel,
-    add_lora_adapter,
-    apply_lora,
-    build_causal_lm,
-    build_tokenizer,
-    build_value_model,
-    frozen_copy,
-    is_peft_model,
-)
+from lit_align.models import ModelSpec, RewardModelSpec, ValueModel, build_tokenizer, build_value_model
 from lit_align.models.causal_lm import eval_mode
+from lit_align.models.players import PlayerPolicies
 from lit_align.rollout.experience import Experience, make_experience, minibatches
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
@@ -300,8 +289,7 @@ class AdversarialGameModule(L.LightningModule):
         self.num_val_samples, self.chunk_tokens = num_val_samples, chunk_tokens
 
         # built in configure_model
-        self.policies: nn.ModuleDict | None = None  # "shared" or one per player
-        self.references = nn.ModuleDict()  # frozen copies ("copy" references), left out of checkpoints
+        self.players: PlayerPolicies | None = None  # both policies (and reference copies, left out of checkpoints)
         self.critics: nn.ModuleDict | None = None  # "shared" or one per player
         self.judge: SafetyJudge | None = None
         self.eval_judge: SafetyJudge | None = None  # None: validation uses ``judge``
@@ -323,50 +311,16 @@ class AdversarialGameModule(L.LightningModule):
         self.last_step_times: dict[str, float] = {}  # phase -> seconds of the last training step (benchmarks)
 
     # -- building ------------------------------------------------------------------------------
-    def _shares_base(self) -> bool:
-        d, a = self.specs["defender"], self.specs["attacker"]
-        return self.share_base and d.lora is not None and a.lora is not None and replace(d, lora=None, seed=0) == \
-            replace(a, lora=None, seed=0)
-
-    def _reference_kind(self, player: str) -> str:
-        if self.reference_mode != "auto":
-            return self.reference_mode
-        return "adapter" if self.specs[player].lora is not None else "copy"
-
     def configure_model(self) -> None:
-        if self.policies is not None:
+        if self.players is not None:
             return
         if self.device_mesh is not None:
             raise NotImplementedError("AdversarialGameModule runs on one device for now: FSDP2 sharding of two "
                                       "policies, their critics and the judge is not implemented; drop the "
                                       "ModelParallelStrategy")
-        attacker_tok = self.specs["attacker"].tokenizer or self.specs["attacker"].name_or_path
+        self.players = PlayerPolicies(self.specs, self.tokenizer, share_base=self.share_base,
+                                      reference=self.reference_mode)
         defender_tok = self.specs["defender"].tokenizer or self.specs["defender"].name_or_path
-        if attacker_tok != defender_tok and \
-                build_tokenizer(self.specs["attacker"]).get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"model.attacker's tokenizer ({attacker_tok or 'bundled'}) differs from model.defender's "
-                             f"({defender_tok or 'bundled'}): the critics read both players' token ids; give "
-                             "model.attacker.tokenizer the defender's tokenizer")
-        policies = {}
-        if self._shares_base():
-            spec = self.specs["defender"]
-            base = build_causal_lm(spec, self.tokenizer)
-            if self.reference_mode == "copy":
-                self.references["shared"] = frozen_copy(base)
-            model = apply_lora(base, spec.lora, seed=spec.seed, adapter_name="defender")
-            attacker = self.specs["attacker"]
-            add_lora_adapter(model, "attacker", attacker.lora, seed=attacker.seed + (attacker.seed == spec.seed))
-            model.set_adapter("defender")
-            policies["shared"] = model.train()
-        else:
-            for player in PLAYERS:
-                spec = self.specs[player]
-                base = build_causal_lm(spec, self.tokenizer)
-                if self._reference_kind(player) == "copy":
-                    self.references[player] = frozen_copy(base)
-                policies[player] = apply_lora(base, spec.lora, seed=spec.seed).train()  # adapter "default"
-        self.policies = nn.ModuleDict(policies)
-
         critic_spec = self.critic_spec or RewardModelSpec(model=self.specs["defender"])
         if critic_spec.kind != "scalar_head":
             raise ValueError("model.critic.kind must be 'scalar_head' (a value head read at every token)")
@@ -392,7 +346,8 @@ class AdversarialGameModule(L.LightningModule):
             self.sample_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
 
     def _frozen(self) -> list[nn.Module]:
-        return [m for m in (*self.references.values(), self.judge, self.eval_judge, self.encoder) if m is not None]
+        return [m for m in (*self.players.references.values(), self.judge, self.eval_judge, self.encoder)
+                if m is not None]
 
     def train(self, mode: bool = True):
         """Lightning puts the whole module in train mode; references, judge and encoder stay in eval."""
@@ -402,10 +357,7 @@ class AdversarialGameModule(L.LightningModule):
         return self
 
     def _trainable(self, player: str) -> dict[str, nn.Parameter]:
-        """The player's trainable parameters by name (its adapter on a shared base)."""
-        if "shared" in self.policies:
-            return {n: p for n, p in self.policies["shared"].named_parameters() if f".{player}." in n}
-        return {n: p for n, p in self.policies[player].named_parameters() if p.requires_grad}
+        return self.players.trainable(player)
 
     def _critic(self, player: str) -> ValueModel:
         return self.critics["shared" if "shared" in self.critics else player]
@@ -430,28 +382,12 @@ class AdversarialGameModule(L.LightningModule):
         return optimizers, schedulers
 
     # -- acting --------------------------------------------------------------------------------
-    @contextmanager
-    def acting(self, player: str) -> Iterator[nn.Module]:
-        """The player's policy, with its adapter active on a shared base (restored afterwards)."""
-        if "shared" not in self.policies:
-            yield self.policies[player]
-            return
-        model = self.policies["shared"]
-        previous = model.active_adapter
-        model.set_adapter(player)
-        try:
-            yield model
-        finally:
-            model.set_adapter(previous)
+    def acting(self, player: str):
+        """The player's policy, with its adapter active on a shared base (a context manager)."""
+        return self.players.acting(player)
 
     def _reference(self, player: str, policy: nn.Module) -> tuple[nn.Module, Callable | None]:
-        """(model, context factory) scoring the player's reference: a frozen copy or adapters off."""
-        key = "shared" if "shared" in self.references else player
-        if key in self.references:
-            return self.references[key], None
-        if not is_peft_model(policy):
-            raise RuntimeError(f"the {player} has neither a reference copy nor LoRA adapters to switch off")
-        return policy, policy.disable_adapter
+        return self.players.reference(player, policy)
 
     def _rng(self, salt: int, *, step: int | None = None, device: torch.device | None = None) -> torch.Generator:
         step = self.step_count if step is None else step
@@ -700,12 +636,7 @@ class AdversarialGameModule(L.LightningModule):
     def export_policy(self) -> nn.Module:
         """The model :class:`~lit_align.callbacks.HFExport` writes: the defender (the aligned model). On a
         shared base it is a copy with the attacker's adapter removed and the defender's merged in."""
-        if "shared" not in self.policies:
-            return self.policies["defender"]
-        model = copy.deepcopy(self.policies["shared"])
-        model.delete_adapter("attacker")
-        model.set_adapter("defender")
-        return model.merge_and_unload()
+        return self.players.export("defender")
 
     def _evaluate(self, batch: PromptBatch, batch_idx: int) -> None:
         generator = lambda salt: self._rng(salt, step=1_000_000 + batch_idx)  # noqa: E731  same draws every epoch
@@ -772,7 +703,7 @@ class AdversarialGameModule(L.LightningModule):
             self.val_samples = list(self._samples_buffer)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    _FROZEN_PREFIXES = ("references.", "judge.", "eval_judge.", "encoder.")
+    _FROZEN_PREFIXES = ("players.references.", "judge.", "eval_judge.", "encoder.")
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Without the frozen references, judge and encoder: they are rebuilt from their specs."""

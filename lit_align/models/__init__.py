@@ -12,6 +12,7 @@ from lit_align.models.causal_lm import (
     is_peft_model,
     resolve_path,
 )
+from lit_align.models.players import PlayerPolicies
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
 from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model, last_token_index
 from lit_align.models.spec import LoRASpec, ModelSpec, TinyArch
@@ -21,6 +22,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "LoRASpec",
     "ModelSpec",
+    "PlayerPolicies",
     "ReferenceMode",
     "ReferencePolicy",
     "RewardModel",
