@@ -1,5 +1,6 @@
 """Metrics: pure scoring functions and DDP-safe torchmetrics wrappers (unlearning evaluation)."""
 
+from lit_align.metrics.debate import DebateAccuracy
 from lit_align.metrics.detection import (
     DetectionMetrics,
     HFParaphraser,
@@ -32,6 +33,7 @@ from lit_align.metrics.unlearning import (
 )
 
 __all__ = [
+    "DebateAccuracy",
     "DetectionMetrics",
     "HFParaphraser",
     "MeanNLL",

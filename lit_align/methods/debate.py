@@ -1,0 +1,554 @@
+"""ACC-Debate / ACC-Collab: an actor-critic debate team trained by DPO on partial-trajectory rewards.
+
+Estornell, Ton, Yao, Liu, "ACC-Collab: An Actor-Critic Approach to Multi-Agent LLM Collaboration"
+(arXiv 2411.00053, ICLR 2025); spec: core.md §1.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lit_align.data.qa import QABatch, QAExample
+from lit_align.data.tokenize import _collate_sequences
+from lit_align.debate.pairs import PreferencePair, build_pairs, code_round_ranges, make_candidates
+from lit_align.debate.protocol import DebateTranscript, format_prompt, run_debate
+from lit_align.debate.rewards import RewardState, guided_responses, rollout_reward
+from lit_align.losses.preference import dpo_loss
+from lit_align.metrics.debate import DebateAccuracy
+from lit_align.models import ModelSpec, build_tokenizer
+from lit_align.models.causal_lm import eval_mode
+from lit_align.models.players import PlayerPolicies
+from lit_align.rollout.logps import token_logps
+from lit_align.rollout.sampler import SamplingConfig
+
+__all__ = ["DebateModule"]
+
+PLAYERS = ("actor", "critic")
+
+
+class DebateModule(L.LightningModule):
+    """ACC-Collab (core.md §1): a two-agent debate team, an **actor** that answers with a brief
+    justification and a **critic** that gives feedback, trained by iterative best response with DPO on
+    preference pairs built from guided (off-policy) responses and one-step-rollout rewards.
+
+    The run is a sequence of **phases**, ``iterations`` x ``order`` (1 iteration: ACC-Collab; 2:
+    ACC-Collab+; actor first by default). Each phase belongs to one player and has two stages, driven
+    by the training batches of a :class:`~lit_align.data.qa.QADataModule`:
+
+    1. **generate** (one batch of questions per step, until ``questions_per_phase`` questions): for
+       every question and each of ``trials`` trials a natural debate of ``rounds`` rounds with the
+       current players (:func:`~lit_align.debate.protocol.run_debate`, batched over the questions);
+       for every round used, two guided responses of the phase's player, toward the gold answer and
+       toward a wrong one (a uniformly random wrong option, re-drawn per sample), from the natural
+       context of that round; their rewards, the probability that the debate ends correct when
+       continued from them, by ``k`` one-step rollouts (:func:`~lit_align.debate.rewards.rollout_reward`);
+       and the pairs, under ``pair_rule``:
+
+       * ``paper`` (default): Δy = r(z_y) - r(z) >= ``epsilon`` gives (z_y ≻ z), else Δ!y = r(z) - r(z_!y)
+         >= ``epsilon`` gives (z ≻ z_!y) (the paper's ε is NOT FOUND: a config field);
+       * ``code``: (z_y ≻ z_!y) iff q(z_y) - q(z_!y) >= ``code_threshold`` (0.6), with q the rollout
+         reward, or for the actor its immediate correctness (``actor_quality: correctness``, as released).
+
+       The DPO prompt is always the **natural** prompt of the round (never the guided one; checked).
+    2. **train**: ``dpo_epochs`` passes of DPO (sigmoid loss, ``beta``) over the phase's pairs in
+       minibatches of ``dpo_batch_size``, one optimiser step per training step, on that player only; the
+       reference is the player's frozen starting checkpoint (adapters off, or a frozen copy), its
+       log-probs computed once when the stage starts. The question batches are not used by this stage.
+
+    The critic's rollouts use the **current** actor (``critic_rollout_actor: current``, the paper's
+    best response: after an actor-first phase, the updated actor) or the starting one (``initial``,
+    the released scripts). When the last phase has trained, the module stops the trainer, so set
+    ``trainer.max_epochs`` high enough (or -1) and leave ``max_steps`` at -1.
+
+    Players are LoRA adapters on one base when both specs name it (:class:`~lit_align.models.PlayerPolicies`).
+    Checkpoints hold both players, both optimisers, the phase, the stage and its position, the pair
+    buffer and its reference log-probs, and the sampling seed; every draw is seeded by
+    ``(sample_seed, step, purpose)``, so a resumed run is the uninterrupted one.
+
+    Validation runs a debate of ``rounds`` rounds on the validation questions (seeded draws, the same
+    each time) and logs ``val/accuracy/round_<t>``, ``val/accuracy`` (the last round: the team's
+    answer), ``val/improvement`` ((acc_last - acc_0) / acc_0), ``val/gain``, ``val/right_to_wrong``
+    and ``val/wrong_to_right``; :attr:`val_history` and :attr:`val_transcripts` feed
+    :class:`~lit_align.callbacks.DebateReport` (accuracy by round per validation, sample transcripts).
+    Runs on one device.
+    """
+
+    def __init__(
+        self,
+        actor: ModelSpec,
+        critic: ModelSpec | None = None,
+        share_base: bool = True,
+        reference: Literal["auto", "adapter", "copy"] = "auto",
+        rounds: int = 5,
+        trials: int = 5,
+        k: int = 10,
+        pair_rule: Literal["paper", "code"] = "paper",
+        epsilon: float = 0.5,
+        code_threshold: float = 0.6,
+        actor_quality: Literal["rollout", "correctness"] = "rollout",
+        pair_rounds: Literal["all", "code"] = "all",
+        iterations: int = 1,
+        order: tuple[str, str] = ("actor", "critic"),
+        critic_rollout_actor: Literal["current", "initial"] = "current",
+        questions_per_phase: int | None = None,
+        max_pairs: int | None = 20000,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        max_new_tokens: int = 256,
+        critic_max_new_tokens: int | None = None,
+        max_tries: int = 2,
+        chat_template: bool | None = None,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        dpo_epochs: int = 3,
+        dpo_batch_size: int = 4,
+        max_prompt_tokens: int = 512,
+        max_response_tokens: int = 512,
+        lr: float = 1.41e-5,
+        weight_decay: float = 0.1,
+        optimizer: OptimizerCallable | None = None,
+        reset_optimizer: bool = True,
+        gradient_clip: float | None = 1.0,
+        sample_seed: int | None = None,
+        num_val_transcripts: int = 8,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        """
+        Args:
+            actor: the actor's model (LoRA recommended; its tokenizer is the module's).
+            critic: the critic's model; ``None``: the actor's spec (a second adapter on the same base).
+            share_base: put both players' adapters on one base when their specs name the same base.
+            reference: ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto``; the reference is the
+                player's starting checkpoint (spec §1.7).
+            rounds: debate rounds R (the paper: 5, rounds 0..4).
+            trials: natural debates per question per phase (the code: 5).
+            k: one-step rollouts per reward estimate (the paper's K is NOT FOUND; the critic-data code: 10).
+            pair_rule: ``paper`` (guided vs natural, threshold ``epsilon``) or ``code`` (guided vs guided).
+            epsilon: the paper rule's threshold (NOT FOUND in the paper: a config field).
+            code_threshold: the code rule's threshold (0.6 in the released code).
+            actor_quality: the code rule's actor quality: ``rollout`` (one-step rollouts) or
+                ``correctness`` (the guided answer's own correctness, as released). The paper rule
+                always uses rollouts.
+            pair_rounds: ``all`` rounds, or the released code's ranges (actor 1..R-1, critic 0..R-1).
+            iterations: outer iterations (1: ACC-Collab, 2: ACC-Collab+).
+            order: which player trains first in an iteration (actor first: the figure's order; the
+                paper's is NOT FOUND).
+            critic_rollout_actor: the actor of the critic's rollouts: ``current`` (the paper's best
+                response) or ``initial`` (the released scripts: the starting actor).
+            questions_per_phase: training questions a phase generates on (``None``: the whole training
+                split; the code: 6000).
+            max_pairs: cap on a phase's pairs, a seeded random subset (the code: 20000; ``None``: all).
+            temperature, top_p: sampling of debates, guided responses and rollouts (0.7, 0.9).
+            max_new_tokens: the actor's response cap; ``critic_max_new_tokens`` the critic's (default the same).
+            max_tries: re-samples of an unparseable actor answer (2); then it counts as wrong.
+            chat_template: format prompts with the tokenizer's chat template (``None``: when it has one).
+            beta, label_smoothing: DPO (0.1, 0: TRL's defaults in the code).
+            dpo_epochs, dpo_batch_size: passes over a phase's pairs and pairs per optimiser step (the code:
+                3 epochs; batch 2 x 2 accumulation).
+            max_prompt_tokens, max_response_tokens: DPO truncation (512, 512): prompts lose their start.
+            lr, weight_decay: AdamW when no ``optimizer`` is given (the code: 1.41e-5, 0.1).
+            optimizer: optimiser factory (one per player).
+            reset_optimizer: start each phase with a fresh optimiser state (each released DPO run did).
+            gradient_clip: global-norm clip of each DPO step (None: off).
+            sample_seed: seed of all sampling (``None``: the run's global seed, kept in checkpoints).
+            num_val_transcripts: debates kept from each validation for the transcript table.
+            chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        critic = critic or actor
+        self.specs = {"actor": actor, "critic": critic}
+        for name, value, low in (("rounds", rounds, 1), ("trials", trials, 1), ("k", k, 1), ("iterations", iterations, 1),
+                                 ("dpo_epochs", dpo_epochs, 1), ("dpo_batch_size", dpo_batch_size, 1),
+                                 ("max_tries", max_tries, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"model.{name} must be an int >= {low}, got {value!r}")
+        if pair_rule not in ("paper", "code"):
+            raise ValueError(f"model.pair_rule must be 'paper' or 'code', got {pair_rule!r}")
+        if actor_quality not in ("rollout", "correctness"):
+            raise ValueError(f"model.actor_quality must be 'rollout' or 'correctness', got {actor_quality!r}")
+        if pair_rounds not in ("all", "code"):
+            raise ValueError(f"model.pair_rounds must be 'all' or 'code', got {pair_rounds!r}")
+        if sorted(order) != sorted(PLAYERS):
+            raise ValueError(f"model.order must name 'actor' and 'critic' once each, got {order!r}")
+        if critic_rollout_actor not in ("current", "initial"):
+            raise ValueError(f"model.critic_rollout_actor must be 'current' or 'initial', got {critic_rollout_actor!r}")
+        if not 0.0 <= epsilon <= 1.0 or not 0.0 <= code_threshold <= 1.0:
+            raise ValueError("model.epsilon and model.code_threshold are reward differences in [0, 1]")
+        if questions_per_phase is not None and questions_per_phase < 1:
+            raise ValueError(f"model.questions_per_phase must be >= 1 or null, got {questions_per_phase}")
+        self.automatic_optimization = False  # one optimiser per player, stepped by the phase's player only
+        self.tokenizer = build_tokenizer(actor)
+        self.share_base, self.reference_mode = share_base, reference
+        self.rounds, self.trials, self.k = rounds, trials, k
+        self.pair_rule, self.epsilon, self.code_threshold = pair_rule, epsilon, code_threshold
+        self.actor_quality, self.pair_rounds = actor_quality, pair_rounds
+        self.phases = [(i, p) for i in range(iterations) for p in order]
+        self.critic_rollout_actor, self.questions_per_phase, self.max_pairs = critic_rollout_actor, questions_per_phase, max_pairs
+        self.sampling = {
+            "actor": SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+            "critic": SamplingConfig(max_new_tokens=critic_max_new_tokens or max_new_tokens, temperature=temperature,
+                                     top_p=top_p),
+        }
+        self.max_tries, self.chat_template = max_tries, chat_template
+        self.beta, self.label_smoothing = beta, label_smoothing
+        self.dpo_epochs, self.dpo_batch_size = dpo_epochs, dpo_batch_size
+        self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
+        self.reset_optimizer, self.gradient_clip, self.sample_seed = reset_optimizer, gradient_clip, sample_seed
+        self.num_val_transcripts, self.chunk_tokens = num_val_transcripts, chunk_tokens
+        self.players: PlayerPolicies | None = None
+
+        # pipeline state (all in checkpoints)
+        self.step_count = 0  # training steps taken (seeds every draw)
+        self.phase = 0  # index into self.phases
+        self.stage: Literal["generate", "train", "done"] = "generate"
+        self.questions_done = 0  # questions generated on in this phase
+        self.pairs: list[PreferencePair] = []  # this phase's pairs
+        self.ref_logps: Tensor | None = None  # (N, 2) reference log-probs of (chosen, rejected)
+        self.order_: list[int] = []  # DPO minibatch order over the pairs (dpo_epochs passes)
+        self.position = 0  # next index into order_
+        self.pair_counts: list[int] = []  # pairs made by each finished generate stage
+        self.val_history: list[dict[str, float]] = []
+        self.val_transcripts: list[dict[str, Any]] = []
+        self._val_accuracy = DebateAccuracy(rounds)
+        self._val_buffer: list[DebateTranscript] = []
+
+    # -- building ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.players is not None:
+            return
+        if self.device_mesh is not None:
+            raise NotImplementedError("DebateModule runs on one device for now; drop the ModelParallelStrategy")
+        self.players = PlayerPolicies(self.specs, self.tokenizer, share_base=self.share_base,
+                                      reference=self.reference_mode)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise NotImplementedError("DebateModule runs on one device for now (each rank would build its own pair "
+                                      "buffer): set trainer.devices: 1")
+        if self.sample_seed is None:
+            self.sample_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
+
+    def configure_optimizers(self):
+        optimizers = []
+        for player in PLAYERS:
+            params = list(self.players.trainable(player).values())
+            if not params:
+                raise ValueError(f"the {player} has no trainable parameters (check model.{player}.lora.target_modules)")
+            optimizers.append(self.optimizer_factory(params))
+        return optimizers
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.players is not None:
+            for module in self.players.references.values():
+                module.eval()
+        return self
+
+    # -- agents --------------------------------------------------------------------------------
+    def agent(self, player: str):
+        """The protocol's agent for ``player``: a context factory activating its adapter."""
+        return lambda: self.players.acting(player)
+
+    def _initial_agent(self, player: str):
+        @contextmanager
+        def initial() -> Iterator[nn.Module]:
+            with self.players.acting(player) as policy:
+                model, context = self.players.reference(player, policy)
+                with context() if context is not None else nullcontext():
+                    yield model
+        return initial
+
+    def _generator(self, salt: int, step: int | None = None) -> torch.Generator:
+        step = self.step_count if step is None else step
+        return torch.Generator(device=self.device).manual_seed(self.sample_seed * 1_000_003 + step * 16 + salt)
+
+    def _rng(self, salt: int) -> random.Random:
+        return random.Random(self.sample_seed * 1_000_003 + self.step_count * 16 + salt)
+
+    @property
+    def current(self) -> tuple[int, str] | None:
+        """(iteration, player) of the current phase; ``None`` when every phase is done."""
+        return self.phases[self.phase] if self.phase < len(self.phases) else None
+
+    # -- generate ------------------------------------------------------------------------------
+    def _pairs_for(self, player: str, examples: list[QAExample]) -> tuple[list[PreferencePair], dict[str, float]]:
+        """Natural debates, guided responses, rollout rewards and pairs for ``player`` on ``examples``."""
+        actor, critic = self.agent("actor"), self.agent("critic")
+        rollout_actor = actor if player == "actor" or self.critic_rollout_actor == "current" else self._initial_agent("actor")
+        common = dict(chat_template=self.chat_template)
+        rounds = code_round_ranges(self.rounds)[player] if self.pair_rounds == "code" else range(self.rounds)
+        pairs: list[PreferencePair] = []
+        stats = {"natural_accuracy": 0.0, "candidates": 0.0}
+        for trial in range(self.trials):
+            generator, rng = self._generator(trial), self._rng(trial)
+            transcripts = run_debate(actor, critic, self.tokenizer, examples, self.rounds, self.sampling["actor"],
+                                     critic_sampling=self.sampling["critic"], generator=generator,
+                                     max_tries=self.max_tries, **common)
+            stats["natural_accuracy"] += sum(t.final_correct for t in transcripts) / len(transcripts) / self.trials
+            for t in rounds:
+                # the released code keeps the natural critic response as trial 0's "guided" ones (its pairs
+                # are then filtered as identical); against the natural response (paper rule) that is no pair
+                keep_natural = self.pair_rule == "code"
+                guided = {target: guided_responses(self.agent(player), self.tokenizer, transcripts, t, player, target,
+                                                   trial, self.sampling[player], generator=generator, rng=rng,
+                                                   natural_critic_at_trial0=keep_natural, **common)
+                          for target in ("correct", "wrong")}
+                rewards = self._rewards(player, transcripts, t, guided, rollout_actor, critic, generator)
+                candidates = make_candidates(transcripts, guided["correct"], guided["wrong"], rewards["toward"],
+                                             rewards["away"], rewards.get("natural"))
+                stats["candidates"] += len(candidates)
+                pairs += build_pairs(candidates, self.pair_rule, epsilon=self.epsilon, threshold=self.code_threshold)
+        return pairs, stats
+
+    def _rewards(self, player: str, transcripts: list[DebateTranscript], t: int, guided: dict, rollout_actor, critic,
+                 generator: torch.Generator) -> dict[str, list[float]]:
+        """Rewards of the natural, toward and away responses at round ``t`` (one batched rollout call)."""
+        if self.pair_rule == "code" and player == "actor" and self.actor_quality == "correctness":
+            return {kind: [float(g.correct) for g in guided[target]] for kind, target in
+                    (("toward", "correct"), ("away", "wrong"))}
+        kinds = ["toward", "away"] + (["natural"] if self.pair_rule == "paper" else [])
+        states = []
+        for kind in kinds:
+            for i, tr in enumerate(transcripts):
+                turn = tr.turns[t]
+                if kind == "natural":
+                    response = turn.actor_response if player == "actor" else turn.critic_response
+                else:
+                    response = guided["correct" if kind == "toward" else "wrong"][i].response
+                if player == "actor":
+                    states.append(RewardState(tr.example, t, actor_response=response))
+                else:
+                    states.append(RewardState(tr.example, t, actor_response=turn.actor_response, critic_response=response))
+        values = rollout_reward(rollout_actor, critic, self.tokenizer, states, k=self.k, rounds=self.rounds,
+                                sampling=self.sampling["actor"], critic_sampling=self.sampling["critic"],
+                                generator=generator, max_tries=self.max_tries, chat_template=self.chat_template)
+        n = len(transcripts)
+        return {kind: values[j * n:(j + 1) * n] for j, kind in enumerate(kinds)}
+
+    def _phase_questions(self) -> int:
+        total = len(self.trainer.datamodule.examples("train"))
+        return min(self.questions_per_phase or total, total)
+
+    # -- DPO -----------------------------------------------------------------------------------
+    def _pair_batch(self, pairs: list[PreferencePair]):
+        """Right-padded (prompt + chosen) and (prompt + rejected) rows, ``loss_mask`` on the responses."""
+        eos = self.tokenizer.eos_token_id
+        rows, index = [], []
+        for i, pair in enumerate(pairs):
+            prompt = format_prompt(self.tokenizer, pair.prompt, self.chat_template)[-self.max_prompt_tokens:]
+            for response in (pair.chosen, pair.rejected):
+                ids = self.tokenizer(response, add_special_tokens=False)["input_ids"][: self.max_response_tokens - 1]
+                rows.append((prompt, ids + [eos]))
+                index.append(i)
+        batch = _collate_sequences(rows, index, self.tokenizer.pad_token_id)
+        return batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.loss_mask.to(self.device)
+
+    def _sequence_logps(self, model: nn.Module, pairs: list[PreferencePair]) -> Tensor:
+        """(N, 2) summed log-probs of (chosen, rejected) under ``model``."""
+        ids, mask, loss_mask = self._pair_batch(pairs)
+        logps = token_logps(model, ids, mask, loss_mask, chunk_tokens=self.chunk_tokens)
+        return logps.logps.mul(logps.mask).sum(-1).view(-1, 2)
+
+    @torch.no_grad()
+    def _reference_logps(self, player: str) -> Tensor:
+        out = []
+        with self.players.acting(player) as policy:
+            model, context = self.players.reference(player, policy)
+            with context() if context is not None else nullcontext(), eval_mode(model):
+                for start in range(0, len(self.pairs), self.dpo_batch_size):
+                    out.append(self._sequence_logps(model, self.pairs[start:start + self.dpo_batch_size]).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, 2)
+
+    def _start_training(self, player: str) -> None:
+        """End of a generate stage: cap the pairs, score the reference once, fix the DPO order."""
+        rng = self._rng(9)
+        if self.max_pairs is not None and len(self.pairs) > self.max_pairs:
+            self.pairs = rng.sample(self.pairs, self.max_pairs)
+        self.pair_counts.append(len(self.pairs))
+        if not self.pairs:
+            rank_zero_warn(f"phase {self.phase} ({player}): no preference pair passed the threshold; the phase trains "
+                           "nothing (lower model.epsilon / model.code_threshold, or raise trials, k, or questions)")
+            self._next_phase()
+            return
+        self.ref_logps = self._reference_logps(player)
+        self.order_ = []
+        for _ in range(self.dpo_epochs):
+            epoch = list(range(len(self.pairs)))
+            rng.shuffle(epoch)
+            self.order_ += epoch
+        self.position, self.stage = 0, "train"
+
+    def _next_phase(self) -> None:
+        self.phase += 1
+        self.pairs, self.ref_logps, self.order_, self.position, self.questions_done = [], None, [], 0, 0
+        self.stage = "generate" if self.phase < len(self.phases) else "done"
+        if self.reset_optimizer and self.stage != "done" and self._trainer is not None:
+            for optimizer in self.optimizers():
+                getattr(optimizer, "optimizer", optimizer).state.clear()
+
+    def _dpo_step(self, player: str) -> dict[str, Tensor]:
+        rows = self.order_[self.position:self.position + self.dpo_batch_size]
+        self.position += len(rows)
+        pairs = [self.pairs[i] for i in rows]
+        ref = self.ref_logps[rows].to(self.device)
+        optimizer = self.optimizers()[PLAYERS.index(player)]
+        with self.players.acting(player) as policy:
+            logps = self._sequence_logps(policy, pairs)
+            loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
+                                     label_smoothing=self.label_smoothing)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if self.gradient_clip:
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+        if self.position >= len(self.order_):
+            self._next_phase()
+        return {"loss": loss.detach(), **metrics}
+
+    # -- the step ------------------------------------------------------------------------------
+    def training_step(self, batch: QABatch, batch_idx: int) -> None:
+        if self.stage == "done":
+            self.trainer.should_stop = True
+            return
+        iteration, player = self.current
+        start = time.perf_counter()
+        metrics: dict[str, Tensor | float] = {"phase": float(self.phase), "iteration": float(iteration)}
+        if self.stage == "generate":
+            examples = list(batch.examples)[: self._phase_questions() - self.questions_done]
+            pairs, stats = self._pairs_for(player, examples)
+            self.pairs += pairs
+            self.questions_done += len(examples)
+            metrics.update({f"{player}/new_pairs": float(len(pairs)), f"{player}/pairs": float(len(self.pairs)),
+                            f"{player}/natural_accuracy": stats["natural_accuracy"],
+                            "time/generate": time.perf_counter() - start})
+            if self.questions_done >= self._phase_questions():
+                t0 = time.perf_counter()
+                self._start_training(player)
+                metrics["time/reference"] = time.perf_counter() - t0
+        else:
+            metrics.update({f"{player}/{k}": v for k, v in self._dpo_step(player).items()})
+            metrics["time/dpo"] = time.perf_counter() - start
+        self.step_count += 1
+        if self.stage == "done":
+            self.trainer.should_stop = True
+        for key, value in metrics.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=len(batch),
+                     prog_bar=key.endswith("/loss"))
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_step(self, batch: QABatch, batch_idx: int) -> None:
+        """A seeded debate on the validation questions: accuracy after each round."""
+        transcripts = run_debate(self.agent("actor"), self.agent("critic"), self.tokenizer, list(batch.examples),
+                                 self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
+                                 generator=self._generator(3, step=1_000_000 + batch_idx), max_tries=self.max_tries,
+                                 chat_template=self.chat_template)
+        correct = torch.tensor([tr.correct_by_round for tr in transcripts], dtype=torch.bool)
+        self._val_accuracy.update(correct)
+        self._val_buffer.extend(transcripts[: max(0, self.num_val_transcripts - len(self._val_buffer))])
+
+    def test_step(self, batch: QABatch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_val()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_val()
+
+    def _reset_val(self) -> None:
+        with torch.inference_mode(False):  # states made outside inference mode stay usable by fit's validation
+            self._val_accuracy = DebateAccuracy(self.rounds).to(self.device)
+        self._val_buffer = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def _end_eval(self, stage: str) -> None:
+        if self._val_accuracy.update_count == 0:
+            return
+        values = {k: float(v) for k, v in self._val_accuracy.compute().items()}
+        row = {f"accuracy/{k}" if k.startswith("round_") else k: v for k, v in values.items()}
+        row["accuracy"] = values[f"round_{self.rounds - 1}"]
+        for key, value in row.items():
+            self.log(f"{stage}/{key}", value, sync_dist=False, prog_bar=key == "accuracy")
+        if stage == "val":
+            label = "done" if self.current is None else f"{self.current[1]} {self.stage}"
+            if self.val_history and self.val_history[-1]["step"] == self.step_count:
+                self.val_history.pop()
+            self.val_history.append({"step": float(self.step_count), "phase": float(self.phase), **row,
+                                     "label": label})
+            self.val_transcripts = [_transcript_row(tr) for tr in self._val_buffer]
+
+    def predict_step(self, batch: QABatch, batch_idx: int) -> list[dict[str, Any]]:
+        """One debate per question (``lit-align predict``): the rounds' answers and the final one."""
+        transcripts = run_debate(self.agent("actor"), self.agent("critic"), self.tokenizer, list(batch.examples),
+                                 self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
+                                 generator=self._generator(4, step=2_000_000 + batch_idx), max_tries=self.max_tries,
+                                 chat_template=self.chat_template)
+        return [{"prompt": tr.example.question, "completion": tr.turns[-1].actor_response,
+                 "answers": [t.answer for t in tr.turns], "correct": tr.final_correct} for tr in transcripts]
+
+    def export_policy(self) -> nn.Module:
+        """What :class:`~lit_align.callbacks.HFExport` writes: the actor (the team's answerer)."""
+        return self.players.export("actor")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Without frozen reference copies (rebuilt from the specs)."""
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith("players.references.")]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        own = {k: v for k, v in super().state_dict().items() if k.startswith("players.references.")}
+        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["debate"] = {
+            "step_count": self.step_count, "phase": self.phase, "stage": self.stage, "sample_seed": self.sample_seed,
+            "questions_done": self.questions_done, "pairs": [asdict(p) for p in self.pairs],
+            "ref_logps": self.ref_logps, "order": list(self.order_), "position": self.position,
+            "pair_counts": list(self.pair_counts), "val_history": self.val_history,
+            "val_transcripts": self.val_transcripts,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("debate")
+        if state is None:
+            return
+        self.step_count, self.phase, self.stage = state["step_count"], state["phase"], state["stage"]
+        self.sample_seed, self.questions_done = state["sample_seed"], state["questions_done"]
+        self.pairs = [PreferencePair(**p) for p in state["pairs"]]
+        self.ref_logps, self.order_, self.position = state["ref_logps"], list(state["order"]), state["position"]
+        self.pair_counts, self.val_history = list(state["pair_counts"]), state["val_history"]
+        self.val_transcripts = state["val_transcripts"]
+
+
+def _transcript_row(tr: DebateTranscript) -> dict[str, Any]:
+    """A flat row of a transcript for tables."""
+    row: dict[str, Any] = {"question": tr.example.question, "gold": tr.example.answer}
+    for turn in tr.turns:
+        row[f"actor_{turn.round}"] = turn.actor_response
+        row[f"answer_{turn.round}"] = turn.answer
+        row[f"critic_{turn.round}"] = turn.critic_response
+    row["final_correct"] = tr.final_correct
+    return row

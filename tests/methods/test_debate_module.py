@@ -1,0 +1,152 @@
+"""DebateModule mechanics on tiny random models: the phase pipeline (generate -> pairs -> DPO) for both
+players, alternation (spec §1.13 item 5: the other player's weights do not move), DPO starting at log 2,
+natural DPO prompts, accuracy by round, exact resume mid-phase, and bad configuration."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lit_align.data.qa import QADataModule
+from lit_align.data.records import DataSource
+from lit_align.debate.protocol import HINT_PREFIX
+from lit_align.methods import DebateModule
+from lit_align.models import LoRASpec, ModelSpec, TinyArch
+
+TINY = TinyArch(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+def _module(**kwargs) -> DebateModule:
+    args = dict(actor=ModelSpec(tiny=TINY, lora=LoRASpec(r=4, alpha=8)), rounds=2, trials=1, k=2, max_new_tokens=6,
+                questions_per_phase=4, dpo_epochs=1, dpo_batch_size=2, epsilon=0.0, lr=1e-2, chat_template=False)
+    args.update(kwargs)
+    return DebateModule(**args)
+
+
+def _data() -> QADataModule:
+    return QADataModule(train=DataSource(path="builtin:tiny_qa"), val=DataSource(path="builtin:tiny_qa/val", limit=4),
+                        batch_size=4)
+
+
+def _trainer(root, callbacks=(), **kwargs) -> L.Trainer:
+    args = dict(max_epochs=-1, max_steps=-1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                callbacks=list(callbacks), num_sanity_val_steps=0)
+    args.update(kwargs)
+    return L.Trainer(**args)
+
+
+class _Record(L.Callback):
+    """Per step: the phase's player, its stage, and which players' trainable weights changed."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, str, set[str]]] = []
+
+    @staticmethod
+    def _weights(module: DebateModule) -> dict[str, dict[str, torch.Tensor]]:
+        return {p: {n: t.detach().clone() for n, t in module.players.trainable(p).items()} for p in ("actor", "critic")}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._before = self._weights(module)
+        self._where = (module.current[1] if module.current else "done", module.stage)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        after = self._weights(module)
+        changed = {p for p in after if any(not torch.equal(t, self._before[p][n]) for n, t in after[p].items())}
+        self.steps.append((*self._where, changed))
+
+
+def test_phases_build_pairs_and_train_only_their_player(tmp_path):
+    L.seed_everything(0)
+    record = _Record()
+    module = _module()
+    trainer = _trainer(tmp_path, [record])
+    trainer.fit(module, _data())
+    assert module.stage == "done" and trainer.should_stop
+    assert len(module.pair_counts) == 2 and all(n > 0 for n in module.pair_counts)  # both players got pairs
+    generate = [s for s in record.steps if s[1] == "generate"]
+    train = [s for s in record.steps if s[1] == "train"]
+    assert all(changed == set() for *_, changed in generate)  # generating never moves weights
+    assert train and all(changed == {player} for player, _, changed in train)  # alternation (§1.13 item 5)
+    assert {player for player, *_ in train} == {"actor", "critic"}
+    assert [p for p, *_ in record.steps] == sorted([p for p, *_ in record.steps], key=("actor", "critic").index)
+
+
+def test_dpo_starts_at_log_two_and_prompts_are_natural(tmp_path):
+    """LoRA B starts at 0: the first DPO loss of a phase is log 2 (policy == reference); no stored DPO prompt
+    carries the guided hint (spec §1.13 item 2)."""
+    L.seed_everything(0)
+
+    class FirstLoss(L.Callback):
+        losses: list[float] = []
+        prompts: list[str] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if "train/actor/loss" in trainer.callback_metrics and not self.losses:
+                self.losses.append(float(trainer.callback_metrics["train/actor/loss"]))
+            self.prompts += [p.prompt for p in module.pairs]
+
+    first = FirstLoss()
+    module = _module(iterations=1, order=("actor", "critic"))
+    _trainer(tmp_path, [first]).fit(module, _data())
+    assert first.losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert first.prompts and not any(HINT_PREFIX in p for p in first.prompts)
+
+
+def test_validation_logs_accuracy_for_every_round(tmp_path):
+    L.seed_everything(0)
+    module = _module(rounds=3)
+    trainer = _trainer(tmp_path, limit_val_batches=1, num_sanity_val_steps=-1)
+    trainer.validate(module, _data())
+    metrics = trainer.callback_metrics
+    for t in range(3):
+        assert f"val/accuracy/round_{t}" in metrics
+    for key in ("val/accuracy", "val/improvement", "val/gain", "val/right_to_wrong", "val/wrong_to_right"):
+        assert key in metrics
+    assert len(module.val_history) == 1 and len(module.val_transcripts) == 4
+    assert set(module.val_transcripts[0]) >= {"question", "gold", "actor_0", "answer_2", "critic_1", "final_correct"}
+
+
+class _StopAfter(L.Callback):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.step_count >= self.n:
+            trainer.should_stop = True
+
+
+def _fit(root, stop: int | None = None, ckpt_path=None) -> DebateModule:
+    L.seed_everything(0)
+    module = _module(dpo_epochs=2)
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=-1)]
+    if stop is not None:
+        callbacks.append(_StopAfter(stop))
+    _trainer(root, callbacks, enable_checkpointing=True).fit(module, _data(), ckpt_path=ckpt_path)
+    return module
+
+
+def test_resume_is_exact_in_the_middle_of_a_phase(tmp_path):
+    """Stop inside the actor's DPO stage (pairs, reference log-probs and DPO order in the checkpoint),
+    resume, and end where the uninterrupted run ends: weights, optimisers, pairs."""
+    straight = _fit(tmp_path / "a")
+    _fit(tmp_path / "b", stop=3)  # 1 generate step (4 questions), then 2 DPO steps of the actor
+    resumed = _fit(tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert resumed.step_count == straight.step_count and resumed.pair_counts == straight.pair_counts
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"order": ("actor", "actor")}, "model.order"),
+    ({"pair_rule": "both"}, "model.pair_rule"),
+    ({"epsilon": 1.5}, "model.epsilon"),
+    ({"k": 0}, "model.k"),
+    ({"critic_rollout_actor": "best"}, "model.critic_rollout_actor"),
+])
+def test_bad_configuration_names_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _module(**kwargs)
