@@ -6,7 +6,8 @@ allocator state leak into the next):
 * ``benchmarks/generate.py``: lit_align's KV-cache sampler vs HF ``generate`` (tokens/s);
 * ``benchmarks/logps_memory.py``: chunked log-probs vs full logits (peak memory, time);
 * ``benchmarks/dpo_step.py``: a DPO optimiser step, lit_align vs TRL vs a hand-written loop;
-* ``benchmarks/wagle.py``, ``kgw.py``, ``watermark_step.py``, ``game_step.py``: method-specific costs.
+* ``benchmarks/wagle.py``, ``kgw.py``, ``watermark_step.py``, ``game_step.py``, ``debate_step.py``:
+  method-specific costs.
 
 Each prints one JSON line (the last line starting with ``{`` that has a ``"bench"`` key is
 taken). ``results.json`` holds those lines, the date, the versions of the libraries involved and
@@ -49,6 +50,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "kgw": ("kgw.py", [], ["--repeats", "3", "--warmup", "1"]),
     "watermark_step": ("watermark_step.py", [], ["--steps", "8", "--warmup", "2"]),
     "game_step": ("game_step.py", [], ["--steps", "6", "--warmup", "1", "--skip-memory"]),
+    "debate_step": ("debate_step.py", [], ["--generate", "1", "--dpo", "2"]),
 }
 PACKAGES = ("torch", "transformers", "trl", "lightning", "peft", "datasets", "lit_align")
 
@@ -199,6 +201,13 @@ def rows(results: dict[str, dict]) -> list[dict]:
             add("game_step", "game training, peak RSS, MiB (same)", gs.get("shared_peak_mb"),
                 "a base and a reference copy per player", gs.get("copy_peak_mb"), gs.get("peak_ratio_shared_vs_copy"),
                 "<=", 0.6, " MiB")
+    ds = results.get("debate_step", {})
+    if "error" not in ds and ds:
+        add("debate_step", f"ACC-Debate generate step, ms (tiny setup: 16 questions x {ds.get('trials')} trials x "
+            f"{ds.get('rounds')} rounds, K = {ds.get('k')}; reward estimation {ds.get('rewards_share')} of it)",
+            ds.get("generate_step_ms"), "report only", None, None, "<=", 1.0, " ms")
+        add("debate_step", "one-step rollouts for rewards, per second (batched: one sampler call per role per round)",
+            ds.get("rollouts_per_s"), "report only", None, None, ">=", 1.0, " rollouts/s")
     for name, r in results.items():
         if "error" in r:
             out.append({"benchmark": name, "what": "failed (see results.json)", "lit_align": None, "peer_name": "",

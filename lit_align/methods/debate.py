@@ -225,6 +225,7 @@ class DebateModule(L.LightningModule):
         self.val_transcripts: list[dict[str, Any]] = []
         self._val_accuracy = DebateAccuracy(rounds)
         self._val_buffer: list[DebateTranscript] = []
+        self.last_step_metrics: dict[str, float] = {}  # what the last training step logged (benchmarks)
 
     # -- building ------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -292,14 +293,18 @@ class DebateModule(L.LightningModule):
         common = dict(chat_template=self.chat_template)
         rounds = code_round_ranges(self.rounds)[player] if self.pair_rounds == "code" else range(self.rounds)
         pairs: list[PreferencePair] = []
-        stats = {"natural_accuracy": 0.0, "candidates": 0.0}
+        stats = {"natural_accuracy": 0.0, "candidates": 0.0, "rollouts": 0.0, "time/debate": 0.0, "time/guided": 0.0,
+                 "time/rewards": 0.0}
         for trial in range(self.trials):
             generator, rng = self._generator(trial), self._rng(trial)
+            start = time.perf_counter()
             transcripts = run_debate(actor, critic, self.tokenizer, examples, self.rounds, self.sampling["actor"],
                                      critic_sampling=self.sampling["critic"], generator=generator,
                                      max_tries=self.max_tries, **common)
             stats["natural_accuracy"] += sum(t.final_correct for t in transcripts) / len(transcripts) / self.trials
+            stats["time/debate"] += time.perf_counter() - start
             for t in rounds:
+                start = time.perf_counter()
                 # the released code keeps the natural critic response as trial 0's "guided" ones (its pairs
                 # are then filtered as identical); against the natural response (paper rule) that is no pair
                 keep_natural = self.pair_rule == "code"
@@ -307,7 +312,11 @@ class DebateModule(L.LightningModule):
                                                    trial, self.sampling[player], generator=generator, rng=rng,
                                                    natural_critic_at_trial0=keep_natural, **common)
                           for target in ("correct", "wrong")}
+                stats["time/guided"] += time.perf_counter() - start
+                start = time.perf_counter()
                 rewards = self._rewards(player, transcripts, t, guided, rollout_actor, critic, generator)
+                stats["time/rewards"] += time.perf_counter() - start
+                stats["rollouts"] += rewards.pop("rollouts", 0.0)
                 candidates = make_candidates(transcripts, guided["correct"], guided["wrong"], rewards["toward"],
                                              rewards["away"], rewards.get("natural"))
                 stats["candidates"] += len(candidates)
@@ -337,7 +346,9 @@ class DebateModule(L.LightningModule):
                                 sampling=self.sampling["actor"], critic_sampling=self.sampling["critic"],
                                 generator=generator, max_tries=self.max_tries, chat_template=self.chat_template)
         n = len(transcripts)
-        return {kind: values[j * n:(j + 1) * n] for j, kind in enumerate(kinds)}
+        out: dict[str, Any] = {kind: values[j * n:(j + 1) * n] for j, kind in enumerate(kinds)}
+        out["rollouts"] = float(self.k * sum(s.critic_response is not None or s.round < self.rounds - 1 for s in states))
+        return out
 
     def _phase_questions(self) -> int:
         total = len(self.trainer.datamodule.examples("train"))
@@ -434,7 +445,9 @@ class DebateModule(L.LightningModule):
             self.questions_done += len(examples)
             metrics.update({f"{player}/new_pairs": float(len(pairs)), f"{player}/pairs": float(len(self.pairs)),
                             f"{player}/natural_accuracy": stats["natural_accuracy"],
-                            "time/generate": time.perf_counter() - start})
+                            "time/generate": time.perf_counter() - start,
+                            **{k: v for k, v in stats.items() if k.startswith("time/")},
+                            "rollouts": stats["rollouts"]})
             if self.questions_done >= self._phase_questions():
                 t0 = time.perf_counter()
                 self._start_training(player)
@@ -443,6 +456,7 @@ class DebateModule(L.LightningModule):
             metrics.update({f"{player}/{k}": v for k, v in self._dpo_step(player).items()})
             metrics["time/dpo"] = time.perf_counter() - start
         self.step_count += 1
+        self.last_step_metrics = {k: float(v) for k, v in metrics.items()}
         if self.stage == "done":
             self.trainer.should_stop = True
         for key, value in metrics.items():
@@ -498,13 +512,13 @@ class DebateModule(L.LightningModule):
             self.val_transcripts = [_transcript_row(tr) for tr in self._val_buffer]
 
     def predict_step(self, batch: QABatch, batch_idx: int) -> list[dict[str, Any]]:
-        """One debate per question (``lit-align predict``): the rounds' answers and the final one."""
+        """One debate per question (``lit-align predict``): ``{prompt: question, completion: the actor's
+        final response}``, as every method's predictions."""
         transcripts = run_debate(self.agent("actor"), self.agent("critic"), self.tokenizer, list(batch.examples),
                                  self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
                                  generator=self._generator(4, step=2_000_000 + batch_idx), max_tries=self.max_tries,
                                  chat_template=self.chat_template)
-        return [{"prompt": tr.example.question, "completion": tr.turns[-1].actor_response,
-                 "answers": [t.answer for t in tr.turns], "correct": tr.final_correct} for tr in transcripts]
+        return [{"prompt": tr.example.question, "completion": tr.turns[-1].actor_response} for tr in transcripts]
 
     def export_policy(self) -> nn.Module:
         """What :class:`~lit_align.callbacks.HFExport` writes: the actor (the team's answerer)."""
