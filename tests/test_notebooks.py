@@ -24,6 +24,7 @@ CELL_TIMEOUT_S = 300
 KERNEL_NAME = "lit-align-test-python"
 RESULT_MARKER = "QUICKSTART_RESULT "
 GAME_MARKER = "GAME_RESULT "
+DEBATE_MARKER = "DEBATE_RESULT "
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -74,6 +75,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_UNLEARNING_OUT", str(tmp_path / "unlearning"))
     monkeypatch.setenv("LIT_ALIGN_WATERMARK_OUT", str(tmp_path / "watermark"))
     monkeypatch.setenv("LIT_ALIGN_GAME_OUT", str(tmp_path / "game"))
+    monkeypatch.setenv("LIT_ALIGN_DEBATE_OUT", str(tmp_path / "debate"))
     before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
 
     nb = nbformat.read(path, as_version=4)
@@ -112,3 +114,12 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         assert result["updates"]["defender"] > 0 and result["updates"]["attacker"] > 0, result
         assert result["averaged_weights"] == ["attacker.pt", "defender.pt"], result
         assert result["matching_pennies"]["gap_avg"] < 0.05 < 1.0 < result["matching_pennies"]["gap_last"], result
+
+    if path.name == "05_debate.ipynb":
+        lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(DEBATE_MARKER)]
+        assert lines, "the debate notebook's last code cell prints a DEBATE_RESULT line"
+        result = json.loads(lines[-1][len(DEBATE_MARKER):])
+        assert Path(result["plot_png"]).is_file() and Path(result["plot_png"]).parent == tmp_path / "debate"
+        assert result["pair_counts"]["actor"] > 0 and result["pair_counts"]["critic"] > 0, result
+        for when in ("before", "after"):
+            assert len(result["accuracy_by_round"][when]) == result["rounds"], result

@@ -471,7 +471,7 @@ class DebateModule(L.LightningModule):
                                  self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
                                  generator=self._generator(3, step=1_000_000 + batch_idx), max_tries=self.max_tries,
                                  chat_template=self.chat_template)
-        correct = torch.tensor([tr.correct_by_round for tr in transcripts], dtype=torch.bool)
+        correct = torch.tensor([tr.correct_by_round for tr in transcripts], dtype=torch.bool, device=self.device)
         self._val_accuracy.update(correct)
         self._val_buffer.extend(transcripts[: max(0, self.num_val_transcripts - len(self._val_buffer))])
 

@@ -227,7 +227,9 @@ class AdversarialGameModule(L.LightningModule):
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["judge"] if judge is not None and not isinstance(judge, JudgeSpec) else None)
+        modules = [name for name, value in (("judge", judge), ("eval_judge", eval_judge))
+                   if value is not None and not isinstance(value, JudgeSpec)]
+        self.save_hyperparameters(ignore=modules or None)  # judge objects are rebuilt by the caller, not pickled
         attacker = attacker or defender
         self.specs = {"defender": defender, "attacker": attacker}
         for name in ("attacker_max_new_tokens", "defender_max_new_tokens", "ppo_epochs"):
