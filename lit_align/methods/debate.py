@@ -64,13 +64,23 @@ class DebateModule(L.LightningModule):
        The DPO prompt is always the **natural** prompt of the round (never the guided one; checked).
     2. **train**: ``dpo_epochs`` passes of DPO (sigmoid loss, ``beta``) over the phase's pairs in
        minibatches of ``dpo_batch_size``, one optimiser step per training step, on that player only; the
-       reference is the player's frozen starting checkpoint (adapters off, or a frozen copy), its
-       log-probs computed once when the stage starts. The question batches are not used by this stage.
+       reference is the player as it starts this DPO run (spec §1.7; in iteration 2, the iteration-1
+       player), its log-probs computed once when the stage starts, so no frozen copy is kept. The
+       question batches are not used by this stage; in the generate stage they only pace it: every phase
+       generates on the same questions (the first ``questions_per_phase`` of a seeded permutation of the
+       training split).
 
-    The critic's rollouts use the **current** actor (``critic_rollout_actor: current``, the paper's
-    best response: after an actor-first phase, the updated actor) or the starting one (``initial``,
-    the released scripts). When the last phase has trained, the module stops the trainer, so set
+    The critic's data comes from the **current** actor (``critic_rollout_actor: current``, the paper's
+    best response: after an actor-first phase, the updated actor) or from the starting checkpoint
+    (``initial``, the released scripts: the base with adapters off, for the critic phase's natural
+    debates and rollouts). When the last phase has trained, the module stops the trainer, so set
     ``trainer.max_epochs`` high enough (or -1) and leave ``max_steps`` at -1.
+
+    Rewards of a last-round critic response are the correctness of one more actor answer (a round past
+    the debate), as in the released code. Lightning counts optimiser steps only, so ``global_step`` and
+    step-based checkpointing do not advance in generate stages: a checkpoint is written in DPO stages
+    (``ModelCheckpoint(every_n_train_steps=...)``), and a run resumed from one regenerates the data of the
+    following generate stage exactly (seeded), at the cost of its time.
 
     Players are LoRA adapters on one base when both specs name it (:class:`~lit_align.models.PlayerPolicies`).
     Checkpoints hold both players, both optimisers, the phase, the stage and its position, the pair
@@ -130,8 +140,9 @@ class DebateModule(L.LightningModule):
             actor: the actor's model (LoRA recommended; its tokenizer is the module's).
             critic: the critic's model; ``None``: the actor's spec (a second adapter on the same base).
             share_base: put both players' adapters on one base when their specs name the same base.
-            reference: ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto``; the reference is the
-                player's starting checkpoint (spec §1.7).
+            reference: how the starting checkpoint is kept for ``critic_rollout_actor: initial``:
+                ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto``. The DPO reference is scored once
+                from the player at the start of each DPO run.
             rounds: debate rounds R (the paper: 5, rounds 0..4).
             trials: natural debates per question per phase (the code: 5).
             k: one-step rollouts per reward estimate (the paper's K is NOT FOUND; the critic-data code: 10).
@@ -145,8 +156,8 @@ class DebateModule(L.LightningModule):
             iterations: outer iterations (1: ACC-Collab, 2: ACC-Collab+).
             order: which player trains first in an iteration (actor first: the figure's order; the
                 paper's is NOT FOUND).
-            critic_rollout_actor: the actor of the critic's rollouts: ``current`` (the paper's best
-                response) or ``initial`` (the released scripts: the starting actor).
+            critic_rollout_actor: the actor of the critic phase's debates and rollouts: ``current`` (the
+                paper's best response) or ``initial`` (the released scripts: the starting checkpoint).
             questions_per_phase: training questions a phase generates on (``None``: the whole training
                 split; the code: 6000).
             max_pairs: cap on a phase's pairs, a seeded random subset (the code: 20000; ``None``: all).
@@ -218,8 +229,8 @@ class DebateModule(L.LightningModule):
         self.questions_done = 0  # questions generated on in this phase
         self.pairs: list[PreferencePair] = []  # this phase's pairs
         self.ref_logps: Tensor | None = None  # (N, 2) reference log-probs of (chosen, rejected)
-        self.order_: list[int] = []  # DPO minibatch order over the pairs (dpo_epochs passes)
-        self.position = 0  # next index into order_
+        self.order_: list[list[int]] = []  # DPO minibatches (pair indices), dpo_epochs passes
+        self.position = 0  # next minibatch
         self.pair_counts: list[int] = []  # pairs made by each finished generate stage
         self.val_history: list[dict[str, float]] = []
         self.val_transcripts: list[dict[str, Any]] = []
@@ -273,12 +284,18 @@ class DebateModule(L.LightningModule):
                     yield model
         return initial
 
-    def _generator(self, salt: int, step: int | None = None) -> torch.Generator:
-        step = self.step_count if step is None else step
-        return torch.Generator(device=self.device).manual_seed(self.sample_seed * 1_000_003 + step * 16 + salt)
+    #: purposes of the seeded draws (trials use 0 .. _TRIALS - 1): disjoint, so no two draws share a seed
+    _TRIALS, _ORDER, _VAL, _PREDICT, _QUESTIONS = 1 << 20, (1 << 20) + 1, (1 << 20) + 2, (1 << 20) + 3, (1 << 20) + 4
 
-    def _rng(self, salt: int) -> random.Random:
-        return random.Random(self.sample_seed * 1_000_003 + self.step_count * 16 + salt)
+    def _seed(self, purpose: int, step: int | None = None) -> int:
+        step = self.step_count if step is None else step
+        return hash((self.sample_seed, step, purpose)) % (2**63)
+
+    def _generator(self, purpose: int, step: int | None = None) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self._seed(purpose, step))
+
+    def _rng(self, purpose: int) -> random.Random:
+        return random.Random(self._seed(purpose))
 
     @property
     def current(self) -> tuple[int, str] | None:
@@ -289,7 +306,9 @@ class DebateModule(L.LightningModule):
     def _pairs_for(self, player: str, examples: list[QAExample]) -> tuple[list[PreferencePair], dict[str, float]]:
         """Natural debates, guided responses, rollout rewards and pairs for ``player`` on ``examples``."""
         actor, critic = self.agent("actor"), self.agent("critic")
-        rollout_actor = actor if player == "actor" or self.critic_rollout_actor == "current" else self._initial_agent("actor")
+        if player == "critic" and self.critic_rollout_actor == "initial":
+            actor = self._initial_agent("actor")  # the released scripts: the critic's data comes from the starting actor
+        rollout_actor = actor
         common = dict(chat_template=self.chat_template)
         rounds = code_round_ranges(self.rounds)[player] if self.pair_rounds == "code" else range(self.rounds)
         pairs: list[PreferencePair] = []
@@ -350,9 +369,13 @@ class DebateModule(L.LightningModule):
         out["rollouts"] = float(self.k * sum(s.critic_response is not None or s.round < self.rounds - 1 for s in states))
         return out
 
-    def _phase_questions(self) -> int:
-        total = len(self.trainer.datamodule.examples("train"))
-        return min(self.questions_per_phase or total, total)
+    def _phase_questions(self) -> list[QAExample]:
+        """The questions every phase generates on: the first ``questions_per_phase`` of a seeded permutation
+        of the training split (the same set for both players and every iteration, as the spec's 6000)."""
+        examples = self.trainer.datamodule.examples("train")
+        order = list(range(len(examples)))
+        random.Random(self._seed(self._QUESTIONS, step=0)).shuffle(order)
+        return [examples[i] for i in order[: self.questions_per_phase or len(order)]]
 
     # -- DPO -----------------------------------------------------------------------------------
     def _pair_batch(self, pairs: list[PreferencePair]):
@@ -361,9 +384,12 @@ class DebateModule(L.LightningModule):
         rows, index = [], []
         for i, pair in enumerate(pairs):
             prompt = format_prompt(self.tokenizer, pair.prompt, self.chat_template)[-self.max_prompt_tokens:]
+            cap = self.sampling[pair.player].max_new_tokens
             for response in (pair.chosen, pair.rejected):
-                ids = self.tokenizer(response, add_special_tokens=False)["input_ids"][: self.max_response_tokens - 1]
-                rows.append((prompt, ids + [eos]))
+                ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+                # EOS only where the response ended: a text cut by max_new_tokens or here never emitted one
+                ended = len(ids) < min(cap, self.max_response_tokens)
+                rows.append((prompt, ids[: self.max_response_tokens] + ([eos] if ended else [])))
                 index.append(i)
         batch = _collate_sequences(rows, index, self.tokenizer.pad_token_id)
         return batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.loss_mask.to(self.device)
@@ -376,17 +402,18 @@ class DebateModule(L.LightningModule):
 
     @torch.no_grad()
     def _reference_logps(self, player: str) -> Tensor:
+        """(N, 2) log-probs of the phase's pairs under the player **as it starts this DPO run** (spec §1.7: the
+        reference is the frozen starting checkpoint of the run; in iteration 2 that is the iteration-1 player,
+        not the base). Scored once, so no frozen copy is needed."""
         out = []
-        with self.players.acting(player) as policy:
-            model, context = self.players.reference(player, policy)
-            with context() if context is not None else nullcontext(), eval_mode(model):
-                for start in range(0, len(self.pairs), self.dpo_batch_size):
-                    out.append(self._sequence_logps(model, self.pairs[start:start + self.dpo_batch_size]).float().cpu())
+        with self.players.acting(player) as policy, eval_mode(policy):
+            for start in range(0, len(self.pairs), self.dpo_batch_size):
+                out.append(self._sequence_logps(policy, self.pairs[start:start + self.dpo_batch_size]).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, 2)
 
     def _start_training(self, player: str) -> None:
         """End of a generate stage: cap the pairs, score the reference once, fix the DPO order."""
-        rng = self._rng(9)
+        rng = self._rng(self._ORDER)
         if self.max_pairs is not None and len(self.pairs) > self.max_pairs:
             self.pairs = rng.sample(self.pairs, self.max_pairs)
         self.pair_counts.append(len(self.pairs))
@@ -396,11 +423,11 @@ class DebateModule(L.LightningModule):
             self._next_phase()
             return
         self.ref_logps = self._reference_logps(player)
-        self.order_ = []
+        self.order_ = []  # minibatches never straddle two epochs (no pair twice in one step)
         for _ in range(self.dpo_epochs):
             epoch = list(range(len(self.pairs)))
             rng.shuffle(epoch)
-            self.order_ += epoch
+            self.order_ += [epoch[i:i + self.dpo_batch_size] for i in range(0, len(epoch), self.dpo_batch_size)]
         self.position, self.stage = 0, "train"
 
     def _next_phase(self) -> None:
@@ -412,12 +439,12 @@ class DebateModule(L.LightningModule):
                 getattr(optimizer, "optimizer", optimizer).state.clear()
 
     def _dpo_step(self, player: str) -> dict[str, Tensor]:
-        rows = self.order_[self.position:self.position + self.dpo_batch_size]
-        self.position += len(rows)
+        rows = self.order_[self.position]
+        self.position += 1
         pairs = [self.pairs[i] for i in rows]
         ref = self.ref_logps[rows].to(self.device)
         optimizer = self.optimizers()[PLAYERS.index(player)]
-        with self.players.acting(player) as policy:
+        with self.players.acting(player) as policy, eval_mode(policy):  # no dropout: the first loss is log 2
             logps = self._sequence_logps(policy, pairs)
             loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
                                      label_smoothing=self.label_smoothing)
@@ -439,7 +466,9 @@ class DebateModule(L.LightningModule):
         start = time.perf_counter()
         metrics: dict[str, Tensor | float] = {"phase": float(self.phase), "iteration": float(iteration)}
         if self.stage == "generate":
-            examples = list(batch.examples)[: self._phase_questions() - self.questions_done]
+            # the batch only paces the stage: its questions come from the phase's fixed set, in chunks of a batch
+            questions = self._phase_questions()
+            examples = questions[self.questions_done:self.questions_done + len(batch)]
             pairs, stats = self._pairs_for(player, examples)
             self.pairs += pairs
             self.questions_done += len(examples)
@@ -448,7 +477,7 @@ class DebateModule(L.LightningModule):
                             "time/generate": time.perf_counter() - start,
                             **{k: v for k, v in stats.items() if k.startswith("time/")},
                             "rollouts": stats["rollouts"]})
-            if self.questions_done >= self._phase_questions():
+            if self.questions_done >= len(questions):
                 t0 = time.perf_counter()
                 self._start_training(player)
                 metrics["time/reference"] = time.perf_counter() - t0
@@ -469,7 +498,7 @@ class DebateModule(L.LightningModule):
         """A seeded debate on the validation questions: accuracy after each round."""
         transcripts = run_debate(self.agent("actor"), self.agent("critic"), self.tokenizer, list(batch.examples),
                                  self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
-                                 generator=self._generator(3, step=1_000_000 + batch_idx), max_tries=self.max_tries,
+                                 generator=self._generator(self._VAL, step=batch_idx), max_tries=self.max_tries,
                                  chat_template=self.chat_template)
         correct = torch.tensor([tr.correct_by_round for tr in transcripts], dtype=torch.bool, device=self.device)
         self._val_accuracy.update(correct)
@@ -516,7 +545,7 @@ class DebateModule(L.LightningModule):
         final response}``, as every method's predictions."""
         transcripts = run_debate(self.agent("actor"), self.agent("critic"), self.tokenizer, list(batch.examples),
                                  self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
-                                 generator=self._generator(4, step=2_000_000 + batch_idx), max_tries=self.max_tries,
+                                 generator=self._generator(self._PREDICT, step=batch_idx), max_tries=self.max_tries,
                                  chat_template=self.chat_template)
         return [{"prompt": tr.example.question, "completion": tr.turns[-1].actor_response} for tr in transcripts]
 

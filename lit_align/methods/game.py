@@ -414,20 +414,8 @@ class AdversarialGameModule(L.LightningModule):
     @contextmanager
     def _attacker_from_pool(self, snapshot: dict[str, Tensor] | None):
         """Swap a pool snapshot into the attacker's trainable weights for the duration."""
-        if snapshot is None:
+        with self._swap("attacker", snapshot) if snapshot is not None else nullcontext():
             yield
-            return
-        params = self._trainable("attacker")
-        current = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(snapshot[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(current[n])
 
     @contextmanager
     def averaged(self, player: str):
@@ -439,6 +427,7 @@ class AdversarialGameModule(L.LightningModule):
 
     @contextmanager
     def _swap(self, player: str, weights: dict[str, Tensor]):
+        """Copy ``weights`` into the player's trainable parameters for the block, then restore them."""
         params = self._trainable(player)
         current = {n: p.detach().clone() for n, p in params.items()}
         with torch.no_grad():

@@ -96,6 +96,32 @@ def test_dpo_starts_at_log_two_and_prompts_are_natural(tmp_path):
     assert first.prompts and not any(HINT_PREFIX in p for p in first.prompts)
 
 
+def test_every_phase_starts_at_log_two_and_the_code_rule_builds_guided_pairs(tmp_path):
+    """Two iterations: each DPO run's reference is the player as the run starts (iteration 2: the trained
+    player), so every phase's first loss is log 2. The code rule with correctness pairs guided-toward-y
+    (chosen) against guided-toward-!y (rejected), never the natural response."""
+    L.seed_everything(0)
+
+    class PhaseStarts(L.Callback):
+        def __init__(self) -> None:
+            self.first: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            phase = int(module.last_step_metrics["phase"])
+            for player in ("actor", "critic"):
+                key = f"{player}/loss"
+                if key in module.last_step_metrics and phase not in self.first:
+                    self.first[phase] = module.last_step_metrics[key]
+
+    starts = PhaseStarts()
+    # trials 2: under the code rule the critic's trial 0 keeps its natural response (no pair), trial 1 is guided
+    module = _module(iterations=2, trials=2, pair_rule="code", actor_quality="correctness", code_threshold=0.0)
+    _trainer(tmp_path, [starts]).fit(module, _data())
+    assert sorted(starts.first) == [0, 1, 2, 3] and module.stage == "done"
+    assert len(module.pair_counts) == 4 and all(n > 0 for n in module.pair_counts)
+    assert all(v == pytest.approx(math.log(2), abs=1e-4) for v in starts.first.values())
+
+
 def test_validation_logs_accuracy_for_every_round(tmp_path):
     L.seed_everything(0)
     module = _module(rounds=3)
