@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -65,3 +66,23 @@ def resolved_config(config: str) -> dict:
         cli_main(["fit", "--config", str(REPO / config), "--print_config"])
     assert exit_info.value.code in (0, None), out.getvalue()
     return yaml.safe_load(out.getvalue())
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled tiny tokenizer, as lit_align builds it for a ``tiny`` model spec."""
+    from lit_align.models import ModelSpec, TinyArch, build_tokenizer
+
+    return build_tokenizer(ModelSpec(tiny=TinyArch()))
+
+
+class StopAfter(L.Callback):
+    """Stop training once ``module.step_count`` reaches ``n`` (mid-epoch: the checkpoint of that batch is
+    not an epoch's last, so a resume continues the epoch)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.step_count >= self.n:
+            trainer.should_stop = True

@@ -17,74 +17,31 @@ and sends the transcript table (``debate_transcripts``) and the plot to a W&B lo
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
-import lightning as L
-
-from lit_align.callbacks.reporting import publish, report_dir, write_csv
+from lit_align.callbacks.reporting import HistoryReport
 
 __all__ = ["DebateReport"]
 
 
-class DebateReport(L.Callback):
+class DebateReport(HistoryReport):
     """Write the debate curves and transcript table (see the module docstring)."""
 
-    def __init__(self, dirpath: str | None = None, plot: bool = True, verbose: bool = True) -> None:
-        """
-        Args:
-            dirpath: output directory (default ``trainer.log_dir``, else ``default_root_dir``).
-            plot: write ``debate_accuracy.png`` (needs matplotlib).
-            verbose: print the first and last accuracy by round at the end of training.
-        """
-        self.dirpath, self.plot, self.verbose = dirpath, plot, verbose
-        self.files: dict[str, Path] = {}
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._write(trainer, pl_module, final=False)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._write(trainer, pl_module, final=True)
-
-    def _write(self, trainer: L.Trainer, pl_module, final: bool) -> None:
-        history = getattr(pl_module, "val_history", None)
-        if history is None or not hasattr(pl_module, "val_transcripts"):
-            raise TypeError("DebateReport needs a DebateModule (a module with val_history / val_transcripts)")
-        directory = report_dir(trainer, self.dirpath)
-        if directory is None or not history:
-            return
-        columns = ["step", "phase", "label", *sorted({k for row in history for k in row} - {"step", "phase", "label"})]
-        self.files["history"] = write_csv(directory / "debate_history.csv", columns,
-                                          [[row.get(c) for c in columns] for row in history])
-        transcripts = pl_module.val_transcripts
-        t_columns = list(dict.fromkeys(k for row in transcripts for k in row))
-        data = [[row.get(c) for c in t_columns] for row in transcripts]
-        self.files["transcripts"] = write_csv(directory / "debate_transcripts.csv", t_columns, data)
-        if self.plot:
-            png = self._plot(directory / "debate_accuracy.png", history)
-            if png is not None:
-                self.files["png"] = png
-        if final:
-            publish(trainer, "debate_transcripts", t_columns, data, image=self.files.get("png"))
-            if self.verbose:
-                rounds = sorted(k for k in history[0] if k.startswith("accuracy/round_"))
-                first = ", ".join(f"{history[0][k]:.3f}" for k in rounds)
-                last = ", ".join(f"{history[-1][k]:.3f}" for k in rounds)
-                print(f"\nDebate accuracy by round: start [{first}] -> now [{last}] (step {int(history[-1]['step'])})\n"
-                      f"History: {self.files['history']}  Transcripts: {self.files['transcripts']}"
-                      + (f"  Plot: {self.files['png']}" if "png" in self.files else ""))
+    name, samples_attr, samples_key, png_name = "debate", "val_transcripts", "transcripts", "debate_accuracy.png"
+    lead_columns = ("step", "phase", "label")
+    module_kind = "DebateModule"
 
     @staticmethod
-    def _plot(path: Path, history: list[dict]) -> Path | None:
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:
-            warnings.warn("DebateReport.plot: matplotlib is not installed; no debate_accuracy.png written", stacklevel=2)
-            return None
-        rounds = sorted((k for k in history[0] if k.startswith("accuracy/round_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-        fig = Figure(figsize=(6.0, 4.0))
-        FigureCanvasAgg(fig)
+    def _rounds(history: list[dict]) -> list[str]:
+        return sorted((k for k in history[0] if k.startswith("accuracy/round_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+
+    def summary(self, history: list[dict]) -> str:
+        rounds = self._rounds(history)
+        first = ", ".join(f"{history[0][k]:.3f}" for k in rounds)
+        last = ", ".join(f"{history[-1][k]:.3f}" for k in rounds)
+        return f"Debate accuracy by round: start [{first}] -> now [{last}] (step {int(history[-1]['step'])})"
+
+    def draw(self, fig, history: list[dict], pl_module) -> None:
+        fig.set_size_inches(6.0, 4.0)
+        rounds = self._rounds(history)
         ax = fig.add_subplot()
         for i, row in enumerate(history):
             label = f"step {int(row['step'])} ({row.get('label', '')})" + (" untrained" if i == 0 else "")
@@ -95,6 +52,3 @@ class DebateReport(L.Callback):
         ax.set_ylabel("accuracy of the actor's answer")
         ax.set_title("Debate accuracy by round")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        return path

@@ -16,12 +16,7 @@ and sends the sample table (``game_samples``) and the plot to a W&B logger when 
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
-import lightning as L
-
-from lit_align.callbacks.reporting import publish, report_dir, write_csv
+from lit_align.callbacks.reporting import HistoryReport
 
 __all__ = ["GameReport"]
 
@@ -35,50 +30,19 @@ _PANELS = (
 SAMPLE_COLUMNS = ("seed", "attack", "response", "unsafe", "reward")
 
 
-class GameReport(L.Callback):
+class GameReport(HistoryReport):
     """Write the game's curves and sample table (see the module docstring)."""
 
-    def __init__(self, dirpath: str | None = None, plot: bool = True, verbose: bool = True) -> None:
-        """
-        Args:
-            dirpath: output directory (default ``trainer.log_dir``, else ``default_root_dir``).
-            plot: write ``game_curves.png`` (needs matplotlib).
-            verbose: print the last row and where the files are at the end of training.
-        """
-        self.dirpath, self.plot, self.verbose = dirpath, plot, verbose
-        self.files: dict[str, Path] = {}
+    name, samples_attr, samples_key, png_name = "game", "val_samples", "samples", "game_curves.png"
+    module_kind = "AdversarialGameModule"
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._write(trainer, pl_module, final=False)
+    def sample_columns(self, samples: list[dict]) -> list[str]:
+        return list(SAMPLE_COLUMNS)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._write(trainer, pl_module, final=True)
-
-    def _write(self, trainer: L.Trainer, pl_module, final: bool) -> None:
-        history = getattr(pl_module, "val_history", None)
-        if history is None:
-            raise TypeError("GameReport needs an AdversarialGameModule (a module with val_history / val_samples)")
-        directory = report_dir(trainer, self.dirpath)
-        if directory is None or not history:
-            return
-        columns = ["step", *sorted({k for row in history for k in row} - {"step"})]
-        self.files["history"] = write_csv(directory / "game_history.csv", columns,
-                                          [[row.get(c) for c in columns] for row in history])
-        samples = pl_module.val_samples
-        data = [[s.get(c) for c in SAMPLE_COLUMNS] for s in samples]
-        self.files["samples"] = write_csv(directory / "game_samples.csv", SAMPLE_COLUMNS, data)
-        if self.plot:
-            png = self._plot(directory / "game_curves.png", history, getattr(pl_module, "schedule", None))
-            if png is not None:
-                self.files["png"] = png
-        if final:
-            publish(trainer, "game_samples", SAMPLE_COLUMNS, data, image=self.files.get("png"))
-            if self.verbose:
-                last = history[-1]
-                shown = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "step")
-                print(f"\nGame after {int(last['step'])} steps: {shown}\n"
-                      f"History: {self.files['history']}  Samples: {self.files['samples']}"
-                      + (f"  Plot: {self.files['png']}" if "png" in self.files else ""))
+    def summary(self, history: list[dict]) -> str:
+        last = history[-1]
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "step")
+        return f"Game after {int(last['step'])} steps: {shown}"
 
     @staticmethod
     def _attacker_blocks(schedule, last_step: int) -> list[tuple[int, int]]:
@@ -95,28 +59,17 @@ class GameReport(L.Callback):
             blocks.append((start, last_step))
         return blocks
 
-    @classmethod
-    def _plot(cls, path: Path, history: list[dict[str, float]], schedule=None) -> Path | None:
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:
-            warnings.warn("GameReport.plot: matplotlib is not installed; no game_curves.png written", stacklevel=2)
-            return None
-        fig = Figure(figsize=(12.0, 3.6))
-        FigureCanvasAgg(fig)
+    def draw(self, fig, history: list[dict], pl_module) -> None:
+        fig.set_size_inches(12.0, 3.6)
+        schedule = getattr(pl_module, "schedule", None)
         steps = [row["step"] for row in history]
         for i, (title, series) in enumerate(_PANELS):
             ax = fig.add_subplot(1, len(_PANELS), i + 1)
             for key, label in series:
-                values = [row.get(key, float("nan")) for row in history]
-                ax.plot(steps, values, marker="o", label=label)
+                ax.plot(steps, [row.get(key, float("nan")) for row in history], marker="o", label=label)
             if schedule is not None and steps:
-                for j, (a, b) in enumerate(cls._attacker_blocks(schedule, int(max(steps)))):
+                for j, (a, b) in enumerate(self._attacker_blocks(schedule, int(max(steps)))):
                     ax.axvspan(a, b, color="tab:red", alpha=0.08, label="attacker updates" if j == 0 else None)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("training step")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        return path

@@ -5,16 +5,17 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from lit_align.models.causal_lm import eval_mode
 
-__all__ = ["eval_mode", "publish", "report_dir", "write_csv"]
+__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "write_csv"]
 
 
 def report_dir(trainer: L.Trainer, dirpath: str | None) -> Path | None:
@@ -52,3 +53,92 @@ def publish(trainer: L.Trainer, key: str, columns: Sequence[str], data: Sequence
             logger.log_table(key, columns=list(columns), data=[list(r) for r in data], step=step)
             if image is not None:
                 logger.log_image(image_key or f"{key}_plot", images=[str(image)], step=step)
+
+
+class HistoryReport(L.Callback):
+    """Base of the reports of methods that keep a validation history (``val_history``: one dict per
+    validation, with ``step``) and a sample table (a list of dicts in the attribute ``samples_attr``).
+
+    After every validation and at the end of training it writes ``<name>_history.csv``,
+    ``<name>_<samples_key>.csv`` and, with ``plot``, the subclass's figure (:meth:`draw`), under
+    ``dirpath`` (default ``trainer.log_dir``); at the end it sends the sample table and the figure to
+    the loggers (:func:`publish`) and, with ``verbose``, prints :meth:`summary` and the file paths.
+    """
+
+    name: ClassVar[str]
+    samples_attr: ClassVar[str]
+    samples_key: ClassVar[str]
+    png_name: ClassVar[str]
+    lead_columns: ClassVar[tuple[str, ...]] = ("step",)
+    module_kind: ClassVar[str]
+
+    def __init__(self, dirpath: str | None = None, plot: bool = True, verbose: bool = True) -> None:
+        """
+        Args:
+            dirpath: output directory (default ``trainer.log_dir``, else ``default_root_dir``).
+            plot: write the figure (needs matplotlib).
+            verbose: print a summary and where the files are at the end of training.
+        """
+        self.dirpath, self.plot, self.verbose = dirpath, plot, verbose
+        self.files: dict[str, Path] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._write(trainer, pl_module, final=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._write(trainer, pl_module, final=True)
+
+    def sample_columns(self, samples: list[dict]) -> list[str]:
+        """The sample table's columns (default: every key, in first-seen order)."""
+        return list(dict.fromkeys(k for row in samples for k in row))
+
+    def draw(self, fig, history: list[dict], pl_module) -> None:
+        """Subclass hook: draw the report's figure."""
+        raise NotImplementedError
+
+    def summary(self, history: list[dict]) -> str:
+        """Subclass hook: the line printed at the end of training."""
+        raise NotImplementedError
+
+    def _write(self, trainer: L.Trainer, pl_module, final: bool) -> None:
+        history = getattr(pl_module, "val_history", None)
+        if history is None or not hasattr(pl_module, self.samples_attr):
+            raise TypeError(f"{type(self).__name__} needs a {self.module_kind} (a module with val_history / "
+                            f"{self.samples_attr})")
+        directory = report_dir(trainer, self.dirpath)
+        if directory is None or not history:
+            return
+        lead = list(self.lead_columns)
+        columns = [*lead, *sorted({k for row in history for k in row} - set(lead))]
+        self.files["history"] = write_csv(directory / f"{self.name}_history.csv", columns,
+                                          [[row.get(c) for c in columns] for row in history])
+        samples = getattr(pl_module, self.samples_attr)
+        sample_columns = self.sample_columns(samples)
+        data = [[row.get(c) for c in sample_columns] for row in samples]
+        self.files[self.samples_key] = write_csv(directory / f"{self.name}_{self.samples_key}.csv", sample_columns,
+                                                 data)
+        if self.plot:
+            png = self._plot(directory / self.png_name, history, pl_module)
+            if png is not None:
+                self.files["png"] = png
+        if final:
+            publish(trainer, f"{self.name}_{self.samples_key}", sample_columns, data, image=self.files.get("png"))
+            if self.verbose:
+                print(f"\n{self.summary(history)}\nHistory: {self.files['history']}  "
+                      f"{self.samples_key.title()}: {self.files[self.samples_key]}"
+                      + (f"  Plot: {self.files['png']}" if "png" in self.files else ""))
+
+    def _plot(self, path: Path, history: list[dict], pl_module) -> Path | None:
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            warnings.warn(f"{type(self).__name__}.plot: matplotlib is not installed; no {self.png_name} written",
+                          stacklevel=2)
+            return None
+        fig = Figure()
+        FigureCanvasAgg(fig)
+        self.draw(fig, history, pl_module)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        return path

@@ -221,6 +221,7 @@ class DebateModule(L.LightningModule):
         self.reset_optimizer, self.gradient_clip, self.sample_seed = reset_optimizer, gradient_clip, sample_seed
         self.num_val_transcripts, self.chunk_tokens = num_val_transcripts, chunk_tokens
         self.players: PlayerPolicies | None = None
+        self._questions: list[QAExample] | None = None  # the phases' question set (_phase_questions)
 
         # pipeline state (all in checkpoints)
         self.step_count = 0  # training steps taken (seeds every draw)
@@ -372,10 +373,12 @@ class DebateModule(L.LightningModule):
     def _phase_questions(self) -> list[QAExample]:
         """The questions every phase generates on: the first ``questions_per_phase`` of a seeded permutation
         of the training split (the same set for both players and every iteration, as the spec's 6000)."""
-        examples = self.trainer.datamodule.examples("train")
-        order = list(range(len(examples)))
-        random.Random(self._seed(self._QUESTIONS, step=0)).shuffle(order)
-        return [examples[i] for i in order[: self.questions_per_phase or len(order)]]
+        if self._questions is None:  # derived from the data and the seed: built once, never checkpointed
+            examples = self.trainer.datamodule.examples("train")
+            order = list(range(len(examples)))
+            random.Random(self._seed(self._QUESTIONS, step=0)).shuffle(order)
+            self._questions = [examples[i] for i in order[: self.questions_per_phase or len(order)]]
+        return self._questions
 
     # -- DPO -----------------------------------------------------------------------------------
     def _pair_batch(self, pairs: list[PreferencePair]):

@@ -7,10 +7,10 @@ LMs with a forward hook that overwrites the logits so that every sample follows 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import pytest
 import torch
+from debate_helpers import count_prefills, script, tiny_model
 
 from lit_align.data.qa import QAExample
 from lit_align.debate import (
@@ -28,8 +28,6 @@ from lit_align.debate import (
     targeted_critic_prompt,
 )
 from lit_align.debate.protocol import DebateTranscript, Turn
-from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
-from lit_align.models.spec import TinyArch
 from lit_align.rollout.sampler import SamplingConfig
 
 YN = QAExample("Is the sky blue on a clear day?", "yes", "yes_no", context="The sky looks blue.", index=0)
@@ -37,64 +35,6 @@ YN_NO = QAExample("Is snow hot?", "no", "yes_no", index=1)
 MC = QAExample("Which city is the capital of France?", "B", "multiple_choice",
                options=("Berlin", "Paris", "Rome", "Madrid"), index=2)
 NUM = QAExample("What is 2 + 2?", "4", "numeric", index=3)
-
-SPEC = ModelSpec(tiny=TinyArch(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer(SPEC)
-
-
-def _model(tokenizer, seed: int = 0):
-    from dataclasses import replace
-
-    return build_causal_lm(replace(SPEC, seed=seed), tokenizer).eval()
-
-
-def script(model, tokenizer, texts: list[str], probs: list[float]):
-    """Make ``model`` answer ``texts[i]`` with probability ``probs[i]`` (then EOS), whatever the prompt.
-
-    The hook sees the forward's ``input_ids``: a prefill (several tokens) gets the mixture over the
-    texts' first tokens, a decoding step follows the text the previous token belongs to (the texts'
-    tokens must be distinct) and ends with EOS.
-    """
-    eos = tokenizer.eos_token_id
-    seqs = [tokenizer.encode(t, add_special_tokens=False) + [eos] for t in texts]
-    vocab = model.get_output_embeddings().weight.shape[0]
-    table = torch.full((vocab,), eos, dtype=torch.long)  # next token after each token
-    for s in seqs:
-        for a, b in zip(s, s[1:]):
-            assert table[a] in (eos, b), "scripted texts must not share tokens"
-            table[a] = b
-    first = torch.full((vocab,), -math.inf)
-    for s, p in zip(seqs, probs):
-        first[s[0]] = math.log(p)
-
-    def hook(module, args, kwargs, out):
-        ids = kwargs["input_ids"]  # (B, T)
-        logits = torch.full_like(out.logits[:, -1:], -math.inf)  # (B, 1, V)
-        if ids.shape[1] > 1:
-            logits[:] = first
-        else:
-            logits.scatter_(-1, table[ids[:, -1:]].unsqueeze(-1), 0.0)
-        out.logits = logits
-        return out
-
-    return model.register_forward_hook(hook, with_kwargs=True)
-
-
-def count_prefills(model) -> list[int]:
-    """A one-element counter of the sampler's prefill forwards (more than one input token)."""
-    calls = [0]
-
-    def pre(module, args, kwargs):
-        if kwargs["input_ids"].shape[1] > 1:
-            calls[0] += 1
-
-    model.register_forward_pre_hook(pre, with_kwargs=True)
-    return calls
-
 
 # ------------------------------------------------------------------------------------------ extraction
 
@@ -199,7 +139,7 @@ SAMPLING = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.0)
 
 
 def test_run_debate_one_call_per_role_per_round_and_round_context(tokenizer):
-    actor, critic = _model(tokenizer, 0), _model(tokenizer, 1)
+    actor, critic = tiny_model(tokenizer, 0), tiny_model(tokenizer, 1)
     n_actor, n_critic = count_prefills(actor), count_prefills(critic)
     examples = [YN, MC, NUM]
     out = run_debate(actor, critic, tokenizer, examples, 3, SAMPLING, generator=torch.Generator().manual_seed(0),
@@ -224,7 +164,7 @@ def test_run_debate_one_call_per_role_per_round_and_round_context(tokenizer):
 
 
 def test_retries_are_batched_and_failures_count_wrong(tokenizer):
-    actor = _model(tokenizer, 2)  # random weights: essentially never an answer
+    actor = tiny_model(tokenizer, 2)  # random weights: essentially never an answer
     calls = count_prefills(actor)
     out = run_debate(actor, actor, tokenizer, [YN, MC, NUM], 2, SAMPLING,
                      generator=torch.Generator().manual_seed(1), max_tries=2)
@@ -237,7 +177,7 @@ def test_retries_are_batched_and_failures_count_wrong(tokenizer):
 
 
 def test_scripted_actor_and_adapter_context_factory(tokenizer):
-    model = _model(tokenizer, 3)
+    model = tiny_model(tokenizer, 3)
     handle = script(model, tokenizer, ["Answer: yes"], [1.0])
     calls = count_prefills(model)
     entered = []

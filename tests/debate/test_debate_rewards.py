@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import replace
 
 import pytest
 import torch
+from debate_helpers import count_prefills, script, tiny_model
 
 from lit_align.data.qa import QAExample
 from lit_align.debate import (
@@ -22,8 +22,6 @@ from lit_align.debate import (
     target_hint,
     wrong_answer,
 )
-from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
-from lit_align.models.spec import TinyArch
 from lit_align.rollout.sampler import SamplingConfig
 
 YES = QAExample("Is water wet?", "yes", "yes_no", index=0)
@@ -31,63 +29,14 @@ NO = QAExample("Is fire cold?", "no", "yes_no", index=1)
 MC = QAExample("Pick the even number.", "C", "multiple_choice", options=("1", "3", "4", "5", "7"), index=2)
 NUM = QAExample("How many legs has a spider?", "8", "numeric", index=3)
 
-SPEC = ModelSpec(tiny=TinyArch(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
 SAMPLING = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer(SPEC)
-
-
-def _model(tokenizer, seed: int = 0):
-    return build_causal_lm(replace(SPEC, seed=seed), tokenizer).eval()
-
-
-def script(model, tokenizer, texts: list[str], probs: list[float]):
-    """Make ``model`` answer ``texts[i]`` with probability ``probs[i]`` (then EOS), whatever the prompt
-    (prefill: mixture over the first tokens; decoding: follow the text; texts share no token)."""
-    eos = tokenizer.eos_token_id
-    seqs = [tokenizer.encode(t, add_special_tokens=False) + [eos] for t in texts]
-    vocab = model.get_output_embeddings().weight.shape[0]
-    table = torch.full((vocab,), eos, dtype=torch.long)
-    for s in seqs:
-        for a, b in zip(s, s[1:]):
-            assert table[a] in (eos, b), "scripted texts must not share tokens"
-            table[a] = b
-    first = torch.full((vocab,), -math.inf)
-    for s, p in zip(seqs, probs):
-        first[s[0]] = math.log(p)
-
-    def hook(module, args, kwargs, out):
-        ids = kwargs["input_ids"]  # (B, T)
-        logits = torch.full_like(out.logits[:, -1:], -math.inf)  # (B, 1, V)
-        if ids.shape[1] > 1:
-            logits[:] = first
-        else:
-            logits.scatter_(-1, table[ids[:, -1:]].unsqueeze(-1), 0.0)
-        out.logits = logits
-        return out
-
-    return model.register_forward_hook(hook, with_kwargs=True)
-
-
-def count_prefills(model) -> list[int]:
-    calls = [0]
-
-    def pre(module, args, kwargs):
-        if kwargs["input_ids"].shape[1] > 1:
-            calls[0] += 1
-
-    model.register_forward_pre_hook(pre, with_kwargs=True)
-    return calls
 
 
 def test_deterministic_rollouts_give_exactly_zero_or_one(tokenizer):
     """The scripted actor always says "Answer: yes": the next answer is right iff the truth is yes.
 
     A final-round actor state is valued by its own text, without sampling."""
-    model = _model(tokenizer)
+    model = tiny_model(tokenizer)
     script(model, tokenizer, ["Answer: yes"], [1.0])
     calls = count_prefills(model)
     states = [
@@ -110,7 +59,7 @@ def test_estimate_has_mean_p_and_binomial_variance(tokenizer):
     Over S states the mean of the estimates has std sqrt(p(1-p)/(S K)); we allow 4 of them. The
     sample variance of the estimates should be near p(1-p)/K (ratio within [0.4, 1.8] for S=60)."""
     p, k, n_states = 0.3, 8, 60
-    model = _model(tokenizer, 1)
+    model = tiny_model(tokenizer, 1)
     script(model, tokenizer, [" yes", " no"], [p, 1 - p])
     calls = count_prefills(model)
     states = [RewardState(YES, 0, "Answer: no", "Think again.") for _ in range(n_states)]
@@ -125,7 +74,7 @@ def test_estimate_has_mean_p_and_binomial_variance(tokenizer):
 
 
 def test_rollout_reward_validates_inputs(tokenizer):
-    model = _model(tokenizer)
+    model = tiny_model(tokenizer)
     with pytest.raises(ValueError, match="k"):
         rollout_reward(model, model, tokenizer, [RewardState(YES, 0, "x")], k=0, rounds=2, sampling=SAMPLING)
     with pytest.raises(ValueError, match="round 5"):
@@ -143,7 +92,7 @@ def test_wrong_answer_is_wrong_and_uniform_over_wrong_options():
 
 
 def test_guided_responses_use_the_natural_context_and_redraw_targets(tokenizer):
-    actor, critic = _model(tokenizer, 2), _model(tokenizer, 3)
+    actor, critic = tiny_model(tokenizer, 2), tiny_model(tokenizer, 3)
     examples = [MC] * 6 + [YES]
     gen = torch.Generator().manual_seed(0)
     natural = run_debate(actor, critic, tokenizer, examples, 2, SAMPLING, generator=gen, max_tries=0)

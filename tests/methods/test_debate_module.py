@@ -9,6 +9,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import StopAfter
 
 from lit_align.data.qa import QADataModule
 from lit_align.data.records import DataSource
@@ -136,21 +137,12 @@ def test_validation_logs_accuracy_for_every_round(tmp_path):
     assert set(module.val_transcripts[0]) >= {"question", "gold", "actor_0", "answer_2", "critic_1", "final_correct"}
 
 
-class _StopAfter(L.Callback):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.step_count >= self.n:
-            trainer.should_stop = True
-
-
 def _fit(root, stop: int | None = None, ckpt_path=None) -> DebateModule:
     L.seed_everything(0)
     module = _module(dpo_epochs=2)
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=-1)]
     if stop is not None:
-        callbacks.append(_StopAfter(stop))
+        callbacks.append(StopAfter(stop))
     _trainer(root, callbacks, enable_checkpointing=True).fit(module, _data(), ckpt_path=ckpt_path)
     return module
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import StopAfter
 
 from lit_align.data.prompts import SeedPromptDataModule
 from lit_align.data.records import DataSource
@@ -164,24 +165,13 @@ def test_snapshot_pool_and_averaged_policies(tmp_path):
     assert (tmp_path / "averaged" / "attacker.pt").is_file()
 
 
-class _StopAfter(L.Callback):
-    """Stop after ``n`` batches, mid-epoch (the checkpoint of batch ``n`` is not an epoch's last)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.step_count >= self.n:
-            trainer.should_stop = True
-
-
 def _fit_with_checkpoints(root, stop: int, ckpt_path=None) -> AdversarialGameModule:
     L.seed_everything(0)
     module = _module(schedule=GameSchedule(defender_steps=2, attacker_steps=1), snapshot_every=1, pool_prob=0.5,
                      embedding_weight=1.0, encoder=ModelSpec(tiny=TINY))
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1,
                                                      save_top_k=-1)
-    _trainer(root, 20, [checkpoint, _StopAfter(stop)], enable_checkpointing=True).fit(module, _data(),
+    _trainer(root, 20, [checkpoint, StopAfter(stop)], enable_checkpointing=True).fit(module, _data(),
                                                                                        ckpt_path=ckpt_path)
     return module
 
