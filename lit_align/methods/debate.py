@@ -70,6 +70,16 @@ class DebateModule(L.LightningModule):
        generates on the same questions (the first ``questions_per_phase`` of a seeded permutation of the
        training split).
 
+    **DPO validation and early stopping** (the released DPO runs: 6000 training and 1000 validation
+    questions, evaluation every 50 steps, patience 5, best checkpoint restored). With
+    ``dpo_val_questions`` > 0 the phase also generates on the next ``dpo_val_questions`` questions of the
+    permutation (disjoint from the training ones); their pairs, capped at ``max_val_pairs``, are never
+    trained on. Every ``dpo_eval_every`` optimiser steps and after the last one, the DPO loss on them is
+    logged (``train/<player>/val_loss``); after ``dpo_patience`` evaluations without a new best the phase
+    stops early, and with ``restore_best`` the player ends the phase with its weights at the best
+    evaluation. This is what keeps a small model from DPO over-optimisation (chosen and rejected
+    log-probs both collapsing, degenerate text).
+
     The critic's data comes from the **current** actor (``critic_rollout_actor: current``, the paper's
     best response: after an actor-first phase, the updated actor) or from the starting checkpoint
     (``initial``, the released scripts: the base with adapters off, for the critic phase's natural
@@ -78,9 +88,8 @@ class DebateModule(L.LightningModule):
 
     Rewards of a last-round critic response are the correctness of one more actor answer (a round past
     the debate), as in the released code. Lightning counts optimiser steps only, so ``global_step`` and
-    step-based checkpointing do not advance in generate stages: a checkpoint is written in DPO stages
-    (``ModelCheckpoint(every_n_train_steps=...)``), and a run resumed from one regenerates the data of the
-    following generate stage exactly (seeded), at the cost of its time.
+    ``ModelCheckpoint(every_n_train_steps=...)`` do not advance in generate stages: add
+    :class:`~lit_align.callbacks.BatchCheckpoint`, which counts batches, to checkpoint those too.
 
     Players are LoRA adapters on one base when both specs name it (:class:`~lit_align.models.PlayerPolicies`).
     Checkpoints hold both players, both optimisers, the phase, the stage and its position, the pair
@@ -114,6 +123,11 @@ class DebateModule(L.LightningModule):
         critic_rollout_actor: Literal["current", "initial"] = "current",
         questions_per_phase: int | None = None,
         max_pairs: int | None = 20000,
+        dpo_val_questions: int = 0,
+        max_val_pairs: int | None = 4000,
+        dpo_eval_every: int = 50,
+        dpo_patience: int | None = 5,
+        restore_best: bool = True,
         temperature: float = 0.7,
         top_p: float = 0.9,
         max_new_tokens: int = 256,
@@ -161,6 +175,15 @@ class DebateModule(L.LightningModule):
             questions_per_phase: training questions a phase generates on (``None``: the whole training
                 split; the code: 6000).
             max_pairs: cap on a phase's pairs, a seeded random subset (the code: 20000; ``None``: all).
+            dpo_val_questions: questions a phase generates DPO validation pairs on, after the training ones
+                (the code: 1000; 0: no DPO validation, no early stopping).
+            max_val_pairs: cap on a phase's validation pairs (the code: 4000; ``None``: all).
+            dpo_eval_every: optimiser steps between DPO validations (the code: 50); the last step is
+                always evaluated.
+            dpo_patience: evaluations without a new best validation loss before a phase stops early (the
+                code: 5; ``None``: never early).
+            restore_best: end each phase with the player's weights at its best validation loss (the code's
+                ``load_best_model_at_end``).
             temperature, top_p: sampling of debates, guided responses and rollouts (0.7, 0.9).
             max_new_tokens: the actor's response cap; ``critic_max_new_tokens`` the critic's (default the same).
             max_tries: re-samples of an unparseable actor answer (2); then it counts as wrong.
@@ -200,6 +223,12 @@ class DebateModule(L.LightningModule):
             raise ValueError("model.epsilon and model.code_threshold are reward differences in [0, 1]")
         if questions_per_phase is not None and questions_per_phase < 1:
             raise ValueError(f"model.questions_per_phase must be >= 1 or null, got {questions_per_phase}")
+        for name, value, low in (("dpo_val_questions", dpo_val_questions, 0), ("dpo_eval_every", dpo_eval_every, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"model.{name} must be an int >= {low}, got {value!r}")
+        if dpo_patience is not None and (isinstance(dpo_patience, bool) or not isinstance(dpo_patience, int)
+                                         or dpo_patience < 1):
+            raise ValueError(f"model.dpo_patience must be an int >= 1 or null, got {dpo_patience!r}")
         self.automatic_optimization = False  # one optimiser per player, stepped by the phase's player only
         self.tokenizer = build_tokenizer(actor)
         self.share_base, self.reference_mode = share_base, reference
@@ -208,6 +237,8 @@ class DebateModule(L.LightningModule):
         self.actor_quality, self.pair_rounds = actor_quality, pair_rounds
         self.phases = [(i, p) for i in range(iterations) for p in order]
         self.critic_rollout_actor, self.questions_per_phase, self.max_pairs = critic_rollout_actor, questions_per_phase, max_pairs
+        self.dpo_val_questions, self.max_val_pairs = dpo_val_questions, max_val_pairs
+        self.dpo_eval_every, self.dpo_patience, self.restore_best = dpo_eval_every, dpo_patience, restore_best
         self.sampling = {
             "actor": SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
             "critic": SamplingConfig(max_new_tokens=critic_max_new_tokens or max_new_tokens, temperature=temperature,
@@ -222,6 +253,7 @@ class DebateModule(L.LightningModule):
         self.num_val_transcripts, self.chunk_tokens = num_val_transcripts, chunk_tokens
         self.players: PlayerPolicies | None = None
         self._questions: list[QAExample] | None = None  # the phases' question set (_phase_questions)
+        self._n_train = 0  # how many of them are training questions (the rest: DPO validation)
 
         # pipeline state (all in checkpoints)
         self.step_count = 0  # training steps taken (seeds every draw)
@@ -230,6 +262,11 @@ class DebateModule(L.LightningModule):
         self.questions_done = 0  # questions generated on in this phase
         self.pairs: list[PreferencePair] = []  # this phase's pairs
         self.ref_logps: Tensor | None = None  # (N, 2) reference log-probs of (chosen, rejected)
+        self.val_pairs: list[PreferencePair] = []  # this phase's DPO validation pairs
+        self.val_ref_logps: Tensor | None = None
+        self.best_val_loss: float | None = None  # of this DPO run
+        self.best_weights: dict[str, Tensor] | None = None  # the player's trainable weights at best_val_loss
+        self.bad_evals = 0  # evaluations since the last new best
         self.order_: list[list[int]] = []  # DPO minibatches (pair indices), dpo_epochs passes
         self.position = 0  # next minibatch
         self.pair_counts: list[int] = []  # pairs made by each finished generate stage
@@ -372,12 +409,19 @@ class DebateModule(L.LightningModule):
 
     def _phase_questions(self) -> list[QAExample]:
         """The questions every phase generates on: the first ``questions_per_phase`` of a seeded permutation
-        of the training split (the same set for both players and every iteration, as the spec's 6000)."""
+        of the training split (the same set for both players and every iteration, as the spec's 6000), then
+        the next ``dpo_val_questions`` (DPO validation, the spec's 1000)."""
         if self._questions is None:  # derived from the data and the seed: built once, never checkpointed
             examples = self.trainer.datamodule.examples("train")
             order = list(range(len(examples)))
             random.Random(self._seed(self._QUESTIONS, step=0)).shuffle(order)
-            self._questions = [examples[i] for i in order[: self.questions_per_phase or len(order)]]
+            n_train = len(order) - self.dpo_val_questions if self.questions_per_phase is None else self.questions_per_phase
+            if n_train < 1 or n_train + self.dpo_val_questions > len(order):
+                raise ValueError(f"the training split has {len(order)} questions: too few for model.questions_per_phase "
+                                 f"({self.questions_per_phase}) plus model.dpo_val_questions ({self.dpo_val_questions}); "
+                                 "lower them or add questions")
+            self._n_train = n_train
+            self._questions = [examples[i] for i in order[: n_train + self.dpo_val_questions]]
         return self._questions
 
     # -- DPO -----------------------------------------------------------------------------------
@@ -404,28 +448,37 @@ class DebateModule(L.LightningModule):
         return logps.logps.mul(logps.mask).sum(-1).view(-1, 2)
 
     @torch.no_grad()
-    def _reference_logps(self, player: str) -> Tensor:
-        """(N, 2) log-probs of the phase's pairs under the player **as it starts this DPO run** (spec §1.7: the
-        reference is the frozen starting checkpoint of the run; in iteration 2 that is the iteration-1 player,
-        not the base). Scored once, so no frozen copy is needed."""
+    def _scored_logps(self, player: str, pairs: list[PreferencePair]) -> Tensor:
+        """(N, 2) log-probs of ``pairs`` under the player as it is now, in eval mode, on the CPU."""
         out = []
         with self.players.acting(player) as policy, eval_mode(policy):
-            for start in range(0, len(self.pairs), self.dpo_batch_size):
-                out.append(self._sequence_logps(policy, self.pairs[start:start + self.dpo_batch_size]).float().cpu())
+            for start in range(0, len(pairs), self.dpo_batch_size):
+                out.append(self._sequence_logps(policy, pairs[start:start + self.dpo_batch_size]).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, 2)
 
     def _start_training(self, player: str) -> None:
-        """End of a generate stage: cap the pairs, score the reference once, fix the DPO order."""
+        """End of a generate stage: cap the pairs, score the reference once, fix the DPO order.
+
+        The reference log-probs are the player's **as it starts this DPO run** (spec §1.7: the reference is
+        the frozen starting checkpoint of the run; in iteration 2 that is the iteration-1 player, not the
+        base). Scored once, so no frozen copy is needed."""
         rng = self._rng(self._ORDER)
         if self.max_pairs is not None and len(self.pairs) > self.max_pairs:
             self.pairs = rng.sample(self.pairs, self.max_pairs)
+        if self.max_val_pairs is not None and len(self.val_pairs) > self.max_val_pairs:
+            self.val_pairs = rng.sample(self.val_pairs, self.max_val_pairs)
         self.pair_counts.append(len(self.pairs))
         if not self.pairs:
             rank_zero_warn(f"phase {self.phase} ({player}): no preference pair passed the threshold; the phase trains "
                            "nothing (lower model.epsilon / model.code_threshold, or raise trials, k, or questions)")
             self._next_phase()
             return
-        self.ref_logps = self._reference_logps(player)
+        if self.dpo_val_questions and not self.val_pairs:
+            rank_zero_warn(f"phase {self.phase} ({player}): no DPO validation pair passed the threshold; the phase "
+                           "trains all its epochs without early stopping (raise model.dpo_val_questions)")
+        self.ref_logps = self._scored_logps(player, self.pairs)
+        self.val_ref_logps = self._scored_logps(player, self.val_pairs) if self.val_pairs else None
+        self.best_val_loss, self.best_weights, self.bad_evals = None, None, 0
         self.order_ = []  # minibatches never straddle two epochs (no pair twice in one step)
         for _ in range(self.dpo_epochs):
             epoch = list(range(len(self.pairs)))
@@ -436,6 +489,8 @@ class DebateModule(L.LightningModule):
     def _next_phase(self) -> None:
         self.phase += 1
         self.pairs, self.ref_logps, self.order_, self.position, self.questions_done = [], None, [], 0, 0
+        self.val_pairs, self.val_ref_logps, self.best_val_loss, self.best_weights = [], None, None, None
+        self.bad_evals = 0
         self.stage = "generate" if self.phase < len(self.phases) else "done"
         if self.reset_optimizer and self.stage != "done" and self._trainer is not None:
             for optimizer in self.optimizers():
@@ -456,9 +511,34 @@ class DebateModule(L.LightningModule):
             if self.gradient_clip:
                 self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
             optimizer.step()
-        if self.position >= len(self.order_):
+        out = {"loss": loss.detach(), **metrics}
+        last = self.position >= len(self.order_)
+        if self.val_pairs and (self.position % self.dpo_eval_every == 0 or last):
+            out.update(self._dpo_validation(player))
+            last = last or (self.dpo_patience is not None and self.bad_evals >= self.dpo_patience)
+        if last:
+            if self.restore_best and self.best_weights is not None:
+                with torch.no_grad():
+                    for name, param in self.players.trainable(player).items():
+                        param.copy_(self.best_weights[name])
+            out["dpo_steps"] = torch.tensor(float(self.position))
             self._next_phase()
-        return {"loss": loss.detach(), **metrics}
+        return out
+
+    @torch.no_grad()
+    def _dpo_validation(self, player: str) -> dict[str, Tensor]:
+        """DPO loss on the phase's validation pairs; keeps the best weights and counts evaluations since."""
+        logps = self._scored_logps(player, self.val_pairs)
+        ref = self.val_ref_logps
+        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
+                                 label_smoothing=self.label_smoothing)
+        if self.best_val_loss is None or float(loss) < self.best_val_loss:
+            self.best_val_loss, self.bad_evals = float(loss), 0
+            self.best_weights = {n: p.detach().clone() for n, p in self.players.trainable(player).items()}
+        else:
+            self.bad_evals += 1
+        return {"val_loss": loss, "val_reward_accuracy": metrics["rewards/accuracies"],
+                "best_val_loss": torch.tensor(self.best_val_loss)}
 
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch: QABatch, batch_idx: int) -> None:
@@ -471,11 +551,14 @@ class DebateModule(L.LightningModule):
         if self.stage == "generate":
             # the batch only paces the stage: its questions come from the phase's fixed set, in chunks of a batch
             questions = self._phase_questions()
-            examples = questions[self.questions_done:self.questions_done + len(batch)]
+            validating = self.questions_done >= self._n_train  # training questions first, then validation ones
+            end = min(self.questions_done + len(batch), len(questions) if validating else self._n_train)
+            examples = questions[self.questions_done:end]
             pairs, stats = self._pairs_for(player, examples)
-            self.pairs += pairs
+            (self.val_pairs if validating else self.pairs).extend(pairs)
             self.questions_done += len(examples)
             metrics.update({f"{player}/new_pairs": float(len(pairs)), f"{player}/pairs": float(len(self.pairs)),
+                            f"{player}/val_pairs": float(len(self.val_pairs)),
                             f"{player}/natural_accuracy": stats["natural_accuracy"],
                             "time/generate": time.perf_counter() - start,
                             **{k: v for k, v in stats.items() if k.startswith("time/")},
@@ -573,6 +656,8 @@ class DebateModule(L.LightningModule):
             "step_count": self.step_count, "phase": self.phase, "stage": self.stage, "sample_seed": self.sample_seed,
             "questions_done": self.questions_done, "pairs": [asdict(p) for p in self.pairs],
             "ref_logps": self.ref_logps, "order": list(self.order_), "position": self.position,
+            "val_pairs": [asdict(p) for p in self.val_pairs], "val_ref_logps": self.val_ref_logps,
+            "best_val_loss": self.best_val_loss, "best_weights": self.best_weights, "bad_evals": self.bad_evals,
             "pair_counts": list(self.pair_counts), "val_history": self.val_history,
             "val_transcripts": self.val_transcripts,
         }
@@ -587,6 +672,9 @@ class DebateModule(L.LightningModule):
         self.ref_logps, self.order_, self.position = state["ref_logps"], list(state["order"]), state["position"]
         self.pair_counts, self.val_history = list(state["pair_counts"]), state["val_history"]
         self.val_transcripts = state["val_transcripts"]
+        self.val_pairs = [PreferencePair(**p) for p in state.get("val_pairs", [])]
+        self.val_ref_logps, self.best_val_loss = state.get("val_ref_logps"), state.get("best_val_loss")
+        self.best_weights, self.bad_evals = state.get("best_weights"), state.get("bad_evals", 0)
 
 
 def _transcript_row(tr: DebateTranscript) -> dict[str, Any]:

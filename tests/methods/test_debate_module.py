@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import StopAfter
 
+from lit_align.callbacks import BatchCheckpoint
 from lit_align.data.qa import QADataModule
 from lit_align.data.records import DataSource
 from lit_align.debate.protocol import HINT_PREFIX
@@ -158,12 +159,68 @@ def test_resume_is_exact_in_the_middle_of_a_phase(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_generate_stages_are_checkpointed_and_resume_exactly(tmp_path):
+    """BatchCheckpoint writes in generate stages (no optimiser step, so ModelCheckpoint would not): stop after
+    the first of two generate batches, resume from its file, and end where the uninterrupted run ends."""
+    def fit(root, stop=None, ckpt_path=None) -> DebateModule:
+        L.seed_everything(0)
+        module = _module(questions_per_phase=8)
+        callbacks = [BatchCheckpoint(dirpath=str(root))] + ([StopAfter(stop)] if stop else [])
+        _trainer(root, callbacks).fit(module, _data(), ckpt_path=ckpt_path)
+        return module
+
+    straight = fit(tmp_path / "a")
+    stopped = fit(tmp_path / "b", stop=1)
+    assert stopped.stage == "generate" and stopped.questions_done == 4 and stopped.trainer.global_step == 0
+    assert not list((tmp_path / "b").glob(".*.tmp"))  # written under a temporary name, then renamed
+    resumed = fit(tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last-batch.ckpt"))
+    assert resumed.pair_counts == straight.pair_counts and resumed.step_count == straight.step_count
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_dpo_validation_stops_early_and_restores_the_best_weights(tmp_path):
+    """With DPO validation pairs (questions after the training ones), each phase evaluates every step, stops
+    after ``dpo_patience`` evaluations without a new best, and ends at the weights of its best evaluation."""
+    L.seed_everything(0)
+
+    class Track(L.Callback):
+        def __init__(self) -> None:
+            self.runs: dict[str, list[tuple[float, dict[str, torch.Tensor]]]] = {"actor": [], "critic": []}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            for player in ("actor", "critic"):
+                loss = module.last_step_metrics.get(f"{player}/val_loss")
+                if loss is not None:
+                    weights = {n: t.detach().clone() for n, t in module.players.trainable(player).items()}
+                    self.runs[player].append((loss, weights))
+
+    track = Track()
+    module = _module(questions_per_phase=4, dpo_val_questions=4, dpo_epochs=8, dpo_eval_every=1, dpo_patience=2,
+                     lr=5e-2)
+    _trainer(tmp_path, [track]).fit(module, _data())
+    assert module.stage == "done"
+    questions = module._phase_questions()
+    assert len(questions) == 8 and len({q.question for q in questions}) == 8  # training and validation disjoint
+    for player, run in track.runs.items():
+        losses = [loss for loss, _ in run]
+        best = min(range(len(losses)), key=losses.__getitem__)
+        steps = math.ceil(module.pair_counts[("actor", "critic").index(player)] / 2) * 8  # 8 epochs, 2 pairs a step
+        assert len(run) == (best + 1 + 2 if best + 1 + 2 < steps else steps)  # stopped at patience, or the end
+        for name, param in module.players.trainable(player).items():
+            torch.testing.assert_close(param, run[best][1][name], rtol=0, atol=0)
+    stopped = [len(run) < math.ceil(n / 2) * 8 for run, n in zip(track.runs.values(), module.pair_counts)]
+    assert any(stopped)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"order": ("actor", "actor")}, "model.order"),
     ({"pair_rule": "both"}, "model.pair_rule"),
     ({"epsilon": 1.5}, "model.epsilon"),
     ({"k": 0}, "model.k"),
     ({"critic_rollout_actor": "best"}, "model.critic_rollout_actor"),
+    ({"dpo_patience": 0}, "model.dpo_patience"),
+    ({"dpo_val_questions": -1}, "model.dpo_val_questions"),
 ])
 def test_bad_configuration_names_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
