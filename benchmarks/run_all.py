@@ -7,7 +7,8 @@ allocator state leak into the next):
 * ``benchmarks/logps_memory.py``: chunked log-probs vs full logits (peak memory, time);
 * ``benchmarks/dpo_step.py``: a DPO optimiser step, lit_align vs TRL vs a hand-written loop;
 * ``benchmarks/wagle.py``, ``kgw.py``, ``watermark_step.py``, ``game_step.py``, ``debate_step.py``:
-  method-specific costs.
+  method-specific costs;
+* ``benchmarks/debate_gain.py``: the tiny ACC-Debate team's held-out accuracy before and after training.
 
 Each prints one JSON line (the last line starting with ``{`` that has a ``"bench"`` key is
 taken). ``results.json`` holds those lines, the date, the versions of the libraries involved and
@@ -51,6 +52,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "watermark_step": ("watermark_step.py", [], ["--steps", "8", "--warmup", "2"]),
     "game_step": ("game_step.py", [], ["--steps", "6", "--warmup", "1", "--skip-memory"]),
     "debate_step": ("debate_step.py", [], ["--generate", "1", "--dpo", "2"]),
+    "debate_gain": ("debate_gain.py", [], ["--questions", "16", "--val-questions", "8", "--repeats", "2"]),
 }
 PACKAGES = ("torch", "transformers", "trl", "lightning", "peft", "datasets", "lit_align")
 
@@ -208,6 +210,18 @@ def rows(results: dict[str, dict]) -> list[dict]:
             ds.get("generate_step_ms"), "report only", None, None, "<=", 1.0, " ms")
         add("debate_step", "one-step rollouts for rewards, per second (batched: one sampler call per role per round)",
             ds.get("rollouts_per_s"), "report only", None, None, ">=", 1.0, " rollouts/s")
+    dg = results.get("debate_gain", {})
+    if "error" not in dg and dg:
+        teams = dg["teams"]
+        trained, untrained = teams["trained"], teams["untrained"]
+        # met: the gain clears both 95% intervals (a ratio >= 1 alone would count noise as a gain)
+        out.append({"benchmark": "debate_gain", "what": (
+            f"ACC-Debate held-out accuracy after the last round, trained team (tiny setup, {dg.get('val_questions')} "
+            f"questions x {dg.get('repeats')} debates, 95% CI ±{trained['final_ci95']} / ±{untrained['final_ci95']}; "
+            f"trained actor only {teams['trained_actor']['final']}, trained critic only {teams['trained_critic']['final']})"),
+            "lit_align": trained["final"], "peer_name": "untrained team", "peer": untrained["final"],
+            "ratio": round(trained["final"] / max(untrained["final"], 1e-9), 3), "target": "gain > both CIs",
+            "met": trained["final"] - untrained["final"] > trained["final_ci95"] + untrained["final_ci95"], "unit": ""})
     for name, r in results.items():
         if "error" in r:
             out.append({"benchmark": name, "what": "failed (see results.json)", "lit_align": None, "peer_name": "",
