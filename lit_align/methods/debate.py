@@ -77,8 +77,8 @@ class DebateModule(L.LightningModule):
     trained on. Every ``dpo_eval_every`` optimiser steps and after the last one, the DPO loss on them is
     logged (``train/<player>/val_loss``); after ``dpo_patience`` evaluations without a new best the phase
     stops early, and with ``restore_best`` the player ends the phase with its weights at the best
-    evaluation. This is what keeps a small model from DPO over-optimisation (chosen and rejected
-    log-probs both collapsing, degenerate text).
+    evaluation: a guard against DPO over-optimisation (chosen and rejected log-probs both collapsing,
+    degenerate text).
 
     The critic's data comes from the **current** actor (``critic_rollout_actor: current``, the paper's
     best response: after an actor-first phase, the updated actor) or from the starting checkpoint
