@@ -201,7 +201,7 @@ def test_dpo_validation_stops_early_and_restores_the_best_weights(tmp_path):
     _trainer(tmp_path, [track]).fit(module, _data())
     assert module.stage == "done"
     questions = module._phase_questions()
-    assert len(questions) == 8 and len({q.question for q in questions}) == 8  # training and validation disjoint
+    assert len(questions) == 8 and len({(q.question, q.options) for q in questions}) == 8  # disjoint splits
     for player, run in track.runs.items():
         losses = [loss for loss, _ in run]
         best = min(range(len(losses)), key=losses.__getitem__)
@@ -211,6 +211,12 @@ def test_dpo_validation_stops_early_and_restores_the_best_weights(tmp_path):
             torch.testing.assert_close(param, run[best][1][name], rtol=0, atol=0)
     stopped = [len(run) < math.ceil(n / 2) * 8 for run, n in zip(track.runs.values(), module.pair_counts)]
     assert any(stopped)
+
+
+def test_too_few_training_questions_name_both_keys(tmp_path):
+    module = _module(questions_per_phase=399, dpo_val_questions=2)  # builtin:tiny_qa has 400
+    with pytest.raises(ValueError, match=r"model.questions_per_phase \(399\) plus model.dpo_val_questions \(2\)"):
+        _trainer(tmp_path).fit(module, _data())
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
