@@ -51,7 +51,7 @@ def main() -> None:
 
     from lit_align.data.qa import QADataModule, load_qa
     from lit_align.data.records import DataSource
-    from lit_align.debate.protocol import accuracy_by_round, run_debate
+    from lit_align.debate.protocol import accuracy_by_round
     from lit_align.methods import DebateModule
     from lit_align.models import LoRASpec, ModelSpec
 
@@ -75,9 +75,9 @@ def main() -> None:
 
     val = load_qa(DataSource(path="builtin:tiny_qa/val"))
     teams = {
-        "untrained": (module._initial_agent("actor"), module._initial_agent("critic")),
-        "trained_actor": (module.agent("actor"), module._initial_agent("critic")),
-        "trained_critic": (module._initial_agent("actor"), module.agent("critic")),
+        "untrained": (module.initial_agent("actor"), module.initial_agent("critic")),
+        "trained_actor": (module.agent("actor"), module.initial_agent("critic")),
+        "trained_critic": (module.initial_agent("actor"), module.agent("critic")),
         "trained": (module.agent("actor"), module.agent("critic")),
     }
     results: dict[str, dict] = {}
@@ -87,10 +87,7 @@ def main() -> None:
             per_repeat = []
             for repeat in range(args.repeats):
                 generator = torch.Generator().manual_seed(1000 + repeat)
-                transcripts = run_debate(actor_agent, critic_agent, module.tokenizer, val, module.rounds,
-                                         module.sampling["actor"], critic_sampling=module.sampling["critic"],
-                                         generator=generator, max_tries=module.max_tries,
-                                         chat_template=module.chat_template)
+                transcripts = module.debate(val, generator, actor_agent, critic_agent)
                 per_repeat.append(accuracy_by_round(transcripts))
             by_round = [statistics.fmean(r[t] for r in per_repeat) for t in range(module.rounds)]
             finals = [r[-1] for r in per_repeat]

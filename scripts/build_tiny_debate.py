@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -154,21 +152,11 @@ def train_examples():
 
 
 def build(out: Path) -> Path:
-    from lit_align.cli import cli_main
+    from _tiny_sft import train_tiny_model
 
     target = out / NAME
-    with tempfile.TemporaryDirectory() as root:
-        data = Path(root) / "debate_sft.jsonl"
-        rows = sft_rows(train_examples(), random.Random(0))
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        export = Path(root) / "export"
-        cli_main([
-            "fit", "--config", str(CONFIG), f"--data.train.path={data}", f"--trainer.default_root_dir={root}",
-            "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.callbacks.dirpath={export}",
-        ])
-        shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(export, target)
+    rows = sft_rows(train_examples(), random.Random(0))
+    train_tiny_model(CONFIG, rows, target)
     print(f"wrote {target} ({len(rows)} SFT rows)")
     return target
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,22 +139,12 @@ def sft_rows(seeds: list[str], rng: random.Random, per_seed: int = 2) -> list[di
 
 
 def build(out: Path) -> None:
-    from lit_align.cli import cli_main
+    from _tiny_sft import train_tiny_model
 
     write_seed_prompts(BUILTIN)
     train, _ = seed_questions()
     target = out / "tiny-game-base"
-    with tempfile.TemporaryDirectory() as root:
-        data = Path(root) / "game_sft.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(train, random.Random(0))), encoding="utf-8")
-        export = Path(root) / "export"
-        cli_main([
-            "fit", "--config", str(CONFIG), f"--data.train.path={data}", f"--trainer.default_root_dir={root}",
-            "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.callbacks.dirpath={export}",
-        ])
-        shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(export, target)
+    train_tiny_model(CONFIG, sft_rows(train, random.Random(0)), target)
     print(f"wrote {target}")
 
 

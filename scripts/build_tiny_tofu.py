@@ -16,11 +16,9 @@ Each takes about 40 s on two CPU cores. The models are small (about 2.5 MB each,
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
-from lit_align.cli import cli_main
+from _tiny_sft import train_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "sft" / "tiny_tofu.yaml"
@@ -30,16 +28,7 @@ MODELS = {"tiny-tofu-full": "builtin:fictitious_facts", "tiny-tofu-retain90": "b
 def build(out: Path) -> None:
     for name, data in MODELS.items():
         target = out / name
-        with tempfile.TemporaryDirectory() as root:
-            export = Path(root) / "export"
-            cli_main([
-                "fit", "--config", str(CONFIG), f"--data.train.path={data}", f"--trainer.default_root_dir={root}",
-                "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                f"--trainer.callbacks.dirpath={export}",
-            ])
-            shutil.rmtree(target, ignore_errors=True)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(export, target)
+        train_tiny_model(CONFIG, data, target)
         print(f"wrote {target}")
 
 

@@ -313,7 +313,9 @@ class DebateModule(L.LightningModule):
         """The protocol's agent for ``player``: a context factory activating its adapter."""
         return lambda: self.players.acting(player)
 
-    def _initial_agent(self, player: str):
+    def initial_agent(self, player: str):
+        """The protocol's agent for ``player`` as it started the run (the base with its adapter off, or its
+        frozen copy): the untrained team, and the released scripts' rollout actor."""
         @contextmanager
         def initial() -> Iterator[nn.Module]:
             with self.players.acting(player) as policy:
@@ -321,6 +323,14 @@ class DebateModule(L.LightningModule):
                 with context() if context is not None else nullcontext():
                     yield model
         return initial
+
+    def debate(self, examples: list[QAExample], generator: torch.Generator, actor=None, critic=None
+               ) -> list[DebateTranscript]:
+        """A debate of ``rounds`` rounds on ``examples`` with the module's sampling, answer retries and prompt
+        format; the current players unless ``actor`` / ``critic`` agents are given."""
+        return run_debate(actor or self.agent("actor"), critic or self.agent("critic"), self.tokenizer, examples,
+                          self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
+                          generator=generator, max_tries=self.max_tries, chat_template=self.chat_template)
 
     #: purposes of the seeded draws (trials use 0 .. _TRIALS - 1): disjoint, so no two draws share a seed
     _TRIALS, _ORDER, _VAL, _PREDICT, _QUESTIONS = 1 << 20, (1 << 20) + 1, (1 << 20) + 2, (1 << 20) + 3, (1 << 20) + 4
@@ -345,9 +355,8 @@ class DebateModule(L.LightningModule):
         """Natural debates, guided responses, rollout rewards and pairs for ``player`` on ``examples``."""
         actor, critic = self.agent("actor"), self.agent("critic")
         if player == "critic" and self.critic_rollout_actor == "initial":
-            actor = self._initial_agent("actor")  # the released scripts: the critic's data comes from the starting actor
+            actor = self.initial_agent("actor")  # the released scripts: the critic's data comes from the starting actor
         rollout_actor = actor
-        common = dict(chat_template=self.chat_template)
         rounds = code_round_ranges(self.rounds)[player] if self.pair_rounds == "code" else range(self.rounds)
         pairs: list[PreferencePair] = []
         stats = {"natural_accuracy": 0.0, "candidates": 0.0, "rollouts": 0.0, "time/debate": 0.0, "time/guided": 0.0,
@@ -355,9 +364,7 @@ class DebateModule(L.LightningModule):
         for trial in range(self.trials):
             generator, rng = self._generator(trial), self._rng(trial)
             start = time.perf_counter()
-            transcripts = run_debate(actor, critic, self.tokenizer, examples, self.rounds, self.sampling["actor"],
-                                     critic_sampling=self.sampling["critic"], generator=generator,
-                                     max_tries=self.max_tries, **common)
+            transcripts = self.debate(examples, generator, actor, critic)
             stats["natural_accuracy"] += sum(t.final_correct for t in transcripts) / len(transcripts) / self.trials
             stats["time/debate"] += time.perf_counter() - start
             for t in rounds:
@@ -367,7 +374,8 @@ class DebateModule(L.LightningModule):
                 keep_natural = self.pair_rule == "code"
                 guided = {target: guided_responses(self.agent(player), self.tokenizer, transcripts, t, player, target,
                                                    trial, self.sampling[player], generator=generator, rng=rng,
-                                                   natural_critic_at_trial0=keep_natural, **common)
+                                                   natural_critic_at_trial0=keep_natural,
+                                                   chat_template=self.chat_template)
                           for target in ("correct", "wrong")}
                 stats["time/guided"] += time.perf_counter() - start
                 start = time.perf_counter()
@@ -582,10 +590,7 @@ class DebateModule(L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: QABatch, batch_idx: int) -> None:
         """A seeded debate on the validation questions: accuracy after each round."""
-        transcripts = run_debate(self.agent("actor"), self.agent("critic"), self.tokenizer, list(batch.examples),
-                                 self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
-                                 generator=self._generator(self._VAL, step=batch_idx), max_tries=self.max_tries,
-                                 chat_template=self.chat_template)
+        transcripts = self.debate(list(batch.examples), self._generator(self._VAL, step=batch_idx))
         correct = torch.tensor([tr.correct_by_round for tr in transcripts], dtype=torch.bool, device=self.device)
         self._val_accuracy.update(correct)
         self._val_buffer.extend(transcripts[: max(0, self.num_val_transcripts - len(self._val_buffer))])
@@ -629,10 +634,7 @@ class DebateModule(L.LightningModule):
     def predict_step(self, batch: QABatch, batch_idx: int) -> list[dict[str, Any]]:
         """One debate per question (``lit-align predict``): ``{prompt: question, completion: the actor's
         final response}``, as every method's predictions."""
-        transcripts = run_debate(self.agent("actor"), self.agent("critic"), self.tokenizer, list(batch.examples),
-                                 self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
-                                 generator=self._generator(self._PREDICT, step=batch_idx), max_tries=self.max_tries,
-                                 chat_template=self.chat_template)
+        transcripts = self.debate(list(batch.examples), self._generator(self._PREDICT, step=batch_idx))
         return [{"prompt": tr.example.question, "completion": tr.turns[-1].actor_response} for tr in transcripts]
 
     def export_policy(self) -> nn.Module:
