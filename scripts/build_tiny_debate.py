@@ -9,7 +9,10 @@ Run from the repository root::
 A tiny Qwen2 trained with the repo's SFT (``configs/sft/tiny_debate.yaml``) to play **both** the actor
 and the critic of :mod:`lit_align.debate.protocol` on the ``builtin:tiny_qa`` **training** questions
 (never the held-out ``builtin:tiny_qa/val`` ones). Every prompt is the protocol's exact plain text
-(``chat_template=False``), the response is short (at most about 20 tokens) and ends with EOS:
+(``chat_template=False``), the response is short (at most about 20 tokens) and ends with EOS. Each tiny
+question's passage ends with its answer (see ``lit_align/data/builtin/README.md``), so "right with
+probability p" below teaches the model to heed the passage with probability p; it generalises to the
+held-out questions, and DPO has something to sharpen:
 
 - actor basic (:func:`actor_basic_prompt`) -> a one-sentence justification naming an answer, then
   ``Answer: <X>``; X is right with probability :data:`P_RIGHT` (so accuracy has room to improve);

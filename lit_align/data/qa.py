@@ -41,8 +41,8 @@ the same columns work too; ``fields`` renames columns, e.g. ``fields: {question:
 Bad records raise, naming the source, the record and the fix; nothing is dropped silently (the spec
 drops no QA record, and a question without a checkable gold answer cannot be scored).
 
-Built-ins: ``builtin:tiny_qa`` (400 synthetic questions) and ``builtin:tiny_qa/val`` (80 held-out
-ones), made by :func:`build_tiny_qa` (``python -m lit_align.data.qa`` rewrites them), see
+Built-ins: ``builtin:tiny_qa`` (400 synthetic questions, each with a passage that settles it) and
+``builtin:tiny_qa/val`` (80 held-out ones), made by :func:`build_tiny_qa` (``python -m lit_align.data.qa`` rewrites them), see
 ``lit_align/data/builtin/README.md``.
 """
 
@@ -495,39 +495,44 @@ def _category_of(word: str) -> str:
     return next(c for c, (_, members) in _CATEGORIES.items() if word in members)
 
 
-def _yn_compare(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str]:
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _yn_compare(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str, str]:
     a, b = rng.sample(range(21), 2)
     rel, holds = rng.choice([("greater", a > b), ("less", a < b)])
     if holds != yes:
         a, b = b, a
-    return f"Is {a} {rel} than {b}?", (), "yes" if yes else "no"
+    return f"Is {a} {rel} than {b}?", (), "yes" if yes else "no", f"{a} is {'greater' if a > b else 'less'} than {b}."
 
 
-def _yn_category(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str]:
+def _yn_category(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str, str]:
     category = rng.choice(list(_CATEGORIES))
     phrase, members = _CATEGORIES[category]
     pool = members if yes else [w for c, (_, ws) in _CATEGORIES.items() if c != category for w in ws]
     word = rng.choice(pool)
     named = _named(word, _category_of(word))
-    return f"Is {named} {phrase}?", (), "yes" if yes else "no"
+    fact = f"{_sentence(named)} is {_CATEGORIES[_category_of(word)][0]}."
+    return f"Is {named} {phrase}?", (), "yes" if yes else "no", fact
 
 
-def _yn_even(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str]:
+def _yn_even(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str, str]:
     n = rng.randrange(0, 100, 2) + (0 if yes else 1)
-    return f"Is {n} an even number?", (), "yes" if yes else "no"
+    return f"Is {n} an even number?", (), "yes" if yes else "no", f"{n} is an {'even' if yes else 'odd'} number."
 
 
-def _yn_capital(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str]:
+def _yn_capital(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str, str]:
     country, capital = rng.choice(_CAPITALS)
     city = capital if yes else rng.choice([c for _, c in _CAPITALS if c != capital])
     frame = rng.choice(["Is {city} the capital of {country}?", "Is the capital of {country} {city}?"])
-    return frame.format(city=city, country=country), (), "yes" if yes else "no"
+    return frame.format(city=city, country=country), (), "yes" if yes else "no", f"The capital of {country} is {capital}."
 
 
-def _yn_sum(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str]:
+def _yn_sum(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str, str]:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     total = a + b if yes else a + b + rng.choice([-2, -1, 1, 2])
-    return f"Is {a} plus {b} equal to {total}?", (), "yes" if yes else "no"
+    return f"Is {a} plus {b} equal to {total}?", (), "yes" if yes else "no", f"{a} plus {b} is {a + b}."
 
 
 def _mc(right: str, wrong: list[str], k: int, pos: int) -> tuple[tuple[str, ...], str]:
@@ -536,37 +541,38 @@ def _mc(right: str, wrong: list[str], k: int, pos: int) -> tuple[tuple[str, ...]
     return tuple(options), LETTERS[pos]
 
 
-def _mc_category(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str]:
+def _mc_category(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str, str]:
     category = rng.choice(list(_CATEGORIES))
     phrase, members = _CATEGORIES[category]
     others = rng.sample([c for c in _CATEGORIES if c != category], k - 1)
-    options, answer = _mc(rng.choice(members), [rng.choice(_CATEGORIES[c][1]) for c in others], k, pos)
-    return f"Which of these is {phrase}?", options, answer
+    right = rng.choice(members)
+    options, answer = _mc(right, [rng.choice(_CATEGORIES[c][1]) for c in others], k, pos)
+    return f"Which of these is {phrase}?", options, answer, f"{_sentence(_named(right, category))} is {phrase}."
 
 
-def _mc_sum(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str]:
+def _mc_sum(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str, str]:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     wrong = rng.sample([a + b + d for d in (-3, -2, -1, 1, 2, 3) if a + b + d >= 0], k - 1)
     options, answer = _mc(str(a + b), [str(w) for w in wrong], k, pos)
-    return f"What is {a} plus {b}?", options, answer
+    return f"What is {a} plus {b}?", options, answer, f"{a} plus {b} is {a + b}."
 
 
-def _mc_largest(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str]:
+def _mc_largest(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str, str]:
     numbers = sorted(rng.sample(range(30), k))
     options, answer = _mc(str(numbers[-1]), [str(n) for n in rng.sample(numbers[:-1], k - 1)], k, pos)
-    return "Which number is the largest?", options, answer
+    return "Which number is the largest?", options, answer, f"Of these, {numbers[-1]} is the largest."
 
 
-def _mc_capital(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str]:
+def _mc_capital(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str, str]:
     country, capital = rng.choice(_CAPITALS)
     options, answer = _mc(capital, rng.sample([c for _, c in _CAPITALS if c != capital], k - 1), k, pos)
-    return f"What is the capital of {country}?", options, answer
+    return f"What is the capital of {country}?", options, answer, f"The capital of {country} is {capital}."
 
 
-def _mc_object_colour(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str]:
+def _mc_object_colour(rng: random.Random, k: int, pos: int) -> tuple[str, tuple[str, ...], str, str]:
     obj, colour = rng.choice(_OBJECT_COLOURS)
     options, answer = _mc(colour, rng.sample([c for c in _COLOURS if c != colour], k - 1), k, pos)
-    return f"What colour is a {obj}?", options, answer
+    return f"What colour is a {obj}?", options, answer, f"A {obj} is {colour}."
 
 
 _YES_NO_FAMILIES = [_yn_compare, _yn_category, _yn_even, _yn_capital, _yn_sum]
@@ -580,7 +586,10 @@ def build_tiny_qa(seed: int = 0) -> dict[str, list[QAExample]]:
     (no question, with its options, appears twice across both splits): five yes/no families (number
     comparisons, category membership, even numbers, capitals of invented countries, small sums) and five
     multiple-choice ones (which word is in a category, a small sum, the largest number, a capital, an
-    invented object's colour). Balance: yes/no answers alternate within each family (half yes); the
+    invented object's colour). Each question's ``context`` is a passage that settles it: the fact, then
+    ``So the answer is <answer>`` written as guided prompts write a target (``no``, ``A) silver``), so a
+    tiny model can read the answer off it (it cannot learn the world's facts from 400 questions).
+    Balance: yes/no answers alternate within each family (half yes); the
     questions of each multiple-choice family have 2, 3, 4, 2, 3, 4, ... options and the right option of
     the split's ``n``-th question with ``k`` options is letter ``n % k``, so, given the number of
     options, each letter is right equally often (always answering "A" scores chance). Each split is
@@ -590,7 +599,7 @@ def build_tiny_qa(seed: int = 0) -> dict[str, list[QAExample]]:
     seen: set[tuple[str, tuple[str, ...]]] = set()
     splits: dict[str, list[QAExample]] = {}
     for split, per_family in zip(("train", "val"), TINY_QA_PER_FAMILY, strict=True):
-        items: list[tuple[str, tuple[str, ...], str]] = []
+        items: list[tuple[str, tuple[str, ...], str, str]] = []
         per_k = {2: 0, 3: 0, 4: 0}  # multiple-choice questions of this split with k options so far
         for family in _YES_NO_FAMILIES + _MC_FAMILIES:
             for j in range(per_family):
@@ -608,17 +617,23 @@ def build_tiny_qa(seed: int = 0) -> dict[str, list[QAExample]]:
                 per_k[k] += family in _MC_FAMILIES
                 items.append(item)
         rng.shuffle(items)
-        splits[split] = [QAExample(q, a, "multiple_choice" if opts else "yes_no", opts, index=i, source_index=i)
-                         for i, (q, opts, a) in enumerate(items)]
+        splits[split] = [QAExample(q, a, "multiple_choice" if opts else "yes_no", opts, _answer_key(fact, opts, a),
+                                   index=i, source_index=i) for i, (q, opts, a, fact) in enumerate(items)]
     return splits
+
+
+def _answer_key(fact: str, options: tuple[str, ...], answer: str) -> str:
+    """A tiny question's passage: the fact that settles it, then the answer as guided prompts write it."""
+    shown = f"{answer}) {options[LETTERS.index(answer)]}" if options else answer
+    return f"{fact} So the answer is {shown}."
 
 
 def _tiny_qa_csv(examples: list[QAExample]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["question", "options", "answer", "kind"])
+    writer.writerow(["question", "options", "answer", "kind", "context"])
     for ex in examples:
-        writer.writerow([ex.question, "|".join(ex.options), ex.answer, ex.kind])
+        writer.writerow([ex.question, "|".join(ex.options), ex.answer, ex.kind, ex.context])
     return buf.getvalue()
 
 

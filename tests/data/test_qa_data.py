@@ -222,6 +222,9 @@ def test_builtin_files_are_the_generator_output(tmp_path):
             letters = Counter(e.answer for e in split if len(e.options) == k)
             assert set(letters) == set(LETTERS[:k]) and max(letters.values()) - min(letters.values()) <= 1
         assert all(len(e.question) <= 40 for e in split)
+        for e in split:  # each passage states the fact, then the answer as guided prompts write it
+            shown = f"{e.answer}) {e.options[LETTERS.index(e.answer)]}" if e.options else e.answer
+            assert e.context.endswith(f". So the answer is {shown}."), e
 
 
 def _dm(**kw) -> QADataModule:
