@@ -14,7 +14,7 @@ Reported: accuracy after each round for each team (the mean over repeats, with t
 ``display_acc``), the final-round gain of the trained team over the untrained one, the pairs each
 phase built and the wall time.
 
-Usage: ``python benchmarks/debate_gain.py [--questions 160] [--repeats 4] [--pair-rule paper] [--lr 1e-3]``
+Usage: ``python benchmarks/debate_gain.py [--questions 160] [--repeats 16] [--pair-rule paper] [--lr 1e-3]``
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--pair-rule", choices=("paper", "code"), default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--dpo-epochs", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=4, help="debates per held-out question per team")
+    parser.add_argument("--repeats", type=int, default=16, help="debates per held-out question per team")
     parser.add_argument("--base", default=None, help="the base model (default: the config's)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python scripts/build_tiny_debate.py                           # builtin:tiny-debate-base (about 2 min)
+    python scripts/build_tiny_debate.py                           # builtin:tiny-debate-base (about 3 min)
     python scripts/build_tiny_debate.py --calibrate               # also report its debate statistics
     python scripts/build_tiny_debate.py --calibrate --skip-build  # calibrate the shipped model only
 
