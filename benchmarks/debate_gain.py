@@ -12,7 +12,9 @@ adapters on one base, 3 rounds), trained for one iteration (actor phase, then cr
 Reported: accuracy after each round for each team (the mean over repeats, with the 95% interval
 1.96 * std / sqrt(repeats) of the per-repeat final-round accuracies, as the reference code's
 ``display_acc``), the final-round gain of the trained team over the untrained one, the pairs each
-phase built and the wall time.
+phase built and the wall time. For each phase, ``phases`` says which way its pairs point (chosen right
+and rejected wrong, the reverse, or neither) and how its DPO went: the loss on the DPO-validation pairs
+at each evaluation, and the steps taken before early stopping.
 
 Usage: ``python benchmarks/debate_gain.py [--questions 160] [--repeats 16] [--pair-rule paper] [--lr 1e-3]``
 """
@@ -26,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +54,7 @@ def main() -> None:
 
     from lit_align.data.qa import QADataModule, load_qa
     from lit_align.data.records import DataSource
-    from lit_align.debate.protocol import accuracy_by_round
+    from lit_align.debate.protocol import accuracy_by_round, extract_answer
     from lit_align.methods import DebateModule
     from lit_align.models import LoRASpec, ModelSpec
 
@@ -64,13 +67,53 @@ def main() -> None:
         if value is not None:
             kwargs[key] = value
     actor = ModelSpec(name_or_path=args.base or cfg["actor"]["name_or_path"], lora=LoRASpec(**cfg["actor"]["lora"]))
+    class PhaseReport(L.Callback):
+        """Per phase: the direction of its pairs, then each DPO-validation loss and the steps taken."""
+
+        def __init__(self) -> None:
+            self.phases: dict[str, dict] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
+            if self.phases:  # the phase seen last (the module may have moved on): its newest DPO numbers
+                name = next(reversed(self.phases))
+                phase, player = self.phases[name], name.split("/")[1]
+                loss = metrics.get(f"train/{player}/val_loss")
+                if loss is not None and loss != phase["_last"]:
+                    phase["val_loss"].append(loss)
+                    phase["_last"] = loss
+                if metrics.get(f"train/{player}/dpo_steps", phase["_steps"]) != phase["_steps"]:
+                    phase["dpo_steps"] = phase["_steps"] = int(metrics[f"train/{player}/dpo_steps"])
+            if pl_module.stage != "train" or pl_module.current is None:
+                return
+            iteration, player = pl_module.current
+            name = f"{iteration}/{player}"
+            if name not in self.phases:  # the first DPO batch: the generate stage has just built the pairs
+                by_index = {e.index: e for e in trainer.datamodule.examples("train")}
+                ways = Counter()
+                for pair in pl_module.pairs:
+                    ex = by_index[pair.question_index]
+                    chosen, rejected = (extract_answer(t, ex) == ex.answer for t in (pair.chosen, pair.rejected))
+                    ways["right_over_wrong" if chosen and not rejected else
+                         "wrong_over_right" if rejected and not chosen else "neither"] += 1
+                # values logged before this phase (an earlier phase of the same player) are not its own
+                self.phases[name] = {"pairs": dict(ways), "val_loss": [],
+                                     "_last": metrics.get(f"train/{player}/val_loss"),
+                                     "_steps": metrics.get(f"train/{player}/dpo_steps")}
+
+        def summary(self) -> dict[str, dict]:
+            return {name: {k: v for k, v in phase.items() if not k.startswith("_")}
+                    for name, phase in self.phases.items()}
+
+    report = PhaseReport()
     L.seed_everything(0)
     module = DebateModule(actor=actor, **kwargs)
     data = QADataModule(train=DataSource(path="builtin:tiny_qa"), batch_size=16, val_fraction=0.0)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         L.Trainer(max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=root).fit(module, data)
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                  callbacks=[report]).fit(module, data)
     train_s = time.perf_counter() - start
 
     val = load_qa(DataSource(path="builtin:tiny_qa/val"))
@@ -100,6 +143,7 @@ def main() -> None:
         "gain": round(results["trained"]["final"] - results["untrained"]["final"], 4),
         "round0_gain": round(results["trained"]["accuracy_by_round"][0] - results["untrained"]["accuracy_by_round"][0], 4),
         "pairs": module.pair_counts,
+        "phases": report.summary(),
         "questions_per_phase": module.questions_per_phase,
         "dpo_val_questions": module.dpo_val_questions,
         "pair_rule": module.pair_rule,

@@ -42,8 +42,8 @@ Bad records raise, naming the source, the record and the fix; nothing is dropped
 drops no QA record, and a question without a checkable gold answer cannot be scored).
 
 Built-ins: ``builtin:tiny_qa`` (400 synthetic questions, each with a passage that settles it) and
-``builtin:tiny_qa/val`` (80 held-out ones), made by :func:`build_tiny_qa` (``python -m lit_align.data.qa`` rewrites them), see
-``lit_align/data/builtin/README.md``.
+``builtin:tiny_qa/val`` (80 held-out ones), made by :func:`build_tiny_qa` (``python -m lit_align.data.qa``
+rewrites them), see ``lit_align/data/builtin/README.md``.
 """
 
 from __future__ import annotations
@@ -526,7 +526,8 @@ def _yn_capital(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], st
     country, capital = rng.choice(_CAPITALS)
     city = capital if yes else rng.choice([c for _, c in _CAPITALS if c != capital])
     frame = rng.choice(["Is {city} the capital of {country}?", "Is the capital of {country} {city}?"])
-    return frame.format(city=city, country=country), (), "yes" if yes else "no", f"The capital of {country} is {capital}."
+    fact = f"The capital of {country} is {capital}."
+    return frame.format(city=city, country=country), (), "yes" if yes else "no", fact
 
 
 def _yn_sum(rng: random.Random, yes: bool) -> tuple[str, tuple[str, ...], str, str]:
