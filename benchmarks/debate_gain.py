@@ -72,18 +72,11 @@ def main() -> None:
 
         def __init__(self) -> None:
             self.phases: dict[str, dict] = {}
+            self.batch: tuple[str, str] | None = None  # (phase, player) of the DPO batch in flight
+            self.seen: dict[str, float] = {}  # callback_metrics keeps old values: the last one read per key
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
-            if self.phases:  # the phase seen last (the module may have moved on): its newest DPO numbers
-                name = next(reversed(self.phases))
-                phase, player = self.phases[name], name.split("/")[1]
-                loss = metrics.get(f"train/{player}/val_loss")
-                if loss is not None and loss != phase["_last"]:
-                    phase["val_loss"].append(loss)
-                    phase["_last"] = loss
-                if metrics.get(f"train/{player}/dpo_steps", phase["_steps"]) != phase["_steps"]:
-                    phase["dpo_steps"] = phase["_steps"] = int(metrics[f"train/{player}/dpo_steps"])
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.batch = None
             if pl_module.stage != "train" or pl_module.current is None:
                 return
             iteration, player = pl_module.current
@@ -96,14 +89,22 @@ def main() -> None:
                     chosen, rejected = (extract_answer(t, ex) == ex.answer for t in (pair.chosen, pair.rejected))
                     ways["right_over_wrong" if chosen and not rejected else
                          "wrong_over_right" if rejected and not chosen else "neither"] += 1
-                # values logged before this phase (an earlier phase of the same player) are not its own
-                self.phases[name] = {"pairs": dict(ways), "val_loss": [],
-                                     "_last": metrics.get(f"train/{player}/val_loss"),
-                                     "_steps": metrics.get(f"train/{player}/dpo_steps")}
+                self.phases[name] = {"pairs": dict(ways), "val_loss": []}
+            self.batch = (name, player)
 
-        def summary(self) -> dict[str, dict]:
-            return {name: {k: v for k, v in phase.items() if not k.startswith("_")}
-                    for name, phase in self.phases.items()}
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.batch is None:
+                return
+            name, player = self.batch
+            for key in ("val_loss", "dpo_steps"):
+                value = trainer.callback_metrics.get(f"train/{player}/{key}")
+                if value is None or round(float(value), 4) == self.seen.get(f"{player}/{key}"):
+                    continue
+                self.seen[f"{player}/{key}"] = round(float(value), 4)
+                if key == "val_loss":
+                    self.phases[name]["val_loss"].append(round(float(value), 4))
+                else:
+                    self.phases[name]["dpo_steps"] = int(value)
 
     report = PhaseReport()
     L.seed_everything(0)
@@ -143,7 +144,7 @@ def main() -> None:
         "gain": round(results["trained"]["final"] - results["untrained"]["final"], 4),
         "round0_gain": round(results["trained"]["accuracy_by_round"][0] - results["untrained"]["accuracy_by_round"][0], 4),
         "pairs": module.pair_counts,
-        "phases": report.summary(),
+        "phases": report.phases,
         "questions_per_phase": module.questions_per_phase,
         "dpo_val_questions": module.dpo_val_questions,
         "pair_rule": module.pair_rule,

@@ -74,6 +74,7 @@ __all__ = [
     "QADataset",
     "QAExample",
     "QAKind",
+    "answer_display",
     "build_tiny_qa",
     "collate_qa",
     "load_qa",
@@ -171,6 +172,13 @@ def _number(value: Any) -> str:
     if d == d.to_integral_value():
         return str(int(d))
     return format(d.normalize(), "f")
+
+
+def answer_display(example: QAExample, answer: str) -> str:
+    """How an answer is written in guided prompts and tiny passages: ``yes``, ``B) <option text>``, ``42``."""
+    if example.kind == "multiple_choice":
+        return f"{answer}) {example.options[LETTERS.index(answer)]}"
+    return answer
 
 
 def normalize_answer(value: Any, kind: QAKind, options: tuple[str, ...] | list[str] = ()) -> str:
@@ -618,15 +626,11 @@ def build_tiny_qa(seed: int = 0) -> dict[str, list[QAExample]]:
                 per_k[k] += family in _MC_FAMILIES
                 items.append(item)
         rng.shuffle(items)
-        splits[split] = [QAExample(q, a, "multiple_choice" if opts else "yes_no", opts, _answer_key(fact, opts, a),
-                                   index=i, source_index=i) for i, (q, opts, a, fact) in enumerate(items)]
+        splits[split] = []
+        for i, (q, opts, a, fact) in enumerate(items):
+            ex = QAExample(q, a, "multiple_choice" if opts else "yes_no", opts, index=i, source_index=i)
+            splits[split].append(replace(ex, context=f"{fact} So the answer is {answer_display(ex, a)}."))
     return splits
-
-
-def _answer_key(fact: str, options: tuple[str, ...], answer: str) -> str:
-    """A tiny question's passage: the fact that settles it, then the answer as guided prompts write it."""
-    shown = f"{answer}) {options[LETTERS.index(answer)]}" if options else answer
-    return f"{fact} So the answer is {shown}."
 
 
 def _tiny_qa_csv(examples: list[QAExample]) -> str:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lit_align.data.qa import LETTERS, QAExample
+from lit_align.data.qa import LETTERS, QAExample, answer_display
 from lit_align.data.tokenize import encode_prompt
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
@@ -84,14 +84,6 @@ def answer_instruction(example: QAExample) -> str:
         letters = ", ".join(LETTERS[: len(example.options)])
         return f'End with a last line of the form "Answer: X" where X is one letter among {letters}.'
     return 'End with a last line of the form "Answer: N" where N is a single number.'
-
-
-def answer_display(example: QAExample, answer: str) -> str:
-    """How a target answer is written in guided prompts: ``yes``, ``B) <option text>``, ``42``."""
-    if example.kind == "multiple_choice":
-        idx = LETTERS.index(answer)
-        return f"{answer}) {example.options[idx]}"
-    return answer
 
 
 def actor_basic_prompt(example: QAExample) -> str:
