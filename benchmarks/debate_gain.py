@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=16, help="debates per held-out question per team")
     parser.add_argument("--base", default=None, help="the base model (default: the config's)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other DebateModule argument, the value read as YAML (repeatable)")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -66,6 +68,11 @@ def main() -> None:
                        ("pair_rule", args.pair_rule), ("lr", args.lr), ("dpo_epochs", args.dpo_epochs)):
         if value is not None:
             kwargs[key] = value
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in kwargs and key not in DebateModule.__init__.__code__.co_varnames:
+            parser.error(f"--set {item!r}: give KEY=VALUE with KEY a DebateModule argument")
+        kwargs[key] = yaml.safe_load(value)
     actor = ModelSpec(name_or_path=args.base or cfg["actor"]["name_or_path"], lora=LoRASpec(**cfg["actor"]["lora"]))
     class PhaseReport(L.Callback):
         """Per phase: the direction of its pairs, then each DPO-validation loss and the steps taken."""

@@ -1,8 +1,8 @@
 """Benchmark: where an ACC-Debate phase's time goes, and how fast rewards are estimated.
 
-Workload: ``configs/debate/tiny.yaml``'s module and data (builtin:tiny-debate-base as actor and critic,
-two LoRA adapters on one base; 3 rounds, 2 trials, K = 4 rollouts, up to 24 new tokens, batches of 16
-built-in tiny QA questions), the actor's phase: ``--generate`` generate steps (each: for every trial a
+Workload: ``configs/debate/tiny.yaml``'s module and data with 2 trials, K = 4 rollouts and 16 DPO-validation
+questions (the config's own: 1, 2 and 32) (builtin:tiny-debate-base as actor and critic, two LoRA adapters on
+one base; 3 rounds, up to 24 new tokens, batches of 16 built-in tiny QA questions), the actor's phase: ``--generate`` generate steps (each: for every trial a
 natural debate of all 16 questions, one sampler call per role per round; per round two guided responses
 per question; the rewards of the natural, toward and away responses by K one-step rollouts, all states
 of a round in one call per role) and then ``--dpo`` DPO steps of 8 pairs. The module reports per
@@ -49,7 +49,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = yaml.safe_load((ROOT / "configs/debate/tiny.yaml").read_text())["model"]["init_args"]
     kwargs = {k: v for k, v in cfg.items() if k != "actor"}
-    kwargs.update(questions_per_phase=16 * args.generate, dpo_epochs=1, max_pairs=8 * args.dpo)
+    # the workload the README row measured (tiny.yaml has since moved to 1 trial, K = 2, 32 DPO-validation questions)
+    kwargs.update(questions_per_phase=16 * args.generate, dpo_epochs=1, max_pairs=8 * args.dpo, trials=2, k=4,
+                  dpo_val_questions=16)
     actor = ModelSpec(name_or_path=cfg["actor"]["name_or_path"], lora=LoRASpec(**cfg["actor"]["lora"]))
     L.seed_everything(0)
     module = DebateModule(actor=actor, **kwargs)

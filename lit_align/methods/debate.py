@@ -643,14 +643,19 @@ class DebateModule(L.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Without frozen reference copies (rebuilt from the specs)."""
+        """Without the frozen weights (reference copies, the base under the LoRA adapters): they are
+        rebuilt from the specs."""
         state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if k.startswith("players.references.")]:
+        for key in self._frozen_keys() & state.keys():
             del state[key]
         return state
 
+    def _frozen_keys(self) -> set[str]:
+        return self.players.frozen_keys("players.") if self.players is not None else set()
+
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
-        own = {k: v for k, v in super().state_dict().items() if k.startswith("players.references.")}
+        frozen = self._frozen_keys()
+        own = {k: v for k, v in super().state_dict().items() if k in frozen}
         return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

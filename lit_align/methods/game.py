@@ -696,15 +696,21 @@ class AdversarialGameModule(L.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------
     _FROZEN_PREFIXES = ("players.references.", "judge.", "eval_judge.", "encoder.")
 
+    def _unsaved(self, key: str, players_frozen: set[str]) -> bool:
+        return key.startswith(self._FROZEN_PREFIXES) or key in players_frozen
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Without the frozen references, judge and encoder: they are rebuilt from their specs."""
+        """Without the frozen weights (references, the base under the LoRA adapters, judge and encoder):
+        they are rebuilt from their specs."""
         state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if k.startswith(self._FROZEN_PREFIXES)]:
+        frozen = self.players.frozen_keys("players.") if self.players is not None else set()
+        for key in [k for k in state if self._unsaved(k, frozen)]:
             del state[key]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
-        own = {k: v for k, v in super().state_dict().items() if k.startswith(self._FROZEN_PREFIXES)}
+        frozen = self.players.frozen_keys("players.") if self.players is not None else set()
+        own = {k: v for k, v in super().state_dict().items() if self._unsaved(k, frozen)}
         return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

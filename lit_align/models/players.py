@@ -140,6 +140,18 @@ class PlayerPolicies(nn.Module):
             return {n: p for n, p in self.policies["shared"].named_parameters() if f".{player}." in n}
         return {n: p for n, p in self.policies[player].named_parameters() if p.requires_grad}
 
+    def frozen_keys(self, prefix: str = "") -> set[str]:
+        """State-dict keys (under ``prefix``) of the frozen weights: the references, and the base weights under
+        LoRA adapters. Both are rebuilt from the specs, so checkpoints leave them out (at 7B the base alone
+        is about 14 GB a save); full-weight players and every adapter, active or not, are kept."""
+        keys = {f"{prefix}references.{k}" for k in self.references.state_dict()}
+        for key, model in self.policies.items():
+            if not is_peft_model(model):
+                continue
+            keep = {n for player in (self.names if key == "shared" else (key,)) for n in self.trainable(player)}
+            keys |= {f"{prefix}policies.{key}.{k}" for k in model.state_dict() if k not in keep and "lora_" not in k}
+        return keys
+
     def export(self, player: str) -> nn.Module:
         """The player's model for ``save_pretrained``: its own model, or (on a shared base) a copy with the
         other adapters removed and the player's merged in."""

@@ -182,6 +182,8 @@ def test_resume_is_exact(tmp_path):
     straight = _fit_with_checkpoints(tmp_path / "a", 6)
     _fit_with_checkpoints(tmp_path / "b", 3)
     checkpoint = tmp_path / "b" / "last.ckpt"  # after batch 3, mid-epoch
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert not [k for k in saved if k.startswith("players.") and "lora_" not in k]  # the frozen base is rebuilt
     resumed = _fit_with_checkpoints(tmp_path / "c", 6, ckpt_path=str(checkpoint))
     assert resumed.step_count == straight.step_count == 6 and resumed.updates == straight.updates
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
