@@ -22,6 +22,7 @@ Usage: ``python benchmarks/debate_gain.py [--questions 160] [--repeats 16] [--pa
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -70,7 +71,7 @@ def main() -> None:
             kwargs[key] = value
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep or key not in kwargs and key not in DebateModule.__init__.__code__.co_varnames:
+        if not sep or key not in inspect.signature(DebateModule).parameters:
             parser.error(f"--set {item!r}: give KEY=VALUE with KEY a DebateModule argument")
         kwargs[key] = yaml.safe_load(value)
     actor = ModelSpec(name_or_path=args.base or cfg["actor"]["name_or_path"], lora=LoRASpec(**cfg["actor"]["lora"]))

@@ -2,9 +2,9 @@
 
 Workload: ``configs/debate/tiny.yaml``'s module and data with 2 trials, K = 4 rollouts and 16 DPO-validation
 questions (the config's own: 1, 2 and 32) (builtin:tiny-debate-base as actor and critic, two LoRA adapters on
-one base; 3 rounds, up to 24 new tokens, batches of 16 built-in tiny QA questions), the actor's phase: ``--generate`` generate steps (each: for every trial a
-natural debate of all 16 questions, one sampler call per role per round; per round two guided responses
-per question; the rewards of the natural, toward and away responses by K one-step rollouts, all states
+one base; 3 rounds, up to 24 new tokens, batches of 16 built-in tiny QA questions), the actor's phase:
+``--generate`` generate steps (each: for every trial a natural debate of all 16 questions, one sampler call
+per role per round; per round two guided responses per question; the rewards of the natural, toward and away responses by K one-step rollouts, all states
 of a round in one call per role) and then ``--dpo`` DPO steps of 8 pairs. The module reports per
 generate step ``time/debate``, ``time/guided``, ``time/rewards`` and ``rollouts`` (rollout samples).
 

@@ -18,13 +18,34 @@ from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fin
 from lit_align.rollout.logps import TokenLogps, token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
-__all__ = ["PolicyModule", "ReferencedPolicyModule", "default_cache_dir", "prompt_ids"]
+__all__ = ["PolicyModule", "ReferencedPolicyModule", "RebuiltWeights", "default_cache_dir", "prompt_ids"]
 
 
 def prompt_ids(batch: SequenceBatch) -> list[list[int]]:
     """The prompt tokens of each row (real tokens before the response)."""
     rows = batch.attention_mask.bool() & ~batch.loss_mask.bool()  # (B, T)
     return [ids[m].tolist() for ids, m in zip(batch.input_ids, rows)]
+
+
+class RebuiltWeights:
+    """Mixin for a LightningModule whose checkpoints leave out frozen weights that are rebuilt from the
+    model specs (reference copies, the base under LoRA adapters, judges): :meth:`_rebuilt_keys` names them,
+    ``state_dict`` drops them, ``load_state_dict`` takes them from the module as built."""
+
+    def _rebuilt_keys(self, keys) -> set[str]:
+        """The state-dict keys among ``keys`` that checkpoints leave out."""
+        raise NotImplementedError
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        for key in self._rebuilt_keys(list(state)):
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        own = super().state_dict()
+        rebuilt = {k: own[k] for k in self._rebuilt_keys(list(own))}
+        return super().load_state_dict({**rebuilt, **state_dict}, strict=strict, assign=assign)
 
 
 class PolicyModule(L.LightningModule):
@@ -160,7 +181,7 @@ def default_cache_dir() -> str:
     return os.environ.get("LIT_ALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lit_align"))
 
 
-class ReferencedPolicyModule(PolicyModule):
+class ReferencedPolicyModule(RebuiltWeights, PolicyModule):
     """A :class:`PolicyModule` with a frozen reference policy (see :mod:`lit_align.models.reference`).
 
     It owns the plumbing every reference-regularised method shares: attaching the reference to the
@@ -226,17 +247,10 @@ class ReferencedPolicyModule(PolicyModule):
     # -- checkpoints -------------------------------------------------------------------------
     _COPY_PREFIX = "reference.copy."
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Without the frozen reference copy: it is rebuilt from the model spec, and would double
-        every checkpoint. (FSDP2 checkpoints are written by torch.distributed.checkpoint, sharded.)"""
-        state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if k.startswith(self._COPY_PREFIX)]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
-        own = {k: v for k, v in super().state_dict().items() if k.startswith(self._COPY_PREFIX)}
-        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+    def _rebuilt_keys(self, keys) -> set[str]:
+        """The frozen reference copy: rebuilt from the model spec, it would double every checkpoint. (FSDP2
+        checkpoints are written by torch.distributed.checkpoint, sharded.)"""
+        return {k for k in keys if k.startswith(self._COPY_PREFIX)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reference"] = self.reference.state()

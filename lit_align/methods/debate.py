@@ -26,6 +26,7 @@ from lit_align.debate.pairs import PreferencePair, build_pairs, code_round_range
 from lit_align.debate.protocol import DebateTranscript, format_prompt, run_debate
 from lit_align.debate.rewards import RewardState, guided_responses, rollout_reward
 from lit_align.losses.preference import dpo_loss
+from lit_align.methods.base import RebuiltWeights
 from lit_align.metrics.debate import DebateAccuracy
 from lit_align.models import ModelSpec, build_tokenizer
 from lit_align.models.causal_lm import eval_mode
@@ -38,7 +39,7 @@ __all__ = ["DebateModule"]
 PLAYERS = ("actor", "critic")
 
 
-class DebateModule(L.LightningModule):
+class DebateModule(RebuiltWeights, L.LightningModule):
     """ACC-Collab (core.md §1): a two-agent debate team, an **actor** that answers with a brief
     justification and a **critic** that gives feedback, trained by iterative best response with DPO on
     preference pairs built from guided (off-policy) responses and one-step-rollout rewards.
@@ -642,21 +643,9 @@ class DebateModule(L.LightningModule):
         return self.players.export("actor")
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Without the frozen weights (reference copies, the base under the LoRA adapters): they are
-        rebuilt from the specs."""
-        state = super().state_dict(*args, **kwargs)
-        for key in self._frozen_keys() & state.keys():
-            del state[key]
-        return state
-
-    def _frozen_keys(self) -> set[str]:
-        return self.players.frozen_keys("players.") if self.players is not None else set()
-
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
-        frozen = self._frozen_keys()
-        own = {k: v for k, v in super().state_dict().items() if k in frozen}
-        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+    def _rebuilt_keys(self, keys) -> set[str]:
+        """The frozen weights (reference copies, the base under the LoRA adapters): rebuilt from the specs."""
+        return self.players.frozen_keys("players.") & set(keys) if self.players is not None else set()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["debate"] = {

@@ -30,6 +30,7 @@ from lit_align.game.diversity import (
 from lit_align.game.judge import JudgeSpec, SafetyJudge, build_judge
 from lit_align.game.schedule import PLAYERS, GameSchedule
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
+from lit_align.methods.base import RebuiltWeights
 from lit_align.models import ModelSpec, RewardModelSpec, ValueModel, build_tokenizer, build_value_model
 from lit_align.models.causal_lm import eval_mode
 from lit_align.models.players import PlayerPolicies
@@ -57,7 +58,7 @@ def _adamw(lr: float, eps: float, weight_decay: float) -> Callable[[list[nn.Para
     return lambda params: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=weight_decay)
 
 
-class AdversarialGameModule(L.LightningModule):
+class AdversarialGameModule(RebuiltWeights, L.LightningModule):
     """Game-theoretical preference optimisation (GPO, core.md §2): an **attacker** LM rewrites seed
     questions into attack prompts, a **defender** LM answers them, a safety **judge** scores each
     answer in its conversation, and both players are trained by PPO (per-token KL to their own
@@ -696,22 +697,11 @@ class AdversarialGameModule(L.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------
     _FROZEN_PREFIXES = ("players.references.", "judge.", "eval_judge.", "encoder.")
 
-    def _unsaved(self, key: str, players_frozen: set[str]) -> bool:
-        return key.startswith(self._FROZEN_PREFIXES) or key in players_frozen
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Without the frozen weights (references, the base under the LoRA adapters, judge and encoder):
-        they are rebuilt from their specs."""
-        state = super().state_dict(*args, **kwargs)
+    def _rebuilt_keys(self, keys) -> set[str]:
+        """The frozen weights (references, the base under the LoRA adapters, judge and encoder): rebuilt
+        from their specs."""
         frozen = self.players.frozen_keys("players.") if self.players is not None else set()
-        for key in [k for k in state if self._unsaved(k, frozen)]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
-        frozen = self.players.frozen_keys("players.") if self.players is not None else set()
-        own = {k: v for k, v in super().state_dict().items() if self._unsaved(k, frozen)}
-        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+        return {k for k in keys if k.startswith(self._FROZEN_PREFIXES) or k in frozen}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["game"] = {
