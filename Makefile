@@ -1,5 +1,6 @@
-# make demo   the main job: tiny DPO run with a before/after summary
+# make demo   the main job: tiny WAGLE + NPO unlearning on CPU, with a before/after table
 # make test   the whole test suite (CPU, no network)
+# make test-compat  the model/rollout/loss/data tests again on the lowest supported transformers (.venv-compat)
 # make bench  peer comparisons (results go into the README table)
 # make lint   ruff
 # Each target creates .venv and installs on first use: torch first, then lit_align.
@@ -14,7 +15,13 @@ TORCH_VERSION ?= 2.13.0
 # Package index for torch alone (empty: pip's default); set it to a CPU-only wheel index to skip CUDA.
 TORCH_INDEX ?=
 
-.PHONY: demo test bench lint clean
+# The lowest transformers pyproject.toml allows; make test runs the newest the range allows.
+TRANSFORMERS_MIN ?= 5.0.0
+COMPAT_VENV := .venv-compat
+COMPAT_STAMP := $(COMPAT_VENV)/.installed-$(TRANSFORMERS_MIN)
+COMPAT_TESTS := tests/rollout tests/models tests/losses tests/game tests/data tests/test_cli_runtime.py
+
+.PHONY: demo test test-compat bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +36,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q
 
+$(COMPAT_STAMP): pyproject.toml
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==$(TRANSFORMERS_MIN)"
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	WANDB_MODE=offline WANDB_SILENT=true $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
@@ -36,4 +53,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lit_align tests benchmarks scripts
 
 clean:
-	rm -rf outputs lightning_logs wandb .pytest_cache
+	rm -rf outputs lightning_logs wandb .pytest_cache $(COMPAT_VENV)

@@ -8,16 +8,22 @@
   ``--data.init_args.max_length 1024``;
 * the default logger is W&B, offline unless credentials are configured (``WANDB_MODE`` wins),
   writing its run and the checkpoints under ``trainer.default_root_dir``;
-* DataModules shard and resume their own samplers, so Lightning's sampler replacement is off.
+* DataModules shard and resume their own samplers, so Lightning's sampler replacement is off;
+* ``--threads auto|N`` chooses torch's CPU thread count (:class:`~lit_align.callbacks.CPUThreads`: one
+  thread per process for small models and multi-process CPU runs by default);
+* library messages a user cannot act on are silenced (:mod:`lit_align.quiet`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_align.callbacks.cpu_threads import CPUThreads
+from lit_align.quiet import quiet_library_noise
 
 __all__ = ["LitAlignCLI", "cli_main", "main"]
 
@@ -42,7 +48,25 @@ class LitAlignCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("parser_kwargs", {})
         kwargs["parser_kwargs"].setdefault("parser_mode", "omegaconf+")
+        quiet_library_noise()
         super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--threads", type=int | Literal["auto"], default="auto",
+            help="torch CPU threads per process on the CPU accelerator: 'auto' (one per process for models under "
+                 "100M parameters and for multi-process CPU runs, torch's default otherwise; OMP_NUM_THREADS wins), "
+                 "or a number (0: torch's default). See lit_align.callbacks.CPUThreads.")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self._install_cpu_threads()
+
+    def _install_cpu_threads(self) -> None:
+        """Add :class:`CPUThreads` with ``--threads`` unless the config's callbacks already hold one."""
+        if not any(isinstance(cb, CPUThreads) for cb in self.trainer.callbacks):
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            self.trainer.callbacks.insert(0, CPUThreads(config.get("threads", "auto")))
 
     def before_instantiate_classes(self) -> None:
         """W&B runs and checkpoints go under ``trainer.default_root_dir`` unless a directory is given."""

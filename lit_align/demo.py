@@ -26,10 +26,12 @@ import argparse
 import os
 from pathlib import Path
 
+import lightning as L
 import wandb
 from lightning.pytorch.loggers import WandbLogger
 
 from lit_align.cli import cli_main
+from lit_align.quiet import quiet_library_noise
 
 PROMPTS = ["What is 7 plus 5?", "Is 46 even or odd?", "What colour is a jorvel?"]
 
@@ -61,12 +63,34 @@ UNLEARNING_COLUMNS = ("forget_quality", "model_utility", "forget_accuracy", "ret
                       "retain_rouge", "mia_auc")
 
 
+class _Phases(L.Callback):
+    """Announce the demo's phases (the work between them shows in the progress bar)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        print("[1/3] scoring every weight (WAGLE) and evaluating the starting and retain-only models ...",
+              flush=True)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0 and batch_idx == 0:
+            print(f"[2/3] unlearning forget10: {self.steps} NPO + retain NLL steps on the masked weights ...",
+                  flush=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        print("[3/3] evaluating the unlearned model, then a relearning attack ...", flush=True)
+
+
 def unlearning_demo(config: str, out: Path, quiet: list[str]) -> dict[str, dict[str, float]]:
     """Run the WAGLE + NPO config and print the before/after table; returns the table."""
-    print(f"WAGLE + NPO unlearning of forget10 from builtin:tiny-tofu-full ({config}) ...", flush=True)
-    cli = cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(out), *quiet])
+    print(f"WAGLE + NPO unlearning of forget10 from builtin:tiny-tofu-full ({config})", flush=True)
+    cli = cli_main(["--config", config, "--trainer.default_root_dir", str(out), *quiet], run=False)
     evaluation = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "UnlearningEvaluation")
+    evaluation.verbose = False  # the demo prints the table once, with its legend
     mask = next((cb for cb in cli.trainer.callbacks if type(cb).__name__ == "WeightMask"), None)
+    cli.trainer.callbacks.insert(0, _Phases(cli.trainer.max_steps))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     table = evaluation.results
     print("\n=== lit_align demo: WAGLE + NPO unlearning on the tiny TOFU (CPU) ===")
     print("rows: start = before unlearning, unlearned = after, retain_only = never saw forget10 (the target),")
@@ -77,7 +101,8 @@ def unlearning_demo(config: str, out: Path, quiet: list[str]) -> dict[str, dict[
         cells = (values.get(c) for c in UNLEARNING_COLUMNS)
         print(f"{row:<12}" + "".join(f"{v:>16.3f}" if v is not None else f"{'-':>16}" for v in cells))
     print("forget_quality: KS-test p-value of forget truth ratios against retain_only (higher: closer to it);")
-    print("model_utility: harmonic mean of retain-side scores; mia_auc: Min-K% membership AUC, forget vs retain.")
+    print("model_utility: harmonic mean of retain-side scores; *_accuracy: answer-token accuracy (teacher forced);")
+    print("*_rouge: ROUGE-L recall of greedy answers; mia_auc: Min-K% membership AUC, forget vs retain.")
     print("\noutputs:")
     for name, path in getattr(evaluation, "files", {}).items():
         print(f"  {name}: {path}")
@@ -98,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--dpo-lr", default="5.0e-4", help="DPO learning rate when starting from the SFT model")
     args = parser.parse_args(argv)
+    quiet_library_noise()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    quiet = ["--trainer.enable_model_summary", "false"]
     if args.method == "unlearning":
         unlearning_demo(args.unlearning_config, Path(args.out) / "unlearning", quiet)
         return

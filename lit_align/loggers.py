@@ -45,9 +45,14 @@ class AutoWandbLogger(WandbLogger):
         # WandbLogger passes `save_dir or dir` to wandb.init, so WANDB_DIR must go in save_dir to count
         save_dir = save_dir or kwargs.pop("dir", None) or os.environ.get("WANDB_DIR") or "."
         super().__init__(project=project, offline=offline, save_dir=save_dir, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # W&B warns on every run that the setting has no effect
+            self._wandb_init.pop("anonymous", None)
 
     @property
     def experiment(self):
+        if self._experiment is None and self._save_dir:
+            # W&B looks for the git repository from its directory and warns when that does not exist yet
+            os.makedirs(self._save_dir, exist_ok=True)
         run = super().experiment
         if not getattr(self, "_announced", False) and getattr(run, "dir", None):
             self._announced = True

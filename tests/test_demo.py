@@ -15,6 +15,9 @@ def test_unlearning_demo_prints_the_table(tmp_path, capsys):
     for text in ("forget_quality", "model_utility", "retain_only", "relearned", "weight mask (wagle, top 50%",
                  "unlearning_eval.png", "HF export"):
         assert text in out, text
+    assert out.count("forget_quality") == 2, "one table and its legend: the evaluation's own table is not printed"
+    for phase in ("[1/3]", "[2/3]", "[3/3]"):
+        assert out.count(phase) == 1, phase
     assert table["unlearned"]["forget_quality"] > table["start"]["forget_quality"]
     assert table["unlearned"]["forget_rouge"] < table["start"]["forget_rouge"]
     assert table["unlearned"]["retain_rouge"] > 0.8

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter, deque
 from collections.abc import Sequence
 
@@ -342,14 +343,25 @@ def build_sentence_encoder(spec: ModelSpec, max_length: int = 128) -> SentenceEn
         from transformers import AutoModel
 
         path = resolve_path(spec.name_or_path)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report would flag a causal LM's unused head on every run
         try:
-            model = AutoModel.from_pretrained(path, revision=spec.revision, dtype=getattr(torch, spec.dtype),
-                                              trust_remote_code=spec.trust_remote_code, **spec.extra)
+            model, info = AutoModel.from_pretrained(
+                path, revision=spec.revision, dtype=getattr(torch, spec.dtype), trust_remote_code=spec.trust_remote_code,
+                output_loading_info=True, **spec.extra)
         except OSError as err:
             raise OSError(
                 f"model.name_or_path={spec.name_or_path!r}: could not load the sentence encoder ({err}). Offline "
                 "runs need a local directory or a model already in the HF cache."
             ) from err
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith("lm_head.")]
+        if info.get("missing_keys") or unexpected:  # anything but the LM head of a causal-LM checkpoint
+            warnings.warn(f"sentence encoder {spec.name_or_path!r}: weights missing from the checkpoint "
+                          f"{sorted(info.get('missing_keys', ()))[:8]}, unused {sorted(unexpected)[:8]}", stacklevel=2)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # a pad token was added
             model.resize_token_embeddings(len(tokenizer))
     return SentenceEncoder(model, tokenizer, max_length=max_length)

@@ -183,6 +183,18 @@ def _make_cache(model: nn.Module) -> DynamicCache:
     return DynamicCache(config=config) if config is not None else DynamicCache()
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache under: ``cache`` (transformers >= 5.25, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (older versions). Read from the HF model under
+    a PEFT wrapper, whose own forward passes both through ``**kwargs``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _gumbel_argmax(scores: Tensor, generator: torch.Generator | None) -> Tensor:
     """(B,) index of an exact draw from ``softmax(scores)`` over the last dim ((B, C) scores; -inf = excluded)."""
     noise = torch.empty_like(scores).exponential_(generator=generator)  # (B, C) ~ Exp(1)
@@ -298,10 +310,10 @@ def sample(
     step_ids: list[Tensor] = []  # R tensors (B,)
     step_logps: list[Tensor] = []  # R tensors (B,)
 
-    extra: dict[str, Any] = {"use_cache": True}
+    cache = _make_cache(model)
+    extra: dict[str, Any] = {"use_cache": True, _cache_kwarg(model): cache}
     if _accepts_kwarg(model, "logits_to_keep"):
         extra["logits_to_keep"] = 1  # only the last position's logits: (B, 1, V), not (B, P, V)
-    cache = _make_cache(model)
 
     synced = _is_sharded(model)
     modes = [(m, m.training) for m in model.modules()]
@@ -311,7 +323,6 @@ def sample(
             input_ids=prompt_ids,
             attention_mask=full_mask[:, :prompt_len] if full_mask is not None else None,
             position_ids=prefill_pos,
-            past_key_values=cache,
             **extra,
         )
         for t in range(max_new):
@@ -327,7 +338,6 @@ def sample(
                 input_ids=tokens.unsqueeze(-1),  # (B, 1)
                 attention_mask=full_mask[:, : prompt_len + t + 1] if full_mask is not None else None,
                 position_ids=step_pos[:, t : t + 1],  # (B or 1, 1)
-                past_key_values=cache,
                 **extra,
             )
     finally:
