@@ -8,7 +8,9 @@ allocator state leak into the next):
 * ``benchmarks/dpo_step.py``: a DPO optimiser step, lit_align vs TRL vs a hand-written loop;
 * ``benchmarks/wagle.py``, ``kgw.py``, ``watermark_step.py``, ``game_step.py``, ``debate_step.py``:
   method-specific costs;
-* ``benchmarks/debate_gain.py``: the tiny ACC-Debate team's held-out accuracy before and after training.
+* ``benchmarks/debate_gain.py``: the tiny ACC-Debate team's held-out accuracy before and after training;
+* ``benchmarks/cpu_threads.py``: ``lit-align fit`` of the tiny configs with lit_align's CPU thread policy vs
+  torch's default, alone and beside a busy process.
 
 Each prints one JSON line (the last line starting with ``{`` that has a ``"bench"`` key is
 taken). ``results.json`` holds those lines, the date, the versions of the libraries involved and
@@ -53,6 +55,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "game_step": ("game_step.py", [], ["--steps", "6", "--warmup", "1", "--skip-memory"]),
     "debate_step": ("debate_step.py", [], ["--generate", "1", "--dpo", "2"]),
     "debate_gain": ("debate_gain.py", [], ["--questions", "16", "--val-questions", "8", "--repeats", "2"]),
+    "cpu_threads": ("cpu_threads.py", [], ["--configs", "configs/dpo/tiny.yaml"]),
 }
 PACKAGES = ("torch", "transformers", "trl", "lightning", "peft", "datasets", "lit_align")
 
@@ -191,6 +194,15 @@ def rows(results: dict[str, dict]) -> list[dict]:
             "report only", None, None, "<=", 1.0, " ms")
         add("watermark_step", "KV-cache sampler during co-training, tokens/s (tiny setup, batch 16, +8)",
             ws.get("sampler_tok_s"), "report only", None, None, ">=", 1.0, " tok/s")
+    ct = results.get("cpu_threads", {})
+    for config, r in ct.get("runs", {}).items() if "error" not in ct else ():
+        name = config.removeprefix("configs/").removesuffix(".yaml") + (f" {r['overrides']}" if r.get("overrides") else "")
+        add("cpu_threads", f"`lit-align fit` {name} beside a busy process, s (--threads auto vs torch's default)",
+            r.get("busy_auto_s"), "torch default threads", r.get("busy_torch_default_s"),
+            None if not r.get("busy_ratio") else round(1 / r["busy_ratio"], 2), "<=", 0.5, " s")
+        add("cpu_threads", f"`lit-align fit` {name} alone, s (same)", r.get("alone_auto_s"), "torch default threads",
+            r.get("alone_torch_default_s"), None if not r.get("alone_ratio") else round(1 / r["alone_ratio"], 2),
+            "<=", 1.15, " s")
     gs = results.get("game_step", {})
     if "error" not in gs and gs:
         add("game_step", f"adversary/defender game step, ms (tiny setup; generation {gs.get('generate_share')}, "
