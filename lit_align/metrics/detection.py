@@ -2,7 +2,8 @@
 
 Pure functions (checked by hand in ``tests/metrics/test_detection_metrics.py``):
 
-* :func:`fpr_at_tpr` / :func:`tpr_at_fpr` -- error rates at a threshold set by a percentile of one class;
+* :func:`fpr_at_tpr` -- the false-positive rate at a threshold set by a percentile of the positives;
+* :func:`tpr_at_fpr` -- the best true-positive rate whose realised false-positive rate is within a budget;
 * :func:`roc_curve_points` -- the ROC curve, for plotting (its area is :func:`~lit_align.metrics.binary_auc`);
 * :func:`perplexity` -- exp of the mean token NLL of each sequence under an oracle LM;
 * attacks: :func:`random_substitution` (token ids), :func:`word_deletion` (text), and paraphrasers
@@ -74,14 +75,20 @@ def fpr_at_tpr(pos_scores, neg_scores, tpr: float) -> float:
 
 
 def tpr_at_fpr(pos_scores, neg_scores, fpr: float) -> float:
-    """True-positive rate at the threshold that lets a fraction ``fpr`` of the negatives through.
+    """True-positive rate at the best threshold whose realised false-positive rate is at most ``fpr``.
 
-    threshold = the ``(1 - fpr)`` quantile of the negative scores (linear interpolation);
-    TPR = the fraction of positive scores strictly above it.
+    The ROC convention (scikit-learn's ``roc_curve``): a threshold flags every score ``>=`` it; among the
+    thresholds that flag at most ``floor(fpr * n_neg)`` negatives, take the highest TPR. With 16 negatives
+    and ``fpr = 0.01`` no negative may be flagged, so the threshold sits above the highest negative: a
+    quantile threshold with a strict ``>`` (this function's earlier rule) let one through, a realised FPR
+    of 6.25%.
     """
     pos, neg = _scores(pos_scores, "tpr_at_fpr positives"), _scores(neg_scores, "tpr_at_fpr negatives")
-    threshold = torch.quantile(neg, 1.0 - _rate(fpr, "tpr_at_fpr fpr"), interpolation="linear")
-    return (pos > threshold).double().mean().item()
+    allowed = int(_rate(fpr, "tpr_at_fpr fpr") * len(neg) + 1e-9)  # negatives that may be flagged
+    labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).bool()
+    fprs, tprs, _ = roc_curve_points(torch.cat([pos, neg]), labels)  # (K + 1,) each, from (0, 0)
+    within = fprs * len(neg) <= allowed + 1e-6  # (K + 1,): points whose flagged negatives fit the budget
+    return tprs[within].max().item()
 
 
 def roc_curve_points(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

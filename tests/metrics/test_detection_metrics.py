@@ -35,12 +35,47 @@ def test_fpr_at_tpr_matches_the_percentile_definition():
 
 
 def test_tpr_at_fpr_thresholds_on_the_negatives():
-    """Negatives 0..99: the 99th percentile (linear) is 98.01, so TPR@1%FPR counts positives above 98.01.
-    Positives {50, 98, 98.5, 200}: two of four are above, TPR = 0.5. At FPR 50% the threshold is 49.5:
-    all four are above."""
+    """Negatives 0..99, FPR budget 1% = one negative: the threshold 98.5 flags {98.5, 200} of the positives
+    and only the negative 99, TPR = 2/4. At FPR 50% (50 negatives) the threshold 50 flags negatives 50..99
+    and all four positives."""
     neg = torch.arange(100, dtype=torch.float64)
     pos = torch.tensor([50.0, 98.0, 98.5, 200.0])
     assert tpr_at_fpr(pos, neg, 0.01) == 0.5
+    assert tpr_at_fpr(pos, neg, 0.5) == 1.0
+
+
+def _brute_force_tpr_at_fpr(pos: torch.Tensor, neg: torch.Tensor, fpr: float) -> tuple[float, float]:
+    """Every candidate threshold (each score, and +inf): flag scores >= it; keep those whose realised FPR is
+    at most ``fpr``; return the best TPR and the realised FPR of that threshold."""
+    best = (0.0, 0.0)
+    for t in [*torch.cat([pos, neg]).tolist(), math.inf]:
+        realised = (neg >= t).double().mean().item()
+        if realised <= fpr + 1e-12:
+            best = max(best, ((pos >= t).double().mean().item(), realised))
+    return best
+
+
+@pytest.mark.parametrize("n_neg", [16, 64, 150])
+def test_tpr_at_fpr_never_exceeds_the_fpr_budget(n_neg):
+    """On small sets the realised FPR stays within the target (1%: zero negatives of 16 or 64, one of 150)
+    and the TPR is the best any threshold reaches under that budget, found by trying every threshold."""
+    g = torch.Generator().manual_seed(n_neg)
+    neg = torch.randn(n_neg, generator=g, dtype=torch.float64)
+    pos = torch.randn(40, generator=g, dtype=torch.float64) + 1.5
+    for target in (0.01, 0.05, 0.1):
+        tpr, realised = _brute_force_tpr_at_fpr(pos, neg, target)
+        assert realised <= target
+        assert tpr_at_fpr(pos, neg, target) == pytest.approx(tpr)
+    if n_neg < 100:  # 1% allows no negative: the threshold sits above the highest one (the old rule let it in)
+        assert tpr_at_fpr(pos, neg, 0.01) == pytest.approx((pos > neg.max()).double().mean().item())
+
+
+def test_tpr_at_fpr_with_ties_counts_a_tied_positive_with_its_negative():
+    """Scores tied across classes move together: negatives {1, 2, 3, 3}, positives {3, 3, 4}. At 25% one
+    negative may be flagged, but the threshold 3 flags two, so the best is the threshold 4: TPR 1/3. At 50%
+    the threshold 3 (two negatives) flags all three positives."""
+    pos, neg = torch.tensor([3.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 3.0])
+    assert tpr_at_fpr(pos, neg, 0.25) == pytest.approx(1 / 3)
     assert tpr_at_fpr(pos, neg, 0.5) == 1.0
 
 
