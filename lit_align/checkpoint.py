@@ -78,7 +78,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-class CheckpointReadError(RuntimeError):
+class CheckpointReadError(ValueError):
     """A checkpoint file that exists but cannot be read (empty, truncated, not a torch checkpoint)."""
 
 

@@ -196,11 +196,13 @@ def _is_csv(class_path: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, CSVLogger)
 
 
-def _keep_csv_metrics(run_dir: Path, ckpt: Path) -> None:
+def _keep_csv_metrics(run_dir: Path, step: int) -> None:
     """Lightning's CSVLogger deletes an existing ``metrics.csv`` when it opens a run folder again; the rows
-    written before the resume are kept as ``metrics-before-<checkpoint name>.csv`` instead."""
+    written before the resume are kept as ``metrics-before-step-<step of the checkpoint>.csv`` instead."""
     metrics = run_dir / "metrics.csv"
-    kept = run_dir / f"metrics-before-{ckpt.stem}.csv"
+    kept, n = run_dir / f"metrics-before-step-{step}.csv", 2
+    while kept.exists():
+        kept, n = run_dir / f"metrics-before-step-{step}-{n}.csv", n + 1
     try:
         os.replace(metrics, kept)
     except FileNotFoundError:  # no metrics yet, or another rank moved them first
@@ -228,7 +230,7 @@ def _search_roots(config: Any) -> list[Path]:
     return roots
 
 
-def _resume_run(config: Any, ckpt: Path) -> None:
+def _resume_run(config: Any, ckpt: Path, step: int) -> None:
     """Point the (single) logger at the checkpoint's run folder when the checkpoint lies in this root."""
     logger = config.trainer.get("logger")
     if isinstance(logger, list):
@@ -251,7 +253,7 @@ def _resume_run(config: Any, ckpt: Path) -> None:
     else:
         init.name, init.version = name, version
     if _is_csv(logger.class_path):
-        _keep_csv_metrics(ckpt.parents[1], ckpt)
+        _keep_csv_metrics(ckpt.parents[1], step)
     kind = "W&B run id" if wandb else "version"
     rank_zero_info(f"resuming run {kind} {version} in {ckpt.parents[1]} from {ckpt.name}")
 
@@ -289,8 +291,8 @@ def prepare_resume(config: Any, subcommand: str, dump_model: Any) -> dict[str, A
     hparams = checkpoint.get("hyper_parameters") or {}
     if hparams:
         for change in changed_hparams(hparams, dump_model(), path):
-            rank_zero_warn(f"resuming from {path.name} with a changed hyperparameter (the config's value is used): "
-                           f"{change}")
+            rank_zero_warn(f"hyperparameter changed since checkpoint {path.name} (the config / command-line value is "
+                           f"used): {change}")
     if subcommand == "fit":
-        _resume_run(config, path)
+        _resume_run(config, path, int(checkpoint.get("global_step", 0)))
     return hparams

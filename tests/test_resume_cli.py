@@ -15,7 +15,7 @@ from conftest import CSV_LOGGER, REPO
 from lit_align.callbacks.export import RUN_MARKER, _move_aside_other_run
 from lit_align.checkpoint import CheckpointReadError
 from lit_align.cli import cli_main
-from lit_align.resume import ResumeError
+from lit_align.resume import HparamChange, ResumeError, changed_hparams
 
 DPO, SFT = str(REPO / "configs/dpo/tiny.yaml"), str(REPO / "configs/sft/tiny.yaml")
 CALLBACKS = """\
@@ -86,7 +86,7 @@ def test_explicit_checkpoint_resumes_its_run_with_the_changed_hyperparameter(dpo
     assert resumed.model.loss_fn.beta == 0.5
     assert resumed.trainer.global_step == 5
     assert sorted(p.name for p in root.glob("version_*")) == ["version_0"]
-    assert (root / "version_0" / "metrics-before-last.csv").is_file()
+    assert (root / "version_0" / "metrics-before-step-4.csv").is_file()
     assert (root / "version_0" / "metrics.csv").is_file()
     assert json.loads((root / "hf_export" / RUN_MARKER).read_text()) == {"run": "version_0", "global_step": 5}
     assert not list(root.glob("hf_export.*"))
@@ -102,10 +102,15 @@ def test_checkpoint_of_another_method_is_refused(dpo_run):
 
 def test_checkpoint_of_another_model_is_refused(dpo_run):
     """Another policy architecture is refused with the differing spec key; gradient checkpointing, which
-    changes how the model runs and not what it is, is only announced."""
+    changes how the model runs and not what it is, is only reported as a change."""
     ckpt = dpo_run / "version_0" / "checkpoints" / "last.ckpt"
     with pytest.raises(ResumeError, match=r"model\.init_args\.model\.tiny\.hidden_size: 64 -> 32"):
         cli_main(_args(dpo_run, 5, "--ckpt_path", str(ckpt), "--model.init_args.model.tiny.hidden_size", "32"))
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    model = {"class_path": saved["_class_path"], "init_args": {k: v for k, v in saved.items() if k[0] != "_"}}
+    model["init_args"]["model"] = {**saved["model"], "gradient_checkpointing": True}
+    assert changed_hparams(saved, model, ckpt) == [
+        HparamChange("model.init_args.model.gradient_checkpointing", False, True)]
 
 
 def test_ckpt_path_last_without_a_checkpoint_starts_fresh_and_says_so(tmp_path):
