@@ -116,13 +116,15 @@ def _read_error(path: Path, error: BaseException) -> CheckpointReadError:
     return CheckpointReadError(f"checkpoint {path} {what}: {hint}")
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``; an unreadable file raises :class:`CheckpointReadError`."""
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``; an unreadable file raises :class:`CheckpointReadError`.
+
+    ``mmap=True`` maps the tensors instead of reading them (reading a large checkpoint's hyperparameters)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (OSError, MemoryError) as error:
         if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise

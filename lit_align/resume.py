@@ -287,7 +287,7 @@ def prepare_resume(config: Any, subcommand: str, dump_model: Any) -> dict[str, A
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file; give a checkpoint file or 'last'")
     if not path.is_file():
         return None  # a sharded (distributed checkpoint) directory: the strategy reads it
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, mmap=True)  # the weights are not read here, only mapped
     hparams = checkpoint.get("hyper_parameters") or {}
     if hparams:
         for change in changed_hparams(hparams, dump_model(), path):
