@@ -254,8 +254,8 @@ def _resume_run(config: Any, ckpt: Path, step: int) -> None:
         init.name, init.version = name, version
     if _is_csv(logger.class_path):
         _keep_csv_metrics(ckpt.parents[1], step)
-    kind = "W&B run id" if wandb else "version"
-    rank_zero_info(f"resuming run {kind} {version} in {ckpt.parents[1]} from {ckpt.name}")
+    kind = "W&B run" if wandb else "run version"
+    rank_zero_info(f"resuming {kind} {version} in {ckpt.parents[1]} from {ckpt.name}")
 
 
 def prepare_resume(config: Any, subcommand: str, dump_model: Any) -> dict[str, Any] | None:
