@@ -11,7 +11,13 @@
 * DataModules shard and resume their own samplers, so Lightning's sampler replacement is off;
 * ``--threads auto|N`` chooses torch's CPU thread count (:class:`~lit_align.callbacks.CPUThreads`: one
   thread per process for small models and multi-process CPU runs by default);
-* library messages a user cannot act on are silenced (:mod:`lit_align.quiet`).
+* library messages a user cannot act on are silenced (:mod:`lit_align.quiet`);
+* ``--ckpt_path`` follows :mod:`lit_align.resume` rather than LightningCLI: ``last`` is the newest
+  ``*.ckpt`` under ``trainer.default_root_dir`` (none: a warning and a fresh run); ``fit`` resumes the
+  checkpoint's own run folder and W&B id; a checkpoint of another method (``model.class_path``) or model
+  (a model spec) is refused; any other hyperparameter takes the config / command-line value, each
+  changed key announced as ``key: old -> new`` (LightningCLI would let the checkpoint's values win);
+* checkpoints are written atomically in their own directory (:mod:`lit_align.checkpoint`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_align.callbacks.cpu_threads import CPUThreads
+from lit_align.checkpoint import install_atomic_checkpoint_io
 from lit_align.quiet import quiet_library_noise
+from lit_align.resume import prepare_resume
 
 __all__ = ["LitAlignCLI", "cli_main", "main"]
 
@@ -58,15 +67,37 @@ class LitAlignCLI(LightningCLI):
                  "100M parameters and for multi-process CPU runs, torch's default otherwise; OMP_NUM_THREADS wins), "
                  "or a number (0: torch's default). See lit_align.callbacks.CPUThreads.")
 
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        self._install_cpu_threads()
-
     def _install_cpu_threads(self) -> None:
         """Add :class:`CPUThreads` with ``--threads`` unless the config's callbacks already hold one."""
         if not any(isinstance(cb, CPUThreads) for cb in self.trainer.callbacks):
             config = self.config[self.subcommand] if self.subcommand else self.config
             self.trainer.callbacks.insert(0, CPUThreads(config.get("threads", "auto")))
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's hook, which lets a checkpoint's hyperparameters override the config:
+        ``--ckpt_path`` follows :mod:`lit_align.resume` instead (``last`` = newest checkpoint of the root,
+        same run folder and W&B id, another method or model refused, changed keys applied and announced)."""
+        self._prepare_resume()
+
+    def _prepare_resume(self) -> None:
+        """Resolve and check ``--ckpt_path`` before any class is built (see :mod:`lit_align.resume`)."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            prepare_resume(self.config[subcommand], subcommand, lambda: self._dumped_config()[subcommand]["model"])
+
+    def _dumped_config(self) -> dict[str, Any]:
+        """The parsed config as plain data, as Lightning stores it in checkpoints (``hyper_parameters``)."""
+        return yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False, format="yaml"))
+
+    def after_instantiate_classes(self) -> None:
+        self._install_atomic_checkpoint_io()
+        self._install_cpu_threads()
+
+    def _install_atomic_checkpoint_io(self) -> None:
+        """Checkpoints written as a temporary file in their own directory + fsync + rename (all strategies
+        with Lightning's plain ``TorchCheckpointIO``; sharded DCP directories are left to their strategy)."""
+        if getattr(self, "trainer", None) is not None:
+            install_atomic_checkpoint_io(self.trainer)
 
     def before_instantiate_classes(self) -> None:
         """W&B runs and checkpoints go under ``trainer.default_root_dir`` unless a directory is given."""

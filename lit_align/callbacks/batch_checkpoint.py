@@ -7,6 +7,8 @@ from pathlib import Path
 
 import lightning as L
 
+from lit_align.checkpoint import AtomicCheckpointIO, install_atomic_checkpoint_io
+
 __all__ = ["BatchCheckpoint"]
 
 
@@ -17,8 +19,11 @@ class BatchCheckpoint(L.Callback):
     at one step. Manual-optimisation methods with batches that step nothing, such as the generate stages of
     :class:`~lit_align.methods.DebateModule` (minutes of debates and rollouts per batch at 7B scale), would
     then lose every generated batch on a crash. This callback counts batches instead. The file is written
-    under a temporary name and renamed, so a crash mid-write leaves the previous checkpoint intact; resume
-    with ``ckpt_path=<dirpath>/<filename>``.
+    under a temporary name in its own directory, ``fsync``-ed and renamed (:class:`~lit_align.checkpoint.
+    AtomicCheckpointIO`, which this callback installs on a strategy that uses Lightning's plain
+    ``TorchCheckpointIO``), so a crash mid-write leaves the previous checkpoint intact, on any filesystem;
+    resume with ``--ckpt_path last`` (the newest checkpoint of the root directory) or
+    ``ckpt_path=<dirpath>/<filename>``.
 
     Args:
         every_n_batches: training batches between checkpoints (>= 1).
@@ -44,16 +49,23 @@ class BatchCheckpoint(L.Callback):
             return Path(model_checkpoint.dirpath) / self.filename
         return Path(trainer.default_root_dir) / "checkpoints" / self.filename
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install_atomic_checkpoint_io(trainer)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         self._batches += 1
         if self._batches % self.every_n_batches or trainer.sanity_checking:
             return
         path = self.path(trainer)
+        if isinstance(getattr(trainer.strategy, "checkpoint_io", None), AtomicCheckpointIO):
+            trainer.save_checkpoint(path)  # collective: every rank calls, the strategy writes atomically
+            return
+        # another IO (sharded directories, a custom plugin): write beside the target, then rename
         tmp = path.with_name(f".{path.name}.tmp")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("BatchCheckpoint")
-        trainer.save_checkpoint(tmp)  # collective: every rank calls, the strategy writes
+        trainer.save_checkpoint(tmp)
         trainer.strategy.barrier("BatchCheckpoint")
         if trainer.is_global_zero:
             os.replace(tmp, path)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers.utils import logging as hf_logging
 
-__all__ = ["HFExport"]
+__all__ = ["HFExport", "RUN_MARKER"]
 
 
 def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -76,6 +79,42 @@ def _inference_config(model: torch.nn.Module) -> Iterator[None]:
         config.use_cache = previous
 
 
+#: File in an export naming the run that wrote it.
+RUN_MARKER = "lit_align_run.json"
+
+
+def _run_name(trainer: L.Trainer) -> str | None:
+    """``<logger name>/<version>`` (the W&B project and run id, the CSV/TensorBoard ``version_N``), or None
+    without a logger."""
+    logger = trainer.logger
+    if logger is None:
+        return None
+    version = logger.version
+    version = f"version_{version}" if isinstance(version, int) else str(version)
+    return f"{logger.name}/{version}" if logger.name else version
+
+
+def _move_aside_other_run(path: Path, run: str | None) -> None:
+    """Rename an export at ``path`` that another run (or an unknown one) wrote to ``<path>.<its run>``."""
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    marker = path / RUN_MARKER
+    try:
+        owner = json.loads(marker.read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner is not None and owner == run:
+        rank_zero_info(f"replacing this run's earlier export in {path}")
+        return
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "-", owner) if owner else "previous"
+    aside, n = path.with_name(f"{path.name}.{label}"), 2
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.{label}-{n}"), n + 1
+    os.replace(path, aside)
+    rank_zero_warn(f"{path} held the export of {'run ' + owner if owner else 'another run'}; it is kept as "
+                   f"{aside} and this run ({run}) exports to {path}")
+
+
 class HFExport(L.Callback):
     """``save_pretrained`` of the policy (its LoRA adapter when it has one) plus the tokenizer.
 
@@ -85,6 +124,13 @@ class HFExport(L.Callback):
     ``<dirpath>/base_model`` and the adapter config names that directory. With ``merge_lora`` the
     adapter is merged into a copy of the base weights and a plain transformers model is written instead.
     Exported configs have ``use_cache: true`` (training runs without a KV cache; inference wants one).
+
+    The export goes to ``dirpath`` (default ``<default_root_dir>/hf_export``), with a
+    ``lit_align_run.json`` naming the run that wrote it (the logger's name and version, i.e. the W&B run
+    id). Several runs share a ``default_root_dir``, so an export of *another* run found there (or an export
+    of unknown origin) is never overwritten: it is renamed to ``hf_export.<its run>`` (a warning says
+    where) and this run's export takes the path. A resumed run (same logger version / W&B id, see
+    ``--ckpt_path last``) replaces its own earlier export.
     """
 
     def __init__(self, dirpath: str | None = None, merge_lora: bool = False) -> None:
@@ -108,9 +154,12 @@ class HFExport(L.Callback):
 
             policy = copy.deepcopy(policy).merge_and_unload()
             state = None
+        run = _run_name(trainer)
+        _move_aside_other_run(self.path, run)
         with _inference_config(policy):
             self._save(policy, state, pl_module.tokenizer)
         pl_module.tokenizer.save_pretrained(self.path)
+        (self.path / RUN_MARKER).write_text(json.dumps({"run": run, "global_step": trainer.global_step}) + "\n")
         rank_zero_info(f"exported the policy in HF format to {self.path}")
 
     def _save(self, policy: torch.nn.Module, state: dict[str, torch.Tensor] | None, tokenizer) -> None:

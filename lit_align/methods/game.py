@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lit_align.checkpoint import atomic_save
 from lit_align.data.prompts import DEFENDER_TEMPLATE, PromptBatch
 from lit_align.game.diversity import (
     DiversityHistory,
@@ -727,4 +728,4 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             directory = Path(self.trainer.default_root_dir) / "averaged"
             directory.mkdir(parents=True, exist_ok=True)
             for player, weights in self.averages.items():
-                torch.save(weights, directory / f"{player}.pt")
+                atomic_save(weights, directory / f"{player}.pt")

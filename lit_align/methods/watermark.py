@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from lit_align.checkpoint import atomic_save, load_checkpoint
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
 from lit_align.data.tokenize import _collate_sequences
@@ -278,7 +279,7 @@ class WatermarkModule(ReferencedPolicyModule):
         path.mkdir(parents=True, exist_ok=True)
         self.detector.backbone.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        torch.save(self.detector.head.state_dict(), path / "head.pt")
+        atomic_save(self.detector.head.state_dict(), path / "head.pt")
         return path
 
     # -- one step ------------------------------------------------------------------------------
@@ -530,11 +531,11 @@ def _detector_state(path: str) -> dict[str, Tensor]:
 
         backbone = AutoModelForCausalLM.from_pretrained(p)
         state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        state.update({f"head.{k}": v for k, v in torch.load(p / "head.pt", map_location="cpu").items()})
+        state.update({f"head.{k}": v for k, v in load_checkpoint(p / "head.pt").items()})
         return state
     if not p.is_file():
         raise FileNotFoundError(f"model.detector_checkpoint={path!r}: no such file or directory")
-    state = torch.load(p, map_location="cpu", weights_only=False)
+    state = load_checkpoint(p)
     state = state.get("state_dict", state)
     out = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
     if not out:

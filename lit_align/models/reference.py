@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+from lit_align.checkpoint import atomic_save  # re-exported: it lived here first
 from lit_align.data.batches import SequenceBatch
 from lit_align.models.causal_lm import frozen_copy, is_peft_model
 from lit_align.models.fsdp import full_params
@@ -51,25 +50,6 @@ def model_fingerprint(model: nn.Module) -> str:
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
             h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-def atomic_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from other users
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ReferencePolicy(nn.Module):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_align.checkpoint import load_checkpoint
 from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model
 from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask
 
@@ -83,7 +84,7 @@ def _reward_model_state(path: str | os.PathLike, prefix: str | None) -> dict[str
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ValueError(f"init_from: {path} does not hold a state dict")

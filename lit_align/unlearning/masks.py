@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lit_align.models.reference import atomic_save
+from lit_align.checkpoint import atomic_save
 
 __all__ = ["FORMAT", "ParameterMask", "model_signature"]
 
