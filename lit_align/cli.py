@@ -8,7 +8,9 @@
   ``--data.init_args.max_length 1024``;
 * the default logger is W&B, offline unless credentials are configured (``WANDB_MODE`` wins),
   writing its run and the checkpoints under ``trainer.default_root_dir``;
-* DataModules shard and resume their own samplers, so Lightning's sampler replacement is off.
+* DataModules shard and resume their own samplers, so Lightning's sampler replacement is off;
+* ``predict`` writes ``predictions.jsonl`` under the run directory (a :class:`~lit_align.callbacks.PredictionWriter`
+  is added when the config's callbacks hold no prediction writer).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import os
 from typing import Any
 
 from jsonargparse import set_parsing_settings
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["LitAlignCLI", "cli_main", "main"]
+__all__ = ["LitAlignCLI", "add_prediction_writer", "cli_main", "main"]
 
 # Configs write absolute interpolations (``${trainer.default_root_dir}``); they are resolved
 # relative to where they stand, so they work with and without a subcommand (``fit.`` prefix).
@@ -54,6 +57,21 @@ class LitAlignCLI(LightningCLI):
             if (str(getattr(entry, "class_path", "")).endswith("AutoWandbLogger") and init is not None
                     and init.get("save_dir") is None and init.get("dir") is None and not os.environ.get("WANDB_DIR")):
                 init.save_dir = config.trainer.default_root_dir or "."
+
+    def before_predict(self) -> None:
+        """``lit-align predict`` writes what it predicts (see :func:`add_prediction_writer`)."""
+        add_prediction_writer(self.trainer)
+
+
+def add_prediction_writer(trainer: Trainer) -> None:
+    """Give ``trainer`` a :class:`~lit_align.callbacks.PredictionWriter` (``predictions.jsonl`` under the run
+    directory) unless its callbacks already hold a prediction writer."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    from lit_align.callbacks import PredictionWriter
+
+    if not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+        trainer.callbacks.append(PredictionWriter())
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitAlignCLI:
