@@ -25,23 +25,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 
-__all__ = ["PredictionWriter", "run_dir"]
+from lit_align.callbacks.reporting import run_dir
 
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """The directory of this run's files: the one Lightning puts the run's checkpoints under, less
-    ``checkpoints/`` (``<save_dir>/<name>/<version>``; for W&B ``<save_dir>/<project>/<run id>``, for
-    CSV and TensorBoard their ``log_dir``); ``default_root_dir`` without a logger. Meaningful on rank 0."""
-    if not trainer.loggers:
-        return Path(trainer.default_root_dir)
-    logger = trainer.loggers[0]
-    if isinstance(logger, WandbLogger):
-        logger.experiment  # noqa: B018 -- starts the run: its id is the version
-    version = logger.version
-    if version is None:
-        return Path(logger.save_dir or trainer.default_root_dir)
-    version = version if isinstance(version, str) else f"version_{version}"
-    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
+__all__ = ["PredictionWriter"]
 
 
 def _example_index(key: Any) -> int | None:
