@@ -3,13 +3,16 @@
 Every method's ``predict_step`` returns one dict per example of its batch (``{prompt, completion}``,
 plus whatever the method adds). :class:`PredictionWriter` keys each row by the example's index in the
 predict dataset (Lightning tracks the indices of every predict batch), and at the end of the predict
-epoch writes ``predictions.jsonl`` under the run directory (:func:`run_dir`), prints its path, and
+epoch writes ``predictions.jsonl`` under the run directory
+(:func:`~lit_align.callbacks.reporting.run_dir`), prints its path, and
 sends the same rows to a W&B logger as the table ``predictions``.
 
-Several processes: each rank predicts its shard and keeps its rows; at the end the rows are gathered to
-rank 0 (``all_gather_object``), which drops the duplicates a padded sampler adds (an index seen twice
-is one example), orders them by index and writes the one file. ``lit-align predict`` adds this callback
-by itself when the config's callbacks hold no prediction writer.
+Several processes: each rank predicts its shard and keeps its rows; at the end the rows are gathered
+(``all_gather_object``) and rank 0 drops the duplicates a padded sampler adds (an index seen twice is
+one example), orders the rows by index and writes the one file. A predict loader that is not a
+``DataLoader`` has no tracked indices: its rows get ``index: null`` and keep the order they came in.
+
+``lit-align predict`` adds this callback by itself when the config's callbacks hold no prediction writer.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def _rows_of(prediction: Any, indices: Sequence[int] | None, batch_idx: int) -> 
     if not isinstance(prediction, Sequence) or not all(isinstance(p, Mapping) for p in prediction):
         raise TypeError(f"PredictionWriter: predict_step must return one dict per example (a list of dicts); "
                         f"batch {batch_idx} returned {type(prediction).__name__}")
+    indices = indices or None  # [] when the loader is not a DataLoader (Lightning tracks no indices then)
     if indices is not None and len(indices) != len(prediction):
         raise ValueError(f"PredictionWriter: predict_step returned {len(prediction)} rows for the "
                          f"{len(indices)} examples of batch {batch_idx}; return one dict per example")
@@ -77,7 +81,8 @@ class PredictionWriter(BasePredictionWriter):
     One JSON object per line and per predicted example: ``{"index": <position in the predict dataset>,
     "prompt": ..., "completion": ..., ...}`` (the keys of the method's ``predict_step`` rows, plus
     ``dataloader_idx`` when there are several predict dataloaders), in dataset order. The file goes
-    to ``dirpath`` or the run directory (:func:`run_dir`); its path is printed and kept in :attr:`path`.
+    to ``dirpath`` or the run directory (:func:`~lit_align.callbacks.reporting.run_dir`); its path is printed
+    and kept in :attr:`path`.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "predictions.jsonl",
@@ -116,7 +121,7 @@ class PredictionWriter(BasePredictionWriter):
         tmp = self.path.with_name(f".{self.filename}.tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n")
         os.replace(tmp, self.path)
         print(f"Predictions ({len(rows)} rows): {self.path}")
         if self.wandb_table:
@@ -132,4 +137,9 @@ class PredictionWriter(BasePredictionWriter):
 
 def _cell(value: Any) -> Any:
     """A W&B table cell: scalars as they are, anything else as its JSON text."""
-    return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
+    return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value, default=_jsonable)
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON for what a custom ``predict_step`` may put in its rows: tensors and arrays as lists, else text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)

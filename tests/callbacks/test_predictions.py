@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import wandb
 from conftest import CSV_LOGGER, REPO, run_cli
 
@@ -103,6 +105,32 @@ def test_a_configured_prediction_writer_is_not_doubled(tmp_path):
     assert _writer(cli).path == out / "sft.jsonl"
     assert [p.name for p in tmp_path.rglob("*.jsonl")] == ["sft.jsonl"]
     assert len(_rows(out / "sft.jsonl")) == 4
+
+
+class _Lengths(L.LightningModule):
+    """A predict_step whose rows hold a tensor."""
+
+    def predict_step(self, batch, batch_idx):
+        return [{"prompt": p, "lengths": torch.tensor([len(p), batch_idx])} for p in batch]
+
+
+class _Batches:
+    """Two batches of prompts from a plain iterable (not a DataLoader)."""
+
+    def __iter__(self):
+        yield from (["ab", "c"], ["def"])
+
+
+def test_rows_of_a_loader_without_indices_keep_their_order(tmp_path):
+    """Batches from a plain iterable (no DataLoader: Lightning tracks no indices): ``index`` is null, the rows keep
+    their order, and tensors are written as lists."""
+    writer = PredictionWriter(dirpath=str(tmp_path), filename="lengths.jsonl", wandb_table=None)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.predict(_Lengths(), _Batches(), return_predictions=False)
+    assert _rows(tmp_path / "lengths.jsonl") == [{"index": None, "prompt": "ab", "lengths": [2, 0]},
+                                                 {"index": None, "prompt": "c", "lengths": [1, 0]},
+                                                 {"index": None, "prompt": "def", "lengths": [3, 1]}]
 
 
 def test_predict_step_rows_must_be_dicts(tmp_path):
