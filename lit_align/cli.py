@@ -17,7 +17,9 @@
   checkpoint's own run folder and W&B id; a checkpoint of another method (``model.class_path``) or model
   (a model spec) is refused; any other hyperparameter takes the config / command-line value, each
   changed key announced as ``key: old -> new`` (LightningCLI would let the checkpoint's values win);
-* checkpoints are written atomically in their own directory (:mod:`lit_align.checkpoint`).
+* checkpoints are written atomically in their own directory (:mod:`lit_align.checkpoint`);
+* ``predict`` writes ``predictions.jsonl`` under the run directory (a :class:`~lit_align.callbacks.PredictionWriter`
+  is added when the config's callbacks hold no prediction writer).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 from jsonargparse import set_parsing_settings
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_align.callbacks.cpu_threads import CPUThreads
@@ -34,7 +37,7 @@ from lit_align.checkpoint import install_atomic_checkpoint_io
 from lit_align.quiet import quiet_library_noise
 from lit_align.resume import prepare_resume
 
-__all__ = ["LitAlignCLI", "cli_main", "main"]
+__all__ = ["LitAlignCLI", "add_prediction_writer", "cli_main", "main"]
 
 # Configs write absolute interpolations (``${trainer.default_root_dir}``); they are resolved
 # relative to where they stand, so they work with and without a subcommand (``fit.`` prefix).
@@ -109,6 +112,21 @@ class LitAlignCLI(LightningCLI):
             if (str(getattr(entry, "class_path", "")).endswith("AutoWandbLogger") and init is not None
                     and init.get("save_dir") is None and init.get("dir") is None and not os.environ.get("WANDB_DIR")):
                 init.save_dir = config.trainer.default_root_dir or "."
+
+    def before_predict(self) -> None:
+        """``lit-align predict`` writes what it predicts (see :func:`add_prediction_writer`)."""
+        add_prediction_writer(self.trainer)
+
+
+def add_prediction_writer(trainer: Trainer) -> None:
+    """Give ``trainer`` a :class:`~lit_align.callbacks.PredictionWriter` (``predictions.jsonl`` under the run
+    directory) unless its callbacks already hold a prediction writer."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    from lit_align.callbacks import PredictionWriter
+
+    if not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+        trainer.callbacks.append(PredictionWriter())
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitAlignCLI:

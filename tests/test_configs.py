@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,33 @@ def _print_config(*configs: Path) -> str:
     return out.getvalue()
 
 
+#: Every config shipped, by method: its CPU tiny run(s) and its real-scale runs. A new or removed YAML
+#: must be listed here (so a config cannot vanish, or appear untested, unnoticed).
+EXPECTED_CONFIGS = {
+    "debate": ["tiny.yaml", "llama3_8b_mmlu.yaml", "mistral7b_boolq.yaml"],
+    "dpo": ["tiny.yaml", "llama3.1-8b_ultrafeedback_fsdp.yaml", "qwen2.5-0.5b_ultrafeedback_lora.yaml"],
+    "game": ["tiny.yaml", "llama2_7b_hh_llamaguard.yaml", "llama2_7b_pku_reward_model.yaml"],
+    "sft": ["tiny.yaml", "tiny_debate.yaml", "tiny_game.yaml", "tiny_tofu.yaml", "qwen2.5-0.5b_alpaca.yaml"],
+    "unlearning/ga": ["tiny.yaml"],
+    "unlearning/graddiff": ["tiny.yaml"],
+    "unlearning/llmu": ["tiny.yaml", "opt-1.3b_pku.yaml"],
+    "unlearning/npo": ["tiny.yaml", "tofu_llama2-7b.yaml"],
+    "unlearning/po": ["tiny.yaml"],
+    "unlearning/ugradsl": ["tiny.yaml"],
+    "wagle": ["graddiff_tiny.yaml", "npo_tiny.yaml", "tofu_graddiff_llama2-7b.yaml", "tofu_npo_llama2-7b.yaml",
+              "tofu_po_llama2-7b.yaml", "wmdp_graddiff_zephyr-7b.yaml", "wmdp_npo_zephyr-7b.yaml"],
+    "watermark": ["tiny.yaml", "llama2_pku_alignment.yaml", "opt1.3b_c4.yaml"],
+}
+
+
 def test_configs_are_found():
-    assert len(CONFIGS) >= 4 and len(TINY) >= 2 and len(PRESETS) == 4
+    found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
+    expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
+    assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
+    assert len(found) == 32
+    assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {n for n in expected if n.endswith("/tiny.yaml")}
+    assert len(TINY) == 11
+    assert [p.name for p in PRESETS] == ["default.yaml", "fsdp.yaml", "fsdp2_cpu.yaml", "wandb.yaml"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
@@ -90,3 +116,6 @@ def test_validate_test_and_predict_subcommands(config, tmp_path):
     cli = cli_main(["predict", *common, "--trainer.limit_predict_batches", "1"])
     rows = [row for batch in cli.trainer.predict_loop.predictions for row in batch]
     assert rows and all(set(r) == {"prompt", "completion"} and r["prompt"] for r in rows)
+    (written,) = tmp_path.rglob("predictions.jsonl")  # the same rows, with their dataset index
+    assert [json.loads(line) for line in written.read_text(encoding="utf-8").splitlines()] == [
+        {"index": i, **r} for i, r in enumerate(rows)]

@@ -113,7 +113,11 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         assert Path(result["plot_png"]).is_file() and Path(result["plot_png"]).parent == tmp_path / "game"
         assert result["updates"]["defender"] > 0 and result["updates"]["attacker"] > 0, result
         assert result["averaged_weights"] == ["attacker.pt", "defender.pt"], result
-        assert result["matching_pennies"]["gap_avg"] < 0.05 < 1.0 < result["matching_pennies"]["gap_last"], result
+        # matching pennies from a start with Nash gap 0.6 (the gap is 0 at the equilibrium, at most 2):
+        gap_avg, gap_last = result["matching_pennies"]["gap_avg"], result["matching_pennies"]["gap_last"]
+        assert gap_avg < 0.05, result  # the averaged policies approach the equilibrium
+        assert gap_last > 1.0, result  # the last iterate cycles away from it, past the starting gap
+        assert gap_last > 20 * gap_avg, result
 
     if path.name == "05_debate.ipynb":
         lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(DEBATE_MARKER)]

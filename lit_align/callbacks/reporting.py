@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lit_align.models.causal_lm import eval_mode
 
-__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "write_csv"]
+__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "run_dir", "write_csv"]
 
 
 def report_dir(trainer: L.Trainer, dirpath: str | None) -> Path | None:
@@ -27,6 +27,24 @@ def report_dir(trainer: L.Trainer, dirpath: str | None) -> Path | None:
     directory = Path(dirpath or log_dir or trainer.default_root_dir)
     os.makedirs(directory, exist_ok=True)
     return directory
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The directory of this run's files (rank 0; no collective): the first logger's ``log_dir`` (CSV,
+    TensorBoard), else the directory Lightning puts the run's checkpoints under, less ``checkpoints/``
+    (``<save_dir>/<name>/<version>``: for W&B ``<save_dir>/<project>/<run id>``); ``default_root_dir``
+    without a logger."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    if getattr(logger, "log_dir", None):
+        return Path(logger.log_dir)
+    if isinstance(logger, WandbLogger):
+        logger.experiment  # noqa: B018 -- starts the run: its id is the version
+    save_dir, version = Path(logger.save_dir or trainer.default_root_dir), logger.version
+    if version is None:
+        return save_dir
+    return save_dir / str(logger.name) / (version if isinstance(version, str) else f"version_{version}")
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:

@@ -1,14 +1,15 @@
-"""A table of sample generations every N steps: a W&B table when W&B logs, a CSV file otherwise."""
+"""A table of sample generations every N steps: always ``samples.csv`` in the run directory, and a W&B table
+when W&B logs."""
 
 from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
+from lit_align.callbacks.reporting import run_dir
 from lit_align.models.fsdp import full_params
 from lit_align.rollout.sampler import SamplingConfig
 
@@ -20,7 +21,9 @@ class SampleGenerations(L.Callback):
 
     Prompts are given, or taken from the first validation (else training) examples. Every rank
     generates (sharded models need all ranks in each forward); rank 0 writes. Rows accumulate
-    as ``(step, prompt, completion)`` in the W&B table ``samples`` or in ``<log_dir>/samples.csv``.
+    as ``(step, prompt, completion)`` in ``samples.csv`` in the run directory
+    (:func:`~lit_align.callbacks.reporting.run_dir`) and, when a W&B logger is attached, in its table
+    ``samples``.
     """
 
     def __init__(self, every_n_steps: int = 50, prompts: list[str] | None = None, num_prompts: int = 4,
@@ -53,22 +56,20 @@ class SampleGenerations(L.Callback):
         prompts = [module.tokenizer.decode(p, skip_special_tokens=True) for p in prompt_ids]
         step = trainer.global_step
         self.rows.extend((step, p, c) for p, c in zip(prompts, completions))
-        log_dir = trainer.log_dir  # a collective under distributed strategies: every rank asks
         if trainer.global_rank != 0:
             return
-        wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        if wandb is not None:
-            wandb.log_table("samples", columns=["step", "prompt", "completion"], data=[list(r) for r in self.rows],
-                            step=step)
-        else:
-            path = Path(log_dir or trainer.default_root_dir) / "samples.csv"
-            os.makedirs(path.parent, exist_ok=True)
-            new = not path.exists()
-            with path.open("a", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                if new:
-                    writer.writerow(["step", "prompt", "completion"])
-                writer.writerows(self.rows[-len(prompts):])
+        path = run_dir(trainer) / "samples.csv"
+        os.makedirs(path.parent, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "prompt", "completion"])
+            writer.writerows(self.rows[-len(prompts):])
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("samples", columns=["step", "prompt", "completion"],
+                                 data=[list(r) for r in self.rows], step=step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -334,7 +334,7 @@ class WatermarkEvaluation(L.Callback):
 
     # -- perplexity -----------------------------------------------------------------------------
     def _build_oracle(self, tok, device):
-        oracle_tok = build_tokenizer(self.oracle)
+        oracle_tok = build_tokenizer(self.oracle, key="WatermarkEvaluation.oracle", needs_eos=False)
         model = build_causal_lm(self.oracle, oracle_tok).to(device)
         model.requires_grad_(False)
         same = oracle_tok.get_vocab() == tok.get_vocab()

@@ -537,9 +537,11 @@ def _check_vocab_before_load(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase
         )
 
 
-def build_judge(spec: JudgeSpec | SafetyJudge | Callable | dict | None = None) -> SafetyJudge:
+def build_judge(spec: JudgeSpec | SafetyJudge | Callable | dict | None = None, *, key: str = "model.judge") -> SafetyJudge:
     """A frozen judge from a :class:`JudgeSpec` (or its dict); a :class:`SafetyJudge` passes through and a
-    plain callable is wrapped in a :class:`CallableJudge`. ``None`` builds the toy :class:`RuleJudge`."""
+    plain callable is wrapped in a :class:`CallableJudge`. ``None`` builds the toy :class:`RuleJudge`.
+    ``key`` is the spec's config key, named in errors. Judges read text with their own tokenizer, which
+    needs no EOS token: an encoder classifier (BERT, DeBERTa) is a ``classifier`` judge like any other."""
     if isinstance(spec, SafetyJudge):
         return freeze(spec)
     if spec is None:
@@ -553,23 +555,25 @@ def build_judge(spec: JudgeSpec | SafetyJudge | Callable | dict | None = None) -
     if spec.kind == "rule":
         return freeze(RuleJudge(**(spec.rule or {})))
     if spec.model is None:
-        raise ValueError(f"model.judge.model is required for judge kind {spec.kind!r}: give the judge checkpoint, "
-                         "e.g. model.judge.model.name_or_path: meta-llama/LlamaGuard-7b (or use kind: rule)")
+        raise ValueError(f"{key}.model is required for judge kind {spec.kind!r}: give the judge checkpoint, "
+                         f"e.g. {key}.model.name_or_path: meta-llama/LlamaGuard-7b (or use kind: rule)")
     model_spec = spec.model
     if model_spec.missing_pad_token == "add":  # judges mask padding: reuse EOS rather than grow the vocabulary
         model_spec = dataclasses.replace(model_spec, missing_pad_token="eos")
     try:
-        tokenizer = build_tokenizer(model_spec)
+        tokenizer = build_tokenizer(model_spec, key=f"{key}.model", needs_eos=False)
         _check_vocab_before_load(model_spec, tokenizer)
         model = build_causal_lm(model_spec, tokenizer) if spec.kind == "llama_guard" else None
     except OSError as err:  # FileNotFoundError included: name the judge's keys, not the policy's
-        raise type(err)(str(err).replace("model.", "model.judge.model.", 1)) from err
+        if str(err).startswith(key):
+            raise
+        raise type(err)(str(err).replace("model.", f"{key}.model.", 1)) from err
     extra: dict[str, Any] = {"max_length": spec.max_length}
     if spec.kind == "llama_guard":
         return freeze(LlamaGuardJudge(model, tokenizer, template=spec.template, renormalize=spec.renormalize,
                                       use_chat_template=spec.use_chat_template, **extra))
     if model_spec.name_or_path is None:
-        raise ValueError("model.judge.model.name_or_path is required for judge kind 'classifier' "
+        raise ValueError(f"{key}.model.name_or_path is required for judge kind 'classifier' "
                          "(a sequence-classification checkpoint)")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -578,7 +582,7 @@ def build_judge(spec: JudgeSpec | SafetyJudge | Callable | dict | None = None) -
             **model_spec.extra,
         )
     except OSError as err:
-        raise OSError(f"model.judge.model.name_or_path={model_spec.name_or_path!r}: could not load a sequence "
+        raise OSError(f"{key}.model.name_or_path={model_spec.name_or_path!r}: could not load a sequence "
                       f"classifier ({err}). Offline runs need a local directory or a model in the HF cache.") from err
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

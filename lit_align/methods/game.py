@@ -327,17 +327,22 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         defender_tok = self.specs["defender"].tokenizer or self.specs["defender"].name_or_path
         critic_spec = self.critic_spec or RewardModelSpec(model=self.specs["defender"])
         if critic_spec.kind != "scalar_head":
-            raise ValueError("model.critic.kind must be 'scalar_head' (a value head read at every token)")
+            raise ValueError(f"model.critic.kind={critic_spec.kind!r}: a critic must be a causal LM with a value head "
+                             "read at every token (kind: scalar_head) sharing the players' tokenizer. A sequence "
+                             "classifier (e.g. an encoder reward model) can serve as model.judge (kind: classifier)")
         critic_tok = critic_spec.model.tokenizer or critic_spec.model.name_or_path
-        if critic_tok != defender_tok and build_tokenizer(critic_spec.model).get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"model.critic's tokenizer ({critic_tok or 'bundled'}) differs from the players': the "
-                             "critic reads their token ids; give model.critic.model.tokenizer the defender's tokenizer")
+        if critic_tok != defender_tok and build_tokenizer(critic_spec.model, key="model.critic.model", needs_eos=False
+                                                          ).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"model.critic.model: a critic must be a causal LM sharing the players' tokenizer (it "
+                             f"reads their token ids), and its tokenizer ({critic_tok or 'bundled'}) differs from "
+                             "theirs; give model.critic.model.tokenizer the defender's tokenizer. A reward model with "
+                             "another tokenizer (e.g. a BERT classifier) can serve as model.judge (kind: classifier)")
         names = ["shared"] if self.critic_mode == "shared" else list(PLAYERS)
         self.critics = nn.ModuleDict({n: build_value_model(critic_spec, self.tokenizer, init_from=self.critic_init)
                                       for n in names})
         self.judge = build_judge(self.judge_spec)
         if self.eval_judge_spec is not None:
-            self.eval_judge = build_judge(self.eval_judge_spec)
+            self.eval_judge = build_judge(self.eval_judge_spec, key="model.eval_judge")
         if self.embedding_weight > 0:
             self.encoder = build_sentence_encoder(self.encoder_spec)
 

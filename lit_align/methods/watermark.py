@@ -121,7 +121,8 @@ class WatermarkModule(ReferencedPolicyModule):
         """
         Args:
             model: the LLM to watermark (the actor; LoRA recommended: the reference then costs no copy).
-            detector: the detector's backbone and head (``kind: scalar_head``); same tokenizer as the actor.
+            detector: the detector's backbone and head: a causal LM with ``kind: scalar_head`` sharing the actor's
+                tokenizer (anything else is refused).
             detector_checkpoint: weights of a pretrained detector (a state dict / Lightning checkpoint with
                 ``detector.*`` keys, or a ``save_detector`` directory); the critic starts from them too.
             reference: ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto`` (adapter with LoRA).
@@ -139,7 +140,9 @@ class WatermarkModule(ReferencedPolicyModule):
             human_from_reference: take the "human" continuations from the frozen reference's samples.
             alignment_reward: a frozen alignment reward model (watermarking during RLHF): the PPO reward
                 becomes ``alignment_weight * detector + (1 - alignment_weight) * alignment`` (the paper: 0.5).
-                With another tokenizer the texts are decoded and re-encoded for it.
+                With another tokenizer the texts are decoded and re-encoded for it (cut to its
+                ``model_max_length``), so an encoder classifier (BERT, DeBERTa; ``kind:
+                sequence_classification``, no EOS token needed) serves as well as a decoder reward model.
             alignment_weight: the detector's share of that mix (lambda).
             paraphraser: robustness term: also train the detector on paraphrases of the generated
                 continuations, still labelled watermarked (the paper: Pegasus at temperature 1.5; e.g.
@@ -172,7 +175,10 @@ class WatermarkModule(ReferencedPolicyModule):
         super().__init__(model, reference=reference, optimizer=optimizer, scheduler=scheduler, chunk_tokens=chunk_tokens)
         self.critic_scheduler_factory = critic_scheduler
         if detector.kind != "scalar_head":
-            raise ValueError("model.detector.kind must be 'scalar_head' (the critic is a copy of the detector)")
+            raise ValueError(f"model.detector.kind={detector.kind!r}: the detector must be a causal LM with a scalar "
+                             "head (kind: scalar_head) sharing the actor's tokenizer: it is trained on the actor's "
+                             "token ids and the critic starts as its copy. A sequence classifier (e.g. an encoder "
+                             "reward model with its own tokenizer) can serve as model.alignment_reward instead")
         for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs)):
             if value < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {value}")
@@ -217,25 +223,29 @@ class WatermarkModule(ReferencedPolicyModule):
         detector_tok = self.detector_spec.model.tokenizer or self.detector_spec.model.name_or_path
         actor_tok = self.spec.tokenizer or self.spec.name_or_path
         if detector_tok != actor_tok:
-            other = build_tokenizer(self.detector_spec.model)
+            other = build_tokenizer(self.detector_spec.model, key="model.detector.model", needs_eos=False)
             if other.get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError(f"the detector's tokenizer ({detector_tok or 'bundled'}) differs from the actor's "
+                raise ValueError(f"model.detector.model: the detector must be a causal LM sharing the actor's "
+                                 f"tokenizer, and its tokenizer ({detector_tok or 'bundled'}) differs from the actor's "
                                  f"({actor_tok or 'bundled'}); give model.detector.model.tokenizer the actor's tokenizer "
-                                 "(re-tokenising every text between two vocabularies is not implemented)")
-        self.detector = build_reward_model(self.detector_spec, self.tokenizer)
+                                 "(re-tokenising every text between two vocabularies is not implemented). A reward "
+                                 "model with another tokenizer (e.g. a BERT classifier) fits model.alignment_reward")
+        self.detector = build_reward_model(self.detector_spec, self.tokenizer, key="model.detector")
         if self.detector_checkpoint is not None:
             self.detector.load_state_dict(_detector_state(self.detector_checkpoint), strict=True)
         self.critic = ValueModel.from_reward_model(self.detector)  # same start, separate parameters
         if self.other_llm_spec is not None:
-            if build_tokenizer(self.other_llm_spec).get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError("model.other_llm must share the actor's tokenizer (its continuations are scored as "
-                                 "token ids); give model.other_llm.tokenizer the actor's tokenizer")
+            other = build_tokenizer(self.other_llm_spec, key="model.other_llm", needs_eos=False)
+            if other.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError("model.other_llm must be a causal LM sharing the actor's tokenizer (its continuations "
+                                 "are scored as token ids); give model.other_llm.tokenizer the actor's tokenizer")
             self.other_llm = freeze(build_causal_lm(self.other_llm_spec, self.tokenizer))
         if self.alignment_spec is not None:
-            tokenizer = build_tokenizer(self.alignment_spec.model)
+            # any scorer of text: a decoder reward model or an encoder classifier (no EOS needed), any vocabulary
+            tokenizer = build_tokenizer(self.alignment_spec.model, key="model.alignment_reward.model", needs_eos=False)
             same = tokenizer.get_vocab() == self.tokenizer.get_vocab()
             self._alignment_tokenizer = None if same else tokenizer
-            self.alignment = freeze(build_reward_model(self.alignment_spec, tokenizer))
+            self.alignment = freeze(build_reward_model(self.alignment_spec, tokenizer, key="model.alignment_reward"))
 
     def on_fit_start(self) -> None:
         # shortcut hygiene (spec §3.10): LLM and human continuations get the same length cap, or the
@@ -375,7 +385,10 @@ class WatermarkModule(ReferencedPolicyModule):
         ids, mask = rollout.sequences, rollout.attention_mask
         if self._alignment_tokenizer is not None:  # another vocabulary: through text
             texts = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask)]
-            enc = self._alignment_tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+            tok = self._alignment_tokenizer
+            cap = tok.model_max_length if tok.model_max_length < 100_000 else None  # absolute positions: stay inside
+            enc = tok(texts, return_tensors="pt", padding=True, truncation=cap is not None, max_length=cap)
+            enc = enc.to(self.device)
             ids, mask = enc["input_ids"], enc["attention_mask"]
         aligned = self.alignment.score(ids, mask)
         return self.alignment_weight * detector + (1.0 - self.alignment_weight) * aligned

@@ -76,10 +76,15 @@ def _check_source(path: str, key: str) -> None:
         )
 
 
-def build_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    """Load the tokenizer named by the spec, with a pad token handled per ``missing_pad_token``."""
+def build_tokenizer(spec: ModelSpec, *, key: str = "model", needs_eos: bool = True) -> PreTrainedTokenizerBase:
+    """Load the tokenizer named by the spec, with a pad token handled per ``missing_pad_token``.
+
+    ``key`` is the spec's config key, named in errors (``model.alignment_reward.model``). A policy
+    ``needs_eos`` (generation stops at it, responses end with it); a classifier or reward model read
+    as a whole sequence does not (BERT-family tokenizers have none), so its builders pass ``False``.
+    """
     name = resolve_path(spec.tokenizer or spec.name_or_path or TINY_TOKENIZER)
-    key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+    key = f"{key}.tokenizer" if spec.tokenizer else f"{key}.name_or_path"
     _check_source(name, key)
     # model.revision pins the model's repo: it applies to a tokenizer read from that same repo only
     revision = spec.revision if (spec.tokenizer or spec.name_or_path) == spec.name_or_path else None
@@ -90,13 +95,14 @@ def build_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
             f"{key}={name!r}: could not load a tokenizer ({err}). Offline runs need a local directory or a "
             "model already in the HF cache."
         ) from err
-    if tok.eos_token_id is None:
-        raise ValueError(f"{key}={name!r}: tokenizer has no eos_token; set one before training")
+    if tok.eos_token_id is None and needs_eos:
+        raise ValueError(f"{key}={name!r}: tokenizer has no eos_token; a policy needs one to end its responses. "
+                         "Give a tokenizer with an EOS token (or set it in the tokenizer's config)")
     if tok.pad_token_id is None:
-        if spec.missing_pad_token == "error":
-            raise ValueError(
-                f"{key}={name!r}: tokenizer has no pad token; set model.missing_pad_token to 'eos' or 'add'"
-            )
+        if spec.missing_pad_token == "error" or (spec.missing_pad_token == "eos" and tok.eos_token_id is None):
+            fix = "'add'" if tok.eos_token_id is None else "'eos' or 'add'"
+            raise ValueError(f"{key}={name!r}: tokenizer has no pad token; set {key.rsplit('.', 1)[0]}"
+                             f".missing_pad_token to {fix}")
         if spec.missing_pad_token == "eos":
             log.warning("tokenizer %s has no pad token: using eos %r as pad (masks come from lengths)", name,
                         tok.eos_token)

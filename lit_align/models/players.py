@@ -67,7 +67,7 @@ class PlayerPolicies(nn.Module):
         first = self.names[0]
         for name in self.names[1:]:
             mine, theirs = _tokenizer_name(specs[name]), _tokenizer_name(specs[first])
-            if mine != theirs and build_tokenizer(specs[name]).get_vocab() != tokenizer.get_vocab():
+            if mine != theirs and build_tokenizer(specs[name], key=f"{key}.{name}").get_vocab() != tokenizer.get_vocab():
                 raise ValueError(f"{key}.{name}'s tokenizer ({mine or 'bundled'}) differs from {key}.{first}'s "
                                  f"({theirs or 'bundled'}): the players read each other's token ids; give "
                                  f"{key}.{name}.tokenizer the {first}'s tokenizer")

@@ -5,7 +5,8 @@ Two kinds, both giving ``score(input_ids, attention_mask) -> (B,)``:
 * ``sequence_classification``: an HF ``AutoModelForSequenceClassification`` with one label, read
   (for decoder classifiers) at the last non-pad token located from the attention mask
   (hub reward models such as ``OpenAssistant/reward-model-deberta-v3-large-v2`` or
-  ``Skywork/Skywork-Reward-Llama-3.1-8B``);
+  ``Skywork/Skywork-Reward-Llama-3.1-8B``); encoders (BERT, RoBERTa, DeBERTa) pool as HF does, and
+  their tokenizers need no EOS token;
 * ``scalar_head``: a causal-LM backbone (hub, local or tiny, optionally with LoRA) plus a
   linear head read at the **last non-pad token**, located from the attention mask, so the
   score is the same with left or right padding and with any number of pad tokens appended.
@@ -73,12 +74,16 @@ class RewardModel(nn.Module):
     forward = score
 
 
-def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> RewardModel:
-    """Build the scorer described by ``spec`` (tokenizer defaults to the backbone's)."""
-    tokenizer = tokenizer or build_tokenizer(spec.model)
+def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase | None = None, *,
+                       key: str | None = None) -> RewardModel:
+    """Build the scorer described by ``spec`` (tokenizer defaults to the backbone's). ``key`` is the spec's
+    config key (``model.alignment_reward``), named in errors. A ``sequence_classification`` scorer may be an
+    encoder (BERT, RoBERTa, DeBERTa) whose tokenizer has no EOS token: it scores whole sequences."""
+    model_key = f"{key}.model" if key else "model"
+    tokenizer = tokenizer or build_tokenizer(spec.model, key=model_key, needs_eos=False)
     if spec.kind == "sequence_classification":
         if spec.model.name_or_path is None:
-            raise ValueError("reward model kind 'sequence_classification' needs model.name_or_path")
+            raise ValueError(f"reward model kind 'sequence_classification' needs {model_key}.name_or_path")
         backbone = AutoModelForSequenceClassification.from_pretrained(
             spec.model.name_or_path, num_labels=1, revision=spec.model.revision,
             trust_remote_code=spec.model.trust_remote_code,

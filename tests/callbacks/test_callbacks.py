@@ -110,11 +110,13 @@ def finish_wandb():
     wandb.finish()  # Lightning leaves the run open; a later WandbLogger would otherwise reuse it
 
 
-def test_sample_table_goes_to_wandb_when_wandb_logs(tmp_path, monkeypatch, finish_wandb):
+def test_sample_table_goes_to_wandb_and_to_csv_when_wandb_logs(tmp_path, monkeypatch, finish_wandb):
+    """The W&B table ``samples`` and, beside it, the plain ``samples.csv`` in the run's directory
+    (``<save_dir>/<project>/<run id>``, save_dir being $WANDB_DIR here), with the same rows."""
     wandb_dir = tmp_path / "wandb_root"
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
-    _fit(tmp_path / "run", 1, [
+    cli = _fit(tmp_path / "run", 1, [
         {"class_path": "lit_align.callbacks.SampleGenerations", "init_args": {**SAMPLES, "every_n_steps": 1}},
     ], logger=[])  # the CLI's default logger: W&B, offline here
     (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*")
@@ -123,4 +125,9 @@ def test_sample_table_goes_to_wandb_when_wandb_logs(tmp_path, monkeypatch, finis
     newest = json.loads(max(tables, key=lambda p: p.stat().st_mtime_ns).read_text())
     assert newest["columns"] == ["step", "prompt", "completion"]
     assert [row[0] for row in newest["data"]] == [1, 1, 1, 1]  # step 1, and again at the end of fit
-    assert not list(tmp_path.rglob("samples.csv")), "no CSV when W&B logs"
+    (path,) = tmp_path.rglob("samples.csv")
+    assert path == wandb_dir / "lit_align" / cli.trainer.logger.version / "samples.csv"
+    with path.open(newline="", encoding="utf-8") as f:
+        header, *rows = list(csv.reader(f))
+    assert header == newest["columns"]
+    assert rows == [[str(step), prompt, completion] for step, prompt, completion in newest["data"]]

@@ -360,8 +360,35 @@ def test_invalid_config_names_field(kwargs, field):
         SamplingConfig(**kwargs)
 
 
-def test_greedy_ignores_temperature():
-    SamplingConfig(do_sample=False, temperature=0.0)  # no error: temperature unused when greedy
+def _argmax_decode(model, ids, mask, max_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, max_new) tokens and their raw log-probs by plain argmax decoding: one full forward (no cache)
+    per step over the left-padded batch, positions counted from each row's first real token."""
+    seq, m = ids.clone(), mask.clone()
+    tokens, logps = [], []
+    with torch.no_grad():
+        for _ in range(max_new):
+            pos = (m.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=seq, attention_mask=m, position_ids=pos, use_cache=False).logits[:, -1].float()
+            nxt = logits.argmax(-1)  # (B,)
+            tokens.append(nxt)
+            logps.append(torch.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1))
+            seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(m[:, :1])], 1)
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+def test_greedy_ignores_temperature(qwen):
+    """Greedy output is the same for every temperature (0 included, which sampling refuses) and any
+    top-k / top-p, and equals argmax decoding; its log-probs are those of the raw distribution."""
+    ids, mask = _batch()
+    max_new, never = 6, VOCAB + 7
+    expected, expected_logps = _argmax_decode(qwen, ids, mask, max_new)
+    for temperature, top_k, top_p in [(0.0, 0, 1.0), (0.3, 0, 1.0), (1.0, 0, 1.0), (5.0, 2, 0.1)]:
+        config = SamplingConfig(max_new_tokens=max_new, do_sample=False, temperature=temperature, top_k=top_k,
+                                top_p=top_p)
+        out = sample(qwen, ids, mask, config, eos_token_id=never, pad_token_id=PAD)
+        assert torch.equal(out.response_ids, expected), (temperature, top_k, top_p)
+        torch.testing.assert_close(out.logps, expected_logps, rtol=1e-4, atol=1e-4)
+    assert len(set(expected.flatten().tolist())) > 1, "a degenerate model would make the test trivial"
 
 
 def test_config_mutated_after_construction_is_rechecked(qwen):
