@@ -6,7 +6,6 @@ Zheng et al., "Toward Optimal LLM Alignments Using Two-Player Games" (arXiv 2406
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from lit_align.checkpoint import atomic_save
 from lit_align.data.prompts import DEFENDER_TEMPLATE, PromptBatch
+from lit_align.engine import PhaseTimer, PPOConfig, generator, optimizer_step, ppo_update
 from lit_align.game.diversity import (
     DiversityHistory,
     SentenceEncoder,
@@ -30,12 +30,11 @@ from lit_align.game.diversity import (
 )
 from lit_align.game.judge import JudgeSpec, SafetyJudge, build_judge
 from lit_align.game.schedule import PLAYERS, GameSchedule
-from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
 from lit_align.methods.base import RebuiltWeights
 from lit_align.models import ModelSpec, RewardModelSpec, ValueModel, build_tokenizer, build_value_model
 from lit_align.models.causal_lm import eval_mode
 from lit_align.models.players import PlayerPolicies
-from lit_align.rollout.experience import Experience, make_experience, minibatches
+from lit_align.rollout.experience import Experience, make_experience
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
 
@@ -279,6 +278,8 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.kl_coefs = {"defender": kl_coef, "attacker": kl_coef if attacker_kl_coef is None else attacker_kl_coef}
         self.reward_clip, self.gamma, self.lam, self.clip, self.value_clip = reward_clip, gamma, lam, clip, value_clip
         self.ppo_epochs, self.minibatch_size, self.whiten_advantages = ppo_epochs, minibatch_size, whiten_advantages
+        self.ppo = PPOConfig(epochs=ppo_epochs, minibatch_size=minibatch_size, clip=clip, value_clip=value_clip)
+        self.timer = PhaseTimer()
         self.bleu_weight, self.embedding_weight, self.diversity_scope = bleu_weight, embedding_weight, diversity_scope
         self.encoder_spec = encoder
         self.snapshot_every, self.pool_size, self.pool_prob = snapshot_every, pool_size, pool_prob
@@ -398,10 +399,10 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
     def _reference(self, player: str, policy: nn.Module) -> tuple[nn.Module, Callable | None]:
         return self.players.reference(player, policy)
 
-    def _rng(self, salt: int, *, step: int | None = None, device: torch.device | None = None) -> torch.Generator:
-        step = self.step_count if step is None else step
-        seed = self.sample_seed * 1_000_003 + step * 8 + salt
-        return torch.Generator(device=device or self.device).manual_seed(seed)
+    def _rng(self, purpose: str, *, step: int | None = None, device: torch.device | None = None) -> torch.Generator:
+        """The generator of one draw, named by what it is for (:func:`lit_align.engine.seeds.derive_seed`)."""
+        return generator(self.sample_seed, self.step_count if step is None else step, purpose,
+                         device=device or self.device)
 
     @torch.no_grad()
     def _sample(self, player: str, ids: Tensor, mask: Tensor, generator: torch.Generator) -> Rollout:
@@ -448,18 +449,11 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                     p.copy_(current[n])
 
     # -- one step ------------------------------------------------------------------------------
-    @contextmanager
-    def _timer(self, name: str, times: dict[str, float]):
-        start = time.perf_counter()
-        yield
-        times[name] = times.get(name, 0.0) + time.perf_counter() - start
-
-    def _play(self, batch: PromptBatch, generator: Callable[[int], torch.Generator], snapshot=None,
-              times: dict[str, float] | None = None, judge: SafetyJudge | None = None) -> dict[str, Any]:
-        """One round of the game on a batch: attack, answer, judge (no learning)."""
-        times = {} if times is None else times
-        with self._timer("attacker/generate", times), self._attacker_from_pool(snapshot):
-            attack = self._sample("attacker", batch.attacker_ids, batch.attacker_mask, generator(0))
+    def _play(self, batch: PromptBatch, rng: Callable[[str], torch.Generator], snapshot=None,
+              judge: SafetyJudge | None = None) -> dict[str, Any]:
+        """One round of the game on a batch: attack, answer, judge (no learning); phases timed by ``self.timer``."""
+        with self.timer("attacker/generate"), self._attacker_from_pool(snapshot):
+            attack = self._sample("attacker", batch.attacker_ids, batch.attacker_mask, rng("attacker/sample"))
         texts = self._decode(attack)
         keep = torch.tensor([bool(t) for t in texts], device=self.device)
         out: dict[str, Any] = {"attack": attack, "texts": texts, "keep": keep, "empty": int((~keep).sum())}
@@ -467,17 +461,17 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             return out
         kept = [t for t in texts if t]
         ids, mask = self._defender_inputs(kept)
-        with self._timer("defender/generate", times):
-            answer = self._sample("defender", ids, mask, generator(1))
+        with self.timer("defender/generate"):
+            answer = self._sample("defender", ids, mask, rng("defender/sample"))
         responses = self._decode(answer)
-        with self._timer("judge", times):
+        with self.timer("judge"):
             scores = (judge or self.judge).score(kept, responses)
         out.update(kept=kept, answer=answer, responses=responses, scores=scores)
         return out
 
-    def _diversity(self, texts: list[str], times: dict[str, float]) -> tuple[Tensor, Tensor]:
+    def _diversity(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """(B,) SelfBLEU and cosine similarity of each attack prompt; the prompts then join the history."""
-        with self._timer("diversity", times):
+        with self.timer("diversity"):
             tokens = [word_tokens(t) for t in texts]
             include_batch = self.diversity_scope == "batch_and_history"
             bleu = self.history.self_bleu(tokens, include_batch=include_batch).to(self.device)
@@ -494,40 +488,28 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                                    kl_coef=self.kl_coefs[player], reward_clip=self.reward_clip, gamma=self.gamma,
                                    lam=self.lam, whiten_advantages=self.whiten_advantages, reference_context=context)
 
-    def _step_optimizer(self, name: str, loss: Tensor) -> None:
-        optimizer = self.optimizers()[self._opt_index[name]]
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        if self.gradient_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
+    def _step(self, name: str, loss: Tensor) -> None:
+        """One optimiser step of ``name`` (a player or ``critic/<name>``) and its scheduler."""
+        scheduler = None
         if name in self._sched_index:
             schedulers = self.lr_schedulers()
-            (schedulers if isinstance(schedulers, list) else [schedulers])[self._sched_index[name]].step()
+            scheduler = (schedulers if isinstance(schedulers, list) else [schedulers])[self._sched_index[name]]
+        optimizer_step(self, self.optimizers()[self._opt_index[name]], loss, clip=self.gradient_clip,
+                       scheduler=scheduler)
 
     def _update(self, player: str, exp: Experience) -> dict[str, Tensor]:
-        """PPO epochs over the player's experience: its policy, then its critic, per minibatch."""
+        """PPO over the player's experience (:func:`~lit_align.engine.ppo_update`): its policy, then its critic."""
         critic_name = f"critic/{'shared' if 'shared' in self.critics else player}"
         critic = self._critic(player)
-        shuffle = torch.Generator().manual_seed(self.sample_seed * 1_000_003 + self.step_count * 8 + 7)
-        metrics: dict[str, Tensor] = {}
         # eval mode, as when the experience was made: with dropout the first ratio would not be 1, and the
         # dropout draws (from the global RNG) would make a resumed run differ
         with self.acting(player) as policy, eval_mode(policy, critic):
-            for _ in range(self.ppo_epochs):
-                for mb in minibatches(exp, self.minibatch_size or len(exp), shuffle=self.ppo_epochs > 1,
-                                      generator=shuffle):
-                    logps = token_logps(policy, mb.sequences, mb.attention_mask, mb.action_mask,
-                                        chunk_tokens=self.chunk_tokens).logps
-                    loss, pm = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.action_mask, clip=self.clip)
-                    self._step_optimizer(player, loss)
-                    values = critic.action_values(mb.sequences, mb.attention_mask)
-                    value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask, clip=self.value_clip)
-                    self._step_optimizer(critic_name, value_loss)
+            metrics = ppo_update(policy, critic, exp, self.ppo, step_policy=lambda loss: self._step(player, loss),
+                                 step_critic=lambda loss: self._step(critic_name, loss),
+                                 generator=self._rng(f"{player}/shuffle", device=torch.device("cpu")),
+                                 chunk_tokens=self.chunk_tokens)
         self.updates[player] += 1
         self._after_update(player)
-        metrics.update({"loss": loss.detach(), **pm, "critic/loss": value_loss.detach(),
-                        **{f"critic/{k}": v for k, v in vm.items()}})
         return metrics
 
     def _after_update(self, player: str) -> None:
@@ -545,14 +527,14 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         active = self.schedule.active(self.step_count)
-        times: dict[str, float] = {}
+        self.timer.reset()
         snapshot, from_pool = None, 0.0
         if active == ("defender",) and self.pool and self.pool_prob > 0:
-            pick = self._rng(5, device=torch.device("cpu"))
+            pick = self._rng("pool", device=torch.device("cpu"))
             if torch.rand((), generator=pick) < self.pool_prob:
                 snapshot = self.pool[int(torch.randint(len(self.pool), (), generator=pick))]
                 from_pool = 1.0
-        game = self._play(batch, lambda salt: self._rng(salt), snapshot, times)
+        game = self._play(batch, self._rng, snapshot)
         self.dropped_empty += game["empty"]
         metrics: dict[str, Tensor | float] = {
             "phase": {("defender",): 0.0, ("attacker",): 1.0}.get(active, 2.0),
@@ -560,7 +542,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         }
         if "scores" in game:
             scores = game["scores"]
-            bleu, cos = self._diversity(game["kept"], times)
+            bleu, cos = self._diversity(game["kept"])
             judge_reward = scores.attacker_reward.to(self.device)
             att_reward = attacker_reward(judge_reward, bleu, cos, bleu_weight=self.bleu_weight,
                                          embedding_weight=self.embedding_weight)
@@ -575,29 +557,29 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             rollouts = {"defender": (game["answer"], defender_reward), "attacker": (attack, att_reward)}
             experiences = {}
             for player in active:  # experience for every active player first: simultaneous moves see the same game
-                with self._timer(f"{player}/experience", times):
+                with self.timer(f"{player}/experience"):
                     experiences[player] = self._experience(player, *rollouts[player])
             if self.log_inactive_kl:
                 for player in (p for p in PLAYERS if p not in active):
                     rollout = rollouts[player][0]
                     keep_rows = rollout.response_lengths >= 2
                     if keep_rows.any():
-                        with self._timer(f"{player}/kl", times):
+                        with self.timer(f"{player}/kl"):
                             metrics[f"{player}/kl"] = self._kl(player, _select(rollout, keep_rows)).mean()
             for player, exp in experiences.items():
                 metrics.update({f"{player}/kl": exp.metrics["kl"], f"{player}/dropped": exp.metrics["dropped"]})
                 if len(exp) == 0:
                     continue
-                with self._timer(f"{player}/update", times):
+                with self.timer(f"{player}/update"):
                     metrics.update({f"{player}/{k}": v for k, v in self._update(player, exp).items()})
         self.step_count += 1
-        self.last_step_times = times
+        self.last_step_times = dict(self.timer.totals)
         size = len(batch.seeds)
         for key, value in metrics.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=size,
                      prog_bar=key in ("asr", "defender/reward"))
-        for key, value in times.items():
-            self.log(f"train/time/{key}", value, on_step=True, on_epoch=False, batch_size=size)
+        for key, value in self.timer.metrics().items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=size)
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -637,14 +619,14 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         return self.players.export("defender")
 
     def _evaluate(self, batch: PromptBatch, batch_idx: int) -> None:
-        generator = lambda salt: self._rng(salt, step=1_000_000 + batch_idx)  # noqa: E731  same draws every epoch
+        rng = lambda purpose: self._rng(f"val/{purpose}", step=batch_idx)  # noqa: E731  same draws every epoch
         ids, mask = self._defender_inputs(list(batch.seeds))
-        seed_answer = self._sample("defender", ids, mask, generator(2))
+        seed_answer = self._sample("defender", ids, mask, rng("seed_answer"))
         judge = self.eval_judge or self.judge
         seed_scores = judge.score(list(batch.seeds), self._decode(seed_answer))
         self._accumulate("seed/asr", seed_scores.unsafe.float())
         self._accumulate("seed/reward", seed_scores.defender_reward)
-        game = self._play(batch, generator, judge=judge)
+        game = self._play(batch, rng, judge=judge)
         if "scores" not in game:
             return
         scores = game["scores"]

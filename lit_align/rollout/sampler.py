@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -195,13 +196,24 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _gumbel_argmax(scores: Tensor, generator: torch.Generator | None) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _exponential_noise(scores: Tensor, generator: Generators) -> Tensor:
+    """(B, C) Exp(1) draws shaped like ``scores``: from one generator, or row ``i`` from ``generator[i]`` (then a
+    row's draws depend on its own generator alone, not on which rows share its batch)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.empty_like(scores).exponential_(generator=generator)
+    return torch.stack([torch.empty_like(row).exponential_(generator=g) for row, g in zip(scores, generator)])
+
+
+def _gumbel_argmax(scores: Tensor, generator: Generators) -> Tensor:
     """(B,) index of an exact draw from ``softmax(scores)`` over the last dim ((B, C) scores; -inf = excluded)."""
-    noise = torch.empty_like(scores).exponential_(generator=generator)  # (B, C) ~ Exp(1)
+    noise = _exponential_noise(scores, generator)  # (B, C) ~ Exp(1)
     return (scores - noise.log_()).argmax(-1)  # argmax(s + Gumbel) ~ softmax(s)
 
 
-def _select(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _select(logits: Tensor, config: SamplingConfig, generator: Generators) -> tuple[Tensor, Tensor]:
     """Pick the next token of every row from (B, V) float32 logits.
 
     Returns ``(tokens, logps)``, both (B,): the chosen ids and their log-probs under the
@@ -261,7 +273,7 @@ def sample(
     *,
     eos_token_id: int | list[int],
     pad_token_id: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Rollout:
     """Generate continuations of a batch of left-padded prompts with a KV cache.
 
@@ -275,13 +287,19 @@ def sample(
         config: Sampling settings.
         eos_token_id: One id or a list of ids; a row stops after emitting any of them.
         pad_token_id: Written into ``response_ids`` after a row has stopped.
-        generator: Optional RNG (on the model's device) for reproducible sampling.
+        generator: Optional RNG (on the model's device) for reproducible sampling: one for the batch, or one
+            per row (``len == B``), so that what a row samples depends only on its own seed, e.g. one derived
+            from the example's global index (:func:`lit_align.engine.seeds.row_generators`): the same samples
+            on one rank or several, whatever the batch composition.
 
     Returns:
         A :class:`Rollout` on the prompts' device, with R = the longest response in the batch.
     """
     config.validate()
     _check_prompts(prompt_ids, prompt_mask)
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != len(prompt_ids):
+        raise ValueError(f"sample: {len(generator)} generators for {len(prompt_ids)} prompts; pass one per row, "
+                         "or a single generator")
     device = prompt_ids.device
     batch, prompt_len = prompt_ids.shape
     max_new = config.max_new_tokens

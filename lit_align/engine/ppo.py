@@ -1,0 +1,101 @@
+"""The PPO update every online-RL method runs: epochs x minibatches over one batch of experience.
+
+Schulman et al. 2017 (arXiv 1707.06347): each minibatch takes a clipped-surrogate step of the policy, then a
+clipped value-loss step of its critic (``lit_align.losses.ppo``: the pure losses; ``lit_align.rollout.experience``:
+rewards, advantages, whitening and minibatches). Optionally the epochs stop early once a minibatch's approximate
+KL to the policy that made the experience exceeds ``target_kl`` (as OpenAI baselines and TRL do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
+from lit_align.rollout.experience import Experience, minibatches
+from lit_align.rollout.logps import token_logps
+
+__all__ = ["PPOConfig", "ppo_update"]
+
+
+@dataclass
+class PPOConfig:
+    """How one batch of experience updates a policy and its critic."""
+
+    epochs: int = 1
+    """Passes over each batch of experience (``ppo_epochs``); minibatches are reshuffled every pass when > 1."""
+    minibatch_size: int | None = None
+    """Rows per minibatch; ``None``: the whole batch in one minibatch."""
+    clip: float = 0.2
+    """Clip range ε of the policy ratio."""
+    value_clip: float | None = 0.2
+    """Clip range of the value update around the old values; ``None``: unclipped squared error."""
+    target_kl: float | None = None
+    """Stop the remaining epochs once a minibatch's approximate KL exceeds this; ``None``: never stop early."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"ppo.epochs must be an int >= 1, got {self.epochs!r}")
+        if self.minibatch_size is not None and (isinstance(self.minibatch_size, bool) or self.minibatch_size < 1):
+            raise ValueError(f"ppo.minibatch_size must be >= 1 or null (the whole batch), got {self.minibatch_size!r}")
+        if not self.clip > 0:
+            raise ValueError(f"ppo.clip must be positive, got {self.clip}")
+        if self.value_clip is not None and not self.value_clip > 0:
+            raise ValueError(f"ppo.value_clip must be positive or null, got {self.value_clip}")
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise ValueError(f"ppo.target_kl must be positive or null, got {self.target_kl}")
+
+
+def ppo_update(
+    policy: nn.Module,
+    critic: nn.Module | None,
+    exp: Experience,
+    config: PPOConfig,
+    *,
+    step_policy: Callable[[Tensor], None],
+    step_critic: Callable[[Tensor], None] | None = None,
+    generator: torch.Generator | None = None,
+    chunk_tokens: int | None = None,
+) -> dict[str, Tensor]:
+    """Run ``config.epochs`` passes of minibatch PPO over ``exp``.
+
+    Args:
+        policy: the acting policy (its LoRA adapter active when players share a base).
+        critic: a :class:`~lit_align.models.ValueModel` (``action_values``), or ``None`` for critic-free methods.
+        exp: the batch's experience (old log-probs, values, advantages, returns, action mask).
+        config: epochs, minibatch size, clip ranges, early stop.
+        step_policy / step_critic: take one optimiser step on a loss (backward, clip, step, scheduler):
+            the player's ``step``.
+        generator: CPU generator of the minibatch permutation (seeded by the caller: resumable).
+        chunk_tokens: rows per LM-head chunk in the log-prob computation (memory only).
+
+    Returns:
+        The last minibatch's detached metrics: ``loss`` and the policy-loss metrics (``clip_frac``,
+        ``approx_kl``, ...), ``critic/loss`` and ``critic/<metric>`` when there is a critic, and ``epochs`` (the
+        passes run: fewer than ``config.epochs`` after an early stop).
+    """
+    metrics: dict[str, Tensor] = {}
+    epochs = 0
+    for _ in range(config.epochs):
+        epochs += 1
+        stop = False
+        for mb in minibatches(exp, config.minibatch_size or len(exp), shuffle=config.epochs > 1, generator=generator):
+            logps = token_logps(policy, mb.sequences, mb.attention_mask, mb.action_mask, chunk_tokens=chunk_tokens).logps
+            loss, pm = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.action_mask, clip=config.clip)
+            step_policy(loss)
+            metrics = {"loss": loss.detach(), **pm}
+            if critic is not None:
+                values = critic.action_values(mb.sequences, mb.attention_mask)
+                value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask, clip=config.value_clip)
+                (step_critic or step_policy)(value_loss)
+                metrics.update({"critic/loss": value_loss.detach(), **{f"critic/{k}": v for k, v in vm.items()}})
+            if config.target_kl is not None and float(pm["approx_kl"]) > config.target_kl:
+                stop = True
+                break
+        if stop:
+            break
+    metrics["epochs"] = torch.tensor(float(epochs))
+    return metrics
