@@ -153,8 +153,8 @@ def test_ppo_update_equals_the_minibatch_loop_it_replaces():
 
         shuffle = torch.Generator().manual_seed(7)
         if use_engine:
-            metrics = ppo_update(policy, value, exp, config, step_policy=lambda loss: step(opt_p, loss),
-                                 step_critic=lambda loss: step(opt_v, loss), generator=shuffle)
+            metrics = ppo_update(policy, value, exp, config, step_policy=lambda loss, o=opt_p: step(o, loss),
+                                 step_critic=lambda loss, o=opt_v: step(o, loss), generator=shuffle)
         else:
             for _ in range(config.epochs):
                 for mb in minibatches(exp, config.minibatch_size, shuffle=True, generator=shuffle):
