@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -25,6 +24,7 @@ from lit_align.data.tokenize import _collate_sequences
 from lit_align.debate.pairs import PreferencePair, build_pairs, code_round_ranges, make_candidates
 from lit_align.debate.protocol import DebateTranscript, format_prompt, run_debate
 from lit_align.debate.rewards import RewardState, guided_responses, rollout_reward
+from lit_align.engine import PhaseTimer, derive_seed, optimizer_step
 from lit_align.losses.preference import dpo_loss
 from lit_align.methods.base import RebuiltWeights
 from lit_align.metrics.debate import DebateAccuracy
@@ -258,6 +258,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
 
         # pipeline state (all in checkpoints)
         self.step_count = 0  # training steps taken (seeds every draw)
+        self.timer = PhaseTimer()  # time/<phase> of the current step
         self.phase = 0  # index into self.phases
         self.stage: Literal["generate", "train", "done"] = "generate"
         self.questions_done = 0  # questions generated on in this phase
@@ -333,17 +334,15 @@ class DebateModule(RebuiltWeights, L.LightningModule):
                           self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
                           generator=generator, max_tries=self.max_tries, chat_template=self.chat_template)
 
-    #: purposes of the seeded draws (trials use 0 .. _TRIALS - 1): disjoint, so no two draws share a seed
-    _TRIALS, _ORDER, _VAL, _PREDICT, _QUESTIONS = 1 << 20, (1 << 20) + 1, (1 << 20) + 2, (1 << 20) + 3, (1 << 20) + 4
+    # the seeded draws are named by what they are for (``trial/<k>``, ``order``, ``val``, ``predict``,
+    # ``questions``) and the step (:func:`lit_align.engine.seeds.derive_seed`): no two draws share a seed
+    def _seed(self, purpose: str, step: int | None = None) -> int:
+        return derive_seed(self.sample_seed, self.step_count if step is None else step, purpose)
 
-    def _seed(self, purpose: int, step: int | None = None) -> int:
-        step = self.step_count if step is None else step
-        return hash((self.sample_seed, step, purpose)) % (2**63)
-
-    def _generator(self, purpose: int, step: int | None = None) -> torch.Generator:
+    def _generator(self, purpose: str, step: int | None = None) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self._seed(purpose, step))
 
-    def _rng(self, purpose: int) -> random.Random:
+    def _rng(self, purpose: str) -> random.Random:
         return random.Random(self._seed(purpose))
 
     @property
@@ -360,28 +359,24 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         rollout_actor = actor
         rounds = code_round_ranges(self.rounds)[player] if self.pair_rounds == "code" else range(self.rounds)
         pairs: list[PreferencePair] = []
-        stats = {"natural_accuracy": 0.0, "candidates": 0.0, "rollouts": 0.0, "time/debate": 0.0, "time/guided": 0.0,
-                 "time/rewards": 0.0}
+        stats = {"natural_accuracy": 0.0, "candidates": 0.0, "rollouts": 0.0}
         for trial in range(self.trials):
-            generator, rng = self._generator(trial), self._rng(trial)
-            start = time.perf_counter()
-            transcripts = self.debate(examples, generator, actor, critic)
+            generator, rng = self._generator(f"trial/{trial}"), self._rng(f"trial/{trial}")
+            with self.timer("debate"):
+                transcripts = self.debate(examples, generator, actor, critic)
             stats["natural_accuracy"] += sum(t.final_correct for t in transcripts) / len(transcripts) / self.trials
-            stats["time/debate"] += time.perf_counter() - start
             for t in rounds:
-                start = time.perf_counter()
                 # the released code keeps the natural critic response as trial 0's "guided" ones (its pairs
                 # are then filtered as identical); against the natural response (paper rule) that is no pair
                 keep_natural = self.pair_rule == "code"
-                guided = {target: guided_responses(self.agent(player), self.tokenizer, transcripts, t, player, target,
-                                                   trial, self.sampling[player], generator=generator, rng=rng,
-                                                   natural_critic_at_trial0=keep_natural,
-                                                   chat_template=self.chat_template)
-                          for target in ("correct", "wrong")}
-                stats["time/guided"] += time.perf_counter() - start
-                start = time.perf_counter()
-                rewards = self._rewards(player, transcripts, t, guided, rollout_actor, critic, generator)
-                stats["time/rewards"] += time.perf_counter() - start
+                with self.timer("guided"):
+                    guided = {target: guided_responses(self.agent(player), self.tokenizer, transcripts, t, player, target,
+                                                       trial, self.sampling[player], generator=generator, rng=rng,
+                                                       natural_critic_at_trial0=keep_natural,
+                                                       chat_template=self.chat_template)
+                              for target in ("correct", "wrong")}
+                with self.timer("rewards"):
+                    rewards = self._rewards(player, transcripts, t, guided, rollout_actor, critic, generator)
                 stats["rollouts"] += rewards.pop("rollouts", 0.0)
                 candidates = make_candidates(transcripts, guided["correct"], guided["wrong"], rewards["toward"],
                                              rewards["away"], rewards.get("natural"))
@@ -423,7 +418,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         if self._questions is None:  # derived from the data and the seed: built once, never checkpointed
             examples = self.trainer.datamodule.examples("train")
             order = list(range(len(examples)))
-            random.Random(self._seed(self._QUESTIONS, step=0)).shuffle(order)
+            random.Random(self._seed("questions", step=0)).shuffle(order)
             n_train = len(order) - self.dpo_val_questions if self.questions_per_phase is None else self.questions_per_phase
             if n_train < 1 or n_train + self.dpo_val_questions > len(order):
                 raise ValueError(f"the training split has {len(order)} questions: too few for model.questions_per_phase "
@@ -471,7 +466,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         The reference log-probs are the player's **as it starts this DPO run** (spec §1.7: the reference is
         the frozen starting checkpoint of the run; in iteration 2 that is the iteration-1 player, not the
         base). Scored once, so no frozen copy is needed."""
-        rng = self._rng(self._ORDER)
+        rng = self._rng("order")
         if self.max_pairs is not None and len(self.pairs) > self.max_pairs:
             self.pairs = rng.sample(self.pairs, self.max_pairs)
         if self.max_val_pairs is not None and len(self.val_pairs) > self.max_val_pairs:
@@ -515,11 +510,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
             logps = self._sequence_logps(policy, pairs)
             loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
                                      label_smoothing=self.label_smoothing)
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            if self.gradient_clip:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-            optimizer.step()
+            optimizer_step(self, optimizer, loss, clip=self.gradient_clip)
         out = {"loss": loss.detach(), **metrics}
         last = self.position >= len(self.order_)
         if self.val_pairs and (self.position % self.dpo_eval_every == 0 or last):
@@ -555,7 +546,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
             self.trainer.should_stop = True
             return
         iteration, player = self.current
-        start = time.perf_counter()
+        self.timer.reset()
         metrics: dict[str, Tensor | float] = {"phase": float(self.phase), "iteration": float(iteration)}
         if self.stage == "generate":
             # the batch only paces the stage: its questions come from the phase's fixed set, in chunks of a batch
@@ -563,22 +554,20 @@ class DebateModule(RebuiltWeights, L.LightningModule):
             validating = self.questions_done >= self._n_train  # training questions first, then validation ones
             end = min(self.questions_done + len(batch), len(questions) if validating else self._n_train)
             examples = questions[self.questions_done:end]
-            pairs, stats = self._pairs_for(player, examples)
+            with self.timer("generate"):
+                pairs, stats = self._pairs_for(player, examples)
             (self.val_pairs if validating else self.pairs).extend(pairs)
             self.questions_done += len(examples)
             metrics.update({f"{player}/new_pairs": float(len(pairs)), f"{player}/pairs": float(len(self.pairs)),
                             f"{player}/val_pairs": float(len(self.val_pairs)),
-                            f"{player}/natural_accuracy": stats["natural_accuracy"],
-                            "time/generate": time.perf_counter() - start,
-                            **{k: v for k, v in stats.items() if k.startswith("time/")},
-                            "rollouts": stats["rollouts"]})
+                            f"{player}/natural_accuracy": stats["natural_accuracy"], "rollouts": stats["rollouts"]})
             if self.questions_done >= len(questions):
-                t0 = time.perf_counter()
-                self._start_training(player)
-                metrics["time/reference"] = time.perf_counter() - t0
+                with self.timer("reference"):
+                    self._start_training(player)
         else:
-            metrics.update({f"{player}/{k}": v for k, v in self._dpo_step(player).items()})
-            metrics["time/dpo"] = time.perf_counter() - start
+            with self.timer("dpo"):
+                metrics.update({f"{player}/{k}": v for k, v in self._dpo_step(player).items()})
+        metrics.update(self.timer.metrics())
         self.step_count += 1
         self.last_step_metrics = {k: float(v) for k, v in metrics.items()}
         if self.stage == "done":
@@ -591,7 +580,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: QABatch, batch_idx: int) -> None:
         """A seeded debate on the validation questions: accuracy after each round."""
-        transcripts = self.debate(list(batch.examples), self._generator(self._VAL, step=batch_idx))
+        transcripts = self.debate(list(batch.examples), self._generator("val", step=batch_idx))
         correct = torch.tensor([tr.correct_by_round for tr in transcripts], dtype=torch.bool, device=self.device)
         self._val_accuracy.update(correct)
         self._val_buffer.extend(transcripts[: max(0, self.num_val_transcripts - len(self._val_buffer))])
@@ -635,7 +624,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
     def predict_step(self, batch: QABatch, batch_idx: int) -> list[dict[str, Any]]:
         """One debate per question (``lit-align predict``): ``{prompt: question, completion: the actor's
         final response}``, as every method's predictions."""
-        transcripts = self.debate(list(batch.examples), self._generator(self._PREDICT, step=batch_idx))
+        transcripts = self.debate(list(batch.examples), self._generator("predict", step=batch_idx))
         return [{"prompt": tr.example.question, "completion": tr.turns[-1].actor_response} for tr in transcripts]
 
     def export_policy(self) -> nn.Module:
