@@ -15,6 +15,7 @@ from torch import Tensor
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
 from lit_align.data.tokenize import _collate_sequences
+from lit_align.errors import ConfigError
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
 from lit_align.losses.watermark import detector_loss
 from lit_align.methods.base import ReferencedPolicyModule
@@ -166,17 +167,17 @@ class WatermarkModule(ReferencedPolicyModule):
         if reference == "auto":
             reference = "adapter" if model.lora is not None else "copy"
         if reference not in ("adapter", "copy"):
-            raise ValueError("model.reference must be 'adapter' or 'copy' for watermarking (new text is scored every "
+            raise ConfigError("model.reference must be 'adapter' or 'copy' for watermarking (new text is scored every "
                              f"step: nothing can be precomputed), got {reference!r}")
         super().__init__(model, reference=reference, optimizer=optimizer, scheduler=scheduler, chunk_tokens=chunk_tokens)
         self.critic_scheduler_factory = critic_scheduler
         if detector.kind != "scalar_head":
-            raise ValueError("model.detector.kind must be 'scalar_head' (the critic is a copy of the detector)")
+            raise ConfigError("model.detector.kind must be 'scalar_head' (the critic is a copy of the detector)")
         for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs)):
             if value < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {value}")
+                raise ConfigError(f"model.{name} must be >= 1, got {value}")
         if not 0.0 <= substitution_ratio < 1.0:
-            raise ValueError(f"model.substitution_ratio must be in [0, 1), got {substitution_ratio}")
+            raise ConfigError(f"model.substitution_ratio must be in [0, 1), got {substitution_ratio}")
         self.automatic_optimization = False
         self.detector_spec, self.detector_checkpoint = detector, detector_checkpoint
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
@@ -187,7 +188,7 @@ class WatermarkModule(ReferencedPolicyModule):
         self.substitution_ratio, self.substitution_weight = substitution_ratio, substitution_weight
         self.detector_pretrain_steps, self.human_from_reference = detector_pretrain_steps, human_from_reference
         if not 0.0 <= alignment_weight <= 1.0:
-            raise ValueError(f"model.alignment_weight (the detector's share of the reward) must be in [0, 1], "
+            raise ConfigError(f"model.alignment_weight (the detector's share of the reward) must be in [0, 1], "
                              f"got {alignment_weight}")
         self.alignment_spec, self.alignment_weight = alignment_reward, alignment_weight
         self.alignment: torch.nn.Module | None = None
@@ -227,7 +228,7 @@ class WatermarkModule(ReferencedPolicyModule):
         self.critic = ValueModel.from_reward_model(self.detector)  # same start, separate parameters
         if self.other_llm_spec is not None:
             if build_tokenizer(self.other_llm_spec).get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError("model.other_llm must share the actor's tokenizer (its continuations are scored as "
+                raise ConfigError("model.other_llm must share the actor's tokenizer (its continuations are scored as "
                                  "token ids); give model.other_llm.tokenizer the actor's tokenizer")
             self.other_llm = freeze(build_causal_lm(self.other_llm_spec, self.tokenizer))
         if self.alignment_spec is not None:
@@ -242,7 +243,7 @@ class WatermarkModule(ReferencedPolicyModule):
         cap = getattr(self.trainer.datamodule, "continuation_tokens", None)
         if cap is not None and not self.human_from_reference and self.other_llm is None \
                 and cap != self.sampling.max_new_tokens:
-            raise ValueError(f"data.continuation_tokens ({cap}) and model.max_new_tokens ({self.sampling.max_new_tokens}) "
+            raise ConfigError(f"data.continuation_tokens ({cap}) and model.max_new_tokens ({self.sampling.max_new_tokens}) "
                              "must be equal: a length difference between human and LLM text is a shortcut for the detector")
 
     def configure_optimizers(self):
@@ -538,5 +539,5 @@ def _detector_state(path: str) -> dict[str, Tensor]:
     state = state.get("state_dict", state)
     out = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
     if not out:
-        raise ValueError(f"model.detector_checkpoint={path!r} holds no 'detector.*' weights")
+        raise ConfigError(f"model.detector_checkpoint={path!r} holds no 'detector.*' weights")
     return out
