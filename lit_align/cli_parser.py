@@ -160,7 +160,7 @@ def unknown_key_message(message: str, parser_keys: Sequence[str]) -> str | None:
         owner, unknown, accepted = found
         where = f"{owner} has no option {unknown!r}"
     else:
-        owner, unknown, accepted = "lit-align", key, [k for k in parser_keys if k]
+        unknown, accepted = key, [k for k in parser_keys if k]
         where = f"unknown option {key!r}"
     suggestion = closest_key(unknown, accepted)
     hint = f"; did you mean {suggestion!r}?" if suggestion else ""
