@@ -10,6 +10,8 @@ Subpackages:
     metrics    scoring functions and torchmetrics metrics (unlearning, detection)
     watermark  statistical text watermarks (KGW green-list baseline: bias + z-score detector)
     callbacks  Lightning callbacks (sample tables, HF export, weight masks, unlearning evaluation)
+
+Modules: ``cli`` (the ``lit-align`` command), ``errors`` (``ConfigError``/``DataError``), ``paths``.
 """
 
 __version__ = "0.1.0"

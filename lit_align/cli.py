@@ -19,29 +19,44 @@
   changed key announced as ``key: old -> new`` (LightningCLI would let the checkpoint's values win);
 * checkpoints are written atomically in their own directory (:mod:`lit_align.checkpoint`);
 * ``predict`` writes ``predictions.jsonl`` under the run directory (a :class:`~lit_align.callbacks.PredictionWriter`
-  is added when the config's callbacks hold no prediction writer).
+  is added when the config's callbacks hold no prediction writer);
+* mistakes fail fast and short: the data is loaded and checked before any logger starts, a lit_align
+  configuration or data error is one message and exit code 2 (``--debug`` or ``LIT_ALIGN_DEBUG=1`` keeps
+  the traceback), and an unknown key names the closest accepted one (:mod:`lit_align.errors`,
+  :mod:`lit_align.cli_parser`);
+* ``--<spec>.name_or_path ./my_model`` replaces a config's ``tiny`` model (``--<spec>.tiny null`` parses);
+* ``--help`` lists lit_align's methods and DataModules, and every field's attribute docstring.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Literal
 
 import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lit_align.callbacks.cpu_threads import CPUThreads
+# imported so that `--help` lists lit_align's methods and DataModules among the known subclasses
+import lit_align.data
+import lit_align.methods
+from lit_align.callbacks import CPUThreads, PredictionWriter
 from lit_align.checkpoint import install_atomic_checkpoint_io
+from lit_align.cli_parser import LitAlignArgumentParser, model_override_args
+from lit_align.errors import debug_requested, one_message_errors
 from lit_align.quiet import quiet_library_noise
 from lit_align.resume import prepare_resume
 
-__all__ = ["LitAlignCLI", "add_prediction_writer", "cli_main", "main"]
+__all__ = ["LitAlignCLI", "add_prediction_writer", "cli_main", "main", "set_up_data_early"]
 
 # Configs write absolute interpolations (``${trainer.default_root_dir}``); they are resolved
 # relative to where they stand, so they work with and without a subcommand (``fit.`` prefix).
 set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+# Config fields are documented once, as attribute docstrings (specs, TinyArch...): `--help` shows them.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {"class_path": "lit_align.loggers.AutoWandbLogger"},
@@ -61,6 +76,7 @@ class LitAlignCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {})
         kwargs["parser_kwargs"].setdefault("parser_mode", "omegaconf+")
         quiet_library_noise()
+        kwargs.setdefault("parser_class", LitAlignArgumentParser)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -95,6 +111,8 @@ class LitAlignCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         self._install_atomic_checkpoint_io()
         self._install_cpu_threads()
+        # load and check the data now, before a logger starts a run (Lightning sets data up after that)
+        set_up_data_early(self.datamodule, self.model, self.subcommand)
 
     def _install_atomic_checkpoint_io(self) -> None:
         """Checkpoints written as a temporary file in their own directory + fsync + rename (all strategies
@@ -117,16 +135,31 @@ class LitAlignCLI(LightningCLI):
         """``lit-align predict`` writes what it predicts (see :func:`add_prediction_writer`)."""
         add_prediction_writer(self.trainer)
 
+    # -- short errors, tiny -> real model switch, help (lit_align.cli_parser, lit_align.errors) ----------
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse with ``--<spec>.name_or_path`` replacing a config's ``tiny`` (see :func:`model_override_args`)."""
+        if args is None or isinstance(args, (list, tuple)):
+            self.config = parser.parse_args(model_override_args(sys.argv[1:] if args is None else args))
+        else:
+            super().parse_arguments(parser, args)
+
 
 def add_prediction_writer(trainer: Trainer) -> None:
     """Give ``trainer`` a :class:`~lit_align.callbacks.PredictionWriter` (``predictions.jsonl`` under the run
     directory) unless its callbacks already hold a prediction writer."""
-    from lightning.pytorch.callbacks import BasePredictionWriter
-
-    from lit_align.callbacks import PredictionWriter
-
     if not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
         trainer.callbacks.append(PredictionWriter())
+
+
+def set_up_data_early(datamodule: Any, module: Any, subcommand: str | None) -> None:
+    """Run a lit_align DataModule's (idempotent) ``setup`` with the module's tokenizer before the Trainer
+    runs, so a data error stops the run before any logger or W&B run starts."""
+    bases = (lit_align.data.TokenizedDataModule, lit_align.data.ForgetRetainDataModule)
+    if subcommand is None or not isinstance(datamodule, bases):
+        return
+    if datamodule.tokenizer is None and getattr(module, "tokenizer", None) is not None:
+        datamodule.tokenizer = module.tokenizer
+    datamodule.setup(subcommand)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitAlignCLI:
@@ -135,8 +168,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitAlignCLI:
 
 
 def main() -> None:
-    """Console-script entry point (returns nothing, so the shell sees exit code 0)."""
-    cli_main()
+    """Console-script entry point (returns nothing, so the shell sees exit code 0).
+
+    A lit_align configuration or data error is printed as one message with exit code 2; ``--debug`` (any
+    position) or ``LIT_ALIGN_DEBUG=1`` shows the traceback instead."""
+    debug = debug_requested(sys.argv[1:])
+    sys.argv = [arg for arg in sys.argv if arg != "--debug"]
+    with one_message_errors(debug):
+        cli_main()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lit_align.cli import cli_main
 from lit_align.data import DataSource, PreferenceDataModule, SFTDataModule
+from lit_align.errors import DataError
 from lit_align.models import TINY_TOKENIZER, ModelSpec, TinyArch, build_causal_lm, build_tokenizer
 
 DPO_TINY = str(REPO / "configs/dpo/tiny.yaml")
@@ -59,25 +60,25 @@ def no_pad_tokenizer_dir(tmp_path_factory) -> Path:
 
 def test_missing_field_names_field_record_and_the_fields_mapping(tmp_path):
     rows = [{"prompt": "p", "response": "r"}] * 2 + [{"prompt": "p", "answer": "r"}]
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(DataError) as err:
         _setup(train=DataSource(_jsonl(tmp_path / "d.jsonl", rows)))
     msg = err.value.args[0]
-    assert "record 2" in msg and "missing field 'response'" in msg and "d.jsonl" in msg
+    assert "record 3 (line 3)" in msg and "missing field 'response'" in msg and "d.jsonl" in msg
     assert "['answer', 'prompt']" in msg  # what the record has
     assert "fields: {response: <column>}" in msg
 
 
 def test_missing_mapped_column_says_it_came_from_fields(tmp_path):
     source = DataSource(_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}]), fields={"response": "answer"})
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(DataError) as err:
         _setup(train=source)
     assert "missing field 'answer' (mapped from 'answer' by `fields`)" in err.value.args[0]
 
 
 def test_preference_record_without_prompt_needs_a_conversation(tmp_path):
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(DataError) as err:
         _setup(PreferenceDataModule, train=DataSource(_jsonl(tmp_path / "p.jsonl", [{"chosen": "a", "rejected": "b"}])))
-    assert "record 0: missing field 'prompt'" in err.value.args[0]
+    assert "record 1 (line 1): missing field 'prompt'" in err.value.args[0]
 
 
 @pytest.mark.parametrize("content", ["", "[]", "{\"data\": []}"], ids=["empty-jsonl", "empty-list", "empty-data"])
@@ -104,13 +105,13 @@ def test_limit_zero_is_an_empty_dataset():
 )
 def test_non_string_field(tmp_path, row, field, kind):
     rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}, row]
-    with pytest.raises(TypeError, match=f"record 1: field '{field}' must be a string or a list of chat messages, "
+    with pytest.raises(DataError, match=f"record 2 \\(line 2\\): field '{field}' must be a string or a list of chat messages, "
                                         f"got {kind}"):
         _setup(PreferenceDataModule, train=DataSource(_jsonl(tmp_path / "p.jsonl", rows)))
 
 
 def test_empty_string_field(tmp_path):
-    with pytest.raises(ValueError, match="record 0: field 'response' is empty"):
+    with pytest.raises(ValueError, match=r"record 1 \(line 1\): field 'response' is empty"):
         _setup(train=DataSource(_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "  "}])))
 
 
@@ -122,7 +123,7 @@ def test_invalid_jsonl_line_names_the_line(tmp_path):
 
 
 def test_record_that_is_not_an_object(tmp_path):
-    with pytest.raises(ValueError, match="record 1: expected an object, got list"):
+    with pytest.raises(ValueError, match=r"record 2 \(line 2\): expected an object, got list"):
         _setup(train=DataSource(_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, ["p", "r"]])))
 
 

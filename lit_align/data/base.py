@@ -12,7 +12,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.records import DataSource, Record, load_records
 from lit_align.data.sampling import ResumableDataLoader, ShardedSampler
-from lit_align.data.tokenize import TokenizedDataset
+from lit_align.data.tokenize import TokenizedDataset, check_response_room, warn_truncated
+from lit_align.errors import ConfigError
 from lit_align.models.causal_lm import build_tokenizer
 from lit_align.models.spec import ModelSpec
 
@@ -62,9 +63,9 @@ class TokenizedDataModule(L.LightningDataModule):
         """
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.train_source, self.val_source, self.test_source = train, val, test
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -96,7 +97,7 @@ class TokenizedDataModule(L.LightningDataModule):
         if getattr(module, "tokenizer", None) is not None:
             return module.tokenizer
         if self.tokenizer_name is None:
-            raise ValueError("data.tokenizer is not set and there is no LightningModule with a tokenizer")
+            raise ConfigError("data.tokenizer is not set and there is no LightningModule with a tokenizer")
         return build_tokenizer(ModelSpec(name_or_path=self.tokenizer_name))
 
     def _load(self, source: DataSource) -> list[Record]:
@@ -113,7 +114,7 @@ class TokenizedDataModule(L.LightningDataModule):
         random.Random(self.seed).shuffle(order)
         n_val = max(1, round(len(train) * self.val_fraction))
         if n_val >= len(train):
-            raise ValueError(
+            raise ConfigError(
                 f"data.val_fraction={self.val_fraction} leaves no training records out of {len(train)}; "
                 "lower it or give data.val"
             )
@@ -126,12 +127,16 @@ class TokenizedDataModule(L.LightningDataModule):
         self.tokenizer = self._resolve_tokenizer()
         chat = self.chat_template if self.chat_template is not None else bool(self.tokenizer.chat_template)
         if chat and not self.tokenizer.chat_template:
-            raise ValueError("data.chat_template is true but the tokenizer has no chat template")
+            raise ConfigError("data.chat_template is true but the tokenizer has no chat template")
+        check_response_room(self.tokenizer, chat, self.max_length)
         train, val = self._split()
         self.train_dataset = self._tokenize(train, chat)
         self.val_dataset = self._tokenize(val, chat)
         test = self._load(self.test_source) if self.test_source else None
         self.test_dataset = self._tokenize(test, chat) if test else self.val_dataset
+        warn_truncated(self.val_dataset, "validation")  # training examples: the train loader warns every epoch
+        if self.test_dataset is not self.val_dataset:
+            warn_truncated(self.test_dataset, "test")
 
     def _tokenize(self, records: list[Record], chat: bool) -> TokenizedDataset | None:
         if not records:

@@ -37,6 +37,7 @@ from lit_align.data.base import TokenizedDataModule
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.records import BUILTIN_DIR, DataSource, Record, load_records
 from lit_align.data.tokenize import SequenceCollator, SequenceExample
+from lit_align.errors import ConfigError, DataError
 
 __all__ = [
     "CompletionBatch",
@@ -59,7 +60,7 @@ def load_completion_records(source: DataSource, required: Sequence[str], optiona
     if name not in _BUILTIN_TEXT:
         return load_records(source, required, optional)
     if "text" not in required:
-        raise ValueError(f"data source {source.path!r} has only a 'text' field; use data.format='text'")
+        raise DataError(f"data source {source.path!r} has only a 'text' field; use data.format='text'")
     lines = Path(str(BUILTIN_DIR / _BUILTIN_TEXT[name])).read_text(encoding="utf-8").splitlines()
     texts = [line.strip() for line in lines if line.strip()]
     if source.limit is not None:
@@ -266,10 +267,10 @@ class TextCompletionDataModule(TokenizedDataModule):
             tokenizer: tokenizer id or directory when the DataModule is used without a lit_align module.
         """
         if prompt_tokens <= 0 or continuation_tokens <= 0:
-            raise ValueError(f"data.prompt_tokens and data.continuation_tokens must be positive, got "
+            raise ConfigError(f"data.prompt_tokens and data.continuation_tokens must be positive, got "
                              f"{prompt_tokens} and {continuation_tokens}")
         if format not in ("text", "qa"):
-            raise ValueError(f"data.format must be 'text' or 'qa', got {format!r}")
+            raise ConfigError(f"data.format must be 'text' or 'qa', got {format!r}")
         super().__init__(train, val, test, val_fraction=val_fraction, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, max_length=prompt_tokens + continuation_tokens,
                          chat_template=False, shuffle=shuffle, seed=seed, num_workers=num_workers,
@@ -290,7 +291,7 @@ class TextCompletionDataModule(TokenizedDataModule):
             return
         self.tokenizer = self._resolve_tokenizer()
         if self.append_eos and self.tokenizer.eos_token_id is None:
-            raise ValueError("data.append_eos is on but the tokenizer has no EOS token")
+            raise ConfigError("data.append_eos is on but the tokenizer has no EOS token")
         self._prefix = _special_prefix(self.tokenizer)
         train, val = self._split()
         self.train_dataset = self._tokenize(train, "train")
@@ -332,7 +333,7 @@ class TextCompletionDataModule(TokenizedDataModule):
                 f"{self.prompt_tokens} + {self.continuation_tokens} tokens" if self.format == "text"
                 else f"with prompts longer than data.prompt_tokens = {self.prompt_tokens} tokens")
         if not kept:
-            raise ValueError(f"all {len(records)} {split} records are {what}; lower data.prompt_tokens / "
+            raise DataError(f"all {len(records)} {split} records are {what}; lower data.prompt_tokens / "
                              "data.continuation_tokens or use longer texts")
         if dropped:
             rank_zero_warn(f"{split}: dropped {dropped} of {len(records)} records {what}", category=UserWarning)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.base import TokenizedDataModule
-from lit_align.data.records import Record
+from lit_align.data.records import Record, describe_record
 from lit_align.data.tokenize import PreferenceCollator, PreferenceExample, encode_prompt, encode_response
+from lit_align.errors import DataError
 
 __all__ = ["PreferenceDataModule"]
 
@@ -32,8 +33,8 @@ class PreferenceDataModule(TokenizedDataModule):
         prompt = record.get("prompt")
         if prompt is None:
             if not isinstance(record["chosen"], list):
-                raise KeyError(
-                    f"data source {record['_source']!r}, record {record['_source_index']}: missing field "
+                raise DataError(
+                    f"{describe_record(record['_source'], record['_source_index'])}: missing field "
                     "'prompt' (only conversational records, whose `chosen` is a message list, may omit it)"
                 )
             prompt = record["chosen"][:-1]

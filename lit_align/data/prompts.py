@@ -36,7 +36,8 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.base import TokenizedDataModule
-from lit_align.data.records import BUILTIN_DIR, DataSource, Record, read_rows
+from lit_align.data.records import BUILTIN_DIR, DataSource, Record, describe_record, read_rows
+from lit_align.errors import ConfigError, DataError
 from lit_align.rollout.sampler import left_pad
 
 __all__ = [
@@ -86,7 +87,7 @@ def _rows(source: DataSource, fmt: str) -> list[Any]:
         try:
             ds = datasets.load_dataset(source.path, data_dir=source.subset, split=source.split, revision=source.revision)
         except Exception as err:  # datasets raises many types; all mean "cannot load this id"
-            raise ValueError(f"data source {source.path!r} (data_dir={source.subset!r}, split={source.split!r}) "
+            raise DataError(f"data source {source.path!r} (data_dir={source.subset!r}, split={source.split!r}) "
                              f"could not be loaded: {err}") from err
         rows = ds.to_list()
         return rows[: source.limit] if source.limit is not None else rows
@@ -95,7 +96,7 @@ def _rows(source: DataSource, fmt: str) -> list[Any]:
 
 def _question(row: Any, i: int, source: DataSource, fmt: str) -> str:
     """The seed question of one row (may be empty: the caller drops and counts those)."""
-    where = f"data source {source.path!r}, record {i}"
+    where = describe_record(source.path, i)
     if fmt == "auto":
         if isinstance(row, list):
             fmt = "gpo"
@@ -105,32 +106,32 @@ def _question(row: Any, i: int, source: DataSource, fmt: str) -> str:
             fmt = "hh"
         else:
             kind = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"{where}: cannot tell the format of {kind}; expected a 'prompt' field, a 'chosen' "
+            raise DataError(f"{where}: cannot tell the format of {kind}; expected a 'prompt' field, a 'chosen' "
                              "hh-rlhf transcript or a one-string list. Set data.format or map the column with "
                              "`fields: {prompt: <column>}`")
     if fmt == "gpo":
         if not (isinstance(row, list) and len(row) == 1 and isinstance(row[0], str)):
-            raise ValueError(f"{where}: data.format='gpo' expects each item to be a list holding one string, got "
+            raise DataError(f"{where}: data.format='gpo' expects each item to be a list holding one string, got "
                              f"{row!r:.80}")
         return row[0].strip()
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object, got {type(row).__name__} (a list of one-string lists is "
+        raise DataError(f"{where}: expected an object, got {type(row).__name__} (a list of one-string lists is "
                          "data.format='gpo')")
     name = "prompt" if fmt == "prompt" else "chosen"
     column = source.fields.get(name, name)
     if column not in row:
-        raise KeyError(f"{where}: missing field {column!r} (data.format={fmt!r}); it has {sorted(row)}. Map your "
+        raise DataError(f"{where}: missing field {column!r} (data.format={fmt!r}); it has {sorted(row)}. Map your "
                        f"column with `fields: {{{name}: <column>}}`")
     value = row[column]
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise TypeError(f"{where}: field {column!r} must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: field {column!r} must be a string, got {type(value).__name__}")
     if fmt == "prompt":
         return value.strip()
     turn = first_human_turn(value)
     if turn is None:
-        raise ValueError(f"{where}: field {column!r} has no '\\n\\nHuman: ' turn; is this an hh-rlhf transcript?")
+        raise DataError(f"{where}: field {column!r} has no '\\n\\nHuman: ' turn; is this an hh-rlhf transcript?")
     return turn
 
 
@@ -141,18 +142,18 @@ def load_seed_prompts(source: DataSource, format: str = "auto") -> tuple[list[Re
         lines = Path(str(BUILTIN_DIR / _BUILTIN_SEEDS[name])).read_text(encoding="utf-8").splitlines()
         questions = lines[: source.limit] if source.limit is not None else lines
     elif name is not None and format in ("auto", "prompt") and not (BUILTIN_DIR / f"{name}.jsonl").is_file():
-        raise ValueError(f"data source {source.path!r}: no built-in seed prompts {name!r}; seed-prompt built-ins "
+        raise DataError(f"data source {source.path!r}: no built-in seed prompts {name!r}; seed-prompt built-ins "
                          f"are {sorted(f'builtin:{k}' for k in _BUILTIN_SEEDS)}")
     else:
         rows = _rows(source, format)
         questions = [_question(row, i, source, format) for i, row in enumerate(rows)]
     if not questions:
-        raise ValueError(f"data source {source.path!r} (split={source.split!r}) has no records")
+        raise DataError(f"data source {source.path!r} (split={source.split!r}) has no records")
     records = [{"prompt": q.strip(), "_source": source.path, "_source_index": i}
                for i, q in enumerate(questions) if q.strip()]
     dropped = len(questions) - len(records)
     if not records:
-        raise ValueError(f"data source {source.path!r}: all {len(questions)} questions are empty")
+        raise DataError(f"data source {source.path!r}: all {len(questions)} questions are empty")
     if dropped:
         rank_zero_warn(f"data source {source.path!r}: dropped {dropped} of {len(questions)} empty questions",
                        category=UserWarning)
@@ -312,17 +313,17 @@ class SeedPromptDataModule(TokenizedDataModule):
             tokenizer: tokenizer id or directory when the DataModule is used without a lit_align module.
         """
         if format not in ("auto", "prompt", "gpo", "hh"):
-            raise ValueError(f"data.format must be 'auto', 'prompt', 'gpo' or 'hh', got {format!r}")
+            raise ConfigError(f"data.format must be 'auto', 'prompt', 'gpo' or 'hh', got {format!r}")
         if "{seed}" not in attacker_template:
-            raise ValueError(f"data.attacker_template must contain '{{seed}}' (where the seed question goes), got "
+            raise ConfigError(f"data.attacker_template must contain '{{seed}}' (where the seed question goes), got "
                              f"{attacker_template!r}")
         try:
             attacker_template.format(seed="x")
         except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"data.attacker_template is not a valid str.format template with only {{seed}} "
+            raise ConfigError(f"data.attacker_template is not a valid str.format template with only {{seed}} "
                              f"({err!r}); double literal braces as '{{{{' and '}}}}'") from err
         if max_prompt_tokens <= 0:
-            raise ValueError(f"data.max_prompt_tokens must be positive, got {max_prompt_tokens}")
+            raise ConfigError(f"data.max_prompt_tokens must be positive, got {max_prompt_tokens}")
         super().__init__(train, val, test, val_fraction=val_fraction, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, max_length=max_prompt_tokens, chat_template=False,
                          shuffle=shuffle, seed=seed, num_workers=num_workers, tokenizer=tokenizer)
@@ -364,7 +365,7 @@ class SeedPromptDataModule(TokenizedDataModule):
         kept = [ex for ex in encoded if ex is not None]
         too_long = len(encoded) - len(kept)
         if not kept:
-            raise ValueError(f"all {len(records)} {split} seed prompts render to attacker prompts longer than "
+            raise DataError(f"all {len(records)} {split} seed prompts render to attacker prompts longer than "
                              f"data.max_prompt_tokens = {self.max_prompt_tokens} tokens; raise it")
         if too_long:
             rank_zero_warn(f"{split}: dropped {too_long} of {len(records)} seed prompts whose attacker prompt is "

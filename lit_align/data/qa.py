@@ -64,8 +64,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_align.data.base import TokenizedDataModule
-from lit_align.data.records import BUILTIN_DIR, DataSource, read_rows
+from lit_align.data.records import BUILTIN_DIR, DataSource, describe_record, read_rows
 from lit_align.data.sampling import ResumableDataLoader, ShardedSampler
+from lit_align.errors import ConfigError, DataError
 
 __all__ = [
     "LETTERS",
@@ -256,7 +257,7 @@ def _builtin_rows(source: DataSource) -> list[dict[str, Any]] | None:
     if name not in _BUILTIN_QA:
         if (BUILTIN_DIR / f"{name}.jsonl").is_file():
             return None  # another built-in in records.py's layout (a `qa` format would need question/answer)
-        raise ValueError(f"data source {source.path!r}: no built-in QA set {name!r}; QA built-ins are "
+        raise DataError(f"data source {source.path!r}: no built-in QA set {name!r}; QA built-ins are "
                          f"{sorted(f'builtin:{k}' for k in _BUILTIN_QA)}")
     text = Path(str(BUILTIN_DIR / _BUILTIN_QA[name])).read_text(encoding="utf-8")
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -267,7 +268,7 @@ def _detect(row: Any, source: DataSource, where: str) -> str:
     if source.path.startswith("builtin:") and source.path.removeprefix("builtin:") in _BUILTIN_QA:
         return "qa"
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
 
     def has(name: str) -> bool:
         return source.fields.get(name, name) in row
@@ -276,7 +277,7 @@ def _detect(row: Any, source: DataSource, where: str) -> str:
                        ("mmlu", ("choices",)), ("boolq", ("passage",)), ("qa", ("question", "answer"))):
         if all(has(n) for n in names):
             return fmt
-    raise ValueError(f"{where}: cannot tell the QA format of a record with columns {sorted(row)}; set data.format "
+    raise DataError(f"{where}: cannot tell the QA format of a record with columns {sorted(row)}; set data.format "
                      f"to one of {_FORMATS[1:]} (and map renamed columns with `fields: {{question: <column>}}`)")
 
 
@@ -295,7 +296,7 @@ class _Row:
             if not required:
                 return None
             hint = f" (mapped from {name!r} by `fields`)" if column != name else ""
-            raise KeyError(f"{self.where}: missing field {column!r}{hint} of data.format={self.fmt!r}; it has "
+            raise DataError(f"{self.where}: missing field {column!r}{hint} of data.format={self.fmt!r}; it has "
                            f"{sorted(self.row)}. Map your column with `fields: {{{name}: <column>}}` or set data.format")
         return self.row[column]
 
@@ -303,17 +304,17 @@ class _Row:
         value = self.get(name, required)
         if value is None or (isinstance(value, str) and not value.strip()):
             if required:
-                raise ValueError(f"{self.where}: field {self.column(name)!r} is empty; every record needs a "
+                raise DataError(f"{self.where}: field {self.column(name)!r} is empty; every record needs a "
                                  f"{name}: fill it in or remove the record")
             return None
         if not isinstance(value, str):
-            raise TypeError(f"{self.where}: field {self.column(name)!r} must be a string, got {type(value).__name__}")
+            raise DataError(f"{self.where}: field {self.column(name)!r} must be a string, got {type(value).__name__}")
         return value.strip()
 
     def answer(self, name: str) -> Any:
         value = self.get(name, required=False)
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise ValueError(f"{self.where}: the question has no gold answer (field {self.column(name)!r} is "
+            raise DataError(f"{self.where}: the question has no gold answer (field {self.column(name)!r} is "
                              f"{'missing' if self.column(name) not in self.row else 'empty'}); every question needs "
                              "one to be scored: add it or remove the record")
         return value
@@ -322,22 +323,22 @@ class _Row:
         try:
             return normalize_answer(value, kind, options)
         except ValueError as err:
-            raise ValueError(f"{self.where}: {err}; fix the record's answer (data.format={self.fmt!r})") from None
+            raise DataError(f"{self.where}: {err}; fix the record's answer (data.format={self.fmt!r})") from None
 
     def options(self, value: Any, name: str) -> tuple[str, ...]:
         if isinstance(value, str):  # one CSV cell: options separated by "|"
             value = value.split("|") if value.strip() else []
         if not isinstance(value, list | tuple) or not all(isinstance(o, str) for o in value):
-            raise TypeError(f"{self.where}: field {self.column(name)!r} must be a list of option strings (or one "
+            raise DataError(f"{self.where}: field {self.column(name)!r} must be a list of option strings (or one "
                             f"string with '|' between options), got {value!r:.80}")
         options = tuple(o.strip() for o in value)
         if not options:
-            raise ValueError(f"{self.where}: a multiple-choice question with no options (field "
+            raise DataError(f"{self.where}: a multiple-choice question with no options (field "
                              f"{self.column(name)!r} is empty); give its options or make it another kind")
         if any(not o for o in options):
-            raise ValueError(f"{self.where}: field {self.column(name)!r} has an empty option: {list(options)}")
+            raise DataError(f"{self.where}: field {self.column(name)!r} has an empty option: {list(options)}")
         if len(options) > len(LETTERS):
-            raise ValueError(f"{self.where}: {len(options)} options, more than the {len(LETTERS)} letters {LETTERS}")
+            raise DataError(f"{self.where}: {len(options)} options, more than the {len(LETTERS)} letters {LETTERS}")
         return options
 
 
@@ -446,18 +447,18 @@ def load_qa(source: DataSource, format: QAFormat = "auto") -> list[QAExample]:
             names the source and the record.
     """
     if format not in _FORMATS:
-        raise ValueError(f"data.format must be one of {_FORMATS}, got {format!r}")
+        raise ConfigError(f"data.format must be one of {_FORMATS}, got {format!r}")
     rows = _builtin_rows(source)
     if rows is None:
         rows = read_rows(source)
     if not rows:
-        raise ValueError(f"data source {source.path!r} (split={source.split!r}) has no records")
-    fmt = format if format != "auto" else _detect(rows[0], source, f"data source {source.path!r}, record 0")
+        raise DataError(f"data source {source.path!r} (split={source.split!r}) has no records")
+    fmt = format if format != "auto" else _detect(rows[0], source, describe_record(source.path, 0))
     out = []
     for i, row in enumerate(rows):
-        where = f"data source {source.path!r}, record {i}"
+        where = describe_record(source.path, i)
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
         r = _Row(row, where, source, fmt)
         parsed = _sciq(r, i) if fmt == "sciq" else {"qa": _qa, "boolq": _boolq, "mmlu": _mmlu, "bbh": _bbh,
                                                      "arc": _arc}[fmt](r)
@@ -761,7 +762,7 @@ class QADataModule(TokenizedDataModule):
             num_workers: DataLoader worker processes.
         """
         if format not in _FORMATS:
-            raise ValueError(f"data.format must be one of {_FORMATS}, got {format!r}")
+            raise ConfigError(f"data.format must be one of {_FORMATS}, got {format!r}")
         super().__init__(train, val, test, val_fraction=val_fraction, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, chat_template=False, shuffle=shuffle, seed=seed,
                          num_workers=num_workers)

@@ -17,6 +17,8 @@ missing or wrongly typed field raises an error naming the source, the record and
 from __future__ import annotations
 
 import csv
+import functools
+import glob
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["BUILTIN_DIR", "DataSource", "Record", "load_records", "read_rows"]
+from lit_align.errors import DataError, MissingPathError
+from lit_align.paths import hub_offline, looks_local
+
+__all__ = ["BUILTIN_DIR", "DataSource", "Record", "describe_record", "load_records", "read_rows"]
 
 Record = dict[str, Any]
 
@@ -67,14 +72,14 @@ def _read_local(path: Path) -> list[Record]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+                        raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
             return rows
     if suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict) and "data" in data:
             data = data["data"]
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records or {{'data': [...]}}")
+            raise DataError(f"{path}: expected a JSON list of records or {{'data': [...]}}")
         return data
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
@@ -83,7 +88,7 @@ def _read_local(path: Path) -> list[Record]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .parquet or .csv")
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .parquet or .csv")
 
 
 #: ``builtin:fictitious_facts/<split>`` names: split -> (forget split of fictitious_facts_splits.json, keep it?)
@@ -96,7 +101,7 @@ FICTITIOUS_SPLITS = {
 def _read_fictitious_split(split: str, path: str) -> list[Record]:
     """Records of ``builtin:fictitious_facts/<split>``, selected by ``person_id`` (file order kept)."""
     if split not in FICTITIOUS_SPLITS:
-        raise ValueError(f"data source {path!r}: no split {split!r} of the built-in fictitious_facts; "
+        raise DataError(f"data source {path!r}: no split {split!r} of the built-in fictitious_facts; "
                          f"splits are {sorted(FICTITIOUS_SPLITS)}")
     forget_split, keep = FICTITIOUS_SPLITS[split]
     people = set(json.loads((BUILTIN_DIR / "fictitious_facts_splits.json").read_text(encoding="utf-8"))[forget_split])
@@ -113,26 +118,74 @@ def _read(source: DataSource) -> list[Record]:
         if not file.is_file():
             known = sorted(p.name.removesuffix(".jsonl") for p in BUILTIN_DIR.iterdir() if p.name.endswith(".jsonl"))
             known += [f"fictitious_facts/{split}" for split in FICTITIOUS_SPLITS]
-            raise ValueError(f"data source {source.path!r}: no built-in dataset {name!r}; built-ins are {known}")
+            raise DataError(f"data source {source.path!r}: no built-in dataset {name!r}; built-ins are {known}")
         return _read_local(Path(str(file)))
     local = Path(source.path).expanduser()
     if local.is_file():
         return _read_local(local)
-    if not local.exists() and (
-        local.suffix.lower() in {".json", ".jsonl", ".csv", ".parquet"} or source.path.startswith(("/", ".", "~"))
-    ):
-        raise FileNotFoundError(f"data source {source.path!r}: no such file")
+    near = sorted(str(p) for p in local.parent.glob(glob.escape(local.name) + ".*")) if not local.exists() else []
+    if not local.exists() and (near or looks_local(source.path)):
+        hint = f"; did you mean {near[0]!r}?" if near else " (a hub dataset id is `name` or `org/name`)"
+        raise MissingPathError(f"data source {source.path!r}: no such file or directory{hint}")
     # an HF dataset id, or a local dataset directory (data files that `datasets.load_dataset` reads)
     import datasets
 
     try:
         ds = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
     except Exception as err:  # datasets raises many types; all mean "cannot load this id"
-        raise ValueError(
+        if hub_offline() and not local.exists():
+            raise MissingPathError(
+                f"data source {source.path!r}: no such local file or directory, and HF_HUB_OFFLINE is set, so it "
+                "was looked up in the local HF cache only (not there). Give a local file, or unset "
+                "HF_HUB_OFFLINE to download it."
+            ) from err
+        raise DataError(
             f"data source {source.path!r} (split={source.split!r}, subset={source.subset!r}) could not be "
             f"loaded as a local file or an HF dataset: {err}"
         ) from err
     return ds.to_list()
+
+
+def _local_file(path: str) -> Path | None:
+    """The file a source path reads record by record (a local or built-in file), or None."""
+    if path.startswith("builtin:"):
+        file = Path(str(BUILTIN_DIR / f"{path.removeprefix('builtin:')}.jsonl"))
+        return file if file.is_file() else None
+    file = Path(path).expanduser()
+    return file if file.is_file() else None
+
+
+@functools.lru_cache(maxsize=16)
+def _record_lines(file: str, stamp: tuple[int, int]) -> tuple[int, ...]:
+    """The 1-based line on which each record of a .jsonl or .csv file starts (``stamp``: mtime and size,
+    so an edited file is read again)."""
+    suffix = Path(file).suffix.lower()
+    with open(file, encoding="utf-8", newline="") as f:
+        if suffix == ".jsonl":
+            return tuple(lineno for lineno, line in enumerate(f, 1) if line.strip())
+        if suffix == ".csv":
+            reader = csv.reader(f)
+            starts, start = [], 1
+            for _ in reader:
+                starts.append(start)
+                start = reader.line_num + 1
+            return tuple(starts[1:])  # the first row is the header
+    return ()
+
+
+def _line_of(file: Path, index: int) -> int | None:
+    """The 1-based line on which record ``index`` (0-based) of a .jsonl or .csv file starts."""
+    stat = file.stat()
+    lines = _record_lines(str(file), (stat.st_mtime_ns, stat.st_size))
+    return lines[index] if 0 <= index < len(lines) else None
+
+
+def describe_record(path: str, index: int) -> str:
+    """``data source 'PATH', record N (line L)``: where an error is, for a person. ``index`` is the 0-based
+    position (``_source_index``); records are counted from 1, and the line is given for .jsonl and .csv files."""
+    file = _local_file(path)
+    line = _line_of(file, index) if file is not None else None
+    return f"data source {path!r}, record {index + 1}" + (f" (line {line})" if line is not None else "")
 
 
 def _is_messages(value: Any) -> bool:
@@ -160,18 +213,18 @@ def load_records(source: DataSource, required: Sequence[str], optional: Sequence
     if source.limit is not None:
         rows = rows[: source.limit]
     if not rows:
-        raise ValueError(f"data source {source.path!r} (split={source.split!r}) has no records")
+        raise DataError(f"data source {source.path!r} (split={source.split!r}) has no records")
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"data source {source.path!r}, record {i}: expected an object, got {type(row).__name__}")
+            raise DataError(f"{describe_record(source.path, i)}: expected an object, got {type(row).__name__}")
         rec: Record = {"_source": source.path, "_source_index": i}
         for name, template in source.templates.items():
             try:
                 row = {**row, name: template.format_map(row).strip()}
             except KeyError as err:
-                raise KeyError(
-                    f"data source {source.path!r}, record {i}: template for {name!r} names column {err.args[0]!r}, "
+                raise DataError(
+                    f"{describe_record(source.path, i)}: template for {name!r} names column {err.args[0]!r}, "
                     f"which the record lacks; it has {sorted(row)}"
                 ) from None
         for name in [*required, *optional]:
@@ -180,20 +233,20 @@ def load_records(source: DataSource, required: Sequence[str], optional: Sequence
                 if name in optional:
                     continue
                 hint = f" (mapped from {column!r} by `fields`)" if column != name else ""
-                raise KeyError(
-                    f"data source {source.path!r}, record {i}: missing field {column!r}{hint}; it has "
+                raise DataError(
+                    f"{describe_record(source.path, i)}: missing field {column!r}{hint}; it has "
                     f"{sorted(row)}. Map your column names with `fields: {{{name}: <column>}}`."
                 )
             value = row[column]
             if value is None and name in optional:  # e.g. a null cell in a parquet/HF column
                 continue
             if not (isinstance(value, str) or _is_messages(value)):
-                raise TypeError(
-                    f"data source {source.path!r}, record {i}: field {column!r} must be a string or a list of "
+                raise DataError(
+                    f"{describe_record(source.path, i)}: field {column!r} must be a string or a list of "
                     f"chat messages, got {type(value).__name__}"
                 )
             if isinstance(value, str) and not value.strip() and name in required:
-                raise ValueError(f"data source {source.path!r}, record {i}: field {column!r} is empty")
+                raise DataError(f"{describe_record(source.path, i)}: field {column!r} is empty")
             rec[name] = value
         for name in extra:
             column = source.fields.get(name, name)

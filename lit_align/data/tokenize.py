@@ -6,10 +6,12 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.batches import PreferenceBatch, SequenceBatch
+from lit_align.errors import ConfigError
 
 __all__ = [
     "PreferenceCollator",
@@ -19,7 +21,9 @@ __all__ = [
     "TokenizedDataset",
     "encode_prompt",
     "encode_response",
+    "check_response_room",
     "truncate_keep_response",
+    "warn_truncated",
 ]
 
 Text = str | list[dict]
@@ -88,6 +92,34 @@ def _truncate(ex: SequenceExample | PreferenceExample, max_length: int) -> tuple
     return PreferenceExample(prompt, chosen[:room], rejected[:room], ex.index), cut_c or cut_r
 
 
+def _responses(ex: SequenceExample | PreferenceExample) -> tuple[list[int], ...]:
+    return (ex.response,) if isinstance(ex, SequenceExample) else (ex.chosen, ex.rejected)
+
+
+def check_response_room(tokenizer: PreTrainedTokenizerBase, chat_template: bool, max_length: int) -> None:
+    """Refuse a ``data.max_length`` that the prompt format alone fills (the chat template around an empty
+    prompt), leaving no token for a response."""
+    overhead = len(encode_prompt(tokenizer, "", chat_template))
+    if max_length <= overhead:
+        kind = "the chat template" if chat_template else "the tokenizer's special tokens"
+        raise ConfigError(
+            f"data.max_length={max_length} leaves no room for a response: {kind} around an empty prompt already "
+            f"takes {overhead} tokens. Raise data.max_length well above {overhead}."
+        )
+
+
+def warn_truncated(dataset: TokenizedDataset | None, split: str) -> None:
+    """Warn that examples of ``split`` (``validation``, ``test``...) were cut to ``data.max_length``."""
+    if dataset is None or not getattr(dataset, "truncated", 0):
+        return
+    also = f"; {dataset.responses_cut} lost part of their response too" if dataset.responses_cut else ""
+    rank_zero_warn(
+        f"{dataset.truncated} of {len(dataset)} {split} examples are longer than data.max_length="
+        f"{dataset.max_length}; their prompts were cut from the left{also}. Raise data.max_length to keep them whole.",
+        category=UserWarning,
+    )
+
+
 class TokenizedDataset(Dataset):
     """Tokenized examples, truncated to ``max_length`` by :func:`truncate_keep_response`.
 
@@ -96,11 +128,13 @@ class TokenizedDataset(Dataset):
 
     def __init__(self, examples: list[SequenceExample] | list[PreferenceExample], max_length: int) -> None:
         if max_length < 2:
-            raise ValueError(f"data.max_length must be at least 2, got {max_length}")
+            raise ConfigError(f"data.max_length must be at least 2, got {max_length}")
         self.max_length = max_length
         pairs = [_truncate(ex, max_length) for ex in examples]
         self.examples = [ex for ex, _ in pairs]
         self.truncated = sum(cut for _, cut in pairs)
+        #: examples whose response (chosen or rejected) lost tokens, not only their prompt
+        self.responses_cut = sum(_responses(new) != _responses(old) for old, (new, _) in zip(examples, pairs))
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -43,17 +43,20 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.base import TokenizedDataModule
 from lit_align.data.batches import ForgetRetainBatch, SequenceBatch
-from lit_align.data.records import BUILTIN_DIR, DataSource, Record, load_records, read_rows
+from lit_align.data.records import BUILTIN_DIR, DataSource, Record, describe_record, load_records, read_rows
 from lit_align.data.sampling import ResumableDataLoader, ShardedSampler
 from lit_align.data.tokenize import (
     SequenceCollator,
     SequenceExample,
     TokenizedDataset,
     _collate_sequences,
+    check_response_room,
     truncate_keep_response,
+    warn_truncated,
 )
 from lit_align.data.tokenize import encode_prompt as _encode_prompt
 from lit_align.data.tokenize import encode_response as _encode_response
+from lit_align.errors import ConfigError, DataError
 
 __all__ = [
     "DEFAULT_REFUSALS",
@@ -351,17 +354,17 @@ class ForgetRetainDataModule(L.LightningDataModule):
         """
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
         if retain_sampling not in ("cycle", "random"):
-            raise ValueError(f"data.retain_sampling must be 'cycle' or 'random', got {retain_sampling!r}")
+            raise ConfigError(f"data.retain_sampling must be 'cycle' or 'random', got {retain_sampling!r}")
         if retain_per_forget < 1:
-            raise ValueError(f"data.retain_per_forget must be at least 1, got {retain_per_forget}")
+            raise ConfigError(f"data.retain_per_forget must be at least 1, got {retain_per_forget}")
         if num_mismatch < 1:
-            raise ValueError(f"data.num_mismatch must be at least 1, got {num_mismatch}")
+            raise ConfigError(f"data.num_mismatch must be at least 1, got {num_mismatch}")
         for name, tpl, key in (("prompt_template", prompt_template, "prompt"),
                                ("response_template", response_template, "response")):
             if tpl is not None and "{" + key + "}" not in tpl:
-                raise ValueError(f"data.{name} must contain {{{key}}}, got {tpl!r}")
+                raise ConfigError(f"data.{name} must contain {{{key}}}, got {tpl!r}")
         self.save_hyperparameters()
         self.sources: dict[str, list[DataSource]] = {
             "forget": _as_list(forget), "retain": _as_list(retain), "mismatch_pool": _as_list(mismatch_pool),
@@ -369,7 +372,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
             "eval_holdout": _as_list(eval_holdout),
         }
         if not self.sources["forget"]:
-            raise ValueError("data.forget is required: give the source of the examples to unlearn")
+            raise ConfigError("data.forget is required: give the source of the examples to unlearn")
         self.refusals = list(DEFAULT_REFUSALS if refusals is None else refusals)
         self.num_mismatch, self.retain_sampling, self.retain_per_forget = num_mismatch, retain_sampling, retain_per_forget
         self.validate = validate
@@ -427,8 +430,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
         have = sum("prompt" in r for r in records)
         if 0 < have < len(records):
             missing = next(r["_source_index"] for r in records if "prompt" not in r)
-            raise KeyError(f"data.{role} ({source.path!r}): record {missing} has no 'prompt' while {have} others "
-                           "do; give every record a prompt, or none (plain-text corpus, response = text)")
+            raise DataError(f"data.{role}: {describe_record(source.path, missing)} has no 'prompt' while {have} "
+                            "others do; give every record a prompt, or none (plain-text corpus, response = text)")
         if have == 0:
             log.info("data.%s (%s): no 'prompt' field, records are plain text (the whole text is scored)",
                      role, source.path)
@@ -439,16 +442,16 @@ class ForgetRetainDataModule(L.LightningDataModule):
     def _eval_records_of(self, source: DataSource, role: str) -> list[Record]:
         records = load_records(source, (), EVAL_TEXT_FIELDS, EVAL_EXTRA_FIELDS)
         for r in records:
-            where = f"data.{role} ({source.path!r}), record {r['_source_index']}"
+            where = f"data.{role}: {describe_record(source.path, r['_source_index'])}"
             if "choices" in r or "label" in r:
                 choices, label = r.get("choices"), r.get("label")
                 if not (isinstance(choices, list) and choices and isinstance(label, int)
                         and 0 <= label < len(choices)):
-                    raise ValueError(f"{where}: multiple-choice records need `choices` (a non-empty list) and an "
+                    raise DataError(f"{where}: multiple-choice records need `choices` (a non-empty list) and an "
                                      f"integer `label` indexing it; got choices={choices!r}, label={label!r}")
                 r.setdefault("response", choices[label])
             if "response" not in r:
-                raise KeyError(f"{where}: no 'response' (map your answer column with `fields: {{response: ...}}`, "
+                raise DataError(f"{where}: no 'response' (map your answer column with `fields: {{response: ...}}`, "
                                "or give `choices` and `label`)")
             if "perturbed_responses" in r and not isinstance(r["perturbed_responses"], list):
                 r["perturbed_responses"] = [r["perturbed_responses"]]
@@ -462,7 +465,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
                     recs = self._load_records(role, source)
                 except ValueError as err:
                     if "has no records" in str(err) and role == "forget":
-                        raise ValueError(
+                        raise ConfigError(
                             f"data.forget is empty: {err}. Unlearning needs at least one example to forget; check "
                             "the path, split, subset and limit of data.forget (or the forget split name)"
                         ) from err
@@ -472,7 +475,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
                         r.setdefault("group", source.subset or source.path)
                 out += recs
             if role == "forget" and not out:
-                raise ValueError("data.forget is empty: unlearning needs at least one example to forget; check "
+                raise ConfigError("data.forget is empty: unlearning needs at least one example to forget; check "
                                  "the path, split, subset and limit of data.forget")
             self._records[role] = out
         return self._records[role]
@@ -530,7 +533,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self.tokenizer = self._resolve_tokenizer()
         chat = self.chat_template if self.chat_template is not None else bool(self.tokenizer.chat_template)
         if chat and not self.tokenizer.chat_template:
-            raise ValueError("data.chat_template is true but the tokenizer has no chat template")
+            raise ConfigError("data.chat_template is true but the tokenizer has no chat template")
+        check_response_room(self.tokenizer, chat, self.max_length)
         self._chat = chat
         forget = self._load_role("forget")
         retain = self._load_role("retain") if self.has_retain else []
@@ -543,6 +547,10 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self._refusal_ids = [self.encode_response(r) for r in self.refusals] or None
         self.val_forget_dataset = self._eval_dataset("eval_forget", self.forget_dataset)
         self.val_retain_dataset = self._eval_dataset("eval_retain", self.retain_dataset)
+        for name, dataset, train in (("eval_forget", self.val_forget_dataset, self.forget_dataset),
+                                     ("eval_retain", self.val_retain_dataset, self.retain_dataset)):
+            if dataset is not train:  # training examples: the train loader warns every epoch
+                warn_truncated(dataset, f"data.{name}")
 
     def _eval_dataset(self, role: str, train: TokenizedDataset | None) -> TokenizedDataset | None:
         """The tokenized evaluation set of ``role``; the training set itself when absent or identical
@@ -712,7 +720,7 @@ class TOFUDataModule(ForgetRetainDataModule):
             **kwargs: :class:`ForgetRetainDataModule` arguments (batch_size, max_length, ...).
         """
         if split not in self.SPLITS:
-            raise ValueError(f"data.split must be one of {sorted(self.SPLITS)}, got {split!r}")
+            raise ConfigError(f"data.split must be one of {sorted(self.SPLITS)}, got {split!r}")
         qa = {"prompt": "question", "response": "answer"}
         if path.startswith("builtin:"):
             base = path.rstrip("/")
@@ -772,13 +780,13 @@ class WMDPDataModule(ForgetRetainDataModule):
         domains = list(domains or ["bio", "cyber"])
         unknown = set(domains) - {"bio", "cyber"}
         if unknown or not domains:
-            raise ValueError(f"data.domains must be a non-empty subset of ['bio', 'cyber'], got {domains}")
+            raise ConfigError(f"data.domains must be a non-empty subset of ['bio', 'cyber'], got {domains}")
         text = {"response": "text"}
         forget, retain, questions = [], [], []
         for d in domains:
             if d == "bio":
                 if bio_forget_path is None:
-                    raise ValueError("data.bio_forget_path is required with domain 'bio': the WMDP bio forget corpus "
+                    raise ConfigError("data.bio_forget_path is required with domain 'bio': the WMDP bio forget corpus "
                                      "is access-controlled; request it and give the local bio_remove_dataset.jsonl, "
                                      "or set data.domains: [cyber]")
                 forget.append(DataSource(bio_forget_path, fields=text, limit=limit, subset="bio-forget-corpus"))
@@ -890,7 +898,7 @@ class PKUSafeRLHFDataModule(ForgetRetainDataModule):
                 for k in (0, 1):
                     flag = row.get(f"is_response_{k}_safe")
                     if flag is None or "prompt" not in row or f"response_{k}" not in row:
-                        raise KeyError(f"{where}, row {i}: expected PKU-SafeRLHF columns prompt, response_{k}, "
+                        raise DataError(f"{where}, record {i + 1}: expected PKU-SafeRLHF columns prompt, response_{k}, "
                                        f"is_response_{k}_safe; it has {sorted(row)} (pin data.revision)")
                     if isinstance(flag, str):
                         flag = flag.strip().lower() == "true"
@@ -903,7 +911,7 @@ class PKUSafeRLHFDataModule(ForgetRetainDataModule):
         try:
             parsed = [_truthfulqa_row(r) for r in rows]
         except KeyError as err:
-            raise KeyError(f"{where}: expected TruthfulQA columns (Question, Best Answer, Correct Answers, "
+            raise DataError(f"{where}: expected TruthfulQA columns (Question, Best Answer, Correct Answers, "
                            f"Incorrect Answers, or the hub's lowercase names); missing {err}") from None
         if role == "mismatch_pool":
             answers = [a for _, best, others in parsed for a in (best, *others)]

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor
 
+from lit_align.errors import ConfigError
+
 __all__ = ["gae", "kl_shaped_rewards", "ppo_policy_loss", "ppo_value_loss", "whiten"]
 
 
@@ -45,7 +47,7 @@ def _check_number(name: str, value: object, *, low: float, high: float = math.in
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ from typing import ClassVar, Literal
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_align.errors import ConfigError
+
 __all__ = ["DPOLoss", "IPOLoss", "PreferenceLoss", "dpo_loss", "ipo_loss"]
 
 
@@ -51,12 +53,12 @@ def _is_real(x: object) -> bool:
 
 def _check_beta(beta: float) -> None:
     if not (_is_real(beta) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+        raise ConfigError(f"beta must be a finite number > 0, got {beta!r}")
 
 
 def _check_label_smoothing(label_smoothing: float) -> None:
     if not (_is_real(label_smoothing) and 0.0 <= label_smoothing < 0.5):
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
 
 
 def _preference_metrics(

@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lit_align.errors import ConfigError
+
 __all__ = ["nll_loss"]
 
 
@@ -52,7 +54,7 @@ def nll_loss(
             f"token_logps {tuple(token_logps.shape)} and mask {tuple(mask.shape)} must have the same (B, T) shape"
         )
     if reduction not in ("token", "sequence"):
-        raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
+        raise ConfigError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
     scored = mask.bool()  # (B, T)
     nll = torch.where(scored, -token_logps, torch.zeros_like(token_logps))  # (B, T)
     per_seq_sum = nll.sum(-1)  # (B,)

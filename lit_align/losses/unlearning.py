@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_align.errors import ConfigError
 from lit_align.losses.sft import nll_loss
 from lit_align.rollout.logps import TokenKL, TokenStats
 
@@ -60,18 +61,18 @@ def _is_real(x: object) -> bool:
 
 def _check_reduction(reduction: object, name: str = "reduction") -> None:
     if reduction not in ("token", "sequence"):
-        raise ValueError(f"{name} must be 'token' (mean over all scored tokens) or 'sequence' (mean of per-sequence "
+        raise ConfigError(f"{name} must be 'token' (mean over all scored tokens) or 'sequence' (mean of per-sequence "
                          f"token means), got {reduction!r}")
 
 
 def _check_beta(beta: object) -> None:
     if not (_is_real(beta) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0 (NPO's inverse temperature; the paper uses 0.1), got {beta!r}")
+        raise ConfigError(f"beta must be a finite number > 0 (NPO's inverse temperature; the paper uses 0.1), got {beta!r}")
 
 
 def _check_alpha(alpha: object) -> None:
     if not (_is_real(alpha) and math.isfinite(alpha) and alpha <= 1):
-        raise ValueError(f"alpha must be a finite number <= 1 (the label-smoothing rate; < 0 is negative smoothing, "
+        raise ConfigError(f"alpha must be a finite number <= 1 (the label-smoothing rate; < 0 is negative smoothing, "
                          f"e.g. -0.5), got {alpha!r}")
 
 
@@ -211,7 +212,7 @@ def gls_cross_entropy(
         return per_row
     if reduction == "mean":
         return per_row.mean()
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
 def label_smoothed_ascent_loss(
@@ -393,7 +394,7 @@ class NPO(UnlearningTerm):
         """
         _check_beta(beta)
         if reduction not in ("sum_sequence", "mean_token"):
-            raise ValueError(f"reduction must be 'sum_sequence' (summed answer log-likelihood, the NPO paper) or "
+            raise ConfigError(f"reduction must be 'sum_sequence' (summed answer log-likelihood, the NPO paper) or "
                              f"'mean_token' (per-token mean, the WAGLE code), got {reduction!r}")
         self.beta = float(beta)
         self.npo_reduction = reduction
@@ -513,10 +514,10 @@ class RetainKL(UnlearningTerm):
             reduction: "token" or "sequence" mean over the positions.
         """
         if form not in ("kl", "cross_entropy"):
-            raise ValueError(f"form must be 'kl' (true KL, the paper) or 'cross_entropy' (the LLMU code's form), "
+            raise ConfigError(f"form must be 'kl' (true KL, the paper) or 'cross_entropy' (the LLMU code's form), "
                              f"got {form!r}")
         if positions not in ("all", "response"):
-            raise ValueError(f"positions must be 'all' (every real token) or 'response' (answer tokens), got {positions!r}")
+            raise ConfigError(f"positions must be 'all' (every real token) or 'response' (answer tokens), got {positions!r}")
         _check_reduction(reduction)
         self.form = form
         self.positions = positions

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_align.errors import ConfigError
+
 __all__ = ["detector_loss"]
 
 
@@ -29,7 +31,7 @@ def detector_loss(watermarked: Tensor, human: Tensor, *, reg: float = 1e-4) -> t
     if watermarked.shape != human.shape or watermarked.ndim != 1:
         raise ValueError(f"watermarked {tuple(watermarked.shape)} and human {tuple(human.shape)} must both be (B,)")
     if reg < 0:
-        raise ValueError(f"reg (the score penalty weight) must be >= 0, got {reg}")
+        raise ConfigError(f"reg (the score penalty weight) must be >= 0, got {reg}")
     margin = watermarked.float() - human.float()
     loss = -F.logsigmoid(margin).mean() + reg * (watermarked.float() ** 2 + human.float() ** 2).mean()
     metrics = {"accuracy": (margin > 0).float().mean().detach(), "chosen": watermarked.float().mean().detach(),

@@ -25,6 +25,7 @@ from lit_align.debate.pairs import PreferencePair, build_pairs, code_round_range
 from lit_align.debate.protocol import DebateTranscript, format_prompt, run_debate
 from lit_align.debate.rewards import RewardState, guided_responses, rollout_reward
 from lit_align.engine import PhaseTimer, derive_seed, optimizer_step
+from lit_align.errors import ConfigError, DataError
 from lit_align.losses.preference import dpo_loss
 from lit_align.methods.base import RebuiltWeights
 from lit_align.metrics.debate import DebateAccuracy
@@ -209,27 +210,27 @@ class DebateModule(RebuiltWeights, L.LightningModule):
                                  ("dpo_epochs", dpo_epochs, 1), ("dpo_batch_size", dpo_batch_size, 1),
                                  ("max_tries", max_tries, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"model.{name} must be an int >= {low}, got {value!r}")
+                raise ConfigError(f"model.{name} must be an int >= {low}, got {value!r}")
         if pair_rule not in ("paper", "code"):
-            raise ValueError(f"model.pair_rule must be 'paper' or 'code', got {pair_rule!r}")
+            raise ConfigError(f"model.pair_rule must be 'paper' or 'code', got {pair_rule!r}")
         if actor_quality not in ("rollout", "correctness"):
-            raise ValueError(f"model.actor_quality must be 'rollout' or 'correctness', got {actor_quality!r}")
+            raise ConfigError(f"model.actor_quality must be 'rollout' or 'correctness', got {actor_quality!r}")
         if pair_rounds not in ("all", "code"):
-            raise ValueError(f"model.pair_rounds must be 'all' or 'code', got {pair_rounds!r}")
+            raise ConfigError(f"model.pair_rounds must be 'all' or 'code', got {pair_rounds!r}")
         if sorted(order) != sorted(PLAYERS):
-            raise ValueError(f"model.order must name 'actor' and 'critic' once each, got {order!r}")
+            raise ConfigError(f"model.order must name 'actor' and 'critic' once each, got {order!r}")
         if critic_rollout_actor not in ("current", "initial"):
-            raise ValueError(f"model.critic_rollout_actor must be 'current' or 'initial', got {critic_rollout_actor!r}")
+            raise ConfigError(f"model.critic_rollout_actor must be 'current' or 'initial', got {critic_rollout_actor!r}")
         if not 0.0 <= epsilon <= 1.0 or not 0.0 <= code_threshold <= 1.0:
-            raise ValueError("model.epsilon and model.code_threshold are reward differences in [0, 1]")
+            raise ConfigError("model.epsilon and model.code_threshold are reward differences in [0, 1]")
         if questions_per_phase is not None and questions_per_phase < 1:
-            raise ValueError(f"model.questions_per_phase must be >= 1 or null, got {questions_per_phase}")
+            raise ConfigError(f"model.questions_per_phase must be >= 1 or null, got {questions_per_phase}")
         for name, value, low in (("dpo_val_questions", dpo_val_questions, 0), ("dpo_eval_every", dpo_eval_every, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"model.{name} must be an int >= {low}, got {value!r}")
+                raise ConfigError(f"model.{name} must be an int >= {low}, got {value!r}")
         if dpo_patience is not None and (isinstance(dpo_patience, bool) or not isinstance(dpo_patience, int)
                                          or dpo_patience < 1):
-            raise ValueError(f"model.dpo_patience must be an int >= 1 or null, got {dpo_patience!r}")
+            raise ConfigError(f"model.dpo_patience must be an int >= 1 or null, got {dpo_patience!r}")
         self.automatic_optimization = False  # one optimiser per player, stepped by the phase's player only
         self.tokenizer = build_tokenizer(actor)
         self.share_base, self.reference_mode = share_base, reference
@@ -421,7 +422,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
             random.Random(self._seed("questions", step=0)).shuffle(order)
             n_train = len(order) - self.dpo_val_questions if self.questions_per_phase is None else self.questions_per_phase
             if n_train < 1 or n_train + self.dpo_val_questions > len(order):
-                raise ValueError(f"the training split has {len(order)} questions: too few for model.questions_per_phase "
+                raise DataError(f"the training split has {len(order)} questions: too few for model.questions_per_phase "
                                  f"({self.questions_per_phase}) plus model.dpo_val_questions ({self.dpo_val_questions}); "
                                  "lower them or add questions")
             self._n_train = n_train

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lit_align.checkpoint import atomic_save
 from lit_align.data.prompts import DEFENDER_TEMPLATE, PromptBatch
 from lit_align.engine import PhaseTimer, PPOConfig, generator, optimizer_step, ppo_update
+from lit_align.errors import ConfigError
 from lit_align.game.diversity import (
     DiversityHistory,
     SentenceEncoder,
@@ -235,33 +236,33 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.specs = {"defender": defender, "attacker": attacker}
         for name in ("attacker_max_new_tokens", "defender_max_new_tokens", "ppo_epochs"):
             if locals()[name] < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {locals()[name]}")
+                raise ConfigError(f"model.{name} must be >= 1, got {locals()[name]}")
         if critics not in ("separate", "shared"):
-            raise ValueError(f"model.critics must be 'separate' or 'shared', got {critics!r}")
+            raise ConfigError(f"model.critics must be 'separate' or 'shared', got {critics!r}")
         if reference not in ("auto", "adapter", "copy"):
-            raise ValueError(f"model.reference must be 'auto', 'adapter' or 'copy' (new text is scored every "
+            raise ConfigError(f"model.reference must be 'auto', 'adapter' or 'copy' (new text is scored every "
                              f"step: nothing can be precomputed), got {reference!r}")
         if reference == "adapter" and (defender.lora is None or attacker.lora is None):
-            raise ValueError("model.reference: 'adapter' needs LoRA on both players (model.defender.lora and "
+            raise ConfigError("model.reference: 'adapter' needs LoRA on both players (model.defender.lora and "
                              "model.attacker.lora); use 'copy' or 'auto'")
         if "{prompt}" not in defender_template:
-            raise ValueError(f"model.defender_template must contain '{{prompt}}', got {defender_template!r}")
+            raise ConfigError(f"model.defender_template must contain '{{prompt}}', got {defender_template!r}")
         try:
             defender_template.format(prompt="x")
         except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"model.defender_template is not a str.format template with only {{prompt}} ({err!r}); "
+            raise ConfigError(f"model.defender_template is not a str.format template with only {{prompt}} ({err!r}); "
                              "double literal braces as '{{' and '}}'") from err
         if diversity_scope not in ("history", "batch_and_history"):
-            raise ValueError(f"model.diversity_scope must be 'history' or 'batch_and_history', got {diversity_scope!r}")
+            raise ConfigError(f"model.diversity_scope must be 'history' or 'batch_and_history', got {diversity_scope!r}")
         if embedding_weight > 0 and encoder is None:
-            raise ValueError("model.embedding_weight > 0 needs model.encoder (a sentence encoder, e.g. "
+            raise ConfigError("model.embedding_weight > 0 needs model.encoder (a sentence encoder, e.g. "
                              "{name_or_path: sentence-transformers/all-MiniLM-L6-v2}); or set model.embedding_weight: 0")
         if not 0.0 <= pool_prob <= 1.0:
-            raise ValueError(f"model.pool_prob must be in [0, 1], got {pool_prob}")
+            raise ConfigError(f"model.pool_prob must be in [0, 1], got {pool_prob}")
         if pool_prob > 0 and snapshot_every < 1:
-            raise ValueError("model.pool_prob > 0 needs model.snapshot_every >= 1 (no snapshots are taken otherwise)")
+            raise ConfigError("model.pool_prob > 0 needs model.snapshot_every >= 1 (no snapshots are taken otherwise)")
         if snapshot_every < 0 or pool_size < 1:
-            raise ValueError(f"model.snapshot_every must be >= 0 and model.pool_size >= 1, got {snapshot_every}, "
+            raise ConfigError(f"model.snapshot_every must be >= 0 and model.pool_size >= 1, got {snapshot_every}, "
                              f"{pool_size}")
         self.automatic_optimization = False
         self.tokenizer = build_tokenizer(defender)
@@ -328,13 +329,13 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         defender_tok = self.specs["defender"].tokenizer or self.specs["defender"].name_or_path
         critic_spec = self.critic_spec or RewardModelSpec(model=self.specs["defender"])
         if critic_spec.kind != "scalar_head":
-            raise ValueError(f"model.critic.kind={critic_spec.kind!r}: a critic must be a causal LM with a value head "
+            raise ConfigError(f"model.critic.kind={critic_spec.kind!r}: a critic must be a causal LM with a value head "
                              "read at every token (kind: scalar_head) sharing the players' tokenizer. A sequence "
                              "classifier (e.g. an encoder reward model) can serve as model.judge (kind: classifier)")
         critic_tok = critic_spec.model.tokenizer or critic_spec.model.name_or_path
         if critic_tok != defender_tok and build_tokenizer(critic_spec.model, key="model.critic.model", needs_eos=False
                                                           ).get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"model.critic.model: a critic must be a causal LM sharing the players' tokenizer (it "
+            raise ConfigError(f"model.critic.model: a critic must be a causal LM sharing the players' tokenizer (it "
                              f"reads their token ids), and its tokenizer ({critic_tok or 'bundled'}) differs from "
                              "theirs; give model.critic.model.tokenizer the defender's tokenizer. A reward model with "
                              "another tokenizer (e.g. a BERT classifier) can serve as model.judge (kind: classifier)")

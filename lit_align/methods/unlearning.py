@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_align.data.batches import ForgetRetainBatch, SequenceBatch
+from lit_align.errors import ConfigError
 from lit_align.losses.unlearning import GradientAscent, UnlearningTerm
 from lit_align.methods.base import ReferencedPolicyModule
 from lit_align.models import ModelSpec
@@ -130,7 +131,7 @@ class UnlearningModule(ReferencedPolicyModule):
                                            ("mismatch", mismatch_loss, mismatch_weight)) if t is not None]
         for name, _, weight in terms:
             if not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"model.{name}_weight must be a finite non-negative number, got {weight}")
+                raise ConfigError(f"model.{name}_weight must be a finite non-negative number, got {weight}")
         needs_kl = any(t.needs_kl for _, t, _ in terms)
         needs_logps = [t for _, t, _ in terms if t.needs_reference_logps]
         if reference == "auto":
@@ -144,11 +145,11 @@ class UnlearningModule(ReferencedPolicyModule):
         super().__init__(model, reference=reference, reference_cache_dir=reference_cache_dir, optimizer=optimizer,
                          scheduler=scheduler, chunk_tokens=chunk_tokens)
         if stop_extra_steps_factor < 0:
-            raise ValueError(f"model.stop_extra_steps_factor must be >= 0, got {stop_extra_steps_factor}")
+            raise ConfigError(f"model.stop_extra_steps_factor must be >= 0, got {stop_extra_steps_factor}")
         if stop_forget_nll is not None and not math.isfinite(stop_forget_nll):
-            raise ValueError(f"model.stop_forget_nll must be a finite number of nats (or null), got {stop_forget_nll}")
+            raise ConfigError(f"model.stop_forget_nll must be a finite number of nats (or null), got {stop_forget_nll}")
         if token_mean not in ("global", "rank"):
-            raise ValueError(f"model.token_mean must be 'global' or 'rank', got {token_mean!r}")
+            raise ConfigError(f"model.token_mean must be 'global' or 'rank', got {token_mean!r}")
         self.token_mean = token_mean
         self.forget_term, self.retain_term, self.mismatch_term = forget, retain_loss, mismatch_loss
         self.terms = terms
@@ -181,7 +182,7 @@ class UnlearningModule(ReferencedPolicyModule):
         for name, term, _ in self.terms:
             flag, key = self._PROVIDERS.get(term.target, (None, None))
             if flag is not None and dm is not None and getattr(dm, flag, True) is False:
-                raise ValueError(f"model.{name}_loss ({term!r}) reads batch.{term.target}, but the DataModule has "
+                raise ConfigError(f"model.{name}_loss ({term!r}) reads batch.{term.target}, but the DataModule has "
                                  f"none: set {key} (or drop model.{name}_loss)")
 
     def _reference_logps(self, part: SequenceBatch, term: UnlearningTerm, split: str) -> Tensor:

@@ -16,6 +16,7 @@ from lit_align.checkpoint import atomic_save, load_checkpoint
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
 from lit_align.data.tokenize import _collate_sequences
+from lit_align.errors import ConfigError
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
 from lit_align.losses.watermark import detector_loss
 from lit_align.methods.base import ReferencedPolicyModule
@@ -170,20 +171,20 @@ class WatermarkModule(ReferencedPolicyModule):
         if reference == "auto":
             reference = "adapter" if model.lora is not None else "copy"
         if reference not in ("adapter", "copy"):
-            raise ValueError("model.reference must be 'adapter' or 'copy' for watermarking (new text is scored every "
+            raise ConfigError("model.reference must be 'adapter' or 'copy' for watermarking (new text is scored every "
                              f"step: nothing can be precomputed), got {reference!r}")
         super().__init__(model, reference=reference, optimizer=optimizer, scheduler=scheduler, chunk_tokens=chunk_tokens)
         self.critic_scheduler_factory = critic_scheduler
         if detector.kind != "scalar_head":
-            raise ValueError(f"model.detector.kind={detector.kind!r}: the detector must be a causal LM with a scalar "
+            raise ConfigError(f"model.detector.kind={detector.kind!r}: the detector must be a causal LM with a scalar "
                              "head (kind: scalar_head) sharing the actor's tokenizer: it is trained on the actor's "
                              "token ids and the critic starts as its copy. A sequence classifier (e.g. an encoder "
                              "reward model with its own tokenizer) can serve as model.alignment_reward instead")
         for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs)):
             if value < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {value}")
+                raise ConfigError(f"model.{name} must be >= 1, got {value}")
         if not 0.0 <= substitution_ratio < 1.0:
-            raise ValueError(f"model.substitution_ratio must be in [0, 1), got {substitution_ratio}")
+            raise ConfigError(f"model.substitution_ratio must be in [0, 1), got {substitution_ratio}")
         self.automatic_optimization = False
         self.detector_spec, self.detector_checkpoint = detector, detector_checkpoint
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
@@ -194,7 +195,7 @@ class WatermarkModule(ReferencedPolicyModule):
         self.substitution_ratio, self.substitution_weight = substitution_ratio, substitution_weight
         self.detector_pretrain_steps, self.human_from_reference = detector_pretrain_steps, human_from_reference
         if not 0.0 <= alignment_weight <= 1.0:
-            raise ValueError(f"model.alignment_weight (the detector's share of the reward) must be in [0, 1], "
+            raise ConfigError(f"model.alignment_weight (the detector's share of the reward) must be in [0, 1], "
                              f"got {alignment_weight}")
         self.alignment_spec, self.alignment_weight = alignment_reward, alignment_weight
         self.alignment: torch.nn.Module | None = None
@@ -237,7 +238,7 @@ class WatermarkModule(ReferencedPolicyModule):
         if self.other_llm_spec is not None:
             other = build_tokenizer(self.other_llm_spec, key="model.other_llm", needs_eos=False)
             if other.get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError("model.other_llm must be a causal LM sharing the actor's tokenizer (its continuations "
+                raise ConfigError("model.other_llm must be a causal LM sharing the actor's tokenizer (its continuations "
                                  "are scored as token ids); give model.other_llm.tokenizer the actor's tokenizer")
             self.other_llm = freeze(build_causal_lm(self.other_llm_spec, self.tokenizer))
         if self.alignment_spec is not None:
@@ -253,7 +254,7 @@ class WatermarkModule(ReferencedPolicyModule):
         cap = getattr(self.trainer.datamodule, "continuation_tokens", None)
         if cap is not None and not self.human_from_reference and self.other_llm is None \
                 and cap != self.sampling.max_new_tokens:
-            raise ValueError(f"data.continuation_tokens ({cap}) and model.max_new_tokens ({self.sampling.max_new_tokens}) "
+            raise ConfigError(f"data.continuation_tokens ({cap}) and model.max_new_tokens ({self.sampling.max_new_tokens}) "
                              "must be equal: a length difference between human and LLM text is a shortcut for the detector")
 
     def configure_optimizers(self):
@@ -552,5 +553,5 @@ def _detector_state(path: str) -> dict[str, Tensor]:
     state = state.get("state_dict", state)
     out = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
     if not out:
-        raise ValueError(f"model.detector_checkpoint={path!r} holds no 'detector.*' weights")
+        raise ConfigError(f"model.detector_checkpoint={path!r} holds no 'detector.*' weights")
     return out

@@ -20,7 +20,9 @@ from transformers import (
     Qwen2Config,
 )
 
+from lit_align.errors import ConfigError, MissingPathError
 from lit_align.models.spec import LoRASpec, ModelSpec
+from lit_align.paths import hub_offline, looks_local
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -60,20 +62,28 @@ def resolve_path(name: str) -> str:
     return str(path)
 
 
-def _looks_local(path: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else is meant as a local path."""
-    return path.startswith(("/", "./", "../", "~", ".")) or path.count("/") > 1
-
-
 def _check_source(path: str, key: str) -> None:
-    """Fail early, naming the config key, for a local path that does not exist."""
+    """Fail at once, naming the config key, for a local path that does not exist (instead of a minute of hub
+    retries for what cannot be a hub id)."""
     if Path(path).expanduser().exists():
         return
-    if _looks_local(path):
-        raise FileNotFoundError(
+    if looks_local(path):
+        raise MissingPathError(
             f"{key}={path!r}: no such directory. Give a local directory written by `save_pretrained` "
             "or a hub id of the form `org/name`."
         )
+
+
+def _load_error(key: str, name: str, what: str, err: Exception) -> Exception:
+    """The error for a hub id or directory that could not be loaded (offline: the cache had no copy)."""
+    if hub_offline():
+        return MissingPathError(
+            f"{key}={name!r}: no such local directory, and HF_HUB_OFFLINE is set, so it was looked up in the "
+            "local HF cache only (not there). Give a local directory written by `save_pretrained`, or unset "
+            "HF_HUB_OFFLINE to download it."
+        )
+    return MissingPathError(f"{key}={name!r}: could not load {what} ({err}). Offline runs need a local directory "
+                            "or a model already in the HF cache.")
 
 
 def build_tokenizer(spec: ModelSpec, *, key: str = "model", needs_eos: bool = True) -> PreTrainedTokenizerBase:
@@ -89,14 +99,13 @@ def build_tokenizer(spec: ModelSpec, *, key: str = "model", needs_eos: bool = Tr
     # model.revision pins the model's repo: it applies to a tokenizer read from that same repo only
     revision = spec.revision if (spec.tokenizer or spec.name_or_path) == spec.name_or_path else None
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=spec.trust_remote_code)
+        # HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import): the cache only, no retries
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=spec.trust_remote_code,
+                                            local_files_only=hub_offline())
     except OSError as err:
-        raise OSError(
-            f"{key}={name!r}: could not load a tokenizer ({err}). Offline runs need a local directory or a "
-            "model already in the HF cache."
-        ) from err
+        raise _load_error(key, name, "a tokenizer", err) from err
     if tok.eos_token_id is None and needs_eos:
-        raise ValueError(f"{key}={name!r}: tokenizer has no eos_token; a policy needs one to end its responses. "
+        raise ConfigError(f"{key}={name!r}: tokenizer has no eos_token; a policy needs one to end its responses. "
                          "Give a tokenizer with an EOS token (or set it in the tokenizer's config)")
     if tok.pad_token_id is None:
         if spec.missing_pad_token == "error" or (spec.missing_pad_token == "eos" and tok.eos_token_id is None):
@@ -166,10 +175,7 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta
                 **spec.extra,
             )
         except OSError as err:
-            raise OSError(
-                f"model.name_or_path={spec.name_or_path!r}: could not load weights ({err}). Offline runs need "
-                "a local directory or a model already in the HF cache."
-            ) from err
+            raise _load_error("model.name_or_path", spec.name_or_path, "weights", err) from err
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

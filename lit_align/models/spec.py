@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from lit_align.errors import ConfigError
+
 __all__ = ["LoRASpec", "ModelSpec", "TinyArch"]
 
 
@@ -49,9 +51,9 @@ class TinyArch:
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model.tiny.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"model.tiny.{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 "model.tiny: hidden_size must be divisible by num_heads and num_heads by num_kv_heads "
                 f"(got {self.hidden_size}, {self.num_heads}, {self.num_kv_heads})"
             )
@@ -74,9 +76,9 @@ class LoRASpec:
 
     def __post_init__(self) -> None:
         if self.r <= 0:
-            raise ValueError(f"model.lora.r must be positive, got {self.r}")
+            raise ConfigError(f"model.lora.r must be positive, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -111,7 +113,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if (self.name_or_path is None) == (self.tiny is None):
-            raise ValueError(
+            raise ConfigError(
                 "model: set exactly one of `name_or_path` (hub id or local directory) and `tiny` "
                 f"(a tiny architecture); got name_or_path={self.name_or_path!r}, tiny={self.tiny!r}"
             )

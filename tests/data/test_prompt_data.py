@@ -19,6 +19,7 @@ from lit_align.data.prompts import (
 )
 from lit_align.data.records import DataSource
 from lit_align.data.sampling import ResumableDataLoader
+from lit_align.errors import DataError
 from lit_align.game.judge import DEFAULT_HARM_WORDS, RuleJudge
 from lit_align.models.causal_lm import TINY_TOKENIZER, build_causal_lm, build_tokenizer
 from lit_align.models.spec import ModelSpec
@@ -115,13 +116,13 @@ def test_bad_input(tmp_path):
         load_seed_prompts(DataSource(path="builtin:seed_prompts/test"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([["a", "b"]]))
-    with pytest.raises(ValueError, match="record 0: data.format='gpo' expects"):
+    with pytest.raises(ValueError, match=r"record 1: data.format='gpo' expects"):
         load_seed_prompts(DataSource(path=str(bad)), "gpo")
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"question": "Hi?"}) + "\n")
     with pytest.raises(ValueError, match="cannot tell the format"):
         load_seed_prompts(DataSource(path=str(other)))
-    with pytest.raises(KeyError, match="fields: {prompt: <column>}"):
+    with pytest.raises(DataError, match="fields: {prompt: <column>}"):
         load_seed_prompts(DataSource(path=str(other)), "prompt")
     with pytest.raises(ValueError, match="no '\\\\n\\\\nHuman: ' turn"):
         load_seed_prompts(DataSource(path=str(other), fields={"chosen": "question"}), "hh")

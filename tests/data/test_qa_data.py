@@ -26,6 +26,7 @@ from lit_align.data.qa import (
 )
 from lit_align.data.records import BUILTIN_DIR, DataSource
 from lit_align.data.sampling import ResumableDataLoader
+from lit_align.errors import DataError
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -139,7 +140,7 @@ def test_arc_letter_and_digit_labels(tmp_path):
     assert examples[2].options == ("a", "b", "c")
     bad = _jsonl(tmp_path / "bad_arc.jsonl", [
         {"question": "Q", "choices": {"text": ["a", "b"], "label": ["1", "2"]}, "answerKey": "E"}])
-    with pytest.raises(ValueError, match=r"bad_arc.jsonl', record 0: answerKey 'E' is not one of"):
+    with pytest.raises(ValueError, match=r"bad_arc.jsonl', record 1 \(line 1\): answerKey 'E' is not one of"):
         load_qa(DataSource(bad), "arc")
 
 
@@ -162,7 +163,7 @@ def test_bbh_kinds_and_option_parsing(tmp_path):
     assert [(e.kind, e.answer) for e in (tf, valid, yes, num)] == \
         [("yes_no", "no"), ("yes_no", "yes"), ("yes_no", "yes"), ("numeric", "3")]
     free = _jsonl(tmp_path / "dyck.jsonl", [{"input": "Complete: ( [", "target": "] )"}])
-    with pytest.raises(ValueError, match=r"dyck.jsonl', record 0: BBH target .*free-form BBH tasks"):
+    with pytest.raises(ValueError, match=r"dyck.jsonl', record 1 \(line 1\): BBH target .*free-form BBH tasks"):
         load_qa(DataSource(free), "bbh")
     no_block = _jsonl(tmp_path / "noblock.jsonl", [{"input": "Pick one.", "target": "(B)"}])
     with pytest.raises(ValueError, match="no 'Options:' block"):
@@ -170,19 +171,19 @@ def test_bbh_kinds_and_option_parsing(tmp_path):
 
 
 @pytest.mark.parametrize(("fmt", "row", "match"), [
-    ("qa", {"question": "Is 3 odd?", "answer": ""}, "record 1: the question has no gold answer"),
-    ("qa", {"question": "Is 3 odd?"}, "record 1: the question has no gold answer .* is missing"),
-    ("boolq", {"question": "is it", "passage": "p", "answer": None}, "record 1: the question has no gold answer"),
-    ("qa", {"question": "Which?", "answer": "A", "kind": "multiple_choice"}, "record 1: a multiple-choice question with no options"),
+    ("qa", {"question": "Is 3 odd?", "answer": ""}, r"record 2 \(line 2\): the question has no gold answer"),
+    ("qa", {"question": "Is 3 odd?"}, r"record 2 \(line 2\): the question has no gold answer .* is missing"),
+    ("boolq", {"question": "is it", "passage": "p", "answer": None}, r"record 2 \(line 2\): the question has no gold answer"),
+    ("qa", {"question": "Which?", "answer": "A", "kind": "multiple_choice"}, r"record 2 \(line 2\): a multiple-choice question with no options"),
     ("qa", {"question": "Which?", "answer": "A", "options": [], "kind": "multiple_choice"},
-     "record 1: a multiple-choice question with no options"),
-    ("mmlu", {"question": "Which?", "choices": [], "answer": 0}, "record 1: a multiple-choice question with no options"),
-    ("qa", {"question": "Which?", "answer": "E", "options": ["x", "y"]}, "record 1: answer letter 'E' is outside the 2"),
-    ("mmlu", {"question": "Which?", "choices": ["x", "y"], "answer": 5}, "record 1: answer index 5 is outside"),
-    ("qa", {"question": "Is it?", "answer": "perhaps", "kind": "yes_no"}, "record 1: yes/no answer 'perhaps' is not"),
-    ("boolq", {"question": "is it", "passage": "p", "answer": "sometimes"}, "record 1: yes/no answer"),
-    ("qa", {"question": "Who?", "answer": "Ada Lovelace"}, "record 1: cannot tell the kind .* free-form"),
-    ("qa", {"question": "", "answer": "yes"}, "record 1: field 'question' is empty"),
+     r"record 2 \(line 2\): a multiple-choice question with no options"),
+    ("mmlu", {"question": "Which?", "choices": [], "answer": 0}, r"record 2 \(line 2\): a multiple-choice question with no options"),
+    ("qa", {"question": "Which?", "answer": "E", "options": ["x", "y"]}, r"record 2 \(line 2\): answer letter 'E' is outside the 2"),
+    ("mmlu", {"question": "Which?", "choices": ["x", "y"], "answer": 5}, r"record 2 \(line 2\): answer index 5 is outside"),
+    ("qa", {"question": "Is it?", "answer": "perhaps", "kind": "yes_no"}, r"record 2 \(line 2\): yes/no answer 'perhaps' is not"),
+    ("boolq", {"question": "is it", "passage": "p", "answer": "sometimes"}, r"record 2 \(line 2\): yes/no answer"),
+    ("qa", {"question": "Who?", "answer": "Ada Lovelace"}, r"record 2 \(line 2\): cannot tell the kind .* free-form"),
+    ("qa", {"question": "", "answer": "yes"}, r"record 2 \(line 2\): field 'question' is empty"),
 ])
 def test_bad_records_name_the_record(tmp_path, fmt, row, match):
     good = {"qa": {"question": "Is 2 even?", "answer": "yes"},
@@ -201,7 +202,7 @@ def test_format_errors(tmp_path):
     other = _jsonl(tmp_path / "other.jsonl", [{"prompt": "hi"}])
     with pytest.raises(ValueError, match="cannot tell the QA format .* set data.format"):
         load_qa(DataSource(other))
-    with pytest.raises(KeyError, match="missing field 'question'.*fields: {question: <column>}"):
+    with pytest.raises(DataError, match="missing field 'question'.*fields: {question: <column>}"):
         load_qa(DataSource(other), "qa")
 
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lit_align.data import DataSource, load_records
+from lit_align.errors import DataError
 
 ROWS = [
     {"prompt": "What is 2 plus 2?", "response": "4."},
@@ -144,5 +145,5 @@ def test_templates_build_a_field_from_several_columns(tmp_path):
     assert [r["prompt"] for r in records] == ["Summarise.\n\nA long text.", "Say hi."]  # no trailing blank lines
     assert [r["response"] for r in records] == ["Short.", "Hi."]
     bad = DataSource(str(path), templates={"prompt": "{instr}"}, fields={"response": "output"})
-    with pytest.raises(KeyError, match=r"record 0: template for 'prompt' names column 'instr'"):
+    with pytest.raises(DataError, match=r"record 1 \(line 1\): template for 'prompt' names column 'instr'"):
         load_records(bad, ["prompt", "response"])

@@ -25,6 +25,7 @@ from lit_align.data import (
     load_records,
 )
 from lit_align.data.sampling import ResumableDataLoader
+from lit_align.errors import DataError
 from lit_align.models import TINY_TOKENIZER, ModelSpec, build_tokenizer
 from lit_align.models.reference import ReferencePolicy
 from lit_align.rollout.logps import token_logps
@@ -298,7 +299,7 @@ def test_bad_settings_are_named():
         _dm(prompt_template="Q: {question}")
     with pytest.raises(ValueError, match="data.retain_per_forget"):
         _dm(retain_per_forget=0)
-    with pytest.raises(KeyError, match="fields: {response: <column>}"):
+    with pytest.raises(DataError, match="fields: {response: <column>}"):
         _dm(forget=DataSource("builtin:fictitious_facts/forget10"))
 
 
