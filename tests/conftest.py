@@ -68,6 +68,16 @@ def resolved_config(config: str) -> dict:
     return yaml.safe_load(out.getvalue())
 
 
+@pytest.fixture
+def finish_wandb():
+    """Finish the W&B run a test leaves open (Lightning does not): a later WandbLogger in the same process
+    would otherwise join it, and write into the earlier test's directory."""
+    yield
+    import wandb
+
+    wandb.finish()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The bundled tiny tokenizer, as lit_align builds it for a ``tiny`` model spec."""

@@ -6,7 +6,6 @@ import json
 import logging
 
 import pytest
-import wandb
 from conftest import REPO
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -61,12 +60,6 @@ def test_run_directory_follows_save_dir_then_wandb_dir(tmp_path, monkeypatch):
     assert AutoWandbLogger(save_dir=str(tmp_path / "arg")).save_dir == str(tmp_path / "arg")
     monkeypatch.delenv("WANDB_DIR")
     assert AutoWandbLogger().save_dir == "."
-
-
-@pytest.fixture
-def finish_wandb():
-    yield
-    wandb.finish()  # Lightning leaves the run open; a later WandbLogger would otherwise reuse it
 
 
 def test_default_logger_runs_offline_and_says_where(no_credentials, tmp_path, monkeypatch, caplog, finish_wandb):

@@ -51,7 +51,7 @@ def _copy(run, tmp_path):
     return tmp_path / "root"
 
 
-def test_ckpt_path_last_resumes_the_same_wandb_run(tmp_path, monkeypatch):
+def test_ckpt_path_last_resumes_the_same_wandb_run(tmp_path, monkeypatch, finish_wandb):
     """Fit 4 steps with the offline W&B logger, then fit to 5 with ``--ckpt_path last``: the second run
     restores the first's last checkpoint, keeps its W&B id and folder, and its ModelCheckpoint still knows
     the first run's best checkpoint (no validation falls between steps 4 and 5). On main ``last`` looked in

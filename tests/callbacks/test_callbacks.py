@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
-import pytest
 import torch
-import wandb
 from conftest import CSV_LOGGER, REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,12 +100,6 @@ def test_hf_export_of_a_lora_policy_loads_with_peft_and_merged(tmp_path):
     assert not is_peft_model(merged) and not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged, AutoTokenizer.from_pretrained(merged_dir)), expected,
                                rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture
-def finish_wandb():
-    yield
-    wandb.finish()  # Lightning leaves the run open; a later WandbLogger would otherwise reuse it
 
 
 def test_sample_table_goes_to_wandb_and_to_csv_when_wandb_logs(tmp_path, monkeypatch, finish_wandb):

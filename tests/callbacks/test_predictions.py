@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import wandb
 from conftest import CSV_LOGGER, REPO, run_cli
 
 from lit_align.callbacks import PredictionWriter
@@ -59,12 +58,6 @@ def test_predict_writes_one_row_per_example(method, tmp_path, capsys):
         assert isinstance(row["prompt"], str) and row["prompt"].strip(), row
         assert isinstance(row["completion"], str) and row["completion"].strip(), row
     assert len({row["prompt"] for row in rows}) == 4, "each row is a different example"
-
-
-@pytest.fixture
-def finish_wandb():
-    yield
-    wandb.finish()  # Lightning leaves the run open; a later WandbLogger would otherwise reuse it
 
 
 def test_predict_from_a_checkpoint_to_wandb(tmp_path, monkeypatch, finish_wandb):
