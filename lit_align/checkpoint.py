@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from lit_align.errors import ConfigError
+
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointReadError",
@@ -78,7 +80,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(ConfigError):
     """A checkpoint file that exists but cannot be read (empty, truncated, not a torch checkpoint)."""
 
 

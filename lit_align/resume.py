@@ -35,6 +35,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_align.checkpoint import load_checkpoint
+from lit_align.errors import ConfigError, MissingPathError
 
 __all__ = [
     "HparamChange",
@@ -51,7 +52,7 @@ RUNTIME_SPEC_FIELDS = frozenset({"gradient_checkpointing", "attn_implementation"
 _ABSENT = "<absent>"
 
 
-class ResumeError(ValueError):
+class ResumeError(ConfigError):
     """A checkpoint that does not belong to this config (another method or another model)."""
 
 
@@ -284,7 +285,7 @@ def prepare_resume(config: Any, subcommand: str, dump_model: Any) -> dict[str, A
     if not path.exists():
         if str(ckpt_path) in ("best", "hpc") or "://" in str(ckpt_path):
             return None  # Lightning's own special values and remote paths
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file; give a checkpoint file or 'last'")
+        raise MissingPathError(f"--ckpt_path {ckpt_path}: no such file; give a checkpoint file or 'last'")
     if not path.is_file():
         return None  # a sharded (distributed checkpoint) directory: the strategy reads it
     checkpoint = load_checkpoint(path, mmap=True)  # the weights are not read here, only mapped

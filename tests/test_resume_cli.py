@@ -100,6 +100,28 @@ def test_checkpoint_of_another_method_is_refused(dpo_run):
         cli_main(_args(dpo_run, 5, "--ckpt_path", str(ckpt), config=SFT))
 
 
+def test_resume_and_checkpoint_errors_are_one_message_from_the_command(dpo_run, tmp_path, monkeypatch, capsys):
+    """Through ``lit-align`` itself, another method's checkpoint, a missing and an empty checkpoint file are each
+    one ``error:`` line, no traceback, exit code 2 (they are lit_align configuration errors)."""
+    import sys
+
+    from lit_align.cli import main
+
+    ckpt = dpo_run / "version_0" / "checkpoints" / "last.ckpt"
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    for extra, text in ((["--ckpt_path", str(ckpt)], "was written by lit_align.methods.DPOModule"),
+                        (["--ckpt_path", str(tmp_path / "nope.ckpt")], "no such file"),
+                        (["--ckpt_path", str(empty)], str(empty))):
+        config = SFT if "DPOModule" in text else DPO
+        monkeypatch.setattr(sys, "argv", ["lit-align", *_args(tmp_path / "run", 5, *extra, config=config)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+        assert text in err, err
+
+
 def test_checkpoint_of_another_model_is_refused(dpo_run):
     """Another policy architecture is refused with the differing spec key; gradient checkpointing, which
     changes how the model runs and not what it is, is only reported as a change."""
