@@ -132,7 +132,7 @@ def test_detector_with_another_tokenizer_is_refused(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
                     "--trainer.callbacks=[]", f"--model.init_args.detector.model.tokenizer={tmp_path / 'tok'}"], run=False)
-    with pytest.raises(ValueError, match="detector's tokenizer"):
+    with pytest.raises(ValueError, match="the detector must be a causal LM sharing the actor's tokenizer"):
         cli.model.configure_model()
 
 
