@@ -15,6 +15,8 @@ TORCH_VERSION ?= 2.13.0
 # Package index for torch alone (empty: pip's default); set it to a CPU-only wheel index to skip CUDA.
 TORCH_INDEX ?=
 
+# pytest-xdist workers for make test (one torch thread each; the multi-process tests start their own processes)
+TEST_WORKERS ?= 2
 # The lowest transformers pyproject.toml allows; make test runs the newest the range allows.
 TRANSFORMERS_MIN ?= 5.0.0
 COMPAT_VENV := .venv-compat
@@ -34,7 +36,7 @@ demo: $(STAMP)
 	WANDB_SILENT=true $(PY) -m lit_align.demo
 
 test: $(STAMP)
-	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q
+	WANDB_MODE=offline WANDB_SILENT=true OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 $(COMPAT_STAMP): pyproject.toml
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
