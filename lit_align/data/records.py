@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ class DataSource:
     columns, e.g. ``{prompt: "{instruction}\n\n{input}"}`` (the result is stripped, so an empty
     ``input`` leaves no trailing blank lines)."""
     limit: int | None = None
-    """Keep only the first ``limit`` records (after loading, before splitting)."""
+    """Keep only the first ``limit`` records (before splitting). An HF dataset is then streamed: only those
+    records are downloaded, not the whole split."""
     revision: str | None = None
     """Git revision (tag, branch or commit) of an HF dataset, to pin a hub dataset whose layout changes."""
 
@@ -131,6 +133,12 @@ def _read(source: DataSource) -> list[Record]:
     import datasets
 
     try:
+        if source.limit is not None:
+            # stream the first `limit` rows instead of downloading and converting the whole split (C4's
+            # train split is hundreds of GB for the few thousand prompts a run reads)
+            ds = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision,
+                                       streaming=True)
+            return list(itertools.islice(ds, source.limit))
         ds = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
     except Exception as err:  # datasets raises many types; all mean "cannot load this id"
         if hub_offline() and not local.exists():

@@ -147,3 +147,23 @@ def test_templates_build_a_field_from_several_columns(tmp_path):
     bad = DataSource(str(path), templates={"prompt": "{instr}"}, fields={"response": "output"})
     with pytest.raises(DataError, match=r"record 1 \(line 1\): template for 'prompt' names column 'instr'"):
         load_records(bad, ["prompt", "response"])
+
+
+def test_a_limited_hf_dataset_is_streamed_not_converted_whole(tmp_path, monkeypatch):
+    """An HF dataset (here a local dataset directory, read by ``datasets.load_dataset``) with ``limit`` is
+    streamed: the first ``limit`` rows come back and no Arrow conversion of the split is written to the
+    datasets cache; without ``limit`` the whole split is converted (and cached) as before."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(50)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    limited = load_records(DataSource(path=str(folder), limit=3), required=("prompt", "response"))
+    assert [r["prompt"] for r in limited] == ["p0", "p1", "p2"]
+    assert not list(cache.rglob("*.arrow")), "limit must not convert the whole split"
+    whole = load_records(DataSource(path=str(folder)), required=("prompt", "response"))
+    assert len(whole) == 50 and list(cache.rglob("*.arrow"))
