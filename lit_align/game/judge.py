@@ -44,6 +44,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from lit_align.models.causal_lm import build_causal_lm, build_tokenizer, freeze, resolve_path
 from lit_align.models.reward import last_token_index
 from lit_align.models.spec import ModelSpec
+from lit_align.modes import eval_mode
 from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask
 from lit_align.rollout.sampler import left_pad
 
@@ -174,12 +175,8 @@ class SafetyJudge(nn.Module):
         if len(prompts) == 0:
             empty = torch.zeros(0, device=self.device)
             return SafetyScores(empty, empty.clone(), empty.bool())
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self._score(list(prompts), list(responses)).to(self.device)
-        finally:
-            self.train(was_training)
 
     forward = score
 

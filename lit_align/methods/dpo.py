@@ -12,6 +12,7 @@ from lit_align.losses import DPOLoss, PreferenceLoss
 from lit_align.methods.base import ReferencedPolicyModule, prompt_ids
 from lit_align.models import ModelSpec
 from lit_align.models.reference import ReferenceMode
+from lit_align.modes import eval_mode
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
 __all__ = ["DPOModule"]
@@ -128,8 +129,6 @@ class DPOModule(ReferencedPolicyModule):
             loss_mask=torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1),
             index=batch.index,
         )
-        was_training = self.policy.training
-        self.policy.eval()  # adapter mode scores with the policy's own modules: no dropout
-        ref = self.reference.token_logps(self.policy, seq).sum()  # (B,)
-        self.policy.train(was_training)
+        with eval_mode(self.policy):  # adapter mode scores with the policy's own modules: no dropout
+            ref = self.reference.token_logps(self.policy, seq).sum()  # (B,)
         return (rollout.logps.sum(-1) - ref).mean()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from transformers import (
 
 from lit_align.errors import ConfigError, MissingPathError
 from lit_align.models.spec import LoRASpec, ModelSpec
+from lit_align.modes import eval_mode
 from lit_align.paths import hub_offline, looks_local
 
 __all__ = [
@@ -231,19 +230,6 @@ def add_lora_adapter(model: nn.Module, name: str, lora: LoRASpec, seed: int = 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.add_adapter(name, lora_config(lora))
-
-
-@contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off) for the block; every submodule's own mode is restored afterwards."""
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def freeze(model: nn.Module) -> nn.Module:

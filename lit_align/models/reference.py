@@ -26,6 +26,7 @@ from lit_align.checkpoint import atomic_save  # re-exported: it lived here first
 from lit_align.data.batches import SequenceBatch
 from lit_align.models.causal_lm import frozen_copy, is_peft_model
 from lit_align.models.fsdp import full_params
+from lit_align.modes import eval_mode
 from lit_align.rollout.logps import TokenLogps, token_logps
 
 __all__ = ["ReferenceMode", "ReferencePolicy", "atomic_save", "model_fingerprint"]
@@ -151,10 +152,9 @@ class ReferencePolicy(nn.Module):
 
     def _score(self, module, loaders: dict, sequences) -> dict[str, tuple[Tensor, Tensor]]:
         strategy, policy = module.trainer.strategy, module.policy
-        was_training = policy.training
-        policy.eval()  # no dropout: the reference is the deterministic starting model
         tables = {}
-        with full_params(module.trainer), module.trainer.precision_plugin.forward_context():  # training numerics
+        # eval mode: no dropout, the reference is the deterministic starting model; training numerics
+        with eval_mode(policy), full_params(module.trainer), module.trainer.precision_plugin.forward_context():
             for split, loader in loaders.items():
                 n = len(loader.dataset)
                 sums = counts = seen = None
@@ -174,7 +174,6 @@ class ReferencePolicy(nn.Module):
                 # ranks scored disjoint shards (padding repeats a few examples: same values, divided out)
                 sums, counts, seen = (strategy.reduce(t, reduce_op="sum") for t in (sums, counts, seen))
                 tables[split] = ((sums / seen.clamp(min=1)).cpu(), (counts / seen.clamp(min=1)).cpu())
-        policy.train(was_training)
         return tables
 
     def _load_cache(self, path: Path) -> bool:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.losses.ppo import gae, kl_shaped_rewards, whiten
+from lit_align.modes import eval_mode
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import Rollout
 
@@ -163,18 +164,11 @@ def make_experience(
     action_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)  # (B, T)
     context = reference_context or nullcontext
 
-    models = (actor, reference, critic)
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
+    with eval_mode(actor, reference, critic):
         old = token_logps(actor, sequences, attention_mask, action_mask)
         with context():
             ref = token_logps(reference, sequences, attention_mask, action_mask)
         values = critic.action_values(sequences, attention_mask)  # (B, T)
-    finally:
-        for module, training in modes:
-            module.training = training
 
     mask = old.mask  # (B, T) float == action_mask (a prompt's first real token is never an action)
     values = values.float() * mask

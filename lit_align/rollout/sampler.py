@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from lit_align.modes import eval_mode
+
 __all__ = ["Rollout", "SamplingConfig", "left_pad", "sample"]
 
 
@@ -334,9 +336,7 @@ def sample(
         extra["logits_to_keep"] = 1  # only the last position's logits: (B, 1, V), not (B, P, V)
 
     synced = _is_sharded(model)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model(
             input_ids=prompt_ids,
             attention_mask=full_mask[:, :prompt_len] if full_mask is not None else None,
@@ -358,9 +358,6 @@ def sample(
                 position_ids=step_pos[:, t : t + 1],  # (B or 1, 1)
                 **extra,
             )
-    finally:
-        for module, training in modes:
-            module.training = training
 
     # R = number of steps run = the longest response (the loop exits once every row is done).
     response_ids = torch.stack(step_ids, dim=1)  # (B, R)

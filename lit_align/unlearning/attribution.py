@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lit_align.data.batches import SequenceBatch
+from lit_align.modes import eval_mode
 from lit_align.rollout.logps import token_logps
 from lit_align.unlearning.masks import is_dtensor
 
@@ -79,13 +80,11 @@ def accumulate_gradients(
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters to attribute")
-    modes = {m: m.training for m in model.modules()}
     device = params[0][1].device
     for _, p in params:
         p.grad = None
-    model.eval()
     seen = 0
-    try:
+    with eval_mode(model):
         for batch, weights in batches:
             batch = _to_device(batch, device)
             weights = weights.to(device=device, dtype=torch.float32)  # (B,)
@@ -93,9 +92,6 @@ def accumulate_gradients(
             loss = -(stats.mean().float() * weights).sum()  # sum_b w_b * mean-token NLL_b
             loss.backward()
             seen += 1
-    finally:
-        for m, training in modes.items():
-            m.train(training)
     grads: dict[str, Tensor] = {}
     for name, p in params:
         g = p.grad
