@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from lit_align.callbacks.reporting import eval_mode, publish, report_dir, write_csv
 from lit_align.data.tokenize import _collate_sequences
+from lit_align.losses.sft import nll_loss
 from lit_align.metrics.unlearning import (
     MeanNLL,
     MinKProbMIA,
@@ -468,7 +469,7 @@ class UnlearningEvaluation(L.Callback):
                 ids, attn, resp = _right_pad([(it.prompt, it.response) for it in chunk],
                                              pl_module.tokenizer.pad_token_id, pl_module.device)
                 stats = token_logps(model, ids, attn, resp, chunk_tokens=self._chunk(pl_module))
-                loss = -stats.logps.sum() / stats.mask.sum().clamp(min=1)  # token-mean NLL of the answers
+                loss, _ = nll_loss(stats.logps, stats.mask)  # SFT's objective: token-mean NLL of the answers
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
