@@ -2,7 +2,7 @@
 # make test   the whole test suite (CPU, no network)
 # make test-compat  the model/rollout/loss/data tests again on the lowest supported transformers (.venv-compat)
 # make bench  peer comparisons (results go into the README table)
-# make lint   ruff
+# make lint   ruff, and the package's layering (import-linter, contract in pyproject.toml)
 # Each target creates .venv and installs on first use: torch first, then lit_align.
 # Plain pip picks torch's default build (CUDA on Linux); for a CPU-only install point TORCH_INDEX
 # at a CPU-only torch wheel index, e.g. make test TORCH_INDEX=<your CPU wheel index>.
@@ -53,6 +53,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lit_align tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf outputs lightning_logs wandb .pytest_cache $(COMPAT_VENV)

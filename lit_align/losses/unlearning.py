@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_align.containers import TokenKL, TokenStats
 from lit_align.errors import ConfigError
 from lit_align.losses.sft import nll_loss
-from lit_align.rollout.logps import TokenKL, TokenStats
 
 __all__ = [
     "NPO",

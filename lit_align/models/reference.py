@@ -23,7 +23,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from lit_align.checkpoint import atomic_save  # re-exported: it lived here first
-from lit_align.data.batches import SequenceBatch
+from lit_align.containers import SequenceBatch
 from lit_align.models.causal_lm import frozen_copy, is_peft_model
 from lit_align.models.fsdp import full_params
 from lit_align.modes import eval_mode

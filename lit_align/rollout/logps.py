@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lit_align.containers import TokenKL, TokenLogps, TokenStats  # re-exported: defined here first
 from lit_align.rollout.logit_transforms import LogitTransform, logit_transform
 
 #: Name of the method :func:`~lit_align.models.fsdp.fsdp2_parallelize` registers on a sharded model,
@@ -77,72 +77,6 @@ _DEFAULT_CHUNK_ELEMENTS = 1 << 25
 #: Below this many logits elements in all (16 MiB in fp32) the head is not checkpointed:
 #: recomputing it in backward would cost more time than the memory it saves.
 _CHECKPOINT_MIN_ELEMENTS = 1 << 22
-
-
-@dataclass
-class TokenLogps:
-    """Per-token log-probs aligned with ``input_ids``.
-
-    Attributes:
-        logps: (B, T) ``log p(input_ids[:, t] | input_ids[:, :t])``; 0 where ``mask`` is 0.
-        mask: (B, T) float, 1 on the scored positions (the ``loss_mask`` given, minus each row's
-            first real token, which no real position predicts).
-    """
-
-    logps: Tensor
-    mask: Tensor
-
-    def sum(self) -> Tensor:
-        """(B,) summed log-probs of the scored tokens."""
-        return self.logps.sum(-1)
-
-    def mean(self) -> Tensor:
-        """(B,) mean log-prob per scored token (0 for a row with none)."""
-        return self.logps.sum(-1) / self.mask.sum(-1).clamp(min=1)
-
-
-@dataclass
-class TokenStats(TokenLogps):
-    """:class:`TokenLogps` plus optional per-token statistics of the whole next-token distribution.
-
-    Attributes:
-        logps: (B, T) ``log p(input_ids[:, t] | input_ids[:, :t])``; 0 where ``mask`` is 0.
-        mask: (B, T) float, 1 on the scored positions.
-        mean_logps: (B, T) ``(1/V) sum_v log p(v | input_ids[:, :t])``, the mean over the vocabulary
-            of the log-probs (``mean(z) - logsumexp(z)`` for the logits ``z`` after the model's own
-            transforms); 0 where ``mask`` is 0. ``None`` unless asked for. Differentiable.
-        correct: (B, T) bool, the argmax of the logits equals the target token; False where ``mask``
-            is 0 (ties go to the lowest id, as ``argmax``). ``None`` unless asked for.
-    """
-
-    mean_logps: Tensor | None = None
-    correct: Tensor | None = None
-
-
-@dataclass
-class TokenKL:
-    """Per-token divergence from a reference's next-token distribution to the policy's.
-
-    At the scored position ``t`` (the distribution that predicts ``input_ids[:, t]``), with
-    ``p = p_ref(. | input_ids[:, :t])`` and ``q = p_theta(. | input_ids[:, :t])``:
-
-    Attributes:
-        kl: (B, T) ``KL(p || q) = sum_v p(v) (log p(v) - log q(v))`` (forward KL, >= 0, 0 when the
-            models agree); 0 where ``mask`` is 0. Gradient flows to the policy only.
-        cross_entropy: (B, T) ``-sum_v p(v) log q(v) = kl + H(p)``: the form the LLMU reference code
-            minimises. It differs from ``kl`` by the reference's entropy, a constant in the policy's
-            weights, so both have the same gradient; it never reaches 0.
-        mask: (B, T) float, 1 on the scored positions.
-    """
-
-    kl: Tensor
-    cross_entropy: Tensor
-    mask: Tensor
-
-    @property
-    def reference_entropy(self) -> Tensor:
-        """(B, T) entropy ``H(p)`` of the reference's next-token distribution (0 where not scored)."""
-        return (self.cross_entropy - self.kl).detach()
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
