@@ -58,14 +58,15 @@ class BatchCheckpoint(L.Callback):
             return
         path = self.path(trainer)
         if isinstance(getattr(trainer.strategy, "checkpoint_io", None), AtomicCheckpointIO):
-            trainer.save_checkpoint(path)  # collective: every rank calls, the strategy writes atomically
+            # collective: every rank calls, the strategy writes atomically; a full checkpoint (optimisers, loops) to resume
+            trainer.save_checkpoint(path, weights_only=False)
             return
         # another IO (sharded directories, a custom plugin): write beside the target, then rename
         tmp = path.with_name(f".{path.name}.tmp")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("BatchCheckpoint")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         trainer.strategy.barrier("BatchCheckpoint")
         if trainer.is_global_zero:
             os.replace(tmp, path)
