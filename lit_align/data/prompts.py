@@ -1,4 +1,5 @@
-"""Seed prompts for the attacker of the two-player game (GPO, core.md §2.3).
+"""Seed prompts for the attacker of the two-player game (GPO: Zheng et al. 2024, arXiv 2406.10977; prompts and
+formats as in the released code, github.com/ruizheng20/gpo: ``gpo/gpo_datahelper.py``, ``ppo_data/*.json``).
 
 Each seed question is rendered with the attacker's conditional-rewrite prompt
 (:data:`ATTACKER_TEMPLATE`: "here is a question; write another harmful question on a similar

@@ -1,4 +1,5 @@
-"""Question-answering tasks with a gold answer, for multi-agent deliberation (ACC-Collab, core.md §1).
+"""Question-answering tasks with a gold answer, for multi-agent deliberation (ACC-Collab: Estornell, Ton, Yao,
+Liu 2024, arXiv 2411.00053).
 
 Every source is loaded into :class:`QAExample` s of one of three kinds: ``yes_no`` (answer ``"yes"``
 or ``"no"``), ``multiple_choice`` (answer an option letter of :data:`LETTERS`, options in letter order)
@@ -29,7 +30,8 @@ the same columns work too; ``fields`` renames columns, e.g. ``fields: {question:
   (-> ``context``, empty -> none) -> four options **rotated by the question's position** ``i`` in its
   source (0-based, before any split): the correct answer is option ``LETTERS[i % 4]`` and
   ``distractor k`` is option ``LETTERS[(k + i) % 4]``. The correct letter so cycles A, B, C, D
-  (core.md §1.10: never a fixed slot).
+  (never a fixed slot, which a model could learn; the released ACC-Collab code rotates SCIQ's options
+  too, ``SCIQQuestion`` in ``questions.py``).
 * ``arc`` (``allenai/ai2_arc``, subsets ``ARC-Easy``/``ARC-Challenge``): ``question``, ``choices``
   (``{"text": [...], "label": [...]}``), ``answerKey`` -> multiple choice, options in the order given;
   the answer is the letter of the position of ``answerKey`` among the labels, so digit labels
@@ -38,8 +40,8 @@ the same columns work too; ``fields`` renames columns, e.g. ``fields: {question:
   ``correct_answer`` -> ``sciq``, ``answerKey`` -> ``arc``, ``choices`` -> ``mmlu``, ``passage`` ->
   ``boolq``, ``question``+``answer`` -> ``qa``.
 
-Bad records raise, naming the source, the record and the fix; nothing is dropped silently (the spec
-drops no QA record, and a question without a checkable gold answer cannot be scored).
+Bad records raise, naming the source, the record and the fix; nothing is dropped silently (a silently dropped
+record changes the evaluated set unnoticed, and a question without a checkable gold answer cannot be scored).
 
 Built-ins: ``builtin:tiny_qa`` (400 synthetic questions, each with a passage that settles it) and
 ``builtin:tiny_qa/val`` (80 held-out ones), made by :func:`build_tiny_qa` (``python -m lit_align.data.qa``
@@ -149,8 +151,9 @@ class QAExample:
 
     @property
     def wrong_answers(self) -> tuple[str, ...]:
-        """The wrong answers a guided "away from the truth" target is drawn from (core.md §1.5): the
-        other of yes/no, every other option letter; empty for numeric (any other number is wrong)."""
+        """The wrong answers a guided "away from the truth" target is drawn from (ACC-Collab's guided
+        trajectories): the other of yes/no, every other option letter; empty for numeric (any other
+        number is wrong)."""
         if self.kind == "yes_no":
             return ("no",) if self.answer == "yes" else ("yes",)
         if self.kind == "multiple_choice":

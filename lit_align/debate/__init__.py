@@ -1,4 +1,8 @@
-"""ACC-Collab actor/critic deliberation: protocol, partial-trajectory rewards, preference pairs (core.md §1)."""
+"""ACC-Collab actor/critic deliberation: protocol, partial-trajectory rewards, preference pairs.
+
+Estornell, Ton, Yao, Liu 2024, "ACC-Collab: An Actor-Critic Approach to Multi-Agent LLM Collaboration"
+(arXiv 2411.00053); released code: github.com/LlenRotse/ACC-Collab.
+"""
 
 from lit_align.debate.pairs import (
     PairCandidate,

@@ -1,12 +1,16 @@
 """ACC-Collab preference pairs: the paper's Δ-vs-natural rule and the released code's guided-vs-guided rule.
 
-Spec: core.md §1.5 (the DPO prompt is the natural prompt) and §1.6 (pair rules).
+Estornell, Ton, Yao, Liu 2024, "ACC-Collab: An Actor-Critic Approach to Multi-Agent LLM Collaboration"
+(arXiv 2411.00053): the pair rule of its Eq. 5 / Algorithm 1, and the released code's rule
+(github.com/LlenRotse/ACC-Collab: ``data.py`` ``build_preference_dataset``, ``DPO.py``). As in the released
+code (``gen_answerer_traget_data`` in ``debate_eval.py``), a pair's DPO prompt is the natural prompt, never the
+guided one.
 
 * Paper rule (:func:`paper_rule`), with rewards r of the natural response z and of the guided
   responses z_y (toward the truth) and z_!y (away from it):
   ``Δy = r(z_y) - r(z) >= ε`` -> (z_y ≻ z); **else if** ``Δ!y = r(z) - r(z_!y) >= ε`` -> (z ≻ z_!y);
   else no pair. The ordered if/else-if (priority to the positive branch) follows a third-party
-  reimplementation of Algorithm 1; the paper's exact branching is [verify].
+  reimplementation of Algorithm 1; the paper's exact branching is unverified.
 * Code rule (:func:`code_rule`): (z_y ≻ z_!y) iff ``q(z_y) - q(z_!y) >= threshold`` (0.6 in the
   released ``DPO.py``); actor quality is the guided response's own correctness or a rollout value,
   critic quality a rollout value (the caller computes either). Released round ranges:
@@ -99,7 +103,8 @@ def code_round_ranges(rounds: int) -> dict[str, range]:
 
 def check_prompt_hygiene(prompt: str, *, natural_prompt: str | None = None, guided_prompts: Sequence[str] = (),
                          hints: Sequence[str] = (), where: str = "pair") -> None:
-    """Raise ``ValueError`` if a DPO prompt could leak the guided target (spec §1.13 item 2).
+    """Raise ``ValueError`` if a DPO prompt could leak the guided target (it must be
+    the natural prompt, the one the agent sees at test time).
 
     Checks: the prompt is byte-identical to ``natural_prompt`` (when given), differs from every
     guided prompt, and contains neither :data:`HINT_PREFIX` nor any of ``hints`` (the exact target

@@ -1,7 +1,8 @@
 """ACC-Collab deliberation protocol: prompts, answer extraction, batched actor/critic debate, transcripts.
 
-Estornell et al., "ACC-Collab: An Actor-Critic Approach to Multi-Agent LLM Collaboration"
-(arXiv 2411.00053); spec: core.md §1.3 (protocol) and §1.5 (guided prompts).
+Estornell, Ton, Yao, Liu 2024, "ACC-Collab: An Actor-Critic Approach to Multi-Agent LLM Collaboration"
+(arXiv 2411.00053). The protocol and the guided prompts follow the released code
+(github.com/LlenRotse/ACC-Collab: ``debaters.py``, ``questions.py``).
 
 Round 0: the actor answers a *basic* prompt (question, context, options) and the critic adds brief
 details given the question and that round-0 actor response. Round t >= 1: the actor sees **only**
@@ -463,7 +464,7 @@ def run_debate(
         sampling: Actor sampling settings (paper: temperature 0.7, top-p 0.9).
         critic_sampling: Critic settings; default ``sampling``.
         generator: RNG for reproducible sampling, consumed call after call.
-        max_tries: Re-samples of an unparseable actor answer (spec: 2); then the answer is ``None``
+        max_tries: Re-samples of an unparseable actor answer (the released code: 2); then the answer is ``None``
             and counts as wrong.
         chat_template: Force (True) or disable (False) the chat template; None = when available.
 

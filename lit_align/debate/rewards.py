@@ -1,6 +1,9 @@
 """ACC-Collab partial-trajectory rewards (one-step rollouts) and guided (off-policy) responses.
 
-Spec: core.md §1.4 (partial-trajectory reward) and §1.5 (guided trajectories).
+Estornell, Ton, Yao, Liu 2024, "ACC-Collab: An Actor-Critic Approach to Multi-Agent LLM Collaboration"
+(arXiv 2411.00053): the partial-trajectory reward and its one-step roll-out estimate (the paper's Sec. 4.2),
+and guided trajectories as prompted in the released code (github.com/LlenRotse/ACC-Collab, ``questions.py``:
+``targeted_basic_prompt``, ``targeted_debate_prompt``, ``targeted_detail_prompt``).
 
 The value of a state (question, transcript up to an intermediate response) is the probability that
 the actor's **next** answer is correct, estimated with K one-step rollouts:
@@ -45,7 +48,8 @@ __all__ = ["GuidedResponse", "RewardState", "guided_responses", "rollout_reward"
 class RewardState:
     """A partial trajectory whose last element is ``critic_response`` if given, else ``actor_response``.
 
-    Only the round-t responses matter: the actor at round t+1 sees round t alone (§1.3).
+    Only the round-t responses matter: the actor at round t+1 sees round t alone (as in the
+    released ``debaters.py``).
     """
 
     example: QAExample

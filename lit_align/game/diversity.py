@@ -1,4 +1,5 @@
-"""Diversity terms of the GPO attacker (core spec §2.4) and set-diversity metrics (§2.7).
+"""Diversity terms of the GPO attacker and set-diversity metrics (Zheng et al. 2024, arXiv 2406.10977; the
+released code, github.com/ruizheng20/gpo: ``gpo/self_bleu.py``, ``gpo/sentence_embed.py``).
 
 The attacker's reward penalises prompts that resemble the history ``X`` of attack prompts
 generated so far::
@@ -160,7 +161,7 @@ def self_bleu(
     orders: Sequence[int] = DEFAULT_ORDERS,
     smoothing: float = 0.1,
 ) -> float:
-    """SelfBLEU of ``hypothesis`` against ``references``, one reference at a time (spec §2.4).
+    """SelfBLEU of ``hypothesis`` against ``references``, one reference at a time (as ``gpo/self_bleu.py``).
 
     For each order ``n``: the mean over references of ``sentence_bleu(hypothesis, ref, n)``; then
     the mean over ``orders``. 0 with no references.
@@ -181,7 +182,7 @@ class DiversityHistory:
 
     Args:
         window: keep only the last ``window`` prompts (and embeddings); ``None`` keeps all, as the
-            reference code does (whose penalty then averages over an ever-growing set, §2.10).
+            reference code does (whose penalty then averages over an ever-growing set).
         max_order: the largest n-gram order precomputed (the largest order ever scored).
     """
 
@@ -293,7 +294,7 @@ class DiversityHistory:
 
 # -- sentence encoder -------------------------------------------------------------------------------
 class SentenceEncoder(nn.Module):
-    """A frozen HF encoder turning texts into mean-pooled, L2-normalised embeddings (spec §2.4).
+    """A frozen HF encoder turning texts into mean-pooled, L2-normalised embeddings (as ``gpo/sentence_embed.py``).
 
     Args:
         model: an HF base model whose forward returns ``last_hidden_state`` (``BertModel``,
@@ -367,7 +368,7 @@ def build_sentence_encoder(spec: ModelSpec, max_length: int = 128) -> SentenceEn
     return SentenceEncoder(model, tokenizer, max_length=max_length)
 
 
-# -- set metrics (evaluation, spec §2.7) -------------------------------------------------------------
+# -- set metrics (evaluation: the attacker diversity of Zheng et al. 2024, Table 2) ---------------------
 def set_self_bleu(
     token_lists: Sequence[Sequence[str]],
     include_self: bool = False,
@@ -404,7 +405,7 @@ def bleu_diversity(
 
 
 def embedding_diversity(embeddings: Tensor, include_self: bool = False) -> float:
-    """``1 - mean_cos / 2`` over the pairs of a set of (N, D) unit-norm embeddings (spec §2.7, as the reference code).
+    """``1 - mean_cos / 2`` over the pairs of a set of (N, D) unit-norm embeddings (as the released GPO code).
 
     ``mean_cos`` is the mean of the off-diagonal cosine similarities, or (``include_self=True``, as
     the reference code) of the whole N x N matrix, diagonal of ones included. Note the formula's

@@ -1,9 +1,12 @@
-"""Safety judges for the two-player game (GPO, core.md §2.4): (attack prompt, response) text -> scores.
+"""Safety judges for the two-player game: (attack prompt, response) text -> scores.
+
+The game is GPO (Zheng et al. 2024, "Toward Optimal LLM Alignments Using Two-Player Games", arXiv 2406.10977),
+whose released code (github.com/ruizheng20/gpo, ``gpo/gpo_trainer.py``) scores with a Llama Guard judge.
 
 Every judge reads **text** and tokenizes it with its own tokenizer, so it may use another
 vocabulary than the attacker and the defender. :meth:`SafetyJudge.score` returns a
 :class:`SafetyScores`: the defender's reward, the attacker's reward *before* diversity terms and
-the verdict ``unsafe`` (an attack success; the reference code calls it ``is_safe``, core.md §2.10).
+the verdict ``unsafe`` (an attack success; the reference code calls it ``is_safe``, in ``gpo/gpo_trainer.py``).
 
 Kinds:
 
@@ -231,12 +234,12 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 class LlamaGuardJudge(SafetyJudge):
-    """A causal LM asked for a ``safe`` / ``unsafe`` verdict (Llama Guard; core.md §2.4).
+    """A causal LM asked for a ``safe`` / ``unsafe`` verdict (Llama Guard, as GPO's released code).
 
     One forward over the left-padded batch of rendered judge prompts; only the last position's
     logits are computed. ``p_safe`` / ``p_unsafe`` are the next-token probabilities of the **first
     sub-token** of each word encoded without special tokens (the reference code takes element 0 of
-    the default encoding, which is BOS for a Llama tokenizer: core.md §2.10). The verdict is unsafe
+    the default encoding, which is BOS for a Llama tokenizer: ``gpo/gpo_trainer.py``). The verdict is unsafe
     iff ``p_unsafe > p_safe`` (the argmax of the two). Rewards: defender ``p_safe``, attacker ``p_unsafe``.
     """
 

@@ -1,4 +1,5 @@
-"""Who updates at each optimisation step of the GPO game (core spec §2.6).
+"""Who updates at each optimisation step of the GPO game (Zheng et al. 2024, "Toward Optimal LLM Alignments
+Using Two-Player Games", arXiv 2406.10977; released code github.com/ruizheng20/gpo, ``gpo/gpo_trainer.py``).
 
 Within each cycle of ``defender_steps + attacker_steps`` steps, the first block updates only one
 player (and its critic) and the second block only the other. With the defaults the
@@ -20,7 +21,7 @@ unresolved:
 
 Every caller (experience making, the optimiser step, logging) must ask the same
 :meth:`GameSchedule.active`. The reference code decided the stage twice, and one of the two
-conditions was always false, so its experiences were always built as defender-stage data (§2.10).
+conditions was always false, so its experiences were always built as defender-stage data (``gpo/gpo_trainer.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""A tabular zero-sum matrix game: the toy Nash-gap check of GPO (core spec §2.2, §2.9 item 5).
+"""A tabular zero-sum matrix game: a toy check of the Nash-gap guarantee of GPO (Zheng et al. 2024, "Toward
+Optimal LLM Alignments Using Two-Player Games", arXiv 2406.10977: the max-min game of its Eq. 3.1, played
+with tabular policies, e.g. on matching pennies).
 
 The defender plays rows with mixed strategy ``p`` and maximises, the attacker plays columns with
 mixed strategy ``q`` and minimises the payoff ``J(p, q) = p^T A q``. The Nash gap of a pair is::

@@ -1,11 +1,11 @@
-"""PPO with per-token KL shaping and GAE, DeepSpeed-Chat / MOSS-RLHF style (core spec §0.2, B3).
+"""PPO with per-token KL shaping and GAE, DeepSpeed-Chat / MOSS-RLHF style (sources below).
 
 Pure functions on (B, T) tensors aligned with the sequences (like
 :class:`lit_align.rollout.TokenLogps`: column ``t`` is the action "emit token ``t``"); a ``mask`` is
 1 on the generated (response) tokens, the actions. Nothing here runs a model; the experience that
 feeds these functions is built by :func:`lit_align.rollout.experience.make_experience`.
 
-For a sampled response ``y_1..y_L`` with sequence score ``R`` (B3)::
+For a sampled response ``y_1..y_L`` with sequence score ``R``::
 
     r_l     = -kl_coef (log pi_old(y_l) - log pi_ref(y_l)) + 1[l = L] clip(R, -c, c)   kl_shaped_rewards
     delta_l = r_l + gamma V_{l+1} - V_l,   V_{L+1} = 0                                    gae
@@ -99,7 +99,7 @@ def kl_shaped_rewards(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token rewards: a KL penalty on every response token plus the clipped score at the last one.
 
-    DeepSpeed-Chat's ``compute_rewards`` (B3)::
+    DeepSpeed-Chat's ``compute_rewards``::
 
         r[b, t] = -kl_coef (logps[b, t] - ref_logps[b, t])            on response tokens
         r[b, L_b] += clip(scores[b], -reward_clip, reward_clip)       L_b = last response token of row b
@@ -157,7 +157,7 @@ def gae(
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the response tokens, backwards from the last one.
 
-    Schulman et al. 2016 (https://arxiv.org/abs/1506.02438), as in B3::
+    Schulman et al. 2016 (https://arxiv.org/abs/1506.02438)::
 
         delta_t = r_t + gamma V_{t+1} - V_t
         A_t     = delta_t + gamma lam A_{t+1}
@@ -168,7 +168,7 @@ def gae(
     of different lengths, never leak into a row's estimates. ``mask`` must be one contiguous block
     per row (prompt | response | padding), as the sampler makes it.
 
-    Hand check (the spec's [TOY]): ``rewards = [0, 0, 1]``, ``values = [0.1, 0.2, 0.3]``, gamma 1,
+    Hand check: ``rewards = [0, 0, 1]``, ``values = [0.1, 0.2, 0.3]``, gamma 1,
     lam 0.95: ``delta = [0.1, 0.1, 0.7]``, ``A_3 = 0.7``, ``A_2 = 0.1 + 0.95 * 0.7 = 0.765``,
     ``A_1 = 0.1 + 0.95 * 0.765 = 0.82675``; returns ``[0.92675, 0.965, 1.0]``.
 

@@ -1,7 +1,7 @@
 """ACC-Debate / ACC-Collab: an actor-critic debate team trained by DPO on partial-trajectory rewards.
 
-Estornell, Ton, Yao, Liu, "ACC-Collab: An Actor-Critic Approach to Multi-Agent LLM Collaboration"
-(arXiv 2411.00053, ICLR 2025); spec: core.md §1.
+Estornell, Ton, Yao, Liu 2024, "ACC-Collab: An Actor-Critic Approach to Multi-Agent LLM Collaboration"
+(arXiv 2411.00053, ICLR 2025); released code: github.com/LlenRotse/ACC-Collab.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ PLAYERS = ("actor", "critic")
 
 
 class DebateModule(RebuiltWeights, L.LightningModule):
-    """ACC-Collab (core.md §1): a two-agent debate team, an **actor** that answers with a brief
+    """ACC-Collab (Estornell et al. 2024): a two-agent debate team, an **actor** that answers with a brief
     justification and a **critic** that gives feedback, trained by iterative best response with DPO on
     preference pairs built from guided (off-policy) responses and one-step-rollout rewards.
 
@@ -59,16 +59,16 @@ class DebateModule(RebuiltWeights, L.LightningModule):
        and the pairs, under ``pair_rule``:
 
        * ``paper`` (default): Δy = r(z_y) - r(z) >= ``epsilon`` gives (z_y ≻ z), else Δ!y = r(z) - r(z_!y)
-         >= ``epsilon`` gives (z ≻ z_!y) (the paper's ε is NOT FOUND: a config field);
+         >= ``epsilon`` gives (z ≻ z_!y) (the paper's ε value was not found: a config field);
        * ``code``: (z_y ≻ z_!y) iff q(z_y) - q(z_!y) >= ``code_threshold`` (0.6), with q the rollout
          reward, or for the actor its immediate correctness (``actor_quality: correctness``, as released).
 
        The DPO prompt is always the **natural** prompt of the round (never the guided one; checked).
     2. **train**: ``dpo_epochs`` passes of DPO (sigmoid loss, ``beta``) over the phase's pairs in
        minibatches of ``dpo_batch_size``, one optimiser step per training step, on that player only; the
-       reference is the player as it starts this DPO run (spec §1.7; in iteration 2, the iteration-1
-       player), its log-probs computed once when the stage starts, so no frozen copy is kept. The
-       question batches are not used by this stage; in the generate stage they only pace it: every phase
+       reference is the player as it starts this DPO run (the frozen starting checkpoint of the paper's
+       DPO loss; in iteration 2, the iteration-1 player), its log-probs computed once when the stage
+       starts, so no frozen copy is kept. The question batches are not used by this stage; in the generate stage they only pace it: every phase
        generates on the same questions (the first ``questions_per_phase`` of a seeded permutation of the
        training split).
 
@@ -161,17 +161,17 @@ class DebateModule(RebuiltWeights, L.LightningModule):
                 from the player at the start of each DPO run.
             rounds: debate rounds R (the paper: 5, rounds 0..4).
             trials: natural debates per question per phase (the code: 5).
-            k: one-step rollouts per reward estimate (the paper's K is NOT FOUND; the critic-data code: 10).
+            k: one-step rollouts per reward estimate (the paper's K was not found; the critic-data code: 10).
             pair_rule: ``paper`` (guided vs natural, threshold ``epsilon``) or ``code`` (guided vs guided).
-            epsilon: the paper rule's threshold (NOT FOUND in the paper: a config field).
+            epsilon: the paper rule's threshold (its value was not found in the paper: a config field).
             code_threshold: the code rule's threshold (0.6 in the released code).
             actor_quality: the code rule's actor quality: ``rollout`` (one-step rollouts) or
                 ``correctness`` (the guided answer's own correctness, as released). The paper rule
                 always uses rollouts.
             pair_rounds: ``all`` rounds, or the released code's ranges (actor 1..R-1, critic 0..R-1).
             iterations: outer iterations (1: ACC-Collab, 2: ACC-Collab+).
-            order: which player trains first in an iteration (actor first: the figure's order; the
-                paper's is NOT FOUND).
+            order: which player trains first in an iteration (actor first: the order of the paper's
+                Fig. 5; the paper's stated order was not found).
             critic_rollout_actor: the actor of the critic phase's debates and rollouts: ``current`` (the
                 paper's best response) or ``initial`` (the released scripts: the starting checkpoint).
             questions_per_phase: training questions a phase generates on (``None``: the whole training
@@ -414,8 +414,8 @@ class DebateModule(RebuiltWeights, L.LightningModule):
 
     def _phase_questions(self) -> list[QAExample]:
         """The questions every phase generates on: the first ``questions_per_phase`` of a seeded permutation
-        of the training split (the same set for both players and every iteration, as the spec's 6000), then
-        the next ``dpo_val_questions`` (DPO validation, the spec's 1000)."""
+        of the training split (the same set for both players and every iteration, as the released
+        ``scripts/run_dpo.sh``'s 6000), then the next ``dpo_val_questions`` (DPO validation, its 1000)."""
         if self._questions is None:  # derived from the data and the seed: built once, never checkpointed
             examples = self.trainer.datamodule.examples("train")
             order = list(range(len(examples)))
@@ -464,8 +464,8 @@ class DebateModule(RebuiltWeights, L.LightningModule):
     def _start_training(self, player: str) -> None:
         """End of a generate stage: cap the pairs, score the reference once, fix the DPO order.
 
-        The reference log-probs are the player's **as it starts this DPO run** (spec §1.7: the reference is
-        the frozen starting checkpoint of the run; in iteration 2 that is the iteration-1 player, not the
+        The reference log-probs are the player's **as it starts this DPO run** (the paper's DPO loss: the
+        reference is the frozen starting checkpoint of the run; in iteration 2 that is the iteration-1 player, not the
         base). Scored once, so no frozen copy is needed."""
         rng = self._rng("order")
         if self.max_pairs is not None and len(self.pairs) > self.max_pairs:

@@ -1,6 +1,7 @@
 """GPO: alignment as a two-player game between an attacker that writes prompts and a defender that answers.
 
-Zheng et al., "Toward Optimal LLM Alignments Using Two-Player Games" (arXiv 2406.10977); spec: core.md §2.
+Zheng et al. 2024, "Toward Optimal LLM Alignments Using Two-Player Games" (arXiv 2406.10977); released code:
+github.com/ruizheng20/gpo (``gpo/gpo_trainer.py``, launch script ``train_gpo.sh``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _select(rollout: Rollout, rows: Tensor) -> Rollout:
 
 def attacker_reward(judge_reward: Tensor, self_bleu: Tensor, cos_sim: Tensor, *, bleu_weight: float,
                     embedding_weight: float) -> Tensor:
-    """The attacker's sequence reward (spec §2.4): ``judge_reward - bleu_weight * SelfBLEU - embedding_weight * CosSim``,
+    """The attacker's sequence reward (as ``gpo/gpo_trainer.py``): ``judge_reward - bleu_weight * SelfBLEU - embedding_weight * CosSim``,
     all (B,). With a judge, ``judge_reward`` is P(unsafe): ``p_unsafe - 5 SB - 1 CS`` at the script's weights."""
     return judge_reward - bleu_weight * self_bleu - embedding_weight * cos_sim
 
@@ -60,10 +61,10 @@ def _adamw(lr: float, eps: float, weight_decay: float) -> Callable[[list[nn.Para
 
 
 class AdversarialGameModule(RebuiltWeights, L.LightningModule):
-    """Game-theoretical preference optimisation (GPO, core.md §2): an **attacker** LM rewrites seed
+    """Game-theoretical preference optimisation (GPO, Zheng et al. 2024): an **attacker** LM rewrites seed
     questions into attack prompts, a **defender** LM answers them, a safety **judge** scores each
     answer in its conversation, and both players are trained by PPO (per-token KL to their own
-    frozen starting policy, GAE, clipped surrogate and value losses, core.md §0.2 B3):
+    frozen starting policy, GAE, clipped surrogate and value losses, :mod:`lit_align.losses.ppo`):
 
     * defender reward: the judge's ``defender_reward`` (Llama Guard's P(safe), a reward model's score);
     * attacker reward: the judge's ``attacker_reward`` (P(unsafe), or minus the score) minus
@@ -71,7 +72,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
       prompt to the attacker's history (and, with ``diversity_scope: batch_and_history``, to the other
       prompts of the same batch); every prompt joins the history after it is scored.
 
-    Each training batch (one step, spec §2.6): the attacker samples attack prompts from the seed
+    Each training batch (one step, in the order of the released ``gpo/gpo_trainer.py``): the attacker samples attack prompts from the seed
     meta-prompts; attack prompts empty after decoding are dropped and counted; the defender answers
     ``defender_template`` around each attack prompt; the judge scores; the diversity terms are
     computed and the history grows; then the players that :class:`~lit_align.game.schedule.GameSchedule`
@@ -176,7 +177,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             judge: the safety scorer (:class:`~lit_align.game.judge.JudgeSpec`: ``rule`` (the built-in
                 toy), ``llama_guard`` or ``classifier``; or a :class:`SafetyJudge`, or a callable
                 ``(prompts, responses) -> P(unsafe)``); ``None``: the built-in rule judge.
-            eval_judge: an independent judge for validation and test (spec §2.10: training and evaluating
+            eval_judge: an independent judge for validation and test (training and evaluating
                 with one judge family rewards exploiting that judge); ``None``: ``judge``.
             critic: the critics' architecture (a ``scalar_head`` reward-model spec, same tokenizer);
                 ``None``: the defender's spec (its LoRA included: a frozen copy of the base with trainable
@@ -211,15 +212,16 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             pool_size: snapshots kept (the most recent).
             pool_prob: probability that a defender-only step attacks with a pool snapshot.
             average_policies: keep the running mean of each player's trainable weights.
-            log_inactive_kl: also log the KL of the player that does not learn this step (spec §2.6 step 7;
-                costs a policy and a reference forward over its samples).
+            log_inactive_kl: also log the KL of the player that does not learn this step (the released code logs
+                both players' KL, ``ref_kl`` and ``adv_ref_kl``, every step; costs a policy and a reference
+                forward over its samples).
             gradient_clip: global-norm clip of each optimiser's gradients (1.0; None: off).
             sample_seed: seed of all sampling; step ``k`` draws from ``(sample_seed, k)``, so a resumed
                 run samples what the uninterrupted run would have. ``None``: the run's global seed
                 (``seed_everything``), fixed at the start and kept in checkpoints.
             defender_lr, attacker_lr, critic_lr: AdamW (betas 0.9/0.95, eps 1e-6, critic 1e-8) rates
                 when no optimiser is given (GPO: 5e-7, 3e-6, 1.5e-6).
-            weight_decay: of those AdamW optimisers (the reference's value is NOT FOUND; 0 here).
+            weight_decay: of those AdamW optimisers (the released code's ``get_parms``: 0).
             optimizer, attacker_optimizer, critic_optimizer: optimiser factories (defender, attacker,
                 critics).
             scheduler, attacker_scheduler, critic_scheduler: LR schedules, each stepped when its optimiser

@@ -1,4 +1,5 @@
-"""Debate metrics (ACC-Collab, core.md §1.11): accuracy after each round and how answers change."""
+"""Debate metrics of ACC-Collab (Estornell, Ton, Yao, Liu 2024, arXiv 2411.00053): accuracy after each round
+and how answers change."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ class DebateAccuracy(Metric):
     """Accuracy of the actor's answer after each of ``rounds`` rounds, over debates (DDP-safe sums).
 
     ``update(correct)`` takes a (B, R) bool tensor: row b, column t = the actor's round-t answer to
-    question b was right (an unparseable answer counts as wrong: never drop it, spec §1.14).
+    question b was right (an unparseable answer counts as wrong: dropping it would inflate the accuracy).
     ``compute()`` returns:
 
     * ``round_<t>``: accuracy after round t (``round_<R-1>`` is the team's answer, the headline);
-    * ``improvement``: ``(acc_last - acc_0) / acc_0`` (the paper's relative improvement; 0 when
+    * ``improvement``: ``(acc_last - acc_0) / acc_0`` (the paper's relative improvement, its Fig. 2; 0 when
       ``acc_0`` is 0) and ``gain``: ``acc_last - acc_0``;
     * ``right_to_wrong`` / ``wrong_to_right``: share of debates whose answer went from right at
       round 0 to wrong at the last round, and the reverse.

@@ -1,4 +1,6 @@
-"""Watermark-detection metrics, text quality, and the attacks of the robustness tables (core.md §3.7).
+"""Watermark-detection metrics, text quality, and the attacks of the robustness tables of Xu, Yao, Liu (2024),
+"Learning to Watermark LLM-generated Text via Reinforcement Learning" (arXiv 2403.10553), as its released
+code evaluates them (``eval_utils.py``, ``evaluate.py`` in github.com/xiaojunxu/learning-to-watermark-llm).
 
 Pure functions (checked by hand in ``tests/metrics/test_detection_metrics.py``):
 
@@ -60,13 +62,13 @@ def _rate(value: float, name: str) -> float:
 
 
 def fpr_at_tpr(pos_scores, neg_scores, tpr: float) -> float:
-    """False-positive rate at the threshold that keeps a fraction ``tpr`` of the positives (core.md §3.7).
+    """False-positive rate at the threshold that keeps a fraction ``tpr`` of the positives.
 
-    threshold = the ``(1 - tpr)`` quantile of the positive scores (the ``(100 - p)``-th percentile for
-    ``p = 100 tpr``), with numpy's default *linear* interpolation (``torch.quantile``'s too);
-    FPR = the fraction of negative scores strictly above it.
+    As in the released code of Xu et al. (2024) (``eval_utils.py``): threshold = the ``(1 - tpr)`` quantile
+    of the positive scores (the ``(100 - p)``-th percentile for ``p = 100 tpr``), with numpy's default
+    *linear* interpolation (``torch.quantile``'s too); FPR = the fraction of negative scores strictly above it.
 
-    Example (§3.9 item 5): positives {1, 2, 3, 4}, negatives {0, 2.5}, tpr = 0.75: the 25th percentile
+    Example: positives {1, 2, 3, 4}, negatives {0, 2.5}, tpr = 0.75: the 25th percentile
     of the positives is 1 + 0.75 (2 - 1) = 1.75, and one negative of two is above it, so FPR = 0.5.
     """
     pos, neg = _scores(pos_scores, "fpr_at_tpr positives"), _scores(neg_scores, "fpr_at_tpr negatives")
@@ -160,7 +162,7 @@ def perplexity(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss
                reduction: Literal["mean", "none"] = "mean") -> Tensor:
     """Perplexity under an oracle LM: per sequence ``exp(mean NLL of the scored tokens)``.
 
-    The spec's text-quality metric (core.md §3.7) scores prompt + continuation: pass
+    The text-quality metric of Xu et al. (2024; released code, ``eval_utils.py``) scores prompt + continuation: pass
     ``loss_mask = attention_mask`` (each row's first token is never scored, nothing predicts it).
 
     Args:
@@ -219,7 +221,8 @@ class Paraphraser(Protocol):
 
 
 class ShuffleWordsParaphraser:
-    """Test stub for a paraphraser (core.md §3.10): shuffles each text's words, seeded."""
+    """Test stub for a paraphraser (real ones such as DIPPER, a T5-XXL, are too large for tests): shuffles each
+    text's words, seeded."""
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = random.Random(seed)

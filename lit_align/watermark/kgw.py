@@ -1,6 +1,8 @@
 """KGW green-list watermark (Kirchenbauer et al., 2023, "A Watermark for Large Language Models",
-https://arxiv.org/abs/2301.10226), the statistical baseline of the watermark co-training spec
-(core.md §3.7: γ = 0.5, δ = 2.0).
+https://arxiv.org/abs/2301.10226), the statistical baseline of the RL-trained watermark of Xu, Yao, Liu (2024,
+"Learning to Watermark LLM-generated Text via Reinforcement Learning", arXiv 2403.10553). The defaults
+γ = 0.5, δ = 2.0 are those of ``WatermarkLogitsProcessor`` in its released code (``baseline_lib/klw.py``);
+that file's evaluation wrappers pass γ = 0.25, δ = 1.0 instead.
 
 **Embedding.** At every decoding step the vocabulary is split into a green list (a fraction γ
 of the tokens) and a red list, seeded by a secret key and the previous token; δ is added to the
