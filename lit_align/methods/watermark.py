@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -137,8 +138,8 @@ class WatermarkModule(ReferencedPolicyModule):
         Args:
             model: the LLM to watermark (the actor; LoRA recommended: the reference then costs no copy).
             detector: the detector's backbone and head: a causal LM with ``kind: scalar_head`` sharing the actor's
-                tokenizer (anything else is refused). Its ``head_bias`` (default False: the reference code's
-                bias-free head) applies to the critic too.
+                tokenizer (anything else is refused). Its ``head_bias`` (unset: False, the reference code's
+                bias-free head; True: lit_align's earlier head with a bias) applies to the critic too.
             detector_checkpoint: weights of a pretrained detector (a Lightning checkpoint or state dict with
                 ``detector.*`` keys, as a ``torch.save`` file read with ``weights_only=True`` or a
                 ``.safetensors`` file, or a ``save_detector`` directory); the critic starts from them too.
@@ -222,6 +223,8 @@ class WatermarkModule(ReferencedPolicyModule):
             raise ValueError(f"model.other_llm_mode must be 'add' (an extra pair, the reference code) or 'replace' "
                              f"(instead of the human text), got {other_llm_mode!r}")
         self.automatic_optimization = False
+        if detector.head_bias is None:  # the reference code's bias-free head
+            detector = dataclasses.replace(detector, head_bias=False)
         self.detector_spec, self.detector_checkpoint = detector, detector_checkpoint
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                        top_p=top_p)

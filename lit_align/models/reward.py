@@ -8,7 +8,7 @@ Two kinds, both giving ``score(input_ids, attention_mask) -> (B,)``:
   ``Skywork/Skywork-Reward-Llama-3.1-8B``); encoders (BERT, RoBERTa, DeBERTa) pool as HF does, and
   their tokenizers need no EOS token;
 * ``scalar_head``: a causal-LM backbone (hub, local or tiny, optionally with LoRA) plus a
-  linear head (:class:`ScalarHead`, bias-free unless ``head_bias``) read at the **last non-pad
+  linear head (:class:`ScalarHead`, with or without bias: ``head_bias``) read at the **last non-pad
   token**, located from the attention mask, so the score is the same with left or right padding
   and with any number of pad tokens appended.
 """
@@ -39,13 +39,14 @@ class RewardModelSpec:
     """``scalar_head``: causal-LM backbone + new linear head; ``sequence_classification``: an HF reward model."""
     head_init_std: float = 0.0
     """Std of the new head's weights (0: zeros, so every score starts at 0)."""
-    head_bias: bool = False
-    """Give the ``scalar_head`` a bias (initialised to 0). False, the default, is the reference rule: the
-    released code of the RL watermark (Xu, Yao, Liu 2024, arXiv 2403.10553; ``model_utils.RewardModel``,
-    adapted from DeepSpeed-Chat) scores with a bias-free linear ``v_head``, for the detector and for the
-    critic built from it; the paper does not say. True is lit_align's earlier rule. Either form loads a
-    head saved by the other: a missing bias reads as 0, and a saved bias that is 0 is dropped (a nonzero
-    one is refused with a message naming this field)."""
+    head_bias: bool | None = None
+    """Whether the ``scalar_head`` has a bias (initialised to 0). None: the default of the method that
+    builds it: bias-free for :class:`~lit_align.methods.WatermarkModule`'s detector and critic, the rule
+    of the watermark's released code (Xu, Yao, Liu 2024, arXiv 2403.10553: ``model_utils.RewardModel``,
+    adapted from DeepSpeed-Chat, scores with a linear ``v_head`` without bias; the paper does not say);
+    with a bias elsewhere (lit_align's earlier rule, e.g. the game's critics). Either form loads a head
+    saved by the other: a missing bias reads as 0, and a saved bias that is 0 is dropped (a nonzero one
+    is refused with a message naming this field)."""
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
@@ -125,7 +126,8 @@ def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase
     # the decoder's output width: OPT projects it down to word_embed_proj_dim (512 for OPT-350M)
     hidden = getattr(backbone.config, "word_embed_proj_dim", None) or backbone.config.hidden_size
     # skip_init: no default (random) init, so building never draws from the global RNG
-    head = nn.utils.skip_init(ScalarHead, hidden, 1, bias=spec.head_bias, dtype=next(backbone.parameters()).dtype)
+    bias = True if spec.head_bias is None else spec.head_bias
+    head = nn.utils.skip_init(ScalarHead, hidden, 1, bias=bias, dtype=next(backbone.parameters()).dtype)
     with torch.no_grad():
         if head.bias is not None:
             head.bias.zero_()

@@ -96,7 +96,7 @@ def test_build_value_model_from_a_detector_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="init_from"):
         build_value_model(spec, init_from=tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="head_bias"):  # a trained bias cannot be dropped silently
-        build_value_model(RewardModelSpec(model=spec.model), init_from=tmp_path / "stage1.ckpt")
+        build_value_model(RewardModelSpec(model=spec.model, head_bias=False), init_from=tmp_path / "stage1.ckpt")
 
 
 def test_make_experience_shapes_alignment_and_rewards_at_init(setup):

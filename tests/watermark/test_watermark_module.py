@@ -305,6 +305,7 @@ def test_detector_checkpoints_load_without_unpickling_code(tmp_path):
             return os.makedirs, (str(tmp_path / "ran"),)
 
     module, _ = _configured(tmp_path / "m", "--model.init_args.detector.head_init_std=0.5")
+    assert module.detector.head.bias is None and module.critic.head.bias is None  # the reference's v_head
     state = {f"detector.{k}": v.clone() for k, v in module.detector.state_dict().items()}
     torch.save({"state_dict": state, "extra": Payload()}, tmp_path / "bad.ckpt")
     with pytest.raises(CheckpointReadError, match="weights_only=True"):
