@@ -322,3 +322,43 @@ def test_detector_checkpoints_load_without_unpickling_code(tmp_path):
     (export / "head.pt").unlink()
     with pytest.raises(FileNotFoundError, match="head.safetensors"):
         _detector_state(str(export))
+
+
+def test_score_penalty_sits_on_the_main_pair_only_unless_detector_reg_extra(tmp_path):
+    """The reference adds 1e-4 (s_w^2 + s_h^2) to the main pair's loss only; its substitution term is the
+    bare pairwise loss. detector_reg_extra puts the penalty on that term too (reg 0.5 to make it visible)."""
+    from lit_align.metrics.detection import random_substitution
+
+    module, batch = _configured(tmp_path, "--model.init_args.substitution_ratio=0.5",
+                                "--model.init_args.detector_reg=0.5", "--model.init_args.detector.head_init_std=0.5")
+    rollout = module._generate(batch)
+    keep, human = module._keep(rollout), module._human(batch)
+    with torch.no_grad():
+        llm = module._detector_view(module._as_batch(rollout).select(keep))
+        s_w = module.detector.score(llm.input_ids, llm.attention_mask)
+        s_h = module._detector_scores(human.select(keep))
+        attacked = random_substitution(llm.input_ids, llm.loss_mask, 0.5, len(module.tokenizer), generator=module._rng(2))
+        s_sub = module.detector.score(attacked, llm.attention_mask)
+        main, _ = detector_loss(s_w, s_h, reg=0.5)
+        bare = -torch.nn.functional.logsigmoid(s_sub - s_h).mean()
+        loss, _ = module._detector_objective(rollout, human, None, keep)
+        torch.testing.assert_close(loss, main + bare)
+        module.detector_reg_extra = True
+        loss, _ = module._detector_objective(rollout, human, None, keep)
+        torch.testing.assert_close(loss, main + bare + 0.5 * (s_sub**2 + s_h**2).mean())
+
+
+def test_a_final_eos_is_not_an_action_unless_eos_action(tmp_path):
+    """Rows [a, b, EOS], [a, EOS] and [a, b]: by default (the reference) the EOS is no action, so [a, EOS]
+    has one token and is dropped; with eos_action it counts and the row is kept."""
+    from lit_align.rollout.sampler import Rollout
+
+    module, _ = _configured(tmp_path)
+    eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
+    a, b = module.tokenizer(" the harbour")["input_ids"][:2]
+    rollout = Rollout(torch.tensor([[a], [a], [a]]), torch.ones(3, 1, dtype=torch.long),
+                      torch.tensor([[a, b, eos], [a, eos, pad], [a, b, pad]]),
+                      torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]]), torch.zeros(3, 3))
+    assert module._keep(rollout).tolist() == [True, False, True]
+    module.eos_action = True
+    assert module._keep(rollout).tolist() == [True, True, True]
