@@ -166,7 +166,9 @@ class WatermarkModule(ReferencedPolicyModule):
             substitution_ratio: robustness term: also train the detector on the generated text with
                 this share of tokens replaced at random, still labelled watermarked (the paper: 0.2; 0 off).
             substitution_weight: weight of that term (1.0 in the reference).
-            detector_pretrain_steps: stage 1 length in steps (detector only, on the original LLM's text).
+            detector_pretrain_steps: stage 1 length in steps (detector only, on the original LLM's text); when
+                co-training starts, the critic becomes a copy of the detector so trained (the reference code
+                starts its value net from the stage-1 detector checkpoint).
             human_from_reference: take the "human" continuations from the frozen reference's samples.
             alignment_reward: a frozen alignment reward model (watermarking during RLHF): the PPO reward
                 becomes ``alignment_weight * detector + (1 - alignment_weight) * alignment`` (the paper: 0.5).
