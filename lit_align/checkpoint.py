@@ -98,8 +98,11 @@ def _read_error(path: Path, error: BaseException) -> CheckpointReadError:
     size = path.stat().st_size
     if size == 0:
         what = "is empty (0 bytes)"
-    elif zipfile.is_zipfile(path) and "Unsupported global" in str(error):
-        global_line = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+    elif zipfile.is_zipfile(path) and "unsupported global" in str(error).lower():
+        # torch words it "Unsupported global: ..." (an unlisted class) or "Trying to load unsupported
+        # GLOBAL os.system whose module os is blocked" (a blocked callable)
+        global_line = next((line.strip() for line in str(error).splitlines() if "unsupported global" in line.lower()),
+                           "")
         what = (f"holds an object that safe loading (torch.load weights_only=True, which lit_align always uses) "
                 f"refuses: {global_line}. If you trust the file, register the class with "
                 f"torch.serialization.add_safe_globals before loading")

@@ -216,7 +216,7 @@ class WatermarkEvaluation(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, dict[str, float]]:
         """Run the evaluation (without writing files) and return :attr:`results`."""
-        for name in ("detector", "policy", "tokenizer", "sampling", "_generate", "_human", "_reference_args"):
+        for name in ("detector", "policy", "tokenizer", "sampling", "_generate", "_human", "_keep", "_reference_args"):
             if not hasattr(pl_module, name):
                 raise TypeError(f"WatermarkEvaluation needs a WatermarkModule; {type(pl_module).__name__} has no {name}")
         module, device, tok = pl_module, pl_module.device, pl_module.tokenizer
@@ -248,7 +248,7 @@ class WatermarkEvaluation(L.Callback):
                 batch = move_data_to_device(batch, device)
                 rollout = module._generate(batch)
                 human = module._human(batch)
-                keep = rollout.response_lengths >= 2
+                keep = module._keep(rollout)  # >= 2 generated tokens, as in training
                 self.dropped += int((~keep).sum())
                 if not keep.any():
                     continue

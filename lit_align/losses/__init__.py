@@ -15,6 +15,7 @@ Functions:
     ppo_value_loss              clipped value loss, token-averaged
     whiten                      masked whitening (advantage normalisation)
     detector_loss               watermark detector: pairwise -log sigmoid(s_w - s_h) + score penalty
+    detector_objective          watermark detector: the main pair + weighted robustness pairs (DetectorPair)
 
 Config objects (selected from YAML by ``class_path``):
     PreferenceLoss   base: ``loss(pc, pr, rc, rr) -> (loss, metrics)`` and the ``reduction``
@@ -50,10 +51,12 @@ from lit_align.losses.unlearning import (
     label_smoothed_ascent_loss,
     npo_loss,
 )
-from lit_align.losses.watermark import detector_loss
+from lit_align.losses.watermark import DetectorPair, detector_loss, detector_objective
 
 __all__ = [
+    "DetectorPair",
     "detector_loss",
+    "detector_objective",
     "DPOLoss",
     "GradientAscent",
     "IPOLoss",

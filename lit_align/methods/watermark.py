@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -12,13 +13,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lit_align.checkpoint import atomic_save, load_checkpoint
+from lit_align.checkpoint import load_checkpoint
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
 from lit_align.data.tokenize import _collate_sequences
 from lit_align.errors import ConfigError
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
-from lit_align.losses.watermark import detector_loss
+from lit_align.losses.watermark import DetectorPair, detector_loss, detector_objective
 from lit_align.methods.base import ReferencedPolicyModule
 from lit_align.metrics.detection import DetectionMetrics, random_substitution
 from lit_align.models import (
@@ -30,7 +31,7 @@ from lit_align.models import (
     build_tokenizer,
     freeze,
 )
-from lit_align.rollout.experience import make_experience, minibatches
+from lit_align.rollout.experience import make_experience, minibatches, response_actions
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
 
@@ -64,13 +65,24 @@ class WatermarkModule(ReferencedPolicyModule):
        (``paraphraser``), another LLM's text as negatives (``other_llm``).
 
     The first ``detector_pretrain_steps`` steps are stage 1 (detector pretraining on the original
-    LLM's continuations; the actor and critic are not updated). Rows with fewer than two generated
-    tokens are dropped and counted (``train/dropped``). ``human_from_reference`` replaces the human
-    continuations by samples of the frozen reference (the spec's CPU control: the classes start
-    indistinguishable, so any separation comes from the actor's update).
+    LLM's continuations; the actor and critic are not updated); when stage 2 starts, the critic is
+    set to a copy of the pretrained detector (the reference code starts the value net from the
+    pretrained detector checkpoint). Rows with fewer than two generated tokens (EOS not counted
+    unless ``eos_action``) are dropped and counted (``train/dropped``).
+
+    ``human_from_reference`` replaces the human continuations by samples of the frozen reference (the
+    spec's CPU control: the classes start indistinguishable, so any separation comes from the actor's
+    update).
+
+    Where the paper does not say, the defaults follow its released code (``main.py``, ``utils.py``,
+    ``model_utils.py``), each with a switch to lit_align's earlier rule: ``eos_action`` (is EOS a PPO
+    action and part of the detector's text), ``detector_reg_extra`` (the score penalty on the robustness
+    terms too), ``other_llm_mode`` (another LLM's text as an extra pair or instead of the human text)
+    and ``detector.head_bias`` (a bias in the detector's and critic's scalar head).
 
     Logged: ``train/reward``, ``train/kl`` (summed log-ratio per response), PPO metrics under
-    ``train/actor/`` and ``train/critic/``, ``train/detector/{loss,accuracy,chosen,rejected}``,
+    ``train/actor/`` and ``train/critic/``, ``train/detector/{loss,accuracy,chosen,rejected}`` (and
+    ``train/detector/<term>/{loss,accuracy}`` of each robustness term),
     ``train/time/{generate,score,update,detector}``, ``train/stage``; ``val/auroc``,
     ``val/tpr_at_fpr_1``, ``val/fpr_at_tpr_{90,99}`` on sampled continuations vs human ones.
 
@@ -96,6 +108,8 @@ class WatermarkModule(ReferencedPolicyModule):
         minibatch_size: int | None = None,
         whiten_advantages: bool = False,
         detector_reg: float = 1e-4,
+        detector_reg_extra: bool = False,
+        eos_action: bool = False,
         substitution_ratio: float = 0.0,
         substitution_weight: float = 1.0,
         detector_pretrain_steps: int = 0,
@@ -105,6 +119,8 @@ class WatermarkModule(ReferencedPolicyModule):
         paraphraser: Callable[[list[str]], list[str]] | None = None,
         paraphrase_weight: float = 1.0,
         other_llm: ModelSpec | None = None,
+        other_llm_mode: Literal["add", "replace"] = "add",
+        other_llm_weight: float = 1.0,
         retokenize_text: bool = True,
         export_detector: bool = True,
         gradient_clip: float | None = 1.0,
@@ -123,9 +139,11 @@ class WatermarkModule(ReferencedPolicyModule):
         Args:
             model: the LLM to watermark (the actor; LoRA recommended: the reference then costs no copy).
             detector: the detector's backbone and head: a causal LM with ``kind: scalar_head`` sharing the actor's
-                tokenizer (anything else is refused).
-            detector_checkpoint: weights of a pretrained detector (a state dict / Lightning checkpoint with
-                ``detector.*`` keys, or a ``save_detector`` directory); the critic starts from them too.
+                tokenizer (anything else is refused). Its ``head_bias`` (unset: False, the reference code's
+                bias-free head; True: lit_align's earlier head with a bias) applies to the critic too.
+            detector_checkpoint: weights of a pretrained detector (a Lightning checkpoint or state dict with
+                ``detector.*`` keys, as a ``torch.save`` file read with ``weights_only=True`` or a
+                ``.safetensors`` file, or a ``save_detector`` directory); the critic starts from them too.
             reference: ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto`` (adapter with LoRA).
             max_new_tokens, temperature, top_p: sampling of the continuations (the paper: 128 for C4).
             kl_coef: per-token KL penalty (the paper's ``kl_rl`` = 0.1).
@@ -134,10 +152,24 @@ class WatermarkModule(ReferencedPolicyModule):
             ppo_epochs, minibatch_size: PPO passes over the batch and their minibatch size (1, the batch).
             whiten_advantages: normalise advantages over the batch's tokens (off in the reference).
             detector_reg: the detector's squared-score penalty (1e-4).
+            detector_reg_extra: also put that penalty on the robustness terms (paraphrase, substitution,
+                other LLM). False, the default, is the reference code's rule: ``main.py`` adds it to the
+                main (LLM vs human) pair only; the paper does not say. True is lit_align's earlier rule.
+            eos_action: False, the default, is the reference code's rule (the paper does not say): it pads
+                with EOS, so a generated EOS is not a PPO action (no policy or value loss on it; it stays
+                a step of the rewards and GAE, where the clipped score sits, see
+                :mod:`lit_align.rollout.experience`), rows need >= 2 generated tokens besides the EOS, and
+                the detector reads every continuation (the LLM's, the human's, the other LLM's) without
+                EOS, i.e. its score and the critic's terminal value are read at the last token before
+                the first EOS. True, lit_align's earlier rule: EOS is the last action, and the detector
+                reads it (a human continuation gets an EOS where the LLM's continuation of the same
+                prompt ended with one, so the presence of EOS tells nothing).
             substitution_ratio: robustness term: also train the detector on the generated text with
                 this share of tokens replaced at random, still labelled watermarked (the paper: 0.2; 0 off).
             substitution_weight: weight of that term (1.0 in the reference).
-            detector_pretrain_steps: stage 1 length in steps (detector only, on the original LLM's text).
+            detector_pretrain_steps: stage 1 length in steps (detector only, on the original LLM's text); when
+                co-training starts, the critic becomes a copy of the detector so trained (the reference code
+                starts its value net from the stage-1 detector checkpoint).
             human_from_reference: take the "human" continuations from the frozen reference's samples.
             alignment_reward: a frozen alignment reward model (watermarking during RLHF): the PPO reward
                 becomes ``alignment_weight * detector + (1 - alignment_weight) * alignment`` (the paper: 0.5).
@@ -149,8 +181,13 @@ class WatermarkModule(ReferencedPolicyModule):
                 continuations, still labelled watermarked (the paper: Pegasus at temperature 1.5; e.g.
                 ``lit_align.metrics.HFParaphraser``); ``None``: off.
             paraphrase_weight: weight of that term (1.0 in the reference).
-            other_llm: "H+L": continuations sampled from this other (frozen) LLM replace the human
-                ones as the detector's negatives (same tokenizer as the actor).
+            other_llm: "H+L": continuations sampled from this other (frozen) LLM (same tokenizer as the
+                actor) serve as further negatives of the detector, see ``other_llm_mode``.
+            other_llm_mode: ``add`` (default, the reference code's rule: ``main.py`` keeps the human pair
+                and adds the pair "LLM text vs the other LLM's text" at weight ``other_llm_weight``; the
+                paper does not say) or ``replace`` (lit_align's earlier rule: the other LLM's text
+                replaces the human text as the negatives of the main pair, validation included).
+            other_llm_weight: weight of the added pair (1.0 in the reference code; ``add`` only).
             retokenize_text: the detector reads every continuation (the LLM's and the human's) as
                 text decoded and encoded again the same way, not as the sampled token ids: a sampled
                 id sequence can be one the tokenizer never produces from text, a shortcut that would
@@ -185,13 +222,19 @@ class WatermarkModule(ReferencedPolicyModule):
                 raise ConfigError(f"model.{name} must be >= 1, got {value}")
         if not 0.0 <= substitution_ratio < 1.0:
             raise ConfigError(f"model.substitution_ratio must be in [0, 1), got {substitution_ratio}")
+        if other_llm_mode not in ("add", "replace"):
+            raise ConfigError(f"model.other_llm_mode must be 'add' (an extra pair, the reference code) or 'replace' "
+                             f"(instead of the human text), got {other_llm_mode!r}")
         self.automatic_optimization = False
+        if detector.head_bias is None:  # the reference code's bias-free head
+            detector = dataclasses.replace(detector, head_bias=False)
         self.detector_spec, self.detector_checkpoint = detector, detector_checkpoint
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                        top_p=top_p)
         self.kl_coef, self.reward_clip, self.gamma, self.lam = kl_coef, reward_clip, gamma, lam
         self.clip, self.value_clip, self.ppo_epochs, self.minibatch_size = clip, value_clip, ppo_epochs, minibatch_size
         self.whiten_advantages, self.detector_reg = whiten_advantages, detector_reg
+        self.detector_reg_extra, self.eos_action = detector_reg_extra, eos_action
         self.substitution_ratio, self.substitution_weight = substitution_ratio, substitution_weight
         self.detector_pretrain_steps, self.human_from_reference = detector_pretrain_steps, human_from_reference
         if not 0.0 <= alignment_weight <= 1.0:
@@ -201,6 +244,7 @@ class WatermarkModule(ReferencedPolicyModule):
         self.alignment: torch.nn.Module | None = None
         self._alignment_tokenizer = None
         self.paraphraser, self.paraphrase_weight, self.other_llm_spec = paraphraser, paraphrase_weight, other_llm
+        self.other_llm_mode, self.other_llm_weight = other_llm_mode, other_llm_weight
         self.other_llm: torch.nn.Module | None = None
         self.retokenize_text, self.export_detector = retokenize_text, export_detector
         self.gradient_clip, self.sample_seed = gradient_clip, sample_seed
@@ -252,8 +296,8 @@ class WatermarkModule(ReferencedPolicyModule):
         # shortcut hygiene (spec §3.10): LLM and human continuations get the same length cap, or the
         # detector learns lengths instead of a watermark
         cap = getattr(self.trainer.datamodule, "continuation_tokens", None)
-        if cap is not None and not self.human_from_reference and self.other_llm is None \
-                and cap != self.sampling.max_new_tokens:
+        human_text = not self.human_from_reference and (self.other_llm is None or self.other_llm_mode == "add")
+        if cap is not None and human_text and cap != self.sampling.max_new_tokens:
             raise ConfigError(f"data.continuation_tokens ({cap}) and model.max_new_tokens ({self.sampling.max_new_tokens}) "
                              "must be equal: a length difference between human and LLM text is a shortcut for the detector")
 
@@ -282,15 +326,18 @@ class WatermarkModule(ReferencedPolicyModule):
         return float(self.detector.score(ids_t, torch.ones_like(ids_t)))
 
     def save_detector(self, path: str | Path) -> Path:
-        """Write the detector (backbone with ``save_pretrained``, head in ``head.pt``) to ``path``.
+        """Write the detector (backbone with ``save_pretrained``, head in ``head.safetensors``) to ``path``.
 
         ``detector_checkpoint`` reloads such a directory for a full-weight detector; a LoRA detector is
         written as its adapter, so reload it from a Lightning checkpoint (``detector.*`` keys) instead."""
+        from safetensors.torch import save_file
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.detector.backbone.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        atomic_save(self.detector.head.state_dict(), path / "head.pt")
+        head = {k: v.detach().cpu().contiguous() for k, v in self.detector.head.state_dict().items()}
+        save_file(head, str(path / "head.safetensors"))
         return path
 
     # -- one step ------------------------------------------------------------------------------
@@ -323,17 +370,20 @@ class WatermarkModule(ReferencedPolicyModule):
             self.policy.train(was_training)
 
     def _human(self, batch: CompletionBatch) -> SequenceBatch:
-        """The detector's negatives: the human continuations, or samples of the frozen reference
-        (``human_from_reference``) or of another LLM (``other_llm``)."""
-        if self.other_llm is not None:
-            with torch.no_grad():
-                rollout = sample(self.other_llm, batch.prompt_ids, batch.prompt_mask, self.sampling,
-                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                 generator=self._rng(3))
-        elif not self.human_from_reference:
+        """The negatives of the detector's main pair: the human continuations, or samples of the frozen
+        reference (``human_from_reference``) or, with ``other_llm_mode: replace``, of the other LLM."""
+        if self.other_llm is not None and self.other_llm_mode == "replace":
+            return self._other_llm_text(batch)
+        if not self.human_from_reference:
             return batch.human
-        else:
-            rollout = self._generate(batch, from_reference=True)
+        return self._as_batch(self._generate(batch, from_reference=True), batch.index)
+
+    @torch.no_grad()
+    def _other_llm_text(self, batch: CompletionBatch) -> SequenceBatch:
+        """The other LLM's continuations of the batch's prompts (``other_llm``)."""
+        rollout = sample(self.other_llm, batch.prompt_ids, batch.prompt_mask, self.sampling,
+                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                         generator=self._rng(3))
         return self._as_batch(rollout, batch.index)
 
     @staticmethod
@@ -345,12 +395,13 @@ class WatermarkModule(ReferencedPolicyModule):
 
     def _detector_view(self, batch: SequenceBatch, add_eos: Tensor | None = None) -> SequenceBatch:
         """What the detector reads: prompt + continuation with the continuation decoded and encoded again
-        (:func:`~lit_align.data.completion.retokenize`, EOS kept when the row ended with one), right-padded;
-        the rows unchanged with ``retokenize_text: false``. ``add_eos`` (B,) bool appends an EOS to rows
-        that lack one: a human continuation gets one where the LLM's continuation of the same prompt
-        ended with EOS, so the presence of EOS tells nothing (spec §3.10)."""
+        (:func:`~lit_align.data.completion.retokenize`), right-padded; the ids as they are with
+        ``retokenize_text: false``. A final EOS is dropped (the reference code reads the score before the
+        first EOS), or, with ``eos_action``, kept; then ``add_eos`` (B,) bool appends an EOS to rows that
+        lack one: a human continuation gets one where the LLM's continuation of the same prompt ended
+        with EOS, so the presence of EOS tells nothing (spec §3.10)."""
         eos = self.tokenizer.eos_token_id
-        if not self.retokenize_text and add_eos is None:
+        if not self.retokenize_text and add_eos is None and self.eos_action:
             return batch
         rows = []
         for i, (ids, attn, cont) in enumerate(zip(batch.input_ids, batch.attention_mask.bool(), batch.loss_mask.bool())):
@@ -361,11 +412,20 @@ class WatermarkModule(ReferencedPolicyModule):
                 body = retokenize([text], self.tokenizer, max_tokens=self.sampling.max_new_tokens)[0]
             else:
                 body = answer[:-1] if ended else answer
-            ended = ended or (add_eos is not None and bool(add_eos[i]))
+            ended = self.eos_action and (ended or (add_eos is not None and bool(add_eos[i])))
             rows.append((ids[attn & ~cont].tolist(), body + ([eos] if ended else [])))
         view = _collate_sequences(rows, batch.index.tolist(), self.tokenizer.pad_token_id)
         return SequenceBatch(*(t.to(self.device) for t in (view.input_ids, view.attention_mask, view.loss_mask)),
                              batch.index)
+
+    def _keep(self, rollout: Rollout) -> Tensor:
+        """(B,) bool: the rows with at least two actions (the reference drops samples with <= 1
+        generated token; the EOS counts only with ``eos_action``)."""
+        return response_actions(rollout, self._eos_not_action()).sum(-1) >= 2
+
+    def _eos_not_action(self) -> int | None:
+        """The ``eos_token_id`` argument of :func:`~lit_align.rollout.experience.make_experience`."""
+        return None if self.eos_action else self.tokenizer.eos_token_id
 
     def _ended_with_eos(self, rollout: Rollout) -> Tensor:
         """(B,) whether each generated continuation ended with EOS."""
@@ -405,6 +465,30 @@ class WatermarkModule(ReferencedPolicyModule):
         batch = _collate_sequences(list(zip(prompts, paraphrased)), rows, self.tokenizer.pad_token_id)
         return batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
 
+    def _detector_objective(self, rollout: Rollout, human: SequenceBatch, other: SequenceBatch | None,
+                            keep: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The detector's loss on the kept rows (:func:`~lit_align.losses.watermark.detector_objective`): the
+        LLM's continuations vs ``human``, plus the robustness pairs (paraphrase and substitution of the LLM's
+        text vs ``human``; the LLM's text vs the ``other`` LLM's, ``other_llm_mode: add``)."""
+        llm = self._detector_view(self._as_batch(rollout).select(keep))
+        s_w = self.detector.score(llm.input_ids, llm.attention_mask)
+        ended = self._ended_with_eos(rollout)[keep]
+        s_h = self._detector_scores(human.select(keep), add_eos=ended)
+        extra: list[DetectorPair] = []
+        if self.paraphraser is not None:
+            para_ids, para_mask = self._paraphrased(rollout, keep)
+            extra.append(DetectorPair("paraphrase", self.detector.score(para_ids, para_mask), s_h,
+                                      self.paraphrase_weight))
+        if self.substitution_ratio > 0:
+            attacked = random_substitution(llm.input_ids, llm.loss_mask, self.substitution_ratio,
+                                           len(self.tokenizer), generator=self._rng(2))
+            extra.append(DetectorPair("substitution", self.detector.score(attacked, llm.attention_mask), s_h,
+                                      self.substitution_weight))
+        if other is not None:
+            s_o = self._detector_scores(other.select(keep), add_eos=ended)
+            extra.append(DetectorPair("other_llm", s_w, s_o, self.other_llm_weight))
+        return detector_objective(s_w, s_h, extra, reg=self.detector_reg, reg_extra=self.detector_reg_extra)
+
     def _step_player(self, optimizer, loss: Tensor) -> None:
         optimizer.zero_grad()
         self.manual_backward(loss)
@@ -416,10 +500,15 @@ class WatermarkModule(ReferencedPolicyModule):
         actor_opt, critic_opt, detector_opt = self.optimizers()
         times: dict[str, float] = {}
         cotrain = self.step_count >= self.detector_pretrain_steps
+        if self.detector_pretrain_steps > 0 and self.step_count == self.detector_pretrain_steps:
+            # stage 2 starts: the critic from the pretrained detector, as the reference's value net
+            # starts from the stage-1 checkpoint (separate parameters; it took no step in stage 1)
+            self.critic.load_state_dict(self.detector.state_dict())
         with self._timer("generate", times):
             rollout = self._generate(batch)
             human = self._human(batch)
-        keep = rollout.response_lengths >= 2  # the spec drops samples with <= 1 generated token
+            other = self._other_llm_text(batch) if self.other_llm is not None and self.other_llm_mode == "add" else None
+        keep = self._keep(rollout)  # the spec drops samples with <= 1 generated token
         metrics: dict[str, Tensor] = {"dropped": (~keep).sum().float(), "stage": torch.tensor(float(cotrain) + 1.0)}
         if not keep.any():
             self.step_count += 1
@@ -432,7 +521,8 @@ class WatermarkModule(ReferencedPolicyModule):
                 reference, context = self._reference_args()
                 exp = make_experience(self.policy, reference, self.critic, rollout, scores, kl_coef=self.kl_coef,
                                       reward_clip=self.reward_clip, gamma=self.gamma, lam=self.lam,
-                                      whiten_advantages=self.whiten_advantages, reference_context=context)
+                                      whiten_advantages=self.whiten_advantages, reference_context=context,
+                                      eos_token_id=self._eos_not_action())
             metrics.update({"reward": exp.metrics["score"], "kl": exp.metrics["kl"]})
             with self._timer("update", times):
                 for _ in range(self.ppo_epochs):
@@ -452,20 +542,7 @@ class WatermarkModule(ReferencedPolicyModule):
         else:
             metrics["reward"] = scores.mean()
         with self._timer("detector", times):
-            llm = self._detector_view(self._as_batch(rollout).select(keep))
-            s_w = self.detector.score(llm.input_ids, llm.attention_mask)
-            s_h = self._detector_scores(human.select(keep), add_eos=self._ended_with_eos(rollout)[keep])
-            loss, dm = detector_loss(s_w, s_h, reg=self.detector_reg)
-            if self.paraphraser is not None:
-                para_ids, para_mask = self._paraphrased(rollout, keep)
-                para_loss, _ = detector_loss(self.detector.score(para_ids, para_mask), s_h, reg=self.detector_reg)
-                loss = loss + self.paraphrase_weight * para_loss
-            if self.substitution_ratio > 0:
-                attacked = random_substitution(llm.input_ids, llm.loss_mask, self.substitution_ratio,
-                                               len(self.tokenizer), generator=self._rng(2))
-                sub_loss, _ = detector_loss(self.detector.score(attacked, llm.attention_mask), s_h,
-                                            reg=self.detector_reg)
-                loss = loss + self.substitution_weight * sub_loss
+            loss, dm = self._detector_objective(rollout, human, other, keep)
             self._step_player(detector_opt, loss)
         metrics.update({"detector/loss": loss.detach(), **{f"detector/{k}": v for k, v in dm.items()}})
         self.step_count += 1
@@ -487,7 +564,7 @@ class WatermarkModule(ReferencedPolicyModule):
     def _eval_step(self, batch: CompletionBatch, stage: str) -> None:
         rollout = self._generate(batch)
         human = self._human(batch)
-        keep = rollout.response_lengths >= 2
+        keep = self._keep(rollout)
         if not keep.any():
             return
         with torch.no_grad():
@@ -537,19 +614,28 @@ def _null():
 
 
 def _detector_state(path: str) -> dict[str, Tensor]:
-    """``backbone.* / head.*`` weights of a detector from a Lightning checkpoint / state dict
-    (``detector.`` prefix) or a :meth:`WatermarkModule.save_detector` directory."""
+    """``backbone.* / head.*`` weights of a detector from a Lightning checkpoint / state dict (``detector.``
+    prefix; a ``.safetensors`` file, or a ``torch.save`` file read with ``weights_only=True``) or a
+    :meth:`WatermarkModule.save_detector` directory (safetensors; ``head.pt`` of older exports is read
+    with ``weights_only=True``). Nothing is unpickled beyond tensors and plain containers."""
+    from safetensors.torch import load_file
+
     p = Path(path)
     if p.is_dir():
         from transformers import AutoModelForCausalLM
 
+        head_files = [f for f in (p / "head.safetensors", p / "head.pt") if f.is_file()]
+        if not head_files:
+            raise FileNotFoundError(f"model.detector_checkpoint={path!r}: a save_detector directory holds "
+                                    "head.safetensors (or head.pt), and this one has neither")
+        head = load_file(str(head_files[0])) if head_files[0].suffix == ".safetensors" else load_checkpoint(head_files[0])
         backbone = AutoModelForCausalLM.from_pretrained(p)
         state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        state.update({f"head.{k}": v for k, v in load_checkpoint(p / "head.pt").items()})
+        state.update({f"head.{k}": v for k, v in head.items()})
         return state
     if not p.is_file():
         raise FileNotFoundError(f"model.detector_checkpoint={path!r}: no such file or directory")
-    state = load_checkpoint(p)
+    state = load_file(str(p)) if p.suffix == ".safetensors" else load_checkpoint(p)
     state = state.get("state_dict", state)
     out = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
     if not out:

@@ -8,8 +8,9 @@ Two kinds, both giving ``score(input_ids, attention_mask) -> (B,)``:
   ``Skywork/Skywork-Reward-Llama-3.1-8B``); encoders (BERT, RoBERTa, DeBERTa) pool as HF does, and
   their tokenizers need no EOS token;
 * ``scalar_head``: a causal-LM backbone (hub, local or tiny, optionally with LoRA) plus a
-  linear head read at the **last non-pad token**, located from the attention mask, so the
-  score is the same with left or right padding and with any number of pad tokens appended.
+  linear head (:class:`ScalarHead`, with or without bias: ``head_bias``) read at the **last non-pad
+  token**, located from the attention mask, so the score is the same with left or right padding
+  and with any number of pad tokens appended.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lit_align.models.causal_lm import apply_lora, build_causal_lm, build_tokeni
 from lit_align.models.spec import ModelSpec
 from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask
 
-__all__ = ["RewardModel", "RewardModelSpec", "build_reward_model", "last_token_index"]
+__all__ = ["RewardModel", "RewardModelSpec", "ScalarHead", "build_reward_model", "last_token_index"]
 
 
 @dataclass
@@ -38,12 +39,43 @@ class RewardModelSpec:
     """``scalar_head``: causal-LM backbone + new linear head; ``sequence_classification``: an HF reward model."""
     head_init_std: float = 0.0
     """Std of the new head's weights (0: zeros, so every score starts at 0)."""
+    head_bias: bool | None = None
+    """Whether the ``scalar_head`` has a bias (initialised to 0). None: the default of the method that
+    builds it: bias-free for :class:`~lit_align.methods.WatermarkModule`'s detector and critic, the rule
+    of the watermark's released code (Xu, Yao, Liu 2024, arXiv 2403.10553: ``model_utils.RewardModel``,
+    adapted from DeepSpeed-Chat, scores with a linear ``v_head`` without bias; the paper does not say);
+    with a bias elsewhere (lit_align's earlier rule, e.g. the game's critics). Either form loads a head
+    saved by the other: a missing bias reads as 0, and a saved bias that is 0 is dropped (a nonzero one
+    is refused with a message naming this field)."""
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
     """(B,) position of the last real token of each row, for left or right padding."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
     return (attention_mask.long() * positions).argmax(dim=1)
+
+
+class ScalarHead(nn.Linear):
+    """The ``hidden -> 1`` linear head of a scalar scorer (reward model, detector or critic).
+
+    A plain :class:`torch.nn.Linear` whose state-dict loading bridges the two head forms (see
+    :attr:`RewardModelSpec.head_bias`): a bias-free head accepts a saved bias only if it is 0 (the
+    value it was initialised to: a head that was never trained with a bias scores the same without
+    it), and a head with a bias takes 0 when the saved head has none.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key, weight = f"{prefix}bias", f"{prefix}weight"
+        if self.bias is None and key in state_dict:
+            saved = state_dict.pop(key)
+            if bool(torch.as_tensor(saved).ne(0).any()):
+                raise ValueError(
+                    f"the saved scalar head has a nonzero bias ({key} = {torch.as_tensor(saved).flatten().tolist()}) "
+                    "but this head has none: set head_bias: true on the reward-model / detector spec "
+                    "(e.g. model.detector.head_bias or model.critic.head_bias) to load it")
+        elif self.bias is not None and key not in state_dict and weight in state_dict:
+            state_dict[key] = torch.zeros_like(self.bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class RewardModel(nn.Module):
@@ -94,9 +126,11 @@ def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase
     # the decoder's output width: OPT projects it down to word_embed_proj_dim (512 for OPT-350M)
     hidden = getattr(backbone.config, "word_embed_proj_dim", None) or backbone.config.hidden_size
     # skip_init: no default (random) init, so building never draws from the global RNG
-    head = nn.utils.skip_init(nn.Linear, hidden, 1, bias=True, dtype=next(backbone.parameters()).dtype)
+    bias = True if spec.head_bias is None else spec.head_bias
+    head = nn.utils.skip_init(ScalarHead, hidden, 1, bias=bias, dtype=next(backbone.parameters()).dtype)
     with torch.no_grad():
-        head.bias.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
         if spec.head_init_std > 0:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.model.seed + 1)

@@ -27,7 +27,8 @@ __all__ = ["ValueModel", "build_value_model"]
 
 class ValueModel(nn.Module):
     """Backbone (an HF causal LM, optionally PEFT-wrapped; its LM head is unused) and a linear head
-    from the hidden size to 1, applied at every position.
+    from the hidden size to 1 (a :class:`~lit_align.models.reward.ScalarHead`, with or without bias
+    as the spec's ``head_bias`` says; heads saved in the other form load, see there), applied at every position.
 
     Two readings of the same pass:
 

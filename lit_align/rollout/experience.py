@@ -4,8 +4,8 @@
 (from any reward source: a reward model, the detector, a rule or a weighted mix) into an
 :class:`Experience` (core spec §0.2 B3, §3.5 steps 1-3):
 
-1. drop the rows with fewer than ``min_response_tokens`` generated tokens (the spec drops samples
-   with <= 1 generated token), counting them;
+1. drop the rows with fewer than ``min_response_tokens`` actions (the spec drops samples with <= 1
+   generated token), counting them;
 2. old (actor) and reference token log-probs of the response tokens, recomputed by
    :func:`~lit_align.rollout.logps.token_logps` on the full sequences (not the sampler's
    KV-cache/temperature log-probs), the reference optionally being the actor under a context
@@ -14,12 +14,19 @@
 4. KL-shaped per-token rewards with the clipped score at the last generated token, then GAE and,
    optionally, whitened advantages.
 
+Which generated tokens are actions (:func:`response_actions`): every one, or, given ``eos_token_id``,
+every one but a final EOS. The released code of the RL watermark (Xu, Yao, Liu 2024, arXiv
+2403.10553; ``utils.train_rlhf``, from DeepSpeed-Chat) pads with EOS, so its attention and action
+masks are 0 on the EOS: the EOS column still enters the GAE (its KL term, the clipped score placed
+there, and the critic's value of the state after the last real token, i.e. read at the last token
+before EOS), but no policy or value loss is taken on it, and a sample is dropped when it has <= 1
+generated token besides the EOS. The paper does not say.
 :func:`minibatches` then cuts the experience into shuffled row minibatches for the PPO epochs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 
@@ -31,7 +38,7 @@ from lit_align.modes import eval_mode
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import Rollout
 
-__all__ = ["Experience", "make_experience", "minibatches"]
+__all__ = ["Experience", "make_experience", "minibatches", "response_actions"]
 
 #: The per-row tensor fields of :class:`Experience` (sliced together by :meth:`Experience.select`).
 _ROW_FIELDS = ("sequences", "attention_mask", "action_mask", "old_logps", "ref_logps", "values", "rewards",
@@ -42,17 +49,22 @@ _ROW_FIELDS = ("sequences", "attention_mask", "action_mask", "old_logps", "ref_l
 class Experience:
     """One batch of PPO experience. Every (B, T) tensor is aligned with ``sequences`` like
     :class:`~lit_align.rollout.TokenLogps`: column ``t`` is the action "emit token ``t``", and
-    every float field is 0 where ``action_mask`` is 0.
+    every float field is 0 where ``action_mask`` is 0, except on a final EOS that is not an action
+    (``make_experience(eos_token_id=...)``): its ``old_logps``, ``ref_logps``, ``values`` and
+    ``rewards`` are kept there (they enter the GAE of the tokens before it); its advantage and
+    return are 0.
 
     Attributes:
         sequences: (B, T) long, left-padded prompt then right-padded response (``Rollout.sequences``).
         attention_mask: (B, T) long, 1 on real prompt tokens and generated tokens (EOS included).
-        action_mask: (B, T) float, 1 on the generated tokens (the actions), 0 on prompt and padding.
+        action_mask: (B, T) float, 1 on the actions (:func:`response_actions`: the generated tokens,
+            a final EOS included or not), 0 on prompt and padding: the policy and value losses' mask.
         old_logps: (B, T) float32, token log-probs under the actor that sampled.
         ref_logps: (B, T) float32, token log-probs under the reference.
         values: (B, T) float32, the critic's ``V_t`` of the state before token ``t``
             (:meth:`~lit_align.models.value.ValueModel.action_values`).
-        rewards: (B, T) float32, KL-shaped rewards with the clipped score at each row's last action.
+        rewards: (B, T) float32, KL-shaped rewards with the clipped score at each row's last generated
+            token (an EOS that is not an action included).
         advantages: (B, T) float32, GAE advantages (whitened over the batch's actions if asked).
         returns: (B, T) float32, value targets ``A + V`` (from the unwhitened advantages).
         scores: (B,) float32, the raw (unclipped) sequence scores.
@@ -89,6 +101,23 @@ class Experience:
         return Experience(**moved)
 
 
+def response_actions(rollout: Rollout, eos_token_id: int | Sequence[int] | None = None) -> Tensor:
+    """(B, R) long, 1 on the generated tokens that are PPO actions.
+
+    ``eos_token_id=None``: every generated token (``rollout.response_mask``, a final EOS included).
+    Otherwise a generated token equal to (one of) ``eos_token_id`` is not an action; the sampler stops
+    a row at its first EOS, so that is only ever a row's last generated token.
+
+    Hand check: response ``[[7, 8, EOS], [7, 8, 9]]`` with mask ``[[1, 1, 1], [1, 1, 1]]`` gives
+    ``[[1, 1, 0], [1, 1, 1]]`` with ``eos_token_id=EOS`` and the mask itself without.
+    """
+    mask = rollout.response_mask.long()
+    if eos_token_id is None:
+        return mask
+    eos = torch.as_tensor(eos_token_id, device=rollout.response_ids.device).reshape(-1)
+    return mask * ~torch.isin(rollout.response_ids, eos)
+
+
 def _check_args(rollout: Rollout, scores: Tensor, min_response_tokens: int) -> None:
     batch = rollout.response_ids.shape[0]
     if not isinstance(scores, Tensor) or scores.shape != (batch,):
@@ -123,6 +152,7 @@ def make_experience(
     whiten_advantages: bool = False,
     reference_context: Callable[[], AbstractContextManager] | None = None,
     min_response_tokens: int = 2,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> Experience:
     """Score a rollout for PPO: log-probs, values, KL-shaped rewards and GAE (no gradient).
 
@@ -141,8 +171,13 @@ def make_experience(
             computed before whitening).
         reference_context: zero-argument callable returning a context manager under which the
             reference runs, e.g. ``lambda: actor.disable_adapter()`` with ``reference=actor``.
-        min_response_tokens: rows with fewer generated tokens (EOS included) are dropped and
+        min_response_tokens: rows with fewer actions (:func:`response_actions`) are dropped and
             counted in ``num_dropped``; 2 drops the "<= 1 generated token" samples of the spec.
+        eos_token_id: None: every generated token is an action, a final EOS included. Given: a
+            generated EOS is not an action (the watermark reference code's rule, see the module
+            docstring): it stays a step of the KL-shaped rewards and the GAE, and the score sits on
+            it, but ``action_mask`` is 0 there, so the PPO losses skip it, and it does not count
+            towards ``min_response_tokens``.
 
     Returns:
         The :class:`Experience` of the kept rows, with ``metrics``: ``kl``, ``kl_token``, ``score``,
@@ -151,36 +186,39 @@ def make_experience(
         every row is dropped, an experience with B = 0 (no model is run).
     """
     _check_args(rollout, scores, min_response_tokens)
-    keep = rollout.response_lengths >= min_response_tokens  # (B,)
+    actions = response_actions(rollout, eos_token_id)  # (B, R)
+    keep = actions.sum(-1) >= min_response_tokens  # (B,)
     dropped = int((~keep).sum())
     if dropped == len(keep):
         return _empty(rollout, scores, dropped)
     if dropped:
         rollout = Rollout(**{f.name: getattr(rollout, f.name)[keep] for f in fields(rollout)})
-        scores = scores[keep]
+        scores, actions = scores[keep], actions[keep]
 
     sequences = rollout.sequences  # (B, T)
     attention_mask = rollout.attention_mask  # (B, T)
-    action_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)  # (B, T)
+    steps = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)  # (B, T) every generated token
     context = reference_context or nullcontext
 
     with eval_mode(actor, reference, critic):
-        old = token_logps(actor, sequences, attention_mask, action_mask)
+        old = token_logps(actor, sequences, attention_mask, steps)
         with context():
-            ref = token_logps(reference, sequences, attention_mask, action_mask)
+            ref = token_logps(reference, sequences, attention_mask, steps)
         values = critic.action_values(sequences, attention_mask)  # (B, T)
 
-    mask = old.mask  # (B, T) float == action_mask (a prompt's first real token is never an action)
+    mask = old.mask  # (B, T) float == steps (a prompt's first real token is never generated)
+    action_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), actions], dim=1).to(mask)  # (B, T)
     values = values.float() * mask
     rewards, metrics = kl_shaped_rewards(old.logps, ref.logps, scores, mask, kl_coef=kl_coef,
                                          reward_clip=reward_clip)
     advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     if whiten_advantages:
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, action_mask)
+    advantages, returns = advantages * action_mask, returns * action_mask
     metrics["response_length"] = mask.sum(-1).mean()
     metrics["value"] = (values.sum() / mask.sum().clamp(min=1))
     metrics["dropped"] = torch.tensor(float(dropped), device=mask.device)
-    return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=mask,
+    return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
                       old_logps=old.logps.float(), ref_logps=ref.logps.float(), values=values, rewards=rewards,
                       advantages=advantages, returns=returns, scores=scores.float(), num_dropped=dropped,
                       metrics=metrics)

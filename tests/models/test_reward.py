@@ -82,6 +82,43 @@ def test_zero_head_scores_zero_and_seeded_head_is_deterministic():
         assert torch.equal(a.score(ids, mask), b.score(ids, mask))
 
 
+def test_head_bias_false_gives_the_reference_bias_free_head():
+    """The watermark reference code's detector / critic head is ``Linear(hidden, 1, bias=False)``
+    (``head_bias: false``); with a bias (``true``, or unset outside the watermark) it starts at 0, and the
+    two have the same weight otherwise."""
+    plain = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY), head_init_std=0.5, head_bias=False))
+    biased = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY), head_init_std=0.5, head_bias=True))
+    assert set(plain.head.state_dict()) == {"weight"} and set(biased.head.state_dict()) == {"weight", "bias"}
+    assert torch.equal(plain.head.weight, biased.head.weight) and torch.equal(biased.head.bias, torch.zeros(1))
+    tok = build_tokenizer(ModelSpec(tiny=TINY))
+    ids, mask = _pad(_rows(len(tok), tok.pad_token_id, tok.eos_token_id), tok.pad_token_id, "right")
+    with torch.no_grad():
+        biased.head.bias.fill_(0.25)
+        torch.testing.assert_close(biased.score(ids, mask), plain.score(ids, mask) + 0.25)
+
+
+def test_heads_saved_with_or_without_a_bias_load_into_either_form():
+    """Older checkpoints hold ``head.bias`` (0 unless trained with one): a zero bias loads into the
+    bias-free head (same scores), a nonzero one is refused naming ``head_bias``; a bias-free head
+    loads into a head with a bias as bias 0."""
+    spec = RewardModelSpec(model=ModelSpec(tiny=TINY), head_init_std=0.5)
+    old = build_reward_model(RewardModelSpec(model=spec.model, head_init_std=0.5, head_bias=True))
+    new = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY, seed=5), head_bias=False))
+    new.load_state_dict(old.state_dict(), strict=True)  # zero bias: dropped
+    tok = build_tokenizer(ModelSpec(tiny=TINY))
+    ids, mask = _pad(_rows(len(tok), tok.pad_token_id, tok.eos_token_id), tok.pad_token_id, "right")
+    with torch.no_grad():
+        torch.testing.assert_close(new.score(ids, mask), old.score(ids, mask), rtol=0, atol=0)
+        old.head.bias.fill_(0.5)
+    with pytest.raises(ValueError, match="head_bias: true"):
+        new.load_state_dict(old.state_dict(), strict=True)
+    back = build_reward_model(RewardModelSpec(model=spec.model, head_bias=True))
+    with torch.no_grad():
+        back.head.bias.fill_(1.0)
+    back.load_state_dict(new.state_dict(), strict=True)
+    assert torch.equal(back.head.bias, torch.zeros(1)) and torch.equal(back.head.weight, new.head.weight)
+
+
 def test_sequence_classification_from_a_local_directory_matches_hf(tmp_path):
     tok = build_tokenizer(ModelSpec(tiny=TINY))
     config = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -13,7 +13,7 @@ from lit_align.losses.ppo import gae
 from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model, last_token_index
 from lit_align.models.spec import ModelSpec, TinyArch
 from lit_align.models.value import ValueModel, build_value_model
-from lit_align.rollout.experience import Experience, make_experience, minibatches
+from lit_align.rollout.experience import Experience, make_experience, minibatches, response_actions
 from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
 
 VOCAB = 256
@@ -81,20 +81,22 @@ def test_build_value_model_from_a_detector_checkpoint(tmp_path):
     """A reward model saved inside a LightningModule-style checkpoint (``detector.`` prefix) loads into a
     critic of the same spec; without ``init_from`` the head is zero (every value 0)."""
     spec = RewardModelSpec(model=ModelSpec(tiny=TinyArch(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                                                         intermediate_size=64)), head_init_std=0.5)
+                                                         intermediate_size=64)), head_init_std=0.5, head_bias=True)
     detector = build_reward_model(spec)
     with torch.no_grad():
         detector.head.bias.fill_(0.3)
     state = {f"detector.{k}": v for k, v in detector.state_dict().items()}
     state["actor.x"] = torch.zeros(1)
     torch.save({"state_dict": state}, tmp_path / "stage1.ckpt")
-    critic = build_value_model(RewardModelSpec(model=spec.model), init_from=tmp_path / "stage1.ckpt")
+    critic = build_value_model(RewardModelSpec(model=spec.model, head_bias=True), init_from=tmp_path / "stage1.ckpt")
     ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
     with torch.no_grad():
         torch.testing.assert_close(critic(ids, mask)[:, -1], detector.score(ids, mask), rtol=1e-5, atol=1e-5)
         assert torch.equal(build_value_model(RewardModelSpec(model=spec.model))(ids, mask), torch.zeros(1, 4))
     with pytest.raises(FileNotFoundError, match="init_from"):
         build_value_model(spec, init_from=tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="head_bias"):  # a trained bias cannot be dropped silently
+        build_value_model(RewardModelSpec(model=spec.model, head_bias=False), init_from=tmp_path / "stage1.ckpt")
 
 
 def test_make_experience_shapes_alignment_and_rewards_at_init(setup):
@@ -208,3 +210,47 @@ def test_minibatches_cover_every_row_once(setup):
     assert len(whole) == 1 and torch.equal(whole[0].scores, exp.scores)
     with pytest.raises(ValueError, match="size"):
         list(minibatches(exp, 0))
+
+
+def test_eos_is_a_gae_step_but_not_an_action_with_eos_token_id(setup):
+    """The reference rule (``eos_token_id`` given), on a hand-made rollout with EOS = 200 and prompts of
+    length 3: row 0 ``[7, 8, EOS]`` ended with EOS, row 1 ``[7, 8, 9]`` hit the length cap, row 2
+    ``[7, EOS]`` has one token besides EOS.
+
+    * actions: row 0 its columns 3, 4 (not the EOS at 5); row 1 columns 3-5; row 2 is dropped (<= 1
+      generated token besides EOS), while without ``eos_token_id`` it is kept (2 tokens, EOS counted);
+    * the clipped score sits at the last generated token either way (row 0: on the EOS column), and
+      rewards, values and the advantages of the actions are those of the EOS-as-action experience
+      (the EOS column stays a GAE step); the EOS column's advantage and return are 0, so the policy
+      and value losses skip it.
+    """
+    actor, rm, _ = setup
+    eos = 200
+    prompts, prompt_mask = left_pad([[5, 17, 31], [88, 23, 7], [40, 19, 3]], PAD)
+    response = torch.tensor([[7, 8, eos], [7, 8, 9], [7, eos, PAD]])
+    response_mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    rollout = Rollout(prompts, prompt_mask, response, response_mask, torch.zeros(3, 3))
+    assert response_actions(rollout, eos).tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert torch.equal(response_actions(rollout), response_mask)
+    critic = ValueModel.from_reward_model(rm)
+    scores = torch.tensor([9.0, -2.0, 1.0])
+    kw = dict(kl_coef=0.1, reward_clip=5.0, gamma=1.0, lam=0.95, whiten_advantages=False)
+    ref = _lm(seed=4)  # a different reference: nonzero KL terms, the EOS's included
+    ref_exp = make_experience(actor, ref, critic, rollout, scores, eos_token_id=eos, **kw)
+    act_exp = make_experience(actor, ref, critic, rollout, scores, **kw)
+    assert ref_exp.num_dropped == 1 and act_exp.num_dropped == 0
+    assert ref_exp.action_mask[:, 3:].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert act_exp.action_mask[:, 3:].tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 0]]
+    kept = act_exp.select(torch.tensor([0, 1]))
+    torch.testing.assert_close(ref_exp.rewards, kept.rewards)
+    torch.testing.assert_close(ref_exp.values, kept.values)
+    assert ref_exp.rewards[0, 5] != 0 and ref_exp.values[0, 5] != 0  # the EOS column: KL + 5, V(last state)
+    kl_eos = -0.1 * (ref_exp.old_logps[0, 5] - ref_exp.ref_logps[0, 5])
+    torch.testing.assert_close(ref_exp.rewards[0, 5], kl_eos + 5.0)
+    torch.testing.assert_close(ref_exp.rewards[1, 5], -0.1 * (ref_exp.old_logps[1, 5] - ref_exp.ref_logps[1, 5]) - 2.0)
+    m = ref_exp.action_mask.bool()
+    torch.testing.assert_close(ref_exp.advantages[m], kept.advantages[m])
+    assert ref_exp.advantages[0, 5] == 0 and ref_exp.returns[0, 5] == 0 and kept.advantages[0, 5] != 0
+    # the last action before EOS bootstraps from the EOS column: A_4 = r_4 + V_5 - V_4 + lam * (r_5 - V_5)
+    r, v = ref_exp.rewards[0], ref_exp.values[0]
+    torch.testing.assert_close(ref_exp.advantages[0, 4], r[4] + v[5] - v[4] + 0.95 * (r[5] - v[5]))

@@ -59,7 +59,7 @@ def test_co_training_watermarks_and_a_larger_kl_coefficient_slows_it(tmp_path):
     text = module.generate([prompt], chat_template=False)[0]
     assert isinstance(module.detect(prompt, text), float)
     out = module.save_detector(tmp_path / "detector")
-    assert (out / "head.pt").is_file() and (out / "config.json").is_file()
+    assert (out / "head.safetensors").is_file() and (out / "config.json").is_file()
 
 
 def test_resume_restores_every_player_and_the_stage(tmp_path):
@@ -115,7 +115,7 @@ def test_robustness_terms_and_other_llm_negatives_train(tmp_path):
     assert module.step_count == 2 and math.isfinite(float(cli.trainer.callback_metrics["train/detector/loss"]))
     # the exported detector loads back as a detector checkpoint (and as the critic's start)
     export = tmp_path / "detector_export"
-    assert (export / "head.pt").is_file()
+    assert (export / "head.safetensors").is_file() and not (export / "head.pt").exists()
     again = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path / 'again'}", "--trainer.logger=false",
                       "--trainer.callbacks=[]", f"--model.init_args.detector_checkpoint={export}"], run=False).model
     again.configure_model()
@@ -142,8 +142,9 @@ def test_unequal_continuation_caps_are_refused(tmp_path):
 
 
 def test_detector_reads_llm_and_human_text_re_encoded_alike(tmp_path):
-    """Sampled ids go through text and back like human text (EOS kept), so non-canonical token
-    sequences cannot separate the classes; with retokenize_text: false the ids are read as sampled."""
+    """Sampled ids go through text and back like human text, so non-canonical token sequences cannot
+    separate the classes; with retokenize_text: false the ids are read as sampled. The final EOS is
+    dropped (the reference reads the score before the first EOS), or kept with eos_action."""
     from lit_align.data.batches import SequenceBatch
     from lit_align.data.completion import retokenize
 
@@ -156,11 +157,15 @@ def test_detector_reads_llm_and_human_text_re_encoded_alike(tmp_path):
     odd = [tok.convert_tokens_to_ids(c) for c in ("h", "a", "r")]  # "har" spelled letter by letter
     rows = torch.tensor([prompt + odd + [tok.eos_token_id]])
     loss = torch.tensor([[0] * len(prompt) + [1] * (len(odd) + 1)])
-    view = module._detector_view(SequenceBatch(rows, torch.ones_like(rows), loss, torch.tensor([0])))
-    expected = prompt + retokenize(["har"], tok)[0] + [tok.eos_token_id]
-    assert view.input_ids[0].tolist() == expected and expected != rows[0].tolist()
+    batch = SequenceBatch(rows, torch.ones_like(rows), loss, torch.tensor([0]))
+    expected = prompt + retokenize(["har"], tok)[0]
+    assert module._detector_view(batch).input_ids[0].tolist() == expected and expected != rows[0].tolist()[:-1]
+    module.eos_action = True
+    assert module._detector_view(batch).input_ids[0].tolist() == expected + [tok.eos_token_id]
     module.retokenize_text = False
-    assert module._detector_view(SequenceBatch(rows, torch.ones_like(rows), loss, torch.tensor([0]))).input_ids.equal(rows)
+    assert module._detector_view(batch).input_ids.equal(rows)
+    module.eos_action = False
+    assert module._detector_view(batch).input_ids.equal(rows[:, :-1])
 
 
 def test_actor_and_critic_schedules_step_once_per_co_training_step(tmp_path):
@@ -178,6 +183,8 @@ def test_actor_and_critic_schedules_step_once_per_co_training_step(tmp_path):
 
 
 def test_human_text_gets_an_eos_where_the_llm_ended_with_one(tmp_path):
+    """With eos_action (lit_align's earlier rule) the detector reads EOS, so a human continuation gets
+    one where the LLM's ended with one; by default (the reference) no text it reads has an EOS."""
     from lit_align.data.batches import SequenceBatch
 
     cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
@@ -189,6 +196,9 @@ def test_human_text_gets_an_eos_where_the_llm_ended_with_one(tmp_path):
     rows = torch.tensor([prompt + answer, prompt + answer])
     loss = torch.tensor([[0] * len(prompt) + [1] * len(answer)] * 2)
     human = SequenceBatch(rows, torch.ones_like(rows), loss, torch.tensor([0, 1]))
+    view = module._detector_view(human, add_eos=torch.tensor([True, False]))
+    assert view.input_ids.equal(rows) and view.attention_mask.all()  # the reference: no EOS added
+    module.eos_action = True
     view = module._detector_view(human, add_eos=torch.tensor([True, False]))
     assert view.input_ids[0, view.attention_mask[0].sum() - 1] == tok.eos_token_id
     assert view.input_ids[1, view.attention_mask[1].sum() - 1] != tok.eos_token_id
@@ -209,3 +219,146 @@ def test_every_player_can_carry_lora_adapters(tmp_path):
         trainable = [n for n, p in player.named_parameters() if p.requires_grad]
         assert trainable and all("lora_" in n for n in trainable)
     assert module.step_count == 2 and "val/auroc" in cli.trainer.callback_metrics
+
+
+def _configured(tmp_path, *extra: str):
+    """The tiny config's module and data, built (no fit), and one training batch."""
+    cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.callbacks=[]", *extra], run=False)
+    module, data = cli.model, cli.datamodule
+    module.configure_model()
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    return module, next(iter(data.train_dataloader()))
+
+
+def test_other_llm_adds_a_pair_by_default_and_replaces_the_human_text_on_request(tmp_path):
+    """other_llm_mode add (the reference code): human pair + 1.0 x (LLM text vs the other LLM's text);
+    replace (lit_align's earlier rule): the other LLM's text is the main pair's negative, no extra pair."""
+    other_spec = ("{tiny: {family: llama, hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, "
+                  "intermediate_size: 128}, seed: 3}")
+    module, batch = _configured(tmp_path, f"--model.init_args.other_llm={other_spec}",
+                                "--model.init_args.human_from_reference=false", "--model.init_args.detector.head_init_std=0.5")
+    assert module.other_llm_mode == "add" and module.other_llm_weight == 1.0
+    rollout = module._generate(batch)
+    keep = module._keep(rollout)
+    human, other = module._human(batch), module._other_llm_text(batch)
+    assert human is batch.human
+    with torch.no_grad():
+        s_w = module._detector_scores(module._as_batch(rollout).select(keep))
+        s_h = module._detector_scores(batch.human.select(keep))
+        s_o = module._detector_scores(other.select(keep))
+        loss, metrics = module._detector_objective(rollout, human, other, keep)
+        assert not torch.allclose(s_h, s_o)
+        main, _ = detector_loss(s_w, s_h, reg=1e-4)
+        pair = -torch.nn.functional.logsigmoid(s_w - s_o).mean()
+        torch.testing.assert_close(loss, main + pair)
+        torch.testing.assert_close(metrics["other_llm/loss"], pair)
+        module.other_llm_mode = "replace"
+        replaced = module._human(batch)
+        assert replaced.input_ids.equal(other.input_ids)
+        loss, metrics = module._detector_objective(rollout, replaced, None, keep)
+        torch.testing.assert_close(loss, detector_loss(s_w, s_o, reg=1e-4)[0])
+        assert "other_llm/loss" not in metrics
+
+
+def test_the_critic_starts_stage_two_as_a_copy_of_the_pretrained_detector(tmp_path):
+    """One run with 2 detector-pretraining steps: when step 3 (co-training) starts, the critic is set to
+    the detector as stage 1 left it (the reference starts its value net from the pretrained detector),
+    not to the untrained detector it was copied from at build time. critic_lr 0 keeps it there."""
+    from lightning.pytorch import Callback
+
+    class Snapshot(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if module.step_count == 2:
+                self.detector = {k: v.clone() for k, v in module.detector.state_dict().items()}
+
+    cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                    "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.max_epochs=1",
+                    "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
+                    "--trainer.enable_progress_bar=false", "--model.init_args.export_detector=false",
+                    "--model.init_args.detector_pretrain_steps=2", "--model.init_args.critic_lr=0.0"], run=False)
+    snapshot = Snapshot()
+    cli.trainer.callbacks.append(snapshot)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    module = cli.model
+    assert module.step_count == 3 and snapshot.detector["head.weight"].abs().sum() > 0  # stage 1 trained it
+    critic = module.critic.state_dict()
+    assert set(critic) == set(snapshot.detector)
+    for key, value in snapshot.detector.items():
+        assert torch.equal(critic[key], value), key
+    assert not torch.equal(module.detector.head.weight, critic["head.weight"])  # separate parameters
+
+
+def test_detector_checkpoints_load_without_unpickling_code(tmp_path):
+    """detector_checkpoint reads safetensors or torch.load(weights_only=True): a file whose pickle would run
+    code is refused (the code does not run); a .safetensors state dict and an older export with head.pt load."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from lit_align.checkpoint import CheckpointReadError
+    from lit_align.methods.watermark import _detector_state
+
+    class Payload:
+        def __reduce__(self):
+            return os.makedirs, (str(tmp_path / "ran"),)
+
+    module, _ = _configured(tmp_path / "m", "--model.init_args.detector.head_init_std=0.5")
+    assert module.detector.head.bias is None and module.critic.head.bias is None  # the reference's v_head
+    state = {f"detector.{k}": v.clone() for k, v in module.detector.state_dict().items()}
+    torch.save({"state_dict": state, "extra": Payload()}, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointReadError, match="weights_only=True"):
+        _detector_state(str(tmp_path / "bad.ckpt"))
+    assert not (tmp_path / "ran").exists()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "detector.safetensors"))
+    loaded = _detector_state(str(tmp_path / "detector.safetensors"))
+    assert set(loaded) == set(module.detector.state_dict())
+    assert torch.equal(loaded["head.weight"], module.detector.head.weight)
+    export = module.save_detector(tmp_path / "export")  # an older export: head.pt instead of head.safetensors
+    torch.save(module.detector.head.state_dict(), export / "head.pt")
+    (export / "head.safetensors").unlink()
+    assert torch.equal(_detector_state(str(export))["head.weight"], module.detector.head.weight)
+    (export / "head.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="head.safetensors"):
+        _detector_state(str(export))
+
+
+def test_score_penalty_sits_on_the_main_pair_only_unless_detector_reg_extra(tmp_path):
+    """The reference adds 1e-4 (s_w^2 + s_h^2) to the main pair's loss only; its substitution term is the
+    bare pairwise loss. detector_reg_extra puts the penalty on that term too (reg 0.5 to make it visible)."""
+    from lit_align.metrics.detection import random_substitution
+
+    module, batch = _configured(tmp_path, "--model.init_args.substitution_ratio=0.5",
+                                "--model.init_args.detector_reg=0.5", "--model.init_args.detector.head_init_std=0.5")
+    rollout = module._generate(batch)
+    keep, human = module._keep(rollout), module._human(batch)
+    with torch.no_grad():
+        llm = module._detector_view(module._as_batch(rollout).select(keep))
+        s_w = module.detector.score(llm.input_ids, llm.attention_mask)
+        s_h = module._detector_scores(human.select(keep))
+        attacked = random_substitution(llm.input_ids, llm.loss_mask, 0.5, len(module.tokenizer), generator=module._rng(2))
+        s_sub = module.detector.score(attacked, llm.attention_mask)
+        main, _ = detector_loss(s_w, s_h, reg=0.5)
+        bare = -torch.nn.functional.logsigmoid(s_sub - s_h).mean()
+        loss, _ = module._detector_objective(rollout, human, None, keep)
+        torch.testing.assert_close(loss, main + bare)
+        module.detector_reg_extra = True
+        loss, _ = module._detector_objective(rollout, human, None, keep)
+        torch.testing.assert_close(loss, main + bare + 0.5 * (s_sub**2 + s_h**2).mean())
+
+
+def test_a_final_eos_is_not_an_action_unless_eos_action(tmp_path):
+    """Rows [a, b, EOS], [a, EOS] and [a, b]: by default (the reference) the EOS is no action, so [a, EOS]
+    has one token and is dropped; with eos_action it counts and the row is kept."""
+    from lit_align.rollout.sampler import Rollout
+
+    module, _ = _configured(tmp_path)
+    eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
+    a, b = module.tokenizer(" the harbour")["input_ids"][:2]
+    rollout = Rollout(torch.tensor([[a], [a], [a]]), torch.ones(3, 1, dtype=torch.long),
+                      torch.tensor([[a, b, eos], [a, eos, pad], [a, b, pad]]),
+                      torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]]), torch.zeros(3, 3))
+    assert module._keep(rollout).tolist() == [True, False, True]
+    module.eos_action = True
+    assert module._keep(rollout).tolist() == [True, True, True]
