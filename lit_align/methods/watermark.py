@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +16,8 @@ from lit_align.checkpoint import load_checkpoint
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
 from lit_align.data.tokenize import _collate_sequences
+from lit_align.engine import PhaseTimer, PPOConfig, generator, optimizer_step, ppo_update
 from lit_align.errors import ConfigError
-from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
 from lit_align.losses.watermark import DetectorPair, detector_loss, detector_objective
 from lit_align.methods.base import ReferencedPolicyModule
 from lit_align.metrics.detection import DetectionMetrics, random_substitution
@@ -31,8 +30,8 @@ from lit_align.models import (
     build_tokenizer,
     freeze,
 )
-from lit_align.rollout.experience import make_experience, minibatches, response_actions
-from lit_align.rollout.logps import token_logps
+from lit_align.modes import eval_mode
+from lit_align.rollout.experience import make_experience, response_actions
 from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
 
 __all__ = ["WatermarkModule"]
@@ -196,13 +195,15 @@ class WatermarkModule(ReferencedPolicyModule):
                 ``<default_root_dir>/detector_export`` (the watermarked LLM: the ``HFExport`` callback).
             gradient_clip: global-norm clip applied to each player's gradients (1.0; None: off).
             sample_seed: seed of the sampling (and substitution) randomness; step ``k`` draws from
-                ``sample_seed + k``, so a resumed run samples what the uninterrupted run would have.
+                ``(sample_seed, k, purpose)`` (:func:`lit_align.engine.derive_seed`), so a resumed run samples what the uninterrupted run would have.
             actor_lr, critic_lr, detector_lr: Adam (betas 0.9, 0.95) learning rates when the
                 corresponding optimiser is not given (the paper: LoRA 5e-4 / full 1e-5, 5e-6, 1e-5).
             optimizer, critic_optimizer, detector_optimizer: optimiser factories for the three players.
-            scheduler, critic_scheduler: LR schedules of the actor and the critic, stepped once per
-                co-training step (the paper: cosine with warm-up ``min(100, steps // 10)``, e.g.
-                ``lit_align.schedulers.WarmupCosineLR``; the detector has none).
+            scheduler, critic_scheduler: LR schedules of the actor and the critic, each stepped once per
+                optimiser step of its player (the engine's rule; as DeepSpeed-Chat, the reference's base,
+                steps them), which is once per co-training step with one PPO epoch over one minibatch (the
+                paper: cosine with warm-up ``min(100, steps // 10)``, e.g. ``lit_align.schedulers.WarmupCosineLR``;
+                the detector has none).
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
         """
         if reference == "auto":
@@ -233,6 +234,8 @@ class WatermarkModule(ReferencedPolicyModule):
                                        top_p=top_p)
         self.kl_coef, self.reward_clip, self.gamma, self.lam = kl_coef, reward_clip, gamma, lam
         self.clip, self.value_clip, self.ppo_epochs, self.minibatch_size = clip, value_clip, ppo_epochs, minibatch_size
+        self.ppo = PPOConfig(epochs=ppo_epochs, minibatch_size=minibatch_size, clip=clip, value_clip=value_clip)
+        self.timer = PhaseTimer()
         self.whiten_advantages, self.detector_reg = whiten_advantages, detector_reg
         self.detector_reg_extra, self.eos_action = detector_reg_extra, eos_action
         self.substitution_ratio, self.substitution_weight = substitution_ratio, substitution_weight
@@ -307,14 +310,23 @@ class WatermarkModule(ReferencedPolicyModule):
             raise ValueError("the actor has no trainable parameters (check model.model.lora.target_modules)")
         optimizers = [self.optimizer_factory(actor), self.critic_optimizer_factory(list(self.critic.parameters())),
                       self.detector_optimizer_factory(list(self.detector.parameters()))]
-        schedulers = [factory(opt) for factory, opt in ((self.scheduler_factory, optimizers[0]),
-                                                        (self.critic_scheduler_factory, optimizers[1])) if factory]
+        schedulers, self._scheduler_index = [], {}
+        for player, factory, opt in (("actor", self.scheduler_factory, optimizers[0]),
+                                     ("critic", self.critic_scheduler_factory, optimizers[1])):
+            if factory is not None:
+                self._scheduler_index[player] = len(schedulers)
+                schedulers.append(factory(opt))
         return optimizers, schedulers
 
-    def _step_schedulers(self) -> None:
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
+    def _step(self, player: str, loss: Tensor) -> None:
+        """One optimiser step of ``actor``, ``critic`` or ``detector``, and its scheduler (actor and critic may
+        have one; each advances once per optimiser step of its player: :func:`lit_align.engine.optimizer_step`)."""
+        scheduler = None
+        if player in self._scheduler_index:
+            schedulers = self.lr_schedulers()
+            scheduler = (schedulers if isinstance(schedulers, list) else [schedulers])[self._scheduler_index[player]]
+        optimizer = self.optimizers()[("actor", "critic", "detector").index(player)]
+        optimizer_step(self, optimizer, loss, clip=self.gradient_clip, scheduler=scheduler)
 
     # -- API -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -341,33 +353,23 @@ class WatermarkModule(ReferencedPolicyModule):
         return path
 
     # -- one step ------------------------------------------------------------------------------
-    @contextmanager
-    def _timer(self, name: str, times: dict[str, float]):
-        start = time.perf_counter()
-        yield
-        times[name] = time.perf_counter() - start
-
     def _reference_args(self) -> tuple[torch.nn.Module, Any]:
         if self.reference.copy is not None:
             return self.reference.copy, None
         return self.policy, lambda: self.policy.disable_adapter()
 
-    def _rng(self, salt: int) -> torch.Generator:
-        """The step's generator (a function of the seed, the step and what it is for: resumable)."""
-        return torch.Generator(device=self.device).manual_seed(self.sample_seed * 1_000_003 + self.step_count * 4 + salt)
+    def _rng(self, purpose: str) -> torch.Generator:
+        """The step's generator for one draw, named by what it is for (:func:`lit_align.engine.seeds.derive_seed`:
+        a function of the seed, the step and the purpose, so a resumed run draws the same)."""
+        return generator(self.sample_seed, self.step_count, purpose, device=self.device)
 
     @torch.no_grad()
     def _generate(self, batch: CompletionBatch, from_reference: bool = False) -> Rollout:
         model, context = self._reference_args() if from_reference else (self.policy, None)
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            with context() if context is not None else _null():
-                return sample(model, batch.prompt_ids, batch.prompt_mask, self.sampling,
-                              eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                              generator=self._rng(1 if from_reference else 0))
-        finally:
-            self.policy.train(was_training)
+        with eval_mode(self.policy), context() if context is not None else _null():
+            return sample(model, batch.prompt_ids, batch.prompt_mask, self.sampling,
+                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                          generator=self._rng("reference/sample" if from_reference else "actor/sample"))
 
     def _human(self, batch: CompletionBatch) -> SequenceBatch:
         """The negatives of the detector's main pair: the human continuations, or samples of the frozen
@@ -383,7 +385,7 @@ class WatermarkModule(ReferencedPolicyModule):
         """The other LLM's continuations of the batch's prompts (``other_llm``)."""
         rollout = sample(self.other_llm, batch.prompt_ids, batch.prompt_mask, self.sampling,
                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                         generator=self._rng(3))
+                         generator=self._rng("other_llm/sample"))
         return self._as_batch(rollout, batch.index)
 
     @staticmethod
@@ -481,7 +483,7 @@ class WatermarkModule(ReferencedPolicyModule):
                                       self.paraphrase_weight))
         if self.substitution_ratio > 0:
             attacked = random_substitution(llm.input_ids, llm.loss_mask, self.substitution_ratio,
-                                           len(self.tokenizer), generator=self._rng(2))
+                                           len(self.tokenizer), generator=self._rng("substitution"))
             extra.append(DetectorPair("substitution", self.detector.score(attacked, llm.attention_mask), s_h,
                                       self.substitution_weight))
         if other is not None:
@@ -489,22 +491,14 @@ class WatermarkModule(ReferencedPolicyModule):
             extra.append(DetectorPair("other_llm", s_w, s_o, self.other_llm_weight))
         return detector_objective(s_w, s_h, extra, reg=self.detector_reg, reg_extra=self.detector_reg_extra)
 
-    def _step_player(self, optimizer, loss: Tensor) -> None:
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        if self.gradient_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
-
     def training_step(self, batch: CompletionBatch, batch_idx: int) -> None:
-        actor_opt, critic_opt, detector_opt = self.optimizers()
-        times: dict[str, float] = {}
+        self.timer.reset()
         cotrain = self.step_count >= self.detector_pretrain_steps
         if self.detector_pretrain_steps > 0 and self.step_count == self.detector_pretrain_steps:
             # stage 2 starts: the critic from the pretrained detector, as the reference's value net
             # starts from the stage-1 checkpoint (separate parameters; it took no step in stage 1)
             self.critic.load_state_dict(self.detector.state_dict())
-        with self._timer("generate", times):
+        with self.timer("generate"):
             rollout = self._generate(batch)
             human = self._human(batch)
             other = self._other_llm_text(batch) if self.other_llm is not None and self.other_llm_mode == "add" else None
@@ -512,48 +506,40 @@ class WatermarkModule(ReferencedPolicyModule):
         metrics: dict[str, Tensor] = {"dropped": (~keep).sum().float(), "stage": torch.tensor(float(cotrain) + 1.0)}
         if not keep.any():
             self.step_count += 1
-            self._log_train(metrics, times, len(batch))
+            self._log_train(metrics, len(batch))
             return
-        with self._timer("score", times):
+        with self.timer("score"):
             scores = self._scores(rollout)  # (B,)
         if cotrain:
-            with self._timer("experience", times):
+            with self.timer("experience"):
                 reference, context = self._reference_args()
                 exp = make_experience(self.policy, reference, self.critic, rollout, scores, kl_coef=self.kl_coef,
                                       reward_clip=self.reward_clip, gamma=self.gamma, lam=self.lam,
                                       whiten_advantages=self.whiten_advantages, reference_context=context,
                                       eos_token_id=self._eos_not_action())
             metrics.update({"reward": exp.metrics["score"], "kl": exp.metrics["kl"]})
-            with self._timer("update", times):
-                for _ in range(self.ppo_epochs):
-                    for mb in minibatches(exp, self.minibatch_size or len(exp), shuffle=self.ppo_epochs > 1):
-                        logps = token_logps(self.policy, mb.sequences, mb.attention_mask, mb.action_mask,
-                                            chunk_tokens=self.chunk_tokens).logps
-                        policy_loss, pm = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.action_mask,
-                                                          clip=self.clip)
-                        self._step_player(actor_opt, policy_loss)
-                        values = self.critic.action_values(mb.sequences, mb.attention_mask)
-                        value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask,
-                                                        clip=self.value_clip)
-                        self._step_player(critic_opt, value_loss)
-            self._step_schedulers()
-            metrics.update({"actor/loss": policy_loss.detach(), **{f"actor/{k}": v for k, v in pm.items()},
-                            "critic/loss": value_loss.detach(), **{f"critic/{k}": v for k, v in vm.items()}})
+            with self.timer("update"):
+                ppo = ppo_update(self.policy, self.critic, exp, self.ppo,
+                                 step_policy=lambda loss: self._step("actor", loss),
+                                 step_critic=lambda loss: self._step("critic", loss),
+                                 generator=self._rng("shuffle"), chunk_tokens=self.chunk_tokens)
+            metrics.update({f"actor/{k}": v for k, v in ppo.items() if not k.startswith("critic/")})
+            metrics.update({k: v for k, v in ppo.items() if k.startswith("critic/")})
         else:
             metrics["reward"] = scores.mean()
-        with self._timer("detector", times):
+        with self.timer("detector"):
             loss, dm = self._detector_objective(rollout, human, other, keep)
-            self._step_player(detector_opt, loss)
+            self._step("detector", loss)
         metrics.update({"detector/loss": loss.detach(), **{f"detector/{k}": v for k, v in dm.items()}})
         self.step_count += 1
-        self._log_train(metrics, times, len(batch))
+        self._log_train(metrics, len(batch))
 
-    def _log_train(self, metrics: dict[str, Tensor], times: dict[str, float], batch_size: int) -> None:
+    def _log_train(self, metrics: dict[str, Tensor], batch_size: int) -> None:
         for key, value in metrics.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=batch_size,
                      prog_bar=key in ("reward", "detector/accuracy"))
-        for key, value in times.items():
-            self.log(f"train/time/{key}", value, on_step=True, on_epoch=False, batch_size=batch_size)
+        for key, value in self.timer.metrics().items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=batch_size)
 
     def on_train_end(self) -> None:
         if self.export_detector and self.trainer.is_global_zero:

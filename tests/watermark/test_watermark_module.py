@@ -337,7 +337,7 @@ def test_score_penalty_sits_on_the_main_pair_only_unless_detector_reg_extra(tmp_
         llm = module._detector_view(module._as_batch(rollout).select(keep))
         s_w = module.detector.score(llm.input_ids, llm.attention_mask)
         s_h = module._detector_scores(human.select(keep))
-        attacked = random_substitution(llm.input_ids, llm.loss_mask, 0.5, len(module.tokenizer), generator=module._rng(2))
+        attacked = random_substitution(llm.input_ids, llm.loss_mask, 0.5, len(module.tokenizer), generator=module._rng("substitution"))
         s_sub = module.detector.score(attacked, llm.attention_mask)
         main, _ = detector_loss(s_w, s_h, reg=0.5)
         bare = -torch.nn.functional.logsigmoid(s_sub - s_h).mean()
