@@ -85,14 +85,14 @@ def main() -> None:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.batch = None
-            if pl_module.stage != "train" or pl_module.current is None:
+            if pl_module.phase_state.stage != "train" or pl_module.current is None:
                 return
             iteration, player = pl_module.current
             name = f"{iteration}/{player}"
             if name not in self.phases:  # the first DPO batch: the generate stage has just built the pairs
                 by_index = {e.index: e for e in trainer.datamodule.examples("train")}
                 ways = Counter()
-                for pair in pl_module.pairs:
+                for pair in pl_module.phase_state.pairs:
                     ex = by_index[pair.question_index]
                     chosen, rejected = (extract_answer(t, ex) == ex.answer for t in (pair.chosen, pair.rejected))
                     ways["right_over_wrong" if chosen and not rejected else

@@ -92,7 +92,7 @@ def test_tiny_config_runs_to_the_end(config, tmp_path):
                     "--trainer.enable_progress_bar", "false", *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path),
                     *short])
     if "debate" in str(config):
-        assert cli.model.stage == "done"
+        assert cli.model.phase_state.stage == "done"
     elif cli.trainer.max_steps == -1:
         assert cli.trainer.current_epoch == cli.trainer.max_epochs
     else:

@@ -10,7 +10,6 @@ import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from lit_align.data.qa import QABatch, QAExample
 from lit_align.data.tokenize import _collate_sequences
 from lit_align.debate.pairs import PreferencePair, build_pairs, code_round_ranges, make_candidates
+from lit_align.debate.phase import PhaseState
 from lit_align.debate.protocol import DebateTranscript, format_prompt, run_debate
 from lit_align.debate.rewards import RewardState, guided_responses, rollout_reward
 from lit_align.engine import PhaseTimer, derive_seed, optimizer_step
@@ -261,17 +261,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         self.step_count = 0  # training steps taken (seeds every draw)
         self.timer = PhaseTimer()  # time/<phase> of the current step
         self.phase = 0  # index into self.phases
-        self.stage: Literal["generate", "train", "done"] = "generate"
-        self.questions_done = 0  # questions generated on in this phase
-        self.pairs: list[PreferencePair] = []  # this phase's pairs
-        self.ref_logps: Tensor | None = None  # (N, 2) reference log-probs of (chosen, rejected)
-        self.val_pairs: list[PreferencePair] = []  # this phase's DPO validation pairs
-        self.val_ref_logps: Tensor | None = None
-        self.best_val_loss: float | None = None  # of this DPO run
-        self.best_weights: dict[str, Tensor] | None = None  # the player's trainable weights at best_val_loss
-        self.bad_evals = 0  # evaluations since the last new best
-        self.order_: list[list[int]] = []  # DPO minibatches (pair indices), dpo_epochs passes
-        self.position = 0  # next minibatch
+        self.phase_state = PhaseState()  # the current phase's stage, pairs, reference log-probs, DPO order and best
         self.pair_counts: list[int] = []  # pairs made by each finished generate stage
         self.val_history: list[dict[str, float]] = []
         self.val_transcripts: list[dict[str, Any]] = []
@@ -468,44 +458,41 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         reference is the frozen starting checkpoint of the run; in iteration 2 that is the iteration-1 player, not the
         base). Scored once, so no frozen copy is needed."""
         rng = self._rng("order")
-        if self.max_pairs is not None and len(self.pairs) > self.max_pairs:
-            self.pairs = rng.sample(self.pairs, self.max_pairs)
-        if self.max_val_pairs is not None and len(self.val_pairs) > self.max_val_pairs:
-            self.val_pairs = rng.sample(self.val_pairs, self.max_val_pairs)
-        self.pair_counts.append(len(self.pairs))
-        if not self.pairs:
+        if self.max_pairs is not None and len(self.phase_state.pairs) > self.max_pairs:
+            self.phase_state.pairs = rng.sample(self.phase_state.pairs, self.max_pairs)
+        if self.max_val_pairs is not None and len(self.phase_state.val_pairs) > self.max_val_pairs:
+            self.phase_state.val_pairs = rng.sample(self.phase_state.val_pairs, self.max_val_pairs)
+        self.pair_counts.append(len(self.phase_state.pairs))
+        if not self.phase_state.pairs:
             rank_zero_warn(f"phase {self.phase} ({player}): no preference pair passed the threshold; the phase trains "
                            "nothing (lower model.epsilon / model.code_threshold, or raise trials, k, or questions)")
             self._next_phase()
             return
-        if self.dpo_val_questions and not self.val_pairs:
+        if self.dpo_val_questions and not self.phase_state.val_pairs:
             rank_zero_warn(f"phase {self.phase} ({player}): no DPO validation pair passed the threshold; the phase "
                            "trains all its epochs without early stopping (raise model.dpo_val_questions)")
-        self.ref_logps = self._scored_logps(player, self.pairs)
-        self.val_ref_logps = self._scored_logps(player, self.val_pairs) if self.val_pairs else None
-        self.best_val_loss, self.best_weights, self.bad_evals = None, None, 0
-        self.order_ = []  # minibatches never straddle two epochs (no pair twice in one step)
+        self.phase_state.ref_logps = self._scored_logps(player, self.phase_state.pairs)
+        self.phase_state.val_ref_logps = self._scored_logps(player, self.phase_state.val_pairs) if self.phase_state.val_pairs else None
+        self.phase_state.best_val_loss, self.phase_state.best_weights, self.phase_state.bad_evals = None, None, 0
+        self.phase_state.order = []  # minibatches never straddle two epochs (no pair twice in one step)
         for _ in range(self.dpo_epochs):
-            epoch = list(range(len(self.pairs)))
+            epoch = list(range(len(self.phase_state.pairs)))
             rng.shuffle(epoch)
-            self.order_ += [epoch[i:i + self.dpo_batch_size] for i in range(0, len(epoch), self.dpo_batch_size)]
-        self.position, self.stage = 0, "train"
+            self.phase_state.order += [epoch[i:i + self.dpo_batch_size] for i in range(0, len(epoch), self.dpo_batch_size)]
+        self.phase_state.position, self.phase_state.stage = 0, "train"
 
     def _next_phase(self) -> None:
         self.phase += 1
-        self.pairs, self.ref_logps, self.order_, self.position, self.questions_done = [], None, [], 0, 0
-        self.val_pairs, self.val_ref_logps, self.best_val_loss, self.best_weights = [], None, None, None
-        self.bad_evals = 0
-        self.stage = "generate" if self.phase < len(self.phases) else "done"
-        if self.reset_optimizer and self.stage != "done" and self._trainer is not None:
+        self.phase_state = PhaseState(stage="generate" if self.phase < len(self.phases) else "done")
+        if self.reset_optimizer and self.phase_state.stage != "done" and self._trainer is not None:
             for optimizer in self.optimizers():
                 getattr(optimizer, "optimizer", optimizer).state.clear()
 
     def _dpo_step(self, player: str) -> dict[str, Tensor]:
-        rows = self.order_[self.position]
-        self.position += 1
-        pairs = [self.pairs[i] for i in rows]
-        ref = self.ref_logps[rows].to(self.device)
+        rows = self.phase_state.order[self.phase_state.position]
+        self.phase_state.position += 1
+        pairs = [self.phase_state.pairs[i] for i in rows]
+        ref = self.phase_state.ref_logps[rows].to(self.device)
         optimizer = self.optimizers()[PLAYERS.index(player)]
         with self.players.acting(player) as policy, eval_mode(policy):  # no dropout: the first loss is log 2
             logps = self._sequence_logps(policy, pairs)
@@ -513,56 +500,56 @@ class DebateModule(RebuiltWeights, L.LightningModule):
                                      label_smoothing=self.label_smoothing)
             optimizer_step(self, optimizer, loss, clip=self.gradient_clip)
         out = {"loss": loss.detach(), **metrics}
-        last = self.position >= len(self.order_)
-        if self.val_pairs and (self.position % self.dpo_eval_every == 0 or last):
+        last = self.phase_state.position >= len(self.phase_state.order)
+        if self.phase_state.val_pairs and (self.phase_state.position % self.dpo_eval_every == 0 or last):
             out.update(self._dpo_validation(player))
-            last = last or (self.dpo_patience is not None and self.bad_evals >= self.dpo_patience)
+            last = last or (self.dpo_patience is not None and self.phase_state.bad_evals >= self.dpo_patience)
         if last:
-            if self.restore_best and self.best_weights is not None:
+            if self.restore_best and self.phase_state.best_weights is not None:
                 with torch.no_grad():
                     for name, param in self.players.trainable(player).items():
-                        param.copy_(self.best_weights[name])
-            out["dpo_steps"] = torch.tensor(float(self.position))
+                        param.copy_(self.phase_state.best_weights[name])
+            out["dpo_steps"] = torch.tensor(float(self.phase_state.position))
             self._next_phase()
         return out
 
     @torch.no_grad()
     def _dpo_validation(self, player: str) -> dict[str, Tensor]:
         """DPO loss on the phase's validation pairs; keeps the best weights and counts evaluations since."""
-        logps = self._scored_logps(player, self.val_pairs)
-        ref = self.val_ref_logps
+        logps = self._scored_logps(player, self.phase_state.val_pairs)
+        ref = self.phase_state.val_ref_logps
         loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
                                  label_smoothing=self.label_smoothing)
-        if self.best_val_loss is None or float(loss) < self.best_val_loss:
-            self.best_val_loss, self.bad_evals = float(loss), 0
-            self.best_weights = {n: p.detach().clone() for n, p in self.players.trainable(player).items()}
+        if self.phase_state.best_val_loss is None or float(loss) < self.phase_state.best_val_loss:
+            self.phase_state.best_val_loss, self.phase_state.bad_evals = float(loss), 0
+            self.phase_state.best_weights = {n: p.detach().clone() for n, p in self.players.trainable(player).items()}
         else:
-            self.bad_evals += 1
+            self.phase_state.bad_evals += 1
         return {"val_loss": loss, "val_reward_accuracy": metrics["rewards/accuracies"],
-                "best_val_loss": torch.tensor(self.best_val_loss)}
+                "best_val_loss": torch.tensor(self.phase_state.best_val_loss)}
 
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch: QABatch, batch_idx: int) -> None:
-        if self.stage == "done":
+        if self.phase_state.stage == "done":
             self.trainer.should_stop = True
             return
         iteration, player = self.current
         self.timer.reset()
         metrics: dict[str, Tensor | float] = {"phase": float(self.phase), "iteration": float(iteration)}
-        if self.stage == "generate":
+        if self.phase_state.stage == "generate":
             # the batch only paces the stage: its questions come from the phase's fixed set, in chunks of a batch
             questions = self._phase_questions()
-            validating = self.questions_done >= self._n_train  # training questions first, then validation ones
-            end = min(self.questions_done + len(batch), len(questions) if validating else self._n_train)
-            examples = questions[self.questions_done:end]
+            validating = self.phase_state.questions_done >= self._n_train  # training questions first, then validation ones
+            end = min(self.phase_state.questions_done + len(batch), len(questions) if validating else self._n_train)
+            examples = questions[self.phase_state.questions_done:end]
             with self.timer("generate"):
                 pairs, stats = self._pairs_for(player, examples)
-            (self.val_pairs if validating else self.pairs).extend(pairs)
-            self.questions_done += len(examples)
-            metrics.update({f"{player}/new_pairs": float(len(pairs)), f"{player}/pairs": float(len(self.pairs)),
-                            f"{player}/val_pairs": float(len(self.val_pairs)),
+            (self.phase_state.val_pairs if validating else self.phase_state.pairs).extend(pairs)
+            self.phase_state.questions_done += len(examples)
+            metrics.update({f"{player}/new_pairs": float(len(pairs)), f"{player}/pairs": float(len(self.phase_state.pairs)),
+                            f"{player}/val_pairs": float(len(self.phase_state.val_pairs)),
                             f"{player}/natural_accuracy": stats["natural_accuracy"], "rollouts": stats["rollouts"]})
-            if self.questions_done >= len(questions):
+            if self.phase_state.questions_done >= len(questions):
                 with self.timer("reference"):
                     self._start_training(player)
         else:
@@ -571,7 +558,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         metrics.update(self.timer.metrics())
         self.step_count += 1
         self.last_step_metrics = {k: float(v) for k, v in metrics.items()}
-        if self.stage == "done":
+        if self.phase_state.stage == "done":
             self.trainer.should_stop = True
         for key, value in metrics.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=len(batch),
@@ -615,7 +602,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         for key, value in row.items():
             self.log(f"{stage}/{key}", value, sync_dist=False, prog_bar=key == "accuracy")
         if stage == "val":
-            label = "done" if self.current is None else f"{self.current[1]} {self.stage}"
+            label = "done" if self.current is None else f"{self.current[1]} {self.phase_state.stage}"
             if self.val_history and self.val_history[-1]["step"] == self.step_count:
                 self.val_history.pop()
             self.val_history.append({"step": float(self.step_count), "phase": float(self.phase), **row,
@@ -639,28 +626,19 @@ class DebateModule(RebuiltWeights, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["debate"] = {
-            "step_count": self.step_count, "phase": self.phase, "stage": self.stage, "sample_seed": self.sample_seed,
-            "questions_done": self.questions_done, "pairs": [asdict(p) for p in self.pairs],
-            "ref_logps": self.ref_logps, "order": list(self.order_), "position": self.position,
-            "val_pairs": [asdict(p) for p in self.val_pairs], "val_ref_logps": self.val_ref_logps,
-            "best_val_loss": self.best_val_loss, "best_weights": self.best_weights, "bad_evals": self.bad_evals,
-            "pair_counts": list(self.pair_counts), "val_history": self.val_history,
-            "val_transcripts": self.val_transcripts,
+            "step_count": self.step_count, "phase": self.phase, "sample_seed": self.sample_seed,
+            "state": self.phase_state.state_dict(), "pair_counts": list(self.pair_counts),
+            "val_history": self.val_history, "val_transcripts": self.val_transcripts,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("debate")
         if state is None:
             return
-        self.step_count, self.phase, self.stage = state["step_count"], state["phase"], state["stage"]
-        self.sample_seed, self.questions_done = state["sample_seed"], state["questions_done"]
-        self.pairs = [PreferencePair(**p) for p in state["pairs"]]
-        self.ref_logps, self.order_, self.position = state["ref_logps"], list(state["order"]), state["position"]
+        self.step_count, self.phase, self.sample_seed = state["step_count"], state["phase"], state["sample_seed"]
+        self.phase_state = PhaseState.from_state_dict(state["state"])
         self.pair_counts, self.val_history = list(state["pair_counts"]), state["val_history"]
         self.val_transcripts = state["val_transcripts"]
-        self.val_pairs = [PreferencePair(**p) for p in state.get("val_pairs", [])]
-        self.val_ref_logps, self.best_val_loss = state.get("val_ref_logps"), state.get("best_val_loss")
-        self.best_weights, self.bad_evals = state.get("best_weights"), state.get("bad_evals", 0)
 
 
 def _transcript_row(tr: DebateTranscript) -> dict[str, Any]:

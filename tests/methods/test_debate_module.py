@@ -53,7 +53,7 @@ class _Record(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._before = self._weights(module)
-        self._where = (module.current[1] if module.current else "done", module.stage)
+        self._where = (module.current[1] if module.current else "done", module.phase_state.stage)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         after = self._weights(module)
@@ -67,7 +67,7 @@ def test_phases_build_pairs_and_train_only_their_player(tmp_path):
     module = _module()
     trainer = _trainer(tmp_path, [record])
     trainer.fit(module, _data())
-    assert module.stage == "done" and trainer.should_stop
+    assert module.phase_state.stage == "done" and trainer.should_stop
     assert len(module.pair_counts) == 2 and all(n > 0 for n in module.pair_counts)  # both players got pairs
     generate = [s for s in record.steps if s[1] == "generate"]
     train = [s for s in record.steps if s[1] == "train"]
@@ -89,7 +89,7 @@ def test_dpo_starts_at_log_two_and_prompts_are_natural(tmp_path):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             if "train/actor/loss" in trainer.callback_metrics and not self.losses:
                 self.losses.append(float(trainer.callback_metrics["train/actor/loss"]))
-            self.prompts += [p.prompt for p in module.pairs]
+            self.prompts += [p.prompt for p in module.phase_state.pairs]
 
     first = FirstLoss()
     module = _module(iterations=1, order=("actor", "critic"))
@@ -119,7 +119,7 @@ def test_every_phase_starts_at_log_two_and_the_code_rule_builds_guided_pairs(tmp
     # trials 2: under the code rule the critic's trial 0 keeps its natural response (no pair), trial 1 is guided
     module = _module(iterations=2, trials=2, pair_rule="code", actor_quality="correctness", code_threshold=0.0)
     _trainer(tmp_path, [starts]).fit(module, _data())
-    assert sorted(starts.first) == [0, 1, 2, 3] and module.stage == "done"
+    assert sorted(starts.first) == [0, 1, 2, 3] and module.phase_state.stage == "done"
     assert len(module.pair_counts) == 4 and all(n > 0 for n in module.pair_counts)
     assert all(v == pytest.approx(math.log(2), abs=1e-4) for v in starts.first.values())
 
@@ -175,7 +175,7 @@ def test_generate_stages_are_checkpointed_and_resume_exactly(tmp_path):
 
     straight = fit(tmp_path / "a")
     stopped = fit(tmp_path / "b", stop=1)
-    assert stopped.stage == "generate" and stopped.questions_done == 4 and stopped.trainer.global_step == 0
+    assert stopped.phase_state.stage == "generate" and stopped.phase_state.questions_done == 4 and stopped.trainer.global_step == 0
     assert not list((tmp_path / "b").glob(".*.tmp"))  # written under a temporary name, then renamed
     resumed = fit(tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last-batch.ckpt"))
     assert resumed.pair_counts == straight.pair_counts and resumed.step_count == straight.step_count
@@ -203,7 +203,7 @@ def test_dpo_validation_stops_early_and_restores_the_best_weights(tmp_path):
     module = _module(questions_per_phase=4, dpo_val_questions=4, dpo_epochs=8, dpo_eval_every=1, dpo_patience=2,
                      lr=5e-2)
     _trainer(tmp_path, [track]).fit(module, _data())
-    assert module.stage == "done"
+    assert module.phase_state.stage == "done"
     questions = module._phase_questions()
     assert len(questions) == 8 and len({(q.question, q.options) for q in questions}) == 8  # disjoint splits
     for player, run in track.runs.items():
