@@ -636,7 +636,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         if state is None:
             return
         self.step_count, self.phase, self.sample_seed = state["step_count"], state["phase"], state["sample_seed"]
-        self.phase_state = PhaseState.from_state_dict(state["state"])
+        self.phase_state = PhaseState.from_state_dict(state.get("state", state))  # older checkpoints: flat keys
         self.pair_counts, self.val_history = list(state["pair_counts"]), state["val_history"]
         self.val_transcripts = state["val_transcripts"]
 
