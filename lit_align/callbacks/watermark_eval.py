@@ -1,4 +1,8 @@
-"""End-of-training evaluation of a model-level watermark (core.md §3.7): detection, robustness, KGW, quality.
+"""End-of-training evaluation of a model-level watermark: detection, robustness, KGW, quality.
+
+The evaluation of Xu, Yao, Liu 2024, "Learning to Watermark LLM-generated Text via Reinforcement Learning"
+(arXiv 2403.10553), as its released code runs it (github.com/xiaojunxu/learning-to-watermark-llm:
+``eval_utils.py``, ``evaluate.py``).
 
 :class:`WatermarkEvaluation` runs once training ends (``on_train_end``). It takes the first
 ``num_batches`` batches of the DataModule's validation loader (:class:`~lit_align.data.completion.CompletionBatch`

@@ -1,8 +1,10 @@
 """Text-completion data for watermarking: a fixed-length prompt prefix and the human continuation.
 
 Each kept record gives a prompt (token ids of the module tokenizer) and the *human* continuation
-that followed it, plus both decoded to strings, because a detector may use another tokenizer
-(core.md §3.3). Two formats:
+that followed it, plus both decoded to strings, because a detector may use another tokenizer.
+The formats follow the released code of the RL watermark (Xu, Yao, Liu 2024, "Learning to Watermark
+LLM-generated Text via Reinforcement Learning", arXiv 2403.10553; github.com/xiaojunxu/learning-to-watermark-llm:
+``utils.py``, ``pretrain_detector.py``). Two formats:
 
 * ``text`` (C4 realnewslike, the built-in corpus): the record's ``text`` is tokenized once;
   prompt = its first ``prompt_tokens`` tokens exactly, continuation = the next ``continuation_tokens``.
@@ -12,9 +14,10 @@ that followed it, plus both decoded to strings, because a detector may use anoth
   ``response`` (``" {response}"``) followed by EOS, capped at ``continuation_tokens``. Prompts
   longer than ``prompt_tokens`` are dropped and counted.
 
-Shortcut hygiene (core.md §3.10): every prompt of the ``text`` format has the same length; human
-continuations are capped at the length the LLM may generate; ``append_eos`` ends the human text
-with EOS as the LLM's ends; :func:`retokenize` is the one way to turn *both* human and LLM strings
+Shortcut hygiene (a difference in length, EOS or tokenization between human and LLM text would let
+the detector separate them without any watermark): every prompt of the ``text`` format has the same
+length; human continuations are capped at the length the LLM may generate; ``append_eos`` ends the
+human text with EOS as the LLM's ends; :func:`retokenize` is the one way to turn *both* human and LLM strings
 into a detector's token ids. Llama-style tokenizers (which add a leading space themselves) need
 ``strip_leading_whitespace`` here and in :func:`retokenize`.
 """
@@ -202,7 +205,7 @@ class TextCompletionDataModule(TokenizedDataModule):
             prompt_tokens: 8
             continuation_tokens: 8
 
-        data:  # C4 realnewslike at the paper's lengths (core.md §3.3)
+        data:  # C4 realnewslike at the paper's lengths (those of its released code, ``utils.py``)
           class_path: lit_align.data.TextCompletionDataModule
           init_args:
             train: {path: allenai/c4, subset: realnewslike, split: train, limit: 60000}

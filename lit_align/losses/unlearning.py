@@ -6,16 +6,19 @@ Every function takes per-token or per-sequence log-probs already computed by
 and returns ``(loss, metrics)`` with detached metrics; nothing here runs a model. All losses are
 minimised: a forget term is small when the model has forgotten.
 
-Sources (see ``shared/methods``: core §4.5 for WAGLE's base losses, others §1 for LLMU, §2 for
-UGradSL):
+Sources (the papers, and their released code where it settles what a paper leaves open):
 
-* gradient ascent / GradDiff: ``-NLL(forget) [+ lambda NLL(retain)]``;
+* gradient ascent / GradDiff: ``-NLL(forget) [+ lambda NLL(retain)]``, one of the base losses of WAGLE
+  (Jia et al. 2024, "WAGLE: Strategic Weight Attribution for Effective and Modular Unlearning in Large
+  Language Models", https://arxiv.org/abs/2410.17509; released code github.com/OPTML-Group/WAGLE,
+  ``src/unlearn/GA.py``);
 * NPO, Zhang et al. 2024, "Negative Preference Optimization", https://arxiv.org/abs/2404.05868;
-* LLMU, Yao, Xu, Liu 2023, "Large Language Model Unlearning", https://arxiv.org/abs/2310.10683:
+* LLMU, Yao, Xu, Liu 2023, "Large Language Model Unlearning", https://arxiv.org/abs/2310.10683
+  (released code github.com/kevinyaobytedance/llm_unlearn, ``unlearn_harm.py``, ``utils.py``):
   ``eps1 GA(forget) + eps2 NLL(random mismatch answers) + eps3 KL(reference || policy) on normal data``;
-* UGradSL, Di et al., "Label Smoothing Improves Machine Unlearning", https://arxiv.org/abs/2406.07698:
+* UGradSL, Di et al. 2024, "Label Smoothing Improves Machine Unlearning", https://arxiv.org/abs/2406.07698:
   gradient ascent on negatively label-smoothed targets (here ported token-wise to a causal LM);
-* PO (WAGLE's baseline): NLL of a refusal answer given the forget prompt.
+* PO (a WAGLE base loss, ``src/unlearn/CL.py`` in its code): NLL of a refusal answer given the forget prompt.
 
 The terms (:class:`UnlearningTerm` subclasses) tell the unlearning module which batch part each
 reads (``target``) and what it must compute for them (``needs_*``); their metric keys are short
@@ -232,18 +235,18 @@ def label_smoothed_ascent_loss(
         l_t = -(1 - alpha) log p(y_t) - alpha mean_v log p(v)
             = (1 - alpha) CE_y + (alpha / V) sum_v CE_v
 
-    and the forget loss is ``-reduce(l)``: ascent on the smoothed targets (minimise ``-l_GLS``,
-    spec pitfall 2(h)1; ``+l_GLS`` with ``alpha < 0`` would *train toward* the forget answers).
+    and the forget loss is ``-reduce(l)``: ascent on the smoothed targets (minimising ``-l_GLS`` is
+    gradient ascent on ``l_GLS``; ``+l_GLS`` with ``alpha < 0`` would *train toward* the forget answers).
     With ``alpha = -a < 0`` (negative label smoothing), ``-l = -(1 + a) CE_y + a mean_v CE_v``:
     ascent on the true token, amplified by ``1 + a``, plus descent toward the uniform
     distribution. ``alpha = 0`` is plain gradient ascent. ``mean_v log p(v)`` comes from
     :func:`~lit_align.rollout.token_stats` (``mean_logps=True``), computed chunk by chunk
     without a (B, T, V) log-softmax.
 
-    Caveats (spec others.md §2): the method is validated on classification only (K <= 1000); the
-    paper's ``alpha`` and its retain weight ``p`` are NOT FOUND (the defaults of
-    :class:`LabelSmoothedAscent` are ours). Each non-target token's share of the smoothed target
-    is ``alpha / V``, so for a 32k-150k vocabulary the push on any single token is tiny unless
+    Caveats: the paper validates the method on classification only (K <= 1000), and its ``alpha``
+    and retain weight ``p`` could not be found (a reviewer of its ICLR 2025 submission asked for
+    them; the defaults of :class:`LabelSmoothedAscent` are ours). Each non-target token's share of
+    the smoothed target is ``alpha / V``, so for a 32k-150k vocabulary the push on any single token is tiny unless
     ``|alpha|`` is huge; the port to LLMs is new research, not a reproduction.
 
     Hand check: two scored tokens with ``log p(y) = [log 1/2, log 1/4]`` and vocabulary means
@@ -372,7 +375,8 @@ class GradientAscent(UnlearningTerm):
 class NPO(UnlearningTerm):
     """Forget term: NPO (:func:`npo_loss`) against the frozen reference.
 
-    ``reduction`` picks the sequence log-prob NPO compares (spec core §4.11 "NPO variant"):
+    ``reduction`` picks the sequence log-prob NPO compares (the NPO paper and WAGLE's released code,
+    ``src/unlearn/GA.py``, differ here):
 
     * ``"sum_sequence"`` (default): summed answer log-likelihood, the paper's rule;
     * ``"mean_token"``: per-answer mean-token log-prob, the WAGLE / open-unlearning code (which
@@ -419,10 +423,12 @@ class NPO(UnlearningTerm):
 class LabelSmoothedAscent(UnlearningTerm):
     """Forget term: UGradSL's gradient ascent on negatively label-smoothed targets (:func:`label_smoothed_ascent_loss`).
 
-    The default ``alpha = -0.5`` is ours, taken from the negative part of the sibling GLS paper's
-    sweep ``{-0.2, ..., -8}``; UGradSL's own ``alpha`` (and its retain weight ``p``, the module's
-    weights here) are NOT FOUND in the paper. For LLM vocabularies each non-target token gets only
-    ``alpha / V`` of the smoothed target; see the function's caveats.
+    The default ``alpha = -0.5`` is ours, taken from the negative part of the smoothing-rate sweep
+    ``{-0.2, ..., -8}`` of the generalised label smoothing paper (Wei et al., ICML 2022; released code
+    github.com/UCSC-REAL/negative-label-smoothing, ``README.md``); UGradSL's own ``alpha`` (and its
+    retain weight ``p``, the module's weights here) could not be found in its paper. For LLM
+    vocabularies each non-target token gets only ``alpha / V`` of the smoothed target; see the
+    function's caveats.
     """
 
     needs_mean_logps = True
@@ -477,8 +483,9 @@ class MismatchNLL(_NLLTerm):
     """LLMU's random-mismatch term: NLL of random normal answers given the forget prompts (target "mismatch").
 
     With K answers per prompt and the ``"sequence"`` default this is the code's
-    ``mean_x (1/K) sum_k CEans(x, y'_k)``; only answer tokens count (the code's bug of training on
-    most of the question, spec others.md 1(h)3, is not reproduced).
+    ``mean_x (1/K) sum_k CEans(x, y'_k)``; only answer tokens count. The code's bug is not
+    reproduced: its ``get_rand_ans_loss`` takes the answer start as the length of the tokenizer's
+    output dict (its number of keys), so it also trains on most of the question.
     """
 
     target = "mismatch"

@@ -52,7 +52,8 @@ class WatermarkModule(ReferencedPolicyModule):
     prompt + continuation). The reference is the actor with LoRA switched off (``adapter``) or a
     frozen copy.
 
-    Each step, in the spec's order (core.md §3.5):
+    Each step, in the order of the released code's training loop (github.com/xiaojunxu/learning-to-watermark-llm,
+    ``main.py``):
 
     1. **generate** continuations of the batch's prompts with the actor (sampling);
     2. **score** them with the detector (optionally ``alignment_weight``-mixed with an alignment
@@ -69,9 +70,9 @@ class WatermarkModule(ReferencedPolicyModule):
     pretrained detector checkpoint). Rows with fewer than two generated tokens (EOS not counted
     unless ``eos_action``) are dropped and counted (``train/dropped``).
 
-    ``human_from_reference`` replaces the human continuations by samples of the frozen reference (the
-    spec's CPU control: the classes start indistinguishable, so any separation comes from the actor's
-    update).
+    ``human_from_reference`` replaces the human continuations by samples of the frozen reference (a
+    control for tiny models on CPU: the classes start indistinguishable, so any separation comes from
+    the actor's update).
 
     Where the paper does not say, the defaults follow its released code (``main.py``, ``utils.py``,
     ``model_utils.py``), each with a switch to lit_align's earlier rule: ``eos_action`` (is EOS a PPO
@@ -190,7 +191,7 @@ class WatermarkModule(ReferencedPolicyModule):
             retokenize_text: the detector reads every continuation (the LLM's and the human's) as
                 text decoded and encoded again the same way, not as the sampled token ids: a sampled
                 id sequence can be one the tokenizer never produces from text, a shortcut that would
-                separate the classes without a watermark (spec §3.10). Off: raw ids.
+                separate the classes without a watermark. Off: raw ids.
             export_detector: at the end of training write the detector with :meth:`save_detector` to
                 ``<default_root_dir>/detector_export`` (the watermarked LLM: the ``HFExport`` callback).
             gradient_clip: global-norm clip applied to each player's gradients (1.0; None: off).
@@ -296,7 +297,7 @@ class WatermarkModule(ReferencedPolicyModule):
             self.alignment = freeze(build_reward_model(self.alignment_spec, tokenizer, key="model.alignment_reward"))
 
     def on_fit_start(self) -> None:
-        # shortcut hygiene (spec §3.10): LLM and human continuations get the same length cap, or the
+        # shortcut hygiene: LLM and human continuations get the same length cap, or the
         # detector learns lengths instead of a watermark
         cap = getattr(self.trainer.datamodule, "continuation_tokens", None)
         human_text = not self.human_from_reference and (self.other_llm is None or self.other_llm_mode == "add")
@@ -332,7 +333,8 @@ class WatermarkModule(ReferencedPolicyModule):
     @torch.no_grad()
     def detect(self, prompt: str, text: str) -> float:
         """The detector's score of ``text`` as a continuation of ``prompt`` (higher: more likely the
-        watermarked LLM's). The prompt is part of the input: detection needs it (spec §3.10)."""
+        watermarked LLM's). The prompt is part of the input: the detector learnt to score prompt +
+        continuation, so it cannot judge a text without the prompt it continues."""
         ids = self.tokenizer(prompt)["input_ids"] + retokenize([text], self.tokenizer)[0]
         ids_t = torch.tensor([ids], device=self.device)
         return float(self.detector.score(ids_t, torch.ones_like(ids_t)))
@@ -401,7 +403,7 @@ class WatermarkModule(ReferencedPolicyModule):
         ``retokenize_text: false``. A final EOS is dropped (the reference code reads the score before the
         first EOS), or, with ``eos_action``, kept; then ``add_eos`` (B,) bool appends an EOS to rows that
         lack one: a human continuation gets one where the LLM's continuation of the same prompt ended
-        with EOS, so the presence of EOS tells nothing (spec §3.10)."""
+        with EOS, so the presence of EOS tells the detector nothing (no shortcut)."""
         eos = self.tokenizer.eos_token_id
         if not self.retokenize_text and add_eos is None and self.eos_action:
             return batch
@@ -502,7 +504,7 @@ class WatermarkModule(ReferencedPolicyModule):
             rollout = self._generate(batch)
             human = self._human(batch)
             other = self._other_llm_text(batch) if self.other_llm is not None and self.other_llm_mode == "add" else None
-        keep = self._keep(rollout)  # the spec drops samples with <= 1 generated token
+        keep = self._keep(rollout)  # drop samples with <= 1 generated token, as the released code does
         metrics: dict[str, Tensor] = {"dropped": (~keep).sum().float(), "stage": torch.tensor(float(cotrain) + 1.0)}
         if not keep.any():
             self.step_count += 1

@@ -106,7 +106,9 @@ def truth_ratio(paraphrased_nll: Tensor, perturbed_nll: Tensor,
         paraphrased_nll: (N,) mean-token NLL of the paraphrased true answer given the
             paraphrased question.
         perturbed_nll: (N, K) mean-token NLL of K perturbed (false) answers to the same question.
-        mean: ``"arithmetic"`` averages the K probabilities (the formula above, as in the spec);
+        mean: ``"arithmetic"`` averages the K probabilities (the formula above, as in WAGLE's TOFU
+            evaluation: Jia et al. 2024, arXiv 2410.17509, released code github.com/OPTML-Group/WAGLE,
+            ``src/metrics/Tofu.py``);
             ``"geometric"`` averages the K NLLs before exponentiating, as implementations that
             average losses first do: ``TR = exp(nll_para - mean_k nll_k)``.
 

@@ -2,7 +2,8 @@
 
 The critic has the architecture of a ``scalar_head`` :class:`~lit_align.models.reward.RewardModel`
 (and is built by the same builder), but reads its head at every token instead of only the last one.
-That lets it start from a trained reward model or detector: the watermark spec (core §3.2, §3.10)
+That lets it start from a trained reward model or detector: the released code of the RL watermark
+(Xu, Yao, Liu 2024, arXiv 2403.10553; github.com/xiaojunxu/learning-to-watermark-llm, ``main.py``)
 initialises the PPO value net from the pretrained detector checkpoint, as a separate copy of the
 parameters. At initialisation the critic's value at a sequence's last real token is then exactly
 the reward model's score of that sequence.

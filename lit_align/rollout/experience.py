@@ -2,9 +2,12 @@
 
 :func:`make_experience` turns a :class:`~lit_align.rollout.sampler.Rollout` and its sequence scores
 (from any reward source: a reward model, the detector, a rule or a weighted mix) into an
-:class:`Experience` (core spec §0.2 B3, §3.5 steps 1-3):
+:class:`Experience`. This is PPO with per-token KL-shaped rewards and GAE in the DeepSpeed-Chat style, as
+the released code of the RL watermark runs it (Xu, Yao, Liu 2024, arXiv 2403.10553; code:
+github.com/xiaojunxu/learning-to-watermark-llm, ``main.py``: each training step generates, scores without
+grad, then builds the shaped rewards and GAE of its PPO update):
 
-1. drop the rows with fewer than ``min_response_tokens`` actions (the spec drops samples with <= 1
+1. drop the rows with fewer than ``min_response_tokens`` actions (that code drops samples with <= 1
    generated token), counting them;
 2. old (actor) and reference token log-probs of the response tokens, recomputed by
    :func:`~lit_align.rollout.logps.token_logps` on the full sequences (not the sampler's
@@ -15,12 +18,11 @@
    optionally, whitened advantages.
 
 Which generated tokens are actions (:func:`response_actions`): every one, or, given ``eos_token_id``,
-every one but a final EOS. The released code of the RL watermark (Xu, Yao, Liu 2024, arXiv
-2403.10553; ``utils.train_rlhf``, from DeepSpeed-Chat) pads with EOS, so its attention and action
-masks are 0 on the EOS: the EOS column still enters the GAE (its KL term, the clipped score placed
-there, and the critic's value of the state after the last real token, i.e. read at the last token
-before EOS), but no policy or value loss is taken on it, and a sample is dropped when it has <= 1
-generated token besides the EOS. The paper does not say.
+every one but a final EOS. The released watermark code (``utils.train_rlhf``, from DeepSpeed-Chat) pads
+with EOS, so its attention and action masks are 0 on the EOS: the EOS column still enters the GAE (its
+KL term, the clipped score placed there, and the critic's value of the state after the last real token,
+i.e. read at the last token before EOS), but no policy or value loss is taken on it, and a sample is
+dropped when it has <= 1 generated token besides the EOS. The paper does not say.
 :func:`minibatches` then cuts the experience into shuffled row minibatches for the PPO epochs.
 """
 
@@ -172,7 +174,8 @@ def make_experience(
         reference_context: zero-argument callable returning a context manager under which the
             reference runs, e.g. ``lambda: actor.disable_adapter()`` with ``reference=actor``.
         min_response_tokens: rows with fewer actions (:func:`response_actions`) are dropped and
-            counted in ``num_dropped``; 2 drops the "<= 1 generated token" samples of the spec.
+            counted in ``num_dropped``; 2 drops the samples with <= 1 generated token, as the
+            released watermark code does.
         eos_token_id: None: every generated token is an action, a final EOS included. Given: a
             generated EOS is not an action (the watermark reference code's rule, see the module
             docstring): it stays a step of the KL-shaped rewards and the GAE, and the score sits on
@@ -231,8 +234,8 @@ def minibatches(
 
     Args:
         exp: the experience.
-        size: rows per minibatch (>= 1); ``size >= len(exp)`` gives the whole batch (the spec's
-            "one minibatch = the whole batch").
+        size: rows per minibatch (>= 1); ``size >= len(exp)`` gives the whole batch (the released watermark
+            code's setting: a single minibatch holding the whole batch).
         shuffle: permute the rows first (with ``generator``, a CPU generator, for reproducibility).
         generator: RNG for the permutation.
     """
