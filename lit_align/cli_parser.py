@@ -21,8 +21,15 @@ import typing
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from jsonargparse._common import debug_mode_active
 from lightning.pytorch.cli import LightningArgumentParser
+
+try:  # jsonargparse's own switch for full tracebacks (JSONARGPARSE_DEBUG); private, so guarded
+    from jsonargparse._common import debug_mode_active
+except ImportError:  # another jsonargparse layout: read the documented environment variable instead
+    import os
+
+    def debug_mode_active() -> bool:
+        return bool(os.environ.get("JSONARGPARSE_DEBUG"))
 
 __all__ = ["LitAlignArgumentParser", "closest_key", "model_override_args", "unknown_key_message"]
 
