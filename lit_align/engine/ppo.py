@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_align.errors import ConfigError
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
 from lit_align.rollout.experience import Experience, minibatches
 from lit_align.rollout.logps import token_logps
@@ -37,16 +38,33 @@ class PPOConfig:
     """Stop the remaining epochs once a minibatch's approximate KL exceeds this; ``None``: never stop early."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"ppo.epochs must be an int >= 1, got {self.epochs!r}")
-        if self.minibatch_size is not None and (isinstance(self.minibatch_size, bool) or self.minibatch_size < 1):
-            raise ValueError(f"ppo.minibatch_size must be >= 1 or null (the whole batch), got {self.minibatch_size!r}")
-        if not self.clip > 0:
-            raise ValueError(f"ppo.clip must be positive, got {self.clip}")
-        if self.value_clip is not None and not self.value_clip > 0:
-            raise ValueError(f"ppo.value_clip must be positive or null, got {self.value_clip}")
-        if self.target_kl is not None and not self.target_kl > 0:
-            raise ValueError(f"ppo.target_kl must be positive or null, got {self.target_kl}")
+        _check_ppo(vars(self))
+
+    @classmethod
+    def from_module_args(cls, *, ppo_epochs: int, minibatch_size: int | None, clip: float,
+                         value_clip: float | None) -> PPOConfig:
+        """The config of a method that still takes these as flat ``model.*`` arguments; errors name those keys."""
+        values = {"epochs": ppo_epochs, "minibatch_size": minibatch_size, "clip": clip, "value_clip": value_clip}
+        _check_ppo(values, {"epochs": "model.ppo_epochs", "minibatch_size": "model.minibatch_size",
+                            "clip": "model.clip", "value_clip": "model.value_clip"})
+        return cls(**values)
+
+
+def _check_ppo(values: dict, keys: dict[str, str] | None = None) -> None:
+    """Validate PPO settings; an error names ``keys[field]`` (default ``ppo.<field>``), the user's config key."""
+    key = {f: (keys or {}).get(f, f"ppo.{f}") for f in ("epochs", "minibatch_size", "clip", "value_clip", "target_kl")}
+    epochs, size = values.get("epochs", 1), values.get("minibatch_size")
+    clip, value_clip, target_kl = values.get("clip", 0.2), values.get("value_clip"), values.get("target_kl")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"{key['epochs']} must be an int >= 1, got {epochs!r}")
+    if size is not None and (isinstance(size, bool) or size < 1):
+        raise ConfigError(f"{key['minibatch_size']} must be >= 1 or null (the whole batch), got {size!r}")
+    if not clip > 0:
+        raise ConfigError(f"{key['clip']} must be positive, got {clip}")
+    if value_clip is not None and not value_clip > 0:
+        raise ConfigError(f"{key['value_clip']} must be positive or null, got {value_clip}")
+    if target_kl is not None and not target_kl > 0:
+        raise ConfigError(f"{key['target_kl']} must be positive or null, got {target_kl}")
 
 
 def ppo_update(

@@ -216,7 +216,8 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                 both players' KL, ``ref_kl`` and ``adv_ref_kl``, every step; costs a policy and a reference
                 forward over its samples).
             gradient_clip: global-norm clip of each optimiser's gradients (1.0; None: off).
-            sample_seed: seed of all sampling; step ``k`` draws from ``(sample_seed, k)``, so a resumed
+            sample_seed: seed of all sampling; step ``k`` draws from ``(sample_seed, k, purpose)``
+                (:func:`lit_align.engine.derive_seed`), so a resumed
                 run samples what the uninterrupted run would have. ``None``: the run's global seed
                 (``seed_everything``), fixed at the start and kept in checkpoints.
             defender_lr, attacker_lr, critic_lr: AdamW (betas 0.9/0.95, eps 1e-6, critic 1e-8) rates
@@ -279,9 +280,9 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             "defender": SamplingConfig(max_new_tokens=defender_max_new_tokens, temperature=temperature, top_p=top_p),
         }
         self.kl_coefs = {"defender": kl_coef, "attacker": kl_coef if attacker_kl_coef is None else attacker_kl_coef}
-        self.reward_clip, self.gamma, self.lam, self.clip, self.value_clip = reward_clip, gamma, lam, clip, value_clip
-        self.ppo_epochs, self.minibatch_size, self.whiten_advantages = ppo_epochs, minibatch_size, whiten_advantages
-        self.ppo = PPOConfig(epochs=ppo_epochs, minibatch_size=minibatch_size, clip=clip, value_clip=value_clip)
+        self.reward_clip, self.gamma, self.lam, self.whiten_advantages = reward_clip, gamma, lam, whiten_advantages
+        self.ppo = PPOConfig.from_module_args(ppo_epochs=ppo_epochs, minibatch_size=minibatch_size, clip=clip,
+                                              value_clip=value_clip)
         self.timer = PhaseTimer()
         self.bleu_weight, self.embedding_weight, self.diversity_scope = bleu_weight, embedding_weight, diversity_scope
         self.encoder_spec = encoder

@@ -196,7 +196,8 @@ class WatermarkModule(ReferencedPolicyModule):
                 ``<default_root_dir>/detector_export`` (the watermarked LLM: the ``HFExport`` callback).
             gradient_clip: global-norm clip applied to each player's gradients (1.0; None: off).
             sample_seed: seed of the sampling (and substitution) randomness; step ``k`` draws from
-                ``(sample_seed, k, purpose)`` (:func:`lit_align.engine.derive_seed`), so a resumed run samples what the uninterrupted run would have.
+                ``(sample_seed, k, purpose)`` (:func:`lit_align.engine.derive_seed`), so a resumed run samples
+                what the uninterrupted run would have.
             actor_lr, critic_lr, detector_lr: Adam (betas 0.9, 0.95) learning rates when the
                 corresponding optimiser is not given (the paper: LoRA 5e-4 / full 1e-5, 5e-6, 1e-5).
             optimizer, critic_optimizer, detector_optimizer: optimiser factories for the three players.
@@ -234,8 +235,8 @@ class WatermarkModule(ReferencedPolicyModule):
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                        top_p=top_p)
         self.kl_coef, self.reward_clip, self.gamma, self.lam = kl_coef, reward_clip, gamma, lam
-        self.clip, self.value_clip, self.ppo_epochs, self.minibatch_size = clip, value_clip, ppo_epochs, minibatch_size
-        self.ppo = PPOConfig(epochs=ppo_epochs, minibatch_size=minibatch_size, clip=clip, value_clip=value_clip)
+        self.ppo = PPOConfig.from_module_args(ppo_epochs=ppo_epochs, minibatch_size=minibatch_size, clip=clip,
+                                              value_clip=value_clip)
         self.timer = PhaseTimer()
         self.whiten_advantages, self.detector_reg = whiten_advantages, detector_reg
         self.detector_reg_extra, self.eos_action = detector_reg_extra, eos_action
