@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import inspect
 import json
 import re
@@ -31,7 +32,7 @@ except ImportError:  # another jsonargparse layout: read the documented environm
     def debug_mode_active() -> bool:
         return bool(os.environ.get("JSONARGPARSE_DEBUG"))
 
-__all__ = ["LitAlignArgumentParser", "closest_key", "model_override_args", "unknown_key_message"]
+__all__ = ["LitAlignArgumentParser", "closest_key", "import_class_path", "model_override_args", "unknown_key_message"]
 
 _UNKNOWN = [re.compile(r"Option '(?P<key>[^']+)' is not accepted"),
             re.compile(r"does not accept option '(?P<key>[^']+)'"),
@@ -125,10 +126,11 @@ def _accepted(cls: Any) -> dict[str, Any]:
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
+def import_class_path(path: str) -> Any:
+    """The object a config's ``class_path`` names (``package.module.Name``), or ``None`` if it does not import."""
+    module, _, name = str(path).rpartition(".")
     try:
-        return getattr(__import__(module, fromlist=[name]), name)
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return None
 
@@ -161,7 +163,7 @@ def unknown_key_message(message: str, parser_keys: Sequence[str]) -> str | None:
         return None
     key = match.group("key")
     paths = _CLASS_PATH.findall(message[: match.start()])
-    owner_cls = _import(paths[-1]) if paths else None
+    owner_cls = import_class_path(paths[-1]) if paths else None
     found = _nested_accepted(owner_cls, key) if owner_cls is not None else None
     if found is not None:
         owner, unknown, accepted = found

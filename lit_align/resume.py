@@ -25,7 +25,6 @@ before any class is instantiated (:func:`prepare_resume`):
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_align.checkpoint import load_checkpoint
+from lit_align.cli_parser import import_class_path
 from lit_align.errors import ConfigError, MissingPathError
 
 __all__ = [
@@ -175,25 +175,17 @@ def _normalise(value: Any) -> Any:
     return value
 
 
-def _import(class_path: str) -> type | None:
-    module, _, name = str(class_path).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-
-
 def _is_wandb(class_path: str) -> bool:
     from lightning.pytorch.loggers import WandbLogger
 
-    cls = _import(class_path)
+    cls = import_class_path(class_path)
     return isinstance(cls, type) and issubclass(cls, WandbLogger)
 
 
 def _is_csv(class_path: str) -> bool:
     from lightning.pytorch.loggers import CSVLogger
 
-    cls = _import(class_path)
+    cls = import_class_path(class_path)
     return isinstance(cls, type) and issubclass(cls, CSVLogger)
 
 

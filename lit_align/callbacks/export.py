@@ -14,6 +14,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers.utils import logging as hf_logging
 
+from lit_align.callbacks.reporting import run_name
+
 __all__ = ["HFExport", "RUN_MARKER"]
 
 
@@ -83,17 +85,6 @@ def _inference_config(model: torch.nn.Module) -> Iterator[None]:
 RUN_MARKER = "lit_align_run.json"
 
 
-def _run_name(trainer: L.Trainer) -> str | None:
-    """``<logger name>/<version>`` (the W&B project and run id, the CSV/TensorBoard ``version_N``), or None
-    without a logger."""
-    logger = trainer.logger
-    if logger is None:
-        return None
-    version = logger.version
-    version = f"version_{version}" if isinstance(version, int) else str(version)
-    return f"{logger.name}/{version}" if logger.name else version
-
-
 def _move_aside_other_run(path: Path, run: str | None) -> None:
     """Rename an export at ``path`` that another run (or an unknown one) wrote to ``<path>.<its run>``."""
     if not path.is_dir() or not any(path.iterdir()):
@@ -154,7 +145,7 @@ class HFExport(L.Callback):
 
             policy = copy.deepcopy(policy).merge_and_unload()
             state = None
-        run = _run_name(trainer)
+        run = run_name(trainer)
         _move_aside_other_run(self.path, run)
         with _inference_config(policy):
             self._save(policy, state, pl_module.tokenizer)

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lit_align.models.causal_lm import eval_mode
 
-__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "run_dir", "write_csv"]
+__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "run_dir", "run_name", "write_csv"]
 
 
 def report_dir(trainer: L.Trainer, dirpath: str | None) -> Path | None:
@@ -27,6 +27,21 @@ def report_dir(trainer: L.Trainer, dirpath: str | None) -> Path | None:
     directory = Path(dirpath or log_dir or trainer.default_root_dir)
     os.makedirs(directory, exist_ok=True)
     return directory
+
+
+def _version_dir(version: int | str) -> str:
+    """A logger version as Lightning names its folder: the W&B run id as it is, ``N`` as ``version_N``."""
+    return version if isinstance(version, str) else f"version_{version}"
+
+
+def run_name(trainer: L.Trainer) -> str | None:
+    """``<logger name>/<version folder>`` of the first logger (the W&B project and run id, a CSV or
+    TensorBoard ``version_N``), or ``None`` without a logger."""
+    logger = trainer.logger
+    if logger is None:
+        return None
+    version = _version_dir(logger.version)
+    return f"{logger.name}/{version}" if logger.name else version
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -44,7 +59,7 @@ def run_dir(trainer: L.Trainer) -> Path:
     save_dir, version = Path(logger.save_dir or trainer.default_root_dir), logger.version
     if version is None:
         return save_dir
-    return save_dir / str(logger.name) / (version if isinstance(version, str) else f"version_{version}")
+    return save_dir / str(logger.name) / _version_dir(version)
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:

@@ -6,7 +6,7 @@ import lightning as L
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["optimizer_step"]
+__all__ = ["optimizer_step", "player_step"]
 
 
 def optimizer_step(module: L.LightningModule, optimizer: Optimizer, loss: Tensor, *, clip: float | None = None,
@@ -28,3 +28,16 @@ def optimizer_step(module: L.LightningModule, optimizer: Optimizer, loss: Tensor
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
+
+
+def player_step(module: L.LightningModule, loss: Tensor, *, optimizer: int, scheduler: int | None = None,
+                clip: float | None = None) -> None:
+    """:func:`optimizer_step` with the player's optimiser and scheduler given by their positions in what
+    ``configure_optimizers`` returned (``scheduler=None``: the player has none)."""
+    optimizers = module.optimizers()
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+    schedule = None
+    if scheduler is not None:
+        schedulers = module.lr_schedulers()
+        schedule = (schedulers if isinstance(schedulers, list) else [schedulers])[scheduler]
+    optimizer_step(module, optimizers[optimizer], loss, clip=clip, scheduler=schedule)

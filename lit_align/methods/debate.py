@@ -24,7 +24,7 @@ from lit_align.debate.pairs import PreferencePair, build_pairs, code_round_range
 from lit_align.debate.phase import PhaseState
 from lit_align.debate.protocol import DebateTranscript, format_prompt, run_debate
 from lit_align.debate.rewards import RewardState, guided_responses, rollout_reward
-from lit_align.engine import PhaseTimer, derive_seed, optimizer_step
+from lit_align.engine import PhaseTimer, derive_seed, player_step
 from lit_align.errors import ConfigError, DataError
 from lit_align.losses.preference import dpo_loss
 from lit_align.methods.base import RebuiltWeights
@@ -493,12 +493,11 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         self.phase_state.position += 1
         pairs = [self.phase_state.pairs[i] for i in rows]
         ref = self.phase_state.ref_logps[rows].to(self.device)
-        optimizer = self.optimizers()[PLAYERS.index(player)]
         with self.players.acting(player) as policy, eval_mode(policy):  # no dropout: the first loss is log 2
             logps = self._sequence_logps(policy, pairs)
             loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
                                      label_smoothing=self.label_smoothing)
-            optimizer_step(self, optimizer, loss, clip=self.gradient_clip)
+            player_step(self, loss, optimizer=PLAYERS.index(player), clip=self.gradient_clip)
         out = {"loss": loss.detach(), **metrics}
         last = self.phase_state.position >= len(self.phase_state.order)
         if self.phase_state.val_pairs and (self.phase_state.position % self.dpo_eval_every == 0 or last):

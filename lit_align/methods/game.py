@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lit_align.checkpoint import atomic_save
 from lit_align.data.prompts import DEFENDER_TEMPLATE, PromptBatch
-from lit_align.engine import PhaseTimer, PPOConfig, generator, optimizer_step, ppo_update
+from lit_align.engine import PhaseTimer, PPOConfig, generator, player_step, ppo_update
 from lit_align.errors import ConfigError
 from lit_align.game.diversity import (
     DiversityHistory,
@@ -494,12 +494,8 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
 
     def _step(self, name: str, loss: Tensor) -> None:
         """One optimiser step of ``name`` (a player or ``critic/<name>``) and its scheduler."""
-        scheduler = None
-        if name in self._sched_index:
-            schedulers = self.lr_schedulers()
-            scheduler = (schedulers if isinstance(schedulers, list) else [schedulers])[self._sched_index[name]]
-        optimizer_step(self, self.optimizers()[self._opt_index[name]], loss, clip=self.gradient_clip,
-                       scheduler=scheduler)
+        player_step(self, loss, optimizer=self._opt_index[name], scheduler=self._sched_index.get(name),
+                    clip=self.gradient_clip)
 
     def _update(self, player: str, exp: Experience) -> dict[str, Tensor]:
         """PPO over the player's experience (:func:`~lit_align.engine.ppo_update`): its policy, then its critic."""

@@ -16,7 +16,7 @@ from lit_align.checkpoint import load_checkpoint
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
 from lit_align.data.tokenize import _collate_sequences
-from lit_align.engine import PhaseTimer, PPOConfig, generator, optimizer_step, ppo_update
+from lit_align.engine import PhaseTimer, PPOConfig, generator, player_step, ppo_update
 from lit_align.errors import ConfigError
 from lit_align.losses.watermark import DetectorPair, detector_loss, detector_objective
 from lit_align.methods.base import ReferencedPolicyModule
@@ -323,12 +323,8 @@ class WatermarkModule(ReferencedPolicyModule):
     def _step(self, player: str, loss: Tensor) -> None:
         """One optimiser step of ``actor``, ``critic`` or ``detector``, and its scheduler (actor and critic may
         have one; each advances once per optimiser step of its player: :func:`lit_align.engine.optimizer_step`)."""
-        scheduler = None
-        if player in self._scheduler_index:
-            schedulers = self.lr_schedulers()
-            scheduler = (schedulers if isinstance(schedulers, list) else [schedulers])[self._scheduler_index[player]]
-        optimizer = self.optimizers()[("actor", "critic", "detector").index(player)]
-        optimizer_step(self, optimizer, loss, clip=self.gradient_clip, scheduler=scheduler)
+        player_step(self, loss, optimizer=("actor", "critic", "detector").index(player),
+                    scheduler=self._scheduler_index.get(player), clip=self.gradient_clip)
 
     # -- API -----------------------------------------------------------------------------------
     @torch.no_grad()
