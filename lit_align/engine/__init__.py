@@ -1,9 +1,12 @@
 """The machinery every multi-player and online-RL method shares: seeds, phase timers, optimiser steps and
 the PPO update. A method file holds its choreography and calls these."""
 
+from lit_align.engine import distributed
+from lit_align.engine.player import Optimization, Player, configure_players, resolve_optimization
 from lit_align.engine.ppo import PPOConfig, ppo_update
 from lit_align.engine.seeds import derive_seed, generator, row_generators
 from lit_align.engine.step import optimizer_step, player_step
 from lit_align.engine.timer import PhaseTimer
 
-__all__ = ["PPOConfig", "PhaseTimer", "derive_seed", "generator", "optimizer_step", "player_step", "ppo_update", "row_generators"]
+__all__ = ["Optimization", "PPOConfig", "PhaseTimer", "Player", "configure_players", "derive_seed", "distributed",
+           "generator", "optimizer_step", "player_step", "ppo_update", "resolve_optimization", "row_generators"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_align.engine.distributed import global_share, is_distributed, max_over_ranks, sum_over_ranks
 from lit_align.errors import ConfigError
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
 from lit_align.rollout.experience import Experience, minibatches
@@ -90,6 +91,13 @@ def ppo_update(
         generator: CPU generator of the minibatch permutation (seeded by the caller: resumable).
         chunk_tokens: rows per LM-head chunk in the log-prob computation (memory only).
 
+    Data parallel (DDP, FSDP2): each rank updates on its own experience, which must hold as many rows as
+    every other rank's (``make_experience(keep_shape=True)``), so all run the same minibatches. Each loss, a
+    mean over its minibatch's action tokens, is scaled by its share of the tokens of all ranks
+    (:func:`~lit_align.engine.distributed.global_share`): averaged over the ranks, the gradients are those
+    of the mean over every rank's tokens, as one process on the global batch computes. The early stop is
+    decided on the token-weighted mean approximate KL of all ranks, identically on each.
+
     Returns:
         The last minibatch's detached metrics: ``loss`` and the policy-loss metrics (``clip_frac``,
         ``approx_kl``, ...), ``critic/loss`` and ``critic/<metric>`` when there is a critic, and ``epochs`` (the
@@ -97,23 +105,49 @@ def ppo_update(
     """
     metrics: dict[str, Tensor] = {}
     epochs = 0
+    size = config.minibatch_size or max(len(exp), 1)
+    if is_distributed() and max_over_ranks(len(exp)) != len(exp):
+        raise RuntimeError(f"ppo_update: this rank holds {len(exp)} experience rows and another rank more: make "
+                           "the experience with make_experience(keep_shape=True) so every rank runs the same "
+                           "minibatches")
     for _ in range(config.epochs):
         epochs += 1
         stop = False
-        for mb in minibatches(exp, config.minibatch_size or len(exp), shuffle=config.epochs > 1, generator=generator):
-            logps = token_logps(policy, mb.sequences, mb.attention_mask, mb.action_mask, chunk_tokens=chunk_tokens).logps
+        for mb in minibatches(exp, size, shuffle=config.epochs > 1, generator=generator):
+            tokens = mb.action_mask.sum()
+            share = global_share(tokens).to(tokens.device)  # 1 in one process
+            scored = mb.action_mask if tokens > 0 else _one_position(mb.attention_mask)
+            logps = token_logps(policy, mb.sequences, mb.attention_mask, scored, chunk_tokens=chunk_tokens).logps
             loss, pm = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.action_mask, clip=config.clip)
-            step_policy(loss)
+            step_policy(loss * share)
             metrics = {"loss": loss.detach(), **pm}
             if critic is not None:
                 values = critic.action_values(mb.sequences, mb.attention_mask)
                 value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask, clip=config.value_clip)
-                (step_critic or step_policy)(value_loss)
+                (step_critic or step_policy)(value_loss * share)
                 metrics.update({"critic/loss": value_loss.detach(), **{f"critic/{k}": v for k, v in vm.items()}})
-            if config.target_kl is not None and float(pm["approx_kl"]) > config.target_kl:
+            if config.target_kl is not None and _mean_over_ranks(pm["approx_kl"], tokens) > config.target_kl:
                 stop = True
                 break
         if stop:
             break
     metrics["epochs"] = torch.tensor(float(epochs))
     return metrics
+
+
+def _one_position(attention_mask: Tensor) -> Tensor:
+    """A mask scoring one token (the first row's last): a minibatch without actions (every row too short,
+    kept by ``keep_shape``) still runs the whole policy, so its zero loss reaches every parameter and the
+    backward's collectives (FSDP2's reduce-scatters) match the other ranks'."""
+    mask = torch.zeros_like(attention_mask, dtype=torch.float32)
+    mask[0, int(attention_mask[0].nonzero().max())] = 1.0
+    return mask
+
+
+def _mean_over_ranks(value: Tensor, weight: Tensor) -> float:
+    """The ``weight``-weighted mean over all ranks of a per-rank mean (``value`` itself in one process)."""
+    if not is_distributed():
+        return float(value)
+    weight = weight.detach().double()
+    pair = sum_over_ranks(torch.stack([value.detach().double() * weight, weight]))
+    return float(pair[0] / pair[1].clamp(min=1e-12))

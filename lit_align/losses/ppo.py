@@ -23,6 +23,7 @@ https://arxiv.org/abs/2403.10553) and GPO code follow.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -57,7 +58,8 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 # -- functions ----------------------------------------------------------------------------------------
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, *, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, *, eps: float = 1e-8,
+           reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Masked whitening: ``(x - mean) / sqrt(var + eps)`` over the positions where ``mask`` is 1.
 
     ``mean`` and ``var`` are taken over every masked element of the batch (the unbiased variance,
@@ -72,16 +74,20 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, *, eps: float = 1e-
         mask: (B, T) 1 on the positions that count.
         shift_mean: subtract the mean (True) or keep it (False).
         eps: added to the variance.
+        reduce: sums a tensor over the data-parallel ranks (:func:`lit_align.engine.distributed.sum_over_ranks`):
+            the mean and variance are then those of every rank's masked elements, so N ranks whiten as one
+            process does over the global batch. ``None``: this batch alone.
 
     Returns:
         (B, T) whitened ``x``, 0 where ``mask`` is 0.
     """
     _check_bt(mask, x=x)
     m = mask.bool()
-    n = m.sum()
-    mean = _masked_mean(x, m)
+    total = reduce or (lambda t: t)
+    n = total(m.sum().to(x.dtype))
+    mean = total(torch.where(m, x, torch.zeros_like(x)).sum()) / n.clamp(min=1)
     centred = torch.where(m, x - mean, torch.zeros_like(x))
-    var = (centred**2).sum() / (n - 1).clamp(min=1)
+    var = total((centred**2).sum()) / (n - 1).clamp(min=1)
     out = centred * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

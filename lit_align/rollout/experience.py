@@ -155,6 +155,8 @@ def make_experience(
     reference_context: Callable[[], AbstractContextManager] | None = None,
     min_response_tokens: int = 2,
     eos_token_id: int | Sequence[int] | None = None,
+    keep_shape: bool = False,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Experience:
     """Score a rollout for PPO: log-probs, values, KL-shaped rewards and GAE (no gradient).
 
@@ -181,6 +183,12 @@ def make_experience(
             docstring): it stays a step of the KL-shaped rewards and the GAE, and the score sits on
             it, but ``action_mask`` is 0 there, so the PPO losses skip it, and it does not count
             towards ``min_response_tokens``.
+        keep_shape: keep the rows that are too short as rows with no actions (every mask 0: no reward, no
+            loss, out of the whitening and the metrics) instead of removing them. Data-parallel ranks then
+            all hold the same number of rows, so they run the same number of forwards and minibatches
+            (FSDP2 and DDP need that); with the losses' global token means the result is unchanged.
+        reduce: sums a tensor over data-parallel ranks, for global whitening (see
+            :func:`~lit_align.losses.ppo.whiten`); ``None``: this rank's batch alone.
 
     Returns:
         The :class:`Experience` of the kept rows, with ``metrics``: ``kl``, ``kl_token``, ``score``,
@@ -192,11 +200,14 @@ def make_experience(
     actions = response_actions(rollout, eos_token_id)  # (B, R)
     keep = actions.sum(-1) >= min_response_tokens  # (B,)
     dropped = int((~keep).sum())
-    if dropped == len(keep):
+    if keep_shape:
+        actions = actions * keep[:, None]
+    elif dropped == len(keep):
         return _empty(rollout, scores, dropped)
-    if dropped:
+    elif dropped:
         rollout = Rollout(**{f.name: getattr(rollout, f.name)[keep] for f in fields(rollout)})
         scores, actions = scores[keep], actions[keep]
+        keep = keep[keep]
 
     sequences = rollout.sequences  # (B, T)
     attention_mask = rollout.attention_mask  # (B, T)
@@ -209,16 +220,18 @@ def make_experience(
             ref = token_logps(reference, sequences, attention_mask, steps)
         values = critic.action_values(sequences, attention_mask)  # (B, T)
 
-    mask = old.mask  # (B, T) float == steps (a prompt's first real token is never generated)
+    mask = old.mask * keep[:, None]  # (B, T) float == steps of the kept rows (a prompt's first token is never generated)
     action_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), actions], dim=1).to(mask)  # (B, T)
     values = values.float() * mask
-    rewards, metrics = kl_shaped_rewards(old.logps, ref.logps, scores, mask, kl_coef=kl_coef,
-                                         reward_clip=reward_clip)
+    rewards, _ = kl_shaped_rewards(old.logps, ref.logps, scores, mask, kl_coef=kl_coef, reward_clip=reward_clip)
+    rows = keep if keep.any() else torch.ones_like(keep)  # metrics over the kept rows (all: none is kept)
+    _, metrics = kl_shaped_rewards(old.logps[rows], ref.logps[rows], scores[rows], mask[rows], kl_coef=kl_coef,
+                                   reward_clip=reward_clip)
     advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     if whiten_advantages:
-        advantages = whiten(advantages, action_mask)
+        advantages = whiten(advantages, action_mask, reduce=reduce)
     advantages, returns = advantages * action_mask, returns * action_mask
-    metrics["response_length"] = mask.sum(-1).mean()
+    metrics["response_length"] = mask[rows].sum(-1).mean()
     metrics["value"] = (values.sum() / mask.sum().clamp(min=1))
     metrics["dropped"] = torch.tensor(float(dropped), device=mask.device)
     return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,

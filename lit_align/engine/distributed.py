@@ -1,0 +1,138 @@
+"""Data parallelism for manual-optimisation methods: what N ranks must agree on to equal one process.
+
+Every multi-player method under DDP or FSDP2 keeps its experience on its rank and makes each decision that
+changes the *number* of collective operations (whether a player updates, how many minibatches it runs,
+whether PPO stops early, whether a debate's DPO stops) from globally reduced numbers, identically on every
+rank: a rank that skipped a forward or a backward the others run would hang them.
+
+* **Gradients.** Under FSDP2 (``ModelParallelStrategy``) each backward reduce-scatters its gradients
+  itself. Under DDP, Lightning's reducer expects one backward over every trainable parameter per step; a
+  multi-player step runs several backwards, each over one player's parameters. :func:`take_over_ddp_sync`
+  switches the reducer off and :func:`average_gradients` averages one optimiser's gradients across ranks in
+  one collective just before it steps (called by :func:`lit_align.engine.optimizer_step`): any number of
+  backwards per step, any subset of players, and nothing for a player that does not update.
+* **Token means.** A loss that averages over tokens is scaled by ``W * local_tokens / global_tokens``
+  (:func:`global_share`), so the rank-averaged gradient is the gradient of the mean over all ranks' tokens:
+  N ranks equal one process on the global batch, however the tokens fall between the ranks.
+* **Statistics.** :func:`sum_over_ranks` is the reduction handed to whitening
+  (:func:`lit_align.losses.ppo.whiten`) and reward normalisation, so they use global moments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lit_align.errors import ConfigError
+
+__all__ = [
+    "all_gather_objects", "any_rank", "average_gradients", "check_divides", "global_share", "is_distributed",
+    "max_over_ranks", "rank_and_world", "sum_over_ranks", "take_over_ddp_sync",
+]
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+def is_distributed() -> bool:
+    """A process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over all ranks (a new tensor; ``tensor`` itself without a process group)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def max_over_ranks(value: int | float) -> float:
+    """The largest ``value`` over all ranks."""
+    if not is_distributed():
+        return value
+    out = torch.tensor(float(value), dtype=torch.float64, device=_device())
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.item()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one."""
+    return bool(max_over_ranks(float(bool(flag))))
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group). Picklable objects only."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def global_share(count: Tensor | float) -> Tensor:
+    """``W * count / sum_over_ranks(count)``: the factor that turns a mean over this rank's ``count`` items
+    into its share of the mean over every rank's items once gradients are averaged over the ``W`` ranks
+    (1 in one process; 0 where no rank has any item)."""
+    count = torch.as_tensor(count, dtype=torch.float64, device=_device())
+    _, world = rank_and_world()
+    total = sum_over_ranks(count)
+    return torch.where(total > 0, world * count / total.clamp(min=1e-12), torch.zeros_like(total)).float()
+
+
+def check_divides(global_batch: int, key: str) -> None:
+    """Refuse a global batch that the world size does not divide (``key``: the config key that sets it)."""
+    _, world = rank_and_world()
+    if global_batch % world:
+        raise ConfigError(f"{key}={global_batch} is not divisible by the world size {world}: every rank takes an "
+                          f"equal share; use a multiple of {world}")
+
+
+# -- gradients under DDP -------------------------------------------------------------------------------
+def _ddp(module) -> nn.parallel.DistributedDataParallel | None:
+    trainer = getattr(module, "_trainer", None)
+    wrapped = getattr(getattr(trainer, "strategy", None), "model", None) if trainer is not None else None
+    return wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None
+
+
+def take_over_ddp_sync(module) -> bool:
+    """Switch off the DDP reducer of a Lightning module's wrapper (its gradients are then averaged per
+    optimiser step by :func:`average_gradients`); False when the module is not under DDP."""
+    ddp = _ddp(module)
+    if ddp is None:
+        return False
+    ddp.require_backward_grad_sync = False  # Lightning's manual backward then never prepares the reducer
+    return True
+
+
+def average_gradients(params: Iterable[Tensor]) -> None:
+    """Average the gradients of ``params`` over all ranks in one flat collective (a missing gradient counts
+    as zeros and is filled in), so every rank takes the same optimiser step."""
+    params = [p for p in params if p.requires_grad]
+    if not params or not is_distributed():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+def _device() -> torch.device:
+    """The device collectives run on: the current CUDA device under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

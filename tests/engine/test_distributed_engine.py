@@ -1,0 +1,190 @@
+"""The engine over two gloo ranks equals one process on the global batch: global whitening, the PPO update
+with globally normalised token means and a shared early-stop decision, gradient averaging with missing
+gradients, and keep_shape experience; plus the per-player optimisation blocks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_lm
+from torch import nn
+
+from lit_align.engine import Optimization, Player, PPOConfig, configure_players, ppo_update, resolve_optimization
+from lit_align.engine.distributed import (
+    all_gather_objects,
+    any_rank,
+    average_gradients,
+    check_divides,
+    global_share,
+    rank_and_world,
+)
+from lit_align.errors import ConfigError
+from lit_align.losses.ppo import whiten
+from lit_align.models.reward import RewardModel
+from lit_align.models.value import ValueModel
+from lit_align.rollout.experience import make_experience
+from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
+
+VOCAB, PAD = 128, 0
+STOPS = list(range(1, VOCAB, 4))  # a quarter of the vocabulary ends a response: lengths vary, some rows are short
+PROMPTS = [[5, 17, 31, 44], [88, 23, 7], [40, 19], [3, 15, 99, 25]]
+SCORES = torch.tensor([1.0, -0.5, 0.3, 2.0])
+
+
+def _models():
+    actor = tiny_lm("qwen2", vocab_size=VOCAB, hidden_size=32, seed=0)
+    head = nn.Linear(32, 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        nn.init.normal_(head.weight, std=0.5)
+    critic = ValueModel.from_reward_model(RewardModel(tiny_lm("qwen2", vocab_size=VOCAB, hidden_size=32, seed=1),
+                                                      head, "scalar_head").eval())
+    return actor, critic
+
+
+def _rollout(actor, rows):
+    """Rows ``rows`` of the global batch; each row's sample comes from its own generator, so the same on
+    any rank."""
+    ids, mask = left_pad([PROMPTS[i] for i in rows], PAD)
+    return sample(actor, ids, mask, SamplingConfig(max_new_tokens=6, do_sample=True), eos_token_id=STOPS,
+                  pad_token_id=PAD, generator=[torch.Generator().manual_seed(100 + i) for i in rows])
+
+
+def _update(rows, config, keep_shape):
+    """Experience over ``rows`` and one PPO update with SGD; the trained weights (as a flat vector)."""
+    torch.manual_seed(0)
+    actor, critic = _models()
+    rollout = _rollout(actor, rows)
+    exp = make_experience(actor, copy.deepcopy(actor), critic, rollout, SCORES[rows], kl_coef=0.05,
+                          whiten_advantages=True, keep_shape=keep_shape,
+                          min_response_tokens=3,  # drops the short rows
+                          reduce=_sum if dist.is_initialized() else None)
+    policy, value = actor.train(), critic
+    opts = {"policy": torch.optim.SGD(policy.parameters(), lr=0.5), "value": torch.optim.SGD(value.parameters(), lr=0.5)}
+
+    def step(name, loss):
+        opt = opts[name]
+        opt.zero_grad()
+        loss.backward()
+        average_gradients(p for g in opt.param_groups for p in g["params"])
+        opt.step()
+
+    metrics = ppo_update(policy, value, exp, config, step_policy=lambda loss: step("policy", loss),
+                         step_critic=lambda loss: step("value", loss))
+    flat = torch.cat([p.detach().reshape(-1) for p in [*policy.parameters(), *value.parameters()]])
+    return flat, metrics, exp
+
+
+def _sum(t):
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        results = {}
+        # whitening with global moments equals whitening the concatenated batch
+        x = torch.arange(12.0).reshape(4, 3) * (rank + 1)
+        m = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]]) if rank == 0 else torch.ones(4, 3)
+        results["whiten"] = whiten(x, m, reduce=_sum)
+        results["x"], results["m"] = x, m
+        # gradient averaging: a parameter with no gradient on one rank counts as zeros there
+        p = nn.Parameter(torch.zeros(3))
+        p.grad = torch.full((3,), 2.0) if rank == 0 else None
+        average_gradients([p])
+        results["avg"] = p.grad.clone()
+        results["share"] = global_share(torch.tensor(3.0 if rank == 0 else 1.0))
+        results["any"] = any_rank(rank == 1)
+        results["gather"] = all_gather_objects({"rank": rank})
+        try:
+            check_divides(3, "data.batch_size")
+        except ConfigError as err:
+            results["divides"] = str(err)
+        rows = [0, 2] if rank == 0 else [1, 3]  # the sharded sampler's rank-interleaved shards
+        config = PPOConfig(epochs=2, clip=0.2, value_clip=0.2, target_kl=0.05)
+        results["ppo"] = _update(rows, config, keep_shape=True)[:2]
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(2, f"file://{out}/init", str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_global_whitening_equals_whitening_the_concatenated_batch(two_ranks):
+    x = torch.cat([r["x"] for r in two_ranks])
+    m = torch.cat([r["m"] for r in two_ranks])
+    expected = whiten(x, m)
+    torch.testing.assert_close(torch.cat([r["whiten"] for r in two_ranks]), expected)
+    assert not torch.allclose(two_ranks[0]["whiten"], whiten(two_ranks[0]["x"], two_ranks[0]["m"]))  # not local
+
+
+def test_collectives_average_share_and_agree(two_ranks):
+    for r in two_ranks:
+        torch.testing.assert_close(r["avg"], torch.ones(3))  # (2 + 0) / 2: the missing gradient counted as zeros
+        assert r["any"] is True and r["gather"] == [{"rank": 0}, {"rank": 1}]
+        assert "data.batch_size=3 is not divisible by the world size 2" in r["divides"]
+    # shares of 3 and 1 tokens: 2 * 3/4 and 2 * 1/4, summing to the world size
+    torch.testing.assert_close([r["share"].item() for r in two_ranks], [1.5, 0.5])
+    assert rank_and_world() == (0, 1) and global_share(torch.tensor(5.0)).item() == 1.0
+
+
+def test_ppo_on_two_ranks_equals_one_process_on_the_global_batch(two_ranks):
+    """Uneven action tokens and dropped rows between the ranks, whitening, two epochs and a KL early stop:
+    the same weights and epochs."""
+    one, metrics, exp = _update([0, 2, 1, 3], PPOConfig(epochs=2, clip=0.2, value_clip=0.2, target_kl=0.05),
+                                keep_shape=False)
+    (w0, m0), (w1, m1) = (r["ppo"] for r in two_ranks)
+    assert exp.num_dropped >= 1, "no row was dropped: the test would not exercise keep_shape"
+    torch.testing.assert_close(w0, w1, rtol=0, atol=0)  # every rank took the same steps
+    torch.testing.assert_close(w0, one, rtol=1e-5, atol=1e-6)
+    assert m0["epochs"].item() == m1["epochs"].item() == metrics["epochs"].item()
+
+
+def test_keep_shape_keeps_rows_without_changing_the_update():
+    kept_rows, _, kept = _update([0, 1, 2, 3], PPOConfig(), keep_shape=True)
+    removed_rows, _, removed = _update([0, 1, 2, 3], PPOConfig(), keep_shape=False)
+    assert len(kept) == 4 and len(removed) == 4 - removed.num_dropped < 4
+    assert kept.num_dropped == removed.num_dropped
+    torch.testing.assert_close(kept_rows, removed_rows, rtol=1e-5, atol=1e-6)
+    for key in ("kl", "score", "reward", "response_length"):
+        torch.testing.assert_close(kept.metrics[key], removed.metrics[key])
+
+
+# -- per-player optimisation ----------------------------------------------------------------------
+def test_missing_or_unknown_player_blocks_name_the_key():
+    defaults = {"defender": Optimization(lr=1e-5), "attacker": Optimization(lr=3e-6)}
+    with pytest.raises(ConfigError, match=r"model.optimization: no block for model.optimization.attacker"):
+        resolve_optimization({"defender": Optimization()}, defaults)
+    with pytest.raises(ConfigError, match="unknown player.*critic"):
+        resolve_optimization({"defender": {}, "attacker": {}, "critic": {}}, defaults)
+    resolved = resolve_optimization({"defender": {"lr": 2e-5}, "attacker": Optimization(gradient_clip=None)}, defaults)
+    assert resolved["defender"].lr == 2e-5 and resolved["attacker"].lr == 3e-6
+    assert resolved["attacker"].gradient_clip is None
+    with pytest.raises(ConfigError, match="gradient_clip must be positive"):
+        Optimization(gradient_clip=0.0)
+
+
+def test_configure_players_builds_each_optimiser_and_scheduler_in_order():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # noqa: E731
+    players = [Player("a", Optimization(lr=0.1), lambda lr: lambda ps: torch.optim.SGD(ps, lr=lr)),
+               Player("b", Optimization(optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), scheduler=sched))]
+    optimizers, schedulers = configure_players(players, {"a": list(a.parameters()), "b": list(b.parameters())})
+    assert [type(o).__name__ for o in optimizers] == ["SGD", "Adam"] and len(schedulers) == 1
+    assert (players[0].optimizer_index, players[0].scheduler_index) == (0, None)
+    assert (players[1].optimizer_index, players[1].scheduler_index) == (1, 0)
+    assert optimizers[0].param_groups[0]["lr"] == 0.1
+    with pytest.raises(ConfigError, match="the c has no trainable parameters"):
+        configure_players([Player("c", Optimization(lr=0.1), lambda lr: None)], {"c": []})
