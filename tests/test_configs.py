@@ -54,7 +54,7 @@ def test_configs_are_found():
     assert len(found) == 32
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {n for n in expected if n.endswith("/tiny.yaml")}
     assert len(TINY) == 11
-    assert [p.name for p in PRESETS] == ["default.yaml", "fsdp.yaml", "fsdp2_cpu.yaml", "wandb.yaml"]
+    assert [p.name for p in PRESETS] == ["ddp_cpu.yaml", "default.yaml", "fsdp.yaml", "fsdp2_cpu.yaml", "wandb.yaml"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))

@@ -31,7 +31,7 @@ from lit_align.errors import ConfigError
 
 __all__ = [
     "all_gather_objects", "any_rank", "average_gradients", "check_divides", "global_share", "is_distributed",
-    "max_over_ranks", "rank_and_world", "sum_over_ranks", "take_over_ddp_sync",
+    "max_over_ranks", "rank_and_world", "refuse_fsdp1", "sum_over_ranks", "take_over_ddp_sync",
 ]
 
 Reduce = Callable[[Tensor], Tensor]
@@ -95,6 +95,20 @@ def check_divides(global_batch: int, key: str) -> None:
     if global_batch % world:
         raise ConfigError(f"{key}={global_batch} is not divisible by the world size {world}: every rank takes an "
                           f"equal share; use a multiple of {world}")
+
+
+def refuse_fsdp1(strategy, method: str) -> None:
+    """Refuse Lightning's ``FSDPStrategy`` (FSDP1, ``callbacks/fsdp.yaml``) for a multi-player method: it wraps
+    the whole module once, so players' LoRA adapters on one base, their separate optimisers and the
+    per-player backward passes do not fit it. FSDP2 does (``callbacks/fsdp2_cpu.yaml``, on GPUs with
+    ``trainer.accelerator: gpu``), and so does DDP (``callbacks/ddp_cpu.yaml``)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ConfigError(f"trainer.strategy: {method} does not run under FSDPStrategy (FSDP1, callbacks/fsdp.yaml): "
+                          "its players (LoRA adapters on one base, each with its own optimiser and backward) need "
+                          "FSDP2; use trainer.strategy: ModelParallelStrategy (callbacks/fsdp2_cpu.yaml, with "
+                          "trainer.accelerator: gpu on GPUs) or ddp (callbacks/ddp_cpu.yaml)")
 
 
 # -- gradients under DDP -------------------------------------------------------------------------------

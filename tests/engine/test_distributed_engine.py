@@ -188,3 +188,13 @@ def test_configure_players_builds_each_optimiser_and_scheduler_in_order():
     assert optimizers[0].param_groups[0]["lr"] == 0.1
     with pytest.raises(ConfigError, match="the c has no trainable parameters"):
         configure_players([Player("c", Optimization(lr=0.1), lambda lr: None)], {"c": []})
+
+
+def test_fsdp1_is_refused_with_the_presets_to_use():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lit_align.engine.distributed import refuse_fsdp1
+
+    with pytest.raises(ConfigError, match=r"trainer.strategy: GameModule does not run under FSDPStrategy.*fsdp2_cpu"):
+        refuse_fsdp1(FSDPStrategy(), "GameModule")
+    refuse_fsdp1(DDPStrategy(), "GameModule")
