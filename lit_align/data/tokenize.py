@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.batches import PreferenceBatch, SequenceBatch
 from lit_align.errors import ConfigError
+from lit_align.padding import pad_rows
 
 __all__ = [
     "PreferenceCollator",
@@ -155,15 +156,10 @@ class TokenizedDataset(Dataset):
 
 
 def _collate_sequences(rows: list[tuple[list[int], list[int]]], indices: list[int], pad_id: int) -> SequenceBatch:
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    loss = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    ids, attn = pad_rows([list(p) + list(r) for p, r in rows], pad_id, side="right")  # (B, T) each
+    loss = torch.zeros_like(attn)  # (B, T)
     for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        attn[i, :n] = 1
-        loss[i, len(p) : n] = 1
+        loss[i, len(p) : len(p) + len(r)] = 1
     return SequenceBatch(ids, attn, loss, torch.tensor(indices, dtype=torch.long))
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from lit_align.modes import eval_mode
+from lit_align.padding import pad_rows
 
 __all__ = ["Rollout", "SamplingConfig", "left_pad", "sample"]
 
@@ -136,21 +137,14 @@ class Rollout:
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad token id lists into ``(ids, mask)``, both (B, max_len) long.
+    """Left-pad token id lists into ``(ids, mask)``, both (B, max_len) long (:func:`lit_align.padding.pad_rows`).
 
     ``mask`` is 1 on real tokens and 0 on padding, which sits on the left as :func:`sample`
     requires.
     """
     if len(sequences) == 0:
         raise ValueError("left_pad needs at least one sequence")
-    max_len = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), max_len), pad_token_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(sequences), max_len), dtype=torch.long)  # (B, T)
-    for i, seq in enumerate(sequences):
-        if len(seq) > 0:
-            ids[i, max_len - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
-            mask[i, max_len - len(seq) :] = 1
-    return ids, mask
+    return pad_rows(sequences, pad_token_id, side="left")
 
 
 def _check_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
