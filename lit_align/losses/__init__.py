@@ -14,6 +14,9 @@ Functions:
     ppo_policy_loss             clipped PPO surrogate, token-averaged (clip fraction, approximate KL)
     ppo_value_loss              clipped value loss, token-averaged
     whiten                      masked whitening (advantage normalisation)
+    bradley_terry_loss          reward models: -log sigmoid(r_c - r_r - margin) (+ a centring penalty)
+    rloo_advantages             RLOO: each sample's reward minus the mean of its prompt's other samples
+    grpo_advantages             GRPO: group-normalised rewards (optionally without the std scaling)
     detector_loss               watermark detector: pairwise -log sigmoid(s_w - s_h) + score penalty
     detector_objective          watermark detector: the main pair + weighted robustness pairs (DetectorPair)
 
@@ -33,8 +36,10 @@ Config objects (selected from YAML by ``class_path``):
     MismatchNLL      LLMU: NLL of random normal answers to the forget prompts
 """
 
+from lit_align.losses.group import grpo_advantages, rloo_advantages
 from lit_align.losses.ppo import gae, kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from lit_align.losses.preference import DPOLoss, IPOLoss, PreferenceLoss, dpo_loss, ipo_loss
+from lit_align.losses.reward import bradley_terry_loss
 from lit_align.losses.sft import nll_loss
 from lit_align.losses.unlearning import (
     NPO,
@@ -54,6 +59,7 @@ from lit_align.losses.unlearning import (
 from lit_align.losses.watermark import DetectorPair, detector_loss, detector_objective
 
 __all__ = [
+    "bradley_terry_loss",
     "DetectorPair",
     "detector_loss",
     "detector_objective",
@@ -71,6 +77,7 @@ __all__ = [
     "dpo_loss",
     "gae",
     "gls_cross_entropy",
+    "grpo_advantages",
     "gradient_ascent_loss",
     "ipo_loss",
     "kl_loss",
@@ -80,5 +87,6 @@ __all__ = [
     "npo_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "rloo_advantages",
     "whiten",
 ]
