@@ -34,6 +34,7 @@ EXPECTED_CONFIGS = {
     "debate": ["tiny.yaml", "llama3_8b_mmlu.yaml", "mistral7b_boolq.yaml"],
     "dpo": ["tiny.yaml", "llama3.1-8b_ultrafeedback_fsdp.yaml", "qwen2.5-0.5b_ultrafeedback_lora.yaml"],
     "game": ["tiny.yaml", "llama2_7b_hh_llamaguard.yaml", "llama2_7b_pku_reward_model.yaml"],
+    "rm": ["tiny.yaml"],
     "sft": ["tiny.yaml", "tiny_debate.yaml", "tiny_game.yaml", "tiny_tofu.yaml", "qwen2.5-0.5b_alpaca.yaml"],
     "unlearning/ga": ["tiny.yaml"],
     "unlearning/graddiff": ["tiny.yaml"],
@@ -51,9 +52,9 @@ def test_configs_are_found():
     found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
     expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
     assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
-    assert len(found) == 32
+    assert len(found) == 33
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {n for n in expected if n.endswith("/tiny.yaml")}
-    assert len(TINY) == 11
+    assert len(TINY) == 12
     assert [p.name for p in PRESETS] == ["ddp_cpu.yaml", "default.yaml", "fsdp.yaml", "fsdp2_cpu.yaml", "wandb.yaml"]
 
 
@@ -88,6 +89,8 @@ def test_tiny_config_runs_to_the_end(config, tmp_path):
         short = [f"--model.init_args.{k}={v}" for k, v in (("questions_per_phase", 8), ("trials", 1), ("k", 2),
                                                           ("rounds", 2), ("dpo_epochs", 1))]
         short += ["--trainer.limit_val_batches=1", "--data.init_args.eval_batch_size=8"]
+    if config.parent.name == "rm":  # learning is checked in tests/methods/test_reward_model.py
+        short = ["--trainer.max_steps", "10"]
     cli = cli_main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path),
                     "--trainer.enable_progress_bar", "false", *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path),
                     *short])
@@ -115,7 +118,8 @@ def test_validate_test_and_predict_subcommands(config, tmp_path):
         assert f"{prefix}/{key}" in cli.trainer.callback_metrics
     cli = cli_main(["predict", *common, "--trainer.limit_predict_batches", "1"])
     rows = [row for batch in cli.trainer.predict_loop.predictions for row in batch]
-    assert rows and all(set(r) == {"prompt", "completion"} and r["prompt"] for r in rows)
+    fields = {"prompt", "chosen", "rejected"} if config.parent.name == "rm" else {"prompt", "completion"}
+    assert rows and all(set(r) == fields and r["prompt"] for r in rows)
     (written,) = tmp_path.rglob("predictions.jsonl")  # the same rows, with their dataset index
     assert [json.loads(line) for line in written.read_text(encoding="utf-8").splitlines()] == [
         {"index": i, **r} for i, r in enumerate(rows)]

@@ -78,11 +78,15 @@ class PolicyModule(L.LightningModule):
         self.spec = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.chunk_tokens = chunk_tokens
-        self.tokenizer = build_tokenizer(model)
+        self.tokenizer = self._build_tokenizer(model)
         self.policy: torch.nn.Module | None = None
         self._last_batch_end: float | None = None
 
     # -- building ----------------------------------------------------------------------------
+    def _build_tokenizer(self, spec: ModelSpec):
+        """The module's tokenizer (subclass hook: a policy needs an EOS token to stop generating)."""
+        return build_tokenizer(spec)
+
     def _attach_base(self, base: torch.nn.Module, weights: torch.nn.Module | None) -> None:
         """Subclass hook, called with the freshly built base model before LoRA is applied.
 
