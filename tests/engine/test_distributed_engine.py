@@ -5,13 +5,15 @@ gradients, and keep_shape experience; plus the per-player optimisation blocks.""
 from __future__ import annotations
 
 import copy
+import functools
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_lm
-from torch import nn
+from torch import Tensor, nn
 
 from lit_align.engine import Optimization, Player, PPOConfig, configure_players, ppo_update, resolve_optimization
 from lit_align.engine.distributed import (
@@ -198,3 +200,94 @@ def test_fsdp1_is_refused_with_the_presets_to_use():
     with pytest.raises(ConfigError, match=r"trainer.strategy: GameModule does not run under FSDPStrategy.*fsdp2_cpu"):
         refuse_fsdp1(FSDPStrategy(), "GameModule")
     refuse_fsdp1(DDPStrategy(), "GameModule")
+
+
+# -- players under Lightning's DDP ------------------------------------------------------------------
+DATA = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+
+
+class _Alternating(L.LightningModule):
+    """Two players on disjoint layers; only one updates per batch (even batches ``a``, odd ``b``), each
+    with its own rate, clip and scheduler. Batches are example indices; the rows each rank saw are saved."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.out, self.seen = out, []
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 1), nn.Linear(4, 1)
+        self.players = [Player("a", Optimization(lr=0.1, scheduler=_halving, gradient_clip=0.5), _sgd),
+                        Player("b", Optimization(lr=0.05, gradient_clip=None), _sgd)]
+
+    def configure_optimizers(self):
+        return configure_players(self.players, {"a": list(self.a.parameters()), "b": list(self.b.parameters())})
+
+    def training_step(self, batch, batch_idx):
+        (index,) = batch
+        self.seen.append(index.clone())
+        player = self.players[batch_idx % 2]
+        layer = self.a if player.name == "a" else self.b
+        player.step(self, layer(DATA[index]).pow(2).mean())
+
+    def on_train_end(self) -> None:
+        lrs = [g["lr"] for opt in self.optimizers() for g in opt.param_groups]
+        torch.save({"state": {k: v.clone() for k, v in self.state_dict().items()}, "lrs": lrs, "seen": self.seen},
+                   f"{self.out}/rank{self.global_rank}_of{self.trainer.world_size}.pt")
+
+
+def _sgd(lr):
+    return functools.partial(torch.optim.SGD, lr=lr)
+
+
+def _half(n: int) -> float:
+    return 0.5**n
+
+
+def _halving(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, _half)
+
+
+def _fit(world: int, out, batch: int) -> None:
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(32)), batch_size=batch)
+    strategy = L.pytorch.strategies.DDPStrategy(start_method="spawn") if world > 1 else "auto"
+    L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_epochs=1, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=out).fit(_Alternating(str(out)), loader)
+
+
+def _by_hand(steps: list[Tensor]) -> dict[str, Tensor]:
+    """The same training in a plain loop, each step on the union of the rows all ranks saw."""
+    torch.manual_seed(0)
+    layers = {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)}
+    lr_a = 0.1
+    for i, rows in enumerate(steps):
+        name = "ab"[i % 2]
+        layer = layers[name]
+        layer.zero_grad()
+        layer(DATA[rows]).pow(2).mean().backward()
+        if name == "a":
+            torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.5)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p -= (lr_a if name == "a" else 0.05) * p.grad
+        lr_a *= 0.5 if name == "a" else 1.0
+    return {f"{n}.{k}": v for n, layer in layers.items() for k, v in layer.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_players_under_ddp_match_one_process(tmp_path):
+    """One player updates per step (the other's parameters are unused: no hang, no unused-parameter error);
+    two DDP ranks end equal to each other and to a plain loop over the global batch of each step."""
+    _fit(1, tmp_path, 8)
+    _fit(2, tmp_path, 4)
+    one = torch.load(tmp_path / "rank0_of1.pt", weights_only=True)
+    two = [torch.load(tmp_path / f"rank{r}_of2.pt", weights_only=True) for r in range(2)]
+    steps_two = [torch.cat(rows) for rows in zip(two[0]["seen"], two[1]["seen"], strict=True)]
+    for run, steps in ((one, one["seen"]), (two[0], steps_two)):
+        assert len(steps) == 4 and all(len(rows) == 8 for rows in steps)
+        expected = _by_hand(steps)
+        for key, value in expected.items():
+            torch.testing.assert_close(run["state"][key], value, rtol=1e-5, atol=1e-6)
+    for key, value in two[0]["state"].items():
+        torch.testing.assert_close(two[1]["state"][key], value, rtol=0, atol=0)
+    assert one["lrs"] == two[0]["lrs"] == [pytest.approx(0.1 * 0.5**2), 0.05]  # a stepped twice of 4 batches
