@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -271,13 +272,17 @@ def run_fit(run: FitRun) -> dict[int, list[dict]]:
         config = _config_copy(run, tmp)
         clock_dir = tmp / "clock"
         cmd = command(run, config, tmp / "run", clock_dir)
+        # its own process group: on a timeout the ranks Lightning started (children of rank 0) are stopped too
+        proc = subprocess.Popen(cmd, cwd=run.tree, env=environment(run.tree, clock_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=run.tree, env=environment(run.tree, clock_path), timeout=run.timeout,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            output, _ = proc.communicate(timeout=run.timeout)
         except subprocess.TimeoutExpired as exc:
-            raise RunFailed(f"timed out after {run.timeout:.0f} s") from exc
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RunFailed(f"timed out after {run.timeout:.0f} s (a rank hung?)") from exc
         if proc.returncode != 0:
-            raise RunFailed(f"exit {proc.returncode}: {error_line(proc.stdout)}")
+            raise RunFailed(f"exit {proc.returncode}: {error_line(output)}")
         check_meta(clock_dir, run.tree, run.world)
         return read_clock(clock_dir)
 

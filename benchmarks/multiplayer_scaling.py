@@ -137,7 +137,8 @@ def _throughput(method: str, work: Workload, world: int, strategy: str, warmup: 
     except ValueError as exc:
         raise RunFailed(str(exc)) from exc
     return window.samples_per_s, {"steps": window.steps, "samples": window.samples, "seconds": window.seconds,
-                                  "partial_skipped": window.skipped}
+                                  "partial_skipped": window.skipped,
+                                  "per_rank_batch": window.samples / (window.steps * world)}
 
 
 def main() -> None:
