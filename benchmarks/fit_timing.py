@@ -4,8 +4,9 @@
 A run is a fresh ``lit-align fit`` subprocess of one source tree (its ``lit_align`` first on ``PYTHONPATH``, its own
 copy of the config), with one torch thread per process (``--threads 1``, ``OMP_NUM_THREADS=1``), W&B off in favour
 of a CSV logger, no validation, no checkpoints, no progress bar, and :class:`step_clock.StepClock` as the only
-callback. The timed window starts at the end of the last warm-up batch and ends at the end of the last batch, so
-start-up (imports, model building, process-group set-up) and the first, slower batches stay out of it.
+callback. Each timed batch counts from the end of the batch before it to its own end (the slowest rank), after
+``warmup`` batches, so start-up (imports, model building, process-group set-up) and the first, slower batches stay
+out of the window.
 
 The pure functions (:func:`read_clock`, :func:`steady_window`, :func:`stage_windows`, :func:`mean_interval`,
 :func:`error_line`, :func:`set_keys`) are tested in ``tests/misc/test_benchmark_timing.py``.
@@ -26,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FitRun", "RunFailed", "Window", "error_line", "mean_interval", "read_clock", "run_fit", "set_keys",
-           "stage_windows", "steady_window"]
+__all__ = ["PRESETS", "FitRun", "RunFailed", "Window", "check_meta", "command", "environment", "error_line",
+           "mean_interval", "read_clock", "run_fit", "set_keys", "stage_windows", "steady_window"]
 
 HERE = Path(__file__).resolve().parent
 #: the 2-process presets of each strategy, relative to the tree's root
