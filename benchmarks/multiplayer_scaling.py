@@ -1,0 +1,205 @@
+"""Benchmark: rollout-plus-update throughput of the multi-player methods on 2 processes vs 1 (issue 15).
+
+For each method, ``lit-align fit`` of its tiny config runs in a fresh process on 1 rank and on ``--world`` ranks
+(``callbacks/ddp_cpu.yaml`` or, with ``--strategy fsdp2``, ``callbacks/fsdp2_cpu.yaml``, over gloo on CPU), one
+torch thread per rank, the same per-rank batch (so N ranks process N times the samples per step), W&B replaced by
+a CSV logger, no validation and no checkpoints (see :mod:`fit_timing`). The per-batch clock
+(:mod:`step_clock`) times the batches after a warm-up:
+
+    samples/s = (samples of the timed batches, summed over ranks) / (their seconds, each batch timed from the end
+    of the batch before it to its own end on the slowest rank)
+
+An epoch's last, partial batch (the watermark's corpus gives each of 2 ranks 7 batches of 16 and one of 4 per
+epoch) is left out of both sums, so both world sizes are timed on full per-rank batches (``partial_skipped`` in
+the JSON counts them).
+
+* ``game``: ``configs/game/tiny.yaml`` (both players generate, the judge scores, the scheduled player's PPO update);
+* ``watermark``: ``configs/watermark/tiny.yaml`` (LLM rollouts, detector scores, PPO of the LLM and critic, the
+  detector's update);
+* ``debate``: ``configs/debate/tiny.yaml``'s generate stage only (natural debates, guided responses, one-step
+  rollout rewards, pairs: the run stops before the stage's last batch, which also scores the reference before DPO),
+  with ``questions_per_phase: null`` (the whole training split) so the stage outlasts the timed batches;
+* ``dpo``: ``configs/dpo/tiny.yaml`` (not in the default set: a method that already runs under DDP, to check the
+  harness).
+
+Runs interleave 1 rank and N ranks within each repeat (their order alternating between repeats). Reported per
+method: the mean samples/s of each over ``--repeats`` with a 95% Student-t interval, and the mean of the per-repeat
+ratios N ranks / 1 rank with its interval, against the target (>= 1.7x with 2 ranks). A run that fails (a method
+that does not run under N processes yet) is reported with its error line, its world size is not tried again, and
+the other methods still run. Timings are meaningful only on an otherwise idle machine with at least N free cores.
+
+Prints a Markdown table, then one JSON line (``bench: multiplayer_scaling``); ``--out`` also writes the JSON.
+
+Usage: ``python benchmarks/multiplayer_scaling.py [--methods game,watermark,debate] [--strategy ddp|fsdp2]
+[--world 2] [--repeats 5] [--quick] [--out FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))  # runnable as `python benchmarks/multiplayer_scaling.py`
+
+from fit_timing import FitRun, RunFailed, mean_interval, run_fit, steady_window  # noqa: E402
+
+ROOT = HERE.parent
+TARGET = 1.7  # issue 15: 2 ranks at least 1.7x the samples/s of 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one method's runs time."""
+
+    config: str
+    """the tiny config, relative to the tree"""
+    warmup: int
+    """batches run before the timed ones"""
+    steps: int
+    """batches timed"""
+    quick: tuple[int, int]
+    """``(warmup, steps)`` of ``--quick``"""
+    stage: str | None = None
+    """time only this stage of the module's ``phase_state`` (the debate's ``generate``)"""
+    model_keys: dict = field(default_factory=dict)
+    """keys set wherever they sit under the config's ``model`` section"""
+
+
+WORKLOADS = {
+    "game": Workload("configs/game/tiny.yaml", warmup=2, steps=24, quick=(1, 3)),
+    "watermark": Workload("configs/watermark/tiny.yaml", warmup=5, steps=100, quick=(2, 8)),
+    "debate": Workload("configs/debate/tiny.yaml", warmup=1, steps=7, quick=(1, 2), stage="generate",
+                       model_keys={"questions_per_phase": None}),
+    "dpo": Workload("configs/dpo/tiny.yaml", warmup=3, steps=40, quick=(2, 6)),
+}
+DEFAULT_METHODS = "game,watermark,debate"
+
+
+def summarize(single: list[float], multi: list[float], target: float = TARGET) -> dict:
+    """Per-method summary of paired repeats (``single[i]`` and ``multi[i]``: samples/s of repeat i on 1 and N
+    ranks): means and 95% intervals of each and of the per-repeat ratios, and whether the mean ratio meets
+    ``target``. ``multi`` may be shorter or empty (runs that failed): only complete pairs enter the ratio."""
+    out = {"repeats": len(single)}
+    for name, values in (("single", single), ("multi", multi)):
+        if values:
+            out[f"{name}_samples_s"] = interval_stats(values)
+    ratios = [m / s for s, m in zip(single, multi)]
+    if ratios:
+        out["ratio"] = interval_stats(ratios)
+        out["met"] = out["ratio"]["mean"] >= target
+    return out
+
+
+def interval_stats(values: list[float]) -> dict:
+    """``{"mean", "low", "high", "values"}``: the mean and its 95% interval (``None`` with one value)."""
+    mean, low, high = mean_interval(values)
+    return {"mean": mean, "low": None if math.isnan(low) else low, "high": None if math.isnan(high) else high,
+            "values": list(values)}
+
+
+def _cell(stats: dict | None, digits: int = 1) -> str:
+    """``mean [low, high]`` (the interval left out when there is none)."""
+    if not stats:
+        return "-"
+    text = f"{stats['mean']:.{digits}f}"
+    if stats["low"] is not None:
+        text += f" [{stats['low']:.{digits}f}, {stats['high']:.{digits}f}]"
+    return text
+
+
+def markdown(results: dict, world: int, strategy: str) -> str:
+    """The table of :func:`main`'s results: one row per method."""
+    lines = [f"| method | 1 rank samples/s | {world} ranks ({strategy}) samples/s | ratio | target >= {TARGET}x | note |",
+             "|---|---|---|---|---|---|"]
+    for method, res in results.items():
+        met = "-" if "met" not in res else ("yes" if res["met"] else "**no**")
+        note = res.get("error", "").replace("|", "/")
+        lines.append(f"| {method} | {_cell(res.get('single_samples_s'))} | {_cell(res.get('multi_samples_s'))} | "
+                     f"{_cell(res.get('ratio'), 2)} | {met} | {note} |")
+    return "\n".join(lines)
+
+
+def _throughput(method: str, work: Workload, world: int, strategy: str, warmup: int, steps: int,
+                timeout: float) -> tuple[float, dict]:
+    """samples/s of one run, and what it timed."""
+    run = FitRun(tree=ROOT, config=work.config, batches=warmup + steps, world=world, strategy=strategy,
+                 stage=work.stage, model_keys=work.model_keys or None, timeout=timeout)
+    rows = run_fit(run)
+    try:
+        window = steady_window(rows, warmup, work.stage, max_steps=steps, full_batches=True)
+    except ValueError as exc:
+        raise RunFailed(str(exc)) from exc
+    return window.samples_per_s, {"steps": window.steps, "samples": window.samples, "seconds": window.seconds,
+                                  "partial_skipped": window.skipped,
+                                  "per_rank_batch": window.samples / (window.steps * world)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp")
+    parser.add_argument("--world", type=int, default=2, help="ranks of the multi-process runs")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, help="warm-up batches (default: per method)")
+    parser.add_argument("--steps", type=int, help="timed batches (default: per method)")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a run is stopped")
+    parser.add_argument("--quick", action="store_true", help="1 repeat of a few batches: a smoke test, not numbers")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in WORKLOADS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(WORKLOADS)}")
+    repeats = 1 if args.quick else args.repeats
+
+    results: dict[str, dict] = {}
+    for method in methods:
+        work = WORKLOADS[method]
+        warmup, steps = work.quick if args.quick else (work.warmup, work.steps)
+        warmup, steps = args.warmup or warmup, args.steps or steps
+        samples: dict[int, list[float]] = {1: [], args.world: []}
+        runs: list[dict] = []
+        failed: dict[int, str] = {}
+        for repeat in range(repeats):
+            order = (1, args.world) if repeat % 2 == 0 else (args.world, 1)
+            for world in order:
+                if world in failed:
+                    continue
+                start = time.perf_counter()
+                try:
+                    value, timed = _throughput(method, work, world, args.strategy, warmup, steps, args.timeout)
+                except RunFailed as exc:
+                    failed[world] = f"{world} rank(s): {exc}"
+                    print(f"{method} repeat {repeat} world {world}: FAILED {exc}", file=sys.stderr, flush=True)
+                    continue
+                samples[world].append(value)
+                runs.append({"repeat": repeat, "world": world, "samples_s": value, **timed,
+                             "run_s": time.perf_counter() - start})
+                print(f"{method} repeat {repeat} world {world}: {value:.2f} samples/s ({timed['steps']} batches, "
+                      f"{timed['seconds']:.1f} s)", file=sys.stderr, flush=True)
+            if 1 in failed:
+                break
+        res = summarize(samples[1], samples[args.world]) if samples[1] else {"repeats": 0}
+        res.update(config=work.config, warmup=warmup, steps=steps, stage=work.stage, runs=runs)
+        if failed:
+            res["error"] = "; ".join(failed.values())
+        results[method] = res
+
+    table = markdown(results, args.world, args.strategy)
+    out = {"bench": "multiplayer_scaling", "strategy": args.strategy, "world": args.world, "repeats": repeats,
+           "quick": args.quick, "target": TARGET, "threads_per_rank": 1, "results": results, "markdown": table}
+    print(table)
+    print(json.dumps(out))
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
