@@ -20,17 +20,21 @@ from torch import Tensor, nn
 
 from lit_align.data.qa import QABatch, QAExample
 from lit_align.data.tokenize import _collate_sequences
+from lit_align.debate.draws import RowSeeds
 from lit_align.debate.pairs import PreferencePair, build_pairs, code_round_ranges, make_candidates
 from lit_align.debate.phase import PhaseState
-from lit_align.debate.protocol import DebateTranscript, format_prompt, run_debate
+from lit_align.debate.protocol import DebateTranscript, Draw, format_prompt, run_debate
 from lit_align.debate.rewards import RewardState, guided_responses, rollout_reward
+from lit_align.debate.sharding import assign_full, full_tensor, gather_share, rank_share
 from lit_align.engine import PhaseTimer, derive_seed, player_step
+from lit_align.engine.distributed import all_gather_objects, global_share, rank_and_world, refuse_fsdp1, sum_over_ranks
 from lit_align.errors import ConfigError, DataError
 from lit_align.losses.preference import dpo_loss
 from lit_align.methods.base import RebuiltWeights
 from lit_align.metrics.debate import DebateAccuracy
 from lit_align.models import ModelSpec, build_tokenizer
 from lit_align.models.causal_lm import eval_mode
+from lit_align.models.fsdp import fsdp2_parallelize, load_from_rank0
 from lit_align.models.players import PlayerPolicies
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import SamplingConfig
@@ -95,15 +99,26 @@ class DebateModule(RebuiltWeights, L.LightningModule):
 
     Players are LoRA adapters on one base when both specs name it (:class:`~lit_align.models.PlayerPolicies`).
     Checkpoints hold both players, both optimisers, the phase, the stage and its position, the pair
-    buffer and its reference log-probs, and the sampling seed; every draw is seeded by
-    ``(sample_seed, step, purpose)``, so a resumed run is the uninterrupted one.
+    buffer and its reference log-probs, and the sampling seed; every sampled text is drawn per question
+    (:class:`~lit_align.debate.draws.RowSeeds`: ``(sample_seed, phase, generate/trial<k>/<call>, question
+    index)``) and the DPO order by ``(sample_seed, step, order)``, so a resumed run is the uninterrupted one.
+
+    **Data parallel** (DDP, or FSDP2 via ``ModelParallelStrategy``; ``callbacks/ddp_cpu.yaml``,
+    ``callbacks/fsdp2_cpu.yaml``): batch sizes are per rank. A generate step takes ``W x batch_size``
+    questions; each rank debates its share (:mod:`lit_align.debate.sharding`, padded with a dropped row so
+    every rank runs the same forwards) and the pairs are gathered in one order, so the pair buffers, the
+    DPO order and the whole phase state are the same on every rank. A DPO step takes ``W x
+    dpo_batch_size`` pairs, each rank its share, its loss scaled by its share of the pairs; reference and
+    validation log-probs are scored in shares and gathered, so the DPO validation loss, the best weights
+    and the early stop are decided on the same numbers everywhere. Under FSDP2 every model (the shared
+    base with both adapters, or each player's model, and the frozen copies) is sharded layer by layer,
+    the adapters with their layers, and filled from rank 0's copy; FSDP1 is refused.
 
     Validation runs a debate of ``rounds`` rounds on the validation questions (seeded draws, the same
     each time) and logs ``val/accuracy/round_<t>``, ``val/accuracy`` (the last round: the team's
     answer), ``val/improvement`` ((acc_last - acc_0) / acc_0), ``val/gain``, ``val/right_to_wrong``
     and ``val/wrong_to_right``; :attr:`val_history` and :attr:`val_transcripts` feed
     :class:`~lit_align.callbacks.DebateReport` (accuracy by round per validation, sample transcripts).
-    Runs on one device.
     """
 
     def __init__(
@@ -273,17 +288,31 @@ class DebateModule(RebuiltWeights, L.LightningModule):
     def configure_model(self) -> None:
         if self.players is not None:
             return
-        if self.device_mesh is not None:
-            raise NotImplementedError("DebateModule runs on one device for now; drop the ModelParallelStrategy")
-        self.players = PlayerPolicies(self.specs, self.tokenizer, share_base=self.share_base,
-                                      reference=self.reference_mode)
+        build = dict(share_base=self.share_base, reference=self.reference_mode)
+        if self.device_mesh is None:
+            self.players = PlayerPolicies(self.specs, self.tokenizer, **build)
+            return
+        # ModelParallelStrategy (FSDP2): every rank builds the players on the meta device; rank 0 alone loads
+        # the weights (and initialises the adapters), then each model (the shared base with every player's
+        # adapter, or a model per player, and the frozen copies) is sharded layer by layer and filled from it
+        source = PlayerPolicies(self.specs, self.tokenizer, **build) if self.global_rank == 0 else None
+        self.players = PlayerPolicies(self.specs, self.tokenizer, meta=True, **build)
+        mp_policy = None
+        if str(self.trainer.precision).startswith("bf16"):
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for group in ("policies", "references"):
+            for key, model in getattr(self.players, group).items():
+                fsdp2_parallelize(model, self.device_mesh["data_parallel"], mp_policy=mp_policy,
+                                  trainable=group == "policies")
+                src = getattr(source, group)[key] if source is not None else None
+                load_from_rank0(model, src, self.trainer.strategy.root_device)
 
     def setup(self, stage: str) -> None:
-        if self.trainer.world_size > 1:
-            raise NotImplementedError("DebateModule runs on one device for now (each rank would build its own pair "
-                                      "buffer): set trainer.devices: 1")
-        if self.sample_seed is None:
-            self.sample_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
+        refuse_fsdp1(self.trainer.strategy, "DebateModule")
+        if self.sample_seed is None:  # rank 0's: every rank draws the same
+            self.sample_seed = all_gather_objects(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31)))[0]
 
     def configure_optimizers(self):
         optimizers = []
@@ -317,7 +346,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
                     yield model
         return initial
 
-    def debate(self, examples: list[QAExample], generator: torch.Generator, actor=None, critic=None
+    def debate(self, examples: list[QAExample], generator: Draw, actor=None, critic=None
                ) -> list[DebateTranscript]:
         """A debate of ``rounds`` rounds on ``examples`` with the module's sampling, answer retries and prompt
         format; the current players unless ``actor`` / ``critic`` agents are given."""
@@ -325,13 +354,15 @@ class DebateModule(RebuiltWeights, L.LightningModule):
                           self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
                           generator=generator, max_tries=self.max_tries, chat_template=self.chat_template)
 
-    # the seeded draws are named by what they are for (``trial/<k>``, ``order``, ``val``, ``predict``,
-    # ``questions``) and the step (:func:`lit_align.engine.seeds.derive_seed`): no two draws share a seed
+    # the seeded draws are named by what they are for (``order``, ``questions``) and the step
+    # (:func:`lit_align.engine.seeds.derive_seed`): no two draws share a seed; the sampled text is drawn per
+    # question (``RowSeeds``: ``generate/trial<k>`` per phase, ``val``, ``predict``), so it does not depend on
+    # the batch or the number of ranks
     def _seed(self, purpose: str, step: int | None = None) -> int:
         return derive_seed(self.sample_seed, self.step_count if step is None else step, purpose)
 
-    def _generator(self, purpose: str, step: int | None = None) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self._seed(purpose, step))
+    def _row_seeds(self, purpose: str, step: int = 0) -> RowSeeds:
+        return RowSeeds(self.sample_seed, step, purpose)
 
     def _rng(self, purpose: str) -> random.Random:
         return random.Random(self._seed(purpose))
@@ -342,48 +373,50 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         return self.phases[self.phase] if self.phase < len(self.phases) else None
 
     # -- generate ------------------------------------------------------------------------------
-    def _pairs_for(self, player: str, examples: list[QAExample]) -> tuple[list[PreferencePair], dict[str, float]]:
-        """Natural debates, guided responses, rollout rewards and pairs for ``player`` on ``examples``."""
+    def _pairs_for(self, player: str, examples: list[QAExample], real: int) -> tuple[list[PreferencePair], dict[str, float]]:
+        """Natural debates, guided responses, rollout rewards and pairs for ``player`` on ``examples`` (the
+        first ``real`` of them: the rest are padding rows, run for the same forwards on every rank and dropped).
+        Stats are sums over the real questions."""
         actor, critic = self.agent("actor"), self.agent("critic")
         if player == "critic" and self.critic_rollout_actor == "initial":
             actor = self.initial_agent("actor")  # the released scripts: the critic's data comes from the starting actor
         rollout_actor = actor
         rounds = code_round_ranges(self.rounds)[player] if self.pair_rounds == "code" else range(self.rounds)
         pairs: list[PreferencePair] = []
-        stats = {"natural_accuracy": 0.0, "candidates": 0.0, "rollouts": 0.0}
+        stats = {"natural_correct": 0.0, "candidates": 0.0, "rollouts": 0.0}
         for trial in range(self.trials):
-            generator, rng = self._generator(f"trial/{trial}"), self._rng(f"trial/{trial}")
+            generator = self._row_seeds(f"generate/trial{trial}", step=self.phase)
             with self.timer("debate"):
                 transcripts = self.debate(examples, generator, actor, critic)
-            stats["natural_accuracy"] += sum(t.final_correct for t in transcripts) / len(transcripts) / self.trials
+            stats["natural_correct"] += sum(t.final_correct for t in transcripts[:real])
             for t in rounds:
                 # the released code keeps the natural critic response as trial 0's "guided" ones (its pairs
                 # are then filtered as identical); against the natural response (paper rule) that is no pair
                 keep_natural = self.pair_rule == "code"
                 with self.timer("guided"):
                     guided = {target: guided_responses(self.agent(player), self.tokenizer, transcripts, t, player, target,
-                                                       trial, self.sampling[player], generator=generator, rng=rng,
+                                                       trial, self.sampling[player], generator=generator,
                                                        natural_critic_at_trial0=keep_natural,
                                                        chat_template=self.chat_template)
                               for target in ("correct", "wrong")}
                 with self.timer("rewards"):
-                    rewards = self._rewards(player, transcripts, t, guided, rollout_actor, critic, generator)
+                    rewards = self._rewards(player, transcripts, t, guided, rollout_actor, critic, generator, real)
                 stats["rollouts"] += rewards.pop("rollouts", 0.0)
                 candidates = make_candidates(transcripts, guided["correct"], guided["wrong"], rewards["toward"],
-                                             rewards["away"], rewards.get("natural"))
+                                             rewards["away"], rewards.get("natural"))[:real]
                 stats["candidates"] += len(candidates)
                 pairs += build_pairs(candidates, self.pair_rule, epsilon=self.epsilon, threshold=self.code_threshold)
         return pairs, stats
 
     def _rewards(self, player: str, transcripts: list[DebateTranscript], t: int, guided: dict, rollout_actor, critic,
-                 generator: torch.Generator) -> dict[str, list[float]]:
+                 generator: RowSeeds, real: int) -> dict[str, list[float]]:
         """Rewards of the natural, toward and away responses at round ``t`` (one batched rollout call)."""
         if self.pair_rule == "code" and player == "actor" and self.actor_quality == "correctness":
             return {kind: [float(g.correct) for g in guided[target]] for kind, target in
                     (("toward", "correct"), ("away", "wrong"))}
         kinds = ["toward", "away"] + (["natural"] if self.pair_rule == "paper" else [])
-        states = []
-        for kind in kinds:
+        states, keys = [], []
+        for j, kind in enumerate(kinds):
             for i, tr in enumerate(transcripts):
                 turn = tr.turns[t]
                 if kind == "natural":
@@ -394,12 +427,16 @@ class DebateModule(RebuiltWeights, L.LightningModule):
                     states.append(RewardState(tr.example, t, actor_response=response))
                 else:
                     states.append(RewardState(tr.example, t, actor_response=turn.actor_response, critic_response=response))
+                keys.append(tr.example.index * len(kinds) + j)  # the state's own rollout seeds
         values = rollout_reward(rollout_actor, critic, self.tokenizer, states, k=self.k, rounds=self.rounds,
                                 sampling=self.sampling["actor"], critic_sampling=self.sampling["critic"],
-                                generator=generator, max_tries=self.max_tries, chat_template=self.chat_template)
+                                generator=generator, max_tries=self.max_tries, chat_template=self.chat_template,
+                                keys=keys)
         n = len(transcripts)
         out: dict[str, Any] = {kind: values[j * n:(j + 1) * n] for j, kind in enumerate(kinds)}
-        out["rollouts"] = float(self.k * sum(s.critic_response is not None or s.round < self.rounds - 1 for s in states))
+        real_states = [s for j in range(len(kinds)) for s in states[j * n:j * n + real]]
+        out["rollouts"] = float(self.k * sum(s.critic_response is not None or s.round < self.rounds - 1
+                                             for s in real_states))
         return out
 
     def _phase_questions(self) -> list[QAExample]:
@@ -444,12 +481,15 @@ class DebateModule(RebuiltWeights, L.LightningModule):
 
     @torch.no_grad()
     def _scored_logps(self, player: str, pairs: list[PreferencePair]) -> Tensor:
-        """(N, 2) log-probs of ``pairs`` under the player as it is now, in eval mode, on the CPU."""
+        """(N, 2) log-probs of ``pairs`` under the player as it is now, in eval mode, on the CPU, on every
+        rank: each rank scores its share (:func:`~lit_align.debate.sharding.rank_share`) and they are gathered."""
+        positions, _ = rank_share(len(pairs))
+        mine = [pairs[i] for i in positions]
         out = []
         with self.players.acting(player) as policy, eval_mode(policy):
-            for start in range(0, len(pairs), self.dpo_batch_size):
-                out.append(self._sequence_logps(policy, pairs[start:start + self.dpo_batch_size]).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, 2)
+            for start in range(0, len(mine), self.dpo_batch_size):
+                out.append(self._sequence_logps(policy, mine[start:start + self.dpo_batch_size]).float().cpu())
+        return gather_share(torch.cat(out) if out else torch.zeros(0, 2), len(pairs))
 
     def _start_training(self, player: str) -> None:
         """End of a generate stage: cap the pairs, score the reference once, fix the DPO order.
@@ -475,53 +515,75 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         self.phase_state.val_ref_logps = self._scored_logps(player, self.phase_state.val_pairs) if self.phase_state.val_pairs else None
         self.phase_state.best_val_loss, self.phase_state.best_weights, self.phase_state.bad_evals = None, None, 0
         self.phase_state.order = []  # minibatches never straddle two epochs (no pair twice in one step)
+        size = self.dpo_batch_size * rank_and_world()[1]  # the global minibatch: dpo_batch_size per rank
         for _ in range(self.dpo_epochs):
             epoch = list(range(len(self.phase_state.pairs)))
             rng.shuffle(epoch)
-            self.phase_state.order += [epoch[i:i + self.dpo_batch_size] for i in range(0, len(epoch), self.dpo_batch_size)]
+            self.phase_state.order += [epoch[i:i + size] for i in range(0, len(epoch), size)]
         self.phase_state.position, self.phase_state.stage = 0, "train"
 
     def _next_phase(self) -> None:
         self.phase += 1
         self.phase_state = PhaseState(stage="generate" if self.phase < len(self.phases) else "done")
-        if self.reset_optimizer and self.phase_state.stage != "done" and self._trainer is not None:
-            for optimizer in self.optimizers():
-                getattr(optimizer, "optimizer", optimizer).state.clear()
+
+    def _fresh_optimizer(self, player: str) -> None:
+        """Start a DPO run with a fresh optimiser state: each run (``reset_optimizer``) or the player's first.
+        Cleared at the run's first step, not when the phase changes: a sharded (DCP) checkpoint saved in
+        between initialises an empty optimiser state with a zero-gradient step (``torch.distributed.checkpoint``
+        does), which would otherwise count as the run's first Adam step."""
+        if self.phase_state.position == 0 and (self.reset_optimizer or self.current[0] == 0):
+            optimizer = self.optimizers()[PLAYERS.index(player)]
+            getattr(optimizer, "optimizer", optimizer).state.clear()
 
     def _dpo_step(self, player: str) -> dict[str, Tensor]:
+        """One optimiser step on this rank's share of the global minibatch; its mean loss is scaled by its share
+        of the minibatch's pairs (:func:`~lit_align.engine.distributed.global_share`), so the rank-averaged
+        gradient is that of the mean over the whole minibatch (a rank with no pair of its own runs a padding
+        row at weight 0). The logged numbers are the minibatch's means, the same on every rank."""
+        self._fresh_optimizer(player)
         rows = self.phase_state.order[self.phase_state.position]
         self.phase_state.position += 1
-        pairs = [self.phase_state.pairs[i] for i in rows]
-        ref = self.phase_state.ref_logps[rows].to(self.device)
+        positions, real = rank_share(len(rows))
+        mine = [rows[i] for i in positions]
+        pairs = [self.phase_state.pairs[i] for i in mine]
+        ref = self.phase_state.ref_logps[mine].to(self.device)
         with self.players.acting(player) as policy, eval_mode(policy):  # no dropout: the first loss is log 2
             logps = self._sequence_logps(policy, pairs)
-            loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
+            n = max(real, 1)  # no pair of its own: the padding row's loss at weight 0 reaches every weight
+            loss, metrics = dpo_loss(logps[:n, 0], logps[:n, 1], ref[:n, 0], ref[:n, 1], beta=self.beta,
                                      label_smoothing=self.label_smoothing)
-            player_step(self, loss, optimizer=PLAYERS.index(player), clip=self.gradient_clip)
-        out = {"loss": loss.detach(), **metrics}
+            player_step(self, loss * global_share(real).to(loss.device), optimizer=PLAYERS.index(player),
+                        clip=self.gradient_clip)
+        names = sorted(metrics)
+        values = torch.tensor([float(loss.detach())] + [float(metrics[k]) for k in names], dtype=torch.float64,
+                              device=self.device)
+        totals = sum_over_ranks(values * real) / len(rows)  # means over the global minibatch
+        out = {"loss": totals[0].float(), **{k: totals[i + 1].float() for i, k in enumerate(names)}}
         last = self.phase_state.position >= len(self.phase_state.order)
         if self.phase_state.val_pairs and (self.phase_state.position % self.dpo_eval_every == 0 or last):
             out.update(self._dpo_validation(player))
             last = last or (self.dpo_patience is not None and self.phase_state.bad_evals >= self.dpo_patience)
         if last:
             if self.restore_best and self.phase_state.best_weights is not None:
-                with torch.no_grad():
-                    for name, param in self.players.trainable(player).items():
-                        param.copy_(self.phase_state.best_weights[name])
+                for name, param in self.players.trainable(player).items():
+                    assign_full(param, self.phase_state.best_weights[name])
             out["dpo_steps"] = torch.tensor(float(self.phase_state.position))
             self._next_phase()
         return out
 
     @torch.no_grad()
     def _dpo_validation(self, player: str) -> dict[str, Tensor]:
-        """DPO loss on the phase's validation pairs; keeps the best weights and counts evaluations since."""
+        """DPO loss on the phase's validation pairs; keeps the best weights and counts evaluations since. The
+        log-probs are gathered from every rank first, so the loss, the best and the early stop are decided on
+        the same numbers everywhere; the best weights are kept whole (gathered shards under FSDP2), the same
+        on every rank, as rank 0 writes them into checkpoints."""
         logps = self._scored_logps(player, self.phase_state.val_pairs)
         ref = self.phase_state.val_ref_logps
         loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
                                  label_smoothing=self.label_smoothing)
         if self.phase_state.best_val_loss is None or float(loss) < self.phase_state.best_val_loss:
             self.phase_state.best_val_loss, self.phase_state.bad_evals = float(loss), 0
-            self.phase_state.best_weights = {n: p.detach().clone() for n, p in self.players.trainable(player).items()}
+            self.phase_state.best_weights = {n: full_tensor(p).cpu() for n, p in self.players.trainable(player).items()}
         else:
             self.phase_state.bad_evals += 1
         return {"val_loss": loss, "val_reward_accuracy": metrics["rewards/accuracies"],
@@ -539,15 +601,20 @@ class DebateModule(RebuiltWeights, L.LightningModule):
             # the batch only paces the stage: its questions come from the phase's fixed set, in chunks of a batch
             questions = self._phase_questions()
             validating = self.phase_state.questions_done >= self._n_train  # training questions first, then validation ones
-            end = min(self.phase_state.questions_done + len(batch), len(questions) if validating else self._n_train)
-            examples = questions[self.phase_state.questions_done:end]
+            # the step's questions: a batch per rank; each rank debates its share, and the pairs are gathered
+            end = min(self.phase_state.questions_done + len(batch) * rank_and_world()[1],
+                      len(questions) if validating else self._n_train)
+            chunk = questions[self.phase_state.questions_done:end]
+            positions, real = rank_share(len(chunk))
             with self.timer("generate"):
-                pairs, stats = self._pairs_for(player, examples)
+                pairs, stats = self._pairs_for(player, [chunk[i] for i in positions], real)
+            pairs, stats = _gather_pairs(pairs, stats, chunk)
             (self.phase_state.val_pairs if validating else self.phase_state.pairs).extend(pairs)
-            self.phase_state.questions_done += len(examples)
+            self.phase_state.questions_done += len(chunk)
             metrics.update({f"{player}/new_pairs": float(len(pairs)), f"{player}/pairs": float(len(self.phase_state.pairs)),
                             f"{player}/val_pairs": float(len(self.phase_state.val_pairs)),
-                            f"{player}/natural_accuracy": stats["natural_accuracy"], "rollouts": stats["rollouts"]})
+                            f"{player}/natural_accuracy": stats["natural_correct"] / len(chunk) / self.trials,
+                            "rollouts": stats["rollouts"]})
             if self.phase_state.questions_done >= len(questions):
                 with self.timer("reference"):
                     self._start_training(player)
@@ -567,7 +634,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: QABatch, batch_idx: int) -> None:
         """A seeded debate on the validation questions: accuracy after each round."""
-        transcripts = self.debate(list(batch.examples), self._generator("val", step=batch_idx))
+        transcripts = self.debate(list(batch.examples), self._row_seeds("val"))
         correct = torch.tensor([tr.correct_by_round for tr in transcripts], dtype=torch.bool, device=self.device)
         self._val_accuracy.update(correct)
         self._val_buffer.extend(transcripts[: max(0, self.num_val_transcripts - len(self._val_buffer))])
@@ -595,28 +662,44 @@ class DebateModule(RebuiltWeights, L.LightningModule):
     def _end_eval(self, stage: str) -> None:
         if self._val_accuracy.update_count == 0:
             return
-        values = {k: float(v) for k, v in self._val_accuracy.compute().items()}
+        values = {k: float(v) for k, v in self._val_accuracy.compute().items()}  # synced over the ranks
         row = {f"accuracy/{k}" if k.startswith("round_") else k: v for k, v in values.items()}
         row["accuracy"] = values[f"round_{self.rounds - 1}"]
         for key, value in row.items():
-            self.log(f"{stage}/{key}", value, sync_dist=False, prog_bar=key == "accuracy")
+            # already global (synced metric states): sync_dist averages equal numbers, and says so to Lightning
+            self.log(f"{stage}/{key}", value, sync_dist=True, prog_bar=key == "accuracy")
         if stage == "val":
             label = "done" if self.current is None else f"{self.current[1]} {self.phase_state.stage}"
             if self.val_history and self.val_history[-1]["step"] == self.step_count:
                 self.val_history.pop()
             self.val_history.append({"step": float(self.step_count), "phase": float(self.phase), **row,
                                      "label": label})
-            self.val_transcripts = [_transcript_row(tr) for tr in self._val_buffer]
+            rows = all_gather_objects([_transcript_row(tr) for tr in self._val_buffer])  # the same on every rank
+            self.val_transcripts = [row for rank in rows for row in rank][: self.num_val_transcripts]
 
     def predict_step(self, batch: QABatch, batch_idx: int) -> list[dict[str, Any]]:
         """One debate per question (``lit-align predict``): ``{prompt: question, completion: the actor's
         final response}``, as every method's predictions."""
-        transcripts = self.debate(list(batch.examples), self._generator("predict", step=batch_idx))
+        transcripts = self.debate(list(batch.examples), self._row_seeds("predict"))
         return [{"prompt": tr.example.question, "completion": tr.turns[-1].actor_response} for tr in transcripts]
 
     def export_policy(self) -> nn.Module:
-        """What :class:`~lit_align.callbacks.HFExport` writes: the actor (the team's answerer)."""
-        return self.players.export("actor")
+        """What :class:`~lit_align.callbacks.HFExport` writes: the actor (the team's answerer). With FSDP2 shards
+        of a shared base, every rank gathers the full weights (a collective) and rank 0 exports them from an
+        unsharded copy of the players (the other ranks write nothing)."""
+        from torch.distributed.tensor import DTensor
+
+        if not self.players.shared or not any(isinstance(p, DTensor) for p in self.players.parameters()):
+            return self.players.export("actor")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        shared = self.players.policies["shared"]
+        state = get_model_state_dict(shared, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.global_rank != 0:
+            return nn.Module()
+        players = PlayerPolicies(self.specs, self.tokenizer, share_base=self.share_base, reference="adapter")
+        players.policies["shared"].load_state_dict(state)
+        return players.export("actor")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _rebuilt_keys(self, keys) -> set[str]:
@@ -638,6 +721,17 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         self.phase_state = PhaseState.from_state_dict(state.get("state", state))  # older checkpoints: flat keys
         self.pair_counts, self.val_history = list(state["pair_counts"]), state["val_history"]
         self.val_transcripts = state["val_transcripts"]
+
+
+def _gather_pairs(pairs: list[PreferencePair], stats: dict[str, float], chunk: list[QAExample]
+                  ) -> tuple[list[PreferencePair], dict[str, float]]:
+    """Every rank's pairs of a generate step, in the order one process makes them (trial, round, then the
+    question's place in the step's questions), and the stats summed over the ranks: the same on every rank."""
+    parts = all_gather_objects((pairs, stats))
+    place = {ex.index: i for i, ex in enumerate(chunk)}
+    merged = sorted((p for rank_pairs, _ in parts for p in rank_pairs),
+                    key=lambda p: (p.trial, p.round, place[p.question_index]))
+    return merged, {k: sum(rank_stats[k] for _, rank_stats in parts) for k in stats}
 
 
 def _transcript_row(tr: DebateTranscript) -> dict[str, Any]:

@@ -235,3 +235,27 @@ def test_too_few_training_questions_name_both_keys(tmp_path):
 def test_bad_configuration_names_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _module(**kwargs)
+
+
+def test_fsdp1_is_refused_naming_the_strategy_key(tmp_path):
+    """Both players' adapters on one base with their own optimisers need FSDP2 (or DDP), not FSDP1."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = _trainer(tmp_path)
+    trainer._accelerator_connector.strategy = FSDPStrategy()  # Lightning builds FSDP1 on GPUs only
+    module = _module()
+    module.trainer = trainer
+    with pytest.raises(ValueError, match=r"trainer.strategy: DebateModule does not run under FSDPStrategy.*fsdp2_cpu"):
+        module.setup("fit")
+
+
+def test_a_critic_with_another_tokenizer_is_refused_naming_its_key(tmp_path, tokenizer):
+    """The players read each other's text as token ids of one tokenizer."""
+    other = tmp_path / "other_tokenizer"
+    tokenizer.save_pretrained(other)
+    changed = type(tokenizer).from_pretrained(other)
+    changed.add_tokens(["<an-extra-token>"])
+    changed.save_pretrained(other)
+    critic = ModelSpec(tiny=TINY, lora=LoRASpec(r=4, alpha=8), tokenizer=str(other))
+    with pytest.raises(ValueError, match=r"model.critic's tokenizer .* differs from model.actor's"):
+        _trainer(tmp_path).fit(_module(critic=critic), _data())
