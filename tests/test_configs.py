@@ -85,8 +85,8 @@ def test_tiny_config_runs_to_the_end(config, tmp_path):
     if "game" in str(config):
         short += ["--trainer.val_check_interval", "1.0"]
     if "debate" in str(config):  # a smaller pipeline: it stops itself after its last phase
-        short = [f"--model.init_args.{k}={v}" for k, v in (("questions_per_phase", 8), ("trials", 1), ("k", 2),
-                                                          ("rounds", 2), ("dpo_epochs", 1))]
+        short = [f"--model.init_args.{k}={v}" for k, v in (("generate.questions_per_phase", 8), ("generate.trials", 1),
+                                                          ("generate.k", 2), ("debate.rounds", 2), ("dpo.epochs", 1))]
         short += ["--trainer.limit_val_batches=1", "--data.init_args.eval_batch_size=8"]
     cli = cli_main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path),
                     "--trainer.enable_progress_bar", "false", *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path),

@@ -60,6 +60,7 @@ __all__ = [
     "target_hint",
     "targeted_actor_prompt",
     "targeted_critic_prompt",
+    "transcript_row",
 ]
 
 Agent = nn.Module | Callable[[], AbstractContextManager[nn.Module]]
@@ -356,6 +357,18 @@ def accuracy_by_round(transcripts: Sequence[DebateTranscript]) -> list[float]:
     if any(len(t.turns) != n_rounds for t in transcripts):
         raise ValueError("all transcripts must have the same number of rounds")
     return [sum(t.turns[r].correct for t in transcripts) / len(transcripts) for r in range(n_rounds)]
+
+
+def transcript_row(tr: DebateTranscript) -> dict[str, object]:
+    """A flat row of a transcript for tables: the question, the gold answer, each round's actor response,
+    answer and critic response, and the final correctness."""
+    row: dict[str, object] = {"question": tr.example.question, "gold": tr.example.answer}
+    for turn in tr.turns:
+        row[f"actor_{turn.round}"] = turn.actor_response
+        row[f"answer_{turn.round}"] = turn.answer
+        row[f"critic_{turn.round}"] = turn.critic_response
+    row["final_correct"] = tr.final_correct
+    return row
 
 
 def answer_changes(transcripts: Sequence[DebateTranscript]) -> AnswerChanges:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lit_align.engine.distributed import all_gather_objects, rank_and_world
 
-__all__ = ["assign_full", "full_tensor", "gather_share", "rank_share"]
+__all__ = ["assign_full", "full_tensor", "gather_share", "global_means", "rank_share"]
 
 
 def rank_share(n: int) -> tuple[list[int], int]:
@@ -39,6 +39,17 @@ def gather_share(local: Tensor, n: int) -> Tensor:
     parts = all_gather_objects(local.cpu())
     out = torch.stack(parts, dim=1).flatten(0, 1)  # row j * W + r is rank r's j-th
     return out[:n]
+
+
+def global_means(values: dict[str, Tensor], real: int, total: int, device) -> dict[str, Tensor]:
+    """Means over a global minibatch of ``total`` rows from each rank's means over its ``real`` rows (the same
+    on every rank; one collective)."""
+    from lit_align.engine.distributed import sum_over_ranks
+
+    names = sorted(values)
+    local = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=device)
+    sums = sum_over_ranks(local * real) / total
+    return {k: sums[i].float() for i, k in enumerate(names)}
 
 
 def full_tensor(param: Tensor) -> Tensor:

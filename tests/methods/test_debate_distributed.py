@@ -20,14 +20,15 @@ pytestmark = pytest.mark.slow
 COMMON = [
     "fit", "--config", str(REPO / "configs/debate/tiny.yaml"), "--trainer.enable_progress_bar", "false",
     "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.limit_val_batches", "1",
-    "--model.init_args.rounds", "2", "--model.init_args.k", "2", "--model.init_args.max_new_tokens", "8",
-    "--model.init_args.questions_per_phase", "7", "--model.init_args.dpo_val_questions", "3",
-    "--model.init_args.dpo_epochs", "2", "--model.init_args.dpo_eval_every", "1", "--model.init_args.dpo_patience", "2",
+    "--model.init_args.debate.rounds", "2", "--model.init_args.generate.k", "2",
+    "--model.init_args.debate.max_new_tokens", "8", "--model.init_args.generate.questions_per_phase", "7",
+    "--model.init_args.generate.dpo_val_questions", "3", "--model.init_args.dpo.epochs", "2",
+    "--model.init_args.dpo.eval_every", "1", "--model.init_args.dpo.patience", "2",
     "--data.init_args.val.limit", "4",
 ]
 CALLBACKS = ["--trainer.callbacks", "lit_align.callbacks.BatchCheckpoint", "--trainer.callbacks+=lit_align.callbacks.HFExport"]
-ONE = ["--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "4", "--model.init_args.dpo_batch_size", "4"]
-TWO = ["--data.init_args.batch_size", "2", "--data.init_args.eval_batch_size", "2", "--model.init_args.dpo_batch_size", "2"]
+ONE = ["--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "4", "--model.init_args.dpo.batch_size", "4"]
+TWO = ["--data.init_args.batch_size", "2", "--data.init_args.eval_batch_size", "2", "--model.init_args.dpo.batch_size", "2"]
 STRATEGY = {"ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
             "fsdp2": ["--config", str(REPO / "callbacks/fsdp2_cpu.yaml")]}
 
