@@ -16,13 +16,15 @@ phase built and the wall time. For each phase, ``phases`` says which way its pai
 and rejected wrong, the reverse, or neither) and how its DPO went: the loss on the DPO-validation pairs
 at each evaluation, and the steps taken before early stopping.
 
-Usage: ``python benchmarks/debate_gain.py [--questions 160] [--repeats 16] [--pair-rule paper] [--lr 1e-3]``
+Usage: ``python benchmarks/debate_gain.py [--questions 160] [--repeats 16] [--pair-rule paper] [--lr 1e-3]
+[--set generate.trials=2]``
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import functools
+import importlib
 import json
 import os
 import statistics
@@ -34,6 +36,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as `python benchmarks/debate_gain.py`
+
+
+def tiny_kwargs(overrides: dict[str, object] = ()) -> dict:
+    """``configs/debate/tiny.yaml``'s ``DebateModule`` arguments (but ``actor``), as the CLI would build them, with
+    ``overrides`` by dotted key (``generate.trials``, ``dpo.epochs``, ``lr``: both players' learning rate)."""
+    import yaml
+
+    from lit_align.engine import Optimization
+
+    cfg = yaml.safe_load((ROOT / "configs/debate/tiny.yaml").read_text())["model"]["init_args"]
+    kwargs = {k: v for k, v in cfg.items() if k != "actor"}
+    for key, value in dict(overrides).items():
+        if key == "lr":
+            for block in kwargs["optimization"].values():
+                block["optimizer"]["init_args"]["lr"] = value
+            continue
+        *path, last = key.split(".")
+        target = kwargs
+        for part in path:
+            target = target.setdefault(part, {})
+        target[last] = value
+    optimization = {}
+    for player, block in kwargs["optimization"].items():
+        block = dict(block)
+        spec = block.pop("optimizer", None)
+        if spec is not None:  # a class_path optimiser, as jsonargparse would make it
+            module, _, name = spec["class_path"].rpartition(".")
+            block["optimizer"] = functools.partial(getattr(importlib.import_module(module), name),
+                                                   **spec.get("init_args", {}))
+        optimization[player] = Optimization(**block)
+    kwargs["optimization"] = optimization
+    return kwargs
 
 
 def main() -> None:
@@ -64,16 +98,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = yaml.safe_load((ROOT / "configs/debate/tiny.yaml").read_text())["model"]["init_args"]
-    kwargs = {k: v for k, v in cfg.items() if k != "actor"}
-    for key, value in (("questions_per_phase", args.questions), ("dpo_val_questions", args.val_questions),
-                       ("pair_rule", args.pair_rule), ("lr", args.lr), ("dpo_epochs", args.dpo_epochs)):
-        if value is not None:
-            kwargs[key] = value
+    rules = {"paper": {"class_path": "lit_align.debate.rules.PaperRule", "init_args": {"epsilon": 0.25}},
+             "code": {"class_path": "lit_align.debate.rules.CodeRule"}}
+    overrides = {k: v for k, v in (("generate.questions_per_phase", args.questions),
+                                   ("generate.dpo_val_questions", args.val_questions),
+                                   ("pair_rule", rules.get(args.pair_rule)), ("lr", args.lr),
+                                   ("dpo.epochs", args.dpo_epochs)) if v is not None}
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep or key not in inspect.signature(DebateModule).parameters:
-            parser.error(f"--set {item!r}: give KEY=VALUE with KEY a DebateModule argument")
-        kwargs[key] = yaml.safe_load(value)
+        top = key.split(".")[0]
+        if not sep or (top not in cfg and top not in ("critic", "share_base", "reference", "iterations", "order",
+                                                       "sample_seed", "lr")):
+            parser.error(f"--set {item!r}: give KEY=VALUE with KEY a DebateModule argument (dotted: generate.trials)")
+        overrides[key] = yaml.safe_load(value)
+    kwargs = tiny_kwargs(overrides)
     actor = ModelSpec(name_or_path=args.base or cfg["actor"]["name_or_path"], lora=LoRASpec(**cfg["actor"]["lora"]))
     class PhaseReport(L.Callback):
         """Per phase: the direction of its pairs, then each DPO-validation loss and the steps taken."""
@@ -153,9 +191,9 @@ def main() -> None:
         "round0_gain": round(results["trained"]["accuracy_by_round"][0] - results["untrained"]["accuracy_by_round"][0], 4),
         "pairs": module.pair_counts,
         "phases": report.phases,
-        "questions_per_phase": module.questions_per_phase,
-        "dpo_val_questions": module.dpo_val_questions,
-        "pair_rule": module.pair_rule,
+        "questions_per_phase": module.generate_cfg.questions_per_phase,
+        "dpo_val_questions": module.generate_cfg.dpo_val_questions,
+        "pair_rule": repr(module.pair_rule),
         "val_questions": len(val),
         "repeats": args.repeats,
         "train_seconds": round(train_s, 1),

@@ -47,11 +47,13 @@ def main() -> None:
     from lit_align.models import LoRASpec, ModelSpec
 
     torch.set_num_threads(args.threads)
+    from benchmarks.debate_gain import tiny_kwargs
+
     cfg = yaml.safe_load((ROOT / "configs/debate/tiny.yaml").read_text())["model"]["init_args"]
-    kwargs = {k: v for k, v in cfg.items() if k != "actor"}
     # the workload the README row measured (tiny.yaml has since moved to 1 trial, K = 2, 32 DPO-validation questions)
-    kwargs.update(questions_per_phase=16 * args.generate, dpo_epochs=1, max_pairs=8 * args.dpo, trials=2, k=4,
-                  dpo_val_questions=16)
+    kwargs = tiny_kwargs({"generate.questions_per_phase": 16 * args.generate, "dpo.epochs": 1,
+                          "generate.max_pairs": 8 * args.dpo, "generate.trials": 2, "generate.k": 4,
+                          "generate.dpo_val_questions": 16})
     actor = ModelSpec(name_or_path=cfg["actor"]["name_or_path"], lora=LoRASpec(**cfg["actor"]["lora"]))
     L.seed_everything(0)
     module = DebateModule(actor=actor, **kwargs)
@@ -80,7 +82,7 @@ def main() -> None:
     rewards = sum(r["time/rewards"] for r in generate)
     out = {
         "bench": "debate_step", "threads": args.threads, "generate_steps": len(generate), "dpo_steps": len(dpo),
-        "questions_per_step": 16, "rounds": module.rounds, "trials": module.trials, "k": module.k,
+        "questions_per_step": 16, "rounds": module.rounds, "trials": module.generate_cfg.trials, "k": module.generate_cfg.k,
         "debate_ms": round(1000 * med("time/debate", generate), 1),
         "guided_ms": round(1000 * med("time/guided", generate), 1),
         "rewards_ms": round(1000 * med("time/rewards", generate), 1),

@@ -86,8 +86,8 @@ def test_tiny_config_runs_to_the_end(config, tmp_path):
     if "game" in str(config):
         short += ["--trainer.val_check_interval", "1.0"]
     if "debate" in str(config):  # a smaller pipeline: it stops itself after its last phase
-        short = [f"--model.init_args.{k}={v}" for k, v in (("questions_per_phase", 8), ("trials", 1), ("k", 2),
-                                                          ("rounds", 2), ("dpo_epochs", 1))]
+        short = [f"--model.init_args.{k}={v}" for k, v in (("generate.questions_per_phase", 8), ("generate.trials", 1),
+                                                          ("generate.k", 2), ("debate.rounds", 2), ("dpo.epochs", 1))]
         short += ["--trainer.limit_val_batches=1", "--data.init_args.eval_batch_size=8"]
     if config.parent.name == "rm":  # learning is checked in tests/methods/test_reward_model.py
         short = ["--trainer.max_steps", "10"]

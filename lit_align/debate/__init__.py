@@ -4,6 +4,8 @@ Estornell, Ton, Yao, Liu 2024, "ACC-Collab: An Actor-Critic Approach to Multi-Ag
 (arXiv 2411.00053); released code: github.com/LlenRotse/ACC-Collab.
 """
 
+from lit_align.debate.config import DebateSettings, DPOSettings, GenerateSettings
+from lit_align.debate.draws import RowSeeds
 from lit_align.debate.pairs import (
     PairCandidate,
     PreferencePair,
@@ -38,17 +40,28 @@ from lit_align.debate.protocol import (
     targeted_critic_prompt,
 )
 from lit_align.debate.rewards import GuidedResponse, RewardState, guided_responses, rollout_reward, wrong_answer
+from lit_align.debate.rules import ActorQuality, CodeRule, CorrectnessQuality, PairRule, PaperRule, RolloutQuality
 
 __all__ = [
     "CRITIC_STYLES",
+    "DPOSettings",
     "HINT_PREFIX",
+    "ActorQuality",
     "Agent",
     "AnswerChanges",
+    "CodeRule",
+    "CorrectnessQuality",
+    "DebateSettings",
     "DebateTranscript",
+    "GenerateSettings",
     "GuidedResponse",
     "PairCandidate",
+    "PairRule",
+    "PaperRule",
     "PreferencePair",
     "RewardState",
+    "RolloutQuality",
+    "RowSeeds",
     "Turn",
     "accuracy_by_round",
     "actor_basic_prompt",

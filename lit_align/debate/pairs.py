@@ -24,10 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from lit_align.debate.protocol import HINT_PREFIX, DebateTranscript
 from lit_align.debate.rewards import GuidedResponse
+
+if TYPE_CHECKING:
+    from lit_align.debate.rules import PairRule
 
 __all__ = [
     "PairCandidate",
@@ -157,45 +160,32 @@ def make_candidates(
 
 def build_pairs(
     candidates: Sequence[PairCandidate],
-    rule: Literal["paper", "code"] = "paper",
+    rule: PairRule,
     *,
-    epsilon: float = 0.5,
-    threshold: float = 0.6,
     rounds: Collection[int] | None = None,
 ) -> list[PreferencePair]:
     """Preference pairs from candidates under one rule.
 
     Args:
         candidates: See :func:`make_candidates`.
-        rule: ``"paper"`` (Δ vs natural, needs ``reward_natural``) or ``"code"`` (guided vs guided).
-        epsilon: The paper's ε (value not reported in the paper).
-        threshold: The code rule's threshold (0.6 released).
+        rule: a :class:`~lit_align.debate.rules.PairRule` (:class:`~lit_align.debate.rules.PaperRule`: Δ vs
+            natural, needs ``reward_natural``; :class:`~lit_align.debate.rules.CodeRule`: guided vs guided).
         rounds: Keep only candidates from these rounds (e.g. ``code_round_ranges(R)[player]``); None = all.
 
     Raises:
-        ValueError: On an unknown rule, a missing natural reward for the paper rule, or a prompt
-            failing :func:`check_prompt_hygiene`.
+        ValueError: On a missing natural reward for the paper rule, or a prompt failing
+            :func:`check_prompt_hygiene`.
     """
-    if rule not in ("paper", "code"):
-        raise ValueError(f"rule must be 'paper' or 'code', got {rule!r}")
     pairs = []
     for c in candidates:
         if rounds is not None and c.round not in rounds:
             continue
         where = f"{c.player} pair (question {c.question_index}, round {c.round}, trial {c.trial})"
         check_prompt_hygiene(c.prompt, guided_prompts=c.guided_prompts, where=where)
-        if rule == "paper":
-            if c.reward_natural is None:
-                raise ValueError(f"{where}: the paper rule needs reward_natural")
-            branch = paper_rule(c.reward_natural, c.reward_toward, c.reward_away, epsilon)
-            if branch is None:
-                continue
-            chosen, rejected, rc, rr = ((c.toward, c.natural, c.reward_toward, c.reward_natural) if branch == "toward"
-                                        else (c.natural, c.away, c.reward_natural, c.reward_away))
-        else:
-            if not code_rule(c.reward_toward, c.reward_away, threshold):
-                continue
-            chosen, rejected, rc, rr = c.toward, c.away, c.reward_toward, c.reward_away
+        choice = rule.choose(c)
+        if choice is None:
+            continue
+        chosen, rejected, rc, rr = choice
         if chosen == rejected:
             continue  # identical texts (e.g. critic trial 0 keeps the natural response): no DPO signal
         pairs.append(PreferencePair(prompt=c.prompt, chosen=chosen, rejected=rejected, player=c.player,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +43,13 @@ class PhaseState:
     """The player's trainable weights at ``best_val_loss`` (restored at the end of the run)."""
     bad_evals: int = 0
     """DPO-validation checks since the last new best (early stopping after ``dpo_patience``)."""
+
+    def cap(self, max_pairs: int | None, max_val_pairs: int | None, rng: random.Random) -> None:
+        """Keep seeded random subsets of at most ``max_pairs`` pairs and ``max_val_pairs`` validation pairs."""
+        if max_pairs is not None and len(self.pairs) > max_pairs:
+            self.pairs = rng.sample(self.pairs, max_pairs)
+        if max_val_pairs is not None and len(self.val_pairs) > max_val_pairs:
+            self.val_pairs = rng.sample(self.val_pairs, max_val_pairs)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data for a checkpoint (pairs as dicts)."""

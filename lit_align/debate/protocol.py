@@ -30,12 +30,15 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.qa import LETTERS, QAExample, answer_display
 from lit_align.data.tokenize import encode_prompt
+from lit_align.debate.draws import RowSeeds
+from lit_align.engine.distributed import any_rank
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
 __all__ = [
     "CRITIC_STYLES",
     "HINT_PREFIX",
     "Agent",
+    "Draw",
     "AnswerChanges",
     "DebateTranscript",
     "Turn",
@@ -57,6 +60,7 @@ __all__ = [
     "target_hint",
     "targeted_actor_prompt",
     "targeted_critic_prompt",
+    "transcript_row",
 ]
 
 Agent = nn.Module | Callable[[], AbstractContextManager[nn.Module]]
@@ -355,6 +359,18 @@ def accuracy_by_round(transcripts: Sequence[DebateTranscript]) -> list[float]:
     return [sum(t.turns[r].correct for t in transcripts) / len(transcripts) for r in range(n_rounds)]
 
 
+def transcript_row(tr: DebateTranscript) -> dict[str, object]:
+    """A flat row of a transcript for tables: the question, the gold answer, each round's actor response,
+    answer and critic response, and the final correctness."""
+    row: dict[str, object] = {"question": tr.example.question, "gold": tr.example.answer}
+    for turn in tr.turns:
+        row[f"actor_{turn.round}"] = turn.actor_response
+        row[f"answer_{turn.round}"] = turn.answer
+        row[f"critic_{turn.round}"] = turn.critic_response
+    row["final_correct"] = tr.final_correct
+    return row
+
+
 def answer_changes(transcripts: Sequence[DebateTranscript]) -> AnswerChanges:
     """Right-to-wrong and wrong-to-right changes between consecutive rounds, over all transcripts."""
     pairs = [t.changes() for t in transcripts]
@@ -376,32 +392,60 @@ def agent_module(agent: Agent) -> Iterator[nn.Module]:
         raise TypeError(f"an agent must be an nn.Module or a zero-argument context-manager factory, got {type(agent)}")
 
 
+Draw = torch.Generator | RowSeeds | None
+"""How a call samples: one generator consumed row after row (tests, demos), or :class:`RowSeeds`: a generator
+per row from the row's key, so a row's text does not depend on the rows beside it (training, evaluation)."""
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def generate(
     agent: Agent,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     sampling: SamplingConfig,
     *,
-    generator: torch.Generator | None = None,
+    generator: Draw = None,
     chat_template: bool | None = None,
+    keys: Sequence[int] | None = None,
+    call: str = "sample",
 ) -> list[str]:
     """Sample one response per prompt text in **one** :func:`~lit_align.rollout.sampler.sample` call.
 
     Prompts are formatted with :func:`format_prompt`, left-padded, moved to the model's device;
-    responses are decoded without special tokens and stripped.
+    responses are decoded without special tokens and stripped. With :class:`RowSeeds` as ``generator``,
+    row ``i`` draws from ``generator.generators(call, keys)[i]`` (``keys``: one per prompt).
     """
     if not prompts:
         return []
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; build it with lit_align.models.build_tokenizer")
+    if isinstance(generator, RowSeeds) and (keys is None or len(keys) != len(prompts)):
+        raise ValueError(f"generate: per-row seeds need one key per prompt ({len(prompts)} prompts, keys {keys!r})")
     rows = [format_prompt(tokenizer, p, chat_template) for p in prompts]
     ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, P)
     with agent_module(agent) as model:
         device = next(model.parameters()).device
+        draws = generator.generators(call, keys, device) if isinstance(generator, RowSeeds) else generator
         out = sample(model, ids.to(device), mask.to(device), sampling, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, generator=generator)
+                     pad_token_id=tokenizer.pad_token_id, generator=draws)
     return [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
             for r, m in zip(out.response_ids, out.response_mask)]
+
+
+def _retry_round(agent: Agent, todo: list[int]) -> tuple[bool, bool]:
+    """``(run, pad)``: whether a retry round runs (on every rank when any rank has an unparseable answer,
+    decided identically everywhere), and whether this rank, with none of its own, runs one throw-away row
+    so that every rank makes the same forwards (sharded FSDP2 weights gather in every forward)."""
+    run = any_rank(bool(todo))
+    if not run or todo:
+        return run, False
+    with agent_module(agent) as model:
+        return True, _is_sharded(model)
 
 
 def sample_answers(
@@ -412,22 +456,32 @@ def sample_answers(
     sampling: SamplingConfig,
     *,
     max_tries: int,
-    generator: torch.Generator | None,
+    generator: Draw,
     chat_template: bool | None,
+    keys: Sequence[int] | None = None,
+    call: str = "answer",
 ) -> list[tuple[str, str | None, int]]:
     """``(response, answer, tries)`` per prompt; unparseable rows are re-sampled together, at most
-    ``max_tries`` more times (one sampler call per retry), then keep the last response with answer None."""
+    ``max_tries`` more times (one sampler call per retry, on every rank while any rank has one left),
+    then keep the last response with answer None. ``keys``, ``call``: as in :func:`generate`."""
     if max_tries < 0:
         raise ValueError(f"max_tries must be >= 0, got {max_tries}")
-    responses = generate(actor, tokenizer, prompts, sampling, generator=generator, chat_template=chat_template)
+    keys = list(keys) if keys is not None else [ex.index for ex in examples]
+    responses = generate(actor, tokenizer, prompts, sampling, generator=generator, chat_template=chat_template,
+                         keys=keys, call=call)
     answers = [extract_answer(r, ex) for r, ex in zip(responses, examples)]
     tries = [1] * len(prompts)
-    for _ in range(max_tries):
+    for attempt in range(max_tries):
         todo = [i for i, a in enumerate(answers) if a is None]
-        if not todo:
+        run, pad = _retry_round(actor, todo)
+        if not run:
             break
+        if pad:
+            generate(actor, tokenizer, prompts[:1], sampling, generator=generator, chat_template=chat_template,
+                     keys=keys[:1], call=f"{call}/retry{attempt}/pad")
+            continue
         again = generate(actor, tokenizer, [prompts[i] for i in todo], sampling, generator=generator,
-                         chat_template=chat_template)
+                         chat_template=chat_template, keys=[keys[i] for i in todo], call=f"{call}/retry{attempt}")
         for i, r in zip(todo, again):
             responses[i], answers[i] = r, extract_answer(r, examples[i])
             tries[i] += 1
@@ -443,7 +497,7 @@ def run_debate(
     sampling: SamplingConfig,
     *,
     critic_sampling: SamplingConfig | None = None,
-    generator: torch.Generator | None = None,
+    generator: Draw = None,
     max_tries: int = 2,
     chat_template: bool | None = None,
 ) -> list[DebateTranscript]:
@@ -463,7 +517,8 @@ def run_debate(
         rounds: Number of rounds T + 1 (>= 1); the paper uses 5.
         sampling: Actor sampling settings (paper: temperature 0.7, top-p 0.9).
         critic_sampling: Critic settings; default ``sampling``.
-        generator: RNG for reproducible sampling, consumed call after call.
+        generator: RNG for reproducible sampling, consumed call after call, or :class:`RowSeeds` (each
+            question's draws from its ``example.index``: independent of the batch).
         max_tries: Re-samples of an unparseable actor answer (the released code: 2); then the answer is ``None``
             and counts as wrong.
         chat_template: Force (True) or disable (False) the chat template; None = when available.
@@ -476,6 +531,7 @@ def run_debate(
     if not examples:
         raise ValueError("run_debate needs at least one example")
     critic_sampling = critic_sampling or sampling
+    keys = [ex.index for ex in examples]
     transcripts = [DebateTranscript(ex) for ex in examples]
     for t in range(rounds):
         if t == 0:
@@ -484,10 +540,10 @@ def run_debate(
             actor_prompts = [actor_debate_prompt(tr.example, tr.turns[t - 1].actor_response,
                                                  tr.turns[t - 1].critic_response) for tr in transcripts]
         answers = sample_answers(actor, tokenizer, actor_prompts, examples, sampling, max_tries=max_tries,
-                                 generator=generator, chat_template=chat_template)
+                                 generator=generator, chat_template=chat_template, keys=keys, call=f"round{t}/actor")
         critic_prompts = [critic_detail_prompt(ex, resp) for ex, (resp, _, _) in zip(examples, answers)]
         critiques = generate(critic, tokenizer, critic_prompts, critic_sampling, generator=generator,
-                             chat_template=chat_template)
+                             chat_template=chat_template, keys=keys, call=f"round{t}/critic")
         for tr, ap, (resp, ans, tries), cp, cr in zip(transcripts, actor_prompts, answers, critic_prompts, critiques):
             tr.turns.append(Turn(round=t, actor_prompt=ap, actor_response=resp, answer=ans,
                                  correct=is_correct(ans, tr.example), critic_prompt=cp, critic_response=cr,

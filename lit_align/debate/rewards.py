@@ -23,13 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.qa import LETTERS, QAExample
+from lit_align.debate.draws import RowSeeds
 from lit_align.debate.protocol import (
     Agent,
     DebateTranscript,
+    Draw,
     actor_debate_prompt,
     critic_detail_prompt,
     extract_answer,
@@ -68,9 +69,10 @@ def rollout_reward(
     rounds: int,
     sampling: SamplingConfig,
     critic_sampling: SamplingConfig | None = None,
-    generator: torch.Generator | None = None,
+    generator: Draw = None,
     max_tries: int = 2,
     chat_template: bool | None = None,
+    keys: Sequence[int] | None = None,
 ) -> list[float]:
     """One-step rollout estimate of each state's value, in [0, 1] (multiples of 1/k).
 
@@ -83,15 +85,18 @@ def rollout_reward(
         rounds: Number of rounds T + 1 of the protocol: an actor response at round ``rounds - 1``
             is valued by its own correctness, without rollouts.
         sampling: Actor sampling settings; ``critic_sampling`` (default the same) for the critic.
-        generator: RNG for reproducible sampling.
+        generator: RNG for reproducible sampling, or :class:`~lit_align.debate.draws.RowSeeds`: rollout ``c``
+            of state ``i`` then draws from the key ``keys[i] * k + c`` (independent of the other states).
         max_tries: Re-samples of an unparseable next answer, as in :func:`run_debate`; then it counts wrong.
         chat_template: As in :func:`~lit_align.debate.protocol.format_prompt`.
+        keys: A distinct int per state (default: its position), for per-row seeds.
 
     Returns:
         One value per state: the mean correctness of the K next-round actor answers.
     """
     if k < 1:
         raise ValueError(f"k (rollouts per state) must be >= 1, got {k}")
+    keys = list(range(len(states))) if keys is None else list(keys)
     values: list[float | None] = [None] * len(states)
     # Final-round actor responses: their own correctness.
     for i, s in enumerate(states):
@@ -105,22 +110,26 @@ def rollout_reward(
     critic_prompts = [critic_detail_prompt(states[i].example, states[i].actor_response)
                       for i in need_critic for _ in range(k)]
     replies = generate(critic, tokenizer, critic_prompts, critic_sampling or sampling, generator=generator,
-                       chat_template=chat_template)
+                       chat_template=chat_template, keys=[keys[i] * k + c for i in need_critic for c in range(k)],
+                       call="rollout/critic")
     owners: list[int] = []  # state index of each next-answer rollout
     prompts: list[str] = []
+    row_keys: list[int] = []
     for j, i in enumerate(need_critic):
-        for r in replies[j * k : (j + 1) * k]:
+        for c, r in enumerate(replies[j * k : (j + 1) * k]):
             owners.append(i)
             prompts.append(actor_debate_prompt(states[i].example, states[i].actor_response, r))
+            row_keys.append(keys[i] * k + c)
     for i, s in enumerate(states):
         if values[i] is None and s.critic_response is not None:
             owners += [i] * k
             prompts += [actor_debate_prompt(s.example, s.actor_response, s.critic_response)] * k
+            row_keys += [keys[i] * k + c for c in range(k)]
 
     # Next-round actor answers of every rollout: one call (plus batched retries).
     examples = [states[i].example for i in owners]
     answers = sample_answers(actor, tokenizer, prompts, examples, sampling, max_tries=max_tries,
-                             generator=generator, chat_template=chat_template)
+                             generator=generator, chat_template=chat_template, keys=row_keys, call="rollout/actor")
     hits = [0] * len(states)
     for i, ex, (_, ans, _) in zip(owners, examples, answers):
         hits[i] += is_correct(ans, ex)
@@ -186,7 +195,7 @@ def guided_responses(
     trial: int,
     sampling: SamplingConfig,
     *,
-    generator: torch.Generator | None = None,
+    generator: Draw = None,
     rng: random.Random | None = None,
     chat_template: bool | None = None,
     natural_critic_at_trial0: bool = True,
@@ -208,8 +217,9 @@ def guided_responses(
             response by :func:`wrong_answer`).
         trial: Trial index (stored on the result; picks the critic style).
         sampling: Sampling settings.
-        generator: RNG of the sampler.
-        rng: RNG of the wrong-target draws (default ``random.Random(0)``).
+        generator: RNG of the sampler, or :class:`~lit_align.debate.draws.RowSeeds` (each question's draws, its
+            wrong target included, from its ``example.index``).
+        rng: RNG of the wrong-target draws (default ``random.Random(0)``; ignored with ``RowSeeds``).
         chat_template: As in :func:`~lit_align.debate.protocol.format_prompt`.
         natural_critic_at_trial0: Critic at trial 0: keep the natural response instead of sampling
             (released code); such pairs have identical texts and are filtered by the pair builders.
@@ -219,12 +229,14 @@ def guided_responses(
     if target not in ("correct", "wrong"):
         raise ValueError(f"target must be 'correct' or 'wrong', got {target!r}")
     rng = rng or random.Random(0)
+    call = f"guided/{player}/round{round}/{target}"
     rows = []
     for tr in transcripts:
         if not 0 <= round < len(tr.turns):
             raise ValueError(f"question {tr.example.index}: round {round} outside its {len(tr.turns)} rounds")
         ex = tr.example
-        goal = ex.answer.strip() if target == "correct" else wrong_answer(ex, rng)
+        row_rng = generator.rng(f"{call}/wrong", ex.index) if isinstance(generator, RowSeeds) else rng
+        goal = ex.answer.strip() if target == "correct" else wrong_answer(ex, row_rng)
         if ex.kind == "multiple_choice":
             goal = goal.upper()
         turn = tr.turns[round]
@@ -238,7 +250,7 @@ def guided_responses(
         responses = [tr.turns[round].critic_response for tr, *_ in rows]
     else:
         responses = generate(agent, tokenizer, [g for *_, g in rows], sampling, generator=generator,
-                             chat_template=chat_template)
+                             chat_template=chat_template, keys=[tr.example.index for tr, *_ in rows], call=call)
     out = []
     for (tr, goal, natural, guided), resp in zip(rows, responses):
         ans = extract_answer(resp, tr.example) if player == "actor" else None

@@ -132,3 +132,6 @@ def configure_players(players: Sequence[Player], params: Mapping[str, Sequence[n
             player.scheduler_index = len(schedulers)
             schedulers.append(scheduler)  # manual optimisation: stepped by Player.step
     return optimizers, schedulers
+
+
+torch.serialization.add_safe_globals([Optimization])  # in hyper-parameters: checkpoints load with weights_only

@@ -8,102 +8,72 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lit_align.data.qa import QABatch, QAExample
-from lit_align.data.tokenize import _collate_sequences
-from lit_align.debate.pairs import PreferencePair, build_pairs, code_round_ranges, make_candidates
+from lit_align.debate.config import DebateSettings, DPOSettings, GenerateSettings, coerce
+from lit_align.debate.dpo import PairScorer, dpo_order
+from lit_align.debate.draws import RowSeeds
+from lit_align.debate.generate import Stage, gather_pairs, phase_questions, step_questions
 from lit_align.debate.phase import PhaseState
-from lit_align.debate.protocol import DebateTranscript, format_prompt, run_debate
-from lit_align.debate.rewards import RewardState, guided_responses, rollout_reward
-from lit_align.engine import PhaseTimer, derive_seed, player_step
-from lit_align.errors import ConfigError, DataError
+from lit_align.debate.protocol import DebateTranscript, Draw, run_debate, transcript_row
+from lit_align.debate.rules import PairRule, PaperRule, strategy
+from lit_align.debate.sharding import assign_full, full_tensor, global_means, rank_share
+from lit_align.debate.team import build_team, configure_team, export_player, initial_agent
+from lit_align.engine import Optimization, PhaseTimer, Player, derive_seed, resolve_optimization
+from lit_align.engine.distributed import all_gather_objects, global_share, rank_and_world, refuse_fsdp1
+from lit_align.errors import ConfigError
 from lit_align.losses.preference import dpo_loss
 from lit_align.methods.base import RebuiltWeights
 from lit_align.metrics.debate import DebateAccuracy
 from lit_align.models import ModelSpec, build_tokenizer
 from lit_align.models.causal_lm import eval_mode
 from lit_align.models.players import PlayerPolicies
-from lit_align.rollout.logps import token_logps
-from lit_align.rollout.sampler import SamplingConfig
 
 __all__ = ["DebateModule"]
 
 PLAYERS = ("actor", "critic")
+_SAVED = ("step_count", "phase", "sample_seed", "pair_counts", "val_history", "val_transcripts")  # with the PhaseState
+
+
+def _adamw(lr: float):
+    """The released code's optimiser (TRL's AdamW, weight decay 0.1) at ``lr``."""
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
 
 
 class DebateModule(RebuiltWeights, L.LightningModule):
-    """ACC-Collab (Estornell et al. 2024): a two-agent debate team, an **actor** that answers with a brief
-    justification and a **critic** that gives feedback, trained by iterative best response with DPO on
-    preference pairs built from guided (off-policy) responses and one-step-rollout rewards.
+    """ACC-Collab (Estornell et al. 2024): an **actor** that answers with a brief justification and a **critic**
+    that gives feedback, trained by iterative best response with DPO on pairs of guided (off-policy) and natural
+    responses valued by one-step rollouts.
 
-    The run is a sequence of **phases**, ``iterations`` x ``order`` (1 iteration: ACC-Collab; 2:
-    ACC-Collab+; actor first by default). Each phase belongs to one player and has two stages, driven
-    by the training batches of a :class:`~lit_align.data.qa.QADataModule`:
+    The run is ``iterations`` x ``order`` **phases** (1 iteration: ACC-Collab; 2: ACC-Collab+), each one
+    player's, in two stages paced by the training batches: **generate** (debates, guided responses, rewards
+    and the pairs of ``pair_rule`` on a batch of the phase's questions per rank and step:
+    :class:`~lit_align.debate.generate.Stage`; the DPO prompt is always the natural one), then **train**
+    (``dpo.epochs`` passes of DPO on that player only, against itself as the run starts; with
+    ``generate.dpo_val_questions``, the validation loss every ``dpo.eval_every`` steps stops the phase after
+    ``dpo.patience`` evaluations without a new best and restores the best weights, as the released runs did).
+    The module stops the trainer after the last phase (``trainer.max_epochs: -1``); generate stages step no
+    optimiser, so checkpoint them with :class:`~lit_align.callbacks.BatchCheckpoint`. Every text is drawn
+    from its question's own seed (:class:`~lit_align.debate.draws.RowSeeds`): a resumed run is the
+    uninterrupted one.
 
-    1. **generate** (one batch of questions per step, until ``questions_per_phase`` questions): for
-       every question and each of ``trials`` trials a natural debate of ``rounds`` rounds with the
-       current players (:func:`~lit_align.debate.protocol.run_debate`, batched over the questions);
-       for every round used, two guided responses of the phase's player, toward the gold answer and
-       toward a wrong one (a uniformly random wrong option, re-drawn per sample), from the natural
-       context of that round; their rewards, the probability that the debate ends correct when
-       continued from them, by ``k`` one-step rollouts (:func:`~lit_align.debate.rewards.rollout_reward`);
-       and the pairs, under ``pair_rule``:
+    **Data parallel** (DDP or FSDP2; batch sizes per rank): each rank debates its share of a step's questions
+    and the pairs are gathered, so the :class:`PhaseState` is the same on every rank; a DPO step splits its
+    ``W x dpo.batch_size`` pairs by rank, and reference and validation log-probs are scored in shares and
+    gathered, so the early stop is decided on the same numbers everywhere (:mod:`~lit_align.debate.sharding`).
+    Under FSDP2 every model is sharded from rank 0's weights (:func:`~lit_align.debate.team.build_team`);
+    FSDP1 is refused.
 
-       * ``paper`` (default): Δy = r(z_y) - r(z) >= ``epsilon`` gives (z_y ≻ z), else Δ!y = r(z) - r(z_!y)
-         >= ``epsilon`` gives (z ≻ z_!y) (the paper's ε value was not found: a config field);
-       * ``code``: (z_y ≻ z_!y) iff q(z_y) - q(z_!y) >= ``code_threshold`` (0.6), with q the rollout
-         reward, or for the actor its immediate correctness (``actor_quality: correctness``, as released).
-
-       The DPO prompt is always the **natural** prompt of the round (never the guided one; checked).
-    2. **train**: ``dpo_epochs`` passes of DPO (sigmoid loss, ``beta``) over the phase's pairs in
-       minibatches of ``dpo_batch_size``, one optimiser step per training step, on that player only; the
-       reference is the player as it starts this DPO run (the frozen starting checkpoint of the paper's
-       DPO loss; in iteration 2, the iteration-1 player), its log-probs computed once when the stage
-       starts, so no frozen copy is kept. The question batches are not used by this stage; in the generate stage they only pace it: every phase
-       generates on the same questions (the first ``questions_per_phase`` of a seeded permutation of the
-       training split).
-
-    **DPO validation and early stopping** (the released DPO runs: 6000 training and 1000 validation
-    questions, evaluation every 50 steps, patience 5, best checkpoint restored). With
-    ``dpo_val_questions`` > 0 the phase also generates on the next ``dpo_val_questions`` questions of the
-    permutation (disjoint from the training ones); their pairs, capped at ``max_val_pairs``, are never
-    trained on. Every ``dpo_eval_every`` optimiser steps and after the last one, the DPO loss on them is
-    logged (``train/<player>/val_loss``); after ``dpo_patience`` evaluations without a new best the phase
-    stops early, and with ``restore_best`` the player ends the phase with its weights at the best
-    evaluation: a guard against DPO over-optimisation (chosen and rejected log-probs both collapsing,
-    degenerate text).
-
-    The critic's data comes from the **current** actor (``critic_rollout_actor: current``, the paper's
-    best response: after an actor-first phase, the updated actor) or from the starting checkpoint
-    (``initial``, the released scripts: the base with adapters off, for the critic phase's natural
-    debates and rollouts). When the last phase has trained, the module stops the trainer, so set
-    ``trainer.max_epochs`` high enough (or -1) and leave ``max_steps`` at -1.
-
-    Rewards of a last-round critic response are the correctness of one more actor answer (a round past
-    the debate), as in the released code. Lightning counts optimiser steps only, so ``global_step`` and
-    ``ModelCheckpoint(every_n_train_steps=...)`` do not advance in generate stages: add
-    :class:`~lit_align.callbacks.BatchCheckpoint`, which counts batches, to checkpoint those too.
-
-    Players are LoRA adapters on one base when both specs name it (:class:`~lit_align.models.PlayerPolicies`).
-    Checkpoints hold both players, both optimisers, the phase, the stage and its position, the pair
-    buffer and its reference log-probs, and the sampling seed; every draw is seeded by
-    ``(sample_seed, step, purpose)``, so a resumed run is the uninterrupted one.
-
-    Validation runs a debate of ``rounds`` rounds on the validation questions (seeded draws, the same
-    each time) and logs ``val/accuracy/round_<t>``, ``val/accuracy`` (the last round: the team's
-    answer), ``val/improvement`` ((acc_last - acc_0) / acc_0), ``val/gain``, ``val/right_to_wrong``
-    and ``val/wrong_to_right``; :attr:`val_history` and :attr:`val_transcripts` feed
-    :class:`~lit_align.callbacks.DebateReport` (accuracy by round per validation, sample transcripts).
-    Runs on one device.
+    Validation logs ``val/accuracy/round_<t>``, ``val/accuracy`` (the last round), ``val/improvement``,
+    ``val/gain``, ``val/right_to_wrong`` and ``val/wrong_to_right``; :attr:`val_history` and
+    :attr:`val_transcripts` feed :class:`~lit_align.callbacks.DebateReport`.
     """
 
     def __init__(
@@ -112,41 +82,13 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         critic: ModelSpec | None = None,
         share_base: bool = True,
         reference: Literal["auto", "adapter", "copy"] = "auto",
-        rounds: int = 5,
-        trials: int = 5,
-        k: int = 10,
-        pair_rule: Literal["paper", "code"] = "paper",
-        epsilon: float = 0.5,
-        code_threshold: float = 0.6,
-        actor_quality: Literal["rollout", "correctness"] = "rollout",
-        pair_rounds: Literal["all", "code"] = "all",
+        debate: DebateSettings | None = None,
+        generate: GenerateSettings | None = None,
+        pair_rule: PairRule | None = None,
+        dpo: DPOSettings | None = None,
+        optimization: dict[str, Optimization] | None = None,
         iterations: int = 1,
         order: tuple[str, str] = ("actor", "critic"),
-        critic_rollout_actor: Literal["current", "initial"] = "current",
-        questions_per_phase: int | None = None,
-        max_pairs: int | None = 20000,
-        dpo_val_questions: int = 0,
-        max_val_pairs: int | None = 4000,
-        dpo_eval_every: int = 50,
-        dpo_patience: int | None = 5,
-        restore_best: bool = True,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        max_new_tokens: int = 256,
-        critic_max_new_tokens: int | None = None,
-        max_tries: int = 2,
-        chat_template: bool | None = None,
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
-        dpo_epochs: int = 3,
-        dpo_batch_size: int = 4,
-        max_prompt_tokens: int = 512,
-        max_response_tokens: int = 512,
-        lr: float = 1.41e-5,
-        weight_decay: float = 0.1,
-        optimizer: OptimizerCallable | None = None,
-        reset_optimizer: bool = True,
-        gradient_clip: float | None = 1.0,
         sample_seed: int | None = None,
         num_val_transcripts: int = 8,
         chunk_tokens: int | None = None,
@@ -156,143 +98,70 @@ class DebateModule(RebuiltWeights, L.LightningModule):
             actor: the actor's model (LoRA recommended; its tokenizer is the module's).
             critic: the critic's model; ``None``: the actor's spec (a second adapter on the same base).
             share_base: put both players' adapters on one base when their specs name the same base.
-            reference: how the starting checkpoint is kept for ``critic_rollout_actor: initial``:
-                ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto``. The DPO reference is scored once
-                from the player at the start of each DPO run.
-            rounds: debate rounds R (the paper: 5, rounds 0..4).
-            trials: natural debates per question per phase (the code: 5).
-            k: one-step rollouts per reward estimate (the paper's K was not found; the critic-data code: 10).
-            pair_rule: ``paper`` (guided vs natural, threshold ``epsilon``) or ``code`` (guided vs guided).
-            epsilon: the paper rule's threshold (its value was not found in the paper: a config field).
-            code_threshold: the code rule's threshold (0.6 in the released code).
-            actor_quality: the code rule's actor quality: ``rollout`` (one-step rollouts) or
-                ``correctness`` (the guided answer's own correctness, as released). The paper rule
-                always uses rollouts.
-            pair_rounds: ``all`` rounds, or the released code's ranges (actor 1..R-1, critic 0..R-1).
+            reference: the starting checkpoint (the untrained team): ``adapter`` (LoRA off), ``copy`` or ``auto``.
+            debate, generate, dpo: the settings (:mod:`lit_align.debate.config`: documented field by field).
+            pair_rule: a :class:`~lit_align.debate.rules.PairRule` by ``class_path`` (``None``: ``PaperRule()``).
+            optimization: an :class:`~lit_align.engine.Optimization` block per player (``actor``, ``critic``);
+                ``None``: AdamW (weight decay 0.1) at 1.41e-5, clip 1.0, for each (the released code).
             iterations: outer iterations (1: ACC-Collab, 2: ACC-Collab+).
-            order: which player trains first in an iteration (actor first: the order of the paper's
-                Fig. 5; the paper's stated order was not found).
-            critic_rollout_actor: the actor of the critic phase's debates and rollouts: ``current`` (the
-                paper's best response) or ``initial`` (the released scripts: the starting checkpoint).
-            questions_per_phase: training questions a phase generates on (``None``: the whole training
-                split; the code: 6000).
-            max_pairs: cap on a phase's pairs, a seeded random subset (the code: 20000; ``None``: all).
-            dpo_val_questions: questions a phase generates DPO validation pairs on, after the training ones
-                (the code: 1000; 0: no DPO validation, no early stopping).
-            max_val_pairs: cap on a phase's validation pairs (the code: 4000; ``None``: all).
-            dpo_eval_every: optimiser steps between DPO validations (the code: 50); the last step is
-                always evaluated.
-            dpo_patience: evaluations without a new best validation loss before a phase stops early (the
-                code: 5; ``None``: never early).
-            restore_best: end each phase with the player's weights at its best validation loss (the code's
-                ``load_best_model_at_end``).
-            temperature, top_p: sampling of debates, guided responses and rollouts (0.7, 0.9).
-            max_new_tokens: the actor's response cap; ``critic_max_new_tokens`` the critic's (default the same).
-            max_tries: re-samples of an unparseable actor answer (2); then it counts as wrong.
-            chat_template: format prompts with the tokenizer's chat template (``None``: when it has one).
-            beta, label_smoothing: DPO (0.1, 0: TRL's defaults in the code).
-            dpo_epochs, dpo_batch_size: passes over a phase's pairs and pairs per optimiser step (the code:
-                3 epochs; batch 2 x 2 accumulation).
-            max_prompt_tokens, max_response_tokens: DPO truncation (512, 512): prompts lose their start.
-            lr, weight_decay: AdamW when no ``optimizer`` is given (the code: 1.41e-5, 0.1).
-            optimizer: optimiser factory (one per player).
-            reset_optimizer: start each phase with a fresh optimiser state (each released DPO run did).
-            gradient_clip: global-norm clip of each DPO step (None: off).
+            order: which player trains first in an iteration (actor first: the paper's Fig. 5).
             sample_seed: seed of all sampling (``None``: the run's global seed, kept in checkpoints).
             num_val_transcripts: debates kept from each validation for the transcript table.
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
         """
         super().__init__()
         self.save_hyperparameters()
-        critic = critic or actor
-        self.specs = {"actor": actor, "critic": critic}
-        for name, value, low in (("rounds", rounds, 1), ("trials", trials, 1), ("k", k, 1), ("iterations", iterations, 1),
-                                 ("dpo_epochs", dpo_epochs, 1), ("dpo_batch_size", dpo_batch_size, 1),
-                                 ("max_tries", max_tries, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"model.{name} must be an int >= {low}, got {value!r}")
-        if pair_rule not in ("paper", "code"):
-            raise ConfigError(f"model.pair_rule must be 'paper' or 'code', got {pair_rule!r}")
-        if actor_quality not in ("rollout", "correctness"):
-            raise ConfigError(f"model.actor_quality must be 'rollout' or 'correctness', got {actor_quality!r}")
-        if pair_rounds not in ("all", "code"):
-            raise ConfigError(f"model.pair_rounds must be 'all' or 'code', got {pair_rounds!r}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ConfigError(f"model.iterations must be an int >= 1, got {iterations!r}")
         if sorted(order) != sorted(PLAYERS):
             raise ConfigError(f"model.order must name 'actor' and 'critic' once each, got {order!r}")
-        if critic_rollout_actor not in ("current", "initial"):
-            raise ConfigError(f"model.critic_rollout_actor must be 'current' or 'initial', got {critic_rollout_actor!r}")
-        if not 0.0 <= epsilon <= 1.0 or not 0.0 <= code_threshold <= 1.0:
-            raise ConfigError("model.epsilon and model.code_threshold are reward differences in [0, 1]")
-        if questions_per_phase is not None and questions_per_phase < 1:
-            raise ConfigError(f"model.questions_per_phase must be >= 1 or null, got {questions_per_phase}")
-        for name, value, low in (("dpo_val_questions", dpo_val_questions, 0), ("dpo_eval_every", dpo_eval_every, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"model.{name} must be an int >= {low}, got {value!r}")
-        if dpo_patience is not None and (isinstance(dpo_patience, bool) or not isinstance(dpo_patience, int)
-                                         or dpo_patience < 1):
-            raise ConfigError(f"model.dpo_patience must be an int >= 1 or null, got {dpo_patience!r}")
+        self.specs = {"actor": actor, "critic": critic or actor}
+        self.share_base, self.reference_mode = share_base, reference
+        self.debate_cfg = coerce(debate, DebateSettings, "model.debate")
+        self.generate_cfg = coerce(generate, GenerateSettings, "model.generate")
+        self.dpo_cfg = coerce(dpo, DPOSettings, "model.dpo")
+        self.pair_rule = PaperRule() if pair_rule is None else strategy(pair_rule, PairRule, "model.pair_rule")
+        defaults = {p: Optimization(lr=1.41e-5) for p in PLAYERS}
+        self.players_opt = {p: Player(p, o, _adamw) for p, o in resolve_optimization(optimization, defaults).items()}
         self.automatic_optimization = False  # one optimiser per player, stepped by the phase's player only
         self.tokenizer = build_tokenizer(actor)
-        self.share_base, self.reference_mode = share_base, reference
-        self.rounds, self.trials, self.k = rounds, trials, k
-        self.pair_rule, self.epsilon, self.code_threshold = pair_rule, epsilon, code_threshold
-        self.actor_quality, self.pair_rounds = actor_quality, pair_rounds
+        self.scorer = PairScorer(self.tokenizer, self.dpo_cfg, self.debate_cfg, chunk_tokens)
         self.phases = [(i, p) for i in range(iterations) for p in order]
-        self.critic_rollout_actor, self.questions_per_phase, self.max_pairs = critic_rollout_actor, questions_per_phase, max_pairs
-        self.dpo_val_questions, self.max_val_pairs = dpo_val_questions, max_val_pairs
-        self.dpo_eval_every, self.dpo_patience, self.restore_best = dpo_eval_every, dpo_patience, restore_best
-        self.sampling = {
-            "actor": SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
-            "critic": SamplingConfig(max_new_tokens=critic_max_new_tokens or max_new_tokens, temperature=temperature,
-                                     top_p=top_p),
-        }
-        self.max_tries, self.chat_template = max_tries, chat_template
-        self.beta, self.label_smoothing = beta, label_smoothing
-        self.dpo_epochs, self.dpo_batch_size = dpo_epochs, dpo_batch_size
-        self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
-        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
-        self.reset_optimizer, self.gradient_clip, self.sample_seed = reset_optimizer, gradient_clip, sample_seed
-        self.num_val_transcripts, self.chunk_tokens = num_val_transcripts, chunk_tokens
+        self.sample_seed, self.num_val_transcripts = sample_seed, num_val_transcripts
         self.players: PlayerPolicies | None = None
-        self._questions: list[QAExample] | None = None  # the phases' question set (_phase_questions)
-        self._n_train = 0  # how many of them are training questions (the rest: DPO validation)
-
+        self._questions: tuple[list[QAExample], int] | None = None  # the phases' questions, how many train
         # pipeline state (all in checkpoints)
-        self.step_count = 0  # training steps taken (seeds every draw)
+        self.step_count = 0  # training steps taken (seeds the DPO order)
         self.timer = PhaseTimer()  # time/<phase> of the current step
         self.phase = 0  # index into self.phases
         self.phase_state = PhaseState()  # the current phase's stage, pairs, reference log-probs, DPO order and best
         self.pair_counts: list[int] = []  # pairs made by each finished generate stage
         self.val_history: list[dict[str, float]] = []
         self.val_transcripts: list[dict[str, Any]] = []
-        self._val_accuracy = DebateAccuracy(rounds)
+        self._val_accuracy = DebateAccuracy(self.debate_cfg.rounds)
         self._val_buffer: list[DebateTranscript] = []
         self.last_step_metrics: dict[str, float] = {}  # what the last training step logged (benchmarks)
 
+    @property
+    def rounds(self) -> int:
+        return self.debate_cfg.rounds
+
     # -- building ------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.players is not None:
-            return
-        if self.device_mesh is not None:
-            raise NotImplementedError("DebateModule runs on one device for now; drop the ModelParallelStrategy")
-        self.players = PlayerPolicies(self.specs, self.tokenizer, share_base=self.share_base,
-                                      reference=self.reference_mode)
+        if self.players is None:
+            mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+            self.players = build_team(self.specs, self.tokenizer, share_base=self.share_base,
+                                      reference=self.reference_mode, mesh=mesh, rank=self.global_rank,
+                                      device=self.trainer.strategy.root_device if mesh is not None else None,
+                                      bf16=mesh is not None and str(self.trainer.precision).startswith("bf16"))
 
     def setup(self, stage: str) -> None:
-        if self.trainer.world_size > 1:
-            raise NotImplementedError("DebateModule runs on one device for now (each rank would build its own pair "
-                                      "buffer): set trainer.devices: 1")
-        if self.sample_seed is None:
-            self.sample_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
+        refuse_fsdp1(self.trainer.strategy, "DebateModule")
+        if self.sample_seed is None:  # rank 0's: every rank draws the same
+            self.sample_seed = all_gather_objects(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31)))[0]
 
     def configure_optimizers(self):
-        optimizers = []
-        for player in PLAYERS:
-            params = list(self.players.trainable(player).values())
-            if not params:
-                raise ValueError(f"the {player} has no trainable parameters (check model.{player}.lora.target_modules)")
-            optimizers.append(self.optimizer_factory(params))
-        return optimizers
+        return configure_team(self.players, [self.players_opt[p] for p in PLAYERS])
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -307,34 +176,24 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         return lambda: self.players.acting(player)
 
     def initial_agent(self, player: str):
-        """The protocol's agent for ``player`` as it started the run (the base with its adapter off, or its
-        frozen copy): the untrained team, and the released scripts' rollout actor."""
-        @contextmanager
-        def initial() -> Iterator[nn.Module]:
-            with self.players.acting(player) as policy:
-                model, context = self.players.reference(player, policy)
-                with context() if context is not None else nullcontext():
-                    yield model
-        return initial
+        """The protocol's agent for ``player`` as it started the run (:func:`~lit_align.debate.team.initial_agent`)."""
+        return initial_agent(self.players, player)
 
-    def debate(self, examples: list[QAExample], generator: torch.Generator, actor=None, critic=None
-               ) -> list[DebateTranscript]:
-        """A debate of ``rounds`` rounds on ``examples`` with the module's sampling, answer retries and prompt
-        format; the current players unless ``actor`` / ``critic`` agents are given."""
+    def debate(self, examples: list[QAExample], generator: Draw, actor=None, critic=None) -> list[DebateTranscript]:
+        """A debate of ``debate.rounds`` rounds on ``examples`` with the module's settings; the current players
+        unless ``actor`` / ``critic`` agents are given."""
+        cfg = self.debate_cfg
         return run_debate(actor or self.agent("actor"), critic or self.agent("critic"), self.tokenizer, examples,
-                          self.rounds, self.sampling["actor"], critic_sampling=self.sampling["critic"],
-                          generator=generator, max_tries=self.max_tries, chat_template=self.chat_template)
+                          cfg.rounds, cfg.sampling("actor"), critic_sampling=cfg.sampling("critic"),
+                          generator=generator, max_tries=cfg.max_tries, chat_template=cfg.chat_template)
 
-    # the seeded draws are named by what they are for (``trial/<k>``, ``order``, ``val``, ``predict``,
-    # ``questions``) and the step (:func:`lit_align.engine.seeds.derive_seed`): no two draws share a seed
-    def _seed(self, purpose: str, step: int | None = None) -> int:
-        return derive_seed(self.sample_seed, self.step_count if step is None else step, purpose)
+    def _seeds(self, purpose: str, step: int = 0) -> RowSeeds:
+        """Per-question draws (``generate`` per phase, ``val``, ``predict``): independent of batch and ranks."""
+        return RowSeeds(self.sample_seed, step, purpose)
 
-    def _generator(self, purpose: str, step: int | None = None) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self._seed(purpose, step))
-
-    def _rng(self, purpose: str) -> random.Random:
-        return random.Random(self._seed(purpose))
+    def _rng(self, purpose: str, step: int | None = None) -> random.Random:
+        """A run-wide draw (``order``, ``questions``), the same on every rank."""
+        return random.Random(derive_seed(self.sample_seed, self.step_count if step is None else step, purpose))
 
     @property
     def current(self) -> tuple[int, str] | None:
@@ -342,190 +201,119 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         return self.phases[self.phase] if self.phase < len(self.phases) else None
 
     # -- generate ------------------------------------------------------------------------------
-    def _pairs_for(self, player: str, examples: list[QAExample]) -> tuple[list[PreferencePair], dict[str, float]]:
-        """Natural debates, guided responses, rollout rewards and pairs for ``player`` on ``examples``."""
-        actor, critic = self.agent("actor"), self.agent("critic")
-        if player == "critic" and self.critic_rollout_actor == "initial":
-            actor = self.initial_agent("actor")  # the released scripts: the critic's data comes from the starting actor
-        rollout_actor = actor
-        rounds = code_round_ranges(self.rounds)[player] if self.pair_rounds == "code" else range(self.rounds)
-        pairs: list[PreferencePair] = []
-        stats = {"natural_accuracy": 0.0, "candidates": 0.0, "rollouts": 0.0}
-        for trial in range(self.trials):
-            generator, rng = self._generator(f"trial/{trial}"), self._rng(f"trial/{trial}")
-            with self.timer("debate"):
-                transcripts = self.debate(examples, generator, actor, critic)
-            stats["natural_accuracy"] += sum(t.final_correct for t in transcripts) / len(transcripts) / self.trials
-            for t in rounds:
-                # the released code keeps the natural critic response as trial 0's "guided" ones (its pairs
-                # are then filtered as identical); against the natural response (paper rule) that is no pair
-                keep_natural = self.pair_rule == "code"
-                with self.timer("guided"):
-                    guided = {target: guided_responses(self.agent(player), self.tokenizer, transcripts, t, player, target,
-                                                       trial, self.sampling[player], generator=generator, rng=rng,
-                                                       natural_critic_at_trial0=keep_natural,
-                                                       chat_template=self.chat_template)
-                              for target in ("correct", "wrong")}
-                with self.timer("rewards"):
-                    rewards = self._rewards(player, transcripts, t, guided, rollout_actor, critic, generator)
-                stats["rollouts"] += rewards.pop("rollouts", 0.0)
-                candidates = make_candidates(transcripts, guided["correct"], guided["wrong"], rewards["toward"],
-                                             rewards["away"], rewards.get("natural"))
-                stats["candidates"] += len(candidates)
-                pairs += build_pairs(candidates, self.pair_rule, epsilon=self.epsilon, threshold=self.code_threshold)
-        return pairs, stats
-
-    def _rewards(self, player: str, transcripts: list[DebateTranscript], t: int, guided: dict, rollout_actor, critic,
-                 generator: torch.Generator) -> dict[str, list[float]]:
-        """Rewards of the natural, toward and away responses at round ``t`` (one batched rollout call)."""
-        if self.pair_rule == "code" and player == "actor" and self.actor_quality == "correctness":
-            return {kind: [float(g.correct) for g in guided[target]] for kind, target in
-                    (("toward", "correct"), ("away", "wrong"))}
-        kinds = ["toward", "away"] + (["natural"] if self.pair_rule == "paper" else [])
-        states = []
-        for kind in kinds:
-            for i, tr in enumerate(transcripts):
-                turn = tr.turns[t]
-                if kind == "natural":
-                    response = turn.actor_response if player == "actor" else turn.critic_response
-                else:
-                    response = guided["correct" if kind == "toward" else "wrong"][i].response
-                if player == "actor":
-                    states.append(RewardState(tr.example, t, actor_response=response))
-                else:
-                    states.append(RewardState(tr.example, t, actor_response=turn.actor_response, critic_response=response))
-        values = rollout_reward(rollout_actor, critic, self.tokenizer, states, k=self.k, rounds=self.rounds,
-                                sampling=self.sampling["actor"], critic_sampling=self.sampling["critic"],
-                                generator=generator, max_tries=self.max_tries, chat_template=self.chat_template)
-        n = len(transcripts)
-        out: dict[str, Any] = {kind: values[j * n:(j + 1) * n] for j, kind in enumerate(kinds)}
-        out["rollouts"] = float(self.k * sum(s.critic_response is not None or s.round < self.rounds - 1 for s in states))
-        return out
-
-    def _phase_questions(self) -> list[QAExample]:
-        """The questions every phase generates on: the first ``questions_per_phase`` of a seeded permutation
-        of the training split (the same set for both players and every iteration, as the released
-        ``scripts/run_dpo.sh``'s 6000), then the next ``dpo_val_questions`` (DPO validation, its 1000)."""
+    def _phase_questions(self) -> tuple[list[QAExample], int]:
         if self._questions is None:  # derived from the data and the seed: built once, never checkpointed
-            examples = self.trainer.datamodule.examples("train")
-            order = list(range(len(examples)))
-            random.Random(self._seed("questions", step=0)).shuffle(order)
-            n_train = len(order) - self.dpo_val_questions if self.questions_per_phase is None else self.questions_per_phase
-            if n_train < 1 or n_train + self.dpo_val_questions > len(order):
-                raise DataError(f"the training split has {len(order)} questions: too few for model.questions_per_phase "
-                                 f"({self.questions_per_phase}) plus model.dpo_val_questions ({self.dpo_val_questions}); "
-                                 "lower them or add questions")
-            self._n_train = n_train
-            self._questions = [examples[i] for i in order[: n_train + self.dpo_val_questions]]
+            seed = derive_seed(self.sample_seed, 0, "questions")
+            self._questions = phase_questions(self.trainer.datamodule.examples("train"), seed, self.generate_cfg)
         return self._questions
 
+    def _generate_step(self, player: str, batch_size: int) -> dict[str, float]:
+        """One generate step: this rank's share of the step's ``W x batch_size`` questions (training ones
+        first, then DPO-validation ones), pairs gathered from every rank."""
+        (questions, n_train), state = self._phase_questions(), self.phase_state
+        chunk, validating = step_questions(questions, n_train, state.questions_done, batch_size * rank_and_world()[1])
+        positions, real = rank_share(len(chunk))
+        actor = self.agent("actor")
+        if player == "critic" and self.generate_cfg.critic_rollout_actor == "initial":
+            actor = self.initial_agent("actor")  # the released scripts: the critic's data comes from the starting actor
+        stage = Stage(self.tokenizer, self.debate_cfg, self.generate_cfg, self.pair_rule, actor, self.agent("critic"),
+                      player, self.agent(player), self.timer)
+        with self.timer("generate"):
+            pairs, stats = stage.run([chunk[i] for i in positions], real, self._seeds("generate", step=self.phase))
+        pairs, stats = gather_pairs(pairs, stats, chunk)
+        (state.val_pairs if validating else state.pairs).extend(pairs)
+        state.questions_done += len(chunk)
+        if state.questions_done >= len(questions):
+            with self.timer("reference"):
+                self._start_training(player)
+        return {f"{player}/new_pairs": float(len(pairs)), f"{player}/pairs": float(len(state.pairs)),
+                f"{player}/val_pairs": float(len(state.val_pairs)),
+                f"{player}/natural_accuracy": stats["natural_correct"] / len(chunk) / self.generate_cfg.trials,
+                "rollouts": stats["rollouts"]}
+
     # -- DPO -----------------------------------------------------------------------------------
-    def _pair_batch(self, pairs: list[PreferencePair]):
-        """Right-padded (prompt + chosen) and (prompt + rejected) rows, ``loss_mask`` on the responses."""
-        eos = self.tokenizer.eos_token_id
-        rows, index = [], []
-        for i, pair in enumerate(pairs):
-            prompt = format_prompt(self.tokenizer, pair.prompt, self.chat_template)[-self.max_prompt_tokens:]
-            cap = self.sampling[pair.player].max_new_tokens
-            for response in (pair.chosen, pair.rejected):
-                ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-                # EOS only where the response ended: a text cut by max_new_tokens or here never emitted one
-                ended = len(ids) < min(cap, self.max_response_tokens)
-                rows.append((prompt, ids[: self.max_response_tokens] + ([eos] if ended else [])))
-                index.append(i)
-        batch = _collate_sequences(rows, index, self.tokenizer.pad_token_id)
-        return batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.loss_mask.to(self.device)
-
-    def _sequence_logps(self, model: nn.Module, pairs: list[PreferencePair]) -> Tensor:
-        """(N, 2) summed log-probs of (chosen, rejected) under ``model``."""
-        ids, mask, loss_mask = self._pair_batch(pairs)
-        logps = token_logps(model, ids, mask, loss_mask, chunk_tokens=self.chunk_tokens)
-        return logps.logps.mul(logps.mask).sum(-1).view(-1, 2)
-
-    @torch.no_grad()
-    def _scored_logps(self, player: str, pairs: list[PreferencePair]) -> Tensor:
-        """(N, 2) log-probs of ``pairs`` under the player as it is now, in eval mode, on the CPU."""
-        out = []
-        with self.players.acting(player) as policy, eval_mode(policy):
-            for start in range(0, len(pairs), self.dpo_batch_size):
-                out.append(self._sequence_logps(policy, pairs[start:start + self.dpo_batch_size]).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, 2)
+    def _scored(self, player: str, pairs) -> Tensor:
+        with self.players.acting(player) as policy:
+            return self.scorer.scored(policy, pairs)
 
     def _start_training(self, player: str) -> None:
-        """End of a generate stage: cap the pairs, score the reference once, fix the DPO order.
-
-        The reference log-probs are the player's **as it starts this DPO run** (the paper's DPO loss: the
-        reference is the frozen starting checkpoint of the run; in iteration 2 that is the iteration-1 player, not the
-        base). Scored once, so no frozen copy is needed."""
-        rng = self._rng("order")
-        if self.max_pairs is not None and len(self.phase_state.pairs) > self.max_pairs:
-            self.phase_state.pairs = rng.sample(self.phase_state.pairs, self.max_pairs)
-        if self.max_val_pairs is not None and len(self.phase_state.val_pairs) > self.max_val_pairs:
-            self.phase_state.val_pairs = rng.sample(self.phase_state.val_pairs, self.max_val_pairs)
-        self.pair_counts.append(len(self.phase_state.pairs))
-        if not self.phase_state.pairs:
-            rank_zero_warn(f"phase {self.phase} ({player}): no preference pair passed the threshold; the phase trains "
-                           "nothing (lower model.epsilon / model.code_threshold, or raise trials, k, or questions)")
+        """End of a generate stage: cap the pairs, score the reference once (the player as this DPO run starts:
+        in iteration 2, the iteration-1 player), fix the DPO order."""
+        rng, state, cfg = self._rng("order"), self.phase_state, self.generate_cfg
+        state.cap(cfg.max_pairs, cfg.max_val_pairs, rng)
+        self.pair_counts.append(len(state.pairs))
+        if not state.pairs:
+            rank_zero_warn(f"phase {self.phase} ({player}): no preference pair passed the rule; the phase trains "
+                           "nothing (loosen model.pair_rule, or raise generate.trials, generate.k or the questions)")
             self._next_phase()
             return
-        if self.dpo_val_questions and not self.phase_state.val_pairs:
-            rank_zero_warn(f"phase {self.phase} ({player}): no DPO validation pair passed the threshold; the phase "
-                           "trains all its epochs without early stopping (raise model.dpo_val_questions)")
-        self.phase_state.ref_logps = self._scored_logps(player, self.phase_state.pairs)
-        self.phase_state.val_ref_logps = self._scored_logps(player, self.phase_state.val_pairs) if self.phase_state.val_pairs else None
-        self.phase_state.best_val_loss, self.phase_state.best_weights, self.phase_state.bad_evals = None, None, 0
-        self.phase_state.order = []  # minibatches never straddle two epochs (no pair twice in one step)
-        for _ in range(self.dpo_epochs):
-            epoch = list(range(len(self.phase_state.pairs)))
-            rng.shuffle(epoch)
-            self.phase_state.order += [epoch[i:i + self.dpo_batch_size] for i in range(0, len(epoch), self.dpo_batch_size)]
-        self.phase_state.position, self.phase_state.stage = 0, "train"
+        if cfg.dpo_val_questions and not state.val_pairs:
+            rank_zero_warn(f"phase {self.phase} ({player}): no DPO validation pair passed the rule; the phase "
+                           "trains all its epochs without early stopping (raise model.generate.dpo_val_questions)")
+        state.ref_logps = self._scored(player, state.pairs)
+        state.val_ref_logps = self._scored(player, state.val_pairs) if state.val_pairs else None
+        state.best_val_loss, state.best_weights, state.bad_evals = None, None, 0
+        state.order = dpo_order(len(state.pairs), self.dpo_cfg.epochs, self.dpo_cfg.batch_size * rank_and_world()[1], rng)
+        state.position, state.stage = 0, "train"
 
     def _next_phase(self) -> None:
         self.phase += 1
         self.phase_state = PhaseState(stage="generate" if self.phase < len(self.phases) else "done")
-        if self.reset_optimizer and self.phase_state.stage != "done" and self._trainer is not None:
-            for optimizer in self.optimizers():
-                getattr(optimizer, "optimizer", optimizer).state.clear()
+
+    def _fresh_optimizer(self, player: str) -> None:
+        """A fresh optimiser state for a DPO run (each with ``dpo.reset_optimizer``, else the player's first), cleared
+        at its first step: a DCP checkpoint saved before initialises Adam with a zero-gradient step."""
+        if self.phase_state.position == 0 and (self.dpo_cfg.reset_optimizer or self.current[0] == 0):
+            optimizer = self.optimizers()[self.players_opt[player].optimizer_index]
+            getattr(optimizer, "optimizer", optimizer).state.clear()
+
+    def _dpo_loss(self, logps: Tensor, ref: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.dpo_cfg.beta,
+                        label_smoothing=self.dpo_cfg.label_smoothing)
 
     def _dpo_step(self, player: str) -> dict[str, Tensor]:
-        rows = self.phase_state.order[self.phase_state.position]
-        self.phase_state.position += 1
-        pairs = [self.phase_state.pairs[i] for i in rows]
-        ref = self.phase_state.ref_logps[rows].to(self.device)
+        """One optimiser step on this rank's share of the global minibatch, its mean loss scaled by its share of
+        the pairs (:func:`~lit_align.engine.distributed.global_share`: a rank with none runs a padding row at
+        weight 0); the logged numbers are the minibatch's means, the same on every rank."""
+        self._fresh_optimizer(player)
+        state = self.phase_state
+        rows = state.order[state.position]
+        state.position += 1
+        positions, real = rank_share(len(rows))
+        mine = [rows[i] for i in positions]
+        ref = state.ref_logps[mine].to(self.device)
         with self.players.acting(player) as policy, eval_mode(policy):  # no dropout: the first loss is log 2
-            logps = self._sequence_logps(policy, pairs)
-            loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
-                                     label_smoothing=self.label_smoothing)
-            player_step(self, loss, optimizer=PLAYERS.index(player), clip=self.gradient_clip)
-        out = {"loss": loss.detach(), **metrics}
-        last = self.phase_state.position >= len(self.phase_state.order)
-        if self.phase_state.val_pairs and (self.phase_state.position % self.dpo_eval_every == 0 or last):
+            logps = self.scorer.logps(policy, [state.pairs[i] for i in mine])
+            n = max(real, 1)
+            loss, metrics = self._dpo_loss(logps[:n], ref[:n])
+            self.players_opt[player].step(self, loss * global_share(real).to(loss.device))
+        out = global_means({"loss": loss.detach(), **metrics}, real, len(rows), self.device)
+        last = state.position >= len(state.order)
+        if state.val_pairs and (state.position % self.dpo_cfg.eval_every == 0 or last):
             out.update(self._dpo_validation(player))
-            last = last or (self.dpo_patience is not None and self.phase_state.bad_evals >= self.dpo_patience)
+            last = last or (self.dpo_cfg.patience is not None and state.bad_evals >= self.dpo_cfg.patience)
         if last:
-            if self.restore_best and self.phase_state.best_weights is not None:
-                with torch.no_grad():
-                    for name, param in self.players.trainable(player).items():
-                        param.copy_(self.phase_state.best_weights[name])
-            out["dpo_steps"] = torch.tensor(float(self.phase_state.position))
+            if self.dpo_cfg.restore_best and state.best_weights is not None:
+                for name, param in self.players.trainable(player).items():
+                    assign_full(param, state.best_weights[name])
+            out["dpo_steps"] = torch.tensor(float(state.position))
             self._next_phase()
         return out
 
     @torch.no_grad()
     def _dpo_validation(self, player: str) -> dict[str, Tensor]:
-        """DPO loss on the phase's validation pairs; keeps the best weights and counts evaluations since."""
-        logps = self._scored_logps(player, self.phase_state.val_pairs)
-        ref = self.phase_state.val_ref_logps
-        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
-                                 label_smoothing=self.label_smoothing)
-        if self.phase_state.best_val_loss is None or float(loss) < self.phase_state.best_val_loss:
-            self.phase_state.best_val_loss, self.phase_state.bad_evals = float(loss), 0
-            self.phase_state.best_weights = {n: p.detach().clone() for n, p in self.players.trainable(player).items()}
+        """DPO loss on the validation pairs (log-probs gathered from every rank, so the loss, the best and the
+        early stop are the same everywhere); keeps the best weights whole (gathered shards under FSDP2: rank 0
+        writes them into checkpoints) and counts the evaluations since."""
+        state = self.phase_state
+        loss, metrics = self._dpo_loss(self._scored(player, state.val_pairs), state.val_ref_logps)
+        if state.best_val_loss is None or float(loss) < state.best_val_loss:
+            state.best_val_loss, state.bad_evals = float(loss), 0
+            state.best_weights = {n: full_tensor(p).cpu() for n, p in self.players.trainable(player).items()}
         else:
-            self.phase_state.bad_evals += 1
+            state.bad_evals += 1
         return {"val_loss": loss, "val_reward_accuracy": metrics["rewards/accuracies"],
-                "best_val_loss": torch.tensor(self.phase_state.best_val_loss)}
+                "best_val_loss": torch.tensor(state.best_val_loss)}
 
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch: QABatch, batch_idx: int) -> None:
@@ -535,22 +323,8 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         iteration, player = self.current
         self.timer.reset()
         metrics: dict[str, Tensor | float] = {"phase": float(self.phase), "iteration": float(iteration)}
-        if self.phase_state.stage == "generate":
-            # the batch only paces the stage: its questions come from the phase's fixed set, in chunks of a batch
-            questions = self._phase_questions()
-            validating = self.phase_state.questions_done >= self._n_train  # training questions first, then validation ones
-            end = min(self.phase_state.questions_done + len(batch), len(questions) if validating else self._n_train)
-            examples = questions[self.phase_state.questions_done:end]
-            with self.timer("generate"):
-                pairs, stats = self._pairs_for(player, examples)
-            (self.phase_state.val_pairs if validating else self.phase_state.pairs).extend(pairs)
-            self.phase_state.questions_done += len(examples)
-            metrics.update({f"{player}/new_pairs": float(len(pairs)), f"{player}/pairs": float(len(self.phase_state.pairs)),
-                            f"{player}/val_pairs": float(len(self.phase_state.val_pairs)),
-                            f"{player}/natural_accuracy": stats["natural_accuracy"], "rollouts": stats["rollouts"]})
-            if self.phase_state.questions_done >= len(questions):
-                with self.timer("reference"):
-                    self._start_training(player)
+        if self.phase_state.stage == "generate":  # the batch only paces the stage (the phase's questions are fixed)
+            metrics.update(self._generate_step(player, len(batch)))
         else:
             with self.timer("dpo"):
                 metrics.update({f"{player}/{k}": v for k, v in self._dpo_step(player).items()})
@@ -567,7 +341,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: QABatch, batch_idx: int) -> None:
         """A seeded debate on the validation questions: accuracy after each round."""
-        transcripts = self.debate(list(batch.examples), self._generator("val", step=batch_idx))
+        transcripts = self.debate(list(batch.examples), self._seeds("val"))
         correct = torch.tensor([tr.correct_by_round for tr in transcripts], dtype=torch.bool, device=self.device)
         self._val_accuracy.update(correct)
         self._val_buffer.extend(transcripts[: max(0, self.num_val_transcripts - len(self._val_buffer))])
@@ -576,15 +350,11 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def on_validation_epoch_start(self) -> None:
-        self._reset_val()
-
-    def on_test_epoch_start(self) -> None:
-        self._reset_val()
-
-    def _reset_val(self) -> None:
         with torch.inference_mode(False):  # states made outside inference mode stay usable by fit's validation
             self._val_accuracy = DebateAccuracy(self.rounds).to(self.device)
         self._val_buffer = []
+
+    on_test_epoch_start = on_validation_epoch_start
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval("val")
@@ -595,28 +365,28 @@ class DebateModule(RebuiltWeights, L.LightningModule):
     def _end_eval(self, stage: str) -> None:
         if self._val_accuracy.update_count == 0:
             return
-        values = {k: float(v) for k, v in self._val_accuracy.compute().items()}
+        values = {k: float(v) for k, v in self._val_accuracy.compute().items()}  # synced over the ranks
         row = {f"accuracy/{k}" if k.startswith("round_") else k: v for k, v in values.items()}
         row["accuracy"] = values[f"round_{self.rounds - 1}"]
-        for key, value in row.items():
-            self.log(f"{stage}/{key}", value, sync_dist=False, prog_bar=key == "accuracy")
+        for key, value in row.items():  # already global: sync_dist averages equal numbers (and tells Lightning)
+            self.log(f"{stage}/{key}", value, sync_dist=True, prog_bar=key == "accuracy")
         if stage == "val":
             label = "done" if self.current is None else f"{self.current[1]} {self.phase_state.stage}"
             if self.val_history and self.val_history[-1]["step"] == self.step_count:
                 self.val_history.pop()
-            self.val_history.append({"step": float(self.step_count), "phase": float(self.phase), **row,
-                                     "label": label})
-            self.val_transcripts = [_transcript_row(tr) for tr in self._val_buffer]
+            self.val_history.append({"step": float(self.step_count), "phase": float(self.phase), **row, "label": label})
+            rows = all_gather_objects([transcript_row(tr) for tr in self._val_buffer])  # the same on every rank
+            self.val_transcripts = [row for rank in rows for row in rank][: self.num_val_transcripts]
 
     def predict_step(self, batch: QABatch, batch_idx: int) -> list[dict[str, Any]]:
         """One debate per question (``lit-align predict``): ``{prompt: question, completion: the actor's
         final response}``, as every method's predictions."""
-        transcripts = self.debate(list(batch.examples), self._generator("predict", step=batch_idx))
+        transcripts = self.debate(list(batch.examples), self._seeds("predict"))
         return [{"prompt": tr.example.question, "completion": tr.turns[-1].actor_response} for tr in transcripts]
 
     def export_policy(self) -> nn.Module:
         """What :class:`~lit_align.callbacks.HFExport` writes: the actor (the team's answerer)."""
-        return self.players.export("actor")
+        return export_player(self.players, "actor", self.specs, self.tokenizer, self.global_rank)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _rebuilt_keys(self, keys) -> set[str]:
@@ -624,28 +394,10 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         return self.players.frozen_keys("players.") & set(keys) if self.players is not None else set()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["debate"] = {
-            "step_count": self.step_count, "phase": self.phase, "sample_seed": self.sample_seed,
-            "state": self.phase_state.state_dict(), "pair_counts": list(self.pair_counts),
-            "val_history": self.val_history, "val_transcripts": self.val_transcripts,
-        }
+        checkpoint["debate"] = {**{k: getattr(self, k) for k in _SAVED}, "state": self.phase_state.state_dict()}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("debate")
-        if state is None:
-            return
-        self.step_count, self.phase, self.sample_seed = state["step_count"], state["phase"], state["sample_seed"]
-        self.phase_state = PhaseState.from_state_dict(state.get("state", state))  # older checkpoints: flat keys
-        self.pair_counts, self.val_history = list(state["pair_counts"]), state["val_history"]
-        self.val_transcripts = state["val_transcripts"]
-
-
-def _transcript_row(tr: DebateTranscript) -> dict[str, Any]:
-    """A flat row of a transcript for tables."""
-    row: dict[str, Any] = {"question": tr.example.question, "gold": tr.example.answer}
-    for turn in tr.turns:
-        row[f"actor_{turn.round}"] = turn.actor_response
-        row[f"answer_{turn.round}"] = turn.answer
-        row[f"critic_{turn.round}"] = turn.critic_response
-    row["final_correct"] = tr.final_correct
-    return row
+    def on_load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        if (state := checkpoint.get("debate")) is not None:
+            for key in _SAVED:
+                setattr(self, key, state[key])
+            self.phase_state = PhaseState.from_state_dict(state.get("state", state))  # older checkpoints: flat keys

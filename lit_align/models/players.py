@@ -52,7 +52,7 @@ class PlayerPolicies(nn.Module):
     """
 
     def __init__(self, specs: Mapping[str, ModelSpec], tokenizer: PreTrainedTokenizerBase, *, share_base: bool = True,
-                 reference: Literal["auto", "adapter", "copy"] = "auto", key: str = "model") -> None:
+                 reference: Literal["auto", "adapter", "copy"] = "auto", key: str = "model", meta: bool = False) -> None:
         """
         Args:
             specs: player name -> its model spec (the first player's tokenizer is the module's).
@@ -61,6 +61,8 @@ class PlayerPolicies(nn.Module):
             reference: ``adapter`` (LoRA off), ``copy`` (a frozen copy of the starting weights) or
                 ``auto`` (adapter where the player has LoRA, else copy).
             key: the config key holding the specs (``model.<player>``), for error messages.
+            meta: build every model on the meta device, reading no weights (FSDP2: the shards are then
+                allocated and filled from rank 0's copy, :func:`lit_align.models.fsdp.load_from_rank0`).
         """
         super().__init__()
         self.names = tuple(specs)
@@ -78,7 +80,7 @@ class PlayerPolicies(nn.Module):
         policies: dict[str, nn.Module] = {}
         if self.can_share(specs, share_base):
             spec = specs[first]
-            base = build_causal_lm(spec, tokenizer)
+            base = build_causal_lm(spec, tokenizer, meta=meta)
             if reference == "copy":
                 self.references["shared"] = frozen_copy(base)
             model = apply_lora(base, spec.lora, seed=spec.seed, adapter_name=first)
@@ -94,7 +96,7 @@ class PlayerPolicies(nn.Module):
             policies["shared"] = model.train()
         else:
             for name, spec in specs.items():
-                base = build_causal_lm(spec, tokenizer)
+                base = build_causal_lm(spec, tokenizer, meta=meta)
                 if reference == "copy" or (reference == "auto" and spec.lora is None):
                     self.references[name] = frozen_copy(base)
                 policies[name] = apply_lora(base, spec.lora, seed=spec.seed).train()  # adapter "default"

@@ -22,6 +22,9 @@ from lit_align.debate import (
     run_debate,
     target_hint,
 )
+from lit_align.debate.rewards import GuidedResponse
+from lit_align.debate.rules import CodeRule, CorrectnessQuality, PairRule, PaperRule, RolloutQuality, strategy
+from lit_align.errors import ConfigError
 from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
 from lit_align.models.spec import TinyArch
 from lit_align.rollout.sampler import SamplingConfig
@@ -65,37 +68,78 @@ def _cand(rn, ry, rx, *, player="actor", rnd=1, natural="nat", toward="tow", awa
 
 def test_build_pairs_paper_and_code_rules():
     cands = [_cand(0.2, 0.9, 0.1), _cand(0.8, 0.9, 0.1), _cand(0.5, 0.6, 0.4)]
-    paper = build_pairs(cands, "paper", epsilon=0.5)
+    paper = build_pairs(cands, PaperRule(epsilon=0.5))
     assert [(p.chosen, p.rejected) for p in paper] == [("tow", "nat"), ("nat", "awy")]
     assert (paper[0].reward_chosen, paper[0].reward_rejected) == (0.9, 0.2)
     assert (paper[1].reward_chosen, paper[1].reward_rejected) == (0.8, 0.1)
     assert all(p.prompt == "natural prompt" and (p.player, p.round, p.question_index, p.trial) == ("actor", 1, 7, 2)
                for p in paper)
-    code = build_pairs(cands, "code", threshold=0.6)
+    code = build_pairs(cands, CodeRule(threshold=0.6))
     assert [(p.chosen, p.rejected) for p in code] == [("tow", "awy"), ("tow", "awy")]
-    assert build_pairs(cands, "code", threshold=0.85) == []
+    assert build_pairs(cands, CodeRule(threshold=0.85)) == []
 
 
 def test_identical_texts_and_round_ranges_are_filtered():
     same = _cand(0.0, 1.0, 0.0, player="critic", toward="same", away="same")
-    assert build_pairs([same], "code") == []
+    assert build_pairs([same], CodeRule()) == []
     ranges = code_round_ranges(3)
     assert list(ranges["actor"]) == [1, 2] and list(ranges["critic"]) == [0, 1, 2]
     cands = [_cand(0.0, 1.0, 0.0, rnd=r) for r in range(3)]
-    assert [p.round for p in build_pairs(cands, "code", rounds=ranges["actor"])] == [1, 2]
-    with pytest.raises(ValueError, match="reward_natural"):
-        build_pairs([_cand(None, 1.0, 0.0)], "paper")
-    with pytest.raises(ValueError, match="rule"):
-        build_pairs(cands, "other")
+    assert [p.round for p in build_pairs(cands, CodeRule(), rounds=ranges["actor"])] == [1, 2]
+    with pytest.raises(ValueError, match="natural response.s reward"):
+        build_pairs([_cand(None, 1.0, 0.0)], PaperRule())
+
+
+def test_paper_rule_class_picks_the_branch_and_keeps_its_rewards():
+    rule = PaperRule(epsilon=0.5)
+    assert rule.needs_natural_reward and not rule.keeps_natural_critic
+    assert rule.choose(_cand(0.2, 0.9, 0.1)) == ("tow", "nat", 0.9, 0.2)  # Δy first
+    assert rule.choose(_cand(0.8, 0.9, 0.1)) == ("nat", "awy", 0.8, 0.1)  # else Δ!y
+    assert rule.choose(_cand(0.5, 0.6, 0.4)) is None
+    assert PaperRule(epsilon=0.1).choose(_cand(0.5, 0.6, 0.4)) == ("tow", "nat", 0.6, 0.5)
+    assert isinstance(rule.actor_quality(), RolloutQuality)
+    with pytest.raises(ConfigError, match="model.pair_rule.init_args.epsilon"):
+        PaperRule(epsilon=1.5)
+
+
+def test_code_rule_class_pairs_guided_responses_with_its_actor_quality():
+    rule = CodeRule(threshold=0.6)
+    assert not rule.needs_natural_reward and rule.keeps_natural_critic
+    assert rule.choose(_cand(None, 0.7, 0.1)) == ("tow", "awy", 0.7, 0.1)  # 0.6 passes (float tolerance)
+    assert rule.choose(_cand(None, 0.6, 0.1)) is None
+    assert isinstance(rule.actor_quality(), RolloutQuality)
+    released = CodeRule(actor_quality={"class_path": "lit_align.debate.rules.CorrectnessQuality"})
+    assert released.actor_quality() == CorrectnessQuality()
+    with pytest.raises(ConfigError, match="model.pair_rule.init_args.threshold"):
+        CodeRule(threshold=-0.1)
+
+
+def test_actor_quality_classes():
+    guided = [GuidedResponse(0, 1, "actor", 0, "A", True, "n", "g", "Answer: A", "A", True),
+              GuidedResponse(1, 1, "actor", 0, "B", False, "n", "g", "Answer: B", "B", False)]
+    assert CorrectnessQuality().values(guided) == [1.0, 0.0]
+    assert RolloutQuality().values(guided) is None  # estimated by one-step rollouts instead
+
+
+def test_strategies_are_built_from_class_paths_and_bad_ones_name_the_key():
+    rule = strategy({"class_path": "lit_align.debate.rules.PaperRule", "init_args": {"epsilon": 0.25}}, PairRule,
+                    "model.pair_rule")
+    assert rule == PaperRule(epsilon=0.25)
+    with pytest.raises(ConfigError, match=r"model.pair_rule.class_path: cannot import 'lit_align.debate.rules.Nope'"):
+        strategy({"class_path": "lit_align.debate.rules.Nope"}, PairRule, "model.pair_rule")
+    with pytest.raises(ConfigError, match="is not a PairRule"):
+        strategy({"class_path": "lit_align.debate.rules.RolloutQuality"}, PairRule, "model.pair_rule")
+    with pytest.raises(ConfigError, match="model.pair_rule must be a PairRule"):
+        strategy("paper", PairRule, "model.pair_rule")
 
 
 def test_hygiene_check_raises_on_a_leaked_hint():
     ex = QAExample("Pick one.", "A", "multiple_choice", options=("x", "y"))
     leaked = f"Pick one.\n{target_hint(ex, 'A')}"
     with pytest.raises(ValueError, match="guided hint"):
-        build_pairs([_cand(0.0, 1.0, 0.0, prompt=leaked)], "code")
+        build_pairs([_cand(0.0, 1.0, 0.0, prompt=leaked)], CodeRule())
     with pytest.raises(ValueError, match="guided prompt"):
-        build_pairs([_cand(0.0, 1.0, 0.0, prompt="guided prompt y")], "code")
+        build_pairs([_cand(0.0, 1.0, 0.0, prompt="guided prompt y")], CodeRule())
     with pytest.raises(ValueError, match="not the natural prompt"):
         check_prompt_hygiene("a", natural_prompt="b")
     check_prompt_hygiene("clean", natural_prompt="clean", hints=[target_hint(ex, "B")])
@@ -119,7 +163,7 @@ def test_pairs_from_generated_records_keep_the_natural_prompt():
         away = guided_responses(model, tok, natural, rnd, "actor", "wrong", 1, sampling, generator=gen,
                                 rng=random.Random(0))
         cands = make_candidates(natural, toward, away, [1.0] * 2, [0.0] * 2)
-        pairs += build_pairs(cands, "code", rounds=code_round_ranges(2)["actor"])
+        pairs += build_pairs(cands, CodeRule(), rounds=code_round_ranges(2)["actor"])
     assert len(pairs) == 2 and {p.round for p in pairs} == {1}
     for p in pairs:
         tr = natural[p.question_index]

@@ -194,3 +194,36 @@ def test_scripted_actor_and_adapter_context_factory(tokenizer):
     assert [tr.final_correct for tr in out] == [True, False]
     assert accuracy_by_round(out) == [0.5, 0.5]
     assert all(t.tries == 1 for tr in out for t in tr.turns)
+
+
+def test_row_seeds_make_a_question_sample_the_same_in_any_batch(tokenizer):
+    """With RowSeeds every row draws from its question's own generator: a question's debate (retries included)
+    and its guided responses and rollouts are the same alone, in a batch, or beside a padding copy; another
+    purpose draws differently. This is what makes N ranks equal one process."""
+    from lit_align.debate import guided_responses, rollout_reward
+    from lit_align.debate.draws import RowSeeds
+    from lit_align.debate.rewards import RewardState
+
+    actor, critic = tiny_model(tokenizer, 0), tiny_model(tokenizer, 1)
+    seeds = RowSeeds(seed=3, step=1, purpose="generate/trial0")
+
+    def texts(transcripts):
+        return [[(t.actor_response, t.critic_response, t.tries) for t in tr.turns] for tr in transcripts]
+
+    together = run_debate(actor, critic, tokenizer, [YN, MC, NUM], 2, SAMPLING, generator=seeds, max_tries=1)
+    alone = run_debate(actor, critic, tokenizer, [MC], 2, SAMPLING, generator=seeds, max_tries=1)
+    padded = run_debate(actor, critic, tokenizer, [NUM, YN, YN], 2, SAMPLING, generator=seeds, max_tries=1)
+    assert texts(alone) == texts(together)[1:2]
+    assert texts(padded)[:2] == [texts(together)[2], texts(together)[0]]
+    other = run_debate(actor, critic, tokenizer, [MC], 2, SAMPLING, generator=seeds.child("x"), max_tries=1)
+    assert texts(other) != texts(alone)
+
+    guided = [g.response for g in guided_responses(actor, tokenizer, together, 1, "actor", "wrong", 0, SAMPLING,
+                                                   generator=seeds)]
+    assert [g.response for g in guided_responses(actor, tokenizer, alone, 1, "actor", "wrong", 0, SAMPLING,
+                                                 generator=seeds)] == guided[1:2]
+    states = [RewardState(tr.example, 0, tr.turns[0].actor_response) for tr in together]
+    values = rollout_reward(actor, critic, tokenizer, states, k=3, rounds=2, sampling=SAMPLING, generator=seeds,
+                            keys=[7, 8, 9])
+    assert rollout_reward(actor, critic, tokenizer, states[2:], k=3, rounds=2, sampling=SAMPLING, generator=seeds,
+                          keys=[9]) == values[2:]

@@ -15,15 +15,22 @@ from lit_align.callbacks import BatchCheckpoint
 from lit_align.data.qa import QADataModule
 from lit_align.data.records import DataSource
 from lit_align.debate.protocol import HINT_PREFIX
+from lit_align.debate.rules import CodeRule, CorrectnessQuality, PaperRule
+from lit_align.engine import Optimization
+from lit_align.errors import ConfigError
 from lit_align.methods import DebateModule
 from lit_align.models import LoRASpec, ModelSpec, TinyArch
 
 TINY = TinyArch(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
 
-def _module(**kwargs) -> DebateModule:
-    args = dict(actor=ModelSpec(tiny=TINY, lora=LoRASpec(r=4, alpha=8)), rounds=2, trials=1, k=2, max_new_tokens=6,
-                questions_per_phase=4, dpo_epochs=1, dpo_batch_size=2, epsilon=0.0, lr=1e-2, chat_template=False)
+def _module(debate=(), generate=(), dpo=(), lr: float = 1e-2, **kwargs) -> DebateModule:
+    """A tiny team: 2 rounds, 1 trial, K = 2, 4 questions a phase, 1 DPO epoch of 2-pair steps, every pair kept."""
+    args = dict(actor=ModelSpec(tiny=TINY, lora=LoRASpec(r=4, alpha=8)),
+                debate={"rounds": 2, "max_new_tokens": 6, "chat_template": False, **dict(debate)},
+                generate={"trials": 1, "k": 2, "questions_per_phase": 4, **dict(generate)},
+                dpo={"epochs": 1, "batch_size": 2, **dict(dpo)}, pair_rule=PaperRule(epsilon=0.0),
+                optimization={p: Optimization(lr=lr) for p in ("actor", "critic")})
     args.update(kwargs)
     return DebateModule(**args)
 
@@ -117,7 +124,8 @@ def test_every_phase_starts_at_log_two_and_the_code_rule_builds_guided_pairs(tmp
 
     starts = PhaseStarts()
     # trials 2: under the code rule the critic's trial 0 keeps its natural response (no pair), trial 1 is guided
-    module = _module(iterations=2, trials=2, pair_rule="code", actor_quality="correctness", code_threshold=0.0)
+    module = _module(iterations=2, generate={"trials": 2},
+                     pair_rule=CodeRule(threshold=0.0, actor_quality=CorrectnessQuality()))
     _trainer(tmp_path, [starts]).fit(module, _data())
     assert sorted(starts.first) == [0, 1, 2, 3] and module.phase_state.stage == "done"
     assert len(module.pair_counts) == 4 and all(n > 0 for n in module.pair_counts)
@@ -126,7 +134,7 @@ def test_every_phase_starts_at_log_two_and_the_code_rule_builds_guided_pairs(tmp
 
 def test_validation_logs_accuracy_for_every_round(tmp_path):
     L.seed_everything(0)
-    module = _module(rounds=3)
+    module = _module(debate={"rounds": 3})
     trainer = _trainer(tmp_path, limit_val_batches=1, num_sanity_val_steps=-1)
     trainer.validate(module, _data())
     metrics = trainer.callback_metrics
@@ -140,7 +148,7 @@ def test_validation_logs_accuracy_for_every_round(tmp_path):
 
 def _fit(root, stop: int | None = None, ckpt_path=None) -> DebateModule:
     L.seed_everything(0)
-    module = _module(dpo_epochs=2)
+    module = _module(dpo={"epochs": 2})
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=-1)]
     if stop is not None:
         callbacks.append(StopAfter(stop))
@@ -168,7 +176,7 @@ def test_generate_stages_are_checkpointed_and_resume_exactly(tmp_path):
     the first of two generate batches, resume from its file, and end where the uninterrupted run ends."""
     def fit(root, stop=None, ckpt_path=None) -> DebateModule:
         L.seed_everything(0)
-        module = _module(questions_per_phase=8)
+        module = _module(generate={"questions_per_phase": 8})
         callbacks = [BatchCheckpoint(dirpath=str(root))] + ([StopAfter(stop)] if stop else [])
         _trainer(root, callbacks).fit(module, _data(), ckpt_path=ckpt_path)
         return module
@@ -200,11 +208,11 @@ def test_dpo_validation_stops_early_and_restores_the_best_weights(tmp_path):
                     self.runs[player].append((loss, weights))
 
     track = Track()
-    module = _module(questions_per_phase=4, dpo_val_questions=4, dpo_epochs=8, dpo_eval_every=1, dpo_patience=2,
-                     lr=5e-2)
+    module = _module(generate={"questions_per_phase": 4, "dpo_val_questions": 4},
+                     dpo={"epochs": 8, "eval_every": 1, "patience": 2}, lr=5e-2)
     _trainer(tmp_path, [track]).fit(module, _data())
     assert module.phase_state.stage == "done"
-    questions = module._phase_questions()
+    questions, _ = module._phase_questions()
     assert len(questions) == 8 and len({(q.question, q.options) for q in questions}) == 8  # disjoint splits
     for player, run in track.runs.items():
         losses = [loss for loss, _ in run]
@@ -218,20 +226,52 @@ def test_dpo_validation_stops_early_and_restores_the_best_weights(tmp_path):
 
 
 def test_too_few_training_questions_name_both_keys(tmp_path):
-    module = _module(questions_per_phase=399, dpo_val_questions=2)  # builtin:tiny_qa has 400
-    with pytest.raises(ValueError, match=r"model.questions_per_phase \(399\) plus model.dpo_val_questions \(2\)"):
+    module = _module(generate={"questions_per_phase": 399, "dpo_val_questions": 2})  # builtin:tiny_qa has 400
+    with pytest.raises(ValueError, match=r"model.generate.questions_per_phase \(399\) plus "
+                                         r"model.generate.dpo_val_questions \(2\)"):
         _trainer(tmp_path).fit(module, _data())
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"order": ("actor", "actor")}, "model.order"),
-    ({"pair_rule": "both"}, "model.pair_rule"),
-    ({"epsilon": 1.5}, "model.epsilon"),
-    ({"k": 0}, "model.k"),
-    ({"critic_rollout_actor": "best"}, "model.critic_rollout_actor"),
-    ({"dpo_patience": 0}, "model.dpo_patience"),
-    ({"dpo_val_questions": -1}, "model.dpo_val_questions"),
+    ({"iterations": 0}, "model.iterations"),
+    ({"pair_rule": "both"}, "model.pair_rule must be a PairRule"),
+    ({"pair_rule": {"class_path": "lit_align.debate.rules.PaperRule", "init_args": {"epsilon": 1.5}}},
+     "model.pair_rule.init_args.epsilon"),
+    ({"debate": {"rounds": 0}}, "model.debate.rounds"),
+    ({"debate": {"top_p": 0.0}}, "model.debate: .*top_p"),
+    ({"generate": {"k": 0}}, "model.generate.k"),
+    ({"generate": {"critic_rollout_actor": "best"}}, "model.generate.critic_rollout_actor"),
+    ({"generate": {"tirals": 2}}, "model.generate: unknown key.*tirals"),
+    ({"dpo": {"patience": 0}}, "model.dpo.patience"),
+    ({"dpo": {"beta": 0.0}}, "model.dpo.beta"),
+    ({"generate": {"dpo_val_questions": -1}}, "model.generate.dpo_val_questions"),
+    ({"optimization": {"actor": Optimization(lr=1e-3)}}, "model.optimization: no block for model.optimization.critic"),
 ])
 def test_bad_configuration_names_the_key(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         _module(**kwargs)
+
+
+def test_fsdp1_is_refused_naming_the_strategy_key(tmp_path):
+    """Both players' adapters on one base with their own optimisers need FSDP2 (or DDP), not FSDP1."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = _trainer(tmp_path)
+    trainer._accelerator_connector.strategy = FSDPStrategy()  # Lightning builds FSDP1 on GPUs only
+    module = _module()
+    module.trainer = trainer
+    with pytest.raises(ValueError, match=r"trainer.strategy: DebateModule does not run under FSDPStrategy.*fsdp2_cpu"):
+        module.setup("fit")
+
+
+def test_a_critic_with_another_tokenizer_is_refused_naming_its_key(tmp_path, tokenizer):
+    """The players read each other's text as token ids of one tokenizer."""
+    other = tmp_path / "other_tokenizer"
+    tokenizer.save_pretrained(other)
+    changed = type(tokenizer).from_pretrained(other)
+    changed.add_tokens(["<an-extra-token>"])
+    changed.save_pretrained(other)
+    critic = ModelSpec(tiny=TINY, lora=LoRASpec(r=4, alpha=8), tokenizer=str(other))
+    with pytest.raises(ValueError, match=r"model.critic's tokenizer .* differs from model.actor's"):
+        _trainer(tmp_path).fit(_module(critic=critic), _data())
