@@ -12,13 +12,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lit_align.checkpoint import load_checkpoint
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
 from lit_align.data.tokenize import _collate_sequences
-from lit_align.engine import PhaseTimer, PPOConfig, generator, player_step, ppo_update
+from lit_align.engine import PhaseTimer, PPOConfig, generator, player_step, ppo_update, row_generators
+from lit_align.engine.distributed import any_rank, global_share, refuse_fsdp1, sum_over_ranks
 from lit_align.errors import ConfigError
-from lit_align.losses.watermark import DetectorPair, detector_loss, detector_objective
+from lit_align.losses.watermark import DetectorPair, detector_loss
 from lit_align.methods.base import ReferencedPolicyModule
 from lit_align.metrics.detection import DetectionMetrics, random_substitution
 from lit_align.models import (
@@ -33,6 +33,8 @@ from lit_align.models import (
 from lit_align.modes import eval_mode
 from lit_align.rollout.experience import make_experience, response_actions
 from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
+from lit_align.watermark.objective import kept_objective
+from lit_align.watermark.players import build_scorers, full_state
 
 __all__ = ["WatermarkModule"]
 
@@ -86,7 +88,17 @@ class WatermarkModule(ReferencedPolicyModule):
     ``train/time/{generate,score,update,detector}``, ``train/stage``; ``val/auroc``,
     ``val/tpr_at_fpr_1``, ``val/fpr_at_tpr_{90,99}`` on sampled continuations vs human ones.
 
-    Runs on one device (DDP / FSDP2 for three trainable players are not implemented yet).
+    Data parallel (DDP, FSDP2 via ``ModelParallelStrategy``; ``callbacks/ddp_cpu.yaml``,
+    ``callbacks/fsdp2_cpu.yaml``): each rank generates for its share of the prompts, each continuation
+    sampled from a generator seeded by its prompt's global index (so N ranks sample what one process
+    samples on the global batch); experience stays on its rank, advantage whitening uses global moments, and
+    the PPO and detector losses are means over every rank's tokens / kept rows
+    (:func:`~lit_align.engine.distributed.global_share`); a short row is masked, never dropped, and
+    whether a step updates at all is decided on every rank's rows. The actor, critic and detector are
+    replicated under DDP (gradients averaged per optimiser step) and sharded under FSDP2
+    (:mod:`lit_align.watermark.players`; the frozen reference copy too); the frozen other LLM and
+    alignment reward model are replicated on every rank. Validation scores are gathered from every rank
+    (``val/auroc`` is over the whole validation set). FSDP1 (``FSDPStrategy``) is refused.
     """
 
     def __init__(
@@ -266,24 +278,23 @@ class WatermarkModule(ReferencedPolicyModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        if self.device_mesh is not None:
-            raise NotImplementedError("WatermarkModule runs on one device for now: FSDP2 sharding of the detector "
-                                      "and critic is not implemented; drop the ModelParallelStrategy")
         super().configure_model()
         detector_tok = self.detector_spec.model.tokenizer or self.detector_spec.model.name_or_path
         actor_tok = self.spec.tokenizer or self.spec.name_or_path
         if detector_tok != actor_tok:
             other = build_tokenizer(self.detector_spec.model, key="model.detector.model", needs_eos=False)
             if other.get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError(f"model.detector.model: the detector must be a causal LM sharing the actor's "
+                raise ConfigError(f"model.detector.model.tokenizer: the detector must be a causal LM sharing the actor's "
                                  f"tokenizer, and its tokenizer ({detector_tok or 'bundled'}) differs from the actor's "
                                  f"({actor_tok or 'bundled'}); give model.detector.model.tokenizer the actor's tokenizer "
                                  "(re-tokenising every text between two vocabularies is not implemented). A reward "
                                  "model with another tokenizer (e.g. a BERT classifier) fits model.alignment_reward")
-        self.detector = build_reward_model(self.detector_spec, self.tokenizer, key="model.detector")
-        if self.detector_checkpoint is not None:
-            self.detector.load_state_dict(_detector_state(self.detector_checkpoint), strict=True)
-        self.critic = ValueModel.from_reward_model(self.detector)  # same start, separate parameters
+        sharded = {}
+        if self.device_mesh is not None:  # FSDP2: detector and critic sharded like the policy
+            sharded = {"mesh": self.device_mesh["data_parallel"], "mp_policy": self._mixed_precision(),
+                       "device": self.trainer.strategy.root_device, "rank": self.global_rank}
+        self.detector, self.critic = build_scorers(self.detector_spec, self.tokenizer, self.detector_checkpoint,
+                                                   **sharded)  # the critic: same start, separate parameters
         if self.other_llm_spec is not None:
             other = build_tokenizer(self.other_llm_spec, key="model.other_llm", needs_eos=False)
             if other.get_vocab() != self.tokenizer.get_vocab():
@@ -297,6 +308,17 @@ class WatermarkModule(ReferencedPolicyModule):
             self._alignment_tokenizer = None if same else tokenizer
             self.alignment = freeze(build_reward_model(self.alignment_spec, tokenizer, key="model.alignment_reward"))
 
+    def _mixed_precision(self):
+        """FSDP2's bf16 policy under ``trainer.precision: bf16*`` (as the policy's), else None."""
+        if not str(self.trainer.precision).startswith("bf16"):
+            return None
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+    def setup(self, stage: str) -> None:
+        refuse_fsdp1(self.trainer.strategy, "WatermarkModule")
+
     def on_fit_start(self) -> None:
         # shortcut hygiene: LLM and human continuations get the same length cap, or the
         # detector learns lengths instead of a watermark
@@ -309,9 +331,10 @@ class WatermarkModule(ReferencedPolicyModule):
     def configure_optimizers(self):
         actor = [p for p in self.policy.parameters() if p.requires_grad]
         if not actor:
-            raise ValueError("the actor has no trainable parameters (check model.model.lora.target_modules)")
-        optimizers = [self.optimizer_factory(actor), self.critic_optimizer_factory(list(self.critic.parameters())),
-                      self.detector_optimizer_factory(list(self.detector.parameters()))]
+            raise ConfigError("the actor has no trainable parameters (check model.model.lora.target_modules)")
+        critic, detector = ([p for p in m.parameters() if p.requires_grad] for m in (self.critic, self.detector))
+        optimizers = [self.optimizer_factory(actor), self.critic_optimizer_factory(critic),
+                      self.detector_optimizer_factory(detector)]
         schedulers, self._scheduler_index = [], {}
         for player, factory, opt in (("actor", self.scheduler_factory, optimizers[0]),
                                      ("critic", self.critic_scheduler_factory, optimizers[1])):
@@ -337,17 +360,22 @@ class WatermarkModule(ReferencedPolicyModule):
         return float(self.detector.score(ids_t, torch.ones_like(ids_t)))
 
     def save_detector(self, path: str | Path) -> Path:
-        """Write the detector (backbone with ``save_pretrained``, head in ``head.safetensors``) to ``path``.
+        """Write the detector (backbone with ``save_pretrained``, head in ``head.safetensors``) to ``path``
+        (rank 0 writes; under FSDP2 every rank must call it, the weights are gathered).
 
         ``detector_checkpoint`` reloads such a directory for a full-weight detector; a LoRA detector is
         written as its adapter, so reload it from a Lightning checkpoint (``detector.*`` keys) instead."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        state = full_state(self.detector)  # a collective when sharded: every rank calls save_detector
+        if self.global_rank != 0:
+            return path
         path.mkdir(parents=True, exist_ok=True)
-        self.detector.backbone.save_pretrained(path)
+        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        self.detector.backbone.save_pretrained(path, state_dict=backbone)
         self.tokenizer.save_pretrained(path)
-        head = {k: v.detach().cpu().contiguous() for k, v in self.detector.head.state_dict().items()}
+        head = {k.removeprefix("head."): v.contiguous() for k, v in state.items() if k.startswith("head.")}
         save_file(head, str(path / "head.safetensors"))
         return path
 
@@ -362,13 +390,26 @@ class WatermarkModule(ReferencedPolicyModule):
         a function of the seed, the step and the purpose, so a resumed run draws the same)."""
         return generator(self.sample_seed, self.step_count, purpose, device=self.device)
 
+    def _row_rngs(self, purpose: str, index: Tensor) -> list[torch.Generator]:
+        """One generator per row from its example's global ``index`` (:func:`lit_align.engine.row_generators`):
+        what a row draws is the same on one rank or several, in any batch, and after a resume."""
+        return row_generators(self.sample_seed, self.step_count, purpose, index.tolist(), device=self.device)
+
+    def _substituted(self, view: SequenceBatch) -> Tensor:
+        """``view``'s ids with ``substitution_ratio`` of each continuation's tokens replaced at random, each row
+        drawn from its own generator (:meth:`_row_rngs`)."""
+        rows = zip(view.input_ids, view.loss_mask, self._row_rngs("substitution", view.index))
+        return torch.cat([random_substitution(ids[None], mask[None], self.substitution_ratio, len(self.tokenizer),
+                                              generator=g) for ids, mask, g in rows])
+
     @torch.no_grad()
     def _generate(self, batch: CompletionBatch, from_reference: bool = False) -> Rollout:
         model, context = self._reference_args() if from_reference else (self.policy, None)
         with eval_mode(self.policy), context() if context is not None else _null():
             return sample(model, batch.prompt_ids, batch.prompt_mask, self.sampling,
                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                          generator=self._rng("reference/sample" if from_reference else "actor/sample"))
+                          generator=self._row_rngs("reference/sample" if from_reference else "actor/sample",
+                                                   batch.index))
 
     def _human(self, batch: CompletionBatch) -> SequenceBatch:
         """The negatives of the detector's main pair: the human continuations, or samples of the frozen
@@ -384,7 +425,7 @@ class WatermarkModule(ReferencedPolicyModule):
         """The other LLM's continuations of the batch's prompts (``other_llm``)."""
         rollout = sample(self.other_llm, batch.prompt_ids, batch.prompt_mask, self.sampling,
                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                         generator=self._rng("other_llm/sample"))
+                         generator=self._row_rngs("other_llm/sample", batch.index))
         return self._as_batch(rollout, batch.index)
 
     @staticmethod
@@ -455,10 +496,10 @@ class WatermarkModule(ReferencedPolicyModule):
         aligned = self.alignment.score(ids, mask)
         return self.alignment_weight * detector + (1.0 - self.alignment_weight) * aligned
 
-    def _paraphrased(self, rollout: Rollout, keep: Tensor) -> tuple[Tensor, Tensor]:
-        """(B', T) prompt + paraphrased continuation of the kept rows, right-padded, re-encoded the
-        same way as every other text (:func:`~lit_align.data.completion.retokenize`)."""
-        rows = keep.nonzero().squeeze(-1).tolist()
+    def _paraphrased(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """(B, T) prompt + paraphrased continuation of every row, right-padded, re-encoded the same way as
+        every other text (:func:`~lit_align.data.completion.retokenize`)."""
+        rows = list(range(len(rollout.prompt_ids)))
         texts = [self.tokenizer.decode(rollout.response_ids[i][rollout.response_mask[i].bool()],
                                        skip_special_tokens=True) for i in rows]
         paraphrased = retokenize(self.paraphraser(texts), self.tokenizer, max_tokens=self.sampling.max_new_tokens)
@@ -466,29 +507,30 @@ class WatermarkModule(ReferencedPolicyModule):
         batch = _collate_sequences(list(zip(prompts, paraphrased)), rows, self.tokenizer.pad_token_id)
         return batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
 
-    def _detector_objective(self, rollout: Rollout, human: SequenceBatch, other: SequenceBatch | None,
-                            keep: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The detector's loss on the kept rows (:func:`~lit_align.losses.watermark.detector_objective`): the
+    def _detector_objective(self, rollout: Rollout, human: SequenceBatch, other: SequenceBatch | None, keep: Tensor,
+                            index: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The detector's loss on the kept rows (:func:`~lit_align.watermark.objective.kept_objective`): the
         LLM's continuations vs ``human``, plus the robustness pairs (paraphrase and substitution of the LLM's
-        text vs ``human``; the LLM's text vs the ``other`` LLM's, ``other_llm_mode: add``)."""
-        llm = self._detector_view(self._as_batch(rollout).select(keep))
+        text vs ``human``; the LLM's text vs the ``other`` LLM's, ``other_llm_mode: add``). Every row is scored
+        (the same forwards on every rank); ``(loss to backward, loss, metrics)``."""
+        llm = self._detector_view(self._as_batch(rollout, index))
         s_w = self.detector.score(llm.input_ids, llm.attention_mask)
-        ended = self._ended_with_eos(rollout)[keep]
-        s_h = self._detector_scores(human.select(keep), add_eos=ended)
+        ended = self._ended_with_eos(rollout)
+        s_h = self._detector_scores(human, add_eos=ended)
         extra: list[DetectorPair] = []
         if self.paraphraser is not None:
-            para_ids, para_mask = self._paraphrased(rollout, keep)
+            para_ids, para_mask = self._paraphrased(rollout)
             extra.append(DetectorPair("paraphrase", self.detector.score(para_ids, para_mask), s_h,
                                       self.paraphrase_weight))
         if self.substitution_ratio > 0:
-            attacked = random_substitution(llm.input_ids, llm.loss_mask, self.substitution_ratio,
-                                           len(self.tokenizer), generator=self._rng("substitution"))
+            attacked = self._substituted(llm)
             extra.append(DetectorPair("substitution", self.detector.score(attacked, llm.attention_mask), s_h,
                                       self.substitution_weight))
         if other is not None:
-            s_o = self._detector_scores(other.select(keep), add_eos=ended)
+            s_o = self._detector_scores(other, add_eos=ended)
             extra.append(DetectorPair("other_llm", s_w, s_o, self.other_llm_weight))
-        return detector_objective(s_w, s_h, extra, reg=self.detector_reg, reg_extra=self.detector_reg_extra)
+        return kept_objective(s_w, s_h, extra, keep, global_share(keep.sum()), reg=self.detector_reg,
+                              reg_extra=self.detector_reg_extra)
 
     def training_step(self, batch: CompletionBatch, batch_idx: int) -> None:
         self.timer.reset()
@@ -501,9 +543,10 @@ class WatermarkModule(ReferencedPolicyModule):
             rollout = self._generate(batch)
             human = self._human(batch)
             other = self._other_llm_text(batch) if self.other_llm is not None and self.other_llm_mode == "add" else None
-        keep = self._keep(rollout)  # drop samples with <= 1 generated token, as the released code does
-        metrics: dict[str, Tensor] = {"dropped": (~keep).sum().float(), "stage": torch.tensor(float(cotrain) + 1.0)}
-        if not keep.any():
+        keep = self._keep(rollout)  # mask samples with <= 1 generated token, as the released code drops them
+        metrics: dict[str, Tensor] = {"dropped": sum_over_ranks((~keep).sum().float()),
+                                      "stage": torch.tensor(float(cotrain) + 1.0)}
+        if not any_rank(bool(keep.any())):  # decided on every rank's rows: all ranks skip, or none
             self.step_count += 1
             self._log_train(metrics, len(batch))
             return
@@ -515,7 +558,7 @@ class WatermarkModule(ReferencedPolicyModule):
                 exp = make_experience(self.policy, reference, self.critic, rollout, scores, kl_coef=self.kl_coef,
                                       reward_clip=self.reward_clip, gamma=self.gamma, lam=self.lam,
                                       whiten_advantages=self.whiten_advantages, reference_context=context,
-                                      eos_token_id=self._eos_not_action())
+                                      eos_token_id=self._eos_not_action(), keep_shape=True, reduce=sum_over_ranks)
             metrics.update({"reward": exp.metrics["score"], "kl": exp.metrics["kl"]})
             with self.timer("update"):
                 ppo = ppo_update(self.policy, self.critic, exp, self.ppo,
@@ -527,9 +570,9 @@ class WatermarkModule(ReferencedPolicyModule):
         else:
             metrics["reward"] = scores.mean()
         with self.timer("detector"):
-            loss, dm = self._detector_objective(rollout, human, other, keep)
-            self._step("detector", loss)
-        metrics.update({"detector/loss": loss.detach(), **{f"detector/{k}": v for k, v in dm.items()}})
+            scaled, loss, dm = self._detector_objective(rollout, human, other, keep, batch.index)
+            self._step("detector", scaled)
+        metrics.update({"detector/loss": loss, **{f"detector/{k}": v for k, v in dm.items()}})
         self.step_count += 1
         self._log_train(metrics, len(batch))
 
@@ -541,21 +584,26 @@ class WatermarkModule(ReferencedPolicyModule):
             self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=batch_size)
 
     def on_train_end(self) -> None:
-        if self.export_detector and self.trainer.is_global_zero:
+        if self.export_detector:  # every rank: the sharded detector is gathered
             path = self.save_detector(Path(self.trainer.default_root_dir) / "detector_export")
-            print(f"exported the detector to {path} (load with WatermarkModule(detector_checkpoint=...))")
+            if self.trainer.is_global_zero:
+                print(f"exported the detector to {path} (load with WatermarkModule(detector_checkpoint=...))")
 
     # -- validation ----------------------------------------------------------------------------
     def _eval_step(self, batch: CompletionBatch, stage: str) -> None:
+        """Score every row (the same forwards on every rank), then log and accumulate the kept ones; a batch
+        without kept rows logs zeros of weight 0, so every rank logs the same keys."""
         rollout = self._generate(batch)
         human = self._human(batch)
         keep = self._keep(rollout)
-        if not keep.any():
-            return
         with torch.no_grad():
-            s_w = self._detector_scores(self._as_batch(rollout).select(keep))
-            s_h = self._detector_scores(human.select(keep), add_eos=self._ended_with_eos(rollout)[keep])
-            loss, metrics = detector_loss(s_w, s_h, reg=self.detector_reg)
+            s_w = self._detector_scores(self._as_batch(rollout))[keep]
+            s_h = self._detector_scores(human, add_eos=self._ended_with_eos(rollout))[keep]
+            if keep.any():
+                loss, metrics = detector_loss(s_w, s_h, reg=self.detector_reg)
+            else:
+                loss = s_w.new_zeros(())
+                metrics = dict.fromkeys(("accuracy", "chosen", "rejected", "margin"), loss)
         self._log_stage(stage, loss, {f"detector/{k}": v for k, v in metrics.items()}, int(keep.sum()))
         self._val_metrics.update(torch.cat([s_w, s_h]), torch.cat([torch.ones_like(s_w), torch.zeros_like(s_h)]))
 
@@ -571,10 +619,12 @@ class WatermarkModule(ReferencedPolicyModule):
         return super().predict_step(batch.human, batch_idx)
 
     def _log_detection(self, stage: str) -> None:
-        if self._val_metrics.update_count == 0:
+        """Detection metrics over every rank's scores (the metric's states are gathered by ``compute``)."""
+        if not any_rank(_has_scores(self._val_metrics)):
+            self._val_metrics.reset()
             return
         for key, value in self._val_metrics.compute().items():
-            self.log(f"{stage}/{key}", value, sync_dist=False)
+            self.log(f"{stage}/{key}", value, sync_dist=True)  # the same on every rank (gathered scores)
         self._val_metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
@@ -598,31 +648,6 @@ def _null():
     yield
 
 
-def _detector_state(path: str) -> dict[str, Tensor]:
-    """``backbone.* / head.*`` weights of a detector from a Lightning checkpoint / state dict (``detector.``
-    prefix; a ``.safetensors`` file, or a ``torch.save`` file read with ``weights_only=True``) or a
-    :meth:`WatermarkModule.save_detector` directory (safetensors; ``head.pt`` of older exports is read
-    with ``weights_only=True``). Nothing is unpickled beyond tensors and plain containers."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if p.is_dir():
-        from transformers import AutoModelForCausalLM
-
-        head_files = [f for f in (p / "head.safetensors", p / "head.pt") if f.is_file()]
-        if not head_files:
-            raise FileNotFoundError(f"model.detector_checkpoint={path!r}: a save_detector directory holds "
-                                    "head.safetensors (or head.pt), and this one has neither")
-        head = load_file(str(head_files[0])) if head_files[0].suffix == ".safetensors" else load_checkpoint(head_files[0])
-        backbone = AutoModelForCausalLM.from_pretrained(p)
-        state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        state.update({f"head.{k}": v for k, v in head.items()})
-        return state
-    if not p.is_file():
-        raise FileNotFoundError(f"model.detector_checkpoint={path!r}: no such file or directory")
-    state = load_file(str(p)) if p.suffix == ".safetensors" else load_checkpoint(p)
-    state = state.get("state_dict", state)
-    out = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
-    if not out:
-        raise ConfigError(f"model.detector_checkpoint={path!r} holds no 'detector.*' weights")
-    return out
+def _has_scores(metrics: DetectionMetrics) -> bool:
+    """Whether this rank's detection metric holds at least one score."""
+    return any(len(s) for s in metrics.scores)

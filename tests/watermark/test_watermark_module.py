@@ -14,6 +14,7 @@ import torch
 from conftest import REPO
 
 from lit_align.cli import cli_main
+from lit_align.errors import ConfigError
 from lit_align.losses import detector_loss
 
 CONFIG = str(REPO / "configs/watermark/tiny.yaml")
@@ -132,8 +133,24 @@ def test_detector_with_another_tokenizer_is_refused(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
                     "--trainer.callbacks=[]", f"--model.init_args.detector.model.tokenizer={tmp_path / 'tok'}"], run=False)
-    with pytest.raises(ValueError, match="the detector must be a causal LM sharing the actor's tokenizer"):
+    with pytest.raises(ConfigError, match="model.detector.model.tokenizer: the detector must be a causal LM sharing"):
         cli.model.configure_model()
+
+
+def test_fsdp1_is_refused_at_setup(tmp_path):
+    """FSDPStrategy (FSDP1, callbacks/fsdp.yaml) cannot hold three players with their own optimisers and
+    backwards: setup refuses it with the presets that work (FSDP2, DDP)."""
+    import lightning as L
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                       "--trainer.callbacks=[]"], run=False).model
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+    module.trainer = trainer
+    module.setup("fit")  # DDP, FSDP2 or one device: accepted
+    trainer._accelerator_connector.strategy = FSDPStrategy()  # FSDPStrategy cannot be built on a CPU-only machine
+    with pytest.raises(ConfigError, match=r"trainer.strategy: WatermarkModule does not run under FSDPStrategy.*fsdp2_cpu"):
+        module.setup("fit")
 
 
 def test_unequal_continuation_caps_are_refused(tmp_path):
@@ -248,7 +265,7 @@ def test_other_llm_adds_a_pair_by_default_and_replaces_the_human_text_on_request
         s_w = module._detector_scores(module._as_batch(rollout).select(keep))
         s_h = module._detector_scores(batch.human.select(keep))
         s_o = module._detector_scores(other.select(keep))
-        loss, metrics = module._detector_objective(rollout, human, other, keep)
+        _, loss, metrics = module._detector_objective(rollout, human, other, keep)
         assert not torch.allclose(s_h, s_o)
         main, _ = detector_loss(s_w, s_h, reg=1e-4)
         pair = -torch.nn.functional.logsigmoid(s_w - s_o).mean()
@@ -257,7 +274,7 @@ def test_other_llm_adds_a_pair_by_default_and_replaces_the_human_text_on_request
         module.other_llm_mode = "replace"
         replaced = module._human(batch)
         assert replaced.input_ids.equal(other.input_ids)
-        loss, metrics = module._detector_objective(rollout, replaced, None, keep)
+        _, loss, metrics = module._detector_objective(rollout, replaced, None, keep)
         torch.testing.assert_close(loss, detector_loss(s_w, s_o, reg=1e-4)[0])
         assert "other_llm/loss" not in metrics
 
@@ -298,7 +315,7 @@ def test_detector_checkpoints_load_without_unpickling_code(tmp_path):
     from safetensors.torch import save_file
 
     from lit_align.checkpoint import CheckpointReadError
-    from lit_align.methods.watermark import _detector_state
+    from lit_align.watermark.players import detector_state as _detector_state
 
     class Payload:
         def __reduce__(self):
@@ -327,24 +344,23 @@ def test_detector_checkpoints_load_without_unpickling_code(tmp_path):
 def test_score_penalty_sits_on_the_main_pair_only_unless_detector_reg_extra(tmp_path):
     """The reference adds 1e-4 (s_w^2 + s_h^2) to the main pair's loss only; its substitution term is the
     bare pairwise loss. detector_reg_extra puts the penalty on that term too (reg 0.5 to make it visible)."""
-    from lit_align.metrics.detection import random_substitution
-
     module, batch = _configured(tmp_path, "--model.init_args.substitution_ratio=0.5",
                                 "--model.init_args.detector_reg=0.5", "--model.init_args.detector.head_init_std=0.5")
     rollout = module._generate(batch)
     keep, human = module._keep(rollout), module._human(batch)
     with torch.no_grad():
-        llm = module._detector_view(module._as_batch(rollout).select(keep))
+        llm = module._detector_view(module._as_batch(rollout, batch.index).select(keep))
         s_w = module.detector.score(llm.input_ids, llm.attention_mask)
         s_h = module._detector_scores(human.select(keep))
-        attacked = random_substitution(llm.input_ids, llm.loss_mask, 0.5, len(module.tokenizer), generator=module._rng("substitution"))
+        attacked = module._substituted(llm)  # each row from its own generator (the example's global index)
+        assert (attacked != llm.input_ids).any() and attacked[~llm.loss_mask.bool()].equal(llm.input_ids[~llm.loss_mask.bool()])
         s_sub = module.detector.score(attacked, llm.attention_mask)
         main, _ = detector_loss(s_w, s_h, reg=0.5)
         bare = -torch.nn.functional.logsigmoid(s_sub - s_h).mean()
-        loss, _ = module._detector_objective(rollout, human, None, keep)
+        _, loss, _ = module._detector_objective(rollout, human, None, keep, batch.index)
         torch.testing.assert_close(loss, main + bare)
         module.detector_reg_extra = True
-        loss, _ = module._detector_objective(rollout, human, None, keep)
+        _, loss, _ = module._detector_objective(rollout, human, None, keep, batch.index)
         torch.testing.assert_close(loss, main + bare + 0.5 * (s_sub**2 + s_h**2).mean())
 
 
