@@ -10,6 +10,7 @@ norm, head), every rank builds them on the meta device, and rank 0 alone builds 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from torch import Tensor, nn
 
 from lit_align.checkpoint import load_checkpoint
 from lit_align.errors import ConfigError
-from lit_align.models import RewardModelSpec, ValueModel, build_reward_model
+from lit_align.models import ModelSpec, RewardModelSpec, ValueModel, build_reward_model, build_tokenizer, freeze
 from lit_align.models.fsdp import decoder_layers, load_from_rank0
 
-__all__ = ["build_scorers", "detector_state", "freeze_lm_head", "full_state", "shard_scorer"]
+__all__ = ["bf16_policy", "build_alignment", "build_scorers", "check_vocabulary", "detector_spec", "detector_state",
+           "freeze_lm_head", "full_state", "save_detector", "shard_scorer"]
 
 
 def shard_scorer(model: nn.Module, mesh, mp_policy=None) -> nn.Module:
@@ -62,6 +64,47 @@ def build_scorers(spec: RewardModelSpec, tokenizer, checkpoint: str | None = Non
         shard_scorer(model, mesh, mp_policy)
         load_from_rank0(model, src, device)
     return detector, critic
+
+
+def detector_spec(spec: RewardModelSpec) -> RewardModelSpec:
+    """The detector's spec, checked (a causal LM with a scalar head) and its ``head_bias`` defaulting to the
+    reference code's bias-free head."""
+    if spec.kind != "scalar_head":
+        raise ConfigError(f"model.detector.kind={spec.kind!r}: the detector must be a causal LM with a scalar head "
+                          "(kind: scalar_head) sharing the actor's tokenizer: it is trained on the actor's token ids "
+                          "and the critic starts as its copy. A sequence classifier (e.g. an encoder reward model "
+                          "with its own tokenizer) can serve as model.alignment.reward instead")
+    return dataclasses.replace(spec, head_bias=False) if spec.head_bias is None else spec
+
+
+def build_alignment(spec: RewardModelSpec, tokenizer) -> tuple[nn.Module, object | None]:
+    """The frozen alignment reward model (any scorer of text: a decoder reward model or an encoder classifier, no
+    EOS needed, any vocabulary) and its tokenizer when its vocabulary differs from ``tokenizer``'s (else None)."""
+    own = build_tokenizer(spec.model, key="model.alignment.reward.model", needs_eos=False)
+    model = freeze(build_reward_model(spec, own, key="model.alignment.reward"))
+    return model, (None if own.get_vocab() == tokenizer.get_vocab() else own)
+
+
+def check_vocabulary(spec: ModelSpec, actor: ModelSpec, tokenizer, key: str) -> None:
+    """Refuse a model that reads the actor's token ids (``spec``) whose tokenizer differs from the actor's
+    (``tokenizer``, built from ``actor``); ``key``: the config key of its tokenizer."""
+    if (spec.tokenizer or spec.name_or_path) == (actor.tokenizer or actor.name_or_path):
+        return
+    if build_tokenizer(spec, key=key, needs_eos=False).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"{key}: the {key.split('.')[1]} must be a causal LM sharing the actor's tokenizer (it "
+                          f"reads the actor's token ids), and its tokenizer differs; give {key} the actor's "
+                          "tokenizer. A reward model with another tokenizer (e.g. a BERT classifier) fits "
+                          "model.alignment.reward")
+
+
+def bf16_policy(precision):
+    """FSDP2's bf16 mixed-precision policy under ``trainer.precision: bf16*`` (as the policy's), else None."""
+    if not str(precision).startswith("bf16"):
+        return None
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def freeze_lm_head(scorer: nn.Module) -> nn.Module:
@@ -116,3 +159,21 @@ def detector_state(path: str) -> dict[str, Tensor]:
     if not out:
         raise ConfigError(f"model.detector_checkpoint={path!r} holds no 'detector.*' weights")
     return out
+
+
+def save_detector(detector: nn.Module, tokenizer, path: str | Path, rank: int = 0) -> Path:
+    """Write ``detector`` (backbone with ``save_pretrained``, head in ``head.safetensors``) and the tokenizer to
+    ``path``. Rank 0 writes; when sharded, every rank must call it (the weights are gathered)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = full_state(detector)
+    if rank != 0:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    detector.backbone.save_pretrained(path, state_dict=backbone)
+    tokenizer.save_pretrained(path)
+    head = {k.removeprefix("head."): v.contiguous() for k, v in state.items() if k.startswith("head.")}
+    save_file(head, str(path / "head.safetensors"))
+    return path

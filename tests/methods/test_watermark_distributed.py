@@ -28,7 +28,7 @@ COMMON = [
     "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.callbacks", "lit_align.callbacks.HFExport",
-    "--model.init_args.detector_pretrain_steps", "1", "--model.init_args.substitution_ratio", "0.25",
+    "--model.init_args.detector_training.pretrain_steps", "1", "--model.init_args.detector_training.substitution_ratio", "0.25",
 ]
 FSDP2 = ["--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks", "lit_align.callbacks.HFExport"]
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
