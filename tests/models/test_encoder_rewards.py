@@ -10,9 +10,9 @@ from tiny_bert import save_tiny_bert
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lit_align.cli import cli_main
-from lit_align.watermark.text import as_batch
 from lit_align.game.judge import ClassifierJudge, JudgeSpec, build_judge
 from lit_align.models import ModelSpec, RewardModelSpec, build_reward_model, build_tokenizer
+from lit_align.watermark.text import as_batch
 
 WATERMARK = str(REPO / "configs/watermark/tiny.yaml")
 GAME = str(REPO / "configs/game/tiny.yaml")

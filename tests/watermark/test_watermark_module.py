@@ -14,9 +14,9 @@ import torch
 from conftest import REPO
 
 from lit_align.cli import cli_main
-from lit_align.watermark.text import as_batch
 from lit_align.errors import ConfigError
 from lit_align.losses import detector_loss
+from lit_align.watermark.text import as_batch
 
 CONFIG = str(REPO / "configs/watermark/tiny.yaml")
 
