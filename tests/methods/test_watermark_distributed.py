@@ -6,7 +6,8 @@ interleaves ranks). Every continuation is sampled from a generator seeded by its
 whitening uses global moments and the PPO and detector losses are means over every rank's tokens and rows,
 so after the same steps the policy and the detector agree up to floating-point reduction order. The run
 covers detector pretraining (step 0), the critic's copy of the detector at stage 2 (sharded under FSDP2),
-the reference's samples as the human text, per-row random substitution and a validation epoch.
+the reference's samples as the human text, per-row random substitution, a validation epoch and the
+end-of-fit WatermarkEvaluation; a last test runs LoRA actor and detector under FSDP2.
 """
 
 from __future__ import annotations
@@ -128,3 +129,20 @@ def test_fsdp2_matches_one_process_and_resumes_mid_epoch_exactly(single, tmp_pat
     resumed = tmp_path / "resumed"
     run_cli([*_args(resumed, *FSDP2, "--trainer.enable_checkpointing", "false"), "--ckpt_path", str(saved)])
     assert _max_diff(_weights(resumed), uninterrupted) == 0.0  # the same operations on the restored state
+
+
+def test_lora_actor_and_detector_under_fsdp2_match_one_process(tmp_path):
+    """LoRA on the actor (its reference: the same sharded base with the adapter off, no copy) and on the
+    detector (the critic copies it, adapters included): the adapters are sharded with their layers and train
+    as in one process."""
+    lora = "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
+    args = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing",
+            "false", f"--model.init_args.model.lora={lora}", f"--model.init_args.detector.model.lora={lora}"]
+    files = ("hf_export/adapter_model.safetensors", "detector_export/adapter_model.safetensors")
+    cli = cli_main(_args(tmp_path / "one", *args, batch="16"))
+    assert cli.model.reference.mode == "adapter" and cli.model.reference.copy is None
+    run_cli(_args(tmp_path / "two", *FSDP2, *args))
+    one, two = ({f"{f}:{k}": v for f in files for k, v in load_file(root / f).items()}
+                for root in (tmp_path / "one", tmp_path / "two"))
+    moved = max(v.abs().max().item() for k, v in one.items() if "lora_B" in k)  # lora_B starts at 0
+    assert _max_diff(two, one) < 1e-5 < moved / 100
