@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -124,8 +125,7 @@ class WatermarkModule(ReferencedPolicyModule):
             export_detector: at the end of fit write the detector to ``<default_root_dir>/detector_export``.
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
         """
-        if reference == "auto":
-            reference = "adapter" if model.lora is not None else "copy"
+        reference = ("adapter" if model.lora is not None else "copy") if reference == "auto" else reference
         if reference not in ("adapter", "copy"):
             raise ConfigError("model.reference must be 'adapter' or 'copy' for watermarking (new text is scored every "
                               f"step: nothing can be precomputed), got {reference!r}")
@@ -134,11 +134,12 @@ class WatermarkModule(ReferencedPolicyModule):
             raise ConfigError("model.sampling.do_sample must be true: PPO needs sampled continuations")
         self.automatic_optimization = False
         self.detector_spec, self.detector_checkpoint = detector_spec(detector), detector_checkpoint
-        self.sampling, self.rewards, self.ppo, self.detector_training = sampling, rewards, ppo, detector_training
+        self.sampling, self.rewards, self.ppo, self.detector_training = (  # copies: a default is never shared
+            dataclasses.replace(b) for b in (sampling, rewards, ppo, detector_training))
         self.alignment_config, self.other_llm_config = alignment, other_llm
         self.eos_action, self.sample_seed, self.export_detector = eos_action, sample_seed, export_detector
-        blocks = resolve_optimization(optimization, PLAYERS)
-        self.players = {name: Player(name, block, _adam) for name, block in blocks.items()}
+        self.players = {name: Player(name, block, _adam)
+                        for name, block in resolve_optimization(optimization, PLAYERS).items()}
         self.timer = PhaseTimer()
         self.detector = self.critic = self.alignment = self.other_llm = None  # built in configure_model
         self._alignment_tokenizer = None  # the alignment reward model's, when its vocabulary differs
@@ -390,7 +391,6 @@ class WatermarkModule(ReferencedPolicyModule):
     def on_test_epoch_end(self) -> None:
         self._log_detection("test")
 
-    # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["watermark"] = {"step_count": self.step_count}
