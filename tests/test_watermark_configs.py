@@ -57,19 +57,26 @@ def test_spec_hyperparameters(config):
     assert trainer["accelerator"] == "gpu" and trainer["devices"] == 1 and trainer["precision"] == "bf16-mixed"
     assert data["batch_size"] == 4
     # PPO (§3.6): gamma 1, lam 0.95, clip 0.2, value clip 0.2, reward clip 5, KL 0.1, one epoch, one minibatch
-    assert (module["gamma"], module["lam"], module["clip"], module["value_clip"]) == (1.0, 0.95, 0.2, 0.2)
-    assert module["reward_clip"] == 5.0 and module["kl_coef"] == pytest.approx(0.1)
-    assert module["ppo_epochs"] == 1 and module["minibatch_size"] is None and module["whiten_advantages"] is False
-    assert module["temperature"] == 1.0 and module["top_p"] == 1.0  # do_sample=True, plain sampling
-    assert module["human_from_reference"] is False
-    # optimisers: Adam (0.9, 0.95) defaults of the module; actor LoRA lr 5e-4, critic 5e-6, detector 1e-5
-    assert module["optimizer"] is None and module["critic_optimizer"] is None and module["detector_optimizer"] is None
-    assert module["actor_lr"] == pytest.approx(5e-4)
-    assert module["critic_lr"] == pytest.approx(5e-6)
-    assert module["detector_lr"] == pytest.approx(1e-5)
-    assert module["gradient_clip"] == 1.0
+    rewards, ppo, sampling = module["rewards"], module["ppo"], module["sampling"]
+    assert (rewards["gamma"], rewards["lam"], ppo["clip"], ppo["value_clip"]) == (1.0, 0.95, 0.2, 0.2)
+    assert rewards["reward_clip"] == 5.0 and rewards["kl_coef"] == pytest.approx(0.1)
+    assert ppo["epochs"] == 1 and ppo["minibatch_size"] is None and rewards["whiten_advantages"] is False
+    assert sampling["do_sample"] is True and sampling["temperature"] == 1.0 and sampling["top_p"] == 1.0
+    assert sampling["max_new_tokens"] == data["continuation_tokens"]
+    training = module["detector_training"]
+    assert training["human_from_reference"] is False
+    # optimisers: Adam (0.9, 0.95) defaults of the module; actor LoRA lr 5e-4, critic 5e-6, detector 1e-5,
+    # each clipped at 1.0; cosine schedules with 100 warm-up steps for actor and critic
+    players = module["optimization"]
+    assert all(players[p]["optimizer"] is None and players[p]["gradient_clip"] == 1.0 for p in players)
+    assert players["actor"]["lr"] == pytest.approx(5e-4)
+    assert players["critic"]["lr"] == pytest.approx(5e-6)
+    assert players["detector"]["lr"] == pytest.approx(1e-5) and players["detector"]["scheduler"] is None
+    for p in ("actor", "critic"):
+        assert players[p]["scheduler"]["class_path"] == "lit_align.schedulers.WarmupCosineLR"
+        assert players[p]["scheduler"]["init_args"]["warmup_steps"] == 100
     # detector loss: pairwise + 1e-4 score penalty, no robustness term by default
-    assert module["detector_reg"] == pytest.approx(1e-4) and module["substitution_ratio"] == 0.0
+    assert training["reg"] == pytest.approx(1e-4) and training["substitution_ratio"] == 0.0
     # actor: LoRA dim 128, scaling 1/128 (alpha 1), every linear layer; the reference = LoRA switched off
     lora = module["model"]["lora"]
     assert lora["r"] == 128 and lora["alpha"] == 1 and lora["dropout"] == 0.0
@@ -77,10 +84,10 @@ def test_spec_hyperparameters(config):
     assert module["reference"] == "adapter"
     # stage 1 = exactly epoch 0; stage 2 = epoch 1
     assert trainer["max_epochs"] == 2
-    assert module["detector_pretrain_steps"] == trainer["limit_train_batches"]
+    assert training["pretrain_steps"] == trainer["limit_train_batches"]
     assert module["detector_checkpoint"] is None
     # equal lengths: the human continuation is capped at what the LLM may generate
-    assert data["continuation_tokens"] == module["max_new_tokens"]
+    assert data["continuation_tokens"] == module["sampling"]["max_new_tokens"]
     # validation on 1,000 prompts
     assert trainer["limit_val_batches"] * data["eval_batch_size"] == 1000
 
@@ -88,10 +95,12 @@ def test_spec_hyperparameters(config):
 @pytest.mark.parametrize("config", REAL_SCALE, ids=lambda c: c.split("/")[-1])
 def test_actor_and_critic_follow_the_cosine_schedule(config):
     """The reference: cosine with warm-up min(100, 0.1 x steps) for the actor and the critic, none for the detector."""
-    args = resolved(config)["model"]["init_args"]
-    for key in ("scheduler", "critic_scheduler"):
-        assert args[key]["class_path"] == "lit_align.schedulers.WarmupCosineLR"
-        assert args[key]["init_args"]["warmup_steps"] == min(100, args[key]["init_args"]["total_steps"] // 10)
+    players = resolved(config)["model"]["init_args"]["optimization"]
+    for player in ("actor", "critic"):
+        schedule = players[player]["scheduler"]
+        assert schedule["class_path"] == "lit_align.schedulers.WarmupCosineLR"
+        assert schedule["init_args"]["warmup_steps"] == min(100, schedule["init_args"]["total_steps"] // 10)
+    assert players["detector"]["scheduler"] is None
 
 
 def test_c4_setting():
@@ -100,13 +109,13 @@ def test_c4_setting():
     assert module["model"]["name_or_path"] == "facebook/opt-1.3b"
     assert module["detector"]["model"]["name_or_path"] == "facebook/opt-350m"
     assert module["detector"]["model"]["tokenizer"] == "facebook/opt-1.3b"
-    assert module["max_new_tokens"] == 128
+    assert module["sampling"]["max_new_tokens"] == 128
     assert data["format"] == "text" and data["prompt_tokens"] == 32 and data["continuation_tokens"] == 128
     for source, split in ((data["train"], "train"), (data["val"], "validation")):
         assert (source["path"], source["subset"], source["split"]) == ("allenai/c4", "realnewslike", split)
     # 10,000 co-training steps of 4 prompts = one pass over the 40,000 training prompts; stage 1 = one
     # epoch over the 40,000 pretraining pairs
-    assert trainer["limit_train_batches"] == 10_000 and module["detector_pretrain_steps"] == 10_000
+    assert trainer["limit_train_batches"] == 10_000 and module["detector_training"]["pretrain_steps"] == 10_000
     assert trainer["limit_train_batches"] * data["batch_size"] == 40_000
 
 
@@ -117,7 +126,7 @@ def test_pku_setting():
     detector = module["detector"]["model"]
     assert detector["name_or_path"].startswith("TinyLlama/TinyLlama-1.1B")
     assert detector["tokenizer"] == "meta-llama/Llama-2-7b-hf"
-    assert module["max_new_tokens"] == 100
+    assert module["sampling"]["max_new_tokens"] == 100
     assert data["format"] == "qa" and data["continuation_tokens"] == 100
     assert data["prompt_template"] == "### Question: {prompt}\n ### Answer:"
     assert data["response_template"] == " {response}"
@@ -127,10 +136,8 @@ def test_pku_setting():
     assert data["train"]["fields"] == {"response": "response_0"}
     # the alignment mix is documented and commented out until the module has the option
     text = (REPO / PKU).read_text()
-    assert "# alignment_weight: 0.5" in text
-    assert module.get("alignment_reward") is None
-    if "alignment_weight" in module:
-        assert module["alignment_weight"] == pytest.approx(0.5)
+    assert "#   weight: 0.5" in text and "# alignment:" in text
+    assert module["alignment"] is None
 
 
 def test_tiny_stays_tiny():
@@ -139,4 +146,4 @@ def test_tiny_stays_tiny():
     assert cfg["trainer"]["accelerator"] == "cpu"
     assert module["model"]["tiny"] is not None and module["detector"]["model"]["tiny"] is not None
     assert cfg["data"]["init_args"]["train"]["path"] == "builtin:corpus"
-    assert module["human_from_reference"] is True
+    assert module["detector_training"]["human_from_reference"] is True

@@ -44,6 +44,11 @@ Generations with fewer than two tokens are dropped with their human pair (as the
 training and validation) and counted in :attr:`WatermarkEvaluation.dropped`. With the same batches as
 the last validation, ``clean`` equals the module's ``val/auroc`` (same sampling seeds).
 
+Under DDP or FSDP2 each rank evaluates its share of the batches' prompts (every row is generated and
+scored, so sharded models run the same forwards on every rank) and the scores are gathered, so the table
+covers every rank's prompts; every random draw (KGW and original-model samples, substitutions, deletions)
+comes from a generator seeded by the prompt's global index, so the table does not depend on the world size.
+
 Outputs (rank 0): ``watermark_eval.csv`` (rows = conditions) and ``watermark_roc.png`` (ROC curves of
 the detector and of KGW on clean text, if matplotlib is installed) under ``dirpath`` (default
 ``trainer.log_dir``); on a ``WandbLogger`` a table ``watermark_eval`` and the image ``watermark_roc``;
@@ -56,7 +61,6 @@ from __future__ import annotations
 
 import random
 import warnings
-import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
@@ -70,6 +74,8 @@ from torch import Tensor
 from lit_align.callbacks.reporting import eval_mode, publish, report_dir, write_csv
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import retokenize
+from lit_align.engine import derive_seed, row_generators
+from lit_align.engine.distributed import all_gather_objects
 from lit_align.metrics.detection import (
     DetectionMetrics,
     Paraphraser,
@@ -110,6 +116,14 @@ def _join(prompt_ids: Tensor, prompt_mask: Tensor, cont_ids: Tensor, cont_mask: 
     ids = torch.cat([prompt_ids, cont_ids], dim=1)
     attention = torch.cat([prompt_mask, cont_mask], dim=1)
     return ids, attention, torch.cat([torch.zeros_like(prompt_mask), cont_mask], dim=1)
+
+
+def _gathered(scores: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
+    """Every rank's ``{row: [scores]}``, concatenated per row in rank order (CPU tensors; the same on every rank;
+    ``scores`` itself in one process)."""
+    local = {row: torch.cat(values).cpu() for row, values in scores.items()}
+    ranks = all_gather_objects(local)
+    return {row: [torch.cat([r[row] for r in ranks])] for row in local}
 
 
 def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -212,10 +226,10 @@ class WatermarkEvaluation(L.Callback):
             loader = loader[0]
         return loader
 
-    def _generator(self, device, *salt: object) -> torch.Generator:
-        """A generator seeded by ``seed`` and ``salt`` (independent of the order conditions run in)."""
-        key = zlib.crc32(repr(salt).encode())
-        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + key)
+    def _generators(self, device, purpose: str, index: Tensor) -> list[torch.Generator]:
+        """One generator per row, from ``seed``, what the draw is for and the row's global example ``index``
+        (:func:`lit_align.engine.row_generators`): the same draws on one rank or several, in any batch."""
+        return row_generators(self.seed, 0, purpose, index.tolist(), device=device)
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, dict[str, float]]:
@@ -249,41 +263,45 @@ class WatermarkEvaluation(L.Callback):
             for b, batch in enumerate(self._loader(trainer)):
                 if self.num_batches is not None and b >= self.num_batches:
                     break
+                # every row is generated and scored (the same forwards on every rank: sharded models need
+                # that); the rows with >= 2 generated tokens, as in training, are kept
                 batch = move_data_to_device(batch, device)
                 rollout = module._generate(batch)
                 human = module._human(batch)
-                keep = module._keep(rollout)  # >= 2 generated tokens, as in training
+                keep = module._keep(rollout)
                 self.dropped += int((~keep).sum())
-                if not keep.any():
-                    continue
-                prompt_ids, prompt_mask = batch.prompt_ids[keep], batch.prompt_mask[keep]
-                h_ids, h_attn, h_cont = human.input_ids[keep], human.attention_mask[keep], human.loss_mask[keep]
-                text = (tok, strip, max_tokens)
+                prompt_ids, prompt_mask, index = batch.prompt_ids, batch.prompt_mask, batch.index
+                h_ids, h_attn, h_cont = human.input_ids, human.attention_mask, human.loss_mask
+                rows = (tok, strip, max_tokens, keep, index)
                 negatives["detector"].append(detector_score(h_ids, h_attn, h_cont,
-                                                            add_eos=module._ended_with_eos(rollout)[keep]))
-                self._conditions("", detector_score, prompt_ids, prompt_mask, rollout.response_ids[keep],
-                                 rollout.response_mask[keep], positives, text, b)
+                                                            add_eos=module._ended_with_eos(rollout))[keep])
+                self._conditions("", detector_score, prompt_ids, prompt_mask, rollout.response_ids,
+                                 rollout.response_mask, positives, rows)
                 if kgw_score is not None:
-                    negatives["kgw"].append(kgw_score(h_ids, h_attn, h_cont))
+                    negatives["kgw"].append(kgw_score(h_ids, h_attn, h_cont)[keep])
                     with ref_context() if ref_context is not None else nullcontext():
                         marked = watermarked_sample(reference, prompt_ids, prompt_mask, module.sampling, watermark,
                                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                                    generator=self._generator(device, "kgw", b))
+                                                    generator=self._generators(device, "kgw", index))
                     self._conditions("kgw_", kgw_score, prompt_ids, prompt_mask, marked.response_ids,
-                                     marked.response_mask, positives, text, b)
-                if oracle is not None:
-                    ids, attn, _ = _join(prompt_ids, prompt_mask, rollout.response_ids[keep],
+                                     marked.response_mask, positives, rows)
+                if oracle is not None:  # replicated on every rank: the kept rows only
+                    ids, attn, _ = _join(prompt_ids[keep], prompt_mask[keep], rollout.response_ids[keep],
                                          rollout.response_mask[keep])
                     ppl["clean"].append(self._perplexity(oracle, tok, ids, attn))
-                    ppl["human"].append(self._perplexity(oracle, tok, h_ids, h_attn))
+                    ppl["human"].append(self._perplexity(oracle, tok, h_ids[keep], h_attn[keep]))
                     with ref_context() if ref_context is not None else nullcontext():
                         plain = sample(reference, prompt_ids, prompt_mask, module.sampling,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                       generator=self._generator(device, "original", b))
-                    ppl["original"].append(self._perplexity(oracle, tok, plain.sequences, plain.attention_mask))
+                                       generator=self._generators(device, "original", index))
+                    ppl["original"].append(self._perplexity(oracle, tok, plain.sequences[keep],
+                                                            plain.attention_mask[keep]))
                     if kgw_score is not None:
-                        ppl["kgw_clean"].append(self._perplexity(oracle, tok, marked.sequences, marked.attention_mask))
-        if not positives:
+                        ppl["kgw_clean"].append(self._perplexity(oracle, tok, marked.sequences[keep],
+                                                                 marked.attention_mask[keep]))
+        positives, negatives, ppl = (_gathered(d) for d in (positives, negatives, ppl))
+        self.dropped = sum(all_gather_objects(self.dropped))
+        if not positives or not len(positives["clean"][0]):
             warnings.warn(f"WatermarkEvaluation: nothing to evaluate ({self.dropped} prompts dropped for generations "
                           "under two tokens, or no validation batch)", stacklevel=2)
             return self.results
@@ -303,15 +321,17 @@ class WatermarkEvaluation(L.Callback):
         return self.results
 
     def _conditions(self, prefix: str, scorer: Scorer, prompt_ids: Tensor, prompt_mask: Tensor, cont_ids: Tensor,
-                    cont_mask: Tensor, out: dict[str, list[Tensor]], text: tuple, batch_idx: int) -> None:
-        """Scores of clean and attacked continuations of one batch, appended to ``out[prefix + row]``."""
-        tok, strip, max_tokens = text
+                    cont_mask: Tensor, out: dict[str, list[Tensor]], rows: tuple) -> None:
+        """Scores of clean and attacked continuations of one batch's kept rows, appended to ``out[prefix + row]``.
+        ``rows``: ``(tokenizer, strip, max_tokens, keep (B,), global index (B,))``; every row is scored."""
+        tok, strip, max_tokens, keep, index = rows
         ids, attn, cont = _join(prompt_ids, prompt_mask, cont_ids, cont_mask)
-        out[f"{prefix}clean"].append(scorer(ids, attn, cont))
+        out[f"{prefix}clean"].append(scorer(ids, attn, cont)[keep])
         for r in self.substitution_ratios:
             row = _ratio_name("substitution", r)
-            attacked = random_substitution(ids, cont, r, len(tok), generator=self._generator(ids.device, row, batch_idx))
-            out[prefix + row].append(scorer(attacked, attn, cont))
+            attacked = torch.cat([random_substitution(i[None], c[None], r, len(tok), generator=g) for i, c, g
+                                  in zip(ids, cont, self._generators(ids.device, prefix + row, index))])
+            out[prefix + row].append(scorer(attacked, attn, cont)[keep])
         if not self.deletion_ratios and self.paraphraser is None:
             return
         texts = [tok.decode(r[m.bool()], skip_special_tokens=False) for r, m in zip(cont_ids, cont_mask)]
@@ -322,14 +342,14 @@ class WatermarkEvaluation(L.Callback):
 
         def rescore(row: str, new_texts: list[str]) -> None:
             new_texts = [lead + t.lstrip() for lead, t in zip(leads, new_texts)]
-            rows = retokenize(new_texts, tok, max_tokens=max_tokens, strip_leading_whitespace=strip)
-            new_ids, new_mask = _pad(rows, tok.pad_token_id, ids.device)
-            out[prefix + row].append(scorer(*_join(prompt_ids, prompt_mask, new_ids, new_mask)))
+            encoded = retokenize(new_texts, tok, max_tokens=max_tokens, strip_leading_whitespace=strip)
+            new_ids, new_mask = _pad(encoded, tok.pad_token_id, ids.device)
+            out[prefix + row].append(scorer(*_join(prompt_ids, prompt_mask, new_ids, new_mask))[keep])
 
         for r in self.deletion_ratios:
             row = _ratio_name("deletion", r)
-            rng = random.Random(zlib.crc32(repr((self.seed, row, batch_idx, prefix)).encode()))
-            rescore(row, [word_deletion(t, r, rng) for t in texts])
+            rngs = [random.Random(derive_seed(self.seed, 0, prefix + row, int(i))) for i in index]
+            rescore(row, [word_deletion(t, r, rng) for t, rng in zip(texts, rngs)])
         if self.paraphraser is not None:
             paraphrased = list(self.paraphraser(texts))
             if len(paraphrased) != len(texts):

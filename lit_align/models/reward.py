@@ -107,11 +107,15 @@ class RewardModel(nn.Module):
 
 
 def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase | None = None, *,
-                       key: str | None = None) -> RewardModel:
+                       key: str | None = None, meta: bool = False) -> RewardModel:
     """Build the scorer described by ``spec`` (tokenizer defaults to the backbone's). ``key`` is the spec's
     config key (``model.alignment_reward``), named in errors. A ``sequence_classification`` scorer may be an
-    encoder (BERT, RoBERTa, DeBERTa) whose tokenizer has no EOS token: it scores whole sequences."""
+    encoder (BERT, RoBERTa, DeBERTa) whose tokenizer has no EOS token: it scores whole sequences. ``meta``
+    (``scalar_head`` only): the architecture on the meta device, no weights read (FSDP2 ranks other than 0,
+    see :func:`lit_align.models.fsdp.load_from_rank0`)."""
     model_key = f"{key}.model" if key else "model"
+    if meta and spec.kind != "scalar_head":
+        raise ValueError(f"build_reward_model(meta=True) builds 'scalar_head' scorers only, got kind {spec.kind!r}")
     tokenizer = tokenizer or build_tokenizer(spec.model, key=model_key, needs_eos=False)
     if spec.kind == "sequence_classification":
         if spec.model.name_or_path is None:
@@ -122,12 +126,13 @@ def build_reward_model(spec: RewardModelSpec, tokenizer: PreTrainedTokenizerBase
         )
         backbone.config.pad_token_id = tokenizer.pad_token_id
         return RewardModel(backbone, None, spec.kind)
-    backbone = apply_lora(build_causal_lm(spec.model, tokenizer), spec.model.lora, seed=spec.model.seed)
+    backbone = apply_lora(build_causal_lm(spec.model, tokenizer, meta=meta), spec.model.lora, seed=spec.model.seed)
     # the decoder's output width: OPT projects it down to word_embed_proj_dim (512 for OPT-350M)
     hidden = getattr(backbone.config, "word_embed_proj_dim", None) or backbone.config.hidden_size
     # skip_init: no default (random) init, so building never draws from the global RNG
     bias = True if spec.head_bias is None else spec.head_bias
-    head = nn.utils.skip_init(ScalarHead, hidden, 1, bias=bias, dtype=next(backbone.parameters()).dtype)
+    head = nn.utils.skip_init(ScalarHead, hidden, 1, bias=bias, dtype=next(backbone.parameters()).dtype,
+                              device="meta" if meta else "cpu")
     with torch.no_grad():
         if head.bias is not None:
             head.bias.zero_()

@@ -43,7 +43,7 @@ def fitted(tmp_path_factory):
                     "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                     "--trainer.enable_model_summary=false", "--trainer.enable_checkpointing=false",
                     "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
-                    "--trainer.check_val_every_n_epoch=1", "--model.init_args.max_new_tokens=16"])
+                    "--trainer.check_val_every_n_epoch=1", "--model.init_args.sampling.max_new_tokens=16"])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, WatermarkEvaluation)]
     return cli, callback, root
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from lit_align.cli import cli_main
 from lit_align.game.judge import ClassifierJudge, JudgeSpec, build_judge
 from lit_align.models import ModelSpec, RewardModelSpec, build_reward_model, build_tokenizer
+from lit_align.watermark.text import as_batch
 
 WATERMARK = str(REPO / "configs/watermark/tiny.yaml")
 GAME = str(REPO / "configs/game/tiny.yaml")
@@ -52,11 +53,11 @@ def test_bert_reward_model_scores_as_transformers(bert):
 
 
 def test_bert_alignment_reward_trains_the_watermark(bert, tmp_path):
-    """A fit step with a BERT as ``alignment_reward``; then the PPO reward of a rollout is
+    """A fit step with a BERT as ``alignment.reward``; then the PPO reward of a rollout is
     0.5 * detector + 0.5 * BERT(the decoded text, re-encoded by BERT's tokenizer)."""
     rm = f"{{model: {{name_or_path: {bert}}}, kind: sequence_classification}}"
     cli = cli_main(["fit", "--config", WATERMARK, f"--trainer.default_root_dir={tmp_path}", *CSV_LOGGER,
-                    f"--trainer.logger.save_dir={tmp_path}", *ONE_BATCH, f"--model.init_args.alignment_reward={rm}",
+                    f"--trainer.logger.save_dir={tmp_path}", *ONE_BATCH, f"--model.init_args.alignment={{reward: {rm}}}",
                     "--model.init_args.detector.head_init_std=0.5"])
     module = cli.model
     assert cli.trainer.global_step > 0 and torch.isfinite(cli.trainer.callback_metrics["train/reward"])
@@ -67,7 +68,7 @@ def test_bert_alignment_reward_trains_the_watermark(bert, tmp_path):
     texts = [module.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
              for r, m in zip(rollout.sequences, rollout.attention_mask)]
     with torch.no_grad():
-        detector = module._detector_scores(module._as_batch(rollout))
+        detector = module._detector_scores(as_batch(rollout))
     torch.testing.assert_close(mixed, 0.5 * detector + 0.5 * _hf_scores(bert, texts), rtol=1e-4, atol=1e-5)
 
 
@@ -97,10 +98,10 @@ def test_a_bert_where_a_causal_lm_sharing_the_tokenizer_is_required_is_refused(c
         match = r"model.detector.kind='sequence_classification': the detector must be a causal LM .*sharing the actor's"
     elif case == "detector_tokenizer":  # the tiny detector given BERT's vocabulary
         config, override = WATERMARK, f"--model.init_args.detector.model.tokenizer={bert}"
-        match = r"model.detector.model: the detector must be a causal LM sharing the actor's tokenizer"
+        match = r"model.detector.model.tokenizer: the detector must be a causal LM sharing the actor's tokenizer"
     else:
-        config, override = WATERMARK, f"--model.init_args.other_llm={{name_or_path: {bert}}}"
-        match = r"model.other_llm must be a causal LM sharing the actor's tokenizer"
+        config, override = WATERMARK, f"--model.init_args.other_llm={{model: {{name_or_path: {bert}}}}}"
+        match = r"model.other_llm.model.tokenizer: the other_llm must be a causal LM sharing the actor's tokenizer"
     with pytest.raises(ValueError, match=match):
         cli = cli_main(["--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
                         "--trainer.callbacks=[]", override], run=False)

@@ -14,7 +14,9 @@ import torch
 from conftest import REPO
 
 from lit_align.cli import cli_main
+from lit_align.errors import ConfigError
 from lit_align.losses import detector_loss
+from lit_align.watermark.text import as_batch
 
 CONFIG = str(REPO / "configs/watermark/tiny.yaml")
 
@@ -44,7 +46,7 @@ def test_detector_loss_is_log_two_at_equal_scores():
 
 def test_detector_alone_cannot_separate_the_original_llm_from_itself(tmp_path):
     """Control (the paper's "lr 0" ablation): the actor does not move, so the detector has nothing to find."""
-    _, auroc, _, _ = _fit(tmp_path, "--model.init_args.actor_lr=0.0")
+    _, auroc, _, _ = _fit(tmp_path, "--model.init_args.optimization.actor.optimizer={class_path: torch.optim.SGD, init_args: {lr: 0.0}}")
     assert 0.4 <= auroc <= 0.6
 
 
@@ -52,7 +54,7 @@ def test_co_training_watermarks_and_a_larger_kl_coefficient_slows_it(tmp_path):
     cli, auroc, kl, gain = _fit(tmp_path / "a")
     assert auroc > 0.9
     assert kl > 1.0  # the watermark is a real change of the distribution
-    _, _, kl_strong, gain_strong = _fit(tmp_path / "b", "--model.init_args.kl_coef=1.0")
+    _, _, kl_strong, gain_strong = _fit(tmp_path / "b", "--model.init_args.rewards.kl_coef=1.0")
     assert kl_strong < kl and gain_strong < gain  # a larger KL coefficient: closer to the reference, slower
     module = cli.model
     prompt = "The harbour town"
@@ -67,7 +69,7 @@ def test_resume_restores_every_player_and_the_stage(tmp_path):
     three optimisers and the stage counter (detector pretraining for the first 3 batches) come back."""
     common = ["fit", "--config", CONFIG, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
               "--trainer.enable_model_summary=false", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
-              "--model.init_args.detector_pretrain_steps=3", "--trainer.callbacks=[]"]
+              "--model.init_args.detector_training.pretrain_steps=3", "--trainer.callbacks=[]"]
     straight = cli_main([*common, f"--trainer.default_root_dir={tmp_path / 'a'}", "--trainer.max_epochs=2"])
     first = cli_main([*common, f"--trainer.default_root_dir={tmp_path / 'b'}", "--trainer.max_epochs=1"])
     ckpt = tmp_path / "one.ckpt"
@@ -85,7 +87,7 @@ def test_alignment_reward_is_mixed_with_the_detector_score(tmp_path):
     """Watermarking during alignment: R = lambda * detector + (1 - lambda) * alignment RM (lambda 0.5)."""
     rm = "{model: {tiny: {family: llama, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}, seed: 7}, head_init_std: 0.5}"
     cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
-                    "--trainer.callbacks=[]", f"--model.init_args.alignment_reward={rm}",
+                    "--trainer.callbacks=[]", f"--model.init_args.alignment={{reward: {rm}}}",
                     "--model.init_args.detector.head_init_std=0.5"], run=False)
     module, data = cli.model, cli.datamodule
     module.configure_model()
@@ -95,7 +97,7 @@ def test_alignment_reward_is_mixed_with_the_detector_score(tmp_path):
     rollout = module._generate(batch)
     mixed = module._scores(rollout)
     with torch.no_grad():
-        detector = module._detector_scores(module._as_batch(rollout))  # the re-encoded text, as in training
+        detector = module._detector_scores(as_batch(rollout))  # the re-encoded text, as in training
         aligned = module.alignment.score(rollout.sequences, rollout.attention_mask)
     assert not torch.allclose(detector, aligned)
     torch.testing.assert_close(mixed, 0.5 * detector + 0.5 * aligned)
@@ -108,8 +110,8 @@ def test_robustness_terms_and_other_llm_negatives_train(tmp_path):
     cli = cli_main(["fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
                     "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
                     "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
-                    "--model.init_args.paraphraser=lit_align.metrics.ShuffleWordsParaphraser",
-                    "--model.init_args.substitution_ratio=0.2", f"--model.init_args.other_llm={other}"])
+                    "--model.init_args.detector_training.paraphraser=lit_align.metrics.ShuffleWordsParaphraser",
+                    "--model.init_args.detector_training.substitution_ratio=0.2", f"--model.init_args.other_llm={{model: {other}}}"])
     module = cli.model
     assert module.other_llm is not None and not any(p.requires_grad for p in module.other_llm.parameters())
     assert module.step_count == 2 and math.isfinite(float(cli.trainer.callback_metrics["train/detector/loss"]))
@@ -132,13 +134,48 @@ def test_detector_with_another_tokenizer_is_refused(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     cli = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
                     "--trainer.callbacks=[]", f"--model.init_args.detector.model.tokenizer={tmp_path / 'tok'}"], run=False)
-    with pytest.raises(ValueError, match="the detector must be a causal LM sharing the actor's tokenizer"):
+    with pytest.raises(ConfigError, match="model.detector.model.tokenizer: the detector must be a causal LM sharing"):
         cli.model.configure_model()
+
+
+def test_a_missing_or_bad_block_is_refused_naming_its_key(tmp_path, capsys):
+    """One optimisation block per player (actor, critic, detector), and every block validated on construction;
+    the message names the key (jsonargparse reports it as a parse error or wraps it in a ValueError)."""
+    base = ["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+            "--trainer.callbacks=[]"]
+    for override, match in (
+        ("--model.init_args.optimization={actor: {lr: 1.0e-3}}",
+         "model.optimization: no block for model.optimization.critic, model.optimization.detector"),
+        ("--model.init_args.detector_training.substitution_ratio=1.5",
+         "model.detector_training.substitution_ratio must be in [0, 1)"),
+        ("--model.init_args.rewards.lam=2", "model.rewards.lam must be in [0, 1]"),
+        ("--model.init_args.other_llm={model: {tiny: {}}, weight: -1}", "model.other_llm.weight must be >= 0"),
+        ("--model.init_args.sampling.do_sample=false", "model.sampling.do_sample must be true"),
+    ):
+        with pytest.raises((ValueError, SystemExit)) as raised:
+            cli_main([*base, override], run=False)
+        assert match in str(raised.value) + capsys.readouterr().err, override
+
+
+def test_fsdp1_is_refused_at_setup(tmp_path):
+    """FSDPStrategy (FSDP1, callbacks/fsdp.yaml) cannot hold three players with their own optimisers and
+    backwards: setup refuses it with the presets that work (FSDP2, DDP)."""
+    import lightning as L
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = cli_main(["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                       "--trainer.callbacks=[]"], run=False).model
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+    module.trainer = trainer
+    module.setup("fit")  # DDP, FSDP2 or one device: accepted
+    trainer._accelerator_connector.strategy = FSDPStrategy()  # FSDPStrategy cannot be built on a CPU-only machine
+    with pytest.raises(ConfigError, match=r"trainer.strategy: WatermarkModule does not run under FSDPStrategy.*fsdp2_cpu"):
+        module.setup("fit")
 
 
 def test_unequal_continuation_caps_are_refused(tmp_path):
     with pytest.raises(ValueError, match="must be equal"):
-        _fit(tmp_path, "--model.init_args.human_from_reference=false", "--model.init_args.max_new_tokens=12")
+        _fit(tmp_path, "--model.init_args.detector_training.human_from_reference=false", "--model.init_args.sampling.max_new_tokens=12")
 
 
 def test_detector_reads_llm_and_human_text_re_encoded_alike(tmp_path):
@@ -162,7 +199,7 @@ def test_detector_reads_llm_and_human_text_re_encoded_alike(tmp_path):
     assert module._detector_view(batch).input_ids[0].tolist() == expected and expected != rows[0].tolist()[:-1]
     module.eos_action = True
     assert module._detector_view(batch).input_ids[0].tolist() == expected + [tok.eos_token_id]
-    module.retokenize_text = False
+    module.detector_training.retokenize_text = False
     assert module._detector_view(batch).input_ids.equal(rows)
     module.eos_action = False
     assert module._detector_view(batch).input_ids.equal(rows[:, :-1])
@@ -173,8 +210,8 @@ def test_actor_and_critic_schedules_step_once_per_co_training_step(tmp_path):
     cli = cli_main(["fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
                     "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
                     "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
-                    "--model.init_args.detector_pretrain_steps=1",
-                    f"--model.init_args.scheduler={sched}", f"--model.init_args.critic_scheduler={sched}"])
+                    "--model.init_args.detector_training.pretrain_steps=1",
+                    f"--model.init_args.optimization.actor.scheduler={sched}", f"--model.init_args.optimization.critic.scheduler={sched}"])
     actor_opt, critic_opt, detector_opt = cli.model.optimizers()
     # 2 co-training steps after 1 pretraining step: the schedules are at step 2 of 4 (warm-up 1, cosine: 0.75)
     assert actor_opt.param_groups[0]["lr"] == pytest.approx(0.75 * 3e-3)
@@ -237,27 +274,27 @@ def test_other_llm_adds_a_pair_by_default_and_replaces_the_human_text_on_request
     replace (lit_align's earlier rule): the other LLM's text is the main pair's negative, no extra pair."""
     other_spec = ("{tiny: {family: llama, hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2, "
                   "intermediate_size: 128}, seed: 3}")
-    module, batch = _configured(tmp_path, f"--model.init_args.other_llm={other_spec}",
-                                "--model.init_args.human_from_reference=false", "--model.init_args.detector.head_init_std=0.5")
-    assert module.other_llm_mode == "add" and module.other_llm_weight == 1.0
+    module, batch = _configured(tmp_path, f"--model.init_args.other_llm={{model: {other_spec}}}",
+                                "--model.init_args.detector_training.human_from_reference=false", "--model.init_args.detector.head_init_std=0.5")
+    assert module.other_llm_config.mode == "add" and module.other_llm_config.weight == 1.0
     rollout = module._generate(batch)
     keep = module._keep(rollout)
     human, other = module._human(batch), module._other_llm_text(batch)
     assert human is batch.human
     with torch.no_grad():
-        s_w = module._detector_scores(module._as_batch(rollout).select(keep))
+        s_w = module._detector_scores(as_batch(rollout).select(keep))
         s_h = module._detector_scores(batch.human.select(keep))
         s_o = module._detector_scores(other.select(keep))
-        loss, metrics = module._detector_objective(rollout, human, other, keep)
+        _, loss, metrics = module._detector_objective(rollout, human, other, keep)
         assert not torch.allclose(s_h, s_o)
         main, _ = detector_loss(s_w, s_h, reg=1e-4)
         pair = -torch.nn.functional.logsigmoid(s_w - s_o).mean()
         torch.testing.assert_close(loss, main + pair)
         torch.testing.assert_close(metrics["other_llm/loss"], pair)
-        module.other_llm_mode = "replace"
+        module.other_llm_config.mode = "replace"
         replaced = module._human(batch)
         assert replaced.input_ids.equal(other.input_ids)
-        loss, metrics = module._detector_objective(rollout, replaced, None, keep)
+        _, loss, metrics = module._detector_objective(rollout, replaced, None, keep)
         torch.testing.assert_close(loss, detector_loss(s_w, s_o, reg=1e-4)[0])
         assert "other_llm/loss" not in metrics
 
@@ -277,7 +314,7 @@ def test_the_critic_starts_stage_two_as_a_copy_of_the_pretrained_detector(tmp_pa
                     "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.max_epochs=1",
                     "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
                     "--trainer.enable_progress_bar=false", "--model.init_args.export_detector=false",
-                    "--model.init_args.detector_pretrain_steps=2", "--model.init_args.critic_lr=0.0"], run=False)
+                    "--model.init_args.detector_training.pretrain_steps=2", "--model.init_args.optimization.critic.optimizer={class_path: torch.optim.SGD, init_args: {lr: 0.0}}"], run=False)
     snapshot = Snapshot()
     cli.trainer.callbacks.append(snapshot)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -298,7 +335,7 @@ def test_detector_checkpoints_load_without_unpickling_code(tmp_path):
     from safetensors.torch import save_file
 
     from lit_align.checkpoint import CheckpointReadError
-    from lit_align.methods.watermark import _detector_state
+    from lit_align.watermark.players import detector_state as _detector_state
 
     class Payload:
         def __reduce__(self):
@@ -327,24 +364,23 @@ def test_detector_checkpoints_load_without_unpickling_code(tmp_path):
 def test_score_penalty_sits_on_the_main_pair_only_unless_detector_reg_extra(tmp_path):
     """The reference adds 1e-4 (s_w^2 + s_h^2) to the main pair's loss only; its substitution term is the
     bare pairwise loss. detector_reg_extra puts the penalty on that term too (reg 0.5 to make it visible)."""
-    from lit_align.metrics.detection import random_substitution
-
-    module, batch = _configured(tmp_path, "--model.init_args.substitution_ratio=0.5",
-                                "--model.init_args.detector_reg=0.5", "--model.init_args.detector.head_init_std=0.5")
+    module, batch = _configured(tmp_path, "--model.init_args.detector_training.substitution_ratio=0.5",
+                                "--model.init_args.detector_training.reg=0.5", "--model.init_args.detector.head_init_std=0.5")
     rollout = module._generate(batch)
     keep, human = module._keep(rollout), module._human(batch)
     with torch.no_grad():
-        llm = module._detector_view(module._as_batch(rollout).select(keep))
+        llm = module._detector_view(as_batch(rollout, batch.index).select(keep))
         s_w = module.detector.score(llm.input_ids, llm.attention_mask)
         s_h = module._detector_scores(human.select(keep))
-        attacked = random_substitution(llm.input_ids, llm.loss_mask, 0.5, len(module.tokenizer), generator=module._rng("substitution"))
+        attacked = module._substituted(llm)  # each row from its own generator (the example's global index)
+        assert (attacked != llm.input_ids).any() and attacked[~llm.loss_mask.bool()].equal(llm.input_ids[~llm.loss_mask.bool()])
         s_sub = module.detector.score(attacked, llm.attention_mask)
         main, _ = detector_loss(s_w, s_h, reg=0.5)
         bare = -torch.nn.functional.logsigmoid(s_sub - s_h).mean()
-        loss, _ = module._detector_objective(rollout, human, None, keep)
+        _, loss, _ = module._detector_objective(rollout, human, None, keep, batch.index)
         torch.testing.assert_close(loss, main + bare)
-        module.detector_reg_extra = True
-        loss, _ = module._detector_objective(rollout, human, None, keep)
+        module.detector_training.reg_extra = True
+        _, loss, _ = module._detector_objective(rollout, human, None, keep, batch.index)
         torch.testing.assert_close(loss, main + bare + 0.5 * (s_sub**2 + s_h**2).mean())
 
 
