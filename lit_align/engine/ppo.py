@@ -52,8 +52,8 @@ class PPOConfig:
 
 
 def _check_ppo(values: dict, keys: dict[str, str] | None = None) -> None:
-    """Validate PPO settings; an error names ``keys[field]`` (default ``ppo.<field>``), the user's config key."""
-    key = {f: (keys or {}).get(f, f"ppo.{f}") for f in ("epochs", "minibatch_size", "clip", "value_clip", "target_kl")}
+    """Validate PPO settings; an error names ``keys[field]`` (default ``model.ppo.<field>``), the user's config key."""
+    key = {f: (keys or {}).get(f, f"model.ppo.{f}") for f in ("epochs", "minibatch_size", "clip", "value_clip", "target_kl")}
     epochs, size = values.get("epochs", 1), values.get("minibatch_size")
     clip, value_clip, target_kl = values.get("clip", 0.2), values.get("value_clip"), values.get("target_kl")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
