@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,10 +17,12 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from lit_align.checkpoint import atomic_save
 from lit_align.data.prompts import DEFENDER_TEMPLATE, PromptBatch
-from lit_align.engine import PhaseTimer, PPOConfig, generator, player_step, ppo_update
+from lit_align.engine import PhaseTimer, PPOConfig, generator, player_step, ppo_update, row_generators
+from lit_align.engine.distributed import all_gather_objects, any_rank, refuse_fsdp1, sum_over_ranks
 from lit_align.errors import ConfigError
 from lit_align.game.diversity import (
     DiversityHistory,
@@ -30,8 +32,9 @@ from lit_align.game.diversity import (
     embedding_diversity,
     word_tokens,
 )
-from lit_align.game.judge import JudgeSpec, SafetyJudge, build_judge
+from lit_align.game.judge import JudgeSpec, SafetyJudge, SafetyScores, build_judge
 from lit_align.game.schedule import PLAYERS, GameSchedule
+from lit_align.game.sharding import full_tensors, shard_critic, shard_like, shard_players
 from lit_align.methods.base import RebuiltWeights
 from lit_align.models import ModelSpec, RewardModelSpec, ValueModel, build_tokenizer, build_value_model
 from lit_align.models.causal_lm import eval_mode
@@ -43,9 +46,51 @@ from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
 __all__ = ["AdversarialGameModule", "attacker_reward"]
 
 
-def _select(rollout: Rollout, rows: Tensor) -> Rollout:
-    """The rows ``rows`` ((B,) bool or (N,) long) of a rollout."""
-    return Rollout(**{f.name: getattr(rollout, f.name)[rows] for f in fields(rollout)})
+def _masked(rollout: Rollout, keep: Tensor) -> Rollout:
+    """The rollout with the responses of the rows not kept ((B,) bool ``keep``) masked out: no actions."""
+    return replace(rollout, response_mask=rollout.response_mask * keep[:, None].to(rollout.response_mask))
+
+
+def _judge_kept(judge: SafetyJudge, prompts: list[str], responses: list[str], keep: Tensor) -> SafetyScores:
+    """The judge's scores of the kept rows, zeros (and safe) on the others; (B,) each."""
+    rows = keep.nonzero().flatten().tolist()
+    out = SafetyScores(defender_reward=torch.zeros(len(prompts)), attacker_reward=torch.zeros(len(prompts)),
+                       unsafe=torch.zeros(len(prompts), dtype=torch.bool)).to(keep.device)
+    if rows:
+        scores = judge.score([prompts[r] for r in rows], [responses[r] for r in rows]).to(keep.device)
+        for name in ("defender_reward", "attacker_reward", "unsafe"):
+            getattr(out, name)[rows] = getattr(scores, name).to(getattr(out, name).dtype)
+    return out
+
+
+_VAL_MEANS = ("seed/asr", "seed/reward", "attack/asr", "attack/reward", "attacker/judge_reward", "attacker/kl",
+              "defender/kl")
+
+
+class _MetricDict(nn.ModuleDict):
+    """A ``ModuleDict`` of metrics whose keys may hold ``/`` (stored with ``__`` for ``/``, read back as given)."""
+
+    def __init__(self, metrics: dict[str, nn.Module]) -> None:
+        super().__init__({k.replace("/", "__"): v for k, v in metrics.items()})
+
+    def __getitem__(self, key: str) -> nn.Module:
+        return super().__getitem__(key.replace("/", "__"))
+
+    def items(self):
+        return [(k.replace("__", "/"), v) for k, v in super().items()]
+
+
+def _detached(param: Tensor) -> Tensor:
+    """A parameter's value to keep aside: on the CPU, or where it is when sharded (a DTensor keeps its mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    return param.detach() if isinstance(param, DTensor) else param.detach().cpu()
+
+
+def _global_mean(values: Tensor, weight: Tensor) -> Tensor:
+    """The ``weight``-weighted mean of ``values`` ((B,) each) over every rank's rows (0 without weight)."""
+    pair = sum_over_ranks(torch.stack([(values.float() * weight).sum(), weight.float().sum()]))
+    return pair[0] / pair[1].clamp(min=1e-12)
 
 
 def attacker_reward(judge_reward: Tensor, self_bleu: Tensor, cos_sim: Tensor, *, bleu_weight: float,
@@ -108,12 +153,19 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
     ``val/<player>/kl``; :attr:`val_history` and :attr:`val_samples` feed
     :class:`~lit_align.callbacks.GameReport` (plot and sample table).
 
-    Notes: ASRs are over the attack prompts that survive decoding (empty ones are dropped and counted,
+    Data parallel (DDP, ``callbacks/ddp_cpu.yaml``; FSDP2, ``callbacks/fsdp2_cpu.yaml``; batch sizes per rank):
+    each rank plays its share of the seeds, every row sampled from its global index, so N ranks equal one
+    process on the global batch. Attack prompts are gathered for the diversity terms and the history (the
+    same on every rank, in global-index order); whitening, token means and the "anything to update"
+    decisions are global; validation means are synced torchmetrics. Under FSDP2 the players (one sharding
+    of a shared base, adapters with their layers), reference copies and critics are sharded; the judges and
+    the encoder are replicated on every rank (:mod:`lit_align.game.sharding`). FSDP1 is refused.
+
+    Notes: ASRs are over the attack prompts that survive decoding (empty ones are masked out and counted,
     not scored). Log-probs for PPO and KL are those of the untempered model (temperature 1), as in the
     reference code (MOSS-style), although sampling uses ``temperature`` / ``top_p``; the samples are then
     slightly off-policy and a sampled-KL estimate can be negative. PPO updates run in eval mode (no
-    dropout), as experience making does. Runs on one device (DDP / FSDP2 of two policies, their critics
-    and a judge are not implemented; refused with a clear error). Repetition penalty (1.1 in the GPO
+    dropout), as experience making does. Repetition penalty (1.1 in the GPO
     script) is not applied: the sampler has none.
     """
 
@@ -313,20 +365,15 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.averages: dict[str, dict[str, Tensor]] = {}  # player -> running mean of its trainable weights
         self.val_history: list[dict[str, float]] = []  # one row per validation run (for the report plot)
         self.val_samples: list[dict[str, Any]] = []  # the last validation's sample attacks and answers
-        self._val: dict[str, list[float]] = {}  # metric -> [sum, count] over a validation run (one device)
-        self._val_attacks: list[str] = []
-        self._val_embeddings: list[Tensor] = []
-        self._samples_buffer: list[dict[str, Any]] = []
+        # validation means, synced over ranks when computed (rows whose attack decoded to nothing weigh 0)
+        self._val_means = _MetricDict({key: MeanMetric() for key in _VAL_MEANS})
+        self._val_rows: list[tuple] = []  # (global index, seed, attack, response, unsafe, reward) of kept rows
         self.last_step_times: dict[str, float] = {}  # phase -> seconds of the last training step (benchmarks)
 
     # -- building ------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.players is not None:
             return
-        if self.device_mesh is not None:
-            raise NotImplementedError("AdversarialGameModule runs on one device for now: FSDP2 sharding of two "
-                                      "policies, their critics and the judge is not implemented; drop the "
-                                      "ModelParallelStrategy")
         self.players = PlayerPolicies(self.specs, self.tokenizer, share_base=self.share_base,
                                       reference=self.reference_mode)
         defender_tok = self.specs["defender"].tokenizer or self.specs["defender"].name_or_path
@@ -350,12 +397,18 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             self.eval_judge = build_judge(self.eval_judge_spec, key="model.eval_judge")
         if self.embedding_weight > 0:
             self.encoder = build_sentence_encoder(self.encoder_spec)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (lit_align.game.sharding)
+            mesh, mp_policy = self.device_mesh["data_parallel"], None
+            if str(self.trainer.precision).startswith("bf16"):
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            shard_players(self.players, mesh, mp_policy=mp_policy)
+            for critic in self.critics.values():
+                shard_critic(critic, mesh, mp_policy=mp_policy)
 
     def setup(self, stage: str) -> None:
-        if self.trainer.world_size > 1:
-            raise NotImplementedError("AdversarialGameModule runs on one device for now (each rank would keep its own "
-                                      "history and snapshot pool, and several backward passes per step are not "
-                                      "synchronised): set trainer.devices: 1")
+        refuse_fsdp1(self.trainer.strategy, "AdversarialGameModule")
         if self.sample_seed is None:  # the run's global seed (seed_everything), then fixed and checkpointed
             self.sample_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
 
@@ -380,6 +433,11 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         optimizers, schedulers = [], []
         self._opt_index: dict[str, int] = {}
         groups = [(p, list(self._trainable(p).values())) for p in PLAYERS]
+        for _, params in groups:
+            # every adapter trainable until a player acts: loading an FSDP2 (DCP) checkpoint first creates the
+            # optimiser states from a zero-gradient step, and peft leaves the inactive adapter frozen
+            for param in params:
+                param.requires_grad_(True)
         groups += [(f"critic/{n}", list(c.parameters())) for n, c in self.critics.items()]
         for name, params in groups:
             if not params:
@@ -453,44 +511,59 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                     p.copy_(current[n])
 
     # -- one step ------------------------------------------------------------------------------
-    def _play(self, batch: PromptBatch, rng: Callable[[str], torch.Generator], snapshot=None,
+    def _row_rngs(self, purpose: str, index: Tensor, *, step: int | None = None) -> list[torch.Generator]:
+        """One generator per row, from the example's global index (:func:`lit_align.engine.row_generators`):
+        what a row samples does not depend on the world size or on the rest of its batch."""
+        return row_generators(self.sample_seed, self.step_count if step is None else step, purpose,
+                              index.tolist(), device=self.device)
+
+    def _play(self, batch: PromptBatch, rng: Callable[[str], list[torch.Generator]], snapshot=None,
               judge: SafetyJudge | None = None) -> dict[str, Any]:
-        """One round of the game on a batch: attack, answer, judge (no learning); phases timed by ``self.timer``."""
+        """One round of the game on a batch: attack, answer, judge (no learning); phases timed by ``self.timer``.
+
+        A row whose attack prompt decodes to nothing stays in place, masked out (``keep`` False): the defender
+        still answers it (the template around an empty prompt) so that every rank runs the same forwards,
+        but the judge does not score it and it enters no reward, loss or metric."""
         with self.timer("attacker/generate"), self._attacker_from_pool(snapshot):
             attack = self._sample("attacker", batch.attacker_ids, batch.attacker_mask, rng("attacker/sample"))
         texts = self._decode(attack)
-        keep = torch.tensor([bool(t) for t in texts], device=self.device)
-        out: dict[str, Any] = {"attack": attack, "texts": texts, "keep": keep, "empty": int((~keep).sum())}
-        if not keep.any():
-            return out
-        kept = [t for t in texts if t]
-        ids, mask = self._defender_inputs(kept)
+        keep = torch.tensor([bool(t) for t in texts], device=self.device)  # (B,)
+        ids, mask = self._defender_inputs(texts)
         with self.timer("defender/generate"):
             answer = self._sample("defender", ids, mask, rng("defender/sample"))
         responses = self._decode(answer)
         with self.timer("judge"):
-            scores = (judge or self.judge).score(kept, responses)
-        out.update(kept=kept, answer=answer, responses=responses, scores=scores)
-        return out
+            scores = _judge_kept(judge or self.judge, texts, responses, keep)
+        return {"attack": _masked(attack, keep), "answer": _masked(answer, keep), "texts": texts, "keep": keep,
+                "responses": responses, "scores": scores}
 
-    def _diversity(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """(B,) SelfBLEU and cosine similarity of each attack prompt; the prompts then join the history."""
+    def _diversity(self, texts: list[str], keep: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(B,) SelfBLEU and cosine similarity of each kept attack prompt (0 on the others).
+
+        The prompts of every rank are gathered and taken in global-index order, so the scores and the history
+        they then join are computed identically on every rank (and equal one process on the global batch)."""
         with self.timer("diversity"):
-            tokens = [word_tokens(t) for t in texts]
+            mine = [(int(i), t) for i, t, k in zip(index.tolist(), texts, keep.tolist()) if k]
+            rows = sorted(row for part in all_gather_objects(mine) for row in part)  # (N,) global batch
+            tokens = [word_tokens(t) for _, t in rows]
             include_batch = self.diversity_scope == "batch_and_history"
-            bleu = self.history.self_bleu(tokens, include_batch=include_batch).to(self.device)
-            embeddings = self.encoder.encode(texts) if self.encoder is not None else None
-            cos = (self.history.cosine(embeddings, include_batch=include_batch).to(self.device)
+            bleu = self.history.self_bleu(tokens, include_batch=include_batch).float().cpu()  # (N,)
+            embeddings = self.encoder.encode([t for _, t in rows]) if self.encoder is not None else None
+            cos = (self.history.cosine(embeddings, include_batch=include_batch).float().cpu()
                    if embeddings is not None else torch.zeros_like(bleu))
             self.history.append(tokens, embeddings.cpu() if embeddings is not None else None)
-        return bleu, cos
+            where = {i: n for n, (i, _) in enumerate(rows)}
+            pick = torch.tensor([where.get(int(i), 0) for i in index.tolist()], dtype=torch.long)  # (B,)
+            weight = keep.float().cpu()
+        return (bleu[pick] * weight).to(self.device), (cos[pick] * weight).to(self.device)
 
     def _experience(self, player: str, rollout: Rollout, scores: Tensor) -> Experience:
         with self.acting(player) as policy:
             reference, context = self._reference(player, policy)
             return make_experience(policy, reference, self._critic(player), rollout, scores,
                                    kl_coef=self.kl_coefs[player], reward_clip=self.reward_clip, gamma=self.gamma,
-                                   lam=self.lam, whiten_advantages=self.whiten_advantages, reference_context=context)
+                                   lam=self.lam, whiten_advantages=self.whiten_advantages, reference_context=context,
+                                   keep_shape=True, reduce=sum_over_ranks)
 
     def _step(self, name: str, loss: Tensor) -> None:
         """One optimiser step of ``name`` (a player or ``critic/<name>``) and its scheduler."""
@@ -513,48 +586,51 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         return metrics
 
     def _after_update(self, player: str) -> None:
-        """Running mean of the player's weights; attacker snapshots for the pool."""
+        """Running mean of the player's weights; attacker snapshots for the pool. Both are clones of the
+        parameters: under FSDP2, this rank's shards (gathered whole in checkpoints)."""
         params = self._trainable(player)
         if self.average_policies:
             n = self.updates[player]
-            avg = self.averages.setdefault(player, {k: p.detach().float().cpu().clone() for k, p in params.items()})
+            avg = self.averages.setdefault(player, {k: _detached(p).float().clone() for k, p in params.items()})
             if n > 1:
                 for k, p in params.items():
-                    avg[k] += (p.detach().float().cpu() - avg[k]) / n
+                    avg[k] += (_detached(p).float() - avg[k]) / n
         if player == "attacker" and self.snapshot_every and self.updates[player] % self.snapshot_every == 0:
-            self.pool.append({k: p.detach().cpu().clone() for k, p in params.items()})
+            self.pool.append({k: _detached(p).clone() for k, p in params.items()})
             del self.pool[: max(0, len(self.pool) - self.pool_size)]
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         active = self.schedule.active(self.step_count)
         self.timer.reset()
         snapshot, from_pool = None, 0.0
-        if active == ("defender",) and self.pool and self.pool_prob > 0:
+        if active == ("defender",) and self.pool and self.pool_prob > 0:  # the same draw on every rank
             pick = self._rng("pool", device=torch.device("cpu"))
             if torch.rand((), generator=pick) < self.pool_prob:
                 snapshot = self.pool[int(torch.randint(len(self.pool), (), generator=pick))]
                 from_pool = 1.0
-        game = self._play(batch, self._rng, snapshot)
-        self.dropped_empty += game["empty"]
+        game = self._play(batch, lambda purpose: self._row_rngs(purpose, batch.index), snapshot)
+        keep, scores = game["keep"], game["scores"]
+        empty = int(sum_over_ranks(torch.tensor(float((~keep).sum()), device=self.device)).item())
+        self.dropped_empty += empty
         metrics: dict[str, Tensor | float] = {
             "phase": {("defender",): 0.0, ("attacker",): 1.0}.get(active, 2.0),
-            "attacker/empty": float(game["empty"]), "attacker/from_pool": from_pool,
+            "attacker/empty": float(empty), "attacker/from_pool": from_pool,
         }
-        if "scores" in game:
-            scores = game["scores"]
-            bleu, cos = self._diversity(game["kept"])
-            judge_reward = scores.attacker_reward.to(self.device)
+        if any_rank(bool(keep.any())):  # decided on every rank alike: the same forwards and steps everywhere
+            bleu, cos = self._diversity(game["texts"], keep, batch.index)
+            judge_reward, defender_reward = scores.attacker_reward, scores.defender_reward
             att_reward = attacker_reward(judge_reward, bleu, cos, bleu_weight=self.bleu_weight,
                                          embedding_weight=self.embedding_weight)
-            defender_reward = scores.defender_reward.to(self.device)
+            weight = keep.float()
             metrics.update({
-                "asr": scores.unsafe.float().mean(), "defender/reward": defender_reward.mean(),
-                "attacker/reward": att_reward.mean(), "attacker/judge_reward": judge_reward.mean(),
-                "attacker/self_bleu": bleu.mean(), "attacker/cos_sim": cos.mean(),
-                "attacker/diversity_penalty": (judge_reward - att_reward).mean(), "history": float(len(self.history)),
+                "asr": _global_mean(scores.unsafe, weight), "defender/reward": _global_mean(defender_reward, weight),
+                "attacker/reward": _global_mean(att_reward, weight),
+                "attacker/judge_reward": _global_mean(judge_reward, weight),
+                "attacker/self_bleu": _global_mean(bleu, weight), "attacker/cos_sim": _global_mean(cos, weight),
+                "attacker/diversity_penalty": _global_mean(judge_reward - att_reward, weight),
+                "history": float(len(self.history)),
             })
-            attack = _select(game["attack"], game["keep"])
-            rollouts = {"defender": (game["answer"], defender_reward), "attacker": (attack, att_reward)}
+            rollouts = {"defender": (game["answer"], defender_reward), "attacker": (game["attack"], att_reward)}
             experiences = {}
             for player in active:  # experience for every active player first: simultaneous moves see the same game
                 with self.timer(f"{player}/experience"):
@@ -562,13 +638,14 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             if self.log_inactive_kl:
                 for player in (p for p in PLAYERS if p not in active):
                     rollout = rollouts[player][0]
-                    keep_rows = rollout.response_lengths >= 2
-                    if keep_rows.any():
+                    scored = (rollout.response_lengths >= 2).float()
+                    if any_rank(bool(scored.any())):
                         with self.timer(f"{player}/kl"):
-                            metrics[f"{player}/kl"] = self._kl(player, _select(rollout, keep_rows)).mean()
+                            metrics[f"{player}/kl"] = _global_mean(self._kl(player, rollout), scored)
             for player, exp in experiences.items():
-                metrics.update({f"{player}/kl": exp.metrics["kl"], f"{player}/dropped": exp.metrics["dropped"]})
-                if len(exp) == 0:
+                metrics.update({f"{player}/kl": exp.metrics["kl"],
+                                f"{player}/dropped": exp.metrics["dropped"] - float((~keep).sum())})
+                if not any_rank(bool(exp.action_mask.any())):  # no row of any rank has an action
                     continue
                 with self.timer(f"{player}/update"):
                     metrics.update({f"{player}/{k}": v for k, v in self._update(player, exp).items()})
@@ -616,45 +693,41 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
     def export_policy(self) -> nn.Module:
         """The model :class:`~lit_align.callbacks.HFExport` writes: the defender (the aligned model). On a
         shared base it is a copy with the attacker's adapter removed and the defender's merged in."""
-        return self.players.export("defender")
+        if self.device_mesh is None:
+            return self.players.export("defender")
+        # sharded: every rank gathers the players' weights (a collective) into an unsharded copy built from the specs
+        whole = PlayerPolicies(self.specs, self.tokenizer, share_base=self.share_base, reference=self.reference_mode)
+        state = full_tensors(self.players.state_dict())
+        whole.load_state_dict({k: v for k, v in state.items() if not k.startswith("references.")}, strict=False)
+        return whole.export("defender")
 
     def _evaluate(self, batch: PromptBatch, batch_idx: int) -> None:
-        rng = lambda purpose: self._rng(f"val/{purpose}", step=batch_idx)  # noqa: E731  same draws every epoch
+        # each row from its global index at a fixed step: the same draws every epoch, on any number of ranks
+        rng = lambda purpose: self._row_rngs(f"val/{purpose}", batch.index, step=0)  # noqa: E731
         ids, mask = self._defender_inputs(list(batch.seeds))
         seed_answer = self._sample("defender", ids, mask, rng("seed_answer"))
         judge = self.eval_judge or self.judge
-        seed_scores = judge.score(list(batch.seeds), self._decode(seed_answer))
-        self._accumulate("seed/asr", seed_scores.unsafe.float())
-        self._accumulate("seed/reward", seed_scores.defender_reward)
+        seed_scores = judge.score(list(batch.seeds), self._decode(seed_answer)).to(self.device)
+        self._val_means["seed/asr"].update(seed_scores.unsafe.float())
+        self._val_means["seed/reward"].update(seed_scores.defender_reward.float())
         game = self._play(batch, rng, judge=judge)
-        if "scores" not in game:
-            return
-        scores = game["scores"]
-        self._accumulate("attack/asr", scores.unsafe.float())
-        self._accumulate("attack/reward", scores.defender_reward)
-        self._accumulate("attacker/judge_reward", scores.attacker_reward)
-        keep = game["keep"]
-        attack = _select(game["attack"], keep)
-        self._accumulate("attacker/kl", self._kl("attacker", attack))
-        self._accumulate("defender/kl", self._kl("defender", game["answer"]))
-        self._val_attacks.extend(game["kept"])
-        if self.encoder is not None:
-            self._val_embeddings.append(self.encoder.encode(game["kept"]).cpu())
-        seeds = [s for s, k in zip(batch.seeds, keep.tolist()) if k]
-        for seed, attack_text, response, unsafe, reward in zip(seeds, game["kept"], game["responses"],
-                                                               scores.unsafe.tolist(),
-                                                               scores.defender_reward.tolist()):
-            if len(self._samples_buffer) < self.num_val_samples:
-                self._samples_buffer.append({"seed": seed, "attack": attack_text, "response": response,
-                                             "unsafe": bool(unsafe), "reward": float(reward)})
-
-    def _accumulate(self, key: str, values: Tensor) -> None:
-        total = self._val.setdefault(key, [0.0, 0])
-        total[0] += float(values.float().sum())
-        total[1] += values.numel()
+        scores, keep = game["scores"], game["keep"]
+        weight = keep.float()
+        for key, values in (("attack/asr", scores.unsafe), ("attack/reward", scores.defender_reward),
+                            ("attacker/judge_reward", scores.attacker_reward),
+                            ("attacker/kl", self._kl("attacker", game["attack"])),
+                            ("defender/kl", self._kl("defender", game["answer"]))):
+            self._val_means[key].update(values.float(), weight)
+        self._val_rows.extend(
+            (int(i), seed, attack, response, bool(unsafe), float(reward))
+            for i, seed, attack, response, unsafe, reward, k in zip(
+                batch.index.tolist(), batch.seeds, game["texts"], game["responses"], scores.unsafe.tolist(),
+                scores.defender_reward.tolist(), keep.tolist()) if k)
 
     def on_validation_epoch_start(self) -> None:
-        self._val, self._val_attacks, self._val_embeddings, self._samples_buffer = {}, [], [], []
+        self._val_rows = []
+        for metric in self._val_means.values():
+            metric.reset()
 
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
@@ -663,14 +736,23 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.on_validation_epoch_end()
 
     def on_validation_epoch_end(self) -> None:
-        row = {key: total / count for key, (total, count) in self._val.items() if count}
-        if len(self._val_attacks) >= 2:
-            row["attacker/bleu_diversity"] = bleu_diversity([word_tokens(t) for t in self._val_attacks])
-            if self._val_embeddings:
-                row["attacker/embedding_diversity"] = embedding_diversity(torch.cat(self._val_embeddings))
+        """The synced means, and the attacks' diversity over every rank's attacks in global-index order: the
+        same row on every rank."""
+        row = {}
+        for key, metric in self._val_means.items():  # every rank computes every metric: compute() syncs
+            value = metric.compute()
+            metric.reset()
+            if not torch.isnan(value):  # no row with weight (no attack prompt survived decoding anywhere)
+                row[key] = float(value)
+        rows = sorted(r for part in all_gather_objects(self._val_rows) for r in part)
+        attacks = [r[2] for r in rows]
+        if len(attacks) >= 2:
+            row["attacker/bleu_diversity"] = bleu_diversity([word_tokens(t) for t in attacks])
+            if self.encoder is not None:
+                row["attacker/embedding_diversity"] = embedding_diversity(self.encoder.encode(attacks).cpu())
         stage = "test" if self.trainer.testing else "val"
         for key, value in row.items():
-            self.log(f"{stage}/{key}", value, sync_dist=False)
+            self.log(f"{stage}/{key}", value, sync_dist=True)  # the same on every rank: averaging keeps it
         if stage == "test":
             return
         # every validation is a row of the report, the sanity check included (the policies before any step
@@ -680,7 +762,9 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             if self.val_history and self.val_history[-1]["step"] == self.step_count:
                 self.val_history.pop()
             self.val_history.append({"step": float(self.step_count), **row})
-            self.val_samples = list(self._samples_buffer)
+            self.val_samples = [{"seed": seed, "attack": attack, "response": response, "unsafe": unsafe,
+                                 "reward": reward}
+                                for _, seed, attack, response, unsafe, reward in rows[: self.num_val_samples]]
 
     # -- checkpoints ---------------------------------------------------------------------------
     _FROZEN_PREFIXES = ("players.references.", "judge.", "eval_judge.", "encoder.")
@@ -692,10 +776,13 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         return {k for k in keys if k.startswith(self._FROZEN_PREFIXES) or k in frozen}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # pool snapshots and averages are gathered whole (every rank calls this): under FSDP2 only rank 0's
+        # copy of this dict is written (Lightning's metadata file), the same on every rank
         checkpoint["game"] = {
             "step_count": self.step_count, "sample_seed": self.sample_seed, "updates": dict(self.updates),
-            "dropped_empty": self.dropped_empty,
-            "history": self.history.state_dict(), "pool": self.pool, "averages": self.averages,
+            "dropped_empty": self.dropped_empty, "history": self.history.state_dict(),
+            "pool": [full_tensors(snapshot) for snapshot in self.pool],
+            "averages": {player: full_tensors(weights) for player, weights in self.averages.items()},
             "val_history": self.val_history, "val_samples": self.val_samples,
         }
 
@@ -707,12 +794,20 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.sample_seed = game["sample_seed"]
         self.dropped_empty = game["dropped_empty"]
         self.history.load_state_dict(game["history"])
-        self.pool, self.averages = game["pool"], game["averages"]
+        def shard(weights: dict[str, Tensor], player: str) -> dict[str, Tensor]:  # whole when not yet built
+            return shard_like(weights, self._trainable(player)) if self.players is not None else dict(weights)
+
+        self.pool = [shard(snapshot, "attacker") for snapshot in game["pool"]]
+        self.averages = {player: {k: v.float() for k, v in shard(weights, player).items()}
+                         for player, weights in game["averages"].items()}
         self.val_history, self.val_samples = game["val_history"], game["val_samples"]
 
     def on_train_end(self) -> None:
-        if self.average_policies and self.averages and self.trainer.is_global_zero:
+        if not (self.average_policies and self.averages):
+            return
+        averages = {player: full_tensors(weights) for player, weights in self.averages.items()}  # every rank
+        if self.trainer.is_global_zero:
             directory = Path(self.trainer.default_root_dir) / "averaged"
             directory.mkdir(parents=True, exist_ok=True)
-            for player, weights in self.averages.items():
+            for player, weights in averages.items():
                 atomic_save(weights, directory / f"{player}.pt")

@@ -248,11 +248,19 @@ def test_bad_configuration_names_the_key(kwargs, message):
         _module(**kwargs)
 
 
-def test_fsdp2_is_refused_clearly():
+def test_fsdp1_is_refused_naming_the_strategy_key():
+    """Lightning's FSDPStrategy (FSDP1) wraps the whole module once, which two players' adapters on one base
+    with their own optimisers do not fit: setup refuses it and names the FSDP2 and DDP presets."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_align.errors import ConfigError
+
     module = _module()
-    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
-    with pytest.raises(NotImplementedError, match="one device"):
-        module.configure_model()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer._accelerator_connector.strategy = FSDPStrategy()  # needs a GPU to be chosen the usual way
+    module.trainer = trainer
+    with pytest.raises(ConfigError, match=r"trainer.strategy.*FSDPStrategy.*fsdp2_cpu.yaml"):
+        module.setup("fit")
 
 
 def test_inactive_player_kl_is_logged_and_an_eval_judge_scores_validation(tmp_path):
@@ -284,3 +292,19 @@ def test_sampling_follows_the_global_seed_unless_fixed(tmp_path):
 
     assert same(run(0), run(0)) and not same(run(0), run(1))
     assert same(run(0, sample_seed=5), run(1, sample_seed=5))
+
+
+def test_diversity_history_follows_the_global_index_not_the_batch_order():
+    """The history (the same on every rank: built from every rank's gathered prompts) takes the attack prompts
+    in global-index order whatever order the batch holds them in; a masked row (empty attack) scores 0 and
+    stays out of the history."""
+    module = _module()
+    texts = ["how to pick a lock", "", "how to pick a lock quickly", "tell me about chemistry"]
+    keep = torch.tensor([True, False, True, True])
+    bleu, cos = module._diversity(texts, keep, torch.tensor([7, 3, 2, 5]))
+    assert module.history.state_dict()["tokens"] == [word_tokens(texts[i]) for i in (2, 3, 0)]
+    assert bleu[1] == 0 and cos.abs().sum() == 0
+    again = _module()
+    again._diversity([texts[i] for i in (2, 3, 0)], torch.ones(3, dtype=torch.bool), torch.tensor([2, 5, 7]))
+    assert again.history.state_dict() == module.history.state_dict()
+    assert bleu[0] > 0  # shares n-grams with the row of index 2 (batch_and_history scope)
