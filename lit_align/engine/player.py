@@ -132,3 +132,7 @@ def configure_players(players: Sequence[Player], params: Mapping[str, Sequence[n
             player.scheduler_index = len(schedulers)
             schedulers.append(scheduler)  # manual optimisation: stepped by Player.step
     return optimizers, schedulers
+
+
+# blocks are saved with a method's hyperparameters in every checkpoint; allow them in weights-only loads
+torch.serialization.add_safe_globals([Optimization])

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lit_align.models.fsdp import decoder_layers, fsdp2_parallelize
 
-__all__ = ["broadcast_from_rank0", "full_tensors", "shard_critic", "shard_like", "shard_players"]
+__all__ = ["broadcast_from_rank0", "full_tensors", "shard_critic", "shard_game", "shard_like", "shard_players", "unsharded_copy"]
 
 
 def broadcast_from_rank0(module: nn.Module) -> None:
@@ -78,3 +78,25 @@ def shard_like(weights: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> d
         else:
             out[name] = value
     return out
+
+
+def shard_game(players: nn.Module, critics: nn.ModuleDict, mesh, precision: str) -> None:
+    """FSDP2 over the game's trainable and reference models (bf16 parameters with fp32 reductions under a
+    ``bf16`` precision); judges and encoder stay replicated."""
+    mp_policy = None
+    if str(precision).startswith("bf16"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    shard_players(players, mesh, mp_policy=mp_policy)
+    for critic in critics.values():
+        shard_critic(critic, mesh, mp_policy=mp_policy)
+
+
+def unsharded_copy(players: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """A whole copy of sharded players: ``build()`` makes them from their specs, then every rank gathers the
+    trained weights into it (a collective); the reference copies are rebuilt as they were."""
+    whole = build()
+    state = full_tensors(players.state_dict())
+    whole.load_state_dict({k: v for k, v in state.items() if not k.startswith("references.")}, strict=False)
+    return whole
