@@ -16,7 +16,7 @@ from lit_align.errors import ConfigError
 from lit_align.models import ModelSpec, RewardModelSpec
 from lit_align.rollout.sampler import SamplingConfig
 
-__all__ = ["CriticConfig", "DiversityConfig", "GameSampling", "PoolConfig", "RewardConfig"]
+__all__ = ["check_reference", "CriticConfig", "DiversityConfig", "GameSampling", "PoolConfig", "RewardConfig"]
 
 
 def _positive_int(value, key: str) -> None:
@@ -158,6 +158,16 @@ class CriticConfig:
     shared: bool = False
     """One critic for both players (the reference code's choice, whose value loss spikes at stage switches);
     ``False``: one per player."""
+
+
+def check_reference(reference: str, specs: dict[str, ModelSpec]) -> None:
+    """``model.reference``: ``auto``, ``adapter`` (LoRA on every player) or ``copy``."""
+    if reference not in ("auto", "adapter", "copy"):
+        raise ConfigError(f"model.reference must be 'auto', 'adapter' or 'copy' (new text is scored every "
+                          f"step: nothing can be precomputed), got {reference!r}")
+    if reference == "adapter" and any(s.lora is None for s in specs.values()):
+        raise ConfigError("model.reference: 'adapter' needs LoRA on both players (model.defender.lora and "
+                          "model.attacker.lora); use 'copy' or 'auto'")
 
 
 # configs are saved with the hyperparameters in every checkpoint; allow them in weights-only loads

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 
 from lit_align.game.diversity import SentenceEncoder, bleu_diversity, embedding_diversity, word_tokens
 
-__all__ = ["SampleRow", "ValidationMeans", "validation_row"]
+__all__ = ["GameValidation", "SampleRow", "ValidationMeans", "validation_row"]
 
 MEANS = ("seed/asr", "seed/reward", "attack/asr", "attack/reward", "attacker/judge_reward", "attacker/kl",
          "defender/kl")
@@ -71,3 +71,49 @@ def validation_row(means: dict[str, float], rows: list[SampleRow],
         if encoder is not None:
             row["attacker/embedding_diversity"] = embedding_diversity(encoder.encode(attacks).cpu())
     return row
+
+
+class GameValidation(nn.Module):
+    """One validation run after another: the synced means, the kept rows, and the report's history.
+
+    :attr:`history` (one row per validation, the sanity check included; a second one at the same step, a
+    resume's sanity check, replaces the first) and :attr:`samples` (the last validation's first rows by
+    global index) are the same on every rank and go into checkpoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.means = ValidationMeans()
+        self.rows: list[SampleRow] = []
+        self.history: list[dict[str, float]] = []
+        self.samples: list[dict] = []
+
+    def start(self) -> None:
+        self.rows = []
+        self.means.reset()
+
+    def add(self, index: list[int], seeds: list[str], seed_scores, game, kl: dict[str, torch.Tensor]) -> None:
+        """One batch: the defender's ``seed_scores`` on the raw seeds, the ``game`` round (a
+        :class:`~lit_align.game.play.Round`) and each player's (B,) KL on it."""
+        self.means.update("seed/asr", seed_scores.unsafe)
+        self.means.update("seed/reward", seed_scores.defender_reward)
+        for key, values in (("attack/asr", game.scores.unsafe), ("attack/reward", game.scores.defender_reward),
+                            ("attacker/judge_reward", game.scores.attacker_reward),
+                            ("attacker/kl", kl["attacker"]), ("defender/kl", kl["defender"])):
+            self.means.update(key, values, game.keep)
+        self.rows.extend(SampleRow(i, s, a, r, bool(u), float(w)) for i, s, a, r, u, w, k in zip(
+            index, seeds, game.texts, game.responses, game.scores.unsafe.tolist(),
+            game.scores.defender_reward.tolist(), game.keep.tolist()) if k)
+
+    def finish(self, step: int, gather, encoder: SentenceEncoder | None, num_samples: int,
+               record: bool = True) -> dict[str, float]:
+        """The run's row (``gather``: every rank's rows, ``engine.distributed.all_gather_objects``); recorded
+        in :attr:`history` and :attr:`samples` when ``record`` (validation, not test)."""
+        rows = sorted(r for part in gather(self.rows) for r in part)
+        row = validation_row(self.means.compute(), rows, encoder)
+        if record and row:
+            if self.history and self.history[-1]["step"] == step:
+                self.history.pop()
+            self.history.append({"step": float(step), **row})
+            self.samples = [{"seed": r.seed, "attack": r.attack, "response": r.response, "unsafe": r.unsafe,
+                             "reward": r.reward} for r in rows[:num_samples]]
+        return row

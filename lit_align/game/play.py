@@ -1,19 +1,24 @@
 """One round of the game as data: the masked rollouts, the judge's scores of the kept rows, the attacker's
-reward and the diversity terms over the global batch. No model runs here except the judge and the encoder."""
+reward, the diversity terms over the global batch, and the text around the players' token ids."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from lit_align.game.diversity import DiversityHistory, SentenceEncoder, word_tokens
 from lit_align.game.judge import SafetyJudge, SafetyScores
-from lit_align.rollout.sampler import Rollout
+from lit_align.models.players import PlayerPolicies
+from lit_align.rollout.logps import token_logps
+from lit_align.rollout.sampler import Rollout, left_pad
 
-__all__ = ["Round", "attacker_reward", "diversity_terms", "judge_kept", "masked"]
+__all__ = ["Round", "attacker_reward", "decode", "defender_inputs", "diversity_terms", "judge_kept", "masked",
+           "response_kl", "round_metrics"]
 
 
 @dataclass
@@ -82,3 +87,38 @@ def diversity_terms(history: DiversityHistory, encoder: SentenceEncoder | None, 
     pick = torch.tensor([where.get(int(i), 0) for i in index.tolist()], dtype=torch.long)  # (B,)
     weight = keep.float().cpu()
     return (bleu[pick] * weight).to(keep.device), (cos[pick] * weight).to(keep.device)
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
+    """The B responses of a rollout as stripped text (special tokens dropped)."""
+    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
+            for r, m in zip(rollout.response_ids, rollout.response_mask)]
+
+
+def defender_inputs(tokenizer: PreTrainedTokenizerBase, template: str, prompts: list[str],
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+    """(B, P) left-padded ids and mask of the defender's prompts: ``template`` around each attack prompt."""
+    ids, mask = left_pad([tokenizer(template.format(prompt=p))["input_ids"] for p in prompts], tokenizer.pad_token_id)
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def response_kl(players: PlayerPolicies, player: str, rollout: Rollout, chunk_tokens: int | None = None) -> Tensor:
+    """(B,) summed log-ratio of each sampled response, the player's policy vs its reference."""
+    mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)  # (B, T)
+    with players.acting(player) as policy:
+        logps = token_logps(policy, rollout.sequences, rollout.attention_mask, mask, chunk_tokens=chunk_tokens)
+        reference, context = players.reference(player, policy)
+        with context() if context is not None else nullcontext():
+            ref = token_logps(reference, rollout.sequences, rollout.attention_mask, mask, chunk_tokens=chunk_tokens)
+    return ((logps.logps - ref.logps) * logps.mask).sum(-1)
+
+
+def round_metrics(scores: SafetyScores, attacker: Tensor, bleu: Tensor, cos: Tensor, keep: Tensor,
+                  mean: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+    """A training round's reward metrics over the kept rows (``mean(values, weight)``: over every rank's rows)."""
+    weight = keep.float()
+    return {k: mean(v, weight) for k, v in (
+        ("asr", scores.unsafe), ("defender/reward", scores.defender_reward), ("attacker/reward", attacker),
+        ("attacker/judge_reward", scores.attacker_reward), ("attacker/self_bleu", bleu), ("attacker/cos_sim", cos),
+        ("attacker/diversity_penalty", scores.attacker_reward - attacker))}

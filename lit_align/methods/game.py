@@ -29,14 +29,13 @@ from lit_align.engine import (
     row_generators,
 )
 from lit_align.engine.distributed import all_gather_objects, any_rank, refuse_fsdp1, sum_over_ranks
-from lit_align.errors import ConfigError
+from lit_align.game import play
 from lit_align.game.archive import PolicyArchive, swap_weights
-from lit_align.game.config import CriticConfig, DiversityConfig, GameSampling, PoolConfig, RewardConfig
+from lit_align.game.config import CriticConfig, DiversityConfig, GameSampling, PoolConfig, RewardConfig, check_reference
 from lit_align.game.critics import build_critics
 from lit_align.game.diversity import DiversityHistory, SentenceEncoder, build_sentence_encoder
-from lit_align.game.evaluation import SampleRow, ValidationMeans, validation_row
+from lit_align.game.evaluation import GameValidation
 from lit_align.game.judge import JudgeFactory, SafetyJudge, build_judge
-from lit_align.game.play import Round, attacker_reward, diversity_terms, judge_kept, masked
 from lit_align.game.schedule import PLAYERS, GameSchedule
 from lit_align.game.sharding import shard_game, unsharded_copy
 from lit_align.methods.base import RebuiltWeights
@@ -44,10 +43,11 @@ from lit_align.models import ModelSpec, ValueModel, build_tokenizer
 from lit_align.models.causal_lm import eval_mode
 from lit_align.models.players import PlayerPolicies
 from lit_align.rollout.experience import Experience, make_experience
-from lit_align.rollout.logps import token_logps
-from lit_align.rollout.sampler import Rollout, SamplingConfig, left_pad, sample
+from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
 
 __all__ = ["AdversarialGameModule", "attacker_reward"]
+
+attacker_reward = play.attacker_reward  # the attacker's sequence reward (re-exported)
 
 #: GPO's rates (AdamW, betas 0.9 / 0.95, eps 1e-6, the critic's 1e-8, no weight decay) when a block gives no optimiser.
 DEFAULT_OPTIMIZATION = {"defender": 5e-7, "attacker": 3e-6, "critic": 1.5e-6}
@@ -65,47 +65,36 @@ def _global_mean(values: Tensor, weight: Tensor) -> Tensor:
 
 class AdversarialGameModule(RebuiltWeights, L.LightningModule):
     """Game-theoretical preference optimisation (GPO, Zheng et al. 2024): an **attacker** LM rewrites seed
-    questions into attack prompts, a **defender** LM answers them, a safety **judge** scores each answer in
-    its conversation, and both players are trained by PPO (:func:`lit_align.engine.ppo_update`: per-token KL
-    to their own frozen starting policy, GAE, clipped surrogate and value losses):
+    questions into attack prompts, a **defender** LM answers them, a safety **judge** scores each answer, and
+    both players are trained by PPO (:func:`lit_align.engine.ppo_update`; per-token KL to their own frozen
+    starting policy, GAE, clipped surrogate and value losses). Defender reward: the judge's ``defender_reward``
+    (P(safe), a reward model's score). Attacker reward: the judge's ``attacker_reward`` minus ``bleu_weight`` x
+    SelfBLEU and ``embedding_weight`` x cosine similarity to its history (:class:`~lit_align.game.DiversityConfig`).
 
-    * defender reward: the judge's ``defender_reward`` (Llama Guard's P(safe), a reward model's score);
-    * attacker reward: the judge's ``attacker_reward`` minus ``bleu_weight`` x SelfBLEU and ``embedding_weight``
-      x the cosine similarity to the attacker's history (:class:`~lit_align.game.DiversityConfig`).
+    Each training batch (the order of ``gpo/gpo_trainer.py``): the attacker samples attack prompts; the
+    defender answers ``defender_template`` around each; the judge scores (empty attacks are masked out and
+    counted); the diversity terms are computed and the prompts join the history; the players
+    :class:`~lit_align.game.GameSchedule` names get a PPO update of policy and critic (the other still plays).
 
-    Each training batch (the order of ``gpo/gpo_trainer.py``): the attacker samples attack prompts from the
-    seed meta-prompts; the defender answers ``defender_template`` around each; the judge scores the answers
-    (attack prompts empty after decoding are masked out and counted); the diversity terms are computed and
-    the prompts join the history; then the players :class:`~lit_align.game.GameSchedule` names for this step
-    get a PPO update of their policy and critic. The other player still generates.
+    Players: LoRA adapters ``defender`` and ``attacker`` on **one** frozen base when both specs name it
+    (``share_base``; references: adapters off), else one model each (references: adapter off or a frozen
+    copy). Critics (:class:`~lit_align.game.CriticConfig`): one per player, or shared. Optimisers: one per
+    player and critic (``model.optimization.{defender,attacker,critic}``, default AdamW at GPO's rates), each
+    stepped by its :class:`~lit_align.engine.Player`. Pool (:class:`~lit_align.game.PoolConfig`): defender-only
+    steps may face a past attacker (the averaged policy of the theory is their mixture); each player's running
+    mean of weights, a cheap surrogate, goes to ``<default_root_dir>/averaged/<player>.pt``.
 
-    Players are LoRA adapters ``defender`` and ``attacker`` on **one** frozen base when both specs name the
-    same base with LoRA (``share_base``; references: adapters off), else one model each (references: adapter
-    off or a frozen copy). Critics: one per player, or one for both (:class:`~lit_align.game.CriticConfig`).
-    Optimisers: one per player and per critic, ``model.optimization.{defender,attacker,critic}``
-    (:class:`~lit_align.engine.Optimization`; default AdamW at GPO's rates), each stepped by its
-    :class:`~lit_align.engine.Player`. Past attackers and averaged policies (:class:`~lit_align.game.PoolConfig`):
-    in defender-only steps the attack may come from a pool snapshot (the attacker's past mixture: the averaged
-    policy of the theory); the running mean of each player's weights is a cheap surrogate, written to
-    ``<default_root_dir>/averaged/<player>.pt`` at the end.
+    Data parallel (DDP, FSDP2; batch sizes per rank): every row samples from its global index, attack prompts
+    are gathered for the diversity terms and the history (global-index order), whitening, token means and the
+    "anything to update" decisions are global, validation means are synced: N ranks equal one process on the
+    global batch. FSDP2 shards players, references and critics; judges and encoder are replicated on every
+    rank (:mod:`lit_align.game.sharding`). FSDP1 is refused.
 
-    Data parallel (DDP, ``callbacks/ddp_cpu.yaml``; FSDP2, ``callbacks/fsdp2_cpu.yaml``; batch sizes per rank):
-    each rank plays its share of the seeds, every row sampled from its global index, so N ranks equal one
-    process on the global batch. Attack prompts are gathered for the diversity terms and the history (the
-    same on every rank, in global-index order); whitening, token means and the "anything to update"
-    decisions are global; validation means are synced torchmetrics. Under FSDP2 the players (one sharding of
-    a shared base, adapters with their layers), reference copies and critics are sharded; the judges and the
-    encoder are replicated on every rank (:mod:`lit_align.game.sharding`). FSDP1 is refused.
-
-    Logged per step: ``train/asr``, ``train/defender/reward``, ``train/attacker/{reward,judge_reward,self_bleu,
-    cos_sim,diversity_penalty,empty,from_pool}``, ``train/history``, ``train/phase`` (0 defender, 1 attacker, 2
-    both), each player's ``kl`` and PPO metrics and ``train/time/...``. Validation: ``val/seed/{asr,reward}``,
-    ``val/attack/{asr,reward}``, ``val/attacker/{judge_reward,kl,bleu_diversity,embedding_diversity}``,
-    ``val/defender/kl``; :attr:`val_history` and :attr:`val_samples` feed :class:`~lit_align.callbacks.GameReport`.
-
-    Notes: log-probs for PPO and KL are those of the untempered model (as the reference code), although
-    sampling uses ``temperature`` / ``top_p``; PPO runs in eval mode (no dropout). No repetition penalty
-    (1.1 in the GPO script). Config: ``configs/game/tiny.yaml`` (CPU), ``configs/game/llama2_7b_*.yaml``.
+    Logged: ``train/{asr,history,phase}``, ``train/defender/reward``, ``train/attacker/{reward,judge_reward,
+    self_bleu,cos_sim,diversity_penalty,empty,from_pool}``, each player's ``kl`` and PPO metrics, ``train/time/...``;
+    validation (:mod:`lit_align.game.evaluation`) feeds :class:`~lit_align.callbacks.GameReport`. Log-probs are
+    the untempered model's (as the reference code); PPO runs in eval mode; no repetition penalty (GPO: 1.1).
+    Configs: ``configs/game/tiny.yaml`` (CPU), ``configs/game/llama2_7b_*.yaml``.
     """
 
     def __init__(
@@ -132,24 +121,18 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         Args:
             defender: the defender policy (LoRA recommended; its tokenizer is the module's).
             attacker: the attacker policy (the defender's tokenizer); ``None``: the defender's spec.
-            judge: the safety judge (``class_path``: :class:`~lit_align.game.RuleJudge`, the toy default;
-                :class:`~lit_align.game.LlamaGuard`; :class:`~lit_align.game.Classifier`; any
-                :class:`~lit_align.game.SafetyJudge`). Judges read text, with their own tokenizer.
+            judge: the safety judge by ``class_path`` (:class:`~lit_align.game.RuleJudge`, the toy default;
+                :class:`~lit_align.game.LlamaGuard`; :class:`~lit_align.game.Classifier`). Judges read text.
             eval_judge: an independent judge for validation and test; ``None``: ``judge``.
-            critic: the critics (:class:`~lit_align.game.CriticConfig`).
+            critic, sampling, rewards, diversity, pool: the blocks of :mod:`lit_align.game.config`
+                (``diversity: None``: SelfBLEU at weight 5, no cosine term).
             share_base: put both players' LoRA adapters on one base when their specs name the same base.
             reference: ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto`` (adapter where LoRA).
             schedule: who updates at each step (default: the paper preset, defender 200 then attacker 400).
-            sampling: generation, the defender's template and the sampling seed (:class:`~lit_align.game.GameSampling`).
-            rewards: KL penalties, reward clip, GAE, whitening (:class:`~lit_align.game.RewardConfig`).
-            ppo: epochs, minibatches, clip ranges (:class:`~lit_align.engine.PPOConfig`; GPO: 1 epoch, the
-                batch, unclipped as launched: its clipping flags are never passed).
-            diversity: the attacker's diversity terms (:class:`~lit_align.game.DiversityConfig`); ``None``:
-                SelfBLEU at weight 5 and no cosine term (it needs an encoder).
-            pool: past attackers and averaged policies (:class:`~lit_align.game.PoolConfig`).
-            optimization: one :class:`~lit_align.engine.Optimization` block per ``defender``, ``attacker`` and
-                ``critic`` (all critics); ``None``: AdamW at GPO's rates (5e-7, 3e-6, 1.5e-6), clip 1.0.
-            log_inactive_kl: also log the KL of the player that does not learn this step (the released code does).
+            ppo: :class:`~lit_align.engine.PPOConfig` (GPO: 1 epoch, the whole batch).
+            optimization: an :class:`~lit_align.engine.Optimization` block per ``defender``, ``attacker`` and
+                ``critic``; ``None``: AdamW at GPO's rates (5e-7, 3e-6, 1.5e-6), clip 1.0.
+            log_inactive_kl: also log the KL of the player that does not learn this step (as the released code).
             num_val_samples: attack / answer pairs kept from each validation for the sample table.
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
         """
@@ -158,12 +141,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                                           if isinstance(v, nn.Module)] or None)  # judge modules: not pickled
         self.specs = {"defender": defender, "attacker": attacker or defender}
         self.critic_config = critic or CriticConfig()
-        if reference not in ("auto", "adapter", "copy"):
-            raise ConfigError(f"model.reference must be 'auto', 'adapter' or 'copy' (new text is scored every "
-                              f"step: nothing can be precomputed), got {reference!r}")
-        if reference == "adapter" and any(s.lora is None for s in self.specs.values()):
-            raise ConfigError("model.reference: 'adapter' needs LoRA on both players (model.defender.lora and "
-                              "model.attacker.lora); use 'copy' or 'auto'")
+        check_reference(reference, self.specs)
         self.automatic_optimization = False
         self.tokenizer = build_tokenizer(defender)
         self.judge_spec, self.eval_judge_spec = judge, eval_judge
@@ -193,19 +171,13 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.dropped_empty = 0  # attack prompts empty after decoding, over the run (every rank's)
         self.history = DiversityHistory(window=self.diversity.history_window)  # the same on every rank
         self.archive = PolicyArchive(pool or PoolConfig())  # attacker snapshots and averaged weights
-        self.val_history: list[dict[str, float]] = []  # one row per validation run (for the report plot)
-        self.val_samples: list[dict[str, Any]] = []  # the last validation's sample attacks and answers
-        self.val_means = ValidationMeans()  # synced over ranks when computed
-        self._val_rows: list[SampleRow] = []
+        self.validation = GameValidation()  # synced means; the report's history and samples
         self.last_step_times: dict[str, float] = {}  # phase -> seconds of the last training step (benchmarks)
 
-    @property
-    def pool(self) -> list[dict[str, Tensor]]:
-        return self.archive.pool
-
-    @property
-    def averages(self) -> dict[str, dict[str, Tensor]]:
-        return self.archive.averages
+    val_history = property(lambda self: self.validation.history, doc="One row per validation run (the report's plot).")
+    val_samples = property(lambda self: self.validation.samples, doc="The last validation's attacks and answers.")
+    pool = property(lambda self: self.archive.pool, doc="The attacker snapshots (trainable weights by name).")
+    averages = property(lambda self: self.archive.averages, doc="Player -> running mean of its trainable weights.")
 
     # -- building ------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -278,31 +250,27 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             return sample(policy, ids, mask, self.sampling.player(player), eos_token_id=self.tokenizer.eos_token_id,
                           pad_token_id=self.tokenizer.pad_token_id, generator=rngs)
 
-    def _decode(self, rollout: Rollout) -> list[str]:
-        return [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
-                for r, m in zip(rollout.response_ids, rollout.response_mask)]
+    def _inputs(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        return play.defender_inputs(self.tokenizer, self.sampling.defender_template, prompts, self.device)
 
-    def _defender_inputs(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        template = self.sampling.defender_template
-        ids, mask = left_pad([self.tokenizer(template.format(prompt=p))["input_ids"] for p in prompts],
-                             self.tokenizer.pad_token_id)
-        return ids.to(self.device), mask.to(self.device)
+    def _kl(self, player: str, rollout: Rollout) -> Tensor:
+        return play.response_kl(self.players, player, rollout, self.chunk_tokens)
 
     def _play(self, batch: PromptBatch, rng: Callable[[str], list[torch.Generator]],
-              snapshot: Mapping[str, Tensor] | None = None, judge: SafetyJudge | None = None) -> Round:
+              snapshot: Mapping[str, Tensor] | None = None, judge: SafetyJudge | None = None) -> play.Round:
         """One round on a batch: attack (with a pool ``snapshot`` swapped in, if any), answer, judge. The
         defender answers every row, empty attacks included, so every rank runs the same forwards."""
         swap = swap_weights(self._trainable("attacker"), snapshot) if snapshot is not None else nullcontext()
         with self.timer("attacker/generate"), swap:
             attack = self._sample("attacker", batch.attacker_ids, batch.attacker_mask, rng("attacker/sample"))
-        texts = self._decode(attack)
+        texts = play.decode(self.tokenizer, attack)
         keep = torch.tensor([bool(t) for t in texts], device=self.device)  # (B,)
         with self.timer("defender/generate"):
-            answer = self._sample("defender", *self._defender_inputs(texts), rng("defender/sample"))
-        responses = self._decode(answer)
+            answer = self._sample("defender", *self._inputs(texts), rng("defender/sample"))
+        responses = play.decode(self.tokenizer, answer)
         with self.timer("judge"):
-            scores = judge_kept(judge or self.judge, texts, responses, keep)
-        return Round(masked(attack, keep), masked(answer, keep), texts, responses, keep, scores)
+            scores = play.judge_kept(judge or self.judge, texts, responses, keep)
+        return play.Round(play.masked(attack, keep), play.masked(answer, keep), texts, responses, keep, scores)
 
     # -- one step ------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -310,7 +278,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.timer.reset()
         snapshot = self.archive.draw(self._rng("pool", device=torch.device("cpu"))) if active == ("defender",) else None
         game = self._play(batch, lambda purpose: self._row_rngs(purpose, batch.index), snapshot)
-        keep, scores, weight = game.keep, game.scores, game.keep.float()
+        keep, scores = game.keep, game.scores
         empty = int(sum_over_ranks(torch.tensor(float((~keep).sum()), device=self.device)).item())
         self.dropped_empty += empty
         metrics: dict[str, Tensor | float] = {"phase": {("defender",): 0.0, ("attacker",): 1.0}.get(active, 2.0),
@@ -318,16 +286,13 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                                               "attacker/from_pool": float(snapshot is not None)}
         if any_rank(bool(keep.any())):  # decided alike on every rank: the same forwards and steps everywhere
             with self.timer("diversity"):
-                bleu, cos = diversity_terms(self.history, self.encoder, game.texts, keep, batch.index,
+                bleu, cos = play.diversity_terms(self.history, self.encoder, game.texts, keep, batch.index,
                                             include_batch=self.diversity.scope == "batch_and_history",
                                             gather=all_gather_objects)
             judge_reward, defender_reward = scores.attacker_reward, scores.defender_reward
-            att_reward = attacker_reward(judge_reward, bleu, cos, bleu_weight=self.diversity.bleu_weight,
+            att_reward = play.attacker_reward(judge_reward, bleu, cos, bleu_weight=self.diversity.bleu_weight,
                                          embedding_weight=self.diversity.embedding_weight)
-            metrics.update({f"{k}": _global_mean(v, weight) for k, v in (
-                ("asr", scores.unsafe), ("defender/reward", defender_reward), ("attacker/reward", att_reward),
-                ("attacker/judge_reward", judge_reward), ("attacker/self_bleu", bleu), ("attacker/cos_sim", cos),
-                ("attacker/diversity_penalty", judge_reward - att_reward))})
+            metrics.update(play.round_metrics(scores, att_reward, bleu, cos, keep, _global_mean))
             metrics["history"] = float(len(self.history))
             rollouts = {"defender": (game.answer, defender_reward), "attacker": (game.attack, att_reward)}
             experiences = {}
@@ -378,44 +343,23 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         return metrics
 
     # -- evaluation ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _kl(self, player: str, rollout: Rollout) -> Tensor:
-        """(B,) summed log-ratio of each sampled response, player vs its reference."""
-        mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
-        with self.players.acting(player) as policy:
-            logps = token_logps(policy, rollout.sequences, rollout.attention_mask, mask, chunk_tokens=self.chunk_tokens)
-            reference, context = self.players.reference(player, policy)
-            with context() if context is not None else nullcontext():
-                ref = token_logps(reference, rollout.sequences, rollout.attention_mask, mask,
-                                  chunk_tokens=self.chunk_tokens)
-        return ((logps.logps - ref.logps) * logps.mask).sum(-1)
-
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """The defender on the raw seeds and on the attacker's prompts; per-player KL; diversity at epoch end.
         Each row samples from its global index at a fixed step: the same draws every epoch, on any world size."""
         rng = lambda purpose: self._row_rngs(f"val/{purpose}", batch.index, step=0)  # noqa: E731
-        seed_answer = self._sample("defender", *self._defender_inputs(list(batch.seeds)), rng("seed_answer"))
+        seed_answer = self._sample("defender", *self._inputs(list(batch.seeds)), rng("seed_answer"))
         judge = self.eval_judge or self.judge
-        seed_scores = judge.score(list(batch.seeds), self._decode(seed_answer)).to(self.device)
-        self.val_means.update("seed/asr", seed_scores.unsafe)
-        self.val_means.update("seed/reward", seed_scores.defender_reward)
+        seed_scores = judge.score(list(batch.seeds), play.decode(self.tokenizer, seed_answer)).to(self.device)
         game = self._play(batch, rng, judge=judge)
-        for key, values in (("attack/asr", game.scores.unsafe), ("attack/reward", game.scores.defender_reward),
-                            ("attacker/judge_reward", game.scores.attacker_reward),
-                            ("attacker/kl", self._kl("attacker", game.attack)),
-                            ("defender/kl", self._kl("defender", game.answer))):
-            self.val_means.update(key, values, game.keep)
-        self._val_rows.extend(SampleRow(int(i), s, a, r, bool(u), float(w)) for i, s, a, r, u, w, k in zip(
-            batch.index.tolist(), batch.seeds, game.texts, game.responses, game.scores.unsafe.tolist(),
-            game.scores.defender_reward.tolist(), game.keep.tolist()) if k)
+        self.validation.add(batch.index.tolist(), list(batch.seeds), seed_scores, game,
+                            {p: self._kl(p, game.attack if p == "attacker" else game.answer) for p in PLAYERS})
 
     def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """As validation, on the test seeds (``test/...``)."""
         self.validation_step(batch, batch_idx)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_rows = []
-        self.val_means.reset()
+        self.validation.start()
 
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
@@ -424,30 +368,21 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.on_validation_epoch_end()
 
     def on_validation_epoch_end(self) -> None:
-        rows = sorted(r for part in all_gather_objects(self._val_rows) for r in part)  # every rank's, in index order
-        row = validation_row(self.val_means.compute(), rows, self.encoder)
         stage = "test" if self.trainer.testing else "val"
+        row = self.validation.finish(self.step_count, all_gather_objects, self.encoder, self.num_val_samples,
+                                     record=stage == "val")
         for key, value in row.items():
             self.log(f"{stage}/{key}", value, sync_dist=True)  # the same on every rank: averaging keeps it
-        if stage == "test" or not row:
-            return
-        # every validation is a row of the report, the sanity check included; a second evaluation at the same
-        # step (a resume's sanity check) replaces the first
-        if self.val_history and self.val_history[-1]["step"] == self.step_count:
-            self.val_history.pop()
-        self.val_history.append({"step": float(self.step_count), **row})
-        self.val_samples = [{"seed": r.seed, "attack": r.attack, "response": r.response, "unsafe": r.unsafe,
-                             "reward": r.reward} for r in rows[: self.num_val_samples]]
 
     @torch.no_grad()
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, str]]:
         """The defender's greedy answers to the raw seeds (``lit-align predict``): ``[{prompt, completion}]``."""
-        ids, mask = self._defender_inputs(list(batch.seeds))
+        ids, mask = self._inputs(list(batch.seeds))
         greedy = SamplingConfig(max_new_tokens=self.sampling.defender_max_new_tokens, do_sample=False)
         with self.players.acting("defender") as policy:
             out = sample(policy, ids, mask, greedy, eos_token_id=self.tokenizer.eos_token_id,
                          pad_token_id=self.tokenizer.pad_token_id)
-        return [{"prompt": seed, "completion": answer} for seed, answer in zip(batch.seeds, self._decode(out))]
+        return [{"prompt": seed, "completion": answer} for seed, answer in zip(batch.seeds, play.decode(self.tokenizer, out))]
 
     def export_policy(self) -> nn.Module:
         """The model :class:`~lit_align.callbacks.HFExport` writes: the defender (on a shared base, a copy with
@@ -482,7 +417,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.sample_seed, self.dropped_empty = game["sample_seed"], game["dropped_empty"]
         self.history.load_state_dict(game["history"])
         self.archive.load_state_dict(game, self._trainable if self.players is not None else None)
-        self.val_history, self.val_samples = game["val_history"], game["val_samples"]
+        self.validation.history, self.validation.samples = game["val_history"], game["val_samples"]
 
     def on_train_end(self) -> None:
         self.archive.save_averages(Path(self.trainer.default_root_dir) / "averaged", self.trainer.is_global_zero)

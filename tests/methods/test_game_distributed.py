@@ -25,7 +25,7 @@ COMMON = [
     "fit", "--config", str(REPO / "configs/game/tiny.yaml"), "--trainer.limit_train_batches", "2",
     "--trainer.val_check_interval", "1.0", "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar",
     "false", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--model.init_args.schedule.defender_steps",
-    "1", "--model.init_args.schedule.attacker_steps", "1", "--model.init_args.snapshot_every", "1",
+    "1", "--model.init_args.schedule.attacker_steps", "1", "--model.init_args.pool.snapshot_every", "1",
 ]
 FSDP2 = ["--config", str(REPO / "callbacks/fsdp2_cpu.yaml"), "--trainer.callbacks", "lit_align.callbacks.HFExport",
          "--trainer.callbacks+=lit_align.callbacks.GameReport"]
