@@ -16,7 +16,17 @@ from lit_align.errors import ConfigError
 from lit_align.models import ModelSpec, RewardModelSpec
 from lit_align.rollout.sampler import SamplingConfig
 
-__all__ = ["check_reference", "CriticConfig", "DiversityConfig", "GameSampling", "PoolConfig", "RewardConfig"]
+__all__ = ["GPO_RATES", "CriticConfig", "check_reference", "gpo_adamw", "DiversityConfig", "GameSampling", "PoolConfig", "RewardConfig"]
+
+
+#: GPO's learning rates (defender, attacker, critics) when an optimisation block gives neither optimiser nor lr.
+GPO_RATES = {"defender": 5e-7, "attacker": 3e-6, "critic": 1.5e-6}
+
+
+def gpo_adamw(eps: float):
+    """``lr -> factory`` of GPO's optimiser: AdamW, betas (0.9, 0.95), ``eps`` (1e-6; the critics' 1e-8), no weight
+    decay (the released code's ``get_parms``)."""
+    return lambda lr: lambda params: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.0)
 
 
 def _positive_int(value, key: str) -> None:

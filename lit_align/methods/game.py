@@ -17,21 +17,23 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.data.prompts import PromptBatch
-from lit_align.engine import (
-    Optimization,
-    PhaseTimer,
-    Player,
-    PPOConfig,
-    configure_players,
-    generator,
-    ppo_update,
-    resolve_optimization,
-    row_generators,
-)
 from lit_align.engine.distributed import all_gather_objects, any_rank, refuse_fsdp1, sum_over_ranks
+from lit_align.engine.player import Optimization, Player, configure_players, resolve_optimization
+from lit_align.engine.ppo import PPOConfig, ppo_update
+from lit_align.engine.seeds import generator, row_generators
+from lit_align.engine.timer import PhaseTimer
 from lit_align.game import play
 from lit_align.game.archive import PolicyArchive, swap_weights
-from lit_align.game.config import CriticConfig, DiversityConfig, GameSampling, PoolConfig, RewardConfig, check_reference
+from lit_align.game.config import (
+    GPO_RATES,
+    CriticConfig,
+    DiversityConfig,
+    GameSampling,
+    PoolConfig,
+    RewardConfig,
+    check_reference,
+    gpo_adamw,
+)
 from lit_align.game.critics import build_critics
 from lit_align.game.diversity import DiversityHistory, SentenceEncoder, build_sentence_encoder
 from lit_align.game.evaluation import GameValidation
@@ -48,14 +50,6 @@ from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
 __all__ = ["AdversarialGameModule", "attacker_reward"]
 
 attacker_reward = play.attacker_reward  # the attacker's sequence reward (re-exported)
-
-#: GPO's rates (AdamW, betas 0.9 / 0.95, eps 1e-6, the critic's 1e-8, no weight decay) when a block gives no optimiser.
-DEFAULT_OPTIMIZATION = {"defender": 5e-7, "attacker": 3e-6, "critic": 1.5e-6}
-
-
-def _adamw(eps: float) -> Callable[[float], Callable]:
-    return lambda lr: lambda params: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.0)
-
 
 def _global_mean(values: Tensor, weight: Tensor) -> Tensor:
     """The ``weight``-weighted mean of ``values`` ((B,) each) over every rank's rows (0 without weight)."""
@@ -150,10 +144,10 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.sampling, self.rewards = sampling or GameSampling(), rewards or RewardConfig()
         self.ppo, self.diversity = ppo or PPOConfig(), diversity or DiversityConfig(embedding_weight=0.0)
         self.sample_seed = self.sampling.seed
-        blocks = resolve_optimization(optimization, {p: Optimization(lr=lr) for p, lr in DEFAULT_OPTIMIZATION.items()})
-        self.learners = {p: Player(p, blocks[p], default_optimizer=_adamw(1e-6)) for p in PLAYERS}
+        blocks = resolve_optimization(optimization, {p: Optimization(lr=lr) for p, lr in GPO_RATES.items()})
+        self.learners = {p: Player(p, blocks[p], default_optimizer=gpo_adamw(1e-6)) for p in PLAYERS}
         critics = ["shared"] if self.critic_config.shared else list(PLAYERS)
-        self.learners.update({f"critic/{c}": Player(f"critic/{c}", blocks["critic"], default_optimizer=_adamw(1e-8))
+        self.learners.update({f"critic/{c}": Player(f"critic/{c}", blocks["critic"], default_optimizer=gpo_adamw(1e-8))
                               for c in critics})
         self.log_inactive_kl, self.num_val_samples, self.chunk_tokens = log_inactive_kl, num_val_samples, chunk_tokens
         self.timer = PhaseTimer()
@@ -354,18 +348,8 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.validation.add(batch.index.tolist(), list(batch.seeds), seed_scores, game,
                             {p: self._kl(p, game.attack if p == "attacker" else game.answer) for p in PLAYERS})
 
-    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """As validation, on the test seeds (``test/...``)."""
-        self.validation_step(batch, batch_idx)
-
     def on_validation_epoch_start(self) -> None:
         self.validation.start()
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
 
     def on_validation_epoch_end(self) -> None:
         stage = "test" if self.trainer.testing else "val"
@@ -373,6 +357,9 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                                      record=stage == "val")
         for key, value in row.items():
             self.log(f"{stage}/{key}", value, sync_dist=True)  # the same on every rank: averaging keeps it
+
+    # test: as validation, on the test seeds (``test/...``)
+    test_step, on_test_epoch_start, on_test_epoch_end = validation_step, on_validation_epoch_start, on_validation_epoch_end
 
     @torch.no_grad()
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, str]]:

@@ -330,3 +330,18 @@ def test_diversity_history_follows_the_global_index_not_the_batch_order():
     _, _ = diversity_terms(one_process, None, order[::-1], torch.ones(4, dtype=torch.bool),
                            torch.tensor([7, 5, 2, 1]), include_batch=True)
     assert one_process.state_dict() == history.state_dict()
+
+
+def test_test_stage_evaluates_like_validation_without_touching_the_report(tmp_path):
+    """``trainer.test`` runs the validation step on the test seeds and logs ``test/...`` (the synced means and
+    the attacks' diversity); the report's history is for validations only."""
+    L.seed_everything(0)
+    module = _module()
+    data = SeedPromptDataModule(train=DataSource(path="builtin:seed_prompts"),
+                                test=DataSource(path="builtin:seed_prompts/val"), batch_size=4, eval_batch_size=8)
+    trainer = _trainer(tmp_path, 1, limit_test_batches=1)
+    trainer.test(module, data)
+    metrics = trainer.callback_metrics
+    assert {"test/seed/asr", "test/attack/reward", "test/defender/kl", "test/attacker/bleu_diversity"} <= set(metrics)
+    assert float(metrics["test/defender/kl"]) == pytest.approx(0.0, abs=1e-5)  # no step yet: policy == reference
+    assert module.val_history == []
