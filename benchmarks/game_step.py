@@ -52,18 +52,35 @@ PHASES = ("attacker/generate", "defender/generate", "judge", "diversity", "defen
 MODES = {"shared": {}, "separate": {"share_base": False}, "copy": {"share_base": False, "reference": "copy"}}
 
 
-def _module(block: int, **overrides):
+def _module(block: int, *, defender=None, encoder=None, critic=None, max_new_tokens: int | None = None, **overrides):
+    """The tiny config's game (its model blocks), with the schedule in blocks of ``block`` steps."""
     import yaml
 
-    from lit_align.game import GameSchedule, JudgeSpec
+    from lit_align.engine import Optimization
+    from lit_align.game import (
+        CriticConfig,
+        DiversityConfig,
+        GameSampling,
+        GameSchedule,
+        PoolConfig,
+        RewardConfig,
+        RuleJudge,
+    )
     from lit_align.methods import AdversarialGameModule
     from lit_align.models import LoRASpec, ModelSpec
 
     cfg = yaml.safe_load((ROOT / "configs/game/tiny.yaml").read_text())["model"]["init_args"]
-    args = {k: v for k, v in cfg.items() if k not in ("defender", "judge", "encoder", "schedule")}
-    args.update(defender=ModelSpec(name_or_path=cfg["defender"]["name_or_path"], lora=LoRASpec(**cfg["defender"]["lora"])),
-                judge=JudgeSpec(**cfg["judge"]), encoder=ModelSpec(**cfg["encoder"]),
-                schedule=GameSchedule(defender_steps=block, attacker_steps=block))
+    diversity = {**cfg["diversity"], "encoder": encoder or ModelSpec(**cfg["diversity"]["encoder"])}
+    sampling = dict(cfg["sampling"])
+    if max_new_tokens is not None:
+        sampling.update(attacker_max_new_tokens=max_new_tokens, defender_max_new_tokens=max_new_tokens)
+    args = dict(defender=defender or ModelSpec(name_or_path=cfg["defender"]["name_or_path"],
+                                               lora=LoRASpec(**cfg["defender"]["lora"])),
+                judge=RuleJudge(), schedule=GameSchedule(defender_steps=block, attacker_steps=block),
+                sampling=GameSampling(**sampling), rewards=RewardConfig(**cfg["rewards"]),
+                diversity=DiversityConfig(**diversity), pool=PoolConfig(**cfg["pool"]),
+                optimization={p: Optimization(**b) for p, b in cfg["optimization"].items()},
+                critic=CriticConfig(model=critic) if critic is not None else None)
     args.update(overrides)
     return AdversarialGameModule(**args)
 
@@ -164,8 +181,7 @@ def memory_mode(mode: str, device: str, steps: int) -> dict:
 
     critic = RewardModelSpec(model=ModelSpec(tiny=TinyArch(hidden_size=128, num_layers=2), dtype=spec.dtype))
     L.seed_everything(0)
-    module = _module(1, defender=spec, encoder=encoder, critic=critic, attacker_max_new_tokens=16,
-                     defender_max_new_tokens=16, **MODES[mode])
+    module = _module(1, defender=spec, encoder=encoder, critic=critic, max_new_tokens=16, **MODES[mode])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as root:

@@ -37,15 +37,19 @@ def test_real_scale_settings(config):
     assert trainer["val_check_interval"] == 100
     schedule = GameSchedule(**module["schedule"])
     assert (schedule.defender_steps, schedule.attacker_steps, schedule.first) == (400, 200, "defender")
-    assert data["batch_size"] == 8 and module["ppo_epochs"] == 1 and module["minibatch_size"] is None
-    assert (module["temperature"], module["top_p"], module["defender_max_new_tokens"]) == (0.8, 0.9, 512)
-    assert (module["kl_coef"], module["gamma"], module["lam"]) == (0.01, 1.0, 0.95)
-    assert (module["bleu_weight"], module["embedding_weight"], module["diversity_scope"]) == (5.0, 1.0, "history")
-    assert module["critics"] == "shared"  # one critic for both players, as the reference code
+    sampling, rewards, diversity, ppo = module["sampling"], module["rewards"], module["diversity"], module["ppo"]
+    assert data["batch_size"] == 8 and ppo["epochs"] == 1 and ppo["minibatch_size"] is None
+    assert (sampling["temperature"], sampling["top_p"], sampling["defender_max_new_tokens"]) == (0.8, 0.9, 512)
+    assert (rewards["kl_coef"], rewards["gamma"], rewards["lam"]) == (0.01, 1.0, 0.95)
+    assert (diversity["bleu_weight"], diversity["embedding_weight"], diversity["scope"]) == (5.0, 1.0, "history")
+    assert module["critic"]["shared"] is True  # one critic for both players, as the reference code
     # the script's rates x 20 for LoRA, attacker = 2 x critic
-    assert module["attacker_lr"] == pytest.approx(2 * module["critic_lr"])
+    optimization = module["optimization"]
+    assert optimization["attacker"]["lr"] == pytest.approx(2 * optimization["critic"]["lr"])
     assert module["defender"]["lora"] is not None and module["attacker"] is None  # two adapters, one base
-    assert module["encoder"]["name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
-    for key in ("scheduler", "attacker_scheduler", "critic_scheduler"):
-        assert module[key]["class_path"] == "lit_align.schedulers.WarmupInverseSqrtLR"
-        assert {k: module[key]["init_args"][k] for k in ("warmup_steps", "floor")} == {"warmup_steps": 100, "floor": 0.1}
+    assert diversity["encoder"]["name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert module["judge"]["class_path"] in ("lit_align.game.LlamaGuard", "lit_align.game.Classifier")
+    for player in ("defender", "attacker", "critic"):
+        scheduler = optimization[player]["scheduler"]
+        assert scheduler["class_path"] == "lit_align.schedulers.WarmupInverseSqrtLR"
+        assert {k: scheduler["init_args"][k] for k in ("warmup_steps", "floor")} == {"warmup_steps": 100, "floor": 0.1}

@@ -134,4 +134,5 @@ def configure_players(players: Sequence[Player], params: Mapping[str, Sequence[n
     return optimizers, schedulers
 
 
-torch.serialization.add_safe_globals([Optimization])  # in hyper-parameters: checkpoints load with weights_only
+# blocks are saved with a method's hyperparameters in every checkpoint; allow them in weights-only loads
+torch.serialization.add_safe_globals([Optimization])

@@ -151,3 +151,7 @@ def _mean_over_ranks(value: Tensor, weight: Tensor) -> float:
     weight = weight.detach().double()
     pair = sum_over_ranks(torch.stack([value.detach().double() * weight, weight]))
     return float(pair[0] / pair[1].clamp(min=1e-12))
+
+
+# saved with a method's hyperparameters in every checkpoint; allow it in weights-only loads
+torch.serialization.add_safe_globals([PPOConfig])

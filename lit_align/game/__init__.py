@@ -1,5 +1,6 @@
 """The adversary/defender game (GPO): judges, the attacker's diversity terms, the schedule, a tabular toy."""
 
+from lit_align.game.config import CriticConfig, DiversityConfig, GameSampling, PoolConfig, RewardConfig
 from lit_align.game.diversity import (
     DiversityHistory,
     SentenceEncoder,
@@ -13,8 +14,10 @@ from lit_align.game.diversity import (
 )
 from lit_align.game.judge import (
     CallableJudge,
+    Classifier,
     ClassifierJudge,
-    JudgeSpec,
+    JudgeFactory,
+    LlamaGuard,
     LlamaGuardJudge,
     RuleJudge,
     SafetyJudge,
@@ -26,12 +29,19 @@ from lit_align.game.tabular import TabularResult, nash_gap, play_matrix_game
 
 __all__ = [
     "CallableJudge",
+    "Classifier",
     "ClassifierJudge",
+    "CriticConfig",
+    "DiversityConfig",
     "DiversityHistory",
     "GamePhase",
     "GameSchedule",
-    "JudgeSpec",
+    "GameSampling",
+    "JudgeFactory",
+    "LlamaGuard",
     "LlamaGuardJudge",
+    "PoolConfig",
+    "RewardConfig",
     "RuleJudge",
     "SafetyJudge",
     "SafetyScores",

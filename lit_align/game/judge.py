@@ -18,17 +18,16 @@ Kinds:
 * :class:`RuleJudge`: a **toy** word-counting scorer over the built-in seed-prompt vocabulary, for
   CPU runs with the built-in data and ``builtin:tiny-game-base``. It knows nothing about real harm.
 
-YAML builds one from a :class:`JudgeSpec` with :func:`build_judge`::
+YAML chooses one by ``class_path``; the checkpoint judges come from a :class:`JudgeFactory` that loads them
+when the module is built (:func:`build_judge`)::
 
-    judge: {kind: rule}                                        # the toy scorer
+    judge: {class_path: lit_align.game.RuleJudge}              # the toy scorer
     judge:                                                     # a Llama-Guard-style causal LM
-      kind: llama_guard
-      model: {name_or_path: meta-llama/LlamaGuard-7b, dtype: bfloat16}
-      renormalize: true
+      class_path: lit_align.game.LlamaGuard
+      init_args: {model: {name_or_path: meta-llama/LlamaGuard-7b, dtype: bfloat16}, renormalize: true}
     judge:                                                     # a reward model
-      kind: classifier
-      model: {name_or_path: OpenAssistant/reward-model-deberta-v3-large-v2}
-      output: reward
+      class_path: lit_align.game.Classifier
+      init_args: {model: {name_or_path: OpenAssistant/reward-model-deberta-v3-large-v2}, output: reward}
 """
 
 from __future__ import annotations
@@ -38,12 +37,13 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
+from lit_align.errors import ConfigError
 from lit_align.models.causal_lm import build_causal_lm, build_tokenizer, freeze, resolve_path
 from lit_align.models.reward import last_token_index
 from lit_align.models.spec import ModelSpec
@@ -57,7 +57,9 @@ __all__ = [
     "LLAMA_GUARD_TEMPLATE",
     "CallableJudge",
     "ClassifierJudge",
-    "JudgeSpec",
+    "Classifier",
+    "JudgeFactory",
+    "LlamaGuard",
     "LlamaGuardJudge",
     "RuleJudge",
     "SafetyJudge",
@@ -484,39 +486,6 @@ class RuleJudge(SafetyJudge):
         return _from_p_unsafe(torch.tensor([self.p_unsafe(p, r) for p, r in zip(prompts, responses, strict=True)]))
 
 
-@dataclass
-class JudgeSpec:
-    """Which safety judge to build (:func:`build_judge`)."""
-
-    kind: Literal["rule", "llama_guard", "classifier"] = "rule"
-    """``rule``: the toy :class:`RuleJudge`; ``llama_guard``: a causal LM verdict; ``classifier``: a
-    sequence classifier (reward model or safety classifier)."""
-    model: ModelSpec | None = None
-    """The judge checkpoint (``llama_guard`` and ``classifier``): hub id, local directory or ``builtin:``."""
-    output: Literal["reward", "p_unsafe"] = "reward"
-    """``classifier``: ``reward`` (one logit, higher = safer) or ``p_unsafe`` (softmax of ``unsafe_label``)."""
-    unsafe_label: int = 1
-    """``classifier`` with ``output: p_unsafe``: the class index meaning unsafe."""
-    threshold: float = 0.0
-    """``classifier`` with ``output: reward``: scores below it are unsafe verdicts."""
-    template: str | None = None
-    """The judge's input with ``{prompt}`` and ``{response}``; ``None``: the kind's default."""
-    renormalize: bool = False
-    """``llama_guard``: renormalise ``p_safe`` and ``p_unsafe`` over the two verdict tokens."""
-    use_chat_template: bool = False
-    """``llama_guard``: render the pair with the judge tokenizer's chat template (Llama Guard's own prompt)."""
-    max_length: int | None = None
-    """Keep only the last ``max_length`` tokens of each judge input (``None``: all)."""
-    rule: dict | None = None
-    """``rule``: keyword arguments of :class:`RuleJudge` (``harm_words``, ``w_response``, ...)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelSpec(**self.model)
-        if self.kind not in ("rule", "llama_guard", "classifier"):
-            raise ValueError(f"model.judge.kind must be 'rule', 'llama_guard' or 'classifier', got {self.kind!r}")
-
-
 def _check_vocab_before_load(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> None:
     """Compare the tokenizer with the checkpoint's config before loading (building a causal LM would
     silently resize the embeddings to a foreign tokenizer)."""
@@ -537,60 +506,119 @@ def _check_vocab_before_load(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase
         )
 
 
-def build_judge(spec: JudgeSpec | SafetyJudge | Callable | dict | None = None, *, key: str = "model.judge") -> SafetyJudge:
-    """A frozen judge from a :class:`JudgeSpec` (or its dict); a :class:`SafetyJudge` passes through and a
-    plain callable is wrapped in a :class:`CallableJudge`. ``None`` builds the toy :class:`RuleJudge`.
-    ``key`` is the spec's config key, named in errors. Judges read text with their own tokenizer, which
-    needs no EOS token: an encoder classifier (BERT, DeBERTa) is a ``classifier`` judge like any other."""
-    if isinstance(spec, SafetyJudge):
-        return freeze(spec)
-    if spec is None:
-        spec = JudgeSpec()
-    elif isinstance(spec, dict):
-        spec = JudgeSpec(**spec)
-    elif not isinstance(spec, JudgeSpec):
-        if callable(spec):
-            return freeze(CallableJudge(spec))
-        raise TypeError(f"model.judge: expected a JudgeSpec, a SafetyJudge or a callable, got {type(spec).__name__}")
-    if spec.kind == "rule":
-        return freeze(RuleJudge(**(spec.rule or {})))
-    if spec.model is None:
-        raise ValueError(f"{key}.model is required for judge kind {spec.kind!r}: give the judge checkpoint, "
-                         f"e.g. {key}.model.name_or_path: meta-llama/LlamaGuard-7b (or use kind: rule)")
-    model_spec = spec.model
-    if model_spec.missing_pad_token == "add":  # judges mask padding: reuse EOS rather than grow the vocabulary
-        model_spec = dataclasses.replace(model_spec, missing_pad_token="eos")
+class JudgeFactory:
+    """A judge chosen in YAML by ``class_path`` that loads its checkpoint when the module is built
+    (``configure_model``), not when the config is parsed. :class:`RuleJudge` and :class:`CallableJudge`
+    need no factory: they are given as judges directly."""
+
+    def build(self, key: str = "model.judge") -> SafetyJudge:
+        """The frozen judge; ``key`` (its config key) is named in errors."""
+        raise NotImplementedError
+
+
+def _judge_checkpoint(model: ModelSpec, key: str, *, causal_lm: bool):
+    """``(tokenizer, causal LM or None)`` of a judge checkpoint, errors naming ``key``."""
+    if model.missing_pad_token == "add":  # judges mask padding: reuse EOS rather than grow the vocabulary
+        model = dataclasses.replace(model, missing_pad_token="eos")
     try:
-        tokenizer = build_tokenizer(model_spec, key=f"{key}.model", needs_eos=False)
-        _check_vocab_before_load(model_spec, tokenizer)
-        model = build_causal_lm(model_spec, tokenizer) if spec.kind == "llama_guard" else None
+        tokenizer = build_tokenizer(model, key=f"{key}.model", needs_eos=False)
+        _check_vocab_before_load(model, tokenizer)
+        return tokenizer, (build_causal_lm(model, tokenizer) if causal_lm else None)
     except OSError as err:  # FileNotFoundError included: name the judge's keys, not the policy's
         if str(err).startswith(key):
             raise
         raise type(err)(str(err).replace("model.", f"{key}.model.", 1)) from err
-    extra: dict[str, Any] = {"max_length": spec.max_length}
-    if spec.kind == "llama_guard":
-        return freeze(LlamaGuardJudge(model, tokenizer, template=spec.template, renormalize=spec.renormalize,
-                                      use_chat_template=spec.use_chat_template, **extra))
-    if model_spec.name_or_path is None:
-        raise ValueError(f"{key}.model.name_or_path is required for judge kind 'classifier' "
-                         "(a sequence-classification checkpoint)")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_path(model_spec.name_or_path), revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
-            dtype={"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[model_spec.dtype],
-            **model_spec.extra,
-        )
-    except OSError as err:
-        raise OSError(f"{key}.model.name_or_path={model_spec.name_or_path!r}: could not load a sequence "
-                      f"classifier ({err}). Offline runs need a local directory or a model in the HF cache.") from err
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    template = spec.template if spec.template is not None else "Human: {prompt}\n\nAssistant: {response}"
-    return freeze(ClassifierJudge(model, tokenizer, output=spec.output, unsafe_label=spec.unsafe_label,
-                                  threshold=spec.threshold, template=template, **extra))
 
 
-# Specs are saved with the hyperparameters in every checkpoint; allow them in weights-only loads
-# (``Trainer.fit(ckpt_path=...)`` of a module built in Python).
-torch.serialization.add_safe_globals([JudgeSpec])
+class LlamaGuard(JudgeFactory):
+    """A causal LM asked for a ``safe`` / ``unsafe`` verdict (GPO's Llama Guard judge): builds a
+    :class:`LlamaGuardJudge`::
+
+        judge:
+          class_path: lit_align.game.LlamaGuard
+          init_args: {model: {name_or_path: meta-llama/LlamaGuard-7b, dtype: bfloat16}, renormalize: true}
+    """
+
+    def __init__(self, model: ModelSpec, template: str | None = None, renormalize: bool = False,
+                 use_chat_template: bool = False, max_length: int | None = None) -> None:
+        """
+        Args:
+            model: the judge checkpoint (hub id, local directory or ``builtin:``); its own tokenizer.
+            template: the judge's input with ``{prompt}`` and ``{response}``; ``None``: :data:`LLAMA_GUARD_TEMPLATE`.
+            renormalize: renormalise ``p_safe`` and ``p_unsafe`` over the two verdict tokens.
+            use_chat_template: render the pair with the judge tokenizer's chat template (Llama Guard's own prompt).
+            max_length: keep only the last ``max_length`` tokens of each judge input (``None``: all).
+        """
+        self.model = ModelSpec(**model) if isinstance(model, dict) else model
+        self.template, self.renormalize, self.use_chat_template = template, renormalize, use_chat_template
+        self.max_length = max_length
+
+    def build(self, key: str = "model.judge") -> SafetyJudge:
+        tokenizer, model = _judge_checkpoint(self.model, key, causal_lm=True)
+        return freeze(LlamaGuardJudge(model, tokenizer, template=self.template, renormalize=self.renormalize,
+                                      use_chat_template=self.use_chat_template, max_length=self.max_length))
+
+
+class Classifier(JudgeFactory):
+    """An HF sequence classifier: a reward model (one logit, higher = safer) or a safety classifier (softmax
+    probability of the unsafe label); builds a :class:`ClassifierJudge`. Its tokenizer needs no EOS token, so
+    an encoder (BERT, DeBERTa) serves::
+
+        judge:
+          class_path: lit_align.game.Classifier
+          init_args: {model: {name_or_path: OpenAssistant/reward-model-deberta-v3-large-v2}, output: reward}
+    """
+
+    def __init__(self, model: ModelSpec, output: Literal["reward", "p_unsafe"] = "reward", unsafe_label: int = 1,
+                 threshold: float = 0.0, template: str = "Human: {prompt}\n\nAssistant: {response}",
+                 max_length: int | None = None) -> None:
+        """
+        Args:
+            model: the sequence-classification checkpoint (``name_or_path`` required).
+            output: ``reward`` (one logit) or ``p_unsafe`` (softmax of ``unsafe_label``).
+            unsafe_label: with ``output: p_unsafe``, the class index meaning unsafe.
+            threshold: with ``output: reward``, scores below it are unsafe verdicts.
+            template: the classifier's input with ``{prompt}`` and ``{response}``.
+            max_length: keep only the last ``max_length`` tokens of each input (``None``: the tokenizer's limit).
+        """
+        self.model = ModelSpec(**model) if isinstance(model, dict) else model
+        if output not in ("reward", "p_unsafe"):
+            raise ConfigError(f"model.judge.output must be 'reward' or 'p_unsafe', got {output!r}")
+        self.output, self.unsafe_label, self.threshold = output, unsafe_label, threshold
+        self.template, self.max_length = template, max_length
+
+    def build(self, key: str = "model.judge") -> SafetyJudge:
+        spec = self.model
+        if spec.name_or_path is None:
+            raise ConfigError(f"{key}.model.name_or_path is required for a Classifier judge (a "
+                              "sequence-classification checkpoint)")
+        tokenizer, _ = _judge_checkpoint(spec, key, causal_lm=False)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                resolve_path(spec.name_or_path), revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                dtype={"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype],
+                **spec.extra,
+            )
+        except OSError as err:
+            raise OSError(f"{key}.model.name_or_path={spec.name_or_path!r}: could not load a sequence "
+                          f"classifier ({err}). Offline runs need a local directory or a model in the HF cache.") from err
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return freeze(ClassifierJudge(model, tokenizer, output=self.output, unsafe_label=self.unsafe_label,
+                                      threshold=self.threshold, template=self.template, max_length=self.max_length))
+
+
+def build_judge(judge: JudgeFactory | SafetyJudge | Callable | None = None, *, key: str = "model.judge") -> SafetyJudge:
+    """A frozen judge: a :class:`JudgeFactory` builds it, a :class:`SafetyJudge` passes through, a plain
+    callable ``(prompts, responses) -> P(unsafe)`` is wrapped in a :class:`CallableJudge`, and ``None`` is the
+    toy :class:`RuleJudge`. ``key`` is the judge's config key, named in errors."""
+    if judge is None:
+        return freeze(RuleJudge())
+    if isinstance(judge, SafetyJudge):
+        return freeze(judge)
+    if isinstance(judge, JudgeFactory):
+        return judge.build(key)
+    if callable(judge):
+        return freeze(CallableJudge(judge))
+    raise ConfigError(f"{key}: expected a judge class (class_path: lit_align.game.RuleJudge, lit_align.game.LlamaGuard "
+                      f"or lit_align.game.Classifier) or a callable, got {type(judge).__name__}")

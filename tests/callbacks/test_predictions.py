@@ -24,9 +24,9 @@ METHODS = {
     "unlearning": ("configs/unlearning/npo/tiny.yaml", []),
     "wagle": ("configs/wagle/npo_tiny.yaml", []),
     "watermark": ("configs/watermark/tiny.yaml", []),
-    "game": ("configs/game/tiny.yaml", ["--model.init_args.defender_max_new_tokens", "8"]),
+    "game": ("configs/game/tiny.yaml", ["--model.init_args.sampling.defender_max_new_tokens", "8"]),
     "debate": ("configs/debate/tiny.yaml", ["--model.init_args.debate.rounds", "1",
-                                                   "--model.init_args.debate.max_new_tokens", "8"]),
+                                           "--model.init_args.debate.max_new_tokens", "8"]),
 }
 
 

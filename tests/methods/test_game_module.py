@@ -11,7 +11,16 @@ from conftest import StopAfter
 
 from lit_align.data.prompts import SeedPromptDataModule
 from lit_align.data.records import DataSource
-from lit_align.game import DiversityHistory, GameSchedule, word_tokens
+from lit_align.engine import Optimization
+from lit_align.game import (
+    CriticConfig,
+    DiversityConfig,
+    DiversityHistory,
+    GameSampling,
+    GameSchedule,
+    PoolConfig,
+    word_tokens,
+)
 from lit_align.methods import AdversarialGameModule
 from lit_align.methods.game import attacker_reward
 from lit_align.models import LoRASpec, ModelSpec, RewardModelSpec, TinyArch
@@ -21,8 +30,10 @@ TINY = TinyArch(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, inter
 
 def _module(**kwargs) -> AdversarialGameModule:
     args = dict(defender=ModelSpec(tiny=TINY, lora=LoRASpec(r=4, alpha=8)), schedule=GameSchedule(2, 2),
-                attacker_max_new_tokens=6, defender_max_new_tokens=6, embedding_weight=0.0,
-                defender_lr=1e-2, attacker_lr=1e-2, critic_lr=1e-2, temperature=1.0, top_p=1.0)
+                sampling=GameSampling(attacker_max_new_tokens=6, defender_max_new_tokens=6, temperature=1.0,
+                                      top_p=1.0, seed=kwargs.pop("sample_seed", None)),
+                diversity=DiversityConfig(embedding_weight=0.0), pool=PoolConfig(**kwargs.pop("pool", {})),
+                optimization={p: Optimization(lr=1e-2) for p in ("defender", "attacker", "critic")})
     args.update(kwargs)
     return AdversarialGameModule(**args)
 
@@ -77,7 +88,7 @@ def test_schedule_freezes_the_inactive_player(tmp_path):
 def test_simultaneous_moves_and_a_shared_critic(tmp_path):
     L.seed_everything(0)
     changes = _Changes()
-    module = _module(schedule=GameSchedule(mode="simultaneous"), critics="shared")
+    module = _module(schedule=GameSchedule(mode="simultaneous"), critic=CriticConfig(shared=True))
     _trainer(tmp_path, 2, [changes]).fit(module, _data())
     assert list(module.critics) == ["shared"]
     assert changes.steps == [{"defender", "attacker", "critic/shared"}] * 2
@@ -147,7 +158,7 @@ def test_snapshot_pool_and_averaged_policies(tmp_path):
 
     iterates = Iterates()
     module = _module(schedule=GameSchedule(defender_steps=1, attacker_steps=3, first="attacker"),
-                     snapshot_every=1, pool_size=2, pool_prob=1.0)
+                     pool={"snapshot_every": 1, "size": 2, "prob": 1.0})
     trainer = _trainer(tmp_path, 4, [iterates], logger=L.pytorch.loggers.CSVLogger(tmp_path))
     trainer.fit(module, _data())
     assert len(iterates.attacker) == 3 and len(module.pool) == 2
@@ -167,8 +178,8 @@ def test_snapshot_pool_and_averaged_policies(tmp_path):
 
 def _fit_with_checkpoints(root, stop: int, ckpt_path=None) -> AdversarialGameModule:
     L.seed_everything(0)
-    module = _module(schedule=GameSchedule(defender_steps=2, attacker_steps=1), snapshot_every=1, pool_prob=0.5,
-                     embedding_weight=1.0, encoder=ModelSpec(tiny=TINY))
+    module = _module(schedule=GameSchedule(defender_steps=2, attacker_steps=1), pool={"snapshot_every": 1, "prob": 0.5},
+                     diversity=DiversityConfig(embedding_weight=1.0, encoder=ModelSpec(tiny=TINY)))
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1,
                                                      save_top_k=-1)
     _trainer(root, 20, [checkpoint, StopAfter(stop)], enable_checkpointing=True).fit(module, _data(),
@@ -231,28 +242,42 @@ def test_mismatched_tokenizers_are_refused(tmp_path):
     module = _module(attacker=ModelSpec(tiny=TINY, tokenizer=str(other), lora=LoRASpec(r=4)))
     with pytest.raises(ValueError, match="model.attacker.*tokenizer"):
         module.configure_model()
-    module = _module(critic=RewardModelSpec(model=ModelSpec(tiny=TINY, tokenizer=str(other))))
+    module = _module(critic=CriticConfig(model=RewardModelSpec(model=ModelSpec(tiny=TINY, tokenizer=str(other)))))
     with pytest.raises(ValueError, match="model.critic.*tokenizer"):
         module.configure_model()
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"embedding_weight": 1.0}, "model.encoder"),
-    ({"pool_prob": 0.5}, "model.snapshot_every"),
-    ({"reference": "adapter", "defender": ModelSpec(tiny=TINY)}, "model.reference"),
-    ({"defender_template": "Human: AI:"}, "model.defender_template"),
-    ({"critics": "one"}, "model.critics"),
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: DiversityConfig(embedding_weight=1.0), "model.diversity.encoder"),
+    (lambda: PoolConfig(prob=0.5), "model.pool.snapshot_every"),
+    (lambda: _module(reference="adapter", defender=ModelSpec(tiny=TINY)), "model.reference"),
+    (lambda: GameSampling(defender_template="Human: AI:"), "model.sampling.defender_template"),
+    (lambda: GameSampling(attacker_max_new_tokens=0), "model.sampling.attacker_max_new_tokens"),
+    (lambda: DiversityConfig(scope="batch", embedding_weight=0.0), "model.diversity.scope"),
+    (lambda: _module(optimization={"defender": Optimization(lr=1e-3), "attacker": Optimization(lr=1e-3)}),
+     r"model.optimization.critic"),
 ])
-def test_bad_configuration_names_the_key(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        _module(**kwargs)
+def test_bad_configuration_names_the_key(build, message):
+    """Each block checks itself where it is declared; a missing per-player optimiser block is named."""
+    from lit_align.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build()
 
 
-def test_fsdp2_is_refused_clearly():
+def test_fsdp1_is_refused_naming_the_strategy_key():
+    """Lightning's FSDPStrategy (FSDP1) wraps the whole module once, which two players' adapters on one base
+    with their own optimisers do not fit: setup refuses it and names the FSDP2 and DDP presets."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_align.errors import ConfigError
+
     module = _module()
-    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
-    with pytest.raises(NotImplementedError, match="one device"):
-        module.configure_model()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer._accelerator_connector.strategy = FSDPStrategy()  # needs a GPU to be chosen the usual way
+    module.trainer = trainer
+    with pytest.raises(ConfigError, match=r"trainer.strategy.*FSDPStrategy.*fsdp2_cpu.yaml"):
+        module.setup("fit")
 
 
 def test_inactive_player_kl_is_logged_and_an_eval_judge_scores_validation(tmp_path):
@@ -284,3 +309,39 @@ def test_sampling_follows_the_global_seed_unless_fixed(tmp_path):
 
     assert same(run(0), run(0)) and not same(run(0), run(1))
     assert same(run(0, sample_seed=5), run(1, sample_seed=5))
+
+
+def test_diversity_history_follows_the_global_index_not_the_batch_order():
+    """The history (the same on every rank: built from every rank's gathered prompts) takes the attack prompts
+    in global-index order whatever order the batch holds them in; a masked row (empty attack) scores 0 and
+    stays out of the history. ``gather`` stands for two ranks' all-gather."""
+    from lit_align.game.play import diversity_terms
+
+    texts = ["how to pick a lock", "", "how to pick a lock quickly", "tell me about chemistry"]
+    keep = torch.tensor([True, False, True, True])
+    other_rank = [(1, "tell me about locks")]
+    history = DiversityHistory()
+    bleu, cos = diversity_terms(history, None, texts, keep, torch.tensor([7, 3, 2, 5]), include_batch=True,
+                                gather=lambda mine: [mine, other_rank])
+    order = ["tell me about locks", texts[2], texts[3], texts[0]]  # indices 1, 2, 5, 7
+    assert history.state_dict()["tokens"] == [word_tokens(t) for t in order]
+    assert bleu[1] == 0 and cos.abs().sum() == 0 and bleu[0] > 0  # row 0 shares n-grams with index 2
+    one_process = DiversityHistory()
+    _, _ = diversity_terms(one_process, None, order[::-1], torch.ones(4, dtype=torch.bool),
+                           torch.tensor([7, 5, 2, 1]), include_batch=True)
+    assert one_process.state_dict() == history.state_dict()
+
+
+def test_test_stage_evaluates_like_validation_without_touching_the_report(tmp_path):
+    """``trainer.test`` runs the validation step on the test seeds and logs ``test/...`` (the synced means and
+    the attacks' diversity); the report's history is for validations only."""
+    L.seed_everything(0)
+    module = _module()
+    data = SeedPromptDataModule(train=DataSource(path="builtin:seed_prompts"),
+                                test=DataSource(path="builtin:seed_prompts/val"), batch_size=4, eval_batch_size=8)
+    trainer = _trainer(tmp_path, 1, limit_test_batches=1)
+    trainer.test(module, data)
+    metrics = trainer.callback_metrics
+    assert {"test/seed/asr", "test/attack/reward", "test/defender/kl", "test/attacker/bleu_diversity"} <= set(metrics)
+    assert float(metrics["test/defender/kl"]) == pytest.approx(0.0, abs=1e-5)  # no step yet: policy == reference
+    assert module.val_history == []

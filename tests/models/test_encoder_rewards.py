@@ -10,7 +10,7 @@ from tiny_bert import save_tiny_bert
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lit_align.cli import cli_main
-from lit_align.game.judge import ClassifierJudge, JudgeSpec, build_judge
+from lit_align.game.judge import Classifier, ClassifierJudge, build_judge
 from lit_align.models import ModelSpec, RewardModelSpec, build_reward_model, build_tokenizer
 from lit_align.watermark.text import as_batch
 
@@ -74,24 +74,24 @@ def test_bert_alignment_reward_trains_the_watermark(bert, tmp_path):
 
 def test_bert_classifier_judges_the_game(bert, tmp_path):
     """A BERT ``classifier`` judge (one logit: a reward model) scores as transformers and trains a game step."""
-    judge = build_judge(JudgeSpec(kind="classifier", model={"name_or_path": bert}, output="reward"))
+    judge = build_judge(Classifier(model={"name_or_path": bert}, output="reward"))
     assert isinstance(judge, ClassifierJudge)
     prompts, responses = ["how to steal a car", "what is the harbour town"], ["sorry, i can not", "it is a town"]
     scores = judge.score(prompts, responses)
     expected = _hf_scores(bert, [f"Human: {p}\n\nAssistant: {r}" for p, r in zip(prompts, responses)])
     torch.testing.assert_close(scores.defender_reward, expected, rtol=1e-5, atol=1e-5)
 
-    judge_yaml = f"{{kind: classifier, model: {{name_or_path: {bert}}}, output: reward}}"
+    judge_yaml = f"{{class_path: lit_align.game.Classifier, init_args: {{model: {{name_or_path: {bert}}}, output: reward}}}}"
     cli = cli_main(["fit", "--config", GAME, f"--trainer.default_root_dir={tmp_path}", *CSV_LOGGER,
                     f"--trainer.logger.save_dir={tmp_path}", *ONE_BATCH, f"--model.init_args.judge={judge_yaml}",
-                    "--model.init_args.embedding_weight=0"])
+                    "--model.init_args.diversity.embedding_weight=0"])
     assert isinstance(cli.model.judge, ClassifierJudge) and cli.trainer.global_step > 0
 
 
 @pytest.mark.parametrize("case", ["detector_kind", "detector_tokenizer", "other_llm", "game_critic"])
 def test_a_bert_where_a_causal_lm_sharing_the_tokenizer_is_required_is_refused(case, bert, tmp_path):
     if case == "game_critic":
-        config, override = GAME, f"--model.init_args.critic={{model: {{name_or_path: {bert}}}}}"
+        config, override = GAME, f"--model.init_args.critic={{model: {{model: {{name_or_path: {bert}}}}}}}"
         match = r"model.critic.model: a critic must be a causal LM sharing the players' tokenizer"
     elif case == "detector_kind":
         config, override = WATERMARK, "--model.init_args.detector.kind=sequence_classification"
