@@ -30,7 +30,7 @@ class PPOConfig:
     epochs: int = 1
     """Passes over each batch of experience (``ppo_epochs``); minibatches are reshuffled every pass when > 1."""
     minibatch_size: int | None = None
-    """Rows per minibatch; ``None``: the whole batch in one minibatch."""
+    """Rows per minibatch on each rank (as every batch size); ``None``: the whole batch in one minibatch."""
     clip: float = 0.2
     """Clip range ε of the policy ratio."""
     value_clip: float | None = 0.2
@@ -41,19 +41,10 @@ class PPOConfig:
     def __post_init__(self) -> None:
         _check_ppo(vars(self))
 
-    @classmethod
-    def from_module_args(cls, *, ppo_epochs: int, minibatch_size: int | None, clip: float,
-                         value_clip: float | None) -> PPOConfig:
-        """The config of a method that still takes these as flat ``model.*`` arguments; errors name those keys."""
-        values = {"epochs": ppo_epochs, "minibatch_size": minibatch_size, "clip": clip, "value_clip": value_clip}
-        _check_ppo(values, {"epochs": "model.ppo_epochs", "minibatch_size": "model.minibatch_size",
-                            "clip": "model.clip", "value_clip": "model.value_clip"})
-        return cls(**values)
 
-
-def _check_ppo(values: dict, keys: dict[str, str] | None = None) -> None:
-    """Validate PPO settings; an error names ``keys[field]`` (default ``model.ppo.<field>``), the user's config key."""
-    key = {f: (keys or {}).get(f, f"model.ppo.{f}") for f in ("epochs", "minibatch_size", "clip", "value_clip", "target_kl")}
+def _check_ppo(values: dict) -> None:
+    """Validate PPO settings; an error names ``model.ppo.<field>``, where the methods' ``ppo`` block lives."""
+    key = {f: f"model.ppo.{f}" for f in ("epochs", "minibatch_size", "clip", "value_clip", "target_kl")}
     epochs, size = values.get("epochs", 1), values.get("minibatch_size")
     clip, value_clip, target_kl = values.get("clip", 0.2), values.get("value_clip"), values.get("target_kl")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:

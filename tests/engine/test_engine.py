@@ -201,14 +201,6 @@ def test_ppo_config_names_the_bad_key(field, value, match):
         PPOConfig(**{field: value})
 
 
-def test_a_methods_flat_ppo_arguments_are_named_as_the_user_wrote_them():
-    """The watermark and the game still take ``model.minibatch_size`` etc.: their errors name those keys."""
-    with pytest.raises(ValueError, match=r"model\.minibatch_size must be >= 1"):
-        PPOConfig.from_module_args(ppo_epochs=1, minibatch_size=0, clip=0.2, value_clip=0.2)
-    config = PPOConfig.from_module_args(ppo_epochs=2, minibatch_size=4, clip=0.1, value_clip=None)
-    assert config == PPOConfig(epochs=2, minibatch_size=4, clip=0.1, value_clip=None)
-
-
 def test_generator_is_on_the_device_asked():
     g = generator(0, 1, "sample", device="cpu")
     assert g.device.type == "cpu" and g.initial_seed() == derive_seed(0, 1, "sample")
