@@ -85,6 +85,7 @@ from lit_align.metrics.detection import (
     word_deletion,
 )
 from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
+from lit_align.padding import pad_rows
 from lit_align.rollout.sampler import sample
 from lit_align.watermark.kgw import KGWWatermark, watermarked_sample
 
@@ -127,13 +128,8 @@ def _gathered(scores: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
 
 
 def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    """Token-id lists -> right-padded ``(ids, mask)``, (B, max(1, longest)) each."""
-    width = max([1, *map(len, rows)])
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+    """Token-id lists -> right-padded ``(ids, mask)``, (B, max(1, longest)) each, on ``device``."""
+    ids, mask = pad_rows(rows, pad_id, side="right", min_width=1)
     return ids.to(device), mask.to(device)
 
 
