@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["ConfigError", "DataError", "LitAlignError", "MissingPathError", "debug_requested", "describe",
+__all__ = ["ConfigError", "DataError", "LitAlignError", "MissingPathError", "check_choice", "check_int", "require", "debug_requested", "describe",
            "find_known_error", "one_message_errors"]
 
 #: Exit status of a run stopped by a configuration or data error (argparse's status for bad usage).
@@ -37,6 +37,25 @@ class DataError(LitAlignError, ValueError):
 class MissingPathError(ConfigError, FileNotFoundError):
     """A configured file, directory or hub id that does not exist or cannot be loaded (also a
     :class:`FileNotFoundError`, so code that catches ``OSError`` keeps working)."""
+
+
+def require(ok: bool, key: str, rule: str, value: object) -> None:
+    """Refuse a setting: ``ConfigError("<key> must be <rule>, got <value>")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def check_int(key: str, value: object, low: int = 1, *, optional: bool = False) -> None:
+    """Refuse anything but an int >= ``low`` (``None`` too when ``optional``) for the setting ``key``."""
+    if optional and value is None:
+        return
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= low, key,
+            f"an int >= {low}{' or null' if optional else ''}", value)
+
+
+def check_choice(key: str, value: object, options: tuple[str, ...]) -> None:
+    """Refuse a value of the setting ``key`` that is not one of ``options``."""
+    require(value in options, key, f"one of {', '.join(repr(o) for o in options)}", value)
 
 
 def find_known_error(error: BaseException) -> LitAlignError | None:

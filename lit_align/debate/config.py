@@ -13,24 +13,12 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from lit_align.errors import ConfigError
+from lit_align.errors import ConfigError, check_choice, check_int
 from lit_align.rollout.sampler import SamplingConfig
 
 __all__ = ["DPOSettings", "DebateSettings", "GenerateSettings", "coerce"]
 
 T = TypeVar("T")
-
-
-def _int(key: str, value: Any, low: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key} must be an int >= {low}{' or null' if optional else ''}, got {value!r}")
-
-
-def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{key} must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
 
 
 @dataclass
@@ -53,10 +41,10 @@ class DebateSettings:
     """Format prompts with the tokenizer's chat template (``None``: when it has one)."""
 
     def __post_init__(self) -> None:
-        _int("model.debate.rounds", self.rounds, 1)
-        _int("model.debate.max_tries", self.max_tries, 0)
-        _int("model.debate.max_new_tokens", self.max_new_tokens, 1)
-        _int("model.debate.critic_max_new_tokens", self.critic_max_new_tokens, 1, optional=True)
+        check_int("model.debate.rounds", self.rounds, 1)
+        check_int("model.debate.max_tries", self.max_tries, 0)
+        check_int("model.debate.max_new_tokens", self.max_new_tokens, 1)
+        check_int("model.debate.critic_max_new_tokens", self.critic_max_new_tokens, 1, optional=True)
         try:
             self.sampling("actor")
         except ValueError as err:
@@ -92,14 +80,14 @@ class GenerateSettings:
     ``initial`` (the released scripts: the starting checkpoint)."""
 
     def __post_init__(self) -> None:
-        _int("model.generate.trials", self.trials, 1)
-        _int("model.generate.k", self.k, 1)
-        _int("model.generate.questions_per_phase", self.questions_per_phase, 1, optional=True)
-        _int("model.generate.max_pairs", self.max_pairs, 1, optional=True)
-        _int("model.generate.dpo_val_questions", self.dpo_val_questions, 0)
-        _int("model.generate.max_val_pairs", self.max_val_pairs, 1, optional=True)
-        _choice("model.generate.pair_rounds", self.pair_rounds, ("all", "code"))
-        _choice("model.generate.critic_rollout_actor", self.critic_rollout_actor, ("current", "initial"))
+        check_int("model.generate.trials", self.trials, 1)
+        check_int("model.generate.k", self.k, 1)
+        check_int("model.generate.questions_per_phase", self.questions_per_phase, 1, optional=True)
+        check_int("model.generate.max_pairs", self.max_pairs, 1, optional=True)
+        check_int("model.generate.dpo_val_questions", self.dpo_val_questions, 0)
+        check_int("model.generate.max_val_pairs", self.max_val_pairs, 1, optional=True)
+        check_choice("model.generate.pair_rounds", self.pair_rounds, ("all", "code"))
+        check_choice("model.generate.critic_rollout_actor", self.critic_rollout_actor, ("current", "initial"))
 
 
 @dataclass
@@ -133,12 +121,12 @@ class DPOSettings:
             raise ConfigError(f"model.dpo.beta must be positive, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"model.dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        _int("model.dpo.epochs", self.epochs, 1)
-        _int("model.dpo.batch_size", self.batch_size, 1)
-        _int("model.dpo.max_prompt_tokens", self.max_prompt_tokens, 1)
-        _int("model.dpo.max_response_tokens", self.max_response_tokens, 1)
-        _int("model.dpo.eval_every", self.eval_every, 1)
-        _int("model.dpo.patience", self.patience, 1, optional=True)
+        check_int("model.dpo.epochs", self.epochs, 1)
+        check_int("model.dpo.batch_size", self.batch_size, 1)
+        check_int("model.dpo.max_prompt_tokens", self.max_prompt_tokens, 1)
+        check_int("model.dpo.max_response_tokens", self.max_response_tokens, 1)
+        check_int("model.dpo.eval_every", self.eval_every, 1)
+        check_int("model.dpo.patience", self.patience, 1, optional=True)
 
 
 def coerce(value: T | Mapping[str, Any] | None, cls: type[T], key: str) -> T:

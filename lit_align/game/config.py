@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from lit_align.data.prompts import DEFENDER_TEMPLATE
-from lit_align.errors import ConfigError
+from lit_align.errors import ConfigError, check_int
 from lit_align.models import ModelSpec, RewardModelSpec
 from lit_align.rollout.sampler import SamplingConfig
 
@@ -27,11 +27,6 @@ def gpo_adamw(eps: float):
     """``lr -> factory`` of GPO's optimiser: AdamW, betas (0.9, 0.95), ``eps`` (1e-6; the critics' 1e-8), no weight
     decay (the released code's ``get_parms``)."""
     return lambda lr: lambda params: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.0)
-
-
-def _positive_int(value, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be an int >= 1, got {value!r}")
 
 
 @dataclass
@@ -55,7 +50,7 @@ class GameSampling:
 
     def __post_init__(self) -> None:
         for name in ("attacker_max_new_tokens", "defender_max_new_tokens"):
-            _positive_int(getattr(self, name), f"model.sampling.{name}")
+            check_int(f"model.sampling.{name}", getattr(self, name))
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"model.sampling: temperature must be > 0 and top_p in (0, 1], got "
                               f"{self.temperature}, {self.top_p}")
@@ -129,7 +124,7 @@ class DiversityConfig:
                               "e.g. {name_or_path: sentence-transformers/all-MiniLM-L6-v2}); or set "
                               "model.diversity.embedding_weight: 0")
         if self.history_window is not None:
-            _positive_int(self.history_window, "model.diversity.history_window")
+            check_int("model.diversity.history_window", self.history_window)
 
 
 @dataclass

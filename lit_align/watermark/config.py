@@ -14,15 +14,14 @@ from typing import Literal
 
 import torch
 
-from lit_align.errors import ConfigError
+from lit_align.errors import require
 from lit_align.models import ModelSpec, RewardModelSpec
 
 __all__ = ["AlignmentMix", "DetectorTraining", "OtherLLM", "RewardShaping"]
 
 
 def _check(ok: bool, key: str, rule: str, value) -> None:
-    if not ok:
-        raise ConfigError(f"model.{key} must be {rule}, got {value!r}")
+    require(ok, f"model.{key}", rule, value)
 
 
 @dataclass
