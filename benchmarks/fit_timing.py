@@ -14,6 +14,7 @@ The pure functions (:func:`read_clock`, :func:`steady_window`, :func:`stage_wind
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -60,6 +61,22 @@ class Window:
 
 class RunFailed(RuntimeError):
     """A ``lit-align fit`` run that exited non-zero, timed out or logged too few batches; ``str()`` is one line."""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both harnesses take after their own: ``--timeout``, ``--quick``, ``--out``."""
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a run is stopped")
+    parser.add_argument("--quick", action="store_true", help="1 repeat of a few batches: a smoke test, not numbers")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+
+
+def selected_methods(parser: argparse.ArgumentParser, methods: str, known: Mapping) -> list[str]:
+    """The comma-separated ``--methods``, each checked against ``known`` (a parser error otherwise)."""
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in known]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(known)}")
+    return chosen
 
 
 def read_clock(folder: Path) -> dict[int, list[dict]]:

@@ -48,7 +48,15 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # runnable as `python benchmarks/multiplayer_scaling.py`
 
-from fit_timing import FitRun, RunFailed, mean_interval, run_fit, steady_window  # noqa: E402
+from fit_timing import (  # noqa: E402
+    FitRun,
+    RunFailed,
+    add_run_arguments,
+    mean_interval,
+    run_fit,
+    selected_methods,
+    steady_window,
+)
 
 ROOT = HERE.parent
 TARGET = 1.7  # issue 15: 2 ranks at least 1.7x the samples/s of 1
@@ -149,14 +157,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, help="warm-up batches (default: per method)")
     parser.add_argument("--steps", type=int, help="timed batches (default: per method)")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a run is stopped")
-    parser.add_argument("--quick", action="store_true", help="1 repeat of a few batches: a smoke test, not numbers")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_run_arguments(parser)
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in WORKLOADS]
-    if unknown:
-        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(WORKLOADS)}")
+    methods = selected_methods(parser, args.methods, WORKLOADS)
     repeats = 1 if args.quick else args.repeats
 
     results: dict[str, dict] = {}

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # runnable as `python benchmarks/step_time.py`
 
-from fit_timing import FitRun, RunFailed, run_fit, stage_windows  # noqa: E402
+from fit_timing import FitRun, RunFailed, add_run_arguments, run_fit, selected_methods, stage_windows  # noqa: E402
 from multiplayer_scaling import interval_stats  # noqa: E402
 
 ROOT = HERE.parent
@@ -167,14 +167,9 @@ def main() -> None:
     parser.add_argument("--current", type=Path, default=ROOT, help="the tree under test (default: this checkout)")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of {', '.join(WORKLOADS)}")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a run is stopped")
-    parser.add_argument("--quick", action="store_true", help="1 repeat of a few batches: a smoke test, not numbers")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_run_arguments(parser)
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in WORKLOADS]
-    if unknown:
-        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(WORKLOADS)}")
+    methods = selected_methods(parser, args.methods, WORKLOADS)
     repeats = 1 if args.quick else args.repeats
 
     with tempfile.TemporaryDirectory(prefix="lit_align_baseline_") as tmp:
@@ -187,7 +182,8 @@ def main() -> None:
         results = {m: compare(m, trees, repeats, args.quick, args.timeout) for m in methods}
 
     table = markdown(results, label)
-    out = {"bench": "step_time", "baseline": label, "current": str(args.current), "repeats": repeats,
+    current = "this checkout" if args.current.resolve() == ROOT.resolve() else str(args.current)
+    out = {"bench": "step_time", "baseline": label, "current": current, "repeats": repeats,
            "quick": args.quick, "target": TARGET, "threads": 1, "results": results, "markdown": table}
     print(table)
     print(json.dumps(out))

@@ -50,6 +50,21 @@ def tiny_lm(family: str = "qwen2", *, vocab_size: int, hidden_size: int = 64, se
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def tiny_actor_critic(vocab_size: int, hidden_size: int = 32):
+    """A tiny actor (seed 0) and a critic on another tiny LM (seed 1) with a random value head (std 0.5), as the
+    engine's PPO tests use them."""
+    from lit_align.models.reward import RewardModel
+    from lit_align.models.value import ValueModel
+
+    actor = tiny_lm("qwen2", vocab_size=vocab_size, hidden_size=hidden_size, seed=0)
+    head = torch.nn.Linear(hidden_size, 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        torch.nn.init.normal_(head.weight, std=0.5)
+    backbone = tiny_lm("qwen2", vocab_size=vocab_size, hidden_size=hidden_size, seed=1)
+    return actor, ValueModel.from_reward_model(RewardModel(backbone, head, "scalar_head").eval())
+
+
 @functools.cache
 def resolved_config(config: str) -> dict:
     """A config as the CLI resolves it (``fit --print_config``: parsed and validated, not instantiated,

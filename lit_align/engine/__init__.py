@@ -5,8 +5,8 @@ from lit_align.engine import distributed
 from lit_align.engine.player import Optimization, Player, configure_players, resolve_optimization
 from lit_align.engine.ppo import PPOConfig, ppo_update
 from lit_align.engine.seeds import derive_seed, generator, row_generators
-from lit_align.engine.step import optimizer_step, player_step
+from lit_align.engine.step import optimizer_step
 from lit_align.engine.timer import PhaseTimer
 
 __all__ = ["Optimization", "PPOConfig", "PhaseTimer", "Player", "configure_players", "derive_seed", "distributed",
-           "generator", "optimizer_step", "player_step", "ppo_update", "resolve_optimization", "row_generators"]
+           "generator", "optimizer_step", "ppo_update", "resolve_optimization", "row_generators"]

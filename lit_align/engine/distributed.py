@@ -31,7 +31,7 @@ from lit_align.errors import ConfigError
 
 __all__ = [
     "all_gather_objects", "any_rank", "average_gradients", "check_divides", "global_share", "is_distributed",
-    "max_over_ranks", "rank_and_world", "refuse_fsdp1", "sum_over_ranks", "take_over_ddp_sync",
+    "max_over_ranks", "mean_over_ranks", "rank_and_world", "refuse_fsdp1", "sum_over_ranks", "take_over_ddp_sync",
 ]
 
 Reduce = Callable[[Tensor], Tensor]
@@ -54,6 +54,12 @@ def sum_over_ranks(tensor: Tensor) -> Tensor:
     out = tensor.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def mean_over_ranks(values: Tensor, weight: Tensor) -> Tensor:
+    """The ``weight``-weighted mean of ``values`` (same shape) over every rank's elements (0 without weight)."""
+    pair = sum_over_ranks(torch.stack([(values.detach().double() * weight).sum(), weight.double().sum()]))
+    return (pair[0] / pair[1].clamp(min=1e-12)).float()
 
 
 def max_over_ranks(value: int | float) -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lit_align.engine.distributed import global_share, is_distributed, max_over_ranks, sum_over_ranks
+from lit_align.engine.distributed import global_share, is_distributed, max_over_ranks, mean_over_ranks
 from lit_align.errors import ConfigError
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
 from lit_align.rollout.experience import Experience, minibatches
@@ -117,7 +117,7 @@ def ppo_update(
                 value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.action_mask, clip=config.value_clip)
                 (step_critic or step_policy)(value_loss * share)
                 metrics.update({"critic/loss": value_loss.detach(), **{f"critic/{k}": v for k, v in vm.items()}})
-            if config.target_kl is not None and _mean_over_ranks(pm["approx_kl"], tokens) > config.target_kl:
+            if config.target_kl is not None and float(mean_over_ranks(pm["approx_kl"], tokens)) > config.target_kl:
                 stop = True
                 break
         if stop:
@@ -133,15 +133,6 @@ def _one_position(attention_mask: Tensor) -> Tensor:
     mask = torch.zeros_like(attention_mask, dtype=torch.float32)
     mask[0, int(attention_mask[0].nonzero().max())] = 1.0
     return mask
-
-
-def _mean_over_ranks(value: Tensor, weight: Tensor) -> float:
-    """The ``weight``-weighted mean over all ranks of a per-rank mean (``value`` itself in one process)."""
-    if not is_distributed():
-        return float(value)
-    weight = weight.detach().double()
-    pair = sum_over_ranks(torch.stack([value.detach().double() * weight, weight]))
-    return float(pair[0] / pair[1].clamp(min=1e-12))
 
 
 # saved with a method's hyperparameters in every checkpoint; allow it in weights-only loads

@@ -8,7 +8,7 @@ from torch.optim import Optimizer
 
 from lit_align.engine.distributed import average_gradients, take_over_ddp_sync
 
-__all__ = ["optimizer_step", "player_step"]
+__all__ = ["optimizer_step"]
 
 
 def optimizer_step(module: L.LightningModule, optimizer: Optimizer, loss: Tensor, *, clip: float | None = None,
@@ -36,16 +36,3 @@ def optimizer_step(module: L.LightningModule, optimizer: Optimizer, loss: Tensor
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
-
-
-def player_step(module: L.LightningModule, loss: Tensor, *, optimizer: int, scheduler: int | None = None,
-                clip: float | None = None) -> None:
-    """:func:`optimizer_step` with the player's optimiser and scheduler given by their positions in what
-    ``configure_optimizers`` returned (``scheduler=None``: the player has none)."""
-    optimizers = module.optimizers()
-    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-    schedule = None
-    if scheduler is not None:
-        schedulers = module.lr_schedulers()
-        schedule = (schedulers if isinstance(schedulers, list) else [schedulers])[scheduler]
-    optimizer_step(module, optimizers[optimizer], loss, clip=clip, scheduler=schedule)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.data.prompts import PromptBatch
-from lit_align.engine.distributed import all_gather_objects, any_rank, refuse_fsdp1, sum_over_ranks
+from lit_align.engine.distributed import all_gather_objects, any_rank, mean_over_ranks, refuse_fsdp1, sum_over_ranks
 from lit_align.engine.player import Optimization, Player, configure_players, resolve_optimization
 from lit_align.engine.ppo import PPOConfig, ppo_update
 from lit_align.engine.seeds import generator, row_generators
@@ -50,12 +50,6 @@ from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
 __all__ = ["AdversarialGameModule", "attacker_reward"]
 
 attacker_reward = play.attacker_reward  # the attacker's sequence reward (re-exported)
-
-def _global_mean(values: Tensor, weight: Tensor) -> Tensor:
-    """The ``weight``-weighted mean of ``values`` ((B,) each) over every rank's rows (0 without weight)."""
-    pair = sum_over_ranks(torch.stack([(values.float() * weight).sum(), weight.float().sum()]))
-    return pair[0] / pair[1].clamp(min=1e-12)
-
 
 class AdversarialGameModule(RebuiltWeights, L.LightningModule):
     """Game-theoretical preference optimisation (GPO, Zheng et al. 2024): an **attacker** LM rewrites seed
@@ -286,7 +280,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
             judge_reward, defender_reward = scores.attacker_reward, scores.defender_reward
             att_reward = play.attacker_reward(judge_reward, bleu, cos, bleu_weight=self.diversity.bleu_weight,
                                          embedding_weight=self.diversity.embedding_weight)
-            metrics.update(play.round_metrics(scores, att_reward, bleu, cos, keep, _global_mean))
+            metrics.update(play.round_metrics(scores, att_reward, bleu, cos, keep, mean_over_ranks))
             metrics["history"] = float(len(self.history))
             rollouts = {"defender": (game.answer, defender_reward), "attacker": (game.attack, att_reward)}
             experiences = {}
@@ -297,7 +291,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                 scored = (rollouts[player][0].response_lengths >= 2).float()
                 if any_rank(bool(scored.any())):
                     with self.timer(f"{player}/kl"):
-                        metrics[f"{player}/kl"] = _global_mean(self._kl(player, rollouts[player][0]), scored)
+                        metrics[f"{player}/kl"] = mean_over_ranks(self._kl(player, rollouts[player][0]), scored)
             for player, exp in experiences.items():
                 metrics.update({f"{player}/kl": exp.metrics["kl"],
                                 f"{player}/dropped": exp.metrics["dropped"] - float((~keep).sum())})

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_lm
+from conftest import tiny_actor_critic
 from torch import Tensor, nn
 
 from lit_align.engine import Optimization, Player, PPOConfig, configure_players, ppo_update, resolve_optimization
@@ -26,8 +26,6 @@ from lit_align.engine.distributed import (
 )
 from lit_align.errors import ConfigError
 from lit_align.losses.ppo import whiten
-from lit_align.models.reward import RewardModel
-from lit_align.models.value import ValueModel
 from lit_align.rollout.experience import make_experience
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
@@ -35,17 +33,6 @@ VOCAB, PAD = 128, 0
 STOPS = list(range(1, VOCAB, 4))  # a quarter of the vocabulary ends a response: lengths vary, some rows are short
 PROMPTS = [[5, 17, 31, 44], [88, 23, 7], [40, 19], [3, 15, 99, 25]]
 SCORES = torch.tensor([1.0, -0.5, 0.3, 2.0])
-
-
-def _models():
-    actor = tiny_lm("qwen2", vocab_size=VOCAB, hidden_size=32, seed=0)
-    head = nn.Linear(32, 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        nn.init.normal_(head.weight, std=0.5)
-    critic = ValueModel.from_reward_model(RewardModel(tiny_lm("qwen2", vocab_size=VOCAB, hidden_size=32, seed=1),
-                                                      head, "scalar_head").eval())
-    return actor, critic
 
 
 def _rollout(actor, rows):
@@ -59,7 +46,7 @@ def _rollout(actor, rows):
 def _update(rows, config, keep_shape):
     """Experience over ``rows`` and one PPO update with SGD; the trained weights (as a flat vector)."""
     torch.manual_seed(0)
-    actor, critic = _models()
+    actor, critic = tiny_actor_critic(VOCAB)
     rollout = _rollout(actor, rows)
     exp = make_experience(actor, copy.deepcopy(actor), critic, rollout, SCORES[rows], kl_coef=0.05,
                           whiten_advantages=True, keep_shape=keep_shape,

@@ -9,13 +9,11 @@ import time
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import tiny_actor_critic, tiny_lm
 from torch import nn
 
 from lit_align.engine import PhaseTimer, PPOConfig, derive_seed, generator, optimizer_step, ppo_update, row_generators
 from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
-from lit_align.models.reward import RewardModel
-from lit_align.models.value import ValueModel
 from lit_align.rollout.experience import make_experience, minibatches
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
@@ -121,13 +119,7 @@ def test_optimizer_step_advances_the_scheduler_per_step_and_clips(clip, tmp_path
 
 # -- PPO update -----------------------------------------------------------------------------------
 def _experience():
-    actor = tiny_lm("qwen2", vocab_size=VOCAB, hidden_size=32, seed=0)
-    head = nn.Linear(32, 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        nn.init.normal_(head.weight, std=0.5)
-    critic = ValueModel.from_reward_model(RewardModel(tiny_lm("qwen2", vocab_size=VOCAB, hidden_size=32, seed=1),
-                                                      head, "scalar_head").eval())
+    actor, critic = tiny_actor_critic(VOCAB)
     ids, mask = left_pad([[5, 17, 31, 44], [88, 23, 7], [40, 19], [3, 15, 99, 25]], PAD)
     rollout = sample(actor, ids, mask, SamplingConfig(max_new_tokens=6, do_sample=True), eos_token_id=EOS,
                      pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
