@@ -18,8 +18,9 @@ from lit_align.data import PromptBatch, PromptDataModule
 from lit_align.data.prompts import DEFENDER_TEMPLATE, TLDR_TEMPLATE, SeedPromptDataModule
 from lit_align.data.records import DataSource
 from lit_align.errors import ConfigError, DataError
-from lit_align.models.causal_lm import build_tokenizer
+from lit_align.models.causal_lm import build_causal_lm, build_tokenizer
 from lit_align.models.spec import ModelSpec
+from lit_align.rollout.sampler import SamplingConfig, sample
 
 
 def _jsonl(path, rows):
@@ -217,6 +218,11 @@ def test_builtin_prompts_with_tiny_game_base_and_seed_subclass():
     batch = next(iter(dm.val_dataloader()))
     assert [tok.decode(r[m.bool()]) for r, m in zip(batch.input_ids, batch.attention_mask)] == \
         [f"Human: {p}\nAI:" for p in batch.prompts]
+    model = build_causal_lm(ModelSpec(name_or_path="builtin:tiny-game-base"), tok)  # the batch feeds the sampler as is
+    group = batch.repeat(2)
+    out = sample(model, group.input_ids, group.attention_mask, SamplingConfig(max_new_tokens=4, do_sample=False),
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert out.response_ids.shape[0] == 16 and torch.equal(out.response_ids[0::2], out.response_ids[1::2])
     seeds = SeedPromptDataModule(train=DataSource(path="builtin:seed_prompts/val"), val_fraction=0.0,
                                  tokenizer="builtin:tiny-game-base")
     seeds.setup("fit")
