@@ -227,9 +227,10 @@ class PPOModule(ReferencedPolicyModule):
             self._make_baseline()
 
     # -- the step --------------------------------------------------------------------------------
-    def _rewards(self, batch: PromptBatch, rollout: Rollout, metrics: dict[str, Tensor]) -> Tensor:
-        """(B k,) what PPO is fed: the reward, minus the contrastive baseline, whitened if asked."""
-        k = self.group_size
+    def _rewards(self, batch: PromptBatch, rollout: Rollout, metrics: dict[str, Tensor], k: int | None = None) -> Tensor:
+        """(B k,) what PPO is fed (k: samples per prompt, the estimator's by default): the reward, minus the
+        contrastive baseline, whitened if asked."""
+        k = k or self.group_size
         scores = self._score(batch, rollout, k)
         metrics["score"] = scores.mean()
         if self.baseline is not None:

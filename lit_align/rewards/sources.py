@@ -197,7 +197,12 @@ def _settings(obj: object) -> str:
 class CallableReward(Reward):
     """Any function ``(prompts, responses) -> B floats`` (a rule, a regex check, a unit test runner)."""
 
-    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float] | Tensor]) -> None:
+    def __init__(self, fn: Callable) -> None:
+        """
+        Args:
+            fn: ``(prompts: list[str], responses: list[str]) -> B floats`` (a sequence or a tensor); in YAML its
+                import path, e.g. ``fn: my_pkg.rules.length_penalty``.
+        """
         super().__init__()
         if not callable(fn):
             raise ConfigError(f"model.reward.init_args.fn must be a callable (prompts, responses) -> scores, got "
