@@ -302,6 +302,10 @@ class PPOModule(ReferencedPolicyModule):
                 for p, r, m in zip(batch.prompts, out.response_ids, out.response_mask)]
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def _rebuilt_keys(self, keys) -> set[str]:
+        """The frozen reward models too: rebuilt from their specs, never trained."""
+        return super()._rebuilt_keys(keys) | {k for k in keys if k.startswith(("reward.", "eval_rewards."))}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["ppo"] = {"step_count": self.step_count,
