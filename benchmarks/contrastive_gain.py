@@ -56,7 +56,7 @@ def _interval(values: list[float]) -> dict[str, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return {"mean": mean, "low": mean, "high": mean}
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
     return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                 summary[m]["gain_over_ppo"] = _interval([a["gold"] - b["gold"] for a, b in zip(runs[m], runs["ppo"])])
     if "contrastive" in summary and "ppo" in summary:
         c, p = summary["contrastive"]["gain"], summary["ppo"]["gain"]
-        summary["contrastive_met"] = c["low"] > p["high"]
+        summary["contrastive_met"] = bool(c["low"] > p["high"])
     result = {"setup": {"seeds": opts.seeds, "scale": opts.scale, "batches": opts.batches, "online_samples_per_step": 8,
                         "offline_samples_per_prompt": 4, "eval_samples_per_prompt": EVAL_SAMPLES},
               "summary": summary, "runs": runs}
