@@ -116,8 +116,10 @@ def test_validate_test_and_predict_subcommands(config, tmp_path):
     for sub in ("validate", "test"):
         cli = cli_main([sub, *common, f"--trainer.limit_{'val' if sub == 'validate' else sub}_batches", "2"])
         prefix = "val" if sub == "validate" else "test"
-        # every method logs a loss; the game has none to log: its headline is the attack success rate
-        key = {"game": "attack/asr", "debate": "accuracy"}.get(config.parent.name, "loss")
+        # every method logs a loss; the game has none to log: its headline is the attack success rate; online
+        # RL's is the reward of fresh samples
+        key = {"game": "attack/asr", "debate": "accuracy", "ppo": "reward", "grpo": "reward",
+               "rloo": "reward"}.get(config.parent.name, "loss")
         assert f"{prefix}/{key}" in cli.trainer.callback_metrics
     cli = cli_main(["predict", *common, "--trainer.limit_predict_batches", "1"])
     rows = [row for batch in cli.trainer.predict_loop.predictions for row in batch]

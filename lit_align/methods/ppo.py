@@ -296,12 +296,12 @@ class PPOModule(ReferencedPolicyModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, str]]:
-        """Greedy responses to the batch's prompts."""
+        """Greedy responses to the batch's prompts (``lit-align predict``): ``[{prompt, completion}]``."""
         config = dataclasses.replace(self.sampling, do_sample=False)
         with eval_mode(self.policy):
             out = sample(self.policy, batch.input_ids, batch.attention_mask, config,
                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        return [{"prompt": p, "response": self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)}
+        return [{"prompt": p, "completion": self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)}
                 for p, r, m in zip(batch.prompts, out.response_ids, out.response_mask)]
 
     # -- checkpoints -----------------------------------------------------------------------------
