@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForSequenceClassification
 
 from lit_align.data.batches import PreferenceBatch, SequenceBatch
@@ -13,6 +17,8 @@ from lit_align.losses.reward import bradley_terry_loss
 from lit_align.methods.base import PolicyModule, prompt_ids
 from lit_align.models import RewardModelSpec, build_reward_model, build_tokenizer
 from lit_align.models.causal_lm import is_peft_model
+from lit_align.models.fsdp import load_from_rank0
+from lit_align.watermark.players import bf16_policy, freeze_lm_head, full_state, shard_scorer
 
 __all__ = ["RewardModelModule"]
 
@@ -24,9 +30,10 @@ class RewardModelModule(PolicyModule):
     tiny architecture; LoRA or full) with a linear head read at each sequence's last real token
     (``scalar_head``; bias-free by default, as HF's decoder classifiers' ``score`` layer), or an HF
     sequence-classification model (``sequence_classification``). Loss: Bradley-Terry,
-    ``-log sigmoid(r_chosen - r_rejected)``, with an optional centring penalty ``center_coef * mean((r_c +
-    r_r)^2)`` (:func:`~lit_align.losses.bradley_terry_loss`; TRL's ``RewardTrainer`` loss). Chosen and
-    rejected run in one forward. Batch: :class:`~lit_align.data.PreferenceBatch` from
+    ``-log sigmoid(r_chosen - r_rejected - m)``, with an optional margin ``m`` (``margin``: a constant, or
+    each record's own ``margin`` field) and an optional centring penalty ``center_coef * mean((r_c +
+    r_r)^2)`` (:func:`~lit_align.losses.bradley_terry_loss`; TRL's ``RewardTrainer`` loss, margin column
+    included). Chosen and rejected run in one forward. Batch: :class:`~lit_align.data.PreferenceBatch` from
     :class:`~lit_align.data.PreferenceDataModule`.
 
     Logged (``train/`` per step, ``val/`` and ``test/`` epoch means over all ranks): ``loss``, ``accuracy``
@@ -36,8 +43,10 @@ class RewardModelModule(PolicyModule):
     Export (:class:`~lit_align.callbacks.HFExport`): an HF ``AutoModelForSequenceClassification`` with one
     label (LoRA merged) and the tokenizer, which plain ``transformers`` loads and
     :func:`~lit_align.models.build_reward_model` reads as ``kind: sequence_classification``. Runs on one
-    device or under DDP (``callbacks/ddp_cpu.yaml``); FSDP2 is refused (the head lives outside the
-    sharded decoder).
+    device, under DDP (``callbacks/ddp_cpu.yaml``) or FSDP2 (``callbacks/fsdp2_cpu.yaml``: each decoder layer
+    one ``fully_shard`` unit, the scorer itself the root unit with the head, as the watermark's detector;
+    a ``scalar_head`` model is built on the meta device and rank 0's weights broadcast; the export gathers
+    the weights and rank 0 writes them).
 
     Run: ``lit-align fit --config configs/rm/tiny.yaml``.
     """
@@ -46,6 +55,7 @@ class RewardModelModule(PolicyModule):
         self,
         model: RewardModelSpec,
         center_coef: float | None = None,
+        margin: Literal["none", "per_record"] | float = "none",
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -54,16 +64,22 @@ class RewardModelModule(PolicyModule):
             model: the reward model to build (``head_bias`` unset means no bias here).
             center_coef: weight of the centring penalty ``mean((r_c + r_r)^2)`` (TRL's
                 ``center_rewards_coefficient``; Eisenstein et al. 2023 use 0.01); ``None``: off.
+            margin: the margin ``m`` in ``-log sigmoid(r_c - r_r - m)``: ``none`` (0); ``per_record``: each
+                pair's own, from the records' ``margin`` field (Llama 2's graded preference strength; TRL's
+                ``margin`` column; every batch must carry one); or a constant number.
             optimizer: optimiser factory over the trainable parameters; default AdamW(lr=1e-5).
             scheduler: LR scheduler factory (stepped every optimiser step); default none.
         """
         if center_coef is not None and not center_coef >= 0:
             raise ConfigError(f"model.center_coef must be >= 0 or null, got {center_coef}")
+        if isinstance(margin, str) and margin not in ("none", "per_record"):
+            raise ConfigError(f"model.margin must be 'none', 'per_record' or a number, got {margin!r}")
         if model.kind == "scalar_head" and model.head_bias is None:
             model.head_bias = False
         super().__init__(model.model, optimizer=optimizer, scheduler=scheduler)
-        self.reward_spec, self.center_coef = model, center_coef
+        self.reward_spec, self.center_coef, self.margin = model, center_coef, margin
         self.reward_model = None
+        self._warned_unused_margins = False
 
     def _build_tokenizer(self, spec):
         """A reward model scores whole sequences: its tokenizer needs no EOS token (encoders have none)."""
@@ -73,17 +89,29 @@ class RewardModelModule(PolicyModule):
     def configure_model(self) -> None:
         if self.reward_model is not None:
             return
-        if self.device_mesh is not None:
-            raise ConfigError("trainer.strategy: RewardModelModule does not run under FSDP2 (ModelParallelStrategy) "
-                              "yet; use DDP (callbacks/ddp_cpu.yaml, or trainer.strategy: ddp on GPUs)")
-        self.reward_model = build_reward_model(self.reward_spec, self.tokenizer, key="model")
-        if self.reward_model.kind == "scalar_head":  # the LM head is never read: no optimiser state, no DDP bucket
-            lm_head = self.reward_model.backbone.get_output_embeddings()
-            embeddings = self.reward_model.backbone.get_input_embeddings()
-            if lm_head is not None and lm_head.weight is not embeddings.weight:
-                lm_head.requires_grad_(False)
+        if self.device_mesh is None:
+            self.reward_model = self._build()
+        else:
+            self.reward_model = self._build_sharded()
         self.policy = self.reward_model  # what PolicyModule's optimiser reads
         self.reward_model.train()
+
+    def _build(self, meta: bool = False) -> nn.Module:
+        """The reward model; a ``scalar_head`` backbone's LM head is frozen (never read: no optimiser state,
+        no DDP bucket, nothing reduced under FSDP2) unless tied to the input embeddings."""
+        return freeze_lm_head(build_reward_model(self.reward_spec, self.tokenizer, key="model", meta=meta))
+
+    def _build_sharded(self) -> nn.Module:
+        """FSDP2 over the data-parallel mesh. A ``scalar_head`` model is built on the meta device on every rank
+        and given rank 0's weights; a ``sequence_classification`` model is loaded by every rank (the same
+        files) and sharded as loaded."""
+        mesh, mp_policy = self.device_mesh["data_parallel"], bf16_policy(self.trainer.precision)
+        if self.reward_spec.kind == "sequence_classification":
+            return shard_scorer(self._build(), mesh, mp_policy)
+        source = self._build() if self.global_rank == 0 else None
+        model = shard_scorer(self._build(meta=True), mesh, mp_policy)
+        load_from_rank0(model, source, self.trainer.strategy.root_device)
+        return model
 
     def configure_optimizers(self):
         params = [p for p in self.reward_model.parameters() if p.requires_grad]
@@ -98,8 +126,25 @@ class RewardModelModule(PolicyModule):
         rewards = self.reward_model.score(both.input_ids, both.attention_mask)  # (2B,)
         return rewards[: len(batch)], rewards[len(batch) :]
 
+    def pair_margins(self, batch: PreferenceBatch) -> torch.Tensor | None:
+        """(B,) margins ``m`` of the batch's pairs under ``margin`` (None: no margin)."""
+        if self.margin == "per_record":
+            if batch.margin is None:
+                raise ConfigError("model.margin is 'per_record' but these preference records carry no 'margin' "
+                                  "field; add a numeric 'margin' to every record (map a column to it with "
+                                  "data.train.fields: {margin: <column>}) or set model.margin: none")
+            return batch.margin
+        if batch.margin is not None and not self._warned_unused_margins:
+            self._warned_unused_margins = True
+            rank_zero_warn("the preference records carry a 'margin' field, which model.margin="
+                           f"{self.margin!r} ignores; set model.margin: per_record to train with it")
+        if self.margin == "none":
+            return None
+        return torch.full((len(batch),), float(self.margin), device=batch.index.device)
+
     def _step(self, batch: PreferenceBatch, stage: str) -> torch.Tensor:
-        loss, metrics = bradley_terry_loss(*self.scores(batch), center_coef=self.center_coef)
+        loss, metrics = bradley_terry_loss(*self.scores(batch), margin=self.pair_margins(batch),
+                                           center_coef=self.center_coef)
         self._log_stage(stage, loss, metrics, len(batch), prog_bar="accuracy")
         return loss
 
@@ -124,8 +169,15 @@ class RewardModelModule(PolicyModule):
     @torch.no_grad()
     def export_policy(self) -> nn.Module:
         """The reward model as an HF sequence classifier with one label (LoRA merged), for
-        :class:`~lit_align.callbacks.HFExport`."""
+        :class:`~lit_align.callbacks.HFExport`. Under FSDP2 every rank calls it (the weights are gathered);
+        rank 0 gets the classifier, the other ranks an empty module (HFExport writes on rank 0 only)."""
         model = self.reward_model
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            state = full_state(model)  # a collective: every rank takes part
+            if self.global_rank != 0:
+                return nn.Module()
+            model = self._build()  # a host copy for rank 0 to write (the spec's files, then the trained weights)
+            model.load_state_dict(state)
         if model.kind == "sequence_classification":
             backbone = model.backbone
             return backbone.merge_and_unload() if is_peft_model(backbone) else backbone
