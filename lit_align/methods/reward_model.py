@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import types
 from typing import Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForSequenceClassification
 
@@ -18,6 +19,9 @@ from lit_align.methods.base import PolicyModule, prompt_ids
 from lit_align.models import RewardModelSpec, build_reward_model, build_tokenizer
 from lit_align.models.causal_lm import is_peft_model
 from lit_align.models.fsdp import load_from_rank0
+from lit_align.models.reward import last_token_index
+from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask
+from lit_align.rollout.sampler import _cache_kwarg, _make_cache
 from lit_align.watermark.players import bf16_policy, freeze_lm_head, full_state, shard_scorer
 
 __all__ = ["RewardModelModule"]
@@ -33,7 +37,9 @@ class RewardModelModule(PolicyModule):
     ``-log sigmoid(r_chosen - r_rejected - m)``, with an optional margin ``m`` (``margin``: a constant, or
     each record's own ``margin`` field) and an optional centring penalty ``center_coef * mean((r_c +
     r_r)^2)`` (:func:`~lit_align.losses.bradley_terry_loss`; TRL's ``RewardTrainer`` loss, margin column
-    included). Chosen and rejected run in one forward. Batch: :class:`~lit_align.data.PreferenceBatch` from
+    included). Chosen and rejected share their prompt (``share_prompt``): a decoder reads it once, its keys
+    and values serve both responses, and the responses run in one forward (one device or DDP; under FSDP2,
+    and for encoders, chosen and rejected run whole in one forward). Batch: :class:`~lit_align.data.PreferenceBatch` from
     :class:`~lit_align.data.PreferenceDataModule`.
 
     Logged (``train/`` per step, ``val/`` and ``test/`` epoch means over all ranks): ``loss``, ``accuracy``
@@ -56,6 +62,7 @@ class RewardModelModule(PolicyModule):
         model: RewardModelSpec,
         center_coef: float | None = None,
         margin: Literal["none", "per_record"] | float = "none",
+        share_prompt: bool = True,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -67,7 +74,11 @@ class RewardModelModule(PolicyModule):
             margin: the margin ``m`` in ``-log sigmoid(r_c - r_r - m)``: ``none`` (0); ``per_record``: each
                 pair's own, from the records' ``margin`` field (Llama 2's graded preference strength; TRL's
                 ``margin`` column; every batch must carry one); or a constant number.
-            optimizer: optimiser factory over the trainable parameters; default AdamW(lr=1e-5).
+            share_prompt: run each pair's prompt once and both responses on its key/value cache (the same
+                scores as a forward of each whole sequence, less work: the prompt tokens are not run twice); off,
+                under FSDP2, or for encoder classifiers (no cache), chosen and rejected run whole in one forward.
+            optimizer: optimiser factory over the trainable parameters; default AdamW(lr=1e-5), fused into
+                one kernel unless sharded (FSDP2).
             scheduler: LR scheduler factory (stepped every optimiser step); default none.
         """
         if center_coef is not None and not center_coef >= 0:
@@ -78,6 +89,7 @@ class RewardModelModule(PolicyModule):
             model.head_bias = False
         super().__init__(model.model, optimizer=optimizer, scheduler=scheduler)
         self.reward_spec, self.center_coef, self.margin = model, center_coef, margin
+        self.share_prompt = share_prompt
         self.reward_model = None
         self._warned_unused_margins = False
 
@@ -93,6 +105,10 @@ class RewardModelModule(PolicyModule):
             self.reward_model = self._build()
         else:
             self.reward_model = self._build_sharded()
+        # a decoder, unsharded: the prompt-sharing entry point (FSDP2 runs whole sequences: a sharded layer
+        # called twice before one backward, for the prompts and for the responses, is not supported)
+        if self.device_mesh is None and _decoder_and_head(self.reward_model) is not None:
+            self.reward_model.score_pairs = types.MethodType(score_pairs, self.reward_model)
         self.policy = self.reward_model  # what PolicyModule's optimiser reads
         self.reward_model.train()
 
@@ -117,11 +133,23 @@ class RewardModelModule(PolicyModule):
         params = [p for p in self.reward_model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the reward model has no trainable parameters (check model.model.lora.target_modules)")
-        return super().configure_optimizers()
+        if self.optimizer_factory is not None or self.device_mesh is not None:
+            return super().configure_optimizers()
+        # the default AdamW(lr=1e-5) as one fused kernel over all parameters (TRL's default optimiser is too);
+        # sharded parameters (FSDP2) keep torch's default implementation
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
     # -- steps ---------------------------------------------------------------------------------
     def scores(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) rewards of the chosen and of the rejected responses, in one forward."""
+        """(B,) rewards of the chosen and of the rejected responses: the shared prompt run once and the two
+        responses on its cache (``share_prompt``, decoders), else both whole sequences in one forward."""
+        split = split_pairs(batch, self.tokenizer.pad_token_id) if self.share_prompt else None
+        if split is not None and hasattr(self.reward_model, "score_pairs"):
+            rewards = self.reward_model.score_pairs(*split)  # (2B,) chosen then rejected
+            return rewards[: len(batch)], rewards[len(batch) :]
         both = SequenceBatch.cat([batch.chosen, batch.rejected], self.tokenizer.pad_token_id)  # (2B, T)
         rewards = self.reward_model.score(both.input_ids, both.attention_mask)  # (2B,)
         return rewards[: len(batch)], rewards[len(batch) :]
@@ -192,3 +220,67 @@ class RewardModelModule(PolicyModule):
         getattr(classifier, prefix).load_state_dict(getattr(backbone, prefix).state_dict())
         classifier.score.weight.copy_(model.head.weight)
         return classifier.eval()
+
+
+# -- prompt sharing --------------------------------------------------------------------------------
+def split_pairs(batch: PreferenceBatch, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The batch as its prompts, left-padded, and its responses, right-padded: ``(prompt_ids, prompt_mask)``,
+    (B, P), and ``(response_ids, response_mask)``, (2B, R), chosen rows first. ``None`` when a pair's
+    prompts differ, or a prompt or response is empty (then the whole sequences are scored)."""
+    parts = []
+    for seq in (batch.chosen, batch.rejected):
+        real, response = seq.attention_mask.bool(), seq.loss_mask.bool()  # (B, T)
+        prompt_len, response_len = (real & ~response).sum(1), (real & response).sum(1)  # (B,)
+        parts.append((seq.input_ids, prompt_len, response_len))
+    (c_ids, c_plen, c_rlen), (r_ids, r_plen, r_rlen) = parts
+    if not torch.equal(c_plen, r_plen) or bool((c_plen == 0).any()) or bool((c_rlen == 0).any() | (r_rlen == 0).any()):
+        return None
+    width = int(c_plen.max())
+    offset = torch.arange(width, device=c_ids.device) - (width - c_plen)[:, None]  # (B, P): left-aligned source
+    prompt_mask = offset >= 0
+    source = offset.clamp(min=0)
+    prompts = c_ids.gather(1, source)
+    if not torch.equal(prompts[prompt_mask], r_ids.gather(1, source)[prompt_mask]):
+        return None
+    prompts = prompts.masked_fill(~prompt_mask, pad_token_id)
+    resp_width = int(torch.maximum(c_rlen, r_rlen).max())
+    steps = torch.arange(resp_width, device=c_ids.device)
+
+    def responses(ids: Tensor, start: Tensor, length: Tensor) -> tuple[Tensor, Tensor]:
+        mask = steps[None, :] < length[:, None]  # (B, R)
+        taken = ids.gather(1, (start[:, None] + steps).clamp(max=ids.shape[1] - 1))
+        return taken.masked_fill(~mask, pad_token_id), mask
+
+    (ci, cm), (ri, rm) = responses(c_ids, c_plen, c_rlen), responses(r_ids, r_plen, r_rlen)
+    return prompts, prompt_mask.long(), torch.cat([ci, ri]), torch.cat([cm, rm]).long()
+
+
+def _decoder_and_head(scorer: nn.Module):
+    """``(decoder, head_fn)`` of a scorer whose backbone is a decoder (a KV cache), else None (encoders)."""
+    if scorer.kind == "scalar_head":
+        return causal_lm_parts(scorer.backbone)[0], lambda h: scorer.head(h).squeeze(-1)
+    base = getattr(scorer.backbone, scorer.backbone.base_model_prefix, None)
+    head = getattr(scorer.backbone, "score", None)
+    if base is None or not isinstance(head, nn.Linear):  # encoders pool their first token (RewardModel.score)
+        return None
+    return base, lambda h: head(h)[:, 0]
+
+
+def score_pairs(scorer: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                response_mask: Tensor) -> Tensor:
+    """(2B,) scores of the prompts (B, P; left-padded) each continued by two responses (2B, R; right-padded;
+    rows ``b`` and ``B + b`` continue prompt ``b``), read at each response's last real token: the prompts run
+    once, their keys and values (repeated for the two responses, gradients flowing back through both) serve as
+    the cache of one forward of the responses. Bound to an unsharded :class:`~lit_align.models.RewardModel` as
+    ``score_pairs``."""
+    decoder, head_fn = _decoder_and_head(scorer)
+    cache = _make_cache(decoder)
+    kwarg = {_cache_kwarg(decoder): cache, "use_cache": True}
+    decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask), **kwarg)
+    cache.reorder_cache(torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat(2))  # (2B, ...)
+    start = prompt_mask.sum(1).repeat(2)  # (2B,) each response's first position
+    positions = start[:, None] + torch.arange(response_ids.shape[1], device=response_ids.device)  # (2B, R)
+    mask = torch.cat([prompt_mask.repeat(2, 1), response_mask], dim=1)  # (2B, P + R)
+    hidden = decoder(input_ids=response_ids, attention_mask=mask, position_ids=positions, **kwarg).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(response_mask)]  # (2B, H)
+    return head_fn(last).float()

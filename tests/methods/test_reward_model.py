@@ -158,6 +158,39 @@ def test_margin_errors_name_the_key_and_record(tmp_path):
         RewardModelModule(RewardModelSpec(model=ModelSpec(tiny=TinyArch())), margin="graded")
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_scores_equal_whole_sequences(tmp_path, lora):
+    """Running each prompt once and both responses on its cache gives the scores and gradients of whole
+    sequences, with prompts and responses of different lengths (left- and right-padding inside the batch)."""
+    from lit_align.models import LoRASpec
+
+    rows = [{"prompt": "why is the sky blue", "chosen": "light scatters", "rejected": "no idea at all, sorry"},
+            {"prompt": "hi", "chosen": "hello there friend", "rejected": "go"},
+            {"prompt": "name a colour of the sea please", "chosen": "blue", "rejected": "the sea has no colour"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = ModelSpec(tiny=TinyArch(hidden_size=32, num_layers=2), lora=LoRASpec(r=4) if lora else None)
+    grads, scores = [], []
+    for share in (True, False):
+        module = RewardModelModule(RewardModelSpec(model=spec, head_init_std=0.5), share_prompt=share)
+        module.configure_model()
+        data = PreferenceDataModule(train=DataSource(path=str(path)), val_fraction=0.0, batch_size=3, shuffle=False,
+                                    chat_template=False)
+        data.tokenizer = module.tokenizer
+        data.setup("fit")
+        batch = next(iter(data.train_dataloader()))
+        chosen, rejected = module.scores(batch)
+        (chosen - 2 * rejected).sum().backward()
+        scores.append(torch.cat([chosen, rejected]).detach())
+        grads.append({n: p.grad for n, p in module.reward_model.named_parameters() if p.grad is not None})
+    prompt_lengths = (batch.chosen.attention_mask.bool() & ~batch.chosen.loss_mask.bool()).sum(1)
+    assert len(set(prompt_lengths.tolist())) == 3 and not batch.rejected.attention_mask.bool().all()
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 3
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+
+
 def test_bad_input_names_the_key():
     with pytest.raises(ConfigError, match="model.center_coef"):
         RewardModelModule(RewardModelSpec(model=ModelSpec(tiny=TinyArch())), center_coef=-1.0)
