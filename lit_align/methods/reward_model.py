@@ -146,8 +146,9 @@ class RewardModelModule(PolicyModule):
     def scores(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) rewards of the chosen and of the rejected responses: the shared prompt run once and the two
         responses on its cache (``share_prompt``, decoders), else both whole sequences in one forward."""
-        split = split_pairs(batch, self.tokenizer.pad_token_id) if self.share_prompt else None
-        if split is not None and hasattr(self.reward_model, "score_pairs"):
+        shared = self.share_prompt and hasattr(self.reward_model, "score_pairs")
+        split = split_pairs(batch, self.tokenizer.pad_token_id) if shared else None
+        if split is not None:
             rewards = self.reward_model.score_pairs(*split)  # (2B,) chosen then rejected
             return rewards[: len(batch)], rewards[len(batch) :]
         both = SequenceBatch.cat([batch.chosen, batch.rejected], self.tokenizer.pad_token_id)  # (2B, T)

@@ -1,7 +1,7 @@
 """RewardModelModule: it learns the built-in preference pairs, its export is an HF sequence classifier that
 plain transformers and lit_align's reward builder read with the same scores, its loss is TRL's
-RewardTrainer loss on the same batch (with per-record margins too), and 2 DDP or FSDP2 processes (full or
-LoRA) end where 1 process does."""
+RewardTrainer loss on the same batch (with per-record margins too), scoring each prompt once for both responses
+changes no score or gradient, and 2 DDP or FSDP2 processes (full or LoRA) end where 1 process does."""
 
 from __future__ import annotations
 
