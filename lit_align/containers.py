@@ -67,11 +67,14 @@ class PreferenceBatch:
         chosen: prompt + preferred response, (B, T_c) tensors.
         rejected: prompt + dispreferred response, (B, T_r) tensors.
         index: (B,) stable example index.
+        margin: (B,) float32 per-pair preference margin from the records' ``margin`` field (e.g. Llama 2's
+            graded preference strength), or ``None`` when the records carry none.
     """
 
     chosen: SequenceBatch
     rejected: SequenceBatch
     index: Tensor
+    margin: Tensor | None = None
 
     def __len__(self) -> int:
         return self.index.shape[0]

@@ -80,6 +80,8 @@ class PreferenceExample:
     chosen: list[int]
     rejected: list[int]
     index: int
+    margin: float | None = None
+    """The record's ``margin`` field (a per-pair preference margin), when it has one."""
 
 
 def _truncate(ex: SequenceExample | PreferenceExample, max_length: int) -> tuple[SequenceExample | PreferenceExample, bool]:
@@ -90,7 +92,7 @@ def _truncate(ex: SequenceExample | PreferenceExample, max_length: int) -> tuple
     p_r, rejected, cut_r = truncate_keep_response(ex.prompt, ex.rejected, max_length)
     prompt = p_c if len(p_c) <= len(p_r) else p_r  # one prompt for both, short enough for either
     room = max_length - len(prompt)
-    return PreferenceExample(prompt, chosen[:room], rejected[:room], ex.index), cut_c or cut_r
+    return PreferenceExample(prompt, chosen[:room], rejected[:room], ex.index, ex.margin), cut_c or cut_r
 
 
 def _responses(ex: SequenceExample | PreferenceExample) -> tuple[list[int], ...]:
@@ -185,4 +187,6 @@ class PreferenceCollator:
         idx = [e.index for e in examples]
         chosen = _collate_sequences([(e.prompt, e.chosen) for e in examples], idx, self.pad_token_id)
         rejected = _collate_sequences([(e.prompt, e.rejected) for e in examples], idx, self.pad_token_id)
-        return PreferenceBatch(chosen=chosen, rejected=rejected, index=chosen.index)
+        margins = [e.margin for e in examples]
+        margin = torch.tensor(margins, dtype=torch.float32) if None not in margins else None  # (B,)
+        return PreferenceBatch(chosen=chosen, rejected=rejected, index=chosen.index, margin=margin)

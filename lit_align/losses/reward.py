@@ -33,6 +33,8 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor, *, margin: Tensor | Non
     if chosen.shape != rejected.shape or chosen.ndim != 1 or chosen.shape[0] == 0:
         raise ValueError(f"chosen and rejected rewards must be the same non-empty (B,) shape, got "
                          f"{tuple(chosen.shape)} and {tuple(rejected.shape)}")
+    if margin is not None and margin.shape != chosen.shape:
+        raise ValueError(f"margin must have the rewards' (B,) shape {tuple(chosen.shape)}, got {tuple(margin.shape)}")
     if center_coef is not None and not center_coef >= 0:
         raise ConfigError(f"center_coef must be >= 0 or null, got {center_coef}")
     diff = chosen.float() - rejected.float()

@@ -1,9 +1,11 @@
 """RewardModelModule: it learns the built-in preference pairs, its export is an HF sequence classifier that
-plain transformers and lit_align's reward builder read with the same scores, and its loss is TRL's
-RewardTrainer loss on the same batch."""
+plain transformers and lit_align's reward builder read with the same scores, its loss is TRL's
+RewardTrainer loss on the same batch (with per-record margins too), scoring each prompt once for both responses
+changes no score or gradient, and 2 DDP or FSDP2 processes (full or LoRA) end where 1 process does."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -14,10 +16,11 @@ from transformers import AutoModelForSequenceClassification
 
 from lit_align.cli import cli_main
 from lit_align.data import PreferenceDataModule
-from lit_align.errors import ConfigError
+from lit_align.data.records import DataSource
+from lit_align.errors import ConfigError, DataError
 from lit_align.losses import bradley_terry_loss
 from lit_align.methods import RewardModelModule
-from lit_align.models import ModelSpec, RewardModel, RewardModelSpec, TinyArch, build_reward_model
+from lit_align.models import ModelSpec, RewardModel, RewardModelSpec, TinyArch, build_causal_lm, build_reward_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -74,8 +77,8 @@ def test_loss_equals_trl_reward_trainer(tmp_path):
     classifier = AutoModelForSequenceClassification.from_config(config)
     with torch.no_grad():
         classifier.score.weight.normal_(0, 0.5)
-    pairs = [{"chosen": "the sky is blue", "rejected": "the sky is green"},
-             {"chosen": "yes", "rejected": "no it is not the case"}]
+    pairs = [{"chosen": "the sky is blue", "rejected": "the sky is green", "margin": 1.5},
+             {"chosen": "yes", "rejected": "no it is not the case", "margin": 0.25}]
     args = RewardConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, center_rewards_coefficient=0.01,
                         per_device_eval_batch_size=2, disable_tqdm=True, max_length=64)
     with warnings.catch_warnings():
@@ -83,41 +86,156 @@ def test_loss_equals_trl_reward_trainer(tmp_path):
         trainer = RewardTrainer(model=classifier, args=args, train_dataset=Dataset.from_list(pairs),
                                 eval_dataset=Dataset.from_list(pairs), processing_class=tok)
     inputs = next(iter(trainer.get_eval_dataloader()))
+    assert inputs["margin"].tolist() == [1.5, 0.25]  # TRL reads the margin column
     classifier.eval()
     with torch.no_grad():
         trl_loss = trainer.compute_loss(classifier, dict(inputs))
         # lit_align's scorer (last real token from the attention mask) on TRL's batch: [chosen rows; rejected rows]
         rewards = RewardModel(classifier, None, "sequence_classification").score(inputs["input_ids"],
                                                                                  inputs["attention_mask"])
-    loss, _ = bradley_terry_loss(*rewards.chunk(2), center_coef=0.01)
-    assert trl_loss.item() != pytest.approx(bradley_terry_loss(*rewards.chunk(2))[0].item())  # the centring counts
+    loss, _ = bradley_terry_loss(*rewards.chunk(2), margin=inputs["margin"], center_coef=0.01)
+    for partial in (dict(margin=inputs["margin"]), dict(center_coef=0.01)):  # the margin and the centring count
+        assert trl_loss.item() != pytest.approx(bradley_terry_loss(*rewards.chunk(2), **partial)[0].item())
     torch.testing.assert_close(loss, trl_loss)
+
+
+def _margin_data(tmp_path, margins, batch_size=4) -> PreferenceDataModule:
+    rows = [{"prompt": f"question {i}", "chosen": f"a good answer {i}", "rejected": f"bad {i}"}
+            for i in range(len(margins))]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({**r, **({} if m is None else {"margin": m})}) + "\n"
+                            for r, m in zip(rows, margins)))
+    return PreferenceDataModule(train=DataSource(path=str(path)), val_fraction=0.0, batch_size=batch_size,
+                                shuffle=False, chat_template=False)
+
+
+def _module(**kwargs) -> RewardModelModule:
+    spec = RewardModelSpec(model=ModelSpec(tiny=TinyArch(hidden_size=32, num_layers=1)), head_init_std=0.5)
+    module = RewardModelModule(spec, **kwargs)
+    module.configure_model()
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_per_record_margins_reach_the_loss(tmp_path):
+    """Records' ``margin`` fields travel in the batch; ``margin: per_record`` puts each in its pair's loss term."""
+    module = _module(margin="per_record")
+    data = _margin_data(tmp_path, [2.0, 0, -1.0, 0.5])
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch.margin.tolist() == [2.0, 0.0, -1.0, 0.5]
+    with torch.no_grad():
+        chosen, rejected = module.scores(batch)
+        loss = module._step(batch, "train")
+        with pytest.warns(UserWarning, match="carry a 'margin' field, which model.margin=0.75 ignores"):
+            constant = _module(margin=0.75)._step(batch, "train")
+        with pytest.warns(UserWarning, match="model.margin='none' ignores"):
+            plain = _module()._step(batch, "train")
+    # by hand: -log sigmoid(x) = log(1 + exp(-x)), per pair, then the mean
+    by_hand = sum(torch.log1p(torch.exp(-(c - r - m))) for c, r, m in zip(chosen, rejected, [2.0, 0.0, -1.0, 0.5])) / 4
+    torch.testing.assert_close(loss, by_hand)
+    torch.testing.assert_close(constant, torch.log1p(torch.exp(-(chosen - rejected - 0.75))).mean())
+    torch.testing.assert_close(plain, torch.log1p(torch.exp(-(chosen - rejected))).mean())
+    assert abs(loss.item() - plain.item()) > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_margin_errors_name_the_key_and_record(tmp_path):
+    module = _module(margin="per_record")
+    data = _margin_data(tmp_path, [None, None])
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    with pytest.raises(ConfigError, match="model.margin is 'per_record'.*no 'margin' field"):
+        module._step(next(iter(data.train_dataloader())), "train")
+    for margins, message in (([1.0, None], r"record 2 .*missing field 'margin'"),
+                             ([1.0, "big"], r"record 2 .*'margin' must be a finite number, got 'big'")):
+        data = _margin_data(tmp_path, margins)
+        data.tokenizer = module.tokenizer
+        with pytest.raises(DataError, match=message):
+            data.setup("fit")
+    with pytest.raises(ConfigError, match="model.margin must be"):
+        RewardModelModule(RewardModelSpec(model=ModelSpec(tiny=TinyArch())), margin="graded")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_scores_equal_whole_sequences(tmp_path, lora):
+    """Running each prompt once and both responses on its cache gives the scores and gradients of whole
+    sequences, with prompts and responses of different lengths (left- and right-padding inside the batch)."""
+    from lit_align.models import LoRASpec
+
+    rows = [{"prompt": "why is the sky blue", "chosen": "light scatters", "rejected": "no idea at all, sorry"},
+            {"prompt": "hi", "chosen": "hello there friend", "rejected": "go"},
+            {"prompt": "name a colour of the sea please", "chosen": "blue", "rejected": "the sea has no colour"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = ModelSpec(tiny=TinyArch(hidden_size=32, num_layers=2), lora=LoRASpec(r=4) if lora else None)
+    grads, scores = [], []
+    for share in (True, False):
+        module = RewardModelModule(RewardModelSpec(model=spec, head_init_std=0.5), share_prompt=share)
+        module.configure_model()
+        data = PreferenceDataModule(train=DataSource(path=str(path)), val_fraction=0.0, batch_size=3, shuffle=False,
+                                    chat_template=False)
+        data.tokenizer = module.tokenizer
+        data.setup("fit")
+        batch = next(iter(data.train_dataloader()))
+        chosen, rejected = module.scores(batch)
+        (chosen - 2 * rejected).sum().backward()
+        scores.append(torch.cat([chosen, rejected]).detach())
+        grads.append({n: p.grad for n, p in module.reward_model.named_parameters() if p.grad is not None})
+    prompt_lengths = (batch.chosen.attention_mask.bool() & ~batch.chosen.loss_mask.bool()).sum(1)
+    assert len(set(prompt_lengths.tolist())) == 3 and not batch.rejected.attention_mask.bool().all()
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 3
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
 
 
 def test_bad_input_names_the_key():
     with pytest.raises(ConfigError, match="model.center_coef"):
         RewardModelModule(RewardModelSpec(model=ModelSpec(tiny=TinyArch())), center_coef=-1.0)
-    assert PreferenceDataModule  # the data module the configs pair it with
+
+
+ARCH = TinyArch(family="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+LORA = ["--model.init_args.model.model.lora", "{r: 8, alpha: 16}"]
+
+
+def _fit_args(root, batch: str, extra: list[str]) -> list[str]:
+    return ["fit", "--config", str(REPO / "configs/rm/tiny.yaml"), *extra, "--trainer.max_steps", "4",
+            "--trainer.default_root_dir", str(root), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--data.init_args.batch_size", batch]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The exports of 1-process runs with batch 16, full and LoRA (in this process)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name, extra in (("full", []), ("lora", LORA)):
+        root = tmp_path_factory.mktemp(f"rm_one_{name}")
+        cli_main(_fit_args(root, "16", extra))
+        out[name] = load_file(root / "hf_export" / "model.safetensors")
+    return out
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_match_one(tmp_path):
-    """1 process with batch 16 and 2 DDP processes with batch 8 each see the same pairs per step."""
+@pytest.mark.parametrize(("strategy", "mode"), [("ddp_cpu", "lora"), ("fsdp2_cpu", "full"), ("fsdp2_cpu", "lora")])
+def test_two_processes_match_one(one_process, tmp_path, strategy, mode):
+    """1 process with batch 16 and 2 processes (DDP or FSDP2 over gloo) with batch 8 each see the same pairs per
+    step and end with the same exported classifier (gathered from the shards under FSDP2, LoRA merged). Full
+    training under DDP is LoRA's case less the frozen weights; it is left out to keep the suite short."""
     from conftest import run_cli
     from safetensors.torch import load_file
 
-    out = []
-    for name, extra, batch in (("one", [], "16"), ("two", ["--config", str(REPO / "callbacks/ddp_cpu.yaml")], "8")):
-        root = tmp_path / name
-        run_cli(["fit", "--config", str(REPO / "configs/rm/tiny.yaml"), *extra, "--trainer.max_steps", "4",
-                 "--trainer.default_root_dir", str(root), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-                 "--trainer.logger.save_dir", str(root), "--trainer.enable_progress_bar", "false",
-                 "--data.init_args.batch_size", batch])
-        out.append(load_file(root / "hf_export" / "model.safetensors"))
-    one, two = out
-    start = RewardModelModule(RewardModelSpec(model=ModelSpec(tiny=TinyArch(
-        family="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128))))
+    extra = ["--config", str(REPO / f"callbacks/{strategy}.yaml"), *(LORA if mode == "lora" else [])]
+    run_cli(_fit_args(tmp_path, "8", extra))
+    one, two = one_process[mode], load_file(tmp_path / "hf_export" / "model.safetensors")
+    assert sorted(one) == sorted(two)
     moved = max((one[k] - two[k]).abs().max().item() for k in one)
     trained = (one["score.weight"]).abs().max().item()  # the head starts at zero
     assert trained > 1e-3 and moved < 2e-4, (trained, moved)
-    assert start.reward_spec.head_bias is False
+    start = build_causal_lm(ModelSpec(tiny=ARCH), RewardModelModule(RewardModelSpec(model=ModelSpec(tiny=ARCH))).tokenizer)
+    key = "model.layers.0.self_attn.q_proj.weight"  # the backbone trained too (LoRA: merged into the export)
+    assert (two[key] - start.state_dict()[key]).abs().max().item() > 1e-4
