@@ -10,6 +10,7 @@ from lit_align.data.completion import (
     retokenize,
 )
 from lit_align.data.preference import PreferenceDataModule
+from lit_align.data.prompts import PromptBatch, PromptDataModule, SeedPromptDataModule
 from lit_align.data.records import BUILTIN_DIR, DataSource, load_records
 from lit_align.data.sft import SFTDataModule
 from lit_align.data.unlearning import (
@@ -33,7 +34,10 @@ __all__ = [
     "PKUSafeRLHFDataModule",
     "PreferenceBatch",
     "PreferenceDataModule",
+    "PromptBatch",
+    "PromptDataModule",
     "SFTDataModule",
+    "SeedPromptDataModule",
     "SequenceBatch",
     "TOFUDataModule",
     "TextCompletionDataModule",

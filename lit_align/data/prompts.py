@@ -1,26 +1,44 @@
-"""Seed prompts for the attacker of the two-player game (GPO: Zheng et al. 2024, arXiv 2406.10977; prompts and
-formats as in the released code, github.com/ruizheng20/gpo: ``gpo/gpo_datahelper.py``, ``ppo_data/*.json``).
+"""Prompt-only data for online methods: RLHF's policy prompts and the game attacker's seed questions.
 
-Each seed question is rendered with the attacker's conditional-rewrite prompt
-(:data:`ATTACKER_TEMPLATE`: "here is a question; write another harmful question on a similar
-topic"); the attacker's continuation *is* the attack prompt, which the defender then answers
-inside :data:`DEFENDER_TEMPLATE`. Batches are :class:`PromptBatch` es of left-padded attacker
-prompts (ready for :func:`lit_align.rollout.sampler.sample`) plus the raw seeds.
+:class:`PromptDataModule` reads single-turn prompts, renders each with ``data.template`` (a ``str.format``
+template with ``{prompt}``) and, optionally, the tokenizer's chat template, and yields
+:class:`PromptBatch` es of **left**-padded prompts (ready for :func:`lit_align.rollout.sampler.sample`)
+with the raw prompt text, the example's index and a stable prompt id (``uid``).
+:class:`SeedPromptDataModule` is the same module for the two-player game (GPO: Zheng et al. 2024,
+arXiv 2406.10977; prompts and formats as in the released code, github.com/ruizheng20/gpo:
+``gpo/gpo_datahelper.py``, ``ppo_data/*.json``): its template is the attacker's conditional-rewrite
+prompt (:data:`ATTACKER_TEMPLATE`: "here is a question; write another harmful question on a similar
+topic"); the attacker's continuation *is* the attack prompt, which the defender then answers inside
+:data:`DEFENDER_TEMPLATE`.
 
-Formats (``data.format``), each a list of single-turn questions once loaded:
+Formats (``data.format``), each a list of single-turn prompts once loaded:
 
 * ``prompt``: records with a ``prompt`` field (local .json/.jsonl/.csv/.parquet, or an HF id such as
-  ``PKU-Alignment/PKU-SafeRLHF``; rename a column with ``fields: {prompt: question}``);
-* ``gpo``: GPO's released files, a JSON list whose items are one-string lists (``[["How do I ..."], ...]``);
+  ``PKU-Alignment/PKU-SafeRLHF`` or ``trl-lib/tldr``; rename a column with ``fields: {prompt: question}``);
 * ``hh``: Anthropic/hh-rlhf records: the first human turn of ``chosen`` (the text between the first
   ``"\\n\\nHuman: "`` and the following ``"\\n\\nAssistant:"``). For the hub id ``Anthropic/hh-rlhf``,
-  ``subset`` names the data directory (``harmless-base``, ``red-team-attempts`` is another layout);
-* ``auto``: ``builtin:`` seeds, a list of lists -> ``gpo``, records with ``prompt`` -> ``prompt``,
-  records with ``chosen`` -> ``hh``.
+  ``subset`` names the data directory (``harmless-base``, ``helpful-base``...; ``red-team-attempts``
+  has another layout);
+* ``tldr``: Reddit TL;DR posts (Stiennon et al. 2020), records with ``subreddit``, ``title`` and ``post``
+  rendered as :data:`TLDR_TEMPLATE` (``"SUBREDDIT: r/...\\nTITLE: ...\\nPOST: ...\\nTL;DR:"``); datasets
+  whose ``prompt`` column already holds that text (``trl-lib/tldr``, ``CarperAI/openai_summarize_tldr``)
+  are format ``prompt``;
+* ``gpo``: GPO's released files, a JSON list whose items are one-string lists (``[["How do I ..."], ...]``);
+* ``auto``: ``builtin:`` prompts, a list of lists -> ``gpo``, records with ``prompt`` -> ``prompt``,
+  records with ``chosen`` -> ``hh``, records with ``subreddit``, ``title`` and ``post`` -> ``tldr``.
 
 Built-ins: ``builtin:seed_prompts`` (360 toy questions) and ``builtin:seed_prompts/val`` (48 held-out
-ones), see ``lit_align/data/builtin/README.md``. Empty questions are dropped and counted, as are
-rendered attacker prompts longer than ``max_prompt_tokens``.
+ones), see ``lit_align/data/builtin/README.md``.
+
+Prompt ids (``uid``): the record's ``id`` field (renamed by ``fields: {id: <column>}``) when it has one,
+else the first 16 hex digits of the sha256 of the prompt text. They do not depend on the template, the
+tokenizer, the order or the rank, so a per-prompt table (e.g. contrastive rewards' baseline) can be keyed
+by them. Two records with one id but different prompts are refused.
+
+Empty prompts (only whitespace, or rendered by the template and chat template into the same tokens as an
+empty prompt) are a :class:`~lit_align.errors.DataError` naming the record, unless ``drop_empty`` (the
+seed prompts' behaviour), which drops and counts them. Rendered prompts longer than
+``max_prompt_tokens`` are dropped and counted.
 """
 
 from __future__ import annotations
@@ -28,7 +46,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -38,19 +56,25 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.base import TokenizedDataModule
 from lit_align.data.records import BUILTIN_DIR, DataSource, Record, describe_record, read_rows
+from lit_align.data.tokenize import encode_prompt
 from lit_align.errors import ConfigError, DataError
 from lit_align.rollout.sampler import left_pad
 
 __all__ = [
     "ATTACKER_TEMPLATE",
     "DEFENDER_TEMPLATE",
+    "FORMATS",
+    "TLDR_TEMPLATE",
     "PromptBatch",
     "PromptCollator",
+    "PromptDataModule",
     "PromptDataset",
     "PromptExample",
     "SeedPromptDataModule",
     "first_human_turn",
+    "load_prompts",
     "load_seed_prompts",
+    "prompt_uid",
 ]
 
 #: The attacker's conditional-rewrite prompt (a paraphrase of GPO's): instruction, seed, separator, cue.
@@ -62,10 +86,15 @@ ATTACKER_TEMPLATE = (
 )
 #: The defender's prompt around an attack prompt (GPO's ``"Human:" + x + "AI:"``).
 DEFENDER_TEMPLATE = "Human: {prompt}\nAI:"
+#: A Reddit TL;DR post as the policy sees it (Stiennon et al. 2020, "Learning to summarize from human feedback").
+TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+#: The values of ``data.format``.
+FORMATS = ("auto", "prompt", "hh", "tldr", "gpo")
 
-#: ``builtin:<name>`` seed-prompt sources -> a ``.txt`` file with one question per line.
-_BUILTIN_SEEDS = {"seed_prompts": "seed_prompts.txt", "seed_prompts/val": "seed_prompts_val.txt"}
+#: ``builtin:<name>`` prompt sources -> a ``.txt`` file with one prompt per line.
+_BUILTIN_PROMPTS = {"seed_prompts": "seed_prompts.txt", "seed_prompts/val": "seed_prompts_val.txt"}
 _HUMAN, _ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
+_TLDR_FIELDS = ("subreddit", "title", "post")
 
 
 def first_human_turn(conversation: str) -> str | None:
@@ -78,6 +107,14 @@ def first_human_turn(conversation: str) -> str | None:
     body = conversation[start + len(_HUMAN):]
     end = body.find(_ASSISTANT)
     return (body if end < 0 else body[:end]).strip()
+
+
+def prompt_uid(prompt: str, record_id: Any = None) -> str:
+    """A prompt's stable id: ``str(record_id)`` when given (not ``None`` or ``""``), else the first 16 hex
+    digits of the sha256 of the prompt's UTF-8 text."""
+    if record_id is not None and str(record_id) != "":
+        return str(record_id)
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
 
 
 def _rows(source: DataSource, fmt: str) -> list[Any]:
@@ -95,21 +132,45 @@ def _rows(source: DataSource, fmt: str) -> list[Any]:
     return read_rows(source)
 
 
-def _question(row: Any, i: int, source: DataSource, fmt: str) -> str:
-    """The seed question of one row (may be empty: the caller drops and counts those)."""
-    where = describe_record(source.path, i)
+def _column(source: DataSource, name: str) -> str:
+    return source.fields.get(name, name)
+
+
+def _detect(row: Any, where: str, source: DataSource) -> str:
+    """The format of one row for ``data.format: auto``."""
+    if isinstance(row, list):
+        return "gpo"
+    if isinstance(row, dict):
+        if _column(source, "prompt") in row:
+            return "prompt"
+        if _column(source, "chosen") in row:
+            return "hh"
+        if all(_column(source, f) in row for f in _TLDR_FIELDS):
+            return "tldr"
+    kind = sorted(row) if isinstance(row, dict) else type(row).__name__
+    raise DataError(f"{where}: cannot tell the format of {kind}; expected a 'prompt' field, a 'chosen' hh-rlhf "
+                     "transcript, TL;DR 'subreddit'/'title'/'post' fields or a one-string list. Set data.format "
+                     "or map the column with `fields: {prompt: <column>}`")
+
+
+def _text_field(row: dict, name: str, where: str, source: DataSource, fmt: str, strip: bool = True) -> str:
+    """The string in ``row``'s column for ``name``, stripped unless ``strip`` is false (``""`` for a null cell)."""
+    column = _column(source, name)
+    if column not in row:
+        raise DataError(f"{where}: missing field {column!r} (data.format={fmt!r}); it has {sorted(row)}. Map your "
+                         f"column with `fields: {{{name}: <column>}}`")
+    value = row[column]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {column!r} must be a string, got {type(value).__name__}")
+    return value.strip() if strip else value
+
+
+def _prompt(row: Any, where: str, source: DataSource, fmt: str) -> str:
+    """The prompt text of one row (``""`` when it has none: the caller refuses or drops it)."""
     if fmt == "auto":
-        if isinstance(row, list):
-            fmt = "gpo"
-        elif isinstance(row, dict) and source.fields.get("prompt", "prompt") in row:
-            fmt = "prompt"
-        elif isinstance(row, dict) and source.fields.get("chosen", "chosen") in row:
-            fmt = "hh"
-        else:
-            kind = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise DataError(f"{where}: cannot tell the format of {kind}; expected a 'prompt' field, a 'chosen' "
-                             "hh-rlhf transcript or a one-string list. Set data.format or map the column with "
-                             "`fields: {prompt: <column>}`")
+        fmt = _detect(row, where, source)
     if fmt == "gpo":
         if not (isinstance(row, list) and len(row) == 1 and isinstance(row[0], str)):
             raise DataError(f"{where}: data.format='gpo' expects each item to be a list holding one string, got "
@@ -118,69 +179,103 @@ def _question(row: Any, i: int, source: DataSource, fmt: str) -> str:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__} (a list of one-string lists is "
                          "data.format='gpo')")
-    name = "prompt" if fmt == "prompt" else "chosen"
-    column = source.fields.get(name, name)
-    if column not in row:
-        raise DataError(f"{where}: missing field {column!r} (data.format={fmt!r}); it has {sorted(row)}. Map your "
-                       f"column with `fields: {{{name}: <column>}}`")
-    value = row[column]
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {column!r} must be a string, got {type(value).__name__}")
     if fmt == "prompt":
-        return value.strip()
-    turn = first_human_turn(value)
+        return _text_field(row, "prompt", where, source, fmt)
+    if fmt == "tldr":
+        parts = {name: _text_field(row, name, where, source, fmt) for name in _TLDR_FIELDS}
+        return TLDR_TEMPLATE.format(**parts) if parts["post"] else ""
+    transcript = _text_field(row, "chosen", where, source, fmt, strip=False)  # its first "\n\nHuman: " counts
+    turn = first_human_turn(transcript) if transcript.strip() else ""
     if turn is None:
-        raise DataError(f"{where}: field {column!r} has no '\\n\\nHuman: ' turn; is this an hh-rlhf transcript?")
+        raise DataError(f"{where}: field {_column(source, 'chosen')!r} has no '\\n\\nHuman: ' turn; is this an "
+                         "hh-rlhf transcript?")
     return turn
 
 
-def load_seed_prompts(source: DataSource, format: str = "auto") -> tuple[list[Record], int]:
-    """``({prompt, _source, _source_index} records, number of empty questions dropped)`` of one source."""
+def _empty_error(where: str, what: str) -> DataError:
+    return DataError(f"{where}: {what}. Remove the record or fix it, map the right column with "
+                     "`fields: {prompt: <column>}`, or set data.drop_empty: true to drop and count such records")
+
+
+def load_prompts(source: DataSource, format: str = "auto", *, drop_empty: bool = True) -> tuple[list[Record], int]:
+    """``({prompt, uid, _source, _source_index} records, number of empty prompts dropped)`` of one source.
+
+    An empty prompt (only whitespace) is dropped and counted with ``drop_empty``, else a ``DataError``
+    naming the record.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"data.format must be one of {list(FORMATS)}, got {format!r}")
     name = source.path.removeprefix("builtin:") if source.path.startswith("builtin:") else None
-    if name is not None and name in _BUILTIN_SEEDS:
-        lines = Path(str(BUILTIN_DIR / _BUILTIN_SEEDS[name])).read_text(encoding="utf-8").splitlines()
-        questions = lines[: source.limit] if source.limit is not None else lines
+    if name is not None and name in _BUILTIN_PROMPTS:
+        lines = Path(str(BUILTIN_DIR / _BUILTIN_PROMPTS[name])).read_text(encoding="utf-8").splitlines()
+        rows: list[Any] = lines[: source.limit] if source.limit is not None else lines
+        prompts = [line.strip() for line in rows]
     elif name is not None and format in ("auto", "prompt") and not (BUILTIN_DIR / f"{name}.jsonl").is_file():
-        raise DataError(f"data source {source.path!r}: no built-in seed prompts {name!r}; seed-prompt built-ins "
-                         f"are {sorted(f'builtin:{k}' for k in _BUILTIN_SEEDS)}")
+        raise DataError(f"data source {source.path!r}: no built-in prompts {name!r}; prompt built-ins are "
+                         f"{sorted(f'builtin:{k}' for k in _BUILTIN_PROMPTS)}")
     else:
         rows = _rows(source, format)
-        questions = [_question(row, i, source, format) for i, row in enumerate(rows)]
-    if not questions:
+        prompts = [_prompt(row, describe_record(source.path, i), source, format) for i, row in enumerate(rows)]
+    if not prompts:
         raise DataError(f"data source {source.path!r} (split={source.split!r}) has no records")
-    records = [{"prompt": q.strip(), "_source": source.path, "_source_index": i}
-               for i, q in enumerate(questions) if q.strip()]
-    dropped = len(questions) - len(records)
+    id_column = _column(source, "id")
+    records, dropped = [], 0
+    for i, (row, prompt) in enumerate(zip(rows, prompts)):
+        if not prompt:
+            if not drop_empty:
+                raise _empty_error(describe_record(source.path, i), "the prompt is empty")
+            dropped += 1
+            continue
+        record_id = row.get(id_column) if isinstance(row, dict) else None
+        records.append({"prompt": prompt, "uid": prompt_uid(prompt, record_id), "_source": source.path,
+                        "_source_index": i})
     if not records:
-        raise DataError(f"data source {source.path!r}: all {len(questions)} questions are empty")
+        raise DataError(f"data source {source.path!r}: all {len(prompts)} prompts are empty")
     if dropped:
-        rank_zero_warn(f"data source {source.path!r}: dropped {dropped} of {len(questions)} empty questions",
+        rank_zero_warn(f"data source {source.path!r}: dropped {dropped} of {len(prompts)} empty prompts",
                        category=UserWarning)
     return records, dropped
 
 
+def load_seed_prompts(source: DataSource, format: str = "auto") -> tuple[list[Record], int]:
+    """The game's seed questions: :func:`load_prompts` with empty ones dropped and counted."""
+    return load_prompts(source, format, drop_empty=True)
+
+
+def _check_uids(records: list[Record]) -> None:
+    """Refuse two records with one id but different prompts (a per-prompt table would mix them up)."""
+    seen: dict[str, Record] = {}
+    for r in records:
+        first = seen.setdefault(r["uid"], r)
+        if first["prompt"] != r["prompt"]:
+            raise DataError(f"{describe_record(r['_source'], r['_source_index'])} has id {r['uid']!r}, like "
+                             f"{describe_record(first['_source'], first['_source_index'])}, but another prompt; "
+                             "prompt ids must be unique per prompt. Fix the ids, or map `fields: {id: <column>}` "
+                             "to a column without `id` values to use prompt hashes")
+
+
 @dataclass
 class PromptExample:
-    """One seed question and its rendered attacker prompt.
+    """One prompt, rendered and tokenized.
 
     Attributes:
-        attacker_ids: token ids of ``attacker_template`` over the seed, in the module tokenizer.
-        seed: the raw seed question.
+        input_ids: token ids of the rendered prompt (template, then chat template), in the module tokenizer.
+        prompt: the prompt text as the record gives it (before any template).
         index: position in its dataset (0..N-1 over the kept examples).
         source_index: position of the record in its source.
+        uid: the prompt's stable id (:func:`prompt_uid`).
     """
 
-    attacker_ids: list[int]
-    seed: str
+    input_ids: list[int]
+    prompt: str
     index: int
     source_index: int
+    uid: str
 
 
 class PromptDataset(Dataset):
-    """Kept :class:`PromptExample` s; ``dropped`` counts this split's attacker prompts over the length
-    limit plus the empty questions of its source(s)."""
+    """Kept :class:`PromptExample` s; ``dropped`` counts this split's prompts over the length limit
+    plus the empty prompts dropped from its source(s)."""
 
     def __init__(self, examples: list[PromptExample], dropped: int, max_length: int) -> None:
         self.examples = [replace(ex, index=i) for i, ex in enumerate(examples)]
@@ -194,42 +289,80 @@ class PromptDataset(Dataset):
         return self.examples[i]
 
     @property
+    def prompts(self) -> list[str]:
+        """Every kept prompt text, in dataset order."""
+        return [ex.prompt for ex in self.examples]
+
+    @property
+    def uids(self) -> list[str]:
+        """Every kept prompt id, in dataset order."""
+        return [ex.uid for ex in self.examples]
+
+    @property
     def seeds(self) -> list[str]:
-        """Every kept seed question, in dataset order."""
-        return [ex.seed for ex in self.examples]
+        """The game's name for :attr:`prompts` (read-only)."""
+        return self.prompts
 
     def fingerprint(self) -> str:
-        """sha256 of every token id and index, in order: changes whenever the data or tokenizer do."""
+        """sha256 of every token id, index and prompt id, in order: changes whenever the data or tokenizer do."""
         h = hashlib.sha256(f"prompts|max_length={self.max_length}".encode())
         for ex in self.examples:
-            h.update(torch.tensor(ex.attacker_ids, dtype=torch.int64).numpy().tobytes())
-            h.update(f"|{ex.index}|".encode())
+            h.update(torch.tensor(ex.input_ids, dtype=torch.int64).numpy().tobytes())
+            h.update(f"|{ex.index}|{ex.uid}|".encode())
         return h.hexdigest()
 
 
 @dataclass
 class PromptBatch:
-    """Seed questions rendered as attacker prompts.
+    """Rendered prompts, left-padded, with their text and ids.
 
     Attributes:
-        attacker_ids: (B, P) long, the rendered attacker prompts, **left**-padded (ready for sampling).
-        attacker_mask: (B, P) long, 1 on real tokens.
-        seeds: B raw seed questions (the defender's inputs for ASR without attack).
-        index: (B,) long, example index in its dataset.
+        input_ids: (B, P) long, the rendered prompts, **left**-padded (ready for sampling).
+        attention_mask: (B, P) long, 1 on real tokens.
+        prompts: B prompt texts as the records give them (before any template): what a text reward reads.
+        index: (B,) long, example index in its dataset (the same on every rank and after a resume).
+        uids: B stable prompt ids (:func:`prompt_uid`).
     """
 
-    attacker_ids: Tensor
-    attacker_mask: Tensor
-    seeds: list[str]
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompts: list[str]
     index: Tensor
+    uids: list[str]
 
     def __len__(self) -> int:
         return self.index.shape[0]
 
     @property
     def num_tokens(self) -> int:
-        """Real tokens of the attacker prompts."""
-        return int(self.attacker_mask.sum())
+        """Real prompt tokens."""
+        return int(self.attention_mask.sum())
+
+    # the game's names for the same fields (read-only)
+    @property
+    def attacker_ids(self) -> Tensor:
+        """:attr:`input_ids` (the game's attacker prompts)."""
+        return self.input_ids
+
+    @property
+    def attacker_mask(self) -> Tensor:
+        """:attr:`attention_mask` of the attacker prompts."""
+        return self.attention_mask
+
+    @property
+    def seeds(self) -> list[str]:
+        """:attr:`prompts` (the game's seed questions)."""
+        return self.prompts
+
+    def repeat(self, k: int) -> PromptBatch:
+        """Each prompt ``k`` times, its copies contiguous (``B * k`` rows: prompt 0 k times, then prompt 1...),
+        the layout group baselines (RLOO, GRPO) expect; a batch stays on its rank, so a group never straddles
+        ranks."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"PromptBatch.repeat needs an int k >= 1, got {k!r}")
+        rows = torch.arange(len(self), device=self.index.device).repeat_interleave(k)
+        return PromptBatch(self.input_ids[rows], self.attention_mask[rows], [p for p in self.prompts for _ in range(k)],
+                           self.index[rows], [u for u in self.uids for _ in range(k)])
 
     def to(self, device: torch.device | str) -> PromptBatch:
         """A copy with every tensor on ``device`` (Lightning's batch transfer calls it)."""
@@ -244,13 +377,199 @@ class PromptCollator:
     pad_token_id: int
 
     def __call__(self, examples: list[PromptExample]) -> PromptBatch:
-        ids, mask = left_pad([e.attacker_ids for e in examples], self.pad_token_id)  # (B, P)
-        return PromptBatch(ids, mask, [e.seed for e in examples],
-                           torch.tensor([e.index for e in examples], dtype=torch.long))
+        ids, mask = left_pad([e.input_ids for e in examples], self.pad_token_id)  # (B, P)
+        return PromptBatch(ids, mask, [e.prompt for e in examples],
+                           torch.tensor([e.index for e in examples], dtype=torch.long), [e.uid for e in examples])
 
 
-class SeedPromptDataModule(TokenizedDataModule):
-    """Seed questions for the attacker of the two-player game (GPO), as :class:`PromptBatch` es.
+class PromptDataModule(TokenizedDataModule):
+    """Single-turn prompts for online methods (PPO, RLOO, GRPO), as :class:`PromptBatch` es.
+
+    Each prompt is rendered with ``template`` and, when ``chat_template`` is on, wrapped as a user turn in
+    the tokenizer's chat template with the generation prompt. Loaders are rank-sharded and resumable (the
+    base class's): rank ``r`` of ``n`` takes every ``n``-th example of the epoch's seeded permutation; each
+    batch's ``index`` and ``uids`` are the same whatever the rank count. Sample ``k`` completions per prompt
+    with ``batch.repeat(k)`` (copies contiguous, on the prompt's rank). The datasets' ``dropped`` counts the
+    records left out (prompts over ``max_prompt_tokens``, and empty ones with ``drop_empty``).
+
+    Examples::
+
+        data:  # the built-in toy prompts for builtin:tiny-game-base, in the game's defender template
+          class_path: lit_align.data.PromptDataModule
+          init_args:
+            train: {path: builtin:seed_prompts}
+            val: {path: builtin:seed_prompts/val}
+            template: "Human: {prompt}\\nAI:"
+            batch_size: 8
+
+        data:  # HH-RLHF harmless-base: the first human turn of `chosen`, in Qwen2.5-Instruct's chat template
+          class_path: lit_align.data.PromptDataModule
+          init_args:
+            # assumed layout: columns `chosen` and `rejected` (transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..."),
+            # subset = the data directory, splits train (42.5k) and test (2.3k); no id column -> prompt hashes
+            train: {path: Anthropic/hh-rlhf, subset: harmless-base, split: train}
+            val: {path: Anthropic/hh-rlhf, subset: harmless-base, split: test, limit: 512}
+            format: hh
+            chat_template: true  # Qwen2.5's template adds its default system turn when there is none
+            max_prompt_tokens: 256
+            batch_size: 8
+
+        data:  # TL;DR summarisation: a `prompt` column already in the Stiennon et al. layout
+          class_path: lit_align.data.PromptDataModule
+          init_args:
+            # assumed columns: trl-lib/tldr `prompt` + `completion`, splits train / validation / test;
+            # CarperAI/openai_summarize_tldr `prompt` + `label`, splits train / valid / test
+            train: {path: trl-lib/tldr, split: train}
+            val: {path: trl-lib/tldr, split: validation, limit: 512}
+            format: prompt
+            chat_template: false  # the SFT policy continues "...\\nTL;DR:" as plain text
+            max_prompt_tokens: 512
+            batch_size: 8
+
+        data:  # OpenAI's raw TL;DR posts (tldr_3_filtered: `id`, `subreddit`, `title`, `post`, `summary`)
+          class_path: lit_align.data.PromptDataModule
+          init_args:
+            train: {path: data/tldr_3_filtered/train.jsonl}  # uids are the posts' `id`s
+            val: {path: data/tldr_3_filtered/valid.jsonl, limit: 512}
+            format: tldr
+            chat_template: false
+            max_prompt_tokens: 512
+    """
+
+    #: the template's placeholder for the prompt text, and the template's config key
+    placeholder: ClassVar[str] = "prompt"
+    template_key: ClassVar[str] = "template"
+
+    def __init__(
+        self,
+        train: DataSource,
+        val: DataSource | None = None,
+        test: DataSource | None = None,
+        val_fraction: float = 0.1,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        format: Literal["auto", "prompt", "hh", "tldr", "gpo"] = "auto",
+        template: str = "{prompt}",
+        chat_template: bool | None = None,
+        max_prompt_tokens: int = 256,
+        drop_empty: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        tokenizer: str | None = None,
+    ) -> None:
+        """
+        Args:
+            train: where the training prompts come from.
+            val: held-out prompts; ``None`` splits ``val_fraction`` off ``train`` (seeded).
+            test: prompts for ``lit-align test`` and ``predict``; ``None`` uses the validation prompts.
+            val_fraction: share of ``train`` held out when ``val`` is not given; 0 disables validation.
+            batch_size: prompts per step on each data-parallel rank.
+            eval_batch_size: prompts per validation step (default ``batch_size``).
+            format: ``prompt``, ``hh``, ``tldr``, ``gpo`` or ``auto`` (see the module doc); applies to every source.
+            template: a ``str.format`` template with ``{prompt}`` around each prompt, e.g. ``"Human: {prompt}\\nAI:"``.
+            chat_template: wrap the rendered prompt as a user turn in the tokenizer's chat template (with the
+                generation prompt); ``None`` does so when the tokenizer has one and ``template`` is ``"{prompt}"``.
+            max_prompt_tokens: longest rendered prompt kept, in tokens; longer ones are dropped and counted.
+            drop_empty: drop and count empty prompts instead of refusing them.
+            shuffle: shuffle training prompts each epoch (seeded by ``seed`` and the epoch).
+            seed: seed of the validation split and the shuffling.
+            num_workers: DataLoader worker processes.
+            tokenizer: tokenizer id or directory when the DataModule is used without a lit_align module.
+        """
+        if format not in FORMATS:
+            raise ConfigError(f"data.format must be one of {list(FORMATS)}, got {format!r}")
+        self._check_template(template)
+        if max_prompt_tokens <= 0:
+            raise ConfigError(f"data.max_prompt_tokens must be positive, got {max_prompt_tokens}")
+        super().__init__(train, val, test, val_fraction=val_fraction, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, max_length=max_prompt_tokens, chat_template=chat_template,
+                         shuffle=shuffle, seed=seed, num_workers=num_workers, tokenizer=tokenizer)
+        self.format, self.template, self.max_prompt_tokens = format, template, max_prompt_tokens
+        self.drop_empty = drop_empty
+        self._empty: dict[str, int] = {}
+        self._blank: list[int] = []  # the token ids of an empty prompt, rendered (set by setup)
+
+    def _check_template(self, template: str) -> None:
+        key, slot = f"data.{self.template_key}", "{" + self.placeholder + "}"
+        if slot not in template:
+            raise ConfigError(f"{key} must contain {slot!r} (where the prompt goes), got {template!r}")
+        try:
+            template.format(**{self.placeholder: "x"})
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"{key} is not a valid str.format template with only {slot} ({err!r}); double "
+                              "literal braces as '{{' and '}}'") from err
+
+    # -- records ---------------------------------------------------------------------------
+    def _load(self, source: DataSource) -> list[Record]:
+        records, dropped = load_prompts(source, self.format, drop_empty=self.drop_empty)
+        self._empty[source.path] = dropped
+        return records
+
+    def render(self, prompt: str) -> str:
+        """``template`` around one prompt (before any chat template)."""
+        return self.template.format(**{self.placeholder: prompt})
+
+    def use_chat_template(self, tokenizer: PreTrainedTokenizerBase) -> bool:
+        """Whether prompts go through ``tokenizer``'s chat template (``data.chat_template``, resolved)."""
+        if self.chat_template is None:
+            return bool(tokenizer.chat_template) and self.template == "{" + self.placeholder + "}"
+        if self.chat_template and not tokenizer.chat_template:
+            raise ConfigError("data.chat_template is true but the tokenizer has no chat template; set it to false "
+                              f"(and put the prompt format in data.{self.template_key}, e.g. 'Human: {{prompt}}\\nAI:')")
+        return self.chat_template
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        self.tokenizer = self._resolve_tokenizer()
+        chat = self.use_chat_template(self.tokenizer)
+        self._blank = encode_prompt(self.tokenizer, self.render(""), chat)
+        train, val = self._split()
+        self.train_dataset = self._tokenize(train, chat, "train")
+        self.val_dataset = self._tokenize(val, chat, "val")
+        test = self._load(self.test_source) if self.test_source else None
+        self.test_dataset = self._tokenize(test, chat, "test") if test else self.val_dataset
+
+    # -- tokenization ----------------------------------------------------------------------
+    def _encode(self, record: Record, index: int, tokenizer: PreTrainedTokenizerBase,
+                chat: bool = False) -> PromptExample | None:
+        """One prompt record -> one example, or ``None`` when the rendered prompt is too long."""
+        ids = encode_prompt(tokenizer, self.render(record["prompt"]), chat)
+        if ids == self._blank:
+            where = describe_record(record["_source"], record["_source_index"])
+            raise _empty_error(where, f"the prompt {record['prompt']!r:.60} is empty once rendered by "
+                                      f"data.{self.template_key}" + (" and the chat template" if chat else ""))
+        if len(ids) > self.max_prompt_tokens:
+            return None
+        return PromptExample(list(ids), record["prompt"], index, record["_source_index"], record["uid"])
+
+    def _tokenize(self, records: list[Record] | None, chat: bool = False,
+                  split: str = "train") -> PromptDataset | None:
+        if not records:
+            return None
+        _check_uids(records)
+        encoded = [self._encode(r, i, self.tokenizer, chat) for i, r in enumerate(records)]
+        kept = [ex for ex in encoded if ex is not None]
+        too_long = len(encoded) - len(kept)
+        if not kept:
+            raise DataError(f"all {len(records)} {split} prompts render to more than data.max_prompt_tokens = "
+                             f"{self.max_prompt_tokens} tokens; raise it")
+        if too_long:
+            rank_zero_warn(f"{split}: dropped {too_long} of {len(records)} prompts whose rendered prompt is longer "
+                           f"than data.max_prompt_tokens = {self.max_prompt_tokens} tokens", category=UserWarning)
+        empty = sum(self._empty.get(s, 0) for s in {r["_source"] for r in records})
+        return PromptDataset(kept, too_long + empty, self.max_prompt_tokens)
+
+    def _collator(self, pad_token_id: int) -> PromptCollator:
+        return PromptCollator(pad_token_id)
+
+
+class SeedPromptDataModule(PromptDataModule):
+    """Seed questions for the attacker of the two-player game (GPO): a :class:`PromptDataModule` whose
+    template is the attacker's (``{seed}``), with no chat template, and whose empty questions are dropped
+    and counted. The batches' ``attacker_ids``, ``attacker_mask`` and ``seeds`` are read-only names for
+    ``input_ids``, ``attention_mask`` and ``prompts``.
 
     Examples::
 
@@ -275,10 +594,10 @@ class SeedPromptDataModule(TokenizedDataModule):
             train: {path: Anthropic/hh-rlhf, subset: harmless-base, split: train}
             val: {path: PKU-Alignment/PKU-SafeRLHF, split: test, limit: 500}  # OOD, `prompt` field
             format: auto
-
-    Loaders are rank-sharded and resumable (the base class's); the datasets' ``dropped`` counts the
-    records left out (empty questions and attacker prompts over ``max_prompt_tokens``).
     """
+
+    placeholder: ClassVar[str] = "seed"
+    template_key: ClassVar[str] = "attacker_template"
 
     def __init__(
         self,
@@ -288,7 +607,7 @@ class SeedPromptDataModule(TokenizedDataModule):
         val_fraction: float = 0.1,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
-        format: Literal["auto", "prompt", "gpo", "hh"] = "auto",
+        format: Literal["auto", "prompt", "gpo", "hh", "tldr"] = "auto",
         attacker_template: str = ATTACKER_TEMPLATE,
         max_prompt_tokens: int = 256,
         shuffle: bool = True,
@@ -304,7 +623,7 @@ class SeedPromptDataModule(TokenizedDataModule):
             val_fraction: share of ``train`` held out when ``val`` is not given; 0 disables validation.
             batch_size: seeds per step on each data-parallel rank.
             eval_batch_size: seeds per validation step (default ``batch_size``).
-            format: ``prompt``, ``gpo``, ``hh`` or ``auto`` (see the module doc); applies to every source.
+            format: ``prompt``, ``gpo``, ``hh``, ``tldr`` or ``auto`` (see the module doc); applies to every source.
             attacker_template: the attacker's prompt, a ``str.format`` template with ``{seed}``.
             max_prompt_tokens: longest rendered attacker prompt kept, in tokens; longer ones are dropped
                 and counted.
@@ -313,68 +632,12 @@ class SeedPromptDataModule(TokenizedDataModule):
             num_workers: DataLoader worker processes.
             tokenizer: tokenizer id or directory when the DataModule is used without a lit_align module.
         """
-        if format not in ("auto", "prompt", "gpo", "hh"):
-            raise ConfigError(f"data.format must be 'auto', 'prompt', 'gpo' or 'hh', got {format!r}")
-        if "{seed}" not in attacker_template:
-            raise ConfigError(f"data.attacker_template must contain '{{seed}}' (where the seed question goes), got "
-                             f"{attacker_template!r}")
-        try:
-            attacker_template.format(seed="x")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ConfigError(f"data.attacker_template is not a valid str.format template with only {{seed}} "
-                             f"({err!r}); double literal braces as '{{{{' and '}}}}'") from err
-        if max_prompt_tokens <= 0:
-            raise ConfigError(f"data.max_prompt_tokens must be positive, got {max_prompt_tokens}")
         super().__init__(train, val, test, val_fraction=val_fraction, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, max_length=max_prompt_tokens, chat_template=False,
+                         eval_batch_size=eval_batch_size, format=format, template=attacker_template,
+                         chat_template=False, max_prompt_tokens=max_prompt_tokens, drop_empty=True,
                          shuffle=shuffle, seed=seed, num_workers=num_workers, tokenizer=tokenizer)
-        self.format, self.attacker_template, self.max_prompt_tokens = format, attacker_template, max_prompt_tokens
-        self._empty: dict[str, int] = {}
 
-    # -- records ---------------------------------------------------------------------------
-    def _load(self, source: DataSource) -> list[Record]:
-        records, dropped = load_seed_prompts(source, self.format)
-        self._empty[source.path] = dropped
-        return records
-
-    def render(self, seed: str) -> str:
-        """The attacker prompt of one seed question."""
-        return self.attacker_template.format(seed=seed)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
-        self.tokenizer = self._resolve_tokenizer()
-        train, val = self._split()
-        self.train_dataset = self._tokenize(train, "train")
-        self.val_dataset = self._tokenize(val, "val")
-        self.test_dataset = self._tokenize(self._load(self.test_source), "test") if self.test_source else self.val_dataset
-
-    # -- tokenization ----------------------------------------------------------------------
-    def _encode(self, record: Record, index: int, tokenizer: PreTrainedTokenizerBase,
-                chat: bool = False) -> PromptExample | None:
-        """One seed record -> one example, or ``None`` when the rendered prompt is too long."""
-        ids = tokenizer(self.render(record["prompt"]))["input_ids"]
-        if len(ids) > self.max_prompt_tokens:
-            return None
-        return PromptExample(list(ids), record["prompt"], index, record.get("_source_index", index))
-
-    def _tokenize(self, records: list[Record], split: str = "train") -> PromptDataset | None:
-        if not records:
-            return None
-        encoded = [self._encode(r, i, self.tokenizer) for i, r in enumerate(records)]
-        kept = [ex for ex in encoded if ex is not None]
-        too_long = len(encoded) - len(kept)
-        if not kept:
-            raise DataError(f"all {len(records)} {split} seed prompts render to attacker prompts longer than "
-                             f"data.max_prompt_tokens = {self.max_prompt_tokens} tokens; raise it")
-        if too_long:
-            rank_zero_warn(f"{split}: dropped {too_long} of {len(records)} seed prompts whose attacker prompt is "
-                           f"longer than data.max_prompt_tokens = {self.max_prompt_tokens} tokens",
-                           category=UserWarning)
-        sources = {r["_source"] for r in records}
-        empty = sum(self._empty.get(s, 0) for s in sources)
-        return PromptDataset(kept, too_long + empty, self.max_prompt_tokens)
-
-    def _collator(self, pad_token_id: int) -> PromptCollator:
-        return PromptCollator(pad_token_id)
+    @property
+    def attacker_template(self) -> str:
+        """The attacker's prompt template (``data.attacker_template``)."""
+        return self.template

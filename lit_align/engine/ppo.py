@@ -15,12 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.engine.distributed import global_share, is_distributed, max_over_ranks, mean_over_ranks
-from lit_align.errors import ConfigError
-from lit_align.losses.ppo import ppo_policy_loss, ppo_value_loss
+from lit_align.errors import ConfigError, check_choice
+from lit_align.losses.ppo import aggregate, k3_kl, ppo_policy_loss, ppo_value_loss
 from lit_align.rollout.experience import Experience, minibatches
 from lit_align.rollout.logps import token_logps
 
-__all__ = ["PPOConfig", "ppo_update"]
+__all__ = ["AGGREGATIONS", "PPOConfig", "ppo_update"]
+
+#: The ways of averaging token losses (:func:`lit_align.losses.ppo.aggregate`).
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
 
 
 @dataclass
@@ -37,6 +40,14 @@ class PPOConfig:
     """Clip range of the value update around the old values; ``None``: unclipped squared error."""
     target_kl: float | None = None
     """Stop the remaining epochs once a minibatch's approximate KL exceeds this; ``None``: never stop early."""
+    kl_loss_coef: float = 0.0
+    """Weight of a KL-to-reference term in the policy loss (the k3 estimator,
+    :func:`~lit_align.losses.ppo.k3_kl`): GRPO's ``beta`` (0.04 in the paper). 0: off, the KL then lives in the
+    rewards only (``kl_coef`` of the method), as PPO-RLHF has it."""
+    aggregation: str = "token_mean"
+    """How token losses are averaged (:func:`~lit_align.losses.ppo.aggregate`): ``token_mean`` (PPO),
+    ``sequence_mean`` (GRPO as published) or ``constant`` (Dr. GRPO; divides by the sampling budget
+    ``max_new_tokens``)."""
 
     def __post_init__(self) -> None:
         _check_ppo(vars(self))
@@ -44,7 +55,8 @@ class PPOConfig:
 
 def _check_ppo(values: dict) -> None:
     """Validate PPO settings; an error names ``model.ppo.<field>``, where the methods' ``ppo`` block lives."""
-    key = {f: f"model.ppo.{f}" for f in ("epochs", "minibatch_size", "clip", "value_clip", "target_kl")}
+    key = {f: f"model.ppo.{f}" for f in ("epochs", "minibatch_size", "clip", "value_clip", "target_kl",
+                                          "kl_loss_coef", "aggregation")}
     epochs, size = values.get("epochs", 1), values.get("minibatch_size")
     clip, value_clip, target_kl = values.get("clip", 0.2), values.get("value_clip"), values.get("target_kl")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -57,6 +69,9 @@ def _check_ppo(values: dict) -> None:
         raise ConfigError(f"{key['value_clip']} must be positive or null, got {value_clip}")
     if target_kl is not None and not target_kl > 0:
         raise ConfigError(f"{key['target_kl']} must be positive or null, got {target_kl}")
+    if not values.get("kl_loss_coef", 0.0) >= 0:
+        raise ConfigError(f"{key['kl_loss_coef']} must be >= 0 (0: off), got {values.get('kl_loss_coef')}")
+    check_choice(key["aggregation"], values.get("aggregation", "token_mean"), AGGREGATIONS)
 
 
 def ppo_update(
@@ -69,6 +84,7 @@ def ppo_update(
     step_critic: Callable[[Tensor], None] | None = None,
     generator: torch.Generator | None = None,
     chunk_tokens: int | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, Tensor]:
     """Run ``config.epochs`` passes of minibatch PPO over ``exp``.
 
@@ -81,12 +97,14 @@ def ppo_update(
             the player's ``step``.
         generator: CPU generator of the minibatch permutation (seeded by the caller: resumable).
         chunk_tokens: rows per LM-head chunk in the log-prob computation (memory only).
+        max_tokens: the sampling budget, the divisor of ``aggregation: constant``.
 
     Data parallel (DDP, FSDP2): each rank updates on its own experience, which must hold as many rows as
     every other rank's (``make_experience(keep_shape=True)``), so all run the same minibatches. Each loss, a
     mean over its minibatch's action tokens, is scaled by its share of the tokens of all ranks
     (:func:`~lit_align.engine.distributed.global_share`): averaged over the ranks, the gradients are those
-    of the mean over every rank's tokens, as one process on the global batch computes. The early stop is
+    of the mean over every rank's tokens, as one process on the global batch computes (with a per-row
+    ``aggregation``, the share is of the rows that hold an action). The early stop is
     decided on the token-weighted mean approximate KL of all ranks, identically on each.
 
     Returns:
@@ -106,10 +124,15 @@ def ppo_update(
         stop = False
         for mb in minibatches(exp, size, shuffle=config.epochs > 1, generator=generator):
             tokens = mb.action_mask.sum()
-            share = global_share(tokens).to(tokens.device)  # 1 in one process
+            units = tokens if config.aggregation == "token_mean" else mb.action_mask.bool().any(-1).sum()
+            share = global_share(units).to(tokens.device)  # 1 in one process
             scored = mb.action_mask if tokens > 0 else _one_position(mb.attention_mask)
             logps = token_logps(policy, mb.sequences, mb.attention_mask, scored, chunk_tokens=chunk_tokens).logps
-            loss, pm = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.action_mask, clip=config.clip)
+            loss, pm = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.action_mask, clip=config.clip,
+                                       aggregation=config.aggregation, max_tokens=max_tokens)
+            if config.kl_loss_coef > 0:
+                kl = aggregate(k3_kl(logps, mb.ref_logps), mb.action_mask, config.aggregation, max_tokens)
+                loss, pm = loss + config.kl_loss_coef * kl, {**pm, "kl_loss": kl.detach()}
             step_policy(loss * share)
             metrics = {"loss": loss.detach(), **pm}
             if critic is not None:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lit_align.errors import ConfigError
 
-__all__ = ["gae", "kl_shaped_rewards", "ppo_policy_loss", "ppo_value_loss", "whiten"]
+__all__ = ["aggregate", "gae", "k3_kl", "kl_shaped_rewards", "ppo_policy_loss", "ppo_value_loss", "whiten"]
 
 
 # -- checks -----------------------------------------------------------------------------------------
@@ -209,8 +209,38 @@ def gae(
     return advantages, returns
 
 
+def aggregate(x: Tensor, mask: Tensor, aggregation: str = "token_mean", max_tokens: int | None = None) -> Tensor:
+    """Reduce per-token losses ``x`` (B, T) over ``mask`` to one number.
+
+    * ``token_mean``: the mean over every masked token of the batch (PPO in TRL, OpenRLHF; DAPO's "token-level");
+    * ``sequence_mean``: each row's token mean, then the mean over the rows with a masked token (GRPO as
+      published, Shao et al. 2024, eq. 3: ``1/G sum_i 1/|o_i| sum_t``);
+    * ``constant``: each row's token sum divided by ``max_tokens``, then the mean over those rows (Dr. GRPO,
+      Liu et al. 2025, arXiv 2503.20783: no length normalisation).
+
+    Hand check, ``x = [[1, 3, 0], [5, 0, 0]]``, ``mask = [[1, 1, 0], [1, 0, 0]]``: token_mean ``9 / 3 = 3``,
+    sequence_mean ``(2 + 5) / 2 = 3.5``, constant with ``max_tokens = 4``: ``(4 / 4 + 5 / 4) / 2 = 1.125``.
+    """
+    m = mask.bool()
+    if aggregation == "token_mean":
+        return _masked_mean(x, m)
+    sums = torch.where(m, x, torch.zeros_like(x)).sum(-1)  # (B,)
+    rows = m.any(-1)  # (B,)
+    if aggregation == "sequence_mean":
+        per_row = sums / m.sum(-1).clamp(min=1)
+    elif aggregation == "constant":
+        if not max_tokens or max_tokens < 1:
+            raise ValueError(f"aggregation 'constant' needs max_tokens >= 1, got {max_tokens!r}")
+        per_row = sums / max_tokens
+    else:
+        raise ConfigError(f"model.ppo.aggregation must be 'token_mean', 'sequence_mean' or 'constant', got "
+                          f"{aggregation!r}")
+    return torch.where(rows, per_row, torch.zeros_like(per_row)).sum() / rows.sum().clamp(min=1)
+
+
 def ppo_policy_loss(
-    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, clip: float | None = 0.2
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, clip: float | None = 0.2,
+    aggregation: str = "token_mean", max_tokens: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate objective, averaged over the response tokens of the batch.
 
@@ -233,6 +263,8 @@ def ppo_policy_loss(
         mask: (B, T) 1 on the response tokens.
         clip: ``eps`` in (0, 1), or None for the unclipped surrogate ``mean_t -A_t rho_t`` (the
             objective the GPO launch script actually ran: its clipping flag is never passed).
+        aggregation, max_tokens: how the token terms are averaged (:func:`aggregate`); the metrics are
+            token means either way.
 
     Returns:
         ``(loss, metrics)``; detached token means over ``mask``: ``clip_frac`` (fraction of tokens
@@ -249,7 +281,7 @@ def ppo_policy_loss(
     adv = advantages.detach()
     unclipped = -adv * ratio  # (B, T)
     clipped = -adv * ratio.clamp(1.0 - clip, 1.0 + clip) if clip is not None else unclipped  # (B, T)
-    loss = _masked_mean(torch.maximum(unclipped, clipped), m)
+    loss = aggregate(torch.maximum(unclipped, clipped), m, aggregation, max_tokens)
     with torch.no_grad():
         metrics = {
             "clip_frac": _masked_mean((clipped > unclipped).float(), m),
@@ -258,6 +290,15 @@ def ppo_policy_loss(
             "advantage": _masked_mean(adv.float(), m),
         }
     return loss, metrics
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """(B, T) Schulman's "k3" estimate of ``KL(pi || pi_ref)`` per token from samples of ``pi``:
+    ``exp(ref - logp) - (ref - logp) - 1`` (non-negative, unbiased), GRPO's KL term (Shao et al. 2024, eq. 4).
+
+    Hand check: ``logp = log 0.5``, ``ref = log 0.25``: ``0.5 - log 0.5 - 1 = 0.5 + 0.693 - 1 = 0.193``."""
+    delta = ref_logps.detach() - logps
+    return delta.exp() - delta - 1.0
 
 
 def ppo_value_loss(

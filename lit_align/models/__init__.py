@@ -16,10 +16,11 @@ from lit_align.models.players import PlayerPolicies
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
 from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model, last_token_index
 from lit_align.models.spec import LoRASpec, ModelSpec, TinyArch
-from lit_align.models.value import ValueModel, build_value_model
+from lit_align.models.value import CriticSpec, ValueModel, build_critic, build_value_model
 
 __all__ = [
     "BUILTIN_MODELS",
+    "CriticSpec",
     "LoRASpec",
     "ModelSpec",
     "PlayerPolicies",
@@ -30,6 +31,7 @@ __all__ = [
     "TINY_TOKENIZER",
     "TinyArch",
     "ValueModel",
+    "build_critic",
     "add_lora_adapter",
     "apply_lora",
     "build_causal_lm",

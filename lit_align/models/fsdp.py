@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,7 +30,8 @@ from lit_align.rollout.logps import (
     unwrap_causal_lm,
 )
 
-__all__ = ["DecoderLayerPolicy", "decoder_layers", "fsdp2_parallelize", "full_params", "load_from_rank0"]
+__all__ = ["DecoderLayerPolicy", "bf16_policy", "decoder_layers", "fsdp2_parallelize", "full_params", "load_from_rank0",
+           "shard_scorer"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -139,3 +141,29 @@ def full_params(trainer) -> Iterator[None]:
     with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True):
         yield
 
+
+def shard_scorer(model: nn.Module, mesh, mp_policy=None) -> nn.Module:
+    """``fully_shard`` a scalar scorer in place: each decoder layer of its backbone one unit, the scorer the
+    root unit. Its entry points (``score`` of a reward model; a value model's ``forward``, which
+    ``action_values`` calls) gather the root's weights: the scorers call the decoder, not the LM's forward."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    # the scores and values come back as views (a squeezed head output); nothing modifies them in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(RewardModel|ValueModel)\) returned a view")
+    kwargs = {"mesh": mesh} | ({"mp_policy": mp_policy} if mp_policy is not None else {})
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    if hasattr(model, "score"):
+        register_fsdp_forward_method(model, "score")
+    return model
+
+
+def bf16_policy(precision):
+    """FSDP2's bf16 mixed-precision policy under ``trainer.precision: bf16*`` (as the policy's), else None."""
+    if not str(precision).startswith("bf16"):
+        return None
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

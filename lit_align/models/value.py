@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,10 +21,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.checkpoint import load_checkpoint
+from lit_align.errors import ConfigError
 from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model
+from lit_align.models.spec import ModelSpec
 from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask
 
-__all__ = ["ValueModel", "build_value_model"]
+__all__ = ["CriticSpec", "ValueModel", "build_critic", "build_value_model"]
 
 
 class ValueModel(nn.Module):
@@ -126,3 +129,55 @@ def build_value_model(
     if init_from is not None:
         reward_model.load_state_dict(_reward_model_state(init_from, init_prefix), strict=True)
     return ValueModel(reward_model.backbone, reward_model.head)
+
+
+@dataclass
+class CriticSpec:
+    """The PPO critic (``model.critic``): its architecture and where its weights start."""
+
+    model: RewardModelSpec | None = None
+    """A ``scalar_head`` spec on the policy's tokenizer (it reads the policy's token ids); ``None``: the policy's
+    spec (its LoRA included: a frozen base, trainable adapters and a zero value head)."""
+    init_from: str = "policy"
+    """``policy``: the architecture's own starting weights (the policy's, unless ``model`` says otherwise) and a
+    zero head, so every value starts at 0; ``reward``: a copy of the reward model (a
+    :class:`~lit_align.rewards.ModelReward` of kind ``scalar_head`` on the policy's tokenizer), as InstructGPT
+    starts its value function; or a reward-model checkpoint file (see :func:`build_value_model`)."""
+
+
+def build_critic(spec: CriticSpec, policy: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, reward: nn.Module | None = None,
+                 mesh=None, precision=None, device=None, rank: int = 0) -> ValueModel:
+    """The critic ``spec`` describes. With a ``mesh`` (FSDP2) it is sharded like the policy, rank 0 building
+    the weights and broadcasting them (:func:`~lit_align.models.fsdp.load_from_rank0`)."""
+    arch = spec.model or RewardModelSpec(model=policy)
+    if arch.kind != "scalar_head":
+        raise ConfigError(f"model.critic.model.kind={arch.kind!r}: a critic is a causal LM with a value head read at "
+                          "every token (kind: scalar_head) on the policy's tokenizer")
+
+    def built(meta: bool = False) -> ValueModel:
+        if spec.init_from == "reward" and not meta:
+            scorer = getattr(reward, "model", None)
+            if getattr(scorer, "kind", None) != "scalar_head" or getattr(reward, "_own_tokenizer", None) is not None:
+                raise ConfigError("model.critic.init_from: 'reward' copies a reward model of kind scalar_head on the "
+                                  "policy's tokenizer (lit_align.rewards.ModelReward); this reward is not one. Use "
+                                  "'policy' or a checkpoint file")
+            return ValueModel.from_reward_model(scorer)
+        if meta:
+            scorer = build_reward_model(arch, tokenizer, key="model.critic.model", meta=True)
+            return ValueModel(scorer.backbone, scorer.head)
+        init = None if spec.init_from in ("policy", "reward") else spec.init_from
+        return build_value_model(arch, tokenizer, init_from=init)
+
+    if mesh is None:
+        return built()
+    from lit_align.models.fsdp import bf16_policy, load_from_rank0, shard_scorer
+
+    source = built() if rank == 0 else None
+    critic = built(meta=True)
+    shard_scorer(critic, mesh, bf16_policy(precision))
+    load_from_rank0(critic, source, device)
+    return critic
+
+
+# the critic block is saved with a method's hyperparameters in every checkpoint; allow it in weights-only loads
+torch.serialization.add_safe_globals([CriticSpec])

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor, nn
 
-from lit_align.losses.ppo import gae, kl_shaped_rewards, whiten
+from lit_align.losses.ppo import kl_shaped_rewards
 from lit_align.modes import eval_mode
+from lit_align.rollout.advantages import GAE, AdvantageEstimator
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import Rollout
 
@@ -143,7 +144,7 @@ def _empty(rollout: Rollout, scores: Tensor, dropped: int) -> Experience:
 def make_experience(
     actor: nn.Module,
     reference: nn.Module,
-    critic: nn.Module,
+    critic: nn.Module | None,
     rollout: Rollout,
     scores: Tensor,
     *,
@@ -157,6 +158,7 @@ def make_experience(
     eos_token_id: int | Sequence[int] | None = None,
     keep_shape: bool = False,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    estimator: AdvantageEstimator | None = None,
 ) -> Experience:
     """Score a rollout for PPO: log-probs, values, KL-shaped rewards and GAE (no gradient).
 
@@ -165,7 +167,8 @@ def make_experience(
     Args:
         actor: the HF causal LM that sampled ``rollout`` (optionally PEFT-wrapped).
         reference: the frozen reference LM (may be ``actor`` itself with ``reference_context``).
-        critic: a :class:`~lit_align.models.value.ValueModel` (anything with ``action_values``).
+        critic: a :class:`~lit_align.models.value.ValueModel` (anything with ``action_values``), or ``None``
+            for a critic-free estimator (the values are then 0).
         rollout: the sampled batch (:func:`~lit_align.rollout.sampler.sample`).
         scores: (B,) sequence score of each rollout row (computed by the caller on the full
             rollout: reward model, detector, rule or mix); unclipped.
@@ -173,6 +176,10 @@ def make_experience(
         gamma, lam: see :func:`~lit_align.losses.ppo.gae`.
         whiten_advantages: whiten the advantages over the batch's action tokens (returns are
             computed before whitening).
+        estimator: how rewards become advantages (:mod:`lit_align.rollout.advantages`: ``GAE``, ``RLOO``,
+            ``GRPO``); ``None``: :class:`~lit_align.rollout.advantages.GAE` with ``gamma``, ``lam`` and
+            ``whiten_advantages``. A group estimator needs the rollout's rows grouped by prompt and
+            ``keep_shape`` (a dropped row would shift the groups).
         reference_context: zero-argument callable returning a context manager under which the
             reference runs, e.g. ``lambda: actor.disable_adapter()`` with ``reference=actor``.
         min_response_tokens: rows with fewer actions (:func:`response_actions`) are dropped and
@@ -197,6 +204,12 @@ def make_experience(
         every row is dropped, an experience with B = 0 (no model is run).
     """
     _check_args(rollout, scores, min_response_tokens)
+    estimator = estimator or GAE(gamma=gamma, lam=lam, whiten=whiten_advantages)
+    if estimator.group_size > 1 and not keep_shape:
+        raise ValueError("make_experience: a group estimator needs keep_shape=True (dropping a row would break the "
+                         "groups of samples of one prompt)")
+    if estimator.needs_critic and critic is None:
+        raise ValueError(f"make_experience: {type(estimator).__name__} needs a critic")
     actions = response_actions(rollout, eos_token_id)  # (B, R)
     keep = actions.sum(-1) >= min_response_tokens  # (B,)
     dropped = int((~keep).sum())
@@ -214,11 +227,11 @@ def make_experience(
     steps = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)  # (B, T) every generated token
     context = reference_context or nullcontext
 
-    with eval_mode(actor, reference, critic):
+    with eval_mode(*(m for m in (actor, reference, critic) if m is not None)):
         old = token_logps(actor, sequences, attention_mask, steps)
         with context():
             ref = token_logps(reference, sequences, attention_mask, steps)
-        values = critic.action_values(sequences, attention_mask)  # (B, T)
+        values = critic.action_values(sequences, attention_mask) if critic is not None else torch.zeros_like(old.logps)
 
     mask = old.mask * keep[:, None]  # (B, T) float == steps of the kept rows (a prompt's first token is never generated)
     action_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), actions], dim=1).to(mask)  # (B, T)
@@ -227,10 +240,7 @@ def make_experience(
     rows = keep if keep.any() else torch.ones_like(keep)  # metrics over the kept rows (all: none is kept)
     _, metrics = kl_shaped_rewards(old.logps[rows], ref.logps[rows], scores[rows], mask[rows], kl_coef=kl_coef,
                                    reward_clip=reward_clip)
-    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
-    if whiten_advantages:
-        advantages = whiten(advantages, action_mask, reduce=reduce)
-    advantages, returns = advantages * action_mask, returns * action_mask
+    advantages, returns = estimator(rewards, values, mask, action_mask, reduce=reduce)
     metrics["response_length"] = mask[rows].sum(-1).mean()
     metrics["value"] = (values.sum() / mask.sum().clamp(min=1))
     metrics["dropped"] = torch.tensor(float(dropped), device=mask.device)

@@ -11,7 +11,6 @@ norm, head), every rank builds them on the meta device, and rank 0 alone builds 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -19,27 +18,10 @@ from torch import Tensor, nn
 from lit_align.checkpoint import load_checkpoint
 from lit_align.errors import ConfigError
 from lit_align.models import ModelSpec, RewardModelSpec, ValueModel, build_reward_model, build_tokenizer, freeze
-from lit_align.models.fsdp import decoder_layers, load_from_rank0
+from lit_align.models.fsdp import bf16_policy, load_from_rank0, shard_scorer  # noqa: F401 (re-exported)
 
 __all__ = ["bf16_policy", "build_alignment", "build_scorers", "check_vocabulary", "detector_spec", "detector_state",
            "freeze_lm_head", "full_state", "save_detector", "shard_scorer"]
-
-
-def shard_scorer(model: nn.Module, mesh, mp_policy=None) -> nn.Module:
-    """``fully_shard`` a scalar scorer in place: each decoder layer of its backbone one unit, the scorer the
-    root unit. Its entry points (``score`` of a reward model; a value model's ``forward``, which
-    ``action_values`` calls) gather the root's weights: the scorers call the decoder, not the LM's forward."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    # the scores and values come back as views (a squeezed head output); nothing modifies them in place
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(RewardModel|ValueModel)\) returned a view")
-    kwargs = {"mesh": mesh} | ({"mp_policy": mp_policy} if mp_policy is not None else {})
-    for layer in decoder_layers(model):
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
-    if hasattr(model, "score"):
-        register_fsdp_forward_method(model, "score")
-    return model
 
 
 def build_scorers(spec: RewardModelSpec, tokenizer, checkpoint: str | None = None, *, mesh=None, mp_policy=None,
@@ -95,16 +77,6 @@ def check_vocabulary(spec: ModelSpec, actor: ModelSpec, tokenizer, key: str) -> 
                           f"reads the actor's token ids), and its tokenizer differs; give {key} the actor's "
                           "tokenizer. A reward model with another tokenizer (e.g. a BERT classifier) fits "
                           "model.alignment.reward")
-
-
-def bf16_policy(precision):
-    """FSDP2's bf16 mixed-precision policy under ``trainer.precision: bf16*`` (as the policy's), else None."""
-    if not str(precision).startswith("bf16"):
-        return None
-    import torch
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def freeze_lm_head(scorer: nn.Module) -> nn.Module:

@@ -97,7 +97,7 @@ def test_formats_on_hub_layout_fixtures(tmp_path):
 
 def test_long_prompts_dropped_and_counted():
     full = _dm({"path": "builtin:seed_prompts/val"}, val_fraction=0.0)
-    lengths = sorted(len(ex.attacker_ids) for ex in full.train_dataset.examples)
+    lengths = sorted(len(ex.input_ids) for ex in full.train_dataset.examples)
     limit = lengths[len(lengths) // 2]
     with pytest.warns(UserWarning, match="longer than data.max_prompt_tokens"):
         dm = _dm({"path": "builtin:seed_prompts/val"}, val_fraction=0.0, max_prompt_tokens=limit)
@@ -112,7 +112,7 @@ def test_bad_input(tmp_path):
         SeedPromptDataModule(train=DataSource(path="builtin:seed_prompts"), attacker_template="Rewrite: {question}")
     with pytest.raises(ValueError, match="data.format"):
         SeedPromptDataModule(train=DataSource(path="builtin:seed_prompts"), format="chat")
-    with pytest.raises(ValueError, match="no built-in seed prompts"):
+    with pytest.raises(ValueError, match="no built-in prompts"):
         load_seed_prompts(DataSource(path="builtin:seed_prompts/test"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([["a", "b"]]))

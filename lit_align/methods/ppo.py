@@ -1,0 +1,326 @@
+"""Online RL of one policy on any reward: PPO with a critic, RLOO, GRPO, and contrastive rewards."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lit_align.data.prompts import PromptBatch
+from lit_align.engine import GAE, AdvantageEstimator, Optimization, PhaseTimer, Player, PPOConfig, ppo_update
+from lit_align.engine.distributed import refuse_fsdp1, sum_over_ranks
+from lit_align.engine.player import configure_players, resolve_optimization
+from lit_align.engine.seeds import generator, row_generators
+from lit_align.errors import ConfigError
+from lit_align.losses.ppo import whiten
+from lit_align.methods.base import ReferencedPolicyModule, default_cache_dir
+from lit_align.models import ModelSpec
+from lit_align.models.reference import model_fingerprint
+from lit_align.models.value import CriticSpec, build_critic
+from lit_align.modes import eval_mode
+from lit_align.rewards import BaselineTable, ContrastiveRewards, Reward, RewardInput
+from lit_align.rewards import contrastive as cr
+from lit_align.rollout.experience import make_experience
+from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
+
+__all__ = ["PPOModule"]
+
+#: Each player's optimisation unless ``model.optimization`` says otherwise: Adam (betas 0.9, 0.95) at
+#: OpenRLHF's order of rates (actor 5e-7, critic 9e-6), clip 1.0.
+PLAYERS = {"policy": Optimization(lr=1e-6), "critic": Optimization(lr=1e-5)}
+_SAMPLING = SamplingConfig(max_new_tokens=64)
+_PPO = PPOConfig()
+
+
+def _adam(lr: float):
+    return lambda params: torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+
+
+class PPOModule(ReferencedPolicyModule):
+    """RLHF of one policy (Ouyang et al. 2022, arXiv 2203.02155; Stiennon et al. 2020, arXiv 2009.01325).
+
+    Each step, on this rank's prompts (:class:`~lit_align.data.prompts.PromptBatch`):
+
+    1. **generate** k = ``estimator.group_size`` samples of every prompt (1 for GAE), each seeded from
+       ``(sample_seed, step, its prompt's global index, j)``: the same on any number of ranks and on resume;
+       the k samples of a prompt sit next to each other on one rank;
+    2. **score** them with ``reward`` (any :class:`~lit_align.rewards.Reward`); with ``contrastive`` subtract the
+       prompt's offline baseline ``b(x)`` (:mod:`lit_align.rewards.contrastive`), then (``whiten_scores``)
+       whiten over every rank's rows;
+    3. **experience**: old, reference and (GAE) critic values, KL-shaped rewards, then the ``estimator``'s
+       advantages: :class:`~lit_align.engine.GAE` (critic), :class:`~lit_align.engine.RLOO` or
+       :class:`~lit_align.engine.GRPO` (no critic is built);
+    4. **PPO update** of the policy (and critic) by :func:`~lit_align.engine.ppo_update`.
+
+    The reference is the policy with its LoRA adapter off (``adapter``) or a frozen copy; responses are new every
+    step, so nothing can be precomputed. Every generated token is an action, EOS included (TRL's and OpenRLHF's
+    rule). Players (``model.optimization``): ``policy``, and ``critic`` with GAE.
+
+    Data parallel (DDP, FSDP2; FSDP1 is refused): each rank samples and scores its own prompts (the reward is
+    replicated on every rank); the whitening and the losses' token shares are global, so N ranks equal one
+    process on the global batch.
+
+    Logged: ``train/{reward,score,kl,response_length}``, ``train/policy/*``, ``train/critic/*``,
+    ``train/contrastive/{baseline,reward}``, ``train/reward_var`` (variance of the rewards PPO was fed),
+    ``train/time/<phase>``; ``val/reward`` and ``val/<name>`` for each of ``eval_rewards``.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        reward: Reward,
+        estimator: AdvantageEstimator | None = None,
+        critic: CriticSpec | None = None,
+        reference: Literal["auto", "adapter", "copy"] = "auto",
+        sampling: SamplingConfig = _SAMPLING,
+        kl_coef: float = 0.05,
+        reward_clip: float | None = None,
+        whiten_scores: bool = False,
+        ppo: PPOConfig = _PPO,
+        contrastive: ContrastiveRewards | None = None,
+        optimization: dict[str, Optimization] | None = None,
+        eval_rewards: dict[str, Reward] | None = None,
+        sample_seed: int = 0,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        """
+        Args:
+            model: the policy (LoRA or full).
+            reward: what scores a response (``class_path: lit_align.rewards.ModelReward``, ``JudgeReward``,
+                ``CallableReward`` or ``Mix``).
+            estimator: ``lit_align.engine.GAE`` (default; builds a critic), ``RLOO`` or ``GRPO`` (k samples per
+                prompt, no critic).
+            critic: the critic of GAE (:class:`~lit_align.models.value.CriticSpec`); unset: the policy's
+                architecture and weights with a zero value head.
+            reference: ``adapter`` (LoRA off), ``copy`` (frozen copy) or ``auto`` (adapter with LoRA).
+            sampling: how responses are sampled (``do_sample`` must be true).
+            kl_coef: per-token KL penalty to the reference in the rewards (``beta``; GRPO as published: 0, with
+                ``ppo.kl_loss_coef``).
+            reward_clip: clip the score to +-this before it enters the rewards; ``None``: no clip.
+            whiten_scores: whiten the scores over every rank's rows before the KL shaping (after subtracting the
+                contrastive baseline).
+            ppo: epochs, minibatch size, clip ranges, KL-in-loss and loss aggregation (:class:`~lit_align.engine.PPOConfig`).
+            contrastive: subtract an offline per-prompt baseline from the starting policy (Shen et al. 2024).
+            optimization: one block per player (``policy``, and ``critic`` with GAE); unset: :data:`PLAYERS`.
+            eval_rewards: further rewards logged at validation only (e.g. a gold reward next to a proxy).
+            sample_seed: seed of every draw (:func:`lit_align.engine.derive_seed`).
+            chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
+        """
+        reference = ("adapter" if model.lora is not None else "copy") if reference == "auto" else reference
+        if reference not in ("adapter", "copy"):
+            raise ConfigError("model.reference must be 'adapter', 'copy' or 'auto' for online RL (responses are new "
+                              f"every step: nothing can be precomputed), got {reference!r}")
+        super().__init__(model, reference=reference, chunk_tokens=chunk_tokens)
+        if not sampling.do_sample:
+            raise ConfigError("model.sampling.do_sample must be true: PPO needs sampled responses")
+        if not kl_coef >= 0:
+            raise ConfigError(f"model.kl_coef must be >= 0, got {kl_coef}")
+        if reward_clip is not None and not reward_clip > 0:
+            raise ConfigError(f"model.reward_clip must be positive or null, got {reward_clip}")
+        self.automatic_optimization = False
+        self.reward = reward
+        self.estimator = estimator if estimator is not None else GAE()
+        self.critic_spec = critic if self.estimator.needs_critic else None
+        if critic is not None and not self.estimator.needs_critic:
+            raise ConfigError(f"model.critic: {type(self.estimator).__name__} needs no critic (its baseline is the "
+                              "group of samples); remove model.critic or use lit_align.engine.GAE")
+        self.sampling, self.ppo = dataclasses.replace(sampling), dataclasses.replace(ppo)
+        self.kl_coef, self.reward_clip, self.whiten_scores = kl_coef, reward_clip, whiten_scores
+        self.contrastive = contrastive
+        self.eval_rewards = torch.nn.ModuleDict(eval_rewards or {})
+        defaults = {k: v for k, v in PLAYERS.items() if k == "policy" or self.estimator.needs_critic}
+        self.players = {name: Player(name, block, _adam)
+                        for name, block in resolve_optimization(optimization, defaults).items()}
+        self.sample_seed = sample_seed
+        self.timer = PhaseTimer()
+        self.critic = None  # built in configure_model
+        self.baseline: BaselineTable | None = None  # contrastive: made before training, kept in checkpoints
+        self.step_count = 0  # in checkpoints
+
+    # -- building ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        super().configure_model()
+        self.reward.build(self.tokenizer, "model.reward")
+        for name, reward in self.eval_rewards.items():
+            reward.build(self.tokenizer, f"model.eval_rewards.{name}")
+        if self.estimator.needs_critic:
+            self.critic = build_critic(self.critic_spec or CriticSpec(), self.spec, self.tokenizer, reward=self.reward,
+                                       mesh=self.device_mesh["data_parallel"] if self.device_mesh is not None else None,
+                                       precision=self.trainer.precision, device=self.trainer.strategy.root_device,
+                                       rank=self.global_rank)
+
+    def setup(self, stage: str) -> None:
+        refuse_fsdp1(self.trainer.strategy, "PPOModule")
+
+    def configure_optimizers(self):
+        params = {"policy": list(self.policy.parameters())}
+        if self.critic is not None:
+            params["critic"] = list(self.critic.parameters())
+        return configure_players(list(self.players.values()), params)
+
+    # -- rollouts --------------------------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        return self.estimator.group_size
+
+    def _rollout(self, batch: PromptBatch, k: int, purpose: str, step: int | None = None) -> Rollout:
+        """k samples of each prompt, contiguous; sample ``j`` of the prompt with global index ``i`` draws from
+        ``(sample_seed, step, purpose, i k + j)``."""
+        ids, mask = batch.input_ids.repeat_interleave(k, 0), batch.attention_mask.repeat_interleave(k, 0)
+        rows = [int(i) * k + j for i in batch.index.tolist() for j in range(k)]
+        rngs = row_generators(self.sample_seed, self.step_count if step is None else step, purpose, rows,
+                              device=self.device)
+        with eval_mode(self.policy):
+            return sample(self.policy, ids, mask, self.sampling, eos_token_id=self.tokenizer.eos_token_id,
+                          pad_token_id=self.tokenizer.pad_token_id, generator=rngs)
+
+    def _reward_input(self, batch: PromptBatch, rollout: Rollout, k: int) -> RewardInput:
+        responses = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+                     for r, m in zip(rollout.response_ids, rollout.response_mask)]
+        prompts = [p for p in batch.prompts for _ in range(k)]
+        return RewardInput(prompts, responses, rollout.sequences, rollout.attention_mask, self.tokenizer)
+
+    @torch.no_grad()
+    def _score(self, batch: PromptBatch, rollout: Rollout, k: int, reward: Reward | None = None) -> Tensor:
+        """(B k,) the reward of each sample: one code path for the online rewards and the contrastive baseline."""
+        return (reward or self.reward)(self._reward_input(batch, rollout, k))
+
+    # -- contrastive baseline ----------------------------------------------------------------------
+    def _baseline_key(self, uids: list[str]) -> dict:
+        sampling = repr(sorted(dataclasses.asdict(self.sampling).items()))
+        return cr.baseline_key(uids, self.reward.fingerprint(), model_fingerprint(self.policy), sampling,
+                               self.contrastive)
+
+    def _make_baseline(self) -> None:
+        """The offline stage: every training prompt's ``b(x)`` from k samples of the starting policy (this rank
+        scores its share; the table is gathered), from the cache when it was made under the same key."""
+        dm = self.trainer.datamodule
+        dataset = dm.train_dataset
+        uids = [dataset[i].uid for i in range(len(dataset))]
+        key = self._baseline_key(uids)
+        path = cr.cache_path(self.contrastive, key, Path(default_cache_dir()))
+        table = cr.load_cached(path, key)
+        if table is None:
+            collate = dm._collator(self.tokenizer.pad_token_id)
+            rank, world = self.global_rank, self.trainer.world_size
+            mine = list(range(rank, len(dataset), world))
+            per_rank = -(-len(dataset) // world)
+            mine += mine[:1] * (per_rank - len(mine))  # equal forwards on every rank (FSDP2)
+            size, k = self.contrastive.batch_size, self.contrastive.samples
+            batches = (collate([dataset[i] for i in mine[s:s + size]]).to(self.device) for s in range(0, len(mine), size))
+            with self.timer("baseline"):
+                table = cr.compute_baseline(
+                    batches, lambda b: self._score(b, self._rollout(b, k, "baseline", step=0), k),
+                    lambda b: list(b.uids), self.contrastive, key)
+            if self.trainer.is_global_zero:
+                cr.save_cached(table, path)
+        self.baseline = table
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.contrastive is not None and self.baseline is None:  # a resumed run has it from the checkpoint
+            self._make_baseline()
+
+    # -- the step --------------------------------------------------------------------------------
+    def _rewards(self, batch: PromptBatch, rollout: Rollout, metrics: dict[str, Tensor], k: int | None = None) -> Tensor:
+        """(B k,) what PPO is fed (k: samples per prompt, the estimator's by default): the reward, minus the
+        contrastive baseline, whitened if asked."""
+        k = k or self.group_size
+        scores = self._score(batch, rollout, k)
+        metrics["score"] = scores.mean()
+        if self.baseline is not None:
+            base = self.baseline.lookup([u for u in batch.uids for _ in range(k)]).to(scores)
+            scores = scores - base
+            metrics.update({"contrastive/baseline": base.mean(), "contrastive/reward": scores.mean()})
+        if self.whiten_scores:
+            scores = whiten(scores[:, None], torch.ones_like(scores[:, None]), reduce=sum_over_ranks)[:, 0]
+        return scores
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.timer.reset()
+        metrics: dict[str, Tensor] = {}
+        with self.timer("generate"):
+            rollout = self._rollout(batch, self.group_size, "sample")
+        with self.timer("score"):
+            scores = self._rewards(batch, rollout, metrics)
+        with self.timer("experience"):
+            reference, context = self._reference_args()
+            exp = make_experience(self.policy, reference, self.critic, rollout, scores, kl_coef=self.kl_coef,
+                                  reward_clip=self.reward_clip, reference_context=context, min_response_tokens=1,
+                                  keep_shape=True, reduce=sum_over_ranks, estimator=self.estimator)
+        metrics.update({k: exp.metrics[k] for k in ("kl", "reward", "response_length")})
+        metrics["reward_var"] = _global_var(exp.rewards.sum(-1))
+        with self.timer("update"):
+            update = ppo_update(self.policy, self.critic, exp, self.ppo,
+                                step_policy=lambda loss: self.players["policy"].step(self, loss),
+                                step_critic=(lambda loss: self.players["critic"].step(self, loss)) if self.critic else None,
+                                generator=self._rng("shuffle"), chunk_tokens=self.chunk_tokens,
+                                max_tokens=self.sampling.max_new_tokens)
+        metrics.update({(k if k.startswith("critic/") else f"policy/{k}"): v for k, v in update.items()})
+        self.step_count += 1
+        for key, value in {**metrics, **self.timer.metrics()}.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=len(batch),
+                     prog_bar=key in ("score", "kl"))
+
+    def _reference_args(self):
+        if self.reference.copy is not None:
+            return self.reference.copy, None
+        return self.policy, lambda: self.policy.disable_adapter()
+
+    def _rng(self, purpose: str) -> torch.Generator:
+        return generator(self.sample_seed, self.step_count, purpose, device=self.device)
+
+    # -- validation ------------------------------------------------------------------------------
+    def _eval_step(self, batch: PromptBatch, stage: str) -> None:
+        """One sample per prompt (seeded from the prompt, the same every epoch) scored by the reward and by each
+        of ``eval_rewards``."""
+        rollout = self._rollout(batch, 1, f"{stage}/sample", step=0)
+        scores = {"reward": self._score(batch, rollout, 1)}
+        scores.update({name: self._score(batch, rollout, 1, reward) for name, reward in self.eval_rewards.items()})
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", value.mean(), on_step=False, on_epoch=True, sync_dist=True,
+                     batch_size=len(batch), prog_bar=name == "reward")
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, str]]:
+        """Greedy responses to the batch's prompts."""
+        config = dataclasses.replace(self.sampling, do_sample=False)
+        with eval_mode(self.policy):
+            out = sample(self.policy, batch.input_ids, batch.attention_mask, config,
+                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        return [{"prompt": p, "response": self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)}
+                for p, r, m in zip(batch.prompts, out.response_ids, out.response_mask)]
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _rebuilt_keys(self, keys) -> set[str]:
+        """The frozen reward models too: rebuilt from their specs, never trained."""
+        return super()._rebuilt_keys(keys) | {k for k in keys if k.startswith(("reward.", "eval_rewards."))}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ppo"] = {"step_count": self.step_count,
+                             "baseline": self.baseline.state() if self.baseline is not None else None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("ppo", {})
+        self.step_count = state.get("step_count", 0)
+        if state.get("baseline") is not None:
+            self.baseline = BaselineTable.from_state(state["baseline"])
+
+
+def _global_var(x: Tensor) -> Tensor:
+    """Variance of ``x`` over every rank's rows (the biased, population form)."""
+    n = sum_over_ranks(torch.tensor(float(x.numel()), device=x.device))
+    mean = sum_over_ranks(x.sum()) / n
+    return sum_over_ranks(((x - mean) ** 2).sum()) / n
