@@ -2,36 +2,37 @@
 
 The setup (issue 16, "Performance"): a tiny Qwen2-shaped model (hidden 64, 2 layers, the bundled tiny
 tokenizer, vocabulary 1,024) built once and saved with ``save_pretrained`` into a temporary directory that
-both sides load; the first 8 built-in seed prompts (``builtin:seed_prompts``) rendered ``"Human: {p}\\nAI:"``;
-4 completions each of at most 32 new tokens, sampled at temperature 1 (no top-k/top-p); a rule reward (the
-defender reward of :class:`lit_align.game.RuleJudge`, which counts harmful-topic and refusal words in the
-decoded text); one optimiser update per generation batch (AdamW, lr 1e-6, gradient norm clipped at 1).
+both sides load and fully fine-tune; the first 8 built-in seed prompts (``builtin:seed_prompts``) rendered
+``"Human: {p}\nAI:"``; 4 completions each of at most 32 new tokens, sampled at temperature 1 (no
+top-k/top-p); a rule reward (the defender reward of :class:`lit_align.game.RuleJudge` on the prompt and the
+decoded completion); one optimiser update per generation batch (lr 1e-6, gradient norm clipped at 1).
 
-Equal settings, so the step times compare like with like:
+* lit_align: ``PPOModule.training_step`` in a real ``lightning.Trainer`` (``configs/grpo/tiny.yaml`` or
+  ``configs/rloo/tiny.yaml`` on the saved model, see :func:`lit_align_config`), each batch timed from
+  ``on_train_batch_start`` to ``on_train_batch_end``.
+* TRL: ``GRPOTrainer`` / ``RLOOTrainer`` (``num_iterations=1``, ``steps_per_generation=1``, one batch of
+  8 x 4), each step timed between its ``on_step_begin`` and ``on_step_end`` callbacks.
 
-* KL coefficient 0 on both sides: no reference model is built or run (TRL ``beta=0.0``).
-* The same forward passes per step: one prefill and one cached forward per further new token (the
-  generation), then one training forward + backward over the 32 prompt+completion rows. Neither side
-  recomputes the sampling policy's log-probs before the update: TRL skips that when
-  ``num_iterations=1`` and ``steps_per_generation=1`` (its old log-probs are the detached current ones);
-  lit_align takes them from the sampler (same temperature, no filtering), so the ratio is 1 up to
-  floating-point noise on both sides.
-* Group baselines: GRPO ``(r - mean) / (std + 1e-4)`` per prompt (``lit_align.losses.grpo_advantages``, TRL
-  ``scale_rewards="group"``); RLOO leave-one-out (``lit_align.losses.rloo_advantages``, TRL's
-  ``RLOOTrainer``, ``normalize_advantages=False``).
+Equal: the KL coefficient, 0 on both sides (TRL ``beta=0.0``: no reference model; lit_align ``kl_coef: 0``
+and ``ppo.kl_loss_coef: 0``); the generation (one prefill and one cached forward per further token); one
+training forward + backward over the 32 rows; the group baselines (GRPO ``(r - mean) / (std + 1e-4)``, TRL
+``scale_rewards="group"``; RLOO leave-one-out, ``normalize_advantages=False``). Not equal: the forward
+passes without gradient. ``PPOModule`` builds its experience with two over the 32 rows, the old log-probs
+and the reference's (a frozen copy, run although its KL weight is 0); TRL runs neither (its old log-probs
+are the detached current ones when ``num_iterations=1``). ``--engine`` also times the step from the engine's
+pieces with TRL's passes exactly (:func:`engine_step`: the sampler's log-probs as the old ones, no
+reference), reported as ``engine_ms`` / ``engine_ratio``.
 
-Each side runs in its own subprocess (this script with ``--child``) on one torch thread; the child
-reports ``--steps`` step times after ``--warmup`` steps and its peak RSS (``resource.getrusage``: the whole
-process, imports included). The two sides alternate for ``--rounds`` rounds, each in a fresh process, and the
-medians are over all their timed steps (so a change of machine load hits both sides alike). The TRL step is timed between its
-``on_step_begin`` and ``on_step_end`` callbacks (generation, reward, advantages, forward, backward,
-optimiser step); the lit_align step is the same work through the engine's pieces (see ``lit_align_step``).
+Each side runs in its own subprocess (this script with ``--child``) on one torch thread; the child reports
+``--steps`` step times after ``--warmup`` steps and its peak RSS (``resource.getrusage``: the whole process,
+imports included). The sides alternate for ``--rounds`` rounds, each in a fresh process, and the medians are
+over all their timed steps (so a change of machine load hits both sides alike).
 
 Prints one JSON line ``{"grpo": {"lit_align_ms", "trl_ms", "ratio", "lit_align_rss_mb", "trl_rss_mb"},
 "rloo": {...}}``; with ``--write`` also saves it to ``benchmarks/results_online.json``. Targets: ratio <= 0.5
 and lit_align's RSS <= TRL's.
 
-Usage: ``python benchmarks/online_step.py [--steps 10] [--rounds 3] [--warmup 3] [--write]``
+Usage: ``python benchmarks/online_step.py [--steps 10] [--rounds 3] [--warmup 3] [--engine] [--write]``
 """
 
 from __future__ import annotations
@@ -68,12 +69,13 @@ def prompts() -> list[str]:
     return [TEMPLATE.format(p=line.strip()) for line in lines[:PROMPTS]]
 
 
-def rule_reward(completions: list[str]) -> list[float]:
-    """The defender reward of the toy rule judge (1 - P(unsafe)): a pure-Python word count of each text."""
+def rule_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """The defender reward of the toy rule judge (1 - P(unsafe)), a pure-Python word count of each pair: what
+    ``lit_align.rewards.JudgeReward(RuleJudge, output=defender_reward)`` gives the lit_align side."""
     from lit_align.game import RuleJudge
 
     judge = RuleJudge()
-    return [1.0 - judge.p_unsafe("", c) for c in completions]
+    return [1.0 - judge.p_unsafe(p, c) for p, c in zip(prompts, completions, strict=True)]
 
 
 def build_model(directory: str) -> None:
@@ -98,10 +100,65 @@ def build_model(directory: str) -> None:
 # ----------------------------------------------------------------------------------------------- lit_align side
 
 
-def lit_align_step(policy, optimizer, tokenizer, prompt_ids, prompt_mask, step: int, method: str) -> None:
-    """One GRPO/RLOO step from the engine's pieces: sample ``GROUP`` completions per prompt (per-row seeded
-    generators), score the decoded texts, group advantages, an experience without critic or reference, and
-    one PPO update (one minibatch, one epoch)."""
+def lit_align_config(model_dir: str, method: str, total_steps: int) -> dict:
+    """The ``lit-align`` config of the step: ``configs/<method>/tiny.yaml`` on the saved model with full
+    fine-tuning (as TRL here: no LoRA), the first ``PROMPTS`` seed prompts in one batch, KL coefficient 0 (in the
+    reward and in the loss), ``NEW_TOKENS`` new tokens, one PPO epoch, the TRL side's rate and clip; nothing else
+    runs (no validation, checkpoint, logger or progress bar)."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / method / "tiny.yaml").read_text(encoding="utf-8"))
+    model = config["model"]["init_args"]
+    model["model"] = {"name_or_path": model_dir}
+    model["estimator"]["init_args"]["group_size"] = GROUP
+    model["sampling"] = {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    model["kl_coef"] = 0.0
+    model["ppo"] = {"epochs": 1, "kl_loss_coef": 0.0, "aggregation": "token_mean"}
+    model["optimization"] = {"policy": {"lr": LR, "gradient_clip": MAX_GRAD_NORM}}
+    model["sample_seed"] = SEED
+    data = config["data"]["init_args"]
+    data.update(train={"path": "builtin:seed_prompts", "limit": PROMPTS}, val=None, val_fraction=0.0,
+                batch_size=PROMPTS)
+    config["trainer"] = {"accelerator": "cpu", "devices": 1, "max_steps": total_steps, "max_epochs": -1,
+                         "limit_val_batches": 0, "num_sanity_val_steps": 0, "logger": False, "callbacks": [],
+                         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    config["seed_everything"] = SEED
+    return config
+
+
+def run_lit_align(model_dir: str, method: str, warmup: int, steps: int, out_dir: str) -> list[float]:
+    """``PPOModule.training_step`` in a real ``lightning.Trainer``, each batch timed from its start to its end
+    (generation, reward, experience, PPO update, logging)."""
+    import lightning as L
+
+    from lit_align.cli import cli_main
+
+    times: list[float] = []
+
+    class StepClock(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            times.append(time.perf_counter() - self.start)
+
+    import yaml
+
+    config_path = Path(out_dir) / "config.yaml"
+    config_path.write_text(yaml.safe_dump(lit_align_config(model_dir, method, warmup + steps)), encoding="utf-8")
+    cli = cli_main(["--config", str(config_path), "--trainer.default_root_dir", out_dir], run=False)
+    cli.trainer.callbacks.append(StepClock())
+    cli.trainer.fit(cli.model, cli.datamodule)
+    if len(times) != warmup + steps:
+        raise RuntimeError(f"lit_align ran {len(times)} steps, expected {warmup + steps}")
+    return times[warmup:]
+
+
+def engine_step(policy, optimizer, tokenizer, prompt_ids, prompt_mask, texts: list[str], step: int,
+                method: str) -> None:
+    """``--engine``: the same step from the engine's pieces with TRL's forward passes (no reference forward, and
+    the sampler's log-probs as the old ones, instead of ``make_experience``'s two no-grad forwards): sample
+    ``GROUP`` completions per prompt (per-row generators), score, group advantages, one PPO update."""
     import torch
 
     from lit_align.engine.ppo import PPOConfig, ppo_update
@@ -110,12 +167,11 @@ def lit_align_step(policy, optimizer, tokenizer, prompt_ids, prompt_mask, step: 
     from lit_align.rollout.experience import Experience
     from lit_align.rollout.sampler import SamplingConfig, sample
 
-    rows = len(prompt_ids)
-    rngs = row_generators(SEED, step, "sample", range(rows))
+    rngs = row_generators(SEED, step, "sample", range(len(prompt_ids)))
     rollout = sample(policy, prompt_ids, prompt_mask, SamplingConfig(max_new_tokens=NEW_TOKENS),
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=rngs)
-    texts = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
-    rewards = torch.tensor(rule_reward(texts))  # (B * k,)
+    completions = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+    rewards = torch.tensor(rule_reward(texts, completions))  # (B * k,)
     advantages = grpo_advantages(rewards, GROUP) if method == "grpo" else rloo_advantages(rewards, GROUP)
     prompt_zeros = torch.zeros_like(rollout.prompt_mask, dtype=torch.float32)  # (B, P)
     action_mask = torch.cat([prompt_zeros, rollout.response_mask.float()], dim=1)  # (B, T)
@@ -135,7 +191,7 @@ def lit_align_step(policy, optimizer, tokenizer, prompt_ids, prompt_mask, step: 
     ppo_update(policy, None, exp, PPOConfig(epochs=1, clip=0.2), step_policy=step_policy)
 
 
-def run_lit_align(model_dir: str, method: str, warmup: int, steps: int) -> list[float]:
+def run_engine(model_dir: str, method: str, warmup: int, steps: int) -> list[float]:
     import torch
     import transformers
 
@@ -144,12 +200,13 @@ def run_lit_align(model_dir: str, method: str, warmup: int, steps: int) -> list[
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     policy = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LR)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts()]
-    prompt_ids, prompt_mask = left_pad([ids for ids in encoded for _ in range(GROUP)], tokenizer.pad_token_id)
+    texts = [p for p in prompts() for _ in range(GROUP)]
+    prompt_ids, prompt_mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in texts],
+                                       tokenizer.pad_token_id)
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        lit_align_step(policy, optimizer, tokenizer, prompt_ids, prompt_mask, step, method)
+        engine_step(policy, optimizer, tokenizer, prompt_ids, prompt_mask, texts, step, method)
         times.append(time.perf_counter() - start)
     return times[warmup:]
 
@@ -167,7 +224,7 @@ def run_trl(model_dir: str, method: str, warmup: int, steps: int, out_dir: str) 
     data = datasets.Dataset.from_dict({"prompt": prompts()})
 
     def reward(prompts, completions, **kwargs):
-        return rule_reward(completions)
+        return rule_reward(prompts, completions)
 
     common = dict(output_dir=out_dir, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
                   max_completion_length=NEW_TOKENS, num_iterations=1, steps_per_generation=1,
@@ -205,7 +262,9 @@ def child(side: str, method: str, model_dir: str, warmup: int, steps: int) -> No
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out_dir:
         if side == "lit_align":
-            times = run_lit_align(model_dir, method, warmup, steps)
+            times = run_lit_align(model_dir, method, warmup, steps, out_dir)
+        elif side == "engine":
+            times = run_engine(model_dir, method, warmup, steps)
         else:
             times = run_trl(model_dir, method, warmup, steps, out_dir)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -229,6 +288,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each side (median of all steps)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--methods", default="grpo,rloo", help="comma-separated subset of grpo,rloo")
+    parser.add_argument("--engine", action="store_true",
+                        help="also time the step from the engine's pieces with TRL's forward passes (engine_ms)")
     parser.add_argument("--write", action="store_true", help=f"also save the JSON line to {RESULTS.name}")
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -243,17 +304,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as model_dir:
         build_model(model_dir)
         for method in methods:
-            times: dict[str, list[float]] = {"lit_align": [], "trl": []}
-            rss: dict[str, float] = {"lit_align": 0.0, "trl": 0.0}
+            sides = ["lit_align", "trl"] + (["engine"] if args.engine else [])
+            times: dict[str, list[float]] = {side: [] for side in sides}
+            rss: dict[str, float] = dict.fromkeys(sides, 0.0)
             for _ in range(args.rounds):  # alternating processes: a change of machine load hits both sides
-                for side in times:
+                for side in sides:
                     out = run_child(side, method, model_dir, args.warmup, args.steps)
                     times[side] += out["ms"]
                     rss[side] = max(rss[side], out["rss_mb"])
-            ours, theirs = statistics.median(times["lit_align"]), statistics.median(times["trl"])
-            result[method] = {"lit_align_ms": round(ours, 1), "trl_ms": round(theirs, 1),
-                              "ratio": round(ours / theirs, 3), "lit_align_rss_mb": round(rss["lit_align"], 1),
-                              "trl_rss_mb": round(rss["trl"], 1)}
+            ms = {side: statistics.median(t) for side, t in times.items()}
+            result[method] = {"lit_align_ms": round(ms["lit_align"], 1), "trl_ms": round(ms["trl"], 1),
+                              "ratio": round(ms["lit_align"] / ms["trl"], 3),
+                              "lit_align_rss_mb": round(rss["lit_align"], 1), "trl_rss_mb": round(rss["trl"], 1)}
+            if args.engine:
+                result[method].update(engine_ms=round(ms["engine"], 1), engine_ratio=round(ms["engine"] / ms["trl"], 3),
+                                      engine_rss_mb=round(rss["engine"], 1))
     line = json.dumps(result)
     print(line)
     if args.write:
