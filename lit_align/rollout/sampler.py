@@ -306,11 +306,12 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _all_finished(done: bool, device: torch.device, synced: bool) -> bool:
-    """Every row done (``done``: on this rank); with sharded weights, on every rank (one all-reduce per step)."""
+def _all_finished(finished: Tensor, synced: bool, active: list[int] | None = None) -> bool:
+    """Every row done (``active``: the rows still drawing, when already read on the host); with sharded
+    weights, on every rank (one all-reduce per step)."""
     if not synced:
-        return done
-    flag = torch.tensor(int(done), dtype=torch.int32, device=device)
+        return not active if active is not None else bool(finished.all())
+    flag = finished.all().to(torch.int32)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag)
 
@@ -409,10 +410,7 @@ def sample(
                 break
             if per_row:
                 active = [i for i, done in enumerate(finished.tolist()) if not done]
-                local_done = not active
-            else:
-                local_done = bool(finished.all())  # one host sync per step
-            if _all_finished(local_done, device, synced):
+            if _all_finished(finished, synced, active):  # one host sync per step (two with per-row and FSDP2)
                 break
             out = model(
                 input_ids=tokens.unsqueeze(-1),  # (B, 1)
