@@ -25,6 +25,7 @@ KERNEL_NAME = "lit-align-test-python"
 RESULT_MARKER = "QUICKSTART_RESULT "
 GAME_MARKER = "GAME_RESULT "
 DEBATE_MARKER = "DEBATE_RESULT "
+RLHF_MARKER = "RLHF_RESULT "
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -76,6 +77,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_WATERMARK_OUT", str(tmp_path / "watermark"))
     monkeypatch.setenv("LIT_ALIGN_GAME_OUT", str(tmp_path / "game"))
     monkeypatch.setenv("LIT_ALIGN_DEBATE_OUT", str(tmp_path / "debate"))
+    monkeypatch.setenv("LIT_ALIGN_RLHF_OUT", str(tmp_path / "rlhf"))
     before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
 
     nb = nbformat.read(path, as_version=4)
@@ -127,3 +129,21 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         assert result["pair_counts"]["actor"] > 0 and result["pair_counts"]["critic"] > 0, result
         for when in ("before", "after"):
             assert len(result["accuracy_by_round"][when]) == result["rounds"], result
+
+    if path.name == "06_rlhf.ipynb":
+        lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(RLHF_MARKER)]
+        assert lines, "the RLHF notebook's results cell prints an RLHF_RESULT line"
+        result = json.loads(lines[-1][len(RLHF_MARKER):])
+        assert Path(result["plot_png"]).is_file() and Path(result["plot_png"]).parent == tmp_path / "rlhf"
+        assert (Path(result["rm_export"]) / "config.json").is_file()
+        # the proxy, trained on 25% flipped labels, orders held-out pairs as the gold rule does, well above chance
+        assert result["flip"] == 0.25 and result["heldout_pairs"] >= 40, result
+        assert result["rm_heldout_accuracy"] > 0.7, result
+        runs = result["runs"]
+        assert set(runs) == {"plain PPO", "contrastive"}, result
+        for run in runs.values():
+            assert run["val_steps"][0] == 0 and run["val_steps"][-1] == run["steps"] > 0, result  # step 0 is logged
+            assert run["gold"][-1] > run["gold"][0] + 0.1, result  # PPO on the proxy raised the gold reward
+            assert run["proxy"][-1] > run["proxy"][0], result
+        # both runs start from the same policy and the same validation draws
+        assert runs["plain PPO"]["gold"][0] == runs["contrastive"]["gold"][0], result

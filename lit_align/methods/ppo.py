@@ -64,7 +64,8 @@ class PPOModule(ReferencedPolicyModule):
     process on the global batch.
 
     Logged: ``train/{reward,score,kl,response_length}``, ``train/policy/*``, ``train/critic/*``,
-    ``train/contrastive/{baseline,reward}``, ``train/reward_var`` (variance of the rewards PPO was fed),
+    ``train/contrastive/{baseline,reward}``, ``train/reward_var`` (variance over every rank's rows of the scores PPO
+    was fed, after the contrastive baseline and any whitening),
     ``train/time/<phase>``; ``val/reward`` and ``val/<name>`` for each of ``eval_rewards``.
     """
 
@@ -149,10 +150,12 @@ class PPOModule(ReferencedPolicyModule):
         for name, reward in self.eval_rewards.items():
             reward.build(self.tokenizer, f"model.eval_rewards.{name}")
         if self.estimator.needs_critic:
+            sharded = {}
+            if self.device_mesh is not None:  # FSDP2: the critic sharded like the policy
+                sharded = {"mesh": self.device_mesh["data_parallel"], "precision": self.trainer.precision,
+                           "device": self.trainer.strategy.root_device, "rank": self.global_rank}
             self.critic = build_critic(self.critic_spec or CriticSpec(), self.spec, self.tokenizer, reward=self.reward,
-                                       mesh=self.device_mesh["data_parallel"] if self.device_mesh is not None else None,
-                                       precision=self.trainer.precision, device=self.trainer.strategy.root_device,
-                                       rank=self.global_rank)
+                                       **sharded)
 
     def setup(self, stage: str) -> None:
         refuse_fsdp1(self.trainer.strategy, "PPOModule")
@@ -239,6 +242,7 @@ class PPOModule(ReferencedPolicyModule):
             metrics.update({"contrastive/baseline": base.mean(), "contrastive/reward": scores.mean()})
         if self.whiten_scores:
             scores = whiten(scores[:, None], torch.ones_like(scores[:, None]), reduce=sum_over_ranks)[:, 0]
+        metrics["reward_var"] = _global_var(scores)
         return scores
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -254,7 +258,6 @@ class PPOModule(ReferencedPolicyModule):
                                   reward_clip=self.reward_clip, reference_context=context, min_response_tokens=1,
                                   keep_shape=True, reduce=sum_over_ranks, estimator=self.estimator)
         metrics.update({k: exp.metrics[k] for k in ("kl", "reward", "response_length")})
-        metrics["reward_var"] = _global_var(exp.rewards.sum(-1))
         with self.timer("update"):
             update = ppo_update(self.policy, self.critic, exp, self.ppo,
                                 step_policy=lambda loss: self.players["policy"].step(self, loss),

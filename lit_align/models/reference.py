@@ -41,15 +41,18 @@ def model_fingerprint(model: nn.Module) -> str:
 
     Any change of weights changes it (one element by one ulp, or two elements swapped, which
     sums and sums of squares would miss); it is one pass with one parameter on the CPU at a time,
-    and identical on every rank and device when computed before sharding."""
+    and identical on every rank and device (FSDP2-sharded parameters are gathered: a collective)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:  # rope scaling, soft-capping, attention implementation... change outputs too
         h.update(config.to_json_string(use_diff=False).encode())
+    from torch.distributed.tensor import DTensor
+
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            full = p.full_tensor() if isinstance(p, DTensor) else p  # sharded: gathered (every rank calls it)
+            h.update(full.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

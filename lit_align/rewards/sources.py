@@ -40,7 +40,7 @@ from lit_align.models import RewardModelSpec, build_reward_model, build_tokenize
 from lit_align.models.reference import model_fingerprint
 from lit_align.modes import eval_mode
 
-__all__ = ["CallableReward", "JudgeReward", "Mix", "ModelReward", "Reward", "RewardInput"]
+__all__ = ["CallableReward", "JudgeReward", "Mix", "ModelReward", "PromptOffset", "Reward", "RewardInput"]
 
 
 @dataclass
@@ -216,6 +216,37 @@ class CallableReward(Reward):
 
     def _score(self, batch: RewardInput) -> Tensor:
         return torch.as_tensor(self.fn(batch.prompts, batch.responses), dtype=torch.float32)
+
+
+class PromptOffset(Reward):
+    """A proxy reward for experiments: ``base`` plus a per-prompt offset ``scale * z(x)``, ``z(x) ~ N(0, 1)``
+    drawn from the prompt text's hash and ``seed`` (the same for every response to one prompt). It is the
+    miscalibration contrastive rewards remove (Shen et al. 2024): a reward model that rates some prompts higher
+    whatever the answer; the gold reward (``base``) has no such offset."""
+
+    def __init__(self, base: Reward, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if not scale >= 0:
+            raise ConfigError(f"model.reward.init_args.scale must be >= 0, got {scale}")
+        self.base, self.scale, self.seed = base, float(scale), int(seed)
+
+    def build(self, tokenizer: PreTrainedTokenizerBase, key: str = "model.reward") -> None:
+        self.base.build(tokenizer, f"{key}.init_args.base")
+
+    def fingerprint(self) -> str:
+        return f"PromptOffset:{self.scale}:{self.seed}:{self.base.fingerprint()}"
+
+    def offsets(self, prompts: Sequence[str]) -> Tensor:
+        """(B,) ``scale * z(x)`` of each prompt."""
+        def z(prompt: str) -> float:
+            digest = hashlib.sha256(f"{self.seed}|{prompt}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            return float(torch.randn((), generator=g))
+
+        return torch.tensor([self.scale * z(p) for p in prompts])
+
+    def _score(self, batch: RewardInput) -> Tensor:
+        return self.base(batch).cpu() + self.offsets(batch.prompts)
 
 
 class Mix(Reward):
