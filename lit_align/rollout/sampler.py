@@ -9,9 +9,9 @@
 Position ids always come from the attention mask (``cumsum - 1`` in the prefill, then one
 more per new token), so left padding never shifts a row's positions. Each row stops on its
 own at EOS: a finished row emits ``pad_token_id`` (with log-prob 0 and mask 0) and the loop
-exits as soon as every row has finished. Token selection is vectorised over the batch (no
-per-row Python loops) and normalises over the vocabulary once per step (one
-``log_softmax``, which also gives the returned log-probs):
+exits as soon as every row has finished. Token selection is vectorised over the batch and
+normalises over the vocabulary once per step (one ``log_softmax``, which also gives the
+returned log-probs):
 
 * greedy (``do_sample=False``): ``argmax(logits)``, exactly like HF ``generate``;
 * sampling: ``logits / temperature``, then top-k (on the k largest only), then top-p
@@ -22,6 +22,26 @@ per-row Python loops) and normalises over the vocabulary once per step (one
 The returned :class:`Rollout` carries the log-prob of each sampled token under the
 temperature-scaled distribution *before* top-k/top-p filtering, which is what importance
 ratios / KL terms of online methods need.
+
+Where the work goes, and what is not wasted (the outputs are bit for bit those of the plain loop,
+``tests/rollout/test_sampler.py::test_fast_path_equals_plain_path``):
+
+* Noise. The Gumbel draws cost more than the forward of a small model (CPU: ~20 ns per
+  vocabulary entry, so a (32, 1,024) step spends ~0.65 ms on them). With one generator per row
+  (each row drawn in place into one buffer), a row stops drawing once it has emitted EOS: its
+  later picks are discarded anyway and no other row reads its generator. With one generator for
+  the batch every row keeps drawing, since skipping a row would shift the others' draws.
+* Masks. With padded prompts, every decoding step of a full-attention SDPA model
+  (``_PREPARED_MASK_MODELS``) gets a view of one prepared (B, 1, 1, P + N) boolean mask instead
+  of a 2D mask the model turns into a new 4D mask at each step.
+* One host read of the finished flags per step (the stop test; with per-row generators it also
+  lists the rows still drawing); with FSDP2-sharded weights one all-reduce of the flag, so every
+  rank runs the same number of forwards.
+* Finished rows stay in the forward, masked out by their pad outputs, rather than being dropped
+  from the batch and the KV cache: the matrix kernels pick their blocking by the number of rows
+  (CPU BLAS: a 1- to 3-row batch rounds differently from a 4+-row one), so dropping rows would
+  change the remaining rows' logits in the last bits, and a row's sample would depend on when the
+  other rows stopped. A small model's decode step costs little per extra row.
 """
 
 from __future__ import annotations
@@ -192,29 +212,64 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+#: Model types whose decoder layers take a prepared 4D boolean mask as is (``transformers.masking_utils``) and
+#: whose masks :func:`_decode_masks` reproduces exactly (full causal attention; tested: ``tests/rollout``).
+_PREPARED_MASK_MODELS = frozenset({"llama", "qwen2", "qwen3"})
+
+
+def _decode_masks(model: nn.Module, full_mask: Tensor) -> Tensor:
+    """The attention masks of every decoding step as one tensor, sliced ``[..., :P + t + 1]`` at step ``t``.
+
+    A decoding step's query (the newest token) may attend to every earlier real token, so its SDPA mask is the
+    padding mask itself, ``(B, 1, 1, P + t + 1)`` boolean: what ``transformers`` builds from the 2D mask at
+    every step, built once here. Only for the SDPA attention of full-attention models listed in
+    ``_PREPARED_MASK_MODELS`` (no sliding window); any other model gets the (B, P + N) 2D mask as before.
+    """
+    config = getattr(model, "config", None)
+    if (getattr(config, "model_type", None) in _PREPARED_MASK_MODELS
+            and getattr(config, "_attn_implementation", None) == "sdpa"
+            and getattr(config, "sliding_window", None) is None
+            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())):
+        return full_mask.bool()[:, None, None, :]  # (B, 1, 1, P + N)
+    return full_mask  # (B, P + N)
+
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def _exponential_noise(scores: Tensor, generator: Generators) -> Tensor:
+def _exponential_noise(scores: Tensor, generator: Generators, active: Sequence[int] | None = None) -> Tensor:
     """(B, C) Exp(1) draws shaped like ``scores``: from one generator, or row ``i`` from ``generator[i]`` (then a
-    row's draws depend on its own generator alone, not on which rows share its batch)."""
+    row's draws depend on its own generator alone, not on which rows share its batch).
+
+    With per-row generators, ``active`` (row indices) limits the draws to those rows; the others get 1 (their
+    pick is discarded by the caller). Skipping a finished row's draws changes nothing else: no other row reads
+    its generator. Each row is drawn in place into one (B, C) buffer, the same values as a fresh (C,) draw."""
+    noise = torch.empty_like(scores)
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.empty_like(scores).exponential_(generator=generator)
-    return torch.stack([torch.empty_like(row).exponential_(generator=g) for row, g in zip(scores, generator)])
+        return noise.exponential_(generator=generator)
+    rows = range(len(generator)) if active is None else active
+    if len(rows) < len(generator):
+        noise.fill_(1.0)
+    for i in rows:
+        noise[i].exponential_(generator=generator[i])
+    return noise
 
 
-def _gumbel_argmax(scores: Tensor, generator: Generators) -> Tensor:
-    """(B,) index of an exact draw from ``softmax(scores)`` over the last dim ((B, C) scores; -inf = excluded)."""
-    noise = _exponential_noise(scores, generator)  # (B, C) ~ Exp(1)
+def _gumbel_argmax(scores: Tensor, generator: Generators, active: Sequence[int] | None = None) -> Tensor:
+    """(B,) index of an exact draw from ``softmax(scores)`` over the last dim ((B, C) scores; -inf = excluded);
+    rows outside ``active`` (per-row generators only, see :func:`_exponential_noise`) get an arbitrary index."""
+    noise = _exponential_noise(scores, generator, active)  # (B, C) ~ Exp(1)
     return (scores - noise.log_()).argmax(-1)  # argmax(s + Gumbel) ~ softmax(s)
 
 
-def _select(logits: Tensor, config: SamplingConfig, generator: Generators) -> tuple[Tensor, Tensor]:
+def _select(logits: Tensor, config: SamplingConfig, generator: Generators,
+            active: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Pick the next token of every row from (B, V) float32 logits.
 
     Returns ``(tokens, logps)``, both (B,): the chosen ids and their log-probs under the
     temperature-scaled, unfiltered distribution (unscaled for greedy decoding). The one
-    full-vocabulary normalisation of the step is the ``log_softmax`` below.
+    full-vocabulary normalisation of the step is the ``log_softmax`` below. ``active``: the rows whose
+    pick matters (the others draw no noise from their own generator; see :func:`_exponential_noise`).
     """
     if not config.do_sample:
         logp = logits.log_softmax(-1)  # (B, V)
@@ -226,7 +281,7 @@ def _select(logits: Tensor, config: SamplingConfig, generator: Generators) -> tu
     vocab = logp.shape[-1]
     top_k = min(config.top_k, vocab) if config.top_k > 0 else 0
     if top_k == 0 and config.top_p >= 1.0:
-        tokens = _gumbel_argmax(logp, generator)  # (B,)
+        tokens = _gumbel_argmax(logp, generator, active)  # (B,)
     else:
         # Candidates sorted by decreasing probability: the k best, or the whole vocabulary for top-p only.
         if top_k > 0:
@@ -240,7 +295,7 @@ def _select(logits: Tensor, config: SamplingConfig, generator: Generators) -> tu
             mass_before = probs.cumsum(-1) - probs  # (B, C) exclusive cumulative mass
             # Keep a token while the mass of the more likely ones is < top_p; the best one always stays.
             cand = cand.masked_fill(mass_before >= config.top_p, float("-inf"))
-        tokens = cand_idx.gather(-1, _gumbel_argmax(cand, generator).unsqueeze(-1)).squeeze(-1)  # (B,)
+        tokens = cand_idx.gather(-1, _gumbel_argmax(cand, generator, active).unsqueeze(-1)).squeeze(-1)  # (B,)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -251,10 +306,11 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _all_finished(finished: Tensor, synced: bool) -> bool:
-    """Every row done; with sharded weights, on every rank (one all-reduce per step)."""
+def _all_finished(finished: Tensor, synced: bool, active: list[int] | None = None) -> bool:
+    """Every row done (``active``: the rows still drawing, when already read on the host); with sharded
+    weights, on every rank (one all-reduce per step)."""
     if not synced:
-        return bool(finished.all())
+        return not active if active is not None else bool(finished.all())
     flag = finished.all().to(torch.int32)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag)
@@ -313,6 +369,8 @@ def sample(
     if not no_padding:
         full_mask = torch.ones((batch, prompt_len + max_new), dtype=torch.long, device=device)  # (B, P + N)
         full_mask[:, :prompt_len] = prompt_mask
+    # Decoding steps: a view of one prepared mask instead of a fresh 4D mask built by the model every step.
+    step_mask = _decode_masks(model, full_mask) if full_mask is not None else None  # (B, 1, 1, P + N) or (B, P + N)
     # Positions count real tokens only, so left padding does not shift them.
     prefill_pos = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)  # (B, P)
     first_pos = prompt_mask.sum(-1, keepdim=True)  # (B, 1) position of the first generated token
@@ -330,6 +388,10 @@ def sample(
         extra["logits_to_keep"] = 1  # only the last position's logits: (B, 1, V), not (B, P, V)
 
     synced = _is_sharded(model)
+    # With per-row generators only the unfinished rows draw noise (their host-side list comes from the one
+    # host read of ``finished`` per step that the stop test needs anyway).
+    per_row = config.do_sample and generator is not None and not isinstance(generator, torch.Generator)
+    active: list[int] | None = list(range(batch)) if per_row else None
     with eval_mode(model):
         out = model(
             input_ids=prompt_ids,
@@ -339,16 +401,20 @@ def sample(
         )
         for t in range(max_new):
             logits = out.logits[:, -1].float()  # (B, V)
-            tokens, token_logps = _select(logits, config, generator)  # (B,), (B,)
+            tokens, token_logps = _select(logits, config, generator, active)  # (B,), (B,)
             tokens = tokens.masked_fill(finished, pad_token_id)  # finished rows emit pad
             step_ids.append(tokens)
             step_logps.append(token_logps)
             finished |= torch.isin(tokens, eos_ids)
-            if t == max_new - 1 or _all_finished(finished, synced):  # one host sync per step
+            if t == max_new - 1:
+                break
+            if per_row:
+                active = [i for i, done in enumerate(finished.tolist()) if not done]
+            if _all_finished(finished, synced, active):  # one host sync per step (two with per-row and FSDP2)
                 break
             out = model(
                 input_ids=tokens.unsqueeze(-1),  # (B, 1)
-                attention_mask=full_mask[:, : prompt_len + t + 1] if full_mask is not None else None,
+                attention_mask=step_mask[..., : prompt_len + t + 1] if step_mask is not None else None,
                 position_ids=step_pos[:, t : t + 1],  # (B or 1, 1)
                 **extra,
             )

@@ -320,6 +320,102 @@ def test_one_cached_forward_per_token(qwen):
     assert calls == [((b, p), 1)] + [((b, 1), 1)] * 5  # prefill + one single-token step per further token
 
 
+# --------------------------------------------------------------------------- fast path vs plain path
+
+#: Many EOS ids, so that rows finish at different steps (about 12% of the vocabulary ends a row).
+EARLY_EOS = list(range(1, 120))
+
+
+def _plain_sample(model, ids, mask, config: SamplingConfig, eos: list[int], generator) -> Rollout:
+    """The plain decoding loop the sampler's fast path must reproduce: a 2D attention mask that the model turns
+    into a 4D one at every step, and every row drawing its noise at every step, finished or not."""
+    from transformers import DynamicCache
+
+    from lit_align.rollout.sampler import _select
+
+    b, p = ids.shape
+    n = config.max_new_tokens
+    full_mask = torch.cat([mask, torch.ones(b, n, dtype=torch.long)], dim=1)  # (B, P + N)
+    pos = mask.sum(-1, keepdim=True) + torch.arange(n)  # (B, N)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache,
+                use_cache=True, logits_to_keep=1)
+    finished = torch.zeros(b, dtype=torch.bool)
+    tokens_, logps_ = [], []
+    for t in range(n):
+        tokens, logps = _select(out.logits[:, -1].float(), config, generator)
+        tokens = tokens.masked_fill(finished, PAD)
+        tokens_.append(tokens)
+        logps_.append(logps)
+        finished |= torch.isin(tokens, torch.tensor(eos))
+        if t == n - 1 or finished.all():
+            break
+        out = model(input_ids=tokens[:, None], attention_mask=full_mask[:, : p + t + 1],
+                    position_ids=pos[:, t : t + 1], cache=cache, use_cache=True, logits_to_keep=1)
+    response = torch.stack(tokens_, 1)  # (B, R)
+    is_eos = torch.isin(response, torch.tensor(eos))
+    lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, response.shape[1])
+    resp_mask = torch.arange(response.shape[1]) < lengths[:, None]
+    return Rollout(ids, mask, response, resp_mask.long(), torch.stack(logps_, 1).masked_fill(~resp_mask, 0.0))
+
+
+def _row_generators(n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(1000 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("generators", ["per_row", "one"])
+@pytest.mark.parametrize(
+    "cfg", [SamplingConfig(max_new_tokens=20), SamplingConfig(max_new_tokens=20, top_k=40, top_p=0.9, temperature=0.8)],
+    ids=["plain", "top_k_top_p"],
+)
+def test_fast_path_equals_plain_path(model, cfg, generators):
+    """Same tokens, masks and log-probs, bit for bit, as the plain loop, with rows finishing at different steps:
+    the prepared decoding masks and the skipped noise of finished rows change nothing but the speed."""
+    ids, mask = _batch(PROMPTS * 2)  # 8 rows
+    gens = (lambda: _row_generators(len(ids))) if generators == "per_row" else (lambda: torch.Generator().manual_seed(5))
+    fast = sample(model, ids, mask, cfg, eos_token_id=EARLY_EOS, pad_token_id=PAD, generator=gens())
+    with torch.no_grad():
+        plain = _plain_sample(model, ids, mask, cfg, EARLY_EOS, gens())
+    lengths = fast.response_lengths
+    assert lengths.min() < lengths.max() == fast.response_ids.shape[1]  # rows really stopped at different steps
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    assert torch.equal(fast.response_mask, plain.response_mask)
+    assert torch.equal(fast.logps, plain.logps)
+
+
+def test_finished_rows_draw_no_more_noise(qwen):
+    """With per-row generators a row's generator advances by exactly one (V,) draw per token it generated (EOS
+    included): no noise is drawn for a row after its EOS."""
+    ids, mask = _batch(PROMPTS * 2)
+    gens = _row_generators(len(ids))
+    out = sample(qwen, ids, mask, SamplingConfig(max_new_tokens=20), eos_token_id=EARLY_EOS, pad_token_id=PAD,
+                 generator=gens)
+    lengths = out.response_lengths.tolist()
+    assert min(lengths) < out.response_ids.shape[1]  # some row finished before the last step
+    for g, fresh, n in zip(gens, _row_generators(len(ids)), lengths):
+        for _ in range(n):
+            torch.empty(VOCAB).exponential_(generator=fresh)
+        assert torch.equal(g.get_state(), fresh.get_state())
+
+
+def test_decoding_steps_get_one_prepared_mask(qwen):
+    """Padded prompts: the prefill gets the 2D mask, every decoding step a view of one prepared (B, 1, 1, P + t + 1)
+    boolean mask, so the model builds none of its own."""
+    masks: list[torch.Tensor] = []
+    handle = qwen.register_forward_pre_hook(lambda _m, _a, kw: masks.append(kw["attention_mask"]), with_kwargs=True)
+    ids, mask = _batch()
+    try:
+        sample(qwen, ids, mask, SamplingConfig(max_new_tokens=4), eos_token_id=VOCAB + 7, pad_token_id=PAD)
+    finally:
+        handle.remove()
+    b, p = ids.shape
+    assert masks[0].shape == (b, p)
+    assert [tuple(m.shape) for m in masks[1:]] == [(b, 1, 1, p + t + 1) for t in range(3)]
+    assert all(m.dtype == torch.bool and m.untyped_storage().data_ptr() == masks[1].untyped_storage().data_ptr()
+               for m in masks[1:])
+    assert torch.equal(masks[-1][:, 0, 0, :p].long(), mask)
+
+
 # --------------------------------------------------------------------------- validation & housekeeping
 
 
