@@ -85,6 +85,7 @@ def ppo_update(
     generator: torch.Generator | None = None,
     chunk_tokens: int | None = None,
     max_tokens: int | None = None,
+    old_from_current: bool = False,
 ) -> dict[str, Tensor]:
     """Run ``config.epochs`` passes of minibatch PPO over ``exp``.
 
@@ -98,6 +99,9 @@ def ppo_update(
         generator: CPU generator of the minibatch permutation (seeded by the caller: resumable).
         chunk_tokens: rows per LM-head chunk in the log-prob computation (memory only).
         max_tokens: the sampling budget, the divisor of ``aggregation: constant``.
+        old_from_current: take the old log-probs as the current ones, detached (the experience was made with
+            ``score_old=False``); only for one epoch over one minibatch, where the two are equal (TRL's GRPO
+            shortcut): the ratio is 1 and the gradient that of the plain policy gradient.
 
     Data parallel (DDP, FSDP2): each rank updates on its own experience, which must hold as many rows as
     every other rank's (``make_experience(keep_shape=True)``), so all run the same minibatches. Each loss, a
@@ -115,6 +119,9 @@ def ppo_update(
     metrics: dict[str, Tensor] = {}
     epochs = 0
     size = config.minibatch_size or max(len(exp), 1)
+    if old_from_current and (config.epochs != 1 or size < len(exp)):
+        raise ValueError("ppo_update(old_from_current=True) needs one epoch over one minibatch (model.ppo.epochs 1, "
+                         "minibatch_size null): after a first update the current log-probs are no longer the old ones")
     if is_distributed() and max_over_ranks(len(exp)) != len(exp):
         raise RuntimeError(f"ppo_update: this rank holds {len(exp)} experience rows and another rank more: make "
                            "the experience with make_experience(keep_shape=True) so every rank runs the same "
@@ -128,7 +135,8 @@ def ppo_update(
             share = global_share(units).to(tokens.device)  # 1 in one process
             scored = mb.action_mask if tokens > 0 else _one_position(mb.attention_mask)
             logps = token_logps(policy, mb.sequences, mb.attention_mask, scored, chunk_tokens=chunk_tokens).logps
-            loss, pm = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.action_mask, clip=config.clip,
+            old = logps.detach() if old_from_current else mb.old_logps
+            loss, pm = ppo_policy_loss(logps, old, mb.advantages, mb.action_mask, clip=config.clip,
                                        aggregation=config.aggregation, max_tokens=max_tokens)
             if config.kl_loss_coef > 0:
                 kl = aggregate(k3_kl(logps, mb.ref_logps), mb.action_mask, config.aggregation, max_tokens)

@@ -252,18 +252,25 @@ class PPOModule(ReferencedPolicyModule):
             rollout = self._rollout(batch, self.group_size, "sample")
         with self.timer("score"):
             scores = self._rewards(batch, rollout, metrics)
+        # forwards nothing reads are skipped: the reference when no KL term is on; the old log-probs when the
+        # update is one pass over one minibatch (they equal the current ones) and the rewards have no KL
+        uses_kl = self.kl_coef > 0 or self.ppo.kl_loss_coef > 0
+        one_pass = self.ppo.epochs == 1 and (self.ppo.minibatch_size or len(rollout.response_ids)) >= len(rollout.response_ids)
+        on_policy = one_pass and self.kl_coef == 0
         with self.timer("experience"):
-            reference, context = self._reference_args()
+            reference, context = self._reference_args() if uses_kl else (None, None)
             exp = make_experience(self.policy, reference, self.critic, rollout, scores, kl_coef=self.kl_coef,
                                   reward_clip=self.reward_clip, reference_context=context, min_response_tokens=1,
-                                  keep_shape=True, reduce=sum_over_ranks, estimator=self.estimator)
-        metrics.update({k: exp.metrics[k] for k in ("kl", "reward", "response_length")})
+                                  keep_shape=True, reduce=sum_over_ranks, estimator=self.estimator,
+                                  score_old=not on_policy)
+        logged = ("reward", "response_length") + (("kl",) if uses_kl and not on_policy else ())  # kl: old vs reference
+        metrics.update({k: exp.metrics[k] for k in logged})
         with self.timer("update"):
             update = ppo_update(self.policy, self.critic, exp, self.ppo,
                                 step_policy=lambda loss: self.players["policy"].step(self, loss),
                                 step_critic=(lambda loss: self.players["critic"].step(self, loss)) if self.critic else None,
                                 generator=self._rng("shuffle"), chunk_tokens=self.chunk_tokens,
-                                max_tokens=self.sampling.max_new_tokens)
+                                max_tokens=self.sampling.max_new_tokens, old_from_current=on_policy)
         metrics.update({(k if k.startswith("critic/") else f"policy/{k}"): v for k, v in update.items()})
         self.step_count += 1
         for key, value in {**metrics, **self.timer.metrics()}.items():

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lit_align.losses.ppo import kl_shaped_rewards
 from lit_align.modes import eval_mode
 from lit_align.rollout.advantages import GAE, AdvantageEstimator
-from lit_align.rollout.logps import token_logps
+from lit_align.rollout.logps import TokenLogps, token_logps
 from lit_align.rollout.sampler import Rollout
 
 __all__ = ["Experience", "make_experience", "minibatches", "response_actions"]
@@ -143,7 +143,7 @@ def _empty(rollout: Rollout, scores: Tensor, dropped: int) -> Experience:
 @torch.no_grad()
 def make_experience(
     actor: nn.Module,
-    reference: nn.Module,
+    reference: nn.Module | None,
     critic: nn.Module | None,
     rollout: Rollout,
     scores: Tensor,
@@ -159,6 +159,7 @@ def make_experience(
     keep_shape: bool = False,
     reduce: Callable[[Tensor], Tensor] | None = None,
     estimator: AdvantageEstimator | None = None,
+    score_old: bool = True,
 ) -> Experience:
     """Score a rollout for PPO: log-probs, values, KL-shaped rewards and GAE (no gradient).
 
@@ -166,7 +167,9 @@ def make_experience(
 
     Args:
         actor: the HF causal LM that sampled ``rollout`` (optionally PEFT-wrapped).
-        reference: the frozen reference LM (may be ``actor`` itself with ``reference_context``).
+        reference: the frozen reference LM (may be ``actor`` itself with ``reference_context``), or ``None``
+            when nothing reads the KL (``kl_coef`` 0 and no KL in the loss): no forward, ``ref_logps`` are the
+            old ones.
         critic: a :class:`~lit_align.models.value.ValueModel` (anything with ``action_values``), or ``None``
             for a critic-free estimator (the values are then 0).
         rollout: the sampled batch (:func:`~lit_align.rollout.sampler.sample`).
@@ -180,6 +183,10 @@ def make_experience(
             ``GRPO``); ``None``: :class:`~lit_align.rollout.advantages.GAE` with ``gamma``, ``lam`` and
             ``whiten_advantages``. A group estimator needs the rollout's rows grouped by prompt and
             ``keep_shape`` (a dropped row would shift the groups).
+        score_old: compute the old log-probs. ``False`` (only with ``kl_coef`` 0, which is all that reads them
+            here) leaves them 0 for a PPO update that takes the current ones, detached, as the old ones
+            (``ppo_update(old_from_current=True)``: one epoch over one minibatch, where they are equal): one
+            forward less, as TRL's GRPO does.
         reference_context: zero-argument callable returning a context manager under which the
             reference runs, e.g. ``lambda: actor.disable_adapter()`` with ``reference=actor``.
         min_response_tokens: rows with fewer actions (:func:`response_actions`) are dropped and
@@ -227,10 +234,16 @@ def make_experience(
     steps = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)  # (B, T) every generated token
     context = reference_context or nullcontext
 
+    if not score_old and kl_coef != 0:
+        raise ValueError("make_experience(score_old=False) needs kl_coef=0: the KL-shaped rewards read the old log-probs")
     with eval_mode(*(m for m in (actor, reference, critic) if m is not None)):
-        old = token_logps(actor, sequences, attention_mask, steps)
-        with context():
-            ref = token_logps(reference, sequences, attention_mask, steps)
+        old = token_logps(actor, sequences, attention_mask, steps) if score_old else TokenLogps(
+            torch.zeros(steps.shape, device=steps.device), _scored(steps, attention_mask))
+        if reference is None:
+            ref = old
+        else:
+            with context():
+                ref = token_logps(reference, sequences, attention_mask, steps)
         values = critic.action_values(sequences, attention_mask) if critic is not None else torch.zeros_like(old.logps)
 
     mask = old.mask * keep[:, None]  # (B, T) float == steps of the kept rows (a prompt's first token is never generated)
@@ -248,6 +261,12 @@ def make_experience(
                       old_logps=old.logps.float(), ref_logps=ref.logps.float(), values=values, rewards=rewards,
                       advantages=advantages, returns=returns, scores=scores.float(), num_dropped=dropped,
                       metrics=metrics)
+
+
+def _scored(steps: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, T) float: the positions :func:`~lit_align.rollout.logps.token_logps` scores for ``steps`` (every
+    generated token; a row's first real token is a prompt token, so nothing is removed)."""
+    return (steps * attention_mask).float()
 
 
 def minibatches(

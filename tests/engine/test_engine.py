@@ -196,3 +196,37 @@ def test_ppo_config_names_the_bad_key(field, value, match):
 def test_generator_is_on_the_device_asked():
     g = generator(0, 1, "sample", device="cpu")
     assert g.device.type == "cpu" and g.initial_seed() == derive_seed(0, 1, "sample")
+
+
+def test_skipping_the_old_and_reference_forwards_gives_the_same_update():
+    """kl_coef 0, one epoch over one minibatch: an experience made without the old and reference forwards, updated
+    with the current log-probs as the old ones, ends where the full path ends (the forwards it skips are equal to
+    what it uses instead); more than one pass is refused."""
+    actor, critic = tiny_actor_critic(VOCAB)
+    ids, mask = left_pad([[5, 17, 31, 44], [88, 23, 7], [40, 19], [3, 15, 99, 25]], PAD)
+    rollout = sample(actor, ids, mask, SamplingConfig(max_new_tokens=6, do_sample=True), eos_token_id=EOS,
+                     pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+    scores = torch.tensor([1.0, -0.5, 0.3, 2.0])
+    full = make_experience(actor, copy.deepcopy(actor), critic, rollout, scores, kl_coef=0.0)
+    short = make_experience(actor, None, critic, rollout, scores, kl_coef=0.0, score_old=False)
+    torch.testing.assert_close(short.advantages, full.advantages)
+    torch.testing.assert_close(short.action_mask, full.action_mask)
+    config = PPOConfig(epochs=1)
+    ends = []
+    for exp, shortcut in ((full, False), (short, True)):
+        policy = copy.deepcopy(actor).train()
+        opt = torch.optim.SGD(policy.parameters(), lr=0.05)
+
+        def step(loss, opt=opt):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        ppo_update(policy, None, exp, config, step_policy=step, old_from_current=shortcut)
+        ends.append(policy)
+    for a, b in zip(ends[0].parameters(), ends[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one epoch over one minibatch"):
+        ppo_update(ends[0], None, short, PPOConfig(epochs=2), step_policy=lambda loss: None, old_from_current=True)
+    with pytest.raises(ValueError, match="kl_coef=0"):
+        make_experience(actor, None, critic, rollout, scores, kl_coef=0.1, score_old=False)
