@@ -209,13 +209,9 @@ class PPOModule(ReferencedPolicyModule):
         path = cr.cache_path(self.contrastive, key, Path(default_cache_dir()))
         table = cr.load_cached(path, key)
         if table is None:
-            collate = dm._collator(self.tokenizer.pad_token_id)
-            rank, world = self.global_rank, self.trainer.world_size
-            mine = list(range(rank, len(dataset), world))
-            per_rank = -(-len(dataset) // world)
-            mine += mine[:1] * (per_rank - len(mine))  # equal forwards on every rank (FSDP2)
-            size, k = self.contrastive.batch_size, self.contrastive.samples
-            batches = (collate([dataset[i] for i in mine[s:s + size]]).to(self.device) for s in range(0, len(mine), size))
+            collate, k = dm._collator(self.tokenizer.pad_token_id), self.contrastive.samples
+            chunks = cr.rank_chunks(len(dataset), self.global_rank, self.trainer.world_size, self.contrastive.batch_size)
+            batches = (collate([dataset[i] for i in chunk]).to(self.device) for chunk in chunks)
             with self.timer("baseline"):
                 table = cr.compute_baseline(
                     batches, lambda b: self._score(b, self._rollout(b, k, "baseline", step=0), k),
@@ -252,11 +248,7 @@ class PPOModule(ReferencedPolicyModule):
             rollout = self._rollout(batch, self.group_size, "sample")
         with self.timer("score"):
             scores = self._rewards(batch, rollout, metrics)
-        # forwards nothing reads are skipped: the reference when no KL term is on; the old log-probs when the
-        # update is one pass over one minibatch (they equal the current ones) and the rewards have no KL
-        uses_kl = self.kl_coef > 0 or self.ppo.kl_loss_coef > 0
-        one_pass = self.ppo.epochs == 1 and (self.ppo.minibatch_size or len(rollout.response_ids)) >= len(rollout.response_ids)
-        on_policy = one_pass and self.kl_coef == 0
+        uses_kl, on_policy = self._needed_forwards(len(scores))
         with self.timer("experience"):
             reference, context = self._reference_args() if uses_kl else (None, None)
             exp = make_experience(self.policy, reference, self.critic, rollout, scores, kl_coef=self.kl_coef,
@@ -276,6 +268,14 @@ class PPOModule(ReferencedPolicyModule):
         for key, value in {**metrics, **self.timer.metrics()}.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=len(batch),
                      prog_bar=key in ("score", "kl"))
+
+    def _needed_forwards(self, rows: int) -> tuple[bool, bool]:
+        """Forwards nothing would read are skipped: the reference's when no KL term is on (``uses_kl`` False);
+        the old log-probs when the rewards have no KL and the update is one pass over one minibatch, where they
+        equal the current ones (``on_policy``)."""
+        uses_kl = self.kl_coef > 0 or self.ppo.kl_loss_coef > 0
+        one_pass = self.ppo.epochs == 1 and (self.ppo.minibatch_size or rows) >= rows
+        return uses_kl, one_pass and self.kl_coef == 0
 
     def _reference_args(self):
         if self.reference.copy is not None:

@@ -32,7 +32,7 @@ from lit_align.checkpoint import atomic_save, load_checkpoint
 from lit_align.engine.distributed import all_gather_objects
 from lit_align.errors import ConfigError, DataError
 
-__all__ = ["BaselineTable", "ContrastiveRewards", "baseline_key", "compute_baseline"]
+__all__ = ["BaselineTable", "ContrastiveRewards", "baseline_key", "compute_baseline", "rank_chunks"]
 
 
 @dataclass
@@ -106,6 +106,15 @@ def baseline_key(uids: Sequence[str], reward: str, policy: str, sampling: str, c
 def aggregate_scores(scores: Tensor, how: str) -> Tensor:
     """(N, k) -> (N,): the mean, or the median (the lower middle value for even k, as ``torch.median``)."""
     return scores.mean(-1) if how == "mean" else scores.median(-1).values
+
+
+def rank_chunks(num_prompts: int, rank: int, world: int, size: int) -> list[list[int]]:
+    """This rank's share of the prompt indices (every ``world``-th from ``rank``) in chunks of ``size``; a short
+    share is padded with its first index (scored twice, to the same value), so every rank runs as many
+    generation batches as the others: FSDP2's collectives need that."""
+    mine = list(range(rank, num_prompts, world)) or [0]
+    mine += mine[:1] * (-(-num_prompts // world) - len(mine))
+    return [mine[s:s + size] for s in range(0, len(mine), size)]
 
 
 def compute_baseline(batches: Iterable, score_samples: Callable[[object], Tensor], uids_of: Callable[[object], list],
