@@ -76,8 +76,8 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
     encodes its own attack prompts, gathers every rank's (words and embeddings, global-index order) for the
     history and scores its own rows' diversity terms against them; whitening, token means and the "anything to
     update" decisions are global (a step's counts and logged means each in one collective), validation means
-    are synced: N ranks equal one process on the global batch. FSDP2 shards players, references and critics; judges and encoder are replicated on every
-    rank (:mod:`lit_align.game.sharding`). FSDP1 is refused.
+    are synced: N ranks equal one process on the global batch. FSDP2 shards players, references and critics;
+    judges and encoder are replicated on every rank (:mod:`lit_align.game.sharding`). FSDP1 is refused.
 
     Logged: ``train/{asr,history,phase}``, ``train/defender/reward``, ``train/attacker/{reward,judge_reward,
     self_bleu,cos_sim,diversity_penalty,empty,from_pool}``, each player's ``kl`` and PPO metrics, ``train/time/...``;
