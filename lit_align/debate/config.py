@@ -16,9 +16,14 @@ import torch
 from lit_align.errors import ConfigError, check_choice, check_int
 from lit_align.rollout.sampler import SamplingConfig
 
-__all__ = ["DPOSettings", "DebateSettings", "GenerateSettings", "coerce"]
+__all__ = ["DPOSettings", "DebateSettings", "GenerateSettings", "acc_adamw", "coerce"]
 
 T = TypeVar("T")
+
+
+def acc_adamw(lr: float):
+    """The players' default optimiser at ``lr``: the released code's (TRL's AdamW, weight decay 0.1)."""
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
 
 
 @dataclass

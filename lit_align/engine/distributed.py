@@ -16,6 +16,9 @@ rank: a rank that skipped a forward or a backward the others run would hang them
   N ranks equal one process on the global batch, however the tokens fall between the ranks.
 * **Statistics.** :func:`sum_over_ranks` is the reduction handed to whitening
   (:func:`lit_align.losses.ppo.whiten`) and reward normalisation, so they use global moments.
+* **One collective for a step's numbers.** :func:`sums_over_ranks` and :func:`means_over_ranks` reduce several
+  tensors in one all-reduce: each collective is a point where every rank waits for the slowest, so a step's
+  counts and logged means go together.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from lit_align.errors import ConfigError
 
 __all__ = [
     "all_gather_objects", "any_rank", "average_gradients", "check_divides", "global_share", "is_distributed",
-    "max_over_ranks", "mean_over_ranks", "rank_and_world", "refuse_fsdp1", "sum_over_ranks", "take_over_ddp_sync",
+    "max_over_ranks", "mean_over_ranks", "means_over_ranks", "rank_and_world", "refuse_fsdp1", "sum_over_ranks",
+    "sums_over_ranks", "take_over_ddp_sync",
 ]
 
 Reduce = Callable[[Tensor], Tensor]
@@ -56,10 +60,28 @@ def sum_over_ranks(tensor: Tensor) -> Tensor:
     return out
 
 
+def sums_over_ranks(*tensors: Tensor) -> list[Tensor]:
+    """The sum over all ranks of each tensor, in **one** collective (``tensors`` themselves without a process
+    group): each comes back with its shape, dtype and device. They travel as float64, exact for counts and for
+    the sum of two float32 values."""
+    if not is_distributed():
+        return list(tensors)
+    flat = torch.cat([t.detach().reshape(-1).to(_device(), torch.float64) for t in tensors])  # (sum of numels,)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view(t.shape).to(t.device, t.dtype) for part, t in zip(parts, tensors)]
+
+
+def means_over_ranks(pairs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Name -> the ``weight``-weighted mean of ``values`` over every rank's elements, for each ``name:
+    (values, weight)`` (0 without weight), all in one collective; float32 scalars."""
+    sums = [torch.stack([(v.detach().double() * w).sum(), w.double().sum()]) for v, w in pairs.values()]
+    return {name: (pair[0] / pair[1].clamp(min=1e-12)).float() for name, pair in zip(pairs, sums_over_ranks(*sums))}
+
+
 def mean_over_ranks(values: Tensor, weight: Tensor) -> Tensor:
     """The ``weight``-weighted mean of ``values`` (same shape) over every rank's elements (0 without weight)."""
-    pair = sum_over_ranks(torch.stack([(values.detach().double() * weight).sum(), weight.double().sum()]))
-    return (pair[0] / pair[1].clamp(min=1e-12)).float()
+    return means_over_ranks({"mean": (values, weight)})["mean"]
 
 
 def max_over_ranks(value: int | float) -> float:
@@ -85,13 +107,14 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def global_share(count: Tensor | float) -> Tensor:
+def global_share(count: Tensor | float, total: Tensor | float | None = None) -> Tensor:
     """``W * count / sum_over_ranks(count)``: the factor that turns a mean over this rank's ``count`` items
     into its share of the mean over every rank's items once gradients are averaged over the ``W`` ranks
-    (1 in one process; 0 where no rank has any item)."""
+    (1 in one process; 0 where no rank has any item). ``total``: that sum, when the caller already reduced
+    it (no collective then)."""
     count = torch.as_tensor(count, dtype=torch.float64, device=_device())
     _, world = rank_and_world()
-    total = sum_over_ranks(count)
+    total = sum_over_ranks(count) if total is None else torch.as_tensor(total, dtype=torch.float64, device=_device())
     return torch.where(total > 0, world * count / total.clamp(min=1e-12), torch.zeros_like(total)).float()
 
 

@@ -92,26 +92,31 @@ class _NGrams:
 
 
 def _matches(hyp: _NGrams, ref: _NGrams, max_order: int) -> list[int]:
-    """Clipped n-gram matches of ``hyp`` against ``ref`` for orders ``1..max_order``."""
+    """Clipped n-gram matches of ``hyp`` against ``ref`` for orders ``1..max_order``. The shared n-grams are
+    found by a set intersection; an order with none ends the search, as no longer n-gram can match then (its
+    prefix would)."""
     out = []
     for n in range(max_order):
-        ref_counts = ref.counts[n]
-        out.append(sum(min(c, ref_counts[g]) for g, c in hyp.counts[n].items() if g in ref_counts))
+        hyp_counts, ref_counts = hyp.counts[n], ref.counts[n]
+        shared = hyp_counts.keys() & ref_counts.keys()
+        if not shared:
+            return out + [0] * (max_order - n)
+        out.append(sum(min(hyp_counts[g], ref_counts[g]) for g in shared))
     return out
 
 
-def _bleu_from_matches(matched: Sequence[int], hyp_len: int, ref_len: int, order: int, smoothing: float) -> float:
-    """Cumulative BLEU-``order`` from the clipped matches of orders ``1..order`` (see the module docstring)."""
+def _bleu_orders(matched: Sequence[int], hyp_len: int, ref_len: int, orders: Sequence[int],
+                 smoothing: float) -> list[float]:
+    """Cumulative BLEU-``n`` for each ``n`` of ``orders`` from the clipped matches of orders ``1..max(orders)``
+    (see the module docstring), the log precisions summed once for all of them."""
     if hyp_len == 0 or matched[0] == 0:
-        return 0.0
-    log_p = []
-    for n in range(1, order + 1):
-        total = hyp_len - n + 1
-        if total <= 0:  # hypothesis shorter than n: this order is left out
-            break
-        log_p.append(math.log((matched[n - 1] or smoothing) / total))
+        return [0.0] * len(orders)
+    top = min(max(orders), hyp_len)  # orders above the hypothesis length are left out
+    log_sums = [0.0]  # log_sums[k]: log p_1 + ... + log p_k
+    for n in range(1, top + 1):
+        log_sums.append(log_sums[-1] + math.log((matched[n - 1] or smoothing) / (hyp_len - n + 1)))
     bp = 1.0 if hyp_len > ref_len else math.exp(1.0 - ref_len / hyp_len)
-    return bp * math.exp(sum(log_p) / len(log_p))
+    return [bp * math.exp(log_sums[min(n, top)] / min(n, top)) for n in orders]
 
 
 def _check_orders(orders: Sequence[int], smoothing: float) -> tuple[int, ...]:
@@ -140,7 +145,7 @@ def sentence_bleu(hypothesis: Sequence[str], reference: Sequence[str], max_order
     """
     _check_orders((max_order,), smoothing)
     hyp, ref = _NGrams(hypothesis, max_order), _NGrams(reference, max_order)
-    return _bleu_from_matches(_matches(hyp, ref, max_order), hyp.length, ref.length, max_order, smoothing)
+    return _bleu_orders(_matches(hyp, ref, max_order), hyp.length, ref.length, (max_order,), smoothing)[0]
 
 
 def _self_bleu_stats(hyp: _NGrams, refs: Sequence[_NGrams], orders: tuple[int, ...], smoothing: float) -> float:
@@ -150,8 +155,9 @@ def _self_bleu_stats(hyp: _NGrams, refs: Sequence[_NGrams], orders: tuple[int, .
     per_order = [0.0] * len(orders)
     for ref in refs:
         matched = _matches(hyp, ref, top)
-        for k, n in enumerate(orders):
-            per_order[k] += _bleu_from_matches(matched, hyp.length, ref.length, n, smoothing)
+        if matched[0]:  # no shared word: BLEU 0 at every order
+            for k, bleu in enumerate(_bleu_orders(matched, hyp.length, ref.length, orders, smoothing)):
+                per_order[k] += bleu
     return sum(per_order) / (len(refs) * len(orders))
 
 
@@ -216,16 +222,19 @@ class DiversityHistory:
         include_batch: bool = False,
         orders: Sequence[int] = DEFAULT_ORDERS,
         smoothing: float = 0.1,
+        rows: Sequence[int] | None = None,
     ) -> Tensor:
         """(B,) float32 SelfBLEU of each row against the history (and, with ``include_batch``, the
-        other rows of the batch, never the row itself); 0 for a row without references."""
+        other rows of the batch, never the row itself); 0 for a row without references. ``rows``: score
+        only these rows of the batch, ``(len(rows),)`` (the others are still references): under data
+        parallelism each rank scores its own rows of the gathered batch."""
         orders = _check_orders(orders, smoothing)
         batch = self._ngram_batch(batch_tokens, orders)
         history = list(self._ngrams)
         out = []
-        for i, hyp in enumerate(batch):
+        for i in range(len(batch)) if rows is None else rows:
             refs = history + [r for j, r in enumerate(batch) if j != i] if include_batch else history
-            out.append(_self_bleu_stats(hyp, refs, orders, smoothing))
+            out.append(_self_bleu_stats(batch[i], refs, orders, smoothing))
         return torch.tensor(out, dtype=torch.float32)
 
     def cosine(self, embeddings: Tensor, include_batch: bool = False) -> Tensor:

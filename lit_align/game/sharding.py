@@ -6,8 +6,8 @@
   are broadcast (so a seeded initialisation can never differ between ranks) and each rank then keeps its
   shards.
 * **Replicated** on every rank: the safety judge, the evaluation judge and the sentence encoder. They are
-  frozen and read text, so each rank runs them on its own rows (or, for the encoder, on the gathered batch)
-  with no collective at all.
+  frozen and read text, so each rank runs them on its own rows with no collective at all (the encoder's
+  embeddings of a training batch are then gathered with the prompts, :func:`lit_align.game.play.diversity_terms`).
 * **Per-row state**: pool snapshots and averaged weights are clones of the players' parameters, so under
   FSDP2 they are sharded like them; checkpoints hold them whole (:func:`full_tensors`) and a resumed rank
   takes its shard back (:func:`shard_like`).

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lit_align.data.qa import QABatch, QAExample
-from lit_align.debate.config import DebateSettings, DPOSettings, GenerateSettings, coerce
+from lit_align.debate.config import DebateSettings, DPOSettings, GenerateSettings, acc_adamw, coerce
 from lit_align.debate.dpo import PairScorer, dpo_order
 from lit_align.debate.draws import RowSeeds
 from lit_align.debate.generate import Stage, gather_pairs, phase_questions, step_questions
@@ -40,11 +40,6 @@ __all__ = ["DebateModule"]
 
 PLAYERS = ("actor", "critic")
 _SAVED = ("step_count", "phase", "sample_seed", "pair_counts", "val_history", "val_transcripts")  # with the PhaseState
-
-
-def _adamw(lr: float):
-    """The released code's optimiser (TRL's AdamW, weight decay 0.1) at ``lr``."""
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
 
 
 class DebateModule(RebuiltWeights, L.LightningModule):
@@ -122,7 +117,7 @@ class DebateModule(RebuiltWeights, L.LightningModule):
         self.dpo_cfg = coerce(dpo, DPOSettings, "model.dpo")
         self.pair_rule = PaperRule() if pair_rule is None else strategy(pair_rule, PairRule, "model.pair_rule")
         defaults = {p: Optimization(lr=1.41e-5) for p in PLAYERS}
-        self.players_opt = {p: Player(p, o, _adamw) for p, o in resolve_optimization(optimization, defaults).items()}
+        self.players_opt = {p: Player(p, o, acc_adamw) for p, o in resolve_optimization(optimization, defaults).items()}
         self.automatic_optimization = False  # one optimiser per player, stepped by the phase's player only
         self.tokenizer = build_tokenizer(actor)
         self.scorer = PairScorer(self.tokenizer, self.dpo_cfg, self.debate_cfg, chunk_tokens)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.data.prompts import PromptBatch
-from lit_align.engine.distributed import all_gather_objects, any_rank, mean_over_ranks, refuse_fsdp1, sum_over_ranks
+from lit_align.engine.distributed import all_gather_objects, any_rank, means_over_ranks, refuse_fsdp1, sums_over_ranks
 from lit_align.engine.player import Optimization, Player, configure_players, resolve_optimization
 from lit_align.engine.ppo import PPOConfig, ppo_update
 from lit_align.engine.seeds import generator, row_generators
@@ -44,7 +44,7 @@ from lit_align.methods.base import RebuiltWeights
 from lit_align.models import ModelSpec, ValueModel, build_tokenizer
 from lit_align.models.causal_lm import eval_mode
 from lit_align.models.players import PlayerPolicies
-from lit_align.rollout.experience import Experience, make_experience
+from lit_align.rollout.experience import Experience
 from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
 
 __all__ = ["AdversarialGameModule", "attacker_reward"]
@@ -72,11 +72,12 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
     steps may face a past attacker (the averaged policy of the theory is their mixture); each player's running
     mean of weights, a cheap surrogate, goes to ``<default_root_dir>/averaged/<player>.pt``.
 
-    Data parallel (DDP, FSDP2; batch sizes per rank): every row samples from its global index, attack prompts
-    are gathered for the diversity terms and the history (global-index order), whitening, token means and the
-    "anything to update" decisions are global, validation means are synced: N ranks equal one process on the
-    global batch. FSDP2 shards players, references and critics; judges and encoder are replicated on every
-    rank (:mod:`lit_align.game.sharding`). FSDP1 is refused.
+    Data parallel (DDP, FSDP2; batch sizes per rank): every row samples from its global index; each rank
+    encodes its own attack prompts, gathers every rank's (words and embeddings, global-index order) for the
+    history and scores its own rows' diversity terms against them; whitening, token means and the "anything to
+    update" decisions are global (a step's counts and logged means each in one collective), validation means
+    are synced: N ranks equal one process on the global batch. FSDP2 shards players, references and critics;
+    judges and encoder are replicated on every rank (:mod:`lit_align.game.sharding`). FSDP1 is refused.
 
     Logged: ``train/{asr,history,phase}``, ``train/defender/reward``, ``train/attacker/{reward,judge_reward,
     self_bleu,cos_sim,diversity_penalty,empty,from_pool}``, each player's ``kl`` and PPO metrics, ``train/time/...``;
@@ -233,10 +234,11 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                               index.tolist(), device=self.device)
 
     @torch.no_grad()
-    def _sample(self, player: str, ids: Tensor, mask: Tensor, rngs: list[torch.Generator]) -> Rollout:
+    def _sample(self, player: str, ids: Tensor, mask: Tensor, rngs: list[torch.Generator] | None,
+                config: SamplingConfig | None = None) -> Rollout:
         with self.players.acting(player) as policy:
-            return sample(policy, ids, mask, self.sampling.player(player), eos_token_id=self.tokenizer.eos_token_id,
-                          pad_token_id=self.tokenizer.pad_token_id, generator=rngs)
+            return sample(policy, ids, mask, config or self.sampling.player(player), generator=rngs,
+                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
 
     def _inputs(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         return play.defender_inputs(self.tokenizer, self.sampling.defender_template, prompts, self.device)
@@ -266,53 +268,42 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.timer.reset()
         snapshot = self.archive.draw(self._rng("pool", device=torch.device("cpu"))) if active == ("defender",) else None
         game = self._play(batch, lambda purpose: self._row_rngs(purpose, batch.index), snapshot)
-        keep, scores = game.keep, game.scores
-        empty = int(sum_over_ranks(torch.tensor(float((~keep).sum()), device=self.device)).item())
-        self.dropped_empty += empty
+        keep = game.keep
+        rollouts = {"defender": game.answer, "attacker": game.attack}
+        # the KL of an inactive player, logged when some row of some rank has >= 2 response tokens
+        watched = {p: (rollouts[p].response_lengths >= 2).float() for p in PLAYERS
+                   if p not in active and self.log_inactive_kl}
+        empty, kept, *scored = sums_over_ranks((~keep).sum(), keep.sum(), *(w.sum() for w in watched.values()))
+        self.dropped_empty += int(empty)
         metrics: dict[str, Tensor | float] = {"phase": {("defender",): 0.0, ("attacker",): 1.0}.get(active, 2.0),
                                               "attacker/empty": float(empty),
                                               "attacker/from_pool": float(snapshot is not None)}
-        if any_rank(bool(keep.any())):  # decided alike on every rank: the same forwards and steps everywhere
-            with self.timer("diversity"):
-                bleu, cos = play.diversity_terms(self.history, self.encoder, game.texts, keep, batch.index,
-                                            include_batch=self.diversity.scope == "batch_and_history",
-                                            gather=all_gather_objects)
-            judge_reward, defender_reward = scores.attacker_reward, scores.defender_reward
-            att_reward = play.attacker_reward(judge_reward, bleu, cos, bleu_weight=self.diversity.bleu_weight,
-                                         embedding_weight=self.diversity.embedding_weight)
-            metrics.update(play.round_metrics(scores, att_reward, bleu, cos, keep, mean_over_ranks))
+        if kept > 0:  # decided alike on every rank: the same forwards and steps everywhere
+            with self.timer("diversity"):  # means: (values, weight) pairs, reduced together at the end
+                rewards, means = play.score_round(game, self.history, self.encoder, batch.index, self.diversity,
+                                                  all_gather_objects)
             metrics["history"] = float(len(self.history))
-            rollouts = {"defender": (game.answer, defender_reward), "attacker": (game.attack, att_reward)}
             experiences = {}
             for player in active:  # experience for every active player first: simultaneous moves see the same game
                 with self.timer(f"{player}/experience"):
-                    experiences[player] = self._experience(player, *rollouts[player])
-            for player in (p for p in PLAYERS if p not in active and self.log_inactive_kl):
-                scored = (rollouts[player][0].response_lengths >= 2).float()
-                if any_rank(bool(scored.any())):
+                    experiences[player] = play.experience(self.players, player, self._critic(player), rollouts[player],
+                                                          rewards[player], self.rewards)
+            for (player, weight), count in zip(watched.items(), scored):
+                if count > 0:
                     with self.timer(f"{player}/kl"):
-                        metrics[f"{player}/kl"] = mean_over_ranks(self._kl(player, rollouts[player][0]), scored)
+                        means[f"{player}/kl"] = (self._kl(player, rollouts[player]), weight)
             for player, exp in experiences.items():
                 metrics.update({f"{player}/kl": exp.metrics["kl"],
                                 f"{player}/dropped": exp.metrics["dropped"] - float((~keep).sum())})
                 if any_rank(bool(exp.action_mask.any())):  # some row of some rank has an action
                     with self.timer(f"{player}/update"):
                         metrics.update({f"{player}/{k}": v for k, v in self._update(player, exp).items()})
+            metrics.update(means_over_ranks(means))
         self.step_count += 1
         self.last_step_times = dict(self.timer.totals)
         for key, value in {**metrics, **self.timer.metrics()}.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=len(batch),
                      prog_bar=key in ("asr", "defender/reward"))
-
-    def _experience(self, player: str, rollout: Rollout, scores: Tensor) -> Experience:
-        """Experience of the player's rows (rows without actions kept in place: the same shapes on every rank)."""
-        r = self.rewards
-        with self.players.acting(player) as policy:
-            reference, context = self.players.reference(player, policy)
-            return make_experience(policy, reference, self._critic(player), rollout, scores, kl_coef=r.kl(player),
-                                   reward_clip=r.reward_clip, gamma=r.gamma, lam=r.lam,
-                                   whiten_advantages=r.whiten_advantages, reference_context=context,
-                                   keep_shape=True, reduce=sum_over_ranks)
 
     def _update(self, player: str, exp: Experience) -> dict[str, Tensor]:
         """PPO over the player's experience: its policy, then its critic, each stepped by its Player."""
@@ -358,11 +349,8 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, str]]:
         """The defender's greedy answers to the raw seeds (``lit-align predict``): ``[{prompt, completion}]``."""
-        ids, mask = self._inputs(list(batch.seeds))
         greedy = SamplingConfig(max_new_tokens=self.sampling.defender_max_new_tokens, do_sample=False)
-        with self.players.acting("defender") as policy:
-            out = sample(policy, ids, mask, greedy, eos_token_id=self.tokenizer.eos_token_id,
-                         pad_token_id=self.tokenizer.pad_token_id)
+        out = self._sample("defender", *self._inputs(list(batch.seeds)), None, greedy)
         return [{"prompt": seed, "completion": answer} for seed, answer in zip(batch.seeds, play.decode(self.tokenizer, out))]
 
     def export_policy(self) -> nn.Module:

@@ -13,7 +13,7 @@ from torch import Tensor
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
 from lit_align.engine import Optimization, PhaseTimer, Player, PPOConfig, configure_players, ppo_update
-from lit_align.engine.distributed import any_rank, global_share, refuse_fsdp1, sum_over_ranks
+from lit_align.engine.distributed import any_rank, global_share, refuse_fsdp1, sum_over_ranks, sums_over_ranks
 from lit_align.engine.player import resolve_optimization
 from lit_align.engine.seeds import generator, row_generators
 from lit_align.errors import ConfigError
@@ -273,11 +273,11 @@ class WatermarkModule(ReferencedPolicyModule):
                           in zip(view.input_ids, view.loss_mask, self._row_rngs("substitution", view.index))])
 
     def _detector_objective(self, rollout: Rollout, human: SequenceBatch, other: SequenceBatch | None, keep: Tensor,
-                            index: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """The detector's loss on the kept rows (:func:`~lit_align.watermark.objective.kept_objective`): the
-        LLM's continuations vs ``human``, plus the robustness pairs (paraphrase and substitution of the LLM's
-        text vs ``human``; the LLM's text vs the ``other`` LLM's, ``other_llm.mode: add``). Every row is scored
-        (the same forwards on every rank); ``(loss to backward, loss, metrics)``."""
+                            index: Tensor | None = None, kept: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
+        """The detector's loss on the kept rows (:func:`~lit_align.watermark.objective.kept_objective`; ``kept``:
+        all ranks' count, if reduced): the LLM's continuations vs ``human``, plus the robustness pairs (paraphrase
+        and substitution of the LLM's text vs ``human``; the LLM's text vs the ``other`` LLM's, ``other_llm.mode:
+        add``). Every row is scored (the same forwards on every rank); ``(loss to backward, loss, metrics)``."""
         cfg = self.detector_training
         llm = self._detector_view(text.as_batch(rollout, index))
         s_w = self.detector.score(llm.input_ids, llm.attention_mask)
@@ -293,7 +293,7 @@ class WatermarkModule(ReferencedPolicyModule):
         if other is not None:
             s_o = self._detector_scores(other, add_eos=ended)
             extra.append(DetectorPair("other_llm", s_w, s_o, self.other_llm_config.weight))
-        return kept_objective(s_w, s_h, extra, keep, global_share(keep.sum()), reg=cfg.reg, reg_extra=cfg.reg_extra)
+        return kept_objective(s_w, s_h, extra, keep, global_share(keep.sum(), kept), reg=cfg.reg, reg_extra=cfg.reg_extra)
 
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch: CompletionBatch, batch_idx: int) -> None:
@@ -309,9 +309,9 @@ class WatermarkModule(ReferencedPolicyModule):
             add = self.other_llm_config is not None and self.other_llm_config.mode == "add"
             other = self._other_llm_text(batch) if add else None
         keep = self._keep(rollout)  # mask samples with <= 1 generated token, as the released code drops them
-        metrics: dict[str, Tensor] = {"dropped": sum_over_ranks((~keep).sum().float()),
-                                      "stage": torch.tensor(float(cotrain) + 1.0)}
-        if not any_rank(bool(keep.any())):  # decided on every rank's rows: all ranks skip, or none
+        dropped, kept = sums_over_ranks((~keep).sum(), keep.sum())  # every rank's, in one collective
+        metrics: dict[str, Tensor] = {"dropped": dropped.float(), "stage": torch.tensor(float(cotrain) + 1.0)}
+        if kept == 0:  # decided on every rank's rows: all ranks skip, or none
             self.step_count += 1
             self._log_train(metrics, len(batch))
             return
@@ -335,7 +335,7 @@ class WatermarkModule(ReferencedPolicyModule):
         else:
             metrics["reward"] = scores.mean()
         with self.timer("detector"):
-            scaled, loss, dm = self._detector_objective(rollout, human, other, keep, batch.index)
+            scaled, loss, dm = self._detector_objective(rollout, human, other, keep, batch.index, kept)
             self.players["detector"].step(self, scaled)
         metrics.update({"detector/loss": loss, **{f"detector/{k}": v for k, v in dm.items()}})
         self.step_count += 1

@@ -22,7 +22,9 @@ from lit_align.engine.distributed import (
     average_gradients,
     check_divides,
     global_share,
+    means_over_ranks,
     rank_and_world,
+    sums_over_ranks,
 )
 from lit_align.errors import ConfigError
 from lit_align.losses.ppo import whiten
@@ -91,6 +93,17 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         results["avg"] = p.grad.clone()
         results["share"] = global_share(torch.tensor(3.0 if rank == 0 else 1.0))
         results["any"] = any_rank(rank == 1)
+        # several tensors in one collective: counts, a float32 vector, means; a share from a reduced total
+        calls, all_reduce = [], dist.all_reduce
+        dist.all_reduce = lambda *a, **k: (calls.append(1), all_reduce(*a, **k))[1]
+        try:
+            count, vector = sums_over_ranks(torch.tensor(rank + 2), torch.tensor([0.25, 1.0 + rank]))
+            means = means_over_ranks({"a": (torch.tensor([1.0, 3.0]) * (rank + 1), torch.tensor([1.0, float(rank)])),
+                                      "none": (torch.ones(2), torch.zeros(2))})
+            share = global_share(torch.tensor(3.0 if rank == 0 else 1.0), total=torch.tensor(4.0))
+        finally:
+            dist.all_reduce = all_reduce
+        results["sums"] = {"count": count, "vector": vector, "means": means, "share": share, "calls": len(calls)}
         results["gather"] = all_gather_objects({"rank": rank})
         try:
             check_divides(3, "data.batch_size")
@@ -127,6 +140,19 @@ def test_collectives_average_share_and_agree(two_ranks):
     # shares of 3 and 1 tokens: 2 * 3/4 and 2 * 1/4, summing to the world size
     torch.testing.assert_close([r["share"].item() for r in two_ranks], [1.5, 0.5])
     assert rank_and_world() == (0, 1) and global_share(torch.tensor(5.0)).item() == 1.0
+
+
+def test_several_sums_and_means_go_in_one_collective(two_ranks):
+    """Counts 2 + 3 = 5 (int64 kept); vectors [0.25, 1] + [0.25, 2]; mean "a": rank 0 has 1 x weight 1 (and 3 x
+    weight 0), rank 1 has 2 x 1 and 6 x 1, so (1 + 2 + 6) / 3 = 3; "none" has no weight: 0. The share of 3 of
+    the 4 items: 2 * 3/4. Two all-reduces in all (the sums, then the means), none for the share."""
+    for rank, r in enumerate(two_ranks):
+        sums = r["sums"]
+        assert sums["count"].dtype == torch.int64 and sums["count"].item() == 5
+        assert sums["vector"].dtype == torch.float32 and sums["vector"].tolist() == [0.5, 3.0]
+        assert sums["means"]["a"].item() == pytest.approx(3.0) and sums["means"]["none"].item() == 0.0
+        assert sums["share"].item() == pytest.approx(1.5 if rank == 0 else 0.5)
+        assert sums["calls"] == 2
 
 
 def test_ppo_on_two_ranks_equals_one_process_on_the_global_batch(two_ranks):

@@ -123,6 +123,21 @@ def test_include_batch_uses_other_rows_never_itself():
     assert history.cosine(emb[1:], include_batch=True).tolist() == pytest.approx([0.5, 0.0], abs=1e-6)
 
 
+def test_self_bleu_of_some_rows_keeps_the_others_as_references():
+    """``rows`` scores only those rows of the batch (a rank's own rows of the gathered batch): each exactly as
+    the whole batch scores it, the unscored rows still references. Row 1 (``a b c e``) alone: its only
+    reference ``a b c d`` gives, order 2, sqrt(3/4 * 2/3) = sqrt(1/2) (the hand value above)."""
+    x, z, y = _w("a b c d"), _w("a b c e"), _w("w x y z")
+    history = DiversityHistory()
+    history.append([_w("q r s t")])
+    whole = history.self_bleu([x, z, y], include_batch=True, orders=(2,))
+    assert history.self_bleu([x, z, y], include_batch=True, orders=(2,), rows=[2, 0]).tolist() == whole[[2, 0]].tolist()
+    # refs of row 1: the history (no shared word) and x (y shares none): (0 + sqrt(1/2) + 0) / 3
+    assert history.self_bleu([x, z, y], include_batch=True, orders=(2,), rows=[1]).tolist() == pytest.approx(
+        [math.sqrt(0.5) / 3])
+    assert history.self_bleu([x, z], rows=[]).shape == (0,)
+
+
 def test_running_cosine_matches_brute_force():
     torch.manual_seed(0)
     history = DiversityHistory()

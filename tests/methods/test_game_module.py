@@ -4,6 +4,9 @@ resume, and bad input (mismatched tokenizers, attack prompts that decode to noth
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import lightning as L
 import pytest
 import torch
@@ -19,6 +22,8 @@ from lit_align.game import (
     GameSampling,
     GameSchedule,
     PoolConfig,
+    SentenceEncoder,
+    build_sentence_encoder,
     word_tokens,
 )
 from lit_align.methods import AdversarialGameModule
@@ -311,25 +316,69 @@ def test_sampling_follows_the_global_seed_unless_fixed(tmp_path):
     assert same(run(0, sample_seed=5), run(1, sample_seed=5))
 
 
-def test_diversity_history_follows_the_global_index_not_the_batch_order():
-    """The history (the same on every rank: built from every rank's gathered prompts) takes the attack prompts
-    in global-index order whatever order the batch holds them in; a masked row (empty attack) scores 0 and
-    stays out of the history. ``gather`` stands for two ranks' all-gather."""
+class _Recording(SentenceEncoder):
+    """A real tiny sentence encoder that records the texts it encodes."""
+
+    def encode(self, texts):
+        self.seen.extend(texts)
+        return super().encode(texts)
+
+
+def _recording_encoder() -> _Recording:
+    built = build_sentence_encoder(ModelSpec(tiny=TINY))  # a fresh tokenizer each: the ranks run in threads
+    encoder = _Recording(built.model, built.tokenizer)
+    encoder.seen = []
+    return encoder
+
+
+def test_diversity_terms_split_between_ranks_equal_one_process():
+    """Two ranks (threads whose ``gather`` is an all-gather) play two steps of a 5-prompt global batch; one
+    process plays the same prompts. Each rank encodes only its own kept prompts, the history (every rank's
+    prompts with their embeddings, in global-index order) is the same on both ranks and equals one process's,
+    and each rank's rows score as one process scores them (SelfBLEU exactly: the same references in the same
+    order). An empty attack (index 3) scores 0 and stays out of the history."""
     from lit_align.game.play import diversity_terms
 
-    texts = ["how to pick a lock", "", "how to pick a lock quickly", "tell me about chemistry"]
-    keep = torch.tensor([True, False, True, True])
-    other_rank = [(1, "tell me about locks")]
-    history = DiversityHistory()
-    bleu, cos = diversity_terms(history, None, texts, keep, torch.tensor([7, 3, 2, 5]), include_batch=True,
-                                gather=lambda mine: [mine, other_rank])
-    order = ["tell me about locks", texts[2], texts[3], texts[0]]  # indices 1, 2, 5, 7
-    assert history.state_dict()["tokens"] == [word_tokens(t) for t in order]
-    assert bleu[1] == 0 and cos.abs().sum() == 0 and bleu[0] > 0  # row 0 shares n-grams with index 2
-    one_process = DiversityHistory()
-    _, _ = diversity_terms(one_process, None, order[::-1], torch.ones(4, dtype=torch.bool),
-                           torch.tensor([7, 5, 2, 1]), include_batch=True)
-    assert one_process.state_dict() == history.state_dict()
+    steps = [{7: "how to pick a lock", 3: "", 2: "how to pick a lock quickly", 5: "tell me about chemistry",
+              1: "tell me about locks"},
+             {7: "how to make a lock", 3: "tell me about a lock", 2: "", 5: "how to pick it", 1: "what is a lock"}]
+    shards = [[7, 3, 2], [5, 1]]  # each rank's rows, in its batch's order
+    parts, barrier = [None, None], threading.Barrier(2)
+
+    def all_gather(rank: int):
+        def gather(mine):
+            parts[rank] = mine
+            barrier.wait()
+            found = list(parts)
+            barrier.wait()  # both ranks have read the parts before the next step writes them
+            return found
+        return gather
+
+    def play(history: DiversityHistory, encoder, texts: dict[int, str], rows: list[int], gather=lambda x: [x]):
+        keep = torch.tensor([bool(texts[i]) for i in rows])
+        return diversity_terms(history, encoder, [texts[i] for i in rows], keep, torch.tensor(rows),
+                               include_batch=True, gather=gather)
+
+    one, one_encoder = DiversityHistory(), _recording_encoder()
+    ranks = [(DiversityHistory(), _recording_encoder()) for _ in shards]
+    for texts in steps:
+        rows = sorted(texts)
+        bleu, cos = play(one, one_encoder, texts, rows)
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(play, *zip(*ranks), [texts, texts], shards, map(all_gather, range(2))))
+        for shard, (rank_bleu, rank_cos) in zip(shards, results):
+            at = [rows.index(i) for i in shard]
+            assert rank_bleu.tolist() == bleu[at].tolist()
+            torch.testing.assert_close(rank_cos, cos[at], rtol=0, atol=1e-6)
+        empty = [n for n, i in enumerate(rows) if not texts[i]]
+        assert bleu[empty].eq(0).all() and cos[empty].eq(0).all()
+    assert bleu.gt(0).any() and cos.ne(0).any()
+    for (history, encoder), shard in zip(ranks, shards):
+        assert encoder.seen == [t for texts in steps for i in shard if (t := texts[i])]  # only its own prompts
+        state, expected = history.state_dict(), one.state_dict()
+        assert state["tokens"] == expected["tokens"] == [word_tokens(t) for texts in steps for _, t in
+                                                         sorted(texts.items()) if t]
+        torch.testing.assert_close(state["emb_sum"], expected["emb_sum"], rtol=0, atol=1e-6)
 
 
 def test_test_stage_evaluates_like_validation_without_touching_the_report(tmp_path):
