@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lit_align.data.prompts import PromptBatch
 from lit_align.engine import GAE, AdvantageEstimator, Optimization, PhaseTimer, Player, PPOConfig, ppo_update
-from lit_align.engine.distributed import refuse_fsdp1, sum_over_ranks
+from lit_align.engine.distributed import refuse_fsdp1, sum_over_ranks, sums_over_ranks
 from lit_align.engine.player import configure_players, resolve_optimization
 from lit_align.engine.seeds import generator, row_generators
 from lit_align.errors import ConfigError
@@ -330,7 +330,6 @@ class PPOModule(ReferencedPolicyModule):
 
 
 def _global_var(x: Tensor) -> Tensor:
-    """Variance of ``x`` over every rank's rows (the biased, population form)."""
-    n = sum_over_ranks(torch.tensor(float(x.numel()), device=x.device))
-    mean = sum_over_ranks(x.sum()) / n
-    return sum_over_ranks(((x - mean) ** 2).sum()) / n
+    """Variance of ``x`` over every rank's rows (the biased, population form), in one collective."""
+    n, total, squares = sums_over_ranks(torch.tensor(float(x.numel()), device=x.device), x.sum(), (x**2).sum())
+    return (squares / n - (total / n) ** 2).clamp(min=0.0)
