@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_align.checkpoint import load_checkpoint
 from lit_align.errors import ConfigError
-from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model
+from lit_align.models.reward import RewardModel, RewardModelSpec, ScalarHead, build_reward_model
 from lit_align.models.spec import ModelSpec
 from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask
 
@@ -157,10 +157,12 @@ def build_critic(spec: CriticSpec, policy: ModelSpec, tokenizer: PreTrainedToken
     def built(meta: bool = False) -> ValueModel:
         if spec.init_from == "reward" and not meta:
             scorer = getattr(reward, "model", None)
-            if getattr(scorer, "kind", None) != "scalar_head" or getattr(reward, "_own_tokenizer", None) is not None:
-                raise ConfigError("model.critic.init_from: 'reward' copies a reward model of kind scalar_head on the "
-                                  "policy's tokenizer (lit_align.rewards.ModelReward); this reward is not one. Use "
-                                  "'policy' or a checkpoint file")
+            if scorer is None or getattr(reward, "_own_tokenizer", None) is not None:
+                raise ConfigError("model.critic.init_from: 'reward' copies a reward model on the policy's tokenizer "
+                                  "(lit_align.rewards.ModelReward); this reward is not one. Use 'policy' or a "
+                                  "checkpoint file")
+            if scorer.kind == "sequence_classification":
+                return _from_decoder_classifier(scorer.backbone)
             return ValueModel.from_reward_model(scorer)
         if meta:
             scorer = build_reward_model(arch, tokenizer, key="model.critic.model", meta=True)
@@ -177,6 +179,27 @@ def build_critic(spec: CriticSpec, policy: ModelSpec, tokenizer: PreTrainedToken
     shard_scorer(critic, mesh, bf16_policy(precision))
     load_from_rank0(critic, source, device)
     return critic
+
+
+def _from_decoder_classifier(classifier: nn.Module) -> ValueModel:
+    """A critic copied from an HF decoder sequence classifier with one label (e.g. a ``RewardModelModule``
+    export): its decoder inside a causal LM of the same config (whose LM head the critic never reads, frozen)
+    and its ``score`` layer as the value head, so at a sequence's last token the value is the reward."""
+    from transformers import AutoModelForCausalLM
+
+    decoder, score = getattr(classifier, classifier.base_model_prefix, None), getattr(classifier, "score", None)
+    if decoder is None or not isinstance(score, nn.Linear) or score.out_features != 1:
+        raise ConfigError("model.critic.init_from: 'reward' needs a decoder classifier with one label (a `score` "
+                          f"layer), got {type(classifier).__name__}; an encoder reward model cannot start a critic")
+    with torch.random.fork_rng(devices=[]):  # the LM head's random init draws nothing from the run's RNG
+        lm = AutoModelForCausalLM.from_config(classifier.config)
+    lm.get_decoder().load_state_dict(decoder.state_dict())
+    lm = lm.to(next(classifier.parameters()).dtype)
+    if lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight:
+        lm.get_output_embeddings().requires_grad_(False)
+    head = ScalarHead(score.in_features, 1, bias=score.bias is not None, dtype=score.weight.dtype)
+    head.load_state_dict(score.state_dict())
+    return ValueModel(lm, head)
 
 
 # the critic block is saved with a method's hyperparameters in every checkpoint; allow it in weights-only loads

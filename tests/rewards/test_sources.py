@@ -64,3 +64,23 @@ def test_critic_from_the_reward_model_scores_like_it_and_rewards_stay_out_of_che
     state = module.state_dict()
     assert any(k.startswith("critic.") for k in state) and not any(k.startswith("reward.") for k in state)
     module.load_state_dict(state)  # the rebuilt reward weights are taken from the module as built
+
+
+def test_critic_from_an_exported_decoder_classifier_scores_like_it(batch, tmp_path):
+    """A RewardModelModule-style export (an HF sequence classifier on the policy's tokenizer) starts the critic:
+    at each sequence's last token the value is the reward model's score."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_align.models.causal_lm import resolve_path
+
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(resolve_path("builtin:tiny-game-base"), num_labels=1)
+    torch.nn.init.normal_(classifier.score.weight, std=0.5)
+    classifier.save_pretrained(tmp_path / "rm")
+    batch.tokenizer.save_pretrained(tmp_path / "rm")
+    rm = RewardModelSpec(model=ModelSpec(name_or_path=str(tmp_path / "rm")), kind="sequence_classification")
+    module = PPOModule(POLICY, ModelReward(rm, retokenize="never"), critic=CriticSpec(init_from="reward"))
+    module.configure_model()
+    values = module.critic(batch.sequences, batch.attention_mask)
+    torch.testing.assert_close(values[:, -1], module.reward(batch), atol=1e-5, rtol=1e-5)
+    assert any(p.requires_grad for p in module.critic.parameters())
