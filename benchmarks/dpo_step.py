@@ -163,6 +163,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def trl_step_timer(times: _StepTimes):
+    """A transformers ``TrainerCallback`` that records each optimiser step's span in ``times``."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            times.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.end()
+
+    return Timer()
+
+
 class _StepTimes:
     """Step spans and the real tokens per step, filled by each framework's hooks."""
 
@@ -240,7 +254,6 @@ def _run_trl(total_steps: int, workdir: Path) -> dict:
     import copy
 
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = _tokenizer()
@@ -250,13 +263,6 @@ def _run_trl(total_steps: int, workdir: Path) -> dict:
     dataset = Dataset.from_list(_pairs(PAIRS_PER_STEP * total_steps, tokenizer))
     times = _StepTimes()
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            times.begin()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.end()
-
     config = DPOConfig(
         output_dir=str(workdir / "trl"), gradient_checkpointing=False, bf16=False, use_cpu=True, report_to="none",
         per_device_train_batch_size=PAIRS_PER_STEP, max_length=2 * SEQ_LEN, precompute_ref_log_probs=False,
@@ -264,7 +270,7 @@ def _run_trl(total_steps: int, workdir: Path) -> dict:
         learning_rate=LR, beta=BETA, max_steps=total_steps, num_train_epochs=1, disable_tqdm=True,
     )
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[Timer()])
+                         processing_class=tokenizer, callbacks=[trl_step_timer(times)])
     collate = trainer.data_collator
 
     def counting_collate(examples):  # runs in this process (num_workers=0), once per step

@@ -69,6 +69,7 @@ from dpo_step import (  # noqa: E402
     _spec,
     _StepTimes,
     _tokenizer,
+    trl_step_timer,
 )
 
 IMPLS = ("lit_align", "trl")
@@ -139,7 +140,7 @@ def _run_lit_align(total_steps: int, workdir: Path) -> dict:
 def _run_trl(total_steps: int, workdir: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     tokenizer = _tokenizer()
@@ -155,13 +156,6 @@ def _run_trl(total_steps: int, workdir: Path) -> dict:
     dataset = Dataset.from_list(_pairs(PAIRS_PER_STEP * total_steps, tokenizer))
     times = _StepTimes()
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            times.begin()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.end()
-
     args = RewardConfig(
         output_dir=str(workdir / "trl"), gradient_checkpointing=False, bf16=False, use_cpu=True, report_to="none",
         per_device_train_batch_size=PAIRS_PER_STEP, max_length=2 * SEQ_LEN, logging_steps=10**6,
@@ -169,7 +163,7 @@ def _run_trl(total_steps: int, workdir: Path) -> dict:
         num_train_epochs=1, disable_tqdm=True,
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                            callbacks=[Timer()])
+                            callbacks=[trl_step_timer(times)])
     collate = trainer.data_collator
 
     def counting_collate(examples):  # runs in this process (num_workers=0), once per step

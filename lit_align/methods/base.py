@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.tokenize import encode_prompt
+from lit_align.errors import ConfigError
 from lit_align.models import ModelSpec, apply_lora, build_causal_lm, build_tokenizer, frozen_copy
 from lit_align.models.fsdp import fsdp2_parallelize, load_from_rank0
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
@@ -178,6 +179,16 @@ class PolicyModule(L.LightningModule):
                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
         return [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
                 for r, m in zip(out.response_ids, out.response_mask)]
+
+
+def online_reference(model: ModelSpec, reference: str, what: str) -> str:
+    """The reference mode of an online method (new text every step: nothing can be precomputed): ``auto`` is the
+    adapter switched off with LoRA, else a frozen copy; an error names ``model.reference``."""
+    reference = ("adapter" if model.lora is not None else "copy") if reference == "auto" else reference
+    if reference not in ("adapter", "copy"):
+        raise ConfigError(f"model.reference must be 'adapter', 'copy' or 'auto' for {what} (new text is scored every "
+                          f"step: nothing can be precomputed), got {reference!r}")
+    return reference
 
 
 def default_cache_dir() -> str:

@@ -16,7 +16,7 @@ from lit_align.engine.player import configure_players, resolve_optimization
 from lit_align.engine.seeds import generator, row_generators
 from lit_align.errors import ConfigError
 from lit_align.losses.ppo import whiten
-from lit_align.methods.base import ReferencedPolicyModule, default_cache_dir
+from lit_align.methods.base import ReferencedPolicyModule, default_cache_dir, online_reference
 from lit_align.models import ModelSpec
 from lit_align.models.reference import model_fingerprint
 from lit_align.models.value import CriticSpec, build_critic
@@ -110,11 +110,7 @@ class PPOModule(ReferencedPolicyModule):
             sample_seed: seed of every draw (:func:`lit_align.engine.derive_seed`).
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
         """
-        reference = ("adapter" if model.lora is not None else "copy") if reference == "auto" else reference
-        if reference not in ("adapter", "copy"):
-            raise ConfigError("model.reference must be 'adapter', 'copy' or 'auto' for online RL (responses are new "
-                              f"every step: nothing can be precomputed), got {reference!r}")
-        super().__init__(model, reference=reference, chunk_tokens=chunk_tokens)
+        super().__init__(model, reference=online_reference(model, reference, "online RL"), chunk_tokens=chunk_tokens)
         if not sampling.do_sample:
             raise ConfigError("model.sampling.do_sample must be true: PPO needs sampled responses")
         if not kl_coef >= 0:

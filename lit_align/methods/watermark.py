@@ -18,7 +18,7 @@ from lit_align.engine.player import resolve_optimization
 from lit_align.engine.seeds import generator, row_generators
 from lit_align.errors import ConfigError
 from lit_align.losses.watermark import DetectorPair, detector_loss
-from lit_align.methods.base import ReferencedPolicyModule
+from lit_align.methods.base import ReferencedPolicyModule, online_reference
 from lit_align.metrics.detection import DetectionMetrics, random_substitution
 from lit_align.models import ModelSpec, RewardModelSpec, build_causal_lm, freeze
 from lit_align.modes import eval_mode
@@ -125,11 +125,7 @@ class WatermarkModule(ReferencedPolicyModule):
             export_detector: at the end of fit write the detector to ``<default_root_dir>/detector_export``.
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
         """
-        reference = ("adapter" if model.lora is not None else "copy") if reference == "auto" else reference
-        if reference not in ("adapter", "copy"):
-            raise ConfigError("model.reference must be 'adapter' or 'copy' for watermarking (new text is scored every "
-                              f"step: nothing can be precomputed), got {reference!r}")
-        super().__init__(model, reference=reference, chunk_tokens=chunk_tokens)
+        super().__init__(model, reference=online_reference(model, reference, "watermarking"), chunk_tokens=chunk_tokens)
         if not sampling.do_sample:
             raise ConfigError("model.sampling.do_sample must be true: PPO needs sampled continuations")
         self.automatic_optimization = False
