@@ -113,6 +113,9 @@ def test_contrastive_baseline_cancels_a_per_prompt_offset(tmp_path):
     ra = plain.model._rewards(batch, rollout, {})
     rb = shifted.model._rewards(batch, rollout, {})
     torch.testing.assert_close(ra, rb)
+    # a reward whose level differs strongly across prompts varies far less once contrasted with b(x)
+    raw = shifted.model._score(batch, rollout, 1)
+    assert float(rb.var()) < 0.5 * float(raw.var()), (float(rb.var()), float(raw.var()))
     # lookup is by prompt id, whatever the batch order
     shuffled = list(reversed(batch.uids))
     torch.testing.assert_close(ta.lookup(shuffled), ta.lookup(batch.uids).flip(0))
