@@ -331,14 +331,14 @@ def _plain_sample(model, ids, mask, config: SamplingConfig, eos: list[int], gene
     into a 4D one at every step, and every row drawing its noise at every step, finished or not."""
     from transformers import DynamicCache
 
-    from lit_align.rollout.sampler import _select
+    from lit_align.rollout.sampler import _cache_kwarg, _select
 
     b, p = ids.shape
     n = config.max_new_tokens
     full_mask = torch.cat([mask, torch.ones(b, n, dtype=torch.long)], dim=1)  # (B, P + N)
     pos = mask.sum(-1, keepdim=True) + torch.arange(n)  # (B, N)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache,
+    cache = {_cache_kwarg(model): DynamicCache(config=model.config)}  # the keyword differs across transformers
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **cache,
                 use_cache=True, logits_to_keep=1)
     finished = torch.zeros(b, dtype=torch.bool)
     tokens_, logps_ = [], []
@@ -351,7 +351,7 @@ def _plain_sample(model, ids, mask, config: SamplingConfig, eos: list[int], gene
         if t == n - 1 or finished.all():
             break
         out = model(input_ids=tokens[:, None], attention_mask=full_mask[:, : p + t + 1],
-                    position_ids=pos[:, t : t + 1], cache=cache, use_cache=True, logits_to_keep=1)
+                    position_ids=pos[:, t : t + 1], **cache, use_cache=True, logits_to_keep=1)
     response = torch.stack(tokens_, 1)  # (B, R)
     is_eos = torch.isin(response, torch.tensor(eos))
     lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, response.shape[1])
