@@ -18,11 +18,11 @@ from lit_align.losses.reward import bradley_terry_loss
 from lit_align.methods.base import PolicyModule, prompt_ids
 from lit_align.models import RewardModelSpec, build_reward_model, build_tokenizer
 from lit_align.models.causal_lm import is_peft_model
-from lit_align.models.fsdp import load_from_rank0
+from lit_align.models.fsdp import bf16_policy, load_from_rank0, shard_scorer
 from lit_align.models.reward import last_token_index
 from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask
 from lit_align.rollout.sampler import _cache_kwarg, _make_cache
-from lit_align.watermark.players import bf16_policy, freeze_lm_head, full_state, shard_scorer
+from lit_align.watermark.players import freeze_lm_head, full_state
 
 __all__ = ["RewardModelModule"]
 
