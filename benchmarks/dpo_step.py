@@ -336,6 +336,26 @@ def _run_hand(total_steps: int, workdir: Path) -> dict:
     return {"fingerprint": fingerprint, "times": times}
 
 
+def timed_worker(impl: str, run, warmup: int, total: int, profile: str | None, prof_name: str) -> dict:
+    """Run one implementation's ``run()`` (returns ``{"times": _StepTimes, ...}``), optionally under cProfile
+    (``<profile>/<prof_name>``), check it timed every step, and report the steps after ``warmup``."""
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        out = prof.runcall(run)
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(str(Path(profile) / prof_name))
+    else:
+        out = run()
+    times: _StepTimes = out.pop("times")
+    if len(times.ms) != total or len(times.tokens) < total:
+        raise RuntimeError(f"{impl}: timed {len(times.ms)} steps and saw {len(times.tokens)} batches, expected {total}")
+    return {"impl": impl, "step_ms": times.ms[warmup:], "step_cpu_ms": times.cpu_ms[warmup:],
+            "tokens_per_step": statistics.mean(times.tokens[:total]), "peak_rss_mb": _peak_rss_mb(), "times": times,
+            **out}
+
+
 def _worker(impl: str, steps: int, warmup: int, profile: str | None) -> dict:
     import torch
 
@@ -348,27 +368,9 @@ def _worker(impl: str, steps: int, warmup: int, profile: str | None) -> dict:
             "trl": lambda: _run_trl(total, Path(tmp)),
             "hand": lambda: _run_hand(total, Path(tmp)),
         }[impl]
-        if profile:
-            import cProfile
-
-            prof = cProfile.Profile()
-            out = prof.runcall(run)
-            Path(profile).mkdir(parents=True, exist_ok=True)
-            prof.dump_stats(str(Path(profile) / f"{impl}.prof"))
-        else:
-            out = run()
-    times: _StepTimes = out.pop("times")
-    if len(times.ms) != total or len(times.tokens) < total:
-        raise RuntimeError(f"{impl}: timed {len(times.ms)} steps and saw {len(times.tokens)} batches, expected {total}")
-    return {
-        "impl": impl,
-        "step_ms": times.ms[warmup:],
-        "step_cpu_ms": times.cpu_ms[warmup:],
-        "tokens_per_step": statistics.mean(times.tokens[:total]),
-        "scored_tokens_per_step": statistics.mean(times.scored[:total]),
-        "peak_rss_mb": _peak_rss_mb(),
-        **out,
-    }
+        result = timed_worker(impl, run, warmup, total, profile, f"{impl}.prof")
+    times = result.pop("times")
+    return {**result, "scored_tokens_per_step": statistics.mean(times.scored[:total])}
 
 
 def _run_worker(impl: str, args: argparse.Namespace) -> dict:

@@ -65,10 +65,10 @@ from dpo_step import (  # noqa: E402
     SEQ_LEN,
     _build_model,
     _pairs,
-    _peak_rss_mb,
     _spec,
     _StepTimes,
     _tokenizer,
+    timed_worker,
     trl_step_timer,
 )
 
@@ -184,20 +184,9 @@ def _worker(impl: str, steps: int, warmup: int, profile: str | None) -> dict:
     total = warmup + steps
     with tempfile.TemporaryDirectory(prefix=f"rm_step_{impl}_") as tmp:
         run = {"lit_align": lambda: _run_lit_align(total, Path(tmp)), "trl": lambda: _run_trl(total, Path(tmp))}[impl]
-        if profile:
-            import cProfile
-
-            prof = cProfile.Profile()
-            out = prof.runcall(run)
-            Path(profile).mkdir(parents=True, exist_ok=True)
-            prof.dump_stats(str(Path(profile) / f"rm_{impl}.prof"))
-        else:
-            out = run()
-    times: _StepTimes = out.pop("times")
-    if len(times.ms) != total or len(times.tokens) < total:
-        raise RuntimeError(f"{impl}: timed {len(times.ms)} steps and saw {len(times.tokens)} batches, expected {total}")
-    return {"impl": impl, "step_ms": times.ms[warmup:], "step_cpu_ms": times.cpu_ms[warmup:],
-            "tokens_per_step": statistics.mean(times.tokens[:total]), "peak_rss_mb": _peak_rss_mb(), **out}
+        result = timed_worker(impl, run, warmup, total, profile, f"rm_{impl}.prof")
+    result.pop("times")
+    return result
 
 
 def _run_worker(impl: str, args: argparse.Namespace) -> dict:

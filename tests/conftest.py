@@ -65,6 +65,12 @@ def tiny_actor_critic(vocab_size: int, hidden_size: int = 32):
     return actor, ValueModel.from_reward_model(RewardModel(backbone, head, "scalar_head").eval())
 
 
+def max_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two state dicts with the same keys (compared in float32)."""
+    assert sorted(a) == sorted(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 @functools.cache
 def resolved_config(config: str) -> dict:
     """A config as the CLI resolves it (``fit --print_config``: parsed and validated, not instantiated,

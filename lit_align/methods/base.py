@@ -221,6 +221,13 @@ class ReferencedPolicyModule(RebuiltWeights, PolicyModule):
         self._model_fingerprint: str | None = None
         self._reference_source: list[torch.nn.Module] = []  # rank 0's weights for a sharded copy (not a submodule)
 
+    def _reference_args(self) -> tuple[torch.nn.Module, Any]:
+        """``(model, context)`` that scores the reference: the frozen copy, or the policy under a context that
+        switches its LoRA adapter off (for ``make_experience``'s ``reference`` and ``reference_context``)."""
+        if self.reference.copy is not None:
+            return self.reference.copy, None
+        return self.policy, lambda: self.policy.disable_adapter()
+
     def _reference_sequences(self, batch) -> list[SequenceBatch]:
         """The sequences of a batch whose reference log-probs are precomputed (one table column each)."""
         raise NotImplementedError(f"{type(self).__name__} does not support reference: precomputed")

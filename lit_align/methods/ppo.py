@@ -273,11 +273,6 @@ class PPOModule(ReferencedPolicyModule):
         one_pass = self.ppo.epochs == 1 and (self.ppo.minibatch_size or rows) >= rows
         return uses_kl, one_pass and self.kl_coef == 0
 
-    def _reference_args(self):
-        if self.reference.copy is not None:
-            return self.reference.copy, None
-        return self.policy, lambda: self.policy.disable_adapter()
-
     def _rng(self, purpose: str) -> torch.Generator:
         return generator(self.sample_seed, self.step_count, purpose, device=self.device)
 

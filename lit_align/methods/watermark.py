@@ -193,11 +193,6 @@ class WatermarkModule(ReferencedPolicyModule):
         return save_detector(self.detector, self.tokenizer, path, self.global_rank)
 
     # -- one step's parts ----------------------------------------------------------------------
-    def _reference_args(self) -> tuple[torch.nn.Module, Any]:
-        if self.reference.copy is not None:
-            return self.reference.copy, None
-        return self.policy, lambda: self.policy.disable_adapter()
-
     def _rng(self, purpose: str) -> torch.Generator:
         """The step's generator for one draw, named by what it is for (:func:`lit_align.engine.derive_seed`)."""
         return generator(self.sample_seed, self.step_count, purpose, device=self.device)

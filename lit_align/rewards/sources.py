@@ -39,6 +39,7 @@ from lit_align.game.judge import JudgeFactory, SafetyJudge, build_judge
 from lit_align.models import RewardModelSpec, build_reward_model, build_tokenizer, freeze
 from lit_align.models.reference import model_fingerprint
 from lit_align.modes import eval_mode
+from lit_align.watermark.text import encode_for
 
 __all__ = ["CallableReward", "JudgeReward", "Mix", "ModelReward", "PromptOffset", "Reward", "RewardInput"]
 
@@ -144,11 +145,7 @@ class ModelReward(Reward):
     def _score(self, batch: RewardInput) -> Tensor:
         ids, mask = batch.sequences, batch.attention_mask
         if self._own_tokenizer is not None:  # another vocabulary: through text
-            texts = [batch.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask)]
-            own = self._own_tokenizer
-            cap = own.model_max_length if own.model_max_length < 100_000 else None
-            enc = own(texts, return_tensors="pt", padding=True, truncation=cap is not None, max_length=cap)
-            ids, mask = enc["input_ids"].to(ids.device), enc["attention_mask"].to(ids.device)
+            ids, mask = encode_for(self._own_tokenizer, batch.tokenizer, ids, mask)
         return self.model.score(ids, mask)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, max_diff, run_cli
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -32,11 +32,6 @@ def single(tmp_path_factory):
     return load_file(root / "hf_export" / "model.safetensors")
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    assert sorted(a) == sorted(b)
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_match_one(strategy, single, tmp_path):
     if strategy == "ddp":
@@ -56,9 +51,9 @@ def test_two_processes_match_one(strategy, single, tmp_path):
     spec = ModelSpec(tiny=TinyArch(family="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                    intermediate_size=128))
     start = {k: v for k, v in build_causal_lm(spec, build_tokenizer(spec)).state_dict().items() if k in single}
-    moved = _max_diff(single, start)
+    moved = max_diff(single, start)
     assert moved > 1e-3, "training did not move the weights"
-    assert _max_diff(multi, single) < 2e-4 < moved / 10
+    assert max_diff(multi, single) < 2e-4 < moved / 10
     torch.testing.assert_close(multi["lm_head.weight"], single["lm_head.weight"], rtol=0, atol=2e-4)
 
 
@@ -80,7 +75,7 @@ def test_fsdp2_with_tied_embeddings_matches_one_process(tmp_path):
     tied = ["--model.init_args.model.tiny.tie_word_embeddings", "true", "--trainer.max_steps", "2"]
     one, two = _one_and_two(tmp_path, [*COMMON, *tied], FSDP2)
     assert "lm_head.weight" not in one  # tied: saved once, as the input embedding
-    assert _max_diff(two, one) < 2e-4
+    assert max_diff(two, one) < 2e-4
 
 
 def test_sft_ddp_matches_one_process(tmp_path):
@@ -90,7 +85,7 @@ def test_sft_ddp_matches_one_process(tmp_path):
            "--trainer.enable_progress_bar", "false", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
            "--trainer.callbacks", "lit_align.callbacks.HFExport"]
     one, two = _one_and_two(tmp_path, sft, DDP)
-    assert _max_diff(two, one) < 2e-4
+    assert max_diff(two, one) < 2e-4
 
 
 def test_fsdp2_loads_a_local_model_on_rank_0_only_and_trains_lora_like_one_process(tmp_path):
@@ -108,7 +103,7 @@ def test_fsdp2_loads_a_local_model_on_rank_0_only_and_trains_lora_like_one_proce
     lora = ["--model.init_args.model", f"{{name_or_path: {local}, tiny: null, lora: {{r: 4, alpha: 8}}}}",
             "--model.init_args.reference", "adapter", "--trainer.max_steps", "3"]
     one, two = _one_and_two(tmp_path, [*COMMON, *lora], FSDP2, file="adapter_model.safetensors")
-    assert one and _max_diff(two, one) < 2e-4
+    assert one and max_diff(two, one) < 2e-4
     assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 0  # the adapters trained
 
 

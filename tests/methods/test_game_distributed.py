@@ -16,7 +16,7 @@ import csv
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, max_diff, run_cli
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -48,11 +48,6 @@ def _outputs(root) -> dict:
     return out
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    assert sorted(a) == sorted(b)
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
@@ -73,11 +68,11 @@ def _assert_matches(multi: dict, single: dict) -> None:
     spec = ModelSpec(name_or_path="builtin:tiny-game-base")
     start = {k: v for k, v in build_causal_lm(spec, build_tokenizer(spec)).state_dict().items()
              if k in single["defender"]}
-    moved = _max_diff(single["defender"], start)
+    moved = max_diff(single["defender"], start)
     assert moved > 1e-3, "training did not move the defender"
-    assert _max_diff(multi["defender"], single["defender"]) < 2e-5 < moved / 50
+    assert max_diff(multi["defender"], single["defender"]) < 2e-5 < moved / 50
     for player in ("defender", "attacker"):  # the attacker is seen through its averaged weights
-        assert _max_diff(multi[f"averaged/{player}"], single[f"averaged/{player}"]) < 2e-5
+        assert max_diff(multi[f"averaged/{player}"], single[f"averaged/{player}"]) < 2e-5
     rows_one, rows_two = single["history"], multi["history"]
     assert rows_one and len(rows_one) == len(rows_two) == 2  # one validation per epoch
     for one, two in zip(rows_one, rows_two):
@@ -107,4 +102,4 @@ def test_fsdp2_resumed_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(fs
     _run(tmp_path / "resumed", [*FSDP2, "--ckpt_path", str(checkpoint)], batch=4)
     resumed, straight = _outputs(tmp_path / "resumed"), _outputs(fsdp2)
     for key in ("defender", "averaged/defender", "averaged/attacker"):
-        assert _max_diff(resumed[key], straight[key]) == 0.0, key
+        assert max_diff(resumed[key], straight[key]) == 0.0, key

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 
 import pytest
-from conftest import CSV_LOGGER, REPO, run_cli
+from conftest import CSV_LOGGER, REPO, max_diff, run_cli
 from safetensors.torch import load_file
 
 from lit_align.cli import cli_main
@@ -41,11 +41,6 @@ def _val_reward(root) -> float:
     return values[-1]
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    assert sorted(a) == sorted(b)
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 CONTRASTIVE = ["--data.init_args.train.limit", "24", "--model.init_args.contrastive", "{samples: 2, batch_size: 5}"]
 
 
@@ -65,6 +60,6 @@ def test_ddp_and_fsdp2_match_one_process(config, prompts, strategies, extra, tol
         proc = run_cli(_args(config, tmp_path / name, *extra, *strategy, prompts=prompts // 2))
         assert "Starting with 2 processes" in proc.stdout + proc.stderr or name == "fsdp2"
         two = load_file(tmp_path / name / EXPORT)
-        assert _max_diff(two, one) < tol < moved / 10, (name, _max_diff(two, one), moved)
+        assert max_diff(two, one) < tol < moved / 10, (name, max_diff(two, one), moved)
         # the val rows are the same prompts and draws (the weights agree to float noise: a sampled token may differ)
         assert _val_reward(tmp_path / name) == pytest.approx(_val_reward(tmp_path / "one"), abs=0.1), name

@@ -16,7 +16,7 @@ import csv
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, max_diff, run_cli
 from safetensors.torch import load_file
 
 from lit_align.cli import cli_main
@@ -74,11 +74,6 @@ def _auroc(root) -> float:
     return values[-1]
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    assert sorted(a) == sorted(b)
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """One process, batch 16; its weights and how far training moved them."""
@@ -92,7 +87,7 @@ def single(tmp_path_factory):
     start_weights = {f"{FILES[0]}:{k}": v for k, v in module.policy.state_dict().items()}
     start_weights |= {f"{f}:{k}": v for f in FILES[1:] for k, v in load_file(start / f).items()}
     trained = _weights(root)
-    moved = _max_diff(trained, {k: start_weights[k] for k in trained})
+    moved = max_diff(trained, {k: start_weights[k] for k in trained})
     assert cli.model.step_count == 4 and moved > 1e-3, "training did not move the weights"
     table = _table(root)
     assert table["clean/n_watermarked"] >= 8 and table["kgw_clean/auroc"] > 0.8
@@ -105,7 +100,7 @@ def test_ddp_matches_one_process(single, tmp_path):
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     two, two_auroc = _weights(tmp_path), _auroc(tmp_path)
     _same_table(_table(tmp_path), table)  # every rank's prompts, the same draws
-    assert _max_diff(two, one) < 1e-4 < moved / 10
+    assert max_diff(two, one) < 1e-4 < moved / 10
     assert two_auroc == auroc  # the same samples, scores gathered from both ranks
 
 
@@ -117,7 +112,7 @@ def test_fsdp2_matches_one_process_and_resumes_mid_epoch_exactly(single, tmp_pat
     straight = tmp_path / "straight"
     run_cli(_args(straight, *FSDP2, "--trainer.enable_checkpointing", "false", evaluate=True))
     uninterrupted = _weights(straight)
-    assert _max_diff(uninterrupted, one) < 1e-4 < moved / 10
+    assert max_diff(uninterrupted, one) < 1e-4 < moved / 10
     assert _auroc(straight) == auroc
     _same_table(_table(straight), table)
     ckpt = tmp_path / "ckpt"
@@ -128,7 +123,7 @@ def test_fsdp2_matches_one_process_and_resumes_mid_epoch_exactly(single, tmp_pat
     assert saved.is_dir(), "FSDP2 checkpoints are DCP directories"
     resumed = tmp_path / "resumed"
     run_cli([*_args(resumed, *FSDP2, "--trainer.enable_checkpointing", "false"), "--ckpt_path", str(saved)])
-    assert _max_diff(_weights(resumed), uninterrupted) == 0.0  # the same operations on the restored state
+    assert max_diff(_weights(resumed), uninterrupted) == 0.0  # the same operations on the restored state
 
 
 def test_lora_actor_and_detector_under_fsdp2_match_one_process(tmp_path):
@@ -145,4 +140,4 @@ def test_lora_actor_and_detector_under_fsdp2_match_one_process(tmp_path):
     one, two = ({f"{f}:{k}": v for f in files for k, v in load_file(root / f).items()}
                 for root in (tmp_path / "one", tmp_path / "two"))
     moved = max(v.abs().max().item() for k, v in one.items() if "lora_B" in k)  # lora_B starts at 0
-    assert _max_diff(two, one) < 1e-5 < moved / 100
+    assert max_diff(two, one) < 1e-5 < moved / 100
