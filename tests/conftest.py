@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -37,6 +38,22 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600, env: dict | N
     if proc.returncode != 0:
         raise AssertionError(f"lit-align {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init: str):
+    """A gloo process group for a spawned test worker, one torch thread. Ranks meet at a barrier before the group
+    is destroyed: a rank that tears down while its peer still has a collective in flight aborts the peer
+    ("terminate called without an active exception", SIGABRT), which failed CI once."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def tiny_lm(family: str = "qwen2", *, vocab_size: int, hidden_size: int = 64, seed: int = 0, **config):

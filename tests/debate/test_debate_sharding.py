@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import gloo_group
 
 from lit_align.debate.sharding import assign_full, full_tensor, gather_share, global_means, rank_share
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         positions, real = rank_share(5)
         gathered = gather_share(torch.tensor(positions, dtype=torch.float32) * 10, 5)
         # rank 0 holds rows 0, 2, 4 (mean loss 2.0), rank 1 rows 1, 3 (mean 4.0): the minibatch mean is 2.8
         means = global_means({"loss": torch.tensor([2.0, 4.0][rank])}, real, 5, "cpu")
         torch.save({"positions": positions, "real": real, "gathered": gathered, "means": means}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned processes

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_actor_critic
+from conftest import gloo_group, tiny_actor_critic
 from torch import Tensor, nn
 
 from lit_align.engine import Optimization, Player, PPOConfig, configure_players, ppo_update, resolve_optimization
@@ -77,9 +77,7 @@ def _sum(t):
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         results = {}
         # whitening with global moments equals whitening the concatenated batch
         x = torch.arange(12.0).reshape(4, 3) * (rank + 1)
@@ -113,8 +111,6 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         config = PPOConfig(epochs=2, clip=0.2, value_clip=0.2, target_kl=0.05)
         results["ppo"] = _update(rows, config, keep_shape=True)[:2]
         torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from conftest import gloo_group
 from torchmetrics.functional.classification import binary_auroc
 
 from lit_align.metrics import (
@@ -221,15 +222,12 @@ def test_multiple_choice_accuracy():
 
 # -- two processes ------------------------------------------------------------------------------
 def _metrics_worker(rank: int, world: int, init: str, queue) -> None:
-    import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        queue.put((rank, _shard_values(rank, world)))
-    except Exception as err:  # report instead of leaving the parent waiting
-        queue.put((rank, repr(err)))
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, world, init):
+        try:
+            queue.put((rank, _shard_values(rank, world)))
+        except Exception as err:  # report instead of leaving the parent waiting
+            queue.put((rank, repr(err)))
 
 
 def _shard_values(rank: int, world: int) -> dict[str, float]:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import gloo_group, tiny_lm
 from test_logps import PAD, VOCAB, _batch  # the same three rows: (3, 4), (5, 2), (2, 0)
 
 import lit_align.rollout.logps as logps_mod
@@ -222,14 +222,6 @@ def test_token_kl_vocabulary_mismatch_raises():
 
 
 # -- FSDP2: two gloo processes (sharded policy and sharded frozen reference) give one-process values/gradients --
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stats_and_kl(policy, reference, reference_context=None):
     """token_stats and token_kl values on the shared batch, and the policy gradient of their sum."""
     ids, attn, lmask = _batch("left")
@@ -241,19 +233,15 @@ def _stats_and_kl(policy, reference, reference_context=None):
     return {k: v.detach() for k, v in values.items()}
 
 
-def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _fsdp2_worker(rank: int, world: int, init: str, out_dir: str) -> None:
     import os
 
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from lit_align.models.fsdp import fsdp2_parallelize
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     logps_mod._CHECKPOINT_MIN_ELEMENTS = 0  # the checkpointed head path: both heads recomputed in backward
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         mesh = init_device_mesh("cpu", (world,))
         policy, reference = _tiny_model(seed=0), _tiny_model(seed=5)
         fsdp2_parallelize(policy, mesh)
@@ -267,8 +255,6 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         if rank == 0:
             torch.save({"values": values, "grads": grads, "lora_values": lora_values, "lora_grads": lora_grads},
                        os.path.join(out_dir, "out.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _lora_policy():
@@ -287,7 +273,7 @@ def test_fsdp2_token_stats_and_kl_match_one_process(tmp_path, monkeypatch):
 
     # spawn, not fork: after a backward pass a CUDA build of torch has autograd device threads, and forked
     # children cannot use autograd ("Unable to handle autograd's threading ... fork-based multiprocessing")
-    mp.start_processes(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_fsdp2_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, start_method="spawn")
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     monkeypatch.setattr(logps_mod, "_CHECKPOINT_MIN_ELEMENTS", 0)
     policy, reference = _tiny_model(seed=0), _tiny_model(seed=5).requires_grad_(False)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_lm
+from conftest import gloo_group, tiny_lm
 
 from lit_align.data.batches import SequenceBatch
 from lit_align.unlearning import ParameterMask, accumulate_gradients, attribution_scores
@@ -114,23 +113,13 @@ def test_random_scores_are_seeded_and_bad_arguments_are_refused():
 
 
 # -- FSDP2: two gloo processes give the one-process gradients and exactly the one-process mask ----------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
+def _fsdp2_worker(rank: int, world: int, init: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor
 
     from lit_align.models.fsdp import fsdp2_parallelize
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         mesh = init_device_mesh("cpu", (world,))
         model = tiny_lm(vocab_size=VOCAB, hidden_size=32)
         fsdp2_parallelize(model, mesh)
@@ -149,14 +138,12 @@ def _fsdp2_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         wagle_full = {n: m.full_tensor() for n, m in wagle.items()}
         if rank == 0:
             torch.save({"grads": full, "selected": selected, "wagle_masks": wagle_full}, os.path.join(out_dir, "out.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_gradients_and_sharded_selection_match_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")  # fork breaks autograd on CUDA builds
+    mp.start_processes(_fsdp2_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, start_method="spawn")  # fork breaks autograd on CUDA builds
     out = torch.load(tmp_path / "out.pt", weights_only=True)
 
     model = tiny_lm(vocab_size=VOCAB, hidden_size=32)
@@ -173,24 +160,18 @@ def test_fsdp2_gradients_and_sharded_selection_match_one_process(tmp_path):
     assert sum(int(m.sum()) for m in out["wagle_masks"].values()) == int(one.numel * 0.5)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
+def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:  # replicated weights (DDP's case): each rank its share, then all_reduce(SUM)
+    with gloo_group(rank, world, init):  # replicated weights (DDP's case): each rank its share, then all_reduce(SUM)
         grads = accumulate_gradients(tiny_lm(vocab_size=VOCAB, hidden_size=32), make_batches(4, seed=7)[rank::world])
         if rank == 0:
             torch.save(grads, os.path.join(out_dir, "grads.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_replicated_gradients_are_summed_over_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")  # fork breaks autograd on CUDA builds
+    mp.start_processes(_ddp_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, start_method="spawn")  # fork breaks autograd on CUDA builds
     two = torch.load(tmp_path / "grads.pt", weights_only=True)
     one = accumulate_gradients(tiny_lm(vocab_size=VOCAB, hidden_size=32), make_batches(4, seed=7))
     for n, g in one.items():
