@@ -48,6 +48,13 @@ Files written (one JSON object per line for ``*.jsonl``, all ASCII):
     ``forget01 ⊂ forget05 ⊂ forget10``. The retain set of a split is every
     person not listed in it.
 
+``ranked_preferences.json`` (300 records)
+    ``{"prompt": str, "responses": [str x4], "ratings": [int x4]}``: four
+    rated responses per prompt for Curry-DPO, made by
+    ``lit_align.data.tiny_ranked.build_ranked_preferences`` (which defines
+    the set and its ``gold_quality``). A ``.json`` list, not ``.jsonl``, so
+    the tiny tokenizer (trained on the ``*.jsonl`` files) does not change.
+
 ``corpus.txt``
     One short passage (one or two simple sentences) per line about invented
     places, people and objects, for tokenizer training and text-completion
@@ -62,9 +69,13 @@ import argparse
 import json
 import random
 import string
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this tree's lit_align, whatever is installed
+from lit_align.data.tiny_ranked import build_ranked_preferences  # noqa: E402
 
 SEED = 20240611
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "lit_align" / "data" / "builtin"
@@ -639,6 +650,9 @@ def build_all(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "instructions.jsonl", build_instructions(SEED))
     write_jsonl(out / "preferences.jsonl", build_preferences(SEED + 10))
+    ranked = build_ranked_preferences(SEED + 50)
+    (out / "ranked_preferences.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in ranked) + "\n]\n",
+                                                 encoding="utf-8")
     facts = build_fictitious_facts(SEED + 20)
     write_jsonl(out / "fictitious_facts.jsonl", facts)
     n_people = len({r["person_id"] for r in facts})

@@ -11,6 +11,7 @@ from lit_align.data.completion import (
 )
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.prompts import PromptBatch, PromptDataModule, SeedPromptDataModule
+from lit_align.data.ranked import RankedPreferenceDataModule, build_pairs
 from lit_align.data.records import BUILTIN_DIR, DataSource, load_records
 from lit_align.data.sft import SFTDataModule
 from lit_align.data.unlearning import (
@@ -36,6 +37,7 @@ __all__ = [
     "PreferenceDataModule",
     "PromptBatch",
     "PromptDataModule",
+    "RankedPreferenceDataModule",
     "SFTDataModule",
     "SeedPromptDataModule",
     "SequenceBatch",
@@ -43,6 +45,7 @@ __all__ = [
     "TextCompletionDataModule",
     "TokenizedDataModule",
     "WMDPDataModule",
+    "build_pairs",
     "load_completion_records",
     "load_records",
     "retokenize",

@@ -2,7 +2,8 @@
 
 A :class:`DataSource` names where records come from:
 
-* a built-in tiny dataset: ``builtin:instructions``, ``builtin:preferences``, ``builtin:fictitious_facts``,
+* a built-in tiny dataset: ``builtin:instructions``, ``builtin:preferences``, ``builtin:ranked_preferences``,
+  ``builtin:fictitious_facts``,
   and the person splits of the last one, ``builtin:fictitious_facts/forget01|forget05|forget10`` and
   ``builtin:fictitious_facts/retain99|retain95|retain90`` (retain ``NN`` = every person not in forget ``100-NN``);
 * a local file: ``.json`` (a list of records, or ``{"data": [...]}``), ``.jsonl``, ``.parquet``, ``.csv``;
@@ -111,17 +112,32 @@ def _read_fictitious_split(split: str, path: str) -> list[Record]:
     return [r for r in rows if (r["person_id"] in people) == keep]
 
 
+#: File types of record built-ins: ``.jsonl``, or ``.json`` for a built-in the tiny tokenizer is not trained on
+#: (scripts/build_tokenizer.py reads every ``*.jsonl``; a new ``.jsonl`` would change the shipped tokenizer).
+BUILTIN_SUFFIXES = (".jsonl", ".json")
+
+
+def _builtin_file(name: str) -> Path | None:
+    """The file of record built-in ``name`` (``<name>.jsonl`` or ``<name>.json``), or None."""
+    for suffix in BUILTIN_SUFFIXES:
+        file = Path(str(BUILTIN_DIR / f"{name}{suffix}"))
+        if file.is_file():
+            return file
+    return None
+
+
 def _read(source: DataSource) -> list[Record]:
     if source.path.startswith("builtin:"):
         name = source.path.removeprefix("builtin:")
         if name.startswith("fictitious_facts/"):
             return _read_fictitious_split(name.removeprefix("fictitious_facts/"), source.path)
-        file = BUILTIN_DIR / f"{name}.jsonl"
-        if not file.is_file():
-            known = sorted(p.name.removesuffix(".jsonl") for p in BUILTIN_DIR.iterdir() if p.name.endswith(".jsonl"))
+        file = _builtin_file(name)
+        if file is None:
+            known = sorted(p.name.rsplit(".", 1)[0] for p in BUILTIN_DIR.iterdir()
+                           if p.name.endswith(BUILTIN_SUFFIXES) and p.name != "fictitious_facts_splits.json")
             known += [f"fictitious_facts/{split}" for split in FICTITIOUS_SPLITS]
             raise DataError(f"data source {source.path!r}: no built-in dataset {name!r}; built-ins are {known}")
-        return _read_local(Path(str(file)))
+        return _read_local(file)
     local = Path(source.path).expanduser()
     if local.is_file():
         return _read_local(local)
@@ -157,8 +173,7 @@ def _read(source: DataSource) -> list[Record]:
 def _local_file(path: str) -> Path | None:
     """The file a source path reads record by record (a local or built-in file), or None."""
     if path.startswith("builtin:"):
-        file = Path(str(BUILTIN_DIR / f"{path.removeprefix('builtin:')}.jsonl"))
-        return file if file.is_file() else None
+        return _builtin_file(path.removeprefix("builtin:"))
     file = Path(path).expanduser()
     return file if file.is_file() else None
 

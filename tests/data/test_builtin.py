@@ -26,6 +26,7 @@ GENERATED_DATA_FILES = [
     "preferences.jsonl",
     "fictitious_facts.jsonl",
     "fictitious_facts_splits.json",
+    "ranked_preferences.json",
     "corpus.txt",
 ]
 JSONL_SCHEMAS: dict[str, tuple[int, dict[str, type]]] = {

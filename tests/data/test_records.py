@@ -81,8 +81,9 @@ def test_builtin_datasets_load(name, required, count):
 def test_unknown_builtin_lists_the_known_ones():
     with pytest.raises(ValueError, match="no built-in dataset 'instruction'") as err:
         load_records(DataSource("builtin:instruction"), ["prompt"])
-    for known in ("fictitious_facts", "instructions", "preferences"):
+    for known in ("fictitious_facts", "instructions", "preferences", "ranked_preferences"):
         assert repr(known) in str(err.value)
+    assert "fictitious_facts_splits" not in str(err.value)  # a .json built-in that is not records
 
 
 def test_field_mapping_renames_columns(tmp_path):
