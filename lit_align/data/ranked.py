@@ -34,7 +34,13 @@ from transformers import PreTrainedTokenizerBase
 from lit_align.data.base import TokenizedDataModule
 from lit_align.data.records import DataSource, Record, describe_record, load_records, read_rows
 from lit_align.data.sampling import ResumableDataLoader
-from lit_align.data.tokenize import PreferenceCollator, PreferenceExample, TokenizedDataset, encode_prompt, encode_response
+from lit_align.data.tokenize import (
+    PreferenceCollator,
+    PreferenceExample,
+    TokenizedDataset,
+    encode_prompt,
+    encode_response,
+)
 from lit_align.errors import ConfigError, DataError, check_choice, check_int
 
 __all__ = ["RankedPair", "RankedPreferenceDataModule", "assign_levels", "build_pairs", "curriculum_order"]
@@ -393,8 +399,9 @@ class RankedPreferenceDataModule(TokenizedDataModule):
             rec = records[pair.prompt]
             if pair.prompt not in prompts:
                 prompts[pair.prompt] = encode_prompt(self.tokenizer, rec["prompt"], chat)
-            examples.append(PreferenceExample(prompts[pair.prompt], encode_response(self.tokenizer, rec["responses"][pair.chosen]),
-                                              encode_response(self.tokenizer, rec["responses"][pair.rejected]), i))
+            chosen, rejected = (encode_response(self.tokenizer, rec["responses"][j])
+                                for j in (pair.chosen, pair.rejected))
+            examples.append(PreferenceExample(prompts[pair.prompt], chosen, rejected, i))
         return PairDataset(examples, pairs, self.max_length)
 
     def _collator(self, pad_token_id: int) -> PreferenceCollator:

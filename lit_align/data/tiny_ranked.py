@@ -1,126 +1,108 @@
 """``builtin:ranked_preferences``: a tiny multi-rated preference set whose ratings follow a learnable quality.
 
-Every prompt asks for one number (a sum, a difference, a product or the length of a word) and has four
-responses in the same sentence shape, one correct and three wrong by growing amounts. A response's rating is
-:func:`gold_quality`: 3 for the right number, 2 when it is off by one, 1 off by two, 0 off by three or more, so the
-quality is a learnable rule (closeness to the right answer) and the best-vs-k-th pairs run from easy (right vs far
-off, gap 3) to hard (right vs off by one, gap 1), the curriculum Curry-DPO (arXiv 2403.07230) is about.
+Every prompt asks to repeat one word (five phrasings); its four responses are one sentence shape,
+``The word is "<x>".``, with ``x`` the word itself or the word with one, two, or three or more letters changed. A
+response's rating is :func:`gold_quality`: ``3 - min(edit distance(x, word), 3)`` (3, 2, 1, 0). Copying is a rule a
+tiny model can learn from the prompt alone and apply to unseen prompts, and the best-vs-k-th pairs run from easy
+(exact vs far off, gap 3) to hard (exact vs one letter off, gap 1): the curriculum Curry-DPO (arXiv 2403.07230) is
+about.
 
-:func:`gold_quality` scores any text, so a benchmark can rate the greedy outputs of a trained model: a response in
-the dataset's sentence shape scores as above, any other text by the last number in it at half weight, and text
-with no number 0. :func:`build_ranked_preferences` makes the records; ``scripts/build_builtin_data.py`` writes them.
+:func:`gold_quality` scores any text, so a benchmark can rate the greedy outputs of a trained model: a response in the
+set's sentence shape scores as above; other text scores half that for its last quoted string, and 0 without one.
+:func:`build_ranked_preferences` makes the records; ``scripts/build_builtin_data.py`` writes them.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+import string
 
-__all__ = ["MAX_QUALITY", "build_ranked_preferences", "gold_quality"]
+__all__ = ["MAX_QUALITY", "build_ranked_preferences", "edit_distance", "gold_quality"]
 
-#: The best quality (the right number in the dataset's sentence shape).
+#: The best quality (the word copied exactly, in the set's sentence shape).
 MAX_QUALITY = 3.0
 
 _WORDS = [
     "lamp", "river", "stone", "apple", "cloud", "bread", "chair", "green", "house", "light", "music", "paper",
     "plant", "queen", "sugar", "table", "train", "water", "bird", "book", "cake", "door", "fish", "frog", "gold",
     "hand", "kite", "leaf", "moon", "nest", "rain", "ring", "rose", "salt", "ship", "snow", "star", "tree", "wind",
-    "wolf", "milk", "bell", "coin", "drum", "garden", "candle", "window", "pencil", "basket", "forest",
+    "wolf", "milk", "bell", "coin", "drum", "garden", "candle", "window", "pencil", "basket", "forest", "spoon",
+    "tiger", "bridge", "ladder", "button", "castle", "market", "harbor", "library", "bakery",
 ]
+_PROMPTS = ['Repeat the word "{}".', 'Say "{}" back to me.', 'Echo the word "{}".', 'Please write the word "{}".',
+            'Copy this word: "{}".']
+_RESPONSE = 'The word is "{}".'
+_PROMPT_PATTERNS = [re.compile(re.escape(p).replace(r"\{\}", r'([^"]+)')) for p in _PROMPTS]
+_RESPONSE_PATTERN = re.compile(re.escape(_RESPONSE).replace(r"\{\}", r'([^"]*)'))
 
 
-class _Family:
-    """One prompt family: a prompt pattern, the right answer it implies and the response sentence shape."""
-
-    def __init__(self, prompt: str, pattern: str, answer: Callable[[tuple[str, ...]], int], response: str) -> None:
-        self.prompt, self.answer, self.response = prompt, answer, response
-        self.pattern = re.compile(pattern)
-
-    def match(self, prompt: str) -> tuple[str, ...] | None:
-        found = self.pattern.fullmatch(prompt.strip())
-        return found.groups() if found else None
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest one-letter insertions, deletions and substitutions turning ``a`` into ``b``."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
-_FAMILIES = {
-    "plus": _Family("What is {0} plus {1}?", r"What is (\d+) plus (\d+)\?", lambda g: int(g[0]) + int(g[1]),
-                    "{0} plus {1} is {n}."),
-    "minus": _Family("What is {0} minus {1}?", r"What is (\d+) minus (\d+)\?", lambda g: int(g[0]) - int(g[1]),
-                     "{0} minus {1} is {n}."),
-    "times": _Family("What is {0} times {1}?", r"What is (\d+) times (\d+)\?", lambda g: int(g[0]) * int(g[1]),
-                     "{0} times {1} is {n}."),
-    "letters": _Family('How many letters are in the word "{0}"?', r'How many letters are in the word "([a-z]+)"\?',
-                       lambda g: len(g[0]), 'The word "{0}" has {n} letters.'),
-}
-
-
-def _closeness(value: int, right: int) -> float:
-    return MAX_QUALITY - min(abs(value - right), 3)
+def _target(prompt: str) -> str:
+    for pattern in _PROMPT_PATTERNS:
+        found = pattern.fullmatch(prompt.strip())
+        if found:
+            return found.group(1)
+    raise ValueError(f"not a builtin:ranked_preferences prompt: {prompt!r}")
 
 
 def gold_quality(prompt: str, response: str) -> float:
     """The quality of ``response`` to a ``builtin:ranked_preferences`` prompt, in [0, 3].
 
-    ``3 - min(|n - right|, 3)`` where ``n`` is the response's number, when the response is the dataset's sentence
-    for that number; half of that for other text, with ``n`` its last integer; 0 for text with no integer.
-    Raises ``ValueError`` for a prompt of no family of the set.
+    ``3 - min(edit_distance(x, word), 3)`` for a response ``The word is "x".``; half of that for other text, with
+    ``x`` its last quoted string; 0 for text with no quoted string. ``ValueError`` for a prompt not of the set.
     """
-    for family in _FAMILIES.values():
-        groups = family.match(prompt)
-        if groups is None:
-            continue
-        right = family.answer(groups)
-        numbers = re.findall(r"-?\d+", response)
-        if not numbers:
-            return 0.0
-        value = int(numbers[-1])
-        shaped = response.strip() == family.response.format(*groups, n=value)
-        return _closeness(value, right) * (1.0 if shaped else 0.5)
-    raise ValueError(f"not a builtin:ranked_preferences prompt: {prompt!r}")
+    word = _target(prompt)
+    shaped = _RESPONSE_PATTERN.fullmatch(response.strip())
+    if shaped:
+        return MAX_QUALITY - min(edit_distance(shaped.group(1), word), 3)
+    quoted = re.findall(r'"([^"]*)"', response)
+    return 0.5 * (MAX_QUALITY - min(edit_distance(quoted[-1], word), 3)) if quoted else 0.0
 
 
-def _draw(rng: random.Random, name: str) -> tuple[str, ...]:
-    if name == "plus":
-        return str(rng.randint(1, 20)), str(rng.randint(1, 20))
-    if name == "minus":
-        a = rng.randint(5, 30)
-        return str(a), str(rng.randint(1, a - 1))
-    if name == "times":
-        return str(rng.randint(2, 12)), str(rng.randint(2, 12))
-    return (rng.choice(_WORDS),)
+def _corrupt(rng: random.Random, word: str, distance: int) -> str:
+    """``word`` with letters changed until it is exactly ``distance`` edits away (3: at least 3)."""
+    while True:
+        out = list(word)
+        for _ in range(distance):
+            i, op = rng.randrange(len(out)), rng.choice("sdi")
+            if op == "s":
+                out[i] = rng.choice(string.ascii_lowercase)
+            elif op == "d" and len(out) > 2:
+                del out[i]
+            else:
+                out.insert(i, rng.choice(string.ascii_lowercase))
+        text = "".join(out)
+        if edit_distance(text, word) == distance:
+            return text
 
 
-def _wrong(rng: random.Random, right: int, distance: int, low: int) -> int:
-    """A wrong number ``distance`` away from ``right`` (either side, not below ``low``)."""
-    sides = [s for s in (-1, 1) if right + s * distance >= low]
-    return right + rng.choice(sides) * distance
-
-
-#: Records per family (300 in all).
-_COUNTS = {"plus": 100, "minus": 100, "times": 60, "letters": 40}
+#: Records in the set.
+SIZE = 300
 
 
 def build_ranked_preferences(seed: int) -> list[dict]:
-    """The records ``{"prompt", "responses": [4 str], "ratings": [4 int]}``, prompts distinct, families mixed.
+    """``SIZE`` records ``{"prompt", "responses": [4 str], "ratings": [4 int]}``, prompts distinct.
 
-    Each prompt's responses give the right number and numbers off by 1, 2 and 3-5, in a random order, rated by
+    Each prompt's responses copy its word exactly and with 1, 2 and 3 edits, in a random order, rated by
     :func:`gold_quality` (3, 2, 1, 0)."""
     rng = random.Random(seed)
-    records: list[dict] = []
-    for name, count in _COUNTS.items():
-        family, seen = _FAMILIES[name], set()
-        while len(seen) < count:
-            groups = _draw(rng, name)
-            prompt = family.prompt.format(*groups)
-            if prompt in seen:
-                continue
-            seen.add(prompt)
-            right = family.answer(groups)
-            low = 1 if name == "letters" else 0
-            numbers = [right, *(_wrong(rng, right, d, low) for d in (1, 2, rng.randint(3, 5)))]
-            rng.shuffle(numbers)
-            responses = [family.response.format(*groups, n=n) for n in numbers]
-            records.append({"prompt": prompt, "responses": responses,
-                            "ratings": [int(gold_quality(prompt, r)) for r in responses]})
-    rng.shuffle(records)
+    combos = [(p, w) for p in _PROMPTS for w in _WORDS]
+    rng.shuffle(combos)
+    records = []
+    for template, word in combos[:SIZE]:
+        prompt = template.format(word)
+        responses = [_RESPONSE.format(_corrupt(rng, word, d) if d else word) for d in range(4)]
+        rng.shuffle(responses)
+        records.append({"prompt": prompt, "responses": responses,
+                        "ratings": [int(gold_quality(prompt, r)) for r in responses]})
     return records

@@ -174,11 +174,13 @@ def test_builtin_ratings_are_the_gold_quality():
     for r in records:
         assert sorted(r["ratings"]) == [0, 1, 2, 3]
         assert r["ratings"] == [gold_quality(r["prompt"], text) for text in r["responses"]]
-    assert gold_quality("What is 7 plus 5?", "7 plus 5 is 12.") == MAX_QUALITY
-    assert gold_quality("What is 7 plus 5?", "7 plus 5 is 13.") == 2.0
-    assert gold_quality("What is 7 plus 5?", "twelve, maybe 12") == 1.5  # not the set's sentence: half
-    assert gold_quality("What is 7 plus 5?", "no idea") == 0.0
-    assert gold_quality('How many letters are in the word "moon"?', 'The word "moon" has 9 letters.') == 0.0
+    assert gold_quality('Echo the word "lamp".', 'The word is "lamp".') == MAX_QUALITY
+    assert gold_quality('Echo the word "lamp".', 'The word is "lamb".') == 2.0  # one substitution
+    assert gold_quality('Say "lamp" back to me.', 'The word is "lap".') == 2.0  # one deletion
+    assert gold_quality('Echo the word "lamp".', 'The word is "clamps".') == 1.0  # two insertions
+    assert gold_quality('Echo the word "lamp".', 'The word is "river".') == 0.0
+    assert gold_quality('Echo the word "lamp".', 'lamp, "lamp" I said') == 1.5  # not the set's sentence: half
+    assert gold_quality('Echo the word "lamp".', "no idea") == 0.0
     with pytest.raises(ValueError, match="not a builtin:ranked_preferences prompt"):
         gold_quality("Hello", "hi")
 
@@ -197,7 +199,8 @@ def test_ultrafeedback_schema_through_the_dataset_loader(tmp_path):
     rows = [
         {"source": "s", "instruction": "Name a colour.", "completions": [
             _uf_completion("Red.", 9.0, ["5", "5", "5", "N/A"]), _uf_completion("Dog.", 2.0, ["1", "2", "1", "2"]),
-            _uf_completion("Blue, I think.", 9.0, ["4", "4", "4", "4"]), _uf_completion("Hmm.", 5.0, ["2", "2", "3", "3"])]},
+            _uf_completion("Blue, I think.", 9.0, ["4", "4", "4", "4"]),
+            _uf_completion("Hmm.", 5.0, ["2", "2", "3", "3"])]},
         {"source": "s", "instruction": "Say hi.", "completions": [
             _uf_completion("Hi!", 8.0, ["5", "5", "5", "5"]), _uf_completion("Go away.", 3.0, ["1", "1", "1", "1"])]},
     ]
@@ -218,7 +221,8 @@ def test_oasst_ranks_become_ratings_on_their_own_scale(tmp_path):
         return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": rank, **extra}
 
     rows = [msg("p1", None, "prompter", "What is tea?"),
-            msg("a1", "p1", "assistant", "A drink.", 1.0), msg("a2", "p1", "assistant", "A hot drink from leaves.", 0.0),
+            msg("a1", "p1", "assistant", "A drink.", 1.0),
+            msg("a2", "p1", "assistant", "A hot drink from leaves.", 0.0),
             msg("a3", "p1", "assistant", "No.", 2.0), msg("a4", "p1", "assistant", "Unranked.", None),
             msg("a5", "p1", "assistant", "Deleted.", 3.0, deleted=True),
             msg("p2", "a2", "prompter", "Which leaves?"),
