@@ -24,11 +24,11 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.base import TokenizedDataModule
@@ -40,6 +40,7 @@ from lit_align.data.tokenize import (
     TokenizedDataset,
     encode_prompt,
     encode_response,
+    warn_truncated,
 )
 from lit_align.errors import ConfigError, DataError, check_choice, check_int
 
@@ -238,24 +239,38 @@ class PairDataset(TokenizedDataset):
 
 class StageDataset(Dataset):
     """One stage's pairs, in curriculum order, chosen lazily: the order (which may need reference log-prob margins
-    that a module fills in ``on_train_start``) is computed when the loader first reads an example. Its length is
-    known at once (a stage's size does not depend on the order)."""
+    that a module fills in ``on_train_start``) is computed when the dataset is first read. Its length is known at
+    once (a stage's size does not depend on the order). An example's ``index`` is its position in the stage (what
+    a stage's precomputed reference table is indexed by); :attr:`rows` maps positions to pair-table indices.
+    Examples cut to ``max_length`` are counted in a warning when the stage's examples are made (Lightning creates
+    the loader's iterator before ``on_train_start``, too early to order them: ``truncated`` stays 0 for the loader)."""
 
-    def __init__(self, rows: Callable[[], list[int]], size: int, table: PairDataset) -> None:
-        self._rows, self._size, self._table = rows, size, table
+    truncated = 0
+
+    def __init__(self, rows: Callable[[], list[int]], size: int, table: PairDataset, stage: int) -> None:
+        self._rows, self._size, self._table, self.stage = rows, size, table, stage
         self.max_length = table.max_length
         self._data: TokenizedDataset | None = None
+        self._order: list[int] | None = None
 
     def _dataset(self) -> TokenizedDataset:
         if self._data is None:
             rows = self._rows()
             assert len(rows) == self._size, (len(rows), self._size)
-            self._data = TokenizedDataset([self._table.raw_examples[i] for i in rows], self.max_length)
+            examples = [replace(self._table.raw_examples[i], index=k) for k, i in enumerate(rows)]
+            self._data, self._order = TokenizedDataset(examples, self.max_length), rows
+            warn_truncated(self._data, f"stage {self.stage} training")
         return self._data
 
     @property
-    def truncated(self) -> int:
-        return self._dataset().truncated
+    def rows(self) -> list[int]:
+        """The pair-table index of each position of the stage."""
+        self._dataset()
+        return self._order
+
+    def fingerprint(self) -> str:
+        """The stage's tokens and order (the key of its precomputed reference table)."""
+        return self._dataset().fingerprint()
 
     def __len__(self) -> int:
         return self._size
@@ -355,6 +370,7 @@ class RankedPreferenceDataModule(TokenizedDataModule):
         self.rating_key, self.oasst_all_turns, self.skip_invalid = rating_key, oasst_all_turns, skip_invalid
         self._margins: torch.Tensor | None = None
         self._levels: list[int] | None = None
+        self._stages: dict[int, StageDataset] = {}  # stage -> its dataset (one per stage: loaders and tables agree)
 
     # -- loading -----------------------------------------------------------------------------
     def _load(self, source: DataSource) -> list[Record]:
@@ -476,7 +492,7 @@ class RankedPreferenceDataModule(TokenizedDataModule):
         margins = torch.as_tensor(margins, dtype=torch.float32).detach().cpu().reshape(-1)
         if len(margins) != self.num_pairs:
             raise ValueError(f"set_reference_margins: got {len(margins)} margins for {self.num_pairs} training pairs")
-        self._margins, self._levels = margins, None
+        self._margins, self._levels, self._stages = margins, None, {}
 
     def easiness(self) -> list[float]:
         """Each training pair's easiness under ``order`` (higher = easier)."""
@@ -517,12 +533,31 @@ class RankedPreferenceDataModule(TokenizedDataModule):
                               f"trainer.max_epochs to {self.num_stages} (one epoch per stage)")
         return epoch
 
+    def stage_dataset(self, stage: int) -> StageDataset:
+        """Stage ``stage``'s pairs in curriculum order (ordered lazily, when first read)."""
+        if stage not in self._stages:
+            self._stages[stage] = StageDataset(lambda: self.stage_rows(stage), self.stage_size(stage),
+                                               self.train_dataset, stage)
+        return self._stages[stage]
+
     def train_dataloader(self) -> ResumableDataLoader:
-        """Stage ``trainer.current_epoch``'s pairs, in curriculum order (ordered lazily, when first iterated)."""
-        stage = self.current_stage()
-        dataset = StageDataset(lambda: self.stage_rows(stage), self.stage_size(stage), self.train_dataset)
+        """Stage ``trainer.current_epoch``'s pairs, in curriculum order."""
+        dataset = self.stage_dataset(self.current_stage())
         self._train_loader = self._loader(dataset, self.batch_size, shuffle=False, shard=True, train=True)
         return self._train_loader
+
+    def split_loaders(self, shard: bool = False) -> dict[str, DataLoader]:
+        """As the base's, with the current stage's pairs as ``train`` (a stage's reference table covers its rows)."""
+        loaders = super().split_loaders(shard)
+        if "train" in loaders:
+            loaders["train"] = self._loader(self.stage_dataset(self.current_stage()), self.eval_batch_size,
+                                            shuffle=False, shard=shard)
+        return loaders
+
+    def pair_loader(self, shard: bool = False) -> DataLoader:
+        """Every training pair in pair-table order (``index`` = pair-table index), e.g. to score reference
+        margins for :meth:`set_reference_margins`; with ``shard`` each rank gets its padded share."""
+        return self._loader(self.train_dataset, self.eval_batch_size, shuffle=False, shard=shard)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -531,4 +566,5 @@ class RankedPreferenceDataModule(TokenizedDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         margins = state_dict.get("reference_margins")
-        self._margins, self._levels = (None if margins is None else margins.float().cpu()), None
+        self._margins = None if margins is None else margins.float().cpu()
+        self._levels, self._stages = None, {}

@@ -1,6 +1,7 @@
 """One LightningModule per method; the only place a ``training_step`` lives."""
 
 from lit_align.methods.base import PolicyModule, ReferencedPolicyModule
+from lit_align.methods.curry_dpo import CurryDPOModule
 from lit_align.methods.debate import DebateModule
 from lit_align.methods.dpo import DPOModule
 from lit_align.methods.game import AdversarialGameModule
@@ -11,4 +12,4 @@ from lit_align.methods.staged import StagedPolicyModule
 from lit_align.methods.unlearning import UnlearningModule
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "DPOModule", "DebateModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "CurryDPOModule", "DPOModule", "DebateModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]

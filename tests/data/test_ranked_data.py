@@ -35,7 +35,9 @@ def _at_epoch(dm: RankedPreferenceDataModule, epoch: int) -> RankedPreferenceDat
 def _served(dm: RankedPreferenceDataModule, epoch: int) -> list[int]:
     """The pair indices the train loader serves at ``epoch``, in order."""
     loader = _at_epoch(dm, epoch).train_dataloader()
-    return [i for batch in loader for i in batch.index.tolist()]
+    positions = [i for batch in loader for i in batch.index.tolist()]
+    assert positions == list(range(len(loader.dataset)))  # index = position in the stage (its reference table)
+    return [loader.dataset.rows[i] for i in positions]
 
 
 def _write(path: Path, rows: list[dict]) -> str:
@@ -135,7 +137,7 @@ def test_ref_logprob_margin_order_is_lazy_and_checkpointed():
     margins = torch.arange(dm.num_pairs, dtype=torch.float32).flip(0) * (-1) ** torch.arange(dm.num_pairs)
     dm.set_reference_margins(margins)
     assert not dm.needs_reference_margins
-    rows = [i for batch in loader for i in batch.index.tolist()]
+    rows = [loader.dataset.rows[i] for batch in loader for i in batch.index.tolist()]
     assert len(rows) == 40 and margins[rows].tolist() == sorted(margins[rows].tolist(), reverse=True)
     for prompt in {dm.pair_table[i].prompt for i in rows}:  # each prompt's stage-0 pair: its largest margin
         mine = [j for j, p in enumerate(dm.pair_table) if p.prompt == prompt]
@@ -156,6 +158,8 @@ def test_loader_resumes_mid_stage_and_batches_are_preference_batches():
     again = _at_epoch(dm, 1).train_dataloader()
     again.load_state_dict(loader.state_dict())
     assert [b.index.tolist() for b in again] == [b.index.tolist() for b in batches[3:]]
+    assert dm.split_loaders()["train"].dataset is loader.dataset  # reference tables score the stage's rows
+    assert [i for b in dm.pair_loader() for i in b.index.tolist()] == list(range(dm.num_pairs))
 
 
 def test_validation_holds_out_whole_prompts():
