@@ -127,3 +127,28 @@ def test_max_epochs_must_match_the_stages(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ConfigError, match="trainer.max_epochs"):
         trainer.fit(module, datamodule=data)
+
+
+def test_resume_mid_stage_is_exact_with_checkpointed_margins(tmp_path):
+    """Stopped in stage 2 (after a refresh) and resumed: the same rows and losses as an uninterrupted run; the
+    reference margins come from the checkpoint (the trained policy would order the pairs differently)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, stop=-1, ckpt=None):
+        L.seed_everything(0)
+        watch = Watch()
+        saver = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        data = RankedPreferenceDataModule(DataSource("builtin:ranked_preferences", limit=40), val_fraction=0.0,
+                                          batch_size=16, max_length=40, order="ref_logprob_margin")
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=stop, logger=False, callbacks=[watch, saver],
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            default_root_dir=root)
+        trainer.fit(_module(root, reference="precomputed"), datamodule=data, ckpt_path=ckpt)
+        return watch
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", stop=4)
+    resumed = run(tmp_path / "c", ckpt=tmp_path / "b" / "ckpt" / "step=4.ckpt")
+    assert [s["stage"] for s in resumed.steps] == [1, 1, 2, 2, 2]
+    assert [s["rows"] for s in resumed.steps] == [s["rows"] for s in straight.steps[4:]]
+    assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in straight.steps[4:]], abs=1e-6)

@@ -1,0 +1,220 @@
+"""Issue 17's preference-optimisation gains on tiny setups, as means with 95% t-intervals over seeds.
+
+One function per comparison, registered in ``COMPARISONS`` and run by the shared command line (``--only`` picks
+some); each returns ``{"setup", "summary", "runs"}`` and ``--write`` stores them under their names in
+``benchmarks/results_preference.json``.
+
+``curry`` (:func:`curry_vs_single_pair`): Curry-DPO (Pattnaik et al. 2024, arXiv 2403.07230) against single-pair DPO
+at equal pairs seen, on ``builtin:ranked_preferences`` (four responses per prompt, rated 0-3 by how closely they copy
+a word: ``lit_align.data.tiny_ranked.gold_quality``). A fixed split holds out 60 prompts. Per seed, a tiny random
+Qwen2-shaped model is first fine-tuned (SFT) on all four responses of the 240 training prompts, so it copies words
+only roughly; from it:
+
+* ``single_pair``: DPO on each training prompt's (best, worst) pair, 3 epochs (``configs/dpo/tiny.yaml``);
+* ``curry``: iterative Curry-DPO, best vs 4th, 3rd, 2nd rated, one stage each, each stage's reference the previous
+  stage's policy (``configs/curry_dpo/tiny.yaml``);
+* ``curry_non_iterative``: the same pairs in one curriculum-ordered stage against the SFT reference.
+
+All see 720 pairs (3 x 240) with the same optimiser, learning rate, beta and batch size. Reported on the held-out
+prompts: ranking accuracy over all their ranked pairs (C(4, 2) = 6 per prompt) by the implicit reward
+``log pi(y) - log pi_sft(y)`` (a tie counts half), and the gold quality of greedy outputs (0-3), with the gain of
+each Curry variant over single-pair DPO paired by seed. "met" when Curry-DPO's paired gain interval lies above 0.
+
+    python benchmarks/preference_gain.py --seeds 6            # every comparison; the lead runs it alone
+    python benchmarks/preference_gain.py --seeds 6 --write    # also writes benchmarks/results_preference.json
+    python benchmarks/preference_gain.py --quick              # smoke run: 2 seeds, tiny budgets (about a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from lit_align.cli import cli_main  # noqa: E402
+from lit_align.data import BUILTIN_DIR, build_pairs  # noqa: E402
+from lit_align.data.tiny_ranked import gold_quality  # noqa: E402
+from lit_align.data.tokenize import SequenceCollator, SequenceExample, encode_prompt, encode_response  # noqa: E402
+from lit_align.rollout.logps import token_logps  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results_preference.json"
+QUIET = ["--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.num_sanity_val_steps", "0"]
+
+
+def _interval(values: list[float]) -> dict[str, float]:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "low": mean, "high": mean}
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+def _fit(config: str, root: Path, seed: int, args: list[str]):
+    """``lit-align fit`` of a shipped config, in process and quiet; the fitted module."""
+    seeds = ["--seed_everything", str(seed), "--model.init_args.model.seed", str(seed), "--data.init_args.seed", str(seed)]
+    cli = cli_main(["--config", str(REPO / config), "--trainer.default_root_dir", str(root), *seeds, *QUIET, *args],
+                   run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return cli.model
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+# -- Curry-DPO vs single-pair DPO ------------------------------------------------------------------
+CURRY_BUDGET = {"full": {"held_out": 60, "sft_steps": 150}, "quick": {"held_out": 20, "sft_steps": 30}}
+
+
+@torch.no_grad()
+def _response_logps(model, tokenizer, records: list[dict]) -> torch.Tensor:
+    """(N, M) summed log-probs of every record's responses under ``model`` (chat-formatted prompts, as trained)."""
+    chat = bool(tokenizer.chat_template)
+    examples = [SequenceExample(encode_prompt(tokenizer, r["prompt"], chat), encode_response(tokenizer, y), i)
+                for i, r in enumerate(records) for y in r["responses"]]
+    batch = SequenceCollator(tokenizer.pad_token_id)(examples)
+    model.eval()
+    logps = token_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask).sum()  # (N * M,)
+    return logps.view(len(records), -1).float()
+
+
+def _ranking_accuracy(policy: torch.Tensor, sft: torch.Tensor, records: list[dict]) -> float:
+    """Share of all ranked pairs of ``records`` whose implicit reward ``log pi - log pi_sft`` orders them as the
+    ratings do (ties count half)."""
+    reward = policy - sft  # (N, M)
+    scores = []
+    for i, r in enumerate(records):
+        for chosen, rejected, _ in build_pairs(r["ratings"], "all_pairs"):
+            diff = float(reward[i, chosen] - reward[i, rejected])
+            scores.append(1.0 if diff > 0 else 0.5 if diff == 0 else 0.0)
+    return statistics.fmean(scores)
+
+
+def _gold(module, records: list[dict]) -> float:
+    module.policy.eval()
+    outputs = module.generate([r["prompt"] for r in records])
+    return statistics.fmean(gold_quality(r["prompt"], y) for r, y in zip(records, outputs))
+
+
+def _curry_run(seed: int, root: Path, train_file: str, pairs_file: str, held: list[dict], steps: int,
+               dpo: list[str]) -> dict[str, dict[str, float]]:
+    sft_dir = root / "sft"
+    root.mkdir(parents=True, exist_ok=True)
+    sft_data = [{"prompt": r["prompt"], "response": y} for r in json.loads(Path(train_file).read_text())
+                for y in r["responses"]]
+    sft = _fit("configs/sft/tiny.yaml", root / "sft-run", seed, [
+        "--data.init_args.train.path", _write(root / "sft.jsonl", sft_data), "--data.init_args.val_fraction", "0",
+        "--data.init_args.batch_size", "32", "--data.init_args.max_length", "48", "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0"])
+    sft.policy.save_pretrained(sft_dir)
+    sft.tokenizer.save_pretrained(sft_dir)
+    tokenizer = sft.tokenizer
+    sft_logps = _response_logps(sft.policy, tokenizer, held)
+    out = {"sft": {"rank_acc": _ranking_accuracy(sft_logps, sft_logps, held), "gold": _gold(sft, held)}}
+    start = ["--model.init_args.model.tiny", "null", "--model.init_args.model.name_or_path", str(sft_dir), *dpo,
+             "--data.init_args.val_fraction", "0", "--trainer.limit_val_batches", "0"]
+    runs = {
+        "single_pair": ("configs/dpo/tiny.yaml", [
+            "--data.init_args.train.path", pairs_file, "--trainer.max_steps", "-1", "--trainer.max_epochs", "3",
+            "--trainer.val_check_interval", "null"]),
+        # the Curry config's per-stage rates give way to the shared constant rate (fresh AdamW state each stage)
+        "curry": ("configs/curry_dpo/tiny.yaml", [
+            f"--data.init_args.train={{path: {train_file}, limit: null}}",
+            "--model.init_args.stage_lrs", "null"]),
+        "curry_non_iterative": ("configs/curry_dpo/tiny.yaml", [
+            f"--data.init_args.train={{path: {train_file}, limit: null}}",
+            "--model.init_args.stage_lrs", "null", "--data.init_args.curriculum", "non_iterative"]),
+    }
+    for name, (config, args) in runs.items():
+        began = time.perf_counter()
+        module = _fit(config, root / name, seed, [*start, *args])
+        seconds = time.perf_counter() - began
+        logps = _response_logps(module.policy, tokenizer, held)
+        out[name] = {"rank_acc": _ranking_accuracy(logps, sft_logps, held), "gold": _gold(module, held),
+                     "steps": module.global_step, "seconds": seconds}
+        print(name, seed, {k: round(v, 4) for k, v in out[name].items()}, file=sys.stderr, flush=True)
+    return out
+
+
+def curry_vs_single_pair(opts: argparse.Namespace) -> dict:
+    """Curry-DPO (iterative and non-iterative) vs single-pair DPO at equal pairs seen (see the module doc)."""
+    budget = CURRY_BUDGET["quick" if opts.quick else "full"]
+    records = json.loads((Path(str(BUILTIN_DIR)) / "ranked_preferences.json").read_text(encoding="utf-8"))
+    random.Random(0).shuffle(records)
+    held, train = records[: budget["held_out"]], records[budget["held_out"]:]
+    if opts.quick:
+        train = train[:60]
+    # the same hyperparameters for every method: constant lr, beta, batch; fresh AdamW per Curry stage
+    dpo = ["--model.init_args.loss.init_args.beta", str(opts.beta), "--model.init_args.optimizer.init_args.lr",
+           str(opts.lr), "--data.init_args.batch_size", "16", "--data.init_args.max_length", "48"]
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        train_file = root / "train.json"
+        train_file.write_text(json.dumps(train), encoding="utf-8")
+        pairs = []
+        for r in train:
+            chosen, rejected, _ = build_pairs(r["ratings"], "best_vs_worst")[0]
+            pairs.append({"prompt": r["prompt"], "chosen": r["responses"][chosen], "rejected": r["responses"][rejected]})
+        pairs_file = _write(root / "best_vs_worst.jsonl", pairs)
+        for seed in range(opts.seeds):
+            out = _curry_run(seed, root / f"seed{seed}", str(train_file), pairs_file, held, budget["sft_steps"], dpo)
+            for name, values in out.items():
+                runs.setdefault(name, []).append(values)
+    summary = {m: {k: _interval([r[k] for r in rs]) for k in rs[0]} for m, rs in runs.items()}
+    for m in ("curry", "curry_non_iterative"):
+        for k in ("rank_acc", "gold"):  # paired by seed: the same SFT start and data
+            summary[m][f"{k}_gain_over_single_pair"] = _interval(
+                [a[k] - b[k] for a, b in zip(runs[m], runs["single_pair"])])
+    summary["curry_met"] = {k: bool(summary["curry"][f"{k}_gain_over_single_pair"]["low"] > 0)
+                            for k in ("rank_acc", "gold")}
+    setup = {"seeds": opts.seeds, "quick": opts.quick, "held_out_prompts": len(held), "train_prompts": len(train),
+             "pairs_seen": 3 * len(train), "sft_steps": budget["sft_steps"], "beta": opts.beta, "lr": opts.lr,
+             "batch_size": 16}
+    return {"setup": setup, "summary": summary, "runs": runs}
+
+
+#: name -> comparison (the SELM half adds ``"selm"`` here).
+COMPARISONS: dict[str, Callable[[argparse.Namespace], dict]] = {"curry": curry_vs_single_pair}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds and tiny budgets")
+    parser.add_argument("--only", nargs="+", choices=list(COMPARISONS), default=list(COMPARISONS))
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta of every Curry / single-pair run")
+    parser.add_argument("--lr", type=float, default=1e-4, help="constant learning rate of every Curry / single-pair run")
+    parser.add_argument("--write", action="store_true", help=f"write {RESULTS.relative_to(REPO)}")
+    opts = parser.parse_args(argv)
+    if opts.quick:
+        opts.seeds = min(opts.seeds, 2)
+    torch.set_num_threads(1)
+    results = {name: COMPARISONS[name](opts) for name in opts.only}
+    print(json.dumps({name: r["summary"] for name, r in results.items()}))
+    if opts.write:
+        stored = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        RESULTS.write_text(json.dumps({**stored, **results}, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
