@@ -19,7 +19,7 @@ from lit_align.methods.base import PolicyModule, prompt_ids
 from lit_align.models import RewardModelSpec, build_reward_model, build_tokenizer
 from lit_align.models.causal_lm import is_peft_model
 from lit_align.models.fsdp import bf16_policy, load_from_rank0, shard_scorer
-from lit_align.models.reward import last_token_index
+from lit_align.models.reward import hidden_before_last_layer, last_layer_at, last_token_index
 from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask
 from lit_align.rollout.sampler import _cache_kwarg, _make_cache
 from lit_align.watermark.players import freeze_lm_head, full_state
@@ -68,7 +68,8 @@ class RewardModelModule(PolicyModule):
     ) -> None:
         """
         Args:
-            model: the reward model to build (``head_bias`` unset means no bias here).
+            model: the reward model to build (``head_bias`` unset means no bias here; ``last_layer_at_score_only``
+                unset means on: the last decoder layer runs at the scored tokens only, where that is exact).
             center_coef: weight of the centring penalty ``mean((r_c + r_r)^2)`` (TRL's
                 ``center_rewards_coefficient``; Eisenstein et al. 2023 use 0.01); ``None``: off.
             margin: the margin ``m`` in ``-log sigmoid(r_c - r_r - m)``: ``none`` (0); ``per_record``: each
@@ -87,6 +88,8 @@ class RewardModelModule(PolicyModule):
             raise ConfigError(f"model.margin must be 'none', 'per_record' or a number, got {margin!r}")
         if model.kind == "scalar_head" and model.head_bias is None:
             model.head_bias = False
+        if model.last_layer_at_score_only is None:
+            model.last_layer_at_score_only = True
         super().__init__(model.model, optimizer=optimizer, scheduler=scheduler)
         self.reward_spec, self.center_coef, self.margin = model, center_coef, margin
         self.share_prompt = share_prompt
@@ -277,11 +280,25 @@ def score_pairs(scorer: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, resp
     decoder, head_fn = _decoder_and_head(scorer)
     cache = _make_cache(decoder)
     kwarg = {_cache_kwarg(decoder): cache, "use_cache": True}
-    decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask), **kwarg)
-    cache.reorder_cache(torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat(2))  # (2B, ...)
+    prompt_inputs = dict(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                         **kwarg)
     start = prompt_mask.sum(1).repeat(2)  # (2B,) each response's first position
     positions = start[:, None] + torch.arange(response_ids.shape[1], device=response_ids.device)  # (2B, R)
     mask = torch.cat([prompt_mask.repeat(2, 1), response_mask], dim=1)  # (2B, P + R)
-    hidden = decoder(input_ids=response_ids, attention_mask=mask, position_ids=positions, **kwarg).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(response_mask)]  # (2B, H)
+    response_inputs = dict(input_ids=response_ids, attention_mask=mask, position_ids=positions, **kwarg)
+    index = last_token_index(response_mask)  # (2B,)
+    pairs = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat(2)  # (2B,) each row's prompt
+    if scorer.separable_last_layer(decoder):
+        # layers 0 .. L-2 as below (the cache holds their keys and values); the last layer at the scored tokens
+        # only, its keys and values projected from the prompt's and the response's inputs to it
+        prompt_hidden, (prompt_cos, prompt_sin) = hidden_before_last_layer(decoder, **prompt_inputs)
+        cache.reorder_cache(pairs)
+        hidden, (cos, sin) = hidden_before_last_layer(decoder, **response_inputs)
+        hidden = torch.cat([prompt_hidden[pairs], hidden], dim=1)  # (2B, P + R, H)
+        rotary = (torch.cat([prompt_cos[pairs], cos], dim=1), torch.cat([prompt_sin[pairs], sin], dim=1))
+        return head_fn(last_layer_at(decoder, hidden, rotary, mask, prompt_ids.shape[1] + index)).float()
+    decoder(**prompt_inputs)
+    cache.reorder_cache(pairs)  # (2B, ...)
+    hidden = decoder(**response_inputs).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (2B, H)
     return head_fn(last).float()

@@ -191,6 +191,45 @@ def test_shared_prompt_scores_equal_whole_sequences(tmp_path, lora):
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_shared_prompt_last_layer_at_the_scored_tokens_only_is_exact(tmp_path, family):
+    """The prompt-sharing forward with the last layer run at each response's scored token only (its keys and
+    values from the prompt's and the response's inputs to it) gives the full forward's scores and gradients
+    (float64), for prompts and responses of different lengths."""
+    rows = [{"prompt": "why is the sky blue", "chosen": "light scatters", "rejected": "no idea at all, sorry"},
+            {"prompt": "hi", "chosen": "hello there friend", "rejected": "go"},
+            {"prompt": "name a colour of the sea please", "chosen": "blue", "rejected": "the sea has no colour"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = ModelSpec(tiny=TinyArch(family=family, hidden_size=32, num_layers=2))
+    module = RewardModelModule(RewardModelSpec(model=spec, head_init_std=0.5))
+    module.configure_model()
+    module.reward_model.double().train()
+    data = PreferenceDataModule(train=DataSource(path=str(path)), val_fraction=0.0, batch_size=3, shuffle=False,
+                                chat_template=False)
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    mlp = module.reward_model.backbone.get_decoder().layers[-1].mlp
+    results = []
+    for separable in (True, False):
+        module.reward_model.zero_grad()
+        module.reward_model.last_layer_at_score_only = separable
+        seen = []
+        handle = mlp.register_forward_hook(lambda m, args, out, seen=seen: seen.append(args[0].dim()))
+        chosen, rejected = module.scores(batch)
+        handle.remove()
+        (chosen - 2 * rejected).sum().backward()
+        grads = {n: p.grad.clone() for n, p in module.reward_model.named_parameters() if p.grad is not None}
+        results.append((torch.cat([chosen, rejected]).detach(), grads, seen))
+    (fast, fast_grads, fast_seen), (full, full_grads, full_seen) = results
+    assert fast_seen == [2] and full_seen == [3, 3]  # prompt and response passes, or the scored tokens only
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+    assert fast_grads.keys() == full_grads.keys() and len(fast_grads) > 3
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
 def test_bad_input_names_the_key():
     with pytest.raises(ConfigError, match="model.center_coef"):
         RewardModelModule(RewardModelSpec(model=ModelSpec(tiny=TinyArch())), center_coef=-1.0)

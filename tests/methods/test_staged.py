@@ -242,3 +242,59 @@ def test_a_datamodule_without_stages_is_refused(tmp_path):
     data = PreferenceDataModule(train=DataSource(path="builtin:preferences"), batch_size=48)
     with pytest.raises(ConfigError, match="num_stages"):
         trainer.fit(_module(tmp_path), datamodule=data)
+
+
+def _sharded_refresh_worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    import os
+
+    from conftest import gloo_group
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lit_align.models.fsdp import fsdp2_parallelize
+
+    with gloo_group(rank, world, init):
+        mesh = init_device_mesh("cpu", (world,))
+        out = {}
+        for name, (policy, target) in _refresh_pairs().items():
+            fsdp2_parallelize(policy, mesh)
+            fsdp2_parallelize(target, mesh, trainable=False)
+            load_policy_weights(target, policy)  # DTensor to DTensor, each rank its shard
+            out[name] = {n: p.full_tensor() for n, p in target.named_parameters()}
+        if rank == 0:
+            torch.save(out, os.path.join(out_dir, "out.pt"))
+
+
+def _refresh_pairs() -> dict:
+    """(policy, frozen target of the base architecture): a LoRA policy with non-zero adapters, and a full one."""
+    from conftest import tiny_lm
+    from peft import LoraConfig, get_peft_model
+
+    from lit_align.models.causal_lm import frozen_copy
+
+    base = tiny_lm(vocab_size=64, hidden_size=32, seed=0)
+    lora_target = frozen_copy(tiny_lm(vocab_size=64, hidden_size=32, seed=1))
+    torch.manual_seed(3)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    full_target = frozen_copy(tiny_lm(vocab_size=64, hidden_size=32, seed=2))
+    return {"lora": (lora, lora_target), "full": (tiny_lm(vocab_size=64, hidden_size=32, seed=4), full_target)}
+
+
+@pytest.mark.slow  # two spawned processes: about 7 s
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
+def test_fsdp2_refresh_copies_shard_by_shard(tmp_path):
+    """Two FSDP2 ranks (gloo) refresh a sharded copy from a sharded policy: the gathered copy equals peft's own
+    merge of the LoRA policy (and the full policy's weights) in one process."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_sharded_refresh_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    pairs = _refresh_pairs()
+    expected = {"lora": copy.deepcopy(pairs["lora"][0]).merge_and_unload(), "full": pairs["full"][0]}
+    for name, model in expected.items():
+        want = dict(model.named_parameters())
+        assert sorted(out[name]) == sorted(want)
+        for key, value in want.items():
+            torch.testing.assert_close(out[name][key], value.detach(), rtol=0, atol=1e-6, msg=f"{name} {key}")
+    assert any((out["lora"][k] - pairs["lora"][1].state_dict()[k]).abs().max() > 0 for k in out["lora"])

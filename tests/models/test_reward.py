@@ -191,3 +191,71 @@ def test_opt_detector_head_reads_the_projected_width():
         ids = torch.randint(2, 1000, (2, 5))
         assert rm.head.in_features == 32
         assert rm.score(ids, torch.ones_like(ids)).shape == (2,)
+
+
+def _padded(rows: list[torch.Tensor], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols], mask[i, cols] = r, 1
+    return ids, mask
+
+
+def _scores_and_grads(model, ids, mask, separable: bool) -> tuple[torch.Tensor, dict, list[int]]:
+    """Scores, parameter gradients of a weighted sum of them, and the rank of every input the last layer's MLP saw
+    (3: all positions, the full forward; 2: the scored positions only)."""
+    model.zero_grad()
+    model.last_layer_at_score_only = separable
+    mlp = model.backbone.get_decoder().layers[-1].mlp
+    seen = []
+    handle = mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].dim()))
+    try:
+        scores = model.score(ids, mask)
+        (scores * torch.arange(1.0, len(scores) + 1, dtype=scores.dtype)).sum().backward()
+    finally:
+        handle.remove()
+    return scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, seen
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_last_layer_at_the_scored_token_only_equals_the_full_forward(family, side, lora):
+    """Layers 0..L-2 on every token, then the last layer for the scored token only: the same scores and gradients
+    (float64, so only the summation order differs) for left and right padding, full or LoRA."""
+    spec = ModelSpec(tiny=TinyArch(family=family, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=64), lora=LoRASpec(r=4) if lora else None)
+    model = build_reward_model(RewardModelSpec(model=spec, head_init_std=0.5)).double().train()
+    tok = build_tokenizer(spec)
+    ids, mask = _padded(_rows(len(tok), tok.pad_token_id, tok.eos_token_id), tok.pad_token_id, side)
+    fast, fast_grads, fast_seen = _scores_and_grads(model, ids, mask, True)
+    full, full_grads, full_seen = _scores_and_grads(model, ids, mask, False)
+    assert fast_seen == [2] and full_seen == [3]  # the fast path ran the MLP on the scored positions only
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+    assert fast_grads.keys() == full_grads.keys() and len(fast_grads) > 3
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_last_layer_shortcut_falls_back_where_it_would_not_be_exact():
+    """Attention dropout or LoRA dropout in training (the shortcut would draw other masks) run the full forward;
+    the shortcut is on for RewardModelModule's reward model and off for other builders unless the spec asks."""
+    from lit_align.methods import RewardModelModule
+
+    spec = ModelSpec(tiny=TINY)
+    model = build_reward_model(RewardModelSpec(model=spec, head_init_std=0.5)).train()
+    tok = build_tokenizer(spec)
+    ids, mask = _padded(_rows(len(tok), tok.pad_token_id, tok.eos_token_id), tok.pad_token_id, "left")
+    assert _scores_and_grads(model, ids, mask, True)[2] == [2]
+    model.backbone.config.attention_dropout = 0.1
+    assert _scores_and_grads(model, ids, mask, True)[2] == [3]
+    assert _scores_and_grads(model.eval(), ids, mask, True)[2] == [2]  # no dropout in eval: exact again
+    lora = build_reward_model(RewardModelSpec(model=ModelSpec(tiny=TINY, lora=LoRASpec(r=4, dropout=0.1)))).train()
+    assert _scores_and_grads(lora, ids, mask, True)[2] == [3]
+    assert build_reward_model(RewardModelSpec(model=spec)).last_layer_at_score_only is False
+    assert build_reward_model(RewardModelSpec(model=spec, last_layer_at_score_only=True)).last_layer_at_score_only
+    module = RewardModelModule(RewardModelSpec(model=spec))
+    module.configure_model()
+    assert module.reward_model.last_layer_at_score_only is True
