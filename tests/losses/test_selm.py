@@ -9,7 +9,7 @@ import torch
 from lit_align.errors import ConfigError
 from lit_align.losses import DPOLoss, SELMLoss, dpo_loss, selm_loss
 from lit_align.rollout import left_pad, sequence_logps
-from tests.conftest import tiny_lm
+from conftest import tiny_lm
 
 
 def _scored(model, prompts, responses):
