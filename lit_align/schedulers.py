@@ -7,7 +7,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["WarmupCosineLR", "WarmupInverseSqrtLR", "WarmupLinearLR"]
+__all__ = ["WarmupCosineLR", "WarmupInverseSqrtLR", "WarmupLinearLR", "warmup_cosine_factor"]
 
 
 class WarmupLinearLR(LambdaLR):
@@ -37,6 +37,14 @@ class WarmupLinearLR(LambdaLR):
         return max(0.0, (self.total_steps - step) / (self.total_steps - self.warmup_steps))
 
 
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:
+    """The :class:`WarmupCosineLR` factor at optimiser step ``step`` (0-based) of ``total_steps``."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class WarmupCosineLR(LambdaLR):
     """Linear warm-up from 0 over ``warmup_steps``, then a cosine decay to ``min_ratio`` times the base
     rate at ``total_steps`` (the HF Trainer's ``cosine`` schedule; the watermark paper's actor and critic).
@@ -63,10 +71,7 @@ class WarmupCosineLR(LambdaLR):
         super().__init__(optimizer, self._factor, last_epoch=last_epoch)
 
     def _factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return step / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warmup_cosine_factor(step, self.total_steps, self.warmup_steps, self.min_ratio)
 
 
 class WarmupInverseSqrtLR(LambdaLR):

@@ -7,7 +7,8 @@ from lit_align.methods.game import AdversarialGameModule
 from lit_align.methods.ppo import PPOModule
 from lit_align.methods.reward_model import RewardModelModule
 from lit_align.methods.sft import SFTModule
+from lit_align.methods.staged import StagedPolicyModule
 from lit_align.methods.unlearning import UnlearningModule
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "DPOModule", "DebateModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "DPOModule", "DebateModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]

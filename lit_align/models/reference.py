@@ -72,6 +72,11 @@ class ReferencePolicy(nn.Module):
         #: split -> (N, K) summed reference log-probs and (N, K) scored-token counts, K sequences per example
         self.tables: dict[str, tuple[Tensor, Tensor]] = {}
         self.key: str | None = None  # cache key of ``tables``
+        #: tag -> cache key of the tables precomputed under that tag (``<split>@<tag>``; a staged run's stages)
+        self.tag_keys: dict[str, str] = {}
+        #: whether a LoRA policy with its adapters off still is the reference (false once a staged run has
+        #: refreshed a ``precomputed`` reference to a trained policy: only the tables know it then)
+        self.adapter_is_reference = True
 
     def attach(self, base_model: nn.Module, lora_enabled: bool) -> None:
         """Set up from the starting weights (called once, before adapters are added)."""
@@ -84,20 +89,20 @@ class ReferencePolicy(nn.Module):
     def can_score(self, policy: nn.Module) -> bool:
         """Whether reference log-probs of new sequences can be computed: always in ``adapter`` and
         ``copy`` modes; in ``precomputed`` mode only when the policy has LoRA adapters to switch off."""
-        return self.mode != "precomputed" or is_peft_model(policy)
+        return self.mode != "precomputed" or (is_peft_model(policy) and self.adapter_is_reference)
 
     @torch.no_grad()
     def token_logps(self, policy: nn.Module, batch: SequenceBatch) -> TokenLogps:
         """Reference per-token log-probs of any ``batch`` (see :meth:`can_score`)."""
         if self.mode == "copy":
             model, ctx = self.copy, nullcontext()
-        elif is_peft_model(policy):  # adapter mode, or precomputed with LoRA: adapters off == start weights
+        elif is_peft_model(policy) and self.adapter_is_reference:  # adapters off == start weights
             model, ctx = policy, policy.disable_adapter()
         elif self.mode == "adapter":
             raise ValueError("reference: 'adapter' needs a peft policy")
         else:
-            raise RuntimeError("precomputed references of a full fine-tune are looked up with `lookup`: "
-                               "there are no starting weights left to score new sequences with")
+            raise RuntimeError("precomputed references of a full fine-tune (or refreshed to a trained policy) are "
+                               "looked up with `lookup`: there are no reference weights left to score new sequences with")
         with ctx:
             return token_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
 
@@ -119,24 +124,33 @@ class ReferencePolicy(nn.Module):
 
         return hashlib.sha256("|".join([*parts, f"lit_align={__version__}"]).encode()).hexdigest()[:32]
 
+    @staticmethod
+    def table_name(split: str, tag: str | None = None) -> str:
+        """The ``tables`` entry of a split: ``<split>``, or ``<split>@<tag>`` for tagged tables."""
+        return split if tag is None else f"{split}@{tag}"
+
     @torch.no_grad()
     def precompute(self, module, sequences: Callable[[Any], list[SequenceBatch]], *, model_fp: str,
-                   cache_dir: str | Path) -> None:
+                   cache_dir: str | Path, tag: str | None = None) -> None:
         """Fill ``tables`` for every split of ``module.trainer.datamodule`` before training.
 
         ``sequences(batch)`` gives the K sequences of each example (DPO: chosen and rejected).
         Tables restored from a checkpoint are kept if their key matches the current model, data
         and precision (and rejected otherwise); else the disk cache is tried; else every rank scores
-        its shard of each split with the starting policy under the trainer's precision context,
-        the shards are summed across ranks, and rank 0 writes the cache atomically.
+        its shard of each split with the current policy (the reference: the starting weights, or a
+        staged run's policy at a stage start) under the trainer's precision context, the shards are
+        summed across ranks, and rank 0 writes the cache atomically. With ``tag`` the tables are kept
+        as ``<split>@<tag>`` beside any others (a staged run keeps one set per stage, see
+        :meth:`drop_tag`), each tag with its own key.
         """
         trainer = module.trainer
         dm = trainer.datamodule
         loaders = dm.split_loaders(shard=True)
         data_fp = "|".join(f"{k}:{loaders[k].dataset.fingerprint()}" for k in sorted(loaders))
         key = self.cache_key(model_fp, data_fp, f"precision={trainer.precision}")
-        if self.tables:
-            if self.key != key:
+        stored = self.key if tag is None else self.tag_keys.get(tag)
+        if stored is not None or (tag is None and self.tables):
+            if stored != key:
                 raise ValueError(
                     "the reference log-probs stored in this checkpoint were computed for another model, dataset "
                     "or precision than this run's; resume with the same model and data settings, or start a new "
@@ -145,13 +159,23 @@ class ReferencePolicy(nn.Module):
             return
         path = Path(cache_dir) / "reference_logps" / f"{key}.pt"
         strategy = trainer.strategy
-        tables = self.tables if trainer.global_rank == 0 and self._load_cache(path) else None
+        tables = self._load_cache(path) if trainer.global_rank == 0 else None
         tables = strategy.broadcast(tables, src=0)
         if tables is None:
             tables = self._score(module, loaders, sequences)
             if trainer.global_rank == 0:
                 atomic_save(tables, path)
-        self.tables, self.key = tables, key
+        if tag is None:
+            self.tables, self.key = tables, key
+        else:
+            self.tables.update({self.table_name(split, tag): t for split, t in tables.items()})
+            self.tag_keys[tag] = key
+
+    def drop_tag(self, tag: str) -> None:
+        """Forget the tables precomputed under ``tag`` (a finished stage's: checkpoints stay small)."""
+        self.tag_keys.pop(tag, None)
+        for name in [n for n in self.tables if n.endswith(f"@{tag}")]:
+            del self.tables[name]
 
     def _score(self, module, loaders: dict, sequences) -> dict[str, tuple[Tensor, Tensor]]:
         strategy, policy = module.trainer.strategy, module.policy
@@ -179,18 +203,20 @@ class ReferencePolicy(nn.Module):
                 tables[split] = ((sums / seen.clamp(min=1)).cpu(), (counts / seen.clamp(min=1)).cpu())
         return tables
 
-    def _load_cache(self, path: Path) -> bool:
+    @staticmethod
+    def _load_cache(path: Path) -> dict[str, tuple[Tensor, Tensor]] | None:
         if not path.is_file():
-            return False
-        self.tables = torch.load(path, map_location="cpu", weights_only=True)
+            return None
+        tables = torch.load(path, map_location="cpu", weights_only=True)
         log.info("reference log-probs loaded from %s", path)
-        return True
+        return tables
 
     def state(self) -> dict:
         """What a checkpoint keeps (the tables are tiny: two numbers per sequence)."""
-        return {"mode": self.mode, "key": self.key,
+        return {"mode": self.mode, "key": self.key, "tag_keys": dict(self.tag_keys),
                 "tables": {k: (s.cpu(), c.cpu()) for k, (s, c) in self.tables.items()}}
 
     def load_state(self, state: dict) -> None:
         self.tables = {k: (s, c) for k, (s, c) in state["tables"].items()}
         self.key = state.get("key")
+        self.tag_keys = dict(state.get("tag_keys", {}))
