@@ -4,6 +4,7 @@ from lit_align.methods.base import PolicyModule, ReferencedPolicyModule
 from lit_align.methods.debate import DebateModule
 from lit_align.methods.dpo import DPOModule
 from lit_align.methods.game import AdversarialGameModule
+from lit_align.methods.online_dpo import OnlineDPOModule
 from lit_align.methods.ppo import PPOModule
 from lit_align.methods.reward_model import RewardModelModule
 from lit_align.methods.sft import SFTModule
@@ -11,4 +12,4 @@ from lit_align.methods.staged import StagedPolicyModule
 from lit_align.methods.unlearning import UnlearningModule
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "DPOModule", "DebateModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "DPOModule", "DebateModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]

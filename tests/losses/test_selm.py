@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_lm
 
 from lit_align.errors import ConfigError
 from lit_align.losses import DPOLoss, SELMLoss, dpo_loss, selm_loss
-from lit_align.rollout import left_pad, sequence_logps
-from conftest import tiny_lm
+from lit_align.rollout import sequence_logps
 
 
 def _scored(model, prompts, responses):
