@@ -54,7 +54,7 @@ LR = 1e-6
 BETA = 0.1
 MAX_GRAD_NORM = 1.0
 SEED = 0
-TEMPLATE = "Human: {p}\nAI:"
+TEMPLATE = "Human: {prompt}\nAI:"
 RESULTS = ROOT / "benchmarks" / "results_online_dpo.json"
 
 
@@ -164,7 +164,7 @@ def run_trl(policy_dir: str, reward_dir: str, warmup: int, steps: int, out_dir: 
     tokenizer = transformers.AutoTokenizer.from_pretrained(policy_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(policy_dir)
     reward = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1)
-    data = datasets.Dataset.from_dict({"prompt": [TEMPLATE.format(p=p) for p in prompts(PROMPTS * (warmup + steps))]})
+    data = datasets.Dataset.from_dict({"prompt": [TEMPLATE.format(prompt=p) for p in prompts(PROMPTS * (warmup + steps))]})
     args = OnlineDPOConfig(
         output_dir=out_dir, per_device_train_batch_size=PROMPTS, gradient_accumulation_steps=1,
         max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, beta=[BETA], loss_type="sigmoid",
