@@ -14,7 +14,7 @@ from torch import Tensor
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.prompts import PromptBatch
 from lit_align.data.tokenize import encode_response
-from lit_align.engine.distributed import global_share, sum_over_ranks
+from lit_align.engine.distributed import all_gather_objects, global_share, sum_over_ranks
 from lit_align.engine.seeds import row_generators
 from lit_align.errors import ConfigError, DataError
 from lit_align.losses import DPOLoss, PreferenceLoss, dpo_loss
@@ -42,7 +42,8 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
 
     1. **generate** ``num_candidates`` responses per prompt with the reference (greedy, or sampled from generators
        seeded by ``(sample_seed, iteration, prompt index, j)``: the same on any number of ranks and on resume),
-       through a cache keyed by (reference fingerprint, prompt id, sampling settings) that checkpoints keep;
+       through a cache keyed by (reference fingerprint, prompt id, sampling settings) that checkpoints keep (every
+       rank's entries, gathered);
     2. **rank** them together with the dataset's own responses (``use_dataset_responses``) with ``ranker``
        (prompt and candidate texts, no special tokens); chosen = best, rejected = worst
        (:func:`~lit_align.rewards.rankers.select_pair`: a new response may win; prompts whose candidates all tie
@@ -230,7 +231,7 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
         total = sum_over_ranks(count.double())
         if not bool(count):  # no pair on this rank: a zero loss that still reaches every weight (DDP)
             return policy.sum() * 0.0, {}
-        if self._offline(stage):
+        if self._offline(stage) and self.loss_fn.needs_reference_response:  # SELM's offline iteration: plain DPO
             loss, metrics = dpo_loss(pol[0], pol[1], refs[0], refs[1], beta=self.loss_fn.beta)
         elif self.loss_fn.needs_reference_response:
             loss, metrics = self.loss_fn(pol[0], pol[1], refs[0], refs[1], pol[2], refs[2])
@@ -281,8 +282,10 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["online_dpo"] = {"generator_fingerprint": self.generator_fingerprint,
-                                    "generations": dict(self.generations)}
+        generations: dict[str, list[int]] = {}
+        for part in all_gather_objects(self.generations):  # every rank's prompts (rank 0 writes the file)
+            generations.update(part)
+        checkpoint["online_dpo"] = {"generator_fingerprint": self.generator_fingerprint, "generations": generations}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

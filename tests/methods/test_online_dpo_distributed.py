@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 from conftest import CSV_LOGGER, REPO, max_diff, run_cli
 from safetensors.torch import load_file
 
@@ -26,7 +27,7 @@ def _args(root, prompts: int) -> list[str]:
     return ["fit", "--config", str(REPO / "configs/selm/tiny.yaml"), *CSV_LOGGER, "--trainer.logger.save_dir", str(root),
             "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.callbacks", "lit_align.callbacks.HFExport",
-            "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0",
+            "--trainer.callbacks+", "lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.limit_val_batches", "0",
             "--trainer.log_every_n_steps", "1", "--data.init_args.train.limit", "24",
             "--data.init_args.batch_size", str(prompts)]
 
@@ -54,3 +55,7 @@ def test_ddp_matches_one_process(tmp_path):
     assert max_diff(two, one) < moved / 20, (max_diff(two, one), moved)
     assert cli.trainer.global_step == 6
     assert sum(_pairs(tmp_path / "one")) > 0
+    # the checkpoint keeps every rank's generations of the last iteration: 8 prompts x (2 samples + y_ref)
+    for name in ("one", "two"):
+        ckpt = torch.load(next((tmp_path / name).rglob("*.ckpt")), map_location="cpu", weights_only=False)
+        assert len(ckpt["online_dpo"]["generations"]) == 8 * 3, name
