@@ -244,10 +244,11 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
         self.last_pairs = int(pairs.kept.sum())
         loss, metrics = self._pair_loss(pairs, stage)
         kept = pairs.kept.float()
-        metrics = {**metrics, "pairs": kept.mean(),
-                   "chosen_new": pairs.chosen_new.float().sum() / kept.sum().clamp(min=1),
-                   "rejected_new": pairs.rejected_new.float().sum() / kept.sum().clamp(min=1),
-                   **{k: torch.tensor(v) for k, v in stats.items() if k != "generated"}}
+        counts = {"pairs": kept.mean(),
+                  "chosen_new": pairs.chosen_new.float().sum() / kept.sum().clamp(min=1),
+                  "rejected_new": pairs.rejected_new.float().sum() / kept.sum().clamp(min=1),
+                  **{k: torch.tensor(v) for k, v in stats.items() if k != "generated"}}
+        metrics = {**metrics, **{k: v.to(self.device) for k, v in counts.items()}}  # synced where the loss is
         self._log_stage(stage, loss, metrics, len(batch), prog_bar="rewards/accuracies")
         if stage == "train":
             self.log("train/generated", stats.get("generated", 0.0), on_step=True, on_epoch=False)
