@@ -36,9 +36,11 @@ EXPECTED_CONFIGS = {
     "dpo": ["tiny.yaml", "llama3.1-8b_ultrafeedback_fsdp.yaml", "qwen2.5-0.5b_ultrafeedback_lora.yaml"],
     "game": ["tiny.yaml", "llama2_7b_hh_llamaguard.yaml", "llama2_7b_pku_reward_model.yaml"],
     "grpo": ["tiny.yaml", "qwen2.5-1.5b_hh.yaml"],
+    "online_dpo": ["tiny.yaml"],
     "ppo": ["tiny.yaml", "contrastive_tiny.yaml", "qwen2.5-0.5b_hh.yaml", "pythia1b_tldr_contrastive.yaml"],
     "rloo": ["tiny.yaml"],
     "rm": ["tiny.yaml"],
+    "selm": ["tiny.yaml", "zephyr-7b_ultrafeedback.yaml", "llama-3-8b-instruct.yaml"],
     "sft": ["tiny.yaml", "tiny_debate.yaml", "tiny_game.yaml", "tiny_tofu.yaml", "qwen2.5-0.5b_alpaca.yaml"],
     "unlearning/ga": ["tiny.yaml"],
     "unlearning/graddiff": ["tiny.yaml"],
@@ -56,9 +58,9 @@ def test_configs_are_found():
     found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
     expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
     assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
-    assert len(found) == 42
+    assert len(found) == 46
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {n for n in expected if n.endswith("/tiny.yaml")}
-    assert len(TINY) == 16
+    assert len(TINY) == 18
     assert [p.name for p in PRESETS] == ["ddp_cpu.yaml", "default.yaml", "fsdp.yaml", "fsdp2_cpu.yaml", "wandb.yaml"]
 
 

@@ -35,6 +35,11 @@ else the first 16 hex digits of the sha256 of the prompt text. They do not depen
 tokenizer, the order or the rank, so a per-prompt table (e.g. contrastive rewards' baseline) can be keyed
 by them. Two records with one id but different prompts are refused.
 
+Dataset responses: where the format has them (``prompt`` records with ``chosen`` / ``rejected`` strings or
+message lists, hh-rlhf's first assistant turns) each example keeps them (``PromptBatch.responses``, chosen
+first); online DPO ranks them together with its new candidates. Iterations: ``iterations: K`` cuts the
+training prompts into K disjoint contiguous slices and epoch ``k`` serves slice ``k`` (online DPO / SELM).
+
 Empty prompts (only whitespace, or rendered by the template and chat template into the same tokens as an
 empty prompt) are a :class:`~lit_align.errors.DataError` naming the record, unless ``drop_empty`` (the
 seed prompts' behaviour), which drops and counts them. Rendered prompts longer than
@@ -70,6 +75,7 @@ __all__ = [
     "PromptDataModule",
     "PromptDataset",
     "PromptExample",
+    "PromptSlice",
     "SeedPromptDataModule",
     "first_human_turn",
     "load_prompts",
@@ -192,13 +198,52 @@ def _prompt(row: Any, where: str, source: DataSource, fmt: str) -> str:
     return turn
 
 
+def _response_text(value: Any) -> str | None:
+    """A dataset response as text: a string, or the last message of a message list (``[{role, content}, ...]``)."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and isinstance(value[-1].get("content"), str):
+        return value[-1]["content"].strip()
+    return None
+
+
+def _first_assistant_turn(conversation: str) -> str | None:
+    """The first assistant reply of an hh-rlhf transcript (up to the next human turn)."""
+    start = conversation.find(_ASSISTANT)
+    if start < 0:
+        return None
+    body = conversation[start + len(_ASSISTANT):]
+    end = body.find(_HUMAN)
+    return (body if end < 0 else body[:end]).strip()
+
+
+def _responses(row: Any, source: DataSource, fmt: str) -> list[str]:
+    """The dataset's own responses to a prompt (``chosen`` then ``rejected``) when the format has them: the
+    ``prompt`` format's ``chosen`` / ``rejected`` fields (strings or message lists, e.g.
+    HuggingFaceH4/ultrafeedback_binarized), hh-rlhf's first assistant turns; otherwise none."""
+    if not isinstance(row, dict):
+        return []
+    if fmt == "auto":
+        fmt = "prompt" if _column(source, "prompt") in row else "hh" if _column(source, "chosen") in row else fmt
+    out = []
+    for name in ("chosen", "rejected"):
+        value = row.get(_column(source, name))
+        text = _first_assistant_turn(value) if fmt == "hh" and isinstance(value, str) else \
+            _response_text(value) if fmt == "prompt" else None
+        if text:
+            out.append(text)
+    return out
+
+
 def _empty_error(where: str, what: str) -> DataError:
     return DataError(f"{where}: {what}. Remove the record or fix it, map the right column with "
                      "`fields: {prompt: <column>}`, or set data.drop_empty: true to drop and count such records")
 
 
 def load_prompts(source: DataSource, format: str = "auto", *, drop_empty: bool = True) -> tuple[list[Record], int]:
-    """``({prompt, uid, _source, _source_index} records, number of empty prompts dropped)`` of one source.
+    """``({prompt, uid, responses, _source, _source_index} records, number of empty prompts dropped)`` of one
+    source. ``responses`` are the dataset's own answers (``chosen`` then ``rejected``) where the format has them
+    (:func:`_responses`), else empty.
 
     An empty prompt (only whitespace) is dropped and counted with ``drop_empty``, else a ``DataError``
     naming the record.
@@ -228,7 +273,7 @@ def load_prompts(source: DataSource, format: str = "auto", *, drop_empty: bool =
             continue
         record_id = row.get(id_column) if isinstance(row, dict) else None
         records.append({"prompt": prompt, "uid": prompt_uid(prompt, record_id), "_source": source.path,
-                        "_source_index": i})
+                        "_source_index": i, "responses": _responses(row, source, format)})
     if not records:
         raise DataError(f"data source {source.path!r}: all {len(prompts)} prompts are empty")
     if dropped:
@@ -264,6 +309,8 @@ class PromptExample:
         index: position in its dataset (0..N-1 over the kept examples).
         source_index: position of the record in its source.
         uid: the prompt's stable id (:func:`prompt_uid`).
+        responses: the dataset's own responses to the prompt (``chosen`` then ``rejected``) when its format has
+            them (online DPO ranks them with its new candidates), else empty.
     """
 
     input_ids: list[int]
@@ -271,6 +318,7 @@ class PromptExample:
     index: int
     source_index: int
     uid: str
+    responses: tuple[str, ...] = ()
 
 
 class PromptDataset(Dataset):
@@ -312,6 +360,28 @@ class PromptDataset(Dataset):
         return h.hexdigest()
 
 
+class PromptSlice(Dataset):
+    """Positions ``start .. stop - 1`` of a :class:`PromptDataset`: one iteration's prompts. The examples keep
+    their dataset ``index`` (seeds and caches key on it)."""
+
+    def __init__(self, dataset: PromptDataset, start: int, stop: int) -> None:
+        self.dataset, self.start, self.stop = dataset, start, stop
+        self.max_length, self.truncated = dataset.max_length, 0
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> PromptExample:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.dataset[self.start + i]
+
+    @property
+    def uids(self) -> list[str]:
+        """The slice's prompt ids, in order."""
+        return [self[i].uid for i in range(len(self))]
+
+
 @dataclass
 class PromptBatch:
     """Rendered prompts, left-padded, with their text and ids.
@@ -322,6 +392,7 @@ class PromptBatch:
         prompts: B prompt texts as the records give them (before any template): what a text reward reads.
         index: (B,) long, example index in its dataset (the same on every rank and after a resume).
         uids: B stable prompt ids (:func:`prompt_uid`).
+        responses: B lists of the dataset's own responses to each prompt (empty lists when it has none).
     """
 
     input_ids: Tensor
@@ -329,6 +400,11 @@ class PromptBatch:
     prompts: list[str]
     index: Tensor
     uids: list[str]
+    responses: list[list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.responses is None:
+            self.responses = [[] for _ in self.prompts]
 
     def __len__(self) -> int:
         return self.index.shape[0]
@@ -362,7 +438,8 @@ class PromptBatch:
             raise ValueError(f"PromptBatch.repeat needs an int k >= 1, got {k!r}")
         rows = torch.arange(len(self), device=self.index.device).repeat_interleave(k)
         return PromptBatch(self.input_ids[rows], self.attention_mask[rows], [p for p in self.prompts for _ in range(k)],
-                           self.index[rows], [u for u in self.uids for _ in range(k)])
+                           self.index[rows], [u for u in self.uids for _ in range(k)],
+                           [list(r) for r in self.responses for _ in range(k)])
 
     def to(self, device: torch.device | str) -> PromptBatch:
         """A copy with every tensor on ``device`` (Lightning's batch transfer calls it)."""
@@ -379,7 +456,8 @@ class PromptCollator:
     def __call__(self, examples: list[PromptExample]) -> PromptBatch:
         ids, mask = left_pad([e.input_ids for e in examples], self.pad_token_id)  # (B, P)
         return PromptBatch(ids, mask, [e.prompt for e in examples],
-                           torch.tensor([e.index for e in examples], dtype=torch.long), [e.uid for e in examples])
+                           torch.tensor([e.index for e in examples], dtype=torch.long), [e.uid for e in examples],
+                           [list(e.responses) for e in examples])
 
 
 class PromptDataModule(TokenizedDataModule):
@@ -457,6 +535,7 @@ class PromptDataModule(TokenizedDataModule):
         seed: int = 0,
         num_workers: int = 0,
         tokenizer: str | None = None,
+        iterations: int | None = None,
     ) -> None:
         """
         Args:
@@ -476,7 +555,15 @@ class PromptDataModule(TokenizedDataModule):
             seed: seed of the validation split and the shuffling.
             num_workers: DataLoader worker processes.
             tokenizer: tokenizer id or directory when the DataModule is used without a lit_align module.
+            iterations: cut the training prompts into this many disjoint contiguous slices, one per iteration
+                (epoch) of an iterative online method (online DPO, SELM: ``train_prefs[k F : (k + 1) F]`` with
+                ``F = N // iterations``; the last ``N mod iterations`` prompts are left out): epoch ``k`` trains on
+                slice ``k`` only (shuffled within it), so no prompt is reused across iterations. ``None``: every
+                epoch sees every prompt.
         """
+        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
+                                       or iterations < 1):
+            raise ConfigError(f"data.iterations must be an int >= 1 or null, got {iterations!r}")
         if format not in FORMATS:
             raise ConfigError(f"data.format must be one of {list(FORMATS)}, got {format!r}")
         self._check_template(template)
@@ -487,6 +574,7 @@ class PromptDataModule(TokenizedDataModule):
                          shuffle=shuffle, seed=seed, num_workers=num_workers, tokenizer=tokenizer)
         self.format, self.template, self.max_prompt_tokens = format, template, max_prompt_tokens
         self.drop_empty = drop_empty
+        self.iterations = iterations
         self._empty: dict[str, int] = {}
         self._blank: list[int] = []  # the token ids of an empty prompt, rendered (set by setup)
 
@@ -530,6 +618,43 @@ class PromptDataModule(TokenizedDataModule):
         self.val_dataset = self._tokenize(val, chat, "val")
         test = self._load(self.test_source) if self.test_source else None
         self.test_dataset = self._tokenize(test, chat, "test") if test else self.val_dataset
+        self._check_iterations()
+
+    # -- iterations ------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        """Training stages (epochs with their own prompts) for the stage driver: ``iterations``, else 1."""
+        return self.iterations or 1
+
+    def _check_iterations(self) -> None:
+        n = len(self.train_dataset)
+        if self.iterations is not None and self.iterations > n:
+            raise DataError(f"data.iterations = {self.iterations} needs at least {self.iterations} training prompts "
+                            f"(disjoint slices, one per iteration) but data.train ({self.train_source.path!r}) gives "
+                            f"{n} after the validation split and the length limit; lower data.iterations, or give "
+                            "more prompts in data.train (or a smaller data.val_fraction)")
+        if self.iterations is not None and n % self.iterations:
+            rank_zero_warn(f"data.iterations = {self.iterations}: {n % self.iterations} of {n} training prompts do "
+                           "not fill a slice and are left out", category=UserWarning)
+
+    def iteration_range(self, k: int) -> range:
+        """Dataset positions of iteration ``k``'s prompts (``k`` from 0)."""
+        if self.iterations is None:
+            return range(len(self.train_dataset))
+        if not 0 <= k < self.iterations:
+            raise ConfigError(f"iteration {k} does not exist: data.iterations = {self.iterations}; set "
+                              f"trainer.max_epochs to {self.iterations} (one epoch per iteration)")
+        size = len(self.train_dataset) // self.iterations
+        return range(k * size, (k + 1) * size)
+
+    def train_dataloader(self):
+        if self.iterations is None:
+            return super().train_dataloader()
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        span = self.iteration_range(epoch)
+        self._train_loader = self._loader(PromptSlice(self.train_dataset, span.start, span.stop), self.batch_size,
+                                          shuffle=self.shuffle, shard=True, train=True)
+        return self._train_loader
 
     # -- tokenization ----------------------------------------------------------------------
     def _encode(self, record: Record, index: int, tokenizer: PreTrainedTokenizerBase,
@@ -542,7 +667,8 @@ class PromptDataModule(TokenizedDataModule):
                                       f"data.{self.template_key}" + (" and the chat template" if chat else ""))
         if len(ids) > self.max_prompt_tokens:
             return None
-        return PromptExample(list(ids), record["prompt"], index, record["_source_index"], record["uid"])
+        return PromptExample(list(ids), record["prompt"], index, record["_source_index"], record["uid"],
+                             tuple(record.get("responses") or ()))
 
     def _tokenize(self, records: list[Record] | None, chat: bool = False,
                   split: str = "train") -> PromptDataset | None:

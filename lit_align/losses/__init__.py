@@ -3,6 +3,7 @@
 Functions:
     dpo_loss                    sigmoid / conservative DPO on summed sequence log-probs (Rafailov et al. 2023)
     ipo_loss                    IPO on length-averaged sequence log-probs (Azar et al. 2023)
+    selm_loss                   SELM: sigmoid DPO + alpha beta log-ratio on the reference's own response (Zhang et al. 2024)
     nll_loss                    negative log-likelihood of masked tokens, token- or sequence-averaged
     gradient_ascent_loss        minus the NLL of the forget tokens (GA, GradDiff, LLMU's forget term)
     npo_loss                    Negative Preference Optimization on (B,) policy / reference log-probs (Zhang et al. 2024)
@@ -25,6 +26,7 @@ Config objects (selected from YAML by ``class_path``):
                      its inputs need
     DPOLoss          ``dpo_loss`` with ``beta`` and ``label_smoothing``
     IPOLoss          ``ipo_loss`` with ``beta``
+    SELMLoss         ``selm_loss`` with ``beta`` and ``alpha`` (sigmoid only)
     UnlearningTerm   base of the unlearning terms: ``term(stats, ref_logps, kl) -> (loss, metrics)``,
                      with the batch part it reads (``target``) and what it needs computed (``needs_*``)
     GradientAscent   forget: gradient ascent
@@ -38,7 +40,7 @@ Config objects (selected from YAML by ``class_path``):
 
 from lit_align.losses.group import grpo_advantages, rloo_advantages
 from lit_align.losses.ppo import gae, kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, whiten
-from lit_align.losses.preference import DPOLoss, IPOLoss, PreferenceLoss, dpo_loss, ipo_loss
+from lit_align.losses.preference import DPOLoss, IPOLoss, PreferenceLoss, SELMLoss, dpo_loss, ipo_loss, selm_loss
 from lit_align.losses.reward import bradley_terry_loss
 from lit_align.losses.sft import nll_loss
 from lit_align.losses.unlearning import (
@@ -71,6 +73,7 @@ __all__ = [
     "NPO",
     "PreferenceLoss",
     "Refusal",
+    "SELMLoss",
     "RetainKL",
     "RetainNLL",
     "UnlearningTerm",
@@ -88,5 +91,6 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "rloo_advantages",
+    "selm_loss",
     "whiten",
 ]

@@ -1,4 +1,4 @@
-"""Pairwise preference losses on sequence log-probs: DPO (sigmoid / conservative) and IPO.
+"""Pairwise preference losses on sequence log-probs: DPO (sigmoid / conservative), IPO and SELM.
 
 Every loss is a pure function: four (B,) tensors of sequence log-probs in (policy and
 reference, chosen and rejected), ``(loss, metrics)`` out. Nothing here runs a model; the caller
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lit_align.errors import ConfigError
 
-__all__ = ["DPOLoss", "IPOLoss", "PreferenceLoss", "dpo_loss", "ipo_loss"]
+__all__ = ["DPOLoss", "IPOLoss", "PreferenceLoss", "SELMLoss", "dpo_loss", "ipo_loss", "selm_loss"]
 
 
 def _check_logps(
@@ -59,6 +59,11 @@ def _check_beta(beta: float) -> None:
 def _check_label_smoothing(label_smoothing: float) -> None:
     if not (_is_real(label_smoothing) and 0.0 <= label_smoothing < 0.5):
         raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (_is_real(alpha) and math.isfinite(alpha) and alpha >= 0):
+        raise ConfigError(f"alpha must be a finite number >= 0, got {alpha!r}")
 
 
 def _preference_metrics(
@@ -172,6 +177,67 @@ def ipo_loss(
     return per_pair.mean(), metrics
 
 
+def selm_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    policy_reference_logps: Tensor,
+    ref_reference_logps: Tensor,
+    *,
+    beta: float = 0.01,
+    alpha: float = 0.001,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SELM: sigmoid DPO plus an optimism term on the reference model's own response.
+
+    Self-Exploring Language Models, Zhang et al. 2024, https://arxiv.org/abs/2405.19332 (the released
+    trainer's ``optimistic_dpo_loss``)::
+
+        rho_b  = pi_ref_b - ref_ref_b        # log pi_theta(y_ref | x) - log pi_ref(y_ref | x)
+        loss_b = -log sigmoid(beta * h_b) + alpha * beta * rho_b
+        loss   = mean_b loss_b
+
+    with ``h`` as in the module docstring and ``y_ref`` the greedy response of the start-of-iteration
+    model (the frozen reference). The ``+ alpha beta rho`` term is minimised: it lowers the policy's
+    likelihood ratio on what the reference would say itself, the paper's push toward unexplored responses;
+    flipping its sign exploits the reference's outputs instead. All log-probs are **summed** over response
+    tokens, for both terms. ``alpha = 0`` is exactly sigmoid :func:`dpo_loss` (no label smoothing).
+
+    Hand checks: at ``policy == reference`` every ``h_b = rho_b = 0``, so ``loss = log 2``; the gradient
+    with respect to each ``pi_ref_b`` is ``alpha * beta / B``.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-probs of the chosen responses under the policy.
+        policy_rejected_logps: (B,) same for the rejected responses.
+        ref_chosen_logps: (B,) chosen under the frozen reference.
+        ref_rejected_logps: (B,) rejected under the frozen reference.
+        policy_reference_logps: (B,) the reference's greedy response ``y_ref`` under the policy.
+        ref_reference_logps: (B,) ``y_ref`` under the frozen reference.
+        beta: inverse temperature of the implicit reward; > 0 (the paper: 0.01).
+        alpha: weight of the optimism term; >= 0 (the paper: 1e-3 for Zephyr, 1e-4 for Llama-3).
+
+    Returns:
+        ``(loss, metrics)``: the :func:`dpo_loss` metrics plus ``logps/pi_response`` (mean ``pi_ref``),
+        ``logps/ref_response`` (mean ``ref_ref``) and ``optimism`` (mean ``rho``, detached).
+    """
+    _check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if policy_reference_logps.shape != policy_chosen_logps.shape or ref_reference_logps.shape != policy_chosen_logps.shape:
+        raise ValueError(f"reference-response log-probs must have the pairs' (B,) shape {tuple(policy_chosen_logps.shape)}, "
+                         f"got {tuple(policy_reference_logps.shape)} and {tuple(ref_reference_logps.shape)}")
+    _check_beta(beta)
+    _check_alpha(alpha)
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    rho = policy_reference_logps - ref_reference_logps  # (B,)
+    per_pair = -F.logsigmoid(beta * h) + alpha * beta * rho  # (B,)
+    metrics = _preference_metrics(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    metrics["logps/pi_response"] = policy_reference_logps.detach().mean()
+    metrics["logps/ref_response"] = ref_reference_logps.detach().mean()
+    metrics["optimism"] = rho.detach().mean()
+    return per_pair.mean(), metrics
+
+
 class PreferenceLoss:
     """A configured pairwise preference loss, selectable from YAML by ``class_path``.
 
@@ -192,6 +258,8 @@ class PreferenceLoss:
     #: The pure loss function and the names of its keyword hyper-parameters held by the instance.
     fn: ClassVar[Callable[..., tuple[Tensor, dict[str, Tensor]]]]
     hparams: ClassVar[tuple[str, ...]] = ()
+    #: Whether the loss also reads the reference model's own response (two more (B,) tensors: SELM).
+    needs_reference_response: ClassVar[bool] = False
 
     def __new__(cls, *args, **kwargs):
         if not hasattr(cls, "fn"):
@@ -247,3 +315,60 @@ class IPOLoss(PreferenceLoss):
         """
         _check_beta(beta)
         self.beta = float(beta)
+
+
+class SELMLoss(PreferenceLoss):
+    """SELM (:func:`selm_loss`) on summed log-probs: sigmoid DPO plus ``alpha * beta`` times the policy's
+    log-ratio on the reference's greedy response. Called with the two reference-response log-prob tensors
+    after the four of :class:`PreferenceLoss`; only the sigmoid form exists (the paper's trainer asserts it),
+    so there is no ``loss_type`` and no IPO variant.
+
+    Example YAML::
+
+        loss:
+          class_path: lit_align.losses.SELMLoss
+          init_args: {beta: 0.01, alpha: 0.001}
+    """
+
+    reduction: ClassVar[Literal["sum", "mean"]] = "sum"
+    fn = staticmethod(selm_loss)
+    hparams = ("beta", "alpha")
+    #: whether the method must score the reference model's greedy response (two extra log-prob tensors).
+    needs_reference_response: ClassVar[bool] = True
+
+    def __init__(self, beta: float = 0.01, alpha: float = 0.001, loss_type: str = "sigmoid") -> None:
+        """
+        Args:
+            beta: inverse temperature of the implicit reward ``beta * log(pi / ref)``; > 0. The paper's 0.01 is
+                small on purpose (summed log-probs); do not "fix" it to DPO's usual 0.1.
+            alpha: weight of the optimism term on the reference's greedy response; >= 0 (0 is online DPO).
+            loss_type: the preference term; only ``sigmoid`` (the optimism term is derived for the DPO
+                reparameterisation, and the paper's trainer asserts it). For online IPO use
+                ``lit_align.losses.IPOLoss``, which has no ``alpha``.
+        """
+        if loss_type != "sigmoid":
+            raise ConfigError(f"model.loss.init_args.loss_type: SELM's optimism term (alpha) is defined for the "
+                              f"sigmoid DPO loss only, got {loss_type!r}. Use loss_type: sigmoid, or for online IPO "
+                              "without the optimism term use class_path: lit_align.losses.IPOLoss (no alpha)")
+        _check_beta(beta)
+        if not (_is_real(alpha) and math.isfinite(alpha) and alpha >= 0):
+            raise ConfigError(f"model.loss.init_args.alpha must be a finite number >= 0 (0 is plain online DPO), "
+                              f"got {alpha!r}")
+        self.beta = float(beta)
+        self.alpha = float(alpha)
+
+    def __call__(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor,
+        policy_reference_logps: Tensor | None = None,
+        ref_reference_logps: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return ``(loss, metrics)``; the reference-response log-probs are required."""
+        if policy_reference_logps is None or ref_reference_logps is None:
+            raise ValueError("SELMLoss needs the reference response's log-probs under the policy and the reference "
+                             "(policy_reference_logps, ref_reference_logps); use it with OnlineDPOModule")
+        return selm_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                         policy_reference_logps, ref_reference_logps, beta=self.beta, alpha=self.alpha)

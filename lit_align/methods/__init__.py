@@ -5,6 +5,7 @@ from lit_align.methods.curry_dpo import CurryDPOModule
 from lit_align.methods.debate import DebateModule
 from lit_align.methods.dpo import DPOModule
 from lit_align.methods.game import AdversarialGameModule
+from lit_align.methods.online_dpo import OnlineDPOModule
 from lit_align.methods.ppo import PPOModule
 from lit_align.methods.reward_model import RewardModelModule
 from lit_align.methods.sft import SFTModule
@@ -12,4 +13,4 @@ from lit_align.methods.staged import StagedPolicyModule
 from lit_align.methods.unlearning import UnlearningModule
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "CurryDPOModule", "DPOModule", "DebateModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "CurryDPOModule", "DPOModule", "DebateModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]

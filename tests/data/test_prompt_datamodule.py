@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import move_data_to_device
 
 from lit_align.data import PromptBatch, PromptDataModule
 from lit_align.data.prompts import DEFENDER_TEMPLATE, TLDR_TEMPLATE, SeedPromptDataModule
-from lit_align.data.records import DataSource
+from lit_align.data.records import BUILTIN_DIR, DataSource
 from lit_align.errors import ConfigError, DataError
 from lit_align.models.causal_lm import build_causal_lm, build_tokenizer
 from lit_align.models.spec import ModelSpec
@@ -242,3 +242,57 @@ def test_docstring_data_blocks_are_valid_configs():
         assert c["class_path"] == "lit_align.data.PromptDataModule" and set(c["init_args"]) <= params
         for split in ("train", "val"):
             DataSource(**c["init_args"][split])
+
+
+class _Trainer:
+    """The two things PromptDataModule's train loader reads of a trainer: the epoch and the (absent) sharding."""
+
+    def __init__(self, epoch: int) -> None:
+        self.current_epoch, self.strategy, self.lightning_module = epoch, None, None
+
+
+def test_iterations_serve_disjoint_contiguous_slices_one_per_epoch(tokenizer):
+    """data.iterations = 3 over 10 prompts: F = 10 // 3 = 3; epoch k serves dataset positions 3k .. 3k+2 (SELM's
+    train_prefs[k F:(k+1) F]), shuffled within the slice only; the 10th prompt is left out (warned); no prompt is
+    served in two iterations; batches keep the dataset index."""
+    with pytest.warns(UserWarning, match="1 of 10 training prompts"):
+        dm = _dm(tokenizer, {"path": "builtin:seed_prompts", "limit": 10}, iterations=3, batch_size=2)
+    assert dm.num_stages == 3
+    seen = []
+    for epoch in range(3):
+        dm.trainer = _Trainer(epoch)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        index = torch.cat([b.index for b in loader]).tolist()
+        assert sorted(index) == [3 * epoch, 3 * epoch + 1, 3 * epoch + 2]
+        seen.append(set(index))
+    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
+    dm.trainer = _Trainer(3)
+    with pytest.raises(ConfigError, match="trainer.max_epochs to 3"):
+        dm.train_dataloader()
+
+
+def test_iterations_needing_more_prompts_than_the_data_has_is_a_clear_error(tokenizer):
+    with pytest.raises(DataError, match=r"data.iterations = 5 needs at least 5 training prompts .* gives 4"):
+        _dm(tokenizer, {"path": "builtin:seed_prompts", "limit": 4}, iterations=5)
+    with pytest.raises(ConfigError, match="data.iterations must be an int >= 1"):
+        PromptDataModule(train=DataSource(path="builtin:seed_prompts"), iterations=0)
+
+
+def test_dataset_responses_are_kept_when_the_format_has_them(tmp_path, tokenizer):
+    """prompt/chosen/rejected records (builtin:preferences; UltraFeedback-binarized's message lists) keep their
+    two responses, chosen first; hh transcripts give their first assistant turns; prompt-only data gives none."""
+    dm = _dm(tokenizer, {"path": "builtin:preferences", "limit": 2}, format="prompt", shuffle=False)
+    first = json.loads((BUILTIN_DIR / "preferences.jsonl").read_text().splitlines()[0])
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.responses[0] == [first["chosen"], first["rejected"]]
+    assert batch.repeat(2).responses[:2] == [batch.responses[0]] * 2
+    messages = _jsonl(tmp_path / "uf.jsonl", [{"prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"},
+                                                                         {"role": "assistant", "content": "Hello."}],
+                                               "rejected": [{"role": "user", "content": "Hi?"},
+                                                            {"role": "assistant", "content": "Go away."}]}])
+    assert _dm(tokenizer, {"path": messages}).train_dataset[0].responses == ("Hello.", "Go away.")
+    hh = _jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: Q?\n\nAssistant: Yes.\n\nHuman: Why?\n\nAssistant: So.",
+                                         "rejected": "\n\nHuman: Q?\n\nAssistant: No."}])
+    assert _dm(tokenizer, {"path": hh}, format="hh").train_dataset[0].responses == ("Yes.", "No.")
+    assert _dm(tokenizer, {"path": "builtin:seed_prompts", "limit": 2}).train_dataset[0].responses == ()
