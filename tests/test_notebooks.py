@@ -8,6 +8,7 @@ interpreter. Notebooks are stored without outputs, which is checked too (clean d
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ RESULT_MARKER = "QUICKSTART_RESULT "
 GAME_MARKER = "GAME_RESULT "
 DEBATE_MARKER = "DEBATE_RESULT "
 RLHF_MARKER = "RLHF_RESULT "
+PREFERENCE_MARKER = "PREFERENCE_RESULT "
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -78,6 +80,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_GAME_OUT", str(tmp_path / "game"))
     monkeypatch.setenv("LIT_ALIGN_DEBATE_OUT", str(tmp_path / "debate"))
     monkeypatch.setenv("LIT_ALIGN_RLHF_OUT", str(tmp_path / "rlhf"))
+    monkeypatch.setenv("LIT_ALIGN_PREFERENCE_OUT", str(tmp_path / "preference"))
     before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
 
     nb = nbformat.read(path, as_version=4)
@@ -147,3 +150,41 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
             assert run["proxy"][-1] > run["proxy"][0], result
         # both runs start from the same policy and the same validation draws
         assert runs["plain PPO"]["gold"][0] == runs["contrastive"]["gold"][0], result
+
+    if path.name == "07_online_preference.ipynb":
+        lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(PREFERENCE_MARKER)]
+        assert lines, "the online preference notebook's results cell prints a PREFERENCE_RESULT line"
+        result = json.loads(lines[-1][len(PREFERENCE_MARKER):])
+        assert result["plots"] and all(Path(p).is_file() and Path(p).parent == tmp_path / "preference"
+                                       for p in result["plots"]), result["plots"]
+        selm = result["selm"]
+        assert set(selm) == {"alpha=0", "alpha=1e-3", "alpha=5"}, list(selm)
+        for name, run in selm.items():
+            its = run["iterations"]
+            assert run["steps"] == 12 and [it["prompts"] for it in its] == [16, 16, 16], (name, run["steps"])
+            assert len({u for it in its for u in it["uids"]}) == 48, name  # disjoint prompt slices
+            # each iteration's reference is the previous iteration's final policy (the first's, the starting one)
+            assert [it["reference"] for it in its] == [run["start"]] + [it["policy"] for it in its[:-1]], name
+            assert len({run["start"], *(it["policy"] for it in its)}) == 4, name  # every iteration trained
+            assert all(0 < it["pairs"] <= it["prompts"] for it in its), name
+            firsts = [it["first_loss"] for it in its if it["first_loss"] is not None]
+            assert firsts and all(abs(f - math.log(2)) < 1e-5 for f in firsts), (name, firsts)
+        zero, paper, big = selm["alpha=0"], selm["alpha=1e-3"], selm["alpha=5"]
+        # one seed: the same start, the same first iteration's samples and so the same pairs
+        assert zero["start"] == paper["start"] == big["start"] and zero["gold"][0] == paper["gold"][0] == big["gold"][0]
+        assert zero["iterations"][0]["pairs"] == paper["iterations"][0]["pairs"] == big["iterations"][0]["pairs"]
+        assert paper["iterations"][0]["policy"] != zero["iterations"][0]["policy"]  # alpha reaches the weights
+        # a dominant optimism term lowers rho = log pi(y_ref) - log pi_ref(y_ref) on the held-out questions
+        mean_rho = {k: sum(it["rho"] for it in r["iterations"]) / 3 for k, r in selm.items()}
+        assert mean_rho["alpha=5"] < mean_rho["alpha=0"] - 0.005, mean_rho
+        curry, single = result["curry"]["Curry-DPO"], result["curry"]["single-pair DPO"]
+        assert curry["table"] == {"prompts": 120, "pairs": 360}, curry["table"]
+        assert [(st["prompts"], st["pairs"]) for st in curry["stages"]] == [(120, 120)] * 3, curry["stages"]
+        assert sum(st["pairs"] for st in single["stages"]) == 360 and len(single["stages"]) == 3  # equal pairs seen
+        # Curry-DPO's stages reference the previous stage's final policy, so each starts at log 2; DPO's does not
+        assert [st["reference"] for st in curry["stages"]] == [curry["start"]] + [st["policy"] for st in curry["stages"][:-1]]
+        assert all(abs(st["first_loss"] - math.log(2)) < 1e-5 for st in curry["stages"]), curry["stages"]
+        assert all(st["reference"] == single["start"] for st in single["stages"])
+        assert all(st["first_loss"] < math.log(2) - 0.01 for st in single["stages"][1:]), single["stages"]
+        assert result["sft"]["rank_acc"] == 0.5, result["sft"]  # the implicit reward of the start is 0
+        assert curry["stages"][-1]["rank_acc"] > 0.6 and single["stages"][-1]["rank_acc"] > 0.6, result["curry"]
