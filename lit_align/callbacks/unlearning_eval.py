@@ -62,7 +62,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from lit_align.callbacks.reporting import eval_mode, publish, report_dir, write_csv
-from lit_align.data.tokenize import _collate_sequences
+from lit_align.data.tokenize import prompt_response_batch
 from lit_align.losses.sft import nll_loss
 from lit_align.metrics.unlearning import (
     MeanNLL,
@@ -117,7 +117,7 @@ def _is_sharded(model: nn.Module) -> bool:
 
 def _right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """(prompt, response) pairs -> right-padded ``input_ids``, ``attention_mask``, ``response_mask``, all (B, T)."""
-    batch = _collate_sequences([(list(p), list(r)) for p, r in rows], list(range(len(rows))), pad_id)
+    batch = prompt_response_batch([(list(p), list(r)) for p, r in rows], list(range(len(rows))), pad_id)
     return batch.input_ids.to(device), batch.attention_mask.to(device), batch.loss_mask.to(device)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "encode_prompt",
     "encode_response",
     "check_response_room",
+    "prompt_response_batch",
     "truncate_keep_response",
     "warn_truncated",
 ]
@@ -157,12 +158,15 @@ class TokenizedDataset(Dataset):
         return h.hexdigest()
 
 
-def _collate_sequences(rows: list[tuple[list[int], list[int]]], indices: list[int], pad_id: int) -> SequenceBatch:
-    ids, attn = pad_rows([list(p) + list(r) for p, r in rows], pad_id, side="right")  # (B, T) each
+def prompt_response_batch(rows: list[tuple[list[int], list[int]]], index: list[int] | torch.Tensor,
+                          pad_token_id: int) -> SequenceBatch:
+    """``(prompt, response)`` token-id rows as one :class:`SequenceBatch`: prompt then response, right-padded with
+    ``pad_token_id``, ``loss_mask`` 1 on the response tokens; ``index`` (B,) gives each row's example index."""
+    ids, attn = pad_rows([list(p) + list(r) for p, r in rows], pad_token_id, side="right")  # (B, T) each
     loss = torch.zeros_like(attn)  # (B, T)
     for i, (p, r) in enumerate(rows):
         loss[i, len(p) : len(p) + len(r)] = 1
-    return SequenceBatch(ids, attn, loss, torch.tensor(indices, dtype=torch.long))
+    return SequenceBatch(ids, attn, loss, torch.as_tensor(index, dtype=torch.long))
 
 
 @dataclass
@@ -172,7 +176,7 @@ class SequenceCollator:
     pad_token_id: int
 
     def __call__(self, examples: list[SequenceExample]) -> SequenceBatch:
-        return _collate_sequences([(e.prompt, e.response) for e in examples], [e.index for e in examples],
+        return prompt_response_batch([(e.prompt, e.response) for e in examples], [e.index for e in examples],
                                   self.pad_token_id)
 
 
@@ -185,8 +189,8 @@ class PreferenceCollator:
 
     def __call__(self, examples: list[PreferenceExample]) -> PreferenceBatch:
         idx = [e.index for e in examples]
-        chosen = _collate_sequences([(e.prompt, e.chosen) for e in examples], idx, self.pad_token_id)
-        rejected = _collate_sequences([(e.prompt, e.rejected) for e in examples], idx, self.pad_token_id)
+        chosen = prompt_response_batch([(e.prompt, e.chosen) for e in examples], idx, self.pad_token_id)
+        rejected = prompt_response_batch([(e.prompt, e.rejected) for e in examples], idx, self.pad_token_id)
         margins = [e.margin for e in examples]
         margin = torch.tensor(margins, dtype=torch.float32) if None not in margins else None  # (B,)
         return PreferenceBatch(chosen=chosen, rejected=rejected, index=chosen.index, margin=margin)

@@ -49,8 +49,8 @@ from lit_align.data.tokenize import (
     SequenceCollator,
     SequenceExample,
     TokenizedDataset,
-    _collate_sequences,
     check_response_room,
+    prompt_response_batch,
     truncate_keep_response,
     warn_truncated,
 )
@@ -244,7 +244,7 @@ class ForgetRetainCollator:
     def _collate(self, rows: list[SequenceExample]) -> SequenceBatch | None:
         if not rows:
             return None
-        return _collate_sequences([(r.prompt, r.response) for r in rows], [r.index for r in rows], self.pad_token_id)
+        return prompt_response_batch([(r.prompt, r.response) for r in rows], [r.index for r in rows], self.pad_token_id)
 
     def __call__(self, items: list[_Item]) -> ForgetRetainBatch:
         forget = self._collate([it.forget for it in items])

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lit_align.data.tokenize import _collate_sequences
+from lit_align.data.tokenize import prompt_response_batch
 from lit_align.debate.config import DebateSettings, DPOSettings
 from lit_align.debate.pairs import PreferencePair
 from lit_align.debate.protocol import format_prompt
@@ -46,7 +46,7 @@ class PairScorer:
                 ended = len(ids) < min(sampled, cap)
                 rows.append((prompt, ids[:cap] + ([eos] if ended else [])))
                 index.append(i)
-        batch = _collate_sequences(rows, index, self.tokenizer.pad_token_id)
+        batch = prompt_response_batch(rows, index, self.tokenizer.pad_token_id)
         return batch.input_ids.to(device), batch.attention_mask.to(device), batch.loss_mask.to(device)
 
     def logps(self, model: nn.Module, pairs: Sequence[PreferencePair]) -> Tensor:

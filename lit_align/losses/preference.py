@@ -61,9 +61,10 @@ def _check_label_smoothing(label_smoothing: float) -> None:
         raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
 
 
-def _check_alpha(alpha: float) -> None:
+def _check_alpha(alpha: float, key: str) -> None:
+    """SELM's optimism weight: an error naming the config ``key`` unless it is a finite number >= 0."""
     if not (_is_real(alpha) and math.isfinite(alpha) and alpha >= 0):
-        raise ConfigError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        raise ConfigError(f"{key} must be a finite number >= 0 (0 is plain online DPO), got {alpha!r}")
 
 
 def _preference_metrics(
@@ -225,7 +226,7 @@ def selm_loss(
         raise ValueError(f"reference-response log-probs must have the pairs' (B,) shape {tuple(policy_chosen_logps.shape)}, "
                          f"got {tuple(policy_reference_logps.shape)} and {tuple(ref_reference_logps.shape)}")
     _check_beta(beta)
-    _check_alpha(alpha)
+    _check_alpha(alpha, "alpha")
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
     rho = policy_reference_logps - ref_reference_logps  # (B,)
     per_pair = -F.logsigmoid(beta * h) + alpha * beta * rho  # (B,)
@@ -351,9 +352,7 @@ class SELMLoss(PreferenceLoss):
                               f"sigmoid DPO loss only, got {loss_type!r}. Use loss_type: sigmoid, or for online IPO "
                               "without the optimism term use class_path: lit_align.losses.IPOLoss (no alpha)")
         _check_beta(beta)
-        if not (_is_real(alpha) and math.isfinite(alpha) and alpha >= 0):
-            raise ConfigError(f"model.loss.init_args.alpha must be a finite number >= 0 (0 is plain online DPO), "
-                              f"got {alpha!r}")
+        _check_alpha(alpha, "model.loss.init_args.alpha")
         self.beta = float(beta)
         self.alpha = float(alpha)
 

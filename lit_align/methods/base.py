@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -11,21 +12,38 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lit_align.data.batches import SequenceBatch
+from lit_align.data.prompts import PromptBatch
 from lit_align.data.tokenize import encode_prompt
 from lit_align.errors import ConfigError
 from lit_align.models import ModelSpec, apply_lora, build_causal_lm, build_tokenizer, frozen_copy
 from lit_align.models.fsdp import fsdp2_parallelize, load_from_rank0
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
+from lit_align.modes import eval_mode
 from lit_align.rollout.logps import TokenLogps, token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
-__all__ = ["PolicyModule", "ReferencedPolicyModule", "RebuiltWeights", "default_cache_dir", "prompt_ids"]
+__all__ = ["PolicyModule", "ReferencedPolicyModule", "RebuiltWeights", "default_cache_dir", "prompt_ids",
+           "prompt_predictions"]
 
 
 def prompt_ids(batch: SequenceBatch) -> list[list[int]]:
     """The prompt tokens of each row (real tokens before the response)."""
     rows = batch.attention_mask.bool() & ~batch.loss_mask.bool()  # (B, T)
     return [ids[m].tolist() for ids, m in zip(batch.input_ids, rows)]
+
+
+@torch.no_grad()
+def prompt_predictions(module: PolicyModule, batch: PromptBatch, config: SamplingConfig) -> list[dict[str, str]]:
+    """The ``predict_step`` rows of a method trained on prompts (``lit-align predict``): ``[{prompt, completion}]``,
+    the batch's prompt text and ``module.policy``'s greedy response (``config`` with ``do_sample`` off: its
+    length and stop settings), decoded without special tokens; the policy runs in eval mode (no dropout)."""
+    greedy = dataclasses.replace(config, do_sample=False)
+    tokenizer = module.tokenizer
+    with eval_mode(module.policy):
+        out = sample(module.policy, batch.input_ids, batch.attention_mask, greedy,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return [{"prompt": p, "completion": tokenizer.decode(r[m.bool()], skip_special_tokens=True)}
+            for p, r, m in zip(batch.prompts, out.response_ids, out.response_mask)]  # response_ids: (B, T_r)
 
 
 class RebuiltWeights:

@@ -15,7 +15,7 @@ from lit_align.models.reference import ReferenceMode
 from lit_align.modes import eval_mode
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
-__all__ = ["DPOModule"]
+__all__ = ["DPOModule", "log_training_kl", "log_validation_kl", "pair_logps", "preference_step", "sampled_kl"]
 
 log = logging.getLogger(__name__)
 
@@ -68,67 +68,93 @@ class DPOModule(ReferencedPolicyModule):
                          scheduler=scheduler, chunk_tokens=chunk_tokens)
         self.loss_fn = loss or DPOLoss()
         self.kl_every_n_steps, self.kl_max_new_tokens = kl_every_n_steps, kl_max_new_tokens
-        self._last_kl_step = -1
+        self.last_kl_step = -1  # the optimiser step of the last train/kl estimate
 
     def _reference_sequences(self, batch: PreferenceBatch) -> list[SequenceBatch]:
         return [batch.chosen, batch.rejected]
 
     # -- steps ---------------------------------------------------------------------------------
-    def _pair_logps(self, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor, ...]:
-        reduction = self.loss_fn.reduction
-        both = SequenceBatch.cat([batch.chosen, batch.rejected], self.tokenizer.pad_token_id)  # (2B, T)
-        policy = self.policy_logps(both)
-        pol = policy.sum() if reduction == "sum" else policy.mean()  # (2B,)
-        b = len(batch)
-        if self.reference.mode == "precomputed":
-            ref_c = self.reference.lookup(split, batch.index, 0, reduction).to(pol)
-            ref_r = self.reference.lookup(split, batch.index, 1, reduction).to(pol)
-        else:
-            ref = self.reference.token_logps(self.policy, both)
-            ref_all = ref.sum() if reduction == "sum" else ref.mean()
-            ref_c, ref_r = ref_all[:b], ref_all[b:]
-        return pol[:b], pol[b:], ref_c, ref_r
-
-    def _step(self, batch: PreferenceBatch, stage: str) -> torch.Tensor:
-        split = self.reference_split(stage)
-        loss, metrics = self.loss_fn(*self._pair_logps(batch, split))
-        self._log_stage(stage, loss, metrics, len(batch), prog_bar="rewards/accuracies")
-        return loss
-
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
-        step = self.global_step
-        if (self.kl_every_n_steps and step % self.kl_every_n_steps == 0 and step != self._last_kl_step
-                and self.reference.can_score(self.policy)):
-            self._last_kl_step = step  # once per optimiser step, not per accumulated micro-batch
-            self.log("train/kl", self._kl_estimate(batch), on_step=True, batch_size=len(batch))
+        loss = preference_step(self, batch, "train")
+        log_training_kl(self, batch)
         self._log_throughput(batch.num_tokens)
         return loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
-        self._step(batch, "val")
-        if batch_idx == 0 and self.reference.can_score(self.policy):
-            self.log("val/kl", self._kl_estimate(batch), on_epoch=True, batch_size=len(batch), sync_dist=True)
+        preference_step(self, batch, "val")
+        if batch_idx == 0:
+            log_validation_kl(self, batch)
 
     def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        preference_step(self, batch, "test")
 
-    @torch.no_grad()
-    def _kl_estimate(self, batch: PreferenceBatch) -> torch.Tensor:
-        """KL(policy || reference) per response, Monte-Carlo: sample y ~ policy for the batch's
-        prompts and average ``sum_t log pi(y_t) - log ref(y_t)`` (unbiased for the KL of responses
-        truncated at ``kl_max_new_tokens``). The policy's log-probs come with the samples."""
-        chosen = batch.chosen
-        ids, mask = left_pad(prompt_ids(chosen), self.tokenizer.pad_token_id)
-        config = SamplingConfig(max_new_tokens=self.kl_max_new_tokens, do_sample=True, temperature=1.0)
-        rollout = sample(self.policy, ids.to(self.device), mask.to(self.device), config,
-                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        seq = SequenceBatch(
-            input_ids=rollout.sequences,
-            attention_mask=rollout.attention_mask,
-            loss_mask=torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1),
-            index=batch.index,
-        )
-        with eval_mode(self.policy):  # adapter mode scores with the policy's own modules: no dropout
-            ref = self.reference.token_logps(self.policy, seq).sum()  # (B,)
-        return (rollout.logps.sum(-1) - ref).mean()
+
+# -- the pieces every offline pairwise method calls (DPOModule, CurryDPOModule) --------------------------
+# ``module`` is a ReferencedPolicyModule with ``loss_fn`` (a PreferenceLoss), ``kl_every_n_steps``,
+# ``kl_max_new_tokens`` and ``last_kl_step``.
+
+def pair_logps(module, batch: PreferenceBatch, split: str) -> tuple[torch.Tensor, ...]:
+    """``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)`` sequence log-probs, (B,) each: summed over
+    response tokens, or length-averaged when ``module.loss_fn.reduction`` is ``mean`` (IPO). The policy scores
+    chosen and rejected in one forward; the reference comes from the ``split`` table (``precomputed``) or from a
+    second forward (``adapter``, ``copy``)."""
+    reduction = module.loss_fn.reduction
+    both = SequenceBatch.cat([batch.chosen, batch.rejected], module.tokenizer.pad_token_id)  # (2B, T)
+    policy = module.policy_logps(both)
+    pol = policy.sum() if reduction == "sum" else policy.mean()  # (2B,)
+    b = len(batch)
+    if module.reference.mode == "precomputed":
+        ref_c = module.reference.lookup(split, batch.index, 0, reduction).to(pol)  # (B,)
+        ref_r = module.reference.lookup(split, batch.index, 1, reduction).to(pol)  # (B,)
+    else:
+        ref = module.reference.token_logps(module.policy, both)
+        ref_all = ref.sum() if reduction == "sum" else ref.mean()  # (2B,)
+        ref_c, ref_r = ref_all[:b], ref_all[b:]
+    return pol[:b], pol[b:], ref_c, ref_r
+
+
+def preference_step(module, batch: PreferenceBatch, stage: str) -> torch.Tensor:
+    """The injected pairwise loss of ``batch`` (reference table of the ``stage``'s split), logged as
+    ``<stage>/loss`` and ``<stage>/<metric>``; returns the loss."""
+    loss, metrics = module.loss_fn(*pair_logps(module, batch, module.reference_split(stage)))
+    module._log_stage(stage, loss, metrics, len(batch), prog_bar="rewards/accuracies")
+    return loss
+
+
+@torch.no_grad()
+def sampled_kl(module, batch: PreferenceBatch, max_new_tokens: int) -> torch.Tensor:
+    """KL(policy || reference) per response, Monte-Carlo: sample y ~ policy for the batch's prompts (at most
+    ``max_new_tokens``) and average ``sum_t log pi(y_t) - log ref(y_t)`` (unbiased for the KL of responses
+    truncated at that length). The policy's log-probs come with the samples."""
+    tokenizer = module.tokenizer
+    ids, mask = left_pad(prompt_ids(batch.chosen), tokenizer.pad_token_id)
+    config = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0)
+    rollout = sample(module.policy, ids.to(module.device), mask.to(module.device), config,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    seq = SequenceBatch(
+        input_ids=rollout.sequences,
+        attention_mask=rollout.attention_mask,
+        loss_mask=torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1),
+        index=batch.index,
+    )
+    with eval_mode(module.policy):  # adapter mode scores with the policy's own modules: no dropout
+        ref = module.reference.token_logps(module.policy, seq).sum()  # (B,)
+    return (rollout.logps.sum(-1) - ref).mean()
+
+
+def log_training_kl(module, batch: PreferenceBatch) -> None:
+    """``train/kl`` (:func:`sampled_kl`) every ``module.kl_every_n_steps`` optimiser steps (0: never), once per
+    optimiser step (not per accumulated micro-batch), when the reference can score new sequences."""
+    step = module.global_step
+    if (module.kl_every_n_steps and step % module.kl_every_n_steps == 0 and step != module.last_kl_step
+            and module.reference.can_score(module.policy)):
+        module.last_kl_step = step
+        module.log("train/kl", sampled_kl(module, batch, module.kl_max_new_tokens), on_step=True,
+                   batch_size=len(batch))
+
+
+def log_validation_kl(module, batch: PreferenceBatch) -> None:
+    """``val/kl`` (:func:`sampled_kl`, mean over ranks) on ``batch``, when the reference can score new sequences."""
+    if module.reference.can_score(module.policy):
+        module.log("val/kl", sampled_kl(module, batch, module.kl_max_new_tokens), on_epoch=True,
+                   batch_size=len(batch), sync_dist=True)

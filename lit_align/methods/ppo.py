@@ -16,7 +16,7 @@ from lit_align.engine.player import configure_players, resolve_optimization
 from lit_align.engine.seeds import generator, row_generators
 from lit_align.errors import ConfigError
 from lit_align.losses.ppo import whiten
-from lit_align.methods.base import ReferencedPolicyModule, default_cache_dir, online_reference
+from lit_align.methods.base import ReferencedPolicyModule, default_cache_dir, online_reference, prompt_predictions
 from lit_align.models import ModelSpec
 from lit_align.models.reference import model_fingerprint
 from lit_align.models.value import CriticSpec, build_critic
@@ -295,12 +295,7 @@ class PPOModule(ReferencedPolicyModule):
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, str]]:
         """Greedy responses to the batch's prompts (``lit-align predict``): ``[{prompt, completion}]``."""
-        config = dataclasses.replace(self.sampling, do_sample=False)
-        with eval_mode(self.policy):
-            out = sample(self.policy, batch.input_ids, batch.attention_mask, config,
-                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        return [{"prompt": p, "completion": self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)}
-                for p, r, m in zip(batch.prompts, out.response_ids, out.response_mask)]
+        return prompt_predictions(self, batch, self.sampling)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _rebuilt_keys(self, keys) -> set[str]:

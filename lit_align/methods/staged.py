@@ -73,8 +73,8 @@ def load_policy_weights(target: nn.Module, policy: nn.Module) -> None:
 
 
 class StagedPolicyModule(ReferencedPolicyModule):
-    """Base of methods that train in stages, one epoch each (put it before the method class in the bases, e.g.
-    ``class CurryDPO(StagedPolicyModule, DPOModule)``).
+    """Base of methods that train in stages, one epoch each: a method subclasses it directly and its steps call
+    the functions it shares with the unstaged method (``CurryDPOModule`` calls :mod:`lit_align.methods.dpo`'s).
 
     Per stage ``k`` (``trainer.current_epoch``): the DataModule's ``train_dataloader()`` gives stage ``k``'s
     rows (``trainer.reload_dataloaders_every_n_epochs`` is forced to 1) and its ``num_stages`` fixes

@@ -162,7 +162,7 @@ class ReferencePolicy(nn.Module):
         tables = self._load_cache(path) if trainer.global_rank == 0 else None
         tables = strategy.broadcast(tables, src=0)
         if tables is None:
-            tables = self._score(module, loaders, sequences)
+            tables = self.score(module, loaders, sequences)
             if trainer.global_rank == 0:
                 atomic_save(tables, path)
         if tag is None:
@@ -177,7 +177,17 @@ class ReferencePolicy(nn.Module):
         for name in [n for n in self.tables if n.endswith(f"@{tag}")]:
             del self.tables[name]
 
-    def _score(self, module, loaders: dict, sequences) -> dict[str, tuple[Tensor, Tensor]]:
+    @torch.no_grad()
+    def score(self, module, loaders: dict, sequences: Callable[[Any], list[SequenceBatch]]
+              ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Score every example of each loader with ``module``'s policy as it is now: ``{name: (sums, counts)}``,
+        ``(N, K)`` each on the CPU, the summed log-probs and scored-token counts of the K sequences
+        ``sequences(batch)`` gives per example (row = the example's ``index``; N = ``len(loader.dataset)``).
+
+        The policy runs in eval mode under the trainer's precision context (FSDP2 parameters gathered); each rank
+        scores its shard of each loader (``shard=True`` loaders) and the tables are summed across ranks (a
+        collective: every rank calls it). :meth:`precompute` fills the reference tables with it; Curry-DPO scores
+        its training pairs' reference margins with it."""
         strategy, policy = module.trainer.strategy, module.policy
         tables = {}
         # eval mode: no dropout, the reference is the deterministic starting model; training numerics

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from lit_align.containers import SequenceBatch
-from lit_align.padding import pad_rows
+from lit_align.data.tokenize import prompt_response_batch
 
-__all__ = ["OnlinePairs", "fit_row", "pair_batch", "sequence_batch"]
+__all__ = ["OnlinePairs", "fit_row", "pair_batch"]
 
 
 def fit_row(prompt: list[int], responses: list[list[int]], max_length: int,
@@ -33,16 +33,6 @@ def fit_row(prompt: list[int], responses: list[list[int]], max_length: int,
         prompt = prompt[-max_prompt_length:]
     room = max_length - len(prompt)
     return prompt, [r[:room] for r in responses]
-
-
-def sequence_batch(prompts: list[list[int]], responses: list[list[int]], index: Tensor,
-                   pad_token_id: int) -> SequenceBatch:
-    """Prompt + response rows, right-padded, ``loss_mask`` 1 on the response tokens."""
-    ids, attn = pad_rows([p + r for p, r in zip(prompts, responses)], pad_token_id, side="right")  # (B, T)
-    loss = torch.zeros_like(attn)  # (B, T)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        loss[i, len(p):len(p) + len(r)] = 1
-    return SequenceBatch(ids, attn, loss, index)
 
 
 @dataclass
@@ -81,10 +71,9 @@ def pair_batch(prompts: list[list[int]], candidates: list[list[list[int]]], pick
         c, r = pick if pick is not None else (0, 1)
         extra = [reference[b]] if reference is not None else []
         rows.append(fit_row(prompt, [cands[c], cands[r], *extra], max_length, max_prompt_length))
-    fitted = [p for p, _ in rows]
-    chosen = sequence_batch(fitted, [rs[0] for _, rs in rows], index, pad_token_id)
-    rejected = sequence_batch(fitted, [rs[1] for _, rs in rows], index, pad_token_id)
-    ref = sequence_batch(fitted, [rs[2] for _, rs in rows], index, pad_token_id) if reference is not None else None
+    chosen = prompt_response_batch([(p, rs[0]) for p, rs in rows], index, pad_token_id)
+    rejected = prompt_response_batch([(p, rs[1]) for p, rs in rows], index, pad_token_id)
+    ref = prompt_response_batch([(p, rs[2]) for p, rs in rows], index, pad_token_id) if reference is not None else None
     kept = torch.tensor([p is not None for p in picks])
     chosen_new = torch.tensor([p is not None and p[0] < num_new for p in picks])
     rejected_new = torch.tensor([p is not None and p[1] < num_new for p in picks])

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import retokenize
-from lit_align.data.tokenize import _collate_sequences
+from lit_align.data.tokenize import prompt_response_batch
 from lit_align.rollout.sampler import Rollout
 
 __all__ = ["as_batch", "detector_view", "encode_for", "ended_with_eos", "paraphrased"]
@@ -52,7 +52,7 @@ def detector_view(batch: SequenceBatch, tokenizer, *, max_tokens: int, retokeniz
             body = answer[:-1] if ended else answer
         ended = eos_action and (ended or (add_eos is not None and bool(add_eos[i])))
         rows.append((ids[attn & ~cont].tolist(), body + ([eos] if ended else [])))
-    view = _collate_sequences(rows, batch.index.tolist(), tokenizer.pad_token_id)
+    view = prompt_response_batch(rows, batch.index.tolist(), tokenizer.pad_token_id)
     device = batch.input_ids.device
     return SequenceBatch(*(t.to(device) for t in (view.input_ids, view.attention_mask, view.loss_mask)), batch.index)
 
@@ -66,7 +66,7 @@ def paraphrased(rollout: Rollout, paraphraser: Callable[[list[str]], list[str]],
              for i in rows]
     encoded = retokenize(paraphraser(texts), tokenizer, max_tokens=max_tokens)
     prompts = [rollout.prompt_ids[i][rollout.prompt_mask[i].bool()].tolist() for i in rows]
-    batch = _collate_sequences(list(zip(prompts, encoded)), rows, tokenizer.pad_token_id)
+    batch = prompt_response_batch(list(zip(prompts, encoded)), rows, tokenizer.pad_token_id)
     device = rollout.prompt_ids.device
     return batch.input_ids.to(device), batch.attention_mask.to(device)
 

@@ -24,6 +24,7 @@ METHODS = {
     "unlearning": ("configs/unlearning/npo/tiny.yaml", []),
     "wagle": ("configs/wagle/npo_tiny.yaml", []),
     "watermark": ("configs/watermark/tiny.yaml", []),
+    "ppo": ("configs/ppo/tiny.yaml", ["--model.init_args.sampling.max_new_tokens", "8"]),
     "game": ("configs/game/tiny.yaml", ["--model.init_args.sampling.defender_max_new_tokens", "8"]),
     "debate": ("configs/debate/tiny.yaml", ["--model.init_args.debate.rounds", "1",
                                            "--model.init_args.debate.max_new_tokens", "8"]),

@@ -14,6 +14,7 @@ from lit_align.data.tokenize import (
     TokenizedDataset,
     encode_prompt,
     encode_response,
+    prompt_response_batch,
     truncate_keep_response,
 )
 from lit_align.models import ModelSpec, TinyArch, build_tokenizer
@@ -113,6 +114,20 @@ def test_sequence_collator_right_pads_and_masks_the_response():
     assert batch.loss_mask.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
     assert batch.index.tolist() == [5, 2]
     assert batch.num_tokens == 9
+
+
+def test_prompt_response_batch_takes_a_list_or_a_tensor_index():
+    """The one collation of (prompt, response) rows (the collators, online pairs, unlearning and watermark views call
+    it): prompt then response, right-padded, the response scored; a tensor index (online pairs) is kept as is."""
+    rows = [([10, 11], [12, 1]), ([20], [21, 22, 23, 1])]
+    from_list = prompt_response_batch(rows, [5, 2], pad_token_id=0)
+    index = torch.tensor([5, 2])
+    from_tensor = prompt_response_batch(rows, index, pad_token_id=0)
+    for batch in (from_list, from_tensor):
+        assert batch.input_ids.tolist() == [[10, 11, 12, 1, 0], [20, 21, 22, 23, 1]]
+        assert batch.loss_mask.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
+        assert batch.index.tolist() == [5, 2] and batch.index.dtype == torch.long
+    assert from_tensor.index is index
 
 
 def test_preference_collator_builds_both_sides_with_the_shared_prompt():

@@ -90,8 +90,11 @@ def test_selm_gradient_of_policy_reference_logps_is_alpha_beta_over_b():
 def test_selm_bad_input():
     with pytest.raises(ConfigError, match="loss_type.*sigmoid"):
         SELMLoss(alpha=0.001, loss_type="ipo")
-    with pytest.raises(ConfigError, match="alpha"):
+    with pytest.raises(ConfigError, match=r"^model\.loss\.init_args\.alpha must be a finite number >= 0 \(0 is plain"):
         SELMLoss(alpha=-1.0)
+    z = torch.zeros(3)
+    with pytest.raises(ConfigError, match=r"^alpha must be a finite number >= 0 \(0 is plain online DPO\), got nan"):
+        selm_loss(z, z, z, z, z, z, alpha=float("nan"))  # the function names its own argument, one check for both
     with pytest.raises(ConfigError, match="beta"):
         SELMLoss(beta=0.0)
     z = torch.zeros(3)

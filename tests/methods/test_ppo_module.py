@@ -12,8 +12,10 @@ from tiny_bert import save_tiny_bert
 from lit_align.cli import cli_main
 from lit_align.errors import ConfigError
 from lit_align.methods import PPOModule
+from lit_align.methods.base import prompt_predictions
 from lit_align.rewards import CallableReward, JudgeReward, ModelReward
 from lit_align.rewards.contrastive import ContrastiveRewards
+from lit_align.rollout.sampler import SamplingConfig, sample
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *CSV_LOGGER]
 
@@ -195,3 +197,25 @@ def test_bad_input_names_the_key(tmp_path):
     assert scores.shape == (1,) and torch.isfinite(scores).all()
     with pytest.raises(ValueError, match="one number per row"):
         CallableReward(lambda p, r: [1.0, 2.0])(RewardInput(["a"], ["b"], ids, torch.ones_like(ids), module.tokenizer))
+
+
+def test_prompt_predictions_decode_greedily_whatever_the_sampling(tmp_path):
+    """``prompt_predictions`` (PPO's ``predict_step``; online DPO's too): one ``{prompt, completion}`` row per prompt
+    of the batch; the completion is the policy's greedy response even when the method samples (temperature 5 here:
+    two sampled calls would differ), cut at the config's length; the policy is left in train mode."""
+    cli = cli_main(_args("ppo", tmp_path, "--data.init_args.eval_batch_size", "3"), run=False)
+    module, data = cli.model, cli.datamodule
+    module.configure_model()
+    data.tokenizer = module.tokenizer
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    hot = SamplingConfig(max_new_tokens=6, do_sample=True, temperature=5.0)
+    rows = prompt_predictions(module, batch, hot)
+    assert [r["prompt"] for r in rows] == batch.prompts and len(rows) == 3
+    assert prompt_predictions(module, batch, hot) == rows
+    out = sample(module.policy, batch.input_ids, batch.attention_mask, SamplingConfig(max_new_tokens=6, do_sample=False),
+                 eos_token_id=module.tokenizer.eos_token_id, pad_token_id=module.tokenizer.pad_token_id)
+    greedy = [module.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+              for r, m in zip(out.response_ids, out.response_mask)]
+    assert [r["completion"] for r in rows] == greedy and any(greedy)
+    assert module.policy.training

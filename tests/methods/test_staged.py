@@ -14,7 +14,7 @@ from lit_align.data import PreferenceDataModule
 from lit_align.data.records import DataSource
 from lit_align.errors import ConfigError
 from lit_align.losses import DPOLoss
-from lit_align.methods import DPOModule, StagedPolicyModule
+from lit_align.methods import CurryDPOModule
 from lit_align.methods.staged import load_policy_weights
 from lit_align.models import LoRASpec, ModelSpec, TinyArch
 from lit_align.models.reference import model_fingerprint
@@ -23,8 +23,8 @@ from lit_align.rollout.logps import token_logps
 STAGES = 3
 
 
-class StagedDPO(StagedPolicyModule, DPOModule):
-    """DPO on the stage driver (the shape of Curry-DPO's module)."""
+#: DPO on the stage driver: Curry-DPO's module (its curriculum comes from the DataModule; StagedPairs has none)
+StagedDPO = CurryDPOModule
 
 
 class StagedPairs(PreferenceDataModule):

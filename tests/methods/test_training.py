@@ -10,6 +10,7 @@ from conftest import CSV_LOGGER, REPO
 
 from lit_align.cli import cli_main
 from lit_align.data.batches import SequenceBatch
+from lit_align.methods.dpo import pair_logps
 
 
 def _fit(config: str, root, *extra: str):
@@ -31,7 +32,7 @@ def _train_pair_accuracy(module, datamodule) -> float:
     module.eval()
     right = total = 0
     for batch in datamodule.split_loaders()["train"]:
-        pc, pr, rc, rr = module._pair_logps(batch, "train")
+        pc, pr, rc, rr = pair_logps(module, batch, "train")
         right += int(((pc - rc) > (pr - rr)).sum())
         total += len(batch)
     return right / total
@@ -83,7 +84,7 @@ def test_ipo_is_selected_in_yaml_and_uses_mean_logps(tmp_path):
                "--model.init_args.loss.beta", "0.5", "--trainer.max_steps", "4")
     assert type(cli.model.loss_fn).__name__ == "IPOLoss" and cli.model.loss_fn.reduction == "mean"
     batch = next(iter(cli.datamodule.split_loaders()["train"]))
-    pc, pr, rc, rr = cli.model._pair_logps(batch, "train")
+    pc, pr, rc, rr = pair_logps(cli.model, batch, "train")
     both = SequenceBatch.cat([batch.chosen, batch.rejected], cli.model.tokenizer.pad_token_id)
     tokens = both.loss_mask[:, 1:].sum(-1).float()
     assert torch.all(pc.abs() < 20) and torch.all(rc * tokens[: len(batch)] < 0)  # per-token means, not sums
