@@ -256,7 +256,12 @@ class StageDataset(Dataset):
     def _dataset(self) -> TokenizedDataset:
         if self._data is None:
             rows = self._rows()
-            assert len(rows) == self._size, (len(rows), self._size)
+            if len(rows) != self._size:
+                raise RuntimeError(f"stage {self.stage}: the curriculum order holds {len(rows)} pairs but the stage was "
+                                   f"sized {self._size} before ordering (the loader's length); a stage's pairs must "
+                                   "not depend on the easiness scores (assign_levels sizes levels by prompt counts "
+                                   "only). Check a custom data.order or rows function; with the built-in orders this "
+                                   "is a bug: report it with the data config")
             examples = [replace(self._table.raw_examples[i], index=k) for k, i in enumerate(rows)]
             self._data, self._order = TokenizedDataset(examples, self.max_length), rows
             warn_truncated(self._data, f"stage {self.stage} training")

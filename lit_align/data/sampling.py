@@ -21,12 +21,22 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 __all__ = ["ResumableDataLoader", "ShardedSampler"]
 
 
+def _tail(order: list[int], pad: int) -> list[int]:
+    """The last ``pad`` rows of ``order`` (cycled when ``pad`` exceeds its length), in order: the padding that
+    keeps every rank's share of a sorted order sorted."""
+    if pad <= 0 or not order:
+        return []
+    return (order * (pad // len(order) + 1))[-pad:]
+
+
 class ShardedSampler(DistributedSampler):
     """Seeded (optionally shuffled) indices for one data-parallel rank, with a skip for resumption.
 
-    Rank ``r`` of ``n`` takes positions ``r, r + n, ...`` of the epoch's permutation (padded by
-    wrapping, as ``DistributedSampler``), so ``n`` ranks with batch ``b`` see the same examples per
-    step as one process with batch ``n * b``.
+    Rank ``r`` of ``n`` takes positions ``r, r + n, ...`` of the epoch's order, so ``n`` ranks with
+    batch ``b`` see the same examples per step as one process with batch ``n * b``. An order that
+    does not divide among the ranks is padded with its **last** rows repeated (``DistributedSampler``
+    repeats its first ones): an unshuffled order that runs easy to hard (a curriculum stage) then
+    stays easy to hard on every rank; a shuffled order pads with rows as random either way.
     """
 
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
@@ -45,7 +55,7 @@ class ShardedSampler(DistributedSampler):
         return self._resume is not None and self._resume[0] == self.epoch and 0 < self._resume[1] < self.num_samples
 
     def _epoch_order(self) -> list[int]:
-        """This epoch's permutation of dataset positions, padded (by wrapping) or cut to ``total_size``."""
+        """This epoch's order of dataset positions, padded (with its last rows) or cut to ``total_size``."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(len(self.dataset), generator=g).tolist()
@@ -54,7 +64,7 @@ class ShardedSampler(DistributedSampler):
         if self.drop_last:
             order = order[: self.total_size]
         else:
-            order += (order * (self.total_size // max(len(order), 1) + 1))[: self.total_size - len(order)]
+            order += _tail(order, self.total_size - len(order))
         return order
 
     def _skip(self) -> int:

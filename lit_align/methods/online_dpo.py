@@ -14,11 +14,10 @@ from torch import Tensor
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.prompts import PromptBatch
 from lit_align.data.tokenize import encode_response
-from lit_align.engine.distributed import all_gather_objects, global_share, sum_over_ranks
+from lit_align.engine.distributed import all_gather_objects, any_rank, global_share, sum_over_ranks
 from lit_align.engine.seeds import row_generators
 from lit_align.errors import ConfigError, DataError
 from lit_align.losses import DPOLoss, PreferenceLoss, dpo_loss
-from lit_align.methods.dpo import DPOModule
 from lit_align.methods.staged import RefreshMode, StagedPolicyModule
 from lit_align.models import ModelSpec
 from lit_align.models.reference import model_fingerprint
@@ -29,10 +28,15 @@ from lit_align.rollout.sampler import SamplingConfig, sample
 
 __all__ = ["OnlineDPOModule"]
 
-_GREEDY = SamplingConfig(max_new_tokens=64, do_sample=False)
+
+def _which(batch: PromptBatch, rows: list[int]) -> str:
+    """Names the first of ``rows`` of ``batch`` for an error: its uid and dataset index (and how many more)."""
+    b = rows[0]
+    more = f" (and {len(rows) - 1} more prompts of the batch)" if len(rows) > 1 else ""
+    return f"prompt {batch.uids[b]!r} (index {int(batch.index[b])}){more}"
 
 
-class OnlineDPOModule(StagedPolicyModule, DPOModule):
+class OnlineDPOModule(StagedPolicyModule):
     """Iterative online DPO (Xu et al. 2023; Xiong et al. 2024) and SELM (Zhang et al. 2024, arXiv 2405.19332).
 
     Iterations are stages of the stage driver (:class:`~lit_align.methods.staged.StagedPolicyModule`): one epoch
@@ -57,13 +61,18 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
     rejected responses (``dpo_loss`` at the loss's beta), no generation. Per-iteration learning rates:
     ``stage_lrs`` (warm-up then cosine within each iteration; fresh AdamW state with ``reset_optimizer``).
 
-    Data parallel (DDP): each rank generates and ranks its own prompts; the loss is weighted by the rank's share
-    of the pairs kept over all ranks, so N ranks equal one process on the global batch.
+    Data parallel (DDP, FSDP2): each rank generates and ranks its own prompts; the loss is weighted by the rank's
+    share of the pairs kept over all ranks, so N ranks equal one process on the global batch. Every rank generates
+    when any rank misses the cache (under FSDP2 a forward is a collective), and logs the same keys whether or not
+    its batch kept a pair (validation metrics are synced across ranks).
 
     Logged (``train/`` and ``val/``): ``loss``, ``rewards/*``, ``logps/*`` (SELM: ``logps/pi_response``,
-    ``logps/ref_response``, ``optimism``), ``pairs`` (share of prompts with a pair), ``chosen_new`` /
-    ``rejected_new`` (share of kept pairs whose chosen / rejected is a generated response), ``response_length``;
-    ``train/generated`` (prompts generated this step, 0 on a cache hit), ``train/iteration``.
+    ``logps/ref_response``, ``optimism``): means over the kept pairs (validation: weighted by pairs over batches
+    and ranks, so a batch without a pair counts for nothing; training: this rank's step, left out of a step
+    without a pair); ``pairs`` (share of prompts with a pair), ``chosen_new`` / ``rejected_new`` (share of kept
+    pairs whose chosen / rejected is a generated response), ``response_length``; ``val/num_pairs`` (pairs kept
+    over the validation run, all ranks); ``train/generated`` (prompts generated this step, 0 on a cache hit),
+    ``train/iteration``.
 
     Run: ``lit-align fit --config configs/online_dpo/tiny.yaml`` (online DPO) or ``configs/selm/tiny.yaml`` (SELM).
     """
@@ -74,7 +83,7 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
         ranker: Ranker,
         loss: PreferenceLoss | None = None,
         num_candidates: int = 1,
-        sampling: SamplingConfig = _GREEDY,
+        sampling: SamplingConfig | None = None,
         use_dataset_responses: bool = True,
         offline_first_iteration: bool = False,
         max_length: int = 1024,
@@ -95,7 +104,7 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
             loss: ``lit_align.losses.DPOLoss`` (online DPO; default, beta 0.1) or ``SELMLoss`` (SELM: beta 0.01,
                 alpha 1e-3); any sum-reduced pairwise loss.
             num_candidates: responses generated per prompt per step (SELM: 1).
-            sampling: how they are generated (SELM: greedy, ``do_sample: false``).
+            sampling: how they are generated (SELM: greedy, ``do_sample: false``); default greedy, 64 new tokens.
             use_dataset_responses: rank the dataset's own responses of each prompt with the new ones (SELM ranks
                 the new response with UltraFeedback's chosen and rejected).
             offline_first_iteration: iteration 0 is plain offline DPO on the dataset's pairs (Zephyr recipe).
@@ -124,10 +133,11 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
         if not 0 < max_prompt_length < max_length:
             raise ConfigError(f"model.max_prompt_length ({max_prompt_length}) must be in (0, model.max_length = "
                               f"{max_length})")
-        super().__init__(model, loss=loss, reference="copy", kl_every_n_steps=0, optimizer=optimizer,
-                         scheduler=scheduler, chunk_tokens=chunk_tokens, refresh=refresh,
-                         reset_optimizer=reset_optimizer, stage_lrs=stage_lrs, warmup_ratio=warmup_ratio)
-        self.ranker = ranker
+        super().__init__(model, reference="copy", optimizer=optimizer, scheduler=scheduler, chunk_tokens=chunk_tokens,
+                         refresh=refresh, reset_optimizer=reset_optimizer, stage_lrs=stage_lrs,
+                         warmup_ratio=warmup_ratio)
+        self.loss_fn, self.ranker = loss, ranker
+        sampling = sampling if sampling is not None else SamplingConfig(max_new_tokens=64, do_sample=False)
         self.num_candidates, self.sampling = num_candidates, dataclasses.replace(sampling)
         self.use_dataset_responses, self.offline_first_iteration = use_dataset_responses, offline_first_iteration
         self.max_length, self.max_prompt_length, self.sample_seed = max_length, max_prompt_length, sample_seed
@@ -156,23 +166,28 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
     @torch.no_grad()
     def _generate(self, batch: PromptBatch, config: SamplingConfig, k: int, purpose: str) -> tuple[list, int]:
         """``k`` responses (token ids, EOS included when generated) per prompt from the reference, cached; and the
-        number of prompts actually generated (not found in the cache)."""
+        number of prompts actually generated (not found in the cache).
+
+        Every rank generates when any rank misses (one all-reduce): under FSDP2 each forward of the sharded
+        reference is a collective, so a rank whose prompts are all cached still runs the sampler (on its first
+        prompt, the output discarded) while the others generate."""
         if self.generator_fingerprint is None:  # validation before training, or a module driven by hand
             self.generator_fingerprint = model_fingerprint(self.reference.copy)
         keys = [[self._key(uid, config, j) for j in range(k)] for uid in batch.uids]
         missing = [b for b, row in enumerate(keys) if any(key not in self.generations for key in row)]
-        if missing:
-            rows = torch.tensor(missing, device=batch.input_ids.device).repeat_interleave(k)
+        if any_rank(bool(missing)):
+            todo = missing or [0]  # nothing missing here: run the sampler in step with the other ranks
+            rows = torch.tensor(todo, device=batch.input_ids.device).repeat_interleave(k)
             ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
             rngs = None
             if config.do_sample:
-                index = [int(batch.index[b]) * k + j for b in missing for j in range(k)]
+                index = [int(batch.index[b]) * k + j for b in todo for j in range(k)]
                 rngs = row_generators(self.sample_seed, max(self.stage, 0), purpose, index, device=self.device)
             with eval_mode(self.reference.copy):
                 out = sample(self.reference.copy, ids, mask, config, eos_token_id=self.tokenizer.eos_token_id,
                              pad_token_id=self.tokenizer.pad_token_id, generator=rngs)
             flat = [r[m.bool()].tolist() for r, m in zip(out.response_ids, out.response_mask)]
-            for n, (b, j) in enumerate((b, j) for b in missing for j in range(k)):
+            for n, (b, j) in enumerate((b, j) for b in missing for j in range(k)):  # none when nothing was missing
                 self.generations[keys[b][j]] = flat[n]
         return [[self.generations[key] for key in row] for row in keys], len(missing)
 
@@ -188,19 +203,23 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
         dataset = [[encode_response(self.tokenizer, r) for r in rs] for rs in batch.responses]
         stats: dict[str, float] = {}
         if self._offline(stage):
-            if any(len(d) < 2 for d in dataset):
-                raise DataError("model.offline_first_iteration needs each prompt's dataset chosen and rejected "
-                                "responses (records with `chosen` and `rejected`, data.format: prompt); some prompts "
-                                "of data.train have none")
+            short = [b for b, d in enumerate(dataset) if len(d) < 2]
+            if short:
+                raise DataError(f"model.offline_first_iteration needs each prompt's dataset chosen and rejected "
+                                f"responses, but {_which(batch, short)} of data.train has {len(dataset[short[0]])}; "
+                                "give every training record `chosen` and `rejected` (data.format: prompt), or set "
+                                "model.offline_first_iteration: false")
             pairs = pair_batch(prompts, dataset, [(0, 1)] * len(batch), 0, batch.index, self.tokenizer.pad_token_id,
                                max_length=self.max_length, max_prompt_length=self.max_prompt_length)
             return pairs, stats
         new, generated = self._generate(batch, self.sampling, self.num_candidates, "online_dpo/candidates")
         stats["generated"] = float(generated)
         candidates = [n + (d if self.use_dataset_responses else []) for n, d in zip(new, dataset)]
-        if any(len(c) < 2 for c in candidates):
-            raise DataError("model.use_dataset_responses: a prompt has no dataset responses and "
-                            f"model.num_candidates = {self.num_candidates}; generate 2 or more candidates")
+        short = [b for b, c in enumerate(candidates) if len(c) < 2]
+        if short:
+            raise DataError(f"{_which(batch, short)} has {len(candidates[short[0]])} candidate to rank (no dataset "
+                            f"responses, model.num_candidates = {self.num_candidates}); set model.num_candidates: 2 "
+                            "or more, or give every record of that data split a `chosen` and `rejected` response")
         texts = [[self._text(c) for c in n] + (list(d) if self.use_dataset_responses else [])
                  for n, d in zip(new, batch.responses)]  # the dataset's responses as written
         ranks = self.ranker.rank(batch.prompts, texts)
@@ -218,41 +237,59 @@ class OnlineDPOModule(StagedPolicyModule, DPOModule):
         return pairs, stats
 
     # -- loss ----------------------------------------------------------------------------------
-    def _pair_loss(self, pairs: OnlinePairs, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def _pair_loss(self, pairs: OnlinePairs, stage: str) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(loss to minimise, mean loss over the kept pairs, metrics)``. The first is the mean scaled by this
+        rank's share of the pairs kept over all ranks (DDP). A rank without a kept pair scores its placeholder rows
+        (the same forwards and metric keys as the others) and returns zeros: its loss still reaches every weight."""
         parts = [pairs.chosen, pairs.rejected] + ([pairs.reference] if pairs.reference is not None else [])
         both = move_data_to_device(SequenceBatch.cat(parts, self.tokenizer.pad_token_id), self.device)  # (2B|3B, T)
         policy = self.policy_logps(both).sum()  # (nB,)
         with torch.no_grad():
             ref = self.reference.token_logps(self.policy, both).sum().to(policy)  # the frozen copy
         b, kept = len(pairs), pairs.kept.to(self.device)
-        pol = [policy[i * b:(i + 1) * b][kept] for i in range(len(parts))]
-        refs = [ref[i * b:(i + 1) * b][kept] for i in range(len(parts))]
         count = kept.sum()
         total = sum_over_ranks(count.double())
-        if not bool(count):  # no pair on this rank: a zero loss that still reaches every weight (DDP)
-            return policy.sum() * 0.0, {}
+        rows = kept if bool(count) else torch.ones_like(kept)  # no pair here: the placeholder rows
+        pol = [policy[i * b:(i + 1) * b][rows] for i in range(len(parts))]
+        refs = [ref[i * b:(i + 1) * b][rows] for i in range(len(parts))]
         if self._offline(stage) and self.loss_fn.needs_reference_response:  # SELM's offline iteration: plain DPO
             loss, metrics = dpo_loss(pol[0], pol[1], refs[0], refs[1], beta=self.loss_fn.beta)
         elif self.loss_fn.needs_reference_response:
             loss, metrics = self.loss_fn(pol[0], pol[1], refs[0], refs[1], pol[2], refs[2])
         else:
             loss, metrics = self.loss_fn(pol[0], pol[1], refs[0], refs[1])
-        return loss * global_share(count, total).to(loss), metrics
+        if not bool(count):
+            zero = policy.sum() * 0.0  # reaches every weight the forward used (DDP expects their gradients)
+            return zero, zero.detach(), {k: torch.zeros_like(v) for k, v in metrics.items()}
+        return loss * global_share(count, total).to(loss), loss.detach(), metrics
 
     def _step(self, batch: PromptBatch, stage: str) -> Tensor:
         pairs, stats = self._pairs(batch, stage)
-        self.last_pairs = int(pairs.kept.sum())
-        loss, metrics = self._pair_loss(pairs, stage)
+        self.last_pairs = count = int(pairs.kept.sum())
+        loss, mean_loss, metrics = self._pair_loss(pairs, stage)
         kept = pairs.kept.float()
-        counts = {"pairs": kept.mean(),
+        shares = {"pairs": kept.mean(),
                   "chosen_new": pairs.chosen_new.float().sum() / kept.sum().clamp(min=1),
                   "rejected_new": pairs.rejected_new.float().sum() / kept.sum().clamp(min=1),
                   **{k: torch.tensor(v) for k, v in stats.items() if k != "generated"}}
-        metrics = {**metrics, **{k: v.to(self.device) for k, v in counts.items()}}  # synced where the loss is
-        self._log_stage(stage, loss, metrics, len(batch), prog_bar="rewards/accuracies")
+        shares = {k: v.to(self.device) for k, v in shares.items()}  # synced where the loss is
+        per_pair = {"loss": mean_loss, **metrics}
         if stage == "train":
+            logged = {**(per_pair if count else {}), **shares}  # on_step, not synced: a step without a pair says so
+            for key, value in logged.items():
+                self.log(f"train/{key}", value, prog_bar=key in ("loss", "rewards/accuracies"), on_step=True,
+                         on_epoch=False)
             self.log("train/generated", stats.get("generated", 0.0), on_step=True, on_epoch=False)
             self.log("train/iteration", float(max(self.stage, 0)), on_step=True, on_epoch=False)
+            return loss
+        # validation / test: epoch means synced over ranks, so every rank logs the same keys; the per-pair means are
+        # weighted by the pairs kept (a batch or rank without a pair adds nothing), the shares by prompts
+        for key, value in per_pair.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("loss", "rewards/accuracies"), on_step=False,
+                     on_epoch=True, batch_size=count, sync_dist=True)
+        for key, value in shares.items():
+            self.log(f"{stage}/{key}", value, on_step=False, on_epoch=True, batch_size=len(batch), sync_dist=True)
+        self.log(f"{stage}/num_pairs", float(count), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
         return loss
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:

@@ -6,7 +6,9 @@ At the start of each stage ``k >= 1`` the reference becomes the policy as it is 
 ``k - 1``; ``refresh: previous_stage``), the optimiser state is reset (each stage is a fresh run of the
 paper's recipe) and the learning rate restarts its per-stage schedule. Checkpoints keep the stage, the
 refreshed reference (the copy's weights, or the precomputed tables of the stage) and its fingerprint, so a
-run resumed mid-stage continues exactly and does not refresh again.
+run resumed mid-stage continues exactly and does not refresh again. A refreshed ``copy`` is saved in every
+checkpoint of the run (stage 0's too: about twice the size of a policy-only checkpoint), since FSDP2 loads
+the module state before the checkpoint says which stage it was written in.
 """
 
 from __future__ import annotations
@@ -244,9 +246,22 @@ class StagedPolicyModule(ReferencedPolicyModule):
         self.log("train/lr", lr, on_step=True, on_epoch=False)
 
     # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def _saves_reference_copy(self) -> bool:
+        """Whether checkpoints keep the reference copy's weights: a copy refreshed each stage cannot be rebuilt
+        from the model spec once a stage has refreshed it."""
+        return self.reference.mode == "copy" and self.refresh == "previous_stage"
+
     def _rebuilt_keys(self, keys) -> set[str]:
+        """As the base's, except the reference copy's weights whenever it is refreshed per stage.
+
+        Decided from the config only, never from :attr:`reference_stage`: under FSDP2 (``ModelParallelStrategy``)
+        Lightning loads the module state *before* ``on_load_checkpoint`` restores the stage, so a rule on the
+        restored stage would drop the saved copy and resume stage ``k >= 1`` on the rebuilt starting weights.
+        The cost: with ``reference: copy`` and ``refresh: previous_stage`` every checkpoint, stage 0's included,
+        holds a second set of the (frozen, full) model weights, about doubling its size."""
         rebuilt = super()._rebuilt_keys(keys)
-        if self.reference_stage > 0:  # a refreshed copy cannot be rebuilt from the model spec: it is saved
+        if self._saves_reference_copy:
             rebuilt = {k for k in rebuilt if not k.startswith(self._COPY_PREFIX)}
         return rebuilt
 

@@ -22,6 +22,7 @@ special tokens (§7(h)5, what PairRM was trained on). Three kinds, chosen in YAM
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -49,10 +50,11 @@ def ranks_from_scores(scores: Sequence[float]) -> list[int]:
 def select_pair(ranks: Sequence[int]) -> tuple[int, int] | None:
     """``(chosen, rejected)`` candidate indices for one prompt: chosen has the lowest rank, rejected the highest.
 
-    Ties are resolved by candidate order: among equally best candidates the **first** is chosen, among equally
-    worst the **last** is rejected (so with the new responses listed first, a new response wins a tie for best
-    and a dataset response loses a tie for worst). When every candidate has the same rank there is no preference
-    and no pair (``None``); the caller drops the prompt and counts it.
+    Ties are resolved by candidate order as in SELM's released code (numpy ``argmin`` / ``argmax`` of the ranks,
+    both the first occurrence): among equally best candidates the **first** is chosen, among equally worst the
+    **first** is rejected (so with the new responses listed first, a new response wins a tie for best and loses a
+    tie for worst). When every candidate has the same rank there is no preference and no pair (``None``); the
+    caller drops the prompt and counts it.
     """
     if len(ranks) < 2:
         raise ValueError(f"select_pair needs at least 2 candidates, got {len(ranks)}")
@@ -60,8 +62,14 @@ def select_pair(ranks: Sequence[int]) -> tuple[int, int] | None:
     if best == worst:
         return None
     chosen = next(j for j, r in enumerate(ranks) if r == best)
-    rejected = max(j for j, r in enumerate(ranks) if r == worst)
+    rejected = next(j for j, r in enumerate(ranks) if r == worst)
     return chosen, rejected
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where ``module`` runs: its first parameter's device, else its first buffer's, else the CPU."""
+    anchor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return anchor.device if anchor is not None else torch.device("cpu")
 
 
 def _check_ranks(ranks: Ranks, candidates: list[list[str]], who: str) -> Ranks:
@@ -149,8 +157,7 @@ class RewardRanker(Ranker):
         rows = [encode_prompt(tok, self.template.format(prompt=p), chat) + encode_response(tok, r)
                 for p, r in zip(prompts, responses)]
         ids, mask = left_pad(rows, tok.pad_token_id)  # (N, T): the reward reads the last real token
-        anchor = next(iter(self.reward.buffers()), None)
-        device = anchor.device if anchor is not None else "cpu"
+        device = _device_of(self.reward)
         return RewardInput(prompts, responses, ids.to(device), mask.to(device), tok)
 
     def scores(self, prompts: list[str], candidates: list[list[str]]) -> list[list[float]]:

@@ -146,6 +146,18 @@ def test_two_ranks_cover_what_one_rank_with_double_batch_covers():
     assert set(ranks[0]) | set(ranks[1]) == set(data)
 
 
+def test_padding_repeats_the_last_rows_so_a_sorted_order_stays_sorted_per_rank():
+    """5 rows on 2 ranks (total 6) pad with row 4, on 4 ranks (total 8) with rows 2, 3, 4: each rank's share of an
+    unshuffled order stays increasing; 1 row on 3 ranks repeats it. Shuffled orders pad with their own last rows."""
+    data = list(range(5))
+    assert [list(ShardedSampler(data, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)] == [[0, 2, 4], [1, 3, 4]]
+    four = [list(ShardedSampler(data, num_replicas=4, rank=r, shuffle=False)) for r in range(4)]
+    assert four == [[0, 4], [1, 2], [2, 3], [3, 4]]
+    assert [list(ShardedSampler(["x"], num_replicas=3, rank=r, shuffle=False)) for r in range(3)] == [[0], [0], [0]]
+    order = ShardedSampler(list(range(13)), num_replicas=2, seed=3)._epoch_order()
+    assert order[13:] == order[12:13] and sorted(order[:13]) == list(range(13))
+
+
 def test_sampler_is_deterministic_per_epoch_and_differs_across_epochs():
     data = list(range(32))
     s = ShardedSampler(data, seed=0)

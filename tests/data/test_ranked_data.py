@@ -114,6 +114,24 @@ def test_non_iterative_is_one_stage_monotone_in_difficulty():
     assert dm.stage_counts(0) == {"prompts": 40, "pairs": 120}  # prompts and pairs counted apart
 
 
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_non_iterative_stage_stays_monotone_on_every_rank(replicas):
+    """41 prompts give 123 pairs, which do not divide among 2 or 4 ranks: the sampler pads each rank's share with the
+    stage's last (hardest) pairs, so every rank still runs easy to hard (padding with the first pairs, as
+    DistributedSampler does, ended one rank's stage on the easiest pair)."""
+    dm = _dm(curriculum="non_iterative", shuffle_within_stage=False, order="random", limit=41)
+    assert dm.num_pairs % replicas
+    levels, easiness = dm.pair_levels(), dm.easiness()
+    for rank in range(replicas):
+        strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": replicas, "rank": rank})
+        dm.trainer = SimpleNamespace(current_epoch=0, strategy=strategy, lightning_module=None)
+        loader = dm.train_dataloader()
+        rows = [loader.dataset.rows[i] for batch in loader for i in batch.index.tolist()]
+        assert len(rows) == math.ceil(dm.num_pairs / replicas)
+        for a, b in zip(rows, rows[1:]):
+            assert levels[a] < levels[b] or (levels[a] == levels[b] and easiness[a] >= easiness[b]), (rank, a, b)
+
+
 def test_num_stages_cuts_all_pairs_into_equal_levels():
     dm = _dm(pairs="all_pairs", num_stages=2)
     assert dm.num_pairs == 240 and dm.num_stages == 2
@@ -250,6 +268,17 @@ def test_local_file_with_renamed_fields(tmp_path):
 
 
 # --------------------------------------------------------------------------- bad input
+
+
+def test_a_stage_whose_order_changes_size_is_a_clear_error():
+    """A stage is sized before its pairs are ordered (the loader's length); an order that returns another number of
+    pairs is refused with the stage and both sizes named (it was a bare assert)."""
+    from lit_align.data.ranked import StageDataset
+
+    dm = _dm()
+    stage = StageDataset(lambda: [0, 1], 3, dm.train_dataset, 0)
+    with pytest.raises(RuntimeError, match="stage 0: the curriculum order holds 2 pairs but the stage was sized 3"):
+        stage[0]
 
 
 @pytest.mark.parametrize("record, message", [

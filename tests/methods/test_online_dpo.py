@@ -163,7 +163,7 @@ def test_reference_log_probs_all_come_from_the_frozen_reference_and_only_the_pol
         for p in module.policy.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     pairs, _ = module._pairs(batch, "train")
-    loss, metrics = module._pair_loss(pairs, "train")
+    loss, _, metrics = module._pair_loss(pairs, "train")
     loss.backward()
     from lit_align.rollout import sequence_logps
 
@@ -269,3 +269,137 @@ def test_real_scale_selm_configs_carry_the_papers_settings(config, alpha, lrs, b
     assert (model["max_length"], model["max_prompt_length"], model["num_candidates"]) == (1024, 512, 1)
     assert model["sampling"]["do_sample"] is False and model["use_dataset_responses"] is True
     assert cfg["seed_everything"] == 42
+
+
+class RefAtValidation(L.Callback):
+    """At each validation batch: the y_ref the module used (its cache) and a fresh greedy sample of the reference
+    copy as it is then, for the same prompts."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, list, list]] = []
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        greedy = SamplingConfig(**{**module.sampling.__dict__, "do_sample": False})
+        used, generated = module._generate(batch, greedy, 1, "online_dpo/reference")
+        assert generated == 0  # validation generated it already
+        out = sample(module.reference.copy, batch.input_ids, batch.attention_mask, greedy,
+                     eos_token_id=module.tokenizer.eos_token_id, pad_token_id=module.tokenizer.pad_token_id)
+        fresh = [r[m.bool()].tolist() for r, m in zip(out.response_ids, out.response_mask)]
+        self.seen.append((trainer.current_epoch, [u[0] for u in used], fresh))
+
+
+def test_y_ref_of_a_recurring_prompt_is_regenerated_by_each_iterations_reference(tmp_path):
+    """§7(h)2: the validation prompts recur in every iteration; iteration 1's y_ref of them is the greedy answer of
+    the refreshed reference (the policy at the end of iteration 0), not iteration 0's cached answer. A large learning
+    rate makes the two references answer differently, so a cache that ignored the reference would fail here."""
+    record = RefAtValidation()
+    cli = _cli(tmp_path, "--trainer.limit_val_batches", "1", "--data.init_args.train.limit", "16",
+               "--data.init_args.iterations", "2", "--trainer.max_epochs", "2", "--model.init_args.stage_lrs",
+               "[0.01, 0.01]", run=False)
+    cli.trainer.callbacks.append(record)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert [epoch for epoch, _, _ in record.seen] == [0, 1]
+    for _, used, fresh in record.seen:
+        assert used == fresh
+    assert record.seen[0][1] != record.seen[1][1]
+
+
+class TieFirstBatch(Ranker):
+    """Scores by length (ties broken by text), except that every candidate of the prompts in ``tied`` ties."""
+
+    def __init__(self, tied: set[str]) -> None:
+        super().__init__()
+        self.tied = tied
+
+    def _rank(self, prompts, candidates):
+        scores = gold(prompts, candidates)
+        return [[1] * len(s) if p in self.tied else [1 + sum(o > v for o in s) for v in s]
+                for p, s in zip(prompts, scores)]
+
+
+def test_validation_without_pairs_logs_the_same_keys_and_weighs_by_pairs(tmp_path):
+    """A validation batch whose prompts all tie keeps no pair: it logs the same keys as a batch with pairs (the
+    metrics are synced over ranks, so differing keys would hang DDP) and counts for nothing in the pair-weighted
+    ``val/loss`` (it used to log a loss of 0 weighted by its prompts, halving the mean here); ``val/num_pairs``
+    counts the pairs kept."""
+    cli = _cli(tmp_path, "--trainer.limit_val_batches", "2", run=False)
+    cli.datamodule.tokenizer = cli.model.tokenizer
+    cli.datamodule.setup("validate")
+    first, second = list(cli.datamodule.val_dataloader())[:2]
+    cli.model.ranker = TieFirstBatch(set(first.prompts))
+    keys: list[set[str]] = []
+    log = cli.model.log
+
+    def spy(name, value, *args, **kwargs):
+        keys[-1].add(name)
+        return log(name, value, *args, **kwargs)
+
+    class Batches(L.Callback):
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+            keys.append(set())
+
+    cli.model.log = spy
+    cli.trainer.callbacks.append(Batches())
+    metrics = cli.trainer.validate(cli.model, cli.datamodule)[0]
+    assert len(keys) == 2 and keys[0] == keys[1] and "val/rewards/accuracies" in keys[0]
+    pairs, _ = cli.model._pairs(second, "val")
+    assert int(pairs.kept.sum()) == len(second) == metrics["val/num_pairs"]
+    _, mean_loss, _ = cli.model._pair_loss(pairs, "val")
+    assert metrics["val/loss"] == pytest.approx(float(mean_loss), abs=1e-6)
+    assert metrics["val/pairs"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["online", "offline-first-iteration"])
+def test_prompts_that_cannot_be_paired_are_named(offline):
+    """A prompt without dataset responses when one candidate is generated, or without chosen and rejected in the
+    offline first iteration: the error names the prompt's uid and index and how to fix it."""
+    module = OnlineDPOModule(ModelSpec(name_or_path="builtin:tiny-game-base"), FixedRanks([1, 2]),
+                             sampling=SamplingConfig(max_new_tokens=4, do_sample=False), max_length=128,
+                             max_prompt_length=64, offline_first_iteration=offline)
+    module.configure_model()
+    dm = PromptDataModule(train=DataSource(path="builtin:preferences", limit=4), val_fraction=0.0, format="prompt",
+                          template="Human: {prompt}\nAI:", chat_template=False, shuffle=False, batch_size=4)
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    batch.responses[2] = []
+    match = (r"model.offline_first_iteration .* prompt '.+' \(index 2\) of data.train has 0" if offline else
+             r"prompt '.+' \(index 2\) has 1 candidate .* set model.num_candidates: 2")
+    with pytest.raises(DataError, match=match):
+        module._pairs(batch, "train")
+
+
+def _any_rank_worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    import os
+
+    from conftest import gloo_group
+
+    with gloo_group(rank, world, init):
+        module, batch = _module_and_batch([1, 2, 3])
+        forwards = []
+        module.reference.copy.register_forward_hook(lambda *args: forwards.append(1))
+        half = [batch.input_ids[:2], batch.attention_mask[:2], batch.index[:2]], [batch.input_ids[2:],
+                                                                                  batch.attention_mask[2:], batch.index[2:]]
+        from lit_align.data.prompts import PromptBatch
+
+        a = PromptBatch(*half[0][:2], batch.prompts[:2], half[0][2], batch.uids[:2], batch.responses[:2])
+        b = PromptBatch(*half[1][:2], batch.prompts[2:], half[1][2], batch.uids[2:], batch.responses[2:])
+        first, _ = module._generate(a, module.sampling, 1, "online_dpo/candidates")  # both ranks miss
+        before = len(forwards)
+        # rank 0: all cached; rank 1: new prompts. Under FSDP2 rank 1's forwards are collectives: rank 0 must run too
+        again, generated = module._generate(a if rank == 0 else b, module.sampling, 1, "online_dpo/candidates")
+        out = {"forwards": len(forwards) - before, "generated": generated, "same": again == first if rank == 0 else None}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow  # two spawned processes
+def test_a_rank_with_every_prompt_cached_still_runs_the_sampler_when_another_rank_misses(tmp_path):
+    """Rank 0's prompts are all cached while rank 1 generates: rank 0 runs the sampler too (the same forwards a
+    sharded model needs from every rank), discards the output and keeps its cached generations."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_any_rank_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert one["generated"] == 2 and one["forwards"] > 0
+    assert zero["generated"] == 0 and zero["forwards"] > 0 and zero["same"] is True

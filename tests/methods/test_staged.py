@@ -197,7 +197,7 @@ def test_resume_mid_stage_is_exact(reference, stop, tmp_path):
     saved_stage, mid_stage = (stop - 1) // 2, stop % 2 == 1  # two steps per stage
     assert saved["stages"]["stage"] == saved_stage and saved["stages"]["reference_stage"] == saved_stage
     has_copy = any(k.startswith("reference.copy.") for k in saved["state_dict"])
-    assert has_copy == (reference == "copy" and saved_stage > 0)  # a refreshed copy is saved, the starting one rebuilt
+    assert has_copy == (reference == "copy")  # a copy refreshed per stage is saved from stage 0 on (FSDP2 needs it)
     resumed_module = _module(tmp_path / "c", reference=reference)
     starts = []
     resumed_module.on_stage_start = lambda stage: starts.append((stage, resumed_module.stage_resumed))
@@ -206,6 +206,31 @@ def test_resume_mid_stage_is_exact(reference, stop, tmp_path):
     assert starts == [(k, mid_stage and k == saved_stage) for k in range(stop // 2, STAGES)]
     assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in straight.steps[stop:]], abs=1e-6)
     assert [s["ref"] for s in resumed.steps] == [s["ref"] for s in straight.steps[stop:]]  # no second refresh
+
+
+@pytest.mark.parametrize("refresh", ["previous_stage", "never"])
+def test_a_fresh_module_saves_and_loads_a_refreshed_copy(refresh, tmp_path):
+    """Whether checkpoints hold the reference copy is decided from the config, not from the restored stage: under
+    FSDP2 the module state is loaded before on_load_checkpoint restores ``reference_stage``, so a module still at
+    stage 0 must already keep (and load) the copy, or a resume in stage >= 1 silently references the rebuilt
+    starting weights. With ``refresh: never`` the copy is the starting model, rebuilt from the spec, never saved."""
+    saved = _module(tmp_path, refresh=refresh)
+    saved.configure_model()
+    with torch.no_grad():
+        for p in saved.reference.copy.parameters():
+            p.add_(0.5)  # a refreshed copy: not the starting weights
+    state = saved.state_dict()
+    copy_keys = {k for k in state if k.startswith("reference.copy.")}
+    fresh = _module(tmp_path, refresh=refresh)
+    fresh.configure_model()
+    assert fresh.reference_stage == 0
+    start = model_fingerprint(fresh.reference.copy)
+    fresh.load_state_dict(state)
+    if refresh == "never":
+        assert not copy_keys and model_fingerprint(fresh.reference.copy) == start
+    else:
+        assert copy_keys == {f"reference.copy.{k}" for k in saved.reference.copy.state_dict()}
+        assert model_fingerprint(fresh.reference.copy) == model_fingerprint(saved.reference.copy) != start
 
 
 @pytest.mark.parametrize("reset", [True, False])

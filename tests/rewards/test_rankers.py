@@ -52,12 +52,19 @@ def test_ranks_from_scores_hand_cases():
     ([1, 3, 2], (0, 1)),      # the new response (index 0) wins against both dataset responses
     ([3, 2, 1], (2, 0)),      # the new response loses: it is the rejected one
     ([1, 1, 3], (0, 2)),      # tie for best: the first (the new response) is chosen
-    ([1, 3, 3], (0, 2)),      # tie for worst: the last is rejected
+    ([1, 3, 3], (0, 1)),      # tie for worst: the first is rejected (numpy argmax, as SELM's code)
+    ([3, 1, 3], (1, 0)),      # the new response ties a dataset response for worst: the new one is rejected
     ([2, 2, 2], None),        # all tied: no preference, no pair
     ([1, 2], (0, 1)),
 ])
 def test_select_pair_chosen_is_argmin_and_rejected_is_argmax(ranks, pair):
+    """SELM's released code picks ``argmin`` / ``argmax`` of the ranks with numpy: the first of tied candidates for
+    both chosen and rejected."""
+    import numpy as np
+
     assert select_pair(ranks) == pair
+    if pair is not None:
+        assert pair == (int(np.argmin(ranks)), int(np.argmax(ranks)))
     with pytest.raises(ValueError, match="at least 2"):
         select_pair([1])
 
@@ -131,3 +138,57 @@ def test_pairrm_without_its_package_is_a_clear_error():
     transformers 5) building the ranker names the package and the alternatives."""
     with pytest.raises(ConfigError, match="model.ranker: PairRMRanker needs the optional `llm-blender`"):
         PairRMRanker().build(None)
+
+
+class ParamsOnly(torch.nn.Module):
+    """A reward with a parameter and no buffer: the ranker must feed it on the parameter's device."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, device=device))
+
+
+def test_reward_ranker_puts_inputs_where_the_rewards_parameters_are():
+    """The token ids go to the reward's parameters' device, whatever its buffers say (before, the first buffer was
+    read: a model whose weights are elsewhere got CPU inputs). Here the only buffer is the Reward base's CPU anchor
+    and the weights sit on the meta device (standing in for an accelerator on a CPU machine)."""
+    ranker = RewardRanker(CallableReward(lambda prompts, responses: [0.0] * len(responses)))
+    ranker.build(build_tokenizer(POLICY))
+    ranker.reward.extra = ParamsOnly("meta")
+    assert [b.device.type for b in ranker.reward.buffers()] == ["cpu"]
+    assert ranker._input(["p"], ["a"]).sequences.device.type == "meta"
+    ranker.reward.extra = ParamsOnly("cpu")
+    assert ranker._input(["p"], ["a"]).sequences.device.type == "cpu"
+
+
+def test_reward_ranker_over_an_hf_sequence_classifier(tmp_path):
+    """``ModelReward(kind: sequence_classification)``: an HF sequence classifier built locally (the policy's tiny
+    architecture with a one-label head, random weights, saved with the policy's tokenizer) scores each candidate as HF
+    scores ``template(prompt) + response + EOS`` (at the last real token), and the ranks follow those scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_align.models.causal_lm import resolve_path
+
+    tok = build_tokenizer(POLICY)
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(resolve_path("builtin:tiny-game-base"),
+                                                                    num_labels=1)
+    torch.nn.init.normal_(classifier.score.weight, std=0.5)
+    classifier.config.pad_token_id = tok.pad_token_id
+    classifier.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    spec = RewardModelSpec(model=ModelSpec(name_or_path=str(tmp_path / "rm")), kind="sequence_classification")
+    ranker = RewardRanker(ModelReward(spec, retokenize="never"), template="Human: {prompt}\nAI:", batch_size=2)
+    ranker.build(tok)
+    prompt, cands = "What is 2 plus 2?", ["It is 4.", "Sorry, I cannot help.", "It is five, or maybe four."]
+    scores = ranker.scores([prompt], [cands])[0]
+    classifier.eval()
+    for c, s in zip(cands, scores):
+        ids = tok(f"Human: {prompt}\nAI:")["input_ids"] + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            direct = classifier(input_ids=torch.tensor([ids])).logits[0, 0]
+        assert s == pytest.approx(float(direct), abs=1e-4)
+    assert len(set(scores)) == 3
+    ranks = ranker.rank([prompt], [cands])[0]
+    assert ranks == ranks_from_scores(scores)
+    assert select_pair(ranks) == (scores.index(max(scores)), scores.index(min(scores)))
