@@ -18,6 +18,7 @@ from lit_align.engine.distributed import all_gather_objects, any_rank, global_sh
 from lit_align.engine.seeds import row_generators
 from lit_align.errors import ConfigError, DataError
 from lit_align.losses import DPOLoss, PreferenceLoss, dpo_loss
+from lit_align.methods.base import prompt_predictions
 from lit_align.methods.staged import RefreshMode, StagedPolicyModule
 from lit_align.models import ModelSpec
 from lit_align.models.reference import model_fingerprint
@@ -306,12 +307,7 @@ class OnlineDPOModule(StagedPolicyModule):
     @torch.no_grad()
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, str]]:
         """The policy's greedy responses to the batch's prompts (``lit-align predict``): ``[{prompt, completion}]``."""
-        config = dataclasses.replace(self.sampling, do_sample=False)
-        with eval_mode(self.policy):
-            out = sample(self.policy, batch.input_ids, batch.attention_mask, config,
-                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        return [{"prompt": p, "completion": self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)}
-                for p, r, m in zip(batch.prompts, out.response_ids, out.response_mask)]
+        return prompt_predictions(self, batch, self.sampling)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _rebuilt_keys(self, keys) -> set[str]:
