@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
 from lit_align.data.batches import SequenceBatch
+from lit_align.data.online_pairs import OnlinePairs, pair_batch
 from lit_align.data.prompts import PromptBatch
 from lit_align.data.tokenize import encode_response
 from lit_align.engine.distributed import all_gather_objects, any_rank, global_share, sum_over_ranks
@@ -24,7 +25,6 @@ from lit_align.models import ModelSpec
 from lit_align.models.reference import model_fingerprint
 from lit_align.modes import eval_mode
 from lit_align.rewards.rankers import Ranker, select_pair
-from lit_align.rollout.online_pairs import OnlinePairs, pair_batch
 from lit_align.rollout.sampler import SamplingConfig, sample
 
 __all__ = ["OnlineDPOModule"]

@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_lm
 
 from lit_align.containers import SequenceBatch
+from lit_align.data.online_pairs import fit_row, pair_batch
 from lit_align.rollout import sequence_logps
-from lit_align.rollout.online_pairs import fit_row, pair_batch
 
 PAD = 0
 
