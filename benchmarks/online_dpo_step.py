@@ -129,28 +129,10 @@ def lit_align_config(policy_dir: str, reward_dir: str, total_steps: int) -> dict
 
 
 def run_lit_align(policy_dir: str, reward_dir: str, warmup: int, steps: int, out_dir: str) -> list[float]:
-    import lightning as L
-    import yaml
+    """``OnlineDPOModule.training_step`` in a real ``lightning.Trainer``, timed per batch (``online_step.timed_fit``)."""
+    from online_step import timed_fit  # this script's folder is on sys.path when it runs
 
-    from lit_align.cli import cli_main
-
-    times: list[float] = []
-
-    class StepClock(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            times.append(time.perf_counter() - self.start)
-
-    config_path = Path(out_dir) / "config.yaml"
-    config_path.write_text(yaml.safe_dump(lit_align_config(policy_dir, reward_dir, warmup + steps)), encoding="utf-8")
-    cli = cli_main(["--config", str(config_path), "--trainer.default_root_dir", out_dir], run=False)
-    cli.trainer.callbacks.append(StepClock())
-    cli.trainer.fit(cli.model, cli.datamodule)
-    if len(times) != warmup + steps:
-        raise RuntimeError(f"lit_align ran {len(times)} steps, expected {warmup + steps}")
-    return times[warmup:]
+    return timed_fit(lit_align_config(policy_dir, reward_dir, warmup + steps), warmup, steps, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------- TRL side

@@ -126,10 +126,13 @@ def lit_align_config(model_dir: str, method: str, total_steps: int) -> dict:
     return config
 
 
-def run_lit_align(model_dir: str, method: str, warmup: int, steps: int, out_dir: str) -> list[float]:
-    """``PPOModule.training_step`` in a real ``lightning.Trainer``, each batch timed from its start to its end
-    (generation, reward, experience, PPO update, logging)."""
+def timed_fit(config: dict, warmup: int, steps: int, out_dir: str) -> list[float]:
+    """Run ``lit-align fit`` on ``config`` (a config dict, written to ``out_dir``) in a real ``lightning.Trainer``
+    and return the wall-clock seconds of its training batches after the first ``warmup``, each timed from
+    ``on_train_batch_start`` to ``on_train_batch_end`` (the whole ``training_step``, optimiser step and logging
+    included). ``online_dpo_step.py`` times its side with it too."""
     import lightning as L
+    import yaml
 
     from lit_align.cli import cli_main
 
@@ -142,16 +145,19 @@ def run_lit_align(model_dir: str, method: str, warmup: int, steps: int, out_dir:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             times.append(time.perf_counter() - self.start)
 
-    import yaml
-
     config_path = Path(out_dir) / "config.yaml"
-    config_path.write_text(yaml.safe_dump(lit_align_config(model_dir, method, warmup + steps)), encoding="utf-8")
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     cli = cli_main(["--config", str(config_path), "--trainer.default_root_dir", out_dir], run=False)
     cli.trainer.callbacks.append(StepClock())
     cli.trainer.fit(cli.model, cli.datamodule)
     if len(times) != warmup + steps:
         raise RuntimeError(f"lit_align ran {len(times)} steps, expected {warmup + steps}")
     return times[warmup:]
+
+
+def run_lit_align(model_dir: str, method: str, warmup: int, steps: int, out_dir: str) -> list[float]:
+    """``PPOModule.training_step`` (generation, reward, experience, PPO update, logging), timed per batch."""
+    return timed_fit(lit_align_config(model_dir, method, warmup + steps), warmup, steps, out_dir)
 
 
 def engine_step(policy, optimizer, tokenizer, prompt_ids, prompt_mask, texts: list[str], step: int,
