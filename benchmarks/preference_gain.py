@@ -7,7 +7,7 @@ them by name into ``benchmarks/results_preference.json`` (a comparison not run k
 ``curry`` (:func:`curry_vs_single_pair`; ``--beta``, ``--lr``): Curry-DPO (Pattnaik et al. 2024, arXiv 2403.07230)
 against single-pair DPO at equal pairs seen, on ``builtin:ranked_preferences`` (four responses per prompt, rated 0-3
 by how closely they copy a word: ``lit_align.data.tiny_ranked.gold_quality``). A fixed split holds out 60 prompts.
-Per seed, a tiny random Qwen2-shaped model is first fine-tuned (SFT) on all four responses of the 240 training
+Per seed, a tiny random Llama-shaped model is first fine-tuned (SFT) on all four responses of the 240 training
 prompts, so it copies words only roughly; from it:
 
 * ``single_pair``: DPO on each training prompt's (best, worst) pair, 3 epochs (``configs/dpo/tiny.yaml``);

@@ -650,7 +650,12 @@ class PromptDataModule(TokenizedDataModule):
     def train_dataloader(self):
         if self.iterations is None:
             return super().train_dataloader()
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        trainer = self.trainer
+        if trainer is not None and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ConfigError(f"data.iterations = {self.iterations} serves prompt slice k at epoch k, which needs the "
+                              "training loader rebuilt every epoch: use a staged method (OnlineDPOModule sets "
+                              "it), or set trainer.reload_dataloaders_every_n_epochs: 1")
+        epoch = trainer.current_epoch if trainer is not None else 0
         span = self.iteration_range(epoch)
         self._train_loader = self._loader(PromptSlice(self.train_dataset, span.start, span.stop), self.batch_size,
                                           shuffle=self.shuffle, shard=True, train=True)

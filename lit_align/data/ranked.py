@@ -531,8 +531,12 @@ class RankedPreferenceDataModule(TokenizedDataModule):
 
     # -- loaders -------------------------------------------------------------------------------------
     def current_stage(self) -> int:
-        """The stage the trainer is in: ``trainer.current_epoch`` (0 without a trainer)."""
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        """The stage the trainer is in: ``trainer.current_epoch`` (0 without a trainer); after a finished fit
+        (validate / test in the same process, ``current_epoch`` = the stage count) the last stage."""
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if trainer is not None and not trainer.training and epoch == self.num_stages:
+            return self.num_stages - 1
         if epoch >= self.num_stages:
             raise ConfigError(f"epoch {epoch} asks for stage {epoch} of a {self.num_stages}-stage curriculum; set "
                               f"trainer.max_epochs to {self.num_stages} (one epoch per stage)")

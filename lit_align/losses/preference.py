@@ -344,13 +344,11 @@ class SELMLoss(PreferenceLoss):
                 small on purpose (summed log-probs); do not "fix" it to DPO's usual 0.1.
             alpha: weight of the optimism term on the reference's greedy response; >= 0 (0 is online DPO).
             loss_type: the preference term; only ``sigmoid`` (the optimism term is derived for the DPO
-                reparameterisation, and the paper's trainer asserts it). For online IPO use
-                ``lit_align.losses.IPOLoss``, which has no ``alpha``.
+                reparameterisation, and the paper's trainer asserts it).
         """
         if loss_type != "sigmoid":
             raise ConfigError(f"model.loss.init_args.loss_type: SELM's optimism term (alpha) is defined for the "
-                              f"sigmoid DPO loss only, got {loss_type!r}. Use loss_type: sigmoid, or for online IPO "
-                              "without the optimism term use class_path: lit_align.losses.IPOLoss (no alpha)")
+                              f"sigmoid DPO loss only, got {loss_type!r}. Use loss_type: sigmoid (alpha: 0 for plain online DPO)")
         _check_beta(beta)
         _check_alpha(alpha, "model.loss.init_args.alpha")
         self.beta = float(beta)

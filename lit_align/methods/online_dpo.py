@@ -139,6 +139,12 @@ class OnlineDPOModule(StagedPolicyModule):
                          warmup_ratio=warmup_ratio)
         self.loss_fn, self.ranker = loss, ranker
         sampling = sampling if sampling is not None else SamplingConfig(max_new_tokens=64, do_sample=False)
+        greedy = not sampling.do_sample
+        if greedy and num_candidates > 1 and not use_dataset_responses:
+            raise ConfigError(f"model.num_candidates is {num_candidates} with model.sampling.do_sample false and "
+                              "model.use_dataset_responses false: greedy candidates of one prompt are all the same "
+                              "text, so no prompt ever gives a pair; sample (do_sample: true) or rank the dataset's "
+                              "responses too")
         self.num_candidates, self.sampling = num_candidates, dataclasses.replace(sampling)
         self.use_dataset_responses, self.offline_first_iteration = use_dataset_responses, offline_first_iteration
         self.max_length, self.max_prompt_length, self.sample_seed = max_length, max_prompt_length, sample_seed

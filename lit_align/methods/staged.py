@@ -7,7 +7,7 @@ At the start of each stage ``k >= 1`` the reference becomes the policy as it is 
 paper's recipe) and the learning rate restarts its per-stage schedule. Checkpoints keep the stage, the
 refreshed reference (the copy's weights, or the precomputed tables of the stage) and its fingerprint, so a
 run resumed mid-stage continues exactly and does not refresh again. A refreshed ``copy`` is saved in every
-checkpoint of the run (stage 0's too: about twice the size of a policy-only checkpoint), since FSDP2 loads
+checkpoint of the run (stage 0's too: about twice the size of a full fine-tune's policy-only checkpoint; with LoRA the whole base is added to the adapters), since FSDP2 loads
 the module state before the checkpoint says which stage it was written in.
 """
 

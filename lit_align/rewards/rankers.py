@@ -224,7 +224,7 @@ class PairRMRanker(Ranker):
         """
         Args:
             name_or_path: the ranker checkpoint (hub id or directory) for ``Blender.loadranker``.
-            batch_size: prompts per ``Blender.rank`` call.
+            batch_size: the ``batch_size`` handed to ``Blender.rank`` (its internal batching; one call per step).
             device: where the ranker runs (default: the package's choice).
         """
         super().__init__()

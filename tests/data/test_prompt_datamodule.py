@@ -247,8 +247,9 @@ def test_docstring_data_blocks_are_valid_configs():
 class _Trainer:
     """The two things PromptDataModule's train loader reads of a trainer: the epoch and the (absent) sharding."""
 
-    def __init__(self, epoch: int) -> None:
+    def __init__(self, epoch: int, reload: int = 1) -> None:
         self.current_epoch, self.strategy, self.lightning_module = epoch, None, None
+        self.reload_dataloaders_every_n_epochs = reload  # the stage driver forces 1
 
 
 def test_iterations_serve_disjoint_contiguous_slices_one_per_epoch(tokenizer):
@@ -269,6 +270,9 @@ def test_iterations_serve_disjoint_contiguous_slices_one_per_epoch(tokenizer):
     assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
     dm.trainer = _Trainer(3)
     with pytest.raises(ConfigError, match="trainer.max_epochs to 3"):
+        dm.train_dataloader()
+    dm.trainer = _Trainer(1, reload=0)  # a method outside the stage driver would serve slice 0 at every epoch
+    with pytest.raises(ConfigError, match="trainer.reload_dataloaders_every_n_epochs: 1"):
         dm.train_dataloader()
 
 

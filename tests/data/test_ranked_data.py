@@ -27,8 +27,8 @@ def _dm(train: str | DataSource = "builtin:ranked_preferences", *, setup: bool =
     return dm
 
 
-def _at_epoch(dm: RankedPreferenceDataModule, epoch: int) -> RankedPreferenceDataModule:
-    dm.trainer = SimpleNamespace(current_epoch=epoch, strategy=None, lightning_module=None)
+def _at_epoch(dm: RankedPreferenceDataModule, epoch: int, training: bool = True) -> RankedPreferenceDataModule:
+    dm.trainer = SimpleNamespace(current_epoch=epoch, strategy=None, lightning_module=None, training=training)
     return dm
 
 
@@ -98,6 +98,7 @@ def test_iterative_stage_k_serves_only_level_k_easy_to_hard():
     assert _served(dm, 1) == served[1]  # ...seeded: the same order again (exact resume)
     with pytest.raises(ConfigError, match="trainer.max_epochs to 3"):
         _served(dm, 3)
+    assert _at_epoch(dm, 3, training=False).current_stage() == 2  # validate / test after a finished fit: the last
 
 
 def test_non_iterative_is_one_stage_monotone_in_difficulty():
@@ -124,7 +125,7 @@ def test_non_iterative_stage_stays_monotone_on_every_rank(replicas):
     levels, easiness = dm.pair_levels(), dm.easiness()
     for rank in range(replicas):
         strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": replicas, "rank": rank})
-        dm.trainer = SimpleNamespace(current_epoch=0, strategy=strategy, lightning_module=None)
+        dm.trainer = SimpleNamespace(current_epoch=0, strategy=strategy, lightning_module=None, training=True)
         loader = dm.train_dataloader()
         rows = [loader.dataset.rows[i] for batch in loader for i in batch.index.tolist()]
         assert len(rows) == math.ceil(dm.num_pairs / replicas)

@@ -246,6 +246,9 @@ def test_bad_input_is_a_clear_error(tmp_path):
         _cli(tmp_path, "--model.init_args.loss", "lit_align.losses.IPOLoss", run=False, judge=None)
     with pytest.raises(ValueError, match="model.num_candidates is 1"):
         _cli(tmp_path, "--model.init_args.num_candidates", "1", run=False, judge=None)
+    with pytest.raises(ValueError, match="greedy candidates of one prompt are all the same text"):
+        _cli(tmp_path, "--model.init_args.num_candidates", "2", "--model.init_args.use_dataset_responses", "false",
+             "--model.init_args.sampling", "{do_sample: false}", run=False, judge=None)
     with pytest.raises(DataError, match="data.iterations = 3 needs at least 3 training prompts"):
         _cli(tmp_path, "--data.init_args.train.limit", "2")
 
