@@ -159,7 +159,7 @@ class PolicyModule(L.LightningModule):
         return token_logps(self.policy, batch.input_ids, batch.attention_mask, batch.loss_mask,
                            chunk_tokens=self.chunk_tokens)
 
-    def _log_stage(self, stage: str, loss: torch.Tensor, metrics: dict[str, torch.Tensor], batch_size: int,
+    def log_stage(self, stage: str, loss: torch.Tensor, metrics: dict[str, torch.Tensor], batch_size: int,
                    prog_bar: str | None = None) -> None:
         """``<stage>/loss`` and ``<stage>/<metric>``: per step in training, epoch means (all ranks) otherwise."""
         on_step = stage == "train"

@@ -117,7 +117,7 @@ def preference_step(module, batch: PreferenceBatch, stage: str) -> torch.Tensor:
     """The injected pairwise loss of ``batch`` (reference table of the ``stage``'s split), logged as
     ``<stage>/loss`` and ``<stage>/<metric>``; returns the loss."""
     loss, metrics = module.loss_fn(*pair_logps(module, batch, module.reference_split(stage)))
-    module._log_stage(stage, loss, metrics, len(batch), prog_bar="rewards/accuracies")
+    module.log_stage(stage, loss, metrics, len(batch), prog_bar="rewards/accuracies")
     return loss
 
 

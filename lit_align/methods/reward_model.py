@@ -177,7 +177,7 @@ class RewardModelModule(PolicyModule):
     def _step(self, batch: PreferenceBatch, stage: str) -> torch.Tensor:
         loss, metrics = bradley_terry_loss(*self.scores(batch), margin=self.pair_margins(batch),
                                            center_coef=self.center_coef)
-        self._log_stage(stage, loss, metrics, len(batch), prog_bar="accuracy")
+        self.log_stage(stage, loss, metrics, len(batch), prog_bar="accuracy")
         return loss
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:

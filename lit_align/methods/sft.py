@@ -30,7 +30,7 @@ class SFTModule(PolicyModule):
         if stage == "train" and self.trainer.world_size > 1:  # token mean of the global batch (see nll_loss)
             num_tokens = self.trainer.strategy.reduce(out.mask.sum().detach(), reduce_op="sum") / self.trainer.world_size
         loss, metrics = nll_loss(out.logps, out.mask, num_tokens=num_tokens)
-        self._log_stage(stage, loss, metrics, len(batch), prog_bar="ppl")
+        self.log_stage(stage, loss, metrics, len(batch), prog_bar="ppl")
         return loss
 
     def training_step(self, batch: SequenceBatch, batch_idx: int):

@@ -260,7 +260,7 @@ class UnlearningModule(ReferencedPolicyModule):
 
     def _step(self, batch: ForgetRetainBatch, stage: str) -> Tensor:
         loss, metrics = self._objective(batch, stage)
-        self._log_stage(stage, loss, metrics, len(batch), prog_bar="forget/nll")
+        self.log_stage(stage, loss, metrics, len(batch), prog_bar="forget/nll")
         if stage == "train" and self.stop_forget_nll is not None:
             self._check_stop(metrics["forget/nll"])
         return loss

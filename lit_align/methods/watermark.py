@@ -355,7 +355,7 @@ class WatermarkModule(ReferencedPolicyModule):
             s_h = self._detector_scores(human, add_eos=self._ended_with_eos(rollout))[keep]
             loss, metrics = detector_loss(s_w, s_h, reg=self.detector_training.reg) if keep.any() else \
                 (s_w.new_zeros(()), dict.fromkeys(("accuracy", "chosen", "rejected", "margin"), s_w.new_zeros(())))
-        self._log_stage(stage, loss, {f"detector/{k}": v for k, v in metrics.items()}, int(keep.sum()))
+        self.log_stage(stage, loss, {f"detector/{k}": v for k, v in metrics.items()}, int(keep.sum()))
         self._val_metrics.update(torch.cat([s_w, s_h]), torch.cat([torch.ones_like(s_w), torch.zeros_like(s_h)]))
 
     def validation_step(self, batch: CompletionBatch, batch_idx: int) -> None:
