@@ -34,7 +34,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from scipy import stats  # noqa: E402
+from fit_timing import interval  # noqa: E402  (this folder is on sys.path when a script runs)
 
 from lit_align.cli import cli_main  # noqa: E402
 from lit_align.rewards import JudgeReward  # noqa: E402
@@ -50,14 +50,6 @@ METHODS = {  # name -> (config, extra arguments)
     "grpo": ("configs/grpo/tiny.yaml", []),
 }
 EVAL_SAMPLES = 4
-
-
-def _interval(values: list[float]) -> dict[str, float]:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": mean, "low": mean, "high": mean}
-    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
-    return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
 @torch.no_grad()
@@ -115,12 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
             for method in opts.methods:
                 runs[method].append(run(method, seed, opts.scale, opts.batches, Path(tmp) / f"{method}-{seed}"))
                 print(method, seed, {k: round(v, 4) for k, v in runs[method][-1].items()}, file=sys.stderr, flush=True)
-    summary = {m: {k: _interval([r[k] for r in rs]) for k in ("gold", "gain", "reward_var", "seconds")}
+    summary = {m: {k: interval([r[k] for r in rs]) for k in ("gold", "gain", "reward_var", "seconds")}
                for m, rs in runs.items()}
     if "ppo" in runs:
         for m in runs:
             if m != "ppo":  # paired by seed (the same data order, initial adapter and evaluation draws)
-                summary[m]["gain_over_ppo"] = _interval([a["gold"] - b["gold"] for a, b in zip(runs[m], runs["ppo"])])
+                summary[m]["gain_over_ppo"] = interval([a["gold"] - b["gold"] for a, b in zip(runs[m], runs["ppo"])])
     if "contrastive" in summary and "ppo" in summary:
         c, p = summary["contrastive"]["gain"], summary["ppo"]["gain"]
         summary["contrastive_met"] = bool(c["low"] > p["high"])

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PRESETS", "FitRun", "RunFailed", "Window", "check_meta", "command", "environment", "error_line",
+__all__ = ["PRESETS", "FitRun", "RunFailed", "Window", "check_meta", "command", "environment", "error_line", "interval",
            "mean_interval", "read_clock", "run_fit", "set_keys", "stage_windows", "steady_window"]
 
 HERE = Path(__file__).resolve().parent
@@ -170,6 +170,13 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def interval(values: Sequence[float]) -> dict[str, float]:
+    """``{"mean", "low", "high"}``: :func:`mean_interval` as the effect benchmarks store it (one value: low and
+    high are the mean)."""
+    mean, low, high = mean_interval(values)
+    return {"mean": mean, "low": mean, "high": mean} if len(values) < 2 else {"mean": mean, "low": low, "high": high}
 
 
 #: ``NameError: ...`` at the start of a line, or after a ``[rank1]: `` prefix (torch.distributed's)

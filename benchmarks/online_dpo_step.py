@@ -36,17 +36,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as `python benchmarks/online_dpo_step.py`
+
+# the online GRPO / RLOO benchmark's clocks and driver (this script's folder is on sys.path when it runs)
+from online_step import alternate, report_child, run_child_process, timed_fit, timed_trl_train  # noqa: E402
 
 PROMPTS = 8
 NEW_TOKENS = 32
@@ -130,8 +128,6 @@ def lit_align_config(policy_dir: str, reward_dir: str, total_steps: int) -> dict
 
 def run_lit_align(policy_dir: str, reward_dir: str, warmup: int, steps: int, out_dir: str) -> list[float]:
     """``OnlineDPOModule.training_step`` in a real ``lightning.Trainer``, timed per batch (``online_step.timed_fit``)."""
-    from online_step import timed_fit  # this script's folder is on sys.path when it runs
-
     return timed_fit(lit_align_config(policy_dir, reward_dir, warmup + steps), warmup, steps, out_dir)
 
 
@@ -153,22 +149,9 @@ def run_trl(policy_dir: str, reward_dir: str, warmup: int, steps: int, out_dir: 
         learning_rate=LR, max_grad_norm=MAX_GRAD_NORM, max_steps=warmup + steps, use_cpu=True, report_to=[],
         gradient_checkpointing=False,  # its default is on; lit_align runs without it
         save_strategy="no", logging_steps=10_000, seed=SEED, dataloader_num_workers=0, disable_tqdm=True)
-    times: list[float] = []
-
-    class StepClock(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.start)
-
-    trainer = OnlineDPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                               processing_class=tokenizer, reward_processing_classes=tokenizer,
-                               callbacks=[StepClock()])
-    trainer.train()
-    if len(times) != warmup + steps:
-        raise RuntimeError(f"TRL ran {len(times)} steps, expected {warmup + steps}")
-    return times[warmup:]
+    return timed_trl_train(lambda callbacks: OnlineDPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer,
+        reward_processing_classes=tokenizer, callbacks=callbacks), warmup, steps)
 
 
 # ------------------------------------------------------------------------------------------------------- driver
@@ -181,19 +164,12 @@ def child(side: str, policy_dir: str, reward_dir: str, warmup: int, steps: int) 
     with tempfile.TemporaryDirectory() as out_dir:
         run = run_lit_align if side == "lit_align" else run_trl
         times = run(policy_dir, reward_dir, warmup, steps, out_dir)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"ms": [t * 1e3 for t in times], "rss_mb": rss_mb}))
+    report_child(times)
 
 
 def run_child(side: str, policy_dir: str, reward_dir: str, warmup: int, steps: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, __file__, "--child", side, "--policy-dir", policy_dir, "--reward-dir", reward_dir,
-           "--warmup", str(warmup), "--steps", str(steps)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"{side} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child_process(__file__, [side, "--policy-dir", policy_dir, "--reward-dir", reward_dir,
+                                        "--warmup", str(warmup), "--steps", str(steps)], side)
 
 
 def main() -> None:
@@ -209,17 +185,10 @@ def main() -> None:
     if args.child:
         child(args.child, args.policy_dir, args.reward_dir, args.warmup, args.steps)
         return
-    sides = ["lit_align", "trl"]
-    times: dict[str, list[float]] = {side: [] for side in sides}
-    rss: dict[str, float] = dict.fromkeys(sides, 0.0)
     with tempfile.TemporaryDirectory() as policy_dir, tempfile.TemporaryDirectory() as reward_dir:
         build_models(policy_dir, reward_dir)
-        for _ in range(args.rounds):  # alternating processes: a change of machine load hits both sides
-            for side in sides:
-                out = run_child(side, policy_dir, reward_dir, args.warmup, args.steps)
-                times[side] += out["ms"]
-                rss[side] = max(rss[side], out["rss_mb"])
-    ms = {side: statistics.median(t) for side, t in times.items()}
+        ms, rss = alternate(["lit_align", "trl"], args.rounds,
+                            lambda side: run_child(side, policy_dir, reward_dir, args.warmup, args.steps))
     result = {"online_dpo": {"lit_align_ms": round(ms["lit_align"], 1), "trl_ms": round(ms["trl"], 1),
                              "ratio": round(ms["lit_align"] / ms["trl"], 3),
                              "lit_align_rss_mb": round(rss["lit_align"], 1), "trl_rss_mb": round(rss["trl"], 1)}}

@@ -242,6 +242,16 @@ def run_trl(model_dir: str, method: str, warmup: int, steps: int, out_dir: str) 
         args, trainer_cls = trl.GRPOConfig(**common, scale_rewards="group"), trl.GRPOTrainer
     else:
         args, trainer_cls = trl.RLOOConfig(**common, normalize_advantages=False), trl.RLOOTrainer
+    return timed_trl_train(lambda callbacks: trainer_cls(model=model, reward_funcs=reward, args=args,
+                                                         train_dataset=data, processing_class=tokenizer,
+                                                         callbacks=callbacks), warmup, steps)
+
+
+def timed_trl_train(make_trainer, warmup: int, steps: int) -> list[float]:
+    """Train the TRL trainer ``make_trainer(callbacks)`` builds and return the seconds of its steps after the first
+    ``warmup``, each timed between its ``on_step_begin`` and ``on_step_end`` callbacks (``online_dpo_step.py`` too)."""
+    import transformers
+
     times: list[float] = []
 
     class StepClock(transformers.TrainerCallback):
@@ -251,9 +261,7 @@ def run_trl(model_dir: str, method: str, warmup: int, steps: int, out_dir: str) 
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.start)
 
-    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                          processing_class=tokenizer, callbacks=[StepClock()])
-    trainer.train()
+    make_trainer([StepClock()]).train()
     if len(times) != warmup + steps:
         raise RuntimeError(f"TRL ran {len(times)} steps, expected {warmup + steps}")
     return times[warmup:]
@@ -273,19 +281,42 @@ def child(side: str, method: str, model_dir: str, warmup: int, steps: int) -> No
             times = run_engine(model_dir, method, warmup, steps)
         else:
             times = run_trl(model_dir, method, warmup, steps, out_dir)
+    report_child(times)
+
+
+def report_child(times: list[float]) -> None:
+    """A child's one JSON line: its step times (ms) and its peak RSS (the whole process, imports included)."""
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"ms": [t * 1e3 for t in times], "rss_mb": rss_mb}))
 
 
-def run_child(side: str, method: str, model_dir: str, warmup: int, steps: int) -> dict:
+def run_child_process(script: str, args: list[str], label: str) -> dict:
+    """Run ``script --child ...args`` on one thread, offline, and return its :func:`report_child` line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, __file__, "--child", side, method, "--model-dir", model_dir, "--warmup", str(warmup),
-           "--steps", str(steps)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{side} {method} failed:\n{out.stderr[-4000:]}")
+        raise SystemExit(f"{label} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def alternate(sides: list[str], rounds: int, run_side) -> tuple[dict[str, float], dict[str, float]]:
+    """``(median ms, peak RSS MiB)`` per side over ``rounds`` of ``run_side(side)`` calls, the sides alternating
+    (a change of machine load hits every side alike)."""
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    rss: dict[str, float] = dict.fromkeys(sides, 0.0)
+    for _ in range(rounds):
+        for side in sides:
+            out = run_side(side)
+            times[side] += out["ms"]
+            rss[side] = max(rss[side], out["rss_mb"])
+    return {side: statistics.median(t) for side, t in times.items()}, rss
+
+
+def run_child(side: str, method: str, model_dir: str, warmup: int, steps: int) -> dict:
+    return run_child_process(__file__, [side, method, "--model-dir", model_dir, "--warmup", str(warmup),
+                                        "--steps", str(steps)], f"{side} {method}")
 
 
 def main() -> None:
@@ -311,14 +342,8 @@ def main() -> None:
         build_model(model_dir)
         for method in methods:
             sides = ["lit_align", "trl"] + (["engine"] if args.engine else [])
-            times: dict[str, list[float]] = {side: [] for side in sides}
-            rss: dict[str, float] = dict.fromkeys(sides, 0.0)
-            for _ in range(args.rounds):  # alternating processes: a change of machine load hits both sides
-                for side in sides:
-                    out = run_child(side, method, model_dir, args.warmup, args.steps)
-                    times[side] += out["ms"]
-                    rss[side] = max(rss[side], out["rss_mb"])
-            ms = {side: statistics.median(t) for side, t in times.items()}
+            ms, rss = alternate(sides, args.rounds,
+                                lambda side, method=method: run_child(side, method, model_dir, args.warmup, args.steps))
             result[method] = {"lit_align_ms": round(ms["lit_align"], 1), "trl_ms": round(ms["trl"], 1),
                               "ratio": round(ms["lit_align"] / ms["trl"], 3),
                               "lit_align_rss_mb": round(rss["lit_align"], 1), "trl_rss_mb": round(rss["trl"], 1)}

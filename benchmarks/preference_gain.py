@@ -65,7 +65,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from scipy import stats  # noqa: E402
+from fit_timing import interval  # noqa: E402  (this folder is on sys.path when a script runs)
 
 from lit_align.cli import cli_main  # noqa: E402
 from lit_align.data import BUILTIN_DIR, PromptDataModule, build_pairs  # noqa: E402
@@ -83,14 +83,6 @@ RESULTS = REPO / "benchmarks" / "results_preference.json"
 QUIET = ["--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.num_sanity_val_steps", "0"]
-
-
-def _interval(values: list[float]) -> dict[str, float]:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": mean, "low": mean, "high": mean}
-    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
-    return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
 def _fit(config: str, root: Path, seed: int, args: list[str]):
@@ -206,10 +198,10 @@ def curry_vs_single_pair(opts: argparse.Namespace) -> dict:
             out = _curry_run(seed, root / f"seed{seed}", str(train_file), pairs_file, held, budget["sft_steps"], dpo)
             for name, values in out.items():
                 runs.setdefault(name, []).append(values)
-    summary = {m: {k: _interval([r[k] for r in rs]) for k in rs[0]} for m, rs in runs.items()}
+    summary = {m: {k: interval([r[k] for r in rs]) for k in rs[0]} for m, rs in runs.items()}
     for m in ("curry", "curry_non_iterative"):
         for k in ("rank_acc", "gold"):  # paired by seed: the same SFT start and data
-            summary[m][f"{k}_gain_over_single_pair"] = _interval(
+            summary[m][f"{k}_gain_over_single_pair"] = interval(
                 [a[k] - b[k] for a, b in zip(runs[m], runs["single_pair"])])
     summary["curry_met"] = {k: bool(summary["curry"][f"{k}_gain_over_single_pair"]["low"] > 0)
                             for k in ("rank_acc", "gold")}
@@ -302,11 +294,11 @@ def selm_vs_online_dpo(opts: argparse.Namespace) -> dict:
                 runs[name].append(row)
                 print(name, seed, {k: round(v, 4) for k, v in row.items()}, file=sys.stderr, flush=True)
     keys = ("gold", "gain", "distinct_2", "novel_share", "novel_gold", "seconds")
-    summary: dict = {m: {k: _interval([r[k] for r in rs]) for k in keys} for m, rs in runs.items()}
+    summary: dict = {m: {k: interval([r[k] for r in rs]) for k in keys} for m, rs in runs.items()}
     for m in ("selm", "selm_large_alpha"):  # paired by seed: same prompts, order and sampling generators
-        summary[m]["gold_over_online_dpo"] = _interval(
+        summary[m]["gold_over_online_dpo"] = interval(
             [a["gold"] - b["gold"] for a, b in zip(runs[m], runs["online_dpo"])])
-        summary[m]["distinct_2_over_online_dpo"] = _interval(
+        summary[m]["distinct_2_over_online_dpo"] = interval(
             [a["distinct_2"] - b["distinct_2"] for a, b in zip(runs[m], runs["online_dpo"])])
     summary["selm_met"] = bool(summary["selm"]["gold_over_online_dpo"]["low"] > 0)
     summary["start"] = start
