@@ -360,6 +360,21 @@ class AdversarialCollator:
                                 utility=batch(utility), index=index)
 
 
+def _warn_cut(stream: AdversarialStream | None, split: str) -> None:
+    """Warn once that ``data.max_length`` cut pairs or utility examples of ``split``."""
+    if stream is None or not stream.truncated:
+        return
+    pairs = sum(p.cut for p in stream.pairs)
+    util = stream.utility.truncated if stream.utility is not None else 0
+    rank_zero_warn(
+        f"{split}: {pairs} of {len(stream.pairs)} adversarial pairs and {util} of "
+        f"{len(stream.utility) if stream.utility is not None else 0} utility examples are longer than "
+        f"data.max_length={stream.max_length}; their prompts were cut from the left (the same prompt tokens for a "
+        "pair's away and toward rows; responses kept whole where they fit). Raise data.max_length to keep them whole.",
+        category=UserWarning,
+    )
+
+
 # ------------------------------------------------------------------------------ the DataModule
 
 
@@ -577,6 +592,8 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
         if self.sources["test"] is not self.sources["val"]:
             self.test_dataset = AdversarialStream(self._pairs("test"), val_utility, mixed=False,
                                                   max_length=self.max_length)
+        for name, dataset in (("training", self.train_dataset), ("validation", self.val_dataset)):
+            _warn_cut(dataset, name)
 
     # -- evaluation prompts --------------------------------------------------------------------
     def eval_prompts(self, split: str = "val") -> dict[str, list]:
@@ -596,18 +613,16 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
                 "safe": [self._safe_response(b, key) for b in behaviours], "benign": benign}
 
     # -- loaders -------------------------------------------------------------------------------
-    def _loader(self, dataset: AdversarialStream, batch_size: int, *, shard: bool = True,
-                train: bool = False) -> ResumableDataLoader:
+    def _loader(self, dataset: AdversarialStream, batch_size: int, *, shard: bool = True) -> ResumableDataLoader:
         replicas, rank = self._shard() if shard else (1, 0)
         sampler = MixSampler(dataset, num_replicas=replicas, rank=rank, seed=self.seed)
         return ResumableDataLoader(dataset, sampler=sampler, batch_size=batch_size,
                                    collate_fn=AdversarialCollator(self.tokenizer.pad_token_id),
-                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                   warn_truncated=train)
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> ResumableDataLoader:
         """The seeded, resumable, rank-sharded mixed stream."""
-        self._train_loader = self._loader(self.train_dataset, self.batch_size, train=True)
+        self._train_loader = self._loader(self.train_dataset, self.batch_size)
         return self._train_loader
 
     def val_dataloader(self) -> ResumableDataLoader | list:
