@@ -390,7 +390,8 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
             val_behaviours: {path: builtin:adv_behaviours/val}
             utility: {path: builtin:adv_utility}
             val_utility: {path: builtin:adv_utility/val}
-            benign: {path: builtin:adv_benign/val}
+            benign: {path: builtin:adv_benign}
+            val_benign: {path: builtin:adv_benign/val}
             prompt_template: "Human: {prompt}\\nAI:"
             response_template: " {response}"
 
