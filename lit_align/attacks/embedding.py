@@ -92,7 +92,8 @@ def perturbed_embeddings(model: nn.Module, delta: Tensor, *, max_calls: int | No
     gradients); other calls pass unchanged, e.g. the (B, 1, H) decoding steps of the KV-cache sampler after a
     (B, T) prefill. ``max_calls`` perturbs at most that many matching calls (``attacked_generate`` uses 1, the
     prefill, which also covers one-token prompts whose decode steps have the same shape). The hook is removed
-    on exit, also when the block raises.
+    on exit, also when the block raises. It lives on the embedding MODULE: a LoRA model's base with the adapter
+    disabled shares it, so a reference computed that way inside the block is perturbed too (compute it outside).
     """
     module = model.get_input_embeddings()
     applied = 0
