@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from lit_align.errors import ConfigError
+from lit_align.losses.preference import ipo_loss
 from lit_align.losses.sft import nll_loss
 
-__all__ = ["AwayKind", "FLOOR_SLOPE", "away_loss", "soft_floor", "toward_loss", "windowed_mean_logps"]
+__all__ = ["AwayKind", "CAdvIPO", "CAdvUL", "FLOOR_SLOPE", "away_loss", "soft_floor", "toward_loss", "windowed_mean_logps"]
 
 AwayKind = Literal["neg_ce", "log_1_minus_p"]
 
@@ -162,3 +163,115 @@ def windowed_mean_logps(token_logps: Tensor, mask: Tensor, cutoff: float | None)
     keep = scored if cutoff is None or cutoff >= 0 else scored & (token_logps.detach() >= cutoff)  # (B, T)
     sums = torch.where(keep, token_logps, torch.zeros_like(token_logps)).sum(-1)  # (B,)
     return sums / scored.sum(-1).clamp(min=1).to(sums.dtype)
+
+
+def _check_weight(value: float, key: str) -> None:
+    _check_cutoff(value, key)
+    if value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value!r}")
+
+
+class CAdvUL:
+    """C-AdvUL's adversarial objective (Xhonneux et al. 2024, arXiv:2405.15589, §8(b))::
+
+        away_weight * away_loss(harmful | x + delta) + toward_weight * toward_loss(safe | x + delta)
+
+    Chosen in YAML as ``model.objective`` (``class_path: lit_align.losses.CAdvUL``); released values are the
+    defaults. It needs no reference.
+    """
+
+    needs_reference = False
+
+    def __init__(self, away_weight: float = 0.5, toward_weight: float = 0.5, away_cutoff: float = -5.0,
+                 toward_cutoff: float = 0.5, away_kind: AwayKind = "neg_ce") -> None:
+        """
+        Args:
+            away_weight: weight of the away term (released 0.5).
+            toward_weight: weight of the toward term (released 0.5).
+            away_cutoff: ``c_away``, the away term's soft floor on ``-CE`` (released -5.0).
+            toward_cutoff: ``c_toward``, the toward term's soft floor on ``CE`` (released 0.5).
+            away_kind: ``neg_ce`` (paper) or ``log_1_minus_p`` (unlikelihood, see :func:`away_loss`).
+        """
+        for key, value in (("away_weight", away_weight), ("toward_weight", toward_weight)):
+            _check_weight(value, f"model.objective.init_args.{key}")
+        _check_cutoff(away_cutoff, "model.objective.init_args.away_cutoff")
+        _check_cutoff(toward_cutoff, "model.objective.init_args.toward_cutoff")
+        if away_kind not in ("neg_ce", "log_1_minus_p"):
+            raise ConfigError(f"model.objective.init_args.away_kind must be 'neg_ce' or 'log_1_minus_p', got {away_kind!r}")
+        self.away_weight, self.toward_weight = away_weight, toward_weight
+        self.away_cutoff, self.toward_cutoff, self.away_kind = away_cutoff, toward_cutoff, away_kind
+
+    def __call__(self, away_logps: Tensor, away_mask: Tensor, toward_logps: Tensor, toward_mask: Tensor,
+                 ref_away: Tensor | None = None, ref_toward: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, metrics)`` from (A, T) per-token log-probs of the perturbed away / toward rows and their
+        masks (the reference arguments are ignored). Metrics: ``away_loss``, ``toward_loss``, ``away/ce``,
+        ``toward/ce``."""
+        away, away_m = away_loss(away_logps, away_mask, cutoff=self.away_cutoff, kind=self.away_kind)
+        toward, toward_m = toward_loss(toward_logps, toward_mask, cutoff=self.toward_cutoff)
+        metrics = {"away_loss": away.detach(), "toward_loss": toward.detach(),
+                   "away/ce": away_m["ce"], "toward/ce": toward_m["ce"]}
+        return self.away_weight * away + self.toward_weight * toward, metrics
+
+    def __repr__(self) -> str:
+        return (f"CAdvUL(away_weight={self.away_weight}, toward_weight={self.toward_weight}, away_cutoff="
+                f"{self.away_cutoff}, toward_cutoff={self.toward_cutoff}, away_kind={self.away_kind!r})")
+
+
+class CAdvIPO:
+    """C-AdvIPO's adversarial objective (Xhonneux et al. 2024, arXiv:2405.15589, §8(b))::
+
+        h = [mean_w(safe | x + delta) - ref(safe | x)] - [mean_w(harmful | x + delta) - ref(harmful | x)]
+        loss = weight * (h - 1 / (2 beta))^2            (:func:`~lit_align.losses.preference.ipo_loss`)
+
+    ``mean_w`` is :func:`windowed_mean_logps` with ``toward_cutoff`` (safe; 0 = no window) and ``away_cutoff``
+    (harmful). ``ref`` is the reference's plain length-averaged log-prob on CLEAN inputs (the released code's
+    asymmetry, §8(h)9); ``reference_cutoffs: true`` applies the same windows to the reference too (then the
+    reference is scored on the fly: ``model.reference`` adapter or copy).
+    """
+
+    needs_reference = True
+
+    def __init__(self, beta: float = 0.25, weight: float = 1.0, away_cutoff: float = -5.0,
+                 toward_cutoff: float = 0.0, reference_cutoffs: bool = False) -> None:
+        """
+        Args:
+            beta: IPO's ``beta`` (released 0.25: target margin ``1/(2 beta) = 2``).
+            weight: weight of the IPO term (released ``dpo_weight`` 1.0).
+            away_cutoff: harmful-side token window: log-probs below it count as 0 (released -5.0).
+            toward_cutoff: safe-side window (released 0.0 = no window).
+            reference_cutoffs: apply the windows to the reference log-probs too (removes §8(h)9's asymmetry).
+        """
+        _check_cutoff(beta, "model.objective.init_args.beta")
+        if beta <= 0:
+            raise ConfigError(f"model.objective.init_args.beta must be > 0, got {beta!r}")
+        _check_weight(weight, "model.objective.init_args.weight")
+        _check_cutoff(away_cutoff, "model.objective.init_args.away_cutoff")
+        _check_cutoff(toward_cutoff, "model.objective.init_args.toward_cutoff")
+        self.beta, self.weight = beta, weight
+        self.away_cutoff, self.toward_cutoff, self.reference_cutoffs = away_cutoff, toward_cutoff, reference_cutoffs
+
+    def reference_means(self, away_logps: Tensor, away_mask: Tensor, toward_logps: Tensor, toward_mask: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+        """(A,) reference means of the away and toward rows from (A, T) per-token log-probs: windowed with
+        ``reference_cutoffs``, plain otherwise."""
+        away_cut, toward_cut = (self.away_cutoff, self.toward_cutoff) if self.reference_cutoffs else (None, None)
+        return (windowed_mean_logps(away_logps, away_mask, away_cut),
+                windowed_mean_logps(toward_logps, toward_mask, toward_cut))
+
+    def __call__(self, away_logps: Tensor, away_mask: Tensor, toward_logps: Tensor, toward_mask: Tensor,
+                 ref_away: Tensor | None = None, ref_toward: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, metrics)`` from (A, T) per-token log-probs of the perturbed away / toward rows, their masks
+        and the (A,) reference means. Metrics: ``ipo_loss``, ``h`` (batch mean) and ipo_loss's ``rewards/*``,
+        ``logps/*`` (chosen = safe, rejected = harmful)."""
+        if ref_away is None or ref_toward is None:
+            raise ValueError("CAdvIPO needs the reference log-probs of the away and toward rows")
+        policy_away = windowed_mean_logps(away_logps, away_mask, self.away_cutoff)  # (A,)
+        policy_toward = windowed_mean_logps(toward_logps, toward_mask, self.toward_cutoff)  # (A,)
+        loss, metrics = ipo_loss(policy_toward, policy_away, ref_toward.to(policy_toward.dtype),
+                                 ref_away.to(policy_away.dtype), beta=self.beta)
+        h = (policy_toward - ref_toward) - (policy_away - ref_away)  # (A,)
+        return self.weight * loss, {"ipo_loss": loss.detach(), "h": h.detach().mean(), **metrics}
+
+    def __repr__(self) -> str:
+        return (f"CAdvIPO(beta={self.beta}, weight={self.weight}, away_cutoff={self.away_cutoff}, toward_cutoff="
+                f"{self.toward_cutoff}, reference_cutoffs={self.reference_cutoffs})")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_align.errors import ConfigError
-from lit_align.losses import away_loss, ipo_loss, toward_loss, windowed_mean_logps
+from lit_align.losses import CAdvIPO, CAdvUL, away_loss, ipo_loss, toward_loss, windowed_mean_logps
 
 
 def _one_token(logp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,3 +91,18 @@ def test_bad_cutoff_names_the_key(cutoff):
         away_loss(torch.zeros(1, 1), torch.ones(1, 1), cutoff=cutoff)
     with pytest.raises(ConfigError, match="away_kind"):
         away_loss(torch.zeros(1, 1), torch.ones(1, 1), kind="gradient_ascent")
+
+
+def test_objectives_combine_the_terms():
+    """CAdvUL: 0.5 * away + 0.5 * toward with away CE 6 (floored: -5.006) and toward CE 2: 0.5 * (-5.006 + 2)
+    = -1.503. CAdvIPO with the reference equal to the policy's plain means and no token below -5: h = 0, loss 4."""
+    away, toward, mask = torch.tensor([[-6.0]]), torch.tensor([[-2.0]]), torch.ones(1, 1)
+    loss, metrics = CAdvUL()(away, mask, toward, mask)
+    assert loss.item() == pytest.approx(-1.503) and metrics["away_loss"].item() == pytest.approx(-5.006)
+    away = torch.tensor([[-1.0, -3.0]])
+    ipo = CAdvIPO(beta=0.25)
+    refs = ipo.reference_means(away, torch.ones(1, 2), toward, mask)
+    loss, metrics = ipo(away, torch.ones(1, 2), toward, mask, *refs)
+    assert loss.item() == pytest.approx(4.0) and metrics["h"].item() == 0.0
+    with pytest.raises(ConfigError, match="model.objective.init_args.beta"):
+        CAdvIPO(beta=0.0)
