@@ -15,7 +15,6 @@ from conftest import REPO
 
 from lit_align.cli import cli_main
 from lit_align.containers import AdversarialBatch
-from lit_align.errors import ConfigError
 
 UL, IPO = str(REPO / "configs/adv_training/ul_tiny.yaml"), str(REPO / "configs/adv_training/ipo_tiny.yaml")
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -36,7 +35,7 @@ def _lora(module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("config", [UL, IPO], ids=["ul", "ipo"])
 def test_tiny_config_trains_the_adapter(config, tmp_path):
     """A few steps of each objective: finite loss, LoRA weights changed, the attack lowered the harmful CE
-    (ce_end < ce_start), checkpoint and HF export written."""
+    (ce_end < ce_start), HF export written."""
     cli = _cli(config, tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=4")
     before = _lora(cli.model)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -48,22 +47,28 @@ def test_tiny_config_trains_the_adapter(config, tmp_path):
     key = "away_loss" if config == UL else "ipo_loss"
     assert f"val/{key}" in metrics
     assert float(metrics["val/attack/ce_end"]) < float(metrics["val/attack/ce_start"])
-    assert list(tmp_path.rglob("last.ckpt")) and (tmp_path / "hf_export" / "config.json").is_file()
+    assert (tmp_path / "hf_export" / "adapter_model.safetensors").is_file()  # LoRA: the adapter is exported
 
 
 def test_same_detached_delta_on_away_and_toward_and_clean_grads(tmp_path):
     """§8(g)4-5 through the module: the outer forwards get a delta with requires_grad False; the toward
-    rows' delta is the away rows' delta copied position for position (mask order) onto their prompts; no
-    parameter has a .grad right after the attack (gradients w.r.t. delta only)."""
+    rows' delta is the away rows' delta copied position for position (mask order) onto their prompts; every
+    parameter's .grad is the same before and after the attack (gradients w.r.t. delta only)."""
     cli = _cli(UL, tmp_path, "--trainer.max_steps=2", "--data.init_args.adversarial_probability=1.0",
                "--trainer.limit_val_batches=0")
     module = cli.model
-    seen, grads_after_attack = [], []
+    seen, grads_changed = [], []
     attack, perturbed = module.attack, module._perturbed_logps
 
+    def grads(model):
+        return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
     def spy_attack(model, batch):
+        before = grads(model)
         result = attack(model, batch)
-        grads_after_attack.append([n for n, p in model.named_parameters() if p.grad is not None])
+        after = grads(model)
+        grads_changed.append([n for n in before if not (before[n] is after[n] is None or (
+            before[n] is not None and after[n] is not None and torch.equal(before[n], after[n])))])
         return result
 
     def spy_perturbed(part, delta):
@@ -72,7 +77,7 @@ def test_same_detached_delta_on_away_and_toward_and_clean_grads(tmp_path):
 
     module.attack, module._perturbed_logps = spy_attack, spy_perturbed
     cli.trainer.fit(module, datamodule=cli.datamodule)
-    assert grads_after_attack == [[], []]
+    assert grads_changed == [[], []]  # the second attack runs with the first step's .grad still set
     from lit_align.attacks.embedding import perturbation_mask
 
     (away, away_delta), (toward, toward_delta) = seen[:2]
@@ -84,16 +89,32 @@ def test_same_detached_delta_on_away_and_toward_and_clean_grads(tmp_path):
     assert toward_delta[~toward_mask].abs().sum() == 0
 
 
-def test_ipo_at_the_starting_weights_is_four(tmp_path):
-    """§8(g)7 through the module: LoRA starts as the identity (B = 0), the reference is precomputed from the
-    same weights on clean inputs, and a vanishing radius makes delta ~ 0: h = 0, loss = (1/(2*0.25))^2 = 4."""
+@pytest.mark.parametrize("reference", [
+    ["--model.init_args.objective.init_args.away_cutoff=-1000"],  # precomputed, no token windowed out
+    ["--model.init_args.objective.init_args.reference_cutoffs=true", "--model.init_args.reference=adapter"],
+], ids=["precomputed-no-window", "adapter-windowed-reference"])
+def test_ipo_at_the_starting_weights_is_four(reference, tmp_path):
+    """§8(g)7 through the module: LoRA starts as the identity (B = 0), the reference is scored from the same
+    weights on clean inputs, and a vanishing radius makes delta ~ 0: h = 0, loss = (1/(2*0.25))^2 = 4.
+    (With the released asymmetry, §8(h)9, h != 0 at the start as soon as a harmful token has log p < -5: the
+    policy side zeroes it, the reference does not; so either no token is windowed or both sides are.)"""
+    cli = cli_main(["fit", "--config", IPO, f"--trainer.default_root_dir={tmp_path}", *QUIET, "--trainer.max_steps=1",
+                    "--trainer.limit_val_batches=0", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                    "--model.init_args.attack.epsilon_rel=1e-9", *reference,
+                    f"--model.init_args.reference_cache_dir={tmp_path / 'cache'}"])
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["train/h"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(metrics["train/ipo_loss"]) == pytest.approx(4.0, abs=1e-4)
+
+
+def test_released_reference_asymmetry_moves_h_at_the_start(tmp_path):
+    """The default (released) reference is NOT windowed: at the starting weights the harmful tokens below -5
+    count 0 on the policy side only, so h < 0 (the windowed harmful mean is higher than the plain one)."""
     cli = cli_main(["fit", "--config", IPO, f"--trainer.default_root_dir={tmp_path}", *QUIET, "--trainer.max_steps=1",
                     "--trainer.limit_val_batches=0", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
                     "--model.init_args.attack.epsilon_rel=1e-9",
                     f"--model.init_args.reference_cache_dir={tmp_path / 'cache'}"])
-    metrics = cli.trainer.callback_metrics
-    assert float(metrics["train/h"]) == pytest.approx(0.0, abs=1e-4)
-    assert float(metrics["train/ipo_loss"]) == pytest.approx(4.0, abs=1e-3)
+    assert float(cli.trainer.callback_metrics["train/h"]) < -1e-3
 
 
 def test_step_without_adversarial_rows_logs_no_away_or_toward(tmp_path):
@@ -133,6 +154,12 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_reference_cutoffs_need_a_reference_that_scores():
-    with pytest.raises(ConfigError, match="reference_cutoffs"):
-        cli_main(["fit", "--config", IPO, *QUIET, "--model.init_args.objective.init_args.reference_cutoffs=true"],
-                 run=False)
+    """Windowing the reference needs its per-token log-probs, which precomputed tables do not keep."""
+    from lit_align.errors import ConfigError
+    from lit_align.losses import CAdvIPO
+    from lit_align.methods import ContinuousAdversarialModule
+    from lit_align.models import ModelSpec
+
+    with pytest.raises(ConfigError, match="reference_cutoffs: true .* set model.reference to adapter"):
+        ContinuousAdversarialModule(ModelSpec(name_or_path="builtin:tiny-game-base"),
+                                    objective=CAdvIPO(reference_cutoffs=True))
