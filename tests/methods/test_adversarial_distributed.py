@@ -27,7 +27,7 @@ def _run(root, batch: int, extra: list[str]) -> dict[str, torch.Tensor]:
     run_cli([*COMMON, *extra, "--trainer.callbacks", "lit_align.callbacks.HFExport", "--trainer.default_root_dir",
              str(root), "--trainer.logger.save_dir", str(root), "--data.init_args.batch_size", str(batch),
              "--model.init_args.reference_cache_dir", str(root / "cache")])
-    return load_file(root / "hf_export" / "model.safetensors")
+    return load_file(root / "hf_export" / "adapter_model.safetensors")  # LoRA: the adapter
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,7 @@ def single(tmp_path_factory):
 def test_two_processes_match_one(strategy, single, tmp_path):
     one = single
     two = _run(tmp_path / "two", 4, TWO[strategy])
-    from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
-
-    spec = ModelSpec(name_or_path="builtin:tiny-game-base")
-    start = {k: v for k, v in build_causal_lm(spec, build_tokenizer(spec)).state_dict().items() if k in one}
-    moved = max_diff(one, start)
-    assert moved > 1e-4, "training did not move the weights"
-    assert max_diff(two, one) < moved / 10
+    moved = max(v.abs().max().item() for k, v in one.items() if "lora_B" in k)  # LoRA's B starts at 0
+    assert moved > 1e-4, "training did not move the adapter"
+    # measured: 2.4e-5 for both strategies (float reduction order through 3 signed attack steps and AdamW) vs 4e-3
+    assert max_diff(two, one) < 1e-4 < moved / 10, (max_diff(two, one), moved)
