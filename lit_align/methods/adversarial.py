@@ -9,7 +9,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lit_align.attacks.embedding import EmbeddingAttack, AttackResult, perturbation_mask, perturbed_embeddings, transplant
+from lit_align.attacks.embedding import (
+    AttackResult,
+    EmbeddingAttack,
+    perturbation_mask,
+    perturbed_embeddings,
+    transplant,
+)
 from lit_align.containers import AdversarialBatch, SequenceBatch, TokenLogps
 from lit_align.engine.seeds import derive_seed
 from lit_align.engine.timer import PhaseTimer
