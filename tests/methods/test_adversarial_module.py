@@ -163,3 +163,17 @@ def test_reference_cutoffs_need_a_reference_that_scores():
     with pytest.raises(ConfigError, match="reference_cutoffs: true .* set model.reference to adapter"):
         ContinuousAdversarialModule(ModelSpec(name_or_path="builtin:tiny-game-base"),
                                     objective=CAdvIPO(reference_cutoffs=True))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"utility_weight": -1.0}, "model.utility_weight"),
+    ({"utility_weight": float("nan")}, "model.utility_weight"),
+    ({"objective": "ul"}, "model.objective must be"),
+])
+def test_bad_module_arguments_name_the_key(kwargs, match):
+    from lit_align.errors import ConfigError
+    from lit_align.methods import ContinuousAdversarialModule
+    from lit_align.models import ModelSpec
+
+    with pytest.raises(ConfigError, match=match):
+        ContinuousAdversarialModule(ModelSpec(name_or_path="builtin:tiny-game-base"), **kwargs)
