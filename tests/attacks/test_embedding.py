@@ -258,12 +258,22 @@ def test_max_calls_leaves_one_token_decode_steps_alone(model):
 
 def test_attacked_generate_says_the_target(model, tokenizer):
     """The evaluation attack end to end: a strong attack makes the greedy answer of the left-padded prompts the
-    harmful target (which the clean model does not say); the rollout's prompts are the batch's prompts; its
+    harmful target (which the clean model does not say); the attack runs in eval mode, as generation does, on a
+    model given in train mode; the rollout's prompts are the batch's prompts; its
     log-probs are the teacher-forced ones of prompt + answer with the delta transplanted onto the prompt only."""
     batch = _batch(tokenizer, ["sure", "sure"])
     attack = EmbeddingAttack(epsilon_rel=2.0, iters=20, step_size=0.02)
     config = SamplingConfig(max_new_tokens=6, do_sample=False)
-    rollout, result = attacked_generate(model, tokenizer, attack, batch, config)
+    modes = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, out: modes.append(m.training))
+    model.train()
+    try:
+        rollout, result = attacked_generate(model, tokenizer, attack, batch, config)
+        assert model.training  # the mode given is restored
+    finally:
+        handle.remove()
+        model.eval()
+    assert len(modes) > 21 and not any(modes)  # the attack's 21 forwards and the answer's, all in eval mode
     prompts, targets = zip(*_rows(tokenizer, ["sure", "sure"]))
     assert [r[m.bool()].tolist() for r, m in zip(rollout.prompt_ids, rollout.prompt_mask)] == list(prompts)
     clean = sample(model, rollout.prompt_ids, rollout.prompt_mask, config, eos_token_id=tokenizer.eos_token_id,
@@ -305,3 +315,23 @@ def test_batch_without_response_is_refused(model, tokenizer):
     batch.loss_mask = torch.zeros_like(batch.loss_mask)
     with pytest.raises(ValueError, match="no response token"):
         EmbeddingAttack()(model, batch)
+
+
+def test_bf16_model_float32_delta(model, tokenizer):
+    """A bf16 model: the perturbation stays float32 (cast in the hook) and still lowers the target's CE."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    result = EmbeddingAttack(epsilon_rel=1.0, iters=3, step_size=0.01)(half, _batch(tokenizer))
+    assert result.delta.dtype == torch.float32 and result.delta.abs().sum() > 0
+    assert result.loss_end < result.loss_start
+
+
+def test_attacked_generate_without_pad_token_pads_with_eos(model, tokenizer):
+    """§8(h)8: a tokenizer without a pad token (Llama 3's has none) left-pads the prompts with EOS."""
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    batch = _batch(tokenizer)
+    rollout, _ = attacked_generate(model, no_pad, EmbeddingAttack(iters=1), batch,
+                                   SamplingConfig(max_new_tokens=2, do_sample=False))
+    padding = rollout.prompt_ids[~rollout.prompt_mask.bool()]
+    assert padding.numel() > 0 and (padding == tokenizer.eos_token_id).all()
