@@ -37,6 +37,7 @@ exactly the next batch (the loader's ``state_dict``, as in the other DataModules
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -298,6 +299,17 @@ class AdversarialStream(Dataset):
     def truncated(self) -> int:
         """Pairs and utility examples cut to ``max_length`` (the train loader warns about them)."""
         return sum(p.cut for p in self.pairs) + (self.utility.truncated if self.utility is not None else 0)
+
+    def fingerprint(self) -> str:
+        """sha256 of every pair's token ids and index, in order (the keys of precomputed reference tables):
+        changes whenever the behaviours, targets, safe responses, template or tokenizer do."""
+        h = hashlib.sha256(f"adversarial|max_length={self.max_length}".encode())
+        for pair in self.pairs:
+            for part in (pair.away.prompt, pair.away.response, pair.toward.response):
+                h.update(np.asarray(part, dtype=np.int64).tobytes())
+                h.update(b"|")
+            h.update(str(pair.index).encode())
+        return h.hexdigest()
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 (a few epochs' plans; the dataset lives as long as its loader)
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:

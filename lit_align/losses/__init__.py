@@ -20,6 +20,9 @@ Functions:
     grpo_advantages             GRPO: group-normalised rewards (optionally without the std scaling)
     detector_loss               watermark detector: pairwise -log sigmoid(s_w - s_h) + score penalty
     detector_objective          watermark detector: the main pair + weighted robustness pairs (DetectorPair)
+    away_loss                   C-AdvUL away term: -CE with a soft floor, or log(1 - p) (Xhonneux et al. 2024)
+    toward_loss                 C-AdvUL toward term: CE with a soft floor
+    windowed_mean_logps         C-AdvIPO: length-averaged log-probs with low-probability tokens zeroed
 
 Config objects (selected from YAML by ``class_path``):
     PreferenceLoss   base: ``loss(pc, pr, rc, rr) -> (loss, metrics)`` and the ``reduction``
@@ -36,8 +39,11 @@ Config objects (selected from YAML by ``class_path``):
     RetainNLL        retain: NLL
     RetainKL         retain: per-token KL to the reference (LLMU's normal-data term)
     MismatchNLL      LLMU: NLL of random normal answers to the forget prompts
+    CAdvUL           continuous adversarial training: weighted away + toward terms under the attack
+    CAdvIPO          continuous adversarial training: IPO on windowed mean log-probs under the attack
 """
 
+from lit_align.losses.adversarial import CAdvIPO, CAdvUL, away_loss, soft_floor, toward_loss, windowed_mean_logps
 from lit_align.losses.group import grpo_advantages, rloo_advantages
 from lit_align.losses.ppo import gae, kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from lit_align.losses.preference import DPOLoss, IPOLoss, PreferenceLoss, SELMLoss, dpo_loss, ipo_loss, selm_loss
@@ -61,6 +67,12 @@ from lit_align.losses.unlearning import (
 from lit_align.losses.watermark import DetectorPair, detector_loss, detector_objective
 
 __all__ = [
+    "CAdvIPO",
+    "CAdvUL",
+    "away_loss",
+    "soft_floor",
+    "toward_loss",
+    "windowed_mean_logps",
     "bradley_terry_loss",
     "DetectorPair",
     "detector_loss",

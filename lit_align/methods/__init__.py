@@ -1,5 +1,6 @@
 """One LightningModule per method; the only place a ``training_step`` lives."""
 
+from lit_align.methods.adversarial import ContinuousAdversarialModule
 from lit_align.methods.base import PolicyModule, ReferencedPolicyModule
 from lit_align.methods.curry_dpo import CurryDPOModule
 from lit_align.methods.debate import DebateModule
@@ -13,4 +14,4 @@ from lit_align.methods.staged import StagedPolicyModule
 from lit_align.methods.unlearning import UnlearningModule
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "CurryDPOModule", "DPOModule", "DebateModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]
