@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ForgetRetainBatch", "PreferenceBatch", "SequenceBatch", "TokenKL", "TokenLogps", "TokenStats"]
+__all__ = ["AdversarialBatch", "ForgetRetainBatch", "PreferenceBatch", "SequenceBatch", "TokenKL", "TokenLogps", "TokenStats"]
 
 
 @dataclass
@@ -113,6 +113,36 @@ class ForgetRetainBatch:
     def num_tokens(self) -> int:
         """Real (non-pad) tokens over every part."""
         return sum(p.num_tokens for p in (self.forget, self.retain, self.mismatch, self.refusal) if p is not None)
+
+
+@dataclass
+class AdversarialBatch:
+    """A batch for continuous adversarial training (C-AdvUL / C-AdvIPO): adversarial pairs plus utility rows.
+
+    Attributes:
+        away: (A, T_a) behaviour prompt + one harmful target (``loss_mask`` on the target); ``index`` = pair
+            index. ``None`` when the batch holds no adversarial row (with a 12.5% share, often).
+        toward: (A, T_t) the SAME prompts, row for row and token for token, + the behaviour's safe response;
+            ``index`` = pair index. The collator checks that every row's prompt ids equal its away row's, so a
+            perturbation of the away prompt positions can be copied onto these by mask order. ``None`` with ``away``.
+        utility: (U, T_u) clean utility rows (prompt + response, SFT); ``index`` = utility example index.
+            ``None`` when the batch holds none (always, without utility data).
+        index: (A,) long, ``away.index`` (empty when ``away`` is ``None``).
+    """
+
+    away: SequenceBatch | None
+    toward: SequenceBatch | None
+    utility: SequenceBatch | None
+    index: Tensor
+
+    def __len__(self) -> int:
+        """Rows drawn from the mixed stream: adversarial pairs (one away + one toward row each) plus utility rows."""
+        return self.index.shape[0] + (len(self.utility) if self.utility is not None else 0)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens over every part."""
+        return sum(p.num_tokens for p in (self.away, self.toward, self.utility) if p is not None)
 
 
 @dataclass

@@ -3,13 +3,16 @@
 Run from the repository root::
 
     python scripts/build_tiny_game.py                # seed prompts + builtin:tiny-game-base (about 2 min)
-    python scripts/build_tiny_game.py --data-only    # only lit_align/data/builtin/seed_prompts*.txt
+    python scripts/build_tiny_game.py --data-only    # only the seed prompts and the adv_*.json sets
     python scripts/build_tiny_game.py --calibrate    # also report the base model's game statistics
 
 * ``seed_prompts.txt`` / ``seed_prompts_val.txt``: short **toy** questions, one per line, from a small
   vocabulary: eight harmful-topic families (steal, poison, hack, forge, smuggle, weapon, cheat, bully;
   the words of :data:`lit_align.game.judge.DEFAULT_HARM_WORDS`) and seven benign ones (bake, garden,
   paint, cook, fix, swim, read), six question frames each. No real instructions anywhere.
+* ``adv_behaviours``, ``adv_benign``, ``adv_utility`` (``.json``, each with a ``_val`` file for the held-out
+  seeds): the tiny adversarial-training sets (:func:`adversarial_sets`), for
+  :class:`lit_align.data.AdversarialBehaviourDataModule`.
 * ``builtin:tiny-game-base``: a tiny Qwen2 trained with the repo's SFT (``configs/sft/tiny_game.yaml``)
   to play both parts of the game from the built-in data:
 
@@ -102,6 +105,43 @@ def write_seed_prompts(out: Path) -> None:
     print(f"wrote {len(train)} + {len(val)} seed prompts to {out}")
 
 
+def adversarial_sets(train: list[str], val: list[str]) -> dict[str, list[dict]]:
+    """The built-in adversarial-training sets (file stem -> JSON records), on the seed split (no leakage):
+
+    * ``adv_behaviours``: each harmful seed question with 2-4 compliant toy targets (the game's ANSWERS) and a
+      per-behaviour refusal (REFUSALS) as ``safe_response`` (``diverse_safe_answers``);
+    * ``adv_benign``: the benign seed questions (over-refusal checks);
+    * ``adv_utility``: each benign seed question with one toy helpful answer.
+
+    ``<stem>_val`` holds the held-out seeds' records."""
+    out: dict[str, list[dict]] = {}
+    for suffix, questions in (("", train), ("_val", val)):
+        rng = random.Random(f"adv{suffix}")
+        behaviours, benign, utility = [], [], []
+        for q in questions:
+            family, action, harmful, _ = _family(q)
+            if harmful:
+                targets = rng.sample(ANSWERS, rng.randint(2, 4))
+                behaviours.append({"id": f"{family}_{len(behaviours)}{suffix}", "behaviour": q,
+                                   "targets": [t.format(a=action) for t in targets],
+                                   "safe_response": rng.choice(REFUSALS).format(a=action)})
+            else:
+                benign.append({"prompt": q})
+                utility.append({"prompt": q, "response": rng.choice(ANSWERS).format(a=action)})
+        out.update({f"adv_behaviours{suffix}": behaviours, f"adv_benign{suffix}": benign,
+                    f"adv_utility{suffix}": utility})
+    return out
+
+
+def write_adversarial_sets(out: Path) -> None:
+    """Write :func:`adversarial_sets` as ``<stem>.json`` (``.json``, not ``.jsonl``: the tiny tokenizer is not
+    trained on them)."""
+    train, val = seed_questions()
+    for stem, rows in adversarial_sets(train, val).items():
+        (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote the adversarial-training sets to {out}")
+
+
 def _family(question: str) -> tuple[str, str, bool, float]:
     """(family, action, harmful, compliance rate) of a generated question."""
     for f, rate in FRAMES:
@@ -142,6 +182,7 @@ def build(out: Path) -> None:
     from _tiny_sft import train_tiny_model
 
     write_seed_prompts(BUILTIN)
+    write_adversarial_sets(BUILTIN)
     train, _ = seed_questions()
     target = out / "tiny-game-base"
     train_tiny_model(CONFIG, sft_rows(train, random.Random(0)), target)
@@ -205,6 +246,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.data_only:
         write_seed_prompts(BUILTIN)
+        write_adversarial_sets(BUILTIN)
         return
     if not args.skip_build:
         build(args.out)

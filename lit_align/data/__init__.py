@@ -1,7 +1,8 @@
 """DataModules, typed batches, record loading and the built-in tiny datasets."""
 
+from lit_align.data.adversarial import AdversarialBehaviourDataModule
 from lit_align.data.base import TokenizedDataModule
-from lit_align.data.batches import ForgetRetainBatch, PreferenceBatch, SequenceBatch
+from lit_align.data.batches import AdversarialBatch, ForgetRetainBatch, PreferenceBatch, SequenceBatch
 from lit_align.data.completion import (
     CompletionBatch,
     CompletionExample,
@@ -24,6 +25,8 @@ from lit_align.data.unlearning import (
 )
 
 __all__ = [
+    "AdversarialBatch",
+    "AdversarialBehaviourDataModule",
     "BUILTIN_DIR",
     "CompletionBatch",
     "CompletionExample",

@@ -3,7 +3,8 @@
 A :class:`DataSource` names where records come from:
 
 * a built-in tiny dataset: ``builtin:instructions``, ``builtin:preferences``, ``builtin:ranked_preferences``,
-  ``builtin:fictitious_facts``,
+  the adversarial-training sets ``builtin:adv_behaviours``, ``builtin:adv_benign``, ``builtin:adv_utility``
+  (each with a held-out ``/val`` split, the file ``<name>_val.json``), ``builtin:fictitious_facts``,
   and the person splits of the last one, ``builtin:fictitious_facts/forget01|forget05|forget10`` and
   ``builtin:fictitious_facts/retain99|retain95|retain90`` (retain ``NN`` = every person not in forget ``100-NN``);
 * a local file: ``.json`` (a list of records, or ``{"data": [...]}``), ``.jsonl``, ``.parquet``, ``.csv``;
@@ -118,9 +119,11 @@ BUILTIN_SUFFIXES = (".jsonl", ".json")
 
 
 def _builtin_file(name: str) -> Path | None:
-    """The file of record built-in ``name`` (``<name>.jsonl`` or ``<name>.json``), or None."""
+    """The file of record built-in ``name`` (``<name>.jsonl`` or ``<name>.json``; a split ``<set>/<split>`` is the
+    file ``<set>_<split>.json[l]``), or None."""
+    stem = name.replace("/", "_")
     for suffix in BUILTIN_SUFFIXES:
-        file = Path(str(BUILTIN_DIR / f"{name}{suffix}"))
+        file = Path(str(BUILTIN_DIR / f"{stem}{suffix}"))
         if file.is_file():
             return file
     return None
@@ -133,7 +136,7 @@ def _read(source: DataSource) -> list[Record]:
             return _read_fictitious_split(name.removeprefix("fictitious_facts/"), source.path)
         file = _builtin_file(name)
         if file is None:
-            known = sorted(p.name.rsplit(".", 1)[0] for p in BUILTIN_DIR.iterdir()
+            known = sorted(p.name.rsplit(".", 1)[0].replace("_val", "/val") for p in BUILTIN_DIR.iterdir()
                            if p.name.endswith(BUILTIN_SUFFIXES) and p.name != "fictitious_facts_splits.json")
             known += [f"fictitious_facts/{split}" for split in FICTITIOUS_SPLITS]
             raise DataError(f"data source {source.path!r}: no built-in dataset {name!r}; built-ins are {known}")

@@ -107,11 +107,16 @@ def build_tokenizer(spec: ModelSpec, *, key: str = "model", needs_eos: bool = Tr
         raise ConfigError(f"{key}={name!r}: tokenizer has no eos_token; a policy needs one to end its responses. "
                          "Give a tokenizer with an EOS token (or set it in the tokenizer's config)")
     if tok.pad_token_id is None:
-        if spec.missing_pad_token == "error" or (spec.missing_pad_token == "eos" and tok.eos_token_id is None):
+        no_fallback = tok.eos_token_id is None and (spec.missing_pad_token == "eos" or tok.unk_token_id is None)
+        if spec.missing_pad_token == "error" or (spec.missing_pad_token in ("eos", "unk") and no_fallback):
             fix = "'add'" if tok.eos_token_id is None else "'eos' or 'add'"
             raise ValueError(f"{key}={name!r}: tokenizer has no pad token; set {key.rsplit('.', 1)[0]}"
                              f".missing_pad_token to {fix}")
-        if spec.missing_pad_token == "eos":
+        if spec.missing_pad_token == "unk" and tok.unk_token is not None:
+            log.warning("tokenizer %s has no pad token: using unk %r as pad (masks come from lengths)", name,
+                        tok.unk_token)
+            tok.pad_token = tok.unk_token
+        elif spec.missing_pad_token in ("eos", "unk"):  # unk: no unk token either (Llama-3), so EOS
             log.warning("tokenizer %s has no pad token: using eos %r as pad (masks come from lengths)", name,
                         tok.eos_token)
             tok.pad_token = tok.eos_token

@@ -103,9 +103,10 @@ class ModelSpec:
     """LoRA adapters; ``None`` trains all weights."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run. Off unless you trust the repository."""
-    missing_pad_token: Literal["eos", "add", "error"] = "eos"
-    """A tokenizer without pad token: reuse EOS as pad (masks never rely on pad ids here),
-    add a ``<|pad|>`` token and resize the embeddings, or raise."""
+    missing_pad_token: Literal["eos", "unk", "add", "error"] = "eos"
+    """A tokenizer without pad token: reuse EOS as pad (masks never rely on pad ids here), reuse the unk
+    token (``unk``, as the C-AdvUL release does; EOS when there is no unk token, e.g. Llama-3), add a
+    ``<|pad|>`` token and resize the embeddings, or raise."""
     seed: int = 0
     """Seed of the random initialisation of ``tiny`` models and of LoRA adapters (identical on every rank)."""
     extra: dict = field(default_factory=dict)
