@@ -92,7 +92,8 @@ def perturbed_embeddings(model: nn.Module, delta: Tensor, *, max_calls: int | No
     gradients); other calls pass unchanged, e.g. the (B, 1, H) decoding steps of the KV-cache sampler after a
     (B, T) prefill. ``max_calls`` perturbs at most that many matching calls (``attacked_generate`` uses 1, the
     prefill, which also covers one-token prompts whose decode steps have the same shape). The hook is removed
-    on exit, also when the block raises.
+    on exit, also when the block raises. It lives on the embedding MODULE: a LoRA model's base with the adapter
+    disabled shares it, so a reference computed that way inside the block is perturbed too (compute it outside).
     """
     module = model.get_input_embeddings()
     applied = 0
@@ -166,10 +167,10 @@ class AttackResult:
         radius: the absolute radius eps_abs of each token's L2 ball.
         loss_start: () harmful-target CE (token mean over the batch's response tokens) at delta = 0, detached.
         loss_end: () the same CE at the returned ``delta`` (one extra forward after the last step), detached.
-        losses: (iters + 1,) the CE at every iterate delta_0 .. delta_iters (``loss_start`` first, ``loss_end``
-            last), detached; kept on the device (no host sync).
         forward_passes: forward passes per example (``iters + 1``), for cost reporting.
         backward_passes: backward passes per example (``iters``), with respect to ``delta`` only.
+        losses: (iters + 1,) the CE at every iterate delta_0 .. delta_iters (``loss_start`` first, ``loss_end``
+            last), detached; kept on the device (no host sync).
     """
 
     delta: Tensor
@@ -177,9 +178,9 @@ class AttackResult:
     radius: float
     loss_start: Tensor
     loss_end: Tensor
-    losses: Tensor
     forward_passes: int
     backward_passes: int
+    losses: Tensor
 
 
 @dataclass
@@ -255,7 +256,7 @@ class EmbeddingAttack:
             losses.append(harmful_ce(delta))
         trace = torch.stack(losses).float()  # (iters + 1,)
         return AttackResult(delta=delta, mask=mask, radius=radius, loss_start=trace[0], loss_end=trace[-1],
-                            losses=trace, forward_passes=self.iters + 1, backward_passes=self.iters)
+                            forward_passes=self.iters + 1, backward_passes=self.iters, losses=trace)
 
 
 def _project(delta: Tensor, radius: float) -> Tensor:
@@ -271,16 +272,18 @@ def attacked_generate(model: nn.Module, tokenizer, attack: EmbeddingAttack, batc
     ``attack`` runs on ``batch`` (prompt + harmful target, as in training) with the model in eval mode (the mode
     generation runs in, so the attack targets the function that answers); its ``delta`` is transplanted onto the
     left-padded prompts (:func:`left_padded_prompts`, by mask order) and added to the prefill of
-    :func:`lit_align.rollout.sampler.sample` (``eos_token_id`` and ``pad_token_id`` from ``tokenizer``).
+    :func:`lit_align.rollout.sampler.sample` (``eos_token_id`` and ``pad_token_id`` from ``tokenizer``; a tokenizer
+    without a pad token pads with EOS, §8(h)8: padding is masked out, its id never read).
 
     Returns:
         ``(rollout, result)``: the attacked responses and the attack's :class:`AttackResult`.
     """
     with eval_mode(model):
         result = attack(model, batch)
-    prompt_ids, prompt_mask = left_padded_prompts(batch, tokenizer.pad_token_id)  # (B, P) each
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids, prompt_mask = left_padded_prompts(batch, pad)  # (B, P) each
     delta = transplant(result.delta, result.mask, prompt_mask.bool())  # (B, P, H)
     with perturbed_embeddings(model, delta, max_calls=1):
         rollout = sample(model, prompt_ids, prompt_mask, config, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, generator=generator)
+                         pad_token_id=pad, generator=generator)
     return rollout, result

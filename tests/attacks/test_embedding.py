@@ -323,3 +323,15 @@ def test_bf16_model_float32_delta(model, tokenizer):
     result = EmbeddingAttack(epsilon_rel=1.0, iters=3, step_size=0.01)(half, _batch(tokenizer))
     assert result.delta.dtype == torch.float32 and result.delta.abs().sum() > 0
     assert result.loss_end < result.loss_start
+
+
+def test_attacked_generate_without_pad_token_pads_with_eos(model, tokenizer):
+    """§8(h)8: a tokenizer without a pad token (Llama 3's has none) left-pads the prompts with EOS."""
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    batch = _batch(tokenizer)
+    rollout, _ = attacked_generate(model, no_pad, EmbeddingAttack(iters=1), batch,
+                                   SamplingConfig(max_new_tokens=2, do_sample=False))
+    padding = rollout.prompt_ids[~rollout.prompt_mask.bool()]
+    assert padding.numel() > 0 and (padding == tokenizer.eos_token_id).all()
