@@ -87,7 +87,7 @@ def test_gcg_verdicts_and_cost(setup):
     result = evaluate_robustness(model, tokenizer, cases[:2], RuleJudge(), epsilons=[], gcg=gcg, max_new_tokens=8)
     assert set(result.unsafe) == {"clean", "gcg"} and len(result.unsafe["gcg"]) == 2
     assert result.summary()["cost/gcg/backward_passes"] == 3
-    assert result.summary()["cost/gcg/forward_passes"] >= 3 * 8
+    assert result.summary()["cost/gcg/forward_passes"] > 1 + 3  # the start, a gradient forward per step, candidates
     assert math.isnan(result.summary()["over_refusal"]) and math.isnan(result.summary()["utility_nll"])
 
 
