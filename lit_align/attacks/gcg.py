@@ -10,9 +10,11 @@ e.g. ``"<|user|>\\n{behaviour}" + suffix + "<|end|>\\n<|assistant|>\\n" + "Sure,
 cross-entropy ``A(suffix)`` over the L suffix tokens. Each step:
 
 1. **Token gradient.** The suffix as a one-hot matrix X (L, V) with ``requires_grad``; its embeddings
-   ``X @ E`` (E the input-embedding weight, (V, H)) replace the suffix's in one forward of the whole
-   sequence; ``torch.autograd.grad(A, X)`` gives (L, V). The model's parameters are never written and
-   their ``.grad`` stays as it was.
+   ``X @ E`` replace the suffix's in one forward of the whole sequence, E (V, H) being what the model's
+   input-embedding module gives each token id (its weight; times Gemma-3's embedding scale; with a LoRA
+   adapter on the embedding), made once per attack; ``torch.autograd.grad(A, X)`` gives (L, V). The
+   model's parameters are never written and their ``.grad`` stays as it was. A warning is given if this
+   path's loss disagrees with the model's own forward on the same tokens.
 2. **Top-k.** Per suffix position, the ``topk`` allowed tokens with the largest ``-grad`` (the linearised
    loss decrease of swapping that token in).
 3. **Candidates.** ``search_width`` copies of the suffix, each with ONE uniformly drawn position set to a
@@ -38,6 +40,7 @@ suffixes, probe sampling and multi-token swaps of that package are not here.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -110,6 +113,7 @@ class GCG:
     """Seed of the candidate draws: the same seed, model and inputs give the same suffix."""
     key: str = field(default="gcg", repr=False)
     """The config key this attack is set under, named in its errors (e.g. ``callbacks.0.init_args.gcg``)."""
+    _allowed: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "suffix_length", "search_width", "topk"):
@@ -135,7 +139,7 @@ class GCG:
         weight = unwrap_causal_lm(model).get_input_embeddings().weight  # (V, H)
         vocab = weight.shape[0]
         _check_ids(self.key, vocab, before_ids=before_ids, after_ids=after_ids, target_ids=target_ids)
-        allowed = allowed_tokens(tokenizer, vocab, allow_special=self.allow_special)  # (V,) bool
+        allowed = self._allowed_tokens(tokenizer, vocab)  # (V,) bool
         require(self.topk <= int(allowed.sum()), f"{self.key}.topk",
                 f"at most the {int(allowed.sum())} tokens a candidate may use (vocabulary {vocab}"
                 f"{'' if self.allow_special else ', without special, non-ASCII and unprintable tokens'})", self.topk)
@@ -145,19 +149,33 @@ class GCG:
                             dtype=torch.long, device=device)
         generator = torch.Generator().manual_seed(self.seed)
         with _eval_mode(model):
-            return self._optimise(model, tokenizer, weight, suffix, *parts, allowed.to(device), generator)
+            return self._optimise(model, tokenizer, suffix, *parts, allowed.to(device), generator)
 
-    def _optimise(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, weight: Tensor, suffix: Tensor,
+    def _allowed_tokens(self, tokenizer: PreTrainedTokenizerBase, vocab: int) -> Tensor:
+        """:func:`allowed_tokens`, kept for the next call with the same tokenizer (decoding a large vocabulary
+        token by token takes a while, and an evaluation attacks many behaviours)."""
+        cached = self._allowed
+        if cached is None or cached[0] is not tokenizer or cached[1:3] != (vocab, self.allow_special):
+            cached = (tokenizer, vocab, self.allow_special, allowed_tokens(tokenizer, vocab,
+                                                                          allow_special=self.allow_special))
+            self._allowed = cached
+        return cached[3]
+
+    def _optimise(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, suffix: Tensor,
                   before: Tensor, after: Tensor, target: Tensor, allowed: Tensor, generator: torch.Generator
                   ) -> GCGResult:
         """Algorithm 1's loop from ``suffix`` (L,); the inputs checked and on the model's device."""
         init_loss, init_greedy = _candidate_losses(model, before, suffix[None], after, target, self.candidate_batch)
-        best = _Best(suffix, float(init_loss[0]), bool(init_greedy[0]))
+        current = float(init_loss[0])
+        table = None  # (V, H) made at the first step: an attack stopped at its initial suffix needs none
+        best = _Best(suffix, current, bool(init_greedy[0]))
         forwards, losses = 1, []
         for _ in range(self.num_steps):
             if self.early_stop and best.greedy:
                 break
-            grad = _token_gradient(model, weight, before, suffix, after, target)  # (L, V)
+            table = _embedding_table(model) if table is None else table
+            grad, loss = _token_gradient(model, table, before, suffix, after, target)  # (L, V)
+            _check_same_loss(model, loss, current)
             candidates = _sample_candidates(suffix, grad, allowed, self.topk, self.search_width, generator)  # (B, L)
             if not self.allow_special:
                 candidates = candidates[_retokenises(tokenizer, candidates)]
@@ -170,7 +188,8 @@ class GCG:
             forwards += 1 + candidates.shape[0]
             kept = int(cand_loss.argmin())
             suffix = candidates[kept]  # the step's best candidate, even if worse than the current suffix
-            losses.append(float(cand_loss[kept]))
+            current = float(cand_loss[kept])
+            losses.append(current)
             best.update(candidates, cand_loss, cand_greedy)
         return GCGResult(suffix_ids=best.suffix.tolist(), loss=best.loss, losses=losses, steps=len(losses),
                          forward_passes=forwards, backward_passes=len(losses), success=best.greedy)
@@ -293,31 +312,50 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _token_gradient(model: nn.Module, weight: Tensor, before: Tensor, suffix: Tensor, after: Tensor,
-                    target: Tensor) -> Tensor:
-    """(L, V) gradient of the target's mean cross-entropy w.r.t. the suffix's one-hot matrix.
+def _embedding_table(model: nn.Module) -> Tensor:
+    """(V, H) what the model's input-embedding module gives each token id: its weight, times Gemma-3's scale,
+    plus a LoRA adapter on the embedding, ... Made outside ``inference_mode`` so autograd may use it."""
+    embed = unwrap_causal_lm(model).get_input_embeddings()
+    with torch.inference_mode(False), torch.no_grad():
+        return embed(torch.arange(embed.weight.shape[0], device=embed.weight.device))
 
+
+def _token_gradient(model: nn.Module, table: Tensor, before: Tensor, suffix: Tensor, after: Tensor, target: Tensor
+                    ) -> tuple[Tensor, float]:
+    """(L, V) gradient of the target's mean cross-entropy w.r.t. the suffix's one-hot matrix, and that loss.
+
+    Tokens are embedded as rows of ``table`` (:func:`_embedding_table`), the suffix as ``one_hot @ table``.
     Only the one-hot gets a gradient (``torch.autograd.grad``): the parameters' ``.grad`` is not touched.
+    Runs with autograd on even inside ``torch.no_grad`` or ``torch.inference_mode`` (Lightning's validation
+    and test loops).
     """
     base = unwrap_causal_lm(model)
     decoder, head = causal_lm_parts(base)
-    transform = logit_transform(base)
-    with torch.enable_grad():
-        one_hot = F.one_hot(suffix, weight.shape[0]).to(weight.dtype).requires_grad_()  # (L, V)
-        with torch.no_grad():
-            embed = weight[torch.cat([before, after, target])]  # (P + A + T, H)
+    with torch.inference_mode(False), torch.enable_grad():
+        one_hot = F.one_hot(suffix.clone(), table.shape[0]).to(table.dtype).requires_grad_()  # (L, V)
+        fixed = table[torch.cat([before, after, target]).clone()]  # (P + A + T, H)
         n_before = before.shape[0]
-        embeds = torch.cat([embed[:n_before], one_hot @ weight, embed[n_before:]])[None]  # (1, S, H)
+        embeds = torch.cat([fixed[:n_before], one_hot @ table, fixed[n_before:]])[None]  # (1, S, H)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)  # (1, S)
         hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                          use_cache=False).last_hidden_state  # (1, S, H)
         n_target = target.shape[0]
         logits = head(hidden[0, -n_target - 1 : -1]).float()  # (T, V): position t predicts token t + 1
+        transform = logit_transform(base)
         if transform is not None:
             logits = transform(logits)
-        loss = F.cross_entropy(logits, target)
+        loss = F.cross_entropy(logits, target.clone())
         (grad,) = torch.autograd.grad(loss, one_hot)
-    return grad  # (L, V)
+    return grad, float(loss.detach())
+
+
+def _check_same_loss(model: nn.Module, gradient_loss: float, scored_loss: float) -> None:
+    """Warn when the one-hot embedding path and the token-id path disagree on the current suffix's loss: the
+    model's input embedding is more than a per-token lookup, and the gradient is off."""
+    if abs(gradient_loss - scored_loss) > 0.05 * max(1.0, abs(scored_loss)):
+        warnings.warn(f"GCG: the one-hot embedding path gives the target loss {gradient_loss:.4f} where the model's "
+                      f"own forward gives {scored_loss:.4f} ({type(unwrap_causal_lm(model)).__name__}); its input "
+                      "embedding is more than a lookup, so the token gradient may point the wrong way", stacklevel=3)
 
 
 def _sample_candidates(suffix: Tensor, grad: Tensor, allowed: Tensor, topk: int, width: int,

@@ -121,24 +121,73 @@ def test_gcg_loss_is_the_models_own_target_cross_entropy_and_keeps_the_steps_bes
     assert loss.item() == pytest.approx(result.loss, abs=1e-4)
 
 
-def test_gcg_token_gradient_matches_the_models_forward_with_one_hot_embeddings(toy):
-    """The one-hot gradient equals autograd through the model's own forward with inputs_embeds = one_hot @ E."""
-    from lit_align.attacks.gcg import _token_gradient
+def _tiny_gemma3(vocab_size: int):
+    """A tiny Gemma-3 text model: scaled input embedding (sqrt(hidden)) and logit soft-capping."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+    config = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def _lora_on_embedding(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"],
+                                                           init_lora_weights=False))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "lora_embedding"])
+def test_gcg_token_gradient_matches_the_models_own_forward(toy, family):
+    """The one-hot gradient equals autograd through the model's own forward with the suffix embedded as
+    one_hot @ E, E = the embedding module's output for every id (Gemma-3: weight times sqrt(hidden); a LoRA adapter
+    on the embedding: weight plus B A), and its loss equals the token-id forward's (Gemma-3's soft-capped logits
+    included)."""
+    from lit_align.attacks.gcg import _embedding_table, _token_gradient
+
+    model = {"llama": lambda: toy.model, "gemma3": lambda: _tiny_gemma3(len(toy.tokenizer)),
+             "lora_embedding": lambda: _lora_on_embedding(toy.model)}[family]()
     suffix = torch.tensor([toy.usable[3].item(), toy.usable[40].item()])
-    weight = toy.model.get_input_embeddings().weight
-    grad = _token_gradient(toy.model, weight, torch.tensor(toy.before), suffix, torch.tensor(toy.after),
-                           torch.tensor(toy.target))
+    table = _embedding_table(model)
+    grad, loss = _token_gradient(model, table, torch.tensor(toy.before), suffix, torch.tensor(toy.after),
+                                 torch.tensor(toy.target))
+    weight = model.get_input_embeddings().weight
+    assert torch.equal(table, weight) == (family == "llama")
+    if family == "gemma3":
+        torch.testing.assert_close(table, weight * 32**0.5)
     one_hot = F.one_hot(suffix, weight.shape[0]).float().requires_grad_()
     pos = len(toy.before)
-    with torch.no_grad():
-        clean = weight[toy.sequences(suffix[None])[0]]  # (S, H)
-    embeds = torch.cat([clean[:pos], one_hot @ weight, clean[pos + SUFFIX_LENGTH :]])[None]  # (1, S, H)
+    clean = table[toy.sequences(suffix[None])[0]]  # (S, H)
+    embeds = torch.cat([clean[:pos], one_hot @ table, clean[pos + SUFFIX_LENGTH :]])[None]
     n = len(toy.target)
-    logits = toy.model(inputs_embeds=embeds).logits[0, -n - 1 : -1]
+    logits = model(inputs_embeds=embeds).logits[0, -n - 1 : -1]
     (expected,) = torch.autograd.grad(F.cross_entropy(logits, torch.tensor(toy.target)), one_hot)
     assert grad.shape == (SUFFIX_LENGTH, len(toy.tokenizer))
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    _, by_ids = toy.greedy_and_loss(model, suffix[None])
+    assert loss == pytest.approx(by_ids.item(), abs=1e-5)
+
+
+class _PositionalEmbedding(torch.nn.Embedding):
+    """An input embedding that also adds a per-position offset: not a per-token lookup."""
+
+    def forward(self, ids):
+        return super().forward(ids) + 3.0 * torch.arange(ids.shape[-1], device=ids.device)[:, None].sin()
+
+
+def test_gcg_warns_when_the_embedding_is_not_a_per_token_lookup(toy):
+    model = copy.deepcopy(toy.model)
+    model.set_input_embeddings(_PositionalEmbedding.from_pretrained(model.get_input_embeddings().weight))
+    with pytest.warns(UserWarning, match="more than a lookup, so the token gradient may point the wrong way"):
+        _attack(toy, model=model, early_stop=False, num_steps=1)
+
+
+def test_gcg_runs_inside_inference_mode(toy):
+    """Lightning's validation and test loops run under torch.inference_mode: the attack still gets its gradient."""
+    expected = _attack(toy, early_stop=False, num_steps=2)
+    with torch.inference_mode():
+        assert _attack(toy, early_stop=False, num_steps=2) == expected
 
 
 def test_gcg_leaves_parameters_their_grad_and_module_modes_untouched(toy):
@@ -216,6 +265,23 @@ def test_gcg_candidates_never_use_special_or_unprintable_tokens_and_re_tokenise(
     assert not allowed[torch.cat(seen[1:])].all()
 
 
+def test_gcg_moves_to_the_steps_best_candidate_even_when_it_is_worse(toy):
+    """Algorithm 1: the next step's candidates are one swap away from the previous step's lowest-loss candidate,
+    also on the steps where that candidate is worse than the suffix it replaced (untrained model: no slope)."""
+    model = tiny_lm("llama", vocab_size=len(toy.tokenizer), hidden_size=32, seed=5)
+    seen, handle = _scored_suffixes(model, len(toy.before), 3)
+    try:
+        result = _attack(toy, model=model, suffix_length=3, early_stop=False, num_steps=6, search_width=16, topk=32)
+    finally:
+        handle.remove()
+    steps = seen[1:]  # seen[0]: the init suffix; then one forward of candidates per step
+    kept = [cands[toy.greedy_and_loss(model, cands)[1].argmin()] for cands in steps]
+    assert [toy.greedy_and_loss(model, k[None])[1].item() for k in kept] == pytest.approx(result.losses, abs=1e-5)
+    for previous, cands in zip(kept, steps[1:]):
+        assert ((cands != previous).sum(-1) <= 1).all()
+    assert any(b > a for a, b in zip(result.losses, result.losses[1:])), result.losses
+
+
 def test_gcg_pass_counts(toy):
     """Unfiltered (allow_special): 1 forward for the init suffix + per step 1 gradient forward and search_width
     candidate forwards; 1 backward per step. An early stop counts only the steps run."""
@@ -224,6 +290,9 @@ def test_gcg_pass_counts(toy):
     stopped = _attack(toy)
     assert stopped.success and stopped.steps < 8 and stopped.backward_passes == stopped.steps
     assert stopped.forward_passes <= 1 + stopped.steps * (1 + 16)
+    at_once = _attack(toy, init_token=toy.tokenizer.decode([toy.secret]))  # the init suffix already succeeds
+    assert (at_once.success, at_once.steps, at_once.forward_passes, at_once.backward_passes) == (True, 0, 1, 0)
+    assert at_once.suffix_ids == [toy.secret] * SUFFIX_LENGTH and at_once.losses == []
 
 
 def test_gcg_is_deterministic_per_seed(toy):
