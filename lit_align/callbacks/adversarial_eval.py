@@ -325,7 +325,8 @@ class AdversarialEvaluation(L.Callback):
         if every_n_validations < 0:
             raise ConfigError(f"AdversarialEvaluation.every_n_validations must be >= 0, got {every_n_validations}")
         self.judge_spec, self.split = judge, split
-        self.epsilons, self.attack, self.gcg = [float(e) for e in epsilons], attack, gcg
+        self.epsilons, self.attack = [float(e) for e in epsilons], attack
+        self.gcg = dataclasses.replace(gcg, key="AdversarialEvaluation.gcg") if gcg is not None else None
         self.limits = {"behaviours": max_behaviours, "benign": max_benign, "utility": max_utility}
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.refusal_markers = tuple(refusal_markers)
