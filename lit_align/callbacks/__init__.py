@@ -1,5 +1,6 @@
 """Lightning callbacks: behaviour you can switch off without changing what a method is."""
 
+from lit_align.callbacks.adversarial_eval import AdversarialEvaluation
 from lit_align.callbacks.batch_checkpoint import BatchCheckpoint
 from lit_align.callbacks.cpu_threads import CPUThreads
 from lit_align.callbacks.debate_report import DebateReport
@@ -11,4 +12,4 @@ from lit_align.callbacks.unlearning_eval import UnlearningEvaluation
 from lit_align.callbacks.watermark_eval import WatermarkEvaluation
 from lit_align.callbacks.weight_mask import WeightMask
 
-__all__ = ["BatchCheckpoint", "CPUThreads", "DebateReport", "GameReport", "HFExport", "PredictionWriter", "SampleGenerations", "UnlearningEvaluation", "WatermarkEvaluation", "WeightMask"]
+__all__ = ["AdversarialEvaluation", "BatchCheckpoint", "CPUThreads", "DebateReport", "GameReport", "HFExport", "PredictionWriter", "SampleGenerations", "UnlearningEvaluation", "WatermarkEvaluation", "WeightMask"]

@@ -530,6 +530,11 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
             raise RuntimeError("the DataModule is not set up: call setup() first (the tokenizer comes from the module)")
         return self.tokenizer
 
+    @property
+    def uses_chat_template(self) -> bool:
+        """Whether prompts go through the tokenizer's chat template (decided at :meth:`setup`)."""
+        return self._chat
+
     def format_prompt(self, prompt: str) -> str:
         """The prompt text as the model reads it before the chat template (``prompt_template`` applied)."""
         return self.prompt_template.format(prompt=prompt) if self.prompt_template is not None else prompt
@@ -612,8 +617,9 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
     def eval_prompts(self, split: str = "val") -> dict[str, list]:
         """Raw (unformatted: pass them to :meth:`encode_prompt`) evaluation prompts of ``split`` (``train``,
         ``val`` or ``test``): ``harmful`` (behaviour prompts), ``ids``, ``targets`` (list of targets per
-        behaviour), ``safe`` (each behaviour's safe response as trained) and ``benign`` (benign prompts; empty
-        without ``data.benign``)."""
+        behaviour), ``safe`` (each behaviour's safe response as trained), ``benign`` (benign prompts; empty
+        without ``data.benign``) and ``utility`` (``{prompt, response}`` records; ``data.val_utility`` for held-out
+        splits, empty without it)."""
         split = "val" if split == "test" and "test" not in self.behaviours else split
         if split not in self.behaviours:
             raise ConfigError(f"no {split} behaviours: give data.{split}_behaviours")
@@ -621,9 +627,13 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
         benign_source = self.benign_sources["train" if split == "train" else "val"]
         benign = [r["prompt"] for r in load_records(benign_source, ("prompt",))] if benign_source else []
         key = f"data.{'behaviours' if split == 'train' else split + '_behaviours'}"
+        utility_source = self.utility_sources["train" if split == "train" else "val"]
+        utility = load_utility(utility_source, self.utility_max_prompt_chars,
+                               key="data.utility" if split == "train" else "data.val_utility") if utility_source else []
         return {"harmful": [b.prompt for b in behaviours], "ids": [b.id for b in behaviours],
                 "targets": [list(b.targets) for b in behaviours],
-                "safe": [self._safe_response(b, key) for b in behaviours], "benign": benign}
+                "safe": [self._safe_response(b, key) for b in behaviours], "benign": benign,
+                "utility": [{"prompt": r["prompt"], "response": r["response"]} for r in utility]}
 
     # -- loaders -------------------------------------------------------------------------------
     def _loader(self, dataset: AdversarialStream, batch_size: int, *, shard: bool = True) -> ResumableDataLoader:
