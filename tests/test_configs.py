@@ -31,7 +31,8 @@ def _print_config(*configs: Path) -> str:
 #: Every config shipped, by method: its CPU tiny run(s) and its real-scale runs. A new or removed YAML
 #: must be listed here (so a config cannot vanish, or appear untested, unnoticed).
 EXPECTED_CONFIGS = {
-    "adv_training": ["ul_tiny.yaml", "ipo_tiny.yaml"],
+    "adv_training": ["ul_tiny.yaml", "ipo_tiny.yaml", "ul_phi-3-mini.yaml", "ipo_phi-3-mini.yaml", "ul_zephyr-7b.yaml",
+                     "ipo_mistral-7b.yaml"],
     "curry_dpo": ["tiny.yaml", "zephyr-7b_ultrafeedback.yaml"],
     "debate": ["tiny.yaml", "llama3_8b_mmlu.yaml", "mistral7b_boolq.yaml"],
     "dpo": ["tiny.yaml", "llama3.1-8b_ultrafeedback_fsdp.yaml", "qwen2.5-0.5b_ultrafeedback_lora.yaml"],
@@ -59,7 +60,7 @@ def test_configs_are_found():
     found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
     expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
     assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
-    assert len(found) == 48
+    assert len(found) == 52
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {n for n in expected if n.endswith("/tiny.yaml")}
     assert len(TINY) == 18
     assert [p.name for p in PRESETS] == ["ddp_cpu.yaml", "default.yaml", "fsdp.yaml", "fsdp2_cpu.yaml", "wandb.yaml"]

@@ -93,7 +93,7 @@ def test_gcg_verdicts_and_cost(setup):
 
 def test_callback_writes_start_and_trained_rows(tmp_path):
     cli = cli_main(["--config", "configs/adv_training/ul_tiny.yaml", "--trainer.default_root_dir", str(tmp_path),
-                    *CSV_LOGGER, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                    *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
                     "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]",
                     "--trainer.callbacks+=lit_align.callbacks.AdversarialEvaluation",
                     "--trainer.callbacks.judge=lit_align.game.RuleJudge",
