@@ -225,7 +225,7 @@ class StepTimer(L.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=60, help="training steps of every trained arm")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of every trained arm")
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny budgets (a smoke run)")
     parser.add_argument("--cost", action="store_true", help="also time one C-AdvUL step against a GCG-based step")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
