@@ -28,6 +28,7 @@ GAME_MARKER = "GAME_RESULT "
 DEBATE_MARKER = "DEBATE_RESULT "
 RLHF_MARKER = "RLHF_RESULT "
 PREFERENCE_MARKER = "PREFERENCE_RESULT "
+ADVERSARIAL_MARKER = "ADVERSARIAL_RESULT "
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -81,6 +82,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_DEBATE_OUT", str(tmp_path / "debate"))
     monkeypatch.setenv("LIT_ALIGN_RLHF_OUT", str(tmp_path / "rlhf"))
     monkeypatch.setenv("LIT_ALIGN_PREFERENCE_OUT", str(tmp_path / "preference"))
+    monkeypatch.setenv("LIT_ALIGN_ADVERSARIAL_OUT", str(tmp_path / "adversarial"))
     before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
 
     nb = nbformat.read(path, as_version=4)
@@ -188,3 +190,38 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         assert all(st["first_loss"] < math.log(2) - 0.01 for st in single["stages"][1:]), single["stages"]
         assert result["sft"]["rank_acc"] == 0.5, result["sft"]  # the implicit reward of the start is 0
         assert curry["stages"][-1]["rank_acc"] > 0.6 and single["stages"][-1]["rank_acc"] > 0.6, result["curry"]
+
+    if path.name == "08_adversarial_training.ipynb":
+        lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(ADVERSARIAL_MARKER)]
+        assert lines, "the adversarial training notebook's last code cell prints an ADVERSARIAL_RESULT line"
+        result = json.loads(lines[-1][len(ADVERSARIAL_MARKER):])
+        assert len(result["plots"]) == 2 and all(Path(p).is_file() and Path(p).parent == tmp_path / "adversarial"
+                                                 for p in result["plots"]), result["plots"]
+        attack = result["attack"]
+        # the mask covers the whole templated prompt ("Human: ...\nAI:") and no target token
+        assert attack["mask_prompt_tokens"] == attack["prompt_tokens"] > 0 and attack["mask_target_tokens"] == 0, attack
+        assert 0 < attack["max_delta_norm"] <= attack["radius"] + 1e-6, attack  # inside the per-token ball
+        assert len(attack["losses"]) == 11 and attack["losses"][-1] < attack["losses"][0], attack  # the attacker descends
+        training = result["training"]
+        assert set(training) == {"C-AdvUL", "C-AdvIPO"}, list(training)
+        for name, run in training.items():
+            assert run["steps"] == run["max_steps"] > 0 and run["adversarial_steps"] > 0, (name, run)
+            assert run["ce_end_mean"] < run["ce_start_mean"], (name, run)  # the inner attack lowered the target's CE
+        assert {"away/ce", "toward/ce", "utility_loss"} <= set(training["C-AdvUL"]["logged"]), training["C-AdvUL"]
+        assert {"ipo_loss", "h"} <= set(training["C-AdvIPO"]["logged"]), training["C-AdvIPO"]
+        eps_small, eps_big = (f"asr/embedding@{e:g}" for e in result["epsilons"])
+        summaries = result["summaries"]
+        assert set(summaries) == {"base", "C-AdvUL", "C-AdvIPO"}, list(summaries)
+        base = summaries["base"]
+        assert 0 < base["asr/clean"] < 1, base  # the toy base complies with some behaviours and refuses others
+        assert base[eps_big] >= base["asr/clean"], base  # the attack does not make the base safer
+        for name, s in summaries.items():
+            assert all(0 <= s[k] <= 1 for k in s if k.startswith("asr/") or k == "over_refusal"), (name, s)
+            assert 0 < s["utility_nll"] < 10, (name, s)
+        # C-AdvUL was trained against this very attack at this radius: a wide margin in every run we made (0.69 vs
+        # 0.06); nothing is asserted about GCG or C-AdvIPO, whose differences one seed cannot establish
+        assert summaries["C-AdvUL"][eps_small] < base[eps_small] - 0.25, summaries
+        cost = result["cost"]
+        assert cost["embedding_attack"] == {**cost["embedding_attack"], "forward": 11, "backward": 10}, cost
+        assert cost["training_step_per_adversarial_example"] == {"forward": 13, "backward": 11}, cost
+        assert cost["gcg"]["forward"] > 5 * cost["embedding_attack"]["forward"], cost
