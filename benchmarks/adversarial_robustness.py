@@ -15,6 +15,8 @@ LoRA init, the data order and the attacks' seeds change):
 * ``refusal_sft``: LoRA SFT on the training behaviours answered by the safe response (refusals only, no attack),
   the same steps, LoRA and optimiser as C-AdvUL (``configs/sft/tiny_game.yaml`` with overrides);
 * ``c_advul``: ``configs/adv_training/ul_tiny.yaml``;
+* ``c_advul_no_attack``: the same config with the attack reduced to nothing (one step, epsilon_rel 1e-9): the
+  same objective, data and steps, so the comparison with ``c_advul`` isolates what the attack adds;
 * ``c_advipo``: ``configs/adv_training/ipo_tiny.yaml``.
 
 Measured per arm on the held-out sets (:func:`lit_align.callbacks.adversarial_eval.evaluate_robustness`): ASR
@@ -22,14 +24,19 @@ without attack, under the embedding attack at each radius, and under GCG (a per-
 benign questions; utility NLL. Effects are paired differences against ``base`` (and ``refusal_sft``) over (seed,
 behaviour) units, with two 95% intervals: Student-t over seeds of the per-seed mean difference, and a percentile
 bootstrap over behaviours (seeds pooled, behaviours resampled). A README row is "met" only when the discrete-attack
-(GCG) ASR drop's intervals both exclude 0.
+(GCG) ASR drop's intervals both exclude 0; the drop against ``c_advul_no_attack`` says whether the attack, not the
+refusal data, made it.
 
-Cost (``--cost``): wall time of one C-AdvUL training step against one GCG-based adversarial step on the same batch
-and model (GCG with its usual budget on every adversarial example of the batch, then the same loss step), and the
-forward / backward passes of each; the paper reports two orders of magnitude.
+Cost (``--cost-only``, a timing: run it alone): wall time of one C-AdvUL training step (median of steps 2-3 of
+``ul_tiny.yaml`` on batches of 8 adversarial rows) against one GCG-based adversarial step on the same model and batch
+size: GCG with its usual budget (250 steps, 512 candidates, top-256, 20-token suffix, no early stop) on every
+adversarial example, then the same loss step; and an R2D2-like step (persistent suffixes advanced by 5 GCG steps
+per training step, from the measured time per GCG step). Also the forward / backward passes per example. The paper
+reports its whole run about 299x cheaper than R2D2's.
 
-    python benchmarks/adversarial_robustness.py --seeds 5 --write   # ~N min on 2 cores; run alone
-    python benchmarks/adversarial_robustness.py --quick             # smoke run: 1 seed, small budgets
+    python benchmarks/adversarial_robustness.py --seeds 5 --write       # ~45 min on 2 cores
+    python benchmarks/adversarial_robustness.py --cost-only --write     # the step-cost comparison; run it alone
+    python benchmarks/adversarial_robustness.py --quick                 # smoke run: 1 seed, small budgets
 """
 
 from __future__ import annotations
@@ -124,6 +131,10 @@ def _run_seed(seed: int, root: Path, dm, inputs: dict, budget: dict, steps: int)
             "--data.init_args.train.path", sft_file, "--data.init_args.batch_size", "8",
             "--trainer.max_steps", str(steps)]),
         "c_advul": ("configs/adv_training/ul_tiny.yaml", ["--trainer.max_steps", str(steps)]),
+        # the ablation: the same objective, data, steps and LoRA, with the attack reduced to nothing
+        "c_advul_no_attack": ("configs/adv_training/ul_tiny.yaml", [
+            "--trainer.max_steps", str(steps), "--model.init_args.attack.epsilon_rel", "1e-9",
+            "--model.init_args.attack.iters", "1"]),
         "c_advipo": ("configs/adv_training/ipo_tiny.yaml", ["--trainer.max_steps", str(steps)]),
     }
     for name, (config, args) in runs.items():
@@ -167,16 +178,16 @@ def summarise(runs: list[dict]) -> dict:
     for arm in arms:
         keys = [k for k in runs[0][arm]["summary"] if not k.startswith("cost")]
         summary["arms"][arm] = {k: interval([r[arm]["summary"][k] for r in runs]) for k in keys}
-    for arm in ("refusal_sft", "c_advul", "c_advipo"):
+    for arm in ("refusal_sft", "c_advul", "c_advul_no_attack", "c_advipo"):
         summary[f"{arm}_vs_base"] = {a: _effect(runs, arm, "base", a) for a in attacks}
-    for arm in ("c_advul", "c_advipo"):
-        summary[f"{arm}_vs_refusal_sft"] = {a: _effect(runs, arm, "refusal_sft", a) for a in attacks}
+    summary["c_advul_vs_c_advul_no_attack"] = {a: _effect(runs, "c_advul", "c_advul_no_attack", a) for a in attacks}
 
     def met(effect: dict) -> bool:
         return effect["drop"]["low"] > 0 and effect["drop_bootstrap_behaviours"]["low"] > 0
 
     summary["met"] = {f"{arm}_gcg_drop_vs_base": met(summary[f"{arm}_vs_base"]["gcg"]) for arm in ("c_advul",
                                                                                                     "c_advipo")}
+    summary["met"]["c_advul_gcg_drop_vs_no_attack"] = met(summary["c_advul_vs_c_advul_no_attack"]["gcg"])
     return summary
 
 
@@ -192,17 +203,22 @@ def cost(cases: list, gcg_budget: dict | None = None, seed: int = 0) -> dict:
     module = cli.model
     continuous = statistics.median(timer.seconds[1:])
     rows = cli.datamodule.batch_size
-    gcg = GCG(**(gcg_budget or {}), seed=seed)
+    gcg = GCG(**{**(gcg_budget or {}), "early_stop": False}, seed=seed)  # the full budget, as a training step would
     began = time.perf_counter()
     passes = [0, 0]
     for case in cases[:rows]:  # GCG on every adversarial example of a batch of the same size
         found = gcg(module.policy, module.tokenizer, case.before_ids, case.after_ids, case.target_ids)
         passes[0] += found.forward_passes
         passes[1] += found.backward_passes
-    gcg_seconds = time.perf_counter() - began + continuous  # + the same loss step on the attacked rows
+    attack_seconds = time.perf_counter() - began
+    gcg_seconds = attack_seconds + continuous  # + the same loss step on the attacked rows
+    # R2D2 (Mazeika et al. 2024, HarmBench) keeps persistent test cases and advances each by a few GCG steps per
+    # training step (5 here): the per-step cost of that scheme, from the measured seconds per GCG step
+    r2d2_seconds = attack_seconds * 5 / gcg.num_steps + continuous
     attack = module.attack
-    return {"adversarial_rows": rows, "c_advul_step_seconds": continuous, "gcg_step_seconds": gcg_seconds,
-            "ratio": gcg_seconds / continuous,
+    return {"adversarial_rows": rows, "c_advul_step_seconds": continuous,
+            "gcg_step_seconds": gcg_seconds, "ratio": gcg_seconds / continuous,
+            "r2d2_like_step_seconds": r2d2_seconds, "r2d2_like_ratio": r2d2_seconds / continuous,
             "gcg": {k: getattr(gcg, k) for k in ("num_steps", "suffix_length", "search_width", "topk")},
             "passes_per_example": {"embedding_attack": {"forward": attack.iters + 1, "backward": attack.iters},
                                    "gcg": {"forward": passes[0] / rows, "backward": passes[1] / rows}}}
@@ -227,7 +243,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="training steps of every trained arm")
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny budgets (a smoke run)")
-    parser.add_argument("--cost", action="store_true", help="also time one C-AdvUL step against a GCG-based step")
+    parser.add_argument("--cost-only", action="store_true",
+                        help=f"only the cost comparison (alone on the machine: it is a timing), merged into {RESULTS.name} "
+                             "with --write")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
     opts = parser.parse_args()
     torch.set_num_threads(1)
@@ -242,6 +260,14 @@ def main() -> None:
               "benign": [dm.encode_prompt(p) for p in prompts["benign"]],
               "utility": [(dm.encode_prompt(r["prompt"]), dm.encode_response(r["response"]))
                           for r in prompts["utility"]]}
+    if opts.cost_only:
+        measured = cost(inputs["cases"], gcg_budget=budget["gcg"] if opts.quick else None)
+        print(json.dumps(measured, indent=1))
+        if opts.write:
+            stored = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
+            RESULTS.write_text(json.dumps({**stored, "cost": measured}, indent=1) + "\n", encoding="utf-8")
+            print(f"wrote the cost into {RESULTS}")
+        return
     began = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,12 +278,11 @@ def main() -> None:
                         "judge": "RuleJudge (toy)", "seconds": time.perf_counter() - began},
               "summary": summarise(runs),
               "runs": [{arm: {"summary": v["summary"]} for arm, v in r.items()} for r in runs]}
-    if opts.cost:
-        result["cost"] = cost(inputs["cases"], gcg_budget=None if not opts.quick else budget["gcg"])
     print(json.dumps(result["summary"], indent=1))
-    if "cost" in result:
-        print(json.dumps(result["cost"], indent=1))
     if opts.write:
+        if RESULTS.exists():  # keep the cost, measured on its own (--cost-only)
+            stored = json.loads(RESULTS.read_text(encoding="utf-8"))
+            result.update({"cost": stored["cost"]} if "cost" in stored else {})
         RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {RESULTS}")
 
