@@ -12,6 +12,8 @@ held-out behaviours of the DataModule, :func:`evaluate_robustness` measures
   behaviour's target, appended to the behaviour inside the template;
 * ``over_refusal``: the share of benign prompts whose greedy answer contains a refusal marker;
 * ``utility_nll``: the token-mean NLL of held-out utility answers (clean inputs);
+* ``mc_accuracy``: multiple-choice accuracy where the data gives questions (MMLU, ARC): the choice with the highest
+  summed log-likelihood as the answer to the formatted question (:class:`~lit_align.metrics.MultipleChoiceAccuracy`);
 * ``cost/...``: forward and backward passes and seconds per behaviour of each attack.
 
 Every verdict is kept per behaviour (:class:`RobustnessResult`), so a benchmark can put intervals over
@@ -40,6 +42,7 @@ from lit_align.callbacks.reporting import eval_mode, publish, report_dir, write_
 from lit_align.data.tokenize import prompt_response_batch
 from lit_align.errors import ConfigError
 from lit_align.game.judge import JudgeFactory, SafetyJudge, build_judge
+from lit_align.metrics import MultipleChoiceAccuracy
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
@@ -108,6 +111,7 @@ class RobustnessResult:
         unsafe: attack name (``clean``, ``embedding@<eps>``, ``gcg``) -> the judge's verdict per behaviour.
         refused_benign: per benign prompt, whether the greedy answer refused.
         utility_nll: token-mean NLL of the utility answers (``None`` without utility rows).
+        mc_accuracy: multiple-choice accuracy (``None`` without questions).
         cost: ``cost/<attack>/{forward,backward}_passes`` and ``cost/<attack>/seconds``, per behaviour.
         rows: every completion: ``{attack, behaviour, response, unsafe}`` and the benign ones ``{attack: benign, ...}``.
     """
@@ -115,6 +119,7 @@ class RobustnessResult:
     unsafe: dict[str, list[bool]] = field(default_factory=dict)
     refused_benign: list[bool] = field(default_factory=list)
     utility_nll: float | None = None
+    mc_accuracy: float | None = None
     cost: dict[str, float] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
 
@@ -124,6 +129,7 @@ class RobustnessResult:
         out["over_refusal"] = (sum(self.refused_benign) / len(self.refused_benign)
                                if self.refused_benign else math.nan)
         out["utility_nll"] = math.nan if self.utility_nll is None else self.utility_nll
+        out["mc_accuracy"] = math.nan if self.mc_accuracy is None else self.mc_accuracy
         return {**out, **self.cost}
 
 
@@ -151,6 +157,7 @@ def evaluate_robustness(
     *,
     benign_prompts: Sequence[list[int]] = (),
     utility: Sequence[tuple[list[int], list[int]]] = (),
+    multiple_choice: Sequence[tuple[list[int], list[list[int]], int]] = (),
     epsilons: Sequence[float] = (0.05, 0.1),
     attack: EmbeddingAttack | None = None,
     gcg: GCG | None = None,
@@ -167,6 +174,7 @@ def evaluate_robustness(
         judge: the safety judge of (behaviour, answer) pairs.
         benign_prompts: formatted benign prompts (token ids) for ``over_refusal``.
         utility: (prompt ids, answer ids) pairs for ``utility_nll``.
+        multiple_choice: (question ids, [choice ids, ...], right choice) for ``mc_accuracy``.
         epsilons: relative radii of the embedding attack; empty skips it.
         attack: the embedding attack's other settings (iterations, step size); its ``epsilon_rel`` is replaced by
             each of ``epsilons``. Default ``EmbeddingAttack()`` (the training attack's released settings).
@@ -225,6 +233,7 @@ def evaluate_robustness(
             result.rows += [{"attack": "benign", "behaviour": tokenizer.decode(p, skip_special_tokens=True),
                              "response": a, "unsafe": None} for p, a in zip(benign_prompts, answers)]
             result.utility_nll = _utility_nll(model, tokenizer, utility, batch_size, device)
+            result.mc_accuracy = _mc_accuracy(model, tokenizer, multiple_choice, batch_size, device)
     return result
 
 
@@ -252,6 +261,26 @@ def _utility_nll(model, tokenizer, utility, batch_size: int, device) -> float | 
         count += int(out.mask.sum())
     return total / max(count, 1)
 
+
+
+def _mc_accuracy(model, tokenizer, questions, batch_size: int, device) -> float | None:
+    """Share of ``questions`` whose right choice has the highest summed log-likelihood after the question."""
+    if not questions:
+        return None
+    metric = MultipleChoiceAccuracy().to(device)
+    rows = [(list(q), list(c)) for q, choices, _ in questions for c in choices]
+    scores = []
+    for part in _chunks(rows, batch_size):
+        batch = _to(prompt_response_batch(part, list(range(len(part))), tokenizer.pad_token_id), device)
+        scores.append(token_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask).sum())  # (b,)
+    flat, start = torch.cat(scores), 0
+    width = max(len(c) for _, c, _ in questions)
+    table = torch.full((len(questions), width), -math.inf, device=device)  # (Q, C), missing choices -inf
+    for i, (_, choices, _) in enumerate(questions):
+        table[i, :len(choices)] = flat[start:start + len(choices)]
+        start += len(choices)
+    metric.update(table, torch.tensor([label for _, _, label in questions], device=device))
+    return float(metric.compute())
 
 #: Rows of the table: the policy before training and after it.
 ROWS = ("start", "trained")
@@ -285,6 +314,7 @@ class AdversarialEvaluation(L.Callback):
         max_behaviours: int | None = None,
         max_benign: int | None = None,
         max_utility: int | None = None,
+        max_multiple_choice: int | None = None,
         max_new_tokens: int = 32,
         batch_size: int = 8,
         refusal_markers: list[str] = DEFAULT_REFUSAL_MARKERS,
@@ -303,7 +333,8 @@ class AdversarialEvaluation(L.Callback):
                 default the released training attack (10 signed steps of 1e-4).
             gcg: the GCG attack's settings, or ``None`` to skip the discrete attack (it costs hundreds of forwards
                 per behaviour).
-            max_behaviours, max_benign, max_utility: evaluate only the first this-many records (``None``: all).
+            max_behaviours, max_benign, max_utility, max_multiple_choice: evaluate only the first this-many records
+                (``None``: all).
             max_new_tokens: greedy answer length.
             batch_size: prompts per generation batch.
             refusal_markers: substrings (case-insensitive) that make an answer a refusal (over-refusal).
@@ -317,7 +348,7 @@ class AdversarialEvaluation(L.Callback):
             if value < 1:
                 raise ConfigError(f"AdversarialEvaluation.{key} must be >= 1, got {value}")
         for key, value in (("max_behaviours", max_behaviours), ("max_benign", max_benign),
-                           ("max_utility", max_utility)):
+                           ("max_utility", max_utility), ("max_multiple_choice", max_multiple_choice)):
             if value is not None and value < 0:
                 raise ConfigError(f"AdversarialEvaluation.{key} must be >= 0 or null, got {value}")
         if any(not (math.isfinite(e) and e > 0) for e in epsilons):
@@ -327,7 +358,8 @@ class AdversarialEvaluation(L.Callback):
         self.judge_spec, self.split = judge, split
         self.epsilons, self.attack = [float(e) for e in epsilons], attack
         self.gcg = dataclasses.replace(gcg, key="AdversarialEvaluation.gcg") if gcg is not None else None
-        self.limits = {"behaviours": max_behaviours, "benign": max_benign, "utility": max_utility}
+        self.limits = {"behaviours": max_behaviours, "benign": max_benign, "utility": max_utility,
+                       "multiple_choice": max_multiple_choice}
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.refusal_markers = tuple(refusal_markers)
         self.at_fit_start, self.every_n_validations = at_fit_start, every_n_validations
@@ -372,13 +404,16 @@ class AdversarialEvaluation(L.Callback):
         benign = [dm.encode_prompt(p) for p in first("benign", records["benign"])]
         utility = [(dm.encode_prompt(r["prompt"]), dm.encode_response(r["response"]))
                    for r in first("utility", records.get("utility", []))]
-        self._inputs = {"cases": cases, "benign": benign, "utility": utility}
+        questions = [(dm.encode_prompt(q["prompt"]), [dm.encode_response(c, eos=False) for c in q["choices"]],
+                      q["label"]) for q in first("multiple_choice", records.get("multiple_choice", []))]
+        self._inputs = {"cases": cases, "benign": benign, "utility": utility, "multiple_choice": questions}
 
     def _evaluate(self, pl_module, *, gcg: bool = True) -> RobustnessResult:
         assert self._inputs is not None and self._judge is not None
         return evaluate_robustness(
             pl_module.policy, pl_module.tokenizer, self._inputs["cases"], self._judge,
-            benign_prompts=self._inputs["benign"], utility=self._inputs["utility"], epsilons=self.epsilons,
+            benign_prompts=self._inputs["benign"], utility=self._inputs["utility"],
+            multiple_choice=self._inputs["multiple_choice"], epsilons=self.epsilons,
             attack=self.attack, gcg=self.gcg if gcg else None, max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size, refusal_markers=self.refusal_markers)
 
@@ -446,7 +481,7 @@ class AdversarialEvaluation(L.Callback):
         flat = {f"adv/{r}/{c}": v for r in rows for c, v in self.results[r].items()}
         publish(trainer, "adversarial_eval", ["model", *columns], table, metrics=flat, image=self.files.get("png"))
         if self.verbose:
-            shown = [c for c in columns if c.startswith("asr/") or c in ("over_refusal", "utility_nll")]
+            shown = [c for c in columns if c.startswith("asr/") or c in ("over_refusal", "utility_nll", "mc_accuracy")]
             print(f"\nAdversarial evaluation (rows = models):\n{self.format_table(shown)}")
             print(f"Full table: {self.files['csv']}; every completion: {self.files['cases']}")
 

@@ -79,6 +79,7 @@ __all__ = [
     "MixSampler",
     "check_assistant_header",
     "load_behaviours",
+    "load_multiple_choice",
     "load_utility",
     "mix_epoch_length",
 ]
@@ -224,6 +225,53 @@ def load_utility(source: DataSource, max_prompt_chars: int | None = 768, key: st
     if not out:
         raise ConfigError(f"{key} ({source.path!r}) has no usable records (under utility_max_prompt_chars="
                           f"{max_prompt_chars}); check the source or raise data.utility_max_prompt_chars")
+    return out
+
+
+def _choice_texts(value: Any) -> tuple[list[str], list[str]] | None:
+    """``(texts, labels)`` of a record's choices: a list of strings (labels A, B, ...), or ARC's
+    ``{"text": [...], "label": [...]}``; ``None`` when it is neither."""
+    if isinstance(value, dict) and isinstance(value.get("text"), list):
+        texts = [str(t) for t in value["text"]]
+        labels = [str(x) for x in value.get("label", [])] or [chr(65 + i) for i in range(len(texts))]
+        return texts, labels
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) for t in value):
+        return list(value), [chr(65 + i) for i in range(len(value))]
+    return None
+
+
+def load_multiple_choice(source: DataSource, key: str = "data.multiple_choice") -> list[Record]:
+    """Multiple-choice records ``{prompt, choices, label}`` (``label`` the index of the right choice) from records
+    with a question (``prompt``; MMLU's and ARC's ``question`` is found too), ``choices`` (a list of strings, or
+    ARC's ``{text, label}``) and ``label`` (an index, or a choice label / letter such as ARC's ``answerKey``;
+    MMLU's ``answer`` is found too). ``fields`` renames columns."""
+    def get(row: Record, name: str, *fallbacks: str) -> Any:
+        for column in (source.fields.get(name, name), *fallbacks):
+            if column in row:
+                return row[column]
+        return None
+
+    out = []
+    for i, row in enumerate(read_rows(source)):
+        prompt, label = get(row, "prompt", "question"), get(row, "label", "answer", "answerKey")
+        choices = _choice_texts(get(row, "choices"))
+        if not isinstance(prompt, str) or choices is None or label is None:
+            raise DataError(f"{key}: {describe_record(source.path, i)} needs a question (`prompt` or `question`), "
+                            f"`choices` (a list of strings or {{text, label}}) and a `label` (index or letter); it "
+                            f"has {sorted(row)}. Map the columns with `fields: {{prompt: ..., choices: ..., label: ...}}`")
+        texts, letters = choices
+        if isinstance(label, str) and not label.isdigit():
+            if label not in letters:
+                raise DataError(f"{key}: {describe_record(source.path, i)} has label {label!r}, not one of its "
+                                f"choices' labels {letters}")
+            index = letters.index(label)
+        else:
+            index = int(label)
+        if not 0 <= index < len(texts):
+            raise DataError(f"{key}: {describe_record(source.path, i)} has label {label!r} but {len(texts)} choices")
+        out.append({"prompt": prompt, "choices": texts, "label": index})
+    if not out:
+        raise ConfigError(f"{key} ({source.path!r}) has no records")
     return out
 
 
@@ -421,6 +469,7 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
         val_utility: DataSource | None = None,
         benign: DataSource | None = None,
         val_benign: DataSource | None = None,
+        multiple_choice: DataSource | None = None,
         targets: DataSource | None = None,
         safe_responses: DataSource | None = None,
         safe_response: str = DEFAULT_SAFE_RESPONSE,
@@ -447,6 +496,8 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
             val_utility: held-out utility records (validation utility NLL); optional.
             benign: benign prompts (field ``prompt``) for over-refusal checks; optional.
             val_benign: held-out benign prompts; default ``benign``.
+            multiple_choice: held-out multiple-choice questions for utility accuracy in evaluation (MMLU, ARC or
+                records ``{prompt, choices, label}``: :func:`load_multiple_choice`); optional, never trained on.
             targets: ``{behaviour_id: [targets] | target}`` JSON (or records with id and target columns), for
                 behaviour records without their own targets.
             safe_responses: ``{behaviour_id: safe_response}`` mapping, read with ``diverse_safe_answers``.
@@ -495,6 +546,7 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
         self.sources = {"train": behaviours, "val": val_behaviours, "test": test_behaviours or val_behaviours}
         self.utility_sources = {"train": utility, "val": val_utility}
         self.benign_sources = {"train": benign, "val": val_benign or benign}
+        self.multiple_choice_source = multiple_choice
         self.targets_source, self.safe_responses_source = targets, safe_responses
         self.safe_response, self.diverse_safe_answers = safe_response, diverse_safe_answers
         self.p, self.utility_max_prompt_chars = adversarial_probability, utility_max_prompt_chars
@@ -618,8 +670,9 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
         """Raw (unformatted: pass them to :meth:`encode_prompt`) evaluation prompts of ``split`` (``train``,
         ``val`` or ``test``): ``harmful`` (behaviour prompts), ``ids``, ``targets`` (list of targets per
         behaviour), ``safe`` (each behaviour's safe response as trained), ``benign`` (benign prompts; empty
-        without ``data.benign``) and ``utility`` (``{prompt, response}`` records; ``data.val_utility`` for held-out
-        splits, empty without it)."""
+        without ``data.benign``), ``utility`` (``{prompt, response}`` records; ``data.val_utility`` for held-out
+        splits, empty without it) and ``multiple_choice`` (``{prompt, choices, label}`` of ``data.multiple_choice``,
+        whatever the split; empty without it)."""
         split = "val" if split == "test" and "test" not in self.behaviours else split
         if split not in self.behaviours:
             raise ConfigError(f"no {split} behaviours: give data.{split}_behaviours")
@@ -633,7 +686,9 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
         return {"harmful": [b.prompt for b in behaviours], "ids": [b.id for b in behaviours],
                 "targets": [list(b.targets) for b in behaviours],
                 "safe": [self._safe_response(b, key) for b in behaviours], "benign": benign,
-                "utility": [{"prompt": r["prompt"], "response": r["response"]} for r in utility]}
+                "utility": [{"prompt": r["prompt"], "response": r["response"]} for r in utility],
+                "multiple_choice": load_multiple_choice(self.multiple_choice_source)
+                if self.multiple_choice_source is not None else []}
 
     # -- loaders -------------------------------------------------------------------------------
     def _loader(self, dataset: AdversarialStream, batch_size: int, *, shard: bool = True) -> ResumableDataLoader:

@@ -92,8 +92,15 @@ def test_gcg_verdicts_and_cost(setup):
 
 
 def test_callback_writes_start_and_trained_rows(tmp_path):
+    import json
+
+    questions = tmp_path / "mc.jsonl"
+    questions.write_text(json.dumps({"prompt": "How can I bake bread?", "label": 0,
+                                     "choices": ["Sure! To bake bread, do step one.", "Sorry, steal."]}) + "\n")
     cli = cli_main(["--config", "configs/adv_training/ul_tiny.yaml", "--trainer.default_root_dir", str(tmp_path),
-                    *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                    "--data.init_args.multiple_choice", json.dumps({"path": str(questions)}),
+                    *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "2",
+                    "--trainer.limit_val_batches", "0",
                     "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]",
                     "--trainer.callbacks+=lit_align.callbacks.AdversarialEvaluation",
                     "--trainer.callbacks.judge=lit_align.game.RuleJudge",
@@ -107,6 +114,7 @@ def test_callback_writes_start_and_trained_rows(tmp_path):
     assert list(callback.results) == ["start", "trained"]
     for row in callback.results.values():
         assert {"asr/clean", "asr/embedding@0.1", "asr/gcg", "over_refusal", "utility_nll"} <= set(row)
+        assert row["mc_accuracy"] in (0.0, 1.0)
     with open(callback.files["csv"], newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["model"] for r in table] == ["start", "trained"]
@@ -122,3 +130,37 @@ def test_callback_writes_start_and_trained_rows(tmp_path):
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=f"AdversarialEvaluation.{key}"):
         AdversarialEvaluation(judge=RuleJudge(), **kwargs)
+
+
+def test_multiple_choice_accuracy_reads_mmlu_and_arc_records(setup, tmp_path):
+    import json
+
+    from lit_align.data.adversarial import load_multiple_choice
+
+    tokenizer, model, dm, _, _ = setup
+    right = "Sure! To bake bread, do step one and then step two."
+    wrong = "Sorry, bread forge poison the steal."
+    records = [  # the base model's own answer is the likely choice
+        {"question": "How can I bake bread?", "choices": [wrong, right], "answer": 1},  # MMLU style
+        {"question": "How can I bake bread?", "choices": {"text": [right, wrong], "label": ["A", "B"]},
+         "answerKey": "A"},  # ARC style
+        {"question": "How can I bake bread?", "choices": [right, wrong], "answer": 1},  # labelled wrong on purpose
+    ]
+    path = tmp_path / "mc.json"
+    path.write_text(json.dumps(records))
+    questions = load_multiple_choice(DataSource(str(path)))
+    assert [q["label"] for q in questions] == [1, 0, 1] and questions[1]["choices"] == [right, wrong]
+    encoded = [(dm.encode_prompt(q["prompt"]), [dm.encode_response(c, eos=False) for c in q["choices"]], q["label"])
+               for q in questions]
+    result = evaluate_robustness(model, tokenizer, [], RuleJudge(), multiple_choice=encoded, epsilons=[])
+    assert result.mc_accuracy == pytest.approx(2 / 3)
+    assert result.summary()["mc_accuracy"] == pytest.approx(2 / 3)
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+                                "answerKey": "C"}]))
+    with pytest.raises(Exception, match="label 'C', not one of its choices' labels"):
+        load_multiple_choice(DataSource(str(bad)))
+    bad.write_text(json.dumps([{"question": "q", "answer": 0}]))
+    with pytest.raises(Exception, match="needs a question"):
+        load_multiple_choice(DataSource(str(bad)))
