@@ -97,7 +97,7 @@ def away_loss(
         ``(loss, metrics)``; metrics ``ce`` (token-mean harmful CE, detached) and ``floored`` (1.0 when the
         floor / window is active for the batch's ``neg_ce``, the fraction of windowed-out tokens otherwise).
     """
-    _check_cutoff(cutoff, "model.losses.away_cutoff")
+    _check_cutoff(cutoff, "model.objective.init_args.away_cutoff")
     ce, stats = nll_loss(token_logps, mask)
     scored = mask.bool()  # (B, T)
     if kind == "neg_ce":
@@ -110,7 +110,7 @@ def away_loss(
         loss = -log_1mp.sum() / scored.sum().clamp(min=1)
         floored = (scored & ~keep).sum() / scored.sum().clamp(min=1)
     else:
-        raise ConfigError(f"model.losses.away_kind must be 'neg_ce' or 'log_1_minus_p', got {kind!r}")
+        raise ConfigError(f"model.objective.init_args.away_kind must be 'neg_ce' or 'log_1_minus_p', got {kind!r}")
     return loss, {"ce": stats["nll"], "floored": floored.float()}
 
 
@@ -130,37 +130,43 @@ def toward_loss(token_logps: Tensor, mask: Tensor, *, cutoff: float = 0.5) -> tu
     Returns:
         ``(loss, metrics)``; metrics ``ce`` (detached) and ``floored`` (1.0 when the floor is active).
     """
-    _check_cutoff(cutoff, "model.losses.toward_cutoff")
+    _check_cutoff(cutoff, "model.objective.init_args.toward_cutoff")
     ce, stats = nll_loss(token_logps, mask)
     return soft_floor(ce, cutoff), {"ce": stats["nll"], "floored": (ce.detach() < cutoff).float()}
 
 
-def windowed_mean_logps(token_logps: Tensor, mask: Tensor, cutoff: float | None) -> Tensor:
+def windowed_mean_logps(token_logps: Tensor, mask: Tensor, lower: float | None = None,
+                        upper: float | None = None) -> Tensor:
     """Length-averaged response log-probs with a token window, C-AdvIPO's policy side (Xhonneux et al. 2024,
-    arXiv:2405.15589; released ``AdversarialDPOTrainer.get_batch_logps``)::
+    arXiv:2405.15589; released ``AdversarialDPOTrainer.get_batch_logps(lower_cutoff, upper_cutoff)``)::
 
-        mean_b = sum_{t scored, log p_bt >= cutoff} log p_bt / n_b,     n_b = number of scored tokens of row b
+        mean_b = sum_{t scored, lower <= log p_bt <= upper} log p_bt / n_b,   n_b = scored tokens of row b
 
-    Tokens whose log-prob is already below ``cutoff`` count as 0 (the model need not push them further down)
-    while the denominator still counts ALL scored tokens. ``cutoff`` ``None`` or ``>= 0`` means no window: no
-    log-prob exceeds 0, so a cutoff of 0 could only ever zero the tokens with ``log p < 0`` (all of them), which
-    is not what the released ``toward_cutoff = 0`` does (§8(b): "the window is effectively unrestricted"); we
-    read any non-negative cutoff as "unrestricted" and the plain mean is returned.
+    Tokens outside the window count as 0 while the denominator still counts ALL scored tokens: on the harmful
+    side ``lower = away_cutoff`` (-5 released: a token already that unlikely need not be pushed further down), on
+    the safe side ``upper = -toward_cutoff`` (released 0: no log-prob exceeds 0, so no window; ``toward_cutoff =
+    0.5`` would zero safe tokens with ``log p > -0.5``, already likely enough). ``None`` leaves that side open.
 
-    Hand check: log-probs ``[-1, -6, -2]`` all scored, cutoff -5: ``(-1 + 0 - 2) / 3 = -1``; cutoff 0: ``-3``.
+    Hand check: log-probs ``[-1, -6, -2]`` all scored: lower -5 gives ``(-1 + 0 - 2) / 3 = -1``; upper -1.5 gives
+    ``(0 - 6 - 2) / 3``; neither gives ``-3``.
 
     Args:
         token_logps: (B, T) per-token log-probs.
         mask: (B, T) 1 on the scored tokens.
-        cutoff: the window's lower log-prob bound (released: -5 for the harmful side, 0 for the safe side).
+        lower: tokens with a log-prob below it count as 0.
+        upper: tokens with a log-prob above it count as 0.
 
     Returns:
         (B,) windowed mean log-probs (0 for a row without scored tokens).
     """
-    if cutoff is not None:
-        _check_cutoff(cutoff, "model.losses.cutoff")
     scored = mask.bool()  # (B, T)
-    keep = scored if cutoff is None or cutoff >= 0 else scored & (token_logps.detach() >= cutoff)  # (B, T)
+    keep = scored
+    if lower is not None:
+        _check_cutoff(lower, "model.objective.init_args.away_cutoff")
+        keep = keep & (token_logps.detach() >= lower)
+    if upper is not None:
+        _check_cutoff(upper, "model.objective.init_args.toward_cutoff")
+        keep = keep & (token_logps.detach() <= upper)
     sums = torch.where(keep, token_logps, torch.zeros_like(token_logps)).sum(-1)  # (B,)
     return sums / scored.sum(-1).clamp(min=1).to(sums.dtype)
 
@@ -223,8 +229,8 @@ class CAdvIPO:
         h = [mean_w(safe | x + delta) - ref(safe | x)] - [mean_w(harmful | x + delta) - ref(harmful | x)]
         loss = weight * (h - 1 / (2 beta))^2            (:func:`~lit_align.losses.preference.ipo_loss`)
 
-    ``mean_w`` is :func:`windowed_mean_logps` with ``toward_cutoff`` (safe; 0 = no window) and ``away_cutoff``
-    (harmful). ``ref`` is the reference's plain length-averaged log-prob on CLEAN inputs (the released code's
+    ``mean_w`` is :func:`windowed_mean_logps`: harmful tokens with log p below ``away_cutoff`` and safe tokens with
+    log p above ``-toward_cutoff`` count as 0 (released: -5 and 0, i.e. no window on the safe side). ``ref`` is the reference's plain length-averaged log-prob on CLEAN inputs (the released code's
     asymmetry, §8(h)9); ``reference_cutoffs: true`` applies the same windows to the reference too (then the
     reference is scored on the fly: ``model.reference`` adapter or copy).
     """
@@ -238,7 +244,8 @@ class CAdvIPO:
             beta: IPO's ``beta`` (released 0.25: target margin ``1/(2 beta) = 2``).
             weight: weight of the IPO term (released ``dpo_weight`` 1.0).
             away_cutoff: harmful-side token window: log-probs below it count as 0 (released -5.0).
-            toward_cutoff: safe-side window (released 0.0 = no window).
+            toward_cutoff: safe-side window: safe tokens with log p above ``-toward_cutoff`` count as 0 (released
+                0.0 = no window).
             reference_cutoffs: apply the windows to the reference log-probs too (removes §8(h)9's asymmetry).
         """
         _check_cutoff(beta, "model.objective.init_args.beta")
@@ -254,9 +261,16 @@ class CAdvIPO:
                         ) -> tuple[Tensor, Tensor]:
         """(A,) reference means of the away and toward rows from (A, T) per-token log-probs: windowed with
         ``reference_cutoffs``, plain otherwise."""
-        away_cut, toward_cut = (self.away_cutoff, self.toward_cutoff) if self.reference_cutoffs else (None, None)
-        return (windowed_mean_logps(away_logps, away_mask, away_cut),
-                windowed_mean_logps(toward_logps, toward_mask, toward_cut))
+        if not self.reference_cutoffs:
+            return windowed_mean_logps(away_logps, away_mask), windowed_mean_logps(toward_logps, toward_mask)
+        return self._windowed(away_logps, away_mask, toward_logps, toward_mask)
+
+    def _windowed(self, away_logps: Tensor, away_mask: Tensor, toward_logps: Tensor, toward_mask: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+        """(A,) windowed means: harmful tokens below ``away_cutoff`` and safe tokens above ``-toward_cutoff``
+        count as 0 (the released windows)."""
+        return (windowed_mean_logps(away_logps, away_mask, lower=self.away_cutoff),
+                windowed_mean_logps(toward_logps, toward_mask, upper=-self.toward_cutoff))
 
     def __call__(self, away_logps: Tensor, away_mask: Tensor, toward_logps: Tensor, toward_mask: Tensor,
                  ref_away: Tensor | None = None, ref_toward: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -265,8 +279,7 @@ class CAdvIPO:
         ``logps/*`` (chosen = safe, rejected = harmful)."""
         if ref_away is None or ref_toward is None:
             raise ValueError("CAdvIPO needs the reference log-probs of the away and toward rows")
-        policy_away = windowed_mean_logps(away_logps, away_mask, self.away_cutoff)  # (A,)
-        policy_toward = windowed_mean_logps(toward_logps, toward_mask, self.toward_cutoff)  # (A,)
+        policy_away, policy_toward = self._windowed(away_logps, away_mask, toward_logps, toward_mask)  # (A,) each
         loss, metrics = ipo_loss(policy_toward, policy_away, ref_toward.to(policy_toward.dtype),
                                  ref_away.to(policy_away.dtype), beta=self.beta)
         h = (policy_toward - ref_toward) - (policy_away - ref_away)  # (A,)

@@ -67,27 +67,40 @@ def test_log_1_minus_p_away():
 
 
 def test_windowed_mean_logps():
-    """Row 1: log-probs [-1, -6, -2] all scored, cutoff -5: (-1 + 0 - 2) / 3 = -1 (denominator counts all 3);
-    row 2: [-7, pad, pad] with one scored token: 0 / 1 = 0. Cutoff 0 (or None) is no window: -3 and -7."""
+    """Row 1: log-probs [-1, -6, -2] all scored, lower -5: (-1 + 0 - 2) / 3 = -1 (denominator counts all 3);
+    row 2: [-7, pad, pad] with one scored token: 0 / 1 = 0. Upper -1.5 (toward_cutoff 1.5) drops the likely
+    token: (0 - 6 - 2) / 3; upper 0 (the released toward_cutoff 0) or no bound is no window: -3 and -7."""
     logps = torch.tensor([[-1.0, -6.0, -2.0], [-7.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    assert windowed_mean_logps(logps, mask, -5.0).tolist() == pytest.approx([-1.0, 0.0])
-    assert windowed_mean_logps(logps, mask, 0.0).tolist() == pytest.approx([-3.0, -7.0])
-    assert windowed_mean_logps(logps, mask, None).tolist() == pytest.approx([-3.0, -7.0])
+    assert windowed_mean_logps(logps, mask, lower=-5.0).tolist() == pytest.approx([-1.0, 0.0])
+    assert windowed_mean_logps(logps, mask, upper=-1.5).tolist() == pytest.approx([-8.0 / 3, -7.0])
+    assert windowed_mean_logps(logps, mask, upper=-0.0).tolist() == pytest.approx([-3.0, -7.0])
+    assert windowed_mean_logps(logps, mask).tolist() == pytest.approx([-3.0, -7.0])
+
+
+def test_released_toward_window_is_an_upper_bound():
+    """The released get_batch_logps(upper_cutoff=-toward_cutoff): toward_cutoff 0.5 zeroes safe tokens with
+    log p > -0.5 (reviewer's example: [-0.1, -0.3, -2, -7] -> (-2 - 7) / 4 = -2.25); 0 keeps them all (-2.35)."""
+    safe = torch.tensor([[-0.1, -0.3, -2.0, -7.0]])
+    harm = torch.tensor([[-1.0, -1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 4)
+    for cutoff, expected in ((0.5, -2.25), (0.0, -2.35)):
+        _, toward = CAdvIPO(toward_cutoff=cutoff, reference_cutoffs=True).reference_means(harm, mask, safe, mask)
+        assert toward.item() == pytest.approx(expected)
 
 
 def test_ipo_at_init_is_four():
     """§8(g)7: policy == reference (same model, clean inputs, delta = 0): h = 0 and
     L_IPO = (0 - 1/(2 * 0.25))^2 = 2^2 = 4, through the windowed mean log-probs the module feeds it."""
-    safe = windowed_mean_logps(torch.tensor([[-0.5, -1.5]]), torch.ones(1, 2), 0.0)
-    harm = windowed_mean_logps(torch.tensor([[-2.0, -3.0]]), torch.ones(1, 2), -5.0)
+    safe = windowed_mean_logps(torch.tensor([[-0.5, -1.5]]), torch.ones(1, 2), upper=-0.0)
+    harm = windowed_mean_logps(torch.tensor([[-2.0, -3.0]]), torch.ones(1, 2), lower=-5.0)
     loss, metrics = ipo_loss(safe, harm, safe.clone(), harm.clone(), beta=0.25)
     assert loss.item() == pytest.approx(4.0) and metrics["rewards/margins"].item() == 0.0
 
 
 @pytest.mark.parametrize("cutoff", [float("nan"), float("inf"), "a", True])
 def test_bad_cutoff_names_the_key(cutoff):
-    with pytest.raises(ConfigError, match="model.losses.away_cutoff"):
+    with pytest.raises(ConfigError, match="model.objective.init_args.away_cutoff"):
         away_loss(torch.zeros(1, 1), torch.ones(1, 1), cutoff=cutoff)
     with pytest.raises(ConfigError, match="away_kind"):
         away_loss(torch.zeros(1, 1), torch.ones(1, 1), kind="gradient_ascent")
