@@ -60,7 +60,9 @@ class ContinuousAdversarialModule(ReferencedPolicyModule):
 
     A step without adversarial rows (12.5% share, §8(h)7) trains on utility alone and logs no away / toward
     values at all (absent, not 0). Validation runs the same objective on the validation behaviours (the attack
-    re-enables autograd inside). Dropout draws are seeded per (step, rank) (resumed runs are exact).
+    re-enables autograd inside). Dropout draws are seeded per (step, rank) (resumed runs are exact). Under FSDP2
+    every rank runs the parts (pairs, utility rows) that any rank's batch holds, a missing one on a stand-in
+    row with weight 0: sharded forwards are collectives (:meth:`_step_parts`).
 
     Models: one policy, LoRA by default in the configs (r 64, alpha 16, dropout 0.1, all-linear); the reference
     (C-AdvIPO only) is ``precomputed`` (default), ``adapter`` or ``copy``.
@@ -174,18 +176,47 @@ class ContinuousAdversarialModule(ReferencedPolicyModule):
         return loss, metrics
 
     def _objective(self, batch: AdversarialBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """The step's loss and metrics. A part that this rank lacks but :meth:`_step_parts` runs (FSDP2) is
+        computed on a stand-in row and adds 0 times its loss (the same forwards and backward, no gradient); its
+        metrics are dropped."""
         total = torch.zeros((), device=self.device)
         metrics: dict[str, Tensor] = {}
-        if batch.away is not None:
-            loss, metrics = self._adversarial(batch, stage)
-            total = total + loss
-        if batch.utility is not None:
+        parts = self._step_parts(batch)
+        if "adversarial" in parts:
+            real = batch.away is not None
+            loss, adversarial = self._adversarial(batch if real else self._stand_in_pairs(), stage)
+            total = total + (loss if real else 0.0 * loss)
+            metrics = adversarial if real else metrics
+        if "utility" in parts:
+            real = batch.utility is not None
             with self.timer("utility"):
-                scored = self.policy_logps(batch.utility)
+                scored = self.policy_logps(batch.utility if real else self._stand_in_row())
                 utility, _ = nll_loss(scored.logps, scored.mask)
-            metrics["utility_loss"] = utility.detach()
-            total = total + self.utility_weight * utility
+            if real:
+                metrics["utility_loss"] = utility.detach()
+            total = total + (self.utility_weight if real else 0.0) * utility
         return total, metrics
+
+    def _step_parts(self, batch: AdversarialBatch) -> frozenset[str]:
+        """The parts (``adversarial``, ``utility``) this step computes: the batch's own; under FSDP2, whose
+        sharded forwards are collectives that every rank must run alike, those of ANY rank (one small
+        all-reduce per step), since the mixer and the sharded validation rows give ranks different parts."""
+        here = [batch.away is not None, batch.utility is not None]
+        if self.device_mesh is not None and self.trainer.world_size > 1:
+            flags = torch.tensor(here, dtype=torch.float32, device=self.device)
+            here = (self.trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
+        return frozenset(part for part, present in zip(("adversarial", "utility"), here) if present)
+
+    def _stand_in_row(self) -> SequenceBatch:
+        """One two-token row (pad tokens: a prompt position, then a scored one) for a part this rank lacks."""
+        ids = torch.full((1, 2), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        return SequenceBatch(ids, torch.ones_like(ids), torch.tensor([[0, 1]], device=self.device),
+                             torch.zeros(1, dtype=torch.long, device=self.device))
+
+    def _stand_in_pairs(self) -> AdversarialBatch:
+        """One stand-in pair (pair index 0: some rank holds pairs, so the reference table has it)."""
+        row = self._stand_in_row()
+        return AdversarialBatch(away=row, toward=row, utility=None, index=row.index)
 
     def _step(self, batch: AdversarialBatch, stage: str) -> Tensor:
         self.timer.reset()
