@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -712,6 +713,24 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> ResumableDataLoader | list:
         return self.test_dataloader()
+
+    def evaluated_parts(self, stage: str, batches: int | float) -> frozenset[str]:
+        """The parts, ``adversarial`` (pairs) and ``utility``, that the first ``batches`` batches of the ``stage``
+        (``val`` or ``test``) loaders of ALL data-parallel ranks hold together: the same answer on every rank,
+        known before the epoch (the module logs these parts' metrics on every rank at every step).
+
+        Args:
+            stage: ``val`` or ``test``.
+            batches: batches each rank runs (Lightning's ``num_val_batches``; ``inf`` for all).
+        """
+        dataset = self.test_dataset if stage == "test" else self.val_dataset
+        if dataset is None:
+            return frozenset()
+        replicas, _ = self._shard()
+        limit = None if math.isinf(batches) else int(batches) * self.val_batch_size
+        kinds = {bool(dataset.plan(epoch)[0][row]) for rank in range(replicas)
+                 for epoch, row in itertools.islice(MixSampler(dataset, num_replicas=replicas, rank=rank), limit)}
+        return frozenset({True: "adversarial", False: "utility"}[kind] for kind in kinds)
 
     def split_of(self, stage: str) -> str:
         """The pair set a stage reads (``train``, ``val``, ``test``): the key of :meth:`split_loaders`."""

@@ -187,6 +187,8 @@ class CAdvUL:
     """
 
     needs_reference = False
+    #: the keys of the metrics :meth:`__call__` returns (known before any batch: validation logs them all)
+    metric_keys = ("away_loss", "toward_loss", "away/ce", "toward/ce")
 
     def __init__(self, away_weight: float = 0.5, toward_weight: float = 0.5, away_cutoff: float = -5.0,
                  toward_cutoff: float = 0.5, away_kind: AwayKind = "neg_ce") -> None:
@@ -236,6 +238,9 @@ class CAdvIPO:
     """
 
     needs_reference = True
+    #: the keys of the metrics :meth:`__call__` returns (known before any batch: validation logs them all)
+    metric_keys = ("ipo_loss", "h", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                   "logps/chosen", "logps/rejected")
 
     def __init__(self, beta: float = 0.25, weight: float = 1.0, away_cutoff: float = -5.0,
                  toward_cutoff: float = 0.0, reference_cutoffs: bool = False) -> None:

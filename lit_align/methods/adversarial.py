@@ -31,6 +31,12 @@ __all__ = ["ContinuousAdversarialModule"]
 #: precomputed reference table columns (one per sequence of a pair)
 _TOWARD, _AWAY = 0, 1
 
+#: the attack's and the cost metrics of a step with adversarial rows (besides the objective's ``metric_keys``)
+_ATTACK_KEYS = ("attack/ce_start", "attack/ce_end", "attack/radius", "cost/forward_passes", "cost/backward_passes")
+
+#: batch parts, as :meth:`AdversarialBehaviourDataModule.evaluated_parts` names them
+_PARTS = frozenset({"adversarial", "utility"})
+
 
 class ContinuousAdversarialModule(ReferencedPolicyModule):
     """Adversarial training with continuous attacks: C-AdvUL and C-AdvIPO.
@@ -54,7 +60,9 @@ class ContinuousAdversarialModule(ReferencedPolicyModule):
 
     A step without adversarial rows (12.5% share, §8(h)7) trains on utility alone and logs no away / toward
     values at all (absent, not 0). Validation runs the same objective on the validation behaviours (the attack
-    re-enables autograd inside). Dropout draws are seeded per (step, rank) (resumed runs are exact).
+    re-enables autograd inside). Dropout draws are seeded per (step, rank) (resumed runs are exact). Under FSDP2
+    every rank runs the parts (pairs, utility rows) that any rank's batch holds, a missing one on a stand-in
+    row with weight 0: sharded forwards are collectives (:meth:`_step_parts`).
 
     Models: one policy, LoRA by default in the configs (r 64, alpha 16, dropout 0.1, all-linear); the reference
     (C-AdvIPO only) is ``precomputed`` (default), ``adapter`` or ``copy``.
@@ -62,7 +70,16 @@ class ContinuousAdversarialModule(ReferencedPolicyModule):
     Logged (``train/``, ``val/``): ``loss``; ``away_loss``, ``toward_loss`` (+ ``away/ce``, ``toward/ce``) or
     ``ipo_loss``, ``h``, ``rewards/*``, ``logps/*``; ``utility_loss``; ``attack/ce_start``, ``attack/ce_end``,
     ``attack/radius``; ``cost/forward_passes``, ``cost/backward_passes`` (per adversarial example: the attack's
-    plus the two outer forwards and one backward); ``time/attack``, ``time/adversarial_loss``, ``time/utility``.
+    plus the two outer forwards and one backward); ``time/attack``, ``time/adversarial_loss``, ``time/utility``
+    (training only).
+
+    Validation / test metrics are epoch means over every rank's batches: ``loss`` weighted by the batch's rows
+    (pairs + utility rows, as every method does), the adversarial metrics by the batch's pairs and
+    ``utility_loss`` by its utility rows. Every rank logs the same keys at every step (the epoch-end sync is one
+    collective per key, and validation batches are sharded over ranks, so one rank may hold only utility rows
+    while another holds pairs): the keys of the parts that the epoch's batches of all ranks hold together
+    (:meth:`~lit_align.data.AdversarialBehaviourDataModule.evaluated_parts`), a part absent from a batch logged
+    as 0 with weight 0.
 
     Run: ``lit-align fit --config configs/adv_training/ul_tiny.yaml`` (or ``ipo_tiny.yaml``).
     """
@@ -108,6 +125,7 @@ class ContinuousAdversarialModule(ReferencedPolicyModule):
         self.attack = attack if attack is not None else EmbeddingAttack()
         self.utility_weight = utility_weight
         self.timer = PhaseTimer()
+        self._eval_parts = _PARTS  # the parts this validation / test epoch holds, on any rank
 
     # -- reference (C-AdvIPO) ----------------------------------------------------------------------
     def _attach_base(self, base: torch.nn.Module, weights: torch.nn.Module | None) -> None:
@@ -152,35 +170,97 @@ class ContinuousAdversarialModule(ReferencedPolicyModule):
             toward = self._perturbed_logps(batch.toward, toward_delta)
             refs = self._reference_means(batch, stage) if self.objective.needs_reference else (None, None)
             loss, metrics = self.objective(away.logps, away.mask, toward.logps, toward.mask, *refs)
-        metrics.update({
-            "attack/ce_start": result.loss_start.float(), "attack/ce_end": result.loss_end.float(),
-            "attack/radius": torch.tensor(float(result.radius)),
-            "cost/forward_passes": torch.tensor(float(result.forward_passes + 2)),
-            "cost/backward_passes": torch.tensor(float(result.backward_passes + 1)),
-        })
+        metrics.update(zip(_ATTACK_KEYS, (
+            result.loss_start.float(), result.loss_end.float(), torch.tensor(float(result.radius)),
+            torch.tensor(float(result.forward_passes + 2)), torch.tensor(float(result.backward_passes + 1)))))
         return loss, metrics
 
     def _objective(self, batch: AdversarialBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """The step's loss and metrics. A part that this rank lacks but :meth:`_step_parts` runs (FSDP2) is
+        computed on a stand-in row and adds 0 times its loss (the same forwards and backward, no gradient); its
+        metrics are dropped."""
         total = torch.zeros((), device=self.device)
         metrics: dict[str, Tensor] = {}
-        if batch.away is not None:
-            loss, metrics = self._adversarial(batch, stage)
-            total = total + loss
-        if batch.utility is not None:
+        parts = self._step_parts(batch)
+        if "adversarial" in parts:
+            real = batch.away is not None
+            loss, adversarial = self._adversarial(batch if real else self._stand_in_pairs(), stage)
+            total = total + (loss if real else 0.0 * loss)
+            metrics = adversarial if real else metrics
+        if "utility" in parts:
+            real = batch.utility is not None
             with self.timer("utility"):
-                scored = self.policy_logps(batch.utility)
+                scored = self.policy_logps(batch.utility if real else self._stand_in_row())
                 utility, _ = nll_loss(scored.logps, scored.mask)
-            metrics["utility_loss"] = utility.detach()
-            total = total + self.utility_weight * utility
+            if real:
+                metrics["utility_loss"] = utility.detach()
+            total = total + (self.utility_weight if real else 0.0) * utility
         return total, metrics
+
+    def _step_parts(self, batch: AdversarialBatch) -> frozenset[str]:
+        """The parts (``adversarial``, ``utility``) this step computes: the batch's own; under FSDP2, whose
+        sharded forwards are collectives that every rank must run alike, those of ANY rank (one small
+        all-reduce per step), since the mixer and the sharded validation rows give ranks different parts."""
+        here = [batch.away is not None, batch.utility is not None]
+        if self.device_mesh is not None and self.trainer.world_size > 1:
+            flags = torch.tensor(here, dtype=torch.float32, device=self.device)
+            here = (self.trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
+        return frozenset(part for part, present in zip(("adversarial", "utility"), here) if present)
+
+    def _stand_in_row(self) -> SequenceBatch:
+        """One two-token row (pad tokens: a prompt position, then a scored one) for a part this rank lacks."""
+        ids = torch.full((1, 2), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        return SequenceBatch(ids, torch.ones_like(ids), torch.tensor([[0, 1]], device=self.device),
+                             torch.zeros(1, dtype=torch.long, device=self.device))
+
+    def _stand_in_pairs(self) -> AdversarialBatch:
+        """One stand-in pair (pair index 0: some rank holds pairs, so the reference table has it)."""
+        row = self._stand_in_row()
+        return AdversarialBatch(away=row, toward=row, utility=None, index=row.index)
 
     def _step(self, batch: AdversarialBatch, stage: str) -> Tensor:
         self.timer.reset()
         loss, metrics = self._objective(batch, stage)
-        if stage == "train":
+        if stage == "train":  # per step, not synced: a step without pairs leaves away / toward out (§8(h)7)
             metrics.update({k: torch.tensor(v) for k, v in self.timer.metrics().items()})
-        self.log_stage(stage, loss, metrics, max(len(batch), 1))
+            self.log_stage(stage, loss, metrics, max(len(batch), 1))
+        else:
+            metrics, weights = self._eval_metrics(batch, metrics)
+            self.log_stage(stage, loss, metrics, max(len(batch), 1), weights=weights)
         return loss
+
+    def _eval_metrics(self, batch: AdversarialBatch, metrics: dict[str, Tensor]
+                      ) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """``(metrics, weights)`` for :meth:`log_stage` in validation / test: every key of the epoch's
+        parts in one fixed order, each weighted by the rows of its part in this batch (0 and weight 0 where the
+        batch holds none), so that every rank logs the same keys at every step."""
+        rows = {"adversarial": len(batch.index), "utility": len(batch.utility) if batch.utility is not None else 0}
+        if unplanned := {part for part, n in rows.items() if n} - self._eval_parts:
+            raise RuntimeError(f"a {self.trainer.state.stage} batch holds {sorted(unplanned)} rows, which the "
+                               f"epoch's parts {sorted(self._eval_parts)} leave out")
+        keys = {"adversarial": (*self.objective.metric_keys, *_ATTACK_KEYS), "utility": ("utility_loss",)}
+        zero = torch.zeros((), device=self.device)
+        out, weights = {}, {}
+        for part in sorted(self._eval_parts):
+            for key in keys[part]:
+                out[key], weights[key] = metrics.get(key, zero), rows[part]
+        return out, weights
+
+    def _evaluated_parts(self, stage: str, batches: list[int | float]) -> frozenset[str]:
+        """The parts the ``stage`` epoch's batches of all ranks hold (the DataModule's plan; every part for other
+        loaders, whose absent parts then log NaN)."""
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "evaluated_parts"):
+            return _PARTS
+        return datamodule.evaluated_parts(stage, batches[0] if batches else 0)
+
+    def on_validation_epoch_start(self) -> None:
+        trainer = self.trainer
+        batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        self._eval_parts = self._evaluated_parts("val", batches)
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_parts = self._evaluated_parts("test", self.trainer.num_test_batches)
 
     def on_train_batch_start(self, batch: AdversarialBatch, batch_idx: int) -> None:
         # dropout (LoRA's 0.1) draws from the global RNG, which checkpoints do not restore: seed it per (step,

@@ -160,12 +160,23 @@ class PolicyModule(L.LightningModule):
                            chunk_tokens=self.chunk_tokens)
 
     def log_stage(self, stage: str, loss: torch.Tensor, metrics: dict[str, torch.Tensor], batch_size: int,
-                   prog_bar: str | None = None) -> None:
-        """``<stage>/loss`` and ``<stage>/<metric>``: per step in training, epoch means (all ranks) otherwise."""
+                   prog_bar: str | None = None, weights: dict[str, int] | None = None) -> None:
+        """``<stage>/loss`` and ``<stage>/<metric>``: per step in training, epoch means (all ranks) otherwise.
+
+        An epoch mean weights each step's value by its ``batch_size`` (Lightning sums ``value * weight`` and
+        ``weight`` over steps and ranks); ``weights`` gives a metric its own weight instead, e.g. the rows of the
+        batch part it measures, so that a part absent from a step (weight 0, any finite placeholder value) leaves
+        that metric's epoch mean alone. Under ``sync_dist`` every rank must log the same keys in the same order
+        at every step (each key is one collective at epoch end). These weights go to Lightning as floats: its
+        epoch-end mean divides the summed weights by the world size in place, which truncates an integer (1 + 0
+        over 2 ranks would become 0).
+        """
         on_step = stage == "train"
+        weights = weights or {}
         for key, value in {"loss": loss, **metrics}.items():
+            weight = float(weights[key]) if key in weights else batch_size
             self.log(f"{stage}/{key}", value, prog_bar=key in ("loss", prog_bar), on_step=on_step,
-                     on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+                     on_epoch=not on_step, batch_size=weight, sync_dist=not on_step)
 
     def predict_step(self, batch, batch_idx: int) -> list[dict[str, str]]:
         """Greedy completions of the batch's prompts (``lit-align predict``): ``[{prompt, completion}]``."""

@@ -119,3 +119,12 @@ def test_objectives_combine_the_terms():
     assert loss.item() == pytest.approx(4.0) and metrics["h"].item() == 0.0
     with pytest.raises(ConfigError, match="model.objective.init_args.beta"):
         CAdvIPO(beta=0.0)
+
+
+@pytest.mark.parametrize("objective", [CAdvUL(), CAdvIPO()], ids=["ul", "ipo"])
+def test_metric_keys_name_what_the_objective_returns(objective):
+    """Validation logs every ``metric_keys`` entry on every rank (0 with weight 0 where a rank has no pairs), so
+    the names must be exactly the returned ones, in order."""
+    logps, mask = torch.tensor([[-1.0, -6.0, -2.0]]), torch.ones(1, 3)
+    _, metrics = objective(logps, mask, logps, mask, torch.tensor([-2.0]), torch.tensor([-3.0]))
+    assert tuple(metrics) == objective.metric_keys

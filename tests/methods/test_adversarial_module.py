@@ -46,6 +46,10 @@ def test_tiny_config_trains_the_adapter(config, tmp_path):
     assert "val/loss" in metrics and "val/attack/ce_end" in metrics
     key = "away_loss" if config == UL else "ipo_loss"
     assert f"val/{key}" in metrics
+    # the 2 validation batches hold pairs only (UL's utility rows come after its 86 pairs): no utility_loss key,
+    # not a NaN mean over no rows
+    assert "val/utility_loss" not in metrics
+    assert all(torch.isfinite(v) for k, v in metrics.items() if k.startswith("val/")), metrics
     assert float(metrics["val/attack/ce_end"]) < float(metrics["val/attack/ce_start"])
     assert (tmp_path / "hf_export" / "adapter_model.safetensors").is_file()  # LoRA: the adapter is exported
 
@@ -127,6 +131,18 @@ def test_step_without_adversarial_rows_logs_no_away_or_toward(tmp_path):
     loss, metrics = cli.model._objective(utility_only, "train")
     assert set(metrics) == {"utility_loss"}
     assert loss.item() == pytest.approx(cli.model.utility_weight * metrics["utility_loss"].item())
+
+
+def test_evaluated_parts_are_those_of_the_batches_run(tmp_path):
+    """The parts whose metrics validation logs: those the first ``batches`` batches hold (pairs come first)."""
+    cli = _cli(UL, tmp_path)
+    cli.datamodule.setup("fit")
+    dm = cli.datamodule
+    pairs = len(dm.val_dataset.pairs)
+    assert dm.evaluated_parts("val", 1) == {"adversarial"}
+    assert dm.evaluated_parts("val", pairs // dm.val_batch_size) == {"adversarial"}
+    assert dm.evaluated_parts("val", pairs // dm.val_batch_size + 1) == {"adversarial", "utility"}
+    assert dm.evaluated_parts("test", float("inf")) == {"adversarial", "utility"}
 
 
 def _checkpoint_every_step(config: str, tmp_path) -> str:
