@@ -52,7 +52,13 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_align.errors import ConfigError, DataError, check_int, require
 from lit_align.rollout.logit_transforms import logit_transform
-from lit_align.rollout.logps import causal_lm_parts, position_ids_from_mask, token_stats, unwrap_causal_lm
+from lit_align.rollout.logps import (
+    causal_lm_parts,
+    position_ids_from_mask,
+    run_gathered,
+    token_stats,
+    unwrap_causal_lm,
+)
 
 __all__ = ["GCG", "GCGResult", "SUFFIX_PLACEHOLDER", "allowed_tokens", "split_template"]
 
@@ -314,10 +320,16 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _embedding_table(model: nn.Module) -> Tensor:
     """(V, H) what the model's input-embedding module gives each token id: its weight, times Gemma-3's scale,
-    plus a LoRA adapter on the embedding, ... Made outside ``inference_mode`` so autograd may use it."""
-    embed = unwrap_causal_lm(model).get_input_embeddings()
+    plus a LoRA adapter on the embedding, ... Made outside ``inference_mode`` so autograd may use it; under FSDP2
+    with the root's weights gathered (:func:`~lit_align.rollout.logps.run_gathered`)."""
+    return run_gathered(unwrap_causal_lm(model), _table)
+
+
+def _table(base: nn.Module) -> Tensor:
+    embed = base.get_input_embeddings()
+    vocab = embed.num_embeddings if hasattr(embed, "num_embeddings") else embed.weight.shape[0]
     with torch.inference_mode(False), torch.no_grad():
-        return embed(torch.arange(embed.weight.shape[0], device=embed.weight.device))
+        return embed(torch.arange(vocab, device=next(base.parameters()).device)).detach()
 
 
 def _token_gradient(model: nn.Module, table: Tensor, before: Tensor, suffix: Tensor, after: Tensor, target: Tensor
@@ -329,7 +341,12 @@ def _token_gradient(model: nn.Module, table: Tensor, before: Tensor, suffix: Ten
     Runs with autograd on even inside ``torch.no_grad`` or ``torch.inference_mode`` (Lightning's validation
     and test loops).
     """
-    base = unwrap_causal_lm(model)
+    return run_gathered(unwrap_causal_lm(model), _gradient, table, before, suffix, after, target)
+
+
+def _gradient(base: nn.Module, table: Tensor, before: Tensor, suffix: Tensor, after: Tensor, target: Tensor
+              ) -> tuple[Tensor, float]:
+    """:func:`_token_gradient` on an unwrapped causal LM (its root weights gathered under FSDP2)."""
     decoder, head = causal_lm_parts(base)
     with torch.inference_mode(False), torch.enable_grad():
         one_hot = F.one_hot(suffix.clone(), table.shape[0]).to(table.dtype).requires_grad_()  # (L, V)

@@ -107,10 +107,15 @@ def run_on_causal_lm(base: nn.Module, fn: Callable[..., Any], *args: Any) -> Any
     return fn(base, *args)
 
 
-def _run(base: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(base, *args)``, through the root's registered FSDP2 method when ``base`` is sharded."""
+def run_gathered(base: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(base, *args)``, through the root's registered FSDP2 method when ``base`` is sharded: code that calls the
+    embedding, the decoder or the LM head of an unwrapped causal LM by itself (not through its ``forward``) runs
+    with the root's own weights gathered, and on an unsharded model exactly as called."""
     sharded = getattr(base, FSDP_RUN_METHOD, None)
     return sharded(fn, *args) if sharded is not None else fn(base, *args)
+
+
+_run = run_gathered
 
 
 def _check_shapes(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> None:
