@@ -70,27 +70,26 @@ class BehaviourCase:
     Attributes:
         behaviour: the request as the user writes it (what the judge reads as the prompt).
         target: the harmful target both attacks optimise towards.
+        prompt_ids: the clean prompt exactly as training formats it (the clean and embedding-attack runs).
         before_ids: template and behaviour tokens before GCG's suffix slot (end of the user turn).
-        after_ids: template tokens after the slot, up to and including the assistant header.
+        after_ids: template tokens after the slot, up to and including the assistant header. GCG tokenizes the two
+            halves apart (as GCG does), which a tokenizer that merges across the slot may make differ from
+            ``prompt_ids`` (:func:`behaviour_cases` warns).
         target_ids: the target's tokens.
     """
 
     behaviour: str
     target: str
+    prompt_ids: list[int]
     before_ids: list[int]
     after_ids: list[int]
     target_ids: list[int]
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        """The clean prompt: the template around the behaviour, no suffix."""
-        return self.before_ids + self.after_ids
 
 
 def behaviour_cases(tokenizer, records: Sequence[dict], data) -> list[BehaviourCase]:
     """:class:`BehaviourCase` s of ``records`` (``{"behaviour": str, "target": str}``), formatted as ``data`` (an
     :class:`~lit_align.data.AdversarialBehaviourDataModule`, set up) formats training prompts and targets."""
-    cases = []
+    cases, split_differs = [], 0
     for i, record in enumerate(records):
         target = record.get("target")
         if not target:
@@ -98,8 +97,14 @@ def behaviour_cases(tokenizer, records: Sequence[dict], data) -> list[BehaviourC
                              "least one harmful target prefix")
         before, after = split_template(tokenizer, record["behaviour"], chat_template=data.uses_chat_template,
                                        template=data.prompt_template)
-        cases.append(BehaviourCase(record["behaviour"], target, before, after,
+        prompt = data.encode_prompt(record["behaviour"])
+        split_differs += before + after != prompt
+        cases.append(BehaviourCase(record["behaviour"], target, prompt, before, after,
                                    data.encode_response(target, eos=False)))
+    if split_differs:
+        warnings.warn(f"{split_differs} of {len(cases)} behaviours tokenize differently when split at GCG's suffix "
+                      "slot than as one prompt (the tokenizer merges across the slot); the clean and embedding-attack "
+                      "runs use the training tokenization, GCG the split one", stacklevel=2)
     return cases
 
 

@@ -53,7 +53,8 @@ def test_is_refusal():
 def test_cases_are_the_training_format(setup):
     tokenizer, _, dm, prompts, cases = setup
     for case, behaviour in zip(cases, prompts["harmful"]):
-        assert case.prompt_ids == dm.encode_prompt(behaviour)  # the suffix slot splits the training prompt
+        assert case.prompt_ids == dm.encode_prompt(behaviour)
+        assert case.before_ids + case.after_ids == case.prompt_ids  # the suffix slot splits the training prompt
         assert case.target_ids == dm.encode_response(case.target, eos=False)
         assert tokenizer.decode(case.after_ids).endswith("AI:")
 
