@@ -166,8 +166,9 @@ class AttackResult:
         mask: (B, T) bool perturbation mask (:func:`perturbation_mask` of the batch).
         radius: the absolute radius eps_abs of each token's L2 ball.
         loss_start: () harmful-target CE (token mean over the batch's response tokens) at delta = 0, detached.
-        loss_end: () the same CE at the returned ``delta`` (one extra forward after the last step), detached.
-        forward_passes: forward passes per example (``iters + 1``), for cost reporting.
+        loss_end: () the same CE at the returned ``delta`` (one extra forward after the last step), detached;
+            NaN when the call said ``score_last=False`` (a caller that scores the perturbed batch itself).
+        forward_passes: forward passes per example (``iters + 1``, or ``iters`` without the last score).
         backward_passes: backward passes per example (``iters``), with respect to ``delta`` only.
         losses: (iters + 1,) the CE at every iterate delta_0 .. delta_iters (``loss_start`` first, ``loss_end``
             last), detached; kept on the device (no host sync).
@@ -217,16 +218,18 @@ class EmbeddingAttack:
         check_int(f"{_KEY}.iters", self.iters, 1)
 
     def __call__(self, model: nn.Module, batch: SequenceBatch, *,
-                 on_step: Callable[[int, Tensor], None] | None = None) -> AttackResult:
+                 on_step: Callable[[int, Tensor], None] | None = None, score_last: bool = True) -> AttackResult:
         """Attack ``model`` on ``batch``; ``on_step(i, delta_i)`` (optional) sees each iterate i = 1..iters
-        after its projection (detached; for tests and diagnostics)."""
+        after its projection (detached; for tests and diagnostics). ``score_last=False`` skips the forward that
+        scores the returned delta (``loss_end`` NaN): for a caller that runs the perturbed batch anyway (training
+        does: its away loss is that CE), one forward fewer per step, as the released code does."""
         with torch.inference_mode(False), torch.enable_grad():
             # tensors made in inference mode (a validation batch) cannot be saved for backward: use copies
             ids, attn, resp = (t.clone() for t in (batch.input_ids, batch.attention_mask, batch.loss_mask))
-            return self._run(model, ids, attn, resp, on_step)
+            return self._run(model, ids, attn, resp, on_step, score_last)
 
     def _run(self, model: nn.Module, ids: Tensor, attn: Tensor, resp: Tensor,
-             on_step: Callable[[int, Tensor], None] | None) -> AttackResult:
+             on_step: Callable[[int, Tensor], None] | None, score_last: bool) -> AttackResult:
         mask = perturbation_mask(attn, resp)  # (B, T)
         scored = resp.bool() & attn.bool()
         if not bool(scored[:, 1:].any()):
@@ -253,10 +256,10 @@ class EmbeddingAttack:
             if on_step is not None:
                 on_step(i, delta)
         with torch.no_grad():
-            losses.append(harmful_ce(delta))
+            losses.append(harmful_ce(delta) if score_last else torch.full_like(losses[0], math.nan))
         trace = torch.stack(losses).float()  # (iters + 1,)
         return AttackResult(delta=delta, mask=mask, radius=radius, loss_start=trace[0], loss_end=trace[-1],
-                            forward_passes=self.iters + 1, backward_passes=self.iters, losses=trace)
+                            forward_passes=self.iters + int(score_last), backward_passes=self.iters, losses=trace)
 
 
 def _project(delta: Tensor, radius: float) -> Tensor:

@@ -162,7 +162,8 @@ class ContinuousAdversarialModule(ReferencedPolicyModule):
     def _adversarial(self, batch: AdversarialBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         """The attack, then the objective on the away and toward rows under the same (detached) delta."""
         with self.timer("attack"):
-            result: AttackResult = self.attack(self.policy, batch.away)  # (A, T_a, H), detached
+            # the outer away forward scores the returned delta: no extra attack forward for attack/ce_end
+            result: AttackResult = self.attack(self.policy, batch.away, score_last=False)  # (A, T_a, H), detached
         with self.timer("adversarial_loss"):
             toward_mask = perturbation_mask(batch.toward.attention_mask, batch.toward.loss_mask)  # (A, T_t)
             toward_delta = transplant(result.delta, result.mask, toward_mask)  # (A, T_t, H)
@@ -170,8 +171,9 @@ class ContinuousAdversarialModule(ReferencedPolicyModule):
             toward = self._perturbed_logps(batch.toward, toward_delta)
             refs = self._reference_means(batch, stage) if self.objective.needs_reference else (None, None)
             loss, metrics = self.objective(away.logps, away.mask, toward.logps, toward.mask, *refs)
+        ce_end = -(away.logps * away.mask).sum() / away.mask.sum().clamp(min=1)  # the away rows' CE under delta
         metrics.update(zip(_ATTACK_KEYS, (
-            result.loss_start.float(), result.loss_end.float(), torch.tensor(float(result.radius)),
+            result.loss_start.float(), ce_end.detach().float(), torch.tensor(float(result.radius)),
             torch.tensor(float(result.forward_passes + 2)), torch.tensor(float(result.backward_passes + 1)))))
         return loss, metrics
 

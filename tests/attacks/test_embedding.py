@@ -113,6 +113,9 @@ def test_attack_lowers_the_harmful_cross_entropy(model, tokenizer):
     assert result.loss_end.item() < result.loss_start.item() - 1.0, result.losses
     assert result.losses.shape == (11,) and result.losses[0] == result.loss_start and result.losses[-1] == result.loss_end
     assert (result.forward_passes, result.backward_passes) == (11, 10)
+    unscored = EmbeddingAttack(epsilon_rel=1.0, iters=10, step_size=0.01)(model, batch, score_last=False)
+    assert torch.equal(unscored.delta, result.delta) and math.isnan(unscored.loss_end.item())
+    assert (unscored.forward_passes, unscored.backward_passes) == (10, 10)
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft

@@ -67,9 +67,9 @@ def test_same_detached_delta_on_away_and_toward_and_clean_grads(tmp_path):
     def grads(model):
         return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
-    def spy_attack(model, batch):
+    def spy_attack(model, batch, **kwargs):
         before = grads(model)
-        result = attack(model, batch)
+        result = attack(model, batch, **kwargs)
         after = grads(model)
         grads_changed.append([n for n in before if not (before[n] is after[n] is None or (
             before[n] is not None and after[n] is not None and torch.equal(before[n], after[n])))])
