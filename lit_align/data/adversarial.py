@@ -30,8 +30,11 @@ is pair ``perm_{e, k // n_pairs}[k % n_pairs]``, the ``j``-th utility row utilit
 out; with ``p = 1`` (C-AdvIPO, no utility) exactly one pass over the pairs. The length is the same every epoch, so
 Lightning knows it up front; a stream that the draws happen to exhaust before the epoch ends starts its next
 permutation. Data-parallel rank ``r`` of ``n`` takes rows ``r, r + n, ...`` (the last rows repeat to even the
-shares), so two ranks with batch ``b`` see what one process with batch ``2b`` sees; a resumed run continues with
-exactly the next batch (the loader's ``state_dict``, as in the other DataModules).
+shares), so two ranks with batch ``b`` see the rows one process with batch ``2b`` sees; a resumed run continues with
+exactly the next batch (the loader's ``state_dict``, as in the other DataModules). The losses are another matter:
+each rank averages over its own rows and data parallelism averages the ranks, so when only one rank's share of a
+step holds adversarial rows, its away / toward terms weigh half of what one process would give them (the released
+code, on accelerate, does the same); C-AdvIPO with ``p = 1`` is unaffected.
 """
 
 from __future__ import annotations
