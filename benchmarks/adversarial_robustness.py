@@ -12,8 +12,10 @@ and refuses the rest) inside ``"Human: {prompt}\\nAI:"``; the 29 held-out behavi
 LoRA init, the data order and the attacks' seeds change):
 
 * ``base``: the model as shipped;
-* ``refusal_sft``: LoRA SFT on the training behaviours answered by the safe response (refusals only, no attack),
-  the same steps, LoRA and optimiser as C-AdvUL (``configs/sft/tiny_game.yaml`` with overrides);
+* ``refusal_sft``: LoRA SFT on the training behaviours answered by the safe response (refusals only, no attack,
+  no utility rows), with C-AdvUL's steps, LoRA, optimiser (AdamW 1e-3, weight decay 0.001), gradient clipping (0.3)
+  and batch size 8 (``configs/sft/tiny_game.yaml`` with overrides; all 8 rows refusals where C-AdvUL's batch holds
+  about 4 pairs and 4 utility rows);
 * ``c_advul``: ``configs/adv_training/ul_tiny.yaml``;
 * ``c_advul_no_attack``: the same config with the attack reduced to nothing (one step, epsilon_rel 1e-9): the
   same objective, data and steps, so the comparison with ``c_advul`` isolates what the attack adds;
@@ -127,7 +129,8 @@ def _run_seed(seed: int, root: Path, dm, inputs: dict, budget: dict, steps: int)
     runs = {
         "refusal_sft": ("configs/sft/tiny_game.yaml", [
             "--model.init_args.model.tiny", "null", "--model.init_args.model.name_or_path", "builtin:tiny-game-base",
-            f"--model.init_args.model.lora={lora}", "--model.init_args.optimizer.init_args.lr", "2.0e-3",
+            f"--model.init_args.model.lora={lora}", "--model.init_args.optimizer.init_args.lr", "1.0e-3",
+            "--model.init_args.optimizer.init_args.weight_decay", "0.001", "--trainer.gradient_clip_val", "0.3",
             "--data.init_args.train.path", sft_file, "--data.init_args.batch_size", "8",
             "--trainer.max_steps", str(steps)]),
         "c_advul": ("configs/adv_training/ul_tiny.yaml", ["--trainer.max_steps", str(steps)]),
@@ -182,8 +185,8 @@ def summarise(runs: list[dict]) -> dict:
         summary[f"{arm}_vs_base"] = {a: _effect(runs, arm, "base", a) for a in attacks}
     summary["c_advul_vs_c_advul_no_attack"] = {a: _effect(runs, "c_advul", "c_advul_no_attack", a) for a in attacks}
 
-    def met(effect: dict) -> bool:
-        return effect["drop"]["low"] > 0 and effect["drop_bootstrap_behaviours"]["low"] > 0
+    def met(effect: dict) -> bool:  # one seed has no interval over seeds: never met
+        return len(runs) > 1 and effect["drop"]["low"] > 0 and effect["drop_bootstrap_behaviours"]["low"] > 0
 
     summary["met"] = {f"{arm}_gcg_drop_vs_base": met(summary[f"{arm}_vs_base"]["gcg"]) for arm in ("c_advul",
                                                                                                     "c_advipo")}
