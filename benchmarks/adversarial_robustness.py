@@ -6,8 +6,9 @@ arXiv:2405.15589): training under an embedding-space attack (C-AdvUL, C-AdvIPO) 
 stay close to the base, at a small fraction of the cost of adversarial training with a discrete attack.
 
 Setup: builtin:tiny-game-base (a tiny Qwen2 that complies with about half of the built-in toy "harmful" questions
-and refuses the rest) inside ``"Human: {prompt}\\nAI:"``; the 29 held-out behaviours of ``builtin:adv_behaviours/val``
-(each with its first toy target), 19 held-out benign questions and 19 held-out utility answers; the TOY rule judge
+and refuses the rest) inside ``"Human: {prompt}\\nAI:"``; the 48 held-out behaviours of ``builtin:adv_behaviours/val``
+(each with its first toy target; actions no training behaviour or target mentions), 42 held-out benign questions
+and 42 held-out utility answers (unseen benign actions); the TOY rule judge
 (``lit_align.game.RuleJudge``: an answer naming the harmful topic without refusing is unsafe). Arms, per seed (the
 LoRA init, the data order and the attacks' seeds change):
 

@@ -10,9 +10,10 @@ Run from the repository root::
   vocabulary: eight harmful-topic families (steal, poison, hack, forge, smuggle, weapon, cheat, bully;
   the words of :data:`lit_align.game.judge.DEFAULT_HARM_WORDS`) and seven benign ones (bake, garden,
   paint, cook, fix, swim, read), six question frames each. No real instructions anywhere.
-* ``adv_behaviours``, ``adv_benign``, ``adv_utility`` (``.json``, each with a ``_val`` file for the held-out
-  seeds): the tiny adversarial-training sets (:func:`adversarial_sets`), for
-  :class:`lit_align.data.AdversarialBehaviourDataModule`.
+* ``adv_behaviours``, ``adv_benign``, ``adv_utility`` (``.json``, each with a ``_val`` file): the tiny
+  adversarial-training sets (:func:`adversarial_sets`), for :class:`lit_align.data.AdversarialBehaviourDataModule`,
+  split by action rather than on the seed split: the ``_val`` files ask every frame of one held-out action per
+  family (:func:`held_out_actions`, seeded), which the training files never mention.
 * ``builtin:tiny-game-base``: a tiny Qwen2 trained with the repo's SFT (``configs/sft/tiny_game.yaml``)
   to play both parts of the game from the built-in data:
 
@@ -105,20 +106,43 @@ def write_seed_prompts(out: Path) -> None:
     print(f"wrote {len(train)} + {len(val)} seed prompts to {out}")
 
 
-def adversarial_sets(train: list[str], val: list[str]) -> dict[str, list[dict]]:
-    """The built-in adversarial-training sets (file stem -> JSON records), on the seed split (no leakage):
+#: Seed of the held-out action choice of the adversarial sets (:func:`held_out_actions`).
+HELD_OUT_SEED = "adv-held-out"
 
-    * ``adv_behaviours``: each harmful seed question with 2-4 compliant toy targets (the game's ANSWERS) and a
+
+def held_out_actions() -> dict[str, str]:
+    """family -> its held-out action of the adversarial sets: one per harmful and per benign family, drawn by
+    ``random.Random(HELD_OUT_SEED)``, one ``choice`` per family in the order of ``HARMFUL`` then ``BENIGN``."""
+    rng = random.Random(HELD_OUT_SEED)
+    return {family: rng.choice(acts) for fams in (HARMFUL, BENIGN) for family, acts in fams.items()}
+
+
+def adversarial_sets() -> dict[str, list[dict]]:
+    """The built-in adversarial-training sets (file stem -> JSON records), split **by action**: the
+    ``<stem>_val`` sets hold every question frame of one held-out action per family (:func:`held_out_actions`),
+    the training sets every frame of every other action, so no held-out action, target or safe response occurs
+    in training (the seed prompts' split, random over questions, would share actions and targets):
+
+    * ``adv_behaviours``: each harmful question with 2-4 compliant toy targets (the game's ANSWERS) and a
       per-behaviour refusal (REFUSALS) as ``safe_response`` (``diverse_safe_answers``);
-    * ``adv_benign``: the benign seed questions (over-refusal checks);
-    * ``adv_utility``: each benign seed question with one toy helpful answer.
+    * ``adv_benign``: the benign questions (over-refusal checks);
+    * ``adv_utility``: each benign question with one toy helpful answer.
 
-    ``<stem>_val`` holds the held-out seeds' records."""
+    Each file lists its questions in a seeded random order, so a prefix of a file mixes families and frames.
+    ``builtin:tiny-game-base`` was fine-tuned on the seed prompts' training split, which has questions of the
+    held-out actions too: for it that is pre-training, as a base model's corpus would be."""
+    held_out = set(held_out_actions().values())
+    questions = {"": [], "_val": []}
+    for fams in (HARMFUL, BENIGN):
+        for acts in fams.values():
+            for a in acts:
+                questions["_val" if a in held_out else ""] += [f.format(a=a) for f, _ in FRAMES]
     out: dict[str, list[dict]] = {}
-    for suffix, questions in (("", train), ("_val", val)):
+    for suffix, qs in questions.items():
         rng = random.Random(f"adv{suffix}")
+        rng.shuffle(qs)
         behaviours, benign, utility = [], [], []
-        for q in questions:
+        for q in qs:
             family, action, harmful, _ = _family(q)
             if harmful:
                 targets = rng.sample(ANSWERS, rng.randint(2, 4))
@@ -136,8 +160,7 @@ def adversarial_sets(train: list[str], val: list[str]) -> dict[str, list[dict]]:
 def write_adversarial_sets(out: Path) -> None:
     """Write :func:`adversarial_sets` as ``<stem>.json`` (``.json``, not ``.jsonl``: the tiny tokenizer is not
     trained on them)."""
-    train, val = seed_questions()
-    for stem, rows in adversarial_sets(train, val).items():
+    for stem, rows in adversarial_sets().items():
         (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     print(f"wrote the adversarial-training sets to {out}")
 
@@ -240,7 +263,7 @@ def calibrate(model: str = "builtin:tiny-game-base", n_rounds: int = 4, max_new_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "lit_align" / "models" / "assets")
-    parser.add_argument("--data-only", action="store_true", help="only write the seed-prompt files")
+    parser.add_argument("--data-only", action="store_true", help="only write the seed-prompt files and the adv_*.json sets")
     parser.add_argument("--calibrate", action="store_true", help="report the base model's game statistics")
     parser.add_argument("--skip-build", action="store_true", help="with --calibrate: calibrate the existing model")
     args = parser.parse_args()

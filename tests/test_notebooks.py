@@ -218,8 +218,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         for name, s in summaries.items():
             assert all(0 <= s[k] <= 1 for k in s if k.startswith("asr/") or k == "over_refusal"), (name, s)
             assert 0 < s["utility_nll"] < 10, (name, s)
-        # C-AdvUL was trained against this very attack at this radius: a wide margin in every run we made (0.69 vs
-        # 0.06); nothing is asserted about GCG or C-AdvIPO, whose differences one seed cannot establish
+        # C-AdvUL was trained against this very attack at this radius: a wide margin in every run we made (0.81 vs
+        # 0.19 on the by-action split); nothing is asserted about GCG or C-AdvIPO, whose differences one seed cannot
+        # establish
         assert summaries["C-AdvUL"][eps_small] < base[eps_small] - 0.25, summaries
         cost = result["cost"]
         assert cost["embedding_attack"] == {**cost["embedding_attack"], "forward": 11, "backward": 10}, cost

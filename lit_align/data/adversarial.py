@@ -18,6 +18,15 @@ Records
   ``utility_max_prompt_chars`` (768, as released) are dropped.
 * **Benign prompts** (``data.benign``): records with a ``prompt``, for over-refusal checks (:meth:`eval_prompts`).
 
+Built-in tiny sets
+------------------
+``builtin:adv_behaviours`` (192 toy behaviours, 2-4 targets and a refusal each), ``builtin:adv_benign`` and
+``builtin:adv_utility`` (126 benign questions, with a toy answer in the latter), written by
+``scripts/build_tiny_game.py --data-only``, are split **by action**: each ``/val`` set (48 behaviours, 42 benign
+questions) asks all six question frames of one held-out action per family ("steal a bike", "bake a cake", ...),
+which no training record, target or refusal mentions, so held-out ASR measures carry-over to unseen behaviours,
+not memorised target strings.
+
 The training stream (the mixer)
 -------------------------------
 Each row of epoch ``e`` is adversarial with probability ``p = adversarial_probability`` (a Bernoulli draw per row

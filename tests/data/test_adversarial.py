@@ -111,7 +111,7 @@ def test_utility_from_messages_keeps_the_first_exchange_and_filters_long_prompts
 
 
 def test_away_and_toward_rows_share_prompt_ids_row_for_row(tokenizer):
-    with pytest.warns(UserWarning, match=r"training: \d+ of 637 adversarial pairs and \d+ of 149 utility examples are "
+    with pytest.warns(UserWarning, match=r"training: \d+ of 578 adversarial pairs and \d+ of 126 utility examples are "
                                          "longer than data.max_length=24"):
         dm = _builtin(tokenizer, batch_size=16, max_length=24)  # short: prompts cut to fit the longer response
     batches = [b for b in dm.train_dataloader() if b.away is not None]
@@ -144,8 +144,10 @@ def test_adversarial_share_matches_the_probability(tokenizer):
     # adversarial rows walk a permutation of the pairs (no repeat before a pass ends), utility rows likewise
     a0, i0 = stream.plan(0)
     assert len(set(i0[a0].tolist())) == a0.sum()
-    util = i0[~a0].tolist()
-    assert len(set(util)) == len(util) and abs(len(util) - len(stream.utility)) < 4 * math.sqrt(len(util))
+    util, n_util = i0[~a0].tolist(), len(stream.utility)
+    assert abs(len(util) - n_util) < 4 * math.sqrt(len(util))
+    # a pass over the utility data has no repeat; draws that exhaust it before the epoch ends start the next pass
+    assert all(len(set(part)) == len(part) for part in (util[:n_util], util[n_util:]))
     assert len(stream) == math.ceil(len(stream.utility) / (1 - p))
     assert not np.array_equal(stream.plan(1)[0], a0)  # a fresh draw per epoch
 
@@ -259,28 +261,52 @@ def test_missing_pad_token_falls_back_to_unk_then_eos(tmp_path, unk, pad):
 # ----------------------------------------------------------------------------- built-in sets
 
 
+def _build_script():
+    spec = importlib.util.spec_from_file_location("build_tiny_game", REPO / "scripts" / "build_tiny_game.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_builtin_sets_load_without_train_val_overlap(tokenizer):
     dm = _builtin(tokenizer)
     train, val = dm.eval_prompts("train"), dm.eval_prompts("val")
-    assert len(train["harmful"]) > 150 and len(val["harmful"]) > 20 and val["benign"]
+    assert (len(train["harmful"]), len(val["harmful"]), len(val["benign"])) == (192, 48, 42)
     assert not set(train["harmful"]) & set(val["harmful"])
     assert all(2 <= len(t) <= 4 for t in train["targets"] + val["targets"])
-    seeds = {n: set((BUILTIN_DIR / f"seed_prompts{s}.txt").read_text().split("\n")) - {""} for n, s in
-             (("train", ""), ("val", "_val"))}
-    for name in ("adv_behaviours", "adv_benign", "adv_utility"):
-        key = "behaviour" if name == "adv_behaviours" else "prompt"
-        t = {r[key] for r in json.loads((BUILTIN_DIR / f"{name}.json").read_text())}
-        v = {r[key] for r in json.loads((BUILTIN_DIR / f"{name}_val.json").read_text())}
-        assert t and v and not t & v and t <= seeds["train"] and v <= seeds["val"]
     diverse = _builtin(tokenizer, diverse_safe_answers=True).eval_prompts("val")["safe"]
     assert len(set(diverse)) > 1
 
 
+def test_builtin_sets_hold_out_whole_actions():
+    """The val sets are every frame of one unseen action per family: no held-out action, and so no held-out
+    target, safe response or utility answer, occurs anywhere in the training sets (targets are not memorised)."""
+    script = _build_script()
+    held_out = script.held_out_actions()
+    assert list(held_out) == [*script.HARMFUL, *script.BENIGN]
+    assert all(a in (script.HARMFUL | script.BENIGN)[family] for family, a in held_out.items())
+    load = {stem: json.loads((BUILTIN_DIR / f"{stem}.json").read_text()) for stem in
+            ("adv_behaviours", "adv_behaviours_val", "adv_benign", "adv_benign_val", "adv_utility", "adv_utility_val")}
+    train_texts = [text for stem in ("adv_behaviours", "adv_benign", "adv_utility") for row in load[stem]
+                   for value in row.values() if value != row.get("id")
+                   for text in (value if isinstance(value, list) else [value])]
+    for action in held_out.values():
+        assert not [t for t in train_texts if action in t], action
+    val_targets = {t for row in load["adv_behaviours_val"] for t in row["targets"]}
+    assert val_targets and not val_targets & {t for row in load["adv_behaviours"] for t in row["targets"]}
+    # val: all six frames of each held-out action; training: every frame of every other action
+    frames = [f for f, _ in script.FRAMES]
+    for stem, key, families in (("adv_behaviours", "behaviour", script.HARMFUL), ("adv_benign", "prompt", script.BENIGN),
+                                ("adv_utility", "prompt", script.BENIGN)):
+        val = sorted(r[key] for r in load[f"{stem}_val"])
+        train = sorted(r[key] for r in load[stem])
+        assert val == sorted(f.format(a=held_out[fam]) for fam in families for f in frames), stem
+        assert train == sorted(f.format(a=a) for fam, acts in families.items() for a in acts if a != held_out[fam]
+                               for f in frames), stem
+
+
 def test_builtin_sets_match_the_build_script():
-    spec = importlib.util.spec_from_file_location("build_tiny_game", REPO / "scripts" / "build_tiny_game.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    for stem, rows in script.adversarial_sets(*script.seed_questions()).items():
+    for stem, rows in _build_script().adversarial_sets().items():
         assert (BUILTIN_DIR / f"{stem}.json").read_text() == json.dumps(rows, indent=1) + "\n", stem
 
 
@@ -313,7 +339,7 @@ def _fit(tokenizer, root: Path, stop: int | None = None, ckpt: str | None = None
 
 def test_lightning_resume_mid_epoch_continues_the_stream(tokenizer, tmp_path):
     full = _fit(tokenizer, tmp_path / "a")
-    _fit(tokenizer, tmp_path / "b", stop=3)  # the step-3 checkpoint is written mid-epoch (21 batches an epoch)
+    _fit(tokenizer, tmp_path / "b", stop=3)  # the step-3 checkpoint is written mid-epoch (18 batches an epoch)
     resumed = _fit(tokenizer, tmp_path / "c", ckpt=str(tmp_path / "b" / "last.ckpt"))
     assert len(full.rows) == 7 and resumed.rows == full.rows[3:]
     assert sum(len(a) for a, _ in full.rows) > 0  # some adversarial rows reached the step

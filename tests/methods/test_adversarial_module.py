@@ -113,8 +113,10 @@ def test_ipo_at_the_starting_weights_is_four(reference, tmp_path):
 
 def test_released_reference_asymmetry_moves_h_at_the_start(tmp_path):
     """The default (released) reference is NOT windowed: at the starting weights the harmful tokens below -5
-    count 0 on the policy side only, so h < 0 (the windowed harmful mean is higher than the plain one)."""
+    count 0 on the policy side only, so h < 0 (the windowed harmful mean is higher than the plain one). A batch of
+    32 pairs: the base predicts most toy targets well, so a smaller first batch may hold no token below -5."""
     cli = cli_main(["fit", "--config", IPO, f"--trainer.default_root_dir={tmp_path}", *QUIET, "--trainer.max_steps=1",
+                    "--data.init_args.batch_size=32",
                     "--trainer.limit_val_batches=0", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
                     "--model.init_args.attack.epsilon_rel=1e-9",
                     f"--model.init_args.reference_cache_dir={tmp_path / 'cache'}"])
