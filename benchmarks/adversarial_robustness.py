@@ -37,7 +37,7 @@ adversarial example, then the same loss step; and an R2D2-like step (persistent 
 per training step, from the measured time per GCG step). Also the forward / backward passes per example. The paper
 reports its whole run about 299x cheaper than R2D2's.
 
-    python benchmarks/adversarial_robustness.py --seeds 5 --write       # ~45 min on 2 cores
+    python benchmarks/adversarial_robustness.py --seeds 6 --write       # 2 seeds at a time; ~N min on 2 cores
     python benchmarks/adversarial_robustness.py --cost-only --write     # the step-cost comparison; run it alone
     python benchmarks/adversarial_robustness.py --quick                 # smoke run: 1 seed, small budgets
 """
@@ -45,7 +45,9 @@ reports its whole run about 299x cheaper than R2D2's.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -242,11 +244,34 @@ class StepTimer(L.Callback):
         self.seconds.append(time.perf_counter() - self._began)
 
 
+def _held_out() -> tuple[AdversarialBehaviourDataModule, dict]:
+    """The DataModule (set up) and the held-out evaluation inputs: behaviours, benign prompts, utility rows."""
+    tokenizer = build_tokenizer(ModelSpec(name_or_path="builtin:tiny-game-base"))
+    dm = _data(tokenizer)
+    prompts = dm.eval_prompts("val")
+    inputs = {"cases": behaviour_cases(tokenizer, [{"behaviour": b, "target": t[0]} for b, t in
+                                                   zip(prompts["harmful"], prompts["targets"])], dm),
+              "benign": [dm.encode_prompt(p) for p in prompts["benign"]],
+              "utility": [(dm.encode_prompt(r["prompt"]), dm.encode_response(r["response"]))
+                          for r in prompts["utility"]]}
+    return dm, inputs
+
+
+def _seed_worker(job: tuple[int, dict, int]) -> dict:
+    """Every arm of one seed, in this process (one torch thread)."""
+    seed, budget, steps = job
+    torch.set_num_threads(1)
+    dm, inputs = _held_out()
+    with tempfile.TemporaryDirectory() as tmp:
+        return _run_seed(seed, Path(tmp), dm, inputs, budget, steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="training steps of every trained arm")
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny budgets (a smoke run)")
+    parser.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes (1 thread each)")
     parser.add_argument("--cost-only", action="store_true",
                         help=f"only the cost comparison (alone on the machine: it is a timing), merged into {RESULTS.name} "
                              "with --write")
@@ -256,14 +281,7 @@ def main() -> None:
     budget = BUDGETS["quick" if opts.quick else "full"]
     seeds = 1 if opts.quick else opts.seeds
     steps = 4 if opts.quick else opts.steps
-    tokenizer = build_tokenizer(ModelSpec(name_or_path="builtin:tiny-game-base"))
-    dm = _data(tokenizer)
-    prompts = dm.eval_prompts("val")
-    inputs = {"cases": behaviour_cases(tokenizer, [{"behaviour": b, "target": t[0]} for b, t in
-                                                   zip(prompts["harmful"], prompts["targets"])], dm),
-              "benign": [dm.encode_prompt(p) for p in prompts["benign"]],
-              "utility": [(dm.encode_prompt(r["prompt"]), dm.encode_response(r["response"]))
-                          for r in prompts["utility"]]}
+    _, inputs = _held_out()
     if opts.cost_only:
         measured = cost(inputs["cases"], gcg_budget=budget["gcg"] if opts.quick else None)
         print(json.dumps(measured, indent=1))
@@ -273,10 +291,12 @@ def main() -> None:
             print(f"wrote the cost into {RESULTS}")
         return
     began = time.perf_counter()
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(seeds):
-            runs.append(_run_seed(seed, Path(tmp), dm, inputs, budget, steps))
+    if opts.workers > 1:  # seeds in parallel processes, one thread each (spawned: no forked torch state)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(opts.workers, mp_context=context) as pool:
+            runs = list(pool.map(_seed_worker, [(seed, budget, steps) for seed in range(seeds)]))
+    else:
+        runs = [_seed_worker((seed, budget, steps)) for seed in range(seeds)]
     result = {"setup": {"seeds": seeds, "steps": steps, "behaviours": len(inputs["cases"]),
                         "benign": len(inputs["benign"]), "utility": len(inputs["utility"]), **budget,
                         "judge": "RuleJudge (toy)", "seconds": time.perf_counter() - began},
