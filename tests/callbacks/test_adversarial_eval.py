@@ -35,7 +35,7 @@ def setup():
         behaviours=DataSource("builtin:adv_behaviours"), val_behaviours=DataSource("builtin:adv_behaviours/val"),
         utility=DataSource("builtin:adv_utility"), val_utility=DataSource("builtin:adv_utility/val"),
         benign=DataSource("builtin:adv_benign"), val_benign=DataSource("builtin:adv_benign/val"),
-        prompt_template=TEMPLATE, response_template=" {response}", max_length=64)
+        prompt_template=TEMPLATE, response_template=" {response}", max_length=96)
     dm.tokenizer = tokenizer
     dm.setup("fit")
     prompts = dm.eval_prompts("val")
