@@ -37,7 +37,7 @@ adversarial example, then the same loss step; and an R2D2-like step (persistent 
 per training step, from the measured time per GCG step). Also the forward / backward passes per example. The paper
 reports its whole run about 299x cheaper than R2D2's.
 
-    python benchmarks/adversarial_robustness.py --seeds 6 --write       # 2 seeds at a time; ~N min on 2 cores
+    python benchmarks/adversarial_robustness.py --seeds 4 --write       # 2 seeds at a time; ~25 min on 2 cores
     python benchmarks/adversarial_robustness.py --cost-only --write     # the step-cost comparison; run it alone
     python benchmarks/adversarial_robustness.py --quick                 # smoke run: 1 seed, small budgets
 """
@@ -79,7 +79,7 @@ QUIET = ["--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enabl
          "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0"]
 TEMPLATE = "Human: {prompt}\nAI:"
 BUDGETS = {
-    "full": {"epsilons": [0.05, 0.1, 0.2], "gcg": {"num_steps": 40, "suffix_length": 6, "search_width": 128,
+    "full": {"epsilons": [0.05, 0.1, 0.2], "gcg": {"num_steps": 30, "suffix_length": 6, "search_width": 96,
                                                    "topk": 32}},
     "quick": {"epsilons": [0.1], "gcg": {"num_steps": 4, "suffix_length": 3, "search_width": 16, "topk": 8}},
 }
