@@ -38,7 +38,7 @@ per training step, from the measured time per GCG step). Also the forward / back
 reports its whole run about 299x cheaper than R2D2's.
 
     python benchmarks/adversarial_robustness.py --seeds 4 --write       # 2 seeds at a time; ~25 min on 2 cores
-    python benchmarks/adversarial_robustness.py --cost-only --write     # the step-cost comparison; run it alone
+    python benchmarks/adversarial_robustness.py --cost-only --gcg-timed-steps 25 --write   # step cost; run it alone
     python benchmarks/adversarial_robustness.py --quick                 # smoke run: 1 seed, small budgets
 """
 
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -197,7 +198,7 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
-def cost(cases: list, gcg_budget: dict | None = None, seed: int = 0) -> dict:
+def cost(cases: list, gcg_budget: dict | None = None, seed: int = 0, measured_steps: int | None = None) -> dict:
     """One C-AdvUL step vs one GCG-based step on the same batch of adversarial rows (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         cli = cli_main(["--config", str(REPO / "configs/adv_training/ul_tiny.yaml"), "--trainer.default_root_dir",
@@ -210,24 +211,29 @@ def cost(cases: list, gcg_budget: dict | None = None, seed: int = 0) -> dict:
     continuous = statistics.median(timer.seconds[1:])
     rows = cli.datamodule.batch_size
     gcg = GCG(**{**(gcg_budget or {}), "early_stop": False}, seed=seed)  # the full budget, as a training step would
+    full_steps = gcg.num_steps
+    if measured_steps is not None:  # time this many steps; every step costs the same (no early stop): scale up
+        gcg = dataclasses.replace(gcg, num_steps=measured_steps)
     began = time.perf_counter()
     passes = [0, 0]
     for case in cases[:rows]:  # GCG on every adversarial example of a batch of the same size
         found = gcg(module.policy, module.tokenizer, case.before_ids, case.after_ids, case.target_ids)
         passes[0] += found.forward_passes
         passes[1] += found.backward_passes
-    attack_seconds = time.perf_counter() - began
+    attack_seconds = (time.perf_counter() - began) * full_steps / gcg.num_steps
     gcg_seconds = attack_seconds + continuous  # + the same loss step on the attacked rows
     # R2D2 (Mazeika et al. 2024, HarmBench) keeps persistent test cases and advances each by a few GCG steps per
     # training step (5 here): the per-step cost of that scheme, from the measured seconds per GCG step
-    r2d2_seconds = attack_seconds * 5 / gcg.num_steps + continuous
+    r2d2_seconds = attack_seconds * 5 / full_steps + continuous
     attack = module.attack
     return {"adversarial_rows": rows, "c_advul_step_seconds": continuous,
             "gcg_step_seconds": gcg_seconds, "ratio": gcg_seconds / continuous,
             "r2d2_like_step_seconds": r2d2_seconds, "r2d2_like_ratio": r2d2_seconds / continuous,
-            "gcg": {k: getattr(gcg, k) for k in ("num_steps", "suffix_length", "search_width", "topk")},
-            "passes_per_example": {"embedding_attack": {"forward": attack.iters + 1, "backward": attack.iters},
-                                   "gcg": {"forward": passes[0] / rows, "backward": passes[1] / rows}}}
+            "gcg": {"num_steps": full_steps, "timed_steps": gcg.num_steps,
+                    **{k: getattr(gcg, k) for k in ("suffix_length", "search_width", "topk")}},
+            "passes_per_example": {"embedding_attack": {"forward": attack.iters, "backward": attack.iters},
+                                   "gcg": {"forward": 1 + (passes[0] / rows - 1) * full_steps / gcg.num_steps,
+                                           "backward": passes[1] / rows * full_steps / gcg.num_steps}}}
 
 
 class StepTimer(L.Callback):
@@ -275,6 +281,8 @@ def main() -> None:
     parser.add_argument("--cost-only", action="store_true",
                         help=f"only the cost comparison (alone on the machine: it is a timing), merged into {RESULTS.name} "
                              "with --write")
+    parser.add_argument("--gcg-timed-steps", type=int, default=None,
+                        help="--cost-only: time this many GCG steps and scale to the full 250 (each step costs the same)")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
     opts = parser.parse_args()
     torch.set_num_threads(1)
@@ -283,7 +291,8 @@ def main() -> None:
     steps = 4 if opts.quick else opts.steps
     _, inputs = _held_out()
     if opts.cost_only:
-        measured = cost(inputs["cases"], gcg_budget=budget["gcg"] if opts.quick else None)
+        measured = cost(inputs["cases"], gcg_budget=budget["gcg"] if opts.quick else None,
+                        measured_steps=opts.gcg_timed_steps)
         print(json.dumps(measured, indent=1))
         if opts.write:
             stored = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
