@@ -41,8 +41,7 @@ suffixes, probe sampling and multi-token swaps of that package are not here.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.errors import ConfigError, DataError, check_int, require
+from lit_align.modes import eval_mode
 from lit_align.rollout.logit_transforms import logit_transform
 from lit_align.rollout.logps import (
     causal_lm_parts,
@@ -154,7 +154,7 @@ class GCG:
         suffix = torch.full((self.suffix_length,), _first_token(tokenizer, self.init_token, f"{self.key}.init_token"),
                             dtype=torch.long, device=device)
         generator = torch.Generator().manual_seed(self.seed)
-        with _eval_mode(model):
+        with eval_mode(model):
             return self._optimise(model, tokenizer, suffix, *parts, allowed.to(device), generator)
 
     def _allowed_tokens(self, tokenizer: PreTrainedTokenizerBase, vocab: int) -> Tensor:
@@ -304,18 +304,6 @@ def _check_ids(key: str, vocab: int, **named: Sequence[int]) -> None:
         bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < vocab)]
         if bad:
             raise DataError(f"{key}: {name} holds {bad[:5]}, not token ids of the model's vocabulary of {vocab}")
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode (no dropout) inside the block; every module's own mode restored after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _embedding_table(model: nn.Module) -> Tensor:

@@ -80,8 +80,6 @@ from lit_align.data.tokenize import (
     truncate_keep_response,
 )
 from lit_align.errors import ConfigError, DataError
-from lit_align.models.causal_lm import build_tokenizer
-from lit_align.models.spec import ModelSpec
 
 __all__ = [
     "AdversarialBehaviourDataModule",
@@ -577,19 +575,11 @@ class AdversarialBehaviourDataModule(L.LightningDataModule):
 
     _shard = TokenizedDataModule._shard
     on_after_batch_transfer = TokenizedDataModule.on_after_batch_transfer
+    _resolve_tokenizer = TokenizedDataModule._resolve_tokenizer
+    #: ``data.tokenizer`` without a pad token pads with unk, else EOS (the release pads with unk; Llama-3 has none)
+    missing_pad_token = "unk"
 
     # -- tokenization --------------------------------------------------------------------------
-    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is not None:
-            return self.tokenizer
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if getattr(module, "tokenizer", None) is not None:
-            return module.tokenizer
-        if self.tokenizer_name is None:
-            raise ConfigError("data.tokenizer is not set and there is no LightningModule with a tokenizer")
-        return build_tokenizer(ModelSpec(name_or_path=self.tokenizer_name, missing_pad_token="unk"),
-                               key="data.tokenizer")
-
     def _tok(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
             raise RuntimeError("the DataModule is not set up: call setup() first (the tokenizer comes from the module)")

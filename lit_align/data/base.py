@@ -30,6 +30,8 @@ class TokenizedDataModule(L.LightningDataModule):
 
     required_fields: ClassVar[tuple[str, ...]] = ()
     optional_fields: ClassVar[tuple[str, ...]] = ()
+    #: how ``data.tokenizer`` gets a pad token when it has none (:class:`~lit_align.models.ModelSpec`'s field)
+    missing_pad_token: ClassVar[str] = "eos"
 
     def __init__(
         self,
@@ -98,7 +100,8 @@ class TokenizedDataModule(L.LightningDataModule):
             return module.tokenizer
         if self.tokenizer_name is None:
             raise ConfigError("data.tokenizer is not set and there is no LightningModule with a tokenizer")
-        return build_tokenizer(ModelSpec(name_or_path=self.tokenizer_name))
+        return build_tokenizer(ModelSpec(name_or_path=self.tokenizer_name, missing_pad_token=self.missing_pad_token),
+                               key="data.tokenizer")
 
     def _load(self, source: DataSource) -> list[Record]:
         """Validated records of one source (subclasses with another record layout override this)."""
