@@ -394,6 +394,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     # the tokenizer and rank plumbing of the other DataModules
     _resolve_tokenizer = TokenizedDataModule._resolve_tokenizer
+    missing_pad_token = TokenizedDataModule.missing_pad_token
     _shard = TokenizedDataModule._shard
     on_after_batch_transfer = TokenizedDataModule.on_after_batch_transfer
 
