@@ -39,6 +39,11 @@ class SequenceBatch:
         """Real (non-pad) tokens in the batch."""
         return int(self.attention_mask.sum())
 
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        """A copy with every tensor on ``device``."""
+        return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
+                             self.index.to(device))
+
     def select(self, rows: Tensor) -> SequenceBatch:
         """The rows ``rows`` ((N,) long indices or a (B,) bool mask) as a new batch."""
         return SequenceBatch(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows], self.index[rows])

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from lit_align.attacks import GCG, EmbeddingAttack, attacked_generate, split_template
-from lit_align.callbacks.reporting import eval_mode, publish, report_dir, write_csv
+from lit_align.callbacks.reporting import eval_mode, publish, report_dir, results_table, write_csv
 from lit_align.data.tokenize import prompt_response_batch
 from lit_align.errors import ConfigError
 from lit_align.game.judge import JudgeFactory, SafetyJudge, build_judge
@@ -211,8 +211,8 @@ def evaluate_robustness(
             eps_attack = dataclasses.replace(base, epsilon_rel=eps)
             responses, passes, start = [], [0, 0], time.perf_counter()
             for part in _chunks(cases, batch_size):
-                batch = _to(prompt_response_batch([(c.prompt_ids, c.target_ids) for c in part],
-                                                  list(range(len(part))), tokenizer.pad_token_id), device)
+                batch = prompt_response_batch([(c.prompt_ids, c.target_ids) for c in part], list(range(len(part))),
+                                              tokenizer.pad_token_id).to(device)
                 rollout, attacked = attacked_generate(model, tokenizer, eps_attack, batch, greedy)
                 responses += [tokenizer.decode(r[m.bool()], skip_special_tokens=True)
                               for r, m in zip(rollout.response_ids, rollout.response_mask)]
@@ -242,11 +242,6 @@ def evaluate_robustness(
     return result
 
 
-def _to(batch, device):
-    """A copy of a tensor dataclass (``SequenceBatch``) with every field on ``device``."""
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
-
-
 def _cost(result: RobustnessResult, name: str, passes: list[int], seconds: float, n: int) -> None:
     n = max(n, 1)
     result.cost[f"cost/{name}/forward_passes"] = passes[0] / n
@@ -259,8 +254,8 @@ def _utility_nll(model, tokenizer, utility, batch_size: int, device) -> float | 
         return None
     total, count = 0.0, 0
     for part in _chunks(list(utility), batch_size):
-        batch = _to(prompt_response_batch([(list(p), list(r)) for p, r in part], list(range(len(part))),
-                                          tokenizer.pad_token_id), device)
+        batch = prompt_response_batch([(list(p), list(r)) for p, r in part], list(range(len(part))),
+                                      tokenizer.pad_token_id).to(device)
         out = token_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
         total -= float((out.logps * out.mask).sum())
         count += int(out.mask.sum())
@@ -276,7 +271,7 @@ def _mc_accuracy(model, tokenizer, questions, batch_size: int, device) -> float 
     rows = [(list(q), list(c)) for q, choices, _ in questions for c in choices]
     scores = []
     for part in _chunks(rows, batch_size):
-        batch = _to(prompt_response_batch(part, list(range(len(part))), tokenizer.pad_token_id), device)
+        batch = prompt_response_batch(part, list(range(len(part))), tokenizer.pad_token_id).to(device)
         scores.append(token_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask).sum())  # (b,)
     flat, start = torch.cat(scores), 0
     width = max(len(c) for _, c, _ in questions)
@@ -454,7 +449,7 @@ class AdversarialEvaluation(L.Callback):
     # -- reporting ------------------------------------------------------------------------------
     def columns(self) -> list[str]:
         """Every column of :attr:`results`, in first-seen order."""
-        return list(dict.fromkeys(k for row in self.results.values() for k in row))
+        return results_table(self.results, ROWS)[1]
 
     def format_table(self, columns: Sequence[str] | None = None) -> str:
         """The results as a fixed-width text table (rows = models)."""
@@ -471,9 +466,7 @@ class AdversarialEvaluation(L.Callback):
         directory = report_dir(trainer, self.dirpath)  # every rank calls it (a collective)
         if directory is None:
             return
-        rows = [r for r in ROWS if r in self.results]
-        columns = self.columns()
-        table = [[r, *(self.results[r].get(c) for c in columns)] for r in rows]
+        rows, columns, table = results_table(self.results, ROWS)
         self.files["csv"] = write_csv(directory / "adversarial_eval.csv", ["model", *columns], table)
         case_rows = [[r, c["attack"], c["behaviour"], c["response"], c["unsafe"]]
                      for r in rows for c in self.cases.get(r, [])]

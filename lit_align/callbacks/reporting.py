@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lit_align.models.causal_lm import eval_mode
 
-__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "run_dir", "run_name", "write_csv"]
+__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "results_table", "run_dir", "run_name", "write_csv"]
 
 
 def report_dir(trainer: L.Trainer, dirpath: str | None) -> Path | None:
@@ -60,6 +60,16 @@ def run_dir(trainer: L.Trainer) -> Path:
     if version is None:
         return save_dir
     return save_dir / str(logger.name) / _version_dir(version)
+
+
+def results_table(results: Mapping[str, Mapping[str, Any]], order: Sequence[str]
+                  ) -> tuple[list[str], list[str], list[list[Any]]]:
+    """``(rows, columns, table)`` of an evaluation callback's ``results`` (model -> column -> value): the models of
+    ``order`` that ``results`` holds, every column in first-seen order, and ``[[model, *values]]`` (``None`` where
+    a model lacks a column)."""
+    rows = [r for r in order if r in results]
+    columns = list(dict.fromkeys(k for row in results.values() for k in row))
+    return rows, columns, [[r, *(results[r].get(c) for c in columns)] for r in rows]
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:

@@ -61,7 +61,7 @@ import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from lit_align.callbacks.reporting import eval_mode, publish, report_dir, write_csv
+from lit_align.callbacks.reporting import eval_mode, publish, report_dir, results_table, write_csv
 from lit_align.data.tokenize import prompt_response_batch
 from lit_align.losses.sft import nll_loss
 from lit_align.metrics.unlearning import (
@@ -487,7 +487,7 @@ class UnlearningEvaluation(L.Callback):
     # -- reporting ------------------------------------------------------------------------------
     def columns(self) -> list[str]:
         """Every column of :attr:`results`, in first-seen order."""
-        return list(dict.fromkeys(k for row in self.results.values() for k in row))
+        return results_table(self.results, ROWS)[1]
 
     def format_table(self, columns: Sequence[str] | None = None) -> str:
         """The results as a fixed-width text table (rows = models)."""
@@ -508,9 +508,7 @@ class UnlearningEvaluation(L.Callback):
         directory = report_dir(trainer, self.dirpath)  # every rank calls it (a collective)
         if directory is None:
             return
-        rows = [r for r in ROWS if r in self.results]
-        columns = self.columns()
-        table = [[r, *(self.results[r].get(c) for c in columns)] for r in rows]
+        rows, columns, table = results_table(self.results, ROWS)
         path = write_csv(directory / "unlearning_eval.csv", ["model", *columns], table)
         self.files["csv"] = path
         if self.plot:
