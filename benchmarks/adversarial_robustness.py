@@ -63,7 +63,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from fit_timing import interval  # noqa: E402  (this folder is on sys.path when a script runs)
+from fit_timing import QUIET as FIT_QUIET  # noqa: E402  (this folder is on sys.path when a script runs)
+from fit_timing import fit_in_process, interval  # noqa: E402
 
 from lit_align.attacks import GCG, EmbeddingAttack  # noqa: E402
 from lit_align.callbacks.adversarial_eval import behaviour_cases, evaluate_robustness  # noqa: E402
@@ -75,9 +76,7 @@ from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer  # noqa
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results_adversarial.json"
-QUIET = ["--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0"]
+QUIET = [*FIT_QUIET, "--trainer.limit_val_batches", "0"]
 TEMPLATE = "Human: {prompt}\nAI:"
 BUDGETS = {
     "full": {"epsilons": [0.05, 0.1, 0.2], "gcg": {"num_steps": 30, "suffix_length": 6, "search_width": 96,
@@ -88,12 +87,7 @@ BUDGETS = {
 
 def _fit(config: str, root: Path, seed: int, args: list[str]):
     """``lit-align fit`` of a shipped config, in process and quiet; the fitted module."""
-    seeds = ["--seed_everything", str(seed), "--model.init_args.model.seed", str(seed), "--data.init_args.seed",
-             str(seed)]
-    cli = cli_main(["--config", str(REPO / config), "--trainer.default_root_dir", str(root), *seeds, *QUIET, *args],
-                   run=False)
-    cli.trainer.fit(cli.model, cli.datamodule)
-    return cli.model
+    return fit_in_process(REPO / config, root, seed, args, QUIET)
 
 
 def _data(tokenizer) -> AdversarialBehaviourDataModule:

@@ -156,6 +156,25 @@ def stage_windows(ranks: Mapping[int, Sequence[dict]], warmup: int) -> dict[str,
     return out
 
 
+#: ``lit-align fit`` arguments of an in-process effect run: no logger, callbacks, checkpoints, bars or sanity check
+QUIET = ["--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.num_sanity_val_steps", "0"]
+
+
+def fit_in_process(config: Path, root: Path, seed: int, args: Sequence[str], quiet: Sequence[str] = QUIET):
+    """``lit-align fit`` of ``config`` in this process, quiet (``quiet`` arguments), with ``seed`` as the run's,
+    the model's and the data's seed and ``args`` last; the fitted module (the effect benchmarks' training runs)."""
+    from lit_align.cli import cli_main
+
+    seeds = ["--seed_everything", str(seed), "--model.init_args.model.seed", str(seed), "--data.init_args.seed",
+             str(seed)]
+    cli = cli_main(["--config", str(config), "--trainer.default_root_dir", str(root), *seeds, *quiet, *args],
+                   run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return cli.model
+
+
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """``(mean, low, high)``: the mean of ``values`` and its Student-t interval (``scipy.stats.t``); the interval is
     ``nan`` with fewer than 2 values, and collapses to the mean when they are all equal."""

@@ -65,7 +65,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from fit_timing import interval  # noqa: E402  (this folder is on sys.path when a script runs)
+from fit_timing import QUIET, fit_in_process, interval  # noqa: E402  (this folder is on sys.path when a script runs)
 
 from lit_align.cli import cli_main  # noqa: E402
 from lit_align.data import BUILTIN_DIR, PromptDataModule, build_pairs  # noqa: E402
@@ -80,18 +80,11 @@ from lit_align.rollout.sampler import SamplingConfig, sample  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results_preference.json"
-QUIET = ["--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing", "false",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.num_sanity_val_steps", "0"]
 
 
 def _fit(config: str, root: Path, seed: int, args: list[str]):
     """``lit-align fit`` of a shipped config, in process and quiet; the fitted module."""
-    seeds = ["--seed_everything", str(seed), "--model.init_args.model.seed", str(seed), "--data.init_args.seed", str(seed)]
-    cli = cli_main(["--config", str(REPO / config), "--trainer.default_root_dir", str(root), *seeds, *QUIET, *args],
-                   run=False)
-    cli.trainer.fit(cli.model, cli.datamodule)
-    return cli.model
+    return fit_in_process(REPO / config, root, seed, args, QUIET)
 
 
 def _write(path: Path, rows: list[dict]) -> str:
