@@ -7,13 +7,14 @@ and exit code 2. ``--debug`` or ``LIT_ALIGN_DEBUG=1`` brings the traceback back.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["ConfigError", "DataError", "LitAlignError", "MissingPathError", "check_choice", "check_int", "require", "debug_requested", "describe",
+__all__ = ["ConfigError", "DataError", "LitAlignError", "MissingPathError", "check_choice", "check_int", "check_number", "require", "debug_requested", "describe",
            "find_known_error", "one_message_errors"]
 
 #: Exit status of a run stopped by a configuration or data error (argparse's status for bad usage).
@@ -51,6 +52,18 @@ def check_int(key: str, value: object, low: int = 1, *, optional: bool = False) 
         return
     require(isinstance(value, int) and not isinstance(value, bool) and value >= low, key,
             f"an int >= {low}{' or null' if optional else ''}", value)
+
+
+def check_number(key: str, value: object, *, minimum: float | None = None, positive: bool = False) -> None:
+    """Refuse anything but a finite number (not a bool) for the setting ``key``; ``> 0`` with ``positive``,
+    ``>= minimum`` when given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    rule = "a finite number"
+    if positive:
+        ok, rule = ok and value > 0, rule + " > 0"
+    elif minimum is not None:
+        ok, rule = ok and value >= minimum, f"{rule} >= {minimum:g}"
+    require(ok, key, rule, value)
 
 
 def check_choice(key: str, value: object, options: tuple[str, ...]) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.containers import SequenceBatch
-from lit_align.errors import check_int, require
+from lit_align.errors import check_int, check_number
 from lit_align.losses.sft import nll_loss
 from lit_align.modes import eval_mode
 from lit_align.padding import pad_rows
@@ -212,9 +212,7 @@ class EmbeddingAttack:
 
     def __post_init__(self) -> None:
         for name in ("epsilon_rel", "step_size"):
-            value = getattr(self, name)
-            require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value > 0, f"{_KEY}.{name}", "a finite number > 0", value)
+            check_number(f"{_KEY}.{name}", getattr(self, name), positive=True)
         check_int(f"{_KEY}.iters", self.iters, 1)
 
     def __call__(self, model: nn.Module, batch: SequenceBatch, *,

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lit_align.errors import ConfigError
+from lit_align.errors import ConfigError, check_number
 from lit_align.losses.preference import ipo_loss
 from lit_align.losses.sft import nll_loss
 
@@ -40,11 +40,6 @@ FLOOR_SLOPE = 1e-3
 #: log-probs above this are clamped in ``log(1 - p)`` so that a token with p -> 1 gives a finite loss
 #: (``log(1 - (1 - 1e-6)) = log 1e-6 ~ -13.8``).
 _MAX_LOGP = math.log1p(-1e-6)
-
-
-def _check_cutoff(cutoff: float, key: str) -> None:
-    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff):
-        raise ConfigError(f"{key} must be a finite number, got {cutoff!r}")
 
 
 def soft_floor(value: Tensor, cutoff: float) -> Tensor:
@@ -97,7 +92,7 @@ def away_loss(
         ``(loss, metrics)``; metrics ``ce`` (token-mean harmful CE, detached) and ``floored`` (1.0 when the
         floor / window is active for the batch's ``neg_ce``, the fraction of windowed-out tokens otherwise).
     """
-    _check_cutoff(cutoff, "model.objective.init_args.away_cutoff")
+    check_number("model.objective.init_args.away_cutoff", cutoff)
     ce, stats = nll_loss(token_logps, mask)
     scored = mask.bool()  # (B, T)
     if kind == "neg_ce":
@@ -130,7 +125,7 @@ def toward_loss(token_logps: Tensor, mask: Tensor, *, cutoff: float = 0.5) -> tu
     Returns:
         ``(loss, metrics)``; metrics ``ce`` (detached) and ``floored`` (1.0 when the floor is active).
     """
-    _check_cutoff(cutoff, "model.objective.init_args.toward_cutoff")
+    check_number("model.objective.init_args.toward_cutoff", cutoff)
     ce, stats = nll_loss(token_logps, mask)
     return soft_floor(ce, cutoff), {"ce": stats["nll"], "floored": (ce.detach() < cutoff).float()}
 
@@ -162,19 +157,13 @@ def windowed_mean_logps(token_logps: Tensor, mask: Tensor, lower: float | None =
     scored = mask.bool()  # (B, T)
     keep = scored
     if lower is not None:
-        _check_cutoff(lower, "model.objective.init_args.away_cutoff")
+        check_number("model.objective.init_args.away_cutoff", lower)
         keep = keep & (token_logps.detach() >= lower)
     if upper is not None:
-        _check_cutoff(upper, "model.objective.init_args.toward_cutoff")
+        check_number("model.objective.init_args.toward_cutoff", upper)
         keep = keep & (token_logps.detach() <= upper)
     sums = torch.where(keep, token_logps, torch.zeros_like(token_logps)).sum(-1)  # (B,)
     return sums / scored.sum(-1).clamp(min=1).to(sums.dtype)
-
-
-def _check_weight(value: float, key: str) -> None:
-    _check_cutoff(value, key)
-    if value < 0:
-        raise ConfigError(f"{key} must be >= 0, got {value!r}")
 
 
 class CAdvUL:
@@ -201,9 +190,9 @@ class CAdvUL:
             away_kind: ``neg_ce`` (paper) or ``log_1_minus_p`` (unlikelihood, see :func:`away_loss`).
         """
         for key, value in (("away_weight", away_weight), ("toward_weight", toward_weight)):
-            _check_weight(value, f"model.objective.init_args.{key}")
-        _check_cutoff(away_cutoff, "model.objective.init_args.away_cutoff")
-        _check_cutoff(toward_cutoff, "model.objective.init_args.toward_cutoff")
+            check_number(f"model.objective.init_args.{key}", value, minimum=0)
+        check_number("model.objective.init_args.away_cutoff", away_cutoff)
+        check_number("model.objective.init_args.toward_cutoff", toward_cutoff)
         if away_kind not in ("neg_ce", "log_1_minus_p"):
             raise ConfigError(f"model.objective.init_args.away_kind must be 'neg_ce' or 'log_1_minus_p', got {away_kind!r}")
         self.away_weight, self.toward_weight = away_weight, toward_weight
@@ -253,12 +242,10 @@ class CAdvIPO:
                 0.0 = no window).
             reference_cutoffs: apply the windows to the reference log-probs too (removes §8(h)9's asymmetry).
         """
-        _check_cutoff(beta, "model.objective.init_args.beta")
-        if beta <= 0:
-            raise ConfigError(f"model.objective.init_args.beta must be > 0, got {beta!r}")
-        _check_weight(weight, "model.objective.init_args.weight")
-        _check_cutoff(away_cutoff, "model.objective.init_args.away_cutoff")
-        _check_cutoff(toward_cutoff, "model.objective.init_args.toward_cutoff")
+        check_number("model.objective.init_args.beta", beta, positive=True)
+        check_number("model.objective.init_args.weight", weight, minimum=0)
+        check_number("model.objective.init_args.away_cutoff", away_cutoff)
+        check_number("model.objective.init_args.toward_cutoff", toward_cutoff)
         self.beta, self.weight = beta, weight
         self.away_cutoff, self.toward_cutoff, self.reference_cutoffs = away_cutoff, toward_cutoff, reference_cutoffs
 

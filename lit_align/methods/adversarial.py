@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from lit_align.attacks.embedding import (
 from lit_align.containers import AdversarialBatch, SequenceBatch, TokenLogps
 from lit_align.engine.seeds import derive_seed
 from lit_align.engine.timer import PhaseTimer
-from lit_align.errors import ConfigError
+from lit_align.errors import ConfigError, check_number
 from lit_align.losses.adversarial import CAdvIPO, CAdvUL
 from lit_align.losses.sft import nll_loss
 from lit_align.methods.base import ReferencedPolicyModule
@@ -112,9 +111,7 @@ class ContinuousAdversarialModule(ReferencedPolicyModule):
         objective = objective if objective is not None else CAdvUL()
         if not isinstance(objective, (CAdvUL, CAdvIPO)):
             raise ConfigError(f"model.objective must be lit_align.losses.CAdvUL or CAdvIPO, got {objective!r}")
-        if isinstance(utility_weight, bool) or not isinstance(utility_weight, (int, float)) or not (
-                math.isfinite(utility_weight) and utility_weight >= 0):
-            raise ConfigError(f"model.utility_weight must be a finite number >= 0, got {utility_weight!r}")
+        check_number("model.utility_weight", utility_weight, minimum=0)
         if getattr(objective, "reference_cutoffs", False) and reference == "precomputed":
             raise ConfigError("model.objective.init_args.reference_cutoffs: true windows the reference's per-token "
                               "log-probs, which precomputed tables do not keep: set model.reference to adapter "
