@@ -29,3 +29,11 @@ def test_real_encoder_puts_paraphrases_nearest(minilm_dir):
     sim = EmbeddingCosine(encoder)(["How do I steal a bike?"] * 2, ["How can I steal a bicycle?", "How do I bake bread?"])
     assert sim[0] > sim[1]
     assert encoder.fingerprint() == encoder.fingerprint() and encoder.fingerprint().startswith("SentenceEncoder(")
+
+
+def test_missing_encoder_directory_names_the_key(tmp_path):
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers (retrieval/dev extra) not installed")
+    from lit_align.errors import MissingPathError
+
+    with pytest.raises(MissingPathError, match=r"encoder.name_or_path=.*no such directory"):
+        SentenceEncoder(str(tmp_path / "absent")).encode(["a"])

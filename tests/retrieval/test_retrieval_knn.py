@@ -135,8 +135,10 @@ def test_faiss_backend_is_refused_with_the_key_when_not_installed():
         with pytest.raises(ConfigError, match=r"retriever.backend='faiss' needs the faiss package"):
             Retriever(HashEncoder(), backend="faiss")
     else:  # installed: the same neighbours as the exact torch backend
+        texts = QUESTIONS * 3  # exact copies: ties that straddle faiss's shortlist
         exact, approx = Retriever(HashEncoder(dim=64)), Retriever(HashEncoder(dim=64), backend="faiss")
-        exact.index(QUESTIONS)
-        approx.index(QUESTIONS)
-        assert approx.search(QUESTIONS, 3) == exact.search(QUESTIONS, 3)
-        assert approx.neighbours(range(6), 2) == exact.neighbours(range(6), 2)
+        exact.index(texts)
+        approx.index(texts)
+        for k in (1, 2, 4, 7, 12):
+            assert approx.search(QUESTIONS, k) == exact.search(QUESTIONS, k)
+            assert approx.neighbours(range(6), k) == exact.neighbours(range(6), k)
