@@ -296,12 +296,19 @@ class FEWLScorer:
             pool at each call).
         k: neighbour questions per item (the paper's default is 25).
         batch_size: pairs per SIM call.
+        remember: keep every computed SIM value (keyed by the (premise, hypothesis) pair) for later calls, so
+            scoring several answers to the same questions computes the expertise pairs once (``similarity`` must
+            then be deterministic).
     """
 
-    def __init__(self, similarity: Similarity, retriever: Retriever, k: int = 25, batch_size: int = 256) -> None:
+    def __init__(self, similarity: Similarity, retriever: Retriever, k: int = 25, batch_size: int = 256,
+                 remember: bool = True) -> None:
         check_int("k", k)
         check_int("batch_size", batch_size)
         self.similarity, self.retriever, self.k, self.batch_size = similarity, retriever, k, batch_size
+        self.remember = remember
+        self._known: dict[tuple[str, str], float] = {}  # SIM values already computed (when remember)
+        self._indexed: list[str] | None = None  # the pool questions the retriever holds
 
     def neighbours(self, questions: Sequence[str], pool: Sequence[str]) -> list[list[int]]:
         """For each question, its ``k`` nearest questions in ``pool`` (positions), never itself nor a near-duplicate."""
@@ -310,7 +317,9 @@ class FEWLScorer:
         if self.k > eligible:
             raise ConfigError(f"k = {self.k} neighbour questions asked but the pool has only {eligible} other "
                               f"distinct questions; lower `k` or add questions")
-        self.retriever.index(list(pool))
+        if self._indexed != list(pool):  # encode the pool once for repeated calls on the same questions
+            self.retriever.index(list(pool))
+            self._indexed = list(pool)
         try:
             return self.retriever.search(list(questions), self.k, exclude_self=True)
         except ValueError as error:  # near-duplicates left fewer than k eligible questions
@@ -320,10 +329,10 @@ class FEWLScorer:
 
     def _sim(self, pairs: list[tuple[str, str]]) -> Tensor:
         """SIM of each (premise, hypothesis) pair (n,), each distinct pair computed once, checked in [0, 1]."""
-        unique = list(dict.fromkeys(pairs))
-        out = []
-        for start in range(0, len(unique), self.batch_size):
-            chunk = unique[start:start + self.batch_size]
+        known = self._known if self.remember else {}
+        todo = [pair for pair in dict.fromkeys(pairs) if pair not in known]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
             values = torch.as_tensor(self.similarity([p for p, _ in chunk], [h for _, h in chunk])).double()
             key = getattr(self.similarity, "key", "similarity")
             if values.shape != (len(chunk),) or not torch.isfinite(values).all() or (values < 0).any() \
@@ -332,10 +341,8 @@ class FEWLScorer:
                                   f"in [0, 1], got shape {tuple(values.shape)} with values "
                                   f"{values.flatten()[:4].tolist()}...; rescale it (e.g. a sigmoid) or choose "
                                   "another similarity")
-            out.append(values)
-        position = {pair: j for j, pair in enumerate(unique)}
-        values = torch.cat(out)
-        return values[torch.tensor([position[p] for p in pairs], dtype=torch.long)]
+            known.update(zip(chunk, values.tolist(), strict=True))
+        return torch.tensor([known[pair] for pair in pairs], dtype=torch.float64)
 
     def similarities(self, items: Sequence[FEWLItem], pool: Sequence[FEWLItem] | None = None) -> FEWLSimilarities:
         """The four similarity tensors of ``items`` (neighbours from ``pool``, default ``items``)."""

@@ -181,6 +181,29 @@ def test_similarity_argument_order_is_fixed():
     assert _scorer(subset).score(items, weights="uniform").truthfulness[0].item() == pytest.approx(1.0)
 
 
+def test_scoring_another_answer_reuses_the_expertise_pairs():
+    """Scoring a second answer to the same questions computes only its own truth and laziness pairs (N + N K = 4
+    per item), not the expertise pairs again; with remember=False every call computes everything again."""
+    seen: list[int] = []
+
+    def counting(ps, hs):
+        seen.append(len(ps))
+        return [float(p == h) for p, h in zip(ps, hs)]
+
+    scorer = _scorer(CallableSimilarity(counting))
+    first = scorer.score(_pool(EXPERT)).score
+    calls = sum(seen)
+    second = scorer.score(_pool("Ada was born in Lyon.")).score
+    assert sum(seen) - calls == 4  # only question 0's answer changed: its 2 truth + 2 x 1 laziness pairs
+    assert not torch.equal(first, second)
+    fresh = FEWLScorer(CallableSimilarity(counting), Retriever(HashEncoder(dim=512)), k=1, remember=False)
+    before = sum(seen)
+    fresh.score(_pool(EXPERT))
+    once = sum(seen) - before
+    fresh.score(_pool(EXPERT))
+    assert sum(seen) - before == 2 * once >= 2 * calls
+
+
 # -- selectors --------------------------------------------------------------------------------------------------------
 def test_select_by_fewl_and_demonstrations_are_deterministic():
     assert select_by_fewl([[0.1, 0.5, 0.5], [0.9], torch.tensor([-1.0, -0.5])]) == [1, 0, 1]
