@@ -10,6 +10,7 @@ from lit_align.data.completion import (
     load_completion_records,
     retokenize,
 )
+from lit_align.data.fewshot import FewShotTemplate, build_fewshot_prompt, build_question_prompt
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.prompts import PromptBatch, PromptDataModule, SeedPromptDataModule
 from lit_align.data.ranked import RankedPreferenceDataModule, build_pairs
@@ -32,6 +33,7 @@ __all__ = [
     "CompletionExample",
     "DEFAULT_REFUSALS",
     "DataSource",
+    "FewShotTemplate",
     "ForgetRetainBatch",
     "ForgetRetainDataModule",
     "MUSEDataModule",
@@ -48,7 +50,9 @@ __all__ = [
     "TextCompletionDataModule",
     "TokenizedDataModule",
     "WMDPDataModule",
+    "build_fewshot_prompt",
     "build_pairs",
+    "build_question_prompt",
     "load_completion_records",
     "load_records",
     "retokenize",
