@@ -10,6 +10,7 @@ from lit_align.data.completion import (
     load_completion_records,
     retokenize,
 )
+from lit_align.data.fewl import FEWLBatch, FEWLDataModule, FEWLQuestion
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.prompts import PromptBatch, PromptDataModule, SeedPromptDataModule
 from lit_align.data.ranked import RankedPreferenceDataModule, build_pairs
@@ -32,6 +33,9 @@ __all__ = [
     "CompletionExample",
     "DEFAULT_REFUSALS",
     "DataSource",
+    "FEWLBatch",
+    "FEWLDataModule",
+    "FEWLQuestion",
     "ForgetRetainBatch",
     "ForgetRetainDataModule",
     "MUSEDataModule",
