@@ -11,6 +11,7 @@ from lit_align.data.completion import (
     retokenize,
 )
 from lit_align.data.fewl import FEWLBatch, FEWLDataModule, FEWLQuestion
+from lit_align.data.fewshot import FewShotTemplate, build_fewshot_prompt, build_question_prompt
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.prompts import PromptBatch, PromptDataModule, SeedPromptDataModule
 from lit_align.data.ranked import RankedPreferenceDataModule, build_pairs
@@ -36,6 +37,7 @@ __all__ = [
     "FEWLBatch",
     "FEWLDataModule",
     "FEWLQuestion",
+    "FewShotTemplate",
     "ForgetRetainBatch",
     "ForgetRetainDataModule",
     "MUSEDataModule",
@@ -52,7 +54,9 @@ __all__ = [
     "TextCompletionDataModule",
     "TokenizedDataModule",
     "WMDPDataModule",
+    "build_fewshot_prompt",
     "build_pairs",
+    "build_question_prompt",
     "load_completion_records",
     "load_records",
     "retokenize",

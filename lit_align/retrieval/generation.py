@@ -1,0 +1,191 @@
+"""Cached text generation: plain-text prompts in, decoded continuations out, nothing generated twice.
+
+:class:`GenerationCache` maps a sha256 key of (model fingerprint, prompt, sampling settings, seed) to the
+generated text, in memory or in a JSONL file that a rerun or a resumed run reads back (FEWL's IW/CO and
+reference answers, ISARA's generated questions and answers: §5(h)1, all generations kept with their prompts
+and seeds). :func:`generate_texts` runs :func:`lit_align.rollout.sampler.sample` on the prompts that are not
+cached yet, one ``torch.Generator`` per row from that row's seed, so a row's text depends on its prompt and
+seed, not on which other prompts shared its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from torch import nn
+
+from lit_align.engine.seeds import generator
+from lit_align.errors import ConfigError, DataError, check_int
+from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
+
+__all__ = ["GenerationCache", "generate_texts"]
+
+
+class GenerationCache:
+    """Generated texts by key (:meth:`key`): in memory (``path=None``) or backed by a JSONL file.
+
+    With a path, existing lines (``{"key": ..., "text": ...}``) are read on construction and every
+    :meth:`put` appends its new entries, then flushes and fsyncs, so a killed run loses at most the batch it was
+    writing. A torn last line (a kill mid-write) is skipped with a warning; a broken line elsewhere is a
+    ``DataError`` naming the file and line."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path).expanduser() if path is not None else None
+        self._entries: dict[str, str] = {}
+        if self.path is not None and self.path.exists():
+            self._entries = _read_jsonl(self.path)
+
+    @staticmethod
+    def key(model_fingerprint: str, prompt: str, sampling: SamplingConfig, seed: int | None) -> str:
+        """sha256 hex of the model fingerprint, the prompt, every sampling setting and the seed."""
+        payload = {"model": model_fingerprint, "prompt": prompt, "sampling": dataclasses.asdict(sampling),
+                   "seed": seed}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        """The cached text for ``key``, or None."""
+        return self._entries.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, entries: Mapping[str, str]) -> None:
+        """Store ``entries`` (key -> text); with a path, append the new or changed ones to the file."""
+        new = {k: v for k, v in entries.items() if self._entries.get(k) != v}
+        for k, v in new.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"GenerationCache.put: keys and texts must be strings, got {k!r}: {type(v).__name__}")
+        self._entries.update(new)
+        if self.path is not None and new:
+            _append_jsonl(self.path, new)
+
+    def state_dict(self) -> dict:
+        """``{"entries": {key: text}}`` (for a Lightning checkpoint)."""
+        return {"entries": dict(self._entries)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Add a :meth:`state_dict`'s entries (a checkpoint's generations win over the file's on a clash)."""
+        if not isinstance(state, dict) or not isinstance(state.get("entries"), dict):
+            raise DataError("GenerationCache.load_state_dict: expected {'entries': {key: text}} from state_dict()")
+        self.put(state["entries"])
+
+
+def _read_jsonl(path: Path) -> dict[str, str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    entries: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            entries[record["key"]] = record["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if number == len(lines):
+                warnings.warn(f"generation cache {path}: skipped a torn last line ({err})", stacklevel=3)
+                continue
+            raise DataError(f"generation cache {path}, line {number}: not a {{'key', 'text'}} JSON record ({err}); "
+                            "delete the file (or the line) to regenerate") from err
+    return entries
+
+
+def _append_jsonl(path: Path, entries: Mapping[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps({"key": k, "text": v}, ensure_ascii=False) + "\n" for k, v in entries.items())
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def _token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:
+        raise DataError(f"generate_texts: prompt {empty[0]} tokenizes to no tokens; give a non-empty prompt")
+    return ids
+
+
+def _generate_batch(model: nn.Module, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
+                    seeds: Sequence[int] | None) -> list[str]:
+    """Decoded continuations of one batch of prompts (special tokens skipped)."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = left_pad(_token_ids(tokenizer, prompts), pad_id)  # (B, P)
+    gens = [generator(s, 0, "generate_texts", device=device) for s in seeds] if seeds is not None else None
+    rollout = sample(model, ids.to(device), mask.to(device), sampling, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=pad_id, generator=gens)
+    lengths = rollout.response_lengths.tolist()
+    rows = rollout.response_ids.cpu().tolist()
+    return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths)]
+
+
+def _check_generate_args(tokenizer, prompts: Sequence[str], seeds: Sequence[int] | None, batch_size: int) -> None:
+    if isinstance(prompts, str):
+        raise TypeError("generate_texts: prompts must be a sequence of strings, got one string; wrap it in a list")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ConfigError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt or None")
+    bad = [s for s in seeds or () if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise ConfigError(f"seeds must be ints >= 0, got {bad[0]!r}")
+    check_int("batch_size", batch_size, 1)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("generate_texts: the tokenizer has no eos_token; generation needs one to stop rows")
+
+
+def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling: SamplingConfig, *,
+                   seeds: Sequence[int] | None, cache: GenerationCache | None = None,
+                   model_fingerprint: str | None = None, stop: Sequence[str] = (), batch_size: int = 16) -> list[str]:
+    """Decoded continuations of plain-text prompts, one string per prompt, in order.
+
+    Each prompt is tokenized as is (the tokenizer's own special tokens, no chat template), left-padded and
+    sampled with :func:`lit_align.rollout.sampler.sample`; row ``i`` draws from its own generator seeded from
+    ``seeds[i]`` (through :func:`lit_align.engine.seeds.generator`), so its text does not depend on the batch.
+    ``seeds=None`` samples from the global RNG (not reproducible). The text is decoded without special tokens
+    and cut before the first of ``stop`` (the cache keeps the uncut text, so ``stop`` may change between calls).
+    With a ``cache``, prompts whose key (:meth:`GenerationCache.key`; the
+    fingerprint defaults to :func:`lit_align.models.reference.model_fingerprint` of ``model``) is present are
+    not regenerated, identical (prompt, seed) pairs are generated once (with ``seeds=None`` a repeated prompt
+    therefore gets one text), and new texts are stored after each batch."""
+    _check_generate_args(tokenizer, prompts, seeds, batch_size)
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    prompts = list(prompts)
+    row_seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+    if cache is None:
+        keys = [str(i) for i in range(len(prompts))]
+        store: dict[str, str] = {}
+    else:
+        if model_fingerprint is None:
+            from lit_align.models.reference import model_fingerprint as fingerprint_of
+
+            model_fingerprint = fingerprint_of(model)
+        keys = [GenerationCache.key(model_fingerprint, p, sampling, s) for p, s in zip(prompts, row_seeds)]
+        store = {k: cache.get(k) for k in keys if k in cache}
+    first: dict[str, int] = {}  # missing key -> its first row (a repeated key is generated once)
+    for i, k in enumerate(keys):
+        if k not in store:
+            first.setdefault(k, i)
+    todo = list(first.values())
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start:start + batch_size]
+        texts = _generate_batch(model, tokenizer, [prompts[i] for i in rows], sampling,
+                                None if seeds is None else [row_seeds[i] for i in rows])
+        fresh = {keys[i]: t for i, t in zip(rows, texts)}
+        store.update(fresh)
+        if cache is not None:
+            cache.put(fresh)
+    return [_cut_at_stop(store[k], stop) for k in keys]
