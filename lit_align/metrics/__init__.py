@@ -1,4 +1,4 @@
-"""Metrics: pure scoring functions and DDP-safe torchmetrics wrappers (unlearning evaluation)."""
+"""Metrics: pure scoring functions and DDP-safe torchmetrics wrappers (unlearning evaluation, FEWL)."""
 
 from lit_align.metrics.debate import DebateAccuracy
 from lit_align.metrics.detection import (
@@ -12,6 +12,18 @@ from lit_align.metrics.detection import (
     roc_curve_points,
     tpr_at_fpr,
     word_deletion,
+)
+from lit_align.metrics.fewl import (
+    FEWL,
+    FEWLItem,
+    FEWLScorer,
+    FEWLSimilarities,
+    FEWLTerms,
+    fewl_expertise,
+    fewl_scores,
+    fewl_terms,
+    select_by_fewl,
+    select_demonstrations,
 )
 from lit_align.metrics.unlearning import (
     MeanNLL,
@@ -35,6 +47,11 @@ from lit_align.metrics.unlearning import (
 __all__ = [
     "DebateAccuracy",
     "DetectionMetrics",
+    "FEWL",
+    "FEWLItem",
+    "FEWLScorer",
+    "FEWLSimilarities",
+    "FEWLTerms",
     "HFParaphraser",
     "MeanNLL",
     "MinKProbMIA",
@@ -44,6 +61,9 @@ __all__ = [
     "ShuffleWordsParaphraser",
     "TruthRatio",
     "binary_auc",
+    "fewl_expertise",
+    "fewl_scores",
+    "fewl_terms",
     "forget_quality",
     "fpr_at_tpr",
     "harmonic_mean",
@@ -54,6 +74,8 @@ __all__ = [
     "perplexity",
     "random_substitution",
     "roc_curve_points",
+    "select_by_fewl",
+    "select_demonstrations",
     "rouge_l_recall",
     "rouge_tokens",
     "tpr_at_fpr",
