@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import Tensor
 
 from lit_align.data.fewl import FEWLBatch, FEWLDataModule, FEWLQuestion
 from lit_align.engine.seeds import derive_seed
@@ -113,12 +112,14 @@ class FEWLOptions:
     """``fewl``: per-question expertise weights; ``uniform``: 1/N (the ablation)."""
     laziness: bool = True
     """Subtract the laziness penalty over the K neighbour questions."""
-    divergence: str = "tv"
-    """The f-divergence of the variational form (total variation in the paper's main text)."""
+    divergence: Literal["tv", "kl", "js"] = "tv"
+    """The f-divergence of the variational form: ``tv`` (the paper's main text, FEWL = T - P), or the reconstructed
+    ``kl`` / ``js`` forms of its appendix (see :mod:`lit_align.metrics.fewl`)."""
 
     def __post_init__(self) -> None:
         check_choice("model.fewl.form", self.form, ("contrast", "disagreement"))
         check_choice("model.fewl.weights", self.weights, ("fewl", "uniform"))
+        check_choice("model.fewl.divergence", self.divergence, ("tv", "kl", "js"))
         check_number("model.fewl.temperature", self.temperature, positive=True)
 
 
@@ -285,6 +286,7 @@ class FEWLEvaluationModule(L.LightningModule):
                               f"{type(datamodule).__name__} (data.class_path)")
         questions = datamodule.questions()
         self._check_neighbours(questions)
+        self._check_answers(questions)
         wrong = self._check_synthetic(questions)
         self.cache = GenerationCache(self._cache_path())
         self.generated = 0
@@ -308,6 +310,14 @@ class FEWLEvaluationModule(L.LightningModule):
             self.scorer.neighbours(texts, list(dict.fromkeys(texts)))
         except ConfigError as err:
             raise ConfigError(f"model.k: {err} (model.retriever.near_duplicate sets the threshold)") from err
+
+    def _check_answers(self, questions: list[FEWLQuestion]) -> None:
+        """Without evaluated models every record must carry the answer to score."""
+        missing = [q for q in questions if q.answer is None]
+        if not self.evaluated and missing:
+            q = missing[0]
+            raise DataError(f"question {q.index} ({q.question!r}, source record {q.source_index + 1}) has no `answer` "
+                            "and model.evaluated is empty: give every record an answer, or models to evaluate")
 
     def _check_synthetic(self, questions: list[FEWLQuestion]) -> list[list[str]]:
         """``source: dataset``: each record's first R wrong answers (a record with fewer is an error)."""
@@ -363,10 +373,6 @@ class FEWLEvaluationModule(L.LightningModule):
         """Each evaluated model's answers (or the records' as ``data``) and every question's candidates."""
         candidates = [list(q.candidates) for q in questions]
         if not self.evaluated:
-            missing = [q for q in questions if q.answer is None]
-            if missing:
-                raise DataError(f"question {missing[0].index} ({missing[0].question!r}) has no `answer` and "
-                                "model.evaluated is empty: give every record an answer, or models to evaluate")
             return {_DATA: [q.answer for q in questions]}, candidates
         answers = {}
         texts = [q.question for q in questions]
