@@ -26,13 +26,17 @@ class FEWLReport(L.Callback):
 
     * ``fewl_scores.csv`` and ``fewl_scores.json``: per evaluated model and question, the answer, FEWL, the
       truthfulness term T, the laziness penalty P and the expertise weight lambda of each reference answer
-      (``lambda/r<j>s<s>``: reference j, sample s; the JSON names each reference's model and holds the results);
+      (``lambda/r<j>s<s>``: reference j, sample s); the JSON also names each reference's model and holds the results
+      and, per question, the reference answers, the IW / CO answers and the candidates;
     * ``fewl_ranking.csv``: the models by mean FEWL (rank 1 = least hallucinating by FEWL), also sent to the
       loggers (a W&B table ``fewl_ranking``);
     * ``selected.jsonl`` (when the module scored candidates): one ``{"prompt", "response", "fewl", "index"}`` per
       question, the highest-FEWL candidate, which ``SFTDataModule`` trains on (``configs/fewl/sft_tiny.yaml``);
     * ``demonstrations.jsonl`` (with ``model.demonstrations: k``): the k highest-FEWL ``{"question", "answer"}``
-      pairs, for in-context examples.
+      pairs, for in-context examples;
+    * ``fewl_generations_log.jsonl``: every generation the scores rest on (reference, IW, CO, evaluated and candidate
+      answers), one line each: ``model``, ``purpose``, ``row``, ``seed``, ``prompt`` (as the model read it),
+      ``text``, ``cached`` (read from the generation cache) and the cache ``key``.
 
     Example::
 
@@ -64,6 +68,7 @@ class FEWLReport(L.Callback):
         publish(trainer, "fewl_ranking", header, data)
         if pl_module.selected:
             self.files["selected"] = _jsonl(directory / "selected.jsonl", pl_module.sft_rows())
+        self.files["generations"] = _jsonl(directory / "fewl_generations_log.jsonl", pl_module.generation_log)
         if pl_module.demonstration_rows:
             self.files["demonstrations"] = _jsonl(directory / "demonstrations.jsonl", pl_module.demonstration_rows)
         if self.verbose:
@@ -78,6 +83,11 @@ class FEWLReport(L.Callback):
         references = [{"name": names[j * module.samples_per_reference + s], "model": spec.source, "sample": s}
                       for j, spec in enumerate(module.references) for s in range(module.samples_per_reference)]
         path = directory / "fewl_scores.json"
+        pool = module.pool
+        questions = [{"index": q.index, "question": q.question, "references": refs, "wrong": wrong,
+                      "corrected": corrected, "candidates": candidates}
+                     for q, refs, wrong, corrected, candidates in zip(pool.questions, pool.references, pool.wrong,
+                                                                      pool.corrected, pool.candidates)]
         path.write_text(json.dumps({"references": references, "results": module.results, "ranking": module.ranking(),
-                                    "rows": rows}, indent=1), encoding="utf-8")
+                                    "rows": rows, "questions": questions}, indent=1), encoding="utf-8")
         self.files["scores_json"] = path

@@ -154,7 +154,8 @@ class FEWLEvaluationModule(L.LightningModule):
 
     Every generation goes through one :class:`~lit_align.retrieval.GenerationCache` (``cache``), keyed by the
     model's weights, the prompt, the sampling settings and the seed (``(seed, purpose, index)`` through
-    :func:`~lit_align.engine.seeds.derive_seed`), so a rerun generates nothing (§5(h)1). Each test step then
+    :func:`~lit_align.engine.seeds.derive_seed`), so a rerun generates nothing; :attr:`generation_log` keeps each
+    one with its model, purpose, prompt (as the model read it) and seed (§5(h)1: results depend on these prompts). Each test step then
     scores its questions: SIM(premise, hypothesis) in one fixed order (§5(h)4): premise = reference answer,
     hypothesis = evaluated answer (truthfulness, laziness); premise = IW / CO answer, hypothesis = reference
     answer (expertise); expertise weights are per question (§5(h)5).
@@ -259,6 +260,7 @@ class FEWLEvaluationModule(L.LightningModule):
         self.pool_items: list[FEWLItem] = []
         self.cache: GenerationCache | None = None
         self.generated = 0
+        self.generation_log: list[dict[str, Any]] = []  # every generation: model, purpose, row, seed, prompt, text
         self.rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
         self.candidate_rows: list[dict[str, Any]] = []
         self.results: dict[str, dict[str, Any]] = {}
@@ -289,7 +291,7 @@ class FEWLEvaluationModule(L.LightningModule):
         self._check_answers(questions)
         wrong = self._check_synthetic(questions)
         self.cache = GenerationCache(self._cache_path())
-        self.generated = 0
+        self.generated, self.generation_log = 0, []
         references = self._reference_answers(questions)
         wrong, corrected = self._synthetic_answers(questions, wrong)
         answers, candidates = self._evaluated_answers(questions)
@@ -337,7 +339,7 @@ class FEWLEvaluationModule(L.LightningModule):
         tokenizer = build_tokenizer(spec, key=key)
         model = build_causal_lm(spec, tokenizer).to(self.device).eval()
         try:
-            yield _Generator(self, model, tokenizer, model_fingerprint(model))
+            yield _Generator(self, model, tokenizer, model_fingerprint(model), f"{key}: {spec.source}")
         finally:
             del model
             if torch.cuda.is_available():
@@ -476,9 +478,10 @@ class FEWLEvaluationModule(L.LightningModule):
 class _Generator:
     """One loaded model's generations for the module: rendered prompts, derived seeds, the shared cache."""
 
-    def __init__(self, module: FEWLEvaluationModule, model: torch.nn.Module, tokenizer: Any,
-                 fingerprint: str) -> None:
+    def __init__(self, module: FEWLEvaluationModule, model: torch.nn.Module, tokenizer: Any, fingerprint: str,
+                 name: str) -> None:
         self.module, self.model, self.tokenizer, self.fingerprint = module, model, tokenizer, fingerprint
+        self.name = name
         chat = module.prompt.chat_template
         self.chat = bool(tokenizer.chat_template) if chat is None else chat
         if self.chat and not tokenizer.chat_template:
@@ -501,11 +504,16 @@ class _Generator:
         m = self.module
         prompts = [self._render(t) for t in texts]
         seeds = [derive_seed(m.seed, 0, purpose, i) for i in range(len(prompts))]
-        keys = {GenerationCache.key(self.fingerprint, p, sampling, s) for p, s in zip(prompts, seeds)}
-        m.generated += sum(key not in m.cache for key in keys)
+        keys = [GenerationCache.key(self.fingerprint, p, sampling, s) for p, s in zip(prompts, seeds)]
+        cached = [key in m.cache for key in keys]
+        m.generated += len({key for key, hit in zip(keys, cached) if not hit})
         out = generate_texts(self.model, self.tokenizer, prompts, sampling, seeds=seeds, cache=m.cache,
                              model_fingerprint=self.fingerprint, stop=m.prompt.stop, batch_size=m.prompt.batch_size)
-        return [o.strip() for o in out]
+        out = [o.strip() for o in out]
+        m.generation_log += [{"model": self.name, "purpose": purpose, "row": i, "seed": seed, "prompt": p, "text": o,
+                              "cached": hit, "key": key}
+                             for i, (seed, p, o, hit, key) in enumerate(zip(seeds, prompts, out, cached, keys))]
+        return out
 
     def answers(self, questions: list[str], sampling: SamplingConfig, purpose: str) -> list[str]:
         """Answers to ``questions`` put through ``prompt.template``."""

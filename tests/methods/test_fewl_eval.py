@@ -82,6 +82,14 @@ def test_tiny_config_scores_both_models_and_writes_the_report(first_run):
     assert abs(mean - float(metrics["test/fewl/full"])) < 1e-6
     report = json.loads((root / "fewl" / "fewl_scores.json").read_text(encoding="utf-8"))
     assert [r["model"] for r in report["references"]] == ["builtin:tiny-tofu-full"] * 3
+    first = report["questions"][0]
+    assert len(first["references"]) == 3 and len(first["candidates"]) == 2
+    assert first["corrected"] == [f"It is not true that {w}" for w in first["wrong"]] and len(first["wrong"]) == 4
+    log = [json.loads(line) for line in (root / "fewl" / "fewl_generations_log.jsonl").read_text().splitlines()]
+    assert len(log) == QUESTIONS * 7 and not any(g["cached"] for g in log)
+    assert {g["purpose"] for g in log} == {"fewl/reference/0", "fewl/answer/full", "fewl/answer/retain90",
+                                           "fewl/candidates/retain90"}
+    assert all(g["prompt"].startswith("<|user|>") for g in log)  # the tiny models' chat template
     with (root / "fewl" / "fewl_ranking.csv").open(encoding="utf-8") as f:
         ranking = list(csv.DictReader(f))
     assert [r["model"] for r in ranking] == report["ranking"] and [r["rank"] for r in ranking] == ["1", "2"]
@@ -110,6 +118,8 @@ def test_a_rerun_generates_nothing(first_run, monkeypatch):
     assert calls.calls == 0 and float(cli.trainer.callback_metrics["test/generated"]) == 0
     assert len(cache.read_text().splitlines()) == lines
     assert _scores(root) == before
+    log = [json.loads(line) for line in (root / "fewl" / "fewl_generations_log.jsonl").read_text().splitlines()]
+    assert len(log) == QUESTIONS * 7 and all(g["cached"] for g in log)
 
 
 def test_the_selection_feeds_the_sft_config(first_run, tmp_path):
