@@ -250,6 +250,11 @@ class FEWLEvaluationModule(L.LightningModule):
         self.reference_sampling = reference_sampling or SamplingConfig(max_new_tokens=48, do_sample=True)
         self.answer_sampling = answer_sampling or SamplingConfig(max_new_tokens=48, do_sample=False)
         self.candidate_sampling = candidate_sampling or SamplingConfig(max_new_tokens=48, do_sample=True)
+        for key, sampling, count in (("reference_sampling", self.reference_sampling, samples_per_reference),
+                                     ("candidate_sampling", self.candidate_sampling, candidates)):
+            if count > 1 and not sampling.do_sample:
+                raise ConfigError(f"model.{key}.do_sample is false: greedy decoding repeats one answer {count} "
+                                  "times; sample (do_sample: true) or ask for one answer")
         self.num_candidates, self.demonstrations = candidates, demonstrations
         self.candidate_model = candidate_model or names[0]
         self.cache_option, self.seed = cache, seed
@@ -314,7 +319,10 @@ class FEWLEvaluationModule(L.LightningModule):
             raise ConfigError(f"model.k: {err} (model.retriever.near_duplicate sets the threshold)") from err
 
     def _check_answers(self, questions: list[FEWLQuestion]) -> None:
-        """Without evaluated models every record must carry the answer to score."""
+        """Without evaluated models every record must carry the answer to score; demonstrations must fit the pool."""
+        if self.demonstrations > len(questions):
+            raise ConfigError(f"model.demonstrations ({self.demonstrations}) is more than the {len(questions)} "
+                              "questions of the pool; lower it")
         missing = [q for q in questions if q.answer is None]
         if not self.evaluated and missing:
             q = missing[0]

@@ -152,6 +152,8 @@ def test_records_answers_with_model_written_iw_and_co(tmp_path):
 def test_bad_configurations_name_the_key_or_record(tmp_path):
     error = _known_error(tmp_path, "--model.init_args.references", "[]")
     assert isinstance(error, ConfigError) and "model.references" in str(error)
+    error = _known_error(tmp_path, "--model.init_args.reference_sampling.do_sample", "false")
+    assert isinstance(error, ConfigError) and "model.reference_sampling.do_sample" in str(error)
     error = _known_error(tmp_path, "--data.init_args.questions.limit", "4", "--model.init_args.k", "4")
     assert isinstance(error, ConfigError) and "model.k" in str(error) and "only 3 other" in str(error)
     error = _known_error(tmp_path, "--model.init_args.synthetic.num_pairs", "5")
