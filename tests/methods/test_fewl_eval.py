@@ -154,6 +154,8 @@ def test_bad_configurations_name_the_key_or_record(tmp_path):
     assert isinstance(error, ConfigError) and "model.references" in str(error)
     error = _known_error(tmp_path, "--model.init_args.reference_sampling.do_sample", "false")
     assert isinstance(error, ConfigError) and "model.reference_sampling.do_sample" in str(error)
+    error = _known_error(tmp_path, "--data.init_args.questions.limit", "3", "--model.init_args.k", "2")
+    assert isinstance(error, ConfigError) and "model.demonstrations (4)" in str(error)
     error = _known_error(tmp_path, "--data.init_args.questions.limit", "4", "--model.init_args.k", "4")
     assert isinstance(error, ConfigError) and "model.k" in str(error) and "only 3 other" in str(error)
     error = _known_error(tmp_path, "--model.init_args.synthetic.num_pairs", "5")
@@ -167,6 +169,7 @@ def test_bad_configurations_name_the_key_or_record(tmp_path):
     error = _known_error(tmp_path, "--data.init_args.questions.path", str(no_answers), "--model.init_args.k", "1",
                          "--model.init_args.evaluated", "null", "--model.init_args.candidate_model", "null",
                          "--model.init_args.candidates", "0", "--model.init_args.synthetic.source", "model",
-                         "--model.init_args.synthetic.synthesizer.name_or_path", "builtin:tiny-tofu-full")
+                         "--model.init_args.synthetic.synthesizer.name_or_path", "builtin:tiny-tofu-full",
+                         "--model.init_args.demonstrations", "0")
     assert isinstance(error, DataError) and "has no `answer`" in str(error) and "model.evaluated" in str(error)
     assert not (tmp_path / "fewl_generations.jsonl").exists()  # every one failed before generating anything
