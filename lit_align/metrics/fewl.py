@@ -317,7 +317,8 @@ class FEWLScorer:
         if self.k > eligible:
             raise ConfigError(f"k = {self.k} neighbour questions asked but the pool has only {eligible} other "
                               f"distinct questions; lower `k` or add questions")
-        if self._indexed != list(pool):  # encode the pool once for repeated calls on the same questions
+        held = getattr(self.retriever, "texts", self._indexed)  # re-index if someone else re-indexed it
+        if self._indexed != list(pool) or held != list(pool):  # else encode the pool once for repeated calls
             self.retriever.index(list(pool))
             self._indexed = list(pool)
         try:
