@@ -10,6 +10,7 @@ from lit_align.data.completion import (
     load_completion_records,
     retokenize,
 )
+from lit_align.data.fewl import FEWLBatch, FEWLDataModule, FEWLQuestion
 from lit_align.data.fewshot import FewShotTemplate, build_fewshot_prompt, build_question_prompt
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.prompts import PromptBatch, PromptDataModule, SeedPromptDataModule
@@ -33,6 +34,9 @@ __all__ = [
     "CompletionExample",
     "DEFAULT_REFUSALS",
     "DataSource",
+    "FEWLBatch",
+    "FEWLDataModule",
+    "FEWLQuestion",
     "FewShotTemplate",
     "ForgetRetainBatch",
     "ForgetRetainDataModule",

@@ -5,6 +5,7 @@ from lit_align.methods.base import PolicyModule, ReferencedPolicyModule
 from lit_align.methods.curry_dpo import CurryDPOModule
 from lit_align.methods.debate import DebateModule
 from lit_align.methods.dpo import DPOModule
+from lit_align.methods.fewl_eval import FEWLEvaluationModule
 from lit_align.methods.game import AdversarialGameModule
 from lit_align.methods.online_dpo import OnlineDPOModule
 from lit_align.methods.ppo import PPOModule
@@ -14,4 +15,4 @@ from lit_align.methods.staged import StagedPolicyModule
 from lit_align.methods.unlearning import UnlearningModule
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]
