@@ -8,7 +8,7 @@ one. Here every file is written as a temporary file in the target's own director
 sees the previous checkpoint or the new one, never a torn file.
 
 * :func:`atomic_save` -- ``torch.save`` of any object (checkpoints, reference caches, masks, averaged
-  policies, detector heads);
+  policies, detector heads); :func:`atomic_write` / :func:`atomic_write_text` -- any bytes or text (reports);
 * :class:`AtomicCheckpointIO` -- the Lightning ``CheckpointIO`` built on it; ``lit-align`` installs it
   on every strategy that uses a plain ``TorchCheckpointIO`` (:func:`install_atomic_checkpoint_io`).
   Strategies that write sharded directories (FSDP2 / ``ModelParallelStrategy`` and FSDP's sharded
@@ -35,14 +35,16 @@ __all__ = [
     "AtomicCheckpointIO",
     "CheckpointReadError",
     "atomic_save",
+    "atomic_write",
+    "atomic_write_text",
     "checkpoints_beside",
     "install_atomic_checkpoint_io",
     "load_checkpoint",
 ]
 
 
-def atomic_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s directory, ``fsync``, then ``os.replace`` onto ``path``.
+def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Call ``write`` on a binary file open in ``path``'s directory, ``fsync``, then ``os.replace`` it onto ``path``.
 
     The temporary file is ``.<name>.<random>`` (hidden, so checkpoint searches skip it) and is removed if
     the write fails; a killed process may leave one behind, never a torn ``path``. Parent directories are
@@ -56,7 +58,7 @@ def atomic_save(obj: object, path: str | Path) -> None:
     os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,6 +66,17 @@ def atomic_save(obj: object, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def atomic_save(obj: object, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_write`: a reader sees the previous file or the new one, never a torn one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``text`` (UTF-8) written to ``path`` through :func:`atomic_write` (reports, JSONL selections)."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _fsync_directory(directory: Path) -> None:

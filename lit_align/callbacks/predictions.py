@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 
-from lit_align.callbacks.reporting import run_dir
+from lit_align.callbacks.reporting import run_dir, write_jsonl
 
 __all__ = ["PredictionWriter"]
 
@@ -118,11 +118,7 @@ class PredictionWriter(BasePredictionWriter):
         directory = Path(self.dirpath) if self.dirpath else run_dir(trainer)
         os.makedirs(directory, exist_ok=True)
         self.path = directory / self.filename
-        tmp = self.path.with_name(f".{self.filename}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n")
-        os.replace(tmp, self.path)
+        write_jsonl(self.path, rows, default=_jsonable)
         print(f"Predictions ({len(rows)} rows): {self.path}")
         if self.wandb_table:
             self._log_table(trainer, rows)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import os
 import warnings
@@ -13,9 +15,11 @@ from typing import Any, ClassVar
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
+from lit_align.checkpoint import atomic_write_text
 from lit_align.models.causal_lm import eval_mode
 
-__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "results_table", "run_dir", "run_name", "write_csv"]
+__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "results_table", "run_dir", "run_name", "write_csv",
+           "write_jsonl"]
 
 
 def report_dir(trainer: L.Trainer, dirpath: str | None) -> Path | None:
@@ -73,12 +77,20 @@ def results_table(results: Mapping[str, Mapping[str, Any]], order: Sequence[str]
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """A CSV file with ``header`` and ``rows`` (``None`` cells are written empty)."""
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(list(header))
-        for row in rows:
-            writer.writerow(["" if v is None else v for v in row])
+    """A CSV file with ``header`` and ``rows`` (``None`` cells are written empty), replaced atomically."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(list(header))
+    for row in rows:
+        writer.writerow(["" if v is None else v for v in row])
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]], default: Any = None) -> Path:
+    """One JSON object per line (``default``: :func:`json.dumps`' fallback for other values), replaced atomically:
+    a killed run leaves the previous file or the new one, never one cut at a line boundary."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=default) + "\n" for row in rows))
     return path
 
 
