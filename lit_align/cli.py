@@ -43,14 +43,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 # imported so that `--help` lists lit_align's methods and DataModules among the known subclasses
 import lit_align.data
 import lit_align.methods
-from lit_align.callbacks import CPUThreads, PredictionWriter
+from lit_align.callbacks import CPUThreads, FEWLReport, PredictionWriter
 from lit_align.checkpoint import install_atomic_checkpoint_io
 from lit_align.cli_parser import LitAlignArgumentParser, model_override_args
 from lit_align.errors import debug_requested, one_message_errors
 from lit_align.quiet import quiet_library_noise
 from lit_align.resume import prepare_resume
 
-__all__ = ["LitAlignCLI", "add_prediction_writer", "cli_main", "main", "set_up_data_early"]
+__all__ = ["LitAlignCLI", "add_fewl_report", "add_prediction_writer", "cli_main", "main", "set_up_data_early"]
 
 # Configs write absolute interpolations (``${trainer.default_root_dir}``); they are resolved
 # relative to where they stand, so they work with and without a subcommand (``fit.`` prefix).
@@ -135,6 +135,10 @@ class LitAlignCLI(LightningCLI):
         """``lit-align predict`` writes what it predicts (see :func:`add_prediction_writer`)."""
         add_prediction_writer(self.trainer)
 
+    def before_test(self) -> None:
+        """A FEWL evaluation writes its report (see :func:`add_fewl_report`)."""
+        add_fewl_report(self.trainer, self.model)
+
     # -- short errors, tiny -> real model switch, help (lit_align.cli_parser, lit_align.errors) ----------
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse with ``--<spec>.name_or_path`` replacing a config's ``tiny`` (see :func:`model_override_args`)."""
@@ -149,6 +153,14 @@ def add_prediction_writer(trainer: Trainer) -> None:
     directory) unless its callbacks already hold a prediction writer."""
     if not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
         trainer.callbacks.append(PredictionWriter())
+
+
+def add_fewl_report(trainer: Trainer, model: Any) -> None:
+    """Give ``trainer`` a :class:`~lit_align.callbacks.FEWLReport` when ``model`` is a FEWL evaluation and its
+    callbacks hold none (the selection, the scores and the generation log are always written)."""
+    fewl = isinstance(model, lit_align.methods.FEWLEvaluationModule)
+    if fewl and not any(isinstance(c, FEWLReport) for c in trainer.callbacks):
+        trainer.callbacks.append(FEWLReport())
 
 
 def set_up_data_early(datamodule: Any, module: Any, subcommand: str | None) -> None:

@@ -8,16 +8,10 @@ from typing import Any
 
 import lightning as L
 
-from lit_align.callbacks.reporting import publish, report_dir, results_table, write_csv
+from lit_align.callbacks.reporting import publish, report_dir, results_table, write_csv, write_jsonl
+from lit_align.checkpoint import atomic_write_text
 
 __all__ = ["FEWLReport"]
-
-
-def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
 
 
 class FEWLReport(L.Callback):
@@ -33,10 +27,17 @@ class FEWLReport(L.Callback):
     * ``selected.jsonl`` (when the module scored candidates): one ``{"prompt", "response", "fewl", "index"}`` per
       question, the highest-FEWL candidate, which ``SFTDataModule`` trains on (``configs/fewl/sft_tiny.yaml``);
     * ``demonstrations.jsonl`` (with ``model.demonstrations: k``): the k highest-FEWL ``{"question", "answer"}``
-      pairs, for in-context examples;
+      pairs, which a later run puts before every evaluated model's question with ``model.prompt.demonstrations``;
+    * ``selection.json``: how those two were made (hash of the evaluation's config, of the question pool,
+      ``candidate_model``, questions scored, ``limited``: true when ``limit_test_batches`` / ``fast_dev_run`` scored
+      part of the pool, the prompt template and whether the chat template was used); a run that selects nothing
+      deletes an earlier ``selected.jsonl`` / ``demonstrations.jsonl`` in the directory, so none is stale;
     * ``fewl_generations_log.jsonl``: every generation the scores rest on (reference, IW, CO, evaluated and candidate
       answers), one line each: ``model``, ``purpose``, ``row``, ``seed``, ``prompt`` (as the model read it),
       ``text``, ``cached`` (read from the generation cache) and the cache ``key``.
+
+    Every file is replaced atomically (a killed run leaves the previous file or the new one). ``lit-align test``
+    adds this callback (default arguments) to a FEWL evaluation whose trainer has none.
 
     Example::
 
@@ -66,11 +67,16 @@ class FEWLReport(L.Callback):
         header, data = ["rank", "model", *columns], [[rank, *row] for rank, row in enumerate(table, 1)]
         self.files["ranking"] = write_csv(directory / "fewl_ranking.csv", header, data)
         publish(trainer, "fewl_ranking", header, data)
-        if pl_module.selected:
-            self.files["selected"] = _jsonl(directory / "selected.jsonl", pl_module.sft_rows())
-        self.files["generations"] = _jsonl(directory / "fewl_generations_log.jsonl", pl_module.generation_log)
-        if pl_module.demonstration_rows:
-            self.files["demonstrations"] = _jsonl(directory / "demonstrations.jsonl", pl_module.demonstration_rows)
+        self.files["generations"] = write_jsonl(directory / "fewl_generations_log.jsonl", pl_module.generation_log)
+        for key, rows in (("selected", pl_module.sft_rows()), ("demonstrations", pl_module.demonstration_rows)):
+            path = directory / f"{key}.jsonl"
+            if rows:
+                self.files[key] = write_jsonl(path, rows)
+            else:
+                path.unlink(missing_ok=True)  # an earlier run's file would pass for this run's selection
+        manifest = directory / "selection.json"
+        atomic_write_text(manifest, json.dumps(pl_module.selection_manifest(), indent=1))
+        self.files["manifest"] = manifest
         if self.verbose:
             ranking = ", ".join(f"{r[1]} {r[2]:.4f}" for r in data)
             print(f"\nFEWL ranking (mean FEWL): {ranking}\n" + "  ".join(f"{k}: {v}" for k, v in self.files.items()))
@@ -84,10 +90,10 @@ class FEWLReport(L.Callback):
                       for j, spec in enumerate(module.references) for s in range(module.samples_per_reference)]
         path = directory / "fewl_scores.json"
         pool = module.pool
-        questions = [{"index": q.index, "question": q.question, "references": refs, "wrong": wrong,
-                      "corrected": corrected, "candidates": candidates}
-                     for q, refs, wrong, corrected, candidates in zip(pool.questions, pool.references, pool.wrong,
-                                                                      pool.corrected, pool.candidates)]
-        path.write_text(json.dumps({"references": references, "results": module.results, "ranking": module.ranking(),
-                                    "rows": rows, "questions": questions}, indent=1), encoding="utf-8")
+        questions = [{"index": i, "question": pool.questions[i].question, "references": pool.references[i],
+                      "wrong": pool.wrong[i], "corrected": pool.corrected[i], "candidates": pool.candidates[i]}
+                     for i in pool.scored]
+        atomic_write_text(path, json.dumps({"references": references, "results": module.results,
+                                            "ranking": module.ranking(), "pool_sha256": module.pool_fingerprint,
+                                            "rows": rows, "questions": questions}, indent=1))
         self.files["scores_json"] = path
