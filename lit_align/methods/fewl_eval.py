@@ -378,6 +378,7 @@ class FEWLEvaluationModule(L.LightningModule):
         """The pool positions the test batches will score: the test loader's first ``trainer.num_test_batches``
         batches (every question unless ``limit_test_batches`` / ``fast_dev_run`` limits the run)."""
         loader = self.trainer.test_dataloaders
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
         limit = self.trainer.num_test_batches[0] if self.trainer.num_test_batches else math.inf
         batches = itertools.islice(iter(loader.batch_sampler), None if math.isinf(limit) else int(limit))
         return sorted({i for batch in batches for i in batch if i < size})
@@ -474,7 +475,8 @@ class FEWLEvaluationModule(L.LightningModule):
                            ) -> tuple[dict[str, list[str | None]], list[list[str]]]:
         """Each evaluated model's answers to the scored questions (or the records' as ``data``) and their
         candidates."""
-        candidates = [list(q.candidates) if i in set(scored) else [] for i, q in enumerate(questions)]
+        chosen = set(scored)
+        candidates = [list(q.candidates) if i in chosen else [] for i, q in enumerate(questions)]
         if not self.evaluated:
             return {_DATA: [q.answer for q in questions]}, candidates
         answers: dict[str, list[str | None]] = {}
