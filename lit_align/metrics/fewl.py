@@ -207,6 +207,9 @@ class FEWL(Metric):
                             divergence=divergence)
         for name in ("scores", "truthfulness", "laziness_penalty"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        # the states are float64: a rank with no update syncs an empty tensor of the metric's dtype, which must match
+        # the other ranks' or the all-gather breaks (gloo aborts, NCCL hangs)
+        self.set_dtype(torch.float64)
 
     def update(self, truth_sim: Tensor, lazy_sim: Tensor, co_sim: Tensor, iw_sim: Tensor) -> None:
         terms = fewl_terms(truth_sim, lazy_sim, co_sim, iw_sim, **self.options)
@@ -215,6 +218,8 @@ class FEWL(Metric):
         self.laziness_penalty.append(terms.laziness.to(self.device))
 
     def compute(self) -> Tensor:
+        if isinstance(self.scores, list) and not self.scores:
+            raise ValueError("FEWL.compute() before any update(): no question was scored")
         scores = dim_zero_cat(self.scores)
         if scores.numel() == 0:
             raise ValueError("FEWL.compute() before any update(): no question was scored")

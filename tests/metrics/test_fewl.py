@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import gloo_group
 
 from lit_align.errors import ConfigError, DataError
 from lit_align.metrics import (
@@ -241,3 +242,42 @@ def test_bad_records_name_the_record_and_field():
         _scorer().score([pool[0], pool[1], _item("Q?", "a", ["r", "s"], ["w", "v"], ["c", "d"])])
     with pytest.raises(DataError, match="record 0.*same length"):
         _scorer().score([_item("Q?", "a", ["r"], ["w", "v"], ["c"])] + pool[1:])
+
+
+# -- two processes ----------------------------------------------------------------------------------------------------
+def _fewl_worker(rank: int, world: int, init: str, queue) -> None:
+    """Rank 0 scores every question, rank 1 none (an uneven last shard): both must compute the same mean."""
+    with gloo_group(rank, world, init):
+        try:
+            metric = FEWL()
+            if rank == 0:
+                metric.update(*_random_batch(b=6, seed=3))
+            queue.put((rank, (metric.compute().item(), metric.per_question()["score"].tolist())))
+        except Exception as err:  # report instead of leaving the parent waiting
+            queue.put((rank, repr(err)))
+
+
+def test_metric_syncs_across_two_processes_when_one_has_no_update(tmp_path):
+    """The float64 states of a rank that never updated are synced as float64 too (a float32 empty state made gloo
+    abort with "Received data size doesn't match expected size")."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fewl_worker, args=(r, 2, f"file://{tmp_path / 'pg'}", queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    expected = fewl_terms(*_random_batch(b=6, seed=3)).score
+    for rank in (0, 1):
+        mean, scores = results[rank]
+        assert mean == pytest.approx(expected.mean().item(), abs=1e-12)
+        assert scores == pytest.approx(expected.tolist(), abs=1e-12)
+
+
+def test_compute_before_update_says_so():
+    with pytest.raises(ValueError, match="before any update"):
+        FEWL().compute()
