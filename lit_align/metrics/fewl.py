@@ -23,7 +23,9 @@ the neighbour questions with a :class:`~lit_align.retrieval.Retriever`; :func:`s
 
 SIM argument order (HHEM-style similarities are asymmetric, §5(h)4), fixed everywhere: the *premise* is the answer
 taken as evidence (a reference answer, an IW / CO answer), the *hypothesis* the answer being checked against it (the
-evaluated answer for T and P, the reference answer for the expertise).
+evaluated answer for T and P, the reference answer for the expertise). This deliberately **reverses** the positional
+order of §5(b)'s notation (``SIM(f_i, CO_r)``, ``SIM(h, f_i)``): a (premise, hypothesis) cross-encoder such as HHEM
+asks whether the evidence supports the checked answer, so the evidence goes first. Do not "fix" it back.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def fewl_expertise(co_sim: Tensor, iw_sim: Tensor, *, form: str = "contrast", te
     if co.shape[1] == 0 or co.shape[2] == 0:
         raise ValueError(f"co_sim / iw_sim need at least one reference and one IW/CO pair, got {tuple(co.shape)}")
     if weights == "uniform":
-        return torch.full(co.shape[:2], 1.0 / co.shape[1], dtype=torch.float64)
+        return torch.full(co.shape[:2], 1.0 / co.shape[1], dtype=torch.float64, device=co.device)
     e = co.mean(-1) - iw.mean(-1) if form == "contrast" else 1.0 - iw.mean(-1)  # (B, N)
     return torch.softmax(e / temperature, dim=-1)
 

@@ -69,6 +69,25 @@ def test_expertise_temperature_and_uniform_weights():
     assert fewl_expertise(co, iw, weights="uniform").tolist() == [[0.5, 0.5]]
 
 
+class _UndevicedFactoriesOnMeta(torch.overrides.TorchFunctionMode):
+    """Tensor factories called without ``device=`` build on "meta": a CPU stand-in for "another default device"."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.full, torch.zeros, torch.ones, torch.empty, torch.tensor) and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def test_uniform_weights_stay_on_the_inputs_device():
+    """The uniform lambda is built on the similarities' device (a CPU lambda broke the uniform ablation on CUDA
+    inputs: ``lam * joint`` mixed devices)."""
+    co = torch.rand(2, 3, 1)
+    with _UndevicedFactoriesOnMeta():
+        lam = fewl_expertise(co, co, weights="uniform")
+    assert lam.device == co.device and lam.tolist() == [[1 / 3] * 3] * 2
+
+
 # -- §5(g)2 truthfulness --------------------------------------------------------------------------------------------
 def test_agreeing_with_the_high_lambda_reference_scores_higher():
     """K = 1 and no neighbour answer matches, so P = 0 and FEWL = T = the lambda of the matched reference:
@@ -174,12 +193,34 @@ def test_neighbours_never_include_the_question_itself_or_a_near_duplicate():
         _scorer(k=3, near_duplicate=0.95).similarities(pool[:1], pool=pool)
 
 
+def _subset_sim() -> CallableSimilarity:
+    """Asymmetric: 1 when the hypothesis' words are a subset of the premise's."""
+    return CallableSimilarity(lambda ps, hs: [float(set(h.split()) <= set(p.split())) for p, h in zip(ps, hs)])
+
+
 def test_similarity_argument_order_is_fixed():
     """An asymmetric SIM (1 when the hypothesis' words are a subset of the premise's): the evaluated answer is the
     hypothesis against each reference, so a short answer contained in the reference gets T = 1."""
-    subset = CallableSimilarity(lambda ps, hs: [float(set(h.split()) <= set(p.split())) for p, h in zip(ps, hs)])
     items = _pool("Ada was born")
-    assert _scorer(subset).score(items, weights="uniform").truthfulness[0].item() == pytest.approx(1.0)
+    assert _scorer(_subset_sim()).score(items, weights="uniform").truthfulness[0].item() == pytest.approx(1.0)
+
+
+def test_expertise_and_laziness_argument_orders_are_fixed():
+    """Premise = the evidence, hypothesis = the answer checked, for the expertise and laziness pairs too. Question 0:
+    reference 0 "Paris" is contained in CO "born in Paris" (not the reverse), reference 1 "Rome" in nothing:
+    co = (1, 0), iw = (0, 0), e = (1, 0), lambda_0 = e / (e + 1) (swapped pairs: all 0, lambda = 1/2). The answer
+    "Paris" matches reference 0 (T = lambda_0) and is contained in the neighbour's reference 0 "Bo lived in Paris"
+    (not the reverse): P = lambda_0 (swapped pairs: P = 0)."""
+    pool = [_item("Where was Ada born?", "Paris", ["Paris", "Rome"], ["born in Lyon"], ["born in Paris"]),
+            _item("Where was Bo born?", "Oslo", ["Bo lived in Paris", "Bo lived in Oslo"], ["x"], ["y"]),
+            _item("What does Cy eat?", "rice", ["Cy eats rice", "Cy eats bread"], ["x"], ["y"])]
+    scorer = _scorer(_subset_sim())
+    assert scorer.similarities(pool[:1], pool=pool).neighbours == [[1]]
+    terms = scorer.score(pool[:1], pool=pool)
+    lam0 = math.e / (math.e + 1)
+    assert terms.lam[0].tolist() == pytest.approx([lam0, 1 - lam0])
+    assert terms.truthfulness.item() == pytest.approx(lam0)
+    assert terms.laziness.item() == pytest.approx(lam0)
 
 
 def test_scoring_another_answer_reuses_the_expertise_pairs():
