@@ -260,7 +260,10 @@ class FEWLEvaluationModule(L.LightningModule):
         self.cache_option, self.seed = cache, seed
         self.model_names = names
         self.metrics = torch.nn.ModuleDict({n: self._metric() for n in names})
-        self.scorer = FEWLScorer(similarity, retriever, k)
+        try:
+            self.scorer = FEWLScorer(similarity, retriever, k)
+        except ConfigError as err:  # its keys live under model.
+            raise ConfigError(f"model.{err}") from err
         self.pool: _Pool | None = None
         self.pool_items: list[FEWLItem] = []
         self.cache: GenerationCache | None = None

@@ -41,6 +41,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lit_align.errors import ConfigError, DataError, check_choice, check_int, check_number
+from lit_align.retrieval.encoders import word_key
 
 if TYPE_CHECKING:
     from lit_align.retrieval import Retriever, Similarity
@@ -292,15 +293,16 @@ class FEWLScorer:
     """Text to FEWL: the similarity tensors of :class:`FEWLItem` records, then their scores.
 
     Neighbours: the pool (by default the scored items; its questions de-duplicated by exact string) is indexed by
-    ``retriever``; each item's K neighbours are the nearest pool questions other than its own question and than the
-    retriever's near-duplicates of it (``Retriever(near_duplicate=...)``, §5(h)2). Their reference answers
+    ``retriever``; each item's K neighbours are the nearest pool questions other than its own question (compared by
+    their words: case, white space and punctuation ignored) and than the retriever's near-duplicates of it
+    (``Retriever(near_duplicate=...)``, required: a retriever without a threshold is refused, §5(h)2). Their reference answers
     ``references[i]`` give the laziness term. Every SIM call goes through ``similarity`` in batches of
     ``batch_size`` distinct (premise, hypothesis) pairs, with the argument order of the module docstring.
 
     Args:
         similarity: SIM(premise, hypothesis) in [0, 1] (a :class:`~lit_align.retrieval.Similarity`).
-        retriever: finds neighbour questions (a :class:`~lit_align.retrieval.Retriever`; it is re-indexed on the
-            pool at each call).
+        retriever: finds neighbour questions (a :class:`~lit_align.retrieval.Retriever` with a ``near_duplicate``
+            threshold; it is re-indexed on the pool at each call).
         k: neighbour questions per item (the paper's default is 25).
         batch_size: pairs per SIM call.
         remember: keep every computed SIM value (keyed by the (premise, hypothesis) pair) for later calls, so
@@ -312,15 +314,20 @@ class FEWLScorer:
                  remember: bool = True) -> None:
         check_int("k", k)
         check_int("batch_size", batch_size)
+        if getattr(retriever, "near_duplicate", None) is None:
+            raise ConfigError("retriever.near_duplicate is null: FEWL needs near-duplicate questions kept out of the "
+                              "neighbours (§5(h)2: a near-copy's references cancel truthfulness against laziness, "
+                              "FEWL = 0); set a cosine threshold such as 0.95")
         self.similarity, self.retriever, self.k, self.batch_size = similarity, retriever, k, batch_size
         self.remember = remember
         self._known: dict[tuple[str, str], float] = {}  # SIM values already computed (when remember)
         self._indexed: list[str] | None = None  # the pool questions the retriever holds
 
     def neighbours(self, questions: Sequence[str], pool: Sequence[str]) -> list[list[int]]:
-        """For each question, its ``k`` nearest questions in ``pool`` (positions), never itself nor a near-duplicate."""
-        stored = set(pool)
-        eligible = min(len(stored) - (q in stored) for q in questions)
+        """For each question, its ``k`` nearest questions in ``pool`` (positions), never itself (nor a question with
+        the same words, :func:`~lit_align.retrieval.encoders.word_key`) nor a near-duplicate."""
+        stored = [word_key(p) for p in dict.fromkeys(pool)]
+        eligible = min(sum(key != word_key(q) for key in stored) for q in questions)
         if self.k > eligible:
             raise ConfigError(f"k = {self.k} neighbour questions asked but the pool has only {eligible} other "
                               f"distinct questions; lower `k` or add questions")

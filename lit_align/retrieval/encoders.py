@@ -22,7 +22,7 @@ from torch import Tensor
 from lit_align.errors import ConfigError, MissingPathError, check_int
 from lit_align.paths import hub_offline, looks_local
 
-__all__ = ["Encoder", "HashEncoder", "SentenceEncoder", "words"]
+__all__ = ["Encoder", "HashEncoder", "SentenceEncoder", "word_key", "words"]
 
 _WORD = re.compile(r"\w+")
 
@@ -30,6 +30,12 @@ _WORD = re.compile(r"\w+")
 def words(text: str) -> list[str]:
     """The lower-cased word tokens (``\\w+`` runs) of ``text``: what the hash encoder and token Jaccard compare."""
     return _WORD.findall(text.lower())
+
+
+def word_key(text: str) -> str:
+    """The text's :func:`words` joined by single spaces: texts that differ only in case, white space and punctuation
+    share it (what the retriever's self-exclusion compares)."""
+    return " ".join(words(text))
 
 
 def _check_texts(texts: Sequence[str], key: str) -> list[str]:

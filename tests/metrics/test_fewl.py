@@ -43,7 +43,7 @@ def _pool(answer: str = EXPERT) -> list[FEWLItem]:
     ]
 
 
-def _scorer(similarity=None, k: int = 1, near_duplicate: float | None = None) -> FEWLScorer:
+def _scorer(similarity=None, k: int = 1, near_duplicate: float = 0.95) -> FEWLScorer:
     return FEWLScorer(similarity or ExactMatch(), Retriever(HashEncoder(dim=512), near_duplicate=near_duplicate), k=k)
 
 
@@ -198,6 +198,24 @@ def _subset_sim() -> CallableSimilarity:
     return CallableSimilarity(lambda ps, hs: [float(set(h.split()) <= set(p.split())) for p, h in zip(ps, hs)])
 
 
+def test_a_retriever_without_near_duplicate_threshold_is_refused():
+    """The default Retriever has no threshold: a case / white-space variant of the question would be its neighbour
+    and cancel T against P (FEWL = 0, §5(h)2), so the scorer refuses it, naming the key."""
+    with pytest.raises(ConfigError, match="retriever.near_duplicate"):
+        FEWLScorer(ExactMatch(), Retriever(HashEncoder()), k=1)
+
+
+def test_a_same_words_variant_of_the_question_is_never_its_neighbour():
+    """Self-exclusion compares words, whatever the threshold: with near_duplicate = 1 (only exact cosine copies) the
+    variant "where was Ada born ? " is still excluded, and k = 2 asks for more questions than are left."""
+    variant = _item("where was Ada  born ? ", EXPERT, [EXPERT, EXPERT], [NOVICE], [EXPERT])
+    pool = _pool() + [variant]
+    sims = _scorer(k=2, near_duplicate=1.0).similarities(pool[:1], pool=pool)
+    assert sorted(sims.neighbours[0]) == [1, 2]
+    with pytest.raises(ConfigError, match="k = 3.*only 2 other"):
+        _scorer(k=3, near_duplicate=1.0).similarities(pool[:1], pool=pool)
+
+
 def test_similarity_argument_order_is_fixed():
     """An asymmetric SIM (1 when the hypothesis' words are a subset of the premise's): the evaluated answer is the
     hypothesis against each reference, so a short answer contained in the reference gets T = 1."""
@@ -238,7 +256,8 @@ def test_scoring_another_answer_reuses_the_expertise_pairs():
     second = scorer.score(_pool("Ada was born in Lyon.")).score
     assert sum(seen) - calls == 4  # only question 0's answer changed: its 2 truth + 2 x 1 laziness pairs
     assert not torch.equal(first, second)
-    fresh = FEWLScorer(CallableSimilarity(counting), Retriever(HashEncoder(dim=512)), k=1, remember=False)
+    fresh = FEWLScorer(CallableSimilarity(counting), Retriever(HashEncoder(dim=512), near_duplicate=0.95), k=1,
+                       remember=False)
     before = sum(seen)
     fresh.score(_pool(EXPERT))
     once = sum(seen) - before
@@ -319,6 +338,7 @@ def test_metric_syncs_across_two_processes_when_one_has_no_update(tmp_path):
         assert scores == pytest.approx(expected.tolist(), abs=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_compute_before_update_says_so():
     with pytest.raises(ValueError, match="before any update"):
         FEWL().compute()
