@@ -41,7 +41,6 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lit_align.errors import ConfigError, DataError, check_choice, check_int, check_number
-from lit_align.retrieval.encoders import word_key
 
 if TYPE_CHECKING:
     from lit_align.retrieval import Retriever, Similarity
@@ -326,6 +325,8 @@ class FEWLScorer:
     def neighbours(self, questions: Sequence[str], pool: Sequence[str]) -> list[list[int]]:
         """For each question, its ``k`` nearest questions in ``pool`` (positions), never itself (nor a question with
         the same words, :func:`~lit_align.retrieval.encoders.word_key`) nor a near-duplicate."""
+        from lit_align.retrieval.encoders import word_key  # here: importing lit_align.metrics stays light
+
         stored = [word_key(p) for p in dict.fromkeys(pool)]
         eligible = min(sum(key != word_key(q) for key in stored) for q in questions)
         if self.k > eligible:
