@@ -25,12 +25,15 @@ Planted set: the 200 questions of ``builtin:fictitious_facts`` (40 invented peop
 
 Measured per seed (pairwise accuracy: FEWL(correct) > FEWL(hallucinated), a tie counts 1/2): FEWL (contrast form, TV,
 temperature 1); FEWL's v1 "disagreement" form; one reference (each in turn, averaged), with and without the laziness
-penalty; uniform lambda; FEWL without the laziness penalty; and the "ideal" lambda (one-hot on the true expert); as a sensitivity check (not a claim: the paper's temperature is
-unknown), FEWL at temperature 0.1. SIM:
-token Jaccard, and the cosine of the real MiniLM embeddings (``EmbeddingCosine``, clamp mapping) when installed.
-Reported: means with 95% Student-t intervals over seeds, and the paired per-seed differences FEWL - each ablation;
-``met`` (FEWL beats that ablation) only when the paired interval lies above 0. Also how often the largest lambda falls
-on the true expert.
+penalty; uniform lambda; FEWL without the laziness penalty; and the "ideal" lambda (one-hot on the true expert); as
+a sensitivity check (not a claim: the paper's temperature is unknown), FEWL at temperature 0.1. SIM: token Jaccard,
+and the cosine of the real MiniLM embeddings (``EmbeddingCosine``, clamp mapping) when installed.
+Reported: means with 95% Student-t intervals over seeds, and the paired per-seed differences FEWL - each ablation.
+These intervals are over simulation seeds for this fixed question set: they hold the questions fixed and do not
+cover question sampling. The questions are clustered (5 per person, one shared expert), so a second interval is a
+paired cluster bootstrap over the 40 persons, pooled across seeds. ``met`` (FEWL beats that ablation) needs both
+paired intervals above 0. Also per arm the share of tied pairs (a tie counts 1/2), and the mean lambda on the true
+expert and how often the largest lambda falls on it.
 
 What to expect, by construction: FEWL(correct) - FEWL(hallucinated) = sum_i lambda_i [SIM(f_i, correct) -
 SIM(f_i, hallucinated)] - (laziness difference). A reference whose answer is one of the IW facts is about as
@@ -145,48 +148,79 @@ def build_items(questions: Sequence[Question], halluc: list[int], references: li
     return items
 
 
+def pairwise_outcomes(good: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """Per question: 1 when the correct answer outscores the hallucinated one, 1/2 on a tie, else 0."""
+    return (good > bad).double() + 0.5 * (good == bad).double()
+
+
 def pairwise_accuracy(good: torch.Tensor, bad: torch.Tensor) -> float:
     """Share of questions whose correct answer outscores the hallucinated one (ties 1/2)."""
-    return ((good > bad).double() + 0.5 * (good == bad).double()).mean().item()
+    return pairwise_outcomes(good, bad).mean().item()
 
 
-def run_seed(scorer: FEWLScorer, questions: Sequence[Question], seed: int, co: str, opts) -> dict:
+def run_seed(scorer: FEWLScorer, questions: Sequence[Question], seed: int, co: str, opts) -> tuple[dict, dict]:
+    """One seed: ``(row, outcomes)``. ``row`` holds each arm's accuracy, its share of tied pairs (``ties/<arm>``)
+    and the lambda diagnostics; ``outcomes`` each arm's (Q,) per-question outcomes (for the cluster bootstrap)."""
     halluc, references, experts = simulate(questions, seed, opts.refs, opts.p_expert, opts.p_other)
     sims = scorer.similarities(build_items(questions, halluc, references, co))
     q, n = len(questions), opts.refs
 
-    def acc(lam: torch.Tensor, laziness: bool = True) -> float:
+    def outcomes(lam: torch.Tensor, laziness: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         s = fewl_scores(sims.truth, sims.lazy, torch.cat([lam, lam]), laziness=laziness)
-        return pairwise_accuracy(s[:q], s[q:])
+        return pairwise_outcomes(s[:q], s[q:]), (s[:q] == s[q:]).double()
+
+    def averaged(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([o for o, _ in pairs]).mean(0), torch.stack([t for _, t in pairs]).mean(0)
 
     lam = fewl_expertise(sims.co[:q], sims.iw[:q])  # (Q, N)
     one_hot = torch.eye(n, dtype=torch.float64)
     expert = torch.tensor(experts)
-    out = {
-        "fewl": acc(lam),
-        "disagreement_form": acc(fewl_expertise(sims.co[:q], sims.iw[:q], form="disagreement")),
-        "temperature_0.1": acc(fewl_expertise(sims.co[:q], sims.iw[:q], temperature=0.1)),
-        "single_reference": sum(acc(one_hot[i].expand(q, n)) for i in range(n)) / n,
-        "single_reference_no_laziness": sum(acc(one_hot[i].expand(q, n), False) for i in range(n)) / n,
-        "uniform": acc(torch.full((q, n), 1.0 / n, dtype=torch.float64)),
-        "no_laziness": acc(lam, False),
-        "ideal": acc(one_hot[expert]),
+    arms = {
+        "fewl": outcomes(lam),
+        "disagreement_form": outcomes(fewl_expertise(sims.co[:q], sims.iw[:q], form="disagreement")),
+        "temperature_0.1": outcomes(fewl_expertise(sims.co[:q], sims.iw[:q], temperature=0.1)),
+        "single_reference": averaged([outcomes(one_hot[i].expand(q, n)) for i in range(n)]),
+        "single_reference_no_laziness": averaged([outcomes(one_hot[i].expand(q, n), False) for i in range(n)]),
+        "uniform": outcomes(torch.full((q, n), 1.0 / n, dtype=torch.float64)),
+        "no_laziness": outcomes(lam, False),
+        "ideal": outcomes(one_hot[expert]),
     }
+    out = {arm: o.mean().item() for arm, (o, _) in arms.items()}
+    out.update({f"ties/{arm}": t.mean().item() for arm, (_, t) in arms.items()})
     out["lambda_top_is_expert"] = (lam.argmax(-1) == expert).double().mean().item()
     out["lambda_on_expert"] = lam.gather(1, expert[:, None]).mean().item()
     out["expert_correct"] = sum(refs[e] == qq.right for refs, e, qq in zip(references, experts, questions)) / q
-    return out
+    return out, {arm: o for arm, (o, _) in arms.items()}
 
 
-def summarise(runs: list[dict]) -> dict:
+def cluster_bootstrap(values: torch.Tensor, clusters: Sequence[int], resamples: int = 4000) -> dict[str, float]:
+    """Mean of ``values`` (seeds x Q, pooled over seeds) with a 95% percentile bootstrap interval that resamples
+    whole clusters (persons: each person's questions of every seed move together, as they share one expert)."""
+    import numpy as np
+    from scipy import stats
+
+    ids = sorted(set(clusters))
+    per = np.array([values[:, [j for j, c in enumerate(clusters) if c == i]].mean().item() for i in ids])
+    res = stats.bootstrap((per,), np.mean, n_resamples=resamples, method="percentile", random_state=0)
+    return {"mean": float(per.mean()), "low": float(res.confidence_interval.low),
+            "high": float(res.confidence_interval.high)}
+
+
+def summarise(runs: list[dict], outcomes: list[dict], persons: Sequence[int]) -> dict:
+    """Per arm the t-interval over seeds (the simulation's randomness for this fixed question set) and, pooled over
+    seeds, the cluster bootstrap over persons; the paired FEWL - arm differences both ways. ``met`` needs both
+    paired intervals above 0 (and more than one seed)."""
     keys = [k for k in runs[0] if k != "seed"]
     summary = {k: interval([r[k] for r in runs]) for k in keys}
+    stacked = {arm: torch.stack([o[arm] for o in outcomes]) for arm in outcomes[0]}  # seeds x Q
+    summary["cluster_bootstrap"] = {arm: cluster_bootstrap(v, persons) for arm, v in stacked.items()}
     paired = {}
     for name in (*ABLATIONS, "ideal"):
         diff = interval([r["fewl"] - r[name] for r in runs])
-        entry = {"diff": diff, "excludes_zero": diff["low"] > 0 or diff["high"] < 0}
+        cluster = cluster_bootstrap(stacked["fewl"] - stacked[name], persons)
+        entry = {"diff": diff, "cluster_diff": cluster, "excludes_zero": diff["low"] > 0 or diff["high"] < 0}
         if name != "ideal":  # FEWL is not expected to beat the truth: reported as a gap
-            entry["met"] = len(runs) > 1 and diff["low"] > 0
+            entry["met"] = len(runs) > 1 and diff["low"] > 0 and cluster["low"] > 0
         paired[f"fewl_minus_{name}"] = entry
     summary["paired"] = paired
     return summary
@@ -245,10 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
             scorer = FEWLScorer(sim, retriever, k=opts.k)
             for co in opts.co:
                 name = f"co_{co}/{sim_name}"
-                runs[name] = [{"seed": s, **run_seed(scorer, questions, s, co, opts)} for s in range(opts.seeds)]
-                summary[name] = summarise(runs[name])
+                results = [run_seed(scorer, questions, s, co, opts) for s in range(opts.seeds)]
+                runs[name] = [{"seed": s, **row} for s, (row, _) in enumerate(results)]
+                summary[name] = summarise(runs[name], [o for _, o in results], [q.person_id for q in questions])
                 print(json.dumps({name: {k: round(v["mean"], 4) for k, v in summary[name].items()
-                                         if k != "paired"}}))
+                                         if k not in ("paired", "cluster_bootstrap")}}))
     result = {
         "benchmark": "fewl_accuracy",
         "setup": {"questions": len(questions), "seeds": opts.seeds, "references": opts.refs, "k": opts.k,

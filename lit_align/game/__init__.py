@@ -3,10 +3,7 @@
 from lit_align.game.config import CriticConfig, DiversityConfig, GameSampling, PoolConfig, RewardConfig
 from lit_align.game.diversity import (
     DiversityHistory,
-    SentenceEncoder,
     bleu_diversity,
-    build_sentence_encoder,
-    embedding_diversity,
     self_bleu,
     sentence_bleu,
     set_self_bleu,
@@ -26,6 +23,9 @@ from lit_align.game.judge import (
 )
 from lit_align.game.schedule import GamePhase, GameSchedule
 from lit_align.game.tabular import TabularResult, nash_gap, play_matrix_game
+from lit_align.retrieval import MeanPoolEncoder as SentenceEncoder  # the GPO names of the shared implementations
+from lit_align.retrieval import build_mean_pool_encoder as build_sentence_encoder
+from lit_align.retrieval import embedding_diversity
 
 __all__ = [
     "CallableJudge",

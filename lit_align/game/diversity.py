@@ -25,6 +25,10 @@ verified, so these follow NLTK's ``sentence_bleu`` with ``SmoothingFunction().me
   orders to a tiny precision; leaving them out keeps ``BLEU(x | x) = 1`` for a short prompt ``x``;
 * an empty hypothesis scores 0.
 
+The sentence encoder (``e`` above) and the embedding diversity live in :mod:`lit_align.retrieval`
+(:class:`~lit_align.retrieval.MeanPoolEncoder`, :func:`~lit_align.retrieval.embedding_diversity`); ``lit_align.game``
+re-exports them as ``SentenceEncoder``, ``build_sentence_encoder`` and ``embedding_diversity``.
+
 Sources: Papineni et al. 2002, "BLEU: a Method for Automatic Evaluation of Machine Translation";
 Chen & Cherry 2014, "A Systematic Comparison of Smoothing Techniques for Sentence-Level BLEU"
 (method1); Zhu et al. 2018, "Texygen" (Self-BLEU); Zheng et al., "Toward Optimal LLM Alignments
@@ -35,25 +39,16 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections import Counter, deque
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from lit_align.models.causal_lm import build_causal_lm, build_tokenizer, resolve_path
-from lit_align.models.spec import ModelSpec
-from lit_align.rollout.logps import causal_lm_parts
+from torch import Tensor
 
 __all__ = [
     "DEFAULT_ORDERS",
     "DiversityHistory",
-    "SentenceEncoder",
     "bleu_diversity",
-    "build_sentence_encoder",
-    "embedding_diversity",
     "self_bleu",
     "sentence_bleu",
     "set_self_bleu",
@@ -301,82 +296,6 @@ class DiversityHistory:
         self._emb_rows = deque(() if rows is None else rows.to("cpu", torch.float64).unbind(0), maxlen=self.window)
 
 
-# -- sentence encoder -------------------------------------------------------------------------------
-class SentenceEncoder(nn.Module):
-    """A frozen HF encoder turning texts into mean-pooled, L2-normalised embeddings (as ``gpo/sentence_embed.py``).
-
-    Args:
-        model: an HF base model whose forward returns ``last_hidden_state`` (``BertModel``,
-            ``Qwen2Model``, the decoder of a causal LM...). Kept in eval mode, no gradients.
-        tokenizer: its tokenizer (padding to the right).
-        max_length: texts are truncated to this many tokens.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 128) -> None:
-        super().__init__()
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
-        self.model.requires_grad_(False)
-        self.model.eval()
-
-    def train(self, mode: bool = True) -> SentenceEncoder:
-        """The encoder never trains: stays in eval mode whatever the parent module does."""
-        return super().train(False)
-
-    @torch.no_grad()
-    def encode(self, texts: Sequence[str]) -> Tensor:
-        """(B, D) float32 unit-norm embeddings of ``texts`` (an empty text gives a zero row), on the model's device."""
-        device = next(self.model.parameters()).device
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt", padding_side="right")
-        input_ids = enc["input_ids"].to(device)  # (B, T)
-        mask = enc["attention_mask"].to(device)  # (B, T)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()  # (B, T, D)
-        m = mask.unsqueeze(-1).float()  # (B, T, 1)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
-        return F.normalize(pooled, dim=-1)
-
-
-def build_sentence_encoder(spec: ModelSpec, max_length: int = 128) -> SentenceEncoder:
-    """Build the frozen :class:`SentenceEncoder` named by ``spec``.
-
-    ``name_or_path`` (a hub id such as ``sentence-transformers/all-MiniLM-L6-v2``, a local
-    directory, or ``builtin:<name>``) loads with ``AutoModel.from_pretrained``; for a causal-LM
-    checkpoint that gives its base model (the decoder without the LM head). ``tiny`` builds the tiny
-    random causal LM of :func:`lit_align.models.build_causal_lm` and takes its decoder.
-    """
-    if spec.lora is not None:
-        raise ValueError("the sentence encoder is frozen: remove `lora` from its model spec")
-    tokenizer = build_tokenizer(spec)
-    if spec.tiny is not None:
-        model = causal_lm_parts(build_causal_lm(spec, tokenizer))[0]
-    else:
-        from transformers import AutoModel
-
-        path = resolve_path(spec.name_or_path)
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its load report would flag a causal LM's unused head on every run
-        try:
-            model, info = AutoModel.from_pretrained(
-                path, revision=spec.revision, dtype=getattr(torch, spec.dtype), trust_remote_code=spec.trust_remote_code,
-                output_loading_info=True, **spec.extra)
-        except OSError as err:
-            raise OSError(
-                f"model.name_or_path={spec.name_or_path!r}: could not load the sentence encoder ({err}). Offline "
-                "runs need a local directory or a model already in the HF cache."
-            ) from err
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith("lm_head.")]
-        if info.get("missing_keys") or unexpected:  # anything but the LM head of a causal-LM checkpoint
-            warnings.warn(f"sentence encoder {spec.name_or_path!r}: weights missing from the checkpoint "
-                          f"{sorted(info.get('missing_keys', ()))[:8]}, unused {sorted(unexpected)[:8]}", stacklevel=2)
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # a pad token was added
-            model.resize_token_embeddings(len(tokenizer))
-    return SentenceEncoder(model, tokenizer, max_length=max_length)
-
-
 # -- set metrics (evaluation: the attacker diversity of Zheng et al. 2024, Table 2) ---------------------
 def set_self_bleu(
     token_lists: Sequence[Sequence[str]],
@@ -411,24 +330,3 @@ def bleu_diversity(
 ) -> float:
     """``1 - set_self_bleu(...)``: the attacker's BLEU diversity (Table 2 of the paper)."""
     return 1.0 - set_self_bleu(token_lists, include_self=include_self, orders=orders, smoothing=smoothing)
-
-
-def embedding_diversity(embeddings: Tensor, include_self: bool = False) -> float:
-    """``1 - mean_cos / 2`` over the pairs of a set of (N, D) unit-norm embeddings (as the released GPO code).
-
-    ``mean_cos`` is the mean of the off-diagonal cosine similarities, or (``include_self=True``, as
-    the reference code) of the whole N x N matrix, diagonal of ones included. Note the formula's
-    range: identical embeddings give 0.5, orthogonal ones 1, opposite ones 1.5 (it is not
-    ``(1 - mean_cos) / 2``). With ``include_self=False`` and N = 1 there is no pair: ``mean_cos`` is
-    taken as 0 (diversity 1). An empty set raises.
-    """
-    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
-        raise ValueError(f"embeddings must be a non-empty (N, D) matrix, got shape {tuple(embeddings.shape)}")
-    emb = embeddings.detach().double()
-    gram = emb @ emb.T  # (N, N)
-    n = emb.shape[0]
-    if include_self:
-        mean_cos = gram.mean()
-    else:
-        mean_cos = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1)) if n > 1 else gram.new_zeros(())
-    return float(1.0 - mean_cos / 2.0)

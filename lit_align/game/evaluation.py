@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_align.game.diversity import SentenceEncoder, bleu_diversity, embedding_diversity, word_tokens
+from lit_align.game.diversity import bleu_diversity, word_tokens
+from lit_align.retrieval import MeanPoolEncoder, embedding_diversity
 
 __all__ = ["GameValidation", "SampleRow", "ValidationMeans", "validation_row"]
 
@@ -61,7 +62,7 @@ class ValidationMeans(nn.Module):
 
 
 def validation_row(means: dict[str, float], rows: list[SampleRow],
-                   encoder: SentenceEncoder | None) -> dict[str, float]:
+                   encoder: MeanPoolEncoder | None) -> dict[str, float]:
     """``means`` plus the diversity of the attacks of ``rows`` (every rank's, in global-index order):
     ``attacker/bleu_diversity`` and, with an encoder, ``attacker/embedding_diversity``."""
     row = dict(means)
@@ -104,7 +105,7 @@ class GameValidation(nn.Module):
             index, seeds, game.texts, game.responses, game.scores.unsafe.tolist(),
             game.scores.defender_reward.tolist(), game.keep.tolist()) if k)
 
-    def finish(self, step: int, gather, encoder: SentenceEncoder | None, num_samples: int,
+    def finish(self, step: int, gather, encoder: MeanPoolEncoder | None, num_samples: int,
                record: bool = True) -> dict[str, float]:
         """The run's row (``gather``: every rank's rows, ``engine.distributed.all_gather_objects``); recorded
         in :attr:`history` and :attr:`samples` when ``record`` (validation, not test)."""

@@ -14,9 +14,10 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_align.engine.distributed import sum_over_ranks
 from lit_align.game.config import DiversityConfig, RewardConfig
-from lit_align.game.diversity import DiversityHistory, SentenceEncoder, word_tokens
+from lit_align.game.diversity import DiversityHistory, word_tokens
 from lit_align.game.judge import SafetyJudge, SafetyScores
 from lit_align.models.players import PlayerPolicies
+from lit_align.retrieval import MeanPoolEncoder
 from lit_align.rollout.experience import Experience, make_experience
 from lit_align.rollout.logps import token_logps
 from lit_align.rollout.sampler import Rollout, left_pad
@@ -92,7 +93,7 @@ def judge_kept(judge: SafetyJudge, prompts: list[str], responses: list[str], kee
     return out
 
 
-def diversity_terms(history: DiversityHistory, encoder: SentenceEncoder | None, texts: list[str], keep: Tensor,
+def diversity_terms(history: DiversityHistory, encoder: MeanPoolEncoder | None, texts: list[str], keep: Tensor,
                     index: Tensor, *, include_batch: bool,
                     gather: Callable[[KeptPrompts], list[KeptPrompts]] = lambda x: [x]) -> tuple[Tensor, Tensor]:
     """(B,) SelfBLEU and cosine similarity of each kept attack prompt (0 on the others); then every rank's kept
@@ -117,7 +118,7 @@ def diversity_terms(history: DiversityHistory, encoder: SentenceEncoder | None, 
     return bleu.to(keep.device), cos.to(keep.device)
 
 
-def score_round(game: Round, history: DiversityHistory, encoder: SentenceEncoder | None, index: Tensor,
+def score_round(game: Round, history: DiversityHistory, encoder: MeanPoolEncoder | None, index: Tensor,
                 diversity: DiversityConfig, gather: Callable[[KeptPrompts], list[KeptPrompts]] = lambda x: [x],
                 ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
     """Each player's (B,) sequence reward in a round, and the round's :func:`round_metrics`: the defender's is

@@ -34,7 +34,7 @@ from lit_align.metrics.fewl import (
 )
 from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
 from lit_align.models.reference import model_fingerprint
-from lit_align.retrieval import GenerationCache, Retriever, Similarity, generate_texts
+from lit_align.retrieval import GenerationCache, Retriever, Similarity, fingerprint_tokenizer, generate_texts
 from lit_align.rollout.sampler import SamplingConfig
 
 __all__ = ["FEWLEvaluationModule", "FEWLOptions", "PromptConfig", "SyntheticConfig", "answer_text",
@@ -202,7 +202,7 @@ class FEWLEvaluationModule(L.LightningModule):
        also samples n candidate answers per question (added to the records' own ``candidates``).
 
     Every generation goes through one :class:`~lit_align.retrieval.GenerationCache` (``cache``), keyed by the
-    model's weights, the prompt, the sampling settings and the seed (``(seed, purpose, pool row)`` through
+    model's weights, its tokenizer, the prompt, the sampling settings and the seed (``(seed, purpose, pool row)`` through
     :func:`~lit_align.engine.seeds.derive_seed`), so a rerun generates nothing; :attr:`generation_log` keeps each
     one with its model, purpose, prompt (as the model read it) and seed (§5(h)1: results depend on these prompts). Each test step then
     scores its questions: SIM(premise, hypothesis) in one fixed order (§5(h)4): premise = reference answer,
@@ -316,7 +316,10 @@ class FEWLEvaluationModule(L.LightningModule):
         self.cache_option, self.seed = cache, seed
         self.model_names = names
         self.metrics = torch.nn.ModuleDict({n: self._metric() for n in names})
-        self.scorer = FEWLScorer(similarity, retriever, k)
+        try:
+            self.scorer = FEWLScorer(similarity, retriever, k)
+        except ConfigError as err:  # its keys live under model.
+            raise ConfigError(f"model.{err}") from err
         self.pool: _Pool | None = None
         self.pool_items: list[FEWLItem] = []
         self.cache: GenerationCache | None = None
@@ -632,6 +635,7 @@ class _Generator:
                  name: str) -> None:
         self.module, self.model, self.tokenizer, self.fingerprint = module, model, tokenizer, fingerprint
         self.name = name
+        self.tokenizer_fingerprint = fingerprint_tokenizer(tokenizer)
         chat = module.prompt.chat_template
         self.chat = bool(tokenizer.chat_template) if chat is None else chat
         if self.chat and not tokenizer.chat_template:
@@ -655,11 +659,13 @@ class _Generator:
         m = self.module
         prompts = [self._render(t) for t in texts]
         seeds = [derive_seed(m.seed, 0, purpose, i) for i in rows]
-        keys = [GenerationCache.key(self.fingerprint, p, sampling, s) for p, s in zip(prompts, seeds)]
+        keys = [GenerationCache.key(self.fingerprint, p, sampling, s, tokenizer=self.tokenizer_fingerprint)
+                for p, s in zip(prompts, seeds)]
         cached = [key in m.cache for key in keys]
         m.generated += len({key for key, hit in zip(keys, cached) if not hit})
         out = generate_texts(self.model, self.tokenizer, prompts, sampling, seeds=seeds, cache=m.cache,
-                             model_fingerprint=self.fingerprint, batch_size=m.prompt.batch_size)
+                             model_fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint,
+                             batch_size=m.prompt.batch_size)
         out = [answer_text(o, m.prompt.stop) for o in out]
         m.empty[purpose] = m.empty.get(purpose, 0) + sum(not o for o in out)
         m.generation_log += [{"model": self.name, "purpose": purpose, "row": i, "seed": seed, "prompt": p, "text": o,

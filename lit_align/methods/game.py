@@ -35,7 +35,7 @@ from lit_align.game.config import (
     gpo_adamw,
 )
 from lit_align.game.critics import build_critics
-from lit_align.game.diversity import DiversityHistory, SentenceEncoder, build_sentence_encoder
+from lit_align.game.diversity import DiversityHistory
 from lit_align.game.evaluation import GameValidation
 from lit_align.game.judge import JudgeFactory, SafetyJudge, build_judge
 from lit_align.game.schedule import PLAYERS, GameSchedule
@@ -44,6 +44,7 @@ from lit_align.methods.base import RebuiltWeights
 from lit_align.models import ModelSpec, ValueModel, build_tokenizer
 from lit_align.models.causal_lm import eval_mode
 from lit_align.models.players import PlayerPolicies
+from lit_align.retrieval import MeanPoolEncoder, build_mean_pool_encoder
 from lit_align.rollout.experience import Experience
 from lit_align.rollout.sampler import Rollout, SamplingConfig, sample
 
@@ -152,7 +153,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         self.critics: nn.ModuleDict | None = None  # "shared" or one per player
         self.judge: SafetyJudge | None = None
         self.eval_judge: SafetyJudge | None = None  # None: validation uses ``judge``
-        self.encoder: SentenceEncoder | None = None
+        self.encoder: MeanPoolEncoder | None = None
 
         # game state (all in checkpoints)
         self.step_count = 0  # training batches played (the schedule's clock)
@@ -180,7 +181,7 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
         if self.eval_judge_spec is not None:
             self.eval_judge = build_judge(self.eval_judge_spec, key="model.eval_judge")
         if self.diversity.embedding_weight > 0:
-            self.encoder = build_sentence_encoder(self.diversity.encoder)
+            self.encoder = build_mean_pool_encoder(self.diversity.encoder)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (lit_align.game.sharding)
             shard_game(self.players, self.critics, self.device_mesh["data_parallel"], self.trainer.precision)
 

@@ -23,7 +23,9 @@ the neighbour questions with a :class:`~lit_align.retrieval.Retriever`; :func:`s
 
 SIM argument order (HHEM-style similarities are asymmetric, §5(h)4), fixed everywhere: the *premise* is the answer
 taken as evidence (a reference answer, an IW / CO answer), the *hypothesis* the answer being checked against it (the
-evaluated answer for T and P, the reference answer for the expertise).
+evaluated answer for T and P, the reference answer for the expertise). This deliberately **reverses** the positional
+order of §5(b)'s notation (``SIM(f_i, CO_r)``, ``SIM(h, f_i)``): a (premise, hypothesis) cross-encoder such as HHEM
+asks whether the evidence supports the checked answer, so the evidence goes first. Do not "fix" it back.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def fewl_expertise(co_sim: Tensor, iw_sim: Tensor, *, form: str = "contrast", te
     if co.shape[1] == 0 or co.shape[2] == 0:
         raise ValueError(f"co_sim / iw_sim need at least one reference and one IW/CO pair, got {tuple(co.shape)}")
     if weights == "uniform":
-        return torch.full(co.shape[:2], 1.0 / co.shape[1], dtype=torch.float64)
+        return torch.full(co.shape[:2], 1.0 / co.shape[1], dtype=torch.float64, device=co.device)
     e = co.mean(-1) - iw.mean(-1) if form == "contrast" else 1.0 - iw.mean(-1)  # (B, N)
     return torch.softmax(e / temperature, dim=-1)
 
@@ -207,6 +209,9 @@ class FEWL(Metric):
                             divergence=divergence)
         for name in ("scores", "truthfulness", "laziness_penalty"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        # the states are float64: a rank with no update syncs an empty tensor of the metric's dtype, which must match
+        # the other ranks' or the all-gather breaks (gloo aborts, NCCL hangs)
+        self.set_dtype(torch.float64)
 
     def update(self, truth_sim: Tensor, lazy_sim: Tensor, co_sim: Tensor, iw_sim: Tensor) -> None:
         terms = fewl_terms(truth_sim, lazy_sim, co_sim, iw_sim, **self.options)
@@ -215,6 +220,8 @@ class FEWL(Metric):
         self.laziness_penalty.append(terms.laziness.to(self.device))
 
     def compute(self) -> Tensor:
+        if isinstance(self.scores, list) and not self.scores:
+            raise ValueError("FEWL.compute() before any update(): no question was scored")
         scores = dim_zero_cat(self.scores)
         if scores.numel() == 0:
             raise ValueError("FEWL.compute() before any update(): no question was scored")
@@ -285,15 +292,16 @@ class FEWLScorer:
     """Text to FEWL: the similarity tensors of :class:`FEWLItem` records, then their scores.
 
     Neighbours: the pool (by default the scored items; its questions de-duplicated by exact string) is indexed by
-    ``retriever``; each item's K neighbours are the nearest pool questions other than its own question and than the
-    retriever's near-duplicates of it (``Retriever(near_duplicate=...)``, §5(h)2). Their reference answers
+    ``retriever``; each item's K neighbours are the nearest pool questions other than its own question (compared by
+    their words: case, white space and punctuation ignored) and than the retriever's near-duplicates of it
+    (``Retriever(near_duplicate=...)``, required: a retriever without a threshold is refused, §5(h)2). Their reference answers
     ``references[i]`` give the laziness term. Every SIM call goes through ``similarity`` in batches of
     ``batch_size`` distinct (premise, hypothesis) pairs, with the argument order of the module docstring.
 
     Args:
         similarity: SIM(premise, hypothesis) in [0, 1] (a :class:`~lit_align.retrieval.Similarity`).
-        retriever: finds neighbour questions (a :class:`~lit_align.retrieval.Retriever`; it is re-indexed on the
-            pool at each call).
+        retriever: finds neighbour questions (a :class:`~lit_align.retrieval.Retriever` with a ``near_duplicate``
+            threshold; it is re-indexed on the pool at each call).
         k: neighbour questions per item (the paper's default is 25).
         batch_size: pairs per SIM call.
         remember: keep every computed SIM value (keyed by the (premise, hypothesis) pair) for later calls, so
@@ -305,15 +313,22 @@ class FEWLScorer:
                  remember: bool = True) -> None:
         check_int("k", k)
         check_int("batch_size", batch_size)
+        if getattr(retriever, "near_duplicate", None) is None:
+            raise ConfigError("retriever.near_duplicate is null: FEWL needs near-duplicate questions kept out of the "
+                              "neighbours (§5(h)2: a near-copy's references cancel truthfulness against laziness, "
+                              "FEWL = 0); set a cosine threshold such as 0.95")
         self.similarity, self.retriever, self.k, self.batch_size = similarity, retriever, k, batch_size
         self.remember = remember
         self._known: dict[tuple[str, str], float] = {}  # SIM values already computed (when remember)
         self._indexed: list[str] | None = None  # the pool questions the retriever holds
 
     def neighbours(self, questions: Sequence[str], pool: Sequence[str]) -> list[list[int]]:
-        """For each question, its ``k`` nearest questions in ``pool`` (positions), never itself nor a near-duplicate."""
-        stored = set(pool)
-        eligible = min(len(stored) - (q in stored) for q in questions)
+        """For each question, its ``k`` nearest questions in ``pool`` (positions), never itself (nor a question with
+        the same words, :func:`~lit_align.retrieval.encoders.word_key`) nor a near-duplicate."""
+        from lit_align.retrieval.encoders import word_key  # here: importing lit_align.metrics stays light
+
+        stored = [word_key(p) for p in dict.fromkeys(pool)]
+        eligible = min(sum(key != word_key(q) for key in stored) for q in questions)
         if self.k > eligible:
             raise ConfigError(f"k = {self.k} neighbour questions asked but the pool has only {eligible} other "
                               f"distinct questions; lower `k` or add questions")

@@ -6,8 +6,14 @@ set diversity measures. This layer sits above ``lit_align.engine`` and below the
 """
 
 from lit_align.retrieval.diversity import distinct_n, embedding_diversity
-from lit_align.retrieval.encoders import Encoder, HashEncoder, SentenceEncoder
-from lit_align.retrieval.generation import GenerationCache, generate_texts
+from lit_align.retrieval.encoders import (
+    Encoder,
+    HashEncoder,
+    MeanPoolEncoder,
+    SentenceEncoder,
+    build_mean_pool_encoder,
+)
+from lit_align.retrieval.generation import GenerationCache, fingerprint_tokenizer, generate_texts
 from lit_align.retrieval.knn import Retriever, cosine_topk
 from lit_align.retrieval.similarity import (
     CallableSimilarity,
@@ -26,12 +32,15 @@ __all__ = [
     "ExactMatch",
     "GenerationCache",
     "HashEncoder",
+    "MeanPoolEncoder",
     "Retriever",
     "SentenceEncoder",
     "Similarity",
     "TokenJaccard",
+    "build_mean_pool_encoder",
     "cosine_topk",
     "distinct_n",
     "embedding_diversity",
+    "fingerprint_tokenizer",
     "generate_texts",
 ]

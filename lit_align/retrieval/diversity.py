@@ -1,10 +1,10 @@
-"""Set-level diversity of generated texts, to watch self-training for collapse (ISARA §6(h)3)."""
+"""Set-level diversity of generated texts, to watch self-training for collapse (ISARA §6(h)3), and the GPO
+attacker's embedding diversity (the adversarial game's evaluation uses this one too)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_align.errors import check_int
@@ -24,16 +24,21 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def embedding_diversity(embeddings: Tensor) -> float:
-    """1 - mean cosine over all pairs i < j of the (n, d) rows (re-normalised here); 0.0 for fewer than 2 rows.
+def embedding_diversity(embeddings: Tensor, include_self: bool = False) -> float:
+    """``1 - mean_cos / 2`` over the pairs of a set of (N, D) unit-norm embeddings (as the released GPO code).
 
-    Identical rows give 0; orthogonal rows give 1; values up to 2 are possible for opposed rows."""
-    if embeddings.ndim != 2:
-        raise ValueError(f"embedding_diversity: expected (n, d) embeddings, got shape {tuple(embeddings.shape)}")
-    n = embeddings.shape[0]
-    if n < 2:
-        return 0.0
-    rows = F.normalize(embeddings.double(), dim=-1)  # (n, d)
-    total = rows.sum(0)  # sum_i,j cos(i, j) = |sum_i r_i|^2, including the n diagonal terms
-    pair_sum = (total @ total - (rows * rows).sum()) / 2  # sum over i < j
-    return float(1.0 - pair_sum / (n * (n - 1) / 2))
+    ``mean_cos`` is the mean of the off-diagonal cosine similarities, or (``include_self=True``, as the GPO
+    reference code) of the whole N x N matrix, diagonal of ones included. Note the formula's range: identical
+    embeddings give 0.5, orthogonal ones 1, opposite ones 1.5 (it is not ``(1 - mean_cos) / 2``). With
+    ``include_self=False`` and N = 1 there is no pair: ``mean_cos`` is taken as 0 (diversity 1). An empty set raises.
+    """
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise ValueError(f"embeddings must be a non-empty (N, D) matrix, got shape {tuple(embeddings.shape)}")
+    emb = embeddings.detach().double()
+    gram = emb @ emb.T  # (N, N)
+    n = emb.shape[0]
+    if include_self:
+        mean_cos = gram.mean()
+    else:
+        mean_cos = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1)) if n > 1 else gram.new_zeros(())
+    return float(1.0 - mean_cos / 2.0)

@@ -1,9 +1,10 @@
 """Cached text generation: plain-text prompts in, decoded continuations out, nothing generated twice.
 
-:class:`GenerationCache` maps a sha256 key of (model fingerprint, prompt, sampling settings, seed) to the
-generated text, in memory or in a JSONL file that a rerun or a resumed run reads back (FEWL's IW/CO and
-reference answers, ISARA's generated questions and answers: §5(h)1, all generations kept with their prompts
-and seeds). :func:`generate_texts` runs :func:`lit_align.rollout.sampler.sample` on the prompts that are not
+:class:`GenerationCache` maps a sha256 key of (model fingerprint, tokenizer fingerprint, prompt, sampling
+settings, seed) to the generated text, in memory or in a JSONL file that a rerun or a resumed run reads back (FEWL's
+IW/CO and reference answers, ISARA's generated questions and answers). Each file record also keeps the prompt, the
+seed, the sampling settings and the model and tokenizer fingerprints, so every generation can be audited with what
+produced it (§5(h)1: results are sensitive to the IW/CO prompt). :func:`generate_texts` runs :func:`lit_align.rollout.sampler.sample` on the prompts that are not
 cached yet, one ``torch.Generator`` per row from that row's seed, so a row's text depends on its prompt and
 seed, not on which other prompts shared its batch.
 """
@@ -24,16 +25,36 @@ from lit_align.engine.seeds import generator
 from lit_align.errors import ConfigError, DataError, check_int
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
-__all__ = ["GenerationCache", "generate_texts"]
+__all__ = ["GenerationCache", "fingerprint_tokenizer", "generate_texts"]
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """sha256 hex of what decides a tokenizer's input ids: its class, its whole backend definition (a fast
+    tokenizer's ``backend_tokenizer.to_str()``: vocabulary, normaliser, pre-tokenizer, post-processor) or else its
+    vocabulary, its special-token ids and its BOS/EOS flags."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = {
+        "class": type(tokenizer).__name__,
+        "backend": backend.to_str() if backend is not None else None,
+        "vocab": None if backend is not None else sorted(tokenizer.get_vocab().items()),
+        "special": {name: getattr(tokenizer, name, None)
+                    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")},
+        "flags": {name: getattr(tokenizer, name, None) for name in ("add_bos_token", "add_eos_token")},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class GenerationCache:
     """Generated texts by key (:meth:`key`): in memory (``path=None``) or backed by a JSONL file.
 
-    With a path, existing lines (``{"key": ..., "text": ...}``) are read on construction and every
-    :meth:`put` appends its new entries, then flushes and fsyncs, so a killed run loses at most the batch it was
-    writing. A torn last line (a kill mid-write) is skipped with a warning; a broken line elsewhere is a
-    ``DataError`` naming the file and line."""
+    With a path, existing lines (``{"key": ..., "text": ..., ...}``; only ``key`` and ``text`` are read back) are read
+    on construction and every :meth:`put` appends its new entries, then flushes and fsyncs, so a killed run loses at
+    most the batch it was writing. A torn last line (a kill mid-write) is skipped with a warning and cut from the
+    file, so the next append starts on a fresh line; a broken line elsewhere is a ``DataError`` naming the file and
+    line.
+
+    One writer per file: two processes appending to one path interleave their lines (a later load then fails).
+    Under DDP let one rank (rank 0) generate and write, or give each rank its own path."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else None
@@ -42,10 +63,12 @@ class GenerationCache:
             self._entries = _read_jsonl(self.path)
 
     @staticmethod
-    def key(model_fingerprint: str, prompt: str, sampling: SamplingConfig, seed: int | None) -> str:
-        """sha256 hex of the model fingerprint, the prompt, every sampling setting and the seed."""
-        payload = {"model": model_fingerprint, "prompt": prompt, "sampling": dataclasses.asdict(sampling),
-                   "seed": seed}
+    def key(model_fingerprint: str, prompt: str, sampling: SamplingConfig, seed: int | None, *,
+            tokenizer: str) -> str:
+        """sha256 hex of the model fingerprint, the tokenizer fingerprint (:func:`fingerprint_tokenizer`), the
+        prompt, every sampling setting and the seed."""
+        payload = {"model": model_fingerprint, "tokenizer": tokenizer, "prompt": prompt,
+                   "sampling": dataclasses.asdict(sampling), "seed": seed}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def get(self, key: str) -> str | None:
@@ -58,15 +81,16 @@ class GenerationCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, entries: Mapping[str, str]) -> None:
-        """Store ``entries`` (key -> text); with a path, append the new or changed ones to the file."""
+    def put(self, entries: Mapping[str, str], records: Mapping[str, Mapping] | None = None) -> None:
+        """Store ``entries`` (key -> text); with a path, append the new or changed ones to the file, each line with
+        the fields of ``records[key]`` (what produced it: prompt, seed, sampling, model, tokenizer) when given."""
         new = {k: v for k, v in entries.items() if self._entries.get(k) != v}
         for k, v in new.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"GenerationCache.put: keys and texts must be strings, got {k!r}: {type(v).__name__}")
         self._entries.update(new)
         if self.path is not None and new:
-            _append_jsonl(self.path, new)
+            _append_jsonl(self.path, [{**(records or {}).get(k, {}), "key": k, "text": v} for k, v in new.items()])
 
     def state_dict(self) -> dict:
         """``{"entries": {key: text}}`` (for a Lightning checkpoint)."""
@@ -80,28 +104,38 @@ class GenerationCache:
 
 
 def _read_jsonl(path: Path) -> dict[str, str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """The file's ``key -> text`` entries. A torn last line is cut from the file (warned), so that the next append
+    does not glue its first record onto the fragment."""
+    raw = path.read_bytes()
+    lines = raw.splitlines(keepends=True)
     entries: dict[str, str] = {}
+    offset = 0
     for number, line in enumerate(lines, start=1):
+        start, offset = offset, offset + len(line)
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             entries[record["key"]] = record["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             if number == len(lines):
-                warnings.warn(f"generation cache {path}: skipped a torn last line ({err})", stacklevel=3)
+                warnings.warn(f"generation cache {path}: cut a torn last line ({err})", stacklevel=3)
+                os.truncate(path, start)
                 continue
             raise DataError(f"generation cache {path}, line {number}: not a {{'key', 'text'}} JSON record ({err}); "
                             "delete the file (or the line) to regenerate") from err
     return entries
 
 
-def _append_jsonl(path: Path, entries: Mapping[str, str]) -> None:
+def _append_jsonl(path: Path, records: Sequence[Mapping]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps({"key": k, "text": v}, ensure_ascii=False) + "\n" for k, v in entries.items())
-    with path.open("a", encoding="utf-8") as f:
-        f.write(text)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with path.open("a+b") as f:
+        if f.tell() > 0:  # a last record written without its newline (a kill between the two) gets one first
+            f.seek(f.tell() - 1)
+            if f.read(1) != b"\n":
+                text = "\n" + text
+        f.write(text.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
@@ -134,7 +168,8 @@ def _generate_batch(model: nn.Module, tokenizer, prompts: Sequence[str], samplin
     return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths)]
 
 
-def _check_generate_args(tokenizer, prompts: Sequence[str], seeds: Sequence[int] | None, batch_size: int) -> None:
+def _check_generate_args(tokenizer, prompts: Sequence[str], seeds: Sequence[int] | None, batch_size: int,
+                         sampling: SamplingConfig, cached: bool) -> None:
     if isinstance(prompts, str):
         raise TypeError("generate_texts: prompts must be a sequence of strings, got one string; wrap it in a list")
     if seeds is not None and len(seeds) != len(prompts):
@@ -143,28 +178,38 @@ def _check_generate_args(tokenizer, prompts: Sequence[str], seeds: Sequence[int]
     if bad:
         raise ConfigError(f"seeds must be ints >= 0, got {bad[0]!r}")
     check_int("batch_size", batch_size, 1)
+    if seeds is None and sampling.do_sample and cached:
+        raise ConfigError("seeds: sampled generation (do_sample) with a cache needs one seed per prompt; with "
+                          "seeds=None every call and rerun would return the first cached text of a prompt, so "
+                          "several samples of one prompt would silently be one text")
     if tokenizer.eos_token_id is None:
         raise ConfigError("generate_texts: the tokenizer has no eos_token; generation needs one to stop rows")
 
 
 def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling: SamplingConfig, *,
                    seeds: Sequence[int] | None, cache: GenerationCache | None = None,
-                   model_fingerprint: str | None = None, stop: Sequence[str] = (), batch_size: int = 16) -> list[str]:
+                   model_fingerprint: str | None = None, tokenizer_fingerprint: str | None = None,
+                   stop: Sequence[str] = (), batch_size: int = 16) -> list[str]:
     """Decoded continuations of plain-text prompts, one string per prompt, in order.
 
     Each prompt is tokenized as is (the tokenizer's own special tokens, no chat template), left-padded and
     sampled with :func:`lit_align.rollout.sampler.sample`; row ``i`` draws from its own generator seeded from
     ``seeds[i]`` (through :func:`lit_align.engine.seeds.generator`), so its text does not depend on the batch.
-    ``seeds=None`` samples from the global RNG (not reproducible). The text is decoded without special tokens
-    and cut before the first of ``stop`` (the cache keeps the uncut text, so ``stop`` may change between calls).
-    With a ``cache``, prompts whose key (:meth:`GenerationCache.key`; the
-    fingerprint defaults to :func:`lit_align.models.reference.model_fingerprint` of ``model``) is present are
-    not regenerated, identical (prompt, seed) pairs are generated once (with ``seeds=None`` a repeated prompt
-    therefore gets one text), and new texts are stored after each batch."""
-    _check_generate_args(tokenizer, prompts, seeds, batch_size)
+    ``seeds=None`` samples from the global RNG (not reproducible; refused with a cache when sampling, as the cache
+    would hand every repeat of a prompt its first text). The text is decoded without special tokens and cut before
+    the first of ``stop`` (the cache keeps the uncut text, so ``stop`` may change between calls).
+
+    With a ``cache``, prompts whose key (:meth:`GenerationCache.key`) is present are not regenerated, identical
+    (prompt, seed) pairs are generated once, and new texts are stored after each batch with their prompt, seed,
+    sampling settings and fingerprints. The model fingerprint defaults to
+    :func:`lit_align.models.reference.model_fingerprint` of ``model``, which hashes every weight on every call (a
+    full pass over ~14 GB for a 7B model): pass ``model_fingerprint`` (and ``tokenizer_fingerprint``, default
+    :func:`fingerprint_tokenizer`) when calling repeatedly with one model."""
+    _check_generate_args(tokenizer, prompts, seeds, batch_size, sampling, cache is not None)
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     prompts = list(prompts)
     row_seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+    records: dict[str, dict] = {}
     if cache is None:
         keys = [str(i) for i in range(len(prompts))]
         store: dict[str, str] = {}
@@ -173,8 +218,14 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
             from lit_align.models.reference import model_fingerprint as fingerprint_of
 
             model_fingerprint = fingerprint_of(model)
-        keys = [GenerationCache.key(model_fingerprint, p, sampling, s) for p, s in zip(prompts, row_seeds)]
+        if tokenizer_fingerprint is None:
+            tokenizer_fingerprint = fingerprint_tokenizer(tokenizer)
+        keys = [GenerationCache.key(model_fingerprint, p, sampling, s, tokenizer=tokenizer_fingerprint)
+                for p, s in zip(prompts, row_seeds)]
         store = {k: cache.get(k) for k in keys if k in cache}
+        settings = dataclasses.asdict(sampling)
+        records = {k: {"prompt": p, "seed": s, "sampling": settings, "model": model_fingerprint,
+                       "tokenizer": tokenizer_fingerprint} for k, p, s in zip(keys, prompts, row_seeds)}
     first: dict[str, int] = {}  # missing key -> its first row (a repeated key is generated once)
     for i, k in enumerate(keys):
         if k not in store:
@@ -187,5 +238,5 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
         fresh = {keys[i]: t for i, t in zip(rows, texts)}
         store.update(fresh)
         if cache is not None:
-            cache.put(fresh)
+            cache.put(fresh, records)
     return [_cut_at_stop(store[k], stop) for k in keys]

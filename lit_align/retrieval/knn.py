@@ -9,14 +9,13 @@ neighbours.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from lit_align.errors import ConfigError, check_choice
-from lit_align.retrieval.encoders import Encoder, _check_texts
+from lit_align.errors import ConfigError, check_choice, check_int, check_number, require
+from lit_align.retrieval.encoders import Encoder, _check_texts, word_key
 
 __all__ = ["Retriever", "cosine_topk"]
 
@@ -29,19 +28,24 @@ def _scores(queries: Tensor, keys: Tensor) -> Tensor:
     return (queries.double() @ keys.double().T).float()
 
 
+def _check_near_duplicate(near_duplicate: float | None, key: str) -> None:
+    """A cosine threshold in (-1, 1] or None: -1 would ban every key, and a value above 1 (a percentage such as 95)
+    none, silently."""
+    if near_duplicate is not None:
+        check_number(key, near_duplicate)
+        require(-1 < near_duplicate <= 1, key, "a cosine threshold in (-1, 1] (e.g. 0.95) or null", near_duplicate)
+
+
 def _check_topk_args(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None,
                      near_duplicate: float | None, key: str) -> None:
     if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
         raise ValueError(f"cosine_topk: queries (q, d) and keys (n, d) must share d, got {tuple(queries.shape)} "
                          f"and {tuple(keys.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"{key} must be an int >= 1, got {k!r}")
+    check_int(key, k)
     if exclude is not None and (exclude.dtype != torch.bool or exclude.shape != (queries.shape[0], keys.shape[0])):
         raise ValueError(f"cosine_topk: exclude must be a bool tensor of shape {(queries.shape[0], keys.shape[0])}, "
                          f"got {exclude.dtype} {tuple(exclude.shape)}")
-    if near_duplicate is not None and not (isinstance(near_duplicate, (int, float))
-                                           and not isinstance(near_duplicate, bool) and math.isfinite(near_duplicate)):
-        raise ConfigError(f"near_duplicate must be a finite cosine threshold or null, got {near_duplicate!r}")
+    _check_near_duplicate(near_duplicate, "near_duplicate")
 
 
 def _topk_chunk(scores: Tensor, k: int, banned: Tensor, key: str, offset: int) -> tuple[Tensor, Tensor]:
@@ -65,7 +69,8 @@ def cosine_topk(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor | None
         queries: (q, d). keys: (n, d).
         k: neighbours per query; fewer than ``k`` eligible keys for some query -> ``ValueError`` naming ``key``.
         exclude: (q, n) bool, True = never return this key for this query.
-        near_duplicate: keys whose cosine to the query is >= this are excluded too (None: no threshold).
+        near_duplicate: keys whose cosine to the query is >= this are excluded too (None: no threshold); a cosine
+            in (-1, 1].
         key: the config key of ``k``, named in errors.
 
     Returns:
@@ -100,15 +105,17 @@ def _faiss_candidates(queries: Tensor, keys: Tensor, k: int) -> Tensor:
 class Retriever:
     """Nearest stored texts by cosine of an :class:`Encoder`'s embeddings.
 
-    ``near_duplicate``: a stored text whose cosine to the query is >= this threshold is never returned (by
-    :meth:`search` and :meth:`neighbours`); None disables it. ``backend``: ``"torch"`` (exact, default) or
+    ``near_duplicate``: a stored text whose cosine to the query is >= this threshold (a cosine in (-1, 1], e.g.
+    0.95) is never returned (by :meth:`search` and :meth:`neighbours`); None disables it. Self-exclusion compares
+    :func:`~lit_align.retrieval.encoders.word_key`: the same words in the same order, whatever the case, white space
+    and punctuation, count as the same text. ``backend``: ``"torch"`` (exact, default) or
     ``"faiss"`` (needs the faiss package; used to shortlist candidates for queries, which are then re-ranked
     exactly here)."""
 
     def __init__(self, encoder: Encoder, near_duplicate: float | None = None, backend: str = "torch") -> None:
         if not isinstance(encoder, Encoder):
             raise ConfigError(f"retriever.encoder must be an Encoder, got {type(encoder).__name__}")
-        _check_topk_args(torch.zeros(0, 1), torch.zeros(0, 1), 1, None, near_duplicate, "k")
+        _check_near_duplicate(near_duplicate, "retriever.near_duplicate")
         check_choice("retriever.backend", backend, ("torch", "faiss"))
         if backend == "faiss":
             _faiss_candidates(torch.zeros(1, 1), torch.zeros(1, 1), 1)  # fail now, naming the key
@@ -170,19 +177,20 @@ class Retriever:
             wanted = min(len(self), 2 * wanted)
 
     def _same_text(self, texts: list[str]) -> Tensor:
-        """(len(texts), n) bool: True where the stored text equals the given one."""
+        """(len(texts), n) bool: True where the stored text has the given one's :func:`word_key`."""
         where: dict[str, list[int]] = {}
         for i, text in enumerate(self.texts):
-            where.setdefault(text, []).append(i)
+            where.setdefault(word_key(text), []).append(i)
         mask = torch.zeros(len(texts), len(self), dtype=torch.bool)
         for row, text in enumerate(texts):
-            mask[row, where.get(text, [])] = True
+            mask[row, where.get(word_key(text), [])] = True
         return mask
 
     def search(self, queries: Sequence[str], k: int, *, exclude_self: bool = False,
                key: str = "k") -> list[list[int]]:
         """Indices of the ``k`` stored texts nearest each query, best first (ties: lower index). With
-        ``exclude_self`` a stored text equal to the query string is never returned."""
+        ``exclude_self`` a stored text with the query's words (:func:`word_key`: case, white space and punctuation
+        ignored) is never returned."""
         self._require_items()
         queries = _check_texts(queries, "queries")
         exclude = self._same_text(queries) if exclude_self else torch.zeros(len(queries), len(self), dtype=torch.bool)
@@ -190,11 +198,11 @@ class Retriever:
 
     def neighbours(self, positions: Sequence[int], k: int, *, key: str = "k") -> list[list[int]]:
         """For stored items at ``positions``: their ``k`` nearest OTHER items, best first. Never the item itself
-        nor an item with the same text, nor (with ``near_duplicate``) a near-duplicate of it."""
+        nor an item with the same words (:func:`word_key`), nor (with ``near_duplicate``) a near-duplicate of it."""
         self._require_items()
         positions = [int(p) for p in positions]
         bad = [p for p in positions if not 0 <= p < len(self)]
         if bad:
             raise IndexError(f"neighbours: positions {bad[:5]} out of range for {len(self)} items")
-        exclude = self._same_text([self.texts[p] for p in positions])  # itself and exact copies
+        exclude = self._same_text([self.texts[p] for p in positions])  # itself and same-word copies
         return self._topk(self.keys[positions], k, exclude, key)

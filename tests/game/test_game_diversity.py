@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_align.game.diversity import (
+from lit_align.game import (
     DiversityHistory,
     bleu_diversity,
     build_sentence_encoder,

@@ -25,17 +25,17 @@ SFT_TINY = str(REPO / "configs/fewl/sft_tiny.yaml")
 QUESTIONS = 30
 
 
-def _test_run(root: Path, *overrides: str):
+def _test_run(root: Path, *overrides: str, config: str = TINY):
     """``lit-align test`` on the tiny FEWL config, the first ``QUESTIONS`` questions, under ``root``."""
-    return cli_main(["test", "--config", TINY, "--trainer.default_root_dir", str(root), *CSV_LOGGER,
+    return cli_main(["test", "--config", config, "--trainer.default_root_dir", str(root), *CSV_LOGGER,
                      "--trainer.logger.save_dir", str(root), "--trainer.enable_progress_bar", "false",
                      "--data.init_args.questions.limit", str(QUESTIONS), "--model.init_args.k", "3",
                      "--model.init_args.candidates", "2", "--model.init_args.demonstrations", "4", *overrides])
 
 
-def _known_error(root: Path, *overrides: str) -> Exception:
+def _known_error(root: Path, *overrides: str, config: str = TINY) -> Exception:
     with pytest.raises(Exception) as info:  # jsonargparse / Lightning wrap a constructor's error
-        _test_run(root, *overrides)
+        _test_run(root, *overrides, config=config)
     error = find_known_error(info.value)
     assert error is not None, info.value
     return error
@@ -304,6 +304,11 @@ def test_bad_configurations_name_the_key_or_record(tmp_path):
     assert isinstance(error, ConfigError) and "model.demonstrations (4)" in str(error)
     error = _known_error(tmp_path, "--data.init_args.questions.limit", "4", "--model.init_args.k", "4")
     assert isinstance(error, ConfigError) and "model.k" in str(error) and "only 3 other" in str(error)
+    no_threshold = tmp_path / "no_threshold.yaml"
+    no_threshold.write_text(Path(TINY).read_text(encoding="utf-8").replace("near_duplicate: 0.95", ""),
+                            encoding="utf-8")
+    error = _known_error(tmp_path, config=str(no_threshold))
+    assert isinstance(error, ConfigError) and "model.retriever.near_duplicate is null" in str(error)
     error = _known_error(tmp_path, "--model.init_args.synthetic.num_pairs", "5")
     assert isinstance(error, DataError) and "model.synthetic.num_pairs" in str(error) and "question 0" in str(error)
     bad = tmp_path / "bad.jsonl"

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import gloo_group
 
 from lit_align.errors import ConfigError, DataError
 from lit_align.metrics import (
@@ -42,7 +43,7 @@ def _pool(answer: str = EXPERT) -> list[FEWLItem]:
     ]
 
 
-def _scorer(similarity=None, k: int = 1, near_duplicate: float | None = None) -> FEWLScorer:
+def _scorer(similarity=None, k: int = 1, near_duplicate: float = 0.95) -> FEWLScorer:
     return FEWLScorer(similarity or ExactMatch(), Retriever(HashEncoder(dim=512), near_duplicate=near_duplicate), k=k)
 
 
@@ -66,6 +67,25 @@ def test_expertise_temperature_and_uniform_weights():
     co, iw = torch.tensor([[[1.0], [0.0]]]), torch.tensor([[[0.0], [1.0]]])  # (1, 2, 1)
     assert fewl_expertise(co, iw, temperature=2.0)[0, 0].item() == pytest.approx(1 / (1 + math.exp(-1)))
     assert fewl_expertise(co, iw, weights="uniform").tolist() == [[0.5, 0.5]]
+
+
+class _UndevicedFactoriesOnMeta(torch.overrides.TorchFunctionMode):
+    """Tensor factories called without ``device=`` build on "meta": a CPU stand-in for "another default device"."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.full, torch.zeros, torch.ones, torch.empty, torch.tensor) and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def test_uniform_weights_stay_on_the_inputs_device():
+    """The uniform lambda is built on the similarities' device (a CPU lambda broke the uniform ablation on CUDA
+    inputs: ``lam * joint`` mixed devices)."""
+    co = torch.rand(2, 3, 1)
+    with _UndevicedFactoriesOnMeta():
+        lam = fewl_expertise(co, co, weights="uniform")
+    assert lam.device == co.device and lam.tolist() == [[1 / 3] * 3] * 2
 
 
 # -- §5(g)2 truthfulness --------------------------------------------------------------------------------------------
@@ -173,12 +193,52 @@ def test_neighbours_never_include_the_question_itself_or_a_near_duplicate():
         _scorer(k=3, near_duplicate=0.95).similarities(pool[:1], pool=pool)
 
 
+def _subset_sim() -> CallableSimilarity:
+    """Asymmetric: 1 when the hypothesis' words are a subset of the premise's."""
+    return CallableSimilarity(lambda ps, hs: [float(set(h.split()) <= set(p.split())) for p, h in zip(ps, hs)])
+
+
+def test_a_retriever_without_near_duplicate_threshold_is_refused():
+    """The default Retriever has no threshold: a case / white-space variant of the question would be its neighbour
+    and cancel T against P (FEWL = 0, §5(h)2), so the scorer refuses it, naming the key."""
+    with pytest.raises(ConfigError, match="retriever.near_duplicate"):
+        FEWLScorer(ExactMatch(), Retriever(HashEncoder()), k=1)
+
+
+def test_a_same_words_variant_of_the_question_is_never_its_neighbour():
+    """Self-exclusion compares words, whatever the threshold: with near_duplicate = 1 (only exact cosine copies) the
+    variant "where was Ada born ? " is still excluded, and k = 2 asks for more questions than are left."""
+    variant = _item("where was Ada  born ? ", EXPERT, [EXPERT, EXPERT], [NOVICE], [EXPERT])
+    pool = _pool() + [variant]
+    sims = _scorer(k=2, near_duplicate=1.0).similarities(pool[:1], pool=pool)
+    assert sorted(sims.neighbours[0]) == [1, 2]
+    with pytest.raises(ConfigError, match="k = 3.*only 2 other"):
+        _scorer(k=3, near_duplicate=1.0).similarities(pool[:1], pool=pool)
+
+
 def test_similarity_argument_order_is_fixed():
     """An asymmetric SIM (1 when the hypothesis' words are a subset of the premise's): the evaluated answer is the
     hypothesis against each reference, so a short answer contained in the reference gets T = 1."""
-    subset = CallableSimilarity(lambda ps, hs: [float(set(h.split()) <= set(p.split())) for p, h in zip(ps, hs)])
     items = _pool("Ada was born")
-    assert _scorer(subset).score(items, weights="uniform").truthfulness[0].item() == pytest.approx(1.0)
+    assert _scorer(_subset_sim()).score(items, weights="uniform").truthfulness[0].item() == pytest.approx(1.0)
+
+
+def test_expertise_and_laziness_argument_orders_are_fixed():
+    """Premise = the evidence, hypothesis = the answer checked, for the expertise and laziness pairs too. Question 0:
+    reference 0 "Paris" is contained in CO "born in Paris" (not the reverse), reference 1 "Rome" in nothing:
+    co = (1, 0), iw = (0, 0), e = (1, 0), lambda_0 = e / (e + 1) (swapped pairs: all 0, lambda = 1/2). The answer
+    "Paris" matches reference 0 (T = lambda_0) and is contained in the neighbour's reference 0 "Bo lived in Paris"
+    (not the reverse): P = lambda_0 (swapped pairs: P = 0)."""
+    pool = [_item("Where was Ada born?", "Paris", ["Paris", "Rome"], ["born in Lyon"], ["born in Paris"]),
+            _item("Where was Bo born?", "Oslo", ["Bo lived in Paris", "Bo lived in Oslo"], ["x"], ["y"]),
+            _item("What does Cy eat?", "rice", ["Cy eats rice", "Cy eats bread"], ["x"], ["y"])]
+    scorer = _scorer(_subset_sim())
+    assert scorer.similarities(pool[:1], pool=pool).neighbours == [[1]]
+    terms = scorer.score(pool[:1], pool=pool)
+    lam0 = math.e / (math.e + 1)
+    assert terms.lam[0].tolist() == pytest.approx([lam0, 1 - lam0])
+    assert terms.truthfulness.item() == pytest.approx(lam0)
+    assert terms.laziness.item() == pytest.approx(lam0)
 
 
 def test_scoring_another_answer_reuses_the_expertise_pairs():
@@ -196,7 +256,8 @@ def test_scoring_another_answer_reuses_the_expertise_pairs():
     second = scorer.score(_pool("Ada was born in Lyon.")).score
     assert sum(seen) - calls == 4  # only question 0's answer changed: its 2 truth + 2 x 1 laziness pairs
     assert not torch.equal(first, second)
-    fresh = FEWLScorer(CallableSimilarity(counting), Retriever(HashEncoder(dim=512)), k=1, remember=False)
+    fresh = FEWLScorer(CallableSimilarity(counting), Retriever(HashEncoder(dim=512), near_duplicate=0.95), k=1,
+                       remember=False)
     before = sum(seen)
     fresh.score(_pool(EXPERT))
     once = sum(seen) - before
@@ -241,3 +302,43 @@ def test_bad_records_name_the_record_and_field():
         _scorer().score([pool[0], pool[1], _item("Q?", "a", ["r", "s"], ["w", "v"], ["c", "d"])])
     with pytest.raises(DataError, match="record 0.*same length"):
         _scorer().score([_item("Q?", "a", ["r"], ["w", "v"], ["c"])] + pool[1:])
+
+
+# -- two processes ----------------------------------------------------------------------------------------------------
+def _fewl_worker(rank: int, world: int, init: str, queue) -> None:
+    """Rank 0 scores every question, rank 1 none (an uneven last shard): both must compute the same mean."""
+    with gloo_group(rank, world, init):
+        try:
+            metric = FEWL()
+            if rank == 0:
+                metric.update(*_random_batch(b=6, seed=3))
+            queue.put((rank, (metric.compute().item(), metric.per_question()["score"].tolist())))
+        except Exception as err:  # report instead of leaving the parent waiting
+            queue.put((rank, repr(err)))
+
+
+def test_metric_syncs_across_two_processes_when_one_has_no_update(tmp_path):
+    """The float64 states of a rank that never updated are synced as float64 too (a float32 empty state made gloo
+    abort with "Received data size doesn't match expected size")."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fewl_worker, args=(r, 2, f"file://{tmp_path / 'pg'}", queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    expected = fewl_terms(*_random_batch(b=6, seed=3)).score
+    for rank in (0, 1):
+        mean, scores = results[rank]
+        assert mean == pytest.approx(expected.mean().item(), abs=1e-12)
+        assert scores == pytest.approx(expected.tolist(), abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_compute_before_update_says_so():
+    with pytest.raises(ValueError, match="before any update"):
+        FEWL().compute()

@@ -10,7 +10,7 @@ from conftest import tiny_lm
 
 from lit_align.errors import ConfigError, DataError
 from lit_align.models import model_fingerprint
-from lit_align.retrieval import GenerationCache, generate_texts
+from lit_align.retrieval import GenerationCache, fingerprint_tokenizer, generate_texts
 from lit_align.rollout import SamplingConfig
 
 SAMPLING = SamplingConfig(max_new_tokens=6, do_sample=True, temperature=1.0)
@@ -18,14 +18,28 @@ PROMPTS = ["Human: how do I steal a bike?\nAI:", "Human: hello\nAI:", "Human: wh
            "Human: tell me about the town and its harbour in the north\nAI:", "Human: hi\nAI:"]
 
 
+def _key(model: str = "m1", prompt: str = "prompt", sampling: SamplingConfig = SAMPLING, seed: int | None = 3,
+         tokenizer: str = "t1") -> str:
+    return GenerationCache.key(model, prompt, sampling, seed, tokenizer=tokenizer)
+
+
 def test_key_changes_with_every_part():
-    base = GenerationCache.key("m1", "prompt", SAMPLING, 3)
-    assert base == GenerationCache.key("m1", "prompt", SamplingConfig(max_new_tokens=6), 3)
-    others = [GenerationCache.key("m2", "prompt", SAMPLING, 3), GenerationCache.key("m1", "prompt ", SAMPLING, 3),
-              GenerationCache.key("m1", "prompt", SamplingConfig(max_new_tokens=6, temperature=0.7), 3),
-              GenerationCache.key("m1", "prompt", SamplingConfig(max_new_tokens=6, do_sample=False), 3),
-              GenerationCache.key("m1", "prompt", SAMPLING, 4), GenerationCache.key("m1", "prompt", SAMPLING, None)]
-    assert len({base, *others}) == 7 and all(len(k) == 64 for k in others)
+    base = _key()
+    assert base == _key(sampling=SamplingConfig(max_new_tokens=6))
+    others = [_key(model="m2"), _key(prompt="prompt "), _key(sampling=SamplingConfig(max_new_tokens=6, temperature=0.7)),
+              _key(sampling=SamplingConfig(max_new_tokens=6, do_sample=False)), _key(seed=4), _key(seed=None),
+              _key(tokenizer="t2")]
+    assert len({base, *others}) == 8 and all(len(k) == 64 for k in others)
+
+
+def test_tokenizer_fingerprint_sees_a_changed_tokenizer(tokenizer):
+    """The same weights with another tokenizer setting produce other input ids: another fingerprint, another key."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.add_special_tokens({"additional_special_tokens": ["<extra_marker>"]})
+    assert fingerprint_tokenizer(tokenizer) == fingerprint_tokenizer(copy.deepcopy(tokenizer))
+    assert fingerprint_tokenizer(other) != fingerprint_tokenizer(tokenizer)
 
 
 def test_put_get_persist_and_reload(tmp_path):
@@ -54,6 +68,24 @@ def test_torn_last_line_is_skipped_and_a_broken_middle_line_is_an_error(tmp_path
         GenerationCache(path)
 
 
+def test_resume_after_a_torn_line_keeps_every_later_entry(tmp_path):
+    """A kill mid-write, then resumed runs: the torn fragment is cut, so the next appends start on a fresh line and
+    every later entry survives two more reloads (they were glued onto the fragment and lost, then a DataError)."""
+    path = tmp_path / "cache.jsonl"
+    GenerationCache(path).put({"a": "x", "b": "y"})
+    path.write_bytes(path.read_bytes()[:-7])  # cut inside record b
+    with pytest.warns(UserWarning, match="torn last line"):
+        resumed = GenerationCache(path)
+    resumed.put({"c": "z"})
+    again = GenerationCache(path)
+    assert again.state_dict()["entries"] == {"a": "x", "c": "z"}
+    again.put({"d": "w"})
+    assert GenerationCache(path).state_dict()["entries"] == {"a": "x", "c": "z", "d": "w"}
+    path.write_bytes(path.read_bytes()[:-1])  # a whole last record whose newline was never written
+    GenerationCache(path).put({"e": "v"})
+    assert set(GenerationCache(path).state_dict()["entries"]) == {"a", "c", "d", "e"}
+
+
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return tiny_lm("qwen2", vocab_size=len(tokenizer), hidden_size=32, seed=0)
@@ -80,6 +112,10 @@ def test_cache_hits_run_no_forward_and_stop_strings_cut(model, tokenizer, tmp_pa
         seeds = [1, 2, 3, 4, 5]
         first = generate_texts(model, tokenizer, PROMPTS, SAMPLING, seeds=seeds, cache=cache, batch_size=2)
         assert len(calls) > 0 and len(cache) == 5
+        record = json.loads((tmp_path / "gen.jsonl").read_text(encoding="utf-8").splitlines()[0])
+        assert {k: record[k] for k in ("prompt", "seed", "model")} == {"prompt": PROMPTS[0], "seed": 1,
+                                                                          "model": model_fingerprint(model)}
+        assert record["sampling"]["temperature"] == 1.0 and record["tokenizer"] == fingerprint_tokenizer(tokenizer)
         calls.clear()
         reloaded = GenerationCache(tmp_path / "gen.jsonl")
         again = generate_texts(model, tokenizer, PROMPTS, SAMPLING, seeds=seeds, cache=reloaded,
@@ -104,6 +140,8 @@ def test_bad_generation_arguments_name_the_key(model, tokenizer):
         generate_texts(model, tokenizer, ["a"], SAMPLING, seeds=[-1])
     with pytest.raises(ConfigError, match="batch_size must be an int >= 1"):
         generate_texts(model, tokenizer, ["a"], SAMPLING, seeds=None, batch_size=0)
+    with pytest.raises(ConfigError, match="seeds: sampled generation"):  # every sample would be one cached text
+        generate_texts(model, tokenizer, ["a"], SAMPLING, seeds=None, cache=GenerationCache())
 
 
 def test_greedy_needs_no_seeds(model, tokenizer):

@@ -117,6 +117,26 @@ def test_neighbours_never_the_item_nor_a_near_duplicate():
         retriever.neighbours([0], 6)
 
 
+def test_self_exclusion_ignores_case_white_space_and_punctuation():
+    """Without any threshold, a stored variant of the query with the same words is excluded as the query itself."""
+    retriever = Retriever(HashEncoder(dim=512))
+    retriever.index(["where was Ada  born ? ", "Where was Bo born?", "What does Cy eat?"])
+    assert retriever.search(["Where was Ada born?"], 1, exclude_self=True) == [[1]]
+    retriever.index(["Where was Ada born?", "WHERE was ada born", "Where was Bo born?"])
+    assert retriever.neighbours([0], 1) == [[2]]
+
+
+@pytest.mark.parametrize("bad", [95, 1.01, -1, -2.0, float("nan"), True, "0.9"])
+def test_near_duplicate_must_be_a_cosine(bad):
+    """A percentage (95) would silently disable the exclusion, -1 would ban every key."""
+    with pytest.raises(ConfigError, match=r"retriever.near_duplicate must be"):
+        Retriever(HashEncoder(), near_duplicate=bad)
+    with pytest.raises(ConfigError, match=r"near_duplicate must be"):
+        cosine_topk(_unit(1, 4), _unit(3, 4), 1, near_duplicate=bad)
+    Retriever(HashEncoder(), near_duplicate=1.0)  # the edge values are fine: only exact copies
+    Retriever(HashEncoder(), near_duplicate=-0.99)
+
+
 def test_add_is_incremental_and_index_rebuilds():
     retriever = Retriever(HashEncoder(dim=64))
     retriever.index(QUESTIONS[:3])

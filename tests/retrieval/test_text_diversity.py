@@ -1,4 +1,5 @@
-"""Set diversity for collapse tracking (ISARA §6(h)3): distinct-n and embedding diversity on hand-made inputs."""
+"""Set diversity for collapse tracking (ISARA §6(h)3): distinct-n and the GPO embedding diversity on hand-made
+inputs."""
 
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ def test_distinct_n_by_hand():
 
 
 def test_embedding_diversity_by_hand():
-    """Identical rows: 1 - 1 = 0. Orthogonal rows: 1 - 0 = 1. Rows at 60 degrees and one orthogonal third:
-    cosines 0.5, 0, 0 -> 1 - 0.5 / 3. Rows are re-normalised first (scale does not matter)."""
-    assert embedding_diversity(torch.ones(4, 3)) == pytest.approx(0.0, abs=1e-12)
+    """The GPO formula 1 - mean_cos / 2 on unit rows (the one lit_align.game uses too): identical rows 0.5,
+    orthogonal rows 1, opposed rows 1.5. Rows at 60 degrees and one orthogonal third: cosines 0.5, 0, 0 ->
+    1 - (0.5 / 3) / 2. With include_self the diagonal of ones counts: eye(2) -> mean_cos 1/2 -> 0.75."""
+    assert embedding_diversity(torch.ones(4, 3) / 3**0.5) == pytest.approx(0.5)
     assert embedding_diversity(torch.eye(5)) == pytest.approx(1.0)
-    rows = torch.tensor([[1.0, 0.0, 0.0], [0.5, 3**0.5 / 2, 0.0], [0.0, 0.0, 7.0]])
-    assert embedding_diversity(rows) == pytest.approx(1 - 0.5 / 3)
-    assert embedding_diversity(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(2.0)
-    assert embedding_diversity(torch.ones(1, 3)) == 0.0 and embedding_diversity(torch.zeros(0, 3)) == 0.0
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.5, 3**0.5 / 2, 0.0], [0.0, 0.0, 1.0]])
+    assert embedding_diversity(rows) == pytest.approx(1 - 0.5 / 3 / 2)
+    assert embedding_diversity(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(1.5)
+    assert embedding_diversity(torch.eye(2), include_self=True) == pytest.approx(0.75)
+    assert embedding_diversity(torch.ones(1, 3)) == 1.0  # no pair
+    with pytest.raises(ValueError, match="non-empty"):
+        embedding_diversity(torch.zeros(0, 3))
