@@ -37,7 +37,8 @@ from lit_align.retrieval import Encoder, GenerationCache, Retriever, distinct_n,
 from lit_align.rewards.rankers import Ranker
 from lit_align.rollout.sampler import SamplingConfig
 
-__all__ = ["DROP_REASONS", "SelfAlignmentModule", "template_markers", "win_rates"]
+__all__ = ["DROP_REASONS", "SelfAlignmentModule", "answer_prompt", "leaked", "screen_questions", "template_markers",
+           "win_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,51 @@ def _max_cosine(queries: Tensor, keys: Tensor) -> Tensor:
     return (queries @ keys.T).max(dim=1).values  # (q, n) -> (q,)
 
 
-def _leaks(questions: Sequence[str], embeddings: Tensor, eval_norm: set[str], eval_emb: Tensor,
+def leaked(questions: Sequence[str], embeddings: Tensor, eval_questions: Sequence[str], eval_embeddings: Tensor,
            threshold: float) -> list[bool]:
-    """Whether each question is (a near-duplicate of) an evaluation prompt (§6(h)1)."""
-    near = _max_cosine(embeddings, eval_emb) >= threshold
-    return [normalise_text(q) in eval_norm or bool(n) for q, n in zip(questions, near)]
+    """Whether each question is an evaluation prompt (§6(h)1): equal after :func:`normalise_text`, or with cosine
+    >= ``threshold`` (``embeddings`` (q, d) and ``eval_embeddings`` (e, d) L2-normalised)."""
+    known = {normalise_text(q) for q in eval_questions}
+    near = _max_cosine(embeddings, eval_embeddings) >= threshold  # (q,)
+    return [normalise_text(q) in known or bool(n) for q, n in zip(questions, near)]
+
+
+def screen_questions(questions: Sequence[str], embeddings: Tensor, pool_questions: Sequence[str],
+                     pool_embeddings: Tensor, leaks: Sequence[bool], markers: Sequence[str], threshold: float,
+                     drop_leaked: bool = True) -> tuple[list[int], dict[str, int]]:
+    """The positions of the new questions that pass the question filters, in order, and the drops by reason:
+    empty, malformed (holding a template marker), leaked (with ``drop_leaked``), a duplicate of the pool or of an
+    earlier kept question of the batch (equal after :func:`normalise_text`, or cosine >= ``threshold``)."""
+    drops = dict.fromkeys(DROP_REASONS, 0)
+    near_pool = _max_cosine(embeddings, pool_embeddings) >= threshold  # (q,)
+    in_pool = {normalise_text(q) for q in pool_questions}
+    seen: set[str] = set()  # the kept questions of the batch
+    kept: list[int] = []
+    for i, q in enumerate(questions):
+        norm = normalise_text(q)
+        if not q.strip():
+            reason = "question_empty"
+        elif any(m in q for m in markers):
+            reason = "question_malformed"
+        elif leaks[i] and drop_leaked:
+            reason = "leaked"
+        elif norm in in_pool or bool(near_pool[i]):
+            reason = "duplicate_pool"
+        elif norm in seen or (kept and float(_max_cosine(embeddings[i:i + 1], embeddings[kept])[0]) >= threshold):
+            reason = "duplicate_batch"
+        else:
+            kept.append(i)
+            seen.add(norm)
+            continue
+        drops[reason] += 1
+    return kept, drops
+
+
+def answer_prompt(template: FewShotTemplate, pool: Sequence[tuple[str, str]], retrieved: Sequence[int],
+                  question: str) -> str:
+    """The prompt that answers ``question``: the retrieved pool pairs (best first in ``retrieved``) as
+    demonstrations, the most similar last (next to the query), then the template's query. No instruction."""
+    return build_fewshot_prompt(template, [pool[j] for j in reversed(retrieved)], question)
 
 
 class SelfAlignmentModule(StagedPolicyModule):
@@ -230,7 +271,9 @@ class SelfAlignmentModule(StagedPolicyModule):
         self._baseline_cache = GenerationCache()  # the fixed baseline's answers: never regenerated in a run
         self._baseline_fingerprint: str | None = None
         self._initial_adapters: dict[str, Tensor] | None = None
-        self._eval: tuple[set[str], Tensor] | None = None  # evaluation prompts: normalised texts, embeddings
+        self._eval: tuple[list[str], Tensor] | None = None  # evaluation prompts and their embeddings
+        self._counts = {"generated": 0, "cached": 0}  # texts of the round under way
+        self.texts_generated = 0  # texts this process generated (not read from the cache) in all rounds
 
     # -- building ------------------------------------------------------------------------------
     def _attach_base(self, base: nn.Module, weights: nn.Module | None) -> None:
@@ -316,6 +359,7 @@ class SelfAlignmentModule(StagedPolicyModule):
         with self.timer("generate"), eval_mode(self.policy):
             fingerprint = model_fingerprint(self.policy)
             kept, stats = self._round_pairs(dm, round, fingerprint)
+        self.texts_generated += self._counts["generated"]
         rows = dm.add_round(round, kept, {})
         stats.update(self._diversity(dm, rows), **self._counts, round=float(round),
                      pool_size=float(len(dm.pool)), scaling_ratio=len(dm.pool) / max(dm.num_seeds, 1),
@@ -327,7 +371,6 @@ class SelfAlignmentModule(StagedPolicyModule):
                      ) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """The round's kept pairs (question, answer, parents, question_parents) and its counts."""
         pool, template = dm.pairs(), dm.template
-        drops = dict.fromkeys(DROP_REASONS, 0)
         slots = list(range(self.questions_per_round))
         demos = [self._question_demo_ids(round, i, len(pool)) for i in slots]
         prompts = [build_question_prompt(template, [pool[j] for j in d]) for d in demos]
@@ -338,28 +381,9 @@ class SelfAlignmentModule(StagedPolicyModule):
         embeddings = self.encoder.encode(questions)  # (n, d)
         retriever = Retriever(self.encoder)
         retriever.index([q for q, _ in pool])  # the pool's questions: retrieval keys and the duplicate test
-        pool_norm = {normalise_text(q) for q, _ in pool}
-        near_pool = _max_cosine(embeddings, retriever.keys) >= self.near_duplicate
         leaks = self._leaked(questions, embeddings)
-        survivors, kept_emb, kept_norm = [], [], set()
-        for i, q in enumerate(questions):
-            if not q:
-                reason = "question_empty"
-            elif any(m in q for m in markers):
-                reason = "question_malformed"
-            elif leaks[i] and self.drop_leaked:
-                reason = "leaked"
-            elif normalise_text(q) in pool_norm or bool(near_pool[i]):
-                reason = "duplicate_pool"
-            elif normalise_text(q) in kept_norm or (
-                    kept_emb and float(_max_cosine(embeddings[i:i + 1], torch.stack(kept_emb))[0]) >= self.near_duplicate):
-                reason = "duplicate_batch"
-            else:
-                survivors.append(i)
-                kept_emb.append(embeddings[i])
-                kept_norm.add(normalise_text(q))
-                continue
-            drops[reason] += 1
+        survivors, drops = screen_questions(questions, embeddings, retriever.texts, retriever.keys, leaks, markers,
+                                            self.near_duplicate, self.drop_leaked)
         kept = self._answer(pool, template, retriever, round, [questions[i] for i in survivors], survivors, demos,
                             markers, drops, fingerprint)
         stats = {"new": float(len(questions)), "kept": float(len(kept)), "leaked": float(sum(leaks)),
@@ -374,8 +398,7 @@ class SelfAlignmentModule(StagedPolicyModule):
         if not questions:
             return []
         retrieved = retriever.search(questions, self.k, key="model.k")  # best first
-        prompts = [build_fewshot_prompt(template, [pool[j] for j in reversed(ids)], q)  # most similar last
-                   for q, ids in zip(questions, retrieved)]
+        prompts = [answer_prompt(template, pool, ids, q) for q, ids in zip(questions, retrieved)]
         answers = [a.strip() for a in self._generate_shared(prompts, self.answer_sampling, round, "isara/answer",
                                                             slots, self.answer_stop, fingerprint)]
         unsafe = [False] * len(answers)
@@ -421,11 +444,11 @@ class SelfAlignmentModule(StagedPolicyModule):
         return out
 
     def _leaked(self, questions: Sequence[str], embeddings: Tensor) -> list[bool]:
-        if self._eval is None:
+        if self._eval is None:  # the evaluation prompts, encoded once per run
             eval_questions = self._datamodule().eval_questions
             emb = self.encoder.encode(eval_questions) if eval_questions else torch.zeros(0, embeddings.shape[-1])
-            self._eval = ({normalise_text(q) for q in eval_questions}, emb)
-        return _leaks(questions, embeddings, self._eval[0], self._eval[1], self.near_duplicate)
+            self._eval = (list(eval_questions), emb)
+        return leaked(questions, embeddings, self._eval[0], self._eval[1], self.near_duplicate)
 
     def _diversity(self, dm: SelfAlignmentDataModule, rows) -> dict[str, float]:
         """distinct-1/2 of the round's kept questions and answers; embedding diversity of them and of the pool."""
