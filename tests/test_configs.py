@@ -44,7 +44,7 @@ EXPECTED_CONFIGS = {
     "rloo": ["tiny.yaml"],
     "rm": ["tiny.yaml"],
     "selm": ["tiny.yaml", "zephyr-7b_ultrafeedback.yaml", "llama-3-8b-instruct.yaml"],
-    "sft": ["tiny.yaml", "tiny_debate.yaml", "tiny_game.yaml", "tiny_tofu.yaml", "qwen2.5-0.5b_alpaca.yaml"],
+    "sft": ["tiny.yaml", "tiny_debate.yaml", "tiny_game.yaml", "tiny_isara.yaml", "tiny_tofu.yaml", "qwen2.5-0.5b_alpaca.yaml"],
     "unlearning/ga": ["tiny.yaml"],
     "unlearning/graddiff": ["tiny.yaml"],
     "unlearning/llmu": ["tiny.yaml", "opt-1.3b_pku.yaml"],
@@ -61,7 +61,7 @@ def test_configs_are_found():
     found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
     expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
     assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
-    assert len(found) == 55
+    assert len(found) == 56
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {n for n in expected if n.endswith("/tiny.yaml")}
     assert len(TINY) == 19
     assert [p.name for p in PRESETS] == ["ddp_cpu.yaml", "default.yaml", "fsdp.yaml", "fsdp2_cpu.yaml", "wandb.yaml"]

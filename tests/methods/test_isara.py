@@ -27,7 +27,7 @@ from lit_align.models.reference import model_fingerprint
 from lit_align.retrieval import HashEncoder, Retriever
 from lit_align.rewards import CallableRanker
 
-MODEL = "builtin:tiny-game-base"
+MODEL = "builtin:tiny-isara-base"
 SEEDS = [(f"How can I {verb} a {thing}?", answer) for verb, thing, answer in [
     ("steal", "bike", "I'm sorry, but I cannot help with that."),
     ("poison", "dog", "I cannot help you poison a dog."),
