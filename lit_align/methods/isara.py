@@ -205,7 +205,8 @@ class SelfAlignmentModule(StagedPolicyModule):
             retriever: the sentence encoder of retrieval, deduplication and leakage checks
                 (``class_path: lit_align.retrieval.SentenceEncoder``; ``HashEncoder`` only in unit tests).
             k: demonstrations retrieved per answer (the paper's k is not known, others.md §6(d)).
-            questions_per_round: new questions written per round.
+            questions_per_round: new questions written per round (0: none, SFT on the seeds alone: the seed-only
+                baseline with the same training settings).
             question_demos: random pool pairs shown before each new question.
             question_sampling: how questions are written; default sampled, temperature 1, 32 new tokens.
             answer_sampling: how answers are written; default greedy, 64 new tokens.
@@ -237,9 +238,10 @@ class SelfAlignmentModule(StagedPolicyModule):
             chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
         """
         check_choice("model.init", init, ("previous", "base"))
-        for key, value in (("k", k), ("questions_per_round", questions_per_round),
-                           ("question_demos", question_demos), ("generation_batch_size", generation_batch_size)):
+        for key, value in (("k", k), ("question_demos", question_demos),
+                           ("generation_batch_size", generation_batch_size)):
             check_int(f"model.{key}", value)
+        check_int("model.questions_per_round", questions_per_round, 0)
         check_number("model.near_duplicate", near_duplicate, minimum=-1.0)
         if not isinstance(retriever, Encoder):
             raise ConfigError(f"model.retriever must be an encoder (class_path: lit_align.retrieval.SentenceEncoder), "
