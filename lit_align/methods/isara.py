@@ -434,11 +434,12 @@ class SelfAlignmentModule(StagedPolicyModule):
         texts = generate_texts(self.policy, self.tokenizer, [prompts[j] for j in mine], sampling,
                                seeds=[seeds[j] for j in mine], cache=self.cache, model_fingerprint=fingerprint,
                                stop=stop, batch_size=self.generation_batch_size) if mine else []
+        raw = [self.cache.get(key) for key in keys]  # uncut, as generate_texts stores them
         out: list[str] = [""] * len(prompts)
         entries: dict[str, str] = {}
-        for part, generated in all_gather_objects((list(zip(mine, keys, texts)), missing)):
-            for j, key, text in part:
-                out[j], entries[key] = text, text
+        for part, generated in all_gather_objects((list(zip(mine, keys, texts, raw)), missing)):
+            for j, key, text, uncut in part:
+                out[j], entries[key] = text, uncut
             self._counts["generated"] += generated
             self._counts["cached"] += len(part) - generated
         if world > 1:  # the other ranks' texts: a resumed run on any world size finds them all
