@@ -8,7 +8,6 @@ added to the pool, the model is fine-tuned on the pool, and the loop repeats wit
 from __future__ import annotations
 
 import dataclasses
-import logging
 import random
 import string
 from collections.abc import Callable, Sequence
@@ -40,7 +39,6 @@ from lit_align.rollout.sampler import SamplingConfig
 __all__ = ["DROP_REASONS", "SelfAlignmentModule", "answer_prompt", "leaked", "screen_questions", "template_markers",
            "win_rates"]
 
-log = logging.getLogger(__name__)
 
 Init = Literal["previous", "base"]
 

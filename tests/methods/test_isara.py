@@ -186,6 +186,12 @@ def test_fixed_seeds_give_the_same_first_round_pool_and_another_seed_another(tmp
     assert _pool(c) != _pool(a)
 
 
+def test_no_new_questions_is_sft_on_the_seeds_alone(tmp_path):
+    cli = _cli(tmp_path / "a", "--model.init_args.questions_per_round", "0", rounds=1, files=_files(tmp_path))
+    assert cli.datamodule.pairs() == SEEDS and cli.datamodule.round_stats[0]["new"] == 0
+    assert cli.model.texts_generated == 0 and cli.trainer.global_step == 3  # 10 seeds, batch 4
+
+
 # -- §6(g)4: the SFT step ------------------------------------------------------------------------------------------
 def test_sft_on_a_fixed_pool_lowers_the_answer_token_loss_with_the_prompt_masked(tmp_path):
     seeds, _ = _files(tmp_path)
@@ -226,10 +232,13 @@ class Weights(L.Callback):
         self.end[trainer.current_epoch] = model_fingerprint(module.policy)
 
 
-@pytest.mark.parametrize("init", ["previous", "base"])
-def test_each_round_starts_from_the_previous_round_or_from_the_base(tmp_path, init):
+@pytest.mark.parametrize("init,lora", [("previous", False), ("base", False), ("base", True)])
+def test_each_round_starts_from_the_previous_round_or_from_the_base(tmp_path, init, lora):
+    """``init: base`` loads the frozen base copy into the policy at each round start (with LoRA: the adapters'
+    starting values); ``previous`` goes on from the round's end."""
     weights = Weights()
-    _cli(tmp_path / "a", "--model.init_args.init", init, rounds=2, callbacks=[weights], files=_files(tmp_path))
+    extra = ("--model.init_args.model.lora", "{r: 4, alpha: 8, target_modules: all-linear}") if lora else ()
+    _cli(tmp_path / "a", "--model.init_args.init", init, *extra, rounds=2, callbacks=[weights], files=_files(tmp_path))
     assert weights.first[0] == weights.start
     assert weights.end[0] != weights.start
     assert weights.first[1] == (weights.start if init == "base" else weights.end[0])
