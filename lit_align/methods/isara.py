@@ -39,7 +39,6 @@ from lit_align.rollout.sampler import SamplingConfig
 __all__ = ["DROP_REASONS", "SelfAlignmentModule", "answer_prompt", "leaked", "screen_questions", "template_markers",
            "win_rates"]
 
-
 Init = Literal["previous", "base"]
 
 #: why a generated pair is dropped, in the order the filters run (a pair counts under its first reason)
