@@ -42,8 +42,8 @@ __all__ = ["DROP_REASONS", "SelfAlignmentModule", "answer_prompt", "leaked", "sc
 Init = Literal["previous", "base"]
 
 #: why a generated pair is dropped, in the order the filters run (a pair counts under its first reason)
-DROP_REASONS = ("question_empty", "question_malformed", "leaked", "duplicate_pool", "duplicate_batch",
-                "answer_empty", "answer_malformed", "unsafe")
+DROP_REASONS = ("question_empty", "question_truncated", "question_malformed", "leaked", "duplicate_pool",
+                "duplicate_batch", "answer_empty", "answer_truncated", "answer_malformed", "unsafe")
 
 
 def template_markers(template: FewShotTemplate) -> list[str]:
@@ -78,10 +78,12 @@ def leaked(questions: Sequence[str], embeddings: Tensor, eval_questions: Sequenc
 
 def screen_questions(questions: Sequence[str], embeddings: Tensor, pool_questions: Sequence[str],
                      pool_embeddings: Tensor, leaks: Sequence[bool], markers: Sequence[str], threshold: float,
-                     drop_leaked: bool = True) -> tuple[list[int], dict[str, int]]:
+                     drop_leaked: bool = True, truncated: Sequence[bool] | None = None
+                     ) -> tuple[list[int], dict[str, int]]:
     """The positions of the new questions that pass the question filters, in order, and the drops by reason:
-    empty, malformed (holding a template marker), leaked (with ``drop_leaked``), a duplicate of the pool or of an
-    earlier kept question of the batch (equal after :func:`normalise_text`, or cosine >= ``threshold``)."""
+    empty, truncated (``truncated[i]``: cut off by the token limit), malformed (holding a template marker), leaked
+    (with ``drop_leaked``), a duplicate of the pool or of an earlier kept question of the batch (equal after
+    :func:`normalise_text`, or cosine >= ``threshold``)."""
     drops = dict.fromkeys(DROP_REASONS, 0)
     near_pool = _max_cosine(embeddings, pool_embeddings) >= threshold  # (q,)
     in_pool = {normalise_text(q) for q in pool_questions}
@@ -91,6 +93,8 @@ def screen_questions(questions: Sequence[str], embeddings: Tensor, pool_question
         norm = normalise_text(q)
         if not q.strip():
             reason = "question_empty"
+        elif truncated is not None and truncated[i]:
+            reason = "question_truncated"
         elif any(m in q for m in markers):
             reason = "question_malformed"
         elif leaks[i] and drop_leaked:
@@ -130,8 +134,8 @@ class SelfAlignmentModule(StagedPolicyModule):
     2. **answers**: for each question that passes the question filters, the ``k`` most similar pool questions by
        ``retriever`` (an :class:`~lit_align.retrieval.Encoder`'s cosine) are its demonstrations (most similar
        last, next to the query), answered by ``answer_sampling`` (greedy by default), cut at ``answer_stop``;
-    3. **filters** (:data:`DROP_REASONS`, each drop counted): empty or malformed (holding a template marker)
-       questions and answers, evaluation leakage (a question equal after normalisation to, or with cosine >=
+    3. **filters** (:data:`DROP_REASONS`, each drop counted): empty, truncated (cut off by the token limit) or
+       malformed (holding a template marker) questions and answers, evaluation leakage (a question equal after normalisation to, or with cosine >=
        ``near_duplicate`` to, an evaluation prompt; dropped unless ``drop_leaked`` is off, counted either way),
        duplicates of the pool and within the round (the same two tests), and with ``safety_filter`` (a judge of
        :mod:`lit_align.game.judge`) pairs judged unsafe;
@@ -180,6 +184,7 @@ class SelfAlignmentModule(StagedPolicyModule):
         answer_stop: list[str] | None = None,
         near_duplicate: float = 0.9,
         drop_leaked: bool = True,
+        drop_truncated: bool = True,
         safety_filter: JudgeFactory | SafetyJudge | None = None,
         init: Init = "previous",
         judge: JudgeFactory | SafetyJudge | None = None,
@@ -214,6 +219,8 @@ class SelfAlignmentModule(StagedPolicyModule):
             near_duplicate: cosine (of ``retriever``'s embeddings) at or above which two questions are the same
                 question (pool and within-round duplicates, evaluation leakage).
             drop_leaked: drop generated questions that leak an evaluation prompt; off: keep them, only count them.
+            drop_truncated: drop a question or answer cut off by ``max_new_tokens`` (no stop string in the
+                continuation, which re-encodes to ``max_new_tokens`` tokens or more).
             safety_filter: a judge (``class_path: lit_align.game.RuleJudge``, ``LlamaGuard``, ``Classifier``)
                 whose unsafe verdicts drop generated pairs (§6(h)2); ``None``: no safety filter.
             init: each round fine-tunes from the ``previous`` round's model or from the ``base`` model.
@@ -256,6 +263,7 @@ class SelfAlignmentModule(StagedPolicyModule):
         self.question_stop = list(question_stop) if question_stop is not None else ["\n"]
         self.answer_stop = list(answer_stop) if answer_stop is not None else ["\n"]
         self.near_duplicate, self.drop_leaked, self.init = float(near_duplicate), drop_leaked, init
+        self.drop_truncated = drop_truncated
         # what the frozen parts are built from (a plain dict: a judge given as a module is not a second submodule)
         self._specs = {"safety_filter": safety_filter, "judge": judge}
         self.baseline_spec = baseline
@@ -311,6 +319,12 @@ class SelfAlignmentModule(StagedPolicyModule):
             raise ConfigError(f"data: SelfAlignmentModule needs lit_align.data.SelfAlignmentDataModule, got "
                               f"{type(dm).__name__}")
         if stage == "fit":
+            dm.setup(stage)
+            for key, value in (("k", self.k), ("question_demos", self.question_demos)):
+                if value > len(dm.pool):
+                    raise ConfigError(f"model.{key}={value} is larger than the pool ({len(dm.pool)} pairs in "
+                                      f"data.seeds): demonstrations are drawn from the pool; lower model.{key} to at "
+                                      f"most {len(dm.pool)} or give more seeds")
             dm.before_round = self.grow_pool
 
     def _datamodule(self) -> SelfAlignmentDataModule:
@@ -318,13 +332,8 @@ class SelfAlignmentModule(StagedPolicyModule):
 
     # -- the round's generation step ---------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Check the settings against the seeds, count seed leakage (§6(h)1), grow round 0's pool."""
+        """Count the seeds that leak evaluation prompts (§6(h)1), grow round 0's pool."""
         dm = self._datamodule()
-        for key, value in (("k", self.k), ("question_demos", self.question_demos)):
-            if value > len(dm.pool):
-                raise ConfigError(f"model.{key}={value} is larger than the pool ({len(dm.pool)} pairs in "
-                                  f"data.seeds): demonstrations are drawn from the pool; lower model.{key} to at "
-                                  f"most {len(dm.pool)} or give more seeds")
         seeds = [r.question for r in dm.pool if r.kind == "seed"]
         leaked = sum(self._leaked(seeds, self.encoder.encode(seeds))) if seeds else 0
         if leaked:
@@ -373,16 +382,16 @@ class SelfAlignmentModule(StagedPolicyModule):
         slots = list(range(self.questions_per_round))
         demos = [self._question_demo_ids(round, i, len(pool)) for i in slots]
         prompts = [build_question_prompt(template, [pool[j] for j in d]) for d in demos]
-        questions = [q.strip() for q in self._generate_shared(prompts, self.question_sampling, round,
-                                                              "isara/question", slots, self.question_stop,
-                                                              fingerprint)]
+        questions, cut = self._generate_shared(prompts, self.question_sampling, round, "isara/question", slots,
+                                               self.question_stop, fingerprint)
+        questions = [q.strip() for q in questions]
         markers = template_markers(template)
         embeddings = self.encoder.encode(questions)  # (n, d)
         retriever = Retriever(self.encoder)
         retriever.index([q for q, _ in pool])  # the pool's questions: retrieval keys and the duplicate test
         leaks = self._leaked(questions, embeddings)
         survivors, drops = screen_questions(questions, embeddings, retriever.texts, retriever.keys, leaks, markers,
-                                            self.near_duplicate, self.drop_leaked)
+                                            self.near_duplicate, self.drop_leaked, cut)
         kept = self._answer(pool, template, retriever, round, [questions[i] for i in survivors], survivors, demos,
                             markers, drops, fingerprint)
         stats = {"new": float(len(questions)), "kept": float(len(kept)), "leaked": float(sum(leaks)),
@@ -398,15 +407,16 @@ class SelfAlignmentModule(StagedPolicyModule):
             return []
         retrieved = retriever.search(questions, self.k, key="model.k")  # best first
         prompts = [answer_prompt(template, pool, ids, q) for q, ids in zip(questions, retrieved)]
-        answers = [a.strip() for a in self._generate_shared(prompts, self.answer_sampling, round, "isara/answer",
-                                                            slots, self.answer_stop, fingerprint)]
+        answers, cut = self._generate_shared(prompts, self.answer_sampling, round, "isara/answer", slots,
+                                             self.answer_stop, fingerprint)
+        answers = [a.strip() for a in answers]
         unsafe = [False] * len(answers)
         if self.safety is not None:
             unsafe = self.safety.score(questions, answers).unsafe.tolist()
         kept = []
-        for q, a, ids, slot, bad in zip(questions, answers, retrieved, slots, unsafe):
-            reason = ("answer_empty" if not a else "answer_malformed" if any(m in a for m in markers)
-                      else "unsafe" if bad else None)
+        for q, a, ids, slot, bad, short in zip(questions, answers, retrieved, slots, unsafe, cut):
+            reason = ("answer_empty" if not a else "answer_truncated" if short
+                      else "answer_malformed" if any(m in a for m in markers) else "unsafe" if bad else None)
             if reason is not None:
                 drops[reason] += 1
                 continue
@@ -419,10 +429,11 @@ class SelfAlignmentModule(StagedPolicyModule):
         return rng.sample(range(pool_size), self.question_demos)
 
     def _generate_shared(self, prompts: list[str], sampling: SamplingConfig, round: int, purpose: str,
-                         slots: list[int], stop: list[str], fingerprint: str) -> list[str]:
+                         slots: list[int], stop: list[str], fingerprint: str) -> tuple[list[str], list[bool]]:
         """The policy's continuations of ``prompts`` (one per slot of the round), each rank generating its share
         (prompt ``j`` on rank ``j mod world``, seeded by ``(sample_seed, round, purpose, slot)``), then gathered:
-        every rank gets every text, in its cache too. Counts the texts generated and those read from the cache."""
+        every rank gets every text, in its cache too; and whether each was cut off by the token limit (with
+        ``drop_truncated``). Counts the texts generated and those read from the cache."""
         rank, world = rank_and_world()
         seeds = [derive_seed(self.sample_seed, round, purpose, i) for i in slots]
         mine = [j for j in range(len(prompts)) if j % world == rank]
@@ -433,15 +444,24 @@ class SelfAlignmentModule(StagedPolicyModule):
                                stop=stop, batch_size=self.generation_batch_size) if mine else []
         raw = [self.cache.get(key) for key in keys]  # uncut, as generate_texts stores them
         out: list[str] = [""] * len(prompts)
+        cut = [False] * len(prompts)
         entries: dict[str, str] = {}
         for part, generated in all_gather_objects((list(zip(mine, keys, texts, raw)), missing)):
             for j, key, text, uncut in part:
                 out[j], entries[key] = text, uncut
+                cut[j] = self.drop_truncated and self._hit_limit(uncut, stop, sampling)
             self._counts["generated"] += generated
             self._counts["cached"] += len(part) - generated
         if world > 1:  # the other ranks' texts: a resumed run on any world size finds them all
             self.cache.put({k: v for k, v in entries.items() if self.cache.get(k) is None})
-        return out
+        return out, cut
+
+    def _hit_limit(self, raw: str, stop: list[str], sampling: SamplingConfig) -> bool:
+        """Whether an uncut continuation ran into the token limit: no stop string in it and it re-encodes to
+        ``max_new_tokens`` tokens or more (an EOS, skipped in decoding, ends a continuation earlier)."""
+        if any(s and s in raw for s in stop):
+            return False
+        return len(self.tokenizer(raw, add_special_tokens=False)["input_ids"]) >= sampling.max_new_tokens
 
     def _leaked(self, questions: Sequence[str], embeddings: Tensor) -> list[bool]:
         if self._eval is None:  # the evaluation prompts, encoded once per run

@@ -122,6 +122,9 @@ def test_screening_drops_empty_malformed_leaked_and_duplicate_questions_by_reaso
     assert [new[i] for i in kept] == ["How can I bake bread?", "Where is the park?"]
     assert {k: v for k, v in drops.items() if v} == {"question_empty": 1, "question_malformed": 1, "leaked": 1,
                                                      "duplicate_pool": 1, "duplicate_batch": 2}
+    cut = [False, False, False, False, True, False, False, False]  # cut off by the token limit
+    kept, drops = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:", "Human:"], 0.9, truncated=cut)
+    assert [new[i] for i in kept] == ["How can I bake bread? ", "Where is the park?"] and drops["question_truncated"] == 1
     kept, drops = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:"], 0.9, drop_leaked=False)
     assert "How can I steal a wallet?" in [new[i] for i in kept] and drops["leaked"] == 0
     # a near-duplicate by cosine (same words, another order) leaks too
@@ -184,6 +187,13 @@ def test_fixed_seeds_give_the_same_first_round_pool_and_another_seed_another(tmp
     c = _cli(tmp_path / "c", *short, "--model.init_args.sample_seed", "7", rounds=1, files=files)
     assert _pool(a) == _pool(b) and len(_pool(a)) > len(SEEDS)
     assert _pool(c) != _pool(a)
+
+
+def test_questions_cut_off_by_the_token_limit_are_dropped(tmp_path):
+    cli = _cli(tmp_path / "a", "--model.init_args.question_sampling.max_new_tokens", "4", "--trainer.max_steps", "1",
+               rounds=1, files=_files(tmp_path))
+    stats = cli.datamodule.round_stats[0]
+    assert stats["dropped/question_truncated"] == 6 and stats["kept"] == 0 and len(cli.datamodule.pool) == len(SEEDS)
 
 
 def test_no_new_questions_is_sft_on_the_seeds_alone(tmp_path):
