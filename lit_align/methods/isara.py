@@ -335,11 +335,11 @@ class SelfAlignmentModule(StagedPolicyModule):
         """Count the seeds that leak evaluation prompts (§6(h)1), grow round 0's pool."""
         dm = self._datamodule()
         seeds = [r.question for r in dm.pool if r.kind == "seed"]
-        leaked = sum(self._leaked(seeds, self.encoder.encode(seeds))) if seeds else 0
-        if leaked:
-            rank_zero_warn(f"{leaked} of the {len(seeds)} seed questions are (near-)duplicates of evaluation prompts "
+        count = sum(self._leaked(seeds, self.encoder.encode(seeds))) if seeds else 0
+        if count:
+            rank_zero_warn(f"{count} of the {len(seeds)} seed questions are (near-)duplicates of evaluation prompts "
                            "(data.eval_prompts): the evaluation is not held out (others.md §6(h)1)")
-        self._log_metrics({"isara/seed_leakage": float(leaked)})
+        self._log_metrics({"isara/seed_leakage": float(count)})
         self.grow_pool(0)
 
     def on_train_epoch_end(self) -> None:
