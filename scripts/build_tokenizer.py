@@ -6,7 +6,8 @@ Run from the repository root (after ``scripts/build_builtin_data.py``)::
     python scripts/build_tokenizer.py --data DIR --out DIR
 
 The tokenizer is trained with the ``tokenizers`` library on every line of
-``corpus.txt`` plus every string of the ``*.jsonl`` files in the data
+``corpus.txt`` plus every string of the ``.jsonl`` files that
+``build_builtin_data.py`` writes (:data:`TRAINING_FILES`) in the data
 directory (default ``lit_align/data/builtin``), in a fixed order, and saved
 with ``transformers.PreTrainedTokenizerFast.save_pretrained`` into the output
 directory (default ``lit_align/models/assets/tiny_tokenizer``).
@@ -76,10 +77,15 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(item)
 
 
+#: The ``.jsonl`` files the tokenizer is trained on, in this order (the files ``build_builtin_data.py`` writes;
+#: later built-ins such as ``isara_seeds.jsonl`` are left out, so adding one does not change the tokenizer).
+TRAINING_FILES = ("fictitious_facts.jsonl", "instructions.jsonl", "preferences.jsonl")
+
+
 def training_texts(data_dir: Path) -> list[str]:
-    """Return the training texts: corpus lines, then jsonl strings file by file (sorted by name)."""
+    """Return the training texts: corpus lines, then the strings of :data:`TRAINING_FILES` file by file."""
     texts = [line for line in (data_dir / "corpus.txt").read_text(encoding="utf-8").splitlines() if line]
-    for path in sorted(data_dir.glob("*.jsonl")):
+    for path in (data_dir / name for name in TRAINING_FILES):
         with path.open(encoding="utf-8") as f:
             for line in f:
                 texts.extend(_strings(json.loads(line)))

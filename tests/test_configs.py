@@ -42,12 +42,13 @@ EXPECTED_CONFIGS = {
     "fewl": ["tiny.yaml", "sft_tiny.yaml", "truthfulqa.yaml"],
     "game": ["tiny.yaml", "llama2_7b_hh_llamaguard.yaml", "llama2_7b_pku_reward_model.yaml"],
     "grpo": ["tiny.yaml", "qwen2.5-1.5b_hh.yaml"],
+    "isara": ["tiny.yaml", "opt-350m.yaml", "llama-7b.yaml"],
     "online_dpo": ["tiny.yaml"],
     "ppo": ["tiny.yaml", "contrastive_tiny.yaml", "qwen2.5-0.5b_hh.yaml", "pythia1b_tldr_contrastive.yaml"],
     "rloo": ["tiny.yaml"],
     "rm": ["tiny.yaml"],
     "selm": ["tiny.yaml", "zephyr-7b_ultrafeedback.yaml", "llama-3-8b-instruct.yaml"],
-    "sft": ["tiny.yaml", "tiny_debate.yaml", "tiny_game.yaml", "tiny_tofu.yaml", "qwen2.5-0.5b_alpaca.yaml"],
+    "sft": ["tiny.yaml", "tiny_debate.yaml", "tiny_game.yaml", "tiny_isara.yaml", "tiny_tofu.yaml", "qwen2.5-0.5b_alpaca.yaml"],
     "unlearning/ga": ["tiny.yaml"],
     "unlearning/graddiff": ["tiny.yaml"],
     "unlearning/llmu": ["tiny.yaml", "opt-1.3b_pku.yaml"],
@@ -64,10 +65,10 @@ def test_configs_are_found():
     found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
     expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
     assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
-    assert len(found) == 55
+    assert len(found) == 59
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {
         n for n in expected if n.endswith("/tiny.yaml") and n.split("/")[0] not in EVALUATION_ONLY}
-    assert len(TINY) == 18
+    assert len(TINY) == 19
     assert [p.name for p in PRESETS] == ["ddp_cpu.yaml", "default.yaml", "fsdp.yaml", "fsdp2_cpu.yaml", "wandb.yaml"]
 
 
@@ -129,7 +130,7 @@ def test_validate_test_and_predict_subcommands(config, tmp_path):
         # every method logs a loss; the game has none to log: its headline is the attack success rate; online
         # RL's is the reward of fresh samples
         key = {"game": "attack/asr", "debate": "accuracy", "ppo": "reward", "grpo": "reward",
-               "rloo": "reward"}.get(config.parent.name, "loss")
+               "rloo": "reward", "isara": "harmful_rate"}.get(config.parent.name, "loss")
         assert f"{prefix}/{key}" in cli.trainer.callback_metrics
     cli = cli_main(["predict", *common, "--trainer.limit_predict_batches", "1"])
     rows = [row for batch in cli.trainer.predict_loop.predictions for row in batch]

@@ -16,6 +16,7 @@ from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.prompts import PromptBatch, PromptDataModule, SeedPromptDataModule
 from lit_align.data.ranked import RankedPreferenceDataModule, build_pairs
 from lit_align.data.records import BUILTIN_DIR, DataSource, load_records
+from lit_align.data.self_alignment import PoolRow, QuestionBatch, SelfAlignmentDataModule
 from lit_align.data.sft import SFTDataModule
 from lit_align.data.unlearning import (
     DEFAULT_REFUSALS,
@@ -42,12 +43,15 @@ __all__ = [
     "ForgetRetainDataModule",
     "MUSEDataModule",
     "PKUSafeRLHFDataModule",
+    "PoolRow",
     "PreferenceBatch",
     "PreferenceDataModule",
     "PromptBatch",
     "PromptDataModule",
+    "QuestionBatch",
     "RankedPreferenceDataModule",
     "SFTDataModule",
+    "SelfAlignmentDataModule",
     "SeedPromptDataModule",
     "SequenceBatch",
     "TOFUDataModule",

@@ -4,7 +4,8 @@ A :class:`DataSource` names where records come from:
 
 * a built-in tiny dataset: ``builtin:instructions``, ``builtin:preferences``, ``builtin:ranked_preferences``,
   the adversarial-training sets ``builtin:adv_behaviours``, ``builtin:adv_benign``, ``builtin:adv_utility``
-  (each with a held-out ``/val`` split, the file ``<name>_val.json``), ``builtin:fictitious_facts``,
+  (each with a held-out ``/val`` split, the file ``<name>_val.json``), the tiny ISARA domain ``builtin:isara_seeds``,
+  ``builtin:isara_eval``, ``builtin:isara_benign``, ``builtin:fictitious_facts``,
   and the person splits of the last one, ``builtin:fictitious_facts/forget01|forget05|forget10`` and
   ``builtin:fictitious_facts/retain99|retain95|retain90`` (retain ``NN`` = every person not in forget ``100-NN``);
 * a local file: ``.json`` (a list of records, or ``{"data": [...]}``), ``.jsonl``, ``.parquet``, ``.csv``;
@@ -113,8 +114,8 @@ def _read_fictitious_split(split: str, path: str) -> list[Record]:
     return [r for r in rows if (r["person_id"] in people) == keep]
 
 
-#: File types of record built-ins: ``.jsonl``, or ``.json`` for a built-in the tiny tokenizer is not trained on
-#: (scripts/build_tokenizer.py reads every ``*.jsonl``; a new ``.jsonl`` would change the shipped tokenizer).
+#: File types of record built-ins: ``.jsonl`` or ``.json`` (scripts/build_tokenizer.py trains the tiny tokenizer on
+#: a fixed list of ``.jsonl`` files only, so a new built-in of either type leaves it unchanged).
 BUILTIN_SUFFIXES = (".jsonl", ".json")
 
 

@@ -7,6 +7,7 @@ from lit_align.methods.debate import DebateModule
 from lit_align.methods.dpo import DPOModule
 from lit_align.methods.fewl_eval import FEWLEvaluationModule
 from lit_align.methods.game import AdversarialGameModule
+from lit_align.methods.isara import SelfAlignmentModule
 from lit_align.methods.online_dpo import OnlineDPOModule
 from lit_align.methods.ppo import PPOModule
 from lit_align.methods.reward_model import RewardModelModule
@@ -15,4 +16,4 @@ from lit_align.methods.staged import StagedPolicyModule
 from lit_align.methods.unlearning import UnlearningModule
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "SelfAlignmentModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from lit_align.data.batches import SequenceBatch
 from lit_align.losses import nll_loss
 from lit_align.methods.base import PolicyModule
 
-__all__ = ["SFTModule"]
+__all__ = ["SFTModule", "sft_step"]
+
+
+def sft_step(module: PolicyModule, batch: SequenceBatch, stage: str) -> Tensor:
+    """The SFT loss of ``batch`` under ``module.policy`` (response tokens only), logged as ``<stage>/loss``,
+    ``nll``, ``ppl``, ``tokens``: with several ranks each rank divides by the global token count in training, so
+    the result equals one process with the whole batch. Shared by the methods that fine-tune on (prompt, response)
+    rows (SFT, ISARA's rounds)."""
+    out = module.policy_logps(batch)
+    num_tokens = None
+    if stage == "train" and module.trainer.world_size > 1:  # token mean of the global batch (see nll_loss)
+        num_tokens = module.trainer.strategy.reduce(out.mask.sum().detach(), reduce_op="sum") / module.trainer.world_size
+    loss, metrics = nll_loss(out.logps, out.mask, num_tokens=num_tokens)
+    module.log_stage(stage, loss, metrics, len(batch), prog_bar="ppl")
+    return loss
 
 
 class SFTModule(PolicyModule):
@@ -25,13 +41,7 @@ class SFTModule(PolicyModule):
     """
 
     def _step(self, batch: SequenceBatch, stage: str):
-        out = self.policy_logps(batch)
-        num_tokens = None
-        if stage == "train" and self.trainer.world_size > 1:  # token mean of the global batch (see nll_loss)
-            num_tokens = self.trainer.strategy.reduce(out.mask.sum().detach(), reduce_op="sum") / self.trainer.world_size
-        loss, metrics = nll_loss(out.logps, out.mask, num_tokens=num_tokens)
-        self.log_stage(stage, loss, metrics, len(batch), prog_bar="ppl")
-        return loss
+        return sft_step(self, batch, stage)
 
     def training_step(self, batch: SequenceBatch, batch_idx: int):
         loss = self._step(batch, "train")

@@ -1,0 +1,574 @@
+"""ISARA: iterative self-alignment with retrieval-augmented in-context learning (Guo et al. 2024, arXiv:2401.06785).
+
+From a small seed set of (question, answer) pairs and no instruction, the model writes new questions from random
+pool pairs, answers each with the most similar pool pairs retrieved as demonstrations, the pairs are filtered and
+added to the pool, the model is fine-tuned on the pool, and the loop repeats with the improved model (others.md §6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import string
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lit_align.data.batches import SequenceBatch
+from lit_align.data.fewshot import FewShotTemplate, build_fewshot_prompt, build_question_prompt
+from lit_align.data.self_alignment import QuestionBatch, SelfAlignmentDataModule, normalise_text
+from lit_align.engine import PhaseTimer
+from lit_align.engine.distributed import all_gather_objects, rank_and_world
+from lit_align.engine.seeds import derive_seed
+from lit_align.errors import ConfigError, check_choice, check_int, check_number
+from lit_align.game.judge import JudgeFactory, SafetyJudge, build_judge
+from lit_align.methods.sft import sft_step
+from lit_align.methods.staged import StagedPolicyModule, load_policy_weights
+from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
+from lit_align.models.causal_lm import freeze
+from lit_align.models.reference import model_fingerprint
+from lit_align.modes import eval_mode
+from lit_align.retrieval import Encoder, GenerationCache, Retriever, distinct_n, embedding_diversity, generate_texts
+from lit_align.rewards.rankers import Ranker
+from lit_align.rollout.sampler import SamplingConfig
+
+__all__ = ["DROP_REASONS", "SelfAlignmentModule", "answer_prompt", "leaked", "screen_questions", "template_markers",
+           "win_rates"]
+
+Init = Literal["previous", "base"]
+
+#: why a generated pair is dropped, in the order the filters run (a pair counts under its first reason)
+DROP_REASONS = ("question_empty", "question_truncated", "question_malformed", "leaked", "duplicate_pool",
+                "duplicate_batch", "answer_empty", "answer_truncated", "answer_malformed", "unsafe")
+
+
+def template_markers(template: FewShotTemplate) -> list[str]:
+    """The template's literal words around its placeholders (``Human:``, ``AI:``): a generated question or answer
+    holding one ran into the next turn and is malformed."""
+    pieces = []
+    for text in (template.example, template.query, template.question_query):
+        pieces += [literal.strip() for literal, _, _, _ in string.Formatter().parse(text)]
+    return sorted({p for p in pieces if p})
+
+
+def win_rates(ranks: Sequence[Sequence[int]]) -> list[float]:
+    """1 where candidate 0 (the policy's answer) ranks above candidate 1 (the baseline's), 0.5 on a tie, else 0."""
+    return [1.0 if r[0] < r[1] else 0.5 if r[0] == r[1] else 0.0 for r in ranks]
+
+
+def _max_cosine(queries: Tensor, keys: Tensor) -> Tensor:
+    """(q,) the largest cosine of each L2-normalised query row to any key row (-1 without keys)."""
+    if keys.shape[0] == 0 or queries.shape[0] == 0:
+        return torch.full((queries.shape[0],), -1.0)
+    return (queries @ keys.T).max(dim=1).values  # (q, n) -> (q,)
+
+
+def leaked(questions: Sequence[str], embeddings: Tensor, eval_questions: Sequence[str], eval_embeddings: Tensor,
+           threshold: float) -> list[bool]:
+    """Whether each question is an evaluation prompt (§6(h)1): equal after :func:`normalise_text`, or with cosine
+    >= ``threshold`` (``embeddings`` (q, d) and ``eval_embeddings`` (e, d) L2-normalised)."""
+    known = {normalise_text(q) for q in eval_questions}
+    near = _max_cosine(embeddings, eval_embeddings) >= threshold  # (q,)
+    return [normalise_text(q) in known or bool(n) for q, n in zip(questions, near)]
+
+
+def screen_questions(questions: Sequence[str], embeddings: Tensor, pool_questions: Sequence[str],
+                     pool_embeddings: Tensor, leaks: Sequence[bool], markers: Sequence[str], threshold: float,
+                     drop_leaked: bool = True, truncated: Sequence[bool] | None = None
+                     ) -> tuple[list[int], dict[str, int]]:
+    """The positions of the new questions that pass the question filters, in order, and the drops by reason:
+    empty, truncated (``truncated[i]``: cut off by the token limit), malformed (holding a template marker), leaked
+    (with ``drop_leaked``), a duplicate of the pool or of an earlier kept question of the batch (equal after
+    :func:`normalise_text`, or cosine >= ``threshold``)."""
+    drops = dict.fromkeys(DROP_REASONS, 0)
+    near_pool = _max_cosine(embeddings, pool_embeddings) >= threshold  # (q,)
+    in_pool = {normalise_text(q) for q in pool_questions}
+    seen: set[str] = set()  # the kept questions of the batch
+    kept: list[int] = []
+    for i, q in enumerate(questions):
+        norm = normalise_text(q)
+        if not q.strip():
+            reason = "question_empty"
+        elif truncated is not None and truncated[i]:
+            reason = "question_truncated"
+        elif any(m in q for m in markers):
+            reason = "question_malformed"
+        elif leaks[i] and drop_leaked:
+            reason = "leaked"
+        elif norm in in_pool or bool(near_pool[i]):
+            reason = "duplicate_pool"
+        elif norm in seen or (kept and float(_max_cosine(embeddings[i:i + 1], embeddings[kept])[0]) >= threshold):
+            reason = "duplicate_batch"
+        else:
+            kept.append(i)
+            seen.add(norm)
+            continue
+        drops[reason] += 1
+    return kept, drops
+
+
+def answer_prompt(template: FewShotTemplate, pool: Sequence[tuple[str, str]], retrieved: Sequence[int],
+                  question: str) -> str:
+    """The prompt that answers ``question``: the retrieved pool pairs (best first in ``retrieved``) as
+    demonstrations, the most similar last (next to the query), then the template's query. No instruction."""
+    return build_fewshot_prompt(template, [pool[j] for j in reversed(retrieved)], question)
+
+
+class SelfAlignmentModule(StagedPolicyModule):
+    """ISARA (Guo et al. 2024, arXiv:2401.06785; others.md §6): human-instruction-free self-alignment from a few
+    seed (question, answer) pairs.
+
+    One **round** is one epoch (a stage of :class:`~lit_align.methods.StagedPolicyModule`) of
+    :class:`~lit_align.data.SelfAlignmentDataModule`'s ``rounds``. Round ``t`` first grows the pool D_t with the
+    model M_t (the policy as the round starts; round 0's step runs in ``on_fit_start``, round ``t + 1``'s in round
+    ``t``'s ``on_train_epoch_end``, so the epoch's checkpoint holds it; the DataModule also asks for a round missing
+    when its rows are read, e.g. after a resume from a checkpoint written before that hook):
+
+    1. **questions**: ``questions_per_round`` prompts, each ``question_demos`` random pool pairs (seeded by
+       ``(sample_seed, round, index)``) then the template's ``question_query``, sampled (``question_sampling``) and
+       cut at ``question_stop``;
+    2. **answers**: for each question that passes the question filters, the ``k`` most similar pool questions by
+       ``retriever`` (an :class:`~lit_align.retrieval.Encoder`'s cosine) are its demonstrations (most similar
+       last, next to the query), answered by ``answer_sampling`` (greedy by default), cut at ``answer_stop``;
+    3. **filters** (:data:`DROP_REASONS`, each drop counted): empty, truncated (cut off by the token limit) or
+       malformed (holding a template marker) questions and answers, evaluation leakage (a question equal after normalisation to, or with cosine >=
+       ``near_duplicate`` to, an evaluation prompt; dropped unless ``drop_leaked`` is off, counted either way),
+       duplicates of the pool and within the round (the same two tests), and with ``safety_filter`` (a judge of
+       :mod:`lit_align.game.judge`) pairs judged unsafe;
+    4. **grow**: the kept pairs join the pool with their provenance (round, retrieved and question demos, kind);
+
+    then fine-tunes on the whole pool D_{t+1} (SFT on answer tokens, the prompt masked: the template's zero-shot
+    query around the question; :func:`~lit_align.methods.sft.sft_step`). ``init: previous`` continues from the
+    round's starting policy; ``init: base`` starts every round from the base model (the frozen reference copy,
+    never refreshed; with LoRA the adapters are reset to their initial values). The optimiser state is reset per
+    round (``reset_optimizer``); ``stage_lrs`` gives each round its own learning-rate schedule.
+
+    Every generation goes through a :class:`~lit_align.retrieval.GenerationCache` (in checkpoints; also a JSONL
+    file with ``generation_cache``) keyed by the generating model's fingerprint, the prompt, the sampling settings
+    and the row's seed, so a resumed run does not generate again.
+
+    **Evaluation** (validation, test) on the DataModule's evaluation prompts, zero-shot (the template's query, no
+    demonstration), greedy (``eval_sampling``): ``harmful_rate`` (``judge``'s unsafe verdicts; the toy
+    :class:`~lit_align.game.RuleJudge` by default), ``win_rate`` against ``baseline`` (e.g. the seed-only SFT
+    model's export) through ``ranker`` (1 when the policy's answer ranks above the baseline's, 0.5 on a tie),
+    ``truthfulness`` (the mean of a ``truthfulness(questions, answers)`` scorer in [0, 1], e.g. a FEWL-based one),
+    ``answer_distinct_2``.
+
+    Logged per round (``isara/``): ``pool_size``, ``scaling_ratio`` (|D_{t+1}| / |D_0|), ``new`` (questions
+    written), ``kept``, ``dropped/<reason>``, ``leaked``, ``distinct_{1,2}_{questions,answers}`` of the kept pairs,
+    ``embedding_diversity`` (kept questions) and ``pool_embedding_diversity`` (collapse, §6(h)3), ``generated``
+    and ``cached`` (texts generated vs read from the cache), ``round``, ``time/generate``; once,
+    ``isara/seed_leakage`` (seeds that are evaluation prompts). Training: ``train/{loss,nll,ppl,tokens}``.
+
+    Devices: one process, or DDP (each rank writes its share of a round's questions and answers, seeded by their
+    index in the round, then every rank gathers all of them and filters the same pool). FSDP is refused.
+
+    Run: ``lit-align fit --config configs/isara/tiny.yaml``.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        retriever: Encoder,
+        k: int = 4,
+        questions_per_round: int = 32,
+        question_demos: int = 4,
+        question_sampling: SamplingConfig | None = None,
+        answer_sampling: SamplingConfig | None = None,
+        eval_sampling: SamplingConfig | None = None,
+        question_stop: list[str] | None = None,
+        answer_stop: list[str] | None = None,
+        near_duplicate: float = 0.9,
+        drop_leaked: bool = True,
+        drop_truncated: bool = True,
+        safety_filter: JudgeFactory | SafetyJudge | None = None,
+        init: Init = "previous",
+        judge: JudgeFactory | SafetyJudge | None = None,
+        baseline: ModelSpec | None = None,
+        ranker: Ranker | None = None,
+        truthfulness: Callable[[list[str], list[str]], Sequence[float]] | None = None,
+        sample_seed: int = 0,
+        generation_batch_size: int = 16,
+        generation_cache: str | None = None,
+        reset_optimizer: bool = True,
+        stage_lrs: list[float] | None = None,
+        warmup_ratio: float = 0.1,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        """
+        Args:
+            model: the policy (full or LoRA) and its tokenizer.
+            retriever: the sentence encoder of retrieval, deduplication and leakage checks
+                (``class_path: lit_align.retrieval.SentenceEncoder``; ``HashEncoder`` only in unit tests).
+            k: demonstrations retrieved per answer (the paper's k is not known, others.md §6(d)).
+            questions_per_round: new questions written per round (0: none, SFT on the seeds alone: the seed-only
+                baseline with the same training settings).
+            question_demos: random pool pairs shown before each new question.
+            question_sampling: how questions are written; default sampled, temperature 1, 32 new tokens.
+            answer_sampling: how answers are written; default greedy, 64 new tokens.
+            eval_sampling: how evaluation answers are written; default ``answer_sampling`` made greedy.
+            question_stop: a question ends at the first of these strings; default ``["\\n"]``.
+            answer_stop: an answer ends at the first of these (generation and evaluation); default ``["\\n"]``
+                (one-line answers; multi-paragraph data: e.g. ``["\\nHuman:"]``).
+            near_duplicate: cosine (of ``retriever``'s embeddings) at or above which two questions are the same
+                question (pool and within-round duplicates, evaluation leakage).
+            drop_leaked: drop generated questions that leak an evaluation prompt; off: keep them, only count them.
+            drop_truncated: drop a question or answer cut off by ``max_new_tokens`` (no stop string in the
+                continuation, which re-encodes to ``max_new_tokens`` tokens or more).
+            safety_filter: a judge (``class_path: lit_align.game.RuleJudge``, ``LlamaGuard``, ``Classifier``)
+                whose unsafe verdicts drop generated pairs (§6(h)2); ``None``: no safety filter.
+            init: each round fine-tunes from the ``previous`` round's model or from the ``base`` model.
+            judge: the evaluation's safety judge (harmful rate); ``None``: the toy ``RuleJudge``.
+            baseline: a model to compare with (``win_rate``), e.g. the seed-only SFT export; ``None``: no win rate.
+            ranker: ranks the policy's and the baseline's answers (``lit_align.rewards.RewardRanker``,
+                ``CallableRanker``); needed with ``baseline``.
+            truthfulness: ``(questions, answers) -> scores in [0, 1]`` logged as ``truthfulness`` (the truthfulness
+                domain; e.g. a FEWL scorer); ``None``: not logged.
+            sample_seed: seed of the demonstration draws and of every sampled text.
+            generation_batch_size: prompts per generation batch.
+            generation_cache: a JSONL file that also keeps the generations (shared across runs); ``None``: in
+                memory and in checkpoints only.
+            reset_optimizer: fresh optimiser state at each round.
+            stage_lrs: peak learning rate of each round (warm-up then cosine within the round).
+            warmup_ratio: share of each round's steps spent warming up (with ``stage_lrs``).
+            optimizer: optimiser factory over the trainable parameters; default AdamW(lr=1e-5).
+            scheduler: LR scheduler factory (without ``stage_lrs``); default none.
+            chunk_tokens: rows per LM-head chunk in log-prob computation (memory only).
+        """
+        check_choice("model.init", init, ("previous", "base"))
+        for key, value in (("k", k), ("question_demos", question_demos),
+                           ("generation_batch_size", generation_batch_size)):
+            check_int(f"model.{key}", value)
+        check_int("model.questions_per_round", questions_per_round, 0)
+        check_number("model.near_duplicate", near_duplicate, minimum=-1.0)
+        if not isinstance(retriever, Encoder):
+            raise ConfigError(f"model.retriever must be an encoder (class_path: lit_align.retrieval.SentenceEncoder), "
+                              f"got {type(retriever).__name__}")
+        if baseline is not None and ranker is None:
+            raise ConfigError("model.baseline is set but model.ranker is not: the win rate needs a ranker "
+                              "(e.g. class_path: lit_align.rewards.RewardRanker over a JudgeReward)")
+        super().__init__(model, reference="adapter" if model.lora is not None else "copy", optimizer=optimizer,
+                         scheduler=scheduler, chunk_tokens=chunk_tokens, refresh="never",
+                         reset_optimizer=reset_optimizer, stage_lrs=stage_lrs, warmup_ratio=warmup_ratio)
+        self.encoder, self.k, self.questions_per_round, self.question_demos = retriever, k, questions_per_round, question_demos
+        self.question_sampling = question_sampling or SamplingConfig(max_new_tokens=32, do_sample=True)
+        self.answer_sampling = answer_sampling or SamplingConfig(max_new_tokens=64, do_sample=False)
+        self.eval_sampling = eval_sampling or dataclasses.replace(self.answer_sampling, do_sample=False)
+        self.question_stop = list(question_stop) if question_stop is not None else ["\n"]
+        self.answer_stop = list(answer_stop) if answer_stop is not None else ["\n"]
+        self.near_duplicate, self.drop_leaked, self.init = float(near_duplicate), drop_leaked, init
+        self.drop_truncated = drop_truncated
+        # what the frozen parts are built from (a plain dict: a judge given as a module is not a second submodule)
+        self._specs = {"safety_filter": safety_filter, "judge": judge}
+        self.baseline_spec = baseline
+        self.ranker, self.truthfulness = ranker, truthfulness
+        self.sample_seed, self.generation_batch_size = sample_seed, generation_batch_size
+        self.cache = GenerationCache(generation_cache)
+        self.timer = PhaseTimer()
+        self.safety: SafetyJudge | None = None
+        self.judge: SafetyJudge | None = None
+        self.baseline: nn.Module | None = None
+        self._baseline_tokenizer = None
+        self._baseline_cache = GenerationCache()  # the fixed baseline's answers: never regenerated in a run
+        self._baseline_fingerprint: str | None = None
+        self._initial_adapters: dict[str, Tensor] | None = None
+        self._eval: tuple[list[str], Tensor] | None = None  # evaluation prompts and their embeddings
+        self._counts = {"generated": 0, "cached": 0}  # texts of the round under way
+        self.texts_generated = 0  # texts this process generated (not read from the cache) in all rounds
+
+    # -- building ------------------------------------------------------------------------------
+    def _attach_base(self, base: nn.Module, weights: nn.Module | None) -> None:
+        """Keep the base as the frozen reference copy only for ``init: base`` (without LoRA); ``previous`` needs
+        no second model."""
+        if self.init == "base":
+            super()._attach_base(base, weights)
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        super().configure_model()
+        if self.init == "base" and self.spec.lora is not None:  # the adapters' starting values: the base model
+            self._initial_adapters = {n: p.detach().clone() for n, p in self.policy.named_parameters()
+                                      if p.requires_grad}
+        self.judge = build_judge(self._specs["judge"], key="model.judge")
+        if self._specs["safety_filter"] is not None:
+            self.safety = build_judge(self._specs["safety_filter"], key="model.safety_filter")
+        if self.baseline_spec is not None:
+            self._baseline_tokenizer = build_tokenizer(self.baseline_spec, key="model.baseline")
+            self.baseline = freeze(build_causal_lm(self.baseline_spec, self._baseline_tokenizer))
+            self._baseline_fingerprint = model_fingerprint(self.baseline)
+        if self.ranker is not None:
+            self.ranker.build(self.tokenizer, "model.ranker")
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise ConfigError(f"trainer.strategy: SelfAlignmentModule runs on one device or under DDP (each rank "
+                              f"generates its share of a round), not {type(self.trainer.strategy).__name__}; use "
+                              "trainer.strategy: ddp (callbacks/ddp_cpu.yaml on CPUs), with LoRA for large models")
+        dm = self.trainer.datamodule
+        if not isinstance(dm, SelfAlignmentDataModule):
+            raise ConfigError(f"data: SelfAlignmentModule needs lit_align.data.SelfAlignmentDataModule, got "
+                              f"{type(dm).__name__}")
+        if stage == "fit":
+            dm.setup(stage)
+            for key, value in (("k", self.k), ("question_demos", self.question_demos)):
+                if value > len(dm.pool):
+                    raise ConfigError(f"model.{key}={value} is larger than the pool ({len(dm.pool)} pairs in "
+                                      f"data.seeds): demonstrations are drawn from the pool; lower model.{key} to at "
+                                      f"most {len(dm.pool)} or give more seeds")
+            dm.before_round = self.grow_pool
+
+    def _datamodule(self) -> SelfAlignmentDataModule:
+        return self.trainer.datamodule
+
+    # -- the round's generation step ---------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Count the seeds that leak evaluation prompts (§6(h)1), grow round 0's pool."""
+        dm = self._datamodule()
+        seeds = [r.question for r in dm.pool if r.kind == "seed"]
+        count = sum(self._leaked(seeds, self.encoder.encode(seeds))) if seeds else 0
+        if count:
+            rank_zero_warn(f"{count} of the {len(seeds)} seed questions are (near-)duplicates of evaluation prompts "
+                           "(data.eval_prompts): the evaluation is not held out (others.md §6(h)1)")
+        self._log_metrics({"isara/seed_leakage": float(count)})
+        self.grow_pool(0)
+
+    def on_train_epoch_end(self) -> None:
+        """Grow the next round's pool with the policy as this round ends (M_{t+1}), before the epoch's checkpoint."""
+        epoch = self.trainer.current_epoch
+        if epoch + 1 < self._datamodule().rounds and self._round_finished():
+            self.grow_pool(epoch + 1)
+
+    def _round_finished(self) -> bool:
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        return bool(progress.is_last_batch) or progress.current.ready >= self.trainer.num_training_batches
+
+    @torch.no_grad()
+    def grow_pool(self, round: int) -> None:
+        """Round ``round``'s generation step (questions, answers, filters) with the policy as it is now; the kept
+        pairs join the DataModule's pool. A round already generated (e.g. restored from a checkpoint) is skipped."""
+        dm = self._datamodule()
+        if dm.has_round(round):
+            return
+        for key, value in (("k", self.k), ("question_demos", self.question_demos)):
+            if value > len(dm.pool):
+                raise ConfigError(f"model.{key}={value} is larger than the pool ({len(dm.pool)} pairs); lower it")
+        self.timer.reset()
+        self._counts = {"generated": 0, "cached": 0}
+        with self.timer("generate"), eval_mode(self.policy):
+            fingerprint = model_fingerprint(self.policy)
+            kept, stats = self._round_pairs(dm, round, fingerprint)
+        self.texts_generated += self._counts["generated"]
+        rows = dm.add_round(round, kept, {})
+        stats.update(self._diversity(dm, rows), **self._counts, round=float(round),
+                     pool_size=float(len(dm.pool)), scaling_ratio=len(dm.pool) / max(dm.num_seeds, 1),
+                     **{"time/generate": self.timer.totals["generate"]})
+        dm.round_stats[round] = stats
+        self._log_metrics({k if k.startswith("time/") else f"isara/{k}": v for k, v in stats.items()})
+
+    def _round_pairs(self, dm: SelfAlignmentDataModule, round: int, fingerprint: str
+                     ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """The round's kept pairs (question, answer, parents, question_parents) and its counts."""
+        pool, template = dm.pairs(), dm.template
+        slots = list(range(self.questions_per_round))
+        demos = [self._question_demo_ids(round, i, len(pool)) for i in slots]
+        prompts = [build_question_prompt(template, [pool[j] for j in d]) for d in demos]
+        questions, cut = self._generate_shared(prompts, self.question_sampling, round, "isara/question", slots,
+                                               self.question_stop, fingerprint)
+        questions = [q.strip() for q in questions]
+        markers = template_markers(template)
+        embeddings = self.encoder.encode(questions)  # (n, d)
+        retriever = Retriever(self.encoder)
+        retriever.index([q for q, _ in pool])  # the pool's questions: retrieval keys and the duplicate test
+        leaks = self._leaked(questions, embeddings)
+        survivors, drops = screen_questions(questions, embeddings, retriever.texts, retriever.keys, leaks, markers,
+                                            self.near_duplicate, self.drop_leaked, cut)
+        kept = self._answer(pool, template, retriever, round, [questions[i] for i in survivors], survivors, demos,
+                            markers, drops, fingerprint)
+        stats = {"new": float(len(questions)), "kept": float(len(kept)), "leaked": float(sum(leaks)),
+                 **{f"dropped/{r}": float(n) for r, n in drops.items()}}
+        return kept, stats
+
+    def _answer(self, pool: list[tuple[str, str]], template: FewShotTemplate, retriever: Retriever, round: int,
+                questions: list[str], slots: list[int], demos: list[list[int]], markers: list[str],
+                drops: dict[str, int], fingerprint: str) -> list[dict[str, Any]]:
+        """Retrieval-augmented answers to the surviving questions (``retriever`` holds the pool's questions), then
+        the answer filters."""
+        if not questions:
+            return []
+        retrieved = retriever.search(questions, self.k, key="model.k")  # best first
+        prompts = [answer_prompt(template, pool, ids, q) for q, ids in zip(questions, retrieved)]
+        answers, cut = self._generate_shared(prompts, self.answer_sampling, round, "isara/answer", slots,
+                                             self.answer_stop, fingerprint)
+        answers = [a.strip() for a in answers]
+        unsafe = [False] * len(answers)
+        if self.safety is not None:
+            unsafe = self.safety.score(questions, answers).unsafe.tolist()
+        kept = []
+        for q, a, ids, slot, bad, short in zip(questions, answers, retrieved, slots, unsafe, cut):
+            reason = ("answer_empty" if not a else "answer_truncated" if short
+                      else "answer_malformed" if any(m in a for m in markers) else "unsafe" if bad else None)
+            if reason is not None:
+                drops[reason] += 1
+                continue
+            kept.append({"question": q, "answer": a, "parents": list(ids), "question_parents": demos[slot]})
+        return kept
+
+    def _question_demo_ids(self, round: int, index: int, pool_size: int) -> list[int]:
+        """The pool pairs shown before new question ``index`` of ``round`` (seeded by both, distinct)."""
+        rng = random.Random(derive_seed(self.sample_seed, round, "isara/question_demos", index))
+        return rng.sample(range(pool_size), self.question_demos)
+
+    def _generate_shared(self, prompts: list[str], sampling: SamplingConfig, round: int, purpose: str,
+                         slots: list[int], stop: list[str], fingerprint: str) -> tuple[list[str], list[bool]]:
+        """The policy's continuations of ``prompts`` (one per slot of the round), each rank generating its share
+        (prompt ``j`` on rank ``j mod world``, seeded by ``(sample_seed, round, purpose, slot)``), then gathered:
+        every rank gets every text, in its cache too; and whether each was cut off by the token limit (with
+        ``drop_truncated``). Counts the texts generated and those read from the cache."""
+        rank, world = rank_and_world()
+        seeds = [derive_seed(self.sample_seed, round, purpose, i) for i in slots]
+        mine = [j for j in range(len(prompts)) if j % world == rank]
+        keys = [GenerationCache.key(fingerprint, prompts[j], sampling, seeds[j]) for j in mine]
+        missing = sum(self.cache.get(key) is None for key in keys)
+        texts = generate_texts(self.policy, self.tokenizer, [prompts[j] for j in mine], sampling,
+                               seeds=[seeds[j] for j in mine], cache=self.cache, model_fingerprint=fingerprint,
+                               stop=stop, batch_size=self.generation_batch_size) if mine else []
+        raw = [self.cache.get(key) for key in keys]  # uncut, as generate_texts stores them
+        out: list[str] = [""] * len(prompts)
+        cut = [False] * len(prompts)
+        entries: dict[str, str] = {}
+        for part, generated in all_gather_objects((list(zip(mine, keys, texts, raw)), missing)):
+            for j, key, text, uncut in part:
+                out[j], entries[key] = text, uncut
+                cut[j] = self.drop_truncated and self._hit_limit(uncut, stop, sampling)
+            self._counts["generated"] += generated
+            self._counts["cached"] += len(part) - generated
+        if world > 1:  # the other ranks' texts: a resumed run on any world size finds them all
+            self.cache.put({k: v for k, v in entries.items() if self.cache.get(k) is None})
+        return out, cut
+
+    def _hit_limit(self, raw: str, stop: list[str], sampling: SamplingConfig) -> bool:
+        """Whether an uncut continuation ran into the token limit: no stop string in it and it re-encodes to
+        ``max_new_tokens`` tokens or more (an EOS, skipped in decoding, ends a continuation earlier)."""
+        if any(s and s in raw for s in stop):
+            return False
+        return len(self.tokenizer(raw, add_special_tokens=False)["input_ids"]) >= sampling.max_new_tokens
+
+    def _leaked(self, questions: Sequence[str], embeddings: Tensor) -> list[bool]:
+        if self._eval is None:  # the evaluation prompts, encoded once per run
+            eval_questions = self._datamodule().eval_questions
+            emb = self.encoder.encode(eval_questions) if eval_questions else torch.zeros(0, embeddings.shape[-1])
+            self._eval = (list(eval_questions), emb)
+        return leaked(questions, embeddings, self._eval[0], self._eval[1], self.near_duplicate)
+
+    def _diversity(self, dm: SelfAlignmentDataModule, rows) -> dict[str, float]:
+        """distinct-1/2 of the round's kept questions and answers; embedding diversity of them and of the pool."""
+        questions, answers = [r.question for r in rows], [r.answer for r in rows]
+        stats = {f"distinct_{n}_{what}": float(distinct_n(texts, n)) if texts else 0.0
+                 for n in (1, 2) for what, texts in (("questions", questions), ("answers", answers))}
+        stats["embedding_diversity"] = float(embedding_diversity(self.encoder.encode(questions))) if len(questions) > 1 else 0.0
+        stats["pool_embedding_diversity"] = float(embedding_diversity(self.encoder.encode([r.question for r in dm.pool])))
+        return stats
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        """Send round metrics to every logger (outside Lightning's ``self.log`` hooks; rank 0 writes)."""
+        if self.trainer.global_rank != 0:
+            return
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+
+    # -- rounds ------------------------------------------------------------------------------------
+    def on_stage_start(self, stage: int) -> None:
+        """``init: base``: every round after the first starts from the base model (not on a mid-round resume)."""
+        if self.init != "base" or stage == 0 or self.stage_resumed:
+            return
+        with torch.no_grad():
+            if self._initial_adapters is not None:
+                params = dict(self.policy.named_parameters())
+                for name, value in self._initial_adapters.items():
+                    params[name].copy_(value)
+            else:
+                load_policy_weights(self.policy, self.reference.copy)
+
+    # -- training and evaluation ---------------------------------------------------------------------
+    def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
+        loss = sft_step(self, batch, "train")
+        self._log_throughput(batch.num_tokens)
+        return loss
+
+    def _zero_shot(self, questions: list[str]) -> list[str]:
+        return [self._template().query.format(question=q) for q in questions]
+
+    def _template(self) -> FewShotTemplate:
+        return self._datamodule().template
+
+    @torch.no_grad()
+    def answer(self, questions: list[str]) -> list[str]:
+        """The policy's greedy zero-shot answers (the template's query, no demonstration; ``eval_sampling``)."""
+        with eval_mode(self.policy):
+            texts = generate_texts(self.policy, self.tokenizer, self._zero_shot(questions), self.eval_sampling,
+                                   seeds=None, stop=self.answer_stop, batch_size=self.generation_batch_size)
+        return [t.strip() for t in texts]
+
+    @torch.no_grad()
+    def _baseline_answers(self, questions: list[str]) -> list[str]:
+        with eval_mode(self.baseline):
+            texts = generate_texts(self.baseline, self._baseline_tokenizer, self._zero_shot(questions),
+                                   self.eval_sampling, seeds=None, cache=self._baseline_cache,
+                                   model_fingerprint=self._baseline_fingerprint, stop=self.answer_stop,
+                                   batch_size=self.generation_batch_size)
+        return [t.strip() for t in texts]
+
+    def _evaluate(self, batch: QuestionBatch, stage: str) -> None:
+        questions = list(batch.questions)
+        answers = self.answer(questions)
+        n = len(questions)
+        metrics = {"harmful_rate": self.judge.score(questions, answers).unsafe.float().mean(),
+                   "answer_distinct_2": torch.tensor(float(distinct_n(answers, 2)))}
+        if self.truthfulness is not None:
+            scores = torch.as_tensor(list(self.truthfulness(questions, answers)), dtype=torch.float32)
+            if scores.shape != (n,) or not torch.isfinite(scores).all() or (scores < 0).any() or (scores > 1).any():
+                raise ValueError(f"model.truthfulness must return one score in [0, 1] per answer, got {scores.tolist()}")
+            metrics["truthfulness"] = scores.mean()
+        if self.baseline is not None:
+            ranks = self.ranker.rank(questions, [[a, b] for a, b in zip(answers, self._baseline_answers(questions))])
+            metrics["win_rate"] = torch.tensor(sum(win_rates(ranks)) / n)
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", value.float().to(self.device), prog_bar=key == "harmful_rate", on_step=False,
+                     on_epoch=True, batch_size=n, sync_dist=True)
+
+    def validation_step(self, batch: QuestionBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: QuestionBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: QuestionBatch, batch_idx: int) -> list[dict[str, str]]:
+        """The policy's zero-shot answers to the evaluation questions: ``[{prompt, completion}]``."""
+        questions = list(batch.questions)
+        return [{"prompt": q, "completion": a} for q, a in zip(questions, self.answer(questions))]
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _rebuilt_keys(self, keys) -> set[str]:
+        """Judges, the baseline, the ranker and the encoder: rebuilt from their specs."""
+        frozen = ("judge.", "safety.", "baseline.", "ranker.", "encoder.")
+        return super()._rebuilt_keys(keys) | {k for k in keys if k.startswith(frozen)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["isara"] = {"cache": self.cache.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("isara")
+        if state is not None:
+            self.cache.load_state_dict(state["cache"])
