@@ -146,20 +146,28 @@ class Retriever:
         return idx.tolist()
 
     def _topk_faiss(self, queries: Tensor, k: int, exclude: Tensor, key: str) -> list[list[int]]:
-        """Shortlist with faiss (doubling the shortlist until k survive the exclusions), rank exactly here."""
+        """Shortlist with faiss, rank the shortlist exactly here. The shortlist doubles until, for every query, k
+        keys survive the exclusions and the k-th score is above the shortlist's lowest (so a tie at the edge of
+        the shortlist cannot hide a lower-index key)."""
         wanted = min(len(self), 2 * k)
         while True:
-            cand = _faiss_candidates(queries, self.keys, wanted)  # (q, m)
-            ban = torch.ones_like(exclude)
+            cand = _faiss_candidates(queries, self.keys, wanted)  # (q, m), -1 = none
+            valid = cand >= 0
             rows = torch.arange(len(queries)).unsqueeze(-1).expand_as(cand)
-            ban[rows[cand >= 0], cand[cand >= 0]] = False
+            ban = torch.ones_like(exclude)
+            ban[rows[valid], cand[valid]] = False
             try:
-                return cosine_topk(queries, self.keys, k, exclude=ban | exclude,
-                                   near_duplicate=self.near_duplicate, key=key)[1].tolist()
+                scores, idx = cosine_topk(queries, self.keys, k, exclude=ban | exclude,
+                                          near_duplicate=self.near_duplicate, key=key)
             except ValueError:
                 if wanted >= len(self):
                     raise
                 wanted = min(len(self), 2 * wanted)
+                continue
+            edge = _scores(queries, self.keys).gather(-1, cand.clamp(min=0)).masked_fill(~valid, 2.0).amin(-1)
+            if wanted >= len(self) or bool((scores[:, -1] > edge).all()):
+                return idx.tolist()
+            wanted = min(len(self), 2 * wanted)
 
     def _same_text(self, texts: list[str]) -> Tensor:
         """(len(texts), n) bool: True where the stored text equals the given one."""
