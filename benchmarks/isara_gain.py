@@ -25,6 +25,9 @@ model, so each arm's final model is ONE SFT of the base on its final pool with t
 in which pairs the pool holds (one round's and T rounds' pools have about the same size). With ``init: previous``
 (the config's default) the rounds accumulate, and ``one_round``'s new pairs are trained on in all T rounds where
 ``iterative``'s last pairs get one round: more SFT on new pairs for ``one_round`` (``sft_rows`` says how much).
+``sampled_answers`` samples the retrieval-augmented answers (temperature 1) instead of greedy decoding, so some
+answers comply and, with no safety filter, enter the pool: the case where a better M_t could write better answers.
+The fourth setting (lr 5e-5) saturates every arm; ``--only-setting 3`` runs it.
 
 Measured on ``builtin:isara_eval`` (48 held-out harmful questions: actions no seed names) after training: the
 zero-shot greedy harmful rate judged by the TOY rule judge (``lit_align.game.RuleJudge``; the module's own
@@ -36,8 +39,9 @@ differences (``iterative - one_round``, ``iterative - seeds_only``, ``one_round 
 harmful answers) with a t interval over seeds and a percentile bootstrap over evaluation questions (seeds pooled).
 An effect is ``met`` only when both intervals lie below 0.
 
-    python benchmarks/isara_gain.py --write        # 6 seeds, 3 settings, 2 seeds at a time; < 10 min on 2 cores
+    python benchmarks/isara_gain.py --write        # 6 seeds, 3 settings, 2 seeds at a time; 4-9 min on 2 cores
     python benchmarks/isara_gain.py --main-only    # the main setting only
+    python benchmarks/isara_gain.py --only-setting 3 --write   # the saturated setting (merged into the results)
     python benchmarks/isara_gain.py --quick        # smoke run: 1 seed, 2 rounds, 8 new samples
 """
 
@@ -133,7 +137,8 @@ def _run_seed(job: tuple[int, dict]) -> dict:
               "--trainer.max_epochs", str(rounds),
               "--data.init_args.epochs_per_round", str(budget["epochs_per_round"]),
               "--model.init_args.stage_lrs", json.dumps([budget["lr"]] * rounds), "--model.init_args.init",
-              budget["init"], "--model.init_args.k", str(budget["k"])]
+              budget["init"], "--model.init_args.k", str(budget["k"]),
+              "--model.init_args.answer_sampling.do_sample", str(budget.get("sampled_answers", False)).lower()]
     # arm -> (questions per round, rounds that generate)
     plans = {"seeds_only": (0, None), "one_round": (total, {0}), "iterative": (total // rounds, None)}
     out: dict[str, dict] = {}
@@ -203,17 +208,22 @@ def run(seeds: int, budget: dict, workers: int) -> dict:
             "runs": [{arm: {k: v for k, v in r[arm].items() if k != "unsafe"} for arm in ARMS} for r in runs]}
 
 
-#: The settings run (the first is the main one, the others check how the result depends on the SFT): the round's
-#: starting model (``init``), peak learning rate and SFT passes over the pool per round.
+#: The settings (the first is the main one; the others check how the result depends on the SFT and the answers):
+#: the round's starting model (``init``), peak learning rate, SFT passes over the pool per round, and whether answers
+#: are sampled (temperature 1) instead of greedy. The default run is the first three; ``--only-setting 3`` runs
+#: the saturated one (kept apart so the default run stays under 10 minutes).
 SETTINGS = (
     {"init": "base", "lr": 2e-5, "epochs_per_round": 3},
-    {"init": "base", "lr": 5e-5, "epochs_per_round": 3},
     {"init": "previous", "lr": 2e-5, "epochs_per_round": 1},
+    {"init": "base", "lr": 2e-5, "epochs_per_round": 3, "sampled_answers": True},
+    {"init": "base", "lr": 5e-5, "epochs_per_round": 3},
 )
+DEFAULT_SETTINGS = 3
 
 
 def _name(setting: dict) -> str:
-    return f"init={setting['init']},lr={setting['lr']:g},epochs_per_round={setting['epochs_per_round']}"
+    sampled = ",sampled_answers" if setting.get("sampled_answers") else ""
+    return f"init={setting['init']},lr={setting['lr']:g},epochs_per_round={setting['epochs_per_round']}{sampled}"
 
 
 def main() -> None:
@@ -223,6 +233,7 @@ def main() -> None:
     parser.add_argument("--new-samples", type=int, default=96, help="N: new questions in all, over the rounds")
     parser.add_argument("--k", type=int, default=4, help="retrieved demonstrations per answer")
     parser.add_argument("--main-only", action="store_true", help="only the main setting (the first of SETTINGS)")
+    parser.add_argument("--only-setting", type=int, default=None, help="only SETTINGS[i] (a check of one setting)")
     parser.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes (1 thread each)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 8 new samples, main setting (smoke run)")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
@@ -234,23 +245,30 @@ def main() -> None:
         parser.error("--new-samples must be a multiple of --rounds (the same total for one round and T rounds)")
     began = time.perf_counter()
     settings = {}
-    for setting in SETTINGS[:1] if opts.quick or opts.main_only else SETTINGS:
+    chosen = SETTINGS[:1] if opts.quick or opts.main_only else SETTINGS[:DEFAULT_SETTINGS]
+    chosen = chosen if opts.only_setting is None else SETTINGS[opts.only_setting:opts.only_setting + 1]
+    for setting in chosen:
         budget = {"rounds": rounds, "new_samples": total, "k": opts.k, **setting}
         settings[_name(setting)] = {"budget": budget, **run(seeds, budget, opts.workers)}
         summary = settings[_name(setting)]["summary"]
         print(_name(setting), {arm: round(summary["arms"][arm]["harmful_rate"]["mean"], 3) for arm in ARMS},
               {name: summary[name]["difference"] for name in summary["met"]}, flush=True)
-    main_name = next(iter(settings))
-    result = {"setup": {"seeds": seeds, "rounds": rounds, "new_samples": total, "k": opts.k, "main": main_name,
-                        "config": str(CONFIG.relative_to(REPO)), "model": "builtin:tiny-isara-base",
-                        "seed_pairs": "builtin:isara_seeds (64)",
-                        "eval": "builtin:isara_eval (48 harmful), builtin:isara_benign (42)",
-                        "judge": "RuleJudge (toy)", "workers": opts.workers, "seconds": time.perf_counter() - began},
-              "met": settings[main_name]["summary"]["met"], "settings": settings}
-    print("met (main setting):", result["met"], f"{result['setup']['seconds']:.0f} s")
-    if opts.write:
+    seconds = time.perf_counter() - began
+    for entry in settings.values():
+        entry.update(seeds=seeds, seconds_all_settings_of_the_run=seconds, workers=opts.workers)
+    main_name = _name(SETTINGS[0])
+    print(f"{seconds:.0f} s")
+    if opts.write:  # merged by setting name: a setting not run keeps its stored entry
+        stored = json.loads(RESULTS.read_text(encoding="utf-8")).get("settings", {}) if RESULTS.exists() else {}
+        settings = {**stored, **settings}
+        result = {"setup": {"main": main_name, "config": str(CONFIG.relative_to(REPO)),
+                            "model": "builtin:tiny-isara-base", "seed_pairs": "builtin:isara_seeds (64)",
+                            "eval": "builtin:isara_eval (48 harmful), builtin:isara_benign (42)",
+                            "judge": "RuleJudge (toy)"},
+                  "met": settings[main_name]["summary"]["met"] if main_name in settings else None,
+                  "settings": settings}
         RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {RESULTS}")
+        print(f"wrote {RESULTS}; met (main setting): {result['met']}")
 
 
 if __name__ == "__main__":
