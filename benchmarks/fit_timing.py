@@ -162,15 +162,18 @@ QUIET = ["--trainer.logger", "false", "--trainer.callbacks=[]", "--trainer.enabl
          "--trainer.num_sanity_val_steps", "0"]
 
 
-def fit_in_process(config: Path, root: Path, seed: int, args: Sequence[str], quiet: Sequence[str] = QUIET):
+def fit_in_process(config: Path, root: Path, seed: int, args: Sequence[str], quiet: Sequence[str] = QUIET,
+                   callbacks: Sequence = ()):
     """``lit-align fit`` of ``config`` in this process, quiet (``quiet`` arguments), with ``seed`` as the run's,
-    the model's and the data's seed and ``args`` last; the fitted module (the effect benchmarks' training runs)."""
+    the model's and the data's seed, ``args`` last and ``callbacks`` (Lightning callbacks, after the config's)
+    added; the fitted module (the effect benchmarks' training runs; its DataModule is ``module.trainer.datamodule``)."""
     from lit_align.cli import cli_main
 
     seeds = ["--seed_everything", str(seed), "--model.init_args.model.seed", str(seed), "--data.init_args.seed",
              str(seed)]
     cli = cli_main(["--config", str(config), "--trainer.default_root_dir", str(root), *seeds, *quiet, *args],
                    run=False)
+    cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, cli.datamodule)
     return cli.model
 
