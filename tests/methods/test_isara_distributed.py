@@ -22,7 +22,8 @@ def _args(root, batch: int) -> list[str]:
             "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
             "--data.init_args.rounds", "2", "--trainer.max_epochs", "2", "--model.init_args.stage_lrs", "null",
             "--data.init_args.epochs_per_round", "1", "--model.init_args.questions_per_round", "8",
-            "--data.init_args.batch_size", str(batch)]
+            "--data.init_args.batch_size", str(batch), "--model.init_args.encoder",
+            '{"class_path": "lit_align.retrieval.HashEncoder", "init_args": {"dim": 256, "ngram": 1}}']
 
 
 def _saved(root) -> tuple[list[dict], dict]:
