@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["hub_offline", "looks_local"]
+__all__ = ["cache_root", "hub_offline", "looks_local"]
 
 _DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".txt", ".tsv", ".arrow", ".gz", ".zip", ".yaml", ".yml"}
 
@@ -30,3 +30,9 @@ def looks_local(path: str) -> bool:
     if local.exists() or local.suffix.lower() in _DATA_SUFFIXES:
         return True
     return "/" in path and Path(path.split("/", 1)[0]).is_dir()
+
+
+def cache_root() -> Path:
+    """``$LIT_ALIGN_CACHE`` or ``~/.cache/lit_align``: the per-user directory of lit_align's caches (precomputed
+    reference log-probs, contrastive reward tables, built-in encoders extracted from their packages)."""
+    return Path(os.environ.get("LIT_ALIGN_CACHE") or Path.home() / ".cache" / "lit_align").expanduser()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ from lit_align.models import ModelSpec, apply_lora, build_causal_lm, build_token
 from lit_align.models.fsdp import fsdp2_parallelize, load_from_rank0
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
 from lit_align.modes import eval_mode
+from lit_align.paths import cache_root
 from lit_align.rollout.logps import TokenLogps, token_logps
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
@@ -222,7 +222,7 @@ def online_reference(model: ModelSpec, reference: str, what: str) -> str:
 
 def default_cache_dir() -> str:
     """``$LIT_ALIGN_CACHE`` or ``~/.cache/lit_align``: where precomputed reference log-probs are kept."""
-    return os.environ.get("LIT_ALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lit_align"))
+    return str(cache_root())
 
 
 class ReferencedPolicyModule(RebuiltWeights, PolicyModule):

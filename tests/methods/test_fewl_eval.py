@@ -23,6 +23,9 @@ from lit_align.methods.fewl_eval import answer_text
 TINY = str(REPO / "configs/fewl/tiny.yaml")
 SFT_TINY = str(REPO / "configs/fewl/sft_tiny.yaml")
 QUESTIONS = 30
+#: unit tests find neighbours with hashed words (no model to load); tiny.yaml uses the real all-MiniLM-L6-v2
+HASH_ENCODER = ("--model.init_args.retriever.init_args.encoder",
+                '{"class_path": "lit_align.retrieval.HashEncoder", "init_args": {"dim": 512}}')
 
 
 def _test_run(root: Path, *overrides: str, config: str = TINY):
@@ -30,7 +33,8 @@ def _test_run(root: Path, *overrides: str, config: str = TINY):
     return cli_main(["test", "--config", config, "--trainer.default_root_dir", str(root), *CSV_LOGGER,
                      "--trainer.logger.save_dir", str(root), "--trainer.enable_progress_bar", "false",
                      "--data.init_args.questions.limit", str(QUESTIONS), "--model.init_args.k", "3",
-                     "--model.init_args.candidates", "2", "--model.init_args.demonstrations", "4", *overrides])
+                     "--model.init_args.candidates", "2", "--model.init_args.demonstrations", "4",
+                     *(HASH_ENCODER if config == TINY else ()), *overrides])
 
 
 def _known_error(root: Path, *overrides: str, config: str = TINY) -> Exception:

@@ -7,6 +7,8 @@ pools, provenance included, and the generated texts in the checkpoint's cache ar
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import CSV_LOGGER, REPO, run_cli
@@ -20,7 +22,8 @@ def _args(root, batch: int) -> list[str]:
             "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
             "--data.init_args.rounds", "2", "--trainer.max_epochs", "2", "--model.init_args.stage_lrs", "null",
             "--data.init_args.epochs_per_round", "1", "--model.init_args.questions_per_round", "8",
-            "--data.init_args.batch_size", str(batch)]
+            "--data.init_args.batch_size", str(batch), "--model.init_args.encoder",
+            '{"class_path": "lit_align.retrieval.HashEncoder", "init_args": {"dim": 256, "ngram": 1}}']
 
 
 def _saved(root) -> tuple[list[dict], dict]:
@@ -30,8 +33,14 @@ def _saved(root) -> tuple[list[dict], dict]:
 
 def test_ddp_grows_the_pool_one_process_grows(tmp_path):
     run_cli([*_args(tmp_path / "one", 8)])
-    run_cli([*_args(tmp_path / "ddp", 4), "--trainer.devices", "2", "--trainer.strategy", "ddp"])
+    cache_file = tmp_path / "ddp_cache.jsonl"
+    run_cli([*_args(tmp_path / "ddp", 4), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+             "--model.init_args.generation_cache", str(cache_file)])
     (pool_one, cache_one), (pool_ddp, cache_ddp) = _saved(tmp_path / "one"), _saved(tmp_path / "ddp")
+    # one writer (rank 0) per cache file: every text once, on whole lines, with what produced it
+    records = [json.loads(line) for line in cache_file.read_text(encoding="utf-8").splitlines()]
+    assert {r["key"]: r["text"] for r in records} == cache_ddp and len(records) == len(cache_ddp)
+    assert all({"prompt", "seed", "sampling", "model", "tokenizer"} <= set(r) for r in records)
     assert len(pool_one) > 64 and sorted({r["round"] for r in pool_one}) == [0, 1, 2]
     assert pool_ddp == pool_one
     # rank 0's checkpoint holds both ranks' generations, uncut. Round 1's keys hold the trained policy's fingerprint,
