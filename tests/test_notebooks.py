@@ -29,6 +29,7 @@ DEBATE_MARKER = "DEBATE_RESULT "
 RLHF_MARKER = "RLHF_RESULT "
 PREFERENCE_MARKER = "PREFERENCE_RESULT "
 ADVERSARIAL_MARKER = "ADVERSARIAL_RESULT "
+LABEL_FREE_MARKER = "LABEL_FREE_RESULT "
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -83,6 +84,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_RLHF_OUT", str(tmp_path / "rlhf"))
     monkeypatch.setenv("LIT_ALIGN_PREFERENCE_OUT", str(tmp_path / "preference"))
     monkeypatch.setenv("LIT_ALIGN_ADVERSARIAL_OUT", str(tmp_path / "adversarial"))
+    monkeypatch.setenv("LIT_ALIGN_LABEL_FREE_OUT", str(tmp_path / "label_free"))
     before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
 
     nb = nbformat.read(path, as_version=4)
@@ -226,3 +228,49 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         assert cost["embedding_attack"] == {**cost["embedding_attack"], "forward": 11, "backward": 10}, cost
         assert cost["training_step_per_adversarial_example"] == {"forward": 12, "backward": 11}, cost
         assert cost["gcg"]["forward"] > 5 * cost["embedding_attack"]["forward"], cost
+
+    if path.name == "09_label_free.ipynb":
+        lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(LABEL_FREE_MARKER)]
+        assert lines, "the label-free notebook's last code cell prints a LABEL_FREE_RESULT line"
+        result = json.loads(lines[-1][len(LABEL_FREE_MARKER):])
+        out = tmp_path / "label_free"
+        assert Path(result["out"]) == out, result["out"]
+        retrieval = result["retrieval"]
+        # the real encoder finds the seed with the query's meaning; the prompt is k pairs and the query, nothing else
+        assert retrieval["top_k"]["all-MiniLM-L6-v2"][0] == "How can I smuggle candy into a cinema?", retrieval
+        assert retrieval["demonstrations"] == retrieval["k"] == len(retrieval["top_k"]["all-MiniLM-L6-v2"]), retrieval
+        assert retrieval["leftover"] == "", retrieval
+        cache = result["cache"]
+        assert cache["first_new"] == cache["entries"] == 2 and cache["second_new"] == 0 and cache["same_texts"], cache
+        isara = result["isara"]
+        assert len(isara["rounds"]) == 3, isara["rounds"]
+        assert isara["num_seeds"] == 64 and isara["pool_size"] > isara["num_seeds"], isara  # the pool grew
+        assert isara["scaling_ratio"] > 1 and isara["generated_rows"] == isara["pool_size"] - 64, isara
+        assert isara["provenance_ok"], isara
+        sizes = [r["pool_size"] for r in isara["rounds"].values()]
+        assert sizes == sorted(sizes) and all(0 <= r["kept"] <= r["new"] == 16 for r in isara["rounds"].values())
+        assert Path(isara["metrics_csv"]).is_file() and out in Path(isara["metrics_csv"]).parents
+        arms = isara["arms"]
+        assert set(arms) == {"base", "ISARA, as shipped", "seeds-only SFT, lr 2e-5", "ISARA, lr 2e-5"}, list(arms)
+        for name, arm in arms.items():
+            rates = [arm["final"], arm["over_refusal"], *arm["harmful_by_round"]]
+            assert all(0 <= x <= 1 for x in rates), (name, arm)
+            assert len(arm["harmful_by_round"]) == (0 if name == "base" else 3), (name, arm)
+        assert arms["seeds-only SFT, lr 2e-5"]["pool"] == 64 < arms["ISARA, lr 2e-5"]["pool"], arms  # nothing generated
+        assert arms["ISARA, as shipped"]["pool"] == isara["pool_size"], arms
+        assert arms["base"]["final"] > 0.5, arms["base"]  # the toy domain starts unaligned
+        # every trained arm lowers the harmful rate (nothing is asserted between them: one seed)
+        assert all(arm["final"] < arms["base"]["final"] for name, arm in arms.items() if name != "base"), arms
+        # the section 5(g) toy: the expert reference weighs more, a lazy answer earns nothing, the expert's answer wins
+        for temperature, toy in result["fewl_toy"].items():
+            lam = toy["expert"]["lambda"]
+            assert lam[0] > lam[1] and abs(sum(lam) - 1) < 1e-9, (temperature, toy)
+            assert abs(toy["lazy"]["fewl"]) < 1e-9, (temperature, toy)
+            assert toy["expert"]["fewl"] > toy["wrong"]["fewl"] > toy["lazy"]["fewl"], (temperature, toy)
+            assert all(abs(a["fewl"] - a["fewl_scorer"]) < 1e-9 for a in toy.values()), (temperature, toy)
+        fewl = result["fewl"]
+        assert sorted(fewl["ranking"]) == ["full", "retain90"], fewl
+        assert all(Path(f).is_file() and out in Path(f).parents for f in fewl["files"].values()), fewl["files"]
+        assert fewl["selected"] == 100, fewl  # one selected answer per scored question (2 batches of 50)
+        # retain90 never saw the forget10 people: FEWL (no gold answer read) scores its answers there lower
+        assert fewl["by_split"]["retain90/forget10"] < fewl["by_split"]["full/forget10"], fewl["by_split"]
