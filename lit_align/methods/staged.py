@@ -8,7 +8,7 @@ paper's recipe) and the learning rate restarts its per-stage schedule. Checkpoin
 refreshed reference (the copy's weights, or the precomputed tables of the stage) and its fingerprint, so a
 run resumed mid-stage continues exactly and does not refresh again; so does one resumed from a checkpoint
 written at a stage's last batch (``every_n_train_steps``), whatever the next stage's size, and again later,
-and one written at the epoch end of a fit stopped mid-stage (``max_steps``) finishes that stage. A refreshed ``copy`` is saved in every
+and one written as a fit stopped mid-stage (``max_steps``) ends (at its epoch end or train end) finishes that stage. A refreshed ``copy`` is saved in every
 checkpoint of the run (stage 0's too: about twice the size of a full fine-tune's policy-only checkpoint; with LoRA the whole base is added to the adapters), since FSDP2 loads
 the module state before the checkpoint says which stage it was written in.
 """
@@ -109,20 +109,21 @@ def _start_next_stage_fresh(trainer: Any) -> bool:
 
 def _keep_cut_stage_unfinished(trainer: Any, checkpoint: dict[str, Any]) -> bool:
     """In a checkpoint written at the epoch end of a stage cut short (a fit stopped by ``trainer.max_steps`` or
-    ``should_stop`` mid-stage, saved by ``ModelCheckpoint(save_on_train_epoch_end)`` or ``save_last``), mark the
+    ``should_stop`` mid-stage, saved by ``ModelCheckpoint`` in ``on_train_epoch_end`` or ``on_train_end``), mark the
     epoch unfinished; returns whether it did. Lightning counts an epoch processed before its epoch-end hooks even
     when it stopped early, and a resume from that state starts the next epoch: the stage's remaining batches
     were skipped. Marked unfinished, the resume continues the stage where it stopped, from the loader's position
     (as from a checkpoint written at ``on_train_batch_end``)."""
     fit_loop = trainer.fit_loop
     epoch, batches = fit_loop.epoch_progress.current, fit_loop.epoch_loop.batch_progress
-    in_epoch_end = epoch.processed == epoch.started and epoch.completed < epoch.processed
+    in_epoch_end = epoch.processed == epoch.started  # the epoch-end hooks, or after them (on_train_end)
     cut = not batches.is_last_batch and batches.current.ready < trainer.num_training_batches
     loops = checkpoint.get("loops", {}).get("fit_loop", {})
     if not (in_epoch_end and cut and "epoch_progress" in loops):
         return False
     for counters in loops["epoch_progress"].values():
         counters["processed"] -= 1
+        counters["completed"] = min(counters["completed"], counters["processed"])
     return True
 
 

@@ -165,15 +165,15 @@ class _SmallFirstStage(RankedPreferenceDataModule):
         return rows[:16] if stage == 0 else rows
 
 
-def _run_saving_each_step(root, data_cls=RankedPreferenceDataModule, stop=-1, ckpt=None, at_epoch_end=False):
-    """A fit that writes a checkpoint at every step's on_train_batch_end (``at_epoch_end``: at every epoch end
-    instead); returns the watch, trainer and module."""
+def _run_saving_each_step(root, data_cls=RankedPreferenceDataModule, stop=-1, ckpt=None, when=None):
+    """A fit that writes a checkpoint at every step's on_train_batch_end (``when``: other ModelCheckpoint
+    arguments instead); returns the watch, trainer and module."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(0)
     watch = Watch()
-    when = {"save_on_train_epoch_end": True} if at_epoch_end else {"every_n_train_steps": 1}
-    saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{step}", **when)
+    saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{step}",
+                            **(when or {"every_n_train_steps": 1}))
     data = data_cls(DataSource("builtin:ranked_preferences", limit=40), val_fraction=0.0, batch_size=16,
                     max_length=40)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=stop, logger=False, callbacks=[watch, saver],
@@ -218,13 +218,15 @@ def test_resume_at_a_stage_boundary_then_again_mid_stage_is_exact(tmp_path):
     assert _same_weights(a, d)
 
 
-def test_resume_from_the_epoch_end_checkpoint_of_a_fit_stopped_mid_stage_finishes_the_stage(tmp_path):
-    """max_steps stops the fit after stage 1's first batch; ModelCheckpoint(save_on_train_epoch_end) then saves in
-    the epoch-end hooks. Lightning counted that epoch processed, so a resume skipped stage 1's other 2 steps."""
+@pytest.mark.parametrize("when, name", [({"save_on_train_epoch_end": True}, "step=4.ckpt"),
+                                        ({"every_n_train_steps": 100, "save_last": True}, "last.ckpt")])
+def test_resume_from_the_epoch_end_checkpoint_of_a_fit_stopped_mid_stage_finishes_the_stage(tmp_path, when, name):
+    """max_steps stops the fit after stage 1's first batch; ModelCheckpoint then saves in the epoch-end hooks
+    (save_on_train_epoch_end) or in on_train_end (save_last). Lightning counted that epoch processed, so a resume
+    skipped stage 1's other 2 steps."""
     straight, _, a = _run_saving_each_step(tmp_path / "a")
-    _run_saving_each_step(tmp_path / "b", stop=4, at_epoch_end=True)
-    resumed, trainer, c = _run_saving_each_step(tmp_path / "c", ckpt=tmp_path / "b" / "ckpt" / "step=4.ckpt",
-                                                at_epoch_end=True)
+    _run_saving_each_step(tmp_path / "b", stop=4, when=when)
+    resumed, trainer, c = _run_saving_each_step(tmp_path / "c", ckpt=tmp_path / "b" / "ckpt" / name, when=when)
     assert trainer.global_step == 9
     assert [s["rows"] for s in resumed.steps] == [s["rows"] for s in straight.steps[4:]]
     assert _same_weights(a, c)
