@@ -116,8 +116,8 @@ def _keep_cut_stage_unfinished(trainer: Any, checkpoint: dict[str, Any]) -> bool
     (as from a checkpoint written at ``on_train_batch_end``)."""
     fit_loop = trainer.fit_loop
     epoch, batches = fit_loop.epoch_progress.current, fit_loop.epoch_loop.batch_progress
-    in_epoch_end = epoch.processed == epoch.started  # the epoch-end hooks, or after them (on_train_end)
-    cut = not batches.is_last_batch and batches.current.ready < trainer.num_training_batches
+    in_epoch_end = epoch.processed == epoch.started > 0  # the epoch-end hooks, or after them (on_train_end)
+    cut = not batches.is_last_batch and 0 < batches.current.ready < trainer.num_training_batches
     loops = checkpoint.get("loops", {}).get("fit_loop", {})
     if not (in_epoch_end and cut and "epoch_progress" in loops):
         return False
