@@ -6,7 +6,9 @@ At the start of each stage ``k >= 1`` the reference becomes the policy as it is 
 ``k - 1``; ``refresh: previous_stage``), the optimiser state is reset (each stage is a fresh run of the
 paper's recipe) and the learning rate restarts its per-stage schedule. Checkpoints keep the stage, the
 refreshed reference (the copy's weights, or the precomputed tables of the stage) and its fingerprint, so a
-run resumed mid-stage continues exactly and does not refresh again. A refreshed ``copy`` is saved in every
+run resumed mid-stage continues exactly and does not refresh again; so does one resumed from a checkpoint
+written at a stage's last batch (``every_n_train_steps``), whatever the next stage's size, and again later,
+and one written as a fit stopped mid-stage (``max_steps``) ends (at its epoch end or train end) finishes that stage. A refreshed ``copy`` is saved in every
 checkpoint of the run (stage 0's too: about twice the size of a full fine-tune's policy-only checkpoint; with LoRA the whole base is added to the adapters), since FSDP2 loads
 the module state before the checkpoint says which stage it was written in.
 """
@@ -17,6 +19,7 @@ import math
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.loops.loop import _Loop
 from torch import nn
 
 from lit_align.errors import ConfigError
@@ -72,6 +75,56 @@ def load_policy_weights(target: nn.Module, policy: nn.Module) -> None:
         if isinstance(param, DTensor) and isinstance(value, DTensor) and value.placements != param.placements:
             value = value.redistribute(param.device_mesh, param.placements)
         param.copy_(value)
+
+
+def _start_next_stage_fresh(trainer: Any) -> bool:
+    """When a run resumes from a checkpoint written at ``on_train_batch_end`` of a stage's last batch (a
+    ``ModelCheckpoint(every_n_train_steps)`` landing there), make Lightning start the next epoch (stage) as a
+    fresh one; returns whether it did. Called from ``on_train_start``, after the fit loop's restart bookkeeping
+    and before the epoch loop's.
+
+    Lightning 2.6 counts that epoch finished (``_FitLoop.reset``) but then: (1) the epoch loop keeps the finished
+    epoch's batch progress unless its count reaches the *next* loader's length, so a next stage with more
+    batches than the finished one trains only the difference; (2) the next epoch starts as a "restarted"
+    one, without ``on_train_epoch_start`` and without counting it ready / started, so a checkpoint written
+    later in that stage reads as one after the epoch's end and a second resume from it trains the whole
+    stage again. Here the batch progress is closed as Lightning closes a finished epoch's and both loops stop
+    restarting: the next epoch runs like an uninterrupted run's (hooks, counters and all its batches)."""
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    progress = epoch_loop.batch_progress
+    if not (fit_loop.restarted_mid_epoch and epoch_loop.restarted_on_train_batch_end and progress.is_last_batch):
+        return False
+    progress.increment_completed()  # the checkpoint was written before this batch counted completed
+    progress.reset_on_run()
+    epoch_loop.scheduler_progress.reset_on_run()
+    epoch_loop.automatic_optimization.optim_progress.reset_on_run()
+    epoch_loop.val_loop.batch_progress.total.reset()
+    epoch_loop._batches_that_stepped += 1  # the step's logger count, also written before the checkpoint
+    fit_loop.reset_restart_stage()
+    epoch_loop.reset_restart_stage()
+    _Loop.restarting.fset(fit_loop, False)  # the fit loop's own setter keeps max_steps runs restarting
+    return True
+
+
+def _keep_cut_stage_unfinished(trainer: Any, checkpoint: dict[str, Any]) -> bool:
+    """In a checkpoint written at the epoch end of a stage cut short (a fit stopped by ``trainer.max_steps`` or
+    ``should_stop`` mid-stage, saved by ``ModelCheckpoint`` in ``on_train_epoch_end`` or ``on_train_end``), mark the
+    epoch unfinished; returns whether it did. Lightning counts an epoch processed before its epoch-end hooks even
+    when it stopped early, and a resume from that state starts the next epoch: the stage's remaining batches
+    were skipped. Marked unfinished, the resume continues the stage where it stopped, from the loader's position
+    (as from a checkpoint written at ``on_train_batch_end``)."""
+    fit_loop = trainer.fit_loop
+    epoch, batches = fit_loop.epoch_progress.current, fit_loop.epoch_loop.batch_progress
+    in_epoch_end = epoch.processed == epoch.started > 0  # the epoch-end hooks, or after them (on_train_end)
+    cut = not batches.is_last_batch and 0 < batches.current.ready < trainer.num_training_batches
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    if not (in_epoch_end and cut and "epoch_progress" in loops):
+        return False
+    for counters in loops["epoch_progress"].values():
+        counters["processed"] -= 1
+        counters["completed"] = min(counters["completed"], counters["processed"])
+    return True
 
 
 class StagedPolicyModule(ReferencedPolicyModule):
@@ -134,10 +187,10 @@ class StagedPolicyModule(ReferencedPolicyModule):
     # -- subclass hook ---------------------------------------------------------------------------
     def on_stage_start(self, stage: int) -> None:
         """Called at the start of each stage, after the reference refresh and the optimiser reset, with the
-        stage's train loader already built (from ``on_train_epoch_start``; from the stage's first
-        ``on_train_batch_start`` when a run resumes from a checkpoint written after a stage's last batch, which
-        Lightning resumes without ``on_train_epoch_start``); also once, from ``on_train_start``, when a run
-        resumes mid-stage (``stage_resumed`` is then true: the reference is the checkpoint's, nothing refreshed)."""
+        stage's train loader already built (from ``on_train_epoch_start``, also when a run resumes from a
+        checkpoint written at a stage's last batch: :func:`_start_next_stage_fresh`); also once, from
+        ``on_train_start``, when a run resumes mid-stage (``stage_resumed`` is then true: the reference is the
+        checkpoint's, nothing refreshed)."""
 
     # -- set-up ------------------------------------------------------------------------------------
     @property
@@ -195,6 +248,7 @@ class StagedPolicyModule(ReferencedPolicyModule):
 
     # -- stages ------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        _start_next_stage_fresh(self.trainer)
         if not self._stage_tables:
             super().on_train_start()
         if self.stage == self.trainer.current_epoch:  # resumed mid-stage: the checkpoint holds its reference
@@ -206,8 +260,8 @@ class StagedPolicyModule(ReferencedPolicyModule):
             self._start_stage(self.trainer.current_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Lightning skips on_train_epoch_start of the next epoch when it resumes from a checkpoint written after
-        # an epoch's last batch: that stage starts here, its loader built (stage k's rows) and nothing trained yet
+        # a safety net: should Lightning start an epoch without on_train_epoch_start (as it did on a resume from a
+        # checkpoint written at an epoch's last batch, before _start_next_stage_fresh), the stage starts here
         if self.trainer.current_epoch != self.stage:
             self._start_stage(self.trainer.current_epoch)
 
@@ -267,6 +321,7 @@ class StagedPolicyModule(ReferencedPolicyModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        _keep_cut_stage_unfinished(self.trainer, checkpoint)
         checkpoint["stages"] = {"stage": self.stage, "stage_start_step": self.stage_start_step,
                                 "stage_steps": self.stage_steps, "reference_stage": self.reference_stage,
                                 "reference_fingerprint": self.reference_fingerprint}

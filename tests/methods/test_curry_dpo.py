@@ -152,3 +152,81 @@ def test_resume_mid_stage_is_exact_with_checkpointed_margins(tmp_path):
     assert [s["stage"] for s in resumed.steps] == [1, 1, 2, 2, 2]
     assert [s["rows"] for s in resumed.steps] == [s["rows"] for s in straight.steps[4:]]
     assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in straight.steps[4:]], abs=1e-6)
+
+
+class _SmallFirstStage(RankedPreferenceDataModule):
+    """Stage 0 keeps its first batch only (16 pairs): stages of 1, 3 and 3 batches, so the next stage is larger."""
+
+    def stage_size(self, stage: int) -> int:
+        return 16 if stage == 0 else super().stage_size(stage)
+
+    def stage_rows(self, stage: int) -> list[int]:
+        rows = super().stage_rows(stage)
+        return rows[:16] if stage == 0 else rows
+
+
+def _run_saving_each_step(root, data_cls=RankedPreferenceDataModule, stop=-1, ckpt=None, when=None):
+    """A fit that writes a checkpoint at every step's on_train_batch_end (``when``: other ModelCheckpoint
+    arguments instead); returns the watch, trainer and module."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    watch = Watch()
+    saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{step}",
+                            **(when or {"every_n_train_steps": 1}))
+    data = data_cls(DataSource("builtin:ranked_preferences", limit=40), val_fraction=0.0, batch_size=16,
+                    max_length=40)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=stop, logger=False, callbacks=[watch, saver],
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=root)
+    module = _module(root)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    return watch, trainer, module
+
+
+def _same_weights(a: CurryDPOModule, b: CurryDPOModule) -> bool:
+    return model_fingerprint(a.policy) == model_fingerprint(b.policy)
+
+
+def test_resume_at_a_stage_boundary_into_a_larger_stage_trains_all_of_it(tmp_path):
+    """A checkpoint written at stage 0's last batch (before the epoch-end hooks), resumed into a stage with more
+    batches: Lightning kept "1 of 1 batches done" for the 3-batch stage 1 and trained 2 of its 3 steps."""
+    straight, _, a = _run_saving_each_step(tmp_path / "a", _SmallFirstStage)
+    assert [s["stage"] for s in straight.steps] == [0, 1, 1, 1, 2, 2, 2]
+    _run_saving_each_step(tmp_path / "b", _SmallFirstStage, stop=1)
+    resumed, trainer, c = _run_saving_each_step(tmp_path / "c", _SmallFirstStage,
+                                                ckpt=tmp_path / "b" / "ckpt" / "step=1.ckpt")
+    assert trainer.global_step == 7
+    assert [s["rows"] for s in resumed.steps] == [s["rows"] for s in straight.steps[1:]]
+    assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in straight.steps[1:]], abs=1e-6)
+    assert _same_weights(a, c)
+
+
+def test_resume_at_a_stage_boundary_then_again_mid_stage_is_exact(tmp_path):
+    """Equal stages (3 batches each): stopped at stage 0's last batch, resumed and stopped again mid stage 1, then
+    resumed once more. Lightning started the resumed stage 1 as a "restarted" epoch it never counted started, so
+    the second checkpoint read as one after the stage's end and stage 1 ran again from its first batch (11 steps)."""
+    straight, _, a = _run_saving_each_step(tmp_path / "a")
+    _run_saving_each_step(tmp_path / "b", stop=3)
+    first, _, _ = _run_saving_each_step(tmp_path / "c", stop=5, ckpt=tmp_path / "b" / "ckpt" / "step=3.ckpt")
+    second, trainer, d = _run_saving_each_step(tmp_path / "d", ckpt=tmp_path / "c" / "ckpt" / "step=5.ckpt")
+    assert trainer.global_step == 9
+    assert [s["stage"] for s in first.steps + second.steps] == [1, 1, 1, 2, 2, 2]
+    assert [s["rows"] for s in first.steps + second.steps] == [s["rows"] for s in straight.steps[3:]]
+    losses = [s["loss"] for s in first.steps + second.steps]
+    assert losses == pytest.approx([s["loss"] for s in straight.steps[3:]], abs=1e-6)
+    assert _same_weights(a, d)
+
+
+@pytest.mark.parametrize("when, name", [({"save_on_train_epoch_end": True}, "step=4.ckpt"),
+                                        ({"every_n_train_steps": 100, "save_last": True}, "last.ckpt")])
+def test_resume_from_the_epoch_end_checkpoint_of_a_fit_stopped_mid_stage_finishes_the_stage(tmp_path, when, name):
+    """max_steps stops the fit after stage 1's first batch; ModelCheckpoint then saves in the epoch-end hooks
+    (save_on_train_epoch_end) or in on_train_end (save_last). Lightning counted that epoch processed, so a resume
+    skipped stage 1's other 2 steps."""
+    straight, _, a = _run_saving_each_step(tmp_path / "a")
+    _run_saving_each_step(tmp_path / "b", stop=4, when=when)
+    resumed, trainer, c = _run_saving_each_step(tmp_path / "c", ckpt=tmp_path / "b" / "ckpt" / name, when=when)
+    assert trainer.global_step == 9
+    assert [s["rows"] for s in resumed.steps] == [s["rows"] for s in straight.steps[4:]]
+    assert _same_weights(a, c)

@@ -406,3 +406,20 @@ def test_a_rank_with_every_prompt_cached_still_runs_the_sampler_when_another_ran
     zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert one["generated"] == 2 and one["forwards"] > 0
     assert zero["generated"] == 0 and zero["forwards"] > 0 and zero["same"] is True
+
+
+def test_resume_at_an_iteration_boundary_then_again_mid_iteration_is_exact(tmp_path):
+    """Stopped at iteration 0's last step (a checkpoint before the epoch-end hooks), resumed and stopped again
+    mid iteration 1, resumed once more: 6 steps and the straight run's weights. Lightning alone counted the resumed
+    iteration 1 as never started, so the second checkpoint read as written after its end: iteration 1 ran twice."""
+    ckpt_args = ["--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
+    straight = _cli(tmp_path / "a")
+    _cli(tmp_path / "b", *ckpt_args, "--trainer.max_steps", "2")
+    _cli(tmp_path / "c", *ckpt_args, "--trainer.max_steps", "3",
+         "--ckpt_path", str(next((tmp_path / "b").rglob("*step=2.ckpt"))))
+    resumed = _cli(tmp_path / "d", "--ckpt_path", str(next((tmp_path / "c").rglob("*step=3.ckpt"))))
+    assert resumed.trainer.global_step == 6
+    a, d = straight.model.policy.state_dict(), resumed.model.policy.state_dict()
+    for name in a:
+        torch.testing.assert_close(d[name], a[name], rtol=0, atol=0, msg=name)
