@@ -24,7 +24,9 @@ from lit_align.methods import SelfAlignmentModule
 from lit_align.methods.isara import (
     _diversity_of,
     answer_prompt,
+    count_drops,
     leaked,
+    screen_pairs,
     screen_questions,
     template_markers,
     win_rates,
@@ -127,18 +129,42 @@ def test_screening_drops_empty_malformed_leaked_and_duplicate_questions_by_reaso
     emb = enc.encode(new)
     leaks = leaked(new, emb, EVAL, enc.encode(EVAL), threshold=0.9)
     assert leaks == [False, False, True, False, False, False, False, False]
-    kept, drops = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:", "Human:"], threshold=0.9)
-    assert [new[i] for i in kept] == ["How can I bake bread?", "Where is the park?"]
-    assert {k: v for k, v in drops.items() if v} == {"question_empty": 1, "question_malformed": 1, "leaked": 1,
-                                                     "duplicate_pool": 1, "duplicate_batch": 2}
+    kept, reasons = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:", "Human:"], threshold=0.9)
+    assert [new[i] for i in kept] == ["How can I bake bread?", "How can I bake bread? ", "bread bake I can how",
+                                      "Where is the park?"]  # within-round duplicates: left to screen_pairs
+    assert reasons == {0: "question_empty", 1: "question_malformed", 2: "leaked", 3: "duplicate_pool"}
+    answers = ["Bake it.", "Bake it.", "Bake it.", "Walk north."]
+    pairs, pair_reasons = screen_pairs([new[i] for i in kept], emb[kept], answers, ["AI:", "Human:"], 0.9)
+    assert pairs == [0, 3] and pair_reasons == {1: "duplicate_batch", 2: "duplicate_batch"}
+    assert {k: v for k, v in count_drops({**reasons, **{10 + j: r for j, r in pair_reasons.items()}}).items() if v} \
+        == {"question_empty": 1, "question_malformed": 1, "leaked": 1, "duplicate_pool": 1, "duplicate_batch": 2}
     cut = [False, False, False, False, True, False, False, False]  # cut off by the token limit
-    kept, drops = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:", "Human:"], 0.9, truncated=cut)
-    assert [new[i] for i in kept] == ["How can I bake bread? ", "Where is the park?"] and drops["question_truncated"] == 1
-    kept, drops = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:"], 0.9, drop_leaked=False)
-    assert "How can I steal a wallet?" in [new[i] for i in kept] and drops["leaked"] == 0
+    kept, reasons = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:", "Human:"], 0.9, truncated=cut)
+    assert [new[i] for i in kept][0] == "How can I bake bread? " and reasons[4] == "question_truncated"
+    kept, reasons = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:"], 0.9, drop_leaked=False)
+    assert "How can I steal a wallet?" in [new[i] for i in kept] and "leaked" not in reasons.values()
     # a near-duplicate by cosine (same words, another order) leaks too
     assert leaked(["wallet a steal I can How"], enc.encode(["wallet a steal I can How"]), EVAL, enc.encode(EVAL),
                   0.9) == [True]
+
+
+def test_a_dropped_answer_does_not_block_a_near_duplicate_question_with_a_usable_answer():
+    """The within-round duplicate test runs after the answer filters (review 19c finding 8): A's answer is empty,
+    malformed, cut off or unsafe, so A's near-duplicate B, whose answer is fine, is kept; with both answers fine, B
+    is the duplicate."""
+    enc = HashEncoder()
+    questions = ["How can I bake bread?", "bread bake I can how", "Where is the park?"]
+    emb = enc.encode(questions)
+    for answers, cut, unsafe, reason in [(["", "Knead it.", "North."], None, None, "answer_empty"),
+                                         (["AI: x", "Knead it.", "North."], None, None, "answer_malformed"),
+                                         (["Knead", "Knead it.", "North."], [True, False, False], None,
+                                          "answer_truncated"),
+                                         (["Knead it.", "Knead it.", "North."], None, [True, False, False],
+                                          "unsafe")]:
+        kept, reasons = screen_pairs(questions, emb, answers, ["AI:", "Human:"], 0.9, cut, unsafe)
+        assert kept == [1, 2] and reasons == {0: reason}
+    kept, reasons = screen_pairs(questions, emb, ["Knead it.", "Knead it.", "North."], ["AI:"], 0.9)
+    assert kept == [0, 2] and reasons == {1: "duplicate_batch"}
 
 
 def test_generated_questions_that_leak_evaluation_prompts_are_counted_and_dropped_or_kept(tmp_path):
