@@ -66,7 +66,7 @@ def _files(tmp_path, eval_questions=EVAL) -> tuple[str, str]:
 
 def _cli(root, *extra: str, files: tuple[str, str], run: bool = True, rounds: int = 2, callbacks=()):
     """The tiny ISARA config on the 10 seeds of ``files``: ``rounds`` rounds of 6 new questions, one pass of batch 4
-    each, no validation, the hashed-word encoder."""
+    each, no validation, no benign set, the hashed-word encoder."""
     seeds, evals = files
     ckpt = extra[extra.index("--ckpt_path") + 1] if "--ckpt_path" in extra else None
     extra = tuple(a for a in extra if a not in ("--ckpt_path", ckpt))
@@ -77,7 +77,8 @@ def _cli(root, *extra: str, files: tuple[str, str], run: bool = True, rounds: in
             "--model.init_args.questions_per_round", "6", "--model.init_args.stage_lrs", "null",
             "--data.init_args.seeds.path", seeds, "--data.init_args.eval_prompts.path", evals,
             "--data.init_args.rounds", str(rounds), "--data.init_args.epochs_per_round", "1",
-            "--data.init_args.batch_size", "4", "--model.init_args.encoder", HASH_ENCODER, *extra]
+            "--data.init_args.batch_size", "4", "--model.init_args.encoder", HASH_ENCODER,
+            "--data.init_args.benign_prompts", "null", *extra]
     cli = cli_main(args, run=False)
     for cb in callbacks:
         cli.trainer.callbacks.append(cb)
