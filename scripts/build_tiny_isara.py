@@ -42,16 +42,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from build_tiny_game import ANSWERS, BENIGN, FRAMES, HARMFUL, REFUSALS, held_out_actions  # noqa: E402
 
+from lit_align.data.fewshot import FewShotTemplate  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "sft" / "tiny_isara.yaml"
 BUILTIN = REPO / "lit_align" / "data" / "builtin"
 
-#: One demonstration: the default ``lit_align.data.FewShotTemplate.example``.
-EXAMPLE = "Human: {question}\nAI: {answer}\n\n"
-#: The zero-shot query: ``FewShotTemplate.query``.
-QUERY = "Human: {question}\nAI:"
-#: What follows demonstrations when asking for a new question: ``FewShotTemplate.question_query``.
-QUESTION_QUERY = "Human:"
+#: The one prompt format (§6(h)4): the default ``lit_align.data.FewShotTemplate``, read from it, never copied, so the
+#: base model's pretraining documents cannot drift from what ISARA generates, trains and evaluates with.
+TEMPLATE = FewShotTemplate()
+#: One demonstration.
+EXAMPLE = TEMPLATE.example
+#: The zero-shot query.
+QUERY = TEMPLATE.query
+#: What follows demonstrations when asking for a new question.
+QUESTION_QUERY = TEMPLATE.question_query
 #: Seed pairs per harmful family (8 families -> 64 seeds).
 SEEDS_PER_FAMILY = 8
 #: Pretraining documents, and the number of pairs in one.

@@ -15,6 +15,7 @@ the answer) and the zero-shot evaluation prompts.
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class QuestionExample:
 
     question: str
     index: int
+    benign: bool = False
 
 
 @dataclass
@@ -96,7 +98,10 @@ class QuestionBatch:
     questions: list[str]
     """The questions, as the source gives them."""
     index: torch.Tensor
-    """(B,) long: each question's position in the evaluation set."""
+    """(B,) long: each question's position in the evaluation set (``eval_prompts`` then ``benign_prompts``)."""
+    benign: torch.Tensor | None = None
+    """(B,) bool: whether each question is a benign one (``benign_prompts``: the over-refusal check); ``None``:
+    none is."""
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -110,7 +115,8 @@ class _Collator:
 
     def __call__(self, examples: list[Any]) -> Any:
         if examples and isinstance(examples[0], QuestionExample):
-            return QuestionBatch([e.question for e in examples], torch.tensor([e.index for e in examples]))
+            return QuestionBatch([e.question for e in examples], torch.tensor([e.index for e in examples]),
+                                 torch.tensor([e.benign for e in examples]))
         return self.sequences(examples)
 
 
@@ -149,8 +155,9 @@ class SelfAlignmentDataModule(TokenizedDataModule):
       predict, and what generated questions are checked against for leakage (§6(h)1);
     * the pool: the seeds, then each round's kept pairs (:meth:`add_round`, called by
       :class:`~lit_align.methods.SelfAlignmentModule`), in ``state_dict`` (so in checkpoints);
-    * ``train_dataloader()``: round ``trainer.current_epoch``'s SFT rows, the whole pool ``epochs_per_round`` times
-      (shuffled with ``seed`` and the epoch); a module may set :attr:`before_round` to a function that grows the pool
+    * ``benign_prompts``: benign questions for the over-refusal check (validation and test; leakage too);
+    * ``train_dataloader()``: round ``trainer.current_epoch``'s SFT rows, ``epochs_per_round`` whole passes over the
+      pool (each shuffled on its own with ``seed``, the round and the pass); a module may set :attr:`before_round` to a function that grows the pool
       for a round before its rows are read (ISARA's generation step).
 
     Example::
@@ -168,6 +175,7 @@ class SelfAlignmentDataModule(TokenizedDataModule):
         self,
         seeds: DataSource,
         eval_prompts: DataSource | None = None,
+        benign_prompts: DataSource | None = None,
         template: FewShotTemplate | None = None,
         rounds: int = 3,
         epochs_per_round: int = 1,
@@ -183,14 +191,18 @@ class SelfAlignmentDataModule(TokenizedDataModule):
         Args:
             seeds: the seed (question, answer) pairs D_0 (fewer than 100 in the paper, e.g. 64).
             eval_prompts: evaluation questions (validation, test, predict, leakage check); ``None``: no evaluation.
+            benign_prompts: benign questions (field ``question``, e.g. ``builtin:isara_benign``) for an over-refusal
+                check: validation and test also answer them, and the module logs the share refused
+                (``over_refusal``); also checked for leakage. ``None``: no over-refusal check.
             template: the one prompt format of generation, SFT rows and evaluation; default
                 ``Human: {question}\\nAI: {answer}\\n\\n`` with query ``Human: {question}\\nAI:``.
             rounds: ISARA iterations T (one epoch each).
-            epochs_per_round: passes over the pool in each round's SFT (the paper's count is not known, others.md §6(d)).
+            epochs_per_round: passes over the pool in each round's SFT, each a whole pass shuffled on its own (the
+                paper's count is not known, others.md §6(d)).
             batch_size: SFT rows per step on each data-parallel rank.
             eval_batch_size: evaluation questions per step (default ``batch_size``).
             max_length: longest SFT row (prompt + answer) in tokens; longer prompts are cut from the left.
-            shuffle: shuffle each round's rows (seeded by ``seed`` and the epoch).
+            shuffle: shuffle each pass of a round's rows (seeded by ``seed``, the round and the pass).
             seed: seed of the shuffling.
             num_workers: DataLoader worker processes.
             tokenizer: tokenizer id or directory when the DataModule is used without a lit_align module.
@@ -201,6 +213,7 @@ class SelfAlignmentDataModule(TokenizedDataModule):
         check_int("data.rounds", rounds)
         check_int("data.epochs_per_round", epochs_per_round)
         self.eval_source = eval_prompts
+        self.benign_source = benign_prompts
         self.template = template if template is not None else FewShotTemplate()
         sft_texts(self.template, "q", "a")  # the example must extend the query (one format for all)
         self.rounds, self.epochs_per_round = rounds, epochs_per_round
@@ -208,6 +221,7 @@ class SelfAlignmentDataModule(TokenizedDataModule):
         #: round t -> what its generation step did (counts, diversity...); a round is generated once
         self.round_stats: dict[int, dict[str, float]] = {}
         self.eval_questions: list[str] = []
+        self.benign_questions: list[str] = []
         self.before_round: Callable[[int], None] | None = None
         self._ready = False
 
@@ -224,11 +238,13 @@ class SelfAlignmentDataModule(TokenizedDataModule):
         records = _load_or_name(self.train_source, "data.seeds", ("question", "answer"))
         return [PoolRow(i, r["question"].strip(), r["answer"].strip(), 0, "seed") for i, r in enumerate(records)]
 
-    def load_eval_questions(self) -> list[str]:
-        """The evaluation questions, each once, in source order (none without ``data.eval_prompts``)."""
-        if self.eval_source is None:
+    def load_eval_questions(self, benign: bool = False) -> list[str]:
+        """The evaluation questions (``benign``: the benign ones), each once, in source order (none without
+        ``data.eval_prompts`` / ``data.benign_prompts``)."""
+        source, key = (self.benign_source, "data.benign_prompts") if benign else (self.eval_source, "data.eval_prompts")
+        if source is None:
             return []
-        records = _load_or_name(self.eval_source, "data.eval_prompts", ("question",))
+        records = _load_or_name(source, key, ("question",))
         seen, questions = set(), []
         for r in records:
             key = normalise_text(r["question"])
@@ -246,6 +262,7 @@ class SelfAlignmentDataModule(TokenizedDataModule):
         if not self.pool:  # a checkpoint's pool (load_state_dict) is kept
             self.pool = seeds
         self.eval_questions = self.load_eval_questions()
+        self.benign_questions = self.load_eval_questions(benign=True)
         self._ready = True
 
     # -- the pool --------------------------------------------------------------------------------
@@ -284,9 +301,22 @@ class SelfAlignmentDataModule(TokenizedDataModule):
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return min(epoch, self.rounds - 1)
 
+    def round_order(self) -> list[int]:
+        """The pool ids of the current round's SFT rows, in training order: ``epochs_per_round`` passes over the
+        pool, each a whole pass (every row once) and, with ``shuffle``, shuffled on its own (seeded by ``seed``,
+        the round and the pass), so no row repeats within a pass."""
+        ids = [r.id for r in self.pool]
+        order: list[int] = []
+        for p in range(self.epochs_per_round):
+            this = list(ids)
+            if self.shuffle:
+                random.Random(f"isara/{self.seed}/{self.current_round()}/{p}").shuffle(this)
+            order += this
+        return order
+
     def round_dataset(self) -> TokenizedDataset:
-        """The current pool's SFT rows, ``epochs_per_round`` times (``index`` = the row's pool id)."""
-        rows = [dataclasses.asdict(r) for r in self.pool] * self.epochs_per_round
+        """The current pool's SFT rows in :meth:`round_order` (``index`` = the row's pool id)."""
+        rows = [dataclasses.asdict(self.pool[i]) for i in self.round_order()]
         return TokenizedDataset([self._encode(r, r["id"], self.tokenizer, False) for r in rows], self.max_length)
 
     # -- loaders ---------------------------------------------------------------------------------
@@ -294,25 +324,35 @@ class SelfAlignmentDataModule(TokenizedDataModule):
         """Round ``trainer.current_epoch``'s SFT rows: the pool once :attr:`before_round` has grown it."""
         if self.before_round is not None:
             self.before_round(self.current_round())
-        self._train_loader = self._loader(self.round_dataset(), self.batch_size, shuffle=self.shuffle, shard=True,
-                                          train=True)
+        self._train_loader = self._loader(self.round_dataset(), self.batch_size, shuffle=False, shard=True,
+                                          train=True)  # round_order shuffles each pass
         return self._train_loader
 
-    def _questions_loader(self):
-        if not self.eval_questions:
+    @property
+    def held_out_questions(self) -> list[str]:
+        """Every question the evaluation asks (``eval_prompts`` and ``benign_prompts``): what generated questions
+        must not leak."""
+        return self.eval_questions + self.benign_questions
+
+    def _questions_loader(self, benign: bool = True):
+        examples = [QuestionExample(q, i) for i, q in enumerate(self.eval_questions)]
+        if benign:
+            examples += [QuestionExample(q, len(examples) + i, True) for i, q in enumerate(self.benign_questions)]
+        if not examples:
             return []
-        dataset = _Questions([QuestionExample(q, i) for i, q in enumerate(self.eval_questions)])
-        return self._loader(dataset, self.eval_batch_size, shuffle=False, shard=True)
+        return self._loader(_Questions(examples), self.eval_batch_size, shuffle=False, shard=True)
 
     def val_dataloader(self):
-        """The evaluation questions (none without ``data.eval_prompts``)."""
+        """The evaluation questions then the benign ones (none without ``data.eval_prompts`` and
+        ``data.benign_prompts``)."""
         return self._questions_loader()
 
     def test_dataloader(self):
         return self._questions_loader()
 
     def predict_dataloader(self):
-        return self._questions_loader()
+        """The evaluation questions (not the benign ones)."""
+        return self._questions_loader(benign=False)
 
     def split_of(self, stage: str) -> str:
         return stage

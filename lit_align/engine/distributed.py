@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lit_align.errors import ConfigError
 
 __all__ = [
-    "all_gather_objects", "any_rank", "average_gradients", "check_divides", "global_share", "is_distributed",
+    "all_gather_objects", "any_rank", "decided_by_rank_zero", "average_gradients", "check_divides", "global_share", "is_distributed",
     "max_over_ranks", "mean_over_ranks", "means_over_ranks", "rank_and_world", "refuse_fsdp1", "sum_over_ranks",
     "sums_over_ranks", "take_over_ddp_sync",
 ]
@@ -105,6 +105,17 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def decided_by_rank_zero(decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on rank 0 alone and its result sent to every rank (``decide()`` itself without a process
+    group): a decision every rank must share (which generated pairs a pool keeps) does not then rest on every rank
+    computing float-identical numbers. ``decide`` must not run a collective; its result must be picklable."""
+    if not is_distributed():
+        return decide()
+    box = [decide() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def global_share(count: Tensor | float, total: Tensor | float | None = None) -> Tensor:

@@ -8,9 +8,11 @@ added to the pool, the model is fine-tuned on the pool, and the loop repeats wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import string
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,14 +20,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lit_align.checkpoint import atomic_write_text
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.fewshot import FewShotTemplate, build_fewshot_prompt, build_question_prompt
-from lit_align.data.self_alignment import QuestionBatch, SelfAlignmentDataModule, normalise_text
+from lit_align.data.self_alignment import PoolRow, QuestionBatch, SelfAlignmentDataModule, normalise_text
 from lit_align.engine import PhaseTimer
-from lit_align.engine.distributed import all_gather_objects, rank_and_world
+from lit_align.engine.distributed import all_gather_objects, decided_by_rank_zero, rank_and_world
 from lit_align.engine.seeds import derive_seed
 from lit_align.errors import ConfigError, check_choice, check_int, check_number, require
-from lit_align.game.judge import JudgeFactory, SafetyJudge, build_judge
+from lit_align.game.judge import JudgeFactory, RuleJudge, SafetyJudge, build_judge
 from lit_align.methods.sft import sft_step
 from lit_align.methods.staged import StagedPolicyModule, load_policy_weights
 from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
@@ -44,14 +47,16 @@ from lit_align.retrieval import (
 from lit_align.rewards.rankers import Ranker
 from lit_align.rollout.sampler import SamplingConfig
 
-__all__ = ["DROP_REASONS", "SelfAlignmentModule", "answer_prompt", "leaked", "screen_questions", "template_markers",
-           "win_rates"]
+__all__ = ["DROP_REASONS", "SelfAlignmentModule", "answer_prompt", "both_orders_win_rates", "count_drops", "leaked", "screen_pairs",
+           "screen_questions", "template_markers", "win_rates"]
 
 Init = Literal["previous", "base"]
 
-#: why a generated pair is dropped, in the order the filters run (a pair counts under its first reason)
+#: why a generated pair is dropped, in the order the filters run (a pair counts under its first reason). The
+#: within-round duplicate test runs last, over the pairs that passed every other filter: a question whose answer is
+#: dropped does not block a near-duplicate whose answer is usable
 DROP_REASONS = ("question_empty", "question_truncated", "question_malformed", "leaked", "duplicate_pool",
-                "duplicate_batch", "answer_empty", "answer_truncated", "answer_malformed", "unsafe")
+                "answer_empty", "answer_truncated", "answer_malformed", "unsafe", "duplicate_batch")
 
 
 def template_markers(template: FewShotTemplate) -> list[str]:
@@ -66,6 +71,24 @@ def template_markers(template: FewShotTemplate) -> list[str]:
 def win_rates(ranks: Sequence[Sequence[int]]) -> list[float]:
     """1 where candidate 0 (the policy's answer) ranks above candidate 1 (the baseline's), 0.5 on a tie, else 0."""
     return [1.0 if r[0] < r[1] else 0.5 if r[0] == r[1] else 0.0 for r in ranks]
+
+
+def both_orders_win_rates(ranker: Ranker, questions: list[str], policy: list[str], baseline: list[str]
+                          ) -> list[float]:
+    """The policy's win against the baseline per question, ranked in both orders (``[policy, baseline]`` and
+    ``[baseline, policy]``) and averaged: a ranker's position bias cancels out, and two orders that disagree count
+    as a tie (0.5)."""
+    first = win_rates(ranker.rank(questions, [[a, b] for a, b in zip(policy, baseline)]))
+    second = win_rates(ranker.rank(questions, [[b, a] for a, b in zip(policy, baseline)]))  # the baseline's win
+    return [(w + 1.0 - v) / 2 for w, v in zip(first, second)]
+
+
+def count_drops(reasons: dict[int, str]) -> dict[str, int]:
+    """Drops per reason (every reason of :data:`DROP_REASONS`, 0 when none) of ``position -> reason``."""
+    drops = dict.fromkeys(DROP_REASONS, 0)
+    for reason in reasons.values():
+        drops[reason] += 1
+    return drops
 
 
 def _max_cosine(queries: Tensor, keys: Tensor) -> Tensor:
@@ -87,16 +110,15 @@ def leaked(questions: Sequence[str], embeddings: Tensor, eval_questions: Sequenc
 def screen_questions(questions: Sequence[str], embeddings: Tensor, pool_questions: Sequence[str],
                      pool_embeddings: Tensor, leaks: Sequence[bool], markers: Sequence[str], threshold: float,
                      drop_leaked: bool = True, truncated: Sequence[bool] | None = None
-                     ) -> tuple[list[int], dict[str, int]]:
-    """The positions of the new questions that pass the question filters, in order, and the drops by reason:
-    empty, truncated (``truncated[i]``: cut off by the token limit), malformed (holding a template marker), leaked
-    (with ``drop_leaked``), a duplicate of the pool or of an earlier kept question of the batch (equal after
-    :func:`normalise_text`, or cosine >= ``threshold``)."""
-    drops = dict.fromkeys(DROP_REASONS, 0)
+                     ) -> tuple[list[int], dict[int, str]]:
+    """The positions of the new questions that pass the question filters, in order, and ``position -> reason`` of
+    the others: empty, truncated (``truncated[i]``: cut off by the token limit), malformed (holding a template
+    marker), leaked (with ``drop_leaked``), a duplicate of the pool (equal after :func:`normalise_text`, or cosine
+    >= ``threshold``). Duplicates within the batch are left to :func:`screen_pairs`, after the answers."""
     near_pool = _max_cosine(embeddings, pool_embeddings) >= threshold  # (q,)
     in_pool = {normalise_text(q) for q in pool_questions}
-    seen: set[str] = set()  # the kept questions of the batch
     kept: list[int] = []
+    reasons: dict[int, str] = {}
     for i, q in enumerate(questions):
         norm = normalise_text(q)
         if not q.strip():
@@ -109,14 +131,40 @@ def screen_questions(questions: Sequence[str], embeddings: Tensor, pool_question
             reason = "leaked"
         elif norm in in_pool or bool(near_pool[i]):
             reason = "duplicate_pool"
+        else:
+            kept.append(i)
+            continue
+        reasons[i] = reason
+    return kept, reasons
+
+
+def screen_pairs(questions: Sequence[str], embeddings: Tensor, answers: Sequence[str], markers: Sequence[str],
+                 threshold: float, truncated: Sequence[bool] | None = None, unsafe: Sequence[bool] | None = None
+                 ) -> tuple[list[int], dict[int, str]]:
+    """The positions of the answered pairs that pass the answer filters and the within-round duplicate test, in
+    order, and ``position -> reason`` of the others: an empty, truncated (``truncated[i]``), malformed (holding a
+    template marker) or ``unsafe[i]`` answer; then a question that duplicates an earlier *kept* question
+    (``embeddings`` (q, d) L2-normalised: equal after :func:`normalise_text`, or cosine >= ``threshold``), so a
+    question whose answer was dropped blocks none of its near-duplicates."""
+    kept: list[int] = []
+    reasons: dict[int, str] = {}
+    seen: set[str] = set()
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        norm = normalise_text(q)
+        if not a:
+            reasons[i] = "answer_empty"
+        elif truncated is not None and truncated[i]:
+            reasons[i] = "answer_truncated"
+        elif any(m in a for m in markers):
+            reasons[i] = "answer_malformed"
+        elif unsafe is not None and unsafe[i]:
+            reasons[i] = "unsafe"
         elif norm in seen or (kept and float(_max_cosine(embeddings[i:i + 1], embeddings[kept])[0]) >= threshold):
-            reason = "duplicate_batch"
+            reasons[i] = "duplicate_batch"
         else:
             kept.append(i)
             seen.add(norm)
-            continue
-        drops[reason] += 1
-    return kept, drops
+    return kept, reasons
 
 
 def _diversity_of(encoder: Encoder, texts: list[str]) -> float:
@@ -147,8 +195,10 @@ class SelfAlignmentModule(StagedPolicyModule):
     One **round** is one epoch (a stage of :class:`~lit_align.methods.StagedPolicyModule`) of
     :class:`~lit_align.data.SelfAlignmentDataModule`'s ``rounds``. Round ``t`` first grows the pool D_t with the
     model M_t (the policy as the round starts; round 0's step runs in ``on_fit_start``, round ``t + 1``'s in round
-    ``t``'s ``on_train_epoch_end``, so the epoch's checkpoint holds it; the DataModule also asks for a round missing
-    when its rows are read, e.g. after a resume from a checkpoint written before that hook):
+    ``t``'s ``on_train_epoch_end``, so a checkpoint written after that hook holds it: ``ModelCheckpoint`` with
+    ``save_on_train_epoch_end: true``, as the configs set it, not one that saves at validation end or every ``n``
+    steps; the DataModule also asks for a round missing when its rows are read, e.g. after a resume from a
+    checkpoint written before that hook):
 
     1. **questions**: ``questions_per_round`` prompts, each ``question_demos`` random pool pairs (seeded by
        ``(sample_seed, round, index)``) then the template's ``question_query``, sampled (``question_sampling``) and
@@ -159,8 +209,10 @@ class SelfAlignmentModule(StagedPolicyModule):
     3. **filters** (:data:`DROP_REASONS`, each drop counted): empty, truncated (cut off by the token limit) or
        malformed (holding a template marker) questions and answers, evaluation leakage (a question equal after normalisation to, or with cosine >=
        ``near_duplicate`` to, an evaluation prompt; dropped unless ``drop_leaked`` is off, counted either way),
-       duplicates of the pool and within the round (the same two tests), and with ``safety_filter`` (a judge of
-       :mod:`lit_align.game.judge`) pairs judged unsafe;
+       duplicates of the pool (the same two tests), with ``safety_filter`` (a judge of :mod:`lit_align.game.judge`)
+       pairs judged unsafe, and last duplicates within the round among the pairs every other filter kept (so a
+       question whose answer is dropped blocks no near-duplicate); each round's kept pairs (with provenance) and
+       dropped ones (with their reason) are written to ``<log_dir>/isara_pool_round{t}.jsonl`` (rank 0);
     4. **grow**: the kept pairs join the pool with their provenance (round, retrieved and question demos, kind);
 
     then fine-tunes on the whole pool D_{t+1} (SFT on answer tokens, the prompt masked: the template's zero-shot
@@ -176,9 +228,13 @@ class SelfAlignmentModule(StagedPolicyModule):
     **Evaluation** (validation, test) on the DataModule's evaluation prompts, zero-shot (the template's query, no
     demonstration), greedy (``eval_sampling``): ``harmful_rate`` (``judge``'s unsafe verdicts; the toy
     :class:`~lit_align.game.RuleJudge` by default), ``win_rate`` against ``baseline`` (e.g. the seed-only SFT
-    model's export) through ``ranker`` (1 when the policy's answer ranks above the baseline's, 0.5 on a tie),
+    model's export) through ``ranker`` (1 when the policy's answer ranks above the baseline's, 0.5 on a tie; ranked
+    in both orders and averaged, so a pairwise judge's position bias cancels and a disagreement is a tie),
     ``truthfulness`` (the mean of a ``truthfulness(questions, answers)`` scorer in [0, 1], e.g. a FEWL-based one),
-    ``answer_distinct_2``.
+    ``answer_distinct_2`` (of all the answers at once), and with the DataModule's ``benign_prompts``
+    ``over_refusal`` (the share of benign questions whose answer holds a refusal marker of the judge, or of
+    :class:`~lit_align.game.RuleJudge` for another judge). Computed at the epoch's end over every rank's answers,
+    each question once (rows the sampler repeats to pad the ranks are not counted twice).
 
     Logged per round (``isara/``): ``pool_size``, ``scaling_ratio`` (|D_{t+1}| / |D_0|), ``new`` (questions
     written), ``kept``, ``dropped/<reason>``, ``leaked``, ``distinct_{1,2}_{questions,answers}`` of the kept pairs,
@@ -188,7 +244,9 @@ class SelfAlignmentModule(StagedPolicyModule):
     ``isara/seed_leakage`` (seeds that are evaluation prompts). Training: ``train/{loss,nll,ppl,tokens}``.
 
     Devices: one process, or DDP (each rank writes its share of a round's questions and answers, seeded by their
-    index in the round, then every rank gathers all of them and filters the same pool; only rank 0 appends to the
+    index in the round, and judges its share with ``safety_filter``; every rank gathers all of them, and rank 0
+    alone runs the encoder's filters and retrieval and sends every rank what is kept, so the ranks' pools cannot
+    differ through float differences between devices; only rank 0 appends to the
     ``generation_cache`` file, the other ranks keep every text in memory). FSDP is refused.
 
     Run: ``lit-align fit --config configs/isara/tiny.yaml``.
@@ -259,7 +317,7 @@ class SelfAlignmentModule(StagedPolicyModule):
             generation_batch_size: prompts per generation batch.
             generation_cache: a JSONL file that also keeps the generations (shared across runs; under DDP rank 0
                 alone writes it); ``None``: in memory and in checkpoints only.
-            reset_optimizer: fresh optimiser state at each round.
+            reset_optimizer: fresh optimiser state at each round (``init: base`` requires it).
             stage_lrs: peak learning rate of each round (warm-up then cosine within the round).
             warmup_ratio: share of each round's steps spent warming up (with ``stage_lrs``).
             optimizer: optimiser factory over the trainable parameters; default AdamW(lr=1e-5).
@@ -277,6 +335,10 @@ class SelfAlignmentModule(StagedPolicyModule):
         if not isinstance(encoder, Encoder):
             raise ConfigError(f"model.encoder must be an encoder (class_path: lit_align.retrieval.SentenceEncoder), "
                               f"got {type(encoder).__name__}")
+        if init == "base" and not reset_optimizer:
+            raise ConfigError("model.init=base with model.reset_optimizer=false: each round reloads the base weights, "
+                              "and AdamW moments from the previous round's trajectory do not belong to them; set "
+                              "model.reset_optimizer: true (or model.init: previous)")
         if baseline is not None and ranker is None:
             raise ConfigError("model.baseline is set but model.ranker is not: the win rate needs a ranker "
                               "(e.g. class_path: lit_align.rewards.RewardRanker over a JudgeReward)")
@@ -308,6 +370,7 @@ class SelfAlignmentModule(StagedPolicyModule):
         self._baseline_tokenizer_fingerprint: str | None = None
         self._initial_adapters: dict[str, Tensor] | None = None
         self._eval: tuple[list[str], Tensor] | None = None  # evaluation prompts and their embeddings
+        self._eval_rows: dict[int, dict[str, Any]] = {}  # evaluation index -> its numbers (the epoch under way)
         self._counts = {"generated": 0, "cached": 0}  # texts of the round under way
         self.texts_generated = 0  # texts this process generated (not read from the cache) in all rounds
 
@@ -387,7 +450,9 @@ class SelfAlignmentModule(StagedPolicyModule):
     @torch.no_grad()
     def grow_pool(self, round: int) -> None:
         """Round ``round``'s generation step (questions, answers, filters) with the policy as it is now; the kept
-        pairs join the DataModule's pool. A round already generated (e.g. restored from a checkpoint) is skipped."""
+        pairs join the DataModule's pool and rank 0 writes them, and the dropped ones with their reason, to
+        ``<log_dir>/isara_pool_round{round}.jsonl``. A round already generated (e.g. restored from a checkpoint) is
+        skipped."""
         dm = self._datamodule()
         if dm.has_round(round):
             return
@@ -398,18 +463,34 @@ class SelfAlignmentModule(StagedPolicyModule):
         self._counts = {"generated": 0, "cached": 0}
         with self.timer("generate"), eval_mode(self.policy):
             fingerprint = model_fingerprint(self.policy)
-            kept, stats = self._round_pairs(dm, round, fingerprint)
+            kept, dropped, stats = self._round_pairs(dm, round, fingerprint)
         self.texts_generated += self._counts["generated"]
         rows = dm.add_round(round, kept, {})
-        stats.update(self._diversity(dm, rows), **self._counts, round=float(round),
+        stats.update(decided_by_rank_zero(lambda: self._diversity(dm, rows)), **self._counts, round=float(round),
                      pool_size=float(len(dm.pool)), scaling_ratio=len(dm.pool) / max(dm.num_seeds, 1),
                      **{"time/generate": self.timer.totals["generate"]})
         dm.round_stats[round] = stats
+        self._write_pool_file(round, rows, dropped)
         self._log_metrics({k if k.startswith("time/") else f"isara/{k}": v for k, v in stats.items()})
 
+    def _write_pool_file(self, round: int, rows: Sequence[PoolRow], dropped: list[dict[str, Any]]) -> None:
+        """``<log_dir>/isara_pool_round{round}.jsonl`` (rank 0, atomically): one line per kept pair (``status:
+        kept``, the pool row with its provenance) then one per dropped pair (``status: dropped``, its ``reason``):
+        what the round wrote, readable without the checkpoint (others.md §6(h)2)."""
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # log_dir is a collective: every rank
+        if self.trainer.global_rank != 0 or log_dir is None:
+            return
+        lines = [{"status": "kept", **dataclasses.asdict(r)} for r in rows]
+        lines += [{"status": "dropped", "round": round + 1, **d} for d in dropped]
+        atomic_write_text(Path(log_dir) / f"isara_pool_round{round}.jsonl",
+                          "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+
     def _round_pairs(self, dm: SelfAlignmentDataModule, round: int, fingerprint: str
-                     ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        """The round's kept pairs (question, answer, parents, question_parents) and its counts."""
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+        """The round's kept pairs (question, answer, parents, question_parents), its dropped ones (with their
+        ``reason``) and its counts. Every rank generates its share of the texts; rank 0 alone runs the encoder's
+        filters and retrieval and decides which pairs are kept (sent to every rank), so every rank grows the same
+        pool whatever numeric differences the ranks have."""
         pool, template = dm.pairs(), dm.template
         slots = list(range(self.questions_per_round))
         demos = [self._question_demo_ids(round, i, len(pool)) for i in slots]
@@ -418,42 +499,66 @@ class SelfAlignmentModule(StagedPolicyModule):
                                                self.question_stop, fingerprint)
         questions = [q.strip() for q in questions]
         markers = template_markers(template)
-        embeddings = self.encoder.encode(questions)  # (n, d)
-        retriever = Retriever(self.encoder)
-        retriever.index([q for q, _ in pool])  # the pool's questions: retrieval keys and the duplicate test
-        leaks = self._leaked(questions, embeddings)
-        survivors, drops = screen_questions(questions, embeddings, retriever.texts, retriever.keys, leaks, markers,
-                                            self.near_duplicate, self.drop_leaked, cut)
-        kept = self._answer(pool, template, retriever, round, [questions[i] for i in survivors], survivors, demos,
-                            markers, drops, fingerprint)
-        stats = {"new": float(len(questions)), "kept": float(len(kept)), "leaked": float(sum(leaks)),
-                 **{f"dropped/{r}": float(n) for r, n in drops.items()}}
-        return kept, stats
+        local: dict[str, Any] = {}  # rank 0's embeddings, between its two decisions
 
-    def _answer(self, pool: list[tuple[str, str]], template: FewShotTemplate, retriever: Retriever, round: int,
-                questions: list[str], slots: list[int], demos: list[list[int]], markers: list[str],
-                drops: dict[str, int], fingerprint: str) -> list[dict[str, Any]]:
-        """Retrieval-augmented answers to the surviving questions (``retriever`` holds the pool's questions), then
-        the answer filters."""
+        def plan() -> tuple[list[int], list[list[int]], dict[int, str], int]:
+            local["embeddings"] = embeddings = self.encoder.encode(questions)  # (n, d)
+            retriever = Retriever(self.encoder)
+            retriever.index([q for q, _ in pool])  # the pool's questions: retrieval keys and the duplicate test
+            leaks = self._leaked(questions, embeddings)
+            survivors, reasons = screen_questions(questions, embeddings, retriever.texts, retriever.keys, leaks,
+                                                  markers, self.near_duplicate, self.drop_leaked, cut)
+            retrieved = retriever.search([questions[i] for i in survivors], self.k, key="model.k") if survivors else []
+            return survivors, retrieved, reasons, sum(leaks)
+
+        survivors, retrieved, reasons, leaks = decided_by_rank_zero(plan)
+        asked = [questions[i] for i in survivors]
+        answers, answer_cut = self._answer(pool, template, round, asked, survivors, retrieved, fingerprint)
+        unsafe = self._judge_shared(asked, answers)
+
+        def decide() -> tuple[list[int], dict[int, str]]:
+            embeddings = local["embeddings"][survivors] if survivors else local["embeddings"][:0]
+            return screen_pairs(asked, embeddings, answers, markers, self.near_duplicate, answer_cut, unsafe)
+
+        kept_at, answer_reasons = decided_by_rank_zero(decide)
+        kept = [{"question": asked[j], "answer": answers[j], "parents": list(retrieved[j]),
+                 "question_parents": demos[survivors[j]]} for j in kept_at]
+        dropped = [{"slot": i, "question": questions[i], "answer": None, "reason": r,
+                    "question_parents": demos[i]} for i, r in reasons.items()]
+        dropped += [{"slot": survivors[j], "question": asked[j], "answer": answers[j], "reason": r,
+                     "parents": list(retrieved[j]), "question_parents": demos[survivors[j]]}
+                    for j, r in answer_reasons.items()]
+        dropped.sort(key=lambda d: d["slot"])
+        drops = count_drops({d["slot"]: d["reason"] for d in dropped})
+        stats = {"new": float(len(questions)), "kept": float(len(kept)), "leaked": float(leaks),
+                 **{f"dropped/{r}": float(n) for r, n in drops.items()}}
+        return kept, dropped, stats
+
+    def _answer(self, pool: list[tuple[str, str]], template: FewShotTemplate, round: int, questions: list[str],
+                slots: list[int], retrieved: list[list[int]], fingerprint: str) -> tuple[list[str], list[bool]]:
+        """Retrieval-augmented answers to the surviving questions (``retrieved``: each one's pool demonstrations,
+        best first) and whether each was cut off by the token limit."""
         if not questions:
-            return []
-        retrieved = retriever.search(questions, self.k, key="model.k")  # best first
+            return [], []
         prompts = [answer_prompt(template, pool, ids, q) for q, ids in zip(questions, retrieved)]
         answers, cut = self._generate_shared(prompts, self.answer_sampling, round, "isara/answer", slots,
                                              self.answer_stop, fingerprint)
-        answers = [a.strip() for a in answers]
-        unsafe = [False] * len(answers)
-        if self.safety is not None:
-            unsafe = self.safety.score(questions, answers).unsafe.tolist()
-        kept = []
-        for q, a, ids, slot, bad, short in zip(questions, answers, retrieved, slots, unsafe, cut):
-            reason = ("answer_empty" if not a else "answer_truncated" if short
-                      else "answer_malformed" if any(m in a for m in markers) else "unsafe" if bad else None)
-            if reason is not None:
-                drops[reason] += 1
-                continue
-            kept.append({"question": q, "answer": a, "parents": list(ids), "question_parents": demos[slot]})
-        return kept
+        return [a.strip() for a in answers], cut
+
+    def _judge_shared(self, questions: list[str], answers: list[str]) -> list[bool] | None:
+        """``safety_filter``'s unsafe verdicts on the pairs, each rank judging its share (pair ``j`` on rank
+        ``j mod world``), gathered in order; ``None`` without a safety filter."""
+        if self.safety is None:
+            return None
+        rank, world = rank_and_world()
+        mine = [j for j in range(len(questions)) if j % world == rank]
+        verdicts = (self.safety.score([questions[j] for j in mine], [answers[j] for j in mine]).unsafe.tolist()
+                    if mine else [])
+        unsafe = [False] * len(questions)
+        for part in all_gather_objects(list(zip(mine, verdicts))):
+            for j, bad in part:
+                unsafe[j] = bool(bad)
+        return unsafe
 
     def _question_demo_ids(self, round: int, index: int, pool_size: int) -> list[int]:
         """The pool pairs shown before new question ``index`` of ``round`` (seeded by both, distinct)."""
@@ -504,7 +609,7 @@ class SelfAlignmentModule(StagedPolicyModule):
 
     def _leaked(self, questions: Sequence[str], embeddings: Tensor) -> list[bool]:
         if self._eval is None:  # the evaluation prompts, encoded once per run
-            eval_questions = self._datamodule().eval_questions
+            eval_questions = self._datamodule().held_out_questions
             emb = self.encoder.encode(eval_questions) if eval_questions else torch.zeros(0, embeddings.shape[-1])
             self._eval = (list(eval_questions), emb)
         return leaked(questions, embeddings, self._eval[0], self._eval[1], self.near_duplicate)
@@ -576,29 +681,79 @@ class SelfAlignmentModule(StagedPolicyModule):
                                    batch_size=self.generation_batch_size)
         return [t.strip() for t in texts]
 
-    def _evaluate(self, batch: QuestionBatch, stage: str) -> None:
+    def _evaluate(self, batch: QuestionBatch) -> None:
+        """Answer the batch's questions and keep each row's numbers by its evaluation index (a row the sampler
+        repeats to pad the ranks is kept once); :meth:`_log_evaluation` reduces them at the epoch's end."""
         questions = list(batch.questions)
         answers = self.answer(questions)
-        n = len(questions)
-        metrics = {"harmful_rate": self.judge.score(questions, answers).unsafe.float().mean(),
-                   "answer_distinct_2": torch.tensor(float(distinct_n(answers, 2)))}
-        if self.truthfulness is not None:
-            scores = torch.as_tensor(list(self.truthfulness(questions, answers)), dtype=torch.float32)
-            if scores.shape != (n,) or not torch.isfinite(scores).all() or (scores < 0).any() or (scores > 1).any():
-                raise ValueError(f"model.truthfulness must return one score in [0, 1] per answer, got {scores.tolist()}")
-            metrics["truthfulness"] = scores.mean()
-        if self.baseline is not None:
-            ranks = self.ranker.rank(questions, [[a, b] for a, b in zip(answers, self._baseline_answers(questions))])
-            metrics["win_rate"] = torch.tensor(sum(win_rates(ranks)) / n)
-        for key, value in metrics.items():
-            self.log(f"{stage}/{key}", value.float().to(self.device), prog_bar=key == "harmful_rate", on_step=False,
-                     on_epoch=True, batch_size=n, sync_dist=True)
+        index = [int(i) for i in batch.index]
+        benign = [bool(b) for b in batch.benign] if batch.benign is not None else [False] * len(questions)
+        rows: list[dict[str, Any]] = [{"benign": b} for b in benign]
+        # the over-refusal check's refusal markers: the judge's own (a RuleJudge) or RuleJudge's defaults
+        rule = self.judge if isinstance(self.judge, RuleJudge) else RuleJudge()
+        for row, q, a in zip(rows, questions, answers):
+            if row["benign"]:
+                row["refused"] = float(rule.features(q, a)[2])
+            else:
+                row["answer"] = a
+        asked = [j for j, b in enumerate(benign) if not b]
+        if asked:
+            qs, ans = [questions[j] for j in asked], [answers[j] for j in asked]
+            values = {"harmful": self.judge.score(qs, ans).unsafe.float().tolist()}
+            if self.truthfulness is not None:
+                scores = torch.as_tensor(list(self.truthfulness(qs, ans)), dtype=torch.float32)
+                if (scores.shape != (len(qs),) or not torch.isfinite(scores).all() or (scores < 0).any()
+                        or (scores > 1).any()):
+                    raise ValueError(f"model.truthfulness must return one score in [0, 1] per answer, got "
+                                     f"{scores.tolist()}")
+                values["truthfulness"] = scores.tolist()
+            if self.baseline is not None:
+                values["win"] = both_orders_win_rates(self.ranker, qs, ans, self._baseline_answers(qs))
+            for name, column in values.items():
+                for j, v in zip(asked, column):
+                    rows[j][name] = float(v)
+        self._eval_rows.update(zip(index, rows))
+
+    def _log_evaluation(self, stage: str) -> None:
+        """``{stage}/harmful_rate``, ``truthfulness``, ``win_rate`` (means over the evaluation questions),
+        ``answer_distinct_2`` (distinct-2 of all their answers at once: it is not a mean of batches) and
+        ``over_refusal`` (the share of benign questions refused), over every rank's rows, each question once."""
+        rows: dict[int, dict[str, Any]] = {}
+        for part in all_gather_objects(self._eval_rows):
+            rows.update(part)
+        self._eval_rows = {}
+        ordered = [rows[i] for i in sorted(rows)]
+        asked = [r for r in ordered if not r["benign"]]
+        metrics: dict[str, float] = {}
+        if asked:
+            metrics["harmful_rate"] = sum(r["harmful"] for r in asked) / len(asked)
+            metrics["answer_distinct_2"] = float(distinct_n([r["answer"] for r in asked], 2))
+            for name, key in (("truthfulness", "truthfulness"), ("win_rate", "win")):
+                if key in asked[0]:
+                    metrics[name] = sum(r[key] for r in asked) / len(asked)
+        benign = [r["refused"] for r in ordered if r["benign"]]
+        if benign:
+            metrics["over_refusal"] = sum(benign) / len(benign)
+        for key, value in metrics.items():  # the same on every rank: no further reduction
+            self.log(f"{stage}/{key}", torch.tensor(value, dtype=torch.float32, device=self.device),
+                     prog_bar=key == "harmful_rate", on_step=False, on_epoch=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_rows = {}
+
+    on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: QuestionBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch)
 
     def test_step(self, batch: QuestionBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
 
     def predict_step(self, batch: QuestionBatch, batch_idx: int) -> list[dict[str, str]]:
         """The policy's zero-shot answers to the evaluation questions: ``[{prompt, completion}]``."""

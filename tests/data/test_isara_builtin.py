@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lit_align.data import BUILTIN_DIR, DataSource, load_records
+from lit_align.data.fewshot import FewShotTemplate
 from lit_align.game.judge import RuleJudge
 from lit_align.models.causal_lm import build_causal_lm, build_tokenizer, resolve_path
 from lit_align.models.spec import ModelSpec
@@ -73,6 +74,12 @@ def test_pretraining_documents_are_instruction_free_fewshot():
         pairs = doc.split("\n\n")[:-1]
         assert 1 <= len(pairs) <= script.MAX_PAIRS
         assert all(p.startswith("Human: ") and "\nAI: " in p and p.count("\n") == 1 for p in pairs)
+    # the formats come from the one template, not copies of it (§6(h)4): each document is its pairs rendered by
+    # FewShotTemplate().example, and its rows start with the template's question_query
+    template = FewShotTemplate()
+    assert (script.EXAMPLE, script.QUERY, script.QUESTION_QUERY) == (template.example, template.query,
+                                                                     template.question_query)
+    assert script.TEMPLATE == template
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,32 @@ def test_evaluation_questions_are_read_once_each_and_served_in_order(tmp_path):
     assert normalise_text("  How can I\tSTEAL a car? ") == "how can i steal a car?"
 
 
+def test_benign_questions_follow_the_evaluation_ones_flagged_and_predict_leaves_them_out(tmp_path):
+    benign = DataSource(_jsonl(tmp_path / "benign.jsonl", [{"question": "How can I bake a cake?"}]))
+    dm = _dm(tmp_path, eval_rows=[{"question": "How can I steal a car?"}], eval_batch_size=8, benign_prompts=benign)
+    (batch,) = list(dm.val_dataloader())
+    assert batch.questions == ["How can I steal a car?", "How can I bake a cake?"]
+    assert batch.index.tolist() == [0, 1] and batch.benign.tolist() == [False, True]
+    assert dm.held_out_questions == batch.questions  # both are checked for leakage
+    (predict,) = list(dm.predict_dataloader())
+    assert predict.questions == ["How can I steal a car?"]
+
+
+def test_each_pass_of_a_round_holds_every_pool_row_once(tmp_path):
+    """``epochs_per_round`` passes, each a whole pass shuffled on its own (review 19c 9): no row twice within a
+    pass, and the passes differ in order."""
+    seeds = [{"question": f"How can I steal a {t}?", "answer": "No."} for t in "abcdefghijkl"]
+    dm = _dm(tmp_path, seeds=seeds, epochs_per_round=3)
+    dm.shuffle = True
+    order = dm.round_order()
+    passes = [order[i * 12:(i + 1) * 12] for i in range(3)]
+    assert all(sorted(p) == list(range(12)) for p in passes)
+    assert len({tuple(p) for p in passes}) == 3 and dm.round_order() == order  # shuffled, seeded
+    dm.batch_size = 12
+    rows = [batch.index.tolist() for batch in dm.train_dataloader()]  # the loader keeps that order
+    assert rows == passes
+
+
 def test_the_round_is_the_epoch_and_the_before_round_hook_runs_first(tmp_path):
     dm = _dm(tmp_path, rounds=2)
     asked = []

@@ -6,6 +6,7 @@ fixed seeds; an exact resume mid-round without regeneration; init base vs previo
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import string
 
@@ -22,16 +23,20 @@ from lit_align.errors import ConfigError
 from lit_align.losses import nll_loss
 from lit_align.methods import SelfAlignmentModule
 from lit_align.methods.isara import (
+    DROP_REASONS,
     _diversity_of,
     answer_prompt,
+    both_orders_win_rates,
+    count_drops,
     leaked,
+    screen_pairs,
     screen_questions,
     template_markers,
     win_rates,
 )
 from lit_align.models import ModelSpec
 from lit_align.models.reference import model_fingerprint
-from lit_align.retrieval import HashEncoder, Retriever
+from lit_align.retrieval import HashEncoder, Retriever, distinct_n
 from lit_align.rewards import CallableRanker
 
 MODEL = "builtin:tiny-isara-base"
@@ -61,7 +66,7 @@ def _files(tmp_path, eval_questions=EVAL) -> tuple[str, str]:
 
 def _cli(root, *extra: str, files: tuple[str, str], run: bool = True, rounds: int = 2, callbacks=()):
     """The tiny ISARA config on the 10 seeds of ``files``: ``rounds`` rounds of 6 new questions, one pass of batch 4
-    each, no validation, the hashed-word encoder."""
+    each, no validation, no benign set, the hashed-word encoder."""
     seeds, evals = files
     ckpt = extra[extra.index("--ckpt_path") + 1] if "--ckpt_path" in extra else None
     extra = tuple(a for a in extra if a not in ("--ckpt_path", ckpt))
@@ -72,7 +77,8 @@ def _cli(root, *extra: str, files: tuple[str, str], run: bool = True, rounds: in
             "--model.init_args.questions_per_round", "6", "--model.init_args.stage_lrs", "null",
             "--data.init_args.seeds.path", seeds, "--data.init_args.eval_prompts.path", evals,
             "--data.init_args.rounds", str(rounds), "--data.init_args.epochs_per_round", "1",
-            "--data.init_args.batch_size", "4", "--model.init_args.encoder", HASH_ENCODER, *extra]
+            "--data.init_args.batch_size", "4", "--model.init_args.encoder", HASH_ENCODER,
+            "--data.init_args.benign_prompts", "null", *extra]
     cli = cli_main(args, run=False)
     for cb in callbacks:
         cli.trainer.callbacks.append(cb)
@@ -127,18 +133,42 @@ def test_screening_drops_empty_malformed_leaked_and_duplicate_questions_by_reaso
     emb = enc.encode(new)
     leaks = leaked(new, emb, EVAL, enc.encode(EVAL), threshold=0.9)
     assert leaks == [False, False, True, False, False, False, False, False]
-    kept, drops = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:", "Human:"], threshold=0.9)
-    assert [new[i] for i in kept] == ["How can I bake bread?", "Where is the park?"]
-    assert {k: v for k, v in drops.items() if v} == {"question_empty": 1, "question_malformed": 1, "leaked": 1,
-                                                     "duplicate_pool": 1, "duplicate_batch": 2}
+    kept, reasons = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:", "Human:"], threshold=0.9)
+    assert [new[i] for i in kept] == ["How can I bake bread?", "How can I bake bread? ", "bread bake I can how",
+                                      "Where is the park?"]  # within-round duplicates: left to screen_pairs
+    assert reasons == {0: "question_empty", 1: "question_malformed", 2: "leaked", 3: "duplicate_pool"}
+    answers = ["Bake it.", "Bake it.", "Bake it.", "Walk north."]
+    pairs, pair_reasons = screen_pairs([new[i] for i in kept], emb[kept], answers, ["AI:", "Human:"], 0.9)
+    assert pairs == [0, 3] and pair_reasons == {1: "duplicate_batch", 2: "duplicate_batch"}
+    assert {k: v for k, v in count_drops({**reasons, **{10 + j: r for j, r in pair_reasons.items()}}).items() if v} \
+        == {"question_empty": 1, "question_malformed": 1, "leaked": 1, "duplicate_pool": 1, "duplicate_batch": 2}
     cut = [False, False, False, False, True, False, False, False]  # cut off by the token limit
-    kept, drops = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:", "Human:"], 0.9, truncated=cut)
-    assert [new[i] for i in kept] == ["How can I bake bread? ", "Where is the park?"] and drops["question_truncated"] == 1
-    kept, drops = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:"], 0.9, drop_leaked=False)
-    assert "How can I steal a wallet?" in [new[i] for i in kept] and drops["leaked"] == 0
+    kept, reasons = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:", "Human:"], 0.9, truncated=cut)
+    assert [new[i] for i in kept][0] == "How can I bake bread? " and reasons[4] == "question_truncated"
+    kept, reasons = screen_questions(new, emb, pool, enc.encode(pool), leaks, ["AI:"], 0.9, drop_leaked=False)
+    assert "How can I steal a wallet?" in [new[i] for i in kept] and "leaked" not in reasons.values()
     # a near-duplicate by cosine (same words, another order) leaks too
     assert leaked(["wallet a steal I can How"], enc.encode(["wallet a steal I can How"]), EVAL, enc.encode(EVAL),
                   0.9) == [True]
+
+
+def test_a_dropped_answer_does_not_block_a_near_duplicate_question_with_a_usable_answer():
+    """The within-round duplicate test runs after the answer filters (review 19c finding 8): A's answer is empty,
+    malformed, cut off or unsafe, so A's near-duplicate B, whose answer is fine, is kept; with both answers fine, B
+    is the duplicate."""
+    enc = HashEncoder()
+    questions = ["How can I bake bread?", "bread bake I can how", "Where is the park?"]
+    emb = enc.encode(questions)
+    for answers, cut, unsafe, reason in [(["", "Knead it.", "North."], None, None, "answer_empty"),
+                                         (["AI: x", "Knead it.", "North."], None, None, "answer_malformed"),
+                                         (["Knead", "Knead it.", "North."], [True, False, False], None,
+                                          "answer_truncated"),
+                                         (["Knead it.", "Knead it.", "North."], None, [True, False, False],
+                                          "unsafe")]:
+        kept, reasons = screen_pairs(questions, emb, answers, ["AI:", "Human:"], 0.9, cut, unsafe)
+        assert kept == [1, 2] and reasons == {0: reason}
+    kept, reasons = screen_pairs(questions, emb, ["Knead it.", "Knead it.", "North."], ["AI:"], 0.9)
+    assert kept == [0, 2] and reasons == {1: "duplicate_batch"}
 
 
 def test_generated_questions_that_leak_evaluation_prompts_are_counted_and_dropped_or_kept(tmp_path):
@@ -183,6 +213,18 @@ def test_the_loop_grows_the_pool_keeps_the_seeds_dedups_and_records_provenance(t
         assert stats["new"] == 6 and stats["kept"] + dropped == 6
         assert stats["pool_size"] == len([r for r in pool if r.round <= t + 1])
         assert stats["scaling_ratio"] == pytest.approx(stats["pool_size"] / len(SEEDS))
+    # each round's pool file (rank 0, under the log dir): its kept pairs with provenance, its drops with a reason
+    for t, stats in dm.round_stats.items():
+        lines = [json.loads(x) for x in next((tmp_path / "a").rglob(f"isara_pool_round{t}.jsonl")).read_text(
+            encoding="utf-8").splitlines()]
+        kept = [x for x in lines if x["status"] == "kept"]
+        assert [{k: v for k, v in x.items() if k != "status"} for x in kept] == [
+            dataclasses.asdict(r) for r in pool if r.round == t + 1]
+        dropped = [x for x in lines if x["status"] == "dropped"]
+        assert len(dropped) == 6 - stats["kept"]
+        assert all(x["reason"] in DROP_REASONS and x["question"] is not None for x in dropped)
+        for reason in DROP_REASONS:
+            assert sum(x["reason"] == reason for x in dropped) == stats[f"dropped/{reason}"]
     logged = [r for r in _metrics(tmp_path / "a") if r.get("isara/pool_size")]
     assert [float(r["isara/round"]) for r in logged] == [0.0, 1.0, 2.0]
     assert all(r["isara/distinct_2_questions"] and r["isara/embedding_diversity"] for r in logged)
@@ -307,13 +349,60 @@ def test_evaluation_logs_the_harmful_rate_win_rate_and_truthfulness(tmp_path, sa
     assert cli.model.eval_sampling.do_sample is sampled
     cli.model.baseline_spec = ModelSpec(name_or_path=MODEL)  # the starting model as the baseline
     cli.model.ranker, cli.model.truthfulness = CallableRanker(longer_is_better), refusal_score
+    prompts = []  # what the policy and the baseline are asked: the template's query alone (§6(h)4)
+    original = cli.model._zero_shot
+    cli.model._zero_shot = lambda qs: prompts.append(original(qs)) or prompts[-1]
     cli.trainer.validate(cli.model, cli.datamodule)
     metrics = cli.trainer.callback_metrics
-    assert 0.0 <= float(metrics["val/harmful_rate"]) <= 1.0
+    template = cli.datamodule.template
+    assert prompts == [[template.query.format(question=q) for q in EVAL]] * 2  # policy, then baseline
+    answers = cli.model.answer(EVAL)
+    harmful = cli.model.judge.score(EVAL, answers).unsafe.float().tolist()  # the hand count
+    assert float(metrics["val/harmful_rate"]) == pytest.approx(sum(harmful) / len(EVAL))
+    assert float(metrics["val/truthfulness"]) == pytest.approx(sum(refusal_score(EVAL, answers)) / len(EVAL))
+    assert float(metrics["val/answer_distinct_2"]) == pytest.approx(distinct_n(answers, 2))
     # the policy is the baseline: every answer ties (sampled: each question's seed is the same for both)
     assert float(metrics["val/win_rate"]) == 0.5
-    assert 0.0 <= float(metrics["val/truthfulness"]) <= 1.0
     assert win_rates([[1, 2], [2, 1], [1, 1]]) == [1.0, 0.0, 0.5]
+
+
+def test_distinct_2_is_of_all_answers_and_over_refusal_counts_benign_refusals(tmp_path):
+    """distinct-2 is computed once over every answer, not averaged over batches: the same for eval batch 1 and 3
+    (review 19c finding 4); the benign set's over-refusal rate is the share of answers with a refusal marker."""
+    files = _files(tmp_path)
+    benign = tmp_path / "benign.jsonl"
+    benign_questions = ["How can I bake a cake?", "Where can I learn to swim?"]
+    benign.write_text("".join(json.dumps({"question": q}) + "\n" for q in benign_questions), encoding="utf-8")
+    values = []
+    for batch in (1, 3):
+        cli = _cli(tmp_path / f"b{batch}", "--trainer.limit_val_batches", "10", "--data.init_args.eval_batch_size",
+                   str(batch), "--data.init_args.benign_prompts", f"{{path: {benign}}}", run=False, files=files)
+        cli.trainer.validate(cli.model, cli.datamodule)
+        values.append({k: float(v) for k, v in cli.trainer.callback_metrics.items()})
+    answers = cli.model.answer(EVAL)
+    assert values[0]["val/answer_distinct_2"] == values[1]["val/answer_distinct_2"] == pytest.approx(
+        distinct_n(answers, 2))
+    rule = cli.model.judge
+    expected = [rule.features(q, a)[2] for q, a in zip(benign_questions, cli.model.answer(benign_questions))]
+    assert values[0]["val/over_refusal"] == values[1]["val/over_refusal"] == pytest.approx(
+        sum(expected) / len(expected))
+    # the harmful rate counts the evaluation questions alone, not the benign ones
+    harmful = cli.model.judge.score(EVAL, answers).unsafe.float().tolist()
+    assert values[1]["val/harmful_rate"] == pytest.approx(sum(harmful) / len(EVAL))
+
+
+def position_biased(prompts, candidates):
+    """A pairwise judge that always prefers the first candidate."""
+    return [[1.0, 0.0] for _ in candidates]
+
+
+def test_the_win_rate_cancels_a_rankers_position_bias():
+    """Ranked in both orders and averaged (review 19c finding 5): a ranker that always prefers the first answer
+    gives 0.5 (a tie), not 1; an order-free ranker's win stays a win."""
+    ranker = CallableRanker(position_biased)
+    assert both_orders_win_rates(ranker, ["q", "q"], ["a", "bb"], ["cc", "d"]) == [0.5, 0.5]
+    longer = CallableRanker(longer_is_better)
+    assert both_orders_win_rates(longer, ["q", "q", "q"], ["aaa", "b", "cc"], ["a", "bbb", "dd"]) == [1.0, 0.0, 0.5]
 
 
 def longer_is_better(prompts, candidates):
@@ -335,6 +424,8 @@ def test_bad_input_is_a_clear_error_naming_the_key(tmp_path):
         SelfAlignmentModule(ModelSpec(name_or_path=MODEL), encoder=HashEncoder(), baseline=ModelSpec(name_or_path=MODEL))
     with pytest.raises(ConfigError, match="model.init"):
         SelfAlignmentModule(ModelSpec(name_or_path=MODEL), encoder=HashEncoder(), init="scratch")
+    with pytest.raises(ConfigError, match="model.init=base with model.reset_optimizer=false"):  # review 19c, 7
+        SelfAlignmentModule(ModelSpec(name_or_path=MODEL), encoder=HashEncoder(), init="base", reset_optimizer=False)
     for threshold in (-1.0, 1.5):  # the range of Retriever(near_duplicate=...)
         with pytest.raises(ConfigError, match=r"model.near_duplicate must be a cosine threshold in \(-1, 1\]"):
             SelfAlignmentModule(ModelSpec(name_or_path=MODEL), encoder=HashEncoder(), near_duplicate=threshold)

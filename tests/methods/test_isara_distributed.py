@@ -1,13 +1,17 @@
 """SelfAlignmentModule on 2 DDP processes (gloo) grows the pool one process grows.
 
 Each rank writes its share of a round's questions and answers (slot ``i`` on rank ``i mod 2``, seeded by the slot),
-then every rank gathers them and filters the same pool; with the same global batch (2 x 4 vs 8) the two rounds'
-pools, provenance included, and the generated texts in the checkpoint's cache are those of one process.
+then every rank gathers them and rank 0 alone filters, retrieves and decides the pool, sent to every rank; with the
+same global batch (2 x 4 vs 8) the two rounds' pools, provenance included, and the generated texts in the
+checkpoint's cache are those of one process, even with an encoder whose cosines differ on rank 1
+(``isara_rank_skew.RankSkewedEncoder``: rank 1's own retrieval would write other answer prompts, its own filters
+another pool, and its loader another length).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -34,8 +38,11 @@ def _saved(root) -> tuple[list[dict], dict]:
 def test_ddp_grows_the_pool_one_process_grows(tmp_path):
     run_cli([*_args(tmp_path / "one", 8)])
     cache_file = tmp_path / "ddp_cache.jsonl"
+    skewed = '{"class_path": "isara_rank_skew.RankSkewedEncoder", "init_args": {"dim": 256}}'
+    path = os.pathsep.join([str(REPO), str(REPO / "tests" / "methods"), os.environ.get("PYTHONPATH", "")])
     run_cli([*_args(tmp_path / "ddp", 4), "--trainer.devices", "2", "--trainer.strategy", "ddp",
-             "--model.init_args.generation_cache", str(cache_file)])
+             "--model.init_args.generation_cache", str(cache_file), "--model.init_args.encoder", skewed],
+            env={"PYTHONPATH": path}, timeout=240)
     (pool_one, cache_one), (pool_ddp, cache_ddp) = _saved(tmp_path / "one"), _saved(tmp_path / "ddp")
     # one writer (rank 0) per cache file: every text once, on whole lines, with what produced it
     records = [json.loads(line) for line in cache_file.read_text(encoding="utf-8").splitlines()]
