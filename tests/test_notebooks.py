@@ -251,12 +251,12 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         assert sizes == sorted(sizes) and all(0 <= r["kept"] <= r["new"] == 16 for r in isara["rounds"].values())
         assert Path(isara["metrics_csv"]).is_file() and out in Path(isara["metrics_csv"]).parents
         arms = isara["arms"]
-        assert set(arms) == {"base", "ISARA, as shipped", "seeds-only SFT, lr 2e-5", "ISARA, lr 2e-5"}, list(arms)
+        assert set(arms) == {"base", "ISARA, as shipped", "seeds-only SFT"}, list(arms)
         for name, arm in arms.items():
             rates = [arm["final"], arm["over_refusal"], *arm["harmful_by_round"]]
             assert all(0 <= x <= 1 for x in rates), (name, arm)
             assert len(arm["harmful_by_round"]) == (0 if name == "base" else 3), (name, arm)
-        assert arms["seeds-only SFT, lr 2e-5"]["pool"] == 64 < arms["ISARA, lr 2e-5"]["pool"], arms  # nothing generated
+        assert arms["seeds-only SFT"]["pool"] == 64 < arms["ISARA, as shipped"]["pool"], arms  # nothing generated
         assert arms["ISARA, as shipped"]["pool"] == isara["pool_size"], arms
         assert arms["base"]["final"] > 0.5, arms["base"]  # the toy domain starts unaligned
         # every trained arm lowers the harmful rate (nothing is asserted between them: one seed)
