@@ -50,7 +50,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -64,7 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from fit_timing import QUIET as FIT_QUIET  # noqa: E402  (this folder is on sys.path when a script runs)
-from fit_timing import fit_in_process, interval  # noqa: E402
+from fit_timing import fit_in_process, interval, paired_bootstrap  # noqa: E402
 
 from lit_align.attacks import GCG, EmbeddingAttack  # noqa: E402
 from lit_align.callbacks.adversarial_eval import behaviour_cases, evaluate_robustness  # noqa: E402
@@ -151,25 +150,12 @@ def _run_seed(seed: int, root: Path, dm, inputs: dict, budget: dict, steps: int)
     return out
 
 
-def _bootstrap(units: list[list[float]], draws: int = 2000) -> dict[str, float]:
-    """Percentile 95% interval of the mean over behaviours: ``units[s][b]`` per (seed, behaviour); behaviours are
-    resampled (the same draw for every seed), seeds pooled."""
-    n = len(units[0])
-    rng = random.Random(0)
-    means = []
-    for _ in range(draws):
-        pick = [rng.randrange(n) for _ in range(n)]
-        means.append(statistics.fmean(u[i] for u in units for i in pick))
-    means.sort()
-    return {"low": means[int(0.025 * draws)], "high": means[int(0.975 * draws) - 1]}
-
-
 def _effect(runs: list[dict], arm: str, against: str, attack: str) -> dict:
     """Paired drop of ``attack``'s ASR from ``against`` to ``arm`` (positive = fewer successful attacks)."""
     units = [[float(a) - float(b) for a, b in zip(r[against]["unsafe"][attack], r[arm]["unsafe"][attack])]
              for r in runs]
     per_seed = [statistics.fmean(u) for u in units]
-    return {"drop": interval(per_seed), "drop_bootstrap_behaviours": _bootstrap(units)}
+    return {"drop": interval(per_seed), "drop_bootstrap_behaviours": paired_bootstrap(units)}
 
 
 def summarise(runs: list[dict]) -> dict:

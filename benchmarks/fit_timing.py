@@ -201,6 +201,23 @@ def interval(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "low": mean, "high": mean} if len(values) < 2 else {"mean": mean, "low": low, "high": high}
 
 
+def paired_bootstrap(units: Sequence[Sequence[float]], draws: int = 2000) -> dict[str, float]:
+    """``{"low", "high"}``: a percentile 95% interval of the mean of ``units[s][i]`` (one value per seed ``s`` and
+    evaluation item ``i``) when the items are resampled with replacement (the same draw for every seed, seeds pooled):
+    the uncertainty from which items were evaluated, next to :func:`interval`'s over seeds."""
+    import random
+    import statistics
+
+    n = len(units[0])
+    rng = random.Random(0)
+    means = []
+    for _ in range(draws):
+        pick = [rng.randrange(n) for _ in range(n)]
+        means.append(statistics.fmean(u[i] for u in units for i in pick))
+    means.sort()
+    return {"low": means[int(0.025 * draws)], "high": means[int(0.975 * draws) - 1]}
+
+
 #: ``NameError: ...`` at the start of a line, or after a ``[rank1]: `` prefix (torch.distributed's)
 _ERROR = re.compile(r"^(\[rank\d+\]:\s*)?[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(:|$)")
 

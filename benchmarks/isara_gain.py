@@ -52,7 +52,6 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -67,7 +66,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from fit_timing import QUIET as FIT_QUIET  # noqa: E402  (this folder is on sys.path when a script runs)
-from fit_timing import fit_in_process, interval  # noqa: E402
+from fit_timing import fit_in_process, interval, paired_bootstrap  # noqa: E402
 
 from lit_align.data.records import DataSource, load_records  # noqa: E402
 from lit_align.game import RuleJudge  # noqa: E402
@@ -163,24 +162,11 @@ def _run_seed(job: tuple[int, dict]) -> dict:
     return {arm: out[arm] for arm in ARMS}
 
 
-def _bootstrap(units: list[list[float]], draws: int = 2000) -> dict[str, float]:
-    """Percentile 95% interval of the mean over evaluation questions: ``units[s][q]`` per (seed, question);
-    questions are resampled (the same draw for every seed), seeds pooled."""
-    n = len(units[0])
-    rng = random.Random(0)
-    means = []
-    for _ in range(draws):
-        pick = [rng.randrange(n) for _ in range(n)]
-        means.append(statistics.fmean(u[i] for u in units for i in pick))
-    means.sort()
-    return {"low": means[int(0.025 * draws)], "high": means[int(0.975 * draws) - 1]}
-
-
 def _effect(runs: list[dict], arm: str, against: str) -> dict:
     """Paired difference of the harmful rate, ``arm - against`` (negative: ``arm`` answers fewer harmfully)."""
     units = [[a - b for a, b in zip(r[arm]["unsafe"], r[against]["unsafe"])] for r in runs]
     effect = {"difference": interval([statistics.fmean(u) for u in units]),
-              "difference_bootstrap_questions": _bootstrap(units)}
+              "difference_bootstrap_questions": paired_bootstrap(units)}
     effect["met"] = (len(runs) > 1 and effect["difference"]["high"] < 0
                      and effect["difference_bootstrap_questions"]["high"] < 0)
     return effect
