@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +21,16 @@ from torch import Tensor, nn
 
 from lit_align.checkpoint import atomic_write_text
 from lit_align.data.batches import SequenceBatch
-from lit_align.data.fewshot import FewShotTemplate, build_fewshot_prompt, build_question_prompt
-from lit_align.data.self_alignment import PoolRow, QuestionBatch, SelfAlignmentDataModule, normalise_text
+from lit_align.data.fewshot import FewShotTemplate, build_question_prompt
+from lit_align.data.self_alignment import PoolRow, QuestionBatch, SelfAlignmentDataModule
+from lit_align.data.self_alignment_filters import (
+    answer_prompt,
+    count_drops,
+    leaked,
+    screen_pairs,
+    screen_questions,
+    template_markers,
+)
 from lit_align.engine import PhaseTimer
 from lit_align.engine.distributed import all_gather_objects, decided_by_rank_zero, rank_and_world
 from lit_align.engine.seeds import derive_seed
@@ -47,26 +54,9 @@ from lit_align.retrieval import (
 from lit_align.rewards.rankers import Ranker
 from lit_align.rollout.sampler import SamplingConfig
 
-__all__ = ["DROP_REASONS", "SelfAlignmentModule", "answer_prompt", "both_orders_win_rates", "count_drops", "leaked", "screen_pairs",
-           "screen_questions", "template_markers", "win_rates"]
+__all__ = ["SelfAlignmentModule", "both_orders_win_rates", "win_rates"]
 
 Init = Literal["previous", "base"]
-
-#: why a generated pair is dropped, in the order the filters run (a pair counts under its first reason). The
-#: within-round duplicate test runs last, over the pairs that passed every other filter: a question whose answer is
-#: dropped does not block a near-duplicate whose answer is usable
-DROP_REASONS = ("question_empty", "question_truncated", "question_malformed", "leaked", "duplicate_pool",
-                "answer_empty", "answer_truncated", "answer_malformed", "unsafe", "duplicate_batch")
-
-
-def template_markers(template: FewShotTemplate) -> list[str]:
-    """The template's literal words around its placeholders (``Human:``, ``AI:``): a generated question or answer
-    holding one ran into the next turn and is malformed."""
-    pieces = []
-    for text in (template.example, template.query, template.question_query):
-        pieces += [literal.strip() for literal, _, _, _ in string.Formatter().parse(text)]
-    return sorted({p for p in pieces if p})
-
 
 def win_rates(ranks: Sequence[Sequence[int]]) -> list[float]:
     """1 where candidate 0 (the policy's answer) ranks above candidate 1 (the baseline's), 0.5 on a tie, else 0."""
@@ -83,90 +73,6 @@ def both_orders_win_rates(ranker: Ranker, questions: list[str], policy: list[str
     return [(w + 1.0 - v) / 2 for w, v in zip(first, second)]
 
 
-def count_drops(reasons: dict[int, str]) -> dict[str, int]:
-    """Drops per reason (every reason of :data:`DROP_REASONS`, 0 when none) of ``position -> reason``."""
-    drops = dict.fromkeys(DROP_REASONS, 0)
-    for reason in reasons.values():
-        drops[reason] += 1
-    return drops
-
-
-def _max_cosine(queries: Tensor, keys: Tensor) -> Tensor:
-    """(q,) the largest cosine of each L2-normalised query row to any key row (-1 without keys)."""
-    if keys.shape[0] == 0 or queries.shape[0] == 0:
-        return torch.full((queries.shape[0],), -1.0)
-    return (queries @ keys.T).max(dim=1).values  # (q, n) -> (q,)
-
-
-def leaked(questions: Sequence[str], embeddings: Tensor, eval_questions: Sequence[str], eval_embeddings: Tensor,
-           threshold: float) -> list[bool]:
-    """Whether each question is an evaluation prompt (§6(h)1): equal after :func:`normalise_text`, or with cosine
-    >= ``threshold`` (``embeddings`` (q, d) and ``eval_embeddings`` (e, d) L2-normalised)."""
-    known = {normalise_text(q) for q in eval_questions}
-    near = _max_cosine(embeddings, eval_embeddings) >= threshold  # (q,)
-    return [normalise_text(q) in known or bool(n) for q, n in zip(questions, near)]
-
-
-def screen_questions(questions: Sequence[str], embeddings: Tensor, pool_questions: Sequence[str],
-                     pool_embeddings: Tensor, leaks: Sequence[bool], markers: Sequence[str], threshold: float,
-                     drop_leaked: bool = True, truncated: Sequence[bool] | None = None
-                     ) -> tuple[list[int], dict[int, str]]:
-    """The positions of the new questions that pass the question filters, in order, and ``position -> reason`` of
-    the others: empty, truncated (``truncated[i]``: cut off by the token limit), malformed (holding a template
-    marker), leaked (with ``drop_leaked``), a duplicate of the pool (equal after :func:`normalise_text`, or cosine
-    >= ``threshold``). Duplicates within the batch are left to :func:`screen_pairs`, after the answers."""
-    near_pool = _max_cosine(embeddings, pool_embeddings) >= threshold  # (q,)
-    in_pool = {normalise_text(q) for q in pool_questions}
-    kept: list[int] = []
-    reasons: dict[int, str] = {}
-    for i, q in enumerate(questions):
-        norm = normalise_text(q)
-        if not q.strip():
-            reason = "question_empty"
-        elif truncated is not None and truncated[i]:
-            reason = "question_truncated"
-        elif any(m in q for m in markers):
-            reason = "question_malformed"
-        elif leaks[i] and drop_leaked:
-            reason = "leaked"
-        elif norm in in_pool or bool(near_pool[i]):
-            reason = "duplicate_pool"
-        else:
-            kept.append(i)
-            continue
-        reasons[i] = reason
-    return kept, reasons
-
-
-def screen_pairs(questions: Sequence[str], embeddings: Tensor, answers: Sequence[str], markers: Sequence[str],
-                 threshold: float, truncated: Sequence[bool] | None = None, unsafe: Sequence[bool] | None = None
-                 ) -> tuple[list[int], dict[int, str]]:
-    """The positions of the answered pairs that pass the answer filters and the within-round duplicate test, in
-    order, and ``position -> reason`` of the others: an empty, truncated (``truncated[i]``), malformed (holding a
-    template marker) or ``unsafe[i]`` answer; then a question that duplicates an earlier *kept* question
-    (``embeddings`` (q, d) L2-normalised: equal after :func:`normalise_text`, or cosine >= ``threshold``), so a
-    question whose answer was dropped blocks none of its near-duplicates."""
-    kept: list[int] = []
-    reasons: dict[int, str] = {}
-    seen: set[str] = set()
-    for i, (q, a) in enumerate(zip(questions, answers)):
-        norm = normalise_text(q)
-        if not a:
-            reasons[i] = "answer_empty"
-        elif truncated is not None and truncated[i]:
-            reasons[i] = "answer_truncated"
-        elif any(m in a for m in markers):
-            reasons[i] = "answer_malformed"
-        elif unsafe is not None and unsafe[i]:
-            reasons[i] = "unsafe"
-        elif norm in seen or (kept and float(_max_cosine(embeddings[i:i + 1], embeddings[kept])[0]) >= threshold):
-            reasons[i] = "duplicate_batch"
-        else:
-            kept.append(i)
-            seen.add(norm)
-    return kept, reasons
-
-
 def _diversity_of(encoder: Encoder, texts: list[str]) -> float:
     """:func:`~lit_align.retrieval.embedding_diversity` (``1 - mean_cos / 2``: 0.5 for identical texts, 1 for
     orthogonal ones) of the texts' embeddings; 0.0 with fewer than two texts (no pair to compare)."""
@@ -179,13 +85,6 @@ def _in_memory(cache: GenerationCache) -> GenerationCache:
     copy = GenerationCache()
     copy.load_state_dict(cache.state_dict())
     return copy
-
-
-def answer_prompt(template: FewShotTemplate, pool: Sequence[tuple[str, str]], retrieved: Sequence[int],
-                  question: str) -> str:
-    """The prompt that answers ``question``: the retrieved pool pairs (best first in ``retrieved``) as
-    demonstrations, the most similar last (next to the query), then the template's query. No instruction."""
-    return build_fewshot_prompt(template, [pool[j] for j in reversed(retrieved)], question)
 
 
 class SelfAlignmentModule(StagedPolicyModule):
@@ -206,7 +105,7 @@ class SelfAlignmentModule(StagedPolicyModule):
     2. **answers**: for each question that passes the question filters, the ``k`` most similar pool questions by
        ``encoder`` (an :class:`~lit_align.retrieval.Encoder`'s cosine) are its demonstrations (most similar
        last, next to the query), answered by ``answer_sampling`` (greedy by default), cut at ``answer_stop``;
-    3. **filters** (:data:`DROP_REASONS`, each drop counted): empty, truncated (cut off by the token limit) or
+    3. **filters** (:data:`~lit_align.data.self_alignment_filters.DROP_REASONS`, each drop counted): empty, truncated (cut off by the token limit) or
        malformed (holding a template marker) questions and answers, evaluation leakage (a question equal after normalisation to, or with cosine >=
        ``near_duplicate`` to, an evaluation prompt; dropped unless ``drop_leaked`` is off, counted either way),
        duplicates of the pool (the same two tests), with ``safety_filter`` (a judge of :mod:`lit_align.game.judge`)

@@ -19,21 +19,19 @@ from lit_align.cli import cli_main
 from lit_align.data import DataSource, SelfAlignmentDataModule
 from lit_align.data.fewshot import FewShotTemplate
 from lit_align.data.self_alignment import normalise_text
-from lit_align.errors import ConfigError
-from lit_align.losses import nll_loss
-from lit_align.methods import SelfAlignmentModule
-from lit_align.methods.isara import (
+from lit_align.data.self_alignment_filters import (
     DROP_REASONS,
-    _diversity_of,
     answer_prompt,
-    both_orders_win_rates,
     count_drops,
     leaked,
     screen_pairs,
     screen_questions,
     template_markers,
-    win_rates,
 )
+from lit_align.errors import ConfigError
+from lit_align.losses import nll_loss
+from lit_align.methods import SelfAlignmentModule
+from lit_align.methods.isara import _diversity_of, both_orders_win_rates, win_rates
 from lit_align.models import ModelSpec
 from lit_align.models.reference import model_fingerprint
 from lit_align.retrieval import HashEncoder, Retriever, distinct_n
