@@ -73,10 +73,10 @@ def both_orders_win_rates(ranker: Ranker, questions: list[str], policy: list[str
     return [(w + 1.0 - v) / 2 for w, v in zip(first, second)]
 
 
-def _diversity_of(encoder: Encoder, texts: list[str]) -> float:
+def _diversity_of(embeddings: Tensor) -> float:
     """:func:`~lit_align.retrieval.embedding_diversity` (``1 - mean_cos / 2``: 0.5 for identical texts, 1 for
-    orthogonal ones) of the texts' embeddings; 0.0 with fewer than two texts (no pair to compare)."""
-    return float(embedding_diversity(encoder.encode(texts))) if len(texts) > 1 else 0.0
+    orthogonal ones) of (n, d) text embeddings; 0.0 with fewer than two texts (no pair to compare)."""
+    return float(embedding_diversity(embeddings)) if embeddings.shape[0] > 1 else 0.0
 
 
 def _in_memory(cache: GenerationCache) -> GenerationCache:
@@ -269,6 +269,7 @@ class SelfAlignmentModule(StagedPolicyModule):
         self._baseline_tokenizer_fingerprint: str | None = None
         self._initial_adapters: dict[str, Tensor] | None = None
         self._eval: tuple[list[str], Tensor] | None = None  # evaluation prompts and their embeddings
+        self._index: Retriever | None = None  # rank 0: the pool's questions, encoded once (see _pool_index)
         self._eval_rows: dict[int, dict[str, Any]] = {}  # evaluation index -> its numbers (the epoch under way)
         self._counts = {"generated": 0, "cached": 0}  # texts of the round under way
         self.texts_generated = 0  # texts this process generated (not read from the cache) in all rounds
@@ -402,8 +403,7 @@ class SelfAlignmentModule(StagedPolicyModule):
 
         def plan() -> tuple[list[int], list[list[int]], dict[int, str], int]:
             local["embeddings"] = embeddings = self.encoder.encode(questions)  # (n, d)
-            retriever = Retriever(self.encoder)
-            retriever.index([q for q, _ in pool])  # the pool's questions: retrieval keys and the duplicate test
+            retriever = self._pool_index(dm)  # the pool's questions: retrieval keys and the duplicate test
             leaks = self._leaked(questions, embeddings)
             survivors, reasons = screen_questions(questions, embeddings, retriever.texts, retriever.keys, leaks,
                                                   markers, self.near_duplicate, self.drop_leaked, cut)
@@ -513,13 +513,23 @@ class SelfAlignmentModule(StagedPolicyModule):
             self._eval = (list(eval_questions), emb)
         return leaked(questions, embeddings, self._eval[0], self._eval[1], self.near_duplicate)
 
+    def _pool_index(self, dm: SelfAlignmentDataModule) -> Retriever:
+        """Rank 0's retriever over the pool's questions (by id), kept across rounds: the pool only grows, so only
+        the rows added since the last call are encoded."""
+        if self._index is None or len(self._index) > len(dm.pool):  # first use, or another (shorter) pool
+            self._index = Retriever(self.encoder)
+        self._index.add([r.question for r in dm.pool[len(self._index):]])
+        return self._index
+
     def _diversity(self, dm: SelfAlignmentDataModule, rows) -> dict[str, float]:
-        """distinct-1/2 of the round's kept questions and answers; embedding diversity of them and of the pool."""
+        """distinct-1/2 of the round's kept questions and answers (the pool's last ``rows``); embedding diversity
+        of them and of the pool."""
         questions, answers = [r.question for r in rows], [r.answer for r in rows]
         stats = {f"distinct_{n}_{what}": float(distinct_n(texts, n)) if texts else 0.0
                  for n in (1, 2) for what, texts in (("questions", questions), ("answers", answers))}
-        stats["embedding_diversity"] = _diversity_of(self.encoder, questions)
-        stats["pool_embedding_diversity"] = _diversity_of(self.encoder, [r.question for r in dm.pool])
+        keys = self._pool_index(dm).keys  # (pool, d), the round's rows last
+        stats["embedding_diversity"] = _diversity_of(keys[len(keys) - len(rows):])
+        stats["pool_embedding_diversity"] = _diversity_of(keys)
         return stats
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:

@@ -433,6 +433,6 @@ def test_bad_input_is_a_clear_error_naming_the_key(tmp_path):
 
 def test_round_diversity_is_the_gpo_formula_and_zero_without_a_pair():
     encoder = HashEncoder()
-    assert _diversity_of(encoder, ["How can I steal a bike?"] * 3) == pytest.approx(0.5)  # identical: 1 - 1/2
-    assert _diversity_of(encoder, ["steal bike", "forge passport"]) == pytest.approx(1.0)  # no shared word
-    assert _diversity_of(encoder, ["How can I steal a bike?"]) == 0.0 == _diversity_of(encoder, [])
+    assert _diversity_of(encoder.encode(["How can I steal a bike?"] * 3)) == pytest.approx(0.5)  # identical: 1 - 1/2
+    assert _diversity_of(encoder.encode(["steal bike", "forge passport"])) == pytest.approx(1.0)  # no shared word
+    assert _diversity_of(encoder.encode(["How can I steal a bike?"])) == 0.0 == _diversity_of(torch.zeros(0, 8))
