@@ -35,6 +35,7 @@ from lit_align.metrics.fewl import (
 from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
 from lit_align.models.reference import model_fingerprint
 from lit_align.retrieval import GenerationCache, Retriever, Similarity, fingerprint_tokenizer, generate_texts
+from lit_align.retrieval.generation import cut_at_stop
 from lit_align.rollout.sampler import SamplingConfig
 
 __all__ = ["FEWLEvaluationModule", "FEWLOptions", "PromptConfig", "SyntheticConfig", "answer_text",
@@ -677,6 +678,4 @@ class _Generator:
 def answer_text(continuation: str, stop: list[str]) -> str:
     """A generated continuation as an answer: leading whitespace removed first (a continuation that opens with a
     blank line is not cut to nothing), then cut before the earliest stop string, then stripped."""
-    text = continuation.lstrip()
-    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return (text[:min(ends)] if ends else text).strip()
+    return cut_at_stop(continuation.lstrip(), stop).strip()

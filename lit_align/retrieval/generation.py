@@ -25,7 +25,7 @@ from lit_align.engine.seeds import generator
 from lit_align.errors import ConfigError, DataError, check_int
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
-__all__ = ["GenerationCache", "fingerprint_tokenizer", "generate_texts"]
+__all__ = ["GenerationCache", "cut_at_stop", "fingerprint_tokenizer", "generate_texts"]
 
 
 def fingerprint_tokenizer(tokenizer) -> str:
@@ -140,7 +140,7 @@ def _append_jsonl(path: Path, records: Sequence[Mapping]) -> None:
         os.fsync(f.fileno())
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to (not including) the earliest occurrence of any stop string."""
     ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return text[: min(ends)] if ends else text
@@ -239,4 +239,4 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
         store.update(fresh)
         if cache is not None:
             cache.put(fresh, records)
-    return [_cut_at_stop(store[k], stop) for k in keys]
+    return [cut_at_stop(store[k], stop) for k in keys]

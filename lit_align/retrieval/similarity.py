@@ -9,7 +9,6 @@ naming the class and the config key (``Similarity.key``), whatever the implement
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lit_align.data.self_alignment import normalise_text
 from lit_align.errors import ConfigError, MissingPathError, check_choice, check_int
 from lit_align.paths import hub_offline, looks_local
 from lit_align.retrieval.encoders import Encoder, _check_texts, words
@@ -63,10 +63,6 @@ class Similarity(ABC):
         return type(self).__name__
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower())
-
-
 class TokenJaccard(Similarity):
     """|A ∩ B| / |A ∪ B| of the lower-cased word sets (``\\w+`` runs); two texts without words -> 1.0."""
 
@@ -82,7 +78,7 @@ class ExactMatch(Similarity):
     """1.0 if the texts are equal after strip, lower-casing and collapsing white space, else 0.0."""
 
     def _scores(self, premises: list[str], hypotheses: list[str]) -> list[float]:
-        return [float(_normalise(a) == _normalise(b)) for a, b in zip(premises, hypotheses)]
+        return [float(normalise_text(a) == normalise_text(b)) for a, b in zip(premises, hypotheses)]
 
 
 class EmbeddingCosine(Similarity):
