@@ -1,5 +1,6 @@
 # make demo   the main job: tiny WAGLE + NPO unlearning on CPU, with a before/after table
-# make test   the whole test suite (CPU, no network)
+# make test   the test suite (CPU, no network), all but the few `integration` tests
+# make test-integration  the longest end-to-end checks (2-process resume equality, the longest notebooks)
 # make test-compat  the model/rollout/loss/data tests again on the lowest supported transformers (.venv-compat)
 # make bench  peer comparisons (results go into the README table)
 # make lint   ruff, and the package's layering (import-linter, contract in pyproject.toml)
@@ -23,7 +24,7 @@ COMPAT_VENV := .venv-compat
 COMPAT_STAMP := $(COMPAT_VENV)/.installed-$(TRANSFORMERS_MIN)
 COMPAT_TESTS := tests/rollout tests/models tests/losses tests/game tests/data tests/test_cli_runtime.py
 
-.PHONY: demo test test-compat bench lint clean
+.PHONY: demo test test-integration test-compat bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +37,11 @@ demo: $(STAMP)
 	WANDB_SILENT=true $(PY) -m lit_align.demo
 
 test: $(STAMP)
-	WANDB_MODE=offline WANDB_SILENT=true OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
+	WANDB_MODE=offline WANDB_SILENT=true OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not integration"
+
+# the longest end-to-end checks (marker `integration`), kept out of make test's 20-minute budget; CI runs both
+test-integration: $(STAMP)
+	WANDB_MODE=offline WANDB_SILENT=true OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -m integration
 
 $(COMPAT_STAMP): pyproject.toml
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)

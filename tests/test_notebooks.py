@@ -36,6 +36,15 @@ def _ids(paths: list[Path]) -> list[str]:
     return [p.name for p in paths]
 
 
+# the two longest notebooks (~70 s each on 2 cores) run in make test-integration, not in make test
+INTEGRATION_NOTEBOOKS = {"03_watermark.ipynb", "08_adversarial_training.ipynb"}
+
+
+def _runs(paths: list[Path]) -> list:
+    return [pytest.param(p, id=p.name, marks=[pytest.mark.integration] if p.name in INTEGRATION_NOTEBOOKS else [])
+            for p in paths]
+
+
 def _kernel_manager(kernels_dir: Path) -> KernelManager:
     """A kernel manager whose only kernelspec runs ipykernel under this very interpreter."""
     spec_dir = kernels_dir / KERNEL_NAME
@@ -70,7 +79,7 @@ def test_notebook_is_stored_clean(path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+@pytest.mark.parametrize("path", _runs(NOTEBOOKS))
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -91,6 +91,7 @@ def test_two_processes_match_one(strategy, single, fsdp2, tmp_path):
     _assert_matches(_outputs(root), single)
 
 
+@pytest.mark.integration
 def test_fsdp2_resumed_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(fsdp2, tmp_path):
     """The DCP checkpoint after epoch 1 holds the sharded players, critics and optimisers (the inactive
     adapter's optimiser state included), and the game state (schedule clock, history, the pool and the

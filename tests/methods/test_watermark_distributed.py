@@ -104,6 +104,7 @@ def test_ddp_matches_one_process(single, tmp_path):
     assert two_auroc == auroc  # the same samples, scores gathered from both ranks
 
 
+@pytest.mark.integration
 def test_fsdp2_matches_one_process_and_resumes_mid_epoch_exactly(single, tmp_path):
     """FSDP2 equals one process; and two batches, a DCP checkpoint, then the last two batches resumed from
     it equal the uninterrupted FSDP2 run: the actor, critic and detector, their three optimisers, the stage

@@ -50,6 +50,7 @@ def test_detector_alone_cannot_separate_the_original_llm_from_itself(tmp_path):
     assert 0.4 <= auroc <= 0.6
 
 
+@pytest.mark.integration
 def test_co_training_watermarks_and_a_larger_kl_coefficient_slows_it(tmp_path):
     cli, auroc, kl, gain = _fit(tmp_path / "a")
     assert auroc > 0.9
