@@ -2,10 +2,11 @@
 
 :func:`postprocess_summary` cleans one generation, in this order:
 
-1. **echo**: an output that starts with the whole prompt loses it; an output that starts by repeating the test
-   article (its ``Article:`` label or its first sentence) and later has a summary label (``Summary:``, ``TL;DR:``)
-   loses everything up to that label; an output that starts with the ``Article:`` label but has no summary label
-   loses the label and the part that repeats the article word for word. Either sets ``echoed``. An output that
+1. **echo**: an output that starts with the whole prompt loses it. An output that starts by repeating the test
+   article (its first sentence, or after an ``Article:`` label at least its first three words) and later has a
+   summary label (``Summary:``, ``TL;DR:``) loses everything up to that label; with the ``Article:`` label but no
+   summary label it loses the label and the words that repeat the article. Each sets ``echoed``. (An ``Article:``
+   label followed by some other text is the model starting a new article: the stop string ``Article:`` cuts it.) An output that
    merely begins with the article's first sentence, with no label anywhere, is kept: that is a lead-based
    (extractive) summary, and ``copied`` reports how much of it is copied.
 2. **prefixes**: leading ``Summary:``, ``TL;DR:``, ``In summary,``, ``Here is a summary:``-style labels (any case,
@@ -83,16 +84,20 @@ def _normal(text: str) -> str:
     return " ".join(text.split())
 
 
-def _strip_article_prefix(text: str, article: str) -> str:
-    """``text`` without its longest word prefix that repeats ``article`` word for word (whitespace-insensitive)."""
+def _article_prefix_words(text: str, article: str) -> int:
+    """How many leading words of ``text`` repeat the start of ``article`` word for word."""
     words, source = text.split(), article.split()
     n = 0
     while n < min(len(words), len(source)) and words[n] == source[n]:
         n += 1
+    return n
+
+
+def _drop_words(text: str, n: int) -> str:
+    """``text`` after its first ``n`` (whitespace-separated) words."""
     if n == 0:
         return text
-    ends = [m.end() for m in re.finditer(r"\S+", text)]
-    return text[ends[n - 1]:]
+    return text[[m.end() for m in re.finditer(r"\S+", text)][n - 1]:]
 
 
 def _strip_echo(text: str, prompt_text: str, article: str) -> tuple[str, bool]:
@@ -101,19 +106,20 @@ def _strip_echo(text: str, prompt_text: str, article: str) -> tuple[str, bool]:
     prompt = prompt_text.strip()
     if prompt and _normal(body).startswith(_normal(prompt)):
         # drop as many words as the prompt has (whitespace inside the echo may differ from the prompt's)
-        ends = [m.end() for m in re.finditer(r"\S+", body)]
-        return body[ends[len(prompt.split()) - 1]:], True
+        return _drop_words(body, len(prompt.split())), True
     labelled = _ARTICLE_LABEL.match(body)
     rest = body[labelled.end():] if labelled else body
     lead = _normal(first_sentence(article))
-    if not (labelled or (lead and _normal(rest).startswith(lead))):
+    repeated = _article_prefix_words(rest, article)
+    # an echo repeats the article's first sentence, or (after an "Article:" label) at least its first 3 words
+    if not ((lead and _normal(rest).startswith(lead)) or (labelled and repeated >= min(3, len(article.split())))):
         return text, False
     labels = list(_SUMMARY_LABEL.finditer(rest))
     if labels:
         return rest[labels[0].end():], True
     if labelled:
-        return _strip_article_prefix(rest, article), True
-    return text, False
+        return _drop_words(rest, repeated), True
+    return text, False  # the article's lead with no label: a lead-based summary, kept (``copied`` reports it)
 
 
 @functools.lru_cache(maxsize=2)
