@@ -20,8 +20,9 @@ Flags of the cleaned summary:
 * ``empty``: no word characters left;
 * ``hit_max_tokens``: given by the caller (generation ran into ``max_new_tokens``);
 * ``early_termination``: not empty, did not hit ``max_new_tokens``, and either has fewer than ``min_words`` words
-  or its last sentence lacks final punctuation (``.``, ``!``, ``?``, optionally followed by a closing quote or
-  bracket): the model stopped (end of sequence or a stop marker) in the middle of its summary;
+  or its last line lacks final punctuation (``.``, ``!``, ``?``, optionally followed by a closing quote or bracket)
+  while it is the only line or an earlier line has it: the model stopped (end of sequence or a stop marker) in the
+  middle of its summary. Several lines none of which is punctuated are a list of highlights, not a cut;
 * ``copied``: rouge-score's ROUGE-L **precision** of the summary against the article (stemming on), i.e. the share
   of the summary's words that form a common subsequence with the article, is ``>= copy_threshold`` (default 0.9):
   the summary is (almost) a verbatim extract. A copied lead sentence counts; set ``copy_threshold`` above 1 to turn
@@ -122,6 +123,14 @@ def _strip_echo(text: str, prompt_text: str, article: str) -> tuple[str, bool]:
     return text, False  # the article's lead with no label: a lead-based summary, kept (``copied`` reports it)
 
 
+def _unfinished(summary: str) -> bool:
+    """The last line lacks final punctuation, and it is the only line or some other line has it (a list of
+    unpunctuated highlight lines is a style, not a cut)."""
+    lines = [line.strip() for line in summary.splitlines() if line.strip()]
+    finished = [_FINAL.search(line) is not None for line in lines]
+    return not finished[-1] and (len(lines) == 1 or any(finished[:-1]))
+
+
 @functools.lru_cache(maxsize=2)
 def _scorer(use_stemmer: bool):
     from rouge_score import rouge_scorer
@@ -159,7 +168,6 @@ def postprocess_summary(output: str, *, prompt_text: str, article: str, stop: Se
     if empty:
         summary = ""
     precision = copy_precision(summary, article)
-    early = not empty and not hit_max_tokens and (
-        len(summary.split()) < min_words or _FINAL.search(summary.rstrip()) is None)
+    early = not empty and not hit_max_tokens and (len(summary.split()) < min_words or _unfinished(summary))
     return Postprocessed(summary, empty, early, bool(hit_max_tokens), not empty and precision >= copy_threshold,
                          echoed, precision)

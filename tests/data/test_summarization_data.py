@@ -327,9 +327,30 @@ def test_early_termination_and_hit_max_tokens():
     cut = _post("Dunmere's bridge is open again after", hit_max_tokens=True)
     assert cut.hit_max_tokens and not cut.early_termination
     assert _post("Dunmere's bridge \"reopened.\"").early_termination is False  # closing quote after the full stop
+    assert _post("The bridge reopened.\nDrivers crossed it in the first").early_termination  # last line cut
+    assert not _post("- Bridge reopens in Dunmere\n- Drivers return").early_termination  # unpunctuated highlights
 
 
 # --------------------------------------------------------------------------- DataModule
+
+
+def test_tasks_and_prompt_config_parse_from_yaml():
+    """What a `lit-align test` config gives: a task list and a prompt config, through jsonargparse."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(SummarizationDataModule, "data")
+    parser.add_dataclass_arguments(SummaryPromptConfig, "prompts")
+    cfg = parser.parse_string("""
+data: {batch_size: 2, tasks: [{name: tiny, source: "builtin:tiny_news", n: 4}, {name: x, source: xsum}]}
+prompts: {shots: 3, truncation: drop_demonstrations, template: {example: "A: {question}\\nS: {answer}\\n\\n",
+          query: "A: {question}\\nS:"}}
+""")
+    init = parser.instantiate_classes(cfg)
+    assert [t.name for t in init.data.tasks] == ["tiny", "x"] and init.data.tasks[1].revision == XSUM_REVISION
+    assert init.prompts.shots == 3 and init.prompts.template.query == "A: {question}\nS:"
+    with pytest.raises(ConfigError, match="prompts.truncation must be one of"):
+        SummaryPromptConfig(truncation="middle")
 
 
 def test_datamodule_serves_python_objects_per_task(tmp_path):
