@@ -266,12 +266,16 @@ def test_truncation_policies_and_rates(tiny, tokenizer):
         build_summary_prompts(TINY, articles[:1], train, SummaryPromptConfig(max_prompt_tokens=5), tokenizer)
 
 
-def test_drop_demonstrations_cuts_the_tail_when_no_demo_is_left(tiny, tokenizer):
+@pytest.mark.parametrize("policy", ["article_tail", "drop_demonstrations"])
+def test_no_room_for_demonstrations_drops_them_and_cuts_the_tail(tiny, tokenizer, policy):
+    """Shorter than the zero-shot prompt: drop_demonstrations runs out of demos and cuts the tail; article_tail
+    cannot fit one article word after the demos, so it drops them as a last resort (both recorded)."""
     test, train = tiny
     zero = build_summary_prompts(TINY, test[:1], train, SummaryPromptConfig(), tokenizer)[0]
     p = build_summary_prompts(TINY, test[:1], train, SummaryPromptConfig(
-        shots=2, max_prompt_tokens=zero.prompt_tokens - 10, truncation="drop_demonstrations"), tokenizer)[0]
+        shots=2, max_prompt_tokens=zero.prompt_tokens - 10, truncation=policy), tokenizer)[0]
     assert (p.demo_ids, p.demos_dropped, p.article_truncated) == ((), 2, True)
+    assert p.prompt_tokens <= zero.prompt_tokens - 10
 
 
 # --------------------------------------------------------------------------- post-processing (§10(d)4, §10(e))
