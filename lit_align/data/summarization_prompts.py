@@ -164,13 +164,9 @@ def _cut_article(fits, article: str) -> tuple[str, int] | None:
     """The longest word prefix of ``article`` for which ``fits(prefix)`` holds (binary search over word counts), with
     its word count; ``None`` when not even one word fits."""
     ends = _word_ends(article)
-    low, high = 0, len(ends)  # invariant: prefixes of < low words fit (low = 0: unknown), > high do not
-    best = None
+    low, high, best = 1, len(ends), None
     while low <= high:
         mid = (low + high) // 2
-        if mid == 0:
-            low = 1
-            continue
         if fits(article[: ends[mid - 1]]):
             best, low = mid, mid + 1
         else:

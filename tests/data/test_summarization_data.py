@@ -257,6 +257,8 @@ def test_truncation_policies_and_rates(tiny, tokenizer):
         if p.article_truncated:  # a word prefix of the article, the longest that fits
             kept = " ".join(a.article.split()[: p.article_words_kept])
             assert p.text.endswith(f"{kept}\nSummary:") and p.article_words_kept < len(a.article.split())
+            longer = " ".join(a.article.split()[: p.article_words_kept + 1])
+            assert len(tokenizer(p.text[: -len(f"{kept}\nSummary:")] + f"{longer}\nSummary:")["input_ids"]) > limit
     rates = truncation_rates(drop)
     assert rates["demos_dropped_rate"] == too_long / 6 and rates["article_truncated_rate"] == 0.0
     for p, f in zip(drop, full):
