@@ -257,8 +257,8 @@ _TRUTH_RATIO_LINES = {
                  "open-unlearning's evaluation); WAGLE's code uses the arithmetic mean",
 }
 _MIA_LINES = {
-    "forget_positive": "mia_auc: Min-K% Prob ROC-AUC with forget = positive (1.0: every forget text less likely "
-                       "than every non-member); open-unlearning reports 1 - this value",
+    "forget_positive": "mia_auc: Min-K% Prob ROC-AUC with forget = positive, as WAGLE's TOFU evaluation (1.0: every "
+                       "forget text less likely than every non-member); open-unlearning reports 1 - this value",
     "open_unlearning": "mia_auc: Min-K% Prob ROC-AUC with non-member = positive, open-unlearning's convention "
                        "(1.0: every forget text more likely than every non-member, i.e. still memorised)",
 }
@@ -385,7 +385,8 @@ class MinKProbMIA(Metric):
         k: share of each text's lowest-probability tokens averaged (:func:`min_k_prob_score`).
         convention: which class is the positive one.
 
-            * ``"forget_positive"`` (default): forget texts are the positives. 1.0 when every
+            * ``"forget_positive"`` (default): forget texts are the positives (forget = 1, retain or
+              holdout = 0, as WAGLE's TOFU evaluation describes its MIA). 1.0 when every
               forget text is less likely than every non-member text (unlearned past the
               non-members), 0.0 when every forget text is more likely (still memorised).
             * ``"open_unlearning"``: non-member texts are the positives, as open-unlearning's
