@@ -460,10 +460,10 @@ class UnlearningAssessmentModule(L.LightningModule):
         for kind, group in kinds.items():
             values.update(scorer.score_split(f"hard_in_scope.{kind}", group, forget_side=True)[0])
         if self.encoder is not None:
-            if "in_scope" in items:
+            if any(it.perturbed for it in items.get("in_scope", [])):
                 values["wagle_fa"] = self._embedding_accuracy(scorer, items["in_scope"], tokenizer)
             for s in self.utility_splits:
-                if s in items:
+                if any(it.perturbed for it in items.get(s, [])):  # the test needs perturbed answers
                     values[f"{s}_embedding_accuracy"] = self._embedding_accuracy(scorer, items[s], tokenizer)
         if attack and "in_scope" in items:
             values.update(self._attacks(model, tokenizer, scorer, splits["in_scope"], items["in_scope"], values))
