@@ -76,9 +76,15 @@ def results_table(results: Mapping[str, Mapping[str, Any]], order: Sequence[str]
     return rows, columns, [[r, *(results[r].get(c) for c in columns)] for r in rows]
 
 
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """A CSV file with ``header`` and ``rows`` (``None`` cells are written empty), replaced atomically."""
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]], *,
+              comments: Sequence[str] = ()) -> Path:
+    """A CSV file with ``header`` and ``rows`` (``None`` cells are written empty), replaced atomically.
+
+    ``comments``: lines written first, each as ``# <line>`` (read the file back with
+    ``pandas.read_csv(path, comment="#")``, or skip the lines starting with ``#``).
+    """
     buffer = io.StringIO(newline="")
+    buffer.write("".join(f"# {line}\n" for line in comments))
     writer = csv.writer(buffer)
     writer.writerow(list(header))
     for row in rows:

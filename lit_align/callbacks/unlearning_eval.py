@@ -16,7 +16,8 @@ lack the fields it needs):
 
 * ``<split>_nll``, ``<split>_accuracy``: token-mean NLL and argmax accuracy of the answer tokens;
 * ``<split>_prob``: mean over questions of ``P(a|q) = exp(-mean token NLL)``;
-* ``<split>_rouge``: ROUGE-L recall of the greedy answer against the reference answer;
+* ``<split>_rouge``: ROUGE-L recall (rouge-score, Porter stemmer unless ``rouge_stemmer: false``) of the
+  greedy answer against the reference answer;
 * ``<split>_truth_ratio``: mean truth ratio (needs ``perturbed_responses``; the paraphrased
   question and answer are used when present), ``<split>_truth_ratio_score``: TOFU's summary
   (forget: mean min(TR, 1/TR); other splits: mean max(0, 1 - TR));
@@ -29,13 +30,16 @@ lack the fields it needs):
 * ``mia_auc``: ROC-AUC of the Min-K% Prob score (``mia_k``) over the whole prompt + answer text,
   forget = positive, **holdout** = negative when a holdout split exists, else **retain** = negative.
   ~0.5: the model treats forget and non-member texts alike; 1.0: every forget text is less likely
-  than every non-member text; 0.0: every forget text is more likely (still memorised);
+  than every non-member text; 0.0: every forget text is more likely (still memorised). With
+  ``mia_convention: open_unlearning`` the value is 1 minus that (open-unlearning's convention);
 * relearned row only: ``relearn_delta_forget_<metric>`` = relearned minus unlearned value
   (positive ROUGE / accuracy / prob deltas = knowledge that came back).
 
 On validation the current policy's numbers are logged as ``val/unlearn/<column>`` (every
 ``every_n_validations`` validations). At the end of training the table goes to
-``unlearning_eval.csv`` under ``dirpath`` (default ``trainer.log_dir``), to a W&B table
+``unlearning_eval.csv`` under ``dirpath`` (default ``trainer.log_dir``; its first lines are ``# ``
+comments naming the truth-ratio mean, MIA convention and ROUGE stemming, from
+:func:`lit_align.metrics.metric_conventions`), to a W&B table
 ``unlearning_eval`` when a ``WandbLogger`` is attached, to a bar chart ``unlearning_eval.png``
 (if matplotlib is installed), and to :attr:`UnlearningEvaluation.results`.
 
@@ -59,7 +63,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from lit_align.callbacks.reporting import eval_mode, publish, report_dir, results_table, write_csv
-from lit_align.metrics.unlearning import forget_quality, harmonic_mean
+from lit_align.metrics.unlearning import forget_quality, harmonic_mean, metric_conventions
 from lit_align.models import ModelSpec, build_causal_lm
 from lit_align.models.fsdp import full_params
 from lit_align.unlearning.scoring import (
@@ -117,6 +121,8 @@ class UnlearningEvaluation(L.Callback):
         max_records: int | None = None,
         mia_k: float = 0.5,
         truth_ratio_mean: Literal["arithmetic", "geometric"] = "arithmetic",
+        mia_convention: Literal["forget_positive", "open_unlearning"] = "forget_positive",
+        rouge_stemmer: bool = True,
         every_n_validations: int = 1,
         at_fit_start: bool = True,
         relearn_steps: int | None = None,
@@ -137,12 +143,16 @@ class UnlearningEvaluation(L.Callback):
                 error; ``forget`` is always required.
             batch_size: sequences (or prompts, for greedy decoding) per forward pass.
             max_new_tokens: greedy answer length limit for ROUGE-L (TOFU allows 200 tokens in total).
-                ROUGE-L here compares lowercased words without stemming; TOFU's numbers use a Porter
-                stemmer, so they are not directly comparable (see :func:`lit_align.metrics.rouge_l_recall`).
             max_records: evaluate only the first this-many records of each split (``None``: all).
             mia_k: the K of Min-K% Prob (share of lowest-probability tokens averaged), in (0, 1].
             truth_ratio_mean: how the K perturbed answers' probabilities are averaged
-                (see :func:`lit_align.metrics.truth_ratio`).
+                (see :func:`lit_align.metrics.truth_ratio`): ``arithmetic`` as WAGLE's code,
+                ``geometric`` as TOFU and open-unlearning.
+            mia_convention: ``forget_positive`` (forget texts are the positives of ``mia_auc``) or
+                ``open_unlearning`` (non-members are, so the value is 1 minus it; see
+                :class:`lit_align.metrics.MinKProbMIA`).
+            rouge_stemmer: ROUGE-L with rouge-score's Porter stemmer, as TOFU and WAGLE score
+                (see :func:`lit_align.metrics.rouge_l_recall`).
             every_n_validations: evaluate the policy (and log ``val/unlearn/*``) at every n-th
                 validation; 0 never on validation.
             at_fit_start: evaluate the policy before training (the ``start`` row).
@@ -180,6 +190,10 @@ class UnlearningEvaluation(L.Callback):
         self.required_splits = tuple(dict.fromkeys(("forget", *required_splits)))
         self.batch_size, self.max_new_tokens, self.max_records = batch_size, max_new_tokens, max_records
         self.mia_k, self.truth_ratio_mean = mia_k, truth_ratio_mean
+        self.mia_convention, self.rouge_stemmer = mia_convention, rouge_stemmer
+        self.conventions = metric_conventions(truth_ratio_mean=truth_ratio_mean, mia_convention=mia_convention,
+                                              rouge_stemmer=rouge_stemmer)
+        """The report header's lines (:func:`lit_align.metrics.metric_conventions`); validates the options."""
         self.every_n_validations, self.at_fit_start = every_n_validations, at_fit_start
         self.relearn_steps, self.relearn_fraction = relearn_steps, relearn_fraction
         self.relearn_lr, self.relearn_seed = relearn_lr, relearn_seed
@@ -285,7 +299,8 @@ class UnlearningEvaluation(L.Callback):
 
     def _settings(self, pl_module) -> ScoreSettings:
         return ScoreSettings(batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, mia_k=self.mia_k,
-                             truth_ratio_mean=self.truth_ratio_mean, chunk_tokens=self._chunk(pl_module))
+                             truth_ratio_mean=self.truth_ratio_mean, chunk_tokens=self._chunk(pl_module),
+                             rouge_stemmer=self.rouge_stemmer, mia_convention=self.mia_convention)
 
     @torch.no_grad()
     def _evaluate(self, trainer: L.Trainer, pl_module, model: nn.Module,
@@ -355,7 +370,7 @@ class UnlearningEvaluation(L.Callback):
         if directory is None:
             return
         rows, columns, table = results_table(self.results, ROWS)
-        path = write_csv(directory / "unlearning_eval.csv", ["model", *columns], table)
+        path = write_csv(directory / "unlearning_eval.csv", ["model", *columns], table, comments=self.conventions)
         self.files["csv"] = path
         if self.plot:
             png = self._plot(directory / "unlearning_eval.png", rows)
@@ -365,7 +380,8 @@ class UnlearningEvaluation(L.Callback):
         publish(trainer, "unlearning_eval", ["model", *columns], table, metrics=flat, image=self.files.get("png"))
         if self.verbose:
             shown = [c for c in PLOT_COLUMNS if c in columns]
-            print(f"\nUnlearning evaluation (rows = models):\n{self.format_table(shown)}")
+            header = "".join(f"# {line}\n" for line in self.conventions)
+            print(f"\nUnlearning evaluation (rows = models):\n{header}{self.format_table(shown)}")
             print(f"Full table: {path}" + (f"\nPlot: {self.files['png']}" if "png" in self.files else ""))
 
     def _plot(self, path: Path, rows: list[str]) -> Path | None:

@@ -32,12 +32,12 @@ from lit_align.data.unlearning_assessment import (
     ASSESSMENT_SPLITS,
     UTILITY_SPLITS,
     check_splits,
+    in_context_prompt,
     jailbreak_records,
     load_assessment_splits,
 )
 from lit_align.errors import ConfigError, check_choice, check_int, check_number
-from lit_align.metrics import unlearning as unlearning_metrics
-from lit_align.metrics.unlearning import forget_quality
+from lit_align.metrics.unlearning import forget_quality, metric_conventions
 from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
 from lit_align.retrieval import Encoder
 from lit_align.unlearning.scoring import (
@@ -113,8 +113,8 @@ class AssessmentAttacks:
     """Jailbreak-style prompt families (:data:`~lit_align.data.unlearning_assessment.JAILBREAK_TEMPLATES`); each
     family's prompts are scored as ``jailbreak.<family>``; ``[]``: none."""
     icl_shots: int = 2
-    """In-context relearning: this many other in-scope facts (question and answer, seeded choice) are put before
-    each question (``icl_relearn``); 0: off."""
+    """In-context relearning: this many other in-scope facts (question and answer, a seeded draw that never holds
+    the queried fact) are put before each question (``icl_relearn``); 0: off."""
     relearn_steps: int | None = 3
     """Fine-tuning relearning: AdamW steps on a copy (``relearned``; the model itself is untouched); ``None``: off."""
     relearn_fraction: float = 0.25
@@ -211,9 +211,9 @@ class UnlearningAssessmentModule(L.LightningModule):
     ``rouge_stemmer``), ``<split>_truth_ratio`` and ``_truth_ratio_score`` (``truth_ratio_mean``), and
     ``<split>_mc_accuracy`` where records have choices; then:
 
-    * ``mia_auc``: Min-K% Prob ROC-AUC, in_scope = positive (1), out_of_scope = negative (0) (this library's
-      convention: ~0.5 = forgotten-looking, 1.0 = every forget text less likely than every non-member text);
-      ``mia_auc_open_unlearning`` = 1 - ``mia_auc``, open-unlearning's convention;
+    * ``mia_auc``: Min-K% Prob ROC-AUC, in_scope = members, out_of_scope = non-members, in ``mia_convention``
+      (default ``forget_positive``: ~0.5 = forgotten-looking, 1.0 = every forget text less likely than every
+      non-member text); ``mia_auc_open_unlearning`` (or ``mia_auc_forget_positive``) = 1 - ``mia_auc``;
     * ``forget_quality``: KS-test p-value between the model's and the retrain model's in_scope truth ratios
       (with ``retrain``);
     * attacks (``attacks``, §11.1 C; original and unlearned models): ``jailbreak.<family>.in_scope_*``,
@@ -259,6 +259,7 @@ class UnlearningAssessmentModule(L.LightningModule):
         max_new_tokens: int = 32,
         mia_k: float = 0.5,
         truth_ratio_mean: Literal["arithmetic", "geometric"] = "arithmetic",
+        mia_convention: Literal["forget_positive", "open_unlearning"] = "forget_positive",
         rouge_stemmer: bool = True,
         attacks: AssessmentAttacks | None = None,
         encoder: Encoder | None = None,
@@ -283,6 +284,8 @@ class UnlearningAssessmentModule(L.LightningModule):
             max_new_tokens: greedy answer length (ROUGE-L, FA).
             mia_k: K of Min-K% Prob (WAGLE: 0.5).
             truth_ratio_mean: ``arithmetic`` (WAGLE's code) or ``geometric`` (TOFU, open-unlearning).
+            mia_convention: ``forget_positive`` (in_scope texts are the positives of ``mia_auc``; WAGLE's TOFU
+                evaluation) or ``open_unlearning`` (its complement); the other one is reported too.
             rouge_stemmer: ROUGE-L with the Porter stemmer (TOFU and WAGLE score with it).
             attacks: the robustness attacks (default :class:`AssessmentAttacks`; GCG off).
             encoder: sentence encoder for WAGLE's FA (``lit_align.retrieval.SentenceEncoder`` with
@@ -319,6 +322,7 @@ class UnlearningAssessmentModule(L.LightningModule):
         if not 0.0 < mia_k <= 1.0:
             raise ConfigError(f"model.mia_k must be in (0, 1], got {mia_k}")
         check_choice("model.truth_ratio_mean", truth_ratio_mean, ("arithmetic", "geometric"))
+        check_choice("model.mia_convention", mia_convention, ("forget_positive", "open_unlearning"))
         check_choice("model.utility_accuracy", utility_accuracy, ("embedding", "token", "mc"))
         check_choice("model.access", access, ("white_box", "black_box"))
         self.utility_splits = list(utility_splits or ["out_of_scope", *UTILITY_SPLITS])
@@ -328,7 +332,8 @@ class UnlearningAssessmentModule(L.LightningModule):
         self.original, self.retrain = original, retrain
         self.prompt_template, self.response_template, self.chat_template = prompt_template, response_template, chat_template
         self.settings = ScoreSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, mia_k=mia_k,
-                                      truth_ratio_mean=truth_ratio_mean, rouge_stemmer=rouge_stemmer)
+                                      truth_ratio_mean=truth_ratio_mean, rouge_stemmer=rouge_stemmer,
+                                      mia_convention=mia_convention)
         self.attacks = attacks or AssessmentAttacks()
         if self.attacks.gcg is not None:
             self.attacks.gcg.key = "model.attacks.gcg"
@@ -452,8 +457,9 @@ class UnlearningAssessmentModule(L.LightningModule):
         items = {s: self._encode(splits[s], s, tokenizer) for s in names}
         values, ratios = score_splits(scorer, items, forget_splits=FORGET_SPLITS, mia_positive="in_scope",
                                       mia_negative="out_of_scope")
-        if "mia_auc" in values:
-            values["mia_auc_open_unlearning"] = 1.0 - values["mia_auc"]
+        if "mia_auc" in values:  # both conventions: the other one's column is the complement
+            other = "open_unlearning" if self.settings.mia_convention == "forget_positive" else "forget_positive"
+            values[f"mia_auc_{other}"] = 1.0 - values["mia_auc"]
         kinds: dict[str, list[EncodedRecord]] = {}
         for it in items.get("hard_in_scope", []):
             kinds.setdefault(str(it.record.get("kind") or "unlabelled"), []).append(it)
@@ -491,7 +497,7 @@ class UnlearningAssessmentModule(L.LightningModule):
                 name = f"jailbreak.{family}"
                 values.update(scorer.score_split(f"{name}.in_scope", self._encode(recs, name, tokenizer),
                                                  forget_side=True)[0])
-        if a.icl_shots and len(records) > 1:
+        if a.icl_shots:
             values.update(scorer.score_split("icl_relearn.in_scope", self._encode(self._icl(records), "icl_relearn",
                                                                                    tokenizer), forget_side=True)[0])
         if a.gcg is not None:
@@ -512,13 +518,19 @@ class UnlearningAssessmentModule(L.LightningModule):
         return values
 
     def _icl(self, records: list[dict]) -> list[dict]:
-        """Each in-scope record with ``icl_shots`` other in-scope facts (seeded) before its question."""
-        generator = torch.Generator().manual_seed(self.attacks.seed)
+        """Each in-scope record after ``icl_shots`` other in-scope facts
+        (:func:`~lit_align.data.unlearning_assessment.in_context_prompt`, seeded per record); the paraphrased
+        question, which the truth ratio reads, gets the same facts."""
         out = []
         for i, r in enumerate(records):
-            others = [j for j in torch.randperm(len(records), generator=generator).tolist() if j != i]
-            facts = "\n".join(f"{records[j]['prompt']} {records[j]['response']}" for j in others[: self.attacks.icl_shots])
-            out.append({**r, "prompt": f"{facts}\n{r['prompt']}", "kind": "icl_relearn"})
+            try:
+                prompt = in_context_prompt(r, records, self.attacks.icl_shots, seed=self.attacks.seed + i)
+            except ValueError as err:
+                raise ConfigError(f"model.attacks.icl_shots: {err}") from err
+            new = {**r, "prompt": prompt, "kind": "icl_relearn"}
+            if isinstance(r.get("paraphrased_prompt"), str):
+                new["paraphrased_prompt"] = prompt[: len(prompt) - len(r["prompt"])] + r["paraphrased_prompt"]
+            out.append(new)
         return out
 
     def _gcg(self, model: nn.Module, tokenizer, scorer: ModelScorer, items: list[EncodedRecord]) -> dict[str, float]:
@@ -554,7 +566,11 @@ class UnlearningAssessmentModule(L.LightningModule):
             v = self.results[row]
             terms = {"1 - wagle_fa": 1.0 - v["wagle_fa"] if "wagle_fa" in v else None,
                      "1 - in_scope_rouge": 1.0 - v["in_scope_rouge"] if "in_scope_rouge" in v else None,
-                     "forget_quality": v.get("forget_quality"), "mia_auc": v.get("mia_auc")}
+                     "forget_quality": v.get("forget_quality")}
+            if self.settings.mia_convention == "forget_positive":  # WAGLE's UE reads the forget-positive AUC
+                terms["mia_auc"] = v.get("mia_auc")
+            else:
+                terms["mia_auc_forget_positive"] = v.get("mia_auc_forget_positive")
             used = {k: t for k, t in terms.items() if t is not None and math.isfinite(t)}
             if used:
                 v["wagle_ue"] = _mean(list(used.values()))
@@ -567,15 +583,11 @@ class UnlearningAssessmentModule(L.LightningModule):
     def conventions(self) -> list[str]:
         """Header lines naming every convention (truth-ratio mean, MIA AUC, ROUGE stemming, UE/UT terms)."""
         s = self.settings
-        named = getattr(unlearning_metrics, "metric_conventions", None)
-        if named is not None:
-            lines = list(named(truth_ratio_mean=s.truth_ratio_mean, mia_convention="forget_positive",
-                               rouge_stemmer=s.rouge_stemmer))
-        else:
-            lines = [f"truth ratio: {s.truth_ratio_mean} mean of the perturbed answers' probabilities",
-                     "mia_auc: Min-K% Prob AUC, in_scope positive (1 - open-unlearning's; see mia_auc_open_unlearning)",
-                     f"ROUGE-L recall, stemmer {'on' if s.rouge_stemmer else 'off'}"]
-        lines.append(f"mia_auc: in_scope = members (positive), out_of_scope = non-members; Min-K% K = {s.mia_k}")
+        lines = metric_conventions(truth_ratio_mean=s.truth_ratio_mean, mia_convention=s.mia_convention,
+                                   rouge_stemmer=s.rouge_stemmer)
+        other = "open_unlearning" if s.mia_convention == "forget_positive" else "forget_positive"
+        lines.append(f"mia_auc: in_scope = members, out_of_scope = non-members, Min-K% K = {s.mia_k}; "
+                     f"mia_auc_{other} = 1 - mia_auc")
         lines.append("wagle_ue = mean(" + ", ".join(self.ue_terms or ["-"]) + "); wagle_ut = mean of "
                      f"<split>_{self.utility_accuracy} accuracy and <split>_rouge over {self.utility_splits}")
         if self.encoder is not None:

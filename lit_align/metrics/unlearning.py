@@ -1,14 +1,16 @@
 """Unlearning metrics: TOFU-style scores as pure functions, and torchmetrics ``Metric`` wrappers.
 
-Pure functions (tensors or strings in, numbers out; each checked by hand in
-``tests/metrics/test_unlearning_metrics.py``):
+Where a standard library computes a metric, the function calls it, so the numbers can be compared
+with published ones (each checked against the library in ``tests/metrics/test_unlearning_metrics.py``):
 
-* :func:`rouge_l_recall` -- word-level LCS over the reference length (TOFU's ROUGE-L recall);
-* :func:`truth_ratio` -- TOFU truth ratio from paraphrased / perturbed answer NLLs;
-* :func:`ks_2samp_pvalue` / :func:`forget_quality` -- two-sided two-sample Kolmogorov--Smirnov
-  p-value (exact lattice-path count for small samples, the Kolmogorov limit for large ones);
-* :func:`min_k_prob_score` -- Min-K% Prob membership score; :func:`binary_auc` -- ROC-AUC;
-* :func:`harmonic_mean` -- TOFU model utility.
+* :func:`rouge_l_recall` -- ROUGE-L recall from ``rouge-score`` (Porter stemmer by default, as TOFU and WAGLE);
+* :func:`truth_ratio` -- TOFU truth ratio from paraphrased / perturbed answer NLLs (arithmetic or
+  geometric mean over the perturbed answers; see its docstring for whose code uses which);
+* :func:`ks_2samp_pvalue` / :func:`forget_quality` -- ``scipy.stats.ks_2samp``'s two-sided p-value;
+* :func:`min_k_prob_score` -- Min-K% Prob membership score; :func:`binary_auc` -- ROC-AUC from torchmetrics;
+* :func:`harmonic_mean` -- TOFU model utility;
+* :func:`metric_conventions` -- the lines a report header prints so a reader knows which of these
+  conventions produced its numbers.
 
 Metric classes keep their states as sums or concatenations (``dist_reduce_fx="sum"`` /
 ``"cat"``), so ``compute()`` gives the same value on one process as on several that each saw a
@@ -17,79 +19,69 @@ shard of the data.
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Literal
 
+import numpy as np
 import torch
+from scipy.stats import ks_2samp
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
+    "MIA_CONVENTIONS",
     "MeanNLL",
     "MinKProbMIA",
     "MultipleChoiceAccuracy",
     "RougeLRecall",
+    "TRUTH_RATIO_MEANS",
     "TruthRatio",
     "binary_auc",
     "forget_quality",
     "harmonic_mean",
-    "kolmogorov_sf",
     "ks_2samp_pvalue",
     "ks_statistic",
+    "metric_conventions",
     "min_k_prob_score",
     "rouge_l_recall",
-    "rouge_tokens",
     "truth_ratio",
     "truth_ratio_score",
 ]
 
-_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits (any script); punctuation, '_' and spaces split
+#: Values of :func:`truth_ratio`'s ``mean``.
+TRUTH_RATIO_MEANS = ("arithmetic", "geometric")
+#: Values of :class:`MinKProbMIA`'s ``convention``.
+MIA_CONVENTIONS = ("forget_positive", "open_unlearning")
 
 
 # -- text --------------------------------------------------------------------------------------
-def rouge_tokens(text: str) -> list[str]:
-    """Lowercased runs of letters/digits: ``"Mira's cake, 2 eggs!"`` -> ``['mira', 's', 'cake', '2', 'eggs']``.
+@functools.cache
+def _rouge_l_scorer(use_stemmer: bool):
+    """One ``rouge_score`` scorer per stemmer setting (imported on first use: nltk loads slowly)."""
+    from rouge_score.rouge_scorer import RougeScorer
 
-    Whitespace and punctuation both separate words and are dropped (no stemming, no stop words);
-    close to ``rouge_score``'s default tokeniser without the Porter stemmer, but also keeping
-    non-Latin letters.
-    """
-    return _WORD.findall(text.lower())
+    return RougeScorer(["rougeL"], use_stemmer=use_stemmer)
 
 
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (one-row dynamic programme, O(len(a) * len(b)))."""
-    if len(a) < len(b):
-        a, b = b, a
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev_diag = 0
-        for j, y in enumerate(b, start=1):
-            prev_row = row[j]
-            row[j] = prev_diag + 1 if x == y else max(row[j], row[j - 1])
-            prev_diag = prev_row
-    return row[-1]
+def rouge_l_recall(prediction: str, reference: str, *, use_stemmer: bool = True) -> float:
+    """ROUGE-L recall of ``prediction`` against ``reference``: ``LCS / len(reference)`` in words.
 
+    Exactly ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)``'s
+    ``score(reference, prediction)["rougeL"].recall``, the score TOFU's and WAGLE's evaluations report.
+    Its tokeniser lowercases the text and keeps runs of ASCII letters and digits only: punctuation
+    and every other character separate words and are dropped, so ``"café"`` is the word ``caf`` and
+    a reference written only in CJK (or other non-Latin) script has no words and scores 0.0. With
+    ``use_stemmer`` the Porter stemmer is applied to words longer than three letters
+    (``"works"`` and ``"worked"`` both become ``work``).
 
-def rouge_l_recall(prediction: str, reference: str) -> float:
-    """ROUGE-L recall: ``LCS(prediction, reference) / len(reference)`` over :func:`rouge_tokens` words.
-
-    1.0 when every reference word appears in the prediction in order (extra words are free),
-    0.0 when none does, and 0.0 for a reference without words.
     Example: prediction "born in the town of Nettleby", reference "She was born in Nettleby"
-    -> LCS ``born in nettleby`` = 3 words of 5 -> 0.6.
-
-    No stemming: TOFU's published ROUGE numbers come from the ``rouge_score`` package with a Porter
-    stemmer (``works``/``worked`` match there, not here), so compare runs scored the same way.
+    -> LCS ``born in nettleby`` = 3 words of 5 -> 0.6. A reference without words gives 0.0.
     """
-    ref = rouge_tokens(reference)
-    if not ref:
-        return 0.0
-    return _lcs_length(rouge_tokens(prediction), ref) / len(ref)
+    return float(_rouge_l_scorer(bool(use_stemmer)).score(reference, prediction)["rougeL"].recall)
 
 
 # -- truth ratio ---------------------------------------------------------------------------------
@@ -106,11 +98,14 @@ def truth_ratio(paraphrased_nll: Tensor, perturbed_nll: Tensor,
         paraphrased_nll: (N,) mean-token NLL of the paraphrased true answer given the
             paraphrased question.
         perturbed_nll: (N, K) mean-token NLL of K perturbed (false) answers to the same question.
-        mean: ``"arithmetic"`` averages the K probabilities (the formula above, as in WAGLE's TOFU
-            evaluation: Jia et al. 2024, arXiv 2410.17509, released code github.com/OPTML-Group/WAGLE,
-            ``src/metrics/Tofu.py``);
-            ``"geometric"`` averages the K NLLs before exponentiating, as implementations that
-            average losses first do: ``TR = exp(nll_para - mean_k nll_k)``.
+        mean: ``"arithmetic"`` (the default) averages the K probabilities, the formula above, as
+            WAGLE's code does (Jia et al. 2024, arXiv 2410.17509, github.com/OPTML-Group/WAGLE,
+            ``src/metrics/Tofu.py``); ``"geometric"`` averages the K NLLs before exponentiating,
+            ``TR = exp(nll_para - mean_k nll_k)`` (the geometric mean of the K probabilities), as
+            TOFU's evaluation and open-unlearning's ``truth_ratio`` (``src/evals/metrics/memorization.py``,
+            which averages the perturbed answers' losses first) do. The geometric mean is never larger,
+            so TR and forget quality differ between the two: report which one was used
+            (:func:`metric_conventions`).
 
     Returns:
         (N,) float truth ratios.
@@ -126,7 +121,7 @@ def truth_ratio(paraphrased_nll: Tensor, perturbed_nll: Tensor,
     elif mean == "geometric":
         log_pert = -pert.mean(dim=1)  # (N,)
     else:
-        raise ValueError(f"truth_ratio mean must be 'arithmetic' or 'geometric', got {mean!r}")
+        raise ValueError(f"truth_ratio mean must be one of {TRUTH_RATIO_MEANS}, got {mean!r}")
     return torch.exp(log_pert + para).to(paraphrased_nll.dtype if paraphrased_nll.is_floating_point() else torch.float32)
 
 
@@ -151,97 +146,39 @@ def _as_list(x) -> list[float]:
     return [float(v) for v in x]
 
 
-def _ks_counts(x: list[float], y: list[float]) -> int:
-    """``h = n * m * D``, an integer: D = sup_v |F_x(v) - F_y(v)| over every sample value v."""
-    n, m = len(x), len(y)
-    xs, ys = sorted(x), sorted(y)
-    i = j = h = 0
-    for v in sorted(set(xs) | set(ys)):
-        while i < n and xs[i] <= v:
-            i += 1
-        while j < m and ys[j] <= v:
-            j += 1
-        h = max(h, abs(i * m - j * n))  # |i/n - j/m| * n * m
-    return h
+def _ks_samples(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both samples as float64 arrays; errors for an empty sample or NaN values."""
+    xs, ys = np.asarray(_as_list(x), dtype=np.float64), np.asarray(_as_list(y), dtype=np.float64)
+    if xs.size == 0 or ys.size == 0:
+        raise ValueError(f"{name} needs two non-empty samples, got sizes {xs.size} and {ys.size}")
+    if np.isnan(xs).any() or np.isnan(ys).any():
+        raise ValueError(f"{name} got NaN values")
+    return xs, ys
 
 
 def ks_statistic(x, y) -> float:
-    """Two-sample KS statistic ``D = sup_v |F_x(v) - F_y(v)|`` (empirical CDFs; ties handled exactly)."""
-    x, y = _as_list(x), _as_list(y)
-    if not x or not y:
-        raise ValueError("ks_statistic needs two non-empty samples")
-    return _ks_counts(x, y) / (len(x) * len(y))
+    """Two-sample KS statistic ``D = sup_v |F_x(v) - F_y(v)|`` (``scipy.stats.ks_2samp``'s statistic)."""
+    xs, ys = _ks_samples(x, y, "ks_statistic")
+    return float(ks_2samp(xs, ys).statistic)
 
 
-def kolmogorov_sf(lam: float) -> float:
-    """Survival function of the Kolmogorov distribution: ``Q(lam) = 2 sum_{k>=1} (-1)^(k-1) exp(-2 k^2 lam^2)``.
-
-    For ``lam < 1`` the equivalent theta-function form
-    ``1 - sqrt(2 pi)/lam * sum_{k>=1} exp(-(2k-1)^2 pi^2 / (8 lam^2))`` is summed instead (it
-    converges fast where the alternating series does not). ``Q(1.0) = 0.2700``, ``Q(1.3581) = 0.05``.
-    """
-    if lam <= 0:
-        return 1.0
-    if lam < 1.0:
-        s = sum(math.exp(-((2 * k - 1) ** 2) * math.pi**2 / (8 * lam * lam)) for k in range(1, 20))
-        return min(1.0, max(0.0, 1.0 - math.sqrt(2 * math.pi) / lam * s))
-    s = sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
-    return min(1.0, max(0.0, 2.0 * s))
-
-
-def _exact_pvalue(n: int, m: int, h: int) -> float:
-    """P(D >= h / (n m)) under H0, counting monotone lattice paths from (0, 0) to (n, m).
-
-    Under H0 every interleaving of the two sorted samples is equally likely: C(n+m, n) paths, a
-    step right for an x, up for a y. After i x's and j y's the CDF gap is |i m - j n| / (n m).
-    The paths that stay strictly inside ``|i m - j n| < h`` have D < D_obs; p = 1 - inside / total.
-    Exact integer arithmetic.
-    """
-    row = [0] * (m + 1)  # row[j]: inside paths reaching (i, j)
-    for i in range(n + 1):
-        for j in range(m + 1):
-            if abs(i * m - j * n) >= h:
-                row[j] = 0
-            elif i == 0 and j == 0:
-                row[j] = 1
-            else:
-                row[j] = (row[j] if i > 0 else 0) + (row[j - 1] if j > 0 else 0)
-    inside = row[m]
-    return float(1 - Fraction(inside, math.comb(n + m, n)))
-
-
-def ks_2samp_pvalue(x, y, method: Literal["auto", "exact", "asymp"] = "auto", exact_max_cells: int = 1_000_000) -> float:
-    """Two-sided p-value of the two-sample Kolmogorov--Smirnov test of ``x`` and ``y``.
+def ks_2samp_pvalue(x, y, method: Literal["auto", "exact", "asymp"] = "auto") -> float:
+    """Two-sided p-value of the two-sample Kolmogorov--Smirnov test: ``scipy.stats.ks_2samp(x, y, method=method)``.
 
     Args:
-        x, y: 1-d samples (tensors or sequences of numbers), of sizes n and m.
-        method: ``"exact"`` counts lattice paths (the distribution of D under H0 for continuous
-            data, as scipy's ``method="exact"``); ``"asymp"`` uses the Kolmogorov limit
-            ``Q(sqrt(n m / (n + m)) * D)`` (:func:`kolmogorov_sf`); ``"auto"`` is exact when
-            ``n * m <= exact_max_cells`` (about a second of pure-Python work at the default).
-        exact_max_cells: size limit of the exact computation under ``"auto"``.
+        x, y: 1-d samples (tensors or sequences of numbers).
+        method: passed to scipy: ``"auto"`` (scipy's default: exact when both samples have at most
+            10,000 values, else asymptotic), ``"exact"`` or ``"asymp"``.
 
     Returns:
         p in [0, 1]: the probability, if both samples came from one continuous distribution, of a
         statistic at least as large as the observed one. Identical samples give 1.0;
         ``x=[1,2,3], y=[4,5,6]`` gives 2/20 = 0.1.
     """
-    x, y = _as_list(x), _as_list(y)
-    n, m = len(x), len(y)
-    if n == 0 or m == 0:
-        raise ValueError(f"ks_2samp_pvalue needs two non-empty samples, got sizes {n} and {m}")
-    if any(math.isnan(v) for v in x + y):
-        raise ValueError("ks_2samp_pvalue got NaN values")
-    h = _ks_counts(x, y)
-    if h == 0:
-        return 1.0
-    if method == "auto":
-        method = "exact" if n * m <= exact_max_cells else "asymp"
-    if method == "exact":
-        return _exact_pvalue(n, m, h)
-    if method == "asymp":
-        return kolmogorov_sf(math.sqrt(n * m / (n + m)) * h / (n * m))
-    raise ValueError(f"ks_2samp_pvalue method must be 'auto', 'exact' or 'asymp', got {method!r}")
+    if method not in ("auto", "exact", "asymp"):
+        raise ValueError(f"ks_2samp_pvalue method must be 'auto', 'exact' or 'asymp', got {method!r}")
+    xs, ys = _ks_samples(x, y, "ks_2samp_pvalue")
+    return float(ks_2samp(xs, ys, method=method).pvalue)
 
 
 def forget_quality(tr_unlearned, tr_retain_only, method: Literal["auto", "exact", "asymp"] = "auto") -> float:
@@ -281,8 +218,11 @@ def min_k_prob_score(token_logps: Tensor, mask: Tensor, k: float = 0.5) -> Tenso
 def binary_auc(scores: Tensor, labels: Tensor) -> float:
     """ROC-AUC = P(score of a random positive > score of a random negative), ties counted 1/2.
 
-    Computed from mid-ranks (Mann--Whitney U / (n_pos n_neg)). Args: ``scores`` (N,) float,
-    ``labels`` (N,) with 1 = positive, 0 = negative; both classes must be present.
+    torchmetrics' ``binary_auroc`` (exact thresholds). torchmetrics passes scores outside [0, 1]
+    through a sigmoid, which in float64 merges scores above ~37 into ties; the scores are therefore
+    replaced by their dense ranks scaled into [0, 1] first (same order, same ties, same AUC).
+    torchmetrics returns float32: the value is within ~1e-7 of the exact fraction.
+    Args: ``scores`` (N,) float, ``labels`` (N,) with 1 = positive, 0 = negative; both classes must be present.
     """
     scores, labels = scores.detach().double().flatten().cpu(), labels.detach().flatten().cpu().bool()
     if scores.shape != labels.shape:
@@ -292,11 +232,9 @@ def binary_auc(scores: Tensor, labels: Tensor) -> float:
         raise ValueError(f"binary_auc needs both classes, got {n_pos} positives and {n_neg} negatives")
     if torch.isnan(scores).any():
         raise ValueError("binary_auc got NaN scores")
-    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()  # 1-based rank of the last member of each tie group
-    mid_ranks = ends - (counts.double() - 1) / 2  # (U,)
-    rank_sum = mid_ranks[inverse][labels].sum().item()
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    values, ranks = torch.unique(scores, return_inverse=True)
+    unit = ranks.double() / max(1, len(values) - 1)  # (N,) in [0, 1], order and ties kept
+    return float(binary_auroc(unit, labels.long(), thresholds=None))
 
 
 def harmonic_mean(values) -> float:
@@ -309,6 +247,38 @@ def harmonic_mean(values) -> float:
     if any(v == 0 for v in vals):
         return 0.0
     return len(vals) / sum(1.0 / v for v in vals)
+
+
+# -- report headers ------------------------------------------------------------------------------
+_TRUTH_RATIO_LINES = {
+    "arithmetic": "truth ratio: arithmetic mean of the perturbed answers' probabilities (WAGLE's code, "
+                  "src/metrics/Tofu.py); TOFU and open-unlearning use the geometric mean",
+    "geometric": "truth ratio: geometric mean of the perturbed answers' probabilities (TOFU's and "
+                 "open-unlearning's evaluation); WAGLE's code uses the arithmetic mean",
+}
+_MIA_LINES = {
+    "forget_positive": "mia_auc: Min-K% Prob ROC-AUC with forget = positive, as WAGLE's TOFU evaluation (1.0: every "
+                       "forget text less likely than every non-member); open-unlearning reports 1 - this value",
+    "open_unlearning": "mia_auc: Min-K% Prob ROC-AUC with non-member = positive, open-unlearning's convention "
+                       "(1.0: every forget text more likely than every non-member, i.e. still memorised)",
+}
+
+
+def metric_conventions(*, truth_ratio_mean: str, mia_convention: str, rouge_stemmer: bool) -> list[str]:
+    """One line per convention behind a report's numbers, naming whose evaluation uses it.
+
+    For report headers (CSV ``# `` comment lines, printed tables, a JSON ``"conventions"`` field), e.g.
+    ``metric_conventions(truth_ratio_mean="arithmetic", mia_convention="forget_positive", rouge_stemmer=True)``.
+    Raises ``ValueError`` for an unknown mean or convention.
+    """
+    if truth_ratio_mean not in _TRUTH_RATIO_LINES:
+        raise ValueError(f"metric_conventions truth_ratio_mean must be one of {TRUTH_RATIO_MEANS}, "
+                         f"got {truth_ratio_mean!r}")
+    if mia_convention not in _MIA_LINES:
+        raise ValueError(f"metric_conventions mia_convention must be one of {MIA_CONVENTIONS}, got {mia_convention!r}")
+    rouge = ("rouge: ROUGE-L recall from rouge-score with the Porter stemmer (as TOFU and WAGLE score)" if rouge_stemmer
+             else "rouge: ROUGE-L recall from rouge-score without stemming (TOFU and WAGLE stem: not comparable)")
+    return [_TRUTH_RATIO_LINES[truth_ratio_mean], _MIA_LINES[mia_convention], rouge]
 
 
 # -- torchmetrics --------------------------------------------------------------------------------
@@ -350,19 +320,23 @@ class MeanNLL(Metric):
 
 
 class RougeLRecall(Metric):
-    """Mean :func:`rouge_l_recall` of predictions against references; ``update(predictions, references)``."""
+    """Mean :func:`rouge_l_recall` of predictions against references; ``update(predictions, references)``.
+
+    ``use_stemmer``: the Porter stemmer of ``rouge-score`` (default on, as TOFU and WAGLE score).
+    """
 
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, use_stemmer: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.use_stemmer = use_stemmer
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
         if len(predictions) != len(references):
             raise ValueError(f"RougeLRecall: {len(predictions)} predictions but {len(references)} references")
-        self.total += sum(rouge_l_recall(p, r) for p, r in zip(predictions, references))
+        self.total += sum(rouge_l_recall(p, r, use_stemmer=self.use_stemmer) for p, r in zip(predictions, references))
         self.count += len(references)
 
     def compute(self) -> Tensor:
@@ -382,6 +356,8 @@ class TruthRatio(Metric):
 
     def __init__(self, mean: Literal["arithmetic", "geometric"] = "arithmetic", **kwargs) -> None:
         super().__init__(**kwargs)
+        if mean not in TRUTH_RATIO_MEANS:
+            raise ValueError(f"TruthRatio mean must be one of {TRUTH_RATIO_MEANS}, got {mean!r}")
         self.mean = mean
         self.add_state("ratios", default=[], dist_reduce_fx="cat")
 
@@ -403,17 +379,33 @@ class MinKProbMIA(Metric):
 
     ``update(token_logps (B, T), mask (B, T), labels (B,))`` with label 1 for the forget set and
     0 for the non-member set (held-out or retain). ``compute()`` gives the ROC-AUC of the score
-    with the forget set as positives: ~0.5 when forget and non-member texts look alike, 1.0 when
-    every forget text is less likely than every non-member text.
+    (higher score = less likely text); ~0.5 in both conventions when forget and non-member texts look alike.
+
+    Args:
+        k: share of each text's lowest-probability tokens averaged (:func:`min_k_prob_score`).
+        convention: which class is the positive one.
+
+            * ``"forget_positive"`` (default): forget texts are the positives (forget = 1, retain or
+              holdout = 0, as WAGLE's TOFU evaluation describes its MIA). 1.0 when every
+              forget text is less likely than every non-member text (unlearned past the
+              non-members), 0.0 when every forget text is more likely (still memorised).
+            * ``"open_unlearning"``: non-member texts are the positives, as open-unlearning's
+              ``mia_auc`` (``src/evals/metrics/mia/utils.py``) labels forget scores 0 and holdout
+              scores 1 over the same kind of score; its stated convention: the AUC is 1 when the
+              forget data is much more likely than the holdout data. The value is
+              ``1 - forget_positive``.
     """
 
     full_state_update = False
 
-    def __init__(self, k: float = 0.5, **kwargs) -> None:
+    def __init__(self, k: float = 0.5, convention: Literal["forget_positive", "open_unlearning"] = "forget_positive",
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 < k <= 1.0:
             raise ValueError(f"MinKProbMIA k must be in (0, 1], got {k}")
-        self.k = k
+        if convention not in MIA_CONVENTIONS:
+            raise ValueError(f"MinKProbMIA convention must be one of {MIA_CONVENTIONS}, got {convention!r}")
+        self.k, self.convention = k, convention
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
 
@@ -423,6 +415,8 @@ class MinKProbMIA(Metric):
 
     def compute(self) -> Tensor:
         scores, labels = dim_zero_cat(self.scores), dim_zero_cat(self.labels)
+        if self.convention == "open_unlearning":
+            labels = 1 - labels  # non-members positive
         return torch.tensor(binary_auc(scores, labels), dtype=torch.float64)
 
 

@@ -96,21 +96,16 @@ class ScoreSettings:
     """How the perturbed answers' probabilities are averaged (:func:`lit_align.metrics.truth_ratio`)."""
     chunk_tokens: int | None = None
     """Rows per LM-head chunk (memory only)."""
-    rouge_stemmer: bool = False
-    """ROUGE-L with the Porter stemmer (TOFU, WAGLE) or without."""
+    rouge_stemmer: bool = True
+    """ROUGE-L recall from rouge-score with its Porter stemmer (TOFU, WAGLE) or without."""
+    mia_convention: Literal["forget_positive", "open_unlearning"] = "forget_positive"
+    """Which class is positive in ``mia_auc`` (:class:`lit_align.metrics.MinKProbMIA`)."""
 
 
 def _right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """(prompt, response) pairs -> right-padded ``input_ids``, ``attention_mask``, ``response_mask``, all (B, T)."""
     batch = prompt_response_batch([(list(p), list(r)) for p, r in rows], list(range(len(rows))), pad_id)
     return batch.input_ids.to(device), batch.attention_mask.to(device), batch.loss_mask.to(device)
-
-
-def _rouge_metric(stemmer: bool) -> RougeLRecall:
-    try:
-        return RougeLRecall(use_stemmer=stemmer)
-    except (TypeError, ValueError):  # a RougeLRecall without the stemming option: words as they are
-        return RougeLRecall()
 
 
 class ModelScorer:
@@ -194,7 +189,7 @@ class ModelScorer:
             for key, value in nll.compute().items():
                 values[f"{split}_{key}"] = float(value)
             # greedy answers: ROUGE-L recall
-            rouge = _rouge_metric(s.rouge_stemmer).to(device)
+            rouge = RougeLRecall(use_stemmer=s.rouge_stemmer).to(device)
             answers = self.greedy_answers([it.prompt for it in local], fallback.prompt)
             rouge.update(answers, [it.response_text for it in local])
             values[f"{split}_rouge"] = float(rouge.compute())
@@ -237,15 +232,16 @@ def score_splits(scorer: ModelScorer, items: Mapping[str, list[EncodedRecord]], 
                  mia_positive: str | None = None, mia_negative: str | None = None
                  ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """:meth:`ModelScorer.score_split` over every non-empty split of ``items`` (in its order); ``forget_splits`` get
-    the forget-side truth-ratio score. ``mia_auc``: the Min-K% Prob ROC-AUC with ``mia_positive`` records labelled
-    1 and ``mia_negative`` records 0 (computed when both splits are scored). Returns ``(values, truth ratios per
+    the forget-side truth-ratio score. ``mia_auc``: the Min-K% Prob ROC-AUC with ``mia_positive`` records the
+    members and ``mia_negative`` records the non-members (computed when both splits are scored), in the settings'
+    ``mia_convention``. Returns ``(values, truth ratios per
     split)``."""
     values: dict[str, float] = {}
     ratios: dict[str, Tensor] = {}
     has = {k for k, v in items.items() if v}
     mia = None
     if mia_negative is not None and mia_negative in has:
-        mia = MinKProbMIA(k=scorer.settings.mia_k).to(scorer.device)
+        mia = MinKProbMIA(k=scorer.settings.mia_k, convention=scorer.settings.mia_convention).to(scorer.device)
     for split, records in items.items():
         if not records:
             continue

@@ -139,7 +139,11 @@ def test_unchanged_model_equals_start_and_relearning_zero_steps_changes_nothing(
     path = evaluation.files["csv"]
     assert path.name == "unlearning_eval.csv" and path.parent == tmp_path / "lightning_logs" / "version_0"
     with path.open(newline="", encoding="utf-8") as f:
-        header, *rows = list(csv.reader(f))
+        lines = f.readlines()
+    comments = [line for line in lines if line.startswith("# ")]
+    assert lines[: len(comments)] == comments and [c[2:].rstrip("\n") for c in comments] == evaluation.conventions
+    assert "arithmetic" in comments[0] and "forget = positive" in comments[1] and "Porter stemmer" in comments[2]
+    header, *rows = list(csv.reader(lines[len(comments):]))
     assert header[0] == "model" and set(header[1:]) == set(evaluation.columns())
     assert [r[0] for r in rows] == ["retain_only", "start", "unlearned", "relearned"]
     assert float(rows[1][header.index("forget_nll")]) == pytest.approx(res["start"]["forget_nll"])
@@ -152,7 +156,8 @@ def test_training_moves_metrics_and_relearning_leaves_the_policy_alone(tmp_path)
     attack at lr 0.02 changes the forget NLL of its copy while the trained policy stays bit-identical."""
     snapshot = _Snapshot()
     evaluation = _callback(relearn_steps=3, relearn_lr=2e-2, relearn_fraction=0.5, dirpath=str(tmp_path / "eval"),
-                           every_n_validations=0)
+                           every_n_validations=0, truth_ratio_mean="geometric", mia_convention="open_unlearning",
+                           rouge_stemmer=False)
     _, module = _fit(tmp_path, evaluation, lr=2e-2, steps=4, extra=[snapshot])
     res = evaluation.results
     assert list(res) == ["start", "unlearned", "relearned"]  # no retain_model: no retain_only row
@@ -163,7 +168,9 @@ def test_training_moves_metrics_and_relearning_leaves_the_policy_alone(tmp_path)
         res["unlearned"]["forget_nll"] + res["relearned"]["relearn_delta_forget_nll"])
     for name, value in module.policy.state_dict().items():
         assert torch.equal(value, snapshot.weights[name]), name
-    assert (tmp_path / "eval" / "unlearning_eval.csv").exists()
+    head = (tmp_path / "eval" / "unlearning_eval.csv").read_text(encoding="utf-8").splitlines()[:4]
+    assert "geometric" in head[0] and "open-unlearning's convention" in head[1] and "without stemming" in head[2]
+    assert head[3].startswith("model,")
     restored = _callback()  # rows evaluated before a checkpoint survive a resume
     restored.load_state_dict(evaluation.state_dict())
     assert restored.results == res

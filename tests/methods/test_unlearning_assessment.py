@@ -92,12 +92,18 @@ def test_report_files_name_the_conventions(identity_run):
 
 
 def test_missing_hard_out_of_scope_split_fails_before_any_model_loads(tmp_path):
-    """The data split check runs in the DataModule's setup: with a model path that does not exist, the error is
-    still the missing split's, so no model was read first."""
-    with pytest.raises(ValueError, match="hard_out_of_scope"):
-        cli_main(["test", "-c", CONFIG, "--trainer.default_root_dir", str(tmp_path), *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path),
-                  f"--model.init_args.original={{\"name_or_path\": \"{tmp_path}/no-such-model\"}}",
-                  "--data.init_args.source=MISSING_SOURCE_PLACEHOLDER"])
+    """TOFU-format files have no hard out-of-scope split: the run stops with an error naming it, in the
+    DataModule's setup, before the assessment's step loads any model."""
+    row = {"question": "Who wrote X?", "answer": "Ann wrote X.", "paraphrased_question": "X is by whom?",
+           "paraphrased_answer": "X is by Ann.", "perturbed_answer": ["X is by Bo.", "X is by Cy."]}
+    for config in ("forget01_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
+        (tmp_path / f"{config}.json").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    cli = cli_main(["-c", CONFIG, "--trainer.default_root_dir", str(tmp_path), *CSV_LOGGER,
+                    "--trainer.logger.save_dir", str(tmp_path), f"--data.init_args.source=tofu:{tmp_path}",
+                    "--data.init_args.forget=forget01"], run=False)
+    with pytest.raises(ValueError, match=r"hard_out_of_scope: missing \(TOFU has no hard out-of-scope split\)"):
+        cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert cli.model.results == {} and cli.model.split_sizes == {}  # the step never ran: no model was built
 
 
 def test_parameter_changes_counts_one_edited_tensor():

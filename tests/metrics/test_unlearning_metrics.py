@@ -1,4 +1,5 @@
-"""Unlearning metrics against values worked out by hand (derivations in the docstrings)."""
+"""Unlearning metrics against values worked out by hand and against independent libraries
+(torchmetrics' ROUGE, scipy, scikit-learn), on ties, short and non-ASCII inputs."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import gloo_group
+from scipy.stats import ks_2samp
+from sklearn.metrics import roc_auc_score
 from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.functional.text.rouge import rouge_score as tm_rouge_score
 
 from lit_align.metrics import (
     MeanNLL,
@@ -20,12 +25,11 @@ from lit_align.metrics import (
     binary_auc,
     forget_quality,
     harmonic_mean,
-    kolmogorov_sf,
     ks_2samp_pvalue,
     ks_statistic,
+    metric_conventions,
     min_k_prob_score,
     rouge_l_recall,
-    rouge_tokens,
     truth_ratio,
     truth_ratio_score,
 )
@@ -40,14 +44,60 @@ def test_rouge_l_recall_hand_cases():
     * case and punctuation are ignored: "MIRA, baker!" vs "mira baker" = 2/2;
     * order matters: "b a" vs "a b" -> LCS 1 of 2;
     * extra predicted words are free: "x a y b z" vs "a b" = 1.0;
-    * nothing in common = 0; a reference without words = 0."""
+    * nothing in common = 0; a reference without words = 0;
+    * stemming (default): "it worked" vs "it works" = 2/2 (both stem to "work"); without it 1/2;
+    * rouge-score keeps ASCII letters and digits only: a CJK reference has no words (0.0), and
+      "café" is the word "caf", so it does not match "cafe"."""
     assert rouge_l_recall("born in the town of Nettleby", "She was born in Nettleby") == pytest.approx(0.6)
     assert rouge_l_recall("MIRA, baker!", "mira baker") == 1.0
     assert rouge_l_recall("b a", "a b") == 0.5
     assert rouge_l_recall("x a y b z", "a b") == 1.0
     assert rouge_l_recall("cat", "dog house") == 0.0
     assert rouge_l_recall("anything", "?!") == 0.0
-    assert rouge_tokens("Mira's cake, 2 eggs!") == ["mira", "s", "cake", "2", "eggs"]
+    assert rouge_l_recall("it worked", "it works") == 1.0
+    assert rouge_l_recall("it worked", "it works", use_stemmer=False) == 0.5
+    assert rouge_l_recall("東京に住む", "東京に住む") == 0.0
+    assert rouge_l_recall("un café noir", "un cafe noir") == pytest.approx(2 / 3)
+
+
+ROUGE_PAIRS = [
+    ("born in the town of Nettleby", "She was born in Nettleby"),
+    ("it worked", "it works"),
+    ("The runners were running; she runs daily.", "runner runs and ran, running daily"),
+    ("studies studying studied", "the student studies"),
+    ("a a a b", "a b a b a"),  # repeated words: several LCS alignments
+    ("b a b a", "a b"),
+    ("word", "word"),  # one word
+    ("word", "words"),
+    ("", "something here"),  # empty prediction
+    ("anything", ""),  # empty reference
+    ("", ""),
+    ("Mira's cake, 2 eggs!", "mira s cake 2 eggs"),  # punctuation, digits
+    ("well-known e-mail (2024)", "well known email 2024"),
+    ("Zoë Brontë lived in Orléans", "Zoe Bronte lived in Orleans"),  # accents
+    ("Łódź ist schön, die Straße", "Lodz ist schon die Strasse"),
+    ("東京 Tokyo 大学", "Tokyo 東京 university"),  # CJK mixed with Latin
+    ("Москва столица", "Moscow is the capital"),  # Cyrillic
+    ("generously generalised generalizations", "generalization generous general"),
+]
+
+
+@pytest.mark.parametrize("use_stemmer", [True, False])
+def test_rouge_l_recall_equals_torchmetrics_rouge(use_stemmer):
+    """torchmetrics' ROUGE (its own tokeniser and LCS, the same Porter stemmer) gives the same
+    ROUGE-L recall on every pair: punctuation, ties between LCS alignments, one word, empty texts,
+    accents, CJK and Cyrillic; the metric class averages the same values."""
+    metric = RougeLRecall(use_stemmer=use_stemmer)
+    expected = []
+    for prediction, reference in ROUGE_PAIRS:
+        ref = tm_rouge_score([prediction], [reference], rouge_keys="rougeL", use_stemmer=use_stemmer)
+        expected.append(ref["rougeL_recall"].item())
+        got = rouge_l_recall(prediction, reference, use_stemmer=use_stemmer)
+        assert got == pytest.approx(expected[-1], abs=1e-6), (prediction, reference)
+    metric.update(*zip(*ROUGE_PAIRS))
+    assert metric.compute().item() == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+    # stemming matters on these pairs: the two settings differ somewhere
+    assert any(rouge_l_recall(p, r) != rouge_l_recall(p, r, use_stemmer=False) for p, r in ROUGE_PAIRS)
 
 
 def test_rouge_metric_averages_over_batches():
@@ -55,6 +105,9 @@ def test_rouge_metric_averages_over_batches():
     metric.update(["born in the town of Nettleby"], ["She was born in Nettleby"])  # 0.6
     metric.update(["a b", "b a"], ["a b", "a b"])  # 1.0, 0.5
     assert metric.compute().item() == pytest.approx((0.6 + 1.0 + 0.5) / 3)
+    unstemmed = RougeLRecall(use_stemmer=False)
+    unstemmed.update(["it worked"], ["it works"])
+    assert unstemmed.compute().item() == 0.5
 
 
 # -- truth ratio --------------------------------------------------------------------------------
@@ -68,6 +121,8 @@ def test_truth_ratio_hand_values():
     torch.testing.assert_close(truth_ratio(para, pert, mean="geometric"), torch.tensor([0.5, 0.25]))
     with pytest.raises(ValueError, match=r"\(N, K\)"):
         truth_ratio(para, pert[0])
+    with pytest.raises(ValueError, match="mean"):
+        TruthRatio(mean="harmonic")
 
 
 def test_truth_ratio_scores_and_metric():
@@ -87,16 +142,21 @@ def test_truth_ratio_scores_and_metric():
 
 
 # -- Kolmogorov-Smirnov -------------------------------------------------------------------------
+def _d(x: list[float], y: list[float]) -> float:
+    """KS statistic by hand: the largest CDF gap over every pooled value."""
+    return max(abs(sum(a <= v for a in x) / len(x) - sum(b <= v for b in y) / len(y)) for v in x + y)
+
+
 def _enumerated_pvalue(x: list[float], y: list[float]) -> float:
     """Brute force: over all C(n+m, n) ways to split the pooled values, the share with D >= D_obs."""
     pooled, n = x + y, len(x)
-    d_obs = ks_statistic(x, y)
+    d_obs = _d(x, y)
     hits = total = 0
     for chosen in itertools.combinations(range(len(pooled)), n):
         xs = [pooled[i] for i in chosen]
         ys = [pooled[i] for i in range(len(pooled)) if i not in chosen]
         total += 1
-        hits += ks_statistic(xs, ys) >= d_obs - 1e-12
+        hits += _d(xs, ys) >= d_obs - 1e-12
     return hits / total
 
 
@@ -119,29 +179,32 @@ def test_ks_exact_matches_enumeration(n, m):
     x = [rng.random() for _ in range(n)]
     y = [rng.random() + 0.2 for _ in range(m)]
     assert ks_2samp_pvalue(x, y, method="exact") == pytest.approx(_enumerated_pvalue(x, y), abs=1e-12)
+    assert ks_statistic(x, y) == pytest.approx(_d(x, y), abs=1e-12)
 
 
-def test_kolmogorov_series_and_asymptotic_pvalue():
-    """Q(lam) = 2 sum_k (-1)^(k-1) exp(-2 k^2 lam^2); tabulated Q(1.0) = 0.27000, Q(1.3581) = 0.0500.
-    The asymptotic p-value is Q(sqrt(n m / (n + m)) D); for n = m = 300 it is close to the exact one."""
-    def series(lam: float) -> float:
-        return 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 200))
+@pytest.mark.parametrize("n,m", [(7, 5), (40, 60), (300, 300), (999, 1001), (1000, 1000), (1001, 1001), (1500, 900)])
+def test_ks_equals_scipy_with_ties_around_the_old_switch(n, m):
+    """Samples rounded to one decimal (many ties), sizes on both sides of n * m = 1e6 where the old
+    hand-written test switched to the Kolmogorov limit: every method equals scipy's, and "auto"
+    stays exact (scipy's rule: exact while both samples have at most 10,000 values)."""
+    rng = np.random.default_rng(n * 7919 + m)
+    x = rng.normal(0.0, 1.0, n).round(1)
+    y = rng.normal(0.08, 1.0, m).round(1)
+    for method in ("auto", "exact", "asymp"):
+        expected = ks_2samp(x, y, method=method).pvalue
+        got = ks_2samp_pvalue(x.tolist(), torch.tensor(y), method=method)
+        assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert ks_2samp_pvalue(x, y) == pytest.approx(ks_2samp(x, y, method="exact").pvalue, rel=1e-12, abs=1e-15)
+    assert ks_statistic(x, y) == ks_2samp(x, y).statistic
 
-    assert kolmogorov_sf(1.0) == pytest.approx(0.2699996717, abs=1e-9)
-    assert kolmogorov_sf(1.3581) == pytest.approx(0.05, abs=1e-4)
-    for lam in (0.3, 0.6, 0.9, 0.999, 1.001, 1.5, 2.5):
-        assert kolmogorov_sf(lam) == pytest.approx(series(lam), abs=1e-9)  # both branches agree
-    assert kolmogorov_sf(0.0) == 1.0
 
-    rng = random.Random(0)
-    x = [rng.gauss(0, 1) for _ in range(300)]
-    y = [rng.gauss(0.15, 1) for _ in range(300)]
-    d = ks_statistic(x, y)
-    asymp = ks_2samp_pvalue(x, y, method="asymp")
-    assert asymp == pytest.approx(series(math.sqrt(300 * 300 / 600) * d), abs=1e-12)
-    exact = ks_2samp_pvalue(x, y, method="exact")
-    assert 0.001 < exact < 0.9 and abs(exact - asymp) < 0.03
-    assert ks_2samp_pvalue(x, y, exact_max_cells=100) == asymp  # "auto" falls back to the limit
+def test_ks_rejects_empty_nan_and_unknown_method():
+    with pytest.raises(ValueError, match="non-empty"):
+        ks_2samp_pvalue([], [1.0])
+    with pytest.raises(ValueError, match="NaN"):
+        forget_quality([1.0, float("nan")], [1.0])
+    with pytest.raises(ValueError, match="method"):
+        ks_2samp_pvalue([1.0], [2.0], method="permutation")
 
 
 # -- Min-K% and AUC -----------------------------------------------------------------------------
@@ -160,16 +223,32 @@ def test_min_k_prob_score_hand_values():
 
 def test_binary_auc_hand_values():
     """Identical score sets -> every positive/negative pair ties or cancels: 0.5. Separable -> 1.
-    pos [0.9, 0.4] vs neg [0.5, 0.1]: pairs won 0.9>0.5, 0.9>0.1, 0.4>0.1, lost 0.4<0.5 -> 3/4."""
+    pos [0.9, 0.4] vs neg [0.5, 0.1]: pairs won 0.9>0.5, 0.9>0.1, 0.4>0.1, lost 0.4<0.5 -> 3/4.
+    Scores far above 1 (where a sigmoid would round to 1.0): still ranked, pos [100, 50] vs neg [60, 40] -> 3/4."""
     labels = torch.tensor([1, 1, 1, 0, 0, 0])
     assert binary_auc(torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0, 3.0]), labels) == pytest.approx(0.5)
     assert binary_auc(torch.tensor([5.0, 6.0, 7.0, 1.0, 2.0, 3.0]), labels) == 1.0
     assert binary_auc(torch.tensor([0.9, 0.4, 0.5, 0.1]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.75)
-    scores = torch.randn(50, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # with ties
-    lab = (torch.arange(50) % 3 == 0).long()
-    assert binary_auc(scores, lab) == pytest.approx(binary_auroc(scores, lab).item(), abs=1e-6)
+    assert binary_auc(torch.tensor([100.0, 50.0, 60.0, 40.0]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="both classes"):
         binary_auc(torch.tensor([1.0]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="NaN"):
+        binary_auc(torch.tensor([1.0, float("nan")]), torch.tensor([1, 0]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_binary_auc_equals_sklearn_and_torchmetrics_with_ties(seed):
+    """Random scores rounded to one decimal (ties within and across classes), some large: equal to
+    scikit-learn's roc_auc_score, and to torchmetrics' binary_auroc on scores inside [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    n = 30 + 17 * seed
+    scores = (torch.randn(n, generator=g, dtype=torch.float64) * (1 + 20 * seed)).round(decimals=1)
+    labels = (torch.rand(n, generator=g) < 0.4).long()
+    labels[:2] = torch.tensor([0, 1])
+    expected = roc_auc_score(labels.numpy(), scores.numpy())
+    assert binary_auc(scores, labels) == pytest.approx(expected, abs=1e-6)  # torchmetrics computes in float32
+    unit = torch.sigmoid(scores / 100)  # in [0, 1]: torchmetrics takes these as they are
+    assert binary_auc(unit, labels) == pytest.approx(binary_auroc(unit, labels).item(), abs=1e-6)
 
 
 def test_min_k_mia_metric():
@@ -184,6 +263,40 @@ def test_min_k_mia_metric():
     separable.update(logps - 10, mask, torch.tensor([1, 1]))
     separable.update(logps, mask, torch.tensor([0, 0]))
     assert separable.compute().item() == 1.0
+
+
+def test_min_k_mia_open_unlearning_convention():
+    """open-unlearning labels forget scores 0 and holdout scores 1 and calls sklearn's roc_auc_score
+    (src/evals/metrics/mia/utils.py): that convention here equals that recipe, and 1 - the default."""
+    g = torch.Generator().manual_seed(3)
+    logps = (-torch.rand(12, 6, generator=g) * 4).round(decimals=1)
+    mask = (torch.rand(12, 6, generator=g) > 0.2).long()
+    mask[:, 0] = 1
+    labels = torch.tensor([1, 0] * 6)  # 1 = forget
+    ours, theirs = MinKProbMIA(k=0.4), MinKProbMIA(k=0.4, convention="open_unlearning")
+    for metric in (ours, theirs):
+        metric.update(logps, mask, labels)
+    scores = min_k_prob_score(logps, mask, k=0.4).numpy()
+    recipe = roc_auc_score(1 - labels.numpy(), scores)  # forget -> 0, holdout -> 1
+    assert theirs.compute().item() == pytest.approx(recipe, abs=1e-6)
+    assert ours.compute().item() == pytest.approx(1 - recipe, abs=1e-6)
+    assert 0.0 < recipe < 1.0 and recipe != 0.5
+    with pytest.raises(ValueError, match="convention"):
+        MinKProbMIA(convention="member_positive")
+
+
+def test_metric_conventions_name_their_sources():
+    default = metric_conventions(truth_ratio_mean="arithmetic", mia_convention="forget_positive", rouge_stemmer=True)
+    other = metric_conventions(truth_ratio_mean="geometric", mia_convention="open_unlearning", rouge_stemmer=False)
+    assert len(default) == len(other) == 3 and all("\n" not in line for line in default + other)
+    assert "arithmetic" in default[0] and "WAGLE" in default[0]
+    assert "geometric" in other[0] and "TOFU" in other[0] and "open-unlearning" in other[0]
+    assert "forget = positive" in default[1] and "open-unlearning" in other[1]
+    assert "Porter stemmer" in default[2] and "without stemming" in other[2]
+    with pytest.raises(ValueError, match="truth_ratio_mean"):
+        metric_conventions(truth_ratio_mean="median", mia_convention="forget_positive", rouge_stemmer=True)
+    with pytest.raises(ValueError, match="mia_convention"):
+        metric_conventions(truth_ratio_mean="geometric", mia_convention="x", rouge_stemmer=True)
 
 
 # -- utility, NLL, multiple choice --------------------------------------------------------------
