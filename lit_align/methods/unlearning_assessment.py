@@ -588,8 +588,9 @@ class UnlearningAssessmentModule(L.LightningModule):
         other = "open_unlearning" if s.mia_convention == "forget_positive" else "forget_positive"
         lines.append(f"mia_auc: in_scope = members, out_of_scope = non-members, Min-K% K = {s.mia_k}; "
                      f"mia_auc_{other} = 1 - mia_auc")
+        acc = {"embedding": "embedding_accuracy", "token": "accuracy", "mc": "mc_accuracy"}[self.utility_accuracy]
         lines.append("wagle_ue = mean(" + ", ".join(self.ue_terms or ["-"]) + "); wagle_ut = mean of "
-                     f"<split>_{self.utility_accuracy} accuracy and <split>_rouge over {self.utility_splits}")
+                     f"<split>_{acc} and <split>_rouge over the splits {self.utility_splits} that have them")
         if self.encoder is not None:
             lines.append(f"wagle_fa encoder: {self.encoder.fingerprint()} (WAGLE used paraphrase-MiniLM-L6-v2)")
         if len(self.seeds) > 1:

@@ -14,10 +14,10 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import CSV_LOGGER, REPO
 from scipy import stats
 from torch.utils.data import DataLoader
 
-from conftest import CSV_LOGGER, REPO
 from lit_align.callbacks import RunCost
 from lit_align.cli import cli_main
 from lit_align.data.tokenize import SequenceCollator, SequenceExample, encode_prompt, encode_response
@@ -25,6 +25,7 @@ from lit_align.methods import SFTModule
 from lit_align.methods.unlearning_assessment import embedding_accuracy, parameter_changes, seed_interval
 from lit_align.models import ModelSpec, TinyArch, build_causal_lm, build_tokenizer
 from lit_align.retrieval import HashEncoder
+from lit_align.unlearning.scoring import ModelScorer, ScoreSettings, encode_record, score_splits
 
 CONFIG = str(REPO / "configs" / "eval" / "unlearning_assessment" / "tiny.yaml")
 FULL = '{"name_or_path": "builtin:tiny-tofu-full"}'
@@ -33,11 +34,11 @@ GCG = '{"num_steps": 1, "suffix_length": 2, "search_width": 4, "topk": 4}'
 
 @pytest.fixture(scope="module")
 def identity_run(tmp_path_factory):
-    """The tiny config with unlearned = [original, original] (seeds 3 and 7), 4 records a split, GCG on."""
+    """The tiny config with unlearned = [original, original] (seeds 3 and 7), 3 records a split, GCG on."""
     root = tmp_path_factory.mktemp("assessment")
     cli = cli_main(["test", "-c", CONFIG, "--trainer.default_root_dir", str(root), *CSV_LOGGER, "--trainer.logger.save_dir", str(root),
                     f"--model.init_args.unlearned=[{FULL}, {FULL}]", "--model.init_args.seeds=[3, 7]",
-                    "--data.init_args.max_records=4", "--model.init_args.attacks.icl_shots=1",
+                    "--data.init_args.max_records=3", "--model.init_args.attacks.icl_shots=1",
                     "--model.init_args.attacks.relearn_steps=1", f"--model.init_args.attacks.gcg={GCG}",
                     "--model.init_args.attacks.gcg_questions=1", "--model.init_args.max_new_tokens=8"])
     report = next(c for c in cli.trainer.callbacks if type(c).__name__ == "UnlearningAssessmentReport")
@@ -88,7 +89,7 @@ def test_report_files_name_the_conventions(identity_run):
     assert data["efficiency"]["unlearning_runs"]["unlearned[3]"] == "not recorded"
     assert data["efficiency"]["assessment"]["wall_seconds"] > 0 and data["efficiency"]["access"] == "white_box"
     assert data["hygiene"]["unlearned[7]"]["lora_only"] is False
-    assert data["splits"]["in_scope"] == 4 and data["models"]["seeds"] == [3, 7]
+    assert data["splits"]["in_scope"] == 3 and data["models"]["seeds"] == [3, 7]
 
 
 def test_missing_hard_out_of_scope_split_fails_before_any_model_loads(tmp_path):
@@ -157,3 +158,20 @@ def test_run_cost_json_is_written_by_a_fit_and_read_by_the_assessment(tmp_path):
     data = json.loads((tmp_path / "run_cost.json").read_text(encoding="utf-8"))
     assert data["fit_wall_seconds"] > 0 and data["peak_memory_bytes"] > 0 and data["global_step"] == 1
     assert data["peak_memory_source"].startswith("resource.getrusage")
+
+
+def test_shared_scorer_mia_on_identical_member_and_non_member_texts_is_one_half():
+    """§11.3: a loss-based MIA whose members and non-members are the same texts (so the same loss distribution)
+    gives AUC 0.5, through the scorer the assessment and the callback share."""
+    spec = ModelSpec(tiny=TinyArch(family="llama", hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=32))
+    tok = build_tokenizer(spec)
+    model = build_causal_lm(spec, tok).eval()
+    records = [{"prompt": f"Question {i}?", "response": f"Answer number {i}."} for i in range(5)]
+    items = [encode_record(r, lambda p: encode_prompt(tok, p, False), lambda a: encode_response(tok, a), f"r{i}")
+             for i, r in enumerate(records)]
+    scorer = ModelScorer(model, tok, "cpu", ScoreSettings(batch_size=2, max_new_tokens=2))
+    values, _ = score_splits(scorer, {"members": items, "others": list(items)}, forget_splits=("members",),
+                             mia_positive="members", mia_negative="others")
+    assert values["mia_auc"] == 0.5
+    assert values["members_nll"] == values["others_nll"]
