@@ -35,7 +35,9 @@ class RunCost(L.Callback):
     ``world_size``. :class:`~lit_align.methods.UnlearningAssessmentModule` reads it (``unlearned_run_cost``) for
     the efficiency part of its report.
 
-    The file goes to ``dirpath`` (default ``trainer.default_root_dir``, next to ``hf_export``).
+    The file goes to ``dirpath`` (default ``trainer.default_root_dir``, next to ``hf_export``). Callbacks run in
+    list order: put this one first so that the fit-start work of the others (e.g. ``WeightMask``'s attribution)
+    is in the wall time.
 
     Example::
 
