@@ -169,7 +169,11 @@ def add_fewl_report(trainer: Trainer, model: Any) -> None:
 
 def set_up_data_early(datamodule: Any, module: Any, subcommand: str | None) -> None:
     """Run a lit_align DataModule's (idempotent) ``setup`` with the module's tokenizer before the Trainer
-    runs, so a data error stops the run before any logger or W&B run starts."""
+    runs, so a data error stops the run before any logger or W&B run starts. An unlearning assessment's
+    DataModule (no tokenizer) checks its splits here too."""
+    if subcommand is not None and isinstance(datamodule, lit_align.methods.UnlearningAssessmentDataModule):
+        datamodule.setup(subcommand)
+        return
     bases = (lit_align.data.TokenizedDataModule, lit_align.data.ForgetRetainDataModule)
     if subcommand is None or not isinstance(datamodule, bases):
         return

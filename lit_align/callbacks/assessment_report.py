@@ -25,6 +25,17 @@ SUMMARY = ("in_scope_rouge", "in_scope_prob", "in_scope_truth_ratio", "hard_in_s
            "wagle_ue", "wagle_ut", "changed_share")
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every NaN / infinite float replaced by ``None`` (valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _cell(value: Any) -> Any:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
@@ -85,7 +96,7 @@ class UnlearningAssessmentReport(L.Callback):
                         for k, v in vars(pl_module.attacks).items()},
         }
         self.files["json"] = directory / "unlearning_assessment.json"
-        atomic_write_text(self.files["json"], json.dumps(report, indent=1, default=str))
+        atomic_write_text(self.files["json"], json.dumps(_json_safe(report), indent=1, default=str, allow_nan=False))
         publish(trainer, "unlearning_assessment", header, cleaned)
         if self.verbose:
             print(self.summary(header, rows, conventions, pl_module))

@@ -92,13 +92,18 @@ def test_report_files_name_the_conventions(identity_run):
     assert data["splits"]["in_scope"] == 3 and data["models"]["seeds"] == [3, 7]
 
 
-def test_missing_hard_out_of_scope_split_fails_before_any_model_loads(tmp_path):
-    """TOFU-format files have no hard out-of-scope split: the run stops with an error naming it, in the
-    DataModule's setup, before the assessment's step loads any model."""
+def _tofu_files(directory) -> None:
+    """TOFU-format files (one row each) with no hard out-of-scope split (TOFU has none)."""
     row = {"question": "Who wrote X?", "answer": "Ann wrote X.", "paraphrased_question": "X is by whom?",
            "paraphrased_answer": "X is by Ann.", "perturbed_answer": ["X is by Bo.", "X is by Cy."]}
     for config in ("forget01_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
-        (tmp_path / f"{config}.json").write_text(json.dumps(row) + "\n", encoding="utf-8")
+        (directory / f"{config}.json").write_text(json.dumps(row) + "\n", encoding="utf-8")
+
+
+def test_missing_hard_out_of_scope_split_fails_before_any_model_loads(tmp_path):
+    """TOFU-format files have no hard out-of-scope split: the run stops with an error naming it, in the
+    DataModule's setup, before the assessment's step loads any model."""
+    _tofu_files(tmp_path)
     cli = cli_main(["-c", CONFIG, "--trainer.default_root_dir", str(tmp_path), *CSV_LOGGER,
                     "--trainer.logger.save_dir", str(tmp_path), f"--data.init_args.source=tofu:{tmp_path}",
                     "--data.init_args.forget=forget01"], run=False)
@@ -175,3 +180,14 @@ def test_shared_scorer_mia_on_identical_member_and_non_member_texts_is_one_half(
                              mia_positive="members", mia_negative="others")
     assert values["mia_auc"] == 0.5
     assert values["members_nll"] == values["others_nll"]
+
+
+def test_lit_align_test_stops_on_a_missing_split_before_the_trainer_runs(tmp_path):
+    """Through the command itself: the split check runs while the CLI is set up (before the Trainer, its
+    loggers and any model): the error names the split and how to give it."""
+    _tofu_files(tmp_path)
+    with pytest.raises(ValueError, match=r"hard_out_of_scope: missing.*files="):
+        cli_main(["test", "-c", CONFIG, "--trainer.default_root_dir", str(tmp_path / "run"), *CSV_LOGGER,
+                  "--trainer.logger.save_dir", str(tmp_path / "run"), f"--data.init_args.source=tofu:{tmp_path}",
+                  "--data.init_args.forget=forget01"])
+    assert not (tmp_path / "run").exists()
