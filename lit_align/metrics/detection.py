@@ -98,7 +98,9 @@ def roc_curve_points(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Te
 
     Point ``k`` flags every score ``>= thresholds[k]``; thresholds decrease from ``+inf`` (the point
     (0, 0)) to the lowest score (the point (1, 1)). The trapezoid area under it equals
-    :func:`~lit_align.metrics.binary_auc` (ties count 1/2).
+    :func:`~lit_align.metrics.binary_auc` (ties count 1/2). The points equal torchmetrics' ``binary_roc``
+    (tested); they are computed here in float64 because :func:`tpr_at_fpr` counts negatives as
+    ``fpr * n_neg``, which torchmetrics' float32 rates would blur for large sets.
     """
     scores, labels = _scores(scores, "roc_curve_points scores"), torch.as_tensor(labels).flatten().cpu().bool()
     if scores.shape != labels.shape:

@@ -125,6 +125,23 @@ def test_roc_curve_points_by_hand_and_area_equals_binary_auc():
     assert torch.trapezoid(tpr, fpr).item() == pytest.approx(0.875) == binary_auc(scores, labels)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_roc_curve_points_equal_torchmetrics_binary_roc_with_ties(seed):
+    """Scores in [0, 1] rounded to 0.05 (many ties within and across classes): the same (fpr, tpr) points as
+    torchmetrics' binary_roc, and the same thresholds after the first (torchmetrics starts at 1.0, here +inf)."""
+    from torchmetrics.functional.classification import binary_roc
+
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.rand(40 + 13 * seed, generator=g, dtype=torch.float64) * 20).round() / 20
+    labels = (torch.rand(len(scores), generator=g) < 0.5).long()
+    labels[:2] = torch.tensor([0, 1])
+    fpr, tpr, thr = roc_curve_points(scores, labels)
+    ref_fpr, ref_tpr, ref_thr = binary_roc(scores, labels)
+    torch.testing.assert_close(fpr, ref_fpr.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(tpr, ref_tpr.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(thr[1:], ref_thr[1:].double())
+
+
 def test_perplexity_is_exp_of_mean_token_nll_per_sample_then_averaged():
     model = tiny_lm("qwen2", vocab_size=50, hidden_size=32, seed=0)
     ids = torch.tensor([[3, 5, 7, 9], [4, 6, 8, 0]])
