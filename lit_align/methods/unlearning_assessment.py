@@ -313,6 +313,10 @@ class UnlearningAssessmentModule(L.LightningModule):
         if costs and len(costs) != len(self.unlearned):
             raise ConfigError(f"model.unlearned_run_cost: give one run_cost.json per unlearned model "
                               f"({len(self.unlearned)}), got {len(costs)}")
+        for i, path in enumerate(costs):  # now, not after every model was scored
+            if not Path(path).is_file():
+                raise ConfigError(f"model.unlearned_run_cost[{i}]: no file {path!r} (the run_cost.json that "
+                                  "lit_align.callbacks.RunCost writes in the unlearning run's directory)")
         for key, tpl, name in (("prompt_template", prompt_template, "prompt"),
                                ("response_template", response_template, "response")):
             if tpl is not None and "{" + name + "}" not in tpl:
@@ -417,11 +421,7 @@ class UnlearningAssessmentModule(L.LightningModule):
     def _read_cost(self, i: int) -> dict[str, Any] | str:
         if not self.run_cost_paths:
             return "not recorded"
-        path = Path(self.run_cost_paths[i])
-        if not path.is_file():
-            raise ConfigError(f"model.unlearned_run_cost[{i}]: no file {str(path)!r} (the run_cost.json that "
-                              "lit_align.callbacks.RunCost writes in the unlearning run's directory)")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(self.run_cost_paths[i]).read_text(encoding="utf-8"))
 
     def _chat(self, tokenizer) -> bool:
         chat = self.chat_template if self.chat_template is not None else bool(tokenizer.chat_template)

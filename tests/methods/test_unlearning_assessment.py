@@ -21,8 +21,14 @@ from torch.utils.data import DataLoader
 from lit_align.callbacks import RunCost
 from lit_align.cli import cli_main
 from lit_align.data.tokenize import SequenceCollator, SequenceExample, encode_prompt, encode_response
+from lit_align.errors import ConfigError
 from lit_align.methods import SFTModule
-from lit_align.methods.unlearning_assessment import embedding_accuracy, parameter_changes, seed_interval
+from lit_align.methods.unlearning_assessment import (
+    UnlearningAssessmentModule,
+    embedding_accuracy,
+    parameter_changes,
+    seed_interval,
+)
 from lit_align.models import ModelSpec, TinyArch, build_causal_lm, build_tokenizer
 from lit_align.retrieval import HashEncoder
 from lit_align.unlearning.scoring import ModelScorer, ScoreSettings, encode_record, score_splits
@@ -163,6 +169,11 @@ def test_run_cost_json_is_written_by_a_fit_and_read_by_the_assessment(tmp_path):
     data = json.loads((tmp_path / "run_cost.json").read_text(encoding="utf-8"))
     assert data["fit_wall_seconds"] > 0 and data["peak_memory_bytes"] > 0 and data["global_step"] == 1
     assert data["peak_memory_source"].startswith("resource.getrusage")
+    assessment = UnlearningAssessmentModule(spec, [spec, spec], unlearned_run_cost=[str(tmp_path / "run_cost.json")] * 2)
+    assert assessment._read_cost(1) == data
+    assert UnlearningAssessmentModule(spec, spec)._read_cost(0) == "not recorded"
+    with pytest.raises(ConfigError, match=r"model.unlearned_run_cost\[0\]: no file"):
+        UnlearningAssessmentModule(spec, spec, unlearned_run_cost=str(tmp_path / "nope.json"))
 
 
 def test_shared_scorer_mia_on_identical_member_and_non_member_texts_is_one_half():
