@@ -243,7 +243,24 @@ class UnlearningAssessmentModule(L.LightningModule):
 
     Models are loaded one at a time on this module's device, each with its own tokenizer; prompts are encoded
     as ``ForgetRetainDataModule`` does (``prompt_template``, ``chat_template``, ``response_template``), so set
-    them as the models were trained (e.g. TOFU's reference format ``"[INST] {prompt} [\\\\INST]"``). One device.
+    them as the models were trained (WAGLE's TOFU prompt format: ``prompt_template`` as
+    ``TOFUDataModule(reference_format=true)`` sets it, ``chat_template: false``). One device.
+
+    Run: ``lit-align test -c configs/eval/unlearning_assessment/tiny.yaml``. Example::
+
+        model:
+          class_path: lit_align.methods.UnlearningAssessmentModule
+          init_args:
+            original: {name_or_path: "builtin:tiny-tofu-full"}
+            unlearned: [{name_or_path: run_seed0/hf_export}, {name_or_path: run_seed1/hf_export}]
+            seeds: [0, 1]
+            retrain: {name_or_path: "builtin:tiny-tofu-retain90"}
+            unlearned_run_cost: [run_seed0/run_cost.json, run_seed1/run_cost.json]
+            encoder: {class_path: lit_align.retrieval.SentenceEncoder,
+                      init_args: {name_or_path: "builtin:all-MiniLM-L6-v2"}}
+        data:
+          class_path: lit_align.methods.UnlearningAssessmentDataModule
+          init_args: {source: "builtin:fictitious_facts", forget: forget10}
     """
 
     def __init__(
