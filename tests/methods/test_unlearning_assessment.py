@@ -14,6 +14,7 @@ import math
 import lightning as L
 import pytest
 import torch
+import wandb
 from conftest import CSV_LOGGER, REPO
 from scipy import stats
 from torch.utils.data import DataLoader
@@ -40,21 +41,26 @@ GCG = '{"num_steps": 1, "suffix_length": 2, "search_width": 4, "topk": 4}'
 
 @pytest.fixture(scope="module")
 def identity_run(tmp_path_factory):
-    """The tiny config with unlearned = [original, original] (seeds 3 and 7), 3 records a split, GCG on."""
+    """The tiny config with unlearned = [original, original] (seeds 3 and 7), 3 records a split, GCG on, logged
+    by the CLI's default logger (W&B, offline)."""
     root = tmp_path_factory.mktemp("assessment")
-    cli = cli_main(["test", "-c", CONFIG, "--trainer.default_root_dir", str(root), *CSV_LOGGER, "--trainer.logger.save_dir", str(root),
-                    f"--model.init_args.unlearned=[{FULL}, {FULL}]", "--model.init_args.seeds=[3, 7]",
-                    "--data.init_args.max_records=3", "--model.init_args.attacks.icl_shots=1",
-                    "--model.init_args.attacks.relearn_steps=1", f"--model.init_args.attacks.gcg={GCG}",
-                    "--model.init_args.attacks.gcg_questions=1", "--model.init_args.max_new_tokens=8"])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_DIR", str(root / "wandb_root"))
+        cli = cli_main(["test", "-c", CONFIG, "--trainer.default_root_dir", str(root),
+                        f"--model.init_args.unlearned=[{FULL}, {FULL}]", "--model.init_args.seeds=[3, 7]",
+                        "--data.init_args.max_records=3", "--model.init_args.attacks.icl_shots=1",
+                        "--model.init_args.attacks.relearn_steps=1", f"--model.init_args.attacks.gcg={GCG}",
+                        "--model.init_args.attacks.gcg_questions=1", "--model.init_args.max_new_tokens=8"])
+        wandb.finish()
     report = next(c for c in cli.trainer.callbacks if type(c).__name__ == "UnlearningAssessmentReport")
-    return cli.model, report
+    return cli.model, report, root / "wandb_root"
 
 
 def test_unlearned_equal_to_original_gives_zero_deltas_everywhere(identity_run):
     """§11.3: unlearned == original -> every efficacy metric equals its original value (delta 0), the attacks and
     the relearning delta too; the seed interval is [mean, mean]; no parameter changed."""
-    module, _ = identity_run
+    module, _, _ = identity_run
     header, rows = module.table()
     assert header == ["metric", "original", "unlearned", "unlearned_ci_low", "unlearned_ci_high", "unlearned_std",
                       "delta", "retrain", "gap_to_retrain", "unlearned[3]", "unlearned[7]"]
@@ -82,7 +88,7 @@ def test_unlearned_equal_to_original_gives_zero_deltas_everywhere(identity_run):
 
 
 def test_report_files_name_the_conventions(identity_run):
-    module, report = identity_run
+    module, report, wandb_root = identity_run
     text = report.files["csv"].read_text(encoding="utf-8")
     comments = [line for line in text.splitlines() if line.startswith("#")]
     assert any("truth ratio" in c.lower() for c in comments) and any("mia" in c.lower() for c in comments)
@@ -96,6 +102,10 @@ def test_report_files_name_the_conventions(identity_run):
     assert data["efficiency"]["assessment"]["wall_seconds"] > 0 and data["efficiency"]["access"] == "white_box"
     assert data["hygiene"]["unlearned[7]"]["lora_only"] is False
     assert data["splits"]["in_scope"] == 3 and data["models"]["seeds"] == [3, 7]
+    (run_dir,) = (wandb_root / "wandb").glob("offline-run-*")  # the same table went to W&B
+    (table,) = (run_dir / "files" / "media" / "table").glob("unlearning_assessment_*.table.json")
+    logged = json.loads(table.read_text(encoding="utf-8"))
+    assert logged["columns"] == header and [r[0] for r in logged["data"]] == [r[0] for r in rows]
 
 
 def _tofu_files(directory) -> None:
