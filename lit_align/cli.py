@@ -43,7 +43,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 # imported so that `--help` lists lit_align's methods and DataModules among the known subclasses
 import lit_align.data
 import lit_align.methods
-from lit_align.callbacks import CPUThreads, FEWLReport, PredictionWriter
+from lit_align.callbacks import CPUThreads, FEWLReport, PredictionWriter, UnlearningAssessmentReport
 from lit_align.checkpoint import install_atomic_checkpoint_io
 from lit_align.cli_parser import LitAlignArgumentParser, model_override_args
 from lit_align.errors import debug_requested, one_message_errors
@@ -136,7 +136,7 @@ class LitAlignCLI(LightningCLI):
         add_prediction_writer(self.trainer)
 
     def before_test(self) -> None:
-        """A FEWL evaluation writes its report (see :func:`add_fewl_report`)."""
+        """A FEWL evaluation or an unlearning assessment writes its report (see :func:`add_fewl_report`)."""
         add_fewl_report(self.trainer, self.model)
 
     # -- short errors, tiny -> real model switch, help (lit_align.cli_parser, lit_align.errors) ----------
@@ -157,15 +157,23 @@ def add_prediction_writer(trainer: Trainer) -> None:
 
 def add_fewl_report(trainer: Trainer, model: Any) -> None:
     """Give ``trainer`` a :class:`~lit_align.callbacks.FEWLReport` when ``model`` is a FEWL evaluation and its
-    callbacks hold none (the selection, the scores and the generation log are always written)."""
+    callbacks hold none (the selection, the scores and the generation log are always written); likewise an
+    :class:`~lit_align.callbacks.UnlearningAssessmentReport` to an unlearning assessment."""
     fewl = isinstance(model, lit_align.methods.FEWLEvaluationModule)
     if fewl and not any(isinstance(c, FEWLReport) for c in trainer.callbacks):
         trainer.callbacks.append(FEWLReport())
+    assessment = isinstance(model, lit_align.methods.UnlearningAssessmentModule)
+    if assessment and not any(isinstance(c, UnlearningAssessmentReport) for c in trainer.callbacks):
+        trainer.callbacks.append(UnlearningAssessmentReport())
 
 
 def set_up_data_early(datamodule: Any, module: Any, subcommand: str | None) -> None:
     """Run a lit_align DataModule's (idempotent) ``setup`` with the module's tokenizer before the Trainer
-    runs, so a data error stops the run before any logger or W&B run starts."""
+    runs, so a data error stops the run before any logger or W&B run starts. An unlearning assessment's
+    DataModule (no tokenizer) checks its splits here too."""
+    if subcommand is not None and isinstance(datamodule, lit_align.methods.UnlearningAssessmentDataModule):
+        datamodule.setup(subcommand)
+        return
     bases = (lit_align.data.TokenizedDataModule, lit_align.data.ForgetRetainDataModule)
     if subcommand is None or not isinstance(datamodule, bases):
         return

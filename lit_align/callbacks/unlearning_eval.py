@@ -51,37 +51,29 @@ needs. The relearning attack deep-copies the policy and so refuses FSDP2-sharded
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from lit_align.callbacks.reporting import eval_mode, publish, report_dir, results_table, write_csv
-from lit_align.data.tokenize import prompt_response_batch
-from lit_align.losses.sft import nll_loss
-from lit_align.metrics.unlearning import (
-    MeanNLL,
-    MinKProbMIA,
-    MultipleChoiceAccuracy,
-    RougeLRecall,
-    TruthRatio,
-    forget_quality,
-    harmonic_mean,
-    metric_conventions,
-)
+from lit_align.metrics.unlearning import forget_quality, harmonic_mean, metric_conventions
 from lit_align.models import ModelSpec, build_causal_lm
 from lit_align.models.fsdp import full_params
-from lit_align.rollout.logps import token_logps, token_stats
-from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
+from lit_align.unlearning.scoring import (
+    EncodedRecord,
+    ModelScorer,
+    ScoreSettings,
+    encode_record,
+    relearn_copy,
+    score_splits,
+)
 
 __all__ = ["UnlearningEvaluation"]
 
@@ -100,30 +92,10 @@ _NO_SHARDED_RELEARN = (
 )
 
 
-@dataclass
-class _Item:
-    """One evaluation record, tokenized once (the same for every model)."""
-
-    prompt: list[int]
-    response: list[int]
-    response_text: str
-    para_prompt: list[int] | None = None  # q' (the prompt when there is no paraphrase)
-    para_response: list[int] | None = None  # a' (the response when there is no paraphrase)
-    perturbed: list[list[int]] = field(default_factory=list)
-    choices: list[list[int]] = field(default_factory=list)
-    label: int | None = None
-
-
 def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """(prompt, response) pairs -> right-padded ``input_ids``, ``attention_mask``, ``response_mask``, all (B, T)."""
-    batch = prompt_response_batch([(list(p), list(r)) for p, r in rows], list(range(len(rows))), pad_id)
-    return batch.input_ids.to(device), batch.attention_mask.to(device), batch.loss_mask.to(device)
 
 
 class UnlearningEvaluation(L.Callback):
@@ -231,7 +203,7 @@ class UnlearningEvaluation(L.Callback):
         self.files: dict[str, Path] = {}
         """Paths written at the end of training (``csv``, ``png``), on rank 0."""
         self._retain_ratios: Tensor | None = None  # forget-set truth ratios of the retain-only model
-        self._items: dict[str, list[_Item]] | None = None
+        self._items: dict[str, list[EncodedRecord]] | None = None
         self._validations = 0
 
     # -- checkpointing: rows evaluated before a resume survive it -------------------------------
@@ -314,142 +286,35 @@ class UnlearningEvaluation(L.Callback):
         for split in SPLITS:
             recs = list(records.get(split) or [])[: self.max_records]
             if recs:
-                self._items[split] = [self._encode(dm, split, i, r) for i, r in enumerate(recs)]
-
-    @staticmethod
-    def _encode(dm, split: str, i: int, record: dict) -> _Item:
-        for key in ("prompt", "response"):
-            if not isinstance(record.get(key), str):
-                raise ValueError(f"eval_records()['{split}'][{i}] needs a string field {key!r}, got {record.get(key)!r}")
-        prompt, response = dm.encode_prompt(record["prompt"]), dm.encode_response(record["response"])
-        item = _Item(prompt=prompt, response=response, response_text=record["response"])
-        if record.get("perturbed_responses"):
-            para_prompt = record.get("paraphrased_prompt") or record["prompt"]
-            item.para_prompt = dm.encode_prompt(para_prompt) if para_prompt != record["prompt"] else prompt
-            para = record.get("paraphrased_response") or record["response"]
-            item.para_response = dm.encode_response(para)
-            item.perturbed = [dm.encode_response(p) for p in record["perturbed_responses"]]
-        if record.get("choices"):
-            label = record.get("label")
-            if not isinstance(label, int) or not 0 <= label < len(record["choices"]):
-                raise ValueError(f"eval_records()['{split}'][{i}] has {len(record['choices'])} choices but label {label!r}")
-            item.choices, item.label = [dm.encode_response(c) for c in record["choices"]], label
-        return item
+                self._items[split] = [encode_record(r, dm.encode_prompt, dm.encode_response, f"eval_records()['{split}'][{i}]")
+                                      for i, r in enumerate(recs)]
 
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate_policy(self, trainer: L.Trainer, pl_module, splits: Sequence[str] | None = None):
         with full_params(trainer):
             return self._evaluate(trainer, pl_module, pl_module.policy, splits)
 
-    def _batches(self, items: list, fallback, device) -> Iterator[tuple[list, bool]]:
-        """``(chunk, real)`` pairs over ``items``; every rank yields as many (short ones repeat a dummy chunk)."""
-        count = math.ceil(len(items) / self.batch_size)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            total = torch.tensor(count, device=device)
-            dist.all_reduce(total, op=dist.ReduceOp.MAX)
-            count = int(total)
-        for b in range(count):
-            chunk = items[b * self.batch_size : (b + 1) * self.batch_size]
-            yield (chunk, True) if chunk else ([fallback], False)
-
-    def _stats(self, model: nn.Module, ids: Tensor, attn: Tensor, score_mask: Tensor, pl_module):
-        """Per-token ``(logps, mask, correct)`` (B, T) of the tokens in ``score_mask`` (chunked LM head)."""
-        out = token_stats(model, ids, attn, score_mask, correct=True, chunk_tokens=self._chunk(pl_module))
-        return out.logps, out.mask, out.correct
-
     def _chunk(self, pl_module) -> int | None:
         return self.chunk_tokens or getattr(pl_module, "chunk_tokens", None)
 
-    def _row_logps(self, model, rows: list[tuple[list[int], list[int]]], pl_module, fallback) -> list[Tensor]:
-        """Summed and mean answer log-probs of each (prompt, response) row: a list of (2,) tensors."""
-        out: list[Tensor] = []
-        pad = pl_module.tokenizer.pad_token_id
-        for chunk, real in self._batches(rows, fallback, pl_module.device):
-            ids, attn, resp = _right_pad(chunk, pad, pl_module.device)
-            stats = token_logps(model, ids, attn, resp, chunk_tokens=self._chunk(pl_module))
-            if real:
-                out.extend(torch.stack([stats.sum(), stats.mean()], -1).double().cpu())
-        return out
+    def _settings(self, pl_module) -> ScoreSettings:
+        return ScoreSettings(batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, mia_k=self.mia_k,
+                             truth_ratio_mean=self.truth_ratio_mean, chunk_tokens=self._chunk(pl_module),
+                             rouge_stemmer=self.rouge_stemmer, mia_convention=self.mia_convention)
 
     @torch.no_grad()
     def _evaluate(self, trainer: L.Trainer, pl_module, model: nn.Module,
                   splits: Sequence[str] | None = None) -> tuple[dict[str, float], Tensor | None]:
         """All metrics of ``model`` on ``splits`` (default all). Returns ``(values, forget truth ratios)``."""
         assert self._items is not None
-        device, tok = pl_module.device, pl_module.tokenizer
-        rank, world = trainer.global_rank, trainer.world_size
+        scorer = ModelScorer(model, pl_module.tokenizer, pl_module.device, self._settings(pl_module),
+                             trainer.global_rank, trainer.world_size)
         splits = [s for s in (splits or SPLITS) if s in self._items]
         negative = "holdout" if "holdout" in self._items else ("retain" if "retain" in self._items else None)
-        mia = (MinKProbMIA(k=self.mia_k, convention=self.mia_convention).to(device)
-               if negative is not None and negative in splits else None)
-        values: dict[str, float] = {}
-        forget_ratios: Tensor | None = None
-        config = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False)
         with eval_mode(model):
-            for split in splits:
-                everything = self._items[split]
-                fallback = everything[0]
-                local = everything[rank::world]
-                label = 1 if split == "forget" else 0 if split == negative else None
-                # answers: NLL, P(a|q), accuracy; the Min-K% score of the whole text from the same forward
-                nll = MeanNLL().to(device)
-                for chunk, real in self._batches(local, fallback, device):
-                    ids, attn, resp = _right_pad([(it.prompt, it.response) for it in chunk], tok.pad_token_id, device)
-                    logps, mask, correct = self._stats(model, ids, attn, attn, pl_module)
-                    answer = mask * resp
-                    if real:
-                        nll.update(logps * answer, answer, correct)
-                        if mia is not None and label is not None:
-                            mia.update(logps, mask, torch.full((len(chunk),), label, device=device))
-                for key, value in nll.compute().items():
-                    values[f"{split}_{key}"] = float(value)
-                # greedy answers: ROUGE-L recall
-                rouge = RougeLRecall(use_stemmer=self.rouge_stemmer).to(device)
-                for chunk, real in self._batches(local, fallback, device):
-                    ids, mask = left_pad([it.prompt for it in chunk], tok.pad_token_id)
-                    out = sample(model, ids.to(device), mask.to(device), config, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
-                    if real:
-                        answers = [tok.decode(r[m.bool()], skip_special_tokens=True)
-                                   for r, m in zip(out.response_ids, out.response_mask)]
-                        rouge.update(answers, [it.response_text for it in chunk])
-                values[f"{split}_rouge"] = float(rouge.compute())
-                # truth ratio: the paraphrased answer against the perturbed ones, given the paraphrased question
-                if any(it.perturbed for it in everything):
-                    with_tr = [it for it in local if it.perturbed]
-                    rows = [r for it in with_tr for r in [(it.para_prompt, it.para_response),
-                                                          *((it.para_prompt, p) for p in it.perturbed)]]
-                    tr_fallback = next(it for it in everything if it.perturbed)
-                    means = [t[1] for t in self._row_logps(model, rows, pl_module,
-                                                           (tr_fallback.para_prompt, tr_fallback.para_response))]
-                    ratio = TruthRatio(mean=self.truth_ratio_mean).to(device)
-                    pos = 0
-                    for it in with_tr:
-                        nlls = -torch.stack(means[pos : pos + 1 + len(it.perturbed)])  # (1 + K,)
-                        pos += 1 + len(it.perturbed)
-                        ratio.update(nlls[:1].to(device), nlls[1:].unsqueeze(0).to(device))
-                    tr = ratio.compute()
-                    values[f"{split}_truth_ratio"] = float(tr["mean"])
-                    values[f"{split}_truth_ratio_score"] = float(tr["forget_score" if split == "forget" else "retain_score"])
-                    if split == "forget":
-                        forget_ratios = tr["ratios"].cpu()
-                # multiple choice: the choice with the highest summed log-likelihood
-                if any(it.choices for it in everything):
-                    with_mc = [it for it in local if it.choices]
-                    rows = [(it.prompt, c) for it in with_mc for c in it.choices]
-                    mc_fallback = next(it for it in everything if it.choices)
-                    sums = [t[0] for t in self._row_logps(model, rows, pl_module, (mc_fallback.prompt, mc_fallback.choices[0]))]
-                    width = max((len(it.choices) for it in with_mc), default=1)
-                    scores = torch.full((len(with_mc), width), float("-inf"), dtype=torch.float64)
-                    pos = 0
-                    for i, it in enumerate(with_mc):
-                        scores[i, : len(it.choices)] = torch.stack(sums[pos : pos + len(it.choices)])
-                        pos += len(it.choices)
-                    acc = MultipleChoiceAccuracy().to(device)
-                    acc.update(scores.to(device), torch.tensor([it.label for it in with_mc], device=device))
-                    values[f"{split}_mc_accuracy"] = float(acc.compute())
-        if mia is not None and "forget" in splits:
-            values["mia_auc"] = float(mia.compute())
+            values, ratios = score_splits(scorer, {s: self._items[s] for s in splits}, forget_splits=("forget",),
+                                          mia_positive="forget", mia_negative=negative)
+        forget_ratios = ratios.get("forget")
         if forget_ratios is not None and self._retain_ratios is not None:
             values["forget_quality"] = forget_quality(forget_ratios, self._retain_ratios)
         if "retain" in splits:
@@ -466,31 +331,11 @@ class UnlearningEvaluation(L.Callback):
         if _is_sharded(policy):
             raise NotImplementedError(_NO_SHARDED_RELEARN)
         assert self._items is not None
-        forget = self._items["forget"]
-        generator = torch.Generator().manual_seed(self.relearn_seed)
-        count = max(1, round(self.relearn_fraction * len(forget)))
-        chosen = [forget[i] for i in torch.randperm(len(forget), generator=generator)[:count].tolist()]
-        with full_params(trainer), torch.inference_mode(False), torch.enable_grad():
-            model = copy.deepcopy(policy)
-            model.requires_grad_(True)
-            model.train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=self.relearn_lr, weight_decay=0.0)
-            order: list[_Item] = []
-            for _ in range(self.relearn_steps):
-                if len(order) < self.batch_size:  # a fresh seeded pass over the chosen records
-                    order += [chosen[i] for i in torch.randperm(len(chosen), generator=generator).tolist()]
-                    while len(order) < self.batch_size:
-                        order += chosen
-                chunk, order = order[: self.batch_size], order[self.batch_size :]
-                ids, attn, resp = _right_pad([(it.prompt, it.response) for it in chunk],
-                                             pl_module.tokenizer.pad_token_id, pl_module.device)
-                stats = token_logps(model, ids, attn, resp, chunk_tokens=self._chunk(pl_module))
-                loss, _ = nll_loss(stats.logps, stats.mask)  # SFT's objective: token-mean NLL of the answers
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            model.eval()
-            del optimizer
+        with full_params(trainer):
+            model = relearn_copy(policy, self._items["forget"], steps=self.relearn_steps, fraction=self.relearn_fraction,
+                                 lr=self.relearn_lr, seed=self.relearn_seed, batch_size=self.batch_size,
+                                 pad_id=pl_module.tokenizer.pad_token_id, device=pl_module.device,
+                                 chunk_tokens=self._chunk(pl_module))
             values, _ = self._evaluate(trainer, pl_module, model, splits=["forget"])
         del model
         base = self.results.get("unlearned", {})

@@ -14,6 +14,11 @@ from lit_align.methods.reward_model import RewardModelModule
 from lit_align.methods.sft import SFTModule
 from lit_align.methods.staged import StagedPolicyModule
 from lit_align.methods.unlearning import UnlearningModule
+from lit_align.methods.unlearning_assessment import (
+    AssessmentAttacks,
+    UnlearningAssessmentDataModule,
+    UnlearningAssessmentModule,
+)
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "SelfAlignmentModule", "StagedPolicyModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "AssessmentAttacks", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "SelfAlignmentModule", "StagedPolicyModule", "UnlearningAssessmentDataModule", "UnlearningAssessmentModule", "UnlearningModule", "WatermarkModule"]
