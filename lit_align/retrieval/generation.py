@@ -21,6 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lit_align.data.stop_strings import cut_at_stop  # re-exported: one definition, also used by data post-processing
 from lit_align.engine.seeds import generator
 from lit_align.errors import ConfigError, DataError, check_int
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
@@ -138,12 +139,6 @@ def _append_jsonl(path: Path, records: Sequence[Mapping]) -> None:
         f.write(text.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to (not including) the earliest occurrence of any stop string."""
-    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return text[: min(ends)] if ends else text
 
 
 def _token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
