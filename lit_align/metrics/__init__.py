@@ -1,4 +1,5 @@
-"""Metrics: pure scoring functions and DDP-safe torchmetrics wrappers (unlearning evaluation, FEWL)."""
+"""Metrics: pure scoring functions and DDP-safe torchmetrics wrappers (unlearning evaluation, FEWL,
+summarisation: ROUGE/METEOR/BERTScore, an LLM judge and a blinded human-evaluation export)."""
 
 from lit_align.metrics.debate import DebateAccuracy
 from lit_align.metrics.detection import (
@@ -24,6 +25,26 @@ from lit_align.metrics.fewl import (
     fewl_terms,
     select_by_fewl,
     select_demonstrations,
+)
+from lit_align.metrics.human_eval import export_blinded, read_key
+from lit_align.metrics.judge import (
+    HFJudge,
+    JudgeBackend,
+    JudgeScores,
+    OpenAICompatibleJudge,
+    Rubric,
+    RubricJudge,
+    parse_judge_reply,
+)
+from lit_align.metrics.summarization import (
+    LengthRatio,
+    SummaryBERTScore,
+    SummaryMETEOR,
+    SummaryROUGE,
+    bootstrap_ci,
+    meteor_available,
+    rouge_scores,
+    split_sentences,
 )
 from lit_align.metrics.unlearning import (
     MeanNLL,
@@ -52,15 +73,27 @@ __all__ = [
     "FEWLScorer",
     "FEWLSimilarities",
     "FEWLTerms",
+    "HFJudge",
     "HFParaphraser",
+    "JudgeBackend",
+    "JudgeScores",
+    "LengthRatio",
     "MeanNLL",
     "MinKProbMIA",
     "MultipleChoiceAccuracy",
+    "OpenAICompatibleJudge",
     "Paraphraser",
     "RougeLRecall",
+    "Rubric",
+    "RubricJudge",
     "ShuffleWordsParaphraser",
+    "SummaryBERTScore",
+    "SummaryMETEOR",
+    "SummaryROUGE",
     "TruthRatio",
     "binary_auc",
+    "bootstrap_ci",
+    "export_blinded",
     "fewl_expertise",
     "fewl_scores",
     "fewl_terms",
@@ -70,14 +103,19 @@ __all__ = [
     "kolmogorov_sf",
     "ks_2samp_pvalue",
     "ks_statistic",
+    "meteor_available",
     "min_k_prob_score",
+    "parse_judge_reply",
     "perplexity",
     "random_substitution",
+    "read_key",
     "roc_curve_points",
+    "rouge_l_recall",
+    "rouge_scores",
+    "rouge_tokens",
     "select_by_fewl",
     "select_demonstrations",
-    "rouge_l_recall",
-    "rouge_tokens",
+    "split_sentences",
     "tpr_at_fpr",
     "truth_ratio",
     "truth_ratio_score",

@@ -1,0 +1,344 @@
+"""LLM-as-a-judge for summaries (others.md §10(b), §10(d).6): a rubric, a strict reply parser, judge backends.
+
+The judge scores each (article, summary) pair on the :class:`Rubric`'s criteria, 1 to 5 each, and must reply with
+one JSON object. :func:`parse_judge_reply` enforces this schema (written for ``criteria`` = the defaults)::
+
+    {
+      "type": "object",
+      "properties": {
+        "relevance":   {"type": "integer", "minimum": 1, "maximum": 5},
+        "coherence":   {"type": "integer", "minimum": 1, "maximum": 5},
+        "consistency": {"type": "integer", "minimum": 1, "maximum": 5},
+        "fluency":     {"type": "integer", "minimum": 1, "maximum": 5}
+      },
+      "required": ["relevance", "coherence", "consistency", "fluency"],
+      "additionalProperties": true
+    }
+
+Extra keys (e.g. an ``"explanation"``) are ignored by default (``Rubric.extra_keys="ignore"``); with
+``"reject"`` a reply that has any is a parse failure. A score must be a JSON integer (``4``, or ``4.0``);
+``"4"``, ``4.5``, ``true`` and values outside 1-5 fail. The object may stand alone, inside a ```` ```json ````
+fence, or anywhere in surrounding prose: the first JSON object in the reply that satisfies the schema is taken.
+
+:class:`RubricJudge` sends every prompt, re-sends those whose reply did not parse (at most ``retries`` more
+times, with :attr:`Rubric.retry_note` appended) and counts the failures; a pair that never parses gets ``None``
+and is counted, never raised. Backends (:class:`JudgeBackend`) turn prompts into replies: :class:`HFJudge` (a
+local HF causal LM, greedy) and :class:`OpenAICompatibleJudge` (a ``/chat/completions`` endpoint, optional).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "DEFAULT_CRITERIA",
+    "HFJudge",
+    "JudgeBackend",
+    "JudgeScores",
+    "OpenAICompatibleJudge",
+    "Rubric",
+    "RubricJudge",
+    "parse_judge_reply",
+]
+
+DEFAULT_CRITERIA = ("relevance", "coherence", "consistency", "fluency")
+"""The usual summarisation criteria (others.md §10(b))."""
+
+_DESCRIPTIONS = {
+    "relevance": "the summary keeps the article's most important information and leaves out what is minor",
+    "coherence": "the summary is well organised: its sentences follow on from each other and form a whole",
+    "consistency": "every statement in the summary is supported by the article (no invented or wrong facts)",
+    "fluency": "each sentence is grammatical, readable and free of repetition or formatting noise",
+}
+
+_TEMPLATE = """You are grading a summary of a news article.
+
+Article:
+{article}
+
+Summary:
+{summary}
+
+Rate the summary on each criterion with an integer from {low} (worst) to {high} (best):
+{criteria_block}
+
+Reply with a single JSON object and nothing else, for example:
+{example}"""
+
+
+@dataclass
+class Rubric:
+    """The judge's rubric: criteria, score range, prompt template and parsing policy."""
+
+    criteria: list[str] = field(default_factory=lambda: list(DEFAULT_CRITERIA))
+    """Criterion names; each becomes a required integer key of the reply."""
+    descriptions: dict[str, str] = field(default_factory=lambda: dict(_DESCRIPTIONS))
+    """One line per criterion shown to the judge; a criterion without one is shown by name only."""
+    template: str = _TEMPLATE
+    """Prompt with the fields ``{article}``, ``{summary}``, ``{criteria_block}``, ``{example}``, ``{low}``,
+    ``{high}``."""
+    low: int = 1
+    """Lowest allowed score."""
+    high: int = 5
+    """Highest allowed score."""
+    extra_keys: Literal["ignore", "reject"] = "ignore"
+    """Keys of the reply besides the criteria: ignored, or the reply counts as a parse failure."""
+    retry_note: str = "\n\nYour previous reply could not be read. Reply with only the JSON object."
+    """Appended to the prompt when a pair is asked again after a reply that did not parse."""
+
+    def __post_init__(self) -> None:
+        if not self.criteria or len(set(self.criteria)) != len(self.criteria):
+            raise ValueError(f"judge.rubric.criteria must be non-empty and distinct, got {self.criteria!r}")
+        if self.low > self.high:
+            raise ValueError(f"judge.rubric: low ({self.low}) must not exceed high ({self.high})")
+        if self.extra_keys not in ("ignore", "reject"):
+            raise ValueError(f"judge.rubric.extra_keys must be 'ignore' or 'reject', got {self.extra_keys!r}")
+        missing = {"{article}", "{summary}"} - {f"{{{name}}}" for name in re.findall(r"{(\w+)}", self.template)}
+        if missing:
+            raise ValueError(f"judge.rubric.template lacks {sorted(missing)}; the judge must see both texts")
+
+    def prompt(self, article: str, summary: str) -> str:
+        """The judge prompt for one (article, summary) pair."""
+        block = "\n".join(f"- {c}: {self.descriptions[c]}" if c in self.descriptions else f"- {c}"
+                          for c in self.criteria)
+        example = json.dumps({c: self.high for c in self.criteria})
+        return self.template.format(article=article, summary=summary, criteria_block=block, example=example,
+                                    low=self.low, high=self.high)
+
+    def json_schema(self) -> dict:
+        """The JSON schema a reply must satisfy (see the module docstring)."""
+        return {"type": "object",
+                "properties": {c: {"type": "integer", "minimum": self.low, "maximum": self.high}
+                               for c in self.criteria},
+                "required": list(self.criteria), "additionalProperties": self.extra_keys == "ignore"}
+
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def _valid(obj, criteria: Sequence[str], low: int, high: int, extra_keys: str) -> dict[str, int] | None:
+    if not isinstance(obj, dict) or any(c not in obj for c in criteria):
+        return None
+    if extra_keys == "reject" and set(obj) - set(criteria):
+        return None
+    out = {}
+    for c in criteria:
+        v = obj[c]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not low <= v <= high:
+            return None
+        out[c] = int(v)
+    return out
+
+
+def parse_judge_reply(text: str, criteria: Sequence[str] = DEFAULT_CRITERIA, *, low: int = 1, high: int = 5,
+                      extra_keys: Literal["ignore", "reject"] = "ignore") -> dict[str, int] | None:
+    """Scores ``{criterion: int}`` from a judge reply, or ``None`` if it holds no object that fits the schema.
+
+    Candidates are tried in order: the contents of each ```` ``` ```` / ```` ```json ```` fence, then every JSON
+    object starting at a ``{`` of the reply (``json.JSONDecoder.raw_decode``); the first one with every
+    criterion an integer in ``[low, high]`` (and, with ``extra_keys="reject"``, no other key) is returned.
+    """
+    if not isinstance(text, str):
+        return None
+    decoder = json.JSONDecoder()
+    sources = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    for source in sources:
+        for start in (i for i, ch in enumerate(source) if ch == "{"):
+            try:
+                obj, _ = decoder.raw_decode(source, start)
+            except json.JSONDecodeError:
+                continue
+            scores = _valid(obj, criteria, low, high, extra_keys)
+            if scores is not None:
+                return scores
+    return None
+
+
+@runtime_checkable
+class JudgeBackend(Protocol):
+    """Turns prompts into replies, one string per prompt, in order."""
+
+    model_id: str
+    """The judge model's name and version, recorded with the scores."""
+
+    def complete(self, prompts: list[str]) -> list[str]: ...
+
+
+@dataclass
+class JudgeScores:
+    """Judge results for a list of (article, summary) pairs, in input order."""
+
+    scores: list[dict[str, int] | None]
+    """Per pair: the parsed scores, or ``None`` when no reply parsed."""
+    attempts: list[int]
+    """Per pair: how many prompts were sent (1 + retries used)."""
+    failures: int
+    """Pairs with no parsed reply after all attempts."""
+    model_id: str
+    """``backend.model_id`` of the judge."""
+    parse_failures: int = 0
+    """Replies that did not parse, over all attempts (a pair that parsed on its second try counts 1 here)."""
+    replies: list[str] = field(default_factory=list)
+    """Per pair: the last raw reply (for auditing failures)."""
+    criteria: list[str] = field(default_factory=list)
+    """The rubric's criteria (the keys of each parsed score)."""
+
+    def mean(self) -> dict[str, float]:
+        """Mean score per criterion over the pairs that parsed (NaN for every criterion when none did)."""
+        parsed = [s for s in self.scores if s is not None]
+        return {k: sum(s[k] for s in parsed) / len(parsed) if parsed else float("nan") for k in self.criteria}
+
+
+class RubricJudge:
+    """Score summaries with a judge backend and a :class:`Rubric`, retrying replies that do not parse.
+
+    Example::
+
+        judge = RubricJudge(HFJudge("Qwen/Qwen2.5-7B-Instruct", chat_template=True), Rubric(), retries=2)
+        result = judge.score(articles, summaries)   # JudgeScores; result.failures counts unparsed pairs
+    """
+
+    def __init__(self, backend: JudgeBackend, rubric: Rubric | None = None, retries: int = 2) -> None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"judge.retries must be an int >= 0, got {retries!r}")
+        self.backend, self.rubric, self.retries = backend, rubric or Rubric(), retries
+
+    def _parse(self, reply: str) -> dict[str, int] | None:
+        r = self.rubric
+        return parse_judge_reply(reply, r.criteria, low=r.low, high=r.high, extra_keys=r.extra_keys)
+
+    def score(self, articles: Sequence[str], summaries: Sequence[str]) -> JudgeScores:
+        """Judge each ``(articles[i], summaries[i])``; never raises for a reply that does not parse."""
+        if len(articles) != len(summaries):
+            raise ValueError(f"judge: {len(articles)} articles but {len(summaries)} summaries; give one per article")
+        prompts = [self.rubric.prompt(a, s) for a, s in zip(articles, summaries)]
+        n = len(prompts)
+        scores: list[dict[str, int] | None] = [None] * n
+        attempts, replies, parse_failures = [0] * n, [""] * n, 0
+        pending = list(range(n))
+        for attempt in range(self.retries + 1):
+            if not pending:
+                break
+            suffix = self.rubric.retry_note if attempt else ""
+            out = self.backend.complete([prompts[i] + suffix for i in pending])
+            if len(out) != len(pending):
+                raise RuntimeError(f"judge backend {self.backend.model_id!r} returned {len(out)} replies for "
+                                   f"{len(pending)} prompts")
+            still = []
+            for i, reply in zip(pending, out):
+                attempts[i] += 1
+                replies[i] = reply
+                scores[i] = self._parse(reply)
+                if scores[i] is None:
+                    parse_failures += 1
+                    still.append(i)
+            pending = still
+        return JudgeScores(scores=scores, attempts=attempts, failures=len(pending), model_id=self.backend.model_id,
+                           parse_failures=parse_failures, replies=replies, criteria=list(self.rubric.criteria))
+
+
+class HFJudge:
+    """A local HF causal LM as judge, through :func:`lit_align.retrieval.generate_texts` (greedy decoding).
+
+    Args:
+        model: a :class:`~lit_align.models.spec.ModelSpec`, or a hub id / local directory / ``builtin:`` name.
+        max_new_tokens: reply length limit (a JSON object of four scores needs ~40 tokens).
+        chat_template: wrap each prompt as one user message with the tokenizer's chat template (instruct
+            judges); otherwise the prompt is sent as raw text.
+        batch_size: prompts per generation batch.
+        device: where the judge runs (default: CUDA when available).
+
+    ``model_id`` is the spec's source plus ``@revision`` when one is pinned. The model is built on first use.
+    """
+
+    def __init__(self, model, *, max_new_tokens: int = 64, chat_template: bool = False, batch_size: int = 8,
+                 device: str | None = None) -> None:
+        from lit_align.models.spec import ModelSpec
+
+        self.spec = ModelSpec(name_or_path=model) if isinstance(model, str) else model
+        self.max_new_tokens, self.chat_template, self.batch_size = max_new_tokens, chat_template, batch_size
+        self.device = device
+        self.model_id = self.spec.source + (f"@{self.spec.revision}" if self.spec.revision else "")
+        self._model = self._tokenizer = None
+
+    def _load(self) -> None:
+        if self._model is None:
+            import torch
+
+            from lit_align.models.causal_lm import build_causal_lm, build_tokenizer
+
+            self._tokenizer = build_tokenizer(self.spec, key="judge.model")
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = build_causal_lm(self.spec, self._tokenizer).to(device).eval()
+
+    def _format(self, prompt: str) -> str:
+        if not self.chat_template:
+            return prompt
+        return self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True)
+
+    def complete(self, prompts: list[str]) -> list[str]:
+        from lit_align.retrieval.generation import generate_texts
+        from lit_align.rollout.sampler import SamplingConfig
+
+        self._load()
+        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False)
+        return generate_texts(self._model, self._tokenizer, [self._format(p) for p in prompts], sampling,
+                              seeds=None, batch_size=self.batch_size)
+
+
+class OpenAICompatibleJudge:
+    """A judge behind an OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint (optional; tests only
+    build the request, they never send it).
+
+    Args:
+        base_url: e.g. ``https://api.openai.com/v1`` or a local vLLM server's ``http://host:8000/v1``.
+        model: the model name sent in each request (recorded as ``model_id``; the ``model`` the server reports
+            back is added when it differs, e.g. a dated version).
+        api_key_env: name of the environment variable that holds the API key (never a key in a config).
+        max_tokens / temperature: reply length and sampling (0 = as deterministic as the server allows).
+        timeout_s: per-request timeout.
+    """
+
+    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = 128,
+                 temperature: float = 0.0, timeout_s: float = 60.0) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"judge.base_url must start with http:// or https://, got {base_url!r}")
+        self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
+        self.max_tokens, self.temperature, self.timeout_s = max_tokens, temperature, timeout_s
+        self.model_id = model
+
+    def build_request(self, prompt: str) -> urllib.request.Request:
+        """The HTTP request for one prompt (a single user message); reads the key from ``api_key_env``."""
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise KeyError(f"judge.api_key_env: environment variable {self.api_key_env!r} is not set; export the "
+                           "endpoint's API key under that name")
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": self.max_tokens, "temperature": self.temperature}
+        return urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
+                                      method="POST", headers={"Content-Type": "application/json",
+                                                              "Authorization": f"Bearer {key}"})
+
+    def complete(self, prompts: list[str]) -> list[str]:
+        replies = []
+        for prompt in prompts:
+            try:
+                with urllib.request.urlopen(self.build_request(prompt), timeout=self.timeout_s) as response:
+                    payload = json.loads(response.read().decode())
+            except OSError as err:
+                raise ConnectionError(f"judge.base_url={self.base_url!r}: request failed ({err})") from err
+            served = payload.get("model")
+            if served and served != self.model:
+                self.model_id = f"{self.model} (served: {served})"
+            try:
+                replies.append(payload["choices"][0]["message"]["content"] or "")
+            except (KeyError, IndexError, TypeError):
+                replies.append("")  # an odd payload is a reply that does not parse, counted by RubricJudge
+        return replies
