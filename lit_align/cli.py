@@ -45,8 +45,8 @@ import lit_align.data
 import lit_align.methods
 from lit_align.callbacks import CPUThreads, FEWLReport, PredictionWriter, SummarizationReport
 from lit_align.checkpoint import install_atomic_checkpoint_io
-from lit_align.data.summarization import SummarizationDataModule
 from lit_align.cli_parser import LitAlignArgumentParser, model_override_args
+from lit_align.data.summarization import SummarizationDataModule
 from lit_align.errors import debug_requested, one_message_errors
 from lit_align.quiet import quiet_library_noise
 from lit_align.resume import prepare_resume

@@ -6,10 +6,10 @@ from lit_align.callbacks.cpu_threads import CPUThreads
 from lit_align.callbacks.debate_report import DebateReport
 from lit_align.callbacks.export import HFExport
 from lit_align.callbacks.fewl_report import FEWLReport
-from lit_align.callbacks.summarization_report import SummarizationReport
 from lit_align.callbacks.game_report import GameReport
 from lit_align.callbacks.predictions import PredictionWriter
 from lit_align.callbacks.samples import SampleGenerations
+from lit_align.callbacks.summarization_report import SummarizationReport
 from lit_align.callbacks.unlearning_eval import UnlearningEvaluation
 from lit_align.callbacks.watermark_eval import WatermarkEvaluation
 from lit_align.callbacks.weight_mask import WeightMask

@@ -17,8 +17,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_align.data.summarization import Article, SummarizationDataModule, SummarizationTask
 from lit_align.data.summarization_postprocess import postprocess_summary
-from lit_align.data.summarization_prompts import SummaryPrompt, SummaryPromptConfig, build_summary_prompts, \
-    truncation_rates
+from lit_align.data.summarization_prompts import (
+    SummaryPrompt,
+    SummaryPromptConfig,
+    build_summary_prompts,
+    truncation_rates,
+)
 from lit_align.engine.seeds import derive_seed
 from lit_align.errors import ConfigError, check_int
 from lit_align.metrics.judge import JudgeBackend, Rubric, RubricJudge
@@ -57,6 +61,8 @@ class SummaryMetricsConfig:
     """The encoder layer whose token embeddings are matched (``roberta-large``: 17); required with a model."""
     bertscore_batch_size: int = 32
     """Texts per BERTScore forward."""
+    bertscore_max_length: int = 512
+    """Longer summaries / references are truncated to this many encoder tokens (at most its positions)."""
     copy_threshold: float = 0.9
     """ROUGE-L precision against the article from which a summary is flagged ``copied``."""
     bootstrap_resamples: int = 1000
@@ -66,6 +72,7 @@ class SummaryMetricsConfig:
         if self.bertscore_model is not None:
             check_int("model.metrics.bertscore_layer", self.bertscore_layer)
         check_int("model.metrics.bertscore_batch_size", self.bertscore_batch_size)
+        check_int("model.metrics.bertscore_max_length", self.bertscore_max_length)
         check_int("model.metrics.bootstrap_resamples", self.bootstrap_resamples)
 
 
@@ -277,6 +284,7 @@ class SummarizationEvaluationModule(L.LightningModule):
         if config.bertscore_model is not None:
             try:
                 self._bertscore = SummaryBERTScore(config.bertscore_model, config.bertscore_layer,
+                                                   max_length=config.bertscore_max_length,
                                                    batch_size=config.bertscore_batch_size, device=self.device)
             except (OSError, ValueError) as err:  # a missing directory, a hub id offline, a bad layer
                 self.skipped["bertscore"] = f"{config.bertscore_model} (layer {config.bertscore_layer}): {err}"

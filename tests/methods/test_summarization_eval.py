@@ -12,18 +12,23 @@ from pathlib import Path
 
 import pytest
 from conftest import CSV_LOGGER, REPO
+from tiny_bert import save_tiny_bert
 
 import lit_align.retrieval.generation as generation
 from lit_align.cli import cli_main
 from lit_align.errors import find_known_error
+from lit_align.methods.summarization_eval import SummarizationEvaluationModule, SummaryMetricsConfig
+from lit_align.models import ModelSpec
 
 TINY = str(REPO / "configs/eval/summarization/tiny.yaml")
 MODELS = ("tofu-full", "tofu-retain90")
 
 
-def _test_run(root: Path, *overrides: str):
-    return cli_main(["test", "--config", TINY, "--trainer.default_root_dir", str(root), *CSV_LOGGER,
-                     "--trainer.logger.save_dir", str(root), "--trainer.enable_progress_bar", "false", *overrides])
+def _test_run(root: Path, *overrides: str, logger: bool = True):
+    """``lit-align test`` of the tiny config under ``root``; with ``logger`` false, the default (offline W&B) one."""
+    logging = [*CSV_LOGGER, "--trainer.logger.save_dir", str(root)] if logger else []
+    return cli_main(["test", "--config", TINY, "--trainer.default_root_dir", str(root), *logging,
+                     "--trainer.enable_progress_bar", "false", *overrides])
 
 
 class SampleCalls:
@@ -85,27 +90,39 @@ def test_tiny_config_writes_the_table_for_both_shot_settings(first_run):
     assert math.isfinite(float(logged["test/summ/tofu-full/tiny_news/3shot/rougeL"]))
 
 
-def test_rerun_reads_every_summary_from_the_cache(first_run, tmp_path, monkeypatch):
+def test_rerun_reads_every_summary_from_the_cache_and_logs_to_wandb(first_run, tmp_path, monkeypatch,
+                                                                      finish_wandb):
     first, root, _ = first_run
     calls = SampleCalls(monkeypatch)
-    cli = _test_run(root, "--trainer.logger.save_dir", str(tmp_path))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cli = _test_run(root, "--trainer.callbacks.init_args.dirpath", str(tmp_path / "report"), logger=False)
     assert calls.calls == 0 and cli.model.generated == 0
     assert [r.summary for r in cli.model.rows] == [r.summary for r in first.model.rows]
     assert all(r.cached for r in cli.model.rows)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    (table,) = (run_dir / "files" / "media" / "table").glob("summarization_table_*.table.json")
+    table = json.loads(table.read_text())
+    assert len(table["data"]) == 4 and "rougeL_high" in table["columns"]
+    assert list((run_dir / "files" / "media" / "images").glob("summarization_table_plot_*.png"))
 
 
 def test_hf_judge_replies_that_are_not_json_are_counted(first_run, tmp_path):
+    """With a tiny HF judge (and BERTScore on a tiny local BERT encoder, layer 1)."""
     _, root, _ = first_run
     judge = ('{"class_path": "lit_align.metrics.judge.HFJudge", "init_args": {"model": "builtin:tiny-tofu-full", '
              '"max_new_tokens": 6, "batch_size": 16}}')
+    bert = save_tiny_bert(tmp_path / "tiny-bert")
     cli = _test_run(root, "--trainer.logger.save_dir", str(tmp_path), "--model.init_args.judge", judge,
-                    "--model.init_args.judge_retries", "1", "--model.init_args.shots", "[0]")
+                    "--model.init_args.judge_retries", "1", "--model.init_args.shots", "[0]",
+                    "--model.init_args.metrics.bertscore_model", bert, "--model.init_args.metrics.bertscore_layer",
+                    "1", "--model.init_args.metrics.bertscore_max_length", "128")
     table = cli.model.table
     assert {r["shots"] for r in table} == {0} and len(table) == 2
     for entry in table:  # a tiny Llama trained on Q&A writes no JSON: every summary is a counted failure
         assert entry["judge_parse_failures"] == 8
         assert math.isnan(entry["judge_relevance"])
         assert math.isfinite(entry["rougeL"])
+        assert entry["bertscore_f1_low"] <= entry["bertscore_f1"] <= entry["bertscore_f1_high"]
     assert all(r.judge is None and r.judge_attempts == 2 for r in cli.model.rows)
     assert cli.model.report_header()["judge"]["model_id"] == "builtin:tiny-tofu-full"
 
@@ -140,3 +157,12 @@ def test_k_shot_with_fewer_train_articles_than_k_fails_before_any_model(tmp_path
     error = _known_error(tmp_path, "--data.init_args.tasks", _task(tmp_path / "news_{split}.jsonl"))
     assert "model.shots" in str(error) and "local" in str(error), error
     assert calls.calls == 0
+
+
+def test_an_unavailable_metric_is_skipped_with_its_reason(tmp_path):
+    module = SummarizationEvaluationModule(
+        {"a": ModelSpec(name_or_path="builtin:tiny-tofu-full")},
+        metrics=SummaryMetricsConfig(bertscore_model=str(tmp_path / "no-encoder"), bertscore_layer=1))
+    with pytest.warns(UserWarning, match="bertscore is skipped"):
+        module._set_up_metrics()
+    assert "no-encoder" in module.skipped["bertscore"] and module._bertscore is None
