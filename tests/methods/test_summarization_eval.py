@@ -17,7 +17,7 @@ from tiny_bert import save_tiny_bert
 import lit_align.retrieval.generation as generation
 from lit_align.cli import cli_main
 from lit_align.errors import find_known_error
-from lit_align.methods.summarization_eval import SummarizationEvaluationModule, SummaryMetricsConfig
+from lit_align.methods.summarization_eval import SummarizationEvaluationModule, SummaryMetricsConfig, model_names
 from lit_align.models import ModelSpec
 
 TINY = str(REPO / "configs/eval/summarization/tiny.yaml")
@@ -166,3 +166,13 @@ def test_an_unavailable_metric_is_skipped_with_its_reason(tmp_path):
     with pytest.warns(UserWarning, match="bertscore is skipped"):
         module._set_up_metrics()
     assert "no-encoder" in module.skipped["bertscore"] and module._bertscore is None
+
+
+def test_a_model_list_is_named_after_each_source():
+    specs = [ModelSpec(name_or_path="builtin:tiny-tofu-full"), ModelSpec(name_or_path="builtin:tiny-tofu-full"),
+             ModelSpec(name_or_path="outputs/sft/version_0/checkpoints/last.ckpt"),
+             ModelSpec(name_or_path="Qwen/Qwen2.5-0.5B-Instruct")]
+    assert list(model_names(specs)) == ["tiny-tofu-full", "tiny-tofu-full-2", "version_0-last",
+                                      "Qwen2.5-0.5B-Instruct"]
+    with pytest.raises(ValueError, match="model.models: model name"):
+        model_names({"a b": specs[0]})
