@@ -55,7 +55,7 @@ __all__ = [
     "Article", "ArticleBatch", "CNN_DAILYMAIL_REVISION", "DEFAULT_COPY_THRESHOLD", "Postprocessed",
     "SummarizationDataModule", "SummarizationTask", "SummaryPrompt", "SummaryPromptConfig", "XSUM_REVISION",
     "articles_from_rows", "build_summary_prompts", "hf_source", "length_stats", "load_articles",
-    "postprocess_summary", "render_prompt", "subsample", "truncation_rates",
+    "postprocess_summary", "render_prompt", "source_kind", "subsample", "truncation_rates",
 ]
 
 #: Commit of ``abisee/cnn_dailymail`` on the HF hub (parquet files of configs 1.0.0, 2.0.0, 3.0.0; last changed

@@ -45,8 +45,8 @@ from lit_align.errors import ConfigError, check_choice, check_int
 if TYPE_CHECKING:
     from lit_align.data.summarization import Article, SummarizationTask
 
-__all__ = ["SummaryPrompt", "SummaryPromptConfig", "build_summary_prompts", "count_prompt_tokens", "render_prompt",
-           "truncation_rates"]
+__all__ = ["SummaryPrompt", "SummaryPromptConfig", "build_summary_prompts", "count_prompt_tokens", "draw_demos",
+           "render_prompt", "truncation_rates"]
 
 TRUNCATION_POLICIES = ("article_tail", "drop_demonstrations")
 
@@ -77,8 +77,9 @@ class SummaryPromptConfig:
     task's ``max_new_tokens`` within the model's context."""
     truncation: Literal["article_tail", "drop_demonstrations"] = "article_tail"
     """What gives way when a prompt is longer than ``max_prompt_tokens``: ``article_tail`` cuts the test article's
-    tail and keeps the demonstrations; ``drop_demonstrations`` drops demonstrations first (the last first), then
-    cuts the article's tail if it still does not fit."""
+    tail and keeps the demonstrations (unless they alone leave no room for one word of the article: then they are
+    dropped too, and counted); ``drop_demonstrations`` drops demonstrations first (the last first), then cuts the
+    article's tail if it still does not fit."""
 
     def __post_init__(self) -> None:
         check_int("prompts.shots", self.shots, 0)
@@ -163,13 +164,9 @@ def _cut_article(fits, article: str) -> tuple[str, int] | None:
     """The longest word prefix of ``article`` for which ``fits(prefix)`` holds (binary search over word counts), with
     its word count; ``None`` when not even one word fits."""
     ends = _word_ends(article)
-    low, high = 0, len(ends)  # invariant: prefixes of < low words fit (low = 0: unknown), > high do not
-    best = None
+    low, high, best = 1, len(ends), None
     while low <= high:
         mid = (low + high) // 2
-        if mid == 0:
-            low = 1
-            continue
         if fits(article[: ends[mid - 1]]):
             best, low = mid, mid + 1
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import gzip
 import importlib.util
 import json
@@ -45,6 +46,15 @@ def tiny():
     return load_articles(TINY, "test"), load_articles(TINY, "train")
 
 
+@functools.cache
+def _script(name: str):
+    """A module of ``scripts/`` (imported in-process: no interpreter start-up)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -57,30 +67,26 @@ def test_tiny_news_is_honest_toy_news(tiny):
     test, train = tiny
     assert (len(train), len(test)) == (24, 24)
     for a in train + test:
-        sentences = a.article.count(". ") + 1
-        assert 3 <= sentences <= 6 + 2, a  # quotes hold ", said" inside a sentence
+        sentences = a.article.count(". ") + 1  # every sentence ends with "." (a quote closes with ', said X.')
+        assert 3 <= sentences <= 6 and a.article.endswith("."), a
         lines = a.reference.split("\n")
         assert 1 <= len(lines) <= 3 and all(line.strip() for line in lines)
+        towns = [t for t in _script("build_tiny_news").TOWNS if t in a.article]
+        assert len(towns) == 1 and towns[0] in lines[0], a  # the first summary line names the lead's town
     train_texts = {a.article for a in train}
     assert not any(a.article in train_texts for a in test)
     assert len({a.id for a in train + test}) == 48
 
 
 def test_tiny_news_script_reproduces_the_shipped_files(tmp_path):
-    spec = importlib.util.spec_from_file_location("build_tiny_news", REPO / "scripts" / "build_tiny_news.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--out", str(tmp_path)])
+    _script("build_tiny_news").main(["--out", str(tmp_path)])
     for split in ("train", "test"):
         name = f"tiny_news_{split}.json"
         assert (tmp_path / name).read_bytes() == (Path(str(BUILTIN_DIR)) / name).read_bytes(), name
 
 
 def test_tokenizer_script_does_not_read_tiny_news():
-    spec = importlib.util.spec_from_file_location("build_tokenizer", REPO / "scripts" / "build_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert not any("tiny_news" in name for name in module.TRAINING_FILES)
+    assert not any("tiny_news" in name for name in _script("build_tokenizer").TRAINING_FILES)
 
 
 # --------------------------------------------------------------------------- adapters
@@ -257,6 +263,8 @@ def test_truncation_policies_and_rates(tiny, tokenizer):
         if p.article_truncated:  # a word prefix of the article, the longest that fits
             kept = " ".join(a.article.split()[: p.article_words_kept])
             assert p.text.endswith(f"{kept}\nSummary:") and p.article_words_kept < len(a.article.split())
+            longer = " ".join(a.article.split()[: p.article_words_kept + 1])
+            assert len(tokenizer(p.text[: -len(f"{kept}\nSummary:")] + f"{longer}\nSummary:")["input_ids"]) > limit
     rates = truncation_rates(drop)
     assert rates["demos_dropped_rate"] == too_long / 6 and rates["article_truncated_rate"] == 0.0
     for p, f in zip(drop, full):
@@ -266,12 +274,16 @@ def test_truncation_policies_and_rates(tiny, tokenizer):
         build_summary_prompts(TINY, articles[:1], train, SummaryPromptConfig(max_prompt_tokens=5), tokenizer)
 
 
-def test_drop_demonstrations_cuts_the_tail_when_no_demo_is_left(tiny, tokenizer):
+@pytest.mark.parametrize("policy", ["article_tail", "drop_demonstrations"])
+def test_no_room_for_demonstrations_drops_them_and_cuts_the_tail(tiny, tokenizer, policy):
+    """Shorter than the zero-shot prompt: drop_demonstrations runs out of demos and cuts the tail; article_tail
+    cannot fit one article word after the demos, so it drops them as a last resort (both recorded)."""
     test, train = tiny
     zero = build_summary_prompts(TINY, test[:1], train, SummaryPromptConfig(), tokenizer)[0]
     p = build_summary_prompts(TINY, test[:1], train, SummaryPromptConfig(
-        shots=2, max_prompt_tokens=zero.prompt_tokens - 10, truncation="drop_demonstrations"), tokenizer)[0]
+        shots=2, max_prompt_tokens=zero.prompt_tokens - 10, truncation=policy), tokenizer)[0]
     assert (p.demo_ids, p.demos_dropped, p.article_truncated) == ((), 2, True)
+    assert p.prompt_tokens <= zero.prompt_tokens - 10
 
 
 # --------------------------------------------------------------------------- post-processing (§10(d)4, §10(e))
