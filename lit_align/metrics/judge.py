@@ -22,14 +22,16 @@ fence, or anywhere in surrounding prose: the first JSON object in the reply that
 
 :class:`RubricJudge` sends every prompt, re-sends those whose reply did not parse (at most ``retries`` more
 times, with :attr:`Rubric.retry_note` appended) and counts the failures; a pair that never parses gets ``None``
-and is counted, never raised. Backends (:class:`JudgeBackend`) turn prompts into replies: :class:`HFJudge` (a
-local HF causal LM, greedy) and :class:`OpenAICompatibleJudge` (a ``/chat/completions`` endpoint, optional).
+and is counted, never raised. :class:`PairwiseJudge` compares two systems per article, shown in a seeded random
+order. Backends (:class:`JudgeBackend`) turn prompts into replies: :class:`HFJudge` (a local HF causal LM, greedy)
+and :class:`OpenAICompatibleJudge` (a ``/chat/completions`` endpoint, optional).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import urllib.request
 from collections.abc import Sequence
@@ -42,9 +44,12 @@ __all__ = [
     "JudgeBackend",
     "JudgeScores",
     "OpenAICompatibleJudge",
+    "PairwiseJudge",
+    "PairwiseScores",
     "Rubric",
     "RubricJudge",
     "parse_judge_reply",
+    "parse_pairwise_reply",
 ]
 
 DEFAULT_CRITERIA = ("relevance", "coherence", "consistency", "fluency")
@@ -136,6 +141,21 @@ def _valid(obj, criteria: Sequence[str], low: int, high: int, extra_keys: str) -
     return out
 
 
+def _json_objects(text: str):
+    """Every JSON object in ``text``: first inside ```` ``` ```` fences, then starting at each ``{``."""
+    if not isinstance(text, str):
+        return
+    decoder = json.JSONDecoder()
+    for source in [m.group(1) for m in _FENCE.finditer(text)] + [text]:
+        for start in (i for i, ch in enumerate(source) if ch == "{"):
+            try:
+                obj, _ = decoder.raw_decode(source, start)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                yield obj
+
+
 def parse_judge_reply(text: str, criteria: Sequence[str] = DEFAULT_CRITERIA, *, low: int = 1, high: int = 5,
                       extra_keys: Literal["ignore", "reject"] = "ignore") -> dict[str, int] | None:
     """Scores ``{criterion: int}`` from a judge reply, or ``None`` if it holds no object that fits the schema.
@@ -144,19 +164,10 @@ def parse_judge_reply(text: str, criteria: Sequence[str] = DEFAULT_CRITERIA, *, 
     object starting at a ``{`` of the reply (``json.JSONDecoder.raw_decode``); the first one with every
     criterion an integer in ``[low, high]`` (and, with ``extra_keys="reject"``, no other key) is returned.
     """
-    if not isinstance(text, str):
-        return None
-    decoder = json.JSONDecoder()
-    sources = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    for source in sources:
-        for start in (i for i, ch in enumerate(source) if ch == "{"):
-            try:
-                obj, _ = decoder.raw_decode(source, start)
-            except json.JSONDecodeError:
-                continue
-            scores = _valid(obj, criteria, low, high, extra_keys)
-            if scores is not None:
-                return scores
+    for obj in _json_objects(text):
+        scores = _valid(obj, criteria, low, high, extra_keys)
+        if scores is not None:
+            return scores
     return None
 
 
@@ -218,29 +229,127 @@ class RubricJudge:
         if len(articles) != len(summaries):
             raise ValueError(f"judge: {len(articles)} articles but {len(summaries)} summaries; give one per article")
         prompts = [self.rubric.prompt(a, s) for a, s in zip(articles, summaries)]
-        n = len(prompts)
-        scores: list[dict[str, int] | None] = [None] * n
-        attempts, replies, parse_failures = [0] * n, [""] * n, 0
-        pending = list(range(n))
-        for attempt in range(self.retries + 1):
-            if not pending:
-                break
-            suffix = self.rubric.retry_note if attempt else ""
-            out = self.backend.complete([prompts[i] + suffix for i in pending])
-            if len(out) != len(pending):
-                raise RuntimeError(f"judge backend {self.backend.model_id!r} returned {len(out)} replies for "
-                                   f"{len(pending)} prompts")
-            still = []
-            for i, reply in zip(pending, out):
-                attempts[i] += 1
-                replies[i] = reply
-                scores[i] = self._parse(reply)
-                if scores[i] is None:
-                    parse_failures += 1
-                    still.append(i)
-            pending = still
-        return JudgeScores(scores=scores, attempts=attempts, failures=len(pending), model_id=self.backend.model_id,
-                           parse_failures=parse_failures, replies=replies, criteria=list(self.rubric.criteria))
+        asked = _ask(self.backend, prompts, self._parse, self.retries, self.rubric.retry_note)
+        return JudgeScores(scores=asked.parsed, attempts=asked.attempts, failures=asked.failures,
+                           model_id=self.backend.model_id, parse_failures=asked.parse_failures,
+                           replies=asked.replies, criteria=list(self.rubric.criteria))
+
+
+@dataclass
+class _Asked:
+    parsed: list
+    attempts: list[int]
+    replies: list[str]
+    parse_failures: int
+    failures: int
+
+
+def _ask(backend: JudgeBackend, prompts: list[str], parse, retries: int, retry_note: str) -> _Asked:
+    """Send ``prompts``; re-send those whose reply ``parse`` maps to ``None``, at most ``retries`` more times
+    with ``retry_note`` appended."""
+    n = len(prompts)
+    parsed, attempts, replies, parse_failures = [None] * n, [0] * n, [""] * n, 0
+    pending = list(range(n))
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        suffix = retry_note if attempt else ""
+        out = backend.complete([prompts[i] + suffix for i in pending])
+        if len(out) != len(pending):
+            raise RuntimeError(f"judge backend {backend.model_id!r} returned {len(out)} replies for "
+                               f"{len(pending)} prompts")
+        still = []
+        for i, reply in zip(pending, out):
+            attempts[i] += 1
+            replies[i] = reply
+            parsed[i] = parse(reply)
+            if parsed[i] is None:
+                parse_failures += 1
+                still.append(i)
+        pending = still
+    return _Asked(parsed, attempts, replies, parse_failures, len(pending))
+
+
+# -- pairwise ----------------------------------------------------------------------------------
+_PAIRWISE_TEMPLATE = """You are comparing two summaries of the same news article.
+
+Article:
+{article}
+
+Summary A:
+{summary_a}
+
+Summary B:
+{summary_b}
+
+Which summary is better overall (relevant, coherent, consistent with the article, fluent)?
+Reply with a single JSON object and nothing else: {{"winner": "A"}}, {{"winner": "B"}} or {{"winner": "tie"}}."""
+
+
+def parse_pairwise_reply(text: str) -> Literal["A", "B", "tie"] | None:
+    """``"A"``, ``"B"`` or ``"tie"`` from the first JSON object with a ``"winner"`` key holding one of them
+    (case-insensitive; fences and surrounding text as in :func:`parse_judge_reply`), else ``None``."""
+    for obj in _json_objects(text):
+        winner = obj.get("winner")
+        if isinstance(winner, str) and winner.strip().lower() in ("a", "b", "tie"):
+            return "tie" if winner.strip().lower() == "tie" else winner.strip().upper()
+    return None
+
+
+@dataclass
+class PairwiseScores:
+    """Pairwise judge results, in input order, already mapped back from the shown order."""
+
+    winners: list[Literal["first", "second", "tie"] | None]
+    """Per article: which of the two systems won (``None`` when no reply parsed)."""
+    swapped: list[bool]
+    """Per article: whether the second system was shown as summary A."""
+    attempts: list[int]
+    """Per article: prompts sent."""
+    failures: int
+    """Articles with no parsed reply."""
+    model_id: str
+    """``backend.model_id`` of the judge."""
+    parse_failures: int = 0
+    """Replies that did not parse, over all attempts."""
+
+    def win_rate(self) -> float:
+        """Wins of the first system over the parsed comparisons, a tie counting one half (NaN if none parsed)."""
+        done = [w for w in self.winners if w is not None]
+        return (sum(w == "first" for w in done) + 0.5 * sum(w == "tie" for w in done)) / len(done) if done \
+            else float("nan")
+
+
+class PairwiseJudge:
+    """Compare two systems' summaries of each article; which one is shown first is drawn per article from
+    ``random.Random(seed)``, so a judge's preference for a position does not favour either system.
+
+    ``template`` has the fields ``{article}``, ``{summary_a}``, ``{summary_b}``; the reply is read by
+    :func:`parse_pairwise_reply`, with the same retries and failure counts as :class:`RubricJudge`.
+    """
+
+    def __init__(self, backend: JudgeBackend, *, template: str = _PAIRWISE_TEMPLATE, retries: int = 2,
+                 seed: int = 0, retry_note: str = Rubric.retry_note) -> None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"judge.retries must be an int >= 0, got {retries!r}")
+        self.backend, self.template, self.retries, self.seed = backend, template, retries, seed
+        self.retry_note = retry_note
+
+    def compare(self, articles: Sequence[str], first: Sequence[str], second: Sequence[str]) -> PairwiseScores:
+        """Judge ``first[i]`` against ``second[i]`` as summaries of ``articles[i]``."""
+        if not len(articles) == len(first) == len(second):
+            raise ValueError(f"pairwise judge: {len(articles)} articles, {len(first)} and {len(second)} summaries; "
+                             "give one summary per article from each system")
+        rng = random.Random(self.seed)
+        swapped = [rng.random() < 0.5 for _ in articles]
+        prompts = [self.template.format(article=a, summary_a=s if swap else f, summary_b=f if swap else s)
+                   for a, f, s, swap in zip(articles, first, second, swapped)]
+        asked = _ask(self.backend, prompts, parse_pairwise_reply, self.retries, self.retry_note)
+        shown = {"A": ("first", "second"), "B": ("second", "first")}
+        winners = [None if w is None else "tie" if w == "tie" else shown[w][int(swap)]
+                   for w, swap in zip(asked.parsed, swapped)]
+        return PairwiseScores(winners=winners, swapped=swapped, attempts=asked.attempts, failures=asked.failures,
+                              model_id=self.backend.model_id, parse_failures=asked.parse_failures)
 
 
 class HFJudge:

@@ -111,13 +111,15 @@ def _rouge_with(scorer, prediction: str, reference: str, splitter: str) -> dict[
 
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str], what: str = "references") -> tuple[list, list]:
-    preds, refs = ([preds] if isinstance(preds, str) else list(preds)), ([refs] if isinstance(refs, str)
-                                                                         else list(refs))
+    """Both sides as lists of strings of one length (a single string is one item)."""
+    preds = [preds] if isinstance(preds, str) else list(preds)
+    refs = [refs] if isinstance(refs, str) else list(refs)
     if len(preds) != len(refs):
         raise ValueError(f"update() got {len(preds)} summaries and {len(refs)} {what}; give one per summary")
-    for i, text in enumerate(preds + refs):
-        if not isinstance(text, str):
-            raise TypeError(f"update(): item {i % max(len(preds), 1)} is {type(text).__name__}, not str")
+    for name, texts in (("summaries", preds), (what, refs)):
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"update(): {name}[{bad}] is {type(texts[bad]).__name__}, not str")
     return preds, refs
 
 

@@ -11,10 +11,12 @@ from lit_align.metrics import (
     HFJudge,
     JudgeBackend,
     OpenAICompatibleJudge,
+    PairwiseJudge,
     Rubric,
     RubricJudge,
     export_blinded,
     parse_judge_reply,
+    parse_pairwise_reply,
     read_key,
 )
 from lit_align.metrics.human_eval import key_path_for
@@ -116,6 +118,41 @@ def test_rubric_judge_retries_and_counts_failures():
     assert no_retry.scores == [None] and no_retry.attempts == [1] and no_retry.failures == 1
     with pytest.raises(ValueError, match="2 articles but 1 summaries"):
         judge.score(["a", "b"], ["s"])
+
+
+class PositionBiasedJudge:
+    """Always prefers the summary shown as A; on its first call it answers article 0 in prose (a parse failure)."""
+
+    model_id = "always-a"
+
+    def __init__(self) -> None:
+        self.prompts, self.calls = [], 0
+
+    def complete(self, prompts: list[str]) -> list[str]:
+        self.prompts += prompts
+        self.calls += 1
+        return ["A is better." if self.calls == 1 and "article 0 " in p else 'Verdict: ```json\n{"winner": "a"}\n```'
+                for p in prompts]
+
+
+def test_pairwise_judge_randomises_order_and_maps_back():
+    """A judge that always picks position A makes each system win exactly where it was shown first: the winners
+    follow the seeded swaps, so the win rate is the share of articles where the first system was shown as A."""
+    articles = [f"article {i} text" for i in range(12)]
+    first, second = [f"first {i}" for i in range(12)], [f"second {i}" for i in range(12)]
+    backend = PositionBiasedJudge()
+    result = PairwiseJudge(backend, seed=0, retries=1).compare(articles, first, second)
+    assert result.winners == ["second" if swap else "first" for swap in result.swapped]
+    assert 0 < sum(result.swapped) < 12  # both orders occur
+    for prompt, swap, i in zip(backend.prompts, result.swapped, range(12)):
+        shown_a = prompt.split("Summary A:\n", 1)[1].split("\n", 1)[0]
+        assert shown_a == (second[i] if swap else first[i])
+    assert result.attempts[0] == 2 and result.failures == 0 and result.parse_failures == 1
+    assert result.win_rate() == pytest.approx(1 - sum(result.swapped) / 12)
+    again = PairwiseJudge(PositionBiasedJudge(), seed=0).compare(articles, first, second)
+    assert again.swapped == result.swapped
+    assert PairwiseJudge(PositionBiasedJudge(), seed=5).compare(articles, first, second).swapped != result.swapped
+    assert parse_pairwise_reply('{"winner": "Tie"}') == "tie" and parse_pairwise_reply('{"winner": "C"}') is None
 
 
 def test_hf_judge_with_non_json_replies_counts_failures():

@@ -120,6 +120,8 @@ def test_summary_rouge_state_merges_like_one_process():
         assert math.isnan(float(SummaryROUGE().compute()["rouge1"]))
     with pytest.raises(ValueError, match="2 summaries and 1 references"):
         SummaryROUGE().update(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match=r"references\[1\] is NoneType"):
+        SummaryROUGE().update(["a", "b"], ["a", None])
 
 
 # -- METEOR ------------------------------------------------------------------------------------
