@@ -62,7 +62,8 @@ class SummarizationReport(L.Callback):
       (``empty``, ``early_termination``, ``hit_max_tokens``, ``copied``, ``echoed``);
     * ``summarization_table.json``: the same rows, ``fewshot_effect`` (per model and task, the paired k-shot minus
       0-shot ROUGE-L difference and its interval) and ``header``: the models' sources, the tasks, the generation
-      settings, how each metric is computed, the metrics skipped and why, the judge's model id;
+      settings, how each metric is computed, the metrics skipped and why, the judge's model id (strict JSON: a
+      metric with no value, e.g. judge means when every reply failed to parse, is ``null``);
     * ``summarization_articles.jsonl``: one line per summary (:class:`~lit_align.methods.summarization_eval.SummaryRow`:
       prompt id, demonstrations used, raw output, summary, flags, per-article scores, judge scores);
     * ``summarization_rougeL.png`` (with ``plot``, needs matplotlib): ROUGE-L per model and task, 0- vs k-shot bars
@@ -97,11 +98,11 @@ class SummarizationReport(L.Callback):
         data = [[row.get(c) for c in columns] for row in table]
         self.files["csv"] = write_csv(directory / "summarization_table.csv", columns, data)
         path = directory / "summarization_table.json"
-        atomic_write_text(path, json.dumps({"header": pl_module.report_header(), "table": table,
-                                            "fewshot_effect": pl_module.fewshot_effect}, indent=1, default=_json))
+        report = {"header": pl_module.report_header(), "table": table, "fewshot_effect": pl_module.fewshot_effect}
+        atomic_write_text(path, json.dumps(_no_nan(report), indent=1, default=_json, allow_nan=False))
         self.files["json"] = path
         self.files["articles"] = write_jsonl(directory / "summarization_articles.jsonl",
-                                             [dataclasses.asdict(r) for r in pl_module.rows], default=_json)
+                                             [_no_nan(dataclasses.asdict(r)) for r in pl_module.rows], default=_json)
         if self.plot:
             png = self._plot(directory / "summarization_rougeL.png", table)
             if png is not None:
@@ -159,6 +160,17 @@ class SummarizationReport(L.Callback):
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         return path
+
+
+def _no_nan(value: Any) -> Any:
+    """``value`` with every NaN float replaced by ``None`` (strict JSON: a metric with no value is ``null``)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def _json(value: Any) -> Any:
