@@ -43,14 +43,21 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 # imported so that `--help` lists lit_align's methods and DataModules among the known subclasses
 import lit_align.data
 import lit_align.methods
-from lit_align.callbacks import CPUThreads, FEWLReport, PredictionWriter, UnlearningAssessmentReport
+from lit_align.callbacks import (
+    CPUThreads,
+    FEWLReport,
+    PredictionWriter,
+    SummarizationReport,
+    UnlearningAssessmentReport,
+)
 from lit_align.checkpoint import install_atomic_checkpoint_io
 from lit_align.cli_parser import LitAlignArgumentParser, model_override_args
+from lit_align.data.summarization import SummarizationDataModule
 from lit_align.errors import debug_requested, one_message_errors
 from lit_align.quiet import quiet_library_noise
 from lit_align.resume import prepare_resume
 
-__all__ = ["LitAlignCLI", "add_fewl_report", "add_prediction_writer", "cli_main", "main", "set_up_data_early"]
+__all__ = ["LitAlignCLI", "add_fewl_report", "add_prediction_writer", "add_summarization_report", "cli_main", "main", "set_up_data_early"]
 
 # Configs write absolute interpolations (``${trainer.default_root_dir}``); they are resolved
 # relative to where they stand, so they work with and without a subcommand (``fit.`` prefix).
@@ -136,8 +143,10 @@ class LitAlignCLI(LightningCLI):
         add_prediction_writer(self.trainer)
 
     def before_test(self) -> None:
-        """A FEWL evaluation or an unlearning assessment writes its report (see :func:`add_fewl_report`)."""
+        """A FEWL evaluation, a summarisation evaluation or an unlearning assessment writes its report (see
+        :func:`add_fewl_report`, :func:`add_summarization_report`)."""
         add_fewl_report(self.trainer, self.model)
+        add_summarization_report(self.trainer, self.model)
 
     # -- short errors, tiny -> real model switch, help (lit_align.cli_parser, lit_align.errors) ----------
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -167,6 +176,14 @@ def add_fewl_report(trainer: Trainer, model: Any) -> None:
         trainer.callbacks.append(UnlearningAssessmentReport())
 
 
+def add_summarization_report(trainer: Trainer, model: Any) -> None:
+    """Give ``trainer`` a :class:`~lit_align.callbacks.SummarizationReport` when ``model`` is a summarisation
+    evaluation and its callbacks hold none (the table, the per-article rows and the plot are always written)."""
+    summarization = isinstance(model, lit_align.methods.SummarizationEvaluationModule)
+    if summarization and not any(isinstance(c, SummarizationReport) for c in trainer.callbacks):
+        trainer.callbacks.append(SummarizationReport())
+
+
 def set_up_data_early(datamodule: Any, module: Any, subcommand: str | None) -> None:
     """Run a lit_align DataModule's (idempotent) ``setup`` with the module's tokenizer before the Trainer
     runs, so a data error stops the run before any logger or W&B run starts. An unlearning assessment's
@@ -174,10 +191,10 @@ def set_up_data_early(datamodule: Any, module: Any, subcommand: str | None) -> N
     if subcommand is not None and isinstance(datamodule, lit_align.methods.UnlearningAssessmentDataModule):
         datamodule.setup(subcommand)
         return
-    bases = (lit_align.data.TokenizedDataModule, lit_align.data.ForgetRetainDataModule)
+    bases = (lit_align.data.TokenizedDataModule, lit_align.data.ForgetRetainDataModule, SummarizationDataModule)
     if subcommand is None or not isinstance(datamodule, bases):
         return
-    if datamodule.tokenizer is None and getattr(module, "tokenizer", None) is not None:
+    if getattr(datamodule, "tokenizer", False) is None and getattr(module, "tokenizer", None) is not None:
         datamodule.tokenizer = module.tokenizer
     datamodule.setup(subcommand)
 

@@ -226,7 +226,7 @@ def test_help_lists_lit_align_classes_and_every_spec_field_docstring():
             if isinstance(obj, type) and name.endswith(("Module", "DataModule")):
                 assert f"{package.__name__}.{name}" in top, name
     method = _stdout_of(["fit", "--model.help", "lit_align.methods.DPOModule"])
-    assert "Hub model id (``org/name``) or a local directory" in method  # ModelSpec.name_or_path
+    assert "Hub model id (``org/name``), a local directory" in method  # ModelSpec.name_or_path
     tiny = _stdout_of(["fit", "--model.help", "lit_align.methods.DPOModule", "--model.model.tiny.help"])
     assert "Model width." in tiny and "Key/value heads (grouped-query attention)." in tiny  # TinyArch
     lora = _stdout_of(["fit", "--model.help", "lit_align.methods.DPOModule", "--model.model.lora.help"])

@@ -14,11 +14,12 @@ from lit_align.cli import cli_main
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 PRESETS = sorted((REPO / "callbacks").glob("*.yaml"))
-#: Config folders of evaluation-only modules (``lit-align test``, no training step): their tiny configs are run by
-#: their own tests (tests/methods/test_fewl_eval.py, tests/methods/test_unlearning_assessment.py), not by the
-#: fit / validate / predict runs below.
-EVALUATION_ONLY = {"fewl", "unlearning_assessment"}
-TINY = [c for c in CONFIGS if c.name == "tiny.yaml" and c.parent.name not in EVALUATION_ONLY]
+#: Top config folders of evaluation-only modules (``lit-align test``, no training step): their tiny configs are run
+#: by their own tests (tests/methods/test_fewl_eval.py, test_summarization_eval.py, test_unlearning_assessment.py),
+#: not by the fit / validate / predict runs below.
+EVALUATION_ONLY = {"fewl", "eval"}
+TINY = [c for c in CONFIGS
+        if c.name == "tiny.yaml" and c.relative_to(REPO / "configs").parts[0] not in EVALUATION_ONLY]
 
 
 def _print_config(*configs: Path) -> str:
@@ -39,6 +40,7 @@ EXPECTED_CONFIGS = {
                      "ipo_mistral-7b.yaml"],
     "curry_dpo": ["tiny.yaml", "zephyr-7b_ultrafeedback.yaml"],
     "debate": ["tiny.yaml", "llama3_8b_mmlu.yaml", "mistral7b_boolq.yaml"],
+    "eval/summarization": ["tiny.yaml", "cnndm_3shot.yaml", "xsum_0shot.yaml"],
     "dpo": ["tiny.yaml", "llama3.1-8b_ultrafeedback_fsdp.yaml", "qwen2.5-0.5b_ultrafeedback_lora.yaml"],
     "eval/unlearning_assessment": ["tiny.yaml"],
     "fewl": ["tiny.yaml", "sft_tiny.yaml", "truthfulqa.yaml"],
@@ -67,9 +69,9 @@ def test_configs_are_found():
     found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
     expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
     assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
-    assert len(found) == 60
+    assert len(found) == 63
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {
-        n for n in expected if n.endswith("/tiny.yaml") and n.split("/")[-2] not in EVALUATION_ONLY}
+        n for n in expected if n.endswith("/tiny.yaml") and n.split("/")[0] not in EVALUATION_ONLY}
     assert len(TINY) == 19
     assert [p.name for p in PRESETS] == ["ddp_cpu.yaml", "default.yaml", "fsdp.yaml", "fsdp2_cpu.yaml", "wandb.yaml"]
 

@@ -11,8 +11,9 @@ from lit_align.callbacks.game_report import GameReport
 from lit_align.callbacks.predictions import PredictionWriter
 from lit_align.callbacks.run_cost import RunCost
 from lit_align.callbacks.samples import SampleGenerations
+from lit_align.callbacks.summarization_report import SummarizationReport
 from lit_align.callbacks.unlearning_eval import UnlearningEvaluation
 from lit_align.callbacks.watermark_eval import WatermarkEvaluation
 from lit_align.callbacks.weight_mask import WeightMask
 
-__all__ = ["AdversarialEvaluation", "BatchCheckpoint", "CPUThreads", "DebateReport", "FEWLReport", "GameReport", "HFExport", "PredictionWriter", "RunCost", "SampleGenerations", "UnlearningAssessmentReport", "UnlearningEvaluation", "WatermarkEvaluation", "WeightMask"]
+__all__ = ["AdversarialEvaluation", "BatchCheckpoint", "CPUThreads", "DebateReport", "FEWLReport", "GameReport", "HFExport", "PredictionWriter", "RunCost", "SampleGenerations", "SummarizationReport", "UnlearningAssessmentReport", "UnlearningEvaluation", "WatermarkEvaluation", "WeightMask"]

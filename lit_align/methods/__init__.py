@@ -13,6 +13,7 @@ from lit_align.methods.ppo import PPOModule
 from lit_align.methods.reward_model import RewardModelModule
 from lit_align.methods.sft import SFTModule
 from lit_align.methods.staged import StagedPolicyModule
+from lit_align.methods.summarization_eval import SummarizationEvaluationModule
 from lit_align.methods.unlearning import UnlearningModule
 from lit_align.methods.unlearning_assessment import (
     AssessmentAttacks,
@@ -21,4 +22,4 @@ from lit_align.methods.unlearning_assessment import (
 )
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "AssessmentAttacks", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "SelfAlignmentModule", "StagedPolicyModule", "UnlearningAssessmentDataModule", "UnlearningAssessmentModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "AssessmentAttacks", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "SelfAlignmentModule", "StagedPolicyModule", "SummarizationEvaluationModule", "UnlearningAssessmentDataModule", "UnlearningAssessmentModule", "UnlearningModule", "WatermarkModule"]

@@ -32,10 +32,10 @@ from lit_align.metrics.fewl import (
     select_by_fewl,
     select_demonstrations,
 )
-from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
-from lit_align.models.reference import model_fingerprint
-from lit_align.retrieval import GenerationCache, Retriever, Similarity, fingerprint_tokenizer, generate_texts
+from lit_align.models import ModelSpec
+from lit_align.retrieval import GenerationCache, Retriever, Similarity
 from lit_align.retrieval.generation import cut_at_stop
+from lit_align.retrieval.loaded import LoadedModel, loaded_model
 from lit_align.rollout.sampler import SamplingConfig
 
 __all__ = ["FEWLEvaluationModule", "FEWLOptions", "PromptConfig", "SyntheticConfig", "answer_text",
@@ -433,16 +433,10 @@ class FEWLEvaluationModule(L.LightningModule):
     @contextmanager
     def _loaded(self, spec: ModelSpec, key: str) -> Iterator[_Generator]:
         """A model built from ``spec`` on this module's device, in eval mode, freed on exit."""
-        tokenizer = build_tokenizer(spec, key=key)
-        model = build_causal_lm(spec, tokenizer).to(self.device).eval()
-        try:
-            gen = _Generator(self, model, tokenizer, model_fingerprint(model), f"{key}: {spec.source}")
-            self.chat_used[key] = gen.chat
-            yield gen
-        finally:
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        with loaded_model(spec, key=key, device=self.device, chat_template=self.prompt.chat_template,
+                          chat_key="model.prompt.chat_template") as lm:
+            self.chat_used[key] = lm.chat
+            yield _Generator(self, lm)
 
     def _reference_answers(self, questions: list[FEWLQuestion], needed: list[int]) -> list[list[str]]:
         """Q x N reference answers (reference j's sample s at column j * S + s) for the ``needed`` questions."""
@@ -632,41 +626,19 @@ class FEWLEvaluationModule(L.LightningModule):
 class _Generator:
     """One loaded model's generations for the module: rendered prompts, derived seeds, the shared cache."""
 
-    def __init__(self, module: FEWLEvaluationModule, model: torch.nn.Module, tokenizer: Any, fingerprint: str,
-                 name: str) -> None:
-        self.module, self.model, self.tokenizer, self.fingerprint = module, model, tokenizer, fingerprint
-        self.name = name
-        self.tokenizer_fingerprint = fingerprint_tokenizer(tokenizer)
-        chat = module.prompt.chat_template
-        self.chat = bool(tokenizer.chat_template) if chat is None else chat
-        if self.chat and not tokenizer.chat_template:
-            raise ConfigError("model.prompt.chat_template is true but a model's tokenizer has no chat template")
-
-    def _render(self, text: str) -> str:
-        """``text`` as the model reads it: a user turn of its chat template (less a leading BOS that the tokenizer
-        adds again when it tokenizes the prompt), or as is."""
-        if not self.chat:
-            return text
-        out = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=False)
-        bos = self.tokenizer.bos_token
-        if bos and out.startswith(bos) and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
-            out = out[len(bos):]
-        return out
+    def __init__(self, module: FEWLEvaluationModule, lm: LoadedModel) -> None:
+        self.module, self.lm, self.name = module, lm, lm.name
 
     def generate(self, texts: list[str], sampling: SamplingConfig, purpose: str, rows: list[int]) -> list[str]:
         """Continuations of ``texts`` (``texts[n]`` seeded from ``(seed, purpose, rows[n])``), through the cache,
         without leading whitespace, cut at the first ``prompt.stop`` string, stripped."""
         m = self.module
-        prompts = [self._render(t) for t in texts]
+        prompts = [self.lm.render(t) for t in texts]
         seeds = [derive_seed(m.seed, 0, purpose, i) for i in rows]
-        keys = [GenerationCache.key(self.fingerprint, p, sampling, s, tokenizer=self.tokenizer_fingerprint)
-                for p, s in zip(prompts, seeds)]
+        keys = self.lm.keys(prompts, sampling, seeds)
         cached = [key in m.cache for key in keys]
         m.generated += len({key for key, hit in zip(keys, cached) if not hit})
-        out = generate_texts(self.model, self.tokenizer, prompts, sampling, seeds=seeds, cache=m.cache,
-                             model_fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint,
-                             batch_size=m.prompt.batch_size)
+        out = self.lm.generate(prompts, sampling, seeds=seeds, cache=m.cache, batch_size=m.prompt.batch_size)
         out = [answer_text(o, m.prompt.stop) for o in out]
         m.empty[purpose] = m.empty.get(purpose, 0) + sum(not o for o in out)
         m.generation_log += [{"model": self.name, "purpose": purpose, "row": i, "seed": seed, "prompt": p, "text": o,

@@ -12,6 +12,7 @@ from lit_align.models.causal_lm import (
     is_peft_model,
     resolve_path,
 )
+from lit_align.models.from_checkpoint import is_checkpoint, trained_spec
 from lit_align.models.players import PlayerPolicies
 from lit_align.models.reference import ReferenceMode, ReferencePolicy, model_fingerprint
 from lit_align.models.reward import RewardModel, RewardModelSpec, build_reward_model, last_token_index
@@ -40,8 +41,10 @@ __all__ = [
     "build_value_model",
     "freeze",
     "frozen_copy",
+    "is_checkpoint",
     "is_peft_model",
     "last_token_index",
     "model_fingerprint",
     "resolve_path",
+    "trained_spec",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,7 @@ from transformers import (
 )
 
 from lit_align.errors import ConfigError, MissingPathError
+from lit_align.models.from_checkpoint import is_checkpoint, policy_state_dict, trained_spec
 from lit_align.models.spec import LoRASpec, ModelSpec
 from lit_align.modes import eval_mode
 from lit_align.paths import hub_offline, looks_local
@@ -91,7 +93,11 @@ def build_tokenizer(spec: ModelSpec, *, key: str = "model", needs_eos: bool = Tr
     ``key`` is the spec's config key, named in errors (``model.alignment_reward.model``). A policy
     ``needs_eos`` (generation stops at it, responses end with it); a classifier or reward model read
     as a whole sequence does not (BERT-family tokenizers have none), so its builders pass ``False``.
+    A spec naming a lit_align checkpoint (``.ckpt``) gives the trained run's tokenizer
+    (:mod:`lit_align.models.from_checkpoint`).
     """
+    if is_checkpoint(spec.name_or_path):
+        spec = trained_spec(spec, key)
     name = resolve_path(spec.tokenizer or spec.name_or_path or TINY_TOKENIZER)
     key = f"{key}.tokenizer" if spec.tokenizer else f"{key}.name_or_path"
     _check_source(name, key)
@@ -150,7 +156,13 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta
 
     With ``meta`` the architecture is built on the meta device without reading any weights (every
     rank but one, when sharded weights are later broadcast from rank 0: see
-    :func:`lit_align.models.fsdp.load_from_rank0`)."""
+    :func:`lit_align.models.fsdp.load_from_rank0`).
+
+    A spec naming a lit_align checkpoint (``name_or_path: <run>.ckpt``) builds the trained policy: the run's own
+    spec, its policy weights loaded (``torch.load(weights_only=True)``) and its LoRA adapters merged
+    (:mod:`lit_align.models.from_checkpoint`)."""
+    if is_checkpoint(spec.name_or_path):
+        return _from_checkpoint(spec, tokenizer, meta=meta)
     dtype = _DTYPES[spec.dtype]
     path = resolve_path(spec.name_or_path) if spec.name_or_path is not None else None
     if spec.tiny is not None:
@@ -186,10 +198,37 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training default; the sampler passes its own cache
     if spec.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(model)
+    return model
+
+
+def _checkpoint_activations(model: nn.Module) -> None:
+    """Recompute decoder activations in backward (non-reentrant)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _from_checkpoint(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta: bool) -> nn.Module:
+    """The policy of the lit_align checkpoint ``spec.name_or_path``: the run's spec built in float32, its LoRA
+    adapters applied as in training, the checkpoint's policy weights loaded strictly, the adapters merged, then
+    ``spec.dtype``. With ``meta``, the architecture only."""
+    trained = trained_spec(spec)
+    if meta:
+        return build_causal_lm(dataclasses.replace(trained, lora=None), tokenizer, meta=True)
+    base = build_causal_lm(dataclasses.replace(trained, dtype="float32", lora=None), tokenizer)
+    policy = apply_lora(base, trained.lora, seed=trained.seed)
+    try:
+        policy.load_state_dict(policy_state_dict(spec.name_or_path), strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"model.name_or_path={spec.name_or_path!r}: the checkpoint's policy weights do not fit the "
+                          f"model its hyper-parameters describe ({str(err).splitlines()[0][:200]}); was the checkpoint "
+                          "written by another lit_align version? Export it with lit_align.callbacks.HFExport") from err
+    model = policy.merge_and_unload() if trained.lora is not None else policy
+    model = model.to(_DTYPES[spec.dtype])
+    if spec.gradient_checkpointing:
+        _checkpoint_activations(model)
     return model
 
 

@@ -86,7 +86,9 @@ class ModelSpec:
     """Which causal LM to build and how. Exactly one of ``name_or_path`` and ``tiny``."""
 
     name_or_path: str | None = None
-    """Hub model id (``org/name``) or a local directory written by ``save_pretrained``."""
+    """Hub model id (``org/name``), a local directory written by ``save_pretrained``, or a lit_align run's
+    single-file checkpoint (``.../checkpoints/last.ckpt``: the trained policy, LoRA merged; see
+    :mod:`lit_align.models.from_checkpoint`)."""
     tiny: TinyArch | None = None
     """Build a tiny random model of this architecture instead of loading weights."""
     tokenizer: str | None = None

@@ -1,0 +1,178 @@
+"""SummarizationEvaluationModule through the real CLI: ``lit-align test`` on configs/eval/summarization/tiny.yaml
+writes the model x task x {0, 3}-shot table; a rerun reads every summary from the generation cache; an HF judge
+whose replies are not JSON is counted, not fatal; bad input (a record without a reference or an article, k-shot with
+too few train articles) is a clear error before any model is loaded."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import CSV_LOGGER, REPO
+from tiny_bert import save_tiny_bert
+
+import lit_align.retrieval.generation as generation
+from lit_align.cli import cli_main
+from lit_align.errors import find_known_error
+from lit_align.methods.summarization_eval import SummarizationEvaluationModule, SummaryMetricsConfig, model_names
+from lit_align.models import ModelSpec
+
+TINY = str(REPO / "configs/eval/summarization/tiny.yaml")
+MODELS = ("tofu-full", "tofu-retain90")
+
+
+def _test_run(root: Path, *overrides: str, logger: bool = True):
+    """``lit-align test`` of the tiny config under ``root``; with ``logger`` false, the default (offline W&B) one."""
+    logging = [*CSV_LOGGER, "--trainer.logger.save_dir", str(root)] if logger else []
+    return cli_main(["test", "--config", TINY, "--trainer.default_root_dir", str(root), *logging,
+                     "--trainer.enable_progress_bar", "false", *overrides])
+
+
+class SampleCalls:
+    """Counts the sampler calls of :func:`lit_align.retrieval.generate_texts` (each one generates a batch)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls, real = 0, generation.sample
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(generation, "sample", counted)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("summ")
+    with pytest.MonkeyPatch.context() as mp:
+        calls = SampleCalls(mp)
+        cli = _test_run(root)
+    return cli, root, calls.calls
+
+
+def _table(root: Path) -> list[dict]:
+    with (root / "summarization" / "summarization_table.csv").open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_config_writes_the_table_for_both_shot_settings(first_run):
+    cli, root, calls = first_run
+    rows = _table(root)
+    assert {(r["model"], r["task"], r["shots"]) for r in rows} == {(m, "tiny_news", k) for m in MODELS
+                                                                   for k in ("0", "3")}
+    for r in rows:
+        assert r["articles"] == "8"
+        for metric in ("rouge1", "rouge2", "rougeL", "rougeLsum", "length_ratio"):
+            low, mean, high = float(r[f"{metric}_low"]), float(r[metric]), float(r[f"{metric}_high"])
+            assert math.isfinite(mean) and low <= mean <= high, (metric, r)
+        for mode in ("empty", "early_termination", "hit_max_tokens", "copied", "echoed"):
+            assert 0 <= int(r[mode]) <= 8
+        assert float(r["mean_demos"]) == float(r["shots"])  # 1,024 prompt tokens: nothing dropped
+    assert calls > 0 and cli.model.generated == 2 * 2 * 8
+    report = json.loads((root / "summarization" / "summarization_table.json").read_text())
+    assert report["header"]["models"] == {"tofu-full": "builtin:tiny-tofu-full",
+                                          "tofu-retain90": "builtin:tiny-tofu-retain90"}
+    assert "meteor" in report["header"]["metrics"] or "meteor" in report["header"]["skipped"]
+    assert {(f["model"], f["shots"]) for f in report["fewshot_effect"]} == {(m, 3) for m in MODELS}
+    articles = [json.loads(line) for line in
+                (root / "summarization" / "summarization_articles.jsonl").read_text().splitlines()]
+    assert len(articles) == 2 * 2 * 8
+    three = [a for a in articles if a["shots"] == 3]
+    assert all(len(a["demo_ids"]) == 3 and a["article_id"] not in a["demo_ids"] for a in three)
+    assert {"prompt_id", "output", "summary", "empty", "copied", "scores"} <= set(articles[0])
+    assert (root / "summarization" / "summarization_rougeL.png").stat().st_size > 0
+    blinded = (root / "summarization" / "human_eval_blinded.csv").read_text()
+    assert not any(m in blinded for m in MODELS)  # systems are anonymous in the raters' file
+    logged = cli.trainer.callback_metrics
+    assert math.isfinite(float(logged["test/summ/tofu-full/tiny_news/3shot/rougeL"]))
+
+
+def test_rerun_reads_every_summary_from_the_cache_and_logs_to_wandb(first_run, tmp_path, monkeypatch,
+                                                                      finish_wandb):
+    first, root, _ = first_run
+    calls = SampleCalls(monkeypatch)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cli = _test_run(root, "--trainer.callbacks.init_args.dirpath", str(tmp_path / "report"), logger=False)
+    assert calls.calls == 0 and cli.model.generated == 0
+    assert [r.summary for r in cli.model.rows] == [r.summary for r in first.model.rows]
+    assert all(r.cached for r in cli.model.rows)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    (table,) = (run_dir / "files" / "media" / "table").glob("summarization_table_*.table.json")
+    table = json.loads(table.read_text())
+    assert len(table["data"]) == 4 and "rougeL_high" in table["columns"]
+    assert list((run_dir / "files" / "media" / "images").glob("summarization_table_plot_*.png"))
+
+
+def test_hf_judge_replies_that_are_not_json_are_counted(first_run, tmp_path):
+    """With a tiny HF judge (and BERTScore on a tiny local BERT encoder, layer 1)."""
+    _, root, _ = first_run
+    judge = ('{"class_path": "lit_align.metrics.judge.HFJudge", "init_args": {"model": "builtin:tiny-tofu-full", '
+             '"max_new_tokens": 6, "batch_size": 16}}')
+    bert = save_tiny_bert(tmp_path / "tiny-bert")
+    cli = _test_run(root, "--trainer.logger.save_dir", str(tmp_path), "--model.init_args.judge", judge,
+                    "--model.init_args.judge_retries", "1", "--model.init_args.shots", "[0]",
+                    "--model.init_args.metrics.bertscore_model", bert, "--model.init_args.metrics.bertscore_layer",
+                    "1", "--model.init_args.metrics.bertscore_max_length", "128")
+    table = cli.model.table
+    assert {r["shots"] for r in table} == {0} and len(table) == 2
+    for entry in table:  # a tiny Llama trained on Q&A writes no JSON: every summary is a counted failure
+        assert entry["judge_parse_failures"] == 8
+        assert math.isnan(entry["judge_relevance"])
+        assert math.isfinite(entry["rougeL"])
+        assert entry["bertscore_f1_low"] <= entry["bertscore_f1"] <= entry["bertscore_f1_high"]
+    assert all(r.judge is None and r.judge_attempts == 2 for r in cli.model.rows)
+    assert cli.model.report_header()["judge"]["model_id"] == "builtin:tiny-tofu-full"
+
+
+def _known_error(root: Path, *overrides: str) -> Exception:
+    with pytest.raises(Exception) as info:  # jsonargparse / Lightning wrap a constructor's error
+        _test_run(root, *overrides)
+    error = find_known_error(info.value)
+    return error if error is not None else info.value
+
+
+def _task(path: Path, **extra) -> str:
+    return json.dumps([{"name": "local", "source": str(path), "n": 2, **extra}])
+
+
+def test_a_record_without_a_reference_is_a_clear_error(tmp_path):
+    """(The loader's own tests cover a missing article; here the error comes through ``lit-align test``.)"""
+    path = tmp_path / "news.jsonl"
+    records = [{"id": "a", "article": "The mill reopened on Monday.", "reference": "The mill reopened."},
+               {"id": "b", "article": "A fair opened."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    error = _known_error(tmp_path, "--data.init_args.tasks", _task(path), "--model.init_args.shots", "[0]")
+    assert "reference" in str(error) and "news.jsonl" in str(error), error
+
+
+def test_k_shot_with_fewer_train_articles_than_k_fails_before_any_model(tmp_path, monkeypatch):
+    for split, n in (("test", 2), ("train", 2)):
+        (tmp_path / f"news_{split}.jsonl").write_text("".join(
+            json.dumps({"id": f"{split}{i}", "article": f"Story {split} {i} happened today.",
+                        "reference": f"Story {i}."}) + "\n" for i in range(n)))
+    calls = SampleCalls(monkeypatch)
+    error = _known_error(tmp_path, "--data.init_args.tasks", _task(tmp_path / "news_{split}.jsonl"))
+    assert "model.shots" in str(error) and "local" in str(error), error
+    assert calls.calls == 0
+
+
+def test_an_unavailable_metric_is_skipped_with_its_reason(tmp_path):
+    module = SummarizationEvaluationModule(
+        {"a": ModelSpec(name_or_path="builtin:tiny-tofu-full")},
+        metrics=SummaryMetricsConfig(bertscore_model=str(tmp_path / "no-encoder"), bertscore_layer=1))
+    with pytest.warns(UserWarning, match="bertscore is skipped"):
+        module._set_up_metrics()
+    assert "no-encoder" in module.skipped["bertscore"] and module._bertscore is None
+
+
+def test_a_model_list_is_named_after_each_source():
+    specs = [ModelSpec(name_or_path="builtin:tiny-tofu-full"), ModelSpec(name_or_path="builtin:tiny-tofu-full"),
+             ModelSpec(name_or_path="outputs/sft/version_0/checkpoints/last.ckpt"),
+             ModelSpec(name_or_path="Qwen/Qwen2.5-0.5B-Instruct")]
+    assert list(model_names(specs)) == ["tiny-tofu-full", "tiny-tofu-full-2", "version_0-last",
+                                      "Qwen2.5-0.5B-Instruct"]
+    with pytest.raises(ValueError, match="model.models: model name"):
+        model_names({"a b": specs[0]})
