@@ -30,6 +30,7 @@ RLHF_MARKER = "RLHF_RESULT "
 PREFERENCE_MARKER = "PREFERENCE_RESULT "
 ADVERSARIAL_MARKER = "ADVERSARIAL_RESULT "
 LABEL_FREE_MARKER = "LABEL_FREE_RESULT "
+EVALUATION_MARKER = "EVALUATION_RESULT "
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -94,6 +95,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_PREFERENCE_OUT", str(tmp_path / "preference"))
     monkeypatch.setenv("LIT_ALIGN_ADVERSARIAL_OUT", str(tmp_path / "adversarial"))
     monkeypatch.setenv("LIT_ALIGN_LABEL_FREE_OUT", str(tmp_path / "label_free"))
+    monkeypatch.setenv("LIT_ALIGN_EVALUATION_OUT", str(tmp_path / "evaluation"))
     before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
 
     nb = nbformat.read(path, as_version=4)
@@ -283,3 +285,53 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         assert fewl["selected"] == 100, fewl  # one selected answer per scored question (2 batches of 50)
         # retain90 never saw the forget10 people: FEWL (no gold answer read) scores its answers there lower
         assert fewl["by_split"]["retain90/forget10"] < fewl["by_split"]["full/forget10"], fewl["by_split"]
+
+    if path.name == "10_evaluation.ipynb":
+        lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(EVALUATION_MARKER)]
+        assert lines, "the evaluation notebook's last code cell prints an EVALUATION_RESULT line"
+        result = json.loads(lines[-1][len(EVALUATION_MARKER):])
+        out = tmp_path / "evaluation"
+        assert Path(result["out"]) == out, result["out"]
+        summ = result["summarization"]
+        assert all(Path(f).is_file() and out in Path(f).parents for f in summ["files"].values()), summ["files"]
+        rows = summ["rows"]
+        assert sorted((r["model"], r["shots"]) for r in rows) == [("tofu-full", 0), ("tofu-full", 3),
+                                                                  ("tofu-retain90", 0), ("tofu-retain90", 3)], rows
+        for row in rows:
+            assert row["articles"] == 8, row
+            for m in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+                assert 0 <= row[f"{m}_low"] <= row[m] <= row[f"{m}_high"] <= 1, (m, row)  # a bootstrap interval
+            assert all(0 <= row[f] <= row["articles"] for f in ("empty", "early_termination", "hit_max_tokens",
+                                                                 "copied", "echoed")), row
+        assert sorted(e["model"] for e in summ["fewshot_effect"]) == ["tofu-full", "tofu-retain90"], summ
+        assert all(e["low"] <= e["rougeL_minus_0shot"] <= e["high"] for e in summ["fewshot_effect"]), summ
+        from lit_align.metrics.summarization import meteor_available
+        if not meteor_available()[0]:  # no WordNet data here: METEOR is skipped with the reason recorded
+            assert "WordNet" in summ["skipped"].get("meteor", ""), summ["skipped"]
+        example = summ["example"]  # the prompt is found by its hash and holds the article and 3 demonstrations
+        assert example["shots"] == 3 and len(example["demo_ids"]) == 3, example
+        assert example["prompt_found"] and example["article_in_prompt"], example
+        demo = result["demo"]
+        export, run_cost = Path(demo["export"]), Path(demo["run_cost"])
+        assert (export / "config.json").is_file() and out in export.parents, demo
+        assert run_cost.is_file() and run_cost.parent == export.parent and demo["steps"] == 30, demo
+        assessment = result["assessment"]
+        assert Path(assessment["file"]).is_file() and out in Path(assessment["file"]).parents, assessment["file"]
+        assert assessment["models"]["unlearned"] == [str(export)], assessment["models"]  # the demo's export
+        assert {"in_scope", "hard_in_scope", "out_of_scope", "hard_out_of_scope"} <= set(assessment["splits"])
+        assert all(n > 0 for n in assessment["splits"].values()), assessment["splits"]
+        values = assessment["values"]
+        rouge = {split: values[f"{split}_rouge"] for split in ("in_scope", "out_of_scope", "hard_out_of_scope")}
+        # the demo forgot the forget10 answers and kept most retained ones
+        assert rouge["in_scope"]["unlearned"] < rouge["in_scope"]["original"] - 0.3, rouge
+        assert rouge["out_of_scope"]["unlearned"] > rouge["in_scope"]["unlearned"] + 0.3, rouge
+        assert rouge["hard_out_of_scope"]["unlearned"] > rouge["in_scope"]["unlearned"], rouge
+        assert assessment["kinds"]["hard_in_scope"], assessment["kinds"]
+        assert {"jailbreak.rephrase", "jailbreak.role_play", "icl_relearn", "relearned"} <= set(assessment["attacks"])
+        assert all(math.isfinite(values[m]["unlearned"]) for m in ("wagle_ue", "wagle_ut", "forget_quality")), values
+        changes = assessment["hygiene"]["unlearned[0]"]
+        assert abs(changes["changed_share"] - 0.5) < 0.01, changes  # WAGLE's mask: the top 50% of weights moved
+        cost = assessment["efficiency"]["unlearning_runs"]["unlearned[0]"]
+        assert cost == json.loads(run_cost.read_text()) and cost["global_step"] == 30, cost  # the demo's run_cost.json
+        conventions = " ".join(assessment["conventions"])
+        assert "geometric" in conventions and "open-unlearning" in conventions, assessment["conventions"]
