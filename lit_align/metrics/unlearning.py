@@ -264,21 +264,37 @@ _MIA_LINES = {
 }
 
 
-def metric_conventions(*, truth_ratio_mean: str, mia_convention: str, rouge_stemmer: bool) -> list[str]:
+_TRUTH_RATIO_QUESTION_LINES = {
+    "original": "truth ratio question: a' and the perturbed answers scored after the original question (TOFU's "
+                "eval_everything.yaml question_key: question; open-unlearning's question_key: question)",
+    "paraphrased": "truth ratio question: a' and the perturbed answers scored after the paraphrased question q' "
+                   "(core.md §4.8's formula); TOFU and open-unlearning condition on the original question",
+}
+
+
+def metric_conventions(*, truth_ratio_mean: str, mia_convention: str, rouge_stemmer: bool,
+                       truth_ratio_question: str | None = None) -> list[str]:
     """One line per convention behind a report's numbers, naming whose evaluation uses it.
 
     For report headers (CSV ``# `` comment lines, printed tables, a JSON ``"conventions"`` field), e.g.
-    ``metric_conventions(truth_ratio_mean="arithmetic", mia_convention="forget_positive", rouge_stemmer=True)``.
-    Raises ``ValueError`` for an unknown mean or convention.
+    ``metric_conventions(truth_ratio_mean="arithmetic", mia_convention="forget_positive", rouge_stemmer=True)``;
+    ``truth_ratio_question`` (``original`` or ``paraphrased``) adds the line on the truth ratio's question.
+    Raises ``ValueError`` for an unknown mean, convention or question.
     """
     if truth_ratio_mean not in _TRUTH_RATIO_LINES:
         raise ValueError(f"metric_conventions truth_ratio_mean must be one of {TRUTH_RATIO_MEANS}, "
                          f"got {truth_ratio_mean!r}")
     if mia_convention not in _MIA_LINES:
         raise ValueError(f"metric_conventions mia_convention must be one of {MIA_CONVENTIONS}, got {mia_convention!r}")
+    if truth_ratio_question is not None and truth_ratio_question not in _TRUTH_RATIO_QUESTION_LINES:
+        raise ValueError(f"metric_conventions truth_ratio_question must be one of "
+                         f"{sorted(_TRUTH_RATIO_QUESTION_LINES)}, got {truth_ratio_question!r}")
     rouge = ("rouge: ROUGE-L recall from rouge-score with the Porter stemmer (as TOFU and WAGLE score)" if rouge_stemmer
              else "rouge: ROUGE-L recall from rouge-score without stemming (TOFU and WAGLE stem: not comparable)")
-    return [_TRUTH_RATIO_LINES[truth_ratio_mean], _MIA_LINES[mia_convention], rouge]
+    lines = [_TRUTH_RATIO_LINES[truth_ratio_mean], _MIA_LINES[mia_convention], rouge]
+    if truth_ratio_question is not None:
+        lines.append(_TRUTH_RATIO_QUESTION_LINES[truth_ratio_question])
+    return lines
 
 
 # -- torchmetrics --------------------------------------------------------------------------------
