@@ -306,6 +306,21 @@ def test_bad_records_fail_in_setup_naming_split_record_and_field(tmp_path, field
     assert data.splits is None  # stopped in setup, before any model
 
 
+def test_tofu_holdout_file_is_the_holdout_split_and_bad_tofu_rows_are_named(tmp_path):
+    from lit_align.data.unlearning_assessment import load_assessment_splits
+
+    _tofu_files(tmp_path)
+    assert "holdout" not in {k for k, v in load_assessment_splits(f"tofu:{tmp_path}", forget="forget01").items() if v}
+    (tmp_path / "holdout01.json").write_text(json.dumps({"question": "Who wrote Y?", "answer": "Di wrote Y."}) + "\n",
+                                             encoding="utf-8")
+    splits = load_assessment_splits(f"tofu:{tmp_path}", forget="forget01")
+    assert [r["kind"] for r in splits["holdout"]] == ["holdout"]
+    bad = {"question": "Q?", "answer": "A.", "perturbed_answer": ["B.", None]}
+    (tmp_path / "retain_perturbed.json").write_text(json.dumps(bad) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"retain_perturbed.*row 1: column 'perturbed_answer'.*item 1 is None"):
+        load_assessment_splits(f"tofu:{tmp_path}", forget="forget01")
+
+
 def test_max_records_cuts_per_kind():
     data = UnlearningAssessmentDataModule(max_records=2)
     data.setup("test")
