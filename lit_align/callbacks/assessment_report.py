@@ -3,16 +3,15 @@ writes: the report of others.md §11.1 G."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
-from lit_align.callbacks.reporting import publish, report_dir
+from lit_align.callbacks.reporting import publish, report_dir, write_csv
 from lit_align.checkpoint import atomic_write_text
 
 __all__ = ["UnlearningAssessmentReport"]
@@ -36,8 +35,42 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _cell(value: Any) -> Any:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+#: Metrics of the bar chart (values in [0, 1]), when present.
+PLOT_METRICS = ("in_scope_rouge", "hard_in_scope_rouge", "out_of_scope_rouge", "hard_out_of_scope_rouge",
+                "real_authors_rouge", "world_facts_rouge", "in_scope_truth_ratio_score", "mia_auc", "forget_quality",
+                "wagle_fa", "wagle_ue", "wagle_ut")
+
+
+def plot_assessment(path: Path, rows: dict[str, dict[str, float]]) -> Path | None:
+    """A grouped bar chart of :data:`PLOT_METRICS` per model row (``{row: {metric: value}}``) at ``path``;
+    ``None`` (with a warning) without matplotlib, or when no metric is there."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn("UnlearningAssessmentReport.plot: matplotlib is not installed; no unlearning_assessment.png "
+                      "written (pip install matplotlib, or set plot: false)", stacklevel=2)
+        return None
+    metrics = [m for m in PLOT_METRICS if any(isinstance(v.get(m), float) and math.isfinite(v[m])
+                                              for v in rows.values())]
+    if not metrics or not rows:
+        return None
+    fig = Figure(figsize=(max(6.0, 0.9 * len(metrics) + 2), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(rows)
+    for i, (name, values) in enumerate(rows.items()):
+        heights = [values.get(m, float("nan")) for m in metrics]
+        ax.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(metrics))], heights, width, label=name)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("value")
+    ax.set_title("Unlearning assessment")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 class UnlearningAssessmentReport(L.Callback):
@@ -49,21 +82,25 @@ class UnlearningAssessmentReport(L.Callback):
       conventions (truth-ratio mean, MIA AUC direction, ROUGE stemming, UE/UT terms);
     * ``unlearning_assessment.json``: ``conventions``, the per-model ``results``, ``table``, ``splits`` (record
       counts), ``hygiene`` (changed parameters with module names, LoRA-only), ``efficiency`` (the unlearning
-      runs' ``run_cost.json`` or "not recorded", this assessment's wall time and peak memory, access),
+      runs' ``run_cost.json`` or "not recorded", the retraining run's next to them, this assessment's wall time
+      and peak memory, access), ``wagle_terms`` (the UE / UT terms of each row),
       ``retain_data``, ``attacks`` (their settings);
-    * a W&B table ``unlearning_assessment`` when a ``WandbLogger`` is attached;
+    * ``unlearning_assessment.png`` (``plot``, with matplotlib): a bar chart of the main metrics per model;
+    * a W&B table ``unlearning_assessment`` (and the chart as ``unlearning_assessment_plot``) when a
+      ``WandbLogger`` is attached;
     * a printed summary (``verbose``).
 
     ``lit-align test`` adds this callback to an assessment whose trainer has none.
     """
 
-    def __init__(self, dirpath: str | None = None, verbose: bool = True) -> None:
+    def __init__(self, dirpath: str | None = None, verbose: bool = True, plot: bool = True) -> None:
         """
         Args:
             dirpath: output directory (default ``trainer.log_dir``, else ``default_root_dir``).
             verbose: print the summary and the file paths.
+            plot: write ``unlearning_assessment.png`` (skipped with a warning without matplotlib).
         """
-        self.dirpath, self.verbose = dirpath, verbose
+        self.dirpath, self.verbose, self.plot = dirpath, verbose, plot
         self.files: dict[str, Path] = {}
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -74,14 +111,8 @@ class UnlearningAssessmentReport(L.Callback):
             return
         header, rows = pl_module.table()
         conventions = pl_module.conventions()
-        buffer = io.StringIO(newline="")
-        buffer.write("".join(f"# {line}\n" for line in conventions))
-        writer = csv.writer(buffer)
-        writer.writerow(header)
-        writer.writerows([[_cell(v) for v in row] for row in rows])
-        self.files["csv"] = directory / "unlearning_assessment.csv"
-        atomic_write_text(self.files["csv"], buffer.getvalue())
         cleaned = [[None if isinstance(v, float) and math.isnan(v) else v for v in r] for r in rows]
+        self.files["csv"] = write_csv(directory / "unlearning_assessment.csv", header, cleaned, comments=conventions)
         report = {
             "conventions": conventions, "models": {"original": pl_module.original.source,
                                                    "unlearned": [s.source for s in pl_module.unlearned],
@@ -90,14 +121,23 @@ class UnlearningAssessmentReport(L.Callback):
             "splits": pl_module.split_sizes, "results": pl_module.results,
             "table": {"columns": header, "rows": cleaned},
             "hygiene": pl_module.hygiene, "retain_data": pl_module.retain_data,
-            "efficiency": {"unlearning_runs": pl_module.run_costs, "assessment": pl_module.cost,
-                           "access": pl_module.access},
+            "efficiency": {"unlearning_runs": pl_module.run_costs, "retrain_run": pl_module.retrain_cost,
+                           "assessment": pl_module.cost, "access": pl_module.access},
+            "wagle_terms": {row: {"ue": pl_module.ue_terms.get(row, []), "ut": pl_module.ut_terms.get(row, [])}
+                            for row in pl_module.model_rows},
             "attacks": {k: (repr(v) if k == "gcg" and v is not None else v)
                         for k, v in vars(pl_module.attacks).items()},
         }
         self.files["json"] = directory / "unlearning_assessment.json"
         atomic_write_text(self.files["json"], json.dumps(_json_safe(report), indent=1, default=str, allow_nan=False))
-        publish(trainer, "unlearning_assessment", header, cleaned)
+        image = None
+        if self.plot:
+            image = plot_assessment(directory / "unlearning_assessment.png",
+                                    {row: pl_module.results[row] for row in pl_module.model_rows
+                                     if row in pl_module.results})
+            if image is not None:
+                self.files["png"] = image
+        publish(trainer, "unlearning_assessment", header, cleaned, image=image)
         if self.verbose:
             print(self.summary(header, rows, conventions, pl_module))
 
@@ -117,10 +157,16 @@ class UnlearningAssessmentReport(L.Callback):
         for row, changes in module.hygiene.items():
             lines.append(f"{row}: {changes['changed_tensors']} tensors / {changes['changed_parameters']} weights changed "
                          f"({changes['changed_share']:.2%}), LoRA only: {changes['lora_only']}")
+        def cost_text(cost: dict[str, Any] | str) -> str:
+            if isinstance(cost, str):
+                return cost
+            gpu = f", {cost['gpu_hours']:.3g} GPU-hours" if "gpu_hours" in cost else ""
+            return (f"{cost.get('fit_wall_seconds', float('nan')):.1f} s{gpu}, peak "
+                    f"{cost.get('peak_memory_bytes', 0) / 2**20:.0f} MiB ({cost.get('peak_memory_source')})")
+
         for row, cost in module.run_costs.items():
-            text = cost if isinstance(cost, str) else f"{cost.get('fit_wall_seconds', float('nan')):.1f} s, peak " \
-                f"{cost.get('peak_memory_bytes', 0) / 2**20:.0f} MiB ({cost.get('peak_memory_source')})"
-            lines.append(f"{row} unlearning run cost: {text}")
+            lines.append(f"{row} unlearning run cost: {cost_text(cost)}")
+        lines.append(f"retraining run cost: {cost_text(module.retrain_cost)}")
         lines.append(f"assessment: {module.cost.get('wall_seconds', float('nan')):.1f} s; access: {module.access}; "
                      f"retain data: {module.retain_data}")
         lines.append("  ".join(f"{k}: {v}" for k, v in self.files.items()))

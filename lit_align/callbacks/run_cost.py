@@ -35,6 +35,11 @@ class RunCost(L.Callback):
     ``world_size``. :class:`~lit_align.methods.UnlearningAssessmentModule` reads it (``unlearned_run_cost``) for
     the efficiency part of its report.
 
+    A resumed fit adds up: the elapsed seconds and the peak memory so far are saved in each checkpoint
+    (:meth:`state_dict`) and restored on resume, so ``fit_wall_seconds`` is the sum over every segment of the
+    run (the time between the last checkpoint and a crash is lost) and ``peak_memory_bytes`` the largest peak
+    of any segment; ``segments`` counts the fits.
+
     The file goes to ``dirpath`` (default ``trainer.default_root_dir``, next to ``hf_export``). Callbacks run in
     list order: put this one first so that the fit-start work of the others (e.g. ``WeightMask``'s attribution)
     is in the wall time.
@@ -58,19 +63,43 @@ class RunCost(L.Callback):
         self.cost: dict[str, Any] = {}
         """What the file holds."""
         self._start: float | None = None
+        self._device: torch.device | None = None
+        self._prior_seconds = 0.0
+        """Wall seconds of the earlier segments of a resumed run (from the checkpoint)."""
+        self._prior_peak = 0
+        """Largest peak memory of the earlier segments."""
+        self._prior_segments = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start, self._device = time.perf_counter(), pl_module.device
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def _totals(self) -> tuple[float, int]:
+        """(elapsed seconds over all segments, largest peak bytes) up to now."""
+        now = time.perf_counter() - self._start if self._start is not None else 0.0
+        peak = peak_memory(self._device)[0] if self._device is not None else 0
+        return self._prior_seconds + now, max(self._prior_peak, peak)
+
+    def state_dict(self) -> dict[str, Any]:
+        seconds, peak = self._totals()
+        return {"fit_wall_seconds": seconds, "peak_memory_bytes": peak,
+                "segments": self._prior_segments + (self._start is not None)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._prior_seconds = float(state_dict.get("fit_wall_seconds", 0.0))
+        self._prior_peak = int(state_dict.get("peak_memory_bytes", 0))
+        self._prior_segments = int(state_dict.get("segments", 0))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is None:
             return
-        peak, source = peak_memory(pl_module.device)
-        self.cost = {"fit_wall_seconds": time.perf_counter() - self._start, "peak_memory_bytes": peak,
-                     "peak_memory_source": source, "device": str(pl_module.device),
-                     "global_step": trainer.global_step, "world_size": trainer.world_size}
+        self._device = pl_module.device
+        seconds, peak = self._totals()
+        self.cost = {"fit_wall_seconds": seconds, "peak_memory_bytes": peak,
+                     "peak_memory_source": peak_memory(pl_module.device)[1], "device": str(pl_module.device),
+                     "global_step": trainer.global_step, "world_size": trainer.world_size,
+                     "segments": self._prior_segments + 1}
         if trainer.global_rank != 0:
             return
         directory = Path(self.dirpath or trainer.default_root_dir)

@@ -18,8 +18,9 @@ lack the fields it needs):
 * ``<split>_prob``: mean over questions of ``P(a|q) = exp(-mean token NLL)``;
 * ``<split>_rouge``: ROUGE-L recall (rouge-score, Porter stemmer unless ``rouge_stemmer: false``) of the
   greedy answer against the reference answer;
-* ``<split>_truth_ratio``: mean truth ratio (needs ``perturbed_responses``; the paraphrased
-  question and answer are used when present), ``<split>_truth_ratio_score``: TOFU's summary
+* ``<split>_truth_ratio``: mean truth ratio (needs ``perturbed_responses``; the paraphrased answer
+  when present, after the original question as TOFU scores it, or the paraphrased one with
+  ``truth_ratio_question: paraphrased``), ``<split>_truth_ratio_score``: TOFU's summary
   (forget: mean min(TR, 1/TR); other splits: mean max(0, 1 - TR));
 * ``<split>_mc_accuracy``: multiple-choice accuracy (needs ``choices`` and ``label``; a choice's
   score is its summed log-likelihood as a response to the prompt, EOS included);
@@ -123,6 +124,7 @@ class UnlearningEvaluation(L.Callback):
         truth_ratio_mean: Literal["arithmetic", "geometric"] = "arithmetic",
         mia_convention: Literal["forget_positive", "open_unlearning"] = "forget_positive",
         rouge_stemmer: bool = True,
+        truth_ratio_question: Literal["original", "paraphrased"] = "original",
         every_n_validations: int = 1,
         at_fit_start: bool = True,
         relearn_steps: int | None = None,
@@ -153,6 +155,8 @@ class UnlearningEvaluation(L.Callback):
                 :class:`lit_align.metrics.MinKProbMIA`).
             rouge_stemmer: ROUGE-L with rouge-score's Porter stemmer, as TOFU and WAGLE score
                 (see :func:`lit_align.metrics.rouge_l_recall`).
+            truth_ratio_question: the question the truth ratio conditions a' and the perturbed answers on:
+                ``original`` (TOFU, open-unlearning) or ``paraphrased`` (q', core.md §4.8's formula).
             every_n_validations: evaluate the policy (and log ``val/unlearn/*``) at every n-th
                 validation; 0 never on validation.
             at_fit_start: evaluate the policy before training (the ``start`` row).
@@ -191,8 +195,9 @@ class UnlearningEvaluation(L.Callback):
         self.batch_size, self.max_new_tokens, self.max_records = batch_size, max_new_tokens, max_records
         self.mia_k, self.truth_ratio_mean = mia_k, truth_ratio_mean
         self.mia_convention, self.rouge_stemmer = mia_convention, rouge_stemmer
+        self.truth_ratio_question = truth_ratio_question
         self.conventions = metric_conventions(truth_ratio_mean=truth_ratio_mean, mia_convention=mia_convention,
-                                              rouge_stemmer=rouge_stemmer)
+                                              rouge_stemmer=rouge_stemmer, truth_ratio_question=truth_ratio_question)
         """The report header's lines (:func:`lit_align.metrics.metric_conventions`); validates the options."""
         self.every_n_validations, self.at_fit_start = every_n_validations, at_fit_start
         self.relearn_steps, self.relearn_fraction = relearn_steps, relearn_fraction
@@ -300,7 +305,8 @@ class UnlearningEvaluation(L.Callback):
     def _settings(self, pl_module) -> ScoreSettings:
         return ScoreSettings(batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, mia_k=self.mia_k,
                              truth_ratio_mean=self.truth_ratio_mean, chunk_tokens=self._chunk(pl_module),
-                             rouge_stemmer=self.rouge_stemmer, mia_convention=self.mia_convention)
+                             rouge_stemmer=self.rouge_stemmer, mia_convention=self.mia_convention,
+                             truth_ratio_question=self.truth_ratio_question)
 
     @torch.no_grad()
     def _evaluate(self, trainer: L.Trainer, pl_module, model: nn.Module,

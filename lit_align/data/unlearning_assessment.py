@@ -35,7 +35,8 @@ well-known facts each, with four ``choices`` and three ``perturbed_responses``. 
 
 TOFU (``locuslab/TOFU`` pinned at :data:`TOFU_REVISION`): :func:`tofu_records` maps any of its configs to
 eval records; :func:`load_assessment_splits` with ``source="tofu"`` returns what TOFU has (``in_scope``,
-``hard_in_scope`` = paraphrased only, ``out_of_scope`` = ``retain_perturbed``, and the two utility sets) and
+``hard_in_scope`` = paraphrased only, ``out_of_scope`` = ``retain_perturbed``, the two utility sets and
+``holdout`` = ``holdout<NN>``, never-trained authors, read from a local directory only when its file is there) and
 no ``hard_out_of_scope``: give one with ``files``, or :func:`check_splits` fails.
 
 Attacks on in-scope queries: :func:`jailbreak_records` (:data:`JAILBREAK_TEMPLATES`: rewordings and role play;
@@ -54,11 +55,13 @@ from lit_align.data.records import BUILTIN_DIR, DataSource, read_rows
 
 __all__ = [
     "ASSESSMENT_SPLITS",
+    "EXTRA_SPLITS",
     "JAILBREAK_TEMPLATES",
     "TOFU_CONFIGS",
     "TOFU_PATH",
     "TOFU_REVISION",
     "UTILITY_SPLITS",
+    "check_records",
     "check_splits",
     "in_context_prompt",
     "jailbreak_records",
@@ -69,6 +72,8 @@ __all__ = [
 
 ASSESSMENT_SPLITS = ("in_scope", "hard_in_scope", "out_of_scope", "hard_out_of_scope")
 UTILITY_SPLITS = ("real_authors", "world_facts")
+#: Optional splits: ``holdout`` = texts the models never trained on (open-unlearning's MIA non-members).
+EXTRA_SPLITS = ("holdout",)
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
 TOFU_PATH = "locuslab/TOFU"
@@ -78,6 +83,7 @@ TOFU_REVISION = "324592d84ae4f482ac7249b9285c2ecdb53e3a68"
 TOFU_CONFIGS = (
     "forget01", "forget05", "forget10", "forget01_perturbed", "forget05_perturbed", "forget10_perturbed",
     "retain90", "retain95", "retain99", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed",
+    "holdout01", "holdout05", "holdout10",
 )
 
 #: Prompts around an in-scope ``{question}`` that ask for the same answer: ``rephrase`` rewords the request,
@@ -117,7 +123,8 @@ def tofu_rows_to_records(rows: Iterable[Mapping[str, Any]], config: str, *, sour
     """
     name = config.removesuffix("_perturbed")
     utility = name in UTILITY_SPLITS
-    kind = kind or (name if utility else "exact" if name.startswith("forget") else "unrelated")
+    kind = kind or (name if utility else "exact" if name.startswith("forget") else
+                    "holdout" if name.startswith("holdout") else "unrelated")
     out = []
     for i, row in enumerate(rows):
         where = f"TOFU config {config!r} from {source!r}, row {i + 1}"
@@ -134,6 +141,7 @@ def tofu_rows_to_records(rows: Iterable[Mapping[str, Any]], config: str, *, sour
         perturbed = row.get("perturbed_answer")
         if perturbed:
             rec["perturbed_responses"] = [perturbed] if isinstance(perturbed, str) else list(perturbed)
+            check_records([rec], f"{where}: column 'perturbed_answer'")
         options = [row[f"option{k}"] for k in range(1, 5) if isinstance(row.get(f"option{k}"), str)]
         if options and row["answer"] in options:
             rec["choices"], rec["label"] = options, options.index(row["answer"])
@@ -174,6 +182,16 @@ def _read_tofu_file(directory: Path, config: str) -> list[dict]:
                             f"download the locuslab/TOFU files there, or use source 'tofu' to read the hub")
 
 
+def _tofu_holdout(forget: str, path: str, revision: str | None) -> list[dict]:
+    """TOFU's ``holdout<NN>`` (never-trained authors, open-unlearning's MIA non-members); from a local
+    directory only when its file is there."""
+    config = forget.replace("forget", "holdout")
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / f"{config}{x}").is_file() for x in (".json", ".jsonl", ".parquet", ".csv")):
+        return []
+    return tofu_records(config, path=path, revision=revision)
+
+
 def _tofu_splits(forget: str, path: str, revision: str | None) -> dict[str, list[dict]]:
     in_scope = tofu_records(f"{forget}_perturbed", path=path, revision=revision)
     paraphrased = [{"prompt": r["paraphrased_prompt"], "response": r["paraphrased_response"], "kind": "paraphrased",
@@ -186,6 +204,7 @@ def _tofu_splits(forget: str, path: str, revision: str | None) -> dict[str, list
         "out_of_scope": tofu_records("retain_perturbed", path=path, revision=revision),
         "real_authors": tofu_records("real_authors_perturbed", path=path, revision=revision),
         "world_facts": tofu_records("world_facts_perturbed", path=path, revision=revision),
+        "holdout": _tofu_holdout(forget, path, revision),
     }
 
 
@@ -219,7 +238,18 @@ def _file_records(split: str, path: str) -> list[dict]:
             raise ValueError(f"files[{split!r}] = {path!r}, record {i + 1}: needs string fields 'prompt' and "
                              f"'response' (or TOFU's 'question' and 'answer'); it has {sorted(row)}")
         out.append({"kind": split, "group": file.stem, **row})
+    check_records(out, f"files[{split!r}] = {path!r}")
     return out
+
+
+def check_records(records: Sequence[Mapping[str, Any]], where: str) -> None:
+    """Raise ``ValueError`` naming ``where``, the record (1-based) and the field for the first malformed eval
+    record (:func:`lit_align.unlearning.scoring.check_eval_record`: ``perturbed_responses`` and ``choices`` are
+    non-empty lists of non-empty strings, ``label`` indexes ``choices``)."""
+    from lit_align.unlearning.scoring import check_eval_record
+
+    for i, rec in enumerate(records):
+        check_eval_record(rec, f"{where}, record {i + 1}")
 
 
 def load_assessment_splits(source: str = "builtin:fictitious_facts", *, forget: str = "forget10",
@@ -232,8 +262,8 @@ def load_assessment_splits(source: str = "builtin:fictitious_facts", *, forget: 
             ``world_facts``), ``tofu`` (``locuslab/TOFU`` at ``revision``) or ``tofu:<local directory>``
             (TOFU's files, ``<config>.json``): what TOFU has, no ``hard_out_of_scope``.
         forget: ``forget01``, ``forget05`` or ``forget10``.
-        files: ``{split: local file}`` replacing or completing any split (:data:`ASSESSMENT_SPLITS` or
-            :data:`UTILITY_SPLITS`).
+        files: ``{split: local file}`` replacing or completing any split (:data:`ASSESSMENT_SPLITS`,
+            :data:`UTILITY_SPLITS`, or ``holdout``: never-trained texts, the MIA's non-members when given).
         revision: the TOFU hub revision (ignored otherwise).
 
     Returns ``{split: records}``; a split the source lacks is absent (call :func:`check_splits`).
@@ -249,8 +279,9 @@ def load_assessment_splits(source: str = "builtin:fictitious_facts", *, forget: 
         raise ValueError(f"unknown assessment source {source!r}: use 'builtin:fictitious_facts', 'tofu' or "
                          "'tofu:<local directory of TOFU files>', and give other sets with files={split: path}")
     for split, path in (files or {}).items():
-        if split not in (*ASSESSMENT_SPLITS, *UTILITY_SPLITS):
-            raise ValueError(f"files has unknown split {split!r}; splits are {[*ASSESSMENT_SPLITS, *UTILITY_SPLITS]}")
+        if split not in (*ASSESSMENT_SPLITS, *UTILITY_SPLITS, *EXTRA_SPLITS):
+            raise ValueError(f"files has unknown split {split!r}; splits are "
+                             f"{[*ASSESSMENT_SPLITS, *UTILITY_SPLITS, *EXTRA_SPLITS]}")
         splits[split] = _file_records(split, path)
     return splits
 

@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from scipy import stats
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -30,16 +29,19 @@ from lit_align.callbacks.run_cost import peak_memory
 from lit_align.data.tokenize import encode_prompt, encode_response
 from lit_align.data.unlearning_assessment import (
     ASSESSMENT_SPLITS,
+    EXTRA_SPLITS,
     UTILITY_SPLITS,
+    check_records,
     check_splits,
     in_context_prompt,
     jailbreak_records,
     load_assessment_splits,
 )
 from lit_align.errors import ConfigError, check_choice, check_int, check_number
-from lit_align.metrics.unlearning import forget_quality, metric_conventions
+from lit_align.metrics.unlearning import embedding_accuracy, forget_quality, metric_conventions, seed_interval
 from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
 from lit_align.retrieval import Encoder
+from lit_align.unlearning.hygiene import named_weights, parameter_changes
 from lit_align.unlearning.scoring import (
     EncodedRecord,
     ModelScorer,
@@ -49,8 +51,7 @@ from lit_align.unlearning.scoring import (
     score_splits,
 )
 
-__all__ = ["AssessmentAttacks", "UnlearningAssessmentDataModule", "UnlearningAssessmentModule", "embedding_accuracy",
-           "parameter_changes", "seed_interval"]
+__all__ = ["AssessmentAttacks", "UnlearningAssessmentDataModule", "UnlearningAssessmentModule"]
 
 #: Splits the efficacy side treats as "to forget" (truth-ratio score min(TR, 1/TR)).
 FORGET_SPLITS = ("in_scope", "hard_in_scope")
@@ -58,10 +59,26 @@ FORGET_SPLITS = ("in_scope", "hard_in_scope")
 RELEARN_METRICS = ("rouge", "accuracy", "prob", "nll", "truth_ratio_score", "mc_accuracy")
 
 
+def cut_per_kind(records: Sequence[dict], limit: int | None) -> list[dict]:
+    """The first ``limit`` records of each ``kind`` (records without one share a kind), in their order."""
+    if limit is None:
+        return list(records)
+    seen: dict[Any, int] = {}
+    out = []
+    for rec in records:
+        kind = rec.get("kind")
+        if seen.get(kind, 0) < limit:
+            seen[kind] = seen.get(kind, 0) + 1
+            out.append(rec)
+    return out
+
+
 class UnlearningAssessmentDataModule(L.LightningDataModule):
     """The assessment's evaluation splits (:func:`lit_align.data.unlearning_assessment.load_assessment_splits`),
-    checked in :meth:`setup` (before any model is loaded): a required split that is missing or empty stops the run
-    with an error naming it. ``test_dataloader`` yields one batch: the assessment runs whole in one ``test_step``.
+    checked in :meth:`setup` (before any model is loaded): a required split that is missing or empty, or a
+    malformed record (``perturbed_responses`` / ``choices`` not a list of non-empty strings, ``label`` out of
+    range), stops the run with an error naming the split, record and field. ``test_dataloader`` yields one batch:
+    the assessment runs whole in one ``test_step``.
 
     Example::
 
@@ -80,16 +97,17 @@ class UnlearningAssessmentDataModule(L.LightningDataModule):
             forget: the forget split (in_scope = its records).
             files: ``{split: local file}`` giving or replacing a split.
             required_splits: splits that must be present and non-empty (default: the four assessment splits).
-            max_records: keep only the first this-many records of each split (``None``: all).
+            max_records: keep only the first this-many records of each ``kind`` in each split (``None``: all),
+                so a cut ``hard_in_scope`` still has paraphrased, indirect and multi-hop questions.
         """
         super().__init__()
         check_int("data.max_records", max_records, optional=True)
         self.source, self.forget, self.files = source, forget, dict(files or {})
         self.required_splits = list(ASSESSMENT_SPLITS if required_splits is None else required_splits)
-        unknown = sorted(set(self.required_splits) - set(ASSESSMENT_SPLITS) - set(UTILITY_SPLITS))
+        unknown = sorted(set(self.required_splits) - set(ASSESSMENT_SPLITS) - set(UTILITY_SPLITS) - set(EXTRA_SPLITS))
         if unknown:
             raise ConfigError(f"data.required_splits: unknown split(s) {unknown}; choose from "
-                              f"{[*ASSESSMENT_SPLITS, *UTILITY_SPLITS]}")
+                              f"{[*ASSESSMENT_SPLITS, *UTILITY_SPLITS, *EXTRA_SPLITS]}")
         self.max_records = max_records
         self.splits: dict[str, list[dict]] | None = None
 
@@ -98,7 +116,9 @@ class UnlearningAssessmentDataModule(L.LightningDataModule):
             return
         splits = load_assessment_splits(self.source, forget=self.forget, files=self.files or None)
         check_splits(splits, tuple(self.required_splits))
-        self.splits = {k: list(v)[: self.max_records] for k, v in splits.items() if v}
+        for name, records in splits.items():
+            check_records(records, f"data split {name!r}")
+        self.splits = {k: cut_per_kind(v, self.max_records) for k, v in splits.items() if v}
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)
@@ -141,59 +161,11 @@ class AssessmentAttacks:
         check_int("model.attacks.seed", self.seed, 0)
 
 
-def parameter_changes(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Which weights differ between two state dicts (§11.1 F): ``changed_tensors``, ``changed_parameters``
-    (elements not bit-identical), ``total_parameters`` (of ``after``), ``changed_share``, ``modules_touched``
-    (names of the changed tensors less their last part), ``lora_only`` (every changed or added tensor is a LoRA
-    tensor), ``added`` / ``removed`` (names only in one of the two, e.g. adapters)."""
-    changed_names, changed, total = [], 0, 0
-    for name, value in after.items():
-        total += value.numel()
-        old = before.get(name)
-        if old is None or old.shape != value.shape:
-            continue
-        diff = int((old.to(value.device) != value).sum())
-        if diff:
-            changed_names.append(name)
-            changed += diff
-    added = sorted(set(after) - set(before))
-    removed = sorted(set(before) - set(after))
-    touched = sorted({n.rsplit(".", 1)[0] for n in [*changed_names, *added]})
-    lora = [*changed_names, *added]
-    return {"changed_tensors": len(changed_names), "changed_parameters": changed, "total_parameters": total,
-            "changed_share": changed / total if total else 0.0, "modules_touched": touched,
-            "lora_only": bool(lora) and all("lora_" in n for n in lora), "added": added, "removed": removed}
-
-
-def embedding_accuracy(encoder: Encoder, answers: Sequence[str], truths: Sequence[str],
-                       perturbed: Sequence[Sequence[str]]) -> float:
-    """WAGLE's forget accuracy FA (core.md §4.8) on any set: the share of questions whose answer's sentence
-    embedding is closer (cosine) to the true answer than to every perturbed answer; NaN with no question."""
-    if not answers:
-        return float("nan")
-    texts = [t for a, y, ps in zip(answers, truths, perturbed, strict=True) for t in (a, y, *ps)]
-    vectors = encoder.encode(texts)
-    pos, hits = 0, 0
-    for ps in perturbed:
-        block = vectors[pos : pos + 2 + len(ps)]
-        pos += 2 + len(ps)
-        sims = block[1:] @ block[0]
-        hits += int(bool(sims[0] > sims[1:].max())) if len(ps) else 1
-    return hits / len(answers)
-
-
-def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, float]:
-    """``(mean, low, high, std)`` over seeds: Student-t interval ``mean +- t_{(1+c)/2, n-1} * std / sqrt(n)``
-    (sample std, ddof 1); one seed gives NaN bounds and std."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan"), float("nan"), float("nan")
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, float("nan"), float("nan"), float("nan")
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-    half = float(stats.t.ppf((1 + confidence) / 2, len(vals) - 1)) * std / math.sqrt(len(vals))
-    return mean, mean - half, mean + half, std
+def _with_gpu_hours(cost: dict[str, Any]) -> dict[str, Any]:
+    """``cost`` (a run_cost.json) plus ``gpu_hours`` = wall seconds x world size / 3600 on a CUDA device."""
+    if str(cost.get("device", "")).startswith("cuda") and "fit_wall_seconds" in cost:
+        cost = {**cost, "gpu_hours": cost["fit_wall_seconds"] * int(cost.get("world_size") or 1) / 3600}
+    return cost
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -211,22 +183,30 @@ class UnlearningAssessmentModule(L.LightningModule):
     ``rouge_stemmer``), ``<split>_truth_ratio`` and ``_truth_ratio_score`` (``truth_ratio_mean``), and
     ``<split>_mc_accuracy`` where records have choices; then:
 
-    * ``mia_auc``: Min-K% Prob ROC-AUC, in_scope = members, out_of_scope = non-members, in ``mia_convention``
-      (default ``forget_positive``: ~0.5 = forgotten-looking, 1.0 = every forget text less likely than every
-      non-member text); ``mia_auc_open_unlearning`` (or ``mia_auc_forget_positive``) = 1 - ``mia_auc``;
+    * ``mia_auc``: Min-K% Prob ROC-AUC, in_scope = members; non-members = the ``holdout`` split (never-trained
+      texts, as open-unlearning) when the data has one, else out_of_scope (retained *training* data: then the
+      open-unlearning column matches its direction, not its number; the header says which), in
+      ``mia_convention`` (default ``forget_positive``: ~0.5 = forgotten-looking, 1.0 = every forget text less
+      likely than every non-member text); ``mia_auc_open_unlearning`` (or ``mia_auc_forget_positive``) =
+      1 - ``mia_auc``; ``mia_auc_hard``: the same with hard_in_scope = members, hard_out_of_scope = non-members
+      (near the target, retained: ~0.5 = the two look alike);
     * ``forget_quality``: KS-test p-value between the model's and the retrain model's in_scope truth ratios
-      (with ``retrain``);
+      (with ``retrain``); ``forget_quality_hard``: the same on hard_in_scope;
     * attacks (``attacks``, §11.1 C; original and unlearned models): ``jailbreak.<family>.in_scope_*``,
       ``gcg.in_scope_*`` and ``gcg_success``, ``icl_relearn.in_scope_*``, ``relearned.in_scope_*`` and
       ``relearn_delta_in_scope_<metric>`` (relearned minus the model's own value);
     * WAGLE (core.md §4.8, with ``encoder``): ``wagle_fa`` = forget accuracy on the in_scope records' paraphrased
       questions (the greedy answer's embedding closer to the paraphrased answer than to every perturbed answer),
-      ``<split>_embedding_accuracy`` for the utility splits, and::
+      ``<split>_embedding_accuracy`` for the utility splits (the same test on the greedy answer to the
+      *original* question, the one ``<split>_rouge`` answers), and::
 
           wagle_ue = mean(1 - wagle_fa, 1 - in_scope_rouge, forget_quality, mia_auc)
           wagle_ut = mean over s in utility_splits of (<s>_<utility_accuracy column>, <s>_rouge)
 
-      over the terms that exist (``forget_quality`` needs ``retrain``; the report names the terms used). WAGLE's
+      over the terms that exist (``forget_quality`` needs ``retrain``; the report names the terms each row
+      used). UT's "retain" set is ``out_of_scope`` by default (retained people sharing no entity with the forget
+      set); ``hard_out_of_scope`` is retained data too, add it to ``utility_splits`` for the whole retain set.
+      ``utility_accuracy: embedding`` needs ``encoder`` (else a ConfigError). WAGLE's
       code uses paraphrase-MiniLM-L6-v2; ``builtin:all-MiniLM-L6-v2`` is a different model, so FA is close to
       but not the paper's. TOFU's "accuracy" on the utility sets is not pinned down by the sources:
       ``utility_accuracy`` chooses ``embedding`` (FA's test, default), ``token`` (answer-token accuracy) or
@@ -234,11 +214,13 @@ class UnlearningAssessmentModule(L.LightningModule):
     * efficiency and hygiene (§11.1 E, F): ``changed_tensors`` / ``changed_parameters`` / ``changed_share`` of
       each unlearned model against the original (:func:`parameter_changes`; needs the original's weights kept on
       the CPU during the run: ``parameter_diff: false`` skips it), the unlearning run's cost from
-      ``unlearned_run_cost`` (``run_cost.json`` of :class:`~lit_align.callbacks.RunCost`, else "not recorded"),
+      ``unlearned_run_cost`` (``run_cost.json`` of :class:`~lit_align.callbacks.RunCost`, else "not recorded")
+      next to the retraining run's (``retrain_run_cost``), with GPU-hours = wall x world size on CUDA,
       this assessment's own wall time and peak memory, ``access`` and ``retain_data``.
 
     Several ``unlearned`` models are seeds of one method: the report gives their mean, a 95% Student-t
-    interval and standard deviation, and each seed's values; ``delta`` = unlearned mean - original,
+    interval and standard deviation over the seeds with a finite value (``unlearned_n_seeds`` counts them), and
+    each seed's values; ``delta`` = unlearned mean - original,
     ``gap_to_retrain`` = unlearned mean - retrain.
 
     Models are loaded one at a time on this module's device, each with its own tokenizer; prompts are encoded
@@ -278,12 +260,14 @@ class UnlearningAssessmentModule(L.LightningModule):
         truth_ratio_mean: Literal["arithmetic", "geometric"] = "arithmetic",
         mia_convention: Literal["forget_positive", "open_unlearning"] = "forget_positive",
         rouge_stemmer: bool = True,
+        truth_ratio_question: Literal["original", "paraphrased"] = "original",
         attacks: AssessmentAttacks | None = None,
         encoder: Encoder | None = None,
         utility_splits: list[str] | None = None,
         utility_accuracy: Literal["embedding", "token", "mc"] = "embedding",
         parameter_diff: bool = True,
         unlearned_run_cost: str | list[str] | None = None,
+        retrain_run_cost: str | None = None,
         access: Literal["white_box", "black_box"] = "white_box",
         retain_data: str = "not recorded",
     ) -> None:
@@ -298,12 +282,15 @@ class UnlearningAssessmentModule(L.LightningModule):
             chat_template: put questions through the tokenizer's chat template; ``None``: when it has one (as
                 ``ForgetRetainDataModule`` and SFT do).
             batch_size: sequences per forward pass.
-            max_new_tokens: greedy answer length (ROUGE-L, FA).
+            max_new_tokens: greedy answer length in new tokens (ROUGE-L, FA); TOFU and WAGLE generate up to
+                200 tokens in total, question included (the header states the length used).
             mia_k: K of Min-K% Prob (WAGLE: 0.5).
             truth_ratio_mean: ``arithmetic`` (WAGLE's code) or ``geometric`` (TOFU, open-unlearning).
             mia_convention: ``forget_positive`` (in_scope texts are the positives of ``mia_auc``; WAGLE's TOFU
                 evaluation) or ``open_unlearning`` (its complement); the other one is reported too.
             rouge_stemmer: ROUGE-L with the Porter stemmer (TOFU and WAGLE score with it).
+            truth_ratio_question: the truth ratio scores a' and the perturbed answers after the ``original``
+                question (TOFU's and open-unlearning's code) or the ``paraphrased`` one (core.md §4.8's q').
             attacks: the robustness attacks (default :class:`AssessmentAttacks`; GCG off).
             encoder: sentence encoder for WAGLE's FA (``lit_align.retrieval.SentenceEncoder`` with
                 ``builtin:all-MiniLM-L6-v2``, or ``HashEncoder`` in tests); ``None``: no FA, UE without it.
@@ -312,6 +299,7 @@ class UnlearningAssessmentModule(L.LightningModule):
             utility_accuracy: which accuracy enters UT (see the class doc).
             parameter_diff: count the weights each unlearned model changed (keeps the original's on the CPU).
             unlearned_run_cost: ``run_cost.json`` of the unlearning run (one, or one per seed).
+            retrain_run_cost: ``run_cost.json`` of the retraining run (§11.1 E: cost compared with retraining).
             access: the unlearning method needs weights and gradients (``white_box``) or only prompts
                 (``black_box``); recorded in the report.
             retain_data: where the unlearning run's retain data came from and whether its format matched the
@@ -330,10 +318,11 @@ class UnlearningAssessmentModule(L.LightningModule):
         if costs and len(costs) != len(self.unlearned):
             raise ConfigError(f"model.unlearned_run_cost: give one run_cost.json per unlearned model "
                               f"({len(self.unlearned)}), got {len(costs)}")
-        for i, path in enumerate(costs):  # now, not after every model was scored
-            if not Path(path).is_file():
-                raise ConfigError(f"model.unlearned_run_cost[{i}]: no file {path!r} (the run_cost.json that "
-                                  "lit_align.callbacks.RunCost writes in the unlearning run's directory)")
+        for key, path in [*((f"model.unlearned_run_cost[{i}]", c) for i, c in enumerate(costs)),
+                          *([("model.retrain_run_cost", retrain_run_cost)] if retrain_run_cost else [])]:
+            if not Path(path).is_file():  # now, not after every model was scored
+                raise ConfigError(f"{key}: no file {path!r} (the run_cost.json that lit_align.callbacks.RunCost "
+                                  "writes in the run's directory)")
         for key, tpl, name in (("prompt_template", prompt_template, "prompt"),
                                ("response_template", response_template, "response")):
             if tpl is not None and "{" + name + "}" not in tpl:
@@ -346,6 +335,11 @@ class UnlearningAssessmentModule(L.LightningModule):
         check_choice("model.mia_convention", mia_convention, ("forget_positive", "open_unlearning"))
         check_choice("model.utility_accuracy", utility_accuracy, ("embedding", "token", "mc"))
         check_choice("model.access", access, ("white_box", "black_box"))
+        check_choice("model.truth_ratio_question", truth_ratio_question, ("original", "paraphrased"))
+        if utility_accuracy == "embedding" and encoder is None:
+            raise ConfigError("model.utility_accuracy is 'embedding' (the default) but model.encoder is null: UT "
+                              "would silently be ROUGE only. Set model.encoder (e.g. lit_align.retrieval."
+                              "SentenceEncoder with builtin:all-MiniLM-L6-v2), or model.utility_accuracy: token / mc")
         self.utility_splits = list(utility_splits or ["out_of_scope", *UTILITY_SPLITS])
         unknown = sorted(set(self.utility_splits) - set(ASSESSMENT_SPLITS) - set(UTILITY_SPLITS))
         if unknown:
@@ -354,12 +348,13 @@ class UnlearningAssessmentModule(L.LightningModule):
         self.prompt_template, self.response_template, self.chat_template = prompt_template, response_template, chat_template
         self.settings = ScoreSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, mia_k=mia_k,
                                       truth_ratio_mean=truth_ratio_mean, rouge_stemmer=rouge_stemmer,
-                                      mia_convention=mia_convention)
+                                      mia_convention=mia_convention, truth_ratio_question=truth_ratio_question)
         self.attacks = attacks or AssessmentAttacks()
         if self.attacks.gcg is not None:
             self.attacks.gcg.key = "model.attacks.gcg"
         self.encoder, self.utility_accuracy = encoder, utility_accuracy
         self.parameter_diff, self.run_cost_paths, self.access, self.retain_data = parameter_diff, costs, access, retain_data
+        self.retrain_run_cost_path = retrain_run_cost
         self.results: dict[str, dict[str, float]] = {}
         """``{model row: {column: value}}``: ``original``, ``unlearned[<seed>]`` per seed, ``retrain``."""
         self.hygiene: dict[str, dict[str, Any]] = {}
@@ -368,8 +363,14 @@ class UnlearningAssessmentModule(L.LightningModule):
         """Per unlearned row: the run_cost.json contents, or ``"not recorded"``."""
         self.cost: dict[str, Any] = {}
         """This assessment's own wall time and peak memory."""
-        self.ue_terms: list[str] = []
-        """The terms that entered ``wagle_ue``."""
+        self.ue_terms: dict[str, list[str]] = {}
+        """Per model row: the terms that entered its ``wagle_ue``."""
+        self.ut_terms: dict[str, list[str]] = {}
+        """Per model row: the columns that entered its ``wagle_ut``."""
+        self.retrain_cost: dict[str, Any] | str = "not recorded"
+        """The retraining run's run_cost.json contents (``retrain_run_cost``), or ``"not recorded"``."""
+        self.mia_negative = "out_of_scope"
+        """The split whose records were the MIA's non-members (``holdout`` when the data has one)."""
         self.split_sizes: dict[str, int] = {}
 
     # -- names ---------------------------------------------------------------------------------------------
@@ -399,7 +400,7 @@ class UnlearningAssessmentModule(L.LightningModule):
             torch.cuda.reset_peak_memory_stats(self.device)
         splits = datamodule.splits
         self.split_sizes = {k: len(v) for k, v in splits.items()}
-        ratios: dict[str, Tensor | None] = {}
+        ratios: dict[str, dict[str, Tensor]] = {}
         original_state: dict[str, Tensor] | None = None
         specs = [("original", "model.original", self.original, True),
                  *((row, f"model.unlearned[{i}]", spec, True) for i, (row, spec) in enumerate(zip(self.unlearned_rows,
@@ -413,9 +414,9 @@ class UnlearningAssessmentModule(L.LightningModule):
             try:
                 self.results[row], ratios[row] = self._assess(model, tokenizer, splits, attack)
                 if self.parameter_diff and row == "original":
-                    original_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    original_state = {k: v.to("cpu", copy=True) for k, v in named_weights(model).items()}
                 elif self.parameter_diff and row.startswith("unlearned") and original_state is not None:
-                    self.hygiene[row] = parameter_changes(original_state, model.state_dict())
+                    self.hygiene[row] = parameter_changes(original_state, named_weights(model))
                     for k in ("changed_tensors", "changed_parameters", "changed_share"):
                         self.results[row][k] = float(self.hygiene[row][k])
             finally:
@@ -426,6 +427,8 @@ class UnlearningAssessmentModule(L.LightningModule):
         self._cross_model(ratios)
         for i, row in enumerate(self.unlearned_rows):
             self.run_costs[row] = self._read_cost(i)
+        if self.retrain_run_cost_path:
+            self.retrain_cost = _with_gpu_hours(json.loads(Path(self.retrain_run_cost_path).read_text(encoding="utf-8")))
         peak, source = peak_memory(self.device)
         self.cost = {"wall_seconds": time.perf_counter() - start, "peak_memory_bytes": peak,
                      "peak_memory_source": source, "device": str(self.device)}
@@ -438,7 +441,7 @@ class UnlearningAssessmentModule(L.LightningModule):
     def _read_cost(self, i: int) -> dict[str, Any] | str:
         if not self.run_cost_paths:
             return "not recorded"
-        return json.loads(Path(self.run_cost_paths[i]).read_text(encoding="utf-8"))
+        return _with_gpu_hours(json.loads(Path(self.run_cost_paths[i]).read_text(encoding="utf-8")))
 
     def _chat(self, tokenizer) -> bool:
         chat = self.chat_template if self.chat_template is not None else bool(tokenizer.chat_template)
@@ -467,13 +470,17 @@ class UnlearningAssessmentModule(L.LightningModule):
 
     @torch.no_grad()
     def _assess(self, model: nn.Module, tokenizer, splits: Mapping[str, list[dict]], attack: bool
-                ) -> tuple[dict[str, float], Tensor | None]:
-        """Every column of one model; its in_scope truth ratios."""
+                ) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """Every column of one model; its truth ratios on the forget-side splits."""
         scorer = ModelScorer(model, tokenizer, self.device, self.settings)
         names = [s for s in (*ASSESSMENT_SPLITS, *UTILITY_SPLITS) if splits.get(s)]
         items = {s: self._encode(splits[s], s, tokenizer) for s in names}
+        self.mia_negative = "holdout" if splits.get("holdout") else "out_of_scope"
+        if splits.get("holdout"):
+            items["holdout"] = self._encode(splits["holdout"], "holdout", tokenizer)
         values, ratios = score_splits(scorer, items, forget_splits=FORGET_SPLITS, mia_positive="in_scope",
-                                      mia_negative="out_of_scope")
+                                      mia_negative=self.mia_negative,
+                                      mia_pairs={"mia_auc_hard": ("hard_in_scope", "hard_out_of_scope")})
         if "mia_auc" in values:  # both conventions: the other one's column is the complement
             other = "open_unlearning" if self.settings.mia_convention == "forget_positive" else "forget_positive"
             values[f"mia_auc_{other}"] = 1.0 - values["mia_auc"]
@@ -484,20 +491,22 @@ class UnlearningAssessmentModule(L.LightningModule):
             values.update(scorer.score_split(f"hard_in_scope.{kind}", group, forget_side=True)[0])
         if self.encoder is not None:
             if any(it.perturbed for it in items.get("in_scope", [])):
-                values["wagle_fa"] = self._embedding_accuracy(scorer, items["in_scope"], tokenizer)
+                values["wagle_fa"] = self._embedding_accuracy(scorer, items["in_scope"], paraphrased=True)
             for s in self.utility_splits:
                 if any(it.perturbed for it in items.get(s, [])):  # the test needs perturbed answers
-                    values[f"{s}_embedding_accuracy"] = self._embedding_accuracy(scorer, items[s], tokenizer)
+                    values[f"{s}_embedding_accuracy"] = self._embedding_accuracy(scorer, items[s], paraphrased=False)
         if attack and "in_scope" in items:
             values.update(self._attacks(model, tokenizer, scorer, splits["in_scope"], items["in_scope"], values))
-        return values, ratios.get("in_scope")
+        return values, {s: ratios[s] for s in FORGET_SPLITS if s in ratios}
 
-    def _embedding_accuracy(self, scorer: ModelScorer, items: list[EncodedRecord], tokenizer) -> float:
-        """FA's test over the records with perturbed answers: greedy answer to the paraphrased question."""
+    def _embedding_accuracy(self, scorer: ModelScorer, items: list[EncodedRecord], *, paraphrased: bool) -> float:
+        """FA's test over the records with perturbed answers: the greedy answer to the paraphrased question
+        (``paraphrased``, WAGLE's FA) or to the original one (utility sets, the question ROUGE-L answers)."""
         usable = [it for it in items if it.perturbed]
         if not usable:
             return float("nan")
-        answers = scorer.greedy_answers([it.para_prompt for it in usable], usable[0].para_prompt)
+        prompts = [it.para_prompt if paraphrased else it.prompt for it in usable]
+        answers = scorer.greedy_answers(prompts, prompts[0])
         truths = [it.record.get("paraphrased_response") or it.response_text for it in usable]
         return embedding_accuracy(self.encoder, answers, truths, [it.record["perturbed_responses"] for it in usable])
 
@@ -571,13 +580,15 @@ class UnlearningAssessmentModule(L.LightningModule):
         return values
 
     # -- across models -------------------------------------------------------------------------------------
-    def _cross_model(self, ratios: Mapping[str, Tensor | None]) -> None:
-        """Forget quality against the retrain model, then WAGLE's UE and UT per model."""
-        target = ratios.get("retrain")
+    def _cross_model(self, ratios: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Forget quality against the retrain model (in_scope, and hard_in_scope as ``forget_quality_hard``),
+        then WAGLE's UE and UT per model, recording the terms each row used."""
+        target = ratios.get("retrain") or {}
         for row in self.model_rows:
-            mine = ratios.get(row)
-            if target is not None and mine is not None:
-                self.results[row]["forget_quality"] = forget_quality(mine, target)
+            mine = ratios.get(row) or {}
+            for split, column in (("in_scope", "forget_quality"), ("hard_in_scope", "forget_quality_hard")):
+                if split in target and split in mine:
+                    self.results[row][column] = forget_quality(mine[split], target[split])
         acc = {"embedding": "embedding_accuracy", "token": "accuracy", "mc": "mc_accuracy"}[self.utility_accuracy]
         for row in self.model_rows:
             v = self.results[row]
@@ -589,48 +600,65 @@ class UnlearningAssessmentModule(L.LightningModule):
             else:
                 terms["mia_auc_forget_positive"] = v.get("mia_auc_forget_positive")
             used = {k: t for k, t in terms.items() if t is not None and math.isfinite(t)}
+            self.ue_terms[row] = list(used)
             if used:
                 v["wagle_ue"] = _mean(list(used.values()))
-                self.ue_terms = list(used)
-            ut = [v.get(f"{s}_{m}") for s in self.utility_splits for m in (acc, "rouge")]
-            if any(t is not None for t in ut):
-                v["wagle_ut"] = _mean([t for t in ut if t is not None])
+            ut = {f"{s}_{m}": v[f"{s}_{m}"] for s in self.utility_splits for m in (acc, "rouge")
+                  if v.get(f"{s}_{m}") is not None and math.isfinite(v[f"{s}_{m}"])}
+            self.ut_terms[row] = list(ut)
+            if ut:
+                v["wagle_ut"] = _mean(list(ut.values()))
 
     # -- the report's table --------------------------------------------------------------------------------
     def conventions(self) -> list[str]:
-        """Header lines naming every convention (truth-ratio mean, MIA AUC, ROUGE stemming, UE/UT terms)."""
+        """Header lines naming every convention (truth-ratio mean and question, MIA AUC and its non-members,
+        ROUGE stemming, generation length, the UE/UT terms of each row, the seeds behind each interval)."""
         s = self.settings
         lines = metric_conventions(truth_ratio_mean=s.truth_ratio_mean, mia_convention=s.mia_convention,
-                                   rouge_stemmer=s.rouge_stemmer)
+                                   rouge_stemmer=s.rouge_stemmer, truth_ratio_question=s.truth_ratio_question)
         other = "open_unlearning" if s.mia_convention == "forget_positive" else "forget_positive"
-        lines.append(f"mia_auc: in_scope = members, out_of_scope = non-members, Min-K% K = {s.mia_k}; "
-                     f"mia_auc_{other} = 1 - mia_auc")
+        if self.mia_negative == "holdout":
+            members = "non-members = the holdout split (never trained on, as open-unlearning's holdout)"
+        else:
+            members = ("non-members = out_of_scope = retained training data, not open-unlearning's holdout (the "
+                       "open-unlearning-convention column matches its direction only, not its value)")
+        lines.append(f"mia_auc: in_scope = members, {members}; Min-K% K = {s.mia_k}; mia_auc_{other} = 1 - mia_auc; "
+                     "mia_auc_hard: hard_in_scope = members, hard_out_of_scope = non-members")
+        lines.append(f"generation: greedy, at most {s.max_new_tokens} new tokens after the question (ROUGE-L, FA); "
+                     "TOFU and WAGLE allow 200 tokens in total, question included")
         acc = {"embedding": "embedding_accuracy", "token": "accuracy", "mc": "mc_accuracy"}[self.utility_accuracy]
-        lines.append("wagle_ue = mean(" + ", ".join(self.ue_terms or ["-"]) + "); wagle_ut = mean of "
-                     f"<split>_{acc} and <split>_rouge over the splits {self.utility_splits} that have them")
+        lines.append(f"wagle_ut = mean of <split>_{acc} and <split>_rouge over the utility splits "
+                     f"{self.utility_splits} (out_of_scope = the retain set of UT: retained people sharing no entity "
+                     "with the forget set; utility answers are to the original question)")
+        for row in self.model_rows:
+            if row in self.ue_terms or row in self.ut_terms:
+                lines.append(f"{row}: wagle_ue = mean(" + ", ".join(self.ue_terms.get(row) or ["-"]) + "); "
+                             "wagle_ut = mean(" + ", ".join(self.ut_terms.get(row) or ["-"]) + ")")
         if self.encoder is not None:
             lines.append(f"wagle_fa encoder: {self.encoder.fingerprint()} (WAGLE used paraphrase-MiniLM-L6-v2)")
         if len(self.seeds) > 1:
-            lines.append(f"unlearned: mean over seeds {self.seeds}, 95% Student-t interval, sample std")
+            lines.append(f"unlearned: mean over the seeds {self.seeds} with a finite value (unlearned_n_seeds "
+                         f"counts them, of {len(self.seeds)}), 95% Student-t interval, sample std")
         return lines
 
     def table(self) -> tuple[list[str], list[list[Any]]]:
         """The long table: one row per metric; columns ``metric``, ``original``, ``unlearned`` (mean over seeds),
-        with several seeds ``unlearned_ci_low`` / ``unlearned_ci_high`` / ``unlearned_std``, ``delta``
+        with several seeds ``unlearned_ci_low`` / ``unlearned_ci_high`` / ``unlearned_std`` /
+        ``unlearned_n_seeds`` (the seeds with a finite value, which the interval covers), ``delta``
         (unlearned - original), ``retrain`` and ``gap_to_retrain`` with a retrain model, then ``unlearned[<seed>]``
         per seed with several seeds."""
         seeds = self.unlearned_rows
         many, retrain = len(seeds) > 1, self.retrain is not None
-        header = ["metric", "original", "unlearned", *(["unlearned_ci_low", "unlearned_ci_high", "unlearned_std"]
-                                                       if many else []),
+        header = ["metric", "original", "unlearned", *(["unlearned_ci_low", "unlearned_ci_high", "unlearned_std",
+                                                        "unlearned_n_seeds"] if many else []),
                   "delta", *(["retrain", "gap_to_retrain"] if retrain else []), *(seeds if many else [])]
         metrics = list(dict.fromkeys(k for row in self.model_rows for k in self.results.get(row, {})))
         rows = []
         for m in metrics:
             per_seed = [self.results[r].get(m) for r in seeds]
-            mean, low, high, std = seed_interval([v for v in per_seed if v is not None])
+            mean, low, high, std, n = seed_interval(per_seed)
             orig = self.results["original"].get(m)
-            line = [m, orig, mean, *([low, high, std] if many else []),
+            line = [m, orig, mean, *([low, high, std, n] if many else []),
                     None if orig is None or not math.isfinite(mean) else mean - orig]
             if retrain:
                 ret = self.results["retrain"].get(m)

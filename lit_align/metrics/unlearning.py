@@ -9,6 +9,8 @@ with published ones (each checked against the library in ``tests/metrics/test_un
 * :func:`ks_2samp_pvalue` / :func:`forget_quality` -- ``scipy.stats.ks_2samp``'s two-sided p-value;
 * :func:`min_k_prob_score` -- Min-K% Prob membership score; :func:`binary_auc` -- ROC-AUC from torchmetrics;
 * :func:`harmonic_mean` -- TOFU model utility;
+* :func:`embedding_accuracy` -- WAGLE's forget accuracy FA (sentence embeddings);
+* :func:`seed_interval` -- mean and Student-t interval over seeds (``scipy.stats.t.interval``);
 * :func:`metric_conventions` -- the lines a report header prints so a reader knows which of these
   conventions produced its numbers.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -31,6 +33,9 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
+
+if TYPE_CHECKING:
+    from lit_align.retrieval import Encoder
 
 __all__ = [
     "MIA_CONVENTIONS",
@@ -41,6 +46,7 @@ __all__ = [
     "TRUTH_RATIO_MEANS",
     "TruthRatio",
     "binary_auc",
+    "embedding_accuracy",
     "forget_quality",
     "harmonic_mean",
     "ks_2samp_pvalue",
@@ -48,6 +54,7 @@ __all__ = [
     "metric_conventions",
     "min_k_prob_score",
     "rouge_l_recall",
+    "seed_interval",
     "truth_ratio",
     "truth_ratio_score",
 ]
@@ -264,21 +271,83 @@ _MIA_LINES = {
 }
 
 
-def metric_conventions(*, truth_ratio_mean: str, mia_convention: str, rouge_stemmer: bool) -> list[str]:
+_TRUTH_RATIO_QUESTION_LINES = {
+    "original": "truth ratio question: a' and the perturbed answers scored after the original question (TOFU's "
+                "eval_everything.yaml question_key: question; open-unlearning's question_key: question)",
+    "paraphrased": "truth ratio question: a' and the perturbed answers scored after the paraphrased question q' "
+                   "(core.md §4.8's formula); TOFU and open-unlearning condition on the original question",
+}
+
+
+def metric_conventions(*, truth_ratio_mean: str, mia_convention: str, rouge_stemmer: bool,
+                       truth_ratio_question: str | None = None) -> list[str]:
     """One line per convention behind a report's numbers, naming whose evaluation uses it.
 
     For report headers (CSV ``# `` comment lines, printed tables, a JSON ``"conventions"`` field), e.g.
-    ``metric_conventions(truth_ratio_mean="arithmetic", mia_convention="forget_positive", rouge_stemmer=True)``.
-    Raises ``ValueError`` for an unknown mean or convention.
+    ``metric_conventions(truth_ratio_mean="arithmetic", mia_convention="forget_positive", rouge_stemmer=True)``;
+    ``truth_ratio_question`` (``original`` or ``paraphrased``) adds the line on the truth ratio's question.
+    Raises ``ValueError`` for an unknown mean, convention or question.
     """
     if truth_ratio_mean not in _TRUTH_RATIO_LINES:
         raise ValueError(f"metric_conventions truth_ratio_mean must be one of {TRUTH_RATIO_MEANS}, "
                          f"got {truth_ratio_mean!r}")
     if mia_convention not in _MIA_LINES:
         raise ValueError(f"metric_conventions mia_convention must be one of {MIA_CONVENTIONS}, got {mia_convention!r}")
+    if truth_ratio_question is not None and truth_ratio_question not in _TRUTH_RATIO_QUESTION_LINES:
+        raise ValueError(f"metric_conventions truth_ratio_question must be one of "
+                         f"{sorted(_TRUTH_RATIO_QUESTION_LINES)}, got {truth_ratio_question!r}")
     rouge = ("rouge: ROUGE-L recall from rouge-score with the Porter stemmer (as TOFU and WAGLE score)" if rouge_stemmer
              else "rouge: ROUGE-L recall from rouge-score without stemming (TOFU and WAGLE stem: not comparable)")
-    return [_TRUTH_RATIO_LINES[truth_ratio_mean], _MIA_LINES[mia_convention], rouge]
+    lines = [_TRUTH_RATIO_LINES[truth_ratio_mean], _MIA_LINES[mia_convention], rouge]
+    if truth_ratio_question is not None:
+        lines.append(_TRUTH_RATIO_QUESTION_LINES[truth_ratio_question])
+    return lines
+
+
+def embedding_accuracy(encoder: Encoder, answers: Sequence[str], truths: Sequence[str],
+                       perturbed: Sequence[Sequence[str]]) -> float:
+    """WAGLE's forget accuracy FA (core.md §4.8) on any set: the share of questions whose answer's sentence
+    embedding is closer (cosine) to the true answer than to every perturbed answer.
+
+    A question without perturbed answers has no test and is skipped: the denominator counts only the questions
+    that have some. NaN when none has (or there is no question).
+    """
+    if not (len(answers) == len(truths) == len(perturbed)):
+        raise ValueError(f"embedding_accuracy needs one truth and one perturbed list per answer, got "
+                         f"{len(answers)} answers, {len(truths)} truths, {len(perturbed)} perturbed lists")
+    usable = [(a, y, list(ps)) for a, y, ps in zip(answers, truths, perturbed) if len(ps)]
+    if not usable:
+        return float("nan")
+    texts = [t for a, y, ps in usable for t in (a, y, *ps)]
+    vectors = torch.nn.functional.normalize(encoder.encode(texts).float(), dim=-1)
+    pos, hits = 0, 0
+    for _, _, ps in usable:
+        block = vectors[pos : pos + 2 + len(ps)]
+        pos += 2 + len(ps)
+        sims = block[1:] @ block[0]
+        hits += int(bool(sims[0] > sims[1:].max()))
+    return hits / len(usable)
+
+
+def seed_interval(values: Sequence[float | None], confidence: float = 0.95) -> tuple[float, float, float, float, int]:
+    """``(mean, low, high, std, n)`` over the finite values of seeds: ``scipy.stats.t.interval(confidence, n - 1,
+    loc=mean, scale=scipy.stats.sem(values))`` and the sample std (ddof 1). ``n`` counts the seeds used: a NaN or
+    missing seed is left out of the interval and shows as ``n < len(values)``. One seed gives NaN bounds and std;
+    none gives NaN everywhere and ``n = 0``."""
+    from scipy import stats
+
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n = len(vals)
+    if not n:
+        return float("nan"), float("nan"), float("nan"), float("nan"), 0
+    mean = float(np.mean(vals))
+    if n < 2:
+        return mean, float("nan"), float("nan"), float("nan"), 1
+    std = float(np.std(vals, ddof=1))
+    if std == 0.0:  # scipy gives NaN bounds for a zero-width interval
+        return mean, mean, mean, 0.0, n
+    low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=stats.sem(vals))
+    return mean, float(low), float(high), std, n
 
 
 # -- torchmetrics --------------------------------------------------------------------------------

@@ -33,7 +33,11 @@ from lit_align.modes import eval_mode
 from lit_align.rollout.logps import token_logps, token_stats
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
-__all__ = ["EncodedRecord", "ModelScorer", "ScoreSettings", "encode_record", "relearn_copy", "score_splits"]
+__all__ = ["TRUTH_RATIO_QUESTIONS", "EncodedRecord", "ModelScorer", "ScoreSettings", "check_eval_record",
+           "encode_record", "relearn_copy", "score_splits"]
+
+#: Values of :attr:`ScoreSettings.truth_ratio_question`.
+TRUTH_RATIO_QUESTIONS = ("original", "paraphrased")
 
 
 @dataclass
@@ -47,7 +51,8 @@ class EncodedRecord:
     response_text: str
     """The reference answer (ROUGE-L target)."""
     para_prompt: list[int] | None = None
-    """q' of the truth ratio (the prompt when the record has no paraphrase); set when it has perturbed answers."""
+    """The paraphrased question q' (the prompt when the record has no paraphrase); set when it has perturbed
+    answers. FA asks it; the truth ratio asks it only with ``truth_ratio_question: paraphrased``."""
     para_response: list[int] | None = None
     """a' of the truth ratio (the response when the record has no paraphrase)."""
     perturbed: list[list[int]] = field(default_factory=list)
@@ -60,12 +65,40 @@ class EncodedRecord:
     """The raw record (texts for embedding-based metrics, ``kind``, ``group``)."""
 
 
-def encode_record(record: Mapping[str, Any], encode_prompt: Callable[[str], list[int]],
-                  encode_response: Callable[[str], list[int]], where: str) -> EncodedRecord:
-    """Tokenize ``record``; ``where`` names it in errors (e.g. ``eval_records()['forget'][3]``)."""
+def check_eval_record(record: Mapping[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the field when an eval record is malformed: ``prompt`` and
+    ``response`` must be strings; ``perturbed_responses`` and ``choices``, when present, non-empty lists of
+    non-empty strings (a bare string is refused: it would be read as one answer per character); ``label`` an int
+    indexing ``choices``; ``paraphrased_prompt`` / ``paraphrased_response`` strings."""
     for key in ("prompt", "response"):
         if not isinstance(record.get(key), str):
             raise ValueError(f"{where} needs a string field {key!r}, got {record.get(key)!r}")
+    for key in ("paraphrased_prompt", "paraphrased_response"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {record[key]!r}")
+    for key in ("perturbed_responses", "choices"):
+        value = record.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"{where}: field {key!r} must be a non-empty list of answer strings, got {value!r} "
+                             f"(write one string as [\"...\"], or leave the field out)")
+        bad = [i for i, v in enumerate(value) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ValueError(f"{where}: field {key!r} item {bad[0]} is {value[bad[0]]!r}; every item must be a "
+                             "non-empty string")
+    if record.get("choices") is not None:
+        label = record.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(record["choices"]):
+            raise ValueError(f"{where}: field 'label' must be the int index of the right one of its "
+                             f"{len(record['choices'])} choices, got {label!r}")
+
+
+def encode_record(record: Mapping[str, Any], encode_prompt: Callable[[str], list[int]],
+                  encode_response: Callable[[str], list[int]], where: str) -> EncodedRecord:
+    """Tokenize ``record`` (checked by :func:`check_eval_record`); ``where`` names it in errors (e.g.
+    ``eval_records()['forget'][3]``)."""
+    check_eval_record(record, where)
     prompt, response = encode_prompt(record["prompt"]), encode_response(record["response"])
     item = EncodedRecord(prompt=prompt, response=response, response_text=record["response"], record=record)
     if record.get("perturbed_responses"):
@@ -75,10 +108,7 @@ def encode_record(record: Mapping[str, Any], encode_prompt: Callable[[str], list
         item.para_response = encode_response(para)
         item.perturbed = [encode_response(p) for p in record["perturbed_responses"]]
     if record.get("choices"):
-        label = record.get("label")
-        if not isinstance(label, int) or not 0 <= label < len(record["choices"]):
-            raise ValueError(f"{where} has {len(record['choices'])} choices but label {label!r}")
-        item.choices, item.label = [encode_response(c) for c in record["choices"]], label
+        item.choices, item.label = [encode_response(c) for c in record["choices"]], record["label"]
     return item
 
 
@@ -100,6 +130,15 @@ class ScoreSettings:
     """ROUGE-L recall from rouge-score with its Porter stemmer (TOFU, WAGLE) or without."""
     mia_convention: Literal["forget_positive", "open_unlearning"] = "forget_positive"
     """Which class is positive in ``mia_auc`` (:class:`lit_align.metrics.MinKProbMIA`)."""
+    truth_ratio_question: Literal["original", "paraphrased"] = "original"
+    """The question the truth ratio conditions the paraphrased answer a' and the perturbed answers on:
+    ``original`` (TOFU's ``eval_everything.yaml``, ``question_key: question``, and open-unlearning's
+    ``question_key: "question"``) or ``paraphrased`` (q', as core.md §4.8 writes it)."""
+
+    def __post_init__(self) -> None:
+        if self.truth_ratio_question not in TRUTH_RATIO_QUESTIONS:
+            raise ValueError(f"truth_ratio_question must be one of {TRUTH_RATIO_QUESTIONS}, "
+                             f"got {self.truth_ratio_question!r}")
 
 
 def _right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,15 +198,23 @@ class ModelScorer:
                                 for r, m in zip(out.response_ids, out.response_mask)]
         return answers
 
+    def truth_ratio_prompt(self, item: EncodedRecord) -> list[int]:
+        """The question ids the truth ratio conditions on (:attr:`ScoreSettings.truth_ratio_question`)."""
+        if self.settings.truth_ratio_question == "paraphrased" and item.para_prompt is not None:
+            return item.para_prompt
+        return item.prompt
+
     @torch.no_grad()
     def score_split(self, split: str, everything: list[EncodedRecord], *, forget_side: bool,
-                    mia: MinKProbMIA | None = None, mia_label: int | None = None) -> tuple[dict[str, float], Tensor | None]:
+                    mia: MinKProbMIA | None = None, mia_label: int | None = None,
+                    mias: Sequence[tuple[MinKProbMIA, int]] = ()) -> tuple[dict[str, float], Tensor | None]:
         """Every metric of one split; ``(values, truth ratios or None)``. Columns:
 
         ``<split>_nll`` / ``_accuracy`` / ``_prob`` (answer tokens), ``<split>_rouge`` (ROUGE-L recall of the greedy
         answer), ``<split>_truth_ratio`` (mean ratio) and ``_truth_ratio_score`` (TOFU's summary: mean min(TR, 1/TR)
         when ``forget_side``, else mean max(0, 1 - TR)) when records have perturbed answers, ``<split>_mc_accuracy``
-        when they have choices. With ``mia``, each record's whole text is added with label ``mia_label``.
+        when they have choices. With ``mia``, each record's whole text is added with label ``mia_label``; so it
+        is to every ``(metric, label)`` of ``mias``.
         """
         s, device, tok = self.settings, self.device, self.tokenizer
         values: dict[str, float] = {}
@@ -184,8 +231,9 @@ class ModelScorer:
                 answer = mask * resp
                 if real:
                     nll.update(logps * answer, answer, correct)
-                    if mia is not None and mia_label is not None:
-                        mia.update(logps, mask, torch.full((len(chunk),), mia_label, device=device))
+                    pairs = [*([(mia, mia_label)] if mia is not None and mia_label is not None else []), *mias]
+                    for metric, label in pairs:
+                        metric.update(logps, mask, torch.full((len(chunk),), label, device=device))
             for key, value in nll.compute().items():
                 values[f"{split}_{key}"] = float(value)
             # greedy answers: ROUGE-L recall
@@ -193,13 +241,15 @@ class ModelScorer:
             answers = self.greedy_answers([it.prompt for it in local], fallback.prompt)
             rouge.update(answers, [it.response_text for it in local])
             values[f"{split}_rouge"] = float(rouge.compute())
-            # truth ratio: the paraphrased answer against the perturbed ones, given the paraphrased question
+            # truth ratio: the paraphrased answer against the perturbed ones, given the original question
+            # (TOFU, open-unlearning) or the paraphrased one (``truth_ratio_question``)
             if any(it.perturbed for it in everything):
                 with_tr = [it for it in local if it.perturbed]
-                rows = [r for it in with_tr for r in [(it.para_prompt, it.para_response),
-                                                      *((it.para_prompt, p) for p in it.perturbed)]]
+                ask = self.truth_ratio_prompt
+                rows = [r for it in with_tr for r in [(ask(it), it.para_response),
+                                                      *((ask(it), p) for p in it.perturbed)]]
                 tr_fallback = next(it for it in everything if it.perturbed)
-                means = [t[1] for t in self.row_logps(rows, (tr_fallback.para_prompt, tr_fallback.para_response))]
+                means = [t[1] for t in self.row_logps(rows, (ask(tr_fallback), tr_fallback.para_response))]
                 ratio = TruthRatio(mean=s.truth_ratio_mean).to(device)
                 pos = 0
                 for it in with_tr:
@@ -229,29 +279,33 @@ class ModelScorer:
 
 
 def score_splits(scorer: ModelScorer, items: Mapping[str, list[EncodedRecord]], *, forget_splits: Sequence[str],
-                 mia_positive: str | None = None, mia_negative: str | None = None
+                 mia_positive: str | None = None, mia_negative: str | None = None,
+                 mia_pairs: Mapping[str, tuple[str, str]] | None = None
                  ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """:meth:`ModelScorer.score_split` over every non-empty split of ``items`` (in its order); ``forget_splits`` get
     the forget-side truth-ratio score. ``mia_auc``: the Min-K% Prob ROC-AUC with ``mia_positive`` records the
     members and ``mia_negative`` records the non-members (computed when both splits are scored), in the settings'
-    ``mia_convention``. Returns ``(values, truth ratios per
-    split)``."""
+    ``mia_convention``; ``mia_pairs`` (``{column: (members split, non-members split)}``) adds more such columns
+    from the same forward passes. Returns ``(values, truth ratios per split)``."""
     values: dict[str, float] = {}
     ratios: dict[str, Tensor] = {}
     has = {k for k, v in items.items() if v}
-    mia = None
-    if mia_negative is not None and mia_negative in has:
-        mia = MinKProbMIA(k=scorer.settings.mia_k, convention=scorer.settings.mia_convention).to(scorer.device)
+    pairs = dict(mia_pairs or {})
+    if mia_positive is not None and mia_negative is not None:
+        pairs = {"mia_auc": (mia_positive, mia_negative), **pairs}
+    metrics = {name: MinKProbMIA(k=scorer.settings.mia_k, convention=scorer.settings.mia_convention).to(scorer.device)
+               for name, (pos, neg) in pairs.items() if pos in has and neg in has}
     for split, records in items.items():
         if not records:
             continue
-        label = 1 if split == mia_positive else 0 if split == mia_negative else None
-        row, tr = scorer.score_split(split, records, forget_side=split in forget_splits, mia=mia, mia_label=label)
+        mias = [(metrics[name], label) for name, (pos, neg) in pairs.items() if name in metrics
+                for label, side in ((1, pos), (0, neg)) if side == split]
+        row, tr = scorer.score_split(split, records, forget_side=split in forget_splits, mias=mias)
         values.update(row)
         if tr is not None:
             ratios[split] = tr
-    if mia is not None and mia_positive in has:
-        values["mia_auc"] = float(mia.compute())
+    for name, metric in metrics.items():
+        values[name] = float(metric.compute())
     return values, ratios
 
 

@@ -168,12 +168,47 @@ def test_training_moves_metrics_and_relearning_leaves_the_policy_alone(tmp_path)
         res["unlearned"]["forget_nll"] + res["relearned"]["relearn_delta_forget_nll"])
     for name, value in module.policy.state_dict().items():
         assert torch.equal(value, snapshot.weights[name]), name
-    head = (tmp_path / "eval" / "unlearning_eval.csv").read_text(encoding="utf-8").splitlines()[:4]
+    head = (tmp_path / "eval" / "unlearning_eval.csv").read_text(encoding="utf-8").splitlines()[:5]
     assert "geometric" in head[0] and "open-unlearning's convention" in head[1] and "without stemming" in head[2]
-    assert head[3].startswith("model,")
+    assert "original question" in head[3] and head[4].startswith("model,")
     restored = _callback()  # rows evaluated before a checkpoint survive a resume
     restored.load_state_dict(evaluation.state_dict())
     assert restored.results == res
+
+
+def test_non_default_options_reach_the_scorer_and_move_the_numbers():
+    """The callback's options are not only header text: its scorer settings give a geometric truth ratio that
+    differs from the arithmetic one, the complementary MIA AUC, a different truth ratio after the paraphrased
+    question, and an unstemmed ROUGE-L below the stemmed one on inflected words."""
+    from lit_align.metrics.unlearning import RougeLRecall
+    from lit_align.models import build_causal_lm, build_tokenizer
+    from lit_align.unlearning.scoring import ModelScorer, encode_record, score_splits
+
+    tok = build_tokenizer(SPEC)
+    torch.manual_seed(0)
+    model = build_causal_lm(SPEC, tok).eval()
+    records = _records()
+    items = {s: [encode_record(r, lambda p: encode_prompt(tok, p, False), lambda a: encode_response(tok, a), s)
+                 for r in records[s]] for s in ("forget", "retain")}
+    module = SFTModule(SPEC)
+
+    def run(callback):
+        settings = callback._settings(module)
+        values, _ = score_splits(ModelScorer(model, tok, "cpu", settings), items, forget_splits=("forget",),
+                                 mia_positive="forget", mia_negative="retain")
+        stemmed = RougeLRecall(use_stemmer=settings.rouge_stemmer)
+        stemmed.update(["the cats were running quickly"], ["the cat was run quick"])
+        return values, float(stemmed.compute())
+
+    default, rouge_default = run(_callback())
+    other, rouge_other = run(_callback(truth_ratio_mean="geometric", mia_convention="open_unlearning",
+                                       rouge_stemmer=False))
+    para, _ = run(_callback(truth_ratio_question="paraphrased"))
+    assert other["forget_truth_ratio"] != pytest.approx(default["forget_truth_ratio"])
+    assert other["mia_auc"] == pytest.approx(1 - default["mia_auc"])
+    assert para["forget_truth_ratio"] != pytest.approx(default["forget_truth_ratio"])
+    assert para["forget_nll"] == default["forget_nll"]  # only the truth ratio reads the question choice
+    assert rouge_other < rouge_default
 
 
 def test_missing_required_split_fails_loudly(tmp_path):
