@@ -12,7 +12,7 @@ that :func:`bootstrap_ci` resamples.
 * :class:`SummaryMETEOR` -- nltk's ``meteor_score`` (exact, stem and WordNet-synonym matches). WordNet data is
   not installed by any Python package this project can depend on, so :func:`meteor_available` says whether it is
   there and how to supply it.
-* :class:`SummaryBERTScore` -- torchmetrics' ``BERTScore`` with a fixed model and layer.
+* :class:`SummaryBERTScore` -- the ``bert-score`` package's ``BERTScorer`` with a fixed model and layer.
 * :class:`LengthRatio` -- summary words over reference words and over article words.
 * :func:`bootstrap_ci` -- a seeded ``scipy.stats.bootstrap`` interval for the mean over articles.
 """
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.text.bert import BERTScore
 from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
@@ -241,26 +240,40 @@ class SummaryMETEOR(Metric):
 
 
 # -- BERTScore ---------------------------------------------------------------------------------
-class SummaryBERTScore(BERTScore):
-    """BERTScore (Zhang et al., 2020) through torchmetrics' ``BERTScore`` with a fixed encoder and layer.
+class SummaryBERTScore(Metric):
+    """BERTScore (Zhang et al., 2020) from the authors' ``bert-score`` package (``bert_score.BERTScorer``).
+
+    torchmetrics' ``BERTScore`` is not used: it sorts summaries and references by length separately and
+    then re-indexes the embeddings with the sort order instead of its inverse, so in a batch whose two sort
+    orders differ, summaries are scored against other articles' references (torchmetrics issue #2728).
+    ``BERTScorer`` keeps the pairs and tokenises RoBERTa/GPT-2 vocabularies with the leading space the
+    published scores use.
 
     Args:
         model: a local directory written by ``save_pretrained`` or a hub id (the paper's default is
-            ``roberta-large`` with ``num_layers=17``); loaded with ``AutoModel``/``AutoTokenizer``.
+            ``roberta-large`` with ``num_layers=17``).
         num_layers: which hidden layer's token embeddings are matched (fixed, so scores are comparable).
-        idf: weight tokens by inverse document frequency over the references seen (off, as in most reports).
-        rescale_with_baseline: rescale with the bert-score baseline for this model and layer. Off by default:
-            the published baselines are a download; when on, ``baseline_path`` (a local copy of the bert-score
-            baseline file for this model) is required.
+        idf: weight tokens by inverse document frequency, computed over the references of each ``update()``
+            call (off, as in most reports).
+        rescale_with_baseline: rescale with the bert-score baseline for this model and layer. Off by default;
+            when on, ``baseline_path`` (a local copy of the bert-score baseline file) is required.
         max_length: longer texts are truncated to this many tokens (at most the encoder's positions).
-        kwargs: passed to torchmetrics' ``BERTScore`` (``batch_size``, ``device``...).
+        batch_size: texts per encoder forward.
+        device: where the encoder runs (default: CUDA when available, else CPU).
 
-    ``update(preds, refs)`` stores token ids (DDP-safe); ``compute()`` returns the means ``{"bertscore_precision",
-    "bertscore_recall", "bertscore_f1"}`` and ``per_item()`` the per-summary values under the same keys.
+    ``update(preds, refs)`` scores the pairs at once and keeps per-item values in ``"cat"`` states (so a DDP
+    gather concatenates them); ``compute()`` returns the means ``{"bertscore_precision", "bertscore_recall",
+    "bertscore_f1"}`` and ``per_item()`` the per-summary values under the same keys.
     """
 
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
     def __init__(self, model: str, num_layers: int, *, idf: bool = False, rescale_with_baseline: bool = False,
-                 baseline_path: str | None = None, max_length: int = 512, **kwargs) -> None:
+                 baseline_path: str | None = None, max_length: int = 512, batch_size: int = 32,
+                 device: str | torch.device | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
         if rescale_with_baseline and baseline_path is None:
             raise ValueError("SummaryBERTScore.rescale_with_baseline needs baseline_path (a local bert-score "
                              "baseline file for this model and layer); nothing is downloaded. Set "
@@ -270,24 +283,36 @@ class SummaryBERTScore(BERTScore):
         if (model.startswith((".", "/", "~")) or model.count("/") > 1) and not Path(model).expanduser().is_dir():
             raise FileNotFoundError(f"SummaryBERTScore.model={model!r}: no such directory; give a directory "
                                     "written by save_pretrained or a hub id")
-        super().__init__(model_name_or_path=model, num_layers=num_layers, idf=idf,
-                         rescale_with_baseline=rescale_with_baseline, baseline_path=baseline_path,
-                         max_length=max_length, truncation=True, **kwargs)
-        self._items: dict[str, Tensor] = {}
+        from bert_score import BERTScorer
 
-    def compute(self) -> dict[str, Tensor]:
-        if len(self.preds_input_ids) == 0:
-            self._items = {f"bertscore_{k}": torch.zeros(0) for k in ("precision", "recall", "f1")}
-        else:
-            scores = super().compute()
-            self._items = {f"bertscore_{k}": torch.as_tensor(scores[k], dtype=torch.float64).reshape(-1)
-                           for k in ("precision", "recall", "f1")}
-        return {k: _mean(v) for k, v in self._items.items()}
+        model = str(Path(model).expanduser()) if model.startswith("~") else model
+        self._scorer = BERTScorer(model_type=model, num_layers=num_layers, batch_size=batch_size, idf=False,
+                                  device=None if device is None else str(device), lang="en",
+                                  rescale_with_baseline=rescale_with_baseline, baseline_path=baseline_path)
+        self._scorer._tokenizer.model_max_length = max_length
+        self._scorer._idf = idf
+        for key in _BERTSCORE_KEYS:
+            self.add_state(key, default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Sequence[str], refs: Sequence[str]) -> None:
+        preds, refs = _check_pairs(preds, refs)
+        if not preds:
+            return
+        if self._scorer.idf:
+            self._scorer.compute_idf(refs)
+        scores = self._scorer.score(preds, refs, batch_size=self._scorer.batch_size)
+        for key, values in zip(_BERTSCORE_KEYS, scores):
+            getattr(self, key).append(values.detach().to("cpu", torch.float64).reshape(-1))
 
     def per_item(self) -> dict[str, Tensor]:
-        """Per-summary precision, recall and F1, shape ``(N,)`` each."""
-        self.compute()
-        return self._items
+        """Per-summary precision, recall and F1, shape ``(N,)`` each, in update order."""
+        return {key: _cat(getattr(self, key)) for key in _BERTSCORE_KEYS}
+
+    def compute(self) -> dict[str, Tensor]:
+        return {key: _mean(values) for key, values in self.per_item().items()}
+
+
+_BERTSCORE_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
 
 
 # -- length ------------------------------------------------------------------------------------

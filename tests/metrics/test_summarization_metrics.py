@@ -11,7 +11,6 @@ import torch
 from rouge_score import rouge_scorer
 from scipy.stats import bootstrap
 from tiny_bert import save_tiny_bert
-from torchmetrics.text.bert import BERTScore
 from torchmetrics.text.rouge import ROUGEScore
 
 from lit_align.metrics import (
@@ -202,19 +201,35 @@ def bert_dir(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("bertscore") / "tiny-bert")
 
 
-def test_bertscore_matches_torchmetrics_and_identical_is_one(bert_dir):
-    preds = ["the town harbour", "how can i help you", "steal the poison"]
-    refs = ["the town harbour", "what is that", "help the town"]
-    metric = SummaryBERTScore(bert_dir, num_layers=1, max_length=64)
-    metric.update(preds[:2], refs[:2])
-    metric.update(preds[2:], refs[2:])
+# Pairs of varied lengths whose length orders differ between summaries and references (torchmetrics'
+# BERTScore mis-pairs these), with an identical pair that must score 1.
+BERT_PAIRS = [
+    ("the town harbour", "the town harbour"),
+    ("how can i help you", "what is that"),
+    ("steal the poison", "help the town"),
+    ("a town of the harbour is not", "the harbour"),
+    ("the mayor", "prices in the town rose again on monday"),
+    ("storm hits the coast and thousands lose power", "a storm"),
+]
+
+
+def test_bertscore_equals_bert_score_package_and_identical_is_one(bert_dir):
+    import bert_score
+
+    preds, refs = [p for p, _ in BERT_PAIRS], [r for _, r in BERT_PAIRS]
+    metric = SummaryBERTScore(bert_dir, num_layers=1, max_length=64, device="cpu")
+    metric.update(preds[:4], refs[:4])
+    metric.update(preds[4:], refs[4:])
     items = metric.per_item()
-    theirs = BERTScore(model_name_or_path=bert_dir, num_layers=1, max_length=64, truncation=True)(preds, refs)
-    for key in ("precision", "recall", "f1"):
-        assert items[f"bertscore_{key}"].tolist() == pytest.approx(theirs[key].tolist(), abs=1e-6)
+    theirs = bert_score.score(preds, refs, model_type=bert_dir, num_layers=1, device="cpu")
+    for key, values in zip(("precision", "recall", "f1"), theirs):
+        assert items[f"bertscore_{key}"].tolist() == pytest.approx(values.tolist(), abs=1e-5)
     assert float(items["bertscore_f1"][0]) == pytest.approx(1.0, abs=1e-5)
     assert float(items["bertscore_f1"][1]) < 0.999
-    assert float(metric.compute()["bertscore_f1"]) == pytest.approx(float(theirs["f1"].mean()), abs=1e-6)
+    for i, (pred, ref) in enumerate(BERT_PAIRS):  # one pair at a time gives the same score as in a batch
+        one = bert_score.score([pred], [ref], model_type=bert_dir, num_layers=1, device="cpu")[2]
+        assert float(items["bertscore_f1"][i]) == pytest.approx(float(one[0]), abs=1e-5)
+    assert float(metric.compute()["bertscore_f1"]) == pytest.approx(float(theirs[2].mean()), abs=1e-5)
 
 
 def test_bertscore_config_errors(bert_dir, tmp_path):
