@@ -79,7 +79,7 @@ def loaded_model(spec: Any, *, key: str, device: torch.device | str, chat_templa
     if chat and not tokenizer.chat_template:
         raise ConfigError(f"{chat_key} is true but the tokenizer of {key} ({spec.source}) has no chat template; "
                           "set it to false (raw completion prompts) or null (the template where there is one)")
-    model = build_causal_lm(spec, tokenizer).to(device).eval()
+    model = build_causal_lm(spec, tokenizer, key=key).to(device).eval()
     try:
         yield LoadedModel(model, tokenizer, model_fingerprint(model), fingerprint_tokenizer(tokenizer), chat,
                           f"{key}: {spec.source}")
