@@ -120,6 +120,21 @@ class SummaryRow:
     """Judge calls for this summary (retries included)."""
 
 
+def article_index(article_id: str) -> int:
+    """A stable non-negative int for an article id (the first 8 bytes of its sha256), so an article's sampling
+    seed (and its cache entry) does not depend on its row or on how many articles are evaluated."""
+    return int(hashlib.sha256(article_id.encode()).hexdigest()[:15], 16)
+
+
+def ran_out_of_tokens(output: str, stop: Sequence[str], tokenizer: Any, max_new_tokens: int) -> bool:
+    """Whether a generation (as generated, not cut) ran into ``max_new_tokens``: it holds no stop string after its
+    leading whitespace (generation stops at one, so a text that has one ended there) and re-tokenizes to at least
+    ``max_new_tokens`` tokens."""
+    if any(s and s in output.lstrip() for s in stop):
+        return False
+    return len(tokenizer(output, add_special_tokens=False)["input_ids"]) >= max_new_tokens
+
+
 def _source_name(source: str) -> str:
     """A short name for a spec's source: the last part of a hub id or path; a checkpoint
     ``<run>/checkpoints/last.ckpt`` as ``<run folder>-last``."""
@@ -315,14 +330,15 @@ class SummarizationEvaluationModule(L.LightningModule):
         texts = [lm.render(p.text) for p in prompts]
         sampling = dataclasses.replace(self.sampling, max_new_tokens=task.max_new_tokens)
         purpose = f"summarization/{task.name}/{k}shot"
-        seeds = [derive_seed(self.seed, 0, purpose, i) for i in range(len(texts))]
-        keys = lm.keys(texts, sampling, seeds)
+        seeds = [derive_seed(self.seed, 0, purpose, article_index(a.id)) for a in articles]
+        keys = lm.keys(texts, sampling, seeds, stop=task.stop)
         cached = [key in self.cache for key in keys]
         self.generated += len({key for key, hit in zip(keys, cached) if not hit})
-        outputs = lm.generate(texts, sampling, seeds=seeds, cache=self.cache, batch_size=self.batch_size)
+        outputs = lm.generate(texts, sampling, seeds=seeds, cache=self.cache, batch_size=self.batch_size,
+                              stop=task.stop, stop_generation=True, cut=False)
         rows = {}
         for article, prompt, text, output, hit in zip(articles, prompts, texts, outputs, cached):
-            hit_max = len(lm.tokenizer(output, add_special_tokens=False)["input_ids"]) >= sampling.max_new_tokens
+            hit_max = ran_out_of_tokens(output, task.stop, lm.tokenizer, sampling.max_new_tokens)
             post = postprocess_summary(output, prompt_text=text, article=article.article, stop=task.stop,
                                        hit_max_tokens=hit_max, copy_threshold=self.metrics_config.copy_threshold)
             rows[article.id] = SummaryRow(

@@ -255,6 +255,8 @@ class SummaryBERTScore(Metric):
         num_layers: which hidden layer's token embeddings are matched (fixed, so scores are comparable).
         idf: weight tokens by inverse document frequency, computed over the references of each ``update()``
             call (off, as in most reports).
+
+    A pair whose summary or reference is empty (whitespace only) scores 0.
         rescale_with_baseline: rescale with the bert-score baseline for this model and layer. Off by default;
             when on, ``baseline_path`` (a local copy of the bert-score baseline file) is required.
         max_length: longer texts are truncated to this many tokens (at most the encoder's positions).
@@ -298,11 +300,17 @@ class SummaryBERTScore(Metric):
         preds, refs = _check_pairs(preds, refs)
         if not preds:
             return
-        if self._scorer.idf:
-            self._scorer.compute_idf(refs)
-        scores = self._scorer.score(preds, refs, batch_size=self._scorer.batch_size)
+        # an empty text has no tokens to match: it scores 0 (bert-score cannot encode "" with transformers 5)
+        kept = [i for i, (p, r) in enumerate(zip(preds, refs)) if p.strip() and r.strip()]
+        scores = torch.zeros(3, len(preds), dtype=torch.float64)
+        if kept:
+            if self._scorer.idf:
+                self._scorer.compute_idf([refs[i] for i in kept])
+            found = self._scorer.score([preds[i] for i in kept], [refs[i] for i in kept],
+                                       batch_size=self._scorer.batch_size)
+            scores[:, kept] = torch.stack([v.detach().to("cpu", torch.float64).reshape(-1) for v in found])
         for key, values in zip(_BERTSCORE_KEYS, scores):
-            getattr(self, key).append(values.detach().to("cpu", torch.float64).reshape(-1))
+            getattr(self, key).append(values)
 
     def per_item(self) -> dict[str, Tensor]:
         """Per-summary precision, recall and F1, shape ``(N,)`` each, in update order."""

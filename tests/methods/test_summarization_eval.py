@@ -176,3 +176,22 @@ def test_a_model_list_is_named_after_each_source():
                                       "Qwen2.5-0.5B-Instruct"]
     with pytest.raises(ValueError, match="model.models: model name"):
         model_names({"a b": specs[0]})
+
+
+def test_hit_max_tokens_only_when_no_stop_string_was_reached(tokenizer):
+    """A base model writes past the summary into the next "Article:": generation stops at the stop string, so the
+    text holds it and did not run out of tokens, even though it is longer than the budget; the summary cut at "\\n\\n"
+    mid-sentence is then an early termination. A text with no stop string that fills the budget ran out."""
+    from lit_align.data.summarization_postprocess import postprocess_summary
+    from lit_align.methods.summarization_eval import ran_out_of_tokens
+
+    stop = ("\n\n", "Article:")
+    output = " The mayor said that the harbour\n\nArticle: Prices rose again in the town on Monday"
+    assert len(tokenizer(output, add_special_tokens=False)["input_ids"]) > 8
+    hit = ran_out_of_tokens(output, stop, tokenizer, max_new_tokens=8)
+    assert hit is False
+    post = postprocess_summary(output, prompt_text="Article: x\n\nSummary:", article="x", stop=stop,
+                               hit_max_tokens=hit)
+    assert post.summary == "The mayor said that the harbour" and post.early_termination and not post.hit_max_tokens
+    assert ran_out_of_tokens("\n\n The mayor said that the harbour of the town", stop, tokenizer, 8)
+    assert not ran_out_of_tokens(" The mayor left.", stop, tokenizer, 30)

@@ -230,6 +230,8 @@ def test_bertscore_equals_bert_score_package_and_identical_is_one(bert_dir):
         one = bert_score.score([pred], [ref], model_type=bert_dir, num_layers=1, device="cpu")[2]
         assert float(items["bertscore_f1"][i]) == pytest.approx(float(one[0]), abs=1e-5)
     assert float(metric.compute()["bertscore_f1"]) == pytest.approx(float(theirs[2].mean()), abs=1e-5)
+    metric.update(["", "the town"], ["the town", " "])  # an empty side scores 0
+    assert metric.per_item()["bertscore_f1"][-2:].tolist() == [0.0, 0.0]
 
 
 def test_bertscore_config_errors(bert_dir, tmp_path):
