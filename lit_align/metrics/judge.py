@@ -30,6 +30,7 @@ and :class:`OpenAICompatibleJudge` (a ``/chat/completions`` endpoint, optional).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -135,7 +136,8 @@ def _valid(obj, criteria: Sequence[str], low: int, high: int, extra_keys: str) -
     out = {}
     for c in criteria:
         v = obj[c]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not low <= v <= high:
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v)
+                or not low <= v <= high):  # json reads NaN, Infinity and 1e999 as floats
             return None
         out[c] = int(v)
     return out

@@ -48,6 +48,9 @@ def test_parse_accepts_schema_replies(reply):
     json.dumps({**GOOD, "fluency": 2.5}),                                      # not an integer
     json.dumps({**GOOD, "fluency": True}),                                     # a bool is not a score
     "{'relevance': 4, 'coherence': 5, 'consistency': 3, 'fluency': 2}",        # Python, not JSON
+    '{"relevance": 4, "coherence": 5, "consistency": 3, "fluency": NaN}',      # json reads these as floats
+    '{"relevance": 4, "coherence": 5, "consistency": 3, "fluency": Infinity}',
+    '{"relevance": 4, "coherence": 5, "consistency": 3, "fluency": 1e999}',
 ])
 def test_parse_rejects_out_of_schema_replies(reply):
     assert parse_judge_reply(reply) is None
