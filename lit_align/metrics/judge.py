@@ -29,12 +29,15 @@ and :class:`OpenAICompatibleJudge` (a ``/chat/completions`` endpoint, optional).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import time
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -415,15 +418,39 @@ class OpenAICompatibleJudge:
         api_key_env: name of the environment variable that holds the API key (never a key in a config).
         max_tokens / temperature: reply length and sampling (0 = as deterministic as the server allows).
         timeout_s: per-request timeout.
+        retries: further tries of a request that fails (a network error, an HTTP error such as 429 or 5xx, a body
+            that is not JSON), waiting ``backoff_s * 2**i`` seconds before try ``i + 1``. A request that still
+            fails gives the reply ``""``: a reply that does not parse, counted by :class:`RubricJudge`, not fatal.
+        backoff_s: the first wait between tries.
+        cache_path: a JSONL file of replies (a :class:`~lit_align.retrieval.GenerationCache`) keyed by the
+            endpoint, model, prompt, ``max_tokens`` and ``temperature``: a rerun sends only the prompts it has no
+            reply for. ``None``: no cache. Failed requests are not cached.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = 128,
-                 temperature: float = 0.0, timeout_s: float = 60.0) -> None:
+                 temperature: float = 0.0, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 2.0,
+                 cache_path: str | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"judge.base_url must start with http:// or https://, got {base_url!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"judge.retries must be an int >= 0, got {retries!r}")
+        if not backoff_s >= 0:
+            raise ValueError(f"judge.backoff_s must be >= 0, got {backoff_s!r}")
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
         self.max_tokens, self.temperature, self.timeout_s = max_tokens, temperature, timeout_s
+        self.retries, self.backoff_s = retries, backoff_s
         self.model_id = model
+        self.failed_requests = 0
+        """Requests that failed after every retry (their replies are ``""``)."""
+        from lit_align.retrieval import GenerationCache
+
+        self.cache = GenerationCache(cache_path) if cache_path is not None else None
+
+    def cache_key(self, prompt: str) -> str:
+        """sha256 hex of the endpoint, model, prompt and reply settings (the reply cache's key)."""
+        payload = {"base_url": self.base_url, "model": self.model, "prompt": prompt, "max_tokens": self.max_tokens,
+                   "temperature": self.temperature}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def build_request(self, prompt: str) -> urllib.request.Request:
         """The HTTP request for one prompt (a single user message); reads the key from ``api_key_env``."""
@@ -437,19 +464,43 @@ class OpenAICompatibleJudge:
                                       method="POST", headers={"Content-Type": "application/json",
                                                               "Authorization": f"Bearer {key}"})
 
-    def complete(self, prompts: list[str]) -> list[str]:
-        replies = []
-        for prompt in prompts:
+    def _post(self, prompt: str) -> dict | None:
+        """The JSON payload of one request, retried with exponential backoff; ``None`` when every try failed."""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 with urllib.request.urlopen(self.build_request(prompt), timeout=self.timeout_s) as response:
                     payload = json.loads(response.read().decode())
-            except OSError as err:
-                raise ConnectionError(f"judge.base_url={self.base_url!r}: request failed ({err})") from err
+                if isinstance(payload, dict):
+                    return payload
+                error = f"a JSON {type(payload).__name__}, not an object"
+            except (OSError, ValueError) as err:  # URLError/HTTPError/timeouts; a body that is not JSON
+                error = str(err)
+        self.failed_requests += 1
+        warnings.warn(f"judge.base_url={self.base_url!r}: request failed after {self.retries + 1} tries ({error}); "
+                      "counted as a reply that does not parse", stacklevel=2)
+        return None
+
+    def complete(self, prompts: list[str]) -> list[str]:
+        replies = []
+        for prompt in prompts:
+            key = self.cache_key(prompt)
+            if self.cache is not None and key in self.cache:
+                replies.append(self.cache.get(key))
+                continue
+            payload = self._post(prompt)
+            if payload is None:
+                replies.append("")
+                continue
             served = payload.get("model")
             if served and served != self.model:
                 self.model_id = f"{self.model} (served: {served})"
             try:
-                replies.append(payload["choices"][0]["message"]["content"] or "")
+                reply = payload["choices"][0]["message"]["content"] or ""
             except (KeyError, IndexError, TypeError):
-                replies.append("")  # an odd payload is a reply that does not parse, counted by RubricJudge
+                reply = ""  # an odd payload is a reply that does not parse, counted by RubricJudge
+            if self.cache is not None and isinstance(reply, str):
+                self.cache.put({key: reply}, {key: {"judge": self.model_id, "prompt": prompt}})
+            replies.append(reply if isinstance(reply, str) else "")
         return replies

@@ -190,6 +190,66 @@ def test_openai_compatible_judge_builds_the_request_without_sending(monkeypatch)
         OpenAICompatibleJudge("judge.invalid/v1", "m")
 
 
+class _Endpoint:
+    """A local OpenAI-compatible endpoint (a real HTTP server on 127.0.0.1) that answers with the queued
+    ``(status, body)`` responses in turn and counts the requests."""
+
+    def __init__(self, responses: list[tuple[int, str]]) -> None:
+        import http.server
+        import threading
+
+        endpoint = self
+        self.responses, self.requests = list(responses), 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers["Content-Length"]))
+                endpoint.requests += 1
+                status, body = endpoint.responses.pop(0) if endpoint.responses else (500, "gone")
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _completion(text: str) -> str:
+    return json.dumps({"model": "judge-model", "choices": [{"message": {"content": text}}]})
+
+
+def test_openai_compatible_judge_retries_counts_failures_and_caches(monkeypatch, tmp_path):
+    """A 503 then a reply: retried; a request that fails every try (HTTP 429, a body that is not JSON) is the
+    unparsed reply "" (counted by RubricJudge), not an exception; a rerun reads replies from the cache."""
+    monkeypatch.setenv("LIT_ALIGN_TEST_JUDGE_KEY", "sk-test")
+    server = _Endpoint([(503, "busy"), (200, _completion(GOOD_JSON)), (429, "slow down"), (200, "<html>oops</html>"),
+                        (200, "not json")])
+    try:
+        judge = OpenAICompatibleJudge(server.url, "judge-model", api_key_env="LIT_ALIGN_TEST_JUDGE_KEY", retries=2,
+                                      backoff_s=0.0, cache_path=str(tmp_path / "judge.jsonl"))
+        with pytest.warns(UserWarning, match="after 3 tries"):
+            replies = judge.complete(["first", "second"])
+        assert replies == [GOOD_JSON, ""] and server.requests == 5 and judge.failed_requests == 1
+        again = OpenAICompatibleJudge(server.url, "judge-model", api_key_env="LIT_ALIGN_TEST_JUDGE_KEY", retries=0,
+                                      backoff_s=0.0, cache_path=str(tmp_path / "judge.jsonl"))
+        server.responses = [(200, _completion(GOOD_JSON))]
+        assert again.complete(["first", "second"]) == [GOOD_JSON, GOOD_JSON]
+        assert server.requests == 6, "only the prompt without a cached reply is sent again"
+        with pytest.warns(UserWarning, match="request failed"):
+            scores = RubricJudge(judge, Rubric(), retries=0).score(["a"], ["b"])
+        assert scores.failures == 1
+    finally:
+        server.close()
+
+
 # -- human evaluation --------------------------------------------------------------------------
 SYSTEMS = {"qwen-7b-3shot": [f"Storm {i} hit the coast." for i in range(8)],
            "llama-8b-0shot": [f"A storm ({i}) reached land." for i in range(8)],
