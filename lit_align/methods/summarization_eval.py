@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -33,6 +33,8 @@ from lit_align.metrics.summarization import (
     SummaryROUGE,
     bootstrap_ci,
     meteor_available,
+    punkt_available,
+    resolve_splitter,
 )
 from lit_align.models import ModelSpec
 from lit_align.retrieval import GenerationCache
@@ -63,6 +65,11 @@ class SummaryMetricsConfig:
     """Texts per BERTScore forward."""
     bertscore_max_length: int = 512
     """Longer summaries / references are truncated to this many encoder tokens (at most its positions)."""
+    sentence_splitter: Literal["auto", "punkt", "regex"] = "auto"
+    """How ROUGE-Lsum and METEOR split a text without newlines into sentences: ``punkt`` (nltk's Punkt, as
+    rouge-score's ``split_summaries``, torchmetrics and HF ``evaluate`` do; needs the ``punkt_tab`` data), ``regex``
+    (:func:`lit_align.metrics.summarization.split_sentences`: no data, but "Mr." ends a sentence) or ``auto``
+    (punkt when its data is installed, else regex). The report header says which one ran."""
     copy_threshold: float = 0.9
     """ROUGE-L precision against the article from which a summary is flagged ``copied``."""
     bootstrap_resamples: int = 1000
@@ -74,6 +81,9 @@ class SummaryMetricsConfig:
         check_int("model.metrics.bertscore_batch_size", self.bertscore_batch_size)
         check_int("model.metrics.bertscore_max_length", self.bertscore_max_length)
         check_int("model.metrics.bootstrap_resamples", self.bootstrap_resamples)
+        if self.sentence_splitter not in ("auto", "punkt", "regex"):
+            raise ConfigError(f"model.metrics.sentence_splitter must be 'auto', 'punkt' or 'regex', got "
+                              f"{self.sentence_splitter!r}")
 
 
 @dataclass
@@ -118,6 +128,13 @@ class SummaryRow:
     """The judge's 1-5 scores per criterion; ``None`` without a judge or when its reply never parsed."""
     judge_attempts: int = 0
     """Judge calls for this summary (retries included)."""
+
+
+def nltk_version() -> str:
+    """The installed nltk's version."""
+    import nltk
+
+    return nltk.__version__
 
 
 def article_index(article_id: str) -> int:
@@ -259,6 +276,7 @@ class SummarizationEvaluationModule(L.LightningModule):
         self.truncation: dict[tuple[str, str, int], dict[str, float]] = {}
         self.rows: list[SummaryRow] = []  # scored rows, in scoring order
         self.skipped: dict[str, str] = {}  # metric -> why it did not run
+        self.splitter = "regex"  # the sentence splitter that runs (resolved from metrics.sentence_splitter in setup)
         self.table: list[dict[str, Any]] = []
         self.fewshot_effect: list[dict[str, Any]] = []
         self._scorers: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -306,6 +324,11 @@ class SummarizationEvaluationModule(L.LightningModule):
     def _set_up_metrics(self) -> None:
         """METEOR and BERTScore if they can run, else their reason in :attr:`skipped` (warned)."""
         config, self.skipped = self.metrics_config, {}
+        if config.sentence_splitter == "punkt" and not punkt_available():
+            raise ConfigError("model.metrics.sentence_splitter is 'punkt' but nltk's punkt_tab data is not installed: "
+                              "run `python -m nltk.downloader punkt_tab` (or put it under NLTK_DATA), or set it to "
+                              "'auto' or 'regex'")
+        self.splitter = resolve_splitter(config.sentence_splitter)
         if config.meteor:
             ok, reason = meteor_available()
             if not ok:
@@ -374,10 +397,11 @@ class SummarizationEvaluationModule(L.LightningModule):
         self.rows += rows
 
     def _new_scorers(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rouge": SummaryROUGE(use_stemmer=self.metrics_config.use_stemmer),
+        out: dict[str, Any] = {"rouge": SummaryROUGE(use_stemmer=self.metrics_config.use_stemmer,
+                                                     sentence_splitter=self.splitter),
                                "length": LengthRatio(), "rows": []}
         if self.metrics_config.meteor and "meteor" not in self.skipped:
-            out["meteor"] = SummaryMETEOR()
+            out["meteor"] = SummaryMETEOR(sentence_splitter=self.splitter)
         return out
 
     # -- results ---------------------------------------------------------------------------------------
@@ -450,6 +474,14 @@ class SummarizationEvaluationModule(L.LightningModule):
                         "high": high, "articles": len(diffs)})
         return out
 
+    def _splitter_note(self) -> str:
+        """Which sentence splitter ran, and why when ``auto`` fell back to the regex."""
+        if self.splitter == "punkt":
+            return "punkt (nltk sent_tokenize, as rouge-score split_summaries)"
+        if self.metrics_config.sentence_splitter == "auto":
+            return "regex (fallback: nltk's punkt_tab data is not installed; 'Mr.' and 'U.S.' end a sentence)"
+        return "regex ('Mr.' and 'U.S.' end a sentence)"
+
     def report_header(self) -> dict[str, Any]:
         """What the numbers rest on, for the report's JSON: models, tasks, generation, metrics and skips, judge."""
         judge = None
@@ -464,6 +496,10 @@ class SummarizationEvaluationModule(L.LightningModule):
                 "chat_template": self.prompts.chat_template, "truncation": self.prompts.truncation,
                 "max_prompt_tokens": self.prompts.max_prompt_tokens,
                 "metrics": {"rouge": f"rouge-score F1, stemming {'on' if config.use_stemmer else 'off'}",
+                            "sentence_splitter": self._splitter_note(),
+                            "meteor": None if not config.meteor else
+                            f"nltk {nltk_version()} meteor_score, alpha 0.9, beta 3, gamma 0.5, WordNet synonyms; "
+                            f"NLTKWordTokenizer per sentence ({self.splitter})",
                             "bertscore": None if config.bertscore_model is None else
                             f"{config.bertscore_model} layer {config.bertscore_layer}, no baseline rescaling",
                             "intervals": f"bootstrap 95% percentile, {config.bootstrap_resamples} resamples over "

@@ -40,6 +40,8 @@ __all__ = [
     "bootstrap_ci",
     "meteor_available",
     "meteor_tokens",
+    "punkt_available",
+    "resolve_splitter",
     "rouge_scores",
     "split_sentences",
 ]
@@ -81,6 +83,27 @@ def split_sentences(text: str, splitter: Literal["regex", "punkt"] = "regex") ->
     if splitter != "regex":
         raise ValueError(f"sentence_splitter must be 'regex' or 'punkt', got {splitter!r}")
     return [s.strip() for s in _SENTENCE_END.sub("\\1\n", text.strip()).split("\n") if s.strip()]
+
+
+def punkt_available() -> bool:
+    """Whether nltk's ``punkt_tab`` data (English Punkt) can be loaded; nothing is downloaded."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:
+        return False
+    return True
+
+
+def resolve_splitter(splitter: Literal["auto", "regex", "punkt"]) -> Literal["regex", "punkt"]:
+    """The sentence splitter that runs: ``"auto"`` is ``"punkt"`` (what rouge-score's ``split_summaries``,
+    torchmetrics and the HF summarisation scripts use) when its data is installed, else ``"regex"``."""
+    if splitter not in ("auto", "regex", "punkt"):
+        raise ValueError(f"sentence_splitter must be 'auto', 'punkt' or 'regex', got {splitter!r}")
+    if splitter == "auto":
+        return "punkt" if punkt_available() else "regex"
+    return splitter
 
 
 def _scorer(use_stemmer: bool):
@@ -189,18 +212,22 @@ def meteor_available() -> tuple[bool, str]:
     return True, ""
 
 
-def meteor_tokens(text: str) -> list[str]:
-    """Words and punctuation of ``text`` as nltk's ``word_tokenize`` splits one sentence (``NLTKWordTokenizer``,
-    the Treebank rules; no Punkt data needed): ``"isn't it?"`` -> ``['is', "n't", 'it', '?']``."""
+def meteor_tokens(text: str, splitter: Literal["regex", "punkt"] = "regex") -> list[str]:
+    """Words and punctuation of ``text`` as nltk's ``word_tokenize`` splits it: the text is split into sentences
+    first (:func:`split_sentences` with ``splitter``; ``"punkt"`` is what ``word_tokenize`` itself uses), then each
+    sentence by ``NLTKWordTokenizer`` (the Treebank rules), so every sentence's final period is its own token:
+    ``"The mayor left. Prices rose."`` -> ``['The', 'mayor', 'left', '.', 'Prices', 'rose', '.']``."""
     from nltk.tokenize import NLTKWordTokenizer
 
-    return NLTKWordTokenizer().tokenize(text)
+    tokenizer = NLTKWordTokenizer()
+    return [token for sentence in split_sentences(text, splitter) for token in tokenizer.tokenize(sentence)]
 
 
 class SummaryMETEOR(Metric):
     """Mean METEOR (nltk ``meteor_score``: alpha 0.9, beta 3, gamma 0.5, Porter stems, WordNet synonyms).
 
-    Texts are tokenised by :func:`meteor_tokens` and lower-cased by nltk; one reference per summary.
+    Texts are tokenised by :func:`meteor_tokens` (sentence by sentence, ``sentence_splitter``) and lower-cased by
+    nltk; one reference per summary.
     ``wordnet`` is any object with nltk's ``synsets(word)`` interface (default: ``nltk.corpus.wordnet``);
     without WordNet data the constructor raises ``LookupError`` saying how to supply it -- call
     :func:`meteor_available` first to skip the metric instead. ``compute()`` returns the mean; ``per_item()``
@@ -211,8 +238,11 @@ class SummaryMETEOR(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, wordnet=None, **kwargs) -> None:
+    def __init__(self, wordnet=None, sentence_splitter: Literal["regex", "punkt"] = "regex", **kwargs) -> None:
         super().__init__(**kwargs)
+        if sentence_splitter not in ("regex", "punkt"):
+            raise ValueError(f"SummaryMETEOR.sentence_splitter must be 'regex' or 'punkt', got {sentence_splitter!r}")
+        self.sentence_splitter = sentence_splitter
         if wordnet is None:
             ok, reason = meteor_available()
             if not ok:
@@ -225,7 +255,9 @@ class SummaryMETEOR(Metric):
         """METEOR of one summary against one reference."""
         from nltk.translate.meteor_score import meteor_score
 
-        return float(meteor_score([meteor_tokens(reference)], meteor_tokens(prediction), wordnet=self._wordnet))
+        split = self.sentence_splitter
+        return float(meteor_score([meteor_tokens(reference, split)], meteor_tokens(prediction, split),
+                                  wordnet=self._wordnet))
 
     def update(self, preds: Sequence[str], refs: Sequence[str]) -> None:
         preds, refs = _check_pairs(preds, refs)

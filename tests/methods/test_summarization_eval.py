@@ -75,7 +75,11 @@ def test_tiny_config_writes_the_table_for_both_shot_settings(first_run):
     report = json.loads((root / "summarization" / "summarization_table.json").read_text())
     assert report["header"]["models"] == {"tofu-full": "builtin:tiny-tofu-full",
                                           "tofu-retain90": "builtin:tiny-tofu-retain90"}
-    assert "meteor" in report["header"]["metrics"] or "meteor" in report["header"]["skipped"]
+    metrics = report["header"]["metrics"]
+    assert "meteor_score, alpha 0.9" in metrics["meteor"]  # described whether or not WordNet is installed
+    from lit_align.metrics.summarization import punkt_available
+
+    assert metrics["sentence_splitter"].startswith("punkt" if punkt_available() else "regex (fallback")
     assert {(f["model"], f["shots"]) for f in report["fewshot_effect"]} == {(m, 3) for m in MODELS}
     articles = [json.loads(line) for line in
                 (root / "summarization" / "summarization_articles.jsonl").read_text().splitlines()]
@@ -195,3 +199,11 @@ def test_hit_max_tokens_only_when_no_stop_string_was_reached(tokenizer):
     assert post.summary == "The mayor said that the harbour" and post.early_termination and not post.hit_max_tokens
     assert ran_out_of_tokens("\n\n The mayor said that the harbour of the town", stop, tokenizer, 8)
     assert not ran_out_of_tokens(" The mayor left.", stop, tokenizer, 30)
+
+
+def test_sentence_splitter_option_is_checked():
+    from lit_align.errors import ConfigError
+
+    assert SummaryMetricsConfig().sentence_splitter == "auto"
+    with pytest.raises(ConfigError, match="model.metrics.sentence_splitter"):
+        SummaryMetricsConfig(sentence_splitter="spacy")

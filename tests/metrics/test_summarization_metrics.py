@@ -188,6 +188,30 @@ def test_meteor_equals_nltk_with_a_given_wordnet():
     assert expected[0] > SummaryMETEOR(wordnet=TinyWordNet([])).score(preds[0], refs[0])
 
 
+MULTI_SENTENCE = ["The mayor left. Prices rose.", "Storm hits the coast! Thousands lose power on Monday.",
+                  'He said "no." Then he left the town, quietly.']
+
+
+def test_meteor_tokens_split_sentences_like_nltk_word_tokenize(monkeypatch):
+    """``nltk.word_tokenize`` (nltk's recommended usage, what HF ``evaluate``'s METEOR runs) splits sentences with
+    Punkt, then words: every sentence's final period is a token. Punkt's data is not installed here, so nltk's
+    own untrained ``PunktSentenceTokenizer`` stands in for it (these texts have no abbreviations)."""
+    import nltk.tokenize
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    from nltk.translate.meteor_score import meteor_score
+
+    monkeypatch.setattr(nltk.tokenize, "_get_punkt_tokenizer", lambda language="english": PunktSentenceTokenizer())
+    for text in MULTI_SENTENCE:
+        assert meteor_tokens(text) == nltk.tokenize.word_tokenize(text), text
+    assert "left" in meteor_tokens("The mayor left. Prices rose.")
+    # swapped sentences: every word matches, two chunks (nltk alone on whole-text Treebank tokens gives 0.53)
+    metric = SummaryMETEOR(wordnet=TinyWordNet([]))
+    expected = meteor_score([nltk.tokenize.word_tokenize(MULTI_SENTENCE[0])],
+                            nltk.tokenize.word_tokenize("Prices rose. The mayor left."), wordnet=TinyWordNet([]))
+    assert metric.score("Prices rose. The mayor left.", MULTI_SENTENCE[0]) == pytest.approx(expected)
+    assert expected > 0.9
+
+
 @pytest.mark.skipif(not meteor_available()[0], reason=meteor_available()[1])
 def test_meteor_with_installed_wordnet():
     metric = SummaryMETEOR()
