@@ -31,6 +31,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lit_align.data.rouge import rouge_scorer
+
 __all__ = [
     "LengthRatio",
     "ROUGE_KEYS",
@@ -106,12 +108,6 @@ def resolve_splitter(splitter: Literal["auto", "regex", "punkt"]) -> Literal["re
     return splitter
 
 
-def _scorer(use_stemmer: bool):
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=use_stemmer)
-
-
 def rouge_scores(prediction: str, reference: str, *, use_stemmer: bool = True,
                  sentence_splitter: Literal["regex", "punkt"] = "regex") -> dict[str, float]:
     """ROUGE-1/2/L/Lsum F1 of ``prediction`` against ``reference`` (keys :data:`ROUGE_KEYS`).
@@ -122,7 +118,7 @@ def rouge_scores(prediction: str, reference: str, *, use_stemmer: bool = True,
     in another script has no tokens and scores 0), and the Porter stemmer applies to words longer than 3
     letters. Two texts with no tokens score 0.
     """
-    return _rouge_with(_scorer(use_stemmer), prediction, reference, sentence_splitter)
+    return _rouge_with(rouge_scorer(ROUGE_KEYS, use_stemmer), prediction, reference, sentence_splitter)
 
 
 def _rouge_with(scorer, prediction: str, reference: str, splitter: str) -> dict[str, float]:
@@ -162,7 +158,7 @@ class SummaryROUGE(Metric):
         if sentence_splitter not in ("regex", "punkt"):
             raise ValueError(f"SummaryROUGE.sentence_splitter must be 'regex' or 'punkt', got {sentence_splitter!r}")
         self.use_stemmer, self.sentence_splitter = use_stemmer, sentence_splitter
-        self._rouge = _scorer(use_stemmer)
+        self._rouge = rouge_scorer(ROUGE_KEYS, use_stemmer)
         for key in ROUGE_KEYS:
             self.add_state(key, default=[], dist_reduce_fx="cat")
 

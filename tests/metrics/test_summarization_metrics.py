@@ -299,3 +299,21 @@ def test_bootstrap_ci_equals_scipy_and_handles_degenerate_input():
     assert all(math.isnan(x) for x in bootstrap_ci([]))
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_ci(values, confidence=95)
+
+
+def test_one_cached_rouge_scorer_is_shared():
+    """Summarisation metrics, post-processing and the unlearning metrics score through one cached scorer per
+    setting; the human-eval export and the judge share one criteria list."""
+    from lit_align.data.rouge import rouge_scorer
+    from lit_align.data.summarization_postprocess import copy_precision
+    from lit_align.metrics import human_eval, judge
+    from lit_align.metrics.unlearning import rouge_l_recall
+
+    assert SummaryROUGE()._rouge is rouge_scorer(ROUGE_KEYS, True)
+    assert rouge_scorer(("rougeL",), True) is rouge_scorer(("rougeL",), True)
+    before = rouge_scorer.cache_info().hits
+    rouge_scores("a cat", "the cat")
+    copy_precision("a cat", "the cat sat")
+    rouge_l_recall("a cat", "the cat")
+    assert rouge_scorer.cache_info().hits == before + 3
+    assert human_eval.DEFAULT_CRITERIA is judge.DEFAULT_CRITERIA
