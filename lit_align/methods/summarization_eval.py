@@ -349,7 +349,8 @@ class SummarizationEvaluationModule(L.LightningModule):
         demonstrations; the rows go to :attr:`outputs`."""
         articles = list(self.articles[task.name].values())
         config = dataclasses.replace(self.prompts, shots=k)
-        prompts: list[SummaryPrompt] = build_summary_prompts(task, articles, train, config, lm.tokenizer)
+        prompts: list[SummaryPrompt] = build_summary_prompts(task, articles, train, config, lm.tokenizer,
+                                                             render=lm.render)
         texts = [lm.render(p.text) for p in prompts]
         sampling = dataclasses.replace(self.sampling, max_new_tokens=task.max_new_tokens)
         purpose = f"summarization/{task.name}/{k}shot"

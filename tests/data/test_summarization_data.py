@@ -240,8 +240,31 @@ def test_too_few_train_articles_for_k_shot_names_shots_and_task(tiny):
     with pytest.raises(ValueError, match=r"prompts.shots=3 but task 'tiny_news' has only 2 train articles"):
         build_summary_prompts(TINY, test, train[:2], SummaryPromptConfig(shots=3))
     # enough articles in all, but one of the three is the test article itself
-    with pytest.raises(ValueError, match=r"shots=3 but task 'tiny_news' has only 2 train articles .* other than"):
+    with pytest.raises(ValueError, match=r"shots=3 but task 'tiny_news' has only 2 train articles .* not test"):
         build_summary_prompts(TINY, test[:1], train[:2] + [test[0]], SummaryPromptConfig(shots=3))
+
+
+def test_no_test_article_is_a_demonstration(tiny):
+    """One file for train and test (no ``{split}``): the pool holds the test articles too; none of them (by id or
+    by text) is shown as a demonstration, only the other rows."""
+    test, train = tiny
+    everything = test + train
+    evaluated = test[:4]
+    prompts = build_summary_prompts(TINY, evaluated, everything + [Article("dup", test[2].article, "r")],
+                                    SummaryPromptConfig(shots=3, seed=0))
+    shown = {d for p in prompts for d in p.demo_ids}
+    assert shown and not shown & ({a.id for a in evaluated} | {"dup"})
+
+
+def test_prompt_tokens_are_counted_through_the_generator_renderer(tiny, tokenizer):
+    """The harness passes its generator's renderer (LoadedModel.render): truncation counts that string."""
+    test, train = tiny
+    config = SummaryPromptConfig(shots=1, chat_template=True)
+    plain = build_summary_prompts(TINY, test[:1], train, config, tokenizer)[0]
+    marked = build_summary_prompts(TINY, test[:1], train, config, tokenizer,
+                                   render=lambda text: "BOS BOS " + render_prompt(text, tokenizer))[0]
+    extra = len(tokenizer("BOS BOS " + render_prompt(plain, tokenizer))["input_ids"]) - plain.prompt_tokens
+    assert extra > 0 and marked.prompt_tokens == plain.prompt_tokens + extra
 
 
 def test_truncation_policies_and_rates(tiny, tokenizer):
