@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import warnings
@@ -102,7 +101,7 @@ class SummarizationReport(L.Callback):
         atomic_write_text(path, json.dumps(_no_nan(report), indent=1, default=_json, allow_nan=False))
         self.files["json"] = path
         self.files["articles"] = write_jsonl(directory / "summarization_articles.jsonl",
-                                             [_no_nan(dataclasses.asdict(r)) for r in pl_module.rows], default=_json)
+                                             [_no_nan(r.record()) for r in pl_module.rows], default=_json)
         if self.plot:
             png = self._plot(directory / "summarization_rougeL.png", table)
             if png is not None:

@@ -28,8 +28,6 @@ Prompts are built by :mod:`lit_align.data.summarization_prompts` and outputs cle
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +38,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lit_align.data.records import DataSource, describe_record, read_rows
+from lit_align.data.records import DataSource, describe_record, read_jsonl, read_rows
 from lit_align.data.summarization_postprocess import DEFAULT_COPY_THRESHOLD, Postprocessed, postprocess_summary
 from lit_align.data.summarization_prompts import (
     SummaryPrompt,
@@ -220,18 +218,6 @@ def _newsroom_file(directory: str, split: str, task: SummarizationTask) -> Path:
         "dev.jsonl[.gz] and test.jsonl[.gz] as newsroom:<dir>")
 
 
-def _read_jsonl_gz(path: Path) -> list[Any]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = []
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-        return rows
-
-
 def _rows(task: SummarizationTask, split: str) -> tuple[list[Any], str]:
     """The raw records of ``split`` and the path errors name."""
     limit = task.train_limit if split == task.train_split else None
@@ -241,7 +227,7 @@ def _rows(task: SummarizationTask, split: str) -> tuple[list[Any], str]:
     elif kind == "newsroom":
         file = _newsroom_file(task.source.removeprefix("newsroom:"), split, task)
         if file.suffix == ".gz":
-            rows = _read_jsonl_gz(file)
+            rows = read_jsonl(file)
             return (rows[:limit] if limit is not None else rows), str(file)
         path = str(file)
     elif kind == "local":

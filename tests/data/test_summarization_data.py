@@ -126,6 +126,13 @@ def test_newsroom_directory_plain_and_gzip(tmp_path):
     assert load_articles(task, "validation") == [Article("http://n/2", "A fair opened.", "Fair.")]
     with pytest.raises(FileNotFoundError, match=r"train\.jsonl"):
         load_articles(task, "train")
+    from lit_align.data.records import read_jsonl  # the one JSONL reader, gzip included
+
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps(rows[0]) + "\n{broken\n")
+    assert read_jsonl(tmp_path / "dev.jsonl.gz") == [rows[1]]
+    with pytest.raises(DataError, match=r"train\.jsonl\.gz:2: invalid JSON"):
+        load_articles(task, "train")
 
 
 def test_local_files_with_keys_and_split_placeholder(tmp_path):

@@ -207,3 +207,16 @@ def test_sentence_splitter_option_is_checked():
     assert SummaryMetricsConfig().sentence_splitter == "auto"
     with pytest.raises(ConfigError, match="model.metrics.sentence_splitter"):
         SummaryMetricsConfig(sentence_splitter="spacy")
+
+
+def test_summary_row_reuses_the_postprocessed_flags(first_run):
+    """The row holds post-processing's result (no copy of its fields) and still reads like one flat record."""
+    import dataclasses
+
+    from lit_align.data.summarization_postprocess import Postprocessed
+    from lit_align.methods.summarization_eval import SummaryRow
+
+    assert not {f.name for f in dataclasses.fields(Postprocessed)} & {f.name for f in dataclasses.fields(SummaryRow)}
+    row = first_run[0].model.rows[0]
+    assert isinstance(row.post, Postprocessed) and row.summary == row.post.summary and row.empty == row.post.empty
+    assert {"summary", "empty", "hit_max_tokens", "copy_precision", "scores"} <= set(row.record())
