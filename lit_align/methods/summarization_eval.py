@@ -309,6 +309,8 @@ class SummarizationEvaluationModule(L.LightningModule):
                 except ValueError as err:
                     raise ConfigError(f"model.shots ({k}-shot, task {name!r}): {err}") from err
         self._set_up_metrics()
+        if self.judge is not None and getattr(self.judge.backend, "device", "") is None:
+            self.judge.backend.device = str(self.device)  # a local judge runs where the evaluated models run
         self.cache = GenerationCache(self._cache_path())
         self.generated, self.outputs, self.rows, self._scorers = 0, {}, [], {}
         for name, spec in self.models.items():
@@ -409,6 +411,8 @@ class SummarizationEvaluationModule(L.LightningModule):
 
     # -- results ---------------------------------------------------------------------------------------
     def on_test_epoch_end(self) -> None:
+        if self.judge is not None and hasattr(self.judge.backend, "close"):
+            self.judge.backend.close()  # every summary is judged: free a local judge model
         self.table = []
         for key, scorers in self._scorers.items():
             rows = scorers["rows"]

@@ -29,6 +29,7 @@ and :class:`OpenAICompatibleJudge` (a ``/chat/completions`` endpoint, optional).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -41,6 +42,9 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
+
+from lit_align.errors import ConfigError
+from lit_align.models.spec import ModelSpec
 
 __all__ = [
     "DEFAULT_CRITERIA",
@@ -358,53 +362,69 @@ class PairwiseJudge:
 
 
 class HFJudge:
-    """A local HF causal LM as judge, through :func:`lit_align.retrieval.generate_texts` (greedy decoding).
+    """A local HF causal LM as judge (greedy decoding), loaded and rendered by
+    :func:`lit_align.retrieval.loaded.loaded_model` like the evaluated models (the same chat rendering, doubled-BOS
+    strip, fingerprints and generation path).
 
     Args:
-        model: a :class:`~lit_align.models.spec.ModelSpec`, or a hub id / local directory / ``builtin:`` name.
+        model: a :class:`~lit_align.models.spec.ModelSpec` (in YAML a mapping: ``{name_or_path: ..., dtype:
+            bfloat16, revision: ...}``), or a hub id / local directory / ``builtin:`` name.
         max_new_tokens: reply length limit (a JSON object of four scores needs ~40 tokens).
         chat_template: wrap each prompt as one user message with the tokenizer's chat template (instruct
             judges); otherwise the prompt is sent as raw text.
         batch_size: prompts per generation batch.
-        device: where the judge runs (default: CUDA when available).
+        device: where the judge runs (default: the evaluation module's device when it sets one, else CUDA when
+            available, else CPU).
+        cache_path: a JSONL :class:`~lit_align.retrieval.GenerationCache` of replies (keyed by the judge's weight
+            fingerprint, prompt and settings), so a rerun does not judge again; ``None``: no cache.
 
-    ``model_id`` is the spec's source plus ``@revision`` when one is pinned. The model is built on first use.
+    ``model_id`` is the spec's source, then ``@`` and the pinned ``revision`` or, once loaded, the hub commit the
+    weights were read from, and the judge's weight fingerprint (so the report names the judge's version).
+    The model is built on first use and kept until :meth:`close`.
     """
 
-    def __init__(self, model, *, max_new_tokens: int = 64, chat_template: bool = False, batch_size: int = 8,
-                 device: str | None = None) -> None:
-        from lit_align.models.spec import ModelSpec
-
+    def __init__(self, model: ModelSpec | str, *, max_new_tokens: int = 64, chat_template: bool = False,
+                 batch_size: int = 8, device: str | None = None, cache_path: str | None = None) -> None:
         self.spec = ModelSpec(name_or_path=model) if isinstance(model, str) else model
+        if not isinstance(self.spec, ModelSpec):
+            raise ConfigError(f"judge.model must be a model spec or a name, got {type(model).__name__}")
         self.max_new_tokens, self.chat_template, self.batch_size = max_new_tokens, chat_template, batch_size
         self.device = device
         self.model_id = self.spec.source + (f"@{self.spec.revision}" if self.spec.revision else "")
-        self._model = self._tokenizer = None
+        self._lm = None
+        self._stack = contextlib.ExitStack()
+        self._cache_path = cache_path
 
-    def _load(self) -> None:
-        if self._model is None:
+    def _load(self):
+        if self._lm is None:
             import torch
 
-            from lit_align.models.causal_lm import build_causal_lm, build_tokenizer
+            from lit_align.retrieval import GenerationCache
+            from lit_align.retrieval.loaded import loaded_model
 
-            self._tokenizer = build_tokenizer(self.spec, key="judge.model")
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self._model = build_causal_lm(self.spec, self._tokenizer).to(device).eval()
-
-    def _format(self, prompt: str) -> str:
-        if not self.chat_template:
-            return prompt
-        return self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                   add_generation_prompt=True)
+            self._lm = self._stack.enter_context(loaded_model(
+                self.spec, key="judge.model", device=device, chat_template=self.chat_template,
+                chat_key="judge.chat_template"))
+            self._cache = GenerationCache(self._cache_path) if self._cache_path is not None else None
+            commit = getattr(self._lm.model.config, "_commit_hash", None)
+            version = self.spec.revision or commit
+            self.model_id = (self.spec.source + (f"@{version}" if version else "")
+                             + f" (weights {self._lm.fingerprint[:12]})")
+        return self._lm
 
     def complete(self, prompts: list[str]) -> list[str]:
-        from lit_align.retrieval.generation import generate_texts
         from lit_align.rollout.sampler import SamplingConfig
 
-        self._load()
+        lm = self._load()
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False)
-        return generate_texts(self._model, self._tokenizer, [self._format(p) for p in prompts], sampling,
-                              seeds=None, batch_size=self.batch_size)
+        return lm.generate([lm.render(p) for p in prompts], sampling, seeds=None, cache=self._cache,
+                           batch_size=self.batch_size)
+
+    def close(self) -> None:
+        """Free the judge model (it is loaded again on the next :meth:`complete`)."""
+        self._stack.close()
+        self._lm = None
 
 
 class OpenAICompatibleJudge:

@@ -164,11 +164,25 @@ def test_hf_judge_with_non_json_replies_counts_failures():
     backend = HFJudge(spec, max_new_tokens=4, batch_size=2)
     result = RubricJudge(backend, retries=1).score(["The harbour closed on Monday.", "Rain fell."],
                                                    ["The harbour closed.", "It rained."])
-    assert backend.model_id == "tiny-qwen2" == result.model_id
+    assert backend.model_id == result.model_id and backend.model_id.startswith("tiny-qwen2 (weights ")
+    assert backend._lm.fingerprint[:12] in backend.model_id  # the judge's version: its weight fingerprint
     assert result.scores == [None, None]
     assert result.failures == 2 and result.parse_failures == 4 and result.attempts == [2, 2]
     assert all(isinstance(r, str) for r in result.replies)
     assert HFJudge(ModelSpec(name_or_path="org/judge", revision="abc123")).model_id == "org/judge@abc123"
+    backend.close()
+
+
+def test_hf_judge_model_spec_from_yaml_keeps_dtype():
+    """A YAML mapping for the judge's model is parsed into a ModelSpec (dtype kept), not a name."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(HFJudge, "judge")
+    cfg = parser.parse_args(["--judge.model", "{name_or_path: builtin:tiny-tofu-full, dtype: bfloat16}"])
+    judge = parser.instantiate_classes(cfg).judge
+    assert isinstance(judge.spec, ModelSpec) and judge.spec.dtype == "bfloat16"
+    assert judge.spec.name_or_path == "builtin:tiny-tofu-full"
 
 
 def test_openai_compatible_judge_builds_the_request_without_sending(monkeypatch):
