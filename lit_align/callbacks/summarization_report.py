@@ -35,7 +35,9 @@ def summary_table_text(table: list[dict[str, Any]], fewshot_effect: list[dict[st
     """The table as printed text: model x task x shots with the main metrics (mean ± half the 95% interval), judge
     means, failure counts, then the few-shot effect rows."""
     metrics = [(m, h) for m, h in _PRINTED if any(m in e for e in table)]
-    judge = sorted({k for e in table for k in e if k.startswith("judge_") and k != "judge_parse_failures"})
+    judge = sorted({k for e in table for k in e if k.startswith("judge_")
+                    and k not in ("judge_failures", "judge_parse_failures", "judge_attempts")
+                    and not k.endswith(("_low", "_high"))})
     header = ["model", "task", "k", *(h for _, h in metrics), *judge, "empty/early/max/copied/echoed"]
     lines = [header]
     for e in table:
@@ -56,7 +58,8 @@ class SummarizationReport(L.Callback):
 
     * ``summarization_table.csv``: one row per (model, task, shots): ``articles``; per metric (ROUGE-1/2/L/Lsum
       F1, METEOR, BERTScore F1, length ratios) its mean and ``<metric>_low`` / ``<metric>_high``, the bootstrap 95%
-      interval over articles; judge means per criterion and ``judge_parse_failures``; the truncation rates
+      interval over articles; judge means per criterion (with intervals), ``judge_failures`` (summaries never
+      scored), ``judge_parse_failures`` (replies that did not parse) and ``judge_attempts``; the truncation rates
       (``article_truncated_rate``, ``demos_dropped_rate``, ``mean_demos``) and the failure-mode counts
       (``empty``, ``early_termination``, ``hit_max_tokens``, ``copied``, ``echoed``);
     * ``summarization_table.json``: the same rows, ``fewshot_effect`` (per model and task, the paired k-shot minus

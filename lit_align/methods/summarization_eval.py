@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_align.data.summarization import Article, SummarizationDataModule, SummarizationTask
+from lit_align.data.summarization import Article, SummarizationDataModule, SummarizationTask, length_stats
 from lit_align.data.summarization_postprocess import Postprocessed, postprocess_summary
 from lit_align.data.summarization_prompts import (
     SummaryPrompt,
@@ -455,9 +455,13 @@ class SummarizationEvaluationModule(L.LightningModule):
         if self.judge is not None:
             judged = [r.judge for r in rows if r.judge is not None]
             for criterion in self.judge.rubric.criteria:
-                values = [j[criterion] for j in judged]
-                entry[f"judge_{criterion}"] = sum(values) / len(values) if values else float("nan")
-            entry["judge_parse_failures"] = sum(r.judge is None for r in rows)
+                mean, low, high = bootstrap_ci([j[criterion] for j in judged], seed=self.seed,
+                                               n_resamples=self.metrics_config.bootstrap_resamples)
+                entry[f"judge_{criterion}"], entry[f"judge_{criterion}_low"], entry[f"judge_{criterion}_high"] = \
+                    mean, low, high
+            entry["judge_failures"] = sum(r.judge is None for r in rows)  # summaries never scored
+            entry["judge_parse_failures"] = sum(r.judge_attempts - (r.judge is not None) for r in rows)  # replies
+            entry["judge_attempts"] = sum(r.judge_attempts for r in rows)
         entry.update(self.truncation.get(key, {}))
         for mode in FAILURE_MODES:
             entry[mode] = sum(getattr(r, mode) for r in rows)
@@ -498,7 +502,9 @@ class SummarizationEvaluationModule(L.LightningModule):
         config = self.metrics_config
         return {"models": {n: s.source for n, s in self.models.items()},
                 "tasks": {n: {"source": t.source, "articles": len(self.articles.get(n, {})),
-                              "max_new_tokens": t.max_new_tokens, "stop": list(t.stop)} for n, t in self.tasks.items()},
+                              "max_new_tokens": t.max_new_tokens, "stop": list(t.stop),
+                              "lengths": length_stats(list(self.articles.get(n, {}).values()))}
+                          for n, t in self.tasks.items()},
                 "shots": self.shots, "sampling": dataclasses.asdict(self.sampling),
                 "chat_template": self.prompts.chat_template, "truncation": self.prompts.truncation,
                 "max_prompt_tokens": self.prompts.max_prompt_tokens,

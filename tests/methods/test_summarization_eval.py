@@ -75,6 +75,8 @@ def test_tiny_config_writes_the_table_for_both_shot_settings(first_run):
     report = json.loads((root / "summarization" / "summarization_table.json").read_text())
     assert report["header"]["models"] == {"tofu-full": "builtin:tiny-tofu-full",
                                           "tofu-retain90": "builtin:tiny-tofu-retain90"}
+    lengths = report["header"]["tasks"]["tiny_news"]["lengths"]
+    assert lengths["articles"] == 8 and lengths["article_words_mean"] > lengths["reference_words_mean"] > 0
     metrics = report["header"]["metrics"]
     assert "meteor_score, alpha 0.9" in metrics["meteor"]  # described whether or not WordNet is installed
     from lit_align.metrics.summarization import punkt_available
@@ -111,23 +113,28 @@ def test_rerun_reads_every_summary_from_the_cache_and_logs_to_wandb(first_run, t
 
 
 def test_hf_judge_replies_that_are_not_json_are_counted(first_run, tmp_path):
-    """With a tiny HF judge (and BERTScore on a tiny local BERT encoder, layer 1)."""
+    """With a tiny HF judge (and BERTScore on a tiny local BERT encoder, layer 1), the evaluated models and the
+    judge prompted through their chat templates (the chat path end to end)."""
     _, root, _ = first_run
     judge = ('{"class_path": "lit_align.metrics.judge.HFJudge", "init_args": {"model": "builtin:tiny-tofu-full", '
-             '"max_new_tokens": 6, "batch_size": 16}}')
+             '"max_new_tokens": 6, "batch_size": 16, "chat_template": true}}')
     bert = save_tiny_bert(tmp_path / "tiny-bert")
     cli = _test_run(root, "--trainer.logger.save_dir", str(tmp_path), "--model.init_args.judge", judge,
                     "--model.init_args.judge_retries", "1", "--model.init_args.shots", "[0]",
                     "--model.init_args.metrics.bertscore_model", bert, "--model.init_args.metrics.bertscore_layer",
-                    "1", "--model.init_args.metrics.bertscore_max_length", "128")
+                    "1", "--model.init_args.metrics.bertscore_max_length", "128",
+                    "--model.init_args.prompts.chat_template", "true")
     table = cli.model.table
     assert {r["shots"] for r in table} == {0} and len(table) == 2
     for entry in table:  # a tiny Llama trained on Q&A writes no JSON: every summary is a counted failure
-        assert entry["judge_parse_failures"] == 8
-        assert math.isnan(entry["judge_relevance"])
+        assert entry["judge_failures"] == 8  # summaries never scored
+        assert entry["judge_parse_failures"] == entry["judge_attempts"] == 16  # every reply of 2 tries failed
+        assert math.isnan(entry["judge_relevance"]) and math.isnan(entry["judge_relevance_low"])
         assert math.isfinite(entry["rougeL"])
         assert entry["bertscore_f1_low"] <= entry["bertscore_f1"] <= entry["bertscore_f1_high"]
     assert all(r.judge is None and r.judge_attempts == 2 for r in cli.model.rows)
+    assert cli.model.report_header()["chat_template"] is True
+    assert all(r.cached is False for r in cli.model.rows)  # chat prompts differ from the first run's raw ones
     assert cli.model.report_header()["judge"]["model_id"].startswith("builtin:tiny-tofu-full (weights ")
 
 
