@@ -48,7 +48,7 @@ _PREFIX = re.compile(
     r"^\s*(?:" + _LABEL + r"|(?:in\s+summary|in\s+short)\s*[:,]\s*"
     r"|here(?:'s|\s+is)\s+(?:a|the|my)\s+(?:short\s+|brief\s+|one-sentence\s+)?summary(?:\s+of\s+the\s+article)?"
     r"\s*[:.]\s*)", re.IGNORECASE)
-_SUMMARY_LABEL = re.compile(_LABEL, re.IGNORECASE)
+_SUMMARY_LABEL = re.compile(r"^[ \t]*" + _LABEL, re.IGNORECASE | re.MULTILINE)  # a label starts a line
 _ARTICLE_LABEL = re.compile(r"^\s*(?:\*\*)?article(?:\*\*)?\s*:\s*", re.IGNORECASE)
 _FINAL = re.compile(r"[.!?][\"'”’)\]]*$")
 

@@ -115,6 +115,12 @@ class Rubric:
         missing = {"{article}", "{summary}"} - {f"{{{name}}}" for name in re.findall(r"{(\w+)}", self.template)}
         if missing:
             raise ValueError(f"judge.rubric.template lacks {sorted(missing)}; the judge must see both texts")
+        try:  # formatted once now, so a stray brace or an unknown field fails at start-up, not mid-evaluation
+            self.prompt("", "")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"judge.rubric.template does not format ({type(err).__name__}: {err}); its fields are "
+                             "{article}, {summary}, {criteria_block}, {example}, {low} and {high}; write a literal "
+                             "brace as {{ or }}") from err
 
     def prompt(self, article: str, summary: str) -> str:
         """The judge prompt for one (article, summary) pair."""

@@ -341,6 +341,14 @@ def test_strips_an_echoed_prompt_and_summary_prefix():
     assert (out.summary, out.echoed) == ("The bridge is open.", True)
 
 
+def test_summary_label_counts_only_at_a_line_start():
+    """"summary -" inside a repeated lead is text, not a label: only a label that starts a line ends an echo."""
+    output = ("The old stone bridge in Dunmere reopened on Monday after eight months of repairs. A summary - the "
+              "town engineer said - of the works was published.")
+    out = _post(output)
+    assert out.summary == output and not out.echoed
+
+
 def test_partial_article_echo_and_a_new_article():
     out = _post("Article: The old stone bridge in Dunmere")  # echo cut short by the token budget
     assert (out.summary, out.echoed, out.empty) == ("", True, True)

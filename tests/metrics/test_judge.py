@@ -63,6 +63,12 @@ def test_extra_keys_policy_and_custom_criteria():
     assert parse_judge_reply('{"overall": 7}', ["overall"], low=0, high=10) == {"overall": 7}
 
 
+def test_rubric_template_that_does_not_format_fails_at_construction():
+    with pytest.raises(ValueError, match=r"judge.rubric.template does not format .*\{\{"):
+        Rubric(template='Article: {article}\nSummary: {summary}\nReply like {"relevance": 3}')
+    assert Rubric(template='{article} {summary} {{"relevance": 3}}').prompt("a", "s") == 'a s {"relevance": 3}'
+
+
 def test_rubric_prompt_and_schema():
     rubric = Rubric()
     prompt = rubric.prompt("ARTICLE TEXT", "SUMMARY TEXT")
