@@ -155,19 +155,34 @@ def ran_out_of_tokens(output: str, stop: Sequence[str], tokenizer: Any, max_new_
     return len(tokenizer(output, add_special_tokens=False)["input_ids"]) >= max_new_tokens
 
 
+def check_context(lm: LoadedModel, max_prompt_tokens: int | None, task: SummarizationTask) -> None:
+    """A prompt of ``max_prompt_tokens`` plus the task's ``max_new_tokens`` must fit the model's context
+    (``max_position_embeddings``), else an error naming ``model.prompts.max_prompt_tokens``."""
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if max_prompt_tokens is None or not isinstance(context, int):
+        return
+    if max_prompt_tokens + task.max_new_tokens > context:
+        raise ConfigError(f"model.prompts.max_prompt_tokens={max_prompt_tokens} plus task {task.name!r}'s "
+                          f"max_new_tokens={task.max_new_tokens} exceed the context of {lm.name} ({context} "
+                          f"positions); set max_prompt_tokens to at most {context - task.max_new_tokens}")
+
+
 def _source_name(source: str) -> str:
     """A short name for a spec's source: the last part of a hub id or path; a checkpoint
-    ``<run>/checkpoints/last.ckpt`` as ``<run folder>-last``."""
+    ``<run>/<version>/checkpoints/last.ckpt`` as ``<run>-<version>-last`` (two runs' ``version_0`` stay apart)."""
     path = Path(source.removeprefix("builtin:"))
     if path.suffix == ".ckpt":
-        return f"{path.parent.parent.name}-{path.stem}" if path.parent.name == "checkpoints" else path.stem
+        if path.parent.name != "checkpoints":
+            return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+        version = path.parent.parent
+        return "-".join(p for p in (version.parent.name, version.name, path.stem) if p)
     return path.name
 
 
 def model_names(models: dict[str, ModelSpec] | Sequence[ModelSpec]) -> dict[str, ModelSpec]:
     """``model.models`` as ``name -> spec``: a dict as given (names checked), a list named after each spec's
-    source (``builtin:tiny-tofu-full`` -> ``tiny-tofu-full``, ``.../version_0/checkpoints/last.ckpt`` ->
-    ``version_0-last``; ``-2``, ``-3``... for repeats)."""
+    source (``builtin:tiny-tofu-full`` -> ``tiny-tofu-full``, ``outputs/sft/version_0/checkpoints/last.ckpt`` ->
+    ``sft-version_0-last``; ``-2``, ``-3``... for repeats)."""
     if isinstance(models, dict):
         named = dict(models)
     else:
@@ -353,6 +368,7 @@ class SummarizationEvaluationModule(L.LightningModule):
         """Prompt, generate (through the cache) and post-process every test article of ``task`` with ``k``
         demonstrations; the rows go to :attr:`outputs`."""
         articles = list(self.articles[task.name].values())
+        check_context(lm, self.prompts.max_prompt_tokens, task)
         config = dataclasses.replace(self.prompts, shots=k)
         prompts: list[SummaryPrompt] = build_summary_prompts(task, articles, train, config, lm.tokenizer,
                                                              render=lm.render)

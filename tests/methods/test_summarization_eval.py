@@ -182,9 +182,10 @@ def test_an_unavailable_metric_is_skipped_with_its_reason(tmp_path):
 def test_a_model_list_is_named_after_each_source():
     specs = [ModelSpec(name_or_path="builtin:tiny-tofu-full"), ModelSpec(name_or_path="builtin:tiny-tofu-full"),
              ModelSpec(name_or_path="outputs/sft/version_0/checkpoints/last.ckpt"),
+             ModelSpec(name_or_path="outputs/dpo/version_0/checkpoints/last.ckpt"),
              ModelSpec(name_or_path="Qwen/Qwen2.5-0.5B-Instruct")]
-    assert list(model_names(specs)) == ["tiny-tofu-full", "tiny-tofu-full-2", "version_0-last",
-                                      "Qwen2.5-0.5B-Instruct"]
+    assert list(model_names(specs)) == ["tiny-tofu-full", "tiny-tofu-full-2", "sft-version_0-last",
+                                      "dpo-version_0-last", "Qwen2.5-0.5B-Instruct"]
     with pytest.raises(ValueError, match="model.models: model name"):
         model_names({"a b": specs[0]})
 
@@ -227,3 +228,12 @@ def test_summary_row_reuses_the_postprocessed_flags(first_run):
     row = first_run[0].model.rows[0]
     assert isinstance(row.post, Postprocessed) and row.summary == row.post.summary and row.empty == row.post.empty
     assert {"summary", "empty", "hit_max_tokens", "copy_precision", "scores"} <= set(row.record())
+
+
+def test_max_prompt_tokens_beyond_the_model_context_is_a_clear_error(tmp_path, monkeypatch):
+    """The tiny models have 2,048 positions: 2,040 prompt tokens leave no room for the summary."""
+    calls = SampleCalls(monkeypatch)
+    error = _known_error(tmp_path, "--model.init_args.prompts.max_prompt_tokens", "2040", "--model.init_args.shots",
+                         "[0]")
+    assert "model.prompts.max_prompt_tokens=2040" in str(error) and "2048 positions" in str(error), error
+    assert calls.calls == 0
