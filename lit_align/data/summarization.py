@@ -166,7 +166,9 @@ class SummarizationTask:
     :data:`XSUM_REVISION`), the hub's default branch for other ids."""
     train_limit: int | None = None
     """Read only the first ``train_limit`` train records as the demonstration pool (streamed for HF ids, so the
-    287k-article CNN/DailyMail train split is not downloaded whole); ``null``: all."""
+    287k-article CNN/DailyMail train split is not downloaded whole); ``null``: all. These are the file's *first*
+    rows, not a random sample: for a source ordered by outlet or date (CNN/DailyMail puts CNN first), the pool
+    comes from that part only; demonstrations are then drawn from it with ``prompts.seed``."""
 
     def __post_init__(self) -> None:
         for key in ("name", "source", "test_split", "train_split"):
