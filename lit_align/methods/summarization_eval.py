@@ -358,7 +358,8 @@ class SummarizationEvaluationModule(L.LightningModule):
                 self._bertscore = SummaryBERTScore(config.bertscore_model, config.bertscore_layer,
                                                    max_length=config.bertscore_max_length,
                                                    batch_size=config.bertscore_batch_size, device=self.device)
-            except (OSError, ValueError) as err:  # a missing directory, a hub id offline, a bad layer
+            except (OSError, ValueError, ImportError) as err:  # a missing directory, a hub id offline, a bad layer,
+                # or bert-score not installed (pip install bert-score)
                 self.skipped["bertscore"] = f"{config.bertscore_model} (layer {config.bertscore_layer}): {err}"
         for metric, reason in self.skipped.items():
             rank_zero_warn(f"summarisation: {metric} is skipped: {reason}")
