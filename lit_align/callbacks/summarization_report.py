@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import warnings
@@ -36,7 +35,9 @@ def summary_table_text(table: list[dict[str, Any]], fewshot_effect: list[dict[st
     """The table as printed text: model x task x shots with the main metrics (mean ± half the 95% interval), judge
     means, failure counts, then the few-shot effect rows."""
     metrics = [(m, h) for m, h in _PRINTED if any(m in e for e in table)]
-    judge = sorted({k for e in table for k in e if k.startswith("judge_") and k != "judge_parse_failures"})
+    judge = sorted({k for e in table for k in e if k.startswith("judge_")
+                    and k not in ("judge_failures", "judge_parse_failures", "judge_attempts")
+                    and not k.endswith(("_low", "_high"))})
     header = ["model", "task", "k", *(h for _, h in metrics), *judge, "empty/early/max/copied/echoed"]
     lines = [header]
     for e in table:
@@ -57,7 +58,8 @@ class SummarizationReport(L.Callback):
 
     * ``summarization_table.csv``: one row per (model, task, shots): ``articles``; per metric (ROUGE-1/2/L/Lsum
       F1, METEOR, BERTScore F1, length ratios) its mean and ``<metric>_low`` / ``<metric>_high``, the bootstrap 95%
-      interval over articles; judge means per criterion and ``judge_parse_failures``; the truncation rates
+      interval over articles; judge means per criterion (with intervals), ``judge_failures`` (summaries never
+      scored), ``judge_parse_failures`` (replies that did not parse) and ``judge_attempts``; the truncation rates
       (``article_truncated_rate``, ``demos_dropped_rate``, ``mean_demos``) and the failure-mode counts
       (``empty``, ``early_termination``, ``hit_max_tokens``, ``copied``, ``echoed``);
     * ``summarization_table.json``: the same rows, ``fewshot_effect`` (per model and task, the paired k-shot minus
@@ -102,7 +104,7 @@ class SummarizationReport(L.Callback):
         atomic_write_text(path, json.dumps(_no_nan(report), indent=1, default=_json, allow_nan=False))
         self.files["json"] = path
         self.files["articles"] = write_jsonl(directory / "summarization_articles.jsonl",
-                                             [_no_nan(dataclasses.asdict(r)) for r in pl_module.rows], default=_json)
+                                             [_no_nan(r.record()) for r in pl_module.rows], default=_json)
         if self.plot:
             png = self._plot(directory / "summarization_rougeL.png", table)
             if png is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import gzip
 import itertools
 import json
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ import torch
 from lit_align.errors import DataError, MissingPathError
 from lit_align.paths import hub_offline, looks_local
 
-__all__ = ["BUILTIN_DIR", "DataSource", "Record", "describe_record", "load_records", "read_rows"]
+__all__ = ["BUILTIN_DIR", "DataSource", "Record", "describe_record", "load_records", "read_jsonl", "read_rows"]
 
 Record = dict[str, Any]
 
@@ -67,18 +68,25 @@ class DataSource:
     """Git revision (tag, branch or commit) of an HF dataset, to pin a hub dataset whose layout changes."""
 
 
+def read_jsonl(path: Path) -> list[Any]:
+    """The JSON values of a JSON-lines file, blank lines skipped (``.gz``: gzip-compressed); a line that is not
+    JSON is a :class:`~lit_align.errors.DataError` naming the file and line."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        rows = []
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+        return rows
+
+
 def _read_local(path: Path) -> list[Record]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            rows = []
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-            return rows
+        return read_jsonl(path)
     if suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict) and "data" in data:

@@ -28,8 +28,6 @@ Prompts are built by :mod:`lit_align.data.summarization_prompts` and outputs cle
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +38,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lit_align.data.records import DataSource, describe_record, read_rows
+from lit_align.data.records import DataSource, describe_record, read_jsonl, read_rows
 from lit_align.data.summarization_postprocess import DEFAULT_COPY_THRESHOLD, Postprocessed, postprocess_summary
 from lit_align.data.summarization_prompts import (
     SummaryPrompt,
@@ -168,7 +166,9 @@ class SummarizationTask:
     :data:`XSUM_REVISION`), the hub's default branch for other ids."""
     train_limit: int | None = None
     """Read only the first ``train_limit`` train records as the demonstration pool (streamed for HF ids, so the
-    287k-article CNN/DailyMail train split is not downloaded whole); ``null``: all."""
+    287k-article CNN/DailyMail train split is not downloaded whole); ``null``: all. These are the file's *first*
+    rows, not a random sample: for a source ordered by outlet or date (CNN/DailyMail puts CNN first), the pool
+    comes from that part only; demonstrations are then drawn from it with ``prompts.seed``."""
 
     def __post_init__(self) -> None:
         for key in ("name", "source", "test_split", "train_split"):
@@ -220,18 +220,6 @@ def _newsroom_file(directory: str, split: str, task: SummarizationTask) -> Path:
         "dev.jsonl[.gz] and test.jsonl[.gz] as newsroom:<dir>")
 
 
-def _read_jsonl_gz(path: Path) -> list[Any]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = []
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-        return rows
-
-
 def _rows(task: SummarizationTask, split: str) -> tuple[list[Any], str]:
     """The raw records of ``split`` and the path errors name."""
     limit = task.train_limit if split == task.train_split else None
@@ -241,7 +229,7 @@ def _rows(task: SummarizationTask, split: str) -> tuple[list[Any], str]:
     elif kind == "newsroom":
         file = _newsroom_file(task.source.removeprefix("newsroom:"), split, task)
         if file.suffix == ".gz":
-            rows = _read_jsonl_gz(file)
+            rows = read_jsonl(file)
             return (rows[:limit] if limit is not None else rows), str(file)
         path = str(file)
     elif kind == "local":

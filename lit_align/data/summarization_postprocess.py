@@ -31,11 +31,11 @@ Flags of the cleaned summary:
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lit_align.data.rouge import rouge_scorer
 from lit_align.data.stop_strings import cut_at_stop
 
 __all__ = ["DEFAULT_COPY_THRESHOLD", "Postprocessed", "first_sentence", "postprocess_summary"]
@@ -48,7 +48,7 @@ _PREFIX = re.compile(
     r"^\s*(?:" + _LABEL + r"|(?:in\s+summary|in\s+short)\s*[:,]\s*"
     r"|here(?:'s|\s+is)\s+(?:a|the|my)\s+(?:short\s+|brief\s+|one-sentence\s+)?summary(?:\s+of\s+the\s+article)?"
     r"\s*[:.]\s*)", re.IGNORECASE)
-_SUMMARY_LABEL = re.compile(_LABEL, re.IGNORECASE)
+_SUMMARY_LABEL = re.compile(r"^[ \t]*" + _LABEL, re.IGNORECASE | re.MULTILINE)  # a label starts a line
 _ARTICLE_LABEL = re.compile(r"^\s*(?:\*\*)?article(?:\*\*)?\s*:\s*", re.IGNORECASE)
 _FINAL = re.compile(r"[.!?][\"'”’)\]]*$")
 
@@ -131,19 +131,12 @@ def _unfinished(summary: str) -> bool:
     return not finished[-1] and (len(lines) == 1 or any(finished[:-1]))
 
 
-@functools.lru_cache(maxsize=2)
-def _scorer(use_stemmer: bool):
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
-
-
 def copy_precision(summary: str, article: str) -> float:
     """rouge-score's ROUGE-L precision of ``summary`` against ``article`` (stemming on): the share of the summary's
     tokens in a longest common subsequence with the article."""
     if not summary.strip() or not article.strip():
         return 0.0
-    return float(_scorer(True).score(article, summary)["rougeL"].precision)
+    return float(rouge_scorer(("rougeL",), True).score(article, summary)["rougeL"].precision)
 
 
 def postprocess_summary(output: str, *, prompt_text: str, article: str, stop: Sequence[str],

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -130,9 +130,13 @@ def render_prompt(prompt: SummaryPrompt | str | list[dict[str, str]], tokenizer=
     return tokenizer.apply_chat_template(text, tokenize=False, add_generation_prompt=True)
 
 
-def count_prompt_tokens(text: str | list[dict[str, str]], tokenizer) -> int:
-    """Tokens of the rendered prompt, counted as :func:`lit_align.retrieval.generate_texts` tokenizes it."""
-    return len(tokenizer(render_prompt(text, tokenizer))["input_ids"])
+def count_prompt_tokens(text: str | list[dict[str, str]], tokenizer,
+                        render: Callable[[str | list[dict[str, str]]], str] | None = None) -> int:
+    """Tokens of the rendered prompt, counted as :func:`lit_align.retrieval.generate_texts` tokenizes it.
+    ``render`` is the renderer the generator's prompts go through (the harness passes
+    :meth:`lit_align.retrieval.loaded.LoadedModel.render`, which also drops a doubled BOS); default
+    :func:`render_prompt`."""
+    return len(tokenizer(render(text) if render is not None else render_prompt(text, tokenizer))["input_ids"])
 
 
 def _compose(task: SummarizationTask, config: SummaryPromptConfig, demos: Sequence[Article],
@@ -191,16 +195,16 @@ def draw_demos(task: SummarizationTask, article: Article, train: Sequence[Articl
 
 
 def _build_one(task: SummarizationTask, article: Article, train: Sequence[Article], config: SummaryPromptConfig,
-               tokenizer) -> SummaryPrompt:
+               tokenizer, render) -> SummaryPrompt:
     demos = draw_demos(task, article, train, config)
     limit = config.max_prompt_tokens
 
     def size(demo_list: Sequence[Article], text: str) -> int:
-        return count_prompt_tokens(_compose(task, config, demo_list, text), tokenizer)
+        return count_prompt_tokens(_compose(task, config, demo_list, text), tokenizer, render)
 
     def done(demo_list: Sequence[Article], text: str, truncated: bool, kept: int | None) -> SummaryPrompt:
         composed = _compose(task, config, demo_list, text)
-        tokens = count_prompt_tokens(composed, tokenizer) if tokenizer is not None else None
+        tokens = count_prompt_tokens(composed, tokenizer, render) if tokenizer is not None else None
         return SummaryPrompt(article.id, composed, tuple(d.id for d in demo_list), truncated,
                              len(demos) - len(demo_list), tokens, kept)
 
@@ -223,21 +227,27 @@ def _build_one(task: SummarizationTask, article: Article, train: Sequence[Articl
 
 
 def build_summary_prompts(task: SummarizationTask, articles: Sequence[Article], train: Sequence[Article],
-                          config: SummaryPromptConfig, tokenizer=None) -> list[SummaryPrompt]:
+                          config: SummaryPromptConfig, tokenizer=None,
+                          render: Callable[[str | list[dict[str, str]]], str] | None = None) -> list[SummaryPrompt]:
     """One :class:`SummaryPrompt` per test article, in order.
 
     ``tokenizer`` is needed for ``chat_template`` and ``max_prompt_tokens`` (it counts the rendered prompt as the
-    generator will tokenize it); without them it may be ``None``. ``shots`` larger than the train split (or than
-    its articles other than a test article) is a :class:`ValueError` naming ``shots`` and the task.
+    generator will tokenize it, through ``render`` when given: the generator's own renderer); without them it may
+    be ``None``. Demonstrations come from ``train`` less every test article (same id or same text), so a task
+    whose train and test rows share one file never shows another test article and its reference. ``shots``
+    larger than that pool is a :class:`ValueError` naming ``shots`` and the task.
     """
+    ids, texts = {a.id for a in articles}, {a.article.strip() for a in articles}
+    train = [t for t in train if t.id not in ids and t.article.strip() not in texts]
     if config.shots > len(train):
         raise ConfigError(f"prompts.shots={config.shots} but task {task.name!r} has only {len(train)} train "
-                          f"articles (split {task.train_split!r}); lower shots or give the task a larger train split")
+                          f"articles (split {task.train_split!r}) that are not test articles; lower shots or give the "
+                          "task a larger train split")
     if config.chat_template:
         _check_chat(tokenizer)
     if config.max_prompt_tokens is not None and tokenizer is None:
         raise ConfigError("prompts.max_prompt_tokens is set but no tokenizer was given to count prompt tokens")
-    return [_build_one(task, article, train, config, tokenizer) for article in articles]
+    return [_build_one(task, article, train, config, tokenizer, render) for article in articles]
 
 
 def truncation_rates(prompts: Sequence[SummaryPrompt]) -> dict[str, float]:

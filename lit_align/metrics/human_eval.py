@@ -18,9 +18,10 @@ import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lit_align.metrics.judge import DEFAULT_CRITERIA
+
 __all__ = ["export_blinded", "key_path_for", "read_key"]
 
-DEFAULT_CRITERIA = ("relevance", "coherence", "consistency", "fluency")
 
 
 def key_path_for(path: str | Path) -> Path:

@@ -29,14 +29,22 @@ and :class:`OpenAICompatibleJudge` (a ``/chat/completions`` endpoint, optional).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
 import random
 import re
+import time
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
+
+from lit_align.errors import ConfigError
+from lit_align.models.spec import ModelSpec
 
 __all__ = [
     "DEFAULT_CRITERIA",
@@ -107,6 +115,12 @@ class Rubric:
         missing = {"{article}", "{summary}"} - {f"{{{name}}}" for name in re.findall(r"{(\w+)}", self.template)}
         if missing:
             raise ValueError(f"judge.rubric.template lacks {sorted(missing)}; the judge must see both texts")
+        try:  # formatted once now, so a stray brace or an unknown field fails at start-up, not mid-evaluation
+            self.prompt("", "")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"judge.rubric.template does not format ({type(err).__name__}: {err}); its fields are "
+                             "{article}, {summary}, {criteria_block}, {example}, {low} and {high}; write a literal "
+                             "brace as {{ or }}") from err
 
     def prompt(self, article: str, summary: str) -> str:
         """The judge prompt for one (article, summary) pair."""
@@ -135,7 +149,8 @@ def _valid(obj, criteria: Sequence[str], low: int, high: int, extra_keys: str) -
     out = {}
     for c in criteria:
         v = obj[c]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not low <= v <= high:
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v)
+                or not low <= v <= high):  # json reads NaN, Infinity and 1e999 as floats
             return None
         out[c] = int(v)
     return out
@@ -353,53 +368,69 @@ class PairwiseJudge:
 
 
 class HFJudge:
-    """A local HF causal LM as judge, through :func:`lit_align.retrieval.generate_texts` (greedy decoding).
+    """A local HF causal LM as judge (greedy decoding), loaded and rendered by
+    :func:`lit_align.retrieval.loaded.loaded_model` like the evaluated models (the same chat rendering, doubled-BOS
+    strip, fingerprints and generation path).
 
     Args:
-        model: a :class:`~lit_align.models.spec.ModelSpec`, or a hub id / local directory / ``builtin:`` name.
+        model: a :class:`~lit_align.models.spec.ModelSpec` (in YAML a mapping: ``{name_or_path: ..., dtype:
+            bfloat16, revision: ...}``), or a hub id / local directory / ``builtin:`` name.
         max_new_tokens: reply length limit (a JSON object of four scores needs ~40 tokens).
         chat_template: wrap each prompt as one user message with the tokenizer's chat template (instruct
             judges); otherwise the prompt is sent as raw text.
         batch_size: prompts per generation batch.
-        device: where the judge runs (default: CUDA when available).
+        device: where the judge runs (default: the evaluation module's device when it sets one, else CUDA when
+            available, else CPU).
+        cache_path: a JSONL :class:`~lit_align.retrieval.GenerationCache` of replies (keyed by the judge's weight
+            fingerprint, prompt and settings), so a rerun does not judge again; ``None``: no cache.
 
-    ``model_id`` is the spec's source plus ``@revision`` when one is pinned. The model is built on first use.
+    ``model_id`` is the spec's source, then ``@`` and the pinned ``revision`` or, once loaded, the hub commit the
+    weights were read from, and the judge's weight fingerprint (so the report names the judge's version).
+    The model is built on first use and kept until :meth:`close`.
     """
 
-    def __init__(self, model, *, max_new_tokens: int = 64, chat_template: bool = False, batch_size: int = 8,
-                 device: str | None = None) -> None:
-        from lit_align.models.spec import ModelSpec
-
+    def __init__(self, model: ModelSpec | str, *, max_new_tokens: int = 64, chat_template: bool = False,
+                 batch_size: int = 8, device: str | None = None, cache_path: str | None = None) -> None:
         self.spec = ModelSpec(name_or_path=model) if isinstance(model, str) else model
+        if not isinstance(self.spec, ModelSpec):
+            raise ConfigError(f"judge.model must be a model spec or a name, got {type(model).__name__}")
         self.max_new_tokens, self.chat_template, self.batch_size = max_new_tokens, chat_template, batch_size
         self.device = device
         self.model_id = self.spec.source + (f"@{self.spec.revision}" if self.spec.revision else "")
-        self._model = self._tokenizer = None
+        self._lm = None
+        self._stack = contextlib.ExitStack()
+        self._cache_path = cache_path
 
-    def _load(self) -> None:
-        if self._model is None:
+    def _load(self):
+        if self._lm is None:
             import torch
 
-            from lit_align.models.causal_lm import build_causal_lm, build_tokenizer
+            from lit_align.retrieval import GenerationCache
+            from lit_align.retrieval.loaded import loaded_model
 
-            self._tokenizer = build_tokenizer(self.spec, key="judge.model")
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self._model = build_causal_lm(self.spec, self._tokenizer).to(device).eval()
-
-    def _format(self, prompt: str) -> str:
-        if not self.chat_template:
-            return prompt
-        return self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                   add_generation_prompt=True)
+            self._lm = self._stack.enter_context(loaded_model(
+                self.spec, key="judge.model", device=device, chat_template=self.chat_template,
+                chat_key="judge.chat_template"))
+            self._cache = GenerationCache(self._cache_path) if self._cache_path is not None else None
+            commit = getattr(self._lm.model.config, "_commit_hash", None)
+            version = self.spec.revision or commit
+            self.model_id = (self.spec.source + (f"@{version}" if version else "")
+                             + f" (weights {self._lm.fingerprint[:12]})")
+        return self._lm
 
     def complete(self, prompts: list[str]) -> list[str]:
-        from lit_align.retrieval.generation import generate_texts
         from lit_align.rollout.sampler import SamplingConfig
 
-        self._load()
+        lm = self._load()
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=False)
-        return generate_texts(self._model, self._tokenizer, [self._format(p) for p in prompts], sampling,
-                              seeds=None, batch_size=self.batch_size)
+        return lm.generate([lm.render(p) for p in prompts], sampling, seeds=None, cache=self._cache,
+                           batch_size=self.batch_size)
+
+    def close(self) -> None:
+        """Free the judge model (it is loaded again on the next :meth:`complete`)."""
+        self._stack.close()
+        self._lm = None
 
 
 class OpenAICompatibleJudge:
@@ -413,15 +444,39 @@ class OpenAICompatibleJudge:
         api_key_env: name of the environment variable that holds the API key (never a key in a config).
         max_tokens / temperature: reply length and sampling (0 = as deterministic as the server allows).
         timeout_s: per-request timeout.
+        retries: further tries of a request that fails (a network error, an HTTP error such as 429 or 5xx, a body
+            that is not JSON), waiting ``backoff_s * 2**i`` seconds before try ``i + 1``. A request that still
+            fails gives the reply ``""``: a reply that does not parse, counted by :class:`RubricJudge`, not fatal.
+        backoff_s: the first wait between tries.
+        cache_path: a JSONL file of replies (a :class:`~lit_align.retrieval.GenerationCache`) keyed by the
+            endpoint, model, prompt, ``max_tokens`` and ``temperature``: a rerun sends only the prompts it has no
+            reply for. ``None``: no cache. Failed requests are not cached.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = 128,
-                 temperature: float = 0.0, timeout_s: float = 60.0) -> None:
+                 temperature: float = 0.0, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 2.0,
+                 cache_path: str | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"judge.base_url must start with http:// or https://, got {base_url!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"judge.retries must be an int >= 0, got {retries!r}")
+        if not backoff_s >= 0:
+            raise ValueError(f"judge.backoff_s must be >= 0, got {backoff_s!r}")
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
         self.max_tokens, self.temperature, self.timeout_s = max_tokens, temperature, timeout_s
+        self.retries, self.backoff_s = retries, backoff_s
         self.model_id = model
+        self.failed_requests = 0
+        """Requests that failed after every retry (their replies are ``""``)."""
+        from lit_align.retrieval import GenerationCache
+
+        self.cache = GenerationCache(cache_path) if cache_path is not None else None
+
+    def cache_key(self, prompt: str) -> str:
+        """sha256 hex of the endpoint, model, prompt and reply settings (the reply cache's key)."""
+        payload = {"base_url": self.base_url, "model": self.model, "prompt": prompt, "max_tokens": self.max_tokens,
+                   "temperature": self.temperature}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def build_request(self, prompt: str) -> urllib.request.Request:
         """The HTTP request for one prompt (a single user message); reads the key from ``api_key_env``."""
@@ -435,19 +490,43 @@ class OpenAICompatibleJudge:
                                       method="POST", headers={"Content-Type": "application/json",
                                                               "Authorization": f"Bearer {key}"})
 
-    def complete(self, prompts: list[str]) -> list[str]:
-        replies = []
-        for prompt in prompts:
+    def _post(self, prompt: str) -> dict | None:
+        """The JSON payload of one request, retried with exponential backoff; ``None`` when every try failed."""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 with urllib.request.urlopen(self.build_request(prompt), timeout=self.timeout_s) as response:
                     payload = json.loads(response.read().decode())
-            except OSError as err:
-                raise ConnectionError(f"judge.base_url={self.base_url!r}: request failed ({err})") from err
+                if isinstance(payload, dict):
+                    return payload
+                error = f"a JSON {type(payload).__name__}, not an object"
+            except (OSError, ValueError) as err:  # URLError/HTTPError/timeouts; a body that is not JSON
+                error = str(err)
+        self.failed_requests += 1
+        warnings.warn(f"judge.base_url={self.base_url!r}: request failed after {self.retries + 1} tries ({error}); "
+                      "counted as a reply that does not parse", stacklevel=2)
+        return None
+
+    def complete(self, prompts: list[str]) -> list[str]:
+        replies = []
+        for prompt in prompts:
+            key = self.cache_key(prompt)
+            if self.cache is not None and key in self.cache:
+                replies.append(self.cache.get(key))
+                continue
+            payload = self._post(prompt)
+            if payload is None:
+                replies.append("")
+                continue
             served = payload.get("model")
             if served and served != self.model:
                 self.model_id = f"{self.model} (served: {served})"
             try:
-                replies.append(payload["choices"][0]["message"]["content"] or "")
+                reply = payload["choices"][0]["message"]["content"] or ""
             except (KeyError, IndexError, TypeError):
-                replies.append("")  # an odd payload is a reply that does not parse, counted by RubricJudge
+                reply = ""  # an odd payload is a reply that does not parse, counted by RubricJudge
+            if self.cache is not None and isinstance(reply, str):
+                self.cache.put({key: reply}, {key: {"judge": self.model_id, "prompt": prompt}})
+            replies.append(reply if isinstance(reply, str) else "")
         return replies

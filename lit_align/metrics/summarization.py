@@ -12,7 +12,7 @@ that :func:`bootstrap_ci` resamples.
 * :class:`SummaryMETEOR` -- nltk's ``meteor_score`` (exact, stem and WordNet-synonym matches). WordNet data is
   not installed by any Python package this project can depend on, so :func:`meteor_available` says whether it is
   there and how to supply it.
-* :class:`SummaryBERTScore` -- torchmetrics' ``BERTScore`` with a fixed model and layer.
+* :class:`SummaryBERTScore` -- the ``bert-score`` package's ``BERTScorer`` with a fixed model and layer.
 * :class:`LengthRatio` -- summary words over reference words and over article words.
 * :func:`bootstrap_ci` -- a seeded ``scipy.stats.bootstrap`` interval for the mean over articles.
 """
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.text.bert import BERTScore
 from torchmetrics.utilities import dim_zero_cat
+
+from lit_align.data.rouge import rouge_scorer
 
 __all__ = [
     "LengthRatio",
@@ -41,6 +42,8 @@ __all__ = [
     "bootstrap_ci",
     "meteor_available",
     "meteor_tokens",
+    "punkt_available",
+    "resolve_splitter",
     "rouge_scores",
     "split_sentences",
 ]
@@ -84,10 +87,25 @@ def split_sentences(text: str, splitter: Literal["regex", "punkt"] = "regex") ->
     return [s.strip() for s in _SENTENCE_END.sub("\\1\n", text.strip()).split("\n") if s.strip()]
 
 
-def _scorer(use_stemmer: bool):
-    from rouge_score import rouge_scorer
+def punkt_available() -> bool:
+    """Whether nltk's ``punkt_tab`` data (English Punkt) can be loaded; nothing is downloaded."""
+    import nltk
 
-    return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=use_stemmer)
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:
+        return False
+    return True
+
+
+def resolve_splitter(splitter: Literal["auto", "regex", "punkt"]) -> Literal["regex", "punkt"]:
+    """The sentence splitter that runs: ``"auto"`` is ``"punkt"`` (what rouge-score's ``split_summaries``,
+    torchmetrics and the HF summarisation scripts use) when its data is installed, else ``"regex"``."""
+    if splitter not in ("auto", "regex", "punkt"):
+        raise ValueError(f"sentence_splitter must be 'auto', 'punkt' or 'regex', got {splitter!r}")
+    if splitter == "auto":
+        return "punkt" if punkt_available() else "regex"
+    return splitter
 
 
 def rouge_scores(prediction: str, reference: str, *, use_stemmer: bool = True,
@@ -100,7 +118,7 @@ def rouge_scores(prediction: str, reference: str, *, use_stemmer: bool = True,
     in another script has no tokens and scores 0), and the Porter stemmer applies to words longer than 3
     letters. Two texts with no tokens score 0.
     """
-    return _rouge_with(_scorer(use_stemmer), prediction, reference, sentence_splitter)
+    return _rouge_with(rouge_scorer(ROUGE_KEYS, use_stemmer), prediction, reference, sentence_splitter)
 
 
 def _rouge_with(scorer, prediction: str, reference: str, splitter: str) -> dict[str, float]:
@@ -140,7 +158,7 @@ class SummaryROUGE(Metric):
         if sentence_splitter not in ("regex", "punkt"):
             raise ValueError(f"SummaryROUGE.sentence_splitter must be 'regex' or 'punkt', got {sentence_splitter!r}")
         self.use_stemmer, self.sentence_splitter = use_stemmer, sentence_splitter
-        self._rouge = _scorer(use_stemmer)
+        self._rouge = rouge_scorer(ROUGE_KEYS, use_stemmer)
         for key in ROUGE_KEYS:
             self.add_state(key, default=[], dist_reduce_fx="cat")
 
@@ -190,18 +208,22 @@ def meteor_available() -> tuple[bool, str]:
     return True, ""
 
 
-def meteor_tokens(text: str) -> list[str]:
-    """Words and punctuation of ``text`` as nltk's ``word_tokenize`` splits one sentence (``NLTKWordTokenizer``,
-    the Treebank rules; no Punkt data needed): ``"isn't it?"`` -> ``['is', "n't", 'it', '?']``."""
+def meteor_tokens(text: str, splitter: Literal["regex", "punkt"] = "regex") -> list[str]:
+    """Words and punctuation of ``text`` as nltk's ``word_tokenize`` splits it: the text is split into sentences
+    first (:func:`split_sentences` with ``splitter``; ``"punkt"`` is what ``word_tokenize`` itself uses), then each
+    sentence by ``NLTKWordTokenizer`` (the Treebank rules), so every sentence's final period is its own token:
+    ``"The mayor left. Prices rose."`` -> ``['The', 'mayor', 'left', '.', 'Prices', 'rose', '.']``."""
     from nltk.tokenize import NLTKWordTokenizer
 
-    return NLTKWordTokenizer().tokenize(text)
+    tokenizer = NLTKWordTokenizer()
+    return [token for sentence in split_sentences(text, splitter) for token in tokenizer.tokenize(sentence)]
 
 
 class SummaryMETEOR(Metric):
     """Mean METEOR (nltk ``meteor_score``: alpha 0.9, beta 3, gamma 0.5, Porter stems, WordNet synonyms).
 
-    Texts are tokenised by :func:`meteor_tokens` and lower-cased by nltk; one reference per summary.
+    Texts are tokenised by :func:`meteor_tokens` (sentence by sentence, ``sentence_splitter``) and lower-cased by
+    nltk; one reference per summary.
     ``wordnet`` is any object with nltk's ``synsets(word)`` interface (default: ``nltk.corpus.wordnet``);
     without WordNet data the constructor raises ``LookupError`` saying how to supply it -- call
     :func:`meteor_available` first to skip the metric instead. ``compute()`` returns the mean; ``per_item()``
@@ -212,8 +234,11 @@ class SummaryMETEOR(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, wordnet=None, **kwargs) -> None:
+    def __init__(self, wordnet=None, sentence_splitter: Literal["regex", "punkt"] = "regex", **kwargs) -> None:
         super().__init__(**kwargs)
+        if sentence_splitter not in ("regex", "punkt"):
+            raise ValueError(f"SummaryMETEOR.sentence_splitter must be 'regex' or 'punkt', got {sentence_splitter!r}")
+        self.sentence_splitter = sentence_splitter
         if wordnet is None:
             ok, reason = meteor_available()
             if not ok:
@@ -226,7 +251,9 @@ class SummaryMETEOR(Metric):
         """METEOR of one summary against one reference."""
         from nltk.translate.meteor_score import meteor_score
 
-        return float(meteor_score([meteor_tokens(reference)], meteor_tokens(prediction), wordnet=self._wordnet))
+        split = self.sentence_splitter
+        return float(meteor_score([meteor_tokens(reference, split)], meteor_tokens(prediction, split),
+                                  wordnet=self._wordnet))
 
     def update(self, preds: Sequence[str], refs: Sequence[str]) -> None:
         preds, refs = _check_pairs(preds, refs)
@@ -241,26 +268,42 @@ class SummaryMETEOR(Metric):
 
 
 # -- BERTScore ---------------------------------------------------------------------------------
-class SummaryBERTScore(BERTScore):
-    """BERTScore (Zhang et al., 2020) through torchmetrics' ``BERTScore`` with a fixed encoder and layer.
+class SummaryBERTScore(Metric):
+    """BERTScore (Zhang et al., 2020) from the authors' ``bert-score`` package (``bert_score.BERTScorer``).
+
+    torchmetrics' ``BERTScore`` is not used: it sorts summaries and references by length separately and
+    then re-indexes the embeddings with the sort order instead of its inverse, so in a batch whose two sort
+    orders differ, summaries are scored against other articles' references (torchmetrics issue #2728).
+    ``BERTScorer`` keeps the pairs and tokenises RoBERTa/GPT-2 vocabularies with the leading space the
+    published scores use.
 
     Args:
         model: a local directory written by ``save_pretrained`` or a hub id (the paper's default is
-            ``roberta-large`` with ``num_layers=17``); loaded with ``AutoModel``/``AutoTokenizer``.
+            ``roberta-large`` with ``num_layers=17``).
         num_layers: which hidden layer's token embeddings are matched (fixed, so scores are comparable).
-        idf: weight tokens by inverse document frequency over the references seen (off, as in most reports).
-        rescale_with_baseline: rescale with the bert-score baseline for this model and layer. Off by default:
-            the published baselines are a download; when on, ``baseline_path`` (a local copy of the bert-score
-            baseline file for this model) is required.
-        max_length: longer texts are truncated to this many tokens (at most the encoder's positions).
-        kwargs: passed to torchmetrics' ``BERTScore`` (``batch_size``, ``device``...).
+        idf: weight tokens by inverse document frequency, computed over the references of each ``update()``
+            call (off, as in most reports).
 
-    ``update(preds, refs)`` stores token ids (DDP-safe); ``compute()`` returns the means ``{"bertscore_precision",
-    "bertscore_recall", "bertscore_f1"}`` and ``per_item()`` the per-summary values under the same keys.
+    A pair whose summary or reference is empty (whitespace only) scores 0.
+        rescale_with_baseline: rescale with the bert-score baseline for this model and layer. Off by default;
+            when on, ``baseline_path`` (a local copy of the bert-score baseline file) is required.
+        max_length: longer texts are truncated to this many tokens (at most the encoder's positions).
+        batch_size: texts per encoder forward.
+        device: where the encoder runs (default: CUDA when available, else CPU).
+
+    ``update(preds, refs)`` scores the pairs at once and keeps per-item values in ``"cat"`` states (so a DDP
+    gather concatenates them); ``compute()`` returns the means ``{"bertscore_precision", "bertscore_recall",
+    "bertscore_f1"}`` and ``per_item()`` the per-summary values under the same keys.
     """
 
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
     def __init__(self, model: str, num_layers: int, *, idf: bool = False, rescale_with_baseline: bool = False,
-                 baseline_path: str | None = None, max_length: int = 512, **kwargs) -> None:
+                 baseline_path: str | None = None, max_length: int = 512, batch_size: int = 32,
+                 device: str | torch.device | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
         if rescale_with_baseline and baseline_path is None:
             raise ValueError("SummaryBERTScore.rescale_with_baseline needs baseline_path (a local bert-score "
                              "baseline file for this model and layer); nothing is downloaded. Set "
@@ -270,24 +313,42 @@ class SummaryBERTScore(BERTScore):
         if (model.startswith((".", "/", "~")) or model.count("/") > 1) and not Path(model).expanduser().is_dir():
             raise FileNotFoundError(f"SummaryBERTScore.model={model!r}: no such directory; give a directory "
                                     "written by save_pretrained or a hub id")
-        super().__init__(model_name_or_path=model, num_layers=num_layers, idf=idf,
-                         rescale_with_baseline=rescale_with_baseline, baseline_path=baseline_path,
-                         max_length=max_length, truncation=True, **kwargs)
-        self._items: dict[str, Tensor] = {}
+        from bert_score import BERTScorer
 
-    def compute(self) -> dict[str, Tensor]:
-        if len(self.preds_input_ids) == 0:
-            self._items = {f"bertscore_{k}": torch.zeros(0) for k in ("precision", "recall", "f1")}
-        else:
-            scores = super().compute()
-            self._items = {f"bertscore_{k}": torch.as_tensor(scores[k], dtype=torch.float64).reshape(-1)
-                           for k in ("precision", "recall", "f1")}
-        return {k: _mean(v) for k, v in self._items.items()}
+        model = str(Path(model).expanduser()) if model.startswith("~") else model
+        self._scorer = BERTScorer(model_type=model, num_layers=num_layers, batch_size=batch_size, idf=False,
+                                  device=None if device is None else str(device), lang="en",
+                                  rescale_with_baseline=rescale_with_baseline, baseline_path=baseline_path)
+        self._scorer._tokenizer.model_max_length = max_length
+        self._scorer._idf = idf
+        for key in _BERTSCORE_KEYS:
+            self.add_state(key, default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Sequence[str], refs: Sequence[str]) -> None:
+        preds, refs = _check_pairs(preds, refs)
+        if not preds:
+            return
+        # an empty text has no tokens to match: it scores 0 (bert-score cannot encode "" with transformers 5)
+        kept = [i for i, (p, r) in enumerate(zip(preds, refs)) if p.strip() and r.strip()]
+        scores = torch.zeros(3, len(preds), dtype=torch.float64)
+        if kept:
+            if self._scorer.idf:
+                self._scorer.compute_idf([refs[i] for i in kept])
+            found = self._scorer.score([preds[i] for i in kept], [refs[i] for i in kept],
+                                       batch_size=self._scorer.batch_size)
+            scores[:, kept] = torch.stack([v.detach().to("cpu", torch.float64).reshape(-1) for v in found])
+        for key, values in zip(_BERTSCORE_KEYS, scores):
+            getattr(self, key).append(values)
 
     def per_item(self) -> dict[str, Tensor]:
-        """Per-summary precision, recall and F1, shape ``(N,)`` each."""
-        self.compute()
-        return self._items
+        """Per-summary precision, recall and F1, shape ``(N,)`` each, in update order."""
+        return {key: _cat(getattr(self, key)) for key in _BERTSCORE_KEYS}
+
+    def compute(self) -> dict[str, Tensor]:
+        return {key: _mean(values) for key, values in self.per_item().items()}
+
+
+_BERTSCORE_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
 
 
 # -- length ------------------------------------------------------------------------------------

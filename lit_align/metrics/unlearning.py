@@ -21,7 +21,6 @@ shard of the data.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
@@ -33,6 +32,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
+
+from lit_align.data.rouge import rouge_scorer
 
 if TYPE_CHECKING:
     from lit_align.retrieval import Encoder
@@ -66,14 +67,6 @@ MIA_CONVENTIONS = ("forget_positive", "open_unlearning")
 
 
 # -- text --------------------------------------------------------------------------------------
-@functools.cache
-def _rouge_l_scorer(use_stemmer: bool):
-    """One ``rouge_score`` scorer per stemmer setting (imported on first use: nltk loads slowly)."""
-    from rouge_score.rouge_scorer import RougeScorer
-
-    return RougeScorer(["rougeL"], use_stemmer=use_stemmer)
-
-
 def rouge_l_recall(prediction: str, reference: str, *, use_stemmer: bool = True) -> float:
     """ROUGE-L recall of ``prediction`` against ``reference``: ``LCS / len(reference)`` in words.
 
@@ -88,7 +81,7 @@ def rouge_l_recall(prediction: str, reference: str, *, use_stemmer: bool = True)
     Example: prediction "born in the town of Nettleby", reference "She was born in Nettleby"
     -> LCS ``born in nettleby`` = 3 words of 5 -> 0.6. A reference without words gives 0.0.
     """
-    return float(_rouge_l_scorer(bool(use_stemmer)).score(reference, prediction)["rougeL"].recall)
+    return float(rouge_scorer(("rougeL",), bool(use_stemmer)).score(reference, prediction)["rougeL"].recall)
 
 
 # -- truth ratio ---------------------------------------------------------------------------------

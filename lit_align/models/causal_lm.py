@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from lit_align.errors import ConfigError, MissingPathError
-from lit_align.models.from_checkpoint import is_checkpoint, policy_state_dict, trained_spec
+from lit_align.models.from_checkpoint import base_spec, is_checkpoint, policy_state_dict, trained_spec
 from lit_align.models.spec import LoRASpec, ModelSpec
 from lit_align.modes import eval_mode
 from lit_align.paths import hub_offline, looks_local
@@ -97,7 +97,7 @@ def build_tokenizer(spec: ModelSpec, *, key: str = "model", needs_eos: bool = Tr
     (:mod:`lit_align.models.from_checkpoint`).
     """
     if is_checkpoint(spec.name_or_path):
-        spec = trained_spec(spec, key)
+        spec = base_spec(spec, key)
     name = resolve_path(spec.tokenizer or spec.name_or_path or TINY_TOKENIZER)
     key = f"{key}.tokenizer" if spec.tokenizer else f"{key}.name_or_path"
     _check_source(name, key)
@@ -151,7 +151,8 @@ def _tiny_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase):
     )
 
 
-def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta: bool = False) -> nn.Module:
+def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta: bool = False,
+                    key: str = "model") -> nn.Module:
     """Build the base causal LM (no LoRA): tiny random with ``spec.seed``, or ``from_pretrained``.
 
     With ``meta`` the architecture is built on the meta device without reading any weights (every
@@ -160,9 +161,9 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta
 
     A spec naming a lit_align checkpoint (``name_or_path: <run>.ckpt``) builds the trained policy: the run's own
     spec, its policy weights loaded (``torch.load(weights_only=True)``) and its LoRA adapters merged
-    (:mod:`lit_align.models.from_checkpoint`)."""
+    (:mod:`lit_align.models.from_checkpoint`); ``key`` is the spec's config key, named in its errors."""
     if is_checkpoint(spec.name_or_path):
-        return _from_checkpoint(spec, tokenizer, meta=meta)
+        return _from_checkpoint(spec, tokenizer, meta=meta, key=key)
     dtype = _DTYPES[spec.dtype]
     path = resolve_path(spec.name_or_path) if spec.name_or_path is not None else None
     if spec.tiny is not None:
@@ -210,21 +211,24 @@ def _checkpoint_activations(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _from_checkpoint(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta: bool) -> nn.Module:
-    """The policy of the lit_align checkpoint ``spec.name_or_path``: the run's spec built in float32, its LoRA
-    adapters applied as in training, the checkpoint's policy weights loaded strictly, the adapters merged, then
-    ``spec.dtype``. With ``meta``, the architecture only."""
-    trained = trained_spec(spec)
+def _from_checkpoint(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, *, meta: bool, key: str) -> nn.Module:
+    """The policy of the lit_align checkpoint ``spec.name_or_path``: the run's base built in float32 (when the run
+    itself started from a checkpoint, that checkpoint's merged policy, recursively), the run's own LoRA adapters
+    applied as in training, its policy weights loaded strictly, the adapters merged, then ``spec.dtype``. With
+    ``meta``, the architecture only. ``key`` is the spec's config key, named in errors."""
+    trained = trained_spec(spec, key)
     if meta:
-        return build_causal_lm(dataclasses.replace(trained, lora=None), tokenizer, meta=True)
-    base = build_causal_lm(dataclasses.replace(trained, dtype="float32", lora=None), tokenizer)
+        return build_causal_lm(dataclasses.replace(trained, lora=None), tokenizer, meta=True, key=key)
+    base = build_causal_lm(dataclasses.replace(trained, dtype="float32", lora=None), tokenizer, key=key)
     policy = apply_lora(base, trained.lora, seed=trained.seed)
     try:
-        policy.load_state_dict(policy_state_dict(spec.name_or_path), strict=True)
+        policy.load_state_dict(policy_state_dict(spec.name_or_path, key), strict=True)
     except RuntimeError as err:
-        raise ConfigError(f"model.name_or_path={spec.name_or_path!r}: the checkpoint's policy weights do not fit the "
-                          f"model its hyper-parameters describe ({str(err).splitlines()[0][:200]}); was the checkpoint "
-                          "written by another lit_align version? Export it with lit_align.callbacks.HFExport") from err
+        lora = "no LoRA" if trained.lora is None else f"LoRA r={trained.lora.r}"
+        raise ConfigError(f"{key}.name_or_path={spec.name_or_path!r}: the checkpoint's policy weights do not fit "
+                          f"the model its hyper-parameters describe ({trained.source}, {lora}: "
+                          f"{str(err).splitlines()[0][:200]}); was the checkpoint written by another lit_align "
+                          "version? Export it with lit_align.callbacks.HFExport") from err
     model = policy.merge_and_unload() if trained.lora is not None else policy
     model = model.to(_DTYPES[spec.dtype])
     if spec.gradient_checkpointing:

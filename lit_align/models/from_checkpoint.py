@@ -32,7 +32,7 @@ from lit_align.checkpoint import load_checkpoint
 from lit_align.errors import ConfigError, MissingPathError
 from lit_align.models.spec import LoRASpec, ModelSpec, TinyArch
 
-__all__ = ["POLICY_PREFIX", "is_checkpoint", "policy_state_dict", "trained_spec"]
+__all__ = ["POLICY_PREFIX", "base_spec", "is_checkpoint", "policy_state_dict", "trained_spec"]
 
 #: The state-dict prefix of a single-policy method's policy (``PolicyModule.policy``).
 POLICY_PREFIX = "policy."
@@ -94,7 +94,12 @@ def _spec_from(value: Any, path: Path, key: str, method: str | None) -> ModelSpe
 def trained_spec(spec: ModelSpec, key: str = "model") -> ModelSpec:
     """The spec a checkpoint-naming ``spec`` builds: the run's own ``model`` spec (its architecture or hub id,
     its tokenizer, its LoRA adapters, which :func:`lit_align.models.build_causal_lm` merges), with ``spec``'s
-    ``dtype`` / ``attn_implementation`` / ``tokenizer`` where it sets them. ``key`` is named in errors."""
+    ``dtype`` / ``attn_implementation`` / ``tokenizer`` where it sets them. ``key`` is named in errors.
+
+    A run that itself started from another run's checkpoint saved a spec naming that checkpoint; it is returned
+    as saved (its own ``lora`` and ``seed`` kept), so its ``name_or_path`` is again a checkpoint: the builders
+    build that one's merged policy as the base, then apply this run's adapters (:func:`base_spec` gives the
+    innermost spec)."""
     path = _checked_path(spec.name_or_path, f"{key}.name_or_path")
     stat = path.stat()
     hparams, method = _saved(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
@@ -103,18 +108,25 @@ def trained_spec(spec: ModelSpec, key: str = "model") -> ModelSpec:
                           f"hyper-parameter (found: {sorted(hparams)[:10]}); give the checkpoint of a lit_align "
                           "single-policy run, or its HF export (lit_align.callbacks.HFExport)")
     saved = _spec_from(hparams["model"], path, f"{key}.name_or_path", method)
-    if saved.name_or_path is not None and is_checkpoint(saved.name_or_path):
-        saved = trained_spec(saved, key)  # a run started from another run's checkpoint: its spec, merged
     return dataclasses.replace(saved, dtype=spec.dtype, tokenizer=spec.tokenizer or saved.tokenizer,
                                attn_implementation=spec.attn_implementation or saved.attn_implementation,
                                gradient_checkpointing=False)
 
 
+def base_spec(spec: ModelSpec, key: str = "model") -> ModelSpec:
+    """The innermost non-checkpoint spec of a chain of checkpoints (:func:`trained_spec` until ``name_or_path``
+    is no checkpoint): the architecture / hub id and tokenizer every run of the chain started from."""
+    while spec.name_or_path is not None and is_checkpoint(spec.name_or_path):
+        spec = trained_spec(spec, key)
+    return spec
+
+
 def policy_state_dict(name: str, key: str = "model") -> dict[str, torch.Tensor]:
     """The policy's weights in the checkpoint ``name`` (``state_dict`` entries ``policy.*``, prefix removed; LoRA
-    adapters included); an error naming ``key`` when it has none."""
+    adapters included); an error naming ``key`` when it has none. The file is memory-mapped: only the policy's
+    tensors are read (not the optimizer state)."""
     path = _checked_path(name, f"{key}.name_or_path")
-    state = load_checkpoint(path).get("state_dict") or {}
+    state = load_checkpoint(path, mmap=True).get("state_dict") or {}
     policy = {k.removeprefix(POLICY_PREFIX): v for k, v in state.items() if k.startswith(POLICY_PREFIX)}
     if not policy:
         prefixes = sorted({k.split(".", 1)[0] for k in state})

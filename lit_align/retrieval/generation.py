@@ -65,11 +65,14 @@ class GenerationCache:
 
     @staticmethod
     def key(model_fingerprint: str, prompt: str, sampling: SamplingConfig, seed: int | None, *,
-            tokenizer: str) -> str:
+            tokenizer: str, stop: Sequence[str] = ()) -> str:
         """sha256 hex of the model fingerprint, the tokenizer fingerprint (:func:`fingerprint_tokenizer`), the
-        prompt, every sampling setting and the seed."""
+        prompt, every sampling setting, the seed and the stop strings generation stopped at (left out when there
+        are none, so those keys are unchanged)."""
         payload = {"model": model_fingerprint, "tokenizer": tokenizer, "prompt": prompt,
                    "sampling": dataclasses.asdict(sampling), "seed": seed}
+        if stop:
+            payload["stop"] = list((stop,) if isinstance(stop, str) else stop)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def get(self, key: str) -> str | None:
@@ -149,15 +152,26 @@ def _token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return ids
 
 
+def _stop_test(tokenizer, stop: tuple[str, ...]):
+    """The sampler's ``stop_when`` for stop strings: a row stops once its decoded text, less leading whitespace,
+    contains one of ``stop`` (a stop string in the leading whitespace does not stop it: post-processing strips
+    that whitespace first, and :func:`cut_at_stop` of the text is the same either way)."""
+    def stop_when(response_ids, rows: list[int]) -> list[int]:
+        texts = tokenizer.batch_decode(response_ids[rows].tolist(), skip_special_tokens=True)
+        return [i for i, text in zip(rows, texts) if any(s in text.lstrip() for s in stop)]
+
+    return stop_when if stop else None
+
+
 def _generate_batch(model: nn.Module, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
-                    seeds: Sequence[int] | None) -> list[str]:
-    """Decoded continuations of one batch of prompts (special tokens skipped)."""
+                    seeds: Sequence[int] | None, stop: tuple[str, ...] = ()) -> list[str]:
+    """Decoded continuations of one batch of prompts (special tokens skipped); a row stops at a stop string."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad(_token_ids(tokenizer, prompts), pad_id)  # (B, P)
     gens = [generator(s, 0, "generate_texts", device=device) for s in seeds] if seeds is not None else None
     rollout = sample(model, ids.to(device), mask.to(device), sampling, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=pad_id, generator=gens)
+                     pad_token_id=pad_id, generator=gens, stop_when=_stop_test(tokenizer, stop))
     lengths = rollout.response_lengths.tolist()
     rows = rollout.response_ids.cpu().tolist()
     return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths)]
@@ -184,7 +198,8 @@ def _check_generate_args(tokenizer, prompts: Sequence[str], seeds: Sequence[int]
 def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling: SamplingConfig, *,
                    seeds: Sequence[int] | None, cache: GenerationCache | None = None,
                    model_fingerprint: str | None = None, tokenizer_fingerprint: str | None = None,
-                   stop: Sequence[str] = (), batch_size: int = 16) -> list[str]:
+                   stop: Sequence[str] = (), stop_generation: bool = False, cut: bool = True,
+                   batch_size: int = 16) -> list[str]:
     """Decoded continuations of plain-text prompts, one string per prompt, in order.
 
     Each prompt is tokenized as is (the tokenizer's own special tokens, no chat template), left-padded and
@@ -192,7 +207,11 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
     ``seeds[i]`` (through :func:`lit_align.engine.seeds.generator`), so its text does not depend on the batch.
     ``seeds=None`` samples from the global RNG (not reproducible; refused with a cache when sampling, as the cache
     would hand every repeat of a prompt its first text). The text is decoded without special tokens and cut before
-    the first of ``stop`` (the cache keeps the uncut text, so ``stop`` may change between calls).
+    the first of ``stop`` (``cut=False``: returned as generated, for callers that post-process it themselves).
+    With ``stop_generation`` a row also stops generating once it has written one of ``stop`` (after any leading
+    whitespace; the cut text is the same, the tokens after it are never generated), and its cache key includes
+    ``stop``; without it the cache keeps the text generated up to EOS or ``max_new_tokens``, so ``stop`` may change
+    between calls.
 
     With a ``cache``, prompts whose key (:meth:`GenerationCache.key`) is present are not regenerated, identical
     (prompt, seed) pairs are generated once, and new texts are stored after each batch with their prompt, seed,
@@ -215,12 +234,14 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
             model_fingerprint = fingerprint_of(model)
         if tokenizer_fingerprint is None:
             tokenizer_fingerprint = fingerprint_tokenizer(tokenizer)
-        keys = [GenerationCache.key(model_fingerprint, p, sampling, s, tokenizer=tokenizer_fingerprint)
+        keys = [GenerationCache.key(model_fingerprint, p, sampling, s, tokenizer=tokenizer_fingerprint,
+                                    stop=stop if stop_generation else ())
                 for p, s in zip(prompts, row_seeds)]
         store = {k: cache.get(k) for k in keys if k in cache}
         settings = dataclasses.asdict(sampling)
         records = {k: {"prompt": p, "seed": s, "sampling": settings, "model": model_fingerprint,
-                       "tokenizer": tokenizer_fingerprint} for k, p, s in zip(keys, prompts, row_seeds)}
+                       "tokenizer": tokenizer_fingerprint, **({"stop": list(stop)} if stop and stop_generation else {})}
+                   for k, p, s in zip(keys, prompts, row_seeds)}
     first: dict[str, int] = {}  # missing key -> its first row (a repeated key is generated once)
     for i, k in enumerate(keys):
         if k not in store:
@@ -229,9 +250,10 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
     for start in range(0, len(todo), batch_size):
         rows = todo[start:start + batch_size]
         texts = _generate_batch(model, tokenizer, [prompts[i] for i in rows], sampling,
-                                None if seeds is None else [row_seeds[i] for i in rows])
+                                None if seeds is None else [row_seeds[i] for i in rows],
+                                stop if stop_generation else ())
         fresh = {keys[i]: t for i, t in zip(rows, texts)}
         store.update(fresh)
         if cache is not None:
             cache.put(fresh, records)
-    return [cut_at_stop(store[k], stop) for k in keys]
+    return [cut_at_stop(store[k], stop) if cut else store[k] for k in keys]

@@ -53,17 +53,22 @@ class LoadedModel:
             out = out[len(bos):]
         return out
 
-    def keys(self, prompts: Sequence[str], sampling: SamplingConfig, seeds: Sequence[int | None]) -> list[str]:
-        """The cache key of each rendered prompt (:meth:`GenerationCache.key`)."""
-        return [GenerationCache.key(self.fingerprint, p, sampling, s, tokenizer=self.tokenizer_fingerprint)
-                for p, s in zip(prompts, seeds)]
+    def keys(self, prompts: Sequence[str], sampling: SamplingConfig, seeds: Sequence[int | None],
+             stop: Sequence[str] = ()) -> list[str]:
+        """The cache key of each rendered prompt (:meth:`GenerationCache.key`; ``stop``: the stop strings a
+        ``stop_generation`` call stops at)."""
+        return [GenerationCache.key(self.fingerprint, p, sampling, s, tokenizer=self.tokenizer_fingerprint,
+                                    stop=tuple(stop)) for p, s in zip(prompts, seeds)]
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seeds: Sequence[int] | None,
-                 cache: GenerationCache | None, batch_size: int, stop: Sequence[str] = ()) -> list[str]:
-        """:func:`~lit_align.retrieval.generate_texts` of rendered ``prompts`` with this model's fingerprints."""
+                 cache: GenerationCache | None, batch_size: int, stop: Sequence[str] = (),
+                 stop_generation: bool = False, cut: bool = True) -> list[str]:
+        """:func:`~lit_align.retrieval.generate_texts` of rendered ``prompts`` with this model's fingerprints
+        (``stop_generation``: rows stop at ``stop``; ``cut=False``: the text as generated)."""
         return generate_texts(self.model, self.tokenizer, prompts, sampling, seeds=seeds, cache=cache,
                               model_fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint,
-                              stop=stop, batch_size=batch_size)
+                              stop=stop, stop_generation=stop_generation, cut=cut,
+                              batch_size=batch_size)
 
 
 @contextmanager
@@ -79,7 +84,7 @@ def loaded_model(spec: Any, *, key: str, device: torch.device | str, chat_templa
     if chat and not tokenizer.chat_template:
         raise ConfigError(f"{chat_key} is true but the tokenizer of {key} ({spec.source}) has no chat template; "
                           "set it to false (raw completion prompts) or null (the template where there is one)")
-    model = build_causal_lm(spec, tokenizer).to(device).eval()
+    model = build_causal_lm(spec, tokenizer, key=key).to(device).eval()
     try:
         yield LoadedModel(model, tokenizer, model_fingerprint(model), fingerprint_tokenizer(tokenizer), chat,
                           f"{key}: {spec.source}")

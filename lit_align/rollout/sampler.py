@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -326,6 +326,7 @@ def sample(
     eos_token_id: int | list[int],
     pad_token_id: int,
     generator: Generators = None,
+    stop_when: Callable[[Tensor, list[int]], Sequence[int]] | None = None,
 ) -> Rollout:
     """Generate continuations of a batch of left-padded prompts with a KV cache.
 
@@ -343,6 +344,10 @@ def sample(
             per row (``len == B``), so that what a row samples depends only on its own seed, e.g. one derived
             from the example's global index (:func:`lit_align.engine.seeds.row_generators`): the same samples
             on one rank or several, whatever the batch composition.
+        stop_when: Optional stop test run after each step: ``stop_when(response_ids, rows)`` gets the tokens
+            generated so far ``(B, t)`` and the rows still running, and returns those of them that should stop
+            now (e.g. a stop string was decoded: :func:`lit_align.retrieval.generate_texts`). A stopped row ends
+            after its last token (no EOS) and then emits ``pad_token_id`` like a row that emitted EOS.
 
     Returns:
         A :class:`Rollout` on the prompts' device, with R = the longest response in the batch.
@@ -378,7 +383,8 @@ def sample(
         first_pos = first_pos[:1]  # (1, 1): identical for all rows, broadcast by the model
     step_pos = first_pos + torch.arange(max_new, device=device)  # (B or 1, N) position of generated token t
 
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,) row has emitted EOS (or stopped)
+    stopped_at = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) length of a row stop_when stopped
     step_ids: list[Tensor] = []  # R tensors (B,)
     step_logps: list[Tensor] = []  # R tensors (B,)
 
@@ -406,6 +412,11 @@ def sample(
             step_ids.append(tokens)
             step_logps.append(token_logps)
             finished |= torch.isin(tokens, eos_ids)
+            if stop_when is not None:
+                hit = list(stop_when(torch.stack(step_ids, dim=1), torch.nonzero(~finished).flatten().tolist()))
+                if hit:
+                    rows = torch.as_tensor(hit, dtype=torch.long, device=device)
+                    finished[rows], stopped_at[rows] = True, t + 1
             if t == max_new - 1:
                 break
             if per_row:
@@ -425,6 +436,7 @@ def sample(
     # A row's length runs up to its first EOS (everything after it is pad, even if pad is an EOS id).
     is_eos = torch.isin(response_ids, eos_ids)  # (B, R)
     lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, resp_len)  # (B,)
+    lengths = torch.where(stopped_at > 0, stopped_at, lengths)  # a stopped row emitted no EOS before its stop
     response_mask = torch.arange(resp_len, device=device) < lengths.unsqueeze(-1)  # (B, R) bool
     logps = torch.stack(step_logps, dim=1).masked_fill(~response_mask, 0.0)  # (B, R)
     return Rollout(

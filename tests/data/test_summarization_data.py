@@ -126,6 +126,13 @@ def test_newsroom_directory_plain_and_gzip(tmp_path):
     assert load_articles(task, "validation") == [Article("http://n/2", "A fair opened.", "Fair.")]
     with pytest.raises(FileNotFoundError, match=r"train\.jsonl"):
         load_articles(task, "train")
+    from lit_align.data.records import read_jsonl  # the one JSONL reader, gzip included
+
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps(rows[0]) + "\n{broken\n")
+    assert read_jsonl(tmp_path / "dev.jsonl.gz") == [rows[1]]
+    with pytest.raises(DataError, match=r"train\.jsonl\.gz:2: invalid JSON"):
+        load_articles(task, "train")
 
 
 def test_local_files_with_keys_and_split_placeholder(tmp_path):
@@ -240,8 +247,31 @@ def test_too_few_train_articles_for_k_shot_names_shots_and_task(tiny):
     with pytest.raises(ValueError, match=r"prompts.shots=3 but task 'tiny_news' has only 2 train articles"):
         build_summary_prompts(TINY, test, train[:2], SummaryPromptConfig(shots=3))
     # enough articles in all, but one of the three is the test article itself
-    with pytest.raises(ValueError, match=r"shots=3 but task 'tiny_news' has only 2 train articles .* other than"):
+    with pytest.raises(ValueError, match=r"shots=3 but task 'tiny_news' has only 2 train articles .* not test"):
         build_summary_prompts(TINY, test[:1], train[:2] + [test[0]], SummaryPromptConfig(shots=3))
+
+
+def test_no_test_article_is_a_demonstration(tiny):
+    """One file for train and test (no ``{split}``): the pool holds the test articles too; none of them (by id or
+    by text) is shown as a demonstration, only the other rows."""
+    test, train = tiny
+    everything = test + train
+    evaluated = test[:4]
+    prompts = build_summary_prompts(TINY, evaluated, everything + [Article("dup", test[2].article, "r")],
+                                    SummaryPromptConfig(shots=3, seed=0))
+    shown = {d for p in prompts for d in p.demo_ids}
+    assert shown and not shown & ({a.id for a in evaluated} | {"dup"})
+
+
+def test_prompt_tokens_are_counted_through_the_generator_renderer(tiny, tokenizer):
+    """The harness passes its generator's renderer (LoadedModel.render): truncation counts that string."""
+    test, train = tiny
+    config = SummaryPromptConfig(shots=1, chat_template=True)
+    plain = build_summary_prompts(TINY, test[:1], train, config, tokenizer)[0]
+    marked = build_summary_prompts(TINY, test[:1], train, config, tokenizer,
+                                   render=lambda text: "BOS BOS " + render_prompt(text, tokenizer))[0]
+    extra = len(tokenizer("BOS BOS " + render_prompt(plain, tokenizer))["input_ids"]) - plain.prompt_tokens
+    assert extra > 0 and marked.prompt_tokens == plain.prompt_tokens + extra
 
 
 def test_truncation_policies_and_rates(tiny, tokenizer):
@@ -309,6 +339,14 @@ def test_strips_an_echoed_prompt_and_summary_prefix():
     out = _post("The old stone bridge in Dunmere reopened on Monday after eight months of repairs. Gwen Vale...\n"
                 "Summary: The bridge is open.")
     assert (out.summary, out.echoed) == ("The bridge is open.", True)
+
+
+def test_summary_label_counts_only_at_a_line_start():
+    """"summary -" inside a repeated lead is text, not a label: only a label that starts a line ends an echo."""
+    output = ("The old stone bridge in Dunmere reopened on Monday after eight months of repairs. A summary - the "
+              "town engineer said - of the works was published.")
+    out = _post(output)
+    assert out.summary == output and not out.echoed
 
 
 def test_partial_article_echo_and_a_new_article():

@@ -54,6 +54,41 @@ def test_checkpoint_spec_gives_the_trained_policy(sft_run):
             == generate_texts(trained, module.tokenizer, PROMPTS, greedy, seeds=None))
 
 
+def test_checkpoint_of_a_run_started_from_a_checkpoint_uses_its_own_lora(sft_run, tmp_path):
+    """Run 2 starts from run 1's last.ckpt with its own LoRA (same rank, another alpha): its checkpoint rebuilds
+    run 1's merged policy, then run 2's adapters (alpha 64, not run 1's 8), and gives run 2's logits."""
+    _, first = sft_run
+    cli = cli_main(["fit", "--config", str(REPO / "configs/sft/tiny.yaml"), "--trainer.default_root_dir",
+                    str(tmp_path), "--trainer.enable_progress_bar", "false", *CSV_LOGGER,
+                    "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "1",
+                    "--model.init_args.model.name_or_path", str(first), "--model.init_args.model.tiny", "null",
+                    "--model.init_args.model.lora", "{r: 4, alpha: 64}",
+                    "--model.init_args.optimizer.init_args.lr", "0.05", "--trainer.callbacks",
+                    "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}]"])
+    spec = ModelSpec(name_or_path=str(next(tmp_path.rglob("last.ckpt"))))
+    saved = trained_spec(spec)
+    assert saved.lora.alpha == 64 and saved.name_or_path == str(first)
+    tokenizer = build_tokenizer(spec)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    model = build_causal_lm(spec, tokenizer, key="model.evaluated.second").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, cli.model.policy.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_errors_name_the_config_key(sft_run, tmp_path):
+    """A policy that does not fit the saved spec: the error names the spec's own config key and its LoRA."""
+    _, ckpt = sft_run
+    from lit_align.checkpoint import load_checkpoint
+
+    broken = load_checkpoint(ckpt)
+    broken["state_dict"] = {k: v for k, v in broken["state_dict"].items() if "lora_B" not in k}
+    atomic_save(broken, tmp_path / "broken.ckpt")
+    spec = ModelSpec(name_or_path=str(tmp_path / "broken.ckpt"))
+    tokenizer = build_tokenizer(spec)
+    with pytest.raises(ConfigError, match=r"model\.models\.sft\.name_or_path=.*LoRA r=4"):
+        build_causal_lm(spec, tokenizer, key="model.models.sft")
+
+
 def test_sharded_directory_is_refused_with_the_export_fix(tmp_path):
     sharded = tmp_path / "epoch=0-step=1.ckpt"
     sharded.mkdir()

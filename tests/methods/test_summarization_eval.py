@@ -75,7 +75,13 @@ def test_tiny_config_writes_the_table_for_both_shot_settings(first_run):
     report = json.loads((root / "summarization" / "summarization_table.json").read_text())
     assert report["header"]["models"] == {"tofu-full": "builtin:tiny-tofu-full",
                                           "tofu-retain90": "builtin:tiny-tofu-retain90"}
-    assert "meteor" in report["header"]["metrics"] or "meteor" in report["header"]["skipped"]
+    lengths = report["header"]["tasks"]["tiny_news"]["lengths"]
+    assert lengths["articles"] == 8 and lengths["article_words_mean"] > lengths["reference_words_mean"] > 0
+    metrics = report["header"]["metrics"]
+    assert "meteor_score, alpha 0.9" in metrics["meteor"]  # described whether or not WordNet is installed
+    from lit_align.metrics.summarization import punkt_available
+
+    assert metrics["sentence_splitter"].startswith("punkt" if punkt_available() else "regex (fallback")
     assert {(f["model"], f["shots"]) for f in report["fewshot_effect"]} == {(m, 3) for m in MODELS}
     articles = [json.loads(line) for line in
                 (root / "summarization" / "summarization_articles.jsonl").read_text().splitlines()]
@@ -107,24 +113,29 @@ def test_rerun_reads_every_summary_from_the_cache_and_logs_to_wandb(first_run, t
 
 
 def test_hf_judge_replies_that_are_not_json_are_counted(first_run, tmp_path):
-    """With a tiny HF judge (and BERTScore on a tiny local BERT encoder, layer 1)."""
+    """With a tiny HF judge (and BERTScore on a tiny local BERT encoder, layer 1), the evaluated models and the
+    judge prompted through their chat templates (the chat path end to end)."""
     _, root, _ = first_run
     judge = ('{"class_path": "lit_align.metrics.judge.HFJudge", "init_args": {"model": "builtin:tiny-tofu-full", '
-             '"max_new_tokens": 6, "batch_size": 16}}')
+             '"max_new_tokens": 6, "batch_size": 16, "chat_template": true}}')
     bert = save_tiny_bert(tmp_path / "tiny-bert")
     cli = _test_run(root, "--trainer.logger.save_dir", str(tmp_path), "--model.init_args.judge", judge,
                     "--model.init_args.judge_retries", "1", "--model.init_args.shots", "[0]",
                     "--model.init_args.metrics.bertscore_model", bert, "--model.init_args.metrics.bertscore_layer",
-                    "1", "--model.init_args.metrics.bertscore_max_length", "128")
+                    "1", "--model.init_args.metrics.bertscore_max_length", "128",
+                    "--model.init_args.prompts.chat_template", "true")
     table = cli.model.table
     assert {r["shots"] for r in table} == {0} and len(table) == 2
     for entry in table:  # a tiny Llama trained on Q&A writes no JSON: every summary is a counted failure
-        assert entry["judge_parse_failures"] == 8
-        assert math.isnan(entry["judge_relevance"])
+        assert entry["judge_failures"] == 8  # summaries never scored
+        assert entry["judge_parse_failures"] == entry["judge_attempts"] == 16  # every reply of 2 tries failed
+        assert math.isnan(entry["judge_relevance"]) and math.isnan(entry["judge_relevance_low"])
         assert math.isfinite(entry["rougeL"])
         assert entry["bertscore_f1_low"] <= entry["bertscore_f1"] <= entry["bertscore_f1_high"]
     assert all(r.judge is None and r.judge_attempts == 2 for r in cli.model.rows)
-    assert cli.model.report_header()["judge"]["model_id"] == "builtin:tiny-tofu-full"
+    assert cli.model.report_header()["chat_template"] is True
+    assert all(r.cached is False for r in cli.model.rows)  # chat prompts differ from the first run's raw ones
+    assert cli.model.report_header()["judge"]["model_id"].startswith("builtin:tiny-tofu-full (weights ")
 
 
 def _known_error(root: Path, *overrides: str) -> Exception:
@@ -171,8 +182,58 @@ def test_an_unavailable_metric_is_skipped_with_its_reason(tmp_path):
 def test_a_model_list_is_named_after_each_source():
     specs = [ModelSpec(name_or_path="builtin:tiny-tofu-full"), ModelSpec(name_or_path="builtin:tiny-tofu-full"),
              ModelSpec(name_or_path="outputs/sft/version_0/checkpoints/last.ckpt"),
+             ModelSpec(name_or_path="outputs/dpo/version_0/checkpoints/last.ckpt"),
              ModelSpec(name_or_path="Qwen/Qwen2.5-0.5B-Instruct")]
-    assert list(model_names(specs)) == ["tiny-tofu-full", "tiny-tofu-full-2", "version_0-last",
-                                      "Qwen2.5-0.5B-Instruct"]
+    assert list(model_names(specs)) == ["tiny-tofu-full", "tiny-tofu-full-2", "sft-version_0-last",
+                                      "dpo-version_0-last", "Qwen2.5-0.5B-Instruct"]
     with pytest.raises(ValueError, match="model.models: model name"):
         model_names({"a b": specs[0]})
+
+
+def test_hit_max_tokens_only_when_no_stop_string_was_reached(tokenizer):
+    """A base model writes past the summary into the next "Article:": generation stops at the stop string, so the
+    text holds it and did not run out of tokens, even though it is longer than the budget; the summary cut at "\\n\\n"
+    mid-sentence is then an early termination. A text with no stop string that fills the budget ran out."""
+    from lit_align.data.summarization_postprocess import postprocess_summary
+    from lit_align.methods.summarization_eval import ran_out_of_tokens
+
+    stop = ("\n\n", "Article:")
+    output = " The mayor said that the harbour\n\nArticle: Prices rose again in the town on Monday"
+    assert len(tokenizer(output, add_special_tokens=False)["input_ids"]) > 8
+    hit = ran_out_of_tokens(output, stop, tokenizer, max_new_tokens=8)
+    assert hit is False
+    post = postprocess_summary(output, prompt_text="Article: x\n\nSummary:", article="x", stop=stop,
+                               hit_max_tokens=hit)
+    assert post.summary == "The mayor said that the harbour" and post.early_termination and not post.hit_max_tokens
+    assert ran_out_of_tokens("\n\n The mayor said that the harbour of the town", stop, tokenizer, 8)
+    assert not ran_out_of_tokens(" The mayor left.", stop, tokenizer, 30)
+
+
+def test_sentence_splitter_option_is_checked():
+    from lit_align.errors import ConfigError
+
+    assert SummaryMetricsConfig().sentence_splitter == "auto"
+    with pytest.raises(ConfigError, match="model.metrics.sentence_splitter"):
+        SummaryMetricsConfig(sentence_splitter="spacy")
+
+
+def test_summary_row_reuses_the_postprocessed_flags(first_run):
+    """The row holds post-processing's result (no copy of its fields) and still reads like one flat record."""
+    import dataclasses
+
+    from lit_align.data.summarization_postprocess import Postprocessed
+    from lit_align.methods.summarization_eval import SummaryRow
+
+    assert not {f.name for f in dataclasses.fields(Postprocessed)} & {f.name for f in dataclasses.fields(SummaryRow)}
+    row = first_run[0].model.rows[0]
+    assert isinstance(row.post, Postprocessed) and row.summary == row.post.summary and row.empty == row.post.empty
+    assert {"summary", "empty", "hit_max_tokens", "copy_precision", "scores"} <= set(row.record())
+
+
+def test_max_prompt_tokens_beyond_the_model_context_is_a_clear_error(tmp_path, monkeypatch):
+    """The tiny models have 2,048 positions: 2,040 prompt tokens leave no room for the summary."""
+    calls = SampleCalls(monkeypatch)
+    error = _known_error(tmp_path, "--model.init_args.prompts.max_prompt_tokens", "2040", "--model.init_args.shots",
+                         "[0]")
+    assert "model.prompts.max_prompt_tokens=2040" in str(error) and "2048 positions" in str(error), error
+    assert calls.calls == 0

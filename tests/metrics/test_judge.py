@@ -48,6 +48,9 @@ def test_parse_accepts_schema_replies(reply):
     json.dumps({**GOOD, "fluency": 2.5}),                                      # not an integer
     json.dumps({**GOOD, "fluency": True}),                                     # a bool is not a score
     "{'relevance': 4, 'coherence': 5, 'consistency': 3, 'fluency': 2}",        # Python, not JSON
+    '{"relevance": 4, "coherence": 5, "consistency": 3, "fluency": NaN}',      # json reads these as floats
+    '{"relevance": 4, "coherence": 5, "consistency": 3, "fluency": Infinity}',
+    '{"relevance": 4, "coherence": 5, "consistency": 3, "fluency": 1e999}',
 ])
 def test_parse_rejects_out_of_schema_replies(reply):
     assert parse_judge_reply(reply) is None
@@ -58,6 +61,12 @@ def test_extra_keys_policy_and_custom_criteria():
     assert parse_judge_reply(reply, extra_keys="reject") is None
     assert parse_judge_reply(GOOD_JSON, extra_keys="reject") == GOOD
     assert parse_judge_reply('{"overall": 7}', ["overall"], low=0, high=10) == {"overall": 7}
+
+
+def test_rubric_template_that_does_not_format_fails_at_construction():
+    with pytest.raises(ValueError, match=r"judge.rubric.template does not format .*\{\{"):
+        Rubric(template='Article: {article}\nSummary: {summary}\nReply like {"relevance": 3}')
+    assert Rubric(template='{article} {summary} {{"relevance": 3}}').prompt("a", "s") == 'a s {"relevance": 3}'
 
 
 def test_rubric_prompt_and_schema():
@@ -161,11 +170,25 @@ def test_hf_judge_with_non_json_replies_counts_failures():
     backend = HFJudge(spec, max_new_tokens=4, batch_size=2)
     result = RubricJudge(backend, retries=1).score(["The harbour closed on Monday.", "Rain fell."],
                                                    ["The harbour closed.", "It rained."])
-    assert backend.model_id == "tiny-qwen2" == result.model_id
+    assert backend.model_id == result.model_id and backend.model_id.startswith("tiny-qwen2 (weights ")
+    assert backend._lm.fingerprint[:12] in backend.model_id  # the judge's version: its weight fingerprint
     assert result.scores == [None, None]
     assert result.failures == 2 and result.parse_failures == 4 and result.attempts == [2, 2]
     assert all(isinstance(r, str) for r in result.replies)
     assert HFJudge(ModelSpec(name_or_path="org/judge", revision="abc123")).model_id == "org/judge@abc123"
+    backend.close()
+
+
+def test_hf_judge_model_spec_from_yaml_keeps_dtype():
+    """A YAML mapping for the judge's model is parsed into a ModelSpec (dtype kept), not a name."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(HFJudge, "judge")
+    cfg = parser.parse_args(["--judge.model", "{name_or_path: builtin:tiny-tofu-full, dtype: bfloat16}"])
+    judge = parser.instantiate_classes(cfg).judge
+    assert isinstance(judge.spec, ModelSpec) and judge.spec.dtype == "bfloat16"
+    assert judge.spec.name_or_path == "builtin:tiny-tofu-full"
 
 
 def test_openai_compatible_judge_builds_the_request_without_sending(monkeypatch):
@@ -185,6 +208,66 @@ def test_openai_compatible_judge_builds_the_request_without_sending(monkeypatch)
     assert judge.model_id == "judge-model"
     with pytest.raises(ValueError, match="base_url"):
         OpenAICompatibleJudge("judge.invalid/v1", "m")
+
+
+class _Endpoint:
+    """A local OpenAI-compatible endpoint (a real HTTP server on 127.0.0.1) that answers with the queued
+    ``(status, body)`` responses in turn and counts the requests."""
+
+    def __init__(self, responses: list[tuple[int, str]]) -> None:
+        import http.server
+        import threading
+
+        endpoint = self
+        self.responses, self.requests = list(responses), 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers["Content-Length"]))
+                endpoint.requests += 1
+                status, body = endpoint.responses.pop(0) if endpoint.responses else (500, "gone")
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _completion(text: str) -> str:
+    return json.dumps({"model": "judge-model", "choices": [{"message": {"content": text}}]})
+
+
+def test_openai_compatible_judge_retries_counts_failures_and_caches(monkeypatch, tmp_path):
+    """A 503 then a reply: retried; a request that fails every try (HTTP 429, a body that is not JSON) is the
+    unparsed reply "" (counted by RubricJudge), not an exception; a rerun reads replies from the cache."""
+    monkeypatch.setenv("LIT_ALIGN_TEST_JUDGE_KEY", "sk-test")
+    server = _Endpoint([(503, "busy"), (200, _completion(GOOD_JSON)), (429, "slow down"), (200, "<html>oops</html>"),
+                        (200, "not json")])
+    try:
+        judge = OpenAICompatibleJudge(server.url, "judge-model", api_key_env="LIT_ALIGN_TEST_JUDGE_KEY", retries=2,
+                                      backoff_s=0.0, cache_path=str(tmp_path / "judge.jsonl"))
+        with pytest.warns(UserWarning, match="after 3 tries"):
+            replies = judge.complete(["first", "second"])
+        assert replies == [GOOD_JSON, ""] and server.requests == 5 and judge.failed_requests == 1
+        again = OpenAICompatibleJudge(server.url, "judge-model", api_key_env="LIT_ALIGN_TEST_JUDGE_KEY", retries=0,
+                                      backoff_s=0.0, cache_path=str(tmp_path / "judge.jsonl"))
+        server.responses = [(200, _completion(GOOD_JSON))]
+        assert again.complete(["first", "second"]) == [GOOD_JSON, GOOD_JSON]
+        assert server.requests == 6, "only the prompt without a cached reply is sent again"
+        with pytest.warns(UserWarning, match="request failed"):
+            scores = RubricJudge(judge, Rubric(), retries=0).score(["a"], ["b"])
+        assert scores.failures == 1
+    finally:
+        server.close()
 
 
 # -- human evaluation --------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import torch
 from rouge_score import rouge_scorer
 from scipy.stats import bootstrap
 from tiny_bert import save_tiny_bert
-from torchmetrics.text.bert import BERTScore
 from torchmetrics.text.rouge import ROUGEScore
 
 from lit_align.metrics import (
@@ -189,6 +188,30 @@ def test_meteor_equals_nltk_with_a_given_wordnet():
     assert expected[0] > SummaryMETEOR(wordnet=TinyWordNet([])).score(preds[0], refs[0])
 
 
+MULTI_SENTENCE = ["The mayor left. Prices rose.", "Storm hits the coast! Thousands lose power on Monday.",
+                  'He said "no." Then he left the town, quietly.']
+
+
+def test_meteor_tokens_split_sentences_like_nltk_word_tokenize(monkeypatch):
+    """``nltk.word_tokenize`` (nltk's recommended usage, what HF ``evaluate``'s METEOR runs) splits sentences with
+    Punkt, then words: every sentence's final period is a token. Punkt's data is not installed here, so nltk's
+    own untrained ``PunktSentenceTokenizer`` stands in for it (these texts have no abbreviations)."""
+    import nltk.tokenize
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    from nltk.translate.meteor_score import meteor_score
+
+    monkeypatch.setattr(nltk.tokenize, "_get_punkt_tokenizer", lambda language="english": PunktSentenceTokenizer())
+    for text in MULTI_SENTENCE:
+        assert meteor_tokens(text) == nltk.tokenize.word_tokenize(text), text
+    assert "left" in meteor_tokens("The mayor left. Prices rose.")
+    # swapped sentences: every word matches, two chunks (nltk alone on whole-text Treebank tokens gives 0.53)
+    metric = SummaryMETEOR(wordnet=TinyWordNet([]))
+    expected = meteor_score([nltk.tokenize.word_tokenize(MULTI_SENTENCE[0])],
+                            nltk.tokenize.word_tokenize("Prices rose. The mayor left."), wordnet=TinyWordNet([]))
+    assert metric.score("Prices rose. The mayor left.", MULTI_SENTENCE[0]) == pytest.approx(expected)
+    assert expected > 0.9
+
+
 @pytest.mark.skipif(not meteor_available()[0], reason=meteor_available()[1])
 def test_meteor_with_installed_wordnet():
     metric = SummaryMETEOR()
@@ -202,19 +225,37 @@ def bert_dir(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("bertscore") / "tiny-bert")
 
 
-def test_bertscore_matches_torchmetrics_and_identical_is_one(bert_dir):
-    preds = ["the town harbour", "how can i help you", "steal the poison"]
-    refs = ["the town harbour", "what is that", "help the town"]
-    metric = SummaryBERTScore(bert_dir, num_layers=1, max_length=64)
-    metric.update(preds[:2], refs[:2])
-    metric.update(preds[2:], refs[2:])
+# Pairs of varied lengths whose length orders differ between summaries and references (torchmetrics'
+# BERTScore mis-pairs these), with an identical pair that must score 1.
+BERT_PAIRS = [
+    ("the town harbour", "the town harbour"),
+    ("how can i help you", "what is that"),
+    ("steal the poison", "help the town"),
+    ("a town of the harbour is not", "the harbour"),
+    ("the mayor", "prices in the town rose again on monday"),
+    ("storm hits the coast and thousands lose power", "a storm"),
+]
+
+
+def test_bertscore_equals_bert_score_package_and_identical_is_one(bert_dir):
+    import bert_score
+
+    preds, refs = [p for p, _ in BERT_PAIRS], [r for _, r in BERT_PAIRS]
+    metric = SummaryBERTScore(bert_dir, num_layers=1, max_length=64, device="cpu")
+    metric.update(preds[:4], refs[:4])
+    metric.update(preds[4:], refs[4:])
     items = metric.per_item()
-    theirs = BERTScore(model_name_or_path=bert_dir, num_layers=1, max_length=64, truncation=True)(preds, refs)
-    for key in ("precision", "recall", "f1"):
-        assert items[f"bertscore_{key}"].tolist() == pytest.approx(theirs[key].tolist(), abs=1e-6)
+    theirs = bert_score.score(preds, refs, model_type=bert_dir, num_layers=1, device="cpu")
+    for key, values in zip(("precision", "recall", "f1"), theirs):
+        assert items[f"bertscore_{key}"].tolist() == pytest.approx(values.tolist(), abs=1e-5)
     assert float(items["bertscore_f1"][0]) == pytest.approx(1.0, abs=1e-5)
     assert float(items["bertscore_f1"][1]) < 0.999
-    assert float(metric.compute()["bertscore_f1"]) == pytest.approx(float(theirs["f1"].mean()), abs=1e-6)
+    for i, (pred, ref) in enumerate(BERT_PAIRS):  # one pair at a time gives the same score as in a batch
+        one = bert_score.score([pred], [ref], model_type=bert_dir, num_layers=1, device="cpu")[2]
+        assert float(items["bertscore_f1"][i]) == pytest.approx(float(one[0]), abs=1e-5)
+    assert float(metric.compute()["bertscore_f1"]) == pytest.approx(float(theirs[2].mean()), abs=1e-5)
+    metric.update(["", "the town"], ["the town", " "])  # an empty side scores 0
+    assert metric.per_item()["bertscore_f1"][-2:].tolist() == [0.0, 0.0]
 
 
 def test_bertscore_config_errors(bert_dir, tmp_path):
@@ -258,3 +299,21 @@ def test_bootstrap_ci_equals_scipy_and_handles_degenerate_input():
     assert all(math.isnan(x) for x in bootstrap_ci([]))
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_ci(values, confidence=95)
+
+
+def test_one_cached_rouge_scorer_is_shared():
+    """Summarisation metrics, post-processing and the unlearning metrics score through one cached scorer per
+    setting; the human-eval export and the judge share one criteria list."""
+    from lit_align.data.rouge import rouge_scorer
+    from lit_align.data.summarization_postprocess import copy_precision
+    from lit_align.metrics import human_eval, judge
+    from lit_align.metrics.unlearning import rouge_l_recall
+
+    assert SummaryROUGE()._rouge is rouge_scorer(ROUGE_KEYS, True)
+    assert rouge_scorer(("rougeL",), True) is rouge_scorer(("rougeL",), True)
+    before = rouge_scorer.cache_info().hits
+    rouge_scores("a cat", "the cat")
+    copy_precision("a cat", "the cat sat")
+    rouge_l_recall("a cat", "the cat")
+    assert rouge_scorer.cache_info().hits == before + 3
+    assert human_eval.DEFAULT_CRITERIA is judge.DEFAULT_CRITERIA

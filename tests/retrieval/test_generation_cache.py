@@ -149,3 +149,22 @@ def test_greedy_needs_no_seeds(model, tokenizer):
     assert generate_texts(model, tokenizer, PROMPTS, greedy, seeds=None) == [
         generate_texts(model, tokenizer, [p], greedy, seeds=None)[0] for p in PROMPTS]
     assert torch.is_grad_enabled()
+
+
+def test_stop_generation_stops_rows_at_a_stop_string(model, tokenizer):
+    """With ``stop_generation`` a row stops right after the token that completes a stop string (fewer tokens, the
+    same text before it); the cut text equals the full generation's cut; the key includes the stop strings."""
+    greedy = SamplingConfig(max_new_tokens=16, do_sample=False)
+    full = generate_texts(model, tokenizer, PROMPTS[:2], greedy, seeds=None)
+    body = full[0].lstrip()
+    words = body.split()
+    assert len(words) >= 4, full
+    stop = [" " + words[2]]  # a stop string the first row writes mid-way; the second row may not write it
+    raw = generate_texts(model, tokenizer, PROMPTS[:2], greedy, seeds=None, stop=stop, stop_generation=True, cut=False)
+    n_tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (raw[0], full[0])]
+    assert stop[0] in raw[0] and n_tokens[0] < n_tokens[1]
+    assert full[0].startswith(raw[0]) and raw[1] == full[1]
+    cut = generate_texts(model, tokenizer, PROMPTS[:2], greedy, seeds=None, stop=stop, stop_generation=True)
+    assert cut == generate_texts(model, tokenizer, PROMPTS[:2], greedy, seeds=None, stop=stop)
+    assert _key() != GenerationCache.key("m1", "prompt", SAMPLING, 3, tokenizer="t1", stop=stop)
+    assert _key() == GenerationCache.key("m1", "prompt", SAMPLING, 3, tokenizer="t1", stop=())
