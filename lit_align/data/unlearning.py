@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +60,7 @@ from lit_align.errors import ConfigError, DataError
 
 __all__ = [
     "DEFAULT_REFUSALS",
+    "check_eval_record",
     "ForgetRetainCollator",
     "ForgetRetainDataModule",
     "ForgetRetainDataset",
@@ -919,3 +920,32 @@ class PKUSafeRLHFDataModule(ForgetRetainDataModule):
             return [{"_source": source.path, "_source_index": i, "response": a} for i, a in enumerate(answers)]
         return [{"_source": source.path, "_source_index": i, "prompt": q, "response": best}
                 for i, (q, best, _) in enumerate(parsed)]
+
+
+def check_eval_record(record: Mapping[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the field when an eval record is malformed: ``prompt`` and
+    ``response`` must be strings; ``perturbed_responses`` and ``choices``, when present, non-empty lists of
+    non-empty strings (a bare string is refused: it would be read as one answer per character); ``label`` an int
+    indexing ``choices``; ``paraphrased_prompt`` / ``paraphrased_response`` strings."""
+    for key in ("prompt", "response"):
+        if not isinstance(record.get(key), str):
+            raise ValueError(f"{where} needs a string field {key!r}, got {record.get(key)!r}")
+    for key in ("paraphrased_prompt", "paraphrased_response"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {record[key]!r}")
+    for key in ("perturbed_responses", "choices"):
+        value = record.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"{where}: field {key!r} must be a non-empty list of answer strings, got {value!r} "
+                             f"(write one string as [\"...\"], or leave the field out)")
+        bad = [i for i, v in enumerate(value) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ValueError(f"{where}: field {key!r} item {bad[0]} is {value[bad[0]]!r}; every item must be a "
+                             "non-empty string")
+    if record.get("choices") is not None:
+        label = record.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(record["choices"]):
+            raise ValueError(f"{where}: field 'label' must be the int index of the right one of its "
+                             f"{len(record['choices'])} choices, got {label!r}")

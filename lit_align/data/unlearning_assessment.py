@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_align.data.records import BUILTIN_DIR, DataSource, read_rows
+from lit_align.data.unlearning import check_eval_record
 
 __all__ = [
     "ASSESSMENT_SPLITS",
@@ -244,10 +245,8 @@ def _file_records(split: str, path: str) -> list[dict]:
 
 def check_records(records: Sequence[Mapping[str, Any]], where: str) -> None:
     """Raise ``ValueError`` naming ``where``, the record (1-based) and the field for the first malformed eval
-    record (:func:`lit_align.unlearning.scoring.check_eval_record`: ``perturbed_responses`` and ``choices`` are
+    record (:func:`lit_align.data.unlearning.check_eval_record`: ``perturbed_responses`` and ``choices`` are
     non-empty lists of non-empty strings, ``label`` indexes ``choices``)."""
-    from lit_align.unlearning.scoring import check_eval_record
-
     for i, rec in enumerate(records):
         check_eval_record(rec, f"{where}, record {i + 1}")
 
