@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_align.data.summarization import Article, SummarizationDataModule, SummarizationTask, length_stats
-from lit_align.data.summarization_postprocess import Postprocessed, postprocess_summary
+from lit_align.data.summarization_postprocess import Postprocessed, postprocess_summary, summary_content
 from lit_align.data.summarization_prompts import (
     SummaryPrompt,
     SummaryPromptConfig,
@@ -37,7 +37,7 @@ from lit_align.metrics.summarization import (
     resolve_splitter,
 )
 from lit_align.models import ModelSpec
-from lit_align.retrieval import GenerationCache
+from lit_align.retrieval import GenerationCache, GenerationReport, StopView
 from lit_align.retrieval.loaded import LoadedModel, loaded_model
 from lit_align.rollout.sampler import SamplingConfig
 
@@ -144,6 +144,14 @@ def article_index(article_id: str) -> int:
     """A stable non-negative int for an article id (the first 8 bytes of its sha256), so an article's sampling
     seed (and its cache entry) does not depend on its row or on how many articles are evaluated."""
     return int(hashlib.sha256(article_id.encode()).hexdigest()[:15], 16)
+
+
+def summary_stop_view(prompt_texts: Sequence[str], articles: Sequence[str]) -> StopView:
+    """The generation-time stop rule of the harness: prompt ``i``'s stop strings are looked for in
+    :func:`~lit_align.data.summarization_postprocess.summary_content` of its text (after an echo and a
+    ``Summary:`` label, not while it still repeats the prompt or article), the same steps post-processing takes."""
+    return StopView("summary_content/v1",
+                    lambda i, text: summary_content(text, prompt_text=prompt_texts[i], article=articles[i]))
 
 
 def ran_out_of_tokens(output: str, stop: Sequence[str], tokenizer: Any, max_new_tokens: int) -> bool:
@@ -377,11 +385,12 @@ class SummarizationEvaluationModule(L.LightningModule):
         sampling = dataclasses.replace(self.sampling, max_new_tokens=task.max_new_tokens)
         purpose = f"summarization/{task.name}/{k}shot"
         seeds = [derive_seed(self.seed, 0, purpose, article_index(a.id)) for a in articles]
-        keys = lm.keys(texts, sampling, seeds, stop=task.stop)
-        cached = [key in self.cache for key in keys]
-        self.generated += len({key for key, hit in zip(keys, cached) if not hit})
+        report = GenerationReport()
         outputs = lm.generate(texts, sampling, seeds=seeds, cache=self.cache, batch_size=self.batch_size,
-                              stop=task.stop, stop_generation=True, cut=False)
+                              stop=task.stop, stop_generation=True, cut=False,
+                              stop_view=summary_stop_view(texts, [a.article for a in articles]), report=report)
+        cached = report.cached
+        self.generated += report.generated
         rows = {}
         for article, prompt, text, output, hit in zip(articles, prompts, texts, outputs, cached):
             hit_max = ran_out_of_tokens(output, task.stop, lm.tokenizer, sampling.max_new_tokens)

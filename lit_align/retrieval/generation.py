@@ -16,7 +16,8 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -26,7 +27,7 @@ from lit_align.engine.seeds import generator
 from lit_align.errors import ConfigError, DataError, check_int
 from lit_align.rollout.sampler import SamplingConfig, left_pad, sample
 
-__all__ = ["GenerationCache", "cut_at_stop", "fingerprint_tokenizer", "generate_texts"]
+__all__ = ["GenerationCache", "GenerationReport", "StopView", "cut_at_stop", "fingerprint_tokenizer", "generate_texts"]
 
 
 def fingerprint_tokenizer(tokenizer) -> str:
@@ -65,14 +66,16 @@ class GenerationCache:
 
     @staticmethod
     def key(model_fingerprint: str, prompt: str, sampling: SamplingConfig, seed: int | None, *,
-            tokenizer: str, stop: Sequence[str] = ()) -> str:
+            tokenizer: str, stop: Sequence[str] = (), view: str | None = None) -> str:
         """sha256 hex of the model fingerprint, the tokenizer fingerprint (:func:`fingerprint_tokenizer`), the
         prompt, every sampling setting, the seed and the stop strings generation stopped at (left out when there
-        are none, so those keys are unchanged)."""
+        are none, so those keys are unchanged) and the :class:`StopView` name (when one was used)."""
         payload = {"model": model_fingerprint, "tokenizer": tokenizer, "prompt": prompt,
                    "sampling": dataclasses.asdict(sampling), "seed": seed}
         if stop:
             payload["stop"] = list((stop,) if isinstance(stop, str) else stop)
+        if view:
+            payload["stop_view"] = view
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def get(self, key: str) -> str | None:
@@ -152,26 +155,54 @@ def _token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return ids
 
 
-def _stop_test(tokenizer, stop: tuple[str, ...]):
+@dataclass
+class GenerationReport:
+    """What one :func:`generate_texts` call did, per prompt (filled by the call; pass a fresh one)."""
+
+    keys: list[str] = dataclasses.field(default_factory=list)
+    """Each prompt's cache key (:meth:`GenerationCache.key`; its row number as a string without a cache)."""
+    cached: list[bool] = dataclasses.field(default_factory=list)
+    """Whether each prompt's text came from the cache (present before the call)."""
+    generated: int = 0
+    """How many texts were generated (a repeated key once)."""
+
+
+@dataclass(frozen=True)
+class StopView:
+    """Which part of a partial generation the stop strings are looked for in, when that is not simply the text
+    less its leading whitespace (e.g. a summary after an echoed prompt and a ``Summary:`` label)."""
+
+    name: str
+    """Names the rule in the cache key (a text generated under another rule may end elsewhere); change it when the
+    rule changes."""
+    content: Callable[[int, str], str | None]
+    """``content(i, text)``: the part of prompt ``i``'s decoded text so far to look for stop strings in, or None
+    while no stop string may end the row yet."""
+
+
+def _stop_test(tokenizer, stop: tuple[str, ...], view: Callable[[int, str], str | None] | None = None):
     """The sampler's ``stop_when`` for stop strings: a row stops once its decoded text, less leading whitespace,
     contains one of ``stop`` (a stop string in the leading whitespace does not stop it: post-processing strips
-    that whitespace first, and :func:`cut_at_stop` of the text is the same either way)."""
+    that whitespace first, and :func:`cut_at_stop` of the text is the same either way). With ``view`` (row in
+    the batch, text) -> the part to look in (None: not yet), that part instead."""
     def stop_when(response_ids, rows: list[int]) -> list[int]:
         texts = tokenizer.batch_decode(response_ids[rows].tolist(), skip_special_tokens=True)
-        return [i for i, text in zip(rows, texts) if any(s in text.lstrip() for s in stop)]
+        parts = [view(i, t) if view is not None else t.lstrip() for i, t in zip(rows, texts)]
+        return [i for i, part in zip(rows, parts) if part is not None and any(s in part for s in stop)]
 
     return stop_when if stop else None
 
 
 def _generate_batch(model: nn.Module, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
-                    seeds: Sequence[int] | None, stop: tuple[str, ...] = ()) -> list[str]:
+                    seeds: Sequence[int] | None, stop: tuple[str, ...] = (),
+                    view: Callable[[int, str], str | None] | None = None) -> list[str]:
     """Decoded continuations of one batch of prompts (special tokens skipped); a row stops at a stop string."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad(_token_ids(tokenizer, prompts), pad_id)  # (B, P)
     gens = [generator(s, 0, "generate_texts", device=device) for s in seeds] if seeds is not None else None
     rollout = sample(model, ids.to(device), mask.to(device), sampling, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=pad_id, generator=gens, stop_when=_stop_test(tokenizer, stop))
+                     pad_token_id=pad_id, generator=gens, stop_when=_stop_test(tokenizer, stop, view))
     lengths = rollout.response_lengths.tolist()
     rows = rollout.response_ids.cpu().tolist()
     return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths)]
@@ -199,7 +230,8 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
                    seeds: Sequence[int] | None, cache: GenerationCache | None = None,
                    model_fingerprint: str | None = None, tokenizer_fingerprint: str | None = None,
                    stop: Sequence[str] = (), stop_generation: bool = False, cut: bool = True,
-                   batch_size: int = 16) -> list[str]:
+                   stop_view: StopView | None = None, batch_size: int = 16,
+                   report: GenerationReport | None = None) -> list[str]:
     """Decoded continuations of plain-text prompts, one string per prompt, in order.
 
     Each prompt is tokenized as is (the tokenizer's own special tokens, no chat template), left-padded and
@@ -211,7 +243,9 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
     With ``stop_generation`` a row also stops generating once it has written one of ``stop`` (after any leading
     whitespace; the cut text is the same, the tokens after it are never generated), and its cache key includes
     ``stop``; without it the cache keeps the text generated up to EOS or ``max_new_tokens``, so ``stop`` may change
-    between calls.
+    between calls. ``stop_view`` (with ``stop_generation``) looks for ``stop`` only in the part of the text it
+    names (e.g. after an echo and a ``Summary:`` label); its name enters the cache key. ``report`` (a fresh
+    :class:`GenerationReport`) gets each prompt's key and whether it came from the cache.
 
     With a ``cache``, prompts whose key (:meth:`GenerationCache.key`) is present are not regenerated, identical
     (prompt, seed) pairs are generated once, and new texts are stored after each batch with their prompt, seed,
@@ -235,7 +269,8 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
         if tokenizer_fingerprint is None:
             tokenizer_fingerprint = fingerprint_tokenizer(tokenizer)
         keys = [GenerationCache.key(model_fingerprint, p, sampling, s, tokenizer=tokenizer_fingerprint,
-                                    stop=stop if stop_generation else ())
+                                    stop=stop if stop_generation else (),
+                                    view=stop_view.name if stop_view is not None and stop_generation else None)
                 for p, s in zip(prompts, row_seeds)]
         store = {k: cache.get(k) for k in keys if k in cache}
         settings = dataclasses.asdict(sampling)
@@ -247,11 +282,14 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
         if k not in store:
             first.setdefault(k, i)
     todo = list(first.values())
+    if report is not None:
+        report.keys, report.cached, report.generated = list(keys), [k in store for k in keys], len(todo)
     for start in range(0, len(todo), batch_size):
         rows = todo[start:start + batch_size]
+        view = None if stop_view is None else (lambda j, text, rows=rows: stop_view.content(rows[j], text))
         texts = _generate_batch(model, tokenizer, [prompts[i] for i in rows], sampling,
                                 None if seeds is None else [row_seeds[i] for i in rows],
-                                stop if stop_generation else ())
+                                stop if stop_generation else (), view)
         fresh = {keys[i]: t for i, t in zip(rows, texts)}
         store.update(fresh)
         if cache is not None:

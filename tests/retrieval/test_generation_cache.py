@@ -168,3 +168,19 @@ def test_stop_generation_stops_rows_at_a_stop_string(model, tokenizer):
     assert cut == generate_texts(model, tokenizer, PROMPTS[:2], greedy, seeds=None, stop=stop)
     assert _key() != GenerationCache.key("m1", "prompt", SAMPLING, 3, tokenizer="t1", stop=stop)
     assert _key() == GenerationCache.key("m1", "prompt", SAMPLING, 3, tokenizer="t1", stop=())
+
+
+def test_report_names_each_prompts_key_and_cache_hit(model, tokenizer, tmp_path):
+    """review20c #8: generate_texts itself reports which prompts came from the cache (one key rule); the keys of a
+    call without ``stop_generation`` leave the stop strings out, so its hits are counted right."""
+    from lit_align.retrieval import GenerationReport
+
+    greedy = SamplingConfig(max_new_tokens=4, do_sample=False)
+    cache = GenerationCache(tmp_path / "c.jsonl")
+    first, again = GenerationReport(), GenerationReport()
+    generate_texts(model, tokenizer, PROMPTS[:2], greedy, seeds=None, cache=cache, stop=["\n"], report=first)
+    generate_texts(model, tokenizer, [PROMPTS[0], PROMPTS[2], PROMPTS[2]], greedy, seeds=None, cache=cache,
+                   stop=["\n"], report=again)
+    assert first.cached == [False, False] and first.generated == 2
+    assert again.cached == [True, False, False] and again.generated == 1
+    assert again.keys[0] == first.keys[0] and all(k in cache for k in again.keys)
