@@ -365,7 +365,10 @@ class SummarizationEvaluationModule(L.LightningModule):
             try:
                 self._bertscore = SummaryBERTScore(config.bertscore_model, config.bertscore_layer,
                                                    max_length=config.bertscore_max_length,
-                                                   batch_size=config.bertscore_batch_size, device=self.device)
+                                                   batch_size=config.bertscore_batch_size, device=self.device,
+                                                   max_length_key="model.metrics.bertscore_max_length")
+            except ConfigError:  # a setting to fix (bertscore_max_length beyond the encoder), not a metric to skip
+                raise
             except (OSError, ValueError, ImportError) as err:  # a missing directory, a hub id offline, a bad layer,
                 # or bert-score not installed (pip install bert-score)
                 self.skipped["bertscore"] = f"{config.bertscore_model} (layer {config.bertscore_layer}): {err}"
