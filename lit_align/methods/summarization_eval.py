@@ -142,8 +142,8 @@ def nltk_version() -> str:
 
 def article_index(article_id: str) -> int:
     """A stable non-negative int for an article id (the first 15 hex digits, 60 bits, of its sha256), so an
-    article's sampling
-    seed (and its cache entry) does not depend on its row or on how many articles are evaluated."""
+    article's sampling seed (and its cache entry) does not depend on its row or on how many articles are
+    evaluated."""
     return int(hashlib.sha256(article_id.encode()).hexdigest()[:15], 16)
 
 
