@@ -61,8 +61,9 @@ class GenerationCache:
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else None
         self._entries: dict[str, str] = {}
+        self._finish: dict[str, str] = {}
         if self.path is not None and self.path.exists():
-            self._entries = _read_jsonl(self.path)
+            self._entries, self._finish = _read_jsonl(self.path)
 
     @staticmethod
     def key(model_fingerprint: str, prompt: str, sampling: SamplingConfig, seed: int | None, *,
@@ -82,6 +83,11 @@ class GenerationCache:
         """The cached text for ``key``, or None."""
         return self._entries.get(key)
 
+    def finish(self, key: str) -> str | None:
+        """Why the cached text for ``key`` ended (``"eos"``, ``"stop"``, ``"length"``; see
+        :class:`GenerationReport`), or None when it was not recorded (an entry written before it was)."""
+        return self._finish.get(key)
+
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
@@ -96,26 +102,30 @@ class GenerationCache:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"GenerationCache.put: keys and texts must be strings, got {k!r}: {type(v).__name__}")
         self._entries.update(new)
+        self._finish.update({k: r["finish"] for k, r in (records or {}).items() if k in entries and r.get("finish")})
         if self.path is not None and new:
             _append_jsonl(self.path, [{**(records or {}).get(k, {}), "key": k, "text": v} for k, v in new.items()])
 
     def state_dict(self) -> dict:
-        """``{"entries": {key: text}}`` (for a Lightning checkpoint)."""
-        return {"entries": dict(self._entries)}
+        """``{"entries": {key: text}}`` plus ``"finish": {key: finish reason}`` where any is recorded (for a
+        Lightning checkpoint)."""
+        return {"entries": dict(self._entries), **({"finish": dict(self._finish)} if self._finish else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Add a :meth:`state_dict`'s entries (a checkpoint's generations win over the file's on a clash)."""
         if not isinstance(state, dict) or not isinstance(state.get("entries"), dict):
             raise DataError("GenerationCache.load_state_dict: expected {'entries': {key: text}} from state_dict()")
-        self.put(state["entries"])
+        finish = state.get("finish") or {}
+        self.put(state["entries"], {k: {"finish": f} for k, f in finish.items()})
 
 
-def _read_jsonl(path: Path) -> dict[str, str]:
-    """The file's ``key -> text`` entries. A torn last line is cut from the file (warned), so that the next append
+def _read_jsonl(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The file's ``key -> text`` entries and ``key -> finish reason`` (where recorded). A torn last line is cut from the file (warned), so that the next append
     does not glue its first record onto the fragment."""
     raw = path.read_bytes()
     lines = raw.splitlines(keepends=True)
     entries: dict[str, str] = {}
+    finish: dict[str, str] = {}
     offset = 0
     for number, line in enumerate(lines, start=1):
         start, offset = offset, offset + len(line)
@@ -124,6 +134,8 @@ def _read_jsonl(path: Path) -> dict[str, str]:
         try:
             record = json.loads(line)
             entries[record["key"]] = record["text"]
+            if isinstance(record.get("finish"), str):
+                finish[record["key"]] = record["finish"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             if number == len(lines):
                 warnings.warn(f"generation cache {path}: cut a torn last line ({err})", stacklevel=3)
@@ -131,7 +143,7 @@ def _read_jsonl(path: Path) -> dict[str, str]:
                 continue
             raise DataError(f"generation cache {path}, line {number}: not a {{'key', 'text'}} JSON record ({err}); "
                             "delete the file (or the line) to regenerate") from err
-    return entries
+    return entries, finish
 
 
 def _append_jsonl(path: Path, records: Sequence[Mapping]) -> None:
@@ -165,6 +177,10 @@ class GenerationReport:
     """Whether each prompt's text came from the cache (present before the call)."""
     generated: int = 0
     """How many texts were generated (a repeated key once)."""
+    finish: list[str | None] = dataclasses.field(default_factory=list)
+    """Why each prompt's text ended, from the sampler: ``"eos"`` (end of sequence), ``"stop"`` (a stop string,
+    with ``stop_generation``), ``"length"`` (``max_new_tokens`` ran out); stored with the cached text, None for a
+    cache entry written before it was recorded."""
 
 
 @dataclass(frozen=True)
@@ -180,32 +196,43 @@ class StopView:
     while no stop string may end the row yet."""
 
 
-def _stop_test(tokenizer, stop: tuple[str, ...], view: Callable[[int, str], str | None] | None = None):
+def _stop_test(tokenizer, stop: tuple[str, ...], view: Callable[[int, str], str | None] | None = None,
+               stopped: set[int] | None = None):
     """The sampler's ``stop_when`` for stop strings: a row stops once its decoded text, less leading whitespace,
     contains one of ``stop`` (a stop string in the leading whitespace does not stop it: post-processing strips
     that whitespace first, and :func:`cut_at_stop` of the text is the same either way). With ``view`` (row in
-    the batch, text) -> the part to look in (None: not yet), that part instead."""
+    the batch, text) -> the part to look in (None: not yet), that part instead. The rows it stops are added to
+    ``stopped``."""
     def stop_when(response_ids, rows: list[int]) -> list[int]:
         texts = tokenizer.batch_decode(response_ids[rows].tolist(), skip_special_tokens=True)
         parts = [view(i, t) if view is not None else t.lstrip() for i, t in zip(rows, texts)]
-        return [i for i, part in zip(rows, parts) if part is not None and any(s in part for s in stop)]
+        hit = [i for i, part in zip(rows, parts) if part is not None and any(s in part for s in stop)]
+        if stopped is not None:
+            stopped.update(hit)
+        return hit
 
     return stop_when if stop else None
 
 
 def _generate_batch(model: nn.Module, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
                     seeds: Sequence[int] | None, stop: tuple[str, ...] = (),
-                    view: Callable[[int, str], str | None] | None = None) -> list[str]:
-    """Decoded continuations of one batch of prompts (special tokens skipped); a row stops at a stop string."""
+                    view: Callable[[int, str], str | None] | None = None) -> list[tuple[str, str]]:
+    """Decoded continuations of one batch of prompts (special tokens skipped), each with why it ended (``"eos"``,
+    ``"stop"``: a stop string, ``"length"``: ``max_new_tokens``); a row stops at a stop string."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad(_token_ids(tokenizer, prompts), pad_id)  # (B, P)
     gens = [generator(s, 0, "generate_texts", device=device) for s in seeds] if seeds is not None else None
+    stopped: set[int] = set()
     rollout = sample(model, ids.to(device), mask.to(device), sampling, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=pad_id, generator=gens, stop_when=_stop_test(tokenizer, stop, view))
+                     pad_token_id=pad_id, generator=gens, stop_when=_stop_test(tokenizer, stop, view, stopped))
     lengths = rollout.response_lengths.tolist()
     rows = rollout.response_ids.cpu().tolist()
-    return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths)]
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    reasons = ["stop" if i in stopped else "eos" if n and row[n - 1] in eos_ids else "length"
+               for i, (row, n) in enumerate(zip(rows, lengths))]
+    return [(tokenizer.decode(row[:n], skip_special_tokens=True), why) for row, n, why in zip(rows, lengths, reasons)]
 
 
 def _check_generate_args(tokenizer, prompts: Sequence[str], seeds: Sequence[int] | None, batch_size: int,
@@ -245,7 +272,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
     ``stop``; without it the cache keeps the text generated up to EOS or ``max_new_tokens``, so ``stop`` may change
     between calls. ``stop_view`` (with ``stop_generation``) looks for ``stop`` only in the part of the text it
     names (e.g. after an echo and a ``Summary:`` label); its name enters the cache key. ``report`` (a fresh
-    :class:`GenerationReport`) gets each prompt's key and whether it came from the cache.
+    :class:`GenerationReport`) gets each prompt's key, whether it came from the cache and why its text ended.
 
     With a ``cache``, prompts whose key (:meth:`GenerationCache.key`) is present are not regenerated, identical
     (prompt, seed) pairs are generated once, and new texts are stored after each batch with their prompt, seed,
@@ -282,6 +309,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
         if k not in store:
             first.setdefault(k, i)
     todo = list(first.values())
+    finish: dict[str, str] = {}  # key -> why its fresh text ended
     if report is not None:
         report.keys, report.cached, report.generated = list(keys), [k in store for k in keys], len(todo)
     for start in range(0, len(todo), batch_size):
@@ -290,8 +318,11 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], sampling
         texts = _generate_batch(model, tokenizer, [prompts[i] for i in rows], sampling,
                                 None if seeds is None else [row_seeds[i] for i in rows],
                                 stop if stop_generation else (), view)
-        fresh = {keys[i]: t for i, t in zip(rows, texts)}
+        fresh = {keys[i]: t for i, (t, _) in zip(rows, texts)}
+        finish.update({keys[i]: why for i, (_, why) in zip(rows, texts)})
         store.update(fresh)
         if cache is not None:
-            cache.put(fresh, records)
+            cache.put(fresh, {k: {**records[k], "finish": finish[k]} for k in fresh})
+    if report is not None:
+        report.finish = [finish.get(k) or (cache.finish(k) if cache is not None else None) for k in keys]
     return [cut_at_stop(store[k], stop) if cut else store[k] for k in keys]

@@ -70,6 +70,11 @@ def test_tiny_config_writes_the_table_for_both_shot_settings(first_run):
             assert math.isfinite(mean) and low <= mean <= high, (metric, r)
         for mode in ("empty", "early_termination", "hit_max_tokens", "copied", "echoed"):
             assert 0 <= int(r[mode]) <= 8
+        # review20c #5: hit_max_tokens counts exactly the rows whose cached finish reason is "length"
+        outputs = list(cli.model.outputs[(r["model"], r["task"], int(r["shots"]))].values())
+        assert {row.finish for row in outputs} <= {"eos", "stop", "length"}
+        assert int(r["hit_max_tokens"]) == sum(row.finish == "length" for row in outputs)
+        assert all(row.post.hit_max_tokens == (row.finish == "length") for row in outputs)
         assert float(r["mean_demos"]) == float(r["shots"])  # 1,024 prompt tokens: nothing dropped
     assert calls > 0 and cli.model.generated == 2 * 2 * 8
     report = json.loads((root / "summarization" / "summarization_table.json").read_text())
@@ -105,6 +110,7 @@ def test_rerun_reads_every_summary_from_the_cache_and_logs_to_wandb(first_run, t
     assert calls.calls == 0 and cli.model.generated == 0
     assert [r.summary for r in cli.model.rows] == [r.summary for r in first.model.rows]
     assert all(r.cached for r in cli.model.rows)
+    assert [r.finish for r in cli.model.rows] == [r.finish for r in first.model.rows]  # stored with the text
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     (table,) = (run_dir / "files" / "media" / "table").glob("summarization_table_*.table.json")
     table = json.loads(table.read_text())

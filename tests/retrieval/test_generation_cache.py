@@ -10,7 +10,7 @@ from conftest import tiny_lm
 
 from lit_align.errors import ConfigError, DataError
 from lit_align.models import model_fingerprint
-from lit_align.retrieval import GenerationCache, fingerprint_tokenizer, generate_texts
+from lit_align.retrieval import GenerationCache, GenerationReport, fingerprint_tokenizer, generate_texts
 from lit_align.rollout import SamplingConfig
 
 SAMPLING = SamplingConfig(max_new_tokens=6, do_sample=True, temperature=1.0)
@@ -184,3 +184,32 @@ def test_report_names_each_prompts_key_and_cache_hit(model, tokenizer, tmp_path)
     assert first.cached == [False, False] and first.generated == 2
     assert again.cached == [True, False, False] and again.generated == 1
     assert again.keys[0] == first.keys[0] and all(k in cache for k in again.keys)
+
+
+def test_finish_reason_comes_from_the_sampler_and_is_cached(model, tokenizer, tmp_path):
+    """review20c #5: each text's finish reason is the sampler's, exactly: a row whose 2nd greedy token is made the
+    EOS token ends "eos" (after 2 tokens), a row that writes a stop string (its 3rd token) ends "stop", the
+    third "length"; a reload of the cache file gives the same reasons without generating."""
+    import copy
+
+    greedy = SamplingConfig(max_new_tokens=4, do_sample=False)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[4]]
+    plain = GenerationReport()
+    full = generate_texts(model, tokenizer, prompts, greedy, seeds=None, report=plain)
+    assert plain.finish == ["length"] * 3
+    tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in full]
+    eos_id, stop_word = tokens[0][1], tokenizer.decode(tokens[1][2:3])
+    assert eos_id not in tokens[1] + tokens[2] and stop_word not in full[0] + full[2], "pick other rows"
+    eos_tok = copy.deepcopy(tokenizer)
+    eos_tok.eos_token = eos_tok.convert_ids_to_tokens(eos_id)
+    cache, report = GenerationCache(tmp_path / "c.jsonl"), GenerationReport()
+    texts = generate_texts(model, eos_tok, prompts, greedy, seeds=None, cache=cache, stop=[stop_word],
+                           stop_generation=True, cut=False, report=report)
+    assert report.finish == ["eos", "stop", "length"], texts
+    assert texts == [tokenizer.decode(tokens[0][:2]), tokenizer.decode(tokens[1][:3]), full[2]]
+    # re-tokenizing the text (the old rule) would not see that row 3 ran out: its 4 tokens re-tokenize to more
+    assert len(tokenizer(full[2], add_special_tokens=False)["input_ids"]) != 4
+    again = GenerationReport()
+    generate_texts(model, eos_tok, prompts, greedy, seeds=None, cache=GenerationCache(tmp_path / "c.jsonl"),
+                   stop=[stop_word], stop_generation=True, cut=False, report=again)
+    assert again.cached == [True] * 3 and again.finish == report.finish
