@@ -201,11 +201,37 @@ def _stop_test(tokenizer, stop: tuple[str, ...], view: Callable[[int, str], str 
     """The sampler's ``stop_when`` for stop strings: a row stops once its decoded text, less leading whitespace,
     contains one of ``stop`` (a stop string in the leading whitespace does not stop it: post-processing strips
     that whitespace first, and :func:`cut_at_stop` of the text is the same either way). With ``view`` (row in
-    the batch, text) -> the part to look in (None: not yet), that part instead. The rows it stops are added to
-    ``stopped``."""
+    the batch, text) -> the part to look in (None: not yet), that part instead, on the whole text. The rows it
+    stops are added to ``stopped``.
+
+    Without ``view`` only a tail window is decoded at each step (a stop string completed by the newest token lies
+    inside it; the test runs every step), so the cost per step does not grow with the response: the window is 4
+    tokens per character of the longest stop string (a byte-level token can carry a quarter of a character) plus
+    4. The text from the start is decoded only until the window lies past the row's first non-whitespace token
+    (a per-row "started" step), which keeps the leading-whitespace rule exact."""
+    window = 4 * max((len(s) for s in stop), default=0) + 4
+    started: dict[int, int] = {}  # row -> the response length at which its text first had non-whitespace
+
     def stop_when(response_ids, rows: list[int]) -> list[int]:
-        texts = tokenizer.batch_decode(response_ids[rows].tolist(), skip_special_tokens=True)
-        parts = [view(i, t) if view is not None else t.lstrip() for i, t in zip(rows, texts)]
+        n = response_ids.shape[1]
+        ids = response_ids[rows].tolist()
+        if view is not None:
+            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+            parts = [view(i, t) for i, t in zip(rows, texts)]
+        else:
+            whole = [j for j, i in enumerate(rows) if i not in started or n - window < started[i]]
+            texts = tokenizer.batch_decode([ids[j] for j in whole], skip_special_tokens=True) if whole else []
+            parts = [""] * len(rows)
+            for j, text in zip(whole, texts):
+                parts[j] = text.lstrip()
+                if parts[j]:
+                    started.setdefault(rows[j], n)
+            decoded = set(whole)
+            tails = [j for j in range(len(rows)) if j not in decoded]
+            if tails:
+                for j, text in zip(tails, tokenizer.batch_decode([ids[j][n - window:] for j in tails],
+                                                                 skip_special_tokens=True)):
+                    parts[j] = text
         hit = [i for i, part in zip(rows, parts) if part is not None and any(s in part for s in stop)]
         if stopped is not None:
             stopped.update(hit)

@@ -213,3 +213,32 @@ def test_finish_reason_comes_from_the_sampler_and_is_cached(model, tokenizer, tm
     generate_texts(model, eos_tok, prompts, greedy, seeds=None, cache=GenerationCache(tmp_path / "c.jsonl"),
                    stop=[stop_word], stop_generation=True, cut=False, report=again)
     assert again.cached == [True] * 3 and again.finish == report.finish
+
+
+class _CountingTokenizer:
+    """The real tokenizer, recording the longest id list each ``batch_decode`` call gets."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.longest = tokenizer, []
+
+    def batch_decode(self, ids, **kwargs):
+        self.longest.append(max((len(row) for row in ids), default=0))
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+
+def test_stop_test_decodes_a_tail_window_and_keeps_the_leading_whitespace_rule(tokenizer):
+    """review20c #12: after a row has started, each step decodes only a tail window (not the whole response); the
+    stop point is the same as a whole-text test's, and a stop string in the leading whitespace does not stop."""
+    from lit_align.retrieval.generation import _stop_test
+
+    text = "\n\n" + " ".join(f"word{i}" for i in range(40)) + "\n\nArticle: next"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    counting = _CountingTokenizer(tokenizer)
+    stop_when = _stop_test(counting, ("\n\n", "Article:"))
+    stops = [next(n for n in range(1, len(ids) + 1) if stop_when(torch.tensor([ids[:n]]), [0]))]
+    whole = [n for n in range(1, len(ids) + 1)
+             if any(s in tokenizer.decode(ids[:n]).lstrip() for s in ("\n\n", "Article:"))]
+    assert stops[0] == whole[0] and tokenizer.decode(ids[:stops[0]]).endswith("word39\n\n")
+    window = 4 * len("Article:") + 4  # one decode per step: the whole text until the window is past the start
+    assert len(counting.longest) == stops[0] and stops[0] > 2 * window
+    assert counting.longest[window - 1] == window and max(counting.longest[window + 4:]) == window
