@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lit_align.errors import ConfigError
 from lit_align.metrics import (
     HFJudge,
     JudgeBackend,
@@ -19,7 +20,6 @@ from lit_align.metrics import (
     parse_pairwise_reply,
     read_key,
 )
-from lit_align.errors import ConfigError
 from lit_align.metrics.human_eval import key_path_for
 from lit_align.models.spec import ModelSpec, TinyArch
 

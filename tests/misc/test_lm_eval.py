@@ -10,10 +10,9 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a dev extra (pip install -e '.[dev]')")
 
+from conftest import CSV_LOGGER, REPO  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from conftest import CSV_LOGGER, REPO  # noqa: E402
 
 from lit_align.cli import cli_main  # noqa: E402
 from lit_align.data.records import BUILTIN_DIR  # noqa: E402
