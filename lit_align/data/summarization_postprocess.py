@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from lit_align.data.rouge import rouge_scorer
 from lit_align.data.stop_strings import cut_at_stop
 
-__all__ = ["DEFAULT_COPY_THRESHOLD", "Postprocessed", "first_sentence", "postprocess_summary"]
+__all__ = ["DEFAULT_COPY_THRESHOLD", "Postprocessed", "first_sentence", "postprocess_summary", "strip_echo",
+           "strip_prefixes", "summary_content"]
 
 #: ROUGE-L precision against the article at or above which a summary is flagged ``copied``.
 DEFAULT_COPY_THRESHOLD = 0.9
@@ -101,8 +102,9 @@ def _drop_words(text: str, n: int) -> str:
     return text[[m.end() for m in re.finditer(r"\S+", text)][n - 1]:]
 
 
-def _strip_echo(text: str, prompt_text: str, article: str) -> tuple[str, bool]:
-    """``text`` without an echoed prompt or test article at its start, and whether one was removed."""
+def strip_echo(text: str, prompt_text: str, article: str) -> tuple[str, bool]:
+    """``text`` without an echoed prompt or test article at its start, and whether one was removed (rule 1 of the
+    module docstring)."""
     body = text.lstrip()
     prompt = prompt_text.strip()
     if prompt and _normal(body).startswith(_normal(prompt)):
@@ -121,6 +123,25 @@ def _strip_echo(text: str, prompt_text: str, article: str) -> tuple[str, bool]:
     if labelled:
         return _drop_words(rest, repeated), True
     return text, False  # the article's lead with no label: a lead-based summary, kept (``copied`` reports it)
+
+
+def strip_prefixes(text: str) -> str:
+    """``text`` without its leading ``Summary:``-style labels (rule 2 of the module docstring)."""
+    while (match := _PREFIX.match(text)) and match.end() > 0:
+        text = text[match.end():]
+    return text
+
+
+def summary_content(text: str, *, prompt_text: str, article: str) -> str | None:
+    """The part of a (partial) generation that stop strings are looked for in: ``text`` after rules 1 and 2
+    (:func:`strip_echo`, :func:`strip_prefixes`), less leading whitespace; None while ``text`` is still a prefix
+    of the prompt or of the article (an echo in progress, which a stop string inside it must not end). The
+    generation-time stop test (:class:`lit_align.retrieval.StopView`) and :func:`postprocess_summary` both use it,
+    so stopping during generation never cuts before what post-processing would keep."""
+    normal = _normal(text)
+    if normal and (_normal(prompt_text).startswith(normal) or _normal(article).startswith(normal)):
+        return None
+    return strip_prefixes(strip_echo(text, prompt_text, article)[0]).lstrip()
 
 
 def _unfinished(summary: str) -> bool:
@@ -153,10 +174,8 @@ def postprocess_summary(output: str, *, prompt_text: str, article: str, stop: Se
         copy_threshold: ROUGE-L precision against the article from which the summary counts as ``copied``.
         min_words: a non-empty summary with fewer words (that did not hit ``max_new_tokens``) is an early termination.
     """
-    text, echoed = _strip_echo(output, prompt_text, article)
-    while (match := _PREFIX.match(text)) and match.end() > 0:
-        text = text[match.end():]
-    summary = cut_at_stop(text.lstrip(), stop).strip()
+    text, echoed = strip_echo(output, prompt_text, article)
+    summary = cut_at_stop(strip_prefixes(text).lstrip(), stop).strip()
     empty = re.search(r"\w", summary) is None
     if empty:
         summary = ""

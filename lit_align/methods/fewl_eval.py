@@ -33,7 +33,7 @@ from lit_align.metrics.fewl import (
     select_demonstrations,
 )
 from lit_align.models import ModelSpec
-from lit_align.retrieval import GenerationCache, Retriever, Similarity
+from lit_align.retrieval import GenerationCache, GenerationReport, Retriever, Similarity
 from lit_align.retrieval.generation import cut_at_stop
 from lit_align.retrieval.loaded import LoadedModel, loaded_model
 from lit_align.rollout.sampler import SamplingConfig
@@ -635,10 +635,11 @@ class _Generator:
         m = self.module
         prompts = [self.lm.render(t) for t in texts]
         seeds = [derive_seed(m.seed, 0, purpose, i) for i in rows]
-        keys = self.lm.keys(prompts, sampling, seeds)
-        cached = [key in m.cache for key in keys]
-        m.generated += len({key for key, hit in zip(keys, cached) if not hit})
-        out = self.lm.generate(prompts, sampling, seeds=seeds, cache=m.cache, batch_size=m.prompt.batch_size)
+        report = GenerationReport()
+        out = self.lm.generate(prompts, sampling, seeds=seeds, cache=m.cache, batch_size=m.prompt.batch_size,
+                               report=report)
+        keys, cached = report.keys, report.cached
+        m.generated += report.generated
         out = [answer_text(o, m.prompt.stop) for o in out]
         m.empty[purpose] = m.empty.get(purpose, 0) + sum(not o for o in out)
         m.generation_log += [{"model": self.name, "purpose": purpose, "row": i, "seed": seed, "prompt": p, "text": o,

@@ -155,6 +155,9 @@ class AssessmentAttacks:
         check_int("model.attacks.icl_shots", self.icl_shots, 0)
         check_int("model.attacks.relearn_steps", self.relearn_steps, 0, optional=True)
         check_number("model.attacks.relearn_fraction", self.relearn_fraction, positive=True)
+        if self.relearn_fraction > 1:
+            raise ConfigError(f"model.attacks.relearn_fraction: {self.relearn_fraction} is the share of in_scope "
+                              "records the relearning attack trains on; give a value in (0, 1]")
         check_number("model.attacks.relearn_lr", self.relearn_lr, minimum=0.0)
         check_int("model.attacks.gcg_questions", self.gcg_questions)
         check_int("model.attacks.gcg_target_tokens", self.gcg_target_tokens)
@@ -189,9 +192,11 @@ class UnlearningAssessmentModule(L.LightningModule):
       ``mia_convention`` (default ``forget_positive``: ~0.5 = forgotten-looking, 1.0 = every forget text less
       likely than every non-member text); ``mia_auc_open_unlearning`` (or ``mia_auc_forget_positive``) =
       1 - ``mia_auc``; ``mia_auc_hard``: the same with hard_in_scope = members, hard_out_of_scope = non-members
-      (near the target, retained: ~0.5 = the two look alike);
+      (near the target, retained: ~0.5 = the two look alike); ``mia_auc_retain``: always in_scope = members,
+      out_of_scope = non-members (WAGLE/TOFU's forget-vs-retain MIA, core.md §4.8), the MIA ``wagle_ue`` uses;
     * ``forget_quality``: KS-test p-value between the model's and the retrain model's in_scope truth ratios
-      (with ``retrain``); ``forget_quality_hard``: the same on hard_in_scope;
+      (with ``retrain``); ``forget_quality_hard``: the same on hard_in_scope; both left empty (None) for the
+      ``retrain`` row itself (1 by construction), so they are not in its ``wagle_ue`` and have no gap to retrain;
     * attacks (``attacks``, §11.1 C; original and unlearned models): ``jailbreak.<family>.in_scope_*``,
       ``gcg.in_scope_*`` and ``gcg_success``, ``icl_relearn.in_scope_*``, ``relearned.in_scope_*`` and
       ``relearn_delta_in_scope_<metric>`` (relearned minus the model's own value);
@@ -200,7 +205,7 @@ class UnlearningAssessmentModule(L.LightningModule):
       ``<split>_embedding_accuracy`` for the utility splits (the same test on the greedy answer to the
       *original* question, the one ``<split>_rouge`` answers), and::
 
-          wagle_ue = mean(1 - wagle_fa, 1 - in_scope_rouge, forget_quality, mia_auc)
+          wagle_ue = mean(1 - wagle_fa, 1 - in_scope_rouge, forget_quality, mia_auc_retain)
           wagle_ut = mean over s in utility_splits of (<s>_<utility_accuracy column>, <s>_rouge)
 
       over the terms that exist (``forget_quality`` needs ``retrain``; the report names the terms each row
@@ -480,7 +485,8 @@ class UnlearningAssessmentModule(L.LightningModule):
             items["holdout"] = self._encode(splits["holdout"], "holdout", tokenizer)
         values, ratios = score_splits(scorer, items, forget_splits=FORGET_SPLITS, mia_positive="in_scope",
                                       mia_negative=self.mia_negative,
-                                      mia_pairs={"mia_auc_hard": ("hard_in_scope", "hard_out_of_scope")})
+                                      mia_pairs={"mia_auc_retain": ("in_scope", "out_of_scope"),
+                                                 "mia_auc_hard": ("hard_in_scope", "hard_out_of_scope")})
         if "mia_auc" in values:  # both conventions: the other one's column is the complement
             other = "open_unlearning" if self.settings.mia_convention == "forget_positive" else "forget_positive"
             values[f"mia_auc_{other}"] = 1.0 - values["mia_auc"]
@@ -529,7 +535,7 @@ class UnlearningAssessmentModule(L.LightningModule):
         if a.gcg is not None:
             values.update(self._gcg(model, tokenizer, scorer, items[: a.gcg_questions]))
         if a.relearn_steps is not None:
-            copied = relearn_copy(model, items, steps=a.relearn_steps, fraction=min(1.0, a.relearn_fraction),
+            copied = relearn_copy(model, items, steps=a.relearn_steps, fraction=a.relearn_fraction,
                                   lr=a.relearn_lr, seed=a.seed, batch_size=self.settings.batch_size,
                                   pad_id=tokenizer.pad_token_id, device=self.device)
             copied.requires_grad_(False)
@@ -587,7 +593,8 @@ class UnlearningAssessmentModule(L.LightningModule):
         for row in self.model_rows:
             mine = ratios.get(row) or {}
             for split, column in (("in_scope", "forget_quality"), ("hard_in_scope", "forget_quality_hard")):
-                if split in target and split in mine:
+                # KS(retrain, retrain) = 1 by construction: the retrain row's cell is left empty, not a result
+                if row != "retrain" and split in target and split in mine:
                     self.results[row][column] = forget_quality(mine[split], target[split])
         acc = {"embedding": "embedding_accuracy", "token": "accuracy", "mc": "mc_accuracy"}[self.utility_accuracy]
         for row in self.model_rows:
@@ -595,10 +602,11 @@ class UnlearningAssessmentModule(L.LightningModule):
             terms = {"1 - wagle_fa": 1.0 - v["wagle_fa"] if "wagle_fa" in v else None,
                      "1 - in_scope_rouge": 1.0 - v["in_scope_rouge"] if "in_scope_rouge" in v else None,
                      "forget_quality": v.get("forget_quality")}
-            if self.settings.mia_convention == "forget_positive":  # WAGLE's UE reads the forget-positive AUC
-                terms["mia_auc"] = v.get("mia_auc")
+            retain = v.get("mia_auc_retain")  # WAGLE's MIA: forget = 1 vs retain = 0, forget-positive
+            if self.settings.mia_convention == "forget_positive":
+                terms["mia_auc_retain"] = retain
             else:
-                terms["mia_auc_forget_positive"] = v.get("mia_auc_forget_positive")
+                terms["1 - mia_auc_retain"] = None if retain is None else 1.0 - retain
             used = {k: t for k, t in terms.items() if t is not None and math.isfinite(t)}
             self.ue_terms[row] = list(used)
             if used:
@@ -623,7 +631,12 @@ class UnlearningAssessmentModule(L.LightningModule):
             members = ("non-members = out_of_scope = retained training data, not open-unlearning's holdout (the "
                        "open-unlearning-convention column matches its direction only, not its value)")
         lines.append(f"mia_auc: in_scope = members, {members}; Min-K% K = {s.mia_k}; mia_auc_{other} = 1 - mia_auc; "
+                     "mia_auc_retain: in_scope = members, out_of_scope = non-members (WAGLE's forget-vs-retain MIA, "
+                     "core.md §4.8: the one wagle_ue uses, whatever mia_auc's non-members); "
                      "mia_auc_hard: hard_in_scope = members, hard_out_of_scope = non-members")
+        if self.retrain is not None:
+            lines.append("retrain row: forget_quality and forget_quality_hard left empty (KS of retrain against "
+                         "itself is 1 by construction); they are not in its wagle_ue, and gap_to_retrain is empty")
         lines.append(f"generation: greedy, at most {s.max_new_tokens} new tokens after the question (ROUGE-L, FA); "
                      "TOFU and WAGLE allow 200 tokens in total, question included")
         acc = {"embedding": "embedding_accuracy", "token": "accuracy", "mc": "mc_accuracy"}[self.utility_accuracy]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -441,7 +442,8 @@ class OpenAICompatibleJudge:
         base_url: e.g. ``https://api.openai.com/v1`` or a local vLLM server's ``http://host:8000/v1``.
         model: the model name sent in each request (recorded as ``model_id``; the ``model`` the server reports
             back is added when it differs, e.g. a dated version).
-        api_key_env: name of the environment variable that holds the API key (never a key in a config).
+        api_key_env: name of the environment variable that holds the API key (never a key in a config); it must
+            be set when the judge is built (else a ConfigError naming ``judge.api_key_env``), not mid-run.
         max_tokens / temperature: reply length and sampling (0 = as deterministic as the server allows).
         timeout_s: per-request timeout.
         retries: further tries of a request that fails (a network error, an HTTP error such as 429 or 5xx, a body
@@ -462,6 +464,9 @@ class OpenAICompatibleJudge:
             raise ValueError(f"judge.retries must be an int >= 0, got {retries!r}")
         if not backoff_s >= 0:
             raise ValueError(f"judge.backoff_s must be >= 0, got {backoff_s!r}")
+        if not os.environ.get(api_key_env):
+            raise ConfigError(f"judge.api_key_env: environment variable {api_key_env!r} is not set; export the "
+                              "endpoint's API key under that name (or name the variable that holds it)")
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
         self.max_tokens, self.temperature, self.timeout_s = max_tokens, temperature, timeout_s
         self.retries, self.backoff_s = retries, backoff_s
@@ -482,8 +487,8 @@ class OpenAICompatibleJudge:
         """The HTTP request for one prompt (a single user message); reads the key from ``api_key_env``."""
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise KeyError(f"judge.api_key_env: environment variable {self.api_key_env!r} is not set; export the "
-                           "endpoint's API key under that name")
+            raise ConfigError(f"judge.api_key_env: environment variable {self.api_key_env!r} is not set; export the "
+                              "endpoint's API key under that name")
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": self.max_tokens, "temperature": self.temperature}
         return urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
@@ -501,7 +506,8 @@ class OpenAICompatibleJudge:
                 if isinstance(payload, dict):
                     return payload
                 error = f"a JSON {type(payload).__name__}, not an object"
-            except (OSError, ValueError) as err:  # URLError/HTTPError/timeouts; a body that is not JSON
+            except (OSError, ValueError, http.client.HTTPException) as err:
+                # URLError/HTTPError/timeouts, a malformed or cut HTTP response, a body that is not JSON
                 error = str(err)
         self.failed_requests += 1
         warnings.warn(f"judge.base_url={self.base_url!r}: request failed after {self.retries + 1} tries ({error}); "

@@ -32,6 +32,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lit_align.data.rouge import rouge_scorer
+from lit_align.errors import ConfigError
 
 __all__ = [
     "LengthRatio",
@@ -40,6 +41,7 @@ __all__ = [
     "SummaryMETEOR",
     "SummaryROUGE",
     "bootstrap_ci",
+    "encoder_positions",
     "meteor_available",
     "meteor_tokens",
     "punkt_available",
@@ -268,6 +270,16 @@ class SummaryMETEOR(Metric):
 
 
 # -- BERTScore ---------------------------------------------------------------------------------
+def encoder_positions(model: str) -> int:
+    """How many token positions the encoder ``model`` (a directory or hub id, read offline from its config) can
+    take: ``max_position_embeddings``, less RoBERTa-style models' offset of ``pad_token_id + 1``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    offset = config.pad_token_id + 1 if "roberta" in config.model_type and config.pad_token_id is not None else 0
+    return int(config.max_position_embeddings) - offset
+
+
 class SummaryBERTScore(Metric):
     """BERTScore (Zhang et al., 2020) from the authors' ``bert-score`` package (``bert_score.BERTScorer``).
 
@@ -283,13 +295,15 @@ class SummaryBERTScore(Metric):
         num_layers: which hidden layer's token embeddings are matched (fixed, so scores are comparable).
         idf: weight tokens by inverse document frequency, computed over the references of each ``update()``
             call (off, as in most reports).
-
-    A pair whose summary or reference is empty (whitespace only) scores 0.
         rescale_with_baseline: rescale with the bert-score baseline for this model and layer. Off by default;
             when on, ``baseline_path`` (a local copy of the bert-score baseline file) is required.
-        max_length: longer texts are truncated to this many tokens (at most the encoder's positions).
+        max_length: longer texts are truncated to this many tokens; more than the encoder's positions is a
+            ConfigError naming ``max_length_key`` at construction (not a crash after every summary was generated).
         batch_size: texts per encoder forward.
         device: where the encoder runs (default: CUDA when available, else CPU).
+        max_length_key: the config key of ``max_length``, named in that error.
+
+    A pair whose summary or reference is empty (whitespace only) scores 0.
 
     ``update(preds, refs)`` scores the pairs at once and keeps per-item values in ``"cat"`` states (so a DDP
     gather concatenates them); ``compute()`` returns the means ``{"bertscore_precision", "bertscore_recall",
@@ -302,7 +316,8 @@ class SummaryBERTScore(Metric):
 
     def __init__(self, model: str, num_layers: int, *, idf: bool = False, rescale_with_baseline: bool = False,
                  baseline_path: str | None = None, max_length: int = 512, batch_size: int = 32,
-                 device: str | torch.device | None = None, **kwargs) -> None:
+                 device: str | torch.device | None = None, max_length_key: str = "SummaryBERTScore.max_length",
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         if rescale_with_baseline and baseline_path is None:
             raise ValueError("SummaryBERTScore.rescale_with_baseline needs baseline_path (a local bert-score "
@@ -316,11 +331,15 @@ class SummaryBERTScore(Metric):
         from bert_score import BERTScorer
 
         model = str(Path(model).expanduser()) if model.startswith("~") else model
-        self._scorer = BERTScorer(model_type=model, num_layers=num_layers, batch_size=batch_size, idf=False,
+        self._scorer = BERTScorer(model_type=model, num_layers=num_layers, batch_size=batch_size, idf=idf,
                                   device=None if device is None else str(device), lang="en",
                                   rescale_with_baseline=rescale_with_baseline, baseline_path=baseline_path)
+        positions = encoder_positions(model)
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= positions:
+            raise ConfigError(f"{max_length_key}: {max_length!r} tokens, but the encoder {model!r} has "
+                              f"{positions} positions; give an int in [1, {positions}]")
+        # bert-score has no public length argument: it truncates at its tokenizer's model_max_length
         self._scorer._tokenizer.model_max_length = max_length
-        self._scorer._idf = idf
         for key in _BERTSCORE_KEYS:
             self.add_state(key, default=[], dist_reduce_fx="cat")
 

@@ -91,6 +91,16 @@ def _spec_from(value: Any, path: Path, key: str, method: str | None) -> ModelSpe
     return ModelSpec(**value)
 
 
+def _beside(name: str | None, checkpoint: Path) -> str | None:
+    """A saved spec's relative checkpoint path ``name`` as a path beside ``checkpoint`` when a file is there (a
+    run that started from a checkpoint saved the path relative to its own working directory, which is usually
+    the same folder tree); anything else unchanged."""
+    if not name or not is_checkpoint(name) or Path(name).expanduser().is_absolute():
+        return name
+    candidate = checkpoint.parent / name
+    return str(candidate) if candidate.exists() else name
+
+
 def trained_spec(spec: ModelSpec, key: str = "model") -> ModelSpec:
     """The spec a checkpoint-naming ``spec`` builds: the run's own ``model`` spec (its architecture or hub id,
     its tokenizer, its LoRA adapters, which :func:`lit_align.models.build_causal_lm` merges), with ``spec``'s
@@ -99,7 +109,8 @@ def trained_spec(spec: ModelSpec, key: str = "model") -> ModelSpec:
     A run that itself started from another run's checkpoint saved a spec naming that checkpoint; it is returned
     as saved (its own ``lora`` and ``seed`` kept), so its ``name_or_path`` is again a checkpoint: the builders
     build that one's merged policy as the base, then apply this run's adapters (:func:`base_spec` gives the
-    innermost spec)."""
+    innermost spec). A saved relative checkpoint path is resolved against the checkpoint's folder (where it is
+    found there), so a chain resolves from any working directory."""
     path = _checked_path(spec.name_or_path, f"{key}.name_or_path")
     stat = path.stat()
     hparams, method = _saved(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
@@ -108,6 +119,7 @@ def trained_spec(spec: ModelSpec, key: str = "model") -> ModelSpec:
                           f"hyper-parameter (found: {sorted(hparams)[:10]}); give the checkpoint of a lit_align "
                           "single-policy run, or its HF export (lit_align.callbacks.HFExport)")
     saved = _spec_from(hparams["model"], path, f"{key}.name_or_path", method)
+    saved = dataclasses.replace(saved, name_or_path=_beside(saved.name_or_path, path))
     return dataclasses.replace(saved, dtype=spec.dtype, tokenizer=spec.tokenizer or saved.tokenizer,
                                attn_implementation=spec.attn_implementation or saved.attn_implementation,
                                gradient_checkpointing=False)
@@ -115,8 +127,16 @@ def trained_spec(spec: ModelSpec, key: str = "model") -> ModelSpec:
 
 def base_spec(spec: ModelSpec, key: str = "model") -> ModelSpec:
     """The innermost non-checkpoint spec of a chain of checkpoints (:func:`trained_spec` until ``name_or_path``
-    is no checkpoint): the architecture / hub id and tokenizer every run of the chain started from."""
+    is no checkpoint): the architecture / hub id and tokenizer every run of the chain started from. A chain that
+    names a checkpoint twice (a saved spec naming its own file) is a ConfigError, not an endless loop."""
+    seen: list[str] = []
     while spec.name_or_path is not None and is_checkpoint(spec.name_or_path):
+        path = str(Path(spec.name_or_path).expanduser().resolve())
+        if path in seen:
+            raise ConfigError(f"{key}.name_or_path: the chain of checkpoints {' -> '.join(seen + [path])} repeats "
+                              f"{path!r}; a checkpoint's saved `model` spec must name the run it started from, not "
+                              "itself or a later one (export the model with lit_align.callbacks.HFExport instead)")
+        seen.append(path)
         spec = trained_spec(spec, key)
     return spec
 

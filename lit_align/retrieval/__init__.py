@@ -13,7 +13,13 @@ from lit_align.retrieval.encoders import (
     SentenceEncoder,
     build_mean_pool_encoder,
 )
-from lit_align.retrieval.generation import GenerationCache, fingerprint_tokenizer, generate_texts
+from lit_align.retrieval.generation import (
+    GenerationCache,
+    GenerationReport,
+    StopView,
+    fingerprint_tokenizer,
+    generate_texts,
+)
 from lit_align.retrieval.knn import Retriever, cosine_topk
 from lit_align.retrieval.similarity import (
     CallableSimilarity,
@@ -31,9 +37,11 @@ __all__ = [
     "Encoder",
     "ExactMatch",
     "GenerationCache",
+    "GenerationReport",
     "HashEncoder",
     "MeanPoolEncoder",
     "Retriever",
+    "StopView",
     "SentenceEncoder",
     "Similarity",
     "TokenJaccard",

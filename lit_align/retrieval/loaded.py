@@ -15,7 +15,13 @@ from typing import Any
 import torch
 
 from lit_align.errors import ConfigError
-from lit_align.retrieval.generation import GenerationCache, fingerprint_tokenizer, generate_texts
+from lit_align.retrieval.generation import (
+    GenerationCache,
+    GenerationReport,
+    StopView,
+    fingerprint_tokenizer,
+    generate_texts,
+)
 from lit_align.rollout.sampler import SamplingConfig
 
 __all__ = ["LoadedModel", "loaded_model"]
@@ -53,22 +59,17 @@ class LoadedModel:
             out = out[len(bos):]
         return out
 
-    def keys(self, prompts: Sequence[str], sampling: SamplingConfig, seeds: Sequence[int | None],
-             stop: Sequence[str] = ()) -> list[str]:
-        """The cache key of each rendered prompt (:meth:`GenerationCache.key`; ``stop``: the stop strings a
-        ``stop_generation`` call stops at)."""
-        return [GenerationCache.key(self.fingerprint, p, sampling, s, tokenizer=self.tokenizer_fingerprint,
-                                    stop=tuple(stop)) for p, s in zip(prompts, seeds)]
-
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seeds: Sequence[int] | None,
                  cache: GenerationCache | None, batch_size: int, stop: Sequence[str] = (),
-                 stop_generation: bool = False, cut: bool = True) -> list[str]:
+                 stop_generation: bool = False, cut: bool = True, stop_view: StopView | None = None,
+                 report: GenerationReport | None = None) -> list[str]:
         """:func:`~lit_align.retrieval.generate_texts` of rendered ``prompts`` with this model's fingerprints
-        (``stop_generation``: rows stop at ``stop``; ``cut=False``: the text as generated)."""
+        (``stop_generation``: rows stop at ``stop``, looked for where ``stop_view`` says; ``cut=False``: the text as
+        generated; ``report``: each prompt's cache key and hit)."""
         return generate_texts(self.model, self.tokenizer, prompts, sampling, seeds=seeds, cache=cache,
                               model_fingerprint=self.fingerprint, tokenizer_fingerprint=self.tokenizer_fingerprint,
-                              stop=stop, stop_generation=stop_generation, cut=cut,
-                              batch_size=batch_size)
+                              stop=stop, stop_generation=stop_generation, cut=cut, stop_view=stop_view,
+                              batch_size=batch_size, report=report)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from lit_align.checkpoint import atomic_save
 from lit_align.cli import cli_main
 from lit_align.errors import ConfigError, MissingPathError
 from lit_align.models import ModelSpec, build_causal_lm, build_tokenizer
-from lit_align.models.from_checkpoint import is_checkpoint, trained_spec
+from lit_align.models.from_checkpoint import base_spec, is_checkpoint, trained_spec
 from lit_align.retrieval import generate_texts
 from lit_align.rollout.sampler import SamplingConfig
 
@@ -108,3 +108,21 @@ def test_checkpoint_without_a_policy_spec_is_refused(tmp_path):
     atomic_save({"hyper_parameters": {}, "state_dict": {}}, Path(tmp_path / "bare.ckpt"))
     with pytest.raises(ConfigError, match="no `model`"):
         build_tokenizer(ModelSpec(name_or_path=str(tmp_path / "bare.ckpt")))
+
+
+def test_chained_relative_path_resolves_beside_the_checkpoint_and_a_cycle_is_refused(tmp_path, monkeypatch):
+    """review20c #14: a saved relative checkpoint path resolves against the checkpoint's folder (not only from
+    the original working directory); a saved spec naming its own file is a ConfigError, not an endless loop."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    atomic_save({"hyper_parameters": {"model": {"name_or_path": "builtin:tiny-tofu-full"}}, "state_dict": {}},
+                runs / "first.ckpt")
+    atomic_save({"hyper_parameters": {"model": {"name_or_path": "first.ckpt"}}, "state_dict": {}},
+                runs / "second.ckpt")
+    monkeypatch.chdir(tmp_path)  # not the folder the relative path was saved from
+    spec = trained_spec(ModelSpec(name_or_path=str(runs / "second.ckpt")))
+    assert spec.name_or_path == str(runs / "first.ckpt")
+    assert base_spec(ModelSpec(name_or_path=str(runs / "second.ckpt"))).name_or_path == "builtin:tiny-tofu-full"
+    atomic_save({"hyper_parameters": {"model": {"name_or_path": "loop.ckpt"}}, "state_dict": {}}, runs / "loop.ckpt")
+    with pytest.raises(ConfigError, match=r"model.name_or_path: the chain of checkpoints .*repeats"):
+        base_spec(ModelSpec(name_or_path=str(runs / "loop.ckpt")))

@@ -70,6 +70,11 @@ def test_tiny_config_writes_the_table_for_both_shot_settings(first_run):
             assert math.isfinite(mean) and low <= mean <= high, (metric, r)
         for mode in ("empty", "early_termination", "hit_max_tokens", "copied", "echoed"):
             assert 0 <= int(r[mode]) <= 8
+        # review20c #5: hit_max_tokens counts exactly the rows whose cached finish reason is "length"
+        outputs = list(cli.model.outputs[(r["model"], r["task"], int(r["shots"]))].values())
+        assert {row.finish for row in outputs} <= {"eos", "stop", "length"}
+        assert int(r["hit_max_tokens"]) == sum(row.finish == "length" for row in outputs)
+        assert all(row.post.hit_max_tokens == (row.finish == "length") for row in outputs)
         assert float(r["mean_demos"]) == float(r["shots"])  # 1,024 prompt tokens: nothing dropped
     assert calls > 0 and cli.model.generated == 2 * 2 * 8
     report = json.loads((root / "summarization" / "summarization_table.json").read_text())
@@ -105,6 +110,7 @@ def test_rerun_reads_every_summary_from_the_cache_and_logs_to_wandb(first_run, t
     assert calls.calls == 0 and cli.model.generated == 0
     assert [r.summary for r in cli.model.rows] == [r.summary for r in first.model.rows]
     assert all(r.cached for r in cli.model.rows)
+    assert [r.finish for r in cli.model.rows] == [r.finish for r in first.model.rows]  # stored with the text
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     (table,) = (run_dir / "files" / "media" / "table").glob("summarization_table_*.table.json")
     table = json.loads(table.read_text())
@@ -237,3 +243,60 @@ def test_max_prompt_tokens_beyond_the_model_context_is_a_clear_error(tmp_path, m
                          "[0]")
     assert "model.prompts.max_prompt_tokens=2040" in str(error) and "2048 positions" in str(error), error
     assert calls.calls == 0
+
+
+def _stop_point(tokenizer, text: str, prompt_text: str, article: str, stop: tuple[str, ...]) -> str:
+    """The text a row has when the sampler's stop test (as generate_texts builds it for the harness) first stops
+    it, feeding ``text``'s tokens one step at a time; the whole text when it never stops."""
+    import torch
+
+    from lit_align.methods.summarization_eval import summary_stop_view
+
+    view = summary_stop_view([prompt_text], [article])
+    stop_when = generation._stop_test(tokenizer, stop, view.content)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for n in range(1, len(ids) + 1):
+        if stop_when(torch.tensor([ids[:n]]), [0]):
+            return tokenizer.decode(ids[:n], skip_special_tokens=True)
+    return text
+
+
+def test_generation_stops_only_after_the_summary_behind_a_label_or_an_echo(tokenizer):
+    """review20c #1: a "Summary:\\n\\n" preamble or an echoed prompt holds a stop string before the summary; the stop
+    test strips them as post-processing does, so the row runs on and the summary is kept (it stopped at the
+    preamble, leaving an empty row)."""
+    from lit_align.data.summarization_postprocess import postprocess_summary
+
+    stop = ("\n\n", "Article:")
+    prompt = "Article: The mayor left the town on Monday.\n\nSummary:"
+    article = "The mayor left the town on Monday."
+    for output, echoed in (("Summary:\n\nThe mayor left.\n\nArticle: x", False),
+                           (prompt + " The mayor left.\n\nArticle: y", True)):
+        text = _stop_point(tokenizer, output, prompt, article, stop)
+        assert text.rstrip().endswith("The mayor left."), text
+        post = postprocess_summary(text, prompt_text=prompt, article=article, stop=stop)
+        assert (post.summary, post.empty, post.echoed) == ("The mayor left.", False, echoed)
+
+
+def test_generate_texts_does_not_stop_while_the_output_repeats_the_prompt(tokenizer):
+    """Through generate_texts: a tiny model's own greedy text, given as the prompt the view compares with, holds a
+    stop string; the plain test stops there, the summary view (an echo in progress) does not."""
+    from conftest import tiny_lm
+
+    from lit_align.methods.summarization_eval import summary_stop_view
+    from lit_align.retrieval import GenerationReport, generate_texts
+    from lit_align.rollout import SamplingConfig
+
+    model = tiny_lm("qwen2", vocab_size=len(tokenizer), hidden_size=32, seed=0)
+    greedy = SamplingConfig(max_new_tokens=12, do_sample=False)
+    prompts = ["Human: what is a harbour?\nAI:"]
+    full = generate_texts(model, tokenizer, prompts, greedy, seeds=None)[0]
+    words = full.split()
+    assert len(words) >= 4, full
+    stop = (" " + words[1],)
+    plain = generate_texts(model, tokenizer, prompts, greedy, seeds=None, stop=stop, stop_generation=True, cut=False)
+    report = GenerationReport()
+    viewed = generate_texts(model, tokenizer, prompts, greedy, seeds=None, stop=stop, stop_generation=True,
+                            cut=False, stop_view=summary_stop_view([full], ["unrelated article"]), report=report)
+    assert len(plain[0]) < len(full) and viewed[0] == full
+    assert report.cached == [False] and report.generated == 1

@@ -92,8 +92,14 @@ def test_unlearned_equal_to_original_gives_zero_deltas_everywhere(identity_run):
         assert row["unlearned_n_seeds"] == 2, metric
     assert module.hygiene["unlearned[3]"]["changed_tensors"] == 0
     assert module.results["original"]["relearn_delta_in_scope_nll"] != 0.0  # the attack did train (on a copy)
-    # retain90 never saw forget10: forget quality against itself is 1, the original's is lower
-    assert table["forget_quality"]["retrain"] == 1.0 > table["forget_quality"]["original"]
+    # review20c #6: the retrain row's forget quality (1 against itself by construction) is left empty
+    for column in ("forget_quality", "forget_quality_hard"):
+        assert table[column]["retrain"] is None and table[column]["gap_to_retrain"] is None
+        assert 0.0 <= table[column]["original"] < 1.0
+    assert "forget_quality" not in module.ue_terms["retrain"]
+    # review20c #2: wagle_ue reads the forget-vs-retain AUC, not the holdout one
+    assert module.ue_terms["unlearned[3]"][-1] == "mia_auc_retain"
+    assert table["mia_auc_retain"]["original"] != table["mia_auc"]["original"]
     assert module.mia_negative == "holdout" and module.split_sizes["holdout"] == 2  # cut per kind too
 
 
@@ -102,8 +108,9 @@ def test_report_files_name_the_conventions(identity_run):
     text = report.files["csv"].read_text(encoding="utf-8")
     comments = [line for line in text.splitlines() if line.startswith("#")]
     assert any("truth ratio" in c.lower() for c in comments) and any("mia" in c.lower() for c in comments)
-    assert any("unlearned[3]: wagle_ue = mean(1 - wagle_fa, 1 - in_scope_rouge, forget_quality, mia_auc)" in c
-               for c in comments)
+    assert any("unlearned[3]: wagle_ue = mean(1 - wagle_fa, 1 - in_scope_rouge, forget_quality, mia_auc_retain)"
+               in c for c in comments)
+    assert any("mia_auc_retain: in_scope = members, out_of_scope = non-members" in c for c in comments)
     assert any("non-members = the holdout split" in c for c in comments)
     assert any("at most 8 new tokens" in c for c in comments) and any("original question" in c for c in comments)
     header, *rows = list(csv.reader(line for line in text.splitlines() if not line.startswith("#")))
@@ -261,10 +268,11 @@ def test_a_non_identical_row_worked_out_by_hand():
     own values (forget-positive AUC), and each row's terms named in the header."""
     module = UnlearningAssessmentModule(TINY, TINY, retrain=TINY, encoder=HashEncoder(dim=16),
                                         utility_splits=["out_of_scope"])
-    base = {"in_scope_rouge": 0.9, "wagle_fa": 0.8, "mia_auc": 0.3, "out_of_scope_rouge": 0.9,
+    base = {"in_scope_rouge": 0.9, "wagle_fa": 0.8, "mia_auc": 0.3, "mia_auc_retain": 0.3, "out_of_scope_rouge": 0.9,
             "out_of_scope_embedding_accuracy": 0.7}
     module.results = {"original": dict(base), "unlearned[0]": {**base, "in_scope_rouge": 0.2, "wagle_fa": 0.4,
-                                                               "mia_auc": 0.6, "out_of_scope_rouge": 0.5},
+                                                               "mia_auc": 0.1, "mia_auc_retain": 0.6,
+                                                               "out_of_scope_rouge": 0.5},
                       "retrain": {**base, "in_scope_rouge": 0.25, "wagle_fa": 0.5, "mia_auc": 0.55}}
     ratios = {"original": {"in_scope": torch.tensor([0.1, 0.2, 0.3])},
               "unlearned[0]": {"in_scope": torch.tensor([0.8, 0.9, 1.0])},
@@ -279,9 +287,12 @@ def test_a_non_identical_row_worked_out_by_hand():
     table = {r[0]: dict(zip(header, r)) for r in rows}
     assert table["in_scope_rouge"]["delta"] == pytest.approx(0.2 - 0.9)  # unlearned minus original: negative
     assert table["in_scope_rouge"]["gap_to_retrain"] == pytest.approx(0.2 - 0.25)
-    assert table["mia_auc"]["delta"] == pytest.approx(0.3)
+    assert table["mia_auc_retain"]["delta"] == pytest.approx(0.3)
+    assert table["forget_quality"]["retrain"] is None and table["forget_quality"]["gap_to_retrain"] is None
+    assert module.results["retrain"]["wagle_ue"] == pytest.approx(((1 - 0.5) + (1 - 0.25) + 0.3) / 3)
     lines = module.conventions()
-    assert "unlearned[0]: wagle_ue = mean(1 - wagle_fa, 1 - in_scope_rouge, forget_quality, mia_auc); wagle_ut = " \
+    assert "unlearned[0]: wagle_ue = mean(1 - wagle_fa, 1 - in_scope_rouge, forget_quality, mia_auc_retain); " \
+           "wagle_ut = " \
            "mean(out_of_scope_embedding_accuracy, out_of_scope_rouge)" in lines
     assert any("non-members = out_of_scope = retained training data, not open-unlearning's holdout" in c for c in lines)
 
@@ -355,3 +366,14 @@ def test_lit_align_test_stops_on_a_missing_split_before_the_trainer_runs(tmp_pat
                   "--trainer.logger.save_dir", str(tmp_path / "run"), f"--data.init_args.source=tofu:{tmp_path}",
                   "--data.init_args.forget=forget01"])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fraction", [5.0, 1.5, 0.0])
+def test_relearn_fraction_outside_zero_one_is_a_config_error(fraction):
+    """review20c #10: a fraction above 1 was clamped to 1 without a word."""
+    from lit_align.errors import ConfigError
+    from lit_align.methods.unlearning_assessment import AssessmentAttacks
+
+    with pytest.raises(ConfigError, match="model.attacks.relearn_fraction"):
+        AssessmentAttacks(relearn_fraction=fraction)
+    AssessmentAttacks(relearn_fraction=1.0)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lit_align.errors import ConfigError
 from lit_align.metrics import (
     HFJudge,
     JudgeBackend,
@@ -192,12 +193,12 @@ def test_hf_judge_model_spec_from_yaml_keeps_dtype():
 
 
 def test_openai_compatible_judge_builds_the_request_without_sending(monkeypatch):
+    monkeypatch.delenv("LIT_ALIGN_TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(ConfigError, match="judge.api_key_env: environment variable 'LIT_ALIGN_TEST_JUDGE_KEY'"):
+        OpenAICompatibleJudge("http://judge.invalid/v1/", "judge-model", api_key_env="LIT_ALIGN_TEST_JUDGE_KEY")
+    monkeypatch.setenv("LIT_ALIGN_TEST_JUDGE_KEY", "sk-test")
     judge = OpenAICompatibleJudge("http://judge.invalid/v1/", "judge-model", api_key_env="LIT_ALIGN_TEST_JUDGE_KEY",
                                   max_tokens=50)
-    monkeypatch.delenv("LIT_ALIGN_TEST_JUDGE_KEY", raising=False)
-    with pytest.raises(KeyError, match="LIT_ALIGN_TEST_JUDGE_KEY"):
-        judge.build_request("hi")
-    monkeypatch.setenv("LIT_ALIGN_TEST_JUDGE_KEY", "sk-test")
     request = judge.build_request("Rate this.")
     assert request.full_url == "http://judge.invalid/v1/chat/completions"
     assert request.get_method() == "POST"
@@ -226,6 +227,10 @@ class _Endpoint:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 endpoint.requests += 1
                 status, body = endpoint.responses.pop(0) if endpoint.responses else (500, "gone")
+                if status == 0:  # not HTTP at all: http.client raises BadStatusLine (not an OSError)
+                    self.wfile.write(b"garbage\r\n\r\n")
+                    self.close_connection = True
+                    return
                 self.send_response(status)
                 self.end_headers()
                 self.wfile.write(body.encode())
@@ -247,10 +252,11 @@ def _completion(text: str) -> str:
 
 
 def test_openai_compatible_judge_retries_counts_failures_and_caches(monkeypatch, tmp_path):
-    """A 503 then a reply: retried; a request that fails every try (HTTP 429, a body that is not JSON) is the
+    """A 503 then a reply: retried; a request that fails every try (HTTP 429, a reply that is not HTTP, a body that
+    is not JSON) is the
     unparsed reply "" (counted by RubricJudge), not an exception; a rerun reads replies from the cache."""
     monkeypatch.setenv("LIT_ALIGN_TEST_JUDGE_KEY", "sk-test")
-    server = _Endpoint([(503, "busy"), (200, _completion(GOOD_JSON)), (429, "slow down"), (200, "<html>oops</html>"),
+    server = _Endpoint([(503, "busy"), (200, _completion(GOOD_JSON)), (429, "slow down"), (0, "bad status line"),
                         (200, "not json")])
     try:
         judge = OpenAICompatibleJudge(server.url, "judge-model", api_key_env="LIT_ALIGN_TEST_JUDGE_KEY", retries=2,

@@ -13,6 +13,7 @@ from scipy.stats import bootstrap
 from tiny_bert import save_tiny_bert
 from torchmetrics.text.rouge import ROUGEScore
 
+from lit_align.errors import ConfigError
 from lit_align.metrics import (
     LengthRatio,
     SummaryBERTScore,
@@ -265,6 +266,10 @@ def test_bertscore_config_errors(bert_dir, tmp_path):
         SummaryBERTScore(bert_dir, num_layers=0)
     with pytest.raises(FileNotFoundError, match="no such directory"):
         SummaryBERTScore(str(tmp_path / "missing"), num_layers=1)
+    # review20c #7: beyond the encoder's positions (128 here) is an error at construction, naming the key
+    with pytest.raises(ConfigError, match=r"model.metrics.bertscore_max_length: 512 tokens.*128 positions"):
+        SummaryBERTScore(bert_dir, num_layers=1, max_length=512, max_length_key="model.metrics.bertscore_max_length")
+    assert SummaryBERTScore(bert_dir, num_layers=1, max_length=128, idf=True)._scorer.idf
 
 
 # -- length and bootstrap ----------------------------------------------------------------------

@@ -10,12 +10,13 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a dev extra (pip install -e '.[dev]')")
 
+from conftest import CSV_LOGGER, REPO  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from lit_align.cli import cli_main  # noqa: E402
 from lit_align.data.records import BUILTIN_DIR  # noqa: E402
 from lit_align.metrics import MultipleChoiceAccuracy  # noqa: E402
-from lit_align.models.causal_lm import resolve_path  # noqa: E402
 from lit_align.rollout.logps import token_logps  # noqa: E402
 
 TASK = "fictitious_facts_mc"
@@ -60,17 +61,30 @@ def _lit_align_choice_loglik(model, tok, question: str, choice: str) -> float:
         return token_logps(model, ids, torch.ones_like(ids), scored).sum().item()
 
 
+def _hf_export_of_a_one_step_fit(root):
+    """The directory lit_align.callbacks.HFExport writes at the end of a 1-step tiny DPO fit (its own
+    inference config and ``lit_align_run.json`` included), as a user would hand it to ``lm-eval --model hf``."""
+    root.mkdir(parents=True, exist_ok=True)
+    stack = root / "callbacks.yaml"
+    stack.write_text(json.dumps({"trainer": {"callbacks": [{"class_path": "lit_align.callbacks.HFExport"}]}}))
+    cli_main(["fit", "--config", str(REPO / "configs/dpo/tiny.yaml"), "--config", str(stack),
+              "--trainer.default_root_dir", str(root), "--trainer.max_steps", "1", *CSV_LOGGER,
+              "--trainer.logger.save_dir", str(root), "--trainer.enable_progress_bar", "false",
+              "--trainer.limit_val_batches", "0", "--model.init_args.reference_cache_dir", str(root / "cache")])
+    export = root / "hf_export"
+    assert (export / "lit_align_run.json").is_file() and (export / "model.safetensors").is_file()
+    return export
+
+
 def test_lm_eval_local_task_on_the_exported_model_matches_lit_align(tmp_path, monkeypatch):
-    """builtin:tiny-tofu-full saved with save_pretrained (what HFExport writes) runs under lm-eval's hf model on
-    a local YAML task; the accuracy is in [0, 1] and equals MultipleChoiceAccuracy over the same summed choice
-    log-likelihoods, which match lm-eval's per choice."""
+    """The HFExport directory of a 1-step tiny fit runs under lm-eval's hf model on a local YAML task; the
+    accuracy is in [0, 1] and equals MultipleChoiceAccuracy over the same summed choice log-likelihoods (from the
+    exported model), which match lm-eval's per choice."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    export = tmp_path / "hf_export"
-    model = AutoModelForCausalLM.from_pretrained(resolve_path("builtin:tiny-tofu-full"), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(resolve_path("builtin:tiny-tofu-full"))
-    model.save_pretrained(export)
-    tok.save_pretrained(export)
+    export = _hf_export_of_a_one_step_fit(tmp_path / "run")
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(export)
 
     questions = _questions()
     data = tmp_path / "questions.json"

@@ -10,7 +10,7 @@ from conftest import tiny_lm
 
 from lit_align.errors import ConfigError, DataError
 from lit_align.models import model_fingerprint
-from lit_align.retrieval import GenerationCache, fingerprint_tokenizer, generate_texts
+from lit_align.retrieval import GenerationCache, GenerationReport, fingerprint_tokenizer, generate_texts
 from lit_align.rollout import SamplingConfig
 
 SAMPLING = SamplingConfig(max_new_tokens=6, do_sample=True, temperature=1.0)
@@ -168,3 +168,77 @@ def test_stop_generation_stops_rows_at_a_stop_string(model, tokenizer):
     assert cut == generate_texts(model, tokenizer, PROMPTS[:2], greedy, seeds=None, stop=stop)
     assert _key() != GenerationCache.key("m1", "prompt", SAMPLING, 3, tokenizer="t1", stop=stop)
     assert _key() == GenerationCache.key("m1", "prompt", SAMPLING, 3, tokenizer="t1", stop=())
+
+
+def test_report_names_each_prompts_key_and_cache_hit(model, tokenizer, tmp_path):
+    """review20c #8: generate_texts itself reports which prompts came from the cache (one key rule); the keys of a
+    call without ``stop_generation`` leave the stop strings out, so its hits are counted right."""
+    from lit_align.retrieval import GenerationReport
+
+    greedy = SamplingConfig(max_new_tokens=4, do_sample=False)
+    cache = GenerationCache(tmp_path / "c.jsonl")
+    first, again = GenerationReport(), GenerationReport()
+    generate_texts(model, tokenizer, PROMPTS[:2], greedy, seeds=None, cache=cache, stop=["\n"], report=first)
+    generate_texts(model, tokenizer, [PROMPTS[0], PROMPTS[2], PROMPTS[2]], greedy, seeds=None, cache=cache,
+                   stop=["\n"], report=again)
+    assert first.cached == [False, False] and first.generated == 2
+    assert again.cached == [True, False, False] and again.generated == 1
+    assert again.keys[0] == first.keys[0] and all(k in cache for k in again.keys)
+
+
+def test_finish_reason_comes_from_the_sampler_and_is_cached(model, tokenizer, tmp_path):
+    """review20c #5: each text's finish reason is the sampler's, exactly: a row whose 2nd greedy token is made the
+    EOS token ends "eos" (after 2 tokens), a row that writes a stop string (its 3rd token) ends "stop", the
+    third "length"; a reload of the cache file gives the same reasons without generating."""
+    import copy
+
+    greedy = SamplingConfig(max_new_tokens=4, do_sample=False)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[4]]
+    plain = GenerationReport()
+    full = generate_texts(model, tokenizer, prompts, greedy, seeds=None, report=plain)
+    assert plain.finish == ["length"] * 3
+    tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in full]
+    eos_id, stop_word = tokens[0][1], tokenizer.decode(tokens[1][2:3])
+    assert eos_id not in tokens[1] + tokens[2] and stop_word not in full[0] + full[2], "pick other rows"
+    eos_tok = copy.deepcopy(tokenizer)
+    eos_tok.eos_token = eos_tok.convert_ids_to_tokens(eos_id)
+    cache, report = GenerationCache(tmp_path / "c.jsonl"), GenerationReport()
+    texts = generate_texts(model, eos_tok, prompts, greedy, seeds=None, cache=cache, stop=[stop_word],
+                           stop_generation=True, cut=False, report=report)
+    assert report.finish == ["eos", "stop", "length"], texts
+    assert texts == [tokenizer.decode(tokens[0][:2]), tokenizer.decode(tokens[1][:3]), full[2]]
+    # re-tokenizing the text (the old rule) would not see that row 3 ran out: its 4 tokens re-tokenize to more
+    assert len(tokenizer(full[2], add_special_tokens=False)["input_ids"]) != 4
+    again = GenerationReport()
+    generate_texts(model, eos_tok, prompts, greedy, seeds=None, cache=GenerationCache(tmp_path / "c.jsonl"),
+                   stop=[stop_word], stop_generation=True, cut=False, report=again)
+    assert again.cached == [True] * 3 and again.finish == report.finish
+
+
+class _CountingTokenizer:
+    """The real tokenizer, recording the longest id list each ``batch_decode`` call gets."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.longest = tokenizer, []
+
+    def batch_decode(self, ids, **kwargs):
+        self.longest.append(max((len(row) for row in ids), default=0))
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+
+def test_stop_test_decodes_a_tail_window_and_keeps_the_leading_whitespace_rule(tokenizer):
+    """review20c #12: after a row has started, each step decodes only a tail window (not the whole response); the
+    stop point is the same as a whole-text test's, and a stop string in the leading whitespace does not stop."""
+    from lit_align.retrieval.generation import _stop_test
+
+    text = "\n\n" + " ".join(f"word{i}" for i in range(40)) + "\n\nArticle: next"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    counting = _CountingTokenizer(tokenizer)
+    stop_when = _stop_test(counting, ("\n\n", "Article:"))
+    stops = [next(n for n in range(1, len(ids) + 1) if stop_when(torch.tensor([ids[:n]]), [0]))]
+    whole = [n for n in range(1, len(ids) + 1)
+             if any(s in tokenizer.decode(ids[:n]).lstrip() for s in ("\n\n", "Article:"))]
+    assert stops[0] == whole[0] and tokenizer.decode(ids[:stops[0]]).endswith("word39\n\n")
+    window = 4 * len("Article:") + 4  # one decode per step: the whole text until the window is past the start
+    assert len(counting.longest) == stops[0] and stops[0] > 2 * window
+    assert counting.longest[window - 1] == window and max(counting.longest[window + 4:]) == window
