@@ -1,6 +1,6 @@
 # make demo   the main job: tiny WAGLE + NPO unlearning on CPU, with a before/after table
 # make test   the test suite (CPU, no network), all but the few `integration` tests
-# make test-integration  the longest end-to-end checks (2-process resume equality, the longest notebooks)
+# make test-integration  the longest end-to-end checks (the game's and debate's 2-process runs, FSDP2 resumes, the longest notebooks)
 # make test-compat  the model/rollout/loss/data tests again on the lowest supported transformers (.venv-compat)
 # make bench  peer comparisons (results go into the README table)
 # make lint   ruff, and the package's layering (import-linter, contract in pyproject.toml)

@@ -76,7 +76,7 @@ def test_table_rows_ranges_and_identities(fitted):
     fpr, tpr = cb.roc["kgw"]
     assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
     area = float(((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) / 2).sum())
-    assert area == pytest.approx(res["kgw_clean"]["auroc"], abs=1e-9)
+    assert area == pytest.approx(res["kgw_clean"]["auroc"], abs=1e-6)  # binary_auc is torchmetrics' float32 value
 
 
 def test_csv_png_and_summary_are_written(fitted, capsys):

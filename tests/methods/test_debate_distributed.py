@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-pytestmark = pytest.mark.slow
+# the 2-process equality and resume checks of the multi-player methods: make test-integration (CI runs it)
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 COMMON = [
     "fit", "--config", str(REPO / "configs/debate/tiny.yaml"), "--trainer.enable_progress_bar", "false",
@@ -84,7 +85,6 @@ def test_two_processes_match_one(strategy, single, fsdp2, tmp_path):
     assert history == [row["accuracy"] for row in single["debate"]["val_history"]]
 
 
-@pytest.mark.integration
 def test_fsdp2_resumed_mid_dpo_equals_the_uninterrupted_run(fsdp2, tmp_path):
     """Stopped after 2 optimiser steps (the actor's DPO stage: pairs, reference log-probs, DPO order, best
     weights and both optimisers in the DCP checkpoint), resumed, it ends where the uninterrupted run ends."""

@@ -19,7 +19,8 @@ import torch
 from conftest import REPO, max_diff, run_cli
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+# the 2-process equality and resume checks of the multi-player methods: make test-integration (CI runs it)
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 COMMON = [
     "fit", "--config", str(REPO / "configs/game/tiny.yaml"), "--trainer.limit_train_batches", "2",
@@ -91,7 +92,6 @@ def test_two_processes_match_one(strategy, single, fsdp2, tmp_path):
     _assert_matches(_outputs(root), single)
 
 
-@pytest.mark.integration
 def test_fsdp2_resumed_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(fsdp2, tmp_path):
     """The DCP checkpoint after epoch 1 holds the sharded players, critics and optimisers (the inactive
     adapter's optimiser state included), and the game state (schedule clock, history, the pool and the
