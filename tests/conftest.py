@@ -134,3 +134,19 @@ class StopAfter(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if module.step_count >= self.n:
             trainer.should_stop = True
+
+
+class SampleCalls:
+    """Counts the sampler calls of :func:`lit_align.retrieval.generate_texts` (each one generates a batch):
+    ``SampleCalls(monkeypatch).calls``."""
+
+    def __init__(self, monkeypatch) -> None:
+        import lit_align.retrieval.generation as generation
+
+        self.calls, real = 0, generation.sample
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(generation, "sample", counted)

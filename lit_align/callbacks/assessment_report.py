@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
-from lit_align.callbacks.reporting import publish, report_dir, write_csv
+from lit_align.callbacks.reporting import grouped_bar_plot, publish, report_dir, write_csv
 from lit_align.checkpoint import atomic_write_text
 
 __all__ = ["UnlearningAssessmentReport"]
@@ -44,33 +43,7 @@ PLOT_METRICS = ("in_scope_rouge", "hard_in_scope_rouge", "out_of_scope_rouge", "
 def plot_assessment(path: Path, rows: dict[str, dict[str, float]]) -> Path | None:
     """A grouped bar chart of :data:`PLOT_METRICS` per model row (``{row: {metric: value}}``) at ``path``;
     ``None`` (with a warning) without matplotlib, or when no metric is there."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn("UnlearningAssessmentReport.plot: matplotlib is not installed; no unlearning_assessment.png "
-                      "written (pip install matplotlib, or set plot: false)", stacklevel=2)
-        return None
-    metrics = [m for m in PLOT_METRICS if any(isinstance(v.get(m), float) and math.isfinite(v[m])
-                                              for v in rows.values())]
-    if not metrics or not rows:
-        return None
-    fig = Figure(figsize=(max(6.0, 0.9 * len(metrics) + 2), 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / len(rows)
-    for i, (name, values) in enumerate(rows.items()):
-        heights = [values.get(m, float("nan")) for m in metrics]
-        ax.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(metrics))], heights, width, label=name)
-    ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels(metrics, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("value")
-    ax.set_title("Unlearning assessment")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return grouped_bar_plot(path, rows, PLOT_METRICS, title="Unlearning assessment", owner="UnlearningAssessmentReport")
 
 
 class UnlearningAssessmentReport(L.Callback):

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lit_align.checkpoint import atomic_write_text
 from lit_align.models.causal_lm import eval_mode
 
-__all__ = ["HistoryReport", "eval_mode", "publish", "report_dir", "results_table", "run_dir", "run_name", "write_csv",
+__all__ = ["HistoryReport", "eval_mode", "grouped_bar_plot", "publish", "report_dir", "results_table", "run_dir", "run_name", "write_csv",
            "write_jsonl"]
 
 
@@ -115,6 +115,40 @@ def publish(trainer: L.Trainer, key: str, columns: Sequence[str], data: Sequence
             if image is not None:
                 logger.log_image(image_key or f"{key}_plot", images=[str(image)], step=step)
 
+
+
+def grouped_bar_plot(path: Path, rows: Mapping[str, Mapping[str, float]], metrics: Sequence[str], *, title: str,
+                     owner: str) -> Path | None:
+    """A grouped bar chart at ``path``: one group per metric of ``metrics`` that some row has, one bar per row of
+    ``rows`` (``{row: {metric: value}}``; missing values are gaps), values in [0, 1.05]. ``None`` when no metric is
+    there, or (with a warning naming ``owner``'s ``plot`` option) without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn(f"{owner}.plot: matplotlib is not installed; no {path.name} written "
+                      "(pip install matplotlib, or set plot: false)", stacklevel=3)
+        return None
+    shown = [m for m in metrics if any(isinstance(v.get(m), (int, float)) and math.isfinite(v[m])
+                                       for v in rows.values())]
+    if not shown or not rows:
+        return None
+    fig = Figure(figsize=(max(6.0, 0.9 * len(shown) + 2), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(rows)
+    for i, (name, values) in enumerate(rows.items()):
+        heights = [values.get(m, float("nan")) for m in shown]
+        ax.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(shown))], heights, width, label=name)
+    ax.set_xticks(range(len(shown)))
+    ax.set_xticklabels(shown, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("value")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 class HistoryReport(L.Callback):
     """Base of the reports of methods that keep a validation history (``val_history``: one dict per

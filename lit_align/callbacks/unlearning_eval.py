@@ -53,7 +53,6 @@ needs. The relearning attack deep-copies the policy and so refuses FSDP2-sharded
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -63,7 +62,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from lit_align.callbacks.reporting import eval_mode, publish, report_dir, results_table, write_csv
+from lit_align.callbacks.reporting import eval_mode, grouped_bar_plot, publish, report_dir, results_table, write_csv
 from lit_align.metrics.unlearning import forget_quality, harmonic_mean, metric_conventions
 from lit_align.models import ModelSpec, build_causal_lm
 from lit_align.models.fsdp import full_params
@@ -391,29 +390,5 @@ class UnlearningEvaluation(L.Callback):
             print(f"Full table: {path}" + (f"\nPlot: {self.files['png']}" if "png" in self.files else ""))
 
     def _plot(self, path: Path, rows: list[str]) -> Path | None:
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:
-            warnings.warn("UnlearningEvaluation.plot: matplotlib is not installed; no unlearning_eval.png written "
-                          "(pip install matplotlib, or set plot: false)", stacklevel=2)
-            return None
-        columns = [c for c in PLOT_COLUMNS if any(c in self.results[r] for r in rows)]
-        if not columns or not rows:
-            return None
-        fig = Figure(figsize=(max(6.0, 1.1 * len(columns) + 2), 4.0))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        width = 0.8 / len(rows)
-        for i, r in enumerate(rows):
-            heights = [self.results[r].get(c, float("nan")) for c in columns]
-            ax.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(columns))], heights, width, label=r)
-        ax.set_xticks(range(len(columns)))
-        ax.set_xticklabels(columns, rotation=35, ha="right", fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("value")
-        ax.set_title("Unlearning evaluation")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        return path
+        return grouped_bar_plot(path, {r: self.results[r] for r in rows}, PLOT_COLUMNS, title="Unlearning evaluation",
+                                owner="UnlearningEvaluation")

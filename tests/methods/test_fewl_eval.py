@@ -10,9 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import CSV_LOGGER, REPO
+from conftest import CSV_LOGGER, REPO, SampleCalls
 
-import lit_align.retrieval.generation as generation
 from lit_align.callbacks.reporting import write_jsonl
 from lit_align.cli import cli_main
 from lit_align.data import DataSource
@@ -43,19 +42,6 @@ def _known_error(root: Path, *overrides: str, config: str = TINY) -> Exception:
     error = find_known_error(info.value)
     assert error is not None, info.value
     return error
-
-
-class SampleCalls:
-    """Counts the sampler calls of :func:`lit_align.retrieval.generate_texts` (each one generates a batch)."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.calls, real = 0, generation.sample
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(generation, "sample", counted)
 
 
 @pytest.fixture(scope="module")

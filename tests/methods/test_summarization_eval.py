@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import CSV_LOGGER, REPO
+from conftest import CSV_LOGGER, REPO, SampleCalls
 from tiny_bert import save_tiny_bert
 
 import lit_align.retrieval.generation as generation
@@ -29,19 +29,6 @@ def _test_run(root: Path, *overrides: str, logger: bool = True):
     logging = [*CSV_LOGGER, "--trainer.logger.save_dir", str(root)] if logger else []
     return cli_main(["test", "--config", TINY, "--trainer.default_root_dir", str(root), *logging,
                      "--trainer.enable_progress_bar", "false", *overrides])
-
-
-class SampleCalls:
-    """Counts the sampler calls of :func:`lit_align.retrieval.generate_texts` (each one generates a batch)."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.calls, real = 0, generation.sample
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(generation, "sample", counted)
 
 
 @pytest.fixture(scope="module")
