@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 
-from lit_align.callbacks.reporting import grouped_bar_plot, publish, report_dir, write_csv
+from lit_align.callbacks.reporting import grouped_bar_plot, json_safe, publish, report_dir, write_csv
 from lit_align.checkpoint import atomic_write_text
 
 __all__ = ["UnlearningAssessmentReport"]
@@ -21,17 +21,6 @@ SUMMARY = ("in_scope_rouge", "in_scope_prob", "in_scope_truth_ratio", "hard_in_s
            "jailbreak.rephrase.in_scope_rouge", "jailbreak.role_play.in_scope_rouge", "gcg.in_scope_rouge",
            "icl_relearn.in_scope_rouge", "relearned.in_scope_rouge", "relearn_delta_in_scope_rouge", "wagle_fa",
            "wagle_ue", "wagle_ut", "changed_share")
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with every NaN / infinite float replaced by ``None`` (valid JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 #: Metrics of the bar chart (values in [0, 1]), when present.
@@ -102,7 +91,7 @@ class UnlearningAssessmentReport(L.Callback):
                         for k, v in vars(pl_module.attacks).items()},
         }
         self.files["json"] = directory / "unlearning_assessment.json"
-        atomic_write_text(self.files["json"], json.dumps(_json_safe(report), indent=1, default=str, allow_nan=False))
+        atomic_write_text(self.files["json"], json.dumps(json_safe(report), indent=1, default=str, allow_nan=False))
         image = None
         if self.plot:
             image = plot_assessment(directory / "unlearning_assessment.png",

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lit_align.checkpoint import atomic_write_text
 from lit_align.models.causal_lm import eval_mode
 
-__all__ = ["HistoryReport", "eval_mode", "grouped_bar_plot", "publish", "report_dir", "results_table", "run_dir", "run_name", "write_csv",
+__all__ = ["HistoryReport", "eval_mode", "grouped_bar_plot", "json_safe", "publish", "report_dir", "results_table", "run_dir", "run_name", "write_csv",
            "write_jsonl"]
 
 
@@ -116,6 +116,18 @@ def publish(trainer: L.Trainer, key: str, columns: Sequence[str], data: Sequence
                 logger.log_image(image_key or f"{key}_plot", images=[str(image)], step=step)
 
 
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / infinite float (in nested dicts, lists and tuples) replaced by ``None``, so
+    ``json.dumps(..., allow_nan=False)`` writes strict JSON: a metric with no value is ``null``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 def grouped_bar_plot(path: Path, rows: Mapping[str, Mapping[str, float]], metrics: Sequence[str], *, title: str,
                      owner: str) -> Path | None:

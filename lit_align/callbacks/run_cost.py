@@ -14,7 +14,7 @@ import torch
 
 from lit_align.checkpoint import atomic_write_text
 
-__all__ = ["RunCost", "peak_memory"]
+__all__ = ["RunCost", "load_run_cost", "peak_memory"]
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -27,6 +27,15 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "resource.getrusage(RUSAGE_SELF).ru_maxrss"
 
+
+
+def load_run_cost(path: str | Path) -> dict[str, Any]:
+    """A ``run_cost.json`` written by :class:`RunCost`, plus ``gpu_hours`` (wall seconds x world size / 3600)
+    when the run was on a CUDA device."""
+    cost = json.loads(Path(path).read_text(encoding="utf-8"))
+    if str(cost.get("device", "")).startswith("cuda") and "fit_wall_seconds" in cost:
+        cost["gpu_hours"] = cost["fit_wall_seconds"] * int(cost.get("world_size") or 1) / 3600
+    return cost
 
 class RunCost(L.Callback):
     """Write ``run_cost.json`` at the end of fit (rank 0): ``fit_wall_seconds`` (``on_fit_start`` to

@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 
-from lit_align.callbacks.reporting import publish, report_dir, write_csv, write_jsonl
+from lit_align.callbacks.reporting import json_safe, publish, report_dir, write_csv, write_jsonl
 from lit_align.checkpoint import atomic_write_text
 
 __all__ = ["SummarizationReport", "summary_table_text"]
@@ -101,10 +101,10 @@ class SummarizationReport(L.Callback):
         self.files["csv"] = write_csv(directory / "summarization_table.csv", columns, data)
         path = directory / "summarization_table.json"
         report = {"header": pl_module.report_header(), "table": table, "fewshot_effect": pl_module.fewshot_effect}
-        atomic_write_text(path, json.dumps(_no_nan(report), indent=1, default=_json, allow_nan=False))
+        atomic_write_text(path, json.dumps(json_safe(report), indent=1, default=_json, allow_nan=False))
         self.files["json"] = path
         self.files["articles"] = write_jsonl(directory / "summarization_articles.jsonl",
-                                             [_no_nan(r.record()) for r in pl_module.rows], default=_json)
+                                             [json_safe(r.record()) for r in pl_module.rows], default=_json)
         if self.plot:
             png = self._plot(directory / "summarization_rougeL.png", table)
             if png is not None:
@@ -162,17 +162,6 @@ class SummarizationReport(L.Callback):
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         return path
-
-
-def _no_nan(value: Any) -> Any:
-    """``value`` with every NaN float replaced by ``None`` (strict JSON: a metric with no value is ``null``)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_no_nan(v) for v in value]
-    return value
 
 
 def _json(value: Any) -> Any:

@@ -51,7 +51,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lit_align.data.records import BUILTIN_DIR, DataSource, read_rows
+from lit_align.data.records import BUILTIN_DIR, DataSource, read_jsonl, read_rows
 from lit_align.data.unlearning import check_eval_record
 
 __all__ = [
@@ -169,11 +169,10 @@ def _read_tofu_file(directory: Path, config: str) -> list[dict]:
     suffix; a JSON list is read too), or of a ``.jsonl``/``.parquet``/``.csv`` file of that name."""
     json_file = directory / f"{config}.json"
     if json_file.is_file():
-        text = json_file.read_text(encoding="utf-8")
         try:
-            data = json.loads(text)
+            data = json.loads(json_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return read_jsonl(json_file)
         return data if isinstance(data, list) else [data]
     for suffix in (".jsonl", ".parquet", ".csv"):
         file = directory / f"{config}{suffix}"

@@ -11,7 +11,6 @@ Run: ``lit-align test -c configs/eval/unlearning_assessment/tiny.yaml``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lit_align.attacks.gcg import GCG, split_template
-from lit_align.callbacks.run_cost import peak_memory
+from lit_align.callbacks.run_cost import load_run_cost, peak_memory
 from lit_align.data.tokenize import encode_prompt, encode_response
 from lit_align.data.unlearning_assessment import (
     ASSESSMENT_SPLITS,
@@ -162,13 +161,6 @@ class AssessmentAttacks:
         check_int("model.attacks.gcg_questions", self.gcg_questions)
         check_int("model.attacks.gcg_target_tokens", self.gcg_target_tokens)
         check_int("model.attacks.seed", self.seed, 0)
-
-
-def _with_gpu_hours(cost: dict[str, Any]) -> dict[str, Any]:
-    """``cost`` (a run_cost.json) plus ``gpu_hours`` = wall seconds x world size / 3600 on a CUDA device."""
-    if str(cost.get("device", "")).startswith("cuda") and "fit_wall_seconds" in cost:
-        cost = {**cost, "gpu_hours": cost["fit_wall_seconds"] * int(cost.get("world_size") or 1) / 3600}
-    return cost
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -433,7 +425,7 @@ class UnlearningAssessmentModule(L.LightningModule):
         for i, row in enumerate(self.unlearned_rows):
             self.run_costs[row] = self._read_cost(i)
         if self.retrain_run_cost_path:
-            self.retrain_cost = _with_gpu_hours(json.loads(Path(self.retrain_run_cost_path).read_text(encoding="utf-8")))
+            self.retrain_cost = load_run_cost(self.retrain_run_cost_path)
         peak, source = peak_memory(self.device)
         self.cost = {"wall_seconds": time.perf_counter() - start, "peak_memory_bytes": peak,
                      "peak_memory_source": source, "device": str(self.device)}
@@ -446,7 +438,7 @@ class UnlearningAssessmentModule(L.LightningModule):
     def _read_cost(self, i: int) -> dict[str, Any] | str:
         if not self.run_cost_paths:
             return "not recorded"
-        return _with_gpu_hours(json.loads(Path(self.run_cost_paths[i]).read_text(encoding="utf-8")))
+        return load_run_cost(self.run_cost_paths[i])
 
     def _chat(self, tokenizer) -> bool:
         chat = self.chat_template if self.chat_template is not None else bool(tokenizer.chat_template)
