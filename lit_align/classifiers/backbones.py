@@ -20,13 +20,14 @@ calls from ``configure_model`` (seeded there).
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import ResNetForImageClassification
+from transformers.models.resnet.modeling_resnet import ResNetConvLayer
 
 from lit_align.errors import ConfigError, MissingPathError, check_int, check_number, require
 from lit_align.paths import hub_offline, looks_local
@@ -197,33 +198,19 @@ def _from_pretrained(load, name: str, key: str):
                                "`save_pretrained`, or a hub id already in the HF cache.") from err
 
 
-@functools.cache
-def _small_input_resnet_class():
-    """:class:`SmallInputResNetForImageClassification`, defined on first use (transformers imports are slow)."""
-    from transformers import ResNetForImageClassification
-    from transformers.models.resnet.modeling_resnet import ResNetConvLayer
+class SmallInputResNetForImageClassification(ResNetForImageClassification):
+    """transformers' ``ResNetForImageClassification`` whose stem is a 3x3 stride-1 conv with no max-pool when its
+    config has ``small_input: true`` (else the ImageNet stem). The flag is saved in ``config.json``, so
+    ``from_pretrained`` of this class rebuilds the same network."""
 
-    class SmallInputResNetForImageClassification(ResNetForImageClassification):
-        """transformers' ``ResNetForImageClassification`` whose stem is a 3x3/stride-1 conv with no max-pool when
-        its config has ``small_input: true`` (else the ImageNet stem). The flag is stored in the saved
-        ``config.json``, so ``from_pretrained`` of this class rebuilds the same network."""
-
-        def __init__(self, config) -> None:
-            super().__init__(config)
-            if getattr(config, "small_input", False):
-                stem = self.resnet.embedder
-                stem.embedder = ResNetConvLayer(config.num_channels, config.embedding_size, kernel_size=3, stride=1,
-                                                activation=config.hidden_act)
-                stem.pooler = nn.Identity()
-                stem.apply(self._init_weights)
-
-    return SmallInputResNetForImageClassification
-
-
-def __getattr__(name: str):  # the transformers subclass is made lazily but importable by name
-    if name == "SmallInputResNetForImageClassification":
-        return _small_input_resnet_class()
-    raise AttributeError(name)
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if getattr(config, "small_input", False):
+            stem = self.resnet.embedder
+            stem.embedder = ResNetConvLayer(config.num_channels, config.embedding_size, kernel_size=3, stride=1,
+                                            activation=config.hidden_act)
+            stem.pooler = nn.Identity()
+            stem.apply(self._init_weights)
 
 
 class ResNetBackbone(Backbone):
@@ -275,7 +262,7 @@ class ResNetBackbone(Backbone):
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         c, _, _ = _image_shape(input_shape, "ResNetBackbone")
-        cls = _small_input_resnet_class()
+        cls = SmallInputResNetForImageClassification
         if self.pretrained is None:
             return ImageLogits(cls(self.config(c, num_classes)))
         from transformers import ResNetConfig

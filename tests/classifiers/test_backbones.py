@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 from tiny_bert import save_tiny_bert
+from torch import nn
 
 from lit_align.classifiers import (
     HFSequenceClassifierBackbone,
