@@ -146,8 +146,9 @@ def _take(pool: np.ndarray, labels: np.ndarray, fraction: float, seed: int, stra
         return np.sort(pool), np.array([], dtype=np.int64)
     if n >= len(pool):
         raise ConfigError(f"{key}={fraction} takes all {len(pool)} rows; lower it")
-    strat = labels[pool] if stratify and np.bincount(labels[pool]).astype(bool).sum() > 1 and \
-        np.min(np.bincount(labels[pool])[np.bincount(labels[pool]) > 0]) >= 2 else None
+    counts = np.bincount(labels[pool])
+    counts = counts[counts > 0]
+    strat = labels[pool] if stratify and len(counts) > 1 and counts.min() >= 2 else None
     try:
         rest, taken = train_test_split(pool, test_size=n, random_state=seed, stratify=strat)
     except ValueError:  # too few rows per class for a stratified cut of this size
@@ -435,6 +436,21 @@ class ClassificationDataModule(L.LightningDataModule):
         groups = rows.groups if name in GROUP_SUBSETS else None
         return ClassificationSubset(self.indices(name), self._row, rows.labels, groups)
 
+    def dataset_of(self, indices: Sequence[int] | np.ndarray | torch.Tensor,
+                   labels: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> ClassificationSubset:
+        """A dataset of any rows (no ``"group"``), e.g. FIS's growing labelled set; ``labels`` (one per row, in the
+        order of ``indices``) replace the true labels, e.g. with pseudo-labels."""
+        rows = self._require_setup()
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        table = rows.labels
+        if labels is not None:
+            given = np.asarray(labels, dtype=np.int64).reshape(-1)
+            if len(given) != len(idx):
+                raise ValueError(f"dataset_of: {len(given)} labels for {len(idx)} rows")
+            table = rows.labels.copy()
+            table[idx] = given
+        return ClassificationSubset(idx, self._row, table, None)
+
     def _shard(self) -> tuple[int, int]:
         if self.trainer is None:
             return 1, 0
@@ -445,12 +461,13 @@ class ClassificationDataModule(L.LightningDataModule):
         """Seed of a shuffled loader from ``(seed, seed_offset)`` (the sampler adds the epoch)."""
         return int(np.random.SeedSequence([self.seed, seed_offset]).generate_state(1)[0] % 2**31)
 
-    def loader(self, name: str, *, shuffle: bool = False, batch_size: int | None = None, seed_offset: int = 0,
-               num_replicas: int | None = None, rank: int | None = None) -> ResumableDataLoader:
-        """A loader over subset ``name``: shuffled per epoch from ``(seed, seed_offset, epoch)`` when ``shuffle``,
-        sharded over the trainer's data-parallel ranks (or ``num_replicas``/``rank`` when given), resumable.
-        ``batch_size`` defaults to ``batch_size`` for shuffled loaders and ``eval_batch_size`` otherwise."""
-        dataset = self.subset(name)
+    def loader(self, name: str | ClassificationSubset, *, shuffle: bool = False, batch_size: int | None = None,
+               seed_offset: int = 0, num_replicas: int | None = None, rank: int | None = None) -> ResumableDataLoader:
+        """A loader over subset ``name`` (or a dataset from :meth:`dataset_of`): shuffled per epoch from
+        ``(seed, seed_offset, epoch)`` when ``shuffle``, sharded over the trainer's data-parallel ranks (or
+        ``num_replicas``/``rank`` when given), resumable. ``batch_size`` defaults to ``batch_size`` for shuffled
+        loaders and ``eval_batch_size`` otherwise."""
+        dataset = self.subset(name) if isinstance(name, str) else name
         replicas, own = self._shard()
         sampler = ShardedSampler(dataset, num_replicas=num_replicas or replicas, rank=own if rank is None else rank,
                                  shuffle=shuffle, seed=self._loader_seed(seed_offset))
@@ -492,9 +509,11 @@ class ClassificationDataModule(L.LightningDataModule):
         return streams
 
     def train_dataloader(self) -> ResumableDataLoader | CombinedLoader:
-        """The LightningModule's ``train_streams()``: one shuffled loader, or a ``CombinedLoader`` of several."""
+        """The LightningModule's ``train_streams()``: one shuffled loader, or a ``CombinedLoader`` of several
+        (stream ``i`` shuffled with ``seed_offset=i``)."""
         streams = self._streams()
-        self._train_loaders = {n: self.loader(n, shuffle=True) for n in streams.names}
+        # stream i shuffles with seed_offset i: independent orders for forget and retain
+        self._train_loaders = {n: self.loader(n, shuffle=True, seed_offset=i) for i, n in enumerate(streams.names)}
         self._train_mode, self._consumed = streams.mode, {}
         if len(streams.names) == 1:
             return self._train_loaders[streams.names[0]]

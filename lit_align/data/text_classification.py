@@ -9,8 +9,18 @@ no row is all mask.
 Sources (``data.source``, an optional ``hf:`` prefix is allowed):
 
 * a hub id, e.g. ``SetFit/20_newsgroups`` (20 Newsgroups, columns ``text``, ``label`` 0..19, ``label_text``;
-  11,314 train and 7,532 test rows; the test split becomes the test subset) - UGradSL's text benchmark with
-  BERT (§2(a));
+  11,314 train and 7,532 test rows; the test split becomes the test subset; ``label_name_column: label_text``
+  names the classes) - UGradSL's text benchmark with BERT (§2(a)). A class-wise forget config for it::
+
+      data:
+        class_path: lit_align.data.TextClassificationDataModule
+        init_args:
+          source: SetFit/20_newsgroups
+          tokenizer: bert-base-uncased
+          label_name_column: label_text
+          max_length: 256
+          split: {class_path: lit_align.data.ForgetSplit, init_args: {kind: class_wise, classes: [0]}}
+
 * a local directory of data files or one written by ``save_to_disk`` (``train``/``test`` splits as above);
 * a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file (one split; the split's fractions make the test set).
 
@@ -40,7 +50,7 @@ class TextClassificationDataModule(ClassificationDataModule):
     """Texts as token ids padded per batch (see the module docstring for the sources)."""
 
     def __init__(self, source: str = "SetFit/20_newsgroups", tokenizer: str | None = None, text_column: str = "text",
-                 label_column: str = "label", max_length: int = 128, group_column: str | None = None,
+                 label_column: str = "label", label_name_column: str | None = None, max_length: int = 128, group_column: str | None = None,
                  group_positive: str | None = None, missing_pad_token: str = "eos", split: Split | None = None,
                  batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
                  seed: int = 0) -> None:
@@ -50,6 +60,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             tokenizer: tokenizer directory or hub id (e.g. the backbone's ``bert-base-uncased``).
             text_column: column of the texts.
             label_column: column of the classes (ints or strings; the sorted distinct values become ``0..K-1``).
+            label_name_column: column naming each row's class (20 Newsgroups: ``label_text``), for ``class_names``.
             max_length: longest row in tokens (longer texts are cut at the end).
             group_column: column of the sensitive attribute, read only for val/test rows.
             group_positive: with it, the group is 1 where the value equals it, else 0.
@@ -67,6 +78,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             raise ConfigError("data.tokenizer is not set; give the tokenizer directory or hub id of the backbone")
         self.source, self.tokenizer_name = source, tokenizer
         self.text_column, self.label_column, self.max_length = text_column, label_column, max_length
+        self.label_name_column = label_name_column
         self.group_column, self.group_positive, self.missing_pad_token = group_column, group_positive, missing_pad_token
         self.tokenizer = None
         self._ids: list[list[int]] = []
@@ -118,6 +130,9 @@ class TextClassificationDataModule(ClassificationDataModule):
                             f"{type(texts[bad]).__name__}")
         labels, names = encode_labels(self._values(rows, self.label_column, "data.label_column"),
                                       key="data.label_column", where=f"{self.source}: ")
+        if self.label_name_column is not None:
+            named = dict(zip(labels.tolist(), self._values(rows, self.label_name_column, "data.label_name_column")))
+            names = [str(named[i]) for i in range(len(names))]
         groups, group_names = (None, [])
         if self.group_column is not None:
             groups, group_names = encode_groups(self._values(rows, self.group_column, "data.group_column"),

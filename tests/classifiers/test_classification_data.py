@@ -291,6 +291,19 @@ def test_label_oracle_counts_each_row_once():
     assert restored.spent == 8
 
 
+def test_dataset_of_any_rows_with_pseudo_labels():
+    """FIS grows its labelled set with pool rows, some pseudo-labelled: a dataset of any rows, labels replaced."""
+    dm = _digits(ActiveLearningSplit(), batch_size=8)
+    rows = np.r_[dm.indices("labelled")[:4], dm.indices("pool")[:4]]
+    pseudo = (dm.labels(rows) + 1) % 10
+    batches = list(dm.loader(dm.dataset_of(rows, pseudo), shuffle=True))
+    assert len(batches) == 1 and set(batches[0]) == {"x", "y", "index"}
+    order = batches[0]["index"].tolist()
+    assert sorted(order) == sorted(rows.tolist()) and order != rows.tolist()
+    assert torch.equal(batches[0]["y"], pseudo[[rows.tolist().index(i) for i in order]])
+    assert torch.equal(dm.labels(rows), (pseudo - 1) % 10)  # the true labels are untouched
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 def test_missing_columns_name_the_file_key_and_columns(tmp_path):
     path = _csv(tmp_path, _table(tmp_path))

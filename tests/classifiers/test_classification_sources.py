@@ -124,12 +124,14 @@ def test_text_from_hf_dataset_dir(tmp_path):
     import datasets
 
     rows = [json.loads(line) for line in open(_jsonl(tmp_path))]
-    data = {"text": [r["body"] for r in rows], "label": [i % 3 for i in range(30)]}
+    data = {"text": [r["body"] for r in rows], "label": [i % 3 for i in range(30)],
+            "label_text": [r["topic"] for r in rows]}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(data),
                           "test": datasets.Dataset.from_dict({k: v[:6] for k, v in data.items()})}
                          ).save_to_disk(str(tmp_path / "news"))
     dm = TextClassificationDataModule(f"hf:{tmp_path / 'news'}", tokenizer=TINY_TOKENIZER,
-                                      split=ForgetSplit(kind="class_wise", classes=[2]))
+                                      label_name_column="label_text", split=ForgetSplit(kind="class_wise", classes=[2]))
     dm.setup()
+    assert dm.class_names == ["sport", "space", "cooking"]
     assert dm.indices("test").tolist() == list(range(30, 36)) and dm.num_classes == 3
     assert set(dm.rows.labels[dm.indices("forget")]) == {2}
