@@ -60,7 +60,9 @@ class TrainStreams:
     names: tuple[str, ...]
     """Subset names, e.g. ``("train",)`` or ``("forget", "retain")``."""
     mode: Literal["min_size", "max_size_cycle", "sequential"] = "sequential"
-    """How several streams are combined (Lightning's ``CombinedLoader`` modes); unused for one stream."""
+    """How several streams are combined (Lightning's ``CombinedLoader`` modes: ``min_size`` ends the epoch with the
+    shortest stream, ``max_size_cycle`` with the longest, restarting the others); unused for one stream. Lightning's
+    fit loop refuses ``sequential`` for several streams."""
 
 
 @dataclass
@@ -102,8 +104,8 @@ def encode_labels(values: Sequence[Any], *, positive: Any = None, key: str = "da
     if positive is not None:
         hits = np.array([str(v) == str(positive) for v in raw])
         if not hits.any():
-            raise ConfigError(f"{key.replace('target', 'positive')}={positive!r} matches no row of {where or 'the source'}"
-                              f"{key}; values: {sorted({str(v) for v in raw})[:20]}")
+            raise ConfigError(f"{key.replace('target', 'positive')}={positive!r} matches no row of "
+                              f"{where or 'the source'}{key}; values: {sorted({str(v) for v in raw})[:20]}")
         return hits.astype(np.int64), [_other_name(raw, positive), str(positive)]
     classes = sorted(set(raw.tolist()), key=lambda v: (str(type(v)), v))
     ids = {v: i for i, v in enumerate(classes)}
@@ -251,9 +253,9 @@ class ForgetSplit(Split):
             valid = sorted(set(range(len(rows.class_names))))
             bad = [c for c in self.classes if c not in valid]
             if not self.classes or bad:
-                raise ConfigError(
-                    f"data.split.classes={self.classes!r}: {'give at least one class' if not self.classes else f'no class {bad}'}; "
-                    f"valid classes: " + ", ".join(f"{i} ({n})" for i, n in enumerate(rows.class_names)))
+                problem = f"no class {bad}" if bad else "give at least one class"
+                listing = ", ".join(f"{i} ({n})" for i, n in enumerate(rows.class_names))
+                raise ConfigError(f"data.split.classes={self.classes!r}: {problem}; valid classes: {listing}")
             member = np.isin(rows.labels, self.classes)
         elif self.kind == "sub_class":
             if rows.fine_labels is None:
@@ -270,7 +272,8 @@ class ForgetSplit(Split):
             raise ConfigError(f"data.split.kind must be 'class_wise', 'random' or 'sub_class', got {self.kind!r}")
         forget, retain = train[member[train]], train[~member[train]]
         if len(forget) == 0:
-            raise ConfigError(f"data.split: the forget set is empty (no training rows of {self.classes or self.sub_classes})")
+            raise ConfigError(f"data.split: the forget set is empty (no training rows of "
+                              f"{self.classes or self.sub_classes})")
         return {**subsets, "forget": forget, "retain": retain,
                 "test_forget": test[member[test]], "test_retain": test[~member[test]]}
 
@@ -371,13 +374,13 @@ class ClassificationDataModule(L.LightningDataModule):
         self.group_names: list[str] = []
         self.feature_names: list[str] = []
         self._train_loaders: dict[str, ResumableDataLoader] = {}
-        self._train_mode = "sequential"
         self._consumed: dict[str, tuple[int, int]] = {}  # stream -> (epoch, batches consumed in it)
 
     # -- subclass hooks ----------------------------------------------------------------------------
     @abstractmethod
     def _load_rows(self) -> SourceRows:
-        """Read the source: labels, groups, fine labels and own test rows (features kept for :meth:`_build_features`)."""
+        """Read the source: labels, groups, fine labels and own test rows (features kept for
+        :meth:`_build_features`)."""
 
     @abstractmethod
     def _build_features(self, train_side: np.ndarray) -> None:
@@ -506,6 +509,9 @@ class ClassificationDataModule(L.LightningDataModule):
         if not streams.names or unknown:
             raise ConfigError(f"the module trains on subsets {list(streams.names)} but data.split "
                               f"({type(self.split).__name__}) defines {list(self.subsets)}")
+        if len(streams.names) > 1 and streams.mode not in ("min_size", "max_size_cycle"):
+            raise ConfigError(f"train_streams() combines {list(streams.names)} with mode {streams.mode!r}; Lightning's "
+                              "fit loop takes several streams only in 'min_size' or 'max_size_cycle' mode")
         return streams
 
     def train_dataloader(self) -> ResumableDataLoader | CombinedLoader:
@@ -514,7 +520,7 @@ class ClassificationDataModule(L.LightningDataModule):
         streams = self._streams()
         # stream i shuffles with seed_offset i: independent orders for forget and retain
         self._train_loaders = {n: self.loader(n, shuffle=True, seed_offset=i) for i, n in enumerate(streams.names)}
-        self._train_mode, self._consumed = streams.mode, {}
+        self._consumed = {}
         if len(streams.names) == 1:
             return self._train_loaders[streams.names[0]]
         return CombinedLoader(dict(self._train_loaders), mode=streams.mode)
@@ -540,9 +546,7 @@ class ClassificationDataModule(L.LightningDataModule):
             names = list(self._train_loaders)
             if len(names) == 1:
                 self._count(names[0])
-            elif self._train_mode == "sequential":
-                self._count(names[dataloader_idx])
-            else:
+            else:  # min_size / max_size_cycle: one batch of every stream per step
                 for name in names:
                     if name in batch:
                         self._count(name)

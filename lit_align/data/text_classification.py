@@ -50,13 +50,15 @@ class TextClassificationDataModule(ClassificationDataModule):
     """Texts as token ids padded per batch (see the module docstring for the sources)."""
 
     def __init__(self, source: str = "SetFit/20_newsgroups", tokenizer: str | None = None, text_column: str = "text",
-                 label_column: str = "label", label_name_column: str | None = None, max_length: int = 128, group_column: str | None = None,
+                 label_column: str = "label", label_name_column: str | None = None, max_length: int = 128,
+                 group_column: str | None = None,
                  group_positive: str | None = None, missing_pad_token: str = "eos", split: Split | None = None,
                  batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
                  seed: int = 0) -> None:
         """
         Args:
-            source: an HF dataset id (``hf:`` prefix optional), a local data directory, or a .jsonl/.json/.csv/.parquet file.
+            source: an HF dataset id (``hf:`` prefix optional), a local data directory, or a
+                .jsonl/.json/.csv/.parquet file.
             tokenizer: tokenizer directory or hub id (e.g. the backbone's ``bert-base-uncased``).
             text_column: column of the texts.
             label_column: column of the classes (ints or strings; the sorted distinct values become ``0..K-1``).

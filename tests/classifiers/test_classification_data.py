@@ -258,8 +258,8 @@ def _fit(root, streams, steps, ckpt_path=None) -> list[dict]:
 
 @pytest.mark.parametrize("mode", ["min_size", "max_size_cycle"])
 def test_train_streams_resume_mid_epoch(tmp_path, mode):
-    """forget (126 rows: 8 batches of up to 16) and retain combined; a run stopped after 10 steps (past the end of the forget
-    stream, which max_size_cycle restarts) and resumed to 13 sees what 13 uninterrupted steps see."""
+    """forget (126 rows: 8 batches of up to 16) and retain combined; a run stopped after 10 steps (past the end of
+    the forget stream, which max_size_cycle restarts) and resumed to 13 sees what 13 uninterrupted steps see."""
     streams = TrainStreams(("forget", "retain"), mode)
     stop, total = (6, 8) if mode == "min_size" else (10, 13)
     straight = _fit(tmp_path / "a", streams, total)
@@ -346,3 +346,10 @@ def test_cli_checks_the_data_before_the_run_starts(tmp_path):
 
     with pytest.raises(DataError, match=r"data\.target='income'"):
         set_up_data_early(TabularDataModule(_csv(tmp_path, _table(tmp_path)), target="income"), None, "fit")
+
+
+def test_unknown_or_sequential_streams_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"subsets \['labelled'\] but data\.split \(ForgetSplit\) defines"):
+        _fit(tmp_path / "a", TrainStreams(("labelled",)), 1)
+    with pytest.raises(ConfigError, match="only in 'min_size' or 'max_size_cycle' mode"):
+        _fit(tmp_path / "b", TrainStreams(("forget", "retain"), "sequential"), 1)

@@ -22,8 +22,8 @@ def _image(value: int, size=(6, 5), mode="RGB"):
 
 
 def test_hf_dataset_on_disk_with_sub_classes(tmp_path):
-    """A tiny CIFAR-100-like set saved with save_to_disk (and as a directory of parquet files): super-classes as y, sub-classes as fine labels, and its
-    own test split as the test subset."""
+    """A tiny CIFAR-100-like set saved with save_to_disk (and as a directory of parquet files): super-classes as y,
+    sub-classes as fine labels, and its own test split as the test subset."""
     import datasets
 
     def part(n, offset):
@@ -92,8 +92,8 @@ def _jsonl(tmp_path) -> str:
     with path.open("w") as f:
         for i in range(30):
             topic = topics[i % 3]
-            f.write(json.dumps({"body": f"{words[topic]} " * (1 + i % 4), "topic": topic, "lang": "en" if i % 2 else "fr"})
-                    + "\n")
+            row = {"body": f"{words[topic]} " * (1 + i % 4), "topic": topic, "lang": "en" if i % 2 else "fr"}
+            f.write(json.dumps(row) + "\n")
     return str(path)
 
 
