@@ -134,8 +134,8 @@ def encode_groups(values: Sequence[Any], *, positive: Any = None, threshold: flo
 
 # -- splits ---------------------------------------------------------------------------------------
 def _check_fraction(key: str, value: float, *, allow_zero: bool = True) -> None:
-    low_ok = value >= 0.0 if allow_zero else value > 0.0
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low_ok and value < 1.0):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and (value >= 0.0 if allow_zero else value > 0.0) and value < 1.0):
         raise ConfigError(f"{key} must be in {'[0' if allow_zero else '(0'}, 1), got {value!r}")
 
 

@@ -61,12 +61,14 @@ def test_hf_dataset_on_disk_with_sub_classes(tmp_path):
 
 
 def test_image_folder_offline(tmp_path):
-    for name, value in (("cat", 40), ("dog", 200)):
+    for name, value, size in (("cat", 40, (4, 4)), ("dog", 200, (7, 5))):
         (tmp_path / "pics" / name).mkdir(parents=True)
         for i in range(6):
-            _image(value + i, size=(4, 4), mode="L").save(tmp_path / "pics" / name / f"{i}.png")
-    dm = ImageClassificationDataModule(f"folder:{tmp_path / 'pics'}", split=HoldoutSplit(val_fraction=0.25,
-                                                                                           test_fraction=0.25))
+            _image(value + i, size=size, mode="L").save(tmp_path / "pics" / name / f"{i}.png")
+    with pytest.raises(DataError, match=r"different sizes.*data\.image_size"):
+        ImageClassificationDataModule(f"folder:{tmp_path / 'pics'}").setup()
+    dm = ImageClassificationDataModule(f"folder:{tmp_path / 'pics'}", image_size=4,
+                                       split=HoldoutSplit(val_fraction=0.25, test_fraction=0.25))
     dm.setup()
     assert dm.class_names == ["cat", "dog"] and dm.input_shape == (1, 4, 4)
     x, y = dm.features(np.arange(12)), dm.labels(np.arange(12))
