@@ -29,7 +29,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, default_collate
 
 from lit_align.data.sampling import ResumableDataLoader, ShardedSampler
@@ -143,6 +142,8 @@ def _take(pool: np.ndarray, labels: np.ndarray, fraction: float, seed: int, stra
           ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``pool`` (indices) into (rest, taken) with ``round(fraction * len)`` taken, seeded, stratified by
     ``labels[pool]`` when asked and every class has at least two rows there."""
+    from sklearn.model_selection import train_test_split  # imported here: lit_align.data loads without sklearn
+
     n = int(round(fraction * len(pool)))
     if n == 0:
         return np.sort(pool), np.array([], dtype=np.int64)
