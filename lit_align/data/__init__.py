@@ -29,6 +29,7 @@ from lit_align.data.records import BUILTIN_DIR, DataSource, load_records
 from lit_align.data.self_alignment import PoolRow, QuestionBatch, SelfAlignmentDataModule
 from lit_align.data.sft import SFTDataModule
 from lit_align.data.tabular import TabularDataModule
+from lit_align.data.text_classification import TextClassificationDataModule
 from lit_align.data.unlearning import (
     DEFAULT_REFUSALS,
     ForgetRetainDataModule,
@@ -74,6 +75,7 @@ __all__ = [
     "Split",
     "TOFUDataModule",
     "TabularDataModule",
+    "TextClassificationDataModule",
     "TextCompletionDataModule",
     "TokenizedDataModule",
     "TrainStreams",

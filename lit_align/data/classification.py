@@ -29,7 +29,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, default_collate
 
 from lit_align.data.sampling import ResumableDataLoader, ShardedSampler
@@ -60,7 +59,9 @@ class TrainStreams:
     names: tuple[str, ...]
     """Subset names, e.g. ``("train",)`` or ``("forget", "retain")``."""
     mode: Literal["min_size", "max_size_cycle", "sequential"] = "sequential"
-    """How several streams are combined (Lightning's ``CombinedLoader`` modes); unused for one stream."""
+    """How several streams are combined (Lightning's ``CombinedLoader`` modes: ``min_size`` ends the epoch with the
+    shortest stream, ``max_size_cycle`` with the longest, restarting the others); unused for one stream. Lightning's
+    fit loop refuses ``sequential`` for several streams."""
 
 
 @dataclass
@@ -102,8 +103,8 @@ def encode_labels(values: Sequence[Any], *, positive: Any = None, key: str = "da
     if positive is not None:
         hits = np.array([str(v) == str(positive) for v in raw])
         if not hits.any():
-            raise ConfigError(f"{key.replace('target', 'positive')}={positive!r} matches no row of {where or 'the source'}"
-                              f"{key}; values: {sorted({str(v) for v in raw})[:20]}")
+            raise ConfigError(f"{key.replace('target', 'positive')}={positive!r} matches no row of "
+                              f"{where or 'the source'}{key}; values: {sorted({str(v) for v in raw})[:20]}")
         return hits.astype(np.int64), [_other_name(raw, positive), str(positive)]
     classes = sorted(set(raw.tolist()), key=lambda v: (str(type(v)), v))
     ids = {v: i for i, v in enumerate(classes)}
@@ -132,8 +133,8 @@ def encode_groups(values: Sequence[Any], *, positive: Any = None, threshold: flo
 
 # -- splits ---------------------------------------------------------------------------------------
 def _check_fraction(key: str, value: float, *, allow_zero: bool = True) -> None:
-    low_ok = value >= 0.0 if allow_zero else value > 0.0
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low_ok and value < 1.0):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and (value >= 0.0 if allow_zero else value > 0.0) and value < 1.0):
         raise ConfigError(f"{key} must be in {'[0' if allow_zero else '(0'}, 1), got {value!r}")
 
 
@@ -141,13 +142,16 @@ def _take(pool: np.ndarray, labels: np.ndarray, fraction: float, seed: int, stra
           ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``pool`` (indices) into (rest, taken) with ``round(fraction * len)`` taken, seeded, stratified by
     ``labels[pool]`` when asked and every class has at least two rows there."""
+    from sklearn.model_selection import train_test_split  # imported here: lit_align.data loads without sklearn
+
     n = int(round(fraction * len(pool)))
     if n == 0:
         return np.sort(pool), np.array([], dtype=np.int64)
     if n >= len(pool):
         raise ConfigError(f"{key}={fraction} takes all {len(pool)} rows; lower it")
-    strat = labels[pool] if stratify and np.bincount(labels[pool]).astype(bool).sum() > 1 and \
-        np.min(np.bincount(labels[pool])[np.bincount(labels[pool]) > 0]) >= 2 else None
+    counts = np.bincount(labels[pool])
+    counts = counts[counts > 0]
+    strat = labels[pool] if stratify and len(counts) > 1 and counts.min() >= 2 else None
     try:
         rest, taken = train_test_split(pool, test_size=n, random_state=seed, stratify=strat)
     except ValueError:  # too few rows per class for a stratified cut of this size
@@ -250,9 +254,9 @@ class ForgetSplit(Split):
             valid = sorted(set(range(len(rows.class_names))))
             bad = [c for c in self.classes if c not in valid]
             if not self.classes or bad:
-                raise ConfigError(
-                    f"data.split.classes={self.classes!r}: {'give at least one class' if not self.classes else f'no class {bad}'}; "
-                    f"valid classes: " + ", ".join(f"{i} ({n})" for i, n in enumerate(rows.class_names)))
+                problem = f"no class {bad}" if bad else "give at least one class"
+                listing = ", ".join(f"{i} ({n})" for i, n in enumerate(rows.class_names))
+                raise ConfigError(f"data.split.classes={self.classes!r}: {problem}; valid classes: {listing}")
             member = np.isin(rows.labels, self.classes)
         elif self.kind == "sub_class":
             if rows.fine_labels is None:
@@ -269,7 +273,8 @@ class ForgetSplit(Split):
             raise ConfigError(f"data.split.kind must be 'class_wise', 'random' or 'sub_class', got {self.kind!r}")
         forget, retain = train[member[train]], train[~member[train]]
         if len(forget) == 0:
-            raise ConfigError(f"data.split: the forget set is empty (no training rows of {self.classes or self.sub_classes})")
+            raise ConfigError(f"data.split: the forget set is empty (no training rows of "
+                              f"{self.classes or self.sub_classes})")
         return {**subsets, "forget": forget, "retain": retain,
                 "test_forget": test[member[test]], "test_retain": test[~member[test]]}
 
@@ -354,6 +359,7 @@ class ClassificationDataModule(L.LightningDataModule):
             seed: seed of the shuffled loaders (with each loader's ``seed_offset`` and the epoch).
         """
         super().__init__()
+        self.save_hyperparameters()  # the subclass's arguments too (Lightning reads every __init__ frame)
         check_int("data.batch_size", batch_size)
         check_int("data.eval_batch_size", eval_batch_size, optional=True)
         check_int("data.num_workers", num_workers, low=0)
@@ -369,13 +375,13 @@ class ClassificationDataModule(L.LightningDataModule):
         self.group_names: list[str] = []
         self.feature_names: list[str] = []
         self._train_loaders: dict[str, ResumableDataLoader] = {}
-        self._train_mode = "sequential"
         self._consumed: dict[str, tuple[int, int]] = {}  # stream -> (epoch, batches consumed in it)
 
     # -- subclass hooks ----------------------------------------------------------------------------
     @abstractmethod
     def _load_rows(self) -> SourceRows:
-        """Read the source: labels, groups, fine labels and own test rows (features kept for :meth:`_build_features`)."""
+        """Read the source: labels, groups, fine labels and own test rows (features kept for
+        :meth:`_build_features`)."""
 
     @abstractmethod
     def _build_features(self, train_side: np.ndarray) -> None:
@@ -434,6 +440,21 @@ class ClassificationDataModule(L.LightningDataModule):
         groups = rows.groups if name in GROUP_SUBSETS else None
         return ClassificationSubset(self.indices(name), self._row, rows.labels, groups)
 
+    def dataset_of(self, indices: Sequence[int] | np.ndarray | torch.Tensor,
+                   labels: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> ClassificationSubset:
+        """A dataset of any rows (no ``"group"``), e.g. FIS's growing labelled set; ``labels`` (one per row, in the
+        order of ``indices``) replace the true labels, e.g. with pseudo-labels."""
+        rows = self._require_setup()
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        table = rows.labels
+        if labels is not None:
+            given = np.asarray(labels, dtype=np.int64).reshape(-1)
+            if len(given) != len(idx):
+                raise ValueError(f"dataset_of: {len(given)} labels for {len(idx)} rows")
+            table = rows.labels.copy()
+            table[idx] = given
+        return ClassificationSubset(idx, self._row, table, None)
+
     def _shard(self) -> tuple[int, int]:
         if self.trainer is None:
             return 1, 0
@@ -444,12 +465,13 @@ class ClassificationDataModule(L.LightningDataModule):
         """Seed of a shuffled loader from ``(seed, seed_offset)`` (the sampler adds the epoch)."""
         return int(np.random.SeedSequence([self.seed, seed_offset]).generate_state(1)[0] % 2**31)
 
-    def loader(self, name: str, *, shuffle: bool = False, batch_size: int | None = None, seed_offset: int = 0,
-               num_replicas: int | None = None, rank: int | None = None) -> ResumableDataLoader:
-        """A loader over subset ``name``: shuffled per epoch from ``(seed, seed_offset, epoch)`` when ``shuffle``,
-        sharded over the trainer's data-parallel ranks (or ``num_replicas``/``rank`` when given), resumable.
-        ``batch_size`` defaults to ``batch_size`` for shuffled loaders and ``eval_batch_size`` otherwise."""
-        dataset = self.subset(name)
+    def loader(self, name: str | ClassificationSubset, *, shuffle: bool = False, batch_size: int | None = None,
+               seed_offset: int = 0, num_replicas: int | None = None, rank: int | None = None) -> ResumableDataLoader:
+        """A loader over subset ``name`` (or a dataset from :meth:`dataset_of`): shuffled per epoch from
+        ``(seed, seed_offset, epoch)`` when ``shuffle``, sharded over the trainer's data-parallel ranks (or
+        ``num_replicas``/``rank`` when given), resumable. ``batch_size`` defaults to ``batch_size`` for shuffled
+        loaders and ``eval_batch_size`` otherwise."""
+        dataset = self.subset(name) if isinstance(name, str) else name
         replicas, own = self._shard()
         sampler = ShardedSampler(dataset, num_replicas=num_replicas or replicas, rank=own if rank is None else rank,
                                  shuffle=shuffle, seed=self._loader_seed(seed_offset))
@@ -488,13 +510,18 @@ class ClassificationDataModule(L.LightningDataModule):
         if not streams.names or unknown:
             raise ConfigError(f"the module trains on subsets {list(streams.names)} but data.split "
                               f"({type(self.split).__name__}) defines {list(self.subsets)}")
+        if len(streams.names) > 1 and streams.mode not in ("min_size", "max_size_cycle"):
+            raise ConfigError(f"train_streams() combines {list(streams.names)} with mode {streams.mode!r}; Lightning's "
+                              "fit loop takes several streams only in 'min_size' or 'max_size_cycle' mode")
         return streams
 
     def train_dataloader(self) -> ResumableDataLoader | CombinedLoader:
-        """The LightningModule's ``train_streams()``: one shuffled loader, or a ``CombinedLoader`` of several."""
+        """The LightningModule's ``train_streams()``: one shuffled loader, or a ``CombinedLoader`` of several
+        (stream ``i`` shuffled with ``seed_offset=i``)."""
         streams = self._streams()
-        self._train_loaders = {n: self.loader(n, shuffle=True) for n in streams.names}
-        self._train_mode, self._consumed = streams.mode, {}
+        # stream i shuffles with seed_offset i: independent orders for forget and retain
+        self._train_loaders = {n: self.loader(n, shuffle=True, seed_offset=i) for i, n in enumerate(streams.names)}
+        self._consumed = {}
         if len(streams.names) == 1:
             return self._train_loaders[streams.names[0]]
         return CombinedLoader(dict(self._train_loaders), mode=streams.mode)
@@ -520,9 +547,7 @@ class ClassificationDataModule(L.LightningDataModule):
             names = list(self._train_loaders)
             if len(names) == 1:
                 self._count(names[0])
-            elif self._train_mode == "sequential":
-                self._count(names[dataloader_idx])
-            else:
+            else:  # min_size / max_size_cycle: one batch of every stream per step
                 for name in names:
                     if name in batch:
                         self._count(name)

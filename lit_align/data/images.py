@@ -18,7 +18,8 @@
   ``fine_labels`` (for sub-class forgetting) when ``label_column: coarse_label``; otherwise ``y`` = fine labels.
 
 Images are kept as uint8 (``(N, C, H, W)``) and scaled when a row is read, so CIFAR-size sets fit in memory.
-All images of one source must share one size; grayscale sources give ``C = 1``, others are converted to RGB.
+All images of one source must share one size (or set ``image_size`` to resize them while loading); a source whose
+first image is grayscale gives ``C = 1``, others are converted to RGB.
 """
 
 from __future__ import annotations
@@ -31,24 +32,28 @@ import numpy as np
 import torch
 
 from lit_align.data.classification import ClassificationDataModule, SourceRows, Split, encode_groups, encode_labels
-from lit_align.errors import ConfigError, DataError, MissingPathError
+from lit_align.errors import ConfigError, DataError, MissingPathError, check_int
 
 __all__ = ["ImageClassificationDataModule", "TORCHVISION_SETS"]
 
 TORCHVISION_SETS = ("CIFAR10", "CIFAR100", "SVHN")
 
 
-def _to_uint8(images: list[Any], source: str) -> torch.Tensor:
-    """PIL images (or arrays) -> uint8 tensor (N, C, H, W): grayscale when every image is, RGB otherwise."""
+def _to_uint8(images: list[Any], source: str, size: int | None = None, mode: str | None = None) -> torch.Tensor:
+    """PIL images (or arrays) -> uint8 tensor (N, C, H, W): ``mode`` (``L`` or ``RGB``; default grayscale when every
+    image is, RGB otherwise), each resized to ``size`` x ``size`` (bilinear) when given."""
     from PIL import Image
 
     pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in images]
-    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in pil) else "RGB"
-    arrays = [np.asarray(im.convert(mode), dtype=np.uint8) for im in pil]
+    mode = mode or ("L" if all(im.mode in ("L", "1", "I;16", "I") for im in pil) else "RGB")
+    pil = [im.convert(mode) for im in pil]
+    if size is not None:
+        pil = [im.resize((size, size), Image.Resampling.BILINEAR) if im.size != (size, size) else im for im in pil]
+    arrays = [np.asarray(im, dtype=np.uint8) for im in pil]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise DataError(f"data.source={source!r}: images have different sizes {sorted(shapes)[:4]}; resize them to "
-                        "one size first")
+                        "one size first or set data.image_size")
     stack = np.stack(arrays)  # (N, H, W) or (N, H, W, 3)
     stack = stack[:, None] if stack.ndim == 3 else stack.transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(stack))
@@ -57,6 +62,23 @@ def _to_uint8(images: list[Any], source: str) -> torch.Tensor:
 def _saved_to_disk(path: Path) -> bool:
     """Whether ``path`` is a directory written by ``Dataset(Dict).save_to_disk``."""
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _images(dataset: Any, column: str, source: str, size: int | None, chunk: int = 1024) -> torch.Tensor:
+    """The images of an HF dataset's ``column`` as uint8 (N, C, H, W), decoded ``chunk`` rows at a time (a large
+    set such as CelebA is never held as PIL images all at once)."""
+    from PIL import Image
+
+    first = dataset[0][column]
+    first = first if isinstance(first, Image.Image) else Image.fromarray(np.asarray(first))
+    mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
+    parts = [_to_uint8(dataset[start : start + chunk][column], source, size, mode)
+             for start in range(0, len(dataset), chunk)]
+    shapes = sorted({tuple(p.shape[1:]) for p in parts})
+    if len(shapes) > 1:
+        raise DataError(f"data.source={source!r}: images have different sizes {shapes[:4]}; resize them to one size "
+                        "first or set data.image_size")
+    return torch.cat(parts)
 
 
 def _column(dataset: Any, name: str | None, key: str, source: str) -> list[Any] | None:
@@ -73,7 +95,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
     def __init__(self, source: str = "builtin:digits", image_column: str = "image", label_column: str = "label",
                  fine_label_column: str | None = None, group_column: str | None = None,
-                 group_positive: str | None = None, root: str = "data", download: bool = False,
+                 group_positive: str | None = None, image_size: int | None = None, root: str = "data",
+                 download: bool = False,
                  split: Split | None = None, batch_size: int = 64, eval_batch_size: int | None = None,
                  num_workers: int = 0, seed: int = 0) -> None:
         """
@@ -85,6 +108,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
             fine_label_column: column of the sub-classes for sub-class forgetting (``hf:``).
             group_column: column of the sensitive attribute, read only for val/test rows (``hf:``).
             group_positive: with it, the group is 1 where the value equals it, else 0.
+            image_size: resize every image to ``image_size`` x ``image_size`` when loading (``hf:`` / ``folder:``;
+                e.g. 32 for CelebA with FIS's ViT); ``None`` keeps the size (all images must then share one).
             root: directory of the torchvision datasets.
             download: let torchvision download a missing dataset into ``root``.
             split: how rows become subsets (:class:`~lit_align.data.classification.HoldoutSplit` by default).
@@ -97,7 +122,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
                          num_workers=num_workers, seed=seed)
         self.source, self.image_column, self.label_column = source, image_column, label_column
         self.fine_label_column, self.group_column, self.group_positive = fine_label_column, group_column, group_positive
-        self.root, self.download = root, download
+        self.root, self.download, self.image_size = root, download, image_size
+        check_int("data.image_size", image_size, optional=True)
         self._x: torch.Tensor | None = None
         self._scale = 255.0
 
@@ -138,7 +164,9 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
     def _hf(self) -> SourceRows:
         dataset, is_test = self._hf_dataset()
-        images = _column(dataset, self.image_column, "data.image_column", self.source)
+        if self.image_column not in dataset.column_names:
+            raise DataError(f"data.source={self.source!r}: data.image_column={self.image_column!r} is not a column; "
+                            f"its columns are {dataset.column_names}")
         labels, names = encode_labels(_column(dataset, self.label_column, "data.label_column", self.source),
                                       key="data.label_column", where=f"{self.source}: ")
         feature = dataset.features.get(self.label_column)
@@ -149,7 +177,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         groups, group_names = (None, [])
         if group_values is not None:
             groups, group_names = encode_groups(group_values, positive=self.group_positive)
-        self._x = _to_uint8(images, self.source)
+        self._x = _images(dataset, self.image_column, self.source, self.image_size)
         return SourceRows(labels=labels, class_names=names, groups=groups, group_names=group_names, is_test=is_test,
                           fine_labels=None if fine is None else encode_labels(fine, key="data.fine_label_column")[0])
 

