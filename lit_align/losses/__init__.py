@@ -52,6 +52,7 @@ from lit_align.losses.ppo import gae, kl_shaped_rewards, ppo_policy_loss, ppo_va
 from lit_align.losses.preference import DPOLoss, IPOLoss, PreferenceLoss, SELMLoss, dpo_loss, ipo_loss, selm_loss
 from lit_align.losses.reward import bradley_terry_loss
 from lit_align.losses.sft import nll_loss
+from lit_align.losses.ugradsl import adaptive_alpha, feature_distances, ugradsl_objective
 from lit_align.losses.unlearning import (
     NPO,
     GradientAscent,
@@ -68,7 +69,6 @@ from lit_align.losses.unlearning import (
     label_smoothed_ascent_loss,
     npo_loss,
 )
-from lit_align.losses.ugradsl import adaptive_alpha, feature_distances, ugradsl_objective
 from lit_align.losses.watermark import DetectorPair, detector_loss, detector_objective
 
 __all__ = [

@@ -24,8 +24,8 @@ from lit_align.data.classification import TrainStreams
 from lit_align.errors import ConfigError
 from lit_align.losses.ugradsl import AlphaSign, Normalize, adaptive_alpha, check_retain_weight, ugradsl_objective
 from lit_align.methods.classifier_base import ClassifierBase
-from lit_align.modes import eval_mode
 from lit_align.metrics.classification import MIAFeature, avg_gap, prediction_summary, unlearning_scores
+from lit_align.modes import eval_mode
 
 __all__ = ["ClassifierUnlearningModule", "FineTune", "GradientAscent", "RandomLabels", "UGradSL", "UGradSLPlus",
            "UnlearningRule"]
@@ -375,9 +375,7 @@ class ClassifierUnlearningModule(ClassifierBase):
         self._reference_reports()
 
     def on_test_epoch_end(self) -> None:
-        super_end = getattr(super(), "on_test_epoch_end", None)
-        if callable(super_end):
-            super_end()
+        super().on_test_epoch_end()
         self._finish(stage="test")
 
     # -- evaluation -------------------------------------------------------------------------------------------
@@ -445,15 +443,11 @@ class ClassifierUnlearningModule(ClassifierBase):
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super_save = getattr(super(), "on_save_checkpoint", None)
-        if callable(super_save):
-            super_save(checkpoint)
+        super().on_save_checkpoint(checkpoint)
         checkpoint["classifier_unlearning"] = {"seconds": self._seconds()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super_load = getattr(super(), "on_load_checkpoint", None)
-        if callable(super_load):
-            super_load(checkpoint)
+        super().on_load_checkpoint(checkpoint)
         self._seconds_before = float(checkpoint.get("classifier_unlearning", {}).get("seconds", 0.0))
 
 

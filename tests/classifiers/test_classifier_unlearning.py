@@ -164,11 +164,20 @@ def test_resume_is_exact(tmp_path, references, class_wise):
     _trainer(tmp_path / "a", 5).fit(straight, class_wise)
     _trainer(tmp_path / "b", 2, callbacks=[ckpt]).fit(_module(rule(), references, 0.2, sgd=False), class_wise)
     resumed = _module(rule(), references, dropout=0.2, sgd=False)
-    _trainer(tmp_path / "c", 5).fit(resumed, class_wise, ckpt_path=str(next((tmp_path / "b").glob("*step=2.ckpt"))))
+    # built in Python (not by the CLI), the module's hyperparameters hold the backbone object: allow its class
+    # (the rules and ReferenceTraining are registered by lit_align.methods.classifier_unlearning)
+    with torch.serialization.safe_globals([MLPBackbone]):
+        _trainer(tmp_path / "c", 5).fit(resumed, class_wise,
+                                        ckpt_path=str(next((tmp_path / "b").glob("*step=2.ckpt"))))
     a, c = straight.net.state_dict(), resumed.net.state_dict()
     for name in a:
         torch.testing.assert_close(c[name], a[name], rtol=0, atol=0, msg=name)
     assert resumed.report["unlearned"]["UA"] == straight.report["unlearned"]["UA"]
+    # `test` reports the same scores under test/unlearn_*
+    tester = _trainer(tmp_path / "d", 1)
+    tester.test(resumed, class_wise, verbose=False)
+    assert tester.logged_metrics["test/unlearn_avg_gap"].item() == pytest.approx(resumed.report["unlearned"]["avg_gap"])
+    assert "test/acc" in tester.logged_metrics
 
 
 def test_reference_weights_from_a_file(tmp_path, references, class_wise):
