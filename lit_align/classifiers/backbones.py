@@ -232,7 +232,8 @@ class ResNetBackbone(Backbone):
         Args:
             variant: ``resnet18``, ``resnet34`` or ``resnet50`` (block type, depths and widths).
             small_input: a 3x3 stride-1 stem and no max-pool, for 32x32 images (CIFAR); default the ImageNet stem.
-            pretrained: a directory written by ``save_pretrained`` or a hub id to start from; default random init.
+            pretrained: a directory written by ``save_pretrained`` or a hub id to start from (its config replaces
+                ``variant``, ``hidden_sizes`` and ``depths``); default random init.
             hidden_sizes: stage widths replacing the variant's (tiny test networks); the stem width follows the
                 first stage.
             depths: blocks per stage replacing the variant's.
