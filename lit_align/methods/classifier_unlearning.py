@@ -306,10 +306,15 @@ class ClassifierUnlearningModule(ClassifierBase):
         self._original_loaded = True
 
     def _reference(self, kind: str):
-        """The ``kind`` reference (rank 0 trains or loads it first, so the cache entry is written once)."""
-        dm, path = self.trainer.datamodule, getattr(self, kind)
-        get = lambda: obtain_reference(kind, path, self.backbone, dm, self.reference_training, self.seed,  # noqa: E731
-                                       device=self.device)
+        """The ``kind`` reference on the accelerator (rank 0 trains or loads it first, so the cache entry is written
+        once). ``configure_model`` runs under Lightning's default-device context (tensors made on the accelerator);
+        the reference code places its tensors itself, so it runs under a CPU default (CPU generators, loaders)."""
+        dm, path, device = self.trainer.datamodule, getattr(self, kind), self.trainer.strategy.root_device
+
+        def get():
+            with torch.device("cpu"):
+                return obtain_reference(kind, path, self.backbone, dm, self.reference_training, self.seed, device)
+
         if self.trainer.world_size > 1:
             if self.trainer.is_global_zero:
                 get()
