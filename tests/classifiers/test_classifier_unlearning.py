@@ -55,7 +55,7 @@ def class_wise():
 def _module(rule, references, dropout=0.0, sgd=True, **kwargs) -> ClassifierUnlearningModule:
     return ClassifierUnlearningModule(
         MLPBackbone(hidden=[64], dropout=dropout), rule,
-        reference_training=ReferenceTraining(epochs=8, lr=0.05, cache_dir=references),
+        reference_training=ReferenceTraining(epochs=4, lr=0.05, cache_dir=references),
         optimizer=partial(torch.optim.SGD, lr=0.005, momentum=0.9) if sgd else None, **kwargs)
 
 
@@ -73,7 +73,7 @@ def test_ugradsl_class_wise_config_reports_against_retrain(tmp_path, references)
                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                     "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
                     f"--model.init_args.reference_training.cache_dir={references}",
-                    "--model.init_args.reference_training.epochs=8"])
+                    "--model.init_args.reference_training.epochs=4"])
     report = cli.model.report
     assert set(report) == {"unlearned", "original", "retrain"}
     for row in report.values():
