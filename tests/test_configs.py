@@ -60,6 +60,9 @@ EXPECTED_CONFIGS = {
     "unlearning/npo": ["tiny.yaml", "tofu_llama2-7b.yaml"],
     "unlearning/po": ["tiny.yaml"],
     "unlearning/ugradsl": ["tiny.yaml"],
+    # run by tests/classifiers/test_classifier_unlearning.py (the class-wise one) and the benchmark (both digits)
+    "ugradsl_cls": ["class_wise_digits.yaml", "random_digits.yaml", "cifar10_class_wise_resnet18.yaml",
+                    "cifar10_random_resnet18.yaml", "cifar100_class_wise_resnet18.yaml", "cifar100_random_resnet18.yaml"],
     "wagle": ["graddiff_tiny.yaml", "npo_tiny.yaml", "tofu_graddiff_llama2-7b.yaml", "tofu_npo_llama2-7b.yaml",
               "tofu_po_llama2-7b.yaml", "wmdp_graddiff_zephyr-7b.yaml", "wmdp_npo_zephyr-7b.yaml"],
     "watermark": ["tiny.yaml", "llama2_pku_alignment.yaml", "opt1.3b_c4.yaml"],
@@ -70,7 +73,7 @@ def test_configs_are_found():
     found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
     expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
     assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
-    assert len(found) == 65
+    assert len(found) == 71
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {
         n for n in expected if n.endswith("/tiny.yaml") and n.split("/")[0] not in EVALUATION_ONLY}
     assert len(TINY) == 19

@@ -36,6 +36,14 @@ Attribution data: ``trainer.datamodule.attribution_loaders(num_replicas, rank, b
 ``forget`` / ``refusal`` (the forget target: the module's ``forget_term.target``; ``refusal`` = PO,
 whose attribution uses the refusal answers) and ``retain``.
 
+Other models (classifiers): a module that is not a causal-LM policy provides two hooks instead.
+``weight_mask_model() -> nn.Module`` names the network whose weights are masked (default: ``policy``), and
+``attribution_gradients(part) -> {name: gradient}`` (``part`` is ``"forget"`` or ``"retain"``) gives that
+network's loss gradients summed over the part's rows at the current weights; when it exists the data
+module's ``attribution_loaders`` is not used. SalUn's saliency mask (Fan et al., ICLR 2024) is then
+``method: gradient`` (``|g_f|``) with ``ratio: 0.5`` on
+:class:`~lit_align.methods.ClassifierUnlearningModule`.
+
 Works under DDP (gradients summed over ranks; every rank holds the full mask) and FSDP2 (the mask
 sharded like each parameter). A peft/LoRA policy is refused: the mask addresses base weights.
 
@@ -128,10 +136,18 @@ class WeightMask(L.Callback):
 
     # -- set-up ------------------------------------------------------------------------------
     @staticmethod
-    def _policy(pl_module: L.LightningModule) -> nn.Module:
-        policy = getattr(pl_module, "policy", None)
+    def _masked_model(pl_module: L.LightningModule) -> nn.Module | None:
+        """The network whose weights are masked: ``pl_module.weight_mask_model()`` when the module has that hook,
+        else its ``policy`` (the causal LM)."""
+        hook = getattr(pl_module, "weight_mask_model", None)
+        return hook() if callable(hook) else getattr(pl_module, "policy", None)
+
+    @classmethod
+    def _policy(cls, pl_module: L.LightningModule) -> nn.Module:
+        policy = cls._masked_model(pl_module)
         if policy is None:
-            raise AttributeError(f"WeightMask needs a module with a `policy` (the causal LM); {type(pl_module).__name__} has none")
+            raise AttributeError(f"WeightMask needs a module with a `policy` (the causal LM) or a `weight_mask_model()` "
+                                 f"hook; {type(pl_module).__name__} has neither")
         if hasattr(policy, "peft_config") or any("lora_" in n for n, _ in policy.named_parameters()):
             raise ValueError("WeightMask addresses the base model's weights, but the policy is a peft/LoRA model "
                              "(model.lora is set). Remove model.lora to mask full weights, or drop the WeightMask callback.")
@@ -140,7 +156,7 @@ class WeightMask(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._policy(pl_module)  # refuse LoRA before anything runs
         if self.path is None and self._restored is None and self.method in ("wagle", "gradient", "snip"):
-            if not hasattr(trainer.datamodule, "attribution_loaders"):
+            if not hasattr(pl_module, "attribution_gradients") and not hasattr(trainer.datamodule, "attribution_loaders"):
                 raise TypeError(f"WeightMask(method={self.method!r}) scores weights on the forget/retain sets, read from "
                                 f"trainer.datamodule.attribution_loaders(...); {type(trainer.datamodule).__name__} has no "
                                 "such method. Use a ForgetRetainDataModule, or pass WeightMask(path=...) to load a mask.")
@@ -181,7 +197,10 @@ class WeightMask(L.Callback):
 
     def _compute(self, trainer: L.Trainer, pl_module: L.LightningModule, policy: nn.Module) -> ParameterMask:
         g_f = g_r = None
-        if self.method in ("wagle", "gradient", "snip"):
+        if self.method in ("wagle", "gradient", "snip") and hasattr(pl_module, "attribution_gradients"):
+            g_f = pl_module.attribution_gradients("forget")  # the module's own loss, summed over the part
+            g_r = pl_module.attribution_gradients("retain") if self.method == "wagle" else None
+        elif self.method in ("wagle", "gradient", "snip"):
             loaders = trainer.datamodule.attribution_loaders(num_replicas=trainer.world_size, rank=trainer.global_rank,
                                                              batch_size=self.batch_size)
             target = getattr(getattr(pl_module, "forget_term", None), "target", "forget")
@@ -226,7 +245,7 @@ class WeightMask(L.Callback):
         if clip_val:
             pl_module.configure_gradient_clipping(optimizer, gradient_clip_val=clip_val,
                                                   gradient_clip_algorithm=clip_algorithm)
-        self.mask.mask_gradients_(pl_module.policy)
+        self.mask.mask_gradients_(self._masked_model(pl_module))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._density is not None:

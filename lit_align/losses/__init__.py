@@ -9,6 +9,9 @@ Functions:
     npo_loss                    Negative Preference Optimization on (B,) policy / reference log-probs (Zhang et al. 2024)
     label_smoothed_ascent_loss  UGradSL: ascent on (negatively) label-smoothed token targets (Di et al.)
     gls_cross_entropy           generalised-label-smoothing cross-entropy for classification (any alpha <= 1)
+    gls_from_logps              the GLS formula from log-probs (shared by the two above)
+    ugradsl_objective           UGradSL on classifiers: p CE(retain) - (1 - p) GLS(forget), mean or sum
+    adaptive_alpha              UGradSL's per-forget-sample rate from feature distances (sign an option)
     kl_loss                     masked mean of per-token KL (or cross-entropy) to a reference
     kl_shaped_rewards           PPO per-token rewards: -beta (log pi_old - log pi_ref) + the clipped terminal score
     gae                         generalised advantage estimation over response tokens (gamma, lambda)
@@ -49,6 +52,7 @@ from lit_align.losses.ppo import gae, kl_shaped_rewards, ppo_policy_loss, ppo_va
 from lit_align.losses.preference import DPOLoss, IPOLoss, PreferenceLoss, SELMLoss, dpo_loss, ipo_loss, selm_loss
 from lit_align.losses.reward import bradley_terry_loss
 from lit_align.losses.sft import nll_loss
+from lit_align.losses.ugradsl import adaptive_alpha, feature_distances, ugradsl_objective
 from lit_align.losses.unlearning import (
     NPO,
     GradientAscent,
@@ -59,6 +63,7 @@ from lit_align.losses.unlearning import (
     RetainNLL,
     UnlearningTerm,
     gls_cross_entropy,
+    gls_from_logps,
     gradient_ascent_loss,
     kl_loss,
     label_smoothed_ascent_loss,
@@ -92,6 +97,10 @@ __all__ = [
     "dpo_loss",
     "gae",
     "gls_cross_entropy",
+    "gls_from_logps",
+    "adaptive_alpha",
+    "feature_distances",
+    "ugradsl_objective",
     "grpo_advantages",
     "gradient_ascent_loss",
     "ipo_loss",

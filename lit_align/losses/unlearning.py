@@ -48,6 +48,7 @@ __all__ = [
     "RetainNLL",
     "UnlearningTerm",
     "gls_cross_entropy",
+    "gls_from_logps",
     "gradient_ascent_loss",
     "kl_loss",
     "label_smoothed_ascent_loss",
@@ -184,18 +185,48 @@ def npo_loss(policy_logps: Tensor, ref_logps: Tensor, *, beta: float = 0.1) -> t
     return per_seq.mean(), metrics
 
 
+def _check_alpha_rows(alpha: Tensor, n: int) -> None:
+    if alpha.shape != (n,):
+        raise ValueError(f"a per-row alpha must have shape (N,) = ({n},), got {tuple(alpha.shape)}")
+    if not bool(torch.isfinite(alpha).all()) or bool((alpha > 1).any()):
+        raise ConfigError(f"every per-row alpha must be finite and <= 1 (the label-smoothing rate), got values in "
+                          f"[{alpha.min().item():g}, {alpha.max().item():g}]")
+
+
+def gls_from_logps(target_logps: Tensor, mean_logps: Tensor, alpha: float | Tensor) -> Tensor:
+    """The generalised-label-smoothing loss from log-probabilities: the one place its formula is written.
+
+    ``l = -(1 - alpha) log p(y) - alpha mean_k log p(k)`` element-wise, i.e. the cross-entropy to the
+    smoothed target ``(1 - alpha) onehot(y) + (alpha / K) 1``. :func:`gls_cross_entropy` (classifiers) and
+    :func:`label_smoothed_ascent_loss` (the token-wise LLM port) both call it.
+
+    Args:
+        target_logps: ``log p(y)`` of each prediction, any shape S.
+        mean_logps: ``mean_k log p(k)`` at the same predictions, shape S.
+        alpha: the rate, a number or a tensor broadcastable to S (a per-row alpha).
+    """
+    return -(1.0 - alpha) * target_logps - alpha * mean_logps
+
+
 def gls_cross_entropy(
-    logits: Tensor, labels: Tensor, alpha: float, *, reduction: Literal["mean", "none"] = "mean"
+    logits: Tensor,
+    labels: Tensor,
+    alpha: float | Tensor,
+    *,
+    reduction: Literal["mean", "sum", "none"] = "mean",
 ) -> Tensor:
     """Generalised-label-smoothing cross-entropy for classification, any ``alpha <= 1`` (also < 0).
 
+    Di et al., "Label Smoothing Improves Machine Unlearning", https://arxiv.org/abs/2406.07698 (UGradSL), after
+    Wei et al., "To Smooth or Not? When Label Smoothing Meets Noisy Labels", ICML 2022 (negative smoothing).
     With K classes, the smoothed target ``y_alpha = (1 - alpha) onehot(y) + (alpha / K) 1`` and::
 
         l = -sum_k y_alpha[k] log p(k | x) = (1 - alpha) CE(x, y) + (alpha / K) sum_k CE(x, k)
           = -(1 - alpha) log p_y - alpha mean_k log p_k
 
     computed from ``log_softmax`` (never from probabilities), so large ``|alpha|`` cannot overflow.
-    ``torch.nn.CrossEntropyLoss(label_smoothing=alpha)`` refuses ``alpha < 0``; this does not.
+    ``torch.nn.CrossEntropyLoss(label_smoothing=alpha)`` cannot do ``alpha < 0`` (torch 2.13 silently ignores a
+    negative rate and returns plain cross-entropy); this can.
 
     Hand check: two classes, ``logits = [0, 0]``: ``log p = [-log 2, -log 2]`` and
     ``l = log 2`` for every ``alpha`` (a uniform prediction costs the same under any smoothing).
@@ -203,19 +234,24 @@ def gls_cross_entropy(
     Args:
         logits: (N, K) unnormalised scores.
         labels: (N,) class ids.
-        alpha: smoothing rate; 0 is plain cross-entropy, < 0 negative label smoothing.
-        reduction: ``"mean"`` over N, or ``"none"`` for the (N,) losses.
+        alpha: smoothing rate; 0 is plain cross-entropy, < 0 negative label smoothing. A number, or an (N,)
+            tensor of per-row rates (UGradSL's adaptive alpha; treated as constants, no gradient flows into them).
+        reduction: ``"mean"`` or ``"sum"`` over N, or ``"none"`` for the (N,) losses.
     """
-    _check_alpha(alpha)
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be (N, K) and labels {tuple(labels.shape)} (N,)")
+    if isinstance(alpha, Tensor):
+        _check_alpha_rows(alpha, logits.shape[0])
+        alpha = alpha.detach().float()
+    else:
+        _check_alpha(alpha)
+    if reduction not in ("mean", "sum", "none"):
+        raise ConfigError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     logp = logits.float().log_softmax(-1)  # (N, K)
-    per_row = -(1.0 - alpha) * logp.gather(-1, labels[:, None]).squeeze(-1) - alpha * logp.mean(-1)  # (N,)
+    per_row = gls_from_logps(logp.gather(-1, labels[:, None]).squeeze(-1), logp.mean(-1), alpha)  # (N,)
     if reduction == "none":
         return per_row
-    if reduction == "mean":
-        return per_row.mean()
-    raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return per_row.sum() if reduction == "sum" else per_row.mean()
 
 
 def label_smoothed_ascent_loss(
@@ -269,7 +305,7 @@ def label_smoothed_ascent_loss(
     _check_token_pair(mean_logps, mask, "mean_logps")
     _check_reduction(reduction)
     _check_alpha(alpha)
-    gls = -(1.0 - alpha) * token_logps - alpha * mean_logps  # (B, T)
+    gls = gls_from_logps(token_logps, mean_logps, alpha)  # (B, T)
     loss, gls_mean, tokens = _masked_mean(gls, mask, reduction)
     _, nll, _ = _masked_mean(-token_logps.detach(), mask, "token")
     _, uniform_nll, _ = _masked_mean(-mean_logps.detach(), mask, "token")

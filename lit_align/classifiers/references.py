@@ -1,0 +1,223 @@
+"""The two reference models of classifier unlearning: the original (trained on all of D_tr) and Retrain (D_r only).
+
+Unlearning starts from the **original** model, trained on the whole training set ``D_tr = D_f + D_r``; the
+**Retrain** model, trained from scratch on the retain set ``D_r`` alone, is the gold standard it is judged against
+(others.md §2(a), §2(h)5: the goal is closeness to Retrain). Each is either
+
+* **loaded** from a file given in the config: a ``.safetensors`` state dict, or a ``.ckpt`` / ``.pt`` file read with
+  ``torch.load(weights_only=True)`` holding a state dict or a Lightning checkpoint of a classifier method (its
+  ``state_dict`` with the ``net.`` prefix of :class:`~lit_align.methods.ClassifierBase`); or
+* **trained** here with the same backbone by :func:`train_reference`, a plain documented loop (below), seeded, and
+  **cached** on disk under a fingerprint of (backbone, data source and split, subset rows, training settings), so
+  repeated runs and benchmarks train each reference once. Retrain's training time is stored with it
+  (``seconds``), the run time unlearning is compared with.
+
+The training loop (:func:`train_reference`): the network is built by ``backbone.build`` under
+``torch.manual_seed(seed)``; ``epochs`` passes over the subset in the DataModule's seeded shuffled order
+(``loader(subset, shuffle=True, seed_offset=REFERENCE_SEED_OFFSET)``, one process); mini-batch cross-entropy;
+SGD with momentum and weight decay (or Adam) at a constant ``lr``, cosine-annealed to 0 over the epochs when
+``cosine`` is set. Dropout and batch norm in training mode. The recipe is ours: the UGradSL paper does not give how
+its original and Retrain models were trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import nn
+
+from lit_align.checkpoint import atomic_write, atomic_write_text
+from lit_align.errors import ConfigError, MissingPathError, check_int
+from lit_align.paths import cache_root
+
+__all__ = ["REFERENCE_SEED_OFFSET", "Reference", "ReferenceTraining", "fingerprint", "load_weights",
+           "obtain_reference", "train_reference"]
+
+#: ``seed_offset`` of the reference-training loaders (apart from the unlearning run's own streams).
+REFERENCE_SEED_OFFSET = 7919
+#: Which subset each reference is trained on.
+SUBSETS = {"original": "train", "retrain": "retain"}
+
+
+@dataclass
+class ReferenceTraining:
+    """How the original and Retrain references are trained when no file is given (our recipe; not in the paper)."""
+
+    epochs: int = 20
+    """Passes over the subset."""
+    lr: float = 0.05
+    """Learning rate (constant, or the cosine schedule's start)."""
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    """``sgd`` (with ``momentum``, ``weight_decay``) or ``adam`` (with ``weight_decay``)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """L2 weight decay."""
+    cosine: bool = False
+    """Anneal the learning rate to 0 over the epochs (cosine)."""
+    batch_size: int | None = None
+    """Rows per step; default the DataModule's ``batch_size``."""
+    seed: int | None = None
+    """Seed of the weights and of the loader's shuffling; default the module's ``seed``."""
+    cache_dir: str | None = None
+    """Where trained references are kept; default ``$LIT_ALIGN_CACHE/classifier_references`` (or
+    ``~/.cache/lit_align/classifier_references``)."""
+
+    def __post_init__(self) -> None:
+        key = "model.init_args.reference_training"
+        check_int(f"{key}.epochs", self.epochs)
+        check_int(f"{key}.batch_size", self.batch_size, optional=True)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"{key}.lr must be a number > 0, got {self.lr!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"{key}.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+
+
+@dataclass
+class Reference:
+    """One reference model and where it came from."""
+
+    net: nn.Module
+    """The network (eval mode, no gradients)."""
+    source: Literal["file", "trained", "cache"]
+    """Loaded from the configured file, trained now, or read from the cache."""
+    seconds: float | None
+    """Wall seconds its training took (``None`` for a file): Retrain's run time."""
+    path: str
+    """The file the weights came from (the cache entry when trained)."""
+
+
+def _digest(values: Any) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def _datamodule_identity(dm: Any) -> dict[str, Any]:
+    """The DataModule's class and its plain settings (source, path, columns, split ...), for the fingerprint."""
+    plain = (str, int, float, bool, type(None), list, tuple)
+    settings = {k: v for k, v in vars(dm).items()
+                if not k.startswith("_") and isinstance(v, plain) and k not in ("batch_size", "eval_batch_size",
+                                                                               "num_workers", "prepare_data_per_node")}
+    return {"class": f"{type(dm).__module__}.{type(dm).__qualname__}", "settings": settings,
+            "split": repr(getattr(dm, "split", None)), "input_shape": list(dm.input_shape),
+            "num_classes": dm.num_classes}
+
+
+def fingerprint(backbone: Any, dm: Any, subset: str, training: ReferenceTraining, seed: int) -> str:
+    """A hex key for a trained reference: SHA-256 over the backbone (``repr``), the DataModule's class, settings,
+    split and shapes, the subset's row indices and labels, the training settings and the seed. Change any and the
+    reference is trained again."""
+    rows = np.asarray(dm.indices(subset), dtype=np.int64)
+    labels = dm.labels(rows).numpy()
+    return _digest({"backbone": repr(backbone), "data": _datamodule_identity(dm), "subset": subset,
+                    "rows": hashlib.sha256(rows.tobytes()).hexdigest(),
+                    "labels": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest(),
+                    "training": {k: v for k, v in asdict(training).items() if k != "cache_dir"}, "seed": seed,
+                    "format": 1})
+
+
+def train_reference(backbone: Any, dm: Any, subset: str, training: ReferenceTraining, seed: int,
+                    device: torch.device | str = "cpu") -> tuple[nn.Module, float]:
+    """Train a fresh ``backbone`` network on ``subset`` of the set-up DataModule ``dm`` (see the module docstring
+    for the loop). Returns ``(net in eval mode, wall seconds)``."""
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = backbone.build(tuple(dm.input_shape), dm.num_classes).to(device)
+        loader = dm.loader(subset, shuffle=True, batch_size=training.batch_size,
+                           seed_offset=REFERENCE_SEED_OFFSET + seed, num_replicas=1, rank=0)
+        if training.optimizer == "sgd":
+            opt = torch.optim.SGD(net.parameters(), lr=training.lr, momentum=training.momentum,
+                                  weight_decay=training.weight_decay)
+        else:
+            opt = torch.optim.Adam(net.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, training.epochs) if training.cosine else None
+        net.train()
+        for epoch in range(training.epochs):
+            loader.sampler.set_epoch(epoch)
+            for batch in loader:
+                batch = move_data_to_device(batch, device)
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(batch["x"]), batch["y"]).backward()
+                opt.step()
+            if sched is not None:
+                sched.step()
+    net.eval().requires_grad_(False)
+    return net, time.perf_counter() - start
+
+
+def load_weights(net: nn.Module, path: str | Path, key: str) -> None:
+    """Load ``path`` into ``net`` (strict): ``.safetensors`` with safetensors, anything else with
+    ``torch.load(weights_only=True)`` (a state dict, or a Lightning checkpoint whose ``state_dict`` keys carry the
+    ``net.`` prefix). ``key`` is the config key named in errors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingPathError(f"{key}: weights file {path} does not exist; give a .safetensors or .ckpt file of "
+                               "this backbone, or leave it null to train the reference")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+        if not isinstance(state, dict):
+            raise ConfigError(f"{key}: {path} holds no state dict")
+        if any(k.startswith("net.") for k in state):
+            state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    missing, unexpected = set(net.state_dict()) - set(state), set(state) - set(net.state_dict())
+    if missing or unexpected:
+        raise ConfigError(f"{key}: {path} does not fit the configured backbone (missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}); was it trained with another backbone or data?")
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"{key}: {path} does not fit the configured backbone: {err}") from err
+
+
+def _save(net: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    data = save(state)
+    atomic_write(path, lambda f: f.write(data))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, sort_keys=True))
+
+
+def obtain_reference(kind: Literal["original", "retrain"], path: str | None, backbone: Any, dm: Any,
+                     training: ReferenceTraining, seed: int, device: torch.device | str = "cpu",
+                     key: str | None = None) -> Reference:
+    """The ``kind`` reference (``original``: trained on the ``train`` subset; ``retrain``: on ``retain``): loaded
+    from ``path`` when given, else from the cache, else trained (:func:`train_reference`) and cached. ``seed`` is
+    used when ``training.seed`` is ``None``."""
+    key = key or f"model.init_args.{kind}"
+    seed = training.seed if training.seed is not None else seed
+    if path is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = backbone.build(tuple(dm.input_shape), dm.num_classes)
+        load_weights(net, path, key)
+        return Reference(net.to(device).eval().requires_grad_(False), "file", None, str(path))
+    subset = SUBSETS[kind]
+    folder = Path(training.cache_dir).expanduser() if training.cache_dir else cache_root() / "classifier_references"
+    file = folder / f"{kind}-{fingerprint(backbone, dm, subset, training, seed)[:32]}.safetensors"
+    if file.is_file() and file.with_suffix(".json").is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = backbone.build(tuple(dm.input_shape), dm.num_classes)
+        load_weights(net, file, f"{key} (cache entry)")
+        meta = json.loads(file.with_suffix(".json").read_text())
+        return Reference(net.to(device).eval().requires_grad_(False), "cache", meta.get("seconds"), str(file))
+    net, seconds = train_reference(backbone, dm, subset, training, seed, device)
+    _save(net, file, {"kind": kind, "subset": subset, "rows": len(dm.indices(subset)), "seconds": seconds,
+                      "backbone": repr(backbone), "training": asdict(training), "seed": seed})
+    return Reference(net, "trained", seconds, str(file))

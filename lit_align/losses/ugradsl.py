@@ -1,0 +1,184 @@
+"""UGradSL's objective for classifiers: descent on the retain set, ascent on label-smoothed forget targets.
+
+Di et al., "Label Smoothing Improves Machine Unlearning", https://arxiv.org/abs/2406.07698 (ICLR 2026 poster);
+spec: shared/methods/others.md §2. The generalised-label-smoothing (GLS) loss itself is
+:func:`lit_align.losses.unlearning.gls_cross_entropy` (one implementation, shared with the token-wise LLM port);
+this module adds what the classifier method needs around it:
+
+* :func:`ugradsl_objective`: ``L = p * R(CE_retain) - (1 - p) * R(GLS_forget)`` with an explicit reduction ``R``;
+* :func:`feature_distances` and :func:`adaptive_alpha`: the per-sample rate used when no fixed alpha is given.
+
+Pure functions: tensors in, ``(loss, metrics)`` or tensors out; nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_align.errors import ConfigError
+from lit_align.losses.unlearning import gls_cross_entropy
+
+__all__ = ["AlphaSign", "Normalize", "adaptive_alpha", "check_retain_weight", "feature_distances", "ugradsl_objective"]
+
+Normalize = Literal["mean", "sum"]
+AlphaSign = Literal["negative", "positive"]
+
+
+def check_retain_weight(p: object, key: str = "p") -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``p`` is a number in [0, 1]."""
+    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and 0.0 <= p <= 1.0):
+        raise ConfigError(f"{key} is UGradSL's retain weight in L = p CE_retain - (1 - p) GLS_forget and must be in "
+                          f"[0, 1] (0: forget term only, like gradient ascent; 1: retain fine-tuning only), got {p!r}")
+
+
+def _check_normalize(normalize: object) -> None:
+    if normalize not in ("mean", "sum"):
+        raise ConfigError(f"normalize must be 'mean' (each term a batch mean: p weighs the two sets whatever their "
+                          f"batch sizes) or 'sum' (the paper's per-batch sums), got {normalize!r}")
+
+
+def ugradsl_objective(
+    forget_logits: Tensor | None,
+    forget_labels: Tensor | None,
+    retain_logits: Tensor | None,
+    retain_labels: Tensor | None,
+    *,
+    alpha: float | Tensor,
+    p: float,
+    normalize: Normalize = "mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """UGradSL's per-step objective (minimised), others.md §2(b)::
+
+        L = p * R_{B_r}( CE(x, y) ) - (1 - p) * R_{B_f}( l_GLS(x, y, alpha) )
+
+    ``R`` is the batch **mean** (``normalize="mean"``, the default) or the batch **sum** (``"sum"``, the paper's
+    formula). With sums, ``p`` no longer weighs the two sets as written once the batch sizes differ (a retain
+    batch twice the forget batch counts twice as much, others.md §2(h)4), hence the mean by default.
+
+    Sign (§2(h)1): the forget term enters with a minus, i.e. *gradient ascent* on ``l_GLS``. With
+    ``alpha = -a < 0`` the forget part is ``-(1 + a) CE(x, y) + (a / K) sum_k CE(x, k)``: ascent on the true label
+    amplified by ``1 + a`` plus descent toward the uniform prediction. ``+l_GLS`` with ``alpha < 0`` would train
+    *toward* the forget labels. ``p = 0, alpha = 0`` is plain gradient ascent; ``p = 1`` is fine-tuning on the
+    retain set.
+
+    A term whose weight is 0 (``p = 0`` or ``p = 1``) is left out of the graph (its inputs may be ``None``); its
+    metrics are still reported when its inputs are given.
+
+    Hand check (``normalize="mean"``): forget logits ``[[0, 0]]`` (``l_GLS = log 2`` for any alpha), retain logits
+    ``[[0, 0]]`` (``CE = log 2``), ``p = 0.25``: ``L = 0.25 log 2 - 0.75 log 2 = -0.5 log 2``.
+
+    Args:
+        forget_logits: (B_f, K) logits of the forget batch (``None`` only when ``p = 1``).
+        forget_labels: (B_f,) their true labels.
+        retain_logits: (B_r, K) logits of the retain batch (``None`` only when ``p = 0``).
+        retain_labels: (B_r,) their labels.
+        alpha: the smoothing rate, a number <= 1 or a (B_f,) tensor (adaptive alpha, :func:`adaptive_alpha`).
+        p: retain weight in [0, 1].
+        normalize: ``"mean"`` or ``"sum"`` (see above).
+
+    Returns:
+        ``(loss, metrics)``, metrics detached: ``retain_term`` (``p R(CE_r)``) and ``forget_term``
+        (``-(1 - p) R(l_GLS)``), whose sum is the loss; ``retain_ce`` (mean CE on the retain batch), ``forget_gls``
+        (mean ``l_GLS``), ``forget_ce`` (mean CE of the true forget labels: rises as the model forgets) and
+        ``alpha`` (mean rate), for the parts given.
+    """
+    check_retain_weight(p)
+    _check_normalize(normalize)
+    has_forget, has_retain = forget_logits is not None, retain_logits is not None
+    if p < 1 and not has_forget:
+        raise ValueError(f"p = {p} < 1 weighs the forget term, but no forget batch was given")
+    if p > 0 and not has_retain:
+        raise ValueError(f"p = {p} > 0 weighs the retain term, but no retain batch was given")
+    metrics: dict[str, Tensor] = {}
+    terms: list[Tensor] = []
+    if has_retain:
+        ce_r = F.cross_entropy(retain_logits.float(), retain_labels, reduction=normalize)
+        retain_term = p * ce_r if p > 0 else None
+        scale = retain_labels.numel() if normalize == "sum" else 1
+        metrics["retain_ce"] = ce_r.detach() / max(scale, 1)
+        metrics["retain_term"] = (p * ce_r).detach()
+        if retain_term is not None:
+            terms.append(retain_term)
+    if has_forget:
+        gls_f = gls_cross_entropy(forget_logits, forget_labels, alpha, reduction=normalize)
+        forget_term = -(1.0 - p) * gls_f
+        scale = forget_labels.numel() if normalize == "sum" else 1
+        metrics["forget_gls"] = gls_f.detach() / max(scale, 1)
+        metrics["forget_ce"] = F.cross_entropy(forget_logits.detach().float(), forget_labels)
+        metrics["forget_term"] = forget_term.detach()
+        metrics["alpha"] = alpha.detach().float().mean() if isinstance(alpha, Tensor) else torch.tensor(float(alpha))
+        if p < 1:
+            terms.append(forget_term)
+    loss = torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+    return loss, metrics
+
+
+def feature_distances(forget_features: Tensor, retain_features: Tensor) -> Tensor:
+    """Pairwise distances in [0, 1] between forget and retain samples in feature space.
+
+    ``d(u, v) = (1 - cos(u, v)) / 2``: the cosine distance halved, so identical directions are 0, orthogonal ones
+    0.5 and opposite ones 1. UGradSL's adaptive rate needs a distance in [0, 1] but its paper does not say which
+    (reviewers asked; others.md §2(b)): this one is our choice, scale-free and bounded. The features are the
+    classifier's penultimate activations (the input of its final layer; see
+    :meth:`~lit_align.methods.classifier_unlearning.ClassifierUnlearningModule.features`).
+
+    Hand check: ``u = [1, 0]``, ``v = [[1, 0], [0, 1], [-1, 0]]`` gives ``[[0, 0.5, 1]]``.
+
+    Args:
+        forget_features: (B_f, D).
+        retain_features: (B_r, D).
+
+    Returns:
+        (B_f, B_r) distances (no gradient).
+    """
+    if forget_features.ndim != 2 or retain_features.ndim != 2 or forget_features.shape[1] != retain_features.shape[1]:
+        raise ValueError(f"features must be (B_f, D) and (B_r, D), got {tuple(forget_features.shape)} and "
+                         f"{tuple(retain_features.shape)}")
+    u = F.normalize(forget_features.detach().float(), dim=-1)  # (B_f, D)
+    v = F.normalize(retain_features.detach().float(), dim=-1)  # (B_r, D)
+    return ((1.0 - u @ v.T) / 2).clamp(0.0, 1.0)  # (B_f, B_r)
+
+
+def adaptive_alpha(
+    forget_features: Tensor, retain_features: Tensor, *, beta: float, sign: AlphaSign = "negative"
+) -> Tensor:
+    """UGradSL's adaptive smoothing rate per forget sample (used when no fixed alpha is configured).
+
+    Per others.md §2(b): for forget sample j, ``c_j`` = the number of retain samples of the batch within distance
+    ``beta`` of it (:func:`feature_distances`), and ``alpha_j = c_j / |B_f|``. A forget sample close to many retain
+    samples gets a larger ``|alpha_j|``: more of its target is spread over all classes, so less is pushed away
+    from its true class alone.
+
+    **The sign is NOT FOUND in the sources.** As written the rule gives ``alpha_j >= 0`` (positive smoothing), yet
+    the method is named for negative smoothing, ``alpha < 0``. ``sign="negative"`` (default, our choice, consistent
+    with the method's premise) returns ``-c_j / |B_f|``; ``sign="positive"`` returns the formula as written,
+    capped at 1 (the GLS target's true-class weight ``1 - alpha`` must stay >= 0; ``c_j`` counts retain samples
+    but is divided by the forget batch size, so it can exceed 1 when the retain batch is the larger). The
+    normalisation by ``|B_f|`` is kept as the paper states it.
+
+    Hand check: one forget sample ``[1, 0]``, retain ``[[1, 0], [1, 1], [-1, 0]]`` (distances ``0, 0.146, 1``),
+    ``beta = 0.2``: ``c = 2`` and ``alpha = -2`` (``"negative"``), ``1`` (``"positive"``, capped from 2).
+
+    Args:
+        forget_features: (B_f, D) features of the forget batch.
+        retain_features: (B_r, D) features of the retain batch.
+        beta: distance threshold in [0, 1].
+        sign: ``"negative"`` or ``"positive"`` (see above).
+
+    Returns:
+        (B_f,) float rates, no gradient.
+    """
+    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0.0 <= beta <= 1.0):
+        raise ConfigError(f"beta (the adaptive-alpha distance threshold) must be in [0, 1], the range of the feature "
+                          f"distance (1 - cos) / 2; got {beta!r}")
+    if sign not in ("negative", "positive"):
+        raise ConfigError(f"adaptive_alpha_sign must be 'negative' or 'positive' (the paper's sign is not found; "
+                          f"see adaptive_alpha), got {sign!r}")
+    counts = (feature_distances(forget_features, retain_features) <= beta).sum(-1).float()  # (B_f,)
+    rate = counts / forget_features.shape[0]
+    return -rate if sign == "negative" else rate.clamp(max=1.0)
