@@ -28,9 +28,8 @@ DDP: every rank computes the (small) validation gradients on the whole validatio
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -41,10 +40,10 @@ from torch.utils._pytree import tree_map
 
 from lit_align.errors import ConfigError
 from lit_align.losses.fairness import FairnessKind, accuracy_loss, fairness_loss
+from lit_align.modes import eval_mode
 
 __all__ = [
     "ValidationBatch",
-    "eval_mode",
     "fis_scores",
     "influences",
     "parameter_names",
@@ -86,17 +85,6 @@ def parameter_names(net: nn.Module, which: str | Sequence[str], head: Sequence[n
     if not names:
         raise ConfigError(f"sampler.init_args.parameters={which!r} selects no trainable parameter")
     return names
-
-
-@contextlib.contextmanager
-def eval_mode(net: nn.Module) -> Iterator[None]:
-    """Run ``net`` in eval mode inside the block and restore its training flag after."""
-    was_training = net.training
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train(was_training)
 
 
 def _subset(net: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
@@ -143,7 +131,7 @@ def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor
 def per_class_gradients(net: nn.Module, names: Sequence[str], x: Any, num_classes: int) -> Tensor:
     """(N, K, P): the gradient of ``CE(f(x_n), c)`` over the parameters ``names`` for every row ``n`` of ``x``
     (a (N, ...) tensor or a dict of them) and every class ``c`` (``vmap`` over rows of ``vmap`` over classes of
-    ``grad``). Call it under :func:`eval_mode`."""
+    ``grad``). Call it under :func:`lit_align.modes.eval_mode`."""
     params = {n: p.detach() for n, p in net.named_parameters() if n in set(names)}
 
     def row_loss(p: dict[str, Tensor], row: Any, label: Tensor) -> Tensor:

@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from lit_align.classifiers.influence import (
     ValidationBatch,
-    eval_mode,
     fis_scores,
     parameter_names,
     score_candidates,
@@ -46,6 +45,7 @@ from lit_align.classifiers.influence import (
 )
 from lit_align.errors import ConfigError
 from lit_align.losses.fairness import FAIRNESS_KINDS, FairnessKind
+from lit_align.modes import eval_mode
 
 __all__ = [
     "EntropySampler",
