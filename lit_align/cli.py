@@ -191,7 +191,8 @@ def set_up_data_early(datamodule: Any, module: Any, subcommand: str | None) -> N
     if subcommand is not None and isinstance(datamodule, lit_align.methods.UnlearningAssessmentDataModule):
         datamodule.setup(subcommand)
         return
-    bases = (lit_align.data.TokenizedDataModule, lit_align.data.ForgetRetainDataModule, SummarizationDataModule)
+    bases = (lit_align.data.TokenizedDataModule, lit_align.data.ForgetRetainDataModule, SummarizationDataModule,
+             lit_align.data.ClassificationDataModule)
     if subcommand is None or not isinstance(datamodule, bases):
         return
     if getattr(datamodule, "tokenizer", False) is None and getattr(module, "tokenizer", None) is not None:

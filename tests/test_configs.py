@@ -36,6 +36,7 @@ def _print_config(*configs: Path) -> str:
 #: Every config shipped, by method: its CPU tiny run(s) and its real-scale runs. A new or removed YAML
 #: must be listed here (so a config cannot vanish, or appear untested, unnoticed).
 EXPECTED_CONFIGS = {
+    "classifier": ["digits.yaml", "adult_erm.yaml"],  # run by tests/classifiers/test_classifier_module.py
     "adv_training": ["ul_tiny.yaml", "ipo_tiny.yaml", "ul_phi-3-mini.yaml", "ipo_phi-3-mini.yaml", "ul_zephyr-7b.yaml",
                      "ipo_mistral-7b.yaml"],
     "curry_dpo": ["tiny.yaml", "zephyr-7b_ultrafeedback.yaml"],
@@ -69,7 +70,7 @@ def test_configs_are_found():
     found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
     expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
     assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
-    assert len(found) == 63
+    assert len(found) == 65
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {
         n for n in expected if n.endswith("/tiny.yaml") and n.split("/")[0] not in EVALUATION_ONLY}
     assert len(TINY) == 19

@@ -3,6 +3,15 @@
 from lit_align.data.adversarial import AdversarialBehaviourDataModule
 from lit_align.data.base import TokenizedDataModule
 from lit_align.data.batches import AdversarialBatch, ForgetRetainBatch, PreferenceBatch, SequenceBatch
+from lit_align.data.classification import (
+    ActiveLearningSplit,
+    ClassificationDataModule,
+    ForgetSplit,
+    HoldoutSplit,
+    LabelOracle,
+    Split,
+    TrainStreams,
+)
 from lit_align.data.completion import (
     CompletionBatch,
     CompletionExample,
@@ -12,12 +21,15 @@ from lit_align.data.completion import (
 )
 from lit_align.data.fewl import FEWLBatch, FEWLDataModule, FEWLQuestion
 from lit_align.data.fewshot import FewShotTemplate, build_fewshot_prompt, build_question_prompt
+from lit_align.data.images import ImageClassificationDataModule
 from lit_align.data.preference import PreferenceDataModule
 from lit_align.data.prompts import PromptBatch, PromptDataModule, SeedPromptDataModule
 from lit_align.data.ranked import RankedPreferenceDataModule, build_pairs
 from lit_align.data.records import BUILTIN_DIR, DataSource, load_records
 from lit_align.data.self_alignment import PoolRow, QuestionBatch, SelfAlignmentDataModule
 from lit_align.data.sft import SFTDataModule
+from lit_align.data.tabular import TabularDataModule
+from lit_align.data.text_classification import TextClassificationDataModule
 from lit_align.data.unlearning import (
     DEFAULT_REFUSALS,
     ForgetRetainDataModule,
@@ -28,9 +40,11 @@ from lit_align.data.unlearning import (
 )
 
 __all__ = [
+    "ActiveLearningSplit",
     "AdversarialBatch",
     "AdversarialBehaviourDataModule",
     "BUILTIN_DIR",
+    "ClassificationDataModule",
     "CompletionBatch",
     "CompletionExample",
     "DEFAULT_REFUSALS",
@@ -41,6 +55,10 @@ __all__ = [
     "FewShotTemplate",
     "ForgetRetainBatch",
     "ForgetRetainDataModule",
+    "ForgetSplit",
+    "HoldoutSplit",
+    "ImageClassificationDataModule",
+    "LabelOracle",
     "MUSEDataModule",
     "PKUSafeRLHFDataModule",
     "PoolRow",
@@ -51,12 +69,16 @@ __all__ = [
     "QuestionBatch",
     "RankedPreferenceDataModule",
     "SFTDataModule",
-    "SelfAlignmentDataModule",
     "SeedPromptDataModule",
+    "SelfAlignmentDataModule",
     "SequenceBatch",
+    "Split",
     "TOFUDataModule",
+    "TabularDataModule",
+    "TextClassificationDataModule",
     "TextCompletionDataModule",
     "TokenizedDataModule",
+    "TrainStreams",
     "WMDPDataModule",
     "build_fewshot_prompt",
     "build_pairs",

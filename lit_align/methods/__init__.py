@@ -2,6 +2,8 @@
 
 from lit_align.methods.adversarial import ContinuousAdversarialModule
 from lit_align.methods.base import PolicyModule, ReferencedPolicyModule
+from lit_align.methods.classifier import ClassifierModule
+from lit_align.methods.classifier_base import ClassifierBase
 from lit_align.methods.curry_dpo import CurryDPOModule
 from lit_align.methods.debate import DebateModule
 from lit_align.methods.dpo import DPOModule
@@ -22,4 +24,4 @@ from lit_align.methods.unlearning_assessment import (
 )
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "AssessmentAttacks", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "SelfAlignmentModule", "StagedPolicyModule", "SummarizationEvaluationModule", "UnlearningAssessmentDataModule", "UnlearningAssessmentModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "AssessmentAttacks", "ClassifierBase", "ClassifierModule", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "SelfAlignmentModule", "StagedPolicyModule", "SummarizationEvaluationModule", "UnlearningAssessmentDataModule", "UnlearningAssessmentModule", "UnlearningModule", "WatermarkModule"]

@@ -1,6 +1,17 @@
 """Metrics: pure scoring functions and DDP-safe torchmetrics wrappers (unlearning evaluation, FEWL,
-summarisation: ROUGE/METEOR/BERTScore, an LLM judge and a blinded human-evaluation export)."""
+summarisation: ROUGE/METEOR/BERTScore, an LLM judge and a blinded human-evaluation export; classifiers: group
+fairness gaps, UA/RA/TA/MIA-efficacy and the Avg. Gap to Retrain)."""
 
+from lit_align.metrics.classification import (
+    MIA_FEATURES,
+    UNLEARNING_KEYS,
+    MIAEfficacy,
+    avg_gap,
+    mia_efficacy,
+    prediction_summary,
+    row_scores,
+    unlearning_scores,
+)
 from lit_align.metrics.debate import DebateAccuracy
 from lit_align.metrics.detection import (
     DetectionMetrics,
@@ -14,6 +25,7 @@ from lit_align.metrics.detection import (
     tpr_at_fpr,
     word_deletion,
 )
+from lit_align.metrics.fairness import GROUP_COUNTS, GroupFairness, fairness_from_counts
 from lit_align.metrics.fewl import (
     FEWL,
     FEWLItem,
@@ -72,6 +84,17 @@ from lit_align.metrics.unlearning import (
 )
 
 __all__ = [
+    "MIA_FEATURES",
+    "UNLEARNING_KEYS",
+    "MIAEfficacy",
+    "avg_gap",
+    "mia_efficacy",
+    "prediction_summary",
+    "row_scores",
+    "unlearning_scores",
+    "GROUP_COUNTS",
+    "GroupFairness",
+    "fairness_from_counts",
     "DebateAccuracy",
     "DetectionMetrics",
     "FEWL",

@@ -1,0 +1,201 @@
+"""The small base class of classifier methods (ERM, UGradSL, FIS): build, optimise, evaluate, resume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_align.classifiers import Backbone
+from lit_align.data.classification import TrainStreams
+from lit_align.errors import ConfigError
+from lit_align.metrics.classification import prediction_summary
+from lit_align.metrics.fairness import GroupFairness
+from lit_align.modes import eval_mode
+
+__all__ = ["ClassifierBase", "step_seed"]
+
+
+def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
+    """The seed of one training step's random draws (dropout): a function of ``(seed, step, batch_idx, rank)``
+    only, so a resumed run draws what the straight run drew, whatever else used the global generator."""
+    return int(np.random.SeedSequence([seed, step, batch_idx, rank]).generate_state(1)[0])
+
+
+class ClassifierBase(L.LightningModule):
+    """Shared plumbing of classifier methods (not a method itself; methods subclass it, one level deep).
+
+    * the network is ``backbone.build(input_shape, num_classes)`` of the DataModule's (a
+      :class:`~lit_align.data.ClassificationDataModule`) in :meth:`configure_model`, seeded by ``seed`` (the same
+      weights on every rank and on every run with that seed; idempotent);
+    * the optimiser and scheduler are injected (``optimizer:`` / ``scheduler:`` in YAML, as in every lit_align
+      method; the scheduler is stepped every optimiser step);
+    * a method says which subsets it trains on with :meth:`train_streams`;
+    * validation and test update torchmetrics and log ``val/loss``, ``val/acc`` (micro accuracy), and, when the
+      batches carry ``"group"`` (sources with a sensitive attribute), ``val/f1``, ``val/dp_gap``, ``val/eop_gap``,
+      ``val/eod_gap`` (:class:`~lit_align.metrics.GroupFairness`); likewise ``test/...``; all synced over ranks;
+    * :meth:`evaluate_subset` scores a whole subset in memory (UA/RA/TA/MIA of the unlearning methods);
+    * exact resume: weights, optimiser and loader positions come back through Lightning's checkpoint; a
+      training step's random draws come from :meth:`step_rng` (seeded by step, not by history); the checkpoint
+      records the data shape the network was built for, and a mismatch on load is a ConfigError.
+    """
+
+    def __init__(self, backbone: Backbone, optimizer: OptimizerCallable | None = None,
+                 scheduler: LRSchedulerCallable | None = None, seed: int = 0) -> None:
+        """
+        Args:
+            backbone: the network builder (``lit_align.classifiers.MLPBackbone``, ``ResNetBackbone``, ...).
+            optimizer: optimiser factory over the network's parameters; default ``Adam(lr=1e-3)``.
+            scheduler: LR scheduler factory (stepped every optimiser step); default none.
+            seed: seed of the network's initial weights (and of the training steps' dropout draws).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not isinstance(backbone, Backbone):
+            raise ConfigError(f"model.init_args.backbone must be a lit_align.classifiers backbone (class_path: "
+                              f"lit_align.classifiers.MLPBackbone, ...), got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.seed = seed
+        self.net: nn.Module | None = None
+        self.input_shape: tuple[int, ...] | None = None
+        self.num_classes = 0
+        self.num_groups = 0
+
+    # -- building ----------------------------------------------------------------------------
+    def _datamodule(self, datamodule: Any = None) -> Any:
+        dm = datamodule if datamodule is not None else getattr(self._trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "num_classes") or not hasattr(dm, "input_shape"):
+            raise ConfigError(f"{type(self).__name__} needs a classification DataModule (data: class_path: "
+                              "lit_align.data.TabularDataModule, ImageClassificationDataModule or "
+                              f"TextClassificationDataModule), got {type(dm).__name__}")
+        return dm
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        dm = self._datamodule()
+        self.build(dm.input_shape, dm.num_classes, dm.num_groups)
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int, num_groups: int = 0) -> None:
+        """Make the network (seeded by ``seed``, the global generator left as it was) and the evaluation metrics
+        for ``num_classes`` classes and ``num_groups`` sensitive groups (fairness metrics when >= 2)."""
+        if num_classes < 2:
+            raise ConfigError(f"the data has {num_classes} class(es); a classifier needs at least 2 (check data.target "
+                              "and data.split)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.net = self.backbone.build(tuple(input_shape), num_classes)
+        self.input_shape, self.num_classes, self.num_groups = tuple(input_shape), num_classes, num_groups
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_fairness = GroupFairness(num_groups) if num_groups >= 2 else None
+        self.test_fairness = GroupFairness(num_groups) if num_groups >= 2 else None
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=1e-3)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The final classification layer's parameters (:meth:`Backbone.head_parameters`)."""
+        return self.backbone.head_parameters(self.net)
+
+    # -- computing ---------------------------------------------------------------------------
+    def forward(self, x: Tensor | dict[str, Tensor]) -> Tensor:
+        return self.net(x)  # (B, K)
+
+    def logits(self, batch: dict[str, Any]) -> Tensor:
+        """Logits ``(B, K)`` of a batch's ``"x"``."""
+        return self(batch["x"])
+
+    def train_streams(self) -> TrainStreams:
+        """The subsets the DataModule's ``train_dataloader`` combines for this method (subclasses say)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def step_rng(self, batch_idx: int) -> Iterator[None]:
+        """The global generator seeded by :func:`step_seed` for the block (dropout in a training step), restored
+        afterwards: the draws depend on ``(seed, global_step, batch_idx, rank)``, so resuming repeats them."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(step_seed(self.seed, self.global_step, batch_idx, self.global_rank))
+            yield
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        logits, y = self.logits(batch), batch["y"]  # (B, K), (B,)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+        accuracy = self.val_acc if stage == "val" else self.test_acc
+        accuracy.update(logits, y)
+        self.log(f"{stage}/acc", accuracy, on_epoch=True, batch_size=len(y), prog_bar=stage == "val")
+        fairness = self.val_fairness if stage == "val" else self.test_fairness
+        if fairness is not None and "group" in batch:
+            fairness.update(logits, y, batch["group"])
+
+    def _log_fairness(self, stage: str) -> None:
+        fairness = self.val_fairness if stage == "val" else self.test_fairness
+        if fairness is None or not fairness.update_called:
+            return
+        values = fairness.compute()  # synced over ranks (per-group counts summed)
+        fairness.reset()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "accuracy"}, sync_dist=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_fairness("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_fairness("test")
+
+    @torch.no_grad()
+    def evaluate_subset(self, name: str, datamodule: Any = None, batch_size: int | None = None) -> dict[str, Any]:
+        """Score every row of subset ``name`` (all of it on every rank: no collective, the same result everywhere)
+        with the network in eval mode: :func:`~lit_align.metrics.prediction_summary`'s dict (``accuracy``, mean
+        ``loss``; per row ``confidence``, ``entropy``, ``row_loss``, ``correct``, ``logits``, ``labels``,
+        ``index``, on the CPU, in index order). ``datamodule`` defaults to the trainer's."""
+        dm = self._datamodule(datamodule)
+        loader = dm.loader(name, batch_size=batch_size, num_replicas=1, rank=0)
+        logits, labels, index = [], [], []
+        with eval_mode(self.net):
+            for batch in loader:
+                batch = move_data_to_device(batch, self.device)
+                logits.append(self.logits(batch).float().cpu())
+                labels.append(batch["y"].cpu())
+                index.append(batch["index"].cpu())
+        if not logits:
+            return prediction_summary(torch.zeros(0, self.num_classes), torch.zeros(0, dtype=torch.long),
+                                      torch.zeros(0, dtype=torch.long))
+        return prediction_summary(torch.cat(logits), torch.cat(labels), torch.cat(index))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["classifier"] = {"input_shape": list(self.input_shape or ()), "num_classes": self.num_classes,
+                                    "num_groups": self.num_groups}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("classifier")
+        if saved is None or self.net is None:
+            return
+        built = {"input_shape": list(self.input_shape or ()), "num_classes": self.num_classes}
+        if {k: list(v) if k == "input_shape" else v for k, v in saved.items() if k in built} != built:
+            raise ConfigError(f"the checkpoint's network was built for data with input_shape "
+                              f"{tuple(saved['input_shape'])} and {saved['num_classes']} classes; this data.* gives "
+                              f"{tuple(built['input_shape'])} and {built['num_classes']}: resume with the data "
+                              "config of the checkpoint's run")
