@@ -157,7 +157,8 @@ def score_candidates(net: nn.Module, names: Sequence[str], x: Any, num_classes: 
     acc, fair = [], []
     with eval_mode(net), torch.no_grad():
         for start in range(0, n, chunk_size):
-            chunk = tree_map(lambda t: t[start:start + chunk_size], x)
+            rows = slice(start, start + chunk_size)
+            chunk = tree_map(lambda t, rows=rows: t[rows], x)
             grads = per_class_gradients(net, names, chunk, num_classes)  # (n_c, K, P)
             acc.append(influences(grads, g_acc.to(grads.dtype)))
             fair.append(influences(grads, g_fair.to(grads.dtype)))

@@ -20,7 +20,8 @@ Chosen in YAML by ``class_path`` under ``model.init_args.sampler`` (the paper's 
 
 Every strategy returns pool indices to query; :class:`lit_align.methods.fis.FISModule` spends the label budget
 through the data's ``LabelOracle`` on every queried index, even those the recheck later discards (§4(h)6), and
-logs ``fis/spent``, ``fis/queried``, ``fis/kept``.
+logs the running totals ``fis/spent``, ``fis/kept``, ``fis/discarded`` and ``fis/pseudo_added`` (pseudo-labelled rows
+cost nothing).
 """
 
 from __future__ import annotations
