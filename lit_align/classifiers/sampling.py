@@ -165,8 +165,11 @@ class EntropySampler(Sampler):
             raise ConfigError(f"sampler.init_args.mc_samples must be >= 0, got {self.mc_samples}")
         if self.mc_samples == 0:
             return _top(_entropy(_probabilities(ctx)), ctx.budget, ctx.candidates)
-        torch.manual_seed(int(torch.randint(2**31, (1,), generator=ctx.generator)))  # same dropout masks per rank
-        passes = torch.stack([_probabilities(ctx, train=True) for _ in range(self.mc_samples)])  # (T, N, K)
+        seed = int(torch.randint(2**31, (1,), generator=ctx.generator))
+        device = next(ctx.net.parameters()).device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # the same dropout masks on every rank; the global RNG untouched
+            torch.manual_seed(seed)
+            passes = torch.stack([_probabilities(ctx, train=True) for _ in range(self.mc_samples)])  # (T, N, K)
         mutual = _entropy(passes.mean(0)) - _entropy(passes).mean(0)
         return _top(mutual, ctx.budget, ctx.candidates)
 
