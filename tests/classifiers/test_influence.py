@@ -206,6 +206,7 @@ def test_unshard_puts_rows_back_in_candidate_order():
     assert out.tolist() == list(range(7))
 
 
+@pytest.mark.integration  # 7-17 s (two spawned interpreters import lit_align)
 def test_two_process_selection_equals_one_process(tmp_path):
     """Candidates scored on each rank's shard, scores all-gathered: both ranks select exactly what one process
     selects."""
