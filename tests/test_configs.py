@@ -44,6 +44,7 @@ EXPECTED_CONFIGS = {
     "eval/summarization": ["tiny.yaml", "cnndm_3shot.yaml", "xsum_0shot.yaml"],
     "dpo": ["tiny.yaml", "llama3.1-8b_ultrafeedback_fsdp.yaml", "qwen2.5-0.5b_ultrafeedback_lora.yaml"],
     "eval/unlearning_assessment": ["tiny.yaml"],
+    "fis": ["adult.yaml", "compas.yaml", "celeba_vit.yaml"],  # compas.yaml runs in tests/classifiers/test_fis.py
     "fewl": ["tiny.yaml", "sft_tiny.yaml", "truthfulqa.yaml"],
     "game": ["tiny.yaml", "llama2_7b_hh_llamaguard.yaml", "llama2_7b_pku_reward_model.yaml"],
     "grpo": ["tiny.yaml", "qwen2.5-1.5b_hh.yaml"],
@@ -73,7 +74,7 @@ def test_configs_are_found():
     found = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
     expected = {f"{folder}/{name}" for folder, names in EXPECTED_CONFIGS.items() for name in names}
     assert found == expected, f"missing: {sorted(expected - found)}; not listed here: {sorted(found - expected)}"
-    assert len(found) == 71
+    assert len(found) == 74
     assert {str(c.relative_to(REPO / "configs")) for c in TINY} == {
         n for n in expected if n.endswith("/tiny.yaml") and n.split("/")[0] not in EVALUATION_ONLY}
     assert len(TINY) == 19

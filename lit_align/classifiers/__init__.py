@@ -1,5 +1,7 @@
 """The classifier track: backbones for classifier methods (tabular MLPs, small CNNs, ResNet and ViT from
-transformers, torchvision builders, HF sequence classifiers)."""
+transformers, torchvision builders, HF sequence classifiers), and FIS's active-sampling strategies
+(``FairInfluenceSampler``, ``RandomSampler``, ``EntropySampler``, ``JTTSampler``; influences in
+:mod:`lit_align.classifiers.influence`)."""
 
 from lit_align.classifiers.backbones import (
     RESNET_VARIANTS,
@@ -15,8 +17,24 @@ from lit_align.classifiers.backbones import (
     ViTBackbone,
     final_linear,
 )
+from lit_align.classifiers.sampling import (
+    EntropySampler,
+    FairInfluenceSampler,
+    JTTSampler,
+    RandomSampler,
+    Sampler,
+    Selection,
+    SelectionContext,
+)
 
 __all__ = [
+    "EntropySampler",
+    "FairInfluenceSampler",
+    "JTTSampler",
+    "RandomSampler",
+    "Sampler",
+    "Selection",
+    "SelectionContext",
     "RESNET_VARIANTS",
     "Backbone",
     "HFSequenceClassifierBackbone",

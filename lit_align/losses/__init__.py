@@ -26,6 +26,9 @@ Functions:
     away_loss                   C-AdvUL away term: -CE with a soft floor, or log(1 - p) (Xhonneux et al. 2024)
     toward_loss                 C-AdvUL toward term: CE with a soft floor
     windowed_mean_logps         C-AdvIPO: length-averaged log-probs with low-probability tokens zeroed
+    fairness_loss               FIS: mu/2 ||Delta||^2 of a relaxed DP / EOp / EOd gap on probabilities (Pang et al.)
+    fairness_gaps               FIS: the relaxed gap vector Delta
+    accuracy_loss               FIS: the validation accuracy loss (mean cross-entropy)
 
 Config objects (selected from YAML by ``class_path``):
     PreferenceLoss   base: ``loss(pc, pr, rc, rr) -> (loss, metrics)`` and the ``reduction``
@@ -47,6 +50,7 @@ Config objects (selected from YAML by ``class_path``):
 """
 
 from lit_align.losses.adversarial import CAdvIPO, CAdvUL, away_loss, soft_floor, toward_loss, windowed_mean_logps
+from lit_align.losses.fairness import FAIRNESS_KINDS, accuracy_loss, fairness_gaps, fairness_loss
 from lit_align.losses.group import grpo_advantages, rloo_advantages
 from lit_align.losses.ppo import gae, kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from lit_align.losses.preference import DPOLoss, IPOLoss, PreferenceLoss, SELMLoss, dpo_loss, ipo_loss, selm_loss
@@ -79,6 +83,10 @@ __all__ = [
     "toward_loss",
     "windowed_mean_logps",
     "bradley_terry_loss",
+    "FAIRNESS_KINDS",
+    "accuracy_loss",
+    "fairness_gaps",
+    "fairness_loss",
     "DetectorPair",
     "detector_loss",
     "detector_objective",

@@ -17,6 +17,7 @@ from lit_align.methods.curry_dpo import CurryDPOModule
 from lit_align.methods.debate import DebateModule
 from lit_align.methods.dpo import DPOModule
 from lit_align.methods.fewl_eval import FEWLEvaluationModule
+from lit_align.methods.fis import FISModule
 from lit_align.methods.game import AdversarialGameModule
 from lit_align.methods.isara import SelfAlignmentModule
 from lit_align.methods.online_dpo import OnlineDPOModule
@@ -33,4 +34,4 @@ from lit_align.methods.unlearning_assessment import (
 )
 from lit_align.methods.watermark import WatermarkModule
 
-__all__ = ["AdversarialGameModule", "AssessmentAttacks", "ClassifierBase", "ClassifierModule", "ClassifierUnlearningModule", "FineTune", "GradientAscent", "RandomLabels", "UGradSL", "UGradSLPlus", "UnlearningRule", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "OnlineDPOModule", "PPOModule", "PolicyModule", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "SelfAlignmentModule", "StagedPolicyModule", "SummarizationEvaluationModule", "UnlearningAssessmentDataModule", "UnlearningAssessmentModule", "UnlearningModule", "WatermarkModule"]
+__all__ = ["AdversarialGameModule", "AssessmentAttacks", "ClassifierBase", "ClassifierModule", "ClassifierUnlearningModule", "ContinuousAdversarialModule", "CurryDPOModule", "DPOModule", "DebateModule", "FEWLEvaluationModule", "FISModule", "FineTune", "GradientAscent", "OnlineDPOModule", "PPOModule", "PolicyModule", "RandomLabels", "ReferencedPolicyModule", "RewardModelModule", "SFTModule", "SelfAlignmentModule", "StagedPolicyModule", "SummarizationEvaluationModule", "UGradSL", "UGradSLPlus", "UnlearningAssessmentDataModule", "UnlearningAssessmentModule", "UnlearningModule", "UnlearningRule", "WatermarkModule"]
