@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -35,6 +36,15 @@ def _predict(root: Path, config: str, *extra: str, logger: list[str] = CSV_LOGGE
     save_dir = ["--trainer.logger.save_dir", str(root)] if logger else []
     return cli_main(["predict", "--config", str(REPO / config), "--trainer.default_root_dir", str(root),
                      *logger, *save_dir, *FEW, *extra])
+
+
+def _files_written(folder: Path, pattern: str, timeout: float = 60.0) -> list[Path]:
+    """The files matching ``pattern`` once W&B's service has written them: it writes media after the run
+    returns, which on a loaded machine (CI under xdist) can take seconds."""
+    deadline = time.monotonic() + timeout
+    while not (found := sorted(folder.glob(pattern))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
 
 
 def _rows(path: Path) -> list[dict]:
@@ -87,7 +97,7 @@ def test_predict_from_a_checkpoint_to_wandb(tmp_path, monkeypatch, finish_wandb)
     assert [r["completion"] for r in trained] != [r["completion"] for r in untrained], "checkpoint not loaded"
 
     (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*")
-    (table,) = (run_dir / "files" / "media" / "table").glob("predictions_*.table.json")
+    (table,) = _files_written(run_dir / "files" / "media" / "table", "predictions_*.table.json")
     table = json.loads(table.read_text())
     assert table["columns"] == ["index", "prompt", "completion"]
     assert table["data"] == [[r["index"], r["prompt"], r["completion"]] for r in trained]
