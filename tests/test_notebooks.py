@@ -31,6 +31,7 @@ PREFERENCE_MARKER = "PREFERENCE_RESULT "
 ADVERSARIAL_MARKER = "ADVERSARIAL_RESULT "
 LABEL_FREE_MARKER = "LABEL_FREE_RESULT "
 EVALUATION_MARKER = "EVALUATION_RESULT "
+CLASSIFIERS_MARKER = "CLASSIFIERS_RESULT "
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -96,6 +97,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_ADVERSARIAL_OUT", str(tmp_path / "adversarial"))
     monkeypatch.setenv("LIT_ALIGN_LABEL_FREE_OUT", str(tmp_path / "label_free"))
     monkeypatch.setenv("LIT_ALIGN_EVALUATION_OUT", str(tmp_path / "evaluation"))
+    monkeypatch.setenv("LIT_ALIGN_CLASSIFIERS_OUT", str(tmp_path / "classifiers"))
     before = {p.name for p in NOTEBOOKS_DIR.iterdir()}
 
     nb = nbformat.read(path, as_version=4)
@@ -335,3 +337,45 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         assert cost == json.loads(run_cost.read_text()) and cost["global_step"] == 30, cost  # the demo's run_cost.json
         conventions = " ".join(assessment["conventions"])
         assert "geometric" in conventions and "open-unlearning" in conventions, assessment["conventions"]
+
+    if path.name == "11_classifiers.ipynb":
+        lines = [ln for ln in _stream_text(nb).splitlines() if ln.startswith(CLASSIFIERS_MARKER)]
+        assert lines, "the classifiers notebook's last code cell prints a CLASSIFIERS_RESULT line"
+        result = json.loads(lines[-1][len(CLASSIFIERS_MARKER):])
+        out = tmp_path / "classifiers"
+        assert Path(result["out"]) == out, result["out"]
+        ugradsl = result["ugradsl"]
+        table = ugradsl["table"]
+        assert list(table) == ["Retrain", "original", "UGradSL", "UGradSL+", "GA", "FT"], list(table)
+        for name, row in table.items():
+            assert all(0 <= row[k] <= 100 for k in ("UA", "RA", "TA", "MIA")), (name, row)
+            assert math.isfinite(row["avg_gap"]) and row["seconds"] > 0, (name, row)
+        # the module's own report files, one pair per rule, all under the notebook's output directory
+        files = [Path(f) for f in ugradsl["report_files"]]
+        assert len(files) == 8 and all(f.is_file() and out in f.parents for f in files), files
+        # the original and Retrain models were trained once (cached under OUT) and judged every rule
+        refs = [Path(f) for f in ugradsl["references"]]
+        assert sorted(f.name.split("-")[0] for f in refs) == ["original", "retrain"], refs
+        assert all(out in f.parents for f in refs) and ugradsl["same_references"], ugradsl
+        retrain, original = table["Retrain"], table["original"]
+        assert retrain["avg_gap"] == 0 and retrain["UA"] > 95, retrain  # Retrain never saw a 0
+        assert original["UA"] < 20 and original["avg_gap"] > 20, original  # the original still classifies them
+        # both UGradSL rules forget digit 0 and end far closer to Retrain than the original and GA (§2 claim 1)
+        for name in ("UGradSL", "UGradSL+"):
+            assert table[name]["UA"] > 90 and table[name]["avg_gap"] < table["GA"]["avg_gap"] - 20, table
+        fis = result["fis"]
+        assert Path(fis["plot_png"]).is_file() and Path(fis["plot_png"]).parent == out, fis["plot_png"]
+        assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+                   for cell in nb.cells for o in cell.get("outputs", [])), "the trade-off plot is shown inline"
+        runs = fis["runs"]
+        assert set(runs) == {"ERM", "FIS", "random"}, list(runs)
+        for name, run in runs.items():
+            assert 0.5 < run["acc"] < 1 and all(0 <= run[g] <= 1 for g in ("dp_gap", "eop_gap", "eod_gap")), (name, run)
+        # ERM buys no labels; the samplers buy them through the oracle, in rounds, within the budget per round
+        assert runs["ERM"]["labels_bought"] == 0 and runs["ERM"]["rounds"] == 0, runs["ERM"]
+        for name in ("FIS", "random"):
+            run = runs[name]
+            assert run["rounds"] > 0 and 0 < run["labels_bought"] <= 128 * run["rounds"], (name, run)
+        assert runs["FIS"]["dp_gap"] < runs["ERM"]["dp_gap"], runs  # seed 0: FIS narrows the DP gap
+        if (REPO / "benchmarks" / "results_fis_fairness.json").is_file():
+            assert {"compas/erm", "compas/fis", "compas/random"} <= set(fis["benchmark_points"]), fis
