@@ -24,6 +24,10 @@ from lit_align.modes import eval_mode
 
 __all__ = ["ClassifierBase", "step_seed"]
 
+#: Hyperparameters a checkpoint keeps only as config data (from YAML); a Python callable is left out, so the file
+#: loads with ``torch.load(weights_only=True)`` (loading it back rebuilds the default optimiser/scheduler).
+_FACTORY_KEYS = ("optimizer", "scheduler")
+
 
 def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
     """The seed of one training step's random draws (dropout): a function of ``(seed, step, batch_idx, rank)``
@@ -186,6 +190,11 @@ class ClassifierBase(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:  # Python-built factories (functools.partial...) would refuse weights_only loading
+            for key in _FACTORY_KEYS:
+                if callable(hparams.get(key)):
+                    del hparams[key]
         checkpoint["classifier"] = {"input_shape": list(self.input_shape or ()), "num_classes": self.num_classes,
                                     "num_groups": self.num_groups}
 
