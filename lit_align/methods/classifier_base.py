@@ -50,7 +50,8 @@ class ClassifierBase(L.LightningModule):
     * :meth:`evaluate_subset` scores a whole subset in memory (UA/RA/TA/MIA of the unlearning methods);
     * exact resume: weights, optimiser and loader positions come back through Lightning's checkpoint; a
       training step's random draws come from :meth:`step_rng` (seeded by step, not by history); the checkpoint
-      records the data shape the network was built for, and a mismatch on load is a ConfigError.
+      records the data shape the network was built for, and a mismatch on load is a ConfigError;
+      ``Method.load_from_checkpoint(path)`` (no trainer, no DataModule) builds the network for that shape.
     """
 
     def __init__(self, backbone: Backbone, optimizer: OptimizerCallable | None = None,
@@ -85,8 +86,8 @@ class ClassifierBase(L.LightningModule):
         return dm
 
     def configure_model(self) -> None:
-        if self.net is not None:
-            return
+        if self.net is not None or self._trainer is None:
+            return  # no trainer: ``load_from_checkpoint`` builds from the checkpoint (on_load_checkpoint)
         dm = self._datamodule()
         self.build(dm.input_shape, dm.num_classes, dm.num_groups)
 
@@ -200,7 +201,10 @@ class ClassifierBase(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("classifier")
-        if saved is None or self.net is None:
+        if saved is None:
+            return
+        if self.net is None:  # load_from_checkpoint: no DataModule, build for the data the checkpoint was made on
+            self.build(tuple(saved["input_shape"]), saved["num_classes"], saved.get("num_groups", 0))
             return
         built = {"input_shape": list(self.input_shape or ()), "num_classes": self.num_classes}
         if {k: list(v) if k == "input_shape" else v for k, v in saved.items() if k in built} != built:

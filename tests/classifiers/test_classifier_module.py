@@ -201,3 +201,19 @@ def test_every_backbone_is_a_safe_global(tmp_path, backbone):
     torch.save({"backbone": backbone}, tmp_path / "b.pt")
     loaded = torch.load(tmp_path / "b.pt", weights_only=True)["backbone"]
     assert type(loaded) is type(backbone) and vars(loaded) == vars(backbone)
+
+
+def test_load_from_checkpoint_rebuilds_the_network_from_the_checkpoint(tmp_path):
+    """No trainer, no DataModule: the network is built for the checkpoint's data shape, then its weights load."""
+    dm = ImageClassificationDataModule(batch_size=64)
+    module = ClassifierModule(MLPBackbone(hidden=[8]), seed=3)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = ClassifierModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert loaded.input_shape == (1, 8, 8) and loaded.num_classes == 10 and loaded.seed == 3
+    for (name, a), b in zip(module.net.state_dict().items(), loaded.net.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    rows = dm.indices("test")[:16]
+    torch.testing.assert_close(loaded.eval()(dm.features(rows)), module.eval()(dm.features(rows)))
