@@ -185,6 +185,21 @@ class TabularDataModule(ClassificationDataModule):
                 raise DataError(f"{self.path}: {key}={missing[0]!r} is not a column of the table; its columns are "
                                 f"{list(frame.columns)}")
 
+    def _check_roles(self) -> None:
+        """The target and the group are never features, and the categorical columns are features: a ConfigError
+        naming the key otherwise (a label or sensitive attribute among the inputs would leak silently)."""
+        for key, columns in (("data.features", self.feature_columns), ("data.categorical", self.categorical or [])):
+            for role, column in (("data.target", self.target), ("data.group", self.group)):
+                if column is not None and column in columns:
+                    raise ConfigError(f"{key} lists {column!r}, which is {role}: the model would read its "
+                                      f"{'label' if role == 'data.target' else 'sensitive attribute'} as an input; "
+                                      f"remove {column!r} from {key}")
+        outside = [c for c in self.categorical or [] if c not in self.feature_columns]
+        if outside:
+            raise ConfigError(f"data.categorical lists {outside[0]!r}, which is not one of the features "
+                              f"{self.feature_columns}: categorical columns must be features (add it to data.features "
+                              "or remove it from data.categorical)")
+
     def _load_rows(self) -> SourceRows:
         is_test = None
         if self.path.startswith("builtin:"):
@@ -206,12 +221,13 @@ class TabularDataModule(ClassificationDataModule):
             self.feature_columns = [c for c in frame.columns if c not in (self.target, self.group)]
         if not self.feature_columns:
             raise ConfigError(f"data.features: {self.path} has no feature columns besides the target and group")
+        self._check_roles()
         labels, class_names = encode_labels(frame[self.target].tolist(), positive=self.positive,
                                             where=f"{self.path}: ")
         groups, group_names = (None, [])
         if self.group is not None:
             groups, group_names = encode_groups(frame[self.group].tolist(), positive=self.group_positive,
-                                                threshold=self.group_threshold)
+                                                threshold=self.group_threshold, where=f"{self.path}: ")
         self._frame = frame[self.feature_columns].copy()
         return SourceRows(labels=labels, class_names=class_names, groups=groups, group_names=group_names,
                           is_test=is_test)
