@@ -85,6 +85,12 @@ def test_building_is_seeded_idempotent_and_leaves_the_global_generator_alone():
     assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(x, y) for x, y in zip(a.net.parameters(), b.net.parameters()))
     assert not all(torch.equal(x, y) for x, y in zip(a.net.parameters(), c.net.parameters()))
+    # the strategy's device context (configure_model runs inside it) does not move the build off the CPU: the same
+    # seed gives the same weights on any accelerator (Lightning moves the net afterwards)
+    d = ClassifierModule(MLPBackbone(hidden=[8]), seed=0)
+    with torch.device("meta"):
+        d.build((5,), 3)
+    assert all(p.device.type == "cpu" and torch.equal(p, q) for p, q in zip(d.net.parameters(), a.net.parameters()))
     net = a.net
     a.configure_model()  # needs no data once built
     assert a.net is net
