@@ -31,8 +31,8 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import Dataset, default_collate
 
-from lit_align.data.sampling import ResumableDataLoader, ShardedSampler
-from lit_align.errors import ConfigError, DataError, check_int
+from lit_align.data.sampling import ResumableDataLoader, ShardedSampler, trainer_shard
+from lit_align.errors import ConfigError, DataError, check_int, require
 
 __all__ = [
     "ActiveLearningSplit",
@@ -150,8 +150,8 @@ def _threshold_value(value: Any, row: int, key: str, where: str) -> float:
 # -- splits ---------------------------------------------------------------------------------------
 def _check_fraction(key: str, value: float, *, allow_zero: bool = True) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and (value >= 0.0 if allow_zero else value > 0.0) and value < 1.0):
-        raise ConfigError(f"{key} must be in {'[0' if allow_zero else '(0'}, 1), got {value!r}")
+    require(number and (value >= 0.0 if allow_zero else value > 0.0) and value < 1.0, key,
+            f"in {'[0' if allow_zero else '(0'}, 1)", value)
 
 
 def _take(pool: np.ndarray, labels: np.ndarray, fraction: float, seed: int, stratify: bool, key: str
@@ -478,10 +478,7 @@ class ClassificationDataModule(L.LightningDataModule):
         return ClassificationSubset(idx, self._row, table, None)
 
     def _shard(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 1, 0
-        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+        return trainer_shard(self.trainer)
 
     def _loader_seed(self, seed_offset: int) -> int:
         """Seed of a shuffled loader from ``(seed, seed_offset)`` (the sampler adds the epoch)."""
