@@ -237,10 +237,12 @@ class ClassifierUnlearningModule(ClassifierBase):
 
     Reported (the goal is closeness to Retrain, not the largest UA, §2(h)5): at the end of fit and in ``test``,
     UA, RA, TA, MIA-efficacy (:func:`~lit_align.metrics.classification.unlearning_scores`; TA on ``test_retain``
-    for class-wise forgetting), the unlearning run time (``seconds``: training-loop wall time, summed over resumed
-    segments) and ``avg_gap`` to Retrain, for the unlearned model and for the original and Retrain models (whose
-    ``seconds`` is Retrain's training time); logged under ``unlearn/...`` and written to
-    ``<log_dir>/classifier_unlearning.json`` and ``.csv`` (rank 0). ``self.report`` holds the same dict.
+    for class-wise forgetting), the unlearning run time (``seconds``: wall time of the training batches only,
+    validation and checkpoint writes left out, summed over resumed segments) and ``avg_gap`` to Retrain, for the
+    unlearned model and for the original and Retrain models (their ``seconds`` is the training time of the plain
+    loop of :func:`~lit_align.classifiers.references.train_reference`, no Lightning: not directly comparable with
+    the unlearning time); logged under ``unlearn/...`` and written to ``<log_dir>/classifier_unlearning.json`` and
+    ``.csv`` (rank 0). ``self.report`` holds the same dict.
     Logged each step: ``train/loss`` and the rule's metrics (``train/retain_term``, ``train/forget_term``, ...).
 
     Run: ``lit-align fit --config configs/ugradsl_cls/class_wise_digits.yaml``.
@@ -292,7 +294,8 @@ class ClassifierUnlearningModule(ClassifierBase):
         self._retrain_report: dict[str, float] | None = None
         self._original_report: dict[str, float] | None = None
         self._seconds_before = 0.0  # training seconds of earlier (resumed) segments
-        self._train_start: float | None = None
+        self._train_start: float | None = None  # where the running batch's clock started
+        self._save_began: float | None = None  # when a checkpoint save began during the running batch
 
     # -- streams, models --------------------------------------------------------------------------------------
     def train_streams(self) -> TrainStreams:
@@ -365,15 +368,29 @@ class ClassifierUnlearningModule(ClassifierBase):
         self.rule.prepare(self.trainer.datamodule, self.seed)
         self._reference_reports()
 
-    def on_train_start(self) -> None:
-        self._train_start = time.perf_counter()
+    # run time: the training batches only (data fetch, forward, backward, optimiser step, the callbacks' batch
+    # hooks), from the end of the batch before (or the epoch's start) to the batch's end; validation, checkpoint
+    # writes and the fit-start / fit-end scoring stay out (the mark is reset at each epoch start and after each
+    # validation run; a checkpoint saved at a batch's end stops that batch's clock where its saving began)
+    def on_train_epoch_start(self) -> None:
+        self._train_start, self._save_began = time.perf_counter(), None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._train_start is not None:
+            self._seconds_before += (self._save_began or now) - self._train_start
+        self._train_start, self._save_began = now, None
+
+    def on_validation_end(self) -> None:
+        if self._train_start is not None:
+            self._train_start = time.perf_counter()
 
     def _seconds(self) -> float:
-        running = time.perf_counter() - self._train_start if self._train_start is not None else 0.0
-        return self._seconds_before + running
+        """Training seconds so far (summed over resumed segments; see the hooks above)."""
+        return self._seconds_before
 
     def on_train_end(self) -> None:
-        self._seconds_before, self._train_start = self._seconds(), None
+        self._train_start = None
         self._finish(stage="fit")
 
     def on_test_start(self) -> None:
@@ -413,6 +430,13 @@ class ClassifierUnlearningModule(ClassifierBase):
         self._retrain_report = {**self._scores(retrain.net), "seconds": float(retrain.seconds or float("nan"))}
         self._original_report = {**self._scores(original.net), "seconds": float(original.seconds or float("nan"))}
 
+    def current_scores(self) -> dict[str, float]:
+        """The unlearned network's scores now (UA, RA, TA, MIA, training ``seconds`` so far, ``avg_gap`` to Retrain);
+        callable from fit start on (e.g. at epoch ends, to score several epoch counts in one run)."""
+        self._reference_reports()
+        scores = {**self._scores(self.net), "seconds": self._seconds()}
+        return {**scores, "avg_gap": avg_gap(scores, self._retrain_report)}
+
     def _finish(self, stage: str) -> None:
         scores = {**self._scores(self.net), "seconds": self._seconds()}
         report = {"unlearned": scores, "original": dict(self._original_report), "retrain": dict(self._retrain_report)}
@@ -449,7 +473,10 @@ class ClassifierUnlearningModule(ClassifierBase):
     # -- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["classifier_unlearning"] = {"seconds": self._seconds()}
+        if self._train_start is not None and self._save_began is None:
+            self._save_began = time.perf_counter()
+        running = self._save_began - self._train_start if self._train_start is not None else 0.0
+        checkpoint["classifier_unlearning"] = {"seconds": self._seconds() + running}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
