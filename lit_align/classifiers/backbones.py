@@ -411,3 +411,8 @@ class HFSequenceClassifierBackbone(Backbone):
                                                                          ignore_mismatched_sizes=True, **extra),
             self.model, f"{_KEY}.model")
         return TextLogits(model.train())  # from_pretrained returns eval mode
+
+
+# checkpoints of modules built in Python hold the backbone object in their hyperparameters
+torch.serialization.add_safe_globals([MLPBackbone, SmallCNNBackbone, ResNetBackbone, ViTBackbone, TorchvisionBackbone,
+                                      HFSequenceClassifierBackbone])

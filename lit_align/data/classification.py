@@ -466,15 +466,18 @@ class ClassificationDataModule(L.LightningDataModule):
         return int(np.random.SeedSequence([self.seed, seed_offset]).generate_state(1)[0] % 2**31)
 
     def loader(self, name: str | ClassificationSubset, *, shuffle: bool = False, batch_size: int | None = None,
-               seed_offset: int = 0, num_replicas: int | None = None, rank: int | None = None) -> ResumableDataLoader:
+               seed_offset: int = 0, num_replicas: int | None = None, rank: int | None = None,
+               pad: bool = True) -> ResumableDataLoader:
         """A loader over subset ``name`` (or a dataset from :meth:`dataset_of`): shuffled per epoch from
         ``(seed, seed_offset, epoch)`` when ``shuffle``, sharded over the trainer's data-parallel ranks (or
         ``num_replicas``/``rank`` when given), resumable. ``batch_size`` defaults to ``batch_size`` for shuffled
-        loaders and ``eval_batch_size`` otherwise."""
+        loaders and ``eval_batch_size`` otherwise. ``pad=True`` evens the ranks' shares by repeating rows (training:
+        every rank takes the same number of steps); ``pad=False`` gives every row to exactly one rank (evaluation:
+        the val and test loaders, so metrics count each row once)."""
         dataset = self.subset(name) if isinstance(name, str) else name
         replicas, own = self._shard()
         sampler = ShardedSampler(dataset, num_replicas=num_replicas or replicas, rank=own if rank is None else rank,
-                                 shuffle=shuffle, seed=self._loader_seed(seed_offset))
+                                 shuffle=shuffle, seed=self._loader_seed(seed_offset), pad=pad)
         size = batch_size or (self.batch_size if shuffle else self.eval_batch_size)
         return ResumableDataLoader(dataset, sampler=sampler, batch_size=size, collate_fn=self._collate,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
@@ -527,10 +530,10 @@ class ClassificationDataModule(L.LightningDataModule):
         return CombinedLoader(dict(self._train_loaders), mode=streams.mode)
 
     def val_dataloader(self) -> ResumableDataLoader:
-        return self.loader("val")
+        return self.loader("val", pad=False)  # each row on one rank only: metrics count it once
 
     def test_dataloader(self) -> ResumableDataLoader:
-        return self.loader("test")
+        return self.loader("test", pad=False)
 
     def _count(self, name: str) -> None:
         """One more batch of stream ``name`` reached the training step: the loader's ``consumed`` (what a

@@ -37,12 +37,19 @@ class ShardedSampler(DistributedSampler):
     does not divide among the ranks is padded with its **last** rows repeated (``DistributedSampler``
     repeats its first ones): an unshuffled order that runs easy to hard (a curriculum stage) then
     stays easy to hard on every rank; a shuffled order pads with rows as random either way.
+
+    ``pad=False`` (evaluation) takes every row exactly once: rank ``r`` gets positions ``r, r + n, ...`` of
+    the order and nothing more, so ranks may get one row fewer than others (fine where no step waits on the
+    others, as in validation and test, whose metrics sync once at the end; not for training under DDP).
     """
 
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False) -> None:
+                 seed: int = 0, drop_last: bool = False, pad: bool = True) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
+        if not pad and not drop_last:  # every row once: uneven shares instead of repeated rows
+            self.total_size = len(dataset)
+            self.num_samples = len(range(rank, self.total_size, num_replicas))
         self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank already consumed)
 
     def resume(self, epoch: int, skip: int) -> None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_align.classifiers import Backbone
@@ -23,6 +24,10 @@ from lit_align.metrics.fairness import GroupFairness
 from lit_align.modes import eval_mode
 
 __all__ = ["ClassifierBase", "step_seed"]
+
+#: Hyperparameters a checkpoint keeps only as config data (from YAML); a Python callable is left out, so the file
+#: loads with ``torch.load(weights_only=True)`` (loading it back rebuilds the default optimiser/scheduler).
+_FACTORY_KEYS = ("optimizer", "scheduler")
 
 
 def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
@@ -42,11 +47,13 @@ class ClassifierBase(L.LightningModule):
     * a method says which subsets it trains on with :meth:`train_streams`;
     * validation and test update torchmetrics and log ``val/loss``, ``val/acc`` (micro accuracy), and, when the
       batches carry ``"group"`` (sources with a sensitive attribute), ``val/f1``, ``val/dp_gap``, ``val/eop_gap``,
-      ``val/eod_gap`` (:class:`~lit_align.metrics.GroupFairness`); likewise ``test/...``; all synced over ranks;
+      ``val/eod_gap`` (:class:`~lit_align.metrics.GroupFairness`); likewise ``test/...``; all computed over every
+      rank's rows (each val/test row is on exactly one rank; the loss is the mean over rows);
     * :meth:`evaluate_subset` scores a whole subset in memory (UA/RA/TA/MIA of the unlearning methods);
     * exact resume: weights, optimiser and loader positions come back through Lightning's checkpoint; a
       training step's random draws come from :meth:`step_rng` (seeded by step, not by history); the checkpoint
-      records the data shape the network was built for, and a mismatch on load is a ConfigError.
+      records the data shape the network was built for, and a mismatch on load is a ConfigError;
+      ``Method.load_from_checkpoint(path)`` (no trainer, no DataModule) builds the network for that shape.
     """
 
     def __init__(self, backbone: Backbone, optimizer: OptimizerCallable | None = None,
@@ -81,8 +88,8 @@ class ClassifierBase(L.LightningModule):
         return dm
 
     def configure_model(self) -> None:
-        if self.net is not None:
-            return
+        if self.net is not None or self._trainer is None:
+            return  # no trainer: ``load_from_checkpoint`` builds from the checkpoint (on_load_checkpoint)
         dm = self._datamodule()
         self.build(dm.input_shape, dm.num_classes, dm.num_groups)
 
@@ -98,6 +105,7 @@ class ClassifierBase(L.LightningModule):
         self.input_shape, self.num_classes, self.num_groups = tuple(input_shape), num_classes, num_groups
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # mean over rows (per-row CE), synced by sums
         self.val_fairness = GroupFairness(num_groups) if num_groups >= 2 else None
         self.test_fairness = GroupFairness(num_groups) if num_groups >= 2 else None
 
@@ -136,21 +144,26 @@ class ClassifierBase(L.LightningModule):
     # -- evaluation --------------------------------------------------------------------------
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         logits, y = self.logits(batch), batch["y"]  # (B, K), (B,)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
-        accuracy = self.val_acc if stage == "val" else self.test_acc
-        accuracy.update(logits, y)
-        self.log(f"{stage}/acc", accuracy, on_epoch=True, batch_size=len(y), prog_bar=stage == "val")
-        fairness = self.val_fairness if stage == "val" else self.test_fairness
+        getattr(self, f"{stage}_loss").update(F.cross_entropy(logits, y, reduction="none"))
+        getattr(self, f"{stage}_acc").update(logits, y)
+        fairness = getattr(self, f"{stage}_fairness")
         if fairness is not None and "group" in batch:
             fairness.update(logits, y, batch["group"])
 
-    def _log_fairness(self, stage: str) -> None:
-        fairness = self.val_fairness if stage == "val" else self.test_fairness
-        if fairness is None or not fairness.update_called:
-            return
-        values = fairness.compute()  # synced over ranks (per-group counts summed)
-        fairness.reset()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "accuracy"}, sync_dist=True)
+    def _log_eval(self, stage: str) -> None:
+        """Log the stage's metrics, computed once over all ranks' rows (every rank calls this, batches or not:
+        the evaluation loaders give each row to one rank, so shares differ by a row or a batch)."""
+        values = {"loss": getattr(self, f"{stage}_loss"), "acc": getattr(self, f"{stage}_acc")}
+        values = {k: metric.compute() for k, metric in values.items()}
+        fairness = getattr(self, f"{stage}_fairness")
+        if fairness is not None:  # val/test batches carry groups whenever the source has >= 2
+            values.update((k, v) for k, v in fairness.compute().items() if k != "accuracy")
+        for metric in (getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc"), fairness):
+            if metric is not None:
+                metric.reset()
+        accuracy = values.pop("acc")
+        self.log(f"{stage}/acc", accuracy, prog_bar=stage == "val")  # already global: no further sync
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -159,10 +172,10 @@ class ClassifierBase(L.LightningModule):
         self._eval_step("test", batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_fairness("val")
+        self._log_eval("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_fairness("test")
+        self._log_eval("test")
 
     @torch.no_grad()
     def evaluate_subset(self, name: str, datamodule: Any = None, batch_size: int | None = None) -> dict[str, Any]:
@@ -186,12 +199,20 @@ class ClassifierBase(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:  # Python-built factories (functools.partial...) would refuse weights_only loading
+            for key in _FACTORY_KEYS:
+                if callable(hparams.get(key)):
+                    del hparams[key]
         checkpoint["classifier"] = {"input_shape": list(self.input_shape or ()), "num_classes": self.num_classes,
                                     "num_groups": self.num_groups}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("classifier")
-        if saved is None or self.net is None:
+        if saved is None:
+            return
+        if self.net is None:  # load_from_checkpoint: no DataModule, build for the data the checkpoint was made on
+            self.build(tuple(saved["input_shape"]), saved["num_classes"], saved.get("num_groups", 0))
             return
         built = {"input_shape": list(self.input_shape or ()), "num_classes": self.num_classes}
         if {k: list(v) if k == "input_shape" else v for k, v in saved.items() if k in built} != built:

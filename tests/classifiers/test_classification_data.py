@@ -227,6 +227,22 @@ def test_shuffled_loader_shards_over_ranks():
     assert sorted(seen) == dm.indices("train").tolist()
 
 
+def test_evaluation_loaders_give_each_row_to_one_rank_without_padding():
+    """A real DDP trainer's sampler settings for 7 ranks, taken one rank after another (no processes launched):
+    the val and test loaders cover their rows exactly once (180 and 359 digits rows do not divide by 7, so padded
+    shards would repeat some); training loaders keep even, padded shares."""
+    dm = _digits(batch_size=16)
+    trainer = L.Trainer(accelerator="cpu", devices=7, strategy="ddp", logger=False)
+    dm.trainer = trainer
+    for name, make in (("val", dm.val_dataloader), ("test", dm.test_dataloader)):
+        seen = []
+        for rank in range(7):
+            trainer.strategy.cluster_environment.set_global_rank(rank)
+            seen += _order(make())
+        assert len(dm.indices(name)) % 7 and sorted(seen) == dm.indices(name).tolist(), name
+    assert len(list(dm.loader("test", shuffle=True).sampler)) == 52  # padded for training: 359 -> 364 rows
+
+
 class _Recorder(L.LightningModule):
     """A linear classifier that trains on the given streams and records the indices of every batch."""
 

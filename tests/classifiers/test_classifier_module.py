@@ -4,6 +4,7 @@ the subset trained on, fairness metrics from val/test groups, evaluate_subset, e
 from __future__ import annotations
 
 import csv
+import functools
 
 import lightning as L
 import pytest
@@ -11,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from conftest import CSV_LOGGER, REPO
 
-from lit_align.classifiers import MLPBackbone
+from lit_align.classifiers import (
+    HFSequenceClassifierBackbone,
+    MLPBackbone,
+    ResNetBackbone,
+    SmallCNNBackbone,
+    TorchvisionBackbone,
+    ViTBackbone,
+)
 from lit_align.cli import cli_main
 from lit_align.data import ForgetSplit, ImageClassificationDataModule
 from lit_align.errors import ConfigError, find_known_error
@@ -164,3 +172,48 @@ def test_cli_refuses_negative_smoothing_and_a_checkpoint_of_other_data(tmp_path)
     other.build((102,), 2)
     with pytest.raises(ConfigError, match=r"built for data with input_shape \(64,\) and 10 classes"):
         other.on_load_checkpoint(saved)
+
+
+def test_trainer_checkpoint_of_a_python_built_module_loads_with_weights_only(tmp_path):
+    """A module built in Python (a backbone object, a functools.partial optimiser) writes a Lightning checkpoint
+    that torch.load(weights_only=True) reads: every backbone is a registered safe global and Python callables
+    are left out of the saved hyperparameters."""
+    dm = ImageClassificationDataModule(batch_size=64)
+    module = ClassifierModule(MLPBackbone(hidden=[8]), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    path = tmp_path / "manual.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert isinstance(checkpoint["hyper_parameters"]["backbone"], MLPBackbone)
+    assert "optimizer" not in checkpoint["hyper_parameters"]
+    assert checkpoint["classifier"]["num_classes"] == 10
+
+
+@pytest.mark.parametrize("backbone", [
+    MLPBackbone(hidden=[4], dropout=0.1), SmallCNNBackbone(channels=[4]),
+    ResNetBackbone("resnet18", small_input=True, hidden_sizes=[4, 4, 4, 4]),
+    ViTBackbone(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8),
+    TorchvisionBackbone("resnet18"), HFSequenceClassifierBackbone("some/model", pad_token_id=0)],
+    ids=lambda b: type(b).__name__)
+def test_every_backbone_is_a_safe_global(tmp_path, backbone):
+    torch.save({"backbone": backbone}, tmp_path / "b.pt")
+    loaded = torch.load(tmp_path / "b.pt", weights_only=True)["backbone"]
+    assert type(loaded) is type(backbone) and vars(loaded) == vars(backbone)
+
+
+def test_load_from_checkpoint_rebuilds_the_network_from_the_checkpoint(tmp_path):
+    """No trainer, no DataModule: the network is built for the checkpoint's data shape, then its weights load."""
+    dm = ImageClassificationDataModule(batch_size=64)
+    module = ClassifierModule(MLPBackbone(hidden=[8]), seed=3)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = ClassifierModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert loaded.input_shape == (1, 8, 8) and loaded.num_classes == 10 and loaded.seed == 3
+    for (name, a), b in zip(module.net.state_dict().items(), loaded.net.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    rows = dm.indices("test")[:16]
+    torch.testing.assert_close(loaded.eval()(dm.features(rows)), module.eval()(dm.features(rows)))
