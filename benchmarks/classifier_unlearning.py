@@ -25,7 +25,8 @@ MIA-efficacy, Avg. Gap to Retrain (lower is better: closeness to Retrain is the 
 run time (wall seconds of the training batches only: validation and checkpoints out; Retrain's is the training time
 of the references' plain loop, not comparable). Order: a warm-up fit first, then per seed the methods in a
 seed-shuffled order (no method always runs first). Each score is a mean with a 95% Student-t interval over seeds
-(``fit_timing.interval``); for the non-negative scores the printed lower end is clipped at 0 (the JSON keeps it).
+(``fit_timing.interval``); the printed interval ends are clipped to each score's range (0-100, seconds >= 0; the
+JSON keeps them).
 
 Claims, as effects paired per seed, each ``met`` only when its 95% interval excludes 0 in the claimed direction;
 ``met_bonferroni`` also when the interval at 1 - 0.05/m does (m = the comparisons made per forgetting kind):
@@ -188,11 +189,17 @@ def summary(runs: dict[str, list[dict]], methods: list[str]) -> dict[str, dict]:
     return rows
 
 
-def _cell(e: dict, clip: bool = False) -> str:
+def _cell(e: dict, clip: tuple[float, float] | None = None) -> str:
+    """``mean [low, high]``; ``clip``: the score's range, the printed interval ends are clipped to it."""
     if math.isnan(e["mean"]):
         return "-"
-    low = max(e["low"], 0.0) if clip else e["low"]
-    return f"{e['mean']:.2f} [{low:.2f}, {e['high']:.2f}]"
+    low, high = (max(e["low"], clip[0]), min(e["high"], clip[1])) if clip else (e["low"], e["high"])
+    return f"{e['mean']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+#: each score's range (percentages; Avg. Gap and seconds are non-negative)
+_RANGE = {"UA": (0.0, 100.0), "RA": (0.0, 100.0), "TA": (0.0, 100.0), "MIA": (0.0, 100.0), "avg_gap": (0.0, 100.0),
+          "seconds": (0.0, math.inf)}
 
 
 def _setting(s: dict) -> str:
@@ -208,7 +215,7 @@ def print_tables(result: dict) -> None:
         for method, row in block["scores"].items():
             chosen = block["settings"].get(method)
             print(f"| {method} | {_setting(chosen) if chosen else '-'} | "
-                  + " | ".join(_cell(row[k], clip=True) for k in KEYS) + " |")
+                  + " | ".join(_cell(row[k], _RANGE[k]) for k in KEYS) + " |")
         print()
         for name, effect in block["claims"].items():
             if "vs" in effect:
@@ -246,7 +253,11 @@ def main() -> None:
     parser.add_argument("--kinds", default="class_wise,random", help="class_wise, random or both")
     parser.add_argument("--tune", action="store_true", help="run the tuning grid on seeds 100-101 first")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
+    parser.add_argument("--show", action="store_true", help=f"print the tables of {RESULTS.name} and stop")
     opts = parser.parse_args()
+    if opts.show:
+        print_tables(json.loads(RESULTS.read_text(encoding="utf-8")))
+        return
     methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
     kinds = [k.strip() for k in opts.kinds.split(",") if k.strip()]
     if unknown := [m for m in methods if m not in METHODS] + [k for k in kinds if k not in CONFIGS]:
