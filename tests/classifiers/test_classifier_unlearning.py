@@ -278,3 +278,24 @@ def test_run_time_is_training_batches_only(tmp_path, references, class_wise):
     steps = trainer.global_step
     assert steps >= 4 and len(list((tmp_path / "ckpt").glob("*.ckpt"))) >= 2
     assert 0 < module.report["unlearned"]["seconds"] < 0.5
+
+
+@pytest.mark.integration  # about 10-20 s: two DDP processes start and stop
+def test_two_processes_refuse_a_missing_reference(tmp_path):
+    """R1 finding 4: with 2 processes and no cached / given original model, the run stops with a ConfigError that
+    says to train the references first, instead of rank 0 training them while rank 1 waits at a barrier."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("lit-align")
+    proc = subprocess.run(
+        [str(exe), "fit", "--config", str(CLASS_WISE), f"--trainer.default_root_dir={tmp_path}", "--trainer.devices=2",
+         "--trainer.strategy=ddp", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+         f"--model.init_args.reference_training.cache_dir={tmp_path / 'empty_cache'}"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert proc.returncode != 0
+    assert "model.init_args.original is null" in proc.stderr and "Train it first" in proc.stderr, proc.stderr[-3000:]
+    assert not list((tmp_path / "empty_cache").glob("*.safetensors"))
