@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.records import DataSource, Record, load_records
-from lit_align.data.sampling import ResumableDataLoader, ShardedSampler
+from lit_align.data.sampling import ResumableDataLoader, ShardedSampler, trainer_shard
 from lit_align.data.tokenize import TokenizedDataset, check_response_room, warn_truncated
 from lit_align.errors import ConfigError
 from lit_align.models.causal_lm import build_tokenizer
@@ -149,10 +149,7 @@ class TokenizedDataModule(L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------
     def _shard(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 1, 0
-        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+        return trainer_shard(self.trainer)
 
     def _loader(self, dataset: TokenizedDataset, batch_size: int, *, shuffle: bool, shard: bool,
                 train: bool = False) -> DataLoader:

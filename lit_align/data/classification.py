@@ -28,11 +28,11 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import Dataset, default_collate
 
-from lit_align.data.sampling import ResumableDataLoader, ShardedSampler
-from lit_align.errors import ConfigError, DataError, check_int
+from lit_align.data.sampling import ResumableDataLoader, ShardedSampler, trainer_shard
+from lit_align.errors import ConfigError, DataError, check_int, require
 
 __all__ = [
     "ActiveLearningSplit",
@@ -111,19 +111,25 @@ def encode_labels(values: Sequence[Any], *, positive: Any = None, key: str = "da
     return np.array([ids[v] for v in raw], dtype=np.int64), [str(c) for c in classes]
 
 
-def encode_groups(values: Sequence[Any], *, positive: Any = None, threshold: float | None = None
-                  ) -> tuple[np.ndarray, list[str]]:
+def encode_groups(values: Sequence[Any], *, positive: Any = None, threshold: float | None = None,
+                  key: str = "data.group", where: str = "") -> tuple[np.ndarray, list[str]]:
     """Group ids (float, NaN kept for missing values) of raw sensitive-attribute values: with ``positive``,
     1 where the value equals it and 0 elsewhere; with ``threshold``, 1 where the (numeric) value is
-    ``>= threshold``; otherwise the sorted distinct non-missing values numbered ``0..M-1``."""
+    ``>= threshold``; otherwise the sorted distinct non-missing values numbered ``0..M-1``. A ``positive`` that
+    matches no row is a ConfigError, a non-numeric value under ``threshold`` a DataError (each naming ``key``)."""
     raw = np.asarray(values, dtype=object)
     known = np.array([not (v is None or (isinstance(v, float) and np.isnan(v))) for v in raw], dtype=bool)
     out = np.full(len(raw), np.nan)
     if threshold is not None:
-        out[known] = np.array([float(v) >= threshold for v in raw[known]], dtype=float)
+        out[known] = [_threshold_value(v, i, key, where) >= threshold for i, v in zip(np.flatnonzero(known), raw[known])]
         return out, [f"< {threshold:g}", f">= {threshold:g}"]
     if positive is not None:
-        out[known] = np.array([str(v) == str(positive) for v in raw[known]], dtype=float)
+        hits = np.array([str(v) == str(positive) for v in raw[known]], dtype=bool)
+        if not hits.any():
+            raise ConfigError(f"data.group_positive={positive!r} matches no row of {where or 'the source'}{key} (every row "
+                              f"would be in one group and the fairness gaps undefined); values: "
+                              f"{sorted({str(v) for v in raw[known]})[:20]}")
+        out[known] = hits.astype(float)
         return out, [_other_name(raw[known], positive), str(positive)]
     names = sorted({v for v in raw[known].tolist()}, key=lambda v: (str(type(v)), v))
     ids = {v: i for i, v in enumerate(names)}
@@ -131,11 +137,21 @@ def encode_groups(values: Sequence[Any], *, positive: Any = None, threshold: flo
     return out, [str(n) for n in names]
 
 
+def _threshold_value(value: Any, row: int, key: str, where: str) -> float:
+    """``value`` as a number for ``data.group_threshold``, or a DataError naming the row and the value."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}data.group_threshold is set but {key} has the non-numeric value {value!r} (row "
+                        f"{row}): a threshold needs a numeric column; use data.group_positive for a categorical one"
+                        ) from None
+
+
 # -- splits ---------------------------------------------------------------------------------------
 def _check_fraction(key: str, value: float, *, allow_zero: bool = True) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and (value >= 0.0 if allow_zero else value > 0.0) and value < 1.0):
-        raise ConfigError(f"{key} must be in {'[0' if allow_zero else '(0'}, 1), got {value!r}")
+    require(number and (value >= 0.0 if allow_zero else value > 0.0) and value < 1.0, key,
+            f"in {'[0' if allow_zero else '(0'}, 1)", value)
 
 
 def _take(pool: np.ndarray, labels: np.ndarray, fraction: float, seed: int, stratify: bool, key: str
@@ -410,6 +426,12 @@ class ClassificationDataModule(L.LightningDataModule):
                 if len(unknown):
                     raise DataError(f"data.group: {len(unknown)} rows of the {name!r} subset have no group value "
                                     f"(first: row {int(unknown[0])}); evaluation rows need one. Fill or drop them")
+                present = np.unique(rows.groups[self.subsets[name]])
+                if name in ("val", "test") and len(self.subsets[name]) and len(present) < 2:
+                    rank_zero_warn(f"data.group: the {name!r} subset holds only group(s) "
+                                   f"{[rows.group_names[int(g)] for g in present]} of {rows.group_names}; its fairness "
+                                   "gaps are undefined (NaN). Check data.group_positive / data.group_threshold or the "
+                                   "split's ratios", category=UserWarning)
         held = np.concatenate([self.subsets[k] for k in ("val", "test") if k in self.subsets] or [np.array([], int)])
         train_side = np.setdiff1d(np.arange(len(rows.labels)), held)
         self.rows = rows
@@ -456,10 +478,7 @@ class ClassificationDataModule(L.LightningDataModule):
         return ClassificationSubset(idx, self._row, table, None)
 
     def _shard(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 1, 0
-        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+        return trainer_shard(self.trainer)
 
     def _loader_seed(self, seed_offset: int) -> int:
         """Seed of a shuffled loader from ``(seed, seed_offset)`` (the sampler adds the epoch)."""

@@ -176,7 +176,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         group_values = _column(dataset, self.group_column, "data.group_column", self.source)
         groups, group_names = (None, [])
         if group_values is not None:
-            groups, group_names = encode_groups(group_values, positive=self.group_positive)
+            groups, group_names = encode_groups(group_values, positive=self.group_positive,
+                                                key="data.group_column", where=f"{self.source}: ")
         self._x = _images(dataset, self.image_column, self.source, self.image_size)
         return SourceRows(labels=labels, class_names=names, groups=groups, group_names=group_names, is_test=is_test,
                           fine_labels=None if fine is None else encode_labels(fine, key="data.fine_label_column")[0])

@@ -18,7 +18,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableDataLoader", "ShardedSampler"]
+__all__ = ["ResumableDataLoader", "ShardedSampler", "trainer_shard"]
+
+
+def trainer_shard(trainer: Any) -> tuple[int, int]:
+    """``(num_replicas, rank)`` of ``trainer``'s data-parallel strategy (its ``distributed_sampler_kwargs``);
+    ``(1, 0)`` without a trainer or a data-parallel strategy."""
+    if trainer is None:
+        return 1, 0
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
 
 
 def _tail(order: list[int], pad: int) -> list[int]:

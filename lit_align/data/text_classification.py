@@ -138,7 +138,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         groups, group_names = (None, [])
         if self.group_column is not None:
             groups, group_names = encode_groups(self._values(rows, self.group_column, "data.group_column"),
-                                                positive=self.group_positive)
+                                                positive=self.group_positive, key="data.group_column",
+                                                where=f"{self.source}: ")
         self._texts = list(texts)
         return SourceRows(labels=labels, class_names=names, groups=groups, group_names=group_names, is_test=is_test)
 

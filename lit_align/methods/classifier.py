@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lit_align.classifiers import Backbone
 from lit_align.data.classification import TrainStreams
-from lit_align.errors import ConfigError, check_number
+from lit_align.errors import ConfigError, check_choice, check_number
 from lit_align.methods.classifier_base import ClassifierBase
 
 __all__ = ["ClassifierModule"]
@@ -49,8 +49,7 @@ class ClassifierModule(ClassifierBase):
             seed: seed of the network's initial weights (and of the training steps' dropout draws).
         """
         super().__init__(backbone, optimizer=optimizer, scheduler=scheduler, seed=seed)
-        if train_on not in ("train", "retain", "labelled"):
-            raise ConfigError(f"model.init_args.train_on must be one of 'train', 'retain', 'labelled', got {train_on!r}")
+        check_choice("model.init_args.train_on", train_on, ("train", "retain", "labelled"))
         check_number("model.init_args.label_smoothing", label_smoothing)
         if label_smoothing < 0:
             raise ConfigError(

@@ -94,12 +94,15 @@ class ClassifierBase(L.LightningModule):
         self.build(dm.input_shape, dm.num_classes, dm.num_groups)
 
     def build(self, input_shape: tuple[int, ...], num_classes: int, num_groups: int = 0) -> None:
-        """Make the network (seeded by ``seed``, the global generator left as it was) and the evaluation metrics
-        for ``num_classes`` classes and ``num_groups`` sensitive groups (fairness metrics when >= 2)."""
+        """Make the network (on the CPU, seeded by ``seed``, the global generators left as they were) and the
+        evaluation metrics for ``num_classes`` classes and ``num_groups`` sensitive groups (fairness metrics when
+        >= 2)."""
         if num_classes < 2:
             raise ConfigError(f"the data has {num_classes} class(es); a classifier needs at least 2 (check data.target "
                               "and data.split)")
-        with torch.random.fork_rng(devices=[]):
+        # on the CPU whatever the default device (configure_model runs in the strategy's device context): the same
+        # seed gives the same weights on every accelerator, no CUDA generator is touched; Lightning moves the net
+        with torch.device("cpu"), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.net = self.backbone.build(tuple(input_shape), num_classes)
         self.input_shape, self.num_classes, self.num_groups = tuple(input_shape), num_classes, num_groups

@@ -65,8 +65,9 @@ def mia_efficacy(member: np.ndarray, non_member: np.ndarray, target: np.ndarray,
     The attack: scikit-learn ``LogisticRegression`` on one standardised per-row score, trained to tell ``member``
     rows (label 1: the retain set, which the model trained on) from ``non_member`` rows (label 0: the test set),
     then applied to ``target`` (the forget set). The larger side is subsampled (``seed``) to the smaller's size, as
-    in Jia et al.'s (NeurIPS 2023) attack code, so chance is 50%; the result does not depend on the rows' order. A model that forgot the rows as well as Retrain
-    gives Retrain's value, not 100%.
+    in Jia et al.'s (NeurIPS 2023) attack code, so chance is 50%; the result does not depend on the rows' order. A
+    model that forgot the rows as well as Retrain gives Retrain's value, not 100%. Jia et al. fit an RBF-kernel SVM;
+    this is a single-threshold attack of the same family (see :class:`MIAEfficacy`).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -97,8 +98,10 @@ class MIAEfficacy(Metric):
 
     ``feature`` defaults to ``"confidence"``, the softmax probability of the true class: the "prediction
     confidence" attack of Jia et al. (NeurIPS 2023, "Model sparsity can simplify machine unlearning"), whose
-    MIA-efficacy SalUn's and UGradSL's tables report (they fit an SVM; a logistic regression on one score is the
-    same threshold rule). ``"entropy"`` and ``"loss"`` (cross-entropy) are the other scores of that family.
+    MIA-efficacy SalUn's and UGradSL's tables report. They fit an SVM (RBF kernel), which can carve several
+    intervals of the score; the logistic regression here is a single-threshold attack of the same family, so its
+    numbers are comparable in kind, not equal to theirs. ``"entropy"`` and ``"loss"`` (cross-entropy) are the other
+    scores of that family.
     """
 
     full_state_update = False

@@ -234,12 +234,15 @@ def test_evaluation_loaders_give_each_row_to_one_rank_without_padding():
     dm = _digits(batch_size=16)
     trainer = L.Trainer(accelerator="cpu", devices=7, strategy="ddp", logger=False)
     dm.trainer = trainer
-    for name, make in (("val", dm.val_dataloader), ("test", dm.test_dataloader)):
-        seen = []
-        for rank in range(7):
-            trainer.strategy.cluster_environment.set_global_rank(rank)
-            seen += _order(make())
-        assert len(dm.indices(name)) % 7 and sorted(seen) == dm.indices(name).tolist(), name
+    try:
+        for name, make in (("val", dm.val_dataloader), ("test", dm.test_dataloader)):
+            seen = []
+            for rank in range(7):
+                trainer.strategy.cluster_environment.set_global_rank(rank)
+                seen += _order(make())
+            assert len(dm.indices(name)) % 7 and sorted(seen) == dm.indices(name).tolist(), name
+    finally:
+        trainer.strategy.cluster_environment.set_global_rank(0)  # it also sets rank_zero_only.rank
     assert len(list(dm.loader("test", shuffle=True).sampler)) == 52  # padded for training: 359 -> 364 rows
 
 
@@ -328,6 +331,42 @@ def test_missing_columns_name_the_file_key_and_columns(tmp_path):
         TabularDataModule(path, target="income").setup()
     with pytest.raises(DataError, match=r"table\.csv: data\.group='race' is not a column.*'sex'"):
         TabularDataModule(path, target="label", group="race").setup()
+
+
+def test_target_or_group_among_the_features_is_refused(tmp_path):
+    """A label or sensitive attribute listed as a feature would leak into the inputs: a ConfigError naming the key."""
+    path = _csv(tmp_path, _table(tmp_path))
+    with pytest.raises(ConfigError, match=r"data\.features lists 'sex', which is data\.group.*remove 'sex'"):
+        TabularDataModule(path, target="label", group="sex", features=["a", "sex"]).setup()
+    with pytest.raises(ConfigError, match=r"data\.features lists 'label', which is data\.target"):
+        TabularDataModule(path, target="label", features=["a", "label"]).setup()
+    with pytest.raises(ConfigError, match=r"data\.categorical lists 'label', which is data\.target"):
+        TabularDataModule(path, target="label", categorical=["label"]).setup()
+
+
+def test_bad_categorical_group_threshold_and_group_positive_name_the_key(tmp_path):
+    frame = _table(tmp_path)
+    path = _csv(tmp_path, frame)
+    with pytest.raises(ConfigError, match=r"data\.categorical lists 'colour', which is not one of the features"):
+        TabularDataModule(path, target="label", features=["a", "b"], categorical=["colour"]).setup()
+    with pytest.raises(ConfigError, match=r"data\.categorical lists 'sex', which is data\.group"):
+        TabularDataModule(path, target="label", group="sex", categorical=["sex"]).setup()
+    first = frame["sex"].iloc[0]
+    with pytest.raises(DataError, match=rf"data\.group_threshold is set but data\.group has the non-numeric value "
+                                        rf"'{first}' \(row 0\)"):
+        TabularDataModule(path, target="label", group="sex", group_threshold=1.0).setup()
+    with pytest.raises(ConfigError, match=r"data\.group_positive='m' matches no row.*\['F', 'M'\]"):
+        TabularDataModule(path, target="label", group="sex", group_positive="m").setup()
+
+
+def test_a_val_or_test_subset_with_one_group_warns(tmp_path):
+    frame = _table(tmp_path)
+    frame["sex"] = "F"
+    frame.loc[:3, "sex"] = "M"  # 4 of 200 rows: the 20-row validation subset misses them
+    dm = TabularDataModule(_csv(tmp_path, frame), target="label", group="sex",
+                           split=HoldoutSplit(val_fraction=0.1, test_fraction=0.5, stratify=False))
+    with pytest.warns(UserWarning, match=r"the 'val' subset holds only group\(s\) \['F'\].*undefined"):
+        dm.setup()
 
 
 def test_bad_splits_are_config_errors():

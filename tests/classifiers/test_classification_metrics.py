@@ -65,8 +65,9 @@ def test_torchmetric_equals_the_function_and_merges_like_ddp():
 
 
 def test_unlearning_scores_in_percent():
-    """Forget: 1 of 4 right -> UA 75. Retain: 3 of 4 -> RA 75. Test: 2 of 4 -> TA 50. Retain rows are confident
-    (member), test rows not; forget rows look like test rows -> MIA 100."""
+    """Forget: 1 of 4 right -> UA 75. Retain: 3 of 4 -> RA 75. Test: 2 of 4 -> TA 50. Retain rows are mostly
+    confident (member), test rows near 0.5 (non-member); forget row 0 (true-class probability 0.9) looks like a
+    member, rows 1-3 (0.2) like non-members -> MIA 75 (the share of forget rows predicted non-member)."""
     y = torch.zeros(4, dtype=torch.long)
     forget = prediction_summary(_logits(np.array([0.9, 0.2, 0.2, 0.2]))[0].flip(-1), y)  # class 0 prob 0.9, 0.2...
     retain = prediction_summary(torch.tensor([[5.0, 0], [5, 0], [5, 0], [0, 5]]), y)
@@ -74,8 +75,17 @@ def test_unlearning_scores_in_percent():
     assert forget["accuracy"] == 0.25 and retain["accuracy"] == 0.75 and test["accuracy"] == 0.5
     scores = unlearning_scores(forget, retain, test, feature="confidence")
     assert scores["UA"] == pytest.approx(75) and scores["RA"] == pytest.approx(75) and scores["TA"] == pytest.approx(50)
-    assert set(scores) == {"UA", "RA", "TA", "MIA"} and 0 <= scores["MIA"] <= 100
+    assert set(scores) == {"UA", "RA", "TA", "MIA"} and scores["MIA"] == pytest.approx(75)
     assert unlearning_scores(forget, retain, test, feature="loss")["UA"] == pytest.approx(75)
+    # a clear-cut case for every feature: retain rows right and confident (loss <= 0.02), test rows unsure (loss
+    # 0.64-0.74); forget rows 0-1 like retain, 2-3 like test -> half predicted non-member: MIA 50
+    retain = prediction_summary(torch.tensor([[5.0, 0], [5, 0], [4, 0], [4, 0]]), y)
+    test = prediction_summary(torch.tensor([[0.1, 0], [0.1, 0], [0, 0.1], [0, 0.1]]), y)
+    forget = prediction_summary(torch.tensor([[5.0, 0], [4, 0], [0, 0.1], [0, 0.3]]), y)
+    for feature in ("confidence", "entropy", "loss"):
+        assert unlearning_scores(forget, retain, test, feature=feature)["MIA"] == pytest.approx(50), feature
+    forget = prediction_summary(torch.tensor([[0, 0.1], [0, 0.2], [0, 0.1], [0, 0.3]]), y)  # all like test rows
+    assert unlearning_scores(forget, retain, test, feature="loss")["MIA"] == pytest.approx(100)
 
 
 def test_avg_gap_by_hand():

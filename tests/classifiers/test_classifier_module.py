@@ -85,6 +85,12 @@ def test_building_is_seeded_idempotent_and_leaves_the_global_generator_alone():
     assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(x, y) for x, y in zip(a.net.parameters(), b.net.parameters()))
     assert not all(torch.equal(x, y) for x, y in zip(a.net.parameters(), c.net.parameters()))
+    # the strategy's device context (configure_model runs inside it) does not move the build off the CPU: the same
+    # seed gives the same weights on any accelerator (Lightning moves the net afterwards)
+    d = ClassifierModule(MLPBackbone(hidden=[8]), seed=0)
+    with torch.device("meta"):
+        d.build((5,), 3)
+    assert all(p.device.type == "cpu" and torch.equal(p, q) for p, q in zip(d.net.parameters(), a.net.parameters()))
     net = a.net
     a.configure_model()  # needs no data once built
     assert a.net is net
@@ -217,3 +223,19 @@ def test_load_from_checkpoint_rebuilds_the_network_from_the_checkpoint(tmp_path)
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     rows = dm.indices("test")[:16]
     torch.testing.assert_close(loaded.eval()(dm.features(rows)), module.eval()(dm.features(rows)))
+
+
+@pytest.mark.integration  # spawns 3 interpreters (about 10 s)
+def test_ddp_test_metrics_count_every_row_once(tmp_path):
+    """3 CPU ranks (digits: 359 test rows, 120/120/119 per rank, batches of 100) give the test accuracy and the
+    row-mean loss of one process: no padded row counted, the loss weighted by rows, not a mean of rank means."""
+    def run(devices: int) -> dict[str, float]:
+        dm = ImageClassificationDataModule(batch_size=64, eval_batch_size=100)
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        return trainer.test(ClassifierModule(MLPBackbone(hidden=[16]), seed=0), dm, verbose=False)[0]
+
+    single, spread = run(1), run(3)
+    assert spread["test/acc"] == pytest.approx(single["test/acc"], abs=1e-7)
+    assert spread["test/loss"] == pytest.approx(single["test/loss"], rel=1e-6)
