@@ -314,6 +314,7 @@ class ClassifierUnlearningModule(ClassifierBase):
         self._seconds_before = 0.0  # training seconds of earlier (resumed) segments
         self._train_start: float | None = None  # where the running batch's clock started
         self._save_began: float | None = None  # when a checkpoint save began during the running batch
+        self._in_batch = False  # between a training batch's start and the module's batch-end hook
 
     # -- streams, models --------------------------------------------------------------------------------------
     def train_streams(self) -> TrainStreams:
@@ -399,13 +400,16 @@ class ClassifierUnlearningModule(ClassifierBase):
     # writes and the fit-start / fit-end scoring stay out (the mark is reset at each epoch start and after each
     # validation run; a checkpoint saved at a batch's end stops that batch's clock where its saving began)
     def on_train_epoch_start(self) -> None:
-        self._train_start, self._save_began = time.perf_counter(), None
+        self._train_start, self._save_began, self._in_batch = time.perf_counter(), None, False
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._in_batch = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         if self._train_start is not None:
             self._seconds_before += (self._save_began or now) - self._train_start
-        self._train_start, self._save_began = now, None
+        self._train_start, self._save_began, self._in_batch = now, None, False
 
     def on_validation_end(self) -> None:
         if self._train_start is not None:
@@ -499,9 +503,11 @@ class ClassifierUnlearningModule(ClassifierBase):
     # -- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self._train_start is not None and self._save_began is None:
-            self._save_began = time.perf_counter()
-        running = self._save_began - self._train_start if self._train_start is not None else 0.0
+        running = 0.0
+        if self._in_batch and self._train_start is not None:  # saved at a batch's end: that batch counts
+            if self._save_began is None:
+                self._save_began = time.perf_counter()
+            running = self._save_began - self._train_start
         checkpoint["classifier_unlearning"] = {"seconds": self._seconds() + running}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
