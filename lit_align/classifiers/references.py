@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,14 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lit_align.checkpoint import atomic_write, atomic_write_text
 from lit_align.errors import ConfigError, MissingPathError, check_int
 from lit_align.paths import cache_root
 
-__all__ = ["REFERENCE_SEED_OFFSET", "Reference", "ReferenceTraining", "fingerprint", "load_weights",
-           "obtain_reference", "train_reference"]
+__all__ = ["REFERENCE_SEED_OFFSET", "Reference", "ReferenceTraining", "cache_file", "content_hash", "fingerprint",
+           "load_weights", "obtain_reference", "train_reference"]
 
 #: ``seed_offset`` of the reference-training loaders (apart from the unlearning run's own streams).
 REFERENCE_SEED_OFFSET = 7919
@@ -101,28 +103,49 @@ def _digest(values: Any) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode()).hexdigest()
 
 
+#: DataModule settings that do not change what a reference learns (left out of the fingerprint)
+_RUNTIME_SETTINGS = ("batch_size", "eval_batch_size", "num_workers")
+
+
 def _datamodule_identity(dm: Any) -> dict[str, Any]:
-    """The DataModule's class and its plain settings (source, path, columns, split ...), for the fingerprint."""
-    plain = (str, int, float, bool, type(None), list, tuple)
-    settings = {k: v for k, v in vars(dm).items()
-                if not k.startswith("_") and isinstance(v, plain) and k not in ("batch_size", "eval_batch_size",
-                                                                               "num_workers", "prepare_data_per_node")}
-    return {"class": f"{type(dm).__module__}.{type(dm).__qualname__}", "settings": settings,
-            "split": repr(getattr(dm, "split", None)), "input_shape": list(dm.input_shape),
-            "num_classes": dm.num_classes}
+    """The DataModule's class and init arguments (``hparams``: source, path, columns, split ...; not the loader
+    settings), for the fingerprint. Attributes set later (e.g. the attached trainer) are not part of it."""
+    hparams = {k: repr(v) for k, v in sorted(dict(getattr(dm, "hparams", {})).items()) if k not in _RUNTIME_SETTINGS}
+    return {"class": f"{type(dm).__module__}.{type(dm).__qualname__}", "hparams": hparams,
+            "input_shape": list(dm.input_shape), "num_classes": dm.num_classes}
+
+
+def _update(digest: Any, value: Any) -> None:
+    """Feed a features value (a tensor, or a dict of tensors for text) into ``digest``."""
+    if isinstance(value, dict):
+        for k in sorted(value):
+            digest.update(k.encode())
+            _update(digest, value[k])
+    else:
+        tensor = torch.as_tensor(value).detach().cpu().contiguous()
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
+def content_hash(dm: Any, rows: np.ndarray, chunk: int = 1024) -> str:
+    """SHA-256 of the features (``dm.features``, in chunks of ``chunk`` rows) and labels of ``rows``: a changed
+    data file, hub revision or preprocessing changes it even when the DataModule's settings do not."""
+    digest = hashlib.sha256()
+    for start in range(0, len(rows), chunk):
+        _update(digest, dm.features(rows[start:start + chunk]))
+    digest.update(dm.labels(rows).numpy().astype(np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def fingerprint(backbone: Any, dm: Any, subset: str, training: ReferenceTraining, seed: int) -> str:
-    """A hex key for a trained reference: SHA-256 over the backbone (``repr``), the DataModule's class, settings,
-    split and shapes, the subset's row indices and labels, the training settings and the seed. Change any and the
-    reference is trained again."""
+    """A hex key for a trained reference: SHA-256 over the backbone (``repr``), the DataModule's class, init
+    arguments and shapes, the subset's row indices, the content of those rows (features and labels,
+    :func:`content_hash`), the training settings and the seed. Change any and the reference is trained again."""
     rows = np.asarray(dm.indices(subset), dtype=np.int64)
-    labels = dm.labels(rows).numpy()
     return _digest({"backbone": repr(backbone), "data": _datamodule_identity(dm), "subset": subset,
-                    "rows": hashlib.sha256(rows.tobytes()).hexdigest(),
-                    "labels": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest(),
+                    "rows": hashlib.sha256(rows.tobytes()).hexdigest(), "content": content_hash(dm, rows),
                     "training": {k: v for k, v in asdict(training).items() if k != "cache_dir"}, "seed": seed,
-                    "format": 1})
+                    "format": 2})
 
 
 def train_reference(backbone: Any, dm: Any, subset: str, training: ReferenceTraining, seed: int,
@@ -130,7 +153,7 @@ def train_reference(backbone: Any, dm: Any, subset: str, training: ReferenceTrai
     """Train a fresh ``backbone`` network on ``subset`` of the set-up DataModule ``dm`` (see the module docstring
     for the loop). Returns ``(net in eval mode, wall seconds)``."""
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with _forked_rng(device):
         torch.manual_seed(seed)
         net = backbone.build(tuple(dm.input_shape), dm.num_classes).to(device)
         loader = dm.loader(subset, shuffle=True, batch_size=training.batch_size,
@@ -144,15 +167,28 @@ def train_reference(backbone: Any, dm: Any, subset: str, training: ReferenceTrai
         net.train()
         for epoch in range(training.epochs):
             loader.sampler.set_epoch(epoch)
+            total, count = 0.0, 0
             for batch in loader:
                 batch = move_data_to_device(batch, device)
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(net(batch["x"]), batch["y"]).backward()
+                loss = F.cross_entropy(net(batch["x"]), batch["y"])
+                loss.backward()
                 opt.step()
+                total, count = total + float(loss.detach()) * len(batch["y"]), count + len(batch["y"])
             if sched is not None:
                 sched.step()
+            rank_zero_info(f"reference on {subset!r}: epoch {epoch + 1}/{training.epochs}, mean loss "
+                           f"{total / max(count, 1):.4f}, {time.perf_counter() - start:.0f} s")
     net.eval().requires_grad_(False)
     return net, time.perf_counter() - start
+
+
+def _forked_rng(device: torch.device | str) -> Any:
+    """``torch.random.fork_rng`` over the CPU generator and, on CUDA, ``device``'s: seeding inside leaves the
+    caller's generators as they were."""
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
 
 
 def load_weights(net: nn.Module, path: str | Path, key: str) -> None:
@@ -168,7 +204,13 @@ def load_weights(net: nn.Module, path: str | Path, key: str) -> None:
 
         state = load_file(str(path))
     else:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ConfigError(f"{key}: {path} cannot be read with torch.load(weights_only=True): it holds objects that "
+                              f"are not allowed ({str(err).splitlines()[0]}); save the network's state dict as "
+                              f".safetensors (safetensors.torch.save_file(net.state_dict(), ...)) and give that file"
+                              ) from err
         state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
         if not isinstance(state, dict):
             raise ConfigError(f"{key}: {path} holds no state dict")
@@ -193,6 +235,14 @@ def _save(net: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, sort_keys=True))
 
 
+def cache_file(kind: Literal["original", "retrain"], backbone: Any, dm: Any, training: ReferenceTraining,
+               seed: int) -> Path:
+    """Where the trained ``kind`` reference is cached (its ``.json`` sidecar beside it); ``seed`` is the one used
+    (``training.seed`` when set)."""
+    folder = Path(training.cache_dir).expanduser() if training.cache_dir else cache_root() / "classifier_references"
+    return folder / f"{kind}-{fingerprint(backbone, dm, SUBSETS[kind], training, seed)[:32]}.safetensors"
+
+
 def obtain_reference(kind: Literal["original", "retrain"], path: str | None, backbone: Any, dm: Any,
                      training: ReferenceTraining, seed: int, device: torch.device | str = "cpu",
                      key: str | None = None) -> Reference:
@@ -208,8 +258,7 @@ def obtain_reference(kind: Literal["original", "retrain"], path: str | None, bac
         load_weights(net, path, key)
         return Reference(net.to(device).eval().requires_grad_(False), "file", None, str(path))
     subset = SUBSETS[kind]
-    folder = Path(training.cache_dir).expanduser() if training.cache_dir else cache_root() / "classifier_references"
-    file = folder / f"{kind}-{fingerprint(backbone, dm, subset, training, seed)[:32]}.safetensors"
+    file = cache_file(kind, backbone, dm, training, seed)
     if file.is_file() and file.with_suffix(".json").is_file():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

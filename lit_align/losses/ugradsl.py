@@ -23,10 +23,41 @@ from torch import Tensor
 from lit_align.errors import ConfigError
 from lit_align.losses.unlearning import gls_cross_entropy
 
-__all__ = ["AlphaSign", "Normalize", "adaptive_alpha", "check_retain_weight", "feature_distances", "ugradsl_objective"]
+__all__ = ["AlphaBy", "AlphaSign", "Normalize", "adaptive_alpha", "check_adaptive", "check_alpha", "check_normalize",
+           "check_retain_weight", "feature_distances", "ugradsl_objective"]
 
 Normalize = Literal["mean", "sum"]
 AlphaSign = Literal["negative", "positive"]
+AlphaBy = Literal["forget", "retain"]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_alpha(alpha: object, key: str = "alpha") -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``alpha`` is ``None`` (adaptive) or a finite number <= 1."""
+    if alpha is not None and not (_number(alpha) and alpha <= 1):
+        raise ConfigError(f"{key} must be a finite number <= 1 (the GLS rate; < 0 is negative smoothing, e.g. -0.5) "
+                          f"or null (adaptive alpha), got {alpha!r}")
+
+
+def check_adaptive(beta: object, sign: object, by: object = "forget", max_abs: object = None,
+                   prefix: str = "") -> None:
+    """Raise :class:`ConfigError` naming ``{prefix}beta`` / ``adaptive_alpha_sign`` / ``adaptive_alpha_by`` /
+    ``max_abs_alpha`` unless they are valid settings of :func:`adaptive_alpha`."""
+    if not (_number(beta) and 0.0 <= beta <= 1.0):
+        raise ConfigError(f"{prefix}beta (the adaptive-alpha distance threshold) must be in [0, 1], the range of the "
+                          f"feature distance (1 - cos) / 2; got {beta!r}")
+    if sign not in ("negative", "positive"):
+        raise ConfigError(f"{prefix}adaptive_alpha_sign must be 'negative' or 'positive' (the paper's sign is not "
+                          f"found; see adaptive_alpha), got {sign!r}")
+    if by not in ("forget", "retain"):
+        raise ConfigError(f"{prefix}adaptive_alpha_by must be 'forget' (c_j / |B_f|, the paper's) or 'retain' "
+                          f"(c_j / |B_r|, bounded by 1), got {by!r}")
+    if max_abs is not None and not (_number(max_abs) and max_abs > 0):
+        raise ConfigError(f"{prefix}max_abs_alpha must be a number > 0 (a cap on |alpha_j|) or null (no cap), "
+                          f"got {max_abs!r}")
 
 
 def check_retain_weight(p: object, key: str = "p") -> None:
@@ -36,9 +67,10 @@ def check_retain_weight(p: object, key: str = "p") -> None:
                           f"[0, 1] (0: forget term only, like gradient ascent; 1: retain fine-tuning only), got {p!r}")
 
 
-def _check_normalize(normalize: object) -> None:
+def check_normalize(normalize: object, key: str = "normalize") -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``normalize`` is ``mean`` or ``sum``."""
     if normalize not in ("mean", "sum"):
-        raise ConfigError(f"normalize must be 'mean' (each term a batch mean: p weighs the two sets whatever their "
+        raise ConfigError(f"{key} must be 'mean' (each term a batch mean: p weighs the two sets whatever their "
                           f"batch sizes) or 'sum' (the paper's per-batch sums), got {normalize!r}")
 
 
@@ -84,11 +116,11 @@ def ugradsl_objective(
     Returns:
         ``(loss, metrics)``, metrics detached: ``retain_term`` (``p R(CE_r)``) and ``forget_term``
         (``-(1 - p) R(l_GLS)``), whose sum is the loss; ``retain_ce`` (mean CE on the retain batch), ``forget_gls``
-        (mean ``l_GLS``), ``forget_ce`` (mean CE of the true forget labels: rises as the model forgets) and
-        ``alpha`` (mean rate), for the parts given.
+        (mean ``l_GLS``), ``forget_ce`` (mean CE of the true forget labels: rises as the model forgets),
+        ``alpha`` (mean rate) and ``alpha_min`` (the most negative rate), for the parts given.
     """
     check_retain_weight(p)
-    _check_normalize(normalize)
+    check_normalize(normalize)
     has_forget, has_retain = forget_logits is not None, retain_logits is not None
     if p < 1 and not has_forget:
         raise ValueError(f"p = {p} < 1 weighs the forget term, but no forget batch was given")
@@ -111,7 +143,8 @@ def ugradsl_objective(
         metrics["forget_gls"] = gls_f.detach() / max(scale, 1)
         metrics["forget_ce"] = F.cross_entropy(forget_logits.detach().float(), forget_labels)
         metrics["forget_term"] = forget_term.detach()
-        metrics["alpha"] = alpha.detach().float().mean() if isinstance(alpha, Tensor) else torch.tensor(float(alpha))
+        rates = alpha.detach().float() if isinstance(alpha, Tensor) else torch.tensor(float(alpha))
+        metrics["alpha"], metrics["alpha_min"] = rates.mean(), rates.min()
         if p < 1:
             terms.append(forget_term)
     loss = torch.stack(terms).sum() if len(terms) > 1 else terms[0]
@@ -145,7 +178,8 @@ def feature_distances(forget_features: Tensor, retain_features: Tensor) -> Tenso
 
 
 def adaptive_alpha(
-    forget_features: Tensor, retain_features: Tensor, *, beta: float, sign: AlphaSign = "negative"
+    forget_features: Tensor, retain_features: Tensor, *, beta: float, sign: AlphaSign = "negative",
+    by: AlphaBy = "forget", max_abs: float | None = None,
 ) -> Tensor:
     """UGradSL's adaptive smoothing rate per forget sample (used when no fixed alpha is configured).
 
@@ -157,28 +191,31 @@ def adaptive_alpha(
     **The sign is NOT FOUND in the sources.** As written the rule gives ``alpha_j >= 0`` (positive smoothing), yet
     the method is named for negative smoothing, ``alpha < 0``. ``sign="negative"`` (default, our choice, consistent
     with the method's premise) returns ``-c_j / |B_f|``; ``sign="positive"`` returns the formula as written,
-    capped at 1 (the GLS target's true-class weight ``1 - alpha`` must stay >= 0; ``c_j`` counts retain samples
-    but is divided by the forget batch size, so it can exceed 1 when the retain batch is the larger). The
-    normalisation by ``|B_f|`` is kept as the paper states it.
+    capped at 1 (the GLS target's true-class weight ``1 - alpha`` must stay >= 0).
+
+    **Scale.** ``c_j`` counts retain samples but is divided by the forget batch size (``by="forget"``, the paper's
+    formula, default), so ``|alpha_j|`` reaches ``|B_r| / |B_f|``: a last forget batch of 1 row beside 64 retain
+    rows gives ``alpha = -64``. ``by="retain"`` divides by ``|B_r|`` instead (``|alpha_j| <= 1``), and ``max_abs``
+    caps ``|alpha_j|`` (``None``: no cap, the paper's). The module logs ``train/alpha_min``.
 
     Hand check: one forget sample ``[1, 0]``, retain ``[[1, 0], [1, 1], [-1, 0]]`` (distances ``0, 0.146, 1``),
-    ``beta = 0.2``: ``c = 2`` and ``alpha = -2`` (``"negative"``), ``1`` (``"positive"``, capped from 2).
+    ``beta = 0.2``: ``c = 2`` and ``alpha = -2`` (``"negative"``), ``1`` (``"positive"``, capped from 2);
+    ``by="retain"``: ``-2/3``; ``max_abs=1.5``: ``-1.5``.
 
     Args:
         forget_features: (B_f, D) features of the forget batch.
         retain_features: (B_r, D) features of the retain batch.
         beta: distance threshold in [0, 1].
         sign: ``"negative"`` or ``"positive"`` (see above).
+        by: ``"forget"`` (divide by ``|B_f|``) or ``"retain"`` (by ``|B_r|``).
+        max_abs: cap on ``|alpha_j|``, > 0, or ``None``.
 
     Returns:
         (B_f,) float rates, no gradient.
     """
-    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0.0 <= beta <= 1.0):
-        raise ConfigError(f"beta (the adaptive-alpha distance threshold) must be in [0, 1], the range of the feature "
-                          f"distance (1 - cos) / 2; got {beta!r}")
-    if sign not in ("negative", "positive"):
-        raise ConfigError(f"adaptive_alpha_sign must be 'negative' or 'positive' (the paper's sign is not found; "
-                          f"see adaptive_alpha), got {sign!r}")
+    check_adaptive(beta, sign, by, max_abs)
     counts = (feature_distances(forget_features, retain_features) <= beta).sum(-1).float()  # (B_f,)
-    rate = counts / forget_features.shape[0]
+    rate = counts / (forget_features.shape[0] if by == "forget" else retain_features.shape[0])
+    if max_abs is not None:
+        rate = rate.clamp(max=float(max_abs))
     return -rate if sign == "negative" else rate.clamp(max=1.0)

@@ -19,10 +19,20 @@ from torch import Tensor, nn
 
 from lit_align.checkpoint import atomic_write_text
 from lit_align.classifiers.backbones import Backbone, final_linear
-from lit_align.classifiers.references import ReferenceTraining, obtain_reference
+from lit_align.classifiers.references import ReferenceTraining, cache_file, obtain_reference
 from lit_align.data.classification import TrainStreams
 from lit_align.errors import ConfigError
-from lit_align.losses.ugradsl import AlphaSign, Normalize, adaptive_alpha, check_retain_weight, ugradsl_objective
+from lit_align.losses.ugradsl import (
+    AlphaBy,
+    AlphaSign,
+    Normalize,
+    adaptive_alpha,
+    check_adaptive,
+    check_alpha,
+    check_normalize,
+    check_retain_weight,
+    ugradsl_objective,
+)
 from lit_align.methods.classifier_base import ClassifierBase
 from lit_align.metrics.classification import MIAFeature, avg_gap, prediction_summary, unlearning_scores
 from lit_align.modes import eval_mode
@@ -59,6 +69,8 @@ class UnlearningRule:
     """Whether :class:`Part.features` must be computed."""
     smooths = False
     """Whether the rule smooths labels itself (then PyTorch's ``label_smoothing`` is refused)."""
+    uses_label_smoothing = False
+    """Whether the rule applies the module's ``label_smoothing`` (refused > 0 otherwise, never silently ignored)."""
 
     def streams(self) -> TrainStreams:
         raise NotImplementedError
@@ -79,7 +91,8 @@ class _GLSRule(UnlearningRule):
     smooths = True
 
     def __init__(self, alpha: float | None = -0.5, p: float = 0.5, normalize: Normalize = "mean", beta: float = 0.5,
-                 adaptive_alpha_sign: AlphaSign = "negative") -> None:
+                 adaptive_alpha_sign: AlphaSign = "negative", adaptive_alpha_by: AlphaBy = "forget",
+                 max_abs_alpha: float | None = None) -> None:
         """
         Args:
             alpha: the GLS rate of the forget targets, <= 1 (< 0: negative smoothing); ``None``: adaptive per forget
@@ -89,20 +102,17 @@ class _GLSRule(UnlearningRule):
             normalize: ``mean`` (each term a batch mean, default) or ``sum`` (the paper's sums).
             beta: distance threshold in [0, 1] of the adaptive alpha (used when ``alpha`` is None). NOT FOUND.
             adaptive_alpha_sign: ``negative`` (ours) or ``positive`` (the formula as written); NOT FOUND.
+            adaptive_alpha_by: the adaptive count's divisor: ``forget`` (``|B_f|``, the paper's; ``|alpha|`` can
+                reach ``|B_r| / |B_f|``, e.g. 64 for a last forget batch of one row) or ``retain`` (``|B_r|``).
+            max_abs_alpha: a cap on the adaptive ``|alpha_j|`` (``None``: none, the paper's).
         """
-        if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha <= 1):
-            raise ConfigError(f"{_RULE_KEY}.alpha must be a finite number <= 1 (the GLS rate; < 0 is negative "
-                              f"smoothing, e.g. -0.5) or null (adaptive alpha), got {alpha!r}")
+        check_alpha(alpha, f"{_RULE_KEY}.alpha")
         check_retain_weight(p, f"{_RULE_KEY}.p")
-        if normalize not in ("mean", "sum"):
-            raise ConfigError(f"{_RULE_KEY}.normalize must be 'mean' or 'sum', got {normalize!r}")
-        if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
-            raise ConfigError(f"{_RULE_KEY}.beta must be in [0, 1] (the range of the feature distance), got {beta!r}")
-        if adaptive_alpha_sign not in ("negative", "positive"):
-            raise ConfigError(f"{_RULE_KEY}.adaptive_alpha_sign must be 'negative' or 'positive', got "
-                              f"{adaptive_alpha_sign!r}")
+        check_normalize(normalize, f"{_RULE_KEY}.normalize")
+        check_adaptive(beta, adaptive_alpha_sign, adaptive_alpha_by, max_abs_alpha, prefix=f"{_RULE_KEY}.")
         self.alpha, self.p, self.normalize = alpha, float(p), normalize
         self.beta, self.adaptive_alpha_sign = float(beta), adaptive_alpha_sign
+        self.adaptive_alpha_by, self.max_abs_alpha = adaptive_alpha_by, max_abs_alpha
 
     @property
     def needs_features(self) -> bool:  # type: ignore[override]
@@ -112,7 +122,8 @@ class _GLSRule(UnlearningRule):
         forget, retain = parts["forget"], parts["retain"]
         alpha: float | Tensor = self.alpha
         if alpha is None:
-            alpha = adaptive_alpha(forget.features, retain.features, beta=self.beta, sign=self.adaptive_alpha_sign)
+            alpha = adaptive_alpha(forget.features, retain.features, beta=self.beta, sign=self.adaptive_alpha_sign,
+                                   by=self.adaptive_alpha_by, max_abs=self.max_abs_alpha)
         return ugradsl_objective(forget.logits, forget.labels, retain.logits, retain.labels, alpha=alpha, p=self.p,
                                  normalize=self.normalize)
 
@@ -147,6 +158,8 @@ class GradientAscent(UnlearningRule):
 class FineTune(UnlearningRule):
     """FT: fine-tuning on the retain set only (catastrophic forgetting of D_f; UGradSL with ``p = 1``)."""
 
+    uses_label_smoothing = True
+
     def streams(self) -> TrainStreams:
         return TrainStreams(("retain",))
 
@@ -163,6 +176,8 @@ class RandomLabels(UnlearningRule):
     forget row relabelled to a random *wrong* class, fixed per row for the run (drawn from ``seed``): SalUn's
     code trains on the concatenation of the relabelled forget set and the retain set, which is the ``train``
     stream here (``TrainStreams(("train",))``). Loss: mean cross-entropy over the batch."""
+
+    uses_label_smoothing = True
 
     def __init__(self) -> None:
         self._wrong: Tensor | None = None  # (max index + 1,) the wrong label of each forget row, -1 elsewhere
@@ -237,10 +252,12 @@ class ClassifierUnlearningModule(ClassifierBase):
 
     Reported (the goal is closeness to Retrain, not the largest UA, §2(h)5): at the end of fit and in ``test``,
     UA, RA, TA, MIA-efficacy (:func:`~lit_align.metrics.classification.unlearning_scores`; TA on ``test_retain``
-    for class-wise forgetting), the unlearning run time (``seconds``: training-loop wall time, summed over resumed
-    segments) and ``avg_gap`` to Retrain, for the unlearned model and for the original and Retrain models (whose
-    ``seconds`` is Retrain's training time); logged under ``unlearn/...`` and written to
-    ``<log_dir>/classifier_unlearning.json`` and ``.csv`` (rank 0). ``self.report`` holds the same dict.
+    for class-wise forgetting), the unlearning run time (``seconds``: wall time of the training batches only,
+    validation and checkpoint writes left out, summed over resumed segments) and ``avg_gap`` to Retrain, for the
+    unlearned model and for the original and Retrain models (their ``seconds`` is the training time of the plain
+    loop of :func:`~lit_align.classifiers.references.train_reference`, no Lightning: not directly comparable with
+    the unlearning time); logged under ``unlearn/...`` and written to ``<log_dir>/classifier_unlearning.json`` and
+    ``.csv`` (rank 0). ``self.report`` holds the same dict.
     Logged each step: ``train/loss`` and the rule's metrics (``train/retain_term``, ``train/forget_term``, ...).
 
     Run: ``lit-align fit --config configs/ugradsl_cls/class_wise_digits.yaml``.
@@ -284,6 +301,9 @@ class ClassifierUnlearningModule(ClassifierBase):
             raise ConfigError(f"model.init_args.label_smoothing={label_smoothing} and {type(rule).__name__}'s alpha both "
                               f"smooth labels; UGradSL's smoothing is the rule's alpha "
                               f"({_RULE_KEY}.alpha): set model.init_args.label_smoothing to 0")
+        if label_smoothing and not rule.smooths and not rule.uses_label_smoothing:
+            raise ConfigError(f"model.init_args.label_smoothing={label_smoothing} is not used by "
+                              f"{type(rule).__name__} (only FineTune and RandomLabels apply it): set it to 0")
         self.rule, self.original, self.retrain = rule, original, retrain
         self.reference_training = reference_training or ReferenceTraining()
         self.label_smoothing, self.mia_feature = float(label_smoothing), mia_feature
@@ -292,7 +312,9 @@ class ClassifierUnlearningModule(ClassifierBase):
         self._retrain_report: dict[str, float] | None = None
         self._original_report: dict[str, float] | None = None
         self._seconds_before = 0.0  # training seconds of earlier (resumed) segments
-        self._train_start: float | None = None
+        self._train_start: float | None = None  # where the running batch's clock started
+        self._save_began: float | None = None  # when a checkpoint save began during the running batch
+        self._in_batch = False  # between a training batch's start and the module's batch-end hook
 
     # -- streams, models --------------------------------------------------------------------------------------
     def train_streams(self) -> TrainStreams:
@@ -306,20 +328,28 @@ class ClassifierUnlearningModule(ClassifierBase):
         self._original_loaded = True
 
     def _reference(self, kind: str):
-        """The ``kind`` reference on the accelerator (rank 0 trains or loads it first, so the cache entry is written
-        once). ``configure_model`` runs under Lightning's default-device context (tensors made on the accelerator);
-        the reference code places its tensors itself, so it runs under a CPU default (CPU generators, loaders)."""
+        """The ``kind`` reference on the accelerator. ``configure_model`` runs under Lightning's default-device
+        context (tensors made on the accelerator); the reference code places its tensors itself, so it runs under a
+        CPU default (CPU generators, loaders).
+
+        With several processes a missing reference is an error rather than trained on rank 0 while the others
+        wait at a barrier (a long training would pass the process group's timeout): train the references first
+        (one process, or ClassifierModule with ``train_on: train`` / ``retain``) and give them in ``original`` /
+        ``retrain``, or fill the cache with a single-process run of the same config."""
         dm, path, device = self.trainer.datamodule, getattr(self, kind), self.trainer.strategy.root_device
-
-        def get():
-            with torch.device("cpu"):
-                return obtain_reference(kind, path, self.backbone, dm, self.reference_training, self.seed, device)
-
-        if self.trainer.world_size > 1:
-            if self.trainer.is_global_zero:
-                get()
-            self.trainer.strategy.barrier("classifier_reference")
-        return get()
+        training = self.reference_training
+        if path is None and self.trainer.world_size > 1:
+            seed = training.seed if training.seed is not None else self.seed
+            file = cache_file(kind, self.backbone, dm, training, seed)
+            if not (file.is_file() and file.with_suffix(".json").is_file()):
+                raise ConfigError(
+                    f"model.init_args.{kind} is null and the {kind} reference is not in the cache ({file}); with "
+                    f"{self.trainer.world_size} processes it is not trained here (rank 0 alone would train it while "
+                    f"the others wait past the process group's timeout). Train it first: run the same config in one "
+                    f"process (devices: 1) to fill the cache, or train a ClassifierModule with train_on: "
+                    f"{'train' if kind == 'original' else 'retain'} and give its checkpoint in model.init_args.{kind}")
+        with torch.device("cpu"):
+            return obtain_reference(kind, path, self.backbone, dm, training, self.seed, device)
 
     def weight_mask_model(self) -> nn.Module:
         """:class:`~lit_align.callbacks.WeightMask`'s hook: the network whose weights are masked."""
@@ -365,15 +395,32 @@ class ClassifierUnlearningModule(ClassifierBase):
         self.rule.prepare(self.trainer.datamodule, self.seed)
         self._reference_reports()
 
-    def on_train_start(self) -> None:
-        self._train_start = time.perf_counter()
+    # run time: the training batches only (data fetch, forward, backward, optimiser step, the callbacks' batch
+    # hooks), from the end of the batch before (or the epoch's start) to the batch's end; validation, checkpoint
+    # writes and the fit-start / fit-end scoring stay out (the mark is reset at each epoch start and after each
+    # validation run; a checkpoint saved at a batch's end stops that batch's clock where its saving began)
+    def on_train_epoch_start(self) -> None:
+        self._train_start, self._save_began, self._in_batch = time.perf_counter(), None, False
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._in_batch = True
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._train_start is not None:
+            self._seconds_before += (self._save_began or now) - self._train_start
+        self._train_start, self._save_began, self._in_batch = now, None, False
+
+    def on_validation_end(self) -> None:
+        if self._train_start is not None:
+            self._train_start = time.perf_counter()
 
     def _seconds(self) -> float:
-        running = time.perf_counter() - self._train_start if self._train_start is not None else 0.0
-        return self._seconds_before + running
+        """Training seconds so far (summed over resumed segments; see the hooks above)."""
+        return self._seconds_before
 
     def on_train_end(self) -> None:
-        self._seconds_before, self._train_start = self._seconds(), None
+        self._train_start = None
         self._finish(stage="fit")
 
     def on_test_start(self) -> None:
@@ -413,6 +460,13 @@ class ClassifierUnlearningModule(ClassifierBase):
         self._retrain_report = {**self._scores(retrain.net), "seconds": float(retrain.seconds or float("nan"))}
         self._original_report = {**self._scores(original.net), "seconds": float(original.seconds or float("nan"))}
 
+    def current_scores(self) -> dict[str, float]:
+        """The unlearned network's scores now (UA, RA, TA, MIA, training ``seconds`` so far, ``avg_gap`` to Retrain);
+        callable from fit start on (e.g. at epoch ends, to score several epoch counts in one run)."""
+        self._reference_reports()
+        scores = {**self._scores(self.net), "seconds": self._seconds()}
+        return {**scores, "avg_gap": avg_gap(scores, self._retrain_report)}
+
     def _finish(self, stage: str) -> None:
         scores = {**self._scores(self.net), "seconds": self._seconds()}
         report = {"unlearned": scores, "original": dict(self._original_report), "retrain": dict(self._retrain_report)}
@@ -449,7 +503,12 @@ class ClassifierUnlearningModule(ClassifierBase):
     # -- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["classifier_unlearning"] = {"seconds": self._seconds()}
+        running = 0.0
+        if self._in_batch and self._train_start is not None:  # saved at a batch's end: that batch counts
+            if self._save_began is None:
+                self._save_began = time.perf_counter()
+            running = self._save_began - self._train_start
+        checkpoint["classifier_unlearning"] = {"seconds": self._seconds() + running}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -44,20 +44,75 @@ def test_trained_once_then_cached(tmp_path, dm):
         assert (first.net(dm.features(forget)).argmax(-1) == 3).float().mean() < 0.05
 
 
-def test_load_lightning_checkpoint_and_errors(tmp_path):
-    """A Lightning checkpoint of a classifier method (state_dict keys under ``net.``) loads with weights_only; a
-    missing file and a file of another backbone are errors naming the key."""
-    net = MLPBackbone(hidden=[8]).build((4,), 3)
+def test_load_lightning_checkpoint_and_errors(tmp_path, dm):
+    """A real Lightning checkpoint of ClassifierModule (ERM on ``retain``, built in Python: its hparams hold the
+    backbone object) loads with weights_only; a file with objects weights_only refuses, a missing file and a file of
+    another backbone are ConfigErrors naming the key (R1 finding 3)."""
+    import lightning as L
+
+    from lit_align.methods import ClassifierModule
+
+    module = ClassifierModule(MLPBackbone(hidden=[8]), train_on="retain")
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, dm)
     path = tmp_path / "erm.ckpt"
-    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "epoch": 1}, path)
-    fresh = MLPBackbone(hidden=[8]).build((4,), 3)
+    trainer.save_checkpoint(path)
+    fresh = MLPBackbone(hidden=[8]).build((1, 8, 8), 10)
     load_weights(fresh, path, "model.init_args.retrain")
-    for a, b in zip(fresh.state_dict().values(), net.state_dict().values()):
+    for a, b in zip(fresh.state_dict().values(), module.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": module.net.state_dict(), "dm_settings": _Opaque()}, pickled)
+    with pytest.raises(ConfigError, match=r"model.init_args.original: .*weights_only.*\.safetensors"):
+        load_weights(fresh, pickled, "model.init_args.original")
     with pytest.raises(MissingPathError, match="model.init_args.retrain"):
         load_weights(fresh, tmp_path / "none.safetensors", "model.init_args.retrain")
     with pytest.raises(ConfigError, match="model.init_args.retrain.*does not fit"):
-        load_weights(MLPBackbone(hidden=[9]).build((4,), 3), path, "model.init_args.retrain")
+        load_weights(MLPBackbone(hidden=[9]).build((1, 8, 8), 10), path, "model.init_args.retrain")
+
+
+class _Opaque:
+    """An object torch.load(weights_only=True) does not allow."""
+
+
+def test_fingerprint_ignores_the_trainer_and_sees_the_content(tmp_path, dm):
+    """R1 finding 5: attaching a trainer (fit) leaves the key unchanged; a data file whose features change under
+    the same path, settings, rows and labels changes it."""
+    import lightning as L
+
+    from lit_align.data import TabularDataModule
+    from lit_align.methods import ClassifierModule
+
+    training = ReferenceTraining(epochs=1, cache_dir=str(tmp_path))
+    before = fingerprint(MLPBackbone(hidden=[16]), dm, "retain", training, 0)
+    L.Trainer(default_root_dir=tmp_path, max_steps=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False).fit(
+        ClassifierModule(MLPBackbone(hidden=[8])), dm)
+    assert dm.trainer is not None
+    assert fingerprint(MLPBackbone(hidden=[16]), dm, "retain", training, 0) == before
+    csv = tmp_path / "rows.csv"
+
+    def keyed(b_of_row_5: int) -> str:
+        rows = [(i, b_of_row_5 if i == 5 else i % 7, i % 2) for i in range(60)]
+        csv.write_text("a,b,y\n" + "".join(f"{a},{b},{y}\n" for a, b, y in rows))
+        tab = TabularDataModule(str(csv), target="y", split=ForgetSplit(kind="random", fraction=0.2))
+        tab.setup("fit")
+        return fingerprint(MLPBackbone(hidden=[16]), tab, "retain", training, 0)
+
+    assert keyed(5) == keyed(5)
+    assert keyed(6) != keyed(5)  # one feature value of one row, same path, settings, rows and labels
+
+
+def test_reference_training_logs_progress(tmp_path, dm, caplog):
+    """R1 finding 4: reference training reports each epoch (rank-zero log lines)."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        obtain_reference("original", None, MLPBackbone(hidden=[8]), dm, ReferenceTraining(epochs=2,
+                         cache_dir=str(tmp_path)), seed=0)
+    lines = [r.getMessage() for r in caplog.records if "reference on 'train'" in r.getMessage()]
+    assert len(lines) == 2 and "epoch 2/2" in lines[1]
 
 
 def test_reference_training_bad_input():

@@ -164,11 +164,9 @@ def test_resume_is_exact(tmp_path, references, class_wise):
     _trainer(tmp_path / "a", 5).fit(straight, class_wise)
     _trainer(tmp_path / "b", 2, callbacks=[ckpt]).fit(_module(rule(), references, 0.2, sgd=False), class_wise)
     resumed = _module(rule(), references, dropout=0.2, sgd=False)
-    # built in Python (not by the CLI), the module's hyperparameters hold the backbone object: allow its class
-    # (the rules and ReferenceTraining are registered by lit_align.methods.classifier_unlearning)
-    with torch.serialization.safe_globals([MLPBackbone]):
-        _trainer(tmp_path / "c", 5).fit(resumed, class_wise,
-                                        ckpt_path=str(next((tmp_path / "b").glob("*step=2.ckpt"))))
+    # built in Python (not by the CLI), the module's hyperparameters hold the backbone and rule objects: both are
+    # registered safe globals, so the checkpoint loads with weights_only=True as it is
+    _trainer(tmp_path / "c", 5).fit(resumed, class_wise, ckpt_path=str(next((tmp_path / "b").glob("*step=2.ckpt"))))
     a, c = straight.net.state_dict(), resumed.net.state_dict()
     for name in a:
         torch.testing.assert_close(c[name], a[name], rtol=0, atol=0, msg=name)
@@ -206,10 +204,13 @@ def test_reference_weights_from_a_file(tmp_path, references, class_wise):
     (lambda: UGradSL(alpha=None, beta=1.5), r"rule\.init_args\.beta"),
     (lambda: _module(UGradSL(alpha=-1.0), None, label_smoothing=0.1), r"label_smoothing.*alpha"),
     (lambda: _module(FineTune(), None, label_smoothing=-0.5), r"label_smoothing.*\[0, 1\).*ignores negative"),
+    (lambda: _module(GradientAscent(), None, label_smoothing=0.1), r"label_smoothing=0.1 is not used by GradientAscent"),
+    (lambda: UGradSL(alpha=True), r"rule\.init_args\.alpha"),
 ])
 def test_bad_input(build, match):
-    """p outside [0, 1], alpha above 1, and PyTorch's built-in smoothing given with UGradSL's alpha (or negative,
-    which PyTorch silently ignores) are ConfigErrors naming the key, raised before anything is trained."""
+    """p outside [0, 1], alpha above 1 (or a bool), and PyTorch's built-in smoothing given with UGradSL's alpha,
+    negative (PyTorch silently ignores it) or to GA (which does not use it: R1 finding 7) are ConfigErrors naming
+    the key, raised before anything is trained."""
     with pytest.raises(ConfigError, match=match):
         build()
 
@@ -221,3 +222,86 @@ def test_bad_input_through_the_cli(tmp_path):
         cli_main(["fit", "--config", str(CLASS_WISE), f"--trainer.default_root_dir={tmp_path}",
                   f"--model.init_args.rule={rule}"])
     assert isinstance(err.value, ConfigError) or isinstance(err.value.__cause__, ConfigError)
+
+
+def test_ugradsl_plus_schedule_and_adaptive_alpha(tmp_path, references, class_wise):
+    """R1 finding 9: one UGradSL+ epoch is ceil(|D_r| / B) steps (epochs over the retain set), the forget rows
+    recur within it (the forget stream is cycled), and the adaptive alpha is strictly negative at every step when
+    retain neighbours exist (beta 0.5: ReLU features have cosine >= 0, so every retain row is within reach)."""
+    module = _module(UGradSLPlus(alpha=None, p=0.9, beta=0.5), references)
+    forget_seen: list[int] = []
+    alphas: list[float] = []
+    real_step, real_objective = module.training_step, module.rule.objective
+
+    def spy(batch, batch_idx):
+        forget_seen.extend(int(i) for i in batch["forget"]["index"])
+        return real_step(batch, batch_idx)
+
+    def objective(parts, label_smoothing=0.0):
+        loss, metrics = real_objective(parts, label_smoothing)
+        alphas.append(float(metrics["alpha_min"]))
+        alphas.append(float(metrics["alpha"]))
+        return loss, metrics
+
+    module.training_step, module.rule.objective = spy, objective
+    trainer = _trainer(tmp_path, -1, max_epochs=1)
+    trainer.fit(module, class_wise)
+    retain, forget = len(class_wise.indices("retain")), len(class_wise.indices("forget"))
+    assert trainer.global_step == -(-retain // 64)
+    assert len(forget_seen) > forget and len(set(forget_seen)) == forget  # cycled: every row, some twice
+    assert alphas and max(alphas) < 0
+
+
+def test_run_time_is_training_batches_only(tmp_path, references, class_wise):
+    """R1 finding 8: ``seconds`` leaves out validation (run after every batch here), epoch-end work and checkpoint
+    writes, at batch ends and at epoch-end validations (each made slow: 0.1 s per call, about 1.3 s in all), but counts
+    the training batches; the checkpoints store the training seconds so far."""
+    import time
+
+    class Slow(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            time.sleep(0.1)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            time.sleep(0.1)
+
+    class SlowCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+        def _save_checkpoint(self, trainer, filepath):
+            super()._save_checkpoint(trainer, filepath)
+            time.sleep(0.1)
+
+    module = _module(GradientAscent(), references)
+    at_steps = SlowCheckpoint(dirpath=tmp_path / "steps", save_top_k=-1, every_n_train_steps=2)
+    at_validation = SlowCheckpoint(dirpath=tmp_path / "val", save_top_k=-1, filename="{epoch}-{step}-val")
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                        val_check_interval=1, callbacks=[Slow(), at_steps, at_validation])
+    trainer.fit(module, class_wise)
+    assert trainer.global_step >= 4
+    assert len(list((tmp_path / "steps").glob("*.ckpt"))) >= 2 and len(list((tmp_path / "val").glob("*.ckpt"))) >= 2
+    seconds = module.report["unlearned"]["seconds"]
+    assert 0 < seconds < 0.5
+    for ckpt in (tmp_path / "steps").glob("*.ckpt"):
+        stored = torch.load(ckpt, weights_only=True)["classifier_unlearning"]["seconds"]
+        assert 0 < stored <= seconds + 1e-6
+
+
+@pytest.mark.integration  # about 10-20 s: two DDP processes start and stop
+def test_two_processes_refuse_a_missing_reference(tmp_path):
+    """R1 finding 4: with 2 processes and no cached / given original model, the run stops with a ConfigError that
+    says to train the references first, instead of rank 0 training them while rank 1 waits at a barrier."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("lit-align")
+    proc = subprocess.run(
+        [str(exe), "fit", "--config", str(CLASS_WISE), f"--trainer.default_root_dir={tmp_path}", "--trainer.devices=2",
+         "--trainer.strategy=ddp", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+         f"--model.init_args.reference_training.cache_dir={tmp_path / 'empty_cache'}"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert proc.returncode != 0
+    assert "model.init_args.original is null" in proc.stderr and "Train it first" in proc.stderr, proc.stderr[-3000:]
+    assert not list((tmp_path / "empty_cache").glob("*.safetensors"))

@@ -86,7 +86,7 @@ def test_torch_builtin_smoothing_cannot_smooth_negatively():
     """others §2(g)4 expects ``CrossEntropyLoss(label_smoothing=alpha < 0)`` to be rejected. torch 2.13 does not
     reject it: it silently ignores the negative rate and returns plain cross-entropy (worse than an error). Either
     way PyTorch gives no negative smoothing, hence :func:`gls_cross_entropy`; a rate above 1 is refused."""
-    logits, labels = torch.randn(4, K), torch.tensor([0, 1, 2, 3])
+    logits, labels = torch.randn(4, K, generator=torch.Generator().manual_seed(0)) * 3, torch.tensor([0, 1, 2, 3])
     try:
         builtin = torch.nn.CrossEntropyLoss(label_smoothing=-0.5)(logits, labels)
     except RuntimeError as err:  # a torch version that validates the sign
@@ -155,7 +155,7 @@ def test_p0_alpha_minus1_step_forgets():
 
     before = probs()
     loss, metrics = ugradsl_objective(net(x), y, None, None, alpha=-1.0, p=0.0)
-    assert set(metrics) == {"forget_gls", "forget_ce", "forget_term", "alpha"}
+    assert set(metrics) == {"forget_gls", "forget_ce", "forget_term", "alpha", "alpha_min"}
     loss.backward()
     torch.optim.SGD(net.parameters(), lr=0.1).step()
     after = probs()
@@ -191,3 +191,42 @@ def test_feature_distances_and_adaptive_alpha_by_hand():
         adaptive_alpha(u, v, beta=1.5)
     with pytest.raises(ConfigError, match="adaptive_alpha_sign"):
         adaptive_alpha(u, v, beta=0.5, sign="minus")
+
+
+def test_adaptive_alpha_scale_options_bound_a_small_forget_batch():
+    """R1 finding 6: one forget row beside 64 near retain rows gets alpha = -64 with the paper's |B_f| divisor;
+    ``by="retain"`` bounds it by 1 and ``max_abs`` caps it; the objective reports the most negative rate."""
+    u, v = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.01]]).repeat(64, 1)
+    assert adaptive_alpha(u, v, beta=0.1).item() == -64.0  # the paper's normalisation, unbounded
+    assert adaptive_alpha(u, v, beta=0.1, by="retain").item() == -1.0
+    assert adaptive_alpha(u, v, beta=0.1, max_abs=2.0).item() == -2.0
+    hand = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
+    torch.testing.assert_close(adaptive_alpha(u, hand, beta=0.2, by="retain"), torch.tensor([-2.0 / 3]))
+    torch.testing.assert_close(adaptive_alpha(u, hand, beta=0.2, max_abs=1.5), torch.tensor([-1.5]))
+    _, metrics = ugradsl_objective(torch.zeros(2, 3), torch.tensor([0, 1]), None, None,
+                                   alpha=torch.tensor([-0.5, -3.0]), p=0.0)
+    assert metrics["alpha_min"].item() == -3.0 and metrics["alpha"].item() == pytest.approx(-1.75)
+    with pytest.raises(ConfigError, match="adaptive_alpha_by"):
+        adaptive_alpha(u, v, beta=0.1, by="both")
+    with pytest.raises(ConfigError, match="max_abs_alpha"):
+        adaptive_alpha(u, v, beta=0.1, max_abs=0.0)
+
+
+def test_rule_checks_are_the_loss_checks():
+    """R1 finding 10: one validation: a bool alpha is refused, and the rule's messages are the loss functions'
+    (with the config key in front)."""
+    from lit_align.methods import UGradSL
+
+    with pytest.raises(ConfigError, match=r"rule\.init_args\.alpha must be a finite number"):
+        UGradSL(alpha=True)
+    for kwargs, fn in (({"beta": 1.5}, lambda: adaptive_alpha(torch.ones(1, 2), torch.ones(1, 2), beta=1.5)),
+                       ({"adaptive_alpha_sign": "minus"},
+                        lambda: adaptive_alpha(torch.ones(1, 2), torch.ones(1, 2), beta=0.5, sign="minus")),
+                       ({"normalize": "max"}, lambda: ugradsl_objective(None, None, torch.zeros(1, 2), torch.tensor([0]),
+                                                                        alpha=0.0, p=1.0, normalize="max"))):
+        with pytest.raises(ConfigError) as rule_err:
+            UGradSL(alpha=None, **kwargs)
+        with pytest.raises(ConfigError) as fn_err:
+            fn()
+        assert str(rule_err.value).startswith("model.init_args.rule.init_args.")
+        assert str(rule_err.value).removeprefix("model.init_args.rule.init_args.") == str(fn_err.value)
