@@ -287,3 +287,8 @@ class FairInfluenceSampler(Sampler):
         if not self.recheck or selection.influence is None:
             return torch.ones_like(labels)
         return true_label_keep(*selection.influence, labels.cpu()).long()
+
+
+# a module built in Python (not by the CLI) keeps the sampler object in its hyperparameters: checkpoints stay
+# loadable with torch.load(weights_only=True)
+torch.serialization.add_safe_globals([RandomSampler, EntropySampler, JTTSampler, FairInfluenceSampler])

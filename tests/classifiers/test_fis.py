@@ -191,7 +191,7 @@ def test_code_mixing_trains_on_one_batch_per_step(table, tmp_path, monkeypatch):
     monkeypatch.setattr(FISModule, "forward", counting_forward)
     monkeypatch.setattr(FISModule, "training_step", counting_step)
     monkeypatch.setattr(FISModule, "_stream_batch", recording)
-    model = cli_main(_args(table, tmp_path, "--model.init_args.new_prob", "0.9", epochs=4)).model
+    cli_main(_args(table, tmp_path, "--model.init_args.new_prob", "0.9", epochs=4))
     assert per_step and set(per_step) == {1}
     assert {name for name, *_ in batches} == {"new", "org"}  # both new-data streams were drawn
 
@@ -258,3 +258,15 @@ def test_random_baseline_adds_random_labels_in_the_last_epochs(table, tmp_path):
     model = cli_main(_args(table, tmp_path, "--model.init_args.pseudo_label_epochs", "1", "--model.init_args.tol", "1",
                            sampler="lit_align.classifiers.RandomSampler")).model
     assert model.state.pseudo_added > 0 and model.oracle.spent == len(model.state.queried)
+
+
+def test_samplers_load_from_a_checkpoint_with_weights_only(tmp_path):
+    """A module built in Python keeps its sampler object in the hyperparameters; every sampler class survives
+    torch.load(weights_only=True) with its settings."""
+    from lit_align.classifiers import EntropySampler, FairInfluenceSampler, JTTSampler, RandomSampler
+
+    samplers = [RandomSampler(), EntropySampler(mc_samples=3), JTTSampler(upweight=4),
+                FairInfluenceSampler(fairness="eop", mu=0.5)]
+    torch.save({"hyper_parameters": {"samplers": samplers}}, tmp_path / "h.ckpt")
+    loaded = torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["samplers"]
+    assert loaded == samplers
