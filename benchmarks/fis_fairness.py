@@ -13,9 +13,14 @@ seed, each strategy is fitted in process from the same config, the same split, i
 Reported: test accuracy and the DP / EOp / EOd gaps (hard predictions, ``lit_align.metrics.fairness``), each a mean
 with a 95% Student-t interval over seeds (``fit_timing.interval``, ``scipy.stats.t``), and effects paired per seed
 against ERM: ``<gap>_reduction = gap(erm) - gap(strategy)`` (> 0: fairer) and ``acc_change = acc(strategy) -
-acc(erm)``. The paper's claim, "fairness improves without an accuracy loss", is ``met`` for a dataset only when the
-interval of FIS's DP-gap reduction excludes 0 on the positive side and the interval of its accuracy change does not
-lie below 0.
+acc(erm)``. The paper's claim, "fairness improves without an accuracy loss", is judged in two separate parts:
+``fairer`` when the interval of FIS's DP-gap reduction excludes 0 on the positive side, and ``non_inferior`` when
+the lower end of its accuracy change's interval is above ``-MARGIN`` (a non-inferiority margin of 0.01 accuracy);
+``met`` needs both. An accuracy interval that merely reaches 0 does not show "no loss".
+
+Stored per seed and strategy (``runs``): the metrics, the labels spent, the queried rows kept and discarded by the
+recheck, the pseudo-labelled rows, the new-data rows, and every round's counts (FIS: candidates scanned, passing
+``remove_pos``, with a negative score, selected).
 
     python benchmarks/fis_fairness.py --write                  # 5 seeds, Adult and COMPAS
     python benchmarks/fis_fairness.py --seeds 2 --datasets compas   # a smoke run (numbers not for the README)
@@ -46,6 +51,8 @@ CONFIGS = {"adult": REPO / "configs" / "fis" / "adult.yaml", "compas": REPO / "c
 SAMPLERS = {"erm": "null", "fis": None, "random": "lit_align.classifiers.RandomSampler",
             "entropy": "lit_align.classifiers.EntropySampler", "jtt": "lit_align.classifiers.JTTSampler"}
 METRICS = ("acc", "dp_gap", "eop_gap", "eod_gap")
+COUNTS = ("spent", "kept", "discarded", "pseudo_added", "new_rows")
+MARGIN = 0.01  # non-inferiority margin on the accuracy change (accuracy units)
 GAPS = ("dp_gap", "eop_gap", "eod_gap")
 
 
@@ -65,8 +72,12 @@ def run(config: Path, strategy: str, seed: int, root: Path, extra: list[str]) ->
     cli.trainer.fit(cli.model, cli.datamodule)
     (tested,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     out = {m: float(tested[f"test/{m}"]) for m in METRICS}
+    state = cli.model.state
     out["spent"] = float(cli.model.oracle.spent) if cli.model.oracle is not None else 0.0
-    out["new_rows"] = float(len(cli.model.state.new_indices))
+    out.update(kept=float(state.kept), discarded=float(state.discarded), pseudo_added=float(state.pseudo_added),
+               new_rows=float(len(state.new_indices)))
+    out["rounds"] = [{k: v for k, v in r.items() if k != "val_acc"} | {"val_acc": round(r["val_acc"], 4)}
+                     for r in state.round_log]
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -76,7 +87,9 @@ def effects(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict]:
     out = {}
     for strategy, rows in runs.items():
         entry = {m: {**interval([r[m] for r in rows]), "per_seed": [r[m] for r in rows]} for m in METRICS}
-        entry["spent"] = interval([r["spent"] for r in rows])
+        for count in COUNTS:
+            entry[count] = {**interval([r[count] for r in rows]), "per_seed": [r[count] for r in rows]}
+        entry["rounds_per_seed"] = [r["rounds"] for r in rows]
         entry["seconds"] = interval([r["seconds"] for r in rows])
         if strategy != "erm":
             erm = runs["erm"]
@@ -88,14 +101,15 @@ def effects(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict]:
 
 
 def claim(summary: dict[str, dict], n_seeds: int) -> dict:
-    """FIS's claim on one dataset: DP-gap reduction > 0 (interval) and no accuracy loss (the accuracy change's
-    interval does not lie below 0). Stored beside it: the accuracy change's mean (a negative mean whose interval
-    still reaches 0 is a loss the seeds cannot resolve, not evidence of none) and the EOp / EOd reductions."""
+    """FIS's claim on one dataset, in two parts: ``fairer`` (the DP-gap reduction's interval lies above 0) and
+    ``non_inferior`` (the accuracy change's interval lies above ``-MARGIN``); ``met`` needs both. Stored beside them:
+    the accuracy change's mean and interval and whether the EOp / EOd reductions' intervals exclude 0."""
     fis = summary["fis"]
     fairer = n_seeds > 1 and fis["dp_gap_reduction"]["low"] > 0
-    no_loss = fis["acc_change"]["high"] >= 0
-    return {"fairer": fairer, "no_accuracy_loss": no_loss, "met": fairer and no_loss,
-            "acc_change_mean": fis["acc_change"]["mean"],
+    non_inferior = n_seeds > 1 and fis["acc_change"]["low"] > -MARGIN
+    return {"fairer": fairer, "non_inferior": non_inferior, "margin": MARGIN, "met": fairer and non_inferior,
+            "acc_change_mean": fis["acc_change"]["mean"], "acc_change_low": fis["acc_change"]["low"],
+            "acc_change_high": fis["acc_change"]["high"],
             "eop_gap_reduction_excludes_0": fis["eop_gap_reduction"]["low"] > 0 or fis["eop_gap_reduction"]["high"] < 0,
             "eod_gap_reduction_excludes_0": fis["eod_gap_reduction"]["low"] > 0 or fis["eod_gap_reduction"]["high"] < 0}
 
@@ -116,9 +130,12 @@ def print_table(result: dict) -> None:
                   f"| {_cell(s['eod_gap'])} | {' | '.join(paired)} | {s['spent']['mean']:.0f} |")
     for dataset, entry in result["datasets"].items():
         c = entry["claim"]
-        print(f"\n{dataset}: claim 'fairness improves without an accuracy loss' met: {c['met']} (DP gap lower: "
-              f"{c['fairer']}; accuracy interval not below 0: {c['no_accuracy_loss']}, mean change "
-              f"{c['acc_change_mean']:+.4f})")
+        print(f"\n{dataset}: DP gap lower: {c['fairer']}; accuracy non-inferior (change's lower 95% bound > "
+              f"-{c['margin']}): {c['non_inferior']} (change {c['acc_change_mean']:+.4f} [{c['acc_change_low']:+.4f}, "
+              f"{c['acc_change_high']:+.4f}]); 'fairer without an accuracy loss' met: {c['met']}")
+        fis = entry["strategies"]["fis"]
+        print(f"  fis per seed: spent {fis['spent']['per_seed']}, kept {fis['kept']['per_seed']}, "
+              f"pseudo {fis['pseudo_added']['per_seed']}, new rows {fis['new_rows']['per_seed']}")
 
 
 def main() -> None:

@@ -12,6 +12,14 @@ the code's sign (§4(h)1): one SGD step ``theta - eta g_z(c)`` changes the valid
 validation accuracy). The ``budget`` most negative scores are selected (``s < 0`` only); after the labels are
 queried, items whose true-label ``I_acc`` or ``I_fair`` is positive are discarded.
 
+Two classes (every data set of the paper): the cross-entropy gradient over the logits is ``p - e_c``, so
+``g_z(0) = p_1 v`` and ``g_z(1) = -p_0 v`` for one vector ``v``, i.e. ``g_z(0) = -(p_1 / p_0) g_z(1)`` over ANY
+parameter subset. The two influences then have opposite signs and ``|I(z, 0)| / |I(z, 1)| = p_1 / p_0``: the
+pseudo-label ``argmin_c |I_acc(z, c)|`` is always the model's prediction, and among selected rows (``I_acc(z,
+c_hat) <= 0``, ``s < 0``) the true-label recheck drops exactly the misclassified ones (their true label's
+``I_acc`` is positive). ``remove_pos`` thus keeps the candidates whose prediction's step would lower the
+validation loss, and the score ranks them by how much that step lowers the fairness loss.
+
 Parameter subset (§4(h)4; the paper's code takes the first 4 leaves of the Flax tree, ``sel_layers = 4``, which is
 not the head in general): ``"head"`` (default) is the backbone's ``head_parameters(module)`` (the final classifier
 layer), ``"all"`` every trainable parameter, or a list of ``named_parameters`` names. Per-sample gradients over all
@@ -106,7 +114,8 @@ def validation_losses(net: nn.Module, batches: Iterable[ValidationBatch], *, fai
                                         positive_class=positive_class)[0]
         total += n
     if total == 0:
-        raise ValueError("validation_losses needs at least one validation row (data split val_ratio)")
+        raise ConfigError("FIS's influences need validation rows, but the validation set is empty: raise "
+                          "data.init_args.split.init_args.val_ratio")
     return acc / total, fair / total
 
 
@@ -115,6 +124,8 @@ def validation_gradients(net: nn.Module, names: Sequence[str], batches: Iterable
                          positive_class: int = 1) -> tuple[Tensor, Tensor]:
     """``(g_acc, g_fair)``, flat (P,) gradients of :func:`validation_losses` over the parameters ``names`` (in eval
     mode), detached."""
+    batches = list(batches)
+    _check_groups(batches, num_groups)
     params = _subset(net, names)
     with eval_mode(net), torch.enable_grad():
         l_acc, l_fair = validation_losses(net, batches, fairness=fairness, mu=mu, num_groups=num_groups,
@@ -122,6 +133,19 @@ def validation_gradients(net: nn.Module, names: Sequence[str], batches: Iterable
         g_acc = torch.autograd.grad(l_acc, params, retain_graph=True, allow_unused=True)
         g_fair = torch.autograd.grad(l_fair, params, allow_unused=True)
     return _flatten(g_acc, params), _flatten(g_fair, params)
+
+
+def _check_groups(batches: Sequence[ValidationBatch], num_groups: int) -> None:
+    """A ConfigError when the validation set lacks a group: its fairness gap would be empty, ``g_fair = 0`` and
+    nothing would ever be selected."""
+    if not batches:
+        return
+    present = torch.unique(torch.cat([group.reshape(-1).long().cpu() for _, _, group in batches])).tolist()
+    missing = [g for g in range(num_groups) if g not in present]
+    if missing:
+        raise ConfigError(f"FIS's validation set has no row of group(s) {missing} (groups present: {present}): the "
+                          "fairness loss would be constant and nothing selected; check data.init_args.group (and "
+                          "group_threshold / group_positive) or raise data.init_args.split.init_args.val_ratio")
 
 
 def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:

@@ -5,18 +5,28 @@ Chosen in YAML by ``class_path`` under ``model.init_args.sampler`` (the paper's 
 * :class:`FairInfluenceSampler` (strategy 2, FIS): the ``budget`` most negative fairness influences at the
   pseudo-label among candidates that do not hurt validation accuracy; after the query, the true-label recheck
   discards items whose true-label accuracy or fairness influence is positive (:mod:`lit_align.classifiers.influence`).
-* :class:`RandomSampler` (strategy 1): ``budget`` candidates uniformly at random.
+* :class:`RandomSampler` (strategy 1): ``budget`` candidates uniformly at random (pseudo-labels in the last epochs:
+  random labels, as the code's baseline).
 * :class:`EntropySampler` (strategy 6, "BALD"): the ``budget`` candidates of highest predictive entropy. With
   ``mc_samples = 0`` (default) this is the entropy of the deterministic (eval-mode) prediction; with
   ``mc_samples > 0`` the network's dropout stays on for that many stochastic passes and the score is BALD's mutual
   information ``H[mean_t p_t] - mean_t H[p_t]`` (needs a backbone with dropout > 0, else it is 0 everywhere).
+  Pseudo-labels in the last epochs: the predicted label (as the code).
 * :class:`JTTSampler` (strategy 7, JTT "just train twice", Liu et al. 2021): JTT up-weights the training rows an
   ERM model misclassifies. In this active setting it queries ``budget`` random candidates (the label budget pays for
   all of them), then adds every queried row once and the rows the current model misclassifies ``upweight`` times in
-  total (the up-weighting is repetition in the new-data stream).
+  total (the up-weighting is repetition in the new-data stream). This is an adaptation, not the code's strategy 7:
+  the code takes the misclassified rows of the LABELLED set (about half the budget per class, no queries) and adds
+  them to the new-data stream each round. No pseudo-labels (its last-epoch rounds query).
 * ISAL (strategy 8, Hessian-approximated influence) is out of scope here.
 
 ``model.init_args.sampler: null`` is the ERM baseline on the initial labelled set (no rounds).
+
+Selection rule (FIS): we follow others.md §4(c): pick the ``budget`` most negative pre-query scores, query
+exactly those (the budget), then drop the ones the true-label recheck rejects. The released code's
+``sample_by_infl`` differs: it applies the true-label check to all scanned candidates before taking the top ones,
+keeps up to ``budget`` rows per round, and charges a label for every candidate whose pre-check score beats the last
+selected one (``sel_true_false_with_labels``); that rule is not implemented here.
 
 Every strategy returns pool indices to query; :class:`lit_align.methods.fis.FISModule` spends the label budget
 through the data's ``LabelOracle`` on every queried index, even those the recheck later discards (§4(h)6), and
@@ -102,6 +112,9 @@ class Selection:
     """(n,) FIS's ``c_hat`` (only FIS has pseudo-labels)."""
     influence: tuple[Tensor, Tensor] | None = None
     """FIS: the selected items' ``(I_acc, I_fair)`` (n, K) for the true-label recheck."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """The round's counts, logged as ``fis/round_<name>`` (FIS: ``candidates``, ``pass_remove_pos``, ``negative``,
+    ``selected``; others: ``candidates``, ``selected``)."""
 
 
 class Sampler:
@@ -121,7 +134,8 @@ class Sampler:
 def _top(scores: Tensor, budget: int, candidates: Tensor) -> Selection:
     """The ``budget`` highest ``scores`` (stable: ties keep candidate order)."""
     order = torch.argsort(-scores, stable=True)[:budget]
-    return Selection(indices=candidates[order], scores=scores[order])
+    return Selection(indices=candidates[order], scores=scores[order],
+                     counts={"candidates": len(candidates), "selected": len(order)})
 
 
 def _probabilities(ctx: SelectionContext, *, train: bool = False) -> Tensor:
@@ -145,11 +159,16 @@ def _entropy(p: Tensor) -> Tensor:
 
 @dataclass
 class RandomSampler(Sampler):
-    """Strategy 1: ``budget`` candidates uniformly at random (from the round's generator)."""
+    """Strategy 1: ``budget`` candidates uniformly at random (from the round's generator); pseudo-labels (last
+    epochs) uniformly random classes."""
+
+    pseudo_labels = True
 
     def select(self, ctx: SelectionContext) -> Selection:
         order = torch.randperm(len(ctx.candidates), generator=ctx.generator)[:ctx.budget]
-        return Selection(indices=ctx.candidates[order], scores=torch.zeros(len(order)))
+        labels = torch.randint(ctx.num_classes, (len(order),), generator=ctx.generator)
+        return Selection(indices=ctx.candidates[order], scores=torch.zeros(len(order)), pseudo_labels=labels,
+                         counts={"candidates": len(ctx.candidates), "selected": len(order)})
 
 
 @dataclass
@@ -160,18 +179,31 @@ class EntropySampler(Sampler):
     """0: entropy of the eval-mode prediction (no MC dropout); > 0: that many dropout passes and BALD's mutual
     information ``H[mean p] - mean H[p]``."""
 
-    def select(self, ctx: SelectionContext) -> Selection:
+    pseudo_labels = True
+
+    def __post_init__(self) -> None:
         if self.mc_samples < 0:
             raise ConfigError(f"sampler.init_args.mc_samples must be >= 0, got {self.mc_samples}")
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        probs = _probabilities(ctx)
         if self.mc_samples == 0:
-            return _top(_entropy(_probabilities(ctx)), ctx.budget, ctx.candidates)
+            return _with_predictions(_top(_entropy(probs), ctx.budget, ctx.candidates), probs, ctx.candidates)
         seed = int(torch.randint(2**31, (1,), generator=ctx.generator))
         device = next(ctx.net.parameters()).device
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # the same dropout masks on every rank; the global RNG untouched
             torch.manual_seed(seed)
             passes = torch.stack([_probabilities(ctx, train=True) for _ in range(self.mc_samples)])  # (T, N, K)
         mutual = _entropy(passes.mean(0)) - _entropy(passes).mean(0)
-        return _top(mutual, ctx.budget, ctx.candidates)
+        return _with_predictions(_top(mutual, ctx.budget, ctx.candidates), probs, ctx.candidates)
+
+
+def _with_predictions(selection: Selection, probs: Tensor, candidates: Tensor) -> Selection:
+    """``selection`` with the eval-mode predicted labels of its rows as pseudo-labels."""
+    position = {int(c): i for i, c in enumerate(candidates.tolist())}
+    rows = torch.as_tensor([position[int(i)] for i in selection.indices.tolist()], dtype=torch.long)
+    selection.pseudo_labels = probs.argmax(-1).cpu()[rows]
+    return selection
 
 
 @dataclass
@@ -182,12 +214,16 @@ class JTTSampler(Sampler):
     upweight: int = 5
     """Total copies of a misclassified queried row in the new-data stream (JTT's lambda_up)."""
 
-    def select(self, ctx: SelectionContext) -> Selection:
-        return RandomSampler().select(ctx)
-
-    def accept(self, ctx: SelectionContext, selection: Selection, labels: Tensor) -> Tensor:
+    def __post_init__(self) -> None:
         if self.upweight < 1:
             raise ConfigError(f"sampler.init_args.upweight must be >= 1, got {self.upweight}")
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        selection = RandomSampler().select(ctx)
+        selection.pseudo_labels = None
+        return selection
+
+    def accept(self, ctx: SelectionContext, selection: Selection, labels: Tensor) -> Tensor:
         with torch.no_grad(), eval_mode(ctx.net):
             predicted = ctx.net(ctx.features(selection.indices)).argmax(-1).cpu()
         return torch.where(predicted != labels.cpu(), self.upweight, 1)
@@ -241,10 +277,18 @@ class FairInfluenceSampler(Sampler):
         i_acc, i_fair = self.influences(ctx, ctx.candidates)
         scores, c_hat = fis_scores(i_acc, i_fair, remove_pos=self.remove_pos)
         chosen = select_most_negative(scores, ctx.budget)
+        rows = torch.arange(len(c_hat))
+        counts = {"candidates": len(ctx.candidates), "pass_remove_pos": int((i_acc[rows, c_hat] <= 0).sum()),
+                  "negative": int((scores < 0).sum()), "selected": len(chosen)}
         return Selection(indices=ctx.candidates[chosen], scores=scores[chosen], pseudo_labels=c_hat[chosen],
-                         influence=(i_acc[chosen], i_fair[chosen]))
+                         influence=(i_acc[chosen], i_fair[chosen]), counts=counts)
 
     def accept(self, ctx: SelectionContext, selection: Selection, labels: Tensor) -> Tensor:
         if not self.recheck or selection.influence is None:
             return torch.ones_like(labels)
         return true_label_keep(*selection.influence, labels.cpu()).long()
+
+
+# a module built in Python (not by the CLI) keeps the sampler object in its hyperparameters: checkpoints stay
+# loadable with torch.load(weights_only=True)
+torch.serialization.add_safe_globals([RandomSampler, EntropySampler, JTTSampler, FairInfluenceSampler])

@@ -51,7 +51,9 @@ def _group_means(values: Tensor, groups: Tensor, rows: Tensor, num_groups: int) 
 
 
 def _pair_differences(means: Tensor, present: Tensor) -> Tensor:
-    """``means[i] - means[j]`` for every pair ``i < j`` of present groups, flattened: (P * D,)."""
+    """``means[i] - means[j]`` for every pair ``i < j`` of present groups, flattened: (P * D,). A pair with an absent
+    group is dropped; the reference code instead keeps it with ``H = 0`` for the absent group (clipped to 1e-3 and
+    renormalised: a fake 0.5 gap). FIS's validation gradients refuse a validation set that lacks a group."""
     i, j = torch.triu_indices(means.shape[0], means.shape[0], offset=1, device=means.device)
     keep = present[i] & present[j]
     return (means[i[keep]] - means[j[keep]]).reshape(-1)

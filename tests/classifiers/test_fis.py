@@ -134,7 +134,8 @@ def test_resume_restores_the_selection_state_exactly(table, tmp_path):
 
 
 def test_samplers_by_class_path(table, tmp_path):
-    """Random, entropy and JTT run the same rounds through the oracle; JTT repeats misclassified rows."""
+    """Random, entropy and JTT run the same rounds through the oracle, every queried row joins the new data (JTT's
+    repeats of misclassified rows: test_influence.py::test_baseline_samplers)."""
     for sampler in ("lit_align.classifiers.RandomSampler", "lit_align.classifiers.EntropySampler",
                     "lit_align.classifiers.JTTSampler"):
         model = cli_main(_args(table, tmp_path / sampler, sampler=sampler, epochs=2)).model
@@ -150,3 +151,122 @@ def test_compas_config_runs_a_short_fit(tmp_path):
                     "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
     assert cli.model.state.rounds >= 2 and cli.model.oracle.spent > 0
     assert cli.trainer.callback_metrics["val/dp_gap"] >= 0
+
+
+def test_mix_probabilities_follow_the_code():
+    """labelled / new / org with [1 - p, p (1 - r), p r]; while the new data fills < 2 batches p = (n_new + 1) /
+    (n_new + n_labelled) in batches; no new data: labelled only."""
+    from lit_align.methods.fis import mix_probabilities
+
+    assert mix_probabilities(0.9, 0.5, 3, 9) == pytest.approx([0.1, 0.45, 0.45])
+    assert mix_probabilities(0.9, 0.5, 1, 9) == pytest.approx([0.8, 0.1, 0.1])
+    assert mix_probabilities(0.9, 0.0, 2, 9) == pytest.approx([0.1, 0.9, 0.0])
+    assert mix_probabilities(0.9, 0.5, 0, 9) == [1.0, 0.0, 0.0]
+
+
+def test_code_mixing_trains_on_one_batch_per_step(table, tmp_path, monkeypatch):
+    """mix: code (default): each step runs ONE forward, on the labelled batch or a new-data batch (never both), and
+    the new-data batches of a pass cover the new rows without repeats."""
+    from lit_align.methods.fis import FISModule
+
+    calls, per_step, batches = [0], [], []
+    forward, step, stream_batch = FISModule.forward, FISModule.training_step, FISModule._stream_batch
+
+    def counting_forward(self, x):
+        calls[0] += 1
+        return forward(self, x)
+
+    def counting_step(self, batch, batch_idx):
+        calls[0] = 0
+        out = step(self, batch, batch_idx)
+        per_step.append(calls[0])
+        return out
+
+    def recording(self, name):
+        before = list(self.state.streams[name])
+        x, y = stream_batch(self, name)
+        batches.append((name, before, len(self.state.new_indices), len(y)))
+        return x, y
+
+    monkeypatch.setattr(FISModule, "forward", counting_forward)
+    monkeypatch.setattr(FISModule, "training_step", counting_step)
+    monkeypatch.setattr(FISModule, "_stream_batch", recording)
+    cli_main(_args(table, tmp_path, "--model.init_args.new_prob", "0.9", epochs=4))
+    assert per_step and set(per_step) == {1}
+    assert {name for name, *_ in batches} == {"new", "org"}  # both new-data streams were drawn
+
+
+def test_new_data_stream_shards_a_pass_over_ranks():
+    """Two ranks' shards of one pass are disjoint and cover every new row (n divisible by the world)."""
+    from lit_align.methods.fis import stream_rows
+
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    shards = [torch.cat([stream_rows(10, pos, 2, rank, 2, perm) for pos in range(0, 5, 2)]) for rank in (0, 1)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(10))
+    assert stream_rows(10, 5, 2, 0, 2, perm).numel() == 0  # the pass is over
+
+
+def test_every_round_reaches_the_log_whatever_log_every_n_steps(table, tmp_path):
+    """Rounds log their totals and counts straight to the logger: with log_every_n_steps 50 (> the run's steps)
+    every round still has a row, and the epoch end logs the totals."""
+    cli = cli_main([*_args(table, tmp_path), *CSV_LOGGER, "--trainer.logger.save_dir", str(tmp_path),
+                    "--trainer.log_every_n_steps", "50"])
+    state = cli.model.state
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    logged = pd.read_csv(metrics)
+    assert logged["fis/round_selected"].notna().sum() == state.rounds == len(state.round_log) >= 2
+    assert sorted(logged["fis/rounds"].dropna().unique().tolist())[-1] == state.rounds
+    assert {"candidates", "pass_remove_pos", "negative", "selected"} <= set(state.round_log[0])
+    assert cli.trainer.callback_metrics["fis/spent"] == cli.model.oracle.spent
+
+
+def test_pseudo_label_epochs_need_max_epochs(table, tmp_path):
+    """A run bounded by max_steps only has no 'last epochs': refused, naming both keys (it used to pseudo-label
+    every round silently)."""
+    with pytest.raises(ConfigError, match=r"pseudo_label_epochs=1.*trainer.max_epochs"):
+        cli_main(_args(table, tmp_path, "--model.init_args.pseudo_label_epochs", "1", "--trainer.max_epochs", "-1",
+                       "--trainer.max_steps", "20"))
+
+
+def test_gradient_accumulation_is_refused(table, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.accumulate_grad_batches=2"):
+        cli_main(_args(table, tmp_path, "--trainer.accumulate_grad_batches", "2"))
+
+
+def test_failed_accuracy_check_runs_a_queried_round(table, tmp_path, monkeypatch):
+    """Last epoch, validation accuracy 0.4 below the first round's: with tol 0.1 its rounds query (no pseudo-labels,
+    the code's fallback to sample_by_infl); with tol 0.5 they add pseudo-labelled rows at no cost. (Random
+    sampling: it always selects `budget` rows.)"""
+    from lit_align.methods.fis import FISModule
+
+    def fake_accuracy(self, validation):
+        return 0.9 if self.state.reference_acc is None else 0.5
+
+    monkeypatch.setattr(FISModule, "_validation_accuracy", fake_accuracy)
+    rand = "lit_align.classifiers.RandomSampler"
+    blocked = cli_main(_args(table, tmp_path / "a", "--model.init_args.pseudo_label_epochs", "1",
+                             "--model.init_args.tol", "0.1", sampler=rand)).model.state
+    last = [r for r in blocked.round_log if r["epoch"] == 2]
+    assert last and blocked.pseudo_added == 0 and all(r["queried"] > 0 and not r["pseudo"] for r in last)
+    allowed = cli_main(_args(table, tmp_path / "b", "--model.init_args.pseudo_label_epochs", "1",
+                             "--model.init_args.tol", "0.5", sampler=rand)).model.state
+    assert allowed.pseudo_added > 0 and all(r["pseudo"] for r in allowed.round_log if r["epoch"] == 2)
+
+
+def test_random_baseline_adds_random_labels_in_the_last_epochs(table, tmp_path):
+    """As the code's baselines: random sampling's last-epoch rounds add rows with random labels, no query."""
+    model = cli_main(_args(table, tmp_path, "--model.init_args.pseudo_label_epochs", "1", "--model.init_args.tol", "1",
+                           sampler="lit_align.classifiers.RandomSampler")).model
+    assert model.state.pseudo_added > 0 and model.oracle.spent == len(model.state.queried)
+
+
+def test_samplers_load_from_a_checkpoint_with_weights_only(tmp_path):
+    """A module built in Python keeps its sampler object in the hyperparameters; every sampler class survives
+    torch.load(weights_only=True) with its settings."""
+    from lit_align.classifiers import EntropySampler, FairInfluenceSampler, JTTSampler, RandomSampler
+
+    samplers = [RandomSampler(), EntropySampler(mc_samples=3), JTTSampler(upweight=4),
+                FairInfluenceSampler(fairness="eop", mu=0.5)]
+    torch.save({"hyper_parameters": {"samplers": samplers}}, tmp_path / "h.ckpt")
+    loaded = torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["samplers"]
+    assert loaded == samplers

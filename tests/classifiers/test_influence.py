@@ -97,7 +97,8 @@ def test_vmap_per_class_gradients_match_a_loop():
 
 def test_pseudo_label_score_and_selection_rules():
     """c_hat = argmin_c |I_acc|; s = I_fair(c_hat), zeroed where I_acc(c_hat) > 0; at most `budget` items, all
-    s < 0, most negative first; a candidate with I_acc > 0 at its pseudo-label is never selected."""
+    s < 0, most negative first; a candidate with I_acc > 0 at its pseudo-label is never selected. (Hand-made
+    influences, possible with K > 2 only: for two classes see the next test.)"""
     i_acc = torch.tensor([[-0.1, 0.5], [0.2, -0.9], [0.3, 0.4], [-0.2, -0.05], [-0.01, 0.3]])
     i_fair = torch.tensor([[-1.0, 0.0], [-2.0, 9.0], [-3.0, -3.0], [4.0, 1.0], [-0.5, 0.0]])
     scores, c_hat = fis_scores(i_acc, i_fair)
@@ -108,6 +109,40 @@ def test_pseudo_label_score_and_selection_rules():
     assert fis_scores(i_acc, i_fair, remove_pos=False)[0][1].item() == -2.0
     keep = true_label_keep(i_acc, i_fair, torch.tensor([0, 1, 0, 1, 0]))
     assert keep.tolist() == [True, False, False, False, True]
+
+
+def test_two_classes_pseudo_label_is_the_prediction_and_recheck_drops_the_misclassified():
+    """K = 2: g_z(0) = -(p1 / p0) g_z(1) over any subset, so c_hat = argmax p, and a selected row (I_acc(c_hat)
+    <= 0, s < 0) survives the true-label recheck exactly when its label is the prediction."""
+    net = _biased_net(torch.float64)
+    pool, y, _ = _rows(300, 2)
+    pool = pool.double()
+    vx, vy, vg = _rows(300, 1)
+    for which in ("head", "all"):
+        names = parameter_names(net, which, list(net[2].parameters()))
+        g_acc, g_fair = validation_gradients(net, names, [(vx.double(), vy, vg)], fairness="dp")
+        i_acc, i_fair = score_candidates(net, names, pool, 2, g_acc, g_fair)
+        p = net(pool).softmax(-1).detach()
+        assert torch.allclose(i_acc[:, 0], -(p[:, 1] / p[:, 0]) * i_acc[:, 1], rtol=1e-6, atol=1e-12)
+        scores, c_hat = fis_scores(i_acc, i_fair)
+        assert torch.equal(c_hat, p.argmax(-1))
+        chosen = select_most_negative(scores, 300)
+        assert len(chosen) > 0
+        for labels in (y, 1 - y, torch.randint(2, (300,), generator=torch.Generator().manual_seed(3))):
+            keep = true_label_keep(i_acc[chosen], i_fair[chosen], labels[chosen])
+            assert torch.equal(keep, labels[chosen] == c_hat[chosen])
+
+
+def test_validation_set_without_a_group_or_rows_names_the_keys():
+    """A validation set lacking a group would give g_fair = 0 (nothing ever selected): a ConfigError naming
+    data.init_args.group; an empty one names the split's val_ratio."""
+    net = _biased_net()
+    x, y, group = _rows(50, 1)
+    names = parameter_names(net, "head", list(net[2].parameters()))
+    with pytest.raises(ConfigError, match=r"no row of group\(s\) \[1\].*data.init_args.group"):
+        validation_gradients(net, names, [(x, y, torch.zeros_like(group))], fairness="dp")
+    with pytest.raises(ConfigError, match="data.init_args.split.init_args.val_ratio"):
+        validation_losses(net, [], fairness="dp")
 
 
 def test_fis_selection_on_a_real_model_respects_budget_sign_and_accuracy():
@@ -153,6 +188,28 @@ def test_parameter_subset_option():
         parameter_names(net, "last", [])
 
 
+def test_mc_dropout_mutual_information():
+    """BALD with dropout: the selected rows carry positive mutual information, the top of the pool's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 2))
+    pool, _, _ = _rows(200, 4)
+    ctx = SelectionContext(net=net, head=list(net[3].parameters()), candidates=torch.arange(200),
+                           features=lambda i: pool[i], validation=[], num_classes=2, num_groups=2, budget=10,
+                           generator=torch.Generator().manual_seed(0))
+    selection = EntropySampler(mc_samples=20).select(ctx)
+    assert (selection.scores > 0).all() and len(selection.indices) == 10
+    again = EntropySampler(mc_samples=20).select(SelectionContext(**{**vars(ctx),
+                                                                     "generator": torch.Generator().manual_seed(0)}))
+    assert torch.equal(again.indices, selection.indices)  # seeded from the round's generator
+
+
+def test_sampler_options_are_checked_at_construction():
+    with pytest.raises(ConfigError, match="sampler.init_args.upweight"):
+        JTTSampler(upweight=0)
+    with pytest.raises(ConfigError, match="sampler.init_args.mc_samples"):
+        EntropySampler(mc_samples=-1)
+
+
 def test_baseline_samplers():
     """Random: budget distinct candidates; entropy: the most uncertain rows (near x0 = 0); JTT: misclassified
     queried rows get `upweight` copies."""
@@ -163,7 +220,8 @@ def test_baseline_samplers():
     assert len(rand.unique()) == 10
     ent = EntropySampler().select(ctx)
     assert pool[ent.indices, 0].abs().mean() < pool[:, 0].abs().mean() / 2
-    assert len(EntropySampler(mc_samples=3).select(ctx).indices) == 10
+    assert torch.equal(ent.pseudo_labels, net(pool[ent.indices]).argmax(-1))  # last epochs: predicted labels
+    assert (EntropySampler(mc_samples=3).select(ctx).scores.abs() < 1e-6).all()  # no dropout: MI = 0
     jtt = JTTSampler(upweight=4)
     sel = jtt.select(ctx)
     wrong = net(pool[sel.indices]).argmax(-1) != y[sel.indices]
