@@ -48,7 +48,6 @@ import math
 import os
 import random
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from fit_timing import QUIET, interval, mean_interval  # noqa: E402  (this folder is on sys.path when a script runs)
+from fit_timing import QUIET, git_commit, interval, mean_interval  # noqa: E402  (this folder is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"class_wise": REPO / "configs" / "ugradsl_cls" / "class_wise_digits.yaml",
@@ -228,14 +227,6 @@ def print_tables(result: dict) -> None:
                 print(f"- {name}: {_cell(effect)} -> {'met' if effect['met'] else 'not met'}{extra}")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _stored_tuning(kinds: list[str], methods: list[str]) -> dict:
     if not RESULTS.is_file():
         sys.exit(f"no {RESULTS.name}: run with --tune first")
@@ -294,7 +285,7 @@ def main() -> None:
                                      "claims": claims(runs, methods),
                                      "per_seed": {m: [r["unlearned"] for r in runs[m]] for m in methods}}
     result.update({
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]), "commit": _commit(),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]), "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": seeds, "methods": methods,
         "tuning": tuning,
         "setup": {"configs": {k: str(CONFIGS[k].relative_to(REPO)) for k in kinds}, "rules": METHODS,

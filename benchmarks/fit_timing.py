@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PRESETS", "FitRun", "RunFailed", "Window", "check_meta", "command", "environment", "error_line", "interval",
-           "mean_interval", "read_clock", "run_fit", "set_keys", "stage_windows", "steady_window"]
+__all__ = ["PRESETS", "FitRun", "RunFailed", "Window", "check_meta", "command", "environment", "error_line",
+           "git_commit", "interval", "mean_interval", "read_clock", "run_fit", "set_keys", "stage_windows", "steady_window"]
 
 HERE = Path(__file__).resolve().parent
 #: the 2-process presets of each strategy, relative to the tree's root
@@ -312,6 +312,15 @@ def command(run: FitRun, config: Path, out: Path, clock_dir: Path) -> list[str]:
     if run.stage is not None:
         cmd += ["--trainer.callbacks.stage", run.stage]
     return cmd
+
+
+def git_commit(tree: Path = HERE.parent) -> str:
+    """The short commit of ``tree``'s HEAD, stored beside a benchmark's results (``unknown`` outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def environment(tree: Path, clock_path: Path) -> dict[str, str]:

@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from fit_timing import fit_in_process, interval  # noqa: E402  (this folder is on sys.path when a script runs)
+from fit_timing import fit_in_process, git_commit, interval  # noqa: E402  (this folder is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 UNLEARN_CONFIG = REPO / "configs" / "wagle" / "npo_tiny.yaml"
@@ -190,14 +189,6 @@ def print_table(result: dict) -> None:
             print(f"| {claim} | {name} | {_fmt(e)} | {verdict} |")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="unlearning runs, seeds 0..N-1")
@@ -233,7 +224,7 @@ def main() -> None:
     summary = {name: {k: e["met"] for k, e in group.items()} for name, group in effects.items()}
     record = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seeds": seeds, "max_records": opts.max_records,
         "setup": {"unlearning": str(UNLEARN_CONFIG.relative_to(REPO)), "assessment": str(ASSESS_CONFIG.relative_to(REPO)),
                   "original": "builtin:tiny-tofu-full", "retrain": "builtin:tiny-tofu-retain90",
