@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from torch import nn
 
-__all__ = ["eval_mode"]
+__all__ = ["eval_mode", "train_mode"]
 
 
 @contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off) for the block; every submodule's own mode is restored afterwards, also when the
-    block raises (a frozen submodule of a training model stays in eval mode)."""
+def _mode(models: tuple[nn.Module, ...], training: bool) -> Iterator[None]:
     modes = [(m, m.training) for model in models for m in model.modules()]
     for model in models:
-        model.eval()
+        model.train(training)
     try:
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        for module, was in modes:
+            module.training = was
+
+
+def eval_mode(*models: nn.Module) -> AbstractContextManager[None]:
+    """Eval mode (dropout off) for the block; every submodule's own mode is restored afterwards, also when the
+    block raises (a frozen submodule of a training model stays in eval mode)."""
+    return _mode(models, False)
+
+
+def train_mode(*models: nn.Module) -> AbstractContextManager[None]:
+    """Train mode (dropout on, e.g. Monte-Carlo dropout passes) for the block; every submodule's own mode is
+    restored afterwards, also when the block raises."""
+    return _mode(models, True)

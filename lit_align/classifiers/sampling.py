@@ -56,7 +56,7 @@ from lit_align.classifiers.influence import (
 )
 from lit_align.errors import ConfigError
 from lit_align.losses.fairness import FAIRNESS_KINDS, FairnessKind
-from lit_align.modes import eval_mode
+from lit_align.modes import eval_mode, train_mode
 
 __all__ = [
     "EntropySampler",
@@ -142,14 +142,7 @@ def _probabilities(ctx: SelectionContext, *, train: bool = False) -> Tensor:
     """(N, K) softmax of the candidates (eval mode unless ``train``, which keeps dropout on)."""
     x = ctx.features(ctx.candidates)
     with torch.no_grad():
-        if train:
-            was = ctx.net.training
-            ctx.net.train()
-            try:
-                return ctx.net(x).softmax(-1)
-            finally:
-                ctx.net.train(was)
-        with eval_mode(ctx.net):
+        with (train_mode if train else eval_mode)(ctx.net):
             return ctx.net(x).softmax(-1)
 
 

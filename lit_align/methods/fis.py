@@ -19,6 +19,7 @@ from lit_align.data.classification import LabelOracle, TrainStreams
 from lit_align.engine.seeds import generator
 from lit_align.errors import ConfigError
 from lit_align.methods.classifier_base import ClassifierBase
+from lit_align.modes import eval_mode
 
 __all__ = ["FISModule", "FISState", "mix_probabilities", "stream_rows"]
 
@@ -255,13 +256,8 @@ class FISModule(ClassifierBase):
             gather=lambda t: self.all_gather(t))
 
     def _validation_accuracy(self, validation: list[tuple[Any, Tensor, Tensor]]) -> float:
-        with torch.no_grad():
-            was = self.net.training
-            self.net.eval()
-            try:
-                correct = sum(int((self.net(x).argmax(-1) == y).sum()) for x, y, _ in validation)
-            finally:
-                self.net.train(was)
+        with torch.no_grad(), eval_mode(self.net):
+            correct = sum(int((self.net(x).argmax(-1) == y).sum()) for x, y, _ in validation)
         return correct / sum(len(y) for _, y, _ in validation)
 
     def _use_pseudo_labels(self, accuracy: float) -> bool:
