@@ -113,7 +113,8 @@ UNLEARN = ["fit", "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "
 
 @pytest.mark.parametrize("config, strategy", [
     ("configs/wagle/npo_tiny.yaml", "ddp"),
-    ("configs/unlearning/llmu/tiny.yaml", "fsdp2"),
+    # about 50 s: in the integration tier, which CI also runs
+    pytest.param("configs/unlearning/llmu/tiny.yaml", "fsdp2", marks=pytest.mark.integration),
 ], ids=["wagle-npo-strict-ddp", "llmu-fsdp2"])
 def test_unlearning_two_processes_match_one(config, strategy, tmp_path):
     """Unlearning on 2 ranks x 8 forget examples == 1 rank x 16: the retain/mismatch pairing follows

@@ -35,6 +35,7 @@ def _saved(root) -> tuple[list[dict], dict]:
     return state["SelfAlignmentDataModule"]["pool"], state["isara"]["cache"]["entries"]
 
 
+@pytest.mark.integration  # about 45 s (two processes and one): CI runs the integration tier too
 def test_ddp_grows_the_pool_one_process_grows(tmp_path):
     run_cli([*_args(tmp_path / "one", 8)])
     cache_file = tmp_path / "ddp_cache.jsonl"

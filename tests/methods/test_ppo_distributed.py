@@ -45,7 +45,9 @@ CONTRASTIVE = ["--data.init_args.train.limit", "24", "--model.init_args.contrast
 
 
 @pytest.mark.parametrize(("config", "prompts", "strategies", "extra", "tol"), [
-    ("ppo/tiny", 8, ("ddp", "fsdp2"), [], 1e-4), ("grpo/tiny", 4, ("fsdp2",), [], 1e-4),
+    # PPO on both strategies spawns 3 runs (about a minute): in the integration tier, which CI also runs
+    pytest.param("ppo/tiny", 8, ("ddp", "fsdp2"), [], 1e-4, marks=pytest.mark.integration),
+    ("grpo/tiny", 4, ("fsdp2",), [], 1e-4),
     ("ppo/contrastive_tiny", 8, ("fsdp2",), CONTRASTIVE, 8e-4)], ids=["ppo", "grpo", "contrastive"])
 def test_ddp_and_fsdp2_match_one_process(config, prompts, strategies, extra, tol, tmp_path):
     """PPO with a critic, GRPO's groups, and contrastive rewards (the baseline table made in shares on each rank

@@ -328,7 +328,8 @@ EARLY_EOS = list(range(1, 120))
 
 def _plain_sample(model, ids, mask, config: SamplingConfig, eos: list[int], generator) -> Rollout:
     """The plain decoding loop the sampler's fast path must reproduce: a 2D attention mask that the model turns
-    into a 4D one at every step, and every row drawing its noise at every step, finished or not."""
+    into a 4D one at every step, and the documented uniforms: (B, N) from one generator, or N per row from each
+    row's own generator, column t for step t."""
     from transformers import DynamicCache
 
     from lit_align.rollout.sampler import _cache_kwarg, _select
@@ -340,10 +341,14 @@ def _plain_sample(model, ids, mask, config: SamplingConfig, eos: list[int], gene
     cache = {_cache_kwarg(model): DynamicCache(config=model.config)}  # the keyword differs across transformers
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **cache,
                 use_cache=True, logits_to_keep=1)
+    if isinstance(generator, torch.Generator):
+        uniforms = torch.rand(b, n, generator=generator)
+    else:
+        uniforms = torch.stack([torch.rand(n, generator=g) for g in generator])
     finished = torch.zeros(b, dtype=torch.bool)
     tokens_, logps_ = [], []
     for t in range(n):
-        tokens, logps = _select(out.logits[:, -1].float(), config, generator)
+        tokens, logps = _select(out.logits[:, -1].float(), config, uniforms[:, t])
         tokens = tokens.masked_fill(finished, PAD)
         tokens_.append(tokens)
         logps_.append(logps)
@@ -383,19 +388,31 @@ def test_fast_path_equals_plain_path(model, cfg, generators):
     assert torch.equal(fast.logps, plain.logps)
 
 
-def test_finished_rows_draw_no_more_noise(qwen):
-    """With per-row generators a row's generator advances by exactly one (V,) draw per token it generated (EOS
-    included): no noise is drawn for a row after its EOS."""
+def test_each_row_draws_its_uniforms_once(qwen):
+    """With per-row generators a row's generator advances by exactly one (max_new_tokens,) uniform draw, whatever
+    its length (finished rows draw nothing more), so a row's draws depend on its own generator alone."""
     ids, mask = _batch(PROMPTS * 2)
     gens = _row_generators(len(ids))
     out = sample(qwen, ids, mask, SamplingConfig(max_new_tokens=20), eos_token_id=EARLY_EOS, pad_token_id=PAD,
                  generator=gens)
     lengths = out.response_lengths.tolist()
-    assert min(lengths) < out.response_ids.shape[1]  # some row finished before the last step
-    for g, fresh, n in zip(gens, _row_generators(len(ids)), lengths):
-        for _ in range(n):
-            torch.empty(VOCAB).exponential_(generator=fresh)
+    assert min(lengths) < max(lengths)  # rows finished at different steps
+    for g, fresh in zip(gens, _row_generators(len(ids))):
+        torch.rand(20, generator=fresh)
         assert torch.equal(g.get_state(), fresh.get_state())
+
+
+def test_inverse_cdf_picks_only_tokens_with_weight():
+    """u = 0 and u just below 1 pick the first and the last token of positive weight, never an excluded one, also
+    when the scaled target would round up to the total."""
+    from lit_align.rollout.sampler import _inverse_cdf
+
+    scores = torch.tensor([[float("-inf"), 0.0, -1.0, float("-inf")], [-2.0, float("-inf"), 0.0, float("-inf")]])
+    low = _inverse_cdf(scores, torch.zeros(2))
+    high = _inverse_cdf(scores, torch.full((2,), 1.0 - 2.0**-24))
+    assert low.tolist() == [1, 0] and high.tolist() == [2, 2]
+    one = _inverse_cdf(scores, torch.ones(2))  # out of range: still the last token with weight
+    assert one.tolist() == [2, 2]
 
 
 def test_decoding_steps_get_one_prepared_mask(qwen):
@@ -565,7 +582,7 @@ def test_sampling_distribution(cfg, expected):
         if cfg.top_k:
             probs = torch.where(probs >= probs.topk(cfg.top_k).values[-1], probs, 0.0)
         expected = (probs / probs.sum()).tolist()
-    tokens, logps = _select(logits, cfg, torch.Generator().manual_seed(0))
+    tokens, logps = _select(logits, cfg, torch.rand(len(logits), generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(tokens, minlength=5).float() / tokens.numel()
     torch.testing.assert_close(freq, torch.tensor(expected), atol=0.01, rtol=0)
     # Log-probs are always those of the unfiltered, temperature-scaled distribution.
