@@ -1,5 +1,6 @@
 """What an unlearning assessment (``lit-align test`` with :class:`~lit_align.methods.UnlearningAssessmentModule`)
-writes: the report of others.md §11.1 G."""
+writes: the report of the evaluation checklist of Liu et al., "Rethinking Machine Unlearning for
+Large Language Models" (arXiv 2402.08787)."""
 
 from __future__ import annotations
 

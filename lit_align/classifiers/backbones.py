@@ -283,7 +283,7 @@ class ViTBackbone(Backbone):
     """A Vision Transformer from transformers (``ViTForImageClassification`` built from a ``ViTConfig``).
 
     The defaults are ViT-B/8 at 32x32 (12 layers, width 768, 12 heads, MLP 3072, 8x8 patches: 16 patches and a
-    CLS token), the "ViT-B/8 lowres" FIS trains on CelebA resized to 32x32 (methods/others.md §4(d)); smaller
+    CLS token), the "ViT-B/8 lowres" FIS trains on CelebA resized to 32x32 (the FIS code's CelebA setting); smaller
     widths make tiny test networks. ``image_size`` must equal the data's image height and width. ``pretrained``
     loads a directory written by ``save_pretrained`` or a hub id (its own architecture and image size; the head is
     re-initialised when its class count differs).

@@ -1,4 +1,4 @@
-"""First-order influences of FIS (Pang et al., arXiv 2402.12789; /work/shared/methods/others.md §4(b), §4(c)).
+"""First-order influences of FIS (Pang et al., arXiv 2402.12789, and its released code).
 
 With ``g_acc`` and ``g_fair`` the gradients of the validation accuracy and fairness losses
 (:mod:`lit_align.losses.fairness`) over a parameter subset, and ``g_z(c)`` the gradient of ``CE(f(x_z), c)`` over
@@ -6,7 +6,7 @@ the same subset, the influence of adding candidate ``z`` with label ``c`` is (id
 
     I_acc(z, c) = -<g_z(c), g_acc>          I_fair(z, c) = -<g_z(c), g_fair>
 
-the code's sign (§4(h)1): one SGD step ``theta - eta g_z(c)`` changes the validation loss by about ``eta * I``, so
+the code's sign: one SGD step ``theta - eta g_z(c)`` changes the validation loss by about ``eta * I``, so
 **negative is good**. FIS's pseudo-label is ``c_hat = argmin_c |I_acc(z, c)|`` and its score
 ``s(z) = I_fair(z, c_hat)``, set to 0 where ``I_acc(z, c_hat) > 0`` (``remove_pos``: the candidate would hurt
 validation accuracy). The ``budget`` most negative scores are selected (``s < 0`` only); after the labels are
@@ -20,12 +20,12 @@ c_hat) <= 0``, ``s < 0``) the true-label recheck drops exactly the misclassified
 ``I_acc`` is positive). ``remove_pos`` thus keeps the candidates whose prediction's step would lower the
 validation loss, and the score ranks them by how much that step lowers the fairness loss.
 
-Parameter subset (§4(h)4; the paper's code takes the first 4 leaves of the Flax tree, ``sel_layers = 4``, which is
+Parameter subset (the paper's code takes the first 4 leaves of the Flax tree, ``sel_layers = 4``, which is
 not the head in general): ``"head"`` (default) is the backbone's ``head_parameters(module)`` (the final classifier
 layer), ``"all"`` every trainable parameter, or a list of ``named_parameters`` names. Per-sample gradients over all
 parameters of a large model are memory-heavy (N x K x P floats per chunk).
 
-Per-candidate, per-class gradients (§4(h)5) use ``torch.func``: ``vmap`` over samples of ``vmap`` over classes of
+Per-candidate, per-class gradients use ``torch.func``: ``vmap`` over samples of ``vmap`` over classes of
 ``grad`` of the single-row cross-entropy, through ``functional_call`` with the subset as the only replaced
 parameters. Scoring runs the network in eval mode (no dropout noise; batch-norm uses its running statistics).
 
@@ -197,7 +197,7 @@ def _rows(x: Any) -> int:
 
 
 def pseudo_labels(i_acc: Tensor) -> Tensor:
-    """(N,) ``argmin_c |I_acc(z, c)|``: the label whose accuracy influence is closest to zero (§4(b))."""
+    """(N,) ``argmin_c |I_acc(z, c)|``: the label whose accuracy influence is closest to zero."""
     return i_acc.abs().argmin(dim=1)
 
 

@@ -2,7 +2,7 @@
 
 Unlearning starts from the **original** model, trained on the whole training set ``D_tr = D_f + D_r``; the
 **Retrain** model, trained from scratch on the retain set ``D_r`` alone, is the gold standard it is judged against
-(others.md §2(a), §2(h)5: the goal is closeness to Retrain). Each is either
+(Di et al., arXiv 2406.07698: the goal is closeness to Retrain). Each is either
 
 * **loaded** from a file given in the config: a ``.safetensors`` state dict, or a ``.ckpt`` / ``.pt`` file read with
   ``torch.load(weights_only=True)`` holding a state dict or a Lightning checkpoint of a classifier method (its

@@ -1,4 +1,4 @@
-"""Which pool rows an active-sampling round queries (FIS and its baselines; others.md §4(b), §4(c)).
+"""Which pool rows an active-sampling round queries (FIS and its baselines; Pang et al., arXiv 2402.12789).
 
 Chosen in YAML by ``class_path`` under ``model.init_args.sampler`` (the paper's code numbers them ``strategy``):
 
@@ -22,14 +22,14 @@ Chosen in YAML by ``class_path`` under ``model.init_args.sampler`` (the paper's 
 
 ``model.init_args.sampler: null`` is the ERM baseline on the initial labelled set (no rounds).
 
-Selection rule (FIS): we follow others.md §4(c): pick the ``budget`` most negative pre-query scores, query
+Selection rule (FIS): we follow the paper's algorithm: pick the ``budget`` most negative pre-query scores, query
 exactly those (the budget), then drop the ones the true-label recheck rejects. The released code's
 ``sample_by_infl`` differs: it applies the true-label check to all scanned candidates before taking the top ones,
 keeps up to ``budget`` rows per round, and charges a label for every candidate whose pre-check score beats the last
 selected one (``sel_true_false_with_labels``); that rule is not implemented here.
 
 Every strategy returns pool indices to query; :class:`lit_align.methods.fis.FISModule` spends the label budget
-through the data's ``LabelOracle`` on every queried index, even those the recheck later discards (§4(h)6), and
+through the data's ``LabelOracle`` on every queried index, even those the recheck later discards, and
 logs the running totals ``fis/spent``, ``fis/kept``, ``fis/discarded`` and ``fis/pseudo_added`` (pseudo-labelled rows
 cost nothing).
 """
@@ -224,7 +224,7 @@ class JTTSampler(Sampler):
 
 @dataclass
 class FairInfluenceSampler(Sampler):
-    """Strategy 2, FIS (§4(b), §4(c)): score every candidate by ``s(z) = I_fair(z, c_hat)``, zeroed where
+    """Strategy 2, FIS: score every candidate by ``s(z) = I_fair(z, c_hat)``, zeroed where
     ``I_acc(z, c_hat) > 0``, select the ``budget`` most negative, recheck with the true labels."""
 
     fairness: FairnessKind = "dp"
@@ -233,7 +233,7 @@ class FairInfluenceSampler(Sampler):
     """Weight of the fairness loss (``mu / 2 ||Delta||^2``; 1 in the paper's scripts)."""
     parameters: str | list[str] = "head"
     """Parameter subset of the influences: ``head`` (the backbone's classifier layer; default), ``all``, or a list
-    of ``named_parameters`` names (§4(h)4)."""
+    of ``named_parameters`` names."""
     remove_pos: bool = True
     """Reject candidates whose accuracy influence at the pseudo-label is positive (the scripts' setting)."""
     recheck: bool = True

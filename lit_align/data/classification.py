@@ -229,7 +229,7 @@ class HoldoutSplit(Split):
 
 @dataclass
 class ForgetSplit(Split):
-    """A holdout split whose ``train`` rows are cut into ``forget`` and ``retain`` (UGradSL §2(a)).
+    """A holdout split whose ``train`` rows are cut into ``forget`` and ``retain``.
 
     * ``class_wise``: ``forget`` = every train row of the classes ``classes``; ``test_forget`` / ``test_retain``
       are the test rows of those classes / of the remaining classes (UA and TA as in the paper).
@@ -297,7 +297,7 @@ class ForgetSplit(Split):
 
 @dataclass
 class ActiveLearningSplit(Split):
-    """FIS's split (§4(a)): a labelled set, an unlabelled pool, and a validation and a test set with groups.
+    """FIS's split: a labelled set, an unlabelled pool, and a validation and a test set with groups.
 
     ``test`` = ``test_ratio`` of all rows, ``val`` = ``val_ratio`` of all rows, ``labelled`` = ``label_ratio`` of
     the remaining (training) rows, ``pool`` = the rest of them; all seeded and stratified by class. ``train`` is

@@ -10,7 +10,7 @@ Sources (``data.source``, an optional ``hf:`` prefix is allowed):
 
 * a hub id, e.g. ``SetFit/20_newsgroups`` (20 Newsgroups, columns ``text``, ``label`` 0..19, ``label_text``;
   11,314 train and 7,532 test rows; the test split becomes the test subset; ``label_name_column: label_text``
-  names the classes) - UGradSL's text benchmark with BERT (§2(a)). A class-wise forget config for it::
+  names the classes) - UGradSL's text benchmark with BERT. A class-wise forget config for it::
 
       data:
         class_path: lit_align.data.TextClassificationDataModule

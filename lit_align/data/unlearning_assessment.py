@@ -1,4 +1,5 @@
-"""Evaluation sets of an unlearning assessment (others.md §11.1 A, C, D; core.md §4.8).
+"""Evaluation sets of an unlearning assessment (Liu et al., arXiv 2402.08787; WAGLE's evaluation, Jia et al.,
+arXiv 2410.17509).
 
 Every record has the eval-record format of :meth:`ForgetRetainDataModule.eval_records
 <lit_align.data.unlearning.ForgetRetainDataModule.eval_records>`: ``prompt``, ``response`` and, where they

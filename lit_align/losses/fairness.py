@@ -1,9 +1,8 @@
 """Relaxed (probability-based) group-fairness losses and the validation accuracy loss of FIS (Pang et al.,
-"Fair Classifiers Without Fair Training: An Influence-Guided Data Sampling Approach", arXiv 2402.12789;
-/work/shared/methods/others.md §4(b)).
+"Fair Classifiers Without Fair Training: An Influence-Guided Data Sampling Approach", arXiv 2402.12789).
 
 The losses are differentiable surrogates of the hard gaps the metrics report (``lit_align.metrics.fairness``): they
-average soft probabilities ``p(k|x)`` instead of counting argmax predictions (§4(h)2: never backprop through hard
+average soft probabilities ``p(k|x)`` instead of counting argmax predictions (never backprop through hard
 metrics). With ``Delta`` the relaxed gap vector,
 
     L_fair = mu / 2 * ||Delta||^2            L_acc = mean_i CE(logits_i, y_i)
@@ -84,7 +83,7 @@ def fairness_gaps(probs: Tensor, labels: Tensor, groups: Tensor, kind: FairnessK
 
 def fairness_loss(probs: Tensor, labels: Tensor, groups: Tensor, kind: FairnessKind, *, mu: float = 1.0,
                   num_groups: int = 2, positive_class: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
-    """``L_fair = mu / 2 * ||Delta||^2`` (§4(b); mu = 1 in the paper's scripts) on (N, K) probabilities.
+    """``L_fair = mu / 2 * ||Delta||^2`` (mu = 1 in the paper's scripts) on (N, K) probabilities.
 
     Hand check (dp, M = K = 2): group 0 rows p = [0.2, 0.8], [0.4, 0.6]; group 1 row p = [0.9, 0.1]:
     ``H = [[0.3, 0.7], [0.9, 0.1]]``, ``Delta = [-0.6, 0.6] / 4 = [-0.15, 0.15]``, ``L = 0.5 * 0.045 = 0.0225``.

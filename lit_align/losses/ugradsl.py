@@ -1,7 +1,7 @@
 """UGradSL's objective for classifiers: descent on the retain set, ascent on label-smoothed forget targets.
 
-Di et al., "Label Smoothing Improves Machine Unlearning", https://arxiv.org/abs/2406.07698 (ICLR 2026 poster);
-spec: shared/methods/others.md §2. The generalised-label-smoothing (GLS) loss itself is
+Di et al., "Label Smoothing Improves Machine Unlearning", https://arxiv.org/abs/2406.07698 (ICLR 2026 poster).
+The generalised-label-smoothing (GLS) loss itself is
 :func:`lit_align.losses.unlearning.gls_cross_entropy` (one implementation, shared with the token-wise LLM port);
 this module adds what the classifier method needs around it:
 
@@ -84,15 +84,15 @@ def ugradsl_objective(
     p: float,
     normalize: Normalize = "mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """UGradSL's per-step objective (minimised), others.md §2(b)::
+    """UGradSL's per-step objective (minimised), as in the paper::
 
         L = p * R_{B_r}( CE(x, y) ) - (1 - p) * R_{B_f}( l_GLS(x, y, alpha) )
 
     ``R`` is the batch **mean** (``normalize="mean"``, the default) or the batch **sum** (``"sum"``, the paper's
     formula). With sums, ``p`` no longer weighs the two sets as written once the batch sizes differ (a retain
-    batch twice the forget batch counts twice as much, others.md §2(h)4), hence the mean by default.
+    batch twice the forget batch counts twice as much), hence the mean by default.
 
-    Sign (§2(h)1): the forget term enters with a minus, i.e. *gradient ascent* on ``l_GLS``. With
+    Sign: the forget term enters with a minus, i.e. *gradient ascent* on ``l_GLS``. With
     ``alpha = -a < 0`` the forget part is ``-(1 + a) CE(x, y) + (a / K) sum_k CE(x, k)``: ascent on the true label
     amplified by ``1 + a`` plus descent toward the uniform prediction. ``+l_GLS`` with ``alpha < 0`` would train
     *toward* the forget labels. ``p = 0, alpha = 0`` is plain gradient ascent; ``p = 1`` is fine-tuning on the
@@ -156,7 +156,7 @@ def feature_distances(forget_features: Tensor, retain_features: Tensor) -> Tenso
 
     ``d(u, v) = (1 - cos(u, v)) / 2``: the cosine distance halved, so identical directions are 0, orthogonal ones
     0.5 and opposite ones 1. UGradSL's adaptive rate needs a distance in [0, 1] but its paper does not say which
-    (reviewers asked; others.md §2(b)): this one is our choice, scale-free and bounded. The features are the
+    (its reviewers asked): this one is our choice, scale-free and bounded. The features are the
     classifier's penultimate activations (the input of its final layer; see
     :meth:`~lit_align.methods.classifier_unlearning.ClassifierUnlearningModule.features`).
 
@@ -183,7 +183,7 @@ def adaptive_alpha(
 ) -> Tensor:
     """UGradSL's adaptive smoothing rate per forget sample (used when no fixed alpha is configured).
 
-    Per others.md §2(b): for forget sample j, ``c_j`` = the number of retain samples of the batch within distance
+    Per the paper: for forget sample j, ``c_j`` = the number of retain samples of the batch within distance
     ``beta`` of it (:func:`feature_distances`), and ``alpha_j = c_j / |B_f|``. A forget sample close to many retain
     samples gets a larger ``|alpha_j|``: more of its target is spread over all classes, so less is pushed away
     from its true class alone.

@@ -129,7 +129,7 @@ class _GLSRule(UnlearningRule):
 
 
 class UGradSL(_GLSRule):
-    """UGradSL (GA backbone, others.md §2(c)): epochs over the forget set; each forget batch is paired with a retain
+    """UGradSL (GA backbone): epochs over the forget set; each forget batch is paired with a retain
     batch drawn as needed (``TrainStreams(("forget", "retain"), "min_size")``: an epoch ends with the forget set)."""
 
     def streams(self) -> TrainStreams:
@@ -137,7 +137,7 @@ class UGradSL(_GLSRule):
 
 
 class UGradSLPlus(_GLSRule):
-    """UGradSL+ (fine-tuning backbone, §2(c)): epochs over the retain set, cycling the forget set as often as needed
+    """UGradSL+ (fine-tuning backbone): epochs over the retain set, cycling the forget set as often as needed
     (``TrainStreams(("retain", "forget"), "max_size_cycle")``). Better quality, more steps."""
 
     def streams(self) -> TrainStreams:
@@ -225,7 +225,7 @@ class _capture_input:
 
 class ClassifierUnlearningModule(ClassifierBase):
     """Unlearning a trained classifier: UGradSL / UGradSL+ (Di et al., "Label Smoothing Improves Machine
-    Unlearning", https://arxiv.org/abs/2406.07698; others.md §2) and the baselines of its tables, one ``rule``
+    Unlearning", https://arxiv.org/abs/2406.07698) and the baselines of its tables, one ``rule``
     chosen by ``class_path``:
 
     ===============  ====================================  ===================================================
@@ -250,7 +250,7 @@ class ClassifierUnlearningModule(ClassifierBase):
     Batch: ``{"x", "y", "index"}`` per stream (``{stream: batch}`` for two streams) from a
     :class:`~lit_align.data.classification.ClassificationDataModule` with a ``ForgetSplit``.
 
-    Reported (the goal is closeness to Retrain, not the largest UA, §2(h)5): at the end of fit and in ``test``,
+    Reported (the goal is closeness to Retrain, not the largest UA): at the end of fit and in ``test``,
     UA, RA, TA, MIA-efficacy (:func:`~lit_align.metrics.classification.unlearning_scores`; TA on ``test_retain``
     for class-wise forgetting), the unlearning run time (``seconds``: wall time of the training batches only,
     validation and checkpoint writes left out, summed over resumed segments) and ``avg_gap`` to Retrain, for the

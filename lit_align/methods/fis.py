@@ -1,5 +1,5 @@
 """FIS: fair influential sampling (Pang et al., "Fair Classifiers Without Fair Training: An Influence-Guided Data
-Sampling Approach", arXiv 2402.12789; NeurIPS 2024 "Fairness Without Harm"; /work/shared/methods/others.md §4)."""
+Sampling Approach", arXiv 2402.12789; NeurIPS 2024 "Fairness Without Harm")."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class FISState:
 class FISModule(ClassifierBase):
     """FIS: train by ERM, never reading training rows' sensitive attributes, and grow the training set with pool
     rows whose influence on a relaxed validation fairness loss is most negative, among those that do not hurt
-    validation accuracy (others.md §4(c)).
+    validation accuracy (the paper's algorithm).
 
     Schedule:
 
@@ -93,7 +93,7 @@ class FISModule(ClassifierBase):
        order seeded by ``(seed, round)``, rows never scanned before) go to the ``sampler``
        (:mod:`lit_align.classifiers.sampling`; FIS = ``FairInfluenceSampler``); the rows it selects are queried
        through the data's ``LabelOracle`` (the label budget: every queried row counts, kept or discarded by the
-       true-label recheck, §4(h)6) and the kept ones join the new-data stream. The first round runs at the first
+       true-label recheck) and the kept ones join the new-data stream. The first round runs at the first
        step after warm-up and then every ``round_steps`` steps counted across epochs (the code instead runs one at
        ``t % log_steps == 0`` within each epoch and one at every epoch end);
     3. mixing (``mix: code``, default, the released code's rule): each step trains on ONE batch, drawn from the

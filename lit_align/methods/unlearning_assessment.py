@@ -1,4 +1,5 @@
-"""The unlearning assessment (others.md §11.1 A-G, and WAGLE's own evaluation, core.md §4.8) as a ``lit-align test``.
+"""The unlearning assessment (Liu et al., arXiv 2402.08787, and WAGLE's own evaluation, arXiv 2410.17509) as a
+``lit-align test``.
 
 :class:`UnlearningAssessmentModule` scores an ``original`` model, one or several ``unlearned`` models (seeds) and
 optionally a ``retrain`` model (trained without the forget data) on the splits of
@@ -125,7 +126,7 @@ class UnlearningAssessmentDataModule(L.LightningDataModule):
 
 @dataclass
 class AssessmentAttacks:
-    """Robustness of the forgetting (§11.1 C), each run on the original and every unlearned model (not on the
+    """Robustness of the forgetting, each run on the original and every unlearned model (not on the
     retrain model) against the ``in_scope`` records; an attack's columns are ``<attack>.in_scope_<metric>``."""
 
     jailbreak_families: list[str] = field(default_factory=lambda: ["rephrase", "role_play"])
@@ -169,7 +170,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 class UnlearningAssessmentModule(L.LightningModule):
-    """The unlearning assessment checklist (others.md §11.1) on finished models; ``test_step`` only.
+    """The unlearning assessment checklist (Liu et al., arXiv 2402.08787) on finished models; ``test_step`` only.
 
     Per model (``original``, each of ``unlearned``, ``retrain``) and per split (``in_scope``, ``hard_in_scope``,
     ``out_of_scope``, ``hard_out_of_scope``, ``real_authors``, ``world_facts``; and per ``kind`` inside
@@ -185,14 +186,14 @@ class UnlearningAssessmentModule(L.LightningModule):
       likely than every non-member text); ``mia_auc_open_unlearning`` (or ``mia_auc_forget_positive``) =
       1 - ``mia_auc``; ``mia_auc_hard``: the same with hard_in_scope = members, hard_out_of_scope = non-members
       (near the target, retained: ~0.5 = the two look alike); ``mia_auc_retain``: always in_scope = members,
-      out_of_scope = non-members (WAGLE/TOFU's forget-vs-retain MIA, core.md §4.8), the MIA ``wagle_ue`` uses;
+      out_of_scope = non-members (WAGLE/TOFU's forget-vs-retain MIA), the MIA ``wagle_ue`` uses;
     * ``forget_quality``: KS-test p-value between the model's and the retrain model's in_scope truth ratios
       (with ``retrain``); ``forget_quality_hard``: the same on hard_in_scope; both left empty (None) for the
       ``retrain`` row itself (1 by construction), so they are not in its ``wagle_ue`` and have no gap to retrain;
-    * attacks (``attacks``, §11.1 C; original and unlearned models): ``jailbreak.<family>.in_scope_*``,
+    * attacks (``attacks``; original and unlearned models): ``jailbreak.<family>.in_scope_*``,
       ``gcg.in_scope_*`` and ``gcg_success``, ``icl_relearn.in_scope_*``, ``relearned.in_scope_*`` and
       ``relearn_delta_in_scope_<metric>`` (relearned minus the model's own value);
-    * WAGLE (core.md §4.8, with ``encoder``): ``wagle_fa`` = forget accuracy on the in_scope records' paraphrased
+    * WAGLE (arXiv 2410.17509, with ``encoder``): ``wagle_fa`` = forget accuracy on the in_scope records' paraphrased
       questions (the greedy answer's embedding closer to the paraphrased answer than to every perturbed answer),
       ``<split>_embedding_accuracy`` for the utility splits (the same test on the greedy answer to the
       *original* question, the one ``<split>_rouge`` answers), and::
@@ -208,7 +209,7 @@ class UnlearningAssessmentModule(L.LightningModule):
       but not the paper's. TOFU's "accuracy" on the utility sets is not pinned down by the sources:
       ``utility_accuracy`` chooses ``embedding`` (FA's test, default), ``token`` (answer-token accuracy) or
       ``mc`` (multiple-choice accuracy, where records have choices);
-    * efficiency and hygiene (§11.1 E, F): ``changed_tensors`` / ``changed_parameters`` / ``changed_share`` of
+    * efficiency and hygiene: ``changed_tensors`` / ``changed_parameters`` / ``changed_share`` of
       each unlearned model against the original (:func:`parameter_changes`; needs the original's weights kept on
       the CPU during the run: ``parameter_diff: false`` skips it), the unlearning run's cost from
       ``unlearned_run_cost`` (``run_cost.json`` of :class:`~lit_align.callbacks.RunCost`, else "not recorded")
@@ -287,7 +288,7 @@ class UnlearningAssessmentModule(L.LightningModule):
                 evaluation) or ``open_unlearning`` (its complement); the other one is reported too.
             rouge_stemmer: ROUGE-L with the Porter stemmer (TOFU and WAGLE score with it).
             truth_ratio_question: the truth ratio scores a' and the perturbed answers after the ``original``
-                question (TOFU's and open-unlearning's code) or the ``paraphrased`` one (core.md §4.8's q').
+                question (TOFU's and open-unlearning's code) or the ``paraphrased`` one (WAGLE's q').
             attacks: the robustness attacks (default :class:`AssessmentAttacks`; GCG off).
             encoder: sentence encoder for WAGLE's FA (``lit_align.retrieval.SentenceEncoder`` with
                 ``builtin:all-MiniLM-L6-v2``, or ``HashEncoder`` in tests); ``None``: no FA, UE without it.
@@ -296,11 +297,11 @@ class UnlearningAssessmentModule(L.LightningModule):
             utility_accuracy: which accuracy enters UT (see the class doc).
             parameter_diff: count the weights each unlearned model changed (keeps the original's on the CPU).
             unlearned_run_cost: ``run_cost.json`` of the unlearning run (one, or one per seed).
-            retrain_run_cost: ``run_cost.json`` of the retraining run (§11.1 E: cost compared with retraining).
+            retrain_run_cost: ``run_cost.json`` of the retraining run (cost compared with retraining).
             access: the unlearning method needs weights and gradients (``white_box``) or only prompts
                 (``black_box``); recorded in the report.
             retain_data: where the unlearning run's retain data came from and whether its format matched the
-                forget data (§11.1 F); recorded in the report.
+                forget data; recorded in the report.
         """
         super().__init__()
         self.unlearned = list(unlearned) if isinstance(unlearned, list) else [unlearned]
@@ -508,7 +509,7 @@ class UnlearningAssessmentModule(L.LightningModule):
         truths = [it.record.get("paraphrased_response") or it.response_text for it in usable]
         return embedding_accuracy(self.encoder, answers, truths, [it.record["perturbed_responses"] for it in usable])
 
-    # -- attacks (§11.1 C) ---------------------------------------------------------------------------------
+    # -- attacks ---------------------------------------------------------------------------------
     def _attacks(self, model: nn.Module, tokenizer, scorer: ModelScorer, records: list[dict],
                  items: list[EncodedRecord], own: Mapping[str, float]) -> dict[str, float]:
         a, values = self.attacks, {}
@@ -624,7 +625,7 @@ class UnlearningAssessmentModule(L.LightningModule):
                        "open-unlearning-convention column matches its direction only, not its value)")
         lines.append(f"mia_auc: in_scope = members, {members}; Min-K% K = {s.mia_k}; mia_auc_{other} = 1 - mia_auc; "
                      "mia_auc_retain: in_scope = members, out_of_scope = non-members (WAGLE's forget-vs-retain MIA, "
-                     "core.md §4.8: the one wagle_ue uses, whatever mia_auc's non-members); "
+                     "the one wagle_ue uses, whatever mia_auc's non-members); "
                      "mia_auc_hard: hard_in_scope = members, hard_out_of_scope = non-members")
         if self.retrain is not None:
             lines.append("retrain row: forget_quality and forget_quality_hard left empty (KS of retrain against "

@@ -1,4 +1,4 @@
-"""Unlearning metrics of a classifier (UGradSL, Di et al.; methods/others.md §2(e)): UA, RA, TA, MIA-efficacy and
+"""Unlearning metrics of a classifier (UGradSL, Di et al., arXiv 2406.07698): UA, RA, TA, MIA-efficacy and
 the Avg. Gap to the Retrain model.
 
 * :func:`prediction_summary`: accuracy, mean loss and the per-row scores of one subset's logits (what
@@ -6,7 +6,7 @@ the Avg. Gap to the Retrain model.
 * :func:`mia_efficacy` / :class:`MIAEfficacy`: the share of forget rows that a membership-inference attack trained
   on retain (member) vs test (non-member) rows calls "non-member";
 * :func:`unlearning_scores`: ``{UA, RA, TA, MIA}`` in percent; :func:`avg_gap`: mean |unlearned − Retrain| over them
-  (closeness to Retrain is the goal, not the largest UA, §2(h)).
+  (closeness to Retrain is the goal, not the largest UA).
 """
 
 from __future__ import annotations

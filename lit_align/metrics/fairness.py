@@ -1,4 +1,4 @@
-"""Group fairness of a classifier's predictions (FIS, Pang et al.; methods/others.md §4(e)): accuracy, F1 and the
+"""Group fairness of a classifier's predictions (FIS, Pang et al., arXiv 2402.12789): accuracy, F1 and the
 demographic-parity, equal-opportunity and equalised-odds gaps between sensitive groups, from per-group counts."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def fairness_from_counts(counts: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class GroupFairness(Metric):
-    """Accuracy, F1, DP / EOp / EOd gaps between sensitive groups (§4(e)), DDP-safe.
+    """Accuracy, F1, DP / EOp / EOd gaps between sensitive groups, DDP-safe.
 
     ``update(preds, target, groups)``: ``preds`` are logits / probabilities ``(B, K)`` (argmax taken) or predicted
     labels ``(B,)``; ``target`` labels ``(B,)``; ``groups`` the sensitive attribute ``(B,)`` in ``0..num_groups-1``.
