@@ -47,7 +47,6 @@ import json
 import math
 import os
 import random
-import shlex
 import sys
 import tempfile
 import time
@@ -60,7 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from fit_timing import QUIET, git_commit, interval, mean_interval  # noqa: E402  (this folder is on sys.path when a script runs)
+from fit_timing import QUIET, interval, mean_interval, provenance  # noqa: E402  (this folder is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"class_wise": REPO / "configs" / "ugradsl_cls" / "class_wise_digits.yaml",
@@ -285,8 +284,7 @@ def main() -> None:
                                      "claims": claims(runs, methods),
                                      "per_seed": {m: [r["unlearned"] for r in runs[m]] for m in methods}}
     result.update({
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]), "commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": seeds, "methods": methods,
+        **provenance(), "seeds": seeds, "methods": methods,
         "tuning": tuning,
         "setup": {"configs": {k: str(CONFIGS[k].relative_to(REPO)) for k in kinds}, "rules": METHODS,
                   "interval": "95% Student-t over seeds; claims paired per seed; met_bonferroni at 1 - 0.05/m",

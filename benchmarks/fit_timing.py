@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["PRESETS", "FitRun", "RunFailed", "Window", "check_meta", "command", "environment", "error_line",
-           "git_commit", "interval", "mean_interval", "read_clock", "run_fit", "set_keys", "stage_windows", "steady_window"]
+           "git_commit", "interval", "mean_interval", "provenance", "read_clock", "run_fit", "set_keys", "stage_windows", "steady_window"]
 
 HERE = Path(__file__).resolve().parent
 #: the 2-process presets of each strategy, relative to the tree's root
@@ -321,6 +321,15 @@ def git_commit(tree: Path = HERE.parent) -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def provenance() -> dict[str, str]:
+    """What a benchmark's results file records of its run: the command as typed, the commit, the UTC date."""
+    import shlex
+    import time
+
+    return {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def environment(tree: Path, clock_path: Path) -> dict[str, str]:

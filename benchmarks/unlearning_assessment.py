@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from fit_timing import fit_in_process, git_commit, interval  # noqa: E402  (this folder is on sys.path when a script runs)
+from fit_timing import fit_in_process, interval, provenance  # noqa: E402  (this folder is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 UNLEARN_CONFIG = REPO / "configs" / "wagle" / "npo_tiny.yaml"
@@ -223,8 +222,7 @@ def main() -> None:
     print_table(effects)
     summary = {name: {k: e["met"] for k, e in group.items()} for name, group in effects.items()}
     record = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **provenance(),
         "seeds": seeds, "max_records": opts.max_records,
         "setup": {"unlearning": str(UNLEARN_CONFIG.relative_to(REPO)), "assessment": str(ASSESS_CONFIG.relative_to(REPO)),
                   "original": "builtin:tiny-tofu-full", "retrain": "builtin:tiny-tofu-retain90",
