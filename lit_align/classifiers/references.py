@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lit_align.checkpoint import atomic_write, atomic_write_text
+from lit_align.engine.seeds import seeded_rng
 from lit_align.errors import ConfigError, MissingPathError, check_int
 from lit_align.paths import cache_root
 
@@ -153,8 +154,7 @@ def train_reference(backbone: Any, dm: Any, subset: str, training: ReferenceTrai
     """Train a fresh ``backbone`` network on ``subset`` of the set-up DataModule ``dm`` (see the module docstring
     for the loop). Returns ``(net in eval mode, wall seconds)``."""
     start = time.perf_counter()
-    with _forked_rng(device):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         net = backbone.build(tuple(dm.input_shape), dm.num_classes).to(device)
         loader = dm.loader(subset, shuffle=True, batch_size=training.batch_size,
                            seed_offset=REFERENCE_SEED_OFFSET + seed, num_replicas=1, rank=0)
@@ -181,14 +181,6 @@ def train_reference(backbone: Any, dm: Any, subset: str, training: ReferenceTrai
                            f"{total / max(count, 1):.4f}, {time.perf_counter() - start:.0f} s")
     net.eval().requires_grad_(False)
     return net, time.perf_counter() - start
-
-
-def _forked_rng(device: torch.device | str) -> Any:
-    """``torch.random.fork_rng`` over the CPU generator and, on CUDA, ``device``'s: seeding inside leaves the
-    caller's generators as they were."""
-    device = torch.device(device)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=cuda)
 
 
 def load_weights(net: nn.Module, path: str | Path, key: str) -> None:
@@ -252,16 +244,14 @@ def obtain_reference(kind: Literal["original", "retrain"], path: str | None, bac
     key = key or f"model.init_args.{kind}"
     seed = training.seed if training.seed is not None else seed
     if path is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_rng(seed):
             net = backbone.build(tuple(dm.input_shape), dm.num_classes)
         load_weights(net, path, key)
         return Reference(net.to(device).eval().requires_grad_(False), "file", None, str(path))
     subset = SUBSETS[kind]
     file = cache_file(kind, backbone, dm, training, seed)
     if file.is_file() and file.with_suffix(".json").is_file():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_rng(seed):
             net = backbone.build(tuple(dm.input_shape), dm.num_classes)
         load_weights(net, file, f"{key} (cache entry)")
         meta = json.loads(file.with_suffix(".json").read_text())

@@ -54,6 +54,7 @@ from lit_align.classifiers.influence import (
     unshard,
     validation_gradients,
 )
+from lit_align.engine.seeds import seeded_rng
 from lit_align.errors import ConfigError
 from lit_align.losses.fairness import FAIRNESS_KINDS, FairnessKind
 from lit_align.modes import eval_mode, train_mode
@@ -183,9 +184,7 @@ class EntropySampler(Sampler):
         if self.mc_samples == 0:
             return _with_predictions(_top(_entropy(probs), ctx.budget, ctx.candidates), probs, ctx.candidates)
         seed = int(torch.randint(2**31, (1,), generator=ctx.generator))
-        device = next(ctx.net.parameters()).device
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # the same dropout masks on every rank; the global RNG untouched
-            torch.manual_seed(seed)
+        with seeded_rng(seed, next(ctx.net.parameters()).device):  # the same dropout masks on every rank
             passes = torch.stack([_probabilities(ctx, train=True) for _ in range(self.mc_samples)])  # (T, N, K)
         mutual = _entropy(passes.mean(0)) - _entropy(passes).mean(0)
         return _with_predictions(_top(mutual, ctx.budget, ctx.candidates), probs, ctx.candidates)

@@ -12,12 +12,13 @@ makes a resumed run draw exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-__all__ = ["derive_seed", "generator", "row_generators"]
+__all__ = ["derive_seed", "generator", "row_generators", "seeded_rng"]
 
 
 def _purpose_code(purpose: str) -> int:
@@ -48,3 +49,15 @@ def row_generators(seed: int, step: int, purpose: str, indices: Iterable[int],
     """One generator per example, from its global index: what the sampler draws for an example is then the
     same on one rank or several and in any batch."""
     return [generator(seed, step, purpose, int(i), device) for i in indices]
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """The global torch generators seeded with ``seed`` for the block, and the CPU generator and ``device``'s
+    (on CUDA) restored afterwards: for draws that can only come from the global generator (dropout, a model's
+    initialisation), so they repeat exactly while the caller's stream is left as it was."""
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -18,22 +16,17 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_align.classifiers import Backbone
 from lit_align.data.classification import TrainStreams
+from lit_align.engine.seeds import derive_seed, seeded_rng
 from lit_align.errors import ConfigError
 from lit_align.metrics.classification import prediction_summary
 from lit_align.metrics.fairness import GroupFairness
 from lit_align.modes import eval_mode
 
-__all__ = ["ClassifierBase", "step_seed"]
+__all__ = ["ClassifierBase"]
 
 #: Hyperparameters a checkpoint keeps only as config data (from YAML); a Python callable is left out, so the file
 #: loads with ``torch.load(weights_only=True)`` (loading it back rebuilds the default optimiser/scheduler).
 _FACTORY_KEYS = ("optimizer", "scheduler")
-
-
-def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
-    """The seed of one training step's random draws (dropout): a function of ``(seed, step, batch_idx, rank)``
-    only, so a resumed run draws what the straight run drew, whatever else used the global generator."""
-    return int(np.random.SeedSequence([seed, step, batch_idx, rank]).generate_state(1)[0])
 
 
 class ClassifierBase(L.LightningModule):
@@ -102,8 +95,7 @@ class ClassifierBase(L.LightningModule):
                               "and data.split)")
         # on the CPU whatever the default device (configure_model runs in the strategy's device context): the same
         # seed gives the same weights on every accelerator, no CUDA generator is touched; Lightning moves the net
-        with torch.device("cpu"), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with torch.device("cpu"), seeded_rng(self.seed):
             self.net = self.backbone.build(tuple(input_shape), num_classes)
         self.input_shape, self.num_classes, self.num_groups = tuple(input_shape), num_classes, num_groups
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -135,14 +127,12 @@ class ClassifierBase(L.LightningModule):
         """The subsets the DataModule's ``train_dataloader`` combines for this method (subclasses say)."""
         raise NotImplementedError
 
-    @contextmanager
-    def step_rng(self, batch_idx: int) -> Iterator[None]:
-        """The global generator seeded by :func:`step_seed` for the block (dropout in a training step), restored
-        afterwards: the draws depend on ``(seed, global_step, batch_idx, rank)``, so resuming repeats them."""
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(step_seed(self.seed, self.global_step, batch_idx, self.global_rank))
-            yield
+    def step_rng(self, batch_idx: int) -> AbstractContextManager[None]:
+        """The global generator seeded for the block (dropout in a training step) and restored afterwards
+        (:func:`~lit_align.engine.seeds.seeded_rng`): the draws depend on ``(seed, global_step, rank,
+        batch_idx)`` only, so resuming repeats them."""
+        seed = derive_seed(self.seed, self.global_step, f"classifier/step/rank{self.global_rank}", batch_idx)
+        return seeded_rng(seed, self.device)
 
     # -- evaluation --------------------------------------------------------------------------
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:

@@ -64,6 +64,22 @@ def test_an_example_samples_the_same_on_one_rank_or_two():
 
 
 # -- timer ----------------------------------------------------------------------------------------
+def test_seeded_rng_repeats_its_draws_and_leaves_the_callers_stream_alone():
+    """Inside: the global generator seeded with the given seed (the same draws every time); after the block, the
+    caller's stream goes on as if the block had not run, also when it raised."""
+    from lit_align.engine import seeded_rng
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with seeded_rng(7):
+        first = torch.rand(4)
+    with pytest.raises(RuntimeError), seeded_rng(7):
+        assert torch.equal(torch.rand(4), first)
+        raise RuntimeError("inside the block")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_phase_timer_accumulates_a_phase_entered_twice_and_resets():
     timer = PhaseTimer()
     for _ in range(2):
