@@ -56,6 +56,25 @@ def gloo_group(rank: int, world: int, init: str):
         dist.destroy_process_group()
 
 
+def spawn_ranks(worker, tmp_path, world: int = 2, timeout: float = 60) -> dict:
+    """Run ``worker(rank, world, init, queue)`` in ``world`` spawned processes (``init``: a file:// rendezvous
+    under ``tmp_path``; the worker opens it with :func:`gloo_group` and puts ``(rank, result)`` on the queue) and
+    return ``{rank: result}`` once every process exited cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'pg'}"
+    procs = [ctx.Process(target=worker, args=(rank, world, init, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
 def tiny_lm(family: str = "qwen2", *, vocab_size: int, hidden_size: int = 64, seed: int = 0, **config):
     """A tiny random HF causal LM built with transformers alone (tests of code that takes any HF model)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import gloo_group
+from conftest import gloo_group, spawn_ranks
 from torch import nn
 
 from lit_align.classifiers.influence import (
@@ -268,18 +268,7 @@ def test_unshard_puts_rows_back_in_candidate_order():
 def test_two_process_selection_equals_one_process(tmp_path):
     """Candidates scored on each rank's shard, scores all-gathered: both ranks select exactly what one process
     selects."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    init = f"file://{tmp_path / 'pg'}"
-    procs = [ctx.Process(target=_select_worker, args=(r, 2, init, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_select_worker, tmp_path, timeout=120)
     single_indices, single_scores = _fis_select(0, 1, None)
     assert len(single_indices) > 0
     for rank in (0, 1):

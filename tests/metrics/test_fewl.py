@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import gloo_group
+from conftest import gloo_group, spawn_ranks
 
 from lit_align.errors import ConfigError, DataError
 from lit_align.metrics import (
@@ -320,17 +320,7 @@ def _fewl_worker(rank: int, world: int, init: str, queue) -> None:
 def test_metric_syncs_across_two_processes_when_one_has_no_update(tmp_path):
     """The float64 states of a rank that never updated are synced as float64 too (a float32 empty state made gloo
     abort with "Received data size doesn't match expected size")."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_fewl_worker, args=(r, 2, f"file://{tmp_path / 'pg'}", queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_fewl_worker, tmp_path)
     expected = fewl_terms(*_random_batch(b=6, seed=3)).score
     for rank in (0, 1):
         mean, scores = results[rank]

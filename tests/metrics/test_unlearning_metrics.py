@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import gloo_group
+from conftest import gloo_group, spawn_ranks
 from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score
 from torchmetrics.functional.text.rouge import rouge_score as tm_rouge_score
@@ -377,18 +377,7 @@ def _shard_values(rank: int, world: int) -> dict[str, float]:
 
 def test_metrics_reduce_across_two_processes(tmp_path):
     """Two gloo processes, each updating with half the rows, compute what one process computes."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    init = f"file://{tmp_path / 'pg'}"
-    procs = [ctx.Process(target=_metrics_worker, args=(r, 2, init, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_metrics_worker, tmp_path)
     single = _shard_values(0, 1)
     for rank in (0, 1):
         assert results[rank].pop("tr_sorted") == pytest.approx(single["tr_sorted"])
