@@ -13,6 +13,9 @@ __all__ = ["eval_mode", "train_mode"]
 @contextmanager
 def _mode(models: tuple[nn.Module, ...], training: bool) -> Iterator[None]:
     modes = [(m, m.training) for model in models for m in model.modules()]
+    if all(was == training for _, was in modes):  # already so (e.g. a nested block): nothing to set or restore
+        yield
+        return
     for model in models:
         model.train(training)
     try:

@@ -14,7 +14,7 @@ from torch import Tensor
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.online_pairs import OnlinePairs, pair_batch
 from lit_align.data.prompts import PromptBatch
-from lit_align.data.tokenize import encode_response
+from lit_align.data.tokenize import encode_responses
 from lit_align.engine.distributed import all_gather_objects, any_rank, global_share, sum_over_ranks
 from lit_align.engine.seeds import row_generators
 from lit_align.errors import ConfigError, DataError
@@ -198,8 +198,10 @@ class OnlineDPOModule(StagedPolicyModule):
                 self.generations[keys[b][j]] = flat[n]
         return [[self.generations[key] for key in row] for row in keys], len(missing)
 
-    def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _texts(self, new: list[list[list[int]]]) -> list[list[str]]:
+        """The generated candidates' text (special tokens dropped), shaped like ``new``; one tokenizer call."""
+        flat = iter(self.tokenizer.batch_decode([c for n in new for c in n], skip_special_tokens=True))
+        return [[next(flat) for _ in n] for n in new]
 
     # -- pairs ---------------------------------------------------------------------------------
     def _offline(self, stage: str) -> bool:
@@ -207,7 +209,7 @@ class OnlineDPOModule(StagedPolicyModule):
 
     def _pairs(self, batch: PromptBatch, stage: str) -> tuple[OnlinePairs, dict[str, float]]:
         prompts = [ids[m.bool()].tolist() for ids, m in zip(batch.input_ids, batch.attention_mask)]
-        dataset = [[encode_response(self.tokenizer, r) for r in rs] for rs in batch.responses]
+        dataset = [encode_responses(self.tokenizer, list(rs)) for rs in batch.responses]
         stats: dict[str, float] = {}
         if self._offline(stage):
             short = [b for b, d in enumerate(dataset) if len(d) < 2]
@@ -227,8 +229,8 @@ class OnlineDPOModule(StagedPolicyModule):
             raise DataError(f"{_which(batch, short)} has {len(candidates[short[0]])} candidate to rank (no dataset "
                             f"responses, model.num_candidates = {self.num_candidates}); set model.num_candidates: 2 "
                             "or more, or give every record of that data split a `chosen` and `rejected` response")
-        texts = [[self._text(c) for c in n] + (list(d) if self.use_dataset_responses else [])
-                 for n, d in zip(new, batch.responses)]  # the dataset's responses as written
+        texts = [t + (list(d) if self.use_dataset_responses else [])
+                 for t, d in zip(self._texts(new), batch.responses)]  # the dataset's responses as written
         ranks = self.ranker.rank(batch.prompts, texts)
         reference = None
         if self.loss_fn.needs_reference_response:

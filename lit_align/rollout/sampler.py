@@ -57,6 +57,7 @@ from transformers import DynamicCache
 
 from lit_align.modes import eval_mode
 from lit_align.padding import pad_rows
+from lit_align.rollout.decode import LeanDecoder
 
 __all__ = ["Rollout", "SamplingConfig", "left_pad", "sample"]
 
@@ -83,6 +84,12 @@ class SamplingConfig:
     """Nucleus sampling: keep the smallest set of most likely tokens whose probability mass
     reaches ``top_p`` (0 < top_p <= 1; 1 disables top-p). Applied after top-k."""
 
+    lean_decode: bool = True
+    """Decode supported models (HF Llama, Qwen2, Qwen3 with SDPA attention, not sharded, not wrapped, no hooks:
+    :meth:`lit_align.rollout.decode.LeanDecoder.supports`) with the lean single-token step of
+    :mod:`lit_align.rollout.decode`, which gives the model's own outputs bit for bit on CPU for about a third less
+    time at small sizes; ``False`` calls the model's forward at every step. Other models always use their forward."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -94,6 +101,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"SamplingConfig.do_sample must be a bool, got {self.do_sample!r}")
+        if not isinstance(self.lean_decode, bool):
+            raise ValueError(f"SamplingConfig.lean_decode must be a bool, got {self.lean_decode!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             raise ValueError(f"SamplingConfig.top_k must be an int, got {self.top_k!r}")
         if self.top_k < 0:
@@ -401,8 +410,12 @@ def sample(
             position_ids=prefill_pos,
             **extra,
         )
+        logits = out.logits[:, -1].float()  # (B, V)
+        decoder = None
+        if config.lean_decode and LeanDecoder.supports(model):
+            decoder = LeanDecoder.from_prefill(model, cache, prompt_len + max_new)
+            out = cache = extra = None  # the prefill's cache now lives in the decoder's buffers
         for t in range(max_new):
-            logits = out.logits[:, -1].float()  # (B, V)
             tokens, token_logps = _select(logits, config, uniforms[:, t] if uniforms is not None else None)  # (B,), (B,)
             tokens = tokens.masked_fill(finished, pad_token_id)  # finished rows emit pad
             step_ids.append(tokens)
@@ -417,12 +430,17 @@ def sample(
                 break
             if _all_finished(finished, synced):  # one host sync per step
                 break
+            mask_t = step_mask[..., : prompt_len + t + 1] if step_mask is not None else None
+            if decoder is not None:
+                logits = decoder.step(tokens.unsqueeze(-1), step_pos[:, t : t + 1], mask_t)[:, -1].float()  # (B, V)
+                continue
             out = model(
                 input_ids=tokens.unsqueeze(-1),  # (B, 1)
-                attention_mask=step_mask[..., : prompt_len + t + 1] if step_mask is not None else None,
+                attention_mask=mask_t,
                 position_ids=step_pos[:, t : t + 1],  # (B or 1, 1)
                 **extra,
             )
+            logits = out.logits[:, -1].float()  # (B, V)
 
     # R = number of steps run = the longest response (the loop exits once every row is done).
     response_ids = torch.stack(step_ids, dim=1)  # (B, R)
