@@ -21,6 +21,7 @@ __all__ = [
     "SequenceExample",
     "TokenizedDataset",
     "encode_prompt",
+    "encode_prompts",
     "encode_response",
     "encode_responses",
     "check_response_room",
@@ -35,13 +36,20 @@ Text = str | list[dict]
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Text, chat_template: bool) -> list[int]:
     """Token ids of a prompt; with ``chat_template`` the prompt is a user turn (or a message list)
     followed by the generation prompt, otherwise plain text with the tokenizer's special tokens."""
+    return encode_prompts(tokenizer, [prompt], chat_template)[0]
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Text], chat_template: bool) -> list[list[int]]:
+    """:func:`encode_prompt` of each prompt, in one tokenizer call."""
+    if not prompts:
+        return []
     if chat_template:
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    if isinstance(prompt, list):
+        texts = [tokenizer.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}],
+                                               add_generation_prompt=True, tokenize=False) for p in prompts]
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if any(isinstance(p, list) for p in prompts):
         raise ValueError("a conversational prompt (list of messages) needs a tokenizer with a chat template")
-    return tokenizer(prompt)["input_ids"]
+    return tokenizer(list(prompts))["input_ids"]
 
 
 def encode_response(tokenizer: PreTrainedTokenizerBase, response: Text) -> list[int]:

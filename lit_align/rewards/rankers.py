@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lit_align.data.tokenize import encode_prompt, encode_responses
+from lit_align.data.tokenize import encode_prompts, encode_responses
 from lit_align.errors import ConfigError
 from lit_align.rewards.sources import Reward, RewardInput
 from lit_align.rollout.sampler import left_pad
@@ -154,8 +154,9 @@ class RewardRanker(Ranker):
         tok = self.tokenizer
         chat = bool(tok.chat_template) and self.template == "{prompt}" if self.chat_template is None \
             else self.chat_template
-        encoded = {p: encode_prompt(tok, self.template.format(prompt=p), chat) for p in dict.fromkeys(prompts)}
-        rows = [encoded[p] + r for p, r in zip(prompts, encode_responses(tok, responses))]  # a prompt's candidates share it
+        unique = list(dict.fromkeys(prompts))  # a prompt's candidates share its encoding
+        encoded = dict(zip(unique, encode_prompts(tok, [self.template.format(prompt=p) for p in unique], chat)))
+        rows = [encoded[p] + r for p, r in zip(prompts, encode_responses(tok, responses))]
         ids, mask = left_pad(rows, tok.pad_token_id)  # (N, T): the reward reads the last real token
         device = _device_of(self.reward)
         return RewardInput(prompts, responses, ids.to(device), mask.to(device), tok)

@@ -13,7 +13,9 @@ from lit_align.data.tokenize import (
     SequenceExample,
     TokenizedDataset,
     encode_prompt,
+    encode_prompts,
     encode_response,
+    encode_responses,
     prompt_response_batch,
     truncate_keep_response,
 )
@@ -54,6 +56,23 @@ def test_response_ends_with_eos(tok):
     assert ids[:-1] == tok("7 plus 5 is 12.", add_special_tokens=False)["input_ids"]
     conversation = [{"role": "user", "content": "Sum?"}, {"role": "assistant", "content": "7 plus 5 is 12."}]
     assert encode_response(tok, conversation) == ids  # a message list contributes its last message
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_batched_encoding_equals_one_call_per_text(tok, chat):
+    """One tokenizer call for many texts (what rankers and online methods use) gives each text's own ids: no
+    padding, special tokens and EOS as for a single text, a message list as its own text."""
+    texts = ["What is 7 plus 5?", "Hi", "", "A longer prompt, with punctuation; and digits 12345."]
+    prompts = texts + ([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]] if chat else [])
+    assert encode_prompts(tok, prompts, chat_template=chat) == [
+        tok(tok.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}],
+                                    add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+        if chat else tok(p)["input_ids"] for p in prompts]
+    responses = texts + [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A."}]]
+    assert encode_responses(tok, responses) == [
+        tok(r[-1]["content"] if isinstance(r, list) else r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for r in responses]
+    assert encode_prompts(tok, [], chat_template=chat) == [] and encode_responses(tok, []) == []
 
 
 # --------------------------------------------------------------------------- truncation
