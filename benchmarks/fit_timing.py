@@ -100,6 +100,25 @@ def _timed_rows(rows: Sequence[dict], warmup: int, stage: str | None) -> tuple[i
     return begin + warmup, stop
 
 
+def window_span(rows: Sequence[dict], warmup: int, stage: str | None = None,
+                max_steps: int | None = None) -> tuple[float, float]:
+    """``(start, end)`` clock times (``time.perf_counter``, one system-wide monotonic clock on Linux, so spans of
+    separate processes compare) of the batches :func:`steady_window` times in one rank's ``rows``: from the end of
+    the last warm-up batch to the end of the last timed one."""
+    first, stop = _timed_rows(rows, warmup, stage)
+    if max_steps is not None:
+        stop = min(stop, first + max_steps)
+    if warmup < 1 or stop <= first:
+        raise ValueError(f"no timed batch in {len(rows)} rows after {warmup} of warm-up")
+    return rows[first - 1]["end"], rows[stop - 1]["end"]
+
+
+def overlap_share(spans: Sequence[tuple[float, float]]) -> float:
+    """The share of the longest span that every span covers (1.0: they ran over the same wall time)."""
+    common = min(end for _, end in spans) - max(start for start, _ in spans)
+    return max(common, 0.0) / max(end - start for start, end in spans)
+
+
 def steady_window(ranks: Mapping[int, Sequence[dict]], warmup: int, stage: str | None = None,
                   max_steps: int | None = None, full_batches: bool = False) -> Window:
     """The timed window over every rank's clock rows: the batches after the first ``warmup`` (of the first run of

@@ -22,6 +22,13 @@ the JSON counts them).
 * ``dpo``: ``configs/dpo/tiny.yaml`` (not in the default set: a method that already runs under DDP, to check the
   harness).
 
+The machine's own ceiling (``--independent``): N separate 1-rank runs of the same config started together, each
+in its own process on one thread, with nothing shared (no process group, no collective, no waiting for the slowest
+rank). Their summed samples/s over one 1-rank run alone is the most any N-rank run could reach on this machine
+(shared caches, memory bandwidth, clock speed with every core busy); the N-rank runs' share of it (``efficiency``)
+is what the method's own distributed work costs. ``overlap`` says how much of the longest timed window all the
+copies ran together (near 1: the sum is a fair ceiling; lower: a copy ran partly alone, which inflates it).
+
 Runs interleave 1 rank and N ranks within each repeat (their order alternating between repeats). Reported per
 method: the mean samples/s of each over ``--repeats`` with a 95% Student-t interval, and the mean of the per-repeat
 ratios N ranks / 1 rank with its interval, against the target (>= 1.7x with 2 ranks). A run that fails (a method
@@ -31,7 +38,7 @@ the other methods still run. Timings are meaningful only on an otherwise idle ma
 Prints a Markdown table, then one JSON line (``bench: multiplayer_scaling``); ``--out`` also writes the JSON.
 
 Usage: ``python benchmarks/multiplayer_scaling.py [--methods game,watermark,debate] [--strategy ddp|fsdp2]
-[--world 2] [--repeats 5] [--quick] [--out FILE]``
+[--world 2] [--repeats 5] [--independent] [--quick] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -53,9 +60,11 @@ from fit_timing import (  # noqa: E402
     RunFailed,
     add_run_arguments,
     mean_interval,
+    overlap_share,
     run_fit,
     selected_methods,
     steady_window,
+    window_span,
 )
 
 ROOT = HERE.parent
@@ -90,18 +99,26 @@ WORKLOADS = {
 DEFAULT_METHODS = "game,watermark,debate"
 
 
-def summarize(single: list[float], multi: list[float], target: float = TARGET) -> dict:
+def summarize(single: list[float], multi: list[float], target: float = TARGET,
+              independent: list[float] | None = None) -> dict:
     """Per-method summary of paired repeats (``single[i]`` and ``multi[i]``: samples/s of repeat i on 1 and N
     ranks): means and 95% intervals of each and of the per-repeat ratios, and whether the mean ratio meets
-    ``target``. ``multi`` may be shorter or empty (runs that failed): only complete pairs enter the ratio."""
+    ``target``. ``multi`` may be shorter or empty (runs that failed): only complete pairs enter the ratio. With
+    ``independent[i]`` (N separate 1-rank runs at once, summed) also the machine's ceiling ``independent / single``
+    and the N-rank runs' ``efficiency``, ``multi / independent``."""
     out = {"repeats": len(single)}
-    for name, values in (("single", single), ("multi", multi)):
+    for name, values in (("single", single), ("multi", multi), ("independent", independent or [])):
         if values:
             out[f"{name}_samples_s"] = interval_stats(values)
     ratios = [m / s for s, m in zip(single, multi)]
     if ratios:
         out["ratio"] = interval_stats(ratios)
         out["met"] = out["ratio"]["mean"] >= target
+    if independent:
+        out["ceiling"] = interval_stats([c / s for s, c in zip(single, independent)])
+        efficiency = [m / c for m, c in zip(multi, independent)]
+        if efficiency:
+            out["efficiency"] = interval_stats(efficiency)
     return out
 
 
@@ -124,13 +141,20 @@ def _cell(stats: dict | None, digits: int = 1) -> str:
 
 def markdown(results: dict, world: int, strategy: str) -> str:
     """The table of :func:`main`'s results: one row per method."""
-    lines = [f"| method | 1 rank samples/s | {world} ranks ({strategy}) samples/s | ratio | target >= {TARGET}x | note |",
-             "|---|---|---|---|---|---|"]
+    ceiling = any("ceiling" in res for res in results.values())
+    head = f"| method | 1 rank samples/s | {world} ranks ({strategy}) samples/s | ratio | target >= {TARGET}x |"
+    if ceiling:
+        head += f" {world} independent 1-rank runs, samples/s | ceiling | efficiency |"
+    lines = [head + " note |", "|---" * head.count("|") + "|"]  # one column more: the note
     for method, res in results.items():
         met = "-" if "met" not in res else ("yes" if res["met"] else "**no**")
         note = res.get("error", "").replace("|", "/")
-        lines.append(f"| {method} | {_cell(res.get('single_samples_s'))} | {_cell(res.get('multi_samples_s'))} | "
-                     f"{_cell(res.get('ratio'), 2)} | {met} | {note} |")
+        row = (f"| {method} | {_cell(res.get('single_samples_s'))} | {_cell(res.get('multi_samples_s'))} | "
+               f"{_cell(res.get('ratio'), 2)} | {met} |")
+        if ceiling:
+            row += (f" {_cell(res.get('independent_samples_s'))} | {_cell(res.get('ceiling'), 2)} | "
+                    f"{_cell(res.get('efficiency'), 2)} |")
+        lines.append(f"{row} {note} |")
     return "\n".join(lines)
 
 
@@ -149,6 +173,27 @@ def _throughput(method: str, work: Workload, world: int, strategy: str, warmup: 
                                   "per_rank_batch": window.samples / (window.steps * world)}
 
 
+def _independent_throughput(method: str, work: Workload, copies: int, warmup: int, steps: int,
+                            timeout: float) -> tuple[float, dict]:
+    """Summed samples/s of ``copies`` 1-rank runs started together (the machine's ceiling for that many ranks), and
+    what they timed, with the share of the longest timed window that all of them ran together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = FitRun(tree=ROOT, config=work.config, batches=warmup + steps, world=1, stage=work.stage,
+                 model_keys=work.model_keys or None, timeout=timeout)
+    with ThreadPoolExecutor(copies) as pool:
+        clocks = list(pool.map(run_fit, [run] * copies))
+    try:
+        windows = [steady_window(rows, warmup, work.stage, max_steps=steps, full_batches=True) for rows in clocks]
+        spans = [window_span(rows[0], warmup, work.stage, max_steps=steps) for rows in clocks]
+    except ValueError as exc:
+        raise RunFailed(str(exc)) from exc
+    return sum(w.samples_per_s for w in windows), {
+        "steps": windows[0].steps, "samples": sum(w.samples for w in windows),
+        "seconds": max(w.seconds for w in windows), "copies": copies, "overlap": overlap_share(spans),
+        "per_copy_samples_s": [w.samples_per_s for w in windows]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of {', '.join(WORKLOADS)}")
@@ -157,6 +202,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, help="warm-up batches (default: per method)")
     parser.add_argument("--steps", type=int, help="timed batches (default: per method)")
+    parser.add_argument("--independent", action="store_true",
+                        help="also time --world separate 1-rank runs started together: the machine's ceiling")
     add_run_arguments(parser)
     args = parser.parse_args()
     methods = selected_methods(parser, args.methods, WORKLOADS)
@@ -167,29 +214,34 @@ def main() -> None:
         work = WORKLOADS[method]
         warmup, steps = work.quick if args.quick else (work.warmup, work.steps)
         warmup, steps = args.warmup or warmup, args.steps or steps
-        samples: dict[int, list[float]] = {1: [], args.world: []}
+        kinds = [1, args.world] + (["independent"] if args.independent else [])
+        samples: dict[int | str, list[float]] = {kind: [] for kind in kinds}
         runs: list[dict] = []
-        failed: dict[int, str] = {}
+        failed: dict[int | str, str] = {}
         for repeat in range(repeats):
-            order = (1, args.world) if repeat % 2 == 0 else (args.world, 1)
-            for world in order:
-                if world in failed:
+            order = kinds if repeat % 2 == 0 else kinds[::-1]
+            for kind in order:
+                if kind in failed:
                     continue
                 start = time.perf_counter()
                 try:
-                    value, timed = _throughput(method, work, world, args.strategy, warmup, steps, args.timeout)
+                    if kind == "independent":
+                        value, timed = _independent_throughput(method, work, args.world, warmup, steps, args.timeout)
+                    else:
+                        value, timed = _throughput(method, work, kind, args.strategy, warmup, steps, args.timeout)
                 except RunFailed as exc:
-                    failed[world] = f"{world} rank(s): {exc}"
-                    print(f"{method} repeat {repeat} world {world}: FAILED {exc}", file=sys.stderr, flush=True)
+                    failed[kind] = f"{kind} rank(s): {exc}" if kind != "independent" else f"independent runs: {exc}"
+                    print(f"{method} repeat {repeat} {kind}: FAILED {exc}", file=sys.stderr, flush=True)
                     continue
-                samples[world].append(value)
-                runs.append({"repeat": repeat, "world": world, "samples_s": value, **timed,
+                samples[kind].append(value)
+                runs.append({"repeat": repeat, "world": kind, "samples_s": value, **timed,
                              "run_s": time.perf_counter() - start})
-                print(f"{method} repeat {repeat} world {world}: {value:.2f} samples/s ({timed['steps']} batches, "
+                print(f"{method} repeat {repeat} {kind}: {value:.2f} samples/s ({timed['steps']} batches, "
                       f"{timed['seconds']:.1f} s)", file=sys.stderr, flush=True)
             if 1 in failed:
                 break
-        res = summarize(samples[1], samples[args.world]) if samples[1] else {"repeats": 0}
+        res = summarize(samples[1], samples[args.world], independent=samples.get("independent")) if samples[1] \
+            else {"repeats": 0}
         res.update(config=work.config, warmup=warmup, steps=steps, stage=work.stage, runs=runs)
         if failed:
             res["error"] = "; ".join(failed.values())

@@ -156,6 +156,24 @@ def test_scaling_summary_and_table():
     assert lines[0].startswith("| method | 1 rank samples/s | 2 ranks (ddp) samples/s | ratio |")
     assert lines[2].startswith("| game | 10.0 [10.0, 10.0] | 15.5 [") and "| **no** |" in lines[2]
     assert lines[3] == "| debate | 10.0 | - | - | - | 2 rank(s): exit 1: NotImplementedError: x |"
+    assert lines[1] == "|---|---|---|---|---|---|"
+    # the machine's ceiling: 2 independent 1-rank runs at once gave 16 and 18 samples/s
+    res = multiplayer_scaling.summarize([10.0, 10.0], [15.0, 16.0], independent=[16.0, 18.0])
+    assert res["ceiling"]["mean"] == pytest.approx(1.7) and res["efficiency"]["values"] == [15 / 16, 16 / 18]
+    lines = multiplayer_scaling.markdown({"game": res}, world=2, strategy="ddp").splitlines()
+    assert lines[0].endswith("| 2 independent 1-rank runs, samples/s | ceiling | efficiency | note |")
+    assert lines[1] == "|---" * 9 + "|" and lines[2].count("|") == 10
+    assert "| 17.0 [" in lines[2] and "| 1.70 [" in lines[2]
+
+
+def test_window_span_and_overlap():
+    rows = [{"start": float(i), "end": i + 1.0, "samples": 2, "stage": None} for i in range(5)]
+    assert fit_timing.window_span(rows, warmup=2) == (2.0, 5.0)
+    assert fit_timing.window_span(rows, warmup=1, max_steps=2) == (1.0, 3.0)
+    assert fit_timing.overlap_share([(0.0, 10.0), (1.0, 11.0)]) == pytest.approx(0.9)
+    assert fit_timing.overlap_share([(0.0, 1.0), (2.0, 3.0)]) == 0.0
+    with pytest.raises(ValueError, match="no timed batch"):
+        fit_timing.window_span(rows, warmup=5)
 
 
 def test_step_time_summary_and_table():
