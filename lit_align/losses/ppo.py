@@ -84,8 +84,9 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, *, eps: float = 1e-
     _check_bt(mask, x=x)
     m = mask.bool()
     total = reduce or (lambda t: t)
-    n = total(m.sum().to(x.dtype))
-    mean = total(torch.where(m, x, torch.zeros_like(x)).sum()) / n.clamp(min=1)
+    # the count and the sum travel together: two collectives per call under DDP, not three
+    n, x_sum = total(torch.stack([m.sum().to(x.dtype), torch.where(m, x, torch.zeros_like(x)).sum()]))
+    mean = x_sum / n.clamp(min=1)
     centred = torch.where(m, x - mean, torch.zeros_like(x))
     var = total((centred**2).sum()) / (n - 1).clamp(min=1)
     out = centred * torch.rsqrt(var + eps)

@@ -4,7 +4,9 @@
 ``transformers.DynamicCache``:
 
 1. one prefill forward over the prompts (``logits_to_keep=1``, so no (B, P, V) logits);
-2. then one forward per new token over only the last token, reusing the cache.
+2. then one forward per new token over only the last token, reusing the cache: the model's own forward, or for
+   plain HF Llama / Qwen2 / Qwen3 models the lean step of :mod:`lit_align.rollout.decode` (the same outputs bit
+   for bit, without the module stack's per-call overhead; ``SamplingConfig.lean_decode``).
 
 Position ids always come from the attention mask (``cumsum - 1`` in the prefill, then one
 more per new token), so left padding never shifts a row's positions. Each row stops on its
