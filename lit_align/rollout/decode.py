@@ -3,9 +3,10 @@
 Why. A decoding step through ``model(...)`` runs one new token through the whole HF module stack: at small sizes
 (and on a GPU without CUDA graphs) its cost is mostly Python: module calls and their hooks machinery, keyword
 deprecation wrappers, output dataclasses, config attribute lookups, and a ``torch.cat`` of the whole KV cache per
-layer and step. Measured on one CPU thread, a 2-layer hidden-64 Qwen2, 16 rows, a 12-token prompt and 32 new
-tokens: 35 ms per generation through ``model(...)``, 23 ms with :class:`LeanDecoder`; that is the sampler's share of
-an online DPO or GRPO step (``benchmarks/online_dpo_step.py``).
+layer and step. Measured on one CPU thread, a 2-layer hidden-64 Qwen2 with a 1,024-token vocabulary, 16 rows of
+14-22 prompt tokens, 32 sampled tokens: 41 ms per :func:`~lit_align.rollout.sampler.sample` call through
+``model(...)``, 28 ms with :class:`LeanDecoder`; generation is most of an online DPO or GRPO step at this size
+(``benchmarks/online_dpo_step.py``, ``benchmarks/online_step.py``).
 
 What it computes. Exactly the model's own decoding forward for one new token, operation for operation: the token
 embedding, per layer RMSNorm (float32 statistics, as HF's ``*RMSNorm``), the q/k/v projections (with their biases,
