@@ -100,14 +100,18 @@ def _timed_rows(rows: Sequence[dict], warmup: int, stage: str | None) -> tuple[i
     return begin + warmup, stop
 
 
+def _timed_range(rows: Sequence[dict], warmup: int, stage: str | None, max_steps: int | None) -> tuple[int, int]:
+    """:func:`_timed_rows`, at most ``max_steps`` of them."""
+    first, stop = _timed_rows(rows, warmup, stage)
+    return first, stop if max_steps is None else min(stop, first + max_steps)
+
+
 def window_span(rows: Sequence[dict], warmup: int, stage: str | None = None,
                 max_steps: int | None = None) -> tuple[float, float]:
     """``(start, end)`` clock times (``time.perf_counter``, one system-wide monotonic clock on Linux, so spans of
     separate processes compare) of the batches :func:`steady_window` times in one rank's ``rows``: from the end of
     the last warm-up batch to the end of the last timed one."""
-    first, stop = _timed_rows(rows, warmup, stage)
-    if max_steps is not None:
-        stop = min(stop, first + max_steps)
+    first, stop = _timed_range(rows, warmup, stage, max_steps)
     if warmup < 1 or stop <= first:
         raise ValueError(f"no timed batch in {len(rows)} rows after {warmup} of warm-up")
     return rows[first - 1]["end"], rows[stop - 1]["end"]
@@ -134,9 +138,7 @@ def steady_window(ranks: Mapping[int, Sequence[dict]], warmup: int, stage: str |
         raise ValueError("no clock rows: the run logged no training batch")
     spans = {}
     for rank, rows in sorted(ranks.items()):
-        first, stop = _timed_rows(rows, warmup, stage)
-        if max_steps is not None:
-            stop = min(stop, first + max_steps)
+        first, stop = _timed_range(rows, warmup, stage, max_steps)
         if stop <= first:
             where = f" of stage {stage!r}" if stage else ""
             raise ValueError(f"rank {rank} logged {len(rows)} batches: none{where} left after {warmup} of warm-up")

@@ -158,12 +158,15 @@ def markdown(results: dict, world: int, strategy: str) -> str:
     return "\n".join(lines)
 
 
+def _fit_run(work: Workload, world: int, strategy: str, warmup: int, steps: int, timeout: float) -> FitRun:
+    return FitRun(tree=ROOT, config=work.config, batches=warmup + steps, world=world, strategy=strategy,
+                  stage=work.stage, model_keys=work.model_keys or None, timeout=timeout)
+
+
 def _throughput(method: str, work: Workload, world: int, strategy: str, warmup: int, steps: int,
                 timeout: float) -> tuple[float, dict]:
     """samples/s of one run, and what it timed."""
-    run = FitRun(tree=ROOT, config=work.config, batches=warmup + steps, world=world, strategy=strategy,
-                 stage=work.stage, model_keys=work.model_keys or None, timeout=timeout)
-    rows = run_fit(run)
+    rows = run_fit(_fit_run(work, world, strategy, warmup, steps, timeout))
     try:
         window = steady_window(rows, warmup, work.stage, max_steps=steps, full_batches=True)
     except ValueError as exc:
@@ -179,8 +182,7 @@ def _independent_throughput(method: str, work: Workload, copies: int, warmup: in
     what they timed, with the share of the longest timed window that all of them ran together."""
     from concurrent.futures import ThreadPoolExecutor
 
-    run = FitRun(tree=ROOT, config=work.config, batches=warmup + steps, world=1, stage=work.stage,
-                 model_keys=work.model_keys or None, timeout=timeout)
+    run = _fit_run(work, 1, "ddp", warmup, steps, timeout)  # one process: the strategy is not used
     with ThreadPoolExecutor(copies) as pool:
         clocks = list(pool.map(run_fit, [run] * copies))
     try:

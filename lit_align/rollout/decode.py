@@ -40,6 +40,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 #: The model classes whose decoding forward :class:`LeanDecoder` reproduces (checked by exact type name).
 LEAN_MODELS = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 
+#: Model types whose decoder layers take a prepared 4D boolean mask as is (``transformers.masking_utils``).
+FULL_ATTENTION_TYPES = frozenset({"llama", "qwen2", "qwen3"})
+
+
+def full_attention_sdpa(model: nn.Module) -> bool:
+    """Whether ``model`` is a Llama / Qwen2 / Qwen3 model with SDPA attention and full causal attention in every
+    layer (no sliding window): then a decoding step's attention mask is the (B, 1, 1, L) boolean padding mask
+    itself, which the sampler prepares once (``sampler._decode_masks``) and :class:`LeanDecoder` needs."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in FULL_ATTENTION_TYPES
+            and getattr(config, "_attn_implementation", None) == "sdpa"
+            and getattr(config, "sliding_window", None) is None
+            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ()))
+
 
 Norm = tuple[Tensor, float]  # an RMSNorm's (weight, epsilon)
 
@@ -123,14 +137,7 @@ class LeanDecoder:
     @staticmethod
     def supports(model: nn.Module) -> bool:
         """Whether ``model``'s decoding forward is the one :meth:`step` reproduces (see the module docstring)."""
-        if type(model).__name__ not in LEAN_MODELS:
-            return False
-        config = model.config
-        if getattr(config, "_attn_implementation", None) != "sdpa":
-            return False
-        if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-            return False
-        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        if type(model).__name__ not in LEAN_MODELS or not full_attention_sdpa(model):
             return False
         from torch.distributed.tensor import DTensor
 
@@ -147,8 +154,8 @@ class LeanDecoder:
         """Copy the prefill's ``DynamicCache`` (every layer's (B, H_kv, P, D) keys and values) into buffers with
         room for ``total_length`` positions."""
         layers = []
-        for i, layer in enumerate(model.model.layers):
-            keys, values = _cached(cache, i)
+        for layer, cached in zip(model.model.layers, cache.layers, strict=True):
+            keys, values = cached.keys, cached.values
             b, heads, filled, dim = keys.shape
             key_buf = keys.new_empty(b, heads, total_length, dim)
             value_buf = values.new_empty(b, heads, total_length, dim)
@@ -186,11 +193,3 @@ class LeanDecoder:
         self.length = end
         return F.linear(_rms_norm(self.norm, hidden), *self.head)  # (B, 1, V)
 
-
-def _cached(cache, layer: int) -> tuple[Tensor, Tensor]:
-    """Layer ``layer``'s (keys, values) of a ``DynamicCache``: ``cache.layers[i]`` (transformers >= 4.56) or the
-    older ``key_cache`` / ``value_cache`` lists."""
-    if hasattr(cache, "layers"):
-        entry = cache.layers[layer]
-        return entry.keys, entry.values
-    return cache.key_cache[layer], cache.value_cache[layer]

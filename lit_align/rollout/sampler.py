@@ -34,7 +34,7 @@ Where the work goes, and what is not wasted (the outputs are bit for bit those o
   needs one draw per vocabulary entry and step (CPU: ~20 ns each; with per-row generators one
   call per row and step): selecting costs 4-6x more that way (see :func:`_inverse_cdf`).
 * Masks. With padded prompts, every decoding step of a full-attention SDPA model
-  (``_PREPARED_MASK_MODELS``) gets a view of one prepared (B, 1, 1, P + N) boolean mask instead
+  (:func:`lit_align.rollout.decode.full_attention_sdpa`) gets a view of one prepared (B, 1, 1, P + N) boolean mask instead
   of a 2D mask the model turns into a new 4D mask at each step.
 * One host read of the finished flags per step (the stop test); with FSDP2-sharded weights one
   all-reduce of the flag, so every rank runs the same number of forwards.
@@ -59,7 +59,7 @@ from transformers import DynamicCache
 
 from lit_align.modes import eval_mode
 from lit_align.padding import pad_rows
-from lit_align.rollout.decode import LeanDecoder
+from lit_align.rollout.decode import LeanDecoder, full_attention_sdpa
 
 __all__ = ["Rollout", "SamplingConfig", "left_pad", "sample"]
 
@@ -222,24 +222,15 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-#: Model types whose decoder layers take a prepared 4D boolean mask as is (``transformers.masking_utils``) and
-#: whose masks :func:`_decode_masks` reproduces exactly (full causal attention; tested: ``tests/rollout``).
-_PREPARED_MASK_MODELS = frozenset({"llama", "qwen2", "qwen3"})
-
-
 def _decode_masks(model: nn.Module, full_mask: Tensor) -> Tensor:
     """The attention masks of every decoding step as one tensor, sliced ``[..., :P + t + 1]`` at step ``t``.
 
     A decoding step's query (the newest token) may attend to every earlier real token, so its SDPA mask is the
     padding mask itself, ``(B, 1, 1, P + t + 1)`` boolean: what ``transformers`` builds from the 2D mask at
-    every step, built once here. Only for the SDPA attention of full-attention models listed in
-    ``_PREPARED_MASK_MODELS`` (no sliding window); any other model gets the (B, P + N) 2D mask as before.
+    every step, built once here. Only for the SDPA attention of full-attention models
+    (:func:`lit_align.rollout.decode.full_attention_sdpa`); any other model gets the (B, P + N) 2D mask as before.
     """
-    config = getattr(model, "config", None)
-    if (getattr(config, "model_type", None) in _PREPARED_MASK_MODELS
-            and getattr(config, "_attn_implementation", None) == "sdpa"
-            and getattr(config, "sliding_window", None) is None
-            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())):
+    if full_attention_sdpa(model):
         return full_mask.bool()[:, None, None, :]  # (B, 1, 1, P + N)
     return full_mask  # (B, P + N)
 
