@@ -1,7 +1,8 @@
 """Benchmark: is a method's step after the redesign no slower than before it? (issue 15: at most 1.05x)
 
-Two source trees run the same tiny config, each in fresh ``lit-align fit`` processes (1 process, one torch thread,
-CSV logger, no validation, no checkpoints; see :mod:`fit_timing`):
+Two source trees run the same tiny config, each in fresh ``lit-align fit`` processes (1 process, or ``--world``
+ranks under ``--strategy``; one torch thread each, CSV logger, no validation, no checkpoints; see
+:mod:`fit_timing`):
 
 * **current**: this checkout (``--current``, default: the tree this script lives in, uncommitted changes included);
 * **baseline**: the code of ``--baseline`` (default ``2b9c0fc``, the commit before the engine's DDP work),
@@ -23,7 +24,7 @@ changes generation lengths (EOS) and so the work per step; the JSON keeps every 
 Prints a Markdown table, then one JSON line (``bench: step_time``); ``--out`` also writes the JSON.
 
 Usage: ``python benchmarks/step_time.py [--baseline 2b9c0fc | --baseline-tree DIR] [--methods game,watermark,debate]
-[--repeats 5] [--quick] [--out FILE]``
+[--repeats 5] [--world 1] [--strategy ddp|fsdp2] [--quick] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -122,16 +123,20 @@ def export_commit(commit: str, dest: Path) -> str:
     return sha
 
 
-def _step_seconds(tree: Path, work: Workload, batches: int, timeout: float) -> dict[str, float]:
-    """stage -> mean seconds per timed batch of one run of ``tree``."""
-    rows = run_fit(FitRun(tree=tree, config=work.config, batches=batches, timeout=timeout))
+def _step_seconds(tree: Path, work: Workload, batches: int, timeout: float, world: int = 1,
+                  strategy: str = "ddp") -> dict[str, float]:
+    """stage -> mean seconds per timed batch of one run of ``tree`` (on ``world`` ranks: each batch until the
+    slowest rank ends it)."""
+    rows = run_fit(FitRun(tree=tree, config=work.config, batches=batches, world=world, strategy=strategy,
+                          timeout=timeout))
     windows = stage_windows(rows, work.warmup)
     if not windows:
         raise RunFailed(f"no batch left after {work.warmup} of warm-up in any stage ({len(rows.get(0, []))} logged)")
     return {stage: w.step_s for stage, w in windows.items()}
 
 
-def compare(method: str, trees: dict[str, Path], repeats: int, quick: bool, timeout: float) -> dict:
+def compare(method: str, trees: dict[str, Path], repeats: int, quick: bool, timeout: float, world: int = 1,
+            strategy: str = "ddp") -> dict:
     """Run ``method`` in both trees, alternating, and summarise per stage."""
     work = WORKLOADS[method]
     batches = work.quick_batches if quick else work.batches
@@ -142,7 +147,7 @@ def compare(method: str, trees: dict[str, Path], repeats: int, quick: bool, time
         for name in order:
             start = time.perf_counter()
             try:
-                stages = _step_seconds(trees[name], work, batches, timeout)
+                stages = _step_seconds(trees[name], work, batches, timeout, world, strategy)
             except RunFailed as exc:
                 print(f"{method} repeat {repeat} {name}: FAILED {exc}", file=sys.stderr, flush=True)
                 return {"error": f"{name}: {exc}", "runs": runs, "batches": batches, "warmup": work.warmup}
@@ -167,6 +172,8 @@ def main() -> None:
     parser.add_argument("--current", type=Path, default=ROOT, help="the tree under test (default: this checkout)")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of {', '.join(WORKLOADS)}")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--world", type=int, default=1, help="ranks of every run (2: both trees under DDP)")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp", help="with --world > 1")
     add_run_arguments(parser)
     args = parser.parse_args()
     methods = selected_methods(parser, args.methods, WORKLOADS)
@@ -179,12 +186,14 @@ def main() -> None:
             baseline_tree = Path(tmp) / "tree"
             label = export_commit(args.baseline, baseline_tree)[:9]
         trees = {"current": args.current.resolve(), "baseline": baseline_tree}
-        results = {m: compare(m, trees, repeats, args.quick, args.timeout) for m in methods}
+        results = {m: compare(m, trees, repeats, args.quick, args.timeout, args.world, args.strategy)
+                   for m in methods}
 
     table = markdown(results, label)
     current = "this checkout" if args.current.resolve() == ROOT.resolve() else str(args.current)
-    out = {"bench": "step_time", "baseline": label, "current": current, "repeats": repeats,
-           "quick": args.quick, "target": TARGET, "threads": 1, "results": results, "markdown": table}
+    out = {"bench": "step_time", "baseline": label, "current": current, "repeats": repeats, "world": args.world,
+           "strategy": args.strategy if args.world > 1 else None, "quick": args.quick, "target": TARGET,
+           "threads": 1, "results": results, "markdown": table}
     print(table)
     print(json.dumps(out))
     if args.out:

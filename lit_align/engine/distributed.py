@@ -10,7 +10,9 @@ rank: a rank that skipped a forward or a backward the others run would hang them
   multi-player step runs several backwards, each over one player's parameters. :func:`take_over_ddp_sync`
   switches the reducer off and :func:`average_gradients` averages one optimiser's gradients across ranks in
   one collective just before it steps (called by :func:`lit_align.engine.optimizer_step`): any number of
-  backwards per step, any subset of players, and nothing for a player that does not update.
+  backwards per step, any subset of players, and nothing for a player that does not update. Inside
+  :func:`lit_align.engine.overlapped_steps` the collective is started (:func:`start_gradient_average`) and
+  waited for only when the next player steps, so it runs while that player computes.
 * **Token means.** A loss that averages over tokens is scaled by ``W * local_tokens / global_tokens``
   (:func:`global_share`), so the rank-averaged gradient is the gradient of the mean over all ranks' tokens:
   N ranks equal one process on the global batch, however the tokens fall between the ranks.
@@ -33,9 +35,9 @@ from torch import Tensor, nn
 from lit_align.errors import ConfigError
 
 __all__ = [
-    "all_gather_objects", "any_rank", "decided_by_rank_zero", "average_gradients", "check_divides", "global_share", "is_distributed",
-    "max_over_ranks", "mean_over_ranks", "means_over_ranks", "rank_and_world", "refuse_fsdp1", "sum_over_ranks",
-    "sums_over_ranks", "take_over_ddp_sync",
+    "GradientAverage", "all_gather_objects", "any_rank", "average_gradients", "check_divides", "decided_by_rank_zero",
+    "global_share", "is_distributed", "max_over_ranks", "mean_over_ranks", "means_over_ranks", "rank_and_world",
+    "refuse_fsdp1", "start_gradient_average", "sum_over_ranks", "sums_over_ranks", "take_over_ddp_sync",
 ]
 
 Reduce = Callable[[Tensor], Tensor]
@@ -171,18 +173,35 @@ def take_over_ddp_sync(module) -> bool:
 def average_gradients(params: Iterable[Tensor]) -> None:
     """Average the gradients of ``params`` over all ranks in one flat collective (a missing gradient counts
     as zeros and is filled in), so every rank takes the same optimiser step."""
+    start_gradient_average(params).wait()
+
+
+class GradientAverage:
+    """An average of gradients over the ranks in flight (:func:`start_gradient_average`): the collective runs on
+    the process group's own thread while this one goes on computing; :meth:`wait` writes the averages into
+    ``.grad``. Nothing may change the gradients in between (they are copied out at the start)."""
+
+    def __init__(self, params: list[Tensor], flat: Tensor | None = None, work=None) -> None:
+        self.params, self.flat, self.work = params, flat, work
+
+    def wait(self) -> None:
+        """Wait for the collective and set each parameter's ``.grad`` to its average (no-op without one)."""
+        if self.work is None:
+            return
+        self.work.wait()
+        self.flat /= dist.get_world_size()
+        for p, g in zip(self.params, self.flat.split([p.numel() for p in self.params])):
+            p.grad = g.view_as(p).to(p.dtype)
+        self.work = None
+
+
+def start_gradient_average(params: Iterable[Tensor]) -> GradientAverage:
+    """Start :func:`average_gradients` without waiting for it (nothing to do without a process group)."""
     params = [p for p in params if p.requires_grad]
     if not params or not is_distributed():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-        offset += n
+        return GradientAverage([])
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    return GradientAverage(params, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True))
 
 
 def _device() -> torch.device:

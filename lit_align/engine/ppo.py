@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lit_align.engine.distributed import global_share, is_distributed, max_over_ranks, mean_over_ranks
+from lit_align.engine.distributed import global_share, is_distributed, mean_over_ranks, rank_and_world, sums_over_ranks
+from lit_align.engine.step import settle_steps
 from lit_align.errors import ConfigError, check_choice
 from lit_align.losses.ppo import aggregate, k3_kl, ppo_policy_loss, ppo_value_loss
 from lit_align.rollout.experience import Experience, minibatches
@@ -104,12 +105,15 @@ def ppo_update(
             shortcut): the ratio is 1 and the gradient that of the plain policy gradient.
 
     Data parallel (DDP, FSDP2): each rank updates on its own experience, which must hold as many rows as
-    every other rank's (``make_experience(keep_shape=True)``), so all run the same minibatches. Each loss, a
+    every other rank's (``make_experience(keep_shape=True)``), so all run the same minibatches (checked in the
+    first minibatch's collective: every rank raises otherwise). Each loss, a
     mean over its minibatch's action tokens, is scaled by its share of the tokens of all ranks
     (:func:`~lit_align.engine.distributed.global_share`): averaged over the ranks, the gradients are those
     of the mean over every rank's tokens, as one process on the global batch computes (with a per-row
     ``aggregation``, the share is of the rows that hold an action). The early stop is
-    decided on the token-weighted mean approximate KL of all ranks, identically on each.
+    decided on the token-weighted mean approximate KL of all ranks, identically on each. Called inside
+    :func:`~lit_align.engine.overlapped_steps`, the policy's gradient collective runs during the critic's
+    backward and the critic's after the update returns; each minibatch first ends the steps before it.
 
     Returns:
         The last minibatch's detached metrics: ``loss`` and the policy-loss metrics (``clip_frac``,
@@ -122,17 +126,20 @@ def ppo_update(
     if old_from_current and (config.epochs != 1 or size < len(exp)):
         raise ValueError("ppo_update(old_from_current=True) needs one epoch over one minibatch (model.ppo.epochs 1, "
                          "minibatch_size null): after a first update the current log-probs are no longer the old ones")
-    if is_distributed() and max_over_ranks(len(exp)) != len(exp):
-        raise RuntimeError(f"ppo_update: this rank holds {len(exp)} experience rows and another rank more: make "
-                           "the experience with make_experience(keep_shape=True) so every rank runs the same "
-                           "minibatches")
+    check_rows = is_distributed()
+    if check_rows and len(exp) == 0:
+        _rows_over_ranks(exp, torch.zeros(()))  # raises: another rank has rows (or none has and nothing runs)
+        check_rows = False
     for _ in range(config.epochs):
         epochs += 1
         stop = False
         for mb in minibatches(exp, size, shuffle=config.epochs > 1, generator=generator):
+            settle_steps()  # the last minibatch's steps end before this one's forwards (overlapped_steps)
             tokens = mb.action_mask.sum()
             units = tokens if config.aggregation == "token_mean" else mb.action_mask.bool().any(-1).sum()
-            share = global_share(units).to(tokens.device)  # 1 in one process
+            total = _rows_over_ranks(exp, units) if check_rows else None  # the first share's collective checks rows
+            check_rows = False
+            share = global_share(units, total).to(tokens.device)  # 1 in one process
             scored = mb.action_mask if tokens > 0 else _one_position(mb.attention_mask)
             logps = token_logps(policy, mb.sequences, mb.attention_mask, scored, chunk_tokens=chunk_tokens).logps
             old = logps.detach() if old_from_current else mb.old_logps
@@ -155,6 +162,20 @@ def ppo_update(
             break
     metrics["epochs"] = torch.tensor(float(epochs))
     return metrics
+
+
+def _rows_over_ranks(exp: Experience, units: Tensor) -> Tensor:
+    """``units`` summed over the ranks, in the collective that also checks that every rank holds as many experience
+    rows as this one (each rank adds its row count at its own position of a vector: the sum lists them all)."""
+    rank, world = rank_and_world()
+    rows = torch.zeros(world, dtype=torch.float64)
+    rows[rank] = len(exp)
+    total, rows = sums_over_ranks(torch.as_tensor(units, dtype=torch.float64), rows)
+    if bool((rows != len(exp)).any()):
+        raise RuntimeError(f"ppo_update: the ranks hold {[int(r) for r in rows]} experience rows, not the same "
+                           "number: make the experience with make_experience(keep_shape=True) so every rank runs "
+                           "the same minibatches")
+    return total
 
 
 def _one_position(attention_mask: Tensor) -> Tensor:

@@ -84,12 +84,15 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, *, eps: float = 1e-
     _check_bt(mask, x=x)
     m = mask.bool()
     total = reduce or (lambda t: t)
-    # the count and the sum travel together: two collectives per call under DDP, not three
-    n, x_sum = total(torch.stack([m.sum().to(x.dtype), torch.where(m, x, torch.zeros_like(x)).sum()]))
+    # count, sum and sum of squares in float64, in one collective under DDP: the variance in one pass,
+    # sum(x^2) - n mean^2, loses nothing a float32 result could show unless |mean| / std exceeds ~1e4
+    masked = torch.where(m, x, torch.zeros_like(x)).double()
+    n, x_sum, sq_sum = total(torch.stack([m.sum().double(), masked.sum(), (masked**2).sum()]))
     mean = x_sum / n.clamp(min=1)
-    centred = torch.where(m, x - mean, torch.zeros_like(x))
-    var = total((centred**2).sum()) / (n - 1).clamp(min=1)
-    out = centred * torch.rsqrt(var + eps)
+    var = ((sq_sum - x_sum * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    centred = torch.where(m, x - mean.to(x.dtype), torch.zeros_like(x))
+    out = centred * torch.rsqrt(var + eps).to(x.dtype)
+    mean = mean.to(x.dtype)
     if not shift_mean:
         out = out + mean
     return torch.where(m, out, torch.zeros_like(out))

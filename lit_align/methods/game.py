@@ -21,6 +21,7 @@ from lit_align.engine.distributed import all_gather_objects, any_rank, means_ove
 from lit_align.engine.player import Optimization, Player, configure_players, resolve_optimization
 from lit_align.engine.ppo import PPOConfig, ppo_update
 from lit_align.engine.seeds import generator, row_generators
+from lit_align.engine.step import overlapped_steps
 from lit_align.engine.timer import PhaseTimer
 from lit_align.game import play
 from lit_align.game.archive import PolicyArchive, swap_weights
@@ -307,12 +308,13 @@ class AdversarialGameModule(RebuiltWeights, L.LightningModule):
                      prog_bar=key in ("asr", "defender/reward"))
 
     def _update(self, player: str, exp: Experience) -> dict[str, Tensor]:
-        """PPO over the player's experience: its policy, then its critic, each stepped by its Player."""
+        """PPO over the player's experience: its policy, then its critic, each stepped by its Player (under DDP the
+        policy's gradient collective runs during the critic's backward: :func:`~lit_align.engine.overlapped_steps`)."""
         critic = self._critic(player)
         critic_player = self.learners[f"critic/{'shared' if 'shared' in self.critics else player}"]
         # eval mode, as when the experience was made: with dropout the first ratio would not be 1, and the
         # dropout draws (from the global RNG) would make a resumed run differ
-        with self.players.acting(player) as policy, eval_mode(policy, critic):
+        with self.players.acting(player) as policy, eval_mode(policy, critic), overlapped_steps():
             metrics = ppo_update(policy, critic, exp, self.ppo,
                                  step_policy=lambda loss: self.learners[player].step(self, loss),
                                  step_critic=lambda loss: critic_player.step(self, loss),

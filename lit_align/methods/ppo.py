@@ -10,7 +10,16 @@ import torch
 from torch import Tensor
 
 from lit_align.data.prompts import PromptBatch
-from lit_align.engine import GAE, AdvantageEstimator, Optimization, PhaseTimer, Player, PPOConfig, ppo_update
+from lit_align.engine import (
+    GAE,
+    AdvantageEstimator,
+    Optimization,
+    PhaseTimer,
+    Player,
+    PPOConfig,
+    overlapped_steps,
+    ppo_update,
+)
 from lit_align.engine.distributed import refuse_fsdp1, sum_over_ranks, sums_over_ranks
 from lit_align.engine.player import configure_players, resolve_optimization
 from lit_align.engine.seeds import generator, row_generators
@@ -253,7 +262,7 @@ class PPOModule(ReferencedPolicyModule):
                                   score_old=not on_policy)
         logged = ("reward", "response_length") + (("kl",) if uses_kl and not on_policy else ())  # kl: old vs reference
         metrics.update({k: exp.metrics[k] for k in logged})
-        with self.timer("update"):
+        with self.timer("update"), overlapped_steps():  # DDP: the policy's collective during the critic's backward
             update = ppo_update(self.policy, self.critic, exp, self.ppo,
                                 step_policy=lambda loss: self.players["policy"].step(self, loss),
                                 step_critic=(lambda loss: self.players["critic"].step(self, loss)) if self.critic else None,

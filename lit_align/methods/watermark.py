@@ -12,7 +12,16 @@ from torch import Tensor
 
 from lit_align.data.batches import SequenceBatch
 from lit_align.data.completion import CompletionBatch, retokenize
-from lit_align.engine import Optimization, PhaseTimer, Player, PPOConfig, configure_players, ppo_update
+from lit_align.engine import (
+    Optimization,
+    PhaseTimer,
+    Player,
+    PPOConfig,
+    configure_players,
+    overlapped_steps,
+    ppo_update,
+    settle_steps,
+)
 from lit_align.engine.distributed import any_rank, global_share, refuse_fsdp1, sum_over_ranks, sums_over_ranks
 from lit_align.engine.player import resolve_optimization
 from lit_align.engine.seeds import generator, row_generators
@@ -308,26 +317,28 @@ class WatermarkModule(ReferencedPolicyModule):
             return
         with self.timer("score"):
             scores = self._scores(rollout)  # (B,)
-        if cotrain:
-            with self.timer("experience"):
-                reference, context = self._reference_args()
-                r = self.rewards
-                exp = make_experience(self.policy, reference, self.critic, rollout, scores, kl_coef=r.kl_coef,
-                                      reward_clip=r.reward_clip, gamma=r.gamma, lam=r.lam,
-                                      whiten_advantages=r.whiten_advantages, reference_context=context,
-                                      eos_token_id=self._eos_not_action(), keep_shape=True, reduce=sum_over_ranks)
-            metrics.update({"reward": exp.metrics["score"], "kl": exp.metrics["kl"]})
-            with self.timer("update"):
-                ppo = ppo_update(self.policy, self.critic, exp, self.ppo,
-                                 step_policy=lambda loss: self.players["actor"].step(self, loss),
-                                 step_critic=lambda loss: self.players["critic"].step(self, loss),
-                                 generator=self._rng("shuffle"), chunk_tokens=self.chunk_tokens)
-            metrics.update({(k if k.startswith("critic/") else f"actor/{k}"): v for k, v in ppo.items()})
-        else:
-            metrics["reward"] = scores.mean()
-        with self.timer("detector"):
-            scaled, loss, dm = self._detector_objective(rollout, human, other, keep, batch.index, kept)
-            self.players["detector"].step(self, scaled)
+        with overlapped_steps():  # under DDP each player's gradient collective runs while the next computes
+            if cotrain:
+                with self.timer("experience"):
+                    reference, context = self._reference_args()
+                    r = self.rewards
+                    exp = make_experience(self.policy, reference, self.critic, rollout, scores, kl_coef=r.kl_coef,
+                                          reward_clip=r.reward_clip, gamma=r.gamma, lam=r.lam,
+                                          whiten_advantages=r.whiten_advantages, reference_context=context,
+                                          eos_token_id=self._eos_not_action(), keep_shape=True, reduce=sum_over_ranks)
+                metrics.update({"reward": exp.metrics["score"], "kl": exp.metrics["kl"]})
+                with self.timer("update"):
+                    ppo = ppo_update(self.policy, self.critic, exp, self.ppo,
+                                     step_policy=lambda loss: self.players["actor"].step(self, loss),
+                                     step_critic=lambda loss: self.players["critic"].step(self, loss),
+                                     generator=self._rng("shuffle"), chunk_tokens=self.chunk_tokens)
+                metrics.update({(k if k.startswith("critic/") else f"actor/{k}"): v for k, v in ppo.items()})
+            else:
+                metrics["reward"] = scores.mean()
+            with self.timer("detector"):  # reads the detector alone: the critic's step may still be in flight
+                scaled, loss, dm = self._detector_objective(rollout, human, other, keep, batch.index, kept)
+                self.players["detector"].step(self, scaled)
+                settle_steps()
         metrics.update({"detector/loss": loss, **{f"detector/{k}": v for k, v in dm.items()}})
         self.step_count += 1
         self._log_train(metrics, len(batch))

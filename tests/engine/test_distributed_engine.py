@@ -15,7 +15,15 @@ import torch.multiprocessing as mp
 from conftest import gloo_group, tiny_actor_critic
 from torch import Tensor, nn
 
-from lit_align.engine import Optimization, Player, PPOConfig, configure_players, ppo_update, resolve_optimization
+from lit_align.engine import (
+    Optimization,
+    Player,
+    PPOConfig,
+    configure_players,
+    overlapped_steps,
+    ppo_update,
+    resolve_optimization,
+)
 from lit_align.engine.distributed import (
     all_gather_objects,
     any_rank,
@@ -110,6 +118,10 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         rows = [0, 2] if rank == 0 else [1, 3]  # the sharded sampler's rank-interleaved shards
         config = PPOConfig(epochs=2, clip=0.2, value_clip=0.2, target_kl=0.05)
         results["ppo"] = _update(rows, config, keep_shape=True)[:2]
+        try:  # experience of unequal lengths (2 rows and 1): every rank raises in the first share's collective
+            _update(rows if rank == 0 else rows[:1], PPOConfig(), keep_shape=True)
+        except RuntimeError as err:
+            results["rows"] = str(err)
         torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -161,6 +173,11 @@ def test_ppo_on_two_ranks_equals_one_process_on_the_global_batch(two_ranks):
     torch.testing.assert_close(w0, w1, rtol=0, atol=0)  # every rank took the same steps
     torch.testing.assert_close(w0, one, rtol=1e-5, atol=1e-6)
     assert m0["epochs"].item() == m1["epochs"].item() == metrics["epochs"].item()
+
+
+def test_unequal_experience_rows_raise_on_every_rank(two_ranks):
+    for r in two_ranks:
+        assert "the ranks hold [2, 1] experience rows" in r["rows"] and "keep_shape=True" in r["rows"]
 
 
 def test_keep_shape_keeps_rows_without_changing_the_update():
@@ -217,12 +234,14 @@ DATA = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
 
 class _Alternating(L.LightningModule):
     """Two players on disjoint layers; only one updates per batch (even batches ``a``, odd ``b``), each
-    with its own rate, clip and scheduler. Batches are example indices; the rows each rank saw are saved."""
+    with its own rate, clip and scheduler. Batches are example indices; the rows each rank saw are saved.
+    ``together``: both update every batch, ``a`` then ``b``, in an ``overlapped_steps`` block; whether ``a``'s
+    weights were still unchanged after its step call (its collective in flight) is recorded."""
 
-    def __init__(self, out: str) -> None:
+    def __init__(self, out: str, together: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.out, self.seen = out, []
+        self.out, self.seen, self.together, self.in_flight = out, [], together, []
         torch.manual_seed(0)
         self.a, self.b = nn.Linear(4, 1), nn.Linear(4, 1)
         self.players = [Player("a", Optimization(lr=0.1, scheduler=_halving, gradient_clip=0.5), _sgd),
@@ -234,13 +253,21 @@ class _Alternating(L.LightningModule):
     def training_step(self, batch, batch_idx):
         (index,) = batch
         self.seen.append(index.clone())
+        if self.together:
+            with overlapped_steps():
+                before = self.a.weight.detach().clone()
+                self.players[0].step(self, self.a(DATA[index]).pow(2).mean())
+                self.in_flight.append(torch.equal(self.a.weight, before))
+                self.players[1].step(self, self.b(DATA[index]).pow(2).mean())  # a's step ends after this backward
+            return
         player = self.players[batch_idx % 2]
         layer = self.a if player.name == "a" else self.b
         player.step(self, layer(DATA[index]).pow(2).mean())
 
     def on_train_end(self) -> None:
         lrs = [g["lr"] for opt in self.optimizers() for g in opt.param_groups]
-        torch.save({"state": {k: v.clone() for k, v in self.state_dict().items()}, "lrs": lrs, "seen": self.seen},
+        torch.save({"state": {k: v.clone() for k, v in self.state_dict().items()}, "lrs": lrs, "seen": self.seen,
+                    "in_flight": self.in_flight},
                    f"{self.out}/rank{self.global_rank}_of{self.trainer.world_size}.pt")
 
 
@@ -256,30 +283,30 @@ def _halving(opt):
     return torch.optim.lr_scheduler.LambdaLR(opt, _half)
 
 
-def _fit(world: int, out, batch: int) -> None:
+def _fit(world: int, out, batch: int, together: bool = False) -> None:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(32)), batch_size=batch)
     strategy = L.pytorch.strategies.DDPStrategy(start_method="spawn") if world > 1 else "auto"
     L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_epochs=1, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              default_root_dir=out).fit(_Alternating(str(out)), loader)
+              default_root_dir=out).fit(_Alternating(str(out), together), loader)
 
 
-def _by_hand(steps: list[Tensor]) -> dict[str, Tensor]:
+def _by_hand(steps: list[Tensor], together: bool = False) -> dict[str, Tensor]:
     """The same training in a plain loop, each step on the union of the rows all ranks saw."""
     torch.manual_seed(0)
     layers = {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)}
     lr_a = 0.1
     for i, rows in enumerate(steps):
-        name = "ab"[i % 2]
-        layer = layers[name]
-        layer.zero_grad()
-        layer(DATA[rows]).pow(2).mean().backward()
-        if name == "a":
-            torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.5)
-        with torch.no_grad():
-            for p in layer.parameters():
-                p -= (lr_a if name == "a" else 0.05) * p.grad
-        lr_a *= 0.5 if name == "a" else 1.0
+        for name in "ab" if together else "ab"[i % 2]:
+            layer = layers[name]
+            layer.zero_grad()
+            layer(DATA[rows]).pow(2).mean().backward()
+            if name == "a":
+                torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.5)
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p -= (lr_a if name == "a" else 0.05) * p.grad
+            lr_a *= 0.5 if name == "a" else 1.0
     return {f"{n}.{k}": v for n, layer in layers.items() for k, v in layer.state_dict().items()}
 
 
@@ -300,3 +327,23 @@ def test_players_under_ddp_match_one_process(tmp_path):
     for key, value in two[0]["state"].items():
         torch.testing.assert_close(two[1]["state"][key], value, rtol=0, atol=0)
     assert one["lrs"] == two[0]["lrs"] == [pytest.approx(0.1 * 0.5**2), 0.05]  # a stepped twice of 4 batches
+
+
+@pytest.mark.slow
+def test_overlapped_steps_under_ddp_change_when_not_what(tmp_path):
+    """Both players step every batch in an ``overlapped_steps`` block: under DDP the first player's step is still
+    in flight after its call (its collective runs during the second player's backward), and the run ends equal,
+    bit for bit, on both ranks, and to a plain loop over the global batch; in one process the block changes
+    nothing (each step ends at once)."""
+    _fit(1, tmp_path, 8, together=True)
+    _fit(2, tmp_path, 4, together=True)
+    one = torch.load(tmp_path / "rank0_of1.pt", weights_only=True)
+    two = [torch.load(tmp_path / f"rank{r}_of2.pt", weights_only=True) for r in range(2)]
+    assert one["in_flight"] == [False] * 4 and two[0]["in_flight"] == two[1]["in_flight"] == [True] * 4
+    steps_two = [torch.cat(rows) for rows in zip(two[0]["seen"], two[1]["seen"], strict=True)]
+    for run, steps in ((one, one["seen"]), (two[0], steps_two)):
+        for key, value in _by_hand(steps, together=True).items():
+            torch.testing.assert_close(run["state"][key], value, rtol=1e-5, atol=1e-6)
+    for key, value in two[0]["state"].items():
+        torch.testing.assert_close(two[1]["state"][key], value, rtol=0, atol=0)
+    assert one["lrs"] == two[0]["lrs"] == [pytest.approx(0.1 * 0.5**4), 0.05]

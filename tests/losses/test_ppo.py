@@ -58,6 +58,19 @@ def test_whiten_hand_check():
     torch.testing.assert_close(whiten(x, mask, shift_mean=False), _t([[1, 2, 3, 0]]))
 
 
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, -5e4])
+def test_whiten_matches_the_two_pass_moments_far_from_zero(offset):
+    """The one-pass float64 moments equal torch's float64 mean and unbiased variance of the masked values, also
+    when the values sit far from 0 relative to their spread (std 1 around ``offset``)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 9, generator=g) + offset
+    mask = (torch.rand(6, 9, generator=g) > 0.3).float()
+    kept = x[mask.bool()].double()
+    expected = torch.where(mask.bool(), ((x.double() - kept.mean()) / (kept.var() + 1e-8).sqrt()).float(), 0.0)
+    torch.testing.assert_close(whiten(x, mask), expected, rtol=1e-5, atol=1e-5 * (1 + abs(offset) / 1e3))
+
+
 # -- kl-shaped rewards ------------------------------------------------------------------------------------
 def test_kl_shaped_rewards_hand_check():
     """KL terms -0.1 * (-1 + 1.5) = -0.05 and -0.1 * (-2 + 1) = 0.1; score 7 clipped to 5 at the last
