@@ -90,9 +90,9 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, *, eps: float = 1e-
     n, x_sum, sq_sum = total(torch.stack([m.sum().double(), masked.sum(), (masked**2).sum()]))
     mean = x_sum / n.clamp(min=1)
     var = ((sq_sum - x_sum * mean) / (n - 1).clamp(min=1)).clamp(min=0)
-    centred = torch.where(m, x - mean.to(x.dtype), torch.zeros_like(x))
-    out = centred * torch.rsqrt(var + eps).to(x.dtype)
     mean = mean.to(x.dtype)
+    centred = torch.where(m, x - mean, torch.zeros_like(x))
+    out = centred * torch.rsqrt(var + eps).to(x.dtype)
     if not shift_mean:
         out = out + mean
     return torch.where(m, out, torch.zeros_like(out))

@@ -338,7 +338,7 @@ class WatermarkModule(ReferencedPolicyModule):
             with self.timer("detector"):  # reads the detector alone: the critic's step may still be in flight
                 scaled, loss, dm = self._detector_objective(rollout, human, other, keep, batch.index, kept)
                 self.players["detector"].step(self, scaled)
-                settle_steps()
+                settle_steps()  # here, not at the block's end: the detector's wait counts as time/detector
         metrics.update({"detector/loss": loss, **{f"detector/{k}": v for k, v in dm.items()}})
         self.step_count += 1
         self._log_train(metrics, len(batch))

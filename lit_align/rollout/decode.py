@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import SiLUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import rotate_half
 
 #: The model classes whose decoding forward :class:`LeanDecoder` reproduces (checked by exact type name).
 LEAN_MODELS = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
@@ -70,11 +71,6 @@ def _rms_norm(norm: Norm, hidden: Tensor) -> Tensor:
     variance = hidden.pow(2).mean(-1, keepdim=True)
     hidden = hidden * torch.rsqrt(variance + eps)
     return weight * hidden.to(dtype)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _linear(module: nn.Linear) -> tuple[Tensor, Tensor | None]:
@@ -181,8 +177,8 @@ class LeanDecoder:
             if layer.q_norm is not None:
                 q, k = _rms_norm(layer.q_norm, q), _rms_norm(layer.k_norm, k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin  # Qwen2 and Qwen3 define the same rotate_half
+            k = k * cos + rotate_half(k) * sin
             layer.keys[:, :, start:end] = k
             layer.values[:, :, start:end] = v
             out, _ = sdpa_attention_forward(layer.attn, q, layer.keys[:, :, :end], layer.values[:, :, :end],
