@@ -4,7 +4,7 @@
 A run is a fresh ``lit-align fit`` subprocess of one source tree (its ``lit_align`` first on ``PYTHONPATH``, its own
 copy of the config), with one torch thread per process (``--threads 1``, ``OMP_NUM_THREADS=1``), W&B off in favour
 of a CSV logger, no validation, no checkpoints, no progress bar, and :class:`step_clock.StepClock` as the only
-callback. Each timed batch counts from the end of the batch before it to its own end (the slowest rank), after
+callback. Each timed batch counts from the end of the batch before it to its own end (on the slowest rank), after
 ``warmup`` batches, so start-up (imports, model building, process-group set-up) and the first, slower batches stay
 out of the window.
 
@@ -45,7 +45,7 @@ class Window:
     samples: int
     """examples those batches held, summed over ranks"""
     seconds: float
-    """the timed batches' wall time, each from the end of the batch before it to its own end (the slowest rank)"""
+    """the timed batches' wall time on the slowest rank, each from the end of the batch before it to its own end"""
     skipped: int = 0
     """partial batches left out of the window (``full_batches``)"""
 
@@ -124,14 +124,22 @@ def overlap_share(spans: Sequence[tuple[float, float]]) -> float:
 
 
 def steady_window(ranks: Mapping[int, Sequence[dict]], warmup: int, stage: str | None = None,
-                  max_steps: int | None = None, full_batches: bool = False) -> Window:
+                  max_steps: int | None = None, full_batches: bool = False, lockstep: bool = False) -> Window:
     """The timed window over every rank's clock rows: the batches after the first ``warmup`` (of the first run of
-    ``stage``, when given), at most ``max_steps`` of them. A batch's time is the wall time from the end of the
-    batch before it to its own end on the slowest rank; its samples are summed over ranks. With ``full_batches``,
-    steps where some rank's batch is shorter than the longest in the window (an epoch's last, partial batch) are
-    left out and counted in :attr:`Window.skipped`. ``warmup`` must be at least 1 (the first timed batch starts
-    at the end of a warm-up batch). Raises ``ValueError`` when no batch is left or the ranks timed different
-    counts."""
+    ``stage``, when given), at most ``max_steps`` of them. A batch's time on a rank is the wall time from the end
+    of the batch before it to its own end; the window's seconds are the slowest rank's sum of them (the run's wall
+    time: with every batch timed, the slowest rank's time from its last warm-up batch to its last timed batch),
+    its samples summed over ranks. With ``full_batches``, steps where some rank's batch is shorter than the longest
+    in the window (an epoch's last, partial batch) are left out and counted in :attr:`Window.skipped`.
+
+    ``lockstep`` times the "ranks" as if each batch waited for the slowest: the sum over batches of the longest
+    rank's time for it. For ranks of one run that overstates its wall time whenever the slower rank changes from
+    batch to batch (one rank's late batch end is the other's early one); for separate runs started together
+    (``multiplayer_scaling.py --independent``) it is what a synchronous run at their speeds would take with
+    communication free.
+
+    ``warmup`` must be at least 1 (the first timed batch starts at the end of a warm-up batch). Raises
+    ``ValueError`` when no batch is left or the ranks timed different counts."""
     if warmup < 1:
         raise ValueError(f"warmup must be >= 1 (the window starts at the end of a warm-up batch), got {warmup}")
     if not ranks:
@@ -149,29 +157,33 @@ def steady_window(ranks: Mapping[int, Sequence[dict]], warmup: int, stage: str |
     if len(counts) != 1:
         raise ValueError(f"the ranks timed different numbers of batches: {sorted(counts)}")
     n = counts.pop()
-    # per timed step k: (samples of each rank, slowest rank's seconds since the end of the batch before)
+    # per timed step k: (samples of each rank, each rank's seconds since the end of its batch before)
     per_step = [([ranks[r][first + k]["samples"] for r, (first, _) in spans.items()],
-                 max(ranks[r][first + k]["end"] - ranks[r][first + k - 1]["end"] for r, (first, _) in spans.items()))
+                 [ranks[r][first + k]["end"] - ranks[r][first + k - 1]["end"] for r, (first, _) in spans.items()])
                 for k in range(n)]
     if full_batches:
         longest = max(max(sizes) for sizes, _ in per_step)
         kept = [(sizes, secs) for sizes, secs in per_step if min(sizes) == longest]
     else:
         kept = per_step
-    return Window(steps=len(kept), samples=sum(sum(sizes) for sizes, _ in kept),
-                  seconds=math.fsum(secs for _, secs in kept), skipped=n - len(kept))
+    if lockstep:
+        seconds = math.fsum(max(secs) for _, secs in kept)
+    else:
+        seconds = max((math.fsum(column) for column in zip(*(secs for _, secs in kept))), default=0.0)
+    return Window(steps=len(kept), samples=sum(sum(sizes) for sizes, _ in kept), seconds=seconds,
+                  skipped=n - len(kept))
 
 
-def stage_windows(ranks: Mapping[int, Sequence[dict]], warmup: int) -> dict[str, Window]:
+def stage_windows(ranks: Mapping[int, Sequence[dict]], warmup: int, full_batches: bool = False) -> dict[str, Window]:
     """One window per stage of the module's ``phase_state`` (``"all"`` when it has none), in the order rank 0 ran
-    them, each the stage's first contiguous run of batches less its own ``warmup``; stages with no batch left after
-    the warm-up are left out."""
+    them, each the stage's first contiguous run of batches less its own ``warmup`` (and, with ``full_batches``, less
+    its partial batches, as :func:`steady_window`); stages with no batch left after the warm-up are left out."""
     first_rows = ranks[min(ranks)] if ranks else []
     stages = list(dict.fromkeys(row.get("stage") for row in first_rows))
     out = {}
     for stage in stages:
         try:
-            out["all" if stage is None else stage] = steady_window(ranks, warmup, stage)
+            out["all" if stage is None else stage] = steady_window(ranks, warmup, stage, full_batches=full_batches)
         except ValueError:
             continue
     return out

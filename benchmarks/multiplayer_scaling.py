@@ -29,6 +29,15 @@ rank). Their summed samples/s over one 1-rank run alone is the most any N-rank r
 is what the method's own distributed work costs. ``overlap`` says how much of the longest timed window all the
 copies ran together (near 1: the sum is a fair ceiling; lower: a copy ran partly alone, which inflates it).
 
+A synchronous data-parallel run cannot reach that sum when the cores run at different speeds: every optimiser step
+waits for the slowest rank. The same copies timed in lockstep, each batch as long as the slower copy's (the
+``lockstep ceiling``, :func:`fit_timing.steady_window` with ``lockstep=True``), estimate what N ranks at those
+speeds reach with free communication; ``lockstep efficiency``, the N-rank runs' share of it, is then what the
+collectives and their waits cost. It is an estimate: the copies' batches are paired by index, not by time, and a
+rank waits at every collective of a step, not once per batch (so the real lockstep cost can be higher).
+On a shared VM whose cores' speeds drift apart by 10-25% for seconds at a time (as this 2-vCPU machine's do), the
+lockstep ceiling can sit well below the plain one.
+
 Runs interleave 1 rank and N ranks within each repeat (their order alternating between repeats). Reported per
 method: the mean samples/s of each over ``--repeats`` with a 95% Student-t interval, and the mean of the per-repeat
 ratios N ranks / 1 rank with its interval, against the target (>= 1.7x with 2 ranks). A run that fails (a method
@@ -100,12 +109,14 @@ DEFAULT_METHODS = "game,watermark,debate"
 
 
 def summarize(single: list[float], multi: list[float], target: float = TARGET,
-              independent: list[float] | None = None) -> dict:
+              independent: list[float] | None = None, lockstep: list[float] | None = None) -> dict:
     """Per-method summary of paired repeats (``single[i]`` and ``multi[i]``: samples/s of repeat i on 1 and N
     ranks): means and 95% intervals of each and of the per-repeat ratios, and whether the mean ratio meets
     ``target``. ``multi`` may be shorter or empty (runs that failed): only complete pairs enter the ratio. With
     ``independent[i]`` (N separate 1-rank runs at once, summed) also the machine's ceiling ``independent / single``
-    and the N-rank runs' ``efficiency``, ``multi / independent``."""
+    and the N-rank runs' ``efficiency``, ``multi / independent``; with ``lockstep[i]`` (the same runs timed as if
+    each batch waited for the slowest copy) ``lockstep_ceiling``, ``lockstep / single``, and
+    ``lockstep_efficiency``, ``multi / lockstep``."""
     out = {"repeats": len(single)}
     for name, values in (("single", single), ("multi", multi), ("independent", independent or [])):
         if values:
@@ -119,6 +130,11 @@ def summarize(single: list[float], multi: list[float], target: float = TARGET,
         efficiency = [m / c for m, c in zip(multi, independent)]
         if efficiency:
             out["efficiency"] = interval_stats(efficiency)
+    if lockstep:
+        out["lockstep_ceiling"] = interval_stats([c / s for s, c in zip(single, lockstep)])
+        efficiency = [m / c for m, c in zip(multi, lockstep)]
+        if efficiency:
+            out["lockstep_efficiency"] = interval_stats(efficiency)
     return out
 
 
@@ -144,7 +160,7 @@ def markdown(results: dict, world: int, strategy: str) -> str:
     ceiling = any("ceiling" in res for res in results.values())
     head = f"| method | 1 rank samples/s | {world} ranks ({strategy}) samples/s | ratio | target >= {TARGET}x |"
     if ceiling:
-        head += f" {world} independent 1-rank runs, samples/s | ceiling | efficiency |"
+        head += f" {world} independent 1-rank runs, samples/s | ceiling | efficiency | lockstep ceiling | efficiency |"
     lines = [head + " note |", "|---" * head.count("|") + "|"]  # one column more: the note
     for method, res in results.items():
         met = "-" if "met" not in res else ("yes" if res["met"] else "**no**")
@@ -153,7 +169,8 @@ def markdown(results: dict, world: int, strategy: str) -> str:
                f"{_cell(res.get('ratio'), 2)} | {met} |")
         if ceiling:
             row += (f" {_cell(res.get('independent_samples_s'))} | {_cell(res.get('ceiling'), 2)} | "
-                    f"{_cell(res.get('efficiency'), 2)} |")
+                    f"{_cell(res.get('efficiency'), 2)} | {_cell(res.get('lockstep_ceiling'), 2)} | "
+                    f"{_cell(res.get('lockstep_efficiency'), 2)} |")
         lines.append(f"{row} {note} |")
     return "\n".join(lines)
 
@@ -179,7 +196,8 @@ def _throughput(method: str, work: Workload, world: int, strategy: str, warmup: 
 def _independent_throughput(method: str, work: Workload, copies: int, warmup: int, steps: int,
                             timeout: float) -> tuple[float, dict]:
     """Summed samples/s of ``copies`` 1-rank runs started together (the machine's ceiling for that many ranks), and
-    what they timed, with the share of the longest timed window that all of them ran together."""
+    what they timed: the share of the longest timed window that all of them ran together, and ``lockstep_samples_s``,
+    their samples over the sum of each batch's slowest copy (``steady_window(lockstep=True)``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     run = _fit_run(work, 1, "ddp", warmup, steps, timeout)  # one process: the strategy is not used
@@ -187,13 +205,15 @@ def _independent_throughput(method: str, work: Workload, copies: int, warmup: in
         clocks = list(pool.map(run_fit, [run] * copies))
     try:
         windows = [steady_window(rows, warmup, work.stage, max_steps=steps, full_batches=True) for rows in clocks]
+        lockstep = steady_window({i: rows[0] for i, rows in enumerate(clocks)}, warmup, work.stage, max_steps=steps,
+                                 full_batches=True, lockstep=True)
         spans = [window_span(rows[0], warmup, work.stage, max_steps=steps) for rows in clocks]
     except ValueError as exc:
         raise RunFailed(str(exc)) from exc
     return sum(w.samples_per_s for w in windows), {
         "steps": windows[0].steps, "samples": sum(w.samples for w in windows),
         "seconds": max(w.seconds for w in windows), "copies": copies, "overlap": overlap_share(spans),
-        "per_copy_samples_s": [w.samples_per_s for w in windows]}
+        "per_copy_samples_s": [w.samples_per_s for w in windows], "lockstep_samples_s": lockstep.samples_per_s}
 
 
 def main() -> None:
@@ -218,6 +238,7 @@ def main() -> None:
         warmup, steps = args.warmup or warmup, args.steps or steps
         kinds = [1, args.world] + (["independent"] if args.independent else [])
         samples: dict[int | str, list[float]] = {kind: [] for kind in kinds}
+        lockstep: list[float] = []
         runs: list[dict] = []
         failed: dict[int | str, str] = {}
         for repeat in range(repeats):
@@ -236,14 +257,16 @@ def main() -> None:
                     print(f"{method} repeat {repeat} {kind}: FAILED {exc}", file=sys.stderr, flush=True)
                     continue
                 samples[kind].append(value)
+                if kind == "independent":
+                    lockstep.append(timed["lockstep_samples_s"])
                 runs.append({"repeat": repeat, "world": kind, "samples_s": value, **timed,
                              "run_s": time.perf_counter() - start})
                 print(f"{method} repeat {repeat} {kind}: {value:.2f} samples/s ({timed['steps']} batches, "
                       f"{timed['seconds']:.1f} s)", file=sys.stderr, flush=True)
             if 1 in failed:
                 break
-        res = summarize(samples[1], samples[args.world], independent=samples.get("independent")) if samples[1] \
-            else {"repeats": 0}
+        res = summarize(samples[1], samples[args.world], independent=samples.get("independent"),
+                        lockstep=lockstep) if samples[1] else {"repeats": 0}
         res.update(config=work.config, warmup=warmup, steps=steps, stage=work.stage, runs=runs)
         if failed:
             res["error"] = "; ".join(failed.values())

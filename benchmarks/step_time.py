@@ -12,7 +12,7 @@ ranks under ``--strategy``; one torch thread each, CSV logger, no validation, no
 Each tree runs **its own** ``configs/<method>/tiny.yaml`` (keys may have moved from flat arguments into config
 blocks between the two), with only overrides both understand: run length, logger, validation and checkpoints off,
 threads. The runs alternate A/B, B/A over ``--repeats``, so a drift in the machine's load hits both alike. The
-per-batch clock (:mod:`step_clock`) gives the mean wall time per batch after ``warmup`` batches, per stage of the
+per-batch clock (:mod:`step_clock`) gives the mean wall time per full batch after ``warmup`` batches, per stage of the
 module's ``phase_state`` (the debate's ``generate`` and DPO ``train`` stages, each with its own warm-up; ``all``
 for the game and the watermark). Reported per method and stage: each tree's mean step (ms, 95% interval over
 repeats) and the mean of the per-repeat ratios current / baseline with its 95% Student-t interval; the target is
@@ -125,11 +125,11 @@ def export_commit(commit: str, dest: Path) -> str:
 
 def _step_seconds(tree: Path, work: Workload, batches: int, timeout: float, world: int = 1,
                   strategy: str = "ddp") -> dict[str, float]:
-    """stage -> mean seconds per timed batch of one run of ``tree`` (on ``world`` ranks: each batch until the
-    slowest rank ends it)."""
+    """stage -> mean seconds per timed full batch of one run of ``tree`` (on ``world`` ranks: the slowest rank's
+    time; an epoch's last, partial batch is left out, so 1 and N ranks time the same batch size)."""
     rows = run_fit(FitRun(tree=tree, config=work.config, batches=batches, world=world, strategy=strategy,
                           timeout=timeout))
-    windows = stage_windows(rows, work.warmup)
+    windows = stage_windows(rows, work.warmup, full_batches=True)
     if not windows:
         raise RunFailed(f"no batch left after {work.warmup} of warm-up in any stage ({len(rows.get(0, []))} logged)")
     return {stage: w.step_s for stage, w in windows.items()}

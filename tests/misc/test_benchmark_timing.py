@@ -39,6 +39,15 @@ def test_steady_window_times_from_the_last_warmup_batch_and_sums_samples_over_ra
     assert (capped.steps, capped.samples, capped.seconds) == (1, 9, 2.5)
 
 
+def test_steady_window_is_the_slowest_ranks_wall_time_and_lockstep_the_sum_of_slowest_batches():
+    # the slower rank alternates: rank 0's batches take 2 s then 1 s, rank 1's 1 s then 2 s; both end at t=4
+    ranks = {0: _rows([1, 3, 4]), 1: _rows([1, 2, 4])}
+    assert fit_timing.steady_window(ranks, warmup=1).seconds == 3.0  # the run's wall time, not 2 + 2
+    assert fit_timing.steady_window(ranks, warmup=1, lockstep=True).seconds == 4.0  # each batch waits for the slower
+    one = {0: _rows([1, 3, 4])}
+    assert fit_timing.steady_window(one, warmup=1, lockstep=True).seconds == 3.0  # one rank: the same either way
+
+
 def test_steady_window_can_leave_out_partial_batches():
     # batch 2 is an epoch's last, partial batch on rank 1: left out of samples and seconds (its 3 s) with full_batches
     ranks = {0: _rows([1, 2, 5, 6]), 1: _rows([1, 2, 5, 6])}
@@ -59,6 +68,8 @@ def test_steady_window_of_a_stage_and_one_window_per_stage():
     assert (windows["train"].steps, windows["train"].seconds) == (2, 3.0)  # batches 5-6, from t=20 to 23
     assert list(fit_timing.stage_windows({0: _rows([1, 2, 3])}, warmup=1)) == ["all"]
     assert list(fit_timing.stage_windows({0: _rows([1, 2, 3], stages=["a", "a", "b"])}, warmup=1)) == ["a"]
+    ranks[0][5]["samples"] = 1  # the train stage's first timed batch is partial: left out with full_batches
+    assert fit_timing.stage_windows(ranks, warmup=1, full_batches=True)["train"].seconds == 2.0
 
 
 def test_steady_window_refuses_what_it_cannot_time():
@@ -158,12 +169,16 @@ def test_scaling_summary_and_table():
     assert lines[3] == "| debate | 10.0 | - | - | - | 2 rank(s): exit 1: NotImplementedError: x |"
     assert lines[1] == "|---|---|---|---|---|---|"
     # the machine's ceiling: 2 independent 1-rank runs at once gave 16 and 18 samples/s
-    res = multiplayer_scaling.summarize([10.0, 10.0], [15.0, 16.0], independent=[16.0, 18.0])
+    # in lockstep (each batch as long as the slower copy's) they would have given 15 and 17
+    res = multiplayer_scaling.summarize([10.0, 10.0], [15.0, 16.0], independent=[16.0, 18.0], lockstep=[15.0, 17.0])
     assert res["ceiling"]["mean"] == pytest.approx(1.7) and res["efficiency"]["values"] == [15 / 16, 16 / 18]
+    assert res["lockstep_ceiling"]["mean"] == pytest.approx(1.6)
+    assert res["lockstep_efficiency"]["values"] == [1.0, 16 / 17]
     lines = multiplayer_scaling.markdown({"game": res}, world=2, strategy="ddp").splitlines()
-    assert lines[0].endswith("| 2 independent 1-rank runs, samples/s | ceiling | efficiency | note |")
-    assert lines[1] == "|---" * 9 + "|" and lines[2].count("|") == 10
-    assert "| 17.0 [" in lines[2] and "| 1.70 [" in lines[2]
+    assert lines[0].endswith("| 2 independent 1-rank runs, samples/s | ceiling | efficiency | lockstep ceiling | "
+                             "efficiency | note |")
+    assert lines[1] == "|---" * 11 + "|" and lines[2].count("|") == 12
+    assert "| 17.0 [" in lines[2] and "| 1.70 [" in lines[2] and "| 1.60 [" in lines[2]
 
 
 def test_window_span_and_overlap():
