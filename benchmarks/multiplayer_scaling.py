@@ -125,16 +125,12 @@ def summarize(single: list[float], multi: list[float], target: float = TARGET,
     if ratios:
         out["ratio"] = interval_stats(ratios)
         out["met"] = out["ratio"]["mean"] >= target
-    if independent:
-        out["ceiling"] = interval_stats([c / s for s, c in zip(single, independent)])
-        efficiency = [m / c for m, c in zip(multi, independent)]
-        if efficiency:
-            out["efficiency"] = interval_stats(efficiency)
-    if lockstep:
-        out["lockstep_ceiling"] = interval_stats([c / s for s, c in zip(single, lockstep)])
-        efficiency = [m / c for m, c in zip(multi, lockstep)]
-        if efficiency:
-            out["lockstep_efficiency"] = interval_stats(efficiency)
+    for prefix, ceilings in (("", independent), ("lockstep_", lockstep)):
+        if ceilings:
+            out[f"{prefix}ceiling"] = interval_stats([c / s for s, c in zip(single, ceilings)])
+            efficiency = [m / c for m, c in zip(multi, ceilings)]
+            if efficiency:
+                out[f"{prefix}efficiency"] = interval_stats(efficiency)
     return out
 
 
@@ -238,7 +234,6 @@ def main() -> None:
         warmup, steps = args.warmup or warmup, args.steps or steps
         kinds = [1, args.world] + (["independent"] if args.independent else [])
         samples: dict[int | str, list[float]] = {kind: [] for kind in kinds}
-        lockstep: list[float] = []
         runs: list[dict] = []
         failed: dict[int | str, str] = {}
         for repeat in range(repeats):
@@ -257,14 +252,13 @@ def main() -> None:
                     print(f"{method} repeat {repeat} {kind}: FAILED {exc}", file=sys.stderr, flush=True)
                     continue
                 samples[kind].append(value)
-                if kind == "independent":
-                    lockstep.append(timed["lockstep_samples_s"])
                 runs.append({"repeat": repeat, "world": kind, "samples_s": value, **timed,
                              "run_s": time.perf_counter() - start})
                 print(f"{method} repeat {repeat} {kind}: {value:.2f} samples/s ({timed['steps']} batches, "
                       f"{timed['seconds']:.1f} s)", file=sys.stderr, flush=True)
             if 1 in failed:
                 break
+        lockstep = [run["lockstep_samples_s"] for run in runs if run["world"] == "independent"]
         res = summarize(samples[1], samples[args.world], independent=samples.get("independent"),
                         lockstep=lockstep) if samples[1] else {"repeats": 0}
         res.update(config=work.config, warmup=warmup, steps=steps, stage=work.stage, runs=runs)

@@ -58,7 +58,6 @@ def test_whiten_hand_check():
     torch.testing.assert_close(whiten(x, mask, shift_mean=False), _t([[1, 2, 3, 0]]))
 
 
-
 @pytest.mark.parametrize("offset", [0.0, 1e3, -5e4])
 def test_whiten_matches_the_two_pass_moments_far_from_zero(offset):
     """The one-pass float64 moments equal torch's float64 mean and unbiased variance of the masked values, also
